@@ -1,0 +1,1 @@
+"""Throughput and latency harnesses; results are recorded in benchmarks/RESULTS.md."""

@@ -1,0 +1,66 @@
+"""build-report.json: what was built, from what, with which tools, and how close it is to PyTorch."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+REPORT_NAME = "build-report.json"
+_TOOLS = ("torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "diffusers", "transformers", "numpy")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_size(path: Path) -> int:
+    """Bytes of an artifact, counting an OpenVINO .bin or ONNX external data beside it."""
+    path = Path(path)
+    total = path.stat().st_size
+    for companion in (path.with_suffix(".bin"), path.with_name(path.name + ".data")):
+        if companion.exists() and companion != path:
+            total += companion.stat().st_size
+    return total
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def machine() -> dict[str, str]:
+    import os
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": str(os.cpu_count())}
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def update_report(repository: Path, section: str, content: dict) -> Path:
+    """Replace one section ("vit", "sd", ...) of the repository's report, keeping the others."""
+    path = Path(repository) / REPORT_NAME
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report[section] = content
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_report(repository: Path) -> dict:
+    path = Path(repository) / REPORT_NAME
+    return json.loads(path.read_text()) if path.exists() else {}

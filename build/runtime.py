@@ -1,0 +1,74 @@
+"""Runtime sessions over built artifacts: ONNX Runtime and OpenVINO behind one small interface.
+
+Used by the Triton Python-backend models, by the parity checks and by the benchmarks, so the
+served path and the measured path are the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from build.errors import ConfigError
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How to open an artifact."""
+
+    runtime: str  # onnxruntime or openvino
+    path: Path  # .onnx or .xml
+    inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT: f32 or bf16 (this CPU defaults to bf16)
+    threads: int = 0  # 0: all cores
+    performance_hint: str = "LATENCY"  # OpenVINO; on 2 cores LATENCY beats THROUGHPUT for synchronous calls
+
+
+class Session:
+    """run(inputs, output_names) -> {name: array}; not thread-safe (one per model instance)."""
+
+    def __init__(self, options: SessionOptions) -> None:
+        self.options = options
+        path = Path(options.path)
+        if not path.exists():
+            raise ConfigError(f"artifact {path} does not exist")
+        threads = options.threads or os.cpu_count() or 1
+        if options.runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._ort = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+            self.input_names = [i.name for i in self._ort.get_inputs()]
+            self.output_names = [o.name for o in self._ort.get_outputs()]
+        elif options.runtime == "openvino":
+            import openvino as ov
+
+            core = ov.Core()
+            config = {
+                "INFERENCE_PRECISION_HINT": options.inference_precision,
+                "PERFORMANCE_HINT": options.performance_hint,
+                "INFERENCE_NUM_THREADS": threads,
+            }
+            self._compiled = core.compile_model(str(path), "CPU", config)
+            self._request = self._compiled.create_infer_request()
+            self.input_names = [p.get_any_name() for p in self._compiled.inputs]
+            self.output_names = [p.get_any_name() for p in self._compiled.outputs]
+        else:
+            raise ConfigError(f"unknown runtime {options.runtime!r}; valid: {', '.join(RUNTIMES)}")
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = list(output_names) if output_names else self.output_names
+        feed = {k: v for k, v in inputs.items() if k in self.input_names}
+        if self.options.runtime == "onnxruntime":
+            return dict(zip(names, self._ort.run(names, feed)))
+        results = self._request.infer(feed)
+        by_name = {port.get_any_name(): value for port, value in results.items()}
+        return {name: np.array(by_name[name], copy=True) for name in names}

@@ -1,0 +1,1 @@
+"""Clients of the served models (tritonclient over gRPC/HTTP) and the `kiln` command line."""

@@ -1,0 +1,48 @@
+"""vit_postprocess: logits -> top-k ImageNet-1k labels and softmax probabilities (Triton Python backend)."""
+
+import os
+import site
+
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see orchestrator/triton_server.py
+    if _path:
+        site.addsitedir(_path)
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.default_k = int(params["default_top_k"])
+        self.max_k = int(params["max_top_k"])
+        labels_path = Path(args["model_repository"]) / args["model_version"] / "labels.json"
+        self.labels = np.array([s.encode() for s in json.loads(labels_path.read_text())], dtype=object)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            logits = pb_utils.get_input_tensor_by_name(request, "logits").as_numpy().astype(np.float64)
+            k_tensor = pb_utils.get_input_tensor_by_name(request, "top_k")
+            k = int(k_tensor.as_numpy().reshape(-1)[0]) if k_tensor is not None else self.default_k
+            if not 1 <= k <= min(self.max_k, logits.shape[-1]):
+                error = f"vit_postprocess: top_k must be between 1 and {min(self.max_k, logits.shape[-1])}, got {k}"
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)))
+                continue
+            shifted = logits - logits.max(axis=-1, keepdims=True)
+            probs = np.exp(shifted)
+            probs /= probs.sum(axis=-1, keepdims=True)
+            # Stable descending order; argpartition first keeps it cheap for small k.
+            part = np.argpartition(-probs, k - 1, axis=-1)[:, :k]
+            order = np.take_along_axis(part, np.argsort(-np.take_along_axis(probs, part, -1), axis=-1, kind="stable"), -1)
+            scores = np.take_along_axis(probs, order, -1).astype(np.float32)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("labels", self.labels[order]),
+                pb_utils.Tensor("scores", scores),
+                pb_utils.Tensor("indices", order.astype(np.int32)),
+            ]))
+        return responses

@@ -1,0 +1,46 @@
+"""vit_preprocess: encoded image bytes -> the ViT's float32 input, timm's eval transform (Triton Python backend).
+
+One response per request; a bad image fails its own request with a message, never the batch.
+"""
+
+import os
+import site
+
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see orchestrator/triton_server.py
+    if _path:
+        site.addsitedir(_path)
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from build.errors import InputError  # noqa: E402
+from build.imaging import EvalTransform, ImageLimits, preprocess  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.transform = EvalTransform.from_json(params["transform"])
+        self.limits = ImageLimits(max_pixels=int(params["max_pixels"]), min_side=int(params["min_side"]))
+        self.output_name = config["output"][0]["name"]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            images = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().reshape(-1)
+            try:
+                if images.size == 0:
+                    raise InputError("the request carried no image")
+                pixels = np.stack([preprocess(_as_bytes(item), self.transform, self.limits) for item in images])
+            except InputError as exc:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vit_preprocess: {exc}")))
+                continue
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, pixels)]))
+        return responses
+
+
+def _as_bytes(item) -> bytes:
+    return item if isinstance(item, bytes) else bytes(item)
