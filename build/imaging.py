@@ -136,7 +136,8 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise InputError(f"cannot decode image: {len(data)} bytes in no format this server reads "
                          "(JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"cannot decode image: {exc}") from None
+        # PIL's own guard fires inside Image.open for headers beyond ~89 M pixels.
+        raise InputError(f"image header declares too many pixels ({exc}); refused before decoding") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
     return to_rgb(ImageOps.exif_transpose(image))

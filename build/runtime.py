@@ -59,16 +59,36 @@ class Session:
             }
             self._compiled = core.compile_model(str(path), "CPU", config)
             self._request = self._compiled.create_infer_request()
-            self.input_names = [p.get_any_name() for p in self._compiled.inputs]
-            self.output_names = [p.get_any_name() for p in self._compiled.outputs]
+            # A port can carry several names (ONNX's and OpenVINO's own); index every one.
+            self._ports = {name: port for port in self._compiled.outputs for name in port.get_names()}
+            self.input_names = [name for port in self._compiled.inputs for name in port.get_names()]
+            self.output_names = [_preferred_name(port) for port in self._compiled.outputs]
         else:
             raise ConfigError(f"unknown runtime {options.runtime!r}; valid: {', '.join(RUNTIMES)}")
+
+    @property
+    def execution_precision(self) -> str:
+        """The precision the runtime really computes in ("f32", "bf16"; "as stored" for ONNX Runtime).
+
+        OpenVINO silently falls back to f32 for a bf16 hint on CPUs without bf16 instructions.
+        """
+        if self.options.runtime == "onnxruntime":
+            return "as stored"
+        value = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(output_names) if output_names else self.output_names
         feed = {k: v for k, v in inputs.items() if k in self.input_names}
         if self.options.runtime == "onnxruntime":
             return dict(zip(names, self._ort.run(names, feed)))
-        results = self._request.infer(feed)
-        by_name = {port.get_any_name(): value for port, value in results.items()}
-        return {name: np.array(by_name[name], copy=True) for name in names}
+        self._request.infer(feed)
+        return {name: np.array(self._request.get_tensor(self._ports[name]).data, copy=True) for name in names}
+
+
+def _preferred_name(port) -> str:
+    names = port.get_names()
+    any_name = port.get_any_name()
+    # Prefer a name without OpenVINO's ":0"/"/sink_port" decorations when there is one.
+    plain = sorted(n for n in names if ":" not in n and "/" not in n)
+    return plain[0] if plain and any_name not in plain else any_name

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from build import parity, report
-from build.errors import ConfigError, ExportError, ParityError
+from build.errors import ConfigError, ParityError
 from build.imaging import EvalTransform, ImageLimits, decode_image
 from build.specs import ComponentSpec, TensorSpec, Tolerance
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
-from build.weights import VIT_MODEL_NAME, LoadedWeights, load_vit
+from build.weights import VIT_MODEL_NAME, load_vit
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_IMAGES = PROJECT_ROOT / "assets" / "images"
@@ -135,43 +133,6 @@ class ViTBuildOptions:
         return [k for k in VARIANTS if k in set(keys) | needed]
 
 
-class ViTExport(torch.nn.Module):
-    """The served graph: logits, pooled CLS features and the tokens of a chosen block, in one pass."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor, layer: torch.Tensor):
-        m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(pixel_values))))
-        per_block = []
-        for block in m.blocks:
-            x = block(x)
-            per_block.append(x)
-        stacked = torch.stack(per_block, dim=1)  # (B, blocks, tokens, dim)
-        index = layer.reshape(-1, 1, 1, 1).expand(-1, 1, stacked.shape[2], stacked.shape[3])
-        tokens = torch.gather(stacked, 1, index).squeeze(1)
-        pooled = m.forward_head(m.norm(x), pre_logits=True)
-        return m.head(pooled), pooled, tokens
-
-
-def reference_outputs(model: torch.nn.Module, pixel_values: np.ndarray, layer: np.ndarray) -> dict[str, np.ndarray]:
-    """PyTorch's own answers, computed with timm's public API (not with ViTExport)."""
-    with torch.inference_mode():
-        x = torch.from_numpy(pixel_values)
-        features = model.forward_features(x)
-        pooled = model.forward_head(features, pre_logits=True)
-        logits = model.forward_head(features)
-        _, intermediates = model.forward_intermediates(x, indices=list(range(NUM_BLOCKS)), norm=False,
-                                                       output_fmt="NLC", return_prefix_tokens=True)
-        tokens = np.stack([
-            torch.cat([intermediates[int(l)][1][i], intermediates[int(l)][0][i]], dim=0).numpy()
-            for i, l in enumerate(layer[:, 0])
-        ])
-    return {"logits": logits.numpy(), "pooled": pooled.numpy(), "tokens": tokens}
-
-
 def list_images(folder: Path) -> list[Path]:
     images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
@@ -207,30 +168,6 @@ def calibration_samples(images: list[Path], transform: EvalTransform, count: int
 
 
 # -- artifact builders ------------------------------------------------------------------------
-
-def export_onnx(model: torch.nn.Module, path: Path, spec: ComponentSpec = VIT_SPEC) -> None:
-    sample = spec.sample_inputs(seed=0, batch=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ViTExport(model).eval()
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                wrapper,
-                tuple(torch.from_numpy(sample[name]) for name in spec.input_names),
-                str(path),
-                input_names=spec.input_names,
-                output_names=spec.output_names,
-                dynamic_axes=spec.dynamic_axes(),
-                opset_version=spec.opset,
-                dynamo=False,
-            )
-    except Exception as exc:
-        raise ExportError(f"ONNX export of {spec.name} failed: {exc}") from exc
-    import onnx
-
-    onnx.checker.check_model(str(path))
-
 
 def quantize_onnx_int8(source: Path, target: Path) -> None:
     """ONNX Runtime dynamic int8 (weights int8, activations quantized per call): no calibration needed."""
@@ -280,6 +217,8 @@ class BuildResult:
 
 def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> BuildResult:
     """Build the ViT model repository; raise a KilnError subclass with a clear message on failure."""
+    from build import vit_export  # torch is imported here, not when the spec or configs are
+
     # 1. Check inputs and load weights.
     served = options.served
     keys = options.variant_keys()
@@ -303,7 +242,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     image_folder = Path(options.calibration) if options.calibration else SAMPLE_IMAGES
     images = list_images(image_folder)
     pixels, layers = parity_batch(images, transform)
-    reference = reference_outputs(model, pixels, layers)
+    reference = vit_export.reference_outputs(model, pixels, layers)
 
     version_dir = repository / "vit" / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -312,7 +251,10 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
 
     def record(key: str, variant: Variant, seconds: float) -> None:
         path = version_dir / variant.artifact
-        outputs = _run_variant(variant, version_dir, pixels, layers)
+        outputs, executed_in = _run_variant(variant, version_dir, pixels, layers)
+        if variant.inference_precision != "f32" and executed_in != variant.inference_precision:
+            log(f"  note: {key}: this CPU has no {variant.inference_precision} instructions, so OpenVINO "
+                f"executes it in {executed_in}; its figures equal the fp32 variant's here")
         figures = {name: parity.compare(reference[name], outputs[name], classify=(name == "logits"))
                    for name in VIT_SPEC.output_names}
         tolerance = VIT_SPEC.tolerance(variant.precision)
@@ -326,6 +268,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
             "runtime": variant.runtime,
             "precision": variant.precision,
             "inference_precision": variant.inference_precision,
+            "executed_precision": executed_in,
             "size_bytes": report.artifact_size(path),
             "sha256": report.sha256(path),
             "build_seconds": round(seconds, 2),
@@ -346,7 +289,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     onnx_path = version_dir / VARIANTS["onnxruntime-fp32"].artifact
     ov_fp32 = version_dir / VARIANTS["openvino-fp32"].artifact
     producers: dict[str, Callable[[], None] | None] = {
-        "onnxruntime-fp32": lambda: export_onnx(model, onnx_path),
+        "onnxruntime-fp32": lambda: vit_export.export_onnx(model, onnx_path),
         "onnxruntime-int8": lambda: quantize_onnx_int8(onnx_path, version_dir / VARIANTS["onnxruntime-int8"].artifact),
         "openvino-fp32": lambda: convert_openvino(onnx_path, ov_fp32, compress_to_fp16=False),
         "openvino-fp16": lambda: convert_openvino(onnx_path, version_dir / VARIANTS["openvino-fp16"].artifact,
@@ -358,8 +301,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     }
     steps = [make(key, producers[key]) for key in keys]
     extra = {
-        "safetensors": lambda: _export_safetensors(model, version_dir / "model.safetensors", artifacts, repository),
-        "torchscript": lambda: _export_torchscript(model, version_dir / "model.torchscript.pt", pixels, layers,
+        "safetensors": lambda: vit_export.export_safetensors(model, version_dir / "model.safetensors", artifacts, repository),
+        "torchscript": lambda: vit_export.export_torchscript(model, version_dir / "model.torchscript.pt", pixels, layers,
                                                    reference, artifacts, repository),
     }
     for name in options.extra_exports:
@@ -372,7 +315,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         for step in bar:
             bar.set_postfix_str(step.name)
             step.run()
-            figures = artifacts.get(step.name, {}).get("parity", {}).get("logits")
+            figures = artifacts.get(step.name, {}).get("parity")
+            figures = figures.get("logits") if isinstance(figures, dict) else None
             if figures:
                 bar.write(f"  {step.name:18s} cosine {figures['cosine']:.6f}  max|diff| {figures['max_abs']:.2e}  "
                           f"top-1 {figures.get('top1', float('nan')):.2f}")
@@ -405,47 +349,20 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     return BuildResult(repository=repository, report_path=report_path, served=served, artifacts=artifacts)
 
 
-def _run_variant(variant: Variant, version_dir: Path, pixels: np.ndarray, layers: np.ndarray) -> dict[str, np.ndarray]:
+def _run_variant(variant: Variant, version_dir: Path, pixels: np.ndarray,
+                 layers: np.ndarray) -> tuple[dict[str, np.ndarray], str]:
+    """The variant's outputs on the parity batch, and the precision the runtime really executed in."""
     from build.runtime import Session, SessionOptions
 
     session = Session(SessionOptions(variant.runtime, version_dir / variant.artifact,
                                      inference_precision=variant.inference_precision))
-    return session.run({"pixel_values": pixels, "layer": layers}, VIT_SPEC.output_names)
+    return session.run({"pixel_values": pixels, "layer": layers}, VIT_SPEC.output_names), session.execution_precision
 
 
 def _remove_artifact(path: Path) -> None:
     for candidate in (path, path.with_suffix(".bin"), path.with_name(path.name + ".data")):
         if candidate.exists():
             candidate.unlink()
-
-
-def _export_safetensors(model, path: Path, artifacts: dict, repository: Path) -> None:
-    from safetensors.torch import save_file
-
-    start = time.perf_counter()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    artifacts["safetensors"] = {"file": str(path.relative_to(repository)), "runtime": "torch", "precision": "fp32",
-                                "size_bytes": path.stat().st_size, "sha256": report.sha256(path),
-                                "build_seconds": round(time.perf_counter() - start, 2),
-                                "parity": "bit-exact state dict of the PyTorch model"}
-
-
-def _export_torchscript(model, path: Path, pixels, layers, reference, artifacts: dict, repository: Path) -> None:
-    start = time.perf_counter()
-    wrapper = ViTExport(model).eval()
-    with torch.inference_mode():
-        traced = torch.jit.trace(wrapper, (torch.from_numpy(pixels[:2]), torch.from_numpy(layers[:2])), check_trace=False)
-    traced.save(str(path))
-    loaded = torch.jit.load(str(path))
-    with torch.inference_mode():
-        outs = [o.numpy() for o in loaded(torch.from_numpy(pixels), torch.from_numpy(layers))]
-    figures = {name: parity.compare(reference[name], out, classify=(name == "logits"))
-               for name, out in zip(VIT_SPEC.output_names, outs)}
-    parity.check("torchscript (logits)", figures["logits"], VIT_SPEC.tolerance("fp32"))
-    artifacts["torchscript"] = {"file": str(path.relative_to(repository)), "runtime": "torch", "precision": "fp32",
-                                "size_bytes": path.stat().st_size, "sha256": report.sha256(path),
-                                "build_seconds": round(time.perf_counter() - start, 2),
-                                "parity": {name: fig.as_dict() for name, fig in figures.items()}}
 
 
 def install_python_model(name: str, repository: Path) -> None:
@@ -478,20 +395,23 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> lis
     batching = DynamicBatching(max_queue_delay_microseconds=options.max_queue_delay_us)
     pixel = spec.inputs[0]
     image = Tensor("image", "BYTES", (1,))
+    layer = spec.inputs[1].triton_tensor()
     preprocess = ModelConfig(
         name="vit_preprocess",
         inputs=(image,),
-        outputs=(pixel.triton_tensor(),),
+        # `layer` carries the default block to the `vit` step of vit_classify: native backends have no
+        # optional inputs, and an ensemble cannot make a constant.
+        outputs=(pixel.triton_tensor(), replace(layer, optional=False)),
         max_batch_size=max_batch,
         dynamic_batching=batching,
         kind="KIND_CPU",
-        parameters={"transform": transform.to_json(),
+        parameters={"transform": transform.to_json(), "default_layer": str(NUM_BLOCKS - 1),
                     "max_pixels": str(ImageLimits().max_pixels), "min_side": str(ImageLimits().min_side)},
     )
     if options.triton_backend == "native":
         vit = ModelConfig(
             name="vit",
-            inputs=spec.triton_inputs(),
+            inputs=tuple(replace(t, optional=False) for t in spec.triton_inputs()),
             outputs=spec.triton_outputs(),
             backend=served.runtime,
             max_batch_size=max_batch,
@@ -530,8 +450,8 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> lis
         inputs=(image, Tensor("top_k", "INT32", (1,))),
         outputs=(Tensor("labels", "BYTES", (-1,)), Tensor("scores", "FP32", (-1,)), Tensor("indices", "INT32", (-1,))),
         steps=(
-            EnsembleStep("vit_preprocess", {"image": "image"}, {"pixel_values": "pixel_values"}),
-            EnsembleStep("vit", {"pixel_values": "pixel_values"}, {"logits": "logits"}),
+            EnsembleStep("vit_preprocess", {"image": "image"}, {"pixel_values": "pixel_values", "layer": "layer"}),
+            EnsembleStep("vit", {"pixel_values": "pixel_values", "layer": "layer"}, {"logits": "logits"}),
             EnsembleStep("vit_postprocess", {"logits": "logits", "top_k": "top_k"},
                          {"labels": "labels", "scores": "scores", "indices": "indices"}),
         ),

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from build.errors import WeightsError
+
+if TYPE_CHECKING:
+    import torch
 
 VIT_MODEL_NAME = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
 
@@ -38,6 +40,8 @@ def load_vit(weights: str | Path | None = None, *, random_weights: bool = False,
     if random_weights == (weights is not None):
         raise WeightsError("give exactly one of --weights PATH_OR_HUB_ID and --random-weights")
     if random_weights:
+        import torch
+
         torch.manual_seed(seed)
         model = create_vit(model_name)
         return LoadedWeights(model.eval(), f"random (seed {seed})", True)

@@ -25,7 +25,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.transform = EvalTransform.from_json(params["transform"])
         self.limits = ImageLimits(max_pixels=int(params["max_pixels"]), min_side=int(params["min_side"]))
-        self.output_name = config["output"][0]["name"]
+        self.default_layer = int(params["default_layer"])
 
     def execute(self, requests):
         responses = []
@@ -38,7 +38,9 @@ class TritonPythonModel:
             except InputError as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vit_preprocess: {exc}")))
                 continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output_name, pixels)]))
+            layer = np.full((len(pixels), 1), self.default_layer, dtype=np.int64)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("pixel_values", pixels), pb_utils.Tensor("layer", layer)]))
         return responses
 
 

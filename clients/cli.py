@@ -1,0 +1,231 @@
+"""`kiln`: the project's one command line. Each subcommand is a thin main over an importable function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from build.errors import KilnError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="Triton address host:port (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from build.vit import DEFAULT_REPOSITORY, EXTRA_EXPORTS, VARIANTS
+
+    parser = argparse.ArgumentParser(prog="kiln", description="Compiled-inference serving on Triton: build, serve, call, measure.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    # kiln build vit
+    build = commands.add_parser("build", help="export and compile models into a Triton model repository")
+    targets = build.add_subparsers(dest="target", required=True)
+    vit = targets.add_parser("vit", help=f"ViT-B/16 classifier ({', '.join(VARIANTS)})")
+    source = vit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="local timm/HF folder, .safetensors file, or hub id (needs network)")
+    source.add_argument("--random-weights", action="store_true", help="the real architecture with seeded random weights")
+    vit.add_argument("--seed", type=int, default=0, help="seed for --random-weights and calibration crops")
+    vit.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                     help="runtime of the served `vit` model")
+    vit.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+                     help="precision of the served `vit` model")
+    vit.add_argument("--variants", default="all",
+                     help="comma-separated variants to build, 'all', or 'served' (only what is served)")
+    vit.add_argument("--no-extra-exports", action="store_true",
+                     help=f"skip the non-served exports ({', '.join(EXTRA_EXPORTS)})")
+    vit.add_argument("--calibration", type=Path, help="folder of images for int8 calibration and parity checks")
+    vit.add_argument("--calibration-size", type=int, default=32)
+    vit.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
+    vit.add_argument("--triton-backend", choices=("python", "native"), default="python",
+                     help="python: runtimes inside Python-backend models (embedded Triton); "
+                          "native: onnxruntime/openvino backends of NVIDIA's tritonserver image")
+    vit.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance kind for native backends")
+    vit.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
+
+    # kiln serve
+    serve = commands.add_parser("serve", help="start the embedded Triton server and wait (Ctrl-C / SIGTERM stops it)")
+    serve.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
+    serve.add_argument("--address", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--log-verbose", type=int, default=0)
+
+    # kiln classify / embed
+    classify = commands.add_parser("classify", help="top-k ImageNet labels for images, through vit_classify")
+    classify.add_argument("images", nargs="+")
+    _add_server_args(classify)
+    classify.add_argument("--top-k", type=int, default=5)
+    classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    embed = commands.add_parser("embed", help="ViT features for images, through vit_embed")
+    embed.add_argument("images", nargs="+")
+    _add_server_args(embed)
+    embed.add_argument("--layer", type=int, default=-1, help="block whose tokens to return: 0..11, or -1 for the last")
+    embed.add_argument("--tokens", choices=("cls", "all"), default="cls",
+                       help="cls: the pooled 768-d CLS embedding; all: also the 197x768 tokens of --layer")
+    embed.add_argument("--json", action="store_true", help="print JSON with the values")
+    embed.add_argument("--out", type=Path, help="also save each result as .npy files in this folder")
+
+    # kiln demo
+    demo = commands.add_parser("demo", help="build, serve, classify and embed the sample images, stop")
+    demo.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
+    demo.add_argument("--out", type=Path, default=PROJECT_ROOT / "out" / "demo")
+
+    # kiln bench vit
+    bench = commands.add_parser("bench", help="benchmarks (see benchmarks/)")
+    bench_targets = bench.add_subparsers(dest="target", required=True)
+    bench_vit = bench_targets.add_parser("vit", help="images/s and latency: torch eager vs runtimes, direct vs Triton")
+    bench_vit.add_argument("--repo", type=Path, default=PROJECT_ROOT / "model_repository")
+    bench_vit.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results")
+    bench_vit.add_argument("--variants", default="onnxruntime-fp32,onnxruntime-int8,openvino-fp32,openvino-bf16,openvino-int8")
+    bench_vit.add_argument("--batch-sizes", default="1,8")
+    bench_vit.add_argument("--seconds", type=float, default=8.0, help="measuring time per configuration")
+    bench_vit.add_argument("--skip-build", action="store_true", help="reuse the variants already in --repo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        handler = {"build": cmd_build, "serve": cmd_serve, "classify": cmd_classify, "embed": cmd_embed,
+                   "demo": cmd_demo, "bench": cmd_bench}[args.command]
+        return handler(args) or 0
+    except KilnError as exc:
+        print(f"kiln {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kiln {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# -- subcommands --------------------------------------------------------------------------------
+
+def cmd_build(args) -> int:
+    from build.vit import EXTRA_EXPORTS, ViTBuildOptions, build_vit
+
+    if args.variants == "all":
+        variants = None
+    elif args.variants == "served":
+        variants = ()
+    else:
+        variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    options = ViTBuildOptions(
+        weights=args.weights, random_weights=args.random_weights, seed=args.seed, backend=args.backend,
+        precision=args.precision, variants=variants, extra_exports=() if args.no_extra_exports else EXTRA_EXPORTS,
+        calibration=args.calibration, calibration_size=args.calibration_size, repository=args.repo,
+        triton_backend=args.triton_backend, instance_kind="KIND_GPU" if args.device == "gpu" else "KIND_CPU",
+        threads=args.threads,
+    )
+    result = build_vit(options)
+    print(f"served: vit = {result.served.key} ({result.served.artifact})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from orchestrator.triton_server import TritonOptions, TritonServer
+
+    server = TritonServer(TritonOptions(repository=args.repo, address=args.address, http_port=args.http_port,
+                                        grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                                        log_verbose=args.log_verbose))
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"starting Triton on {args.address} (repository {args.repo}) ...", flush=True)
+    server.start()
+    print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}", flush=True)
+    print(f"log: {server.log_path}; Ctrl-C stops", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if not server.is_running():
+                raise KilnError(f"tritonserver exited unexpectedly:\n{server.explain()}")
+    finally:
+        code = server.stop()
+        print(f"Triton stopped (exit code {code})", flush=True)
+    return 0
+
+
+def cmd_classify(args) -> int:
+    from clients.vit import ViTClient, read_images
+
+    client = ViTClient(args.url, args.protocol)
+    results = client.classify(read_images(args.images), top_k=args.top_k)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        print_classifications(results)
+    return 1 if any(r.error for r in results) else 0
+
+
+def print_classifications(results) -> None:
+    for r in results:
+        print(f"{r.image}")
+        if r.error:
+            print(f"  error: {r.error}")
+            continue
+        for rank, (label, score) in enumerate(zip(r.labels, r.scores), 1):
+            print(f"  {rank}. {score:7.4f}  {label}")
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    from clients.vit import ViTClient, read_images
+
+    client = ViTClient(args.url, args.protocol)
+    results = client.embed(read_images(args.images), layer=args.layer, tokens=args.tokens == "all")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            if r.error is None:
+                stem = Path(r.image).stem
+                np.save(args.out / f"{stem}.embedding.npy", r.embedding)
+                if r.tokens is not None:
+                    np.save(args.out / f"{stem}.tokens.layer{r.layer}.npy", r.tokens)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results]))
+    else:
+        for r in results:
+            if r.error:
+                print(f"{r.image}\n  error: {r.error}")
+                continue
+            line = f"{r.image}\n  embedding (768): norm {np.linalg.norm(r.embedding):.4f}  first {np.round(r.embedding[:4], 4).tolist()}"
+            if r.tokens is not None:
+                line += f"\n  tokens of block {r.layer}: {tuple(r.tokens.shape)}"
+            print(line)
+    return 1 if any(r.error for r in results) else 0
+
+
+def cmd_demo(args) -> int:
+    from clients.demo import run_demo
+
+    return run_demo(repository=args.repo, out=args.out)
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.vit import BenchOptions, run_benchmark
+
+    options = BenchOptions(
+        repository=args.repo, out=args.out,
+        variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        seconds=args.seconds, skip_build=args.skip_build,
+    )
+    run_benchmark(options)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

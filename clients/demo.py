@@ -1,0 +1,65 @@
+"""`kiln demo` (what `make demo` runs): build the ViT repository, start Triton, classify and embed, stop.
+
+Steps:
+ 1. build vit_base_patch16_224.augreg2_in21k_ft_in1k into the repository (seeded random weights:
+    no hub here), served with ONNX Runtime fp32
+ 2. start the embedded Triton on 127.0.0.1 (free ports) and wait until every model is ready
+ 3. classify every sample image over gRPC (top-5), embed one over HTTP
+ 4. write the results under out/demo/ and stop the server
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from build.vit import SAMPLE_IMAGES, ViTBuildOptions, build_vit, list_images
+from clients.vit import ViTClient, read_images
+from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+
+
+def run_demo(repository: Path, out: Path) -> int:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    # 1. Build.
+    print("== 1/4 build the ViT model repository", flush=True)
+    build_vit(ViTBuildOptions(random_weights=True, variants=(), extra_exports=(), repository=repository))
+
+    # 2. Serve.
+    print("== 2/4 start Triton", flush=True)
+    options = TritonOptions(repository=repository, http_port=free_port(), grpc_port=free_port(),
+                            metrics_port=free_port(), log_path=out / "tritonserver.log")
+    with TritonServer(options) as server:
+        print(f"   ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}", flush=True)
+
+        # 3. Call.
+        print("== 3/4 classify the sample images (gRPC, top-5) and embed one (HTTP)", flush=True)
+        images = read_images(list_images(SAMPLE_IMAGES))
+        classifications = ViTClient(server.grpc_url, "grpc").classify(images, top_k=5)
+        for result in classifications:
+            print(f"   {Path(result.image).name}")
+            if result.error:
+                print(f"     error: {result.error}")
+                continue
+            for rank, (label, score) in enumerate(zip(result.labels, result.scores), 1):
+                print(f"     {rank}. {score:.4f}  {label}")
+        embedding = ViTClient(server.http_url, "http").embed(images[:1], layer=-1, tokens=True)[0]
+
+    # 4. Results.
+    print("== 4/4 results", flush=True)
+    (out / "classify.json").write_text(json.dumps([r.as_dict() for r in classifications], indent=2))
+    (out / "embed.json").write_text(json.dumps(embedding.as_dict(with_values=False) | (
+        {"embedding_first8": [round(float(v), 5) for v in embedding.embedding[:8]]} if embedding.error is None else {}),
+        indent=2))
+    print("   NOTE: seeded random weights (no model hub here), so the labels are meaningless;")
+    print("   build with `kiln build vit --weights DIR` for a real classifier.")
+    print(f"   classifications: {out / 'classify.json'}")
+    print(f"   embedding:       {out / 'embed.json'}")
+    print(f"   build report:    {Path(repository) / 'build-report.json'}")
+    print(f"   Triton log:      {out / 'tritonserver.log'}")
+    print(f"   done in {time.perf_counter() - started:.0f} s")
+    failed = [r for r in classifications if r.error] + ([embedding] if embedding.error else [])
+    return 1 if failed else 0

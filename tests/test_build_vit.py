@@ -1,0 +1,109 @@
+"""`kiln build vit`: artifacts, parity against PyTorch, the build report, and refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import build.vit as vit_build
+from build import parity, report
+from build.errors import ConfigError, ParityError
+from build.imaging import EvalTransform
+from build.runtime import Session, SessionOptions
+from build.specs import Tolerance
+from build.vit import VARIANTS, VIT_SPEC, ViTBuildOptions, parity_batch
+from build.vit_export import reference_outputs
+
+
+def test_report_of_the_served_build(served_repo):
+    content = report.read_report(served_repo)["vit"]
+    assert content["weights"]["random"] is True and content["weights"]["parameters"] == 86_567_656
+    assert content["served"] == {"backend": "onnxruntime", "precision": "fp32", "artifact": "model.onnx",
+                                 "triton_backend": "python"}
+    entry = content["artifacts"]["onnxruntime-fp32"]
+    path = served_repo / entry["file"]
+    assert entry["sha256"] == report.sha256(path) and entry["size_bytes"] == path.stat().st_size
+    assert entry["parity"]["logits"]["cosine"] >= 0.99999 and entry["parity"]["logits"]["top1"] == 1.0
+    assert {"torch", "onnx", "onnxruntime", "timm"} <= set(content["versions"])
+    assert set(content["models"]) == {"vit_preprocess", "vit", "vit_postprocess", "vit_classify", "vit_embed"}
+    for name in content["models"]:
+        assert (served_repo / name / "config.pbtxt").exists()
+
+
+def test_unknown_backend_precision_pair_lists_valid_ones():
+    with pytest.raises(ConfigError, match="valid backend-precision pairs: .*openvino-int8"):
+        ViTBuildOptions(random_weights=True, backend="onnxruntime", precision="bf16").served
+    with pytest.raises(ConfigError, match="unknown variant"):
+        ViTBuildOptions(random_weights=True, variants=("tensorrt-fp8",)).variant_keys()
+
+
+def test_variant_dependencies_are_added():
+    keys = ViTBuildOptions(random_weights=True, backend="openvino", precision="int8", variants=()).variant_keys()
+    assert keys == ["onnxruntime-fp32", "openvino-fp32", "openvino-int8"]
+
+
+def test_out_of_tolerance_artifact_is_refused_and_removed(tmp_path, monkeypatch):
+    impossible = dataclasses.replace(VIT_SPEC, tolerances={**VIT_SPEC.tolerances,
+                                                           "fp32": Tolerance(min_cosine=1.5, why="test: impossible")})
+    monkeypatch.setattr(vit_build, "VIT_SPEC", impossible)
+    with pytest.raises(ParityError, match="cosine .* < 1.5.*test: impossible.*not written"):
+        vit_build.build_vit(ViTBuildOptions(random_weights=True, variants=(), extra_exports=(), repository=tmp_path,
+                                            progress=False), log=lambda _m: None)
+    assert not (tmp_path / "vit" / "1" / "model.onnx").exists()
+    assert not (tmp_path / "build-report.json").exists()
+
+
+@pytest.mark.slow
+def test_every_variant_is_within_its_tolerance(all_variants_repo, vit_model, sample_images):
+    """Re-open every artifact and compare with PyTorch on the shipped images, independently of the build."""
+    repo, result = all_variants_repo
+    assert set(result.artifacts) == set(VARIANTS) | {"safetensors", "torchscript"}
+    pixels, layers = parity_batch(sample_images, EvalTransform.from_timm(vit_model))
+    reference = reference_outputs(vit_model, pixels, layers)
+    figures = {}
+    for key, variant in VARIANTS.items():
+        session = Session(SessionOptions(variant.runtime, repo / "vit" / "1" / variant.artifact,
+                                         inference_precision=variant.inference_precision))
+        outputs = session.run({"pixel_values": pixels, "layer": layers})
+        figures[key] = parity.compare(reference["logits"], outputs["logits"], classify=True)
+        parity.check(key, figures[key], VIT_SPEC.tolerance(variant.precision))
+        # Features too: the embedding ensemble serves them.
+        assert parity.compare(reference["pooled"], outputs["pooled"]).cosine >= 0.99
+        assert parity.compare(reference["tokens"], outputs["tokens"]).cosine >= 0.99
+        assert result.artifacts[key]["parity"]["logits"]["cosine"] == pytest.approx(figures[key].cosine, abs=1e-6)
+    for key in ("onnxruntime-fp32", "openvino-fp32"):
+        assert figures[key].max_abs <= 1e-3 and figures[key].top1 == 1.0
+
+
+@pytest.mark.slow
+def test_int8_keeps_cosine_on_in_distribution_images(all_variants_repo, vit_model, sample_images):
+    """int8 goal: cosine >= 0.998 to fp32 logits on real photographs (not noise)."""
+    repo, _ = all_variants_repo
+    pixels, _ = parity_batch(sample_images, EvalTransform.from_timm(vit_model))
+    layers = np.full((len(pixels), 1), 11, dtype=np.int64)
+    reference = reference_outputs(vit_model, pixels, layers)["logits"]
+    for key in ("onnxruntime-int8", "openvino-int8"):
+        variant = VARIANTS[key]
+        outputs = Session(SessionOptions(variant.runtime, repo / "vit" / "1" / variant.artifact)).run(
+            {"pixel_values": pixels, "layer": layers}, ["logits"])
+        assert parity.compare(reference, outputs["logits"]).cosine >= 0.998, key
+
+
+@pytest.mark.slow
+def test_extra_exports_load_back(all_variants_repo, vit_model):
+    import torch
+    from safetensors.torch import load_file
+
+    repo, result = all_variants_repo
+    state = load_file(str(repo / result.artifacts["safetensors"]["file"]))
+    assert all(torch.equal(state[k], v) for k, v in vit_model.state_dict().items())
+    scripted = torch.jit.load(str(repo / result.artifacts["torchscript"]["file"]))
+    x = torch.from_numpy(VIT_SPEC.sample_inputs(seed=5, batch=2)["pixel_values"])
+    with torch.inference_mode():
+        logits = scripted(x, torch.tensor([[11], [0]]))[0]
+        assert torch.allclose(logits, vit_model(x), atol=1e-4)
+    report_json = json.loads((repo / "build-report.json").read_text())
+    assert report_json["vit"]["artifacts"]["torchscript"]["parity"]["logits"]["cosine"] > 0.99999

@@ -1,0 +1,108 @@
+"""The `kiln` command line: real subprocesses, clear errors without tracebacks, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+KILN = [sys.executable, "-m", "clients.cli"]
+
+
+def run(*args, timeout=300):
+    return subprocess.run([*KILN, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    cases = [
+        (["build", "vit", "--weights", str(tmp_path / "missing")], "no such file or folder"),
+        (["build", "vit", "--random-weights", "--backend", "onnxruntime", "--precision", "bf16"], "valid backend-precision pairs"),
+        (["serve", "--repo", str(tmp_path / "nothing")], "does not exist"),
+        (["classify", str(tmp_path / "nope.jpg")], "no such image file"),
+    ]
+    for args, message in cases:
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_classify_with_no_server_says_so(sample_images):
+    result = run("classify", str(sample_images[0]), "--url", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "is `kiln serve` running?" in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_classify_and_embed_commands(triton, sample_images):
+    result = run("classify", *map(str, sample_images[:2]), "--url", triton.grpc_url, "--json", "--top-k", "3")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert [len(item["top"]) for item in payload] == [3, 3]
+    result = run("classify", str(sample_images[0]), "--protocol", "http", "--url", triton.http_url)
+    assert result.returncode == 0 and "1." in result.stdout
+    result = run("embed", str(sample_images[0]), "--url", triton.grpc_url, "--tokens", "all", "--layer", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    item = json.loads(result.stdout)[0]
+    assert item["layer"] == 3 and item["tokens_shape"] == [197, 768] and len(item["embedding"]) == 768
+
+
+@pytest.mark.slow
+def test_serve_starts_and_stops_on_sigterm(served_repo):
+    ports = [str(free_port()) for _ in range(3)]
+    process = subprocess.Popen([*KILN, "serve", "--repo", str(served_repo), "--http-port", ports[0],
+                                "--grpc-port", ports[1], "--metrics-port", ports[2]],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 180
+        line = ""
+        while time.monotonic() < deadline and not line.startswith("ready:"):
+            line = process.stdout.readline()
+            assert line or process.poll() is None, process.stderr.read()
+        assert line.startswith("ready:"), line
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert "Triton stopped" in out
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_is_explained(served_repo, tmp_path):
+    import shutil
+
+    broken = tmp_path / "repo"
+    shutil.copytree(served_repo, broken)
+    (broken / "vit" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    server = TritonServer(TritonOptions(repository=broken, http_port=free_port(), grpc_port=free_port(),
+                                        metrics_port=free_port(), log_path=tmp_path / "log.txt"))
+    from build.errors import ServerError
+
+    with pytest.raises(ServerError) as info:
+        server.start()
+    assert "vit" in str(info.value) and "log.txt" in str(info.value)
+    assert not server.is_running()
+
+
+@pytest.mark.slow
+def test_readme_python_client_runs(triton):
+    """The README's client snippet, run as written against a live server (only the URL differs)."""
+    readme = (ROOT / "README.md").read_text()
+    import re
+
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    snippet = snippet.replace('"127.0.0.1:8001"', repr(triton.grpc_url))
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env=os.environ.copy())
+    assert result.returncode == 0, result.stderr
+    assert "[b'" in result.stdout

@@ -1,0 +1,147 @@
+"""End to end on a real Triton server: both ensembles over gRPC and HTTP, batching, and bad input."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from build.imaging import decode_image
+from build.vit_export import reference_outputs
+from clients.vit import ViTClient, read_images
+from tests.conftest import encode, png_header_only
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(vit_model, sample_images):
+    """PyTorch's softmax top-5 and features for the sample images, via timm's own transform."""
+    import timm.data
+
+    tf = timm.data.create_transform(**timm.data.resolve_data_config(model=vit_model))
+    pixels = np.stack([tf(decode_image(p.read_bytes())).numpy() for p in sample_images])
+    out = reference_outputs(vit_model, pixels, np.full((len(pixels), 1), 4, dtype=np.int64))
+    probs = torch.softmax(torch.from_numpy(out["logits"]), -1).numpy()
+    return {"top5": np.argsort(-probs, axis=1)[:, :5], "probs": probs, **out}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_classify_matches_pytorch(triton, sample_images, reference, protocol):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    results = ViTClient(url, protocol).classify(read_images(sample_images), top_k=5)
+    for i, result in enumerate(results):
+        assert result.error is None, result.error
+        assert result.indices == reference["top5"][i].tolist(), result.image
+        np.testing.assert_allclose(result.scores, reference["probs"][i][reference["top5"][i]], rtol=1e-4, atol=1e-6)
+        assert len(result.labels) == 5 and all(isinstance(l, str) and l for l in result.labels)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_embed_matches_pytorch(triton, sample_images, reference, protocol):
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    results = ViTClient(url, protocol).embed(read_images(sample_images), layer=4, tokens=True)
+    for i, result in enumerate(results):
+        assert result.error is None, result.error
+        assert result.embedding.shape == (768,) and result.tokens.shape == (197, 768)
+        np.testing.assert_allclose(result.embedding, reference["pooled"][i], atol=1e-4)
+        np.testing.assert_allclose(result.tokens, reference["tokens"][i], atol=1e-4)
+
+
+def test_top_k_and_layer_are_validated(triton, sample_images):
+    client = ViTClient(triton.grpc_url)
+    data = sample_images[0].read_bytes()
+    assert len(client.classify_one(data, top_k=1000).labels) == 1000
+    for bad_k in (0, 1001):
+        assert "top_k must be between 1 and 1000" in client.classify([("x", data)], top_k=bad_k)[0].error
+    assert "layer must be in [-12, 11]" in client.embed([("x", data)], layer=12)[0].error
+    last = client.embed_one(data, layer=-1)
+    assert np.allclose(last.embedding, client.embed_one(data, layer=11).embedding)
+
+
+def _model_stats(server, model: str) -> dict:
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as response:
+        stats = json.load(response)["model_stats"][0]
+    return {"inferences": int(stats["inference_count"]), "executions": int(stats["execution_count"])}
+
+
+def test_concurrent_requests_are_correct_and_batched(triton, sample_images, reference):
+    client = ViTClient(triton.grpc_url, concurrency=16)
+    before = _model_stats(triton, "vit")
+    images = read_images(sample_images) * 4  # 24 requests from 16 threads
+    results = client.classify(images, top_k=5)
+    after = _model_stats(triton, "vit")
+    for i, result in enumerate(results):
+        assert result.error is None
+        assert result.indices == reference["top5"][i % len(sample_images)].tolist()
+    inferences = after["inferences"] - before["inferences"]
+    executions = after["executions"] - before["executions"]
+    assert inferences == len(images)
+    assert executions < inferences, f"dynamic batching never merged requests ({executions} executions)"
+
+
+BAD_IMAGES = {
+    "corrupt bytes": (b"\xff\xd8\xff\xe0 definitely not a jpeg", "cannot decode image"),
+    "1x1 image": (encode(Image.new("RGB", (1, 1))), "too small"),
+    "20000x20000 header": (png_header_only(20000, 20000), "refused before decoding"),
+    "empty element": (b"", "0 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_image_fails_alone_while_good_ones_in_the_same_batch_succeed(triton, sample_images, reference, case):
+    data, message = BAD_IMAGES[case]
+    good = sample_images[0].read_bytes()
+    client = ViTClient(triton.grpc_url, concurrency=8)
+    # Sent together, so the dynamic batcher sees the bad request next to good ones.
+    results = client.classify([("good", good)] * 3 + [("bad", data)] + [("good", good)] * 3, top_k=5)
+    for result in results:
+        if result.image == "bad":
+            assert result.error and message in result.error, result.error
+            assert "Traceback" not in result.error
+        else:
+            assert result.error is None and result.indices == reference["top5"][0].tolist()
+    assert triton.is_running() and ViTClient(triton.grpc_url).is_ready()
+
+
+def _raw_infer(server, model, inputs):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    tensors = []
+    for name, array, dtype in inputs:
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return client.infer(model, tensors)
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([("image", np.array([[b"x"]], dtype=object), "BYTES"), ("top_k", np.array([[1.5]], np.float32), "FP32")],
+     "data-type"),
+    ([("pixel_values", np.zeros((1, 3, 100, 100), np.float32), "FP32")], "shape"),
+    ([("pixel_values", np.zeros((1, 3, 224, 224), np.float64), "FP64")], "data-type"),
+])
+def test_wrong_dtype_or_shape_is_rejected_by_triton(triton, inputs, message):
+    model = "vit_classify" if inputs[0][0] == "image" else "vit"
+    with pytest.raises(InferenceServerException, match=message):
+        _raw_infer(triton, model, inputs)
+    assert triton.is_running()
+
+
+def test_non_finite_pixels_fail_that_request(triton):
+    bad = np.full((1, 3, 224, 224), np.nan, np.float32)
+    with pytest.raises(InferenceServerException, match="NaN"):
+        _raw_infer(triton, "vit", [("pixel_values", bad, "FP32")])
+    good = _raw_infer(triton, "vit", [("pixel_values", np.zeros((2, 3, 224, 224), np.float32), "FP32")])
+    assert good.as_numpy("logits").shape == (2, 1000)
+
+
+def test_metrics_endpoint_counts_requests(triton):
+    with urllib.request.urlopen(triton.metrics_url) as response:
+        text = response.read().decode()
+    assert 'nv_inference_request_success{model="vit_classify"' in text

@@ -1,0 +1,79 @@
+"""Triton configs come from typed data through the protobuf message; golden files pin the output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from build.errors import ConfigError
+from build.imaging import EvalTransform
+from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor, read_config
+from build.vit import VIT_SPEC, ViTBuildOptions, vit_model_configs
+
+GOLDEN = Path(__file__).parent / "golden"
+TRANSFORM = EvalTransform(resize=248, crop=(224, 224), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def _configs(**options):
+    return vit_model_configs(ViTBuildOptions(random_weights=True, **options), TRANSFORM)
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("python", {}),
+    ("native-openvino-int8", {"triton_backend": "native", "backend": "openvino", "precision": "int8"}),
+])
+def test_vit_configs_match_golden_files(mode, options):
+    update = os.environ.get("UPDATE_GOLDEN") == "1"
+    for config in _configs(**options):
+        path = GOLDEN / mode / f"{config.name}.pbtxt"
+        if update:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(config.to_pbtxt())
+        assert path.exists(), f"missing golden file {path}; run with UPDATE_GOLDEN=1"
+        assert config.to_pbtxt() == path.read_text(), f"{config.name} differs from {path}"
+
+
+def test_configs_round_trip_through_protobuf(tmp_path):
+    for config in _configs():
+        written = config.write(tmp_path)
+        assert (tmp_path / config.name / "1").is_dir()
+        assert read_config(written) == config.to_proto()
+
+
+def test_vit_config_is_derived_from_the_spec():
+    vit = next(c for c in _configs() if c.name == "vit")
+    assert [t.name for t in vit.inputs] == VIT_SPEC.input_names
+    assert [t.name for t in vit.outputs] == VIT_SPEC.output_names
+    assert vit.max_batch_size == VIT_SPEC.profile["batch"][2] > 1
+    assert vit.dynamic_batching is not None
+    assert vit.inputs[1].optional  # `layer`: classification leaves it out
+
+
+def test_ensembles_wire_existing_tensors():
+    configs = {c.name: c for c in _configs()}
+    for ensemble in (configs["vit_classify"], configs["vit_embed"]):
+        available = {t.name for t in ensemble.inputs}
+        for step in ensemble.steps:
+            model = configs[step.model_name]
+            model_inputs = {t.name for t in model.inputs}
+            model_outputs = {t.name for t in model.outputs}
+            assert set(step.input_map) <= model_inputs
+            assert set(step.input_map.values()) <= available, f"{ensemble.name}: {step.model_name} reads an unset tensor"
+            assert set(step.output_map) <= model_outputs
+            available |= set(step.output_map.values())
+        assert {t.name for t in ensemble.outputs} <= available
+
+
+def test_invalid_configs_are_rejected():
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        Tensor("x", "FLOAT", (1,))
+    with pytest.raises(ConfigError, match="ensemble"):
+        ModelConfig("e", (), (), backend=None, platform="ensemble")
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        ModelConfig("m", (), (), dynamic_batching=DynamicBatching())
+    with pytest.raises(ConfigError, match="only an ensemble"):
+        ModelConfig("m", (), (), steps=(EnsembleStep("a", {}, {}),))
+    with pytest.raises(ConfigError, match="invalid model config"):
+        ModelConfig("m", (Tensor("x", "FP32", (1,)),), (), kind="KIND_TPU").to_proto()

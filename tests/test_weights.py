@@ -1,0 +1,71 @@
+"""Weight loading: local folders, single safetensors files, hub ids without a network, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from build.errors import WeightsError
+from build.weights import load_vit, save_vit_checkpoint
+
+
+def test_random_weights_are_seeded_and_flagged():
+    a = load_vit(random_weights=True, seed=3)
+    b = load_vit(random_weights=True, seed=3)
+    assert a.random and "random" in a.source
+    assert torch.equal(a.model.head.weight, b.model.head.weight)
+    assert not torch.equal(a.model.head.weight, load_vit(random_weights=True, seed=4).model.head.weight)
+
+
+def test_folder_round_trip(tmp_path, vit_model):
+    folder = save_vit_checkpoint(vit_model, tmp_path / "ckpt")
+    assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
+    loaded = load_vit(str(folder))
+    assert not loaded.random
+    for (name, ours), (_, theirs) in zip(vit_model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(ours, theirs), name
+    assert tuple(loaded.model.pretrained_cfg["mean"]) == tuple(vit_model.pretrained_cfg["mean"])
+
+
+def test_single_safetensors_file(tmp_path, vit_model):
+    folder = save_vit_checkpoint(vit_model, tmp_path / "ckpt")
+    loaded = load_vit(str(folder / "model.safetensors"))
+    assert torch.equal(loaded.model.cls_token, vit_model.cls_token)
+
+
+def test_pickled_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "model.pth"
+    torch.save({"a": torch.zeros(1)}, path)
+    with pytest.raises(WeightsError, match="never unpickled"):
+        load_vit(str(path))
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"not_a_vit.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(WeightsError, match="does not fit"):
+        load_vit(str(path))
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(WeightsError, match="no model.safetensors"):
+        load_vit(str(tmp_path))
+
+
+def test_hub_id_without_network_fails_clearly(monkeypatch):
+    # This machine has no route to the hub; offline mode makes the failure immediate instead of a timeout.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match="cannot fetch .* local folder"):
+        load_vit("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")
+
+
+def test_exactly_one_source():
+    with pytest.raises(WeightsError, match="exactly one"):
+        load_vit()
+    with pytest.raises(WeightsError, match="exactly one"):
+        load_vit("x/y", random_weights=True)
+    with pytest.raises(WeightsError, match="no such file"):
+        load_vit("./missing-folder")
