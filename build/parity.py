@@ -55,4 +55,4 @@ def check(name: str, parity: Parity, tolerance: Tolerance) -> None:
         problems.append(f"top-1 agreement {parity.top1:.3f} < {tolerance.min_top1}")
     if problems:
         raise ParityError(f"{name} is outside its tolerance ({'; '.join(problems)}); "
-                          f"tolerance rationale: {tolerance.why}. The artifact was not written.")
+                          f"tolerance rationale: {tolerance.why}. The artifact was removed.")

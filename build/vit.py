@@ -185,16 +185,24 @@ def convert_openvino(source: Path, target: Path, *, compress_to_fp16: bool) -> N
 
 
 def quantize_openvino_int8(source: Path, target: Path, calibration: np.ndarray) -> None:
-    """NNCF post-training quantization (weights and activations), transformer preset."""
+    """NNCF post-training quantization (weights and activations), transformer preset.
+
+    SmoothQuant is off: measured here on the parity images it lowers logit cosine (0.9972 with it,
+    0.9977 without; held-out crops 0.9954 vs 0.9979). NNCF's default overflow fix stays on: on CPUs
+    without VNNI, disabling it saturates the int8 dot products (cosine 0.92).
+    """
     import nncf
     import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     core = ov.Core()
     ov_model = core.read_model(str(source))
     last_layer = np.array([[NUM_BLOCKS - 1]], dtype=np.int64)
     dataset = nncf.Dataset(list(calibration), lambda x: {"pixel_values": x[None], "layer": last_layer})
+    advanced = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
     quantized = nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER,
-                              subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED)
+                              subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED,
+                              advanced_parameters=advanced)
     target.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantized, str(target), compress_to_fp16=False)
 
@@ -247,7 +255,6 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     version_dir = repository / "vit" / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
     artifacts: dict[str, dict] = {}
-    calibration: dict[str, np.ndarray] = {}
 
     def record(key: str, variant: Variant, seconds: float) -> None:
         path = version_dir / variant.artifact
@@ -297,7 +304,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         "openvino-bf16": None,  # same IR as fp32, different execution hint
         "openvino-int8": lambda: quantize_openvino_int8(
             ov_fp32, version_dir / VARIANTS["openvino-int8"].artifact,
-            calibration.setdefault("x", calibration_samples(images, transform, options.calibration_size, options.seed))),
+            calibration_samples(images, transform, options.calibration_size, options.seed)),
     }
     steps = [make(key, producers[key]) for key in keys]
     extra = {

@@ -35,7 +35,7 @@ class ViTExport(torch.nn.Module):
             per_block.append(x)
         stacked = torch.stack(per_block, dim=1)  # (B, blocks, tokens, dim)
         index = layer.reshape(-1, 1, 1, 1).expand(-1, 1, stacked.shape[2], stacked.shape[3])
-        tokens = torch.gather(stacked, 1, index).squeeze(1)
+        tokens = torch.gather(stacked, 1, index)[:, 0]  # indexing, not squeeze(): no If node in the graph
         pooled = m.forward_head(m.norm(x), pre_logits=True)
         return m.head(pooled), pooled, tokens
 

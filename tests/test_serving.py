@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import numpy as np
@@ -66,9 +67,20 @@ def test_top_k_and_layer_are_validated(triton, sample_images):
 
 
 def _model_stats(server, model: str) -> dict:
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as response:
-        stats = json.load(response)["model_stats"][0]
-    return {"inferences": int(stats["inference_count"]), "executions": int(stats["execution_count"])}
+    """Triton's counters for `model`, read once they are settled (they are updated after responses go out)."""
+    def read() -> dict:
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as response:
+            stats = json.load(response)["model_stats"][0]
+        return {"inferences": int(stats["inference_count"]), "executions": int(stats["execution_count"])}
+
+    previous = read()
+    for _ in range(50):
+        time.sleep(0.1)
+        current = read()
+        if current == previous:
+            return current
+        previous = current
+    return previous
 
 
 def test_concurrent_requests_are_correct_and_batched(triton, sample_images, reference):
@@ -87,7 +99,8 @@ def test_concurrent_requests_are_correct_and_batched(triton, sample_images, refe
 
 
 BAD_IMAGES = {
-    "corrupt bytes": (b"\xff\xd8\xff\xe0 definitely not a jpeg", "cannot decode image"),
+    "corrupt bytes": (b"\xff\xd8\xff\xe0 definitely not a jpeg", "corrupt or truncated image"),
+    "not an image": (b"hello, world" * 10, "cannot decode image"),
     "1x1 image": (encode(Image.new("RGB", (1, 1))), "too small"),
     "20000x20000 header": (png_header_only(20000, 20000), "refused before decoding"),
     "empty element": (b"", "0 bytes"),
