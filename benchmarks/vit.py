@@ -159,7 +159,7 @@ def run_benchmark(options: BenchOptions) -> dict:
     payloads = [p.read_bytes() for p in list_images(SAMPLE_IMAGES) if p.suffix.lower() in (".jpg", ".jpeg")]
     pixels = np.stack([preprocess(payloads[i % len(payloads)], transform) for i in range(max(options.batch_sizes))])
     rows: list[Row] = []
-    total = 2 * len(options.batch_sizes) * (1 + len(options.variants))
+    total = len(options.batch_sizes) * (2 + 3 * len(options.variants))
     bar = tqdm(total=total, desc="bench vit", unit="config")
 
     # 2. Baseline: torch eager fp32, same inputs.
