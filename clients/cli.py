@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     vit.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance kind for native backends")
     vit.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
 
+    # kiln weights
+    weights = commands.add_parser("weights", help="write seeded random checkpoints of the real architectures")
+    weight_targets = weights.add_subparsers(dest="target", required=True)
+    sd = weight_targets.add_parser("sd", help="a diffusers-format Stable Diffusion 1.x folder (+ ControlNet)")
+    size = sd.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tiny", type=Path, metavar="OUT", help="tiny components (diffusers' test sizes), seconds to run")
+    size.add_argument("--full-size-random", type=Path, metavar="OUT", help="SD 1.5's architecture (UNet 859.5 M parameters)")
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--no-controlnet", action="store_true")
+    vit_weights = weight_targets.add_parser("vit", help="a timm-style ViT-B/16 folder (model.safetensors + config.json)")
+    vit_weights.add_argument("--random", type=Path, metavar="OUT", required=True)
+    vit_weights.add_argument("--seed", type=int, default=0)
+
     # kiln serve
     serve = commands.add_parser("serve", help="start the embedded Triton server and wait (Ctrl-C / SIGTERM stops it)")
     serve.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
@@ -96,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        handler = {"build": cmd_build, "serve": cmd_serve, "classify": cmd_classify, "embed": cmd_embed,
+        handler = {"build": cmd_build, "weights": cmd_weights, "serve": cmd_serve, "classify": cmd_classify, "embed": cmd_embed,
                    "demo": cmd_demo, "bench": cmd_bench}[args.command]
         return handler(args) or 0
     except KilnError as exc:
@@ -127,6 +140,20 @@ def cmd_build(args) -> int:
     )
     result = build_vit(options)
     print(f"served: vit = {result.served.key} ({result.served.artifact})")
+    return 0
+
+
+def cmd_weights(args) -> int:
+    if args.target == "sd":
+        from build.sd_weights import write_sd_checkpoint
+
+        out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+        write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet)
+    else:
+        from build.weights import load_vit, save_vit_checkpoint
+
+        out = save_vit_checkpoint(load_vit(random_weights=True, seed=args.seed).model, args.random)
+    print(f"wrote seeded random weights (seed {args.seed}) to {out}: the real architecture, meaningless outputs")
     return 0
 
 

@@ -106,3 +106,16 @@ def test_readme_python_client_runs(triton):
                             env=os.environ.copy())
     assert result.returncode == 0, result.stderr
     assert "[b'" in result.stdout
+
+
+@pytest.mark.slow
+def test_build_from_a_weights_folder_written_by_kiln(tmp_path):
+    """`kiln weights vit` then `kiln build vit --weights DIR`: the user's path, end to end."""
+    result = run("weights", "vit", "--random", str(tmp_path / "ckpt"), "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    result = run("build", "vit", "--weights", str(tmp_path / "ckpt"), "--variants", "served", "--no-extra-exports",
+                 "--repo", str(tmp_path / "repo"))
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM WEIGHTS" not in result.stdout  # a folder is a user's checkpoint, as far as the build knows
+    report = json.loads((tmp_path / "repo" / "build-report.json").read_text())["vit"]
+    assert report["weights"] == {"source": str(tmp_path / "ckpt"), "random": False, "parameters": 86_567_656}

@@ -1,0 +1,216 @@
+"""Stable Diffusion 1.x checkpoints without a hub: seeded random weights of the real architectures, and the real CLIP tokenizer.
+
+`write_sd_checkpoint` writes a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/,
+tokenizer/, scheduler/, and controlnet/) that `load_sd` — and diffusers itself — read exactly like a
+user's checkpoint: one code path. The tokenizer is the real one SD 1.x uses, built from the BPE
+vocabulary that ships inside the open-clip-torch wheel (49,408 tokens).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from build.errors import WeightsError
+
+if TYPE_CHECKING:
+    import torch
+
+CLIP_VOCAB_SIZE = 49408
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MODEL_MAX_LENGTH = 77
+
+# SD 1.5's scheduler config (PNDM, as the original checkpoint ships it); samplers are chosen per request later.
+SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "clip_sample": False, "prediction_type": "epsilon", "trained_betas": None,
+}
+
+
+@dataclass(frozen=True)
+class SDArchitecture:
+    """Constructor arguments of each component; `tiny` follows diffusers' own fast tests, `full` is SD 1.5."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    controlnet: dict[str, Any]
+
+
+ARCHITECTURES = {
+    "tiny": SDArchitecture(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=32),
+        vae=dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+                 down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                 up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32),
+        text_encoder=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                          projection_dim=32, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
+        controlnet=dict(block_out_channels=(32, 64), layers_per_block=2, in_channels=4,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
+                        conditioning_embedding_out_channels=(16, 32), norm_num_groups=32),
+    ),
+    "full": SDArchitecture(
+        unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
+                  out_channels=4, attention_head_dim=8, cross_attention_dim=768,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+        vae=dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
+                 sample_size=512, layers_per_block=2, scaling_factor=0.18215,
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
+        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                          projection_dim=768, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
+        controlnet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, in_channels=4,
+                        attention_head_dim=8, cross_attention_dim=768, conditioning_embedding_out_channels=(16, 32, 96, 256),
+                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")),
+    ),
+}
+
+
+def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's byte-level BPE vocabulary and merges, from the file in the open-clip-torch wheel."""
+    try:
+        import open_clip
+    except ImportError as exc:  # pragma: no cover - pinned dependency
+        raise WeightsError("open-clip-torch is not installed; run `make setup`") from exc
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    # CLIP uses the first 49152 - 256 - 2 merges of the file (its first line is a header).
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    byte_symbols = list(_bytes_to_unicode().values())
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges] + [BOS, EOS]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise WeightsError(f"{path}: built a vocabulary of {len(vocab)} tokens, expected {CLIP_VOCAB_SIZE}")
+    return vocab, merges
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def clip_tokenizer():
+    """The SD 1.x CLIP tokenizer (transformers' CLIPTokenizer), built offline."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocabulary()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH,
+                              bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
+    check_tokenizer(tokenizer, "the open-clip vocabulary")
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, source: str) -> None:
+    """Guard against the silent 2-token tokenizer that from_pretrained(<hub id>) can return offline."""
+    if len(tokenizer) != CLIP_VOCAB_SIZE:
+        raise WeightsError(f"tokenizer from {source} has {len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE} (SD 1.x CLIP)")
+
+
+def _seeded(seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True) -> dict:
+    """Seeded random components of the `size` architecture ("tiny" or "full"), each from its own seed."""
+    from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if size not in ARCHITECTURES:
+        raise WeightsError(f"unknown architecture size {size!r}; valid: {', '.join(ARCHITECTURES)}")
+    arch = ARCHITECTURES[size]
+    _seeded(seed)
+    unet = UNet2DConditionModel(**arch.unet)
+    _seeded(seed + 1)
+    vae = AutoencoderKL(**arch.vae)
+    _seeded(seed + 2)
+    text_config = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=MODEL_MAX_LENGTH,
+                                 bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1,
+                                 pad_token_id=CLIP_VOCAB_SIZE - 1, **arch.text_encoder)
+    text_encoder = CLIPTextModel(text_config)
+    components = {
+        "unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": clip_tokenizer(),
+        "scheduler": PNDMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k != "_class_name"}),
+    }
+    if controlnet:
+        _seeded(seed + 3)
+        components["controlnet"] = ControlNetModel(**arch.controlnet).eval()
+    return components
+
+
+def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet: bool = True) -> Path:
+    """Write a diffusers-format SD 1.x folder of seeded random weights; a ControlNet goes in controlnet/."""
+    from diffusers import StableDiffusionPipeline
+
+    out = Path(out)
+    components = build_components(size, seed, controlnet)
+    control = components.pop("controlnet", None)
+    pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(str(out), safe_serialization=True)
+    if control is not None:
+        control.save_pretrained(str(out / "controlnet"), safe_serialization=True)
+    (out / "kiln-weights.json").write_text(json.dumps(
+        {"random": True, "seed": seed, "architecture": size,
+         "note": "seeded random weights of the real architecture: images are noise-like, not art"}, indent=2))
+    return out
+
+
+@dataclass
+class LoadedSD:
+    """The PyTorch components of a checkpoint, in eval mode, and where they came from."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    scheduler_config: dict
+    controlnet: torch.nn.Module | None
+    source: str
+    random: bool
+
+
+def load_sd(weights: str | Path, controlnet: str | Path | None = None) -> LoadedSD:
+    """Load a diffusers-format folder (or hub id, where a network exists); ControlNet from its own folder or controlnet/."""
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+
+    path = Path(weights)
+    if not path.exists() and not (str(weights).count("/") == 1 and not str(weights).startswith((".", "/"))):
+        raise WeightsError(f"{weights}: no such folder, and not a hub id of the form owner/name")
+    if path.is_file():
+        raise WeightsError(f"{weights}: single-file checkpoints are not supported yet; pass a diffusers-format folder")
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(str(weights), safety_checker=None,
+                                                           requires_safety_checker=False, use_safetensors=True)
+    except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError variants
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"cannot load a Stable Diffusion checkpoint from {weights!r}: {first}") from None
+    check_tokenizer(pipeline.tokenizer, str(weights))
+    control_source = controlnet if controlnet is not None else (path / "controlnet" if (path / "controlnet").is_dir() else None)
+    control = None
+    if control_source is not None:
+        try:
+            control = ControlNetModel.from_pretrained(str(control_source), use_safetensors=True).eval()
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise WeightsError(f"cannot load a ControlNet from {control_source!r}: {first}") from None
+    marker = path / "kiln-weights.json"
+    random = marker.exists() and json.loads(marker.read_text()).get("random", False)
+    return LoadedSD(unet=pipeline.unet.eval(), vae=pipeline.vae.eval(), text_encoder=pipeline.text_encoder.eval(),
+                    tokenizer=pipeline.tokenizer, scheduler_config=dict(pipeline.scheduler.config),
+                    controlnet=control, source=str(weights), random=bool(random))
