@@ -149,7 +149,15 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True)
     }
     if controlnet:
         _seeded(seed + 3)
-        components["controlnet"] = ControlNetModel(**arch.controlnet).eval()
+        control = ControlNetModel(**arch.controlnet)
+        # ControlNet's output convolutions start at zero (so training starts from the plain UNet); random ones
+        # make its residuals non-zero, as a trained ControlNet's are (diffusers' own pipeline tests do the same).
+        import torch
+
+        for conv in [*control.controlnet_down_blocks, control.controlnet_mid_block]:
+            torch.nn.init.normal_(conv.weight, std=0.1)
+            torch.nn.init.constant_(conv.bias, 0.1)
+        components["controlnet"] = control.eval()
     return components
 
 

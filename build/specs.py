@@ -33,7 +33,14 @@ class TensorSpec:
         return np.dtype(_NUMPY[self.dtype])
 
     def concrete_shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
+        """Resolve named axes; "axis/N" is that axis divided by N (feature maps after downsampling)."""
+        def size(dim: int | str) -> int:
+            if isinstance(dim, int):
+                return dim
+            axis, _, divisor = dim.partition("/")
+            return sizes[axis] // int(divisor) if divisor else sizes[axis]
+
+        return tuple(size(d) for d in self.shape)
 
     def triton_tensor(self) -> Tensor:
         """As a Triton config tensor of a batching model: the leading batch axis is implicit."""

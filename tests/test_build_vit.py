@@ -120,3 +120,9 @@ def test_extra_exports_load_back(all_variants_repo, vit_model):
         assert torch.allclose(logits, vit_model(x), atol=1e-4)
     report_json = json.loads((repo / "build-report.json").read_text())
     assert report_json["vit"]["artifacts"]["torchscript"]["parity"]["logits"]["cosine"] > 0.99999
+
+
+def test_parity_of_identical_zero_outputs_is_perfect():
+    zeros = np.zeros((2, 5), np.float32)
+    assert parity.compare(zeros, zeros).cosine == 1.0
+    assert parity.compare(zeros, np.ones((2, 5), np.float32)).cosine == 0.0

@@ -1,0 +1,80 @@
+"""Stable Diffusion components: specs derived from the checkpoint, ONNX export, parity with PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from build.sd import ImageRange, axis_sizes, check_component, export_component, export_modules, sd_specs
+from build.sd_weights import load_sd, write_sd_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = write_sd_checkpoint(tmp_path_factory.mktemp("sd_export") / "tiny", size="tiny", seed=0)
+    loaded = load_sd(folder)
+    return loaded, sd_specs(loaded, ImageRange(32, 64, 128)), export_modules(loaded)
+
+
+def test_specs_follow_the_checkpoint(tiny):
+    loaded, specs, _ = tiny
+    assert set(specs) == {"text_encoder", "unet", "unet_control", "controlnet", "vae_encoder", "vae_decoder"}
+    context = specs["unet"].inputs[2]
+    assert context.shape[-1] == loaded.text_encoder.config.hidden_size == loaded.unet.config.cross_attention_dim
+    # The ControlNet's outputs are exactly the UNet-with-residuals' extra inputs.
+    assert [t.name for t in specs["controlnet"].outputs] == [t.name for t in specs["unet_control"].inputs[3:]]
+
+
+def test_controlnet_residual_shapes_match_the_real_model(tiny):
+    loaded, specs, _ = tiny
+    sizes = axis_sizes(loaded, batch=1, height=64, width=96)
+    x = specs["controlnet"].sample_inputs(seed=0, **sizes)
+    with torch.inference_mode():
+        down, mid = loaded.controlnet(torch.from_numpy(x["sample"]), torch.from_numpy(x["timestep"]),
+                                      torch.from_numpy(x["encoder_hidden_states"]),
+                                      torch.from_numpy(x["controlnet_cond"]), return_dict=False)
+    expected = [tuple(t.shape) for t in (*down, mid)]
+    assert [o.concrete_shape(sizes) for o in specs["controlnet"].outputs] == expected
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "unet_control", "controlnet", "vae_encoder", "vae_decoder"])
+def test_export_matches_pytorch_at_other_shapes(tiny, tmp_path, name):
+    """Exported at 64x64, batch 2, one prompt chunk; checked at 96x64, batch 3, two chunks (dynamic axes)."""
+    loaded, specs, modules = tiny
+    path = tmp_path / f"{name}.onnx"
+    export_component(modules[name], specs[name], path, axis_sizes(loaded, batch=2, height=64, width=64))
+    figures = check_component(modules[name], specs[name], path, axis_sizes(loaded, batch=3, height=96, width=64, chunks=2))
+    reference = figures[specs[name].reference_output]
+    assert reference.cosine >= 0.99999 and reference.max_abs <= 1e-3
+
+
+def test_unet_with_zero_residuals_equals_plain_unet(tiny):
+    loaded, specs, modules = tiny
+    sizes = axis_sizes(loaded, batch=2)
+    x = specs["unet_control"].sample_inputs(seed=3, **sizes)
+    args = [torch.from_numpy(x[n]) for n in specs["unet"].input_names]
+    zeros = [torch.zeros(t.concrete_shape(sizes)) for t in specs["unet_control"].inputs[3:]]
+    with torch.inference_mode():
+        plain = modules["unet"](*args)
+        with_zero = modules["unet_control"](*args, *zeros)
+    assert torch.equal(plain, with_zero)
+
+
+def test_vae_decoder_applies_the_checkpoint_scaling_factor(tiny):
+    loaded, _, modules = tiny
+    latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = modules["vae_decoder"](latent)
+        theirs = loaded.vae.decode(latent / loaded.vae.config.scaling_factor).sample
+    assert np.array_equal(ours.numpy(), theirs.numpy())
+
+
+def test_random_controlnet_has_non_zero_residuals(tiny):
+    loaded, specs, _ = tiny
+    x = specs["controlnet"].sample_inputs(seed=0, **axis_sizes(loaded, batch=1))
+    with torch.inference_mode():
+        down, mid = loaded.controlnet(torch.from_numpy(x["sample"]), torch.from_numpy(x["timestep"]),
+                                      torch.from_numpy(x["encoder_hidden_states"]),
+                                      torch.from_numpy(x["controlnet_cond"]), return_dict=False)
+    assert all(t.abs().max() > 0 for t in (*down, mid))
