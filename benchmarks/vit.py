@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from build.errors import ConfigError
 from build.imaging import EvalTransform, preprocess
 from build.runtime import Session, SessionOptions
 from build.triton_config import read_config
@@ -35,8 +36,7 @@ GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224x224: 17.6 GMAC
 
 @dataclass(frozen=True)
 class BenchOptions:
-    repository: Path  # where the benchmark builds its own repository copy (…/bench_repo under out)
-    out: Path
+    out: Path  # results, and the benchmark's own model repository (out/bench_repo)
     variants: tuple[str, ...] = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8")
     batch_sizes: tuple[int, ...] = (1, 8)
     seconds: float = 8.0  # measuring time per configuration, after warm-up
@@ -146,7 +146,7 @@ def run_benchmark(options: BenchOptions) -> dict:
     repository = out / "bench_repo"
     for key in options.variants:
         if key not in VARIANTS:
-            raise ValueError(f"unknown variant {key!r}; valid: {', '.join(VARIANTS)}")
+            raise ConfigError(f"unknown variant {key!r}; valid: {', '.join(VARIANTS)}")
 
     # 1. Build every variant once into the benchmark's own repository.
     if not options.skip_build or not (repository / "vit").exists():

@@ -18,7 +18,6 @@ class Parity:
     mean_abs: float
     cosine: float  # of the flattened outputs, worst sample
     top1: float | None = None  # fraction of samples whose arg-max agrees
-    psnr_db: float | None = None  # images only
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -42,9 +41,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, classify: bool = Fa
     return Parity(max_abs=float(diff.max()), mean_abs=float(diff.mean()), cosine=float(cosines.min()), top1=top1)
 
 
-def psnr(reference: np.ndarray, candidate: np.ndarray, peak: float = 255.0) -> float:
-    mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(candidate, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(peak * peak / mse)
+def compare_outputs(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                    classify: frozenset[str] | set[str] = frozenset()) -> dict[str, Parity]:
+    """`compare` for every output the reference has; top-1 agreement for the names in `classify`."""
+    return {name: compare(ref, outputs[name], classify=name in classify) for name, ref in reference.items()}
 
 
 def check(name: str, parity: Parity, tolerance: Tolerance) -> None:

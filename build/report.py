@@ -13,22 +13,30 @@ REPORT_NAME = "build-report.json"
 _TOOLS = ("torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "diffusers", "transformers", "numpy")
 
 
+def artifact_files(path: Path) -> list[Path]:
+    """An artifact's files: the file itself, plus an OpenVINO .bin or ONNX external data beside it."""
+    path = Path(path)
+    companions = [c for c in (path.with_suffix(".bin"), path.with_name(path.name + ".data")) if c != path and c.exists()]
+    return [path, *companions]
+
+
 def sha256(path: Path) -> str:
+    """One digest over all of an artifact's files (an IR's weights live in its .bin)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for part in artifact_files(path):
+        with open(part, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
 def artifact_size(path: Path) -> int:
-    """Bytes of an artifact, counting an OpenVINO .bin or ONNX external data beside it."""
-    path = Path(path)
-    total = path.stat().st_size
-    for companion in (path.with_suffix(".bin"), path.with_name(path.name + ".data")):
-        if companion.exists() and companion != path:
-            total += companion.stat().st_size
-    return total
+    return sum(p.stat().st_size for p in artifact_files(path))
+
+
+def remove_artifact(path: Path) -> None:
+    for part in artifact_files(path) if Path(path).exists() else []:
+        part.unlink()
 
 
 def tool_versions() -> dict[str, str]:

@@ -5,13 +5,15 @@ VAE scale factor, the number of ControlNet residuals), never retyped. Every comp
 per-sample `timestep` (and ControlNet a per-sample `conditioning_scale`), so that denoising steps
 of different requests can share one batch later.
 
-What is here: specs, export wrappers, `export_component` and `check_component`. The Triton
-configs, ensembles and the denoising loop build on these (issue 3, in progress).
+`build_sd` exports and checks the components of the txt2img path and writes their Triton models
+(sd_tokenizer, sd_text_encoder, sd_unet, sd_vae_decoder, sd_vae_postprocess and the ensembles
+sd_text_encode, sd_vae_decode); orchestrator/diffusion.py runs the denoising loop over them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -230,3 +232,134 @@ def check_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, in
     figures = {name: parity.compare(ref.numpy(), got[name]) for name, ref in zip(spec.output_names, expected)}
     parity.check(f"{spec.name} ({spec.reference_output})", figures[spec.reference_output], spec.tolerance(precision))
     return figures
+
+
+# -- the build: export, check, write the Triton repository --------------------------------------
+
+SERVED = ("text_encoder", "unet", "vae_decoder")  # components the txt2img path serves today
+MAX_PROMPT_CHUNKS = 8  # 8 x 75 = 600 prompt tokens per request
+
+
+@dataclass(frozen=True)
+class SDBuildOptions:
+    """What `kiln build sd` was asked to do."""
+
+    weights: str  # diffusers-format folder (or hub id where a network exists)
+    controlnet: str | None = None  # ControlNet folder; default: <weights>/controlnet when present
+    repository: Path = Path(__file__).resolve().parent.parent / "model_repository"
+    images: ImageRange = ImageRange()
+    max_queue_delay_us: int = 2000
+    threads: int = 0
+    progress: bool = True
+
+
+def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, options: SDBuildOptions,
+                     extra: dict[str, str]) -> list:
+    """Triton configs of the txt2img path: tokenizer, text encoder, UNet, VAE decoder, and two ensembles."""
+    from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
+
+    text, unet, decoder = specs["text_encoder"], specs["unet"], specs["vae_decoder"]
+    batching = DynamicBatching(max_queue_delay_microseconds=options.max_queue_delay_us)
+
+    def runtime_params() -> dict[str, str]:
+        return {"runtime": "onnxruntime", "artifact": "model.onnx", "inference_precision": "f32",
+                "threads": str(options.threads)}
+
+    hidden = text.outputs[0].shape[-1]
+    tokenizer = ModelConfig(
+        name="sd_tokenizer", inputs=(Tensor("prompt", "BYTES", (-1,)),),
+        outputs=(Tensor("input_ids", "INT64", (-1, text.inputs[0].shape[1])), Tensor("chunks", "INT32", (1,))),
+        parameters={"max_chunks": str(MAX_PROMPT_CHUNKS)})
+    text_encoder = ModelConfig(
+        name="sd_text_encoder", inputs=text.triton_inputs(batched=False), outputs=text.triton_outputs(batched=False),
+        parameters=runtime_params())
+    unet_model = ModelConfig(
+        name="sd_unet", inputs=unet.triton_inputs(), outputs=unet.triton_outputs(), max_batch_size=unet.max_batch_size,
+        dynamic_batching=batching,
+        # The orchestrator reads what it needs to drive the loop from here: it holds no weights and no files.
+        parameters=runtime_params() | {"scheduler_config": json.dumps(scheduler_config, default=str)} | extra)
+    decoder_model = ModelConfig(
+        name="sd_vae_decoder", inputs=decoder.triton_inputs(), outputs=decoder.triton_outputs(),
+        max_batch_size=decoder.max_batch_size, dynamic_batching=batching, parameters=runtime_params())
+    postprocess = ModelConfig(
+        name="sd_vae_postprocess", inputs=(Tensor("decoded", "FP32", (3, -1, -1)),),
+        outputs=(Tensor("image", "UINT8", (-1, -1, 3)),), max_batch_size=decoder.max_batch_size,
+        dynamic_batching=batching)
+    text_encode = ModelConfig(
+        name="sd_text_encode", backend=None, platform="ensemble",
+        inputs=(Tensor("prompt", "BYTES", (-1,)),),
+        outputs=(Tensor("embeddings", "FP32", (-1, text.inputs[0].shape[1], hidden)), Tensor("chunks", "INT32", (1,))),
+        steps=(EnsembleStep("sd_tokenizer", {"prompt": "prompt"}, {"input_ids": "input_ids", "chunks": "chunks"}),
+               EnsembleStep("sd_text_encoder", {"input_ids": "input_ids"}, {"last_hidden_state": "embeddings"})))
+    vae_decode = ModelConfig(
+        name="sd_vae_decode", backend=None, platform="ensemble", max_batch_size=decoder.max_batch_size,
+        inputs=(Tensor("latent", "FP32", decoder.inputs[0].triton_tensor().dims),),
+        outputs=(Tensor("image", "UINT8", (-1, -1, 3)),),
+        steps=(EnsembleStep("sd_vae_decoder", {"latent": "latent"}, {"image": "decoded"}),
+               EnsembleStep("sd_vae_postprocess", {"decoded": "decoded"}, {"image": "image"})))
+    return [tokenizer, text_encoder, unet_model, decoder_model, postprocess, text_encode, vae_decode]
+
+
+def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
+    """Export every component, check each against PyTorch, write the txt2img models; return the report section."""
+    import time
+
+    from tqdm import tqdm
+
+    from build import report
+    from build.sd_weights import load_sd
+    from build.vit import install_python_model
+
+    # 1. Load and derive the specs.
+    loaded = load_sd(options.weights, options.controlnet)
+    if loaded.random:
+        log(f"!! RANDOM WEIGHTS: {options.weights} holds seeded random weights; images are noise-like, not art.")
+    specs = sd_specs(loaded, options.images)
+    modules = export_modules(loaded)
+    repository = Path(options.repository)
+    opt = options.images.opt
+    export_sizes = axis_sizes(loaded, batch=2, height=min(opt, 256), width=min(opt, 256))
+    check_sizes = axis_sizes(loaded, batch=3, height=min(opt, 256) + 8 * vae_scale_factor(loaded),
+                             width=min(opt, 256), chunks=2)
+
+    # 2. Export and check each component.
+    artifacts = {}
+    # ControlNet, the VAE encoder and the UNet with residuals export and check too (tests/test_sd_export.py);
+    # they join the repository with img2img, inpainting and ControlNet serving.
+    for name in tqdm(SERVED, desc="build sd", unit="component", disable=not options.progress):
+        path = repository / f"sd_{name}" / "1" / "model.onnx"
+        start = time.perf_counter()
+        export_component(modules[name], specs[name], path, export_sizes)
+        try:
+            figures = check_component(modules[name], specs[name], path, check_sizes)
+        except Exception:
+            path.unlink(missing_ok=True)
+            raise
+        artifacts[name] = {
+            "file": str(path.relative_to(repository)), "runtime": "onnxruntime", "precision": "fp32",
+            "size_bytes": report.artifact_size(path), "sha256": report.sha256(path),
+            "build_seconds": round(time.perf_counter() - start, 2),
+            "parity": {k: v.as_dict() for k, v in figures.items()},
+            "parity_shapes": {k: v for k, v in check_sizes.items()},
+        }
+        log(f"  sd_{name:13s} cosine {figures[specs[name].reference_output].cosine:.6f}  "
+            f"max|diff| {figures[specs[name].reference_output].max_abs:.2e}")
+    # 3. Triton models.
+    scale = vae_scale_factor(loaded)
+    extra = {"vae_scale_factor": str(scale), "latent_channels": str(loaded.unet.config.in_channels),
+             "min_size": str(options.images.min), "max_size": str(options.images.max)}
+    configs = sd_model_configs(specs, loaded.scheduler_config, options, extra)
+    for config in configs:
+        config.write(repository)
+        if config.backend == "python":
+            install_python_model(config.name, repository)
+    loaded.tokenizer.save_pretrained(str(repository / "sd_tokenizer" / "1" / "tokenizer"))
+
+    # 4. Report.
+    content = {"created": report.now(), "weights": {"source": loaded.source, "random": loaded.random},
+               "image_range": asdict(options.images),
+               "vae_scale_factor": scale, "versions": report.tool_versions(), "machine": report.machine(),
+               "artifacts": artifacts, "models": [c.name for c in configs]}
+    report.update_report(repository, "sd", content)
+    log(f"wrote {len(configs)} Triton models to {repository}")
+    return content

@@ -42,9 +42,15 @@ class TensorSpec:
 
         return tuple(size(d) for d in self.shape)
 
-    def triton_tensor(self) -> Tensor:
-        """As a Triton config tensor of a batching model: the leading batch axis is implicit."""
-        dims = tuple(-1 if isinstance(d, str) else d for d in self.shape[1:])
+    def triton_tensor(self, batched: bool = True) -> Tensor:
+        """As a Triton config tensor; for a batching model the leading batch axis is implicit.
+
+        A per-sample scalar (shape ("batch",)) is sent as dims [1] and reshaped to () for the model.
+        """
+        shape = self.shape[1:] if batched else self.shape
+        dims = tuple(-1 if isinstance(d, str) else d for d in shape)
+        if not dims:
+            return Tensor(self.name, self.dtype, (1,), optional=self.optional, reshape=())
         return Tensor(self.name, self.dtype, dims, optional=self.optional)
 
     def sample(self, sizes: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
@@ -109,8 +115,8 @@ class ComponentSpec:
         except KeyError:
             raise KeyError(f"{self.name}: no tolerance for precision {precision!r}; known: {sorted(self.tolerances)}") from None
 
-    def triton_inputs(self) -> tuple[Tensor, ...]:
-        return tuple(t.triton_tensor() for t in self.inputs)
+    def triton_inputs(self, batched: bool = True) -> tuple[Tensor, ...]:
+        return tuple(t.triton_tensor(batched) for t in self.inputs)
 
-    def triton_outputs(self) -> tuple[Tensor, ...]:
-        return tuple(t.triton_tensor() for t in self.outputs)
+    def triton_outputs(self, batched: bool = True) -> tuple[Tensor, ...]:
+        return tuple(t.triton_tensor(batched) for t in self.outputs)

@@ -40,6 +40,7 @@ class Tensor:
     dtype: str  # Triton wire dtype: FP32, INT64, BYTES, ...
     dims: tuple[int, ...]  # without the batch dimension when the model batches; -1 = any size
     optional: bool = False  # inputs only: a request may leave it out
+    reshape: tuple[int, ...] | None = None  # the shape the model sees, when it differs from dims (e.g. () for a per-sample scalar)
 
     def __post_init__(self) -> None:
         if self.dtype not in _CONFIG_DTYPE:
@@ -145,6 +146,8 @@ class ModelConfig:
 
 def _tensor_dict(tensor: Tensor, *, is_input: bool) -> dict:
     entry: dict = {"name": tensor.name, "data_type": _CONFIG_DTYPE[tensor.dtype], "dims": list(tensor.dims)}
+    if tensor.reshape is not None:
+        entry["reshape"] = {"shape": list(tensor.reshape)}
     if tensor.optional:
         if not is_input:
             raise ConfigError(f"output {tensor.name!r} cannot be optional")

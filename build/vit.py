@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -134,6 +134,8 @@ class ViTBuildOptions:
 
 
 def list_images(folder: Path) -> list[Path]:
+    if not Path(folder).is_dir():
+        raise ConfigError(f"{folder}: not a folder of images")
     images = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise ConfigError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -232,6 +234,10 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     keys = options.variant_keys()
     if options.triton_backend not in ("python", "native"):
         raise ConfigError(f"unknown Triton backend mode {options.triton_backend!r}; valid: python, native")
+    if options.triton_backend == "python" and options.instance_kind != "KIND_CPU":
+        raise ConfigError("--device gpu needs --triton-backend native: the embedded Python-backend runtimes run on CPU")
+    if options.calibration_size < 1:
+        raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
     repository = Path(options.repository)
     loaded = load_vit(options.weights, random_weights=options.random_weights, seed=options.seed)
     model = loaded.model
@@ -244,7 +250,10 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         log("!! architecture with seeded random parameters. Labels and scores are meaningless;")
         log("!! pass --weights with a real checkpoint for a real classifier.")
         log("!" * 78)
-    transform = EvalTransform.from_timm(model)
+    try:
+        transform = EvalTransform.from_timm(model)
+    except ValueError as exc:
+        raise ConfigError(f"cannot serve this model's preprocessing: {exc}") from None
 
     # 2. Reference outputs on real images.
     image_folder = Path(options.calibration) if options.calibration else SAMPLE_IMAGES
@@ -262,13 +271,13 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         if variant.inference_precision != "f32" and executed_in != variant.inference_precision:
             log(f"  note: {key}: this CPU has no {variant.inference_precision} instructions, so OpenVINO "
                 f"executes it in {executed_in}; its figures equal the fp32 variant's here")
-        figures = {name: parity.compare(reference[name], outputs[name], classify=(name == "logits"))
-                   for name in VIT_SPEC.output_names}
+        figures = parity.compare_outputs(reference, outputs, classify={"logits"})
         tolerance = VIT_SPEC.tolerance(variant.precision)
         try:
             parity.check(f"{key} ({VIT_SPEC.reference_output})", figures[VIT_SPEC.reference_output], tolerance)
         except ParityError:
-            _remove_artifact(path)
+            if producers[key] is not None:  # never remove a file another variant made (bf16 shares fp32's IR)
+                report.remove_artifact(path)
             raise
         artifacts[key] = {
             "file": str(path.relative_to(repository)),
@@ -366,12 +375,6 @@ def _run_variant(variant: Variant, version_dir: Path, pixels: np.ndarray,
     return session.run({"pixel_values": pixels, "layer": layers}, VIT_SPEC.output_names), session.execution_precision
 
 
-def _remove_artifact(path: Path) -> None:
-    for candidate in (path, path.with_suffix(".bin"), path.with_name(path.name + ".data")):
-        if candidate.exists():
-            candidate.unlink()
-
-
 def install_python_model(name: str, repository: Path) -> None:
     """Copy a hand-written Python-backend model.py into a repository other than the project's own."""
     import shutil
@@ -454,7 +457,7 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> lis
         backend=None,
         platform="ensemble",
         max_batch_size=max_batch,
-        inputs=(image, Tensor("top_k", "INT32", (1,))),
+        inputs=(image, top_k),
         outputs=(Tensor("labels", "BYTES", (-1,)), Tensor("scores", "FP32", (-1,)), Tensor("indices", "INT32", (-1,))),
         steps=(
             EnsembleStep("vit_preprocess", {"image": "image"}, {"pixel_values": "pixel_values", "layer": "layer"}),
@@ -479,7 +482,3 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> lis
     return [preprocess, vit, postprocess, classify, embed]
 
 
-def describe_variants() -> Iterable[str]:
-    for key, variant in VARIANTS.items():
-        yield f"{key}: {variant.artifact}" + (f" (execution hint {variant.inference_precision})"
-                                              if variant.inference_precision != "f32" else "")

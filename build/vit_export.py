@@ -81,10 +81,10 @@ def export_onnx(model: torch.nn.Module, path: Path, spec: ComponentSpec = VIT_SP
 
 
 def export_safetensors(model, path: Path, artifacts: dict, repository: Path) -> None:
-    from safetensors.torch import save_file
+    from build.weights import save_state_dict
 
     start = time.perf_counter()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_state_dict(model, path)
     artifacts["safetensors"] = {"file": str(path.relative_to(repository)), "runtime": "torch", "precision": "fp32",
                                 "size_bytes": path.stat().st_size, "sha256": report.sha256(path),
                                 "build_seconds": round(time.perf_counter() - start, 2),
@@ -100,9 +100,12 @@ def export_torchscript(model, path: Path, pixels, layers, reference, artifacts: 
     loaded = torch.jit.load(str(path))
     with torch.inference_mode():
         outs = [o.numpy() for o in loaded(torch.from_numpy(pixels), torch.from_numpy(layers))]
-    figures = {name: parity.compare(reference[name], out, classify=(name == "logits"))
-               for name, out in zip(VIT_SPEC.output_names, outs)}
-    parity.check("torchscript (logits)", figures["logits"], VIT_SPEC.tolerance("fp32"))
+    figures = parity.compare_outputs(reference, dict(zip(VIT_SPEC.output_names, outs)), classify={"logits"})
+    try:
+        parity.check("torchscript (logits)", figures["logits"], VIT_SPEC.tolerance("fp32"))
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
     artifacts["torchscript"] = {"file": str(path.relative_to(repository)), "runtime": "torch", "precision": "fp32",
                                 "size_bytes": path.stat().st_size, "sha256": report.sha256(path),
                                 "build_seconds": round(time.perf_counter() - start, 2),

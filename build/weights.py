@@ -71,7 +71,10 @@ def _from_folder(folder: Path, default_model_name: str) -> torch.nn.Module:
     architecture = default_model_name
     config_path = folder / "config.json"
     if config_path.exists():
-        config = json.loads(config_path.read_text())
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise WeightsError(f"{config_path}: not valid JSON ({exc})") from None
         architecture = config.get("architecture", default_model_name)
         if "num_classes" in config:
             kwargs["num_classes"] = int(config["num_classes"])
@@ -111,13 +114,17 @@ def _from_hub(hub_id: str) -> torch.nn.Module:
             "without network access, pass a local folder or .safetensors file with --weights") from None
 
 
-def save_vit_checkpoint(model: torch.nn.Module, folder: Path, model_name: str = VIT_MODEL_NAME) -> Path:
-    """Write a timm hub-style folder (model.safetensors + config.json) that `load_vit` reads back."""
+def save_state_dict(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def save_vit_checkpoint(model: torch.nn.Module, folder: Path, model_name: str = VIT_MODEL_NAME) -> Path:
+    """Write a timm hub-style folder (model.safetensors + config.json) that `load_vit` reads back."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_state_dict(model, folder / "model.safetensors")
     architecture = model_name.split(".")[0]
     config = {"architecture": architecture, "num_classes": int(model.num_classes),
               "pretrained_cfg": {k: v for k, v in dict(model.pretrained_cfg).items() if _is_json(v)}}

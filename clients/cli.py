@@ -19,6 +19,16 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     from build.vit import DEFAULT_REPOSITORY, EXTRA_EXPORTS, VARIANTS
 
@@ -49,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "native: onnxruntime/openvino backends of NVIDIA's tritonserver image")
     vit.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance kind for native backends")
     vit.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
+
+    sd = targets.add_parser("sd", help="Stable Diffusion 1.x: text encoder, UNet, VAE decoder + tokenizer (txt2img)")
+    sd.add_argument("--weights", required=True, help="diffusers-format folder (see `kiln weights sd`) or hub id")
+    sd.add_argument("--controlnet", help="ControlNet folder (default: <weights>/controlnet when present)")
+    sd.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
+    sd.add_argument("--min-size", type=int, default=64, help="smallest image side the build serves (pixels)")
+    sd.add_argument("--opt-size", type=int, default=512)
+    sd.add_argument("--max-size", type=int, default=1024, help="largest image side the build serves (pixels)")
+    sd.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
 
     # kiln weights
     weights = commands.add_parser("weights", help="write seeded random checkpoints of the real architectures")
@@ -88,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--json", action="store_true", help="print JSON with the values")
     embed.add_argument("--out", type=Path, help="also save each result as .npy files in this folder")
 
+    # kiln generate
+    generate = commands.add_parser("generate", help="txt2img through Triton (needs `kiln build sd` and `kiln serve`)")
+    generate.add_argument("prompt")
+    generate.add_argument("--negative-prompt", default="")
+    generate.add_argument("--steps", type=int, default=20)
+    generate.add_argument("--sampler", default="Euler a")
+    generate.add_argument("--cfg-scale", type=float, default=7.0)
+    generate.add_argument("--seed", type=int, default=-1, help="-1: random (the seed used is printed)")
+    generate.add_argument("--width", type=int, default=512)
+    generate.add_argument("--height", type=int, default=512)
+    generate.add_argument("--batch-size", type=int, default=1)
+    generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    generate.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path; a batch adds -1, -2, ...")
+
     # kiln demo
     demo = commands.add_parser("demo", help="build, serve, classify and embed the sample images, stop")
     demo.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
@@ -97,10 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks (see benchmarks/)")
     bench_targets = bench.add_subparsers(dest="target", required=True)
     bench_vit = bench_targets.add_parser("vit", help="images/s and latency: torch eager vs runtimes, direct vs Triton")
-    bench_vit.add_argument("--repo", type=Path, default=PROJECT_ROOT / "model_repository")
     bench_vit.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results")
     bench_vit.add_argument("--variants", default="onnxruntime-fp32,onnxruntime-int8,openvino-fp32,openvino-bf16,openvino-int8")
-    bench_vit.add_argument("--batch-sizes", default="1,8")
+    bench_vit.add_argument("--batch-sizes", type=_int_list, default=(1, 8), help="comma-separated, e.g. 1,8")
     bench_vit.add_argument("--seconds", type=float, default=8.0, help="measuring time per configuration")
     bench_vit.add_argument("--skip-build", action="store_true", help="reuse the variants already in --repo")
     return parser
@@ -109,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        handler = {"build": cmd_build, "weights": cmd_weights, "serve": cmd_serve, "classify": cmd_classify, "embed": cmd_embed,
+        handler = {"build": cmd_build, "weights": cmd_weights, "generate": cmd_generate, "serve": cmd_serve, "classify": cmd_classify, "embed": cmd_embed,
                    "demo": cmd_demo, "bench": cmd_bench}[args.command]
         return handler(args) or 0
     except KilnError as exc:
@@ -123,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
 # -- subcommands --------------------------------------------------------------------------------
 
 def cmd_build(args) -> int:
+    if args.target == "sd":
+        from build.sd import ImageRange, SDBuildOptions, build_sd
+
+        build_sd(SDBuildOptions(weights=args.weights, controlnet=args.controlnet, repository=args.repo,
+                                images=ImageRange(args.min_size, args.opt_size, args.max_size), threads=args.threads))
+        return 0
     from build.vit import EXTRA_EXPORTS, ViTBuildOptions, build_vit
 
     if args.variants == "all":
@@ -140,6 +178,27 @@ def cmd_build(args) -> int:
     )
     result = build_vit(options)
     print(f"served: vit = {result.served.key} ({result.served.artifact})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from orchestrator.diffusion import TritonDiffusion, Txt2ImgRequest
+    from orchestrator.images import save_png
+
+    pipeline = TritonDiffusion(args.url)
+    request = Txt2ImgRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                             sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
+                             height=args.height, batch_size=args.batch_size)
+
+    def progress(step, total, _latents):
+        print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
+
+    result = pipeline.txt2img(request, progress=progress)
+    print(file=sys.stderr)
+    for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        path = args.out if len(result.images) == 1 else args.out.with_name(f"{args.out.stem}-{index + 1}{args.out.suffix}")
+        save_png(image, path, result.info | {"seed": seed})
+        print(f"wrote {path} (seed {seed})")
     return 0
 
 
@@ -168,10 +227,17 @@ def cmd_serve(args) -> int:
     def on_signal(signum, _frame):
         stop.set()
 
+    print(f"starting Triton on {args.address} (repository {args.repo}) ...", flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.start()  # Ctrl-C or SIGTERM while models load: stop the half-started server
+    except KeyboardInterrupt:
+        server.stop()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"starting Triton on {args.address} (repository {args.repo}) ...", flush=True)
-    server.start()
     print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}", flush=True)
     print(f"log: {server.log_path}; Ctrl-C stops", flush=True)
     try:
@@ -182,6 +248,10 @@ def cmd_serve(args) -> int:
         code = server.stop()
         print(f"Triton stopped (exit code {code})", flush=True)
     return 0
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
 
 
 def cmd_classify(args) -> int:
@@ -215,9 +285,9 @@ def cmd_embed(args) -> int:
     results = client.embed(read_images(args.images), layer=args.layer, tokens=args.tokens == "all")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        for r in results:
+        for index, r in enumerate(results):
             if r.error is None:
-                stem = Path(r.image).stem
+                stem = f"{index:03d}-{Path(r.image).stem}"  # the index keeps a/x.jpg and b/x.png apart
                 np.save(args.out / f"{stem}.embedding.npy", r.embedding)
                 if r.tokens is not None:
                     np.save(args.out / f"{stem}.tokens.layer{r.layer}.npy", r.tokens)
@@ -245,9 +315,9 @@ def cmd_bench(args) -> int:
     from benchmarks.vit import BenchOptions, run_benchmark
 
     options = BenchOptions(
-        repository=args.repo, out=args.out,
+        out=args.out,
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()),
-        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        batch_sizes=args.batch_sizes,
         seconds=args.seconds, skip_build=args.skip_build,
     )
     run_benchmark(options)

@@ -1,10 +1,10 @@
-"""`kiln demo` (what `make demo` runs): build the ViT repository, start Triton, classify and embed, stop.
+"""`kiln demo` (what `make demo` runs): build the repository, start Triton, classify, embed, generate, stop.
 
 Steps:
- 1. build vit_base_patch16_224.augreg2_in21k_ft_in1k into the repository (seeded random weights:
-    no hub here), served with ONNX Runtime fp32
+ 1. build vit_base_patch16_224.augreg2_in21k_ft_in1k (seeded random weights: no hub here), served
+    with ONNX Runtime fp32, and a tiny seeded Stable Diffusion 1.x pipeline, into the repository
  2. start the embedded Triton on 127.0.0.1 (free ports) and wait until every model is ready
- 3. classify every sample image over gRPC (top-5), embed one over HTTP
+ 3. classify every sample image over gRPC (top-5), embed one over HTTP, generate an image (txt2img)
  4. write the results under out/demo/ and stop the server
 """
 
@@ -14,9 +14,15 @@ import json
 import time
 from pathlib import Path
 
+from build.sd import ImageRange, SDBuildOptions, build_sd
+from build.sd_weights import write_sd_checkpoint
 from build.vit import SAMPLE_IMAGES, ViTBuildOptions, build_vit, list_images
 from clients.vit import ViTClient, read_images
+from orchestrator.diffusion import TritonDiffusion, Txt2ImgRequest
+from orchestrator.images import save_png
 from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+
+DEMO_PROMPT = "a photo of a cat sitting on a windowsill, soft light"
 
 
 def run_demo(repository: Path, out: Path) -> int:
@@ -25,8 +31,12 @@ def run_demo(repository: Path, out: Path) -> int:
     started = time.perf_counter()
 
     # 1. Build.
-    print("== 1/4 build the ViT model repository", flush=True)
+    print("== 1/4 build the model repository: ViT-B/16 and a tiny Stable Diffusion", flush=True)
     build_vit(ViTBuildOptions(random_weights=True, variants=(), extra_exports=(), repository=repository))
+    weights = out / "sd-tiny"
+    if not (weights / "model_index.json").exists():
+        write_sd_checkpoint(weights, size="tiny", seed=0)
+    build_sd(SDBuildOptions(weights=str(weights), repository=repository, images=ImageRange(32, 128, 256)))
 
     # 2. Serve.
     print("== 2/4 start Triton", flush=True)
@@ -47,6 +57,10 @@ def run_demo(repository: Path, out: Path) -> int:
             for rank, (label, score) in enumerate(zip(result.labels, result.scores), 1):
                 print(f"     {rank}. {score:.4f}  {label}")
         embedding = ViTClient(server.http_url, "http").embed(images[:1], layer=-1, tokens=True)[0]
+        print(f"   txt2img: {DEMO_PROMPT!r}, 20 steps, Euler a, seed 42, 128x128", flush=True)
+        generated = TritonDiffusion(server.grpc_url).txt2img(Txt2ImgRequest(
+            prompt=DEMO_PROMPT, negative_prompt="blurry", steps=20, sampler="Euler a", seed=42, width=128, height=128))
+        txt2img_path = save_png(generated.images[0], out / "txt2img.png", generated.info | {"model": "sd-tiny (random)"})
 
     # 4. Results.
     print("== 4/4 results", flush=True)
@@ -54,8 +68,9 @@ def run_demo(repository: Path, out: Path) -> int:
     (out / "embed.json").write_text(json.dumps(embedding.as_dict(with_values=False) | (
         {"embedding_first8": [round(float(v), 5) for v in embedding.embedding[:8]]} if embedding.error is None else {}),
         indent=2))
-    print("   NOTE: seeded random weights (no model hub here), so the labels are meaningless;")
-    print("   build with `kiln build vit --weights DIR` for a real classifier.")
+    print("   NOTE: seeded random weights (no model hub here): the labels are meaningless and the")
+    print("   image is noise-like; build with --weights DIR for real models.")
+    print(f"   txt2img image:   {txt2img_path}")
     print(f"   classifications: {out / 'classify.json'}")
     print(f"   embedding:       {out / 'embed.json'}")
     print(f"   build report:    {Path(repository) / 'build-report.json'}")

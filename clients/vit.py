@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from build.errors import KilnError
+from build.vit import NUM_BLOCKS
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 CLASSIFY_MODEL = "vit_classify"
@@ -133,7 +134,7 @@ class ViTClient:
                   self._input("layer", np.array([[layer]], dtype=np.int64), "INT64")]
         wanted = ["embedding", "tokens"] if tokens else ["embedding"]
         out = self._infer(EMBED_MODEL, inputs, wanted)
-        return Embedding(image=name, layer=layer % 12 if layer < 0 else layer, embedding=out["embedding"][0],
+        return Embedding(image=name, layer=layer % NUM_BLOCKS if layer < 0 else layer, embedding=out["embedding"][0],
                          tokens=out["tokens"][0] if tokens else None)
 
     # -- many images, concurrently --------------------------------------------------------------

@@ -6,7 +6,9 @@
 set -euo pipefail
 py=${PYTHON:-python3}
 ver=$("$py" -c 'import sys; print(f"{sys.version_info.major}.{sys.version_info.minor}")')
-if ldconfig -p | grep -qE "libpython${ver}\.so\.1\.0 .*=> /(usr/)?lib/"; then
+ldconfig=$(command -v ldconfig || echo /sbin/ldconfig)
+# grep without -q: with pipefail, an early exit of grep would fail the pipeline through SIGPIPE.
+if "$ldconfig" -p 2>/dev/null | grep -E "libpython${ver}\.so\.1\.0 .*=> /(usr/)?lib/" >/dev/null; then
   exit 0
 fi
 echo "setup: installing Debian's libpython${ver} (embedded by Triton's Python backend stub)"

@@ -90,7 +90,7 @@ def test_a_model_that_fails_to_load_is_explained(served_repo, tmp_path):
 
     with pytest.raises(ServerError) as info:
         server.start()
-    assert "vit" in str(info.value) and "log.txt" in str(info.value)
+    assert "'vit'" in str(info.value) and "log.txt" in str(info.value)
     assert not server.is_running()
 
 

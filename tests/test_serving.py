@@ -62,6 +62,8 @@ def test_top_k_and_layer_are_validated(triton, sample_images):
     for bad_k in (0, 1001):
         assert "top_k must be between 1 and 1000" in client.classify([("x", data)], top_k=bad_k)[0].error
     assert "layer must be in [-12, 11]" in client.embed([("x", data)], layer=12)[0].error
+    default = _raw_infer(triton, "vit_classify", [("image", np.array([[data]], dtype=object), "BYTES")])
+    assert default.as_numpy("labels").shape == (1, 5)  # top_k left out: the default, 5
     last = client.embed_one(data, layer=-1)
     assert np.allclose(last.embedding, client.embed_one(data, layer=11).embedding)
 

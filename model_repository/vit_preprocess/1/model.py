@@ -38,6 +38,10 @@ class TritonPythonModel:
             except InputError as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vit_preprocess: {exc}")))
                 continue
+            except Exception as exc:  # noqa: BLE001 - whatever PIL raises fails this request only
+                message = f"vit_preprocess: cannot process image ({type(exc).__name__})"
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+                continue
             layer = np.full((len(pixels), 1), self.default_layer, dtype=np.int64)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("pixel_values", pixels), pb_utils.Tensor("layer", layer)]))

@@ -1,0 +1,23 @@
+"""sd_vae_postprocess: decoder output in [-1, 1] (N, 3, H, W) -> uint8 images (N, H, W, 3), as diffusers rounds them."""
+
+import os
+import site
+
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see orchestrator/triton_server.py
+    if _path:
+        site.addsitedir(_path)
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            image = pb_utils.get_input_tensor_by_name(request, "decoded").as_numpy()
+            # diffusers: (x / 2 + 0.5).clamp(0, 1), channels last, then (x * 255).round() as uint8.
+            scaled = np.clip(image / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)
+            pixels = np.round(scaled * np.float32(255)).astype(np.uint8)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image", pixels)]))
+        return responses

@@ -1,0 +1,202 @@
+"""The denoising loop over Triton: diffusers' schedulers drive it, Triton runs every model.
+
+The orchestrator holds no weights and reads no files: what it needs to drive the loop (the
+checkpoint's scheduler config, the VAE scale factor, the latent channels, the size limits) comes
+from the `sd_unet` model's config parameters. Noise is drawn exactly as diffusers draws it (torch
+CPU generators, one per image, seed + i for image i as AUTOMATIC1111 does), so a seed gives the
+same image as diffusers' own pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from build.errors import InputError, KilnError
+from orchestrator.samplers import SAMPLERS, make_scheduler
+
+MAX_STEPS = 500
+MAX_BATCH = 8
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Txt2ImgRequest:
+    """One txt2img job, with AUTOMATIC1111's field meanings."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "Euler a"
+    cfg_scale: float = 7.0  # 1 = no classifier-free guidance (no negative branch)
+    seed: int = -1  # -1: a random seed, reported in the result
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    eta: float = 0.0  # DDIM's eta (other samplers ignore it)
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    seeds: list[int]
+    info: dict = field(default_factory=dict)
+
+
+class Cancelled(KilnError):
+    """The caller cancelled the job between two denoising steps."""
+
+
+ProgressCallback = Callable[[int, int, np.ndarray], None]  # (step done, total steps, current latents)
+
+
+class TritonDiffusion:
+    """A Stable Diffusion pipeline whose models all run in Triton (sd_text_encode, sd_unet, sd_vae_decode)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 600.0) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._grpc = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+        self.timeout_s = timeout_s
+        config = self.client.get_model_config("sd_unet", as_json=True)["config"]
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.scheduler_config = json.loads(params["scheduler_config"])
+        self.vae_scale_factor = int(params["vae_scale_factor"])
+        self.latent_channels = int(params["latent_channels"])
+        self.min_size, self.max_size = int(params["min_size"]), int(params["max_size"])
+        self.unet_max_batch = int(config.get("max_batch_size", 1))
+
+    # -- model calls ----------------------------------------------------------------------------
+    def _infer(self, model: str, inputs: dict[str, tuple[np.ndarray, str]], outputs: list[str]) -> dict[str, np.ndarray]:
+        from tritonclient.utils import InferenceServerException
+
+        tensors = []
+        for name, (array, dtype) in inputs.items():
+            tensor = self._grpc.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        try:
+            result = self.client.infer(model, tensors, outputs=[self._grpc.InferRequestedOutput(n) for n in outputs],
+                                       client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise KilnError(f"{model}: {exc.message() or exc}") from None
+        return {n: result.as_numpy(n) for n in outputs}
+
+    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
+        """Prompts -> (len(prompts), 77 * chunks, hidden); all prompts share one chunk count."""
+        out = self._infer("sd_text_encode", {"prompt": (np.array([p.encode() for p in prompts], dtype=object), "BYTES")},
+                          ["embeddings", "chunks"])
+        chunks = int(out["chunks"][0])
+        embeddings = out["embeddings"]
+        return embeddings.reshape(len(prompts), chunks * embeddings.shape[1], embeddings.shape[2])
+
+    def unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray) -> np.ndarray:
+        """One UNet evaluation; larger batches than the model takes are split."""
+        parts = []
+        for start in range(0, len(sample), self.unet_max_batch):
+            end = start + self.unet_max_batch
+            parts.append(self._infer("sd_unet", {
+                "sample": (np.ascontiguousarray(sample[start:end], dtype=np.float32), "FP32"),
+                "timestep": (np.ascontiguousarray(timesteps[start:end].reshape(-1, 1), dtype=np.float32), "FP32"),
+                "encoder_hidden_states": (np.ascontiguousarray(context[start:end], dtype=np.float32), "FP32"),
+            }, ["noise_pred"])["noise_pred"])
+        return np.concatenate(parts)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return self._infer("sd_vae_decode", {"latent": (np.ascontiguousarray(latents, dtype=np.float32), "FP32")},
+                           ["image"])["image"]
+
+    # -- txt2img --------------------------------------------------------------------------------
+    def check(self, request: Txt2ImgRequest) -> None:
+        """Raise InputError naming the bad field before any model runs."""
+        multiple = math.lcm(8, self.vae_scale_factor)
+        for name in ("width", "height"):
+            value = getattr(request, name)
+            if not isinstance(value, int) or value % multiple:
+                raise InputError(f"{name} must be a multiple of {multiple}, got {value!r}")
+            if not self.min_size <= value <= self.max_size:
+                raise InputError(f"{name} must be within the built profile [{self.min_size}, {self.max_size}], got {value}")
+        if not isinstance(request.steps, int) or not 1 <= request.steps <= MAX_STEPS:
+            raise InputError(f"steps must be between 1 and {MAX_STEPS}, got {request.steps!r}")
+        if not isinstance(request.batch_size, int) or not 1 <= request.batch_size <= MAX_BATCH:
+            raise InputError(f"batch_size must be between 1 and {MAX_BATCH}, got {request.batch_size!r}")
+        if not math.isfinite(request.cfg_scale) or request.cfg_scale < 1:
+            raise InputError(f"cfg_scale must be a finite number >= 1, got {request.cfg_scale!r}")
+        if not math.isfinite(request.eta) or not 0 <= request.eta <= 1:
+            raise InputError(f"eta must be in [0, 1], got {request.eta!r}")
+        if not isinstance(request.seed, int) or not -1 <= request.seed <= MAX_SEED:
+            raise InputError(f"seed must be -1 (random) or in [0, 2^32 - 1], got {request.seed!r}")
+        if request.sampler not in SAMPLERS:
+            make_scheduler(request.sampler, self.scheduler_config)  # raises the error listing valid names
+
+    def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
+                cancelled: Callable[[], bool] | None = None) -> GenerationResult:
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        # 1. Check inputs.
+        self.check(request)
+        batch = request.batch_size
+        guided = request.cfg_scale > 1
+
+        # 2. Seeds: -1 draws one; image i uses seed + i (AUTOMATIC1111).
+        seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
+        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch)]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+        # 3. Encode the prompts: negative first, as diffusers concatenates them.
+        prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
+        embeddings = self.encode_prompts(prompts)
+        context = np.repeat(embeddings, batch, axis=0)  # (negative x batch, positive x batch)
+
+        # 4. Scheduler and timesteps.
+        scheduler = make_scheduler(request.sampler, self.scheduler_config)
+        scheduler.set_timesteps(request.steps)
+        timesteps = scheduler.timesteps
+
+        # 5. Initial noise, drawn like diffusers' pipeline.
+        shape = (batch, self.latent_channels, request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generators if batch > 1 else generators[0], dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, generators if batch > 1 else generators[0], request.eta)
+
+        # 6. Denoising loop.
+        for index, t in enumerate(timesteps):
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"cancelled after {index} of {len(timesteps)} steps")
+            model_input = torch.cat([latents] * 2) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise = self.unet(model_input.numpy(), np.full(len(model_input), float(t), np.float32), context)
+            noise = torch.from_numpy(noise)
+            if guided:
+                uncond, text = noise.chunk(2)
+                noise = uncond + request.cfg_scale * (text - uncond)
+            latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+            if progress is not None:
+                progress(index + 1, len(timesteps), latents.numpy())
+
+        # 7. Decode.
+        images = self.decode(latents.numpy())
+        info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
+                "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
+                "width": request.width, "height": request.height}
+        return GenerationResult(images=images, seeds=seeds, info=info)
+
+
+def _step_kwargs(scheduler, generator, eta: float) -> dict:
+    """What diffusers' pipelines pass to scheduler.step: eta and generator, where the scheduler takes them."""
+    import inspect
+
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs

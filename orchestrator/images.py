@@ -1,0 +1,29 @@
+"""Generated images as PNG files carrying AUTOMATIC1111's "parameters" text chunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+
+def parameters_text(info: dict) -> str:
+    """AUTOMATIC1111's infotext: prompt, 'Negative prompt: ...', then 'Steps: 20, Sampler: ..., ...'."""
+    lines = [info.get("prompt", "")]
+    if info.get("negative_prompt"):
+        lines.append(f"Negative prompt: {info['negative_prompt']}")
+    fields = [("Steps", info.get("steps")), ("Sampler", info.get("sampler")), ("CFG scale", info.get("cfg_scale")),
+              ("Seed", info.get("seed")), ("Size", f"{info.get('width')}x{info.get('height')}"),
+              ("Model", info.get("model"))]
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
+    return "\n".join(lines)
+
+
+def save_png(image: np.ndarray, path: Path, info: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", parameters_text(info))
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, pnginfo=meta)
+    return path

@@ -1,0 +1,45 @@
+"""AUTOMATIC1111 / SD.Next sampler names -> diffusers schedulers, configured from the checkpoint's scheduler config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from build.errors import InputError
+
+
+@dataclass(frozen=True)
+class Sampler:
+    scheduler: str  # diffusers class name
+    overrides: dict = field(default_factory=dict)  # config values that make it this sampler
+
+
+SAMPLERS = {
+    "Euler": Sampler("EulerDiscreteScheduler"),
+    "Euler a": Sampler("EulerAncestralDiscreteScheduler"),
+    "Heun": Sampler("HeunDiscreteScheduler"),
+    "DDIM": Sampler("DDIMScheduler"),
+    "DDPM": Sampler("DDPMScheduler"),
+    "PNDM": Sampler("PNDMScheduler"),
+    "LMS": Sampler("LMSDiscreteScheduler"),
+    "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
+    "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "UniPC": Sampler("UniPCMultistepScheduler"),
+    "LCM": Sampler("LCMScheduler"),
+}
+
+
+class UnknownSampler(InputError):
+    """The sampler name is not one we know; the message lists the valid ones."""
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A fresh scheduler for one request (schedulers keep per-run state, so never share one)."""
+    import diffusers
+
+    try:
+        sampler = SAMPLERS[name]
+    except KeyError:
+        raise UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}") from None
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")} | sampler.overrides
+    return getattr(diffusers, sampler.scheduler).from_config(config)

@@ -1,0 +1,140 @@
+"""txt2img over a real Triton server matches diffusers' StableDiffusionPipeline (tiny seeded weights, fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from build.errors import InputError
+from build.sd import ImageRange, SDBuildOptions, build_sd
+from build.sd_weights import write_sd_checkpoint
+from orchestrator.diffusion import Cancelled, TritonDiffusion, Txt2ImgRequest
+from orchestrator.samplers import make_scheduler
+from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return write_sd_checkpoint(tmp_path_factory.mktemp("sd_pipe") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sd_server(tiny_checkpoint, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("sd_repo")
+    build_sd(SDBuildOptions(weights=str(tiny_checkpoint), repository=repo, images=ImageRange(32, 64, 128),
+                            progress=False), log=lambda _m: None)
+    server = TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                                        metrics_port=free_port(), log_path=repo.parent / "triton.log"))
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference_pipe(tiny_checkpoint):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_checkpoint), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(pipe.scheduler.config)  # the checkpoint's own config: each sampler starts from it
+
+
+def _diffusers_image(reference, sampler: str, prompt: str, negative: str, steps: int, cfg: float, seed: int,
+                     size=(64, 64)) -> np.ndarray:
+    pipe, checkpoint_scheduler_config = reference
+    pipe.scheduler = make_scheduler(sampler, checkpoint_scheduler_config)
+    images = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=cfg,
+                  height=size[0], width=size[1], generator=torch.Generator().manual_seed(seed), output_type="np").images
+    return (images * 255).round().astype(np.uint8)  # diffusers' own numpy_to_pil rounding
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "DDIM"])
+def test_txt2img_matches_diffusers(sd_server, reference_pipe, sampler):
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=6, sampler=sampler,
+                             cfg_scale=7.5, seed=1234, width=64, height=64)
+    result = pipeline.txt2img(request)
+    expected = _diffusers_image(reference_pipe, sampler, "a photo of a cat", "blurry", 6, 7.5, 1234)
+    assert result.images.shape == expected.shape == (1, 64, 64, 3) and result.images.dtype == np.uint8
+    diff = np.abs(result.images.astype(int) - expected.astype(int)).max()
+    assert diff <= 2, f"{sampler}: max pixel difference {diff}/255"
+    assert result.seeds == [1234] and result.info["sampler"] == sampler
+
+
+def test_cfg_one_has_no_negative_branch_and_non_square_sizes(sd_server, reference_pipe):
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    calls = []
+    original = pipeline.unet
+    pipeline.unet = lambda sample, t, context: calls.append(len(sample)) or original(sample, t, context)
+    result = pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=3, sampler="Euler", cfg_scale=1.0, seed=7,
+                                             width=96, height=64))
+    assert calls == [1, 1, 1]  # batch of one: no unconditional half at scale 1
+    expected = _diffusers_image(reference_pipe, "Euler", "a cat", "", 3, 1.0, 7, size=(64, 96))
+    assert np.abs(result.images.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_seeds_follow_automatic1111(sd_server):
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    pair = pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, seed=100, batch_size=2, width=64, height=64))
+    assert pair.seeds == [100, 101]
+    single = pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, seed=101, width=64, height=64))
+    assert np.abs(pair.images[1].astype(int) - single.images[0].astype(int)).max() <= 1
+    drawn = pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=1, seed=-1, width=64, height=64))
+    assert 0 <= drawn.seeds[0] < 2**32 and drawn.info["seed"] == drawn.seeds[0]
+
+
+def test_long_prompts_are_chunked_not_cut(sd_server):
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    embeddings = pipeline.encode_prompts(["a photo of a cat " * 30, ""])
+    assert embeddings.shape[:2] == (2, 77 * 2)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("width", 60, "multiple of 8"),
+    ("height", 256, "within the built profile"),
+    ("steps", 0, "steps must be between"),
+    ("steps", 10_000, "steps must be between"),
+    ("cfg_scale", float("nan"), "cfg_scale must be a finite"),
+    ("cfg_scale", float("inf"), "cfg_scale must be a finite"),
+    ("sampler", "Euler z", "Sampler not found.*valid samplers: Euler, Euler a"),
+    ("seed", 2**32, "seed must be"),
+])
+def test_bad_requests_are_clear_errors(sd_server, field, value, message):
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    request = Txt2ImgRequest(**({"prompt": "a cat", "width": 64, "height": 64} | {field: value}))
+    with pytest.raises(InputError, match=message):
+        pipeline.txt2img(request)
+    assert pipeline.txt2img(Txt2ImgRequest(prompt="ok", steps=1, seed=1, width=64, height=64)).images.shape == (1, 64, 64, 3)
+
+
+def test_progress_and_cancellation(sd_server):
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    seen = []
+    pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=3, seed=1, width=64, height=64),
+                     progress=lambda step, total, latents: seen.append((step, total, latents.shape)))
+    assert seen == [(1, 3, (1, 4, 32, 32)), (2, 3, (1, 4, 32, 32)), (3, 3, (1, 4, 32, 32))]
+    with pytest.raises(Cancelled, match="after 2 of 5 steps"):
+        pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=5, seed=1, width=64, height=64),
+                         progress=lambda *a: None, cancelled=lambda: len(seen) >= 5 or bool(seen.append(0)) )
+
+
+def test_generate_command_writes_a_png_with_parameters(sd_server, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "cat.png"
+    result = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "a photo of a cat", "--steps", "3",
+                             "--sampler", "DDIM", "--seed", "42", "--width", "64", "--height", "64",
+                             "--url", sd_server.grpc_url, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert image.text["parameters"].startswith("a photo of a cat\nSteps: 3, Sampler: DDIM, CFG scale: 7.0, Seed: 42, Size: 64x64")
+    bad = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "x", "--sampler", "Nope", "--width", "64",
+                          "--height", "64", "--url",
+                          sd_server.grpc_url], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Sampler not found" in bad.stderr and "Traceback" not in bad.stderr
