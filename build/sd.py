@@ -5,9 +5,10 @@ VAE scale factor, the number of ControlNet residuals), never retyped. Every comp
 per-sample `timestep` (and ControlNet a per-sample `conditioning_scale`), so that denoising steps
 of different requests can share one batch later.
 
-`build_sd` exports and checks the components of the txt2img path and writes their Triton models
-(sd_tokenizer, sd_text_encoder, sd_unet, sd_vae_decoder, sd_vae_postprocess and the ensembles
-sd_text_encode, sd_vae_decode); orchestrator/diffusion.py runs the denoising loop over them.
+`build_sd` exports and checks the components of txt2img and img2img and writes their Triton models
+(sd_tokenizer, sd_text_encoder, sd_unet, sd_vae_decoder, sd_vae_postprocess, sd_vae_encoder,
+sd_image_preprocess and the ensembles sd_text_encode, sd_vae_decode, sd_vae_encode);
+orchestrator/diffusion.py runs the denoising loop over them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from build import parity
 from build.errors import ExportError
 from build.specs import ComponentSpec, TensorSpec, Tolerance
+from build.vit import DEFAULT_REPOSITORY, install_python_model
 
 FP32_TOLERANCE = {"fp32": Tolerance(min_cosine=0.99999, max_abs=1e-3,
                                     why="same arithmetic as PyTorch in float32; only summation order differs")}
@@ -236,7 +238,7 @@ def check_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, in
 
 # -- the build: export, check, write the Triton repository --------------------------------------
 
-SERVED = ("text_encoder", "unet", "vae_decoder")  # components the txt2img path serves today
+SERVED = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # what txt2img and img2img serve today
 MAX_PROMPT_CHUNKS = 8  # 8 x 75 = 600 prompt tokens per request
 
 
@@ -246,7 +248,7 @@ class SDBuildOptions:
 
     weights: str  # diffusers-format folder (or hub id where a network exists)
     controlnet: str | None = None  # ControlNet folder; default: <weights>/controlnet when present
-    repository: Path = Path(__file__).resolve().parent.parent / "model_repository"
+    repository: Path = DEFAULT_REPOSITORY
     images: ImageRange = ImageRange()
     max_queue_delay_us: int = 2000
     threads: int = 0
@@ -258,7 +260,7 @@ def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, op
     """Triton configs of the txt2img path: tokenizer, text encoder, UNet, VAE decoder, and two ensembles."""
     from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 
-    text, unet, decoder = specs["text_encoder"], specs["unet"], specs["vae_decoder"]
+    text, unet, decoder, encoder = specs["text_encoder"], specs["unet"], specs["vae_decoder"], specs["vae_encoder"]
     batching = DynamicBatching(max_queue_delay_microseconds=options.max_queue_delay_us)
 
     def runtime_params() -> dict[str, str]:
@@ -297,18 +299,31 @@ def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, op
         outputs=(Tensor("image", "UINT8", (-1, -1, 3)),),
         steps=(EnsembleStep("sd_vae_decoder", {"latent": "latent"}, {"image": "decoded"}),
                EnsembleStep("sd_vae_postprocess", {"decoded": "decoded"}, {"image": "image"})))
-    return [tokenizer, text_encoder, unet_model, decoder_model, postprocess, text_encode, vae_decode]
+    encoder_model = ModelConfig(
+        name="sd_vae_encoder", inputs=encoder.triton_inputs(), outputs=encoder.triton_outputs(),
+        max_batch_size=encoder.max_batch_size, dynamic_batching=batching, parameters=runtime_params())
+    image_preprocess = ModelConfig(
+        name="sd_image_preprocess", inputs=(Tensor("image", "BYTES", (1,)), Tensor("size", "INT32", (2,))),
+        outputs=(Tensor("pixels", "FP32", (3, -1, -1)),), max_batch_size=encoder.max_batch_size,
+        parameters={"min_size": str(options.images.min), "max_size": str(options.images.max)})
+    vae_encode = ModelConfig(
+        name="sd_vae_encode", backend=None, platform="ensemble", max_batch_size=encoder.max_batch_size,
+        inputs=(Tensor("image", "BYTES", (1,)), Tensor("size", "INT32", (2,))),
+        outputs=(Tensor("moments", "FP32", encoder.outputs[0].triton_tensor().dims),),
+        steps=(EnsembleStep("sd_image_preprocess", {"image": "image", "size": "size"}, {"pixels": "pixels"}),
+               EnsembleStep("sd_vae_encoder", {"image": "pixels"}, {"moments": "moments"})))
+    return [tokenizer, text_encoder, unet_model, decoder_model, postprocess, encoder_model, image_preprocess,
+            text_encode, vae_decode, vae_encode]
 
 
 def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
-    """Export every component, check each against PyTorch, write the txt2img models; return the report section."""
+    """Export the served components, check each against PyTorch, write the txt2img models; return the report section."""
     import time
 
     from tqdm import tqdm
 
     from build import report
     from build.sd_weights import load_sd
-    from build.vit import install_python_model
 
     # 1. Load and derive the specs.
     loaded = load_sd(options.weights, options.controlnet)
@@ -322,7 +337,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
     check_sizes = axis_sizes(loaded, batch=3, height=min(opt, 256) + 8 * vae_scale_factor(loaded),
                              width=min(opt, 256), chunks=2)
 
-    # 2. Export and check each component.
+    # 2. Export and check each served component.
     artifacts = {}
     # ControlNet, the VAE encoder and the UNet with residuals export and check too (tests/test_sd_export.py);
     # they join the repository with img2img, inpainting and ControlNet serving.
@@ -340,13 +355,14 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
             "size_bytes": report.artifact_size(path), "sha256": report.sha256(path),
             "build_seconds": round(time.perf_counter() - start, 2),
             "parity": {k: v.as_dict() for k, v in figures.items()},
-            "parity_shapes": {k: v for k, v in check_sizes.items()},
+            "parity_shapes": dict(check_sizes),
         }
         log(f"  sd_{name:13s} cosine {figures[specs[name].reference_output].cosine:.6f}  "
             f"max|diff| {figures[specs[name].reference_output].max_abs:.2e}")
     # 3. Triton models.
     scale = vae_scale_factor(loaded)
     extra = {"vae_scale_factor": str(scale), "latent_channels": str(loaded.unet.config.in_channels),
+             "scaling_factor": str(float(loaded.vae.config.scaling_factor)),
              "min_size": str(options.images.min), "max_size": str(options.images.max)}
     configs = sd_model_configs(specs, loaded.scheduler_config, options, extra)
     for config in configs:

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=int, default=512)
     generate.add_argument("--height", type=int, default=512)
     generate.add_argument("--batch-size", type=int, default=1)
+    generate.add_argument("--init-image", type=Path, help="img2img: start from this image (resized to --width x --height)")
+    generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
     generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     generate.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path; a batch adds -1, -2, ...")
 
@@ -182,18 +184,25 @@ def cmd_build(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from orchestrator.diffusion import TritonDiffusion, Txt2ImgRequest
+    from orchestrator.diffusion import Img2ImgRequest, TritonDiffusion, Txt2ImgRequest
     from orchestrator.images import save_png
 
+    fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
+                  cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
+                  batch_size=args.batch_size)
+    if args.init_image is not None:
+        if not args.init_image.is_file():
+            raise KilnError(f"{args.init_image}: no such image file")
+        request = Img2ImgRequest(**fields, init_image=args.init_image.read_bytes(), denoising_strength=args.strength)
+    else:
+        request = Txt2ImgRequest(**fields)
     pipeline = TritonDiffusion(args.url)
-    request = Txt2ImgRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                             sampler=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
-                             height=args.height, batch_size=args.batch_size)
 
     def progress(step, total, _latents):
         print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
 
-    result = pipeline.txt2img(request, progress=progress)
+    run = pipeline.img2img if args.init_image is not None else pipeline.txt2img
+    result = run(request, progress=progress)
     print(file=sys.stderr)
     for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
         path = args.out if len(result.images) == 1 else args.out.with_name(f"{args.out.stem}-{index + 1}{args.out.suffix}")

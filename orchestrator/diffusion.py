@@ -13,12 +13,15 @@ import json
 import math
 import secrets
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from build.errors import InputError, KilnError
 from orchestrator.samplers import SAMPLERS, make_scheduler
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_STEPS = 500
 MAX_BATCH = 8
@@ -39,6 +42,14 @@ class Txt2ImgRequest:
     height: int = 512
     batch_size: int = 1
     eta: float = 0.0  # DDIM's eta (other samplers ignore it)
+
+
+@dataclass(frozen=True)
+class Img2ImgRequest(Txt2ImgRequest):
+    """img2img: the init image is encoded, noised to the step `denoising_strength` selects, then denoised."""
+
+    init_image: bytes = b""  # encoded image (PNG/JPEG/...); resized to width x height ("just resize")
+    denoising_strength: float = 0.75  # 0: the init image back; 1: all steps, nothing of the image's layout kept
 
 
 @dataclass
@@ -64,12 +75,22 @@ class TritonDiffusion:
         self._grpc = grpcclient
         self.client = grpcclient.InferenceServerClient(url)
         self.timeout_s = timeout_s
-        config = self.client.get_model_config("sd_unet", as_json=True)["config"]
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            config = self.client.get_model_config("sd_unet", as_json=True)["config"]
+        except InferenceServerException as exc:
+            raise KilnError(f"cannot read sd_unet's config from Triton at {url} ({exc.message() or exc}); "
+                            "is `kiln serve` running a repository built with `kiln build sd`?") from None
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.scheduler_config = json.loads(params["scheduler_config"])
-        self.vae_scale_factor = int(params["vae_scale_factor"])
-        self.latent_channels = int(params["latent_channels"])
-        self.min_size, self.max_size = int(params["min_size"]), int(params["max_size"])
+        try:
+            self.scheduler_config = json.loads(params["scheduler_config"])
+            self.vae_scale_factor = int(params["vae_scale_factor"])
+            self.latent_channels = int(params["latent_channels"])
+            self.latent_scaling_factor = float(params["scaling_factor"])
+            self.min_size, self.max_size = int(params["min_size"]), int(params["max_size"])
+        except KeyError as exc:
+            raise KilnError(f"sd_unet's config lacks the parameter {exc}; rebuild the repository with `kiln build sd`") from None
         self.unet_max_batch = int(config.get("max_batch_size", 1))
 
     # -- model calls ----------------------------------------------------------------------------
@@ -108,6 +129,16 @@ class TritonDiffusion:
             }, ["noise_pred"])["noise_pred"])
         return np.concatenate(parts)
 
+    def encode_image(self, data: bytes, width: int, height: int) -> np.ndarray:
+        """Image bytes -> the VAE's latent distribution parameters (1, 2 * latent channels, h, w)."""
+        try:
+            out = self._infer("sd_vae_encode", {"image": (np.array([[data]], dtype=object), "BYTES"),
+                                                "size": (np.array([[height, width]], dtype=np.int32), "INT32")},
+                              ["moments"])
+        except KilnError as exc:
+            raise InputError(f"init image: {exc}") from None
+        return out["moments"]
+
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return self._infer("sd_vae_decode", {"latent": (np.ascontiguousarray(latents, dtype=np.float32), "FP32")},
                            ["image"])["image"]
@@ -134,9 +165,24 @@ class TritonDiffusion:
             raise InputError(f"seed must be -1 (random) or in [0, 2^32 - 1], got {request.seed!r}")
         if request.sampler not in SAMPLERS:
             make_scheduler(request.sampler, self.scheduler_config)  # raises the error listing valid names
+        if isinstance(request, Img2ImgRequest):
+            if not request.init_image:
+                raise InputError("init_image is empty")
+            if not math.isfinite(request.denoising_strength) or not 0 <= request.denoising_strength <= 1:
+                raise InputError(f"denoising_strength must be in [0, 1], got {request.denoising_strength!r}")
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None) -> GenerationResult:
+        """Text to image, as diffusers' StableDiffusionPipeline computes it."""
+        return self._generate(request, progress, cancelled)
+
+    def img2img(self, request: Img2ImgRequest, progress: ProgressCallback | None = None,
+                cancelled: Callable[[], bool] | None = None) -> GenerationResult:
+        """Image to image, as diffusers' StableDiffusionImg2ImgPipeline computes it."""
+        return self._generate(request, progress, cancelled)
+
+    def _generate(self, request: Txt2ImgRequest, progress: ProgressCallback | None,
+                  cancelled: Callable[[], bool] | None) -> GenerationResult:
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -144,27 +190,38 @@ class TritonDiffusion:
         self.check(request)
         batch = request.batch_size
         guided = request.cfg_scale > 1
+        init = isinstance(request, Img2ImgRequest)
 
         # 2. Seeds: -1 draws one; image i uses seed + i (AUTOMATIC1111).
         seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch)]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
+        generator = generators if batch > 1 else generators[0]
 
         # 3. Encode the prompts: negative first, as diffusers concatenates them.
         prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
-        embeddings = self.encode_prompts(prompts)
-        context = np.repeat(embeddings, batch, axis=0)  # (negative x batch, positive x batch)
+        context = np.repeat(self.encode_prompts(prompts), batch, axis=0)  # (negative x batch, positive x batch)
 
-        # 4. Scheduler and timesteps.
+        # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says.
         scheduler = make_scheduler(request.sampler, self.scheduler_config)
         scheduler.set_timesteps(request.steps)
         timesteps = scheduler.timesteps
+        if init:
+            start = request.steps - min(int(request.steps * request.denoising_strength), request.steps)
+            timesteps = timesteps[start * scheduler.order:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start * scheduler.order)
 
-        # 5. Initial noise, drawn like diffusers' pipeline.
+        # 5. Initial latents, drawn like diffusers' pipelines.
         shape = (batch, self.latent_channels, request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generators if batch > 1 else generators[0], dtype=torch.float32)
-        latents = latents * scheduler.init_noise_sigma
-        step_kwargs = _step_kwargs(scheduler, generators if batch > 1 else generators[0], request.eta)
+        if init:
+            latents = self._init_latents(request, shape, generators)
+            noise = randn_tensor(shape, generator=generator, dtype=torch.float32)
+            if len(timesteps):
+                latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(batch))
+        else:
+            latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, generator, request.eta)
 
         # 6. Denoising loop.
         for index, t in enumerate(timesteps):
@@ -172,12 +229,12 @@ class TritonDiffusion:
                 raise Cancelled(f"cancelled after {index} of {len(timesteps)} steps")
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = self.unet(model_input.numpy(), np.full(len(model_input), float(t), np.float32), context)
-            noise = torch.from_numpy(noise)
+            noise_pred = torch.from_numpy(self.unet(model_input.numpy(), np.full(len(model_input), float(t), np.float32),
+                                                    context))
             if guided:
-                uncond, text = noise.chunk(2)
-                noise = uncond + request.cfg_scale * (text - uncond)
-            latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + request.cfg_scale * (text - uncond)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if progress is not None:
                 progress(index + 1, len(timesteps), latents.numpy())
 
@@ -186,7 +243,20 @@ class TritonDiffusion:
         info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
                 "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
                 "width": request.width, "height": request.height}
+        if init:
+            info["denoising_strength"] = request.denoising_strength
         return GenerationResult(images=images, seeds=seeds, info=info)
+
+    def _init_latents(self, request: Img2ImgRequest, shape: tuple, generators: list) -> "torch.Tensor":
+        """Encode the init image and sample its latents with each image's own generator (diffusers' retrieve_latents)."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        moments = torch.from_numpy(self.encode_image(request.init_image, request.width, request.height))
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # DiagonalGaussianDistribution
+        latents = [mean + std * randn_tensor(mean.shape, generator=g, dtype=torch.float32) for g in generators]
+        return torch.cat(latents) * self.latent_scaling_factor
 
 
 def _step_kwargs(scheduler, generator, eta: float) -> dict:

@@ -134,7 +134,75 @@ def test_generate_command_writes_a_png_with_parameters(sd_server, tmp_path):
     image = Image.open(out)
     assert image.size == (64, 64)
     assert image.text["parameters"].startswith("a photo of a cat\nSteps: 3, Sampler: DDIM, CFG scale: 7.0, Seed: 42, Size: 64x64")
+    again = tmp_path / "cat2.png"
+    result = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "a painting of a cat", "--steps", "4",
+                             "--init-image", str(out), "--strength", "0.5", "--seed", "3", "--width", "64",
+                             "--height", "64", "--url", sd_server.grpc_url, "--out", str(again)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Seed: 3" in Image.open(again).text["parameters"]
     bad = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "x", "--sampler", "Nope", "--width", "64",
                           "--height", "64", "--url",
                           sd_server.grpc_url], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Sampler not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def init_image_png():
+    """A real photograph, 64x64, as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    from build.vit import SAMPLE_IMAGES
+
+    buffer = io.BytesIO()
+    Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("sampler, strength", [("Euler a", 0.6), ("DDIM", 0.75), ("DPM++ 2M Karras", 0.5)])
+def test_img2img_matches_diffusers(sd_server, tiny_checkpoint, reference_pipe, init_image_png, sampler, strength):
+    import io
+
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from orchestrator.diffusion import Img2ImgRequest
+
+    pipe, checkpoint_scheduler_config = reference_pipe
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    img2img.scheduler = make_scheduler(sampler, checkpoint_scheduler_config)
+    expected = img2img("a photo of a cat", image=Image.open(io.BytesIO(init_image_png)), strength=strength,
+                       num_inference_steps=10, guidance_scale=7.5, negative_prompt="blurry", output_type="np",
+                       generator=torch.Generator().manual_seed(99)).images
+    expected = (expected * 255).round().astype(np.uint8)
+    result = TritonDiffusion(sd_server.grpc_url).img2img(Img2ImgRequest(
+        prompt="a photo of a cat", negative_prompt="blurry", steps=10, sampler=sampler, cfg_scale=7.5, seed=99,
+        width=64, height=64, init_image=init_image_png, denoising_strength=strength))
+    diff = np.abs(result.images.astype(int) - expected.astype(int)).max()
+    assert diff <= 2, f"{sampler}: max pixel difference {diff}/255"
+    assert result.info["denoising_strength"] == strength
+
+
+def test_img2img_bad_inputs(sd_server, init_image_png):
+    from orchestrator.diffusion import Img2ImgRequest
+
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    base = dict(prompt="a cat", steps=2, seed=1, width=64, height=64, init_image=init_image_png)
+    for change, message in [({"denoising_strength": 1.5}, "denoising_strength must be in"),
+                            ({"denoising_strength": float("nan")}, "denoising_strength must be in"),
+                            ({"init_image": b"not an image"}, "init image: .*cannot decode image"),
+                            ({"init_image": b""}, "init_image is empty")]:
+        with pytest.raises(InputError, match=message):
+            pipeline.img2img(Img2ImgRequest(**(base | change)))
+    unchanged = pipeline.img2img(Img2ImgRequest(**(base | {"denoising_strength": 0.0})))
+    assert unchanged.images.shape == (1, 64, 64, 3)  # no denoising step: the init image through the VAE
+
+
+def test_no_server_is_a_clear_error():
+    from build.errors import KilnError
+
+    with pytest.raises(KilnError, match="is `kiln serve` running"):
+        TritonDiffusion(f"127.0.0.1:{free_port()}")
