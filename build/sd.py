@@ -14,7 +14,7 @@ orchestrator/diffusion.py runs the denoising loop over them.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -238,7 +238,8 @@ def check_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, in
 
 # -- the build: export, check, write the Triton repository --------------------------------------
 
-SERVED = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # what txt2img and img2img serve today
+SERVED = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # txt2img and img2img
+SERVED_CONTROL = ("controlnet", "unet_control")  # added when the checkpoint has a ControlNet
 MAX_PROMPT_CHUNKS = 8  # 8 x 75 = 600 prompt tokens per request
 
 
@@ -257,7 +258,7 @@ class SDBuildOptions:
 
 def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, options: SDBuildOptions,
                      extra: dict[str, str]) -> list:
-    """Triton configs of the txt2img path: tokenizer, text encoder, UNet, VAE decoder, and two ensembles."""
+    """Triton configs: tokenizer, text encoder, UNet, VAE decoder and encoder, ControlNet when built, ensembles."""
     from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 
     text, unet, decoder, encoder = specs["text_encoder"], specs["unet"], specs["vae_decoder"], specs["vae_encoder"]
@@ -312,8 +313,28 @@ def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, op
         outputs=(Tensor("moments", "FP32", encoder.outputs[0].triton_tensor().dims),),
         steps=(EnsembleStep("sd_image_preprocess", {"image": "image", "size": "size"}, {"pixels": "pixels"}),
                EnsembleStep("sd_vae_encoder", {"image": "pixels"}, {"moments": "moments"})))
-    return [tokenizer, text_encoder, unet_model, decoder_model, postprocess, encoder_model, image_preprocess,
-            text_encode, vae_decode, vae_encode]
+    configs = [tokenizer, text_encoder, unet_model, decoder_model, postprocess, encoder_model, image_preprocess,
+               text_encode, vae_decode, vae_encode]
+    if "controlnet" in specs:
+        control, unet_control = specs["controlnet"], specs["unet_control"]
+        residuals = [t.name for t in control.outputs]
+        configs += [
+            ModelConfig(name="sd_controlnet", inputs=control.triton_inputs(), outputs=control.triton_outputs(),
+                        max_batch_size=control.max_batch_size, dynamic_batching=batching, parameters=runtime_params()),
+            ModelConfig(name="sd_unet_control", inputs=unet_control.triton_inputs(), outputs=unet_control.triton_outputs(),
+                        max_batch_size=unet_control.max_batch_size, dynamic_batching=batching,
+                        parameters=runtime_params()),
+            # ControlNet -> UNet: a fixed graph, so an ensemble; the residuals never leave Triton.
+            ModelConfig(name="sd_controlnet_unet", backend=None, platform="ensemble",
+                        max_batch_size=unet_control.max_batch_size,
+                        inputs=tuple(replace(t, reshape=None) for t in control.triton_inputs()),
+                        outputs=unet_control.triton_outputs(),
+                        steps=(EnsembleStep("sd_controlnet", {t.name: t.name for t in control.inputs},
+                                            {name: name for name in residuals}),
+                               EnsembleStep("sd_unet_control", {t.name: t.name for t in unet_control.inputs},
+                                            {"noise_pred": "noise_pred"}))),
+        ]
+    return configs
 
 
 def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
@@ -339,9 +360,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
 
     # 2. Export and check each served component.
     artifacts = {}
-    # ControlNet, the VAE encoder and the UNet with residuals export and check too (tests/test_sd_export.py);
-    # they join the repository with img2img, inpainting and ControlNet serving.
-    for name in tqdm(SERVED, desc="build sd", unit="component", disable=not options.progress):
+    served = SERVED + (SERVED_CONTROL if "controlnet" in specs else ())
+    for name in tqdm(served, desc="build sd", unit="component", disable=not options.progress):
         path = repository / f"sd_{name}" / "1" / "model.onnx"
         start = time.perf_counter()
         export_component(modules[name], specs[name], path, export_sizes)

@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=1)
     generate.add_argument("--init-image", type=Path, help="img2img: start from this image (resized to --width x --height)")
     generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
+    generate.add_argument("--control-image", type=Path, help="ControlNet: a control image (or a photo with --control-module canny)")
+    generate.add_argument("--control-module", choices=("none", "canny"), default="none")
+    generate.add_argument("--control-weight", type=float, default=1.0, help="ControlNet conditioning scale")
+    generate.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where ControlNet starts")
+    generate.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where ControlNet stops")
     generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
     generate.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path; a batch adds -1, -2, ...")
 
@@ -184,15 +189,21 @@ def cmd_build(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from orchestrator.diffusion import Img2ImgRequest, TritonDiffusion, Txt2ImgRequest
+    from orchestrator.diffusion import ControlNetUnit, Img2ImgRequest, TritonDiffusion, Txt2ImgRequest
     from orchestrator.images import save_png
 
+    for path in (args.init_image, args.control_image):
+        if path is not None and not path.is_file():
+            raise KilnError(f"{path}: no such image file")
+    unit = None
+    if args.control_image is not None:
+        unit = ControlNetUnit(image=args.control_image.read_bytes(), module=args.control_module,
+                              weight=args.control_weight, guidance_start=args.control_start,
+                              guidance_end=args.control_end)
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
-                  batch_size=args.batch_size)
+                  batch_size=args.batch_size, controlnet=unit)
     if args.init_image is not None:
-        if not args.init_image.is_file():
-            raise KilnError(f"{args.init_image}: no such image file")
         request = Img2ImgRequest(**fields, init_image=args.init_image.read_bytes(), denoising_strength=args.strength)
     else:
         request = Txt2ImgRequest(**fields)

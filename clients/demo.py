@@ -4,7 +4,7 @@ Steps:
  1. build vit_base_patch16_224.augreg2_in21k_ft_in1k (seeded random weights: no hub here), served
     with ONNX Runtime fp32, and a tiny seeded Stable Diffusion 1.x pipeline, into the repository
  2. start the embedded Triton on 127.0.0.1 (free ports) and wait until every model is ready
- 3. classify every sample image over gRPC (top-5), embed one over HTTP, generate (txt2img, img2img)
+ 3. classify every sample image over gRPC (top-5), embed one over HTTP, generate (txt2img, img2img, ControlNet)
  4. write the results under out/demo/ and stop the server
 """
 
@@ -18,7 +18,7 @@ from build.sd import ImageRange, SDBuildOptions, build_sd
 from build.sd_weights import write_sd_checkpoint
 from build.vit import SAMPLE_IMAGES, ViTBuildOptions, build_vit, list_images
 from clients.vit import ViTClient, read_images
-from orchestrator.diffusion import Img2ImgRequest, TritonDiffusion, Txt2ImgRequest
+from orchestrator.diffusion import ControlNetUnit, Img2ImgRequest, TritonDiffusion, Txt2ImgRequest
 from orchestrator.images import save_png
 from orchestrator.triton_server import TritonOptions, TritonServer, free_port
 
@@ -66,6 +66,12 @@ def run_demo(repository: Path, out: Path) -> int:
             prompt=DEMO_PROMPT, steps=20, sampler="DPM++ 2M Karras", seed=42, width=128, height=128,
             init_image=(SAMPLE_IMAGES / "chelsea.jpg").read_bytes(), denoising_strength=0.6))
         img2img_path = save_png(changed.images[0], out / "img2img.png", changed.info | {"model": "sd-tiny (random)"})
+        print("   ControlNet: canny edges of coffee.png, weight 1.0, 20 steps, Euler a, seed 42", flush=True)
+        controlled = TritonDiffusion(server.grpc_url).txt2img(Txt2ImgRequest(
+            prompt=DEMO_PROMPT, steps=20, sampler="Euler a", seed=42, width=128, height=128,
+            controlnet=ControlNetUnit(image=(SAMPLE_IMAGES / "coffee.png").read_bytes(), module="canny")))
+        controlnet_path = save_png(controlled.images[0], out / "controlnet.png",
+                                   controlled.info | {"model": "sd-tiny (random) + ControlNet canny"})
 
     # 4. Results.
     print("== 4/4 results", flush=True)
@@ -77,6 +83,7 @@ def run_demo(repository: Path, out: Path) -> int:
     print("   image is noise-like; build with --weights DIR for real models.")
     print(f"   txt2img image:   {txt2img_path}")
     print(f"   img2img image:   {img2img_path}")
+    print(f"   ControlNet image: {controlnet_path}")
     print(f"   classifications: {out / 'classify.json'}")
     print(f"   embedding:       {out / 'embed.json'}")
     print(f"   build report:    {Path(repository) / 'build-report.json'}")

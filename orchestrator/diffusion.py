@@ -29,6 +29,19 @@ MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet conditioning, as sd-webui-controlnet's unit describes it."""
+
+    image: bytes  # the control image (an edge map, or a photo with module="canny")
+    module: str = "none"  # preprocessor: none, or canny (built in)
+    weight: float = 1.0  # conditioning scale
+    guidance_start: float = 0.0  # fraction of the steps where the ControlNet starts acting
+    guidance_end: float = 1.0  # ... and where it stops
+    low_threshold: int = 100  # canny thresholds, on 0-255 intensities
+    high_threshold: int = 200
+
+
+@dataclass(frozen=True)
 class Txt2ImgRequest:
     """One txt2img job, with AUTOMATIC1111's field meanings."""
 
@@ -42,6 +55,7 @@ class Txt2ImgRequest:
     height: int = 512
     batch_size: int = 1
     eta: float = 0.0  # DDIM's eta (other samplers ignore it)
+    controlnet: ControlNetUnit | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,10 @@ class TritonDiffusion:
         except KeyError as exc:
             raise KilnError(f"sd_unet's config lacks the parameter {exc}; rebuild the repository with `kiln build sd`") from None
         self.unet_max_batch = int(config.get("max_batch_size", 1))
+        try:
+            self.has_controlnet = bool(self.client.is_model_ready("sd_controlnet_unet"))
+        except InferenceServerException:
+            self.has_controlnet = False
 
     # -- model calls ----------------------------------------------------------------------------
     def _infer(self, model: str, inputs: dict[str, tuple[np.ndarray, str]], outputs: list[str]) -> dict[str, np.ndarray]:
@@ -126,6 +144,21 @@ class TritonDiffusion:
                 "sample": (np.ascontiguousarray(sample[start:end], dtype=np.float32), "FP32"),
                 "timestep": (np.ascontiguousarray(timesteps[start:end].reshape(-1, 1), dtype=np.float32), "FP32"),
                 "encoder_hidden_states": (np.ascontiguousarray(context[start:end], dtype=np.float32), "FP32"),
+            }, ["noise_pred"])["noise_pred"])
+        return np.concatenate(parts)
+
+    def controlnet_unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray, cond: np.ndarray,
+                        scales: np.ndarray) -> np.ndarray:
+        """ControlNet then the UNet with its residuals, in one ensemble call (split past the batch limit)."""
+        parts = []
+        for start in range(0, len(sample), self.unet_max_batch):
+            end = start + self.unet_max_batch
+            parts.append(self._infer("sd_controlnet_unet", {
+                "sample": (np.ascontiguousarray(sample[start:end], dtype=np.float32), "FP32"),
+                "timestep": (np.ascontiguousarray(timesteps[start:end].reshape(-1, 1), dtype=np.float32), "FP32"),
+                "encoder_hidden_states": (np.ascontiguousarray(context[start:end], dtype=np.float32), "FP32"),
+                "controlnet_cond": (np.ascontiguousarray(cond[start:end], dtype=np.float32), "FP32"),
+                "conditioning_scale": (np.ascontiguousarray(scales[start:end].reshape(-1, 1), dtype=np.float32), "FP32"),
             }, ["noise_pred"])["noise_pred"])
         return np.concatenate(parts)
 
@@ -165,6 +198,17 @@ class TritonDiffusion:
             raise InputError(f"seed must be -1 (random) or in [0, 2^32 - 1], got {request.seed!r}")
         if request.sampler not in SAMPLERS:
             make_scheduler(request.sampler, self.scheduler_config)  # raises the error listing valid names
+        unit = request.controlnet
+        if unit is not None:
+            if not self.has_controlnet:
+                raise InputError("controlnet: this build has no ControlNet (build with --controlnet or a controlnet/ folder)")
+            if unit.module not in CONTROL_MODULES:
+                raise InputError(f"controlnet module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
+            if not math.isfinite(unit.weight) or not 0 <= unit.weight <= 2:
+                raise InputError(f"controlnet weight must be in [0, 2], got {unit.weight!r}")
+            if not (0 <= unit.guidance_start < unit.guidance_end <= 1):
+                raise InputError(f"controlnet guidance_start/end must satisfy 0 <= start < end <= 1, "
+                                 f"got {unit.guidance_start!r}, {unit.guidance_end!r}")
         if isinstance(request, Img2ImgRequest):
             if not request.init_image:
                 raise InputError("init_image is empty")
@@ -223,14 +267,26 @@ class TritonDiffusion:
             latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generator, request.eta)
 
-        # 6. Denoising loop.
+        # 6. ControlNet conditioning: the control image for every row of the UNet batch.
+        cond = None
+        if request.controlnet is not None:
+            control = control_image(request.controlnet, request.width, request.height)
+            cond = np.repeat(control[None], len(context), axis=0)
+
+        # 7. Denoising loop.
         for index, t in enumerate(timesteps):
             if cancelled is not None and cancelled():
                 raise Cancelled(f"cancelled after {index} of {len(timesteps)} steps")
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise_pred = torch.from_numpy(self.unet(model_input.numpy(), np.full(len(model_input), float(t), np.float32),
-                                                    context))
+            step_t = np.full(len(model_input), float(t), np.float32)
+            scale = _control_scale(request.controlnet, index, len(timesteps))
+            if scale:
+                noise_pred = self.controlnet_unet(model_input.numpy(), step_t, context, cond,
+                                                  np.full(len(model_input), scale, np.float32))
+            else:  # no ControlNet, or outside its guidance window: zero residuals equal the plain UNet exactly
+                noise_pred = self.unet(model_input.numpy(), step_t, context)
+            noise_pred = torch.from_numpy(noise_pred)
             if guided:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + request.cfg_scale * (text - uncond)
@@ -238,7 +294,7 @@ class TritonDiffusion:
             if progress is not None:
                 progress(index + 1, len(timesteps), latents.numpy())
 
-        # 7. Decode.
+        # 8. Decode.
         images = self.decode(latents.numpy())
         info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
                 "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
@@ -257,6 +313,49 @@ class TritonDiffusion:
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # DiagonalGaussianDistribution
         latents = [mean + std * randn_tensor(mean.shape, generator=g, dtype=torch.float32) for g in generators]
         return torch.cat(latents) * self.latent_scaling_factor
+
+
+CONTROL_MODULES = ("none", "canny")
+
+
+def control_image(unit: ControlNetUnit, width: int, height: int) -> np.ndarray:
+    """The ControlNet's input (3, height, width) in [0, 1], as diffusers' control image processor makes it."""
+    from PIL import Image
+
+    from build.imaging import ImageLimits, decode_image
+
+    try:
+        image = decode_image(unit.image, ImageLimits(min_side=1))
+    except InputError as exc:
+        raise InputError(f"controlnet image: {exc}") from None
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    if unit.module == "canny":
+        image = canny(image, unit.low_threshold, unit.high_threshold)
+    array = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def canny(image, low: int, high: int):
+    """Canny edges (white on black, 3 channels) of an RGB image; thresholds on 0-255 intensities.
+
+    scikit-image's Canny (Gaussian sigma 1, L2 gradient); OpenCV's, which sd-webui-controlnet uses,
+    takes the L1 gradient, so edge maps differ slightly at the same thresholds.
+    """
+    from PIL import Image
+    from skimage.feature import canny as skimage_canny
+
+    gray = np.asarray(image.convert("L"), dtype=np.float64)
+    edges = skimage_canny(gray, sigma=1.0, low_threshold=low, high_threshold=high)
+    return Image.fromarray(np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=2))
+
+
+def _control_scale(unit: ControlNetUnit | None, index: int, total: int) -> float:
+    """diffusers' controlnet_keep: the unit acts on steps inside [guidance_start, guidance_end]."""
+    if unit is None:
+        return 0.0
+    outside = index / total < unit.guidance_start or (index + 1) / total > unit.guidance_end
+    return 0.0 if outside else float(unit.weight)
 
 
 def _step_kwargs(scheduler, generator, eta: float) -> dict:

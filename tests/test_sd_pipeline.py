@@ -141,6 +141,13 @@ def test_generate_command_writes_a_png_with_parameters(sd_server, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Seed: 3" in Image.open(again).text["parameters"]
+    controlled = tmp_path / "cat3.png"
+    result = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "a cat", "--steps", "2",
+                             "--control-image", str(out), "--control-module", "canny", "--control-weight", "0.5",
+                             "--width", "64", "--height", "64", "--url", sd_server.grpc_url, "--out", str(controlled)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(controlled).size == (64, 64)
     bad = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "x", "--sampler", "Nope", "--width", "64",
                           "--height", "64", "--url",
                           sd_server.grpc_url], capture_output=True, text=True, timeout=300)
@@ -206,3 +213,63 @@ def test_no_server_is_a_clear_error():
 
     with pytest.raises(KilnError, match="is `kiln serve` running"):
         TritonDiffusion(f"127.0.0.1:{free_port()}")
+
+
+@pytest.fixture(scope="module")
+def edge_map_png(init_image_png):
+    """A Canny edge map of the photograph, made by the built-in preprocessor, as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    from orchestrator.diffusion import canny
+
+    buffer = io.BytesIO()
+    canny(Image.open(io.BytesIO(init_image_png)).convert("RGB"), 100, 200).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("sampler, start, end", [("Euler a", 0.0, 1.0), ("DDIM", 0.2, 0.8)])
+def test_controlnet_matches_diffusers(sd_server, tiny_checkpoint, reference_pipe, edge_map_png, sampler, start, end):
+    import io
+
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from orchestrator.diffusion import ControlNetUnit
+
+    pipe, checkpoint_scheduler_config = reference_pipe
+    controlnet = ControlNetModel.from_pretrained(str(tiny_checkpoint / "controlnet"))
+    control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    control_pipe.set_progress_bar_config(disable=True)
+    control_pipe.scheduler = make_scheduler(sampler, checkpoint_scheduler_config)
+    expected = control_pipe("a photo of a cat", image=Image.open(io.BytesIO(edge_map_png)), num_inference_steps=8,
+                            guidance_scale=7.5, negative_prompt="blurry", controlnet_conditioning_scale=0.8,
+                            control_guidance_start=start, control_guidance_end=end, height=64, width=64,
+                            output_type="np", generator=torch.Generator().manual_seed(5)).images
+    expected = (expected * 255).round().astype(np.uint8)
+    unit = ControlNetUnit(image=edge_map_png, weight=0.8, guidance_start=start, guidance_end=end)
+    result = TritonDiffusion(sd_server.grpc_url).txt2img(Txt2ImgRequest(
+        prompt="a photo of a cat", negative_prompt="blurry", steps=8, sampler=sampler, cfg_scale=7.5, seed=5,
+        width=64, height=64, controlnet=unit))
+    diff = np.abs(result.images.astype(int) - expected.astype(int)).max()
+    assert diff <= 2, f"{sampler}: max pixel difference {diff}/255"
+    plain = TritonDiffusion(sd_server.grpc_url).txt2img(Txt2ImgRequest(
+        prompt="a photo of a cat", negative_prompt="blurry", steps=8, sampler=sampler, cfg_scale=7.5, seed=5,
+        width=64, height=64))
+    assert np.abs(plain.images.astype(int) - result.images.astype(int)).max() > 2  # the ControlNet did act
+
+
+def test_canny_preprocessor_and_bad_units(sd_server, init_image_png):
+    from orchestrator.diffusion import ControlNetUnit, control_image
+
+    edges = control_image(ControlNetUnit(image=init_image_png, module="canny"), 64, 64)
+    assert edges.shape == (3, 64, 64) and set(np.unique(edges)) == {0.0, 1.0}
+    assert 0.01 < edges.mean() < 0.5  # a photograph has edges, not everywhere
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    for unit, message in [(ControlNetUnit(image=init_image_png, module="depth"), "module 'depth' is unknown"),
+                          (ControlNetUnit(image=init_image_png, weight=float("nan")), "weight must be in"),
+                          (ControlNetUnit(image=init_image_png, guidance_start=0.9, guidance_end=0.1), "start < end"),
+                          (ControlNetUnit(image=b"junk"), "controlnet image: cannot decode")]:
+        with pytest.raises(InputError, match=message):
+            pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, seed=1, width=64, height=64, controlnet=unit))
