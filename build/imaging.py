@@ -170,6 +170,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, P, CMYK, YCbCr, LAB, HSV, 1
 
 
+def resized_rgb(data: bytes, width: int, height: int, what: str = "image") -> Image.Image:
+    """Decode (any format/mode, EXIF, alpha over white) and resize to width x height with Lanczos, as
+    diffusers' VaeImageProcessor does (AUTOMATIC1111's "just resize")."""
+    try:
+        image = decode_image(data, ImageLimits(min_side=1))
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return image
+
+
+def unit_range(image: Image.Image) -> np.ndarray:
+    """uint8 image -> float32 (channels, H, W) in [0, 1]."""
+    array = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(array.transpose(2, 0, 1) if array.ndim == 3 else array[None])
+
+
+def vae_input(data: bytes, width: int, height: int, what: str = "init image") -> np.ndarray:
+    """Encoded image -> the VAE encoder's input (3, height, width) in [-1, 1]."""
+    return np.float32(2.0) * unit_range(resized_rgb(data, width, height, what)) - np.float32(1.0)
+
+
 def preprocess(data: bytes, transform: EvalTransform, limits: ImageLimits = ImageLimits()) -> np.ndarray:
     """Encoded image bytes -> the model's float32 input (3, H, W)."""
     return transform(decode_image(data, limits))

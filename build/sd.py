@@ -88,9 +88,11 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
             profile=batch | image_axes | latent_axes, tolerances=FP32_TOLERANCE, reference_output="image"),
     }
     if loaded.controlnet is not None:
+        control_sample = TensorSpec("sample", "FP32", ("batch", loaded.controlnet.config.in_channels, "latent_height",
+                                                       "latent_width"), value_range=(-2, 2))
         specs["controlnet"] = ComponentSpec(
             name="controlnet",
-            inputs=(sample, timestep, context,
+            inputs=(control_sample, timestep, context,
                     TensorSpec("controlnet_cond", "FP32", ("batch", 3, "height", "width"), value_range=(0, 1)),
                     TensorSpec("conditioning_scale", "FP32", ("batch",), value_range=(0, 1))),
             outputs=tuple(TensorSpec(r.name, r.dtype, r.shape) for r in residuals),
@@ -381,7 +383,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
             f"max|diff| {figures[specs[name].reference_output].max_abs:.2e}")
     # 3. Triton models.
     scale = vae_scale_factor(loaded)
-    extra = {"vae_scale_factor": str(scale), "latent_channels": str(loaded.unet.config.in_channels),
+    extra = {"vae_scale_factor": str(scale), "latent_channels": str(loaded.vae.config.latent_channels),
+             "unet_in_channels": str(loaded.unet.config.in_channels),
              "scaling_factor": str(float(loaded.vae.config.scaling_factor)),
              "min_size": str(options.images.min), "max_size": str(options.images.max)}
     configs = sd_model_configs(specs, loaded.scheduler_config, options, extra)

@@ -126,8 +126,11 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
-def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True) -> dict:
-    """Seeded random components of the `size` architecture ("tiny" or "full"), each from its own seed."""
+def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True, inpainting: bool = False) -> dict:
+    """Seeded random components of the `size` architecture ("tiny" or "full"), each from its own seed.
+
+    `inpainting` makes the UNet a 9-channel inpainting UNet (latents + mask + masked-image latents).
+    """
     from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -135,7 +138,7 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True)
         raise WeightsError(f"unknown architecture size {size!r}; valid: {', '.join(ARCHITECTURES)}")
     arch = ARCHITECTURES[size]
     _seeded(seed)
-    unet = UNet2DConditionModel(**arch.unet)
+    unet = UNet2DConditionModel(**(arch.unet | ({"in_channels": 9} if inpainting else {})))
     _seeded(seed + 1)
     vae = AutoencoderKL(**arch.vae)
     _seeded(seed + 2)
@@ -161,12 +164,13 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True)
     return components
 
 
-def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet: bool = True) -> Path:
+def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet: bool = True,
+                        inpainting: bool = False) -> Path:
     """Write a diffusers-format SD 1.x folder of seeded random weights; a ControlNet goes in controlnet/."""
     from diffusers import StableDiffusionPipeline
 
     out = Path(out)
-    components = build_components(size, seed, controlnet)
+    components = build_components(size, seed, controlnet, inpainting)
     control = components.pop("controlnet", None)
     pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
@@ -174,7 +178,7 @@ def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet
     if control is not None:
         control.save_pretrained(str(out / "controlnet"), safe_serialization=True)
     (out / "kiln-weights.json").write_text(json.dumps(
-        {"random": True, "seed": seed, "architecture": size,
+        {"random": True, "seed": seed, "architecture": size, "inpainting": inpainting,
          "note": "seeded random weights of the real architecture: images are noise-like, not art"}, indent=2))
     return out
 

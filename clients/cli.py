@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--full-size-random", type=Path, metavar="OUT", help="SD 1.5's architecture (UNet 859.5 M parameters)")
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--no-controlnet", action="store_true")
+    sd.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SD 1.5 inpainting)")
     vit_weights = weight_targets.add_parser("vit", help="a timm-style ViT-B/16 folder (model.safetensors + config.json)")
     vit_weights.add_argument("--random", type=Path, metavar="OUT", required=True)
     vit_weights.add_argument("--seed", type=int, default=0)
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=1)
     generate.add_argument("--init-image", type=Path, help="img2img: start from this image (resized to --width x --height)")
     generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
+    generate.add_argument("--mask", type=Path, help="inpainting (with --init-image): white repaints, black keeps")
+    generate.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur radius of the mask")
+    generate.add_argument("--mask-invert", action="store_true", help="repaint the black part instead")
     generate.add_argument("--control-image", type=Path, help="ControlNet: a control image (or a photo with --control-module canny)")
     generate.add_argument("--control-module", choices=("none", "canny"), default="none")
     generate.add_argument("--control-weight", type=float, default=1.0, help="ControlNet conditioning scale")
@@ -192,7 +196,9 @@ def cmd_generate(args) -> int:
     from orchestrator.diffusion import ControlNetUnit, Img2ImgRequest, TritonDiffusion, Txt2ImgRequest
     from orchestrator.images import save_png
 
-    for path in (args.init_image, args.control_image):
+    if args.mask is not None and args.init_image is None:
+        raise KilnError("--mask needs --init-image (inpainting repaints part of an image)")
+    for path in (args.init_image, args.control_image, args.mask):
         if path is not None and not path.is_file():
             raise KilnError(f"{path}: no such image file")
     unit = None
@@ -204,7 +210,9 @@ def cmd_generate(args) -> int:
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                   batch_size=args.batch_size, controlnet=unit)
     if args.init_image is not None:
-        request = Img2ImgRequest(**fields, init_image=args.init_image.read_bytes(), denoising_strength=args.strength)
+        request = Img2ImgRequest(**fields, init_image=args.init_image.read_bytes(), denoising_strength=args.strength,
+                                 mask=args.mask.read_bytes() if args.mask else b"", mask_blur=args.mask_blur,
+                                 inpainting_mask_invert=args.mask_invert)
     else:
         request = Txt2ImgRequest(**fields)
     pipeline = TritonDiffusion(args.url)
@@ -227,7 +235,8 @@ def cmd_weights(args) -> int:
         from build.sd_weights import write_sd_checkpoint
 
         out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
-        write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet)
+        write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet,
+                            inpainting=args.inpainting)
     else:
         from build.weights import load_vit, save_vit_checkpoint
 

@@ -64,6 +64,9 @@ class Img2ImgRequest(Txt2ImgRequest):
 
     init_image: bytes = b""  # encoded image (PNG/JPEG/...); resized to width x height ("just resize")
     denoising_strength: float = 0.75  # 0: the init image back; 1: all steps, nothing of the image's layout kept
+    mask: bytes = b""  # inpainting: white = repaint, black = keep (empty: plain img2img)
+    mask_blur: int = 4  # Gaussian blur radius applied to the mask first (AUTOMATIC1111's default 4)
+    inpainting_mask_invert: bool = False  # repaint the black part instead
 
 
 @dataclass
@@ -101,6 +104,7 @@ class TritonDiffusion:
             self.scheduler_config = json.loads(params["scheduler_config"])
             self.vae_scale_factor = int(params["vae_scale_factor"])
             self.latent_channels = int(params["latent_channels"])
+            self.unet_in_channels = int(params["unet_in_channels"])
             self.latent_scaling_factor = float(params["scaling_factor"])
             self.min_size, self.max_size = int(params["min_size"]), int(params["max_size"])
         except KeyError as exc:
@@ -214,6 +218,10 @@ class TritonDiffusion:
                 raise InputError("init_image is empty")
             if not math.isfinite(request.denoising_strength) or not 0 <= request.denoising_strength <= 1:
                 raise InputError(f"denoising_strength must be in [0, 1], got {request.denoising_strength!r}")
+            if not isinstance(request.mask_blur, int) or not 0 <= request.mask_blur <= 64:
+                raise InputError(f"mask_blur must be an integer in [0, 64], got {request.mask_blur!r}")
+        if self.unet_in_channels != self.latent_channels and not (isinstance(request, Img2ImgRequest) and request.mask):
+            raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None) -> GenerationResult:
@@ -258,8 +266,11 @@ class TritonDiffusion:
 
         # 5. Initial latents, drawn like diffusers' pipelines.
         shape = (batch, self.latent_channels, request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
-        if init:
-            latents = self._init_latents(request, shape, generators)
+        inpaint = None
+        if init and request.mask:
+            latents, noise, inpaint = self._inpaint_latents(request, shape, generators, generator, scheduler, timesteps)
+        elif init:
+            latents = self._init_latents(request, generators)
             noise = randn_tensor(shape, generator=generator, dtype=torch.float32)
             if len(timesteps):
                 latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(batch))
@@ -279,6 +290,8 @@ class TritonDiffusion:
                 raise Cancelled(f"cancelled after {index} of {len(timesteps)} steps")
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            if inpaint is not None and self.unet_in_channels != self.latent_channels:  # 9-channel inpainting UNet
+                model_input = torch.cat([model_input, inpaint["mask_input"], inpaint["masked_input"]], dim=1)
             step_t = np.full(len(model_input), float(t), np.float32)
             scale = _control_scale(request.controlnet, index, len(timesteps))
             if scale:
@@ -291,6 +304,12 @@ class TritonDiffusion:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + request.cfg_scale * (text - uncond)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            if inpaint is not None and self.unet_in_channels == self.latent_channels:
+                # A standard UNet inpaints by blending: outside the mask, the init image noised to the next step.
+                proper = inpaint["image_latents"]
+                if index < len(timesteps) - 1:
+                    proper = scheduler.add_noise(proper, noise, torch.tensor([timesteps[index + 1]]))
+                latents = (1 - inpaint["mask"]) * proper + inpaint["mask"] * latents
             if progress is not None:
                 progress(index + 1, len(timesteps), latents.numpy())
 
@@ -301,18 +320,60 @@ class TritonDiffusion:
                 "width": request.width, "height": request.height}
         if init:
             info["denoising_strength"] = request.denoising_strength
+        if init and request.mask:
+            info |= {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert}
         return GenerationResult(images=images, seeds=seeds, info=info)
 
-    def _init_latents(self, request: Img2ImgRequest, shape: tuple, generators: list) -> "torch.Tensor":
-        """Encode the init image and sample its latents with each image's own generator (diffusers' retrieve_latents)."""
+    def _inpaint_latents(self, request: Img2ImgRequest, shape: tuple, generators: list, generator, scheduler,
+                         timesteps) -> tuple:
+        """diffusers' StableDiffusionInpaintPipeline, in its order of random draws: image latents, noise, masked-image latents."""
+        import torch
+        import torch.nn.functional as F
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from build.imaging import vae_input
+
+        batch = shape[0]
+        pixels = vae_input(request.init_image, request.width, request.height)
+        mask = inpaint_mask(request.mask, request.width, request.height, request.mask_blur,
+                            request.inpainting_mask_invert)
+        masked = pixels * (mask < 0.5)
+        moments = torch.from_numpy(self._infer("sd_vae_encoder", {"image": (np.stack([pixels, masked]), "FP32")},
+                                               ["moments"])["moments"])
+        strength_max = request.denoising_strength == 1.0
+        blending = self.unet_in_channels == self.latent_channels
+        # diffusers samples the image latents only when it blends (4-channel UNet) or starts from the image.
+        image_latents = self._sample_latents(moments[:1], generators) if blending or not strength_max else None
+        noise = randn_tensor(shape, generator=generator, dtype=torch.float32)
+        if strength_max:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+        masked_latents = self._sample_latents(moments[1:], generators)
+        mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:]).repeat(batch, 1, 1, 1)
+        guided = request.cfg_scale > 1
+        return latents, noise, {
+            "image_latents": image_latents, "mask": mask_latent,
+            "mask_input": torch.cat([mask_latent] * 2) if guided else mask_latent,
+            "masked_input": torch.cat([masked_latents] * 2) if guided else masked_latents,
+        }
+
+    def _sample_latents(self, moments: "torch.Tensor", generators: list) -> "torch.Tensor":
+        """Sample the VAE's latent distribution with each image's generator, scaled (diffusers' _encode_vae_image)."""
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        moments = torch.from_numpy(self.encode_image(request.init_image, request.width, request.height))
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # DiagonalGaussianDistribution
-        latents = [mean + std * randn_tensor(mean.shape, generator=g, dtype=torch.float32) for g in generators]
-        return torch.cat(latents) * self.latent_scaling_factor
+        return torch.cat([mean + std * randn_tensor(mean.shape, generator=g, dtype=torch.float32)
+                          for g in generators]) * self.latent_scaling_factor
+
+    def _init_latents(self, request: Img2ImgRequest, generators: list) -> "torch.Tensor":
+        """Encode the init image and sample its latents with each image's own generator (diffusers' retrieve_latents)."""
+        import torch
+
+        return self._sample_latents(torch.from_numpy(self.encode_image(request.init_image, request.width,
+                                                                        request.height)), generators)
 
 
 CONTROL_MODULES = ("none", "canny")
@@ -320,20 +381,27 @@ CONTROL_MODULES = ("none", "canny")
 
 def control_image(unit: ControlNetUnit, width: int, height: int) -> np.ndarray:
     """The ControlNet's input (3, height, width) in [0, 1], as diffusers' control image processor makes it."""
-    from PIL import Image
+    from build.imaging import resized_rgb, unit_range
 
-    from build.imaging import ImageLimits, decode_image
-
-    try:
-        image = decode_image(unit.image, ImageLimits(min_side=1))
-    except InputError as exc:
-        raise InputError(f"controlnet image: {exc}") from None
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    image = resized_rgb(unit.image, width, height, "controlnet image")
     if unit.module == "canny":
         image = canny(image, unit.low_threshold, unit.high_threshold)
-    array = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+    return unit_range(image)
+
+
+def inpaint_mask(data: bytes, width: int, height: int, blur: int, invert: bool) -> np.ndarray:
+    """The mask (1, height, width): white = repaint; AUTOMATIC1111's blur and invert, then diffusers' binarize."""
+    from PIL import ImageFilter, ImageOps
+
+    from build.imaging import resized_rgb, unit_range
+
+    mask = resized_rgb(data, width, height, "mask").convert("L")
+    if invert:
+        mask = ImageOps.invert(mask)
+    if blur > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    values = unit_range(mask)
+    return np.where(values < 0.5, np.float32(0), np.float32(1))
 
 
 def canny(image, low: int, high: int):

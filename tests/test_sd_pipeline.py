@@ -148,6 +148,14 @@ def test_generate_command_writes_a_png_with_parameters(sd_server, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert Image.open(controlled).size == (64, 64)
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    result = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "a dog", "--steps", "2", "--init-image",
+                             str(out), "--mask", str(mask), "--mask-blur", "2", "--strength", "1.0", "--width", "64",
+                             "--height", "64", "--url", sd_server.grpc_url, "--out", str(tmp_path / "dog.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "dog.png").size == (64, 64)
     bad = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "x", "--sampler", "Nope", "--width", "64",
                           "--height", "64", "--url",
                           sd_server.grpc_url], capture_output=True, text=True, timeout=300)
@@ -273,3 +281,101 @@ def test_canny_preprocessor_and_bad_units(sd_server, init_image_png):
                           (ControlNetUnit(image=b"junk"), "controlnet image: cannot decode")]:
         with pytest.raises(InputError, match=message):
             pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, seed=1, width=64, height=64, controlnet=unit))
+
+
+@pytest.fixture(scope="module")
+def mask_png():
+    """White (repaint) rectangle in the middle of a black (keep) 64x64 mask."""
+    import io
+
+    from PIL import Image
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 20, 48, 52))
+    buffer = io.BytesIO()
+    mask.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("sampler, strength", [("Euler a", 1.0), ("DDIM", 0.75), ("DPM++ 2M Karras", 0.9)])
+def test_inpainting_matches_diffusers(sd_server, reference_pipe, init_image_png, mask_png, sampler, strength):
+    import io
+
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from orchestrator.diffusion import Img2ImgRequest
+
+    pipe, checkpoint_scheduler_config = reference_pipe
+    inpaint = StableDiffusionInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    inpaint.scheduler = make_scheduler(sampler, checkpoint_scheduler_config)
+    expected = inpaint("a photo of a cat", image=Image.open(io.BytesIO(init_image_png)),
+                       mask_image=Image.open(io.BytesIO(mask_png)), strength=strength, num_inference_steps=8,
+                       guidance_scale=7.5, negative_prompt="blurry", height=64, width=64, output_type="np",
+                       generator=torch.Generator().manual_seed(11)).images
+    expected = (expected * 255).round().astype(np.uint8)
+    result = TritonDiffusion(sd_server.grpc_url).img2img(Img2ImgRequest(
+        prompt="a photo of a cat", negative_prompt="blurry", steps=8, sampler=sampler, cfg_scale=7.5, seed=11,
+        width=64, height=64, init_image=init_image_png, denoising_strength=strength, mask=mask_png, mask_blur=0))
+    diff = np.abs(result.images.astype(int) - expected.astype(int)).max()
+    assert diff <= 2, f"{sampler}: max pixel difference {diff}/255"
+
+
+def test_inpainting_mask_options(sd_server, init_image_png, mask_png):
+    from orchestrator.diffusion import Img2ImgRequest, inpaint_mask
+
+    mask = inpaint_mask(mask_png, 64, 64, blur=0, invert=False)
+    assert mask.shape == (1, 64, 64) and mask[0, 30, 30] == 1 and mask[0, 2, 2] == 0
+    inverted = inpaint_mask(mask_png, 64, 64, blur=0, invert=True)
+    assert np.array_equal(inverted, 1 - mask)
+    blurred = inpaint_mask(mask_png, 64, 64, blur=4, invert=False)
+    assert blurred.sum() != mask.sum()  # blurring then binarizing moves the edge
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    with pytest.raises(InputError, match="mask: cannot decode"):
+        pipeline.img2img(Img2ImgRequest(prompt="a cat", steps=2, seed=1, width=64, height=64,
+                                        init_image=init_image_png, mask=b"junk"))
+    with pytest.raises(InputError, match="mask_blur must be"):
+        pipeline.img2img(Img2ImgRequest(prompt="a cat", steps=2, seed=1, width=64, height=64,
+                                        init_image=init_image_png, mask=mask_png, mask_blur=-1))
+
+
+@pytest.fixture(scope="module")
+def inpainting_server(tmp_path_factory):
+    """A second repository, built from a checkpoint whose UNet is a 9-channel inpainting UNet."""
+    folder = write_sd_checkpoint(tmp_path_factory.mktemp("sd_inpaint") / "tiny", size="tiny", seed=3,
+                                 controlnet=False, inpainting=True)
+    repo = folder.parent / "repo"
+    build_sd(SDBuildOptions(weights=str(folder), repository=repo, images=ImageRange(32, 64, 128), progress=False),
+             log=lambda _m: None)
+    with TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                                    metrics_port=free_port(), log_path=folder.parent / "triton.log")) as server:
+        yield server, folder
+
+
+def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_server, init_image_png, mask_png):
+    import io
+
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from orchestrator.diffusion import Img2ImgRequest
+
+    server, folder = inpainting_server
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("Euler a", dict(pipe.scheduler.config))
+    expected = pipe("a photo of a cat", image=Image.open(io.BytesIO(init_image_png)),
+                    mask_image=Image.open(io.BytesIO(mask_png)), strength=1.0, num_inference_steps=6,
+                    guidance_scale=7.5, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(4)).images
+    expected = (expected * 255).round().astype(np.uint8)
+    pipeline = TritonDiffusion(server.grpc_url)
+    assert pipeline.unet_in_channels == 9
+    result = pipeline.img2img(Img2ImgRequest(prompt="a photo of a cat", steps=6, sampler="Euler a", cfg_scale=7.5,
+                                             seed=4, width=64, height=64, init_image=init_image_png,
+                                             denoising_strength=1.0, mask=mask_png, mask_blur=0))
+    diff = np.abs(result.images.astype(int) - expected.astype(int)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+    with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
+        pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64))

@@ -1,8 +1,8 @@
 """sd_image_preprocess: init image bytes + (height, width) -> the VAE encoder's input in [-1, 1].
 
-Decoding is the ViT's (any format and mode, EXIF applied, transparency over white); the image is
-resized to the requested size with Lanczos ("just resize", and what diffusers' VaeImageProcessor
-uses), scaled to [0, 1] and mapped to [-1, 1]. A bad image fails its own request only.
+build.imaging.vae_input: decoded as the ViT's images are (any format and mode, EXIF, transparency
+over white), resized with Lanczos ("just resize"), mapped to [-1, 1]. A bad image fails its own
+request only.
 """
 
 import os
@@ -16,10 +16,8 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from PIL import Image  # noqa: E402
-
 from build.errors import InputError  # noqa: E402
-from build.imaging import ImageLimits, decode_image  # noqa: E402
+from build.imaging import vae_input  # noqa: E402
 
 
 class TritonPythonModel:
@@ -48,8 +46,4 @@ class TritonPythonModel:
     def _one(self, data: bytes, height: int, width: int) -> np.ndarray:
         if not (self.min_size <= height <= self.max_size and self.min_size <= width <= self.max_size):
             raise InputError(f"size {width}x{height} is outside the built profile [{self.min_size}, {self.max_size}]")
-        image = decode_image(data, ImageLimits(min_side=1))
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.LANCZOS)
-        array = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
-        return np.ascontiguousarray((np.float32(2.0) * array - np.float32(1.0)).transpose(2, 0, 1))
+        return vae_input(data, width, height)
