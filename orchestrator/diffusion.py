@@ -174,7 +174,7 @@ class TritonDiffusion:
                               ["moments"])
         except KilnError as exc:
             raise InputError(f"init image: {exc}") from None
-        return out["moments"]
+        return np.array(out["moments"])  # a writable copy: torch refuses read-only buffers
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return self._infer("sd_vae_decode", {"latent": (np.ascontiguousarray(latents, dtype=np.float32), "FP32")},
@@ -220,8 +220,15 @@ class TritonDiffusion:
                 raise InputError(f"denoising_strength must be in [0, 1], got {request.denoising_strength!r}")
             if not isinstance(request.mask_blur, int) or not 0 <= request.mask_blur <= 64:
                 raise InputError(f"mask_blur must be an integer in [0, 64], got {request.mask_blur!r}")
-        if self.unet_in_channels != self.latent_channels and not (isinstance(request, Img2ImgRequest) and request.mask):
-            raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
+        inpainting = isinstance(request, Img2ImgRequest) and bool(request.mask)
+        if self.unet_in_channels != self.latent_channels:
+            if not inpainting:
+                raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
+            if unit is not None:
+                raise InputError("controlnet with a 9-channel inpainting UNet is not supported yet")
+        if inpainting and int(request.steps * request.denoising_strength) < 1:
+            raise InputError(f"inpainting needs at least one denoising step: steps x denoising_strength = "
+                             f"{request.steps} x {request.denoising_strength} rounds down to 0")
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None) -> GenerationResult:

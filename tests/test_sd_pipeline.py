@@ -335,6 +335,9 @@ def test_inpainting_mask_options(sd_server, init_image_png, mask_png):
     with pytest.raises(InputError, match="mask: cannot decode"):
         pipeline.img2img(Img2ImgRequest(prompt="a cat", steps=2, seed=1, width=64, height=64,
                                         init_image=init_image_png, mask=b"junk"))
+    with pytest.raises(InputError, match="at least one denoising step"):
+        pipeline.img2img(Img2ImgRequest(prompt="a cat", steps=2, seed=1, width=64, height=64,
+                                        init_image=init_image_png, mask=mask_png, denoising_strength=0.2))
     with pytest.raises(InputError, match="mask_blur must be"):
         pipeline.img2img(Img2ImgRequest(prompt="a cat", steps=2, seed=1, width=64, height=64,
                                         init_image=init_image_png, mask=mask_png, mask_blur=-1))
