@@ -14,6 +14,7 @@ orchestrator/diffusion.py runs the denoising loop over them.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ from build.errors import ExportError
 from build.specs import ComponentSpec, TensorSpec, Tolerance
 from build.vit import DEFAULT_REPOSITORY, install_python_model
 
+MAX_PROMPT_CHUNKS = 8  # 8 x 75 = 600 prompt tokens per request
 FP32_TOLERANCE = {"fp32": Tolerance(min_cosine=0.99999, max_abs=1e-3,
                                     why="same arithmetic as PyTorch in float32; only summation order differs")}
 
@@ -45,15 +47,19 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
     latent = unet_cfg.in_channels
     hidden = text_cfg.hidden_size
     max_len = text_cfg.max_position_embeddings
+    multiple = size_multiple(loaded)
+    if not images.min <= images.opt <= images.max:
+        raise ExportError(f"image sizes must satisfy min <= opt <= max, got {images.min}, {images.opt}, {images.max}")
     for side in (images.min, images.opt, images.max):
-        if side % 8 or side % scale:
-            raise ExportError(f"image size {side} must be a multiple of 8 and of the VAE scale factor {scale}")
+        if side % multiple:
+            raise ExportError(f"image size {side} must be a multiple of {multiple} (8, the VAE scale factor, and the "
+                              f"UNet's {loaded.unet.num_upsamplers} upsamplers)")
     image_axes = {"height": (images.min, images.opt, images.max), "width": (images.min, images.opt, images.max)}
     latent_axes = {"latent_height": tuple(s // scale for s in image_axes["height"]),
                    "latent_width": tuple(s // scale for s in image_axes["width"])}
     batch = {"batch": (1, 2, 16)}
     # Prompts past 75 tokens are several 77-token chunks concatenated: the sequence axis is dynamic.
-    sequence = {"sequence": (max_len, max_len, max_len * 4)}
+    sequence = {"sequence": (max_len, max_len, max_len * MAX_PROMPT_CHUNKS)}
 
     sample = TensorSpec("sample", "FP32", ("batch", latent, "latent_height", "latent_width"), value_range=(-2, 2))
     timestep = TensorSpec("timestep", "FP32", ("batch",), value_range=(0, 999))
@@ -126,6 +132,12 @@ def _residual_specs(unet) -> tuple[TensorSpec, ...]:
 
 def vae_scale_factor(loaded) -> int:
     return 2 ** (len(loaded.vae.config.block_out_channels) - 1)
+
+
+def size_multiple(loaded) -> int:
+    """Image sides must be multiples of this: the exported UNet's graph fixes the upsampling sizes, so the
+    latents must divide by 2 per upsampler (diffusers' eager UNet handles other sizes, the graph does not)."""
+    return math.lcm(8, vae_scale_factor(loaded) * 2 ** loaded.unet.num_upsamplers)
 
 
 def axis_sizes(loaded, *, batch: int = 2, height: int = 64, width: int = 64, chunks: int = 1) -> dict[str, int]:
@@ -242,7 +254,6 @@ def check_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, in
 
 SERVED = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # txt2img and img2img
 SERVED_CONTROL = ("controlnet", "unet_control")  # added when the checkpoint has a ControlNet
-MAX_PROMPT_CHUNKS = 8  # 8 x 75 = 600 prompt tokens per request
 
 
 @dataclass(frozen=True)
@@ -386,8 +397,14 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
     extra = {"vae_scale_factor": str(scale), "latent_channels": str(loaded.vae.config.latent_channels),
              "unet_in_channels": str(loaded.unet.config.in_channels),
              "scaling_factor": str(float(loaded.vae.config.scaling_factor)),
-             "min_size": str(options.images.min), "max_size": str(options.images.max)}
+             "min_size": str(options.images.min), "max_size": str(options.images.max),
+             "size_multiple": str(size_multiple(loaded))}
     configs = sd_model_configs(specs, loaded.scheduler_config, options, extra)
+    if "controlnet" not in specs:  # a rebuild without a ControlNet must not keep serving the previous one
+        import shutil
+
+        for stale in ("sd_controlnet", "sd_unet_control", "sd_controlnet_unet"):
+            shutil.rmtree(repository / stale, ignore_errors=True)
     for config in configs:
         config.write(repository)
         if config.backend == "python":

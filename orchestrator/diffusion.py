@@ -107,6 +107,7 @@ class TritonDiffusion:
             self.unet_in_channels = int(params["unet_in_channels"])
             self.latent_scaling_factor = float(params["scaling_factor"])
             self.min_size, self.max_size = int(params["min_size"]), int(params["max_size"])
+            self.size_multiple = int(params["size_multiple"])
         except KeyError as exc:
             raise KilnError(f"sd_unet's config lacks the parameter {exc}; rebuild the repository with `kiln build sd`") from None
         self.unet_max_batch = int(config.get("max_batch_size", 1))
@@ -128,7 +129,8 @@ class TritonDiffusion:
             result = self.client.infer(model, tensors, outputs=[self._grpc.InferRequestedOutput(n) for n in outputs],
                                        client_timeout=self.timeout_s)
         except InferenceServerException as exc:
-            raise KilnError(f"{model}: {exc.message() or exc}") from None
+            error = InputError if "INVALID_ARG" in str(exc.status()) else KilnError  # the model's verdict on the input
+            raise error(f"{model}: {exc.message() or exc}") from None
         return {n: result.as_numpy(n) for n in outputs}
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
@@ -172,7 +174,7 @@ class TritonDiffusion:
             out = self._infer("sd_vae_encode", {"image": (np.array([[data]], dtype=object), "BYTES"),
                                                 "size": (np.array([[height, width]], dtype=np.int32), "INT32")},
                               ["moments"])
-        except KilnError as exc:
+        except InputError as exc:
             raise InputError(f"init image: {exc}") from None
         return np.array(out["moments"])  # a writable copy: torch refuses read-only buffers
 
@@ -183,7 +185,7 @@ class TritonDiffusion:
     # -- txt2img --------------------------------------------------------------------------------
     def check(self, request: Txt2ImgRequest) -> None:
         """Raise InputError naming the bad field before any model runs."""
-        multiple = math.lcm(8, self.vae_scale_factor)
+        multiple = self.size_multiple
         for name in ("width", "height"):
             value = getattr(request, name)
             if not isinstance(value, int) or value % multiple:
@@ -210,6 +212,9 @@ class TritonDiffusion:
                 raise InputError(f"controlnet module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
             if not math.isfinite(unit.weight) or not 0 <= unit.weight <= 2:
                 raise InputError(f"controlnet weight must be in [0, 2], got {unit.weight!r}")
+            if not 0 <= unit.low_threshold < unit.high_threshold <= 255:
+                raise InputError(f"controlnet canny thresholds must satisfy 0 <= low < high <= 255, "
+                                 f"got {unit.low_threshold!r}, {unit.high_threshold!r}")
             if not (0 <= unit.guidance_start < unit.guidance_end <= 1):
                 raise InputError(f"controlnet guidance_start/end must satisfy 0 <= start < end <= 1, "
                                  f"got {unit.guidance_start!r}, {unit.guidance_end!r}")
@@ -233,11 +238,15 @@ class TritonDiffusion:
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None) -> GenerationResult:
         """Text to image, as diffusers' StableDiffusionPipeline computes it."""
+        if isinstance(request, Img2ImgRequest):
+            raise InputError("txt2img got an img2img request (it has init_image): call img2img")
         return self._generate(request, progress, cancelled)
 
     def img2img(self, request: Img2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None) -> GenerationResult:
-        """Image to image, as diffusers' StableDiffusionImg2ImgPipeline computes it."""
+        """Image to image (and inpainting, with a mask), as diffusers' img2img/inpaint pipelines compute it."""
+        if not isinstance(request, Img2ImgRequest):
+            raise InputError("img2img needs an Img2ImgRequest with init_image")
         return self._generate(request, progress, cancelled)
 
     def _generate(self, request: Txt2ImgRequest, progress: ProgressCallback | None,
@@ -263,7 +272,10 @@ class TritonDiffusion:
 
         # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says.
         scheduler = make_scheduler(request.sampler, self.scheduler_config)
-        scheduler.set_timesteps(request.steps)
+        try:
+            scheduler.set_timesteps(request.steps)
+        except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule
+            raise InputError(f"steps: {request.sampler} cannot run {request.steps} steps ({exc})") from None
         timesteps = scheduler.timesteps
         if init:
             start = request.steps - min(int(request.steps * request.denoising_strength), request.steps)
@@ -329,6 +341,10 @@ class TritonDiffusion:
             info["denoising_strength"] = request.denoising_strength
         if init and request.mask:
             info |= {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert}
+        if request.controlnet is not None:
+            unit = request.controlnet
+            info["controlnet"] = (f"\"Module: {unit.module}, Weight: {unit.weight}, "
+                                  f"Guidance Start: {unit.guidance_start}, Guidance End: {unit.guidance_end}\"")
         return GenerationResult(images=images, seeds=seeds, info=info)
 
     def _inpaint_latents(self, request: Img2ImgRequest, shape: tuple, generators: list, generator, scheduler,
@@ -397,12 +413,24 @@ def control_image(unit: ControlNetUnit, width: int, height: int) -> np.ndarray:
 
 
 def inpaint_mask(data: bytes, width: int, height: int, blur: int, invert: bool) -> np.ndarray:
-    """The mask (1, height, width): white = repaint; AUTOMATIC1111's blur and invert, then diffusers' binarize."""
-    from PIL import ImageFilter, ImageOps
+    """The mask (1, height, width): white = repaint; AUTOMATIC1111's blur and invert, then diffusers' binarize.
+
+    A partly transparent mask is read by its alpha channel (opaque = repaint), as AUTOMATIC1111 does.
+    """
+    import io
+
+    from PIL import Image, ImageFilter, ImageOps
 
     from build.imaging import resized_rgb, unit_range
 
-    mask = resized_rgb(data, width, height, "mask").convert("L")
+    rgb = resized_rgb(data, width, height, "mask")  # validates the bytes (format, size limits) first
+    raw = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    if raw.mode in ("RGBA", "LA", "PA") and raw.getchannel("A").getextrema()[0] < 255:
+        mask = raw.getchannel("A")
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), Image.Resampling.LANCZOS)
+    else:
+        mask = rgb.convert("L")
     if invert:
         mask = ImageOps.invert(mask)
     if blur > 0:

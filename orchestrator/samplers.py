@@ -33,6 +33,13 @@ class UnknownSampler(InputError):
     """The sampler name is not one we know; the message lists the valid ones."""
 
 
+# What the checkpoint's scheduler config may say: its training noise schedule. Anything else in it
+# (use_karras_sigmas, algorithm_type, ...) belongs to the scheduler it shipped with, and would turn
+# "Euler" into a Karras or SDE variant without saying so.
+SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type", "steps_offset",
+                 "trained_betas", "clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr", "timestep_spacing")
+
+
 def make_scheduler(name: str, base_config: dict):
     """A fresh scheduler for one request (schedulers keep per-run state, so never share one)."""
     import diffusers
@@ -41,5 +48,5 @@ def make_scheduler(name: str, base_config: dict):
         sampler = SAMPLERS[name]
     except KeyError:
         raise UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}") from None
-    config = {k: v for k, v in base_config.items() if not k.startswith("_")} | sampler.overrides
+    config = {k: v for k, v in base_config.items() if k in SCHEDULE_KEYS} | sampler.overrides
     return getattr(diffusers, sampler.scheduler).from_config(config)

@@ -382,3 +382,43 @@ def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_server, init_
     assert diff <= 2, f"max pixel difference {diff}/255"
     with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
         pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64))
+
+
+def test_transparent_mask_is_read_by_its_alpha():
+    import io
+
+    from PIL import Image
+
+    from orchestrator.diffusion import inpaint_mask
+
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent: keep
+    rgba.paste((0, 0, 0, 255), (0, 0, 32, 64))  # opaque left half: repaint
+    buffer = io.BytesIO()
+    rgba.save(buffer, "PNG")
+    mask = inpaint_mask(buffer.getvalue(), 64, 64, blur=0, invert=False)
+    assert mask[0, 10, 5] == 1 and mask[0, 10, 60] == 0
+
+
+def test_more_bad_requests(sd_server):
+    from orchestrator.diffusion import ControlNetUnit
+
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    with pytest.raises(InputError, match="LCM cannot run 60 steps"):
+        pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=60, sampler="LCM", width=64, height=64))
+    with pytest.raises(InputError, match="sd_tokenizer: prompt of .* tokens needs 9 chunks; the limit is 8"):
+        pipeline.txt2img(Txt2ImgRequest(prompt="cat " * 650, steps=1, width=64, height=64))
+    with pytest.raises(InputError, match="canny thresholds"):
+        pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=1, width=64, height=64,
+                                        controlnet=ControlNetUnit(image=b"x", low_threshold=200, high_threshold=100)))
+    with pytest.raises(InputError, match="txt2img got an img2img request"):
+        from orchestrator.diffusion import Img2ImgRequest
+
+        pipeline.txt2img(Img2ImgRequest(prompt="a cat", init_image=b"x", width=64, height=64))
+
+
+def test_sampler_names_ignore_the_checkpoints_own_scheduler_options():
+    scheduler = make_scheduler("Euler", {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                                         "use_karras_sigmas": True, "_class_name": "EulerDiscreteScheduler"})
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler" and not scheduler.config.use_karras_sigmas
+    karras = make_scheduler("DPM++ 2M Karras", {"beta_schedule": "scaled_linear"})
+    assert type(karras).__name__ == "DPMSolverMultistepScheduler" and karras.config.use_karras_sigmas

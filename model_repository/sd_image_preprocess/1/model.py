@@ -34,11 +34,11 @@ class TritonPythonModel:
             try:
                 pixels = np.stack([self._one(bytes(data), int(h), int(w)) for data, (h, w) in zip(images, sizes)])
             except InputError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"sd_image_preprocess: {exc}")))
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"sd_image_preprocess: {exc}", pb_utils.TritonError.INVALID_ARG)))
                 continue
             except Exception as exc:  # noqa: BLE001 - whatever PIL raises fails this request only
                 message = f"sd_image_preprocess: cannot process image ({type(exc).__name__})"
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)))
                 continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("pixels", pixels)]))
         return responses

@@ -39,13 +39,14 @@ class TritonPythonModel:
             try:
                 prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in raw]
             except UnicodeDecodeError:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError("sd_tokenizer: prompt is not UTF-8")))
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("sd_tokenizer: prompt is not UTF-8", pb_utils.TritonError.INVALID_ARG)))
                 continue
             tokens = [tokenize_prompt(self.tokenizer, p) for p in prompts]
             longest = max(t.chunks for t in tokens)
             if longest > self.max_chunks:
                 error = f"sd_tokenizer: prompt of {max(t.token_count for t in tokens)} tokens needs {longest} chunks; the limit is {self.max_chunks}"
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)))
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG)))
                 continue
             ids = np.concatenate(pad_to_same_chunks(self.tokenizer, *tokens))
             responses.append(pb_utils.InferenceResponse(output_tensors=[
