@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from build import parity
 from build.errors import ExportError
@@ -43,7 +42,7 @@ class ImageRange:
 def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSpec]:
     """Specs of text_encoder, unet, unet_control, controlnet (when present), vae_encoder and vae_decoder."""
     unet_cfg, vae_cfg, text_cfg = loaded.unet.config, loaded.vae.config, loaded.text_encoder.config
-    scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
+    scale = vae_scale_factor(loaded)
     latent = unet_cfg.in_channels
     hidden = text_cfg.hidden_size
     max_len = text_cfg.max_position_embeddings
@@ -208,11 +207,6 @@ def export_modules(loaded) -> dict[str, Callable]:
     return {name: module.eval() for name, module in modules.items()}
 
 
-def _sample(spec: ComponentSpec, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {t.name: t.sample(sizes, rng) for t in spec.inputs}
-
-
 def export_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, int]) -> None:
     """ONNX export with every named axis dynamic (legacy exporter, opset 17; tiny components take seconds)."""
     import warnings
@@ -220,7 +214,7 @@ def export_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, i
     import onnx
     import torch
 
-    sample = _sample(spec, sizes, seed=0)
+    sample = spec.sample_inputs(seed=0, **sizes)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.inference_mode(), warnings.catch_warnings():
@@ -240,7 +234,7 @@ def check_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, in
 
     from build.runtime import Session, SessionOptions
 
-    inputs = _sample(spec, sizes, seed)
+    inputs = spec.sample_inputs(seed=seed, **sizes)
     with torch.inference_mode():
         expected = module(*(torch.from_numpy(inputs[n]) for n in spec.input_names))
     expected = expected if isinstance(expected, tuple) else (expected,)

@@ -142,30 +142,25 @@ class TritonDiffusion:
         return embeddings.reshape(len(prompts), chunks * embeddings.shape[1], embeddings.shape[2])
 
     def unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """One UNet evaluation; larger batches than the model takes are split."""
-        parts = []
-        for start in range(0, len(sample), self.unet_max_batch):
-            end = start + self.unet_max_batch
-            parts.append(self._infer("sd_unet", {
-                "sample": (np.ascontiguousarray(sample[start:end], dtype=np.float32), "FP32"),
-                "timestep": (np.ascontiguousarray(timesteps[start:end].reshape(-1, 1), dtype=np.float32), "FP32"),
-                "encoder_hidden_states": (np.ascontiguousarray(context[start:end], dtype=np.float32), "FP32"),
-            }, ["noise_pred"])["noise_pred"])
-        return np.concatenate(parts)
+        """One UNet evaluation (per-sample timesteps)."""
+        return self._noise_pred("sd_unet", sample=sample, timestep=timesteps.reshape(-1, 1),
+                                encoder_hidden_states=context)
 
     def controlnet_unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray, cond: np.ndarray,
                         scales: np.ndarray) -> np.ndarray:
-        """ControlNet then the UNet with its residuals, in one ensemble call (split past the batch limit)."""
+        """ControlNet then the UNet with its residuals, in one ensemble call (per-sample scales)."""
+        return self._noise_pred("sd_controlnet_unet", sample=sample, timestep=timesteps.reshape(-1, 1),
+                                encoder_hidden_states=context, controlnet_cond=cond,
+                                conditioning_scale=scales.reshape(-1, 1))
+
+    def _noise_pred(self, model: str, **inputs: np.ndarray) -> np.ndarray:
+        """Call a UNet-like model on float32 inputs, split into batches the model takes."""
+        rows = len(inputs["sample"])
         parts = []
-        for start in range(0, len(sample), self.unet_max_batch):
-            end = start + self.unet_max_batch
-            parts.append(self._infer("sd_controlnet_unet", {
-                "sample": (np.ascontiguousarray(sample[start:end], dtype=np.float32), "FP32"),
-                "timestep": (np.ascontiguousarray(timesteps[start:end].reshape(-1, 1), dtype=np.float32), "FP32"),
-                "encoder_hidden_states": (np.ascontiguousarray(context[start:end], dtype=np.float32), "FP32"),
-                "controlnet_cond": (np.ascontiguousarray(cond[start:end], dtype=np.float32), "FP32"),
-                "conditioning_scale": (np.ascontiguousarray(scales[start:end].reshape(-1, 1), dtype=np.float32), "FP32"),
-            }, ["noise_pred"])["noise_pred"])
+        for start in range(0, rows, self.unet_max_batch):
+            chunk = {name: (np.ascontiguousarray(value[start:start + self.unet_max_batch], dtype=np.float32), "FP32")
+                     for name, value in inputs.items()}
+            parts.append(self._infer(model, chunk, ["noise_pred"])["noise_pred"])
         return np.concatenate(parts)
 
     def encode_image(self, data: bytes, width: int, height: int) -> np.ndarray:
