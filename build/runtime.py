@@ -18,6 +18,14 @@ from build.errors import ConfigError
 RUNTIMES = ("onnxruntime", "openvino")
 
 
+def model_config(args: Mapping[str, str]) -> tuple[dict, dict[str, str]]:
+    """A Triton Python-backend model's config (from initialize's args) and its string parameters."""
+    import json
+
+    config = json.loads(args["model_config"])
+    return config, {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     """How to open an artifact."""

@@ -11,19 +11,17 @@ Imported inside Triton's Python backend stub only (it needs `triton_python_backe
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from build.runtime import Session, SessionOptions
+from build.runtime import Session, SessionOptions, model_config
 
 
 class RuntimeModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        self.params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        config, self.params = model_config(args)
         version_dir = Path(args["model_repository"]) / args["model_version"]
         self.session = Session(SessionOptions(
             runtime=self.params["runtime"],

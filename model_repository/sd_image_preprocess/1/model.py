@@ -12,18 +12,18 @@ for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see 
     if _path:
         site.addsitedir(_path)
 
-import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from build.runtime import model_config  # noqa: E402
 from build.errors import InputError  # noqa: E402
 from build.imaging import vae_input  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        _, params = model_config(args)
         self.min_size, self.max_size = int(params["min_size"]), int(params["max_size"])
 
     def execute(self, requests):

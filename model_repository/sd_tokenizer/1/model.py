@@ -11,11 +11,12 @@ for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see 
     if _path:
         site.addsitedir(_path)
 
-import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from build.runtime import model_config  # noqa: E402
 
 from build.sd_weights import check_tokenizer  # noqa: E402
 from orchestrator.prompts import pad_to_same_chunks, tokenize_prompt  # noqa: E402
@@ -25,8 +26,7 @@ class TritonPythonModel:
     def initialize(self, args):
         from transformers import CLIPTokenizer
 
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        _, params = model_config(args)
         folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder))
         check_tokenizer(self.tokenizer, str(folder))

@@ -13,11 +13,12 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+from build.runtime import model_config  # noqa: E402
+
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        _, params = model_config(args)
         self.default_k = int(params["default_top_k"])
         self.max_k = int(params["max_top_k"])
         labels_path = Path(args["model_repository"]) / args["model_version"] / "labels.json"

@@ -10,10 +10,11 @@ for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see 
     if _path:
         site.addsitedir(_path)
 
-import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from build.runtime import model_config  # noqa: E402
 
 from build.errors import InputError  # noqa: E402
 from build.imaging import EvalTransform, ImageLimits, preprocess  # noqa: E402
@@ -21,8 +22,7 @@ from build.imaging import EvalTransform, ImageLimits, preprocess  # noqa: E402
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        _, params = model_config(args)
         self.transform = EvalTransform.from_json(params["transform"])
         self.limits = ImageLimits(max_pixels=int(params["max_pixels"]), min_side=int(params["min_side"]))
         self.default_layer = int(params["default_layer"])
