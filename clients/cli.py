@@ -284,7 +284,7 @@ def _interrupt(_signum, _frame):
 
 
 def cmd_classify(args) -> int:
-    from clients.vit import ViTClient, read_images
+    from clients.vit import ViTClient, print_classifications, read_images
 
     client = ViTClient(args.url, args.protocol)
     results = client.classify(read_images(args.images), top_k=args.top_k)
@@ -293,16 +293,6 @@ def cmd_classify(args) -> int:
     else:
         print_classifications(results)
     return 1 if any(r.error for r in results) else 0
-
-
-def print_classifications(results) -> None:
-    for r in results:
-        print(f"{r.image}")
-        if r.error:
-            print(f"  error: {r.error}")
-            continue
-        for rank, (label, score) in enumerate(zip(r.labels, r.scores), 1):
-            print(f"  {rank}. {score:7.4f}  {label}")
 
 
 def cmd_embed(args) -> int:

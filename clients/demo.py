@@ -17,7 +17,7 @@ from pathlib import Path
 from build.sd import ImageRange, SDBuildOptions, build_sd
 from build.sd_weights import write_sd_checkpoint
 from build.vit import SAMPLE_IMAGES, ViTBuildOptions, build_vit, list_images
-from clients.vit import ViTClient, read_images
+from clients.vit import ViTClient, print_classifications, read_images
 from orchestrator.diffusion import ControlNetUnit, Img2ImgRequest, TritonDiffusion, Txt2ImgRequest
 from orchestrator.images import save_png
 from orchestrator.triton_server import TritonOptions, TritonServer, free_port
@@ -49,13 +49,7 @@ def run_demo(repository: Path, out: Path) -> int:
         print("== 3/4 classify the sample images (gRPC, top-5) and embed one (HTTP)", flush=True)
         images = read_images(list_images(SAMPLE_IMAGES))
         classifications = ViTClient(server.grpc_url, "grpc").classify(images, top_k=5)
-        for result in classifications:
-            print(f"   {Path(result.image).name}")
-            if result.error:
-                print(f"     error: {result.error}")
-                continue
-            for rank, (label, score) in enumerate(zip(result.labels, result.scores), 1):
-                print(f"     {rank}. {score:.4f}  {label}")
+        print_classifications(classifications, indent="   ", name=lambda image: Path(image).name)
         embedding = ViTClient(server.http_url, "http").embed(images[:1], layer=-1, tokens=True)[0]
         print(f"   txt2img: {DEMO_PROMPT!r}, 20 steps, Euler a, seed 42, 128x128", flush=True)
         generated = TritonDiffusion(server.grpc_url).txt2img(Txt2ImgRequest(

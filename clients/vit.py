@@ -163,6 +163,17 @@ class ViTClient:
             return list(pool.map(fn, items))
 
 
+def print_classifications(results: Sequence[Classification], indent: str = "", name=str) -> None:
+    """The human-readable form `kiln classify` and `kiln demo` print: the image, then its ranked labels."""
+    for r in results:
+        print(f"{indent}{name(r.image)}")
+        if r.error:
+            print(f"{indent}  error: {r.error}")
+            continue
+        for rank, (label, score) in enumerate(zip(r.labels, r.scores), 1):
+            print(f"{indent}  {rank}. {score:7.4f}  {label}")
+
+
 def read_images(paths: Sequence[str | Path]) -> list[tuple[str, bytes]]:
     out = []
     for path in paths:
