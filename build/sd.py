@@ -392,7 +392,10 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
              "unet_in_channels": str(loaded.unet.config.in_channels),
              "scaling_factor": str(float(loaded.vae.config.scaling_factor)),
              "min_size": str(options.images.min), "max_size": str(options.images.max),
-             "size_multiple": str(size_multiple(loaded))}
+             "size_multiple": str(size_multiple(loaded)),
+             # What the API's /sdapi/v1/sd-models lists: the checkpoint's name and its UNet's hash.
+             "model_name": Path(loaded.source.rstrip("/")).name or loaded.source,
+             "model_sha256": artifacts["unet"]["sha256"]}
     configs = sd_model_configs(specs, loaded.scheduler_config, options, extra)
     if "controlnet" not in specs:  # a rebuild without a ControlNet must not keep serving the previous one
         import shutil

@@ -84,13 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     vit_weights.add_argument("--seed", type=int, default=0)
 
     # kiln serve
-    serve = commands.add_parser("serve", help="start the embedded Triton server and wait (Ctrl-C / SIGTERM stops it)")
+    serve = commands.add_parser("serve", help="start Triton and the API (AUTOMATIC1111-compatible, port 7860); "
+                                              "Ctrl-C / SIGTERM drains and stops")
     serve.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
-    serve.add_argument("--address", default="127.0.0.1", help="bind address (default: loopback only)")
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--address", default="127.0.0.1", help="Triton's bind address (default: loopback only)")
+    serve.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
+    serve.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
     serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument("--triton-url", help="use this running Triton (host:gRPC port) instead of starting one")
+    api = serve.add_argument_group("API service")
+    api.add_argument("--no-api", action="store_true", help="serve Triton only")
+    api.add_argument("--listen", default="127.0.0.1", help="API bind address (another than loopback needs auth)")
+    api.add_argument("--port", type=int, default=7860, help="API port")
+    api.add_argument("--api-auth", help="HTTP Basic credentials user:pass[,user:pass]")
+    api.add_argument("--api-keys", help="comma-separated API keys (X-API-Key or Authorization: Bearer)")
+    api.add_argument("--rate-limit", type=float, default=0.0, help="requests per minute per client (0: none)")
+    api.add_argument("--cors-origins", default="", help="comma-separated allowed origins (default: CORS closed)")
+    api.add_argument("--queue-size", type=int, default=64, help="jobs waiting beyond the running ones; more is 429")
+    api.add_argument("--workers", type=int, default=16, help="generations running at once")
+    api.add_argument("--no-step-batching", action="store_true", help="do not merge UNet steps across requests")
+    api.add_argument("--max-batch-rows", type=int, default=0, help="rows per merged UNet call (0: the model's max)")
+    api.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a generation is a 504")
 
     # kiln classify / embed
     classify = commands.add_parser("classify", help="top-k ImageNet labels for images, through vit_classify")
@@ -245,9 +260,38 @@ def cmd_weights(args) -> int:
     return 0
 
 
+def serve_settings(args):
+    """The API settings `kiln serve` flags describe (validated before anything starts)."""
+    from orchestrator.api import Settings
+    from orchestrator.security import SecurityOptions, parse_credentials
+    from orchestrator.service import check_exposure
+
+    for name in ("queue_size", "workers", "port"):
+        if getattr(args, name) < 1:
+            raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rate_limit < 0 or args.request_timeout <= 0 or args.max_batch_rows < 0:
+        raise KilnError("--rate-limit and --max-batch-rows must be >= 0, --request-timeout > 0")
+    keys = tuple(k.strip() for k in (args.api_keys or "").split(",") if k.strip())
+    security = SecurityOptions(credentials=tuple(parse_credentials(args.api_auth)), api_keys=keys,
+                               rate_limit_per_minute=args.rate_limit)
+    triton = args.triton_url or f"{'127.0.0.1' if args.address in ('0.0.0.0', '') else args.address}:{args.grpc_port}"
+    settings = Settings(triton_url=triton, max_queue=args.queue_size, workers=args.workers,
+                        step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
+                        request_timeout_s=args.request_timeout,
+                        cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+                        security=security, listen=args.listen, port=args.port)
+    check_exposure(settings)
+    return settings
+
+
 def cmd_serve(args) -> int:
     from orchestrator.triton_server import TritonOptions, TritonServer
 
+    settings = None if args.no_api else serve_settings(args)
+    if args.triton_url:
+        if settings is None:
+            raise KilnError("--triton-url with --no-api leaves nothing to serve")
+        return _serve_api(settings, None)
     server = TritonServer(TritonOptions(repository=args.repo, address=args.address, http_port=args.http_port,
                                         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                                         log_verbose=args.log_verbose))
@@ -265,10 +309,13 @@ def cmd_serve(args) -> int:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+    print(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}", flush=True)
+    print(f"Triton log: {server.log_path}", flush=True)
+    if settings is not None:
+        return _serve_api(settings, server)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}", flush=True)
-    print(f"log: {server.log_path}; Ctrl-C stops", flush=True)
+    print("Ctrl-C stops", flush=True)
     try:
         while not stop.wait(0.5):
             if not server.is_running():
@@ -276,6 +323,23 @@ def cmd_serve(args) -> int:
     finally:
         code = server.stop()
         print(f"Triton stopped (exit code {code})", flush=True)
+    return 0
+
+
+def _serve_api(settings, triton) -> int:
+    """uvicorn until SIGINT/SIGTERM (it drains open requests), then Triton is stopped."""
+    from orchestrator.service import run_api
+
+    def started():
+        print(f"API ready: http://{settings.listen}:{settings.port}  (docs /docs, AUTOMATIC1111 /sdapi/v1, "
+              f"tasks /v1/tasks, metrics /metrics); Ctrl-C or SIGTERM drains and stops", flush=True)
+
+    try:
+        run_api(settings, on_started=started)
+    finally:
+        if triton is not None:
+            code = triton.stop()
+            print(f"Triton stopped (exit code {code})", flush=True)
     return 0
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import math
 import secrets
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import numpy as np
 
-from build.errors import InputError, KilnError
+from build.errors import InputError, KilnError, ServerError
 from orchestrator.samplers import SAMPLERS, make_scheduler
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class Txt2ImgRequest:
     batch_size: int = 1
     eta: float = 0.0  # DDIM's eta (other samplers ignore it)
     controlnet: ControlNetUnit | None = None
+    subseed: int = -1  # variation seed (AUTOMATIC1111): its noise is mixed in by subseed_strength
+    subseed_strength: float = 0.0  # 0: the seed's noise alone; 1: the subseed's alone
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class Cancelled(KilnError):
 
 
 ProgressCallback = Callable[[int, int, np.ndarray], None]  # (step done, total steps, current latents)
+UNetCall = Callable[[str, dict[str, np.ndarray]], np.ndarray]  # (model, float32 inputs) -> noise_pred
 
 
 class TritonDiffusion:
@@ -97,7 +101,7 @@ class TritonDiffusion:
         try:
             config = self.client.get_model_config("sd_unet", as_json=True)["config"]
         except InferenceServerException as exc:
-            raise KilnError(f"cannot read sd_unet's config from Triton at {url} ({exc.message() or exc}); "
+            raise ServerError(f"cannot read sd_unet's config from Triton at {url} ({exc.message() or exc}); "
                             "is `kiln serve` running a repository built with `kiln build sd`?") from None
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         try:
@@ -110,6 +114,9 @@ class TritonDiffusion:
             self.size_multiple = int(params["size_multiple"])
         except KeyError as exc:
             raise KilnError(f"sd_unet's config lacks the parameter {exc}; rebuild the repository with `kiln build sd`") from None
+        self.model_name = params.get("model_name", "sd")
+        self.model_sha256 = params.get("model_sha256", "")
+        self.model_hash = self.model_sha256[:10]
         self.unet_max_batch = int(config.get("max_batch_size", 1))
         try:
             self.has_controlnet = bool(self.client.is_model_ready("sd_controlnet_unet"))
@@ -129,8 +136,12 @@ class TritonDiffusion:
             result = self.client.infer(model, tensors, outputs=[self._grpc.InferRequestedOutput(n) for n in outputs],
                                        client_timeout=self.timeout_s)
         except InferenceServerException as exc:
-            error = InputError if "INVALID_ARG" in str(exc.status()) else KilnError  # the model's verdict on the input
-            raise error(f"{model}: {exc.message() or exc}") from None
+            status = str(exc.status())
+            if "INVALID_ARG" in status:  # the model's verdict on the input
+                raise InputError(f"{model}: {exc.message() or exc}") from None
+            if "UNAVAILABLE" in status or "NOT_FOUND" in status:  # Triton down, restarting, or the model unloaded
+                raise ServerError(f"Triton cannot run {model} now: {exc.message() or exc}") from None
+            raise KilnError(f"{model}: {exc.message() or exc}") from None
         return {n: result.as_numpy(n) for n in outputs}
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
@@ -141,19 +152,19 @@ class TritonDiffusion:
         embeddings = out["embeddings"]
         return embeddings.reshape(len(prompts), chunks * embeddings.shape[1], embeddings.shape[2])
 
-    def unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """One UNet evaluation (per-sample timesteps)."""
-        return self._noise_pred("sd_unet", sample=sample, timestep=timesteps.reshape(-1, 1),
-                                encoder_hidden_states=context)
+    def unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray, call: UNetCall | None = None) -> np.ndarray:
+        """One UNet evaluation (per-sample timesteps); `call` runs it (default: at once; a StepBatcher merges)."""
+        return (call or self.noise_pred)("sd_unet", dict(sample=sample, timestep=timesteps.reshape(-1, 1),
+                                                         encoder_hidden_states=context))
 
     def controlnet_unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray, cond: np.ndarray,
-                        scales: np.ndarray) -> np.ndarray:
+                        scales: np.ndarray, call: UNetCall | None = None) -> np.ndarray:
         """ControlNet then the UNet with its residuals, in one ensemble call (per-sample scales)."""
-        return self._noise_pred("sd_controlnet_unet", sample=sample, timestep=timesteps.reshape(-1, 1),
-                                encoder_hidden_states=context, controlnet_cond=cond,
-                                conditioning_scale=scales.reshape(-1, 1))
+        return (call or self.noise_pred)("sd_controlnet_unet", dict(
+            sample=sample, timestep=timesteps.reshape(-1, 1), encoder_hidden_states=context, controlnet_cond=cond,
+            conditioning_scale=scales.reshape(-1, 1)))
 
-    def _noise_pred(self, model: str, **inputs: np.ndarray) -> np.ndarray:
+    def noise_pred(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Call a UNet-like model on float32 inputs, split into batches the model takes."""
         rows = len(inputs["sample"])
         parts = []
@@ -197,6 +208,10 @@ class TritonDiffusion:
             raise InputError(f"eta must be in [0, 1], got {request.eta!r}")
         if not isinstance(request.seed, int) or not -1 <= request.seed <= MAX_SEED:
             raise InputError(f"seed must be -1 (random) or in [0, 2^32 - 1], got {request.seed!r}")
+        if not isinstance(request.subseed, int) or not -1 <= request.subseed <= MAX_SEED:
+            raise InputError(f"subseed must be -1 (random) or in [0, 2^32 - 1], got {request.subseed!r}")
+        if not math.isfinite(request.subseed_strength) or not 0 <= request.subseed_strength <= 1:
+            raise InputError(f"subseed_strength must be in [0, 1], got {request.subseed_strength!r}")
         if request.sampler not in SAMPLERS:
             make_scheduler(request.sampler, self.scheduler_config)  # raises the error listing valid names
         unit = request.controlnet
@@ -231,23 +246,32 @@ class TritonDiffusion:
                              f"{request.steps} x {request.denoising_strength} rounds down to 0")
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
-                cancelled: Callable[[], bool] | None = None) -> GenerationResult:
-        """Text to image, as diffusers' StableDiffusionPipeline computes it."""
+                cancelled: Callable[[], bool] | None = None, **hooks) -> GenerationResult:
+        """Text to image, as diffusers' StableDiffusionPipeline computes it. `hooks`: see generate()."""
         if isinstance(request, Img2ImgRequest):
             raise InputError("txt2img got an img2img request (it has init_image): call img2img")
-        return self._generate(request, progress, cancelled)
+        return self.generate(request, progress, cancelled, **hooks)
 
     def img2img(self, request: Img2ImgRequest, progress: ProgressCallback | None = None,
-                cancelled: Callable[[], bool] | None = None) -> GenerationResult:
+                cancelled: Callable[[], bool] | None = None, **hooks) -> GenerationResult:
         """Image to image (and inpainting, with a mask), as diffusers' img2img/inpaint pipelines compute it."""
         if not isinstance(request, Img2ImgRequest):
             raise InputError("img2img needs an Img2ImgRequest with init_image")
-        return self._generate(request, progress, cancelled)
+        return self.generate(request, progress, cancelled, **hooks)
 
-    def _generate(self, request: Txt2ImgRequest, progress: ProgressCallback | None,
-                  cancelled: Callable[[], bool] | None) -> GenerationResult:
+    def generate(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
+                 cancelled: Callable[[], bool] | None = None, *, unet_call: UNetCall | None = None,
+                 stop_early: Callable[[], bool] | None = None,
+                 denoising: Callable[[], ContextManager] | None = None) -> GenerationResult:
+        """txt2img, or img2img/inpainting for an Img2ImgRequest.
+
+        progress(step, total, latents) after each step; cancelled() -> True raises Cancelled before
+        the next step; stop_early() -> True ends the loop and decodes the latents as they are
+        (AUTOMATIC1111's interrupt and skip); unet_call runs the UNet calls (a StepBatcher merges
+        them with other generations'); denoising() is a context held for the loop (the batcher's
+        participant()).
+        """
         import torch
-        from diffusers.utils.torch_utils import randn_tensor
 
         # 1. Check inputs.
         self.check(request)
@@ -260,13 +284,17 @@ class TritonDiffusion:
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(batch)]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         generator = generators if batch > 1 else generators[0]
+        variation = None
+        if request.subseed_strength > 0:
+            subseed = secrets.randbelow(MAX_SEED + 1) if request.subseed == -1 else request.subseed
+            variation = ([(subseed + i) % (MAX_SEED + 1) for i in range(batch)], request.subseed_strength)
 
         # 3. Encode the prompts: negative first, as diffusers concatenates them.
         prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
         context = np.repeat(self.encode_prompts(prompts), batch, axis=0)  # (negative x batch, positive x batch)
 
         # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says.
-        scheduler = make_scheduler(request.sampler, self.scheduler_config)
+        scheduler = make_scheduler(request.sampler, self.scheduler_config, seed=seed)
         try:
             scheduler.set_timesteps(request.steps)
         except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule
@@ -282,14 +310,15 @@ class TritonDiffusion:
         shape = (batch, self.latent_channels, request.height // self.vae_scale_factor, request.width // self.vae_scale_factor)
         inpaint = None
         if init and request.mask:
-            latents, noise, inpaint = self._inpaint_latents(request, shape, generators, generator, scheduler, timesteps)
+            latents, noise, inpaint = self._inpaint_latents(request, shape, generators, generator, scheduler, timesteps,
+                                                            variation)
         elif init:
             latents = self._init_latents(request, generators)
-            noise = randn_tensor(shape, generator=generator, dtype=torch.float32)
+            noise = _noise(shape, generator, variation)
             if len(timesteps):
                 latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(batch))
         else:
-            latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+            latents = _noise(shape, generator, variation) * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generator, request.eta)
 
         # 6. ControlNet conditioning: the control image for every row of the UNet batch.
@@ -299,9 +328,43 @@ class TritonDiffusion:
             cond = np.repeat(control[None], len(context), axis=0)
 
         # 7. Denoising loop.
+        stopped_at = None
+        with denoising() if denoising is not None else nullcontext():
+            latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, context, cond, inpaint, noise
+                                                if init else None, step_kwargs, progress, cancelled, stop_early,
+                                                unet_call)
+
+        # 8. Decode.
+        images = self.decode(latents.numpy())
+        info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
+                "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
+                "width": request.width, "height": request.height, "model": self.model_name,
+                "model_hash": self.model_hash or None}
+        if variation is not None:
+            info |= {"subseed": variation[0][0], "all_subseeds": variation[0], "subseed_strength": variation[1]}
+        if stopped_at is not None:
+            info["stopped_at_step"] = stopped_at
+        if init:
+            info["denoising_strength"] = request.denoising_strength
+        if init and request.mask:
+            info |= {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert}
+        if request.controlnet is not None:
+            unit = request.controlnet
+            info["controlnet"] = (f"\"Module: {unit.module}, Weight: {unit.weight}, "
+                                  f"Guidance Start: {unit.guidance_start}, Guidance End: {unit.guidance_end}\"")
+        return GenerationResult(images=images, seeds=seeds, info=info)
+
+    def _denoise(self, request, scheduler, timesteps, latents, context, cond, inpaint, noise, step_kwargs, progress,
+                 cancelled, stop_early, unet_call) -> tuple:
+        """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked."""
+        import torch
+
+        guided = request.cfg_scale > 1
         for index, t in enumerate(timesteps):
             if cancelled is not None and cancelled():
                 raise Cancelled(f"cancelled after {index} of {len(timesteps)} steps")
+            if stop_early is not None and stop_early():
+                return latents, index
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             if inpaint is not None and self.unet_in_channels != self.latent_channels:  # 9-channel inpainting UNet
@@ -310,9 +373,9 @@ class TritonDiffusion:
             scale = _control_scale(request.controlnet, index, len(timesteps))
             if scale:
                 noise_pred = self.controlnet_unet(model_input.numpy(), step_t, context, cond,
-                                                  np.full(len(model_input), scale, np.float32))
+                                                  np.full(len(model_input), scale, np.float32), call=unet_call)
             else:  # no ControlNet, or outside its guidance window: zero residuals equal the plain UNet exactly
-                noise_pred = self.unet(model_input.numpy(), step_t, context)
+                noise_pred = self.unet(model_input.numpy(), step_t, context, call=unet_call)
             noise_pred = torch.from_numpy(noise_pred)
             if guided:
                 uncond, text = noise_pred.chunk(2)
@@ -326,28 +389,13 @@ class TritonDiffusion:
                 latents = (1 - inpaint["mask"]) * proper + inpaint["mask"] * latents
             if progress is not None:
                 progress(index + 1, len(timesteps), latents.numpy())
-
-        # 8. Decode.
-        images = self.decode(latents.numpy())
-        info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
-                "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
-                "width": request.width, "height": request.height}
-        if init:
-            info["denoising_strength"] = request.denoising_strength
-        if init and request.mask:
-            info |= {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert}
-        if request.controlnet is not None:
-            unit = request.controlnet
-            info["controlnet"] = (f"\"Module: {unit.module}, Weight: {unit.weight}, "
-                                  f"Guidance Start: {unit.guidance_start}, Guidance End: {unit.guidance_end}\"")
-        return GenerationResult(images=images, seeds=seeds, info=info)
+        return latents, None
 
     def _inpaint_latents(self, request: Img2ImgRequest, shape: tuple, generators: list, generator, scheduler,
-                         timesteps) -> tuple:
+                         timesteps, variation) -> tuple:
         """diffusers' StableDiffusionInpaintPipeline, in its order of random draws: image latents, noise, masked-image latents."""
         import torch
         import torch.nn.functional as F
-        from diffusers.utils.torch_utils import randn_tensor
 
         from build.imaging import vae_input
 
@@ -362,7 +410,7 @@ class TritonDiffusion:
         blending = self.unet_in_channels == self.latent_channels
         # diffusers samples the image latents only when it blends (4-channel UNet) or starts from the image.
         image_latents = self._sample_latents(moments[:1], generators) if blending or not strength_max else None
-        noise = randn_tensor(shape, generator=generator, dtype=torch.float32)
+        noise = _noise(shape, generator, variation)
         if strength_max:
             latents = noise * scheduler.init_noise_sigma
         else:
@@ -454,6 +502,33 @@ def _control_scale(unit: ControlNetUnit | None, index: int, total: int) -> float
         return 0.0
     outside = index / total < unit.guidance_start or (index + 1) / total > unit.guidance_end
     return 0.0 if outside else float(unit.weight)
+
+
+def _noise(shape: tuple, generator, variation: tuple[list[int], float] | None) -> "torch.Tensor":
+    """The initial noise, drawn like diffusers'; with a variation seed, AUTOMATIC1111's slerp toward its noise."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    noise = randn_tensor(shape, generator=generator, dtype=torch.float32)
+    if variation is None:
+        return noise
+    subseeds, strength = variation
+    sub_generators = [torch.Generator().manual_seed(s) for s in subseeds]
+    sub_noise = randn_tensor(shape, generator=sub_generators if len(subseeds) > 1 else sub_generators[0],
+                             dtype=torch.float32)
+    return torch.stack([slerp(strength, a, b) for a, b in zip(noise, sub_noise)])
+
+
+def slerp(t: float, low: "torch.Tensor", high: "torch.Tensor") -> "torch.Tensor":
+    """Spherical interpolation from `low` (t=0) to `high` (t=1), over the whole tensor; linear when nearly parallel."""
+    import torch
+
+    a, b = low.flatten(), high.flatten()
+    dot = torch.dot(a / a.norm(), b / b.norm()).clamp(-1, 1)
+    if dot > 0.9995:
+        return (1 - t) * low + t * high
+    omega = torch.acos(dot)
+    return (torch.sin((1 - t) * omega) * low + torch.sin(t * omega) * high) / torch.sin(omega)
 
 
 def _step_kwargs(scheduler, generator, eta: float) -> dict:

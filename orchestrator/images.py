@@ -15,7 +15,9 @@ def parameters_text(info: dict) -> str:
         lines.append(f"Negative prompt: {info['negative_prompt']}")
     fields = [("Steps", info.get("steps")), ("Sampler", info.get("sampler")), ("CFG scale", info.get("cfg_scale")),
               ("Seed", info.get("seed")), ("Size", f"{info.get('width')}x{info.get('height')}"),
-              ("Model", info.get("model")), ("Denoising strength", info.get("denoising_strength")),
+              ("Model hash", info.get("model_hash")), ("Model", info.get("model")),
+              ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
+              ("Denoising strength", info.get("denoising_strength")),
               ("Mask blur", info.get("mask_blur")),
               ("Mask mode", None if "inpainting_mask_invert" not in info
                else ("Inpaint not masked" if info["inpainting_mask_invert"] else "Inpaint masked")),

@@ -11,6 +11,7 @@ from build.errors import InputError
 class Sampler:
     scheduler: str  # diffusers class name
     overrides: dict = field(default_factory=dict)  # config values that make it this sampler
+    seeded: bool = False  # draws its noise from a seed in its config, not from the step's generator
 
 
 SAMPLERS = {
@@ -23,6 +24,8 @@ SAMPLERS = {
     "LMS": Sampler("LMSDiscreteScheduler"),
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", seeded=True),  # its Brownian-tree noise needs torchsde
+    "DPM++ SDE Karras": Sampler("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, seeded=True),
     "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "UniPC": Sampler("UniPCMultistepScheduler"),
     "LCM": Sampler("LCMScheduler"),
@@ -40,8 +43,12 @@ SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps
                  "trained_betas", "clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr", "timestep_spacing")
 
 
-def make_scheduler(name: str, base_config: dict):
-    """A fresh scheduler for one request (schedulers keep per-run state, so never share one)."""
+def make_scheduler(name: str, base_config: dict, seed: int | None = None):
+    """A fresh scheduler for one request (schedulers keep per-run state, so never share one).
+
+    `seed` seeds the samplers that draw their own noise (DPM++ SDE's Brownian tree), so a seed
+    gives the same image every time; the others take the generator at each step.
+    """
     import diffusers
 
     try:
@@ -49,4 +56,6 @@ def make_scheduler(name: str, base_config: dict):
     except KeyError:
         raise UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}") from None
     config = {k: v for k, v in base_config.items() if k in SCHEDULE_KEYS} | sampler.overrides
+    if sampler.seeded and seed is not None:
+        config["noise_sampler_seed"] = seed
     return getattr(diffusers, sampler.scheduler).from_config(config)

@@ -67,7 +67,7 @@ def test_cfg_one_has_no_negative_branch_and_non_square_sizes(sd_server, referenc
     pipeline = TritonDiffusion(sd_server.grpc_url)
     calls = []
     original = pipeline.unet
-    pipeline.unet = lambda sample, t, context: calls.append(len(sample)) or original(sample, t, context)
+    pipeline.unet = lambda sample, t, context, **kw: calls.append(len(sample)) or original(sample, t, context, **kw)
     result = pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=3, sampler="Euler", cfg_scale=1.0, seed=7,
                                              width=96, height=64))
     assert calls == [1, 1, 1]  # batch of one: no unconditional half at scale 1

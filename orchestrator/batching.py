@@ -1,0 +1,204 @@
+"""Step-level batching: the UNet calls of concurrent generations merged into one Triton call per step.
+
+Every generation in its denoising loop is a *participant*. At each step it submits its UNet call
+(latents, timesteps, text embeddings, per row) and waits. When every participant has submitted,
+or `window_s` after the first call of the tick arrived, the batcher groups the calls whose
+tensors have the same per-row shapes (same model, image size and prompt-chunk count), stacks
+them row-wise into batches of at most `max_rows` rows, runs each batch once, and hands each
+caller back its own rows. Generations join and leave at step boundaries; what each does between
+steps (its sampler, CFG scale, seed, step count) is its own business, because the UNet sees only
+rows. Rows of one call are never split across batches unless the call alone exceeds `max_rows`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+RunBatch = Callable[[str, dict[str, np.ndarray]], np.ndarray]  # (model, inputs with a batch axis) -> noise_pred
+
+
+@dataclass
+class _Call:
+    model: str
+    inputs: dict[str, np.ndarray]
+    future: Future = field(default_factory=Future)
+
+    @property
+    def rows(self) -> int:
+        return len(self.inputs["sample"])
+
+    @property
+    def key(self) -> tuple:
+        return (self.model,) + tuple((name, value.shape[1:]) for name, value in sorted(self.inputs.items()))
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did, for /metrics and the benchmark."""
+
+    calls: int = 0  # UNet calls submitted by generations
+    batches: int = 0  # Triton calls made
+    rows: int = 0  # rows sent to Triton
+    last_batch_rows: int = 0
+    busy_s: float = 0.0  # time spent inside Triton calls
+
+    @property
+    def mean_batch_rows(self) -> float:
+        return self.rows / self.batches if self.batches else 0.0
+
+
+class StepBatcher:
+    """Merges the UNet calls of all participants per step; thread-safe.
+
+    `run(model, inputs)` executes one merged call (it may split it further to fit the model's own
+    max batch). With `enabled=False` every call runs at once on its caller's thread, which is the
+    baseline the benchmark compares against.
+    """
+
+    def __init__(self, run: RunBatch, *, max_rows: int = 16, window_s: float = 0.05, enabled: bool = True,
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self._run = run
+        self.max_rows = max_rows
+        self.window_s = window_s
+        self.enabled = enabled
+        self._on_batch = on_batch
+        self.stats = BatchStats()
+        self._lock = threading.Condition()
+        self._participants = 0
+        self._pending: list[_Call] = []
+        self._first_arrival = 0.0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- participants ------------------------------------------------------------------------------
+    @contextmanager
+    def participant(self) -> Iterator["StepBatcher"]:
+        """Hold this while in the denoising loop: the batcher waits for every holder each step."""
+        with self._lock:
+            self._participants += 1
+            self._lock.notify_all()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._participants -= 1
+                self._lock.notify_all()  # one fewer to wait for: the tick may be complete now
+
+    @property
+    def participants(self) -> int:
+        return self._participants
+
+    def __call__(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Submit one UNet call and wait for its rows of the merged result."""
+        if not self.enabled:
+            return self._execute(model, inputs)
+        call = _Call(model, {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in inputs.items()})
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the step batcher is closed")
+            if not self._pending:
+                self._first_arrival = time.monotonic()
+            self._pending.append(call)
+            self.stats.calls += 1
+            self._ensure_thread()
+            self._lock.notify_all()
+        return call.future.result()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- the tick loop -----------------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="kiln-step-batcher", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._tick_ready():
+                    timeout = None
+                    if self._pending:
+                        timeout = max(0.0, self._first_arrival + self.window_s - time.monotonic())
+                    self._lock.wait(timeout)
+                if self._closed and not self._pending:
+                    return
+                calls, self._pending = self._pending, []
+            self._run_tick(calls)
+
+    def _tick_ready(self) -> bool:
+        if not self._pending:
+            return False
+        everyone = len(self._pending) >= self._participants  # every generation in its loop is waiting
+        return everyone or time.monotonic() >= self._first_arrival + self.window_s
+
+    def _run_tick(self, calls: list[_Call]) -> None:
+        groups: dict[tuple, list[_Call]] = defaultdict(list)
+        for call in calls:
+            groups[call.key].append(call)
+        for group in groups.values():
+            for batch in _pack(group, self.max_rows):
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Call]) -> None:
+        try:
+            merged = {name: np.concatenate([c.inputs[name] for c in batch]) for name in batch[0].inputs}
+            out = self._execute(batch[0].model, merged)
+        except BaseException as exc:  # noqa: BLE001 - every caller of this batch gets the failure
+            if len(batch) > 1 and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                for call in batch:  # one bad call must not fail the others: retry each alone
+                    self._run_batch([call])
+                return
+            for call in batch:
+                call.future.set_exception(exc)
+            return
+        start = 0
+        for call in batch:
+            call.future.set_result(out[start:start + call.rows])
+            start += call.rows
+
+    def _execute(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        started = time.perf_counter()
+        out = self._run(model, inputs)
+        elapsed = time.perf_counter() - started
+        rows = len(inputs["sample"])
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.rows += rows
+            self.stats.last_batch_rows = rows
+            self.stats.busy_s += elapsed
+            if not self.enabled:
+                self.stats.calls += 1
+        if self._on_batch is not None:
+            self._on_batch(rows, elapsed)
+        return out
+
+
+def _pack(calls: list[_Call], max_rows: int) -> list[list[_Call]]:
+    """Whole calls, in arrival order, into batches of at most max_rows rows (a bigger call goes alone)."""
+    batches: list[list[_Call]] = []
+    current: list[_Call] = []
+    rows = 0
+    for call in calls:
+        if current and rows + call.rows > max_rows:
+            batches.append(current)
+            current, rows = [], 0
+        current.append(call)
+        rows += call.rows
+    if current:
+        batches.append(current)
+    return batches

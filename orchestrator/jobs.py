@@ -1,0 +1,308 @@
+"""Generation jobs: a bounded queue, worker threads, progress, cancellation, step-level batching.
+
+There is no global lock. Each running job has its own worker thread; its text encoding, VAE
+calls and scheduler arithmetic run there, concurrently with other jobs, and its UNet calls go
+through the shared StepBatcher, which merges the calls of all jobs in their denoising loops into
+one Triton call per step. A job is accepted only while the queue has room (QueueFull otherwise),
+and every accepted job ends in exactly one of done, failed or cancelled.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any, Callable
+
+import numpy as np
+
+from build.errors import KilnError, ServerError
+from orchestrator.batching import StepBatcher
+from orchestrator.diffusion import MAX_SEED, Cancelled, TritonDiffusion, Txt2ImgRequest
+from orchestrator.metrics import Metrics
+
+
+class QueueFull(KilnError):
+    """The queue is at capacity; the caller should retry later."""
+
+
+class Status(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = (Status.DONE, Status.FAILED, Status.CANCELLED)
+
+
+@dataclass(eq=False)
+class Job:
+    """One API generation: `n_iter` runs of the pipeline on `request`, seeds chained as AUTOMATIC1111 does."""
+
+    kind: str  # txt2img | img2img
+    request: Txt2ImgRequest
+    n_iter: int = 1
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: float = field(default_factory=time.time)
+    status: Status = Status.QUEUED
+    started: float | None = None
+    finished: float | None = None
+    iteration: int = 0  # current run of n_iter
+    step: int = 0  # steps done in the current run
+    steps: int = 0  # steps of the current run
+    images: list[np.ndarray] = field(default_factory=list)
+    infos: list[dict] = field(default_factory=list)  # one per image
+    error: KilnError | None = None
+    interrupted: bool = False  # AUTOMATIC1111 interrupt: stop now, keep what is done
+    skipped: bool = False  # AUTOMATIC1111 skip: end the current run of n_iter, go on with the next
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    future: Future = field(default_factory=Future)  # resolves to the job itself when it finishes
+    latents: np.ndarray | None = None  # after the latest step, for previews
+    client_id: str | None = None  # who submitted it (the API scopes interrupt, skip and task reads by it)
+    api: str = "sdapi"  # sdapi (AUTOMATIC1111 routes) or tasks
+    body: Any = None  # the API body it came from, for its response
+    ignored: list[str] = field(default_factory=list)  # override_settings the server did not apply
+    _listeners: list[Callable[[dict], None]] = field(default_factory=list)
+
+    # -- state for callers ---------------------------------------------------------------------------
+    @property
+    def progress(self) -> float:
+        if self.status == Status.DONE:
+            return 1.0
+        if not self.steps:
+            return 0.0
+        return min(1.0, (self.iteration + self.step / self.steps) / self.n_iter)
+
+    def eta_seconds(self) -> float | None:
+        if self.started is None or self.progress <= 0:
+            return None
+        elapsed = time.time() - self.started
+        return max(0.0, elapsed / self.progress - elapsed)
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def subscribe(self, listener: Callable[[dict], None]) -> Callable[[], None]:
+        """listener(event) is called from the worker thread; returns the unsubscribe function."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def emit(self, event: dict) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event | {"task_id": self.id})
+            except Exception:  # noqa: BLE001 - a broken listener (closed socket) must not stop the job
+                pass
+
+    def finish(self, status: Status, error: KilnError | None = None) -> None:
+        self.status, self.error, self.finished = status, error, time.time()
+        event = {"event": status.value, "progress": self.progress}
+        if error is not None:
+            event["error"] = str(error)
+        self.emit(event)
+        if not self.future.done():
+            self.future.set_result(self)
+
+
+class JobQueue:
+    """A bounded FIFO served by `workers` threads; `run(job)` does the work and returns normally or raises."""
+
+    def __init__(self, run: Callable[[Job], None], *, max_queue: int, workers: int, metrics: Metrics) -> None:
+        self._run = run
+        self.max_queue = max_queue
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Condition()
+        self._closed = False
+        self._metrics = metrics
+        self._threads = [threading.Thread(target=self._work, name=f"kiln-job-worker-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Job) -> Job:
+        with self._lock:
+            if self._closed:
+                raise ServerError("the service is shutting down; not accepting new jobs")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)")
+            self._waiting.append(job)
+            self._jobs[job.id] = job
+            self._forget_old()
+            self._metrics.queue_depth.set(len(self._waiting))
+            self._lock.notify()
+        job.emit({"event": "queued", "queue_position": self.position(job)})
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def position(self, job: Job) -> int:
+        """0 while running or finished; 1 for the next job to start, and so on."""
+        with self._lock:
+            try:
+                return self._waiting.index(job) + 1
+            except ValueError:
+                return 0
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            return list(self._running)
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def cancel(self, job: Job) -> None:
+        """Cancel a job: a waiting one leaves the queue at once, a running one stops before its next step."""
+        job.cancel()
+        with self._lock:
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self._metrics.queue_depth.set(len(self._waiting))
+            else:
+                return
+        job.finish(Status.CANCELLED, Cancelled("cancelled while queued"))
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Stop accepting; let waiting and running jobs finish (drain), up to timeout_s."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _forget_old(self, keep: int = 512) -> None:
+        if len(self._jobs) <= keep:
+            return
+        for job_id, job in list(self._jobs.items()):
+            if len(self._jobs) <= keep:
+                break
+            if job.status in FINISHED:
+                del self._jobs[job_id]
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._closed:
+                    self._lock.wait()
+                if not self._waiting:  # closed and drained
+                    return
+                job = self._waiting.popleft()
+                self._running.append(job)
+                self._metrics.queue_depth.set(len(self._waiting))
+                self._metrics.running_jobs.set(len(self._running))
+            try:
+                job.status, job.started = Status.RUNNING, time.time()
+                job.emit({"event": "started"})
+                self._run(job)
+                job.finish(Status.DONE)
+            except Cancelled as exc:
+                job.finish(Status.CANCELLED, exc)
+            except KilnError as exc:
+                job.finish(Status.FAILED, exc)
+            except Exception as exc:  # noqa: BLE001 - a bug fails its job, not the worker
+                job.finish(Status.FAILED, KilnError(f"internal error ({type(exc).__name__})"))
+            finally:
+                with self._lock:
+                    self._running.remove(job)
+                    self._metrics.running_jobs.set(len(self._running))
+
+
+@dataclass
+class EngineOptions:
+    triton_url: str = "127.0.0.1:8001"
+    max_queue: int = 64  # jobs waiting beyond the running ones; more is 429
+    workers: int = 16  # jobs running at once (their UNet steps share batches)
+    step_batching: bool = True
+    max_batch_rows: int = 0  # rows per merged UNet call; 0: the model's max batch size
+    batch_window_s: float = 0.05  # longest a tick waits for stragglers
+
+
+class Engine:
+    """The pipeline (connected lazily, so the service starts before Triton is up), batcher and queue."""
+
+    def __init__(self, options: EngineOptions, metrics: Metrics) -> None:
+        self.options = options
+        self.metrics = metrics
+        self._pipeline: TritonDiffusion | None = None
+        self._pipeline_lock = threading.Lock()
+        self.batcher = StepBatcher(self._run_unet, max_rows=options.max_batch_rows or 16,
+                                   window_s=options.batch_window_s, enabled=options.step_batching,
+                                   on_batch=metrics.unet_batch)
+        self.queue = JobQueue(self._run_job, max_queue=options.max_queue, workers=options.workers, metrics=metrics)
+
+    def pipeline(self) -> TritonDiffusion:
+        with self._pipeline_lock:
+            if self._pipeline is None:
+                self._pipeline = TritonDiffusion(self.options.triton_url)
+                if not self.options.max_batch_rows:
+                    self.batcher.max_rows = self._pipeline.unet_max_batch
+            return self._pipeline
+
+    def _run_unet(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.pipeline().noise_pred(model, inputs)
+
+    def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1) -> Job:
+        """Validate against the served pipeline (InputError before anything is queued), then queue."""
+        self.pipeline().check(request)
+        seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
+        subseed = secrets.randbelow(MAX_SEED + 1) if request.subseed == -1 else request.subseed
+        request = replace(request, seed=seed, subseed=subseed)  # n_iter chains from one drawn seed
+        return self.queue.submit(Job(kind=kind, request=request, n_iter=n_iter))
+
+    def _run_job(self, job: Job) -> None:
+        pipeline = self.pipeline()
+        request = job.request
+        batch = request.batch_size
+        for iteration in range(job.n_iter):
+            if job.interrupted:
+                break
+            job.iteration, job.step, job.steps, job.skipped = iteration, 0, 0, False
+            run = replace(request, seed=(request.seed + iteration * batch) % (MAX_SEED + 1),
+                          subseed=(request.subseed + iteration * batch) % (MAX_SEED + 1))
+            last = [time.perf_counter()]
+
+            def progress(step: int, total: int, latents: np.ndarray) -> None:
+                now = time.perf_counter()
+                self.metrics.step_seconds.observe(now - last[0])
+                last[0] = now
+                job.step, job.steps, job.latents = step, total, latents
+                job.emit({"event": "progress", "iteration": job.iteration, "n_iter": job.n_iter, "step": step,
+                          "steps": total, "progress": job.progress})
+
+            result = pipeline.generate(run, progress, job.cancel_event.is_set, unet_call=self.batcher,
+                                       stop_early=lambda: job.interrupted or job.skipped,
+                                       denoising=self._denoising)
+            for image, seed in zip(result.images, result.seeds):
+                index = len(job.images)
+                job.images.append(image)
+                job.infos.append(result.info | {"seed": seed, "index": index})
+            self.metrics.images.inc(len(result.images))
+
+    def _denoising(self):
+        """Held by a job for its denoising loop: it makes the job a participant of the step batcher."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def held():
+            with self.batcher.participant():
+                self.metrics.denoising_jobs.set(self.batcher.participants)
+                try:
+                    yield
+                finally:
+                    self.metrics.denoising_jobs.set(self.batcher.participants - 1)
+
+        return held()
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        self.queue.close(timeout_s)
+        self.batcher.close()

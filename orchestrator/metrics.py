@@ -1,0 +1,36 @@
+"""Prometheus metrics of the API service (one registry per service, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("kiln_queue_depth", "Generation jobs waiting for a worker", registry=r)
+        self.running_jobs = Gauge("kiln_running_jobs", "Generation jobs being worked on", registry=r)
+        self.denoising_jobs = Gauge("kiln_denoising_jobs", "Jobs inside their denoising loop (step-batching participants)",
+                                    registry=r)
+        self.unet_batch_rows = Histogram("kiln_unet_batch_rows", "Rows per UNet call sent to Triton (after step batching)",
+                                         buckets=ROW_BUCKETS, registry=r)
+        self.active_batch_rows = Gauge("kiln_unet_active_batch_rows", "Rows of the latest UNet call", registry=r)
+        self.unet_seconds = Histogram("kiln_unet_call_seconds", "Latency of one (merged) UNet call to Triton",
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.step_seconds = Histogram("kiln_step_seconds", "Wall time of one denoising step of one job",
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.requests = Counter("kiln_requests_total", "API requests by endpoint and outcome",
+                                ["endpoint", "outcome"], registry=r)
+        self.images = Counter("kiln_images_total", "Images generated", registry=r)
+
+    def unet_batch(self, rows: int, seconds: float) -> None:
+        self.unet_batch_rows.observe(rows)
+        self.active_batch_rows.set(rows)
+        self.unet_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

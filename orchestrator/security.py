@@ -1,0 +1,157 @@
+"""Authentication, per-client rate limiting and a request-size cap, as one ASGI middleware.
+
+- HTTP Basic (`--api-auth user:pass[,user:pass]`, compared in constant time) and/or API keys
+  (`--api-keys`, sent as `X-API-Key: KEY` or `Authorization: Bearer KEY`). Without a valid
+  credential: 401 with `WWW-Authenticate: Basic`. The health probes stay open.
+- A token bucket per client (the authenticated user or key, else the peer address) on the
+  requests that start work (POST, DELETE, WebSocket): beyond it, 429 with Retry-After.
+- A body larger than the cap is refused with 413 from its Content-Length, before it is read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from build.errors import KilnError
+
+OPEN_PATHS = ("/health/live", "/health/ready")
+
+
+def parse_credentials(text: str | None) -> list[tuple[str, str]]:
+    """'user:pass,user2:pass2' -> [(user, pass), ...]; a malformed entry is an error naming it (not its password)."""
+    pairs = []
+    for entry in (text or "").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            raise KilnError(f"--api-auth entries must be user:password; got an entry for {user or '(empty user)'!r} "
+                            "without both parts")
+        pairs.append((user, password))
+    return pairs
+
+
+@dataclass
+class SecurityOptions:
+    credentials: tuple[tuple[str, str], ...] = ()
+    api_keys: tuple[str, ...] = ()
+    rate_limit_per_minute: float = 0.0  # 0: no limit
+    rate_burst: int = 0  # bucket size; 0: the per-minute figure (at least 1)
+    max_body_bytes: int = 64 * 1024 * 1024
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.credentials or self.api_keys)
+
+
+class _Buckets:
+    def __init__(self, per_minute: float, burst: int) -> None:
+        self.rate = per_minute / 60.0
+        self.size = float(burst or max(1, math.ceil(per_minute)))
+        self._state: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> float:
+        """0 when allowed; else the seconds until a token is free."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, then = self._state.get(client, (self.size, now))
+            tokens = min(self.size, tokens + (now - then) * self.rate)
+            if tokens >= 1:
+                self._state[client] = (tokens - 1, now)
+                return 0.0
+            self._state[client] = (tokens, now)
+            if len(self._state) > 10000:  # forget idle clients
+                self._state = {k: v for k, v in self._state.items() if now - v[1] < 3600}
+            return (1 - tokens) / self.rate
+
+
+class SecurityMiddleware:
+    def __init__(self, app, options: SecurityOptions) -> None:
+        self.app = app
+        self.options = options
+        self.buckets = _Buckets(options.rate_limit_per_minute, options.rate_burst) \
+            if options.rate_limit_per_minute > 0 else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        method = scope.get("method", "GET") if scope["type"] == "http" else "WEBSOCKET"
+        if path in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+
+        identity = None
+        if self.options.auth_required:
+            identity = self._authenticate(headers)
+            if identity is None:
+                return await _reject(scope, send, 401, "authentication required: HTTP Basic or an API key",
+                                     {"www-authenticate": 'Basic realm="kiln"'})
+        scope.setdefault("state", {})["client_id"] = identity or _peer(scope)
+
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await _reject(scope, send, 400, "Content-Length is not a number")
+            if int(length) > self.options.max_body_bytes:
+                return await _reject(scope, send, 413, f"request body of {length} bytes exceeds the "
+                                                       f"{self.options.max_body_bytes}-byte limit")
+
+        if self.buckets is not None and method in ("POST", "DELETE", "PUT", "WEBSOCKET"):
+            wait = self.buckets.take(scope["state"]["client_id"])
+            if wait > 0:
+                return await _reject(scope, send, 429, "rate limit exceeded; retry later",
+                                     {"retry-after": str(max(1, math.ceil(wait)))})
+        return await self.app(scope, receive, send)
+
+    def _authenticate(self, headers: dict[str, str]) -> str | None:
+        authorization = headers.get("authorization", "")
+        scheme, _, value = authorization.partition(" ")
+        key = headers.get("x-api-key") or (value.strip() if scheme.lower() == "bearer" else None)
+        if key:
+            for known in self.options.api_keys:
+                if hmac.compare_digest(key.encode(), known.encode()):
+                    return "key:" + hmac.new(b"kiln", known.encode(), "sha256").hexdigest()[:12]
+            return None
+        if scheme.lower() == "basic":
+            try:
+                user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                return None
+            if not sep:
+                return None
+            matched = None
+            for known_user, known_password in self.options.credentials:  # compare all: no early exit on a match
+                ok = hmac.compare_digest(user.encode(), known_user.encode()) & \
+                    hmac.compare_digest(password.encode(), known_password.encode())
+                if ok:
+                    matched = known_user
+            return None if matched is None else "user:" + matched
+        return None
+
+
+def _peer(scope) -> str:
+    client = scope.get("client")
+    return f"addr:{client[0]}" if client else "addr:unknown"
+
+
+async def _reject(scope, send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    if scope["type"] == "websocket":
+        # Refuse the handshake (the client sees an HTTP 403; the close reason says why).
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+        return
+    body = json.dumps({"error": {401: "unauthorized", 413: "too_large", 429: "rate_limited"}.get(status, "bad_request"),
+                       "detail": message}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,54 @@
+"""`kiln serve`: the embedded Triton server and the API on uvicorn, in one process tree.
+
+Shutdown order on SIGTERM/SIGINT: uvicorn stops accepting connections and waits for the open
+requests (generations in flight finish and are answered), the app's lifespan drains the job
+queue, and only then is Triton stopped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from build.errors import KilnError
+from orchestrator.api import Settings, create_app
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Off the loopback interface, the API must require credentials."""
+    if not is_loopback(settings.listen) and not settings.security.auth_required:
+        raise KilnError(f"the API would listen on {settings.listen} without authentication; "
+                        "pass --api-auth user:password and/or --api-keys KEY (or listen on 127.0.0.1)")
+
+
+def run_api(settings: Settings, *, log_level: str = "info", on_started=None) -> None:
+    """Serve the API until SIGINT/SIGTERM; returns after the graceful drain."""
+    import uvicorn
+
+    check_exposure(settings)
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.listen, port=settings.port, log_level=log_level, ws="websockets-sansio",
+                            timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False)
+    server = uvicorn.Server(config)
+    if on_started is not None:
+        original = server.startup
+
+        async def startup(sockets=None):
+            await original(sockets=sockets)
+            if server.started:
+                on_started()
+
+        server.startup = startup
+    logging.getLogger("uvicorn.error").propagate = False
+    server.run()
