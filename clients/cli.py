@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--control-weight", type=float, default=1.0, help="ControlNet conditioning scale")
     generate.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where ControlNet starts")
     generate.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where ControlNet stops")
-    generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address")
+    generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (the loop runs here)")
+    generate.add_argument("--api", metavar="URL", help="go through the API service instead, e.g. http://127.0.0.1:7860")
+    generate.add_argument("--api-auth", help="user:password for --api (HTTP Basic)")
+    generate.add_argument("--api-key", help="API key for --api")
     generate.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path; a batch adds -1, -2, ...")
 
     # kiln demo
@@ -230,6 +233,10 @@ def cmd_generate(args) -> int:
                                  inpainting_mask_invert=args.mask_invert)
     else:
         request = Txt2ImgRequest(**fields)
+    if args.api:
+        from clients.api import generate_via_api
+
+        return generate_via_api(args.api, request, args.out, auth=args.api_auth, api_key=args.api_key)
     pipeline = TritonDiffusion(args.url)
 
     def progress(step, total, _latents):

@@ -95,12 +95,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.options = default_options()
     app.state.vit = None
-    if settings.cors_origins:
+    app.add_middleware(SecurityMiddleware, options=settings.security)
+    if settings.cors_origins:  # outermost: preflights carry no credentials, and 401s need CORS headers too
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=True)
-    app.add_middleware(SecurityMiddleware, options=settings.security)
     _install_error_handlers(app)
     _sdapi_routes(app)
     _task_routes(app)
@@ -177,7 +177,7 @@ def check_image_header(data: bytes, what: str, max_pixels: int) -> None:
             width, height = image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         if isinstance(exc, Image.DecompressionBombError):
-            raise APIError(413, "too_large", f"{what}: image header declares too many pixels") from None
+            raise APIError(413, "too_large", f"{what}: image header declares too many pixels; refused before decoding") from None
         raise APIError(422, "invalid_input", f"{what}: not an image this server reads "
                                              "(JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
     if width * height > max_pixels:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
+import threading
 
 from build.errors import KilnError
 from orchestrator.api import Settings, create_app
@@ -51,4 +53,12 @@ def run_api(settings: Settings, *, log_level: str = "info", on_started=None) -> 
 
         server.startup = startup
     logging.getLogger("uvicorn.error").propagate = False
-    server.run()
+    # uvicorn drains on SIGTERM, then raises the signal again for the previous handler: make that a clean
+    # return, so the caller can stop Triton and exit 0.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
+    try:
+        server.run()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,586 @@
+"""The API service over real HTTP: uvicorn + the real Triton serving a tiny SD pipeline and the ViT.
+
+Every test talks to a running service (started by fixtures) with httpx; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from build.sd import ImageRange, SDBuildOptions, build_sd
+from build.sd_weights import write_sd_checkpoint
+from build.vit import ViTBuildOptions, build_vit
+from orchestrator.api import Settings, create_app, parse_infotext
+from orchestrator.diffusion import TritonDiffusion, Txt2ImgRequest
+from orchestrator.security import SecurityOptions
+from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+from tests.conftest import encode, png_header_only
+
+pytestmark = pytest.mark.slow
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+class LiveAPI:
+    """The app on a real uvicorn server in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        import uvicorn
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning",
+                                                    ws="websockets-sansio"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{settings.port}"
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def api_repo(tmp_path_factory) -> Path:
+    """Tiny SD (with ControlNet) and the ViT in one repository."""
+    root = tmp_path_factory.mktemp("api")
+    checkpoint = write_sd_checkpoint(root / "tiny", size="tiny", seed=0)
+    repo = root / "repo"
+    build_sd(SDBuildOptions(weights=str(checkpoint), repository=repo, images=ImageRange(32, 64, 128), progress=False),
+             log=lambda _m: None)
+    build_vit(ViTBuildOptions(random_weights=True, variants=(), extra_exports=(), repository=repo, progress=False),
+              log=lambda _m: None)
+    return repo
+
+
+def _triton(repo: Path, grpc: int | None = None, http: int | None = None, metrics: int | None = None) -> TritonServer:
+    return TritonServer(TritonOptions(repository=repo, http_port=http or free_port(), grpc_port=grpc or free_port(),
+                                      metrics_port=metrics or free_port(), log_path=repo.parent / "triton.log"))
+
+
+@pytest.fixture(scope="module")
+def triton(api_repo):
+    server = _triton(api_repo).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def api(triton):
+    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), max_queue=8, workers=8))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(api):
+    with api.client() as c:
+        yield c
+
+
+def _png(color=(200, 80, 40), size=(64, 64), mode="RGB") -> bytes:
+    image = Image.new("RGB", size, color)
+    image.paste((20, 160, 220), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    return encode(image.convert(mode) if mode != "RGB" else image)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _decode(b64: str) -> tuple[np.ndarray, dict]:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    return np.asarray(image.convert("RGB")), dict(image.info)
+
+
+TXT = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 5, "sampler_name": "Euler a",
+       "cfg_scale": 7.5, "seed": 1234, "width": 64, "height": 64}
+
+
+def _safe(response: httpx.Response) -> None:
+    """No traceback or memory address in an error body."""
+    text = response.text
+    assert "Traceback" not in text and " at 0x" not in text and 'File "' not in text, text
+
+
+# -- AUTOMATIC1111 routes ------------------------------------------------------------------------------
+def test_txt2img_matches_the_library_and_carries_parameters(client, triton):
+    response = client.post("/sdapi/v1/txt2img", json=TXT | {"n_iter": 2})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    info = json.loads(body["info"])
+    assert info["all_seeds"] == [1234, 1235] and info["seed"] == 1234  # n_iter chains seeds as AUTOMATIC1111
+    assert len(body["images"]) == 2 and body["parameters"]["prompt"] == TXT["prompt"]
+    pixels, meta = _decode(body["images"][0])
+    expected = TritonDiffusion(triton.grpc_url).txt2img(Txt2ImgRequest(
+        prompt=TXT["prompt"], negative_prompt="blurry", steps=5, sampler="Euler a", cfg_scale=7.5, seed=1234,
+        width=64, height=64)).images[0]
+    assert np.array_equal(pixels, expected)
+    parsed = parse_infotext(meta["parameters"])
+    assert parsed["Prompt"] == TXT["prompt"] and parsed["Negative prompt"] == "blurry"
+    assert parsed["Steps"] == "5" and parsed["Sampler"] == "Euler a" and parsed["Seed"] == "1234"
+    assert parsed["Size"] == "64x64" and parsed["Model"]
+    # png-info reads it back.
+    read = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + body["images"][1]}).json()
+    assert read["parameters"]["Seed"] == "1235" and read["info"].startswith(TXT["prompt"])
+
+
+def test_scheduler_field_and_aliases(client):
+    karras = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3, "sampler_name": "DPM++ 2M", "scheduler": "Karras"})
+    direct = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3, "sampler_name": "DPM++ 2M Karras"})
+    alias = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3, "sampler_name": "k_dpmpp_2m_ka"})
+    assert karras.status_code == direct.status_code == alias.status_code == 200
+    assert karras.json()["images"][0] == direct.json()["images"][0] == alias.json()["images"][0]
+    assert json.loads(karras.json()["info"])["sampler_name"] == "DPM++ 2M Karras"
+
+
+def test_img2img_inpainting_and_controlnet(client):
+    init = _b64(_png())
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    plain = client.post("/sdapi/v1/img2img", json=TXT | {"init_images": [init], "denoising_strength": 0.6})
+    masked = client.post("/sdapi/v1/img2img", json=TXT | {"init_images": [init], "mask": _b64(encode(mask)),
+                                                          "denoising_strength": 0.8, "mask_blur": 2})
+    cropped = client.post("/sdapi/v1/img2img", json=TXT | {"init_images": [_b64(_png(size=(96, 48)))],
+                                                           "resize_mode": 1})
+    control = client.post("/sdapi/v1/txt2img", json=TXT | {"alwayson_scripts": {"controlnet": {"args": [
+        {"enabled": True, "image": init, "module": "canny", "weight": 0.8, "threshold_a": 50, "threshold_b": 150},
+        {"enabled": False, "image": init}]}}})
+    for response in (plain, masked, cropped, control):
+        assert response.status_code == 200, response.text
+    assert json.loads(masked.json()["info"])["infotexts"][0].count("Mask blur: 2") == 1
+    assert "ControlNet 0" in json.loads(control.json()["info"])["infotexts"][0]
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "I;16", "P", "LA", "RGBA"])
+def test_init_images_in_any_mode(client, mode):
+    image = Image.new("RGB", (64, 64), (30, 120, 200))
+    if mode == "I;16":
+        converted = Image.fromarray((np.asarray(image.convert("L"), dtype=np.uint16) * 257))
+        data = encode(converted)
+    else:
+        data = encode(image.convert(mode), "TIFF" if mode == "CMYK" else "PNG")
+    response = client.post("/sdapi/v1/img2img", json=TXT | {"steps": 2, "init_images": [_b64(data)]})
+    assert response.status_code == 200, response.text
+
+
+BAD = [
+    ({"width": 65}, 422, "width"),
+    ({"width": 4096}, 422, "width"),
+    ({"steps": 0}, 422, "steps"),
+    ({"steps": 10000}, 422, "steps"),
+    ({"batch_size": 100}, 422, "batch_size"),
+    ({"n_iter": 100}, 422, "n_iter"),
+    ({"seed": 2**32}, 422, "seed"),
+    ({"subseed_strength": 2}, 422, "subseed_strength"),
+    ({"sampler_name": "Euler z"}, 404, "Sampler not found"),
+    ({"scheduler": "Exponential"}, 422, "scheduler"),
+    ({"prompt": "cat " * 10000}, 413, "prompt"),
+    ({"enable_hr": True}, 422, "enable_hr"),
+    ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, 404, "sd_model_checkpoint"),
+    ({"alwayson_scripts": {"adetailer": {"args": []}}}, 422, "adetailer"),
+]
+
+
+@pytest.mark.parametrize("change,status,needle", BAD, ids=[str(list(c)[0]) for c, _, _ in BAD])
+def test_bad_txt2img_requests_name_the_problem(client, change, status, needle):
+    response = client.post("/sdapi/v1/txt2img", json=TXT | change)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["detail"]
+    _safe(response)
+
+
+def test_prompt_beyond_the_chunk_cap_is_an_input_error(client):
+    response = client.post("/sdapi/v1/txt2img", json=TXT | {"prompt": "cat, " * 400})
+    assert response.status_code == 422 and "prompt" in response.json()["detail"].lower()
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused(client, literal):
+    raw = json.dumps(TXT | {"cfg_scale": 1.0}).replace('"cfg_scale": 1.0', f'"cfg_scale": {literal}')
+    response = client.post("/sdapi/v1/txt2img", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "cfg_scale" in response.json()["detail"]
+
+
+BAD_IMAGES = [
+    ({"init_images": ["not base64!"]}, 422, "invalid base64"),
+    ({"init_images": ["http://169.254.169.254/latest/meta-data"]}, 422, "not fetched"),
+    ({"init_images": [_b64(b"GIF89a-corrupt")]}, 422, "init_images[0]"),
+    ({"init_images": [_b64(png_header_only(30000, 30000))]}, 413, "refused before decoding"),
+    ({"init_images": [_b64(_png())], "denoising_strength": 1.5}, 422, "denoising_strength"),
+    ({"init_images": [_b64(_png())], "mask": _b64(_png(size=(8, 8)))[:-3]}, 422, "mask"),
+    ({"init_images": []}, 422, "init_images"),
+]
+
+
+@pytest.mark.parametrize("change,status,needle", BAD_IMAGES, ids=range(len(BAD_IMAGES)))
+def test_bad_img2img_requests_name_the_problem(client, change, status, needle):
+    response = client.post("/sdapi/v1/img2img", json=TXT | change)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["detail"]
+    _safe(response)
+
+
+def test_progress_polling_and_interrupt(api):
+    """An AUTOMATIC1111 client: start txt2img, poll progress while it runs, interrupt; partial images come back."""
+    with api.client() as c, ThreadPoolExecutor(1) as pool:
+        c.post("/sdapi/v1/options", json={"show_progress_every_n_steps": -1})
+        future = pool.submit(c.post, "/sdapi/v1/txt2img", json=TXT | {"steps": 400, "n_iter": 3})
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            progress = c.get("/sdapi/v1/progress").json()
+            if progress["state"]["sampling_step"] >= 2:
+                seen.append(progress)
+                break
+            time.sleep(0.05)
+        assert seen, "no progress reported"
+        state = seen[0]["state"]
+        assert state["sampling_steps"] == 400 and state["job_count"] == 3 and 0 < seen[0]["progress"] < 1
+        assert seen[0]["current_image"] is not None  # a live preview (every step, as set above)
+        assert c.post("/sdapi/v1/interrupt").status_code == 200
+        response = future.result(timeout=60)
+        c.post("/sdapi/v1/options", json={"show_progress_every_n_steps": 10})
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert info["interrupted"] is True and len(response.json()["images"]) == 1  # the other iterations never ran
+    idle = api.client().get("/sdapi/v1/progress").json()
+    assert idle["state"]["job_count"] == 0
+
+
+def test_skip_ends_the_current_iteration_only(api):
+    with api.client() as c, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(c.post, "/sdapi/v1/txt2img", json=TXT | {"steps": 300, "n_iter": 2})
+        deadline = time.monotonic() + 60
+        while c.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c.post("/sdapi/v1/skip")
+        response = future.result(timeout=120)
+    assert response.status_code == 200 and len(response.json()["images"]) == 2
+
+
+def test_listing_endpoints(client):
+    samplers = client.get("/sdapi/v1/samplers").json()
+    names = {s["name"] for s in samplers}
+    assert {"Euler", "Euler a", "Heun", "DDIM", "DDPM", "PNDM", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE",
+            "DPM++ 2M SDE", "UniPC", "LCM"} <= names
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert len(models) == 1 and models[0]["model_name"] == "tiny" and len(models[0]["hash"]) == 10
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == models[0]["title"]
+    assert client.post("/sdapi/v1/options", json={"eta_ddim": 0.5}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["eta_ddim"] == 0.5
+    assert client.post("/sdapi/v1/options", json={"eta_ddim": "lots"}).status_code == 422
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 404
+    client.post("/sdapi/v1/options", json={"eta_ddim": 0.0})
+    flags = client.get("/sdapi/v1/cmd-flags").json()
+    assert flags["api"] is True and flags["listen"] is False
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert "/sdapi/v1/txt2img" in client.get("/openapi.json").json()["paths"]
+
+
+def test_health_and_metrics(client):
+    assert client.get("/health/live").json() == {"status": "live"}
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200 and all(ready.json()["models"].values())
+    text = client.get("/metrics").text
+    for name in ("kiln_queue_depth", "kiln_unet_batch_rows_bucket", "kiln_step_seconds_bucket",
+                 'kiln_requests_total{endpoint="/sdapi/v1/txt2img",outcome="200"}'):
+        assert name in text
+
+
+# -- step-level batching --------------------------------------------------------------------------
+MIXED = [
+    TXT | {"steps": 8, "sampler_name": "Euler a", "cfg_scale": 7, "seed": 11},
+    TXT | {"prompt": "a dog", "negative_prompt": "", "steps": 5, "sampler_name": "DPM++ 2M Karras", "cfg_scale": 4,
+           "seed": 12},
+    TXT | {"prompt": "a bird", "steps": 6, "sampler_name": "DDIM", "cfg_scale": 1, "seed": 13, "batch_size": 2},
+    TXT | {"prompt": "a tree " * 20, "steps": 7, "sampler_name": "DPM++ SDE", "cfg_scale": 3, "seed": 14},
+    TXT | {"steps": 4, "sampler_name": "UniPC", "seed": 15, "width": 96},  # another shape: its own batch
+]
+
+
+def _solo(triton, body) -> np.ndarray:
+    request = Txt2ImgRequest(prompt=body["prompt"], negative_prompt=body["negative_prompt"], steps=body["steps"],
+                             sampler=body["sampler_name"], cfg_scale=body["cfg_scale"], seed=body["seed"],
+                             width=body["width"], height=body["height"], batch_size=body.get("batch_size", 1))
+    return TritonDiffusion(triton.grpc_url).txt2img(request).images
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+def test_step_batching_merges_requests_and_matches_solo_runs(api, triton):
+    """Different samplers, step counts, CFG scales, seeds, prompt lengths in one batch: identical to solo runs."""
+    with api.client() as c:
+        before = c.get("/metrics").text
+        with ThreadPoolExecutor(len(MIXED)) as pool:
+            responses = list(pool.map(lambda b: c.post("/sdapi/v1/txt2img", json=b), MIXED))
+        after = c.get("/metrics").text
+    for body, response in zip(MIXED, responses):
+        assert response.status_code == 200, response.text
+        images = np.stack([_decode(i)[0] for i in response.json()["images"]])
+        solo = _solo(triton, body)
+        assert np.array_equal(images, solo), f"{body['sampler_name']}: max diff {np.abs(images.astype(int) - solo).max()}"
+    calls = _metric(after, "kiln_unet_batch_rows_count") - _metric(before, "kiln_unet_batch_rows_count")
+    rows = _metric(after, "kiln_unet_batch_rows_sum") - _metric(before, "kiln_unet_batch_rows_sum")
+    steps = sum(b["steps"] for b in MIXED)
+    assert calls < steps, f"{calls} Triton UNet calls for {steps} steps: nothing was merged"
+    assert rows / calls > 2.0
+
+
+def test_no_global_lock_classification_runs_during_generation(api):
+    with api.client() as c, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(c.post, "/sdapi/v1/txt2img", json=TXT | {"steps": 300})
+        deadline = time.monotonic() + 60
+        while c.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        classified = c.post("/v1/classify", json={"images": [_b64(_png())], "top_k": 3})
+        still_running = c.get("/sdapi/v1/progress").json()["state"]["sampling_step"]
+        c.post("/sdapi/v1/interrupt")
+        future.result(timeout=60)
+    assert classified.status_code == 200 and len(classified.json()["results"][0]["top"]) == 3
+    assert 0 < still_running < 300  # answered while the UNet loop was still going
+
+
+# -- task API -------------------------------------------------------------------------------------
+def _wait_task(c, task_id, timeout=120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = c.get(f"/v1/tasks/{task_id}").json()
+        if state["status"] in ("done", "failed", "cancelled"):
+            return state
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} did not finish")
+
+
+def test_tasks_status_websocket_and_cancel(api):
+    from websockets.sync.client import connect
+
+    with api.client() as c:
+        accepted = c.post("/v1/tasks/txt2img", json=TXT | {"steps": 12})
+        assert accepted.status_code == 202 and accepted.headers["location"] == f"/v1/tasks/{accepted.json()['id']}"
+        task = accepted.json()["id"]
+        events = []
+        with connect(f"ws://127.0.0.1:{api.settings.port}/v1/tasks/{task}/events?preview_every=4") as ws:
+            while True:
+                event = json.loads(ws.recv(timeout=60))
+                events.append(event)
+                if event["event"] in ("done", "failed", "cancelled"):
+                    break
+        kinds = [e["event"] for e in events]
+        assert kinds[-1] == "done" and "progress" in kinds
+        assert any("preview" in e for e in events if e["event"] == "progress")
+        state = _wait_task(c, task)
+        assert state["status"] == "done" and state["progress"] == 1.0 and len(state["result"]["images"]) == 1
+
+        # DELETE cancels that task only.
+        long = c.post("/v1/tasks/txt2img", json=TXT | {"steps": 400}).json()["id"]
+        other = c.post("/v1/tasks/txt2img", json=TXT | {"steps": 30, "seed": 99}).json()["id"]
+        while c.get(f"/v1/tasks/{long}").json()["step"] < 1:
+            time.sleep(0.05)
+        assert c.delete(f"/v1/tasks/{long}").status_code == 200
+        assert _wait_task(c, long)["status"] == "cancelled"
+        assert _wait_task(c, other)["status"] == "done"
+        assert c.delete(f"/v1/tasks/{long}").status_code == 409
+        assert c.get("/v1/tasks/nope").status_code == 404
+
+
+# -- ViT ------------------------------------------------------------------------------------------
+def test_classify_and_embed_base64_and_multipart(client):
+    photo = (PROJECT / "assets" / "images").glob("*.jpg")
+    photo = next(photo).read_bytes()
+    classified = client.post("/v1/classify", json={"images": [_b64(photo), _b64(b"corrupt"), _b64(photo)], "top_k": 2})
+    assert classified.status_code == 200
+    results = classified.json()["results"]
+    assert len(results[0]["top"]) == 2 and "error" in results[1] and results[2]["top"] == results[0]["top"]
+    uploaded = client.post("/v1/classify", files=[("files", ("a.jpg", photo, "image/jpeg"))], data={"top_k": "2"})
+    assert uploaded.status_code == 200 and uploaded.json()["results"][0]["top"] == results[0]["top"]
+    embedded = client.post("/v1/embed", json={"images": [_b64(photo)], "layer": 5, "tokens": True}).json()["results"][0]
+    assert len(embedded["embedding"]) == 768 and embedded["tokens_shape"] == [197, 768] and embedded["layer"] == 5
+    assert client.post("/v1/classify", json={"images": []}).status_code == 422
+    assert client.post("/v1/classify", json={"images": ["%%%"]}).status_code == 422
+    assert client.post("/v1/embed", json={"images": [_b64(photo)], "layer": 40}).status_code == 422
+
+
+# -- queue, disconnects, timeouts -------------------------------------------------------------------
+def test_overfull_queue_is_429_and_nothing_accepted_is_lost(triton):
+    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), max_queue=2, workers=1))
+    try:
+        with live.client() as c:
+            accepted, refused = [], []
+            for seed in range(8):
+                response = c.post("/v1/tasks/txt2img", json=TXT | {"steps": 40, "seed": seed})
+                (accepted if response.status_code == 202 else refused).append(response)
+            assert refused and all(r.status_code == 429 for r in refused)
+            assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+            assert len(accepted) == 3  # one running + two waiting
+            c.delete(f"/v1/tasks/{accepted[-1].json()['id']}")
+            states = [_wait_task(c, r.json()["id"]) for r in accepted]
+            assert [s["status"] for s in states] == ["done", "done", "cancelled"]
+    finally:
+        live.stop()
+
+
+def test_disconnect_and_timeout_cancel_the_work(triton):
+    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), request_timeout_s=1.0))
+    try:
+        with live.client() as c:
+            timed_out = c.post("/sdapi/v1/txt2img", json=TXT | {"steps": 500})
+            assert timed_out.status_code == 504 and "cancelled" in timed_out.json()["detail"]
+        live.settings.request_timeout_s = 600
+        with live.client(timeout=1.0) as c, pytest.raises(httpx.ReadTimeout):
+            c.post("/sdapi/v1/txt2img", json=TXT | {"steps": 500})
+        with live.client() as c:
+            deadline = time.monotonic() + 10
+            while _metric(c.get("/metrics").text, "kiln_running_jobs") > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            metrics = c.get("/metrics").text
+        assert _metric(metrics, "kiln_running_jobs") == 0  # stopped long before 500 steps
+        assert 'outcome="499"' in metrics and 'outcome="504"' in metrics
+    finally:
+        live.stop()
+
+
+# -- security -------------------------------------------------------------------------------------
+def test_auth_rate_limit_and_cors(triton):
+    security = SecurityOptions(credentials=(("alice", "s3cret"),), api_keys=("key-123",), rate_limit_per_minute=3)
+    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), security=security,
+                            cors_origins=("https://app.example",)))
+    try:
+        with live.client() as c:
+            refused = c.get("/sdapi/v1/samplers")
+            assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic")
+            assert c.get("/sdapi/v1/samplers", auth=("alice", "wrong")).status_code == 401
+            assert c.get("/sdapi/v1/samplers", auth=("alice", "s3cret")).status_code == 200
+            assert c.get("/sdapi/v1/samplers", headers={"X-API-Key": "key-123"}).status_code == 200
+            assert c.get("/sdapi/v1/samplers", headers={"Authorization": "Bearer key-123"}).status_code == 200
+            assert c.get("/health/live").status_code == 200  # probes stay open
+            flags = c.get("/sdapi/v1/cmd-flags", auth=("alice", "s3cret")).text
+            assert "s3cret" not in flags and "key-123" not in flags
+            statuses = [c.post("/sdapi/v1/interrupt", headers={"X-API-Key": "key-123"}).status_code for _ in range(5)]
+            assert statuses[:3] == [200, 200, 200] and statuses[3] == 429
+            limited = c.post("/sdapi/v1/interrupt", headers={"X-API-Key": "key-123"})
+            assert int(limited.headers["retry-after"]) >= 1
+            assert c.post("/sdapi/v1/interrupt", auth=("alice", "s3cret")).status_code == 200  # a separate bucket
+            cors = c.options("/sdapi/v1/samplers", headers={"Origin": "https://app.example",
+                                                            "Access-Control-Request-Method": "GET"})
+            assert cors.headers.get("access-control-allow-origin") == "https://app.example"
+            evil = c.get("/health/live", headers={"Origin": "https://evil.example"})
+            assert "access-control-allow-origin" not in evil.headers
+    finally:
+        live.stop()
+
+
+def test_cors_is_closed_by_default(client):
+    response = client.get("/health/live", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_listening_off_loopback_without_auth_is_refused():
+    result = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--listen", "0.0.0.0"],
+                            capture_output=True, text=True, cwd=PROJECT, timeout=60)
+    assert result.returncode == 2 and "without authentication" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- the CLI through the API --------------------------------------------------------------------------
+def test_generate_command_through_the_api(api, tmp_path):
+    out = tmp_path / "cat.png"
+    result = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "a photo of a cat", "--steps", "3",
+                             "--seed", "7", "--width", "64", "--height", "64", "--api", api.url, "--out", str(out)],
+                            capture_output=True, text=True, cwd=PROJECT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "seed 7" in result.stdout and "Seed: 7" in Image.open(out).info["parameters"]
+    bad = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "x", "--width", "65", "--api", api.url],
+                         capture_output=True, text=True, cwd=PROJECT, timeout=60)
+    assert bad.returncode == 2 and "width must be a multiple" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- fuzzing --------------------------------------------------------------------------------------
+def test_openapi_fuzz_finds_no_server_errors(api):
+    """schemathesis generates requests from the OpenAPI schema; no answer may be a 5xx."""
+    st = Path(sys.executable).parent / "st"
+    result = subprocess.run([str(st), "run", f"{api.url}/openapi.json", "--checks", "not_a_server_error",
+                             "--max-examples", "15", "--seed", "1", "--max-time", "240", "--request-timeout", "60",
+                             "--exclude-path", "/sdapi/v1/interrupt", "--exclude-path", "/sdapi/v1/skip",
+                             "--warnings", "off"],
+                            capture_output=True, text=True, timeout=400, env=os.environ | {"NO_COLOR": "1"})
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+# -- lifecycle (these restart things: keep them last) ----------------------------------------------------
+def test_sigterm_drains_in_flight_requests(triton):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve", "--triton-url", triton.grpc_url,
+                                "--port", str(port)], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/health/live", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and process.poll() is None, "service did not start"
+                time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=120) as c, ThreadPoolExecutor(1) as pool:
+            future = pool.submit(c.post, "/sdapi/v1/txt2img", json=TXT | {"steps": 150})
+            while c.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            response = future.result(timeout=120)
+        assert response.status_code == 200 and len(response.json()["images"]) == 1
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        output = process.stdout.read()
+    assert "Traceback" not in output, output
+
+
+def test_triton_restart_gives_503_then_recovers(api_repo, triton):
+    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port()))
+    ports = dict(grpc=triton.options.grpc_port, http=triton.options.http_port, metrics=triton.options.metrics_port)
+    try:
+        with live.client() as c:
+            assert c.post("/sdapi/v1/txt2img", json=TXT | {"steps": 2}).status_code == 200
+            triton.stop()
+            down = c.post("/sdapi/v1/txt2img", json=TXT | {"steps": 2})
+            assert down.status_code == 503 and down.headers.get("retry-after"), down.text
+            _safe(down)
+            assert c.get("/health/ready").status_code == 503
+            assert c.get("/health/live").status_code == 200
+            restarted = _triton(api_repo, **ports).start()
+            triton._process, triton._log_file = restarted._process, restarted._log_file  # the fixture stops it
+            assert c.get("/health/ready").status_code == 200
+            assert c.post("/sdapi/v1/txt2img", json=TXT | {"steps": 2}).status_code == 200
+    finally:
+        live.stop()
