@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--no-step-batching", action="store_true", help="do not merge UNet steps across requests")
     api.add_argument("--max-batch-rows", type=int, default=0, help="rows per merged UNet call (0: the model's max)")
     api.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a generation is a 504")
+    api.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
 
     # kiln classify / embed
     classify = commands.add_parser("classify", help="top-k ImageNet labels for images, through vit_classify")
@@ -273,7 +274,7 @@ def serve_settings(args):
     from orchestrator.security import SecurityOptions, parse_credentials
     from orchestrator.service import check_exposure
 
-    for name in ("queue_size", "workers", "port"):
+    for name in ("queue_size", "workers", "port", "max_steps"):
         if getattr(args, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
     if args.rate_limit < 0 or args.request_timeout <= 0 or args.max_batch_rows < 0:
@@ -284,7 +285,7 @@ def serve_settings(args):
     triton = args.triton_url or f"{'127.0.0.1' if args.address in ('0.0.0.0', '') else args.address}:{args.grpc_port}"
     settings = Settings(triton_url=triton, max_queue=args.queue_size, workers=args.workers,
                         step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
-                        request_timeout_s=args.request_timeout,
+                        request_timeout_s=args.request_timeout, max_steps=args.max_steps,
                         cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
                         security=security, listen=args.listen, port=args.port)
     check_exposure(settings)

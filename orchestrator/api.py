@@ -59,6 +59,7 @@ class Settings:
     max_prompt_chars: int = 16384
     max_image_pixels: int = 4096 * 4096
     max_n_iter: int = 16
+    max_steps: int = 150  # per request (the pipeline's own hard limit is 500)
     max_images_per_request: int = 16
     cors_origins: tuple[str, ...] = ()
     security: SecurityOptions = field(default_factory=SecurityOptions)
@@ -242,6 +243,8 @@ def build_request(body: schemas.Txt2ImgBody, settings: Settings, options: dict) 
         if len(text) > settings.max_prompt_chars:
             raise APIError(413, "too_large", f"{name} of {len(text)} characters exceeds the "
                                              f"{settings.max_prompt_chars}-character limit")
+    if not 1 <= body.steps <= settings.max_steps:
+        raise APIError(422, "invalid_input", f"steps must be between 1 and {settings.max_steps}, got {body.steps}")
     if not 1 <= body.n_iter <= settings.max_n_iter:
         raise APIError(422, "invalid_input", f"n_iter must be between 1 and {settings.max_n_iter}, got {body.n_iter}")
     if body.batch_size * body.n_iter > settings.max_images_per_request:
@@ -528,7 +531,7 @@ def _sdapi_routes(app: FastAPI) -> None:
         return {"listen": s.listen not in ("127.0.0.1", "localhost", "::1"), "server_name": s.listen, "port": s.port,
                 "api": True, "nowebui": True, "api_auth": "***" if s.security.credentials else None,
                 "api_keys": len(s.security.api_keys), "cors_allow_origins": ",".join(s.cors_origins) or None,
-                "queue_size": s.max_queue, "workers": s.workers, "step_batching": s.step_batching,
+                "queue_size": s.max_queue, "max_steps": s.max_steps, "workers": s.workers, "step_batching": s.step_batching,
                 "request_timeout": s.request_timeout_s, "triton": s.triton_url}
 
     @app.post("/sdapi/v1/png-info", response_model=schemas.PngInfoResponse, tags=["sdapi"])
