@@ -165,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_vit.add_argument("--batch-sizes", type=_int_list, default=(1, 8), help="comma-separated, e.g. 1,8")
     bench_vit.add_argument("--seconds", type=float, default=8.0, help="measuring time per configuration")
     bench_vit.add_argument("--skip-build", action="store_true", help="reuse the variants already in --repo")
+    bench_serve = bench_targets.add_parser("serve", help="concurrent txt2img clients against the API: "
+                                                         "step-level batching on vs off")
+    bench_serve.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results")
+    bench_serve.add_argument("--pipeline", choices=("tiny", "full"), default="tiny",
+                             help="tiny random SD, or SD 1.5's full-size architecture (slow: hours on 2 cores)")
+    bench_serve.add_argument("--clients", type=_int_list, default=(1, 2, 4, 8, 16), help="concurrency levels")
+    bench_serve.add_argument("--requests-per-client", type=int, default=3)
+    bench_serve.add_argument("--steps", type=int, default=20)
+    bench_serve.add_argument("--size", type=int, default=0, help="image side (default: 64 tiny, 512 full)")
+    bench_serve.add_argument("--skip-build", action="store_true", help="reuse the benchmark's repository")
     return parser
 
 
@@ -403,6 +413,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.target == "serve":
+        from benchmarks.serve import ServeBenchOptions, run_serve_benchmark
+
+        run_serve_benchmark(ServeBenchOptions(out=args.out, pipeline=args.pipeline, concurrency=args.clients,
+                                              requests_per_client=args.requests_per_client, steps=args.steps,
+                                              skip_build=args.skip_build, size=args.size))
+        return 0
     from benchmarks.vit import BenchOptions, run_benchmark
 
     options = BenchOptions(

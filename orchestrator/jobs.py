@@ -9,6 +9,7 @@ and every accepted job ends in exactly one of done, failed or cancelled.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -25,6 +26,9 @@ from build.errors import KilnError, ServerError
 from orchestrator.batching import StepBatcher
 from orchestrator.diffusion import MAX_SEED, Cancelled, TritonDiffusion, Txt2ImgRequest
 from orchestrator.metrics import Metrics
+
+
+log = logging.getLogger("kiln.jobs")
 
 
 class QueueFull(KilnError):
@@ -210,6 +214,7 @@ class JobQueue:
             except KilnError as exc:
                 job.finish(Status.FAILED, exc)
             except Exception as exc:  # noqa: BLE001 - a bug fails its job, not the worker
+                log.exception("job %s failed with an internal error", job.id)  # the traceback goes to the log only
                 job.finish(Status.FAILED, KilnError(f"internal error ({type(exc).__name__})"))
             finally:
                 with self._lock:
@@ -231,6 +236,9 @@ class Engine:
     """The pipeline (connected lazily, so the service starts before Triton is up), batcher and queue."""
 
     def __init__(self, options: EngineOptions, metrics: Metrics) -> None:
+        from orchestrator.samplers import preload
+
+        preload()  # before any worker thread exists
         self.options = options
         self.metrics = metrics
         self._pipeline: TritonDiffusion | None = None

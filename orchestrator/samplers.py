@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from build.errors import InputError
@@ -32,6 +33,10 @@ SAMPLERS = {
 }
 
 
+_IMPORT_LOCK = threading.Lock()
+_CLASSES: dict[str, type] = {}
+
+
 class UnknownSampler(InputError):
     """The sampler name is not one we know; the message lists the valid ones."""
 
@@ -49,7 +54,6 @@ def make_scheduler(name: str, base_config: dict, seed: int | None = None):
     `seed` seeds the samplers that draw their own noise (DPM++ SDE's Brownian tree), so a seed
     gives the same image every time; the others take the generator at each step.
     """
-    import diffusers
 
     try:
         sampler = SAMPLERS[name]
@@ -58,4 +62,26 @@ def make_scheduler(name: str, base_config: dict, seed: int | None = None):
     config = {k: v for k, v in base_config.items() if k in SCHEDULE_KEYS} | sampler.overrides
     if sampler.seeded and seed is not None:
         config["noise_sampler_seed"] = seed
-    return getattr(diffusers, sampler.scheduler).from_config(config)
+    return _scheduler_class(sampler.scheduler).from_config(config)
+
+
+def _scheduler_class(name: str):
+    import diffusers
+
+    with _IMPORT_LOCK:
+        if name not in _CLASSES:
+            _CLASSES[name] = getattr(diffusers, name)
+        return _CLASSES[name]
+
+
+def preload() -> None:
+    """Resolve every scheduler class (and the noise helpers) now, from one thread.
+
+    diffusers imports its classes lazily on first attribute access, and that is not thread-safe:
+    two generation threads touching it at once can see a half-initialized module. Services call
+    this before starting their worker threads.
+    """
+    import diffusers.utils.torch_utils  # noqa: F401 - randn_tensor, used by every generation
+
+    for sampler in SAMPLERS.values():
+        _scheduler_class(sampler.scheduler)

@@ -62,3 +62,34 @@ def run_api(settings: Settings, *, log_level: str = "info", on_started=None) -> 
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+
+
+class BackgroundAPI:
+    """The app on a real uvicorn server in a background thread (tests and `kiln bench serve`)."""
+
+    def __init__(self, settings: Settings, *, log_level: str = "warning", startup_timeout_s: float = 30.0) -> None:
+        import time
+
+        import uvicorn
+
+        self.settings = settings
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=settings.listen, port=settings.port,
+                                                    log_level=log_level, ws="websockets-sansio", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, name="kiln-api", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + startup_timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise KilnError("the API server did not start")
+            time.sleep(0.05)
+        self.url = f"http://{settings.listen}:{settings.port}"
+
+    def client(self, **kwargs):
+        import httpx
+
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)

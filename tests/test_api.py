@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,41 +24,15 @@ from PIL import Image
 from build.sd import ImageRange, SDBuildOptions, build_sd
 from build.sd_weights import write_sd_checkpoint
 from build.vit import ViTBuildOptions, build_vit
-from orchestrator.api import Settings, create_app, parse_infotext
+from orchestrator.api import Settings, parse_infotext
 from orchestrator.diffusion import TritonDiffusion, Txt2ImgRequest
 from orchestrator.security import SecurityOptions
+from orchestrator.service import BackgroundAPI as LiveAPI
 from orchestrator.triton_server import TritonOptions, TritonServer, free_port
 from tests.conftest import encode, png_header_only
 
 pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parent.parent
-
-
-class LiveAPI:
-    """The app on a real uvicorn server in a background thread."""
-
-    def __init__(self, settings: Settings) -> None:
-        import uvicorn
-
-        self.settings = settings
-        self.app = create_app(settings)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning",
-                                                    ws="websockets-sansio"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{settings.port}"
-
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 120), **kwargs)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
