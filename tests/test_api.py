@@ -129,6 +129,21 @@ def test_scheduler_field_and_aliases(client):
     assert json.loads(karras.json()["info"])["sampler_name"] == "DPM++ 2M Karras"
 
 
+def test_variation_seeds(client):
+    """subseed_strength 1 is the subseed's own noise; 0.5 is neither image (AUTOMATIC1111's slerp)."""
+    def image(**change):
+        response = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3} | change)
+        assert response.status_code == 200, response.text
+        return _decode(response.json()["images"][0])[0].astype(int), json.loads(response.json()["info"])
+
+    base, _ = image(seed=1)
+    other, _ = image(seed=77)
+    full, info = image(seed=1, subseed=77, subseed_strength=1.0)
+    half, _ = image(seed=1, subseed=77, subseed_strength=0.5)
+    assert np.abs(full - other).max() <= 1 and info["subseed"] == 77 and info["seed"] == 1
+    assert np.abs(half - base).max() > 8 and np.abs(half - other).max() > 8
+
+
 def test_img2img_inpainting_and_controlnet(client):
     init = _b64(_png())
     mask = Image.new("L", (64, 64), 0)
