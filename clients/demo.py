@@ -3,26 +3,48 @@
 Steps:
  1. build vit_base_patch16_224.augreg2_in21k_ft_in1k (seeded random weights: no hub here), served
     with ONNX Runtime fp32, and a tiny seeded Stable Diffusion 1.x pipeline, into the repository
- 2. start the embedded Triton on 127.0.0.1 (free ports) and wait until every model is ready
- 3. classify every sample image over gRPC (top-5), embed one over HTTP, generate (txt2img, img2img, ControlNet)
+ 2. start the embedded Triton on 127.0.0.1 (free ports), wait until every model is ready, and start
+    the API service (AUTOMATIC1111-compatible) in front of it
+ 3. classify every sample image over gRPC (top-5), embed one over HTTP, generate (txt2img, img2img,
+    ControlNet) with the library, then txt2img and classify once more through the API over HTTP
  4. write the results under out/demo/ and stop the server
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
 
+from build.errors import KilnError
 from build.sd import ImageRange, SDBuildOptions, build_sd
 from build.sd_weights import write_sd_checkpoint
 from build.vit import SAMPLE_IMAGES, ViTBuildOptions, build_vit, list_images
 from clients.vit import ViTClient, print_classifications, read_images
 from orchestrator.diffusion import ControlNetUnit, Img2ImgRequest, TritonDiffusion, Txt2ImgRequest
 from orchestrator.images import save_png
+from orchestrator.api import Settings
+from orchestrator.service import BackgroundAPI
 from orchestrator.triton_server import TritonOptions, TritonServer, free_port
 
 DEMO_PROMPT = "a photo of a cat sitting on a windowsill, soft light"
+
+
+def _through_api(api: BackgroundAPI, out: Path) -> tuple[Path, str]:
+    """An AUTOMATIC1111-style txt2img and a classification, over real HTTP."""
+    with api.client(timeout=600) as http:
+        response = http.post("/sdapi/v1/txt2img", json={
+            "prompt": DEMO_PROMPT, "negative_prompt": "blurry", "steps": 20, "sampler_name": "Euler a", "seed": 42,
+            "width": 128, "height": 128})
+        if response.status_code != 200:
+            raise KilnError(f"the API answered {response.status_code}: {response.text[:300]}")
+        path = out / "api-txt2img.png"
+        path.write_bytes(base64.b64decode(response.json()["images"][0]))
+        photo = base64.b64encode((SAMPLE_IMAGES / "chelsea.jpg").read_bytes()).decode()
+        result = http.post("/v1/classify", json={"images": [photo], "top_k": 1}).json()["results"][0]
+    top = result.get("error") or f"{result['top'][0]['label']} ({result['top'][0]['score']:.4f})"
+    return path, top
 
 
 def run_demo(repository: Path, out: Path) -> int:
@@ -39,11 +61,13 @@ def run_demo(repository: Path, out: Path) -> int:
     build_sd(SDBuildOptions(weights=str(weights), repository=repository, images=ImageRange(32, 128, 256)))
 
     # 2. Serve.
-    print("== 2/4 start Triton", flush=True)
+    print("== 2/4 start Triton and the API", flush=True)
     options = TritonOptions(repository=repository, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), log_path=out / "tritonserver.log")
     with TritonServer(options) as server:
         print(f"   ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}", flush=True)
+        api = BackgroundAPI(Settings(triton_url=server.grpc_url, port=free_port()))
+        print(f"   API ready: {api.url} (docs {api.url}/docs)", flush=True)
 
         # 3. Call.
         print("== 3/4 classify the sample images (gRPC, top-5) and embed one (HTTP)", flush=True)
@@ -66,6 +90,12 @@ def run_demo(repository: Path, out: Path) -> int:
             controlnet=ControlNetUnit(image=(SAMPLE_IMAGES / "coffee.png").read_bytes(), module="canny")))
         controlnet_path = save_png(controlled.images[0], out / "controlnet.png",
                                    controlled.info | {"model": "sd-tiny (random) + ControlNet canny"})
+        print(f"   through the API: POST {api.url}/sdapi/v1/txt2img and /v1/classify", flush=True)
+        try:
+            api_path, api_top = _through_api(api, out)
+        finally:
+            api.stop()
+        print(f"   API classify chelsea.jpg: {api_top}", flush=True)
 
     # 4. Results.
     print("== 4/4 results", flush=True)
@@ -78,6 +108,7 @@ def run_demo(repository: Path, out: Path) -> int:
     print(f"   txt2img image:   {txt2img_path}")
     print(f"   img2img image:   {img2img_path}")
     print(f"   ControlNet image: {controlnet_path}")
+    print(f"   API txt2img image: {api_path}")
     print(f"   classifications: {out / 'classify.json'}")
     print(f"   embedding:       {out / 'embed.json'}")
     print(f"   build report:    {Path(repository) / 'build-report.json'}")

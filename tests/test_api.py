@@ -130,9 +130,12 @@ def test_scheduler_field_and_aliases(client):
 
 
 def test_variation_seeds(client):
-    """subseed_strength 1 is the subseed's own noise; 0.5 is neither image (AUTOMATIC1111's slerp)."""
+    """subseed_strength 1 is the subseed's own noise; 0.5 is neither image (AUTOMATIC1111's slerp).
+
+    A deterministic sampler: an ancestral one would still draw its per-step noise from the seed.
+    """
     def image(**change):
-        response = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3} | change)
+        response = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3, "sampler_name": "Euler"} | change)
         assert response.status_code == 200, response.text
         return _decode(response.json()["images"][0])[0].astype(int), json.loads(response.json()["info"])
 
