@@ -506,6 +506,8 @@ def _sdapi_routes(app: FastAPI) -> None:
 
     @app.post("/sdapi/v1/options", tags=["sdapi"])
     async def set_options(request: Request, body: dict[str, Any]):
+        if "sd_model_checkpoint" in body:
+            await _pipeline(request)  # learn the served model's title before comparing with it (503 if Triton is away)
         options = request.app.state.options
         updates = {}
         for key, value in body.items():
