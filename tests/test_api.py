@@ -515,7 +515,7 @@ def test_generate_command_through_the_api(api, tmp_path):
 
 
 # -- fuzzing --------------------------------------------------------------------------------------
-def test_openapi_fuzz_finds_no_server_errors(triton):
+def test_openapi_fuzz_finds_no_server_errors(triton, tmp_path):
     """schemathesis generates requests from the OpenAPI schema; no answer may be a 5xx.
 
     The service under fuzz caps steps and images low so that the valid generations it finds stay quick.
@@ -528,7 +528,8 @@ def test_openapi_fuzz_finds_no_server_errors(triton):
                                  "--max-examples", "60", "--seed", "1",
                                  "--request-timeout", "60", "--exclude-path", "/sdapi/v1/interrupt",
                                  "--exclude-path", "/sdapi/v1/skip", "--warnings", "off"],
-                                capture_output=True, text=True, timeout=400, env=os.environ | {"NO_COLOR": "1"})
+                                capture_output=True, text=True, timeout=400, cwd=tmp_path,  # its cache goes there
+                                env=os.environ | {"NO_COLOR": "1"})
     finally:
         live.stop()
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
