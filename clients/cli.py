@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--triton-url", help="use this running Triton (host:gRPC port) instead of starting one")
     api = serve.add_argument_group("API service")
     api.add_argument("--no-api", action="store_true", help="serve Triton only")
-    api.add_argument("--listen", default="127.0.0.1", help="API bind address (another than loopback needs auth)")
+    api.add_argument("--listen", default="127.0.0.1", help="API bind address (any but loopback needs --api-auth or --api-keys)")
     api.add_argument("--port", type=int, default=7860, help="API port")
     api.add_argument("--api-auth", help="HTTP Basic credentials user:pass[,user:pass]")
     api.add_argument("--api-keys", help="comma-separated API keys (X-API-Key or Authorization: Bearer)")
