@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from benchmarks.load import run_concurrently
 from build.errors import KilnError
 
 PIPELINES = {  # checkpoint size, image side, served profile (min, opt, max)
@@ -57,10 +58,9 @@ class Row:
 
 
 def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    from orchestrator.metrics import read_metric
+
+    return read_metric(text, name) or 0.0
 
 
 def _load(url: str, clients: int, per_client: int, body: dict) -> tuple[list[float], float, dict]:
@@ -84,13 +84,7 @@ def _load(url: str, clients: int, per_client: int, body: dict) -> tuple[list[flo
 
     with httpx.Client(base_url=url, timeout=60) as http:
         before = http.get("/metrics").text
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_concurrently(client, clients)
     with httpx.Client(base_url=url, timeout=60) as http:
         after = http.get("/metrics").text
     if errors:

@@ -31,6 +31,8 @@ from build.triton_config import read_config
 from build.vit import SAMPLE_IMAGES, VARIANTS, ViTBuildOptions, build_vit, list_images
 from build.weights import load_vit
 
+from benchmarks.load import run_concurrently
+
 GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224x224: 17.6 GMAC
 
 
@@ -117,13 +119,7 @@ def _load(server_url: str, payloads: list[bytes], concurrency: int, seconds: flo
                 latencies.append(time.perf_counter() - start)
             i += 1
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = run_concurrently(worker, concurrency)
     return _row("", "triton", concurrency, latencies, images=len(latencies), wall=wall)
 
 

@@ -30,7 +30,7 @@ from build.errors import InputError, KilnError, ServerError
 from build.imaging import ImageLimits
 from orchestrator import schemas
 from orchestrator.diffusion import CONTROL_MODULES, ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
-from orchestrator.images import parameters_text
+from orchestrator.images import parameters_text, png_bytes
 from orchestrator.jobs import FINISHED, Engine, EngineOptions, Job, QueueFull, Status
 from orchestrator.metrics import Metrics
 from orchestrator.samplers import SAMPLERS, UnknownSampler
@@ -154,17 +154,21 @@ def _count(request: Request, endpoint: str, outcome: str) -> None:
 _DATA_URL = re.compile(r"^data:[\w/+.-]+;base64,", re.IGNORECASE)
 
 
-def decode_b64_image(text: Any, what: str, max_pixels: int) -> bytes:
-    """A base64 image (optionally a data: URL) -> bytes; refuses URLs, bad base64 and oversized headers."""
+def decode_b64(text: Any, what: str) -> bytes:
+    """A base64 image (optionally a data: URL) -> bytes; refuses URLs and bad base64."""
     if not isinstance(text, str) or not text:
         raise APIError(422, "invalid_input", f"{what}: expected a base64-encoded image string")
     if text.startswith(("http://", "https://", "file:", "ftp://")):
         raise APIError(422, "invalid_input", f"{what}: image URLs are not fetched; send the image as base64")
-    text = _DATA_URL.sub("", text, count=1)
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(_DATA_URL.sub("", text, count=1), validate=True)
     except (binascii.Error, ValueError):
         raise APIError(422, "invalid_input", f"{what}: invalid base64") from None
+
+
+def decode_b64_image(text: Any, what: str, max_pixels: int) -> bytes:
+    """decode_b64, then the header check (oversized or unreadable images are refused before decoding)."""
+    data = decode_b64(text, what)
     check_image_header(data, what, max_pixels)
     return data
 
@@ -184,16 +188,6 @@ def check_image_header(data: bytes, what: str, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise APIError(413, "too_large", f"{what}: image header declares {width}x{height} = {width * height} "
                                          f"pixels, over the limit of {max_pixels}; refused before decoding")
-
-
-def _encode_png(image: np.ndarray, info: dict) -> str:
-    from PIL import Image, PngImagePlugin
-
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", parameters_text(info))
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG", pnginfo=meta)
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def resize_init_image(data: bytes, width: int, height: int, mode: int) -> bytes:
@@ -342,7 +336,8 @@ def response_for(job: Job, body: schemas.Txt2ImgBody, ignored: list[str]) -> dic
         "is_using_inpainting_conditioning": False, "version": "kiln-0.1.0",
         "interrupted": job.interrupted, "ignored_override_settings": ignored,
     }
-    images = [_encode_png(image, i) for image, i in zip(job.images, infos)] if body.send_images else []
+    images = [base64.b64encode(png_bytes(image, i)).decode() for image, i in zip(job.images, infos)] \
+        if body.send_images else []
     parameters = body.model_dump(exclude={"init_images", "mask", "alwayson_scripts"})
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
@@ -737,15 +732,7 @@ async def _images_from(request: Request, body_model) -> tuple[list[tuple[str, by
             params = body_model.model_validate(payload)
         except Exception as exc:  # noqa: BLE001
             raise APIError(422, "invalid_input", _short(exc)) from None
-        images = []
-        for index, text in enumerate(params.images):
-            what = f"images[{index}]"
-            if not isinstance(text, str) or text.startswith(("http://", "https://", "file:", "ftp://")):
-                raise APIError(422, "invalid_input", f"{what}: image URLs are not fetched; send the image as base64")
-            try:
-                images.append((what, base64.b64decode(_DATA_URL.sub("", text, count=1), validate=True)))
-            except (binascii.Error, ValueError):
-                raise APIError(422, "invalid_input", f"{what}: invalid base64") from None
+        images = [(f"images[{index}]", decode_b64(text, f"images[{index}]")) for index, text in enumerate(params.images)]
     if len(images) > 64:
         raise APIError(413, "too_large", f"{len(images)} images in one request; the limit is 64")
     return images, params
@@ -839,7 +826,5 @@ def _health_routes(app: FastAPI) -> None:
 
     @app.get("/metrics", tags=["health"])
     async def metrics(request: Request):
-        engine = _engine(request)
-        request.app.state.metrics.queue_depth.set(engine.queue.waiting())
         return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 

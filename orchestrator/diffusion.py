@@ -328,7 +328,6 @@ class TritonDiffusion:
             cond = np.repeat(control[None], len(context), axis=0)
 
         # 7. Denoising loop.
-        stopped_at = None
         with denoising() if denoising is not None else nullcontext():
             latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, context, cond, inpaint, noise
                                                 if init else None, step_kwargs, progress, cancelled, stop_early,

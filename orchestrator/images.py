@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,17 @@ def parameters_text(info: dict) -> str:
     return "\n".join(lines)
 
 
+def png_bytes(image: np.ndarray, info: dict) -> bytes:
+    """The image as PNG bytes carrying the "parameters" chunk."""
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", parameters_text(info))
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG", pnginfo=meta)
+    return buffer.getvalue()
+
+
 def save_png(image: np.ndarray, path: Path, info: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", parameters_text(info))
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, pnginfo=meta)
+    path.write_bytes(png_bytes(image, info))
     return path

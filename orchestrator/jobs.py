@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable
@@ -296,20 +297,15 @@ class Engine:
                 job.infos.append(result.info | {"seed": seed, "index": index})
             self.metrics.images.inc(len(result.images))
 
+    @contextmanager
     def _denoising(self):
         """Held by a job for its denoising loop: it makes the job a participant of the step batcher."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def held():
-            with self.batcher.participant():
-                self.metrics.denoising_jobs.set(self.batcher.participants)
-                try:
-                    yield
-                finally:
-                    self.metrics.denoising_jobs.set(self.batcher.participants - 1)
-
-        return held()
+        with self.batcher.participant():
+            self.metrics.denoising_jobs.set(self.batcher.participants)
+            try:
+                yield
+            finally:
+                self.metrics.denoising_jobs.set(self.batcher.participants - 1)
 
     def close(self, timeout_s: float = 60.0) -> None:
         self.queue.close(timeout_s)

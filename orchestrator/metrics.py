@@ -8,6 +8,14 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
+def read_metric(text: str, name: str) -> float | None:
+    """The value of an unlabelled sample `name` in Prometheus text (what /metrics returns), or None."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()

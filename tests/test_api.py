@@ -26,6 +26,7 @@ from build.sd_weights import write_sd_checkpoint
 from build.vit import ViTBuildOptions, build_vit
 from orchestrator.api import Settings, parse_infotext
 from orchestrator.diffusion import TritonDiffusion, Txt2ImgRequest
+from orchestrator.metrics import read_metric
 from orchestrator.security import SecurityOptions
 from orchestrator.service import BackgroundAPI as LiveAPI
 from orchestrator.triton_server import TritonOptions, TritonServer, free_port
@@ -195,14 +196,6 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("change,status,needle", BAD, ids=[str(list(c)[0]) for c, _, _ in BAD])
-def test_bad_txt2img_requests_name_the_problem(client, change, status, needle):
-    response = client.post("/sdapi/v1/txt2img", json=TXT | change)
-    assert response.status_code == status, response.text
-    assert needle in response.json()["detail"]
-    _safe(response)
-
-
 def test_prompt_beyond_the_chunk_cap_is_an_input_error(client):
     response = client.post("/sdapi/v1/txt2img", json=TXT | {"prompt": "cat, " * 400})
     assert response.status_code == 422 and "prompt" in response.json()["detail"].lower()
@@ -226,9 +219,13 @@ BAD_IMAGES = [
 ]
 
 
-@pytest.mark.parametrize("change,status,needle", BAD_IMAGES, ids=range(len(BAD_IMAGES)))
-def test_bad_img2img_requests_name_the_problem(client, change, status, needle):
-    response = client.post("/sdapi/v1/img2img", json=TXT | change)
+REFUSED = [("txt2img", *case) for case in BAD] + [("img2img", *case) for case in BAD_IMAGES]
+
+
+@pytest.mark.parametrize("route,change,status,needle", REFUSED,
+                         ids=[f"{r}-{list(c)[0]}-{i}" for i, (r, c, _, _) in enumerate(REFUSED)])
+def test_bad_requests_name_the_problem(client, route, change, status, needle):
+    response = client.post(f"/sdapi/v1/{route}", json=TXT | change)
     assert response.status_code == status, response.text
     assert needle in response.json()["detail"]
     _safe(response)
@@ -322,10 +319,9 @@ def _solo(triton, body) -> np.ndarray:
 
 
 def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in metrics")
+    value = read_metric(text, name)
+    assert value is not None, f"{name} not in metrics"
+    return value
 
 
 def test_step_batching_merges_requests_and_matches_solo_runs(api, triton):
