@@ -2,10 +2,18 @@
 
 For each concurrency N, N client threads send AUTOMATIC1111 txt2img requests back to back over
 real HTTP to the service (uvicorn + the embedded Triton), each with its own seed. The same run
-measures the service with step-level batching on and with it off (every UNet call goes to
-Triton on its own; Triton's dynamic batcher may still merge calls that happen to coincide), the
-two alternating per N so drift hits both alike. Reported: images/s, p50/p95 request latency,
-and the mean rows per UNet call Triton received (from the service's /metrics).
+measures three arms, alternating per N so drift hits all alike:
+
+- `unbatched`: no batching anywhere. Step batching off, and a second Triton serves the same
+  models with `sd_unet`'s dynamic batcher removed, so every request's UNet call (its CFG pair)
+  executes alone: what a batch-1 server does.
+- `triton`: step batching off; Triton's dynamic batcher (`sd_unet`, 2 ms queue delay) merges
+  the calls that happen to arrive together.
+- `step`: the service's step-level batcher merges the UNet calls of every running request.
+
+Reported: images/s, p50/p95 request latency, rows per UNet call the service sent (its
+/metrics), rows per model execution Triton ran (Triton's own statistics), and the share of the
+wall time the service spent waiting on UNet calls.
 
 Writes results/serve-<pipeline>.json, .md and .png (throughput and p95 latency against N).
 """
@@ -45,22 +53,37 @@ class ServeBenchOptions:
     size: int = 0  # image side in pixels; 0: the pipeline's default
 
 
+ARMS = ("unbatched", "triton", "step")  # see the module docstring
+BASELINE = "unbatched"
+
+
 @dataclass
 class Row:
-    batching: bool
+    arm: str
     clients: int
     requests: int
     images_per_s: float
     p50_s: float
     p95_s: float
-    mean_unet_rows: float  # rows per UNet call Triton received
+    mean_unet_rows: float  # rows per UNet call the service sent
     unet_calls: int
+    rows_per_execution: float  # rows per sd_unet execution, from Triton's statistics
+    unet_busy_share: float  # UNet call seconds / wall seconds (above 1 when calls overlap)
 
 
 def _metric(text: str, name: str) -> float:
     from orchestrator.metrics import read_metric
 
     return read_metric(text, name) or 0.0
+
+
+def _triton_unet_counts(triton_http_url: str) -> tuple[int, int]:
+    """(inferences, executions) of sd_unet so far: Triton counts every batch row as an inference."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{triton_http_url}/v2/models/sd_unet/stats", timeout=30) as response:
+        stats = json.load(response)["model_stats"]
+    return sum(int(s["inference_count"]) for s in stats), sum(int(s["execution_count"]) for s in stats)
 
 
 def _load(url: str, clients: int, per_client: int, body: dict) -> tuple[list[float], float, dict]:
@@ -91,7 +114,62 @@ def _load(url: str, clients: int, per_client: int, body: dict) -> tuple[list[flo
         raise KilnError(f"{len(errors)} of the benchmark's requests failed, e.g. {errors[0]}")
     calls = _metric(after, "kiln_unet_batch_rows_count") - _metric(before, "kiln_unet_batch_rows_count")
     rows = _metric(after, "kiln_unet_batch_rows_sum") - _metric(before, "kiln_unet_batch_rows_sum")
-    return latencies, wall, {"calls": int(calls), "rows": rows}
+    busy = _metric(after, "kiln_unet_call_seconds_sum") - _metric(before, "kiln_unet_call_seconds_sum")
+    return latencies, wall, {"calls": int(calls), "rows": rows, "busy_s": busy}
+
+
+def unet_cost_curve(triton_grpc_url: str, side: int, rows: tuple[int, ...], repeats: int = 15) -> dict[int, float]:
+    """Median seconds of one sd_unet call of `rows` rows, alone on an idle server (the batching ceiling's input)."""
+    from orchestrator.diffusion import TritonDiffusion
+
+    pipeline = TritonDiffusion(triton_grpc_url)
+    context = pipeline.encode_prompts(["a photo of a cat"])
+    latent = side // pipeline.vae_scale_factor
+    rng = np.random.default_rng(0)
+    curve = {}
+    for n in rows:
+        inputs = {"sample": rng.standard_normal((n, pipeline.unet_in_channels, latent, latent), dtype=np.float32),
+                  "timestep": np.full((n, 1), 500, np.float32),
+                  "encoder_hidden_states": np.repeat(context, n, axis=0)}
+        pipeline.noise_pred("sd_unet", inputs)  # warm-up at this shape
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pipeline.noise_pred("sd_unet", inputs)
+            times.append(time.perf_counter() - start)
+        curve[n] = float(np.median(times))
+    return curve
+
+
+def batching_ceiling(curve: dict[int, float], clients: int, rows_per_request: int = 2) -> float:
+    """Best throughput ratio merging can give if the UNet were all the work: N solo calls vs one merged call."""
+    merged = min(clients * rows_per_request, max(curve))
+    if merged not in curve:
+        return float("nan")
+    return (merged // rows_per_request) * curve[rows_per_request] / curve[merged]
+
+
+def unbatched_repository(repo: Path, target: Path) -> Path:
+    """The same models (linked, not copied), with sd_unet's dynamic batcher removed: each call executes alone."""
+    import re
+    import shutil
+
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for entry in repo.iterdir():
+        if entry.name != "sd_unet":
+            (target / entry.name).symlink_to(entry.resolve())
+    unet = target / "sd_unet"
+    unet.mkdir()
+    for entry in (repo / "sd_unet").iterdir():
+        if entry.name != "config.pbtxt":
+            (unet / entry.name).symlink_to(entry.resolve())
+    config = (repo / "sd_unet" / "config.pbtxt").read_text()
+    stripped = re.sub(r"^dynamic_batching \{.*?^\}\n", "", config, flags=re.S | re.M)
+    if stripped == config:
+        raise KilnError(f"{repo / 'sd_unet' / 'config.pbtxt'} has no dynamic_batching block to remove")
+    (unet / "config.pbtxt").write_text(stripped)
+    return target
 
 
 def _repository(options: ServeBenchOptions, log) -> Path:
@@ -112,6 +190,8 @@ def _repository(options: ServeBenchOptions, log) -> Path:
 
 
 def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
+    from contextlib import ExitStack
+
     from orchestrator.api import Settings
     from orchestrator.service import BackgroundAPI
     from orchestrator.triton_server import TritonOptions, TritonServer, free_port
@@ -120,36 +200,47 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
         raise ValueError(f"unknown pipeline {options.pipeline!r}; valid: {', '.join(PIPELINES)}")
     options.out.mkdir(parents=True, exist_ok=True)
     repo = _repository(options, log)
+    repos = {"batched": repo, "unbatched": unbatched_repository(repo, repo.parent / "repo-unbatched")}
     side = options.size or PIPELINES[options.pipeline][1]
     body = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": options.steps,
             "sampler_name": options.sampler, "cfg_scale": options.cfg_scale, "width": side, "height": side}
     rows: list[Row] = []
-    triton = TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port(), log_path=options.out / "bench_serve_triton.log"))
     workers = max(options.concurrency)
-    with triton:
-        services = {on: BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), workers=workers,
-                                               max_queue=workers, step_batching=on, request_timeout_s=3600))
-                    for on in (False, True)}
-        try:
-            for service in services.values():  # warm-up: sessions, thread pools, first-call allocations
-                _load(service.url, 2, 1, body)
-            bar = tqdm(total=2 * len(options.concurrency), desc="bench serve", unit="config")
-            for clients in options.concurrency:
-                for on in (False, True):
-                    bar.set_postfix(clients=clients, batching="on" if on else "off")
-                    latencies, wall, unet = _load(services[on].url, clients, options.requests_per_client, body)
-                    rows.append(Row(batching=on, clients=clients, requests=len(latencies),
-                                    images_per_s=len(latencies) / wall, p50_s=float(np.percentile(latencies, 50)),
-                                    p95_s=float(np.percentile(latencies, 95)),
-                                    mean_unet_rows=unet["rows"] / unet["calls"] if unet["calls"] else 0.0,
-                                    unet_calls=unet["calls"]))
-                    bar.update()
-            bar.close()
-        finally:
-            for service in services.values():
-                service.stop()
-    result = summarize(rows, options) | {"image_side": side}
+    with ExitStack() as stack:
+        tritons = {name: stack.enter_context(TritonServer(TritonOptions(
+            repository=path, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+            log_path=options.out / f"bench_serve_triton_{name}.log"))) for name, path in repos.items()}
+        triton_of = {"unbatched": tritons["unbatched"], "triton": tritons["batched"], "step": tritons["batched"]}
+        services = {arm: BackgroundAPI(Settings(triton_url=triton_of[arm].grpc_url, port=free_port(), workers=workers,
+                                                max_queue=workers, step_batching=arm == "step",
+                                                request_timeout_s=3600))
+                    for arm in ARMS}
+        for service in services.values():
+            stack.callback(service.stop)
+        for service in services.values():  # warm-up: sessions, thread pools, first-call allocations
+            _load(service.url, 2, 1, body)
+        max_rows = 2 * max(options.concurrency)
+        curve = unet_cost_curve(tritons["batched"].grpc_url, side,
+                                tuple(n for n in (1, 2, 4, 8, 16) if n <= max(max_rows, 2)))
+        log("sd_unet alone, seconds per call by rows: " + ", ".join(f"{n}: {t * 1000:.1f} ms" for n, t in curve.items()))
+        bar = tqdm(total=len(ARMS) * len(options.concurrency), desc="bench serve", unit="config")
+        for clients in options.concurrency:
+            for arm in ARMS:
+                bar.set_postfix(clients=clients, arm=arm)
+                inferences, executions = _triton_unet_counts(triton_of[arm].http_url)
+                latencies, wall, unet = _load(services[arm].url, clients, options.requests_per_client, body)
+                inferences_after, executions_after = _triton_unet_counts(triton_of[arm].http_url)
+                ran = executions_after - executions
+                rows.append(Row(arm=arm, clients=clients, requests=len(latencies),
+                                images_per_s=len(latencies) / wall, p50_s=float(np.percentile(latencies, 50)),
+                                p95_s=float(np.percentile(latencies, 95)),
+                                mean_unet_rows=unet["rows"] / unet["calls"] if unet["calls"] else 0.0,
+                                unet_calls=unet["calls"],
+                                rows_per_execution=(inferences_after - inferences) / ran if ran else 0.0,
+                                unet_busy_share=unet["busy_s"] / wall))
+                bar.update()
+        bar.close()
+    result = summarize(rows, options, curve) | {"image_side": side}
     stem = options.out / f"serve-{options.pipeline}-{side}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     table = markdown_table(result)
@@ -160,34 +251,45 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
     return result
 
 
-def summarize(rows: list[Row], options: ServeBenchOptions) -> dict:
-    by = {(r.batching, r.clients): r for r in rows}
+def summarize(rows: list[Row], options: ServeBenchOptions, curve: dict[int, float]) -> dict:
+    by = {(r.arm, r.clients): r for r in rows}
     ratios = {}
     for clients in options.concurrency:
-        on, off = by[(True, clients)], by[(False, clients)]
-        ratios[clients] = {"throughput": on.images_per_s / off.images_per_s, "p95": on.p95_s / off.p95_s}
+        base = by[(BASELINE, clients)]
+        ratios[clients] = {arm: {"throughput": by[(arm, clients)].images_per_s / base.images_per_s,
+                                 "p95": by[(arm, clients)].p95_s / base.p95_s} for arm in ARMS if arm != BASELINE}
+        ratios[clients]["ceiling"] = batching_ceiling(curve, clients)
     target = ratios.get(8)
     return {
         "benchmark": "serve", "pipeline": options.pipeline, "options": {k: str(v) for k, v in asdict(options).items()},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
-        "rows": [asdict(r) for r in rows], "ratios": ratios,
+        "rows": [asdict(r) for r in rows], "baseline": BASELINE, "ratios": ratios,
+        "unet_seconds_by_rows": {str(n): t for n, t in curve.items()},
         "target": None if target is None else {
-            "clients": 8, "throughput_ratio": target["throughput"], "p95_ratio": target["p95"],
-            "met": target["throughput"] >= 2.0 and target["p95"] <= 1.0},
+            "clients": 8, "throughput_ratio": target["step"]["throughput"], "p95_ratio": target["step"]["p95"],
+            "vs_triton_dynamic_batching": target["step"]["throughput"] / target["triton"]["throughput"],
+            "ceiling": target["ceiling"],
+            "met": target["step"]["throughput"] >= 2.0 and target["step"]["p95"] <= 1.0},
     }
 
 
 def markdown_table(result: dict) -> str:
-    lines = [f"Pipeline: {result['pipeline']} at {result['image_side']}x{result['image_side']}; ratios are "
-             "batching on / off at the same number of clients.", "",
-             "| clients | batching | images/s | p50 s | p95 s | rows per UNet call | throughput ratio | p95 ratio |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"Pipeline: {result['pipeline']} at {result['image_side']}x{result['image_side']}; ratios are against "
+             f"the `{result['baseline']}` arm at the same number of clients. Ceiling: what merging could give if the "
+             "UNet were all the work, N solo 2-row calls against one merged call, from sd_unet's cost alone: "
+             + ", ".join(f"{n} rows {t * 1000:.1f} ms" for n, t in result["unet_seconds_by_rows"].items()) + ".", "",
+             "| clients | arm | images/s | p50 s | p95 s | rows per call sent | rows per Triton execution | "
+             "UNet busy | throughput ratio | p95 ratio | ceiling |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
-        ratio = result["ratios"][row["clients"]]
-        extra = (f"{ratio['throughput']:.2f}x", f"{ratio['p95']:.2f}x") if row["batching"] else ("", "")
-        lines.append(f"| {row['clients']} | {'on' if row['batching'] else 'off'} | {row['images_per_s']:.2f} | "
-                     f"{row['p50_s']:.2f} | {row['p95_s']:.2f} | {row['mean_unet_rows']:.1f} | {extra[0]} | {extra[1]} |")
+        ratio = result["ratios"][row["clients"]].get(row["arm"])
+        extra = (f"{ratio['throughput']:.2f}x", f"{ratio['p95']:.2f}x") if ratio else ("", "")
+        ceiling = result["ratios"][row["clients"]]["ceiling"] if row["arm"] == "step" else None
+        lines.append(f"| {row['clients']} | {row['arm']} | {row['images_per_s']:.2f} | {row['p50_s']:.2f} | "
+                     f"{row['p95_s']:.2f} | {row['mean_unet_rows']:.1f} | {row['rows_per_execution']:.1f} | "
+                     f"{row['unet_busy_share']:.0%} | {extra[0]} | {extra[1]} | "
+                     f"{'' if ceiling is None else f'{ceiling:.2f}x'} |")
     return "\n".join(lines)
 
 
@@ -197,12 +299,12 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = {"unbatched": "no batching", "triton": "Triton dynamic batching only", "step": "step-level batching"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for on, style in ((False, "o--"), (True, "o-")):
-        rows = [r for r in result["rows"] if r["batching"] == on]
-        label = "step batching " + ("on" if on else "off")
-        left.plot([r["clients"] for r in rows], [r["images_per_s"] for r in rows], style, label=label)
-        right.plot([r["clients"] for r in rows], [r["p95_s"] for r in rows], style, label=label)
+    for arm, style in zip(ARMS, (":o", "--o", "-o")):
+        rows = [r for r in result["rows"] if r["arm"] == arm]
+        left.plot([r["clients"] for r in rows], [r["images_per_s"] for r in rows], style, label=labels[arm])
+        right.plot([r["clients"] for r in rows], [r["p95_s"] for r in rows], style, label=labels[arm])
     for axis, title, unit in ((left, "throughput", "images/s"), (right, "p95 latency", "seconds")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("concurrent clients")

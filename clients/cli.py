@@ -175,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--steps", type=int, default=20)
     bench_serve.add_argument("--size", type=int, default=0, help="image side (default: 64 tiny, 512 full)")
     bench_serve.add_argument("--skip-build", action="store_true", help="reuse the benchmark's repository")
+    bench_sd = bench_targets.add_parser("sd", help="SD per component and per image: torch eager vs ONNX Runtime "
+                                                   "and OpenVINO variants, direct vs Triton")
+    bench_sd.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results")
+    bench_sd.add_argument("--pipeline", choices=("tiny", "full"), default="full",
+                          help="SD 1.5's full-size architecture with seeded random weights (default), or the tiny one")
+    bench_sd.add_argument("--size", type=int, default=0, help="image side (default: 512 full, 64 tiny)")
+    bench_sd.add_argument("--steps", type=int, default=20, help="steps of the measured images")
+    bench_sd.add_argument("--repeats", type=int, default=3, help="timed calls per component after one warm-up")
+    bench_sd.add_argument("--variants", default="torch-fp32,onnxruntime-fp32,openvino-fp32,openvino-bf16,openvino-int8",
+                          help="comma-separated; also onnxruntime-int8, openvino-fp16")
+    bench_sd.add_argument("--no-triton", action="store_true", help="skip the run through Triton + the orchestrator")
+    bench_sd.add_argument("--skip-build", action="store_true",
+                          help="reuse the benchmark's checkpoint, repository and derived artifacts")
     return parser
 
 
@@ -413,6 +426,14 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.target == "sd":
+        from benchmarks.sd import SDBenchOptions, run_sd_benchmark
+
+        run_sd_benchmark(SDBenchOptions(
+            out=args.out, pipeline=args.pipeline, size=args.size, steps=args.steps, repeats=args.repeats,
+            variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), triton=not args.no_triton,
+            skip_build=args.skip_build))
+        return 0
     if args.target == "serve":
         from benchmarks.serve import ServeBenchOptions, run_serve_benchmark
 

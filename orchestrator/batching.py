@@ -2,7 +2,10 @@
 
 Every generation in its denoising loop is a *participant*. At each step it submits its UNet call
 (latents, timesteps, text embeddings, per row) and waits. When every participant has submitted,
-or `window_s` after the first call of the tick arrived, the batcher groups the calls whose
+or `window_s` after the first call of the tick arrived (counted from the end of the previous
+tick when that is later: the generations it just answered are about to submit again, and
+without this the participants split into groups that alternate, each tick half as big), the
+batcher groups the calls whose
 tensors have the same per-row shapes (same model, image size and prompt-chunk count), stacks
 them row-wise into batches of at most `max_rows` rows, runs each batch once, and hands each
 caller back its own rows. Generations join and leave at step boundaries; what each does between
@@ -77,6 +80,7 @@ class StepBatcher:
         self._participants = 0
         self._pending: list[_Call] = []
         self._first_arrival = 0.0
+        self._tick_end = 0.0  # when the previous tick's results were handed back
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -133,18 +137,23 @@ class StepBatcher:
                 while not self._closed and not self._tick_ready():
                     timeout = None
                     if self._pending:
-                        timeout = max(0.0, self._first_arrival + self.window_s - time.monotonic())
+                        timeout = max(0.0, self._deadline() - time.monotonic())
                     self._lock.wait(timeout)
                 if self._closed and not self._pending:
                     return
                 calls, self._pending = self._pending, []
             self._run_tick(calls)
+            with self._lock:
+                self._tick_end = time.monotonic()
+
+    def _deadline(self) -> float:
+        return max(self._first_arrival, self._tick_end) + self.window_s
 
     def _tick_ready(self) -> bool:
         if not self._pending:
             return False
         everyone = len(self._pending) >= self._participants  # every generation in its loop is waiting
-        return everyone or time.monotonic() >= self._first_arrival + self.window_s
+        return everyone or time.monotonic() >= self._deadline()
 
     def _run_tick(self, calls: list[_Call]) -> None:
         groups: dict[tuple, list[_Call]] = defaultdict(list)

@@ -103,7 +103,15 @@ class TritonDiffusion:
         except InferenceServerException as exc:
             raise ServerError(f"cannot read sd_unet's config from Triton at {url} ({exc.message() or exc}); "
                             "is `kiln serve` running a repository built with `kiln build sd`?") from None
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self._configure({k: v["string_value"] for k, v in config.get("parameters", {}).items()},
+                        int(config.get("max_batch_size", 1)))
+        try:
+            self.has_controlnet = bool(self.client.is_model_ready("sd_controlnet_unet"))
+        except InferenceServerException:
+            self.has_controlnet = False
+
+    def _configure(self, params: dict[str, str], unet_max_batch: int) -> None:
+        """What the loop needs to know, from sd_unet's config parameters (written by `kiln build sd`)."""
         try:
             self.scheduler_config = json.loads(params["scheduler_config"])
             self.vae_scale_factor = int(params["vae_scale_factor"])
@@ -117,11 +125,7 @@ class TritonDiffusion:
         self.model_name = params.get("model_name", "sd")
         self.model_sha256 = params.get("model_sha256", "")
         self.model_hash = self.model_sha256[:10]
-        self.unet_max_batch = int(config.get("max_batch_size", 1))
-        try:
-            self.has_controlnet = bool(self.client.is_model_ready("sd_controlnet_unet"))
-        except InferenceServerException:
-            self.has_controlnet = False
+        self.unet_max_batch = unet_max_batch
 
     # -- model calls ----------------------------------------------------------------------------
     def _infer(self, model: str, inputs: dict[str, tuple[np.ndarray, str]], outputs: list[str]) -> dict[str, np.ndarray]:

@@ -144,6 +144,11 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{_client_host(self.options.address)}:{self.options.metrics_port}/metrics"
 
+    @property
+    def pid(self) -> int | None:
+        """The tritonserver process id while it runs (its Python-backend stubs are its children)."""
+        return self._process.pid if self._process is not None else None
+
     # -- lifecycle -------------------------------------------------------------------------
     def command(self) -> list[str]:
         o = self.options

@@ -1,0 +1,505 @@
+"""`kiln bench sd`: Stable Diffusion per component and per image, torch eager fp32 as the baseline of the same run.
+
+For each variant (torch eager fp32, ONNX Runtime fp32, OpenVINO fp32 / bf16 hint / fp16 weights /
+int8 weights, ONNX Runtime dynamic int8), in its own process so its peak memory is its own:
+
+- per-component latency on the shapes of one 512x512 txt2img request: the text encoder on the
+  CFG pair of prompts (batch 2), one UNet step with CFG (batch 2), the VAE decoder (batch 1);
+- the direct loop: the orchestrator's own denoising loop (`TritonDiffusion.generate`: diffusers'
+  scheduler, CFG, the same noise) with the three models called in-process instead of through
+  Triton, timed for one `--steps`-step image;
+- parity with torch eager fp32 on the same inputs: cosine and max abs difference per component,
+  and the PSNR of the generated image against torch's image from the same seed.
+
+Then the build's served repository (ONNX Runtime fp32) through the embedded Triton: the same
+request through `TritonDiffusion.generate` over gRPC, against the direct ONNX Runtime loop of the
+same run (the Triton + orchestrator overhead), with the Triton process tree's peak memory.
+
+Writes results/sd-<pipeline>-<side>.json, .md and .png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from build.errors import ConfigError, KilnError
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+BASELINE = "torch-fp32"
+# variant -> (runtime, artifact kind, OpenVINO inference precision hint)
+VARIANTS = {
+    "torch-fp32": ("torch", "weights", "f32"),
+    "onnxruntime-fp32": ("onnxruntime", "onnx", "f32"),
+    "onnxruntime-int8": ("onnxruntime", "onnx-int8", "f32"),
+    "openvino-fp32": ("openvino", "onnx", "f32"),
+    "openvino-bf16": ("openvino", "onnx", "bf16"),
+    "openvino-fp16": ("openvino", "ir-fp16", "f32"),
+    "openvino-int8": ("openvino", "ir-int8", "f32"),
+}
+DEFAULT_VARIANTS = ("torch-fp32", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8")
+PIPELINES = {"tiny": (64, (32, 64, 128)), "full": (512, (256, 512, 768))}  # default side, (min, opt, max)
+PROMPT, NEGATIVE, SEED = "a photo of a cat", "blurry", 42
+
+
+@dataclass(frozen=True)
+class SDBenchOptions:
+    out: Path
+    pipeline: str = "full"
+    size: int = 0  # image side; 0: the pipeline's default (512 full, 64 tiny)
+    steps: int = 20  # steps of the measured images (direct loops and Triton)
+    repeats: int = 3  # timed calls per component, after one warm-up call
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    triton: bool = True
+    skip_build: bool = False
+
+    @property
+    def side(self) -> int:
+        return self.size or PIPELINES[self.pipeline][0]
+
+
+# -- artifacts ----------------------------------------------------------------------------------
+
+def artifact_path(root: Path, repo: Path, variant: str, component: str) -> Path:
+    kind = VARIANTS[variant][1]
+    if kind == "onnx":
+        return repo / f"sd_{component}" / "1" / "model.onnx"
+    suffix = ".onnx" if kind.startswith("onnx") else ".xml"
+    return root / "artifacts" / variant / f"{component}{suffix}"
+
+
+def derive_artifact(variant: str, source: Path, target: Path) -> None:
+    """The variant's artifact from the build's fp32 ONNX file (OpenVINO IR or a quantized ONNX file)."""
+    import openvino as ov
+
+    kind = VARIANTS[variant][1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "ir-fp16":
+        ov.save_model(ov.convert_model(str(source)), str(target), compress_to_fp16=True)
+    elif kind == "ir-int8":
+        import nncf
+
+        # int8 weights (asymmetric, per output channel); activations stay in float: no calibration set needed.
+        model = nncf.compress_weights(ov.Core().read_model(str(source)), mode=nncf.CompressWeightsMode.INT8_ASYM)
+        ov.save_model(model, str(target), compress_to_fp16=False)
+    elif kind == "onnx-int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # MatMul only: ONNX Runtime's ConvInteger kernels are slower than its float convolutions on CPU.
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=True)
+    else:
+        raise ConfigError(f"{variant} has no derived artifact")
+
+
+# -- one variant, in its own process ------------------------------------------------------------
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+INPUT_NAMES = {"text_encoder": ("input_ids",), "unet": ("sample", "timestep", "encoder_hidden_states"),
+               "vae_decoder": ("latent",)}  # the exported components' inputs, in order
+OUTPUT_NAMES = {"text_encoder": "last_hidden_state", "unet": "noise_pred", "vae_decoder": "image"}
+
+
+def component_inputs(repo: Path, weights: Path, side: int) -> dict[str, dict[str, np.ndarray]]:
+    """Seeded inputs of one side x side txt2img request with CFG, from the checkpoint's configs (no weights loaded)."""
+    params = _unet_params(repo)
+    text = json.loads((weights / "text_encoder" / "config.json").read_text())
+    latent = side // int(params["vae_scale_factor"])
+    channels, length = int(params["latent_channels"]), int(text["max_position_embeddings"])
+    rng = np.random.default_rng(1)
+    return {
+        "text_encoder": {"input_ids": rng.integers(0, text["vocab_size"], (2, length), dtype=np.int64)},
+        "unet": {"sample": rng.standard_normal((2, int(params["unet_in_channels"]), latent, latent), dtype=np.float32),
+                 "timestep": np.full(2, 500.0, np.float32),
+                 "encoder_hidden_states": rng.standard_normal((2, length, text["hidden_size"]), dtype=np.float32)},
+        "vae_decoder": {"latent": rng.standard_normal((1, channels, latent, latent), dtype=np.float32)},
+    }
+
+
+def _runners(variant: str, root: Path, repo: Path, weights: Path) -> tuple[dict, dict]:
+    """{component: inputs -> first output}, and what each runtime really computes in."""
+    runtime, _kind, hint = VARIANTS[variant]
+    if runtime == "torch":
+        import torch
+
+        from build.sd import export_modules
+        from build.sd_weights import load_sd
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        modules = export_modules(load_sd(str(weights)))
+
+        def runner(component: str):
+            module, names = modules[component], INPUT_NAMES[component]
+
+            def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+                with torch.inference_mode():
+                    out = module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in names))
+                return (out[0] if isinstance(out, tuple) else out).numpy()
+            return run
+        return {c: runner(c) for c in COMPONENTS}, {c: "f32" for c in COMPONENTS}
+
+    from build.runtime import Session, SessionOptions
+
+    runners, precision = {}, {}
+    for component in COMPONENTS:
+        session = Session(SessionOptions(runtime, artifact_path(root, repo, variant, component), inference_precision=hint))
+        runners[component] = (lambda s, name: lambda inputs: s.run(inputs, [name])[name])(session, OUTPUT_NAMES[component])
+        precision[component] = session.execution_precision
+    return runners, precision
+
+
+def measure_variant(variant: str, root: Path, repo: Path, weights: Path, side: int, steps: int, repeats: int) -> dict:
+    """Load, time the components and one image, compare with the baseline's saved outputs."""
+    from build import parity
+
+    inputs = component_inputs(repo, weights, side)
+    start = time.perf_counter()
+    runners, precision = _runners(variant, root, repo, weights)
+    result = {"variant": variant, "load_s": time.perf_counter() - start, "executed_precision": precision,
+              "components": {}}
+    outputs = {}
+    for component in COMPONENTS:
+        run = runners[component]
+        outputs[component] = run(inputs[component])  # warm-up (and the parity sample)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(inputs[component])
+            times.append(time.perf_counter() - t0)
+        result["components"][component] = {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
+                                           "repeats": repeats}
+    pipeline = DirectDiffusion(repo, runners)
+    pipeline.generate(bench_request(side, 1))  # warm-up: imports and first calls of the loop itself, as for Triton
+    request = bench_request(side, steps)
+    t0 = time.perf_counter()
+    image = pipeline.generate(request).images[0]
+    result["image_s"] = time.perf_counter() - t0
+    result["image_steps"] = steps
+    reference = root / "reference.npz"
+    if variant == BASELINE:
+        np.savez(reference, image=image, **{c: outputs[c] for c in COMPONENTS})
+    elif reference.exists():
+        ref = np.load(reference)
+        result["parity"] = {c: parity.compare(ref[c], outputs[c]).as_dict() for c in COMPONENTS}
+        result["parity"]["image_psnr_db"] = psnr(ref["image"], image)
+    np.save(root / f"image-{variant}.npy", image)
+    result["peak_rss_mb"] = _peak_rss_mb()
+    return result
+
+
+def psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images, in dB (inf when identical)."""
+    mse = float(np.mean((reference.astype(np.float64) - candidate.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def _unet_params(repo: Path) -> dict[str, str]:
+    from build.triton_config import read_config
+
+    config = read_config(repo / "sd_unet" / "config.pbtxt")
+    return {k: v.string_value for k, v in config.parameters.items()}
+
+
+def bench_request(side: int, steps: int):
+    from orchestrator.diffusion import Txt2ImgRequest
+
+    return Txt2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler="Euler a", cfg_scale=7.0,
+                          seed=SEED, width=side, height=side)
+
+
+class DirectDiffusion:
+    """The orchestrator's loop (TritonDiffusion.generate) over in-process runners instead of Triton calls."""
+
+    def __new__(cls, repo: Path, runners: dict):
+        from transformers import CLIPTokenizer
+
+        from orchestrator.diffusion import TritonDiffusion
+        from orchestrator.prompts import pad_to_same_chunks, tokenize_prompt
+
+        tokenizer = CLIPTokenizer.from_pretrained(str(repo / "sd_tokenizer" / "1" / "tokenizer"))
+
+        class Direct(TritonDiffusion):
+            def __init__(self) -> None:  # no Triton: the same configuration, read from the repository
+                self._configure(_unet_params(repo), unet_max_batch=16)
+                self.has_controlnet = False
+
+            def encode_prompts(self, prompts: list[str]) -> np.ndarray:
+                ids = pad_to_same_chunks(tokenizer, *(tokenize_prompt(tokenizer, p) for p in prompts))
+                chunks = ids[0].shape[0]
+                hidden = runners["text_encoder"]({"input_ids": np.concatenate(ids)})
+                return hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2])
+
+            def noise_pred(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+                feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
+                feed["timestep"] = feed["timestep"].reshape(-1)
+                return runners["unet"](feed)
+
+            def decode(self, latents: np.ndarray) -> np.ndarray:
+                decoded = runners["vae_decoder"]({"latent": np.ascontiguousarray(latents, dtype=np.float32)})
+                scaled = np.clip(decoded / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)
+                return np.round(scaled * np.float32(255)).astype(np.uint8)  # as sd_vae_postprocess does
+
+        return Direct()
+
+
+def _worker_main(argv: list[str]) -> None:
+    """python -m benchmarks.sd measure|derive ...: one variant in a fresh process; prints one JSON line."""
+    mode, config = argv[0], json.loads(argv[1])
+    if mode == "derive":
+        start = time.perf_counter()
+        derive_artifact(config["variant"], Path(config["source"]), Path(config["target"]))
+        print("RESULT " + json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}))
+    else:
+        result = measure_variant(config["variant"], Path(config["root"]), Path(config["repo"]), Path(config["weights"]),
+                                 config["side"], config["steps"], config["repeats"])
+        print("RESULT " + json.dumps(result))
+
+
+def _in_subprocess(mode: str, config: dict, log) -> dict:
+    command = [sys.executable, "-m", "benchmarks.sd", mode, json.dumps(config)]
+    proc = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        hint = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+        raise KilnError(f"bench sd: {mode} {config.get('variant')} failed with exit code {proc.returncode}{hint}:\n{tail}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# -- through Triton -----------------------------------------------------------------------------
+
+def _tree_peak_rss_mb(pid: int) -> float:
+    """Sum of the peak RSS of a process and its children (Triton and its Python-backend stubs)."""
+    import psutil
+
+    total = 0.0
+    try:
+        process = psutil.Process(pid)
+        for p in [process, *process.children(recursive=True)]:
+            try:
+                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) / 1024
+            except OSError:
+                pass
+    except psutil.Error:
+        return float("nan")
+    return total
+
+
+def measure_triton(root: Path, repo: Path, side: int, steps: int, log) -> dict:
+    from orchestrator.diffusion import TritonDiffusion
+    from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+
+    server = TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                                        metrics_port=free_port(), log_path=root / "triton.log"))
+    with server:
+        pipeline = TritonDiffusion(server.grpc_url)
+        pipeline.generate(bench_request(side, 1))  # warm-up: every model's first call
+        start = time.perf_counter()
+        image = pipeline.generate(bench_request(side, steps)).images[0]
+        seconds = time.perf_counter() - start
+        peak = _tree_peak_rss_mb(server.pid)
+    result = {"variant": "onnxruntime-fp32", "path": "triton", "image_s": seconds, "image_steps": steps,
+              "peak_rss_mb": peak}
+    direct = root / "image-onnxruntime-fp32.npy"
+    if direct.exists():
+        result["image_psnr_vs_direct_db"] = psnr(np.load(direct), image)
+    return result
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+def _prepare(options: SDBenchOptions, log) -> tuple[Path, Path, Path]:
+    from build.sd import ImageRange, SDBuildOptions, build_sd
+    from build.sd_weights import write_sd_checkpoint
+
+    root = options.out / f"bench_sd_{options.pipeline}"
+    weights, repo = root / "weights", root / "repo"
+    if not (weights / "model_index.json").exists():
+        log(f"writing the seeded random {options.pipeline} SD checkpoint to {weights} ...")
+        write_sd_checkpoint(weights, size=options.pipeline, seed=0, controlnet=False)
+    if not (options.skip_build and (repo / "sd_unet" / "config.pbtxt").exists()):
+        low, opt, high = PIPELINES[options.pipeline][1]
+        log(f"building the {options.pipeline} SD pipeline into {repo} ...")
+        build_sd(SDBuildOptions(weights=str(weights), repository=repo, images=ImageRange(low, opt, high)), log=log)
+    return root, weights, repo
+
+
+def run_sd_benchmark(options: SDBenchOptions, log=print) -> dict:
+    from tqdm import tqdm
+
+    if options.pipeline not in PIPELINES:
+        raise ConfigError(f"unknown pipeline {options.pipeline!r}; valid: {', '.join(PIPELINES)}")
+    unknown = [v for v in options.variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+    variants = [BASELINE] + [v for v in options.variants if v != BASELINE]  # the baseline first: parity needs it
+    root, weights, repo = _prepare(options, log)
+    (root / "reference.npz").unlink(missing_ok=True)
+    results, derived, failed = [], {}, {}
+    bar = tqdm(total=len(variants) + options.triton, desc="bench sd", unit="variant")
+    for variant in variants:
+        bar.set_postfix(variant=variant)
+        try:
+            if VARIANTS[variant][1] not in ("weights", "onnx"):
+                derived[variant] = {}
+                for component in COMPONENTS:
+                    target = artifact_path(root, repo, variant, component)
+                    if not (options.skip_build and target.exists()):
+                        derived[variant][component] = _in_subprocess("derive", {
+                            "variant": variant, "source": str(artifact_path(root, repo, "onnxruntime-fp32", component)),
+                            "target": str(target)}, log)
+            results.append(_in_subprocess("measure", {
+                "variant": variant, "root": str(root), "repo": str(repo), "weights": str(weights),
+                "side": options.side, "steps": options.steps, "repeats": options.repeats}, log))
+        except KilnError as exc:
+            if variant == BASELINE:
+                raise
+            log(f"!! {variant}: {exc}")  # one variant failing (out of memory, say) does not lose the others
+            failed[variant] = str(exc)
+        bar.update()
+    triton = None
+    if options.triton:
+        bar.set_postfix(variant="triton")
+        triton = measure_triton(root, repo, options.side, options.steps, log)
+        bar.update()
+    bar.close()
+    result = summarize(results, triton, derived, options) | {"failed": failed}
+    stem = options.out / f"sd-{options.pipeline}-{options.side}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    table = markdown_table(result)
+    stem.with_suffix(".md").write_text(table + "\n")
+    plot(result, stem.with_suffix(".png"))
+    log(table)
+    log(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    return result
+
+
+def summarize(results: list[dict], triton: dict | None, derived: dict, options: SDBenchOptions) -> dict:
+    base = next(r for r in results if r["variant"] == BASELINE)
+    base_unet = base["components"]["unet"]["median_s"]
+    for r in results:
+        c = r["components"]
+        r["unet_speedup"] = base_unet / c["unet"]["median_s"]
+        # One image from the component medians: text encoder + steps x UNet step + VAE decoder.
+        r["composed_image_s"] = (c["text_encoder"]["median_s"] + options.steps * c["unet"]["median_s"]
+                                 + c["vae_decoder"]["median_s"])
+        # What the loop adds around the models: scheduler arithmetic, CFG, tokenizing, postprocessing.
+        r["loop_overhead_per_step_s"] = (r["image_s"] - r["composed_image_s"]) / options.steps
+    best = max(results, key=lambda r: r["unet_speedup"])
+    out = {
+        "benchmark": "sd", "pipeline": options.pipeline, "image_side": options.side, "steps": options.steps,
+        "options": {k: str(v) for k, v in asdict(options).items()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "python": platform.python_version()},
+        "variants": results, "derive": derived, "baseline": BASELINE,
+        "best_unet": {"variant": best["variant"], "speedup": best["unet_speedup"], "target": 2.5,
+                      "met": best["unet_speedup"] >= 2.5},
+    }
+    if triton is not None:
+        direct = next((r for r in results if r["variant"] == triton["variant"]), None)
+        if direct is not None:
+            triton["overhead"] = triton["image_s"] / direct["image_s"] - 1
+            out["triton_overhead"] = {"value": triton["overhead"], "target": 0.05, "met": triton["overhead"] <= 0.05}
+        out["triton"] = triton
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    side, steps = result["image_side"], result["steps"]
+    lines = [f"Pipeline: {result['pipeline']} SD at {side}x{side}, Euler a, CFG 7 (UNet batch 2), {steps} steps. "
+             "Latencies are medians after one warm-up call; speedup is the UNet step against torch eager fp32 of "
+             "this run. Composed = text encoder + steps x UNet + VAE decoder; measured = the orchestrator's loop "
+             "run in-process with these models. Parity against torch fp32: UNet cosine, and the PSNR of the "
+             "generated image.", "",
+             "| variant | executes in | text encoder ms | UNet step ms | VAE decode ms | UNet x torch | "
+             f"{steps}-step image s (composed) | (measured) | loop overhead ms/step | UNet cosine | image PSNR dB "
+             "| peak RSS MB | load s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["variants"]:
+        c, p = r["components"], r.get("parity", {})
+        cosine = f"{p['unet']['cosine']:.6f}" if p else "(reference)"
+        image_psnr = p.get("image_psnr_db")
+        psnr_text = "" if image_psnr is None else ("identical" if image_psnr == float("inf") else f"{image_psnr:.1f}")
+        lines.append(
+            f"| {r['variant']} | {r['executed_precision']['unet']} | {c['text_encoder']['median_s'] * 1000:.0f} | "
+            f"{c['unet']['median_s'] * 1000:.0f} | {c['vae_decoder']['median_s'] * 1000:.0f} | {r['unet_speedup']:.2f}x | "
+            f"{r['composed_image_s']:.2f} | {r['image_s']:.2f} | {r['loop_overhead_per_step_s'] * 1000:.1f} | {cosine} | "
+            f"{psnr_text} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} |")
+    triton = result.get("triton")
+    if triton is not None:
+        overhead = triton.get("overhead")
+        lines += ["", f"Through Triton + the orchestrator ({triton['variant']}, the served build): "
+                  f"{triton['image_s']:.2f} s per {triton['image_steps']}-step image"
+                  + (f", {overhead:+.1%} against the direct loop" if overhead is not None else "")
+                  + f"; Triton's process tree peak RSS {triton['peak_rss_mb']:.0f} MB"
+                  + (f"; image PSNR against the direct loop {triton['image_psnr_vs_direct_db']:.1f} dB"
+                     if triton.get("image_psnr_vs_direct_db", float("inf")) != float("inf") else
+                     "; the image is identical to the direct loop's" if "image_psnr_vs_direct_db" in triton else "")
+                  + "."]
+    for variant, error in result.get("failed", {}).items():
+        lines += ["", f"{variant} failed: {error.splitlines()[0]}"]
+    best = result["best_unet"]
+    lines += ["", f"Best UNet step: {best['variant']} at {best['speedup']:.2f}x torch eager fp32 "
+              f"(target {best['target']}x: {'met' if best['met'] else 'not met'})."]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["variants"]
+    names = [r["variant"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    y = np.arange(len(rows))
+    left.barh(y, [r["components"]["unet"]["median_s"] * 1000 for r in rows], color="tab:blue")
+    for i, r in enumerate(rows):
+        left.text(r["components"]["unet"]["median_s"] * 1000, i, f" {r['unet_speedup']:.2f}x", va="center")
+    left.set_yticks(y, names)
+    left.invert_yaxis()
+    left.set_xlabel("ms per UNet step (batch 2)")
+    left.set_title(f"UNet step, {result['pipeline']} SD {result['image_side']}px")
+    parts = (("text_encoder", "text encoder", "tab:green"), ("unet", f"{result['steps']} UNet steps", "tab:blue"),
+             ("vae_decoder", "VAE decode", "tab:orange"))
+    bars = [(r["variant"], r) for r in rows]
+    if result.get("triton"):
+        bars.append(("triton (onnxruntime-fp32)", None))
+    y2 = np.arange(len(bars))
+    left_edge = np.zeros(len(bars))
+    for key, label, color in parts:
+        widths = np.array([(r["components"][key]["median_s"] * (result["steps"] if key == "unet" else 1)) if r else 0.0
+                           for _, r in bars])
+        right.barh(y2, widths, left=left_edge, color=color, label=label)
+        left_edge += widths
+    measured = [r["image_s"] if r else result["triton"]["image_s"] for _, r in bars]
+    right.scatter(measured, y2, color="black", marker="|", s=300, label="measured image", zorder=3)
+    right.set_yticks(y2, [name for name, _ in bars])
+    right.invert_yaxis()
+    right.set_xlabel(f"seconds per {result['steps']}-step image")
+    right.set_title("one image: components and the measured loop")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1:])
