@@ -26,25 +26,18 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from build.errors import ConfigError, KilnError
+from build.parity import psnr
+from orchestrator.direct import COMPONENTS, DirectDiffusion, session_runners, unet_parameters
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 BASELINE = "torch-fp32"
-# variant -> (runtime, artifact kind, OpenVINO inference precision hint)
-VARIANTS = {
-    "torch-fp32": ("torch", "weights", "f32"),
-    "onnxruntime-fp32": ("onnxruntime", "onnx", "f32"),
-    "onnxruntime-int8": ("onnxruntime", "onnx-int8", "f32"),
-    "openvino-fp32": ("openvino", "onnx", "f32"),
-    "openvino-bf16": ("openvino", "onnx", "bf16"),
-    "openvino-fp16": ("openvino", "ir-fp16", "f32"),
-    "openvino-int8": ("openvino", "ir-int8", "f32"),
-}
+VARIANTS = ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-fp16",
+            "openvino-int8", "openvino-int8-hybrid")  # torch eager, then build.sd.SD_VARIANTS
 DEFAULT_VARIANTS = ("torch-fp32", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8")
 PIPELINES = {"tiny": (64, (32, 64, 128)), "full": (512, (256, 512, 768))}  # default side, (min, opt, max)
 PROMPT, NEGATIVE, SEED = "a photo of a cat", "blurry", 42
@@ -69,35 +62,14 @@ class SDBenchOptions:
 # -- artifacts ----------------------------------------------------------------------------------
 
 def artifact_path(root: Path, repo: Path, variant: str, component: str) -> Path:
-    kind = VARIANTS[variant][1]
-    if kind == "onnx":
-        return repo / f"sd_{component}" / "1" / "model.onnx"
-    suffix = ".onnx" if kind.startswith("onnx") else ".xml"
-    return root / "artifacts" / variant / f"{component}{suffix}"
+    """The build's fp32 ONNX file, or where the benchmark derives the variant's artifact from it."""
+    from build.sd import SD_VARIANTS
 
-
-def derive_artifact(variant: str, source: Path, target: Path) -> None:
-    """The variant's artifact from the build's fp32 ONNX file (OpenVINO IR or a quantized ONNX file)."""
-    import openvino as ov
-
-    kind = VARIANTS[variant][1]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "ir-fp16":
-        ov.save_model(ov.convert_model(str(source)), str(target), compress_to_fp16=True)
-    elif kind == "ir-int8":
-        import nncf
-
-        # int8 weights (asymmetric, per output channel); activations stay in float: no calibration set needed.
-        model = nncf.compress_weights(ov.Core().read_model(str(source)), mode=nncf.CompressWeightsMode.INT8_ASYM)
-        ov.save_model(model, str(target), compress_to_fp16=False)
-    elif kind == "onnx-int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        # MatMul only: ONNX Runtime's ConvInteger kernels are slower than its float convolutions on CPU.
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=True)
-    else:
-        raise ConfigError(f"{variant} has no derived artifact")
+    onnx = repo / f"sd_{component}" / "1" / "model.onnx"
+    if variant == "onnxruntime-fp32" or (SD_VARIANTS[variant].runtime == "openvino" and SD_VARIANTS[variant].precision
+                                         in ("fp32", "bf16")):
+        return onnx  # OpenVINO reads ONNX files itself: no IR copy of the fp32 weights on disk
+    return root / "artifacts" / variant / f"{component}{Path(SD_VARIANTS[variant].artifact).suffix}"
 
 
 # -- one variant, in its own process ------------------------------------------------------------
@@ -111,12 +83,11 @@ def _peak_rss_mb() -> float:
 
 INPUT_NAMES = {"text_encoder": ("input_ids",), "unet": ("sample", "timestep", "encoder_hidden_states"),
                "vae_decoder": ("latent",)}  # the exported components' inputs, in order
-OUTPUT_NAMES = {"text_encoder": "last_hidden_state", "unet": "noise_pred", "vae_decoder": "image"}
 
 
 def component_inputs(repo: Path, weights: Path, side: int) -> dict[str, dict[str, np.ndarray]]:
     """Seeded inputs of one side x side txt2img request with CFG, from the checkpoint's configs (no weights loaded)."""
-    params = _unet_params(repo)
+    params = unet_parameters(repo)
     text = json.loads((weights / "text_encoder" / "config.json").read_text())
     latent = side // int(params["vae_scale_factor"])
     channels, length = int(params["latent_channels"]), int(text["max_position_embeddings"])
@@ -132,8 +103,7 @@ def component_inputs(repo: Path, weights: Path, side: int) -> dict[str, dict[str
 
 def _runners(variant: str, root: Path, repo: Path, weights: Path) -> tuple[dict, dict]:
     """{component: inputs -> first output}, and what each runtime really computes in."""
-    runtime, _kind, hint = VARIANTS[variant]
-    if runtime == "torch":
+    if variant == BASELINE:
         import torch
 
         from build.sd import export_modules
@@ -152,14 +122,11 @@ def _runners(variant: str, root: Path, repo: Path, weights: Path) -> tuple[dict,
             return run
         return {c: runner(c) for c in COMPONENTS}, {c: "f32" for c in COMPONENTS}
 
-    from build.runtime import Session, SessionOptions
+    from build.sd import SD_VARIANTS
 
-    runners, precision = {}, {}
-    for component in COMPONENTS:
-        session = Session(SessionOptions(runtime, artifact_path(root, repo, variant, component), inference_precision=hint))
-        runners[component] = (lambda s, name: lambda inputs: s.run(inputs, [name])[name])(session, OUTPUT_NAMES[component])
-        precision[component] = session.execution_precision
-    return runners, precision
+    kind = SD_VARIANTS[variant]
+    return session_runners(repo, kind.runtime, inference_precision=kind.inference_precision,
+                           paths={c: artifact_path(root, repo, variant, c) for c in COMPONENTS})
 
 
 def measure_variant(variant: str, root: Path, repo: Path, weights: Path, side: int, steps: int, repeats: int) -> dict:
@@ -201,19 +168,6 @@ def measure_variant(variant: str, root: Path, repo: Path, weights: Path, side: i
     return result
 
 
-def psnr(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 images, in dB (inf when identical)."""
-    mse = float(np.mean((reference.astype(np.float64) - candidate.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
-
-
-def _unet_params(repo: Path) -> dict[str, str]:
-    from build.triton_config import read_config
-
-    config = read_config(repo / "sd_unet" / "config.pbtxt")
-    return {k: v.string_value for k, v in config.parameters.items()}
-
-
 def bench_request(side: int, steps: int):
     from orchestrator.diffusion import Txt2ImgRequest
 
@@ -221,47 +175,17 @@ def bench_request(side: int, steps: int):
                           seed=SEED, width=side, height=side)
 
 
-class DirectDiffusion:
-    """The orchestrator's loop (TritonDiffusion.generate) over in-process runners instead of Triton calls."""
-
-    def __new__(cls, repo: Path, runners: dict):
-        from transformers import CLIPTokenizer
-
-        from orchestrator.diffusion import TritonDiffusion
-        from orchestrator.prompts import pad_to_same_chunks, tokenize_prompt
-
-        tokenizer = CLIPTokenizer.from_pretrained(str(repo / "sd_tokenizer" / "1" / "tokenizer"))
-
-        class Direct(TritonDiffusion):
-            def __init__(self) -> None:  # no Triton: the same configuration, read from the repository
-                self._configure(_unet_params(repo), unet_max_batch=16)
-                self.has_controlnet = False
-
-            def encode_prompts(self, prompts: list[str]) -> np.ndarray:
-                ids = pad_to_same_chunks(tokenizer, *(tokenize_prompt(tokenizer, p) for p in prompts))
-                chunks = ids[0].shape[0]
-                hidden = runners["text_encoder"]({"input_ids": np.concatenate(ids)})
-                return hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2])
-
-            def noise_pred(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-                feed = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
-                feed["timestep"] = feed["timestep"].reshape(-1)
-                return runners["unet"](feed)
-
-            def decode(self, latents: np.ndarray) -> np.ndarray:
-                decoded = runners["vae_decoder"]({"latent": np.ascontiguousarray(latents, dtype=np.float32)})
-                scaled = np.clip(decoded / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)
-                return np.round(scaled * np.float32(255)).astype(np.uint8)  # as sd_vae_postprocess does
-
-        return Direct()
-
-
 def _worker_main(argv: list[str]) -> None:
     """python -m benchmarks.sd measure|derive ...: one variant in a fresh process; prints one JSON line."""
     mode, config = argv[0], json.loads(argv[1])
     if mode == "derive":
         start = time.perf_counter()
-        derive_artifact(config["variant"], Path(config["source"]), Path(config["target"]))
+        from build.sd import CALIBRATED, capture_unet_inputs, derive_artifact
+
+        calibration = None
+        if (config["variant"], config["component"]) in CALIBRATED:  # UNet inputs of real runs, as the build does
+            calibration = capture_unet_inputs(Path(config["repo"]), min(256, config["side"]), 8)
+        derive_artifact(config["variant"], Path(config["source"]), Path(config["target"]), calibration)
         print("RESULT " + json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}))
     else:
         result = measure_variant(config["variant"], Path(config["root"]), Path(config["repo"]), Path(config["weights"]),
@@ -356,13 +280,14 @@ def run_sd_benchmark(options: SDBenchOptions, log=print) -> dict:
     for variant in variants:
         bar.set_postfix(variant=variant)
         try:
-            if VARIANTS[variant][1] not in ("weights", "onnx"):
+            if variant != BASELINE and artifact_path(root, repo, variant, "unet").parent != repo / "sd_unet" / "1":
                 derived[variant] = {}
                 for component in COMPONENTS:
                     target = artifact_path(root, repo, variant, component)
                     if not (options.skip_build and target.exists()):
                         derived[variant][component] = _in_subprocess("derive", {
-                            "variant": variant, "source": str(artifact_path(root, repo, "onnxruntime-fp32", component)),
+                            "variant": variant, "component": component, "repo": str(repo), "side": options.side,
+                            "source": str(artifact_path(root, repo, "onnxruntime-fp32", component)),
                             "target": str(target)}, log)
             results.append(_in_subprocess("measure", {
                 "variant": variant, "root": str(root), "repo": str(repo), "weights": str(weights),
@@ -468,7 +393,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["variants"]
     names = [r["variant"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     y = np.arange(len(rows))
     left.barh(y, [r["components"]["unet"]["median_s"] * 1000 for r in rows], color="tab:blue")
     for i, r in enumerate(rows):
@@ -495,7 +420,7 @@ def plot(result: dict, path: Path) -> None:
     right.invert_yaxis()
     right.set_xlabel(f"seconds per {result['steps']}-step image")
     right.set_title("one image: components and the measured loop")
-    right.legend(fontsize=8)
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

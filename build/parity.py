@@ -41,6 +41,12 @@ def compare(reference: np.ndarray, candidate: np.ndarray, *, classify: bool = Fa
     return Parity(max_abs=float(diff.max()), mean_abs=float(diff.mean()), cosine=float(cosines.min()), top1=top1)
 
 
+def psnr(reference: np.ndarray, candidate: np.ndarray, peak: float = 255.0) -> float:
+    """Peak signal-to-noise ratio of two images (uint8 by default), in dB; inf when identical."""
+    mse = float(np.mean((np.asarray(reference, np.float64) - np.asarray(candidate, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
+
+
 def compare_outputs(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
                     classify: frozenset[str] | set[str] = frozenset()) -> dict[str, Parity]:
     """`compare` for every output the reference has; top-1 agreement for the names in `classify`."""

@@ -26,8 +26,76 @@ from build.specs import ComponentSpec, TensorSpec, Tolerance
 from build.vit import DEFAULT_REPOSITORY, install_python_model
 
 MAX_PROMPT_CHUNKS = 8  # 8 x 75 = 600 prompt tokens per request
-FP32_TOLERANCE = {"fp32": Tolerance(min_cosine=0.99999, max_abs=1e-3,
-                                    why="same arithmetic as PyTorch in float32; only summation order differs")}
+FP32_TOLERANCE = {
+    "fp32": Tolerance(min_cosine=0.99999, max_abs=1e-3,
+                      why="same arithmetic as PyTorch in float32; only summation order differs"),
+    "fp16": Tolerance(min_cosine=0.999, why="weights rounded to float16, computed in float32"),
+    "bf16": Tolerance(min_cosine=0.99, why="bfloat16 arithmetic (8-bit mantissa) where the CPU has it"),
+    "int8": Tolerance(min_cosine=0.98, why="int8 weights (per channel); activations in float"),
+}
+
+
+@dataclass(frozen=True)
+class SDVariant:
+    """How the served SD components are compiled: a runtime, an artifact derived from the fp32 ONNX file, a precision."""
+
+    runtime: str  # onnxruntime or openvino
+    artifact: str  # file name in each model's version folder
+    inference_precision: str  # OpenVINO's INFERENCE_PRECISION_HINT
+    precision: str  # the tolerance it is checked against
+
+
+SD_VARIANTS = {
+    "onnxruntime-fp32": SDVariant("onnxruntime", "model.onnx", "f32", "fp32"),
+    "onnxruntime-int8": SDVariant("onnxruntime", "model-int8.onnx", "f32", "int8"),
+    "openvino-fp32": SDVariant("openvino", "model.xml", "f32", "fp32"),
+    "openvino-bf16": SDVariant("openvino", "model.xml", "bf16", "bf16"),
+    "openvino-fp16": SDVariant("openvino", "model-fp16.xml", "f32", "fp16"),
+    "openvino-int8": SDVariant("openvino", "model-int8.xml", "f32", "int8"),
+    # The UNet's weights and activations in int8 (NNCF post-training quantization, calibrated on UNet inputs
+    # captured from real denoising runs of the fp32 build); the other components int8 weights as above.
+    "openvino-int8-hybrid": SDVariant("openvino", "model-int8h.xml", "f32", "int8"),
+}
+CALIBRATED = {("openvino-int8-hybrid", "unet")}  # (variant, component) pairs that need captured inputs
+CALIBRATION_PROMPTS = ("a photo of a cat", "a watercolor landscape with mountains, a lake and a boat at sunset",
+                       "portrait of an old man, studio lighting, detailed")
+
+
+def derive_artifact(variant: str, source: Path, target: Path, calibration: list[dict] | None = None) -> None:
+    """The variant's artifact from a component's fp32 ONNX file (OpenVINO IR, or a quantized ONNX file).
+
+    With `calibration` (inputs captured from denoising runs), an OpenVINO int8 variant quantizes
+    activations too: NNCF post-training quantization, transformer preset, SmoothQuant off.
+    """
+    kind = SD_VARIANTS[variant]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if kind.runtime == "openvino":
+        import openvino as ov
+
+        model = ov.convert_model(str(source))
+        if kind.precision == "int8" and calibration:
+            import nncf
+            from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                               AdvancedSmoothQuantParameters)
+
+            model = nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED,
+                                  advanced_parameters=AdvancedQuantizationParameters(
+                                      smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
+        elif kind.precision == "int8":
+            import nncf
+
+            # int8 weights (asymmetric, per output channel); activations stay in float: no calibration set needed.
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        ov.save_model(model, str(target), compress_to_fp16=kind.precision == "fp16")
+    elif kind.precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # MatMul only: ONNX Runtime's ConvInteger kernels are slower than its float convolutions on CPU.
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=source.stat().st_size > 2**30)
+    elif source != target:
+        raise ExportError(f"{variant}: nothing to derive from {source}")
 
 
 @dataclass(frozen=True)
@@ -208,7 +276,13 @@ def export_modules(loaded) -> dict[str, Callable]:
 
 
 def export_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, int]) -> None:
-    """ONNX export with every named axis dynamic (legacy exporter, opset 17; tiny components take seconds)."""
+    """ONNX export with every named axis dynamic (legacy exporter, opset 17; tiny components take seconds).
+
+    A model past protobuf's 2 GB (the full-size UNet) keeps its weights in one `model.onnx.data`
+    beside it; the exporter's own one-file-per-tensor output stays in a scratch folder.
+    """
+    import shutil
+    import tempfile
     import warnings
 
     import onnx
@@ -216,29 +290,43 @@ def export_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, i
 
     sample = spec.sample_inputs(seed=0, **sizes)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(module, tuple(torch.from_numpy(sample[n]) for n in spec.input_names), str(path),
-                              input_names=spec.input_names, output_names=spec.output_names,
-                              dynamic_axes=spec.dynamic_axes(), opset_version=spec.opset, dynamo=False)
-    except Exception as exc:
-        raise ExportError(f"ONNX export of {spec.name} failed: {exc}") from exc
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
+        exported = Path(scratch) / path.name
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                torch.onnx.export(module, tuple(torch.from_numpy(sample[n]) for n in spec.input_names), str(exported),
+                                  input_names=spec.input_names, output_names=spec.output_names,
+                                  dynamic_axes=spec.dynamic_axes(), opset_version=spec.opset, dynamo=False)
+        except Exception as exc:
+            raise ExportError(f"ONNX export of {spec.name} failed: {exc}") from exc
+        if len(list(Path(scratch).iterdir())) == 1:  # everything inline
+            shutil.move(str(exported), path)
+        else:
+            model = onnx.load(str(exported))  # pulls the per-tensor files back in
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+            del model
     onnx.checker.check_model(str(path))
 
 
 def check_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, int], seed: int = 1,
-                    precision: str = "fp32") -> dict[str, parity.Parity]:
-    """Run the ONNX file with ONNX Runtime and PyTorch on the same fresh inputs; raise ParityError outside tolerance."""
+                    variant: str = "onnxruntime-fp32") -> dict[str, parity.Parity]:
+    """Run the artifact and PyTorch on the same fresh inputs; raise ParityError outside the variant's tolerance."""
     import torch
 
     from build.runtime import Session, SessionOptions
 
+    kind = SD_VARIANTS[variant]
+    precision = kind.precision
     inputs = spec.sample_inputs(seed=seed, **sizes)
     with torch.inference_mode():
         expected = module(*(torch.from_numpy(inputs[n]) for n in spec.input_names))
     expected = expected if isinstance(expected, tuple) else (expected,)
-    got = Session(SessionOptions("onnxruntime", path)).run(inputs, spec.output_names)
+    got = Session(SessionOptions(kind.runtime, path, inference_precision=kind.inference_precision)).run(
+        inputs, spec.output_names)
     figures = {name: parity.compare(ref.numpy(), got[name]) for name, ref in zip(spec.output_names, expected)}
     parity.check(f"{spec.name} ({spec.reference_output})", figures[spec.reference_output], spec.tolerance(precision))
     return figures
@@ -261,6 +349,9 @@ class SDBuildOptions:
     max_queue_delay_us: int = 2000
     threads: int = 0
     progress: bool = True
+    variant: str = "onnxruntime-fp32"  # what the served models run: a key of SD_VARIANTS
+    image_check_steps: int = 4  # steps of the image a lower-precision variant is compared on (PSNR against fp32)
+    calibration_steps: int = 8  # steps per calibration run (x 3 prompts: UNet inputs for calibrated variants)
 
 
 def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, options: SDBuildOptions,
@@ -271,8 +362,10 @@ def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, op
     text, unet, decoder, encoder = specs["text_encoder"], specs["unet"], specs["vae_decoder"], specs["vae_encoder"]
     batching = DynamicBatching(max_queue_delay_microseconds=options.max_queue_delay_us)
 
+    served = SD_VARIANTS[options.variant]
+
     def runtime_params() -> dict[str, str]:
-        return {"runtime": "onnxruntime", "artifact": "model.onnx", "inference_precision": "f32",
+        return {"runtime": served.runtime, "artifact": served.artifact, "inference_precision": served.inference_precision,
                 "threads": str(options.threads)}
 
     hidden = text.outputs[0].shape[-1]
@@ -354,6 +447,9 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
     from build.sd_weights import load_sd
 
     # 1. Load and derive the specs.
+    if options.variant not in SD_VARIANTS:
+        raise ExportError(f"unknown SD variant {options.variant!r}; valid: {', '.join(SD_VARIANTS)}")
+    variant = SD_VARIANTS[options.variant]
     loaded = load_sd(options.weights, options.controlnet)
     if loaded.random:
         log(f"!! RANDOM WEIGHTS: {options.weights} holds seeded random weights; images are noise-like, not art.")
@@ -365,11 +461,35 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
     check_sizes = axis_sizes(loaded, batch=3, height=min(opt, 256) + 8 * vae_scale_factor(loaded),
                              width=min(opt, 256), chunks=2)
 
-    # 2. Export and check each served component.
+    # 2. Export and check each served component: the fp32 ONNX file, then the served variant derived from it.
     artifacts = {}
+
+    def serve_variant(name: str, calibration: list[dict] | None = None) -> None:
+        """Derive the served variant of a component from its fp32 ONNX file, check it, record it."""
+        start = time.perf_counter()
+        version = repository / f"sd_{name}" / "1"
+        served_path = version / variant.artifact
+        if served_path.name != "model.onnx":
+            derive_artifact(options.variant, version / "model.onnx", served_path, calibration)
+        figures = check_component(modules[name], specs[name], served_path, check_sizes, variant=options.variant)
+        artifacts[name]["served"] = {
+            "variant": options.variant, "file": str(served_path.relative_to(repository)),
+            "runtime": variant.runtime, "precision": variant.precision,
+            "inference_precision": variant.inference_precision, "calibration_samples": len(calibration or ()),
+            "size_bytes": report.artifact_size(served_path), "sha256": report.sha256(served_path),
+            "parity": {k: v.as_dict() for k, v in figures.items()},
+            "build_seconds": round(time.perf_counter() - start, 2),
+        }
+        reference = figures[specs[name].reference_output]
+        log(f"  sd_{name:13s} {options.variant}: cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}"
+            + (f"  ({len(calibration)} calibration samples)" if calibration else ""))
+
     served = SERVED + (SERVED_CONTROL if "controlnet" in specs else ())
-    for name in tqdm(served, desc="build sd", unit="component", disable=not options.progress):
-        path = repository / f"sd_{name}" / "1" / "model.onnx"
+    for name in tqdm(served, desc=f"build sd ({options.variant})", unit="component", disable=not options.progress):
+        version = repository / f"sd_{name}" / "1"
+        path = version / "model.onnx"
+        for stale in {v.artifact for v in SD_VARIANTS.values()} - {"model.onnx"}:
+            report.remove_artifact(version / stale)  # a previous build's variant must not linger beside this one
         start = time.perf_counter()
         export_component(modules[name], specs[name], path, export_sizes)
         try:
@@ -377,15 +497,19 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
         except Exception:
             path.unlink(missing_ok=True)
             raise
-        artifacts[name] = {
+        entry = {
             "file": str(path.relative_to(repository)), "runtime": "onnxruntime", "precision": "fp32",
             "size_bytes": report.artifact_size(path), "sha256": report.sha256(path),
-            "build_seconds": round(time.perf_counter() - start, 2),
             "parity": {k: v.as_dict() for k, v in figures.items()},
             "parity_shapes": dict(check_sizes),
         }
-        log(f"  sd_{name:13s} cosine {figures[specs[name].reference_output].cosine:.6f}  "
-            f"max|diff| {figures[specs[name].reference_output].max_abs:.2e}")
+        reference = figures[specs[name].reference_output]
+        log(f"  sd_{name:13s} cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}")
+        entry["build_seconds"] = round(time.perf_counter() - start, 2)
+        artifacts[name] = entry
+        if options.variant != "onnxruntime-fp32" and (options.variant, name) not in CALIBRATED:
+            serve_variant(name)
+
     # 3. Triton models.
     scale = vae_scale_factor(loaded)
     extra = {"vae_scale_factor": str(scale), "latent_channels": str(loaded.vae.config.latent_channels),
@@ -395,7 +519,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
              "size_multiple": str(size_multiple(loaded)),
              # What the API's /sdapi/v1/sd-models lists: the checkpoint's name and its UNet's hash.
              "model_name": Path(loaded.source.rstrip("/")).name or loaded.source,
-             "model_sha256": artifacts["unet"]["sha256"]}
+             "model_sha256": artifacts["unet"]["sha256"], "variant": options.variant}
     configs = sd_model_configs(specs, loaded.scheduler_config, options, extra)
     if "controlnet" not in specs:  # a rebuild without a ControlNet must not keep serving the previous one
         import shutil
@@ -408,11 +532,67 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
             install_python_model(config.name, repository)
     loaded.tokenizer.save_pretrained(str(repository / "sd_tokenizer" / "1" / "tokenizer"))
 
-    # 4. Report.
+    # Calibrated variants: UNet inputs captured from denoising runs of the fp32 models just written.
+    for name in (n for n in served if (options.variant, n) in CALIBRATED):
+        log(f"  capturing sd_{name} inputs from {len(CALIBRATION_PROMPTS)} txt2img runs of "
+            f"{options.calibration_steps} steps for calibration ...")
+        serve_variant(name, capture_unet_inputs(repository, min(opt, 256), options.calibration_steps))
+
+    # 4. A lower precision is a trade we show: its image against the fp32 build's, same seed.
+    image_parity = None
+    if options.variant != "onnxruntime-fp32":
+        image_parity = variant_image_parity(repository, options, log)
+
+    # 5. Report.
     content = {"created": report.now(), "weights": {"source": loaded.source, "random": loaded.random},
-               "image_range": asdict(options.images),
+               "image_range": asdict(options.images), "variant": options.variant,
                "vae_scale_factor": scale, "versions": report.tool_versions(), "machine": report.machine(),
                "artifacts": artifacts, "models": [c.name for c in configs]}
+    if image_parity is not None:
+        content["image_parity"] = image_parity
     report.update_report(repository, "sd", content)
     log(f"wrote {len(configs)} Triton models to {repository}")
     return content
+
+
+def capture_unet_inputs(repository: Path, side: int, steps: int, prompts=CALIBRATION_PROMPTS) -> list[dict]:
+    """The UNet's inputs (CFG pairs) at every step of real txt2img runs of the fp32 ONNX files: calibration data."""
+    from orchestrator.diffusion import Txt2ImgRequest
+    from orchestrator.direct import DirectDiffusion, session_runners
+
+    runners, _ = session_runners(repository, runtime="onnxruntime", artifact="model.onnx", inference_precision="f32")
+    unet, captured = runners["unet"], []
+
+    def recording(inputs: dict):
+        captured.append({name: value.copy() for name, value in inputs.items()})
+        return unet(inputs)
+
+    runners["unet"] = recording
+    pipeline = DirectDiffusion(repository, runners)
+    for seed, prompt in enumerate(prompts):
+        pipeline.generate(Txt2ImgRequest(prompt=prompt, negative_prompt="blurry", steps=steps, sampler="Euler a",
+                                         cfg_scale=7.0, seed=seed, width=side, height=side))
+    return captured
+
+
+def variant_image_parity(repository: Path, options: SDBuildOptions, log: Callable[[str], None] = print) -> dict:
+    """PSNR of a txt2img image from the served variant against the fp32 ONNX files' image (same seed and loop)."""
+    from build.parity import psnr
+    from orchestrator.diffusion import Txt2ImgRequest
+    from orchestrator.direct import DirectDiffusion, session_runners
+
+    side = min(options.images.opt, 256)
+    request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=options.image_check_steps,
+                             sampler="Euler a", cfg_scale=7.0, seed=0, width=side, height=side)
+    images = {}
+    for name, artifact in (("fp32", "model.onnx"), ("served", None)):
+        runtime = "onnxruntime" if artifact else None
+        runners, _ = session_runners(repository, runtime=runtime, artifact=artifact,
+                                     inference_precision="f32" if artifact else None)
+        images[name] = DirectDiffusion(repository, runners).generate(request).images[0]
+        del runners
+    value = psnr(images["fp32"], images["served"])
+    log(f"  image ({side}x{side}, {request.steps} steps, Euler a): {options.variant} vs fp32 PSNR "
+        + ("identical" if value == float("inf") else f"{value:.1f} dB"))
+    return {"against": "onnxruntime-fp32", "psnr_db": value if value != float("inf") else "inf",
+            "width": side, "height": side, "steps": request.steps, "sampler": request.sampler, "seed": request.seed}

@@ -1,4 +1,4 @@
-"""Generated images as PNG files carrying AUTOMATIC1111's "parameters" text chunk."""
+"""Generated images: the decoder's output as uint8 pixels, and PNG files carrying AUTOMATIC1111's "parameters" chunk."""
 
 from __future__ import annotations
 
@@ -22,7 +22,13 @@ def parameters_text(info: dict) -> str:
               ("Mask blur", info.get("mask_blur")),
               ("Mask mode", None if "inpainting_mask_invert" not in info
                else ("Inpaint not masked" if info["inpainting_mask_invert"] else "Inpaint masked")),
-              ("ControlNet 0", info.get("controlnet"))]
+              ("Masked content", None if "inpainting_fill" not in info
+               else ("fill", "original", "latent noise", "latent nothing")[info["inpainting_fill"]]),
+              ("Inpaint area", "Only masked" if info.get("inpaint_full_res") else None),
+              ("Only masked padding, pixels", info.get("inpaint_full_res_padding")),
+              ]
+    units = info.get("controlnet") or []
+    fields += [(f"ControlNet {i}", unit) for i, unit in enumerate([units] if isinstance(units, str) else units)]
     lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
     return "\n".join(lines)
 
@@ -41,3 +47,9 @@ def save_png(image: np.ndarray, path: Path, info: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png_bytes(image, info))
     return path
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """VAE decoder output in [-1, 1] (N, 3, H, W) -> (N, H, W, 3) uint8, rounded as diffusers rounds it."""
+    scaled = np.clip(decoded / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)
+    return np.round(scaled * np.float32(255)).astype(np.uint8)

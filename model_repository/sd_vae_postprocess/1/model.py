@@ -7,8 +7,9 @@ for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see 
     if _path:
         site.addsitedir(_path)
 
-import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from orchestrator.images import to_uint8  # noqa: E402
 
 
 class TritonPythonModel:
@@ -16,8 +17,6 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             image = pb_utils.get_input_tensor_by_name(request, "decoded").as_numpy()
-            # diffusers: (x / 2 + 0.5).clamp(0, 1), channels last, then (x * 255).round() as uint8.
-            scaled = np.clip(image / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)
-            pixels = np.round(scaled * np.float32(255)).astype(np.uint8)
+            pixels = to_uint8(image)  # diffusers: (x / 2 + 0.5).clamp(0, 1), channels last, (x * 255).round()
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("image", pixels)]))
         return responses

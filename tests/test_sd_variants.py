@@ -1,0 +1,162 @@
+"""SD variants (OpenVINO fp32/bf16/fp16/int8, ONNX Runtime int8), the direct loop, and `kiln bench sd` / `serve`.
+
+Tiny seeded-random checkpoints; every model runs for real (ONNX Runtime, OpenVINO, Triton).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from build.report import read_report
+from build.sd import SD_VARIANTS, ImageRange, SDBuildOptions, axis_sizes, build_sd, check_component, derive_artifact
+from build.sd import export_component, export_modules, sd_specs
+from build.sd_weights import load_sd, write_sd_checkpoint
+from build.triton_config import read_config
+from orchestrator.diffusion import TritonDiffusion, Txt2ImgRequest
+from orchestrator.direct import DirectDiffusion, session_runners
+from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_sd_checkpoint(tmp_path_factory.mktemp("sd_variants") / "tiny", size="tiny", seed=0, controlnet=False)
+
+
+@pytest.fixture(scope="module")
+def unet_onnx(checkpoint, tmp_path_factory):
+    loaded = load_sd(checkpoint)
+    specs = sd_specs(loaded, ImageRange(32, 64, 128))
+    module = export_modules(loaded)["unet"]
+    path = tmp_path_factory.mktemp("unet") / "model.onnx"
+    export_component(module, specs["unet"], path, axis_sizes(loaded, batch=2, height=64, width=64))
+    return loaded, specs["unet"], module, path
+
+
+@pytest.mark.parametrize("variant", [v for v in SD_VARIANTS if v not in ("onnxruntime-fp32", "openvino-int8-hybrid")])
+def test_each_variant_is_derived_and_checked_against_pytorch(unet_onnx, tmp_path, variant):
+    loaded, spec, module, source = unet_onnx
+    kind = SD_VARIANTS[variant]
+    target = tmp_path / kind.artifact
+    derive_artifact(variant, source, target)
+    figures = check_component(module, spec, target, axis_sizes(loaded, batch=3, height=96, width=64, chunks=2),
+                              variant=variant)  # raises ParityError outside the variant's tolerance
+    unet = figures["noise_pred"]
+    assert unet.cosine >= spec.tolerance(kind.precision).min_cosine
+    if kind.precision in ("int8", "fp16"):  # really a lower precision: smaller, and not bit-identical
+        weights = target.with_suffix(".bin") if kind.runtime == "openvino" else target
+        # ONNX Runtime int8 quantizes the MatMuls only (the tiny UNet is mostly convolutions).
+        assert weights.stat().st_size < (0.9 if kind.runtime == "onnxruntime" else 0.7) * source.stat().st_size
+        assert unet.max_abs > 0
+
+
+def test_unknown_variant_is_a_clear_error(checkpoint, tmp_path):
+    from build.errors import ExportError
+
+    with pytest.raises(ExportError, match="unknown SD variant 'tensorrt-fp4'.*openvino-int8"):
+        build_sd(SDBuildOptions(weights=str(checkpoint), repository=tmp_path, variant="tensorrt-fp4", progress=False),
+                 log=lambda _m: None)
+
+
+@pytest.fixture(scope="module")
+def int8_repo(checkpoint, tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("sd_int8_repo")
+    build_sd(SDBuildOptions(weights=str(checkpoint), repository=repo, images=ImageRange(32, 64, 128), progress=False,
+                            variant="openvino-int8-hybrid", calibration_steps=4), log=lambda _m: None)
+    return repo
+
+
+def test_hybrid_int8_build_is_served_and_reports_its_trade(int8_repo, tmp_path):
+    """The UNet quantized with activations (calibrated on captured denoising inputs), the rest int8 weights."""
+    report = read_report(int8_repo)["sd"]
+    assert report["variant"] == "openvino-int8-hybrid"
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        entry = report["artifacts"][name]
+        assert entry["precision"] == "fp32" and entry["parity"]  # the fp32 export, checked
+        served = entry["served"]
+        assert served["runtime"] == "openvino" and served["precision"] == "int8" and served["parity"]
+        assert served["calibration_samples"] == (3 * 4 if name == "unet" else 0)  # 3 prompts x 4 steps
+        assert (int8_repo / served["file"]).exists()
+        params = {k: v.string_value for k, v in read_config(int8_repo / f"sd_{name}" / "config.pbtxt").parameters.items()}
+        assert params["runtime"] == "openvino" and params["artifact"] == "model-int8h.xml"
+    import openvino as ov
+
+    unet = ov.Core().read_model(str(int8_repo / "sd_unet" / "1" / "model-int8h.xml"))
+    assert any(op.get_type_name() == "FakeQuantize" for op in unet.get_ops())  # activations quantized too
+    image = report["image_parity"]
+    assert image["against"] == "onnxruntime-fp32" and 15 < float(image["psnr_db"]) < float("inf")
+
+    server = TritonServer(TritonOptions(repository=int8_repo, http_port=free_port(), grpc_port=free_port(),
+                                        metrics_port=free_port(), log_path=tmp_path / "triton.log"))
+    with server:
+        request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=3, sampler="Euler a",
+                                 cfg_scale=7.0, seed=5, width=64, height=64)
+        served = TritonDiffusion(server.grpc_url).generate(request).images
+    direct = DirectDiffusion(int8_repo, session_runners(int8_repo)[0]).generate(request).images
+    assert served.shape == (1, 64, 64, 3)
+    # The served int8 models and the same artifacts opened in-process give the same image.
+    assert np.abs(served.astype(int) - direct.astype(int)).max() <= 1
+
+
+def test_direct_loop_equals_the_triton_loop(checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    build_sd(SDBuildOptions(weights=str(checkpoint), repository=repo, images=ImageRange(32, 64, 128), progress=False),
+             log=lambda _m: None)
+    runners, precision = session_runners(repo)
+    assert set(precision) == {"text_encoder", "unet", "vae_decoder"}
+    request = Txt2ImgRequest(prompt="a photo of a cat, " * 30, negative_prompt="blurry", steps=4,
+                             sampler="DPM++ 2M Karras", cfg_scale=6.0, seed=9, width=64, height=32)  # two chunks
+    direct = DirectDiffusion(repo, runners).generate(request)
+    server = TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                                        metrics_port=free_port(), log_path=tmp_path / "triton.log"))
+    with server:
+        served = TritonDiffusion(server.grpc_url).generate(request)
+    assert np.array_equal(direct.images, served.images)
+    assert direct.info == served.info
+
+
+def test_bench_sd_tiny(tmp_path):
+    from benchmarks.sd import SDBenchOptions, run_sd_benchmark
+
+    result = run_sd_benchmark(SDBenchOptions(out=tmp_path, pipeline="tiny", steps=2, repeats=1,
+                                             variants=("torch-fp32", "onnxruntime-fp32", "openvino-int8")),
+                              log=lambda _m: None)
+    saved = json.loads((tmp_path / "sd-tiny-64.json").read_text())
+    assert (tmp_path / "sd-tiny-64.png").stat().st_size > 10_000 and (tmp_path / "sd-tiny-64.md").exists()
+    rows = {r["variant"]: r for r in saved["variants"]}
+    assert list(rows) == ["torch-fp32", "onnxruntime-fp32", "openvino-int8"] and not saved["failed"]
+    for row in rows.values():
+        assert row["peak_rss_mb"] > 100 and row["image_s"] > 0
+        assert all(row["components"][c]["median_s"] > 0 for c in ("text_encoder", "unet", "vae_decoder"))
+    assert rows["torch-fp32"]["unet_speedup"] == 1.0
+    # fp32 ONNX Runtime reproduces torch's image; int8 shows its trade as a finite PSNR.
+    assert rows["onnxruntime-fp32"]["parity"]["unet"]["cosine"] > 0.99999
+    assert rows["onnxruntime-fp32"]["parity"]["image_psnr_db"] > 40
+    assert 10 < rows["openvino-int8"]["parity"]["image_psnr_db"] < float("inf")
+    assert rows["openvino-int8"]["executed_precision"]["unet"] == "f32"
+    triton = saved["triton"]
+    assert triton["image_s"] > 0 and "overhead" in triton and triton["peak_rss_mb"] > 100
+    assert triton["image_psnr_vs_direct_db"] > 40  # json reads Infinity back as inf
+    assert result["best_unet"]["variant"] in rows
+
+
+def test_bench_serve_tiny(tmp_path):
+    from benchmarks.serve import ARMS, ServeBenchOptions, run_serve_benchmark
+
+    result = run_serve_benchmark(ServeBenchOptions(out=tmp_path, concurrency=(1, 2), requests_per_client=1, steps=3,
+                                                   size=32), log=lambda _m: None)
+    saved = json.loads((tmp_path / "serve-tiny-32.json").read_text())
+    assert (tmp_path / "serve-tiny-32.png").exists() and (tmp_path / "serve-tiny-32.md").exists()
+    rows = {(r["arm"], r["clients"]): r for r in saved["rows"]}
+    assert set(rows) == {(arm, n) for arm in ARMS for n in (1, 2)}
+    assert all(r["requests"] == r["clients"] for r in rows.values())  # nothing failed or was lost
+    # No batching means one request's CFG pair per Triton execution; the step batcher merges the two clients.
+    assert rows[("unbatched", 2)]["rows_per_execution"] == 2.0
+    assert rows[("step", 2)]["mean_unet_rows"] > 2.0
+    assert set(saved["unet_seconds_by_rows"]) == {"1", "2", "4"}
+    assert result["ratios"][2]["ceiling"] > 0
