@@ -19,16 +19,18 @@ def a1111_body(request) -> dict:
             "sampler_name": request.sampler, "cfg_scale": request.cfg_scale, "seed": request.seed,
             "width": request.width, "height": request.height, "batch_size": request.batch_size, "eta": request.eta,
             "subseed": request.subseed, "subseed_strength": request.subseed_strength}
-    unit = request.controlnet
-    if unit is not None:
+    if request.controlnet_units:
         body["alwayson_scripts"] = {"controlnet": {"args": [{
             "enabled": True, "image": base64.b64encode(unit.image).decode(), "module": unit.module,
             "weight": unit.weight, "guidance_start": unit.guidance_start, "guidance_end": unit.guidance_end,
-            "threshold_a": unit.low_threshold, "threshold_b": unit.high_threshold}]}}
+            "threshold_a": unit.low_threshold, "threshold_b": unit.high_threshold} for unit in request.controlnet_units]}}
     if isinstance(request, Img2ImgRequest):
         body |= {"init_images": [base64.b64encode(request.init_image).decode()],
                  "denoising_strength": request.denoising_strength, "mask_blur": request.mask_blur,
-                 "inpainting_mask_invert": int(request.inpainting_mask_invert)}
+                 "inpainting_mask_invert": int(request.inpainting_mask_invert),
+                 # Sent explicitly: the service's defaults are AUTOMATIC1111's (fill 0, only masked), not the library's.
+                 "inpainting_fill": request.inpainting_fill, "inpaint_full_res": request.inpaint_full_res,
+                 "inpaint_full_res_padding": request.inpaint_full_res_padding}
         if request.mask:
             body["mask"] = base64.b64encode(request.mask).decode()
     return body

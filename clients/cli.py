@@ -30,6 +30,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from build.sd import SD_VARIANTS
     from build.vit import DEFAULT_REPOSITORY, EXTRA_EXPORTS, VARIANTS
 
     parser = argparse.ArgumentParser(prog="kiln", description="Compiled-inference serving on Triton: build, serve, call, measure.")
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--opt-size", type=int, default=512)
     sd.add_argument("--max-size", type=int, default=1024, help="largest image side the build serves (pixels)")
     sd.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
+    sd.add_argument("--variant", default="onnxruntime-fp32",
+                    choices=tuple(SD_VARIANTS),
+                    help="what the served models run: each is derived from the fp32 ONNX export and checked against "
+                         "PyTorch; lower precisions also report an image's PSNR against fp32 (default: %(default)s)")
 
     # kiln weights
     weights = commands.add_parser("weights", help="write seeded random checkpoints of the real architectures")
@@ -140,11 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--mask", type=Path, help="inpainting (with --init-image): white repaints, black keeps")
     generate.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur radius of the mask")
     generate.add_argument("--mask-invert", action="store_true", help="repaint the black part instead")
-    generate.add_argument("--control-image", type=Path, help="ControlNet: a control image (or a photo with --control-module canny)")
-    generate.add_argument("--control-module", choices=("none", "canny"), default="none")
-    generate.add_argument("--control-weight", type=float, default=1.0, help="ControlNet conditioning scale")
-    generate.add_argument("--control-start", type=float, default=0.0, help="fraction of steps where ControlNet starts")
-    generate.add_argument("--control-end", type=float, default=1.0, help="fraction of steps where ControlNet stops")
+    generate.add_argument("--inpainting-fill", type=int, choices=(0, 1, 2, 3), default=1,
+                          help="what the masked area starts from: 0 fill, 1 original (default), 2 latent noise, "
+                               "3 latent nothing")
+    generate.add_argument("--only-masked", action="store_true",
+                          help="inpaint a crop around the mask at --width x --height and paste it back "
+                               "(AUTOMATIC1111's inpaint_full_res); the image keeps its own size")
+    generate.add_argument("--only-masked-padding", type=int, default=32, help="pixels around the mask's crop")
+    generate.add_argument("--overlay", action="store_true",
+                          help="paste the init image back outside the blurred mask (what AUTOMATIC1111 returns)")
+    generate.add_argument("--control-image", type=Path, action="append",
+                          help="ControlNet: a control image (or a photo with --control-module canny); repeat it for "
+                               "several units, whose residuals add up. The other --control-* options take one value "
+                               "for all units or one per unit")
+    generate.add_argument("--control-module", choices=("none", "canny"), action="append")
+    generate.add_argument("--control-weight", type=float, action="append", help="ControlNet conditioning scale (1)")
+    generate.add_argument("--control-start", type=float, action="append",
+                          help="fraction of steps where ControlNet starts (0)")
+    generate.add_argument("--control-end", type=float, action="append", help="fraction of steps where ControlNet stops (1)")
     generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (the loop runs here)")
     generate.add_argument("--api", metavar="URL", help="go through the API service instead, e.g. http://127.0.0.1:7860")
     generate.add_argument("--api-auth", help="user:password for --api (HTTP Basic)")
@@ -184,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sd.add_argument("--steps", type=int, default=20, help="steps of the measured images")
     bench_sd.add_argument("--repeats", type=int, default=3, help="timed calls per component after one warm-up")
     bench_sd.add_argument("--variants", default="torch-fp32,onnxruntime-fp32,openvino-fp32,openvino-bf16,openvino-int8",
-                          help="comma-separated; also onnxruntime-int8, openvino-fp16")
+                          help="comma-separated; also onnxruntime-int8, openvino-fp16, openvino-int8-hybrid")
     bench_sd.add_argument("--no-triton", action="store_true", help="skip the run through Triton + the orchestrator")
     bench_sd.add_argument("--skip-build", action="store_true",
                           help="reuse the benchmark's checkpoint, repository and derived artifacts")
@@ -212,7 +230,8 @@ def cmd_build(args) -> int:
         from build.sd import ImageRange, SDBuildOptions, build_sd
 
         build_sd(SDBuildOptions(weights=args.weights, controlnet=args.controlnet, repository=args.repo,
-                                images=ImageRange(args.min_size, args.opt_size, args.max_size), threads=args.threads))
+                                images=ImageRange(args.min_size, args.opt_size, args.max_size), threads=args.threads,
+                                variant=args.variant))
         return 0
     from build.vit import EXTRA_EXPORTS, ViTBuildOptions, build_vit
 
@@ -240,21 +259,32 @@ def cmd_generate(args) -> int:
 
     if args.mask is not None and args.init_image is None:
         raise KilnError("--mask needs --init-image (inpainting repaints part of an image)")
-    for path in (args.init_image, args.control_image, args.mask):
+    for path in (args.init_image, *(args.control_image or ()), args.mask):
         if path is not None and not path.is_file():
             raise KilnError(f"{path}: no such image file")
-    unit = None
-    if args.control_image is not None:
-        unit = ControlNetUnit(image=args.control_image.read_bytes(), module=args.control_module,
-                              weight=args.control_weight, guidance_start=args.control_start,
-                              guidance_end=args.control_end)
+    images = args.control_image or []
+
+    def per_unit(name: str, default) -> list:
+        values = getattr(args, name) or [default]
+        if len(values) not in (1, len(images)):
+            raise KilnError(f"--{name.replace('_', '-')} was given {len(values)} times for {len(images)} "
+                            "--control-image units: give it once (for all) or once per unit")
+        return values * len(images) if len(values) == 1 else values
+
+    settings = zip(per_unit("control_module", "none"), per_unit("control_weight", 1.0),
+                   per_unit("control_start", 0.0), per_unit("control_end", 1.0))
+    unit = tuple(ControlNetUnit(image=path.read_bytes(), module=module, weight=weight, guidance_start=start,
+                                guidance_end=end)
+                 for path, (module, weight, start, end) in zip(images, settings)) or None
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                   batch_size=args.batch_size, controlnet=unit)
     if args.init_image is not None:
         request = Img2ImgRequest(**fields, init_image=args.init_image.read_bytes(), denoising_strength=args.strength,
                                  mask=args.mask.read_bytes() if args.mask else b"", mask_blur=args.mask_blur,
-                                 inpainting_mask_invert=args.mask_invert)
+                                 inpainting_mask_invert=args.mask_invert, inpainting_fill=args.inpainting_fill,
+                                 inpaint_full_res=args.only_masked, inpaint_full_res_padding=args.only_masked_padding,
+                                 overlay=args.overlay)
     else:
         request = Txt2ImgRequest(**fields)
     if args.api:

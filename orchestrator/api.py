@@ -254,23 +254,27 @@ def build_request(body: schemas.Txt2ImgBody, settings: Settings, options: dict) 
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength,
-                  controlnet=_controlnet_unit(body.alwayson_scripts, settings.max_image_pixels))
+                  controlnet=_controlnet_units(body.alwayson_scripts, settings.max_image_pixels))
     if isinstance(body, schemas.Img2ImgBody):
         if len(body.init_images) != 1:
             raise APIError(422, "invalid_input", f"init_images must hold exactly one image, got {len(body.init_images)}")
-        if body.inpainting_fill != 1 and body.mask:
-            raise APIError(422, "invalid_input", f"inpainting_fill {body.inpainting_fill} is not supported; "
-                                                 "only 1 (original) is implemented")
         init = decode_b64_image(body.init_images[0], "init_images[0]", settings.max_image_pixels)
         mask = decode_b64_image(body.mask, "mask", settings.max_image_pixels) if body.mask else b""
         blur = body.mask_blur if body.mask_blur_x is None and body.mask_blur_y is None \
             else max(body.mask_blur_x or 0, body.mask_blur_y or 0)
+        # AUTOMATIC1111 pastes the original back outside the mask: clients expect the kept area untouched.
         return Img2ImgRequest(**fields, init_image=init, denoising_strength=body.denoising_strength, mask=mask,
-                              mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert)), ignored
+                              mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
+                              inpainting_fill=body.inpainting_fill, overlay=True,
+                              inpaint_full_res=body.inpaint_full_res,
+                              inpaint_full_res_padding=body.inpaint_full_res_padding), ignored
     return Txt2ImgRequest(**fields), ignored
 
 
-def _controlnet_unit(scripts: dict, max_pixels: int) -> ControlNetUnit | None:
+def _controlnet_units(scripts: dict, max_pixels: int) -> tuple[ControlNetUnit, ...] | None:
+    """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit with an image, in order."""
+    from orchestrator.diffusion import MAX_CONTROLNET_UNITS
+
     if not scripts:
         return None
     unknown = sorted(k for k in scripts if k.lower() != "controlnet")
@@ -284,28 +288,31 @@ def _controlnet_unit(scripts: dict, max_pixels: int) -> ControlNetUnit | None:
         units = [schemas.ControlNetUnitArgs.model_validate(a) for a in args]
     except Exception as exc:  # pydantic's ValidationError: name the fields, not the values
         raise APIError(422, "invalid_input", f"alwayson_scripts.controlnet.args: {_short(exc)}") from None
-    units = [u for u in units if u.enabled and (u.image is not None or u.input_image is not None)]
-    if not units:
+    enabled = [(i, u) for i, u in enumerate(units) if u.enabled and (u.image is not None or u.input_image is not None)]
+    if not enabled:
         return None
-    if len(units) > 1:
-        raise APIError(422, "invalid_input", f"alwayson_scripts.controlnet: {len(units)} enabled units; "
-                                             "this server runs one ControlNet per request")
-    unit = units[0]
-    image = unit.image if unit.image is not None else unit.input_image
-    if isinstance(image, dict):
-        image = image.get("image")
-    module = unit.module.lower()
-    if module not in CONTROL_MODULES:
-        raise APIError(422, "invalid_input", f"alwayson_scripts.controlnet.args[0].module {unit.module!r} is unknown; "
-                                             f"valid: {', '.join(CONTROL_MODULES)}")
-    for name in ("threshold_a", "threshold_b"):
-        value = getattr(unit, name)
-        if module == "canny" and value != int(value):
-            raise APIError(422, "invalid_input", f"alwayson_scripts.controlnet.args[0].{name} must be an integer")
-    return ControlNetUnit(image=decode_b64_image(image, "alwayson_scripts.controlnet.args[0].image", max_pixels),
-                          module=module, weight=unit.weight, guidance_start=unit.guidance_start,
-                          guidance_end=unit.guidance_end, low_threshold=int(unit.threshold_a),
-                          high_threshold=int(unit.threshold_b))
+    if len(enabled) > MAX_CONTROLNET_UNITS:
+        raise APIError(422, "invalid_input", f"alwayson_scripts.controlnet: {len(enabled)} enabled units; "
+                                             f"at most {MAX_CONTROLNET_UNITS} per request")
+    result = []
+    for index, unit in enabled:
+        where = f"alwayson_scripts.controlnet.args[{index}]"
+        image = unit.image if unit.image is not None else unit.input_image
+        if isinstance(image, dict):
+            image = image.get("image")
+        module = unit.module.lower()
+        if module not in CONTROL_MODULES:
+            raise APIError(422, "invalid_input", f"{where}.module {unit.module!r} is unknown; "
+                                                 f"valid: {', '.join(CONTROL_MODULES)}")
+        for name in ("threshold_a", "threshold_b"):
+            value = getattr(unit, name)
+            if module == "canny" and value != int(value):
+                raise APIError(422, "invalid_input", f"{where}.{name} must be an integer")
+        result.append(ControlNetUnit(image=decode_b64_image(image, f"{where}.image", max_pixels), module=module,
+                                     weight=unit.weight, guidance_start=unit.guidance_start,
+                                     guidance_end=unit.guidance_end, low_threshold=int(unit.threshold_a),
+                                     high_threshold=int(unit.threshold_b)))
+    return tuple(result)
 
 
 def _short(exc: Exception) -> str:
@@ -377,7 +384,9 @@ async def submit_job(request: Request, kind: str, body: schemas.Txt2ImgBody) -> 
     settings: Settings = request.app.state.settings
     await _pipeline(request)
     generation, ignored = await run_in_threadpool(build_request, body, settings, request.app.state.options)
-    if isinstance(body, schemas.Img2ImgBody) and body.resize_mode in (1, 2):
+    # "Only masked" crops the init image as it is; resize_mode shapes the whole picture otherwise (as in AUTOMATIC1111).
+    only_masked = isinstance(body, schemas.Img2ImgBody) and body.mask and body.inpaint_full_res
+    if isinstance(body, schemas.Img2ImgBody) and body.resize_mode in (1, 2) and not only_masked:
         resized = await run_in_threadpool(resize_init_image, generation.init_image, body.width, body.height,
                                           body.resize_mode)
         generation = replace(generation, init_image=resized)

@@ -56,9 +56,15 @@ class Txt2ImgRequest:
     height: int = 512
     batch_size: int = 1
     eta: float = 0.0  # DDIM's eta (other samplers ignore it)
-    controlnet: ControlNetUnit | None = None
+    controlnet: ControlNetUnit | tuple[ControlNetUnit, ...] | None = None  # one unit, or several (summed residuals)
     subseed: int = -1  # variation seed (AUTOMATIC1111): its noise is mixed in by subseed_strength
     subseed_strength: float = 0.0  # 0: the seed's noise alone; 1: the subseed's alone
+
+    @property
+    def controlnet_units(self) -> tuple[ControlNetUnit, ...]:
+        if self.controlnet is None:
+            return ()
+        return (self.controlnet,) if isinstance(self.controlnet, ControlNetUnit) else tuple(self.controlnet)
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,14 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask: bytes = b""  # inpainting: white = repaint, black = keep (empty: plain img2img)
     mask_blur: int = 4  # Gaussian blur radius applied to the mask first (AUTOMATIC1111's default 4)
     inpainting_mask_invert: bool = False  # repaint the black part instead
+    # What the masked area starts from (AUTOMATIC1111's names): 0 fill (the surrounding colours, blurred in),
+    # 1 original, 2 latent noise, 3 latent nothing (zeros). Matters when denoising_strength < 1.
+    inpainting_fill: int = 1
+    overlay: bool = False  # paste the init image back outside the (blurred) mask, as AUTOMATIC1111 finishes
+    # AUTOMATIC1111's "only masked": inpaint a crop around the mask (plus padding, widened to width:height)
+    # at width x height, then scale it back into the init image, which keeps its own size.
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 0
 
 
 @dataclass
@@ -168,15 +182,41 @@ class TritonDiffusion:
             sample=sample, timestep=timesteps.reshape(-1, 1), encoder_hidden_states=context, controlnet_cond=cond,
             conditioning_scale=scales.reshape(-1, 1)))
 
-    def noise_pred(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Call a UNet-like model on float32 inputs, split into batches the model takes."""
+    def multi_controlnet_unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray,
+                              units: list[tuple[np.ndarray, float]], call: UNetCall | None = None) -> np.ndarray:
+        """Several ControlNet units: each one's residuals (scaled in the model), summed, then the UNet with them.
+
+        As diffusers' MultiControlNetModel does. The residuals pass through the orchestrator (the
+        ensemble runs one unit); the UNet call goes through `call`, so it still joins step batches.
+        """
+        total: dict[str, np.ndarray] = {}
+        for cond, scale in units:
+            inputs = dict(sample=sample, timestep=timesteps.reshape(-1, 1), encoder_hidden_states=context,
+                          controlnet_cond=cond, conditioning_scale=np.full((len(sample), 1), scale, np.float32))
+            for name, value in self._rows("sd_controlnet", inputs, self._controlnet_outputs()).items():
+                total[name] = total[name] + value if name in total else value
+        return (call or self.noise_pred)("sd_unet_control", dict(
+            sample=sample, timestep=timesteps.reshape(-1, 1), encoder_hidden_states=context, **total))
+
+    def _controlnet_outputs(self) -> list[str]:
+        if not hasattr(self, "_residual_names"):
+            config = self.client.get_model_config("sd_controlnet", as_json=True)["config"]
+            self._residual_names = [o["name"] for o in config["output"]]
+        return self._residual_names
+
+    def _rows(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """Call a batched model on float32 inputs of any number of rows, split into batches it takes."""
         rows = len(inputs["sample"])
         parts = []
         for start in range(0, rows, self.unet_max_batch):
             chunk = {name: (np.ascontiguousarray(value[start:start + self.unet_max_batch], dtype=np.float32), "FP32")
                      for name, value in inputs.items()}
-            parts.append(self._infer(model, chunk, ["noise_pred"])["noise_pred"])
-        return np.concatenate(parts)
+            parts.append(self._infer(model, chunk, outputs))
+        return {name: np.concatenate([part[name] for part in parts]) for name in outputs}
+
+    def noise_pred(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Call a UNet-like model on float32 inputs, split into batches the model takes."""
+        return self._rows(model, inputs, ["noise_pred"])["noise_pred"]
 
     def encode_image(self, data: bytes, width: int, height: int) -> np.ndarray:
         """Image bytes -> the VAE's latent distribution parameters (1, 2 * latent channels, h, w)."""
@@ -187,6 +227,12 @@ class TritonDiffusion:
         except InputError as exc:
             raise InputError(f"init image: {exc}") from None
         return np.array(out["moments"])  # a writable copy: torch refuses read-only buffers
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) pixels in [-1, 1] -> the VAE's latent distribution parameters, through sd_vae_encoder."""
+        out = self._infer("sd_vae_encoder", {"image": (np.ascontiguousarray(pixels, dtype=np.float32), "FP32")},
+                          ["moments"])
+        return np.array(out["moments"])
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return self._infer("sd_vae_decode", {"latent": (np.ascontiguousarray(latents, dtype=np.float32), "FP32")},
@@ -218,19 +264,24 @@ class TritonDiffusion:
             raise InputError(f"subseed_strength must be in [0, 1], got {request.subseed_strength!r}")
         if request.sampler not in SAMPLERS:
             make_scheduler(request.sampler, self.scheduler_config)  # raises the error listing valid names
-        unit = request.controlnet
-        if unit is not None:
-            if not self.has_controlnet:
-                raise InputError("controlnet: this build has no ControlNet (build with --controlnet or a controlnet/ folder)")
+        units = request.controlnet_units
+        if units and not self.has_controlnet:
+            raise InputError("controlnet: this build has no ControlNet (build with --controlnet or a controlnet/ folder)")
+        if len(units) > MAX_CONTROLNET_UNITS:
+            raise InputError(f"controlnet: {len(units)} units; at most {MAX_CONTROLNET_UNITS} per request")
+        for index, unit in enumerate(units):
+            name = "controlnet" if len(units) == 1 else f"controlnet unit {index}"
+            if not isinstance(unit, ControlNetUnit):
+                raise InputError(f"{name} is not a ControlNet unit")
             if unit.module not in CONTROL_MODULES:
-                raise InputError(f"controlnet module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
+                raise InputError(f"{name} module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
             if not math.isfinite(unit.weight) or not 0 <= unit.weight <= 2:
-                raise InputError(f"controlnet weight must be in [0, 2], got {unit.weight!r}")
+                raise InputError(f"{name} weight must be in [0, 2], got {unit.weight!r}")
             if not 0 <= unit.low_threshold < unit.high_threshold <= 255:
-                raise InputError(f"controlnet canny thresholds must satisfy 0 <= low < high <= 255, "
+                raise InputError(f"{name} canny thresholds must satisfy 0 <= low < high <= 255, "
                                  f"got {unit.low_threshold!r}, {unit.high_threshold!r}")
             if not (0 <= unit.guidance_start < unit.guidance_end <= 1):
-                raise InputError(f"controlnet guidance_start/end must satisfy 0 <= start < end <= 1, "
+                raise InputError(f"{name} guidance_start/end must satisfy 0 <= start < end <= 1, "
                                  f"got {unit.guidance_start!r}, {unit.guidance_end!r}")
         if isinstance(request, Img2ImgRequest):
             if not request.init_image:
@@ -239,11 +290,14 @@ class TritonDiffusion:
                 raise InputError(f"denoising_strength must be in [0, 1], got {request.denoising_strength!r}")
             if not isinstance(request.mask_blur, int) or not 0 <= request.mask_blur <= 64:
                 raise InputError(f"mask_blur must be an integer in [0, 64], got {request.mask_blur!r}")
+            if request.inpainting_fill not in INPAINTING_FILL:
+                raise InputError(f"inpainting_fill must be one of {', '.join(f'{k} ({v})' for k, v in INPAINTING_FILL.items())}"
+                                 f", got {request.inpainting_fill!r}")
         inpainting = isinstance(request, Img2ImgRequest) and bool(request.mask)
         if self.unet_in_channels != self.latent_channels:
             if not inpainting:
                 raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
-            if unit is not None:
+            if units:
                 raise InputError("controlnet with a 9-channel inpainting UNet is not supported yet")
         if inpainting and int(request.steps * request.denoising_strength) < 1:
             raise InputError(f"inpainting needs at least one denoising step: steps x denoising_strength = "
@@ -279,6 +333,9 @@ class TritonDiffusion:
 
         # 1. Check inputs.
         self.check(request)
+        if isinstance(request, Img2ImgRequest) and request.mask and request.inpaint_full_res:
+            return self._inpaint_only_masked(request, progress, cancelled, unet_call=unet_call, stop_early=stop_early,
+                                             denoising=denoising)
         batch = request.batch_size
         guided = request.cfg_scale > 1
         init = isinstance(request, Img2ImgRequest)
@@ -325,11 +382,9 @@ class TritonDiffusion:
             latents = _noise(shape, generator, variation) * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generator, request.eta)
 
-        # 6. ControlNet conditioning: the control image for every row of the UNet batch.
-        cond = None
-        if request.controlnet is not None:
-            control = control_image(request.controlnet, request.width, request.height)
-            cond = np.repeat(control[None], len(context), axis=0)
+        # 6. ControlNet conditioning: each unit's control image for every row of the UNet batch.
+        cond = [np.repeat(control_image(unit, request.width, request.height)[None], len(context), axis=0)
+                for unit in request.controlnet_units]
 
         # 7. Denoising loop.
         with denoising() if denoising is not None else nullcontext():
@@ -337,8 +392,10 @@ class TritonDiffusion:
                                                 if init else None, step_kwargs, progress, cancelled, stop_early,
                                                 unet_call)
 
-        # 8. Decode.
+        # 8. Decode; AUTOMATIC1111 pastes the original back outside the mask.
         images = self.decode(latents.numpy())
+        if init and request.mask and request.overlay:
+            images = paste_outside_mask(images, request)
         info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
                 "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
                 "width": request.width, "height": request.height, "model": self.model_name,
@@ -350,12 +407,46 @@ class TritonDiffusion:
         if init:
             info["denoising_strength"] = request.denoising_strength
         if init and request.mask:
-            info |= {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert}
-        if request.controlnet is not None:
-            unit = request.controlnet
-            info["controlnet"] = (f"\"Module: {unit.module}, Weight: {unit.weight}, "
-                                  f"Guidance Start: {unit.guidance_start}, Guidance End: {unit.guidance_end}\"")
+            info |= {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert,
+                     "inpainting_fill": request.inpainting_fill}
+        if request.controlnet_units:
+            info["controlnet"] = [f"\"Module: {unit.module}, Weight: {unit.weight}, Guidance Start: "
+                                  f"{unit.guidance_start}, Guidance End: {unit.guidance_end}\""
+                                  for unit in request.controlnet_units]
         return GenerationResult(images=images, seeds=seeds, info=info)
+
+    def _inpaint_only_masked(self, request: Img2ImgRequest, progress, cancelled, **loop) -> GenerationResult:
+        """AUTOMATIC1111's inpaint_full_res: generate the masked region's crop at full size, paste it back."""
+        from dataclasses import replace
+
+        from PIL import Image
+
+        from build.imaging import ImageLimits, decode_image
+
+        original = decode_image(request.init_image, ImageLimits(min_side=1))
+        width, height = original.size
+        mask = soft_mask(request.mask, width, height, request.mask_blur, request.inpainting_mask_invert)
+        box = crop_region(np.asarray(mask) > 0, request.inpaint_full_res_padding, request.width, request.height)
+        if box is None:  # nothing masked: whole-picture inpainting (which keeps everything)
+            return self.generate(replace(request, inpaint_full_res=False), progress, cancelled, **loop)
+        region = (box[2] - box[0], box[3] - box[1])
+        crop = original.crop(box).resize((request.width, request.height), Image.Resampling.LANCZOS)
+        crop_mask = mask.crop(box).resize((request.width, request.height), Image.Resampling.LANCZOS)
+        inner = replace(request, init_image=_png(crop), mask=_png(crop_mask), mask_blur=0, inpainting_mask_invert=False,
+                        inpaint_full_res=False, overlay=False)  # the mask is already blurred and inverted
+        result = self.generate(inner, progress, cancelled, **loop)
+        keep = Image.eval(mask, lambda v: 255 - v)
+        images = []
+        for generated in result.images:
+            canvas = original.copy()
+            canvas.paste(Image.fromarray(generated).resize(region, Image.Resampling.LANCZOS), box[:2])
+            if request.overlay:
+                canvas.paste(original, (0, 0), keep)  # the init image back outside the blurred mask
+            images.append(np.asarray(canvas, dtype=np.uint8))
+        info = result.info | {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert,
+                              "inpaint_full_res": True, "inpaint_full_res_padding": request.inpaint_full_res_padding,
+                              "inpaint_region": list(box)}
+        return GenerationResult(images=np.stack(images), seeds=result.seeds, info=info)
 
     def _denoise(self, request, scheduler, timesteps, latents, context, cond, inpaint, noise, step_kwargs, progress,
                  cancelled, stop_early, unet_call) -> tuple:
@@ -373,10 +464,14 @@ class TritonDiffusion:
             if inpaint is not None and self.unet_in_channels != self.latent_channels:  # 9-channel inpainting UNet
                 model_input = torch.cat([model_input, inpaint["mask_input"], inpaint["masked_input"]], dim=1)
             step_t = np.full(len(model_input), float(t), np.float32)
-            scale = _control_scale(request.controlnet, index, len(timesteps))
-            if scale:
-                noise_pred = self.controlnet_unet(model_input.numpy(), step_t, context, cond,
+            active = [(unit_cond, scale) for unit_cond, unit in zip(cond, request.controlnet_units)
+                      if (scale := _control_scale(unit, index, len(timesteps)))]
+            if len(active) == 1:
+                unit_cond, scale = active[0]
+                noise_pred = self.controlnet_unet(model_input.numpy(), step_t, context, unit_cond,
                                                   np.full(len(model_input), scale, np.float32), call=unet_call)
+            elif active:
+                noise_pred = self.multi_controlnet_unet(model_input.numpy(), step_t, context, active, call=unet_call)
             else:  # no ControlNet, or outside its guidance window: zero residuals equal the plain UNet exactly
                 noise_pred = self.unet(model_input.numpy(), step_t, context, call=unet_call)
             noise_pred = torch.from_numpy(noise_pred)
@@ -400,26 +495,34 @@ class TritonDiffusion:
         import torch
         import torch.nn.functional as F
 
-        from build.imaging import vae_input
+        from build.imaging import resized_rgb, unit_range, vae_input
 
         batch = shape[0]
         pixels = vae_input(request.init_image, request.width, request.height)
         mask = inpaint_mask(request.mask, request.width, request.height, request.mask_blur,
                             request.inpainting_mask_invert)
         masked = pixels * (mask < 0.5)
-        moments = torch.from_numpy(self._infer("sd_vae_encoder", {"image": (np.stack([pixels, masked]), "FP32")},
-                                               ["moments"])["moments"])
+        start_pixels = pixels
+        if request.inpainting_fill == 0:  # "fill": the masked area repainted with the surrounding colours first
+            start_pixels = np.float32(2.0) * unit_range(fill_masked(resized_rgb(request.init_image, request.width,
+                                                                                request.height), mask)) - np.float32(1.0)
+        moments = torch.from_numpy(self.encode_pixels(np.stack([start_pixels, masked])))
         strength_max = request.denoising_strength == 1.0
         blending = self.unet_in_channels == self.latent_channels
         # diffusers samples the image latents only when it blends (4-channel UNet) or starts from the image.
         image_latents = self._sample_latents(moments[:1], generators) if blending or not strength_max else None
         noise = _noise(shape, generator, variation)
+        mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:]).repeat(batch, 1, 1, 1)
         if strength_max:
             latents = noise * scheduler.init_noise_sigma
         else:
-            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+            start = image_latents
+            if request.inpainting_fill == 2:  # "latent noise": the seeds' noise where the mask repaints
+                start = image_latents * (1 - mask_latent) + noise * mask_latent
+            elif request.inpainting_fill == 3:  # "latent nothing": zeros there
+                start = image_latents * (1 - mask_latent)
+            latents = scheduler.add_noise(start, noise, timesteps[:1].repeat(batch))
         masked_latents = self._sample_latents(moments[1:], generators)
-        mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:]).repeat(batch, 1, 1, 1)
         guided = request.cfg_scale > 1
         return latents, noise, {
             "image_latents": image_latents, "mask": mask_latent,
@@ -446,6 +549,7 @@ class TritonDiffusion:
 
 
 CONTROL_MODULES = ("none", "canny")
+MAX_CONTROLNET_UNITS = 4
 
 
 def control_image(unit: ControlNetUnit, width: int, height: int) -> np.ndarray:
@@ -458,8 +562,11 @@ def control_image(unit: ControlNetUnit, width: int, height: int) -> np.ndarray:
     return unit_range(image)
 
 
-def inpaint_mask(data: bytes, width: int, height: int, blur: int, invert: bool) -> np.ndarray:
-    """The mask (1, height, width): white = repaint; AUTOMATIC1111's blur and invert, then diffusers' binarize.
+INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
+
+
+def soft_mask(data: bytes, width: int, height: int, blur: int, invert: bool):
+    """The mask as a PIL "L" image, white = repaint: AUTOMATIC1111's invert, then its Gaussian blur.
 
     A partly transparent mask is read by its alpha channel (opaque = repaint), as AUTOMATIC1111 does.
     """
@@ -467,7 +574,7 @@ def inpaint_mask(data: bytes, width: int, height: int, blur: int, invert: bool) 
 
     from PIL import Image, ImageFilter, ImageOps
 
-    from build.imaging import resized_rgb, unit_range
+    from build.imaging import resized_rgb
 
     rgb = resized_rgb(data, width, height, "mask")  # validates the bytes (format, size limits) first
     raw = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
@@ -481,8 +588,78 @@ def inpaint_mask(data: bytes, width: int, height: int, blur: int, invert: bool) 
         mask = ImageOps.invert(mask)
     if blur > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(blur))
-    values = unit_range(mask)
+    return mask
+
+
+def inpaint_mask(data: bytes, width: int, height: int, blur: int, invert: bool) -> np.ndarray:
+    """The mask (1, height, width) the pipeline uses: the soft mask, then diffusers' binarize (1 = repaint)."""
+    from build.imaging import unit_range
+
+    values = unit_range(soft_mask(data, width, height, blur, invert))
     return np.where(values < 0.5, np.float32(0), np.float32(1))
+
+
+def crop_region(mask: np.ndarray, padding: int, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The box (left, top, right, bottom) around the mask's True pixels, `padding` wider on each side and then
+    widened to the aspect ratio width:height, kept inside the image (AUTOMATIC1111's "only masked" crop); None
+    when nothing is masked."""
+    rows, cols = np.nonzero(mask)
+    if len(rows) == 0:
+        return None
+    image_h, image_w = mask.shape
+    left, right = max(int(cols.min()) - padding, 0), min(int(cols.max()) + 1 + padding, image_w)
+    top, bottom = max(int(rows.min()) - padding, 0), min(int(rows.max()) + 1 + padding, image_h)
+
+    def widen(low: int, high: int, size: int, limit: int) -> tuple[int, int]:
+        size = min(size, limit)
+        low = max(0, min(low - (size - (high - low)) // 2, limit - size))
+        return low, low + size
+
+    box_w, box_h = right - left, bottom - top
+    if box_w * height < box_h * width:  # too narrow: widen
+        left, right = widen(left, right, math.ceil(box_h * width / height), image_w)
+    else:  # too flat: heighten
+        top, bottom = widen(top, bottom, math.ceil(box_w * height / width), image_h)
+    return left, top, right, bottom
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fill_masked(image, mask: np.ndarray):
+    """AUTOMATIC1111's "fill": the masked area painted with the colours around it, from wide to narrow blurs.
+
+    The kept pixels (mask 0), blurred with decreasing radii, are layered over each other, each
+    layer's alpha being how much kept area its blur reached; the kept pixels themselves go on top.
+    """
+    from PIL import Image, ImageFilter
+
+    keep = Image.fromarray(((1 - mask[0]) * 255).astype(np.uint8), "L")
+    kept = image.convert("RGBA")
+    kept.putalpha(keep)
+    premultiplied = kept.convert("RGBa")  # blur colour weighted by alpha, so the masked area adds nothing
+    result = Image.new("RGBA", image.size)
+    for radius, layers in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
+        blurred = (premultiplied.filter(ImageFilter.GaussianBlur(radius)) if radius else premultiplied).convert("RGBA")
+        for _ in range(layers):
+            result.alpha_composite(blurred)
+    return result.convert("RGB")
+
+
+def paste_outside_mask(images: np.ndarray, request: Img2ImgRequest) -> np.ndarray:
+    """AUTOMATIC1111's overlay: the init image over each result, opaque where the blurred mask keeps it."""
+    from build.imaging import resized_rgb
+
+    original = np.asarray(resized_rgb(request.init_image, request.width, request.height), dtype=np.float32)
+    repaint = np.asarray(soft_mask(request.mask, request.width, request.height, request.mask_blur,
+                                   request.inpainting_mask_invert), dtype=np.float32)[..., None] / np.float32(255)
+    blended = images.astype(np.float32) * repaint + original[None] * (1 - repaint)
+    return np.round(blended).astype(np.uint8)
 
 
 def canny(image, low: int, high: int):

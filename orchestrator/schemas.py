@@ -89,18 +89,12 @@ class Img2ImgBody(Txt2ImgBody):
     mask_blur: int = 4
     mask_blur_x: int | None = None
     mask_blur_y: int | None = None
-    inpainting_fill: int = Field(1, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
-    inpaint_full_res: bool = False  # only whole-picture inpainting is implemented; True is refused
-    inpaint_full_res_padding: int = 0
+    inpainting_fill: int = Field(0, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True  # "only masked": inpaint a crop around the mask, paste it back
+    inpaint_full_res_padding: int = Field(0, ge=0, le=1024)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
     image_cfg_scale: float | None = None
     include_init_images: bool = False
-
-    @model_validator(mode="after")
-    def _unsupported_img2img(self):
-        if self.inpaint_full_res and self.mask:
-            raise ValueError("inpaint_full_res (inpaint only the masked area) is not supported; send false")
-        return self
 
 
 class GenerationResponse(BaseModel):

@@ -160,10 +160,57 @@ def test_img2img_inpainting_and_controlnet(client):
     control = client.post("/sdapi/v1/txt2img", json=TXT | {"alwayson_scripts": {"controlnet": {"args": [
         {"enabled": True, "image": init, "module": "canny", "weight": 0.8, "threshold_a": 50, "threshold_b": 150},
         {"enabled": False, "image": init}]}}})
-    for response in (plain, masked, cropped, control):
+    two = client.post("/sdapi/v1/txt2img", json=TXT | {"alwayson_scripts": {"controlnet": {"args": [
+        {"enabled": True, "image": init, "module": "canny", "weight": 0.8},
+        {"enabled": True, "image": init, "weight": 0.4, "guidance_start": 0.5}]}}})
+    for response in (plain, masked, cropped, control, two):
         assert response.status_code == 200, response.text
     assert json.loads(masked.json()["info"])["infotexts"][0].count("Mask blur: 2") == 1
     assert "ControlNet 0" in json.loads(control.json()["info"])["infotexts"][0]
+    infotext = json.loads(two.json()["info"])["infotexts"][0]
+    assert "ControlNet 0" in infotext and "ControlNet 1: \"Module: none, Weight: 0.4" in infotext
+    assert two.json()["images"][0] != control.json()["images"][0]
+    five = client.post("/sdapi/v1/txt2img", json=TXT | {"alwayson_scripts": {"controlnet": {"args": [
+        {"enabled": True, "image": init}] * 5}}})
+    assert five.status_code == 422 and "at most 4" in five.text
+
+
+def test_inpainting_fill_modes_only_masked_and_the_overlay(client):
+    """AUTOMATIC1111's inpainting: the four fills differ inside the mask, the init image comes back untouched
+    outside it, and "only masked" (its default) keeps the init image's own size."""
+    rng = np.random.default_rng(3)
+    init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 40, 40))
+    inside = np.zeros((64, 64), bool)
+    inside[16:40, 16:40] = True
+    body = TXT | {"init_images": [_b64(encode(init))], "mask": _b64(encode(mask)), "mask_blur": 0,
+                  "denoising_strength": 0.6, "steps": 4, "inpaint_full_res": False}
+    images = {}
+    for fill in (0, 1, 2, 3):
+        response = client.post("/sdapi/v1/img2img", json=body | {"inpainting_fill": fill})
+        assert response.status_code == 200, response.text
+        images[fill] = _decode(response.json()["images"][0])[0]
+        assert np.array_equal(images[fill][~inside], np.asarray(init)[~inside])  # the overlay: kept means kept
+    for a, b in ((0, 1), (1, 2), (2, 3), (0, 3)):
+        assert np.abs(images[a][inside].astype(int) - images[b][inside].astype(int)).max() > 8, (a, b)
+    bad = client.post("/sdapi/v1/img2img", json=body | {"inpainting_fill": 4})
+    assert bad.status_code == 422 and "inpainting_fill" in bad.text
+
+    # AUTOMATIC1111's defaults (fill, only masked): a 96x48 init image is inpainted through a 64x64 crop
+    # around the mask and comes back at 96x48, unchanged outside the mask.
+    wide = Image.fromarray(rng.integers(0, 256, (48, 96, 3), dtype=np.uint8))
+    wide_mask = Image.new("L", (96, 48), 0)
+    wide_mask.paste(255, (60, 10, 76, 26))
+    response = client.post("/sdapi/v1/img2img", json=TXT | {"init_images": [_b64(encode(wide))], "steps": 4,
+                                                            "mask": _b64(encode(wide_mask)), "mask_blur": 0,
+                                                            "inpaint_full_res_padding": 4})
+    assert response.status_code == 200, response.text
+    out = _decode(response.json()["images"][0])[0]
+    assert out.shape == (48, 96, 3)
+    keep = np.asarray(wide_mask) == 0
+    assert np.array_equal(out[keep], np.asarray(wide)[keep])
+    assert np.abs(out[~keep].astype(int) - np.asarray(wide)[~keep].astype(int)).max() > 8  # repainted
 
 
 @pytest.mark.parametrize("mode", ["CMYK", "I;16", "P", "LA", "RGBA"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -268,6 +270,48 @@ def test_controlnet_matches_diffusers(sd_server, tiny_checkpoint, reference_pipe
     assert np.abs(plain.images.astype(int) - result.images.astype(int)).max() > 2  # the ControlNet did act
 
 
+def test_several_controlnet_units_match_diffusers_multicontrolnet(sd_server, tiny_checkpoint, reference_pipe,
+                                                                 edge_map_png, init_image_png):
+    """Two units (an edge map, and a photo through the canny preprocessor) with their own scales and windows:
+    diffusers' MultiControlNetModel sums their residuals, and so does the orchestrator."""
+    import io
+
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from orchestrator.diffusion import ControlNetUnit, control_image
+
+    pipe, checkpoint_scheduler_config = reference_pipe
+    controlnet = ControlNetModel.from_pretrained(str(tiny_checkpoint / "controlnet"))
+    control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=[controlnet, controlnet])
+    control_pipe.set_progress_bar_config(disable=True)
+    control_pipe.scheduler = make_scheduler("DPM++ 2M Karras", checkpoint_scheduler_config)
+    second = Image.fromarray((control_image(ControlNetUnit(image=init_image_png, module="canny", low_threshold=50,
+                                                           high_threshold=150), 64, 64) * 255)
+                             .astype(np.uint8).transpose(1, 2, 0))
+    expected = control_pipe("a photo of a cat", image=[Image.open(io.BytesIO(edge_map_png)), second],
+                            num_inference_steps=8, guidance_scale=7.5, negative_prompt="blurry",
+                            controlnet_conditioning_scale=[0.8, 0.5], control_guidance_start=[0.0, 0.25],
+                            control_guidance_end=[1.0, 0.75], height=64, width=64, output_type="np",
+                            generator=torch.Generator().manual_seed(5)).images
+    expected = (expected * 255).round().astype(np.uint8)
+    units = (ControlNetUnit(image=edge_map_png, weight=0.8),
+             ControlNetUnit(image=init_image_png, module="canny", weight=0.5, guidance_start=0.25, guidance_end=0.75,
+                            low_threshold=50, high_threshold=150))
+    request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=8, sampler="DPM++ 2M Karras",
+                             cfg_scale=7.5, seed=5, width=64, height=64, controlnet=units)
+    result = TritonDiffusion(sd_server.grpc_url).txt2img(request)
+    diff = np.abs(result.images.astype(int) - expected.astype(int)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+    one = TritonDiffusion(sd_server.grpc_url).txt2img(replace(request, controlnet=units[0]))
+    assert np.abs(one.images.astype(int) - result.images.astype(int)).max() > 2  # the second unit did act
+    assert len(result.info["controlnet"]) == 2
+    with pytest.raises(InputError, match="at most 4 per request"):
+        TritonDiffusion(sd_server.grpc_url).txt2img(replace(request, controlnet=units * 3))
+    with pytest.raises(InputError, match="controlnet unit 1 weight"):
+        TritonDiffusion(sd_server.grpc_url).txt2img(replace(request, controlnet=(units[0], replace(units[1], weight=3.0))))
+
+
 def test_canny_preprocessor_and_bad_units(sd_server, init_image_png):
     from orchestrator.diffusion import ControlNetUnit, control_image
 
@@ -422,3 +466,17 @@ def test_sampler_names_ignore_the_checkpoints_own_scheduler_options():
     assert type(scheduler).__name__ == "EulerDiscreteScheduler" and not scheduler.config.use_karras_sigmas
     karras = make_scheduler("DPM++ 2M Karras", {"beta_schedule": "scaled_linear"})
     assert type(karras).__name__ == "DPMSolverMultistepScheduler" and karras.config.use_karras_sigmas
+
+
+def test_only_masked_crop_region_follows_automatic1111():
+    from orchestrator.diffusion import crop_region
+
+    mask = np.zeros((100, 200), bool)
+    mask[40:50, 90:110] = True  # 20 wide, 10 high
+    assert crop_region(np.zeros((8, 8), bool), 4, 64, 64) is None
+    left, top, right, bottom = crop_region(mask, 5, 64, 64)  # padded to 30 x 20, then squared to 30 x 30
+    assert (right - left, bottom - top) == (30, 30) and left == 85 and top <= 35 and bottom >= 55
+    left, top, right, bottom = crop_region(mask, 0, 128, 32)  # 4:1 -> 40 x 10, centred on the mask
+    assert (right - left, bottom - top) == (40, 10) and (left, top) == (80, 40)
+    left, top, right, bottom = crop_region(mask, 80, 64, 64)  # wider than the image allows: clamped inside
+    assert 0 <= left < right <= 200 and 0 <= top < bottom <= 100
