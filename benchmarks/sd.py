@@ -1,7 +1,9 @@
 """`kiln bench sd`: Stable Diffusion per component and per image, torch eager fp32 as the baseline of the same run.
 
-For each variant (torch eager fp32, ONNX Runtime fp32, OpenVINO fp32 / bf16 hint / fp16 weights /
-int8 weights, ONNX Runtime dynamic int8), in its own process so its peak memory is its own:
+For each variant (torch eager fp32; ONNX Runtime fp32 and dynamic int8; OpenVINO fp32, bf16 hint,
+fp16 weights, int8 weights, and int8-hybrid, whose UNet is calibrated on inputs captured from
+denoising runs as `kiln build sd` does), derived from the build's fp32 ONNX files, each in its own
+process so its peak memory is its own:
 
 - per-component latency on the shapes of one 512x512 txt2img request: the text encoder on the
   CFG pair of prompts (batch 2), one UNet step with CFG (batch 2), the VAE decoder (batch 1);
@@ -395,12 +397,14 @@ def plot(result: dict, path: Path) -> None:
     names = [r["variant"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
     y = np.arange(len(rows))
-    left.barh(y, [r["components"]["unet"]["median_s"] * 1000 for r in rows], color="tab:blue")
+    seconds = max(r["components"]["unet"]["median_s"] for r in rows) > 2  # full size: seconds; tiny: ms
+    scale, unit = (1, "s") if seconds else (1000, "ms")
+    left.barh(y, [r["components"]["unet"]["median_s"] * scale for r in rows], color="tab:blue")
     for i, r in enumerate(rows):
-        left.text(r["components"]["unet"]["median_s"] * 1000, i, f" {r['unet_speedup']:.2f}x", va="center")
+        left.text(r["components"]["unet"]["median_s"] * scale, i, f" {r['unet_speedup']:.2f}x", va="center")
     left.set_yticks(y, names)
     left.invert_yaxis()
-    left.set_xlabel("ms per UNet step (batch 2)")
+    left.set_xlabel(f"{unit} per UNet step (batch 2)")
     left.set_title(f"UNet step, {result['pipeline']} SD {result['image_side']}px")
     parts = (("text_encoder", "text encoder", "tab:green"), ("unet", f"{result['steps']} UNet steps", "tab:blue"),
              ("vae_decoder", "VAE decode", "tab:orange"))
@@ -420,7 +424,7 @@ def plot(result: dict, path: Path) -> None:
     right.invert_yaxis()
     right.set_xlabel(f"seconds per {result['steps']}-step image")
     right.set_title("one image: components and the measured loop")
-    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.45, -0.16), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
