@@ -89,11 +89,16 @@ def derive_artifact(variant: str, source: Path, target: Path, calibration: list[
             model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         ov.save_model(model, str(target), compress_to_fp16=kind.precision == "fp16")
     elif kind.precision == "int8":
+        import onnx
+        from onnx.external_data_helper import uses_external_data
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        # A source past 2 GB keeps its weights outside the .onnx file; so must the quantized one.
+        header = onnx.load(str(source), load_external_data=False)
+        external = any(uses_external_data(t) for t in header.graph.initializer)
         # MatMul only: ONNX Runtime's ConvInteger kernels are slower than its float convolutions on CPU.
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], use_external_data_format=source.stat().st_size > 2**30)
+                         op_types_to_quantize=["MatMul"], use_external_data_format=external)
     elif source != target:
         raise ExportError(f"{variant}: nothing to derive from {source}")
 
