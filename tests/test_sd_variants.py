@@ -148,13 +148,14 @@ def test_bench_sd_tiny(tmp_path):
 def test_bench_serve_tiny(tmp_path):
     from benchmarks.serve import ARMS, ServeBenchOptions, run_serve_benchmark
 
-    result = run_serve_benchmark(ServeBenchOptions(out=tmp_path, concurrency=(1, 2), requests_per_client=1, steps=3,
+    # Loops long enough (8 steps, 2 requests each) that the two clients' denoising loops overlap.
+    result = run_serve_benchmark(ServeBenchOptions(out=tmp_path, concurrency=(1, 2), requests_per_client=2, steps=8,
                                                    size=32), log=lambda _m: None)
     saved = json.loads((tmp_path / "serve-tiny-32.json").read_text())
     assert (tmp_path / "serve-tiny-32.png").exists() and (tmp_path / "serve-tiny-32.md").exists()
     rows = {(r["arm"], r["clients"]): r for r in saved["rows"]}
     assert set(rows) == {(arm, n) for arm in ARMS for n in (1, 2)}
-    assert all(r["requests"] == r["clients"] for r in rows.values())  # nothing failed or was lost
+    assert all(r["requests"] == 2 * r["clients"] for r in rows.values())  # nothing failed or was lost
     # No batching means one request's CFG pair per Triton execution; the step batcher merges the two clients.
     assert rows[("unbatched", 2)]["rows_per_execution"] == 2.0
     assert rows[("step", 2)]["mean_unet_rows"] > 2.0
