@@ -1,9 +1,10 @@
-"""What the load generators of the benchmarks share."""
+"""What the benchmarks share: the concurrent load generator and the writing of their results."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -16,3 +17,17 @@ def run_concurrently(worker: Callable[[int], None], count: int) -> float:
     for thread in threads:
         thread.join()
     return time.perf_counter() - start
+
+
+def write_results(stem: Path, result: dict, table: Callable[[dict], str], plot: Callable[[dict, Path], None],
+                  log: Callable[[str], None] = print) -> dict:
+    """stem.json (the result), stem.md (its table), stem.png (its plot); logs the table and the paths."""
+    import json
+
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    text = table(result)
+    stem.with_suffix(".md").write_text(text + "\n")
+    plot(result, stem.with_suffix(".png"))
+    log(text)
+    log(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    return result

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from build.errors import ConfigError, KilnError
+from benchmarks.load import write_results
 from build.parity import psnr
 from orchestrator.direct import COMPONENTS, DirectDiffusion, session_runners, unet_parameters
 
@@ -308,13 +309,7 @@ def run_sd_benchmark(options: SDBenchOptions, log=print) -> dict:
     bar.close()
     result = summarize(results, triton, derived, options) | {"failed": failed}
     stem = options.out / f"sd-{options.pipeline}-{options.side}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    table = markdown_table(result)
-    stem.with_suffix(".md").write_text(table + "\n")
-    plot(result, stem.with_suffix(".png"))
-    log(table)
-    log(f"wrote {stem}.json, {stem}.md, {stem}.png")
-    return result
+    return write_results(stem, result, markdown_table, plot, log)
 
 
 def summarize(results: list[dict], triton: dict | None, derived: dict, options: SDBenchOptions) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.load import run_concurrently
+from benchmarks.load import run_concurrently, write_results
 from build.errors import KilnError
 
 PIPELINES = {  # checkpoint size, image side, served profile (min, opt, max)
@@ -242,13 +242,7 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
         bar.close()
     result = summarize(rows, options, curve) | {"image_side": side}
     stem = options.out / f"serve-{options.pipeline}-{side}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    table = markdown_table(result)
-    stem.with_suffix(".md").write_text(table + "\n")
-    plot(result, stem.with_suffix(".png"))
-    log(table)
-    log(f"wrote {stem}.json, {stem}.md, {stem}.png")
-    return result
+    return write_results(stem, result, markdown_table, plot, log)
 
 
 def summarize(rows: list[Row], options: ServeBenchOptions, curve: dict[int, float]) -> dict:

@@ -11,7 +11,6 @@ Writes results/vit.json, results/vit.md (the table) and results/vit.png (the plo
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -31,7 +30,7 @@ from build.triton_config import read_config
 from build.vit import SAMPLE_IMAGES, VARIANTS, ViTBuildOptions, build_vit, list_images
 from build.weights import load_vit
 
-from benchmarks.load import run_concurrently
+from benchmarks.load import run_concurrently, write_results
 
 GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224x224: 17.6 GMAC
 
@@ -216,13 +215,7 @@ def run_benchmark(options: BenchOptions) -> dict:
     bar.close()
 
     # 4. Report.
-    result = summarize(rows, options)
-    (out / "vit.json").write_text(json.dumps(result, indent=2))
-    (out / "vit.md").write_text(markdown_table(result))
-    plot(result, out / "vit.png")
-    print(markdown_table(result))
-    print(f"wrote {out / 'vit.json'}, {out / 'vit.md'}, {out / 'vit.png'}")
-    return result
+    return write_results(out / "vit", summarize(rows, options), markdown_table, plot)
 
 
 def summarize(rows: list[Row], options: BenchOptions) -> dict:
