@@ -77,8 +77,9 @@ def artifact_path(root: Path, repo: Path, variant: str, component: str) -> Path:
 
 # -- one variant, in its own process ------------------------------------------------------------
 
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def _peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's peak resident set (VmHWM) in MB; NaN when the kernel does not report it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
@@ -218,11 +219,11 @@ def _tree_peak_rss_mb(pid: int) -> float:
         process = psutil.Process(pid)
         for p in [process, *process.children(recursive=True)]:
             try:
-                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        total += int(line.split()[1]) / 1024
-            except OSError:
-                pass
+                peak = _peak_rss_mb(p.pid)
+            except OSError:  # the process ended meanwhile
+                continue
+            if peak == peak:  # not NaN
+                total += peak
     except psutil.Error:
         return float("nan")
     return total
