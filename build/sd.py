@@ -347,8 +347,9 @@ SERVED_CONTROL = ("controlnet", "unet_control")  # added when the checkpoint has
 class SDBuildOptions:
     """What `kiln build sd` was asked to do."""
 
-    weights: str  # diffusers-format folder (or hub id where a network exists)
+    weights: str  # diffusers-format folder, original-layout .safetensors file, or hub id (where a network exists)
     controlnet: str | None = None  # ControlNet folder; default: <weights>/controlnet when present
+    config: str | None = None  # a single file's architecture (a diffusers-format folder); default: SD 1.5's
     repository: Path = DEFAULT_REPOSITORY
     images: ImageRange = ImageRange()
     max_queue_delay_us: int = 2000
@@ -442,6 +443,11 @@ def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, op
     return configs
 
 
+def _model_name(source: str) -> str:
+    path = Path(source.rstrip("/"))
+    return (path.stem if path.is_file() else path.name) or source
+
+
 def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
     """Export the served components, check each against PyTorch, write the txt2img models; return the report section."""
     import time
@@ -455,7 +461,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
     if options.variant not in SD_VARIANTS:
         raise ExportError(f"unknown SD variant {options.variant!r}; valid: {', '.join(SD_VARIANTS)}")
     variant = SD_VARIANTS[options.variant]
-    loaded = load_sd(options.weights, options.controlnet)
+    loaded = load_sd(options.weights, options.controlnet, options.config)
     if loaded.random:
         log(f"!! RANDOM WEIGHTS: {options.weights} holds seeded random weights; images are noise-like, not art.")
     specs = sd_specs(loaded, options.images)
@@ -522,8 +528,9 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
              "scaling_factor": str(float(loaded.vae.config.scaling_factor)),
              "min_size": str(options.images.min), "max_size": str(options.images.max),
              "size_multiple": str(size_multiple(loaded)),
-             # What the API's /sdapi/v1/sd-models lists: the checkpoint's name and its UNet's hash.
-             "model_name": Path(loaded.source.rstrip("/")).name or loaded.source,
+             # What the API's /sdapi/v1/sd-models lists: the checkpoint's name (a file's without its
+             # extension, as AUTOMATIC1111 names it) and its UNet's hash.
+             "model_name": _model_name(loaded.source),
              "model_sha256": artifacts["unet"]["sha256"], "variant": options.variant}
     configs = sd_model_configs(specs, loaded.scheduler_config, options, extra)
     if "controlnet" not in specs:  # a rebuild without a ControlNet must not keep serving the previous one

@@ -120,6 +120,15 @@ def check_tokenizer(tokenizer, source: str) -> None:
         raise WeightsError(f"tokenizer from {source} has {len(tokenizer)} tokens, expected {CLIP_VOCAB_SIZE} (SD 1.x CLIP)")
 
 
+def clip_text_config(sizes: dict[str, Any]):
+    """A CLIPTextConfig of SD 1.x's vocabulary and 77 positions with the given sizes."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=MODEL_MAX_LENGTH,
+                          bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1,
+                          pad_token_id=CLIP_VOCAB_SIZE - 1, **sizes)
+
+
 def _seeded(seed: int):
     import torch
 
@@ -132,7 +141,7 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True,
     `inpainting` makes the UNet a 9-channel inpainting UNet (latents + mask + masked-image latents).
     """
     from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     if size not in ARCHITECTURES:
         raise WeightsError(f"unknown architecture size {size!r}; valid: {', '.join(ARCHITECTURES)}")
@@ -142,10 +151,7 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True,
     _seeded(seed + 1)
     vae = AutoencoderKL(**arch.vae)
     _seeded(seed + 2)
-    text_config = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=MODEL_MAX_LENGTH,
-                                 bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1,
-                                 pad_token_id=CLIP_VOCAB_SIZE - 1, **arch.text_encoder)
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = CLIPTextModel(clip_text_config(arch.text_encoder))
     components = {
         "unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": clip_tokenizer(),
         "scheduler": PNDMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k != "_class_name"}),
@@ -197,21 +203,35 @@ class LoadedSD:
     random: bool
 
 
-def load_sd(weights: str | Path, controlnet: str | Path | None = None) -> LoadedSD:
-    """Load a diffusers-format folder (or hub id, where a network exists); ControlNet from its own folder or controlnet/."""
+def load_sd(weights: str | Path, controlnet: str | Path | None = None, config: str | Path | None = None) -> LoadedSD:
+    """Load a diffusers-format folder, a single-file original-layout .safetensors, or a hub id (where a network exists).
+
+    A single file takes its architecture from `config` (a diffusers-format folder; default: SD 1.5's). The ControlNet
+    comes from its own folder, or a folder checkpoint's controlnet/.
+    """
     from diffusers import ControlNetModel, StableDiffusionPipeline
 
     path = Path(weights)
     if not path.exists() and not (str(weights).count("/") == 1 and not str(weights).startswith((".", "/"))):
-        raise WeightsError(f"{weights}: no such folder, and not a hub id of the form owner/name")
+        raise WeightsError(f"{weights}: no such file or folder, and not a hub id of the form owner/name")
+    if config is not None and not path.is_file():
+        raise WeightsError(f"--config {config}: only a single-file checkpoint takes a config folder; "
+                           f"{weights} carries its own")
+    marker: dict = {}
     if path.is_file():
-        raise WeightsError(f"{weights}: single-file checkpoints are not supported yet; pass a diffusers-format folder")
-    try:
-        pipeline = StableDiffusionPipeline.from_pretrained(str(weights), safety_checker=None,
-                                                           requires_safety_checker=False, use_safetensors=True)
-    except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError variants
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"cannot load a Stable Diffusion checkpoint from {weights!r}: {first}") from None
+        from build.sd_single_file import METADATA_KEY, load_single_file
+
+        pipeline, metadata = load_single_file(path, config)
+        marker = json.loads(metadata.get(METADATA_KEY, "{}"))
+    else:
+        try:
+            pipeline = StableDiffusionPipeline.from_pretrained(str(weights), safety_checker=None,
+                                                               requires_safety_checker=False, use_safetensors=True)
+        except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError variants
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise WeightsError(f"cannot load a Stable Diffusion checkpoint from {weights!r}: {first}") from None
+        if (path / "kiln-weights.json").exists():
+            marker = json.loads((path / "kiln-weights.json").read_text())
     check_tokenizer(pipeline.tokenizer, str(weights))
     control_source = controlnet if controlnet is not None else (path / "controlnet" if (path / "controlnet").is_dir() else None)
     control = None
@@ -221,8 +241,7 @@ def load_sd(weights: str | Path, controlnet: str | Path | None = None) -> Loaded
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise WeightsError(f"cannot load a ControlNet from {control_source!r}: {first}") from None
-    marker = path / "kiln-weights.json"
-    random = marker.exists() and json.loads(marker.read_text()).get("random", False)
+    random = marker.get("random", False)
     return LoadedSD(unet=pipeline.unet.eval(), vae=pipeline.vae.eval(), text_encoder=pipeline.text_encoder.eval(),
                     tokenizer=pipeline.tokenizer, scheduler_config=dict(pipeline.scheduler.config),
                     controlnet=control, source=str(weights), random=bool(random))

@@ -62,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     vit.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
 
     sd = targets.add_parser("sd", help="Stable Diffusion 1.x: text encoder, UNet, VAE decoder + tokenizer (txt2img)")
-    sd.add_argument("--weights", required=True, help="diffusers-format folder (see `kiln weights sd`) or hub id")
+    sd.add_argument("--weights", required=True,
+                    help="diffusers-format folder (see `kiln weights sd`), a single-file SD 1.x .safetensors "
+                         "(AUTOMATIC1111's layout), or a hub id")
+    sd.add_argument("--config", help="a single file's architecture: a diffusers-format folder whose configs describe "
+                                     "it (default: SD 1.5's, with the UNet's input channels read from the file)")
     sd.add_argument("--controlnet", help="ControlNet folder (default: <weights>/controlnet when present)")
     sd.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
     sd.add_argument("--min-size", type=int, default=64, help="smallest image side the build serves (pixels)")
@@ -84,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--no-controlnet", action="store_true")
     sd.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SD 1.5 inpainting)")
+    sd.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
+                    help="also write the checkpoint as one original-layout .safetensors (what AUTOMATIC1111 loads)")
     vit_weights = weight_targets.add_parser("vit", help="a timm-style ViT-B/16 folder (model.safetensors + config.json)")
     vit_weights.add_argument("--random", type=Path, metavar="OUT", required=True)
     vit_weights.add_argument("--seed", type=int, default=0)
@@ -229,7 +235,7 @@ def cmd_build(args) -> int:
     if args.target == "sd":
         from build.sd import ImageRange, SDBuildOptions, build_sd
 
-        build_sd(SDBuildOptions(weights=args.weights, controlnet=args.controlnet, repository=args.repo,
+        build_sd(SDBuildOptions(weights=args.weights, controlnet=args.controlnet, config=args.config, repository=args.repo,
                                 images=ImageRange(args.min_size, args.opt_size, args.max_size), threads=args.threads,
                                 variant=args.variant))
         return 0
@@ -311,8 +317,14 @@ def cmd_weights(args) -> int:
         from build.sd_weights import write_sd_checkpoint
 
         out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+        if args.single_file is not None and args.single_file.suffix != ".safetensors":
+            raise KilnError(f"--single-file {args.single_file}: the file name must end in .safetensors")
         write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet,
                             inpainting=args.inpainting)
+        if args.single_file is not None:
+            from build.sd_single_file import write_single_file
+
+            print(f"wrote {write_single_file(out, args.single_file)} (original layout; ControlNet stays in {out}/controlnet)")
     else:
         from build.weights import load_vit, save_vit_checkpoint
 

@@ -68,7 +68,7 @@ def test_full_size_architecture_is_sd15():
 
 
 def test_bad_sources_are_clear_errors(tmp_path):
-    with pytest.raises(WeightsError, match="no such folder"):
+    with pytest.raises(WeightsError, match="no such file or folder"):
         load_sd(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError, match="cannot load a Stable Diffusion checkpoint"):

@@ -1,0 +1,224 @@
+"""Single-file Stable Diffusion 1.x checkpoints: the original (LDM) layout AUTOMATIC1111 and SD.Next load.
+
+Reading is diffusers' own `StableDiffusionPipeline.from_single_file`, offline: the architecture comes from a
+diffusers-format config folder (`--config`), or, by default, SD 1.5's own configs written here (the UNet's
+input channels read from the file, so SD 1.5 inpainting files work too).
+
+Writing (`ldm_state_dict`, `write_single_file`) renames a diffusers checkpoint's tensors to the original
+layout. diffusers ships that direction only as a repository script, so it is written here from the layout
+itself; a test loads the result back through diffusers and requires every tensor to come back equal.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from build.errors import WeightsError
+
+if TYPE_CHECKING:
+    import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
+METADATA_KEY = "kiln-weights"  # safetensors metadata: the kiln-weights.json of a random checkpoint
+
+_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_FIXED = {"conv_norm_out": "norm_out"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def _split(key: str, depth: int) -> tuple[list[str], str]:
+    parts = key.split(".")
+    return parts[:depth], ".".join(parts[depth:])
+
+
+def unet_key(key: str, layers_per_block: int, attention_up_blocks: set[int]) -> str:
+    """The original name of one diffusers UNet tensor (`attention_up_blocks`: up blocks with attentions)."""
+    per_block = layers_per_block + 1
+    for new, old in _UNET_FIXED.items():
+        if key.startswith(new + "."):
+            return old + key[len(new):]
+    head, rest = _split(key, 4)
+    if head[0] in ("down_blocks", "up_blocks"):
+        block, kind, index = int(head[1]), head[2], int(head[3])
+        if kind == "downsamplers":  # down_blocks.b.downsamplers.0.conv.X
+            return f"input_blocks.{per_block * (block + 1)}.0.op.{rest.removeprefix('conv.')}"
+        if kind == "upsamplers":  # after the block's last resnet (and its attention, when the block has them)
+            slot = 2 if block in attention_up_blocks else 1
+            return f"output_blocks.{per_block * block + layers_per_block}.{slot}.{rest}"
+        layer = (f"input_blocks.{per_block * block + index + 1}" if head[0] == "down_blocks"
+                 else f"output_blocks.{per_block * block + index}")
+        if kind == "resnets":
+            return f"{layer}.0.{_resnet_part(rest)}"
+        return f"{layer}.1.{rest}"  # attentions: the same names inside a spatial transformer
+    head, rest = _split(key, 3)
+    if head[0] == "mid_block":  # resnet, attention, resnet
+        index = int(head[2])
+        if head[1] == "resnets":
+            return f"middle_block.{2 * index}.{_resnet_part(rest)}"
+        return f"middle_block.1.{rest}"
+    raise WeightsError(f"UNet tensor {key!r} has no place in the original layout")
+
+
+def _resnet_part(rest: str) -> str:
+    name, _, tail = rest.partition(".")
+    return f"{_UNET_RESNET.get(name, name)}.{tail}"
+
+
+def vae_key(key: str, up_blocks: int) -> tuple[str, bool]:
+    """The original name of one diffusers VAE tensor, and whether it is an attention projection (a 1x1 conv there)."""
+    coder, _, rest = key.partition(".")
+    if coder not in ("encoder", "decoder"):  # quant_conv, post_quant_conv
+        return key, False
+    head, tail = _split(rest, 3)
+    if head[0] in _VAE_FIXED:
+        return f"{coder}.{_VAE_FIXED[head[0]]}.{'.'.join(rest.split('.')[1:])}", False
+    if head[0] == "mid_block":
+        index = int(head[2])
+        if head[1] == "resnets":
+            return f"{coder}.mid.block_{index + 1}.{_vae_resnet(tail)}", False
+        name, _, param = tail.rpartition(".")
+        return f"{coder}.mid.attn_1.{_VAE_ATTENTION[name]}.{param}", name != "group_norm"
+    if head[0] in ("down_blocks", "up_blocks"):
+        block = int(head[1])
+        level = block if head[0] == "down_blocks" else up_blocks - 1 - block  # the original counts up from the bottom
+        stage = "down" if head[0] == "down_blocks" else "up"
+        if head[2] in ("downsamplers", "upsamplers"):  # X.0.conv.param
+            return f"{coder}.{stage}.{level}.{stage}sample.{tail.split('.', 1)[1]}", False
+        index, _, inner = tail.partition(".")
+        return f"{coder}.{stage}.{level}.block.{index}.{_vae_resnet(inner)}", False
+    return key, False  # conv_in, conv_out: the same names
+
+
+def _vae_resnet(rest: str) -> str:
+    return rest.replace("conv_shortcut", "nin_shortcut")
+
+
+def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """One state dict in the original layout, the tensors shared (not copied) with the modules."""
+    config = unet.config
+    attention_up = {i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind}
+    out = {UNET_PREFIX + unet_key(k, config.layers_per_block, attention_up): v for k, v in unet.state_dict().items()}
+    for name, tensor in vae.state_dict().items():
+        key, is_projection = vae_key(name, len(vae.config.up_block_types))
+        out[VAE_PREFIX + key] = tensor[:, :, None, None] if is_projection and tensor.ndim == 2 else tensor
+    for name, tensor in text_encoder.state_dict().items():  # transformers >= 5.6 drops the text_model. level
+        out[TEXT_PREFIX + (name if name.startswith("text_model.") else "text_model." + name)] = tensor
+    return out
+
+
+def write_single_file(folder: Path, out: Path) -> Path:
+    """Write the diffusers-format SD 1.x checkpoint in `folder` as one original-layout .safetensors file."""
+    from safetensors.torch import save_file
+
+    from build.sd_weights import load_sd
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise WeightsError(f"{out}: a single-file checkpoint is written as .safetensors")
+    loaded = load_sd(folder)
+    tensors = {k: v.contiguous() for k, v in ldm_state_dict(loaded.unet, loaded.vae, loaded.text_encoder).items()}
+    marker = Path(folder) / "kiln-weights.json"
+    metadata = {"format": "pt"} | ({METADATA_KEY: marker.read_text()} if marker.exists() else {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def inspect_single_file(path: Path) -> dict:
+    """Check a file is an SD 1.x original-layout .safetensors checkpoint, from its header alone.
+
+    Returns {"in_channels", "cross_attention_dim", "metadata"}; anything else is a WeightsError naming the problem.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise WeightsError(f"{path}: pickle checkpoints ({path.suffix}) can run code when loaded; "
+                           "only .safetensors single files are read (convert it to .safetensors first)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            metadata = handle.metadata() or {}
+            shapes = {k: handle.get_slice(k).get_shape() for k in keys if k == CONV_IN or k.endswith("attn2.to_k.weight")}
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise WeightsError(f"{path}: not a readable .safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if CONV_IN not in keys:
+        raise WeightsError(f"{path}: not a Stable Diffusion checkpoint in the original layout (no {CONV_IN})")
+    if not any(k.startswith(VAE_PREFIX) for k in keys):
+        raise WeightsError(f"{path}: the file has no VAE ({VAE_PREFIX}*); a full SD 1.x checkpoint is needed")
+    if not any(k.startswith(TEXT_PREFIX) for k in keys):
+        kind = "SD 2.x (OpenCLIP text encoder)" if any(k.startswith("cond_stage_model.model.") for k in keys) else (
+            "SDXL" if any(k.startswith("conditioner.") for k in keys) else "without a CLIP text encoder")
+        raise WeightsError(f"{path}: a checkpoint {kind}; only Stable Diffusion 1.x single files are supported")
+    cross = {shape[1] for k, shape in shapes.items() if k != CONV_IN}
+    return {"in_channels": shapes[CONV_IN][1], "cross_attention_dim": min(cross) if cross else None,
+            "metadata": metadata}
+
+
+def write_sd15_config(out: Path, in_channels: int = 4) -> Path:
+    """SD 1.5's diffusers configs (no weights): model_index.json, each component's config, tokenizer, scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from build.sd_weights import ARCHITECTURES, SCHEDULER_CONFIG, clip_text_config, clip_tokenizer
+
+    out = Path(out)
+    arch = ARCHITECTURES["full"]
+    with torch.device("meta"):  # configs only: nothing is allocated
+        UNet2DConditionModel(**(arch.unet | {"in_channels": in_channels})).save_config(str(out / "unet"))
+        AutoencoderKL(**arch.vae).save_config(str(out / "vae"))
+    clip_text_config(arch.text_encoder).save_pretrained(str(out / "text_encoder"))
+    clip_tokenizer().save_pretrained(str(out / "tokenizer"))
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None],
+        "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    return out
+
+
+@contextmanager
+def _config_folder(config: str | Path | None, in_channels: int):
+    if config is not None:
+        if not (Path(config) / "model_index.json").is_file():
+            raise WeightsError(f"--config {config}: not a diffusers-format folder (no model_index.json)")
+        yield Path(config)
+        return
+    with tempfile.TemporaryDirectory(prefix="kiln-sd15-config-") as scratch:
+        yield write_sd15_config(Path(scratch), in_channels)
+
+
+def load_single_file(path: Path, config: str | Path | None = None):
+    """A StableDiffusionPipeline (fp32) from an original-layout .safetensors file, offline; and its metadata."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    info = inspect_single_file(path)
+    if config is None and info["cross_attention_dim"] not in (None, 768):
+        raise WeightsError(f"{path}: cross-attention width {info['cross_attention_dim']} is not SD 1.x's 768; "
+                           "pass --config with a diffusers folder describing this architecture")
+    with _config_folder(config, info["in_channels"]) as folder:
+        try:
+            pipeline = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32,
+                safety_checker=None, requires_safety_checker=False)
+        except Exception as exc:  # diffusers raises ValueError/RuntimeError/SingleFileComponentError variants
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise WeightsError(f"cannot load the single-file checkpoint {path} with the configs of "
+                               f"{config or 'SD 1.5'}: {first}") from None
+    return pipeline, info["metadata"]

@@ -1,0 +1,140 @@
+"""Single-file SD 1.x checkpoints (the original layout AUTOMATIC1111 loads), read by diffusers' own loader offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from build.errors import WeightsError
+from build.sd_single_file import (
+    CONV_IN, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, inspect_single_file, ldm_state_dict, write_sd15_config,
+    write_single_file,
+)
+from build.sd_weights import ARCHITECTURES, CLIP_VOCAB_SIZE, clip_text_config, load_sd, write_sd_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny diffusers folder and the same checkpoint as one original-layout file."""
+    root = tmp_path_factory.mktemp("single")
+    folder = write_sd_checkpoint(root / "tiny", size="tiny", seed=3, controlnet=False)
+    return folder, write_single_file(folder, root / "tiny.safetensors")
+
+
+def test_the_file_has_the_original_layout(tiny):
+    _folder, path = tiny
+    info = inspect_single_file(path)
+    assert info["in_channels"] == 4 and info["cross_attention_dim"] == 32
+    assert json.loads(info["metadata"]["kiln-weights"])["random"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+        # An attention projection of the VAE is a 1x1 convolution in the original layout.
+        assert handle.get_slice(VAE_PREFIX + "decoder.mid.attn_1.q.weight").get_shape()[2:] == [1, 1]
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
+    for key in (UNET_PREFIX + "input_blocks.3.0.op.weight", UNET_PREFIX + "middle_block.1.proj_in.weight",
+                UNET_PREFIX + "output_blocks.2.2.conv.weight", UNET_PREFIX + "output_blocks.2.1.proj_out.weight",
+                VAE_PREFIX + "decoder.up.1.upsample.conv.weight", VAE_PREFIX + "encoder.norm_out.weight",
+                TEXT_PREFIX + "text_model.embeddings.position_embedding.weight", CONV_IN):
+        assert key in keys, key
+
+
+def test_diffusers_reads_it_back_tensor_for_tensor(tiny):
+    """diffusers' from_single_file (config from the folder) gives back every tensor of the folder, exactly."""
+    folder, path = tiny
+    original, single = load_sd(folder), load_sd(path, config=folder)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(original, name).state_dict(), getattr(single, name).state_dict()
+        assert a.keys() == b.keys(), name
+        for key, tensor in a.items():
+            assert torch.equal(tensor, b[key]), (name, key)
+    assert single.random and single.source == str(path) and single.controlnet is None
+    assert len(single.tokenizer) == CLIP_VOCAB_SIZE and single.scheduler_config == original.scheduler_config
+
+
+@pytest.mark.parametrize("in_channels", [4, 9])
+def test_default_config_is_sd15(tmp_path, in_channels):
+    """Without --config a file is read with SD 1.5's configs: diffusers' own conversion of a full-size file in
+    the original layout (built on the meta device: names and shapes, no memory) fills exactly that UNet and VAE."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    config = write_sd15_config(tmp_path / "sd15", in_channels=in_channels)
+    arch = ARCHITECTURES["full"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(config / "unet")))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(config / "vae")))
+        reference = UNet2DConditionModel(**(arch.unet | {"in_channels": in_channels}))
+    assert unet.config.in_channels == in_channels and vae.config.scaling_factor == 0.18215
+    text = clip_text_config(arch.text_encoder)
+    assert json.loads((config / "text_encoder" / "config.json").read_text())["hidden_size"] == text.hidden_size == 768
+    ldm = ldm_state_dict(reference, vae, torch.nn.Module())
+    unet_part = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    vae_part = convert_ldm_vae_checkpoint({k.removeprefix(VAE_PREFIX): v for k, v in ldm.items()
+                                           if k.startswith(VAE_PREFIX)}, dict(vae.config))
+    for converted, model in ((unet_part, unet), (vae_part, vae)):
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+
+
+def test_bad_single_files_are_clear_errors(tmp_path, tiny):
+    folder, path = tiny
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04not really")
+    with pytest.raises(WeightsError, match="pickle checkpoints"):
+        load_sd(pickle)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(WeightsError, match="not a readable .safetensors"):
+        load_sd(garbage)
+    other = tmp_path / "vit.safetensors"
+    save_file({"patch_embed.proj.weight": torch.zeros(2, 3, 16, 16)}, str(other))
+    with pytest.raises(WeightsError, match="not a Stable Diffusion checkpoint in the original layout"):
+        load_sd(other)
+    sd2 = tmp_path / "sd2.safetensors"
+    save_file({CONV_IN: torch.zeros(2, 4, 3, 3), VAE_PREFIX + "quant_conv.weight": torch.zeros(1),
+               "cond_stage_model.model.ln_final.weight": torch.zeros(1)}, str(sd2))
+    with pytest.raises(WeightsError, match="SD 2.x"):
+        load_sd(sd2)
+    # The tiny file read with SD 1.5's configs: its 32-wide cross-attention says it needs --config.
+    with pytest.raises(WeightsError, match="pass --config"):
+        load_sd(path)
+    with pytest.raises(WeightsError, match="no model_index.json"):
+        load_sd(path, config=tmp_path)
+    with pytest.raises(WeightsError, match="only a single-file checkpoint takes a config"):
+        load_sd(folder, config=folder)
+    # A config that does not describe the file (an inpainting UNet's 9 input channels): diffusers' error, named.
+    inpainting = write_sd_checkpoint(tmp_path / "inpainting", size="tiny", controlnet=False, inpainting=True)
+    with pytest.raises(WeightsError, match="cannot load the single-file checkpoint"):
+        load_sd(path, config=inpainting)
+
+
+@pytest.mark.slow
+def test_kiln_writes_and_builds_a_single_file(tmp_path):
+    """`kiln weights sd --single-file`, then `kiln build sd --weights FILE --config DIR`: the user's path, end to end."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def kiln(*args):
+        return subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
+                              timeout=600, cwd=root)
+
+    folder, path = tmp_path / "tiny", tmp_path / "tiny.safetensors"
+    result = kiln("weights", "sd", "--tiny", str(folder), "--single-file", str(path), "--no-controlnet")
+    assert result.returncode == 0 and path.is_file(), result.stderr
+    result = kiln("build", "sd", "--weights", str(path), "--repo", str(tmp_path / "repo"))
+    assert result.returncode == 2 and "pass --config" in result.stderr and "Traceback" not in result.stderr
+    result = kiln("build", "sd", "--weights", str(path), "--config", str(folder), "--repo", str(tmp_path / "repo"),
+                  "--opt-size", "64", "--max-size", "128")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "repo" / "build-report.json").read_text())["sd"]
+    assert report["weights"] == {"source": str(path), "random": True}
+    assert (tmp_path / "repo" / "sd_unet").is_dir() and not (tmp_path / "repo" / "sd_controlnet").exists()
+    assert 'key: "model_name"\n  value {\n    string_value: "tiny"\n' in (tmp_path / "repo" / "sd_unet" / "config.pbtxt").read_text()
