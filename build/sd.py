@@ -165,11 +165,13 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
             outputs=(TensorSpec("image", "FP32", ("batch", vae_cfg.out_channels, "height", "width")),),
             profile=batch | image_axes | latent_axes, tolerances=FP32_TOLERANCE, reference_output="image"),
     }
-    if loaded.controlnet is not None:
-        control_sample = TensorSpec("sample", "FP32", ("batch", loaded.controlnet.config.in_channels, "latent_height",
+    for index, (label, control) in enumerate(loaded.controlnets.items()):
+        _check_controlnet_fits(label, control, loaded.unet)
+        control_sample = TensorSpec("sample", "FP32", ("batch", control.config.in_channels, "latent_height",
                                                        "latent_width"), value_range=(-2, 2))
-        specs["controlnet"] = ComponentSpec(
-            name="controlnet",
+        name = controlnet_component(index)
+        specs[name] = ComponentSpec(
+            name=name,
             inputs=(control_sample, timestep, context,
                     TensorSpec("controlnet_cond", "FP32", ("batch", 3, "height", "width"), value_range=(0, 1)),
                     TensorSpec("conditioning_scale", "FP32", ("batch",), value_range=(0, 1))),
@@ -177,6 +179,23 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
             profile=batch | image_axes | latent_axes | sequence, tolerances=FP32_TOLERANCE,
             reference_output=residuals[-1].name)
     return specs
+
+
+def controlnet_component(index: int) -> str:
+    """The component (and, with "sd_", Triton model) name of the index-th ControlNet: controlnet, controlnet_2, ..."""
+    return "controlnet" if index == 0 else f"controlnet_{index + 1}"
+
+
+def _check_controlnet_fits(label: str, control, unet) -> None:
+    """A ControlNet's residuals are added inside this UNet: its blocks and cross-attention must be the UNet's."""
+    def plain(value):
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
+    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types"):
+        mine, theirs = plain(control.config.get(key)), plain(unet.config.get(key))
+        if mine != theirs:
+            raise ExportError(f"ControlNet {label!r} does not fit this UNet: its {key} is {mine}, the UNet's {theirs} "
+                              "(a ControlNet is trained for one base architecture, e.g. SD 1.5)")
 
 
 def _residual_specs(unet) -> tuple[TensorSpec, ...]:
@@ -275,8 +294,8 @@ def export_modules(loaded) -> dict[str, Callable]:
         "text_encoder": TextEncoder(loaded.text_encoder), "unet": UNet(loaded.unet), "unet_control": UNet(loaded.unet),
         "vae_encoder": VaeEncoder(loaded.vae), "vae_decoder": VaeDecoder(loaded.vae),
     }
-    if loaded.controlnet is not None:
-        modules["controlnet"] = ControlNet(loaded.controlnet)
+    for index, control in enumerate(loaded.controlnets.values()):
+        modules[controlnet_component(index)] = ControlNet(control)
     return {name: module.eval() for name, module in modules.items()}
 
 
@@ -340,7 +359,6 @@ def check_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, in
 # -- the build: export, check, write the Triton repository --------------------------------------
 
 SERVED = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # txt2img and img2img
-SERVED_CONTROL = ("controlnet", "unet_control")  # added when the checkpoint has a ControlNet
 
 
 @dataclass(frozen=True)
@@ -348,7 +366,8 @@ class SDBuildOptions:
     """What `kiln build sd` was asked to do."""
 
     weights: str  # diffusers-format folder, original-layout .safetensors file, or hub id (where a network exists)
-    controlnet: str | None = None  # ControlNet folder; default: <weights>/controlnet when present
+    # ControlNets: PATH or NAME=PATH each (build.sd_weights.controlnet_sources); default: <weights>/controlnet
+    controlnet: str | tuple[str, ...] | None = None
     config: str | None = None  # a single file's architecture (a diffusers-format folder); default: SD 1.5's
     repository: Path = DEFAULT_REPOSITORY
     images: ImageRange = ImageRange()
@@ -421,26 +440,39 @@ def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, op
                EnsembleStep("sd_vae_encoder", {"image": "pixels"}, {"moments": "moments"})))
     configs = [tokenizer, text_encoder, unet_model, decoder_model, postprocess, encoder_model, image_preprocess,
                text_encode, vae_decode, vae_encode]
-    if "controlnet" in specs:
-        control, unet_control = specs["controlnet"], specs["unet_control"]
+    controls = controlnet_components(specs)
+    if controls:
+        unet_control = specs["unet_control"]
+        configs.append(ModelConfig(
+            name="sd_unet_control", inputs=unet_control.triton_inputs(), outputs=unet_control.triton_outputs(),
+            max_batch_size=unet_control.max_batch_size, dynamic_batching=batching, parameters=runtime_params()))
+    for name in controls:  # every ControlNet feeds the one sd_unet_control
+        control = specs[name]
         residuals = [t.name for t in control.outputs]
         configs += [
-            ModelConfig(name="sd_controlnet", inputs=control.triton_inputs(), outputs=control.triton_outputs(),
+            ModelConfig(name=f"sd_{name}", inputs=control.triton_inputs(), outputs=control.triton_outputs(),
                         max_batch_size=control.max_batch_size, dynamic_batching=batching, parameters=runtime_params()),
-            ModelConfig(name="sd_unet_control", inputs=unet_control.triton_inputs(), outputs=unet_control.triton_outputs(),
-                        max_batch_size=unet_control.max_batch_size, dynamic_batching=batching,
-                        parameters=runtime_params()),
             # ControlNet -> UNet: a fixed graph, so an ensemble; the residuals never leave Triton.
-            ModelConfig(name="sd_controlnet_unet", backend=None, platform="ensemble",
+            ModelConfig(name=ensemble_name(name), backend=None, platform="ensemble",
                         max_batch_size=unet_control.max_batch_size,
                         inputs=tuple(replace(t, reshape=None) for t in control.triton_inputs()),
                         outputs=unet_control.triton_outputs(),
-                        steps=(EnsembleStep("sd_controlnet", {t.name: t.name for t in control.inputs},
+                        steps=(EnsembleStep(f"sd_{name}", {t.name: t.name for t in control.inputs},
                                             {name: name for name in residuals}),
                                EnsembleStep("sd_unet_control", {t.name: t.name for t in unet_control.inputs},
                                             {"noise_pred": "noise_pred"}))),
         ]
     return configs
+
+
+def controlnet_components(specs) -> list[str]:
+    """The ControlNet components of a build, in order: controlnet, controlnet_2, ..."""
+    return [name for name in specs if name == "controlnet" or name.startswith("controlnet_")]
+
+
+def ensemble_name(component: str) -> str:
+    """sd_controlnet_unet for the first ControlNet (its name since the first build), sd_controlnet_unet_N after."""
+    return "sd_controlnet_unet" + component.removeprefix("controlnet")
 
 
 def _model_name(source: str) -> str:
@@ -495,7 +527,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
         log(f"  sd_{name:13s} {options.variant}: cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}"
             + (f"  ({len(calibration)} calibration samples)" if calibration else ""))
 
-    served = SERVED + (SERVED_CONTROL if "controlnet" in specs else ())
+    controls = controlnet_components(specs)
+    served = SERVED + (("unet_control", *controls) if controls else ())
     for name in tqdm(served, desc=f"build sd ({options.variant})", unit="component", disable=not options.progress):
         version = repository / f"sd_{name}" / "1"
         path = version / "model.onnx"
@@ -531,17 +564,24 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
              # What the API's /sdapi/v1/sd-models lists: the checkpoint's name (a file's without its
              # extension, as AUTOMATIC1111 names it) and its UNet's hash.
              "model_name": _model_name(loaded.source),
-             "model_sha256": artifacts["unet"]["sha256"], "variant": options.variant}
+             "model_sha256": artifacts["unet"]["sha256"], "variant": options.variant,
+             # The ControlNets requests select by name (sd-webui-controlnet's unit `model`), in order.
+             "controlnets": json.dumps([{"name": label, "model": f"sd_{name}", "ensemble": ensemble_name(name),
+                                         "sha256": artifacts[name]["sha256"]}
+                                        for label, name in zip(loaded.controlnets, controls)])}
     configs = sd_model_configs(specs, loaded.scheduler_config, options, extra)
-    if "controlnet" not in specs:  # a rebuild without a ControlNet must not keep serving the previous one
-        import shutil
+    # A rebuild with fewer ControlNets (or none) must not keep serving the previous build's.
+    import shutil
 
-        for stale in ("sd_controlnet", "sd_unet_control", "sd_controlnet_unet"):
-            shutil.rmtree(repository / stale, ignore_errors=True)
+    written = {c.name for c in configs}
+    for stale in repository.glob("sd_*control*"):
+        if stale.is_dir() and stale.name not in written:
+            shutil.rmtree(stale, ignore_errors=True)
     for config in configs:
         config.write(repository)
-        if config.backend == "python":
-            install_python_model(config.name, repository)
+        if config.backend == "python":  # a second ControlNet runs sd_controlnet's model.py
+            install_python_model(config.name, repository,
+                                 "sd_controlnet" if config.name.startswith("sd_controlnet_") else None)
     loaded.tokenizer.save_pretrained(str(repository / "sd_tokenizer" / "1" / "tokenizer"))
 
     # Calibrated variants: UNet inputs captured from denoising runs of the fp32 models just written.

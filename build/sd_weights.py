@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from build.errors import WeightsError
 
@@ -140,7 +141,7 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True,
 
     `inpainting` makes the UNet a 9-channel inpainting UNet (latents + mask + masked-image latents).
     """
-    from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     if size not in ARCHITECTURES:
@@ -157,17 +158,23 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True,
         "scheduler": PNDMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k != "_class_name"}),
     }
     if controlnet:
-        _seeded(seed + 3)
-        control = ControlNetModel(**arch.controlnet)
-        # ControlNet's output convolutions start at zero (so training starts from the plain UNet); random ones
-        # make its residuals non-zero, as a trained ControlNet's are (diffusers' own pipeline tests do the same).
-        import torch
-
-        for conv in [*control.controlnet_down_blocks, control.controlnet_mid_block]:
-            torch.nn.init.normal_(conv.weight, std=0.1)
-            torch.nn.init.constant_(conv.bias, 0.1)
-        components["controlnet"] = control.eval()
+        components["controlnet"] = random_controlnet(size, seed + 3)
     return components
+
+
+def random_controlnet(size: str = "tiny", seed: int = 3):
+    """A seeded random ControlNet of the `size` architecture (fits that size's UNet)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    _seeded(seed)
+    control = ControlNetModel(**ARCHITECTURES[size].controlnet)
+    # ControlNet's output convolutions start at zero (so training starts from the plain UNet); random ones
+    # make its residuals non-zero, as a trained ControlNet's are (diffusers' own pipeline tests do the same).
+    for conv in [*control.controlnet_down_blocks, control.controlnet_mid_block]:
+        torch.nn.init.normal_(conv.weight, std=0.1)
+        torch.nn.init.constant_(conv.bias, 0.1)
+    return control.eval()
 
 
 def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet: bool = True,
@@ -198,18 +205,64 @@ class LoadedSD:
     text_encoder: torch.nn.Module
     tokenizer: Any
     scheduler_config: dict
-    controlnet: torch.nn.Module | None
+    controlnets: dict[str, torch.nn.Module]  # by name, in the order given; the first is the default
     source: str
     random: bool
 
+    @property
+    def controlnet(self) -> torch.nn.Module | None:
+        """The first (default) ControlNet, or None."""
+        return next(iter(self.controlnets.values()), None)
 
-def load_sd(weights: str | Path, controlnet: str | Path | None = None, config: str | Path | None = None) -> LoadedSD:
+
+CONTROLNET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+
+
+def controlnet_sources(specs: str | Path | Sequence[str | Path] | None, weights: Path) -> dict[str, Path]:
+    """`--controlnet` values (PATH or NAME=PATH, repeatable) as {name: path}; none given: <weights>/controlnet.
+
+    A ControlNet's name is what requests select it by (sd-webui-controlnet's unit `model`): NAME, or else
+    the folder's name.
+    """
+    if specs is None or (not isinstance(specs, (str, Path)) and not specs):
+        default = weights / "controlnet"
+        return {"controlnet": default} if default.is_dir() else {}
+    sources: dict[str, Path] = {}
+    for spec in [specs] if isinstance(specs, (str, Path)) else specs:
+        text = str(spec)
+        name, sep, location = text.partition("=")
+        if not sep or Path(text).exists():  # a path that happens to contain "=" stays a path
+            name, location = "", text
+        path = Path(location)
+        name = name or (path.stem if path.is_file() else path.name)
+        if not CONTROLNET_NAME.match(name):
+            raise WeightsError(f"--controlnet {text}: the name {name!r} must be 1-64 letters, digits, _ . + - "
+                               "(give one as NAME=PATH)")
+        if name in sources:
+            raise WeightsError(f"--controlnet {text}: two ControlNets named {name!r}; name them with NAME=PATH")
+        sources[name] = path
+    return sources
+
+
+def load_controlnet(source: Path):
+    """A ControlNet from a diffusers-format folder (or hub id, where a network exists)."""
+    from diffusers import ControlNetModel
+
+    try:
+        return ControlNetModel.from_pretrained(str(source), use_safetensors=True).eval()
+    except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError variants
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WeightsError(f"cannot load a ControlNet from {str(source)!r}: {first}") from None
+
+
+def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] | None = None,
+            config: str | Path | None = None) -> LoadedSD:
     """Load a diffusers-format folder, a single-file original-layout .safetensors, or a hub id (where a network exists).
 
-    A single file takes its architecture from `config` (a diffusers-format folder; default: SD 1.5's). The ControlNet
-    comes from its own folder, or a folder checkpoint's controlnet/.
+    A single file takes its architecture from `config` (a diffusers-format folder; default: SD 1.5's). ControlNets
+    come from `controlnet` (see `controlnet_sources`), or a folder checkpoint's controlnet/.
     """
-    from diffusers import ControlNetModel, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     path = Path(weights)
     if not path.exists() and not (str(weights).count("/") == 1 and not str(weights).startswith((".", "/"))):
@@ -233,15 +286,8 @@ def load_sd(weights: str | Path, controlnet: str | Path | None = None, config: s
         if (path / "kiln-weights.json").exists():
             marker = json.loads((path / "kiln-weights.json").read_text())
     check_tokenizer(pipeline.tokenizer, str(weights))
-    control_source = controlnet if controlnet is not None else (path / "controlnet" if (path / "controlnet").is_dir() else None)
-    control = None
-    if control_source is not None:
-        try:
-            control = ControlNetModel.from_pretrained(str(control_source), use_safetensors=True).eval()
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise WeightsError(f"cannot load a ControlNet from {control_source!r}: {first}") from None
+    controlnets = {name: load_controlnet(source) for name, source in controlnet_sources(controlnet, path).items()}
     random = marker.get("random", False)
     return LoadedSD(unet=pipeline.unet.eval(), vae=pipeline.vae.eval(), text_encoder=pipeline.text_encoder.eval(),
                     tokenizer=pipeline.tokenizer, scheduler_config=dict(pipeline.scheduler.config),
-                    controlnet=control, source=str(weights), random=bool(random))
+                    controlnets=controlnets, source=str(weights), random=bool(random))

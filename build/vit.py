@@ -375,11 +375,11 @@ def _run_variant(variant: Variant, version_dir: Path, pixels: np.ndarray,
     return session.run({"pixel_values": pixels, "layer": layers}, VIT_SPEC.output_names), session.execution_precision
 
 
-def install_python_model(name: str, repository: Path) -> None:
-    """Copy a hand-written Python-backend model.py into a repository other than the project's own."""
+def install_python_model(name: str, repository: Path, source_model: str | None = None) -> None:
+    """Copy a hand-written Python-backend model.py (that of `source_model`, default `name`) into a repository."""
     import shutil
 
-    source = DEFAULT_REPOSITORY / name / "1" / "model.py"
+    source = DEFAULT_REPOSITORY / (source_model or name) / "1" / "model.py"
     target = Path(repository) / name / "1" / "model.py"
     if source.resolve() != target.resolve():
         target.parent.mkdir(parents=True, exist_ok=True)

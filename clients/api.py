@@ -22,6 +22,7 @@ def a1111_body(request) -> dict:
     if request.controlnet_units:
         body["alwayson_scripts"] = {"controlnet": {"args": [{
             "enabled": True, "image": base64.b64encode(unit.image).decode(), "module": unit.module,
+            "model": unit.model or "None",
             "weight": unit.weight, "guidance_start": unit.guidance_start, "guidance_end": unit.guidance_end,
             "threshold_a": unit.low_threshold, "threshold_b": unit.high_threshold} for unit in request.controlnet_units]}}
     if isinstance(request, Img2ImgRequest):

@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(AUTOMATIC1111's layout), or a hub id")
     sd.add_argument("--config", help="a single file's architecture: a diffusers-format folder whose configs describe "
                                      "it (default: SD 1.5's, with the UNet's input channels read from the file)")
-    sd.add_argument("--controlnet", help="ControlNet folder (default: <weights>/controlnet when present)")
+    sd.add_argument("--controlnet", action="append", metavar="[NAME=]PATH",
+                    help="a ControlNet folder or hub id; repeat for several, each served as its own model that "
+                         "requests pick by NAME (default: the folder's name; the first is the default ControlNet). "
+                         "Default: <weights>/controlnet when present")
     sd.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
     sd.add_argument("--min-size", type=int, default=64, help="smallest image side the build serves (pixels)")
     sd.add_argument("--opt-size", type=int, default=512)
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "several units, whose residuals add up. The other --control-* options take one value "
                                "for all units or one per unit")
     generate.add_argument("--control-module", choices=("none", "canny"), action="append")
+    generate.add_argument("--control-model", action="append",
+                          help="which of the build's ControlNets the unit uses, by name (default: the first built)")
     generate.add_argument("--control-weight", type=float, action="append", help="ControlNet conditioning scale (1)")
     generate.add_argument("--control-start", type=float, action="append",
                           help="fraction of steps where ControlNet starts (0)")
@@ -235,7 +240,8 @@ def cmd_build(args) -> int:
     if args.target == "sd":
         from build.sd import ImageRange, SDBuildOptions, build_sd
 
-        build_sd(SDBuildOptions(weights=args.weights, controlnet=args.controlnet, config=args.config, repository=args.repo,
+        build_sd(SDBuildOptions(weights=args.weights, controlnet=tuple(args.controlnet or ()) or None,
+                                config=args.config, repository=args.repo,
                                 images=ImageRange(args.min_size, args.opt_size, args.max_size), threads=args.threads,
                                 variant=args.variant))
         return 0
@@ -278,10 +284,10 @@ def cmd_generate(args) -> int:
         return values * len(images) if len(values) == 1 else values
 
     settings = zip(per_unit("control_module", "none"), per_unit("control_weight", 1.0),
-                   per_unit("control_start", 0.0), per_unit("control_end", 1.0))
+                   per_unit("control_start", 0.0), per_unit("control_end", 1.0), per_unit("control_model", None))
     unit = tuple(ControlNetUnit(image=path.read_bytes(), module=module, weight=weight, guidance_start=start,
-                                guidance_end=end)
-                 for path, (module, weight, start, end) in zip(images, settings)) or None
+                                guidance_end=end, model=model)
+                 for path, (module, weight, start, end, model) in zip(images, settings)) or None
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                   batch_size=args.batch_size, controlnet=unit)

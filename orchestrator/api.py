@@ -311,7 +311,7 @@ def _controlnet_units(scripts: dict, max_pixels: int) -> tuple[ControlNetUnit, .
         result.append(ControlNetUnit(image=decode_b64_image(image, f"{where}.image", max_pixels), module=module,
                                      weight=unit.weight, guidance_start=unit.guidance_start,
                                      guidance_end=unit.guidance_end, low_threshold=int(unit.threshold_a),
-                                     high_threshold=int(unit.threshold_b)))
+                                     high_threshold=int(unit.threshold_b), model=unit.model))
     return tuple(result)
 
 
@@ -499,6 +499,17 @@ def _sdapi_routes(app: FastAPI) -> None:
         return [{"title": model_title(pipeline), "model_name": pipeline.model_name,
                  "hash": pipeline.model_hash or None, "sha256": pipeline.model_sha256 or None,
                  "filename": f"triton://sd_unet/{pipeline.model_name}", "config": None}]
+
+    @app.get("/controlnet/model_list", tags=["controlnet"])
+    async def controlnet_models(request: Request):
+        """sd-webui-controlnet's list: the build's ControlNets as "name [hash]" (a unit's `model` takes either)."""
+        pipeline = await _pipeline(request)
+        served = pipeline.controlnets.values() if pipeline.has_controlnet else ()
+        return {"model_list": [c.title for c in served]}
+
+    @app.get("/controlnet/module_list", tags=["controlnet"])
+    async def controlnet_modules():
+        return {"module_list": list(CONTROL_MODULES)}
 
     @app.get("/sdapi/v1/options", tags=["sdapi"])
     async def get_options(request: Request):

@@ -40,6 +40,7 @@ class ControlNetUnit:
     guidance_end: float = 1.0  # ... and where it stops
     low_threshold: int = 100  # canny thresholds, on 0-255 intensities
     high_threshold: int = 200
+    model: str | None = None  # which of the build's ControlNets, by name ("name [hash]" too); None: the first
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,21 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpaint_full_res_padding: int = 0
 
 
+@dataclass(frozen=True)
+class ServedControlNet:
+    """One ControlNet of the build: its name, its Triton model and its ControlNet -> UNet ensemble."""
+
+    name: str
+    model: str = "sd_controlnet"
+    ensemble: str = "sd_controlnet_unet"
+    sha256: str = ""
+
+    @property
+    def title(self) -> str:
+        """sd-webui-controlnet's model title: name [first 8 hex digits of the hash]."""
+        return f"{self.name} [{self.sha256[:8]}]" if self.sha256 else self.name
+
+
 @dataclass
 class GenerationResult:
     images: np.ndarray  # (N, H, W, 3) uint8
@@ -119,8 +135,10 @@ class TritonDiffusion:
                             "is `kiln serve` running a repository built with `kiln build sd`?") from None
         self._configure({k: v["string_value"] for k, v in config.get("parameters", {}).items()},
                         int(config.get("max_batch_size", 1)))
+        if not self.controlnets:  # a repository built before several ControlNets: at most the one
+            self.controlnets = {"controlnet": ServedControlNet("controlnet")}
         try:
-            self.has_controlnet = bool(self.client.is_model_ready("sd_controlnet_unet"))
+            self.has_controlnet = bool(self.client.is_model_ready(next(iter(self.controlnets.values())).ensemble))
         except InferenceServerException:
             self.has_controlnet = False
 
@@ -140,6 +158,19 @@ class TritonDiffusion:
         self.model_sha256 = params.get("model_sha256", "")
         self.model_hash = self.model_sha256[:10]
         self.unet_max_batch = unet_max_batch
+        self.controlnets = {entry["name"]: ServedControlNet(**entry) for entry in json.loads(params.get("controlnets", "[]"))}
+
+    def controlnet_for(self, model: str | None) -> ServedControlNet:
+        """The ControlNet a unit's `model` names: its name, or its title "name [hash]"; None/"None": the first."""
+        served = list(self.controlnets.values())
+        if model is None or model.strip() in ("", "None"):
+            return served[0]
+        wanted = model.strip()
+        for candidate in served:
+            if wanted in (candidate.name, candidate.title) or wanted.rsplit(" [", 1)[0] == candidate.name:
+                return candidate
+        raise InputError(f"unknown ControlNet model {model!r}; this build serves: "
+                         f"{', '.join(c.title for c in served)}")
 
     # -- model calls ----------------------------------------------------------------------------
     def _infer(self, model: str, inputs: dict[str, tuple[np.ndarray, str]], outputs: list[str]) -> dict[str, np.ndarray]:
@@ -176,31 +207,33 @@ class TritonDiffusion:
                                                          encoder_hidden_states=context))
 
     def controlnet_unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray, cond: np.ndarray,
-                        scales: np.ndarray, call: UNetCall | None = None) -> np.ndarray:
+                        scales: np.ndarray, call: UNetCall | None = None, ensemble: str = "sd_controlnet_unet") -> np.ndarray:
         """ControlNet then the UNet with its residuals, in one ensemble call (per-sample scales)."""
-        return (call or self.noise_pred)("sd_controlnet_unet", dict(
+        return (call or self.noise_pred)(ensemble, dict(
             sample=sample, timestep=timesteps.reshape(-1, 1), encoder_hidden_states=context, controlnet_cond=cond,
             conditioning_scale=scales.reshape(-1, 1)))
 
     def multi_controlnet_unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray,
-                              units: list[tuple[np.ndarray, float]], call: UNetCall | None = None) -> np.ndarray:
-        """Several ControlNet units: each one's residuals (scaled in the model), summed, then the UNet with them.
+                              units: list[tuple[np.ndarray, float, str]], call: UNetCall | None = None) -> np.ndarray:
+        """Several ControlNet units (control image, scale, ControlNet model): each one's residuals (scaled in the
+        model), summed, then the UNet with them.
 
         As diffusers' MultiControlNetModel does. The residuals pass through the orchestrator (the
         ensemble runs one unit); the UNet call goes through `call`, so it still joins step batches.
         """
         total: dict[str, np.ndarray] = {}
-        for cond, scale in units:
+        for cond, scale, model in units:
             inputs = dict(sample=sample, timestep=timesteps.reshape(-1, 1), encoder_hidden_states=context,
                           controlnet_cond=cond, conditioning_scale=np.full((len(sample), 1), scale, np.float32))
-            for name, value in self._rows("sd_controlnet", inputs, self._controlnet_outputs()).items():
+            for name, value in self._rows(model, inputs, self._controlnet_outputs(model)).items():
                 total[name] = total[name] + value if name in total else value
         return (call or self.noise_pred)("sd_unet_control", dict(
             sample=sample, timestep=timesteps.reshape(-1, 1), encoder_hidden_states=context, **total))
 
-    def _controlnet_outputs(self) -> list[str]:
+    def _controlnet_outputs(self, model: str) -> list[str]:
+        """The residual outputs' names (the same for every ControlNet of a build: they all feed sd_unet_control)."""
         if not hasattr(self, "_residual_names"):
-            config = self.client.get_model_config("sd_controlnet", as_json=True)["config"]
+            config = self.client.get_model_config(model, as_json=True)["config"]
             self._residual_names = [o["name"] for o in config["output"]]
         return self._residual_names
 
@@ -283,6 +316,12 @@ class TritonDiffusion:
             if not (0 <= unit.guidance_start < unit.guidance_end <= 1):
                 raise InputError(f"{name} guidance_start/end must satisfy 0 <= start < end <= 1, "
                                  f"got {unit.guidance_start!r}, {unit.guidance_end!r}")
+            if unit.model is not None and not isinstance(unit.model, str):
+                raise InputError(f"{name} model must be a ControlNet's name, got {unit.model!r}")
+            try:
+                self.controlnet_for(unit.model)
+            except InputError as exc:
+                raise InputError(f"{name}: {exc}") from None
         if isinstance(request, Img2ImgRequest):
             if not request.init_image:
                 raise InputError("init_image is empty")
@@ -410,8 +449,9 @@ class TritonDiffusion:
             info |= {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert,
                      "inpainting_fill": request.inpainting_fill}
         if request.controlnet_units:
-            info["controlnet"] = [f"\"Module: {unit.module}, Weight: {unit.weight}, Guidance Start: "
-                                  f"{unit.guidance_start}, Guidance End: {unit.guidance_end}\""
+            info["controlnet"] = [f"\"Module: {unit.module}, Model: {self.controlnet_for(unit.model).title}, "
+                                  f"Weight: {unit.weight}, Guidance Start: {unit.guidance_start}, "
+                                  f"Guidance End: {unit.guidance_end}\""
                                   for unit in request.controlnet_units]
         return GenerationResult(images=images, seeds=seeds, info=info)
 
@@ -464,14 +504,18 @@ class TritonDiffusion:
             if inpaint is not None and self.unet_in_channels != self.latent_channels:  # 9-channel inpainting UNet
                 model_input = torch.cat([model_input, inpaint["mask_input"], inpaint["masked_input"]], dim=1)
             step_t = np.full(len(model_input), float(t), np.float32)
-            active = [(unit_cond, scale) for unit_cond, unit in zip(cond, request.controlnet_units)
+            active = [(unit_cond, scale, self.controlnet_for(unit.model))
+                      for unit_cond, unit in zip(cond, request.controlnet_units)
                       if (scale := _control_scale(unit, index, len(timesteps)))]
             if len(active) == 1:
-                unit_cond, scale = active[0]
+                unit_cond, scale, served = active[0]
                 noise_pred = self.controlnet_unet(model_input.numpy(), step_t, context, unit_cond,
-                                                  np.full(len(model_input), scale, np.float32), call=unet_call)
+                                                  np.full(len(model_input), scale, np.float32), call=unet_call,
+                                                  ensemble=served.ensemble)
             elif active:
-                noise_pred = self.multi_controlnet_unet(model_input.numpy(), step_t, context, active, call=unet_call)
+                noise_pred = self.multi_controlnet_unet(model_input.numpy(), step_t, context,
+                                                        [(c, scale, served.model) for c, scale, served in active],
+                                                        call=unet_call)
             else:  # no ControlNet, or outside its guidance window: zero residuals equal the plain UNet exactly
                 noise_pred = self.unet(model_input.numpy(), step_t, context, call=unet_call)
             noise_pred = torch.from_numpy(noise_pred)

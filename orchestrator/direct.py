@@ -65,7 +65,7 @@ class DirectDiffusion(TritonDiffusion):
         from transformers import CLIPTokenizer
 
         self._configure(unet_parameters(repository), unet_max_batch=16)
-        self.has_controlnet = False
+        self.has_controlnet = False  # the direct loop runs the plain UNet only
         self.runners = runners
         self.tokenizer = CLIPTokenizer.from_pretrained(str(Path(repository) / "sd_tokenizer" / "1" / "tokenizer"))
 

@@ -38,11 +38,15 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def api_repo(tmp_path_factory) -> Path:
-    """Tiny SD (with ControlNet) and the ViT in one repository."""
+    """Tiny SD (with two ControlNets: its own and "scribble") and the ViT in one repository."""
+    from build.sd_weights import random_controlnet
+
     root = tmp_path_factory.mktemp("api")
     checkpoint = write_sd_checkpoint(root / "tiny", size="tiny", seed=0)
+    random_controlnet("tiny", seed=11).save_pretrained(str(root / "scribble"), safe_serialization=True)
     repo = root / "repo"
-    build_sd(SDBuildOptions(weights=str(checkpoint), repository=repo, images=ImageRange(32, 64, 128), progress=False),
+    build_sd(SDBuildOptions(weights=str(checkpoint), repository=repo, images=ImageRange(32, 64, 128), progress=False,
+                            controlnet=(str(checkpoint / "controlnet"), str(root / "scribble"))),
              log=lambda _m: None)
     build_vit(ViTBuildOptions(random_weights=True, variants=(), extra_exports=(), repository=repo, progress=False),
               log=lambda _m: None)
@@ -168,8 +172,24 @@ def test_img2img_inpainting_and_controlnet(client):
     assert json.loads(masked.json()["info"])["infotexts"][0].count("Mask blur: 2") == 1
     assert "ControlNet 0" in json.loads(control.json()["info"])["infotexts"][0]
     infotext = json.loads(two.json()["info"])["infotexts"][0]
-    assert "ControlNet 0" in infotext and "ControlNet 1: \"Module: none, Weight: 0.4" in infotext
+    assert "ControlNet 0" in infotext and "ControlNet 1: \"Module: none, Model: controlnet [" in infotext
+    assert ", Weight: 0.4" in infotext
     assert two.json()["images"][0] != control.json()["images"][0]
+    # Several ControlNet models: sd-webui-controlnet's list, and a unit picking one by its title or name.
+    models = client.get("/controlnet/model_list").json()["model_list"]
+    assert [m.split(" [")[0] for m in models] == ["controlnet", "scribble"] and len(models[1]) == len("scribble [") + 9
+    assert client.get("/controlnet/module_list").json() == {"module_list": ["none", "canny"]}
+    unit = {"enabled": True, "image": init, "module": "canny", "weight": 0.8, "threshold_a": 50, "threshold_b": 150}
+    scribble = client.post("/sdapi/v1/txt2img", json=TXT | {"alwayson_scripts": {"controlnet": {"args": [
+        unit | {"model": models[1]}]}}})
+    by_name = client.post("/sdapi/v1/txt2img", json=TXT | {"alwayson_scripts": {"controlnet": {"args": [
+        unit | {"model": "scribble"}]}}})
+    assert scribble.status_code == by_name.status_code == 200, scribble.text
+    assert scribble.json()["images"] == by_name.json()["images"] != control.json()["images"]
+    assert f"Model: {models[1]}" in json.loads(scribble.json()["info"])["infotexts"][0]
+    unknown = client.post("/sdapi/v1/txt2img", json=TXT | {"alwayson_scripts": {"controlnet": {"args": [
+        unit | {"model": "control_v11f1p_sd15_depth [cfd03158]"}]}}})
+    assert unknown.status_code == 422 and "unknown ControlNet model" in unknown.text and "scribble [" in unknown.text
     five = client.post("/sdapi/v1/txt2img", json=TXT | {"alwayson_scripts": {"controlnet": {"args": [
         {"enabled": True, "image": init}] * 5}}})
     assert five.status_code == 422 and "at most 4" in five.text

@@ -24,9 +24,21 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sd_server(tiny_checkpoint, tmp_path_factory):
+def second_controlnet(tmp_path_factory):
+    """Another ControlNet for the same UNet (its own seed), as a user's second model would be (depth, scribble ...)."""
+    from build.sd_weights import random_controlnet
+
+    folder = tmp_path_factory.mktemp("scribble") / "control_scribble"
+    random_controlnet("tiny", seed=11).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd_server(tiny_checkpoint, second_controlnet, tmp_path_factory):
+    """The tiny checkpoint with two ControlNets: its own (the default, "controlnet") and "scribble"."""
     repo = tmp_path_factory.mktemp("sd_repo")
     build_sd(SDBuildOptions(weights=str(tiny_checkpoint), repository=repo, images=ImageRange(32, 64, 128),
+                            controlnet=(str(tiny_checkpoint / "controlnet"), f"scribble={second_controlnet}"),
                             progress=False), log=lambda _m: None)
     server = TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
                                         metrics_port=free_port(), log_path=repo.parent / "triton.log"))
@@ -270,10 +282,10 @@ def test_controlnet_matches_diffusers(sd_server, tiny_checkpoint, reference_pipe
     assert np.abs(plain.images.astype(int) - result.images.astype(int)).max() > 2  # the ControlNet did act
 
 
-def test_several_controlnet_units_match_diffusers_multicontrolnet(sd_server, tiny_checkpoint, reference_pipe,
-                                                                 edge_map_png, init_image_png):
-    """Two units (an edge map, and a photo through the canny preprocessor) with their own scales and windows:
-    diffusers' MultiControlNetModel sums their residuals, and so does the orchestrator."""
+def test_several_controlnet_units_match_diffusers_multicontrolnet(sd_server, tiny_checkpoint, second_controlnet,
+                                                                 reference_pipe, edge_map_png, init_image_png):
+    """Two units of two different ControlNets (an edge map, and a photo through the canny preprocessor), with their
+    own scales and windows: diffusers' MultiControlNetModel sums their residuals, and so does the orchestrator."""
     import io
 
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
@@ -283,7 +295,8 @@ def test_several_controlnet_units_match_diffusers_multicontrolnet(sd_server, tin
 
     pipe, checkpoint_scheduler_config = reference_pipe
     controlnet = ControlNetModel.from_pretrained(str(tiny_checkpoint / "controlnet"))
-    control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=[controlnet, controlnet])
+    scribble = ControlNetModel.from_pretrained(str(second_controlnet))
+    control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=[controlnet, scribble])
     control_pipe.set_progress_bar_config(disable=True)
     control_pipe.scheduler = make_scheduler("DPM++ 2M Karras", checkpoint_scheduler_config)
     second = Image.fromarray((control_image(ControlNetUnit(image=init_image_png, module="canny", low_threshold=50,
@@ -297,7 +310,7 @@ def test_several_controlnet_units_match_diffusers_multicontrolnet(sd_server, tin
     expected = (expected * 255).round().astype(np.uint8)
     units = (ControlNetUnit(image=edge_map_png, weight=0.8),
              ControlNetUnit(image=init_image_png, module="canny", weight=0.5, guidance_start=0.25, guidance_end=0.75,
-                            low_threshold=50, high_threshold=150))
+                            low_threshold=50, high_threshold=150, model="scribble"))
     request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=8, sampler="DPM++ 2M Karras",
                              cfg_scale=7.5, seed=5, width=64, height=64, controlnet=units)
     result = TritonDiffusion(sd_server.grpc_url).txt2img(request)
@@ -305,11 +318,46 @@ def test_several_controlnet_units_match_diffusers_multicontrolnet(sd_server, tin
     assert diff <= 2, f"max pixel difference {diff}/255"
     one = TritonDiffusion(sd_server.grpc_url).txt2img(replace(request, controlnet=units[0]))
     assert np.abs(one.images.astype(int) - result.images.astype(int)).max() > 2  # the second unit did act
-    assert len(result.info["controlnet"]) == 2
+    assert len(result.info["controlnet"]) == 2 and "Model: scribble [" in result.info["controlnet"][1]
+    same_model = TritonDiffusion(sd_server.grpc_url).txt2img(
+        replace(request, controlnet=(units[0], replace(units[1], model=None))))
+    assert np.abs(same_model.images.astype(int) - result.images.astype(int)).max() > 2  # the model choice matters
     with pytest.raises(InputError, match="at most 4 per request"):
         TritonDiffusion(sd_server.grpc_url).txt2img(replace(request, controlnet=units * 3))
     with pytest.raises(InputError, match="controlnet unit 1 weight"):
         TritonDiffusion(sd_server.grpc_url).txt2img(replace(request, controlnet=(units[0], replace(units[1], weight=3.0))))
+
+
+def test_a_second_controlnet_by_name_matches_diffusers(sd_server, tiny_checkpoint, second_controlnet, reference_pipe,
+                                                      edge_map_png):
+    """One unit naming the second ControlNet by its sd-webui-controlnet title runs that model's own ensemble."""
+    import io
+
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from orchestrator.diffusion import ControlNetUnit
+
+    pipeline = TritonDiffusion(sd_server.grpc_url)
+    assert [c.name for c in pipeline.controlnets.values()] == ["controlnet", "scribble"]
+    scribble = pipeline.controlnets["scribble"]
+    assert (scribble.model, scribble.ensemble) == ("sd_controlnet_2", "sd_controlnet_unet_2")
+    pipe, checkpoint_scheduler_config = reference_pipe
+    control_pipe = StableDiffusionControlNetPipeline(
+        **pipe.components, controlnet=ControlNetModel.from_pretrained(str(second_controlnet)))
+    control_pipe.set_progress_bar_config(disable=True)
+    control_pipe.scheduler = make_scheduler("Euler a", checkpoint_scheduler_config)
+    expected = control_pipe("a photo of a cat", image=Image.open(io.BytesIO(edge_map_png)), num_inference_steps=6,
+                            guidance_scale=7.5, controlnet_conditioning_scale=0.9, height=64, width=64,
+                            output_type="np", generator=torch.Generator().manual_seed(9)).images
+    expected = (expected * 255).round().astype(np.uint8)
+    request = Txt2ImgRequest(prompt="a photo of a cat", steps=6, sampler="Euler a", cfg_scale=7.5, seed=9, width=64,
+                             height=64, controlnet=ControlNetUnit(image=edge_map_png, weight=0.9, model=scribble.title))
+    result = pipeline.txt2img(request)
+    diff = np.abs(result.images.astype(int) - expected.astype(int)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+    with pytest.raises(InputError, match=r"unknown ControlNet model 'depth'; this build serves: controlnet \[.*scribble"):
+        pipeline.txt2img(replace(request, controlnet=replace(request.controlnet, model="depth")))
 
 
 def test_canny_preprocessor_and_bad_units(sd_server, init_image_png):

@@ -126,15 +126,22 @@ def test_kiln_writes_and_builds_a_single_file(tmp_path):
         return subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
                               timeout=600, cwd=root)
 
-    folder, path = tmp_path / "tiny", tmp_path / "tiny.safetensors"
-    result = kiln("weights", "sd", "--tiny", str(folder), "--single-file", str(path), "--no-controlnet")
+    folder, path, repo = tmp_path / "tiny", tmp_path / "tiny.safetensors", tmp_path / "repo"
+    result = kiln("weights", "sd", "--tiny", str(folder), "--single-file", str(path))
     assert result.returncode == 0 and path.is_file(), result.stderr
-    result = kiln("build", "sd", "--weights", str(path), "--repo", str(tmp_path / "repo"))
+    result = kiln("build", "sd", "--weights", str(path), "--repo", str(repo))
     assert result.returncode == 2 and "pass --config" in result.stderr and "Traceback" not in result.stderr
-    result = kiln("build", "sd", "--weights", str(path), "--config", str(folder), "--repo", str(tmp_path / "repo"),
-                  "--opt-size", "64", "--max-size", "128")
+    for stale in ("sd_controlnet_2", "sd_controlnet_unet_2"):  # what an earlier build with two ControlNets left
+        (repo / stale / "1").mkdir(parents=True)
+        (repo / stale / "config.pbtxt").write_text(f'name: "{stale}"\n')
+    # A single file carries no ControlNet: the checkpoint folder's, named by the user.
+    result = kiln("build", "sd", "--weights", str(path), "--config", str(folder), "--repo", str(repo),
+                  "--controlnet", f"edges={folder / 'controlnet'}", "--opt-size", "64", "--max-size", "128")
     assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "repo" / "build-report.json").read_text())["sd"]
+    report = json.loads((repo / "build-report.json").read_text())["sd"]
     assert report["weights"] == {"source": str(path), "random": True}
-    assert (tmp_path / "repo" / "sd_unet").is_dir() and not (tmp_path / "repo" / "sd_controlnet").exists()
-    assert 'key: "model_name"\n  value {\n    string_value: "tiny"\n' in (tmp_path / "repo" / "sd_unet" / "config.pbtxt").read_text()
+    assert {"sd_controlnet", "sd_controlnet_unet", "sd_unet_control"} <= set(report["models"])
+    assert not (repo / "sd_controlnet_2").exists() and not (repo / "sd_controlnet_unet_2").exists()
+    unet_config = (repo / "sd_unet" / "config.pbtxt").read_text()
+    assert 'key: "model_name"\n  value {\n    string_value: "tiny"\n' in unet_config
+    assert '\\"name\\": \\"edges\\"' in unet_config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,3 +74,36 @@ def test_bad_sources_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsError, match="cannot load a Stable Diffusion checkpoint"):
         load_sd(tmp_path / "empty")
+
+
+def test_controlnet_names(tmp_path):
+    """--controlnet PATH or NAME=PATH, repeatable: names select ControlNets in requests, so they are checked."""
+    from build.sd_weights import controlnet_sources
+
+    (tmp_path / "control_v11p_sd15_canny").mkdir()
+    (tmp_path / "ckpt" / "controlnet").mkdir(parents=True)
+    canny = tmp_path / "control_v11p_sd15_canny"
+    assert controlnet_sources(None, tmp_path / "ckpt") == {"controlnet": tmp_path / "ckpt" / "controlnet"}
+    assert controlnet_sources(None, tmp_path) == {}
+    assert controlnet_sources((str(canny), f"depth={canny}"), tmp_path) == {"control_v11p_sd15_canny": canny,
+                                                                           "depth": canny}
+    assert controlnet_sources("owner/sd-controlnet-canny", tmp_path) == {
+        "sd-controlnet-canny": Path("owner/sd-controlnet-canny")}
+    with pytest.raises(WeightsError, match="two ControlNets named 'depth'"):
+        controlnet_sources((f"depth={canny}", f"depth={canny}"), tmp_path)
+    with pytest.raises(WeightsError, match="must be 1-64 letters"):
+        controlnet_sources((f"my depth={canny}",), tmp_path)
+
+
+def test_a_controlnet_of_another_architecture_is_refused(tmp_path):
+    """A full-size (SD 1.5) ControlNet cannot feed the tiny UNet: the build says so before exporting anything."""
+    from diffusers import ControlNetModel
+
+    from build.errors import ExportError
+    from build.sd import sd_specs
+
+    loaded = load_sd(write_sd_checkpoint(tmp_path / "tiny", size="tiny", controlnet=False))
+    with torch.device("meta"):
+        loaded.controlnets["sd15"] = ControlNetModel(**ARCHITECTURES["full"].controlnet)
+    with pytest.raises(ExportError, match="ControlNet 'sd15' does not fit this UNet: its block_out_channels"):
+        sd_specs(loaded)
