@@ -166,7 +166,7 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
             profile=batch | image_axes | latent_axes, tolerances=FP32_TOLERANCE, reference_output="image"),
     }
     for index, (label, control) in enumerate(loaded.controlnets.items()):
-        _check_controlnet_fits(label, control, loaded.unet)
+        _check_controlnet_fits(label, control, loaded.unet, scale)
         control_sample = TensorSpec("sample", "FP32", ("batch", control.config.in_channels, "latent_height",
                                                        "latent_width"), value_range=(-2, 2))
         name = controlnet_component(index)
@@ -186,8 +186,9 @@ def controlnet_component(index: int) -> str:
     return "controlnet" if index == 0 else f"controlnet_{index + 1}"
 
 
-def _check_controlnet_fits(label: str, control, unet) -> None:
-    """A ControlNet's residuals are added inside this UNet: its blocks and cross-attention must be the UNet's."""
+def _check_controlnet_fits(label: str, control, unet, vae_scale: int) -> None:
+    """A ControlNet's residuals are added inside this UNet: its blocks and cross-attention must be the UNet's, and
+    its conditioning embedding must bring the control image down to the latents' size."""
     def plain(value):
         return tuple(value) if isinstance(value, (list, tuple)) else value
 
@@ -196,6 +197,10 @@ def _check_controlnet_fits(label: str, control, unet) -> None:
         if mine != theirs:
             raise ExportError(f"ControlNet {label!r} does not fit this UNet: its {key} is {mine}, the UNet's {theirs} "
                               "(a ControlNet is trained for one base architecture, e.g. SD 1.5)")
+    down = 2 ** (len(control.config.conditioning_embedding_out_channels) - 1)
+    if down != vae_scale:
+        raise ExportError(f"ControlNet {label!r} does not fit this checkpoint: its conditioning embedding scales the "
+                          f"control image down {down}x, the VAE's latents are {vae_scale}x smaller than the image")
 
 
 def _residual_specs(unet) -> tuple[TensorSpec, ...]:

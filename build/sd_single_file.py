@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+CONTROLNET_PREFIX = "control_model."
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 METADATA_KEY = "kiln-weights"  # safetensors metadata: the kiln-weights.json of a random checkpoint
 
@@ -114,6 +115,42 @@ def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: to
         out[VAE_PREFIX + key] = tensor[:, :, None, None] if is_projection and tensor.ndim == 2 else tensor
     for name, tensor in text_encoder.state_dict().items():  # transformers >= 5.6 drops the text_model. level
         out[TEXT_PREFIX + (name if name.startswith("text_model.") else "text_model." + name)] = tensor
+    return out
+
+
+def controlnet_ldm_state_dict(control: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNet in the original layout (sd-webui-controlnet's files), under "control_model."."""
+    config = control.config
+    blocks = len(config.conditioning_embedding_out_channels) * 2 - 2  # two convolutions per level change
+    out = {}
+    for key, tensor in control.state_dict().items():
+        head, _, rest = key.partition(".")
+        if key.startswith("controlnet_cond_embedding."):  # convolutions at the even indices, SiLU between
+            part, _, tail = key.removeprefix("controlnet_cond_embedding.").partition(".")
+            if part == "blocks":
+                index, _, tail = tail.partition(".")
+                name = f"input_hint_block.{2 * (int(index) + 1)}.{tail}"
+            else:
+                name = f"input_hint_block.{0 if part == 'conv_in' else 2 * (blocks + 1)}.{tail}"
+        elif head == "controlnet_down_blocks":
+            index, _, tail = rest.partition(".")
+            name = f"zero_convs.{index}.0.{tail}"
+        elif head == "controlnet_mid_block":
+            name = f"middle_block_out.0.{rest}"
+        else:  # the UNet encoder's copy: the UNet's own names
+            name = unet_key(key, config.layers_per_block, set())
+        out[CONTROLNET_PREFIX + name] = tensor
+    return out
+
+
+def write_controlnet_single_file(control: torch.nn.Module, out: Path) -> Path:
+    """Write a diffusers ControlNet as one original-layout .safetensors file."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in controlnet_ldm_state_dict(control).items()}, str(out),
+              metadata={"format": "pt"})
     return out
 
 
@@ -222,3 +259,44 @@ def load_single_file(path: Path, config: str | Path | None = None):
             raise WeightsError(f"cannot load the single-file checkpoint {path} with the configs of "
                                f"{config or 'SD 1.5'}: {first}") from None
     return pipeline, info["metadata"]
+
+
+def controlnet_config(unet, latent_channels: int = 4):
+    """The config of a ControlNet for this UNet (as ControlNets are made: a copy of its encoder), on no memory."""
+    import torch
+    from diffusers import ControlNetModel
+
+    with torch.device("meta"):
+        control = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    return dict(control.config) | {"in_channels": latent_channels}
+
+
+def load_controlnet_single_file(path: Path, unet, latent_channels: int = 4):
+    """A ControlNet from one .safetensors file (original layout, with or without "control_model.", or diffusers'),
+    its architecture that of a ControlNet for `unet`; offline, through diffusers' ControlNetModel.from_single_file."""
+    import torch
+    from diffusers import ControlNetModel
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise WeightsError(f"{path}: pickle checkpoints ({path.suffix}) can run code when loaded; "
+                           "only .safetensors ControlNet files are read (convert it to .safetensors first)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise WeightsError(f"{path}: not a readable .safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    markers = ("input_hint_block.0.weight", CONTROLNET_PREFIX + "input_hint_block.0.weight",
+               "controlnet_cond_embedding.conv_in.weight")
+    if not keys & set(markers):
+        raise WeightsError(f"{path}: not a ControlNet (no input_hint_block or controlnet_cond_embedding tensors)")
+    with tempfile.TemporaryDirectory(prefix="kiln-controlnet-config-") as scratch:
+        (Path(scratch) / "config.json").write_text(json.dumps(controlnet_config(unet, latent_channels), default=list))
+        try:
+            control = ControlNetModel.from_single_file(str(path), config=scratch, local_files_only=True,
+                                                       torch_dtype=torch.float32)
+        except Exception as exc:  # diffusers raises ValueError/RuntimeError variants
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise WeightsError(f"cannot load the ControlNet file {path} for this UNet: {first}") from None
+    return control.eval()

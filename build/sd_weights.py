@@ -244,10 +244,15 @@ def controlnet_sources(specs: str | Path | Sequence[str | Path] | None, weights:
     return sources
 
 
-def load_controlnet(source: Path):
-    """A ControlNet from a diffusers-format folder (or hub id, where a network exists)."""
+def load_controlnet(source: Path, unet=None, latent_channels: int = 4):
+    """A ControlNet from a diffusers-format folder, a single .safetensors file (its architecture that of a ControlNet
+    for `unet`), or a hub id (where a network exists)."""
     from diffusers import ControlNetModel
 
+    if Path(source).is_file():
+        from build.sd_single_file import load_controlnet_single_file
+
+        return load_controlnet_single_file(Path(source), unet, latent_channels)
     try:
         return ControlNetModel.from_pretrained(str(source), use_safetensors=True).eval()
     except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError variants
@@ -286,7 +291,8 @@ def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] |
         if (path / "kiln-weights.json").exists():
             marker = json.loads((path / "kiln-weights.json").read_text())
     check_tokenizer(pipeline.tokenizer, str(weights))
-    controlnets = {name: load_controlnet(source) for name, source in controlnet_sources(controlnet, path).items()}
+    controlnets = {name: load_controlnet(source, pipeline.unet, pipeline.vae.config.latent_channels)
+                   for name, source in controlnet_sources(controlnet, path).items()}
     random = marker.get("random", False)
     return LoadedSD(unet=pipeline.unet.eval(), vae=pipeline.vae.eval(), text_encoder=pipeline.text_encoder.eval(),
                     tokenizer=pipeline.tokenizer, scheduler_config=dict(pipeline.scheduler.config),

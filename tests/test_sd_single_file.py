@@ -113,6 +113,54 @@ def test_bad_single_files_are_clear_errors(tmp_path, tiny):
         load_sd(path, config=inpainting)
 
 
+def test_a_controlnet_single_file_reads_back_tensor_for_tensor(tmp_path, tiny):
+    """sd-webui-controlnet's files: the original layout with or without "control_model.", its architecture that
+    of a ControlNet for the checkpoint's UNet. The tiny UNet's ControlNet here has SD's 8x conditioning embedding,
+    which the build then refuses for the tiny (2x) VAE, naming why."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import load_file
+
+    from build.errors import ExportError
+    from build.sd import sd_specs
+    from build.sd_single_file import CONTROLNET_PREFIX, load_controlnet_single_file, write_controlnet_single_file
+
+    folder, _path = tiny
+    loaded = load_sd(folder)
+    torch.manual_seed(0)
+    control = ControlNetModel.from_unet(loaded.unet, load_weights_from_unet=False).eval()
+    for parameter in control.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    prefixed = write_controlnet_single_file(control, tmp_path / "control_tiny.safetensors")
+    assert CONTROLNET_PREFIX + "input_hint_block.14.weight" in load_file(str(prefixed))
+    bare = tmp_path / "bare.safetensors"
+    save_file({k.removeprefix(CONTROLNET_PREFIX): v for k, v in load_file(str(prefixed)).items()}, str(bare))
+    for path in (prefixed, bare):
+        back = load_sd(folder, controlnet=(str(path),)).controlnets["control_tiny" if path == prefixed else "bare"]
+        for key, tensor in control.state_dict().items():
+            assert torch.equal(tensor, back.state_dict()[key]), (path.name, key)
+    loaded.controlnets["control_tiny"] = back
+    with pytest.raises(ExportError, match="scales the control image down 8x, the VAE's latents are 2x smaller"):
+        sd_specs(loaded)
+    with pytest.raises(WeightsError, match="pickle checkpoints"):
+        load_controlnet_single_file(tmp_path / "control_sd15_canny.pth", loaded.unet)
+    with pytest.raises(WeightsError, match="not a ControlNet"):
+        load_controlnet_single_file(_path, loaded.unet)
+
+
+def test_a_controlnet_for_sd15_is_sd15s_controlnet():
+    """Without a config, a ControlNet file takes the architecture of a ControlNet for the checkpoint's UNet:
+    for SD 1.5's UNet that is SD 1.5's ControlNet."""
+    from diffusers import UNet2DConditionModel
+
+    from build.sd_single_file import controlnet_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**ARCHITECTURES["full"].unet)
+    config = controlnet_config(unet)
+    for key, value in ARCHITECTURES["full"].controlnet.items():
+        assert (tuple(config[key]) if isinstance(value, tuple) else config[key]) == value, key
+
+
 @pytest.mark.slow
 def test_kiln_writes_and_builds_a_single_file(tmp_path):
     """`kiln weights sd --single-file`, then `kiln build sd --weights FILE --config DIR`: the user's path, end to end."""
