@@ -125,6 +125,28 @@ def test_bad_image_fails_alone_while_good_ones_in_the_same_batch_succeed(triton,
     assert triton.is_running() and ViTClient(triton.grpc_url).is_ready()
 
 
+def test_bad_input_is_the_clients_error_over_grpc_and_http(triton):
+    """A corrupt image or a bad top_k is answered as the request's fault (gRPC INVALID_ARGUMENT, HTTP 400), not as
+    a server error, so clients and proxies can tell them apart."""
+    import tritonclient.http as httpclient
+
+    corrupt = np.array([[BAD_IMAGES["corrupt bytes"][0]]], dtype=object)
+    with pytest.raises(InferenceServerException) as grpc_error:
+        _raw_infer(triton, "vit_classify", [("image", corrupt, "BYTES")])
+    assert "INVALID_ARGUMENT" in str(grpc_error.value.status()) and "corrupt or truncated" in grpc_error.value.message()
+    good = np.array([[encode(Image.new("RGB", (32, 32), "white"))]], dtype=object)
+    with pytest.raises(InferenceServerException) as top_k_error:
+        _raw_infer(triton, "vit_classify", [("image", good, "BYTES"), ("top_k", np.array([[0]], np.int32), "INT32")])
+    assert "INVALID_ARGUMENT" in str(top_k_error.value.status()), top_k_error.value
+    http = httpclient.InferenceServerClient(triton.http_url)
+    tensor = httpclient.InferInput("image", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(corrupt)
+    with pytest.raises(InferenceServerException) as http_error:
+        http.infer("vit_classify", [tensor])
+    assert str(http_error.value.status()) == "400", http_error.value
+    assert triton.is_running()
+
+
 def _raw_infer(server, model, inputs):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     tensors = []

@@ -32,7 +32,7 @@ class TritonPythonModel:
             k = int(k_tensor.as_numpy().reshape(-1)[0]) if k_tensor is not None else self.default_k
             if not 1 <= k <= min(self.max_k, logits.shape[-1]):
                 error = f"vit_postprocess: top_k must be between 1 and {min(self.max_k, logits.shape[-1])}, got {k}"
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error)))
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG)))
                 continue
             shifted = logits - logits.max(axis=-1, keepdims=True)
             probs = np.exp(shifted)

@@ -20,6 +20,7 @@ from build.errors import InputError  # noqa: E402
 from build.imaging import EvalTransform, ImageLimits, preprocess  # noqa: E402
 
 
+
 class TritonPythonModel:
     def initialize(self, args):
         _, params = model_config(args)
@@ -28,6 +29,7 @@ class TritonPythonModel:
         self.default_layer = int(params["default_layer"])
 
     def execute(self, requests):
+        # A bad image is the request's fault: INVALID_ARG makes it gRPC INVALID_ARGUMENT / HTTP 400, not a server error.
         responses = []
         for request in requests:
             images = pb_utils.get_input_tensor_by_name(request, "image").as_numpy().reshape(-1)
@@ -36,11 +38,11 @@ class TritonPythonModel:
                     raise InputError("the request carried no image")
                 pixels = np.stack([preprocess(_as_bytes(item), self.transform, self.limits) for item in images])
             except InputError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vit_preprocess: {exc}")))
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vit_preprocess: {exc}", pb_utils.TritonError.INVALID_ARG)))
                 continue
             except Exception as exc:  # noqa: BLE001 - whatever PIL raises fails this request only
                 message = f"vit_preprocess: cannot process image ({type(exc).__name__})"
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)))
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)))
                 continue
             layer = np.full((len(pixels), 1), self.default_layer, dtype=np.int64)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
