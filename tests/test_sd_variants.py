@@ -141,6 +141,13 @@ def test_bench_sd_tiny(tmp_path):
     assert rows["openvino-int8"]["executed_precision"]["unet"] == "f32"
     triton = saved["triton"]
     assert triton["image_s"] > 0 and "overhead" in triton and triton["peak_rss_mb"] > 100
+    # Where the time goes: each path's model time is inside its image time; Triton's compute inside its calls.
+    direct = rows["onnxruntime-fp32"]
+    assert 0 < direct["model_calls_s"] < direct["image_s"] and direct["model_calls"] >= 2 + 1 + 1  # text, 2 UNet, VAE
+    assert 0 < triton["triton_compute_s"] < triton["model_calls_s"] < triton["image_s"]
+    assert triton["triton_models"]["sd_unet"]["executions"] == 2 and "Where the time goes" in (
+        tmp_path / "sd-tiny-64.md").read_text()
+    assert saved["triton_overhead"]["outside_compute"] == triton["overhead_outside_compute"]
     assert triton["image_psnr_vs_direct_db"] > 40  # json reads Infinity back as inf
     assert result["best_unet"]["variant"] in rows
 
