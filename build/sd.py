@@ -463,7 +463,7 @@ def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, op
                         inputs=tuple(replace(t, reshape=None) for t in control.triton_inputs()),
                         outputs=unet_control.triton_outputs(),
                         steps=(EnsembleStep(f"sd_{name}", {t.name: t.name for t in control.inputs},
-                                            {name: name for name in residuals}),
+                                            {r: r for r in residuals}),
                                EnsembleStep("sd_unet_control", {t.name: t.name for t in unet_control.inputs},
                                             {"noise_pred": "noise_pred"}))),
         ]

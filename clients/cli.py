@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--config", help="a single file's architecture: a diffusers-format folder whose configs describe "
                                      "it (default: SD 1.5's, with the UNet's input channels read from the file)")
     sd.add_argument("--controlnet", action="append", metavar="[NAME=]PATH",
-                    help="a ControlNet folder, single .safetensors file or hub id; repeat for several, each served as its own model that "
-                         "requests pick by NAME (default: the folder's name; the first is the default ControlNet). "
-                         "Default: <weights>/controlnet when present")
+                    help="a ControlNet folder, single .safetensors file or hub id; repeat for several, each served "
+                         "as its own model that requests pick by NAME (default: the folder's or file's name; the first "
+                         "is the default ControlNet). Default: <weights>/controlnet when present")
     sd.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
     sd.add_argument("--min-size", type=int, default=64, help="smallest image side the build serves (pixels)")
     sd.add_argument("--opt-size", type=int, default=512)
