@@ -2,9 +2,10 @@
 
 Reading is diffusers' own `StableDiffusionPipeline.from_single_file`, offline: the architecture comes from a
 diffusers-format config folder (`--config`), or, by default, SD 1.5's own configs written here (the UNet's
-input channels read from the file, so SD 1.5 inpainting files work too).
+input channels read from the file, so SD 1.5 inpainting files work too). sd-webui-controlnet's ControlNet files
+are read with `ControlNetModel.from_single_file` as a ControlNet for the checkpoint's UNet.
 
-Writing (`ldm_state_dict`, `write_single_file`) renames a diffusers checkpoint's tensors to the original
+Writing (`ldm_state_dict`, `write_single_file`, `controlnet_ldm_state_dict`) renames a diffusers checkpoint's tensors to the original
 layout. diffusers ships that direction only as a repository script, so it is written here from the layout
 itself; a test loads the result back through diffusers and requires every tensor to come back equal.
 """
