@@ -454,9 +454,12 @@ def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, op
     for name in controls:  # every ControlNet feeds the one sd_unet_control
         control = specs[name]
         residuals = [t.name for t in control.outputs]
-        configs += [
+        configs.append(
             ModelConfig(name=f"sd_{name}", inputs=control.triton_inputs(), outputs=control.triton_outputs(),
-                        max_batch_size=control.max_batch_size, dynamic_batching=batching, parameters=runtime_params()),
+                        max_batch_size=control.max_batch_size, dynamic_batching=batching, parameters=runtime_params()))
+        if not has_ensemble(specs, name):
+            continue
+        configs += [
             # ControlNet -> UNet: a fixed graph, so an ensemble; the residuals never leave Triton.
             ModelConfig(name=ensemble_name(name), backend=None, platform="ensemble",
                         max_batch_size=unet_control.max_batch_size,
@@ -473,6 +476,12 @@ def sd_model_configs(specs: dict[str, ComponentSpec], scheduler_config: dict, op
 def controlnet_components(specs) -> list[str]:
     """The ControlNet components of a build, in order: controlnet, controlnet_2, ..."""
     return [name for name in specs if name == "controlnet" or name.startswith("controlnet_")]
+
+
+def has_ensemble(specs, component: str) -> bool:
+    """Whether ControlNet and UNet take the same sample, so one ensemble can feed both. A 9-channel inpainting UNet
+    takes the latents plus mask and masked image, its ControlNet only the latents: the orchestrator calls the two."""
+    return specs[component].inputs[0].shape == specs["unet_control"].inputs[0].shape
 
 
 def ensemble_name(component: str) -> str:
@@ -571,7 +580,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print):
              "model_name": _model_name(loaded.source),
              "model_sha256": artifacts["unet"]["sha256"], "variant": options.variant,
              # The ControlNets requests select by name (sd-webui-controlnet's unit `model`), in order.
-             "controlnets": json.dumps([{"name": label, "model": f"sd_{name}", "ensemble": ensemble_name(name),
+             "controlnets": json.dumps([{"name": label, "model": f"sd_{name}", "ensemble": ensemble_name(name) if has_ensemble(specs, name) else "",
                                          "sha256": artifacts[name]["sha256"]}
                                         for label, name in zip(loaded.controlnets, controls)])}
     configs = sd_model_configs(specs, loaded.scheduler_config, options, extra)

@@ -93,7 +93,7 @@ class ServedControlNet:
 
     name: str
     model: str = "sd_controlnet"
-    ensemble: str = "sd_controlnet_unet"
+    ensemble: str = "sd_controlnet_unet"  # "": none (a 9-channel UNet's ControlNet takes other inputs than it)
     sha256: str = ""
 
     @property
@@ -138,7 +138,7 @@ class TritonDiffusion:
         if not self.controlnets:  # a repository built before several ControlNets: at most the one
             self.controlnets = {"controlnet": ServedControlNet("controlnet")}
         try:
-            self.has_controlnet = bool(self.client.is_model_ready(next(iter(self.controlnets.values())).ensemble))
+            self.has_controlnet = bool(self.client.is_model_ready(next(iter(self.controlnets.values())).model))
         except InferenceServerException:
             self.has_controlnet = False
 
@@ -214,16 +214,19 @@ class TritonDiffusion:
             conditioning_scale=scales.reshape(-1, 1)))
 
     def multi_controlnet_unet(self, sample: np.ndarray, timesteps: np.ndarray, context: np.ndarray,
-                              units: list[tuple[np.ndarray, float, str]], call: UNetCall | None = None) -> np.ndarray:
+                              units: list[tuple[np.ndarray, float, str]], call: UNetCall | None = None,
+                              control_sample: np.ndarray | None = None) -> np.ndarray:
         """Several ControlNet units (control image, scale, ControlNet model): each one's residuals (scaled in the
-        model), summed, then the UNet with them.
+        model), summed, then the UNet with them. `control_sample`: the ControlNets' input when it is not the
+        UNet's (a 9-channel inpainting UNet also takes the mask and the masked image; its ControlNets do not).
 
         As diffusers' MultiControlNetModel does. The residuals pass through the orchestrator (the
         ensemble runs one unit); the UNet call goes through `call`, so it still joins step batches.
         """
         total: dict[str, np.ndarray] = {}
         for cond, scale, model in units:
-            inputs = dict(sample=sample, timestep=timesteps.reshape(-1, 1), encoder_hidden_states=context,
+            inputs = dict(sample=sample if control_sample is None else control_sample,
+                          timestep=timesteps.reshape(-1, 1), encoder_hidden_states=context,
                           controlnet_cond=cond, conditioning_scale=np.full((len(sample), 1), scale, np.float32))
             for name, value in self._rows(model, inputs, self._controlnet_outputs(model)).items():
                 total[name] = total[name] + value if name in total else value
@@ -336,8 +339,6 @@ class TritonDiffusion:
         if self.unet_in_channels != self.latent_channels:
             if not inpainting:
                 raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
-            if units:
-                raise InputError("controlnet with a 9-channel inpainting UNet is not supported yet")
         if inpainting and int(request.steps * request.denoising_strength) < 1:
             raise InputError(f"inpainting needs at least one denoising step: steps x denoising_strength = "
                              f"{request.steps} x {request.denoising_strength} rounds down to 0")
@@ -501,13 +502,14 @@ class TritonDiffusion:
                 return latents, index
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            control_input = model_input  # what a ControlNet takes: the latents alone
             if inpaint is not None and self.unet_in_channels != self.latent_channels:  # 9-channel inpainting UNet
                 model_input = torch.cat([model_input, inpaint["mask_input"], inpaint["masked_input"]], dim=1)
             step_t = np.full(len(model_input), float(t), np.float32)
             active = [(unit_cond, scale, self.controlnet_for(unit.model))
                       for unit_cond, unit in zip(cond, request.controlnet_units)
                       if (scale := _control_scale(unit, index, len(timesteps)))]
-            if len(active) == 1:
+            if len(active) == 1 and active[0][2].ensemble and control_input is model_input:
                 unit_cond, scale, served = active[0]
                 noise_pred = self.controlnet_unet(model_input.numpy(), step_t, context, unit_cond,
                                                   np.full(len(model_input), scale, np.float32), call=unet_call,
@@ -515,7 +517,7 @@ class TritonDiffusion:
             elif active:
                 noise_pred = self.multi_controlnet_unet(model_input.numpy(), step_t, context,
                                                         [(c, scale, served.model) for c, scale, served in active],
-                                                        call=unet_call)
+                                                        call=unet_call, control_sample=control_input.numpy())
             else:  # no ControlNet, or outside its guidance window: zero residuals equal the plain UNet exactly
                 noise_pred = self.unet(model_input.numpy(), step_t, context, call=unet_call)
             noise_pred = torch.from_numpy(noise_pred)

@@ -437,9 +437,10 @@ def test_inpainting_mask_options(sd_server, init_image_png, mask_png):
 
 @pytest.fixture(scope="module")
 def inpainting_server(tmp_path_factory):
-    """A second repository, built from a checkpoint whose UNet is a 9-channel inpainting UNet."""
+    """A second repository, built from a checkpoint whose UNet is a 9-channel inpainting UNet (with a ControlNet in
+    controlnet/, which takes the 4-channel latents: no ControlNet -> UNet ensemble there)."""
     folder = write_sd_checkpoint(tmp_path_factory.mktemp("sd_inpaint") / "tiny", size="tiny", seed=3,
-                                 controlnet=False, inpainting=True)
+                                 controlnet=True, inpainting=True)
     repo = folder.parent / "repo"
     build_sd(SDBuildOptions(weights=str(folder), repository=repo, images=ImageRange(32, 64, 128), progress=False),
              log=lambda _m: None)
@@ -474,6 +475,39 @@ def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_server, init_
     assert diff <= 2, f"max pixel difference {diff}/255"
     with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
         pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64))
+
+
+def test_controlnet_with_a_nine_channel_inpainting_unet_matches_diffusers(inpainting_server, init_image_png, mask_png,
+                                                                         edge_map_png):
+    """The ControlNet sees the latents, the UNet the latents + mask + masked image (diffusers'
+    StableDiffusionControlNetInpaintPipeline); the orchestrator makes the two calls, the UNet's in the step batcher."""
+    import io
+
+    from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
+    from PIL import Image
+
+    from orchestrator.diffusion import ControlNetUnit, Img2ImgRequest
+
+    server, folder = inpainting_server
+    pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
+        str(folder), controlnet=ControlNetModel.from_pretrained(str(folder / "controlnet")), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("DPM++ 2M Karras", dict(pipe.scheduler.config))
+    expected = pipe("a photo of a cat", image=Image.open(io.BytesIO(init_image_png)),
+                    mask_image=Image.open(io.BytesIO(mask_png)), control_image=Image.open(io.BytesIO(edge_map_png)),
+                    strength=1.0, num_inference_steps=6, guidance_scale=7.5, controlnet_conditioning_scale=0.9,
+                    height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(4)).images
+    expected = (expected * 255).round().astype(np.uint8)
+    pipeline = TritonDiffusion(server.grpc_url)
+    assert pipeline.controlnets["controlnet"].ensemble == ""  # the ControlNet takes 4 channels, the UNet 9
+    request = Img2ImgRequest(prompt="a photo of a cat", steps=6, sampler="DPM++ 2M Karras", cfg_scale=7.5, seed=4,
+                             width=64, height=64, init_image=init_image_png, denoising_strength=1.0, mask=mask_png,
+                             mask_blur=0, controlnet=ControlNetUnit(image=edge_map_png, weight=0.9))
+    result = pipeline.img2img(request)
+    diff = np.abs(result.images.astype(int) - expected.astype(int)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
+    plain = pipeline.img2img(replace(request, controlnet=None))
+    assert np.abs(plain.images.astype(int) - result.images.astype(int)).max() > 2  # the ControlNet did act
 
 
 def test_transparent_mask_is_read_by_its_alpha():
