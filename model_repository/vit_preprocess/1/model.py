@@ -20,7 +20,6 @@ from build.errors import InputError  # noqa: E402
 from build.imaging import EvalTransform, ImageLimits, preprocess  # noqa: E402
 
 
-
 class TritonPythonModel:
     def initialize(self, args):
         _, params = model_config(args)
