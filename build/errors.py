@@ -27,3 +27,9 @@ class ServerError(KilnError):
 
 class InputError(KilnError):
     """A request carried input that cannot be processed (corrupt image, bad shape, out of range)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), for a one-line error built on a library's."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__

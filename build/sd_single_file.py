@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from build.errors import WeightsError
+from build.errors import WeightsError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -175,24 +175,30 @@ def write_single_file(folder: Path, out: Path) -> Path:
 
 # -- reading ------------------------------------------------------------------------------------
 
+def read_header(path: Path, kind: str, shape_of=lambda _key: False) -> tuple[set[str], dict, dict[str, list[int]]]:
+    """A .safetensors file's tensor names, metadata and the shapes of the tensors `shape_of` picks, from its
+    header alone; a pickle or an unreadable file is a WeightsError (`kind`: what the caller reads, for the message)."""
+    from safetensors import safe_open
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise WeightsError(f"{path}: pickle checkpoints ({path.suffix}) can run code when loaded; "
+                           f"only .safetensors {kind} are read (convert it to .safetensors first)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            return keys, handle.metadata() or {}, {k: handle.get_slice(k).get_shape() for k in keys if shape_of(k)}
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise WeightsError(f"{path}: not a readable .safetensors file ({first_line(exc)})") from None
+
+
 def inspect_single_file(path: Path) -> dict:
     """Check a file is an SD 1.x original-layout .safetensors checkpoint, from its header alone.
 
     Returns {"in_channels", "cross_attention_dim", "metadata"}; anything else is a WeightsError naming the problem.
     """
-    from safetensors import safe_open
-
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise WeightsError(f"{path}: pickle checkpoints ({path.suffix}) can run code when loaded; "
-                           "only .safetensors single files are read (convert it to .safetensors first)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-            metadata = handle.metadata() or {}
-            shapes = {k: handle.get_slice(k).get_shape() for k in keys if k == CONV_IN or k.endswith("attn2.to_k.weight")}
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise WeightsError(f"{path}: not a readable .safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    keys, metadata, shapes = read_header(path, "single files",
+                                         lambda k: k == CONV_IN or k.endswith("attn2.to_k.weight"))
     if CONV_IN not in keys:
         raise WeightsError(f"{path}: not a Stable Diffusion checkpoint in the original layout (no {CONV_IN})")
     if not any(k.startswith(VAE_PREFIX) for k in keys):
@@ -256,9 +262,8 @@ def load_single_file(path: Path, config: str | Path | None = None):
                 str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32,
                 safety_checker=None, requires_safety_checker=False)
         except Exception as exc:  # diffusers raises ValueError/RuntimeError/SingleFileComponentError variants
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise WeightsError(f"cannot load the single-file checkpoint {path} with the configs of "
-                               f"{config or 'SD 1.5'}: {first}") from None
+                               f"{config or 'SD 1.5'}: {first_line(exc)}") from None
     return pipeline, info["metadata"]
 
 
@@ -277,17 +282,8 @@ def load_controlnet_single_file(path: Path, unet, latent_channels: int = 4):
     its architecture that of a ControlNet for `unet`; offline, through diffusers' ControlNetModel.from_single_file."""
     import torch
     from diffusers import ControlNetModel
-    from safetensors import safe_open
-
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise WeightsError(f"{path}: pickle checkpoints ({path.suffix}) can run code when loaded; "
-                           "only .safetensors ControlNet files are read (convert it to .safetensors first)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-    except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise WeightsError(f"{path}: not a readable .safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    keys, _metadata, _shapes = read_header(path, "ControlNet files")
     markers = ("input_hint_block.0.weight", CONTROLNET_PREFIX + "input_hint_block.0.weight",
                "controlnet_cond_embedding.conv_in.weight")
     if not keys & set(markers):
@@ -298,6 +294,5 @@ def load_controlnet_single_file(path: Path, unet, latent_channels: int = 4):
             control = ControlNetModel.from_single_file(str(path), config=scratch, local_files_only=True,
                                                        torch_dtype=torch.float32)
         except Exception as exc:  # diffusers raises ValueError/RuntimeError variants
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise WeightsError(f"cannot load the ControlNet file {path} for this UNet: {first}") from None
+            raise WeightsError(f"cannot load the ControlNet file {path} for this UNet: {first_line(exc)}") from None
     return control.eval()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from build.errors import WeightsError
+from build.errors import WeightsError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -256,8 +256,7 @@ def load_controlnet(source: Path, unet=None, latent_channels: int = 4):
     try:
         return ControlNetModel.from_pretrained(str(source), use_safetensors=True).eval()
     except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError variants
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"cannot load a ControlNet from {str(source)!r}: {first}") from None
+        raise WeightsError(f"cannot load a ControlNet from {str(source)!r}: {first_line(exc)}") from None
 
 
 def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] | None = None,
@@ -286,8 +285,7 @@ def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] |
             pipeline = StableDiffusionPipeline.from_pretrained(str(weights), safety_checker=None,
                                                                requires_safety_checker=False, use_safetensors=True)
         except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError variants
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise WeightsError(f"cannot load a Stable Diffusion checkpoint from {weights!r}: {first}") from None
+            raise WeightsError(f"cannot load a Stable Diffusion checkpoint from {weights!r}: {first_line(exc)}") from None
         if (path / "kiln-weights.json").exists():
             marker = json.loads((path / "kiln-weights.json").read_text())
     check_tokenizer(pipeline.tokenizer, str(weights))
