@@ -6,15 +6,15 @@
 #   docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 kiln-triton      (add --gpus all for KIND_GPU)
 #
 # `vit` then runs on Triton's native onnxruntime/openvino backend; vit_preprocess and vit_postprocess
-# stay Python-backend models and need numpy + Pillow and this project's `build` package (imaging).
+# stay Python-backend models and need numpy + Pillow and this project's torch-free core, `kiln`.
 ARG TRITON_RELEASE=24.10
 FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3
 
 COPY requirements-serving.txt /opt/kiln/requirements-serving.txt
 RUN pip install --no-cache-dir -r /opt/kiln/requirements-serving.txt
 
-# Only the modules the Python-backend models import (no torch in the serving image).
-COPY build/__init__.py build/errors.py build/imaging.py build/runtime.py /opt/kiln/build/
+# The torch-free core the Python-backend models import (no torch in the serving image).
+COPY kiln/ /opt/kiln/kiln/
 # The models' model.py files put this folder on sys.path (the stub ignores PYTHONPATH).
 ENV KILN_SITE_PACKAGES=/opt/kiln
 

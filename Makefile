@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kiln-installed
 
-.PHONY: setup demo test test-fast bench bench-vit clean-repo
+.PHONY: setup demo test test-fast lint bench bench-vit clean-repo
 
 setup: $(STAMP)
 
@@ -23,8 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The inner loop: no Triton, no export (under two minutes on 2 cores).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+# What the tests also check: the layout's import contracts (pyproject.toml) and ruff.
+lint: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
 
 bench: bench-vit
 

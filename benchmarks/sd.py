@@ -7,14 +7,14 @@ process so its peak memory is its own:
 
 - per-component latency on the shapes of one 512x512 txt2img request: the text encoder on the
   CFG pair of prompts (batch 2), one UNet step with CFG (batch 2), the VAE decoder (batch 1);
-- the direct loop: the orchestrator's own denoising loop (`TritonDiffusion.generate`: diffusers'
-  scheduler, CFG, the same noise) with the three models called in-process instead of through
-  Triton, timed for one `--steps`-step image;
+- the direct loop: the orchestrator's own denoising loop (`Pipeline.generate`: diffusers'
+  scheduler, CFG, the same noise) over in-process components instead of Triton ones, timed for
+  one `--steps`-step image;
 - parity with torch eager fp32 on the same inputs: cosine and max abs difference per component,
   and the PSNR of the generated image against torch's image from the same seed.
 
 Then the build's served repository (ONNX Runtime fp32) through the embedded Triton: the same
-request through `TritonDiffusion.generate` over gRPC, against the direct ONNX Runtime loop of the
+request through `Pipeline.generate` over gRPC, against the direct ONNX Runtime loop of the
 same run (the Triton + orchestrator overhead), with the Triton process tree's peak memory.
 
 Writes results/sd-<pipeline>-<side>.json, .md and .png.
@@ -33,14 +33,18 @@ from pathlib import Path
 
 import numpy as np
 
-from build.errors import ConfigError, KilnError
 from benchmarks.load import write_results
 from build.parity import psnr
-from orchestrator.direct import COMPONENTS, DirectDiffusion, session_runners, unet_parameters
+from kiln import contract as names
+from kiln.contract import read_sd_contract
+from kiln.errors import ConfigError, KilnError
+from orchestrator.pipeline import Pipeline, Txt2ImgRequest
+from orchestrator.pipeline.components.local import REQUIRED as COMPONENTS
+from orchestrator.pipeline.components.local import session_runners
 
 BASELINE = "torch-fp32"
 VARIANTS = ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-fp16",
-            "openvino-int8", "openvino-int8-hybrid")  # torch eager, then build.sd.SD_VARIANTS
+            "openvino-int8", "openvino-int8-hybrid")  # torch eager, then build.convert.SD_VARIANTS
 DEFAULT_VARIANTS = ("torch-fp32", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8")
 PIPELINES = {"tiny": (64, (32, 64, 128)), "full": (512, (256, 512, 768))}  # default side, (min, opt, max)
 PROMPT, NEGATIVE, SEED = "a photo of a cat", "blurry", 42
@@ -66,13 +70,20 @@ class SDBenchOptions:
 
 def artifact_path(root: Path, repo: Path, variant: str, component: str) -> Path:
     """The build's fp32 ONNX file, or where the benchmark derives the variant's artifact from it."""
-    from build.sd import SD_VARIANTS
-
-    onnx = repo / f"sd_{component}" / "1" / "model.onnx"
-    if variant == "onnxruntime-fp32" or (SD_VARIANTS[variant].runtime == "openvino" and SD_VARIANTS[variant].precision
-                                         in ("fp32", "bf16")):
+    onnx = repo / names.sd_model(component) / "1" / "model.onnx"
+    served = served_variant(variant, component)
+    if variant == "onnxruntime-fp32" or (served.runtime == "openvino" and served.precision in ("fp32", "bf16")):
         return onnx  # OpenVINO reads ONNX files itself: no IR copy of the fp32 weights on disk
-    return root / "artifacts" / variant / f"{component}{Path(SD_VARIANTS[variant].artifact).suffix}"
+    return root / "artifacts" / variant / f"{component}{Path(served.artifact).suffix}"
+
+
+def served_variant(variant: str, component: str):
+    """What a component runs in `variant`, as the build derives it (only the UNet is calibrated)."""
+    from build.convert import SD_VARIANTS
+    from build.sd.build import CALIBRATED
+
+    kind = SD_VARIANTS[variant]
+    return kind if component in CALIBRATED else kind.uncalibrated()
 
 
 # -- one variant, in its own process ------------------------------------------------------------
@@ -87,18 +98,20 @@ def _peak_rss_mb(pid: int | str = "self") -> float:
 
 INPUT_NAMES = {"text_encoder": ("input_ids",), "unet": ("sample", "timestep", "encoder_hidden_states"),
                "vae_decoder": ("latent",)}  # the exported components' inputs, in order
+# The output parity compares, per component.
+OUTPUT_NAMES = {"text_encoder": "last_hidden_state", "unet": "noise_pred", "vae_decoder": "image"}
 
 
 def component_inputs(repo: Path, weights: Path, side: int) -> dict[str, dict[str, np.ndarray]]:
     """Seeded inputs of one side x side txt2img request with CFG, from the checkpoint's configs (no weights loaded)."""
-    params = unet_parameters(repo)
+    contract = read_sd_contract(repo)
     text = json.loads((weights / "text_encoder" / "config.json").read_text())
-    latent = side // int(params["vae_scale_factor"])
-    channels, length = int(params["latent_channels"]), int(text["max_position_embeddings"])
+    latent = side // contract.vae_scale_factor
+    channels, length = contract.latent_channels, int(text["max_position_embeddings"])
     rng = np.random.default_rng(1)
     return {
         "text_encoder": {"input_ids": rng.integers(0, text["vocab_size"], (2, length), dtype=np.int64)},
-        "unet": {"sample": rng.standard_normal((2, int(params["unet_in_channels"]), latent, latent), dtype=np.float32),
+        "unet": {"sample": rng.standard_normal((2, contract.unet_in_channels, latent, latent), dtype=np.float32),
                  "timestep": np.full(2, 500.0, np.float32),
                  "encoder_hidden_states": rng.standard_normal((2, length, text["hidden_size"]), dtype=np.float32)},
         "vae_decoder": {"latent": rng.standard_normal((1, channels, latent, latent), dtype=np.float32)},
@@ -106,31 +119,31 @@ def component_inputs(repo: Path, weights: Path, side: int) -> dict[str, dict[str
 
 
 def _runners(variant: str, root: Path, repo: Path, weights: Path) -> tuple[dict, dict]:
-    """{component: inputs -> first output}, and what each runtime really computes in."""
+    """{component: inputs -> outputs}, and what each runtime really computes in."""
     if variant == BASELINE:
         import torch
 
-        from build.sd import export_modules
-        from build.sd_weights import load_sd
+        from build.sd.export import export_modules
+        from build.sd.weights import load_sd
 
         torch.set_num_threads(os.cpu_count() or 1)
         modules = export_modules(load_sd(str(weights)))
 
         def runner(component: str):
-            module, names = modules[component], INPUT_NAMES[component]
+            module, inputs_of = modules[component], INPUT_NAMES[component]
 
-            def run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+            def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 with torch.inference_mode():
-                    out = module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in names))
-                return (out[0] if isinstance(out, tuple) else out).numpy()
+                    out = module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in inputs_of))
+                return {OUTPUT_NAMES[component]: (out[0] if isinstance(out, tuple) else out).numpy()}
             return run
         return {c: runner(c) for c in COMPONENTS}, {c: "f32" for c in COMPONENTS}
 
-    from build.sd import SD_VARIANTS
+    from build.convert import SD_VARIANTS
 
     kind = SD_VARIANTS[variant]
     return session_runners(repo, kind.runtime, inference_precision=kind.inference_precision,
-                           paths={c: artifact_path(root, repo, variant, c) for c in COMPONENTS})
+                           paths={c: artifact_path(root, repo, variant, c) for c in COMPONENTS}, components=COMPONENTS)
 
 
 def measure_variant(variant: str, root: Path, repo: Path, weights: Path, side: int, steps: int, repeats: int) -> dict:
@@ -145,7 +158,7 @@ def measure_variant(variant: str, root: Path, repo: Path, weights: Path, side: i
     outputs = {}
     for component in COMPONENTS:
         run = runners[component]
-        outputs[component] = run(inputs[component])  # warm-up (and the parity sample)
+        outputs[component] = run(inputs[component])[OUTPUT_NAMES[component]]  # warm-up (and the parity sample)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -154,7 +167,7 @@ def measure_variant(variant: str, root: Path, repo: Path, weights: Path, side: i
         result["components"][component] = {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
                                            "repeats": repeats}
     timed = CallTimer()
-    pipeline = DirectDiffusion(repo, {c: timed.wrap(run) for c, run in runners.items()})
+    pipeline = Pipeline.from_repository(repo, {c: timed.wrap(run) for c, run in runners.items()})
     pipeline.generate(bench_request(side, 1))  # warm-up: imports and first calls of the loop itself, as for Triton
     request = bench_request(side, steps)
     timed.reset()
@@ -197,7 +210,8 @@ class CallTimer:
 
 
 # The models that compute (ensembles only route between them, so their statistics would count twice).
-COMPUTING_MODELS = ("sd_tokenizer", "sd_text_encoder", "sd_unet", "sd_vae_decoder", "sd_vae_postprocess")
+COMPUTING_MODELS = (names.SD_TOKENIZER, names.SD_TEXT_ENCODER, names.SD_UNET, names.SD_VAE_DECODER,
+                    names.SD_VAE_POSTPROCESS)
 
 
 def triton_compute_seconds(http_url: str) -> dict[str, float]:
@@ -217,9 +231,7 @@ def triton_compute_seconds(http_url: str) -> dict[str, float]:
     return out
 
 
-def bench_request(side: int, steps: int):
-    from orchestrator.diffusion import Txt2ImgRequest
-
+def bench_request(side: int, steps: int) -> Txt2ImgRequest:
     return Txt2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler="Euler a", cfg_scale=7.0,
                           seed=SEED, width=side, height=side)
 
@@ -229,12 +241,14 @@ def _worker_main(argv: list[str]) -> None:
     mode, config = argv[0], json.loads(argv[1])
     if mode == "derive":
         start = time.perf_counter()
-        from build.sd import CALIBRATED, capture_unet_inputs, derive_artifact
+        from build.convert import derive
+        from build.sd.calibration import capture_unet_inputs
 
+        served = served_variant(config["variant"], config["component"])
         calibration = None
-        if (config["variant"], config["component"]) in CALIBRATED:  # UNet inputs of real runs, as the build does
+        if served.calibrated:  # UNet inputs of real runs, as the build does
             calibration = capture_unet_inputs(Path(config["repo"]), min(256, config["side"]), 8)
-        derive_artifact(config["variant"], Path(config["source"]), Path(config["target"]), calibration)
+        derive(served, Path(config["source"]), Path(config["target"]), calibration)
         print("RESULT " + json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}))
     else:
         result = measure_variant(config["variant"], Path(config["root"]), Path(config["repo"]), Path(config["weights"]),
@@ -249,7 +263,8 @@ def _in_subprocess(mode: str, config: dict, log) -> dict:
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         hint = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
-        raise KilnError(f"bench sd: {mode} {config.get('variant')} failed with exit code {proc.returncode}{hint}:\n{tail}")
+        raise KilnError(f"bench sd: {mode} {config.get('variant')} failed with exit code {proc.returncode}{hint}:"
+                        f"\n{tail}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -275,16 +290,16 @@ def _tree_peak_rss_mb(pid: int) -> float:
 
 
 def measure_triton(root: Path, repo: Path, side: int, steps: int, log) -> dict:
-    from orchestrator.diffusion import TritonDiffusion
-    from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+    from kiln.triton_server import TritonOptions, TritonServer, free_port
 
     server = TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
                                         metrics_port=free_port(), log_path=root / "triton.log"))
     with server:
-        pipeline = TritonDiffusion(server.grpc_url)
+        pipeline = Pipeline.from_triton(server.grpc_url)
         pipeline.generate(bench_request(side, 1))  # warm-up: every model's first call
         timed = CallTimer()
-        pipeline._infer = timed.wrap(pipeline._infer)  # every model call of the loop goes through _infer
+        client = pipeline.components.unet.client  # the components' one Triton client: every model call goes through it
+        client.infer = timed.wrap(client.infer)
         before = triton_compute_seconds(server.http_url)
         start = time.perf_counter()
         image = pipeline.generate(bench_request(side, steps)).images[0]
@@ -307,14 +322,14 @@ def measure_triton(root: Path, repo: Path, side: int, steps: int, log) -> dict:
 
 def _prepare(options: SDBenchOptions, log) -> tuple[Path, Path, Path]:
     from build.sd import ImageRange, SDBuildOptions, build_sd
-    from build.sd_weights import write_sd_checkpoint
+    from build.sd.weights import write_sd_checkpoint
 
     root = options.out / f"bench_sd_{options.pipeline}"
     weights, repo = root / "weights", root / "repo"
     if not (weights / "model_index.json").exists():
         log(f"writing the seeded random {options.pipeline} SD checkpoint to {weights} ...")
         write_sd_checkpoint(weights, size=options.pipeline, seed=0, controlnet=False)
-    if not (options.skip_build and (repo / "sd_unet" / "config.pbtxt").exists()):
+    if not (options.skip_build and (repo / names.SD_UNET / "config.pbtxt").exists()):
         low, opt, high = PIPELINES[options.pipeline][1]
         log(f"building the {options.pipeline} SD pipeline into {repo} ...")
         build_sd(SDBuildOptions(weights=str(weights), repository=repo, images=ImageRange(low, opt, high)), log=log)
@@ -337,7 +352,7 @@ def run_sd_benchmark(options: SDBenchOptions, log=print) -> dict:
     for variant in variants:
         bar.set_postfix(variant=variant)
         try:
-            if variant != BASELINE and artifact_path(root, repo, variant, "unet").parent != repo / "sd_unet" / "1":
+            if variant != BASELINE and artifact_path(root, repo, variant, "unet").parent != repo / names.SD_UNET / "1":
                 derived[variant] = {}
                 for component in COMPONENTS:
                     target = artifact_path(root, repo, variant, component)
@@ -422,8 +437,9 @@ def markdown_table(result: dict) -> str:
         psnr_text = "" if image_psnr is None else ("identical" if image_psnr == float("inf") else f"{image_psnr:.1f}")
         lines.append(
             f"| {r['variant']} | {r['executed_precision']['unet']} | {c['text_encoder']['median_s'] * 1000:.0f} | "
-            f"{c['unet']['median_s'] * 1000:.0f} | {c['vae_decoder']['median_s'] * 1000:.0f} | {r['unet_speedup']:.2f}x | "
-            f"{r['composed_image_s']:.2f} | {r['image_s']:.2f} | {r['loop_overhead_per_step_s'] * 1000:.1f} | {cosine} | "
+            f"{c['unet']['median_s'] * 1000:.0f} | {c['vae_decoder']['median_s'] * 1000:.0f} | "
+            f"{r['unet_speedup']:.2f}x | {r['composed_image_s']:.2f} | {r['image_s']:.2f} | "
+            f"{r['loop_overhead_per_step_s'] * 1000:.1f} | {cosine} | "
             f"{psnr_text} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} |")
     triton = result.get("triton")
     if triton is not None:

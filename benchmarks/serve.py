@@ -32,7 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.load import run_concurrently, write_results
-from build.errors import KilnError
+from kiln import contract as names
+from kiln.errors import KilnError
 
 PIPELINES = {  # checkpoint size, image side, served profile (min, opt, max)
     "tiny": ("tiny", 64, (32, 64, 128)),
@@ -81,7 +82,7 @@ def _triton_unet_counts(triton_http_url: str) -> tuple[int, int]:
     """(inferences, executions) of sd_unet so far: Triton counts every batch row as an inference."""
     import urllib.request
 
-    with urllib.request.urlopen(f"http://{triton_http_url}/v2/models/sd_unet/stats", timeout=30) as response:
+    with urllib.request.urlopen(f"http://{triton_http_url}/v2/models/{names.SD_UNET}/stats", timeout=30) as response:
         stats = json.load(response)["model_stats"]
     return sum(int(s["inference_count"]) for s in stats), sum(int(s["execution_count"]) for s in stats)
 
@@ -120,22 +121,23 @@ def _load(url: str, clients: int, per_client: int, body: dict) -> tuple[list[flo
 
 def unet_cost_curve(triton_grpc_url: str, side: int, rows: tuple[int, ...], repeats: int = 15) -> dict[int, float]:
     """Median seconds of one sd_unet call of `rows` rows, alone on an idle server (the batching ceiling's input)."""
-    from orchestrator.diffusion import TritonDiffusion
+    from orchestrator.pipeline import Pipeline
 
-    pipeline = TritonDiffusion(triton_grpc_url)
+    pipeline = Pipeline.from_triton(triton_grpc_url)
+    contract = pipeline.contract
     context = pipeline.encode_prompts(["a photo of a cat"])
-    latent = side // pipeline.vae_scale_factor
+    latent = side // contract.vae_scale_factor
     rng = np.random.default_rng(0)
     curve = {}
     for n in rows:
-        inputs = {"sample": rng.standard_normal((n, pipeline.unet_in_channels, latent, latent), dtype=np.float32),
-                  "timestep": np.full((n, 1), 500, np.float32),
+        inputs = {"sample": rng.standard_normal((n, contract.unet_in_channels, latent, latent), dtype=np.float32),
+                  "timestep": np.full(n, 500, np.float32),
                   "encoder_hidden_states": np.repeat(context, n, axis=0)}
-        pipeline.noise_pred("sd_unet", inputs)  # warm-up at this shape
+        pipeline.components.unet(inputs)  # warm-up at this shape
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            pipeline.noise_pred("sd_unet", inputs)
+            pipeline.components.unet(inputs)
             times.append(time.perf_counter() - start)
         curve[n] = float(np.median(times))
     return curve
@@ -157,29 +159,29 @@ def unbatched_repository(repo: Path, target: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     for entry in repo.iterdir():
-        if entry.name != "sd_unet":
+        if entry.name != names.SD_UNET:
             (target / entry.name).symlink_to(entry.resolve())
-    unet = target / "sd_unet"
+    unet = target / names.SD_UNET
     unet.mkdir()
-    for entry in (repo / "sd_unet").iterdir():
+    for entry in (repo / names.SD_UNET).iterdir():
         if entry.name != "config.pbtxt":
             (unet / entry.name).symlink_to(entry.resolve())
-    config = (repo / "sd_unet" / "config.pbtxt").read_text()
+    config = (repo / names.SD_UNET / "config.pbtxt").read_text()
     stripped = re.sub(r"^dynamic_batching \{.*?^\}\n", "", config, flags=re.S | re.M)
     if stripped == config:
-        raise KilnError(f"{repo / 'sd_unet' / 'config.pbtxt'} has no dynamic_batching block to remove")
+        raise KilnError(f"{repo / names.SD_UNET / 'config.pbtxt'} has no dynamic_batching block to remove")
     (unet / "config.pbtxt").write_text(stripped)
     return target
 
 
 def _repository(options: ServeBenchOptions, log) -> Path:
     from build.sd import ImageRange, SDBuildOptions, build_sd
-    from build.sd_weights import write_sd_checkpoint
+    from build.sd.weights import write_sd_checkpoint
 
     size, _side, (low, opt, high) = PIPELINES[options.pipeline]
     root = options.out / f"bench_serve_{options.pipeline}"
     repo = root / "repo"
-    if options.skip_build and (repo / "sd_unet" / "config.pbtxt").exists():
+    if options.skip_build and (repo / names.SD_UNET / "config.pbtxt").exists():
         return repo
     checkpoint = root / "weights"
     if not (checkpoint / "model_index.json").exists():
@@ -192,9 +194,9 @@ def _repository(options: ServeBenchOptions, log) -> Path:
 def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
     from contextlib import ExitStack
 
-    from orchestrator.api import Settings
-    from orchestrator.service import BackgroundAPI
-    from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+    from kiln.triton_server import TritonOptions, TritonServer, free_port
+    from orchestrator.server.service import BackgroundAPI
+    from orchestrator.server.settings import Settings
 
     if options.pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {options.pipeline!r}; valid: {', '.join(PIPELINES)}")
@@ -222,7 +224,8 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
         max_rows = 2 * max(options.concurrency)
         curve = unet_cost_curve(tritons["batched"].grpc_url, side,
                                 tuple(n for n in (1, 2, 4, 8, 16) if n <= max(max_rows, 2)))
-        log("sd_unet alone, seconds per call by rows: " + ", ".join(f"{n}: {t * 1000:.1f} ms" for n, t in curve.items()))
+        log("sd_unet alone, seconds per call by rows: "
+            + ", ".join(f"{n}: {t * 1000:.1f} ms" for n, t in curve.items()))
         bar = tqdm(total=len(ARMS) * len(options.concurrency), desc="bench serve", unit="config")
         for clients in options.concurrency:
             for arm in ARMS:

@@ -16,21 +16,24 @@ import platform
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from build.errors import ConfigError
-from build.imaging import EvalTransform, preprocess
-from build.runtime import Session, SessionOptions
-from build.triton_config import read_config
-from build.vit import SAMPLE_IMAGES, VARIANTS, ViTBuildOptions, build_vit, list_images
-from build.weights import load_vit
-
 from benchmarks.load import run_concurrently, write_results
+from build.convert import VIT_VARIANTS as VARIANTS
+from build.convert import open_session
+from build.triton_config import read_config
+from build.vit import ViTBuildOptions, build_vit
+from build.vit.transform import eval_transform
+from build.vit.weights import load_vit
+from kiln.contract import VIT
+from kiln.errors import ConfigError
+from kiln.imaging import preprocess
+from kiln.paths import SAMPLE_IMAGES, list_images
 
 GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224x224: 17.6 GMAC
 
@@ -38,7 +41,8 @@ GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224x224: 17.6 GMAC
 @dataclass(frozen=True)
 class BenchOptions:
     out: Path  # results, and the benchmark's own model repository (out/bench_repo)
-    variants: tuple[str, ...] = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8")
+    variants: tuple[str, ...] = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16",
+                                 "openvino-int8")
     batch_sizes: tuple[int, ...] = (1, 8)
     seconds: float = 8.0  # measuring time per configuration, after warm-up
     min_iterations: int = 3
@@ -98,7 +102,7 @@ def _row(variant: str, path: str, batch: int, latencies: list[float], images: in
 
 def _load(server_url: str, payloads: list[bytes], concurrency: int, seconds: float, min_requests: int) -> Row:
     """`concurrency` threads, each sending single-image vit_classify requests back to back."""
-    from clients.vit import ViTClient
+    from kiln.vit import ViTClient
 
     client = ViTClient(server_url, "grpc", concurrency=concurrency)
     client.classify_one(payloads[0])  # warm-up
@@ -127,7 +131,7 @@ def _serve_variant(repository: Path, key: str) -> None:
     from google.protobuf import text_format
 
     variant = VARIANTS[key]
-    path = repository / "vit" / "config.pbtxt"
+    path = repository / VIT / "config.pbtxt"
     config = read_config(path)
     config.parameters["runtime"].string_value = variant.runtime
     config.parameters["artifact"].string_value = variant.artifact
@@ -144,13 +148,13 @@ def run_benchmark(options: BenchOptions) -> dict:
             raise ConfigError(f"unknown variant {key!r}; valid: {', '.join(VARIANTS)}")
 
     # 1. Build every variant once into the benchmark's own repository.
-    if not options.skip_build or not (repository / "vit").exists():
+    if not options.skip_build or not (repository / VIT).exists():
         if repository.exists():
             shutil.rmtree(repository)
         build_vit(ViTBuildOptions(random_weights=True, variants=options.variants, extra_exports=(),
                                   repository=repository))
     model = load_vit(random_weights=True).model
-    transform = EvalTransform.from_timm(model)
+    transform = eval_transform(model)
     payloads = [p.read_bytes() for p in list_images(SAMPLE_IMAGES) if p.suffix.lower() in (".jpg", ".jpeg")]
     pixels = np.stack([preprocess(payloads[i % len(payloads)], transform) for i in range(max(options.batch_sizes))])
     rows: list[Row] = []
@@ -164,37 +168,38 @@ def run_benchmark(options: BenchOptions) -> dict:
     for batch in options.batch_sizes:
         x = torch.from_numpy(pixels[:batch])
 
-        def call() -> None:
+        def call(x=x) -> None:
             with torch.inference_mode():
                 model(x)
 
         rows.append(_row("torch-fp32", "direct", batch, _timed(call, options.seconds, options.min_iterations)))
         bar.update()
 
-        def call_decode() -> None:
+        def call_decode(batch=batch) -> None:
             batch_pixels = np.stack([preprocess(payloads[i % len(payloads)], transform) for i in range(batch)])
             with torch.inference_mode():
                 model(torch.from_numpy(batch_pixels))
 
-        rows.append(_row("torch-fp32", "direct+decode", batch, _timed(call_decode, options.seconds, options.min_iterations)))
+        rows.append(_row("torch-fp32", "direct+decode", batch,
+                         _timed(call_decode, options.seconds, options.min_iterations)))
         bar.update()
 
     # 3. Each variant: direct, direct+decode, then through Triton.
-    from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+    from kiln.triton_server import TritonOptions, TritonServer, free_port
 
     for key in options.variants:
         variant = VARIANTS[key]
-        session = Session(SessionOptions(variant.runtime, repository / "vit" / "1" / variant.artifact,
-                                         inference_precision=variant.inference_precision))
+        session = open_session(variant, repository / VIT / "1" / variant.artifact)
         executed = session.execution_precision
         for batch in options.batch_sizes:
             feed = {"pixel_values": pixels[:batch], "layer": np.full((batch, 1), 11, dtype=np.int64)}
             rows.append(_row(key, "direct", batch,
-                             _timed(lambda: session.run(feed, ["logits"]), options.seconds, options.min_iterations),
+                             _timed(lambda session=session, feed=feed: session.run(feed, ["logits"]), options.seconds,
+                                    options.min_iterations),
                              executed_precision=executed))
             bar.update()
 
-            def call_decode(batch=batch) -> None:
+            def call_decode(batch=batch, session=session) -> None:
                 batch_pixels = np.stack([preprocess(payloads[i % len(payloads)], transform) for i in range(batch)])
                 session.run({"pixel_values": batch_pixels, "layer": np.full((batch, 1), 11, np.int64)}, ["logits"])
 
@@ -249,13 +254,15 @@ def summarize(rows: list[Row], options: BenchOptions) -> dict:
 
 
 def markdown_table(result: dict) -> str:
-    lines = ["| variant | path | batch | images/s | p50 ms | p99 ms | x torch | GFLOP/s | % of peak | Triton overhead vs direct+decode |",
+    lines = ["| variant | path | batch | images/s | p50 ms | p99 ms | x torch | GFLOP/s | % of peak | "
+             "Triton overhead vs direct+decode |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in result["rows"]:
         overhead = e.get("overhead_vs_direct_decode")
         lines.append(
             f"| {e['variant']} | {e['path']} | {e['batch']} | {e['images_per_s']:.2f} | {e['p50_ms']:.0f} | "
-            f"{e['p99_ms']:.0f} | {e['speedup_vs_torch']:.2f} | {e['gflops']:.0f} | {100 * e['fraction_of_peak']:.0f}% | "
+            f"{e['p99_ms']:.0f} | {e['speedup_vs_torch']:.2f} | {e['gflops']:.0f} | "
+            f"{100 * e['fraction_of_peak']:.0f}% | "
             f"{'' if overhead is None else f'{100 * overhead:+.1f}%'} |")
     cpu = result["machine"]["cpu"]
     lines.append("")
@@ -263,8 +270,8 @@ def markdown_table(result: dict) -> str:
                  f"{cpu['flops_per_cycle_per_core']} flop/cycle; ISA: {', '.join(cpu['isa'])}")
     if result.get("best_triton"):
         b = result["best_triton"]
-        lines.append(f"Best through Triton: {b['variant']} at concurrency {b['batch']}: {b['images_per_s']:.2f} images/s, "
-                     f"{b['speedup_vs_torch']:.2f}x torch eager fp32")
+        lines.append(f"Best through Triton: {b['variant']} at concurrency {b['batch']}: "
+                     f"{b['images_per_s']:.2f} images/s, {b['speedup_vs_torch']:.2f}x torch eager fp32")
     return "\n".join(lines) + "\n"
 
 
@@ -282,7 +289,8 @@ def plot(result: dict, path: Path) -> None:
         variants = list(dict.fromkeys(e["variant"] for e in rows))
         width = 0.8 / len(paths)
         for j, kind in enumerate(paths):
-            values = [next((e["images_per_s"] for e in rows if e["variant"] == v and e["path"] == kind), 0) for v in variants]
+            values = [next((e["images_per_s"] for e in rows if e["variant"] == v and e["path"] == kind), 0)
+                      for v in variants]
             ax.bar(np.arange(len(variants)) + (j - 1) * width, values, width, label=kind)
         base = next(e["images_per_s"] for e in rows if e["variant"] == "torch-fp32" and e["path"] == "direct")
         ax.axhline(3 * base, color="red", linestyle="--", linewidth=1, label="3x torch eager (target)")

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from build.errors import ParityError
 from build.specs import Tolerance
+from kiln.errors import ParityError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ _TOOLS = ("torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "diffusers
 def artifact_files(path: Path) -> list[Path]:
     """An artifact's files: the file itself, plus an OpenVINO .bin or ONNX external data beside it."""
     path = Path(path)
-    companions = [c for c in (path.with_suffix(".bin"), path.with_name(path.name + ".data")) if c != path and c.exists()]
+    companions = [c for c in (path.with_suffix(".bin"), path.with_name(path.name + ".data"))
+                  if c != path and c.exists()]
     return [path, *companions]
 
 

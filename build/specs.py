@@ -7,8 +7,8 @@ tensor name or a shape.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 
@@ -113,7 +113,8 @@ class ComponentSpec:
         try:
             return self.tolerances[precision]
         except KeyError:
-            raise KeyError(f"{self.name}: no tolerance for precision {precision!r}; known: {sorted(self.tolerances)}") from None
+            raise KeyError(f"{self.name}: no tolerance for precision {precision!r}; "
+                           f"known: {sorted(self.tolerances)}") from None
 
     def triton_inputs(self, batched: bool = True) -> tuple[Tensor, ...]:
         return tuple(t.triton_tensor(batched) for t in self.inputs)

@@ -8,14 +8,14 @@ unknown field or a wrong enum is an error at build time, not at server start), a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from build.errors import ConfigError
+from kiln.errors import ConfigError
 
 # Triton's wire dtype names (as tritonclient uses them) -> the model-config enum.
 _CONFIG_DTYPE = {
@@ -40,7 +40,8 @@ class Tensor:
     dtype: str  # Triton wire dtype: FP32, INT64, BYTES, ...
     dims: tuple[int, ...]  # without the batch dimension when the model batches; -1 = any size
     optional: bool = False  # inputs only: a request may leave it out
-    reshape: tuple[int, ...] | None = None  # the shape the model sees, when it differs from dims (e.g. () for a per-sample scalar)
+    # The shape the model sees, when it differs from dims (e.g. () for a per-sample scalar).
+    reshape: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _CONFIG_DTYPE:

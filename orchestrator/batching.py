@@ -18,19 +18,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 
-RunBatch = Callable[[str, dict[str, np.ndarray]], np.ndarray]  # (model, inputs with a batch axis) -> noise_pred
+from orchestrator.pipeline.components import Graph
 
 
 @dataclass
 class _Call:
-    model: str
+    graph: Graph
     inputs: dict[str, np.ndarray]
     future: Future = field(default_factory=Future)
 
@@ -40,7 +40,7 @@ class _Call:
 
     @property
     def key(self) -> tuple:
-        return (self.model,) + tuple((name, value.shape[1:]) for name, value in sorted(self.inputs.items()))
+        return (self.graph.key,) + tuple((name, value.shape[1:]) for name, value in sorted(self.inputs.items()))
 
 
 @dataclass
@@ -61,16 +61,15 @@ class BatchStats:
 class StepBatcher:
     """Merges the UNet calls of all participants per step; thread-safe.
 
-    `run(model, inputs)` executes one merged call (it may split it further to fit the model's own
-    max batch). With `enabled=False` every call runs at once on its caller's thread, which is the
-    baseline the benchmark compares against.
+    A merged call runs the graph the callers named (which may split it further to fit the model's
+    own max batch). With `enabled=False` every call runs at once on its caller's thread, which is
+    the baseline the benchmark compares against.
     """
 
-    def __init__(self, run: RunBatch, *, max_rows: int = 16, window_s: float = 0.05, enabled: bool = True,
+    def __init__(self, *, max_rows: int = 16, window_s: float = 0.05, enabled: bool = True,
                  on_batch: Callable[[int, float], None] | None = None) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-        self._run = run
         self.max_rows = max_rows
         self.window_s = window_s
         self.enabled = enabled
@@ -86,7 +85,7 @@ class StepBatcher:
 
     # -- participants ------------------------------------------------------------------------------
     @contextmanager
-    def participant(self) -> Iterator["StepBatcher"]:
+    def participant(self) -> Iterator[StepBatcher]:
         """Hold this while in the denoising loop: the batcher waits for every holder each step."""
         with self._lock:
             self._participants += 1
@@ -102,11 +101,11 @@ class StepBatcher:
     def participants(self) -> int:
         return self._participants
 
-    def __call__(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def __call__(self, graph: Graph, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Submit one UNet call and wait for its rows of the merged result."""
         if not self.enabled:
-            return self._execute(model, inputs)
-        call = _Call(model, {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in inputs.items()})
+            return self._execute(graph, inputs)
+        call = _Call(graph, {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in inputs.items()})
         with self._lock:
             if self._closed:
                 raise RuntimeError("the step batcher is closed")
@@ -166,7 +165,7 @@ class StepBatcher:
     def _run_batch(self, batch: list[_Call]) -> None:
         try:
             merged = {name: np.concatenate([c.inputs[name] for c in batch]) for name in batch[0].inputs}
-            out = self._execute(batch[0].model, merged)
+            out = self._execute(batch[0].graph, merged)
         except BaseException as exc:  # noqa: BLE001 - every caller of this batch gets the failure
             if len(batch) > 1 and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 for call in batch:  # one bad call must not fail the others: retry each alone
@@ -180,9 +179,9 @@ class StepBatcher:
             call.future.set_result(out[start:start + call.rows])
             start += call.rows
 
-    def _execute(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _execute(self, graph: Graph, inputs: dict[str, np.ndarray]) -> np.ndarray:
         started = time.perf_counter()
-        out = self._run(model, inputs)
+        out = graph(inputs)
         elapsed = time.perf_counter() - started
         rows = len(inputs["sample"])
         with self._lock:

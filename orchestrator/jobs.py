@@ -10,24 +10,24 @@ and every accepted job ends in exactly one of done, failed or cancelled.
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from build.errors import KilnError, ServerError
+from kiln.errors import KilnError, ServerError
 from orchestrator.batching import StepBatcher
-from orchestrator.diffusion import MAX_SEED, Cancelled, TritonDiffusion, Txt2ImgRequest
 from orchestrator.metrics import Metrics
-
+from orchestrator.pipeline import Cancelled, Limits, Pipeline, Txt2ImgRequest, check_job, with_seeds
+from orchestrator.pipeline.sampling import MAX_SEED
 
 log = logging.getLogger("kiln.jobs")
 
@@ -71,9 +71,7 @@ class Job:
     future: Future = field(default_factory=Future)  # resolves to the job itself when it finishes
     latents: np.ndarray | None = None  # after the latest step, for previews
     client_id: str | None = None  # who submitted it (the API scopes interrupt, skip and task reads by it)
-    api: str = "sdapi"  # sdapi (AUTOMATIC1111 routes) or tasks
-    body: Any = None  # the API body it came from, for its response
-    ignored: list[str] = field(default_factory=list)  # override_settings the server did not apply
+    context: dict[str, Any] = field(default_factory=dict)  # the submitter's own (the API: its body and routes)
     _listeners: list[Callable[[dict], None]] = field(default_factory=list)
 
     # -- state for callers ---------------------------------------------------------------------------
@@ -231,41 +229,44 @@ class EngineOptions:
     step_batching: bool = True
     max_batch_rows: int = 0  # rows per merged UNet call; 0: the model's max batch size
     batch_window_s: float = 0.05  # longest a tick waits for stragglers
+    limits: Limits = field(default_factory=Limits)  # what one request may ask for
 
 
 class Engine:
-    """The pipeline (connected lazily, so the service starts before Triton is up), batcher and queue."""
+    """The pipeline (connected lazily, so the service starts before Triton is up), batcher and queue.
 
-    def __init__(self, options: EngineOptions, metrics: Metrics) -> None:
-        from orchestrator.samplers import preload
+    `connect` makes the pipeline (default: over the Triton at `options.triton_url`); the engine
+    knows nothing of HTTP.
+    """
+
+    def __init__(self, options: EngineOptions, metrics: Metrics,
+                 connect: Callable[[], Pipeline] | None = None) -> None:
+        from orchestrator.pipeline.sampling import preload
 
         preload()  # before any worker thread exists
         self.options = options
         self.metrics = metrics
-        self._pipeline: TritonDiffusion | None = None
+        self._connect = connect or (lambda: Pipeline.from_triton(options.triton_url, limits=options.limits))
+        self._pipeline: Pipeline | None = None
         self._pipeline_lock = threading.Lock()
-        self.batcher = StepBatcher(self._run_unet, max_rows=options.max_batch_rows or 16,
-                                   window_s=options.batch_window_s, enabled=options.step_batching,
-                                   on_batch=metrics.unet_batch)
+        self.batcher = StepBatcher(max_rows=options.max_batch_rows or 16, window_s=options.batch_window_s,
+                                   enabled=options.step_batching, on_batch=metrics.unet_batch)
         self.queue = JobQueue(self._run_job, max_queue=options.max_queue, workers=options.workers, metrics=metrics)
 
-    def pipeline(self) -> TritonDiffusion:
+    def pipeline(self) -> Pipeline:
         with self._pipeline_lock:
             if self._pipeline is None:
-                self._pipeline = TritonDiffusion(self.options.triton_url)
+                self._pipeline = self._connect()
                 if not self.options.max_batch_rows:
-                    self.batcher.max_rows = self._pipeline.unet_max_batch
+                    self.batcher.max_rows = self._pipeline.contract.unet_max_batch
             return self._pipeline
-
-    def _run_unet(self, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        return self.pipeline().noise_pred(model, inputs)
 
     def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1) -> Job:
         """Validate against the served pipeline (InputError before anything is queued), then queue."""
-        self.pipeline().check(request)
-        seed = secrets.randbelow(MAX_SEED + 1) if request.seed == -1 else request.seed
-        subseed = secrets.randbelow(MAX_SEED + 1) if request.subseed == -1 else request.subseed
-        request = replace(request, seed=seed, subseed=subseed)  # n_iter chains from one drawn seed
+        pipeline = self.pipeline()
+        check_job(request, n_iter, pipeline.limits)
+        pipeline.check(request)
+        request = with_seeds(request)  # drawn once: n_iter chains from them
         return self.queue.submit(Job(kind=kind, request=request, n_iter=n_iter))
 
     def _run_job(self, job: Job) -> None:
@@ -278,16 +279,7 @@ class Engine:
             job.iteration, job.step, job.steps, job.skipped = iteration, 0, 0, False
             run = replace(request, seed=(request.seed + iteration * batch) % (MAX_SEED + 1),
                           subseed=(request.subseed + iteration * batch) % (MAX_SEED + 1))
-            last = [time.perf_counter()]
-
-            def progress(step: int, total: int, latents: np.ndarray) -> None:
-                now = time.perf_counter()
-                self.metrics.step_seconds.observe(now - last[0])
-                last[0] = now
-                job.step, job.steps, job.latents = step, total, latents
-                job.emit({"event": "progress", "iteration": job.iteration, "n_iter": job.n_iter, "step": step,
-                          "steps": total, "progress": job.progress})
-
+            progress = self._progress(job)
             result = pipeline.generate(run, progress, job.cancel_event.is_set, unet_call=self.batcher,
                                        stop_early=lambda: job.interrupted or job.skipped,
                                        denoising=self._denoising)
@@ -296,6 +288,20 @@ class Engine:
                 job.images.append(image)
                 job.infos.append(result.info | {"seed": seed, "index": index})
             self.metrics.images.inc(len(result.images))
+
+    def _progress(self, job: Job):
+        """The progress callback of one run: the job's state, its listeners' events, the step-time metric."""
+        last = [time.perf_counter()]  # when the previous step ended
+
+        def progress(step: int, total: int, latents: np.ndarray) -> None:
+            now = time.perf_counter()
+            self.metrics.step_seconds.observe(now - last[0])
+            last[0] = now
+            job.step, job.steps, job.latents = step, total, latents
+            job.emit({"event": "progress", "iteration": job.iteration, "n_iter": job.n_iter, "step": step,
+                      "steps": total, "progress": job.progress})
+
+        return progress
 
     @contextmanager
     def _denoising(self):

@@ -22,9 +22,11 @@ class Metrics:
         r = self.registry
         self.queue_depth = Gauge("kiln_queue_depth", "Generation jobs waiting for a worker", registry=r)
         self.running_jobs = Gauge("kiln_running_jobs", "Generation jobs being worked on", registry=r)
-        self.denoising_jobs = Gauge("kiln_denoising_jobs", "Jobs inside their denoising loop (step-batching participants)",
+        self.denoising_jobs = Gauge("kiln_denoising_jobs",
+                                    "Jobs inside their denoising loop (step-batching participants)",
                                     registry=r)
-        self.unet_batch_rows = Histogram("kiln_unet_batch_rows", "Rows per UNet call sent to Triton (after step batching)",
+        self.unet_batch_rows = Histogram("kiln_unet_batch_rows",
+                                         "Rows per UNet call sent to Triton (after step batching)",
                                          buckets=ROW_BUCKETS, registry=r)
         self.active_batch_rows = Gauge("kiln_unet_active_batch_rows", "Rows of the latest UNet call", registry=r)
         self.unet_seconds = Histogram("kiln_unet_call_seconds", "Latency of one (merged) UNet call to Triton",

@@ -13,15 +13,33 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
 import math
 import threading
 import time
 from dataclasses import dataclass
 
-from build.errors import KilnError
+from kiln.errors import KilnError
 
 OPEN_PATHS = ("/health/live", "/health/ready")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(listen: str, options: SecurityOptions) -> None:
+    """Off the loopback interface, the API must require credentials."""
+    if not is_loopback(listen) and not options.auth_required:
+        raise KilnError(f"the API would listen on {listen} without authentication; "
+                        "pass --api-auth user:password and/or --api-keys KEY (or listen on 127.0.0.1)")
 
 
 def parse_credentials(text: str | None) -> list[tuple[str, str]]:

@@ -17,7 +17,8 @@ def main() -> None:
     Image.fromarray(skimage.data.chelsea()).save(OUT / "chelsea.jpg", quality=90)  # 451x300 RGB JPEG
     Image.fromarray(skimage.data.coffee()).resize((480, 320), Image.LANCZOS).save(OUT / "coffee.png", optimize=True)
     Image.fromarray(skimage.data.astronaut()).resize((256, 256), Image.LANCZOS).save(OUT / "astronaut.jpg", quality=90)
-    Image.fromarray(skimage.data.camera()).resize((300, 300), Image.LANCZOS).save(OUT / "camera_gray.png", optimize=True)
+    camera = Image.fromarray(skimage.data.camera()).resize((300, 300), Image.LANCZOS)
+    camera.save(OUT / "camera_gray.png", optimize=True)
     rocket = Image.fromarray(skimage.data.rocket()).resize((320, 214), Image.LANCZOS).convert("RGBA")
     yy, xx = np.mgrid[0:214, 0:320]
     alpha = np.clip(255 - 2.0 * np.hypot(xx - 160, yy - 107), 0, 255).astype(np.uint8)  # soft round vignette

@@ -1,19 +1,34 @@
-"""Shared fixtures: seeded random ViT weights, built repositories and a real Triton server."""
+"""Shared fixtures: seeded random weights, one built repository (tiny SD + ViT) and one real Triton server.
+
+Built once per session: the tiny SD checkpoint with its own ControlNet and a second one ("scribble"),
+the repository serving both and the ViT (ONNX Runtime fp32), and a Triton on it that every module
+shares. Parity tests run the loop in process on the same repository; the Triton tests prove the
+transport.
+"""
 
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
+
+# No hub here: every lookup fails at once instead of after retries (read when huggingface_hub is imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
 import torch
 
-from build.vit import SAMPLE_IMAGES, ViTBuildOptions, build_vit, list_images
-from build.weights import load_vit
-from orchestrator.triton_server import TritonOptions, TritonServer, free_port
+from build.sd import ImageRange, SDBuildOptions, build_sd
+from build.sd.weights import random_controlnet, write_sd_checkpoint
+from build.vit import ViTBuildOptions, build_vit
+from build.vit.weights import load_vit
+from kiln.paths import SAMPLE_IMAGES, list_images
+from kiln.triton_server import TritonOptions, TritonServer, free_port
+
+IMAGES = ImageRange(32, 64, 128)  # the tiny repository's image sides
 
 
 @pytest.fixture(scope="session")
@@ -28,31 +43,69 @@ def sample_images() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def served_repo(tmp_path_factory) -> Path:
-    """A repository serving ONNX Runtime fp32, built once per session (about 20 s)."""
-    repo = tmp_path_factory.mktemp("repo_served")
+def sd_checkpoint(tmp_path_factory) -> Path:
+    """The tiny SD 1.x checkpoint (seed 0), diffusers' format, its ControlNet in controlnet/."""
+    return write_sd_checkpoint(tmp_path_factory.mktemp("sd") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def scribble(tmp_path_factory) -> Path:
+    """A second ControlNet for the same UNet (its own seed), as a user's depth or scribble model would be."""
+    folder = tmp_path_factory.mktemp("controlnets") / "control_scribble"
+    random_controlnet("tiny", seed=11).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory, sd_checkpoint, scribble) -> Path:
+    """One repository: the tiny SD with two ControlNets ("controlnet", the default, and "scribble"), and the ViT."""
+    repo = tmp_path_factory.mktemp("repo") / "repo"
+    build_sd(SDBuildOptions(weights=str(sd_checkpoint), repository=repo, images=IMAGES, progress=False,
+                            controlnet=(str(sd_checkpoint / "controlnet"), f"scribble={scribble}")),
+             log=lambda _m: None)
     build_vit(ViTBuildOptions(random_weights=True, variants=(), extra_exports=(), repository=repo, progress=False),
-              log=lambda _msg: None)
+              log=lambda _m: None)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def vit_repo(model_repo, tmp_path_factory) -> Path:
+    """The ViT models of model_repo alone (linked): for tests that start a server and need only those."""
+    repo = tmp_path_factory.mktemp("vit_repo")
+    for entry in model_repo.iterdir():
+        if entry.name.startswith("vit") or entry.name == "build-report.json":
+            (repo / entry.name).symlink_to(entry)
     return repo
 
 
 @pytest.fixture(scope="session")
 def all_variants_repo(tmp_path_factory) -> tuple[Path, object]:
-    """Every variant and export, built once per session (a few minutes on 2 cores)."""
+    """Every ViT variant and export, built once per session (about a minute on 2 cores)."""
     repo = tmp_path_factory.mktemp("repo_all")
     result = build_vit(ViTBuildOptions(random_weights=True, repository=repo, progress=False), log=lambda _msg: None)
     return repo, result
 
 
 @pytest.fixture(scope="session")
-def triton(served_repo, tmp_path_factory):
-    """A real Triton server (the wheel's binary) serving `served_repo` on free loopback ports."""
-    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    server = TritonServer(TritonOptions(repository=served_repo, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port(), log_path=log))
-    server.start()
+def triton(model_repo, tmp_path_factory):
+    """A real Triton server (the wheel's binary) serving model_repo on free loopback ports."""
+    server = start_triton(model_repo, tmp_path_factory.mktemp("triton") / "tritonserver.log")
     yield server
     server.stop()
+
+
+def start_triton(repo: Path, log: Path, **ports: int) -> TritonServer:
+    return TritonServer(TritonOptions(repository=repo, http_port=ports.get("http") or free_port(),
+                                      grpc_port=ports.get("grpc") or free_port(),
+                                      metrics_port=ports.get("metrics") or free_port(), log_path=log)).start()
+
+
+@pytest.fixture(scope="session")
+def local(model_repo):
+    """The repository's SD models in process: the orchestrator's loop without the transport."""
+    from orchestrator.pipeline import Pipeline
+
+    return Pipeline.from_repository(model_repo)
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -61,7 +114,8 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+            + chunk(b"IEND", b""))
 
 
 def encode(image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -74,3 +128,22 @@ def encode(image, fmt: str = "PNG", **kwargs) -> bytes:
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+
+@pytest.fixture
+def kiln(capsys):
+    """Run the `kiln` command in this process (its real main(), minus the interpreter start): returns (exit code,
+    stdout, stderr). Tests that must see the real entry point start it as a subprocess instead."""
+    from kiln.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -21,53 +21,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from build.sd import ImageRange, SDBuildOptions, build_sd
-from build.sd_weights import write_sd_checkpoint
-from build.vit import ViTBuildOptions, build_vit
-from orchestrator.api import Settings, parse_infotext
-from orchestrator.diffusion import TritonDiffusion, Txt2ImgRequest
+from kiln.infotext import parse_infotext
+from kiln.triton_server import free_port
 from orchestrator.metrics import read_metric
+from orchestrator.pipeline import Limits, Pipeline, Txt2ImgRequest
 from orchestrator.security import SecurityOptions
-from orchestrator.service import BackgroundAPI as LiveAPI
-from orchestrator.triton_server import TritonOptions, TritonServer, free_port
-from tests.conftest import encode, png_header_only
+from orchestrator.server.service import BackgroundAPI as LiveAPI
+from orchestrator.server.settings import Settings
+from tests.conftest import encode, png_header_only, start_triton
 
 pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def api_repo(tmp_path_factory) -> Path:
-    """Tiny SD (with two ControlNets: its own and "scribble") and the ViT in one repository."""
-    from build.sd_weights import random_controlnet
-
-    root = tmp_path_factory.mktemp("api")
-    checkpoint = write_sd_checkpoint(root / "tiny", size="tiny", seed=0)
-    random_controlnet("tiny", seed=11).save_pretrained(str(root / "scribble"), safe_serialization=True)
-    repo = root / "repo"
-    build_sd(SDBuildOptions(weights=str(checkpoint), repository=repo, images=ImageRange(32, 64, 128), progress=False,
-                            controlnet=(str(checkpoint / "controlnet"), str(root / "scribble"))),
-             log=lambda _m: None)
-    build_vit(ViTBuildOptions(random_weights=True, variants=(), extra_exports=(), repository=repo, progress=False),
-              log=lambda _m: None)
-    return repo
-
-
-def _triton(repo: Path, grpc: int | None = None, http: int | None = None, metrics: int | None = None) -> TritonServer:
-    return TritonServer(TritonOptions(repository=repo, http_port=http or free_port(), grpc_port=grpc or free_port(),
-                                      metrics_port=metrics or free_port(), log_path=repo.parent / "triton.log"))
-
-
-@pytest.fixture(scope="module")
-def triton(api_repo):
-    server = _triton(api_repo).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def api(triton):
-    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), max_queue=8, workers=8, max_steps=500))
+    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), max_queue=8, workers=8,
+                            limits=Limits(max_steps=500)))
     yield live
     live.stop()
 
@@ -112,7 +82,7 @@ def test_txt2img_matches_the_library_and_carries_parameters(client, triton):
     assert info["all_seeds"] == [1234, 1235] and info["seed"] == 1234  # n_iter chains seeds as AUTOMATIC1111
     assert len(body["images"]) == 2 and body["parameters"]["prompt"] == TXT["prompt"]
     pixels, meta = _decode(body["images"][0])
-    expected = TritonDiffusion(triton.grpc_url).txt2img(Txt2ImgRequest(
+    expected = Pipeline.from_triton(triton.grpc_url).txt2img(Txt2ImgRequest(
         prompt=TXT["prompt"], negative_prompt="blurry", steps=5, sampler="Euler a", cfg_scale=7.5, seed=1234,
         width=64, height=64)).images[0]
     assert np.array_equal(pixels, expected)
@@ -126,7 +96,8 @@ def test_txt2img_matches_the_library_and_carries_parameters(client, triton):
 
 
 def test_scheduler_field_and_aliases(client):
-    karras = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3, "sampler_name": "DPM++ 2M", "scheduler": "Karras"})
+    karras = client.post("/sdapi/v1/txt2img",
+                         json=TXT | {"steps": 3, "sampler_name": "DPM++ 2M", "scheduler": "Karras"})
     direct = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3, "sampler_name": "DPM++ 2M Karras"})
     alias = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3, "sampler_name": "k_dpmpp_2m_ka"})
     assert karras.status_code == direct.status_code == alias.status_code == 200
@@ -237,7 +208,7 @@ def test_inpainting_fill_modes_only_masked_and_the_overlay(client):
 def test_init_images_in_any_mode(client, mode):
     image = Image.new("RGB", (64, 64), (30, 120, 200))
     if mode == "I;16":
-        converted = Image.fromarray((np.asarray(image.convert("L"), dtype=np.uint16) * 257))
+        converted = Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257)
         data = encode(converted)
     else:
         data = encode(image.convert(mode), "TIFF" if mode == "CMYK" else "PNG")
@@ -382,7 +353,7 @@ def _solo(triton, body) -> np.ndarray:
     request = Txt2ImgRequest(prompt=body["prompt"], negative_prompt=body["negative_prompt"], steps=body["steps"],
                              sampler=body["sampler_name"], cfg_scale=body["cfg_scale"], seed=body["seed"],
                              width=body["width"], height=body["height"], batch_size=body.get("batch_size", 1))
-    return TritonDiffusion(triton.grpc_url).txt2img(request).images
+    return Pipeline.from_triton(triton.grpc_url).txt2img(request).images
 
 
 def _metric(text: str, name: str) -> float:
@@ -402,7 +373,8 @@ def test_step_batching_merges_requests_and_matches_solo_runs(api, triton):
         assert response.status_code == 200, response.text
         images = np.stack([_decode(i)[0] for i in response.json()["images"]])
         solo = _solo(triton, body)
-        assert np.array_equal(images, solo), f"{body['sampler_name']}: max diff {np.abs(images.astype(int) - solo).max()}"
+        diff = np.abs(images.astype(int) - solo).max()
+        assert np.array_equal(images, solo), f"{body['sampler_name']}: max diff {diff}"
     calls = _metric(after, "kiln_unet_batch_rows_count") - _metric(before, "kiln_unet_batch_rows_count")
     rows = _metric(after, "kiln_unet_batch_rows_sum") - _metric(before, "kiln_unet_batch_rows_sum")
     steps = sum(b["steps"] for b in MIXED)
@@ -504,7 +476,8 @@ def test_overfull_queue_is_429_and_nothing_accepted_is_lost(triton):
 
 
 def test_disconnect_and_timeout_cancel_the_work(triton):
-    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), request_timeout_s=1.0, max_steps=500))
+    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), request_timeout_s=1.0,
+                            limits=Limits(max_steps=500)))
     try:
         with live.client() as c:
             timed_out = c.post("/sdapi/v1/txt2img", json=TXT | {"steps": 500})
@@ -559,7 +532,7 @@ def test_cors_is_closed_by_default(client):
 
 
 def test_listening_off_loopback_without_auth_is_refused():
-    result = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--listen", "0.0.0.0"],
+    result = subprocess.run([sys.executable, "-m", "kiln.cli", "serve", "--listen", "0.0.0.0"],
                             capture_output=True, text=True, cwd=PROJECT, timeout=60)
     assert result.returncode == 2 and "without authentication" in result.stderr and "Traceback" not in result.stderr
 
@@ -567,12 +540,12 @@ def test_listening_off_loopback_without_auth_is_refused():
 # -- the CLI through the API --------------------------------------------------------------------------
 def test_generate_command_through_the_api(api, tmp_path):
     out = tmp_path / "cat.png"
-    result = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "a photo of a cat", "--steps", "3",
+    result = subprocess.run([sys.executable, "-m", "kiln.cli", "generate", "a photo of a cat", "--steps", "3",
                              "--seed", "7", "--width", "64", "--height", "64", "--api", api.url, "--out", str(out)],
                             capture_output=True, text=True, cwd=PROJECT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "seed 7" in result.stdout and "Seed: 7" in Image.open(out).info["parameters"]
-    bad = subprocess.run([sys.executable, "-m", "clients.cli", "generate", "x", "--width", "65", "--api", api.url],
+    bad = subprocess.run([sys.executable, "-m", "kiln.cli", "generate", "x", "--width", "65", "--api", api.url],
                          capture_output=True, text=True, cwd=PROJECT, timeout=60)
     assert bad.returncode == 2 and "width must be a multiple" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -583,8 +556,8 @@ def test_openapi_fuzz_finds_no_server_errors(triton, tmp_path):
 
     The service under fuzz caps steps and images low so that the valid generations it finds stay quick.
     """
-    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), max_steps=3, max_n_iter=2,
-                            max_images_per_request=2))
+    live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(),
+                            limits=Limits(max_steps=3, max_n_iter=2, max_images=2)))
     st = Path(sys.executable).parent / "st"
     try:
         result = subprocess.run([str(st), "run", f"{live.url}/openapi.json", "--checks", "not_a_server_error",
@@ -601,7 +574,7 @@ def test_openapi_fuzz_finds_no_server_errors(triton, tmp_path):
 # -- lifecycle (these restart things: keep them last) ----------------------------------------------------
 def test_sigterm_drains_in_flight_requests(triton):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "clients.cli", "serve", "--triton-url", triton.grpc_url,
+    process = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--triton-url", triton.grpc_url,
                                 "--port", str(port)], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     try:
@@ -629,7 +602,7 @@ def test_sigterm_drains_in_flight_requests(triton):
     assert "Traceback" not in output, output
 
 
-def test_triton_restart_gives_503_then_recovers(api_repo, triton):
+def test_triton_restart_gives_503_then_recovers(model_repo, triton):
     live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port()))
     ports = dict(grpc=triton.options.grpc_port, http=triton.options.http_port, metrics=triton.options.metrics_port)
     try:
@@ -641,7 +614,7 @@ def test_triton_restart_gives_503_then_recovers(api_repo, triton):
             _safe(down)
             assert c.get("/health/ready").status_code == 503
             assert c.get("/health/live").status_code == 200
-            restarted = _triton(api_repo, **ports).start()
+            restarted = start_triton(model_repo, triton.log_path, **ports)
             triton._process, triton._log_file = restarted._process, restarted._log_file  # the fixture stops it
             deadline = time.monotonic() + 30  # recovery is eventual: the gRPC endpoint may lag HTTP's readiness
             while c.get("/health/ready").status_code != 200:

@@ -8,34 +8,36 @@ import json
 import numpy as np
 import pytest
 
-import build.vit as vit_build
+import build.vit.build as vit_build
 from build import parity, report
-from build.errors import ConfigError, ParityError
-from build.imaging import EvalTransform
-from build.runtime import Session, SessionOptions
+from build.convert import VIT_VARIANTS as VARIANTS
+from build.convert import open_session
 from build.specs import Tolerance
-from build.vit import VARIANTS, VIT_SPEC, ViTBuildOptions, parity_batch
-from build.vit_export import reference_outputs
+from build.vit import VIT_SPEC, ViTBuildOptions, parity_batch
+from build.vit.export import reference_outputs
+from build.vit.transform import eval_transform
+from kiln.errors import ConfigError, ParityError
 
 
-def test_report_of_the_served_build(served_repo):
-    content = report.read_report(served_repo)["vit"]
+@pytest.mark.slow
+def test_report_of_the_served_build(model_repo):
+    content = report.read_report(model_repo)["vit"]
     assert content["weights"]["random"] is True and content["weights"]["parameters"] == 86_567_656
     assert content["served"] == {"backend": "onnxruntime", "precision": "fp32", "artifact": "model.onnx",
                                  "triton_backend": "python"}
     entry = content["artifacts"]["onnxruntime-fp32"]
-    path = served_repo / entry["file"]
+    path = model_repo / entry["file"]
     assert entry["sha256"] == report.sha256(path) and entry["size_bytes"] == path.stat().st_size
     assert entry["parity"]["logits"]["cosine"] >= 0.99999 and entry["parity"]["logits"]["top1"] == 1.0
     assert {"torch", "onnx", "onnxruntime", "timm"} <= set(content["versions"])
     assert set(content["models"]) == {"vit_preprocess", "vit", "vit_postprocess", "vit_classify", "vit_embed"}
     for name in content["models"]:
-        assert (served_repo / name / "config.pbtxt").exists()
+        assert (model_repo / name / "config.pbtxt").exists()
 
 
 def test_unknown_backend_precision_pair_lists_valid_ones():
     with pytest.raises(ConfigError, match="valid backend-precision pairs: .*openvino-int8"):
-        ViTBuildOptions(random_weights=True, backend="onnxruntime", precision="bf16").served
+        ViTBuildOptions(random_weights=True, backend="onnxruntime", precision="bf16").variant_keys()
     with pytest.raises(ConfigError, match="unknown variant"):
         ViTBuildOptions(random_weights=True, variants=("tensorrt-fp8",)).variant_keys()
 
@@ -45,6 +47,7 @@ def test_variant_dependencies_are_added():
     assert keys == ["onnxruntime-fp32", "openvino-fp32", "openvino-int8"]
 
 
+@pytest.mark.slow
 def test_out_of_tolerance_artifact_is_refused_and_removed(tmp_path, monkeypatch):
     impossible = dataclasses.replace(VIT_SPEC, tolerances={**VIT_SPEC.tolerances,
                                                            "fp32": Tolerance(min_cosine=1.5, why="test: impossible")})
@@ -61,12 +64,11 @@ def test_every_variant_is_within_its_tolerance(all_variants_repo, vit_model, sam
     """Re-open every artifact and compare with PyTorch on the shipped images, independently of the build."""
     repo, result = all_variants_repo
     assert set(result.artifacts) == set(VARIANTS) | {"safetensors", "torchscript"}
-    pixels, layers = parity_batch(sample_images, EvalTransform.from_timm(vit_model))
+    pixels, layers = parity_batch(sample_images, eval_transform(vit_model))
     reference = reference_outputs(vit_model, pixels, layers)
     figures = {}
     for key, variant in VARIANTS.items():
-        session = Session(SessionOptions(variant.runtime, repo / "vit" / "1" / variant.artifact,
-                                         inference_precision=variant.inference_precision))
+        session = open_session(variant, repo / "vit" / "1" / variant.artifact)
         outputs = session.run({"pixel_values": pixels, "layer": layers})
         figures[key] = parity.compare(reference["logits"], outputs["logits"], classify=True)
         parity.check(key, figures[key], VIT_SPEC.tolerance(variant.precision))
@@ -94,13 +96,13 @@ def test_int8_keeps_cosine_on_in_distribution_images(all_variants_repo, vit_mode
     there the bar is 0.997, and the build report shows the figure.
     """
     repo, _ = all_variants_repo
-    pixels, _ = parity_batch(sample_images, EvalTransform.from_timm(vit_model))
+    pixels, _ = parity_batch(sample_images, eval_transform(vit_model))
     layers = np.full((len(pixels), 1), 11, dtype=np.int64)
     reference = reference_outputs(vit_model, pixels, layers)["logits"]
     goals = {"onnxruntime-int8": 0.998, "openvino-int8": 0.998 if _has_int8_dot_product() else 0.997}
     for key, goal in goals.items():
         variant = VARIANTS[key]
-        outputs = Session(SessionOptions(variant.runtime, repo / "vit" / "1" / variant.artifact)).run(
+        outputs = open_session(variant, repo / "vit" / "1" / variant.artifact).run(
             {"pixel_values": pixels, "layer": layers}, ["logits"])
         assert parity.compare(reference, outputs["logits"]).cosine >= goal, key
 

@@ -9,14 +9,15 @@ import pytest
 import timm.data
 from PIL import Image
 
-from build.errors import InputError
-from build.imaging import EvalTransform, ImageLimits, decode_image, preprocess, to_rgb
+from build.vit.transform import eval_transform
+from kiln.errors import InputError
+from kiln.imaging import EvalTransform, ImageLimits, decode_image, preprocess, to_rgb
 from tests.conftest import encode, png_header_only
 
 
 @pytest.fixture(scope="module")
 def transform(vit_model) -> EvalTransform:
-    return EvalTransform.from_timm(vit_model)
+    return eval_transform(vit_model)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from build.sd_weights import clip_tokenizer
-from orchestrator.prompts import pad_to_same_chunks, tokenize_prompt
+from build.sd.weights import clip_tokenizer
+from kiln.prompts import pad_to_same_chunks, tokenize_prompt
 
 
 @pytest.fixture(scope="module")

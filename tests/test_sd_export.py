@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from build.sd import ImageRange, axis_sizes, check_component, export_component, export_modules, sd_specs
-from build.sd_weights import load_sd, write_sd_checkpoint
+from build.sd import ImageRange, axis_sizes, sd_specs
+from build.sd.export import check_component, export_component, export_modules
+from build.sd.weights import load_sd
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = write_sd_checkpoint(tmp_path_factory.mktemp("sd_export") / "tiny", size="tiny", seed=0)
-    loaded = load_sd(folder)
+def tiny(sd_checkpoint):
+    loaded = load_sd(sd_checkpoint)
     return loaded, sd_specs(loaded, ImageRange(32, 64, 128)), export_modules(loaded)
 
 
@@ -38,13 +38,15 @@ def test_controlnet_residual_shapes_match_the_real_model(tiny):
     assert [o.concrete_shape(sizes) for o in specs["controlnet"].outputs] == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["text_encoder", "unet", "unet_control", "controlnet", "vae_encoder", "vae_decoder"])
 def test_export_matches_pytorch_at_other_shapes(tiny, tmp_path, name):
     """Exported at 64x64, batch 2, one prompt chunk; checked at 96x64, batch 3, two chunks (dynamic axes)."""
     loaded, specs, modules = tiny
     path = tmp_path / f"{name}.onnx"
     export_component(modules[name], specs[name], path, axis_sizes(loaded, batch=2, height=64, width=64))
-    figures = check_component(modules[name], specs[name], path, axis_sizes(loaded, batch=3, height=96, width=64, chunks=2))
+    figures = check_component(modules[name], specs[name], path,
+                              axis_sizes(loaded, batch=3, height=96, width=64, chunks=2))
     reference = figures[specs[name].reference_output]
     assert reference.cosine >= 0.99999 and reference.max_abs <= 1e-3
 

@@ -8,12 +8,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from build.errors import WeightsError
-from build.sd_single_file import (
-    CONV_IN, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, inspect_single_file, ldm_state_dict, write_sd15_config,
+from build.sd.single_file import (
+    CONV_IN,
+    TEXT_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    inspect_single_file,
+    ldm_state_dict,
+    write_sd15_config,
     write_single_file,
 )
-from build.sd_weights import ARCHITECTURES, CLIP_VOCAB_SIZE, clip_text_config, load_sd, write_sd_checkpoint
+from build.sd.weights import ARCHITECTURES, CLIP_VOCAB_SIZE, clip_text_config, load_sd, write_sd_checkpoint
+from kiln.errors import WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +126,9 @@ def test_a_controlnet_single_file_reads_back_tensor_for_tensor(tmp_path, tiny):
     from diffusers import ControlNetModel
     from safetensors.torch import load_file
 
-    from build.errors import ExportError
     from build.sd import sd_specs
-    from build.sd_single_file import CONTROLNET_PREFIX, load_controlnet_single_file, write_controlnet_single_file
+    from build.sd.single_file import CONTROLNET_PREFIX, load_controlnet_single_file, write_controlnet_single_file
+    from kiln.errors import ExportError
 
     folder, _path = tiny
     loaded = load_sd(folder)
@@ -152,7 +158,7 @@ def test_a_controlnet_for_sd15_is_sd15s_controlnet():
     for SD 1.5's UNet that is SD 1.5's ControlNet."""
     from diffusers import UNet2DConditionModel
 
-    from build.sd_single_file import controlnet_config
+    from build.sd.single_file import controlnet_config
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**ARCHITECTURES["full"].unet)
@@ -162,30 +168,21 @@ def test_a_controlnet_for_sd15_is_sd15s_controlnet():
 
 
 @pytest.mark.slow
-def test_kiln_writes_and_builds_a_single_file(tmp_path):
-    """`kiln weights sd --single-file`, then `kiln build sd --weights FILE --config DIR`: the user's path, end to end."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-
-    def kiln(*args):
-        return subprocess.run([sys.executable, "-m", "clients.cli", *args], capture_output=True, text=True,
-                              timeout=600, cwd=root)
-
+def test_kiln_writes_and_builds_a_single_file(tmp_path, kiln):
+    """`kiln weights sd --single-file`, then `kiln build sd --weights FILE --config DIR`: the user's path, end to
+    end."""
     folder, path, repo = tmp_path / "tiny", tmp_path / "tiny.safetensors", tmp_path / "repo"
-    result = kiln("weights", "sd", "--tiny", str(folder), "--single-file", str(path))
-    assert result.returncode == 0 and path.is_file(), result.stderr
-    result = kiln("build", "sd", "--weights", str(path), "--repo", str(repo))
-    assert result.returncode == 2 and "pass --config" in result.stderr and "Traceback" not in result.stderr
+    code, _, err = kiln("weights", "sd", "--tiny", folder, "--single-file", path)
+    assert code == 0 and path.is_file(), err
+    code, _, err = kiln("build", "sd", "--weights", path, "--repo", repo)
+    assert code == 2 and "pass --config" in err and "Traceback" not in err
     for stale in ("sd_controlnet_2", "sd_controlnet_unet_2"):  # what an earlier build with two ControlNets left
         (repo / stale / "1").mkdir(parents=True)
         (repo / stale / "config.pbtxt").write_text(f'name: "{stale}"\n')
     # A single file carries no ControlNet: the checkpoint folder's, named by the user.
-    result = kiln("build", "sd", "--weights", str(path), "--config", str(folder), "--repo", str(repo),
-                  "--controlnet", f"edges={folder / 'controlnet'}", "--opt-size", "64", "--max-size", "128")
-    assert result.returncode == 0, result.stderr
+    code, _, err = kiln("build", "sd", "--weights", path, "--config", folder, "--repo", repo,
+                        "--controlnet", f"edges={folder / 'controlnet'}", "--opt-size", "64", "--max-size", "128")
+    assert code == 0, err
     report = json.loads((repo / "build-report.json").read_text())["sd"]
     assert report["weights"] == {"source": str(path), "random": True}
     assert {"sd_controlnet", "sd_controlnet_unet", "sd_unet_control"} <= set(report["models"])

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from build.errors import WeightsError
-from build.sd_weights import ARCHITECTURES, CLIP_VOCAB_SIZE, clip_tokenizer, load_sd, write_sd_checkpoint
+from build.sd.weights import ARCHITECTURES, CLIP_VOCAB_SIZE, clip_tokenizer, load_sd, write_sd_checkpoint
+from kiln.errors import WeightsError
 
 
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory):
-    return write_sd_checkpoint(tmp_path_factory.mktemp("sd") / "tiny", size="tiny", seed=0)
+@pytest.fixture(scope="module")
+def tiny_sd(sd_checkpoint):
+    return sd_checkpoint
 
 
 def test_tokenizer_is_the_real_clip_vocabulary():
@@ -78,7 +78,7 @@ def test_bad_sources_are_clear_errors(tmp_path):
 
 def test_controlnet_names(tmp_path):
     """--controlnet PATH or NAME=PATH, repeatable: names select ControlNets in requests, so they are checked."""
-    from build.sd_weights import controlnet_sources
+    from build.sd.weights import controlnet_sources
 
     (tmp_path / "control_v11p_sd15_canny").mkdir()
     (tmp_path / "ckpt" / "controlnet").mkdir(parents=True)
@@ -99,8 +99,8 @@ def test_a_controlnet_of_another_architecture_is_refused(tmp_path):
     """A full-size (SD 1.5) ControlNet cannot feed the tiny UNet: the build says so before exporting anything."""
     from diffusers import ControlNetModel
 
-    from build.errors import ExportError
     from build.sd import sd_specs
+    from kiln.errors import ExportError
 
     loaded = load_sd(write_sd_checkpoint(tmp_path / "tiny", size="tiny", controlnet=False))
     with torch.device("meta"):

@@ -13,9 +13,10 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from build.imaging import decode_image
-from build.vit_export import reference_outputs
-from clients.vit import ViTClient, read_images
+from build.vit.export import reference_outputs
+from clients.vit import ViTClient
+from kiln.cli.classify import read_images
+from kiln.imaging import decode_image
 from tests.conftest import encode, png_header_only
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ def test_classify_matches_pytorch(triton, sample_images, reference, protocol):
         assert result.error is None, result.error
         assert result.indices == reference["top5"][i].tolist(), result.image
         np.testing.assert_allclose(result.scores, reference["probs"][i][reference["top5"][i]], rtol=1e-4, atol=1e-6)
-        assert len(result.labels) == 5 and all(isinstance(l, str) and l for l in result.labels)
+        assert len(result.labels) == 5 and all(isinstance(label, str) and label for label in result.labels)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from build.errors import ConfigError
-from build.imaging import EvalTransform
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor, read_config
 from build.vit import VIT_SPEC, ViTBuildOptions, vit_model_configs
+from kiln.errors import ConfigError
+from kiln.imaging import EvalTransform
 
 GOLDEN = Path(__file__).parent / "golden"
 TRANSFORM = EvalTransform(resize=248, crop=(224, 224), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -60,7 +60,8 @@ def test_ensembles_wire_existing_tensors():
             model_inputs = {t.name for t in model.inputs}
             model_outputs = {t.name for t in model.outputs}
             assert set(step.input_map) <= model_inputs
-            assert set(step.input_map.values()) <= available, f"{ensemble.name}: {step.model_name} reads an unset tensor"
+            assert set(step.input_map.values()) <= available, \
+                f"{ensemble.name}: {step.model_name} reads an unset tensor"
             assert set(step.output_map) <= model_outputs
             available |= set(step.output_map.values())
         assert {t.name for t in ensemble.outputs} <= available

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from build.errors import WeightsError
-from build.weights import load_vit, save_vit_checkpoint
+from build.vit.weights import load_vit, save_vit_checkpoint
+from kiln.errors import WeightsError
 
 
 def test_random_weights_are_seeded_and_flagged():

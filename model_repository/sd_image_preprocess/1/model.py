@@ -1,6 +1,6 @@
 """sd_image_preprocess: init image bytes + (height, width) -> the VAE encoder's input in [-1, 1].
 
-build.imaging.vae_input: decoded as the ViT's images are (any format and mode, EXIF, transparency
+kiln.imaging.vae_input: decoded as the ViT's images are (any format and mode, EXIF, transparency
 over white), resized with Lanczos ("just resize"), mapped to [-1, 1]. A bad image fails its own
 request only.
 """
@@ -8,17 +8,17 @@ request only.
 import os
 import site
 
-for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see orchestrator/triton_server.py
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
 
+import numpy as np
+import triton_python_backend_utils as pb_utils
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-
-from build.runtime import model_config  # noqa: E402
-from build.errors import InputError  # noqa: E402
-from build.imaging import vae_input  # noqa: E402
+from kiln.errors import InputError
+from kiln.imaging import vae_input
+from kiln.runtime import model_config
+from kiln.runtime.model import error_response
 
 
 class TritonPythonModel:
@@ -34,11 +34,10 @@ class TritonPythonModel:
             try:
                 pixels = np.stack([self._one(bytes(data), int(h), int(w)) for data, (h, w) in zip(images, sizes)])
             except InputError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"sd_image_preprocess: {exc}", pb_utils.TritonError.INVALID_ARG)))
+                responses.append(error_response(f"sd_image_preprocess: {exc}"))
                 continue
             except Exception as exc:  # noqa: BLE001 - whatever PIL raises fails this request only
-                message = f"sd_image_preprocess: cannot process image ({type(exc).__name__})"
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)))
+                responses.append(error_response(f"sd_image_preprocess: cannot process image ({type(exc).__name__})"))
                 continue
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("pixels", pixels)]))
         return responses

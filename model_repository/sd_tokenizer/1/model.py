@@ -7,19 +7,19 @@ chunks; `chunks` tells the caller how to fold the encoder's output back: (prompt
 import os
 import site
 
-for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see orchestrator/triton_server.py
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import numpy as np
+import triton_python_backend_utils as pb_utils
 
-from build.runtime import model_config  # noqa: E402
-
-from build.sd_weights import check_tokenizer  # noqa: E402
-from orchestrator.prompts import pad_to_same_chunks, tokenize_prompt  # noqa: E402
+from kiln.errors import InputError
+from kiln.prompts import check_tokenizer, tokenize_batch
+from kiln.runtime import model_config
+from kiln.runtime.model import error_response
 
 
 class TritonPythonModel:
@@ -38,19 +38,15 @@ class TritonPythonModel:
             raw = pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().reshape(-1)
             try:
                 prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in raw]
+                ids, chunks = tokenize_batch(self.tokenizer, prompts, self.max_chunks)
             except UnicodeDecodeError:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("sd_tokenizer: prompt is not UTF-8", pb_utils.TritonError.INVALID_ARG)))
+                responses.append(error_response("sd_tokenizer: prompt is not UTF-8"))
                 continue
-            tokens = [tokenize_prompt(self.tokenizer, p) for p in prompts]
-            longest = max(t.chunks for t in tokens)
-            if longest > self.max_chunks:
-                error = f"sd_tokenizer: prompt of {max(t.token_count for t in tokens)} tokens needs {longest} chunks; the limit is {self.max_chunks}"
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG)))
+            except InputError as exc:
+                responses.append(error_response(f"sd_tokenizer: {exc}"))
                 continue
-            ids = np.concatenate(pad_to_same_chunks(self.tokenizer, *tokens))
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("input_ids", ids.astype(np.int64)),
-                pb_utils.Tensor("chunks", np.array([longest], dtype=np.int32)),
+                pb_utils.Tensor("chunks", np.array([chunks], dtype=np.int32)),
             ]))
         return responses

@@ -3,13 +3,13 @@
 import os
 import site
 
-for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see orchestrator/triton_server.py
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
 
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import triton_python_backend_utils as pb_utils
 
-from orchestrator.images import to_uint8  # noqa: E402
+from kiln.imaging import to_uint8
 
 
 class TritonPythonModel:

@@ -1,20 +1,20 @@
 """vit: ViT-B/16 on ONNX Runtime or OpenVINO inside Triton's Python backend (the embedded default).
 
 The runtime and artifact are chosen at build time (config parameters); batching, per-request
-errors and output selection are build.runtime_model's. This model adds the optional `layer`
-input: left out, it is the last block; -1 counts from the end.
+errors and output selection are kiln.runtime.model.RuntimeModel's. This model adds the optional
+`layer` input: left out, it is the last block; -1 counts from the end.
 """
 
 import os
 import site
 
-for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see orchestrator/triton_server.py
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from build.runtime_model import RuntimeModel  # noqa: E402
+from kiln.runtime.model import RuntimeModel
 
 
 class TritonPythonModel(RuntimeModel):
@@ -31,6 +31,7 @@ class TritonPythonModel(RuntimeModel):
             layer = inputs["layer"].astype(np.int64).reshape(len(pixels), 1)
             layer = np.where(layer < 0, layer + self.num_layers, layer)  # -1 = last block
             if layer.min() < 0 or layer.max() >= self.num_layers:
-                return f"layer must be in [-{self.num_layers}, {self.num_layers - 1}], got {inputs['layer'].reshape(-1).tolist()}"
+                return (f"layer must be in [-{self.num_layers}, {self.num_layers - 1}], "
+                        f"got {inputs['layer'].reshape(-1).tolist()}")
             inputs["layer"] = layer
         return super().prepare(inputs)

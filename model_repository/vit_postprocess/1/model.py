@@ -3,17 +3,18 @@
 import os
 import site
 
-for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see orchestrator/triton_server.py
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import numpy as np
+import triton_python_backend_utils as pb_utils
 
-from build.runtime import model_config  # noqa: E402
+from kiln.runtime import model_config
+from kiln.runtime.model import error_response
 
 
 class TritonPythonModel:
@@ -31,15 +32,16 @@ class TritonPythonModel:
             k_tensor = pb_utils.get_input_tensor_by_name(request, "top_k")
             k = int(k_tensor.as_numpy().reshape(-1)[0]) if k_tensor is not None else self.default_k
             if not 1 <= k <= min(self.max_k, logits.shape[-1]):
-                error = f"vit_postprocess: top_k must be between 1 and {min(self.max_k, logits.shape[-1])}, got {k}"
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG)))
+                limit = min(self.max_k, logits.shape[-1])
+                responses.append(error_response(f"vit_postprocess: top_k must be between 1 and {limit}, got {k}"))
                 continue
             shifted = logits - logits.max(axis=-1, keepdims=True)
             probs = np.exp(shifted)
             probs /= probs.sum(axis=-1, keepdims=True)
             # Stable descending order; argpartition first keeps it cheap for small k.
             part = np.argpartition(-probs, k - 1, axis=-1)[:, :k]
-            order = np.take_along_axis(part, np.argsort(-np.take_along_axis(probs, part, -1), axis=-1, kind="stable"), -1)
+            ranks = np.argsort(-np.take_along_axis(probs, part, -1), axis=-1, kind="stable")
+            order = np.take_along_axis(part, ranks, -1)
             scores = np.take_along_axis(probs, order, -1).astype(np.float32)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("labels", self.labels[order]),

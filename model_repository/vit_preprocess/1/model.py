@@ -6,18 +6,17 @@ One response per request; a bad image fails its own request with a message, neve
 import os
 import site
 
-for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see orchestrator/triton_server.py
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
 
+import numpy as np
+import triton_python_backend_utils as pb_utils
 
-import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
-
-from build.runtime import model_config  # noqa: E402
-
-from build.errors import InputError  # noqa: E402
-from build.imaging import EvalTransform, ImageLimits, preprocess  # noqa: E402
+from kiln.errors import InputError
+from kiln.imaging import EvalTransform, ImageLimits, preprocess
+from kiln.runtime import model_config
+from kiln.runtime.model import error_response
 
 
 class TritonPythonModel:
@@ -35,19 +34,14 @@ class TritonPythonModel:
             try:
                 if images.size == 0:
                     raise InputError("the request carried no image")
-                pixels = np.stack([preprocess(_as_bytes(item), self.transform, self.limits) for item in images])
+                pixels = np.stack([preprocess(bytes(item), self.transform, self.limits) for item in images])
             except InputError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"vit_preprocess: {exc}", pb_utils.TritonError.INVALID_ARG)))
+                responses.append(error_response(f"vit_preprocess: {exc}"))
                 continue
             except Exception as exc:  # noqa: BLE001 - whatever PIL raises fails this request only
-                message = f"vit_preprocess: cannot process image ({type(exc).__name__})"
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)))
+                responses.append(error_response(f"vit_preprocess: cannot process image ({type(exc).__name__})"))
                 continue
             layer = np.full((len(pixels), 1), self.default_layer, dtype=np.int64)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("pixel_values", pixels), pb_utils.Tensor("layer", layer)]))
         return responses
-
-
-def _as_bytes(item) -> bytes:
-    return item if isinstance(item, bytes) else bytes(item)

@@ -1,0 +1,169 @@
+"""`kiln build sd`: export every SD component once to ONNX, derive the served variant, check each against PyTorch,
+write the Triton repository and its contract.
+
+Steps of `build_sd`:
+ 1. load the checkpoint (folder, single file, hub id) and its ControlNets; derive the specs from their configs
+ 2. export each component to ONNX and check it; derive the served variant (uncalibrated ones now) and check it
+ 3. write the Triton models, the contract in sd_unet's parameters, the tokenizer
+ 4. calibrated variants: capture UNet inputs from denoising runs of the fp32 build, quantize, check
+ 5. a lower precision's image against fp32's (PSNR), and the build report
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from build import report
+from build.convert import SD_VARIANTS, derive
+from build.repository import remove_stale, write_models
+from build.sd.configs import sd_model_configs
+from build.sd.export import check_component, export_component, export_modules
+from build.sd.specs import (
+    ImageRange,
+    axis_sizes,
+    controlnet_components,
+    has_ensemble,
+    sd_specs,
+    size_multiple,
+    vae_scale_factor,
+)
+from kiln import contract as names
+from kiln.contract import SDContract, ServedControlNet
+from kiln.errors import ExportError
+from kiln.paths import DEFAULT_REPOSITORY
+from kiln.prompts import MAX_CHUNKS
+
+SERVED = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # txt2img and img2img
+CALIBRATED = ("unet",)  # components whose real inputs a build can capture (a calibrated variant quantizes them so)
+
+
+@dataclass(frozen=True)
+class SDBuildOptions:
+    """What `kiln build sd` was asked to do."""
+
+    weights: str  # diffusers-format folder, original-layout .safetensors file, or hub id (where a network exists)
+    # ControlNets: PATH or NAME=PATH each (build.sd.weights.controlnet_sources); default: <weights>/controlnet
+    controlnet: str | tuple[str, ...] | None = None
+    config: str | None = None  # a single file's architecture (a diffusers-format folder); default: SD 1.5's
+    repository: Path = DEFAULT_REPOSITORY
+    images: ImageRange = ImageRange()
+    max_queue_delay_us: int = 2000
+    threads: int = 0
+    progress: bool = True
+    variant: str = "onnxruntime-fp32"  # what the served models run: a key of SD_VARIANTS
+    image_check_steps: int = 4  # steps of the image a lower-precision variant is compared on (PSNR against fp32)
+    calibration_steps: int = 8  # steps per calibration run (x 3 prompts: UNet inputs for calibrated variants)
+
+
+def _model_name(source: str) -> str:
+    """What /sdapi/v1/sd-models lists: a folder's name, or a file's without its extension (as AUTOMATIC1111)."""
+    path = Path(source.rstrip("/"))
+    return (path.stem if path.is_file() else path.name) or source
+
+
+def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dict:
+    """Export the served components, check each against PyTorch, write the models; return the report section."""
+    from tqdm import tqdm
+
+    from build.sd.calibration import CALIBRATION_PROMPTS, capture_unet_inputs, variant_image_parity
+    from build.sd.weights import load_sd
+
+    # 1. Load and derive the specs.
+    if options.variant not in SD_VARIANTS:
+        raise ExportError(f"unknown SD variant {options.variant!r}; valid: {', '.join(SD_VARIANTS)}")
+    loaded = load_sd(options.weights, options.controlnet, options.config)
+    if loaded.random:
+        log(f"!! RANDOM WEIGHTS: {options.weights} holds seeded random weights; images are noise-like, not art.")
+    specs = sd_specs(loaded, options.images)
+    modules = export_modules(loaded)
+    repository = Path(options.repository)
+    side = min(options.images.opt, 256)
+    export_sizes = axis_sizes(loaded, batch=2, height=side, width=side)
+    check_sizes = axis_sizes(loaded, batch=3, height=side + 8 * vae_scale_factor(loaded), width=side, chunks=2)
+    controls = controlnet_components(specs)
+    components = SERVED + (("unet_control", *controls) if controls else ())
+    variant = SD_VARIANTS[options.variant]
+    variants = {c: variant if c in CALIBRATED else variant.uncalibrated() for c in components}
+
+    # 2. Export and check each component: the fp32 ONNX file, then the served variant derived from it.
+    artifacts: dict[str, dict] = {}
+
+    def serve_variant(name: str, calibration: list[dict] | None = None) -> None:
+        start = time.perf_counter()
+        served, version = variants[name], repository / names.sd_model(name) / "1"
+        path = version / served.artifact
+        derive(served, version / "model.onnx", path, calibration)
+        figures = check_component(modules[name], specs[name], path, check_sizes, variant=served)
+        artifacts[name]["served"] = {
+            "variant": options.variant, "file": str(path.relative_to(repository)), "runtime": served.runtime,
+            "precision": served.precision, "quantization": served.quantization,
+            "inference_precision": served.inference_precision, "calibration_samples": len(calibration or ()),
+            "size_bytes": report.artifact_size(path), "sha256": report.sha256(path),
+            "parity": {k: v.as_dict() for k, v in figures.items()},
+            "build_seconds": round(time.perf_counter() - start, 2)}
+        reference = figures[specs[name].reference_output]
+        log(f"  sd_{name:13s} {options.variant}: cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}"
+            + (f"  ({len(calibration)} calibration samples)" if calibration else ""))
+
+    for name in tqdm(components, desc=f"build sd ({options.variant})", unit="component", disable=not options.progress):
+        version = repository / names.sd_model(name) / "1"
+        path = version / "model.onnx"
+        for stale in {v.artifact for v in SD_VARIANTS.values()} | {v.uncalibrated().artifact
+                                                                  for v in SD_VARIANTS.values()}:
+            if stale != path.name:
+                report.remove_artifact(version / stale)  # a previous build's variant must not linger beside this one
+        start = time.perf_counter()
+        export_component(modules[name], specs[name], path, export_sizes)
+        try:
+            figures = check_component(modules[name], specs[name], path, check_sizes)
+        except Exception:
+            path.unlink(missing_ok=True)
+            raise
+        reference = figures[specs[name].reference_output]
+        log(f"  sd_{name:13s} cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}")
+        artifacts[name] = {
+            "file": str(path.relative_to(repository)), "runtime": "onnxruntime", "precision": "fp32",
+            "size_bytes": report.artifact_size(path), "sha256": report.sha256(path),
+            "parity": {k: v.as_dict() for k, v in figures.items()}, "parity_shapes": dict(check_sizes),
+            "build_seconds": round(time.perf_counter() - start, 2)}
+        if variants[name].derived and not variants[name].calibrated:
+            serve_variant(name)
+
+    # 3. Triton models and the contract the service reads.
+    contract = SDContract(
+        scheduler_config=loaded.scheduler_config, vae_scale_factor=vae_scale_factor(loaded),
+        latent_channels=loaded.vae.config.latent_channels, unet_in_channels=loaded.unet.config.in_channels,
+        scaling_factor=float(loaded.vae.config.scaling_factor), min_size=options.images.min,
+        max_size=options.images.max, size_multiple=size_multiple(loaded), model_name=_model_name(loaded.source),
+        model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
+        unet_max_batch=specs["unet"].max_batch_size,
+        controlnets=tuple(ServedControlNet(name=label, model=names.sd_model(name), sha256=artifacts[name]["sha256"],
+                                           ensemble=names.controlnet_ensemble(index) if has_ensemble(specs, name)
+                                           else "")
+                          for index, (label, name) in enumerate(zip(loaded.controlnets, controls))))
+    configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads)
+    remove_stale(repository, "sd_*control*", {c.name for c in configs})
+    write_models(configs, repository)
+    loaded.tokenizer.save_pretrained(str(repository / names.SD_TOKENIZER / "1" / "tokenizer"))
+
+    # 4. Calibrated variants: UNet inputs captured from denoising runs of the fp32 models just written.
+    for name in (c for c in components if variants[c].calibrated):
+        log(f"  capturing sd_{name} inputs from {len(CALIBRATION_PROMPTS)} txt2img runs of "
+            f"{options.calibration_steps} steps for calibration ...")
+        serve_variant(name, capture_unet_inputs(repository, side, options.calibration_steps))
+
+    # 5. A lower precision is a trade we show: its image against the fp32 build's, same seed. Then the report.
+    content = {"created": report.now(), "weights": {"source": loaded.source, "random": loaded.random},
+               "image_range": asdict(options.images), "variant": options.variant,
+               "vae_scale_factor": contract.vae_scale_factor, "versions": report.tool_versions(),
+               "machine": report.machine(), "artifacts": artifacts, "models": [c.name for c in configs]}
+    if variant.derived:
+        content["image_parity"] = variant_image_parity(repository, side, options.image_check_steps, options.variant,
+                                                       log)
+    report.update_report(repository, "sd", content)
+    log(f"wrote {len(configs)} Triton models to {repository}")
+    return content
+

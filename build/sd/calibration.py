@@ -1,0 +1,50 @@
+"""What a build measures by running its own models: calibration inputs captured from denoising runs, and a lower
+precision's image against the fp32 build's. Both run the orchestrator's real loop, in process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from build.parity import psnr
+from orchestrator.pipeline import Pipeline, Txt2ImgRequest
+from orchestrator.pipeline.components.local import REQUIRED, session_runners
+
+CALIBRATION_PROMPTS = ("a photo of a cat", "a watercolor landscape with mountains, a lake and a boat at sunset",
+                       "portrait of an old man, studio lighting, detailed")
+
+
+def capture_unet_inputs(repository: Path, side: int, steps: int, prompts=CALIBRATION_PROMPTS) -> list[dict]:
+    """The UNet's inputs (CFG pairs) at every step of real txt2img runs of the fp32 ONNX files: calibration data."""
+    runners, _ = session_runners(repository, runtime="onnxruntime", artifact="model.onnx", inference_precision="f32",
+                                 components=REQUIRED)
+    unet, captured = runners["unet"], []
+
+    def recording(inputs: dict):
+        captured.append({name: value.copy() for name, value in inputs.items()})
+        return unet(inputs)
+
+    runners["unet"] = recording
+    pipeline = Pipeline.from_repository(repository, runners)
+    for seed, prompt in enumerate(prompts):
+        pipeline.generate(Txt2ImgRequest(prompt=prompt, negative_prompt="blurry", steps=steps, sampler="Euler a",
+                                         cfg_scale=7.0, seed=seed, width=side, height=side))
+    return captured
+
+
+def variant_image_parity(repository: Path, side: int, steps: int, variant: str,
+                         log: Callable[[str], None] = print) -> dict:
+    """PSNR of a txt2img image from the served variant against the fp32 ONNX files' image (same seed and loop)."""
+    request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=steps, sampler="Euler a",
+                             cfg_scale=7.0, seed=0, width=side, height=side)
+    images = {}
+    for name, fp32 in (("fp32", True), ("served", False)):
+        overrides = {"runtime": "onnxruntime", "artifact": "model.onnx", "inference_precision": "f32"} if fp32 else {}
+        runners, _ = session_runners(repository, components=REQUIRED, **overrides)
+        images[name] = Pipeline.from_repository(repository, runners).generate(request).images[0]
+        del runners
+    value = psnr(images["fp32"], images["served"])
+    log(f"  image ({side}x{side}, {steps} steps, Euler a): {variant} vs fp32 PSNR "
+        + ("identical" if value == float("inf") else f"{value:.1f} dB"))
+    return {"against": "onnxruntime-fp32", "psnr_db": value if value != float("inf") else "inf",
+            "width": side, "height": side, "steps": steps, "sampler": request.sampler, "seed": request.seed}

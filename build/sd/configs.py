@@ -1,0 +1,87 @@
+"""The Triton models of an SD build: tokenizer, text encoder, UNet, VAE, ControlNets, and the ensembles."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from build.convert import Variant
+from build.sd.specs import controlnet_components, has_ensemble
+from build.specs import ComponentSpec
+from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
+from kiln import contract as names
+from kiln.contract import SDContract
+
+
+def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, variants: Mapping[str, Variant],
+                     max_queue_delay_us: int = 2000, threads: int = 0) -> list[ModelConfig]:
+    """Every model of the build; `variants[component]` is what that component's model serves. The contract goes
+    into sd_unet's parameters: the service reads what it needs to drive the loop from there."""
+    text, decoder, encoder = specs["text_encoder"], specs["vae_decoder"], specs["vae_encoder"]
+    batching = DynamicBatching(max_queue_delay_microseconds=max_queue_delay_us)
+
+    def runtime(component: str) -> dict[str, str]:
+        served = variants[component]
+        return {"runtime": served.runtime, "artifact": served.artifact,
+                "inference_precision": served.inference_precision, "threads": str(threads)}
+
+    def runtime_model(component: str, **extra) -> ModelConfig:
+        spec = specs[component]
+        return ModelConfig(name=names.sd_model(component), inputs=spec.triton_inputs(), outputs=spec.triton_outputs(),
+                           max_batch_size=spec.max_batch_size, dynamic_batching=batching,
+                           parameters=runtime(component) | extra)
+
+    hidden = text.outputs[0].shape[-1]
+    ids = Tensor("input_ids", "INT64", (-1, text.inputs[0].shape[1]))
+    chunks = Tensor("chunks", "INT32", (1,))
+    images = Tensor("image", "UINT8", (-1, -1, 3))
+    image_bytes, size = Tensor("image", "BYTES", (1,)), Tensor("size", "INT32", (2,))
+    configs = [
+        ModelConfig(name=names.SD_TOKENIZER, inputs=(Tensor("prompt", "BYTES", (-1,)),), outputs=(ids, chunks),
+                    parameters={"max_chunks": str(contract.max_prompt_chunks)}),
+        ModelConfig(name=names.SD_TEXT_ENCODER, inputs=text.triton_inputs(batched=False),
+                    outputs=text.triton_outputs(batched=False), parameters=runtime("text_encoder")),
+        runtime_model("unet", **contract.to_parameters()),
+        runtime_model("vae_decoder"),
+        ModelConfig(name=names.SD_VAE_POSTPROCESS, inputs=(Tensor("decoded", "FP32", (3, -1, -1)),), outputs=(images,),
+                    max_batch_size=decoder.max_batch_size, dynamic_batching=batching),
+        runtime_model("vae_encoder"),
+        ModelConfig(name=names.SD_IMAGE_PREPROCESS, inputs=(image_bytes, size),
+                    outputs=(Tensor("pixels", "FP32", (3, -1, -1)),), max_batch_size=encoder.max_batch_size,
+                    parameters={"min_size": str(contract.min_size), "max_size": str(contract.max_size)}),
+        ModelConfig(name=names.SD_TEXT_ENCODE, backend=None, platform="ensemble",
+                    inputs=(Tensor("prompt", "BYTES", (-1,)),),
+                    outputs=(Tensor("embeddings", "FP32", (-1, text.inputs[0].shape[1], hidden)), chunks),
+                    steps=(EnsembleStep(names.SD_TOKENIZER, {"prompt": "prompt"},
+                                        {"input_ids": "input_ids", "chunks": "chunks"}),
+                           EnsembleStep(names.SD_TEXT_ENCODER, {"input_ids": "input_ids"},
+                                        {"last_hidden_state": "embeddings"}))),
+        ModelConfig(name=names.SD_VAE_DECODE, backend=None, platform="ensemble", max_batch_size=decoder.max_batch_size,
+                    inputs=(Tensor("latent", "FP32", decoder.inputs[0].triton_tensor().dims),), outputs=(images,),
+                    steps=(EnsembleStep(names.SD_VAE_DECODER, {"latent": "latent"}, {"image": "decoded"}),
+                           EnsembleStep(names.SD_VAE_POSTPROCESS, {"decoded": "decoded"}, {"image": "image"}))),
+        ModelConfig(name=names.SD_VAE_ENCODE, backend=None, platform="ensemble", max_batch_size=encoder.max_batch_size,
+                    inputs=(image_bytes, size),
+                    outputs=(Tensor("moments", "FP32", encoder.outputs[0].triton_tensor().dims),),
+                    steps=(EnsembleStep(names.SD_IMAGE_PREPROCESS, {"image": "image", "size": "size"},
+                                        {"pixels": "pixels"}),
+                           EnsembleStep(names.SD_VAE_ENCODER, {"image": "pixels"}, {"moments": "moments"}))),
+    ]
+    controls = controlnet_components(specs)
+    if controls:
+        configs.append(runtime_model("unet_control"))
+    unet_control = specs["unet_control"]
+    for index, name in enumerate(controls):  # every ControlNet feeds the one sd_unet_control
+        control = specs[name]
+        configs.append(runtime_model(name))
+        if has_ensemble(specs, name):  # ControlNet -> UNet: a fixed graph, so an ensemble; the residuals stay in Triton
+            configs.append(ModelConfig(
+                name=names.controlnet_ensemble(index), backend=None, platform="ensemble",
+                max_batch_size=unet_control.max_batch_size,
+                inputs=tuple(replace(t, reshape=None) for t in control.triton_inputs()),
+                outputs=unet_control.triton_outputs(),
+                steps=(EnsembleStep(names.sd_model(name), {t.name: t.name for t in control.inputs},
+                                    {t.name: t.name for t in control.outputs}),
+                       EnsembleStep(names.SD_UNET_CONTROL, {t.name: t.name for t in unet_control.inputs},
+                                    {"noise_pred": "noise_pred"}))))
+    return configs

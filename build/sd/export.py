@@ -1,0 +1,126 @@
+"""The PyTorch side of the SD build: small nn.Module wrappers per component, ONNX export, parity with PyTorch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from build import parity
+from build.convert import FP32, Variant, open_session
+from build.specs import ComponentSpec
+from kiln.contract import controlnet_component
+from kiln.errors import ExportError
+
+
+def export_modules(loaded) -> dict[str, Callable]:
+    """Small nn.Module wrappers, one per spec, taking the spec's inputs in order (no monkeypatched forward)."""
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            out = self.model(input_ids, return_dict=False)
+            return out[0], out[1]
+
+    class UNet(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+            if residuals:
+                return self.model(sample, timestep, encoder_hidden_states, return_dict=False,
+                                  down_block_additional_residuals=list(residuals[:-1]),
+                                  mid_block_additional_residual=residuals[-1])[0]
+            return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    class ControlNet(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
+            down, mid = self.model(sample, timestep, encoder_hidden_states, controlnet_cond, return_dict=False)
+            scale = conditioning_scale.reshape(-1, 1, 1, 1)  # per sample: requests with different scales share a batch
+            return (*[d * scale for d in down], mid * scale)
+
+    class VaeEncoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, image):
+            return self.model.encode(image).latent_dist.parameters
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            self.scaling_factor = float(model.config.scaling_factor)  # from the checkpoint, not a constant here
+
+        def forward(self, latent):
+            return self.model.decode(latent / self.scaling_factor, return_dict=False)[0]
+
+    modules = {
+        "text_encoder": TextEncoder(loaded.text_encoder), "unet": UNet(loaded.unet), "unet_control": UNet(loaded.unet),
+        "vae_encoder": VaeEncoder(loaded.vae), "vae_decoder": VaeDecoder(loaded.vae),
+    }
+    for index, control in enumerate(loaded.controlnets.values()):
+        modules[controlnet_component(index)] = ControlNet(control)
+    return {name: module.eval() for name, module in modules.items()}
+
+
+def export_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, int]) -> None:
+    """ONNX export with every named axis dynamic (legacy exporter, opset 17; tiny components take seconds).
+
+    A model past protobuf's 2 GB (the full-size UNet) keeps its weights in one `model.onnx.data`
+    beside it; the exporter's own one-file-per-tensor output stays in a scratch folder.
+    """
+    import shutil
+    import tempfile
+    import warnings
+
+    import onnx
+    import torch
+
+    sample = spec.sample_inputs(seed=0, **sizes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (path, path.with_name(path.name + ".data")):
+        stale.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
+        exported = Path(scratch) / path.name
+        try:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                torch.onnx.export(module, tuple(torch.from_numpy(sample[n]) for n in spec.input_names), str(exported),
+                                  input_names=spec.input_names, output_names=spec.output_names,
+                                  dynamic_axes=spec.dynamic_axes(), opset_version=spec.opset, dynamo=False)
+        except Exception as exc:
+            raise ExportError(f"ONNX export of {spec.name} failed: {exc}") from exc
+        if len(list(Path(scratch).iterdir())) == 1:  # everything inline
+            shutil.move(str(exported), path)
+        else:
+            model = onnx.load(str(exported))  # pulls the per-tensor files back in
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+            del model
+    onnx.checker.check_model(str(path))
+
+
+def check_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, int], seed: int = 1,
+                    variant: Variant = FP32) -> dict[str, parity.Parity]:
+    """Run the artifact and PyTorch on the same fresh inputs; raise ParityError outside the variant's tolerance."""
+    import torch
+
+    inputs = spec.sample_inputs(seed=seed, **sizes)
+    with torch.inference_mode():
+        expected = module(*(torch.from_numpy(inputs[n]) for n in spec.input_names))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = open_session(variant, path).run(inputs, spec.output_names)
+    figures = {name: parity.compare(ref.numpy(), got[name]) for name, ref in zip(spec.output_names, expected)}
+    parity.check(f"{spec.name} ({spec.reference_output})", figures[spec.reference_output],
+                 spec.tolerance(variant.precision))
+    return figures

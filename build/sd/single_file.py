@@ -1,0 +1,299 @@
+"""Single-file Stable Diffusion 1.x checkpoints: the original (LDM) layout AUTOMATIC1111 and SD.Next load.
+
+Reading is diffusers' own `StableDiffusionPipeline.from_single_file`, offline: the architecture comes from a
+diffusers-format config folder (`--config`), or, by default, SD 1.5's own configs written here (the UNet's
+input channels read from the file, so SD 1.5 inpainting files work too). sd-webui-controlnet's ControlNet files
+are read with `ControlNetModel.from_single_file` as a ControlNet for the checkpoint's UNet.
+
+Writing (`ldm_state_dict`, `write_single_file`, `controlnet_ldm_state_dict`) renames a diffusers checkpoint's
+tensors to the original layout. diffusers ships that direction only as a repository script, so it is written here
+from the layout itself; a test loads the result back through diffusers and requires every tensor to come back equal.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kiln.errors import WeightsError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+CONTROLNET_PREFIX = "control_model."
+CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
+METADATA_KEY = "kiln-weights"  # safetensors metadata: the kiln-weights.json of a random checkpoint
+
+_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_FIXED = {"conv_norm_out": "norm_out"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def _split(key: str, depth: int) -> tuple[list[str], str]:
+    parts = key.split(".")
+    return parts[:depth], ".".join(parts[depth:])
+
+
+def unet_key(key: str, layers_per_block: int, attention_up_blocks: set[int]) -> str:
+    """The original name of one diffusers UNet tensor (`attention_up_blocks`: up blocks with attentions)."""
+    per_block = layers_per_block + 1
+    for new, old in _UNET_FIXED.items():
+        if key.startswith(new + "."):
+            return old + key[len(new):]
+    head, rest = _split(key, 4)
+    if head[0] in ("down_blocks", "up_blocks"):
+        block, kind, index = int(head[1]), head[2], int(head[3])
+        if kind == "downsamplers":  # down_blocks.b.downsamplers.0.conv.X
+            return f"input_blocks.{per_block * (block + 1)}.0.op.{rest.removeprefix('conv.')}"
+        if kind == "upsamplers":  # after the block's last resnet (and its attention, when the block has them)
+            slot = 2 if block in attention_up_blocks else 1
+            return f"output_blocks.{per_block * block + layers_per_block}.{slot}.{rest}"
+        layer = (f"input_blocks.{per_block * block + index + 1}" if head[0] == "down_blocks"
+                 else f"output_blocks.{per_block * block + index}")
+        if kind == "resnets":
+            return f"{layer}.0.{_resnet_part(rest)}"
+        return f"{layer}.1.{rest}"  # attentions: the same names inside a spatial transformer
+    head, rest = _split(key, 3)
+    if head[0] == "mid_block":  # resnet, attention, resnet
+        index = int(head[2])
+        if head[1] == "resnets":
+            return f"middle_block.{2 * index}.{_resnet_part(rest)}"
+        return f"middle_block.1.{rest}"
+    raise WeightsError(f"UNet tensor {key!r} has no place in the original layout")
+
+
+def _resnet_part(rest: str) -> str:
+    name, _, tail = rest.partition(".")
+    return f"{_UNET_RESNET.get(name, name)}.{tail}"
+
+
+def vae_key(key: str, up_blocks: int) -> tuple[str, bool]:
+    """The original name of one diffusers VAE tensor, and whether it is an attention projection (a 1x1 conv there)."""
+    coder, _, rest = key.partition(".")
+    if coder not in ("encoder", "decoder"):  # quant_conv, post_quant_conv
+        return key, False
+    head, tail = _split(rest, 3)
+    if head[0] in _VAE_FIXED:
+        return f"{coder}.{_VAE_FIXED[head[0]]}.{'.'.join(rest.split('.')[1:])}", False
+    if head[0] == "mid_block":
+        index = int(head[2])
+        if head[1] == "resnets":
+            return f"{coder}.mid.block_{index + 1}.{_vae_resnet(tail)}", False
+        name, _, param = tail.rpartition(".")
+        return f"{coder}.mid.attn_1.{_VAE_ATTENTION[name]}.{param}", name != "group_norm"
+    if head[0] in ("down_blocks", "up_blocks"):
+        block = int(head[1])
+        level = block if head[0] == "down_blocks" else up_blocks - 1 - block  # the original counts up from the bottom
+        stage = "down" if head[0] == "down_blocks" else "up"
+        if head[2] in ("downsamplers", "upsamplers"):  # X.0.conv.param
+            return f"{coder}.{stage}.{level}.{stage}sample.{tail.split('.', 1)[1]}", False
+        index, _, inner = tail.partition(".")
+        return f"{coder}.{stage}.{level}.block.{index}.{_vae_resnet(inner)}", False
+    return key, False  # conv_in, conv_out: the same names
+
+
+def _vae_resnet(rest: str) -> str:
+    return rest.replace("conv_shortcut", "nin_shortcut")
+
+
+def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module,
+                   text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """One state dict in the original layout, the tensors shared (not copied) with the modules."""
+    config = unet.config
+    attention_up = {i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind}
+    out = {UNET_PREFIX + unet_key(k, config.layers_per_block, attention_up): v for k, v in unet.state_dict().items()}
+    for name, tensor in vae.state_dict().items():
+        key, is_projection = vae_key(name, len(vae.config.up_block_types))
+        out[VAE_PREFIX + key] = tensor[:, :, None, None] if is_projection and tensor.ndim == 2 else tensor
+    for name, tensor in text_encoder.state_dict().items():  # transformers >= 5.6 drops the text_model. level
+        out[TEXT_PREFIX + (name if name.startswith("text_model.") else "text_model." + name)] = tensor
+    return out
+
+
+def controlnet_ldm_state_dict(control: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNet in the original layout (sd-webui-controlnet's files), under "control_model."."""
+    config = control.config
+    blocks = len(config.conditioning_embedding_out_channels) * 2 - 2  # two convolutions per level change
+    out = {}
+    for key, tensor in control.state_dict().items():
+        head, _, rest = key.partition(".")
+        if key.startswith("controlnet_cond_embedding."):  # convolutions at the even indices, SiLU between
+            part, _, tail = key.removeprefix("controlnet_cond_embedding.").partition(".")
+            if part == "blocks":
+                index, _, tail = tail.partition(".")
+                name = f"input_hint_block.{2 * (int(index) + 1)}.{tail}"
+            else:
+                name = f"input_hint_block.{0 if part == 'conv_in' else 2 * (blocks + 1)}.{tail}"
+        elif head == "controlnet_down_blocks":
+            index, _, tail = rest.partition(".")
+            name = f"zero_convs.{index}.0.{tail}"
+        elif head == "controlnet_mid_block":
+            name = f"middle_block_out.0.{rest}"
+        else:  # the UNet encoder's copy: the UNet's own names
+            name = unet_key(key, config.layers_per_block, set())
+        out[CONTROLNET_PREFIX + name] = tensor
+    return out
+
+
+def write_controlnet_single_file(control: torch.nn.Module, out: Path) -> Path:
+    """Write a diffusers ControlNet as one original-layout .safetensors file."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in controlnet_ldm_state_dict(control).items()}, str(out),
+              metadata={"format": "pt"})
+    return out
+
+
+def write_single_file(folder: Path, out: Path) -> Path:
+    """Write the diffusers-format SD 1.x checkpoint in `folder` as one original-layout .safetensors file."""
+    from safetensors.torch import save_file
+
+    from build.sd.weights import load_sd
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise WeightsError(f"{out}: a single-file checkpoint is written as .safetensors")
+    loaded = load_sd(folder)
+    tensors = {k: v.contiguous() for k, v in ldm_state_dict(loaded.unet, loaded.vae, loaded.text_encoder).items()}
+    marker = Path(folder) / "kiln-weights.json"
+    metadata = {"format": "pt"} | ({METADATA_KEY: marker.read_text()} if marker.exists() else {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def read_header(path: Path, kind: str, shape_of=lambda _key: False) -> tuple[set[str], dict, dict[str, list[int]]]:
+    """A .safetensors file's tensor names, metadata and the shapes of the tensors `shape_of` picks, from its
+    header alone; a pickle or an unreadable file is a WeightsError (`kind`: what the caller reads, for the message)."""
+    from safetensors import safe_open
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise WeightsError(f"{path}: pickle checkpoints ({path.suffix}) can run code when loaded; "
+                           f"only .safetensors {kind} are read (convert it to .safetensors first)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            return keys, handle.metadata() or {}, {k: handle.get_slice(k).get_shape() for k in keys if shape_of(k)}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+        raise WeightsError(f"{path}: not a readable .safetensors file ({first_line(exc)})") from None
+
+
+def inspect_single_file(path: Path) -> dict:
+    """Check a file is an SD 1.x original-layout .safetensors checkpoint, from its header alone.
+
+    Returns {"in_channels", "cross_attention_dim", "metadata"}; anything else is a WeightsError naming the problem.
+    """
+    path = Path(path)
+    keys, metadata, shapes = read_header(path, "single files",
+                                         lambda k: k == CONV_IN or k.endswith("attn2.to_k.weight"))
+    if CONV_IN not in keys:
+        raise WeightsError(f"{path}: not a Stable Diffusion checkpoint in the original layout (no {CONV_IN})")
+    if not any(k.startswith(VAE_PREFIX) for k in keys):
+        raise WeightsError(f"{path}: the file has no VAE ({VAE_PREFIX}*); a full SD 1.x checkpoint is needed")
+    if not any(k.startswith(TEXT_PREFIX) for k in keys):
+        kind = "SD 2.x (OpenCLIP text encoder)" if any(k.startswith("cond_stage_model.model.") for k in keys) else (
+            "SDXL" if any(k.startswith("conditioner.") for k in keys) else "without a CLIP text encoder")
+        raise WeightsError(f"{path}: a checkpoint {kind}; only Stable Diffusion 1.x single files are supported")
+    cross = {shape[1] for k, shape in shapes.items() if k != CONV_IN}
+    return {"in_channels": shapes[CONV_IN][1], "cross_attention_dim": min(cross) if cross else None,
+            "metadata": metadata}
+
+
+def write_sd15_config(out: Path, in_channels: int = 4) -> Path:
+    """SD 1.5's diffusers configs (no weights): model_index.json, each component's config, tokenizer, scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from build.sd.weights import ARCHITECTURES, SCHEDULER_CONFIG, clip_text_config, clip_tokenizer
+
+    out = Path(out)
+    arch = ARCHITECTURES["full"]
+    with torch.device("meta"):  # configs only: nothing is allocated
+        UNet2DConditionModel(**(arch.unet | {"in_channels": in_channels})).save_config(str(out / "unet"))
+        AutoencoderKL(**arch.vae).save_config(str(out / "vae"))
+    clip_text_config(arch.text_encoder).save_pretrained(str(out / "text_encoder"))
+    clip_tokenizer().save_pretrained(str(out / "tokenizer"))
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None],
+        "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    return out
+
+
+@contextmanager
+def _config_folder(config: str | Path | None, in_channels: int):
+    if config is not None:
+        if not (Path(config) / "model_index.json").is_file():
+            raise WeightsError(f"--config {config}: not a diffusers-format folder (no model_index.json)")
+        yield Path(config)
+        return
+    with tempfile.TemporaryDirectory(prefix="kiln-sd15-config-") as scratch:
+        yield write_sd15_config(Path(scratch), in_channels)
+
+
+def load_single_file(path: Path, config: str | Path | None = None):
+    """A StableDiffusionPipeline (fp32) from an original-layout .safetensors file, offline; and its metadata."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    info = inspect_single_file(path)
+    if config is None and info["cross_attention_dim"] not in (None, 768):
+        raise WeightsError(f"{path}: cross-attention width {info['cross_attention_dim']} is not SD 1.x's 768; "
+                           "pass --config with a diffusers folder describing this architecture")
+    with _config_folder(config, info["in_channels"]) as folder:
+        try:
+            pipeline = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32,
+                safety_checker=None, requires_safety_checker=False)
+        except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError/SingleFileComponentError variants
+            raise WeightsError(f"cannot load the single-file checkpoint {path} with the configs of "
+                               f"{config or 'SD 1.5'}: {first_line(exc)}") from None
+    return pipeline, info["metadata"]
+
+
+def controlnet_config(unet, latent_channels: int = 4):
+    """The config of a ControlNet for this UNet (as ControlNets are made: a copy of its encoder), on no memory."""
+    import torch
+    from diffusers import ControlNetModel
+
+    with torch.device("meta"):
+        control = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    return dict(control.config) | {"in_channels": latent_channels}
+
+
+def load_controlnet_single_file(path: Path, unet, latent_channels: int = 4):
+    """A ControlNet from one .safetensors file (original layout, with or without "control_model.", or diffusers'),
+    its architecture that of a ControlNet for `unet`; offline, through diffusers' ControlNetModel.from_single_file."""
+    import torch
+    from diffusers import ControlNetModel
+    path = Path(path)
+    keys, _metadata, _shapes = read_header(path, "ControlNet files")
+    markers = ("input_hint_block.0.weight", CONTROLNET_PREFIX + "input_hint_block.0.weight",
+               "controlnet_cond_embedding.conv_in.weight")
+    if not keys & set(markers):
+        raise WeightsError(f"{path}: not a ControlNet (no input_hint_block or controlnet_cond_embedding tensors)")
+    with tempfile.TemporaryDirectory(prefix="kiln-controlnet-config-") as scratch:
+        (Path(scratch) / "config.json").write_text(json.dumps(controlnet_config(unet, latent_channels), default=list))
+        try:
+            control = ControlNetModel.from_single_file(str(path), config=scratch, local_files_only=True,
+                                                       torch_dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError variants
+            raise WeightsError(f"cannot load the ControlNet file {path} for this UNet: {first_line(exc)}") from None
+    return control.eval()

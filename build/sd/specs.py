@@ -1,0 +1,172 @@
+"""Stable Diffusion components as compiled artifacts: one spec per component, derived from the checkpoint.
+
+The specs are derived from the loaded checkpoint's own configs (latent channels, hidden size,
+VAE scale factor, the number of ControlNet residuals), never retyped. Every component takes a
+per-sample `timestep` (and ControlNet a per-sample `conditioning_scale`), so that denoising steps
+of different requests can share one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from build.specs import ComponentSpec, TensorSpec, Tolerance
+from kiln.contract import controlnet_component
+from kiln.errors import ExportError
+from kiln.prompts import MAX_CHUNKS
+
+FP32_TOLERANCE = {
+    "fp32": Tolerance(min_cosine=0.99999, max_abs=1e-3,
+                      why="same arithmetic as PyTorch in float32; only summation order differs"),
+    "fp16": Tolerance(min_cosine=0.999, why="weights rounded to float16, computed in float32"),
+    "bf16": Tolerance(min_cosine=0.99, why="bfloat16 arithmetic (8-bit mantissa) where the CPU has it"),
+    "int8": Tolerance(min_cosine=0.98, why="int8 weights (per channel); activations in float"),
+}
+
+
+@dataclass(frozen=True)
+class ImageRange:
+    """Image sizes (pixels, multiples of 8) a build supports: (min, opt, max) per side."""
+
+    min: int = 64
+    opt: int = 512
+    max: int = 1024
+
+
+def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSpec]:
+    """Specs of text_encoder, unet, unet_control, controlnet (when present), vae_encoder and vae_decoder."""
+    unet_cfg, vae_cfg, text_cfg = loaded.unet.config, loaded.vae.config, loaded.text_encoder.config
+    scale = vae_scale_factor(loaded)
+    latent = unet_cfg.in_channels
+    hidden = text_cfg.hidden_size
+    max_len = text_cfg.max_position_embeddings
+    multiple = size_multiple(loaded)
+    if not images.min <= images.opt <= images.max:
+        raise ExportError(f"image sizes must satisfy min <= opt <= max, got {images.min}, {images.opt}, {images.max}")
+    for side in (images.min, images.opt, images.max):
+        if side % multiple:
+            raise ExportError(f"image size {side} must be a multiple of {multiple} (8, the VAE scale factor, and the "
+                              f"UNet's {loaded.unet.num_upsamplers} upsamplers)")
+    image_axes = {"height": (images.min, images.opt, images.max), "width": (images.min, images.opt, images.max)}
+    latent_axes = {"latent_height": tuple(s // scale for s in image_axes["height"]),
+                   "latent_width": tuple(s // scale for s in image_axes["width"])}
+    batch = {"batch": (1, 2, 16)}
+    # Prompts past 75 tokens are several 77-token chunks concatenated: the sequence axis is dynamic.
+    sequence = {"sequence": (max_len, max_len, max_len * MAX_CHUNKS)}
+
+    sample = TensorSpec("sample", "FP32", ("batch", latent, "latent_height", "latent_width"), value_range=(-2, 2))
+    timestep = TensorSpec("timestep", "FP32", ("batch",), value_range=(0, 999))
+    context = TensorSpec("encoder_hidden_states", "FP32", ("batch", "sequence", hidden))
+    noise = TensorSpec("noise_pred", "FP32", ("batch", unet_cfg.out_channels, "latent_height", "latent_width"))
+    residuals = _residual_specs(loaded.unet)
+
+    specs = {
+        "text_encoder": ComponentSpec(
+            name="text_encoder",
+            inputs=(TensorSpec("input_ids", "INT64", ("batch", max_len), value_range=(0, text_cfg.vocab_size)),),
+            outputs=(TensorSpec("last_hidden_state", "FP32", ("batch", max_len, hidden)),
+                     TensorSpec("pooler_output", "FP32", ("batch", hidden))),
+            profile=batch, tolerances=FP32_TOLERANCE, reference_output="last_hidden_state"),
+        "unet": ComponentSpec(
+            name="unet", inputs=(sample, timestep, context), outputs=(noise,),
+            profile=batch | latent_axes | sequence, tolerances=FP32_TOLERANCE, reference_output="noise_pred"),
+        "unet_control": ComponentSpec(
+            name="unet_control", inputs=(sample, timestep, context, *residuals), outputs=(noise,),
+            profile=batch | latent_axes | sequence, tolerances=FP32_TOLERANCE, reference_output="noise_pred"),
+        "vae_encoder": ComponentSpec(
+            name="vae_encoder",
+            inputs=(TensorSpec("image", "FP32", ("batch", vae_cfg.in_channels, "height", "width")),),
+            # Mean and log-variance of the latent distribution; the orchestrator samples with its own generator.
+            outputs=(TensorSpec("moments", "FP32",
+                                ("batch", 2 * vae_cfg.latent_channels, "latent_height", "latent_width")),),
+            profile=batch | image_axes | latent_axes, tolerances=FP32_TOLERANCE, reference_output="moments"),
+        "vae_decoder": ComponentSpec(
+            name="vae_decoder",
+            inputs=(TensorSpec("latent", "FP32", ("batch", vae_cfg.latent_channels, "latent_height", "latent_width"),
+                               value_range=(-3, 3)),),
+            outputs=(TensorSpec("image", "FP32", ("batch", vae_cfg.out_channels, "height", "width")),),
+            profile=batch | image_axes | latent_axes, tolerances=FP32_TOLERANCE, reference_output="image"),
+    }
+    for index, (label, control) in enumerate(loaded.controlnets.items()):
+        _check_controlnet_fits(label, control, loaded.unet, scale)
+        control_sample = TensorSpec("sample", "FP32", ("batch", control.config.in_channels, "latent_height",
+                                                       "latent_width"), value_range=(-2, 2))
+        name = controlnet_component(index)
+        specs[name] = ComponentSpec(
+            name=name,
+            inputs=(control_sample, timestep, context,
+                    TensorSpec("controlnet_cond", "FP32", ("batch", 3, "height", "width"), value_range=(0, 1)),
+                    TensorSpec("conditioning_scale", "FP32", ("batch",), value_range=(0, 1))),
+            outputs=tuple(TensorSpec(r.name, r.dtype, r.shape) for r in residuals),
+            profile=batch | image_axes | latent_axes | sequence, tolerances=FP32_TOLERANCE,
+            reference_output=residuals[-1].name)
+    return specs
+
+
+def _check_controlnet_fits(label: str, control, unet, vae_scale: int) -> None:
+    """A ControlNet's residuals are added inside this UNet: its blocks and cross-attention must be the UNet's, and
+    its conditioning embedding must bring the control image down to the latents' size."""
+    def plain(value):
+        return tuple(value) if isinstance(value, (list, tuple)) else value
+
+    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types"):
+        mine, theirs = plain(control.config.get(key)), plain(unet.config.get(key))
+        if mine != theirs:
+            raise ExportError(f"ControlNet {label!r} does not fit this UNet: its {key} is {mine}, the UNet's {theirs} "
+                              "(a ControlNet is trained for one base architecture, e.g. SD 1.5)")
+    down = 2 ** (len(control.config.conditioning_embedding_out_channels) - 1)
+    if down != vae_scale:
+        raise ExportError(f"ControlNet {label!r} does not fit this checkpoint: its conditioning embedding scales the "
+                          f"control image down {down}x, the VAE's latents are {vae_scale}x smaller than the image")
+
+
+def _residual_specs(unet) -> tuple[TensorSpec, ...]:
+    """ControlNet's residuals in the order the UNet's down path makes them, read from the UNet's own blocks.
+
+    A dim written "latent_height/4" is the latent height divided by 4 (after two downsamplers).
+    """
+    cfg = unet.config
+    shapes = [(cfg.block_out_channels[0], 1)]  # conv_in
+    factor = 1
+    for i, block in enumerate(unet.down_blocks):
+        shapes += [(cfg.block_out_channels[i], factor)] * len(block.resnets)
+        if block.downsamplers is not None:
+            factor *= 2
+            shapes.append((cfg.block_out_channels[i], factor))
+
+    def dims(channels: int, f: int) -> tuple:
+        return ("batch", channels, "latent_height" if f == 1 else f"latent_height/{f}",
+                "latent_width" if f == 1 else f"latent_width/{f}")
+
+    specs = [TensorSpec(f"down_residual_{i}", "FP32", dims(c, f)) for i, (c, f) in enumerate(shapes)]
+    specs.append(TensorSpec("mid_residual", "FP32", dims(cfg.block_out_channels[-1], factor)))
+    return tuple(specs)
+
+
+def vae_scale_factor(loaded) -> int:
+    return 2 ** (len(loaded.vae.config.block_out_channels) - 1)
+
+
+def size_multiple(loaded) -> int:
+    """Image sides must be multiples of this: the exported UNet's graph fixes the upsampling sizes, so the
+    latents must divide by 2 per upsampler (diffusers' eager UNet handles other sizes, the graph does not)."""
+    return math.lcm(8, vae_scale_factor(loaded) * 2 ** loaded.unet.num_upsamplers)
+
+
+def axis_sizes(loaded, *, batch: int = 2, height: int = 64, width: int = 64, chunks: int = 1) -> dict[str, int]:
+    """Concrete sizes of every named axis for an image of height x width and a prompt of `chunks` chunks."""
+    scale = vae_scale_factor(loaded)
+    return {"batch": batch, "height": height, "width": width, "latent_height": height // scale,
+            "latent_width": width // scale, "sequence": loaded.text_encoder.config.max_position_embeddings * chunks}
+
+
+def controlnet_components(specs) -> list[str]:
+    """The ControlNet components of a build, in order: controlnet, controlnet_2, ..."""
+    return [name for name in specs if name == "controlnet" or name.startswith("controlnet_")]
+
+
+def has_ensemble(specs, component: str) -> bool:
+    """Whether ControlNet and UNet take the same sample, so one ensemble can feed both. A 9-channel inpainting UNet
+    takes the latents plus mask and masked image, its ControlNet only the latents: the orchestrator calls the two."""
+    return specs[component].inputs[0].shape == specs["unet_control"].inputs[0].shape

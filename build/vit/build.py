@@ -1,0 +1,256 @@
+"""`kiln build vit`: ViT-B/16 -> ONNX once -> OpenVINO IR / int8 variants -> parity -> Triton repository.
+
+Steps of `build_vit`:
+ 1. load weights (folder, .safetensors, hub id or seeded random) and resolve timm's eval transform
+ 2. reference outputs from PyTorch on real images (the shipped samples or --calibration images)
+ 3. export ONNX (dynamic batch) and check it; derive every requested variant and check each
+ 4. write the Triton models: vit_preprocess, vit, vit_postprocess and the two ensembles
+ 5. write build-report.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from build import parity, report
+from build.convert import VIT_VARIANTS, Variant, derive, open_session
+from build.repository import write_models
+from build.vit.configs import vit_model_configs
+from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, NUM_CLASSES, VIT_MODEL_NAME, VIT_SPEC
+from kiln.contract import VIT, VIT_POSTPROCESS
+from kiln.errors import ConfigError, ParityError
+from kiln.imaging import EvalTransform, decode_image
+from kiln.paths import DEFAULT_REPOSITORY, SAMPLE_IMAGES, list_images
+
+
+@dataclass(frozen=True)
+class ViTBuildOptions:
+    """What `kiln build vit` was asked to do."""
+
+    weights: str | None = None  # folder, .safetensors file or hub id
+    random_weights: bool = False  # build the real architecture with seeded random weights
+    seed: int = 0
+    backend: str = "onnxruntime"  # which runtime the served `vit` model uses
+    precision: str = "fp32"  # which precision the served `vit` model uses
+    variants: tuple[str, ...] | None = None  # variant keys to build; None: all
+    extra_exports: tuple[str, ...] = EXTRA_EXPORTS  # also write these non-served exports
+    calibration: Path | None = None  # folder of images for int8 calibration and parity; default: assets/images
+    calibration_size: int = 32  # int8 calibration samples (augmented crops of the images)
+    repository: Path = DEFAULT_REPOSITORY
+    triton_backend: str = "python"  # python (embedded Triton here) or native (NVIDIA's tritonserver image)
+    instance_kind: str = "KIND_CPU"
+    max_queue_delay_us: int = 2000
+    threads: int = 0  # runtime threads inside Triton; 0: all cores
+    progress: bool = True
+
+    @property
+    def served_key(self) -> str:
+        key = f"{self.backend}-{self.precision}"
+        if key not in VIT_VARIANTS:
+            raise ConfigError(f"no {self.precision} variant for backend {self.backend}; valid backend-precision pairs: "
+                              f"{', '.join(sorted(VIT_VARIANTS))}")
+        return key
+
+    @property
+    def served(self) -> Variant:
+        return VIT_VARIANTS[self.served_key]
+
+    def variant_keys(self) -> list[str]:
+        keys = list(self.variants) if self.variants is not None else list(VIT_VARIANTS)
+        for key in keys:
+            if key not in VIT_VARIANTS:
+                raise ConfigError(f"unknown variant {key!r}; valid: {', '.join(VIT_VARIANTS)}")
+        if self.served_key not in keys:
+            keys.append(self.served_key)
+        # Every variant derives from the ONNX export; bf16 runs the fp32 IR.
+        needed = {"onnxruntime-fp32"} | ({"openvino-fp32"} if any(k.startswith("openvino") for k in keys) else set())
+        return [k for k in VIT_VARIANTS if k in set(keys) | needed]
+
+
+def parity_batch(images: list[Path], transform: EvalTransform) -> tuple[np.ndarray, np.ndarray]:
+    """The eval-transformed images, plus a spread of `layer` values so every block index is exercised."""
+    pixels = np.stack([transform(decode_image(p.read_bytes())) for p in images])
+    layers = (np.arange(len(images), dtype=np.int64) * 5 + NUM_BLOCKS - 1) % NUM_BLOCKS
+    return pixels, layers.reshape(-1, 1)
+
+
+def calibration_samples(images: list[Path], transform: EvalTransform, count: int, seed: int) -> list[dict]:
+    """`count` in-distribution inputs: the eval view of each image, then random crops and flips of them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    decoded = [decode_image(p.read_bytes()) for p in images]
+    samples = [transform(img) for img in decoded]
+    while len(samples) < count:
+        img = decoded[len(samples) % len(decoded)]
+        w, h = img.size
+        scale = rng.uniform(0.5, 1.0)
+        cw, ch = max(16, int(w * scale)), max(16, int(h * scale))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        view = img.crop((left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        samples.append(transform(view))
+    last_layer = np.array([[NUM_BLOCKS - 1]], dtype=np.int64)
+    return [{"pixel_values": sample[None].astype(np.float32), "layer": last_layer} for sample in samples[:count]]
+
+
+@dataclass
+class BuildResult:
+    repository: Path
+    report_path: Path
+    served_key: str
+    artifacts: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def served(self) -> Variant:
+        return VIT_VARIANTS[self.served_key]
+
+
+def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> BuildResult:
+    """Build the ViT model repository; raise a KilnError subclass with a clear message on failure."""
+    from build.vit import export  # torch is imported here, not when the spec or configs are
+    from build.vit.transform import eval_transform
+    from build.vit.weights import load_vit
+
+    # 1. Check inputs and load weights.
+    keys = options.variant_keys()
+    if options.triton_backend not in ("python", "native"):
+        raise ConfigError(f"unknown Triton backend mode {options.triton_backend!r}; valid: python, native")
+    if options.triton_backend == "python" and options.instance_kind != "KIND_CPU":
+        raise ConfigError("--device gpu needs --triton-backend native: the embedded Python-backend runtimes run on CPU")
+    if options.calibration_size < 1:
+        raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
+    for name in options.extra_exports:
+        if name not in EXTRA_EXPORTS:
+            raise ConfigError(f"unknown extra export {name!r}; valid: {', '.join(EXTRA_EXPORTS)}")
+    repository = Path(options.repository)
+    loaded = load_vit(options.weights, random_weights=options.random_weights, seed=options.seed)
+    model = loaded.model
+    if len(model.blocks) != NUM_BLOCKS or model.num_classes != NUM_CLASSES:
+        raise ConfigError(f"expected a ViT-B/16 with {NUM_BLOCKS} blocks and {NUM_CLASSES} classes, "
+                          f"got {len(model.blocks)} blocks and {model.num_classes} classes")
+    if loaded.random:
+        log("!" * 78)
+        log(f"!! RANDOM WEIGHTS, {loaded.source}: the real {VIT_MODEL_NAME}")
+        log("!! architecture with seeded random parameters. Labels and scores are meaningless;")
+        log("!! pass --weights with a real checkpoint for a real classifier.")
+        log("!" * 78)
+    try:
+        transform = eval_transform(model)
+    except ConfigError as exc:
+        raise ConfigError(f"cannot serve this model's preprocessing: {exc}") from None
+
+    # 2. Reference outputs on real images.
+    images = list_images(Path(options.calibration) if options.calibration else SAMPLE_IMAGES)
+    pixels, layers = parity_batch(images, transform)
+    reference = export.reference_outputs(model, pixels, layers)
+    version_dir = repository / VIT / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = version_dir / VIT_VARIANTS["onnxruntime-fp32"].artifact
+
+    # 3. Export, derive, check: every artifact once (bf16 runs the fp32 IR), checked against PyTorch.
+    artifacts: dict[str, dict] = {}
+    made: set[str] = set()
+    steps = [*keys, *options.extra_exports]
+    with tqdm(steps, desc="build vit", unit="artifact", disable=not options.progress) as bar:
+        for key in bar:
+            bar.set_postfix_str(key)
+            start = time.perf_counter()
+            if key == "safetensors":
+                export.export_safetensors(model, version_dir / "model.safetensors", artifacts, repository)
+                continue
+            if key == "torchscript":
+                export.export_torchscript(model, version_dir / "model.torchscript.pt", pixels, layers, reference,
+                                          artifacts, repository)
+                continue
+            variant = VIT_VARIANTS[key]
+            produced = variant.artifact not in made
+            if key == "onnxruntime-fp32":
+                export.export_onnx(model, onnx_path)
+            elif produced:
+                calibration = calibration_samples(images, transform, options.calibration_size, options.seed) \
+                    if variant.calibrated else None
+                derive(variant, onnx_path, version_dir / variant.artifact, calibration)
+            made.add(variant.artifact)
+            artifacts[key] = _check(key, variant, version_dir, repository, pixels, layers, reference, log,
+                                    remove_on_failure=produced)
+            artifacts[key]["build_seconds"] = round(time.perf_counter() - start, 2)
+            logits = artifacts[key]["parity"]["logits"]
+            bar.write(f"  {key:18s} cosine {logits['cosine']:.6f}  max|diff| {logits['max_abs']:.2e}  "
+                      f"top-1 {logits.get('top1', float('nan')):.2f}")
+
+    # 4. Triton models.
+    configs = vit_model_configs(options, transform)
+    write_models(configs, repository)
+    _write_labels(repository / VIT_POSTPROCESS / "1" / "labels.json")
+
+    # 5. Report.
+    served = options.served
+    content = {
+        "model": VIT_MODEL_NAME,
+        "created": report.now(),
+        "weights": {"source": loaded.source, "random": loaded.random,
+                    "parameters": int(sum(p.numel() for p in model.parameters()))},
+        "served": {"backend": served.runtime, "precision": served.precision, "artifact": served.artifact,
+                   "triton_backend": options.triton_backend},
+        "preprocess": json.loads(transform.to_json()),
+        "parity_images": [p.name for p in images],
+        "versions": report.tool_versions(),
+        "machine": report.machine(),
+        "artifacts": artifacts,
+        "models": [c.name for c in configs],
+    }
+    report_path = report.update_report(repository, "vit", content)
+    log(f"wrote {len(configs)} Triton models and {len(artifacts)} artifacts to {repository} (report: {report_path})")
+    return BuildResult(repository=repository, report_path=report_path, served_key=options.served_key,
+                       artifacts=artifacts)
+
+
+def _check(key: str, variant: Variant, version_dir: Path, repository: Path, pixels: np.ndarray, layers: np.ndarray,
+           reference: dict[str, np.ndarray], log: Callable[[str], None], remove_on_failure: bool) -> dict:
+    """Run the artifact on the parity batch, compare with PyTorch, refuse it outside its tolerance; its report entry."""
+    path = version_dir / variant.artifact
+    session = open_session(variant, path)
+    outputs, executed_in = session.run({"pixel_values": pixels, "layer": layers}, VIT_SPEC.output_names), \
+        session.execution_precision
+    if variant.inference_precision != "f32" and executed_in != variant.inference_precision:
+        log(f"  note: {key}: this CPU has no {variant.inference_precision} instructions, so OpenVINO "
+            f"executes it in {executed_in}; its figures equal the fp32 variant's here")
+    figures = parity.compare_outputs(reference, outputs, classify={"logits"})
+    tolerance = VIT_SPEC.tolerance(variant.precision)
+    try:
+        parity.check(f"{key} ({VIT_SPEC.reference_output})", figures[VIT_SPEC.reference_output], tolerance)
+    except ParityError:
+        if remove_on_failure:  # never remove a file another variant made (bf16 shares fp32's IR)
+            report.remove_artifact(path)
+        raise
+    return {
+        "file": str(path.relative_to(repository)),
+        "runtime": variant.runtime,
+        "precision": variant.precision,
+        "inference_precision": variant.inference_precision,
+        "executed_precision": executed_in,
+        "size_bytes": report.artifact_size(path),
+        "sha256": report.sha256(path),
+        "parity": {name: fig.as_dict() for name, fig in figures.items()},
+        "tolerance": {"output": VIT_SPEC.reference_output, "min_cosine": tolerance.min_cosine,
+                      "max_abs": tolerance.max_abs, "min_top1": tolerance.min_top1, "why": tolerance.why},
+        "parity_samples": int(len(pixels)),
+    }
+
+
+def _write_labels(path: Path) -> None:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    labels = [info.index_to_description(i) for i in range(info.num_classes())]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(labels))

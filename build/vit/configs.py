@@ -1,0 +1,100 @@
+"""The five Triton models of the ViT path, generated from the spec and the resolved transform."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
+from build.vit.spec import DEFAULT_TOP_K, MAX_TOP_K, NUM_BLOCKS, NUM_CLASSES, VIT_SPEC
+from kiln import contract as names
+from kiln.imaging import EvalTransform, ImageLimits
+
+if TYPE_CHECKING:
+    from build.vit.build import ViTBuildOptions
+
+
+def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> list[ModelConfig]:
+    """vit_preprocess, vit, vit_postprocess and the ensembles vit_classify and vit_embed."""
+    spec = VIT_SPEC
+    served = options.served
+    max_batch = spec.max_batch_size
+    batching = DynamicBatching(max_queue_delay_microseconds=options.max_queue_delay_us)
+    pixel = spec.inputs[0]
+    image = Tensor("image", "BYTES", (1,))
+    layer = spec.inputs[1].triton_tensor()
+    labels = (Tensor("labels", "BYTES", (-1,)), Tensor("scores", "FP32", (-1,)), Tensor("indices", "INT32", (-1,)))
+    preprocess = ModelConfig(
+        name=names.VIT_PREPROCESS,
+        inputs=(image,),
+        # `layer` carries the default block to the `vit` step of vit_classify: native backends have no
+        # optional inputs, and an ensemble cannot make a constant.
+        outputs=(pixel.triton_tensor(), replace(layer, optional=False)),
+        max_batch_size=max_batch,
+        dynamic_batching=batching,
+        kind="KIND_CPU",
+        parameters={"transform": transform.to_json(), "default_layer": str(NUM_BLOCKS - 1),
+                    "max_pixels": str(ImageLimits().max_pixels), "min_side": str(ImageLimits().min_side)},
+    )
+    if options.triton_backend == "native":
+        vit = ModelConfig(
+            name=names.VIT,
+            inputs=tuple(replace(t, optional=False) for t in spec.triton_inputs()),
+            outputs=spec.triton_outputs(),
+            backend=served.runtime,
+            max_batch_size=max_batch,
+            dynamic_batching=batching,
+            kind=options.instance_kind,
+            default_model_filename=served.artifact,
+            parameters=({"INFERENCE_PRECISION_HINT": served.inference_precision, "PERFORMANCE_HINT": "LATENCY"}
+                        if served.runtime == "openvino" else {}),
+        )
+    else:
+        vit = ModelConfig(
+            name=names.VIT,
+            inputs=spec.triton_inputs(),
+            outputs=spec.triton_outputs(),
+            max_batch_size=max_batch,
+            dynamic_batching=batching,
+            kind="KIND_CPU",
+            parameters={"runtime": served.runtime, "artifact": served.artifact,
+                        "inference_precision": served.inference_precision, "threads": str(options.threads),
+                        "default_layer": str(NUM_BLOCKS - 1)},
+        )
+    top_k = Tensor("top_k", "INT32", (1,), optional=True)
+    postprocess = ModelConfig(
+        name=names.VIT_POSTPROCESS,
+        inputs=(Tensor("logits", "FP32", (NUM_CLASSES,)), top_k),
+        outputs=labels,
+        max_batch_size=max_batch,
+        dynamic_batching=batching,
+        parameters={"default_top_k": str(DEFAULT_TOP_K), "max_top_k": str(MAX_TOP_K)},
+    )
+    classify = ModelConfig(
+        name=names.VIT_CLASSIFY,
+        backend=None,
+        platform="ensemble",
+        max_batch_size=max_batch,
+        inputs=(image, top_k),
+        outputs=labels,
+        steps=(
+            EnsembleStep(names.VIT_PREPROCESS, {"image": "image"}, {"pixel_values": "pixel_values", "layer": "layer"}),
+            EnsembleStep(names.VIT, {"pixel_values": "pixel_values", "layer": "layer"}, {"logits": "logits"}),
+            EnsembleStep(names.VIT_POSTPROCESS, {"logits": "logits", "top_k": "top_k"},
+                         {"labels": "labels", "scores": "scores", "indices": "indices"}),
+        ),
+    )
+    embed = ModelConfig(
+        name=names.VIT_EMBED,
+        backend=None,
+        platform="ensemble",
+        max_batch_size=max_batch,
+        inputs=(image, Tensor("layer", "INT64", (1,))),
+        outputs=(Tensor("embedding", "FP32", (768,)), Tensor("tokens", "FP32", (197, 768))),
+        steps=(
+            EnsembleStep(names.VIT_PREPROCESS, {"image": "image"}, {"pixel_values": "pixel_values"}),
+            EnsembleStep(names.VIT, {"pixel_values": "pixel_values", "layer": "layer"},
+                         {"pooled": "embedding", "tokens": "tokens"}),
+        ),
+    )
+    return [preprocess, vit, postprocess, classify, embed]

@@ -1,0 +1,139 @@
+"""Loading ViT weights: a local timm/Hugging Face folder, a single .safetensors file, a hub id, or seeded random.
+
+Only safetensors are read from disk: nothing here unpickles a file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from build.vit.spec import VIT_MODEL_NAME
+from kiln.errors import WeightsError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """A model in eval mode and where its weights came from."""
+
+    model: torch.nn.Module
+    source: str  # what the user passed, or "random (seed N)"
+    random: bool  # True when the weights are seeded random: outputs are meaningless
+
+
+def create_vit(model_name: str = VIT_MODEL_NAME, **kwargs) -> torch.nn.Module:
+    """The real architecture from timm, no download (pretrained=False)."""
+    import timm
+
+    return timm.create_model(model_name, pretrained=False, **kwargs)
+
+
+def load_vit(weights: str | Path | None = None, *, random_weights: bool = False, seed: int = 0,
+             model_name: str = VIT_MODEL_NAME) -> LoadedWeights:
+    """Load `model_name` with weights from a folder, a .safetensors file or a hub id; or seeded random."""
+    if random_weights == (weights is not None):
+        raise WeightsError("give exactly one of --weights PATH_OR_HUB_ID and --random-weights")
+    if random_weights:
+        import torch
+
+        torch.manual_seed(seed)
+        model = create_vit(model_name)
+        return LoadedWeights(model.eval(), f"random (seed {seed})", True)
+
+    path = Path(weights)
+    if path.is_dir():
+        model = _from_folder(path, model_name)
+    elif path.is_file():
+        if path.suffix != ".safetensors":
+            raise WeightsError(f"{path}: only .safetensors files are loaded (pickled checkpoints are never unpickled)")
+        model = create_vit(model_name)
+        _load_state(model, path)
+    elif str(weights).count("/") == 1 and not str(weights).startswith((".", "/")):
+        model = _from_hub(str(weights))
+    else:
+        raise WeightsError(f"{weights}: no such file or folder, and not a hub id of the form owner/name")
+    return LoadedWeights(model.eval(), str(weights), False)
+
+
+def _from_folder(folder: Path, default_model_name: str) -> torch.nn.Module:
+    """A timm hub-style folder: model.safetensors, plus config.json naming the architecture."""
+    checkpoint = folder / "model.safetensors"
+    if not checkpoint.exists():
+        found = sorted(p.name for p in folder.iterdir())
+        raise WeightsError(f"{folder}: no model.safetensors (found: {', '.join(found) or 'nothing'})")
+    kwargs = {}
+    architecture = default_model_name
+    config_path = folder / "config.json"
+    if config_path.exists():
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise WeightsError(f"{config_path}: not valid JSON ({exc})") from None
+        architecture = config.get("architecture", default_model_name)
+        if "num_classes" in config:
+            kwargs["num_classes"] = int(config["num_classes"])
+        if isinstance(config.get("pretrained_cfg"), dict):
+            # The folder's preprocessing (mean, std, crop) wins over timm's defaults for the architecture.
+            kwargs["pretrained_cfg_overlay"] = config["pretrained_cfg"]
+    try:
+        model = create_vit(architecture, **kwargs)
+    except RuntimeError as exc:  # timm: unknown model
+        raise WeightsError(f"{config_path}: architecture {architecture!r} is not a timm model: {exc}") from None
+    _load_state(model, checkpoint)
+    return model
+
+
+def _load_state(model: torch.nn.Module, checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(checkpoint))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt headers
+        raise WeightsError(f"{checkpoint}: not a readable safetensors file ({exc})") from None
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(
+            f"{checkpoint} does not fit {type(model).__name__}: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def _from_hub(hub_id: str) -> torch.nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(f"hf-hub:{hub_id}", pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - no network, unknown repo, gated repo: all surface as different types
+        raise WeightsError(
+            f"cannot fetch {hub_id!r} from the Hugging Face hub ({type(exc).__name__}: {first_line(exc)}); "
+            "without network access, pass a local folder or .safetensors file with --weights") from None
+
+
+def save_state_dict(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def save_vit_checkpoint(model: torch.nn.Module, folder: Path, model_name: str = VIT_MODEL_NAME) -> Path:
+    """Write a timm hub-style folder (model.safetensors + config.json) that `load_vit` reads back."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_state_dict(model, folder / "model.safetensors")
+    architecture = model_name.split(".")[0]
+    config = {"architecture": architecture, "num_classes": int(model.num_classes),
+              "pretrained_cfg": {k: v for k, v in dict(model.pretrained_cfg).items() if _is_json(v)}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def _is_json(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False

@@ -1,0 +1,74 @@
+"""`kiln bench vit|serve|sd`: the benchmarks (benchmarks/); results and their commands in benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.cli.args import int_list, names
+from kiln.paths import PROJECT_ROOT
+
+RESULTS = PROJECT_ROOT / "benchmarks" / "results"
+
+
+def add_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="benchmarks (see benchmarks/)")
+    targets = bench.add_subparsers(dest="target", required=True)
+    vit = targets.add_parser("vit", help="images/s and latency: torch eager vs runtimes, direct vs Triton")
+    vit.add_argument("--out", type=Path, default=RESULTS)
+    vit.add_argument("--variants",
+                     default="onnxruntime-fp32,onnxruntime-int8,openvino-fp32,openvino-bf16,openvino-int8")
+    vit.add_argument("--batch-sizes", type=int_list, default=(1, 8), help="comma-separated, e.g. 1,8")
+    vit.add_argument("--seconds", type=float, default=8.0, help="measuring time per configuration")
+    vit.add_argument("--skip-build", action="store_true", help="reuse the variants already in --repo")
+    vit.set_defaults(run=run_vit)
+    serve = targets.add_parser("serve", help="concurrent txt2img clients against the API: step-level batching on "
+                                             "vs off")
+    serve.add_argument("--out", type=Path, default=RESULTS)
+    serve.add_argument("--pipeline", choices=("tiny", "full"), default="tiny",
+                       help="tiny random SD, or SD 1.5's full-size architecture (slow: hours on 2 cores)")
+    serve.add_argument("--clients", type=int_list, default=(1, 2, 4, 8, 16), help="concurrency levels")
+    serve.add_argument("--requests-per-client", type=int, default=3)
+    serve.add_argument("--steps", type=int, default=20)
+    serve.add_argument("--size", type=int, default=0, help="image side (default: 64 tiny, 512 full)")
+    serve.add_argument("--skip-build", action="store_true", help="reuse the benchmark's repository")
+    serve.set_defaults(run=run_serve)
+    sd = targets.add_parser("sd", help="SD per component and per image: torch eager vs ONNX Runtime and OpenVINO "
+                                       "variants, direct vs Triton")
+    sd.add_argument("--out", type=Path, default=RESULTS)
+    sd.add_argument("--pipeline", choices=("tiny", "full"), default="full",
+                    help="SD 1.5's full-size architecture with seeded random weights (default), or the tiny one")
+    sd.add_argument("--size", type=int, default=0, help="image side (default: 512 full, 64 tiny)")
+    sd.add_argument("--steps", type=int, default=20, help="steps of the measured images")
+    sd.add_argument("--repeats", type=int, default=3, help="timed calls per component after one warm-up")
+    sd.add_argument("--variants", default="torch-fp32,onnxruntime-fp32,openvino-fp32,openvino-bf16,openvino-int8",
+                    help="comma-separated; also onnxruntime-int8, openvino-fp16, openvino-int8-hybrid")
+    sd.add_argument("--no-triton", action="store_true", help="skip the run through Triton + the orchestrator")
+    sd.add_argument("--skip-build", action="store_true",
+                    help="reuse the benchmark's checkpoint, repository and derived artifacts")
+    sd.set_defaults(run=run_sd)
+
+
+def run_vit(args) -> int:
+    from benchmarks.vit import BenchOptions, run_benchmark
+
+    run_benchmark(BenchOptions(out=args.out, variants=names(args.variants), batch_sizes=args.batch_sizes,
+                               seconds=args.seconds, skip_build=args.skip_build))
+    return 0
+
+
+def run_serve(args) -> int:
+    from benchmarks.serve import ServeBenchOptions, run_serve_benchmark
+
+    run_serve_benchmark(ServeBenchOptions(out=args.out, pipeline=args.pipeline, concurrency=args.clients,
+                                          requests_per_client=args.requests_per_client, steps=args.steps,
+                                          skip_build=args.skip_build, size=args.size))
+    return 0
+
+
+def run_sd(args) -> int:
+    from benchmarks.sd import SDBenchOptions, run_sd_benchmark
+
+    run_sd_benchmark(SDBenchOptions(out=args.out, pipeline=args.pipeline, size=args.size, steps=args.steps,
+                                    repeats=args.repeats, variants=names(args.variants), triton=not args.no_triton,
+                                    skip_build=args.skip_build))
+    return 0

@@ -1,0 +1,81 @@
+"""`kiln build vit|sd`: export, compile and check models into a Triton model repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.cli.args import names
+from kiln.paths import DEFAULT_REPOSITORY
+
+
+def add_parser(commands) -> None:
+    from build.convert import SD_VARIANTS, VIT_VARIANTS
+
+    build = commands.add_parser("build", help="export and compile models into a Triton model repository")
+    targets = build.add_subparsers(dest="target", required=True)
+    vit = targets.add_parser("vit", help=f"ViT-B/16 classifier ({', '.join(VIT_VARIANTS)})")
+    source = vit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="local timm/HF folder, .safetensors file, or hub id (needs network)")
+    source.add_argument("--random-weights", action="store_true",
+                        help="the real architecture with seeded random weights")
+    vit.add_argument("--seed", type=int, default=0, help="seed for --random-weights and calibration crops")
+    vit.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                     help="runtime of the served `vit` model")
+    vit.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+                     help="precision of the served `vit` model")
+    vit.add_argument("--variants", default="all",
+                     help="comma-separated variants to build, 'all', or 'served' (only what is served)")
+    vit.add_argument("--no-extra-exports", action="store_true",
+                     help="skip the non-served exports (SafeTensors and TorchScript)")
+    vit.add_argument("--calibration", type=Path, help="folder of images for int8 calibration and parity checks")
+    vit.add_argument("--calibration-size", type=int, default=32)
+    vit.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
+    vit.add_argument("--triton-backend", choices=("python", "native"), default="python",
+                     help="python: runtimes inside Python-backend models (embedded Triton); "
+                          "native: onnxruntime/openvino backends of NVIDIA's tritonserver image")
+    vit.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance kind for native backends")
+    vit.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
+    vit.set_defaults(run=run_vit)
+
+    sd = targets.add_parser("sd", help="Stable Diffusion 1.x: text encoder, UNet, VAE, ControlNets, tokenizer")
+    sd.add_argument("--weights", required=True,
+                    help="diffusers-format folder (see `kiln weights sd`), a single-file SD 1.x .safetensors "
+                         "(AUTOMATIC1111's layout), or a hub id")
+    sd.add_argument("--config", help="a single file's architecture: a diffusers-format folder whose configs describe "
+                                     "it (default: SD 1.5's, with the UNet's input channels read from the file)")
+    sd.add_argument("--controlnet", action="append", metavar="[NAME=]PATH",
+                    help="a ControlNet folder, single .safetensors file or hub id; repeat for several, each served "
+                         "as its own model that requests pick by NAME (default: the folder's or file's name; the first "
+                         "is the default ControlNet). Default: <weights>/controlnet when present")
+    sd.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
+    sd.add_argument("--min-size", type=int, default=64, help="smallest image side the build serves (pixels)")
+    sd.add_argument("--opt-size", type=int, default=512)
+    sd.add_argument("--max-size", type=int, default=1024, help="largest image side the build serves (pixels)")
+    sd.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
+    sd.add_argument("--variant", default="onnxruntime-fp32", choices=tuple(SD_VARIANTS),
+                    help="what the served models run: each is derived from the fp32 ONNX export and checked against "
+                         "PyTorch; lower precisions also report an image's PSNR against fp32 (default: %(default)s)")
+    sd.set_defaults(run=run_sd)
+
+
+def run_vit(args) -> int:
+    from build.vit import EXTRA_EXPORTS, ViTBuildOptions, build_vit
+
+    variants = {"all": None, "served": ()}.get(args.variants, names(args.variants))
+    result = build_vit(ViTBuildOptions(
+        weights=args.weights, random_weights=args.random_weights, seed=args.seed, backend=args.backend,
+        precision=args.precision, variants=variants, extra_exports=() if args.no_extra_exports else EXTRA_EXPORTS,
+        calibration=args.calibration, calibration_size=args.calibration_size, repository=args.repo,
+        triton_backend=args.triton_backend, instance_kind="KIND_GPU" if args.device == "gpu" else "KIND_CPU",
+        threads=args.threads))
+    print(f"served: vit = {result.served_key} ({result.served.artifact})")
+    return 0
+
+
+def run_sd(args) -> int:
+    from build.sd import ImageRange, SDBuildOptions, build_sd
+
+    build_sd(SDBuildOptions(weights=args.weights, controlnet=tuple(args.controlnet or ()) or None, config=args.config,
+                            repository=args.repo, images=ImageRange(args.min_size, args.opt_size, args.max_size),
+                            threads=args.threads, variant=args.variant))
+    return 0

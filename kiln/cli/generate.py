@@ -1,0 +1,159 @@
+"""`kiln generate`: txt2img, img2img, inpainting and ControlNet, through Triton (the loop runs here) or through
+the API service (`--api URL`)."""
+
+from __future__ import annotations
+
+import base64
+import sys
+from pathlib import Path
+
+from kiln.control import CONTROL_MODULES
+from kiln.errors import KilnError
+
+
+def add_parser(commands) -> None:
+    generate = commands.add_parser("generate", help="txt2img/img2img through Triton (needs `kiln build sd` and "
+                                                    "`kiln serve`), or through the API with --api")
+    generate.add_argument("prompt")
+    generate.add_argument("--negative-prompt", default="")
+    generate.add_argument("--steps", type=int, default=20)
+    generate.add_argument("--sampler", default="Euler a")
+    generate.add_argument("--cfg-scale", type=float, default=7.0)
+    generate.add_argument("--seed", type=int, default=-1, help="-1: random (the seed used is printed)")
+    generate.add_argument("--width", type=int, default=512)
+    generate.add_argument("--height", type=int, default=512)
+    generate.add_argument("--batch-size", type=int, default=1)
+    generate.add_argument("--init-image", type=Path,
+                          help="img2img: start from this image (resized to --width x --height)")
+    generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
+    generate.add_argument("--mask", type=Path, help="inpainting (with --init-image): white repaints, black keeps")
+    generate.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur radius of the mask")
+    generate.add_argument("--mask-invert", action="store_true", help="repaint the black part instead")
+    generate.add_argument("--inpainting-fill", type=int, choices=(0, 1, 2, 3), default=1,
+                          help="what the masked area starts from: 0 fill, 1 original (default), 2 latent noise, "
+                               "3 latent nothing")
+    generate.add_argument("--only-masked", action="store_true",
+                          help="inpaint a crop around the mask at --width x --height and paste it back "
+                               "(AUTOMATIC1111's inpaint_full_res); the image keeps its own size")
+    generate.add_argument("--only-masked-padding", type=int, default=32, help="pixels around the mask's crop")
+    generate.add_argument("--overlay", action="store_true",
+                          help="paste the init image back outside the blurred mask (what AUTOMATIC1111 returns; "
+                               "the API always does)")
+    generate.add_argument("--control-image", type=Path, action="append",
+                          help="ControlNet: a control image (or a photo with --control-module canny); repeat it for "
+                               "several units, whose residuals add up. The other --control-* options take one value "
+                               "for all units or one per unit")
+    generate.add_argument("--control-module", choices=CONTROL_MODULES, action="append")
+    generate.add_argument("--control-model", action="append",
+                          help="which of the build's ControlNets the unit uses, by name (default: the first built)")
+    generate.add_argument("--control-weight", type=float, action="append", help="ControlNet conditioning scale (1)")
+    generate.add_argument("--control-start", type=float, action="append",
+                          help="fraction of steps where ControlNet starts (0)")
+    generate.add_argument("--control-end", type=float, action="append",
+                          help="fraction of steps where ControlNet stops (1)")
+    generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (the loop runs here)")
+    generate.add_argument("--api", metavar="URL", help="go through the API service instead, e.g. http://127.0.0.1:7860")
+    generate.add_argument("--api-auth", help="user:password for --api (HTTP Basic)")
+    generate.add_argument("--api-key", help="API key for --api")
+    generate.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path; a batch adds -1, -2, ...")
+    generate.set_defaults(run=run)
+
+
+def _files(args) -> dict[str, bytes]:
+    """Every image the arguments name, read once; a missing one is an error before anything runs."""
+    if args.mask is not None and args.init_image is None:
+        raise KilnError("--mask needs --init-image (inpainting repaints part of an image)")
+    files = {}
+    for path in (args.init_image, *(args.control_image or ()), args.mask):
+        if path is not None:
+            if not path.is_file():
+                raise KilnError(f"{path}: no such image file")
+            files[str(path)] = path.read_bytes()
+    return files
+
+
+def _units(args, files: dict[str, bytes]) -> list[dict]:
+    """One dict per ControlNet unit: each --control-* option given once (for all) or once per unit."""
+    images = args.control_image or []
+
+    def per_unit(name: str, default) -> list:
+        values = getattr(args, name) or [default]
+        if len(values) not in (1, len(images)):
+            raise KilnError(f"--{name.replace('_', '-')} was given {len(values)} times for {len(images)} "
+                            "--control-image units: give it once (for all) or once per unit")
+        return values * len(images) if len(values) == 1 else values
+
+    columns = zip(per_unit("control_module", "none"), per_unit("control_weight", 1.0), per_unit("control_start", 0.0),
+                  per_unit("control_end", 1.0), per_unit("control_model", None))
+    return [dict(image=files[str(path)], module=module, weight=weight, guidance_start=start, guidance_end=end,
+                 model=model) for path, (module, weight, start, end, model) in zip(images, columns)]
+
+
+def run(args) -> int:
+    files = _files(args)
+    units = _units(args, files)
+    if args.api:
+        return _through_api(args, files, units)
+    from kiln.imaging import encode_png
+    from kiln.infotext import parameters_text
+    from orchestrator.pipeline import ControlNetUnit, Img2ImgRequest, Pipeline, Txt2ImgRequest
+
+    fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
+                  cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
+                  batch_size=args.batch_size, controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None)
+    if args.init_image is not None:
+        request = Img2ImgRequest(**fields, init_image=files[str(args.init_image)], denoising_strength=args.strength,
+                                 mask=files.get(str(args.mask), b""), mask_blur=args.mask_blur,
+                                 inpainting_mask_invert=args.mask_invert, inpainting_fill=args.inpainting_fill,
+                                 inpaint_full_res=args.only_masked, inpaint_full_res_padding=args.only_masked_padding,
+                                 overlay=args.overlay)
+    else:
+        request = Txt2ImgRequest(**fields)
+
+    def progress(step, total, _latents):
+        print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
+
+    result = Pipeline.from_triton(args.url).generate(request, progress=progress)
+    print(file=sys.stderr)
+    for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
+        path = args.out if len(result.images) == 1 else \
+            args.out.with_name(f"{args.out.stem}-{index + 1}{args.out.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_png(image, {"parameters": parameters_text(result.info | {"seed": seed})}))
+        print(f"wrote {path} (seed {seed})")
+    return 0
+
+
+def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
+    """The same request as AUTOMATIC1111's JSON body, through the API service."""
+    from clients.api import APIClient, save_images
+    from kiln import schemas
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                  sampler_name=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
+                  height=args.height, batch_size=args.batch_size)
+    if units:
+        fields["alwayson_scripts"] = {"controlnet": {"args": [
+            {"enabled": True, "image": b64(u["image"]), "module": u["module"], "model": u["model"] or "None",
+             "weight": u["weight"], "guidance_start": u["guidance_start"], "guidance_end": u["guidance_end"]}
+            for u in units]}}
+    if args.init_image is None:
+        body = schemas.Txt2ImgBody(**fields)
+    else:
+        if args.mask is not None and not args.overlay:
+            raise KilnError("--api: the API pastes the init image back outside the mask (AUTOMATIC1111 does); "
+                            "pass --overlay to ask for that")
+        # Sent explicitly: the service's defaults are AUTOMATIC1111's (fill 0, only masked), not these options'.
+        body = schemas.Img2ImgBody(**fields, init_images=[b64(files[str(args.init_image)])],
+                                   denoising_strength=args.strength, mask_blur=args.mask_blur,
+                                   inpainting_mask_invert=int(args.mask_invert), inpainting_fill=args.inpainting_fill,
+                                   inpaint_full_res=args.only_masked,
+                                   inpaint_full_res_padding=args.only_masked_padding,
+                                   **({"mask": b64(files[str(args.mask)])} if args.mask else {}))
+    response = APIClient(args.api, auth=args.api_auth, api_key=args.api_key).generate(body, show_progress=True)
+    for path, seed in save_images(response, args.out):
+        print(f"wrote {path} (seed {seed})")
+    return 0

@@ -1,0 +1,117 @@
+"""`kiln serve`: the embedded Triton and the API service in front of it; Ctrl-C or SIGTERM drains and stops."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+from kiln.cli.args import names
+from kiln.errors import KilnError
+from kiln.paths import DEFAULT_REPOSITORY
+
+
+def add_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="start Triton and the API (AUTOMATIC1111-compatible, port 7860); "
+                                              "Ctrl-C / SIGTERM drains and stops")
+    serve.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
+    serve.add_argument("--address", default="127.0.0.1", help="Triton's bind address (default: loopback only)")
+    serve.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
+    serve.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
+    serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument("--triton-url", help="use this running Triton (host:gRPC port) instead of starting one")
+    api = serve.add_argument_group("API service")
+    api.add_argument("--no-api", action="store_true", help="serve Triton only")
+    api.add_argument("--listen", default="127.0.0.1", help="API bind address (any but loopback needs --api-auth or "
+                                                           "--api-keys)")
+    api.add_argument("--port", type=int, default=7860, help="API port")
+    api.add_argument("--api-auth", help="HTTP Basic credentials user:pass[,user:pass]")
+    api.add_argument("--api-keys", help="comma-separated API keys (X-API-Key or Authorization: Bearer)")
+    api.add_argument("--rate-limit", type=float, default=0.0, help="requests per minute per client (0: none)")
+    api.add_argument("--cors-origins", default="", help="comma-separated allowed origins (default: CORS closed)")
+    api.add_argument("--queue-size", type=int, default=64, help="jobs waiting beyond the running ones; more is 429")
+    api.add_argument("--workers", type=int, default=16, help="generations running at once")
+    api.add_argument("--no-step-batching", action="store_true", help="do not merge UNet steps across requests")
+    api.add_argument("--max-batch-rows", type=int, default=0, help="rows per merged UNet call (0: the model's max)")
+    api.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a generation is a 504")
+    api.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
+    serve.set_defaults(run=run)
+
+
+def settings_from(args):
+    """The API settings the flags describe, validated before anything starts."""
+    from orchestrator.pipeline import Limits
+    from orchestrator.security import SecurityOptions, check_exposure, parse_credentials
+    from orchestrator.server.settings import Settings
+
+    for name in ("queue_size", "workers", "port", "max_steps"):
+        if getattr(args, name) < 1:
+            raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.rate_limit < 0 or args.request_timeout <= 0 or args.max_batch_rows < 0:
+        raise KilnError("--rate-limit and --max-batch-rows must be >= 0, --request-timeout > 0")
+    security = SecurityOptions(credentials=tuple(parse_credentials(args.api_auth)), api_keys=names(args.api_keys or ""),
+                               rate_limit_per_minute=args.rate_limit)
+    check_exposure(args.listen, security)
+    host = "127.0.0.1" if args.address in ("0.0.0.0", "") else args.address
+    return Settings(triton_url=args.triton_url or f"{host}:{args.grpc_port}", max_queue=args.queue_size,
+                    workers=args.workers, step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
+                    request_timeout_s=args.request_timeout, limits=Limits(max_steps=args.max_steps),
+                    cors_origins=names(args.cors_origins), security=security, listen=args.listen, port=args.port)
+
+
+def run(args) -> int:
+    from kiln.triton_server import TritonOptions, TritonServer
+
+    settings = None if args.no_api else settings_from(args)
+    if args.triton_url:
+        if settings is None:
+            raise KilnError("--triton-url with --no-api leaves nothing to serve")
+        return _serve_api(settings, None)
+    server = TritonServer(TritonOptions(repository=args.repo, address=args.address, http_port=args.http_port,
+                                        grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                                        log_verbose=args.log_verbose))
+    print(f"starting Triton on {args.address} (repository {args.repo}) ...", flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.start()  # Ctrl-C or SIGTERM while models load: stop the half-started server
+    except KeyboardInterrupt:
+        server.stop()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"Triton ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}", flush=True)
+    print(f"Triton log: {server.log_path}", flush=True)
+    if settings is not None:
+        return _serve_api(settings, server)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print("Ctrl-C stops", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if not server.is_running():
+                raise KilnError(f"tritonserver exited unexpectedly:\n{server.explain()}")
+    finally:
+        print(f"Triton stopped (exit code {server.stop()})", flush=True)
+    return 0
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def _serve_api(settings, triton) -> int:
+    """uvicorn until SIGINT/SIGTERM (it drains open requests), then Triton is stopped."""
+    from orchestrator.server.service import run_api
+
+    def started():
+        print(f"API ready: http://{settings.listen}:{settings.port}  (docs /docs, AUTOMATIC1111 /sdapi/v1, "
+              f"tasks /v1/tasks, metrics /metrics); Ctrl-C or SIGTERM drains and stops", flush=True)
+
+    try:
+        run_api(settings, on_started=started)
+    finally:
+        if triton is not None:
+            print(f"Triton stopped (exit code {triton.stop()})", flush=True)
+    return 0

@@ -1,0 +1,52 @@
+"""`kiln weights sd|vit`: seeded random checkpoints of the real architectures, written as a user's would be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+
+def add_parser(commands) -> None:
+    weights = commands.add_parser("weights", help="write seeded random checkpoints of the real architectures")
+    targets = weights.add_subparsers(dest="target", required=True)
+    sd = targets.add_parser("sd", help="a diffusers-format Stable Diffusion 1.x folder (+ ControlNet)")
+    size = sd.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tiny", type=Path, metavar="OUT",
+                      help="tiny components (diffusers' test sizes), seconds to run")
+    size.add_argument("--full-size-random", type=Path, metavar="OUT",
+                      help="SD 1.5's architecture (UNet 859.5 M parameters)")
+    sd.add_argument("--seed", type=int, default=0)
+    sd.add_argument("--no-controlnet", action="store_true")
+    sd.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SD 1.5 inpainting)")
+    sd.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
+                    help="also write the checkpoint as one original-layout .safetensors (what AUTOMATIC1111 loads)")
+    sd.set_defaults(run=run_sd)
+    vit = targets.add_parser("vit", help="a timm-style ViT-B/16 folder (model.safetensors + config.json)")
+    vit.add_argument("--random", type=Path, metavar="OUT", required=True)
+    vit.add_argument("--seed", type=int, default=0)
+    vit.set_defaults(run=run_vit)
+
+
+def run_sd(args) -> int:
+    from build.sd.weights import write_sd_checkpoint
+
+    out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+    if args.single_file is not None and args.single_file.suffix != ".safetensors":
+        raise KilnError(f"--single-file {args.single_file}: the file name must end in .safetensors")
+    write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet, inpainting=args.inpainting)
+    if args.single_file is not None:
+        from build.sd.single_file import write_single_file
+
+        written = write_single_file(out, args.single_file)
+        print(f"wrote {written} (original layout; ControlNet stays in {out}/controlnet)")
+    print(f"wrote seeded random weights (seed {args.seed}) to {out}: the real architecture, meaningless outputs")
+    return 0
+
+
+def run_vit(args) -> int:
+    from build.vit.weights import load_vit, save_vit_checkpoint
+
+    out = save_vit_checkpoint(load_vit(random_weights=True, seed=args.seed).model, args.random)
+    print(f"wrote seeded random weights (seed {args.seed}) to {out}: the real architecture, meaningless outputs")
+    return 0

@@ -1,0 +1,171 @@
+"""The build -> serve contract: every Triton model name, and what an SD build tells the service.
+
+`kiln build` writes models under these names and the facts of an SD build (`SDContract`) into
+`sd_unet`'s config parameters; the service reads them back from Triton (or from the repository,
+in process). It holds no weights and reads no other file. No model name is written anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from kiln.errors import ConfigError, InputError
+
+# -- model names ---------------------------------------------------------------------------------
+VIT = "vit"  # the classifier itself: pixels -> logits, pooled features, one block's tokens
+VIT_PREPROCESS = "vit_preprocess"  # image bytes -> pixels (timm's eval transform)
+VIT_POSTPROCESS = "vit_postprocess"  # logits -> top-k labels
+VIT_CLASSIFY = "vit_classify"  # ensemble: bytes -> labels
+VIT_EMBED = "vit_embed"  # ensemble: bytes -> features
+VIT_BLOCKS = 12  # ViT-B/16's depth: the `layer` a client may ask for is 0..11 (or -1 for the last)
+
+SD_TOKENIZER = "sd_tokenizer"  # prompts -> token ids in 77-token chunks
+SD_TEXT_ENCODER = "sd_text_encoder"
+SD_TEXT_ENCODE = "sd_text_encode"  # ensemble: prompts -> embeddings
+SD_UNET = "sd_unet"  # carries the SDContract in its parameters
+SD_UNET_CONTROL = "sd_unet_control"  # the UNet taking ControlNet residuals
+SD_VAE_DECODER = "sd_vae_decoder"
+SD_VAE_POSTPROCESS = "sd_vae_postprocess"  # decoder output -> uint8 pixels
+SD_VAE_DECODE = "sd_vae_decode"  # ensemble: latents -> uint8 images
+SD_VAE_ENCODER = "sd_vae_encoder"
+SD_IMAGE_PREPROCESS = "sd_image_preprocess"  # image bytes + size -> the encoder's pixels
+SD_VAE_ENCODE = "sd_vae_encode"  # ensemble: image bytes -> latent distribution
+SD_READY = (SD_TEXT_ENCODE, SD_UNET, SD_VAE_DECODE)  # what a generation needs: the service's readiness
+
+
+def sd_model(component: str) -> str:
+    """The Triton model serving an SD component (a build spec's name: text_encoder, unet, controlnet_2, ...)."""
+    return f"sd_{component}"
+
+
+def controlnet_component(index: int) -> str:
+    """The component name of the index-th ControlNet of a build: controlnet, controlnet_2, ..."""
+    return "controlnet" if index == 0 else f"controlnet_{index + 1}"
+
+
+def controlnet_ensemble(index: int) -> str:
+    """Its ControlNet -> UNet ensemble: sd_controlnet_unet for the first (its name since the first build), then _N."""
+    return "sd_controlnet_unet" + controlnet_component(index).removeprefix("controlnet")
+
+
+# -- the SD build's facts ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServedControlNet:
+    """One ControlNet of the build: the name requests select it by, its Triton model and its ensemble."""
+
+    name: str
+    model: str = "sd_controlnet"
+    ensemble: str = "sd_controlnet_unet"  # "": none (a 9-channel UNet's ControlNet takes other inputs than it)
+    sha256: str = ""
+
+    @property
+    def component(self) -> str:
+        """The build's component name of its model (controlnet, controlnet_2, ...)."""
+        return self.model.removeprefix("sd_")
+
+    @property
+    def title(self) -> str:
+        """sd-webui-controlnet's model title: name [first 8 hex digits of the hash]."""
+        return f"{self.name} [{self.sha256[:8]}]" if self.sha256 else self.name
+
+
+@dataclass(frozen=True)
+class SDContract:
+    """What the service needs to drive the loop over an SD build, written by `kiln build sd`."""
+
+    scheduler_config: dict  # the checkpoint's scheduler config: its training noise schedule
+    vae_scale_factor: int  # image side / latent side
+    latent_channels: int  # the VAE's latent channels
+    unet_in_channels: int  # 9 for an inpainting UNet (latents + mask + masked-image latents)
+    scaling_factor: float  # the VAE's latent scaling factor
+    min_size: int  # image sides the build's profiles cover, in pixels
+    max_size: int
+    size_multiple: int  # image sides must be multiples of this (the exported UNet's upsamplers)
+    model_name: str = "sd"  # what /sdapi/v1/sd-models lists: the checkpoint's name
+    model_sha256: str = ""  # the UNet artifact's hash
+    variant: str = "onnxruntime-fp32"  # what the served models run
+    controlnets: tuple[ServedControlNet, ...] = ()  # in build order; the first is the default
+    max_prompt_chunks: int = 8  # 75-token chunks a prompt may have
+    unet_max_batch: int = field(default=16, metadata={"parameter": False})  # sd_unet's max_batch_size
+
+    @property
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's short hash: the first 10 hex digits."""
+        return self.model_sha256[:10]
+
+    @property
+    def title(self) -> str:
+        """AUTOMATIC1111's checkpoint title: name [hash]."""
+        return f"{self.model_name} [{self.model_hash}]" if self.model_hash else self.model_name
+
+    @property
+    def inpainting_unet(self) -> bool:
+        return self.unet_in_channels != self.latent_channels
+
+    def controlnet(self, model: str | None) -> ServedControlNet:
+        """The ControlNet a unit's `model` names: its name, or its title "name [hash]"; None/"None": the first."""
+        if not self.controlnets:
+            raise InputError("controlnet: this build has no ControlNet "
+                             "(build with --controlnet or a controlnet/ folder)")
+        if model is None or model.strip() in ("", "None"):
+            return self.controlnets[0]
+        wanted = model.strip()
+        for candidate in self.controlnets:
+            if wanted in (candidate.name, candidate.title) or wanted.rsplit(" [", 1)[0] == candidate.name:
+                return candidate
+        raise InputError(f"unknown ControlNet model {model!r}; this build serves: "
+                         f"{', '.join(c.title for c in self.controlnets)}")
+
+    # -- as Triton config parameters (strings) -----------------------------------------------------
+    def to_parameters(self) -> dict[str, str]:
+        params = {}
+        for item in fields(self):
+            if item.metadata.get("parameter", True):
+                value = getattr(self, item.name)
+                if item.name == "controlnets":
+                    value = json.dumps([c.__dict__ for c in value])
+                elif isinstance(value, dict):
+                    value = json.dumps(value, default=str)
+                params[item.name] = str(value)
+        return params
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str], unet_max_batch: int) -> SDContract:
+        values: dict = {"unet_max_batch": unet_max_batch}
+        for item in fields(cls):
+            if not item.metadata.get("parameter", True) or item.name not in params:
+                continue  # a missing required field is the TypeError below
+            text = params[item.name]
+            if item.name == "controlnets":
+                values[item.name] = tuple(ServedControlNet(**entry) for entry in json.loads(text))
+            elif item.name == "scheduler_config":
+                values[item.name] = json.loads(text)
+            else:
+                kind = {"int": int, "float": float}.get(str(item.type), str)
+                values[item.name] = kind(text)
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"{SD_UNET}'s config lacks what the service needs ({exc}); rebuild the repository "
+                              "with `kiln build sd`") from None
+
+
+def read_parameters(config_path: Path) -> tuple[dict[str, str], int]:
+    """A config.pbtxt's string parameters and max_batch_size (through Triton's own protobuf message)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    path = Path(config_path)
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; build the repository first")
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return {k: v.string_value for k, v in config.parameters.items()}, int(config.max_batch_size)
+
+
+def read_sd_contract(repository: Path) -> SDContract:
+    """The contract of the SD build in a repository (what Triton would report for sd_unet)."""
+    params, max_batch = read_parameters(Path(repository) / SD_UNET / "config.pbtxt")
+    return SDContract.from_parameters(params, max_batch)

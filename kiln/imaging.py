@@ -1,0 +1,209 @@
+"""Image decoding, resizing and encoding, and the ViT eval transform, in PIL + numpy (no torch).
+
+The transform's parameters are resolved from timm's own eval transform for the model at build time
+(`build.vit.transform.eval_transform`) and stored in the preprocess model's config; nothing here
+retypes them. The numeric path copies what torchvision does for PIL input (resize with PIL's bicubic,
+centre crop with the same rounding, divide by 255 in float32, subtract mean, divide by std), so it
+matches timm's transform to float32 rounding (checked in tests/test_imaging.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from kiln.errors import InputError, TooLargeError
+
+# PIL's names for resampling filters, as torchvision's InterpolationMode values spell them.
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What the preprocess model accepts; anything else is an error for that request only."""
+
+    max_pixels: int = 50_000_000  # checked on the header, before any pixel is decoded (decompression bombs)
+    min_side: int = 16  # smaller images carry no usable content at 224x224
+    max_bytes: int = 64 * 1024 * 1024  # encoded size
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize the short side, centre-crop, scale to [0, 1], normalise: timm's eval transform."""
+
+    resize: int  # short side after resizing
+    crop: tuple[int, int]  # (height, width) of the centre crop
+    interpolation: str  # a key of RESAMPLE
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> EvalTransform:
+        data = json.loads(text)
+        return cls(resize=int(data["resize"]), crop=tuple(data["crop"]), interpolation=data["interpolation"],
+                   mean=tuple(data["mean"]), std=tuple(data["std"]))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> float32 array (3, crop_h, crop_w)."""
+        width, height = image.size
+        # torchvision's Resize(int) on PIL input: short side -> resize, long side -> int(resize * long / short).
+        if width <= height:
+            new_w, new_h = self.resize, int(self.resize * height / width)
+        else:
+            new_w, new_h = int(self.resize * width / height), self.resize
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), RESAMPLE[self.interpolation])
+        crop_h, crop_w = self.crop
+        if new_w < crop_w or new_h < crop_h:
+            raise InputError(f"image of {new_w}x{new_h} after resizing is smaller than the {crop_w}x{crop_h} crop")
+        # torchvision's center_crop rounding.
+        top = int(round((new_h - crop_h) / 2.0))
+        left = int(round((new_w - crop_w) / 2.0))
+        image = image.crop((left, top, left + crop_w, top + crop_h))
+        array = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Encoded image bytes (any format PIL reads, any mode) -> an upright RGB image.
+
+    Raises InputError naming the problem for empty, corrupt, oversized (by header, before decoding)
+    or too small images.
+    """
+    if not data:
+        raise InputError("empty image: the request carried 0 bytes")
+    if len(data) > limits.max_bytes:
+        raise InputError(f"image of {len(data)} bytes exceeds the {limits.max_bytes}-byte limit")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # from the header only
+            if width * height > limits.max_pixels:
+                raise InputError(
+                    f"image header declares {width}x{height} = {width * height} pixels, "
+                    f"over the limit of {limits.max_pixels}; refused before decoding")
+            if min(width, height) < limits.min_side:
+                raise InputError(f"image of {width}x{height} is too small: each side must be at least "
+                                 f"{limits.min_side} pixels")
+            image.load()
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(f"cannot decode image: {len(data)} bytes in no format this server reads "
+                         "(JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL's own guard fires inside Image.open for headers beyond ~89 M pixels.
+        raise InputError(f"image header declares too many pixels ({exc}); refused before decoding") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from None
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited over white; 16/32-bit greyscale is rescaled, not clipped."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        array = np.asarray(image, dtype=np.uint16)
+        return Image.fromarray((array >> 8).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "I":
+        array = np.asarray(image, dtype=np.int64)
+        top = 65535 if array.max(initial=0) > 255 else 255
+        return Image.fromarray((np.clip(array, 0, top) * 255 // top).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        lo, hi = float(np.nanmin(array)), float(np.nanmax(array))
+        scaled = np.zeros_like(array) if hi <= lo else (array - lo) / (hi - lo) * 255.0
+        return Image.fromarray(np.nan_to_num(scaled).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, P, CMYK, YCbCr, LAB, HSV, 1
+
+
+def resized_rgb(data: bytes, width: int, height: int, what: str = "image") -> Image.Image:
+    """Decode (any format/mode, EXIF, alpha over white) and resize to width x height with Lanczos, as
+    diffusers' VaeImageProcessor does (AUTOMATIC1111's "just resize")."""
+    try:
+        image = decode_image(data, ImageLimits(min_side=1))
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return image
+
+
+def unit_range(image: Image.Image) -> np.ndarray:
+    """uint8 image -> float32 (channels, H, W) in [0, 1]."""
+    array = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(array.transpose(2, 0, 1) if array.ndim == 3 else array[None])
+
+
+def vae_input(data: bytes, width: int, height: int, what: str = "init image") -> np.ndarray:
+    """Encoded image -> the VAE encoder's input (3, height, width) in [-1, 1]."""
+    return np.float32(2.0) * unit_range(resized_rgb(data, width, height, what)) - np.float32(1.0)
+
+
+def preprocess(data: bytes, transform: EvalTransform, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Encoded image bytes -> the model's float32 input (3, H, W)."""
+    return transform(decode_image(data, limits))
+
+
+def header_size(data: bytes, what: str = "image", max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) from the header alone: unreadable is an InputError, more than `max_pixels` a TooLargeError,
+    both before any pixel is decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        raise TooLargeError(f"{what}: image header declares too many pixels; refused before decoding") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise InputError(f"{what}: not an image this server reads (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooLargeError(f"{what}: image header declares {width}x{height} = {width * height} pixels, over the "
+                            f"limit of {max_pixels}; refused before decoding")
+    return width, height
+
+
+def encode_png(image: Image.Image | np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """PNG bytes of a PIL image or a uint8 array (H, W, 3), with optional text chunks (AUTOMATIC1111's "parameters")."""
+    from PIL import PngImagePlugin
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    meta = None
+    if text:
+        meta = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            meta.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=meta)
+    return buffer.getvalue()
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """VAE decoder output in [-1, 1] (N, 3, H, W) -> (N, H, W, 3) uint8, rounded as diffusers rounds it."""
+    scaled = np.clip(decoded / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)
+    return np.round(scaled * np.float32(255)).astype(np.uint8)

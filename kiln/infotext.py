@@ -1,0 +1,75 @@
+"""AUTOMATIC1111's infotext: the "parameters" text a generated PNG carries, written and parsed.
+
+    a photo of a cat
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler a, CFG scale: 7.0, Seed: 42, Size: 512x512, Model hash: ..., Model: ...
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+from kiln.errors import InputError
+from kiln.masks import INPAINTING_FILL
+
+
+def parameters_text(info: dict) -> str:
+    """The infotext of one image from its generation info (prompt, steps, sampler, seed, size, ...)."""
+    lines = [info.get("prompt", "")]
+    if info.get("negative_prompt"):
+        lines.append(f"Negative prompt: {info['negative_prompt']}")
+    fields = [("Steps", info.get("steps")), ("Sampler", info.get("sampler")), ("CFG scale", info.get("cfg_scale")),
+              ("Seed", info.get("seed")), ("Size", f"{info.get('width')}x{info.get('height')}"),
+              ("Model hash", info.get("model_hash")), ("Model", info.get("model")),
+              ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
+              ("Denoising strength", info.get("denoising_strength")),
+              ("Mask blur", info.get("mask_blur")),
+              ("Mask mode", None if "inpainting_mask_invert" not in info
+               else ("Inpaint not masked" if info["inpainting_mask_invert"] else "Inpaint masked")),
+              ("Masked content", None if "inpainting_fill" not in info else INPAINTING_FILL[info["inpainting_fill"]]),
+              ("Inpaint area", "Only masked" if info.get("inpaint_full_res") else None),
+              ("Only masked padding, pixels", info.get("inpaint_full_res_padding")),
+              ]
+    units = info.get("controlnet") or []
+    fields += [(f"ControlNet {i}", unit) for i, unit in enumerate([units] if isinstance(units, str) else units)]
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
+    return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> dict[str, Any]:
+    """Infotext -> {"Prompt", "Negative prompt", "Steps", "Sampler", ..., "Size-1", "Size-2"} (AUTOMATIC1111's keys)."""
+    if not text:
+        return {}
+    lines = text.strip().split("\n")
+    last = lines[-1] if re.search(r"\bSteps: ", lines[-1]) else ""
+    body = lines[:-1] if last else lines
+    prompt, negative, in_negative = [], [], False
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    params: dict[str, Any] = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in re.findall(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', last):
+        value = value.strip()
+        if value.startswith('"') and value.endswith('"'):
+            value = value[1:-1]
+        params[key.strip()] = value
+    if "Size" in params and "x" in params["Size"]:
+        params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
+    return params
+
+
+def read_png_info(data: bytes) -> dict[str, Any]:
+    """A PNG's text chunks, its infotext and the infotext parsed (AUTOMATIC1111's /sdapi/v1/png-info answer)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    except Exception:  # noqa: BLE001 - PIL raises many types for a broken file; all mean the same here
+        raise InputError("image: cannot read its metadata") from None
+    text = items.get("parameters", "")
+    return {"info": text, "items": items, "parameters": parse_infotext(text)}

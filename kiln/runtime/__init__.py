@@ -1,0 +1,102 @@
+"""Runtime sessions over built artifacts: ONNX Runtime and OpenVINO behind one small interface.
+
+Used by the Triton Python-backend models, by the parity checks and by the benchmarks, so the
+served path and the measured path are the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kiln.errors import ConfigError
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def model_config(args: Mapping[str, str]) -> tuple[dict, dict[str, str]]:
+    """A Triton Python-backend model's config (from initialize's args) and its string parameters."""
+    import json
+
+    config = json.loads(args["model_config"])
+    return config, {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How to open an artifact."""
+
+    runtime: str  # onnxruntime or openvino
+    path: Path  # .onnx or .xml
+    inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT: f32 or bf16 (this CPU defaults to bf16)
+    threads: int = 0  # 0: all cores
+    performance_hint: str = "LATENCY"  # OpenVINO; on 2 cores LATENCY beats THROUGHPUT for synchronous calls
+
+
+class Session:
+    """run(inputs, output_names) -> {name: array}; not thread-safe (one per model instance)."""
+
+    def __init__(self, options: SessionOptions) -> None:
+        self.options = options
+        path = Path(options.path)
+        if not path.exists():
+            raise ConfigError(f"artifact {path} does not exist")
+        threads = options.threads or os.cpu_count() or 1
+        if options.runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self._ort = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+            self.input_names = [i.name for i in self._ort.get_inputs()]
+            self.output_names = [o.name for o in self._ort.get_outputs()]
+        elif options.runtime == "openvino":
+            import openvino as ov
+
+            core = ov.Core()
+            config = {
+                "INFERENCE_PRECISION_HINT": options.inference_precision,
+                "PERFORMANCE_HINT": options.performance_hint,
+                "INFERENCE_NUM_THREADS": threads,
+            }
+            self._compiled = core.compile_model(str(path), "CPU", config)
+            self._request = self._compiled.create_infer_request()
+            # A port can carry several names (ONNX's and OpenVINO's own); index every one.
+            self._ports = {name: port for port in self._compiled.outputs for name in port.get_names()}
+            self.input_names = [name for port in self._compiled.inputs for name in port.get_names()]
+            self.output_names = [_preferred_name(port) for port in self._compiled.outputs]
+        else:
+            raise ConfigError(f"unknown runtime {options.runtime!r}; valid: {', '.join(RUNTIMES)}")
+
+    @property
+    def execution_precision(self) -> str:
+        """The precision the runtime really computes in ("f32", "bf16"; "as stored" for ONNX Runtime).
+
+        OpenVINO silently falls back to f32 for a bf16 hint on CPUs without bf16 instructions.
+        """
+        if self.options.runtime == "onnxruntime":
+            return "as stored"
+        value = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = list(output_names) if output_names else self.output_names
+        feed = {k: v for k, v in inputs.items() if k in self.input_names}
+        if self.options.runtime == "onnxruntime":
+            return dict(zip(names, self._ort.run(names, feed)))
+        self._request.infer(feed)
+        return {name: np.array(self._request.get_tensor(self._ports[name]).data, copy=True) for name in names}
+
+
+def _preferred_name(port) -> str:
+    names = port.get_names()
+    any_name = port.get_any_name()
+    # Prefer a name without OpenVINO's ":0"/"/sink_port" decorations when there is one.
+    plain = sorted(n for n in names if ":" not in n and "/" not in n)
+    return plain[0] if plain and any_name not in plain else any_name

@@ -1,0 +1,111 @@
+"""Triton Python-backend models: the one that serves a built artifact, and what hand-written ones share.
+
+Every runtime model of the repository (vit, sd_text_encoder, sd_unet, sd_vae_decoder, ...) is
+`RuntimeModel` (the build writes its thin model.py from one template), configured by its config.pbtxt
+parameters (runtime, artifact, inference_precision, threads). Requests of one execute() call whose
+shapes agree run as one batch; if a batch fails, its requests are retried one by one so that only
+the bad one gets an error. Outputs are computed only when some request asks for them. Subclasses
+adapt inputs with `prepare`; hand-written models answer a bad request with `error_response`.
+
+Imported inside Triton's Python backend stub only (it needs `triton_python_backend_utils`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from kiln.runtime import Session, SessionOptions, model_config
+
+
+class RuntimeModel:
+    def initialize(self, args):
+        config, self.params = model_config(args)
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        self.session = Session(SessionOptions(
+            runtime=self.params["runtime"],
+            path=version_dir / self.params["artifact"],
+            inference_precision=self.params.get("inference_precision", "f32"),
+            threads=int(self.params.get("threads", "0")),
+        ))
+        self.input_names = [i["name"] for i in config["input"]]
+        self.output_names = [o["name"] for o in config["output"]]
+        self.batching = int(config.get("max_batch_size", 0)) > 0
+        self.name = args["model_name"]
+
+    def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
+        """Adapt one request's inputs to the artifact's, or return an error message for that request."""
+        for name, value in inputs.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                return f"{name} contains NaN or infinity"
+        return inputs
+
+    def execute(self, requests):
+        feeds = []
+        for request in requests:
+            inputs = {}
+            for name in self.input_names:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    inputs[name] = tensor.as_numpy()
+            feeds.append(self.prepare(inputs))
+        wanted = [list(r.requested_output_names()) or self.output_names for r in requests]
+        results: list[dict | str | None] = [f if isinstance(f, str) else None for f in feeds]
+        for group in self._groups(feeds):
+            self._run_group(group, feeds, wanted, results)
+        responses = []
+        for outcome in results:
+            if isinstance(outcome, str):
+                responses.append(error_response(f"{self.name}: {outcome}", invalid_arg=False))
+            else:
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in outcome.items()]))
+        return responses
+
+    def _groups(self, feeds) -> list[list[int]]:
+        """Indices of valid requests, grouped so that each group can be concatenated along the batch axis."""
+        groups: dict[tuple, list[int]] = {}
+        for i, feed in enumerate(feeds):
+            if isinstance(feed, str):
+                continue
+            key = tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in feed.items())) if self.batching else (i,)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def _run_group(self, group, feeds, wanted, results) -> None:
+        names = [n for n in self.output_names if any(n in wanted[i] for i in group)]
+        try:
+            if len(group) == 1:
+                merged = feeds[group[0]]
+            else:
+                merged = {k: np.concatenate([feeds[i][k] for i in group]) for k in feeds[group[0]]}
+            outputs = self.session.run(merged, names)
+            start = 0
+            for i in group:
+                count = len(next(iter(feeds[i].values()))) if self.batching else None
+                results[i] = {n: (outputs[n][start:start + count] if count is not None else outputs[n])
+                              for n in wanted[i]}
+                start += count or 0
+        except Exception:  # noqa: BLE001 - a batch-level failure: retry alone so only the culprit fails
+            if len(group) == 1:
+                results[group[0]] = f"inference failed: {_short_error()}"
+                return
+            for i in group:
+                self._run_group([i], feeds, wanted, results)
+
+
+def error_response(message: str, *, invalid_arg: bool = True):
+    """A response carrying an error for one request. INVALID_ARG (the request's fault) reaches clients as gRPC
+    INVALID_ARGUMENT / HTTP 400; without it, as a server error."""
+    code = pb_utils.TritonError.INVALID_ARG if invalid_arg else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+def _short_error() -> str:
+    import sys
+
+    exc = sys.exc_info()[1]
+    text = str(exc).splitlines()[0] if exc and str(exc) else type(exc).__name__
+    return text[:500]

@@ -1,0 +1,185 @@
+"""The REST API's wire schemas: AUTOMATIC1111's /sdapi/v1 bodies, and ours (/v1). The server validates with them,
+and the API client (clients/api.py) builds its requests from them.
+
+Field names, defaults and meanings follow AUTOMATIC1111's API models, so its clients work
+unchanged. Unknown fields are ignored as AUTOMATIC1111 ignores them; fields asking for features
+this server does not have (hires fix, face restoration, tiling, scripts, styles) are refused
+with a 422 naming the field rather than silently ignored. NaN and Infinity are refused
+everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+STRICT = ConfigDict(allow_inf_nan=False, extra="ignore")
+
+
+class ControlNetUnitArgs(BaseModel):
+    """One unit of sd-webui-controlnet's `alwayson_scripts.controlnet.args`."""
+
+    model_config = STRICT
+    enabled: bool = True
+    image: Any = None  # base64 string, or {"image": base64, "mask": ...} as sd-webui-controlnet takes it
+    input_image: Any = None  # the older name of `image`
+    module: str = "none"
+    model: str = "None"
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    threshold_a: float = 100.0  # canny low threshold
+    threshold_b: float = 200.0  # canny high threshold
+    processor_res: int = 512
+    resize_mode: Any = None
+    control_mode: Any = 0
+    pixel_perfect: bool = False
+
+
+class Txt2ImgBody(BaseModel):
+    model_config = STRICT
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = Field(default_factory=list)
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # deprecated AUTOMATIC1111 name of sampler_name
+    scheduler: str | None = None  # AUTOMATIC1111 1.9+: "Automatic", "Karras", ...
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    eta: float | None = None
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    enable_hr: bool = False
+    denoising_strength: float | None = None
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    override_settings_restore_afterwards: bool = True
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        refuse = {"enable_hr": self.enable_hr, "restore_faces": self.restore_faces, "tiling": self.tiling,
+                  "script_name": self.script_name, "styles": self.styles,
+                  "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0}
+        for name, value in refuse.items():
+            if value:
+                raise ValueError(f"{name} is not supported by this server")
+        return self
+
+
+class Img2ImgBody(Txt2ImgBody):
+    init_images: list[str] = Field(default_factory=list)
+    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 = 0
+    denoising_strength: float = 0.75
+    mask: str | None = None
+    mask_blur: int = 4
+    mask_blur_x: int | None = None
+    mask_blur_y: int | None = None
+    inpainting_fill: int = Field(0, ge=0, le=3)  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True  # "only masked": inpaint a crop around the mask, paste it back
+    inpaint_full_res_padding: int = Field(0, ge=0, le=1024)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    image_cfg_scale: float | None = None
+    include_init_images: bool = False
+
+
+class GenerationResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNGs with the `parameters` text chunk")
+    parameters: dict[str, Any]
+    info: str = Field(description="JSON string: seeds used, infotexts, model")
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: ProgressState
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class PngInfoBody(BaseModel):
+    model_config = STRICT
+    image: str = Field(min_length=1, description="base64 PNG (data: URL prefix allowed)")
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+class SamplerItem(BaseModel):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class ModelItem(BaseModel):
+    title: str
+    model_name: str
+    hash: str | None
+    sha256: str | None
+    filename: str
+    config: str | None = None
+
+
+class TaskAccepted(BaseModel):
+    id: str
+    status: str
+    queue_position: int
+
+
+class TaskState(BaseModel):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    queue_position: int
+    progress: float
+    iteration: int
+    n_iter: int
+    step: int
+    steps: int
+    eta_seconds: float | None
+    error: str | None = None
+    result: GenerationResponse | None = None
+
+
+class ClassifyBody(BaseModel):
+    model_config = STRICT
+    images: list[str] = Field(min_length=1, description="base64-encoded images (data: URL prefix allowed)")
+    top_k: int = Field(5, ge=1, le=1000)
+
+
+class EmbedBody(BaseModel):
+    model_config = STRICT
+    images: list[str] = Field(min_length=1, description="base64-encoded images (data: URL prefix allowed)")
+    layer: int = Field(-1, ge=-12, le=11,
+                       description="block whose tokens are returned: 0..11, or negative from the end")
+    tokens: bool = False

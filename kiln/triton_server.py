@@ -1,0 +1,282 @@
+"""The embedded Triton Inference Server: the real `tritonserver` binary from the nvidia-pytriton wheel.
+
+One mechanism, in one place, makes Python-backend models see the project's environment:
+the Python-backend stub embeds libpython3.11 and runs *isolated* (PYTHONPATH is ignored), so
+
+- the stub embeds the system's `libpython3.X.so.1.0` (Debian's libpython3.11, installed by
+  scripts/setup_system.sh). We do *not* point it at a pyenv build's own libpython: measured here,
+  the stub then corrupts every BYTES input (the 4-byte length prefix arrives as the low byte of
+  the length repeated four times), so image bytes never reach the model intact. C extensions of
+  the venv load fine into the system interpreter of the same minor version.
+- `KILN_SITE_PACKAGES` names this environment's site-packages; every hand-written `model.py`
+  starts with `site.addsitedir()` on it (which also honours the editable install's .pth file).
+
+Production (NVIDIA's tritonserver image) needs neither: there the packages are installed into the
+image's own Python.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiln.errors import ServerError
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """How to start the embedded server."""
+
+    repository: Path  # the model repository to serve
+    address: str = "127.0.0.1"  # bind address for HTTP and gRPC; 127.0.0.1 keeps it off the network
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    startup_timeout_s: float = 300.0  # loading several full-size models on 2 cores takes a while
+    exit_timeout_s: int = 30  # how long Triton waits for in-flight requests on shutdown
+    log_verbose: int = 0
+    log_path: Path | None = None  # default: a file in a fresh temporary folder
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TritonInstallation:
+    """Where the pieces of the wheel-bundled server are."""
+
+    binary: Path
+    library_dir: Path  # nvidia_pytriton.libs: libtritonserver and friends under hashed names
+    python_backend: Path  # backends/python/ of the wheel
+    stub: Path  # triton_python_backend_stub for this interpreter's version
+
+    @classmethod
+    def find(cls) -> TritonInstallation:
+        try:
+            import pytriton
+        except ImportError as exc:  # pragma: no cover - the package is a pinned dependency
+            raise ServerError("nvidia-pytriton is not installed; run `make setup`") from exc
+        root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        found = cls(
+            binary=root / "bin" / "tritonserver",
+            library_dir=root.parent.parent / "nvidia_pytriton.libs",
+            python_backend=root / "backends" / "python",
+            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+        )
+        for name, path in (("tritonserver binary", found.binary), ("Python backend", found.python_backend),
+                           (f"Python {version} backend stub", found.stub), ("Triton libraries", found.library_dir)):
+            if not path.exists():
+                raise ServerError(f"{name} not found at {path}; reinstall nvidia-pytriton (make setup)")
+        return found
+
+    def backend_directory(self) -> Path:
+        """A backend folder with the Python backend and the stub matching this interpreter.
+
+        Kept inside the virtual environment, so it is made once per environment.
+        """
+        target = Path(sys.prefix) / "share" / "kiln" / "triton-backends"
+        python_dir = target / "python"
+        marker = python_dir / ".complete"
+        if not marker.exists():
+            if python_dir.exists():
+                shutil.rmtree(python_dir)
+            shutil.copytree(self.python_backend, python_dir)
+            shutil.copy2(self.stub, python_dir / "triton_python_backend_stub")
+            marker.write_text(str(self.stub))
+        return target
+
+
+def stub_site_packages() -> str:
+    """The value of KILN_SITE_PACKAGES: this environment's site-packages folders."""
+    return os.pathsep.join(site.getsitepackages())
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+class TritonServer:
+    """A running `tritonserver` process. Use as a context manager, or call start() and stop()."""
+
+    def __init__(self, options: TritonOptions) -> None:
+        self.options = options
+        self.install = TritonInstallation.find()
+        self._process: subprocess.Popen | None = None
+        self._log_file = None
+        if options.log_path is not None:
+            self.log_path = Path(options.log_path)
+        else:
+            self.log_path = Path(tempfile.mkdtemp(prefix="kiln-triton-")) / "tritonserver.log"
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"{_client_host(self.options.address)}:{self.options.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{_client_host(self.options.address)}:{self.options.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_client_host(self.options.address)}:{self.options.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        """The tritonserver process id while it runs (its Python-backend stubs are its children)."""
+        return self._process.pid if self._process is not None else None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        o = self.options
+        return [
+            str(self.install.binary),
+            f"--model-repository={Path(o.repository).resolve()}",
+            f"--backend-directory={self.install.backend_directory()}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--exit-timeout-secs={o.exit_timeout_s}",
+            f"--http-address={o.address}",
+            f"--http-port={o.http_port}",
+            f"--grpc-address={o.address}",
+            f"--grpc-port={o.grpc_port}",
+            f"--metrics-address={o.address}",
+            f"--metrics-port={o.metrics_port}",
+            "--allow-metrics=true",
+            f"--log-verbose={o.log_verbose}",
+            # Tensors of a few MB (ViT token features of a batch) pass through shared memory.
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=16777216",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        library_path = [str(self.install.library_dir)]
+        if env.get("LD_LIBRARY_PATH"):
+            library_path.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(library_path)
+        env["KILN_SITE_PACKAGES"] = stub_site_packages()
+        env.update(self.options.extra_env)
+        return env
+
+    def start(self) -> TritonServer:
+        """Start the server and wait until it and all its models are ready."""
+        if self._process is not None:
+            raise ServerError("server already started")
+        repository = Path(self.options.repository)
+        if not repository.is_dir():
+            raise ServerError(f"model repository {repository} does not exist; build one with `kiln build vit`")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = open(self.log_path, "wb")
+        self._process = subprocess.Popen(
+            self.command(), env=self.environment(), stdout=self._log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, start_new_session=True,
+        )
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                code = self._process.returncode
+                self._close_log()
+                self._process = None
+                raise ServerError(f"tritonserver exited with code {code} while starting:\n{self.explain()}")
+            if self.is_ready():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise ServerError(f"tritonserver was not ready after {self.options.startup_timeout_s:.0f} s:\n{self.explain()}")
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def wait(self) -> int:
+        """Block until the server process exits; return its exit code."""
+        if self._process is None:
+            return 0
+        return self._process.wait()
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """Ask the server to exit (SIGTERM: it drains in-flight requests), kill it if it does not."""
+        if self._process is None:
+            return None
+        process, self._process = self._process, None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s if timeout_s is not None else self.options.exit_timeout_s + 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._close_log()
+        return process.returncode
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # -- diagnostics -----------------------------------------------------------------------
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def explain(self, max_lines: int = 40) -> str:
+        """The log lines that say why the server or a model failed (errors and Python tracebacks)."""
+        lines = self.log_text().splitlines()
+        picked = [line for line in lines if _is_error_line(line)]
+        if not picked:
+            picked = lines[-max_lines:]
+        return "\n".join(picked[-max_lines:]) + f"\n(full log: {self.log_path})"
+
+
+def _is_error_line(line: str) -> bool:
+    stripped = line.lstrip()
+    return (
+        (len(stripped) > 1 and stripped[0] == "E" and stripped[1:5].isdigit())  # Triton's E1126 hh:mm:ss lines
+        or "Error" in line
+        or "error:" in line.lower()
+        or "failed" in line.lower()
+        or stripped.startswith(("Traceback", "File \""))
+    )
+
+
+def _client_host(address: str) -> str:
+    return "127.0.0.1" if address in ("0.0.0.0", "") else address

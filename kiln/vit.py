@@ -1,0 +1,108 @@
+"""Classify and embed images through the served ViT ensembles (vit_classify, vit_embed), over gRPC or HTTP.
+
+Each image is its own request, sent concurrently: Triton's dynamic batcher merges them into
+batches, and a bad image fails alone (its result carries the error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.contract import VIT_BLOCKS, VIT_CLASSIFY, VIT_EMBED
+from kiln.errors import KilnError
+from kiln.triton_client import TritonClient
+
+
+@dataclass
+class Classification:
+    image: str  # name of the image (file path or caller's label)
+    labels: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    error: str | None = None  # set instead of the results when this image's request failed
+
+    def as_dict(self) -> dict:
+        if self.error:
+            return {"image": self.image, "error": self.error}
+        return {"image": self.image, "top": [{"label": label, "score": score, "index": index}
+                                             for label, score, index in zip(self.labels, self.scores, self.indices)]}
+
+
+@dataclass
+class Embedding:
+    image: str
+    layer: int  # block whose tokens were returned (0..11)
+    embedding: np.ndarray | None = None  # (768,) pooled CLS features after the final norm
+    tokens: np.ndarray | None = None  # (197, 768) tokens of block `layer`, when asked for
+    error: str | None = None
+
+    def as_dict(self, *, with_values: bool = True) -> dict:
+        if self.error:
+            return {"image": self.image, "error": self.error}
+        out: dict = {"image": self.image, "layer": self.layer, "embedding_dim": int(self.embedding.shape[-1])}
+        if self.tokens is not None:
+            out["tokens_shape"] = list(self.tokens.shape)
+        if with_values:
+            out["embedding"] = [round(float(v), 6) for v in self.embedding]
+            if self.tokens is not None:
+                out["tokens"] = np.round(self.tokens, 6).tolist()
+        return out
+
+
+class ViTClient:
+    """A small, thread-safe client for the two ViT ensembles."""
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", *, timeout_s: float = 120.0,
+                 concurrency: int = 8) -> None:
+        self.triton = TritonClient(url, protocol, timeout_s=timeout_s)
+        self.url, self.protocol = self.triton.url, protocol
+        self.concurrency = concurrency
+
+    def is_ready(self, model: str | None = None) -> bool:
+        """The server is ready (or, given a model, that model is)."""
+        return self.triton.is_model_ready(model) if model else self.triton.is_server_ready()
+
+    # -- one image ------------------------------------------------------------------------------
+    def classify_one(self, data: bytes, top_k: int = 5, name: str = "image") -> Classification:
+        out = self.triton.infer(VIT_CLASSIFY, {"image": np.array([[data]], dtype=object),
+                                               "top_k": np.array([[top_k]], dtype=np.int32)},
+                                ["labels", "scores", "indices"])
+        return Classification(image=name,
+                              labels=[v.decode() if isinstance(v, bytes) else str(v) for v in out["labels"][0]],
+                              scores=[float(s) for s in out["scores"][0]], indices=[int(i) for i in out["indices"][0]])
+
+    def embed_one(self, data: bytes, layer: int = -1, tokens: bool = False, name: str = "image") -> Embedding:
+        wanted = ["embedding", "tokens"] if tokens else ["embedding"]
+        out = self.triton.infer(VIT_EMBED, {"image": np.array([[data]], dtype=object),
+                                            "layer": np.array([[layer]], dtype=np.int64)}, wanted)
+        return Embedding(image=name, layer=layer % VIT_BLOCKS if layer < 0 else layer, embedding=out["embedding"][0],
+                         tokens=out["tokens"][0] if tokens else None)
+
+    # -- many images, concurrently --------------------------------------------------------------
+    def classify(self, images: Sequence[tuple[str, bytes]], top_k: int = 5) -> list[Classification]:
+        def one(item):
+            name, data = item
+            try:
+                return self.classify_one(data, top_k, name)
+            except KilnError as exc:
+                return Classification(image=name, error=str(exc))
+
+        return self._map(one, images)
+
+    def embed(self, images: Sequence[tuple[str, bytes]], layer: int = -1, tokens: bool = False) -> list[Embedding]:
+        def one(item):
+            name, data = item
+            try:
+                return self.embed_one(data, layer, tokens, name)
+            except KilnError as exc:
+                return Embedding(image=name, layer=layer, error=str(exc))
+
+        return self._map(one, images)
+
+    def _map(self, fn, items):
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(items)))) as pool:
+            return list(pool.map(fn, items))

@@ -1,0 +1,70 @@
+"""The models the denoising loop calls, as injected components (as diffusers' pipelines take their modules).
+
+The pipeline talks to these protocols only. Two implementations are interchangeable: over Triton
+(`triton_components`, what the service runs) and in process over runtime sessions or any other
+callables (`local_components`, for parity tests, benchmarks and build-time checks). Tensors are
+numpy arrays; per-row scalars (`timestep`, `conditioning_scale`) have shape (rows,).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from kiln.contract import SDContract, ServedControlNet
+
+
+class Graph(Protocol):
+    """A UNet-like call: rows in, noise prediction out. The step batcher merges calls to the same graph."""
+
+    key: str  # what calls must share to be merged into one batch (a Triton model name)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+class TextEncoder(Protocol):
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        """Prompts -> (len(prompts), 77 * chunks, hidden); all prompts share one chunk count."""
+
+
+class VAE(Protocol):
+    def encode_image(self, data: bytes, width: int, height: int) -> np.ndarray:
+        """Image bytes, resized to width x height -> the latent distribution's parameters (1, 2 * channels, h, w)."""
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) pixels in [-1, 1] -> the latent distribution's parameters."""
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents (N, channels, h, w) -> uint8 images (N, H, W, 3)."""
+
+
+class ControlNet(Protocol):
+    served: ServedControlNet  # its name, title and Triton models
+    fused: Graph | None  # ControlNet -> UNet in one call (a Triton ensemble), where the build has one
+
+    def residuals(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale -> scaled residuals."""
+
+
+@dataclass
+class Components:
+    """Everything the pipeline calls, and the build's contract that describes them."""
+
+    contract: SDContract
+    text_encoder: TextEncoder
+    unet: Graph  # the plain UNet
+    vae: VAE
+    unet_control: Graph | None = None  # the UNet taking ControlNet residuals, where the build has ControlNets
+    controlnets: Mapping[str, ControlNet] = field(default_factory=dict)  # by name, in build order
+
+    def controlnet(self, model: str | None) -> ControlNet:
+        """The ControlNet a unit names (its name or title; None: the first); InputError for an unknown one."""
+        return self.controlnets[self.contract.controlnet(model).name]
+
+
+def call_graph(graph: Graph, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Run a graph at once: the default when no step batcher merges the calls."""
+    return graph(inputs)

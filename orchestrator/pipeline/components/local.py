@@ -1,0 +1,131 @@
+"""The components in process: runtime sessions over a built repository's artifacts (or any callables).
+
+The same loop as the service runs, minus the transport: parity tests run in seconds, `kiln bench
+sd` times each variant's loop, and the build measures a lower precision's images against fp32.
+By default each component opens what its Triton model serves (its config.pbtxt's parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from kiln import contract as names
+from kiln.contract import SDContract, ServedControlNet, read_parameters, read_sd_contract
+from kiln.imaging import to_uint8, vae_input
+from kiln.prompts import check_tokenizer, tokenize_batch
+from orchestrator.pipeline.components import Components
+
+Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # inputs -> every output, by name
+REQUIRED = ("text_encoder", "unet", "vae_decoder")  # what txt2img needs
+
+
+def components_in(repository: Path, contract: SDContract | None = None) -> list[str]:
+    """The SD components a repository serves: txt2img's, then the VAE encoder and ControlNet ones where built."""
+    contract = contract or read_sd_contract(repository)
+    optional = ["vae_encoder"] + (["unet_control"] + [c.component for c in contract.controlnets]
+                                  if contract.controlnets else [])
+    return [*REQUIRED, *(c for c in optional if (Path(repository) / names.sd_model(c) / "config.pbtxt").exists())]
+
+
+def session_runners(repository: Path, runtime: str | None = None, artifact: str | None = None,
+                    inference_precision: str | None = None, paths: Mapping[str, Path] | None = None,
+                    components: Sequence[str] | None = None) -> tuple[dict[str, Runner], dict[str, str]]:
+    """{component: Runner} over runtime sessions, and the precision each really computes in.
+
+    Each component opens what its model serves (the parameters of its config.pbtxt); `runtime`,
+    `artifact` and `inference_precision` override that for all, and `paths` names a component's
+    file directly.
+    """
+    from kiln.runtime import Session, SessionOptions
+
+    runners, precision = {}, {}
+    for component in components or components_in(repository):
+        folder = Path(repository) / names.sd_model(component)
+        params, _ = read_parameters(folder / "config.pbtxt")
+        path = (paths or {}).get(component) or folder / "1" / (artifact or params["artifact"])
+        session = Session(SessionOptions(runtime or params["runtime"], path,
+                                         inference_precision=inference_precision or params.get("inference_precision",
+                                                                                               "f32")))
+        runners[component] = session.run
+        precision[component] = session.execution_precision
+    return runners, precision
+
+
+@dataclass
+class LocalGraph:
+    key: str
+    runner: Runner
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.runner({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})["noise_pred"]
+
+
+class LocalTextEncoder:
+    def __init__(self, tokenizer, runner: Runner, max_chunks: int) -> None:
+        self.tokenizer, self.runner, self.max_chunks = tokenizer, runner, max_chunks
+
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        ids, chunks = tokenize_batch(self.tokenizer, list(prompts), self.max_chunks)
+        hidden = self.runner({"input_ids": ids})["last_hidden_state"]
+        return hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2])
+
+
+class LocalVAE:
+    def __init__(self, decoder: Runner, encoder: Runner | None = None) -> None:
+        self.decoder, self.encoder = decoder, encoder
+
+    def encode_image(self, data: bytes, width: int, height: int) -> np.ndarray:
+        return self.encode_pixels(vae_input(data, width, height)[None])
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        if self.encoder is None:
+            raise NotImplementedError("these in-process components have no VAE encoder")
+        return np.array(self.encoder({"image": np.ascontiguousarray(pixels, dtype=np.float32)})["moments"])
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return to_uint8(self.decoder({"latent": np.ascontiguousarray(latents, dtype=np.float32)})["image"])
+
+
+@dataclass
+class LocalControlNet:
+    served: ServedControlNet
+    runner: Runner
+    fused: None = None  # no ensemble in process: residuals, then the UNet that takes them
+
+    def residuals(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.runner({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})
+
+
+def load_tokenizer(repository: Path):
+    """The CLIP tokenizer the build saved beside sd_tokenizer (checked: the full vocabulary)."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(repository) / names.SD_TOKENIZER / "1" / "tokenizer"
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
+    check_tokenizer(tokenizer, str(folder))
+    return tokenizer
+
+
+def local_components(repository: Path, runners: Mapping[str, Runner] | None = None) -> Components:
+    """The repository's SD build in process: `runners` (default: sessions over what each model serves)."""
+    contract = read_sd_contract(repository)
+    if runners is None:
+        runners, _ = session_runners(repository)
+    missing = [c for c in REQUIRED if c not in runners]
+    if missing:
+        raise KeyError(f"in-process components need runners for {', '.join(missing)}")
+    controlnets = {c.name: LocalControlNet(c, runners[c.component]) for c in contract.controlnets
+                   if c.component in runners and "unet_control" in runners}
+    # The contract describes what these components can run: a ControlNet without its runner is not served here.
+    contract = replace(contract, controlnets=tuple(c for c in contract.controlnets if c.name in controlnets))
+    return Components(
+        contract=contract, text_encoder=LocalTextEncoder(load_tokenizer(repository), runners["text_encoder"],
+                                                         contract.max_prompt_chunks),
+        unet=LocalGraph(names.SD_UNET, runners["unet"]),
+        vae=LocalVAE(runners["vae_decoder"], runners.get("vae_encoder")),
+        unet_control=LocalGraph(names.SD_UNET_CONTROL, runners["unet_control"]) if "unet_control" in runners else None,
+        controlnets=controlnets)

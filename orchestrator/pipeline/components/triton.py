@@ -1,0 +1,112 @@
+"""The components over Triton: every model runs in the server, the contract comes from sd_unet's config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kiln import contract as names
+from kiln.contract import SDContract, ServedControlNet
+from kiln.errors import InputError, ServerError
+from kiln.triton_client import TritonClient
+from orchestrator.pipeline.components import Components
+
+_ROW_SCALARS = ("timestep", "conditioning_scale")  # (rows,) here, (rows, 1) on the wire
+
+
+@dataclass
+class TritonGraph:
+    """A batched model (sd_unet, sd_unet_control, an ensemble) called on float32 rows, split into batches it takes."""
+
+    client: TritonClient
+    key: str  # the model's name
+    max_batch: int
+    outputs: tuple[str, ...] = ("noise_pred",)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.rows(inputs)["noise_pred"]
+
+    def rows(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(inputs["sample"])
+        parts = []
+        for start in range(0, rows, self.max_batch):
+            chunk = {name: np.ascontiguousarray(value[start:start + self.max_batch], dtype=np.float32)
+                     for name, value in inputs.items()}
+            for name in _ROW_SCALARS:
+                if name in chunk:
+                    chunk[name] = chunk[name].reshape(-1, 1)
+            parts.append(self.client.infer(self.key, chunk, list(self.outputs)))
+        return {name: np.concatenate([part[name] for part in parts]) for name in self.outputs}
+
+
+class TritonTextEncoder:
+    def __init__(self, client: TritonClient) -> None:
+        self.client = client
+
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        out = self.client.infer(names.SD_TEXT_ENCODE, {"prompt": np.array([p.encode() for p in prompts], dtype=object)},
+                                ["embeddings", "chunks"])
+        chunks = int(out["chunks"][0])
+        embeddings = out["embeddings"]
+        return embeddings.reshape(len(prompts), chunks * embeddings.shape[1], embeddings.shape[2])
+
+
+class TritonVAE:
+    def __init__(self, client: TritonClient) -> None:
+        self.client = client
+
+    def encode_image(self, data: bytes, width: int, height: int) -> np.ndarray:
+        try:
+            out = self.client.infer(names.SD_VAE_ENCODE, {"image": np.array([[data]], dtype=object),
+                                                          "size": np.array([[height, width]], dtype=np.int32)},
+                                    ["moments"])
+        except InputError as exc:
+            raise InputError(f"init image: {exc}") from None
+        return np.array(out["moments"])  # a writable copy: torch refuses read-only buffers
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        out = self.client.infer(names.SD_VAE_ENCODER, {"image": np.asarray(pixels, dtype=np.float32)}, ["moments"])
+        return np.array(out["moments"])
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return self.client.infer(names.SD_VAE_DECODE, {"latent": np.asarray(latents, dtype=np.float32)},
+                                 ["image"])["image"]
+
+
+class TritonControlNet:
+    def __init__(self, client: TritonClient, served: ServedControlNet, max_batch: int) -> None:
+        self.served = served
+        self.client = client
+        self.max_batch = max_batch
+        self.fused = TritonGraph(client, served.ensemble, max_batch) if served.ensemble else None
+        self._graph: TritonGraph | None = None
+
+    def residuals(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._graph is None:  # the residuals' names, from the model's own config
+            outputs = tuple(o["name"] for o in self.client.model_config(self.served.model)["output"])
+            self._graph = TritonGraph(self.client, self.served.model, self.max_batch, outputs)
+        return self._graph.rows(inputs)
+
+
+def read_contract(client: TritonClient) -> SDContract:
+    """The SD build's contract, from sd_unet's config as Triton serves it."""
+    try:
+        params, max_batch = client.model_parameters(names.SD_UNET)
+    except ServerError as exc:
+        raise ServerError(f"cannot read {names.SD_UNET}'s config from Triton at {client.url} ({exc}); is `kiln serve` "
+                          "running a repository built with `kiln build sd`?") from None
+    return SDContract.from_parameters(params, max_batch)
+
+
+def triton_components(url: str, *, timeout_s: float = 600.0) -> Components:
+    """The SD components served by the Triton at `url` (gRPC)."""
+    client = TritonClient(url, "grpc", timeout_s=timeout_s)
+    contract = read_contract(client)
+    batch = contract.unet_max_batch
+    controlnets = {c.name: TritonControlNet(client, c, batch) for c in contract.controlnets}
+    return Components(contract=contract, text_encoder=TritonTextEncoder(client),
+                      unet=TritonGraph(client, names.SD_UNET, batch), vae=TritonVAE(client),
+                      unet_control=TritonGraph(client, names.SD_UNET_CONTROL, batch) if controlnets else None,
+                      controlnets=controlnets)

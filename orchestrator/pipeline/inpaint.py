@@ -1,0 +1,113 @@
+"""img2img and inpainting latents, as diffusers' img2img and inpaint pipelines draw them, and AUTOMATIC1111's
+"only masked" (inpaint a crop around the mask, paste it back)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kiln.contract import SDContract
+from kiln.imaging import ImageLimits, decode_image, encode_png, resized_rgb, unit_range, vae_input
+from kiln.masks import crop_region, fill_masked, inpaint_mask, soft_mask
+from orchestrator.pipeline.components import VAE
+from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest
+from orchestrator.pipeline.sampling import noise
+
+if TYPE_CHECKING:
+    import torch
+
+
+def sample_latents(moments: torch.Tensor, generators: list, scaling_factor: float) -> torch.Tensor:
+    """Sample the VAE's latent distribution with each image's generator, scaled (diffusers' _encode_vae_image)."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # DiagonalGaussianDistribution
+    return torch.cat([mean + std * randn_tensor(mean.shape, generator=g, dtype=torch.float32)
+                      for g in generators]) * scaling_factor
+
+
+def init_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, generators: list) -> torch.Tensor:
+    """Encode the init image and sample its latents with each image's own generator (diffusers' retrieve_latents)."""
+    import torch
+
+    moments = vae.encode_image(request.init_image, request.width, request.height)
+    return sample_latents(torch.from_numpy(moments), generators, contract.scaling_factor)
+
+
+def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, shape: tuple, generators: list,
+                    generator, scheduler, timesteps, variation) -> tuple:
+    """diffusers' StableDiffusionInpaintPipeline, in its order of random draws: image latents, noise, masked-image
+    latents. Returns the starting latents, the noise, and what the loop needs at each step."""
+    import torch
+    import torch.nn.functional as F
+
+    batch = shape[0]
+    pixels = vae_input(request.init_image, request.width, request.height)
+    mask = inpaint_mask(request.mask, request.width, request.height, request.mask_blur, request.inpainting_mask_invert)
+    masked = pixels * (mask < 0.5)
+    start_pixels = pixels
+    if request.inpainting_fill == 0:  # "fill": the masked area repainted with the surrounding colours first
+        filled = fill_masked(resized_rgb(request.init_image, request.width, request.height), mask)
+        start_pixels = np.float32(2.0) * unit_range(filled) - np.float32(1.0)
+    moments = torch.from_numpy(vae.encode_pixels(np.stack([start_pixels, masked])))
+    strength_max = request.denoising_strength == 1.0
+    blending = not contract.inpainting_unet
+    # diffusers samples the image latents only when it blends (4-channel UNet) or starts from the image.
+    image_latents = sample_latents(moments[:1], generators, contract.scaling_factor) \
+        if blending or not strength_max else None
+    drawn = noise(shape, generator, variation)
+    mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:]).repeat(batch, 1, 1, 1)
+    if strength_max:
+        latents = drawn * scheduler.init_noise_sigma
+    else:
+        start = image_latents
+        if request.inpainting_fill == 2:  # "latent noise": the seeds' noise where the mask repaints
+            start = image_latents * (1 - mask_latent) + drawn * mask_latent
+        elif request.inpainting_fill == 3:  # "latent nothing": zeros there
+            start = image_latents * (1 - mask_latent)
+        latents = scheduler.add_noise(start, drawn, timesteps[:1].repeat(batch))
+    masked_latents = sample_latents(moments[1:], generators, contract.scaling_factor)
+    guided = request.cfg_scale > 1
+    return latents, drawn, {
+        "image_latents": image_latents, "mask": mask_latent,
+        "mask_input": torch.cat([mask_latent] * 2) if guided else mask_latent,
+        "masked_input": torch.cat([masked_latents] * 2) if guided else masked_latents,
+    }
+
+
+def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request: Img2ImgRequest) -> GenerationResult:
+    """AUTOMATIC1111's inpaint_full_res: generate the masked region's crop at full size, paste it back.
+
+    `generate` runs one whole-picture request (the crop); the init image keeps its own size.
+    """
+    from PIL import Image
+
+    original = decode_image(request.init_image, ImageLimits(min_side=1))
+    width, height = original.size
+    mask = soft_mask(request.mask, width, height, request.mask_blur, request.inpainting_mask_invert)
+    box = crop_region(np.asarray(mask) > 0, request.inpaint_full_res_padding, request.width, request.height)
+    if box is None:  # nothing masked: whole-picture inpainting (which keeps everything)
+        return generate(replace(request, inpaint_full_res=False))
+    region = (box[2] - box[0], box[3] - box[1])
+    crop = original.crop(box).resize((request.width, request.height), Image.Resampling.LANCZOS)
+    crop_mask = mask.crop(box).resize((request.width, request.height), Image.Resampling.LANCZOS)
+    inner = replace(request, init_image=encode_png(crop), mask=encode_png(crop_mask), mask_blur=0,
+                    inpainting_mask_invert=False, inpaint_full_res=False, overlay=False)  # already blurred, inverted
+    result = generate(inner)
+    keep = Image.eval(mask, lambda v: 255 - v)
+    images = []
+    for generated in result.images:
+        canvas = original.copy()
+        canvas.paste(Image.fromarray(generated).resize(region, Image.Resampling.LANCZOS), box[:2])
+        if request.overlay:
+            canvas.paste(original, (0, 0), keep)  # the init image back outside the blurred mask
+        images.append(np.asarray(canvas, dtype=np.uint8))
+    info = result.info | {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert,
+                          "inpaint_full_res": True, "inpaint_full_res_padding": request.inpaint_full_res_padding,
+                          "inpaint_region": list(box)}
+    return GenerationResult(images=np.stack(images), seeds=result.seeds, info=info)

@@ -1,0 +1,241 @@
+"""The denoising loop: diffusers' schedulers drive it, injected components run the models.
+
+The pipeline holds no weights and reads no files: the components it is given (over Triton, or in
+process) run the models, and their contract (`kiln.contract.SDContract`) says what it needs to
+know about the build: the scheduler config, the VAE scale factor, the latent channels, the sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kiln.control import control_image
+from kiln.errors import InputError
+from kiln.masks import paste_outside_mask
+from orchestrator.pipeline.components import Components, Graph, call_graph
+from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked
+from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
+from orchestrator.pipeline.sampling import batch_seeds, draw_seed, make_scheduler, noise, step_kwargs
+from orchestrator.pipeline.validate import Limits, check_request
+
+if TYPE_CHECKING:
+    import torch
+
+UNetCall = Callable[[Graph, dict[str, np.ndarray]], np.ndarray]  # runs one UNet call; a StepBatcher merges them
+
+
+class Pipeline:
+    """Stable Diffusion 1.x txt2img, img2img, inpainting and ControlNet over `components`, as diffusers computes
+    them."""
+
+    def __init__(self, components: Components, limits: Limits = Limits()) -> None:
+        self.components = components
+        self.limits = limits
+
+    @classmethod
+    def from_triton(cls, url: str, *, timeout_s: float = 600.0, limits: Limits = Limits()) -> Pipeline:
+        """Every model in the Triton at `url` (gRPC): what the service runs."""
+        from orchestrator.pipeline.components.triton import triton_components
+
+        return cls(triton_components(url, timeout_s=timeout_s), limits)
+
+    @classmethod
+    def from_repository(cls, repository: Path, runners: Mapping | None = None, limits: Limits = Limits()) -> Pipeline:
+        """A built repository's models in process (runtime sessions, or the given runners)."""
+        from orchestrator.pipeline.components.local import local_components
+
+        return cls(local_components(repository, runners), limits)
+
+    @property
+    def contract(self):
+        return self.components.contract
+
+    def check(self, request: Txt2ImgRequest) -> None:
+        """Raise an InputError naming the bad field before any model runs."""
+        check_request(request, self.contract, self.limits)
+
+    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
+        return self.components.text_encoder.encode(prompts)
+
+    def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
+                cancelled: Callable[[], bool] | None = None, **hooks) -> GenerationResult:
+        """Text to image, as diffusers' StableDiffusionPipeline computes it. `hooks`: see generate()."""
+        if isinstance(request, Img2ImgRequest):
+            raise InputError("txt2img got an img2img request (it has init_image): call img2img")
+        return self.generate(request, progress, cancelled, **hooks)
+
+    def img2img(self, request: Img2ImgRequest, progress: ProgressCallback | None = None,
+                cancelled: Callable[[], bool] | None = None, **hooks) -> GenerationResult:
+        """Image to image (and inpainting, with a mask), as diffusers' img2img/inpaint pipelines compute it."""
+        if not isinstance(request, Img2ImgRequest):
+            raise InputError("img2img needs an Img2ImgRequest with init_image")
+        return self.generate(request, progress, cancelled, **hooks)
+
+    def generate(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
+                 cancelled: Callable[[], bool] | None = None, *, unet_call: UNetCall | None = None,
+                 stop_early: Callable[[], bool] | None = None,
+                 denoising: Callable[[], AbstractContextManager] | None = None) -> GenerationResult:
+        """txt2img, or img2img/inpainting for an Img2ImgRequest.
+
+        progress(step, total, latents) after each step; cancelled() -> True raises Cancelled before
+        the next step; stop_early() -> True ends the loop and decodes the latents as they are
+        (AUTOMATIC1111's interrupt and skip); unet_call(graph, inputs) runs the UNet calls (a
+        StepBatcher merges them with other generations'); denoising() is a context held for the
+        loop (the batcher's participant()).
+        """
+        import torch
+
+        # 1. Check inputs.
+        self.check(request)
+        contract, components = self.contract, self.components
+        init = isinstance(request, Img2ImgRequest)
+        if init and request.inpainting and request.inpaint_full_res:
+            return only_masked(lambda inner: self.generate(inner, progress, cancelled, unet_call=unet_call,
+                                                           stop_early=stop_early, denoising=denoising), request)
+        batch = request.batch_size
+        guided = request.cfg_scale > 1
+
+        # 2. Seeds: -1 draws one; image i uses seed + i (AUTOMATIC1111).
+        seed = draw_seed(request.seed)
+        seeds = batch_seeds(seed, batch)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        generator = generators if batch > 1 else generators[0]
+        variation = None
+        if request.subseed_strength > 0:
+            variation = (batch_seeds(draw_seed(request.subseed), batch), request.subseed_strength)
+
+        # 3. Encode the prompts: negative first, as diffusers concatenates them.
+        prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
+        context = np.repeat(self.encode_prompts(prompts), batch, axis=0)  # (negative x batch, positive x batch)
+
+        # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says.
+        scheduler = make_scheduler(request.sampler, contract.scheduler_config, seed=seed)
+        try:
+            scheduler.set_timesteps(request.steps)
+        except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule
+            raise InputError(f"steps: {request.sampler} cannot run {request.steps} steps ({exc})") from None
+        timesteps = scheduler.timesteps
+        if init:
+            start = request.steps - min(int(request.steps * request.denoising_strength), request.steps)
+            timesteps = timesteps[start * scheduler.order:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start * scheduler.order)
+
+        # 5. Initial latents, drawn like diffusers' pipelines.
+        shape = (batch, contract.latent_channels, request.height // contract.vae_scale_factor,
+                 request.width // contract.vae_scale_factor)
+        inpaint, drawn = None, None
+        if init and request.inpainting:
+            latents, drawn, inpaint = inpaint_latents(components.vae, contract, request, shape, generators, generator,
+                                                      scheduler, timesteps, variation)
+        elif init:
+            latents = init_latents(components.vae, contract, request, generators)
+            drawn = noise(shape, generator, variation)
+            if len(timesteps):
+                latents = scheduler.add_noise(latents, drawn, timesteps[:1].repeat(batch))
+        else:
+            latents = noise(shape, generator, variation) * scheduler.init_noise_sigma
+
+        # 6. ControlNet conditioning: each unit's control image for every row of the UNet batch.
+        cond = [np.repeat(control_image(unit.image, request.width, request.height, unit.module, unit.low_threshold,
+                                        unit.high_threshold)[None], len(context), axis=0)
+                for unit in request.controlnet_units]
+
+        # 7. Denoising loop.
+        with denoising() if denoising is not None else nullcontext():
+            latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, context, cond, inpaint, drawn,
+                                                step_kwargs(scheduler, generator, request.eta), progress, cancelled,
+                                                stop_early, unet_call or call_graph)
+
+        # 8. Decode; AUTOMATIC1111 pastes the original back outside the mask.
+        images = components.vae.decode(latents.numpy())
+        if init and request.inpainting and request.overlay:
+            images = paste_outside_mask(images, request.init_image, request.mask, request.width, request.height,
+                                        request.mask_blur, request.inpainting_mask_invert)
+        return GenerationResult(images=images, seeds=seeds, info=self._info(request, seeds, variation, stopped_at))
+
+    def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, context: np.ndarray,
+                 cond: list[np.ndarray], inpaint: dict | None, drawn, kwargs: dict, progress, cancelled, stop_early,
+                 unet_call: UNetCall) -> tuple:
+        """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked."""
+        import torch
+
+        components, guided = self.components, request.cfg_scale > 1
+        nine_channels = inpaint is not None and self.contract.inpainting_unet
+        for index, t in enumerate(timesteps):
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"cancelled after {index} of {len(timesteps)} steps")
+            if stop_early is not None and stop_early():
+                return latents, index
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            control_input = model_input.numpy()  # what a ControlNet takes: the latents alone
+            if nine_channels:  # a 9-channel inpainting UNet also takes the mask and the masked image
+                model_input = torch.cat([model_input, inpaint["mask_input"], inpaint["masked_input"]], dim=1)
+            rows = len(model_input)
+            inputs = {"sample": model_input.numpy(), "timestep": np.full(rows, float(t), np.float32),
+                      "encoder_hidden_states": context}
+            active = [(unit_cond, scale, components.controlnet(unit.model))
+                      for unit_cond, unit in zip(cond, request.controlnet_units)
+                      if (scale := unit.scale_at(index, len(timesteps)))]
+            if len(active) == 1 and active[0][2].fused is not None and not nine_channels:
+                unit_cond, scale, control = active[0]  # ControlNet -> UNet in one call: the residuals stay in Triton
+                noise_pred = unet_call(control.fused, inputs | {"controlnet_cond": unit_cond,
+                                                               "conditioning_scale": np.full(rows, scale, np.float32)})
+            elif active:  # diffusers' MultiControlNetModel: each unit's residuals, summed, then the UNet with them
+                total: dict[str, np.ndarray] = {}
+                for unit_cond, scale, control in active:
+                    residuals = control.residuals(inputs | {"sample": control_input, "controlnet_cond": unit_cond,
+                                                            "conditioning_scale": np.full(rows, scale, np.float32)})
+                    for name, value in residuals.items():
+                        total[name] = total[name] + value if name in total else value
+                noise_pred = unet_call(components.unet_control, inputs | total)
+            else:  # no ControlNet, or outside its guidance window: zero residuals equal the plain UNet exactly
+                noise_pred = unet_call(components.unet, inputs)
+            noise_pred = torch.from_numpy(noise_pred)
+            if guided:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + request.cfg_scale * (text - uncond)
+            latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
+            if inpaint is not None and not nine_channels:
+                # A standard UNet inpaints by blending: outside the mask, the init image noised to the next step.
+                proper = inpaint["image_latents"]
+                if index < len(timesteps) - 1:
+                    proper = scheduler.add_noise(proper, drawn, torch.tensor([timesteps[index + 1]]))
+                latents = (1 - inpaint["mask"]) * proper + inpaint["mask"] * latents
+            if progress is not None:
+                progress(index + 1, len(timesteps), latents.numpy())
+        return latents, None
+
+    def _info(self, request: Txt2ImgRequest, seeds: list[int], variation, stopped_at: int | None) -> dict:
+        """What the images' infotext and the API's info say about the run."""
+        contract = self.contract
+        info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
+                "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
+                "width": request.width, "height": request.height, "model": contract.model_name,
+                "model_hash": contract.model_hash or None}
+        if variation is not None:
+            info |= {"subseed": variation[0][0], "all_subseeds": variation[0], "subseed_strength": variation[1]}
+        if stopped_at is not None:
+            info["stopped_at_step"] = stopped_at
+        if isinstance(request, Img2ImgRequest):
+            info["denoising_strength"] = request.denoising_strength
+            if request.inpainting:
+                info |= {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert,
+                         "inpainting_fill": request.inpainting_fill}
+        if request.controlnet_units:
+            info["controlnet"] = [f"\"Module: {unit.module}, Model: {contract.controlnet(unit.model).title}, "
+                                  f"Weight: {unit.weight}, Guidance Start: {unit.guidance_start}, "
+                                  f"Guidance End: {unit.guidance_end}\""
+                                  for unit in request.controlnet_units]
+        return info
+
+
+def with_seeds(request: Txt2ImgRequest) -> Txt2ImgRequest:
+    """The request with its -1 seeds drawn, once: a job's n_iter runs chain from these."""
+    return replace(request, seed=draw_seed(request.seed), subseed=draw_seed(request.subseed))

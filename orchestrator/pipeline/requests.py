@@ -1,0 +1,91 @@
+"""What a caller asks the pipeline for, and what it gets back, with AUTOMATIC1111's field meanings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kiln.errors import KilnError
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet conditioning, as sd-webui-controlnet's unit describes it."""
+
+    image: bytes  # the control image (an edge map, or a photo with module="canny")
+    module: str = "none"  # preprocessor: none, or canny (built in)
+    weight: float = 1.0  # conditioning scale
+    guidance_start: float = 0.0  # fraction of the steps where the ControlNet starts acting
+    guidance_end: float = 1.0  # ... and where it stops
+    low_threshold: int = 100  # canny thresholds, on 0-255 intensities
+    high_threshold: int = 200
+    model: str | None = None  # which of the build's ControlNets, by name ("name [hash]" too); None: the first
+
+    def scale_at(self, index: int, total: int) -> float:
+        """diffusers' controlnet_keep: the unit acts on steps inside [guidance_start, guidance_end]."""
+        outside = index / total < self.guidance_start or (index + 1) / total > self.guidance_end
+        return 0.0 if outside else float(self.weight)
+
+
+@dataclass(frozen=True)
+class Txt2ImgRequest:
+    """One txt2img job, with AUTOMATIC1111's field meanings."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "Euler a"
+    cfg_scale: float = 7.0  # 1 = no classifier-free guidance (no negative branch)
+    seed: int = -1  # -1: a random seed, reported in the result
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    eta: float = 0.0  # DDIM's eta (other samplers ignore it)
+    controlnet: ControlNetUnit | tuple[ControlNetUnit, ...] | None = None  # one unit, or several (summed residuals)
+    subseed: int = -1  # variation seed (AUTOMATIC1111): its noise is mixed in by subseed_strength
+    subseed_strength: float = 0.0  # 0: the seed's noise alone; 1: the subseed's alone
+
+    @property
+    def controlnet_units(self) -> tuple[ControlNetUnit, ...]:
+        if self.controlnet is None:
+            return ()
+        return (self.controlnet,) if isinstance(self.controlnet, ControlNetUnit) else tuple(self.controlnet)
+
+
+@dataclass(frozen=True)
+class Img2ImgRequest(Txt2ImgRequest):
+    """img2img: the init image is encoded, noised to the step `denoising_strength` selects, then denoised."""
+
+    init_image: bytes = b""  # encoded image (PNG/JPEG/...); resized to width x height ("just resize")
+    denoising_strength: float = 0.75  # 0: the init image back; 1: all steps, nothing of the image's layout kept
+    mask: bytes = b""  # inpainting: white = repaint, black = keep (empty: plain img2img)
+    mask_blur: int = 4  # Gaussian blur radius applied to the mask first (AUTOMATIC1111's default 4)
+    inpainting_mask_invert: bool = False  # repaint the black part instead
+    # What the masked area starts from (AUTOMATIC1111's names): 0 fill (the surrounding colours, blurred in),
+    # 1 original, 2 latent noise, 3 latent nothing (zeros). Matters when denoising_strength < 1.
+    inpainting_fill: int = 1
+    overlay: bool = False  # paste the init image back outside the (blurred) mask, as AUTOMATIC1111 finishes
+    # AUTOMATIC1111's "only masked": inpaint a crop around the mask (plus padding, widened to width:height)
+    # at width x height, then scale it back into the init image, which keeps its own size.
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 0
+
+    @property
+    def inpainting(self) -> bool:
+        return bool(self.mask)
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    seeds: list[int]
+    info: dict = field(default_factory=dict)
+
+
+class Cancelled(KilnError):
+    """The caller cancelled the job between two denoising steps."""
+
+
+ProgressCallback = Callable[[int, int, np.ndarray], None]  # (step done, total steps, current latents)

@@ -1,0 +1,152 @@
+"""Samplers, seeds and noise, as AUTOMATIC1111 names them and diffusers computes them.
+
+Sampler names map to diffusers' schedulers configured from the checkpoint's scheduler config.
+Seeds follow AUTOMATIC1111 (-1 draws one; image i of a batch uses seed + i), and noise is drawn
+exactly as diffusers draws it (torch CPU generators, one per image), so a seed gives diffusers'
+image.
+"""
+
+from __future__ import annotations
+
+import inspect
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kiln.errors import NotFoundError
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Sampler:
+    scheduler: str  # diffusers class name
+    overrides: dict = field(default_factory=dict)  # config values that make it this sampler
+    seeded: bool = False  # draws its noise from a seed in its config, not from the step's generator
+
+
+SAMPLERS = {
+    "Euler": Sampler("EulerDiscreteScheduler"),
+    "Euler a": Sampler("EulerAncestralDiscreteScheduler"),
+    "Heun": Sampler("HeunDiscreteScheduler"),
+    "DDIM": Sampler("DDIMScheduler"),
+    "DDPM": Sampler("DDPMScheduler"),
+    "PNDM": Sampler("PNDMScheduler"),
+    "LMS": Sampler("LMSDiscreteScheduler"),
+    "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
+    "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", seeded=True),  # its Brownian-tree noise needs torchsde
+    "DPM++ SDE Karras": Sampler("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, seeded=True),
+    "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "UniPC": Sampler("UniPCMultistepScheduler"),
+    "LCM": Sampler("LCMScheduler"),
+}
+
+# What the checkpoint's scheduler config may say: its training noise schedule. Anything else in it
+# (use_karras_sigmas, algorithm_type, ...) belongs to the scheduler it shipped with, and would turn
+# "Euler" into a Karras or SDE variant without saying so.
+SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps", "prediction_type", "steps_offset",
+                 "trained_betas", "clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr", "timestep_spacing")
+
+_IMPORT_LOCK = threading.Lock()
+_CLASSES: dict[str, type] = {}
+
+
+class UnknownSampler(NotFoundError):
+    """The sampler name is not one we know; the message lists the valid ones."""
+
+
+def check_sampler(name: str) -> Sampler:
+    try:
+        return SAMPLERS[name]
+    except (KeyError, TypeError):
+        raise UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}") from None
+
+
+def make_scheduler(name: str, base_config: dict, seed: int | None = None):
+    """A fresh scheduler for one request (schedulers keep per-run state, so never share one).
+
+    `seed` seeds the samplers that draw their own noise (DPM++ SDE's Brownian tree), so a seed
+    gives the same image every time; the others take the generator at each step.
+    """
+    sampler = check_sampler(name)
+    config = {k: v for k, v in base_config.items() if k in SCHEDULE_KEYS} | sampler.overrides
+    if sampler.seeded and seed is not None:
+        config["noise_sampler_seed"] = seed
+    return _scheduler_class(sampler.scheduler).from_config(config)
+
+
+def _scheduler_class(name: str):
+    import diffusers
+
+    with _IMPORT_LOCK:
+        if name not in _CLASSES:
+            _CLASSES[name] = getattr(diffusers, name)
+        return _CLASSES[name]
+
+
+def preload() -> None:
+    """Resolve every scheduler class (and the noise helpers) now, from one thread.
+
+    diffusers imports its classes lazily on first attribute access, and that is not thread-safe:
+    two generation threads touching it at once can see a half-initialized module. Services call
+    this before starting their worker threads.
+    """
+    import diffusers.utils.torch_utils  # noqa: F401 - randn_tensor, used by every generation
+
+    for sampler in SAMPLERS.values():
+        _scheduler_class(sampler.scheduler)
+
+
+def step_kwargs(scheduler, generator, eta: float) -> dict:
+    """What diffusers' pipelines pass to scheduler.step: eta and generator, where the scheduler takes them."""
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+# -- seeds and noise ------------------------------------------------------------------------------
+def draw_seed(seed: int) -> int:
+    """AUTOMATIC1111's -1: a fresh random seed; any other seed as it is. Drawn once per job, so that n_iter runs
+    chain from it."""
+    return secrets.randbelow(MAX_SEED + 1) if seed == -1 else seed
+
+
+def batch_seeds(seed: int, count: int) -> list[int]:
+    """Image i of a batch uses seed + i (AUTOMATIC1111), wrapping at 2^32."""
+    return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
+
+
+def noise(shape: tuple, generator, variation: tuple[list[int], float] | None) -> torch.Tensor:
+    """The initial noise, drawn like diffusers'; with a variation seed, AUTOMATIC1111's slerp toward its noise."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    drawn = randn_tensor(shape, generator=generator, dtype=torch.float32)
+    if variation is None:
+        return drawn
+    subseeds, strength = variation
+    sub_generators = [torch.Generator().manual_seed(s) for s in subseeds]
+    sub_noise = randn_tensor(shape, generator=sub_generators if len(subseeds) > 1 else sub_generators[0],
+                             dtype=torch.float32)
+    return torch.stack([slerp(strength, a, b) for a, b in zip(drawn, sub_noise)])
+
+
+def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from `low` (t=0) to `high` (t=1), over the whole tensor; linear when nearly parallel."""
+    import torch
+
+    a, b = low.flatten(), high.flatten()
+    dot = torch.dot(a / a.norm(), b / b.norm()).clamp(-1, 1)
+    if dot > 0.9995:
+        return (1 - t) * low + t * high
+    omega = torch.acos(dot)
+    return (torch.sin((1 - t) * omega) * low + torch.sin(t * omega) * high) / torch.sin(omega)

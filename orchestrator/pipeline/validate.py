@@ -1,0 +1,133 @@
+"""Input checks, once, with one set of limits: the API, the command line and the library all call these.
+
+Each check raises an InputError (422) naming the field and the bad value before any model runs;
+a prompt over its length cap is a TooLargeError (413), an unknown sampler an UnknownSampler (404).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kiln.contract import SDContract
+from kiln.control import CONTROL_MODULES
+from kiln.errors import InputError, TooLargeError
+from kiln.masks import INPAINTING_FILL
+from orchestrator.pipeline.requests import ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
+from orchestrator.pipeline.sampling import MAX_SEED, check_sampler
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for, whoever sends it."""
+
+    max_steps: int = 150  # sampling steps of one run (AUTOMATIC1111's UI allows 150)
+    max_batch_size: int = 8  # images per run, denoised together
+    max_n_iter: int = 16  # runs per job (the API's n_iter), seeds chained
+    max_images: int = 16  # batch_size x n_iter
+    max_prompt_chars: int = 16384  # per prompt; longer is a 413 before tokenizing
+    max_image_pixels: int = 4096 * 4096  # per input image, read from its header before decoding
+    max_controlnet_units: int = 4  # ControlNet units per request
+    max_mask_blur: int = 64
+
+
+def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits = Limits()) -> None:
+    """Raise an InputError naming the bad field of one pipeline run."""
+    multiple = contract.size_multiple
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name)
+        if not isinstance(text, str):
+            raise InputError(f"{name} must be a string")
+        if len(text) > limits.max_prompt_chars:
+            raise TooLargeError(f"{name} of {len(text)} characters exceeds the {limits.max_prompt_chars}-character "
+                                "limit")
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if not _is_int(value) or value % multiple:
+            raise InputError(f"{name} must be a multiple of {multiple}, got {value!r}")
+        if not contract.min_size <= value <= contract.max_size:
+            raise InputError(f"{name} must be within the built profile [{contract.min_size}, {contract.max_size}], "
+                             f"got {value}")
+    _integer_in("steps", request.steps, 1, limits.max_steps)
+    _integer_in("batch_size", request.batch_size, 1, limits.max_batch_size)
+    if not _finite(request.cfg_scale) or request.cfg_scale < 1:
+        raise InputError(f"cfg_scale must be a finite number >= 1, got {request.cfg_scale!r}")
+    _number_in("eta", request.eta, 0, 1)
+    for name in ("seed", "subseed"):
+        value = getattr(request, name)
+        if not _is_int(value) or not -1 <= value <= MAX_SEED:
+            raise InputError(f"{name} must be -1 (random) or in [0, 2^32 - 1], got {value!r}")
+    _number_in("subseed_strength", request.subseed_strength, 0, 1)
+    check_sampler(request.sampler)
+    _check_units(request.controlnet_units, contract, limits)
+    inpainting = isinstance(request, Img2ImgRequest) and request.inpainting
+    if isinstance(request, Img2ImgRequest):
+        if not request.init_image:
+            raise InputError("init_image is empty")
+        _number_in("denoising_strength", request.denoising_strength, 0, 1)
+        _integer_in("mask_blur", request.mask_blur, 0, limits.max_mask_blur)
+        if request.inpainting_fill not in INPAINTING_FILL:
+            valid = ", ".join(f"{k} ({v})" for k, v in INPAINTING_FILL.items())
+            raise InputError(f"inpainting_fill must be one of {valid}, got {request.inpainting_fill!r}")
+        if not _is_int(request.inpaint_full_res_padding) or request.inpaint_full_res_padding < 0:
+            raise InputError(f"inpaint_full_res_padding must be a non-negative integer, "
+                             f"got {request.inpaint_full_res_padding!r}")
+    if contract.inpainting_unet and not inpainting:
+        raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
+    if inpainting and int(request.steps * request.denoising_strength) < 1:
+        raise InputError(f"inpainting needs at least one denoising step: steps x denoising_strength = "
+                         f"{request.steps} x {request.denoising_strength} rounds down to 0")
+
+
+def check_job(request: Txt2ImgRequest, n_iter: int, limits: Limits = Limits()) -> None:
+    """What a queued job adds to one run: `n_iter` runs, and the images of all of them."""
+    _integer_in("n_iter", n_iter, 1, limits.max_n_iter)
+    images = request.batch_size * n_iter if _is_int(request.batch_size) else 0
+    if images > limits.max_images:
+        raise InputError(f"batch_size x n_iter = {images} images exceeds the limit of {limits.max_images} "
+                         "per request")
+
+
+def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits: Limits) -> None:
+    if units and not contract.controlnets:
+        raise InputError("controlnet: this build has no ControlNet (build with --controlnet or a controlnet/ folder)")
+    if len(units) > limits.max_controlnet_units:
+        raise InputError(f"controlnet: {len(units)} units; at most {limits.max_controlnet_units} per request")
+    for index, unit in enumerate(units):
+        name = "controlnet" if len(units) == 1 else f"controlnet unit {index}"
+        if not isinstance(unit, ControlNetUnit):
+            raise InputError(f"{name} is not a ControlNet unit")
+        if unit.module not in CONTROL_MODULES:
+            raise InputError(f"{name} module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
+        if not _finite(unit.weight) or not 0 <= unit.weight <= 2:
+            raise InputError(f"{name} weight must be in [0, 2], got {unit.weight!r}")
+        if not 0 <= unit.low_threshold < unit.high_threshold <= 255:
+            raise InputError(f"{name} canny thresholds must satisfy 0 <= low < high <= 255, "
+                             f"got {unit.low_threshold!r}, {unit.high_threshold!r}")
+        if not (0 <= unit.guidance_start < unit.guidance_end <= 1):
+            raise InputError(f"{name} guidance_start/end must satisfy 0 <= start < end <= 1, "
+                             f"got {unit.guidance_start!r}, {unit.guidance_end!r}")
+        if unit.model is not None and not isinstance(unit.model, str):
+            raise InputError(f"{name} model must be a ControlNet's name, got {unit.model!r}")
+        try:
+            contract.controlnet(unit.model)
+        except InputError as exc:
+            raise InputError(f"{name}: {exc}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer_in(name: str, value, low: int, high: int) -> None:
+    if not _is_int(value) or not low <= value <= high:
+        raise InputError(f"{name} must be between {low} and {high}, got {value!r}")
+
+
+def _number_in(name: str, value, low: float, high: float) -> None:
+    if not _finite(value) or not low <= value <= high:
+        raise InputError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")

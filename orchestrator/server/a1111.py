@@ -1,0 +1,192 @@
+"""AUTOMATIC1111's API, translated both ways: its request bodies into pipeline requests, a finished job into its
+response, its sampler names and options."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from kiln import schemas
+from kiln.contract import SDContract
+from kiln.errors import InputError, NotFoundError
+from kiln.imaging import encode_png
+from kiln.infotext import parameters_text
+from kiln.masks import resize_init_image
+from orchestrator.jobs import Job
+from orchestrator.pipeline import SAMPLERS, ControlNetUnit, Img2ImgRequest, Limits, Txt2ImgRequest, UnknownSampler
+from orchestrator.server.errors import short
+from orchestrator.server.inputs import decode_b64_image
+
+SAMPLER_ALIASES = {
+    "Euler a": ["k_euler_a", "k_euler_ancestral"], "Euler": ["k_euler"], "LMS": ["k_lms"], "Heun": ["k_heun"],
+    "DPM++ 2M": ["k_dpmpp_2m"], "DPM++ 2M Karras": ["k_dpmpp_2m_ka"], "DPM++ SDE": ["k_dpmpp_sde"],
+    "DPM++ SDE Karras": ["k_dpmpp_sde_ka"], "DPM++ 2M SDE": ["k_dpmpp_2m_sde_ka"], "DDIM": ["ddim"],
+    "DDPM": ["ddpm"], "PNDM": ["pndm", "PLMS"], "UniPC": ["unipc"], "LCM": ["lcm"],
+}
+ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.items() for alias in aliases} | \
+    {name.lower(): name for name in SAMPLERS}
+# AUTOMATIC1111 1.9+ splits "DPM++ 2M Karras" into sampler_name + scheduler.
+SCHEDULER_SUFFIX = {"automatic": "", "uniform": "", "karras": " Karras"}
+OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
+                "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str}
+APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim")  # override_settings honoured; others are reported ignored
+
+
+def default_options() -> dict:
+    return {"sd_model_checkpoint": "", "show_progress_every_n_steps": 10, "live_previews_enable": True,
+            "samples_format": "png", "eta_ddim": 0.0, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+            "live_preview_content": "Prompt", "interrogate_return_ranks": False}
+
+
+# -- sampler names ---------------------------------------------------------------------------------
+def sampler_name(body: schemas.Txt2ImgBody) -> str:
+    """sampler_name (or the old sampler_index, or an alias such as k_euler_a) + scheduler -> one of SAMPLERS."""
+    name = body.sampler_name or body.sampler_index or "Euler a"
+    resolved = ALIAS_TO_SAMPLER.get(name.lower())
+    if resolved is None:
+        raise UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    scheduler = (body.scheduler or "automatic").lower()
+    if scheduler not in SCHEDULER_SUFFIX:
+        raise InputError(f"scheduler {body.scheduler!r} is not supported; valid: Automatic, Uniform, Karras")
+    suffix = SCHEDULER_SUFFIX[scheduler]
+    if suffix and not resolved.endswith(suffix):
+        if resolved + suffix not in SAMPLERS:
+            raise UnknownSampler(f"Sampler not found: {resolved} with scheduler {body.scheduler}")
+        resolved += suffix
+    return resolved
+
+
+def samplers() -> list[dict]:
+    return [{"name": name, "aliases": SAMPLER_ALIASES.get(name, []),
+             "options": {"scheduler": s.scheduler} | {k: str(v) for k, v in s.overrides.items()}}
+            for name, s in SAMPLERS.items()]
+
+
+def schedulers() -> list[dict]:
+    return [{"name": n, "label": n.capitalize(), "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for n in SCHEDULER_SUFFIX]
+
+
+# -- bodies -> pipeline requests ----------------------------------------------------------------------
+def check_checkpoint(name: str, contract: SDContract, what: str) -> None:
+    """A checkpoint name a client sends must be the one served (by title or by name)."""
+    if name not in (contract.title, contract.model_name):
+        raise NotFoundError(f"{what} {name!r}: no such model; this server serves {contract.title!r}")
+
+
+def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict,
+               limits: Limits) -> tuple[Txt2ImgRequest, list[str]]:
+    """An AUTOMATIC1111 body as the pipeline's request (its checks run in the pipeline's validation, once), and the
+    override_settings this server did not apply."""
+    ignored = sorted(k for k in body.override_settings if k not in APPLIED_OVERRIDES)
+    checkpoint = body.override_settings.get("sd_model_checkpoint")
+    if checkpoint:
+        check_checkpoint(checkpoint, contract, "override_settings.sd_model_checkpoint")
+    eta = body.eta if body.eta is not None else float(body.override_settings.get("eta_ddim", options["eta_ddim"]))
+    fields = dict(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
+                  sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
+                  height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
+                  subseed_strength=body.subseed_strength,
+                  controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels))
+    if not isinstance(body, schemas.Img2ImgBody):
+        return Txt2ImgRequest(**fields), ignored
+    if len(body.init_images) != 1:
+        raise InputError(f"init_images must hold exactly one image, got {len(body.init_images)}")
+    init = decode_b64_image(body.init_images[0], "init_images[0]", limits.max_image_pixels)
+    mask = decode_b64_image(body.mask, "mask", limits.max_image_pixels) if body.mask else b""
+    # "Only masked" crops the init image as it is; resize_mode shapes the whole picture otherwise (as AUTOMATIC1111).
+    if not (mask and body.inpaint_full_res):
+        init = resize_init_image(init, body.width, body.height, body.resize_mode)
+    blur = body.mask_blur if body.mask_blur_x is None and body.mask_blur_y is None \
+        else max(body.mask_blur_x or 0, body.mask_blur_y or 0)
+    # AUTOMATIC1111 pastes the original back outside the mask: clients expect the kept area untouched.
+    return Img2ImgRequest(**fields, init_image=init, denoising_strength=body.denoising_strength, mask=mask,
+                          mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
+                          inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
+                          inpaint_full_res_padding=body.inpaint_full_res_padding), ignored
+
+
+def controlnet_units(scripts: dict, max_pixels: int) -> tuple[ControlNetUnit, ...] | None:
+    """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit with an image, in order."""
+    if not scripts:
+        return None
+    unknown = sorted(k for k in scripts if k.lower() != "controlnet")
+    if unknown:
+        raise InputError(f"alwayson_scripts: {', '.join(unknown)} not available; only controlnet")
+    section = next(v for k, v in scripts.items() if k.lower() == "controlnet")
+    args = section.get("args", []) if isinstance(section, dict) else None
+    if not isinstance(args, list):
+        raise InputError("alwayson_scripts.controlnet.args must be a list of units")
+    try:
+        units = [schemas.ControlNetUnitArgs.model_validate(a) for a in args]
+    except ValidationError as exc:  # name the fields, not the values
+        raise InputError(f"alwayson_scripts.controlnet.args: {short(exc)}") from None
+    result = []
+    for index, unit in enumerate(units):
+        if not unit.enabled or (unit.image is None and unit.input_image is None):
+            continue
+        where = f"alwayson_scripts.controlnet.args[{index}]"
+        image = unit.image if unit.image is not None else unit.input_image
+        if isinstance(image, dict):
+            image = image.get("image")
+        for name in ("threshold_a", "threshold_b"):
+            if unit.module.lower() == "canny" and getattr(unit, name) != int(getattr(unit, name)):
+                raise InputError(f"{where}.{name} must be an integer")
+        result.append(ControlNetUnit(image=decode_b64_image(image, f"{where}.image", max_pixels),
+                                     module=unit.module.lower(), weight=unit.weight,
+                                     guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
+                                     low_threshold=int(unit.threshold_a), high_threshold=int(unit.threshold_b),
+                                     model=unit.model))
+    return tuple(result) or None
+
+
+# -- a finished job -> AUTOMATIC1111's response ------------------------------------------------------
+def to_response(job: Job, body: schemas.Txt2ImgBody, ignored: list[str]) -> dict:
+    """AUTOMATIC1111's response: images (PNG with the infotext chunk), parameters (the request), info (JSON)."""
+    infos = job.infos
+    first = infos[0] if infos else {}
+    info = {
+        "prompt": body.prompt, "all_prompts": [body.prompt] * len(infos), "negative_prompt": body.negative_prompt,
+        "all_negative_prompts": [body.negative_prompt] * len(infos), "seed": first.get("seed"),
+        "all_seeds": [i["seed"] for i in infos], "subseed": first.get("subseed", -1),
+        "all_subseeds": [s for i in infos for s in i.get("all_subseeds", [-1])][:len(infos)],
+        "subseed_strength": body.subseed_strength, "width": body.width, "height": body.height,
+        "sampler_name": first.get("sampler"), "cfg_scale": body.cfg_scale, "steps": body.steps,
+        "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": first.get("model"), "sd_model_hash": first.get("model_hash"),
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": first.get("denoising_strength"), "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": [parameters_text(i) for i in infos], "styles": [], "clip_skip": 1,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+        "is_using_inpainting_conditioning": False, "version": "kiln-0.1.0",
+        "interrupted": job.interrupted, "ignored_override_settings": ignored,
+    }
+    images = [base64.b64encode(encode_png(image, {"parameters": parameters_text(i)})).decode()
+              for image, i in zip(job.images, infos)] if body.send_images else []
+    parameters = body.model_dump(exclude={"init_images", "mask", "alwayson_scripts"})
+    return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+
+# -- options ---------------------------------------------------------------------------------------
+def updated_options(options: dict, body: dict[str, Any], contract: SDContract | None) -> dict:
+    """The option changes a POST /sdapi/v1/options asks for, each checked (type, settable, known checkpoint)."""
+    updates = {}
+    for key, value in body.items():
+        kind = OPTION_TYPES.get(key)
+        if kind is not None:
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or \
+                    (kind is float and not math.isfinite(value)):
+                raise InputError(f"option {key} must be a {kind.__name__}")
+        if key == "sd_model_checkpoint" and contract is not None:
+            check_checkpoint(value, contract, "sd_model_checkpoint")
+        if key.startswith("_"):
+            raise InputError(f"option {key} is not settable")
+        updates[key] = value
+    return updates

@@ -1,0 +1,51 @@
+"""The app factory: `create_app(settings)` builds the FastAPI app (AUTOMATIC1111/SD.Next's /sdapi/v1, a task API
+with WebSocket progress, ViT classification, health and Prometheus metrics) over the engine and Triton.
+`orchestrator.server.service` runs it on uvicorn."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from kiln.triton_client import TritonClient
+from orchestrator.jobs import Engine
+from orchestrator.metrics import Metrics
+from orchestrator.security import SecurityMiddleware
+from orchestrator.server.a1111 import default_options
+from orchestrator.server.errors import install_error_handlers
+from orchestrator.server.routes import controlnet, health, sdapi, tasks, vit
+from orchestrator.server.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.engine = Engine(settings.engine_options(), metrics)
+        try:
+            yield
+        finally:  # uvicorn has stopped taking requests and waited for the open ones: drain the queue
+            await run_in_threadpool(app.state.engine.close, settings.request_timeout_s)
+
+    app = FastAPI(title="kiln", version="0.1.0", lifespan=lifespan,
+                  description="Stable Diffusion and ViT served on Triton: AUTOMATIC1111/SD.Next-compatible API, "
+                              "a task API with WebSocket progress, step-level batching across requests.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.options = default_options()
+    app.state.vit = None  # the ViT client, made on first use
+    app.state.probe = TritonClient(settings.triton_url, "grpc", timeout_s=2)  # readiness checks
+    app.add_middleware(SecurityMiddleware, options=settings.security)
+    if settings.cors_origins:  # outermost: preflights carry no credentials, and 401s need CORS headers too
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=True)
+    install_error_handlers(app)
+    for family in (sdapi, controlnet, tasks, vit, health):
+        app.include_router(family.router)
+    return app

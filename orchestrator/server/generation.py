@@ -1,0 +1,77 @@
+"""What the AUTOMATIC1111 routes and the task routes share: submitting a body as a job, waiting for it, and
+answering with it. A job keeps its body, route family and ignored settings in its `context`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+
+from kiln import schemas
+from orchestrator.jobs import Engine, Job, Status
+from orchestrator.pipeline import Pipeline
+from orchestrator.server import a1111
+from orchestrator.server.errors import APIError, api_error
+
+
+def engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+async def pipeline(request: Request) -> Pipeline:
+    """The served pipeline (503 while Triton is away); the first connection sets the checkpoint option."""
+    connected = await run_in_threadpool(engine(request).pipeline)
+    options = request.app.state.options
+    if not options["sd_model_checkpoint"]:
+        options["sd_model_checkpoint"] = connected.contract.title
+    return connected
+
+
+def client_id(request: Request) -> str | None:
+    """Who is calling (the security middleware's verdict): jobs are scoped by it when auth is on."""
+    return request.scope.get("state", {}).get("client_id")
+
+
+async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family: str) -> Job:
+    """Translate, validate (once, in the engine) and queue an AUTOMATIC1111 body; `family`: sdapi or tasks."""
+    served = await pipeline(request)
+    generation, ignored = await run_in_threadpool(a1111.to_request, body, served.contract,
+                                                  request.app.state.options, served.limits)
+    job = await run_in_threadpool(engine(request).submit, kind, generation, body.n_iter)
+    job.client_id = client_id(request)
+    job.context = {"family": family, "body": body, "ignored": ignored}
+    return job
+
+
+def own(request: Request, job: Job | None, family: str) -> bool:
+    """A job of this route family that the caller may see (every caller's, when auth is off)."""
+    if job is None or job.context.get("family") != family:
+        return False
+    return not request.app.state.settings.security.auth_required or job.client_id == client_id(request)
+
+
+async def wait_for(request: Request, job: Job, timeout_s: float) -> None:
+    """Wait for the job; a client that disconnects cancels it (it stops before its next step); 504 after timeout."""
+    future = asyncio.wrap_future(job.future)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.1)
+        if done:
+            return
+        if await request.is_disconnected():
+            engine(request).queue.cancel(job)
+            raise APIError(499, "client_closed", "client disconnected; the job was cancelled")
+        if loop.time() > deadline:
+            engine(request).queue.cancel(job)
+            raise APIError(504, "timeout", f"the generation did not finish within {timeout_s:g} s; it was cancelled")
+
+
+def response(job: Job) -> dict:
+    """A finished job's AUTOMATIC1111 response; a cancelled one is 409, a failed one its error's status."""
+    if job.status == Status.DONE:
+        return a1111.to_response(job, job.context["body"], job.context["ignored"])
+    if job.status == Status.CANCELLED:
+        raise APIError(409, "cancelled", str(job.error or "the job was cancelled"))
+    raise api_error(job.error) if job.error is not None else APIError(500, "generation_failed", "the job failed")

@@ -1,0 +1,140 @@
+"""AUTOMATIC1111's /sdapi/v1: generation, progress, interrupt/skip, the listings, options and png-info."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from kiln import schemas
+from kiln.contract import SD_UNET
+from kiln.errors import KilnError, ServerError
+from kiln.infotext import read_png_info
+from orchestrator.jobs import FINISHED, Job
+from orchestrator.security import is_loopback
+from orchestrator.server import a1111
+from orchestrator.server.errors import APIError, as_api_error, count
+from orchestrator.server.generation import engine, own, pipeline, response, submit, wait_for
+from orchestrator.server.inputs import decode_b64_image
+from orchestrator.server.preview import preview_png
+
+router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
+
+
+def own_running(request: Request) -> list[Job]:
+    """AUTOMATIC1111 calls act on the caller's own /sdapi jobs (all of them when auth is off)."""
+    return [job for job in engine(request).queue.running() if own(request, job, "sdapi")]
+
+
+async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> dict:
+    endpoint = f"/sdapi/v1/{kind}"
+    try:
+        job = await submit(request, kind, body, "sdapi")
+        await wait_for(request, job, request.app.state.settings.request_timeout_s)
+        answer = response(job)
+    except (APIError, KilnError) as exc:
+        count(request, endpoint, str(as_api_error(exc).status))
+        raise
+    count(request, endpoint, "200")
+    return answer
+
+
+@router.post("/txt2img", response_model=schemas.GenerationResponse)
+async def txt2img(request: Request, body: schemas.Txt2ImgBody):
+    return await generate(request, "txt2img", body)
+
+
+@router.post("/img2img", response_model=schemas.GenerationResponse)
+async def img2img(request: Request, body: schemas.Img2ImgBody):
+    return await generate(request, "img2img", body)
+
+
+@router.get("/progress", response_model=schemas.ProgressResponse)
+async def progress(request: Request, skip_current_image: bool = False,
+                   id_task: str | None = Query(None, description="a task id; default: the oldest running job")):
+    job = engine(request).queue.get(id_task) if id_task else None
+    if job is None:
+        running = sorted(own_running(request), key=lambda j: j.started or 0)
+        job = running[0] if running else None
+    if job is None:
+        return schemas.ProgressResponse(progress=0.0, eta_relative=0.0, state=schemas.ProgressState())
+    state = schemas.ProgressState(
+        skipped=job.skipped, interrupted=job.interrupted, job=f"task({job.id})",
+        job_count=job.n_iter if job.status not in FINISHED else 0,
+        job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)), job_no=job.iteration,
+        sampling_step=job.step, sampling_steps=job.steps)
+    current = None
+    options = request.app.state.options
+    every = int(options.get("show_progress_every_n_steps", 10))
+    if not skip_current_image and every != 0 and job.latents is not None and options.get("live_previews_enable", True) \
+            and (every < 0 or job.step % every == 0 or job.step == job.steps):
+        current = await run_in_threadpool(preview_png, job.latents)
+    return schemas.ProgressResponse(progress=job.progress, eta_relative=job.eta_seconds() or 0.0, state=state,
+                                    current_image=current, textinfo=None)
+
+
+@router.post("/interrupt")
+async def interrupt(request: Request):
+    for job in own_running(request):
+        job.interrupted = True
+    return {}
+
+
+@router.post("/skip")
+async def skip(request: Request):
+    for job in own_running(request):
+        job.skipped = True
+    return {}
+
+
+@router.get("/samplers", response_model=list[schemas.SamplerItem])
+async def samplers():
+    return a1111.samplers()
+
+
+@router.get("/schedulers")
+async def schedulers():
+    return a1111.schedulers()
+
+
+@router.get("/sd-models", response_model=list[schemas.ModelItem])
+async def sd_models(request: Request):
+    contract = (await pipeline(request)).contract
+    return [{"title": contract.title, "model_name": contract.model_name, "hash": contract.model_hash or None,
+             "sha256": contract.model_sha256 or None, "filename": f"triton://{SD_UNET}/{contract.model_name}",
+             "config": None}]
+
+
+@router.get("/options")
+async def get_options(request: Request):
+    try:
+        await pipeline(request)
+    except ServerError:
+        pass  # options are readable while Triton is away
+    return dict(request.app.state.options)
+
+
+@router.post("/options")
+async def set_options(request: Request, body: dict[str, Any]):
+    # The served model's title is needed before a checkpoint can be compared with it (503 while Triton is away).
+    contract = (await pipeline(request)).contract if "sd_model_checkpoint" in body else None
+    request.app.state.options.update(a1111.updated_options(request.app.state.options, body, contract))
+    return {}
+
+
+@router.get("/cmd-flags")
+async def cmd_flags(request: Request):
+    s = request.app.state.settings
+    return {"listen": not is_loopback(s.listen), "server_name": s.listen, "port": s.port, "api": True,
+            "nowebui": True, "api_auth": "***" if s.security.credentials else None,
+            "api_keys": len(s.security.api_keys), "cors_allow_origins": ",".join(s.cors_origins) or None,
+            "queue_size": s.max_queue, "max_steps": s.limits.max_steps, "workers": s.workers,
+            "step_batching": s.step_batching, "request_timeout": s.request_timeout_s, "triton": s.triton_url}
+
+
+@router.post("/png-info", response_model=schemas.PngInfoResponse)
+async def png_info(request: Request, body: schemas.PngInfoBody):
+    data = decode_b64_image(body.image, "image", request.app.state.settings.limits.max_image_pixels)
+    return await run_in_threadpool(read_png_info, data)

@@ -1,0 +1,108 @@
+"""Our task API: submit (202 at once), status with queue position and progress, cancel, WebSocket events."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from kiln import schemas
+from kiln.errors import KilnError
+from orchestrator.jobs import FINISHED, Job, Status
+from orchestrator.server import a1111
+from orchestrator.server.errors import APIError, as_api_error, count
+from orchestrator.server.generation import engine, own, submit
+from orchestrator.server.preview import preview_png
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+
+def task_state(request: Request, job: Job) -> dict:
+    state = {"id": job.id, "kind": job.kind, "status": job.status.value,
+             "queue_position": engine(request).queue.position(job), "progress": job.progress,
+             "iteration": job.iteration, "n_iter": job.n_iter, "step": job.step, "steps": job.steps,
+             "eta_seconds": job.eta_seconds(), "error": str(job.error) if job.error else None, "result": None}
+    if job.status == Status.DONE:
+        state["result"] = a1111.to_response(job, job.context["body"], job.context["ignored"])
+    return state
+
+
+async def accept(request: Request, kind: str, body: schemas.Txt2ImgBody) -> JSONResponse:
+    try:
+        job = await submit(request, kind, body, "tasks")
+    except (APIError, KilnError) as exc:
+        count(request, f"/v1/tasks/{kind}", str(as_api_error(exc).status))
+        raise
+    count(request, f"/v1/tasks/{kind}", "202")
+    accepted = {"id": job.id, "status": job.status.value, "queue_position": engine(request).queue.position(job)}
+    return JSONResponse(accepted, status_code=202, headers={"Location": f"/v1/tasks/{job.id}"})
+
+
+@router.post("/txt2img", status_code=202, response_model=schemas.TaskAccepted)
+async def task_txt2img(request: Request, body: schemas.Txt2ImgBody):
+    return await accept(request, "txt2img", body)
+
+
+@router.post("/img2img", status_code=202, response_model=schemas.TaskAccepted)
+async def task_img2img(request: Request, body: schemas.Img2ImgBody):
+    return await accept(request, "img2img", body)
+
+
+def find(request: Request, task_id: str) -> Job:
+    job = engine(request).queue.get(task_id)
+    if not own(request, job, "tasks"):
+        raise APIError(404, "not_found", f"no task {task_id!r}")
+    return job
+
+
+@router.get("/{task_id}", response_model=schemas.TaskState)
+async def get_task(request: Request, task_id: str):
+    job = find(request, task_id)
+    return await run_in_threadpool(task_state, request, job)
+
+
+@router.delete("/{task_id}")
+async def cancel_task(request: Request, task_id: str):
+    job = find(request, task_id)
+    if job.status in FINISHED:
+        raise APIError(409, "finished", f"task {task_id} already {job.status.value}")
+    engine(request).queue.cancel(job)
+    return {"id": job.id, "status": "cancelling" if job.status == Status.RUNNING else job.status.value}
+
+
+@router.websocket("/{task_id}/events")
+async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0):
+    """Progress events as JSON: queued, started, progress (with a preview every N steps), done/failed/cancelled."""
+    job = engine(websocket).queue.get(task_id)  # type: ignore[arg-type]
+    if not own(websocket, job, "tasks"):  # type: ignore[arg-type]
+        await websocket.close(code=4404, reason="no such task")
+        return
+    await websocket.accept()
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def listener(event: dict) -> None:
+        if preview_every > 0 and event.get("event") == "progress" and event["step"] % preview_every == 0 \
+                and job.latents is not None:
+            event = event | {"preview": preview_png(job.latents)}
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    unsubscribe = job.subscribe(listener)
+    try:
+        await websocket.send_json({"event": "state", "task_id": job.id, "status": job.status.value,
+                                   "progress": job.progress, "step": job.step, "steps": job.steps})
+        while job.status not in FINISHED or not events.empty():
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                continue
+            await websocket.send_json(event)
+            if event.get("event") in ("done", "failed", "cancelled"):
+                break
+        await websocket.close()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        unsubscribe()

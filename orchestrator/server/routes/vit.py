@@ -1,0 +1,104 @@
+"""ViT classification and features: /v1/classify and /v1/embed, JSON (base64) or multipart; a bad image fails
+alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from kiln import schemas
+from kiln.contract import VIT_CLASSIFY, VIT_EMBED
+from kiln.errors import InputError, KilnError, TooLargeError
+from kiln.imaging import header_size
+from kiln.vit import ViTClient
+from orchestrator.server.errors import APIError, count, short
+from orchestrator.server.inputs import decode_b64
+
+router = APIRouter(prefix="/v1", tags=["vit"])
+MAX_IMAGES = 64  # per request
+
+OPENAPI = {"requestBody": {"content": {
+    "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": {"type": "string", "description": "base64 image"}, "minItems": 1}}}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}, "required": True}}
+
+
+def vit_client(request: Request) -> ViTClient:
+    state = request.app.state
+    if state.vit is None:
+        state.vit = ViTClient(state.settings.triton_url, "grpc")
+    return state.vit
+
+
+async def images_from(request: Request, body_model) -> tuple[list[tuple[str, bytes]], Any]:
+    """JSON {"images": [base64...]} or multipart files (field `files`), with the other fields as form fields."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=MAX_IMAGES, max_fields=16)
+        except Exception:  # noqa: BLE001 - malformed multipart: starlette raises several types
+            raise InputError("malformed multipart body") from None
+        files = [v for k, v in form.multi_items() if k in ("files", "file", "images") and hasattr(v, "read")]
+        if not files:
+            raise InputError("multipart body has no image files (field name: files)")
+        fields = {k: v for k, v in form.multi_items() if not hasattr(v, "read")}
+        images = [(upload.filename or f"files[{index}]", await upload.read()) for index, upload in enumerate(files)]
+        payload = {"images": ["-"] * len(images)} | fields
+    else:
+        try:
+            payload = await request.json()
+        except ValueError:  # not JSON at all (or not UTF-8)
+            raise InputError("body must be JSON {\"images\": [base64, ...]} or multipart") from None
+        images = None
+    try:
+        params = body_model.model_validate(payload)
+    except ValidationError as exc:  # name the fields, not the values
+        raise InputError(short(exc)) from None
+    if images is None:
+        images = [(f"images[{index}]", decode_b64(text, f"images[{index}]"))
+                  for index, text in enumerate(params.images)]
+    if len(images) > MAX_IMAGES:
+        raise TooLargeError(f"{len(images)} images in one request; the limit is {MAX_IMAGES}")
+    return images, params
+
+
+async def run_vit(request: Request, endpoint: str, model: str, images: list, call) -> list[dict]:
+    """Results in the images' order; an image whose header is unreadable gets its error without reaching Triton."""
+    max_pixels = request.app.state.settings.limits.max_image_pixels
+    good, errors = [], {}
+    for index, (name, data) in enumerate(images):
+        try:
+            header_size(data, name, max_pixels)
+            good.append((name, data))
+        except KilnError as exc:
+            errors[index] = str(exc)
+    client = vit_client(request)
+    if not await run_in_threadpool(client.is_ready, model):
+        count(request, endpoint, "503")
+        raise APIError(503, "unavailable", "the ViT models are not being served by Triton (build them with "
+                                           "`kiln build vit`)", {"Retry-After": "5"})
+    results = iter(await run_in_threadpool(call, client, good) if good else [])
+    count(request, endpoint, "200")
+    return [{"image": name, "error": errors[index]} if index in errors else next(results).as_dict()
+            for index, (name, _) in enumerate(images)]
+
+
+@router.post("/classify", openapi_extra=OPENAPI)
+async def classify(request: Request):
+    """Top-k labels per image; a bad image fails alone (its entry has `error`)."""
+    images, params = await images_from(request, schemas.ClassifyBody)
+    results = await run_vit(request, "/v1/classify", VIT_CLASSIFY, images,
+                            lambda client, good: client.classify(good, top_k=params.top_k))
+    return {"results": results}
+
+
+@router.post("/embed", openapi_extra=OPENAPI)
+async def embed(request: Request):
+    """Pooled features (and optionally one block's tokens) per image."""
+    images, params = await images_from(request, schemas.EmbedBody)
+    results = await run_vit(request, "/v1/embed", VIT_EMBED, images,
+                            lambda client, good: client.embed(good, layer=params.layer, tokens=params.tokens))
+    return {"results": results}

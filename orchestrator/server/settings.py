@@ -1,0 +1,28 @@
+"""The service's one settings object: what `kiln serve` flags (and tests) configure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.jobs import EngineOptions
+from orchestrator.pipeline import Limits
+from orchestrator.security import SecurityOptions
+
+
+@dataclass
+class Settings:
+    triton_url: str = "127.0.0.1:8001"  # the Triton (gRPC) that runs every model
+    max_queue: int = 64  # jobs waiting beyond the running ones; more is 429
+    workers: int = 16  # generations running at once
+    step_batching: bool = True  # merge the UNet steps of concurrent generations
+    max_batch_rows: int = 0  # rows per merged UNet call; 0: the model's max batch size
+    request_timeout_s: float = 600.0  # a synchronous generation past this is a 504 (and cancelled)
+    limits: Limits = field(default_factory=Limits)  # what one request may ask for (the CLI and library share them)
+    cors_origins: tuple[str, ...] = ()  # browsers' origins allowed to call the API; none by default
+    security: SecurityOptions = field(default_factory=SecurityOptions)  # auth, rate limit, body cap
+    listen: str = "127.0.0.1"  # bind address; off loopback, auth is required
+    port: int = 7860
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(triton_url=self.triton_url, max_queue=self.max_queue, workers=self.workers,
+                             step_batching=self.step_batching, max_batch_rows=self.max_batch_rows, limits=self.limits)

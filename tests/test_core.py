@@ -1,0 +1,157 @@
+"""kiln's core, torch-free: the build -> serve contract, infotext, AUTOMATIC1111's image operations, the wire dtypes,
+samplers and validation (fast: no model runs here)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kiln import contract
+from kiln.contract import SDContract, ServedControlNet
+from kiln.errors import ConfigError, InputError, NotFoundError, TooLargeError
+from kiln.imaging import encode_png, header_size, to_uint8
+from kiln.infotext import parameters_text, parse_infotext, read_png_info
+from kiln.masks import crop_region, inpaint_mask, resize_init_image
+from kiln.triton_client import wire_dtype
+from orchestrator.pipeline import ControlNetUnit, Img2ImgRequest, Limits, Txt2ImgRequest, check_job, check_request
+from orchestrator.pipeline.sampling import UnknownSampler, make_scheduler
+from tests.conftest import encode, png_header_only
+
+CONTRACT = SDContract(
+    scheduler_config={"beta_schedule": "scaled_linear", "num_train_timesteps": 1000}, vae_scale_factor=2,
+    latent_channels=4, unet_in_channels=4, scaling_factor=0.18215, min_size=32, max_size=128, size_multiple=8,
+    model_name="tiny", model_sha256="ab" * 32, controlnets=(
+        ServedControlNet("canny", "sd_controlnet", "sd_controlnet_unet", "cd" * 32),
+        ServedControlNet("depth", "sd_controlnet_2", "", "")), unet_max_batch=16)
+
+
+def test_the_contract_round_trips_through_config_parameters():
+    params = CONTRACT.to_parameters()
+    assert all(isinstance(v, str) for v in params.values()) and "unet_max_batch" not in params
+    assert SDContract.from_parameters(params, 16) == CONTRACT
+    assert CONTRACT.title == "tiny [abababab" + "ab]" and CONTRACT.model_hash == "ab" * 5
+    with pytest.raises(ConfigError, match="rebuild the repository"):
+        SDContract.from_parameters({k: v for k, v in params.items() if k != "latent_channels"}, 16)
+
+
+def test_controlnets_are_picked_by_name_or_title():
+    assert CONTRACT.controlnet(None).name == CONTRACT.controlnet("None").name == "canny"
+    assert CONTRACT.controlnet("canny [cdcdcdcd]").name == "canny" and CONTRACT.controlnet("depth").name == "depth"
+    assert CONTRACT.controlnet("depth [0123abcd]").name == "depth"  # a title whose hash moved on
+    assert CONTRACT.controlnet("depth").component == "controlnet_2"
+    with pytest.raises(InputError, match=r"unknown ControlNet model 'seg'; this build serves: "
+                                         r"canny \[cdcdcdcd\], depth"):
+        CONTRACT.controlnet("seg")
+    with pytest.raises(InputError, match="this build has no ControlNet"):
+        replace(CONTRACT, controlnets=()).controlnet(None)
+
+
+def test_model_names_have_one_home():
+    assert contract.sd_model("unet") == contract.SD_UNET
+    assert [contract.controlnet_component(i) for i in range(3)] == ["controlnet", "controlnet_2", "controlnet_3"]
+    assert [contract.controlnet_ensemble(i) for i in range(2)] == ["sd_controlnet_unet", "sd_controlnet_unet_2"]
+
+
+def test_infotext_is_written_and_read_back_as_automatic1111_does():
+    info = {"prompt": "a cat, studio", "negative_prompt": "blurry", "steps": 20, "sampler": "Euler a",
+            "cfg_scale": 7.0, "seed": 42, "width": 512, "height": 768, "model_hash": "abcdef0123", "model": "sd15",
+            "denoising_strength": 0.6, "mask_blur": 4, "inpainting_mask_invert": False, "inpainting_fill": 1,
+            "controlnet": ['"Module: canny, Model: canny [cdcdcdcd], Weight: 1.0"']}
+    text = parameters_text(info)
+    assert text.splitlines()[0] == "a cat, studio" and text.splitlines()[1] == "Negative prompt: blurry"
+    parsed = parse_infotext(text)
+    assert parsed["Prompt"] == "a cat, studio" and parsed["Negative prompt"] == "blurry"
+    assert (parsed["Steps"], parsed["Sampler"], parsed["Seed"], parsed["Size-1"], parsed["Size-2"]) == \
+        ("20", "Euler a", "42", "512", "768")
+    assert parsed["Masked content"] == "original" and parsed["Mask mode"] == "Inpaint masked"
+    assert parsed["ControlNet 0"] == "Module: canny, Model: canny [cdcdcdcd], Weight: 1.0"
+    png = encode_png(np.zeros((8, 8, 3), np.uint8), {"parameters": text})
+    assert read_png_info(png)["parameters"]["Seed"] == "42"
+    with pytest.raises(InputError, match="cannot read its metadata"):
+        read_png_info(b"\x89PNG\r\n\x1a\n broken")
+    assert parse_infotext("") == {}
+
+
+def test_image_headers_are_checked_before_decoding():
+    assert header_size(encode(Image.new("RGB", (30, 20)))) == (30, 20)
+    with pytest.raises(TooLargeError, match="refused before decoding"):
+        header_size(png_header_only(5000, 5000), "init_images[0]", max_pixels=1000 * 1000)
+    with pytest.raises(TooLargeError, match="too many pixels"):
+        header_size(png_header_only(30000, 30000))
+    with pytest.raises(InputError, match="mask: not an image"):
+        header_size(b"GIF89a-corrupt", "mask")
+
+
+def test_decoder_output_is_rounded_as_diffusers_rounds_it():
+    decoded = np.array([-1.5, -1.0, 0.0, 0.999, 1.2], np.float32).reshape(1, 1, 1, 5).repeat(3, axis=1)
+    assert to_uint8(decoded)[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_resize_modes_shape_the_init_image():
+    wide = encode(Image.new("RGB", (96, 48), (10, 200, 30)))
+    assert resize_init_image(wide, 64, 64, 0) is wide and resize_init_image(wide, 64, 64, 3) is wide
+    for mode in (1, 2):
+        assert Image.open(io.BytesIO(resize_init_image(wide, 64, 64, mode))).size == (64, 64)
+
+
+def test_wire_dtypes():
+    assert wire_dtype(np.zeros(1, np.float32)) == "FP32" and wire_dtype(np.zeros(1, np.int64)) == "INT64"
+    assert wire_dtype(np.array([b"x"], dtype=object)) == "BYTES" and wire_dtype(np.zeros(1, bool)) == "BOOL"
+
+
+def test_validation_names_the_field_with_one_set_of_limits():
+    ok = Txt2ImgRequest(prompt="a cat", width=64, height=64)
+    check_request(ok, CONTRACT)
+    cases = [(replace(ok, width=60), InputError, "width must be a multiple of 8"),
+             (replace(ok, steps=151), InputError, "steps must be between 1 and 150"),
+             (replace(ok, batch_size=9), InputError, "batch_size must be between 1 and 8"),
+             (replace(ok, prompt="x" * 20000), TooLargeError, "prompt of 20000 characters"),
+             (replace(ok, sampler="Euler z"), UnknownSampler, "Sampler not found"),
+             (replace(ok, seed=True), InputError, "seed must be"),
+             (replace(ok, controlnet=(ControlNetUnit(image=b"x"),) * 5), InputError, "at most 4 per request"),
+             (replace(ok, controlnet=ControlNetUnit(image=b"x", model="seg")), InputError, "unknown ControlNet"),
+             (Img2ImgRequest(prompt="a cat", width=64, height=64), InputError, "init_image is empty"),
+             (Img2ImgRequest(prompt="a cat", width=64, height=64, init_image=b"x", inpainting_fill=7), InputError,
+              "inpainting_fill must be one of")]
+    for request, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            check_request(request, CONTRACT)
+    assert issubclass(UnknownSampler, NotFoundError)  # the API's 404
+    check_request(replace(ok, steps=400), CONTRACT, Limits(max_steps=500))
+    with pytest.raises(InputError, match="batch_size x n_iter = 18 images exceeds the limit of 16"):
+        check_job(replace(ok, batch_size=2), 9)
+    with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
+        check_request(ok, replace(CONTRACT, unet_in_channels=9))
+
+
+def test_transparent_mask_is_read_by_its_alpha():
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))  # transparent: keep
+    rgba.paste((0, 0, 0, 255), (0, 0, 32, 64))  # opaque left half: repaint
+    buffer = io.BytesIO()
+    rgba.save(buffer, "PNG")
+    mask = inpaint_mask(buffer.getvalue(), 64, 64, blur=0, invert=False)
+    assert mask[0, 10, 5] == 1 and mask[0, 10, 60] == 0
+
+
+def test_sampler_names_ignore_the_checkpoints_own_scheduler_options():
+    scheduler = make_scheduler("Euler", {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                                         "use_karras_sigmas": True, "_class_name": "EulerDiscreteScheduler"})
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler" and not scheduler.config.use_karras_sigmas
+    karras = make_scheduler("DPM++ 2M Karras", {"beta_schedule": "scaled_linear"})
+    assert type(karras).__name__ == "DPMSolverMultistepScheduler" and karras.config.use_karras_sigmas
+
+
+def test_only_masked_crop_region_follows_automatic1111():
+    mask = np.zeros((100, 200), bool)
+    mask[40:50, 90:110] = True  # 20 wide, 10 high
+    assert crop_region(np.zeros((8, 8), bool), 4, 64, 64) is None
+    left, top, right, bottom = crop_region(mask, 5, 64, 64)  # padded to 30 x 20, then squared to 30 x 30
+    assert (right - left, bottom - top) == (30, 30) and left == 85 and top <= 35 and bottom >= 55
+    left, top, right, bottom = crop_region(mask, 0, 128, 32)  # 4:1 -> 40 x 10, centred on the mask
+    assert (right - left, bottom - top) == (40, 10) and (left, top) == (80, 40)
+    left, top, right, bottom = crop_region(mask, 80, 64, 64)  # wider than the image allows: clamped inside
+    assert 0 <= left < right <= 200 and 0 <= top < bottom <= 100
