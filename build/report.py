@@ -14,11 +14,11 @@ _TOOLS = ("torch", "timm", "onnx", "onnxruntime", "openvino", "nncf", "diffusers
 
 
 def artifact_files(path: Path) -> list[Path]:
-    """An artifact's files: the file itself, plus an OpenVINO .bin or ONNX external data beside it."""
+    """An artifact's files: the file itself, plus an OpenVINO IR's .bin or an ONNX file's external data beside it
+    (model.onnx and model.xml share a folder: the IR's model.bin is not the ONNX file's)."""
     path = Path(path)
-    companions = [c for c in (path.with_suffix(".bin"), path.with_name(path.name + ".data"))
-                  if c != path and c.exists()]
-    return [path, *companions]
+    companion = {".xml": path.with_suffix(".bin"), ".onnx": path.with_name(path.name + ".data")}.get(path.suffix)
+    return [path, companion] if companion is not None and companion.exists() else [path]
 
 
 def sha256(path: Path) -> str:

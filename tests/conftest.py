@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from build.report import read_report, update_report
 from build.sd import ImageRange, SDBuildOptions, build_sd
 from build.sd.weights import random_controlnet, write_sd_checkpoint
 from build.vit import ViTBuildOptions, build_vit
@@ -49,6 +50,21 @@ def sd_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def plain_checkpoint(tmp_path_factory) -> Path:
+    """The tiny SD checkpoint without a ControlNet, as most users' are."""
+    return write_sd_checkpoint(tmp_path_factory.mktemp("sd_plain") / "weights", size="tiny", seed=0, controlnet=False)
+
+
+@pytest.fixture(scope="session")
+def plain_repo(tmp_path_factory, plain_checkpoint) -> Path:
+    """plain_checkpoint built (ONNX Runtime fp32) at the sizes the tiny benchmarks use."""
+    repo = tmp_path_factory.mktemp("plain_repo") / "repo"
+    build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=repo, images=IMAGES, progress=False),
+             log=lambda _m: None)
+    return repo
+
+
+@pytest.fixture(scope="session")
 def scribble(tmp_path_factory) -> Path:
     """A second ControlNet for the same UNet (its own seed), as a user's depth or scribble model would be."""
     folder = tmp_path_factory.mktemp("controlnets") / "control_scribble"
@@ -57,14 +73,29 @@ def scribble(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_repo(tmp_path_factory, sd_checkpoint, scribble) -> Path:
-    """One repository: the tiny SD with two ControlNets ("controlnet", the default, and "scribble"), and the ViT."""
+def all_variants_repo(tmp_path_factory) -> tuple[Path, object]:
+    """Every ViT variant and export, built once per session (about a minute on 2 cores); it serves ONNX Runtime fp32."""
+    repo = tmp_path_factory.mktemp("repo_all")
+    result = build_vit(ViTBuildOptions(random_weights=True, repository=repo, progress=False), log=lambda _msg: None)
+    return repo, result
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory, sd_checkpoint, scribble, all_variants_repo) -> Path:
+    """One repository: the tiny SD with two ControlNets ("controlnet", the default, and "scribble"), and the ViT.
+
+    The ViT's models are those of the all-variants build (linked, and its report section copied): the same
+    random weights and the same served variant, ONNX Runtime fp32, without exporting it twice.
+    """
     repo = tmp_path_factory.mktemp("repo") / "repo"
     build_sd(SDBuildOptions(weights=str(sd_checkpoint), repository=repo, images=IMAGES, progress=False,
                             controlnet=(str(sd_checkpoint / "controlnet"), f"scribble={scribble}")),
              log=lambda _m: None)
-    build_vit(ViTBuildOptions(random_weights=True, variants=(), extra_exports=(), repository=repo, progress=False),
-              log=lambda _m: None)
+    vit_build, _ = all_variants_repo
+    vit_report = read_report(vit_build)["vit"]
+    for name in vit_report["models"]:
+        (repo / name).symlink_to(vit_build / name)
+    update_report(repo, "vit", vit_report)
     return repo
 
 
@@ -73,17 +104,9 @@ def vit_repo(model_repo, tmp_path_factory) -> Path:
     """The ViT models of model_repo alone (linked): for tests that start a server and need only those."""
     repo = tmp_path_factory.mktemp("vit_repo")
     for entry in model_repo.iterdir():
-        if entry.name.startswith("vit") or entry.name == "build-report.json":
-            (repo / entry.name).symlink_to(entry)
+        if entry.name.startswith("vit"):
+            (repo / entry.name).symlink_to(entry.resolve())
     return repo
-
-
-@pytest.fixture(scope="session")
-def all_variants_repo(tmp_path_factory) -> tuple[Path, object]:
-    """Every ViT variant and export, built once per session (about a minute on 2 cores)."""
-    repo = tmp_path_factory.mktemp("repo_all")
-    result = build_vit(ViTBuildOptions(random_weights=True, repository=repo, progress=False), log=lambda _msg: None)
-    return repo, result
 
 
 @pytest.fixture(scope="session")

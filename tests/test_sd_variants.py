@@ -15,17 +15,12 @@ from build.convert import SD_VARIANTS, derive
 from build.report import read_report
 from build.sd import SDBuildOptions, axis_sizes, build_sd, sd_specs
 from build.sd.export import check_component, export_component, export_modules
-from build.sd.weights import load_sd, write_sd_checkpoint
+from build.sd.weights import load_sd
 from build.triton_config import read_config
 from orchestrator.pipeline import Pipeline, Txt2ImgRequest
 from tests.conftest import IMAGES, start_triton
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return write_sd_checkpoint(tmp_path_factory.mktemp("sd_variants") / "tiny", size="tiny", seed=0, controlnet=False)
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +57,19 @@ def test_a_static_variant_needs_calibration(unet_onnx, tmp_path):
         derive(SD_VARIANTS["openvino-int8-hybrid"], unet_onnx[3], tmp_path / "x.xml")
 
 
-def test_unknown_variant_is_a_clear_error(checkpoint, tmp_path):
+def test_unknown_variant_is_a_clear_error(plain_checkpoint, tmp_path):
     from kiln.errors import ExportError
 
     with pytest.raises(ExportError, match="unknown SD variant 'tensorrt-fp4'.*openvino-int8"):
-        build_sd(SDBuildOptions(weights=str(checkpoint), repository=tmp_path, variant="tensorrt-fp4", progress=False),
+        build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, variant="tensorrt-fp4",
+                                progress=False),
                  log=lambda _m: None)
 
 
 @pytest.fixture(scope="module")
-def int8_repo(checkpoint, tmp_path_factory) -> Path:
+def int8_repo(plain_checkpoint, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("sd_int8_repo")
-    build_sd(SDBuildOptions(weights=str(checkpoint), repository=repo, images=IMAGES, progress=False,
+    build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=repo, images=IMAGES, progress=False,
                             variant="openvino-int8-hybrid", calibration_steps=2), log=lambda _m: None)
     return repo
 
@@ -114,10 +110,19 @@ def test_hybrid_int8_build_is_served_and_reports_its_trade(int8_repo, tmp_path):
     assert np.abs(served.astype(int) - in_process.astype(int)).max() <= 1
 
 
-def test_bench_sd_tiny(tmp_path):
+def _prebuilt(tmp_path: Path, name: str, plain_checkpoint: Path, plain_repo: Path) -> None:
+    """The tiny checkpoint and its fp32 build where a benchmark looks for its own (with skip_build, it reuses them)."""
+    root = tmp_path / name
+    root.mkdir()
+    (root / "weights").symlink_to(plain_checkpoint)
+    (root / "repo").symlink_to(plain_repo)
+
+
+def test_bench_sd_tiny(tmp_path, plain_checkpoint, plain_repo):
     from benchmarks.sd import SDBenchOptions, run_sd_benchmark
 
-    result = run_sd_benchmark(SDBenchOptions(out=tmp_path, pipeline="tiny", steps=2, repeats=1,
+    _prebuilt(tmp_path, "bench_sd_tiny", plain_checkpoint, plain_repo)
+    result = run_sd_benchmark(SDBenchOptions(out=tmp_path, pipeline="tiny", steps=2, repeats=1, skip_build=True,
                                              variants=("torch-fp32", "onnxruntime-fp32", "openvino-int8")),
                               log=lambda _m: None)
     saved = json.loads((tmp_path / "sd-tiny-64.json").read_text())
@@ -148,12 +153,13 @@ def test_bench_sd_tiny(tmp_path):
     assert result["best_unet"]["variant"] in rows
 
 
-def test_bench_serve_tiny(tmp_path):
+def test_bench_serve_tiny(tmp_path, plain_checkpoint, plain_repo):
     from benchmarks.serve import ARMS, ServeBenchOptions, run_serve_benchmark
 
+    _prebuilt(tmp_path, "bench_serve_tiny", plain_checkpoint, plain_repo)
     # Loops long enough (8 steps, 2 requests each) that the two clients' denoising loops overlap.
     result = run_serve_benchmark(ServeBenchOptions(out=tmp_path, concurrency=(1, 2), requests_per_client=2, steps=8,
-                                                   size=32), log=lambda _m: None)
+                                                   size=32, skip_build=True), log=lambda _m: None)
     saved = json.loads((tmp_path / "serve-tiny-32.json").read_text())
     assert (tmp_path / "serve-tiny-32.png").exists() and (tmp_path / "serve-tiny-32.md").exists()
     rows = {(r["arm"], r["clients"]): r for r in saved["rows"]}
