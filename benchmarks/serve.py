@@ -21,8 +21,6 @@ Writes results/serve-<pipeline>.json, .md and .png (throughput and p95 latency a
 from __future__ import annotations
 
 import json
-import os
-import platform
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.load import run_concurrently, write_results
+from benchmarks.load import machine, machine_line, run_concurrently, write_results
 from kiln import contract as names
 from kiln.errors import KilnError
 
@@ -259,8 +257,7 @@ def summarize(rows: list[Row], options: ServeBenchOptions, curve: dict[int, floa
     target = ratios.get(8)
     return {
         "benchmark": "serve", "pipeline": options.pipeline, "options": {k: str(v) for k, v in asdict(options).items()},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "rows": [asdict(r) for r in rows], "baseline": BASELINE, "ratios": ratios,
         "unet_seconds_by_rows": {str(n): t for n, t in curve.items()},
         "target": None if target is None else {
@@ -275,7 +272,8 @@ def markdown_table(result: dict) -> str:
     lines = [f"Pipeline: {result['pipeline']} at {result['image_side']}x{result['image_side']}; ratios are against "
              f"the `{result['baseline']}` arm at the same number of clients. Ceiling: what merging could give if the "
              "UNet were all the work, N solo 2-row calls against one merged call, from sd_unet's cost alone: "
-             + ", ".join(f"{n} rows {t * 1000:.1f} ms" for n, t in result["unet_seconds_by_rows"].items()) + ".", "",
+             + ", ".join(f"{n} rows {t * 1000:.1f} ms" for n, t in result["unet_seconds_by_rows"].items()) + ".",
+             machine_line(result["machine"]), "",
              "| clients | arm | images/s | p50 s | p95 s | rows per call sent | rows per Triton execution | "
              "UNet busy | throughput ratio | p95 ratio | ceiling |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.load import run_concurrently, write_results
+from benchmarks.load import cpu_flags, isa, run_concurrently, write_results
 from build.convert import VIT_VARIANTS as VARIANTS
 from build.convert import open_session
 from build.triton_config import read_config
@@ -63,21 +63,12 @@ class Row:
 
 def cpu_ceiling_gflops() -> dict:
     """The fp32 FMA peak of this CPU: cores x GHz x flops/cycle (2 FMA pipes x 8 lanes x 2 = 32 with AVX2/Zen)."""
-    flags, mhz = set(), 0.0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("cpu MHz") and not mhz:
-                mhz = float(line.split(":", 1)[1])
-    except OSError:
-        pass
+    _name, flags, mhz = cpu_flags()
     cores = os.cpu_count() or 1
     per_cycle = 32 if "fma" in flags else 16
     ghz = mhz / 1000 if mhz else 2.0
     return {"cores": cores, "ghz": round(ghz, 3), "flops_per_cycle_per_core": per_cycle,
-            "fp32_peak_gflops": round(cores * ghz * per_cycle, 1),
-            "isa": sorted(f for f in flags if f.startswith(("avx", "fma", "amx")) or "vnni" in f or "bf16" in f)}
+            "fp32_peak_gflops": round(cores * ghz * per_cycle, 1), "isa": isa(flags)}
 
 
 def _timed(fn: Callable[[], None], seconds: float, min_iterations: int) -> list[float]:

@@ -75,7 +75,8 @@ def test_no_model_name_is_written_outside_the_contract():
 def test_no_module_is_a_hub():
     """Past ~400 lines a module usually holds two jobs (STYLE.md)."""
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
-             for folder in ("kiln", "build", "orchestrator", "clients") for p in (ROOT / folder).rglob("*.py")}
+             for folder in ("kiln", "build", "orchestrator", "clients", "benchmarks")
+             for p in (ROOT / folder).rglob("*.py")}
     assert max(sizes.values()) <= 400, sorted(sizes.items(), key=lambda item: -item[1])[:3]
 
 

@@ -14,7 +14,7 @@ import pytest
 from build.convert import SD_VARIANTS, derive
 from build.report import read_report
 from build.sd import SDBuildOptions, axis_sizes, build_sd, sd_specs
-from build.sd.export import check_component, export_component, export_modules
+from build.sd.export import check_component, export_modules
 from build.sd.weights import load_sd
 from build.triton_config import read_config
 from orchestrator.pipeline import Pipeline, Txt2ImgRequest
@@ -24,13 +24,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def unet_onnx(sd_checkpoint, tmp_path_factory):
-    loaded = load_sd(sd_checkpoint)
-    specs = sd_specs(loaded, IMAGES)
-    module = export_modules(loaded)["unet"]
-    path = tmp_path_factory.mktemp("unet") / "model.onnx"
-    export_component(module, specs["unet"], path, axis_sizes(loaded, batch=2, height=64, width=64))
-    return loaded, specs["unet"], module, path
+def unet_onnx(plain_checkpoint, plain_repo):
+    """The plain build's fp32 UNet export, and the PyTorch module it came from."""
+    loaded = load_sd(plain_checkpoint)
+    return loaded, sd_specs(loaded, IMAGES)["unet"], export_modules(loaded)["unet"], plain_repo / "sd_unet" / "1" / \
+        "model.onnx"
 
 
 @pytest.mark.parametrize("variant", [v for v, kind in SD_VARIANTS.items() if kind.derived and not kind.calibrated])

@@ -23,21 +23,15 @@ def add_parser(commands) -> None:
     vit.set_defaults(run=run_vit)
     serve = targets.add_parser("serve", help="concurrent txt2img clients against the API: step-level batching on "
                                              "vs off")
-    serve.add_argument("--out", type=Path, default=RESULTS)
-    serve.add_argument("--pipeline", choices=("tiny", "full"), default="tiny",
-                       help="tiny random SD, or SD 1.5's full-size architecture (slow: hours on 2 cores)")
+    _sd_pipeline(serve, "tiny", "tiny random SD, or SD 1.5's full-size architecture (slow: hours on 2 cores)")
     serve.add_argument("--clients", type=int_list, default=(1, 2, 4, 8, 16), help="concurrency levels")
     serve.add_argument("--requests-per-client", type=int, default=3)
     serve.add_argument("--steps", type=int, default=20)
-    serve.add_argument("--size", type=int, default=0, help="image side (default: 64 tiny, 512 full)")
     serve.add_argument("--skip-build", action="store_true", help="reuse the benchmark's repository")
     serve.set_defaults(run=run_serve)
     sd = targets.add_parser("sd", help="SD per component and per image: torch eager vs ONNX Runtime and OpenVINO "
                                        "variants, direct vs Triton")
-    sd.add_argument("--out", type=Path, default=RESULTS)
-    sd.add_argument("--pipeline", choices=("tiny", "full"), default="full",
-                    help="SD 1.5's full-size architecture with seeded random weights (default), or the tiny one")
-    sd.add_argument("--size", type=int, default=0, help="image side (default: 512 full, 64 tiny)")
+    _sd_pipeline(sd, "full", "SD 1.5's full-size architecture with seeded random weights (default), or the tiny one")
     sd.add_argument("--steps", type=int, default=20, help="steps of the measured images")
     sd.add_argument("--repeats", type=int, default=3, help="timed calls per component after one warm-up")
     sd.add_argument("--variants", default="torch-fp32,onnxruntime-fp32,openvino-fp32,openvino-bf16,openvino-int8",
@@ -46,6 +40,13 @@ def add_parser(commands) -> None:
     sd.add_argument("--skip-build", action="store_true",
                     help="reuse the benchmark's checkpoint, repository and derived artifacts")
     sd.set_defaults(run=run_sd)
+
+
+def _sd_pipeline(parser, default: str, help_text: str) -> None:
+    """Where an SD benchmark writes, which pipeline it builds, and at which image side."""
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--pipeline", choices=("tiny", "full"), default=default, help=help_text)
+    parser.add_argument("--size", type=int, default=0, help="image side (default: 64 tiny, 512 full)")
 
 
 def run_vit(args) -> int:

@@ -95,8 +95,7 @@ def read_contract(client: TritonClient) -> SDContract:
     try:
         params, max_batch = client.model_parameters(names.SD_UNET)
     except ServerError as exc:
-        raise ServerError(f"cannot read {names.SD_UNET}'s config from Triton at {client.url} ({exc}); is `kiln serve` "
-                          "running a repository built with `kiln build sd`?") from None
+        raise ServerError(f"{exc} (generation needs a repository built with `kiln build sd`)") from None
     return SDContract.from_parameters(params, max_batch)
 
 
