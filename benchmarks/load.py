@@ -1,42 +1,16 @@
-"""What the benchmarks share: the machine they ran on, the concurrent load generator, the writing of results."""
+"""What the benchmarks share: the machine line of their tables, the concurrent load generator, the writing of
+results."""
 
 from __future__ import annotations
 
-import os
-import platform
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kiln.machine import machine
 
-def cpu_flags() -> tuple[str, set[str], float]:
-    """This CPU's model name, its flags and its clock in MHz, from /proc/cpuinfo (empty where there is none)."""
-    name, flags, mhz = platform.processor() or platform.machine(), set(), 0.0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and name in ("", platform.machine()):
-                name = value.strip()
-            elif key == "flags" and not flags:
-                flags = set(value.split())
-            elif key == "cpu MHz" and not mhz:
-                mhz = float(value)
-    except OSError:
-        pass
-    return name, flags, mhz
-
-
-def isa(flags: set[str]) -> list[str]:
-    """The vector extensions that decide these figures (AVX2 only, or AVX-512 with VNNI/BF16, or AMX)."""
-    return sorted(f for f in flags if f.startswith(("avx", "fma", "amx")) or "vnni" in f or "bf16" in f)
-
-
-def machine() -> dict:
-    """What every result records about the machine: CPU, cores, ISA, Python."""
-    name, flags, _ = cpu_flags()
-    return {"cpu": name, "cores": os.cpu_count(), "isa": isa(flags), "python": platform.python_version()}
+__all__ = ["machine", "machine_line", "run_concurrently", "write_results"]
 
 
 def machine_line(info: dict) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.load import cpu_flags, isa, run_concurrently, write_results
+from benchmarks.load import run_concurrently, write_results
 from build.convert import VIT_VARIANTS as VARIANTS
 from build.convert import open_session
 from build.triton_config import read_config
@@ -33,6 +33,7 @@ from build.vit.weights import load_vit
 from kiln.contract import VIT
 from kiln.errors import ConfigError
 from kiln.imaging import preprocess
+from kiln.machine import cpu_flags, isa
 from kiln.paths import SAMPLE_IMAGES, list_images
 
 GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224x224: 17.6 GMAC

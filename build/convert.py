@@ -77,6 +77,10 @@ SD_VARIANTS = {
     "openvino-int8-hybrid": Variant("openvino", "int8", "static"),
 }
 
+# Every file name a variant can have (a rebuild removes those it does not make: nothing of an earlier build lingers).
+ARTIFACTS = frozenset(v.artifact for kind in (*VIT_VARIANTS.values(), *SD_VARIANTS.values())
+                      for v in (kind, kind.uncalibrated()))
+
 
 def derive(variant: Variant, source: Path, target: Path, calibration: list[dict] | None = None) -> None:
     """Make `variant`'s artifact at `target` from a component's fp32 ONNX file `source`.

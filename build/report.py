@@ -50,11 +50,12 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def machine() -> dict[str, str]:
-    import os
+def machine() -> dict:
+    """The machine the parity figures were measured on: a bf16 or int8 figure depends on its ISA."""
+    from kiln.machine import machine as cpu
 
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": str(os.cpu_count())}
+    info = cpu()
+    return {"platform": platform.platform(), "processor": info["cpu"], "cpus": str(info["cores"]), "isa": info["isa"]}
 
 
 def now() -> str:

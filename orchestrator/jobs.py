@@ -261,13 +261,15 @@ class Engine:
                     self.batcher.max_rows = self._pipeline.contract.unet_max_batch
             return self._pipeline
 
-    def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1) -> Job:
+    def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,
+               context: dict[str, Any] | None = None) -> Job:
         """Validate against the served pipeline (InputError before anything is queued), then queue."""
         pipeline = self.pipeline()
         check_job(request, n_iter, pipeline.limits)
         pipeline.check(request)
         request = with_seeds(request)  # drawn once: n_iter chains from them
-        return self.queue.submit(Job(kind=kind, request=request, n_iter=n_iter))
+        return self.queue.submit(Job(kind=kind, request=request, n_iter=n_iter, client_id=client_id,
+                                     context=context or {}))
 
     def _run_job(self, job: Job) -> None:
         pipeline = self.pipeline()

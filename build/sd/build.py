@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from build import report
-from build.convert import SD_VARIANTS, derive
+from build.convert import ARTIFACTS, SD_VARIANTS, derive
 from build.repository import remove_stale, write_models
 from build.sd.configs import sd_model_configs
 from build.sd.export import check_component, export_component, export_modules
@@ -111,10 +111,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     for name in tqdm(components, desc=f"build sd ({options.variant})", unit="component", disable=not options.progress):
         version = repository / names.sd_model(name) / "1"
         path = version / "model.onnx"
-        for stale in {v.artifact for v in SD_VARIANTS.values()} | {v.uncalibrated().artifact
-                                                                  for v in SD_VARIANTS.values()}:
-            if stale != path.name:
-                report.remove_artifact(version / stale)  # a previous build's variant must not linger beside this one
+        for stale in ARTIFACTS - {path.name}:
+            report.remove_artifact(version / stale)  # a previous build's variant must not linger beside this one
         start = time.perf_counter()
         export_component(modules[name], specs[name], path, export_sizes)
         try:

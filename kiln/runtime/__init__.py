@@ -7,6 +7,7 @@ served path and the measured path are the same code.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ class SessionOptions:
 
 
 class Session:
-    """run(inputs, output_names) -> {name: array}; not thread-safe (one per model instance)."""
+    """run(inputs, output_names) -> {name: array}; thread-safe (ONNX Runtime runs concurrent calls; OpenVINO's one
+    infer request takes them in turn)."""
 
     def __init__(self, options: SessionOptions) -> None:
         self.options = options
@@ -67,6 +69,7 @@ class Session:
             }
             self._compiled = core.compile_model(str(path), "CPU", config)
             self._request = self._compiled.create_infer_request()
+            self._lock = threading.Lock()
             # A port can carry several names (ONNX's and OpenVINO's own); index every one.
             self._ports = {name: port for port in self._compiled.outputs for name in port.get_names()}
             self.input_names = [name for port in self._compiled.inputs for name in port.get_names()]
@@ -90,8 +93,9 @@ class Session:
         feed = {k: v for k, v in inputs.items() if k in self.input_names}
         if self.options.runtime == "onnxruntime":
             return dict(zip(names, self._ort.run(names, feed)))
-        self._request.infer(feed)
-        return {name: np.array(self._request.get_tensor(self._ports[name]).data, copy=True) for name in names}
+        with self._lock:
+            self._request.infer(feed)
+            return {name: np.array(self._request.get_tensor(self._ports[name]).data, copy=True) for name in names}
 
 
 def _preferred_name(port) -> str:

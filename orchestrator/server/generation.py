@@ -38,10 +38,9 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
     served = await pipeline(request)
     generation, ignored = await run_in_threadpool(a1111.to_request, body, served.contract,
                                                   request.app.state.options, served.limits)
-    job = await run_in_threadpool(engine(request).submit, kind, generation, body.n_iter)
-    job.client_id = client_id(request)
-    job.context = {"family": family, "body": body, "ignored": ignored}
-    return job
+    return await run_in_threadpool(lambda: engine(request).submit(
+        kind, generation, body.n_iter, client_id=client_id(request),
+        context={"family": family, "body": body, "ignored": ignored}))
 
 
 def own(request: Request, job: Job | None, family: str) -> bool:
