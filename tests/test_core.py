@@ -122,6 +122,7 @@ def test_validation_names_the_field_with_one_set_of_limits():
             check_request(request, CONTRACT)
     assert issubclass(UnknownSampler, NotFoundError)  # the API's 404
     check_request(replace(ok, steps=400), CONTRACT, Limits(max_steps=500))
+    check_request(replace(ok, cfg_scale=np.float32(7.5), eta=np.float64(0.5)), CONTRACT)  # numpy numbers are numbers
     with pytest.raises(InputError, match="batch_size x n_iter = 18 images exceeds the limit of 16"):
         check_job(replace(ok, batch_size=2), 9)
     with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):

@@ -126,33 +126,40 @@ def run(args) -> int:
 
 def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
     """The same request as AUTOMATIC1111's JSON body, through the API service."""
+    from pydantic import ValidationError
+
     from clients.api import APIClient, save_images
     from kiln import schemas
 
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode()
 
+    # eta as the direct path runs it (the request's 0), not the server's eta_ddim option.
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                   sampler_name=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
-                  height=args.height, batch_size=args.batch_size)
+                  height=args.height, batch_size=args.batch_size, eta=0.0)
     if units:
         fields["alwayson_scripts"] = {"controlnet": {"args": [
             {"enabled": True, "image": b64(u["image"]), "module": u["module"], "model": u["model"] or "None",
              "weight": u["weight"], "guidance_start": u["guidance_start"], "guidance_end": u["guidance_end"]}
             for u in units]}}
-    if args.init_image is None:
-        body = schemas.Txt2ImgBody(**fields)
-    else:
-        if args.mask is not None and not args.overlay:
-            raise KilnError("--api: the API pastes the init image back outside the mask (AUTOMATIC1111 does); "
-                            "pass --overlay to ask for that")
-        # Sent explicitly: the service's defaults are AUTOMATIC1111's (fill 0, only masked), not these options'.
-        body = schemas.Img2ImgBody(**fields, init_images=[b64(files[str(args.init_image)])],
-                                   denoising_strength=args.strength, mask_blur=args.mask_blur,
-                                   inpainting_mask_invert=int(args.mask_invert), inpainting_fill=args.inpainting_fill,
-                                   inpaint_full_res=args.only_masked,
-                                   inpaint_full_res_padding=args.only_masked_padding,
-                                   **({"mask": b64(files[str(args.mask)])} if args.mask else {}))
+    if args.init_image is not None and args.mask is not None and not args.overlay:
+        raise KilnError("--api: the API pastes the init image back outside the mask (AUTOMATIC1111 does); "
+                        "pass --overlay to ask for that")
+    try:
+        if args.init_image is None:
+            body = schemas.Txt2ImgBody(**fields)
+        else:
+            # Sent explicitly: the service's defaults are AUTOMATIC1111's (fill 0, only masked), not these options'.
+            body = schemas.Img2ImgBody(**fields, init_images=[b64(files[str(args.init_image)])],
+                                       denoising_strength=args.strength, mask_blur=args.mask_blur,
+                                       inpainting_mask_invert=int(args.mask_invert),
+                                       inpainting_fill=args.inpainting_fill, inpaint_full_res=args.only_masked,
+                                       inpaint_full_res_padding=args.only_masked_padding,
+                                       **({"mask": b64(files[str(args.mask)])} if args.mask else {}))
+    except ValidationError as exc:  # what the server would refuse, named before anything is sent
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise KilnError(f"--api: {problems}") from None
     response = APIClient(args.api, auth=args.api_auth, api_key=args.api_key).generate(body, show_progress=True)
     for path, seed in save_images(response, args.out):
         print(f"wrote {path} (seed {seed})")

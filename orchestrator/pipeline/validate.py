@@ -7,6 +7,7 @@ a prompt over its length cap is a TooLargeError (413), an unknown sampler an Unk
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from kiln.contract import SDContract
@@ -120,7 +121,8 @@ def _is_int(value) -> bool:
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real number (numpy's too), not a bool, neither NaN nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _integer_in(name: str, value, low: int, high: int) -> None:

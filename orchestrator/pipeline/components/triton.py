@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from kiln import contract as names
 from kiln.contract import SDContract, ServedControlNet
-from kiln.errors import InputError, ServerError
+from kiln.errors import InputError, KilnError, ServerError
 from kiln.triton_client import TritonClient
 from orchestrator.pipeline.components import Components
 
@@ -94,9 +94,13 @@ def read_contract(client: TritonClient) -> SDContract:
     """The SD build's contract, from sd_unet's config as Triton serves it."""
     try:
         params, max_batch = client.model_parameters(names.SD_UNET)
-    except ServerError as exc:
+    except KilnError as exc:  # whatever Triton answers, generation cannot start: the service is unavailable
         raise ServerError(f"{exc} (generation needs a repository built with `kiln build sd`)") from None
-    return SDContract.from_parameters(params, max_batch)
+    contract = SDContract.from_parameters(params, max_batch)
+    if "controlnets" not in params and client.is_model_ready(names.sd_model(names.controlnet_component(0))):
+        # Built before several ControlNets: at most the one, under the first ControlNet's names.
+        contract = replace(contract, controlnets=(ServedControlNet("controlnet"),))
+    return contract
 
 
 def triton_components(url: str, *, timeout_s: float = 600.0) -> Components:

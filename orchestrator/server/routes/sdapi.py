@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.contract import SD_UNET
-from kiln.errors import KilnError, ServerError
+from kiln.errors import KilnError
 from kiln.infotext import read_png_info
 from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
@@ -111,8 +111,8 @@ async def sd_models(request: Request):
 async def get_options(request: Request):
     try:
         await pipeline(request)
-    except ServerError:
-        pass  # options are readable while Triton is away
+    except KilnError:
+        pass  # options are readable while Triton is away (or serves no SD build)
     return dict(request.app.state.options)
 
 
