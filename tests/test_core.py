@@ -156,3 +156,16 @@ def test_only_masked_crop_region_follows_automatic1111():
     assert (right - left, bottom - top) == (40, 10) and (left, top) == (80, 40)
     left, top, right, bottom = crop_region(mask, 80, 64, 64)  # wider than the image allows: clamped inside
     assert 0 <= left < right <= 200 and 0 <= top < bottom <= 100
+
+
+def test_openvino_telemetry_is_off_in_our_processes():
+    """import openvino would fork a sender process (it deadlocked inside Triton's stubs); kiln turns it off."""
+    import subprocess
+    import sys
+
+    code = ("import kiln, openvino, nncf; from openvino.tools.ovc import telemetry_utils; "
+            "from nncf.telemetry import wrapper; "
+            "print(telemetry_utils.tm.__name__, type(wrapper.telemetry).__name__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "MagicMock"]
