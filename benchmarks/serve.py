@@ -7,9 +7,10 @@ measures three arms, alternating per N so drift hits all alike:
 - `unbatched`: no batching anywhere. Step batching off, and a second Triton serves the same
   models with `sd_unet`'s dynamic batcher removed, so every request's UNet call (its CFG pair)
   executes alone: what a batch-1 server does.
-- `triton`: step batching off; Triton's dynamic batcher (`sd_unet`, 2 ms queue delay) merges
-  the calls that happen to arrive together.
-- `step`: the service's step-level batcher merges the UNet calls of every running request.
+- `triton`: step batching off; Triton's dynamic batcher (`sd_unet` with a 2 ms queue delay, on
+  a third Triton) merges the calls that happen to arrive together.
+- `step`: the service's step-level batcher merges the UNet calls of every running request (the
+  build's `sd_unet`, which waits for no partners).
 
 Reported: images/s, p50/p95 request latency, rows per UNet call the service sent (its
 /metrics), rows per model execution Triton ran (Triton's own statistics), and the share of the
@@ -149,10 +150,14 @@ def batching_ceiling(curve: dict[int, float], clients: int, rows_per_request: in
     return (merged // rows_per_request) * curve[rows_per_request] / curve[merged]
 
 
-def unbatched_repository(repo: Path, target: Path) -> Path:
-    """The same models (linked, not copied), with sd_unet's dynamic batcher removed: each call executes alone."""
-    import re
+def rebatched_repository(repo: Path, target: Path, queue_delay_us: int | None) -> Path:
+    """The same models (linked, not copied) with sd_unet's dynamic batching changed: removed (None), so each call
+    executes alone, or waiting `queue_delay_us` for partners."""
     import shutil
+
+    from google.protobuf import text_format
+
+    from build.triton_config import read_config
 
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
@@ -164,11 +169,12 @@ def unbatched_repository(repo: Path, target: Path) -> Path:
     for entry in (repo / names.SD_UNET).iterdir():
         if entry.name != "config.pbtxt":
             (unet / entry.name).symlink_to(entry.resolve())
-    config = (repo / names.SD_UNET / "config.pbtxt").read_text()
-    stripped = re.sub(r"^dynamic_batching \{.*?^\}\n", "", config, flags=re.S | re.M)
-    if stripped == config:
-        raise KilnError(f"{repo / names.SD_UNET / 'config.pbtxt'} has no dynamic_batching block to remove")
-    (unet / "config.pbtxt").write_text(stripped)
+    config = read_config(repo / names.SD_UNET / "config.pbtxt")
+    if queue_delay_us is None:
+        config.ClearField("dynamic_batching")
+    else:
+        config.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
+    (unet / "config.pbtxt").write_text(text_format.MessageToString(config))
     return target
 
 
@@ -200,7 +206,9 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
         raise ValueError(f"unknown pipeline {options.pipeline!r}; valid: {', '.join(PIPELINES)}")
     options.out.mkdir(parents=True, exist_ok=True)
     repo = _repository(options, log)
-    repos = {"batched": repo, "unbatched": unbatched_repository(repo, repo.parent / "repo-unbatched")}
+    # The build's sd_unet waits for no partners (the step batcher merges); Triton's own batching arm waits 2 ms.
+    repos = {"step": repo, "unbatched": rebatched_repository(repo, repo.parent / "repo-unbatched", None),
+             "triton": rebatched_repository(repo, repo.parent / "repo-triton", 2000)}
     side = options.size or PIPELINES[options.pipeline][1]
     body = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": options.steps,
             "sampler_name": options.sampler, "cfg_scale": options.cfg_scale, "width": side, "height": side}
@@ -210,7 +218,7 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
         tritons = {name: stack.enter_context(TritonServer(TritonOptions(
             repository=path, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
             log_path=options.out / f"bench_serve_triton_{name}.log"))) for name, path in repos.items()}
-        triton_of = {"unbatched": tritons["unbatched"], "triton": tritons["batched"], "step": tritons["batched"]}
+        triton_of = tritons  # one Triton per arm
         services = {arm: BackgroundAPI(Settings(triton_url=triton_of[arm].grpc_url, port=free_port(), workers=workers,
                                                 max_queue=workers, step_batching=arm == "step",
                                                 request_timeout_s=3600))
@@ -220,7 +228,7 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
         for service in services.values():  # warm-up: sessions, thread pools, first-call allocations
             _load(service.url, 2, 1, body)
         max_rows = 2 * max(options.concurrency)
-        curve = unet_cost_curve(tritons["batched"].grpc_url, side,
+        curve = unet_cost_curve(tritons["step"].grpc_url, side,
                                 tuple(n for n in (1, 2, 4, 8, 16) if n <= max(max_rows, 2)))
         log("sd_unet alone, seconds per call by rows: "
             + ", ".join(f"{n}: {t * 1000:.1f} ms" for n, t in curve.items()))

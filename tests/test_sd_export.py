@@ -105,3 +105,16 @@ def test_random_controlnet_has_non_zero_residuals(tiny):
                                       torch.from_numpy(x["encoder_hidden_states"]),
                                       torch.from_numpy(x["controlnet_cond"]), return_dict=False)
     assert all(t.abs().max() > 0 for t in (*down, mid))
+
+
+@pytest.mark.slow
+def test_step_models_wait_for_no_batching_partners(model_repo):
+    """The service's step batcher merges the steps; a queue delay on the models each step calls would only add to
+    every step. The once-per-image models keep theirs."""
+    from build.triton_config import read_config
+
+    def delay(model: str) -> int:
+        return read_config(model_repo / model / "config.pbtxt").dynamic_batching.max_queue_delay_microseconds
+
+    assert [delay(m) for m in ("sd_unet", "sd_unet_control", "sd_controlnet", "sd_controlnet_2")] == [0, 0, 0, 0]
+    assert delay("sd_vae_decoder") == delay("sd_vae_encoder") == 2000

@@ -50,7 +50,8 @@ class SDBuildOptions:
     config: str | None = None  # a single file's architecture (a diffusers-format folder); default: SD 1.5's
     repository: Path = DEFAULT_REPOSITORY
     images: ImageRange = ImageRange()
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 2000  # how long the VAE and pre/post-processing models wait for batching partners
+    step_queue_delay_us: int = 0  # the same for the UNet and ControlNets (none: the step batcher merges steps)
     threads: int = 0
     progress: bool = True
     variant: str = "onnxruntime-fp32"  # what the served models run: a key of SD_VARIANTS
@@ -142,7 +143,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
                                            ensemble=names.controlnet_ensemble(index) if has_ensemble(specs, name)
                                            else "")
                           for index, (label, name) in enumerate(zip(loaded.controlnets, controls))))
-    configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads)
+    configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads,
+                               options.step_queue_delay_us)
     remove_stale(repository, "sd_*control*", {c.name for c in configs})
     write_models(configs, repository)
     loaded.tokenizer.save_pretrained(str(repository / names.SD_TOKENIZER / "1" / "tokenizer"))

@@ -12,13 +12,22 @@ from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tens
 from kiln import contract as names
 from kiln.contract import SDContract
 
+STEP_COMPONENTS = ("unet", "unet_control")  # with the ControlNets: what every denoising step calls
+
 
 def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, variants: Mapping[str, Variant],
-                     max_queue_delay_us: int = 2000, threads: int = 0) -> list[ModelConfig]:
+                     max_queue_delay_us: int = 2000, threads: int = 0,
+                     step_queue_delay_us: int = 0) -> list[ModelConfig]:
     """Every model of the build; `variants[component]` is what that component's model serves. The contract goes
-    into sd_unet's parameters: the service reads what it needs to drive the loop from there."""
+    into sd_unet's parameters: the service reads what it needs to drive the loop from there.
+
+    The models a denoising step calls wait `step_queue_delay_us` for batching partners (default none: the
+    service's step batcher already merges the steps of concurrent requests, so a wait only adds to each
+    step); the others `max_queue_delay_us`.
+    """
     text, decoder, encoder = specs["text_encoder"], specs["vae_decoder"], specs["vae_encoder"]
     batching = DynamicBatching(max_queue_delay_microseconds=max_queue_delay_us)
+    step_batching = DynamicBatching(max_queue_delay_microseconds=step_queue_delay_us)
 
     def runtime(component: str) -> dict[str, str]:
         served = variants[component]
@@ -27,8 +36,9 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
 
     def runtime_model(component: str, **extra) -> ModelConfig:
         spec = specs[component]
+        step = component in STEP_COMPONENTS or component.startswith("controlnet")
         return ModelConfig(name=names.sd_model(component), inputs=spec.triton_inputs(), outputs=spec.triton_outputs(),
-                           max_batch_size=spec.max_batch_size, dynamic_batching=batching,
+                           max_batch_size=spec.max_batch_size, dynamic_batching=step_batching if step else batching,
                            parameters=runtime(component) | extra)
 
     hidden = text.outputs[0].shape[-1]

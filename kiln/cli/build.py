@@ -52,6 +52,10 @@ def add_parser(commands) -> None:
     sd.add_argument("--opt-size", type=int, default=512)
     sd.add_argument("--max-size", type=int, default=1024, help="largest image side the build serves (pixels)")
     sd.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
+    sd.add_argument("--step-queue-delay-us", type=int, default=0,
+                    help="how long the UNet and ControlNet models wait for batching partners (default: none; the "
+                         "service's step batcher merges the steps of concurrent requests, a wait only slows each "
+                         "step; raise it for clients that call sd_unet directly)")
     sd.add_argument("--variant", default="onnxruntime-fp32", choices=tuple(SD_VARIANTS),
                     help="what the served models run: each is derived from the fp32 ONNX export and checked against "
                          "PyTorch; lower precisions also report an image's PSNR against fp32 (default: %(default)s)")
@@ -77,5 +81,5 @@ def run_sd(args) -> int:
 
     build_sd(SDBuildOptions(weights=args.weights, controlnet=tuple(args.controlnet or ()) or None, config=args.config,
                             repository=args.repo, images=ImageRange(args.min_size, args.opt_size, args.max_size),
-                            threads=args.threads, variant=args.variant))
+                            threads=args.threads, variant=args.variant, step_queue_delay_us=args.step_queue_delay_us))
     return 0
