@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -122,49 +123,45 @@ def test_a_failing_call_fails_alone():
     batcher.close()
 
 
+@contextmanager
+def _idle_participant(batcher: StepBatcher):
+    """Another generation in its denoising loop that makes no call until released (then leaves its loop)."""
+    release = threading.Event()
+
+    def hold():
+        with batcher.participant():
+            release.wait(5)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    time.sleep(0.05)
+    try:
+        yield release
+    finally:
+        release.set()
+        thread.join()
+
+
 def test_a_straggler_is_waited_for_only_as_long_as_the_window():
     """Two participants, one of which never calls: the other's call runs when the window ends."""
     batcher, graph = StepBatcher(max_rows=16, window_s=0.2), RowGraph()
-    idle = threading.Event()
-
-    def never_calls():
-        with batcher.participant():
-            idle.wait(5)
-
-    thread = threading.Thread(target=never_calls)
-    thread.start()
-    try:
-        time.sleep(0.05)
-        with batcher.participant():
-            start = time.monotonic()
-            result = batcher(graph, _inputs(1, 7.0))
-            waited = time.monotonic() - start
-        assert 0.15 <= waited < 3.0  # the window, not the idle participant's five seconds
-        np.testing.assert_array_equal(result, _expected(_inputs(1, 7.0)))
-    finally:
-        idle.set()
-        thread.join()
-        batcher.close()
+    with _idle_participant(batcher), batcher.participant():
+        start = time.monotonic()
+        result = batcher(graph, _inputs(1, 7.0))
+        waited = time.monotonic() - start
+    assert 0.15 <= waited < 3.0  # the window, not the idle participant's five seconds
+    np.testing.assert_array_equal(result, _expected(_inputs(1, 7.0)))
+    batcher.close()
 
 
 def test_a_participant_leaving_completes_the_tick():
     """The tick waits for every participant; one that leaves its loop no longer counts."""
     batcher, graph = StepBatcher(max_rows=16, window_s=30.0), RowGraph()
-    leaving = threading.Event()
-
-    def leaves():
-        with batcher.participant():
-            leaving.wait(5)
-
-    thread = threading.Thread(target=leaves)
-    thread.start()
-    time.sleep(0.05)
-    with batcher.participant(), ThreadPoolExecutor(1) as pool:
+    with _idle_participant(batcher) as release, batcher.participant(), ThreadPoolExecutor(1) as pool:
         future = pool.submit(batcher, graph, _inputs(1, 3.0))
         time.sleep(0.1)
         assert not future.done()  # waiting for the other participant (window: 30 s)
-        leaving.set()
-        thread.join()
+        release.set()
         np.testing.assert_array_equal(future.result(timeout=5), _expected(_inputs(1, 3.0)))
     batcher.close()
 
