@@ -10,7 +10,9 @@ chunks with empty chunks, so classifier-free guidance can batch them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -89,3 +91,54 @@ def check_tokenizer(tokenizer, source: str, vocab_size: int = CLIP_VOCAB_SIZE) -
     """Guard against the silent 2-token tokenizer that from_pretrained(<hub id>) can return offline."""
     if len(tokenizer) != vocab_size:
         raise WeightsError(f"tokenizer from {source} has {len(tokenizer)} tokens, expected {vocab_size} (SD 1.x CLIP)")
+
+
+class ClipTokenizer:
+    """SD's CLIP tokenizer from the `tokenizer.json` a build saves, with the `tokenizers` library alone.
+
+    transformers' CLIPTokenizer runs the same file through the same library; this keeps transformers (and its
+    import time) out of the Triton models and the serving image. It offers what the functions above use.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise WeightsError(f"{folder} has no tokenizer.json (rebuild the repository: `kiln build sd` saves one)")
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions for an unreadable file
+            raise WeightsError(f"{path} is not a tokenizer: {exc}") from exc
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.bos_token_id = self._special(config.get("bos_token", "<|startoftext|>"))
+        self.eos_token_id = self._special(config.get("eos_token", "<|endoftext|>"))
+
+    def _special(self, token: str | dict) -> int:
+        content = token["content"] if isinstance(token, dict) else token
+        token_id = self._tokenizer.token_to_id(content)
+        if token_id is None:
+            raise WeightsError(f"the tokenizer has no {content!r} token")
+        return token_id
+
+    def __len__(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __call__(self, text: str, add_special_tokens: bool = True, truncation: bool = False) -> dict[str, list[int]]:
+        if truncation:
+            raise ValueError("ClipTokenizer never truncates (prompts are chunked)")
+        return {"input_ids": self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+
+def load_tokenizer(folder: str | Path) -> ClipTokenizer:
+    """The CLIP tokenizer a build saved (`<repository>/sd_tokenizer/1/tokenizer`), checked: the full vocabulary."""
+    tokenizer = ClipTokenizer(folder)
+    check_tokenizer(tokenizer, str(folder))
+    return tokenizer

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from build.sd.weights import clip_tokenizer
-from kiln.prompts import pad_to_same_chunks, tokenize_prompt
+from kiln.errors import WeightsError
+from kiln.prompts import load_tokenizer, pad_to_same_chunks, tokenize_prompt
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +69,30 @@ def test_prompt_and_negative_are_padded_to_the_same_chunks(tokenizer):
     padded = pad_to_same_chunks(tokenizer, positive, negative)
     assert padded[0].shape == padded[1].shape == (2, 77)
     assert (padded[1][1, 1:] == tokenizer.eos_token_id).all()
+
+
+PROMPTS = ["a photo of a cat", "", "A  PHOTO\tof\n\na Cat!!", "café naïve résumé Ⅻ 東京 🐱", "(masterpiece:1.2), [bad], <lora:x:0.5>",
+           "it's they're we'll I'd", "1234567890 3.14", ", ".join(f"word{i}" for i in range(120)), "<|endoftext|> literal"]
+
+
+def test_the_serving_tokenizer_gives_transformers_ids(tokenizer, tmp_path):
+    """The Triton model and the in-process pipeline tokenize with `tokenizers` alone (no transformers in the serving
+    image); on the build's saved tokenizer they must give exactly transformers' ids."""
+    tokenizer.save_pretrained(str(tmp_path))
+    light = load_tokenizer(tmp_path)
+    assert len(light) == len(tokenizer)
+    assert (light.bos_token_id, light.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert light.convert_tokens_to_ids(",</w>") == tokenizer.convert_tokens_to_ids(",</w>")
+    for prompt in PROMPTS:
+        for special in (False, True):
+            assert light(prompt, add_special_tokens=special)["input_ids"] == \
+                tokenizer(prompt, add_special_tokens=special, truncation=False)["input_ids"], prompt
+        assert np.array_equal(tokenize_prompt(light, prompt).ids, tokenize_prompt(tokenizer, prompt).ids)
+
+
+def test_a_folder_without_tokenizer_json_is_named(tmp_path):
+    with pytest.raises(WeightsError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(WeightsError, match="is not a tokenizer"):
+        load_tokenizer(tmp_path)

@@ -17,19 +17,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kiln.errors import InputError
-from kiln.prompts import check_tokenizer, tokenize_batch
+from kiln.prompts import load_tokenizer, tokenize_batch
 from kiln.runtime import model_config
 from kiln.runtime.model import error_response
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        from transformers import CLIPTokenizer
-
         _, params = model_config(args)
-        folder = Path(args["model_repository"]) / args["model_version"] / "tokenizer"
-        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-        check_tokenizer(self.tokenizer, str(folder))
+        self.tokenizer = load_tokenizer(Path(args["model_repository"]) / args["model_version"] / "tokenizer")
         self.max_chunks = int(params["max_chunks"])
 
     def execute(self, requests):

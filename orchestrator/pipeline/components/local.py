@@ -16,7 +16,7 @@ import numpy as np
 from kiln import contract as names
 from kiln.contract import SDContract, ServedControlNet, read_parameters, read_sd_contract
 from kiln.imaging import to_uint8, vae_input
-from kiln.prompts import check_tokenizer, tokenize_batch
+from kiln.prompts import load_tokenizer, tokenize_batch
 from orchestrator.pipeline.components import Components
 
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # inputs -> every output, by name
@@ -100,16 +100,6 @@ class LocalControlNet:
         return self.runner({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})
 
 
-def load_tokenizer(repository: Path):
-    """The CLIP tokenizer the build saved beside sd_tokenizer (checked: the full vocabulary)."""
-    from transformers import CLIPTokenizer
-
-    folder = Path(repository) / names.SD_TOKENIZER / "1" / "tokenizer"
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder))
-    check_tokenizer(tokenizer, str(folder))
-    return tokenizer
-
-
 def local_components(repository: Path, runners: Mapping[str, Runner] | None = None) -> Components:
     """The repository's SD build in process: `runners` (default: sessions over what each model serves)."""
     contract = read_sd_contract(repository)
@@ -122,9 +112,10 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
                    if c.component in runners and "unet_control" in runners}
     # The contract describes what these components can run: a ControlNet without its runner is not served here.
     contract = replace(contract, controlnets=tuple(c for c in contract.controlnets if c.name in controlnets))
+    tokenizer = load_tokenizer(Path(repository) / names.SD_TOKENIZER / "1" / "tokenizer")
     return Components(
-        contract=contract, text_encoder=LocalTextEncoder(load_tokenizer(repository), runners["text_encoder"],
-                                                         contract.max_prompt_chunks),
+        contract=contract,
+        text_encoder=LocalTextEncoder(tokenizer, runners["text_encoder"], contract.max_prompt_chunks),
         unet=LocalGraph(names.SD_UNET, runners["unet"]),
         vae=LocalVAE(runners["vae_decoder"], runners.get("vae_encoder")),
         unet_control=LocalGraph(names.SD_UNET_CONTROL, runners["unet_control"]) if "unet_control" in runners else None,
