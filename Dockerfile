@@ -1,14 +1,22 @@
-# Production image: NVIDIA's Triton (24.10 = Triton 2.51, the version embedded here) serving a model
-# repository built with native backends. Build the repository first, on the host:
+# Production image: NVIDIA's Triton (24.10 = Triton 2.51, the version embedded here) serving a model repository
+# built for its native backends. Build the repository first, on the host, into a folder of its own:
 #
-#   .venv/bin/kiln build vit --weights PATH --backend openvino --precision int8 --triton-backend native --device cpu
-#   docker build -t kiln-triton .
-#   docker run --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 kiln-triton      (add --gpus all for KIND_GPU)
+#   .venv/bin/kiln build vit --weights PATH --triton-backend native --repo repos/native
+#   .venv/bin/kiln build sd --weights PATH --triton-backend native --repo repos/native      (add --device gpu)
+#   docker build --build-arg REPO=repos/native -t kiln-triton .
+#   docker run --rm --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 kiln-triton     (add --gpus all)
 #
-# `vit` then runs on Triton's native onnxruntime/openvino backend; vit_preprocess and vit_postprocess
-# stay Python-backend models and need numpy + Pillow and this project's torch-free core, `kiln`.
+# The text encoder, UNet, VAE, ControlNets and ViT run on Triton's native onnxruntime or openvino backend; the
+# tokenizer and the pre/post-processing models stay Python-backend models and need numpy, Pillow, tokenizers and
+# this project's torch-free core, `kiln`. The Python backend passes tensors through /dev/shm: Docker's 64 MB default
+# is too small, hence --shm-size.
 ARG TRITON_RELEASE=24.10
 FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3
+
+# A repository built by `kiln build ... --triton-backend native` (a folder inside the build context).
+ARG REPO
+RUN test -n "${REPO}" || { echo "kiln: pass --build-arg REPO=<a repository built with --triton-backend native>" >&2; \
+    exit 1; }
 
 COPY requirements-serving.txt /opt/kiln/requirements-serving.txt
 RUN pip install --no-cache-dir -r /opt/kiln/requirements-serving.txt
@@ -18,9 +26,11 @@ COPY kiln/ /opt/kiln/kiln/
 # The models' model.py files put this folder on sys.path (the stub ignores PYTHONPATH).
 ENV KILN_SITE_PACKAGES=/opt/kiln
 
-COPY model_repository/ /models/
+COPY ${REPO}/ /models/
+# Refuse, at build time, what would stop tritonserver at start: a folder without config, a Python-backend runtime.
+RUN PYTHONPATH=/opt/kiln python3 -m kiln.repository /models
 
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
-  CMD curl -fsS localhost:8000/v2/models/vit_classify/ready || exit 1
+  CMD curl -fsS localhost:8000/v2/health/ready || exit 1
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=none", "--strict-readiness=true"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from kiln.errors import ConfigError, InputError
@@ -89,7 +89,7 @@ class SDContract:
     variant: str = "onnxruntime-fp32"  # what the served models run
     controlnets: tuple[ServedControlNet, ...] = ()  # in build order; the first is the default
     max_prompt_chunks: int = 8  # 75-token chunks a prompt may have
-    unet_max_batch: int = field(default=16, metadata={"parameter": False})  # sd_unet's max_batch_size
+    unet_max_batch: int = 16  # rows one sd_unet call may take (a native OpenVINO sd_unet has max_batch_size 0)
 
     @property
     def model_hash(self) -> str:
@@ -134,6 +134,7 @@ class SDContract:
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], unet_max_batch: int) -> SDContract:
+        """`unet_max_batch`: sd_unet's max_batch_size, for builds that did not write it as a parameter."""
         values: dict = {"unet_max_batch": unet_max_batch}
         for item in fields(cls):
             if not item.metadata.get("parameter", True) or item.name not in params:
@@ -153,16 +154,44 @@ class SDContract:
                               "with `kiln build sd`") from None
 
 
-def read_parameters(config_path: Path) -> tuple[dict[str, str], int]:
-    """A config.pbtxt's string parameters and max_batch_size (through Triton's own protobuf message)."""
+def read_config(config_path: Path):
+    """A config.pbtxt as Triton's own protobuf message."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     path = Path(config_path)
     if not path.exists():
         raise ConfigError(f"{path} does not exist; build the repository first")
-    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def read_parameters(config_path: Path) -> tuple[dict[str, str], int]:
+    """A config.pbtxt's string parameters and max_batch_size."""
+    config = read_config(config_path)
     return {k: v.string_value for k, v in config.parameters.items()}, int(config.max_batch_size)
+
+
+@dataclass(frozen=True)
+class ServedArtifact:
+    """The artifact a runtime model serves, and how it runs it."""
+
+    runtime: str  # onnxruntime or openvino
+    artifact: str  # file name in the version folder
+    inference_precision: str = "f32"
+
+
+def read_served(config_path: Path) -> ServedArtifact:
+    """What a runtime model's config serves: a Python-backend model's parameters, or a native backend's file."""
+    config = read_config(config_path)
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    if config.backend == "python":
+        if "runtime" not in params:
+            raise ConfigError(f"{config_path}: {config.name} serves no artifact")
+        return ServedArtifact(params["runtime"], params["artifact"], params.get("inference_precision", "f32"))
+    if config.backend in ("onnxruntime", "openvino") and config.default_model_filename:
+        return ServedArtifact(config.backend, config.default_model_filename,
+                              "bf16" if params.get("HINT_BF16") == "YES" else "f32")
+    raise ConfigError(f"{config_path}: {config.name} serves no artifact kiln can open")
 
 
 def read_sd_contract(repository: Path) -> SDContract:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiln.errors import ServerError
+from kiln.repository import native_models
 
 _PR_SET_PDEATHSIG = 1
 
@@ -190,6 +191,12 @@ class TritonServer:
         repository = Path(self.options.repository)
         if not repository.is_dir():
             raise ServerError(f"model repository {repository} does not exist; build one with `kiln build vit`")
+        native = native_models(repository)
+        if native:
+            listed = ", ".join(f"{name} ({backend})" for name, backend in sorted(native.items()))
+            raise ServerError(f"{repository} was built for NVIDIA's tritonserver image: {listed} need Triton's native "
+                              "backends, which the embedded Triton lacks (it has the Python backend). Serve it with "
+                              "the Dockerfile, or rebuild with --triton-backend python to serve it here")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "wb")
         self._process = subprocess.Popen(

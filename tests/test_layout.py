@@ -108,31 +108,19 @@ def test_readme_layout_names_every_package():
 
 
 def test_dockerfile_references_exist():
-    from build.vit import ViTBuildOptions, vit_model_configs
-    from kiln.imaging import EvalTransform
-
+    """What the Dockerfile copies from the source tree exists; the repository comes from REPO, never the source
+    tree's model folders (tests/test_image.py assembles and checks the image's content)."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     logical = re.sub(r"\\\n", " ", dockerfile)
     sources = []
     for line in logical.splitlines():
         if line.startswith("COPY "):
             sources += line.split()[1:-1]
-    assert sources, "the Dockerfile copies nothing?"
+    assert "kiln/" in sources and "${REPO}/" in sources and "model_repository/" not in sources
     for source in sources:
-        assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
-    # The Python-backend models import only what the image gets: the torch-free core.
-    assert "kiln/" in sources
-    for model in ("vit_preprocess", "vit_postprocess"):
-        code = (ROOT / "model_repository" / model / "1" / "model.py").read_text()
-        assert all(m.startswith("kiln") for m in _our_imports(code))
-    for requirement in (ROOT / "requirements-serving.txt").read_text().split():
-        if not requirement.startswith("#") and "==" in requirement:
-            assert requirement.split("==")[0] in ("numpy", "pillow")
-    # Models named in the Dockerfile are models the native build writes.
-    configs = vit_model_configs(ViTBuildOptions(random_weights=True, triton_backend="native"),
-                                EvalTransform(248, (224, 224), "bicubic", (0.5,) * 3, (0.5,) * 3))
-    names = {c.name for c in configs}
-    for model in re.findall(r"/v2/models/(\w+)/", dockerfile):
-        assert model in names
-    assert "--model-repository=/models" in dockerfile and "COPY model_repository/ /models/" in dockerfile
-    assert "ENV KILN_SITE_PACKAGES=/opt/kiln" in dockerfile
+        if "${REPO}" not in source:
+            assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
+    assert "--model-repository=/models" in dockerfile and "ENV KILN_SITE_PACKAGES=/opt/kiln" in dockerfile
+    assert "python3 -m kiln.repository /models" in dockerfile
+    readme = (ROOT / "README.md").read_text()
+    assert "docker run" in readme and "--shm-size" in readme.split("docker run", 1)[1].splitlines()[0]

@@ -71,8 +71,9 @@ def test_prompt_and_negative_are_padded_to_the_same_chunks(tokenizer):
     assert (padded[1][1, 1:] == tokenizer.eos_token_id).all()
 
 
-PROMPTS = ["a photo of a cat", "", "A  PHOTO\tof\n\na Cat!!", "café naïve résumé Ⅻ 東京 🐱", "(masterpiece:1.2), [bad], <lora:x:0.5>",
-           "it's they're we'll I'd", "1234567890 3.14", ", ".join(f"word{i}" for i in range(120)), "<|endoftext|> literal"]
+PROMPTS = ["a photo of a cat", "", "A  PHOTO\tof\n\na Cat!!", "café naïve résumé Ⅻ 東京 🐱",
+           "(masterpiece:1.2), [bad], <lora:x:0.5>", "it's they're we'll I'd", "1234567890 3.14",
+           ", ".join(f"word{i}" for i in range(120)), "<|endoftext|> literal"]
 
 
 def test_the_serving_tokenizer_gives_transformers_ids(tokenizer, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from build import report
 from build.convert import ARTIFACTS, SD_VARIANTS, derive
+from build.native import check_target, precision_caveat
 from build.repository import remove_stale, write_models
 from build.sd.configs import sd_model_configs
 from build.sd.export import check_component, export_component, export_modules
@@ -55,6 +56,8 @@ class SDBuildOptions:
     threads: int = 0
     progress: bool = True
     variant: str = "onnxruntime-fp32"  # what the served models run: a key of SD_VARIANTS
+    triton_backend: str = "python"  # python (embedded Triton here) or native (NVIDIA's tritonserver image)
+    device: str = "cpu"  # cpu or gpu: the instance kind of a native build's runtime models
     image_check_steps: int = 4  # steps of the image a lower-precision variant is compared on (PSNR against fp32)
     calibration_steps: int = 8  # steps per calibration run (x 3 prompts: UNet inputs for calibrated variants)
 
@@ -75,6 +78,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     # 1. Load and derive the specs.
     if options.variant not in SD_VARIANTS:
         raise ExportError(f"unknown SD variant {options.variant!r}; valid: {', '.join(SD_VARIANTS)}")
+    check_target(options.triton_backend, options.device, [SD_VARIANTS[options.variant]])
     loaded = load_sd(options.weights, options.controlnet, options.config)
     if loaded.random:
         log(f"!! RANDOM WEIGHTS: {options.weights} holds seeded random weights; images are noise-like, not art.")
@@ -144,7 +148,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
                                            else "")
                           for index, (label, name) in enumerate(zip(loaded.controlnets, controls))))
     configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads,
-                               options.step_queue_delay_us)
+                               options.step_queue_delay_us, options.triton_backend, options.device)
     remove_stale(repository, "sd_*control*", {c.name for c in configs})
     write_models(configs, repository)
     loaded.tokenizer.save_pretrained(str(repository / names.SD_TOKENIZER / "1" / "tokenizer"))
@@ -158,11 +162,15 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     # 5. A lower precision is a trade we show: its image against the fp32 build's, same seed. Then the report.
     content = {"created": report.now(), "weights": {"source": loaded.source, "random": loaded.random},
                "image_range": asdict(options.images), "variant": options.variant,
+               "triton_backend": options.triton_backend, "device": options.device,
+               "caveat": precision_caveat(variant, options.triton_backend),
                "vae_scale_factor": contract.vae_scale_factor, "versions": report.tool_versions(),
                "machine": report.machine(), "artifacts": artifacts, "models": [c.name for c in configs]}
     if variant.derived:
         content["image_parity"] = variant_image_parity(repository, side, options.image_check_steps, options.variant,
                                                        log)
+    if content["caveat"]:
+        log(f"!! {content['caveat']}")
     report.update_report(repository, "sd", content)
     log(f"wrote {len(configs)} Triton models to {repository}")
     return content

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from build.convert import Variant
+from build.native import native_config
 from build.sd.specs import controlnet_components, has_ensemble
 from build.specs import ComponentSpec
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
@@ -16,10 +17,11 @@ STEP_COMPONENTS = ("unet", "unet_control")  # with the ControlNets: what every d
 
 
 def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, variants: Mapping[str, Variant],
-                     max_queue_delay_us: int = 2000, threads: int = 0,
-                     step_queue_delay_us: int = 0) -> list[ModelConfig]:
+                     max_queue_delay_us: int = 2000, threads: int = 0, step_queue_delay_us: int = 0,
+                     triton_backend: str = "python", device: str = "cpu") -> list[ModelConfig]:
     """Every model of the build; `variants[component]` is what that component's model serves. The contract goes
-    into sd_unet's parameters: the service reads what it needs to drive the loop from there.
+    into sd_unet's parameters: the service reads what it needs to drive the loop from there. `triton_backend`
+    "native" serves the runtime models on NVIDIA's image's own backends (build.native), on `device`.
 
     The models a denoising step calls wait `step_queue_delay_us` for batching partners (default none: the
     service's step batcher already merges the steps of concurrent requests, so a wait only adds to each
@@ -34,12 +36,18 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
         return {"runtime": served.runtime, "artifact": served.artifact,
                 "inference_precision": served.inference_precision, "threads": str(threads)}
 
+    def served(component: str, config: ModelConfig) -> ModelConfig:
+        if triton_backend == "native":
+            return native_config(config, variants[component], device, threads)
+        return config
+
     def runtime_model(component: str, **extra) -> ModelConfig:
         spec = specs[component]
         step = component in STEP_COMPONENTS or component.startswith("controlnet")
-        return ModelConfig(name=names.sd_model(component), inputs=spec.triton_inputs(), outputs=spec.triton_outputs(),
-                           max_batch_size=spec.max_batch_size, dynamic_batching=step_batching if step else batching,
-                           parameters=runtime(component) | extra)
+        return served(component, ModelConfig(
+            name=names.sd_model(component), inputs=spec.triton_inputs(), outputs=spec.triton_outputs(),
+            max_batch_size=spec.max_batch_size, dynamic_batching=step_batching if step else batching,
+            parameters=runtime(component) | extra))
 
     hidden = text.outputs[0].shape[-1]
     ids = Tensor("input_ids", "INT64", (-1, text.inputs[0].shape[1]))
@@ -49,8 +57,9 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
     configs = [
         ModelConfig(name=names.SD_TOKENIZER, inputs=(Tensor("prompt", "BYTES", (-1,)),), outputs=(ids, chunks),
                     parameters={"max_chunks": str(contract.max_prompt_chunks)}),
-        ModelConfig(name=names.SD_TEXT_ENCODER, inputs=text.triton_inputs(batched=False),
-                    outputs=text.triton_outputs(batched=False), parameters=runtime("text_encoder")),
+        served("text_encoder", ModelConfig(name=names.SD_TEXT_ENCODER, inputs=text.triton_inputs(batched=False),
+                                           outputs=text.triton_outputs(batched=False),
+                                           parameters=runtime("text_encoder"))),
         runtime_model("unet", **contract.to_parameters()),
         runtime_model("vae_decoder"),
         ModelConfig(name=names.SD_VAE_POSTPROCESS, inputs=(Tensor("decoded", "FP32", (3, -1, -1)),), outputs=(images,),

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from build import parity, report
 from build.convert import VIT_VARIANTS, Variant, derive, open_session
+from build.native import check_target, precision_caveat
 from build.repository import write_models
 from build.vit.configs import vit_model_configs
 from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, NUM_CLASSES, VIT_MODEL_NAME, VIT_SPEC
@@ -45,7 +46,7 @@ class ViTBuildOptions:
     calibration_size: int = 32  # int8 calibration samples (augmented crops of the images)
     repository: Path = DEFAULT_REPOSITORY
     triton_backend: str = "python"  # python (embedded Triton here) or native (NVIDIA's tritonserver image)
-    instance_kind: str = "KIND_CPU"
+    device: str = "cpu"  # cpu or gpu: the instance kind of a native build's `vit`
     max_queue_delay_us: int = 2000
     threads: int = 0  # runtime threads inside Triton; 0: all cores
     progress: bool = True
@@ -122,10 +123,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
 
     # 1. Check inputs and load weights.
     keys = options.variant_keys()
-    if options.triton_backend not in ("python", "native"):
-        raise ConfigError(f"unknown Triton backend mode {options.triton_backend!r}; valid: python, native")
-    if options.triton_backend == "python" and options.instance_kind != "KIND_CPU":
-        raise ConfigError("--device gpu needs --triton-backend native: the embedded Python-backend runtimes run on CPU")
+    check_target(options.triton_backend, options.device, [options.served])
     if options.calibration_size < 1:
         raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
     for name in options.extra_exports:
@@ -200,7 +198,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         "weights": {"source": loaded.source, "random": loaded.random,
                     "parameters": int(sum(p.numel() for p in model.parameters()))},
         "served": {"backend": served.runtime, "precision": served.precision, "artifact": served.artifact,
-                   "triton_backend": options.triton_backend},
+                   "triton_backend": options.triton_backend, "device": options.device,
+                   "caveat": precision_caveat(served, options.triton_backend)},
         "preprocess": json.loads(transform.to_json()),
         "parity_images": [p.name for p in images],
         "versions": report.tool_versions(),
@@ -208,6 +207,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         "artifacts": artifacts,
         "models": [c.name for c in configs],
     }
+    if content["served"]["caveat"]:
+        log(f"!! {content['served']['caveat']}")
     report_path = report.update_report(repository, "vit", content)
     log(f"wrote {len(configs)} Triton models and {len(artifacts)} artifacts to {repository} (report: {report_path})")
     return BuildResult(repository=repository, report_path=report_path, served_key=options.served_key,

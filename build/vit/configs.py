@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from build.native import native_config
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 from build.vit.spec import DEFAULT_TOP_K, MAX_TOP_K, NUM_BLOCKS, NUM_CLASSES, VIT_SPEC
 from kiln import contract as names
@@ -36,31 +37,19 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> lis
         parameters={"transform": transform.to_json(), "default_layer": str(NUM_BLOCKS - 1),
                     "max_pixels": str(ImageLimits().max_pixels), "min_side": str(ImageLimits().min_side)},
     )
+    vit = ModelConfig(
+        name=names.VIT,
+        inputs=spec.triton_inputs(),
+        outputs=spec.triton_outputs(),
+        max_batch_size=max_batch,
+        dynamic_batching=batching,
+        kind="KIND_CPU",
+        parameters={"runtime": served.runtime, "artifact": served.artifact,
+                    "inference_precision": served.inference_precision, "threads": str(options.threads),
+                    "default_layer": str(NUM_BLOCKS - 1)},
+    )
     if options.triton_backend == "native":
-        vit = ModelConfig(
-            name=names.VIT,
-            inputs=tuple(replace(t, optional=False) for t in spec.triton_inputs()),
-            outputs=spec.triton_outputs(),
-            backend=served.runtime,
-            max_batch_size=max_batch,
-            dynamic_batching=batching,
-            kind=options.instance_kind,
-            default_model_filename=served.artifact,
-            parameters=({"INFERENCE_PRECISION_HINT": served.inference_precision, "PERFORMANCE_HINT": "LATENCY"}
-                        if served.runtime == "openvino" else {}),
-        )
-    else:
-        vit = ModelConfig(
-            name=names.VIT,
-            inputs=spec.triton_inputs(),
-            outputs=spec.triton_outputs(),
-            max_batch_size=max_batch,
-            dynamic_batching=batching,
-            kind="KIND_CPU",
-            parameters={"runtime": served.runtime, "artifact": served.artifact,
-                        "inference_precision": served.inference_precision, "threads": str(options.threads),
-                        "default_layer": str(NUM_BLOCKS - 1)},
-        )
+        vit = native_config(vit, served, options.device, options.threads)
     top_k = Tensor("top_k", "INT32", (1,), optional=True)
     postprocess = ModelConfig(
         name=names.VIT_POSTPROCESS,

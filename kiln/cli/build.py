@@ -30,10 +30,7 @@ def add_parser(commands) -> None:
     vit.add_argument("--calibration", type=Path, help="folder of images for int8 calibration and parity checks")
     vit.add_argument("--calibration-size", type=int, default=32)
     vit.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
-    vit.add_argument("--triton-backend", choices=("python", "native"), default="python",
-                     help="python: runtimes inside Python-backend models (embedded Triton); "
-                          "native: onnxruntime/openvino backends of NVIDIA's tritonserver image")
-    vit.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="instance kind for native backends")
+    _target_arguments(vit)
     vit.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
     vit.set_defaults(run=run_vit)
 
@@ -56,10 +53,19 @@ def add_parser(commands) -> None:
                     help="how long the UNet and ControlNet models wait for batching partners (default: none; the "
                          "service's step batcher merges the steps of concurrent requests, a wait only slows each "
                          "step; raise it for clients that call sd_unet directly)")
+    _target_arguments(sd)
     sd.add_argument("--variant", default="onnxruntime-fp32", choices=tuple(SD_VARIANTS),
                     help="what the served models run: each is derived from the fp32 ONNX export and checked against "
                          "PyTorch; lower precisions also report an image's PSNR against fp32 (default: %(default)s)")
     sd.set_defaults(run=run_sd)
+
+
+def _target_arguments(parser) -> None:
+    parser.add_argument("--triton-backend", choices=("python", "native"), default="python",
+                        help="python: the runtimes inside Python-backend models (the embedded Triton); native: the "
+                             "onnxruntime/openvino backends of NVIDIA's tritonserver image (see the Dockerfile)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="where a native build's runtime models run (gpu: onnxruntime variants only)")
 
 
 def run_vit(args) -> int:
@@ -70,7 +76,7 @@ def run_vit(args) -> int:
         weights=args.weights, random_weights=args.random_weights, seed=args.seed, backend=args.backend,
         precision=args.precision, variants=variants, extra_exports=() if args.no_extra_exports else EXTRA_EXPORTS,
         calibration=args.calibration, calibration_size=args.calibration_size, repository=args.repo,
-        triton_backend=args.triton_backend, instance_kind="KIND_GPU" if args.device == "gpu" else "KIND_CPU",
+        triton_backend=args.triton_backend, device=args.device,
         threads=args.threads))
     print(f"served: vit = {result.served_key} ({result.served.artifact})")
     return 0
@@ -81,5 +87,6 @@ def run_sd(args) -> int:
 
     build_sd(SDBuildOptions(weights=args.weights, controlnet=tuple(args.controlnet or ()) or None, config=args.config,
                             repository=args.repo, images=ImageRange(args.min_size, args.opt_size, args.max_size),
-                            threads=args.threads, variant=args.variant, step_queue_delay_us=args.step_queue_delay_us))
+                            threads=args.threads, variant=args.variant, step_queue_delay_us=args.step_queue_delay_us,
+                            triton_backend=args.triton_backend, device=args.device))
     return 0

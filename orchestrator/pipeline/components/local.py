@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln import contract as names
-from kiln.contract import SDContract, ServedControlNet, read_parameters, read_sd_contract
+from kiln.contract import SDContract, ServedControlNet, read_sd_contract, read_served
 from kiln.imaging import to_uint8, vae_input
 from kiln.prompts import load_tokenizer, tokenize_batch
 from orchestrator.pipeline.components import Components
@@ -45,11 +45,10 @@ def session_runners(repository: Path, runtime: str | None = None, artifact: str 
     runners, precision = {}, {}
     for component in components or components_in(repository):
         folder = Path(repository) / names.sd_model(component)
-        params, _ = read_parameters(folder / "config.pbtxt")
-        path = (paths or {}).get(component) or folder / "1" / (artifact or params["artifact"])
-        session = Session(SessionOptions(runtime or params["runtime"], path,
-                                         inference_precision=inference_precision or params.get("inference_precision",
-                                                                                               "f32")))
+        served = read_served(folder / "config.pbtxt")
+        path = (paths or {}).get(component) or folder / "1" / (artifact or served.artifact)
+        session = Session(SessionOptions(runtime or served.runtime, path,
+                                         inference_precision=inference_precision or served.inference_precision))
         runners[component] = session.run
         precision[component] = session.execution_precision
     return runners, precision

@@ -1,0 +1,81 @@
+"""The same models for NVIDIA's tritonserver image: Triton's own onnxruntime and openvino backends serve the artifacts.
+
+A build writes every runtime model as a Python-backend model (`RuntimeModel`, what the embedded Triton here runs);
+`--triton-backend native` turns each into a config of the backend that runs its artifact natively, from facts read
+in Triton r24.10's sources (../shared/ENVIRONMENT.md):
+- native backends have no optional inputs: a model's inputs become required (the ensembles feed them);
+- the OpenVINO backend calls `set_batch(max_batch_size)` and then refuses any other batch size, so its models are
+  written with max_batch_size 0 and the batch as an explicit -1 axis (ensembles that batch may contain models that
+  do not, as long as the shapes agree); it runs on the CPU only (KIND_GPU does not load), and of the precision
+  options it reads only HINT_BF16: an fp32 IR runs in bf16 where the CPU has bf16, which the build reports;
+- the onnxruntime backend runs KIND_GPU models with its CUDA provider.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from build.convert import Variant
+from build.triton_config import ModelConfig, Tensor
+from kiln.errors import ConfigError
+
+TRITON_BACKENDS = ("python", "native")
+DEVICES = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+RUNTIME_PARAMETERS = ("runtime", "artifact", "inference_precision", "threads")  # RuntimeModel's own
+
+
+def check_target(triton_backend: str, device: str, variants: list[Variant]) -> None:
+    """Refuse, before anything is built, what the chosen Triton cannot load."""
+    if triton_backend not in TRITON_BACKENDS:
+        raise ConfigError(f"unknown Triton backend mode {triton_backend!r}; valid: {', '.join(TRITON_BACKENDS)}")
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
+    if device == "gpu" and triton_backend == "python":
+        raise ConfigError("--device gpu needs --triton-backend native: the embedded Python-backend runtimes "
+                          "(ONNX Runtime and OpenVINO, CPU builds) run on the CPU")
+    if device == "gpu" and any(v.runtime == "openvino" for v in variants):
+        raise ConfigError("OpenVINO's Triton backend runs on the CPU only (a KIND_GPU model does not load): build "
+                          "an onnxruntime variant for --device gpu, or --device cpu")
+
+
+def native_config(config: ModelConfig, variant: Variant, device: str = "cpu", threads: int = 0) -> ModelConfig:
+    """`config` (a runtime model as the Python backend serves it) for the native backend of `variant`'s runtime."""
+    kept = {k: v for k, v in config.parameters.items() if k not in RUNTIME_PARAMETERS}
+    inputs = tuple(replace(t, optional=False) for t in config.inputs)
+    outputs = config.outputs
+    max_batch, batching = config.max_batch_size, config.dynamic_batching
+    if variant.runtime == "openvino":
+        if device != "cpu":
+            raise ConfigError(f"{config.name}: OpenVINO's Triton backend runs on the CPU only")
+        options = {"PERFORMANCE_HINT": "LATENCY"}
+        if variant.inference_precision == "bf16":
+            options["HINT_BF16"] = "YES"
+        if threads:
+            options["INFERENCE_NUM_THREADS"] = str(threads)
+        if max_batch > 0:
+            inputs = tuple(_explicit_batch(t) for t in inputs)
+            outputs = tuple(_explicit_batch(t) for t in outputs)
+            max_batch, batching = 0, None
+    elif variant.runtime == "onnxruntime":
+        options = {"intra_op_thread_count": str(threads)} if threads else {}
+    else:
+        raise ConfigError(f"{config.name}: no native Triton backend runs {variant.runtime}")
+    return replace(config, backend=variant.runtime, inputs=inputs, outputs=outputs, max_batch_size=max_batch,
+                   dynamic_batching=batching, kind=DEVICES[device], default_model_filename=variant.artifact,
+                   parameters=kept | options)
+
+
+def _explicit_batch(tensor: Tensor) -> Tensor:
+    """A batching model's tensor with its batch axis written out (for a model with max_batch_size 0)."""
+    dims = (-1, *tensor.dims)
+    reshape = None if tensor.reshape is None else (-1, *tensor.reshape)
+    return replace(tensor, dims=dims, reshape=None if reshape == dims else reshape)
+
+
+def precision_caveat(variant: Variant, triton_backend: str) -> str | None:
+    """What a native build computes in that its parity figures do not show, or None."""
+    if triton_backend == "native" and variant.runtime == "openvino" and variant.inference_precision == "f32":
+        return ("OpenVINO's Triton backend cannot set INFERENCE_PRECISION_HINT: on a CPU with bf16 (AVX-512 BF16 or "
+                "AMX) it runs this IR in bf16, not the f32 the parity figures were measured in; serve it through "
+                "the Python backend (--triton-backend python) where f32 matters")
+    return None
