@@ -109,6 +109,7 @@ def _installed_top_levels(requirements: Path) -> set[str]:
     return provided
 
 
+@pytest.mark.slow
 def test_native_builds_write_configs_triton_parses(native_repo):
     models = {p.name: read_config(p / "config.pbtxt") for p in native_repo.iterdir() if p.is_dir()}
     assert {"sd_unet", "sd_text_encoder", "sd_vae_decoder", "vit", "vit_classify", "sd_tokenizer"} <= set(models)
@@ -133,6 +134,7 @@ def test_native_builds_write_configs_triton_parses(native_repo):
     assert read_sd_contract(native_repo).unet_max_batch == unet.max_batch_size
 
 
+@pytest.mark.slow
 def test_the_image_holds_every_model_and_every_import(native_repo, tmp_path):
     image = tmp_path / "image"
     _assemble_image(native_repo, image)
@@ -172,6 +174,7 @@ def test_the_image_holds_every_model_and_every_import(native_repo, tmp_path):
         assert not missing, f"{model.name} imports what the image lacks: {sorted(missing)}"
 
 
+@pytest.mark.slow
 def test_the_image_check_names_what_would_stop_tritonserver(tmp_path, plain_repo):
     assert check_for_image(tmp_path / "none") == [f"{tmp_path / 'none'} is not a folder"]
     (tmp_path / "empty").mkdir()
@@ -185,12 +188,14 @@ def test_the_image_check_names_what_would_stop_tritonserver(tmp_path, plain_repo
     assert not any(p.startswith("sd_tokenizer") for p in problems)
 
 
+@pytest.mark.slow
 def test_the_embedded_triton_refuses_a_native_repository_by_name(native_repo):
     with pytest.raises(ServerError, match=r"built for NVIDIA's tritonserver image: .*sd_unet \(onnxruntime\).*"
                                           r"vit \(openvino\)"):
         TritonServer(TritonOptions(repository=native_repo)).start()
 
 
+@pytest.mark.slow
 def test_a_native_build_runs_in_process_as_its_python_twin(native_repo, plain_repo):
     """Same checkpoint, same export, other configs: the in-process loop reads the native configs and gets the same
     image bit for bit."""
@@ -232,3 +237,68 @@ def test_native_config_rules():
     # fp32 on OpenVINO's backend may run in bf16 (it cannot be told otherwise): said, not hidden.
     assert "runs this IR in bf16" in precision_caveat(SD_VARIANTS["openvino-fp32"], "native")
     assert precision_caveat(SD_VARIANTS["openvino-fp32"], "python") is None
+
+
+IMAGE_ORT = "onnxruntime==1.19.2"  # the version inside tritonserver 24.10 (../shared/ENVIRONMENT.md)
+_RUN_IN_IMAGE_ORT = """
+import sys, numpy as np, onnxruntime as ort
+feeds = np.load(sys.argv[2])
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+outputs = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})
+np.savez(sys.argv[3], **{o.name: v for o, v in zip(session.get_outputs(), outputs)})
+"""
+
+
+@pytest.fixture(scope="module")
+def image_ort() -> Path:
+    """A scratch venv with the image's ONNX Runtime, made once per machine (PyPI is reachable here)."""
+    venv = ROOT / ".kiln" / "onnxruntime-1.19.2"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", IMAGE_ORT, "numpy<2"], check=True,
+                       timeout=600)
+    return python
+
+
+def _feeds(session, rng) -> dict[str, np.ndarray]:
+    sizes = {"batch": 2, "latent_height": 8, "latent_width": 8, "height": 64, "width": 64, "sequence": 77}
+    feeds = {}
+    for tensor in session.get_inputs():
+        shape = [d if isinstance(d, int) else sizes[d] for d in tensor.shape]
+        if tensor.type == "tensor(int64)":
+            feeds[tensor.name] = rng.integers(0, 12 if tensor.name == "layer" else 100, size=shape).astype(np.int64)
+        else:
+            feeds[tensor.name] = rng.uniform(-1, 1, size=shape).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.slow
+def test_the_images_onnx_runtime_loads_and_agrees_on_every_onnx_artifact(native_repo, all_variants_repo, image_ort,
+                                                                          tmp_path):
+    """Every ONNX file a native build serves, and the ViT's ONNX Runtime variants, load in the image's ONNX Runtime
+    (1.19.2: an export with a newer IR or opset would not) and give this venv's ONNX Runtime's outputs."""
+    import onnxruntime as ort
+
+    vit_repo, _ = all_variants_repo
+    artifacts = sorted(native_repo.glob("sd_*/1/model.onnx")) + sorted(vit_repo.glob("vit/1/*.onnx"))
+    assert len(artifacts) >= 6
+    rng = np.random.default_rng(0)
+    for path in artifacts:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = _feeds(session, rng)
+        np.savez(tmp_path / "in.npz", **feeds)
+        run = subprocess.run([str(image_ort), "-c", _RUN_IN_IMAGE_ORT, str(path), str(tmp_path / "in.npz"),
+                              str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"{path}: {IMAGE_ORT} cannot run it:\n{run.stderr[-2000:]}"
+        theirs = np.load(tmp_path / "out.npz")
+        ours = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        for name, value in ours.items():
+            if "int8" in path.name:
+                # Dynamic int8 quantizes activations per call, and the two versions' int8 kernels round differently
+                # (ViT logits: up to 0.07 apart, both at cosine 0.9993 to fp32): agreement in direction.
+                a, b = theirs[name].ravel().astype(np.float64), value.ravel().astype(np.float64)
+                assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.999, f"{path} {name}"
+            else:
+                scale = float(np.abs(value).max()) or 1.0
+                assert np.abs(theirs[name] - value).max() <= 1e-4 * scale, f"{path} {name}"
