@@ -14,6 +14,7 @@ from kiln.errors import ExportError
 
 RUNTIMES = ("onnxruntime", "openvino")
 QUANTIZATION = ("none", "dynamic", "weights", "static")
+ACCELERATORS = ("", "cuda", "tensorrt")  # "": the runtime's CPU execution; the others NVIDIA GPUs only
 
 
 @dataclass(frozen=True)
@@ -26,16 +27,27 @@ class Variant:
     # float activations); static (NNCF post-training quantization of weights and activations, calibrated)
     quantization: str = "none"
     inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT (bf16 runs the fp32 IR in bf16)
+    # ONNX Runtime's GPU execution in NVIDIA's image: cuda (its CUDA provider on an fp16 ONNX file) or tensorrt
+    # (TensorRT builds an fp16 engine from the fp32 ONNX file when the model loads)
+    accelerator: str = ""
 
     def __post_init__(self) -> None:
-        if self.runtime not in RUNTIMES or self.quantization not in QUANTIZATION:
+        if (self.runtime not in RUNTIMES or self.quantization not in QUANTIZATION
+                or self.accelerator not in ACCELERATORS or (self.accelerator and self.runtime != "onnxruntime")):
             raise ExportError(f"no such variant: {self}")
+
+    @property
+    def gpu_only(self) -> bool:
+        """Served by Triton's onnxruntime backend on an NVIDIA GPU only (--triton-backend native --device gpu)."""
+        return bool(self.accelerator)
 
     @property
     def artifact(self) -> str:
         """The file in a model's version folder: model.onnx, model-int8.onnx, model.xml, model-fp16.xml,
         model-int8.xml (int8 weights), model-int8-static.xml (weights and activations)."""
         stem = "model"
+        if self.accelerator == "tensorrt":
+            return "model.onnx"  # TensorRT lowers the precision itself, from the fp32 graph
         if self.precision in ("fp16", "int8"):
             stem += f"-{self.precision}"
         if self.quantization == "static":
@@ -65,6 +77,11 @@ VIT_VARIANTS = {
     "openvino-bf16": Variant("openvino", "bf16", inference_precision="bf16"),  # bf16 where the CPU has it
     "openvino-int8": Variant("openvino", "int8", "static"),  # calibrated on photographs
 }
+GPU_VARIANTS = {  # NVIDIA's image only: Triton's onnxruntime backend on a GPU
+    "onnxruntime-cuda-fp16": Variant("onnxruntime", "fp16", accelerator="cuda"),
+    "onnxruntime-tensorrt-fp16": Variant("onnxruntime", "fp16", accelerator="tensorrt"),
+}
+VIT_VARIANTS |= GPU_VARIANTS
 SD_VARIANTS = {
     "onnxruntime-fp32": FP32,
     "onnxruntime-int8": Variant("onnxruntime", "int8", "dynamic"),
@@ -75,7 +92,7 @@ SD_VARIANTS = {
     # The UNet's weights and activations in int8, calibrated on UNet inputs captured from denoising runs of the fp32
     # build; the other components (no calibration data) int8 weights.
     "openvino-int8-hybrid": Variant("openvino", "int8", "static"),
-}
+} | GPU_VARIANTS
 
 # Every file name a variant can have (a rebuild removes those it does not make: nothing of an earlier build lingers).
 ARTIFACTS = frozenset(v.artifact for kind in (*VIT_VARIANTS.values(), *SD_VARIANTS.values())
@@ -126,8 +143,27 @@ def derive(variant: Variant, source: Path, target: Path, calibration: list[dict]
         # MatMul only: ONNX Runtime's ConvInteger kernels are slower than its float convolutions on CPU.
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
                          op_types_to_quantize=["MatMul"], use_external_data_format=external)
+    elif variant.precision == "fp16" and variant.derived:
+        _float16(source, target)
     elif source.resolve() != target.resolve():
         raise ExportError(f"{variant}: nothing to derive from {source}")
+
+
+def _float16(source: Path, target: Path) -> None:
+    """The ONNX graph with float16 weights and arithmetic (inputs and outputs stay float32), for ONNX Runtime's CUDA
+    provider. ONNX Runtime's converter keeps the ops it knows to be unsafe in float16 in float32."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    header = onnx.load(str(source), load_external_data=False)
+    external = any(uses_external_data(t) for t in header.graph.initializer)
+    model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True, disable_shape_infer=external)
+    if external:  # a 2 GB source (the SD 1.5 UNet): its weights stay beside the file
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{target.name}.data")
+    else:
+        onnx.save_model(model, str(target))
 
 
 def open_session(variant: Variant, path: Path, threads: int = 0):

@@ -8,7 +8,9 @@ in Triton r24.10's sources (../shared/ENVIRONMENT.md):
   written with max_batch_size 0 and the batch as an explicit -1 axis (ensembles that batch may contain models that
   do not, as long as the shapes agree); it runs on the CPU only (KIND_GPU does not load), and of the precision
   options it reads only HINT_BF16: an fp32 IR runs in bf16 where the CPU has bf16, which the build reports;
-- the onnxruntime backend runs KIND_GPU models with its CUDA provider.
+- the onnxruntime backend runs KIND_GPU models with its CUDA provider, or TensorRT as an execution accelerator
+  (`optimization.execution_accelerators`: fp16, an engine cache, the optimization profile from the spec, and a
+  warmup request so the engine is built before the model reports ready).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from build.convert import Variant
-from build.triton_config import ModelConfig, Tensor
+from build.specs import ComponentSpec
+from build.triton_config import Accelerator, ModelConfig, Tensor, Warmup
 from kiln.errors import ConfigError
 
 TRITON_BACKENDS = ("python", "native")
@@ -33,13 +36,19 @@ def check_target(triton_backend: str, device: str, variants: list[Variant]) -> N
     if device == "gpu" and triton_backend == "python":
         raise ConfigError("--device gpu needs --triton-backend native: the embedded Python-backend runtimes "
                           "(ONNX Runtime and OpenVINO, CPU builds) run on the CPU")
+    gpu_only = [v for v in variants if v.gpu_only]
+    if gpu_only and (triton_backend != "native" or device != "gpu"):
+        raise ConfigError(f"ONNX Runtime's {gpu_only[0].accelerator} variant runs on NVIDIA GPUs only, on the "
+                          "onnxruntime backend of NVIDIA's image: build it with --triton-backend native --device gpu")
     if device == "gpu" and any(v.runtime == "openvino" for v in variants):
         raise ConfigError("OpenVINO's Triton backend runs on the CPU only (a KIND_GPU model does not load): build "
                           "an onnxruntime variant for --device gpu, or --device cpu")
 
 
-def native_config(config: ModelConfig, variant: Variant, device: str = "cpu", threads: int = 0) -> ModelConfig:
-    """`config` (a runtime model as the Python backend serves it) for the native backend of `variant`'s runtime."""
+def native_config(config: ModelConfig, variant: Variant, device: str = "cpu", threads: int = 0,
+                  spec: ComponentSpec | None = None) -> ModelConfig:
+    """`config` (a runtime model as the Python backend serves it) for the native backend of `variant`'s runtime.
+    A TensorRT variant needs the component's `spec`: its shape profile becomes TensorRT's (min, opt, max)."""
     kept = {k: v for k, v in config.parameters.items() if k not in RUNTIME_PARAMETERS}
     inputs = tuple(replace(t, optional=False) for t in config.inputs)
     outputs = config.outputs
@@ -60,9 +69,44 @@ def native_config(config: ModelConfig, variant: Variant, device: str = "cpu", th
         options = {"intra_op_thread_count": str(threads)} if threads else {}
     else:
         raise ConfigError(f"{config.name}: no native Triton backend runs {variant.runtime}")
+    accelerators, warmup = (), ()
+    if variant.gpu_only and device != "gpu":
+        raise ConfigError(f"{config.name}: ONNX Runtime's {variant.accelerator} variant runs on NVIDIA GPUs only")
+    if variant.accelerator == "tensorrt":
+        if spec is None:
+            raise ConfigError(f"{config.name}: a TensorRT variant needs the component's shape profile")
+        accelerators = (tensorrt_accelerator(config.name, spec),)
+        warmup = (opt_warmup(config, spec),)
     return replace(config, backend=variant.runtime, inputs=inputs, outputs=outputs, max_batch_size=max_batch,
                    dynamic_batching=batching, kind=DEVICES[device], default_model_filename=variant.artifact,
-                   parameters=kept | options)
+                   parameters=kept | options, gpu_accelerators=accelerators, warmup=warmup)
+
+
+TENSORRT_CACHE = "/var/cache/kiln/tensorrt"  # mount a volume here: engines survive restarts (README)
+TENSORRT_WORKSPACE_BYTES = 4 << 30
+
+
+def tensorrt_accelerator(name: str, spec: ComponentSpec) -> Accelerator:
+    """TensorRT in fp16 through ONNX Runtime, one optimization profile from the spec's (min, opt, max) sizes, the
+    engine cached per model (building one takes minutes for a UNet)."""
+    def shapes(which: str) -> str:
+        sizes = spec.sizes(which)
+        return ",".join(f"{t.name}:" + "x".join(str(d) for d in t.concrete_shape(sizes)) for t in spec.inputs)
+
+    return Accelerator("tensorrt", {
+        "precision_mode": "FP16", "max_workspace_size_bytes": str(TENSORRT_WORKSPACE_BYTES),
+        "trt_engine_cache_enable": "1", "trt_engine_cache_path": f"{TENSORRT_CACHE}/{name}",
+        "trt_profile_min_shapes": shapes("min"), "trt_profile_opt_shapes": shapes("opt"),
+        "trt_profile_max_shapes": shapes("max")})
+
+
+def opt_warmup(config: ModelConfig, spec: ComponentSpec) -> Warmup:
+    """One request of zeros at the spec's optimal sizes, in the config's own dims."""
+    sizes = spec.sizes("opt")
+    shapes = {t.name: t.concrete_shape(sizes) for t in spec.inputs}
+    batching = config.max_batch_size > 0
+    inputs = {t.name: (t.dtype, (shapes[t.name][1:] or (1,)) if batching else shapes[t.name]) for t in config.inputs}
+    return Warmup(f"{config.name}_opt", sizes["batch"] if batching else 1, inputs)
 
 
 def _explicit_batch(tensor: Tensor) -> Tensor:
@@ -78,4 +122,15 @@ def precision_caveat(variant: Variant, triton_backend: str) -> str | None:
         return ("OpenVINO's Triton backend cannot set INFERENCE_PRECISION_HINT: on a CPU with bf16 (AVX-512 BF16 or "
                 "AMX) it runs this IR in bf16, not the f32 the parity figures were measured in; serve it through "
                 "the Python backend (--triton-backend python) where f32 matters")
+    return None
+
+
+def parity_note(variant: Variant) -> str | None:
+    """What a GPU variant's parity figures, measured on this machine's CPU, do not show."""
+    if variant.accelerator == "cuda":
+        return ("measured with ONNX Runtime's CPU provider, which computes most float16 nodes in float32: the error "
+                "of the float16 weights, not of the GPU's float16 arithmetic (not run on a GPU here)")
+    if variant.accelerator == "tensorrt":
+        return ("TensorRT builds its fp16 engine from this fp32 graph when the model loads in NVIDIA's image: the "
+                "figures are the fp32 graph's on the CPU (not run on a GPU here)")
     return None

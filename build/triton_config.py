@@ -67,6 +67,24 @@ class EnsembleStep:
 
 
 @dataclass(frozen=True)
+class Accelerator:
+    """An execution accelerator of the onnxruntime backend (`optimization.execution_accelerators`)."""
+
+    name: str  # tensorrt or cuda (GPU)
+    parameters: Mapping[str, str] = field(default_factory=dict)  # the backend's keys; values are plain strings
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """A request Triton runs (zeros) before the model reports ready: a TensorRT engine is built then, not on the first
+    user's request."""
+
+    name: str
+    batch_size: int  # 1 for a model that does not batch
+    inputs: Mapping[str, tuple[str, tuple[int, ...]]]  # tensor name -> (wire dtype, dims without the batch axis)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything Triton needs to know about one model; `platform="ensemble"` for ensembles."""
 
@@ -82,6 +100,8 @@ class ModelConfig:
     parameters: Mapping[str, str] = field(default_factory=dict)  # read by the model in initialize()
     steps: tuple[EnsembleStep, ...] = ()  # ensembles only
     default_model_filename: str | None = None  # native backends: artifact path inside the version folder
+    gpu_accelerators: tuple[Accelerator, ...] = ()  # the onnxruntime backend on KIND_GPU
+    warmup: tuple[Warmup, ...] = ()
 
     def __post_init__(self) -> None:
         is_ensemble = self.platform == "ensemble"
@@ -112,6 +132,15 @@ class ModelConfig:
             config["parameters"] = {k: {"string_value": str(v)} for k, v in sorted(self.parameters.items())}
         if self.default_model_filename:
             config["default_model_filename"] = self.default_model_filename
+        if self.gpu_accelerators:
+            config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
+                {"name": a.name, "parameters": dict(a.parameters)} for a in self.gpu_accelerators]}}
+        if self.warmup:
+            config["model_warmup"] = [
+                {"name": w.name, "batch_size": w.batch_size, "count": 1,
+                 "inputs": {n: {"data_type": _CONFIG_DTYPE[dtype], "dims": list(dims), "zero_data": True}
+                            for n, (dtype, dims) in w.inputs.items()}}
+                for w in self.warmup]
         if self.steps:
             config["ensemble_scheduling"] = {
                 "step": [

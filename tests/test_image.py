@@ -35,17 +35,31 @@ RUNTIME_ENGINES = {"onnxruntime", "openvino"}
 
 @pytest.fixture(scope="module")
 def native_repo(tmp_path_factory, plain_checkpoint) -> Path:
-    """The tiny SD (ONNX Runtime, on the GPU) and the ViT (OpenVINO bf16) built for the native backends, as the
-    Dockerfile's comment says, into one folder."""
+    """The tiny SD (ONNX Runtime with TensorRT, on the GPU) and the ViT (OpenVINO bf16) built for the native
+    backends, as the Dockerfile's comment says, into one folder."""
+    repo = tmp_path_factory.mktemp("native") / "repos" / "native"
+    _build_sd(plain_checkpoint, repo, "onnxruntime-tensorrt-fp16")
     from kiln.cli import main
 
-    repo = tmp_path_factory.mktemp("native") / "repos" / "native"
-    assert main(["build", "sd", "--weights", str(plain_checkpoint), "--triton-backend", "native", "--device", "gpu",
-                 "--min-size", str(IMAGES.min), "--opt-size", str(IMAGES.opt), "--max-size", str(IMAGES.max),
-                 "--repo", str(repo)]) == 0
     assert main(["build", "vit", "--random-weights", "--triton-backend", "native", "--backend", "openvino",
                  "--precision", "bf16", "--variants", "served", "--no-extra-exports", "--repo", str(repo)]) == 0
     return repo
+
+
+@pytest.fixture(scope="module")
+def cuda_repo(tmp_path_factory, plain_checkpoint) -> Path:
+    """The tiny SD for ONNX Runtime's CUDA provider: float16 ONNX files, on the GPU."""
+    repo = tmp_path_factory.mktemp("native_cuda") / "repo"
+    _build_sd(plain_checkpoint, repo, "onnxruntime-cuda-fp16")
+    return repo
+
+
+def _build_sd(checkpoint: Path, repo: Path, variant: str) -> None:
+    from kiln.cli import main
+
+    assert main(["build", "sd", "--weights", str(checkpoint), "--triton-backend", "native", "--device", "gpu",
+                 "--variant", variant, "--min-size", str(IMAGES.min), "--opt-size", str(IMAGES.opt),
+                 "--max-size", str(IMAGES.max), "--repo", str(repo)]) == 0
 
 
 def _dockerfile_lines() -> list[str]:
@@ -119,6 +133,20 @@ def test_native_builds_write_configs_triton_parses(native_repo):
         assert "runtime" not in models[name].parameters
     unet = models["sd_unet"]
     assert unet.max_batch_size > 0 and unet.HasField("dynamic_batching")
+    # TensorRT: fp16 from the fp32 graph, one profile from the spec (batch 1-2-16, 32-64-128 pixels, which the tiny
+    # VAE halves), an engine cache, and a warmup at the optimal sizes so the engine is built before the model is ready.
+    (tensorrt,) = unet.optimization.execution_accelerators.gpu_execution_accelerator
+    assert tensorrt.name == "tensorrt" and tensorrt.parameters["precision_mode"] == "FP16"
+    assert tensorrt.parameters["trt_engine_cache_path"] == "/var/cache/kiln/tensorrt/sd_unet"
+    assert tensorrt.parameters["trt_profile_min_shapes"] == \
+        "sample:1x4x16x16,timestep:1,encoder_hidden_states:1x77x32"
+    assert tensorrt.parameters["trt_profile_max_shapes"].startswith("sample:16x4x64x64,timestep:16,")
+    (warmup,) = unet.model_warmup
+    assert warmup.batch_size == 2 and list(warmup.inputs["sample"].dims) == [4, 32, 32]
+    assert list(warmup.inputs["timestep"].dims) == [1] and warmup.inputs["timestep"].zero_data
+    text = models["sd_text_encoder"]  # does not batch: full shapes, batch_size 1
+    assert text.model_warmup[0].batch_size == 1 and list(text.model_warmup[0].inputs["input_ids"].dims) == [2, 77]
+    assert not models["vit"].HasField("optimization")
     vit = models["vit"]
     assert vit.backend == "openvino" and vit.default_model_filename == "model.xml"
     # OpenVINO's backend refuses any batch but max_batch_size unless it is 0: the batch axis is explicit.
@@ -213,6 +241,12 @@ def test_what_a_native_target_cannot_load_is_refused_before_building(kiln, tmp_p
     assert code == 2 and "OpenVINO's Triton backend runs on the CPU only" in err and "Traceback" not in err
     code, _, err = kiln("build", "sd", "--weights", tmp_path, "--device", "gpu", "--repo", tmp_path)
     assert code == 2 and "--device gpu needs --triton-backend native" in err
+    code, _, err = kiln("build", "sd", "--weights", tmp_path, "--variant", "onnxruntime-tensorrt-fp16",
+                        "--repo", tmp_path)
+    assert code == 2 and "tensorrt variant runs on NVIDIA GPUs only" in err
+    code, _, err = kiln("build", "vit", "--random-weights", "--backend", "onnxruntime-cuda", "--precision", "fp16",
+                        "--triton-backend", "native", "--repo", tmp_path)
+    assert code == 2 and "cuda variant runs on NVIDIA GPUs only" in err and "--device gpu" in err
     assert not any(tmp_path.iterdir())
 
 
@@ -274,15 +308,16 @@ def _feeds(session, rng) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_the_images_onnx_runtime_loads_and_agrees_on_every_onnx_artifact(native_repo, all_variants_repo, image_ort,
-                                                                          tmp_path):
+def test_the_images_onnx_runtime_loads_and_agrees_on_every_onnx_artifact(native_repo, cuda_repo, all_variants_repo,
+                                                                          image_ort, tmp_path):
     """Every ONNX file a native build serves, and the ViT's ONNX Runtime variants, load in the image's ONNX Runtime
     (1.19.2: an export with a newer IR or opset would not) and give this venv's ONNX Runtime's outputs."""
     import onnxruntime as ort
 
     vit_repo, _ = all_variants_repo
-    artifacts = sorted(native_repo.glob("sd_*/1/model.onnx")) + sorted(vit_repo.glob("vit/1/*.onnx"))
-    assert len(artifacts) >= 6
+    artifacts = sorted(native_repo.glob("sd_*/1/model.onnx")) + sorted(vit_repo.glob("vit/1/*.onnx")) + \
+        sorted(cuda_repo.glob("sd_*/1/model-fp16.onnx"))
+    assert len(artifacts) >= 10
     rng = np.random.default_rng(0)
     for path in artifacts:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -294,11 +329,25 @@ def test_the_images_onnx_runtime_loads_and_agrees_on_every_onnx_artifact(native_
         theirs = np.load(tmp_path / "out.npz")
         ours = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
         for name, value in ours.items():
-            if "int8" in path.name:
+            if "int8" in path.name or "fp16" in path.name:
                 # Dynamic int8 quantizes activations per call, and the two versions' int8 kernels round differently
-                # (ViT logits: up to 0.07 apart, both at cosine 0.9993 to fp32): agreement in direction.
+                # (ViT logits: up to 0.07 apart, both at cosine 0.9993 to fp32); the versions place float16's casts
+                # differently: agreement in direction.
                 a, b = theirs[name].ravel().astype(np.float64), value.ravel().astype(np.float64)
                 assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.999, f"{path} {name}"
             else:
                 scale = float(np.abs(value).max()) or 1.0
                 assert np.abs(theirs[name] - value).max() <= 1e-4 * scale, f"{path} {name}"
+
+
+@pytest.mark.slow
+def test_a_cuda_build_is_float16_and_says_what_was_not_measured(cuda_repo, plain_repo):
+    content = report.read_report(cuda_repo)["sd"]
+    for component in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        served = content["artifacts"][component]["served"]
+        assert served["file"].endswith("/1/model-fp16.onnx") and served["precision"] == "fp16"
+        assert "not run on a GPU here" in served["parity_note"]
+        assert served["parity"][next(iter(served["parity"]))]["cosine"] >= 0.999
+        assert served["size_bytes"] < content["artifacts"][component]["size_bytes"] * 0.6  # half the weights' bytes
+        assert read_config(cuda_repo / f"sd_{component}" / "config.pbtxt").default_model_filename == "model-fp16.onnx"
+    assert content["image_parity"]["psnr_db"] > 30  # the image against fp32's, same seed (CPU arithmetic)

@@ -23,6 +23,12 @@ def _configs(**options):
 @pytest.mark.parametrize("mode, options", [
     ("python", {}),
     ("native-openvino-int8", {"triton_backend": "native", "backend": "openvino", "precision": "int8"}),
+    ("native-openvino-bf16-threads", {"triton_backend": "native", "backend": "openvino", "precision": "bf16",
+                                      "threads": 2}),
+    ("native-gpu-cuda-fp16", {"triton_backend": "native", "device": "gpu", "backend": "onnxruntime-cuda",
+                              "precision": "fp16"}),
+    ("native-gpu-tensorrt-fp16", {"triton_backend": "native", "device": "gpu", "backend": "onnxruntime-tensorrt",
+                                  "precision": "fp16"}),
 ])
 def test_vit_configs_match_golden_files(mode, options):
     update = os.environ.get("UPDATE_GOLDEN") == "1"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from build import report
 from build.convert import ARTIFACTS, SD_VARIANTS, derive
-from build.native import check_target, precision_caveat
+from build.native import check_target, parity_note, precision_caveat
 from build.repository import remove_stale, write_models
 from build.sd.configs import sd_model_configs
 from build.sd.export import check_component, export_component, export_modules
@@ -107,7 +107,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
             "precision": served.precision, "quantization": served.quantization,
             "inference_precision": served.inference_precision, "calibration_samples": len(calibration or ()),
             "size_bytes": report.artifact_size(path), "sha256": report.sha256(path),
-            "parity": {k: v.as_dict() for k, v in figures.items()},
+            "parity": {k: v.as_dict() for k, v in figures.items()}, "parity_note": parity_note(served),
             "build_seconds": round(time.perf_counter() - start, 2)}
         reference = figures[specs[name].reference_output]
         log(f"  sd_{name:13s} {options.variant}: cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}"
@@ -132,7 +132,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
             "size_bytes": report.artifact_size(path), "sha256": report.sha256(path),
             "parity": {k: v.as_dict() for k, v in figures.items()}, "parity_shapes": dict(check_sizes),
             "build_seconds": round(time.perf_counter() - start, 2)}
-        if variants[name].derived and not variants[name].calibrated:
+        if (variants[name].derived or variants[name].gpu_only) and not variants[name].calibrated:
             serve_variant(name)
 
     # 3. Triton models and the contract the service reads.

@@ -38,7 +38,7 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
 
     def served(component: str, config: ModelConfig) -> ModelConfig:
         if triton_backend == "native":
-            return native_config(config, variants[component], device, threads)
+            return native_config(config, variants[component], device, threads, specs[component])
         return config
 
     def runtime_model(component: str, **extra) -> ModelConfig:

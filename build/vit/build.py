@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from build import parity, report
 from build.convert import VIT_VARIANTS, Variant, derive, open_session
-from build.native import check_target, precision_caveat
+from build.native import check_target, parity_note, precision_caveat
 from build.repository import write_models
 from build.vit.configs import vit_model_configs
 from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, NUM_CLASSES, VIT_MODEL_NAME, VIT_SPEC
@@ -64,7 +64,9 @@ class ViTBuildOptions:
         return VIT_VARIANTS[self.served_key]
 
     def variant_keys(self) -> list[str]:
-        keys = list(self.variants) if self.variants is not None else list(VIT_VARIANTS)
+        """The variants to build: those asked for ("all": every one this device can serve), and what they need."""
+        keys = list(self.variants) if self.variants is not None else [
+            k for k, v in VIT_VARIANTS.items() if not v.gpu_only or self.device == "gpu"]
         for key in keys:
             if key not in VIT_VARIANTS:
                 raise ConfigError(f"unknown variant {key!r}; valid: {', '.join(VIT_VARIANTS)}")
@@ -245,6 +247,7 @@ def _check(key: str, variant: Variant, version_dir: Path, repository: Path, pixe
         "tolerance": {"output": VIT_SPEC.reference_output, "min_cosine": tolerance.min_cosine,
                       "max_abs": tolerance.max_abs, "min_top1": tolerance.min_top1, "why": tolerance.why},
         "parity_samples": int(len(pixels)),
+        "parity_note": parity_note(variant),
     }
 
 

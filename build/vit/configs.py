@@ -49,7 +49,7 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> lis
                     "default_layer": str(NUM_BLOCKS - 1)},
     )
     if options.triton_backend == "native":
-        vit = native_config(vit, served, options.device, options.threads)
+        vit = native_config(vit, served, options.device, options.threads, spec)
     top_k = Tensor("top_k", "INT32", (1,), optional=True)
     postprocess = ModelConfig(
         name=names.VIT_POSTPROCESS,

@@ -19,8 +19,9 @@ def add_parser(commands) -> None:
     source.add_argument("--random-weights", action="store_true",
                         help="the real architecture with seeded random weights")
     vit.add_argument("--seed", type=int, default=0, help="seed for --random-weights and calibration crops")
-    vit.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
-                     help="runtime of the served `vit` model")
+    vit.add_argument("--backend", choices=("onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-tensorrt"),
+                     default="onnxruntime", help="runtime of the served `vit` model (-cuda, -tensorrt: fp16 on NVIDIA "
+                                                 "GPUs, with --triton-backend native --device gpu)")
     vit.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
                      help="precision of the served `vit` model")
     vit.add_argument("--variants", default="all",
