@@ -8,12 +8,19 @@ Triton away, restarting or without the model a ServerError; anything else a Kiln
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import logging
 import threading
 from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from kiln.errors import InputError, KilnError, ServerError
+from kiln.shared_memory import Registry, ThreadRegions, Unavailable
+
+log = logging.getLogger("kiln.triton")
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 PROTOCOLS = tuple(DEFAULT_URLS)
@@ -32,16 +39,40 @@ def wire_dtype(array: np.ndarray) -> str:
         raise KilnError(f"no Triton dtype for numpy {array.dtype}") from None
 
 
-class TritonClient:
-    """A thread-safe client (one tritonclient connection per thread) for one Triton endpoint."""
+SHARED_MEMORY = ("auto", "on", "off")
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", *, timeout_s: float = 600.0) -> None:
+
+def _is_local(url: str) -> bool:
+    """Whether `url` (host:port) names this host: only then can Triton map our shared memory."""
+    host = urlsplit(f"//{url}").hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+class TritonClient:
+    """A thread-safe client (one tritonclient connection per thread) for one Triton endpoint.
+
+    `shared_memory`: "auto" (gRPC to a Triton on this host: tensors travel through Triton's system shared memory
+    when Triton can map it, else over the network), "on" (shared memory or an error), "off".
+    """
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", *, timeout_s: float = 600.0,
+                 shared_memory: str = "off") -> None:
         if protocol not in DEFAULT_URLS:
             raise KilnError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+        if shared_memory not in SHARED_MEMORY:
+            raise KilnError(f"unknown shared-memory mode {shared_memory!r}; valid: {', '.join(SHARED_MEMORY)}")
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]
         self.timeout_s = timeout_s
         self._local = threading.local()
+        self.shared_memory_mode = shared_memory
+        if shared_memory == "on" and protocol != "grpc":
+            raise KilnError("shared memory is used over gRPC only")
+        self._shared = protocol == "grpc" and (shared_memory == "on" or (
+            shared_memory == "auto" and _is_local(self.url)))
+        self.shared_memory_error: str | None = None  # why "auto" fell back to the network
+        self._registry = Registry()
+        atexit.register(self._registry.close)
         if protocol == "grpc":
             import tritonclient.grpc as module
         else:
@@ -60,27 +91,97 @@ class TritonClient:
             self._local.client = client
         return client
 
-    def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """Run `model` on named arrays (dtype from numpy; bytes as object arrays) and return the named outputs."""
-        from tritonclient.utils import InferenceServerException
+    @property
+    def uses_shared_memory(self) -> bool:
+        return self._shared
 
+    @property
+    def shared_memory_regions(self) -> set[str]:
+        """The names of this client's regions registered with Triton now."""
+        return self._registry.names
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
+              output_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+        """Run `model` on named arrays (dtype from numpy; bytes as object arrays) and return the named outputs.
+
+        `output_shapes` (float32 outputs whose largest shape the caller knows) lets them come back through shared
+        memory too; the others, and everything when shared memory is off, travel over the network.
+        """
+        if self._shared and all(a.dtype != object for a in inputs.values()):
+            try:
+                return self._infer_shared(model, inputs, outputs, output_shapes or {})
+            except Unavailable as exc:
+                if self.shared_memory_mode == "on":
+                    raise ServerError(f"Triton at {self.url} cannot map this process's shared memory: {exc}") \
+                        from None
+                self._shared, self.shared_memory_error = False, str(exc)
+                log.warning("Triton at %s cannot map shared memory (%s): tensors go over the network", self.url, exc)
         tensors = []
         for name, array in inputs.items():
             array = np.ascontiguousarray(array) if array.dtype != object else array
             tensor = self._module.InferInput(name, list(array.shape), wire_dtype(array))
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
-        requested = [self._module.InferRequestedOutput(name) for name in outputs]
+        result = self._call(model, tensors, [self._module.InferRequestedOutput(name) for name in outputs])
+        return {name: result.as_numpy(name) for name in outputs}
+
+    def _infer_shared(self, model, inputs, outputs, output_shapes) -> dict[str, np.ndarray]:
+        regions = getattr(self._local, "regions", None)
+        if regions is None:
+            regions = self._local.regions = ThreadRegions(self.connection(), self._registry)
+        arrays = {name: np.ascontiguousarray(a) for name, a in inputs.items()}
+        region, offsets = regions.write_inputs(list(arrays.values()))
+        tensors = []
+        for (name, array), offset in zip(arrays.items(), offsets):
+            tensor = self._module.InferInput(name, list(array.shape), wire_dtype(array))
+            tensor.set_shared_memory(region.name, array.nbytes, offset=offset)
+            tensors.append(tensor)
+        shared = [n for n in outputs if n in output_shapes]
+        sizes = [int(np.prod(output_shapes[n])) * 4 for n in shared]
+        out_offsets = dict(zip(shared, itertools.accumulate(sizes, initial=0)))
+        out_region = regions.region("out", max(1, sum(sizes))) if shared else None
+        requested = []
+        for name in outputs:
+            output = self._module.InferRequestedOutput(name)
+            if name in out_offsets:
+                output.set_shared_memory(out_region.name, sizes[shared.index(name)], offset=out_offsets[name])
+            requested.append(output)
+        try:
+            result = self._call(model, tensors, requested)
+        except KilnError as exc:
+            if "shared memory" not in str(exc).lower():
+                raise
+            log.info("Triton at %s does not know our shared memory (restarted?): registering it again", self.url)
+            regions.register_again()  # Triton restarted and forgot our regions: once more, registered anew
+            result = self._call(model, tensors, requested)
+        import tritonclient.utils.shared_memory as shm
+
+        values = {}
+        for name in outputs:
+            if name in out_offsets:
+                shape = list(result.get_output(name).shape)
+                values[name] = np.array(shm.get_contents_as_numpy(out_region.handle, np.float32, shape,
+                                                                  offset=out_offsets[name]))
+            else:
+                values[name] = result.as_numpy(name)
+        return values
+
+    def _call(self, model: str, tensors: list, requested: list):
+        from tritonclient.utils import InferenceServerException
+
         try:
             if self.protocol == "grpc":
-                result = self.connection().infer(model, tensors, outputs=requested, client_timeout=self.timeout_s)
-            else:
-                result = self.connection().infer(model, tensors, outputs=requested)
+                return self.connection().infer(model, tensors, outputs=requested, client_timeout=self.timeout_s)
+            return self.connection().infer(model, tensors, outputs=requested)
         except InferenceServerException as exc:
             raise self._error(model, exc) from None
         except (ConnectionError, OSError) as exc:
             raise ServerError(f"cannot reach Triton at {self.url} ({exc}); is `kiln serve` running?") from None
-        return {name: result.as_numpy(name) for name in outputs}
+
+    def close(self) -> None:
+        """Unregister and remove this client's shared-memory regions (they are also removed at exit)."""
+        self._registry.close()
+        self._local = threading.local()
 
     def _error(self, model: str, exc) -> KilnError:
         message = (exc.message() if callable(getattr(exc, "message", None)) else "") or str(exc)

@@ -230,6 +230,7 @@ class EngineOptions:
     max_batch_rows: int = 0  # rows per merged UNet call; 0: the model's max batch size
     batch_window_s: float = 0.05  # longest a tick waits for stragglers
     limits: Limits = field(default_factory=Limits)  # what one request may ask for
+    shared_memory: str = "auto"  # kiln.triton_client.TritonClient's shared-memory mode for the SD components
 
 
 class Engine:
@@ -246,7 +247,8 @@ class Engine:
         preload()  # before any worker thread exists
         self.options = options
         self.metrics = metrics
-        self._connect = connect or (lambda: Pipeline.from_triton(options.triton_url, limits=options.limits))
+        self._connect = connect or (lambda: Pipeline.from_triton(options.triton_url, limits=options.limits,
+                                                                 shared_memory=options.shared_memory))
         self._pipeline: Pipeline | None = None
         self._pipeline_lock = threading.Lock()
         self.batcher = StepBatcher(max_rows=options.max_batch_rows or 16, window_s=options.batch_window_s,
@@ -318,3 +320,6 @@ class Engine:
     def close(self, timeout_s: float = 60.0) -> None:
         self.queue.close(timeout_s)
         self.batcher.close()
+        with self._pipeline_lock:
+            if self._pipeline is not None:
+                self._pipeline.close()

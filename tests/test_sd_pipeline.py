@@ -406,6 +406,55 @@ def test_triton_gives_the_in_process_images(served, local, init_image_png, mask_
     assert through_triton.info == in_process.info
 
 
+def test_shared_memory_carries_the_steps_and_is_released(served, triton, init_image_png, mask_png, edge_map_png):
+    """The service's client sends a step's tensors through Triton's system shared memory (the cases above compared
+    its images with the in-process ones); over the network the images are the same, and closing a client removes
+    its regions from Triton and from /dev/shm."""
+    import os
+
+    import tritonclient.grpc as grpcclient
+
+    assert served.components.unet.client.uses_shared_memory
+    request = _cases(init_image_png, mask_png, edge_map_png)["two units (residuals, then the UNet)"]
+    network = Pipeline.from_triton(triton.grpc_url, shared_memory="off")
+    assert not network.components.unet.client.uses_shared_memory
+    shared = Pipeline.from_triton(triton.grpc_url, shared_memory="on")
+    assert np.array_equal(shared.generate(request).images, network.generate(request).images)
+    prefix = f"kiln-{os.getpid()}-"
+    status = grpcclient.InferenceServerClient(triton.grpc_url)
+
+    def ours() -> set[str]:
+        return {r["name"] for r in status.get_system_shared_memory_status(as_json=True).get("regions", {}).values()
+                if r["name"].startswith(prefix)}
+
+    mine = shared.components.unet.client.shared_memory_regions
+    assert mine and mine <= ours() and all(os.path.exists(f"/dev/shm/{name}") for name in mine)
+    shared.close()
+    assert not mine & ours() and not any(os.path.exists(f"/dev/shm/{name}") for name in mine)
+    network.close()
+
+
+def test_a_triton_that_cannot_map_shared_memory_is_reached_over_the_network(triton, monkeypatch):
+    """A Triton elsewhere (another host, a container without --ipc=host) cannot open our regions. That fault is
+    produced here by registering under a key no region has (a test seam: the real Triton really refuses it)."""
+    from kiln import shared_memory
+    from kiln.errors import ServerError
+
+    def register_elsewhere(region):
+        region._connection.register_system_shared_memory(region.name, "/kiln-no-such-region", region.byte_size)
+
+    monkeypatch.setattr(shared_memory.Region, "register", register_elsewhere)
+    request = Txt2ImgRequest(prompt="a barn", steps=2, width=64, height=64, seed=3)
+    auto = Pipeline.from_triton(triton.grpc_url)
+    assert auto.components.unet.client.uses_shared_memory
+    image = auto.generate(request).images
+    assert not auto.components.unet.client.uses_shared_memory  # fell back, for good, and said why
+    assert "kiln-no-such-region" in auto.components.unet.client.shared_memory_error
+    assert np.array_equal(image, Pipeline.from_triton(triton.grpc_url, shared_memory="off").generate(request).images)
+    with pytest.raises(ServerError, match="cannot map this process's shared memory"):
+        Pipeline.from_triton(triton.grpc_url, shared_memory="on").generate(request)
+
+
 def test_triton_txt2img_matches_diffusers(served, reference_pipe):
     result = served.txt2img(Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=6,
                                            sampler="Euler a", cfg_scale=7.5, seed=1234, width=64, height=64))

@@ -172,3 +172,17 @@ def test_bench_serve_tiny(tmp_path, plain_checkpoint, plain_repo):
     assert rows[("step", 2)]["mean_unet_rows"] > 2.0
     assert set(saved["unet_seconds_by_rows"]) == {"1", "2", "4"}
     assert result["ratios"][2]["ceiling"] > 0
+
+
+def test_bench_transport_runs_both_modes_on_the_services_client(tmp_path, kiln):
+    code, out, err = kiln("bench", "transport", "--calls", "3", "--out", tmp_path)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "transport.json").read_text())
+    assert (tmp_path / "transport.png").stat().st_size > 10_000 and "| SD 1.5 512px, 4 requests |" in out
+    assert {(r["shape"], r["mode"]) for r in saved["rows"]} == {
+        (s, m) for s in ("tiny 64px, 1 request", "SD 1.5 512px, 1 request", "SD 1.5 512px, 4 requests")
+        for m in ("network", "shared memory")}
+    for row in saved["rows"]:
+        assert row["p50_ms"] > 0 and row["p95_ms"] >= row["p50_ms"] and row["p50_vs_network"] > 0
+    assert saved["machine"]["isa"]
+    assert kiln("bench", "transport", "--calls", "0", "--out", tmp_path)[0] == 2

@@ -1,4 +1,4 @@
-"""`kiln bench vit|serve|sd`: the benchmarks (benchmarks/); results and their commands in benchmarks/RESULTS.md."""
+"""`kiln bench vit|serve|sd|transport`: the benchmarks (benchmarks/); results and commands in benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -40,6 +40,11 @@ def add_parser(commands) -> None:
     sd.add_argument("--skip-build", action="store_true",
                     help="reuse the benchmark's checkpoint, repository and derived artifacts")
     sd.set_defaults(run=run_sd)
+    transport = targets.add_parser("transport", help="one denoising step's call to Triton outside the model: gRPC "
+                                                     "against Triton's system shared memory")
+    transport.add_argument("--out", type=Path, default=RESULTS)
+    transport.add_argument("--calls", type=int, default=200, help="timed calls per shape and mode")
+    transport.set_defaults(run=run_transport)
 
 
 def _sd_pipeline(parser, default: str, help_text: str) -> None:
@@ -72,4 +77,15 @@ def run_sd(args) -> int:
     run_sd_benchmark(SDBenchOptions(out=args.out, pipeline=args.pipeline, size=args.size, steps=args.steps,
                                     repeats=args.repeats, variants=names(args.variants), triton=not args.no_triton,
                                     skip_build=args.skip_build))
+    return 0
+
+
+def run_transport(args) -> int:
+    from benchmarks.transport import TransportBenchOptions, run_transport_benchmark
+
+    if args.calls < 1:
+        from kiln.errors import KilnError
+
+        raise KilnError("--calls must be at least 1")
+    run_transport_benchmark(TransportBenchOptions(out=args.out, calls=args.calls))
     return 0

@@ -34,6 +34,9 @@ def add_parser(commands) -> None:
     api.add_argument("--workers", type=int, default=16, help="generations running at once")
     api.add_argument("--no-step-batching", action="store_true", help="do not merge UNet steps across requests")
     api.add_argument("--max-batch-rows", type=int, default=0, help="rows per merged UNet call (0: the model's max)")
+    api.add_argument("--shared-memory", choices=("auto", "on", "off"), default="auto",
+                     help="denoising steps' tensors through Triton's system shared memory: auto (when Triton is on "
+                          "this host and can map it), on (or fail), off (always over gRPC)")
     api.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a generation is a 504")
     api.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
     serve.set_defaults(run=run)
@@ -56,6 +59,7 @@ def settings_from(args):
     host = "127.0.0.1" if args.address in ("0.0.0.0", "") else args.address
     return Settings(triton_url=args.triton_url or f"{host}:{args.grpc_port}", max_queue=args.queue_size,
                     workers=args.workers, step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
+                    shared_memory=args.shared_memory,
                     request_timeout_s=args.request_timeout, limits=Limits(max_steps=args.max_steps),
                     cors_origins=names(args.cors_origins), security=security, listen=args.listen, port=args.port)
 

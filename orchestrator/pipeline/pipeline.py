@@ -39,11 +39,13 @@ class Pipeline:
         self.limits = limits
 
     @classmethod
-    def from_triton(cls, url: str, *, timeout_s: float = 600.0, limits: Limits = Limits()) -> Pipeline:
-        """Every model in the Triton at `url` (gRPC): what the service runs."""
+    def from_triton(cls, url: str, *, timeout_s: float = 600.0, limits: Limits = Limits(),
+                    shared_memory: str = "auto") -> Pipeline:
+        """Every model in the Triton at `url` (gRPC): what the service runs. `shared_memory`: "auto" sends a
+        denoising step's tensors through Triton's system shared memory when Triton is on this host, "on", "off"."""
         from orchestrator.pipeline.components.triton import triton_components
 
-        return cls(triton_components(url, timeout_s=timeout_s), limits)
+        return cls(triton_components(url, timeout_s=timeout_s, shared_memory=shared_memory), limits)
 
     @classmethod
     def from_repository(cls, repository: Path, runners: Mapping | None = None, limits: Limits = Limits()) -> Pipeline:
@@ -55,6 +57,11 @@ class Pipeline:
     @property
     def contract(self):
         return self.components.contract
+
+    def close(self) -> None:
+        """Release what the components hold (a Triton client's shared-memory regions); the pipeline is done."""
+        if self.components.close is not None:
+            self.components.close()
 
     def check(self, request: Txt2ImgRequest) -> None:
         """Raise an InputError naming the bad field before any model runs."""

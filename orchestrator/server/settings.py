@@ -16,6 +16,7 @@ class Settings:
     workers: int = 16  # generations running at once
     step_batching: bool = True  # merge the UNet steps of concurrent generations
     max_batch_rows: int = 0  # rows per merged UNet call; 0: the model's max batch size
+    shared_memory: str = "auto"  # denoising steps through Triton's shared memory: auto, on, off
     request_timeout_s: float = 600.0  # a synchronous generation past this is a 504 (and cancelled)
     limits: Limits = field(default_factory=Limits)  # what one request may ask for (the CLI and library share them)
     cors_origins: tuple[str, ...] = ()  # browsers' origins allowed to call the API; none by default
@@ -25,4 +26,5 @@ class Settings:
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(triton_url=self.triton_url, max_queue=self.max_queue, workers=self.workers,
-                             step_batching=self.step_batching, max_batch_rows=self.max_batch_rows, limits=self.limits)
+                             step_batching=self.step_batching, max_batch_rows=self.max_batch_rows, limits=self.limits,
+                             shared_memory=self.shared_memory)

@@ -8,7 +8,7 @@ numpy arrays; per-row scalars (`timestep`, `conditioning_scale`) have shape (row
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -59,6 +59,7 @@ class Components:
     vae: VAE
     unet_control: Graph | None = None  # the UNet taking ControlNet residuals, where the build has ControlNets
     controlnets: Mapping[str, ControlNet] = field(default_factory=dict)  # by name, in build order
+    close: Callable[[], None] | None = None  # releases what the components hold (shared-memory regions)
 
     def controlnet(self, model: str | None) -> ControlNet:
         """The ControlNet a unit names (its name or title; None: the first); InputError for an unknown one."""

@@ -24,6 +24,7 @@ class TritonGraph:
     key: str  # the model's name
     max_batch: int
     outputs: tuple[str, ...] = ("noise_pred",)
+    out_channels: int | None = None  # noise_pred's channels (the latents'): it comes back through shared memory
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.rows(inputs)["noise_pred"]
@@ -37,7 +38,11 @@ class TritonGraph:
             for name in _ROW_SCALARS:
                 if name in chunk:
                     chunk[name] = chunk[name].reshape(-1, 1)
-            parts.append(self.client.infer(self.key, chunk, list(self.outputs)))
+            shapes = None
+            if self.out_channels is not None:
+                rows_in, _, height, width = chunk["sample"].shape
+                shapes = {"noise_pred": (rows_in, self.out_channels, height, width)}
+            parts.append(self.client.infer(self.key, chunk, list(self.outputs), output_shapes=shapes))
         return {name: np.concatenate([part[name] for part in parts]) for name in self.outputs}
 
 
@@ -76,11 +81,13 @@ class TritonVAE:
 
 
 class TritonControlNet:
-    def __init__(self, client: TritonClient, served: ServedControlNet, max_batch: int) -> None:
+    def __init__(self, client: TritonClient, served: ServedControlNet, max_batch: int,
+                 out_channels: int | None = None) -> None:
         self.served = served
         self.client = client
         self.max_batch = max_batch
-        self.fused = TritonGraph(client, served.ensemble, max_batch) if served.ensemble else None
+        self.fused = TritonGraph(client, served.ensemble, max_batch, out_channels=out_channels) \
+            if served.ensemble else None
         self._graph: TritonGraph | None = None
 
     def residuals(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -103,13 +110,15 @@ def read_contract(client: TritonClient) -> SDContract:
     return contract
 
 
-def triton_components(url: str, *, timeout_s: float = 600.0) -> Components:
-    """The SD components served by the Triton at `url` (gRPC)."""
-    client = TritonClient(url, "grpc", timeout_s=timeout_s)
+def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str = "auto") -> Components:
+    """The SD components served by the Triton at `url` (gRPC); `shared_memory` as kiln.triton_client.TritonClient's
+    (auto: a denoising step's tensors travel through shared memory when Triton is on this host)."""
+    client = TritonClient(url, "grpc", timeout_s=timeout_s, shared_memory=shared_memory)
     contract = read_contract(client)
-    batch = contract.unet_max_batch
-    controlnets = {c.name: TritonControlNet(client, c, batch) for c in contract.controlnets}
+    batch, channels = contract.unet_max_batch, contract.latent_channels
+    controlnets = {c.name: TritonControlNet(client, c, batch, channels) for c in contract.controlnets}
     return Components(contract=contract, text_encoder=TritonTextEncoder(client),
-                      unet=TritonGraph(client, names.SD_UNET, batch), vae=TritonVAE(client),
-                      unet_control=TritonGraph(client, names.SD_UNET_CONTROL, batch) if controlnets else None,
-                      controlnets=controlnets)
+                      unet=TritonGraph(client, names.SD_UNET, batch, out_channels=channels), vae=TritonVAE(client),
+                      unet_control=TritonGraph(client, names.SD_UNET_CONTROL, batch, out_channels=channels)
+                      if controlnets else None,
+                      controlnets=controlnets, close=client.close)
