@@ -95,8 +95,8 @@ def run_transport_benchmark(options: TransportBenchOptions, log=print) -> dict:
     repo = probe_repository(out / "bench_transport" / "repo")
     rng = np.random.default_rng(0)
     rows = []
-    triton_options = TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                             log_path=out / "bench_transport" / "triton.log")
+    triton_options = TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
+                                   metrics_port=free_port(), log_path=out / "bench_transport" / "triton.log")
     with TritonServer(triton_options) as server:
         clients = {"network": TritonClient(server.grpc_url, shared_memory="off"),
                    "shared memory": TritonClient(server.grpc_url, shared_memory="on")}
