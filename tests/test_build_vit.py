@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 import build.vit.build as vit_build
-from build import parity, report
+from build import auto, parity, report
 from build.convert import VIT_VARIANTS as VARIANTS
 from build.convert import open_session
 from build.specs import Tolerance
+from build.triton_config import read_config
 from build.vit import VIT_SPEC, ViTBuildOptions, parity_batch
 from build.vit.export import reference_outputs
 from build.vit.transform import eval_transform
@@ -129,3 +130,45 @@ def test_parity_of_identical_zero_outputs_is_perfect():
     zeros = np.zeros((2, 5), np.float32)
     assert parity.compare(zeros, zeros).cosine == 1.0
     assert parity.compare(zeros, np.ones((2, 5), np.float32)).cosine == 0.0
+
+
+@pytest.mark.slow
+def test_auto_serves_the_fastest_variant_measured_here(tmp_path, kiln, monkeypatch):
+    """Which variant wins depends on the CPU (OpenVINO int8 with VNNI, ONNX Runtime int8 without): the test checks
+    that the build served what it measured fastest, whatever this machine is. A candidate outside its tolerance
+    (bf16 made impossible here) is not served, and the report says so."""
+    impossible = dataclasses.replace(VIT_SPEC, tolerances={**VIT_SPEC.tolerances,
+                                                           "bf16": Tolerance(min_cosine=1.5, why="test: impossible")})
+    monkeypatch.setattr(vit_build, "VIT_SPEC", impossible)
+    code, out, err = kiln("build", "vit", "--random-weights", "--backend", "auto", "--variants",
+                          "onnxruntime-fp32,onnxruntime-int8,openvino-bf16", "--no-extra-exports", "--repo", tmp_path)
+    assert code == 0, err
+    choice = report.read_report(tmp_path)["vit"]["auto"]
+    speeds = {k: v["per_s"] for k, v in choice["candidates"].items()}
+    assert set(speeds) == {"onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32"}  # fp32's IR came with bf16
+    assert all(s > 0 for s in speeds.values()) and list(choice["rejected"]) == ["openvino-bf16"]
+    assert choice["chosen"] == max(speeds, key=speeds.get) and choice["reason"].startswith("fastest of 3")
+    assert choice["reason"].endswith("outside tolerance: openvino-bf16")
+    assert f"served: vit = {choice['chosen']}" in out
+    served = read_config(tmp_path / "vit" / "config.pbtxt").parameters["artifact"].string_value
+    assert served == VARIANTS[choice["chosen"]].artifact
+
+
+def test_auto_refuses_what_it_cannot_measure(kiln, tmp_path):
+    code, _, err = kiln("build", "vit", "--random-weights", "--backend", "auto", "--precision", "int8",
+                        "--repo", tmp_path)
+    assert code == 2 and "--backend auto chooses the precision too" in err
+    code, _, err = kiln("build", "vit", "--random-weights", "--backend", "auto", "--triton-backend", "native",
+                        "--device", "gpu", "--repo", tmp_path)
+    assert code == 2 and "a GPU build cannot be measured here" in err
+
+
+def test_auto_choice_says_why_and_refuses_when_nothing_passed():
+    measured = {"a": {"per_s": 10.0}, "b": {"per_s": 12.5}}
+    chosen, reason = auto.choose(measured, {"c": "outside tolerance"}, "images/s")
+    assert chosen == "b" and reason == ("fastest of 2 within tolerance: 12.50 images/s, 1.25x the next, a (10.00); "
+                                        "outside tolerance: c")
+    with pytest.raises(ConfigError, match="no variant is inside its tolerance on this machine: c: cosine too low"):
+        auto.choose({}, {"c": "cosine too low"}, "images/s")
+    figures = auto.throughput(lambda: sum(range(1000)), items=8, repeats=3)
+    assert figures["per_s"] > 0 and figures["repeats"] == 3

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from build import parity, report
+from build import auto, parity, report
 from build.convert import VIT_VARIANTS, Variant, derive, open_session
 from build.native import check_target, parity_note, precision_caveat
 from build.repository import write_models
@@ -38,7 +38,7 @@ class ViTBuildOptions:
     weights: str | None = None  # folder, .safetensors file or hub id
     random_weights: bool = False  # build the real architecture with seeded random weights
     seed: int = 0
-    backend: str = "onnxruntime"  # which runtime the served `vit` model uses
+    backend: str = "onnxruntime"  # which runtime the served `vit` model uses; auto: the fastest built (build.auto)
     precision: str = "fp32"  # which precision the served `vit` model uses
     variants: tuple[str, ...] | None = None  # variant keys to build; None: all
     extra_exports: tuple[str, ...] = EXTRA_EXPORTS  # also write these non-served exports
@@ -52,7 +52,13 @@ class ViTBuildOptions:
     progress: bool = True
 
     @property
+    def auto(self) -> bool:
+        return self.backend == "auto"
+
+    @property
     def served_key(self) -> str:
+        if self.auto:
+            raise ConfigError("--backend auto: the served variant is chosen by measurement after the build")
         key = f"{self.backend}-{self.precision}"
         if key not in VIT_VARIANTS:
             raise ConfigError(f"no {self.precision} variant for backend {self.backend}; valid backend-precision pairs: "
@@ -70,7 +76,7 @@ class ViTBuildOptions:
         for key in keys:
             if key not in VIT_VARIANTS:
                 raise ConfigError(f"unknown variant {key!r}; valid: {', '.join(VIT_VARIANTS)}")
-        if self.served_key not in keys:
+        if not self.auto and self.served_key not in keys:
             keys.append(self.served_key)
         # Every variant derives from the ONNX export; bf16 runs the fp32 IR.
         needed = {"onnxruntime-fp32"} | ({"openvino-fp32"} if any(k.startswith("openvino") for k in keys) else set())
@@ -125,7 +131,11 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
 
     # 1. Check inputs and load weights.
     keys = options.variant_keys()
-    check_target(options.triton_backend, options.device, [options.served])
+    if options.auto and options.device == "gpu":
+        raise ConfigError("--backend auto measures the variants on this machine's CPU; a GPU build cannot be "
+                          "measured here: pick its variant (onnxruntime-cuda or onnxruntime-tensorrt, fp16)")
+    check_target(options.triton_backend, options.device,
+                 [VIT_VARIANTS[k] for k in keys] if options.auto else [options.served])
     if options.calibration_size < 1:
         raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
     for name in options.extra_exports:
@@ -158,6 +168,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
 
     # 3. Export, derive, check: every artifact once (bf16 runs the fp32 IR), checked against PyTorch.
     artifacts: dict[str, dict] = {}
+    rejected: dict[str, str] = {}
     made: set[str] = set()
     steps = [*keys, *options.extra_exports]
     with tqdm(steps, desc="build vit", unit="artifact", disable=not options.progress) as bar:
@@ -180,14 +191,24 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                     if variant.calibrated else None
                 derive(variant, onnx_path, version_dir / variant.artifact, calibration)
             made.add(variant.artifact)
-            artifacts[key] = _check(key, variant, version_dir, repository, pixels, layers, reference, log,
-                                    remove_on_failure=produced)
+            try:
+                artifacts[key] = _check(key, variant, version_dir, repository, pixels, layers, reference, log,
+                                        remove_on_failure=produced)
+            except ParityError as exc:
+                if not options.auto or key in ("onnxruntime-fp32", "openvino-fp32"):
+                    raise  # the exports every other variant is derived from: nothing to choose from without them
+                rejected[key] = str(exc)  # auto: a candidate outside its tolerance is not served, and said so
+                bar.write(f"  {key:18s} outside its tolerance: not a candidate")
+                continue
             artifacts[key]["build_seconds"] = round(time.perf_counter() - start, 2)
             logits = artifacts[key]["parity"]["logits"]
             bar.write(f"  {key:18s} cosine {logits['cosine']:.6f}  max|diff| {logits['max_abs']:.2e}  "
                       f"top-1 {logits.get('top1', float('nan')):.2f}")
 
-    # 4. Triton models.
+    # 4. Triton models (auto: of what serves, the fastest here).
+    choice = None
+    if options.auto:
+        options, choice = _choose(options, keys, artifacts, rejected, version_dir, pixels, layers, log)
     configs = vit_model_configs(options, transform)
     write_models(configs, repository)
     _write_labels(repository / VIT_POSTPROCESS / "1" / "labels.json")
@@ -202,6 +223,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         "served": {"backend": served.runtime, "precision": served.precision, "artifact": served.artifact,
                    "triton_backend": options.triton_backend, "device": options.device,
                    "caveat": precision_caveat(served, options.triton_backend)},
+        "auto": choice,
         "preprocess": json.loads(transform.to_json()),
         "parity_images": [p.name for p in images],
         "versions": report.tool_versions(),
@@ -249,6 +271,26 @@ def _check(key: str, variant: Variant, version_dir: Path, repository: Path, pixe
         "parity_samples": int(len(pixels)),
         "parity_note": parity_note(variant),
     }
+
+
+def _choose(options: ViTBuildOptions, keys: list[str], artifacts: dict, rejected: dict, version_dir: Path,
+            pixels: np.ndarray, layers: np.ndarray, log: Callable[[str], None]) -> tuple[ViTBuildOptions, dict]:
+    """Time every candidate that passed its parity check on the spec's optimal batch; serve the fastest."""
+    batch = VIT_SPEC.sizes("opt")["batch"]
+    rows = np.arange(batch) % len(pixels)
+    inputs = {"pixel_values": np.ascontiguousarray(pixels[rows]), "layer": np.ascontiguousarray(layers[rows])}
+    measured = {}
+    for key in (k for k in keys if k in artifacts and not VIT_VARIANTS[k].gpu_only):
+        session = open_session(VIT_VARIANTS[key], version_dir / VIT_VARIANTS[key].artifact, options.threads)
+        measured[key] = auto.throughput(lambda s=session: s.run(inputs, ["logits"]), batch)
+        artifacts[key]["speed"] = measured[key] | {"batch": batch}
+        log(f"  {key:18s} {measured[key]['per_s']:.2f} images/s at batch {batch}")
+    chosen, reason = auto.choose(measured, rejected, f"images/s at batch {batch}")
+    log(f"auto: serving {chosen}: {reason}")
+    backend, precision = chosen.rsplit("-", 1)
+    return replace(options, backend=backend, precision=precision), {
+        "chosen": chosen, "reason": reason, "batch": batch, "candidates": {k: measured[k] for k in measured},
+        "rejected": dict(rejected)}
 
 
 def _write_labels(path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.cli.args import names
+from kiln.errors import KilnError
 from kiln.paths import DEFAULT_REPOSITORY
 
 
@@ -19,11 +20,13 @@ def add_parser(commands) -> None:
     source.add_argument("--random-weights", action="store_true",
                         help="the real architecture with seeded random weights")
     vit.add_argument("--seed", type=int, default=0, help="seed for --random-weights and calibration crops")
-    vit.add_argument("--backend", choices=("onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-tensorrt"),
-                     default="onnxruntime", help="runtime of the served `vit` model (-cuda, -tensorrt: fp16 on NVIDIA "
-                                                 "GPUs, with --triton-backend native --device gpu)")
-    vit.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
-                     help="precision of the served `vit` model")
+    vit.add_argument("--backend", default="onnxruntime",
+                     choices=("onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-tensorrt", "auto"),
+                     help="runtime of the served `vit` model (-cuda, -tensorrt: fp16 on NVIDIA GPUs, with "
+                          "--triton-backend native --device gpu; auto: of the --variants built, the fastest on this "
+                          "machine whose parity is inside its tolerance, runtime and precision both)")
+    vit.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"),
+                     help="precision of the served `vit` model (default: fp32)")
     vit.add_argument("--variants", default="all",
                      help="comma-separated variants to build, 'all', or 'served' (only what is served)")
     vit.add_argument("--no-extra-exports", action="store_true",
@@ -72,10 +75,15 @@ def _target_arguments(parser) -> None:
 def run_vit(args) -> int:
     from build.vit import EXTRA_EXPORTS, ViTBuildOptions, build_vit
 
+    if args.backend == "auto" and args.precision:
+        raise KilnError("--backend auto chooses the precision too: leave --precision out (--variants names the "
+                        "candidates)")
+
     variants = {"all": None, "served": ()}.get(args.variants, names(args.variants))
     result = build_vit(ViTBuildOptions(
         weights=args.weights, random_weights=args.random_weights, seed=args.seed, backend=args.backend,
-        precision=args.precision, variants=variants, extra_exports=() if args.no_extra_exports else EXTRA_EXPORTS,
+        precision=args.precision or "fp32", variants=variants,
+        extra_exports=() if args.no_extra_exports else EXTRA_EXPORTS,
         calibration=args.calibration, calibration_size=args.calibration_size, repository=args.repo,
         triton_backend=args.triton_backend, device=args.device,
         threads=args.threads))
