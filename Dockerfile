@@ -10,8 +10,13 @@
 # tokenizer and the pre/post-processing models stay Python-backend models and need numpy, Pillow, tokenizers and
 # this project's torch-free core, `kiln`. The Python backend passes tensors through /dev/shm: Docker's 64 MB default
 # is too small, hence --shm-size.
+#
+# The torch variants (torch-*, torch-aoti-*) run inside Python-backend models and need torch in the image: build FROM
+# NVIDIA's PyTorch flavour (--build-arg TRITON_FLAVOR=pyt-python-py3), and build the repository with that image's
+# torch (torch.export's format changes between releases; the check below refuses a program from another one).
 ARG TRITON_RELEASE=24.10
-FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-py3
+ARG TRITON_FLAVOR=py3
+FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-${TRITON_FLAVOR}
 
 # A repository built by `kiln build ... --triton-backend native` (a folder inside the build context).
 ARG REPO
@@ -21,13 +26,14 @@ RUN test -n "${REPO}" || { echo "kiln: pass --build-arg REPO=<a repository built
 COPY requirements-serving.txt /opt/kiln/requirements-serving.txt
 RUN pip install --no-cache-dir -r /opt/kiln/requirements-serving.txt
 
-# The torch-free core the Python-backend models import (no torch in the serving image).
+# The torch-free core the Python-backend models import (no torch in the serving image, but for torch variants).
 COPY kiln/ /opt/kiln/kiln/
 # The models' model.py files put this folder on sys.path (the stub ignores PYTHONPATH).
 ENV KILN_SITE_PACKAGES=/opt/kiln
 
 COPY ${REPO}/ /models/
-# Refuse, at build time, what would stop tritonserver at start: a folder without config, a Python-backend runtime.
+# Refuse, at build time, what would stop tritonserver at start: a folder without config, a Python-backend runtime
+# the image lacks, a torch program from another torch release.
 RUN PYTHONPATH=/opt/kiln python3 -m kiln.repository /models
 
 EXPOSE 8000 8001 8002

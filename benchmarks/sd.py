@@ -43,8 +43,10 @@ from orchestrator.pipeline.components.local import REQUIRED as COMPONENTS
 from orchestrator.pipeline.components.local import session_runners
 
 VARIANTS = ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-fp16",
-            "openvino-int8", "openvino-int8-hybrid")  # torch eager, then build.convert.SD_VARIANTS
-DEFAULT_VARIANTS = ("torch-fp32", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8")
+            "openvino-int8", "openvino-int8-hybrid", "torch-aoti-fp32", "torch-aoti-bf16")  # torch eager, then
+# build.convert.SD_VARIANTS (AOTInductor: the components exported by torch.export and compiled for this CPU)
+DEFAULT_VARIANTS = ("torch-fp32", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8",
+                    "torch-aoti-fp32")
 PIPELINES = {"tiny": (64, (32, 64, 128)), "full": (512, (256, 512, 768))}  # default side, (min, opt, max)
 PROMPT, NEGATIVE, SEED = "a photo of a cat", "blurry", 42
 
@@ -239,16 +241,11 @@ def _worker_main(argv: list[str]) -> None:
     """python -m benchmarks.sd measure|derive ...: one variant in a fresh process; prints one JSON line."""
     mode, config = argv[0], json.loads(argv[1])
     if mode == "derive":
-        start = time.perf_counter()
-        from build.convert import derive
-        from build.sd.calibration import capture_unet_inputs
+        from benchmarks.sd_derive import derive_component
 
-        served = served_variant(config["variant"], config["component"])
-        calibration = None
-        if served.calibrated:  # UNet inputs of real runs, as the build does
-            calibration = capture_unet_inputs(Path(config["repo"]), min(256, config["side"]), 8)
-        derive(served, Path(config["source"]), Path(config["target"]), calibration)
-        print("RESULT " + json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}))
+        made = derive_component(served_variant(config["variant"], config["component"]), config,
+                                PIPELINES[config["pipeline"]][1])
+        print("RESULT " + json.dumps(made | {"peak_rss_mb": _peak_rss_mb()}))
     else:
         result = measure_variant(config["variant"], Path(config["root"]), Path(config["repo"]), Path(config["weights"]),
                                  config["side"], config["steps"], config["repeats"])
@@ -358,6 +355,7 @@ def run_sd_benchmark(options: SDBenchOptions, log=print) -> dict:
                     if not (options.skip_build and target.exists()):
                         derived[variant][component] = _in_subprocess("derive", {
                             "variant": variant, "component": component, "repo": str(repo), "side": options.side,
+                            "weights": str(weights), "pipeline": options.pipeline,
                             "source": str(artifact_path(root, repo, "onnxruntime-fp32", component)),
                             "target": str(target)}, log)
             results.append(_in_subprocess("measure", {

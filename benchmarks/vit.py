@@ -43,7 +43,7 @@ GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224x224: 17.6 GMAC
 class BenchOptions:
     out: Path  # results, and the benchmark's own model repository (out/bench_repo)
     variants: tuple[str, ...] = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16",
-                                 "openvino-int8")
+                                 "openvino-int8", "torch-aoti-fp32")
     batch_sizes: tuple[int, ...] = (1, 8)
     seconds: float = 8.0  # measuring time per configuration, after warm-up
     min_iterations: int = 3
@@ -136,8 +136,10 @@ def run_benchmark(options: BenchOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     repository = out / "bench_repo"
     for key in options.variants:
-        if key not in VARIANTS:
-            raise ConfigError(f"unknown variant {key!r}; valid: {', '.join(VARIANTS)}")
+        if key not in VARIANTS or key == "torch-fp32":  # torch-fp32 is the eager baseline every variant is measured by
+            raise ConfigError(f"unknown variant {key!r}; valid: {', '.join(k for k in VARIANTS if k != 'torch-fp32')}")
+        if VARIANTS[key].gpu_only:
+            raise ConfigError(f"{key} runs on NVIDIA GPUs only: `make gpu-check` measures the GPU variants")
 
     # 1. Build every variant once into the benchmark's own repository.
     if not options.skip_build or not (repository / VIT).exists():

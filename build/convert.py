@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kiln.errors import ExportError
 
-RUNTIMES = ("onnxruntime", "openvino")
+RUNTIMES = ("onnxruntime", "openvino", "torch")
 QUANTIZATION = ("none", "dynamic", "weights", "static")
 ACCELERATORS = ("", "cuda", "tensorrt")  # "": the runtime's CPU execution; the others NVIDIA GPUs only
 
@@ -21,24 +21,36 @@ ACCELERATORS = ("", "cuda", "tensorrt")  # "": the runtime's CPU execution; the 
 class Variant:
     """One served form of a component."""
 
-    runtime: str  # onnxruntime or openvino
+    runtime: str  # onnxruntime, openvino, or torch (a torch.export program inside Triton's Python backend)
     precision: str  # fp32, fp16, bf16, int8: the tolerance it is checked against
     # none; dynamic (ONNX Runtime: int8 MatMul weights, activations quantized per call); weights (NNCF: int8 weights,
     # float activations); static (NNCF post-training quantization of weights and activations, calibrated)
     quantization: str = "none"
     inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT (bf16 runs the fp32 IR in bf16)
-    # ONNX Runtime's GPU execution in NVIDIA's image: cuda (its CUDA provider on an fp16 ONNX file) or tensorrt
-    # (TensorRT builds an fp16 engine from the fp32 ONNX file when the model loads)
+    # NVIDIA GPUs: ONNX Runtime's CUDA provider on an fp16 ONNX file, or TensorRT building an fp16 engine from the
+    # fp32 ONNX file when the model loads (both in NVIDIA's image); torch on CUDA in fp16 (the Python backend)
     accelerator: str = ""
+    # torch only: "aoti" compiles the exported program ahead of time with AOTInductor into a package of native code
+    # (a compiled plan, like a TensorRT engine); "" runs the exported program's graph eagerly
+    compiler: str = ""
 
     def __post_init__(self) -> None:
         if (self.runtime not in RUNTIMES or self.quantization not in QUANTIZATION
-                or self.accelerator not in ACCELERATORS or (self.accelerator and self.runtime != "onnxruntime")):
+                or self.accelerator not in ACCELERATORS or (self.accelerator and self.runtime == "openvino")
+                or (self.accelerator == "tensorrt" and self.runtime != "onnxruntime")
+                or (self.runtime == "torch" and self.quantization != "none")
+                or self.compiler not in ("", "aoti") or (self.compiler and self.runtime != "torch")):
             raise ExportError(f"no such variant: {self}")
 
     @property
+    def tolerance_key(self) -> str:
+        """The spec tolerance its parity is judged by: float16 arithmetic (torch on CUDA) is not float16 weights
+        computed in float32 (ONNX Runtime's float16 file on the CPU)."""
+        return "fp16-compute" if self.runtime == "torch" and self.precision == "fp16" else self.precision
+
+    @property
     def gpu_only(self) -> bool:
-        """Served by Triton's onnxruntime backend on an NVIDIA GPU only (--triton-backend native --device gpu)."""
+        """Runs on an NVIDIA GPU only (--device gpu): ONNX Runtime's CUDA and TensorRT, torch on CUDA."""
         return bool(self.accelerator)
 
     @property
@@ -46,6 +58,9 @@ class Variant:
         """The file in a model's version folder: model.onnx, model-int8.onnx, model.xml, model-fp16.xml,
         model-int8.xml (int8 weights), model-int8-static.xml (weights and activations)."""
         stem = "model"
+        if self.runtime == "torch":  # model.pt2, model-fp16.pt2, model-aoti.pt2, model-aoti-bf16.pt2, ...
+            return (stem + (f"-{self.compiler}" if self.compiler else "")
+                    + (f"-{self.precision}" if self.precision != "fp32" else "") + ".pt2")
         if self.accelerator == "tensorrt":
             return "model.onnx"  # TensorRT lowers the precision itself, from the fp32 graph
         if self.precision in ("fp16", "int8"):
@@ -56,8 +71,8 @@ class Variant:
 
     @property
     def derived(self) -> bool:
-        """Whether a file beyond the fp32 ONNX export has to be made."""
-        return self.artifact != "model.onnx"
+        """Whether a file is derived from the fp32 ONNX export (a torch program is exported from the module)."""
+        return self.artifact != "model.onnx" and self.runtime != "torch"
 
     @property
     def calibrated(self) -> bool:
@@ -77,11 +92,19 @@ VIT_VARIANTS = {
     "openvino-bf16": Variant("openvino", "bf16", inference_precision="bf16"),  # bf16 where the CPU has it
     "openvino-int8": Variant("openvino", "int8", "static"),  # calibrated on photographs
 }
+TORCH_VARIANTS = {  # torch.export programs in Triton's Python backend, no ONNX in between
+    "torch-fp32": Variant("torch", "fp32"),  # the program's graph run by PyTorch
+    "torch-cuda-fp16": Variant("torch", "fp16", accelerator="cuda"),  # CUDA graphs for the step models' batches
+    # AOTInductor packages: compiled ahead of time for this CPU (its vector ISA) or for CUDA
+    "torch-aoti-fp32": Variant("torch", "fp32", compiler="aoti"),
+    "torch-aoti-bf16": Variant("torch", "bf16", compiler="aoti"),  # bf16 arithmetic where the CPU has it
+    "torch-aoti-cuda-fp16": Variant("torch", "fp16", accelerator="cuda", compiler="aoti"),
+}
 GPU_VARIANTS = {  # NVIDIA's image only: Triton's onnxruntime backend on a GPU
     "onnxruntime-cuda-fp16": Variant("onnxruntime", "fp16", accelerator="cuda"),
     "onnxruntime-tensorrt-fp16": Variant("onnxruntime", "fp16", accelerator="tensorrt"),
 }
-VIT_VARIANTS |= GPU_VARIANTS
+VIT_VARIANTS |= TORCH_VARIANTS | GPU_VARIANTS
 SD_VARIANTS = {
     "onnxruntime-fp32": FP32,
     "onnxruntime-int8": Variant("onnxruntime", "int8", "dynamic"),
@@ -92,7 +115,7 @@ SD_VARIANTS = {
     # The UNet's weights and activations in int8, calibrated on UNet inputs captured from denoising runs of the fp32
     # build; the other components (no calibration data) int8 weights.
     "openvino-int8-hybrid": Variant("openvino", "int8", "static"),
-} | GPU_VARIANTS
+} | TORCH_VARIANTS | GPU_VARIANTS
 
 # Every file name a variant can have (a rebuild removes those it does not make: nothing of an earlier build lingers).
 ARTIFACTS = frozenset(v.artifact for kind in (*VIT_VARIANTS.values(), *SD_VARIANTS.values())
@@ -167,8 +190,10 @@ def _float16(source: Path, target: Path) -> None:
 
 
 def open_session(variant: Variant, path: Path, threads: int = 0):
-    """A runtime session on an artifact, with the variant's execution precision."""
+    """A runtime session on an artifact, with the variant's execution precision (a CUDA torch program on the
+    first GPU)."""
     from kiln.runtime import Session, SessionOptions
 
+    device = "cuda:0" if variant.runtime == "torch" and variant.accelerator == "cuda" else "cpu"
     return Session(SessionOptions(variant.runtime, Path(path), inference_precision=variant.inference_precision,
-                                  threads=threads))
+                                  threads=threads, device=device))

@@ -33,13 +33,20 @@ def check_target(triton_backend: str, device: str, variants: list[Variant]) -> N
         raise ConfigError(f"unknown Triton backend mode {triton_backend!r}; valid: {', '.join(TRITON_BACKENDS)}")
     if device not in DEVICES:
         raise ConfigError(f"unknown device {device!r}; valid: {', '.join(DEVICES)}")
-    if device == "gpu" and triton_backend == "python":
-        raise ConfigError("--device gpu needs --triton-backend native: the embedded Python-backend runtimes "
-                          "(ONNX Runtime and OpenVINO, CPU builds) run on the CPU")
-    gpu_only = [v for v in variants if v.gpu_only]
-    if gpu_only and (triton_backend != "native" or device != "gpu"):
-        raise ConfigError(f"ONNX Runtime's {gpu_only[0].accelerator} variant runs on NVIDIA GPUs only, on the "
-                          "onnxruntime backend of NVIDIA's image: build it with --triton-backend native --device gpu")
+    for variant in variants:
+        if variant.runtime == "torch" and triton_backend == "native":
+            raise ConfigError("torch variants run inside Triton's Python backend: build them with "
+                              "--triton-backend python")
+        if variant.gpu_only and device != "gpu":
+            raise ConfigError(f"{variant.runtime}'s {variant.accelerator} variant runs on NVIDIA GPUs only: build it "
+                              "with --device gpu" + (" --triton-backend native" if variant.runtime == "onnxruntime"
+                                                     else ""))
+        if variant.runtime == "onnxruntime" and variant.gpu_only and triton_backend != "native":
+            raise ConfigError(f"ONNX Runtime's {variant.accelerator} variant runs on the onnxruntime backend of "
+                              "NVIDIA's image: build it with --triton-backend native --device gpu")
+    if device == "gpu" and triton_backend == "python" and any(v.runtime != "torch" for v in variants):
+        raise ConfigError("--device gpu needs --triton-backend native, or a torch variant: the embedded Python-backend "
+                          "runtimes ONNX Runtime and OpenVINO are CPU builds")
     if device == "gpu" and any(v.runtime == "openvino" for v in variants):
         raise ConfigError("OpenVINO's Triton backend runs on the CPU only (a KIND_GPU model does not load): build "
                           "an onnxruntime variant for --device gpu, or --device cpu")
@@ -134,3 +141,16 @@ def parity_note(variant: Variant) -> str | None:
         return ("TensorRT builds its fp16 engine from this fp32 graph when the model loads in NVIDIA's image: the "
                 "figures are the fp32 graph's on the CPU (not run on a GPU here)")
     return None
+
+
+GRAPH_BATCHES = (2, 4, 8, 16)  # rows: one request with CFG, and 2, 4, 8 of them merged by the step batcher
+
+
+def cuda_graph_parameters(spec: ComponentSpec, batches: tuple[int, ...] = GRAPH_BATCHES,
+                          max_batch: int = 0) -> dict[str, str]:
+    """A model's CUDA graphs (torch on CUDA): the batch sizes captured at load, at the spec's optimal sizes."""
+    import json
+
+    sizes = spec.sizes("opt")
+    return {"graph_batches": ",".join(str(b) for b in batches if b <= (max_batch or spec.max_batch_size)),
+            "graph_shapes": json.dumps({t.name: list(t.concrete_shape(sizes)) for t in spec.inputs})}

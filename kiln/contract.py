@@ -90,6 +90,12 @@ class SDContract:
     controlnets: tuple[ServedControlNet, ...] = ()  # in build order; the first is the default
     max_prompt_chunks: int = 8  # 75-token chunks a prompt may have
     unet_max_batch: int = 16  # rows one sd_unet call may take (a native OpenVINO sd_unet has max_batch_size 0)
+    # Row counts sd_unet replays from CUDA graphs ("2,4,8,16"; torch on CUDA): the step batcher pads to the next one
+    graph_batches: str = ""
+
+    @property
+    def row_buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(int(b) for b in self.graph_batches.split(",") if b))
 
     @property
     def model_hash(self) -> str:
@@ -125,6 +131,8 @@ class SDContract:
         for item in fields(self):
             if item.metadata.get("parameter", True):
                 value = getattr(self, item.name)
+                if item.name == "graph_batches" and not value:
+                    continue  # the runtime's parameter, written with the model's CUDA graphs
                 if item.name == "controlnets":
                     value = json.dumps([c.__dict__ for c in value])
                 elif isinstance(value, dict):
@@ -175,9 +183,12 @@ def read_parameters(config_path: Path) -> tuple[dict[str, str], int]:
 class ServedArtifact:
     """The artifact a runtime model serves, and how it runs it."""
 
-    runtime: str  # onnxruntime or openvino
+    runtime: str  # onnxruntime, openvino or torch
     artifact: str  # file name in the version folder
     inference_precision: str = "f32"
+    gpu: bool = False  # a KIND_GPU instance (in process: the first GPU)
+    graph_batches: str = ""  # torch on CUDA: the batch sizes replayed from CUDA graphs ...
+    graph_shapes: str = ""  # ... captured at these input shapes (JSON)
 
 
 def read_served(config_path: Path) -> ServedArtifact:
@@ -187,7 +198,9 @@ def read_served(config_path: Path) -> ServedArtifact:
     if config.backend == "python":
         if "runtime" not in params:
             raise ConfigError(f"{config_path}: {config.name} serves no artifact")
-        return ServedArtifact(params["runtime"], params["artifact"], params.get("inference_precision", "f32"))
+        gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
+        return ServedArtifact(params["runtime"], params["artifact"], params.get("inference_precision", "f32"), gpu,
+                              params.get("graph_batches", ""), params.get("graph_shapes", ""))
     if config.backend in ("onnxruntime", "openvino") and config.default_model_filename:
         return ServedArtifact(config.backend, config.default_model_filename,
                               "bf16" if params.get("HINT_BF16") == "YES" else "f32")

@@ -14,7 +14,9 @@ from pathlib import Path
 _BACKEND = re.compile(r'^backend:\s*"([^"]+)"', re.MULTILINE)
 _PLATFORM = re.compile(r'^platform:\s*"([^"]+)"', re.MULTILINE)
 _FILENAME = re.compile(r'^default_model_filename:\s*"([^"]+)"', re.MULTILINE)
-_RUNTIME_PARAMETER = re.compile(r'key:\s*"runtime"')
+_PARAMETER = r'key:\s*"{}"\s*value\s*{{\s*string_value:\s*"([^"]*)"'
+_RUNTIME = re.compile(_PARAMETER.format("runtime"))
+_ARTIFACT = re.compile(_PARAMETER.format("artifact"))
 
 
 def model_folders(repository: Path) -> list[Path]:
@@ -66,12 +68,34 @@ def check_for_image(repository: Path) -> list[str]:
         elif backend == "python":
             if not any((v / "model.py").is_file() for v in versions):
                 problems.append(f"{folder.name}: a Python-backend model without model.py")
-            if _RUNTIME_PARAMETER.search(config.read_text()):
+            text = config.read_text()
+            if (runtime := _RUNTIME.search(text)) and runtime.group(1) != "torch":
                 problems.append(f"{folder.name}: runs ONNX Runtime or OpenVINO inside the Python backend, which the "
                                 "image does not install; build with --triton-backend native")
+            elif runtime and (artifact := _ARTIFACT.search(text)):
+                problems += _torch_problems(folder.name, [v / artifact.group(1) for v in versions])
         elif backend != "ensemble" and (match := _FILENAME.search(config.read_text())):
             if not any((v / match.group(1)).is_file() for v in versions):
                 problems.append(f"{folder.name}: {match.group(1)} is missing from its version folder")
+    return problems
+
+
+def _torch_problems(model: str, programs: list[Path]) -> list[str]:
+    """A torch program needs torch in the image, the release that exported it (torch.export's format changes)."""
+    from kiln.runtime.programs import read_metadata, release
+
+    try:
+        import torch
+    except ImportError:
+        return [f"{model}: a torch program, and this image has no torch: build it FROM NVIDIA's PyTorch flavour "
+                "(--build-arg TRITON_FLAVOR=pyt-python-py3) or choose another variant"]
+    problems = []
+    for program in programs:
+        if not program.is_file():
+            problems.append(f"{model}: {program.name} is missing from its version folder")
+        elif (exported := read_metadata(program).get("torch")) != release(torch.__version__):
+            problems.append(f"{model}: {program.name} was exported by torch {exported} and the image has "
+                            f"{torch.__version__}: build the repository with the image's torch")
     return problems
 
 

@@ -18,6 +18,7 @@ from build.vit import VIT_SPEC, ViTBuildOptions, parity_batch
 from build.vit.export import reference_outputs
 from build.vit.transform import eval_transform
 from kiln.errors import ConfigError, ParityError
+from tests.conftest import ALL_VIT_VARIANTS
 
 
 @pytest.mark.slow
@@ -46,6 +47,12 @@ def test_unknown_backend_precision_pair_lists_valid_ones():
 def test_variant_dependencies_are_added():
     keys = ViTBuildOptions(random_weights=True, backend="openvino", precision="int8", variants=()).variant_keys()
     assert keys == ["onnxruntime-fp32", "openvino-fp32", "openvino-int8"]
+    # "all": every variant this device serves; the torch ones need no ONNX file but it is the parity anchor.
+    cpu = ViTBuildOptions(random_weights=True).variant_keys()
+    assert {"torch-fp32", "torch-aoti-fp32", "torch-aoti-bf16"} <= set(cpu) and "torch-cuda-fp16" not in cpu
+    gpu = ViTBuildOptions(random_weights=True, backend="torch-aoti-cuda", precision="fp16", device="gpu",
+                          variants=("torch-aoti-cuda-fp16",)).variant_keys()
+    assert gpu == ["onnxruntime-fp32", "torch-aoti-cuda-fp16"]
 
 
 @pytest.mark.slow
@@ -64,7 +71,7 @@ def test_out_of_tolerance_artifact_is_refused_and_removed(tmp_path, monkeypatch)
 def test_every_variant_is_within_its_tolerance(all_variants_repo, vit_model, sample_images):
     """Re-open every artifact and compare with PyTorch on the shipped images, independently of the build."""
     repo, result = all_variants_repo
-    cpu = {k: v for k, v in VARIANTS.items() if not v.gpu_only}  # "all" on the CPU: what it can serve
+    cpu = {k: VARIANTS[k] for k in ALL_VIT_VARIANTS}  # "all" on the CPU, but for one AOTInductor package
     assert set(result.artifacts) == set(cpu) | {"safetensors", "torchscript"}
     pixels, layers = parity_batch(sample_images, eval_transform(vit_model))
     reference = reference_outputs(vit_model, pixels, layers)
@@ -73,7 +80,7 @@ def test_every_variant_is_within_its_tolerance(all_variants_repo, vit_model, sam
         session = open_session(variant, repo / "vit" / "1" / variant.artifact)
         outputs = session.run({"pixel_values": pixels, "layer": layers})
         figures[key] = parity.compare(reference["logits"], outputs["logits"], classify=True)
-        parity.check(key, figures[key], VIT_SPEC.tolerance(variant.precision))
+        parity.check(key, figures[key], VIT_SPEC.tolerance(variant.tolerance_key))
         # Features too: the embedding ensemble serves them.
         assert parity.compare(reference["pooled"], outputs["pooled"]).cosine >= 0.99
         assert parity.compare(reference["tokens"], outputs["tokens"]).cosine >= 0.99

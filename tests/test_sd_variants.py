@@ -110,6 +110,127 @@ def test_hybrid_int8_build_is_served_and_reports_its_trade(int8_repo, tmp_path):
     assert np.abs(served.astype(int) - in_process.astype(int)).max() <= 1
 
 
+REQUEST = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=3, sampler="Euler a",
+                         cfg_scale=7.0, seed=5, width=64, height=96, batch_size=2)
+
+
+def _torch_artifacts(repo: Path, artifact: str) -> dict:
+    content = read_report(repo)["sd"]
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        entry = content["artifacts"][name]
+        assert entry["runtime"] == "torch" and entry["file"] == f"sd_{name}/1/{artifact}"
+        assert not (repo / f"sd_{name}" / "1" / "model.onnx").exists()  # no ONNX in between
+        params = read_config(repo / f"sd_{name}" / "config.pbtxt").parameters
+        assert params["runtime"].string_value == "torch" and "graph_batches" not in params
+    return content["artifacts"]
+
+
+def test_torch_program_build_matches_the_modules_and_onnx(plain_checkpoint, plain_repo, tmp_path):
+    """torch-fp32: torch.export programs, the modules' own arithmetic (exact parity), run without diffusers; the image
+    is within rounding of the ONNX Runtime build's."""
+    import torch
+
+    build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, images=IMAGES, progress=False,
+                            variant="torch-fp32"), log=lambda _m: None)
+    for entry in _torch_artifacts(tmp_path, "model.pt2").values():
+        assert entry["parity"][next(iter(entry["parity"]))]["max_abs"] == 0.0
+    images = Pipeline.from_repository(tmp_path).generate(REQUEST).images
+    onnx = Pipeline.from_repository(plain_repo).generate(REQUEST).images
+    assert np.abs(images.astype(int) - onnx.astype(int)).max() <= 2
+    # NVIDIA's image serves it with the torch that exported it (the Dockerfile's check, here with this torch).
+    from kiln.repository import check_for_image
+
+    assert check_for_image(tmp_path) == []
+    program = tmp_path / "sd_vae_decoder" / "1" / "model.pt2"
+    _with_metadata(program, tmp_path / "old.pt2", torch="2.5").replace(program)
+    assert check_for_image(tmp_path) == [
+        f"sd_vae_decoder: model.pt2 was exported by torch 2.5 and the image has {torch.__version__}: build the "
+        "repository with the image's torch"]
+
+
+def _with_metadata(package: Path, target: Path, **changes) -> Path:
+    """A copy of a package whose kiln.json says something else (a file from another machine or torch)."""
+    import zipfile
+
+    with zipfile.ZipFile(package) as source, zipfile.ZipFile(target, "w") as copy:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename.endswith("/extra/kiln.json"):
+                data = json.dumps(json.loads(data) | changes).encode()
+            copy.writestr(item, data)
+    return target
+
+
+@pytest.mark.slow
+def test_aoti_build_is_compiled_cached_and_served_through_triton(plain_checkpoint, plain_repo, tmp_path,
+                                                                   monkeypatch):
+    """torch-aoti-fp32: every component compiled ahead of time by AOTInductor (side by side, one process each) into a
+    package of native code that Triton's Python backend runs without diffusers; a rebuild of the same weights comes
+    from the cache; the image through Triton is the in-process one, and within rounding of ONNX Runtime's. A package
+    from another torch release or for vector instructions this CPU lacks is refused with the reason."""
+    from kiln.errors import ConfigError
+    from kiln.runtime import Session, SessionOptions
+
+    monkeypatch.setenv("KILN_AOTI_CACHE", str(tmp_path / "cache"))  # a cold cache: this test compiles
+    repo, again = tmp_path / "repo", tmp_path / "again"
+    for target in (repo, again):
+        build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=target, images=IMAGES, progress=False,
+                                variant="torch-aoti-fp32"), log=lambda _m: None)
+    first, second = _torch_artifacts(repo, "model-aoti.pt2"), _torch_artifacts(again, "model-aoti.pt2")
+    for name, entry in first.items():
+        assert not entry["compile_cached"] and entry["compile_seconds"] > 0
+        assert second[name]["compile_cached"] and second[name]["sha256"] == entry["sha256"]
+        reference = entry["parity"][next(iter(entry["parity"]))]
+        assert 0 < reference["max_abs"] < 1e-4 and reference["cosine"] > 0.99999  # compiled: other summation order
+
+    server = start_triton(repo, tmp_path / "triton.log")
+    try:
+        served = Pipeline.from_triton(server.grpc_url).generate(REQUEST).images
+    finally:
+        assert server.stop() == 0, server.explain()
+    assert np.array_equal(served, Pipeline.from_repository(repo).generate(REQUEST).images)
+    onnx = Pipeline.from_repository(plain_repo).generate(REQUEST).images
+    assert np.abs(served.astype(int) - onnx.astype(int)).max() <= 2
+
+    package = repo / "sd_vae_decoder" / "1" / "model-aoti.pt2"
+    for changes, reason in (({"torch": "2.5"}, "exported by torch 2.5"),
+                            ({"cpu_isa": "avx1024_imaginary"}, "compiled by AOTInductor for avx1024_imaginary")):
+        other = _with_metadata(package, tmp_path / "other.pt2", **changes)
+        with pytest.raises(ConfigError, match=reason):
+            Session(SessionOptions("torch", other))
+
+
+@pytest.mark.parametrize(("key", "artifact"), [("torch-cuda-fp16", "model-fp16.pt2"),
+                                               ("torch-aoti-cuda-fp16", "model-aoti-fp16.pt2")])
+def test_torch_cuda_variant_configs_and_its_gpu(plain_checkpoint, tmp_path, key, artifact):
+    """torch-cuda-fp16: KIND_GPU Python-backend models, CUDA graphs for the step models' batches at the optimal
+    sizes. It is exported and checked on the GPU it serves from, so a machine without one refuses to build it."""
+    import torch
+
+    from build.convert import SD_VARIANTS
+    from build.sd.configs import sd_model_configs
+    from kiln.contract import SDContract
+
+    loaded = load_sd(str(plain_checkpoint), None, None)
+    specs = sd_specs(loaded, IMAGES)
+    variant = SD_VARIANTS[key]
+    contract = SDContract(scheduler_config={}, vae_scale_factor=2, latent_channels=4, unet_in_channels=4,
+                          scaling_factor=0.18, min_size=32, max_size=128, size_multiple=8)
+    configs = {c.name: c for c in sd_model_configs(specs, contract, dict.fromkeys(specs, variant), device="gpu")}
+    unet = configs["sd_unet"]
+    assert unet.kind == "KIND_GPU" and unet.backend == "python" and unet.parameters["artifact"] == artifact
+    assert unet.parameters["graph_batches"] == "2,4,8,16"
+    assert json.loads(unet.parameters["graph_shapes"])["sample"] == [2, 4, 32, 32]  # opt: batch 2, 64 px / 2
+    assert configs["sd_vae_decoder"].kind == "KIND_GPU" and "graph_batches" not in configs["sd_vae_decoder"].parameters
+    assert configs["sd_tokenizer"].kind == "KIND_CPU"
+    if not torch.cuda.is_available():
+        from kiln.errors import ExportError
+
+        with pytest.raises(ExportError, match="exported and checked on the GPU they run on"):
+            build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, images=IMAGES,
+                                    progress=False, variant=key, device="gpu"), log=lambda _m: None)
+
+
 def _prebuilt(tmp_path: Path, name: str, plain_checkpoint: Path, plain_repo: Path) -> None:
     """The tiny checkpoint and its fp32 build where a benchmark looks for its own (with skip_build, it reuses them)."""
     root = tmp_path / name
@@ -186,3 +307,24 @@ def test_bench_transport_runs_both_modes_on_the_services_client(tmp_path, kiln):
         assert row["p50_ms"] > 0 and row["p95_ms"] >= row["p50_ms"] and row["p50_vs_network"] > 0
     assert saved["machine"]["isa"]
     assert kiln("bench", "transport", "--calls", "0", "--out", tmp_path)[0] == 2
+
+
+def test_aoti_bf16_package_is_checked_against_the_bf16_tolerance(plain_checkpoint, tmp_path, monkeypatch):
+    """torch-aoti-bf16 on one component (the text encoder: the shortest compile): bfloat16 weights and arithmetic,
+    compiled for this CPU, checked against the float32 module with the bf16 tolerance. (Without AVX-512 BF16 the
+    CPU converts in software: slower, same figures.)"""
+    from build.torch_export import compile_packages, export_program
+
+    monkeypatch.setenv("KILN_AOTI_CACHE", "off")
+    loaded = load_sd(str(plain_checkpoint), None, None)
+    spec, module = sd_specs(loaded, IMAGES)["text_encoder"], export_modules(loaded)["text_encoder"]
+    variant = SD_VARIANTS["torch-aoti-bf16"]
+    sizes = axis_sizes(loaded, batch=2, height=64, width=64)
+    program, package = tmp_path / "program.pt2", tmp_path / variant.artifact
+    export_program(module, spec, variant, program, sizes)
+    compiled = compile_packages({program: package}, "cpu", log=lambda _m: None)
+    assert not compiled[program].cached and package.name == "model-aoti-bf16.pt2"
+    figures = check_component(module, spec, package, axis_sizes(loaded, batch=3, height=64, width=64, chunks=2),
+                              variant=variant)  # raises ParityError outside bf16's tolerance
+    reference = figures[spec.reference_output]
+    assert reference.cosine >= spec.tolerance("bf16").min_cosine and reference.max_abs > 1e-4  # really bf16

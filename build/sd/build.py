@@ -11,14 +11,15 @@ Steps of `build_sd`:
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from build import report
-from build.convert import ARTIFACTS, SD_VARIANTS, derive
-from build.native import check_target, parity_note, precision_caveat
+from build.convert import ARTIFACTS, FP32, SD_VARIANTS, Variant, derive
+from build.native import check_target, cuda_graph_parameters, parity_note, precision_caveat
 from build.repository import remove_stale, write_models
 from build.sd.configs import sd_model_configs
 from build.sd.export import check_component, export_component, export_modules
@@ -31,6 +32,7 @@ from build.sd.specs import (
     size_multiple,
     vae_scale_factor,
 )
+from build.torch_export import compile_packages, export_program
 from kiln import contract as names
 from kiln.contract import SDContract, ServedControlNet
 from kiln.errors import ExportError
@@ -113,27 +115,48 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         log(f"  sd_{name:13s} {options.variant}: cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}"
             + (f"  ({len(calibration)} calibration samples)" if calibration else ""))
 
-    for name in tqdm(components, desc=f"build sd ({options.variant})", unit="component", disable=not options.progress):
-        version = repository / names.sd_model(name) / "1"
-        path = version / "model.onnx"
-        for stale in ARTIFACTS - {path.name}:
-            report.remove_artifact(version / stale)  # a previous build's variant must not linger beside this one
-        start = time.perf_counter()
-        export_component(modules[name], specs[name], path, export_sizes)
+    def record(name: str, exported: Variant, path: Path, seconds: float, **extra) -> None:
         try:
-            figures = check_component(modules[name], specs[name], path, check_sizes)
+            figures = check_component(modules[name], specs[name], path, check_sizes, variant=exported)
         except Exception:
             path.unlink(missing_ok=True)
             raise
         reference = figures[specs[name].reference_output]
-        log(f"  sd_{name:13s} cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}")
+        log(f"  sd_{name:13s} {exported.artifact}: cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}")
         artifacts[name] = {
-            "file": str(path.relative_to(repository)), "runtime": "onnxruntime", "precision": "fp32",
+            "file": str(path.relative_to(repository)), "runtime": exported.runtime, "precision": exported.precision,
             "size_bytes": report.artifact_size(path), "sha256": report.sha256(path),
             "parity": {k: v.as_dict() for k, v in figures.items()}, "parity_shapes": dict(check_sizes),
-            "build_seconds": round(time.perf_counter() - start, 2)}
-        if (variants[name].derived or variants[name].gpu_only) and not variants[name].calibrated:
+            "build_seconds": round(seconds, 2), **extra}
+        if (variants[name].derived or variants[name].gpu_only) and exported is FP32 and not variants[name].calibrated:
             serve_variant(name)
+
+    programs: dict[str, tuple[Path, Path, float]] = {}  # AOTInductor: exported programs compiled side by side
+    scratch = tempfile.TemporaryDirectory(prefix="kiln-programs-")  # removed when done, or when the build fails
+    for name in tqdm(components, desc=f"build sd ({options.variant})", unit="component", disable=not options.progress):
+        version = repository / names.sd_model(name) / "1"
+        exported = variants[name] if variant.runtime == "torch" else FP32  # a torch program, or the ONNX file
+        path = version / exported.artifact
+        for stale in ARTIFACTS - {path.name}:
+            report.remove_artifact(version / stale)  # a previous build's variant must not linger beside this one
+        start = time.perf_counter()
+        if exported.compiler:
+            program = Path(scratch.name) / f"{name}.pt2"  # compiled into `path` below
+            export_program(modules[name], specs[name], exported, program, export_sizes)
+            programs[name] = (program, path, time.perf_counter() - start)
+            continue
+        if exported.runtime == "torch":
+            export_program(modules[name], specs[name], exported, path, export_sizes)
+        else:
+            export_component(modules[name], specs[name], path, export_sizes)
+        record(name, exported, path, time.perf_counter() - start)
+    if programs:
+        compiled = compile_packages({program: package for program, package, _ in programs.values()},
+                                    "cuda" if variant.accelerator == "cuda" else "cpu", log)
+        scratch.cleanup()
+        for name, (program, package, export_seconds) in programs.items():
+            record(name, variants[name], package, export_seconds + compiled[program].seconds,
+                   compile_seconds=compiled[program].seconds, compile_cached=compiled[program].cached)
 
     # 3. Triton models and the contract the service reads.
     contract = SDContract(
@@ -143,6 +166,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         max_size=options.images.max, size_multiple=size_multiple(loaded), model_name=_model_name(loaded.source),
         model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
         unet_max_batch=specs["unet"].max_batch_size,
+        graph_batches=cuda_graph_parameters(specs["unet"])["graph_batches"]
+        if variant.runtime == "torch" and variant.accelerator == "cuda" else "",
         controlnets=tuple(ServedControlNet(name=label, model=names.sd_model(name), sha256=artifacts[name]["sha256"],
                                            ensemble=names.controlnet_ensemble(index) if has_ensemble(specs, name)
                                            else "")

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from build.convert import Variant
-from build.native import native_config
+from build.native import DEVICES, cuda_graph_parameters, native_config
 from build.sd.specs import controlnet_components, has_ensemble
 from build.specs import ComponentSpec
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
@@ -33,13 +33,17 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
 
     def runtime(component: str) -> dict[str, str]:
         served = variants[component]
-        return {"runtime": served.runtime, "artifact": served.artifact,
-                "inference_precision": served.inference_precision, "threads": str(threads)}
+        params = {"runtime": served.runtime, "artifact": served.artifact,
+                  "inference_precision": served.inference_precision, "threads": str(threads)}
+        step = component in STEP_COMPONENTS or component.startswith("controlnet")
+        if served.runtime == "torch" and served.accelerator == "cuda" and step:
+            params |= cuda_graph_parameters(specs[component])
+        return params
 
     def served(component: str, config: ModelConfig) -> ModelConfig:
         if triton_backend == "native":
             return native_config(config, variants[component], device, threads, specs[component])
-        return config
+        return replace(config, kind=DEVICES[device])  # the Python backend on a GPU: torch variants (check_target)
 
     def runtime_model(component: str, **extra) -> ModelConfig:
         spec = specs[component]

@@ -122,5 +122,5 @@ def check_component(module, spec: ComponentSpec, path: Path, sizes: dict[str, in
     got = open_session(variant, path).run(inputs, spec.output_names)
     figures = {name: parity.compare(ref.numpy(), got[name]) for name, ref in zip(spec.output_names, expected)}
     parity.check(f"{spec.name} ({spec.reference_output})", figures[spec.reference_output],
-                 spec.tolerance(variant.precision))
+                 spec.tolerance(variant.tolerance_key))
     return figures

@@ -21,10 +21,12 @@ def add_parser(commands) -> None:
                         help="the real architecture with seeded random weights")
     vit.add_argument("--seed", type=int, default=0, help="seed for --random-weights and calibration crops")
     vit.add_argument("--backend", default="onnxruntime",
-                     choices=("onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-tensorrt", "auto"),
-                     help="runtime of the served `vit` model (-cuda, -tensorrt: fp16 on NVIDIA GPUs, with "
-                          "--triton-backend native --device gpu; auto: of the --variants built, the fastest on this "
-                          "machine whose parity is inside its tolerance, runtime and precision both)")
+                     choices=("onnxruntime", "openvino", "torch", "torch-aoti", "onnxruntime-cuda",
+                              "onnxruntime-tensorrt", "torch-cuda", "torch-aoti-cuda", "auto"),
+                     help="runtime of the served `vit` model (torch: the torch.export program; torch-aoti: compiled "
+                          "ahead of time by AOTInductor; -cuda, -tensorrt: fp16 on NVIDIA GPUs, with --device gpu "
+                          "(onnxruntime's with --triton-backend native); auto: of the --variants built, the "
+                          "fastest here whose parity is inside its tolerance, runtime and precision both)")
     vit.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"),
                      help="precision of the served `vit` model (default: fp32)")
     vit.add_argument("--variants", default="all",

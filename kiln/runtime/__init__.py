@@ -1,4 +1,4 @@
-"""Runtime sessions over built artifacts: ONNX Runtime and OpenVINO behind one small interface.
+"""Runtime sessions over built artifacts: ONNX Runtime, OpenVINO and torch.export programs behind one interface.
 
 Used by the Triton Python-backend models, by the parity checks and by the benchmarks, so the
 served path and the measured path are the same code.
@@ -16,7 +16,7 @@ import numpy as np
 
 from kiln.errors import ConfigError
 
-RUNTIMES = ("onnxruntime", "openvino")
+RUNTIMES = ("onnxruntime", "openvino", "torch")
 
 
 def model_config(args: Mapping[str, str]) -> tuple[dict, dict[str, str]]:
@@ -36,6 +36,21 @@ class SessionOptions:
     inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT: f32 or bf16 (this CPU defaults to bf16)
     threads: int = 0  # 0: all cores
     performance_hint: str = "LATENCY"  # OpenVINO; on 2 cores LATENCY beats THROUGHPUT for synchronous calls
+    device: str = "cpu"  # torch: cpu or cuda:N (the Triton instance's GPU)
+    graph_batches: tuple[int, ...] = ()  # torch on CUDA: batch sizes that replay a CUDA graph ...
+    graph_shapes: Mapping[str, tuple[int, ...]] | None = None  # ... captured at these input shapes (the build's opt)
+
+
+def session_device(runtime: str, gpu: bool, graph_batches: str = "", graph_shapes: str = "",
+                   device_id: int = 0) -> dict:
+    """SessionOptions' device fields from a model's config: a KIND_GPU torch model runs on GPU `device_id`, replaying
+    CUDA graphs at the batches its build captured ("2,4,8,16") at the shapes it names (JSON)."""
+    if not gpu or runtime != "torch":
+        return {}
+    import json
+
+    return {"device": f"cuda:{device_id}", "graph_batches": tuple(int(b) for b in graph_batches.split(",") if b),
+            "graph_shapes": json.loads(graph_shapes) if graph_shapes else None}
 
 
 class Session:
@@ -74,6 +89,12 @@ class Session:
             self._ports = {name: port for port in self._compiled.outputs for name in port.get_names()}
             self.input_names = [name for port in self._compiled.inputs for name in port.get_names()]
             self.output_names = [_preferred_name(port) for port in self._compiled.outputs]
+        elif options.runtime == "torch":
+            from kiln.runtime.torch_session import TorchSession  # the one module of kiln that needs torch
+
+            self._torch = TorchSession(path, options.device, options.threads, options.graph_batches,
+                                       options.graph_shapes)
+            self.input_names, self.output_names = self._torch.input_names, self._torch.output_names
         else:
             raise ConfigError(f"unknown runtime {options.runtime!r}; valid: {', '.join(RUNTIMES)}")
 
@@ -85,14 +106,23 @@ class Session:
         """
         if self.options.runtime == "onnxruntime":
             return "as stored"
+        if self.options.runtime == "torch":
+            return self._torch.execution_precision
         value = self._compiled.get_property("INFERENCE_PRECISION_HINT")
         return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+    @property
+    def checks_finite(self) -> bool:
+        """Whether run() itself refuses NaN and infinity in float inputs (torch on a GPU, where it is cheap)."""
+        return self.options.runtime == "torch" and self._torch.checks_finite
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(output_names) if output_names else self.output_names
         feed = {k: v for k, v in inputs.items() if k in self.input_names}
         if self.options.runtime == "onnxruntime":
             return dict(zip(names, self._ort.run(names, feed)))
+        if self.options.runtime == "torch":
+            return self._torch.run(feed, names)
         with self._lock:
             self._request.infer(feed)
             return {name: np.array(self._request.get_tensor(self._ports[name]).data, copy=True) for name in names}

@@ -17,18 +17,23 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kiln.runtime import Session, SessionOptions, model_config
+from kiln.runtime import Session, SessionOptions, model_config, session_device
 
 
 class RuntimeModel:
     def initialize(self, args):
         config, self.params = model_config(args)
         version_dir = Path(args["model_repository"]) / args["model_version"]
+        # A KIND_GPU instance runs on the GPU Triton gave it (torch variants).
+        device = session_device(self.params["runtime"], args.get("model_instance_kind") == "GPU",
+                                self.params.get("graph_batches", ""), self.params.get("graph_shapes", ""),
+                                int(args.get("model_instance_device_id", 0)))
         self.session = Session(SessionOptions(
             runtime=self.params["runtime"],
             path=version_dir / self.params["artifact"],
             inference_precision=self.params.get("inference_precision", "f32"),
             threads=int(self.params.get("threads", "0")),
+            **device,
         ))
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
@@ -38,7 +43,7 @@ class RuntimeModel:
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
         """Adapt one request's inputs to the artifact's, or return an error message for that request."""
         for name, value in inputs.items():
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
+            if value.dtype.kind == "f" and not self.session.checks_finite and not np.isfinite(value).all():
                 return f"{name} contains NaN or infinity"
         return inputs
 

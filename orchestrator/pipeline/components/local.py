@@ -40,7 +40,7 @@ def session_runners(repository: Path, runtime: str | None = None, artifact: str 
     `artifact` and `inference_precision` override that for all, and `paths` names a component's
     file directly.
     """
-    from kiln.runtime import Session, SessionOptions
+    from kiln.runtime import Session, SessionOptions, session_device
 
     runners, precision = {}, {}
     for component in components or components_in(repository):
@@ -48,7 +48,9 @@ def session_runners(repository: Path, runtime: str | None = None, artifact: str 
         served = read_served(folder / "config.pbtxt")
         path = (paths or {}).get(component) or folder / "1" / (artifact or served.artifact)
         session = Session(SessionOptions(runtime or served.runtime, path,
-                                         inference_precision=inference_precision or served.inference_precision))
+                                         inference_precision=inference_precision or served.inference_precision,
+                                         **session_device(served.runtime, served.gpu, served.graph_batches,
+                                                         served.graph_shapes)))
         runners[component] = session.run
         precision[component] = session.execution_precision
     return runners, precision

@@ -1,0 +1,155 @@
+"""The torch runtime: a component exported by `torch.export` (`model.pt2`), or that program compiled ahead of time by
+AOTInductor (`model-aoti*.pt2`, native code for one CPU ISA or for CUDA), run on the CPU or a CUDA device.
+
+The one module of kiln that imports torch, and only when a torch artifact is opened (`Session` imports it lazily):
+the Triton models and a serving install without torch never load it. The program carries its own graph (no
+diffusers or timm at serving time) and, in `kiln.json` beside it in the archive, the names of its inputs and
+outputs and the dtype it was exported in (float16 for the CUDA variant: float inputs are cast to it on the way in,
+outputs back to float32 on the way out, so the wire stays FP32), the torch release that exported it and, for a
+package, what it was compiled for: a file another release or another CPU cannot run is refused with the reason.
+
+On CUDA, `graph_batches` names batch sizes whose calls replay a CUDA graph captured at load time (at `graph_sizes`,
+the build's optimal sizes): one launch instead of hundreds for a denoising step. Any other shape runs eagerly.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kiln.errors import ConfigError
+from kiln.runtime.programs import METADATA, read_metadata, release
+
+
+def save(program, path: Path, inputs: Mapping[str, str], outputs: Sequence[str], dtype: str) -> None:
+    """Write an ExportedProgram with what the runtime needs: `inputs` {name: torch dtype name} in call order, the
+    outputs' names, and the dtype its floats compute in."""
+    torch.export.save(program, str(path), extra_files={METADATA: json.dumps(
+        {"inputs": dict(inputs), "outputs": list(outputs), "dtype": dtype, "torch": release(torch.__version__)})})
+
+
+def write_package_metadata(package: Path, program_metadata: dict, device: str) -> None:
+    """Add the runtime's metadata to an AOTInductor package: the program's, plus what it was compiled for."""
+    import zipfile
+
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    meta = dict(program_metadata, compiler="aoti", device=device,
+                cpu_isa=str(pick_vec_isa()) if device == "cpu" else "")
+    with zipfile.ZipFile(package) as archive:
+        prefix = archive.namelist()[0].split("/")[0]
+    with zipfile.ZipFile(package, "a") as archive:
+        archive.writestr(f"{prefix}/extra/{METADATA}", json.dumps(meta))
+
+
+def check_loadable(path: Path) -> dict:
+    """The file's metadata; refuse a program exported by another torch release (torch.export's archive format is not
+    stable across releases: a program is built with the torch that serves it) and a package compiled for vector
+    instructions this CPU lacks (AVX-512 code on an AVX2-only CPU)."""
+    meta = read_metadata(path)
+    exported = meta.get("torch", "unknown")
+    if exported != release(torch.__version__):
+        raise ConfigError(f"{path}: exported by torch {exported}, and this is torch {torch.__version__}: build the "
+                          "torch variants with the torch that serves them")
+    if meta.get("cpu_isa"):
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+        here = [str(isa) for isa in valid_vec_isa_list()]
+        if meta["cpu_isa"] not in here:
+            raise ConfigError(f"{path}: compiled by AOTInductor for {meta['cpu_isa']}, which this CPU lacks (it has "
+                              f"{', '.join(here) or 'no vector ISA torch knows'}): build it on the machine that serves")
+    return meta
+
+
+class TorchSession:
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0,
+                 graph_batches: Sequence[int] = (), graph_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        meta = check_loadable(path)
+        self.input_names, self.output_names = list(meta["inputs"]), list(meta["outputs"])
+        self.dtype = getattr(torch, meta["dtype"])
+        # Floats travel in the program's dtype, integers as they are.
+        self._input_dtypes = {n: self.dtype if getattr(torch, d).is_floating_point else getattr(torch, d)
+                              for n, d in meta["inputs"].items()}
+        self.compiled = meta.get("compiler", "")
+        if self.compiled == "aoti":  # native code for the device it was compiled for, weights inside
+            index = (self.device.index or 0) if self.device.type == "cuda" else -1
+            self.module = torch._inductor.aoti_load_package(str(path), device_index=index)
+        else:
+            program = torch.export.load(str(path))
+            if self.device.type != "cpu":
+                from torch.export.passes import move_to_device_pass
+
+                program = move_to_device_pass(program, self.device)
+            self.module = program.module()
+        self._graphs: dict[tuple, tuple] = {}
+        self._lock = threading.Lock()  # a captured graph has one set of static buffers
+        if self.device.type == "cuda" and graph_batches and graph_shapes:
+            for batch in graph_batches:
+                self._capture({name: (batch, *graph_shapes[name][1:]) for name in self.input_names})
+
+    @property
+    def execution_precision(self) -> str:
+        return {torch.float16: "f16", torch.bfloat16: "bf16"}.get(self.dtype, "f32")
+
+    @property
+    def graph_keys(self) -> list[tuple]:
+        """The input shapes that replay a CUDA graph."""
+        return list(self._graphs)
+
+    def _tensor(self, value: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(self.device, non_blocking=True)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def _capture(self, shapes: dict[str, tuple]) -> None:
+        static = {name: torch.zeros(shape, device=self.device, dtype=self._input_dtypes[name])
+                  for name, shape in shapes.items()}
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(2):  # warm up the allocator and kernels before capturing
+                self.module(*(static[n] for n in self.input_names))
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            outputs = self.module(*(static[n] for n in self.input_names))
+        key = tuple(tuple(shapes[n]) for n in self.input_names)
+        self._graphs[key] = (graph, static, outputs if isinstance(outputs, (tuple, list)) else (outputs,))
+
+    def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        names = list(output_names) if output_names else self.output_names
+        key = tuple(tuple(np.shape(inputs[n])) for n in self.input_names)
+        captured = self._graphs.get(key)
+        with torch.inference_mode():
+            tensors = {name: self._tensor(inputs[name]) for name in self.input_names}
+            if self.checks_finite:
+                for name, tensor in tensors.items():
+                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                        raise ValueError(f"{name} contains NaN or infinity")
+            if captured is not None:
+                graph, static, outputs = captured
+                with self._lock:
+                    for name in self.input_names:
+                        static[name].copy_(tensors[name])
+                    graph.replay()
+                    return self._numpy(outputs, names)
+            outputs = self.module(*(tensors[n] for n in self.input_names))
+            return self._numpy(outputs if isinstance(outputs, (tuple, list)) else (outputs,), names)
+
+    @property
+    def checks_finite(self) -> bool:
+        """On a GPU the inputs are checked for NaN and infinity there, after the copy (a CPU pass over a batch of 256
+        images costs more than the GPU's whole forward pass); RuntimeModel checks the others before the call."""
+        return self.device.type == "cuda"
+
+    def _numpy(self, outputs, names: Sequence[str]) -> dict[str, np.ndarray]:
+        by_name = dict(zip(self.output_names, outputs))
+        return {name: by_name[name].float().cpu().numpy() if by_name[name].is_floating_point()
+                else by_name[name].cpu().numpy() for name in names}
