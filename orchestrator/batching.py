@@ -11,6 +11,10 @@ them row-wise into batches of at most `max_rows` rows, runs each batch once, and
 caller back its own rows. Generations join and leave at step boundaries; what each does between
 steps (its sampler, CFG scale, seed, step count) is its own business, because the UNet sees only
 rows. Rows of one call are never split across batches unless the call alone exceeds `max_rows`.
+
+With `buckets` (the row counts the UNet replays from CUDA graphs, from the build's contract), a
+batch is padded to the next bucket with copies of its last row and the padding is dropped from
+the result: one graph replay for 6 rows costs less than an uncaptured 6-row call.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class BatchStats:
     rows: int = 0  # rows sent to Triton
     last_batch_rows: int = 0
     busy_s: float = 0.0  # time spent inside Triton calls
+    padded_rows: int = 0  # rows added to fill CUDA-graph buckets (included in `rows`)
 
     @property
     def mean_batch_rows(self) -> float:
@@ -67,10 +72,11 @@ class StepBatcher:
     """
 
     def __init__(self, *, max_rows: int = 16, window_s: float = 0.05, enabled: bool = True,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None, buckets: tuple[int, ...] = ()) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.max_rows = max_rows
+        self.buckets = buckets
         self.window_s = window_s
         self.enabled = enabled
         self._on_batch = on_batch
@@ -165,7 +171,12 @@ class StepBatcher:
     def _run_batch(self, batch: list[_Call]) -> None:
         try:
             merged = {name: np.concatenate([c.inputs[name] for c in batch]) for name in batch[0].inputs}
-            out = self._execute(batch[0].graph, merged)
+            rows = len(merged["sample"])
+            padded = pad_rows(merged, self.buckets, self.max_rows)
+            if len(padded["sample"]) > rows:
+                with self._lock:
+                    self.stats.padded_rows += len(padded["sample"]) - rows
+            out = self._execute(batch[0].graph, padded)[:rows]
         except BaseException as exc:  # noqa: BLE001 - every caller of this batch gets the failure
             if len(batch) > 1 and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 for call in batch:  # one bad call must not fail the others: retry each alone
@@ -194,6 +205,17 @@ class StepBatcher:
         if self._on_batch is not None:
             self._on_batch(rows, elapsed)
         return out
+
+
+def pad_rows(inputs: dict[str, np.ndarray], buckets: tuple[int, ...], max_rows: int) -> dict[str, np.ndarray]:
+    """`inputs` padded to the smallest bucket that holds their rows, with copies of the last row (real values: no
+    NaN or zeros a model might treat differently); unchanged without a bucket that fits."""
+    rows = len(inputs["sample"])
+    target = min((b for b in buckets if rows <= b <= max_rows), default=rows)
+    if target == rows:
+        return inputs
+    return {name: np.concatenate([value, np.repeat(value[-1:], target - rows, axis=0)])
+            for name, value in inputs.items()}
 
 
 def _pack(calls: list[_Call], max_rows: int) -> list[list[_Call]]:

@@ -261,6 +261,7 @@ class Engine:
                 self._pipeline = self._connect()
                 if not self.options.max_batch_rows:
                     self.batcher.max_rows = self._pipeline.contract.unet_max_batch
+                self.batcher.buckets = self._pipeline.contract.row_buckets  # CUDA graphs the UNet replays
             return self._pipeline
 
     def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,
