@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kiln-installed
 
-.PHONY: setup demo test test-fast lint bench bench-vit clean-repo
+.PHONY: setup demo test test-fast lint bench bench-vit clean-repo gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -36,6 +36,21 @@ bench: bench-vit
 
 bench-vit: $(STAMP)
 	$(BIN)/kiln bench vit
+
+# The GPU figures (benchmarks/gpu_check.py). On a lent GPU machine: `bash scripts/gpu_check.sh` with .kiln/gpu-wheels
+# carried; here, `make gpu-check` runs it on this machine's GPU, or says there is none.
+gpu-check: $(STAMP)
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA GPU here; bash scripts/gpu_check.sh cpu runs the same check on tiny weights')"
+	bash scripts/gpu_check.sh cuda
+
+# The wheels a GPU machine with its own torch lacks (about 63 MB: nvidia-pytriton is 55 of it; a run may carry
+# 64 MiB), pinned as requirements.txt pins them (names as it spells them).
+GPU_WHEELS := nvidia-pytriton diffusers tritonclient prometheus_client open_clip_torch
+gpu-wheels: $(STAMP)
+	mkdir -p .kiln/gpu-wheels
+	$(BIN)/python -m pip download --quiet --no-deps -d .kiln/gpu-wheels \
+	  $$(for w in $(GPU_WHEELS); do grep -i "^$$w==" requirements.txt; done)
+	du -sh .kiln/gpu-wheels
 
 clean-repo:
 	git clean -fdX model_repository

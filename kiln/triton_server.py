@@ -86,9 +86,12 @@ class TritonInstallation:
     def backend_directory(self) -> Path:
         """A backend folder with the Python backend and the stub matching this interpreter.
 
-        Kept inside the virtual environment, so it is made once per environment.
+        Kept inside the virtual environment, so it is made once per environment (in the user's cache where the
+        environment is a system Python that is not writable).
         """
         target = Path(sys.prefix) / "share" / "kiln" / "triton-backends"
+        if not os.access(sys.prefix, os.W_OK):
+            target = Path.home() / ".cache" / "kiln" / f"triton-backends-py{sys.version_info[0]}.{sys.version_info[1]}"
         python_dir = target / "python"
         marker = python_dir / ".complete"
         if not marker.exists():
@@ -101,8 +104,10 @@ class TritonInstallation:
 
 
 def stub_site_packages() -> str:
-    """The value of KILN_SITE_PACKAGES: this environment's site-packages folders."""
-    return os.pathsep.join(site.getsitepackages())
+    """The value of KILN_SITE_PACKAGES: this environment's site-packages folders, then the folders on PYTHONPATH
+    (the stub ignores PYTHONPATH itself): a checkout run without installing, packages installed with --target."""
+    extra = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys([*site.getsitepackages(), *extra]))
 
 
 def free_port() -> int:

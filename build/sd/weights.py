@@ -79,12 +79,14 @@ ARCHITECTURES = {
 
 
 def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """CLIP's byte-level BPE vocabulary and merges, from the file in the open-clip-torch wheel."""
-    try:
-        import open_clip
-    except ImportError as exc:  # pragma: no cover - pinned dependency
-        raise WeightsError("open-clip-torch is not installed; run `make setup`") from exc
-    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    """CLIP's byte-level BPE vocabulary and merges, from the file in the open-clip-torch wheel (found, not imported:
+    open_clip's own imports are many, and the GPU check carries the wheel alone)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - pinned dependency
+        raise WeightsError("open-clip-torch is not installed; run `make setup`")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(path).read().decode("utf-8").split("\n")
     # CLIP uses the first 49152 - 256 - 2 merges of the file (its first line is a header).
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
