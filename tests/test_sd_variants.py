@@ -328,3 +328,40 @@ def test_aoti_bf16_package_is_checked_against_the_bf16_tolerance(plain_checkpoin
                               variant=variant)  # raises ParityError outside bf16's tolerance
     reference = figures[spec.reference_output]
     assert reference.cosine >= spec.tolerance("bf16").min_cosine and reference.max_abs > 1e-4  # really bf16
+
+
+def test_auto_builds_the_fastest_unet_measured_here(plain_checkpoint, tmp_path):
+    """--variant auto: the UNet made, checked and timed in each candidate on one CFG step, the fastest served; the
+    report keeps every candidate's figures and the reason."""
+    candidates = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32")
+    content = build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, images=IMAGES,
+                                      progress=False, variant="auto", auto_candidates=candidates), log=lambda _m: None)
+    choice = content["auto"]
+    assert set(choice["candidates"]) == set(candidates) and not choice["rejected"]
+    speeds = {k: v["per_s"] for k, v in choice["candidates"].items()}
+    assert choice["chosen"] == max(speeds, key=speeds.get) == content["variant"]
+    assert "fastest of 3 within tolerance" in choice["reason"]
+    assert all(v["parity"]["cosine"] > 0.98 for v in choice["candidates"].values())
+    served = read_config(tmp_path / "sd_unet" / "config.pbtxt").parameters["artifact"].string_value
+    assert served == SD_VARIANTS[choice["chosen"]].artifact and (tmp_path / "sd_unet" / "1" / served).exists()
+
+
+def test_auto_refuses_what_it_cannot_time(plain_checkpoint, tmp_path, kiln):
+    import torch
+
+    from kiln.errors import ConfigError
+
+    def build(**fields):
+        build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, images=IMAGES, progress=False,
+                                **fields), log=lambda _m: None)
+
+    with pytest.raises(ConfigError, match="goes with --variant auto only"):
+        build(auto_candidates=("onnxruntime-int8",))
+    with pytest.raises(ConfigError, match="needs calibration runs"):
+        build(variant="auto", auto_candidates=("openvino-int8-hybrid",))
+    with pytest.raises(ConfigError, match="cannot be timed on this machine with --device cpu"):
+        build(variant="auto", auto_candidates=("onnxruntime-tensorrt-fp16",))
+    if not torch.cuda.is_available():
+        code, _, err = kiln("build", "sd", "--weights", str(plain_checkpoint), "--repo", str(tmp_path), "--variant",
+                            "auto", "--device", "gpu")
+        assert code == 2 and "this machine has none" in err and "Traceback" not in err

@@ -14,13 +14,15 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from build import report
 from build.convert import ARTIFACTS, FP32, SD_VARIANTS, Variant, derive
 from build.native import check_target, cuda_graph_parameters, parity_note, precision_caveat
 from build.repository import remove_stale, write_models
+from build.sd.auto import candidates as auto_candidates
+from build.sd.auto import choose_variant
 from build.sd.configs import sd_model_configs
 from build.sd.export import check_component, export_component, export_modules
 from build.sd.specs import (
@@ -35,7 +37,7 @@ from build.sd.specs import (
 from build.torch_export import compile_packages, export_program
 from kiln import contract as names
 from kiln.contract import SDContract, ServedControlNet
-from kiln.errors import ExportError
+from kiln.errors import ConfigError, ExportError
 from kiln.paths import DEFAULT_REPOSITORY
 from kiln.prompts import MAX_CHUNKS
 
@@ -57,7 +59,8 @@ class SDBuildOptions:
     step_queue_delay_us: int = 0  # the same for the UNet and ControlNets (none: the step batcher merges steps)
     threads: int = 0
     progress: bool = True
-    variant: str = "onnxruntime-fp32"  # what the served models run: a key of SD_VARIANTS
+    variant: str = "onnxruntime-fp32"  # what the served models run: a key of SD_VARIANTS, or auto (build.sd.auto)
+    auto_candidates: tuple[str, ...] | None = None  # auto: the variants to time (default: all this device can run)
     triton_backend: str = "python"  # python (embedded Triton here) or native (NVIDIA's tritonserver image)
     device: str = "cpu"  # cpu or gpu: the instance kind of a native build's runtime models
     image_check_steps: int = 4  # steps of the image a lower-precision variant is compared on (PSNR against fp32)
@@ -77,10 +80,13 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     from build.sd.calibration import CALIBRATION_PROMPTS, capture_unet_inputs, variant_image_parity
     from build.sd.weights import load_sd
 
-    # 1. Load and derive the specs.
-    if options.variant not in SD_VARIANTS:
-        raise ExportError(f"unknown SD variant {options.variant!r}; valid: {', '.join(SD_VARIANTS)}")
-    check_target(options.triton_backend, options.device, [SD_VARIANTS[options.variant]])
+    # 1. Load and derive the specs (auto: time the UNet in each candidate, then build the fastest).
+    if options.variant != "auto" and options.variant not in SD_VARIANTS:
+        raise ExportError(f"unknown SD variant {options.variant!r}; valid: auto, {', '.join(SD_VARIANTS)}")
+    if options.auto_candidates and options.variant != "auto":
+        raise ConfigError("--auto-candidates names what --variant auto times; it goes with --variant auto only")
+    keys = auto_candidates(options.device, options.auto_candidates) if options.variant == "auto" else ()
+    check_target(options.triton_backend, options.device, [SD_VARIANTS[k] for k in keys or (options.variant,)])
     loaded = load_sd(options.weights, options.controlnet, options.config)
     if loaded.random:
         log(f"!! RANDOM WEIGHTS: {options.weights} holds seeded random weights; images are noise-like, not art.")
@@ -90,6 +96,11 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     side = min(options.images.opt, 256)
     export_sizes = axis_sizes(loaded, batch=2, height=side, width=side)
     check_sizes = axis_sizes(loaded, batch=3, height=side + 8 * vae_scale_factor(loaded), width=side, chunks=2)
+    choice = None
+    if keys:
+        log(f"auto: timing the UNet in {len(keys)} variants ({', '.join(keys)}) ...")
+        chosen, choice = choose_variant(keys, modules["unet"], specs["unet"], export_sizes, check_sizes, log)
+        options = replace(options, variant=chosen)
     controls = controlnet_components(specs)
     components = SERVED + (("unet_control", *controls) if controls else ())
     variant = SD_VARIANTS[options.variant]
@@ -186,7 +197,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
 
     # 5. A lower precision is a trade we show: its image against the fp32 build's, same seed. Then the report.
     content = {"created": report.now(), "weights": {"source": loaded.source, "random": loaded.random},
-               "image_range": asdict(options.images), "variant": options.variant,
+               "image_range": asdict(options.images), "variant": options.variant, "auto": choice,
                "triton_backend": options.triton_backend, "device": options.device,
                "caveat": precision_caveat(variant, options.triton_backend),
                "vae_scale_factor": contract.vae_scale_factor, "versions": report.tool_versions(),

@@ -132,9 +132,10 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
 
     # 1. Check inputs and load weights.
     keys = options.variant_keys()
-    if options.auto and options.device == "gpu":
-        raise ConfigError("--backend auto measures the variants on this machine's CPU; a GPU build cannot be "
-                          "measured here: pick its variant (onnxruntime-cuda or onnxruntime-tensorrt, fp16)")
+    if options.auto and options.device == "gpu" and not _has_cuda():
+        raise ConfigError("--backend auto with --device gpu times the candidates on the GPU they will run on, and this "
+                          "machine has none: pick its variant (torch-cuda, onnxruntime-cuda or onnxruntime-tensorrt, "
+                          "fp16)")
     check_target(options.triton_backend, options.device,
                  [VIT_VARIANTS[k] for k in keys] if options.auto else [options.served])
     if options.calibration_size < 1:
@@ -279,6 +280,12 @@ def _check(key: str, variant: Variant, version_dir: Path, repository: Path, pixe
     }
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _choose(options: ViTBuildOptions, keys: list[str], artifacts: dict, rejected: dict, version_dir: Path,
             pixels: np.ndarray, layers: np.ndarray, log: Callable[[str], None]) -> tuple[ViTBuildOptions, dict]:
     """Time every candidate that passed its parity check on the spec's optimal batch; serve the fastest."""
@@ -286,7 +293,10 @@ def _choose(options: ViTBuildOptions, keys: list[str], artifacts: dict, rejected
     rows = np.arange(batch) % len(pixels)
     inputs = {"pixel_values": np.ascontiguousarray(pixels[rows]), "layer": np.ascontiguousarray(layers[rows])}
     measured = {}
-    for key in (k for k in keys if k in artifacts and not VIT_VARIANTS[k].gpu_only):
+    # What runs here: the CPU's variants, or torch's CUDA ones on this GPU (ONNX Runtime's GPU variants run only in
+    # NVIDIA's image).
+    for key in (k for k in keys if k in artifacts and (not VIT_VARIANTS[k].gpu_only) == (options.device == "cpu")
+                and (options.device == "cpu" or VIT_VARIANTS[k].runtime == "torch")):
         session = open_session(VIT_VARIANTS[key], version_dir / VIT_VARIANTS[key].artifact, options.threads)
         measured[key] = auto.throughput(lambda s=session: s.run(inputs, ["logits"]), batch)
         artifacts[key]["speed"] = measured[key] | {"batch": batch}

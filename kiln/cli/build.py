@@ -60,9 +60,12 @@ def add_parser(commands) -> None:
                          "service's step batcher merges the steps of concurrent requests, a wait only slows each "
                          "step; raise it for clients that call sd_unet directly)")
     _target_arguments(sd)
-    sd.add_argument("--variant", default="onnxruntime-fp32", choices=tuple(SD_VARIANTS),
-                    help="what the served models run: each is derived from the fp32 ONNX export and checked against "
-                         "PyTorch; lower precisions also report an image's PSNR against fp32 (default: %(default)s)")
+    sd.add_argument("--variant", default="onnxruntime-fp32", choices=(*SD_VARIANTS, "auto"),
+                    help="what the served models run: each is checked against PyTorch; lower precisions also report "
+                         "an image's PSNR against fp32; auto: the UNet timed in every variant this machine can run "
+                         "(--auto-candidates), the fastest inside its tolerance served (default: %(default)s)")
+    sd.add_argument("--auto-candidates", help="comma-separated variants --variant auto times (default: every one "
+                                              "this device can run here)")
     sd.set_defaults(run=run_sd)
 
 
@@ -71,7 +74,8 @@ def _target_arguments(parser) -> None:
                         help="python: the runtimes inside Python-backend models (the embedded Triton); native: the "
                              "onnxruntime/openvino backends of NVIDIA's tritonserver image (see the Dockerfile)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="where a native build's runtime models run (gpu: onnxruntime variants only)")
+                        help="where the runtime models run (gpu: torch's CUDA variants, or ONNX Runtime's with "
+                             "--triton-backend native)")
 
 
 def run_vit(args) -> int:
@@ -99,5 +103,6 @@ def run_sd(args) -> int:
     build_sd(SDBuildOptions(weights=args.weights, controlnet=tuple(args.controlnet or ()) or None, config=args.config,
                             repository=args.repo, images=ImageRange(args.min_size, args.opt_size, args.max_size),
                             threads=args.threads, variant=args.variant, step_queue_delay_us=args.step_queue_delay_us,
-                            triton_backend=args.triton_backend, device=args.device))
+                            triton_backend=args.triton_backend, device=args.device,
+                            auto_candidates=tuple(args.auto_candidates.split(",")) if args.auto_candidates else None))
     return 0

@@ -1,0 +1,78 @@
+"""`kiln build sd --variant auto`: the UNet, where a denoising run spends its time, made in every candidate variant
+this machine can run, checked against PyTorch, and timed on one CFG step at the build's optimal size (the same
+inputs for all); the build then serves the fastest candidate inside its tolerance, and its report keeps every
+candidate's figures and the reason (build.auto.choose). On the CPU the candidates are the ONNX Runtime, OpenVINO
+and AOTInductor variants; with --device gpu, on a machine with a CUDA GPU, the torch CUDA ones (ONNX Runtime's GPU
+variants run only in NVIDIA's image, where nothing of this build can time them).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from build import auto
+from build.convert import SD_VARIANTS, derive, open_session
+from kiln.errors import ConfigError, ParityError
+
+CPU_CANDIDATES = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-fp16",
+                  "openvino-int8", "torch-aoti-fp32")
+GPU_CANDIDATES = ("torch-cuda-fp16", "torch-aoti-cuda-fp16")
+
+
+def candidates(device: str, asked: Sequence[str] | None) -> tuple[str, ...]:
+    """The variants `--variant auto` measures: those asked for, or every one this device can time here."""
+    if device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--variant auto with --device gpu times the candidates on the GPU they will run on, and "
+                              "this machine has none: name the variant (--variant torch-cuda-fp16, say)")
+    keys = tuple(asked) if asked else (GPU_CANDIDATES if device == "gpu" else CPU_CANDIDATES)
+    for key in keys:
+        variant = SD_VARIANTS.get(key)
+        if variant is None:
+            raise ConfigError(f"unknown candidate {key!r}; valid: {', '.join(CPU_CANDIDATES + GPU_CANDIDATES)}")
+        if variant.calibrated:
+            raise ConfigError(f"{key} needs calibration runs of a built pipeline; it is not an --variant auto "
+                              "candidate (build it by name)")
+        if variant.gpu_only != (device == "gpu") or (variant.gpu_only and variant.runtime != "torch"):
+            raise ConfigError(f"{key} cannot be timed on this machine with --device {device}")
+    return keys
+
+
+def choose_variant(keys: Sequence[str], module, spec, export_sizes: dict[str, int], check_sizes: dict[str, int],
+                   log: Callable[[str], None]) -> tuple[str, dict]:
+    """Make, check and time the UNet in each candidate variant; the fastest inside its tolerance, and the record."""
+    from build.sd.export import check_component, export_component
+    from build.torch_export import export_artifact
+
+    measured, rejected, figures = {}, {}, {}
+    inputs = spec.sample_inputs(seed=2, **export_sizes)  # one CFG step at the build's optimal size, for every one
+    with tempfile.TemporaryDirectory(prefix="kiln-auto-") as scratch:
+        onnx = Path(scratch) / "model.onnx"
+        export_component(module, spec, onnx, export_sizes)
+        for key in keys:
+            variant = SD_VARIANTS[key]
+            path = onnx if key == "onnxruntime-fp32" else Path(scratch) / key / variant.artifact
+            if variant.runtime == "torch":
+                export_artifact(module, spec, variant, path, export_sizes, log=log)
+            elif path != onnx:
+                derive(variant, onnx, path)
+            try:
+                parity = check_component(module, spec, path, check_sizes, variant=variant)[spec.reference_output]
+            except ParityError as exc:
+                rejected[key] = str(exc)
+                log(f"  auto: {key:22s} outside its tolerance: not a candidate")
+                continue
+            session = open_session(variant, path)
+            measured[key] = auto.throughput(lambda s=session: s.run(inputs, spec.output_names), 1)
+            figures[key] = {"cosine": parity.cosine, "max_abs": parity.max_abs}
+            log(f"  auto: {key:22s} {1000 / measured[key]['per_s']:8.1f} ms per UNet step  "
+                f"(cosine {parity.cosine:.6f})")
+    chosen, reason = auto.choose(measured, rejected, "UNet steps/s")
+    log(f"auto: serving {chosen}: {reason}")
+    return chosen, {"chosen": chosen, "reason": reason, "measured_at": dict(export_sizes),
+                    "candidates": {k: measured[k] | {"parity": figures[k]} for k in measured},
+                    "rejected": rejected}
