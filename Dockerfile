@@ -13,7 +13,9 @@
 #
 # The torch variants (torch-*, torch-aoti-*) run inside Python-backend models and need torch in the image: build FROM
 # NVIDIA's PyTorch flavour (--build-arg TRITON_FLAVOR=pyt-python-py3), and build the repository with that image's
-# torch (torch.export's format changes between releases; the check below refuses a program from another one).
+# torch (torch.export's format changes between releases; the check below refuses a program from another one). Pick
+# the TRITON_RELEASE whose torch is the one the repository was built with (`docker run --rm IMAGE python3 -c
+# "import torch; print(torch.__version__)"`): 24.10's is older than the torch.export features kiln's build uses.
 ARG TRITON_RELEASE=24.10
 ARG TRITON_FLAVOR=py3
 FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-${TRITON_FLAVOR}

@@ -33,6 +33,9 @@ from build.specs import ComponentSpec
 from kiln.errors import ExportError, first_line
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Inputs kept in float32 whatever the variant: fractional timesteps near 1000 (Euler a's) round to 0.5 in float16,
+# and diffusers computes the time embedding in float32 before casting it to the UNet's dtype, as its fp16 pipeline.
+FLOAT32_INPUTS = ("timestep",)
 
 
 def export_program(module, spec: ComponentSpec, variant: Variant, path: Path, sizes: dict[str, int]) -> None:
@@ -53,7 +56,7 @@ def export_program(module, spec: ComponentSpec, variant: Variant, path: Path, si
     args = []
     for name in spec.input_names:
         tensor = torch.from_numpy(sample[name]).to(device)
-        args.append(tensor.to(dtype) if tensor.is_floating_point() else tensor)
+        args.append(tensor.to(dtype) if tensor.is_floating_point() and name not in FLOAT32_INPUTS else tensor)
     dynamic = tuple({i: torch.export.Dim.AUTO for i, d in enumerate(t.shape) if isinstance(d, str)}
                     for t in spec.inputs)
     parameters = inspect.signature(target.forward).parameters.values()
@@ -66,8 +69,8 @@ def export_program(module, spec: ComponentSpec, variant: Variant, path: Path, si
             program = torch.export.export(target.eval(), tuple(args), dynamic_shapes=dynamic, strict=False)
     except Exception as exc:
         raise ExportError(f"torch.export of {spec.name} failed: {first_line(exc)}") from exc
-    inputs = {t.name: str(torch.from_numpy(sample[t.name]).dtype).removeprefix("torch.") for t in spec.inputs}
-    save(program, path, inputs, spec.output_names, DTYPES[variant.precision])
+    inputs = {name: str(arg.dtype).removeprefix("torch.") for name, arg in zip(spec.input_names, args)}
+    save(program, path, inputs, spec.output_names, DTYPES[variant.precision], device)
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,20 @@ def cache_dir() -> Path | None:
 
 
 def cache_key(program: Path, device: str) -> str:
-    """The program's bytes (graph and weights), the torch release, the device and, on the CPU, the vector ISA
-    AOTInductor compiles for (a package built for AVX-512 does not run on an AVX2-only CPU)."""
+    """The program's bytes (graph and weights), the torch release, the device and what AOTInductor compiles for: on
+    the CPU its vector ISA (a package built for AVX-512 does not run on an AVX2-only CPU), on CUDA the compute
+    capability."""
     import torch
     from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    from kiln.runtime.torch_session import cuda_capability
 
     digest = hashlib.sha256()
     with open(program, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    digest.update(f"{torch.__version__}|{device}|{pick_vec_isa() if device == 'cpu' else ''}".encode())
+    target = pick_vec_isa() if device == "cpu" else cuda_capability(device)
+    digest.update(f"{torch.__version__}|{device}|{target}".encode())
     return digest.hexdigest()[:32]
 
 
@@ -131,7 +138,11 @@ def compile_packages(jobs: dict[Path, Path], device: str, log=print,
         futures = {pool.submit(one, program, todo[program][0]): program for program in largest_first}
         for future in as_completed(futures):
             program = futures[future]
-            compiled = results[program] = future.result()
+            try:
+                compiled = results[program] = future.result()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # the build fails: compile nothing more
+                raise
             log(f"  {compiled.path.parent.parent.name}: compiled by AOTInductor in {compiled.seconds:.1f} s")
             key = todo[program][1]
             if key:

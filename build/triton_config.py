@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import json_format, text_format
-from tritonclient.grpc import model_config_pb2
 
+from kiln.contract import model_config_messages
 from kiln.errors import ConfigError
+
+model_config_pb2 = model_config_messages()
 
 # Triton's wire dtype names (as tritonclient uses them) -> the model-config enum.
 _CONFIG_DTYPE = {

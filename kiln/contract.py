@@ -90,12 +90,19 @@ class SDContract:
     controlnets: tuple[ServedControlNet, ...] = ()  # in build order; the first is the default
     max_prompt_chunks: int = 8  # 75-token chunks a prompt may have
     unet_max_batch: int = 16  # rows one sd_unet call may take (a native OpenVINO sd_unet has max_batch_size 0)
-    # Row counts sd_unet replays from CUDA graphs ("2,4,8,16"; torch on CUDA): the step batcher pads to the next one
+    # Row counts sd_unet replays from CUDA graphs ("2,4,8,16"; torch on CUDA), captured at these input shapes (JSON,
+    # the build's optimal size): the step batcher pads a call of those per-row shapes to the next bucket
     graph_batches: str = ""
+    graph_shapes: str = ""
 
     @property
     def row_buckets(self) -> tuple[int, ...]:
         return tuple(sorted(int(b) for b in self.graph_batches.split(",") if b))
+
+    @property
+    def bucket_row_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{input: its shape without the batch axis} of the captured graphs."""
+        return {k: tuple(v[1:]) for k, v in json.loads(self.graph_shapes).items()} if self.graph_shapes else {}
 
     @property
     def model_hash(self) -> str:
@@ -131,8 +138,8 @@ class SDContract:
         for item in fields(self):
             if item.metadata.get("parameter", True):
                 value = getattr(self, item.name)
-                if item.name == "graph_batches" and not value:
-                    continue  # the runtime's parameter, written with the model's CUDA graphs
+                if item.name in ("graph_batches", "graph_shapes") and not value:
+                    continue  # the runtime's parameters, written with the model's CUDA graphs
                 if item.name == "controlnets":
                     value = json.dumps([c.__dict__ for c in value])
                 elif isinstance(value, dict):
@@ -162,11 +169,29 @@ class SDContract:
                               "with `kiln build sd`") from None
 
 
+def model_config_messages():
+    """Triton's model-config protobuf module (tritonclient.grpc.model_config_pb2). Where grpcio is missing (a machine
+    that reads and writes configs but calls Triton otherwise), its file is loaded alone: it needs protobuf only."""
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        import importlib.util
+
+        found = importlib.util.find_spec("tritonclient")
+        if found is None or not found.submodule_search_locations:
+            raise
+        path = Path(list(found.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
+        spec = importlib.util.spec_from_file_location("kiln_model_config_pb2", path)
+        model_config_pb2 = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(model_config_pb2)
+    return model_config_pb2
+
+
 def read_config(config_path: Path):
     """A config.pbtxt as Triton's own protobuf message."""
     from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
 
+    model_config_pb2 = model_config_messages()
     path = Path(config_path)
     if not path.exists():
         raise ConfigError(f"{path} does not exist; build the repository first")

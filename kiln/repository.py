@@ -82,6 +82,7 @@ def check_for_image(repository: Path) -> list[str]:
 
 def _torch_problems(model: str, programs: list[Path]) -> list[str]:
     """A torch program needs torch in the image, the release that exported it (torch.export's format changes)."""
+    from kiln.errors import ConfigError
     from kiln.runtime.programs import read_metadata, release
 
     try:
@@ -93,7 +94,13 @@ def _torch_problems(model: str, programs: list[Path]) -> list[str]:
     for program in programs:
         if not program.is_file():
             problems.append(f"{model}: {program.name} is missing from its version folder")
-        elif (exported := read_metadata(program).get("torch")) != release(torch.__version__):
+            continue
+        try:
+            exported = read_metadata(program).get("torch")
+        except ConfigError as exc:
+            problems.append(f"{model}: {exc}")
+            continue
+        if exported != release(torch.__version__):
             problems.append(f"{model}: {program.name} was exported by torch {exported} and the image has "
                             f"{torch.__version__}: build the repository with the image's torch")
     return problems

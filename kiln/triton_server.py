@@ -65,11 +65,13 @@ class TritonInstallation:
 
     @classmethod
     def find(cls) -> TritonInstallation:
-        try:
-            import pytriton
-        except ImportError as exc:  # pragma: no cover - the package is a pinned dependency
-            raise ServerError("nvidia-pytriton is not installed; run `make setup`") from exc
-        root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+        import importlib.util
+
+        # Found, not imported: only its files are used (pytriton's own imports need packages kiln does not).
+        package = importlib.util.find_spec("pytriton")
+        if package is None or not package.submodule_search_locations:  # pragma: no cover - a pinned dependency
+            raise ServerError("nvidia-pytriton is not installed; run `make setup`")
+        root = Path(list(package.submodule_search_locations)[0]).resolve() / "tritonserver"
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         found = cls(
             binary=root / "bin" / "tritonserver",

@@ -13,8 +13,9 @@ steps (its sampler, CFG scale, seed, step count) is its own business, because th
 rows. Rows of one call are never split across batches unless the call alone exceeds `max_rows`.
 
 With `buckets` (the row counts the UNet replays from CUDA graphs, from the build's contract), a
-batch is padded to the next bucket with copies of its last row and the padding is dropped from
-the result: one graph replay for 6 rows costs less than an uncaptured 6-row call.
+batch whose per-row shapes are the captured ones (`bucket_shapes`) is padded to the next bucket
+with copies of its last row and the padding is dropped from the result: one graph replay for 6
+rows costs less than an uncaptured 6-row call. Other sizes run as they are.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class BatchStats:
     rows: int = 0  # rows sent to Triton
     last_batch_rows: int = 0
     busy_s: float = 0.0  # time spent inside Triton calls
-    padded_rows: int = 0  # rows added to fill CUDA-graph buckets (included in `rows`)
+    padded_rows: int = 0  # rows added to fill CUDA-graph buckets (not counted in `rows`)
 
     @property
     def mean_batch_rows(self) -> float:
@@ -72,11 +73,13 @@ class StepBatcher:
     """
 
     def __init__(self, *, max_rows: int = 16, window_s: float = 0.05, enabled: bool = True,
-                 on_batch: Callable[[int, float], None] | None = None, buckets: tuple[int, ...] = ()) -> None:
+                 on_batch: Callable[[int, float], None] | None = None, buckets: tuple[int, ...] = (),
+                 bucket_shapes: dict[str, tuple[int, ...]] | None = None) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self.max_rows = max_rows
         self.buckets = buckets
+        self.bucket_shapes = bucket_shapes or {}
         self.window_s = window_s
         self.enabled = enabled
         self._on_batch = on_batch
@@ -172,11 +175,12 @@ class StepBatcher:
         try:
             merged = {name: np.concatenate([c.inputs[name] for c in batch]) for name in batch[0].inputs}
             rows = len(merged["sample"])
-            padded = pad_rows(merged, self.buckets, self.max_rows)
+            captured = all(merged[k].shape[1:] == v for k, v in self.bucket_shapes.items() if k in merged)
+            padded = pad_rows(merged, self.buckets, self.max_rows) if captured else merged
             if len(padded["sample"]) > rows:
                 with self._lock:
                     self.stats.padded_rows += len(padded["sample"]) - rows
-            out = self._execute(batch[0].graph, padded)[:rows]
+            out = self._execute(batch[0].graph, padded, rows)[:rows]
         except BaseException as exc:  # noqa: BLE001 - every caller of this batch gets the failure
             if len(batch) > 1 and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 for call in batch:  # one bad call must not fail the others: retry each alone
@@ -190,11 +194,12 @@ class StepBatcher:
             call.future.set_result(out[start:start + call.rows])
             start += call.rows
 
-    def _execute(self, graph: Graph, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def _execute(self, graph: Graph, inputs: dict[str, np.ndarray], rows: int | None = None) -> np.ndarray:
+        """Run one call; `rows`: the callers' rows in it (without bucket padding), what the stats count."""
         started = time.perf_counter()
         out = graph(inputs)
         elapsed = time.perf_counter() - started
-        rows = len(inputs["sample"])
+        rows = rows or len(inputs["sample"])
         with self._lock:
             self.stats.batches += 1
             self.stats.rows += rows

@@ -261,7 +261,8 @@ class Engine:
                 self._pipeline = self._connect()
                 if not self.options.max_batch_rows:
                     self.batcher.max_rows = self._pipeline.contract.unet_max_batch
-                self.batcher.buckets = self._pipeline.contract.row_buckets  # CUDA graphs the UNet replays
+                contract = self._pipeline.contract  # the row counts and shapes the UNet replays from CUDA graphs
+                self.batcher.buckets, self.batcher.bucket_shapes = contract.row_buckets, contract.bucket_row_shapes
             return self._pipeline
 
     def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,

@@ -34,7 +34,7 @@ from kiln.paths import SAMPLE_IMAGES, list_images
 from kiln.triton_server import TritonOptions, TritonServer, free_port
 
 IMAGES = ImageRange(32, 64, 128)  # the tiny repository's image sides
-ALL_VIT_VARIANTS = tuple(k for k, v in VIT_VARIANTS.items() if not v.gpu_only and k != "torch-aoti-bf16")
+ALL_VIT_VARIANTS = tuple(k for k, v in VIT_VARIANTS.items() if not v.gpu_only and not v.compiler)
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +79,9 @@ def scribble(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def all_variants_repo(tmp_path_factory) -> tuple[Path, object]:
-    """Every CPU variant of the ViT and its extra exports, built once per session (about 1.5 minutes on 2 cores); it
-    serves ONNX Runtime fp32. All but torch-aoti-bf16: another 26 s of AOTInductor compile, and its compile path is
-    the fp32 package's (test_sd_variants checks a bf16 package on the SD text encoder)."""
+    """Every CPU variant of the ViT and its extra exports, built once per session (about a minute on 2 cores); it
+    serves ONNX Runtime fp32. All but the AOTInductor packages (26 s of compile each): their path is the torch-fp32
+    program's export (checked here) and the compile test_sd_variants checks on SD's components."""
     repo = tmp_path_factory.mktemp("repo_all")
     result = build_vit(ViTBuildOptions(random_weights=True, repository=repo, progress=False,
                                        variants=ALL_VIT_VARIANTS), log=lambda _msg: None)

@@ -184,18 +184,22 @@ def test_closed_batcher_refuses_calls():
 
 
 def test_batches_are_padded_to_the_next_cuda_graph_bucket_and_callers_get_only_their_rows():
-    """With the UNet's CUDA-graph row counts (the build's contract), 2 + 2 + 2 rows run as one 8-row call (two padding
-    rows, copies of the last), 2 rows as a 2-row call, and 10 rows (above every bucket below max_rows) unpadded."""
+    """With the UNet's CUDA-graph row counts and shapes (the build's contract), 2 + 2 + 2 rows run as one 8-row call
+    (two padding rows, copies of the last), 2 rows as a 2-row call, 10 rows (above every bucket below max_rows) and
+    rows of another image size unpadded."""
     graph = RowGraph()
-    batcher = StepBatcher(max_rows=16, window_s=5.0, buckets=(2, 4, 8))
+    batcher = StepBatcher(max_rows=16, window_s=5.0, buckets=(2, 4, 8), bucket_shapes={"sample": (4, 4, 4)})
     calls = [_inputs(2, t) for t in (1.0, 2.0, 3.0)]
     for inputs, out in zip(calls, _step_together(batcher, graph, calls)):
         np.testing.assert_array_equal(out, _expected(inputs))
-    assert graph.calls == [8] and batcher.stats.padded_rows == 2 and batcher.stats.rows == 8
+    assert graph.calls == [8] and batcher.stats.padded_rows == 2 and batcher.stats.rows == 6
     alone = _inputs(2, 4.0)
     np.testing.assert_array_equal(_step_together(batcher, graph, [alone])[0], _expected(alone))
     big = [_inputs(5, 5.0), _inputs(5, 6.0)]
     for inputs, out in zip(big, _step_together(batcher, graph, big)):
         np.testing.assert_array_equal(out, _expected(inputs))
     assert graph.calls == [8, 2, 10] and batcher.stats.padded_rows == 2
+    other_size = [_inputs(3, 7.0, side=6)]  # not the captured shape: no graph to fill, no padding
+    np.testing.assert_array_equal(_step_together(batcher, graph, other_size)[0], _expected(other_size[0]))
+    assert graph.calls[-1] == 3 and batcher.stats.padded_rows == 2
     batcher.close()

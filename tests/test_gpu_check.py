@@ -20,21 +20,26 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     run = subprocess.run(["bash", "scripts/gpu_check.sh", "cpu"], cwd=ROOT, capture_output=True, text=True,
-                         env=os.environ | {"OUT": str(tmp_path)}, timeout=600)
+                         env=os.environ | {"OUT": str(tmp_path), "KILN_GPU_CHECK_WORK": str(tmp_path / "work")},
+                         timeout=600)
     result = json.loads((tmp_path / "gpu-check" / "results.json").read_text())
     assert run.returncode == 0 and not result["errors"] and not result["skipped"], run.stderr[-3000:]
     phases = result["phases"]
-    assert list(phases) == ["weights", "build", "serve", "vit", "sd", "batching"]
+    assert list(phases) == ["weights", "build", "serve", "sd_served", "vit_served", "batching", "sd_in_process",
+                            "vit_in_process"]
     assert phases["build"]["variant"] == "torch-fp32" and phases["build"]["vit_parity"]["cosine"] > 0.99999
-    for batch in ("1", "2"):
-        row = phases["vit"]["batches"][batch]
-        assert all(row[arm]["images_per_s"] > 0 for arm in ("triton_tensor", "triton_jpeg", "in_process_eager"))
-    sd = phases["sd"]
-    assert all(sd[path]["image_s"] > 0 for path in ("triton", "in_process", "diffusers"))
-    assert 0 < sd["triton"]["triton_compute_s"] < sd["triton"]["model_calls_s"] < sd["triton"]["image_s"]
-    assert sd["triton"]["model_calls"] == 1 + 3 + 1  # the text encoder (both prompts), 3 UNet steps, the VAE
+    served, local = phases["vit_served"]["batches"]["1"], phases["vit_in_process"]["batches"]["1"]
+    assert served["triton_tensor"]["images_per_s"] > 0 and served["triton_jpeg"]["images_per_s"] > 0
+    assert local["eager"]["images_per_s"] > 0 and phases["vit_in_process"]["served_over_eager_at_max_batch"] > 0
+    served, local = phases["sd_served"], phases["sd_in_process"]
+    assert served["image_s"] > 0 and local["in_process"]["image_s"] > 0 and local["diffusers"]["image_s"] > 0
+    assert 0 < served["triton_compute_s"] < served["model_calls_s"] < served["image_s"]
+    assert served["model_calls"] == 1 + 3 + 1  # the text encoder (both prompts), 3 UNet steps, the VAE
+    assert local["served_vs_in_process_psnr_db"] == float("inf")  # the same torch program, served or not
     arms = {(r["arm"], r["clients"]) for r in phases["batching"]["rows"]}
     assert arms == {(a, n) for a in ("unbatched", "step") for n in (1, 2)}
     assert set(result["verdict"]) and all(v is not None for v in result["verdict"].values())
-    assert {"torch", "diffusers", "tritonclient", "pytriton"} <= set(result["imported"])
+    assert {"torch", "diffusers", "tritonclient"} <= set(result["imported"])
+    assert all(version != "missing" for version in result["modules"].values())
+    assert not list(tmp_path.glob("gpu-check/*.npy")) and (tmp_path / "work" / "repo").is_dir()  # $OUT: results only
     assert "| sd_served_s |" in (tmp_path / "gpu-check" / "results.md").read_text()

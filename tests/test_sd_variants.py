@@ -194,7 +194,8 @@ def test_aoti_build_is_compiled_cached_and_served_through_triton(plain_checkpoin
 
     package = repo / "sd_vae_decoder" / "1" / "model-aoti.pt2"
     for changes, reason in (({"torch": "2.5"}, "exported by torch 2.5"),
-                            ({"cpu_isa": "avx1024_imaginary"}, "compiled by AOTInductor for avx1024_imaginary")):
+                            ({"cpu_isa": "avx1024_imaginary"}, "compiled by AOTInductor for avx1024_imaginary"),
+                            ({"device": "cuda", "cpu_isa": ""}, "built for cuda and opened on cpu")):
         other = _with_metadata(package, tmp_path / "other.pt2", **changes)
         with pytest.raises(ConfigError, match=reason):
             Session(SessionOptions("torch", other))
@@ -355,6 +356,10 @@ def test_auto_refuses_what_it_cannot_time(plain_checkpoint, tmp_path, kiln):
         build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, images=IMAGES, progress=False,
                                 **fields), log=lambda _m: None)
 
+    from build.sd.auto import CPU_CANDIDATES, candidates
+
+    assert candidates("cpu", None) == CPU_CANDIDATES and "torch-aoti-fp32" in CPU_CANDIDATES
+    assert "torch-aoti-fp32" not in candidates("cpu", None, "native")  # NVIDIA's image runs no torch program natively
     with pytest.raises(ConfigError, match="goes with --variant auto only"):
         build(auto_candidates=("onnxruntime-int8",))
     with pytest.raises(ConfigError, match="needs calibration runs"):

@@ -14,22 +14,27 @@ from pathlib import Path
 
 from build import auto
 from build.convert import SD_VARIANTS, derive, open_session
-from kiln.errors import ConfigError, ParityError
+from kiln.errors import ConfigError, ExportError, ParityError
 
 CPU_CANDIDATES = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-fp16",
                   "openvino-int8", "torch-aoti-fp32")
 GPU_CANDIDATES = ("torch-cuda-fp16", "torch-aoti-cuda-fp16")
 
 
-def candidates(device: str, asked: Sequence[str] | None) -> tuple[str, ...]:
-    """The variants `--variant auto` measures: those asked for, or every one this device can time here."""
+def candidates(device: str, asked: Sequence[str] | None, triton_backend: str = "python") -> tuple[str, ...]:
+    """The variants `--variant auto` measures: those asked for, or every one this device can time here (for NVIDIA's
+    image, --triton-backend native, not the torch ones: they run inside the Python backend)."""
     if device == "gpu":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("--variant auto with --device gpu times the candidates on the GPU they will run on, and "
                               "this machine has none: name the variant (--variant torch-cuda-fp16, say)")
-    keys = tuple(asked) if asked else (GPU_CANDIDATES if device == "gpu" else CPU_CANDIDATES)
+    keys = tuple(asked) if asked else tuple(k for k in (GPU_CANDIDATES if device == "gpu" else CPU_CANDIDATES)
+                                            if triton_backend == "python" or SD_VARIANTS[k].runtime != "torch")
+    if not keys:
+        raise ConfigError("--variant auto has no candidate this machine can time for --triton-backend native "
+                          "--device gpu (ONNX Runtime's GPU variants run only in NVIDIA's image): name the variant")
     for key in keys:
         variant = SD_VARIANTS.get(key)
         if variant is None:
@@ -43,30 +48,39 @@ def candidates(device: str, asked: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def choose_variant(keys: Sequence[str], module, spec, export_sizes: dict[str, int], check_sizes: dict[str, int],
-                   log: Callable[[str], None]) -> tuple[str, dict]:
-    """Make, check and time the UNet in each candidate variant; the fastest inside its tolerance, and the record."""
+                   timing_sizes: dict[str, int], log: Callable[[str], None]) -> tuple[str, dict]:
+    """Make, check and time the UNet in each candidate variant (one CFG step at the build's optimal size,
+    `timing_sizes`, the same inputs for all; torch's CUDA variants replaying the CUDA graph they would serve with);
+    the fastest inside its tolerance, and the record."""
     from build.sd.export import check_component, export_component
     from build.torch_export import export_artifact
+    from kiln.runtime import Session, SessionOptions
 
     measured, rejected, figures = {}, {}, {}
-    inputs = spec.sample_inputs(seed=2, **export_sizes)  # one CFG step at the build's optimal size, for every one
+    inputs = spec.sample_inputs(seed=2, **timing_sizes)
     with tempfile.TemporaryDirectory(prefix="kiln-auto-") as scratch:
         onnx = Path(scratch) / "model.onnx"
-        export_component(module, spec, onnx, export_sizes)
+        if any(SD_VARIANTS[k].runtime != "torch" for k in keys):  # the file the other runtimes' variants come from
+            export_component(module, spec, onnx, export_sizes)
         for key in keys:
             variant = SD_VARIANTS[key]
             path = onnx if key == "onnxruntime-fp32" else Path(scratch) / key / variant.artifact
-            if variant.runtime == "torch":
-                export_artifact(module, spec, variant, path, export_sizes, log=log)
-            elif path != onnx:
-                derive(variant, onnx, path)
             try:
+                if variant.runtime == "torch":
+                    export_artifact(module, spec, variant, path, export_sizes, log=log)
+                elif path != onnx:
+                    derive(variant, onnx, path)
                 parity = check_component(module, spec, path, check_sizes, variant=variant)[spec.reference_output]
-            except ParityError as exc:
+            except (ParityError, ExportError) as exc:  # a candidate that cannot be made or is outside: not served
                 rejected[key] = str(exc)
-                log(f"  auto: {key:22s} outside its tolerance: not a candidate")
+                log(f"  auto: {key:22s} not a candidate: {str(exc).splitlines()[0]}")
                 continue
-            session = open_session(variant, path)
+            if variant.accelerator == "cuda":  # the graph it would replay when served, captured at these sizes
+                shapes = {t.name: tuple(t.concrete_shape(timing_sizes)) for t in spec.inputs}
+                session = Session(SessionOptions("torch", path, device="cuda:0", graph_batches=(timing_sizes["batch"],),
+                                                 graph_shapes=shapes))
+            else:
+                session = open_session(variant, path)
             measured[key] = auto.throughput(lambda s=session: s.run(inputs, spec.output_names), 1)
             figures[key] = {"cosine": parity.cosine, "max_abs": parity.max_abs}
             log(f"  auto: {key:22s} {1000 / measured[key]['per_s']:8.1f} ms per UNet step  "

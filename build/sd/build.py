@@ -85,7 +85,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         raise ExportError(f"unknown SD variant {options.variant!r}; valid: auto, {', '.join(SD_VARIANTS)}")
     if options.auto_candidates and options.variant != "auto":
         raise ConfigError("--auto-candidates names what --variant auto times; it goes with --variant auto only")
-    keys = auto_candidates(options.device, options.auto_candidates) if options.variant == "auto" else ()
+    keys = auto_candidates(options.device, options.auto_candidates, options.triton_backend) \
+        if options.variant == "auto" else ()
     check_target(options.triton_backend, options.device, [SD_VARIANTS[k] for k in keys or (options.variant,)])
     loaded = load_sd(options.weights, options.controlnet, options.config)
     if loaded.random:
@@ -99,7 +100,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     choice = None
     if keys:
         log(f"auto: timing the UNet in {len(keys)} variants ({', '.join(keys)}) ...")
-        chosen, choice = choose_variant(keys, modules["unet"], specs["unet"], export_sizes, check_sizes, log)
+        timing = axis_sizes(loaded, batch=2, height=options.images.opt, width=options.images.opt)  # one CFG step
+        chosen, choice = choose_variant(keys, modules["unet"], specs["unet"], export_sizes, check_sizes, timing, log)
         options = replace(options, variant=chosen)
     controls = controlnet_components(specs)
     components = SERVED + (("unet_control", *controls) if controls else ())
@@ -177,8 +179,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         max_size=options.images.max, size_multiple=size_multiple(loaded), model_name=_model_name(loaded.source),
         model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
         unet_max_batch=specs["unet"].max_batch_size,
-        graph_batches=cuda_graph_parameters(specs["unet"])["graph_batches"]
-        if variant.runtime == "torch" and variant.accelerator == "cuda" else "",
+        **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
+           else {}),
         controlnets=tuple(ServedControlNet(name=label, model=names.sd_model(name), sha256=artifacts[name]["sha256"],
                                            ensemble=names.controlnet_ensemble(index) if has_ensemble(specs, name)
                                            else "")

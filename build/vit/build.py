@@ -136,8 +136,10 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         raise ConfigError("--backend auto with --device gpu times the candidates on the GPU they will run on, and this "
                           "machine has none: pick its variant (torch-cuda, onnxruntime-cuda or onnxruntime-tensorrt, "
                           "fp16)")
+    # What may serve (the ONNX export every build makes, the parity anchor, is not served by a GPU build).
     check_target(options.triton_backend, options.device,
-                 [VIT_VARIANTS[k] for k in keys] if options.auto else [options.served])
+                 [VIT_VARIANTS[k] for k in keys if options.device == "cpu" or VIT_VARIANTS[k].gpu_only]
+                 if options.auto else [options.served])
     if options.calibration_size < 1:
         raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
     for name in options.extra_exports:

@@ -26,11 +26,12 @@ from kiln.errors import ConfigError
 from kiln.runtime.programs import METADATA, read_metadata, release
 
 
-def save(program, path: Path, inputs: Mapping[str, str], outputs: Sequence[str], dtype: str) -> None:
+def save(program, path: Path, inputs: Mapping[str, str], outputs: Sequence[str], dtype: str, device: str) -> None:
     """Write an ExportedProgram with what the runtime needs: `inputs` {name: torch dtype name} in call order, the
-    outputs' names, and the dtype its floats compute in."""
+    outputs' names, the dtype its floats compute in and the device it was exported on."""
     torch.export.save(program, str(path), extra_files={METADATA: json.dumps(
-        {"inputs": dict(inputs), "outputs": list(outputs), "dtype": dtype, "torch": release(torch.__version__)})})
+        {"inputs": dict(inputs), "outputs": list(outputs), "dtype": dtype, "device": device,
+         "torch": release(torch.__version__)})})
 
 
 def write_package_metadata(package: Path, program_metadata: dict, device: str) -> None:
@@ -40,18 +41,34 @@ def write_package_metadata(package: Path, program_metadata: dict, device: str) -
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     meta = dict(program_metadata, compiler="aoti", device=device,
-                cpu_isa=str(pick_vec_isa()) if device == "cpu" else "")
+                cpu_isa=str(pick_vec_isa()) if device == "cpu" else "", cuda_capability=cuda_capability(device))
     with zipfile.ZipFile(package) as archive:
         prefix = archive.namelist()[0].split("/")[0]
     with zipfile.ZipFile(package, "a") as archive:
         archive.writestr(f"{prefix}/extra/{METADATA}", json.dumps(meta))
 
 
-def check_loadable(path: Path) -> dict:
+def cuda_capability(device: str | torch.device) -> str:
+    """"9.0" for an H100/H200: AOTInductor's CUDA kernels are built for one architecture ("" on the CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ""
+    return ".".join(str(v) for v in torch.cuda.get_device_capability(device))
+
+
+def check_loadable(path: Path, device: torch.device) -> dict:
     """The file's metadata; refuse a program exported by another torch release (torch.export's archive format is not
     stable across releases: a program is built with the torch that serves it) and a package compiled for vector
-    instructions this CPU lacks (AVX-512 code on an AVX2-only CPU)."""
+    instructions this CPU lacks (AVX-512 code on an AVX2-only CPU), for another GPU architecture, or for the other
+    kind of device."""
     meta = read_metadata(path)
+    built_for = meta.get("device", "cpu")
+    if built_for != device.type and (meta.get("compiler") or built_for == "cuda"):
+        raise ConfigError(f"{path}: built for {built_for} and opened on {device.type}: build the variant for the "
+                          "device that serves it (--device gpu for CUDA)")
+    if meta.get("cuda_capability") and meta["cuda_capability"] != cuda_capability(device):
+        raise ConfigError(f"{path}: compiled for CUDA compute capability {meta['cuda_capability']}, and this GPU has "
+                          f"{cuda_capability(device)}: build it on the kind of GPU that serves")
     exported = meta.get("torch", "unknown")
     if exported != release(torch.__version__):
         raise ConfigError(f"{path}: exported by torch {exported}, and this is torch {torch.__version__}: build the "
@@ -72,16 +89,19 @@ class TorchSession:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        meta = check_loadable(path)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # graph capture and replay use the current device's streams
+        meta = check_loadable(path, self.device)
         self.input_names, self.output_names = list(meta["inputs"]), list(meta["outputs"])
         self.dtype = getattr(torch, meta["dtype"])
-        # Floats travel in the program's dtype, integers as they are.
-        self._input_dtypes = {n: self.dtype if getattr(torch, d).is_floating_point else getattr(torch, d)
-                              for n, d in meta["inputs"].items()}
+        # Each input travels in the dtype it was exported with (floats in the program's, the timestep in float32).
+        self._input_dtypes = {n: getattr(torch, d) for n, d in meta["inputs"].items()}
         self.compiled = meta.get("compiler", "")
         if self.compiled == "aoti":  # native code for the device it was compiled for, weights inside
             index = (self.device.index or 0) if self.device.type == "cuda" else -1
-            self.module = torch._inductor.aoti_load_package(str(path), device_index=index)
+            # Single-threaded: AOTInductor's own thread hand-off does not mix with CUDA graph capture.
+            self.module = torch._inductor.aoti_load_package(str(path), run_single_threaded=bool(graph_batches),
+                                                            device_index=index)
         else:
             program = torch.export.load(str(path))
             if self.device.type != "cpu":
@@ -104,9 +124,8 @@ class TorchSession:
         """The input shapes that replay a CUDA graph."""
         return list(self._graphs)
 
-    def _tensor(self, value: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(self.device, non_blocking=True)
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+    def _tensor(self, name: str, value: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(value)).to(self.device, self._input_dtypes[name])
 
     def _capture(self, shapes: dict[str, tuple]) -> None:
         static = {name: torch.zeros(shape, device=self.device, dtype=self._input_dtypes[name])
@@ -128,7 +147,7 @@ class TorchSession:
         key = tuple(tuple(np.shape(inputs[n])) for n in self.input_names)
         captured = self._graphs.get(key)
         with torch.inference_mode():
-            tensors = {name: self._tensor(inputs[name]) for name in self.input_names}
+            tensors = {name: self._tensor(name, inputs[name]) for name in self.input_names}
             if self.checks_finite:
                 for name, tensor in tensors.items():
                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -1,0 +1,307 @@
+"""The phases of the GPU check (benchmarks/gpu_check.py), each a function of the run's state that returns its figures.
+
+Every import that needs more than numpy is inside a phase, so a machine that lacks one (a lent GPU machine with
+its own Python) loses that phase only, and says which.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from benchmarks.load import run_concurrently
+from kiln import contract as names
+
+if TYPE_CHECKING:
+    from benchmarks.gpu_check import Check, GPUCheckOptions
+
+PROMPT, NEGATIVE = "a photo of an astronaut riding a horse", "blurry"
+
+
+def _versions() -> dict[str, str]:
+    """The modules the check needs, and their versions here ("missing": scripts/gpu_check.sh had no wheel for it)."""
+    import importlib.metadata
+    import importlib.util
+
+    found = {}
+    for module, dist in (("torch", "torch"), ("diffusers", "diffusers"), ("transformers", "transformers"),
+                         ("timm", "timm"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("grpc", "grpcio"),
+                         ("tritonclient", "tritonclient"), ("pytriton", "nvidia-pytriton"),
+                         ("google.protobuf", "protobuf"), ("prometheus_client", "prometheus_client")):
+        try:
+            present = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            present = False
+        try:
+            found[module] = importlib.metadata.version(dist) if present else "missing"
+        except importlib.metadata.PackageNotFoundError:
+            found[module] = "present"
+    return found
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(call, seconds: float, min_calls: int = 3) -> list[float]:
+    """Latencies of `call` after one warm-up call, for at least `seconds` and `min_calls` calls."""
+    call()
+    latencies, until = [], time.perf_counter() + seconds
+    while len(latencies) < min_calls or time.perf_counter() < until:
+        start = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def rate(latencies: list[float], items: int, concurrency: int = 1) -> dict:
+    ordered = sorted(latencies)
+    return {"images_per_s": round(items * concurrency * len(latencies) / max(sum(latencies), 1e-9), 1),
+            "p50_ms": round(1000 * ordered[len(ordered) // 2], 3), "calls": len(latencies)}
+
+
+# -- phases -----------------------------------------------------------------------------------------
+
+def weights(check: Check) -> dict:
+    from build.sd.weights import write_sd_checkpoint
+
+    if not (check.weights / "model_index.json").exists():
+        write_sd_checkpoint(check.weights, size="full" if check.options.cuda else "tiny", seed=0, controlnet=False)
+    return {"sd": str(check.weights)}
+
+
+def build(check: Check) -> dict:
+    from build.report import read_report
+    from build.sd import ImageRange, SDBuildOptions, build_sd
+    from build.vit import ViTBuildOptions, build_vit
+
+    cuda = check.options.cuda
+    variant, device = ("torch-cuda-fp16", "gpu") if cuda else ("torch-fp32", "cpu")
+    build_sd(SDBuildOptions(weights=str(check.weights), repository=check.repo, images=ImageRange(*check.options.images),
+                            progress=False, variant=variant, device=device), log=check.log)
+    build_vit(ViTBuildOptions(random_weights=True, backend="torch-cuda" if cuda else "torch",
+                              precision="fp16" if cuda else "fp32", variants=(variant,), extra_exports=(),
+                              repository=check.repo, device=device, progress=False), log=check.log)
+    report = read_report(check.repo)
+    return {"variant": variant, "sd_parity": {k: v["parity"] for k, v in report["sd"]["artifacts"].items()},
+            "sd_build_s": {k: v["build_seconds"] for k, v in report["sd"]["artifacts"].items()},
+            "vit_parity": report["vit"]["artifacts"][variant]["parity"]["logits"]}
+
+
+def serve(check: Check) -> dict:
+    from kiln.triton_server import TritonOptions, TritonServer, free_port
+
+    started = time.perf_counter()
+    check.server = TritonServer(TritonOptions(repository=check.repo, http_port=free_port(), grpc_port=free_port(),
+                                              metrics_port=free_port(), log_path=check.work / "triton.log")).start()
+    return {"ready_s": round(time.perf_counter() - started, 2)}
+
+
+def _vit_inputs(batches: tuple[int, ...]):
+    """The ViT (seeded random weights, eval transform) and the sample photographs, tiled to the largest batch."""
+    from build.vit.transform import eval_transform
+    from build.vit.weights import load_vit
+    from kiln.imaging import preprocess
+    from kiln.paths import SAMPLE_IMAGES, list_images
+
+    model = load_vit(random_weights=True, seed=0).model
+    transform = eval_transform(model)
+    payloads = [p.read_bytes() for p in list_images(SAMPLE_IMAGES) if p.suffix.lower() in (".jpg", ".jpeg")]
+    pixels = np.stack([preprocess(payloads[i % len(payloads)], transform) for i in range(max(batches))])
+    jpegs = np.array([payloads[i % len(payloads)] for i in range(max(batches))], dtype=object).reshape(-1, 1)
+    return model, pixels, jpegs
+
+
+def vit_served(check: Check) -> dict:
+    """Through Triton: tensors to `vit` (through system shared memory) and JPEG bytes to `vit_classify`."""
+    from kiln.triton_client import TritonClient
+
+    options, batches = check.options, check.options.vit_batches
+    _, pixels, jpegs = _vit_inputs(batches)
+    client = TritonClient(check.server.grpc_url, shared_memory="auto")
+    rows = {}
+    try:
+        for batch in batches:
+            feed = {"pixel_values": pixels[:batch]}
+            tensor = timed(lambda feed=feed, batch=batch: client.infer(
+                names.VIT, feed, ["logits"], output_shapes={"logits": (batch, 1000)}), options.seconds)
+            jpeg = timed(lambda batch=batch: client.infer(names.VIT_CLASSIFY, {"image": jpegs[:batch]}, ["labels"]),
+                         options.seconds)
+            rows[batch] = {"triton_tensor": rate(tensor, batch), "triton_jpeg": rate(jpeg, batch)}
+    finally:
+        client.close()
+    return {"batches": rows}
+
+
+def vit_in_process(check: Check) -> dict:
+    """torch itself on the same images: eager fp16 (fp32 on the CPU) at every batch, and torch.compile with CUDA
+    graphs (mode reduce-overhead) at the largest, as long as the time budget allows."""
+    import torch
+
+    options, batches = check.options, check.options.vit_batches
+    model, pixels, _ = _vit_inputs(batches)
+    device, dtype = ("cuda", torch.float16) if options.cuda else ("cpu", torch.float32)
+    model = model.to(device, dtype).eval()
+    rows: dict = {batch: {} for batch in batches}
+    arms = [("eager", model, batches)]
+    if options.compiled:
+        arms.append(("compiled", torch.compile(model, mode="reduce-overhead"), (max(batches),)))
+    for arm, module, sizes in arms:
+        for batch in sizes:
+            if arm == "compiled" and check.elapsed() > options.budget_s * 0.8:
+                rows[batch][arm] = {"skipped": "time budget"}
+                continue
+            x = torch.from_numpy(pixels[:batch]).to(device, dtype)
+
+            def call(x=x, module=module) -> None:
+                with torch.inference_mode():
+                    module(x)
+                _sync()
+            rows[batch][arm] = rate(timed(call, options.seconds), batch)
+    served = check.result["phases"].get("vit_served", {}).get("batches", {}).get(max(batches), {})
+    ratio = {}
+    if served:
+        ratio["served_over_eager_at_max_batch"] = round(
+            served["triton_tensor"]["images_per_s"] / rows[max(batches)]["eager"]["images_per_s"], 3)
+    return {"batches": rows} | ratio
+
+
+def _sd_request(options: GPUCheckOptions):
+    from orchestrator.pipeline import Txt2ImgRequest
+
+    return Txt2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=options.steps, sampler="Euler a",
+                          cfg_scale=7.5, seed=1234, width=options.side, height=options.side)
+
+
+def _warm(pipeline, options: GPUCheckOptions) -> None:
+    from orchestrator.pipeline import Txt2ImgRequest
+
+    pipeline.generate(Txt2ImgRequest(prompt=PROMPT, steps=2, width=options.side, height=options.side))
+
+
+def sd_served(check: Check) -> dict:
+    """One image through Triton + the orchestrator, and where its time goes (Triton's own statistics)."""
+    from benchmarks.sd import CallTimer, triton_compute_seconds
+    from orchestrator.pipeline import Pipeline
+
+    options = check.options
+    pipeline = Pipeline.from_triton(check.server.grpc_url, shared_memory="auto")
+    try:
+        _warm(pipeline, options)
+        timer = CallTimer()
+        client = pipeline.components.unet.client  # every model call of the loop goes through it
+        client.infer = timer.wrap(client.infer)
+        before = triton_compute_seconds(check.server.http_url)
+        start = time.perf_counter()
+        image = pipeline.generate(_sd_request(options)).images[0]
+        seconds = time.perf_counter() - start
+        after = triton_compute_seconds(check.server.http_url)
+    finally:
+        pipeline.close()
+    np.save(check.work / "sd-served.npy", image)
+    compute = sum(after[m]["compute_s"] - before.get(m, {}).get("compute_s", 0) for m in after)
+    unet = after[names.SD_UNET]["compute_s"] - before.get(names.SD_UNET, {}).get("compute_s", 0)
+    steps = options.steps
+    return {"image_s": round(seconds, 4), "step_ms": round(1000 * seconds / steps, 3),
+            "model_calls_s": round(timer.seconds, 4), "model_calls": timer.calls,
+            "triton_compute_s": round(compute, 4), "unet_compute_ms_per_step": round(1000 * unet / steps, 3),
+            "transport_ms_per_call": round(1000 * (timer.seconds - compute) / max(timer.calls, 1), 3),
+            "loop_outside_calls_ms_per_step": round(1000 * (seconds - timer.seconds) / steps, 3)}
+
+
+def sd_in_process(check: Check) -> dict:
+    """The same variant in this process (the build's sessions, its CUDA graphs), and diffusers' own pipeline."""
+    from orchestrator.pipeline import Pipeline
+
+    options = check.options
+    pipeline = Pipeline.from_repository(check.repo)
+    try:
+        _warm(pipeline, options)
+        start = time.perf_counter()
+        image = pipeline.generate(_sd_request(options)).images[0]
+        seconds = time.perf_counter() - start
+    finally:
+        pipeline.close()
+    np.save(check.work / "sd-in-process.npy", image)
+    result = {"in_process": {"image_s": round(seconds, 4), "step_ms": round(1000 * seconds / options.steps, 3)},
+              "diffusers": _diffusers(check)}
+    served = check.result["phases"].get("sd_served")
+    if served:
+        result["served_over_in_process"] = round(served["image_s"] / seconds, 3)
+        result["served_over_diffusers"] = round(served["image_s"] / result["diffusers"]["image_s"], 3)
+        if (check.work / "sd-served.npy").exists():
+            from build.parity import psnr
+
+            result["served_vs_in_process_psnr_db"] = psnr(np.load(check.work / "sd-served.npy"), image)
+    return result
+
+
+def _diffusers(check: Check) -> dict:
+    """diffusers' own pipeline on the same weights: fp16 on the GPU, Euler a, CFG 7.5, the same steps."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    options = check.options
+    device, dtype = ("cuda", torch.float16) if options.cuda else ("cpu", torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(check.weights), torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True).to(device)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance_scale": 7.5, "height": options.side,
+              "width": options.side}
+    pipe(num_inference_steps=2, **kwargs)  # warm-up
+    _sync()
+    start = time.perf_counter()
+    pipe(num_inference_steps=options.steps, generator=torch.Generator(device).manual_seed(1234), **kwargs)
+    _sync()
+    seconds = time.perf_counter() - start
+    del pipe
+    return {"image_s": round(seconds, 4), "step_ms": round(1000 * seconds / options.steps, 3)}
+
+
+def batching(check: Check) -> dict:
+    from orchestrator.jobs import Engine, EngineOptions
+    from orchestrator.metrics import Metrics
+    from orchestrator.pipeline import Txt2ImgRequest
+
+    options = check.options
+    engines = {arm: Engine(EngineOptions(triton_url=check.server.grpc_url, step_batching=arm == "step",
+                                         workers=max(options.clients), max_queue=256), Metrics())
+               for arm in ("unbatched", "step")}
+    rows = []
+    try:
+        for engine in engines.values():
+            engine.submit("txt2img", Txt2ImgRequest(prompt=PROMPT, steps=2, width=options.side,
+                                                    height=options.side)).future.result()
+        for clients in options.clients:
+            for arm, engine in engines.items():  # alternating per N, so drift hits both alike
+                latencies: list[float] = []
+                rows_before, batches_before = engine.batcher.stats.rows, engine.batcher.stats.batches
+
+                def client(index: int, engine=engine, latencies=latencies) -> None:
+                    for r in range(options.requests_per_client):
+                        start = time.perf_counter()
+                        engine.submit("txt2img", Txt2ImgRequest(
+                            prompt=PROMPT, negative_prompt=NEGATIVE, steps=options.batching_steps, cfg_scale=7.5,
+                            seed=1000 * index + r, width=options.side, height=options.side)).future.result()
+                        latencies.append(time.perf_counter() - start)
+                wall = run_concurrently(client, clients)
+                ordered = sorted(latencies)
+                rows.append({"arm": arm, "clients": clients, "requests": len(latencies),
+                             "images_per_s": round(len(latencies) / wall, 3),
+                             "p95_s": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 3),
+                             "mean_unet_rows": round((engine.batcher.stats.rows - rows_before)
+                                                     / max(engine.batcher.stats.batches - batches_before, 1), 2)})
+    finally:
+        for engine in engines.values():
+            engine.close()
+    speedup = {}
+    for clients in options.clients:
+        by_arm = {r["arm"]: r for r in rows if r["clients"] == clients}
+        speedup[clients] = round(by_arm["step"]["images_per_s"] / by_arm["unbatched"]["images_per_s"], 3)
+    return {"steps": options.batching_steps, "rows": rows, "step_over_unbatched": speedup}
