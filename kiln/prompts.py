@@ -1,4 +1,12 @@
-"""Prompt tokenization with AUTOMATIC1111's chunking: prompts past 75 tokens are never silently cut.
+r"""Prompt tokenization with AUTOMATIC1111's prompt language and chunking: prompts past 75 tokens are never cut.
+
+Emphasis is parsed as AUTOMATIC1111 parses it (`parse_emphasis`): `(word)` multiplies the attention to its words
+by 1.1, `[word]` divides it by 1.1, `(word:1.3)` sets 1.3, nesting multiplies, `\(` and `\[` are literal
+brackets, and `BREAK` ends the current chunk. Each fragment is tokenized on its own; every token carries its weight
+into the chunk, and `apply_emphasis` scales the text encoder's output by them and restores its mean (per prompt and
+chunk), as AUTOMATIC1111 does. A prompt whose weights are all 1 encodes exactly as its plain text. What kiln does not
+run is refused by name (`check_prompt_syntax`): extra-network tags such as `<lora:name:0.8>`, composable diffusion
+(`AND`), prompt editing `[from:to:when]` and alternation `[a|b]`; never encoded as literal text.
 
 A prompt's tokens (without BOS/EOS) are split into chunks of 75; each chunk becomes
 BOS + chunk + EOS, padded with EOS to 77, and the text encoder's outputs of the chunks are
@@ -11,6 +19,7 @@ chunks with empty chunks, so classifier-free guidance can batch them.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +33,98 @@ MAX_CHUNKS = 8  # 8 x 75 = 600 prompt tokens per request: the text encoder's seq
 CLIP_VOCAB_SIZE = 49408  # SD 1.x's CLIP tokenizer
 
 
+BREAK = "BREAK"  # the marker parse_emphasis returns for BREAK (with weight -1, as AUTOMATIC1111's parser)
+_ATTENTION = re.compile(r"""
+    \\[()\[\]\\]? |             # an escape: \( \) \[ \] \\ (or a lone backslash)
+    \( | \[ |                    # opening brackets
+    :\s*([+-]?[.\d]+)\s*\) |       # the end of (text:weight)
+    \) | \] |                    # closing brackets
+    [^\\()\[\]:]+ |               # text
+    :                            # a colon that is text
+""", re.VERBOSE)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]*)>")
+_EDITING = re.compile(r"\[[^\[\]()]*[:|][^\[\]()]*\]")  # [from:to:when], [to:when], [a|b]
+_AND = re.compile(r"\bAND\b")
+
+
+def check_prompt_syntax(text: str, field: str = "prompt") -> None:
+    """Refuse, by name, the parts of AUTOMATIC1111's prompt language kiln does not run (InputError: HTTP 422)."""
+    plain = re.sub(r"\\.", "", text)  # escaped brackets are text
+    if match := _EXTRA_NETWORK.search(plain):
+        raise InputError(f"{field}: {match.group(0)} is an extra-network tag ({match.group(1)}); this server has no "
+                         "LoRA, LyCORIS or hypernetwork files to apply, and a tag is never taken as text")
+    if _AND.search(plain):
+        raise InputError(f"{field}: AND (composable diffusion) is not supported; write one prompt, or use emphasis "
+                         "such as (word:1.2)")
+    if match := _EDITING.search(plain):
+        kind = "alternation [a|b]" if "|" in match.group(0) else "prompt editing [from:to:when]"
+        raise InputError(f"{field}: {match.group(0)} is {kind}, which is not supported; write the words without it "
+                         "(or escape the brackets: \\[ \\])")
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """`text` as [(fragment, weight)], the way AUTOMATIC1111's parse_prompt_attention reads it; BREAK is
+    (BREAK, -1). Unbalanced brackets apply to the end of the text; runs of the same weight are merged."""
+    fragments: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply(start: int, factor: float) -> None:
+        for fragment in fragments[start:]:
+            if fragment[1] != -1:
+                fragment[1] *= factor
+
+    for match in _ATTENTION.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            fragments.append([token[1:], 1.0])
+        elif token == "(":
+            round_open.append(len(fragments))
+        elif token == "[":
+            square_open.append(len(fragments))
+        elif weight is not None and round_open:
+            try:
+                multiply(round_open.pop(), float(weight))
+            except ValueError:
+                raise InputError(f"prompt: {weight!r} is not a number (in {token.strip()!r})") from None
+        elif token == ")" and round_open:
+            multiply(round_open.pop(), 1.1)
+        elif token == "]" and square_open:
+            multiply(square_open.pop(), 1 / 1.1)
+        else:
+            for index, part in enumerate(_BREAK.split(token)):
+                if index:
+                    fragments.append([BREAK, -1.0])
+                fragments.append([part, 1.0])
+    for start in round_open:
+        multiply(start, 1.1)
+    for start in square_open:
+        multiply(start, 1 / 1.1)
+    merged: list[list] = []
+    for fragment in fragments:
+        if merged and fragment[1] == merged[-1][1] and fragment[1] != -1:
+            merged[-1][0] += fragment[0]
+        else:
+            merged.append(fragment)
+    return [(t, w) for t, w in merged] or [("", 1.0)]
+
+
+def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUTOMATIC1111's emphasis on the text encoder's output: each position (chunk, 77, hidden) scaled by its token's
+    weight, then the chunk rescaled to its original mean. All weights 1: `hidden` itself."""
+    if np.all(weights == 1):
+        return hidden
+    original = hidden.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
+    scaled = hidden * weights[:, :, None].astype(hidden.dtype)
+    return (scaled * (original / scaled.mean(axis=(1, 2), keepdims=True, dtype=np.float64))).astype(hidden.dtype)
+
+
 @dataclass(frozen=True)
 class PromptTokens:
     ids: np.ndarray  # (chunks, 77) int64, BOS/EOS added, EOS-padded
     token_count: int  # text tokens, BOS/EOS excluded (what A1111's UI shows as "n/75")
+    weights: np.ndarray | None = None  # (chunks, 77) float32: each position's emphasis (1 for BOS, EOS, padding)
 
     @property
     def chunks(self) -> int:
@@ -36,15 +133,26 @@ class PromptTokens:
 
 def tokenize_prompt(tokenizer, text: str, *, chunk_tokens: int = CHUNK_TOKENS,
                     comma_backtrack: int = COMMA_BACKTRACK) -> PromptTokens:
-    """`text` -> every one of its tokens, in chunks of 77 ids."""
-    ids = tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"]
+    """`text` (AUTOMATIC1111's prompt language) -> every one of its tokens, in chunks of 77 ids, with their weights."""
+    check_prompt_syntax(text)
+    tokens: list[tuple[int, float]] = []  # (id, weight); (-1, -1) marks BREAK
+    for fragment, weight in parse_emphasis(text):
+        if weight == -1 and fragment == BREAK:
+            tokens.append((-1, -1.0))
+        elif fragment:
+            ids = tokenizer(fragment, add_special_tokens=False, truncation=False)["input_ids"]
+            tokens += [(t, weight) for t in ids]
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    chunks: list[list[int]] = []
-    current: list[int] = []
+    chunks: list[list[tuple[int, float]]] = []
+    current: list[tuple[int, float]] = []
     last_comma = -1  # index of the last comma in `current`, as AUTOMATIC1111 tracks it
-    for token in ids:
-        if token == comma:
+    for token in tokens:
+        if token[0] == -1:  # BREAK: this chunk ends here (padded), the next one starts
+            chunks.append(current)
+            current, last_comma = [], -1
+            continue
+        if token[0] == comma:
             last_comma = len(current)
         elif (comma_backtrack and len(current) == chunk_tokens and last_comma != -1
               and len(current) - last_comma <= comma_backtrack):
@@ -59,8 +167,10 @@ def tokenize_prompt(tokenizer, text: str, *, chunk_tokens: int = CHUNK_TOKENS,
         current.append(token)
     if current or not chunks:
         chunks.append(current)
-    rows = [[bos, *chunk, *([eos] * (chunk_tokens + 1 - len(chunk)))] for chunk in chunks]
-    return PromptTokens(ids=np.asarray(rows, dtype=np.int64), token_count=len(ids))
+    rows = [[bos, *(t for t, _ in chunk), *([eos] * (chunk_tokens + 1 - len(chunk)))] for chunk in chunks]
+    weights = [[1.0, *(w for _, w in chunk), *([1.0] * (chunk_tokens + 1 - len(chunk)))] for chunk in chunks]
+    return PromptTokens(ids=np.asarray(rows, dtype=np.int64), token_count=sum(t != -1 for t, _ in tokens),
+                        weights=np.asarray(weights, dtype=np.float32))
 
 
 def empty_chunk(tokenizer, chunk_tokens: int = CHUNK_TOKENS) -> np.ndarray:
@@ -79,12 +189,21 @@ def pad_to_same_chunks(tokenizer, *prompts: PromptTokens) -> list[np.ndarray]:
 def tokenize_batch(tokenizer, prompts: list[str], max_chunks: int = MAX_CHUNKS) -> tuple[np.ndarray, int]:
     """All prompts of one request (a prompt and its negative prompt) as ids (len(prompts) * chunks, 77), padded to
     the same number of chunks, and that number; more than `max_chunks` chunks is an InputError naming the count."""
+    ids, _, chunks = tokenize_weighted_batch(tokenizer, prompts, max_chunks)
+    return ids, chunks
+
+
+def tokenize_weighted_batch(tokenizer, prompts: list[str],
+                            max_chunks: int = MAX_CHUNKS) -> tuple[np.ndarray, np.ndarray, int]:
+    """tokenize_batch, with each position's emphasis weight (len(prompts) * chunks, 77) float32."""
     tokens = [tokenize_prompt(tokenizer, p) for p in prompts]
     longest = max(t.chunks for t in tokens)
     if longest > max_chunks:
         raise InputError(f"prompt of {max(t.token_count for t in tokens)} tokens needs {longest} chunks; "
                          f"the limit is {max_chunks}")
-    return np.concatenate(pad_to_same_chunks(tokenizer, *tokens)), longest
+    weights = [np.concatenate([t.weights, np.ones((longest - t.chunks, t.weights.shape[1]), np.float32)])
+               for t in tokens]
+    return np.concatenate(pad_to_same_chunks(tokenizer, *tokens)), np.concatenate(weights), longest
 
 
 def check_tokenizer(tokenizer, source: str, vocab_size: int = CLIP_VOCAB_SIZE) -> None:

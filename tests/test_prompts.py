@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -72,7 +74,7 @@ def test_prompt_and_negative_are_padded_to_the_same_chunks(tokenizer):
 
 
 PROMPTS = ["a photo of a cat", "", "A  PHOTO\tof\n\na Cat!!", "café naïve résumé Ⅻ 東京 🐱",
-           "(masterpiece:1.2), [bad], <lora:x:0.5>", "it's they're we'll I'd", "1234567890 3.14",
+           "(masterpiece:1.2), [bad], <not a tag>", "it's they're we'll I'd", "1234567890 3.14",
            ", ".join(f"word{i}" for i in range(120)), "<|endoftext|> literal"]
 
 
@@ -97,3 +99,69 @@ def test_a_folder_without_tokenizer_json_is_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(WeightsError, match="is not a tokenizer"):
         load_tokenizer(tmp_path)
+
+
+# -- AUTOMATIC1111's prompt language ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "parsed"), [  # the parse results AUTOMATIC1111 documents (prompt_parser.py)
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    ("a BREAK b", [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]),
+    ("a photo of a (cat:1.0)", [("a photo of a cat", 1.0)]),
+    ("", [("", 1.0)]),
+])
+def test_emphasis_parses_as_automatic1111(text, parsed):
+    from kiln.prompts import parse_emphasis
+
+    got = parse_emphasis(text)
+    assert [t for t, _ in got] == [t for t, _ in parsed]
+    assert [w for _, w in got] == pytest.approx([w for _, w in parsed])
+
+
+def test_weights_follow_their_tokens_and_break_starts_a_chunk(tokenizer):
+    plain = tokenize_prompt(tokenizer, "a photo of a cat")
+    same = tokenize_prompt(tokenizer, "a photo of a (cat:1.0)")
+    assert np.array_equal(plain.ids, same.ids) and np.all(same.weights == 1)
+    weighted = tokenize_prompt(tokenizer, "a photo of a (cat:1.5) [dog]")
+    cat, dog = tokenizer.convert_tokens_to_ids("cat</w>"), tokenizer.convert_tokens_to_ids("dog</w>")
+    row, weights = list(weighted.ids[0]), weighted.weights[0]
+    assert weights[row.index(cat)] == pytest.approx(1.5) and weights[row.index(dog)] == pytest.approx(1 / 1.1)
+    assert weights[0] == 1 and weights[-1] == 1  # BOS and padding carry no emphasis
+    broken = tokenize_prompt(tokenizer, "a cat BREAK a dog")
+    assert broken.chunks == 2 and broken.token_count == 4
+    assert _body(broken.ids[:1], tokenizer) == tokenizer("a cat", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ("a cat <lora:watercolor:0.8>", "<lora:watercolor:0.8> is an extra-network tag"),
+    ("a cat AND a dog", "AND (composable diffusion)"),
+    ("a [cat:dog:0.5]", "prompt editing"),
+    ("a [cat|dog]", "alternation"),
+])
+def test_what_kiln_does_not_run_is_refused_by_name(tokenizer, text, names):
+    from kiln.errors import InputError
+
+    with pytest.raises(InputError, match=re.escape(names)):
+        tokenize_prompt(tokenizer, text)
+    tokenize_prompt(tokenizer, text.replace("[", "\\[").replace("]", "\\]").replace("<", "").replace("AND", "and"))
+
+
+def test_emphasis_scales_the_positions_and_restores_the_mean():
+    from kiln.prompts import apply_emphasis
+
+    hidden = np.random.default_rng(0).standard_normal((2, 77, 8)).astype(np.float32) + 0.5
+    weights = np.ones((2, 77), np.float32)
+    assert apply_emphasis(hidden, weights) is hidden  # all 1: untouched
+    weights[0, 3] = 1.3
+    out = apply_emphasis(hidden, weights)
+    expected = hidden[0] * weights[0][:, None]
+    expected *= hidden[0].mean() / expected.mean()
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5)
+    np.testing.assert_array_equal(out[1], hidden[1])
+    assert out[0].mean() == pytest.approx(hidden[0].mean(), rel=1e-5)

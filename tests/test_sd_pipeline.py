@@ -106,6 +106,18 @@ def test_cfg_one_has_no_negative_branch_and_non_square_sizes(local, reference_pi
     assert _max_diff(result.images, expected) <= 2
 
 
+def test_emphasis_of_one_is_the_plain_prompt_and_other_weights_change_the_image(local):
+    """AUTOMATIC1111's emphasis: "(cat:1.0)" is "cat" exactly; (cat:1.4) and [cat] move the image; BREAK too."""
+    def image(prompt: str) -> np.ndarray:
+        return local.txt2img(Txt2ImgRequest(prompt=prompt, negative_prompt="blurry", steps=3, seed=3, width=64,
+                                            height=64)).images
+
+    plain = image("a photo of a cat")
+    assert np.array_equal(image("a photo of a (cat:1.0)"), plain)
+    for other in ("a photo of a (cat:1.4)", "a photo of a [cat]", "a photo of BREAK a cat"):
+        assert _max_diff(image(other), plain) > 0, other
+
+
 def test_seeds_follow_automatic1111(local):
     pair = local.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, seed=100, batch_size=2, width=64, height=64))
     assert pair.seeds == [100, 101]
@@ -385,6 +397,8 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
     edges = ControlNetUnit(image=edge_map_png, weight=0.8)
     return {
         "txt2img": Txt2ImgRequest(**base | {"batch_size": 2, "width": 96}),
+        "emphasis and BREAK": Txt2ImgRequest(**base | {"prompt": "a photo of a ((cat)) BREAK [in the] (snow:1.3)",
+                                                       "negative_prompt": "(blurry:0.8)"}),
         "img2img": Img2ImgRequest(**base, init_image=init_image_png, denoising_strength=0.6),
         "inpainting": Img2ImgRequest(**base, init_image=init_image_png, mask=mask_png, denoising_strength=0.9,
                                      inpainting_fill=0, overlay=True),
@@ -396,7 +410,7 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["txt2img", "img2img", "inpainting", "controlnet (ensemble)",
+@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "img2img", "inpainting", "controlnet (ensemble)",
                                   "scribble by name (its ensemble)", "two units (residuals, then the UNet)"])
 def test_triton_gives_the_in_process_images(served, local, init_image_png, mask_png, edge_map_png, case):
     """Every model call through Triton (ensembles, per-row scalars, the VAE encode ensemble): the same images."""

@@ -56,10 +56,11 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
     hidden = text.outputs[0].shape[-1]
     ids = Tensor("input_ids", "INT64", (-1, text.inputs[0].shape[1]))
     chunks = Tensor("chunks", "INT32", (1,))
+    weights = Tensor("weights", "FP32", (-1, text.inputs[0].shape[1]))  # each position's emphasis
     images = Tensor("image", "UINT8", (-1, -1, 3))
     image_bytes, size = Tensor("image", "BYTES", (1,)), Tensor("size", "INT32", (2,))
     configs = [
-        ModelConfig(name=names.SD_TOKENIZER, inputs=(Tensor("prompt", "BYTES", (-1,)),), outputs=(ids, chunks),
+        ModelConfig(name=names.SD_TOKENIZER, inputs=(Tensor("prompt", "BYTES", (-1,)),), outputs=(ids, chunks, weights),
                     parameters={"max_chunks": str(contract.max_prompt_chunks)}),
         served("text_encoder", ModelConfig(name=names.SD_TEXT_ENCODER, inputs=text.triton_inputs(batched=False),
                                            outputs=text.triton_outputs(batched=False),
@@ -74,9 +75,9 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
                     parameters={"min_size": str(contract.min_size), "max_size": str(contract.max_size)}),
         ModelConfig(name=names.SD_TEXT_ENCODE, backend=None, platform="ensemble",
                     inputs=(Tensor("prompt", "BYTES", (-1,)),),
-                    outputs=(Tensor("embeddings", "FP32", (-1, text.inputs[0].shape[1], hidden)), chunks),
+                    outputs=(Tensor("embeddings", "FP32", (-1, text.inputs[0].shape[1], hidden)), chunks, weights),
                     steps=(EnsembleStep(names.SD_TOKENIZER, {"prompt": "prompt"},
-                                        {"input_ids": "input_ids", "chunks": "chunks"}),
+                                        {"input_ids": "input_ids", "chunks": "chunks", "weights": "weights"}),
                            EnsembleStep(names.SD_TEXT_ENCODER, {"input_ids": "input_ids"},
                                         {"last_hidden_state": "embeddings"}))),
         ModelConfig(name=names.SD_VAE_DECODE, backend=None, platform="ensemble", max_batch_size=decoder.max_batch_size,

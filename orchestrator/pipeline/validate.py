@@ -14,6 +14,7 @@ from kiln.contract import SDContract
 from kiln.control import CONTROL_MODULES
 from kiln.errors import InputError, TooLargeError
 from kiln.masks import INPAINTING_FILL
+from kiln.prompts import check_prompt_syntax
 from orchestrator.pipeline.requests import ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import MAX_SEED, check_sampler
 
@@ -42,6 +43,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         if len(text) > limits.max_prompt_chars:
             raise TooLargeError(f"{name} of {len(text)} characters exceeds the {limits.max_prompt_chars}-character "
                                 "limit")
+        check_prompt_syntax(text, name)  # LoRA tags, AND, prompt editing: refused by name, never taken as text
     for name in ("width", "height"):
         value = getattr(request, name)
         if not _is_int(value) or value % multiple:

@@ -2,6 +2,8 @@
 
 All prompts of one request (a prompt and its negative prompt) are padded to the same number of
 chunks; `chunks` tells the caller how to fold the encoder's output back: (prompts, chunks * 77, hidden).
+`weights` is each position's emphasis ((word:1.2) and the like), which the caller applies to the
+encoder's output (kiln.prompts.apply_emphasis); syntax kiln does not run is refused by name.
 """
 
 import os
@@ -17,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kiln.errors import InputError
-from kiln.prompts import load_tokenizer, tokenize_batch
+from kiln.prompts import load_tokenizer, tokenize_weighted_batch
 from kiln.runtime import model_config
 from kiln.runtime.model import error_response
 
@@ -34,7 +36,7 @@ class TritonPythonModel:
             raw = pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().reshape(-1)
             try:
                 prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in raw]
-                ids, chunks = tokenize_batch(self.tokenizer, prompts, self.max_chunks)
+                ids, weights, chunks = tokenize_weighted_batch(self.tokenizer, prompts, self.max_chunks)
             except UnicodeDecodeError:
                 responses.append(error_response("sd_tokenizer: prompt is not UTF-8"))
                 continue
@@ -44,5 +46,6 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("input_ids", ids.astype(np.int64)),
                 pb_utils.Tensor("chunks", np.array([chunks], dtype=np.int32)),
+                pb_utils.Tensor("weights", weights.astype(np.float32)),
             ]))
         return responses

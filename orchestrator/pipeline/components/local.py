@@ -16,7 +16,7 @@ import numpy as np
 from kiln import contract as names
 from kiln.contract import SDContract, ServedControlNet, read_sd_contract, read_served
 from kiln.imaging import to_uint8, vae_input
-from kiln.prompts import load_tokenizer, tokenize_batch
+from kiln.prompts import apply_emphasis, load_tokenizer, tokenize_weighted_batch
 from orchestrator.pipeline.components import Components
 
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # inputs -> every output, by name
@@ -70,8 +70,8 @@ class LocalTextEncoder:
         self.tokenizer, self.runner, self.max_chunks = tokenizer, runner, max_chunks
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
-        ids, chunks = tokenize_batch(self.tokenizer, list(prompts), self.max_chunks)
-        hidden = self.runner({"input_ids": ids})["last_hidden_state"]
+        ids, weights, chunks = tokenize_weighted_batch(self.tokenizer, list(prompts), self.max_chunks)
+        hidden = apply_emphasis(self.runner({"input_ids": ids})["last_hidden_state"], weights)
         return hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2])
 
 

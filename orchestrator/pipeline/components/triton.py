@@ -10,6 +10,7 @@ import numpy as np
 from kiln import contract as names
 from kiln.contract import SDContract, ServedControlNet
 from kiln.errors import InputError, KilnError, ServerError
+from kiln.prompts import apply_emphasis
 from kiln.triton_client import TritonClient
 from orchestrator.pipeline.components import Components
 
@@ -52,9 +53,9 @@ class TritonTextEncoder:
 
     def encode(self, prompts: Sequence[str]) -> np.ndarray:
         out = self.client.infer(names.SD_TEXT_ENCODE, {"prompt": np.array([p.encode() for p in prompts], dtype=object)},
-                                ["embeddings", "chunks"])
+                                ["embeddings", "chunks", "weights"])
         chunks = int(out["chunks"][0])
-        embeddings = out["embeddings"]
+        embeddings = apply_emphasis(out["embeddings"], out["weights"])  # (prompts * chunks, 77, hidden)
         return embeddings.reshape(len(prompts), chunks * embeddings.shape[1], embeddings.shape[2])
 
 
