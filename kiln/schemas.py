@@ -48,7 +48,8 @@ class Txt2ImgBody(BaseModel):
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
     sampler_name: str | None = None
-    sampler_index: str | None = None  # deprecated AUTOMATIC1111 name of sampler_name
+    # deprecated AUTOMATIC1111 name of sampler_name; SD.Next sends an integer, the index into /sdapi/v1/samplers
+    sampler_index: str | int | None = None
     scheduler: str | None = None  # AUTOMATIC1111 1.9+: "Automatic", "Karras", ...
     batch_size: int = 1
     n_iter: int = 1
@@ -70,21 +71,40 @@ class Txt2ImgBody(BaseModel):
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    # AUTOMATIC1111's sampler and refiner fields: their defaults (what its clients send) are accepted, anything else
+    # is refused by name until kiln runs it (never accepted and ignored)
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float | None = None  # None or 0: no upper bound, as AUTOMATIC1111 reads it
+    s_noise: float = 1.0
+    s_min_uncond: float = 0.0
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    initial_noise_multiplier: float | None = None
 
     @model_validator(mode="after")
     def _unsupported(self):
         refuse = {"enable_hr": self.enable_hr, "restore_faces": self.restore_faces, "tiling": self.tiling,
                   "script_name": self.script_name, "styles": self.styles,
-                  "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0}
+                  "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
+                  "s_churn": self.s_churn != 0, "s_tmin": self.s_tmin != 0, "s_tmax": self.s_tmax not in (None, 0),
+                  "s_noise": self.s_noise != 1, "s_min_uncond": self.s_min_uncond != 0,
+                  "refiner_checkpoint": self.refiner_checkpoint not in (None, "", "None"),
+                  "refiner_switch_at": self.refiner_checkpoint not in (None, "", "None")
+                  and self.refiner_switch_at is not None,
+                  "initial_noise_multiplier": self.initial_noise_multiplier not in (None, 1)}
         for name, value in refuse.items():
             if value:
                 raise ValueError(f"{name} is not supported by this server")
+        if self.save_images:
+            raise ValueError("save_images is not supported by this server: it keeps no outputs folder; the response "
+                             "carries the images (with their infotext)")
         return self
 
 
 class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] = Field(default_factory=list)
-    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 = 0
+    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill (3: refused)
     denoising_strength: float = 0.75
     mask: str | None = None
     mask_blur: int = 4
@@ -94,8 +114,20 @@ class Img2ImgBody(Txt2ImgBody):
     inpaint_full_res: bool = True  # "only masked": inpaint a crop around the mask, paste it back
     inpaint_full_res_padding: int = Field(0, ge=0, le=1024)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
-    image_cfg_scale: float | None = None
+    image_cfg_scale: float | None = None  # instruct-pix2pix only in AUTOMATIC1111 too: other models ignore it there
     include_init_images: bool = False
+    latent_mask: str | None = None
+
+    @model_validator(mode="after")
+    def _unsupported_img2img(self):
+        if self.latent_mask:
+            raise ValueError("latent_mask is not supported by this server")
+        if self.resize_mode == 3:
+            raise ValueError("resize_mode 3 (just resize, latent upscale) is not supported by this server; "
+                             "0, 1 and 2 are")
+        if None not in (self.mask_blur_x, self.mask_blur_y) and self.mask_blur_x != self.mask_blur_y:
+            raise ValueError("mask_blur_x and mask_blur_y differ: this server blurs masks by one radius (mask_blur)")
+        return self
 
 
 class GenerationResponse(BaseModel):

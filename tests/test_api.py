@@ -228,6 +228,14 @@ BAD = [
     ({"sampler_name": "Euler z"}, 404, "Sampler not found"),
     ({"scheduler": "Exponential"}, 422, "scheduler"),
     ({"prompt": "cat " * 10000}, 413, "prompt"),
+    ({"prompt": "a cat <lora:watercolor:0.8>"}, 422, "prompt: <lora:watercolor:0.8> is an extra-network tag"),
+    ({"negative_prompt": "blurry AND dark"}, 422, "negative_prompt: AND (composable diffusion)"),
+    ({"prompt": "a [cat:dog:5]"}, 422, "prompt editing"),
+    ({"s_churn": 0.5}, 422, "s_churn"),
+    ({"s_noise": 1.003}, 422, "s_noise"),
+    ({"refiner_checkpoint": "sdxl_refiner", "refiner_switch_at": 0.8}, 422, "refiner_checkpoint"),
+    ({"initial_noise_multiplier": 0.9}, 422, "initial_noise_multiplier"),
+    ({"save_images": True}, 422, "save_images"),
     ({"enable_hr": True}, 422, "enable_hr"),
     ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, 404, "sd_model_checkpoint"),
     ({"alwayson_scripts": {"adetailer": {"args": []}}}, 422, "adetailer"),
@@ -254,6 +262,9 @@ BAD_IMAGES = [
     ({"init_images": [_b64(_png())], "denoising_strength": 1.5}, 422, "denoising_strength"),
     ({"init_images": [_b64(_png())], "mask": _b64(_png(size=(8, 8)))[:-3]}, 422, "mask"),
     ({"init_images": []}, 422, "init_images"),
+    ({"init_images": [_b64(_png())], "resize_mode": 3}, 422, "resize_mode 3"),
+    ({"init_images": [_b64(_png())], "latent_mask": _b64(_png())}, 422, "latent_mask"),
+    ({"init_images": [_b64(_png())], "mask_blur_x": 2, "mask_blur_y": 8}, 422, "mask_blur_x and mask_blur_y"),
 ]
 
 
@@ -326,6 +337,43 @@ def test_listing_endpoints(client):
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert "/sdapi/v1/txt2img" in client.get("/openapi.json").json()["paths"]
+
+
+def test_automatic1111_clients_defaults_are_accepted(client):
+    """What sdwebuiapi and AUTOMATIC1111's own UI send by default for the fields kiln refuses otherwise."""
+    defaults = {"s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "s_min_uncond": 0, "refiner_checkpoint": None,
+                "refiner_switch_at": None, "initial_noise_multiplier": None, "save_images": False,
+                "image_cfg_scale": 1.5}
+    assert client.post("/sdapi/v1/txt2img", json=TXT | defaults | {"steps": 1}).status_code == 200
+
+
+def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(client):
+    """What kiln has, in AUTOMATIC1111's shapes; an empty list where it has none, never an invented entry."""
+    for name in ("sd-vae", "loras", "prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models",
+                 "extensions", "latent-upscale-modes"):
+        response = client.get(f"/sdapi/v1/{name}")
+        assert response.status_code == 200 and response.json() == [], name
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None"]
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+    assert {(s["name"], s["is_alwayson"], s["is_img2img"]) for s in client.get("/sdapi/v1/script-info").json()} == {
+        ("controlnet", True, False), ("controlnet", True, True)}
+    memory = client.get("/sdapi/v1/memory").json()
+    assert memory["ram"]["total"] >= memory["ram"]["used"] > 0 and "error" in memory["cuda"]
+    for name in ("refresh-checkpoints", "refresh-vae", "refresh-loras"):
+        assert client.post(f"/sdapi/v1/{name}").status_code == 200
+    assert client.get("/controlnet/version").json() == {"version": 2}
+    assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 4}
+
+
+def test_sdnext_integer_sampler_index_is_the_position_in_the_samplers_list(client):
+    names = [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
+    body = TXT | {"steps": 2, "sampler_index": names.index("DDIM")}
+    body.pop("sampler_name", None)
+    info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
+    assert info["sampler_name"] == "DDIM"
+    refused = client.post("/sdapi/v1/txt2img", json=body | {"sampler_index": len(names)})
+    assert refused.status_code == 404 and "index" in refused.text
 
 
 def test_health_and_metrics(client):

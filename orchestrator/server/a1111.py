@@ -45,8 +45,15 @@ def default_options() -> dict:
 
 # -- sampler names ---------------------------------------------------------------------------------
 def sampler_name(body: schemas.Txt2ImgBody) -> str:
-    """sampler_name (or the old sampler_index, or an alias such as k_euler_a) + scheduler -> one of SAMPLERS."""
-    name = body.sampler_name or body.sampler_index or "Euler a"
+    """sampler_name (or the old sampler_index, or an alias such as k_euler_a) + scheduler -> one of SAMPLERS.
+    SD.Next's integer sampler_index is the position in /sdapi/v1/samplers (SAMPLERS' order)."""
+    index = body.sampler_index
+    if isinstance(index, int) and not isinstance(index, bool):
+        if not 0 <= index < len(SAMPLERS):
+            raise UnknownSampler(f"Sampler not found: index {index}; /sdapi/v1/samplers lists {len(SAMPLERS)} "
+                                 f"(0 to {len(SAMPLERS) - 1})")
+        index = list(SAMPLERS)[index]
+    name = body.sampler_name or index or "Euler a"
     resolved = ALIAS_TO_SAMPLER.get(name.lower())
     if resolved is None:
         raise UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}")

@@ -15,7 +15,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.security import SecurityMiddleware
 from orchestrator.server.a1111 import default_options
 from orchestrator.server.errors import install_error_handlers
-from orchestrator.server.routes import controlnet, health, sdapi, tasks, vit
+from orchestrator.server.routes import controlnet, health, listings, sdapi, tasks, vit
 from orchestrator.server.settings import Settings
 
 
@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=True)
     install_error_handlers(app)
-    for family in (sdapi, controlnet, tasks, vit, health):
+    for family in (sdapi, controlnet, tasks, vit, health, listings):
         app.include_router(family.router)
+    app.include_router(listings.controlnet)
     return app
