@@ -81,6 +81,8 @@ class Txt2ImgBody(BaseModel):
     refiner_checkpoint: str | None = None
     refiner_switch_at: float | None = None
     initial_noise_multiplier: float | None = None
+    force_task_id: str | None = Field(None, min_length=1, max_length=128,
+                                      description="the task id to give this job (progress?id_task= follows it)")
 
     @model_validator(mode="after")
     def _unsupported(self):

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import KilnError, ServerError
+from kiln.errors import InputError, KilnError, ServerError
 from orchestrator.batching import StepBatcher
 from orchestrator.metrics import Metrics
 from orchestrator.pipeline import Cancelled, Limits, Pipeline, Txt2ImgRequest, check_job, with_seeds
@@ -137,6 +137,8 @@ class JobQueue:
                 raise ServerError("the service is shutting down; not accepting new jobs")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)")
+            if job.id in self._jobs:
+                raise InputError(f"force_task_id {job.id!r} names a task this server already has")
             self._waiting.append(job)
             self._jobs[job.id] = job
             self._forget_old()
@@ -266,14 +268,17 @@ class Engine:
             return self._pipeline
 
     def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,
-               context: dict[str, Any] | None = None) -> Job:
-        """Validate against the served pipeline (InputError before anything is queued), then queue."""
+               context: dict[str, Any] | None = None, job_id: str | None = None) -> Job:
+        """Validate against the served pipeline (InputError before anything is queued), then queue. `job_id`:
+        the caller's id for the job (AUTOMATIC1111's force_task_id); one the queue knows is refused."""
         pipeline = self.pipeline()
         check_job(request, n_iter, pipeline.limits)
         pipeline.check(request)
         request = with_seeds(request)  # drawn once: n_iter chains from them
-        return self.queue.submit(Job(kind=kind, request=request, n_iter=n_iter, client_id=client_id,
-                                     context=context or {}))
+        job = Job(kind=kind, request=request, n_iter=n_iter, client_id=client_id, context=context or {})
+        if job_id is not None:
+            job.id = job_id
+        return self.queue.submit(job)
 
     def _run_job(self, job: Job) -> None:
         pipeline = self.pipeline()

@@ -366,6 +366,17 @@ def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(c
     assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 4}
 
 
+def test_force_task_id_names_the_task_and_an_unknown_task_is_not_another(client):
+    forced = f"task(kiln-{time.time_ns()})"
+    assert client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 1, "force_task_id": forced}).status_code == 200
+    progress = client.get("/sdapi/v1/progress", params={"id_task": forced})
+    assert progress.status_code == 200 and progress.json()["state"]["job"] == f"task({forced})"
+    again = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 1, "force_task_id": forced})
+    assert again.status_code == 422 and "already has" in again.text
+    unknown = client.get("/sdapi/v1/progress", params={"id_task": "task(never-submitted)"})
+    assert unknown.status_code == 404 and "unknown task" in unknown.text
+
+
 def test_sdnext_integer_sampler_index_is_the_position_in_the_samplers_list(client):
     names = [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
     body = TXT | {"steps": 2, "sampler_index": names.index("DDIM")}

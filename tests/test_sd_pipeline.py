@@ -149,6 +149,21 @@ def test_bad_requests_are_clear_errors(local, field, value, message):
     assert ok.images.shape == (1, 64, 64, 3)
 
 
+def test_plms_runs_at_every_step_count_with_one_unet_call_per_step_and_one_more(local):
+    """PNDM is AUTOMATIC1111's PLMS (no Runge-Kutta warm-up): 1, 2, 3 steps run; N > 1 steps are N + 1 UNet calls
+    (the first step evaluates twice), not the warm-up's 13 calls for 4 steps."""
+    for steps in (1, 2, 3, 8):
+        calls = []
+
+        def counting(graph, inputs, calls=calls):
+            calls.append(len(inputs["sample"]))
+            return graph(inputs)
+
+        result = local.txt2img(Txt2ImgRequest(prompt="a cat", steps=steps, sampler="PNDM", cfg_scale=1.0, seed=2,
+                                              width=64, height=64), unet_call=counting)
+        assert len(calls) == (steps + 1 if steps > 1 else 1) and result.images.shape == (1, 64, 64, 3), steps
+
+
 def test_progress_and_cancellation(local):
     seen = []
     local.txt2img(Txt2ImgRequest(prompt="a cat", steps=3, seed=1, width=64, height=64),

@@ -35,7 +35,9 @@ SAMPLERS = {
     "Heun": Sampler("HeunDiscreteScheduler"),
     "DDIM": Sampler("DDIMScheduler"),
     "DDPM": Sampler("DDPMScheduler"),
-    "PNDM": Sampler("PNDMScheduler"),
+    # AUTOMATIC1111's PLMS and diffusers' SD pipelines (the checkpoint's config says so): linear multistep alone, no
+    # Runge-Kutta warm-up (which tripled the UNet calls of a short run and could not run under 4 steps)
+    "PNDM": Sampler("PNDMScheduler", {"skip_prk_steps": True}),
     "LMS": Sampler("LMSDiscreteScheduler"),
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),

@@ -40,7 +40,7 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
                                                   request.app.state.options, served.limits)
     return await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
-        context={"family": family, "body": body, "ignored": ignored}))
+        context={"family": family, "body": body, "ignored": ignored}, job_id=body.force_task_id))
 
 
 def own(request: Request, job: Job | None, family: str) -> bool:

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.contract import SD_UNET
-from kiln.errors import KilnError
+from kiln.errors import KilnError, NotFoundError
 from kiln.infotext import read_png_info
 from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
@@ -55,6 +55,8 @@ async def img2img(request: Request, body: schemas.Img2ImgBody):
 async def progress(request: Request, skip_current_image: bool = False,
                    id_task: str | None = Query(None, description="a task id; default: the oldest running job")):
     job = engine(request).queue.get(id_task) if id_task else None
+    if id_task and not own(request, job, "sdapi"):  # never another task's progress in its place
+        raise NotFoundError(f"unknown task {id_task!r} (finished tasks are forgotten after a while)")
     if job is None:
         running = sorted(own_running(request), key=lambda j: j.started or 0)
         job = running[0] if running else None
