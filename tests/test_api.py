@@ -236,6 +236,12 @@ BAD = [
     ({"refiner_checkpoint": "sdxl_refiner", "refiner_switch_at": 0.8}, 422, "refiner_checkpoint"),
     ({"initial_noise_multiplier": 0.9}, 422, "initial_noise_multiplier"),
     ({"save_images": True}, 422, "save_images"),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "control_mode": "My prompt is more "
+                                                    "important"}]}}}, 422, "control_mode"),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "resize_mode": "Resize and Fill"}]}}},
+     422, "Resize and Fill is not supported"),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "module": "canny",
+                                                    "pixel_perfect": True}]}}}, 422, "pixel_perfect"),
     ({"enable_hr": True}, 422, "enable_hr"),
     ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, 404, "sd_model_checkpoint"),
     ({"alwayson_scripts": {"adetailer": {"args": []}}}, 422, "adetailer"),
@@ -337,6 +343,24 @@ def test_listing_endpoints(client):
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert "/sdapi/v1/txt2img" in client.get("/openapi.json").json()["paths"]
+
+
+def test_controlnet_resize_modes_shape_the_control_image(client):
+    """sd-webui-controlnet's resize modes on a wide control image: Crop and Resize (its default) keeps the aspect,
+    Just Resize stretches; the two give different images, and the default is Crop and Resize."""
+    wide = _b64(_png(size=(128, 48)))
+
+    def image(**unit) -> bytes:  # the pixels (the PNG's infotext names the unit's settings)
+        body = TXT | {"steps": 2, "seed": 5, "alwayson_scripts": {"controlnet": {"args": [{"image": wide} | unit]}}}
+        response = client.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        return Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).tobytes()
+
+    crop, stretch = image(resize_mode="Crop and Resize"), image(resize_mode="Just Resize")
+    assert crop != stretch, "crop vs stretch"
+    assert image(resize_mode=1) == crop, "1 vs Crop and Resize"
+    assert image() == crop, "default vs Crop and Resize"
+    assert image(control_mode="Balanced", processor_res=512, pixel_perfect=False) == crop  # the defaults clients send
 
 
 def test_automatic1111_clients_defaults_are_accepted(client):

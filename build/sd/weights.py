@@ -171,10 +171,12 @@ def random_controlnet(size: str = "tiny", seed: int = 3):
     _seeded(seed)
     control = ControlNetModel(**ARCHITECTURES[size].controlnet)
     # ControlNet's output convolutions start at zero (so training starts from the plain UNet); random ones
-    # make its residuals non-zero, as a trained ControlNet's are (diffusers' own pipeline tests do the same).
+    # make its residuals non-zero, as a trained ControlNet's are (diffusers' own pipeline tests do the same). The
+    # control image's embedding ends in a zero convolution too: random, or the image would not matter at all.
     for conv in [*control.controlnet_down_blocks, control.controlnet_mid_block]:
         torch.nn.init.normal_(conv.weight, std=0.1)
         torch.nn.init.constant_(conv.bias, 0.1)
+    torch.nn.init.normal_(control.controlnet_cond_embedding.conv_out.weight, std=0.1)
     return control.eval()
 
 

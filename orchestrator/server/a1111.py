@@ -99,7 +99,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict,
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength,
-                  controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels))
+                  controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height))
     if not isinstance(body, schemas.Img2ImgBody):
         return Txt2ImgRequest(**fields), ignored
     if len(body.init_images) != 1:
@@ -118,8 +118,36 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict,
                           inpaint_full_res_padding=body.inpaint_full_res_padding), ignored
 
 
-def controlnet_units(scripts: dict, max_pixels: int) -> tuple[ControlNetUnit, ...] | None:
-    """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit with an image, in order."""
+# sd-webui-controlnet's resize modes for the control image, by number and by name
+CONTROL_RESIZE = {0: 0, 1: 1, 2: 2, "just resize": 0, "crop and resize": 1, "scale to fit (inner fit)": 1,
+                  "inner fit (scale to fit)": 1, "resize and fill": 2, "envelope (outer fit)": 2,
+                  "outer fit (shrink to fit)": 2}
+CONTROL_MODES = {0: 0, "balanced": 0, 1: 1, "my prompt is more important": 1, 2: 2, "controlnet is more important": 2}
+
+
+def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> int:
+    """A unit's resize mode (sd-webui-controlnet's default: crop and resize); what kiln does not run is refused."""
+    key = unit.resize_mode.lower() if isinstance(unit.resize_mode, str) else unit.resize_mode
+    mode = 1 if unit.resize_mode is None else CONTROL_RESIZE.get(key)
+    if mode is None:
+        raise InputError(f"{where}.resize_mode {unit.resize_mode!r} is not one of sd-webui-controlnet's: Just Resize, "
+                         "Crop and Resize, Resize and Fill (or 0, 1, 2)")
+    if mode == 2:
+        raise InputError(f"{where}.resize_mode: Resize and Fill is not supported for control images; use Just "
+                         "Resize or Crop and Resize")
+    control_mode = CONTROL_MODES.get(unit.control_mode.lower() if isinstance(unit.control_mode, str)
+                                     else unit.control_mode)
+    if control_mode != 0:
+        raise InputError(f"{where}.control_mode {unit.control_mode!r} is not supported: only Balanced (0)")
+    if unit.module.lower() != "none" and (unit.pixel_perfect or unit.processor_res not in (512, -1)):
+        raise InputError(f"{where}: pixel_perfect and processor_res are not supported: the {unit.module} "
+                         "preprocessor runs at the generation's size")
+    return mode
+
+
+def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) -> tuple[ControlNetUnit, ...] | None:
+    """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit with an image, in order, its image
+    fitted to width x height by the unit's resize mode."""
     if not scripts:
         return None
     unknown = sorted(k for k in scripts if k.lower() != "controlnet")
@@ -144,7 +172,9 @@ def controlnet_units(scripts: dict, max_pixels: int) -> tuple[ControlNetUnit, ..
         for name in ("threshold_a", "threshold_b"):
             if unit.module.lower() == "canny" and getattr(unit, name) != int(getattr(unit, name)):
                 raise InputError(f"{where}.{name} must be an integer")
-        result.append(ControlNetUnit(image=decode_b64_image(image, f"{where}.image", max_pixels),
+        resize = _unit_options(unit, where)
+        data = decode_b64_image(image, f"{where}.image", max_pixels)
+        result.append(ControlNetUnit(image=resize_init_image(data, width, height, resize) if resize else data,
                                      module=unit.module.lower(), weight=unit.weight,
                                      guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
                                      low_threshold=int(unit.threshold_a), high_threshold=int(unit.threshold_b),
