@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks.load import machine, machine_line, write_results
+from build.repository import SITE_PREAMBLE
 
 MODEL = "transport_probe"
 SHAPES = {  # name -> (rows, latent channels, latent side, text tokens, hidden)
@@ -34,13 +35,7 @@ BASELINE = "network"
 
 PROBE = '''"""transport_probe: sd_unet's interface, noise_pred = sample (written by `kiln bench transport`)."""
 
-import os
-import site
-
-for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
-    if _path:
-        site.addsitedir(_path)
-
+''' + SITE_PREAMBLE + '''
 import numpy as np
 import triton_python_backend_utils as pb_utils
 

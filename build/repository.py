@@ -15,19 +15,23 @@ from build.triton_config import ModelConfig
 from kiln.errors import ConfigError
 from kiln.paths import DEFAULT_REPOSITORY
 
-RUNTIME_MODEL = '''"""{name}: an artifact on ONNX Runtime or OpenVINO inside Triton's Python backend.
-
-Written by `kiln build` from one template (build/repository.py): the model is kiln.runtime.model.RuntimeModel,
-configured by this folder's config.pbtxt.
-"""
-
-import os
+# What every generated model.py starts with: the stub runs isolated, so it puts this environment's folders on its
+# path itself (kiln/triton_server.py; the hand-written models in model_repository/ carry the same lines).
+SITE_PREAMBLE = '''import os
 import site
 
 for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
+'''
 
+RUNTIME_MODEL = '''"""{name}: an artifact on ONNX Runtime, OpenVINO or torch inside Triton's Python backend.
+
+Written by `kiln build` from one template (build/repository.py): the model is kiln.runtime.model.RuntimeModel,
+configured by this folder's config.pbtxt.
+"""
+
+''' + SITE_PREAMBLE + '''
 from kiln.runtime.model import RuntimeModel as TritonPythonModel  # noqa: F401 - Triton looks the class up by name
 '''
 

@@ -7,6 +7,7 @@ in process). It holds no weights and reads no other file. No model name is writt
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -169,6 +170,7 @@ class SDContract:
                               "with `kiln build sd`") from None
 
 
+@functools.cache
 def model_config_messages():
     """Triton's model-config protobuf module (tritonclient.grpc.model_config_pb2). Where grpcio is missing (a machine
     that reads and writes configs but calls Triton otherwise), its file is loaded alone: it needs protobuf only."""

@@ -186,16 +186,11 @@ def pad_to_same_chunks(tokenizer, *prompts: PromptTokens) -> list[np.ndarray]:
             for p in prompts]
 
 
-def tokenize_batch(tokenizer, prompts: list[str], max_chunks: int = MAX_CHUNKS) -> tuple[np.ndarray, int]:
-    """All prompts of one request (a prompt and its negative prompt) as ids (len(prompts) * chunks, 77), padded to
-    the same number of chunks, and that number; more than `max_chunks` chunks is an InputError naming the count."""
-    ids, _, chunks = tokenize_weighted_batch(tokenizer, prompts, max_chunks)
-    return ids, chunks
-
-
 def tokenize_weighted_batch(tokenizer, prompts: list[str],
                             max_chunks: int = MAX_CHUNKS) -> tuple[np.ndarray, np.ndarray, int]:
-    """tokenize_batch, with each position's emphasis weight (len(prompts) * chunks, 77) float32."""
+    """All prompts of one request (a prompt and its negative prompt) as ids (len(prompts) * chunks, 77), padded to
+    the same number of chunks, each position's emphasis weight (same shape, float32) and that number of chunks;
+    more than `max_chunks` chunks is an InputError naming the count."""
     tokens = [tokenize_prompt(tokenizer, p) for p in prompts]
     longest = max(t.chunks for t in tokens)
     if longest > max_chunks:
