@@ -244,6 +244,8 @@ BAD = [
                                                     "pixel_perfect": True}]}}}, 422, "pixel_perfect"),
     ({"enable_hr": True}, 422, "enable_hr"),
     ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, 404, "sd_model_checkpoint"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, 422, "override_settings.CLIP_stop_at_last_layers 2"),
+    ({"override_settings": {"outdir_samples": "/tmp"}}, 422, "override_settings.outdir_samples is not a setting"),
     ({"alwayson_scripts": {"adetailer": {"args": []}}}, 422, "adetailer"),
 ]
 
@@ -338,6 +340,14 @@ def test_listing_endpoints(client):
     assert client.post("/sdapi/v1/options", json={"eta_ddim": "lots"}).status_code == 422
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 404
     client.post("/sdapi/v1/options", json={"eta_ddim": 0.0})
+    # A setting kiln does not act on is refused, not stored and ignored; one that already holds is fine.
+    refused = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
+    assert refused.status_code == 422 and "CLIP_stop_at_last_layers 2 is not supported" in refused.text
+    assert client.post("/sdapi/v1/options", json={"outdir_samples": "/tmp"}).status_code == 422
+    assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+    assert client.post("/sdapi/v1/options", json=client.get("/sdapi/v1/options").json()).status_code == 200
+    held = TXT | {"steps": 1, "override_settings": {"CLIP_stop_at_last_layers": 1, "samples_format": "png"}}
+    assert client.post("/sdapi/v1/txt2img", json=held).status_code == 200
     flags = client.get("/sdapi/v1/cmd-flags").json()
     assert flags["api"] is True and flags["listen"] is False
     docs = client.get("/docs")

@@ -34,7 +34,20 @@ ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.ite
 SCHEDULER_SUFFIX = {"automatic": "", "uniform": "", "karras": " Karras"}
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
                 "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str}
-APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim")  # override_settings honoured; others are reported ignored
+APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim")  # what one request's override_settings can change
+APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
+
+
+def check_setting(key: str, value: Any, options: dict, applied: tuple[str, ...], where: str) -> None:
+    """A setting (POST /sdapi/v1/options, a request's override_settings) this server acts on: one it applies, or
+    one that already holds the value asked for (samples_format "png", CLIP_stop_at_last_layers 1, ...). Anything
+    else is refused by name, never stored and ignored."""
+    if key in applied:
+        return
+    if key not in options:
+        raise InputError(f"{where}{key} is not a setting this server has; it has {', '.join(sorted(options))}")
+    if value != options[key]:
+        raise InputError(f"{where}{key} {value!r} is not supported by this server: it runs {options[key]!r}")
 
 
 def default_options() -> dict:
@@ -86,11 +99,10 @@ def check_checkpoint(name: str, contract: SDContract, what: str) -> None:
         raise NotFoundError(f"{what} {name!r}: no such model; this server serves {contract.title!r}")
 
 
-def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict,
-               limits: Limits) -> tuple[Txt2ImgRequest, list[str]]:
-    """An AUTOMATIC1111 body as the pipeline's request (its checks run in the pipeline's validation, once), and the
-    override_settings this server did not apply."""
-    ignored = sorted(k for k in body.override_settings if k not in APPLIED_OVERRIDES)
+def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, limits: Limits) -> Txt2ImgRequest:
+    """An AUTOMATIC1111 body as the pipeline's request (its checks run in the pipeline's validation, once)."""
+    for key, value in body.override_settings.items():
+        check_setting(key, value, options, APPLIED_OVERRIDES, "override_settings.")
     checkpoint = body.override_settings.get("sd_model_checkpoint")
     if checkpoint:
         check_checkpoint(checkpoint, contract, "override_settings.sd_model_checkpoint")
@@ -101,7 +113,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict,
                   subseed_strength=body.subseed_strength,
                   controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height))
     if not isinstance(body, schemas.Img2ImgBody):
-        return Txt2ImgRequest(**fields), ignored
+        return Txt2ImgRequest(**fields)
     if len(body.init_images) != 1:
         raise InputError(f"init_images must hold exactly one image, got {len(body.init_images)}")
     init = decode_b64_image(body.init_images[0], "init_images[0]", limits.max_image_pixels)
@@ -115,7 +127,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict,
     return Img2ImgRequest(**fields, init_image=init, denoising_strength=body.denoising_strength, mask=mask,
                           mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
-                          inpaint_full_res_padding=body.inpaint_full_res_padding), ignored
+                          inpaint_full_res_padding=body.inpaint_full_res_padding)
 
 
 # sd-webui-controlnet's resize modes for the control image, by number and by name
@@ -183,7 +195,7 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) ->
 
 
 # -- a finished job -> AUTOMATIC1111's response ------------------------------------------------------
-def to_response(job: Job, body: schemas.Txt2ImgBody, ignored: list[str]) -> dict:
+def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
     """AUTOMATIC1111's response: images (PNG with the infotext chunk), parameters (the request), info (JSON)."""
     infos = job.infos
     first = infos[0] if infos else {}
@@ -201,7 +213,7 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, ignored: list[str]) -> dict
         "index_of_first_image": 0, "infotexts": [parameters_text(i) for i in infos], "styles": [], "clip_skip": 1,
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
         "is_using_inpainting_conditioning": False, "version": "kiln-0.1.0",
-        "interrupted": job.interrupted, "ignored_override_settings": ignored,
+        "interrupted": job.interrupted,
     }
     images = [base64.b64encode(encode_png(image, {"parameters": parameters_text(i)})).decode()
               for image, i in zip(job.images, infos)] if body.send_images else []
@@ -225,5 +237,6 @@ def updated_options(options: dict, body: dict[str, Any], contract: SDContract | 
             check_checkpoint(value, contract, "sd_model_checkpoint")
         if key.startswith("_"):
             raise InputError(f"option {key} is not settable")
+        check_setting(key, value, options, APPLIED_OPTIONS, "option ")
         updates[key] = value
     return updates

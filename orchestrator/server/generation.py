@@ -1,5 +1,5 @@
 """What the AUTOMATIC1111 routes and the task routes share: submitting a body as a job, waiting for it, and
-answering with it. A job keeps its body, route family and ignored settings in its `context`."""
+answering with it. A job keeps its body and route family in its `context`."""
 
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ def client_id(request: Request) -> str | None:
 async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family: str) -> Job:
     """Translate, validate (once, in the engine) and queue an AUTOMATIC1111 body; `family`: sdapi or tasks."""
     served = await pipeline(request)
-    generation, ignored = await run_in_threadpool(a1111.to_request, body, served.contract,
+    generation = await run_in_threadpool(a1111.to_request, body, served.contract,
                                                   request.app.state.options, served.limits)
     return await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
-        context={"family": family, "body": body, "ignored": ignored}, job_id=body.force_task_id))
+        context={"family": family, "body": body}, job_id=body.force_task_id))
 
 
 def own(request: Request, job: Job | None, family: str) -> bool:
@@ -70,7 +70,7 @@ async def wait_for(request: Request, job: Job, timeout_s: float) -> None:
 def response(job: Job) -> dict:
     """A finished job's AUTOMATIC1111 response; a cancelled one is 409, a failed one its error's status."""
     if job.status == Status.DONE:
-        return a1111.to_response(job, job.context["body"], job.context["ignored"])
+        return a1111.to_response(job, job.context["body"])
     if job.status == Status.CANCELLED:
         raise APIError(409, "cancelled", str(job.error or "the job was cancelled"))
     raise api_error(job.error) if job.error is not None else APIError(500, "generation_failed", "the job failed")

@@ -25,7 +25,7 @@ def task_state(request: Request, job: Job) -> dict:
              "iteration": job.iteration, "n_iter": job.n_iter, "step": job.step, "steps": job.steps,
              "eta_seconds": job.eta_seconds(), "error": str(job.error) if job.error else None, "result": None}
     if job.status == Status.DONE:
-        state["result"] = a1111.to_response(job, job.context["body"], job.context["ignored"])
+        state["result"] = a1111.to_response(job, job.context["body"])
     return state
 
 
