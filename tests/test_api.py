@@ -246,6 +246,8 @@ BAD = [
     ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, 404, "sd_model_checkpoint"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, 422, "override_settings.CLIP_stop_at_last_layers 2"),
     ({"override_settings": {"outdir_samples": "/tmp"}}, 422, "override_settings.outdir_samples is not a setting"),
+    ({"override_settings": {"eta_ddim": 0.3}, "override_settings_restore_afterwards": False}, 422,
+     "override_settings_restore_afterwards"),
     ({"alwayson_scripts": {"adetailer": {"args": []}}}, 422, "adetailer"),
 ]
 
@@ -371,6 +373,14 @@ def test_controlnet_resize_modes_shape_the_control_image(client):
     assert image(resize_mode=1) == crop, "1 vs Crop and Resize"
     assert image() == crop, "default vs Crop and Resize"
     assert image(control_mode="Balanced", processor_res=512, pixel_perfect=False) == crop  # the defaults clients send
+
+
+def test_include_init_images_echoes_them_in_parameters(client):
+    init = _b64(_png())
+    body = TXT | {"steps": 1, "init_images": [init], "denoising_strength": 0.5}
+    plain = client.post("/sdapi/v1/img2img", json=body).json()["parameters"]
+    echoed = client.post("/sdapi/v1/img2img", json=body | {"include_init_images": True}).json()["parameters"]
+    assert "init_images" not in plain and echoed["init_images"] == [init] and echoed["mask"] is None
 
 
 def test_automatic1111_clients_defaults_are_accepted(client):

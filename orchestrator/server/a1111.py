@@ -217,7 +217,9 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
     }
     images = [base64.b64encode(encode_png(image, {"parameters": parameters_text(i)})).decode()
               for image, i in zip(job.images, infos)] if body.send_images else []
-    parameters = body.model_dump(exclude={"init_images", "mask", "alwayson_scripts"})
+    # AUTOMATIC1111 echoes the init images and the mask in `parameters` only when include_init_images asks for them.
+    images_too = getattr(body, "include_init_images", False)
+    parameters = body.model_dump(exclude={"alwayson_scripts"} | (set() if images_too else {"init_images", "mask"}))
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
 
