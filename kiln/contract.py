@@ -90,6 +90,9 @@ class SDContract:
     variant: str = "onnxruntime-fp32"  # what the served models run
     controlnets: tuple[ServedControlNet, ...] = ()  # in build order; the first is the default
     max_prompt_chunks: int = 8  # 75-token chunks a prompt may have
+    # Layers the text encoder serves for AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers 1..this); 0: a build
+    # before clip skip, whose text encoder serves its last layer only
+    clip_skip_layers: int = 0
     unet_max_batch: int = 16  # rows one sd_unet call may take (a native OpenVINO sd_unet has max_batch_size 0)
     # Row counts sd_unet replays from CUDA graphs ("2,4,8,16"; torch on CUDA), captured at these input shapes (JSON,
     # the build's optimal size): the step batcher pads a call of those per-row shapes to the next bucket

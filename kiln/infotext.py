@@ -23,6 +23,7 @@ def parameters_text(info: dict) -> str:
     fields = [("Steps", info.get("steps")), ("Sampler", info.get("sampler")), ("CFG scale", info.get("cfg_scale")),
               ("Seed", info.get("seed")), ("Size", f"{info.get('width')}x{info.get('height')}"),
               ("Model hash", info.get("model_hash")), ("Model", info.get("model")),
+              ("Clip skip", info.get("clip_skip")),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Denoising strength", info.get("denoising_strength")),
               ("Mask blur", info.get("mask_blur")),

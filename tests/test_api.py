@@ -244,7 +244,8 @@ BAD = [
                                                     "pixel_perfect": True}]}}}, 422, "pixel_perfect"),
     ({"enable_hr": True}, 422, "enable_hr"),
     ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, 404, "sd_model_checkpoint"),
-    ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, 422, "override_settings.CLIP_stop_at_last_layers 2"),
+    ({"override_settings": {"CLIP_stop_at_last_layers": 9}}, 422, "CLIP_stop_at_last_layers) must be 1 to 5"),
+    ({"override_settings": {"samples_format": "jpg"}}, 422, "override_settings.samples_format 'jpg' is not supported"),
     ({"override_settings": {"outdir_samples": "/tmp"}}, 422, "override_settings.outdir_samples is not a setting"),
     ({"override_settings": {"eta_ddim": 0.3}, "override_settings_restore_afterwards": False}, 422,
      "override_settings_restore_afterwards"),
@@ -343,10 +344,10 @@ def test_listing_endpoints(client):
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 404
     client.post("/sdapi/v1/options", json={"eta_ddim": 0.0})
     # A setting kiln does not act on is refused, not stored and ignored; one that already holds is fine.
-    refused = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2})
-    assert refused.status_code == 422 and "CLIP_stop_at_last_layers 2 is not supported" in refused.text
+    refused = client.post("/sdapi/v1/options", json={"samples_format": "webp"})
+    assert refused.status_code == 422 and "samples_format 'webp' is not supported" in refused.text
     assert client.post("/sdapi/v1/options", json={"outdir_samples": "/tmp"}).status_code == 422
-    assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1
+    assert client.get("/sdapi/v1/options").json()["samples_format"] == "png"
     assert client.post("/sdapi/v1/options", json=client.get("/sdapi/v1/options").json()).status_code == 200
     held = TXT | {"steps": 1, "override_settings": {"CLIP_stop_at_last_layers": 1, "samples_format": "png"}}
     assert client.post("/sdapi/v1/txt2img", json=held).status_code == 200
@@ -355,6 +356,29 @@ def test_listing_endpoints(client):
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert "/sdapi/v1/txt2img" in client.get("/openapi.json").json()["paths"]
+
+
+def test_clip_skip_from_options_and_override_settings(client):
+    """CLIP_stop_at_last_layers is applied (the text encoder serves every layer): 2 changes the image and the
+    infotext says so, an override applies to its request only, and a layer the encoder lacks is refused."""
+    def generate(**extra) -> tuple[bytes, str]:
+        response = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 2, "seed": 9} | extra)
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+        return image.tobytes(), image.info["parameters"]
+
+    last, text = generate()
+    skipped, skipped_text = generate(override_settings={"CLIP_stop_at_last_layers": 2})
+    assert skipped != last and "Clip skip: 2" in skipped_text and "Clip skip" not in text
+    assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 1  # the override was one request's
+    try:
+        assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2}).status_code == 200
+        assert generate()[0] == skipped
+        too_deep = client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 6})
+        assert too_deep.status_code == 422 and "must be 1 to 5" in too_deep.text
+    finally:
+        client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+    assert generate()[0] == last
 
 
 def test_controlnet_resize_modes_shape_the_control_image(client):

@@ -118,6 +118,35 @@ def test_emphasis_of_one_is_the_plain_prompt_and_other_weights_change_the_image(
         assert _max_diff(image(other), plain) > 0, other
 
 
+@pytest.mark.parametrize("clip_skip", [2, 3])
+def test_clip_skip_matches_diffusers(local, reference_pipe, clip_skip):
+    """AUTOMATIC1111's CLIP_stop_at_last_layers N is diffusers' clip_skip N - 1 (the two count differently).
+    AUTOMATIC1111 skips layers for the negative prompt too, diffusers' pipeline only for the prompt; so both
+    embeddings are made here the way diffusers' encode_prompt makes them with clip_skip (the hidden state
+    clip_skip + 1 from the end, through the final layer norm). Its own code path reaches the norm through
+    `text_model`, which transformers 5 removed."""
+    pipe, config = reference_pipe
+    pipe.scheduler = make_scheduler("Euler", config)
+
+    def embed(text: str) -> torch.Tensor:
+        ids = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip - 1 + 1)]
+        return getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm(hidden)
+
+    with torch.inference_mode():
+        positive, negative = embed("a photo of a cat"), embed("blurry")
+    expected = _as_uint8(pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=4,
+                              guidance_scale=7.5, height=64, width=64, generator=torch.Generator().manual_seed(5),
+                              output_type="np").images)
+    request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=4, sampler="Euler",
+                             cfg_scale=7.5, seed=5, width=64, height=64, clip_skip=clip_skip)
+    result = local.txt2img(request)
+    assert _max_diff(result.images, expected) <= 2
+    assert _max_diff(result.images, local.txt2img(replace(request, clip_skip=1)).images) > 2  # it matters
+    assert result.info["clip_skip"] == clip_skip
+
+
 def test_seeds_follow_automatic1111(local):
     pair = local.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, seed=100, batch_size=2, width=64, height=64))
     assert pair.seeds == [100, 101]
@@ -141,6 +170,8 @@ def test_long_prompts_are_chunked_not_cut(local):
     ("sampler", "Euler z", "Sampler not found.*valid samplers: Euler, Euler a"),
     ("seed", 2**32, "seed must be"),
     ("prompt", "cat " * 5000, "prompt of 20000 characters exceeds"),
+    ("clip_skip", 0, r"clip_skip \(CLIP_stop_at_last_layers\) must be 1 to 5, got 0"),
+    ("clip_skip", 6, "must be 1 to 5"),
 ])
 def test_bad_requests_are_clear_errors(local, field, value, message):
     with pytest.raises(InputError, match=message):
@@ -414,6 +445,7 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
         "txt2img": Txt2ImgRequest(**base | {"batch_size": 2, "width": 96}),
         "emphasis and BREAK": Txt2ImgRequest(**base | {"prompt": "a photo of a ((cat)) BREAK [in the] (snow:1.3)",
                                                        "negative_prompt": "(blurry:0.8)"}),
+        "clip skip": Txt2ImgRequest(**base | {"clip_skip": 3}),
         "img2img": Img2ImgRequest(**base, init_image=init_image_png, denoising_strength=0.6),
         "inpainting": Img2ImgRequest(**base, init_image=init_image_png, mask=mask_png, denoising_strength=0.9,
                                      inpainting_fill=0, overlay=True),
@@ -425,7 +457,7 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "img2img", "inpainting", "controlnet (ensemble)",
+@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "clip skip", "img2img", "inpainting", "controlnet (ensemble)",
                                   "scribble by name (its ensemble)", "two units (residuals, then the UNet)"])
 def test_triton_gives_the_in_process_images(served, local, init_image_png, mask_png, edge_map_png, case):
     """Every model call through Triton (ensembles, per-row scalars, the VAE encode ensemble): the same images."""

@@ -178,7 +178,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         scaling_factor=float(loaded.vae.config.scaling_factor), min_size=options.images.min,
         max_size=options.images.max, size_multiple=size_multiple(loaded), model_name=_model_name(loaded.source),
         model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
-        unet_max_batch=specs["unet"].max_batch_size,
+        unet_max_batch=specs["unet"].max_batch_size, clip_skip_layers=loaded.text_encoder.config.num_hidden_layers,
         **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
            else {}),
         controlnets=tuple(ServedControlNet(name=label, model=names.sd_model(name), sha256=artifacts[name]["sha256"],

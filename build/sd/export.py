@@ -21,9 +21,15 @@ def export_modules(loaded) -> dict[str, Callable]:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids):
-            out = self.model(input_ids, return_dict=False)
-            return out[0], out[1]
+        def forward(self, input_ids, clip_skip):
+            """AUTOMATIC1111's clip skip per row: the hidden state `clip_skip` layers from the end (1: the last),
+            through the final layer norm, as its FrozenCLIPEmbedder (and diffusers' `clip_skip`, counted one lower)."""
+            out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+            layers = torch.stack(out.hidden_states[1:])  # (layers, rows, tokens, hidden)
+            index = (len(out.hidden_states) - 1 - clip_skip).clamp(0, len(out.hidden_states) - 2)
+            chosen = layers[index, torch.arange(input_ids.shape[0])]
+            norm = getattr(self.model, "text_model", self.model).final_layer_norm  # transformers 5 dropped text_model
+            return norm(chosen), out.pooler_output
 
     class UNet(torch.nn.Module):
         def __init__(self, model):

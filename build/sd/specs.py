@@ -66,7 +66,9 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
     specs = {
         "text_encoder": ComponentSpec(
             name="text_encoder",
-            inputs=(TensorSpec("input_ids", "INT64", ("batch", max_len), value_range=(0, text_cfg.vocab_size)),),
+            inputs=(TensorSpec("input_ids", "INT64", ("batch", max_len), value_range=(0, text_cfg.vocab_size)),
+                    # AUTOMATIC1111's CLIP_stop_at_last_layers per row: 1 (the last layer) to every layer
+                    TensorSpec("clip_skip", "INT64", ("batch",), value_range=(1, text_cfg.num_hidden_layers + 1))),
             outputs=(TensorSpec("last_hidden_state", "FP32", ("batch", max_len, hidden)),
                      TensorSpec("pooler_output", "FP32", ("batch", hidden))),
             profile=batch, tolerances=FP32_TOLERANCE, reference_output="last_hidden_state"),

@@ -23,6 +23,9 @@ def add_parser(commands) -> None:
     generate.add_argument("--width", type=int, default=512)
     generate.add_argument("--height", type=int, default=512)
     generate.add_argument("--batch-size", type=int, default=1)
+    generate.add_argument("--clip-skip", type=int, default=1,
+                          help="AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers): 1 uses the text encoder's last "
+                               "layer, 2 the one before, ...")
     generate.add_argument("--init-image", type=Path,
                           help="img2img: start from this image (resized to --width x --height)")
     generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
@@ -100,7 +103,8 @@ def run(args) -> int:
 
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
-                  batch_size=args.batch_size, controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None)
+                  batch_size=args.batch_size, clip_skip=args.clip_skip,
+                  controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None)
     if args.init_image is not None:
         request = Img2ImgRequest(**fields, init_image=files[str(args.init_image)], denoising_strength=args.strength,
                                  mask=files.get(str(args.mask), b""), mask_blur=args.mask_blur,
@@ -137,7 +141,8 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
     # eta as the direct path runs it (the request's 0), not the server's eta_ddim option.
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                   sampler_name=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
-                  height=args.height, batch_size=args.batch_size, eta=0.0)
+                  height=args.height, batch_size=args.batch_size, eta=0.0,
+                  override_settings={"CLIP_stop_at_last_layers": args.clip_skip} if args.clip_skip != 1 else {})
     if units:
         fields["alwayson_scripts"] = {"controlnet": {"args": [
             {"enabled": True, "image": b64(u["image"]), "module": u["module"], "model": u["model"] or "None",

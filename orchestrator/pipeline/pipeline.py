@@ -67,8 +67,8 @@ class Pipeline:
         """Raise an InputError naming the bad field before any model runs."""
         check_request(request, self.contract, self.limits)
 
-    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
-        return self.components.text_encoder.encode(prompts)
+    def encode_prompts(self, prompts: list[str], clip_skip: int = 1) -> np.ndarray:
+        return self.components.text_encoder.encode(prompts, clip_skip)
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None, **hooks) -> GenerationResult:
@@ -119,7 +119,8 @@ class Pipeline:
 
         # 3. Encode the prompts: negative first, as diffusers concatenates them.
         prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
-        context = np.repeat(self.encode_prompts(prompts), batch, axis=0)  # (negative x batch, positive x batch)
+        # (negative x batch, positive x batch)
+        context = np.repeat(self.encode_prompts(prompts, request.clip_skip), batch, axis=0)
 
         # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says.
         scheduler = make_scheduler(request.sampler, contract.scheduler_config, seed=seed)
@@ -226,6 +227,8 @@ class Pipeline:
                 "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
                 "width": request.width, "height": request.height, "model": contract.model_name,
                 "model_hash": contract.model_hash or None}
+        if request.clip_skip != 1:
+            info["clip_skip"] = request.clip_skip
         if variation is not None:
             info |= {"subseed": variation[0][0], "all_subseeds": variation[0], "subseed_strength": variation[1]}
         if stopped_at is not None:

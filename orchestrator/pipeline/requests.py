@@ -46,6 +46,7 @@ class Txt2ImgRequest:
     controlnet: ControlNetUnit | tuple[ControlNetUnit, ...] | None = None  # one unit, or several (summed residuals)
     subseed: int = -1  # variation seed (AUTOMATIC1111): its noise is mixed in by subseed_strength
     subseed_strength: float = 0.0  # 0: the seed's noise alone; 1: the subseed's alone
+    clip_skip: int = 1  # AUTOMATIC1111's CLIP_stop_at_last_layers: the text encoder layer, counted from the end
 
     @property
     def controlnet_units(self) -> tuple[ControlNetUnit, ...]:

@@ -62,6 +62,10 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             raise InputError(f"{name} must be -1 (random) or in [0, 2^32 - 1], got {value!r}")
     _number_in("subseed_strength", request.subseed_strength, 0, 1)
     check_sampler(request.sampler)
+    if not _is_int(request.clip_skip) or not 1 <= request.clip_skip <= max(1, contract.clip_skip_layers):
+        served = f"1 to {contract.clip_skip_layers}" if contract.clip_skip_layers else \
+            "1 only (this build's text encoder serves its last layer: rebuild with `kiln build sd` for clip skip)"
+        raise InputError(f"clip_skip (CLIP_stop_at_last_layers) must be {served}, got {request.clip_skip!r}")
     _check_units(request.controlnet_units, contract, limits)
     inpainting = isinstance(request, Img2ImgRequest) and request.inpainting
     if isinstance(request, Img2ImgRequest):

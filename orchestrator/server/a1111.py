@@ -34,7 +34,8 @@ ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.ite
 SCHEDULER_SUFFIX = {"automatic": "", "uniform": "", "karras": " Karras"}
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
                 "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str}
-APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim")  # what one request's override_settings can change
+# what one request's override_settings can change
+APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers")
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
 
 
@@ -107,7 +108,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     if checkpoint:
         check_checkpoint(checkpoint, contract, "override_settings.sd_model_checkpoint")
     eta = body.eta if body.eta is not None else float(body.override_settings.get("eta_ddim", options["eta_ddim"]))
-    fields = dict(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
+    clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
+    fields = dict(clip_skip=clip_skip, prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength,
@@ -210,7 +212,8 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
         "sd_model_name": first.get("model"), "sd_model_hash": first.get("model_hash"),
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": first.get("denoising_strength"), "extra_generation_params": {},
-        "index_of_first_image": 0, "infotexts": [parameters_text(i) for i in infos], "styles": [], "clip_skip": 1,
+        "index_of_first_image": 0, "infotexts": [parameters_text(i) for i in infos], "styles": [],
+        "clip_skip": first.get("clip_skip", 1),
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
         "is_using_inpainting_conditioning": False, "version": "kiln-0.1.0",
         "interrupted": job.interrupted,
@@ -237,6 +240,10 @@ def updated_options(options: dict, body: dict[str, Any], contract: SDContract | 
                 raise InputError(f"option {key} must be a {kind.__name__}")
         if key == "sd_model_checkpoint" and contract is not None:
             check_checkpoint(value, contract, "sd_model_checkpoint")
+        if key == "CLIP_stop_at_last_layers" and contract is not None and \
+                not 1 <= value <= max(1, contract.clip_skip_layers):
+            raise InputError(f"option CLIP_stop_at_last_layers must be 1 to {max(1, contract.clip_skip_layers)} "
+                             f"(the text encoder's layers this build serves), got {value}")
         if key.startswith("_"):
             raise InputError(f"option {key} is not settable")
         check_setting(key, value, options, APPLIED_OPTIONS, "option ")

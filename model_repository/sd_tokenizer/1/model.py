@@ -4,6 +4,8 @@ All prompts of one request (a prompt and its negative prompt) are padded to the 
 chunks; `chunks` tells the caller how to fold the encoder's output back: (prompts, chunks * 77, hidden).
 `weights` is each position's emphasis ((word:1.2) and the like), which the caller applies to the
 encoder's output (kiln.prompts.apply_emphasis); syntax kiln does not run is refused by name.
+`clip_skip` (AUTOMATIC1111's CLIP_stop_at_last_layers, one per request) comes back once per row of
+ids, so that the text encoder batches requests with different clip skips.
 """
 
 import os
@@ -29,11 +31,17 @@ class TritonPythonModel:
         _, params = model_config(args)
         self.tokenizer = load_tokenizer(Path(args["model_repository"]) / args["model_version"] / "tokenizer")
         self.max_chunks = int(params["max_chunks"])
+        self.layers = int(params["clip_skip_layers"])
 
     def execute(self, requests):
         responses = []
         for request in requests:
             raw = pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().reshape(-1)
+            clip_skip = int(pb_utils.get_input_tensor_by_name(request, "clip_skip").as_numpy().reshape(-1)[0])
+            if not 1 <= clip_skip <= self.layers:
+                responses.append(error_response(f"sd_tokenizer: clip_skip {clip_skip} is outside 1 to {self.layers} "
+                                                "(the text encoder's layers)"))
+                continue
             try:
                 prompts = [p.decode("utf-8") if isinstance(p, bytes) else str(p) for p in raw]
                 ids, weights, chunks = tokenize_weighted_batch(self.tokenizer, prompts, self.max_chunks)
@@ -47,5 +55,6 @@ class TritonPythonModel:
                 pb_utils.Tensor("input_ids", ids.astype(np.int64)),
                 pb_utils.Tensor("chunks", np.array([chunks], dtype=np.int32)),
                 pb_utils.Tensor("weights", weights.astype(np.float32)),
+                pb_utils.Tensor("clip_skip", np.full(len(ids), clip_skip, dtype=np.int64)),
             ]))
         return responses

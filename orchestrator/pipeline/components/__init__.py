@@ -25,9 +25,14 @@ class Graph(Protocol):
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 
 
+CLIP_SKIP_NOT_BUILT = ("clip skip: this build's text encoder serves its last layer only (built before clip skip); "
+                       "rebuild with `kiln build sd`")
+
+
 class TextEncoder(Protocol):
-    def encode(self, prompts: Sequence[str]) -> np.ndarray:
-        """Prompts -> (len(prompts), 77 * chunks, hidden); all prompts share one chunk count."""
+    def encode(self, prompts: Sequence[str], clip_skip: int = 1) -> np.ndarray:
+        """Prompts -> (len(prompts), 77 * chunks, hidden); all prompts share one chunk count. `clip_skip`:
+        AUTOMATIC1111's CLIP_stop_at_last_layers (1: the last layer's output)."""
 
 
 class VAE(Protocol):

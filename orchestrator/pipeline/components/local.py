@@ -15,9 +15,10 @@ import numpy as np
 
 from kiln import contract as names
 from kiln.contract import SDContract, ServedControlNet, read_sd_contract, read_served
+from kiln.errors import InputError
 from kiln.imaging import to_uint8, vae_input
 from kiln.prompts import apply_emphasis, load_tokenizer, tokenize_weighted_batch
-from orchestrator.pipeline.components import Components
+from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components
 
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # inputs -> every output, by name
 REQUIRED = ("text_encoder", "unet", "vae_decoder")  # what txt2img needs
@@ -66,12 +67,18 @@ class LocalGraph:
 
 
 class LocalTextEncoder:
-    def __init__(self, tokenizer, runner: Runner, max_chunks: int) -> None:
+    def __init__(self, tokenizer, runner: Runner, max_chunks: int, clip_skip_layers: int = 0) -> None:
         self.tokenizer, self.runner, self.max_chunks = tokenizer, runner, max_chunks
+        self.clip_skip_layers = clip_skip_layers  # 0: a build before clip skip (its encoder takes input_ids only)
 
-    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+    def encode(self, prompts: Sequence[str], clip_skip: int = 1) -> np.ndarray:
         ids, weights, chunks = tokenize_weighted_batch(self.tokenizer, list(prompts), self.max_chunks)
-        hidden = apply_emphasis(self.runner({"input_ids": ids})["last_hidden_state"], weights)
+        inputs = {"input_ids": ids}
+        if self.clip_skip_layers:
+            inputs["clip_skip"] = np.full(len(ids), clip_skip, dtype=np.int64)
+        elif clip_skip != 1:
+            raise InputError(CLIP_SKIP_NOT_BUILT)
+        hidden = apply_emphasis(self.runner(inputs)["last_hidden_state"], weights)
         return hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2])
 
 
@@ -116,7 +123,8 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
     tokenizer = load_tokenizer(Path(repository) / names.SD_TOKENIZER / "1" / "tokenizer")
     return Components(
         contract=contract,
-        text_encoder=LocalTextEncoder(tokenizer, runners["text_encoder"], contract.max_prompt_chunks),
+        text_encoder=LocalTextEncoder(tokenizer, runners["text_encoder"], contract.max_prompt_chunks,
+                                      contract.clip_skip_layers),
         unet=LocalGraph(names.SD_UNET, runners["unet"]),
         vae=LocalVAE(runners["vae_decoder"], runners.get("vae_encoder")),
         unet_control=LocalGraph(names.SD_UNET_CONTROL, runners["unet_control"]) if "unet_control" in runners else None,

@@ -12,7 +12,7 @@ from kiln.contract import SDContract, ServedControlNet
 from kiln.errors import InputError, KilnError, ServerError
 from kiln.prompts import apply_emphasis
 from kiln.triton_client import TritonClient
-from orchestrator.pipeline.components import Components
+from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components
 
 _ROW_SCALARS = ("timestep", "conditioning_scale")  # (rows,) here, (rows, 1) on the wire
 
@@ -48,12 +48,17 @@ class TritonGraph:
 
 
 class TritonTextEncoder:
-    def __init__(self, client: TritonClient) -> None:
+    def __init__(self, client: TritonClient, clip_skip_layers: int = 0) -> None:
         self.client = client
+        self.clip_skip_layers = clip_skip_layers  # 0: a build before clip skip (its ensemble takes prompts only)
 
-    def encode(self, prompts: Sequence[str]) -> np.ndarray:
-        out = self.client.infer(names.SD_TEXT_ENCODE, {"prompt": np.array([p.encode() for p in prompts], dtype=object)},
-                                ["embeddings", "chunks", "weights"])
+    def encode(self, prompts: Sequence[str], clip_skip: int = 1) -> np.ndarray:
+        inputs = {"prompt": np.array([p.encode() for p in prompts], dtype=object)}
+        if self.clip_skip_layers:
+            inputs["clip_skip"] = np.array([clip_skip], dtype=np.int32)
+        elif clip_skip != 1:
+            raise InputError(CLIP_SKIP_NOT_BUILT)
+        out = self.client.infer(names.SD_TEXT_ENCODE, inputs, ["embeddings", "chunks", "weights"])
         chunks = int(out["chunks"][0])
         embeddings = apply_emphasis(out["embeddings"], out["weights"])  # (prompts * chunks, 77, hidden)
         return embeddings.reshape(len(prompts), chunks * embeddings.shape[1], embeddings.shape[2])
@@ -118,7 +123,7 @@ def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str 
     contract = read_contract(client)
     batch, channels = contract.unet_max_batch, contract.latent_channels
     controlnets = {c.name: TritonControlNet(client, c, batch, channels) for c in contract.controlnets}
-    return Components(contract=contract, text_encoder=TritonTextEncoder(client),
+    return Components(contract=contract, text_encoder=TritonTextEncoder(client, contract.clip_skip_layers),
                       unet=TritonGraph(client, names.SD_UNET, batch, out_channels=channels), vae=TritonVAE(client),
                       unet_control=TritonGraph(client, names.SD_UNET_CONTROL, batch, out_channels=channels)
                       if controlnets else None,
