@@ -3,7 +3,7 @@ and the API client (clients/api.py) builds its requests from them.
 
 Field names, defaults and meanings follow AUTOMATIC1111's API models, so its clients work
 unchanged. Unknown fields are ignored as AUTOMATIC1111 ignores them; fields asking for features
-this server does not have (hires fix, face restoration, tiling, scripts, styles) are refused
+this server does not have (face restoration, tiling, scripts, styles) are refused
 with a 422 naming the field rather than silently ignored. NaN and Infinity are refused
 everywhere.
 """
@@ -60,8 +60,20 @@ class Txt2ImgBody(BaseModel):
     eta: float | None = None
     restore_faces: bool | None = None
     tiling: bool | None = None
-    enable_hr: bool = False
-    denoising_strength: float | None = None
+    enable_hr: bool = False  # the hires fix: the hr_* fields below shape its second pass
+    denoising_strength: float | None = None  # txt2img: the hires pass's (None: AUTOMATIC1111's 0.75)
+    firstphase_width: int = 0  # the pre-1.0 hires fix's first pass size: refused unless 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None  # None: "Latent" (AUTOMATIC1111's latent_upscale_default_mode)
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None  # the served checkpoint only
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True
     script_name: str | None = None
@@ -86,7 +98,8 @@ class Txt2ImgBody(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        refuse = {"enable_hr": self.enable_hr, "restore_faces": self.restore_faces, "tiling": self.tiling,
+        refuse = {"firstphase_width": self.firstphase_width, "firstphase_height": self.firstphase_height,
+                  "restore_faces": self.restore_faces, "tiling": self.tiling,
                   "script_name": self.script_name, "styles": self.styles,
                   "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
                   "s_churn": self.s_churn != 0, "s_tmin": self.s_tmin != 0, "s_tmax": self.s_tmax not in (None, 0),
@@ -220,3 +233,83 @@ class EmbedBody(BaseModel):
     layer: int = Field(-1, ge=-12, le=11,
                        description="block whose tokens are returned: 0..11, or negative from the end")
     tokens: bool = False
+
+
+class UpscalerItem(BaseModel):
+    """AUTOMATIC1111's /sdapi/v1/upscalers entry."""
+
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
+class ExtrasBody(BaseModel):
+    """AUTOMATIC1111's ExtrasBaseRequest (modules/api/models.py): its fields, defaults and ranges. Face restoration
+    is refused (kiln has no GFPGAN or CodeFormer); the upscalers kiln.upscale names are checked there."""
+
+    model_config = STRICT
+    resize_mode: Literal[0, 1] = 0  # 0: scale by upscaling_resize; 1: to upscaling_resize_w x upscaling_resize_h
+    show_extras_results: bool = True  # AUTOMATIC1111 reads it for folder batches only: the API always answers images
+    gfpgan_visibility: float = Field(0, ge=0, le=1)
+    codeformer_visibility: float = Field(0, ge=0, le=1)
+    codeformer_weight: float = Field(0, ge=0, le=1)  # CodeFormer's, used only with codeformer_visibility > 0
+    upscaling_resize: float = Field(2, ge=1, le=8)
+    upscaling_resize_w: int = Field(512, ge=1)
+    upscaling_resize_h: int = Field(512, ge=1)
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
+    upscale_first: bool = False  # the order of upscaling and face restoration; without the latter, either is one
+
+    @model_validator(mode="after")
+    def _unsupported_extras(self):
+        for name, restorer in (("gfpgan_visibility", "GFPGAN"), ("codeformer_visibility", "CodeFormer")):
+            if getattr(self, name) > 0:
+                raise ValueError(f"{name} is not supported by this server: it has no face restorer ({restorer}); "
+                                 "send 0")
+        return self
+
+
+class ExtrasSingleImageBody(ExtrasBody):
+    image: str = Field("", description="base64 image (data: URL prefix allowed)")
+
+
+class ExtrasFileData(BaseModel):
+    model_config = STRICT
+    data: str = Field(description="base64 image (data: URL prefix allowed)")
+    name: str = Field(description="the file's name (error messages name the image by it)")
+
+
+class ExtrasBatchImagesBody(ExtrasBody):
+    imageList: list[ExtrasFileData]  # AUTOMATIC1111's name (and required there too)
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str = Field(description="the postprocessing infotext as AUTOMATIC1111's HTML paragraph")
+    image: str = Field(description="base64 PNG with the `postprocessing` text chunk")
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
+class ControlNetDetectBody(BaseModel):
+    """sd-webui-controlnet's /controlnet/detect body; -1 is its preprocessor's default for the three numbers."""
+
+    model_config = STRICT
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    controlnet_processor_res: int = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+    controlnet_masks: list[str] = Field(default_factory=list)
+    low_vram: bool = False  # a memory hint for model-based preprocessors: kiln's run on the CPU without a model
+
+
+class ControlNetDetectResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNGs: the module's map of each input image")
+    info: str

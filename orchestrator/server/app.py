@@ -15,7 +15,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.security import SecurityMiddleware
 from orchestrator.server.a1111 import default_options
 from orchestrator.server.errors import install_error_handlers
-from orchestrator.server.routes import controlnet, health, listings, sdapi, tasks, vit
+from orchestrator.server.routes import controlnet, extras, health, listings, sdapi, sdnext, tasks, vit
 from orchestrator.server.settings import Settings
 
 
@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=True)
     install_error_handlers(app)
-    for family in (sdapi, controlnet, tasks, vit, health, listings):
+    for family in (sdapi, controlnet, tasks, vit, health, listings, extras, sdnext):
         app.include_router(family.router)
     app.include_router(listings.controlnet)
     return app

@@ -1,0 +1,42 @@
+"""sd-webui-controlnet's /controlnet/detect on kiln's preprocessors (kiln.control): the map a module makes of an image,
+at the preprocessor's resolution. "none" is the image itself; "canny" resizes the image so that its short side is
+the resolution (aspect kept, as sd-webui-controlnet's resize_image_with_pad sizes it; with Lanczos, kiln's resize,
+where sd-webui-controlnet uses OpenCV's cubic/area) and runs kiln.control.canny on it."""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from kiln.control import CONTROL_MODULES, canny
+from kiln.errors import InputError
+from kiln.imaging import ImageLimits, decode_image
+
+RESOLUTION_RANGE = (64, 2048)  # sd-webui-controlnet's resolution slider
+DEFAULT_RESOLUTION = 512
+DEFAULT_THRESHOLDS = (100, 200)  # its Canny sliders' defaults (low, high)
+
+
+def processor_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The short side at `resolution`, the long one scaled with it and rounded (half to even, as numpy rounds)."""
+    k = resolution / min(width, height)
+    return round(width * k), round(height * k)
+
+
+def detect_map(data: bytes, module: str, resolution: int, low: int, high: int, max_pixels: int,
+               what: str = "image") -> Image.Image:
+    """The module's map of an encoded image (RGB); a map over `max_pixels` is refused before it is made."""
+    if module not in CONTROL_MODULES:
+        raise InputError(f"module {module!r} is not available; valid: {', '.join(CONTROL_MODULES)}")
+    try:
+        image = decode_image(data, ImageLimits(max_pixels=max_pixels, min_side=1))
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+    if module == "none":
+        return image
+    size = processor_size(image.width, image.height, resolution)
+    if size[0] * size[1] > max_pixels:
+        raise InputError(f"controlnet_processor_res {resolution} makes the {image.width}x{image.height} {what} "
+                         f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels, over the limit of {max_pixels}")
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return canny(image, low, high)

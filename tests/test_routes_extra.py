@@ -1,0 +1,285 @@
+"""AUTOMATIC1111's extras, SD.Next's connect-time routes and sd-webui-controlnet's control types and detect, over real
+HTTP: uvicorn + the real Triton (the session's tiny repository). Every image is checked against PIL's or kiln's own
+result for the same input, so a wrong size, filter or order fails."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kiln.control import canny
+from kiln.triton_server import free_port
+from orchestrator.pipeline import Limits
+from orchestrator.server.service import BackgroundAPI
+from orchestrator.server.settings import Settings
+from tests.conftest import encode, png_header_only
+
+pytestmark = pytest.mark.slow
+MAX_PIXELS = 1024 * 1024  # this module's service refuses bigger images and results
+LANCZOS, NEAREST = Image.Resampling.LANCZOS, Image.Resampling.NEAREST
+
+
+@pytest.fixture(scope="module")
+def api(triton):
+    live = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), max_queue=8, workers=4,
+                                  limits=Limits(max_steps=500, max_image_pixels=MAX_PIXELS)))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def client(api):
+    with api.client() as c:
+        yield c
+
+
+def _photo(size=(40, 24), seed=0) -> Image.Image:
+    """Noise with a few hard edges: every resampling filter gives its own pixels on it."""
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    array[size[1] // 3:, : size[0] // 2] = (250, 30, 30)
+    return Image.fromarray(array)
+
+
+def _b64(image: Image.Image, **kwargs) -> str:
+    return base64.b64encode(encode(image, **kwargs)).decode()
+
+
+def _image(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def _pixels(b64: str) -> np.ndarray:
+    return np.asarray(_image(b64).convert("RGB"))
+
+
+def _single(client, image: Image.Image, **fields):
+    return client.post("/sdapi/v1/extra-single-image", json={"image": _b64(image)} | fields)
+
+
+# -- extras -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("upscaler,resample", [("Lanczos", LANCZOS), ("Nearest", NEAREST)])
+def test_scale_by_is_pils_resize(client, upscaler, resample):
+    """Scale 2 of 40x24: the upscaler's own filter to 80x48, already a multiple of 8."""
+    photo = _photo()
+    response = _single(client, photo, upscaler_1=upscaler, upscaling_resize=2)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert np.array_equal(_pixels(body["image"]), np.asarray(photo.resize((80, 48), resample)))
+    assert body["html_info"] == f"<p>Postprocess upscale by: 2.0, Postprocess upscaler: {upscaler}</p>"
+    assert _image(body["image"]).info["postprocessing"] == "Postprocess upscale by: 2.0, Postprocess upscaler: " \
+                                                           + upscaler
+    # The two filters differ on this image (so each comparison above tells them apart).
+    assert not np.array_equal(np.asarray(photo.resize((80, 48), LANCZOS)), np.asarray(photo.resize((80, 48), NEAREST)))
+
+
+def test_scale_by_rounds_down_to_a_multiple_of_8_with_lanczos(client):
+    """AUTOMATIC1111's Upscaler.upscale: the upscaler's resize to int(side * scale), then Lanczos to the multiple of 8
+    below: 40x24 by 1.5 -> Nearest to 60x36 -> Lanczos to 56x32."""
+    photo = _photo()
+    body = _single(client, photo, upscaler_1="Nearest", upscaling_resize=1.5).json()
+    expected = photo.resize((60, 36), NEAREST).resize((56, 32), LANCZOS)
+    assert np.array_equal(_pixels(body["image"]), np.asarray(expected))
+
+
+def test_resize_to_with_and_without_crop(client):
+    """resize_mode 1: the scale that covers w x h (the larger ratio); with crop, centred on a black w x h canvas."""
+    photo = _photo()  # 40x24 -> 64x64: scale max(1.6, 2.667) = 2.667 -> 106x64 -> Lanczos 104x64
+    scaled = photo.resize((106, 64), LANCZOS).resize((104, 64), LANCZOS)
+    cropped = _single(client, photo, upscaler_1="Lanczos", resize_mode=1, upscaling_resize_w=64, upscaling_resize_h=64)
+    assert cropped.status_code == 200, cropped.text
+    canvas = Image.new("RGB", (64, 64))
+    canvas.paste(scaled, (32 - 52, 0))
+    assert np.array_equal(_pixels(cropped.json()["image"]), np.asarray(canvas))
+    assert cropped.json()["html_info"] == ("<p>Postprocess upscale to: 64x64, Postprocess crop to: 64x64, "
+                                           "Postprocess upscaler: Lanczos</p>")
+    uncropped = _single(client, photo, upscaler_1="Lanczos", resize_mode=1, upscaling_resize_w=64,
+                        upscaling_resize_h=64, upscaling_crop=False).json()
+    assert np.array_equal(_pixels(uncropped["image"]), np.asarray(scaled))  # AUTOMATIC1111 keeps the cover size
+
+
+def test_upscaler_2_is_blended_by_its_visibility(client):
+    photo = _photo()
+    body = _single(client, photo, upscaler_1="Lanczos", upscaler_2="Nearest", extras_upscaler_2_visibility=0.3).json()
+    expected = Image.blend(photo.resize((80, 48), LANCZOS), photo.resize((80, 48), NEAREST), 0.3)
+    pixels = _pixels(body["image"])
+    assert np.array_equal(pixels, np.asarray(expected))
+    assert not np.array_equal(pixels, np.asarray(photo.resize((80, 48), LANCZOS)))
+    assert "Postprocess upscaler 2: Nearest" in body["html_info"]
+
+
+def test_upscaler_none_returns_the_image_and_keeps_its_text_chunks(client):
+    """AUTOMATIC1111 skips the upscale for "None" (whatever the scale); the PNG keeps the input's `parameters`."""
+    photo = _photo()
+    from PIL import PngImagePlugin
+
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", "a cat\nSteps: 5, Seed: 1")
+    body = client.post("/sdapi/v1/extra-single-image",
+                       json={"image": _b64(photo, pnginfo=meta), "upscaling_resize": 4}).json()
+    result = _image(body["image"])
+    assert np.array_equal(np.asarray(result.convert("RGB")), np.asarray(photo))
+    assert result.info["parameters"] == "a cat\nSteps: 5, Seed: 1" and body["html_info"] == "<p></p>"
+
+
+def test_batch_upscales_every_image_in_order(client):
+    photos = [_photo(seed=1), _photo((16, 32), seed=2)]
+    body = client.post("/sdapi/v1/extra-batch-images", json={
+        "imageList": [{"data": _b64(p), "name": f"{i}.png"} for i, p in enumerate(photos)],
+        "upscaler_1": "Nearest", "upscaling_resize": 3}).json()
+    assert len(body["images"]) == 2
+    assert np.array_equal(_pixels(body["images"][0]), np.asarray(photos[0].resize((120, 72), NEAREST)))
+    assert np.array_equal(_pixels(body["images"][1]), np.asarray(photos[1].resize((48, 96), NEAREST)))
+    assert body["html_info"] == "<p>Postprocess upscale by: 3.0, Postprocess upscaler: Nearest</p>"
+
+
+@pytest.mark.parametrize("route,fields,status,needle", [
+    ("single", {"gfpgan_visibility": 0.5}, 422, "gfpgan_visibility"),
+    ("single", {"codeformer_visibility": 1}, 422, "codeformer_visibility"),
+    ("single", {"upscaler_1": "R-ESRGAN 4x+"}, 422, "upscaler_1 'R-ESRGAN 4x+' is not an upscaler of this server; "
+                                                    "valid: None, Lanczos, Nearest"),
+    ("single", {"upscaler_1": "Lanczos", "upscaler_2": "SwinIR_4x", "extras_upscaler_2_visibility": 0.5}, 422,
+     "upscaler_2 'SwinIR_4x'"),
+    ("single", {"upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.5}, 422, "upscaler_1 is \"None\""),
+    ("single", {"upscaler_1": "Lanczos", "upscaling_resize": 9}, 422, "upscaling_resize"),
+    ("single", {"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 2048, "upscaling_resize_h": 2048},
+     422, "upscaling_resize_w/upscaling_resize_h: upscaling the 40x24 image by 85.3333 resizes it to 3413x2048"),
+    ("single", {"upscaler_1": "Lanczos", "upscaling_resize": 8, "image": _b64(_photo((160, 160)))}, 422,
+     "image: upscaling_resize: upscaling the 160x160 image by 8 resizes it to 1280x1280 = 1638400 pixels, over the "
+     "limit of 1048576"),
+    ("single", {"upscaler_1": "Lanczos", "image": "not base64!"}, 422, "image: invalid base64"),
+    ("single", {"upscaler_1": "Lanczos", "image": base64.b64encode(b"GIF89a-corrupt").decode()}, 422,
+     "image: not an image"),
+    ("single", {"image": base64.b64encode(png_header_only(1100, 1000)).decode()}, 413,
+     "image: image header declares 1100x1000"),
+    ("batch", {"imageList": [{"data": _b64(_photo()), "name": "a.png"}, {"data": "%%%", "name": "b.png"}]}, 422,
+     "imageList[1].data (b.png): invalid base64"),
+    ("batch", {"imageList": [{"data": _b64(_photo()), "name": "a.png"}] * 17}, 413,
+     "imageList: 17 images; at most 16"),
+])
+def test_extras_refusals_name_the_field_and_the_server_keeps_serving(client, route, fields, status, needle):
+    if route == "single":
+        response = client.post("/sdapi/v1/extra-single-image", json={"image": _b64(_photo())} | fields)
+    else:
+        response = client.post("/sdapi/v1/extra-batch-images", json={"upscaler_1": "Lanczos"} | fields)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["detail"], response.text
+    assert "Traceback" not in response.text
+    assert _single(client, _photo(), upscaler_1="Lanczos").status_code == 200
+
+
+def test_upscalers_list_what_extras_run(client):
+    upscalers = client.get("/sdapi/v1/upscalers").json()
+    assert [u["name"] for u in upscalers] == ["None", "Lanczos", "Nearest"]
+    assert all(u.keys() == {"name", "model_name", "model_path", "model_url", "scale"} for u in upscalers)
+
+
+def test_extras_run_off_the_event_loop(client, api):
+    """While a batch of large upscales runs (seconds of CPU work), other requests are answered at once: were the work
+    on the event loop, one of them would wait for the whole batch."""
+    batch = {"imageList": [{"data": _b64(_photo((128, 128), seed=i)), "name": f"{i}.png"} for i in range(12)],
+             "upscaler_1": "Lanczos", "upscaling_resize": 8}
+    latencies = []
+    with api.client() as other, ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        future = pool.submit(other.post, "/sdapi/v1/extra-batch-images", json=batch)
+        while not future.done():
+            sent = time.monotonic()
+            assert client.get("/health/live").status_code == 200
+            latencies.append(time.monotonic() - sent)
+            time.sleep(0.02)
+        total = time.monotonic() - started
+        response = future.result()
+    assert response.status_code == 200 and len(response.json()["images"]) == 12
+    assert total > 1.0 and len(latencies) >= 10 and max(latencies) < 0.3 * total, (total, max(latencies))
+
+
+# -- SD.Next ------------------------------------------------------------------------------------------------------
+def test_sdnext_version_status_and_platform(client):
+    version = client.get("/sdapi/v1/version").json()
+    assert version["app"] == "kiln" and version["version"]
+    if "hash" in version:  # a git checkout (the url only with an origin remote)
+        assert len(version["hash"]) >= 7 and len(version["updated"]) == 10
+    status = client.get("/sdapi/v1/status").json()
+    assert {"status", "task", "timestamp", "id", "job", "jobs", "total", "step", "steps", "queued", "uptime",
+            "elapsed", "eta", "progress"} <= status.keys()
+    assert status["status"] == "idle" and status["queued"] == 0 and status["uptime"] >= 0
+    platform = client.get("/sdapi/v1/platform").json()
+    assert {"arch", "cpu", "system", "release", "python", "locale", "cores", "isa"} <= platform.keys()
+    assert platform["kiln"] == version["version"] and platform["fastapi"] and platform["tritonclient"]
+    assert platform["triton"]  # the session's Triton answers its version
+
+
+def test_sdnext_status_follows_a_running_job(api):
+    txt = {"prompt": "a cat", "steps": 400, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler"}
+    with api.client() as c, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(c.post, "/sdapi/v1/txt2img", json=txt)
+        deadline, seen = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            status = c.get("/sdapi/v1/status").json()
+            if status["status"] == "running" and status["step"] >= 2:
+                seen = status
+                break
+            time.sleep(0.05)
+        c.post("/sdapi/v1/interrupt")
+        assert future.result(timeout=60).status_code == 200
+    assert seen is not None, "the job never showed in /sdapi/v1/status"
+    assert seen["task"] == "txt2img" and seen["steps"] == 400 and seen["jobs"] == 1 and seen["running"] == 1
+    assert 0 <= seen["progress"] < 1 and seen["id"] and seen["timestamp"] and seen["elapsed"] > 0
+
+
+# -- sd-webui-controlnet ------------------------------------------------------------------------------------------
+def test_control_types_group_the_modules_and_the_builds_controlnets(client):
+    models = client.get("/controlnet/model_list").json()["model_list"]
+    types = client.get("/controlnet/control_types").json()["control_types"]
+    assert list(types) == ["All", "Canny"]
+    assert types["All"] == {"module_list": ["none", "canny"], "model_list": ["None", *models], "default_option": "none",
+                            "default_model": "None"}
+    assert any(m.startswith("controlnet [") for m in types["All"]["model_list"])
+    # No ControlNet of this build has "canny" in its name, so the type holds "None" only, as sd-webui-controlnet's.
+    assert types["Canny"] == {"module_list": ["none", "canny"], "model_list": ["None"], "default_option": "canny",
+                              "default_model": "None"}
+
+
+def test_detect_is_kilns_canny_at_the_processor_resolution(client):
+    photo = _photo((96, 64), seed=3)
+    same = client.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": [
+        _b64(photo)], "controlnet_processor_res": 64, "controlnet_threshold_a": 50, "controlnet_threshold_b": 150})
+    assert same.status_code == 200, same.text
+    assert same.json()["info"] == "Success"
+    edges = _pixels(same.json()["images"][0])
+    assert np.array_equal(edges, np.asarray(canny(photo, 50, 150))) and edges.max() == 255
+    # The defaults (-1): resolution 512 on the short side, thresholds 100 and 200.
+    scaled = client.post("/controlnet/detect", json={"controlnet_module": "Canny",
+                                                     "controlnet_input_images": [_b64(photo), _b64(photo)]}).json()
+    expected = np.asarray(canny(photo.resize((768, 512), LANCZOS), 100, 200))
+    assert not np.array_equal(expected, np.asarray(canny(photo.resize((768, 512), LANCZOS), 50, 150)))
+    assert len(scaled["images"]) == 2 and all(np.array_equal(_pixels(i), expected) for i in scaled["images"])
+    plain = client.post("/controlnet/detect", json={"controlnet_module": "none", "controlnet_input_images": [
+        _b64(photo)]}).json()
+    assert np.array_equal(_pixels(plain["images"][0]), np.asarray(photo))
+
+
+@pytest.mark.parametrize("fields,status,needle", [
+    ({"controlnet_module": "openpose"}, 422, "controlnet_module 'openpose' is not available; valid: none, canny"),
+    ({"controlnet_input_images": []}, 422, "controlnet_input_images: no image"),
+    ({"controlnet_threshold_a": 300}, 422, "controlnet_threshold_a must be an integer from 0 to 255"),
+    ({"controlnet_threshold_a": 200, "controlnet_threshold_b": 100}, 422, "must be below controlnet_threshold_b"),
+    ({"controlnet_processor_res": 4096}, 422, "controlnet_processor_res must be 64 to 2048"),
+    ({"controlnet_processor_res": 2048}, 422, "controlnet_processor_res 2048 makes the 48x32"),
+    ({"controlnet_masks": ["x"]}, 422, "controlnet_masks"),
+    ({"controlnet_input_images": ["%%%"]}, 422, "controlnet_input_images[0]: invalid base64"),
+])
+def test_detect_refusals_name_the_field(client, fields, status, needle):
+    body = {"controlnet_module": "canny", "controlnet_input_images": [_b64(_photo((48, 32)))]} | fields
+    response = client.post("/controlnet/detect", json=body)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["detail"], response.text
