@@ -8,11 +8,24 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 from typing import Any
 
 from kiln.errors import InputError
 from kiln.masks import INPAINTING_FILL
+
+# The hires fix's infotext entries (AUTOMATIC1111's extra_generation_params), by generation-info key
+HIRES_FIELDS = {"hires_prompt": "Hires prompt", "hires_negative_prompt": "Hires negative prompt",
+                "hires_upscale": "Hires upscale", "hires_resize": "Hires resize", "hires_steps": "Hires steps",
+                "hires_upscaler": "Hires upscaler", "hires_sampler": "Hires sampler"}
+
+
+def quote(value: Any) -> Any:
+    """An infotext value as AUTOMATIC1111 writes it: JSON-quoted when it holds a comma, a colon or a newline."""
+    if value is None or not any(c in str(value) for c in ",:\n"):
+        return value
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def parameters_text(info: dict) -> str:
@@ -26,6 +39,7 @@ def parameters_text(info: dict) -> str:
               ("Clip skip", info.get("clip_skip")),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Denoising strength", info.get("denoising_strength")),
+              *((label, quote(info.get(key))) for key, label in HIRES_FIELDS.items()),
               ("Mask blur", info.get("mask_blur")),
               ("Mask mode", None if "inpainting_mask_invert" not in info
                else ("Inpaint not masked" if info["inpainting_mask_invert"] else "Inpaint masked")),

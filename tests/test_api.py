@@ -242,7 +242,10 @@ BAD = [
      422, "Resize and Fill is not supported"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "module": "canny",
                                                     "pixel_perfect": True}]}}}, 422, "pixel_perfect"),
-    ({"enable_hr": True}, 422, "enable_hr"),
+    ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "hr_upscaler 'R-ESRGAN 4x+' is not an upscaler"),
+    ({"enable_hr": True, "hr_scale": 3}, 422, "hr_scale 3 of a 64x64 image gives 192x192"),
+    ({"enable_hr": True, "hr_checkpoint_name": "other.safetensors"}, 404, "hr_checkpoint_name"),
+    ({"firstphase_width": 32}, 422, "firstphase_width"),
     ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, 404, "sd_model_checkpoint"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 9}}, 422, "CLIP_stop_at_last_layers) must be 1 to 5"),
     ({"override_settings": {"samples_format": "jpg"}}, 422, "override_settings.samples_format 'jpg' is not supported"),
@@ -381,6 +384,26 @@ def test_clip_skip_from_options_and_override_settings(client):
     assert generate()[0] == last
 
 
+def test_hires_fix_through_the_api(client):
+    """enable_hr: AUTOMATIC1111's fields give a picture of the hires size, its infotext and info name the pass; the
+    second pass's sampler by name and scheduler, its prompt and its checkpoint (the served one) are honoured."""
+    body = TXT | {"steps": 2, "seed": 4, "enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2,
+                  "denoising_strength": 0.6, "hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras",
+                  "hr_prompt": "a photo of a dog, at night", "hr_checkpoint_name": "Use same checkpoint"}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+    assert image.size == (128, 128)
+    fields = parse_infotext(image.info["parameters"])
+    assert fields["Size"] == "64x64" and fields["Hires upscale"] == "2.0" and fields["Hires steps"] == "2"
+    assert fields["Hires upscaler"] == "Latent" and fields["Hires sampler"] == "DPM++ 2M Karras"
+    assert fields["Hires prompt"] == "a photo of a dog, at night" and fields["Denoising strength"] == "0.6"
+    info = json.loads(response.json()["info"])
+    assert info["extra_generation_params"]["Hires upscale"] == 2.0 and info["width"] == 64
+    plain = client.post("/sdapi/v1/txt2img", json=body | {"enable_hr": False}).json()
+    assert Image.open(io.BytesIO(base64.b64decode(plain["images"][0]))).size == (64, 64)
+
+
 def test_controlnet_resize_modes_shape_the_control_image(client):
     """sd-webui-controlnet's resize modes on a wide control image: Crop and Resize (its default) keeps the aspect,
     Just Resize stretches; the two give different images, and the default is Crop and Resize."""
@@ -418,10 +441,13 @@ def test_automatic1111_clients_defaults_are_accepted(client):
 def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(client):
     """What kiln has, in AUTOMATIC1111's shapes; an empty list where it has none, never an invented entry."""
     for name in ("sd-vae", "loras", "prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models",
-                 "extensions", "latent-upscale-modes"):
+                 "extensions"):
         response = client.get(f"/sdapi/v1/{name}")
         assert response.status_code == 200 and response.json() == [], name
-    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None"]
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
+    assert [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()] == [
+        "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
+        "Latent (nearest-exact)"]
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
     assert {(s["name"], s["is_alwayson"], s["is_img2img"]) for s in client.get("/sdapi/v1/script-info").json()} == {

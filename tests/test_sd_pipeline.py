@@ -22,7 +22,15 @@ from kiln.errors import InputError, KilnError
 from kiln.masks import inpaint_mask
 from kiln.paths import SAMPLE_IMAGES
 from kiln.triton_server import free_port
-from orchestrator.pipeline import Cancelled, ControlNetUnit, Img2ImgRequest, Pipeline, Txt2ImgRequest, make_scheduler
+from orchestrator.pipeline import (
+    Cancelled,
+    ControlNetUnit,
+    HiresFix,
+    Img2ImgRequest,
+    Pipeline,
+    Txt2ImgRequest,
+    make_scheduler,
+)
 from tests.conftest import IMAGES
 
 pytestmark = pytest.mark.slow
@@ -446,6 +454,7 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
         "emphasis and BREAK": Txt2ImgRequest(**base | {"prompt": "a photo of a ((cat)) BREAK [in the] (snow:1.3)",
                                                        "negative_prompt": "(blurry:0.8)"}),
         "clip skip": Txt2ImgRequest(**base | {"clip_skip": 3}),
+        "hires fix": Txt2ImgRequest(**base | {"steps": 2}, hires=HiresFix(upscaler="Lanczos", steps=2)),
         "img2img": Img2ImgRequest(**base, init_image=init_image_png, denoising_strength=0.6),
         "inpainting": Img2ImgRequest(**base, init_image=init_image_png, mask=mask_png, denoising_strength=0.9,
                                      inpainting_fill=0, overlay=True),
@@ -457,7 +466,8 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "clip skip", "img2img", "inpainting", "controlnet (ensemble)",
+@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "clip skip", "hires fix", "img2img", "inpainting",
+                                  "controlnet (ensemble)",
                                   "scribble by name (its ensemble)", "two units (residuals, then the UNet)"])
 def test_triton_gives_the_in_process_images(served, local, init_image_png, mask_png, edge_map_png, case):
     """Every model call through Triton (ensembles, per-row scalars, the VAE encode ensemble): the same images."""
@@ -567,3 +577,10 @@ def test_generate_command_writes_a_png_with_parameters(triton, tmp_path, kiln):
     assert code == 0 and Image.open(tmp_path / "dog.png").size == (64, 64), err
     code, _, err = kiln("generate", "x", "--sampler", "Nope", *common)
     assert code == 2 and "Sampler not found" in err and "Traceback" not in err
+    code, _, err = kiln("generate", "a cat", "--steps", "2", "--hires", "2", "--hires-steps", "1", "--clip-skip", "2",
+                        *common, "--out", tmp_path / "big.png")
+    big = Image.open(tmp_path / "big.png")
+    assert code == 0 and big.size == (128, 128) and "Hires upscale: 2.0" in big.text["parameters"], err
+    assert "Clip skip: 2" in big.text["parameters"]
+    code, _, err = kiln("generate", "a cat", "--hires", "2", "--init-image", out, *common)
+    assert code == 2 and "--hires is txt2img's hires fix" in err

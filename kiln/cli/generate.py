@@ -26,6 +26,12 @@ def add_parser(commands) -> None:
     generate.add_argument("--clip-skip", type=int, default=1,
                           help="AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers): 1 uses the text encoder's last "
                                "layer, 2 the one before, ...")
+    generate.add_argument("--hires", type=float, metavar="SCALE",
+                          help="AUTOMATIC1111's hires fix: upscale the result by SCALE and redraw it (img2img)")
+    generate.add_argument("--hires-upscaler", default="Latent",
+                          help="Latent, Latent (bicubic), ... (a latent mode), or Lanczos / Nearest (the image)")
+    generate.add_argument("--hires-steps", type=int, default=0, help="steps of the hires pass (0: --steps)")
+    generate.add_argument("--hires-strength", type=float, default=0.75, help="how much the hires pass redraws")
     generate.add_argument("--init-image", type=Path,
                           help="img2img: start from this image (resized to --width x --height)")
     generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
@@ -66,6 +72,8 @@ def _files(args) -> dict[str, bytes]:
     """Every image the arguments name, read once; a missing one is an error before anything runs."""
     if args.mask is not None and args.init_image is None:
         raise KilnError("--mask needs --init-image (inpainting repaints part of an image)")
+    if args.hires and args.init_image is not None:
+        raise KilnError("--hires is txt2img's hires fix; img2img (--init-image) has none")
     files = {}
     for path in (args.init_image, *(args.control_image or ()), args.mask):
         if path is not None:
@@ -99,7 +107,7 @@ def run(args) -> int:
         return _through_api(args, files, units)
     from kiln.imaging import encode_png
     from kiln.infotext import parameters_text
-    from orchestrator.pipeline import ControlNetUnit, Img2ImgRequest, Pipeline, Txt2ImgRequest
+    from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Pipeline, Txt2ImgRequest
 
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
@@ -112,7 +120,9 @@ def run(args) -> int:
                                  inpaint_full_res=args.only_masked, inpaint_full_res_padding=args.only_masked_padding,
                                  overlay=args.overlay)
     else:
-        request = Txt2ImgRequest(**fields)
+        hires = HiresFix(scale=args.hires, upscaler=args.hires_upscaler, steps=args.hires_steps,
+                         denoising_strength=args.hires_strength) if args.hires else None
+        request = Txt2ImgRequest(**fields, hires=hires)
 
     def progress(step, total, _latents):
         print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
@@ -143,6 +153,9 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
                   sampler_name=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
                   height=args.height, batch_size=args.batch_size, eta=0.0,
                   override_settings={"CLIP_stop_at_last_layers": args.clip_skip} if args.clip_skip != 1 else {})
+    if args.hires:
+        fields |= dict(enable_hr=True, hr_scale=args.hires, hr_upscaler=args.hires_upscaler,
+                       hr_second_pass_steps=args.hires_steps, denoising_strength=args.hires_strength)
     if units:
         fields["alwayson_scripts"] = {"controlnet": {"args": [
             {"enabled": True, "image": b64(u["image"]), "module": u["module"], "model": u["model"] or "None",

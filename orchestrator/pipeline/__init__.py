@@ -10,6 +10,7 @@ from orchestrator.pipeline.requests import (
                                             Cancelled,
                                             ControlNetUnit,
                                             GenerationResult,
+                                            HiresFix,
                                             Img2ImgRequest,
                                             ProgressCallback,
                                             Txt2ImgRequest,
@@ -17,6 +18,6 @@ from orchestrator.pipeline.requests import (
 from orchestrator.pipeline.sampling import SAMPLERS, UnknownSampler, make_scheduler
 from orchestrator.pipeline.validate import Limits, check_job, check_request
 
-__all__ = ["SAMPLERS", "Cancelled", "Components", "ControlNetUnit", "GenerationResult", "Img2ImgRequest", "Limits",
-           "Pipeline", "ProgressCallback", "Txt2ImgRequest", "UNetCall", "UnknownSampler", "check_job",
+__all__ = ["SAMPLERS", "Cancelled", "Components", "ControlNetUnit", "GenerationResult", "HiresFix", "Img2ImgRequest",
+           "Limits", "Pipeline", "ProgressCallback", "Txt2ImgRequest", "UNetCall", "UnknownSampler", "check_job",
            "check_request", "make_scheduler", "with_seeds"]

@@ -18,10 +18,11 @@ import numpy as np
 from kiln.control import control_image
 from kiln.errors import InputError
 from kiln.masks import paste_outside_mask
+from orchestrator.pipeline import hires
 from orchestrator.pipeline.components import Components, Graph, call_graph
-from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked
+from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
-from orchestrator.pipeline.sampling import batch_seeds, draw_seed, make_scheduler, noise, step_kwargs
+from orchestrator.pipeline.sampling import batch_seeds, draw_seed, noise, schedule, step_kwargs
 from orchestrator.pipeline.validate import Limits, check_request
 
 if TYPE_CHECKING:
@@ -122,18 +123,15 @@ class Pipeline:
         # (negative x batch, positive x batch)
         context = np.repeat(self.encode_prompts(prompts, request.clip_skip), batch, axis=0)
 
-        # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says.
-        scheduler = make_scheduler(request.sampler, contract.scheduler_config, seed=seed)
-        try:
-            scheduler.set_timesteps(request.steps)
-        except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule
-            raise InputError(f"steps: {request.sampler} cannot run {request.steps} steps ({exc})") from None
-        timesteps = scheduler.timesteps
-        if init:
-            start = request.steps - min(int(request.steps * request.denoising_strength), request.steps)
-            timesteps = timesteps[start * scheduler.order:]
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(start * scheduler.order)
+        # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says. The hires fix's second pass
+        # has its own, made now: progress counts both passes' steps.
+        start = request.steps - min(int(request.steps * request.denoising_strength), request.steps) if init else 0
+        scheduler, timesteps = schedule(request.sampler, contract.scheduler_config, request.steps, seed, start)
+        second = None
+        if request.hires is not None:
+            total, run = hires.second_pass_steps(request.hires, request.steps)
+            second = schedule(request.hires.sampler or request.sampler, contract.scheduler_config, total, seed,
+                              total - run)
 
         # 5. Initial latents, drawn like diffusers' pipelines.
         shape = (batch, contract.latent_channels, request.height // contract.vae_scale_factor,
@@ -155,11 +153,18 @@ class Pipeline:
                                         unit.high_threshold)[None], len(context), axis=0)
                 for unit in request.controlnet_units]
 
-        # 7. Denoising loop.
+        # 7. Denoising loop; with the hires fix, the upscale and the second pass (in the batcher like any steps).
+        unet_call = unet_call or call_graph
+        steps_total = len(timesteps) + (len(second[1]) if second else 0)
         with denoising() if denoising is not None else nullcontext():
             latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, context, cond, inpaint, drawn,
-                                                step_kwargs(scheduler, generator, request.eta), progress, cancelled,
-                                                stop_early, unet_call or call_graph)
+                                                step_kwargs(scheduler, generator, request.eta),
+                                                _counting(progress, 0, steps_total), cancelled, stop_early, unet_call)
+            if second is not None and stopped_at is None:
+                latents, stopped_at = self._hires_pass(request, latents, context, seeds, variation, second,
+                                                       _counting(progress, len(timesteps), steps_total), cancelled,
+                                                       stop_early, unet_call)
+                stopped_at = None if stopped_at is None else len(timesteps) + stopped_at
 
         # 8. Decode; AUTOMATIC1111 pastes the original back outside the mask.
         images = components.vae.decode(latents.numpy())
@@ -220,6 +225,37 @@ class Pipeline:
                 progress(index + 1, len(timesteps), latents.numpy())
         return latents, None
 
+    def _hires_pass(self, request: Txt2ImgRequest, latents: torch.Tensor, context: np.ndarray, seeds: list[int],
+                    variation, second: tuple, progress, cancelled, stop_early,
+                    unet_call: UNetCall) -> tuple:
+        """The hires fix after the first pass: upscale (latents, or the decoded image encoded again), fresh noise
+        from the same seeds at the new size, and the second pass's steps (orchestrator.pipeline.hires)."""
+        import torch
+
+        contract, fix = self.contract, request.hires
+        planned = hires.plan(request, contract)
+        # Fresh generators from the seeds, as img2img's: the VAE's sample (an image upscaler), then the noise.
+        fresh = [torch.Generator().manual_seed(s) for s in seeds]
+        generator = fresh if len(fresh) > 1 else fresh[0]
+        if fix.upscaler in hires.LATENT_MODES:
+            latents = hires.upscale_latents(latents, fix, planned, contract.vae_scale_factor)
+        else:
+            pixels = hires.upscale_images(self.components.vae.decode(latents.numpy()), fix, planned)
+            moments = torch.from_numpy(self.components.vae.encode_pixels(pixels))
+            latents = hires.truncate(sample_latents(moments, fresh, contract.scaling_factor), planned)
+        scheduler, timesteps = second
+        drawn = noise(tuple(latents.shape), generator, variation)
+        latents = scheduler.add_noise(latents, drawn, timesteps[:1].repeat(len(latents)))
+        prompt = request.prompt if fix.prompt is None else fix.prompt
+        negative = request.negative_prompt if fix.negative_prompt is None else fix.negative_prompt
+        if (prompt, negative) != (request.prompt, request.negative_prompt):
+            prompts = [negative, prompt] if request.cfg_scale > 1 else [prompt]
+            context = np.repeat(self.encode_prompts(prompts, request.clip_skip), len(latents), axis=0)
+        pass_two = replace(request, width=planned.size[0], height=planned.size[1], controlnet=None, hires=None)
+        return self._denoise(pass_two, scheduler, timesteps, latents, context, [], None, drawn,
+                             step_kwargs(scheduler, generator, request.eta), progress, cancelled, stop_early,
+                             unet_call)
+
     def _info(self, request: Txt2ImgRequest, seeds: list[int], variation, stopped_at: int | None) -> dict:
         """What the images' infotext and the API's info say about the run."""
         contract = self.contract
@@ -229,6 +265,8 @@ class Pipeline:
                 "model_hash": contract.model_hash or None}
         if request.clip_skip != 1:
             info["clip_skip"] = request.clip_skip
+        if request.hires is not None:
+            info |= hires.info(request)
         if variation is not None:
             info |= {"subseed": variation[0][0], "all_subseeds": variation[0], "subseed_strength": variation[1]}
         if stopped_at is not None:
@@ -244,6 +282,13 @@ class Pipeline:
                                   f"Guidance End: {unit.guidance_end}\""
                                   for unit in request.controlnet_units]
         return info
+
+
+def _counting(progress: ProgressCallback | None, before: int, total: int) -> ProgressCallback | None:
+    """A pass's progress as the whole run's: its steps after the `before` steps of earlier passes, of `total`."""
+    if progress is None:
+        return None
+    return lambda step, _pass_total, latents: progress(before + step, total, latents)
 
 
 def with_seeds(request: Txt2ImgRequest) -> Txt2ImgRequest:

@@ -30,6 +30,21 @@ class ControlNetUnit:
 
 
 @dataclass(frozen=True)
+class HiresFix:
+    """AUTOMATIC1111's hires fix (its hr_* fields): the txt2img result upscaled, then redrawn by an img2img pass."""
+
+    scale: float = 2.0  # hr_scale: the second pass's size, as a multiple of width x height ...
+    resize_x: int = 0  # ... or hr_resize_x / hr_resize_y (0: from the other, keeping the aspect ratio)
+    resize_y: int = 0
+    upscaler: str = "Latent"  # a latent mode ("Latent", "Latent (bicubic)", ...) or an image upscaler ("Lanczos")
+    steps: int = 0  # hr_second_pass_steps: steps the second pass runs; 0: the request's steps
+    denoising_strength: float = 0.75  # how much the second pass redraws
+    prompt: str | None = None  # hr_prompt; None: the request's prompt
+    negative_prompt: str | None = None  # hr_negative_prompt; None: the request's
+    sampler: str | None = None  # hr_sampler_name; None: the request's sampler
+
+
+@dataclass(frozen=True)
 class Txt2ImgRequest:
     """One txt2img job, with AUTOMATIC1111's field meanings."""
 
@@ -47,6 +62,7 @@ class Txt2ImgRequest:
     subseed: int = -1  # variation seed (AUTOMATIC1111): its noise is mixed in by subseed_strength
     subseed_strength: float = 0.0  # 0: the seed's noise alone; 1: the subseed's alone
     clip_skip: int = 1  # AUTOMATIC1111's CLIP_stop_at_last_layers: the text encoder layer, counted from the end
+    hires: HiresFix | None = None  # txt2img only: the hires fix's second pass
 
     @property
     def controlnet_units(self) -> tuple[ControlNetUnit, ...]:

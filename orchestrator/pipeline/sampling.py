@@ -82,6 +82,21 @@ def make_scheduler(name: str, base_config: dict, seed: int | None = None):
     return _scheduler_class(sampler.scheduler).from_config(config)
 
 
+def schedule(name: str, base_config: dict, steps: int, seed: int, start: int = 0) -> tuple:
+    """A fresh scheduler set to `steps` steps, and the timesteps from step `start` on (img2img starts late)."""
+    from kiln.errors import InputError
+
+    scheduler = make_scheduler(name, base_config, seed=seed)
+    try:
+        scheduler.set_timesteps(steps)
+    except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule
+        raise InputError(f"steps: {name} cannot run {steps} steps ({exc})") from None
+    timesteps = scheduler.timesteps[start * scheduler.order:]
+    if start and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return scheduler, timesteps
+
+
 def _scheduler_class(name: str):
     import diffusers
 

@@ -15,6 +15,7 @@ from kiln.control import CONTROL_MODULES
 from kiln.errors import InputError, TooLargeError
 from kiln.masks import INPAINTING_FILL
 from kiln.prompts import check_prompt_syntax
+from orchestrator.pipeline import hires
 from orchestrator.pipeline.requests import ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import MAX_SEED, check_sampler
 
@@ -62,6 +63,8 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             raise InputError(f"{name} must be -1 (random) or in [0, 2^32 - 1], got {value!r}")
     _number_in("subseed_strength", request.subseed_strength, 0, 1)
     check_sampler(request.sampler)
+    if request.hires is not None:
+        _check_hires(request, contract, limits)
     if not _is_int(request.clip_skip) or not 1 <= request.clip_skip <= max(1, contract.clip_skip_layers):
         served = f"1 to {contract.clip_skip_layers}" if contract.clip_skip_layers else \
             "1 only (this build's text encoder serves its last layer: rebuild with `kiln build sd` for clip skip)"
@@ -93,6 +96,25 @@ def check_job(request: Txt2ImgRequest, n_iter: int, limits: Limits = Limits()) -
     if images > limits.max_images:
         raise InputError(f"batch_size x n_iter = {images} images exceeds the limit of {limits.max_images} "
                          "per request")
+
+
+def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) -> None:
+    if isinstance(request, Img2ImgRequest):
+        raise InputError("the hires fix (enable_hr) is txt2img's; img2img has none")
+    fix = request.hires
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(fix, name, None)
+        if text is not None:
+            if not isinstance(text, str):
+                raise InputError(f"hr_{name} must be a string")
+            if len(text) > limits.max_prompt_chars:
+                raise TooLargeError(f"hr_{name} of {len(text)} characters exceeds the {limits.max_prompt_chars}-"
+                                    "character limit")
+            check_prompt_syntax(text, f"hr_{name}")
+    if getattr(fix, "sampler", None) is not None:
+        check_sampler(fix.sampler)
+    hires.check(request, contract)
+    _integer_in("hr_second_pass_steps", fix.steps, 0, limits.max_steps)
 
 
 def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits: Limits) -> None:

@@ -15,10 +15,19 @@ from kiln import schemas
 from kiln.contract import SDContract
 from kiln.errors import InputError, NotFoundError
 from kiln.imaging import encode_png
-from kiln.infotext import parameters_text
+from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import resize_init_image
 from orchestrator.jobs import Job
-from orchestrator.pipeline import SAMPLERS, ControlNetUnit, Img2ImgRequest, Limits, Txt2ImgRequest, UnknownSampler
+from orchestrator.pipeline import (
+    SAMPLERS,
+    ControlNetUnit,
+    HiresFix,
+    Img2ImgRequest,
+    Limits,
+    Txt2ImgRequest,
+    UnknownSampler,
+)
+from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.server.errors import short
 from orchestrator.server.inputs import decode_b64_image
 
@@ -58,6 +67,23 @@ def default_options() -> dict:
 
 
 # -- sampler names ---------------------------------------------------------------------------------
+def hires_fix(body: schemas.Txt2ImgBody, contract: SDContract) -> HiresFix | None:
+    """The hires fix an AUTOMATIC1111 txt2img body asks for (enable_hr and its hr_* fields), or None."""
+    if not body.enable_hr:
+        return None
+    if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+        check_checkpoint(body.hr_checkpoint_name, contract, "hr_checkpoint_name")
+    sampler = None
+    if body.hr_sampler_name or body.hr_scheduler:
+        sampler = sampler_name(body.model_copy(update={"sampler_name": body.hr_sampler_name or body.sampler_name,
+                                                       "scheduler": body.hr_scheduler or body.scheduler}))
+    strength = 0.75 if body.denoising_strength is None else body.denoising_strength
+    return HiresFix(scale=body.hr_scale, resize_x=body.hr_resize_x, resize_y=body.hr_resize_y,
+                    upscaler=body.hr_upscaler or DEFAULT_UPSCALER, steps=body.hr_second_pass_steps,
+                    denoising_strength=strength, prompt=body.hr_prompt or None,
+                    negative_prompt=body.hr_negative_prompt or None, sampler=sampler)
+
+
 def sampler_name(body: schemas.Txt2ImgBody) -> str:
     """sampler_name (or the old sampler_index, or an alias such as k_euler_a) + scheduler -> one of SAMPLERS.
     SD.Next's integer sampler_index is the position in /sdapi/v1/samplers (SAMPLERS' order)."""
@@ -115,7 +141,9 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   subseed_strength=body.subseed_strength,
                   controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height))
     if not isinstance(body, schemas.Img2ImgBody):
-        return Txt2ImgRequest(**fields)
+        return Txt2ImgRequest(**fields, hires=hires_fix(body, contract))
+    if body.enable_hr:
+        raise InputError("enable_hr: the hires fix is txt2img's; img2img has none")
     if len(body.init_images) != 1:
         raise InputError(f"init_images must hold exactly one image, got {len(body.init_images)}")
     init = decode_b64_image(body.init_images[0], "init_images[0]", limits.max_image_pixels)
@@ -211,7 +239,8 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
         "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": first.get("model"), "sd_model_hash": first.get("model_hash"),
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": first.get("denoising_strength"), "extra_generation_params": {},
+        "denoising_strength": first.get("denoising_strength"),
+        "extra_generation_params": {label: first[key] for key, label in HIRES_FIELDS.items() if key in first},
         "index_of_first_image": 0, "infotexts": [parameters_text(i) for i in infos], "styles": [],
         "clip_skip": first.get("clip_skip", 1),
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),

@@ -1,5 +1,5 @@
 """The listing routes AUTOMATIC1111's clients call when they connect, answered truthfully in AUTOMATIC1111's shapes
-(modules/api/models.py): what kiln serves, and an empty list where it has none (upscalers but "None", VAEs,
+(modules/api/models.py): what kiln serves (the upscalers of kiln.upscale), and an empty list where it has none (VAEs,
 LoRAs, embeddings, styles, hypernetworks, face restorers, extensions). The refresh routes have nothing to rescan
 and answer as AUTOMATIC1111 does (null). sd-webui-controlnet's version and settings too."""
 
@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from kiln import schemas
+from kiln.upscale import UPSCALERS
+from orchestrator.pipeline.hires import LATENT_MODES
 from orchestrator.server.generation import engine
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 controlnet = APIRouter(prefix="/controlnet", tags=["controlnet"])
 CONTROLNET_API_VERSION = 2  # sd-webui-controlnet's /controlnet/version: the API generation kiln's units follow
-EMPTY = ("sd-vae", "loras", "prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models", "extensions",
-         "latent-upscale-modes")  # kiln has none of these yet: an empty list, never an invented entry
+EMPTY = ("sd-vae", "loras", "prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models",
+         "extensions")  # kiln has none of these yet: an empty list, never an invented entry
 
 
 def _empty_list(name: str) -> None:
@@ -26,10 +29,17 @@ for _name in EMPTY:
     _empty_list(_name)
 
 
-@router.get("/upscalers")
+@router.get("/upscalers", response_model=list[schemas.UpscalerItem])
 async def upscalers() -> list[dict]:
-    """Only "None": kiln has no upscaler (hires fix and extras are not served yet)."""
-    return [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+    """AUTOMATIC1111's built-in upscalers, which the extras routes run: "None", "Lanczos", "Nearest" (PIL's resampling;
+    no model, so no model name, path or URL; scale 4 is what AUTOMATIC1111 lists for them)."""
+    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for name in UPSCALERS]
+
+
+@router.get("/latent-upscale-modes")
+async def latent_upscale_modes() -> list[dict]:
+    """The hires fix's latent modes (hr_upscaler also takes the upscalers above)."""
+    return [{"name": name} for name in LATENT_MODES]
 
 
 @router.get("/embeddings")

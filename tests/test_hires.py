@@ -1,0 +1,125 @@
+"""AUTOMATIC1111's hires fix: the first pass, its upscale (latent modes, image upscalers), the second pass.
+
+Parity: diffusers has no hires pipeline, so the reference composes diffusers' own: StableDiffusionPipeline to
+latents (or to a picture), the upscale AUTOMATIC1111 does, then StableDiffusionImg2ImgPipeline at the larger size
+with the seed's fresh generator, running the second pass's steps of its schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.errors import InputError
+from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Txt2ImgRequest, make_scheduler
+from orchestrator.pipeline.hires import second_pass_steps
+
+pytestmark = pytest.mark.slow
+BASE = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4, cfg_scale=7.5, seed=77, width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def pipes(sd_checkpoint):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    first = StableDiffusionPipeline.from_pretrained(str(sd_checkpoint), safety_checker=None)
+    second = StableDiffusionImg2ImgPipeline(**first.components)
+    for pipe in (first, second):
+        pipe.set_progress_bar_config(disable=True)
+    return first, second, dict(first.scheduler.config)
+
+
+def _reference(pipes, sampler: str, fix: HiresFix, upscale) -> np.ndarray:
+    """diffusers' first pass, `upscale` (latents or picture -> the second pass's image argument), diffusers' img2img."""
+    first, second, config = pipes
+    first.scheduler = make_scheduler(sampler, config)
+    picture = upscale.__name__.endswith("picture")
+    out = first(BASE["prompt"], negative_prompt=BASE["negative_prompt"], num_inference_steps=BASE["steps"],
+                guidance_scale=BASE["cfg_scale"], height=64, width=64,
+                generator=torch.Generator().manual_seed(BASE["seed"]), output_type="pil" if picture else "latent")
+    total, run = second_pass_steps(fix, BASE["steps"])
+    second.scheduler = make_scheduler(fix.sampler or sampler, config)
+    image = second(BASE["prompt"], negative_prompt=BASE["negative_prompt"], image=upscale(out.images),
+                   num_inference_steps=total, strength=(run + 0.5) / total, guidance_scale=BASE["cfg_scale"],
+                   generator=torch.Generator().manual_seed(BASE["seed"]), output_type="np").images
+    return (image * 255).round().astype(np.uint8)
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras"])
+def test_latent_hires_fix_matches_diffusers(local, pipes, sampler):
+    """"Latent": the first pass's latents interpolated (bilinear) to twice the size, then the second pass."""
+    fix = HiresFix(scale=2, upscaler="Latent", denoising_strength=0.6, steps=3)
+
+    def latents_upscaled(latents):
+        return torch.nn.functional.interpolate(latents, size=(latents.shape[2] * 2, latents.shape[3] * 2),
+                                               mode="bilinear", antialias=False)
+
+    result = local.txt2img(Txt2ImgRequest(**BASE, sampler=sampler, hires=fix))
+    assert result.images.shape == (1, 128, 128, 3)
+    assert _max_diff(result.images, _reference(pipes, sampler, fix, latents_upscaled)) <= 2
+    assert result.info["hires_upscale"] == 2 and result.info["hires_steps"] == 3 and result.info["width"] == 64
+
+
+def test_image_upscaler_hires_fix_matches_diffusers(local, pipes):
+    """"Lanczos": the first pass decoded, resized with Lanczos, encoded again (the seed's generator samples it)."""
+    from PIL import Image
+
+    fix = HiresFix(scale=2, upscaler="Lanczos", denoising_strength=0.5, sampler="Euler")
+
+    def lanczos_picture(images):
+        return images[0].resize((128, 128), resample=Image.Resampling.LANCZOS)
+
+    result = local.txt2img(Txt2ImgRequest(**BASE, sampler="Euler a", hires=fix))
+    assert _max_diff(result.images, _reference(pipes, "Euler a", fix, lanczos_picture)) <= 2
+    assert result.info["hires_sampler"] == "Euler" and result.info["hires_upscaler"] == "Lanczos"
+
+
+def test_resize_targets_follow_automatic1111(local):
+    """hr_resize_x alone keeps the aspect ratio; both scale to cover, then the latents are cropped to them."""
+    wide = Txt2ImgRequest(**BASE | {"width": 64, "height": 32, "steps": 2})
+    assert local.txt2img(replace(wide, hires=HiresFix(resize_x=128))).images.shape == (1, 64, 128, 3)
+    cropped = local.txt2img(replace(wide, hires=HiresFix(resize_x=96, resize_y=64, upscaler="Latent (nearest)")))
+    assert cropped.images.shape == (1, 64, 96, 3) and cropped.info["hires_resize"] == "96x64"
+
+
+def test_the_second_pass_matters_and_progress_counts_both_passes(local):
+    """Its prompt, strength and upscaler change the image; progress runs over both passes' steps, in order."""
+    request = Txt2ImgRequest(**BASE, sampler="Euler", hires=HiresFix(denoising_strength=0.5))
+    seen = []
+    plain = local.txt2img(request, progress=lambda step, total, _latents: seen.append((step, total)))
+    total, run = second_pass_steps(request.hires, request.steps)
+    assert seen == [(i, request.steps + run) for i in range(1, request.steps + run + 1)] and total > run
+    for other in (HiresFix(denoising_strength=0.5, prompt="a photo of a dog"), HiresFix(denoising_strength=0.9),
+                  HiresFix(denoising_strength=0.5, upscaler="Nearest")):
+        assert _max_diff(local.txt2img(replace(request, hires=other)).images, plain.images) > 0, other
+    asked = []  # stop_early is asked before each step: stop at the second pass's second step
+    stopped = local.txt2img(request, stop_early=lambda: asked.append(1) or len(asked) > request.steps + 1)
+    assert stopped.images.shape == (1, 128, 128, 3) and stopped.info["stopped_at_step"] == request.steps + 1
+
+
+@pytest.mark.parametrize("fix, extra, message", [
+    (HiresFix(upscaler="ESRGAN_4x"), {}, "hr_upscaler 'ESRGAN_4x' is not an upscaler of this server; valid: Latent"),
+    (HiresFix(scale=4), {}, r"hr_scale 4 of a 64x64 image gives 256x256: .* within the built profile \[32, 128\]"),
+    (HiresFix(scale=1.3), {}, r"gives 82x82: .*multiples of 8 .*upscaled to 83x83 first"),
+    (HiresFix(denoising_strength=0), {}, r"denoising_strength \(of the hires pass\) must be in \(0, 1\]"),
+    (HiresFix(sampler="Euler z"), {}, "Sampler not found"),
+    (HiresFix(prompt="a <lora:x:1>"), {}, "hr_prompt: <lora:x:1> is an extra-network tag"),
+    (HiresFix(steps=-1), {}, "hr_second_pass_steps must be a non-negative integer"),
+    (HiresFix(), {"controlnet": ControlNetUnit(image=b"x")}, "enable_hr with ControlNet units is not supported"),
+])
+def test_bad_hires_requests_are_named(local, fix, extra, message):
+    with pytest.raises(InputError, match=message):
+        local.txt2img(Txt2ImgRequest(**BASE | extra, hires=fix))
+
+
+def test_img2img_has_no_hires_fix(local):
+    with pytest.raises(InputError, match="the hires fix \\(enable_hr\\) is txt2img's"):
+        local.img2img(Img2ImgRequest(**BASE, init_image=b"png", hires=HiresFix()))
