@@ -3,7 +3,7 @@ and the API client (clients/api.py) builds its requests from them.
 
 Field names, defaults and meanings follow AUTOMATIC1111's API models, so its clients work
 unchanged. Unknown fields are ignored as AUTOMATIC1111 ignores them; fields asking for features
-this server does not have (face restoration, tiling, scripts, styles) are refused
+this server does not have (face restoration, tiling, scripts) are refused
 with a 422 naming the field rather than silently ignored. NaN and Infinity are refused
 everywhere.
 """
@@ -100,7 +100,7 @@ class Txt2ImgBody(BaseModel):
     def _unsupported(self):
         refuse = {"firstphase_width": self.firstphase_width, "firstphase_height": self.firstphase_height,
                   "restore_faces": self.restore_faces, "tiling": self.tiling,
-                  "script_name": self.script_name, "styles": self.styles,
+                  "script_name": self.script_name,
                   "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
                   "s_churn": self.s_churn != 0, "s_tmin": self.s_tmin != 0, "s_tmax": self.s_tmax not in (None, 0),
                   "s_noise": self.s_noise != 1, "s_min_uncond": self.s_min_uncond != 0,

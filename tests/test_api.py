@@ -35,9 +35,17 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def api(triton):
+def styles_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("styles") / "styles.csv"
+    path.write_text('name,prompt,negative_prompt\n"painterly","oil painting of {prompt}, thick brush","photo, blurry"\n'
+                    'detailed,"highly detailed, 8k",\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def api(triton, styles_file):
     live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), max_queue=8, workers=8,
-                            limits=Limits(max_steps=500)))
+                            limits=Limits(max_steps=500), styles_file=styles_file))
     yield live
     live.stop()
 
@@ -384,6 +392,32 @@ def test_clip_skip_from_options_and_override_settings(client):
     assert generate()[0] == last
 
 
+def test_styles_from_the_styles_file(client, styles_file):
+    """AUTOMATIC1111's styles.csv: listed, applied in the order named ({prompt} wraps, others append), the same image
+    as the expanded prompt sent as it is; an unknown style is refused, and an edited file is read again."""
+    assert client.get("/sdapi/v1/prompt-styles").json() == [
+        {"name": "painterly", "prompt": "oil painting of {prompt}, thick brush", "negative_prompt": "photo, blurry"},
+        {"name": "detailed", "prompt": "highly detailed, 8k", "negative_prompt": ""}]
+    body = TXT | {"steps": 2, "seed": 8, "prompt": "a cat", "negative_prompt": "dark"}
+    styled = client.post("/sdapi/v1/txt2img", json=body | {"styles": ["painterly", "detailed"]})
+    assert styled.status_code == 200, styled.text
+    expanded = "oil painting of a cat, thick brush, highly detailed, 8k"
+    info = json.loads(styled.json()["info"])
+    assert info["all_prompts"] == [expanded] and info["all_negative_prompts"] == ["dark, photo, blurry"]
+    assert info["styles"] == ["painterly", "detailed"] and info["prompt"] == "a cat"
+    plain = client.post("/sdapi/v1/txt2img", json=body | {"prompt": expanded, "negative_prompt": "dark, photo, blurry"})
+    assert styled.json()["images"] == plain.json()["images"]
+    unknown = client.post("/sdapi/v1/txt2img", json=body | {"styles": ["noir"]})
+    assert unknown.status_code == 422 and "styles: 'noir' is not a style" in unknown.text and "painterly" in unknown.text
+    original = styles_file.read_text()
+    try:
+        styles_file.write_text(original + "noir,black and white,\n")
+        assert [s["name"] for s in client.get("/sdapi/v1/prompt-styles").json()] == ["painterly", "detailed", "noir"]
+        assert client.post("/sdapi/v1/txt2img", json=body | {"styles": ["noir"]}).status_code == 200
+    finally:
+        styles_file.write_text(original)
+
+
 def test_hires_fix_through_the_api(client):
     """enable_hr: AUTOMATIC1111's fields give a picture of the hires size, its infotext and info name the pass; the
     second pass's sampler by name and scheduler, its prompt and its checkpoint (the served one) are honoured."""
@@ -440,7 +474,7 @@ def test_automatic1111_clients_defaults_are_accepted(client):
 
 def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(client):
     """What kiln has, in AUTOMATIC1111's shapes; an empty list where it has none, never an invented entry."""
-    for name in ("sd-vae", "loras", "prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models",
+    for name in ("sd-vae", "loras", "hypernetworks", "face-restorers", "realesrgan-models",
                  "extensions"):
         response = client.get(f"/sdapi/v1/{name}")
         assert response.status_code == 200 and response.json() == [], name

@@ -39,6 +39,10 @@ def add_parser(commands) -> None:
                           "this host and can map it), on (or fail), off (always over gRPC)")
     api.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a generation is a 504")
     api.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
+    api.add_argument("--styles", type=Path, default=Path("styles.csv"),
+                     help="AUTOMATIC1111's styles.csv (name, prompt, negative_prompt) that requests' `styles` name "
+                          "(default: styles.csv in the working directory, where there is one; read again when it "
+                          "changes)")
     serve.set_defaults(run=run)
 
 
@@ -61,7 +65,8 @@ def settings_from(args):
                     workers=args.workers, step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
                     shared_memory=args.shared_memory,
                     request_timeout_s=args.request_timeout, limits=Limits(max_steps=args.max_steps),
-                    cors_origins=names(args.cors_origins), security=security, listen=args.listen, port=args.port)
+                    cors_origins=names(args.cors_origins), security=security, listen=args.listen, port=args.port,
+                    styles_file=args.styles)
 
 
 def run(args) -> int:

@@ -17,6 +17,7 @@ from kiln.errors import InputError, NotFoundError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import resize_init_image
+from kiln.styles import StyleLibrary
 from orchestrator.jobs import Job
 from orchestrator.pipeline import (
     SAMPLERS,
@@ -126,8 +127,10 @@ def check_checkpoint(name: str, contract: SDContract, what: str) -> None:
         raise NotFoundError(f"{what} {name!r}: no such model; this server serves {contract.title!r}")
 
 
-def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, limits: Limits) -> Txt2ImgRequest:
-    """An AUTOMATIC1111 body as the pipeline's request (its checks run in the pipeline's validation, once)."""
+def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, limits: Limits,
+               styles: StyleLibrary | None = None) -> Txt2ImgRequest:
+    """An AUTOMATIC1111 body as the pipeline's request (its checks run in the pipeline's validation, once); the
+    styles it names are applied to its prompts here."""
     for key, value in body.override_settings.items():
         check_setting(key, value, options, APPLIED_OVERRIDES, "override_settings.")
     checkpoint = body.override_settings.get("sd_model_checkpoint")
@@ -135,7 +138,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
         check_checkpoint(checkpoint, contract, "override_settings.sd_model_checkpoint")
     eta = body.eta if body.eta is not None else float(body.override_settings.get("eta_ddim", options["eta_ddim"]))
     clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
-    fields = dict(clip_skip=clip_skip, prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
+    prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
+    fields = dict(clip_skip=clip_skip, prompt=prompt, negative_prompt=negative, steps=body.steps,
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength,
@@ -230,9 +234,11 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
     infos = job.infos
     first = infos[0] if infos else {}
     info = {
-        "prompt": body.prompt, "all_prompts": [body.prompt] * len(infos), "negative_prompt": body.negative_prompt,
-        "all_negative_prompts": [body.negative_prompt] * len(infos), "seed": first.get("seed"),
-        "all_seeds": [i["seed"] for i in infos], "subseed": first.get("subseed", -1),
+        # all_prompts as run (the styles applied), as AUTOMATIC1111 reports them
+        "prompt": body.prompt, "all_prompts": [i.get("prompt", body.prompt) for i in infos],
+        "negative_prompt": body.negative_prompt,
+        "all_negative_prompts": [i.get("negative_prompt", body.negative_prompt) for i in infos],
+        "seed": first.get("seed"), "all_seeds": [i["seed"] for i in infos], "subseed": first.get("subseed", -1),
         "all_subseeds": [s for i in infos for s in i.get("all_subseeds", [-1])][:len(infos)],
         "subseed_strength": body.subseed_strength, "width": body.width, "height": body.height,
         "sampler_name": first.get("sampler"), "cfg_scale": body.cfg_scale, "steps": body.steps,
@@ -241,7 +247,7 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": first.get("denoising_strength"),
         "extra_generation_params": {label: first[key] for key, label in HIRES_FIELDS.items() if key in first},
-        "index_of_first_image": 0, "infotexts": [parameters_text(i) for i in infos], "styles": [],
+        "index_of_first_image": 0, "infotexts": [parameters_text(i) for i in infos], "styles": body.styles,
         "clip_skip": first.get("clip_skip", 1),
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
         "is_using_inpainting_conditioning": False, "version": "kiln-0.1.0",

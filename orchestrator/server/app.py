@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from kiln.styles import StyleLibrary
 from kiln.triton_client import TritonClient
 from orchestrator.jobs import Engine
 from orchestrator.metrics import Metrics
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.options = default_options()
+    app.state.styles = StyleLibrary(settings.styles_file)
     app.state.vit = None  # the ViT client, made on first use
     app.state.probe = TritonClient(settings.triton_url, "grpc", timeout_s=2)  # readiness checks
     app.add_middleware(SecurityMiddleware, options=settings.security)

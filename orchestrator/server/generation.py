@@ -36,8 +36,8 @@ def client_id(request: Request) -> str | None:
 async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family: str) -> Job:
     """Translate, validate (once, in the engine) and queue an AUTOMATIC1111 body; `family`: sdapi or tasks."""
     served = await pipeline(request)
-    generation = await run_in_threadpool(a1111.to_request, body, served.contract,
-                                                  request.app.state.options, served.limits)
+    generation = await run_in_threadpool(a1111.to_request, body, served.contract, request.app.state.options,
+                                         served.limits, request.app.state.styles)
     return await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
         context={"family": family, "body": body}, job_id=body.force_task_id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from orchestrator.jobs import EngineOptions
 from orchestrator.pipeline import Limits
@@ -23,6 +24,7 @@ class Settings:
     security: SecurityOptions = field(default_factory=SecurityOptions)  # auth, rate limit, body cap
     listen: str = "127.0.0.1"  # bind address; off loopback, auth is required
     port: int = 7860
+    styles_file: Path | None = None  # AUTOMATIC1111's styles.csv: what a request's `styles` names (none: no styles)
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(triton_url=self.triton_url, max_queue=self.max_queue, workers=self.workers,

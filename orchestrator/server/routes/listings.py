@@ -15,7 +15,7 @@ from orchestrator.server.generation import engine
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 controlnet = APIRouter(prefix="/controlnet", tags=["controlnet"])
 CONTROLNET_API_VERSION = 2  # sd-webui-controlnet's /controlnet/version: the API generation kiln's units follow
-EMPTY = ("sd-vae", "loras", "prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models",
+EMPTY = ("sd-vae", "loras", "hypernetworks", "face-restorers", "realesrgan-models",
          "extensions")  # kiln has none of these yet: an empty list, never an invented entry
 
 
@@ -34,6 +34,13 @@ async def upscalers() -> list[dict]:
     """AUTOMATIC1111's built-in upscalers, which the extras routes run: "None", "Lanczos", "Nearest" (PIL's resampling;
     no model, so no model name, path or URL; scale 4 is what AUTOMATIC1111 lists for them)."""
     return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for name in UPSCALERS]
+
+
+@router.get("/prompt-styles")
+async def prompt_styles(request: Request) -> list[dict]:
+    """The styles file's entries (kiln serve --styles), in AUTOMATIC1111's shape; none without a file."""
+    return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+            for s in request.app.state.styles.styles().values()]
 
 
 @router.get("/latent-upscale-modes")
