@@ -39,6 +39,7 @@ def parameters_text(info: dict) -> str:
               ("Clip skip", info.get("clip_skip")),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Denoising strength", info.get("denoising_strength")),
+              ("Noise multiplier", info.get("noise_multiplier")),
               *((label, quote(info.get(key))) for key, label in HIRES_FIELDS.items()),
               ("Mask blur", info.get("mask_blur")),
               ("Mask mode", None if "inpainting_mask_invert" not in info

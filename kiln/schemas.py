@@ -83,8 +83,9 @@ class Txt2ImgBody(BaseModel):
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
-    # AUTOMATIC1111's sampler and refiner fields: their defaults (what its clients send) are accepted, anything else
-    # is refused by name until kiln runs it (never accepted and ignored)
+    # AUTOMATIC1111's sampler and refiner fields. The churn (s_churn, s_tmin, s_tmax, s_noise) runs where the sampler
+    # has it (Euler); the others' defaults (what its clients send) are accepted, anything else is refused by name
+    # until kiln runs it (never accepted and ignored)
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float | None = None  # None or 0: no upper bound, as AUTOMATIC1111 reads it
@@ -102,12 +103,10 @@ class Txt2ImgBody(BaseModel):
                   "restore_faces": self.restore_faces, "tiling": self.tiling,
                   "script_name": self.script_name,
                   "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
-                  "s_churn": self.s_churn != 0, "s_tmin": self.s_tmin != 0, "s_tmax": self.s_tmax not in (None, 0),
-                  "s_noise": self.s_noise != 1, "s_min_uncond": self.s_min_uncond != 0,
+                  "s_min_uncond": self.s_min_uncond != 0,
                   "refiner_checkpoint": self.refiner_checkpoint not in (None, "", "None"),
                   "refiner_switch_at": self.refiner_checkpoint not in (None, "", "None")
-                  and self.refiner_switch_at is not None,
-                  "initial_noise_multiplier": self.initial_noise_multiplier not in (None, 1)}
+                  and self.refiner_switch_at is not None}
         for name, value in refuse.items():
             if value:
                 raise ValueError(f"{name} is not supported by this server")

@@ -155,6 +155,29 @@ def test_clip_skip_matches_diffusers(local, reference_pipe, clip_skip):
     assert result.info["clip_skip"] == clip_skip
 
 
+def test_euler_churn_matches_diffusers(local, reference_pipe):
+    """s_churn/s_tmin/s_tmax/s_noise reach diffusers' EulerDiscreteScheduler.step (k-diffusion's sample_euler, which
+    AUTOMATIC1111 runs); diffusers' pipeline never passes them, so its scheduler's step gets them bound here."""
+    import functools
+
+    pipe, config = reference_pipe
+    churn = dict(s_churn=0.8, s_tmin=0.5, s_tmax=10.0, s_noise=1.003)
+    pipe.scheduler = make_scheduler("Euler", config)
+    pipe.scheduler.step = functools.partial(pipe.scheduler.step, **churn)
+    expected = _as_uint8(pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=5, guidance_scale=7.5,
+                              height=64, width=64, generator=torch.Generator().manual_seed(6), output_type="np").images)
+    request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=5, sampler="Euler",
+                             cfg_scale=7.5, seed=6, width=64, height=64, **churn)
+    result = local.txt2img(request)
+    assert _max_diff(result.images, expected) <= 2
+    assert _max_diff(result.images, local.txt2img(replace(request, s_churn=0.0)).images) > 2  # it matters
+    with pytest.raises(InputError, match=r"s_churn 0.8: the Euler a sampler has no churn \(samplers that take it: "
+                                         r"Euler\)"):
+        local.txt2img(replace(request, sampler="Euler a"))
+    with pytest.raises(InputError, match="s_noise must be a non-negative number"):
+        local.txt2img(replace(request, s_noise=float("nan")))
+
+
 def test_seeds_follow_automatic1111(local):
     pair = local.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, seed=100, batch_size=2, width=64, height=64))
     assert pair.seeds == [100, 101]

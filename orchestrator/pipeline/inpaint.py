@@ -60,7 +60,7 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     # diffusers samples the image latents only when it blends (4-channel UNet) or starts from the image.
     image_latents = sample_latents(moments[:1], generators, contract.scaling_factor) \
         if blending or not strength_max else None
-    drawn = noise(shape, generator, variation)
+    drawn = noise(shape, generator, variation) * request.initial_noise_multiplier
     mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:]).repeat(batch, 1, 1, 1)
     if strength_max:
         latents = drawn * scheduler.init_noise_sigma

@@ -22,7 +22,7 @@ from orchestrator.pipeline import hires
 from orchestrator.pipeline.components import Components, Graph, call_graph
 from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
-from orchestrator.pipeline.sampling import batch_seeds, draw_seed, noise, schedule, step_kwargs
+from orchestrator.pipeline.sampling import CHURN, batch_seeds, draw_seed, noise, schedule, step_kwargs
 from orchestrator.pipeline.validate import Limits, check_request
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class Pipeline:
                                                       scheduler, timesteps, variation)
         elif init:
             latents = init_latents(components.vae, contract, request, generators)
-            drawn = noise(shape, generator, variation)
+            drawn = noise(shape, generator, variation) * request.initial_noise_multiplier
             if len(timesteps):
                 latents = scheduler.add_noise(latents, drawn, timesteps[:1].repeat(batch))
         else:
@@ -158,7 +158,7 @@ class Pipeline:
         steps_total = len(timesteps) + (len(second[1]) if second else 0)
         with denoising() if denoising is not None else nullcontext():
             latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, context, cond, inpaint, drawn,
-                                                step_kwargs(scheduler, generator, request.eta),
+                                                step_kwargs(scheduler, generator, request.eta, churn(request)),
                                                 _counting(progress, 0, steps_total), cancelled, stop_early, unet_call)
             if second is not None and stopped_at is None:
                 latents, stopped_at = self._hires_pass(request, latents, context, seeds, variation, second,
@@ -253,7 +253,8 @@ class Pipeline:
             context = np.repeat(self.encode_prompts(prompts, request.clip_skip), len(latents), axis=0)
         pass_two = replace(request, width=planned.size[0], height=planned.size[1], controlnet=None, hires=None)
         return self._denoise(pass_two, scheduler, timesteps, latents, context, [], None, drawn,
-                             step_kwargs(scheduler, generator, request.eta), progress, cancelled, stop_early,
+                             step_kwargs(scheduler, generator, request.eta, churn(request)), progress, cancelled,
+                             stop_early,
                              unet_call)
 
     def _info(self, request: Txt2ImgRequest, seeds: list[int], variation, stopped_at: int | None) -> dict:
@@ -273,6 +274,8 @@ class Pipeline:
             info["stopped_at_step"] = stopped_at
         if isinstance(request, Img2ImgRequest):
             info["denoising_strength"] = request.denoising_strength
+            if request.initial_noise_multiplier != 1:
+                info["noise_multiplier"] = request.initial_noise_multiplier
             if request.inpainting:
                 info |= {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert,
                          "inpainting_fill": request.inpainting_fill}
@@ -282,6 +285,11 @@ class Pipeline:
                                   f"Guidance End: {unit.guidance_end}\""
                                   for unit in request.controlnet_units]
         return info
+
+
+def churn(request: Txt2ImgRequest) -> dict:
+    """The request's churn options (sampling.CHURN), for the samplers that take them."""
+    return {name: getattr(request, name) for name in CHURN}
 
 
 def _counting(progress: ProgressCallback | None, before: int, total: int) -> ProgressCallback | None:

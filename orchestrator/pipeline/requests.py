@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,6 +63,12 @@ class Txt2ImgRequest:
     subseed: int = -1  # variation seed (AUTOMATIC1111): its noise is mixed in by subseed_strength
     subseed_strength: float = 0.0  # 0: the seed's noise alone; 1: the subseed's alone
     clip_skip: int = 1  # AUTOMATIC1111's CLIP_stop_at_last_layers: the text encoder layer, counted from the end
+    # Karras et al.'s stochastic churn, for the samplers that take it (Euler: diffusers' EulerDiscreteScheduler, as
+    # k-diffusion's sample_euler in AUTOMATIC1111): noise added at sigmas in [s_tmin, s_tmax], scaled by s_noise
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = math.inf
+    s_noise: float = 1.0
     hires: HiresFix | None = None  # txt2img only: the hires fix's second pass
 
     @property
@@ -88,6 +95,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     # at width x height, then scale it back into the init image, which keeps its own size.
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 0
+    initial_noise_multiplier: float = 1.0  # AUTOMATIC1111's: the noise the init image is noised with, scaled
 
     @property
     def inpainting(self) -> bool:

@@ -9,6 +9,7 @@ image.
 from __future__ import annotations
 
 import inspect
+import math
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -119,14 +120,24 @@ def preload() -> None:
         _scheduler_class(sampler.scheduler)
 
 
-def step_kwargs(scheduler, generator, eta: float) -> dict:
-    """What diffusers' pipelines pass to scheduler.step: eta and generator, where the scheduler takes them."""
+CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}  # the step options and their defaults
+
+
+def step_options(name: str) -> set[str]:
+    """What the named sampler's scheduler.step takes beyond the model output, timestep and sample."""
+    return set(inspect.signature(_scheduler_class(check_sampler(name).scheduler).step).parameters)
+
+
+def step_kwargs(scheduler, generator, eta: float, churn: dict | None = None) -> dict:
+    """What diffusers' pipelines pass to scheduler.step: eta and generator, where the scheduler takes them; the churn
+    options (CHURN) where it takes them (a request with others than the defaults was checked against the sampler)."""
     accepted = set(inspect.signature(scheduler.step).parameters)
     kwargs = {}
     if "eta" in accepted:
         kwargs["eta"] = eta
     if "generator" in accepted:
         kwargs["generator"] = generator
+    kwargs |= {k: v for k, v in (churn or {}).items() if k in accepted}
     return kwargs
 
 

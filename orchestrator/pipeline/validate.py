@@ -17,7 +17,7 @@ from kiln.masks import INPAINTING_FILL
 from kiln.prompts import check_prompt_syntax
 from orchestrator.pipeline import hires
 from orchestrator.pipeline.requests import ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
-from orchestrator.pipeline.sampling import MAX_SEED, check_sampler
+from orchestrator.pipeline.sampling import CHURN, MAX_SEED, SAMPLERS, check_sampler, step_options
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             raise InputError(f"{name} must be -1 (random) or in [0, 2^32 - 1], got {value!r}")
     _number_in("subseed_strength", request.subseed_strength, 0, 1)
     check_sampler(request.sampler)
+    _check_churn(request)
     if request.hires is not None:
         _check_hires(request, contract, limits)
     if not _is_int(request.clip_skip) or not 1 <= request.clip_skip <= max(1, contract.clip_skip_layers):
@@ -75,6 +76,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         if not request.init_image:
             raise InputError("init_image is empty")
         _number_in("denoising_strength", request.denoising_strength, 0, 1)
+        _number_in("initial_noise_multiplier", request.initial_noise_multiplier, 0, 2)
         _integer_in("mask_blur", request.mask_blur, 0, limits.max_mask_blur)
         if request.inpainting_fill not in INPAINTING_FILL:
             valid = ", ".join(f"{k} ({v})" for k, v in INPAINTING_FILL.items())
@@ -96,6 +98,22 @@ def check_job(request: Txt2ImgRequest, n_iter: int, limits: Limits = Limits()) -
     if images > limits.max_images:
         raise InputError(f"batch_size x n_iter = {images} images exceeds the limit of {limits.max_images} "
                          "per request")
+
+
+def _check_churn(request: Txt2ImgRequest) -> None:
+    """s_churn, s_tmin, s_tmax, s_noise: numbers, and other than their defaults only for samplers that take them."""
+    for name, default in CHURN.items():
+        value = getattr(request, name)
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value) or value < 0 or \
+                (math.isinf(value) and name != "s_tmax"):
+            raise InputError(f"{name} must be a non-negative number, got {value!r}")
+        if value != default:
+            second = getattr(request.hires, "sampler", None)
+            for sampler in sorted({request.sampler} | ({second} if second else set())):
+                if name not in step_options(sampler):
+                    takers = ", ".join(n for n in SAMPLERS if name in step_options(n))
+                    raise InputError(f"{name} {value!r}: the {sampler} sampler has no churn (samplers that take it: "
+                                     f"{takers})")
 
 
 def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) -> None:

@@ -142,9 +142,14 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     fields = dict(clip_skip=clip_skip, prompt=prompt, negative_prompt=negative, steps=body.steps,
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
-                  subseed_strength=body.subseed_strength,
+                  subseed_strength=body.subseed_strength, s_churn=body.s_churn, s_tmin=body.s_tmin,
+                  s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise,
                   controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height))
+    multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     if not isinstance(body, schemas.Img2ImgBody):
+        if multiplier != 1:
+            raise InputError("initial_noise_multiplier scales img2img's noise; txt2img has no use for it "
+                             "(AUTOMATIC1111 ignores it there)")
         return Txt2ImgRequest(**fields, hires=hires_fix(body, contract))
     if body.enable_hr:
         raise InputError("enable_hr: the hires fix is txt2img's; img2img has none")
@@ -161,7 +166,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     return Img2ImgRequest(**fields, init_image=init, denoising_strength=body.denoising_strength, mask=mask,
                           mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
-                          inpaint_full_res_padding=body.inpaint_full_res_padding)
+                          inpaint_full_res_padding=body.inpaint_full_res_padding,
+                          initial_noise_multiplier=multiplier)
 
 
 # sd-webui-controlnet's resize modes for the control image, by number and by name
