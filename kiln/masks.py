@@ -21,8 +21,19 @@ INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothi
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize (latent upscale)"}
 
 
-def soft_mask(data: bytes, width: int, height: int, blur: int, invert: bool) -> Image.Image:
-    """The mask as a PIL "L" image, white = repaint: AUTOMATIC1111's invert, then its Gaussian blur.
+Blur = int | tuple[int, int]  # the mask's Gaussian blur: one radius, or (x, y) (AUTOMATIC1111's mask_blur_x/y)
+
+
+def blur_radius(blur: Blur) -> int | None:
+    """The infotext's "Mask blur": the one radius; None for separate x and y radii (AUTOMATIC1111 writes none)."""
+    if isinstance(blur, tuple):
+        return blur[0] if blur[0] == blur[1] else None
+    return blur
+
+
+def soft_mask(data: bytes, width: int, height: int, blur: Blur, invert: bool) -> Image.Image:
+    """The mask as a PIL "L" image, white = repaint: AUTOMATIC1111's invert, then its Gaussian blur (one radius, or
+    separate x and y radii).
 
     A partly transparent mask is read by its alpha channel (opaque = repaint), as AUTOMATIC1111 does.
     """
@@ -36,12 +47,13 @@ def soft_mask(data: bytes, width: int, height: int, blur: int, invert: bool) -> 
         mask = rgb.convert("L")
     if invert:
         mask = ImageOps.invert(mask)
-    if blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    x, y = blur if isinstance(blur, tuple) else (blur, blur)
+    if x > 0 or y > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur((x, y)))
     return mask
 
 
-def inpaint_mask(data: bytes, width: int, height: int, blur: int, invert: bool) -> np.ndarray:
+def inpaint_mask(data: bytes, width: int, height: int, blur: Blur, invert: bool) -> np.ndarray:
     """The mask (1, height, width) the pipeline uses: the soft mask, then diffusers' binarize (1 = repaint)."""
     values = unit_range(soft_mask(data, width, height, blur, invert))
     return np.where(values < 0.5, np.float32(0), np.float32(1))
@@ -89,7 +101,7 @@ def fill_masked(image: Image.Image, mask: np.ndarray) -> Image.Image:
     return result.convert("RGB")
 
 
-def paste_outside_mask(images: np.ndarray, init_image: bytes, mask: bytes, width: int, height: int, blur: int,
+def paste_outside_mask(images: np.ndarray, init_image: bytes, mask: bytes, width: int, height: int, blur: Blur,
                        invert: bool) -> np.ndarray:
     """AUTOMATIC1111's overlay: the init image over each result, opaque where the blurred mask keeps it."""
     original = np.asarray(resized_rgb(init_image, width, height), dtype=np.float32)

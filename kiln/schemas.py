@@ -142,8 +142,6 @@ class Img2ImgBody(Txt2ImgBody):
         if self.resize_mode == 3:
             raise ValueError("resize_mode 3 (just resize, latent upscale) is not supported by this server; "
                              "0, 1 and 2 are")
-        if None not in (self.mask_blur_x, self.mask_blur_y) and self.mask_blur_x != self.mask_blur_y:
-            raise ValueError("mask_blur_x and mask_blur_y differ: this server blurs masks by one radius (mask_blur)")
         return self
 
 

@@ -287,7 +287,8 @@ BAD_IMAGES = [
     ({"init_images": []}, 422, "init_images"),
     ({"init_images": [_b64(_png())], "resize_mode": 3}, 422, "resize_mode 3"),
     ({"init_images": [_b64(_png())], "latent_mask": _b64(_png())}, 422, "latent_mask"),
-    ({"init_images": [_b64(_png())], "mask_blur_x": 2, "mask_blur_y": 8}, 422, "mask_blur_x and mask_blur_y"),
+    ({"init_images": [_b64(_png())], "mask": _b64(_png()), "mask_blur_x": 2, "mask_blur_y": 99}, 422,
+     "mask_blur_y must be between 0 and 64, got 99"),
 ]
 
 
@@ -391,6 +392,24 @@ def test_clip_skip_from_options_and_override_settings(client):
     finally:
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
     assert generate()[0] == last
+
+
+def test_separate_mask_blurs(client):
+    """mask_blur_x/mask_blur_y blur the mask by their own radii (AUTOMATIC1111); mask_blur, where sent, sets both."""
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    body = TXT | {"steps": 2, "seed": 3, "init_images": [_b64(_png())], "mask": _b64(encode(mask)),
+                  "inpaint_full_res": False, "denoising_strength": 0.8}
+
+    def pixels(**blur) -> np.ndarray:
+        response = client.post("/sdapi/v1/img2img", json=body | blur)
+        assert response.status_code == 200, response.text
+        return _decode(response.json()["images"][0])[0]
+
+    across, down = pixels(mask_blur_x=8, mask_blur_y=0), pixels(mask_blur_x=0, mask_blur_y=8)
+    assert not np.array_equal(across, down)
+    assert np.array_equal(pixels(mask_blur_x=8, mask_blur_y=8), pixels(mask_blur=8))
+    assert np.array_equal(pixels(mask_blur=0, mask_blur_x=8), pixels(mask_blur=0))  # mask_blur sets both
 
 
 def test_initial_noise_multiplier_scales_img2img_noise(client):

@@ -11,7 +11,7 @@ import numpy as np
 
 from kiln.contract import SDContract
 from kiln.imaging import ImageLimits, decode_image, encode_png, resized_rgb, unit_range, vae_input
-from kiln.masks import crop_region, fill_masked, inpaint_mask, soft_mask
+from kiln.masks import blur_radius, crop_region, fill_masked, inpaint_mask, soft_mask
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest
 from orchestrator.pipeline.sampling import noise
@@ -107,7 +107,7 @@ def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request:
         if request.overlay:
             canvas.paste(original, (0, 0), keep)  # the init image back outside the blurred mask
         images.append(np.asarray(canvas, dtype=np.uint8))
-    info = result.info | {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert,
-                          "inpaint_full_res": True, "inpaint_full_res_padding": request.inpaint_full_res_padding,
-                          "inpaint_region": list(box)}
+    info = result.info | {"mask_blur": blur_radius(request.mask_blur),
+                          "inpainting_mask_invert": request.inpainting_mask_invert, "inpaint_full_res": True,
+                          "inpaint_full_res_padding": request.inpaint_full_res_padding, "inpaint_region": list(box)}
     return GenerationResult(images=np.stack(images), seeds=result.seeds, info=info)

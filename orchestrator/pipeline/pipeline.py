@@ -17,7 +17,7 @@ import numpy as np
 
 from kiln.control import control_image
 from kiln.errors import InputError
-from kiln.masks import paste_outside_mask
+from kiln.masks import blur_radius, paste_outside_mask
 from orchestrator.pipeline import hires
 from orchestrator.pipeline.components import Components, Graph, call_graph
 from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked, sample_latents
@@ -277,8 +277,8 @@ class Pipeline:
             if request.initial_noise_multiplier != 1:
                 info["noise_multiplier"] = request.initial_noise_multiplier
             if request.inpainting:
-                info |= {"mask_blur": request.mask_blur, "inpainting_mask_invert": request.inpainting_mask_invert,
-                         "inpainting_fill": request.inpainting_fill}
+                info |= {"mask_blur": blur_radius(request.mask_blur),
+                         "inpainting_mask_invert": request.inpainting_mask_invert, "inpainting_fill": request.inpainting_fill}
         if request.controlnet_units:
             info["controlnet"] = [f"\"Module: {unit.module}, Model: {contract.controlnet(unit.model).title}, "
                                   f"Weight: {unit.weight}, Guidance Start: {unit.guidance_start}, "

@@ -77,7 +77,11 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             raise InputError("init_image is empty")
         _number_in("denoising_strength", request.denoising_strength, 0, 1)
         _number_in("initial_noise_multiplier", request.initial_noise_multiplier, 0, 2)
-        _integer_in("mask_blur", request.mask_blur, 0, limits.max_mask_blur)
+        blurs = request.mask_blur if isinstance(request.mask_blur, tuple) else (request.mask_blur,)
+        if len(blurs) not in (1, 2):
+            raise InputError(f"mask_blur must be one radius or (x, y), got {request.mask_blur!r}")
+        for axis, blur in zip(("", "_x", "_y")[len(blurs) - 1:], blurs):
+            _integer_in(f"mask_blur{axis}", blur, 0, limits.max_mask_blur)
         if request.inpainting_fill not in INPAINTING_FILL:
             valid = ", ".join(f"{k} ({v})" for k, v in INPAINTING_FILL.items())
             raise InputError(f"inpainting_fill must be one of {valid}, got {request.inpainting_fill!r}")

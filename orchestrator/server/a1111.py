@@ -160,8 +160,11 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     # "Only masked" crops the init image as it is; resize_mode shapes the whole picture otherwise (as AUTOMATIC1111).
     if not (mask and body.inpaint_full_res):
         init = resize_init_image(init, body.width, body.height, body.resize_mode)
-    blur = body.mask_blur if body.mask_blur_x is None and body.mask_blur_y is None \
-        else max(body.mask_blur_x or 0, body.mask_blur_y or 0)
+    # AUTOMATIC1111: mask_blur, where sent, sets both radii; mask_blur_x and mask_blur_y otherwise (4 each by default)
+    blur = body.mask_blur
+    if "mask_blur" not in body.model_fields_set and (body.mask_blur_x, body.mask_blur_y) != (None, None):
+        x, y = (4 if v is None else v for v in (body.mask_blur_x, body.mask_blur_y))
+        blur = x if x == y else (x, y)
     # AUTOMATIC1111 pastes the original back outside the mask: clients expect the kept area untouched.
     return Img2ImgRequest(**fields, init_image=init, denoising_strength=body.denoising_strength, mask=mask,
                           mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
