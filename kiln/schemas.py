@@ -121,7 +121,8 @@ class Txt2ImgBody(BaseModel):
 
 class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] = Field(default_factory=list)
-    resize_mode: int = Field(0, ge=0, le=3)  # 0 just resize, 1 crop and resize, 2 resize and fill (3: refused)
+    # 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)
+    resize_mode: int = Field(0, ge=0, le=3)
     denoising_strength: float = 0.75
     mask: str | None = None
     mask_blur: int = 4
@@ -139,9 +140,6 @@ class Img2ImgBody(Txt2ImgBody):
     def _unsupported_img2img(self):
         if self.latent_mask:
             raise ValueError("latent_mask is not supported by this server")
-        if self.resize_mode == 3:
-            raise ValueError("resize_mode 3 (just resize, latent upscale) is not supported by this server; "
-                             "0, 1 and 2 are")
         return self
 
 

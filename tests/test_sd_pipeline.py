@@ -254,6 +254,33 @@ def test_img2img_matches_diffusers(local, reference_pipe, init_image_png, sample
     assert result.info["denoising_strength"] == strength
 
 
+def test_latent_resize_matches_diffusers(local, reference_pipe):
+    """resize_mode 3: the init image (96x48) encoded at its own size, its latents resized (bilinear) to 64x64, then
+    img2img; diffusers' img2img takes those latents as its image (4 channels), with the generator that sampled them."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe, config = reference_pipe
+    picture = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((96, 48), Image.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    reference = StableDiffusionImg2ImgPipeline(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = make_scheduler("Euler", config)
+    generator = torch.Generator().manual_seed(19)
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)
+    with torch.inference_mode():
+        latents = pipe.vae.encode(pixels).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
+        side = 64 // 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # 64 pixels, in latents
+        latents = torch.nn.functional.interpolate(latents, size=(side, side), mode="bilinear")
+    expected = _as_uint8(reference("a cat", image=latents, strength=0.7, num_inference_steps=5, guidance_scale=7.5,
+                                   generator=generator, output_type="np").images)
+    request = Img2ImgRequest(prompt="a cat", init_image=buffer.getvalue(), denoising_strength=0.7, steps=5,
+                             sampler="Euler", cfg_scale=7.5, seed=19, width=64, height=64, latent_resize=True)
+    result = local.img2img(request)
+    assert _max_diff(result.images, expected) <= 2
+    assert _max_diff(result.images, local.img2img(replace(request, latent_resize=False)).images) > 2
+
+
 def test_img2img_bad_inputs(local, init_image_png):
     base = dict(prompt="a cat", steps=2, seed=1, width=64, height=64, init_image=init_image_png)
     for change, message in [({"denoising_strength": 1.5}, "denoising_strength must be in"),

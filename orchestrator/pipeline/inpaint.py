@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kiln.contract import SDContract
-from kiln.imaging import ImageLimits, decode_image, encode_png, resized_rgb, unit_range, vae_input
+from kiln.imaging import ImageLimits, decode_image, encode_png, header_size, resized_rgb, unit_range, vae_input
 from kiln.masks import blur_radius, crop_region, fill_masked, inpaint_mask, soft_mask
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest
@@ -35,8 +35,20 @@ def init_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, genera
     """Encode the init image and sample its latents with each image's own generator (diffusers' retrieve_latents)."""
     import torch
 
-    moments = vae.encode_image(request.init_image, request.width, request.height)
-    return sample_latents(torch.from_numpy(moments), generators, contract.scaling_factor)
+    if not request.latent_resize:
+        moments = vae.encode_image(request.init_image, request.width, request.height)
+        return sample_latents(torch.from_numpy(moments), generators, contract.scaling_factor)
+    width, height = own_size(request.init_image)
+    latents = sample_latents(torch.from_numpy(vae.encode_image(request.init_image, width, height)), generators,
+                             contract.scaling_factor)
+    size = (request.height // contract.vae_scale_factor, request.width // contract.vae_scale_factor)
+    return torch.nn.functional.interpolate(latents, size=size, mode="bilinear")
+
+
+def own_size(init_image: bytes) -> tuple[int, int]:
+    """resize_mode 3: the init image's own size, each side down to a multiple of 8 (what the VAE encodes)."""
+    width, height = header_size(init_image, "init image")
+    return width // 8 * 8, height // 8 * 8
 
 
 def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, shape: tuple, generators: list,

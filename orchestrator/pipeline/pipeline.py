@@ -277,8 +277,8 @@ class Pipeline:
             if request.initial_noise_multiplier != 1:
                 info["noise_multiplier"] = request.initial_noise_multiplier
             if request.inpainting:
-                info |= {"mask_blur": blur_radius(request.mask_blur),
-                         "inpainting_mask_invert": request.inpainting_mask_invert, "inpainting_fill": request.inpainting_fill}
+                info |= {"mask_blur": blur_radius(request.mask_blur), "inpainting_fill": request.inpainting_fill,
+                         "inpainting_mask_invert": request.inpainting_mask_invert}
         if request.controlnet_units:
             info["controlnet"] = [f"\"Module: {unit.module}, Model: {contract.controlnet(unit.model).title}, "
                                   f"Weight: {unit.weight}, Guidance Start: {unit.guidance_start}, "

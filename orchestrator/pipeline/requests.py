@@ -97,6 +97,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 0
     initial_noise_multiplier: float = 1.0  # AUTOMATIC1111's: the noise the init image is noised with, scaled
+    # AUTOMATIC1111's resize_mode 3 ("just resize (latent upscale)"): the init image is encoded at its own size (to
+    # a multiple of 8 below), and its latents are resized (bilinear) to width x height
+    latent_resize: bool = False
 
     @property
     def inpainting(self) -> bool:

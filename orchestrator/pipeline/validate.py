@@ -16,6 +16,7 @@ from kiln.errors import InputError, TooLargeError
 from kiln.masks import INPAINTING_FILL
 from kiln.prompts import check_prompt_syntax
 from orchestrator.pipeline import hires
+from orchestrator.pipeline.inpaint import own_size
 from orchestrator.pipeline.requests import ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import CHURN, MAX_SEED, SAMPLERS, check_sampler, step_options
 
@@ -77,6 +78,8 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             raise InputError("init_image is empty")
         _number_in("denoising_strength", request.denoising_strength, 0, 1)
         _number_in("initial_noise_multiplier", request.initial_noise_multiplier, 0, 2)
+        if request.latent_resize:
+            _check_latent_resize(request, contract)
         blurs = request.mask_blur if isinstance(request.mask_blur, tuple) else (request.mask_blur,)
         if len(blurs) not in (1, 2):
             raise InputError(f"mask_blur must be one radius or (x, y), got {request.mask_blur!r}")
@@ -102,6 +105,17 @@ def check_job(request: Txt2ImgRequest, n_iter: int, limits: Limits = Limits()) -
     if images > limits.max_images:
         raise InputError(f"batch_size x n_iter = {images} images exceeds the limit of {limits.max_images} "
                          "per request")
+
+
+def _check_latent_resize(request: Img2ImgRequest, contract: SDContract) -> None:
+    """resize_mode 3 encodes the init image at its own size: that size must be one the VAE encoder was built for."""
+    if request.inpainting:
+        raise InputError("resize_mode 3 (latent upscale) with a mask is not supported; 0, 1 and 2 are")
+    width, height = own_size(request.init_image)
+    if not (contract.min_size <= width <= contract.max_size and contract.min_size <= height <= contract.max_size):
+        raise InputError(f"resize_mode 3 encodes the init image at its own size, {width}x{height} (sides down to a "
+                         f"multiple of 8), outside the built profile [{contract.min_size}, {contract.max_size}]; "
+                         "resize it first or use resize_mode 0")
 
 
 def _check_churn(request: Txt2ImgRequest) -> None:

@@ -170,7 +170,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
-                          initial_noise_multiplier=multiplier)
+                          initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3)
 
 
 # sd-webui-controlnet's resize modes for the control image, by number and by name
