@@ -113,9 +113,6 @@ class Txt2ImgBody(BaseModel):
         if self.override_settings and not self.override_settings_restore_afterwards:
             raise ValueError("override_settings_restore_afterwards false is not supported by this server: "
                              "override_settings apply to this request only (POST /sdapi/v1/options changes settings)")
-        if self.save_images:
-            raise ValueError("save_images is not supported by this server: it keeps no outputs folder; the response "
-                             "carries the images (with their infotext)")
         return self
 
 

@@ -43,9 +43,14 @@ def styles_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def api(triton, styles_file):
+def outputs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("outputs")
+
+
+@pytest.fixture(scope="module")
+def api(triton, styles_file, outputs_dir):
     live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port(), max_queue=8, workers=8,
-                            limits=Limits(max_steps=500), styles_file=styles_file))
+                            limits=Limits(max_steps=500), styles_file=styles_file, outputs_dir=outputs_dir))
     yield live
     live.stop()
 
@@ -244,7 +249,6 @@ BAD = [
     ({"s_min_uncond": 0.2}, 422, "s_min_uncond"),
     ({"refiner_checkpoint": "sdxl_refiner", "refiner_switch_at": 0.8}, 422, "refiner_checkpoint"),
     ({"initial_noise_multiplier": 0.9}, 422, "initial_noise_multiplier scales img2img's noise"),
-    ({"save_images": True}, 422, "save_images"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "control_mode": "My prompt is more "
                                                     "important"}]}}}, 422, "control_mode"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "resize_mode": "Resize and Fill"}]}}},
@@ -394,6 +398,27 @@ def test_clip_skip_from_options_and_override_settings(client):
     finally:
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
     assert generate()[0] == last
+
+
+def test_save_images_writes_the_outputs_folder(client, outputs_dir):
+    """save_images: each image of the job as a PNG with its infotext under outputs/txt2img-images/<date>/ (numbered on
+    from the folder's highest), img2img's under img2img-images; do_not_save_samples and the default write nothing."""
+    body = TXT | {"steps": 1, "seed": 30, "batch_size": 2}
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+    assert not list(outputs_dir.rglob("*.png"))
+    saved = client.post("/sdapi/v1/txt2img", json=body | {"save_images": True})
+    assert saved.status_code == 200, saved.text
+    days = list((outputs_dir / "txt2img-images").iterdir())
+    assert len(days) == 1 and sorted(p.name for p in days[0].iterdir()) == ["00000-30.png", "00001-31.png"]
+    written = Image.open(days[0] / "00001-31.png")
+    assert np.array_equal(np.asarray(written.convert("RGB")), _decode(saved.json()["images"][1])[0])
+    assert "Seed: 31" in written.info["parameters"]
+    client.post("/sdapi/v1/txt2img", json=body | {"save_images": True, "batch_size": 1, "seed": 40})
+    assert (days[0] / "00002-40.png").is_file()
+    client.post("/sdapi/v1/txt2img", json=body | {"save_images": True, "do_not_save_samples": True})
+    assert len(list(days[0].iterdir())) == 3
+    client.post("/sdapi/v1/img2img", json=body | {"save_images": True, "init_images": [_b64(_png())], "batch_size": 1})
+    assert [p.name for p in (outputs_dir / "img2img-images").rglob("*.png")] == ["00000-30.png"]
 
 
 def test_separate_mask_blurs(client):

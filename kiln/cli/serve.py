@@ -43,6 +43,13 @@ def add_parser(commands) -> None:
                      help="AUTOMATIC1111's styles.csv (name, prompt, negative_prompt) that requests' `styles` name "
                           "(default: styles.csv in the working directory, where there is one; read again when it "
                           "changes)")
+    api.add_argument("--embeddings", type=Path, metavar="DIR",
+                     help="AUTOMATIC1111's textual-inversion embeddings (.safetensors; a prompt uses one by its file's "
+                          "name); default: embeddings/ in the working directory, where there is one; read again when "
+                          "a file is added or removed and on POST /sdapi/v1/refresh-embeddings")
+    api.add_argument("--outputs", type=Path, default=Path("outputs"), metavar="DIR",
+                     help="where requests with save_images write their PNGs (with the infotext), as AUTOMATIC1111: "
+                          "DIR/txt2img-images/<date>/, DIR/img2img-images/<date>/ (default: outputs)")
     serve.set_defaults(run=run)
 
 
@@ -60,13 +67,16 @@ def settings_from(args):
     security = SecurityOptions(credentials=tuple(parse_credentials(args.api_auth)), api_keys=names(args.api_keys or ""),
                                rate_limit_per_minute=args.rate_limit)
     check_exposure(args.listen, security)
+    if args.embeddings is not None and not args.embeddings.is_dir():
+        raise KilnError(f"--embeddings {args.embeddings}: no such folder")
     host = "127.0.0.1" if args.address in ("0.0.0.0", "") else args.address
     return Settings(triton_url=args.triton_url or f"{host}:{args.grpc_port}", max_queue=args.queue_size,
                     workers=args.workers, step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
                     shared_memory=args.shared_memory,
                     request_timeout_s=args.request_timeout, limits=Limits(max_steps=args.max_steps),
                     cors_origins=names(args.cors_origins), security=security, listen=args.listen, port=args.port,
-                    styles_file=args.styles)
+                    styles_file=args.styles, outputs_dir=args.outputs,
+                    embeddings_dir=args.embeddings or Path("embeddings"))
 
 
 def run(args) -> int:

@@ -4,6 +4,7 @@ answering with it. A job keeps its body and route family in its `context`."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -13,6 +14,9 @@ from orchestrator.jobs import Engine, Job, Status
 from orchestrator.pipeline import Pipeline
 from orchestrator.server import a1111
 from orchestrator.server.errors import APIError, api_error
+from orchestrator.server.outputs import save_job_images
+
+log = logging.getLogger("kiln.api")
 
 
 def engine(request: Request) -> Engine:
@@ -38,9 +42,22 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
     served = await pipeline(request)
     generation = await run_in_threadpool(a1111.to_request, body, served.contract, request.app.state.options,
                                          served.limits, request.app.state.styles)
-    return await run_in_threadpool(lambda: engine(request).submit(
+    job = await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
         context={"family": family, "body": body}, job_id=body.force_task_id))
+    if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
+        job.future.add_done_callback(lambda _done: _save(job, request.app.state.settings.outputs_dir))
+    return job
+
+
+def _save(job: Job, folder) -> None:
+    try:
+        paths = save_job_images(job, folder)
+    except OSError as exc:  # the images are still answered; the outputs folder's trouble is the log's
+        log.error("save_images: could not write job %s's images to %s: %s", job.id, folder, exc)
+        return
+    if paths:
+        log.info("save_images: job %s wrote %s", job.id, ", ".join(str(p) for p in paths))
 
 
 def own(request: Request, job: Job | None, family: str) -> bool:

@@ -25,6 +25,8 @@ class Settings:
     listen: str = "127.0.0.1"  # bind address; off loopback, auth is required
     port: int = 7860
     styles_file: Path | None = None  # AUTOMATIC1111's styles.csv: what a request's `styles` names (none: no styles)
+    outputs_dir: Path = Path("outputs")  # where save_images writes (txt2img-images/<date>/, img2img-images/<date>/)
+    embeddings_dir: Path | None = None  # textual-inversion embeddings prompts may name by file stem (none: none)
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(triton_url=self.triton_url, max_queue=self.max_queue, workers=self.workers,
