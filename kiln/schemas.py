@@ -35,6 +35,19 @@ class ControlNetUnitArgs(BaseModel):
     resize_mode: Any = None
     control_mode: Any = 0
     pixel_perfect: bool = False
+    mask: Any = None  # a unit's own inpainting mask: refused
+    mask_image: Any = None
+    low_vram: bool = False  # a memory strategy of the extension's (offloading); the result is the same either way
+    lowvram: bool = False  # its older name
+    guess_mode: bool = False  # the old name of control_mode 2: refused, as that is
+    guessmode: bool = False
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("mask", "mask_image", "guess_mode", "guessmode"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by this server")
+        return self
 
 
 class Txt2ImgBody(BaseModel):
@@ -96,12 +109,17 @@ class Txt2ImgBody(BaseModel):
     initial_noise_multiplier: float | None = None
     force_task_id: str | None = Field(None, min_length=1, max_length=128,
                                       description="the task id to give this job (progress?id_task= follows it)")
+    disable_extra_networks: bool = False  # extra-network tags (<lora:...>) are taken out of the prompts, not run
+    firstpass_image: str | None = None  # hires fix from a given first pass: refused
+    comments: dict[str, Any] | None = None  # AUTOMATIC1111 discards a request's own: refused unless empty
+    infotext: str | None = None  # AUTOMATIC1111 1.8+ fills the request from an infotext: refused
 
     @model_validator(mode="after")
     def _unsupported(self):
         refuse = {"firstphase_width": self.firstphase_width, "firstphase_height": self.firstphase_height,
                   "restore_faces": self.restore_faces, "tiling": self.tiling,
-                  "script_name": self.script_name,
+                  "script_name": self.script_name, "script_args": self.script_args,
+                  "firstpass_image": self.firstpass_image, "comments": self.comments, "infotext": self.infotext,
                   "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
                   "s_min_uncond": self.s_min_uncond != 0,
                   "refiner_checkpoint": self.refiner_checkpoint not in (None, "", "None"),
@@ -129,14 +147,21 @@ class Img2ImgBody(Txt2ImgBody):
     inpaint_full_res: bool = True  # "only masked": inpaint a crop around the mask, paste it back
     inpaint_full_res_padding: int = Field(0, ge=0, le=1024)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
-    image_cfg_scale: float | None = None  # instruct-pix2pix only in AUTOMATIC1111 too: other models ignore it there
+    image_cfg_scale: float | None = None  # instruct-pix2pix only: anything but the default refused
     include_init_images: bool = False
     latent_mask: str | None = None
+    mask_round: bool = True  # the mask binarized for the latents (diffusers' and kiln's way); false is refused
 
     @model_validator(mode="after")
     def _unsupported_img2img(self):
         if self.latent_mask:
             raise ValueError("latent_mask is not supported by this server")
+        if not self.mask_round:
+            raise ValueError("mask_round false is not supported by this server: the mask is binarized at 0.5 for the "
+                             "latents")
+        if self.image_cfg_scale not in (None, 1.5):
+            raise ValueError("image_cfg_scale is instruct-pix2pix's image guidance; this server serves no such model "
+                             "(1.5, AUTOMATIC1111's default that its clients send, is accepted)")
         return self
 
 

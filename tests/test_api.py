@@ -402,7 +402,8 @@ def test_clip_skip_from_options_and_override_settings(client):
 
 def test_save_images_writes_the_outputs_folder(client, outputs_dir):
     """save_images: each image of the job as a PNG with its infotext under outputs/txt2img-images/<date>/ (numbered on
-    from the folder's highest), img2img's under img2img-images; do_not_save_samples and the default write nothing."""
+    from the folder's highest) and their grid under txt2img-grids, img2img's under img2img-images;
+    do_not_save_samples and the default write nothing, do_not_save_grid no grid."""
     body = TXT | {"steps": 1, "seed": 30, "batch_size": 2}
     assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
     assert not list(outputs_dir.rglob("*.png"))
@@ -417,8 +418,13 @@ def test_save_images_writes_the_outputs_folder(client, outputs_dir):
     assert (days[0] / "00002-40.png").is_file()
     client.post("/sdapi/v1/txt2img", json=body | {"save_images": True, "do_not_save_samples": True})
     assert len(list(days[0].iterdir())) == 3
+    grids = list((outputs_dir / "txt2img-grids").rglob("*.png"))  # the two-image job's grid: 1 row, 2 columns
+    assert [p.name for p in grids] == ["grid-0000.png"] and Image.open(grids[0]).size == (128, 64)
+    client.post("/sdapi/v1/txt2img", json=body | {"save_images": True, "do_not_save_grid": True})
+    assert len(list((outputs_dir / "txt2img-grids").rglob("*.png"))) == 1
     client.post("/sdapi/v1/img2img", json=body | {"save_images": True, "init_images": [_b64(_png())], "batch_size": 1})
     assert [p.name for p in (outputs_dir / "img2img-images").rglob("*.png")] == ["00000-30.png"]
+    assert len(list(days[0].iterdir())) == 5  # the grid-less job's two images
 
 
 def test_separate_mask_blurs(client):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import time
 from typing import Any
 
@@ -44,6 +45,8 @@ ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.ite
 SCHEDULER_SUFFIX = {"automatic": "", "uniform": "", "karras": " Karras"}
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
                 "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str}
+ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta
+EXTRA_NETWORK_TAG = re.compile(r"<\w+:[^>]*>")  # AUTOMATIC1111's extra-network syntax, as kiln.prompts reads it
 # what one request's override_settings can change
 APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers")
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -68,21 +71,38 @@ def default_options() -> dict:
 
 
 # -- sampler names ---------------------------------------------------------------------------------
+def hires_fix_sampler(body: schemas.Txt2ImgBody) -> str:
+    """The hires pass's sampler: hr_sampler_name (default: the first pass's) with hr_scheduler (default: its)."""
+    return sampler_name(body.model_copy(update={"sampler_name": body.hr_sampler_name or body.sampler_name,
+                                                "scheduler": body.hr_scheduler or body.scheduler}))
+
+
 def hires_fix(body: schemas.Txt2ImgBody, contract: SDContract) -> HiresFix | None:
     """The hires fix an AUTOMATIC1111 txt2img body asks for (enable_hr and its hr_* fields), or None."""
     if not body.enable_hr:
         return None
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         check_checkpoint(body.hr_checkpoint_name, contract, "hr_checkpoint_name")
-    sampler = None
-    if body.hr_sampler_name or body.hr_scheduler:
-        sampler = sampler_name(body.model_copy(update={"sampler_name": body.hr_sampler_name or body.sampler_name,
-                                                       "scheduler": body.hr_scheduler or body.scheduler}))
+    sampler = hires_fix_sampler(body) if body.hr_sampler_name or body.hr_scheduler else None
     strength = 0.75 if body.denoising_strength is None else body.denoising_strength
     return HiresFix(scale=body.hr_scale, resize_x=body.hr_resize_x, resize_y=body.hr_resize_y,
                     upscaler=body.hr_upscaler or DEFAULT_UPSCALER, steps=body.hr_second_pass_steps,
                     denoising_strength=strength, prompt=body.hr_prompt or None,
                     negative_prompt=body.hr_negative_prompt or None, sampler=sampler)
+
+
+def _check_eta(body: schemas.Txt2ImgBody) -> None:
+    """eta scales the ancestral noise of AUTOMATIC1111's ancestral and SDE samplers (k-diffusion's, 1 by default);
+    diffusers' schedulers for them take none, so only 1 runs as asked there. DDIM takes eta (its own, 0 by default);
+    the other samplers have none in AUTOMATIC1111 either."""
+    if body.eta is None or body.eta == 1:
+        return
+    samplers = {sampler_name(body)}
+    if body.enable_hr and (body.hr_sampler_name or body.hr_scheduler):
+        samplers.add(hires_fix_sampler(body))
+    for sampler in sorted(samplers & ETA_ANCESTRAL):
+        raise InputError(f"eta {body.eta:g}: the {sampler} sampler runs its ancestral noise at eta 1 only (diffusers' "
+                         "scheduler has no eta); DDIM takes any eta")
 
 
 def sampler_name(body: schemas.Txt2ImgBody) -> str:
@@ -137,7 +157,11 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     if checkpoint:
         check_checkpoint(checkpoint, contract, "override_settings.sd_model_checkpoint")
     eta = body.eta if body.eta is not None else float(body.override_settings.get("eta_ddim", options["eta_ddim"]))
+    _check_eta(body)
     clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
+    if body.disable_extra_networks:  # AUTOMATIC1111 takes the tags out of the prompts and runs none of them
+        body = body.model_copy(update={name: EXTRA_NETWORK_TAG.sub("", getattr(body, name))
+                                       for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")})
     prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
     fields = dict(clip_skip=clip_skip, prompt=prompt, negative_prompt=negative, steps=body.steps,
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,

@@ -46,13 +46,14 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
         kind, generation, body.n_iter, client_id=client_id(request),
         context={"family": family, "body": body}, job_id=body.force_task_id))
     if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
-        job.future.add_done_callback(lambda _done: _save(job, request.app.state.settings.outputs_dir))
+        job.future.add_done_callback(lambda _done: _save(job, request.app.state.settings.outputs_dir,
+                                                         not body.do_not_save_grid))
     return job
 
 
-def _save(job: Job, folder) -> None:
+def _save(job: Job, folder, grid: bool) -> None:
     try:
-        paths = save_job_images(job, folder)
+        paths = save_job_images(job, folder, grid)
     except OSError as exc:  # the images are still answered; the outputs folder's trouble is the log's
         log.error("save_images: could not write job %s's images to %s: %s", job.id, folder, exc)
         return

@@ -1,13 +1,17 @@
 """AUTOMATIC1111's save_images: a finished job's images written to the outputs folder, each a PNG with its infotext,
 as its UI saves them: outputs/txt2img-images/<date>/<number>-<seed>.png (img2img-images for img2img), numbered on
-from the highest number in that folder."""
+from the highest number in that folder; with more than one image, also their grid (unless do_not_save_grid), in
+outputs/txt2img-grids/<date>/grid-<number>.png, laid out as its image_grid (round(sqrt(n)) rows)."""
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 from kiln.imaging import encode_png
 from kiln.infotext import parameters_text
@@ -15,19 +19,43 @@ from orchestrator.jobs import Job, Status
 
 _LOCK = threading.Lock()  # numbering: two jobs finishing at once must not take the same number
 _NUMBERED = re.compile(r"^(\d{5})-")
+_GRID = re.compile(r"^grid-(\d{4})")
 
 
-def save_job_images(job: Job, folder: Path) -> list[Path]:
-    """Write a done job's images under `folder` (nothing for a failed or cancelled one); return their paths."""
+def save_job_images(job: Job, folder: Path, grid: bool = True) -> list[Path]:
+    """Write a done job's images under `folder` (nothing for a failed or cancelled one), and their grid where there
+    are several and `grid`; return the paths written."""
     if job.status != Status.DONE or not job.images:
         return []
-    day = folder / f"{'img2img' if job.kind == 'img2img' else 'txt2img'}-images" / time.strftime("%Y-%m-%d")
+    kind, date = "img2img" if job.kind == "img2img" else "txt2img", time.strftime("%Y-%m-%d")
+    day, grids = folder / f"{kind}-images" / date, folder / f"{kind}-grids" / date
     paths = []
     with _LOCK:
         day.mkdir(parents=True, exist_ok=True)
-        number = 1 + max((int(m.group(1)) for p in day.iterdir() if (m := _NUMBERED.match(p.name))), default=-1)
+        number = _next_number(day, _NUMBERED)
         for offset, (image, info) in enumerate(zip(job.images, job.infos)):
             path = day / f"{number + offset:05d}-{info.get('seed')}.png"
             path.write_bytes(encode_png(image, {"parameters": parameters_text(info)}))
             paths.append(path)
+        if grid and len(job.images) > 1:
+            grids.mkdir(parents=True, exist_ok=True)
+            path = grids / f"grid-{_next_number(grids, _GRID):04d}.png"
+            path.write_bytes(encode_png(image_grid(job.images), {"parameters": parameters_text(job.infos[0])}))
+            paths.append(path)
     return paths
+
+
+def image_grid(images: list[np.ndarray]) -> np.ndarray:
+    """AUTOMATIC1111's image_grid with its default options: round(sqrt(n)) rows, filled row by row."""
+    rows = min(max(round(math.sqrt(len(images))), 1), len(images))
+    cols = math.ceil(len(images) / rows)
+    height, width = images[0].shape[:2]
+    grid = np.zeros((rows * height, cols * width, 3), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, col = divmod(index, cols)
+        grid[row * height:(row + 1) * height, col * width:(col + 1) * width] = image
+    return grid
+
+
+def _next_number(folder: Path, pattern: re.Pattern) -> int:
+    return 1 + max((int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))), default=-1)
