@@ -1,0 +1,278 @@
+"""Every field of AUTOMATIC1111's txt2img and img2img request models, and of an sd-webui-controlnet unit, sent with a
+value other than its default: each is honoured (it changes the images, or the response as AUTOMATIC1111's does) or
+refused with a 4xx naming it. None is dropped.
+
+The field lists are AUTOMATIC1111's own (modules/api/models.py generates its request models from
+StableDiffusionProcessingTxt2Img/Img2Img's fields plus sampler_index, script_name, script_args, send_images,
+save_images, alwayson_scripts and infotext) and sd-webui-controlnet's unit. The walk also checks each is a field of
+kiln's schema: one the schema did not declare would be ignored without a word.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kiln import schemas
+from kiln.paths import SAMPLE_IMAGES
+from kiln.triton_server import free_port
+from orchestrator.pipeline import Limits
+from orchestrator.server.service import BackgroundAPI
+from orchestrator.server.settings import Settings
+from tests.conftest import encode
+
+pytestmark = pytest.mark.slow
+
+TXT2IMG_FIELDS = (
+    "prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "seed_resize_from_h",
+    "seed_resize_from_w", "sampler_name", "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height",
+    "restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid", "eta", "denoising_strength", "s_min_uncond",
+    "s_churn", "s_tmax", "s_tmin", "s_noise", "override_settings", "override_settings_restore_afterwards",
+    "refiner_checkpoint", "refiner_switch_at", "disable_extra_networks", "firstpass_image", "comments", "enable_hr",
+    "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+    "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+    "force_task_id", "sampler_index", "script_name", "script_args", "send_images", "save_images", "alwayson_scripts",
+    "infotext")
+IMG2IMG_FIELDS = (
+    "prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "seed_resize_from_h",
+    "seed_resize_from_w", "sampler_name", "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height",
+    "restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid", "eta", "denoising_strength", "s_min_uncond",
+    "s_churn", "s_tmax", "s_tmin", "s_noise", "override_settings", "override_settings_restore_afterwards",
+    "refiner_checkpoint", "refiner_switch_at", "disable_extra_networks", "firstpass_image", "comments", "init_images",
+    "resize_mode", "image_cfg_scale", "mask", "mask_blur_x", "mask_blur_y", "mask_blur", "mask_round",
+    "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
+    "initial_noise_multiplier", "latent_mask", "force_task_id", "sampler_index", "include_init_images", "script_name",
+    "script_args", "send_images", "save_images", "alwayson_scripts", "infotext")
+UNIT_FIELDS = ("enabled", "image", "input_image", "mask", "mask_image", "module", "model", "weight", "resize_mode",
+               "low_vram", "lowvram", "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end",
+               "pixel_perfect", "control_mode", "guess_mode", "guessmode")
+
+BASE = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 2, "sampler_name": "Euler",
+        "cfg_scale": 7.5, "seed": 5, "width": 64, "height": 64}
+
+
+def _png(size=(64, 64), color=(200, 80, 40)) -> str:
+    image = Image.new("RGB", size, color)
+    image.paste((20, 160, 220), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    return base64.b64encode(encode(image)).decode()
+
+
+def _mask() -> str:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    return base64.b64encode(encode(mask)).decode()
+
+
+def _photo() -> str:
+    photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.Resampling.LANCZOS)
+    return base64.b64encode(encode(photo)).decode()
+
+
+INIT, WIDE, MASK, PHOTO = _png(), _png((128, 48), (40, 90, 200)), _mask(), _photo()
+HIRES = {"enable_hr": True, "denoising_strength": 0.6}
+CHURN = {"s_churn": 0.6}
+INPAINT = {"mask": MASK, "inpaint_full_res": False}
+
+
+def unit(**fields) -> dict:
+    return {"alwayson_scripts": {"controlnet": {"args": [{"image": INIT, "module": "none"} | fields]}}}
+
+
+# field -> (the request's change, the baseline's change, expected): "image" (other pixels), "size" (W, H), a count
+# of images, ("refused", status, words of the message), or a check(response, client) for response-level effects.
+TXT2IMG = {
+    "prompt": ({"prompt": "a red dog"}, {}, "image"),
+    "negative_prompt": ({"negative_prompt": "dark"}, {}, "image"),
+    "styles": ({"styles": ["painterly"]}, {}, "image"),
+    "seed": ({"seed": 6}, {}, "image"),
+    "subseed": ({"subseed": 9, "subseed_strength": 0.5}, {"subseed": 10, "subseed_strength": 0.5}, "image"),
+    "subseed_strength": ({"subseed": 9, "subseed_strength": 0.5}, {"subseed": 9}, "image"),
+    "seed_resize_from_h": ({"seed_resize_from_h": 32}, {}, ("refused", 422, "seed_resize_from_h")),
+    "seed_resize_from_w": ({"seed_resize_from_w": 32}, {}, ("refused", 422, "seed_resize_from_w")),
+    "sampler_name": ({"sampler_name": "DDIM"}, {}, "image"),
+    "scheduler": ({"sampler_name": "DPM++ 2M", "scheduler": "Karras"}, {"sampler_name": "DPM++ 2M"}, "image"),
+    "batch_size": ({"batch_size": 2}, {}, 2),
+    "n_iter": ({"n_iter": 2}, {}, 2),
+    "steps": ({"steps": 4}, {}, "image"),
+    "cfg_scale": ({"cfg_scale": 3}, {}, "image"),
+    "width": ({"width": 96}, {}, (96, 64)),
+    "height": ({"height": 96}, {}, (64, 96)),
+    "restore_faces": ({"restore_faces": True}, {}, ("refused", 422, "restore_faces")),
+    "tiling": ({"tiling": True}, {}, ("refused", 422, "tiling")),
+    "do_not_save_samples": ({"save_images": True, "do_not_save_samples": True}, {}, "saves_nothing"),
+    "do_not_save_grid": ({"save_images": True, "batch_size": 2, "do_not_save_grid": True}, {}, "saves_no_grid"),
+    "eta": ({"sampler_name": "DDIM", "eta": 0.8}, {"sampler_name": "DDIM"}, "image"),
+    "denoising_strength": (HIRES | {"denoising_strength": 0.3}, HIRES, "image"),
+    "s_min_uncond": ({"s_min_uncond": 0.5}, {}, ("refused", 422, "s_min_uncond")),
+    "s_churn": (CHURN, {}, "image"),
+    "s_tmax": (CHURN | {"s_tmax": 0.01}, CHURN, "image"),
+    "s_tmin": (CHURN | {"s_tmin": 5.0}, CHURN, "image"),
+    "s_noise": (CHURN | {"s_noise": 1.2}, CHURN, "image"),
+    "override_settings": ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, {}, "image"),
+    "override_settings_restore_afterwards": ({"override_settings": {"eta_ddim": 0.2},
+                                              "override_settings_restore_afterwards": False}, {},
+                                             ("refused", 422, "override_settings_restore_afterwards")),
+    "refiner_checkpoint": ({"refiner_checkpoint": "sdxl_refiner"}, {}, ("refused", 422, "refiner_checkpoint")),
+    "refiner_switch_at": ({"refiner_checkpoint": "sdxl_refiner", "refiner_switch_at": 0.8}, {},
+                          ("refused", 422, "refiner")),
+    "disable_extra_networks": ({"prompt": BASE["prompt"] + " <lora:ink:0.7>", "disable_extra_networks": True}, {},
+                               "same_image"),
+    "firstpass_image": ({"firstpass_image": INIT}, {}, ("refused", 422, "firstpass_image")),
+    "comments": ({"comments": {"note": 1}}, {}, ("refused", 422, "comments")),
+    "enable_hr": (HIRES, {}, (128, 128)),
+    "firstphase_width": ({"firstphase_width": 32}, {}, ("refused", 422, "firstphase_width")),
+    "firstphase_height": ({"firstphase_height": 32}, {}, ("refused", 422, "firstphase_height")),
+    "hr_scale": (HIRES | {"hr_scale": 1.5}, HIRES, (96, 96)),
+    "hr_upscaler": (HIRES | {"hr_upscaler": "Lanczos"}, HIRES, "image"),
+    "hr_second_pass_steps": (HIRES | {"hr_second_pass_steps": 1}, HIRES, "image"),
+    "hr_resize_x": (HIRES | {"hr_resize_x": 96}, HIRES, (96, 96)),
+    "hr_resize_y": (HIRES | {"hr_resize_y": 96}, HIRES, (96, 96)),
+    "hr_checkpoint_name": (HIRES | {"hr_checkpoint_name": "other.safetensors"}, HIRES,
+                           ("refused", 404, "hr_checkpoint_name")),
+    "hr_sampler_name": (HIRES | {"hr_sampler_name": "DDIM"}, HIRES, "image"),
+    "hr_scheduler": (HIRES | {"hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras"},
+                     HIRES | {"hr_sampler_name": "DPM++ 2M"}, "image"),
+    "hr_prompt": (HIRES | {"hr_prompt": "a red dog"}, HIRES, "image"),
+    "hr_negative_prompt": (HIRES | {"hr_negative_prompt": "dark"}, HIRES, "image"),
+    "force_task_id": ({"force_task_id": "task(walk)"}, {}, "names_the_task"),
+    "sampler_index": ({"sampler_index": "DDIM", "sampler_name": None}, {}, "image"),
+    "script_name": ({"script_name": "sd upscale"}, {}, ("refused", 422, "script_name")),
+    "script_args": ({"script_args": [1]}, {}, ("refused", 422, "script_args")),
+    "send_images": ({"send_images": False}, {}, 0),
+    "save_images": ({"save_images": True}, {}, "saves"),
+    "alwayson_scripts": (unit(), {}, "image"),
+    "infotext": ({"infotext": "a cat\nSteps: 3, Seed: 1"}, {}, ("refused", 422, "infotext")),
+}
+IMG2IMG = {
+    "init_images": ({"init_images": [WIDE]}, {}, "image"),
+    "resize_mode": ({"init_images": [WIDE], "resize_mode": 1}, {"init_images": [WIDE]}, "image"),
+    "image_cfg_scale": ({"image_cfg_scale": 2.5}, {}, ("refused", 422, "image_cfg_scale")),
+    "denoising_strength": ({"denoising_strength": 0.4}, {}, "image"),
+    "mask": (INPAINT, {}, "image"),
+    "mask_blur_x": (INPAINT | {"mask_blur_x": 12, "mask_blur_y": 0}, INPAINT | {"mask_blur_x": 0, "mask_blur_y": 0},
+                    "image"),
+    "mask_blur_y": (INPAINT | {"mask_blur_x": 0, "mask_blur_y": 12}, INPAINT | {"mask_blur_x": 0, "mask_blur_y": 0},
+                    "image"),
+    "mask_blur": (INPAINT | {"mask_blur": 12}, INPAINT | {"mask_blur": 0}, "image"),
+    "mask_round": (INPAINT | {"mask_round": False}, {}, ("refused", 422, "mask_round")),
+    "inpainting_fill": (INPAINT | {"inpainting_fill": 2}, INPAINT, "image"),
+    "inpaint_full_res": ({"mask": MASK, "inpaint_full_res": True}, INPAINT, "image"),
+    "inpaint_full_res_padding": ({"mask": MASK, "inpaint_full_res": True, "inpaint_full_res_padding": 16},
+                                 {"mask": MASK, "inpaint_full_res": True}, "image"),
+    "inpainting_mask_invert": (INPAINT | {"inpainting_mask_invert": 1}, INPAINT, "image"),
+    "initial_noise_multiplier": ({"initial_noise_multiplier": 0.7}, {}, "image"),
+    "latent_mask": (INPAINT | {"latent_mask": MASK}, {}, ("refused", 422, "latent_mask")),
+    "include_init_images": ({"include_init_images": True}, {}, "echoes_init_images"),
+    "denoising_strength (hires is txt2img's)": ({"enable_hr": True}, {}, ("refused", 422, "enable_hr")),
+}
+IMG2IMG_SHARED = {k: v for k, v in TXT2IMG.items() if k in IMG2IMG_FIELDS and k not in IMG2IMG}
+UNIT = {
+    "enabled": (unit(enabled=False), unit(), "image"),
+    "image": (unit(image=WIDE), unit(), "image"),
+    "input_image": ({"alwayson_scripts": {"controlnet": {"args": [{"input_image": WIDE}]}}}, unit(), "image"),
+    "mask": (unit(mask=MASK), {}, ("refused", 422, "mask")),
+    "mask_image": (unit(mask_image=MASK), {}, ("refused", 422, "mask_image")),
+    "module": (unit(module="canny"), unit(), "image"),
+    "model": (unit(model="scribble"), unit(), "image"),
+    "weight": (unit(weight=0.4), unit(), "image"),
+    "resize_mode": (unit(image=WIDE, resize_mode="Just Resize"), unit(image=WIDE), "image"),
+    "low_vram": (unit(low_vram=True), unit(), "same_image"),  # a memory strategy: the same images by definition
+    "lowvram": (unit(lowvram=True), unit(), "same_image"),
+    "processor_res": (unit(module="canny", processor_res=256), {}, ("refused", 422, "processor_res")),
+    "threshold_a": (unit(image=PHOTO, module="canny", threshold_a=20), unit(image=PHOTO, module="canny"), "image"),
+    "threshold_b": (unit(image=PHOTO, module="canny", threshold_b=120), unit(image=PHOTO, module="canny"), "image"),
+    "guidance_start": (unit(guidance_start=0.5), unit(), "image"),
+    "guidance_end": (unit(guidance_end=0.5), unit(), "image"),
+    "pixel_perfect": (unit(module="canny", pixel_perfect=True), {}, ("refused", 422, "pixel_perfect")),
+    "control_mode": (unit(control_mode=2), {}, ("refused", 422, "control_mode")),
+    "guess_mode": (unit(guess_mode=True), {}, ("refused", 422, "guess_mode")),
+    "guessmode": (unit(guessmode=True), {}, ("refused", 422, "guessmode")),
+}
+
+
+@pytest.fixture(scope="module")
+def walk_api(triton, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("walk")
+    (folder / "styles.csv").write_text("name,prompt,negative_prompt\npainterly,oil painting of {prompt},photo\n")
+    live = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), limits=Limits(max_steps=50),
+                                  styles_file=folder / "styles.csv", outputs_dir=folder / "outputs"))
+    with live.client() as client:
+        yield client, folder / "outputs"
+    live.stop()
+
+
+def _images(response) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in response.json()["images"]]
+
+
+def _check(walk_api, route: str, base: dict, change: dict, baseline: dict, expected) -> None:
+    client, outputs = walk_api
+    before = set(outputs.rglob("*.png")) if outputs.exists() else set()
+    response = client.post(f"/sdapi/v1/{route}", json=base | change)
+    if isinstance(expected, tuple) and expected[0] == "refused":
+        _, status, words = expected
+        assert response.status_code == status and words in response.text, response.text
+        assert client.post(f"/sdapi/v1/{route}", json=base | baseline).status_code == 200  # and it serves on
+        return
+    assert response.status_code == 200, response.text
+    written = (set(outputs.rglob("*.png")) if outputs.exists() else set()) - before
+    if expected in ("image", "same_image"):
+        reference = client.post(f"/sdapi/v1/{route}", json=base | baseline)
+        same = all(np.array_equal(a, b) for a, b in zip(_images(response), _images(reference)))
+        assert same == (expected == "same_image"), "the field changed nothing" if same else "it changed the image"
+    elif isinstance(expected, int):
+        assert len(response.json()["images"]) == expected
+    elif isinstance(expected, tuple):
+        assert Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).size == expected
+    elif expected == "saves":
+        assert len(written) == 1
+    elif expected == "saves_nothing":
+        assert not written
+    elif expected == "saves_no_grid":
+        assert len(written) == 2 and not any("grid" in p.name for p in written)
+    elif expected == "names_the_task":
+        progress = client.get("/sdapi/v1/progress", params={"id_task": change["force_task_id"]})
+        assert progress.status_code == 200 and change["force_task_id"] in progress.json()["state"]["job"]
+    elif expected == "echoes_init_images":
+        assert response.json()["parameters"]["init_images"] == change.get("init_images", base["init_images"])
+    else:
+        raise AssertionError(f"unknown expectation {expected!r}")
+
+
+def test_every_field_is_declared_and_walked():
+    """AUTOMATIC1111's fields are kiln's schema's (none ignored unread) and each has its case below."""
+    assert set(TXT2IMG_FIELDS) <= set(schemas.Txt2ImgBody.model_fields) and set(TXT2IMG_FIELDS) <= set(TXT2IMG)
+    assert set(IMG2IMG_FIELDS) <= set(schemas.Img2ImgBody.model_fields)
+    assert set(IMG2IMG_FIELDS) <= set(IMG2IMG) | set(IMG2IMG_SHARED)
+    assert set(UNIT_FIELDS) <= set(schemas.ControlNetUnitArgs.model_fields) and set(UNIT_FIELDS) <= set(UNIT)
+
+
+@pytest.mark.parametrize("field", list(TXT2IMG))
+def test_txt2img_field(walk_api, field):
+    if field == "force_task_id":  # a task id is the job's once: a fresh one per run
+        TXT2IMG[field][0]["force_task_id"] = f"task(walk-{time.time_ns()})"
+    _check(walk_api, "txt2img", BASE, *TXT2IMG[field])
+
+
+@pytest.mark.parametrize("field", list(IMG2IMG) + list(IMG2IMG_SHARED))
+def test_img2img_field(walk_api, field):
+    change, baseline, expected = (IMG2IMG | IMG2IMG_SHARED)[field]
+    if field == "force_task_id":
+        change = {"force_task_id": f"task(walk-i-{time.time_ns()})"}
+    _check(walk_api, "img2img", BASE | {"init_images": [INIT], "denoising_strength": 0.7}, change, baseline, expected)
+
+
+@pytest.mark.parametrize("field", list(UNIT))
+def test_controlnet_unit_field(walk_api, field):
+    _check(walk_api, "txt2img", BASE, *UNIT[field])
+
+
+def test_the_walk_can_fail(walk_api):
+    """A field that changed nothing would fail the walk: here, an image expected to change that does not."""
+    with pytest.raises(AssertionError, match="the field changed nothing"):
+        _check(walk_api, "txt2img", BASE, {"seed": BASE["seed"]}, {}, "image")
