@@ -75,14 +75,14 @@ class APIClient:
 
 
 def save_images(response: schemas.GenerationResponse, out: Path) -> list[tuple[Path, int]]:
-    """Write the returned PNGs (they carry their parameters): OUT, or OUT-1, OUT-2 ... for several. Returns each
-    path with its seed."""
+    """Write the generated PNGs (they carry their parameters): OUT, or OUT-1, OUT-2 ... for several. Returns each
+    path with its seed. ControlNet's detected maps, after the images, are not written."""
     seeds = json.loads(response.info)["all_seeds"]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for index, (image, seed) in enumerate(zip(response.images, seeds)):
-        path = out if len(response.images) == 1 else out.with_name(f"{out.stem}-{index + 1}{out.suffix}")
+        path = out if len(seeds) == 1 else out.with_name(f"{out.stem}-{index + 1}{out.suffix}")
         path.write_bytes(base64.b64decode(image))
         written.append((path, seed))
     return written

@@ -508,6 +508,29 @@ def test_hires_fix_through_the_api(client):
     assert Image.open(io.BytesIO(base64.b64decode(plain["images"][0]))).size == (64, 64)
 
 
+def test_controlnet_units_detected_maps_follow_the_images(client):
+    """sd-webui-controlnet appends each unit's detected map (its preprocessor's output) after the images, unless
+    control_net_no_detectmap (an option or an override) says not to."""
+    from kiln.control import control_image
+
+    photo = _png(size=(64, 64))
+    body = TXT | {"steps": 2, "batch_size": 2, "alwayson_scripts": {"controlnet": {"args": [
+        {"image": _b64(photo), "module": "canny", "threshold_a": 50, "threshold_b": 150}]}}}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    images = response.json()["images"]
+    assert len(images) == 3 and len(json.loads(response.json()["info"])["infotexts"]) == 2
+    expected = np.round(control_image(photo, 64, 64, "canny", 50, 150).transpose(1, 2, 0) * 255).astype(np.uint8)
+    assert np.array_equal(_decode(images[2])[0], expected)
+    off = body | {"override_settings": {"control_net_no_detectmap": True}}
+    assert len(client.post("/sdapi/v1/txt2img", json=off).json()["images"]) == 2
+    try:
+        assert client.post("/sdapi/v1/options", json={"control_net_no_detectmap": True}).status_code == 200
+        assert len(client.post("/sdapi/v1/txt2img", json=body).json()["images"]) == 2
+    finally:
+        client.post("/sdapi/v1/options", json={"control_net_no_detectmap": False})
+
+
 def test_controlnet_resize_modes_shape_the_control_image(client):
     """sd-webui-controlnet's resize modes on a wide control image: Crop and Resize (its default) keeps the aspect,
     Just Resize stretches; the two give different images, and the default is Crop and Resize."""

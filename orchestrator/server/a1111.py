@@ -10,10 +10,12 @@ import re
 import time
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from kiln import schemas
 from kiln.contract import SDContract
+from kiln.control import control_image
 from kiln.errors import InputError, NotFoundError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
@@ -44,11 +46,12 @@ ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.ite
 # AUTOMATIC1111 1.9+ splits "DPM++ 2M Karras" into sampler_name + scheduler.
 SCHEDULER_SUFFIX = {"automatic": "", "uniform": "", "karras": " Karras"}
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
-                "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str}
+                "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
+                "control_net_no_detectmap": bool}
 ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta
 EXTRA_NETWORK_TAG = re.compile(r"<\w+:[^>]*>")  # AUTOMATIC1111's extra-network syntax, as kiln.prompts reads it
 # what one request's override_settings can change
-APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers")
+APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap")
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
 
 
@@ -67,7 +70,7 @@ def check_setting(key: str, value: Any, options: dict, applied: tuple[str, ...],
 def default_options() -> dict:
     return {"sd_model_checkpoint": "", "show_progress_every_n_steps": 10, "live_previews_enable": True,
             "samples_format": "png", "eta_ddim": 0.0, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
-            "live_preview_content": "Prompt", "interrogate_return_ranks": False}
+            "live_preview_content": "Prompt", "interrogate_return_ranks": False, "control_net_no_detectmap": False}
 
 
 # -- sampler names ---------------------------------------------------------------------------------
@@ -288,10 +291,26 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
     }
     images = [base64.b64encode(encode_png(image, {"parameters": parameters_text(i)})).decode()
               for image, i in zip(job.images, infos)] if body.send_images else []
+    if body.send_images and job.context.get("detect_maps"):  # sd-webui-controlnet appends each unit's input
+        images += [base64.b64encode(encode_png(detect_map(unit, job.request))).decode()
+                   for unit in job.request.controlnet_units]
     # AUTOMATIC1111 echoes the init images and the mask in `parameters` only when include_init_images asks for them.
     images_too = getattr(body, "include_init_images", False)
     parameters = body.model_dump(exclude={"alwayson_scripts"} | (set() if images_too else {"init_images", "mask"}))
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+
+def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
+    """What a unit gave its ControlNet (the preprocessor's output, or the resized image), as uint8 pixels: the
+    "detected map" sd-webui-controlnet appends to the response's images unless control_net_no_detectmap."""
+    pixels = control_image(unit.image, request.width, request.height, unit.module, unit.low_threshold,
+                           unit.high_threshold)
+    return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)
+
+
+def wants_detect_maps(body: schemas.Txt2ImgBody, options: dict) -> bool:
+    """sd-webui-controlnet's control_net_no_detectmap (an option, or this request's override) turns them off."""
+    return not body.override_settings.get("control_net_no_detectmap", options["control_net_no_detectmap"])
 
 
 # -- options ---------------------------------------------------------------------------------------

@@ -44,7 +44,9 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
                                          served.limits, request.app.state.styles)
     job = await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
-        context={"family": family, "body": body}, job_id=body.force_task_id))
+        context={"family": family, "body": body,
+                 "detect_maps": a1111.wants_detect_maps(body, request.app.state.options)},
+        job_id=body.force_task_id))
     if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
         job.future.add_done_callback(lambda _done: _save(job, request.app.state.settings.outputs_dir,
                                                          not body.do_not_save_grid))
