@@ -40,6 +40,8 @@ def parameters_text(info: dict) -> str:
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Denoising strength", info.get("denoising_strength")),
               ("Noise multiplier", info.get("noise_multiplier")),
+              ("SD upscale overlap", info.get("sd_upscale_overlap")),
+              ("SD upscale upscaler", info.get("sd_upscale_upscaler")),
               *((label, quote(info.get(key))) for key, label in HIRES_FIELDS.items()),
               ("Mask blur", info.get("mask_blur")),
               ("Mask mode", None if "inpainting_mask_invert" not in info

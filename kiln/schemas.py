@@ -118,7 +118,6 @@ class Txt2ImgBody(BaseModel):
     def _unsupported(self):
         refuse = {"firstphase_width": self.firstphase_width, "firstphase_height": self.firstphase_height,
                   "restore_faces": self.restore_faces, "tiling": self.tiling,
-                  "script_name": self.script_name, "script_args": self.script_args,
                   "firstpass_image": self.firstpass_image, "comments": self.comments, "infotext": self.infotext,
                   "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
                   "s_min_uncond": self.s_min_uncond != 0,

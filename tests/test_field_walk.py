@@ -168,6 +168,9 @@ IMG2IMG = {
     "initial_noise_multiplier": ({"initial_noise_multiplier": 0.7}, {}, "image"),
     "latent_mask": (INPAINT | {"latent_mask": MASK}, {}, ("refused", 422, "latent_mask")),
     "include_init_images": ({"include_init_images": True}, {}, "echoes_init_images"),
+    "script_name": ({"script_name": "sd upscale", "script_args": [None, 16, "Lanczos", 1.5]}, {}, (96, 96)),
+    "script_args": ({"script_name": "sd upscale", "script_args": [None, 16, "Nearest", 1.5]},
+                    {"script_name": "sd upscale", "script_args": [None, 16, "Lanczos", 1.5]}, "image"),
     "denoising_strength (hires is txt2img's)": ({"enable_hr": True}, {}, ("refused", 422, "enable_hr")),
 }
 IMG2IMG_SHARED = {k: v for k, v in TXT2IMG.items() if k in IMG2IMG_FIELDS and k not in IMG2IMG}

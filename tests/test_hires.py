@@ -123,3 +123,48 @@ def test_bad_hires_requests_are_named(local, fix, extra, message):
 def test_img2img_has_no_hires_fix(local):
     with pytest.raises(InputError, match="the hires fix \\(enable_hr\\) is txt2img's"):
         local.img2img(Img2ImgRequest(**BASE, init_image=b"png", hires=HiresFix()))
+
+
+# -- the SD upscale script ------------------------------------------------------------------------------------------
+def test_sd_upscale_tiles_follow_automatic1111_and_combine_back():
+    """split_grid's layout (tiles spread evenly, the last flush with the edge), and combine_grid of untouched tiles
+    gives the picture back exactly (the blends mix equal pixels)."""
+    from PIL import Image
+
+    from orchestrator.pipeline.tiles import combine, split
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (150, 200, 3), dtype=np.uint8))
+    grid = split(picture, 64, 64, 16)
+    assert [len(row) for row in grid] == [4, 4, 4]  # ceil((200 - 16) / 48), ceil((150 - 16) / 48)
+    assert [t.x for t in grid[0]] == [0, 45, 90, 136] and [row[0].y for row in grid] == [0, 43, 86]
+    assert np.array_equal(np.asarray(combine(grid, 200, 150, 16)), np.asarray(picture))
+
+
+def test_sd_upscale_redraws_each_tile_with_its_seed(local):
+    """The init image upscaled (Lanczos x2), cut into 64x64 tiles (overlap 16), tile k redrawn by img2img with
+    seed + k: the first tile's corner no other tile covers is that img2img's image of that crop."""
+    import io
+
+    from PIL import Image
+
+    from orchestrator.pipeline import SDUpscale
+
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    init.save(buffer, "PNG")
+    request = Img2ImgRequest(prompt="a cat", init_image=buffer.getvalue(), steps=2, seed=40, width=64, height=64,
+                             denoising_strength=0.5, sd_upscale=SDUpscale(overlap=16, upscaler="Lanczos", scale=2))
+    seen = []
+    result = local.img2img(request, progress=lambda step, total, _latents: seen.append((step, total)))
+    assert result.images.shape == (1, 128, 128, 3) and result.seeds == [40]
+    assert seen[-1] == (9, 9) and result.info["sd_upscale_upscaler"] == "Lanczos"  # 9 tiles of one step each
+    big = init.resize((128, 128), Image.Resampling.LANCZOS)
+    crop = io.BytesIO()
+    big.crop((0, 0, 64, 64)).save(crop, "PNG")
+    first = local.img2img(replace(request, init_image=crop.getvalue(), sd_upscale=None))
+    assert np.array_equal(result.images[0, :32, :32], first.images[0, :32, :32])
+    with pytest.raises(InputError, match="upscaler 'ESRGAN' is not one of this server's"):
+        local.img2img(replace(request, sd_upscale=SDUpscale(upscaler="ESRGAN")))
+    with pytest.raises(InputError, match="smaller than a tile"):
+        local.img2img(replace(request, sd_upscale=SDUpscale(upscaler="None"), width=96, height=96))

@@ -23,6 +23,7 @@ from orchestrator.pipeline.components import Components, Graph, call_graph
 from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
 from orchestrator.pipeline.sampling import CHURN, batch_seeds, draw_seed, noise, schedule, step_kwargs
+from orchestrator.pipeline.tiles import sd_upscale
 from orchestrator.pipeline.validate import Limits, check_request
 
 if TYPE_CHECKING:
@@ -103,6 +104,11 @@ class Pipeline:
         self.check(request)
         contract, components = self.contract, self.components
         init = isinstance(request, Img2ImgRequest)
+        if init and request.sd_upscale is not None:
+            return sd_upscale(lambda inner, tile_progress: self.generate(inner, tile_progress, cancelled,
+                                                                         unet_call=unet_call, stop_early=stop_early,
+                                                                         denoising=denoising),
+                              request, self.limits.max_image_pixels, progress)
         if init and request.inpainting and request.inpaint_full_res:
             return only_masked(lambda inner: self.generate(inner, progress, cancelled, unet_call=unet_call,
                                                            stop_early=stop_early, denoising=denoising), request)

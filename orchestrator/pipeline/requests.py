@@ -79,6 +79,15 @@ class Txt2ImgRequest:
 
 
 @dataclass(frozen=True)
+class SDUpscale:
+    """AUTOMATIC1111's "SD upscale" img2img script: script_args [_, overlap, upscaler, scale_factor]."""
+
+    overlap: int = 64  # pixels two neighbouring tiles share, blended
+    upscaler: str = "None"  # None (the image as it is), Lanczos, Nearest
+    scale: float = 2.0  # the upscaler's factor (None ignores it, as AUTOMATIC1111 does)
+
+
+@dataclass(frozen=True)
 class Img2ImgRequest(Txt2ImgRequest):
     """img2img: the init image is encoded, noised to the step `denoising_strength` selects, then denoised."""
 
@@ -100,6 +109,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     # AUTOMATIC1111's resize_mode 3 ("just resize (latent upscale)"): the init image is encoded at its own size (to
     # a multiple of 8 below), and its latents are resized (bilinear) to width x height
     latent_resize: bool = False
+    sd_upscale: SDUpscale | None = None  # the SD upscale script: tiles of width x height redrawn one by one
 
     @property
     def inpainting(self) -> bool:

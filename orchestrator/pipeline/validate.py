@@ -15,7 +15,7 @@ from kiln.control import CONTROL_MODULES
 from kiln.errors import InputError, TooLargeError
 from kiln.masks import INPAINTING_FILL
 from kiln.prompts import check_prompt_syntax
-from orchestrator.pipeline import hires
+from orchestrator.pipeline import hires, tiles
 from orchestrator.pipeline.inpaint import own_size
 from orchestrator.pipeline.requests import ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import CHURN, MAX_SEED, SAMPLERS, check_sampler, step_options
@@ -80,6 +80,8 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         _number_in("initial_noise_multiplier", request.initial_noise_multiplier, 0, 2)
         if request.latent_resize:
             _check_latent_resize(request, contract)
+        if request.sd_upscale is not None:
+            tiles.check(request, contract, limits.max_image_pixels)
         blurs = request.mask_blur if isinstance(request.mask_blur, tuple) else (request.mask_blur,)
         if len(blurs) not in (1, 2):
             raise InputError(f"mask_blur must be one radius or (x, y), got {request.mask_blur!r}")

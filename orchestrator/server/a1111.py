@@ -21,6 +21,7 @@ from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import resize_init_image
 from kiln.styles import StyleLibrary
+from kiln.upscale import UPSCALERS
 from orchestrator.jobs import Job
 from orchestrator.pipeline import (
     SAMPLERS,
@@ -28,6 +29,7 @@ from orchestrator.pipeline import (
     HiresFix,
     Img2ImgRequest,
     Limits,
+    SDUpscale,
     Txt2ImgRequest,
     UnknownSampler,
 )
@@ -74,6 +76,35 @@ def default_options() -> dict:
 
 
 # -- sampler names ---------------------------------------------------------------------------------
+SCRIPTS = {"img2img": ("sd upscale",), "txt2img": ()}  # the selectable scripts kiln runs (script_name), by route
+
+
+def selected_script(body: schemas.Txt2ImgBody) -> SDUpscale | None:
+    """script_name and script_args: AUTOMATIC1111's SD upscale script (img2img), [_, overlap, upscaler, scale]; the
+    upscaler by its index in /sdapi/v1/upscalers or by name."""
+    route = "img2img" if isinstance(body, schemas.Img2ImgBody) else "txt2img"
+    if body.script_name in (None, "", "None"):
+        if body.script_args:
+            raise InputError("script_args without script_name: there is no script to give them to")
+        return None
+    if body.script_name.lower() not in SCRIPTS[route]:
+        raise InputError(f"script_name {body.script_name!r} is not one of this server's {route} scripts; it runs: "
+                         f"{', '.join(SCRIPTS[route]) or 'none'} (GET /sdapi/v1/scripts)")
+    args = list(body.script_args) + [None] * (4 - len(body.script_args))
+    if len(body.script_args) > 4:
+        raise InputError(f"script_args: SD upscale takes [_, overlap, upscaler, scale_factor], got "
+                         f"{len(body.script_args)} values")
+    upscaler = "None" if args[2] is None else args[2]
+    if isinstance(upscaler, int) and not isinstance(upscaler, bool):
+        if not 0 <= upscaler < len(UPSCALERS):
+            raise InputError(f"script_args: SD upscale's upscaler index {upscaler} is not one of this server's "
+                             f"(0 to {len(UPSCALERS) - 1}: {', '.join(UPSCALERS)})")
+        upscaler = UPSCALERS[upscaler]
+    names = {name.lower(): name for name in UPSCALERS}
+    return SDUpscale(overlap=64 if args[1] is None else args[1], upscaler=names.get(str(upscaler).lower(), upscaler),
+                     scale=2.0 if args[3] is None else args[3])
+
+
 def hires_fix_sampler(body: schemas.Txt2ImgBody) -> str:
     """The hires pass's sampler: hr_sampler_name (default: the first pass's) with hr_scheduler (default: its)."""
     return sampler_name(body.model_copy(update={"sampler_name": body.hr_sampler_name or body.sampler_name,
@@ -173,6 +204,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise,
                   controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height))
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
+    script = selected_script(body)
     if not isinstance(body, schemas.Img2ImgBody):
         if multiplier != 1:
             raise InputError("initial_noise_multiplier scales img2img's noise; txt2img has no use for it "
@@ -197,7 +229,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
-                          initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3)
+                          initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
+                          sd_upscale=script)
 
 
 # sd-webui-controlnet's resize modes for the control image, by number and by name
