@@ -7,7 +7,7 @@ tensor name or a shape.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,6 +83,9 @@ class ComponentSpec:
     reference_output: str  # the output that parity is judged on
     opset: int = 17
     extra: Mapping[str, object] = field(default_factory=dict)
+    # Makes sampled inputs agree where one indexes another (the text encoder's ids that point into its
+    # token_vectors), in place; None: every input is drawn on its own
+    link_samples: Callable[[dict[str, np.ndarray], np.random.Generator], None] | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -107,7 +110,10 @@ class ComponentSpec:
     def sample_inputs(self, seed: int = 0, **sizes: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
         concrete = self.sizes(**sizes)
-        return {t.name: t.sample(concrete, rng) for t in self.inputs}
+        samples = {t.name: t.sample(concrete, rng) for t in self.inputs}
+        if self.link_samples is not None:
+            self.link_samples(samples, rng)
+        return samples
 
     def tolerance(self, precision: str) -> Tolerance:
         try:

@@ -93,6 +93,9 @@ class SDContract:
     # Layers the text encoder serves for AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers 1..this); 0: a build
     # before clip skip, whose text encoder serves its last layer only
     clip_skip_layers: int = 0
+    # Hidden size of the textual-inversion vectors the text encoder takes per request (its token embeddings'); 0: a
+    # build before embeddings, whose text encoder takes token ids only
+    textual_inversion_dim: int = 0
     unet_max_batch: int = 16  # rows one sd_unet call may take (a native OpenVINO sd_unet has max_batch_size 0)
     # Row counts sd_unet replays from CUDA graphs ("2,4,8,16"; torch on CUDA), captured at these input shapes (JSON,
     # the build's optimal size): the step batcher pads a call of those per-row shapes to the next bucket

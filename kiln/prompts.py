@@ -14,12 +14,18 @@ concatenated along the sequence axis (77 x n). As in AUTOMATIC1111, when a chunk
 comma lies within its last 20 tokens, the chunk ends after that comma and the rest moves on
 (`comma_padding_backtrack`). A prompt and its negative prompt are padded to the same number of
 chunks with empty chunks, so classifier-free guidance can batch them.
+
+Textual-inversion embeddings are found as AUTOMATIC1111 finds them (`EmbeddingLookup`): an embedding's name, used
+as a word, is the token ids of its name in a fragment; those tokens are replaced by the embedding's n vectors (n
+positions, never split across chunks, carrying the fragment's weight), which reach the text encoder as rows of its
+`token_vectors` input, pointed at by `token_vector_id`. A word that names no embedding stays text.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +116,12 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
     return [(t, w) for t, w in merged] or [("", 1.0)]
 
 
+def token_vector_id(row):
+    """The input id that makes the text encoder take row `row` of its `token_vectors` (a textual-inversion vector)
+    instead of a token's embedding: -1 - row, never a token id. Its own inverse: token_vector_id(id) is the row."""
+    return -1 - row
+
+
 def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUTOMATIC1111's emphasis on the text encoder's output: each position (chunk, 77, hidden) scaled by its token's
     weight, then the chunk rescaled to its original mean. All weights 1: `hidden` itself."""
@@ -122,8 +134,8 @@ def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PromptTokens:
-    ids: np.ndarray  # (chunks, 77) int64, BOS/EOS added, EOS-padded
-    token_count: int  # text tokens, BOS/EOS excluded (what A1111's UI shows as "n/75")
+    ids: np.ndarray  # (chunks, 77) int64, BOS/EOS added, EOS-padded; token_vector_id(k) where a vector goes
+    token_count: int  # text positions, BOS/EOS excluded (what A1111's UI shows as "n/75"; n per embedding)
     weights: np.ndarray | None = None  # (chunks, 77) float32: each position's emphasis (1 for BOS, EOS, padding)
 
     @property
@@ -131,28 +143,77 @@ class PromptTokens:
         return int(self.ids.shape[0])
 
 
-def tokenize_prompt(tokenizer, text: str, *, chunk_tokens: int = CHUNK_TOKENS,
-                    comma_backtrack: int = COMMA_BACKTRACK) -> PromptTokens:
-    """`text` (AUTOMATIC1111's prompt language) -> every one of its tokens, in chunks of 77 ids, with their weights."""
+class EmbeddingLookup:
+    """Textual-inversion embeddings ({name: (n, hidden) vectors}) found in prompts by their names' token ids, as
+    AUTOMATIC1111's EmbeddingDatabase finds them (the longest name first where several start alike). One lookup
+    serves one request: `vectors` (the text encoder's `token_vectors`) holds the vectors of the embeddings found,
+    in the order first found (one zero row when none is), and the ids point into it."""
+
+    def __init__(self, tokenizer, embeddings: Mapping[str, np.ndarray], hidden: int,
+                 chunk_tokens: int = CHUNK_TOKENS) -> None:
+        self.hidden = hidden
+        self._vectors: list[np.ndarray] = []
+        self._by_first: dict[int, list[tuple[tuple[int, ...], int]]] = {}  # first id -> [(name's ids, index)]
+        for index, (name, vectors) in enumerate(embeddings.items()):
+            if vectors.ndim != 2 or vectors.shape[1] != hidden or not 1 <= len(vectors) <= chunk_tokens:
+                raise InputError(f"embedding {name!r}: its vectors are {vectors.shape}; this text encoder takes 1 to "
+                                 f"{chunk_tokens} vectors of {hidden}")
+            self._vectors.append(np.asarray(vectors, dtype=np.float32))
+            ids = tuple(tokenizer(name, add_special_tokens=False, truncation=False)["input_ids"])
+            if ids:
+                self._by_first.setdefault(ids[0], []).append((ids, index))
+        for candidates in self._by_first.values():
+            candidates.sort(key=lambda entry: len(entry[0]), reverse=True)
+        self._rows: dict[int, int] = {}  # embedding index -> its first row in `vectors`, in the order first found
+
+    @property
+    def vectors(self) -> np.ndarray:
+        found = [self._vectors[index] for index in self._rows]
+        return np.concatenate(found) if found else np.zeros((1, self.hidden), dtype=np.float32)
+
+    def _markers(self, index: int) -> list[int]:
+        if index not in self._rows:
+            self._rows[index] = sum(len(self._vectors[i]) for i in self._rows)
+        return [token_vector_id(self._rows[index] + j) for j in range(len(self._vectors[index]))]
+
+    def items(self, ids: list[int], weight: float) -> list[list[tuple[int, float]]]:
+        """One fragment's token ids as items: a token's one position, or the positions of an embedding's vectors."""
+        items, position = [], 0
+        while position < len(ids):
+            for name_ids, index in self._by_first.get(ids[position], ()):
+                if tuple(ids[position:position + len(name_ids)]) == name_ids:
+                    items.append([(marker, weight) for marker in self._markers(index)])
+                    position += len(name_ids)
+                    break
+            else:
+                items.append([(ids[position], weight)])
+                position += 1
+        return items
+
+
+def tokenize_prompt(tokenizer, text: str, *, embeddings: EmbeddingLookup | None = None,
+                    chunk_tokens: int = CHUNK_TOKENS, comma_backtrack: int = COMMA_BACKTRACK) -> PromptTokens:
+    """`text` (AUTOMATIC1111's prompt language) -> every one of its tokens, in chunks of 77 ids, with their weights;
+    the names of `embeddings` become their vectors' positions."""
     check_prompt_syntax(text)
-    tokens: list[tuple[int, float]] = []  # (id, weight); (-1, -1) marks BREAK
+    items: list[list[tuple[int, float]] | None] = []  # the positions of one token or one embedding; None: BREAK
     for fragment, weight in parse_emphasis(text):
         if weight == -1 and fragment == BREAK:
-            tokens.append((-1, -1.0))
+            items.append(None)
         elif fragment:
             ids = tokenizer(fragment, add_special_tokens=False, truncation=False)["input_ids"]
-            tokens += [(t, weight) for t in ids]
+            items += embeddings.items(ids, weight) if embeddings is not None else [[(t, weight)] for t in ids]
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     chunks: list[list[tuple[int, float]]] = []
     current: list[tuple[int, float]] = []
     last_comma = -1  # index of the last comma in `current`, as AUTOMATIC1111 tracks it
-    for token in tokens:
-        if token[0] == -1:  # BREAK: this chunk ends here (padded), the next one starts
+    for item in items:
+        if item is None:  # BREAK: this chunk ends here (padded), the next one starts
             chunks.append(current)
             current, last_comma = [], -1
             continue
-        if token[0] == comma:
+        if item[0][0] == comma:
             last_comma = len(current)
         elif (comma_backtrack and len(current) == chunk_tokens and last_comma != -1
               and len(current) - last_comma <= comma_backtrack):
@@ -160,16 +221,16 @@ def tokenize_prompt(tokenizer, text: str, *, chunk_tokens: int = CHUNK_TOKENS,
             chunks.append(current[:last_comma + 1])
             current = current[last_comma + 1:]
             last_comma = -1
-        if len(current) == chunk_tokens:
+        if len(current) + len(item) > chunk_tokens:  # full, or an embedding that would not fit: never split
             chunks.append(current)
             current = []
             last_comma = -1
-        current.append(token)
+        current += item
     if current or not chunks:
         chunks.append(current)
     rows = [[bos, *(t for t, _ in chunk), *([eos] * (chunk_tokens + 1 - len(chunk)))] for chunk in chunks]
     weights = [[1.0, *(w for _, w in chunk), *([1.0] * (chunk_tokens + 1 - len(chunk)))] for chunk in chunks]
-    return PromptTokens(ids=np.asarray(rows, dtype=np.int64), token_count=sum(t != -1 for t, _ in tokens),
+    return PromptTokens(ids=np.asarray(rows, dtype=np.int64), token_count=sum(len(i) for i in items if i),
                         weights=np.asarray(weights, dtype=np.float32))
 
 
@@ -186,12 +247,13 @@ def pad_to_same_chunks(tokenizer, *prompts: PromptTokens) -> list[np.ndarray]:
             for p in prompts]
 
 
-def tokenize_weighted_batch(tokenizer, prompts: list[str],
-                            max_chunks: int = MAX_CHUNKS) -> tuple[np.ndarray, np.ndarray, int]:
+def tokenize_weighted_batch(tokenizer, prompts: list[str], max_chunks: int = MAX_CHUNKS,
+                            embeddings: EmbeddingLookup | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """All prompts of one request (a prompt and its negative prompt) as ids (len(prompts) * chunks, 77), padded to
     the same number of chunks, each position's emphasis weight (same shape, float32) and that number of chunks;
-    more than `max_chunks` chunks is an InputError naming the count."""
-    tokens = [tokenize_prompt(tokenizer, p) for p in prompts]
+    more than `max_chunks` chunks is an InputError naming the count. Ids below 0 point into `embeddings.vectors`
+    (read it after this call: it holds the vectors found)."""
+    tokens = [tokenize_prompt(tokenizer, p, embeddings=embeddings) for p in prompts]
     longest = max(t.chunks for t in tokens)
     if longest > max_chunks:
         raise InputError(f"prompt of {max(t.token_count for t in tokens)} tokens needs {longest} chunks; "
@@ -199,6 +261,28 @@ def tokenize_weighted_batch(tokenizer, prompts: list[str],
     weights = [np.concatenate([t.weights, np.ones((longest - t.chunks, t.weights.shape[1]), np.float32)])
                for t in tokens]
     return np.concatenate(pad_to_same_chunks(tokenizer, *tokens)), np.concatenate(weights), longest
+
+
+def embedding_tensors(embeddings: Mapping[str, np.ndarray], hidden: int) -> dict[str, np.ndarray]:
+    """The embeddings a request uses as sd_text_encode's inputs (none: zero-length tensors, which Triton takes):
+    their names, how many vectors each has, and those vectors one after the other."""
+    vectors = [np.asarray(v, dtype=np.float32).reshape(-1, hidden) for v in embeddings.values()]
+    return {"embedding_names": np.array([name.encode() for name in embeddings], dtype=object),
+            "embedding_sizes": np.array([len(v) for v in vectors], dtype=np.int32),
+            "embedding_vectors": np.concatenate(vectors) if vectors else np.zeros((0, hidden), np.float32)}
+
+
+def embeddings_from_tensors(names: np.ndarray, sizes: np.ndarray, vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """`embedding_tensors` read back: {name: its vectors}; tensors that disagree are an InputError."""
+    names, sizes = names.reshape(-1), sizes.reshape(-1).astype(np.int64)
+    if len(names) != len(sizes) or (sizes < 1).any() or int(sizes.sum()) != len(vectors):
+        raise InputError(f"embeddings: {len(names)} names, sizes {sizes.tolist()} and {len(vectors)} vectors "
+                         "do not agree")
+    if not np.isfinite(vectors).all():
+        raise InputError("embeddings: the vectors hold NaN or infinity")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    return {(n.decode("utf-8") if isinstance(n, bytes) else str(n)): vectors[a:b]
+            for n, a, b in zip(names, starts[:-1], starts[1:])}
 
 
 def check_tokenizer(tokenizer, source: str, vocab_size: int = CLIP_VOCAB_SIZE) -> None:

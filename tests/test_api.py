@@ -488,6 +488,21 @@ def test_styles_from_the_styles_file(client, styles_file):
         styles_file.write_text(original)
 
 
+def test_sd_upscale_script(client):
+    """AUTOMATIC1111's SD upscale: script_name + script_args [_, overlap, upscaler (index or name), scale_factor]."""
+    body = TXT | {"steps": 2, "init_images": [_b64(_png())], "denoising_strength": 0.4, "script_name": "SD upscale",
+                  "script_args": [None, 16, 1, 2]}
+    response = client.post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 200, response.text
+    image, info = _decode(response.json()["images"][0])
+    assert image.shape == (128, 128, 3) and "SD upscale upscaler: Lanczos" in info["parameters"]
+    for change, words in (({"script_args": [None, 16, 7, 2]}, "upscaler index 7"),
+                          ({"script_name": "ultimate sd upscale"}, "not one of this server's img2img scripts"),
+                          ({"script_args": [None, 16, "Lanczos", 9]}, "scale_factor must be in [1, 4]")):
+        refused = client.post("/sdapi/v1/img2img", json=body | change)
+        assert refused.status_code == 422 and words in refused.text, refused.text
+
+
 def test_hires_fix_through_the_api(client):
     """enable_hr: AUTOMATIC1111's fields give a picture of the hires size, its infotext and info name the pass; the
     second pass's sampler by name and scheduler, its prompt and its checkpoint (the served one) are honoured."""
@@ -576,9 +591,10 @@ def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(c
         "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
         "Latent (nearest-exact)"]
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"],
+                                                      "img2img": ["sd upscale", "controlnet"]}
     assert {(s["name"], s["is_alwayson"], s["is_img2img"]) for s in client.get("/sdapi/v1/script-info").json()} == {
-        ("controlnet", True, False), ("controlnet", True, True)}
+        ("sd upscale", False, True), ("controlnet", True, False), ("controlnet", True, True)}
     memory = client.get("/sdapi/v1/memory").json()
     assert memory["ram"]["total"] >= memory["ram"]["used"] > 0 and "error" in memory["cuda"]
     for name in ("refresh-checkpoints", "refresh-vae", "refresh-loras"):

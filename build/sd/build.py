@@ -96,7 +96,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     repository = Path(options.repository)
     side = min(options.images.opt, 256)
     export_sizes = axis_sizes(loaded, batch=2, height=side, width=side)
-    check_sizes = axis_sizes(loaded, batch=3, height=side + 8 * vae_scale_factor(loaded), width=side, chunks=2)
+    check_sizes = axis_sizes(loaded, batch=3, height=side + 8 * vae_scale_factor(loaded), width=side, chunks=2,
+                             vectors=5)  # other sizes than the export's: every axis is dynamic
     choice = None
     if keys:
         log(f"auto: timing the UNet in {len(keys)} variants ({', '.join(keys)}) ...")
@@ -179,6 +180,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         max_size=options.images.max, size_multiple=size_multiple(loaded), model_name=_model_name(loaded.source),
         model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
         unet_max_batch=specs["unet"].max_batch_size, clip_skip_layers=loaded.text_encoder.config.num_hidden_layers,
+        textual_inversion_dim=loaded.text_encoder.config.hidden_size,
         **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
            else {}),
         controlnets=tuple(ServedControlNet(name=label, model=names.sd_model(name), sha256=artifacts[name]["sha256"],

@@ -60,11 +60,17 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
     images = Tensor("image", "UINT8", (-1, -1, 3))
     image_bytes, size = Tensor("image", "BYTES", (1,)), Tensor("size", "INT32", (2,))
     clip_skip, row_clip_skip = Tensor("clip_skip", "INT32", (1,)), Tensor("clip_skip", "INT64", (-1,))
+    # The textual-inversion embeddings a request's prompts may name (zero of each when none), sent by the service
+    embeddings = (Tensor("embedding_names", "BYTES", (-1,)), Tensor("embedding_sizes", "INT32", (-1,)),
+                  Tensor("embedding_vectors", "FP32", (-1, hidden)))
+    prompts = (Tensor("prompt", "BYTES", (-1,)), clip_skip, *embeddings)
+    token_vectors = Tensor("token_vectors", "FP32", (-1, hidden))
     configs = [
-        ModelConfig(name=names.SD_TOKENIZER, inputs=(Tensor("prompt", "BYTES", (-1,)), clip_skip),
-                    outputs=(ids, chunks, weights, row_clip_skip),  # clip skip for every row of ids
+        ModelConfig(name=names.SD_TOKENIZER, inputs=prompts,
+                    outputs=(ids, chunks, weights, row_clip_skip, token_vectors),  # clip skip for every row of ids
                     parameters={"max_chunks": str(contract.max_prompt_chunks),
-                                "clip_skip_layers": str(contract.clip_skip_layers)}),
+                                "clip_skip_layers": str(contract.clip_skip_layers),
+                                "textual_inversion_dim": str(contract.textual_inversion_dim)}),
         served("text_encoder", ModelConfig(name=names.SD_TEXT_ENCODER, inputs=text.triton_inputs(batched=False),
                                            outputs=text.triton_outputs(batched=False),
                                            parameters=runtime("text_encoder"))),
@@ -76,13 +82,13 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
         ModelConfig(name=names.SD_IMAGE_PREPROCESS, inputs=(image_bytes, size),
                     outputs=(Tensor("pixels", "FP32", (3, -1, -1)),), max_batch_size=encoder.max_batch_size,
                     parameters={"min_size": str(contract.min_size), "max_size": str(contract.max_size)}),
-        ModelConfig(name=names.SD_TEXT_ENCODE, backend=None, platform="ensemble",
-                    inputs=(Tensor("prompt", "BYTES", (-1,)), clip_skip),
+        ModelConfig(name=names.SD_TEXT_ENCODE, backend=None, platform="ensemble", inputs=prompts,
                     outputs=(Tensor("embeddings", "FP32", (-1, text.inputs[0].shape[1], hidden)), chunks, weights),
-                    steps=(EnsembleStep(names.SD_TOKENIZER, {"prompt": "prompt", "clip_skip": "clip_skip"},
+                    steps=(EnsembleStep(names.SD_TOKENIZER, {t.name: t.name for t in prompts},
                                         {"input_ids": "input_ids", "chunks": "chunks", "weights": "weights",
-                                         "clip_skip": "row_clip_skip"}),
-                           EnsembleStep(names.SD_TEXT_ENCODER, {"input_ids": "input_ids", "clip_skip": "row_clip_skip"},
+                                         "clip_skip": "row_clip_skip", "token_vectors": "token_vectors"}),
+                           EnsembleStep(names.SD_TEXT_ENCODER, {"input_ids": "input_ids", "clip_skip": "row_clip_skip",
+                                                                "token_vectors": "token_vectors"},
                                         {"last_hidden_state": "embeddings"}))),
         ModelConfig(name=names.SD_VAE_DECODE, backend=None, platform="ensemble", max_batch_size=decoder.max_batch_size,
                     inputs=(Tensor("latent", "FP32", decoder.inputs[0].triton_tensor().dims),), outputs=(images,),

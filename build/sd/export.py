@@ -10,26 +10,45 @@ from build.convert import FP32, Variant, open_session
 from build.specs import ComponentSpec
 from kiln.contract import controlnet_component
 from kiln.errors import ExportError
+from kiln.prompts import token_vector_id
 
 
 def export_modules(loaded) -> dict[str, Callable]:
     """Small nn.Module wrappers, one per spec, taking the spec's inputs in order (no monkeypatched forward)."""
     import torch
+    from transformers.masking_utils import create_causal_mask
 
     class TextEncoder(torch.nn.Module):
+        """CLIP's text model run from its parts (transformers 5's CLIPTextModel takes no inputs_embeds), so that
+        the token embeddings can be replaced per request; with no id below 0 its arithmetic is the model's own."""
+
         def __init__(self, model):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, clip_skip):
-            """AUTOMATIC1111's clip skip per row: the hidden state `clip_skip` layers from the end (1: the last),
-            through the final layer norm, as its FrozenCLIPEmbedder (and diffusers' `clip_skip`, counted one lower)."""
-            out = self.model(input_ids, output_hidden_states=True, return_dict=True)
-            layers = torch.stack(out.hidden_states[1:])  # (layers, rows, tokens, hidden)
-            index = (len(out.hidden_states) - 1 - clip_skip).clamp(0, len(out.hidden_states) - 2)
-            chosen = layers[index, torch.arange(input_ids.shape[0])]
-            norm = getattr(self.model, "text_model", self.model).final_layer_norm  # transformers 5 dropped text_model
-            return norm(chosen), out.pooler_output
+        def forward(self, input_ids, clip_skip, token_vectors):
+            """Textual inversion: a position whose id is token_vector_id(k) (-1 - k, never a token) takes row k of
+            `token_vectors` instead of a token's embedding. AUTOMATIC1111's clip skip per row: the hidden state
+            `clip_skip` layers from the end (1: the last), through the final layer norm, as its FrozenCLIPEmbedder
+            (and diffusers' `clip_skip`, counted one lower)."""
+            text = getattr(self.model, "text_model", self.model)  # transformers 5 dropped text_model
+            vector = input_ids < 0
+            ids = torch.where(vector, torch.zeros_like(input_ids), input_ids)  # "!" where a vector goes, as A1111
+            rows = token_vector_id(input_ids).clamp(0, token_vectors.shape[0] - 1)  # its own inverse: -1 - id
+            tokens = torch.where(vector.unsqueeze(-1), token_vectors[rows], text.embeddings.token_embedding(ids))
+            hidden = text.embeddings(input_ids=ids, inputs_embeds=tokens)  # + position embeddings
+            mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+            states = []
+            for layer in text.encoder.layers:
+                hidden = layer(hidden, mask, is_causal=True)
+                states.append(hidden)
+            layers = torch.stack(states)  # (layers, rows, tokens, hidden)
+            index = (len(states) - clip_skip).clamp(0, len(states) - 1)
+            every = torch.arange(input_ids.shape[0])
+            # CLIPTextModel's pooled output: the last layer at the end-of-text position (the highest id in configs
+            # written before transformers' fix, whose eos_token_id is 2; int32 for ONNX's ArgMax)
+            end = (ids if text.config.eos_token_id == 2 else ids == text.config.eos_token_id).int().argmax(-1)
+            return text.final_layer_norm(layers[index, every]), text.final_layer_norm(hidden[every, end])
 
     class UNet(torch.nn.Module):
         def __init__(self, model):

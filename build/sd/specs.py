@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from build.specs import ComponentSpec, TensorSpec, Tolerance
 from kiln.contract import controlnet_component
 from kiln.errors import ExportError
-from kiln.prompts import MAX_CHUNKS
+from kiln.prompts import CHUNK_TOKENS, MAX_CHUNKS, token_vector_id
 
 FP32_TOLERANCE = {
     "fp32": Tolerance(min_cosine=0.99999, max_abs=1e-3,
@@ -56,6 +56,9 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
     batch = {"batch": (1, 2, 16)}
     # Prompts past 75 tokens are several 77-token chunks concatenated: the sequence axis is dynamic.
     sequence = {"sequence": (max_len, max_len, max_len * MAX_CHUNKS)}
+    # Textual-inversion vectors one text-encoder call takes: at least one row (a zero row when none is used), at most
+    # one per text position of its rows
+    vectors = {"vectors": (1, 4, batch["batch"][2] * CHUNK_TOKENS)}
 
     sample = TensorSpec("sample", "FP32", ("batch", latent, "latent_height", "latent_width"), value_range=(-2, 2))
     timestep = TensorSpec("timestep", "FP32", ("batch",), value_range=(0, 999))
@@ -68,10 +71,13 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
             name="text_encoder",
             inputs=(TensorSpec("input_ids", "INT64", ("batch", max_len), value_range=(0, text_cfg.vocab_size)),
                     # AUTOMATIC1111's CLIP_stop_at_last_layers per row: 1 (the last layer) to every layer
-                    TensorSpec("clip_skip", "INT64", ("batch",), value_range=(1, text_cfg.num_hidden_layers + 1))),
+                    TensorSpec("clip_skip", "INT64", ("batch",), value_range=(1, text_cfg.num_hidden_layers + 1)),
+                    # textual inversion: an id token_vector_id(k) (-1 - k) takes row k instead of a token's embedding
+                    TensorSpec("token_vectors", "FP32", ("vectors", hidden), value_range=(-0.1, 0.1))),
             outputs=(TensorSpec("last_hidden_state", "FP32", ("batch", max_len, hidden)),
                      TensorSpec("pooler_output", "FP32", ("batch", hidden))),
-            profile=batch, tolerances=FP32_TOLERANCE, reference_output="last_hidden_state"),
+            profile=batch | vectors, tolerances=FP32_TOLERANCE, reference_output="last_hidden_state",
+            link_samples=_point_at_token_vectors),
         "unet": ComponentSpec(
             name="unet", inputs=(sample, timestep, context), outputs=(noise,),
             profile=batch | latent_axes | sequence, tolerances=FP32_TOLERANCE, reference_output="noise_pred"),
@@ -106,6 +112,13 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
             profile=batch | image_axes | latent_axes | sequence, tolerances=FP32_TOLERANCE,
             reference_output=residuals[-1].name)
     return specs
+
+
+def _point_at_token_vectors(sample: dict, rng) -> None:
+    """A quarter of the sampled positions take a row of token_vectors: parity checks cover both paths."""
+    ids, rows = sample["input_ids"], len(sample["token_vectors"])
+    chosen = rng.random(ids.shape) < 0.25
+    ids[chosen] = token_vector_id(rng.integers(0, rows, size=int(chosen.sum())))
 
 
 def _check_controlnet_fits(label: str, control, unet, vae_scale: int) -> None:
@@ -158,11 +171,14 @@ def size_multiple(loaded) -> int:
     return math.lcm(8, vae_scale_factor(loaded) * 2 ** loaded.unet.num_upsamplers)
 
 
-def axis_sizes(loaded, *, batch: int = 2, height: int = 64, width: int = 64, chunks: int = 1) -> dict[str, int]:
-    """Concrete sizes of every named axis for an image of height x width and a prompt of `chunks` chunks."""
+def axis_sizes(loaded, *, batch: int = 2, height: int = 64, width: int = 64, chunks: int = 1,
+               vectors: int = 3) -> dict[str, int]:
+    """Concrete sizes of every named axis for an image of height x width, a prompt of `chunks` chunks and
+    `vectors` textual-inversion vectors."""
     scale = vae_scale_factor(loaded)
     return {"batch": batch, "height": height, "width": width, "latent_height": height // scale,
-            "latent_width": width // scale, "sequence": loaded.text_encoder.config.max_position_embeddings * chunks}
+            "latent_width": width // scale, "sequence": loaded.text_encoder.config.max_position_embeddings * chunks,
+            "vectors": vectors}
 
 
 def controlnet_components(specs) -> list[str]:

@@ -180,6 +180,17 @@ def random_controlnet(size: str = "tiny", seed: int = 3):
     return control.eval()
 
 
+def random_embedding(size: str = "tiny", vectors: int = 2, seed: int = 0):
+    """Seeded random textual-inversion vectors (vectors, hidden) for the `size` architecture's text encoder: normal,
+    std 0.05 (wider than CLIP's token embeddings at initialisation, 0.02, as trained embeddings' vectors are)."""
+    import numpy as np
+
+    if size not in ARCHITECTURES:
+        raise WeightsError(f"unknown architecture size {size!r}; valid: {', '.join(ARCHITECTURES)}")
+    hidden = ARCHITECTURES[size].text_encoder["hidden_size"]
+    return np.random.default_rng(seed).normal(0.0, 0.05, (vectors, hidden)).astype(np.float32)
+
+
 def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet: bool = True,
                         inpainting: bool = False) -> Path:
     """Write a diffusers-format SD 1.x folder of seeded random weights; a ControlNet goes in controlnet/."""

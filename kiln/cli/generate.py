@@ -60,6 +60,10 @@ def add_parser(commands) -> None:
                           help="fraction of steps where ControlNet starts (0)")
     generate.add_argument("--control-end", type=float, action="append",
                           help="fraction of steps where ControlNet stops (1)")
+    generate.add_argument("--embeddings", type=Path, metavar="DIR",
+                          help="textual-inversion embeddings (.safetensors) the prompts may name by file name "
+                               "(default: embeddings/ in the working directory, where there is one); with --api, "
+                               "the service's own folder is used (kiln serve --embeddings)")
     generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (the loop runs here)")
     generate.add_argument("--api", metavar="URL", help="go through the API service instead, e.g. http://127.0.0.1:7860")
     generate.add_argument("--api-auth", help="user:password for --api (HTTP Basic)")
@@ -103,11 +107,17 @@ def _units(args, files: dict[str, bytes]) -> list[dict]:
 def run(args) -> int:
     files = _files(args)
     units = _units(args, files)
+    if args.embeddings is not None and not args.embeddings.is_dir():
+        raise KilnError(f"--embeddings {args.embeddings}: no such folder")
     if args.api:
+        if args.embeddings is not None:
+            raise KilnError("--embeddings: through --api the service reads its own folder (kiln serve --embeddings)")
         return _through_api(args, files, units)
+    from kiln.embeddings import EmbeddingLibrary
     from kiln.imaging import encode_png
     from kiln.infotext import parameters_text
     from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Pipeline, Txt2ImgRequest
+    from orchestrator.pipeline.components.triton import triton_components
 
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
@@ -127,7 +137,8 @@ def run(args) -> int:
     def progress(step, total, _latents):
         print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
 
-    result = Pipeline.from_triton(args.url).generate(request, progress=progress)
+    embeddings = EmbeddingLibrary(args.embeddings or Path("embeddings"))
+    result = Pipeline(triton_components(args.url, embeddings=embeddings)).generate(request, progress=progress)
     print(file=sys.stderr)
     for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
         path = args.out if len(result.images) == 1 else \
@@ -148,10 +159,10 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
     def b64(data: bytes) -> str:
         return base64.b64encode(data).decode()
 
-    # eta as the direct path runs it (the request's 0), not the server's eta_ddim option.
+    # eta as the direct path runs it (DDIM's 0), not the server's eta_ddim option; the other samplers' own default.
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                   sampler_name=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
-                  height=args.height, batch_size=args.batch_size, eta=0.0,
+                  height=args.height, batch_size=args.batch_size, eta=0.0 if args.sampler.lower() == "ddim" else None,
                   override_settings={"CLIP_stop_at_last_layers": args.clip_skip} if args.clip_skip != 1 else {})
     if args.hires:
         fields |= dict(enable_hr=True, hr_scale=args.hires, hr_upscaler=args.hires_upscaler,

@@ -1,4 +1,5 @@
-"""`kiln weights sd|vit`: seeded random checkpoints of the real architectures, written as a user's would be."""
+"""`kiln weights sd|vit|embedding`: seeded random checkpoints of the real architectures (and a textual-inversion
+embedding for them), written as a user's would be."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def add_parser(commands) -> None:
     vit.add_argument("--random", type=Path, metavar="OUT", required=True)
     vit.add_argument("--seed", type=int, default=0)
     vit.set_defaults(run=run_vit)
+    embedding = targets.add_parser("embedding", help="an AUTOMATIC1111 textual-inversion embedding (.safetensors, "
+                                                     "emb_params) for the SD text encoder; its name is the file's")
+    size = embedding.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tiny", type=Path, metavar="OUT.safetensors", help="for `kiln weights sd --tiny`'s encoder")
+    size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help="for SD 1.5's (768 wide)")
+    embedding.add_argument("--vectors", type=int, default=2, help="vectors per use of its name (1-75)")
+    embedding.add_argument("--seed", type=int, default=0)
+    embedding.set_defaults(run=run_embedding)
 
 
 def run_sd(args) -> int:
@@ -49,4 +58,18 @@ def run_vit(args) -> int:
 
     out = save_vit_checkpoint(load_vit(random_weights=True, seed=args.seed).model, args.random)
     print(f"wrote seeded random weights (seed {args.seed}) to {out}: the real architecture, meaningless outputs")
+    return 0
+
+
+def run_embedding(args) -> int:
+    from build.sd.weights import random_embedding
+    from kiln.embeddings import write_embedding
+
+    out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+    if not 1 <= args.vectors <= 75:
+        raise KilnError(f"--vectors {args.vectors}: an embedding has 1 to 75 vectors (one 75-token chunk)")
+    vectors = random_embedding(size, args.vectors, args.seed)
+    write_embedding(out, vectors)
+    print(f"wrote {out}: {vectors.shape[0]} seeded random vectors (seed {args.seed}) of {vectors.shape[1]}; a prompt "
+          f"uses it as the word {out.stem!r}")
     return 0

@@ -9,10 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from kiln.embeddings import EmbeddingLibrary
 from kiln.styles import StyleLibrary
 from kiln.triton_client import TritonClient
 from orchestrator.jobs import Engine
 from orchestrator.metrics import Metrics
+from orchestrator.pipeline import Pipeline
 from orchestrator.security import SecurityMiddleware
 from orchestrator.server.a1111 import default_options
 from orchestrator.server.errors import install_error_handlers
@@ -26,7 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine = Engine(settings.engine_options(), metrics)
+        app.state.engine = Engine(settings.engine_options(), metrics, connect=lambda: _connect(settings, app))
         try:
             yield
         finally:  # uvicorn has stopped taking requests and waited for the open ones: drain the queue
@@ -39,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.options = default_options()
     app.state.styles = StyleLibrary(settings.styles_file)
+    app.state.embeddings = EmbeddingLibrary(settings.embeddings_dir)
     app.state.vit = None  # the ViT client, made on first use
     app.state.probe = TritonClient(settings.triton_url, "grpc", timeout_s=2)  # readiness checks
     app.add_middleware(SecurityMiddleware, options=settings.security)
@@ -52,3 +55,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(family.router)
     app.include_router(listings.controlnet)
     return app
+
+
+def _connect(settings: Settings, app: FastAPI) -> Pipeline:
+    """The engine's pipeline over Triton, its text encoder sending the vectors of the embeddings prompts name."""
+    from orchestrator.pipeline.components.triton import triton_components
+
+    return Pipeline(triton_components(settings.triton_url, shared_memory=settings.shared_memory,
+                                      embeddings=app.state.embeddings), settings.limits)

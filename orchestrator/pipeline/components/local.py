@@ -15,9 +15,10 @@ import numpy as np
 
 from kiln import contract as names
 from kiln.contract import SDContract, ServedControlNet, read_sd_contract, read_served
+from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import InputError
 from kiln.imaging import to_uint8, vae_input
-from kiln.prompts import apply_emphasis, load_tokenizer, tokenize_weighted_batch
+from kiln.prompts import EmbeddingLookup, apply_emphasis, load_tokenizer, tokenize_weighted_batch
 from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components
 
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # inputs -> every output, by name
@@ -67,17 +68,26 @@ class LocalGraph:
 
 
 class LocalTextEncoder:
-    def __init__(self, tokenizer, runner: Runner, max_chunks: int, clip_skip_layers: int = 0) -> None:
+    def __init__(self, tokenizer, runner: Runner, max_chunks: int, clip_skip_layers: int = 0,
+                 textual_inversion_dim: int = 0, embeddings: EmbeddingLibrary | None = None) -> None:
         self.tokenizer, self.runner, self.max_chunks = tokenizer, runner, max_chunks
         self.clip_skip_layers = clip_skip_layers  # 0: a build before clip skip (its encoder takes input_ids only)
+        self.textual_inversion_dim = textual_inversion_dim  # 0: a build before embeddings (no token_vectors)
+        self.embeddings = embeddings  # the textual-inversion embeddings prompts may name
 
     def encode(self, prompts: Sequence[str], clip_skip: int = 1) -> np.ndarray:
-        ids, weights, chunks = tokenize_weighted_batch(self.tokenizer, list(prompts), self.max_chunks)
+        """As sd_text_encode: the same selection, lookup and tokenization as the Triton path, in process."""
+        named = self.embeddings.select(prompts, self.textual_inversion_dim) if self.embeddings is not None else {}
+        lookup = EmbeddingLookup(self.tokenizer, named, self.textual_inversion_dim) \
+            if self.textual_inversion_dim else None
+        ids, weights, chunks = tokenize_weighted_batch(self.tokenizer, list(prompts), self.max_chunks, lookup)
         inputs = {"input_ids": ids}
         if self.clip_skip_layers:
             inputs["clip_skip"] = np.full(len(ids), clip_skip, dtype=np.int64)
         elif clip_skip != 1:
             raise InputError(CLIP_SKIP_NOT_BUILT)
+        if lookup is not None:
+            inputs["token_vectors"] = lookup.vectors
         hidden = apply_emphasis(self.runner(inputs)["last_hidden_state"], weights)
         return hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2])
 
@@ -108,8 +118,10 @@ class LocalControlNet:
         return self.runner({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})
 
 
-def local_components(repository: Path, runners: Mapping[str, Runner] | None = None) -> Components:
-    """The repository's SD build in process: `runners` (default: sessions over what each model serves)."""
+def local_components(repository: Path, runners: Mapping[str, Runner] | None = None,
+                     embeddings: EmbeddingLibrary | None = None) -> Components:
+    """The repository's SD build in process: `runners` (default: sessions over what each model serves);
+    `embeddings`: the textual-inversion embeddings prompts may name."""
     contract = read_sd_contract(repository)
     if runners is None:
         runners, _ = session_runners(repository)
@@ -124,7 +136,7 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
     return Components(
         contract=contract,
         text_encoder=LocalTextEncoder(tokenizer, runners["text_encoder"], contract.max_prompt_chunks,
-                                      contract.clip_skip_layers),
+                                      contract.clip_skip_layers, contract.textual_inversion_dim, embeddings),
         unet=LocalGraph(names.SD_UNET, runners["unet"]),
         vae=LocalVAE(runners["vae_decoder"], runners.get("vae_encoder")),
         unet_control=LocalGraph(names.SD_UNET_CONTROL, runners["unet_control"]) if "unet_control" in runners else None,

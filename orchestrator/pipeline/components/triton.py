@@ -9,8 +9,9 @@ import numpy as np
 
 from kiln import contract as names
 from kiln.contract import SDContract, ServedControlNet
+from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import InputError, KilnError, ServerError
-from kiln.prompts import apply_emphasis
+from kiln.prompts import apply_emphasis, embedding_tensors
 from kiln.triton_client import TritonClient
 from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components
 
@@ -48,9 +49,12 @@ class TritonGraph:
 
 
 class TritonTextEncoder:
-    def __init__(self, client: TritonClient, clip_skip_layers: int = 0) -> None:
+    def __init__(self, client: TritonClient, clip_skip_layers: int = 0, textual_inversion_dim: int = 0,
+                 embeddings: EmbeddingLibrary | None = None) -> None:
         self.client = client
         self.clip_skip_layers = clip_skip_layers  # 0: a build before clip skip (its ensemble takes prompts only)
+        self.textual_inversion_dim = textual_inversion_dim  # 0: a build before embeddings (no vectors go with them)
+        self.embeddings = embeddings  # the service's embeddings folder: the vectors the prompts name go to Triton
 
     def encode(self, prompts: Sequence[str], clip_skip: int = 1) -> np.ndarray:
         inputs = {"prompt": np.array([p.encode() for p in prompts], dtype=object)}
@@ -58,6 +62,9 @@ class TritonTextEncoder:
             inputs["clip_skip"] = np.array([clip_skip], dtype=np.int32)
         elif clip_skip != 1:
             raise InputError(CLIP_SKIP_NOT_BUILT)
+        named = self.embeddings.select(prompts, self.textual_inversion_dim) if self.embeddings is not None else {}
+        if self.textual_inversion_dim:
+            inputs |= embedding_tensors(named, self.textual_inversion_dim)
         out = self.client.infer(names.SD_TEXT_ENCODE, inputs, ["embeddings", "chunks", "weights"])
         chunks = int(out["chunks"][0])
         embeddings = apply_emphasis(out["embeddings"], out["weights"])  # (prompts * chunks, 77, hidden)
@@ -116,14 +123,17 @@ def read_contract(client: TritonClient) -> SDContract:
     return contract
 
 
-def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str = "auto") -> Components:
+def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str = "auto",
+                      embeddings: EmbeddingLibrary | None = None) -> Components:
     """The SD components served by the Triton at `url` (gRPC); `shared_memory` as kiln.triton_client.TritonClient's
-    (auto: a denoising step's tensors travel through shared memory when Triton is on this host)."""
+    (auto: a denoising step's tensors travel through shared memory when Triton is on this host); `embeddings`: the
+    textual-inversion embeddings prompts may name (the service's folder)."""
     client = TritonClient(url, "grpc", timeout_s=timeout_s, shared_memory=shared_memory)
     contract = read_contract(client)
     batch, channels = contract.unet_max_batch, contract.latent_channels
     controlnets = {c.name: TritonControlNet(client, c, batch, channels) for c in contract.controlnets}
-    return Components(contract=contract, text_encoder=TritonTextEncoder(client, contract.clip_skip_layers),
+    text_encoder = TritonTextEncoder(client, contract.clip_skip_layers, contract.textual_inversion_dim, embeddings)
+    return Components(contract=contract, text_encoder=text_encoder,
                       unet=TritonGraph(client, names.SD_UNET, batch, out_channels=channels), vae=TritonVAE(client),
                       unet_control=TritonGraph(client, names.SD_UNET_CONTROL, batch, out_channels=channels)
                       if controlnets else None,

@@ -1,16 +1,19 @@
 """The listing routes AUTOMATIC1111's clients call when they connect, answered truthfully in AUTOMATIC1111's shapes
-(modules/api/models.py): what kiln serves (the upscalers of kiln.upscale), and an empty list where it has none (VAEs,
-LoRAs, embeddings, styles, hypernetworks, face restorers, extensions). The refresh routes have nothing to rescan
-and answer as AUTOMATIC1111 does (null). sd-webui-controlnet's version and settings too."""
+(modules/api/models.py): what kiln serves (the upscalers of kiln.upscale, the textual-inversion embeddings of
+kiln serve --embeddings, the styles), and an empty list where it has none (VAEs, LoRAs, hypernetworks, face
+restorers, extensions). The refresh routes answer as AUTOMATIC1111 does (null); only embeddings have a folder to
+read again. sd-webui-controlnet's version and settings too."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.upscale import UPSCALERS
 from orchestrator.pipeline.hires import LATENT_MODES
-from orchestrator.server.generation import engine
+from orchestrator.server.a1111 import SCRIPTS
+from orchestrator.server.generation import engine, pipeline
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 controlnet = APIRouter(prefix="/controlnet", tags=["controlnet"])
@@ -50,19 +53,36 @@ async def latent_upscale_modes() -> list[dict]:
 
 
 @router.get("/embeddings")
-async def embeddings() -> dict:
-    return {"loaded": {}, "skipped": {}}
+async def embeddings(request: Request) -> dict:
+    """The embeddings folder (kiln serve --embeddings) in AUTOMATIC1111's shape: `loaded` are those the served text
+    encoder takes (their hidden size is its own), `skipped` the others (all of them for a build before embeddings);
+    pickled or broken files are in neither (the service's log and a prompt naming one say why)."""
+    served = await pipeline(request)
+    return await run_in_threadpool(request.app.state.embeddings.listing, served.contract.textual_inversion_dim)
+
+
+@router.post("/refresh-embeddings")
+async def refresh_embeddings(request: Request) -> None:
+    """Read the embeddings folder again now (it is also read again whenever a file is added, removed or renamed)."""
+    await run_in_threadpool(request.app.state.embeddings.refresh)
 
 
 @router.get("/scripts")
 async def scripts() -> dict:
-    """The scripts a request may name: ControlNet, an always-on script in both modes."""
-    return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+    """The scripts a request may name: the selectable ones (script_name: SD upscale, img2img's) and ControlNet, an
+    always-on script in both modes (alwayson_scripts)."""
+    return {route: [*SCRIPTS[route], "controlnet"] for route in ("txt2img", "img2img")}
 
 
 @router.get("/script-info")
 async def script_info() -> list[dict]:
-    return [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": []} for img2img in (False, True)]
+    """AUTOMATIC1111's shape: each script's name, kind and arguments (SD upscale's as its UI declares them)."""
+    sd_upscale = [{"label": None, "value": None}, {"label": "Tile overlap", "value": 64, "minimum": 0, "maximum": 256,
+                                                   "step": 16},
+                  {"label": "Upscaler", "value": "None", "choices": list(UPSCALERS)},
+                  {"label": "Scale Factor", "value": 2.0, "minimum": 1.0, "maximum": 4.0, "step": 0.05}]
+    return [{"name": "sd upscale", "is_alwayson": False, "is_img2img": True, "args": sd_upscale}] + \
+        [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": []} for img2img in (False, True)]
 
 
 @router.get("/memory")
