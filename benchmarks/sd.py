@@ -97,7 +97,8 @@ def _peak_rss_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
-INPUT_NAMES = {"text_encoder": ("input_ids", "clip_skip"), "unet": ("sample", "timestep", "encoder_hidden_states"),
+INPUT_NAMES = {"text_encoder": ("input_ids", "clip_skip", "token_vectors"),
+               "unet": ("sample", "timestep", "encoder_hidden_states"),
                "vae_decoder": ("latent",)}  # the exported components' inputs, in order
 # The output parity compares, per component.
 OUTPUT_NAMES = {"text_encoder": "last_hidden_state", "unet": "noise_pred", "vae_decoder": "image"}
@@ -112,7 +113,8 @@ def component_inputs(repo: Path, weights: Path, side: int) -> dict[str, dict[str
     rng = np.random.default_rng(1)
     return {
         "text_encoder": {"input_ids": rng.integers(0, text["vocab_size"], (2, length), dtype=np.int64),
-                         "clip_skip": np.ones(2, dtype=np.int64)},
+                         "clip_skip": np.ones(2, dtype=np.int64),
+                         "token_vectors": np.zeros((1, text["hidden_size"]), dtype=np.float32)},  # no embedding
         "unet": {"sample": rng.standard_normal((2, contract.unet_in_channels, latent, latent), dtype=np.float32),
                  "timestep": np.full(2, 500.0, np.float32),
                  "encoder_hidden_states": rng.standard_normal((2, length, text["hidden_size"]), dtype=np.float32)},

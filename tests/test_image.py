@@ -298,7 +298,8 @@ def image_ort() -> Path:
 
 
 def _feeds(session, rng) -> dict[str, np.ndarray]:
-    sizes = {"batch": 2, "latent_height": 8, "latent_width": 8, "height": 64, "width": 64, "sequence": 77}
+    sizes = {"batch": 2, "latent_height": 8, "latent_width": 8, "height": 64, "width": 64, "sequence": 77,
+             "vectors": 3}
     feeds = {}
     for tensor in session.get_inputs():
         shape = [d if isinstance(d, int) else sizes[d] for d in tensor.shape]
