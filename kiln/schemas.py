@@ -2,10 +2,10 @@
 and the API client (clients/api.py) builds its requests from them.
 
 Field names, defaults and meanings follow AUTOMATIC1111's API models, so its clients work
-unchanged. Unknown fields are ignored as AUTOMATIC1111 ignores them; fields asking for features
-this server does not have (face restoration, tiling, scripts) are refused
-with a 422 naming the field rather than silently ignored. NaN and Infinity are refused
-everywhere.
+unchanged. Every field of its request models is declared here (tests/test_field_walk.py checks), so none is
+ignored unread; fields asking for features this server does not have (face restoration, tiling, the refiner, ...)
+are refused with a 422 naming the field. Unknown fields are ignored as AUTOMATIC1111 ignores them. NaN and Infinity
+are refused everywhere.
 """
 
 from __future__ import annotations

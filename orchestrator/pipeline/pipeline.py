@@ -232,8 +232,7 @@ class Pipeline:
         return latents, None
 
     def _hires_pass(self, request: Txt2ImgRequest, latents: torch.Tensor, context: np.ndarray, seeds: list[int],
-                    variation, second: tuple, progress, cancelled, stop_early,
-                    unet_call: UNetCall) -> tuple:
+                    variation, second: tuple, progress, cancelled, stop_early, unet_call: UNetCall) -> tuple:
         """The hires fix after the first pass: upscale (latents, or the decoded image encoded again), fresh noise
         from the same seeds at the new size, and the second pass's steps (orchestrator.pipeline.hires)."""
         import torch
@@ -258,10 +257,9 @@ class Pipeline:
             prompts = [negative, prompt] if request.cfg_scale > 1 else [prompt]
             context = np.repeat(self.encode_prompts(prompts, request.clip_skip), len(latents), axis=0)
         pass_two = replace(request, width=planned.size[0], height=planned.size[1], controlnet=None, hires=None)
-        return self._denoise(pass_two, scheduler, timesteps, latents, context, [], None, drawn,
-                             step_kwargs(scheduler, generator, request.eta, churn(request)), progress, cancelled,
-                             stop_early,
-                             unet_call)
+        kwargs = step_kwargs(scheduler, generator, request.eta, churn(request))
+        return self._denoise(pass_two, scheduler, timesteps, latents, context, [], None, drawn, kwargs, progress,
+                             cancelled, stop_early, unet_call)
 
     def _info(self, request: Txt2ImgRequest, seeds: list[int], variation, stopped_at: int | None) -> dict:
         """What the images' infotext and the API's info say about the run."""

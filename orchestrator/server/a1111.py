@@ -134,9 +134,10 @@ def _check_eta(body: schemas.Txt2ImgBody) -> None:
     samplers = {sampler_name(body)}
     if body.enable_hr and (body.hr_sampler_name or body.hr_scheduler):
         samplers.add(hires_fix_sampler(body))
-    for sampler in sorted(samplers & ETA_ANCESTRAL):
-        raise InputError(f"eta {body.eta:g}: the {sampler} sampler runs its ancestral noise at eta 1 only (diffusers' "
-                         "scheduler has no eta); DDIM takes any eta")
+    blocked = sorted(samplers & ETA_ANCESTRAL)
+    if blocked:
+        raise InputError(f"eta {body.eta:g}: the {blocked[0]} sampler runs its ancestral noise at eta 1 only "
+                         "(diffusers' scheduler has no eta); DDIM takes any eta")
 
 
 def sampler_name(body: schemas.Txt2ImgBody) -> str:
