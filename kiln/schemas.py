@@ -41,12 +41,16 @@ class ControlNetUnitArgs(BaseModel):
     lowvram: bool = False  # its older name
     guess_mode: bool = False  # the old name of control_mode 2: refused, as that is
     guessmode: bool = False
+    hr_option: Any = "Both"  # with the hires fix: the unit acts in both passes ("Both"); the others are refused
 
     @model_validator(mode="after")
     def _unsupported(self):
         for name in ("mask", "mask_image", "guess_mode", "guessmode"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not supported by this server")
+        if self.hr_option not in ("Both", "both", 0, None):
+            raise ValueError(f"hr_option {self.hr_option!r} is not supported by this server: with the hires fix a "
+                             "unit acts in both passes (Both)")
         return self
 
 

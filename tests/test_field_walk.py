@@ -50,7 +50,7 @@ IMG2IMG_FIELDS = (
     "script_args", "send_images", "save_images", "alwayson_scripts", "infotext")
 UNIT_FIELDS = ("enabled", "image", "input_image", "mask", "mask_image", "module", "model", "weight", "resize_mode",
                "low_vram", "lowvram", "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end",
-               "pixel_perfect", "control_mode", "guess_mode", "guessmode")
+               "pixel_perfect", "control_mode", "guess_mode", "guessmode", "hr_option")
 
 BASE = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 2, "sampler_name": "Euler",
         "cfg_scale": 7.5, "seed": 5, "width": 64, "height": 64}
@@ -195,6 +195,7 @@ UNIT = {
     "control_mode": (unit(control_mode=2), {}, ("refused", 422, "control_mode")),
     "guess_mode": (unit(guess_mode=True), {}, ("refused", 422, "guess_mode")),
     "guessmode": (unit(guessmode=True), {}, ("refused", 422, "guessmode")),
+    "hr_option": (HIRES | unit(hr_option="Low res only"), {}, ("refused", 422, "hr_option")),
 }
 
 

@@ -113,11 +113,43 @@ def test_the_second_pass_matters_and_progress_counts_both_passes(local):
     (HiresFix(sampler="Euler z"), {}, "Sampler not found"),
     (HiresFix(prompt="a <lora:x:1>"), {}, "hr_prompt: <lora:x:1> is an extra-network tag"),
     (HiresFix(steps=-1), {}, "hr_second_pass_steps must be a non-negative integer"),
-    (HiresFix(), {"controlnet": ControlNetUnit(image=b"x")}, "enable_hr with ControlNet units is not supported"),
 ])
 def test_bad_hires_requests_are_named(local, fix, extra, message):
     with pytest.raises(InputError, match=message):
         local.txt2img(Txt2ImgRequest(**BASE | extra, hires=fix))
+
+
+def test_controlnet_units_act_in_both_passes(local, edge_png):
+    """sd-webui-controlnet's hr_option "Both": every UNet call of both passes takes the unit's residuals (in process:
+    the ControlNet, then the UNet that takes them), on the control image at each pass's size."""
+    calls = []
+
+    def counting(graph, inputs):
+        calls.append((graph.key, inputs["sample"].shape[-1]))
+        return graph(inputs)
+
+    request = Txt2ImgRequest(**BASE, sampler="Euler", controlnet=ControlNetUnit(image=edge_png, weight=0.8),
+                             hires=HiresFix(denoising_strength=0.5, steps=2))
+    result = local.txt2img(request, unet_call=counting)
+    assert result.images.shape == (1, 128, 128, 3)
+    keys = {key for key, _ in calls}
+    assert keys == {"sd_unet_control"} and sorted({width for _, width in calls}) == [32, 64], calls
+    plain = local.txt2img(replace(request, controlnet=None))
+    assert _max_diff(result.images, plain.images) > 2
+
+
+@pytest.fixture(scope="module")
+def edge_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    edges = Image.new("RGB", (64, 64), "black")
+    edges.paste((255, 255, 255), (10, 10, 54, 14))
+    edges.paste((255, 255, 255), (30, 14, 34, 54))
+    buffer = io.BytesIO()
+    edges.save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def test_img2img_has_no_hires_fix(local):

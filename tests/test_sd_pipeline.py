@@ -505,6 +505,8 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
                                                        "negative_prompt": "(blurry:0.8)"}),
         "clip skip": Txt2ImgRequest(**base | {"clip_skip": 3}),
         "hires fix": Txt2ImgRequest(**base | {"steps": 2}, hires=HiresFix(upscaler="Lanczos", steps=2)),
+        "hires fix with ControlNet (its ensemble)": Txt2ImgRequest(**base | {"steps": 2}, controlnet=edges,
+                                                                   hires=HiresFix(steps=2)),
         "img2img": Img2ImgRequest(**base, init_image=init_image_png, denoising_strength=0.6),
         "inpainting": Img2ImgRequest(**base, init_image=init_image_png, mask=mask_png, denoising_strength=0.9,
                                      inpainting_fill=0, overlay=True),
@@ -516,7 +518,8 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "clip skip", "hires fix", "img2img", "inpainting",
+@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "clip skip", "hires fix",
+                                  "hires fix with ControlNet (its ensemble)", "img2img", "inpainting",
                                   "controlnet (ensemble)",
                                   "scribble by name (its ensemble)", "two units (residuals, then the UNet)"])
 def test_triton_gives_the_in_process_images(served, local, init_image_png, mask_png, edge_map_png, case):

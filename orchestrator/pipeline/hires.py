@@ -7,7 +7,9 @@ What AUTOMATIC1111 does (modules/processing.py, StableDiffusionProcessingTxt2Img
 - the latent modes interpolate the latents (torch's interpolate, with or without antialias); an image upscaler
   resizes the decoded image as AUTOMATIC1111's resize_image does, and the VAE encodes it again;
 - the second pass draws new noise from the same seeds at the new size, and runs exactly hr_second_pass_steps (or
-  steps) steps of a schedule of int(steps / denoising_strength) (its img2img steps for an explicit step count).
+  steps) steps of a schedule of int(steps / denoising_strength) (its img2img steps for an explicit step count);
+- ControlNet units act in both passes (sd-webui-controlnet's hr_option "Both"), each on its control image at the
+  pass's size, their guidance windows over each pass's steps.
 """
 
 from __future__ import annotations
@@ -94,9 +96,6 @@ def check(request: Txt2ImgRequest, contract: SDContract) -> None:
     strength = hires.denoising_strength
     if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
         raise InputError(f"denoising_strength (of the hires pass) must be in (0, 1], got {strength!r}")
-    if request.controlnet_units:
-        raise InputError("enable_hr with ControlNet units is not supported yet: the hires pass would run without "
-                         "the ControlNet")
     plan(request, contract)
 
 

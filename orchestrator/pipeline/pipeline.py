@@ -155,9 +155,7 @@ class Pipeline:
             latents = noise(shape, generator, variation) * scheduler.init_noise_sigma
 
         # 6. ControlNet conditioning: each unit's control image for every row of the UNet batch.
-        cond = [np.repeat(control_image(unit.image, request.width, request.height, unit.module, unit.low_threshold,
-                                        unit.high_threshold)[None], len(context), axis=0)
-                for unit in request.controlnet_units]
+        cond = control_images(request, request.width, request.height, len(context))
 
         # 7. Denoising loop; with the hires fix, the upscale and the second pass (in the batcher like any steps).
         unet_call = unet_call or call_graph
@@ -256,9 +254,11 @@ class Pipeline:
         if (prompt, negative) != (request.prompt, request.negative_prompt):
             prompts = [negative, prompt] if request.cfg_scale > 1 else [prompt]
             context = np.repeat(self.encode_prompts(prompts, request.clip_skip), len(latents), axis=0)
-        pass_two = replace(request, width=planned.size[0], height=planned.size[1], controlnet=None, hires=None)
+        # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
+        pass_two = replace(request, width=planned.size[0], height=planned.size[1], hires=None)
+        cond = control_images(pass_two, pass_two.width, pass_two.height, len(context))
         kwargs = step_kwargs(scheduler, generator, request.eta, churn(request))
-        return self._denoise(pass_two, scheduler, timesteps, latents, context, [], None, drawn, kwargs, progress,
+        return self._denoise(pass_two, scheduler, timesteps, latents, context, cond, None, drawn, kwargs, progress,
                              cancelled, stop_early, unet_call)
 
     def _info(self, request: Txt2ImgRequest, seeds: list[int], variation, stopped_at: int | None) -> dict:
@@ -289,6 +289,13 @@ class Pipeline:
                                   f"Guidance End: {unit.guidance_end}\""
                                   for unit in request.controlnet_units]
         return info
+
+
+def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int) -> list[np.ndarray]:
+    """Each ControlNet unit's input at width x height (its preprocessor run), once per row of the UNet batch."""
+    return [np.repeat(control_image(unit.image, width, height, unit.module, unit.low_threshold,
+                                    unit.high_threshold)[None], rows, axis=0)
+            for unit in request.controlnet_units]
 
 
 def churn(request: Txt2ImgRequest) -> dict:
