@@ -49,7 +49,7 @@ _ATTENTION = re.compile(r"""
     :                            # a colon that is text
 """, re.VERBOSE)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]*)>")
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]*)>")  # AUTOMATIC1111's extra-network tags: <lora:name:0.8>
 _EDITING = re.compile(r"\[[^\[\]()]*[:|][^\[\]()]*\]")  # [from:to:when], [to:when], [a|b]
 _AND = re.compile(r"\bAND\b")
 
@@ -57,7 +57,7 @@ _AND = re.compile(r"\bAND\b")
 def check_prompt_syntax(text: str, field: str = "prompt") -> None:
     """Refuse, by name, the parts of AUTOMATIC1111's prompt language kiln does not run (InputError: HTTP 422)."""
     plain = re.sub(r"\\.", "", text)  # escaped brackets are text
-    if match := _EXTRA_NETWORK.search(plain):
+    if match := EXTRA_NETWORK.search(plain):
         raise InputError(f"{field}: {match.group(0)} is an extra-network tag ({match.group(1)}); this server has no "
                          "LoRA, LyCORIS or hypernetwork files to apply, and a tag is never taken as text")
     if _AND.search(plain):

@@ -39,13 +39,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
     """Raise an InputError naming the bad field of one pipeline run."""
     multiple = contract.size_multiple
     for name in ("prompt", "negative_prompt"):
-        text = getattr(request, name)
-        if not isinstance(text, str):
-            raise InputError(f"{name} must be a string")
-        if len(text) > limits.max_prompt_chars:
-            raise TooLargeError(f"{name} of {len(text)} characters exceeds the {limits.max_prompt_chars}-character "
-                                "limit")
-        check_prompt_syntax(text, name)  # LoRA tags, AND, prompt editing: refused by name, never taken as text
+        _check_prompt(name, getattr(request, name), limits)
     for name in ("width", "height"):
         value = getattr(request, name)
         if not _is_int(value) or value % multiple:
@@ -109,6 +103,14 @@ def check_job(request: Txt2ImgRequest, n_iter: int, limits: Limits = Limits()) -
                          "per request")
 
 
+def _check_prompt(name: str, text, limits: Limits) -> None:
+    if not isinstance(text, str):
+        raise InputError(f"{name} must be a string")
+    if len(text) > limits.max_prompt_chars:
+        raise TooLargeError(f"{name} of {len(text)} characters exceeds the {limits.max_prompt_chars}-character limit")
+    check_prompt_syntax(text, name)  # LoRA tags, AND, prompt editing: refused by name, never taken as text
+
+
 def _check_latent_resize(request: Img2ImgRequest, contract: SDContract) -> None:
     """resize_mode 3 encodes the init image at its own size: that size must be one the VAE encoder was built for."""
     if request.inpainting:
@@ -141,14 +143,8 @@ def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) 
         raise InputError("the hires fix (enable_hr) is txt2img's; img2img has none")
     fix = request.hires
     for name in ("prompt", "negative_prompt"):
-        text = getattr(fix, name, None)
-        if text is not None:
-            if not isinstance(text, str):
-                raise InputError(f"hr_{name} must be a string")
-            if len(text) > limits.max_prompt_chars:
-                raise TooLargeError(f"hr_{name} of {len(text)} characters exceeds the {limits.max_prompt_chars}-"
-                                    "character limit")
-            check_prompt_syntax(text, f"hr_{name}")
+        if getattr(fix, name, None) is not None:
+            _check_prompt(f"hr_{name}", getattr(fix, name), limits)
     if getattr(fix, "sampler", None) is not None:
         check_sampler(fix.sampler)
     hires.check(request, contract)

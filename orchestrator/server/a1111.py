@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ from kiln.errors import InputError, NotFoundError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import resize_init_image
+from kiln.prompts import EXTRA_NETWORK
 from kiln.styles import StyleLibrary
 from kiln.upscale import UPSCALERS
 from orchestrator.jobs import Job
@@ -51,7 +51,6 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
                 "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
                 "control_net_no_detectmap": bool}
 ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta
-EXTRA_NETWORK_TAG = re.compile(r"<\w+:[^>]*>")  # AUTOMATIC1111's extra-network syntax, as kiln.prompts reads it
 # what one request's override_settings can change
 APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap")
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -195,7 +194,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     _check_eta(body)
     clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
     if body.disable_extra_networks:  # AUTOMATIC1111 takes the tags out of the prompts and runs none of them
-        body = body.model_copy(update={name: EXTRA_NETWORK_TAG.sub("", getattr(body, name))
+        body = body.model_copy(update={name: EXTRA_NETWORK.sub("", getattr(body, name))
                                        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")})
     prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
     fields = dict(clip_skip=clip_skip, prompt=prompt, negative_prompt=negative, steps=body.steps,
