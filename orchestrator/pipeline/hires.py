@@ -21,7 +21,8 @@ import numpy as np
 
 from kiln.contract import SDContract
 from kiln.errors import InputError
-from kiln.upscale import RESAMPLE
+from kiln.upscale import UpscaleOptions, upscale_with
+from kiln.upscale import plan as plan_upscale
 from orchestrator.pipeline.requests import HiresFix, Txt2ImgRequest
 
 if TYPE_CHECKING:
@@ -114,9 +115,10 @@ def upscale_latents(latents: torch.Tensor, hires: HiresFix, planned: HiresPlan, 
     return truncate(F.interpolate(latents, size=size, mode=mode, antialias=antialias), planned)
 
 
-def upscale_images(images: np.ndarray, hires: HiresFix, planned: HiresPlan) -> np.ndarray:
+def upscale_images(images: np.ndarray, hires: HiresFix, planned: HiresPlan, max_pixels: int) -> np.ndarray:
     """An image upscaler on the decoded first pass (uint8 N x H x W x 3): AUTOMATIC1111's resize_image (mode 0) with
-    that upscaler. Returns pixels in [-1, 1], (N, 3, H, W), for the VAE encoder."""
+    that upscaler (its upscale as the extras run it, kiln.upscale), then Lanczos to the target. Returns pixels in
+    [-1, 1], (N, 3, H, W), for the VAE encoder."""
     from PIL import Image
 
     width, height = planned.upscale_to
@@ -125,11 +127,9 @@ def upscale_images(images: np.ndarray, hires: HiresFix, planned: HiresPlan) -> n
         picture = Image.fromarray(image)
         scale = max(width / picture.width, height / picture.height)
         if hires.upscaler != "None" and scale > 1:  # the upscaler's own resize, then Lanczos to a multiple of 8
-            picture = picture.resize((int(picture.width * scale), int(picture.height * scale)),
-                                     resample=RESAMPLE[hires.upscaler])
-            eight = (int(picture.width // 8 * 8), int(picture.height // 8 * 8))
-            if picture.size != eight:
-                picture = picture.resize(eight, resample=Image.Resampling.LANCZOS)
+            options = UpscaleOptions(upscaling_resize=scale, upscaler_1=hires.upscaler)
+            picture = upscale_with(picture, hires.upscaler, plan_upscale(picture.width, picture.height, options,
+                                                                         max_pixels))
         if picture.size != (width, height):
             picture = picture.resize((width, height), resample=Image.Resampling.LANCZOS)
         out.append(np.asarray(picture, dtype=np.float32).transpose(2, 0, 1) / np.float32(127.5) - np.float32(1.0))

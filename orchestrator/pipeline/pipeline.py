@@ -243,7 +243,8 @@ class Pipeline:
         if fix.upscaler in hires.LATENT_MODES:
             latents = hires.upscale_latents(latents, fix, planned, contract.vae_scale_factor)
         else:
-            pixels = hires.upscale_images(self.components.vae.decode(latents.numpy()), fix, planned)
+            pixels = hires.upscale_images(self.components.vae.decode(latents.numpy()), fix, planned,
+                                          self.limits.max_image_pixels)
             moments = torch.from_numpy(self.components.vae.encode_pixels(pixels))
             latents = hires.truncate(sample_latents(moments, fresh, contract.scaling_factor), planned)
         scheduler, timesteps = second

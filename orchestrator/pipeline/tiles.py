@@ -13,8 +13,8 @@ import numpy as np
 
 from kiln.contract import SDContract
 from kiln.errors import InputError
-from kiln.imaging import ImageLimits, decode_image, encode_png
-from kiln.upscale import UPSCALERS, UpscaleOptions, plan, upscale_with
+from kiln.imaging import ImageLimits, decode_image, encode_png, header_size
+from kiln.upscale import UPSCALERS, Plan, UpscaleOptions, plan, upscale_with
 from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest, ProgressCallback
 from orchestrator.pipeline.sampling import draw_seed
 
@@ -28,20 +28,31 @@ class Tile:
     image: object  # PIL image: the crop, then its redrawn version
 
 
+def upscale_plan(request: Img2ImgRequest, width: int, height: int, max_pixels: int) -> Plan | None:
+    """The sizes AUTOMATIC1111's upscaler.upscale takes a width x height init image through (None: "None" leaves it
+    as it is); too large is refused by kiln.upscale.plan before a pixel is touched."""
+    script = request.sd_upscale
+    if script.upscaler == "None":
+        return None
+    options = UpscaleOptions(upscaling_resize=script.scale, upscaler_1=script.upscaler)
+    return plan(width, height, options, max_pixels)
+
+
 def upscaled_image(request: Img2ImgRequest, max_pixels: int):
     """The init image upscaled as AUTOMATIC1111's upscaler.upscale does it ("None": unchanged)."""
     image = decode_image(request.init_image, ImageLimits(min_side=1))
-    script = request.sd_upscale
-    if script.upscaler == "None":
-        return image
-    options = UpscaleOptions(upscaling_resize=script.scale, upscaler_1=script.upscaler)
-    return upscale_with(image, script.upscaler, plan(image.width, image.height, options, max_pixels))
+    planned = upscale_plan(request, image.width, image.height, max_pixels)
+    return image if planned is None else upscale_with(image, request.sd_upscale.upscaler, planned)
+
+
+def grid_shape(width: int, height: int, tile_w: int, tile_h: int, overlap: int) -> tuple[int, int]:
+    """split_grid's (columns, rows) of tiles over a width x height image."""
+    return math.ceil((width - overlap) / (tile_w - overlap)), math.ceil((height - overlap) / (tile_h - overlap))
 
 
 def split(image, tile_w: int, tile_h: int, overlap: int) -> list[list[Tile]]:
     """AUTOMATIC1111's split_grid: rows of tiles covering the image, spread evenly, the last flush with the edge."""
-    cols = math.ceil((image.width - overlap) / (tile_w - overlap))
-    rows = math.ceil((image.height - overlap) / (tile_h - overlap))
+    cols, rows = grid_shape(image.width, image.height, tile_w, tile_h, overlap)
     dx = (image.width - tile_w) / (cols - 1) if cols > 1 else 0
     dy = (image.height - tile_h) / (rows - 1) if rows > 1 else 0
     grid = []
@@ -91,11 +102,14 @@ def check(request: Img2ImgRequest, contract: SDContract, max_pixels: int) -> Non
         raise InputError(f"script_args: SD upscale's scale_factor must be in [1, 4], got {script.scale!r}")
     if request.batch_size != 1 or request.inpainting or request.controlnet_units:
         raise InputError("script_name sd upscale redraws its tiles one by one: batch_size 1, no mask, no ControlNet")
-    image = upscaled_image(request, max_pixels)
-    if image.width < request.width or image.height < request.height:
-        raise InputError(f"script_name sd upscale: the upscaled image, {image.width}x{image.height}, is smaller than "
+    own = header_size(request.init_image, "init image", max_pixels)  # sizes only: sd_upscale does the pixels
+    planned = upscale_plan(request, *own, max_pixels)
+    width, height = own if planned is None else planned.size
+    if width < request.width or height < request.height:
+        raise InputError(f"script_name sd upscale: the upscaled image, {width}x{height}, is smaller than "
                          f"a tile ({request.width}x{request.height}); lower width and height")
-    tiles = sum(len(row) for row in split(image, request.width, request.height, script.overlap))
+    cols, rows = grid_shape(width, height, request.width, request.height, script.overlap)
+    tiles = cols * rows
     if tiles > MAX_TILES:
         raise InputError(f"script_name sd upscale: {tiles} tiles of {request.width}x{request.height}; at most "
                          f"{MAX_TILES} (larger tiles, or a smaller scale)")
