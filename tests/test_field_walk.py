@@ -28,26 +28,23 @@ from tests.conftest import encode
 
 pytestmark = pytest.mark.slow
 
-TXT2IMG_FIELDS = (
+# StableDiffusionProcessing's own fields, shared by both models, then each model's, then the API's additions
+PROCESSING_FIELDS = (
     "prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "seed_resize_from_h",
     "seed_resize_from_w", "sampler_name", "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height",
     "restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid", "eta", "denoising_strength", "s_min_uncond",
     "s_churn", "s_tmax", "s_tmin", "s_noise", "override_settings", "override_settings_restore_afterwards",
-    "refiner_checkpoint", "refiner_switch_at", "disable_extra_networks", "firstpass_image", "comments", "enable_hr",
-    "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
-    "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
-    "force_task_id", "sampler_index", "script_name", "script_args", "send_images", "save_images", "alwayson_scripts",
-    "infotext")
-IMG2IMG_FIELDS = (
-    "prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "seed_resize_from_h",
-    "seed_resize_from_w", "sampler_name", "scheduler", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height",
-    "restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid", "eta", "denoising_strength", "s_min_uncond",
-    "s_churn", "s_tmax", "s_tmin", "s_noise", "override_settings", "override_settings_restore_afterwards",
-    "refiner_checkpoint", "refiner_switch_at", "disable_extra_networks", "firstpass_image", "comments", "init_images",
-    "resize_mode", "image_cfg_scale", "mask", "mask_blur_x", "mask_blur_y", "mask_blur", "mask_round",
+    "refiner_checkpoint", "refiner_switch_at", "disable_extra_networks", "firstpass_image", "comments")
+API_FIELDS = ("force_task_id", "sampler_index", "script_name", "script_args", "send_images", "save_images",
+              "alwayson_scripts", "infotext")
+TXT2IMG_FIELDS = PROCESSING_FIELDS + (
+    "enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
+    "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
+    "hr_negative_prompt") + API_FIELDS
+IMG2IMG_FIELDS = PROCESSING_FIELDS + (
+    "init_images", "resize_mode", "image_cfg_scale", "mask", "mask_blur_x", "mask_blur_y", "mask_blur", "mask_round",
     "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
-    "initial_noise_multiplier", "latent_mask", "force_task_id", "sampler_index", "include_init_images", "script_name",
-    "script_args", "send_images", "save_images", "alwayson_scripts", "infotext")
+    "initial_noise_multiplier", "latent_mask", "include_init_images") + API_FIELDS
 UNIT_FIELDS = ("enabled", "image", "input_image", "mask", "mask_image", "module", "model", "weight", "resize_mode",
                "low_vram", "lowvram", "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end",
                "pixel_perfect", "control_mode", "guess_mode", "guessmode", "hr_option")
