@@ -41,6 +41,7 @@ class ControlNetUnitArgs(BaseModel):
     lowvram: bool = False  # its older name
     guess_mode: bool = False  # the old name of control_mode 2: refused, as that is
     guessmode: bool = False
+    save_detected_map: bool = True  # the unit's detected map follows the response's images (unless false)
     hr_option: Any = "Both"  # with the hires fix: the unit acts in both passes ("Both"); the others are refused
 
     @model_validator(mode="after")

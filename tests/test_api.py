@@ -539,6 +539,9 @@ def test_controlnet_units_detected_maps_follow_the_images(client):
     assert np.array_equal(_decode(images[2])[0], expected)
     off = body | {"override_settings": {"control_net_no_detectmap": True}}
     assert len(client.post("/sdapi/v1/txt2img", json=off).json()["images"]) == 2
+    unit = body["alwayson_scripts"]["controlnet"]["args"][0] | {"save_detected_map": False}  # the unit's own say
+    assert len(client.post("/sdapi/v1/txt2img", json=body | {"alwayson_scripts": {"controlnet": {"args": [unit]}}})
+               .json()["images"]) == 2
     try:
         assert client.post("/sdapi/v1/options", json={"control_net_no_detectmap": True}).status_code == 200
         assert len(client.post("/sdapi/v1/txt2img", json=body).json()["images"]) == 2

@@ -47,7 +47,7 @@ IMG2IMG_FIELDS = PROCESSING_FIELDS + (
     "initial_noise_multiplier", "latent_mask", "include_init_images") + API_FIELDS
 UNIT_FIELDS = ("enabled", "image", "input_image", "mask", "mask_image", "module", "model", "weight", "resize_mode",
                "low_vram", "lowvram", "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end",
-               "pixel_perfect", "control_mode", "guess_mode", "guessmode", "hr_option")
+               "pixel_perfect", "control_mode", "guess_mode", "guessmode", "hr_option", "save_detected_map")
 
 BASE = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 2, "sampler_name": "Euler",
         "cfg_scale": 7.5, "seed": 5, "width": 64, "height": 64}
@@ -193,6 +193,7 @@ UNIT = {
     "guess_mode": (unit(guess_mode=True), {}, ("refused", 422, "guess_mode")),
     "guessmode": (unit(guessmode=True), {}, ("refused", 422, "guessmode")),
     "hr_option": (HIRES | unit(hr_option="Low res only"), {}, ("refused", 422, "hr_option")),
+    "save_detected_map": (unit(save_detected_map=False), {}, 1),  # the image alone; with it, its map after it
 }
 
 

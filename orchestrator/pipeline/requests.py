@@ -23,6 +23,7 @@ class ControlNetUnit:
     low_threshold: int = 100  # canny thresholds, on 0-255 intensities
     high_threshold: int = 200
     model: str | None = None  # which of the build's ControlNets, by name ("name [hash]" too); None: the first
+    save_detected_map: bool = True  # the API returns the unit's preprocessed image after the images (the extension's)
 
     def scale_at(self, index: int, total: int) -> float:
         """diffusers' controlnet_keep: the unit acts on steps inside [guidance_start, guidance_end]."""

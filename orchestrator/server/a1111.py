@@ -293,7 +293,7 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) ->
                                      module=unit.module.lower(), weight=unit.weight,
                                      guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
                                      low_threshold=int(unit.threshold_a), high_threshold=int(unit.threshold_b),
-                                     model=unit.model))
+                                     model=unit.model, save_detected_map=unit.save_detected_map))
     return tuple(result) or None
 
 
@@ -326,7 +326,7 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
               for image, i in zip(job.images, infos)] if body.send_images else []
     if body.send_images and job.context.get("detect_maps"):  # sd-webui-controlnet appends each unit's input
         images += [base64.b64encode(encode_png(detect_map(unit, job.request))).decode()
-                   for unit in job.request.controlnet_units]
+                   for unit in job.request.controlnet_units if unit.save_detected_map]
     # AUTOMATIC1111 echoes the init images and the mask in `parameters` only when include_init_images asks for them.
     images_too = getattr(body, "include_init_images", False)
     parameters = body.model_dump(exclude={"alwayson_scripts"} | (set() if images_too else {"init_images", "mask"}))
