@@ -96,6 +96,9 @@ class SDContract:
     # Hidden size of the textual-inversion vectors the text encoder takes per request (its token embeddings'); 0: a
     # build before embeddings, whose text encoder takes token ids only
     textual_inversion_dim: int = 0
+    # Layers of the UNet a LoRA can change in this build (its artifacts' kiln.runtime.lora maps); 0: the models take
+    # no LoRA (a build before LoRA, a quantized or torch variant, or NVIDIA's native backends)
+    lora_layers: int = 0
     unet_max_batch: int = 16  # rows one sd_unet call may take (a native OpenVINO sd_unet has max_batch_size 0)
     # Row counts sd_unet replays from CUDA graphs ("2,4,8,16"; torch on CUDA), captured at these input shapes (JSON,
     # the build's optimal size): the step batcher pads a call of those per-row shapes to the next bucket

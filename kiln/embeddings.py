@@ -59,7 +59,8 @@ class Embedding:
                 "shape": self.hidden_size, "vectors": int(self.vectors.shape[0])}
 
 
-def _float32(info: dict) -> np.ndarray:
+def float32_tensor(info: dict) -> np.ndarray:
+    """A safetensors tensor (safetensors.deserialize's entry) as float32 (LoRA files are read so too)."""
     shape, dtype, data = tuple(info["shape"]), str(info["dtype"]), info["data"]
     if dtype == "BF16":  # numpy has no bfloat16: its bits are float32's upper half
         return (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
@@ -97,7 +98,7 @@ def read_embedding(path: Path) -> Embedding:
         raise WeightsError(f"{path.name} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:4])}), not one "
                            "embedding (emb_params, or one tensor)")
     try:
-        vectors = _float32(tensors[key])
+        vectors = float32_tensor(tensors[key])
     except WeightsError as exc:
         raise WeightsError(f"{path.name}: {key} is {exc}") from None
     vectors = vectors[None] if vectors.ndim == 1 else vectors

@@ -5,8 +5,9 @@ by 1.1, `[word]` divides it by 1.1, `(word:1.3)` sets 1.3, nesting multiplies, `
 brackets, and `BREAK` ends the current chunk. Each fragment is tokenized on its own; every token carries its weight
 into the chunk, and `apply_emphasis` scales the text encoder's output by them and restores its mean (per prompt and
 chunk), as AUTOMATIC1111 does. A prompt whose weights are all 1 encodes exactly as its plain text. What kiln does not
-run is refused by name (`check_prompt_syntax`): extra-network tags such as `<lora:name:0.8>`, composable diffusion
-(`AND`), prompt editing `[from:to:when]` and alternation `[a|b]`; never encoded as literal text.
+run is refused by name (`check_prompt_syntax`): extra-network tags other than the prompt's LoRA tags (kiln.lora takes
+those out first), composable diffusion (`AND`), prompt editing `[from:to:when]` and alternation `[a|b]`; never
+encoded as literal text.
 
 A prompt's tokens (without BOS/EOS) are split into chunks of 75; each chunk becomes
 BOS + chunk + EOS, padded with EOS to 77, and the text encoder's outputs of the chunks are
@@ -58,8 +59,10 @@ def check_prompt_syntax(text: str, field: str = "prompt") -> None:
     """Refuse, by name, the parts of AUTOMATIC1111's prompt language kiln does not run (InputError: HTTP 422)."""
     plain = re.sub(r"\\.", "", text)  # escaped brackets are text
     if match := EXTRA_NETWORK.search(plain):
-        raise InputError(f"{field}: {match.group(0)} is an extra-network tag ({match.group(1)}); this server has no "
-                         "LoRA, LyCORIS or hypernetwork files to apply, and a tag is never taken as text")
+        where = "the prompt only (as AUTOMATIC1111 applies them)" if match.group(1).lower() in ("lora", "lyco") \
+            else "LoRA tags (<lora:name:multiplier>) only, in the prompt"
+        raise InputError(f"{field}: {match.group(0)} is an extra-network tag ({match.group(1)}); kiln applies {where}, "
+                         "and a tag is never taken as text")
     if _AND.search(plain):
         raise InputError(f"{field}: AND (composable diffusion) is not supported; write one prompt, or use emphasis "
                          "such as (word:1.2)")

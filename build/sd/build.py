@@ -25,6 +25,7 @@ from build.sd.auto import candidates as auto_candidates
 from build.sd.auto import choose_variant
 from build.sd.configs import sd_model_configs
 from build.sd.export import check_component, export_component, export_modules
+from build.sd.lora import LORA_COMPONENTS, LORA_RUNTIMES, write_lora_map
 from build.sd.specs import (
     ImageRange,
     axis_sizes,
@@ -40,6 +41,7 @@ from kiln.contract import SDContract, ServedControlNet
 from kiln.errors import ConfigError, ExportError
 from kiln.paths import DEFAULT_REPOSITORY
 from kiln.prompts import MAX_CHUNKS
+from kiln.runtime.lora import MAP_SUFFIX
 
 SERVED = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # txt2img and img2img
 CALIBRATED = ("unet",)  # components whose real inputs a build can capture (a calibrated variant quantizes them so)
@@ -153,6 +155,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         path = version / exported.artifact
         for stale in ARTIFACTS - {path.name}:
             report.remove_artifact(version / stale)  # a previous build's variant must not linger beside this one
+        for stale in version.glob(f"*{MAP_SUFFIX}"):
+            stale.unlink()
         start = time.perf_counter()
         if exported.compiler:
             program = Path(scratch.name) / f"{name}.pt2"  # compiled into `path` below
@@ -172,6 +176,19 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
             record(name, variants[name], package, export_seconds + compiled[program].seconds,
                    compile_seconds=compiled[program].seconds, compile_cached=compiled[program].cached)
 
+    # LoRA: where each module's weight is in the artifacts that can take one (build.sd.lora)
+    lora_ready = options.triton_backend == "python"
+    for name in (c for c in components if c in LORA_COMPONENTS):
+        served = variants[name]
+        if (lora_ready and served.runtime in LORA_RUNTIMES and not served.accelerator and not served.calibrated
+                and served.quantization == "none"):
+            artifacts[name]["lora"] = write_lora_map(modules[name], name, served.runtime,
+                                                     repository / names.sd_model(name) / "1" / served.artifact)
+    lora_layers = min((artifacts[c].get("lora", {}).get("layers", 0) for c in ("text_encoder", "unet")), default=0)
+    if lora_layers:
+        log(f"  LoRA: {artifacts['unet']['lora']['layers']} UNet and {artifacts['text_encoder']['lora']['layers']} "
+            "text encoder layers mapped")
+
     # 3. Triton models and the contract the service reads.
     contract = SDContract(
         scheduler_config=loaded.scheduler_config, vae_scale_factor=vae_scale_factor(loaded),
@@ -181,6 +198,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
         unet_max_batch=specs["unet"].max_batch_size, clip_skip_layers=loaded.text_encoder.config.num_hidden_layers,
         textual_inversion_dim=loaded.text_encoder.config.hidden_size,
+        lora_layers=artifacts["unet"]["lora"]["layers"] if lora_layers else 0,
         **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
            else {}),
         controlnets=tuple(ServedControlNet(name=label, model=names.sd_model(name), sha256=artifacts[name]["sha256"],

@@ -45,11 +45,15 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
             return native_config(config, variants[component], device, threads, specs[component])
         return replace(config, kind=DEVICES[device])  # the Python backend on a GPU: torch variants (check_target)
 
+    # The LoRA set a request runs with (kiln.lora's spec; absent or "": none), where the build mapped its weights
+    lora = (Tensor("lora", "BYTES", (1,), optional=True),) if contract.lora_layers else ()
+
     def runtime_model(component: str, **extra) -> ModelConfig:
         spec = specs[component]
         step = component in STEP_COMPONENTS or component.startswith("controlnet")
         return served(component, ModelConfig(
-            name=names.sd_model(component), inputs=spec.triton_inputs(), outputs=spec.triton_outputs(),
+            name=names.sd_model(component), outputs=spec.triton_outputs(),
+            inputs=spec.triton_inputs() + (lora if component in STEP_COMPONENTS else ()),
             max_batch_size=spec.max_batch_size, dynamic_batching=step_batching if step else batching,
             parameters=runtime(component) | extra))
 
@@ -71,7 +75,7 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
                     parameters={"max_chunks": str(contract.max_prompt_chunks),
                                 "clip_skip_layers": str(contract.clip_skip_layers),
                                 "textual_inversion_dim": str(contract.textual_inversion_dim)}),
-        served("text_encoder", ModelConfig(name=names.SD_TEXT_ENCODER, inputs=text.triton_inputs(batched=False),
+        served("text_encoder", ModelConfig(name=names.SD_TEXT_ENCODER, inputs=text.triton_inputs(batched=False) + lora,
                                            outputs=text.triton_outputs(batched=False),
                                            parameters=runtime("text_encoder"))),
         runtime_model("unet", **contract.to_parameters()),
@@ -82,13 +86,14 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
         ModelConfig(name=names.SD_IMAGE_PREPROCESS, inputs=(image_bytes, size),
                     outputs=(Tensor("pixels", "FP32", (3, -1, -1)),), max_batch_size=encoder.max_batch_size,
                     parameters={"min_size": str(contract.min_size), "max_size": str(contract.max_size)}),
-        ModelConfig(name=names.SD_TEXT_ENCODE, backend=None, platform="ensemble", inputs=prompts,
+        ModelConfig(name=names.SD_TEXT_ENCODE, backend=None, platform="ensemble", inputs=prompts + lora,
                     outputs=(Tensor("embeddings", "FP32", (-1, text.inputs[0].shape[1], hidden)), chunks, weights),
                     steps=(EnsembleStep(names.SD_TOKENIZER, {t.name: t.name for t in prompts},
                                         {"input_ids": "input_ids", "chunks": "chunks", "weights": "weights",
                                          "clip_skip": "row_clip_skip", "token_vectors": "token_vectors"}),
                            EnsembleStep(names.SD_TEXT_ENCODER, {"input_ids": "input_ids", "clip_skip": "row_clip_skip",
-                                                                "token_vectors": "token_vectors"},
+                                                                "token_vectors": "token_vectors"}
+                                        | {t.name: t.name for t in lora},
                                         {"last_hidden_state": "embeddings"}))),
         ModelConfig(name=names.SD_VAE_DECODE, backend=None, platform="ensemble", max_batch_size=decoder.max_batch_size,
                     inputs=(Tensor("latent", "FP32", decoder.inputs[0].triton_tensor().dims),), outputs=(images,),
@@ -112,10 +117,10 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
             configs.append(ModelConfig(
                 name=names.controlnet_ensemble(index), backend=None, platform="ensemble",
                 max_batch_size=unet_control.max_batch_size,
-                inputs=tuple(replace(t, reshape=None) for t in control.triton_inputs()),
+                inputs=tuple(replace(t, reshape=None) for t in control.triton_inputs()) + lora,
                 outputs=unet_control.triton_outputs(),
                 steps=(EnsembleStep(names.sd_model(name), {t.name: t.name for t in control.inputs},
                                     {t.name: t.name for t in control.outputs}),
-                       EnsembleStep(names.SD_UNET_CONTROL, {t.name: t.name for t in unet_control.inputs},
+                       EnsembleStep(names.SD_UNET_CONTROL, {t.name: t.name for t in (*unet_control.inputs, *lora)},
                                     {"noise_pred": "noise_pred"}))))
     return configs

@@ -64,6 +64,10 @@ def add_parser(commands) -> None:
                           help="textual-inversion embeddings (.safetensors) the prompts may name by file name "
                                "(default: embeddings/ in the working directory, where there is one); with --api, "
                                "the service's own folder is used (kiln serve --embeddings)")
+    generate.add_argument("--loras", type=Path, metavar="DIR",
+                          help="LoRA files the prompt's <lora:NAME:multiplier> tags name (default: loras/ in the "
+                               "working directory, where there is one); Triton's models read the same files from "
+                               "their KILN_LORAS folder (kiln serve --loras); with --api, the service's folder is used")
     generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (the loop runs here)")
     generate.add_argument("--api", metavar="URL", help="go through the API service instead, e.g. http://127.0.0.1:7860")
     generate.add_argument("--api-auth", help="user:password for --api (HTTP Basic)")
@@ -107,15 +111,18 @@ def _units(args, files: dict[str, bytes]) -> list[dict]:
 def run(args) -> int:
     files = _files(args)
     units = _units(args, files)
-    if args.embeddings is not None and not args.embeddings.is_dir():
-        raise KilnError(f"--embeddings {args.embeddings}: no such folder")
+    for name in ("embeddings", "loras"):
+        folder = getattr(args, name)
+        if folder is not None and not folder.is_dir():
+            raise KilnError(f"--{name} {folder}: no such folder")
+        if folder is not None and args.api:
+            raise KilnError(f"--{name}: through --api the service reads its own folder (kiln serve --{name})")
     if args.api:
-        if args.embeddings is not None:
-            raise KilnError("--embeddings: through --api the service reads its own folder (kiln serve --embeddings)")
         return _through_api(args, files, units)
     from kiln.embeddings import EmbeddingLibrary
     from kiln.imaging import encode_png
     from kiln.infotext import parameters_text
+    from kiln.lora import LoraLibrary
     from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Pipeline, Txt2ImgRequest
     from orchestrator.pipeline.components.triton import triton_components
 
@@ -138,7 +145,9 @@ def run(args) -> int:
         print(f"\rstep {step}/{total}", end="", file=sys.stderr, flush=True)
 
     embeddings = EmbeddingLibrary(args.embeddings or Path("embeddings"))
-    result = Pipeline(triton_components(args.url, embeddings=embeddings)).generate(request, progress=progress)
+    loras = LoraLibrary(args.loras or Path("loras"))
+    result = Pipeline(triton_components(args.url, embeddings=embeddings, loras=loras)).generate(request,
+                                                                                                progress=progress)
     print(file=sys.stderr)
     for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
         path = args.out if len(result.images) == 1 else \

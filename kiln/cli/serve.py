@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kiln.cli.args import names
 from kiln.errors import KilnError
+from kiln.lora import ENV as LORA_ENV
 from kiln.paths import DEFAULT_REPOSITORY
 
 
@@ -21,6 +22,11 @@ def add_parser(commands) -> None:
     serve.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
     serve.add_argument("--log-verbose", type=int, default=0)
     serve.add_argument("--triton-url", help="use this running Triton (host:gRPC port) instead of starting one")
+    serve.add_argument("--loras", type=Path, metavar="DIR",
+                       help="LoRA files (.safetensors, kohya's or diffusers' layout) that prompts apply as "
+                            "<lora:NAME:multiplier>, NAME a file's name; the API lists them and Triton's models read "
+                            "them (a Triton of --triton-url reads its own KILN_LORAS folder). Default: loras/ in the "
+                            "working directory, where there is one")
     api = serve.add_argument_group("API service")
     api.add_argument("--no-api", action="store_true", help="serve Triton only")
     api.add_argument("--listen", default="127.0.0.1", help="API bind address (any but loopback needs --api-auth or "
@@ -53,6 +59,15 @@ def add_parser(commands) -> None:
     serve.set_defaults(run=run)
 
 
+def loras_folder(args) -> Path | None:
+    """--loras, or loras/ in the working directory where there is one."""
+    if args.loras is not None:
+        if not args.loras.is_dir():
+            raise KilnError(f"--loras {args.loras}: no such folder")
+        return args.loras
+    return Path("loras") if Path("loras").is_dir() else None
+
+
 def settings_from(args):
     """The API settings the flags describe, validated before anything starts."""
     from orchestrator.pipeline import Limits
@@ -76,7 +91,7 @@ def settings_from(args):
                     request_timeout_s=args.request_timeout, limits=Limits(max_steps=args.max_steps),
                     cors_origins=names(args.cors_origins), security=security, listen=args.listen, port=args.port,
                     styles_file=args.styles, outputs_dir=args.outputs,
-                    embeddings_dir=args.embeddings or Path("embeddings"))
+                    embeddings_dir=args.embeddings or Path("embeddings"), loras_dir=loras_folder(args))
 
 
 def run(args) -> int:
@@ -87,9 +102,11 @@ def run(args) -> int:
         if settings is None:
             raise KilnError("--triton-url with --no-api leaves nothing to serve")
         return _serve_api(settings, None)
+    loras = loras_folder(args)  # Triton's models read the files the service lists
     server = TritonServer(TritonOptions(repository=args.repo, address=args.address, http_port=args.http_port,
                                         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                                        log_verbose=args.log_verbose))
+                                        log_verbose=args.log_verbose,
+                                        extra_env={LORA_ENV: str(loras.resolve())} if loras else {}))
     print(f"starting Triton on {args.address} (repository {args.repo}) ...", flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -1,5 +1,5 @@
-"""`kiln weights sd|vit|embedding`: seeded random checkpoints of the real architectures (and a textual-inversion
-embedding for them), written as a user's would be."""
+"""`kiln weights sd|vit|embedding|lora`: seeded random checkpoints of the real architectures (and a textual-inversion
+embedding and a LoRA for them), written as a user's would be."""
 
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ def add_parser(commands) -> None:
     embedding.add_argument("--vectors", type=int, default=2, help="vectors per use of its name (1-75)")
     embedding.add_argument("--seed", type=int, default=0)
     embedding.set_defaults(run=run_embedding)
+    lora = targets.add_parser("lora", help="a LoRA in kohya's layout (.safetensors) for the SD UNet and text encoder; "
+                                           "prompts use it as <lora:NAME:multiplier>, NAME the file's")
+    size = lora.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tiny", type=Path, metavar="OUT.safetensors", help="for `kiln weights sd --tiny`")
+    size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help="for SD 1.5's architecture")
+    lora.add_argument("--rank", type=int, default=4)
+    lora.add_argument("--alpha", type=float, default=2.0, help="kohya's alpha: the difference is scaled by alpha/rank")
+    lora.add_argument("--unet-only", action="store_true", help="no text encoder layers")
+    lora.add_argument("--seed", type=int, default=0)
+    lora.set_defaults(run=run_lora)
 
 
 def run_sd(args) -> int:
@@ -72,4 +82,21 @@ def run_embedding(args) -> int:
     write_embedding(out, vectors)
     print(f"wrote {out}: {vectors.shape[0]} seeded random vectors (seed {args.seed}) of {vectors.shape[1]}; a prompt "
           f"uses it as the word {out.stem!r}")
+    return 0
+
+
+def run_lora(args) -> int:
+    from build.sd.lora import random_lora, write_lora
+
+    out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+    if out.suffix != ".safetensors":
+        raise KilnError(f"{out}: a LoRA file's name must end in .safetensors")
+    if args.rank < 1 or args.alpha <= 0:
+        raise KilnError("--rank must be at least 1 and --alpha above 0")
+    tensors = random_lora(size, args.seed, args.rank, args.alpha, text_encoder=not args.unet_only)
+    write_lora(out, tensors, {"ss_network_module": "networks.lora", "ss_network_dim": str(args.rank),
+                              "ss_network_alpha": str(args.alpha), "ss_output_name": out.stem})
+    layers = len([k for k in tensors if k.endswith(".alpha")])
+    print(f"wrote {out}: {layers} seeded random layers (seed {args.seed}, rank {args.rank}, alpha {args.alpha}) in "
+          f"kohya's layout; a prompt uses it as <lora:{out.stem}:1>")
     return 0

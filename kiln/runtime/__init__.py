@@ -57,7 +57,9 @@ class Session:
     """run(inputs, output_names) -> {name: array}; thread-safe (ONNX Runtime runs concurrent calls; OpenVINO's one
     infer request takes them in turn)."""
 
-    def __init__(self, options: SessionOptions) -> None:
+    def __init__(self, options: SessionOptions, overrides: Mapping[str, np.ndarray] | None = None) -> None:
+        """`overrides`: constants of the artifact replaced by these values, by name (kiln.runtime.lora's merged
+        weights); ONNX Runtime and OpenVINO only."""
         self.options = options
         path = Path(options.path)
         if not path.exists():
@@ -69,7 +71,15 @@ class Session:
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Replaced constants: ONNX Runtime's level-3 layout transforms (NCHWc convolutions) read the file's weights
+            # before session initializers replace them (measured: 1x1 convolutions kept their old weights), so a
+            # session with overrides stops at the extended level
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if overrides else \
+                ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # ONNX Runtime uses these buffers without a copy: they live as long as the session
+            self._held = [ort.OrtValue.ortvalue_from_numpy(v) for v in (overrides or {}).values()]
+            for name, value in zip(overrides or {}, self._held):
+                so.add_initializer(name, value)
             self._ort = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
             self.input_names = [i.name for i in self._ort.get_inputs()]
             self.output_names = [o.name for o in self._ort.get_outputs()]
@@ -82,7 +92,8 @@ class Session:
                 "PERFORMANCE_HINT": options.performance_hint,
                 "INFERENCE_NUM_THREADS": threads,
             }
-            self._compiled = core.compile_model(str(path), "CPU", config)
+            self._compiled = core.compile_model(_with_constants(core, path, overrides) if overrides else str(path),
+                                                "CPU", config)
             self._request = self._compiled.create_infer_request()
             self._lock = threading.Lock()
             # A port can carry several names (ONNX's and OpenVINO's own); index every one.
@@ -90,6 +101,8 @@ class Session:
             self.input_names = [name for port in self._compiled.inputs for name in port.get_names()]
             self.output_names = [_preferred_name(port) for port in self._compiled.outputs]
         elif options.runtime == "torch":
+            if overrides:
+                raise ConfigError("the torch runtime takes no replaced weights (LoRA)")
             from kiln.runtime.torch_session import TorchSession  # the one module of kiln that needs torch
 
             self._torch = TorchSession(path, options.device, options.threads, options.graph_batches,
@@ -126,6 +139,23 @@ class Session:
         with self._lock:
             self._request.infer(feed)
             return {name: np.array(self._request.get_tensor(self._ports[name]).data, copy=True) for name in names}
+
+
+def _with_constants(core, path: Path, values: Mapping[str, np.ndarray]):
+    """The OpenVINO model at `path` with the named constants replaced by `values` (same shapes and types)."""
+    import openvino as ov
+
+    model = core.read_model(str(path))
+    found = 0
+    for node in model.get_ops():
+        if node.get_type_name() == "Constant" and node.get_friendly_name() in values:
+            constant = ov.op.Constant(np.ascontiguousarray(values[node.get_friendly_name()]))
+            constant.set_friendly_name(node.get_friendly_name())
+            node.output(0).replace(constant.output(0))
+            found += 1
+    if found != len(values):
+        raise ConfigError(f"{path.name}: {len(values) - found} of the constants to replace are not in it")
+    return model
 
 
 def _preferred_name(port) -> str:

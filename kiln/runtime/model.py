@@ -4,8 +4,10 @@ Every runtime model of the repository (vit, sd_text_encoder, sd_unet, sd_vae_dec
 `RuntimeModel` (the build writes its thin model.py from one template), configured by its config.pbtxt
 parameters (runtime, artifact, inference_precision, threads). Requests of one execute() call whose
 shapes agree run as one batch; if a batch fails, its requests are retried one by one so that only
-the bad one gets an error. Outputs are computed only when some request asks for them. Subclasses
-adapt inputs with `prepare`; hand-written models answer a bad request with `error_response`.
+the bad one gets an error. Outputs are computed only when some request asks for them. A model with a `lora`
+input (the text encoder, the UNets) runs each request on its LoRA set's session (kiln.runtime.lora), and requests
+of different sets never share a batch. Subclasses adapt inputs with `prepare`; hand-written models answer a bad
+request with `error_response`.
 
 Imported inside Triton's Python backend stub only (it needs `triton_python_backend_utils`).
 """
@@ -17,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from kiln.errors import KilnError
 from kiln.runtime import Session, SessionOptions, model_config, session_device
+from kiln.runtime.lora import LoraSessions
 
 
 class RuntimeModel:
@@ -39,6 +43,8 @@ class RuntimeModel:
         self.output_names = [o["name"] for o in config["output"]]
         self.batching = int(config.get("max_batch_size", 0)) > 0
         self.name = args["model_name"]
+        # A model with a `lora` input runs each request on the session of its LoRA set (kiln.runtime.lora)
+        self.loras = LoraSessions(self.session) if "lora" in self.input_names else None
 
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
         """Adapt one request's inputs to the artifact's, or return an error message for that request."""
@@ -48,45 +54,56 @@ class RuntimeModel:
         return inputs
 
     def execute(self, requests):
-        feeds = []
+        feeds, specs = [], []
         for request in requests:
             inputs = {}
             for name in self.input_names:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
                     inputs[name] = tensor.as_numpy()
-            feeds.append(self.prepare(inputs))
+            specs.append(_lora_spec(inputs.pop("lora", None)))
+            feeds.append(self.prepare(inputs) if specs[-1] is not None else "rows of one request name different "
+                                                                            "LoRA sets")
         wanted = [list(r.requested_output_names()) or self.output_names for r in requests]
         results: list[dict | str | None] = [f if isinstance(f, str) else None for f in feeds]
-        for group in self._groups(feeds):
-            self._run_group(group, feeds, wanted, results)
+        refused: set[int] = set()  # requests whose LoRA set cannot run: the request's fault
+        for group in self._groups(feeds, specs):
+            try:
+                session = self.loras.session(specs[group[0]]) if self.loras is not None else self.session
+            except KilnError as exc:
+                for i in group:
+                    results[i] = str(exc)
+                refused.update(group)
+                continue
+            self._run_group(group, feeds, wanted, results, session)
         responses = []
-        for outcome in results:
+        for i, outcome in enumerate(results):
             if isinstance(outcome, str):
-                responses.append(error_response(f"{self.name}: {outcome}", invalid_arg=False))
+                responses.append(error_response(f"{self.name}: {outcome}", invalid_arg=i in refused))
             else:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in outcome.items()]))
         return responses
 
-    def _groups(self, feeds) -> list[list[int]]:
-        """Indices of valid requests, grouped so that each group can be concatenated along the batch axis."""
+    def _groups(self, feeds, specs) -> list[list[int]]:
+        """Indices of valid requests, grouped so that each group can be concatenated along the batch axis (and
+        shares a LoRA set)."""
         groups: dict[tuple, list[int]] = {}
-        for i, feed in enumerate(feeds):
+        for i, (feed, spec) in enumerate(zip(feeds, specs)):
             if isinstance(feed, str):
                 continue
-            key = tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in feed.items())) if self.batching else (i,)
+            key = (spec, *sorted((k, v.shape[1:], v.dtype.str) for k, v in feed.items())) if self.batching else (i,)
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
-    def _run_group(self, group, feeds, wanted, results) -> None:
+    def _run_group(self, group, feeds, wanted, results, session) -> None:
         names = [n for n in self.output_names if any(n in wanted[i] for i in group)]
         try:
             if len(group) == 1:
                 merged = feeds[group[0]]
             else:
                 merged = {k: np.concatenate([feeds[i][k] for i in group]) for k in feeds[group[0]]}
-            outputs = self.session.run(merged, names)
+            outputs = session.run(merged, names)
             start = 0
             for i in group:
                 count = len(next(iter(feeds[i].values()))) if self.batching else None
@@ -98,7 +115,15 @@ class RuntimeModel:
                 results[group[0]] = f"inference failed: {_short_error()}"
                 return
             for i in group:
-                self._run_group([i], feeds, wanted, results)
+                self._run_group([i], feeds, wanted, results, session)
+
+
+def _lora_spec(value: np.ndarray | None) -> str | None:
+    """The LoRA spec a request's `lora` input carries ("" without one); None when its rows disagree."""
+    if value is None:
+        return ""
+    specs = {v.decode() if isinstance(v, bytes) else str(v) for v in value.reshape(-1)}
+    return specs.pop() if len(specs) == 1 else ("" if not specs else None)
 
 
 def error_response(message: str, *, invalid_arg: bool = True):

@@ -17,6 +17,8 @@ import numpy as np
 
 from kiln.control import control_image
 from kiln.errors import InputError
+from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
+from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
 from kiln.masks import blur_radius, paste_outside_mask
 from orchestrator.pipeline import hires
 from orchestrator.pipeline.components import Components, Graph, call_graph
@@ -29,6 +31,7 @@ from orchestrator.pipeline.validate import Limits, check_request
 if TYPE_CHECKING:
     import torch
 
+NO_LORA = LoraSet()
 UNetCall = Callable[[Graph, dict[str, np.ndarray]], np.ndarray]  # runs one UNet call; a StepBatcher merges them
 
 
@@ -50,11 +53,13 @@ class Pipeline:
         return cls(triton_components(url, timeout_s=timeout_s, shared_memory=shared_memory), limits)
 
     @classmethod
-    def from_repository(cls, repository: Path, runners: Mapping | None = None, limits: Limits = Limits()) -> Pipeline:
-        """A built repository's models in process (runtime sessions, or the given runners)."""
+    def from_repository(cls, repository: Path, runners: Mapping | None = None, limits: Limits = Limits(),
+                        loras: Path | None = None) -> Pipeline:
+        """A built repository's models in process (runtime sessions, or the given runners); `loras`: the folder of
+        the LoRA files prompts may name."""
         from orchestrator.pipeline.components.local import local_components
 
-        return cls(local_components(repository, runners), limits)
+        return cls(local_components(repository, runners, loras=LoraLibrary(loras) if loras else None), limits)
 
     @property
     def contract(self):
@@ -68,9 +73,23 @@ class Pipeline:
     def check(self, request: Txt2ImgRequest) -> None:
         """Raise an InputError naming the bad field before any model runs."""
         check_request(request, self.contract, self.limits)
+        self.lora_set(request.prompt)
+        if request.hires is not None and request.hires.prompt is not None:
+            self.lora_set(request.hires.prompt)
 
-    def encode_prompts(self, prompts: list[str], clip_skip: int = 1) -> np.ndarray:
-        return self.components.text_encoder.encode(prompts, clip_skip)
+    def lora_set(self, prompt: str) -> tuple[str, LoraSet]:
+        """The prompt without its LoRA tags, and the set they apply (InputError for a name the folder lacks, or a
+        build whose models take none)."""
+        text, uses = split_lora_tags(prompt)
+        if not uses:
+            return text, LoraSet()
+        if not self.contract.lora_layers:
+            raise InputError(LORA_NOT_BUILT.format(name=uses[0].name, why=f"variant {self.contract.variant}, or a "
+                                                                          "build before LoRA"))
+        return text, (self.components.loras or LoraLibrary(None)).resolve(uses)
+
+    def encode_prompts(self, prompts: list[str], clip_skip: int = 1, loras: LoraSet = NO_LORA) -> np.ndarray:
+        return self.components.text_encoder.encode(prompts, clip_skip, loras.spec("text_encoder"))
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None, **hooks) -> GenerationResult:
@@ -125,9 +144,10 @@ class Pipeline:
             variation = (batch_seeds(draw_seed(request.subseed), batch), request.subseed_strength)
 
         # 3. Encode the prompts: negative first, as diffusers concatenates them.
-        prompts = [request.negative_prompt, request.prompt] if guided else [request.prompt]
+        prompt, loras = self.lora_set(request.prompt)  # AUTOMATIC1111's LoRA tags: out of the text, into the models
+        prompts = [request.negative_prompt, prompt] if guided else [prompt]
         # (negative x batch, positive x batch)
-        context = np.repeat(self.encode_prompts(prompts, request.clip_skip), batch, axis=0)
+        context = np.repeat(self.encode_prompts(prompts, request.clip_skip, loras), batch, axis=0)
 
         # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says. The hires fix's second pass
         # has its own, made now: progress counts both passes' steps.
@@ -163,11 +183,12 @@ class Pipeline:
         with denoising() if denoising is not None else nullcontext():
             latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, context, cond, inpaint, drawn,
                                                 step_kwargs(scheduler, generator, request.eta, churn(request)),
-                                                _counting(progress, 0, steps_total), cancelled, stop_early, unet_call)
+                                                _counting(progress, 0, steps_total), cancelled, stop_early, unet_call,
+                                                loras)
             if second is not None and stopped_at is None:
-                latents, stopped_at = self._hires_pass(request, latents, context, seeds, variation, second,
-                                                       _counting(progress, len(timesteps), steps_total), cancelled,
-                                                       stop_early, unet_call)
+                latents, stopped_at = self._hires_pass(request, latents, (context, prompt, loras), seeds, variation,
+                                                       second, _counting(progress, len(timesteps), steps_total),
+                                                       cancelled, stop_early, unet_call)
                 stopped_at = None if stopped_at is None else len(timesteps) + stopped_at
 
         # 8. Decode; AUTOMATIC1111 pastes the original back outside the mask.
@@ -179,11 +200,13 @@ class Pipeline:
 
     def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, context: np.ndarray,
                  cond: list[np.ndarray], inpaint: dict | None, drawn, kwargs: dict, progress, cancelled, stop_early,
-                 unet_call: UNetCall) -> tuple:
-        """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked."""
+                 unet_call: UNetCall, loras: LoraSet = NO_LORA) -> tuple:
+        """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked. The UNets
+        run with the LoRA set `loras` (another graph key: the batcher merges rows of one set only)."""
         import torch
 
         components, guided = self.components, request.cfg_scale > 1
+        lora = loras.spec("unet")
         nine_channels = inpaint is not None and self.contract.inpainting_unet
         for index, t in enumerate(timesteps):
             if cancelled is not None and cancelled():
@@ -202,7 +225,7 @@ class Pipeline:
                       if (scale := unit.scale_at(index, len(timesteps)))]
             if len(active) == 1 and active[0][2].fused is not None and not nine_channels:
                 unit_cond, scale, control = active[0]  # ControlNet -> UNet in one call: the residuals stay in Triton
-                noise_pred = unet_call(control.fused, inputs | {"controlnet_cond": unit_cond,
+                noise_pred = unet_call(control.fused.with_lora(lora), inputs | {"controlnet_cond": unit_cond,
                                                                "conditioning_scale": np.full(rows, scale, np.float32)})
             elif active:  # diffusers' MultiControlNetModel: each unit's residuals, summed, then the UNet with them
                 total: dict[str, np.ndarray] = {}
@@ -211,9 +234,9 @@ class Pipeline:
                                                             "conditioning_scale": np.full(rows, scale, np.float32)})
                     for name, value in residuals.items():
                         total[name] = total[name] + value if name in total else value
-                noise_pred = unet_call(components.unet_control, inputs | total)
+                noise_pred = unet_call(components.unet_control.with_lora(lora), inputs | total)
             else:  # no ControlNet, or outside its guidance window: zero residuals equal the plain UNet exactly
-                noise_pred = unet_call(components.unet, inputs)
+                noise_pred = unet_call(components.unet.with_lora(lora), inputs)
             noise_pred = torch.from_numpy(noise_pred)
             if guided:
                 uncond, text = noise_pred.chunk(2)
@@ -229,10 +252,11 @@ class Pipeline:
                 progress(index + 1, len(timesteps), latents.numpy())
         return latents, None
 
-    def _hires_pass(self, request: Txt2ImgRequest, latents: torch.Tensor, context: np.ndarray, seeds: list[int],
+    def _hires_pass(self, request: Txt2ImgRequest, latents: torch.Tensor, first: tuple, seeds: list[int],
                     variation, second: tuple, progress, cancelled, stop_early, unet_call: UNetCall) -> tuple:
-        """The hires fix after the first pass: upscale (latents, or the decoded image encoded again), fresh noise
-        from the same seeds at the new size, and the second pass's steps (orchestrator.pipeline.hires)."""
+        """The hires fix after the first pass (`first`: its context, prompt text and LoRA set): upscale (latents, or
+        the decoded image encoded again), fresh noise from the same seeds at the new size, and the second pass's
+        steps (orchestrator.pipeline.hires). hr_prompt's LoRA tags apply to the second pass, as AUTOMATIC1111's."""
         import torch
 
         contract, fix = self.contract, request.hires
@@ -250,17 +274,18 @@ class Pipeline:
         scheduler, timesteps = second
         drawn = noise(tuple(latents.shape), generator, variation)
         latents = scheduler.add_noise(latents, drawn, timesteps[:1].repeat(len(latents)))
-        prompt = request.prompt if fix.prompt is None else fix.prompt
+        context, first_prompt, loras = first
+        prompt, loras = (first_prompt, loras) if fix.prompt is None else self.lora_set(fix.prompt)
         negative = request.negative_prompt if fix.negative_prompt is None else fix.negative_prompt
-        if (prompt, negative) != (request.prompt, request.negative_prompt):
+        if (prompt, negative, loras) != (first_prompt, request.negative_prompt, first[2]):
             prompts = [negative, prompt] if request.cfg_scale > 1 else [prompt]
-            context = np.repeat(self.encode_prompts(prompts, request.clip_skip), len(latents), axis=0)
+            context = np.repeat(self.encode_prompts(prompts, request.clip_skip, loras), len(latents), axis=0)
         # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
         pass_two = replace(request, width=planned.size[0], height=planned.size[1], hires=None)
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context))
         kwargs = step_kwargs(scheduler, generator, request.eta, churn(request))
         return self._denoise(pass_two, scheduler, timesteps, latents, context, cond, None, drawn, kwargs, progress,
-                             cancelled, stop_early, unet_call)
+                             cancelled, stop_early, unet_call, loras)
 
     def _info(self, request: Txt2ImgRequest, seeds: list[int], variation, stopped_at: int | None) -> dict:
         """What the images' infotext and the API's info say about the run."""

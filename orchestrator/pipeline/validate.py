@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kiln.contract import SDContract
 from kiln.control import CONTROL_MODULES
 from kiln.errors import InputError, TooLargeError
+from kiln.lora import split_lora_tags
 from kiln.masks import INPAINTING_FILL
 from kiln.prompts import check_prompt_syntax
 from orchestrator.pipeline import hires, tiles
@@ -108,7 +109,9 @@ def _check_prompt(name: str, text, limits: Limits) -> None:
         raise InputError(f"{name} must be a string")
     if len(text) > limits.max_prompt_chars:
         raise TooLargeError(f"{name} of {len(text)} characters exceeds the {limits.max_prompt_chars}-character limit")
-    check_prompt_syntax(text, name)  # LoRA tags, AND, prompt editing: refused by name, never taken as text
+    if name in ("prompt", "hr_prompt"):  # its LoRA tags leave it (the pipeline applies them); not the negative's
+        text = split_lora_tags(text)[0]
+    check_prompt_syntax(text, name)  # other tags, AND, prompt editing: refused by name, never taken as text
 
 
 def _check_latent_resize(request: Img2ImgRequest, contract: SDContract) -> None:

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from kiln.embeddings import EmbeddingLibrary
+from kiln.lora import LoraLibrary
 from kiln.styles import StyleLibrary
 from kiln.triton_client import TritonClient
 from orchestrator.jobs import Engine
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.options = default_options()
     app.state.styles = StyleLibrary(settings.styles_file)
     app.state.embeddings = EmbeddingLibrary(settings.embeddings_dir)
+    app.state.loras = LoraLibrary(settings.loras_dir)
     app.state.vit = None  # the ViT client, made on first use
     app.state.probe = TritonClient(settings.triton_url, "grpc", timeout_s=2)  # readiness checks
     app.add_middleware(SecurityMiddleware, options=settings.security)
@@ -58,8 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _connect(settings: Settings, app: FastAPI) -> Pipeline:
-    """The engine's pipeline over Triton, its text encoder sending the vectors of the embeddings prompts name."""
+    """The engine's pipeline over Triton, its text encoder sending the vectors of the embeddings prompts name, its
+    models the LoRA sets they name."""
     from orchestrator.pipeline.components.triton import triton_components
 
     return Pipeline(triton_components(settings.triton_url, shared_memory=settings.shared_memory,
-                                      embeddings=app.state.embeddings), settings.limits)
+                                      embeddings=app.state.embeddings, loras=app.state.loras), settings.limits)

@@ -27,6 +27,7 @@ class Settings:
     styles_file: Path | None = None  # AUTOMATIC1111's styles.csv: what a request's `styles` names (none: no styles)
     outputs_dir: Path = Path("outputs")  # where save_images writes (txt2img-images/<date>/, img2img-images/<date>/)
     embeddings_dir: Path | None = None  # textual-inversion embeddings prompts may name by file stem (none: none)
+    loras_dir: Path | None = None  # LoRA files prompts may name in <lora:name:multiplier> tags (none: none)
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(triton_url=self.triton_url, max_queue=self.max_queue, workers=self.workers,

@@ -15,14 +15,19 @@ from typing import Protocol
 import numpy as np
 
 from kiln.contract import SDContract, ServedControlNet
+from kiln.lora import LoraLibrary
 
 
 class Graph(Protocol):
     """A UNet-like call: rows in, noise prediction out. The step batcher merges calls to the same graph."""
 
-    key: str  # what calls must share to be merged into one batch (a Triton model name)
+    key: str  # what calls must share to be merged into one batch (a Triton model name, and its LoRA set)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def with_lora(self, spec: str) -> Graph:
+        """The same model run with a LoRA set (kiln.lora's spec; "": none): another key, so that the step batcher
+        never merges rows of different sets."""
 
 
 CLIP_SKIP_NOT_BUILT = ("clip skip: this build's text encoder serves its last layer only (built before clip skip); "
@@ -30,9 +35,10 @@ CLIP_SKIP_NOT_BUILT = ("clip skip: this build's text encoder serves its last lay
 
 
 class TextEncoder(Protocol):
-    def encode(self, prompts: Sequence[str], clip_skip: int = 1) -> np.ndarray:
+    def encode(self, prompts: Sequence[str], clip_skip: int = 1, lora: str = "") -> np.ndarray:
         """Prompts -> (len(prompts), 77 * chunks, hidden); all prompts share one chunk count. `clip_skip`:
-        AUTOMATIC1111's CLIP_stop_at_last_layers (1: the last layer's output)."""
+        AUTOMATIC1111's CLIP_stop_at_last_layers (1: the last layer's output); `lora`: the text encoder's LoRA spec
+        (kiln.lora.LoraSet.spec)."""
 
 
 class VAE(Protocol):
@@ -65,6 +71,7 @@ class Components:
     unet_control: Graph | None = None  # the UNet taking ControlNet residuals, where the build has ControlNets
     controlnets: Mapping[str, ControlNet] = field(default_factory=dict)  # by name, in build order
     close: Callable[[], None] | None = None  # releases what the components hold (shared-memory regions)
+    loras: LoraLibrary | None = None  # the LoRA files prompts may name (headers: the models read the weights)
 
     def controlnet(self, model: str | None) -> ControlNet:
         """The ControlNet a unit names (its name or title; None: the first); InputError for an unknown one."""

@@ -18,6 +18,7 @@ from kiln.contract import SDContract, ServedControlNet, read_sd_contract, read_s
 from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import InputError
 from kiln.imaging import to_uint8, vae_input
+from kiln.lora import LoraLibrary
 from kiln.prompts import EmbeddingLookup, apply_emphasis, load_tokenizer, tokenize_weighted_batch
 from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components
 
@@ -33,16 +34,39 @@ def components_in(repository: Path, contract: SDContract | None = None) -> list[
     return [*REQUIRED, *(c for c in optional if (Path(repository) / names.sd_model(c) / "config.pbtxt").exists())]
 
 
+class LoraRunner:
+    """A session's run, and (`with_lora`) the run of the same artifact with a LoRA set (kiln.runtime.lora)."""
+
+    def __init__(self, sessions) -> None:
+        self.sessions = sessions
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.sessions.base.run(inputs)
+
+    def with_lora(self, spec: str) -> Runner:
+        return self.sessions.session(spec).run
+
+
+def _with_lora(runner: Runner, spec: str) -> Runner:
+    if not spec:
+        return runner
+    if not hasattr(runner, "with_lora"):
+        raise InputError("LoRA: these in-process components run no LoRA (their runners are not the build's sessions)")
+    return runner.with_lora(spec)
+
+
 def session_runners(repository: Path, runtime: str | None = None, artifact: str | None = None,
                     inference_precision: str | None = None, paths: Mapping[str, Path] | None = None,
-                    components: Sequence[str] | None = None) -> tuple[dict[str, Runner], dict[str, str]]:
+                    components: Sequence[str] | None = None,
+                    lora_folder: Path | None = None) -> tuple[dict[str, Runner], dict[str, str]]:
     """{component: Runner} over runtime sessions, and the precision each really computes in.
 
     Each component opens what its model serves (the parameters of its config.pbtxt); `runtime`,
     `artifact` and `inference_precision` override that for all, and `paths` names a component's
-    file directly.
+    file directly. An artifact with a LoRA map runs LoRA sets of files under `lora_folder` (`LoraRunner`).
     """
     from kiln.runtime import Session, SessionOptions, session_device
+    from kiln.runtime.lora import LoraSessions, read_map
 
     runners, precision = {}, {}
     for component in components or components_in(repository):
@@ -53,7 +77,8 @@ def session_runners(repository: Path, runtime: str | None = None, artifact: str 
                                          inference_precision=inference_precision or served.inference_precision,
                                          **session_device(served.runtime, served.gpu, served.graph_batches,
                                                          served.graph_shapes)))
-        runners[component] = session.run
+        runners[component] = LoraRunner(LoraSessions(session, lora_folder)) if read_map(path) is not None \
+            else session.run
         precision[component] = session.execution_precision
     return runners, precision
 
@@ -62,6 +87,9 @@ def session_runners(repository: Path, runtime: str | None = None, artifact: str 
 class LocalGraph:
     key: str
     runner: Runner
+
+    def with_lora(self, spec: str) -> LocalGraph:
+        return LocalGraph(f"{self.key} lora={spec}", _with_lora(self.runner, spec)) if spec else self
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.runner({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})["noise_pred"]
@@ -75,7 +103,7 @@ class LocalTextEncoder:
         self.textual_inversion_dim = textual_inversion_dim  # 0: a build before embeddings (no token_vectors)
         self.embeddings = embeddings  # the textual-inversion embeddings prompts may name
 
-    def encode(self, prompts: Sequence[str], clip_skip: int = 1) -> np.ndarray:
+    def encode(self, prompts: Sequence[str], clip_skip: int = 1, lora: str = "") -> np.ndarray:
         """As sd_text_encode: the same selection, lookup and tokenization as the Triton path, in process."""
         named = self.embeddings.select(prompts, self.textual_inversion_dim) if self.embeddings is not None else {}
         lookup = EmbeddingLookup(self.tokenizer, named, self.textual_inversion_dim) \
@@ -88,7 +116,7 @@ class LocalTextEncoder:
             raise InputError(CLIP_SKIP_NOT_BUILT)
         if lookup is not None:
             inputs["token_vectors"] = lookup.vectors
-        hidden = apply_emphasis(self.runner(inputs)["last_hidden_state"], weights)
+        hidden = apply_emphasis(_with_lora(self.runner, lora)(inputs)["last_hidden_state"], weights)
         return hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2])
 
 
@@ -119,12 +147,12 @@ class LocalControlNet:
 
 
 def local_components(repository: Path, runners: Mapping[str, Runner] | None = None,
-                     embeddings: EmbeddingLibrary | None = None) -> Components:
+                     embeddings: EmbeddingLibrary | None = None, loras: LoraLibrary | None = None) -> Components:
     """The repository's SD build in process: `runners` (default: sessions over what each model serves);
-    `embeddings`: the textual-inversion embeddings prompts may name."""
+    `embeddings`: the textual-inversion embeddings prompts may name; `loras`: the LoRA files (their folder)."""
     contract = read_sd_contract(repository)
     if runners is None:
-        runners, _ = session_runners(repository)
+        runners, _ = session_runners(repository, lora_folder=loras.folder if loras is not None else None)
     missing = [c for c in REQUIRED if c not in runners]
     if missing:
         raise KeyError(f"in-process components need runners for {', '.join(missing)}")
@@ -140,4 +168,4 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
         unet=LocalGraph(names.SD_UNET, runners["unet"]),
         vae=LocalVAE(runners["vae_decoder"], runners.get("vae_encoder")),
         unet_control=LocalGraph(names.SD_UNET_CONTROL, runners["unet_control"]) if "unet_control" in runners else None,
-        controlnets=controlnets)
+        controlnets=controlnets, loras=loras)

@@ -11,6 +11,7 @@ from kiln import contract as names
 from kiln.contract import SDContract, ServedControlNet
 from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import InputError, KilnError, ServerError
+from kiln.lora import LoraLibrary
 from kiln.prompts import apply_emphasis, embedding_tensors
 from kiln.triton_client import TritonClient
 from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components
@@ -23,10 +24,18 @@ class TritonGraph:
     """A batched model (sd_unet, sd_unet_control, an ensemble) called on float32 rows, split into batches it takes."""
 
     client: TritonClient
-    key: str  # the model's name
+    model: str  # the model's name
     max_batch: int
     outputs: tuple[str, ...] = ("noise_pred",)
     out_channels: int | None = None  # noise_pred's channels (the latents'): it comes back through shared memory
+    lora: str = ""  # the LoRA spec every row runs with (its `lora` input; "": not sent)
+
+    @property
+    def key(self) -> str:
+        return f"{self.model} lora={self.lora}" if self.lora else self.model
+
+    def with_lora(self, spec: str) -> TritonGraph:
+        return replace(self, lora=spec)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.rows(inputs)["noise_pred"]
@@ -40,11 +49,13 @@ class TritonGraph:
             for name in _ROW_SCALARS:
                 if name in chunk:
                     chunk[name] = chunk[name].reshape(-1, 1)
+            if self.lora:
+                chunk["lora"] = np.full((len(chunk["sample"]), 1), self.lora.encode(), dtype=object)
             shapes = None
             if self.out_channels is not None:
                 rows_in, _, height, width = chunk["sample"].shape
                 shapes = {"noise_pred": (rows_in, self.out_channels, height, width)}
-            parts.append(self.client.infer(self.key, chunk, list(self.outputs), output_shapes=shapes))
+            parts.append(self.client.infer(self.model, chunk, list(self.outputs), output_shapes=shapes))
         return {name: np.concatenate([part[name] for part in parts]) for name in self.outputs}
 
 
@@ -56,8 +67,10 @@ class TritonTextEncoder:
         self.textual_inversion_dim = textual_inversion_dim  # 0: a build before embeddings (no vectors go with them)
         self.embeddings = embeddings  # the service's embeddings folder: the vectors the prompts name go to Triton
 
-    def encode(self, prompts: Sequence[str], clip_skip: int = 1) -> np.ndarray:
+    def encode(self, prompts: Sequence[str], clip_skip: int = 1, lora: str = "") -> np.ndarray:
         inputs = {"prompt": np.array([p.encode() for p in prompts], dtype=object)}
+        if lora:  # only then: a build before LoRA has no such input (the pipeline refuses LoRA for it)
+            inputs["lora"] = np.array([lora.encode()], dtype=object)
         if self.clip_skip_layers:
             inputs["clip_skip"] = np.array([clip_skip], dtype=np.int32)
         elif clip_skip != 1:
@@ -124,10 +137,11 @@ def read_contract(client: TritonClient) -> SDContract:
 
 
 def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str = "auto",
-                      embeddings: EmbeddingLibrary | None = None) -> Components:
+                      embeddings: EmbeddingLibrary | None = None, loras: LoraLibrary | None = None) -> Components:
     """The SD components served by the Triton at `url` (gRPC); `shared_memory` as kiln.triton_client.TritonClient's
     (auto: a denoising step's tensors travel through shared memory when Triton is on this host); `embeddings`: the
-    textual-inversion embeddings prompts may name (the service's folder)."""
+    textual-inversion embeddings prompts may name (the service's folder); `loras`: the LoRA files they may name (the
+    service's folder; Triton's models read the same files from theirs, KILN_LORAS)."""
     client = TritonClient(url, "grpc", timeout_s=timeout_s, shared_memory=shared_memory)
     contract = read_contract(client)
     batch, channels = contract.unet_max_batch, contract.latent_channels
@@ -137,4 +151,4 @@ def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str 
                       unet=TritonGraph(client, names.SD_UNET, batch, out_channels=channels), vae=TritonVAE(client),
                       unet_control=TritonGraph(client, names.SD_UNET_CONTROL, batch, out_channels=channels)
                       if controlnets else None,
-                      controlnets=controlnets, close=client.close)
+                      controlnets=controlnets, close=client.close, loras=loras)

@@ -1,8 +1,8 @@
 """The listing routes AUTOMATIC1111's clients call when they connect, answered truthfully in AUTOMATIC1111's shapes
 (modules/api/models.py): what kiln serves (the upscalers of kiln.upscale, the textual-inversion embeddings of
-kiln serve --embeddings, the styles), and an empty list where it has none (VAEs, LoRAs, hypernetworks, face
-restorers, extensions). The refresh routes answer as AUTOMATIC1111 does (null); only embeddings have a folder to
-read again. sd-webui-controlnet's version and settings too."""
+kiln serve --embeddings, the LoRA files of --loras, the styles), and an empty list where it has none (VAEs,
+hypernetworks, face restorers, extensions). The refresh routes answer as AUTOMATIC1111 does (null); embeddings and
+LoRAs read their folders again. sd-webui-controlnet's version and settings too."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from orchestrator.server.generation import engine, pipeline
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 controlnet = APIRouter(prefix="/controlnet", tags=["controlnet"])
 CONTROLNET_API_VERSION = 2  # sd-webui-controlnet's /controlnet/version: the API generation kiln's units follow
-EMPTY = ("sd-vae", "loras", "hypernetworks", "face-restorers", "realesrgan-models",
+EMPTY = ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models",
          "extensions")  # kiln has none of these yet: an empty list, never an invented entry
 
 
@@ -67,6 +67,20 @@ async def refresh_embeddings(request: Request) -> None:
     await run_in_threadpool(request.app.state.embeddings.refresh)
 
 
+@router.get("/loras")
+async def loras(request: Request) -> list[dict]:
+    """The LoRA folder (kiln serve --loras) in AUTOMATIC1111's shape: name (what <lora:name:multiplier> uses), alias
+    (the metadata's ss_output_name), path, metadata (kohya's ss_* fields). Unreadable files are left out (the log
+    and a prompt naming one say why)."""
+    return await run_in_threadpool(request.app.state.loras.listing)
+
+
+@router.post("/refresh-loras")
+async def refresh_loras(request: Request) -> None:
+    """Read the LoRA folder again now (it is also read again whenever a file is added, removed or renamed)."""
+    await run_in_threadpool(request.app.state.loras.refresh)
+
+
 @router.get("/scripts")
 async def scripts() -> dict:
     """The scripts a request may name: the selectable ones (script_name: SD upscale, img2img's) and ControlNet, an
@@ -101,7 +115,7 @@ def _refresh(name: str) -> None:
         return None
 
 
-for _name in ("refresh-checkpoints", "refresh-vae", "refresh-loras"):
+for _name in ("refresh-checkpoints", "refresh-vae"):
     _refresh(_name)
 
 

@@ -1,0 +1,333 @@
+"""AUTOMATIC1111's LoRA: `<lora:name:multiplier>` tags, the `loras` folder, and the files in kohya's layout.
+
+A prompt names LoRA files by tag, as AUTOMATIC1111 reads them (extensions-builtin/Lora): `<lora:name>` (multiplier
+1), `<lora:name:0.8>`, `<lora:name:te:unet>` (the text encoder's and the UNet's multipliers), or named `te=`,
+`unet=`; `<lyco:...>` is the same. The tags leave the prompt before it is encoded; a name is the file's stem (or the
+alias its metadata gives as `ss_output_name`) under the folder, sub-folders too. A tag that names nothing is an
+InputError listing what the folder has. The negative prompt's tags are refused: AUTOMATIC1111 applies the prompt's.
+
+The service owns the folder (`kiln serve --loras DIR`) and reads only file headers; the models read the weights
+(kiln.runtime.lora), each from its own copy of the folder (`KILN_LORAS` where Triton runs): what travels with a
+request is a `LoraSet`, the files' paths under the folder and their multipliers, one spec per model kind.
+
+Files read (`read_lora`): kohya's layout (`lora_unet_<module>` / `lora_te_<module>` with `.lora_down.weight`,
+`.lora_up.weight` and `.alpha`; `.diff` for a full difference), and diffusers' PEFT layout (`unet.<module>.lora_A
+.weight` / `lora_B`, `text_encoder.<module>...`). Module names are matched in one normal form (`module_key`):
+diffusers' module path, "text_model." dropped, dots as underscores, which is kohya's. LyCORIS's other algorithms
+(LoHa, LoKr, Tucker mids, DoRA) and bias differences are refused by name, never skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kiln.embeddings import float32_tensor
+from kiln.errors import InputError, WeightsError
+from kiln.prompts import EXTRA_NETWORK
+
+log = logging.getLogger("kiln.lora")
+
+SUFFIX = ".safetensors"
+TAGS = ("lora", "lyco")  # AUTOMATIC1111 reads <lyco:...> as <lora:...>
+COMPONENTS = ("text_encoder", "unet")  # what a LoRA changes; sd_unet_control takes the UNet's layers
+ENV = "KILN_LORAS"  # the folder the models read LoRA files from (Triton's side)
+NOT_BUILT = ("<lora:{name}>: this build's models take no LoRA ({why}); rebuild with `kiln build sd` and a float "
+             "variant that runs on ONNX Runtime or OpenVINO")
+_KOHYA = re.compile(r"^lora_(unet|te1?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|diff|diff_b|dora_scale|"
+                    r"lora_mid\.weight|hada_\w+|lokr_\w+)$")
+_PEFT = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
+
+
+def module_key(path: str) -> str:
+    """A module's name in the one form LoRA files and builds are matched in: `model.` (kiln's export wrappers) and
+    `text_model.` dropped, dots as underscores (kohya's form of diffusers' names)."""
+    for prefix in ("model.", "text_model."):
+        path = path.removeprefix(prefix)
+    return path.replace(".", "_")
+
+
+# --- prompts -------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One tag: a name and its two multipliers."""
+
+    name: str
+    te: float = 1.0
+    unet: float = 1.0
+
+
+def _number(value: str, tag: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise InputError(f"prompt: {tag}: {value!r} is not a multiplier (a number)")
+    return number
+
+
+def parse_tag(args: str, tag: str) -> LoraUse:
+    """A tag's arguments (after `lora:`) as AUTOMATIC1111's ExtraNetworkParams and its Lora activate read them."""
+    positional, named = [], {}
+    for item in args.split(":"):
+        key, sep, value = item.partition("=")
+        if sep:
+            named[key.strip()] = value
+        else:
+            positional.append(item)
+    name = positional[0].strip() if positional else ""
+    if not name:
+        raise InputError(f"prompt: {tag} names no LoRA")
+    if "dyn" in named or len(positional) > 3:
+        raise InputError(f"prompt: {tag}: dyn (a dynamic rank) is not supported; write <lora:name:te:unet>")
+    unknown = set(named) - {"te", "unet"}
+    if unknown:
+        raise InputError(f"prompt: {tag}: unknown argument {sorted(unknown)[0]!r} (valid: te=, unet=)")
+    te = _number(positional[1], tag) if len(positional) > 1 else 1.0
+    te = _number(named["te"], tag) if "te" in named else te
+    unet = _number(positional[2], tag) if len(positional) > 2 else te
+    unet = _number(named["unet"], tag) if "unet" in named else unet
+    return LoraUse(name, te, unet)
+
+
+def split_lora_tags(prompt: str) -> tuple[str, tuple[LoraUse, ...]]:
+    """The prompt without its LoRA tags, and the tags in order. Other extra-network tags stay (and are refused by
+    kiln.prompts.check_prompt_syntax)."""
+    uses: list[LoraUse] = []
+
+    def found(match: re.Match) -> str:
+        if match.group(1).lower() not in TAGS:
+            return match.group(0)
+        uses.append(parse_tag(match.group(2), match.group(0)))
+        return ""
+
+    return EXTRA_NETWORK.sub(found, prompt), tuple(uses)
+
+
+@dataclass(frozen=True)
+class LoraSet:
+    """The LoRA files one prompt applies, resolved against the folder: `specs[component]` is what that kind of model
+    is sent (kiln.runtime.lora reads it); "" where a component is unchanged."""
+
+    names: tuple[str, ...] = ()
+    specs: dict[str, str] = field(default_factory=dict)
+
+    def spec(self, component: str) -> str:
+        return self.specs.get("unet" if component == "unet_control" else component, "")
+
+    def __bool__(self) -> bool:
+        return any(self.specs.values())
+
+
+def encode_spec(entries: Iterable[tuple[str, float]]) -> str:
+    """One model's spec: [[path under the folder, multiplier], ...], one entry per file (the multipliers of repeated
+    tags summed: a LoRA's difference is linear in its multiplier), sorted, those at 0 left out; "" for none."""
+    total: dict[str, float] = {}
+    for path, multiplier in entries:
+        total[path] = total.get(path, 0.0) + float(multiplier)
+    kept = sorted((p, m) for p, m in total.items() if m != 0)
+    return json.dumps(kept, separators=(",", ":")) if kept else ""
+
+
+def decode_spec(spec: str) -> list[tuple[str, float]]:
+    """The entries of a spec; InputError for anything else."""
+    if not spec:
+        return []
+    try:
+        entries = [(str(p), float(m)) for p, m in json.loads(spec)]
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"lora: {spec[:80]!r} is not a LoRA spec ([[path, multiplier], ...]): {exc}") from None
+    for path, _ in entries:
+        if Path(path).is_absolute() or ".." in Path(path).parts or not path.endswith(SUFFIX):
+            raise InputError(f"lora: {path!r} is not a {SUFFIX} file's path under the LoRA folder")
+    return entries
+
+
+# --- files ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One module's change: up @ down * alpha / rank (a LoRA), or a full difference (`diff`)."""
+
+    up: np.ndarray | None = None
+    down: np.ndarray | None = None
+    alpha: float | None = None
+    diff: np.ndarray | None = None
+
+    def delta(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The change to a weight of `shape` (torch's: (out, in) or (out, in, kh, kw)) at multiplier 1."""
+        if self.diff is not None:
+            change = self.diff
+        else:
+            rank = self.down.shape[0]
+            scale = (self.alpha / rank) if self.alpha is not None else 1.0
+            change = (self.up.reshape(self.up.shape[0], rank) @ self.down.reshape(rank, -1)) * scale
+        if change.size != math.prod(shape):
+            raise WeightsError(f"a change of shape {tuple(change.shape)} for a weight of shape {shape}")
+        return change.reshape(shape)
+
+
+def read_header(path: Path) -> dict:
+    """A safetensors file's header (tensor names -> dtype, shape) and `__metadata__`, without reading its data."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 2 <= size <= 100 << 20:
+            raise WeightsError(f"{path.name} is not a {SUFFIX} file")
+        try:
+            return json.loads(handle.read(size))
+        except ValueError:
+            raise WeightsError(f"{path.name} is not a {SUFFIX} file (its header is not JSON)") from None
+
+
+def classify_keys(keys: Iterable[str], name: str) -> dict[tuple[str, str], dict[str, str]]:
+    """{(component, module key): {part: tensor name}}; WeightsError naming what kiln does not apply."""
+    layers: dict[tuple[str, str], dict[str, str]] = {}
+    for key in keys:
+        if key == "__metadata__":
+            continue
+        if match := _KOHYA.match(key):
+            component = "unet" if match.group(1) == "unet" else "text_encoder"
+            module, part = match.group(2), match.group(3)
+            module = module.removeprefix("text_model_")
+        elif match := _PEFT.match(key):
+            component, module = match.group(1), module_key(match.group(2))
+            part = {"lora_A": "lora_down.weight", "lora.down": "lora_down.weight"}.get(match.group(3), "lora_up.weight")
+        else:
+            raise WeightsError(f"LoRA {name}: {key!r} is no layer kiln reads (kohya's lora_unet_*/lora_te_* or "
+                               "diffusers' unet.*/text_encoder.* lora_A/lora_B)")
+        if part.startswith(("hada_", "lokr_", "lora_mid", "dora_scale", "diff_b")):
+            kind = {"hada": "a LoHa", "lokr": "a LoKr", "lora": "a Tucker mid", "dora": "a DoRA", "diff": "a bias"}[
+                part.split("_")[0]]
+            raise WeightsError(f"LoRA {name}: {key!r} is {kind} layer, which kiln does not apply (LoRA layers and "
+                               "full differences only)")
+        layers.setdefault((component, module), {})[part] = key
+    for (component, module), parts in layers.items():
+        if "diff" not in parts and not {"lora_down.weight", "lora_up.weight"} <= set(parts):
+            raise WeightsError(f"LoRA {name}: {component} module {module} has {sorted(parts)}, not both "
+                               "lora_down and lora_up")
+    if not layers:
+        raise WeightsError(f"LoRA {name} has no layers")
+    return layers
+
+
+def read_lora(path: Path, component: str | None = None) -> dict[str, LoraLayer]:
+    """The layers of one file for `component` (text_encoder or unet; None: both, keyed "component:module")."""
+    import safetensors
+
+    path = Path(path)
+    try:
+        tensors = dict(safetensors.deserialize(path.read_bytes()))
+    except Exception as exc:  # noqa: BLE001 - the library raises its own and plain errors for a bad file
+        raise WeightsError(f"{path.name} is not a readable {SUFFIX} file: {exc}") from None
+    layers = {}
+    for (kind, module), parts in classify_keys(tensors, path.stem).items():
+        if component is not None and kind != component:
+            continue
+        try:
+            arrays = {part: float32_tensor(tensors[key]) for part, key in parts.items()}
+        except WeightsError as exc:
+            raise WeightsError(f"LoRA {path.stem}: {module}: {exc}") from None
+        alpha = arrays.get("alpha")
+        layer = LoraLayer(up=arrays.get("lora_up.weight"), down=arrays.get("lora_down.weight"),
+                          alpha=float(alpha.reshape(-1)[0]) if alpha is not None else None, diff=arrays.get("diff"))
+        layers[module if component is not None else f"{kind}:{module}"] = layer
+    return layers
+
+
+# --- the folder ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraFile:
+    name: str  # the file's stem: what tags use
+    path: Path  # under the folder
+    relative: str  # its path under the folder, what travels to the models
+    alias: str
+    metadata: dict
+    components: tuple[str, ...]  # which of text_encoder and unet it changes
+
+    def describe(self) -> dict:
+        """Its entry in AUTOMATIC1111's GET /sdapi/v1/loras."""
+        return {"name": self.name, "alias": self.alias, "path": str(self.path), "metadata": self.metadata}
+
+
+def read_entry(folder: Path, path: Path) -> LoraFile:
+    header = read_header(path)
+    metadata = header.get("__metadata__") or {}
+    layers = classify_keys(header, path.stem)
+    return LoraFile(path.stem, path, path.relative_to(folder).as_posix(), str(metadata.get("ss_output_name") or
+                                                                              path.stem),
+                    {str(k): v for k, v in metadata.items()}, tuple(sorted({c for c, _ in layers})))
+
+
+class LoraLibrary:
+    """The LoRA files of one folder (None: none), read when first used, again when the folder changes and on
+    `refresh()` (POST /sdapi/v1/refresh-loras); headers only."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self._lock = threading.Lock()
+        self._stamp: int | None = None
+        self._files: list[LoraFile] = []
+        self._refused: dict[str, str] = {}
+
+    def refresh(self) -> None:
+        with self._lock:
+            self._stamp = None
+        self._current()
+
+    def _current(self) -> tuple[list[LoraFile], dict[str, str]]:
+        if self.folder is None or not self.folder.is_dir():
+            return [], {}
+        stamp = self.folder.stat().st_mtime_ns
+        with self._lock:
+            if stamp != self._stamp:
+                self._files, self._refused = [], {}
+                for path in sorted(self.folder.rglob(f"*{SUFFIX}")):
+                    if path.name.startswith(".") or not path.is_file():
+                        continue
+                    try:
+                        self._files.append(read_entry(self.folder, path))
+                    except (WeightsError, OSError) as exc:
+                        self._refused[path.stem] = str(exc)
+                        log.warning("loras: %s", exc)
+                self._stamp = stamp
+                log.info("LoRAs in %s: %s", self.folder, ", ".join(f.name for f in self._files) or "none")
+            return self._files, self._refused
+
+    def listing(self) -> list[dict]:
+        return [f.describe() for f in self._current()[0]]
+
+    def find(self, name: str) -> LoraFile:
+        files, refused = self._current()
+        matches = [f for f in files if f.name == name] or [f for f in files if f.alias == name]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InputError(f"<lora:{name}>: {len(matches)} files have that name "
+                             f"({', '.join(m.relative for m in matches)}); rename one")
+        if name in refused:
+            raise InputError(f"<lora:{name}>: {refused[name]}")
+        known = ", ".join(sorted(f.name for f in files)) or "none"
+        where = f"in {self.folder}" if self.folder is not None else "(the server has no LoRA folder: --loras)"
+        raise InputError(f"<lora:{name}>: no such LoRA {where}; available: {known}")
+
+    def resolve(self, uses: Iterable[LoraUse]) -> LoraSet:
+        """The set a prompt's tags apply; InputError for a name the folder lacks (listing what it has)."""
+        uses = list(uses)
+        if not uses:
+            return LoraSet()
+        files = [(self.find(use.name), use) for use in uses]
+        specs = {component: encode_spec((f.relative, getattr(use, "te" if component == "text_encoder" else "unet"))
+                                        for f, use in files if component in f.components)
+                 for component in COMPONENTS}
+        return LoraSet(tuple(dict.fromkeys(f.name for f, _ in files)), specs)
