@@ -37,6 +37,7 @@ def parameters_text(info: dict) -> str:
               ("Seed", info.get("seed")), ("Size", f"{info.get('width')}x{info.get('height')}"),
               ("Model hash", info.get("model_hash")), ("Model", info.get("model")),
               ("Clip skip", info.get("clip_skip")),
+              ("Lora hashes", quote(info.get("lora_hashes"))),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Denoising strength", info.get("denoising_strength")),
               ("Noise multiplier", info.get("noise_multiplier")),

@@ -121,12 +121,10 @@ class LoraSet:
 
     names: tuple[str, ...] = ()
     specs: dict[str, str] = field(default_factory=dict)
+    hashes: str = ""  # AUTOMATIC1111's infotext "Lora hashes": "name: short hash, ..." (kohya's addnet hash)
 
     def spec(self, component: str) -> str:
         return self.specs.get("unet" if component == "unet_control" else component, "")
-
-    def __bool__(self) -> bool:
-        return any(self.specs.values())
 
 
 def encode_spec(entries: Iterable[tuple[str, float]]) -> str:
@@ -175,6 +173,19 @@ class LoraLayer:
         if change.size != math.prod(shape):
             raise WeightsError(f"a change of shape {tuple(change.shape)} for a weight of shape {shape}")
         return change.reshape(shape)
+
+
+def addnet_hash(path: Path) -> str:
+    """kohya's (and AUTOMATIC1111's) hash of a LoRA file: sha256 of its tensor data, after the header; AUTOMATIC1111's
+    infotext gives its first 12 digits."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        handle.seek(8 + int.from_bytes(handle.read(8), "little"))
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_header(path: Path) -> dict:
@@ -279,6 +290,7 @@ class LoraLibrary:
         self._stamp: int | None = None
         self._files: list[LoraFile] = []
         self._refused: dict[str, str] = {}
+        self._hashes: dict[tuple, str] = {}  # by (path, mtime, size)
 
     def refresh(self) -> None:
         with self._lock:
@@ -330,4 +342,14 @@ class LoraLibrary:
         specs = {component: encode_spec((f.relative, getattr(use, "te" if component == "text_encoder" else "unet"))
                                         for f, use in files if component in f.components)
                  for component in COMPONENTS}
-        return LoraSet(tuple(dict.fromkeys(f.name for f, _ in files)), specs)
+        used = {f.name: f for f, _ in files}
+        hashes = ", ".join(f"{name}: {self.short_hash(f.path)}" for name, f in used.items())
+        return LoraSet(tuple(used), specs, hashes)
+
+    def short_hash(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if key not in self._hashes:
+                self._hashes[key] = addnet_hash(path)[:12]
+            return self._hashes[key]

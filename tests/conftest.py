@@ -118,27 +118,40 @@ def vit_repo(model_repo, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton(model_repo, tmp_path_factory):
-    """A real Triton server (the wheel's binary) serving model_repo on free loopback ports."""
-    server = start_triton(model_repo, tmp_path_factory.mktemp("triton") / "tritonserver.log")
+def lora_dir(tmp_path_factory) -> Path:
+    """LoRA files for the tiny SD in kohya's layout (`kiln weights lora --tiny`'s): detail (text encoder and UNet,
+    rank 4, alpha 2) and sub/style (UNet only, rank 2). The session's Triton reads them (KILN_LORAS)."""
+    from build.sd.lora import random_lora, write_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    write_lora(folder / "detail.safetensors", random_lora("tiny", seed=0), {"ss_output_name": "detail-v1"})
+    write_lora(folder / "sub" / "style.safetensors", random_lora("tiny", seed=1, rank=2, text_encoder=False))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def triton(model_repo, lora_dir, tmp_path_factory):
+    """A real Triton server (the wheel's binary) serving model_repo on free loopback ports, its LoRA folder lora_dir."""
+    server = start_triton(model_repo, tmp_path_factory.mktemp("triton") / "tritonserver.log", loras=lora_dir)
     yield server
     server.stop()
 
 
-def start_triton(repo: Path, log: Path, **ports: int) -> TritonServer:
+def start_triton(repo: Path, log: Path, loras: Path | None = None, **ports: int) -> TritonServer:
     """A Triton on free ports. It waits at most 5 s for in-flight requests when stopped (Triton's own default, 30 s,
     sometimes elapses in full after a test's last call, whose client keeps its channel open)."""
     return TritonServer(TritonOptions(repository=repo, http_port=ports.get("http") or free_port(),
                                       grpc_port=ports.get("grpc") or free_port(), exit_timeout_s=5,
-                                      metrics_port=ports.get("metrics") or free_port(), log_path=log)).start()
+                                      metrics_port=ports.get("metrics") or free_port(), log_path=log,
+                                      extra_env={"KILN_LORAS": str(loras)} if loras else {})).start()
 
 
 @pytest.fixture(scope="session")
-def local(model_repo):
-    """The repository's SD models in process: the orchestrator's loop without the transport."""
+def local(model_repo, lora_dir):
+    """The repository's SD models in process: the orchestrator's loop without the transport (LoRAs: lora_dir)."""
     from orchestrator.pipeline import Pipeline
 
-    return Pipeline.from_repository(model_repo)
+    return Pipeline.from_repository(model_repo, loras=lora_dir)
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -241,7 +241,8 @@ BAD = [
     ({"sampler_name": "Euler z"}, 404, "Sampler not found"),
     ({"scheduler": "Exponential"}, 422, "scheduler"),
     ({"prompt": "cat " * 10000}, 413, "prompt"),
-    ({"prompt": "a cat <lora:watercolor:0.8>"}, 422, "prompt: <lora:watercolor:0.8> is an extra-network tag"),
+    ({"prompt": "a cat <lora:watercolor:0.8>"}, 422, "<lora:watercolor>: no such LoRA (the server has no LoRA folder"),
+    ({"prompt": "a cat <hypernet:ink:1>"}, 422, "prompt: <hypernet:ink:1> is an extra-network tag (hypernet)"),
     ({"negative_prompt": "blurry AND dark"}, 422, "negative_prompt: AND (composable diffusion)"),
     ({"prompt": "a [cat:dog:5]"}, 422, "prompt editing"),
     ({"s_churn": 0.5}, 422, "s_churn 0.5: the Euler a sampler has no churn"),
@@ -906,7 +907,7 @@ def test_sigterm_drains_in_flight_requests(triton):
     assert "Traceback" not in output, output
 
 
-def test_triton_restart_gives_503_then_recovers(model_repo, triton):
+def test_triton_restart_gives_503_then_recovers(model_repo, lora_dir, triton):
     live = LiveAPI(Settings(triton_url=triton.grpc_url, port=free_port()))
     ports = dict(grpc=triton.options.grpc_port, http=triton.options.http_port, metrics=triton.options.metrics_port)
     try:
@@ -918,7 +919,7 @@ def test_triton_restart_gives_503_then_recovers(model_repo, triton):
             _safe(down)
             assert c.get("/health/ready").status_code == 503
             assert c.get("/health/live").status_code == 200
-            restarted = start_triton(model_repo, triton.log_path, **ports)
+            restarted = start_triton(model_repo, triton.log_path, lora_dir, **ports)
             triton._process, triton._log_file = restarted._process, restarted._log_file  # the fixture stops it
             deadline = time.monotonic() + 30  # recovery is eventual: the gRPC endpoint may lag HTTP's readiness
             while c.get("/health/ready").status_code != 200:

@@ -296,6 +296,11 @@ class Pipeline:
                 "model_hash": contract.model_hash or None}
         if request.clip_skip != 1:
             info["clip_skip"] = request.clip_skip
+        hashes = [self.lora_set(request.prompt)[1].hashes]
+        if request.hires is not None and request.hires.prompt is not None:
+            hashes.append(self.lora_set(request.hires.prompt)[1].hashes)
+        if any(hashes):  # AUTOMATIC1111's "Lora hashes": each file once
+            info["lora_hashes"] = ", ".join(dict.fromkeys(h for part in hashes for h in part.split(", ") if h))
         if request.hires is not None:
             info |= hires.info(request)
         if variation is not None:

@@ -315,7 +315,8 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
         "sd_model_name": first.get("model"), "sd_model_hash": first.get("model_hash"),
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": first.get("denoising_strength"),
-        "extra_generation_params": {label: first[key] for key, label in HIRES_FIELDS.items() if key in first},
+        "extra_generation_params": {label: first[key] for key, label in
+                                    (*HIRES_FIELDS.items(), ("lora_hashes", "Lora hashes")) if key in first},
         "index_of_first_image": 0, "infotexts": [parameters_text(i) for i in infos], "styles": body.styles,
         "clip_skip": first.get("clip_skip", 1),
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),

@@ -1,0 +1,375 @@
+"""LoRA, end to end: AUTOMATIC1111's tags, the folder, kohya's and diffusers' files, the build's weight maps, merged
+sessions against diffusers' load_lora_weights, the same images through Triton, the step batcher never mixing sets,
+and every refusal naming its cause.
+
+The LoRA files are the session's (conftest.lora_dir, `kiln weights lora --tiny`'s): detail (text encoder and UNet,
+rank 4, alpha 2, alias detail-v1) and sub/style (UNet only, rank 2).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from build.sd.lora import random_lora, write_lora
+from kiln.errors import InputError, WeightsError
+from kiln.lora import (
+    LoraLayer,
+    LoraLibrary,
+    LoraUse,
+    decode_spec,
+    encode_spec,
+    read_lora,
+    split_lora_tags,
+)
+from kiln.prompts import check_prompt_syntax
+from orchestrator.pipeline import ControlNetUnit, HiresFix, Pipeline, Txt2ImgRequest
+
+slow = pytest.mark.slow
+BASE = dict(negative_prompt="blurry", steps=4, sampler="Euler a", cfg_scale=7.5, seed=21, width=64, height=64)
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+# -- tags, specs, files: no models ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("prompt, uses", [
+    ("a cat <lora:detail>", (LoraUse("detail", 1.0, 1.0),)),
+    ("a cat <lora:detail:0.5>", (LoraUse("detail", 0.5, 0.5),)),
+    ("<lora:detail:0.5:0.2> a cat", (LoraUse("detail", 0.5, 0.2),)),
+    ("a cat <lora:detail:te=0.3:unet=0.9>", (LoraUse("detail", 0.3, 0.9),)),
+    ("a cat <lora:detail:0.4:unet=1.2>", (LoraUse("detail", 0.4, 1.2),)),
+    ("a <lyco:style:0.7> cat <lora:detail:-1>", (LoraUse("style", 0.7, 0.7), LoraUse("detail", -1.0, -1.0))),
+])
+def test_tags_read_as_automatic1111_reads_them(prompt, uses):
+    text, found = split_lora_tags(prompt)
+    assert found == uses
+    assert "<" not in text and "cat" in text
+
+
+@pytest.mark.parametrize("tag, message", [
+    ("<lora::1>", "names no LoRA"), ("<lora:detail:x>", "'x' is not a multiplier"),
+    ("<lora:detail:nan>", "is not a multiplier"), ("<lora:detail:1:dyn=4>", "dyn"),
+    ("<lora:detail:1:1:1:1>", "dyn"), ("<lora:detail:foo=1>", "unknown argument 'foo'"),
+])
+def test_bad_tags_are_named(tag, message):
+    with pytest.raises(InputError, match=message):
+        split_lora_tags(f"a cat {tag}")
+
+
+def test_other_tags_and_the_negative_prompts_tags_are_refused_never_text():
+    text, uses = split_lora_tags("a cat <hypernet:x:1>")
+    assert uses == () and "<hypernet:x:1>" in text
+    with pytest.raises(InputError, match="LoRA tags .* only, in the prompt"):
+        check_prompt_syntax(text)
+    with pytest.raises(InputError, match="negative_prompt: <lora:detail:1> .* the prompt only"):
+        check_prompt_syntax("blurry <lora:detail:1>", "negative_prompt")
+
+
+def test_specs_sum_repeats_drop_zeros_and_refuse_paths_outside_the_folder():
+    assert encode_spec([("b.safetensors", 0.4), ("a.safetensors", 1.0), ("b.safetensors", 0.4)]) == \
+        '[["a.safetensors",1.0],["b.safetensors",0.8]]'
+    assert encode_spec([("a.safetensors", 0.5), ("a.safetensors", -0.5)]) == ""
+    assert decode_spec('[["sub/a.safetensors",0.5]]') == [("sub/a.safetensors", 0.5)]
+    for bad in ('[["../a.safetensors",1]]', '[["/etc/a.safetensors",1]]', '[["a.ckpt",1]]', "nonsense", "[[1]]"):
+        with pytest.raises(InputError):
+            decode_spec(bad)
+
+
+def test_kohya_and_peft_layouts_read_to_the_same_difference(tmp_path):
+    rng = np.random.default_rng(0)
+    down, up = rng.standard_normal((4, 32)).astype(np.float32), rng.standard_normal((64, 4)).astype(np.float32)
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    kohya = write_lora(tmp_path / "k.safetensors", {
+        f"lora_unet_{module.replace('.', '_')}.lora_down.weight": down,
+        f"lora_unet_{module.replace('.', '_')}.lora_up.weight": up,
+        f"lora_unet_{module.replace('.', '_')}.alpha": np.array(2.0, np.float32)})
+    peft = write_lora(tmp_path / "p.safetensors", {f"unet.{module}.lora_A.weight": down * 0.5,
+                                                    f"unet.{module}.lora_B.weight": up})
+    key = module.replace(".", "_")
+    expected = up @ down * 0.5  # alpha / rank
+    for path in (kohya, peft):
+        layers = read_lora(path, "unet")
+        assert list(layers) == [key] and read_lora(path, "text_encoder") == {}
+        np.testing.assert_allclose(layers[key].delta((64, 32)), expected, rtol=1e-6)
+    conv = LoraLayer(up=up.reshape(64, 4, 1, 1), down=down.reshape(4, 32, 1, 1), alpha=4.0)
+    np.testing.assert_allclose(conv.delta((64, 32, 1, 1)), (up @ down).reshape(64, 32, 1, 1), rtol=1e-6)
+    with pytest.raises(WeightsError, match="shape"):
+        conv.delta((32, 32))
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"lora_unet_x.hada_w1_a": 1}, "LoHa"), ({"lora_unet_x.lokr_w1": 1}, "LoKr"),
+    ({"lora_unet_x.dora_scale": 1}, "DoRA"), ({"lora_unet_x.lora_down.weight": 1}, "not both lora_down and lora_up"),
+    ({"model.weight": 1}, "no layer kiln reads"),
+])
+def test_other_algorithms_and_broken_files_are_refused_by_name(tmp_path, keys, message):
+    path = write_lora(tmp_path / "odd.safetensors", {k: np.ones((2, 2), np.float32) for k in keys})
+    with pytest.raises(WeightsError, match=message):
+        read_lora(path)
+    library = LoraLibrary(tmp_path)
+    assert library.listing() == []
+    with pytest.raises(InputError, match=message):
+        library.find("odd")
+
+
+def test_the_folder_lists_in_automatic1111s_shape_and_finds_by_name_or_alias(lora_dir, tmp_path):
+    library = LoraLibrary(lora_dir)
+    listing = {entry["name"]: entry for entry in library.listing()}
+    assert set(listing) == {"detail", "style"}
+    assert listing["detail"]["alias"] == "detail-v1"
+    assert listing["detail"]["metadata"] == {"ss_output_name": "detail-v1"}
+    assert listing["style"]["path"] == str(lora_dir / "sub" / "style.safetensors")
+    assert library.find("detail-v1").name == "detail"
+    assert library.find("style").components == ("unet",)
+    assert library.find("detail").components == ("text_encoder", "unet")
+    with pytest.raises(InputError, match=r"<lora:nope>: no such LoRA in .*; available: detail, style"):
+        library.resolve([LoraUse("nope")])
+    with pytest.raises(InputError, match=r"no LoRA folder"):
+        LoraLibrary(None).find("detail")
+    twice = tmp_path / "twice"
+    for where in ("a", "b"):
+        write_lora(twice / where / "same.safetensors", random_lora("tiny", text_encoder=False))
+    with pytest.raises(InputError, match="2 files have that name"):
+        LoraLibrary(twice).find("same")
+    resolved = library.resolve([LoraUse("style", 0.3, 0.7), LoraUse("detail", 0.5, 0.25)])
+    assert resolved.names == ("style", "detail")
+    assert json.loads(resolved.spec("text_encoder")) == [["detail.safetensors", 0.5]]  # style has no text encoder
+    assert json.loads(resolved.spec("unet_control")) == [["detail.safetensors", 0.25], ["sub/style.safetensors", 0.7]]
+
+
+# -- the build's maps ------------------------------------------------------------------------------------------------
+def test_the_build_maps_every_linear_and_conv_weight_of_the_text_encoder_and_unets(model_repo, local):
+    for model in ("sd_text_encoder", "sd_unet", "sd_unet_control"):
+        content = json.loads((model_repo / model / "1" / "model.onnx.lora.json").read_text())
+        assert content["unmatched"] == [] and len(content["targets"]) > 20, model
+    unet = json.loads((model_repo / "sd_unet" / "1" / "model.onnx.lora.json").read_text())["targets"]
+    assert local.contract.lora_layers == len(unet)
+    every = {k[len("lora_unet_"):-len(".alpha")] for k in random_lora("tiny") if k.startswith("lora_unet_")
+             and k.endswith(".alpha")}
+    assert every <= set(unet)  # every layer kohya trains by default has its constant
+    assert unet["down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"]["transposed"]  # MatMul's (in, out)
+
+
+# -- in process: diffusers' parity, what changes and what does not --------------------------------------------------
+@slow
+def test_parity_with_diffusers_load_lora_weights(local, sd_checkpoint, lora_dir):
+    """diffusers (PEFT) with the same file and scales: one LoRA at 0.8, and two with the text encoder's and the UNet's
+    multipliers apart. Measured: 0/255 both."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from orchestrator.pipeline import make_scheduler
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd_checkpoint), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    scheduler_config = dict(pipe.scheduler.config)
+    pipe.load_lora_weights(str(lora_dir), weight_name="detail.safetensors", adapter_name="detail")
+    pipe.load_lora_weights(str(lora_dir / "sub"), weight_name="style.safetensors", adapter_name="style")
+
+    def diffusers_image(adapters, weights):
+        pipe.set_adapters(adapters, adapter_weights=weights)
+        pipe.scheduler = make_scheduler("Euler a", scheduler_config)
+        return (pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5,
+                     height=64, width=64, generator=torch.Generator().manual_seed(21), output_type="np").images
+                * 255).round().astype(np.uint8)
+
+    one = local.txt2img(Txt2ImgRequest(prompt="a photo of a cat <lora:detail:0.8>", **BASE)).images
+    assert _max_diff(one, diffusers_image(["detail"], [0.8])) <= 2
+    two = local.txt2img(Txt2ImgRequest(prompt="a photo of <lora:detail:0.3:0.7>a cat<lora:style:1.5>", **BASE)).images
+    assert _max_diff(two, diffusers_image(["detail", "style"], [{"text_encoder": 0.3, "unet": 0.7}, 1.5])) <= 2
+    plain = local.txt2img(Txt2ImgRequest(prompt="a photo of a cat", **BASE)).images
+    assert _max_diff(one, plain) > 10 and _max_diff(two, one) > 10  # the LoRAs act (measured: 43 and 60 apart)
+
+
+@slow
+def test_what_changes_the_image_and_what_does_not(local):
+    def image(prompt: str, **extra) -> np.ndarray:
+        return local.txt2img(Txt2ImgRequest(prompt=prompt, **(BASE | extra))).images
+
+    plain = image("a photo of a cat")
+    assert np.array_equal(image("a photo of a cat <lora:detail:0>"), plain)  # multiplier 0: the base models
+    assert np.array_equal(image("a photo of a cat <lora:detail:0:0>"), plain)
+    assert np.array_equal(image("a photo of a cat <lora:detail:0.4> <lora:detail:0.4>"),
+                          image("a photo of a cat <lora:detail:0.8>"))  # repeats add up, as AUTOMATIC1111's
+    assert np.array_equal(image("a photo of a cat <lora:detail-v1:0.8>"), image("<lora:detail:0.8>a photo of a cat"))
+    te_only, unet_only = image("a photo of a cat <lora:detail:1:0>"), image("a photo of a cat <lora:detail:0:1>")
+    assert _max_diff(te_only, plain) > 0 and _max_diff(unet_only, plain) > 0 and _max_diff(te_only, unet_only) > 0
+
+
+@slow
+def test_refusals_name_their_cause(local, model_repo, tmp_path):
+    with pytest.raises(InputError, match=r"<lora:nope>: no such LoRA .* available: detail, style"):
+        local.txt2img(Txt2ImgRequest(prompt="a cat <lora:nope:1>", **BASE))
+    with pytest.raises(InputError, match="negative_prompt: <lora:detail:1>"):
+        local.txt2img(Txt2ImgRequest(prompt="a cat", **(BASE | {"negative_prompt": "<lora:detail:1>"})))
+    with pytest.raises(InputError, match="hr_prompt: <lora:nope:1>|<lora:nope>: no such LoRA"):
+        local.txt2img(Txt2ImgRequest(prompt="a cat", hires=HiresFix(prompt="a dog <lora:nope:1>"), **BASE))
+    before = Pipeline(replace(local.components, contract=replace(local.contract, lora_layers=0)))
+    with pytest.raises(InputError, match=r"<lora:detail>: this build's models take no LoRA .* rebuild"):
+        before.txt2img(Txt2ImgRequest(prompt="a cat <lora:detail:1>", **BASE))
+    other = tmp_path / "loras"  # a LoRA for another model: modules this UNet lacks
+    tensors = random_lora("tiny", text_encoder=False)
+    tensors |= {"lora_unet_input_blocks_1_1_proj_in." + part: tensors.pop(f"lora_unet_down_blocks_1_attentions_0_"
+                                                                          f"proj_in.{part}")
+                for part in ("lora_down.weight", "lora_up.weight", "alpha")}
+    write_lora(other / "ldm.safetensors", tensors)
+    with pytest.raises(InputError, match=r"LoRA ldm: 1 of its 72 unet layers name modules this model does not have .*"
+                                         r"input_blocks_1_1_proj_in"):
+        Pipeline.from_repository(model_repo, loras=other).txt2img(
+            Txt2ImgRequest(prompt="a cat <lora:ldm:1>", **BASE))
+
+
+def test_held_sets_are_reused_and_dropped_past_the_budget(model_repo, lora_dir):
+    from kiln.runtime import Session, SessionOptions
+    from kiln.runtime.lora import LoraSessions
+
+    base = Session(SessionOptions("onnxruntime", model_repo / "sd_unet" / "1" / "model.onnx"))
+    detail, style = '[["detail.safetensors",1.0]]', '[["sub/style.safetensors",1.0]]'
+    held = LoraSessions(base, lora_dir, budget_bytes=1 << 30)
+    assert held.session("") is base
+    first = held.session(detail)
+    assert held.session(detail) is first and held.built == 1  # held: no second merge
+    held.session(style)
+    assert held.built == 2 and held.held_bytes > 0
+    tight = LoraSessions(base, lora_dir, budget_bytes=1)  # room for the newest set only
+    tight.session(detail), tight.session(style), tight.session(detail)
+    assert tight.built == 3 and len(tight._sets) == 1
+    with pytest.raises(InputError, match="not in"):
+        held.session('[["gone.safetensors",1.0]]')
+
+
+# -- the step batcher: rows of different sets never share a UNet batch --------------------------------------------
+@slow
+def test_concurrent_sets_batch_apart_and_match_their_solo_images(local):
+    from orchestrator.batching import StepBatcher
+
+    batches: list[tuple[str, int]] = []
+
+    class Recording(StepBatcher):
+        def _execute(self, graph, inputs, rows=None):
+            batches.append((graph.key, len(inputs["sample"])))
+            return super()._execute(graph, inputs, rows)
+
+    prompts = ["a cat <lora:detail:0.8>", "a dog <lora:detail:0.8>", "a cat <lora:style:1>", "a cat"]
+    solo = [local.txt2img(Txt2ImgRequest(prompt=p, **BASE)).images for p in prompts]
+    batcher = Recording(max_rows=16, window_s=5.0)
+    barrier = threading.Barrier(len(prompts))
+
+    def run(prompt):
+        with batcher.participant():
+            barrier.wait()
+            return local.generate(Txt2ImgRequest(prompt=prompt, **BASE), unet_call=batcher).images
+
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            together = list(pool.map(run, prompts))
+    finally:
+        batcher.close()
+    for mine, alone in zip(together, solo):
+        assert np.array_equal(mine, alone)
+    keys = {key for key, _ in batches}
+    assert len(keys) == 3  # plain, detail, style: three graphs
+    assert max(rows for key, rows in batches if "detail" in key) == 4  # the two detail requests' rows, merged
+
+
+# -- through Triton: the same images, and the models' own refusals ---------------------------------------------------
+@pytest.fixture(scope="module")
+def served(triton, lora_dir) -> Pipeline:
+    from orchestrator.pipeline.components.triton import triton_components
+
+    return Pipeline(triton_components(triton.grpc_url, loras=LoraLibrary(lora_dir)))
+
+
+@slow
+def test_triton_gives_the_in_process_images(served, local, sd_checkpoint):
+    edge = (sd_checkpoint / "controlnet").exists()
+    requests = [Txt2ImgRequest(prompt="a cat <lora:detail:0.8> <lora:style:0.5>", **(BASE | {"batch_size": 2})),
+                Txt2ImgRequest(prompt="a cat <lora:detail:0.6>", hires=HiresFix(scale=1.5, steps=2,
+                                                                               prompt="a dog <lora:style:1>"),
+                               **BASE)]
+    if edge:  # ControlNet -> UNet in one ensemble call, the LoRA going to its UNet step
+        from PIL import Image
+
+        from tests.conftest import encode
+
+        control = encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+        requests.append(Txt2ImgRequest(prompt="a cat <lora:detail:1>", controlnet=ControlNetUnit(image=control),
+                                       **BASE))
+    for request in requests:
+        assert np.array_equal(served.txt2img(request).images, local.txt2img(request).images), request.prompt
+
+
+@slow
+def test_the_models_refuse_bad_sets_as_the_requests_fault(triton, lora_dir):
+    from kiln.triton_client import TritonClient
+
+    client = TritonClient(triton.grpc_url, "grpc")
+    rng = np.random.default_rng(0)
+    inputs = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+              "timestep": np.full((2, 1), 500.0, np.float32),
+              "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    try:
+        mixed = np.array([[b'[["detail.safetensors",1.0]]'], [b""]], dtype=object)
+        with pytest.raises(InputError, match="rows of one request name different LoRA sets"):
+            client.infer("sd_unet", inputs | {"lora": mixed}, ["noise_pred"])
+        outside = np.array([[b'[["../detail.safetensors",1.0]]']] * 2, dtype=object)
+        with pytest.raises(InputError, match="not a .safetensors file's path under the LoRA folder"):
+            client.infer("sd_unet", inputs | {"lora": outside}, ["noise_pred"])
+        plain = client.infer("sd_unet", inputs, ["noise_pred"])["noise_pred"]
+        empty = client.infer("sd_unet", inputs | {"lora": np.array([[b""]] * 2, dtype=object)}, ["noise_pred"])
+        assert np.array_equal(plain, empty["noise_pred"])  # "" is the base model
+    finally:
+        client.close()
+
+
+# -- the routes, over real HTTP --------------------------------------------------------------------------------------
+@slow
+def test_list_refresh_and_use_over_http(triton, lora_dir, tmp_path):
+    import shutil
+
+    from kiln.infotext import parse_infotext
+    from kiln.triton_server import free_port
+    from orchestrator.server.service import BackgroundAPI
+    from orchestrator.server.settings import Settings
+
+    mine = tmp_path / "loras"
+    shutil.copytree(lora_dir, mine)
+    live = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), loras_dir=mine))
+    body = {"prompt": "a photo of a cat <lora:detail:0.8>", "negative_prompt": "blurry", "steps": 3, "seed": 4,
+            "width": 64, "height": 64, "sampler_name": "Euler a"}
+    try:
+        with live.client() as client:
+            listing = client.get("/sdapi/v1/loras").json()
+            assert [(e["name"], e["alias"], e["path"]) for e in listing] == [
+                ("detail", "detail-v1", str(mine / "detail.safetensors")),
+                ("style", "style", str(mine / "sub" / "style.safetensors"))]
+            styled = client.post("/sdapi/v1/txt2img", json=body)
+            assert styled.status_code == 200, styled.text
+            info = json.loads(styled.json()["info"])
+            hashes = info["extra_generation_params"]["Lora hashes"]
+            assert hashes.startswith("detail: ") and len(hashes) == len("detail: ") + 12
+            assert parse_infotext(info["infotexts"][0])["Lora hashes"] == hashes
+            assert info["prompt"] == body["prompt"]  # the tags stay in the prompt AUTOMATIC1111 reports
+            plain = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a photo of a cat"})
+            assert plain.json()["images"][0] != styled.json()["images"][0]
+            unknown = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a cat <lora:ink:1>"})
+            assert unknown.status_code == 422 and "available: detail, style" in unknown.text, unknown.text
+            write_lora(mine / "ink.safetensors", random_lora("tiny", seed=5, text_encoder=False))  # the folder changed
+            assert "ink" in [e["name"] for e in client.get("/sdapi/v1/loras").json()]
+            # the models read their own folder (the session Triton's KILN_LORAS is lora_dir): one the service lists
+            # but they lack is a 422 saying so
+            missing = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a cat <lora:ink:1>"})
+            assert missing.status_code == 422 and f"ink.safetensors is not in {lora_dir}" in missing.text, missing.text
+            (mine / "sub" / "style.safetensors").unlink()  # inside a sub-folder: the top folder does not change
+            assert client.post("/sdapi/v1/refresh-loras").json() is None
+            assert "style" not in [e["name"] for e in client.get("/sdapi/v1/loras").json()]
+    finally:
+        live.stop()
