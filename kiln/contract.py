@@ -47,6 +47,12 @@ def controlnet_component(index: int) -> str:
     return "controlnet" if index == 0 else f"controlnet_{index + 1}"
 
 
+def vae_models(suffix: str = "") -> dict[str, str]:
+    """A VAE's Triton models: the checkpoint's own ("") or an extra VAE's (suffix "_2", "_3", ...)."""
+    return {"decoder": SD_VAE_DECODER + suffix, "decode": SD_VAE_DECODE + suffix, "encoder": SD_VAE_ENCODER + suffix,
+            "encode": SD_VAE_ENCODE + suffix}
+
+
 def controlnet_ensemble(index: int) -> str:
     """Its ControlNet -> UNet ensemble: sd_controlnet_unet for the first (its name since the first build), then _N."""
     return "sd_controlnet_unet" + controlnet_component(index).removeprefix("controlnet")
@@ -74,6 +80,21 @@ class ServedControlNet:
 
 
 @dataclass(frozen=True)
+class ServedVAE:
+    """A VAE of the build besides the checkpoint's own (AUTOMATIC1111's sd_vae): its name (the file's), the suffix of
+    its Triton models (kiln.contract.vae_models), its file's sha256."""
+
+    name: str
+    suffix: str
+    sha256: str = ""
+
+    @property
+    def short_hash(self) -> str:
+        """AUTOMATIC1111's "VAE hash": the first 10 hex digits."""
+        return self.sha256[:10]
+
+
+@dataclass(frozen=True)
 class SDContract:
     """What the service needs to drive the loop over an SD build, written by `kiln build sd`."""
 
@@ -89,6 +110,7 @@ class SDContract:
     model_sha256: str = ""  # the UNet artifact's hash
     variant: str = "onnxruntime-fp32"  # what the served models run
     controlnets: tuple[ServedControlNet, ...] = ()  # in build order; the first is the default
+    vaes: tuple[ServedVAE, ...] = ()  # VAEs a request may choose instead of the checkpoint's own (sd_vae)
     max_prompt_chunks: int = 8  # 75-token chunks a prompt may have
     # Layers the text encoder serves for AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers 1..this); 0: a build
     # before clip skip, whose text encoder serves its last layer only
@@ -128,6 +150,18 @@ class SDContract:
     def inpainting_unet(self) -> bool:
         return self.unet_in_channels != self.latent_channels
 
+    def vae(self, name: str | None) -> ServedVAE | None:
+        """The VAE AUTOMATIC1111's sd_vae names: None, "Automatic" or "None" the checkpoint's own (None here), else one
+        of the build's by its file name (with or without the extension); InputError for another."""
+        if name is None or name.strip() in ("", "Automatic", "None"):
+            return None
+        for candidate in self.vaes:
+            if name.strip() in (candidate.name, Path(candidate.name).stem):
+                return candidate
+        known = ", ".join(["Automatic", "None", *(v.name for v in self.vaes)])
+        raise InputError(f"sd_vae: unknown VAE {name!r}; this build serves: {known} (build more with kiln build sd "
+                         "--vae)")
+
     def controlnet(self, model: str | None) -> ServedControlNet:
         """The ControlNet a unit's `model` names: its name, or its title "name [hash]"; None/"None": the first."""
         if not self.controlnets:
@@ -150,7 +184,7 @@ class SDContract:
                 value = getattr(self, item.name)
                 if item.name in ("graph_batches", "graph_shapes") and not value:
                     continue  # the runtime's parameters, written with the model's CUDA graphs
-                if item.name == "controlnets":
+                if item.name in ("controlnets", "vaes"):
                     value = json.dumps([c.__dict__ for c in value])
                 elif isinstance(value, dict):
                     value = json.dumps(value, default=str)
@@ -165,8 +199,9 @@ class SDContract:
             if not item.metadata.get("parameter", True) or item.name not in params:
                 continue  # a missing required field is the TypeError below
             text = params[item.name]
-            if item.name == "controlnets":
-                values[item.name] = tuple(ServedControlNet(**entry) for entry in json.loads(text))
+            if item.name in ("controlnets", "vaes"):
+                kind = ServedControlNet if item.name == "controlnets" else ServedVAE
+                values[item.name] = tuple(kind(**entry) for entry in json.loads(text))
             elif item.name == "scheduler_config":
                 values[item.name] = json.loads(text)
             else:

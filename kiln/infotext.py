@@ -38,6 +38,7 @@ def parameters_text(info: dict) -> str:
               ("Model hash", info.get("model_hash")), ("Model", info.get("model")),
               ("Clip skip", info.get("clip_skip")),
               ("Lora hashes", quote(info.get("lora_hashes"))),
+              ("VAE hash", info.get("vae_hash")), ("VAE", quote(info.get("vae"))),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Denoising strength", info.get("denoising_strength")),
               ("Noise multiplier", info.get("noise_multiplier")),

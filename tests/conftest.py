@@ -78,6 +78,14 @@ def scribble(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def extra_vae(tmp_path_factory) -> Path:
+    """A second VAE for the tiny SD as AUTOMATIC1111's VAE files are (original layout; `kiln weights vae --tiny`)."""
+    from build.sd.vae import random_vae, write_vae_file
+
+    return write_vae_file(random_vae("tiny", seed=7), tmp_path_factory.mktemp("vae") / "anime-vae.safetensors")
+
+
+@pytest.fixture(scope="session")
 def all_variants_repo(tmp_path_factory) -> tuple[Path, object]:
     """Every CPU variant of the ViT and its extra exports, built once per session (about a minute on 2 cores); it
     serves ONNX Runtime fp32. All but the AOTInductor packages (26 s of compile each): their path is the torch-fp32
@@ -89,15 +97,17 @@ def all_variants_repo(tmp_path_factory) -> tuple[Path, object]:
 
 
 @pytest.fixture(scope="session")
-def model_repo(tmp_path_factory, sd_checkpoint, scribble, all_variants_repo) -> Path:
-    """One repository: the tiny SD with two ControlNets ("controlnet", the default, and "scribble"), and the ViT.
+def model_repo(tmp_path_factory, sd_checkpoint, scribble, extra_vae, all_variants_repo) -> Path:
+    """One repository: the tiny SD with two ControlNets ("controlnet", the default, and "scribble"), a second VAE
+    (extra_vae, sd_vae "anime-vae.safetensors"), and the ViT.
 
     The ViT's models are those of the all-variants build (linked, and its report section copied): the same
     random weights and the same served variant, ONNX Runtime fp32, without exporting it twice.
     """
     repo = tmp_path_factory.mktemp("repo") / "repo"
     build_sd(SDBuildOptions(weights=str(sd_checkpoint), repository=repo, images=IMAGES, progress=False,
-                            controlnet=(str(sd_checkpoint / "controlnet"), f"scribble={scribble}")),
+                            controlnet=(str(sd_checkpoint / "controlnet"), f"scribble={scribble}"),
+                            vae=(str(extra_vae),)),
              log=lambda _m: None)
     vit_build, _ = all_variants_repo
     vit_report = read_report(vit_build)["vit"]

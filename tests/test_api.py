@@ -586,10 +586,11 @@ def test_automatic1111_clients_defaults_are_accepted(client):
 
 def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(client):
     """What kiln has, in AUTOMATIC1111's shapes; an empty list where it has none, never an invented entry."""
-    for name in ("sd-vae", "loras", "hypernetworks", "face-restorers", "realesrgan-models",
-                 "extensions"):
+    for name in ("loras", "hypernetworks", "face-restorers", "realesrgan-models",
+                 "extensions"):  # no LoRA folder for this service
         response = client.get(f"/sdapi/v1/{name}")
         assert response.status_code == 200 and response.json() == [], name
+    assert [v["model_name"] for v in client.get("/sdapi/v1/sd-vae").json()] == ["anime-vae.safetensors"]
     assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
     assert [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()] == [
         "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",

@@ -30,6 +30,7 @@ from build.sd.specs import (
     ImageRange,
     axis_sizes,
     controlnet_components,
+    extra_vaes,
     has_ensemble,
     sd_specs,
     size_multiple,
@@ -54,6 +55,7 @@ class SDBuildOptions:
     weights: str  # diffusers-format folder, original-layout .safetensors file, or hub id (where a network exists)
     # ControlNets: PATH or NAME=PATH each (build.sd.weights.controlnet_sources); default: <weights>/controlnet
     controlnet: str | tuple[str, ...] | None = None
+    vae: tuple[str, ...] = ()  # more VAEs requests may choose (sd_vae): PATH or NAME=PATH each (build.sd.vae)
     config: str | None = None  # a single file's architecture (a diffusers-format folder); default: SD 1.5's
     repository: Path = DEFAULT_REPOSITORY
     images: ImageRange = ImageRange()
@@ -80,6 +82,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     from tqdm import tqdm
 
     from build.sd.calibration import CALIBRATION_PROMPTS, capture_unet_inputs, variant_image_parity
+    from build.sd.vae import load_vae, vae_sources
     from build.sd.weights import load_sd
 
     # 1. Load and derive the specs (auto: time the UNet in each candidate, then build the fastest).
@@ -91,6 +94,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         if options.variant == "auto" else ()
     check_target(options.triton_backend, options.device, [SD_VARIANTS[k] for k in keys or (options.variant,)])
     loaded = load_sd(options.weights, options.controlnet, options.config)
+    loaded.vaes = {name: load_vae(path, loaded.vae) for name, path in vae_sources(options.vae).items()}
     if loaded.random:
         log(f"!! RANDOM WEIGHTS: {options.weights} holds seeded random weights; images are noise-like, not art.")
     specs = sd_specs(loaded, options.images)
@@ -107,7 +111,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         chosen, choice = choose_variant(keys, modules["unet"], specs["unet"], export_sizes, check_sizes, timing, log)
         options = replace(options, variant=chosen)
     controls = controlnet_components(specs)
-    components = SERVED + (("unet_control", *controls) if controls else ())
+    components = SERVED + (("unet_control", *controls) if controls else ()) + tuple(
+        f"vae_{part}{served.suffix}" for served in extra_vaes(loaded) for part in ("decoder", "encoder"))
     variant = SD_VARIANTS[options.variant]
     variants = {c: variant if c in CALIBRATED else variant.uncalibrated() for c in components}
 
@@ -201,6 +206,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         lora_layers=artifacts["unet"]["lora"]["layers"] if lora_layers else 0,
         **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
            else {}),
+        vaes=extra_vaes(loaded),
         controlnets=tuple(ServedControlNet(name=label, model=names.sd_model(name), sha256=artifacts[name]["sha256"],
                                            ensemble=names.controlnet_ensemble(index) if has_ensemble(specs, name)
                                            else "")
@@ -208,6 +214,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads,
                                options.step_queue_delay_us, options.triton_backend, options.device)
     remove_stale(repository, "sd_*control*", {c.name for c in configs})
+    remove_stale(repository, "sd_vae_*_*", {c.name for c in configs})  # an earlier build's extra VAEs
     write_models(configs, repository)
     loaded.tokenizer.save_pretrained(str(repository / names.SD_TOKENIZER / "1" / "tokenizer"))
 

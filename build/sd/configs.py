@@ -95,17 +95,27 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
                                                                 "token_vectors": "token_vectors"}
                                         | {t.name: t.name for t in lora},
                                         {"last_hidden_state": "embeddings"}))),
-        ModelConfig(name=names.SD_VAE_DECODE, backend=None, platform="ensemble", max_batch_size=decoder.max_batch_size,
-                    inputs=(Tensor("latent", "FP32", decoder.inputs[0].triton_tensor().dims),), outputs=(images,),
-                    steps=(EnsembleStep(names.SD_VAE_DECODER, {"latent": "latent"}, {"image": "decoded"}),
-                           EnsembleStep(names.SD_VAE_POSTPROCESS, {"decoded": "decoded"}, {"image": "image"}))),
-        ModelConfig(name=names.SD_VAE_ENCODE, backend=None, platform="ensemble", max_batch_size=encoder.max_batch_size,
-                    inputs=(image_bytes, size),
-                    outputs=(Tensor("moments", "FP32", encoder.outputs[0].triton_tensor().dims),),
-                    steps=(EnsembleStep(names.SD_IMAGE_PREPROCESS, {"image": "image", "size": "size"},
-                                        {"pixels": "pixels"}),
-                           EnsembleStep(names.SD_VAE_ENCODER, {"image": "pixels"}, {"moments": "moments"}))),
     ]
+
+    def vae_models(suffix: str) -> list[ModelConfig]:
+        """A VAE's decode and encode ensembles (the checkpoint's own, suffix "", or the build's extra VAEs)."""
+        models = names.vae_models(suffix)
+        return [
+            ModelConfig(name=models["decode"], backend=None, platform="ensemble", max_batch_size=decoder.max_batch_size,
+                        inputs=(Tensor("latent", "FP32", decoder.inputs[0].triton_tensor().dims),), outputs=(images,),
+                        steps=(EnsembleStep(models["decoder"], {"latent": "latent"}, {"image": "decoded"}),
+                               EnsembleStep(names.SD_VAE_POSTPROCESS, {"decoded": "decoded"}, {"image": "image"}))),
+            ModelConfig(name=models["encode"], backend=None, platform="ensemble", max_batch_size=encoder.max_batch_size,
+                        inputs=(image_bytes, size),
+                        outputs=(Tensor("moments", "FP32", encoder.outputs[0].triton_tensor().dims),),
+                        steps=(EnsembleStep(names.SD_IMAGE_PREPROCESS, {"image": "image", "size": "size"},
+                                            {"pixels": "pixels"}),
+                               EnsembleStep(models["encoder"], {"image": "pixels"}, {"moments": "moments"})))]
+
+    configs += vae_models("")
+    for served_vae in contract.vaes:
+        configs += [runtime_model("vae_decoder" + served_vae.suffix), runtime_model("vae_encoder" + served_vae.suffix),
+                    *vae_models(served_vae.suffix)]
     controls = controlnet_components(specs)
     if controls:
         configs.append(runtime_model("unet_control"))

@@ -95,6 +95,9 @@ def export_modules(loaded) -> dict[str, Callable]:
     }
     for index, control in enumerate(loaded.controlnets.values()):
         modules[controlnet_component(index)] = ControlNet(control)
+    for index, extra in enumerate(getattr(loaded, "vaes", {}).values()):  # kiln.contract.ServedVAE's suffixes
+        modules[f"vae_decoder_{index + 2}"], modules[f"vae_encoder_{index + 2}"] = \
+            VaeDecoder(extra.model), VaeEncoder(extra.model)
     return {name: module.eval() for name, module in modules.items()}
 
 

@@ -112,9 +112,9 @@ def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module,
     config = unet.config
     attention_up = {i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind}
     out = {UNET_PREFIX + unet_key(k, config.layers_per_block, attention_up): v for k, v in unet.state_dict().items()}
-    for name, tensor in vae.state_dict().items():
-        key, is_projection = vae_key(name, len(vae.config.up_block_types))
-        out[VAE_PREFIX + key] = tensor[:, :, None, None] if is_projection and tensor.ndim == 2 else tensor
+    from build.sd.vae import vae_ldm_state_dict
+
+    out |= {VAE_PREFIX + key: tensor for key, tensor in vae_ldm_state_dict(vae).items()}
     for name, tensor in text_encoder.state_dict().items():  # transformers >= 5.6 drops the text_model. level
         out[TEXT_PREFIX + (name if name.startswith("text_model.") else "text_model." + name)] = tensor
     return out

@@ -9,10 +9,10 @@ of different requests can share one batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from build.specs import ComponentSpec, TensorSpec, Tolerance
-from kiln.contract import controlnet_component
+from kiln.contract import ServedVAE, controlnet_component
 from kiln.errors import ExportError
 from kiln.prompts import CHUNK_TOKENS, MAX_CHUNKS, token_vector_id
 
@@ -98,6 +98,9 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
             outputs=(TensorSpec("image", "FP32", ("batch", vae_cfg.out_channels, "height", "width")),),
             profile=batch | image_axes | latent_axes, tolerances=FP32_TOLERANCE, reference_output="image"),
     }
+    for served in extra_vaes(loaded):  # the same architecture, other weights: the same interface
+        for part in ("vae_decoder", "vae_encoder"):
+            specs[part + served.suffix] = replace(specs[part], name=part + served.suffix)
     for index, (label, control) in enumerate(loaded.controlnets.items()):
         _check_controlnet_fits(label, control, loaded.unet, scale)
         control_sample = TensorSpec("sample", "FP32", ("batch", control.config.in_channels, "latent_height",
@@ -179,6 +182,12 @@ def axis_sizes(loaded, *, batch: int = 2, height: int = 64, width: int = 64, chu
     return {"batch": batch, "height": height, "width": width, "latent_height": height // scale,
             "latent_width": width // scale, "sequence": loaded.text_encoder.config.max_position_embeddings * chunks,
             "vectors": vectors}
+
+
+def extra_vaes(loaded) -> tuple:
+    """The build's VAEs besides the checkpoint's own, as the contract lists them (suffixes _2, _3, ...)."""
+    return tuple(ServedVAE(name, f"_{index + 2}", extra.sha256)
+                 for index, (name, extra) in enumerate(getattr(loaded, "vaes", {}).items()))
 
 
 def controlnet_components(specs) -> list[str]:

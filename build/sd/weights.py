@@ -13,7 +13,7 @@ import gzip
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -222,6 +222,7 @@ class LoadedSD:
     controlnets: dict[str, torch.nn.Module]  # by name, in the order given; the first is the default
     source: str
     random: bool
+    vaes: dict = field(default_factory=dict)  # more VAEs (build.sd.vae.ExtraVAE) by name, in the order given
 
     @property
     def controlnet(self) -> torch.nn.Module | None:

@@ -1,5 +1,5 @@
-"""`kiln weights sd|vit|embedding|lora`: seeded random checkpoints of the real architectures (and a textual-inversion
-embedding and a LoRA for them), written as a user's would be."""
+"""`kiln weights sd|vit|embedding|lora|vae`: seeded random checkpoints of the real architectures (and a
+textual-inversion embedding, a LoRA and another VAE for them), written as a user's would be."""
 
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ def add_parser(commands) -> None:
     lora.add_argument("--unet-only", action="store_true", help="no text encoder layers")
     lora.add_argument("--seed", type=int, default=0)
     lora.set_defaults(run=run_lora)
+    vae = targets.add_parser("vae", help="an SD VAE as AUTOMATIC1111's VAE files are (original layout, .safetensors); "
+                                         "kiln build sd --vae serves it as sd_vae NAME, its file's name")
+    size = vae.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tiny", type=Path, metavar="OUT.safetensors", help="for `kiln weights sd --tiny`")
+    size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help="for SD 1.5's architecture")
+    vae.add_argument("--seed", type=int, default=7)
+    vae.set_defaults(run=run_vae)
 
 
 def run_sd(args) -> int:
@@ -99,4 +106,14 @@ def run_lora(args) -> int:
     layers = len([k for k in tensors if k.endswith(".alpha")])
     print(f"wrote {out}: {layers} seeded random layers (seed {args.seed}, rank {args.rank}, alpha {args.alpha}) in "
           f"kohya's layout; a prompt uses it as <lora:{out.stem}:1>")
+    return 0
+
+
+def run_vae(args) -> int:
+    from build.sd.vae import random_vae, write_vae_file
+
+    out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+    write_vae_file(random_vae(size, args.seed), out)
+    print(f"wrote {out}: a seeded random VAE (seed {args.seed}) in the original layout; `kiln build sd --vae {out}` "
+          f"serves it as sd_vae {out.name!r}")
     return 0

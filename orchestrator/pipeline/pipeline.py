@@ -73,6 +73,7 @@ class Pipeline:
     def check(self, request: Txt2ImgRequest) -> None:
         """Raise an InputError naming the bad field before any model runs."""
         check_request(request, self.contract, self.limits)
+        self.components.vae_for(request.vae)
         self.lora_set(request.prompt)
         if request.hires is not None and request.hires.prompt is not None:
             self.lora_set(request.hires.prompt)
@@ -119,9 +120,10 @@ class Pipeline:
         """
         import torch
 
-        # 1. Check inputs.
+        # 1. Check inputs. The request's VAE (AUTOMATIC1111's sd_vae) stands in for the checkpoint's everywhere.
         self.check(request)
-        contract, components = self.contract, self.components
+        contract = self.contract
+        components = replace(self.components, vae=self.components.vae_for(request.vae))
         init = isinstance(request, Img2ImgRequest)
         if init and request.sd_upscale is not None:
             return sd_upscale(lambda inner, tile_progress: self.generate(inner, tile_progress, cancelled,
@@ -188,7 +190,7 @@ class Pipeline:
             if second is not None and stopped_at is None:
                 latents, stopped_at = self._hires_pass(request, latents, (context, prompt, loras), seeds, variation,
                                                        second, _counting(progress, len(timesteps), steps_total),
-                                                       cancelled, stop_early, unet_call)
+                                                       cancelled, stop_early, unet_call, components.vae)
                 stopped_at = None if stopped_at is None else len(timesteps) + stopped_at
 
         # 8. Decode; AUTOMATIC1111 pastes the original back outside the mask.
@@ -253,7 +255,7 @@ class Pipeline:
         return latents, None
 
     def _hires_pass(self, request: Txt2ImgRequest, latents: torch.Tensor, first: tuple, seeds: list[int],
-                    variation, second: tuple, progress, cancelled, stop_early, unet_call: UNetCall) -> tuple:
+                    variation, second: tuple, progress, cancelled, stop_early, unet_call: UNetCall, vae) -> tuple:
         """The hires fix after the first pass (`first`: its context, prompt text and LoRA set): upscale (latents, or
         the decoded image encoded again), fresh noise from the same seeds at the new size, and the second pass's
         steps (orchestrator.pipeline.hires). hr_prompt's LoRA tags apply to the second pass, as AUTOMATIC1111's."""
@@ -267,9 +269,8 @@ class Pipeline:
         if fix.upscaler in hires.LATENT_MODES:
             latents = hires.upscale_latents(latents, fix, planned, contract.vae_scale_factor)
         else:
-            pixels = hires.upscale_images(self.components.vae.decode(latents.numpy()), fix, planned,
-                                          self.limits.max_image_pixels)
-            moments = torch.from_numpy(self.components.vae.encode_pixels(pixels))
+            pixels = hires.upscale_images(vae.decode(latents.numpy()), fix, planned, self.limits.max_image_pixels)
+            moments = torch.from_numpy(vae.encode_pixels(pixels))
             latents = hires.truncate(sample_latents(moments, fresh, contract.scaling_factor), planned)
         scheduler, timesteps = second
         drawn = noise(tuple(latents.shape), generator, variation)
@@ -296,6 +297,8 @@ class Pipeline:
                 "model_hash": contract.model_hash or None}
         if request.clip_skip != 1:
             info["clip_skip"] = request.clip_skip
+        if (vae := contract.vae(request.vae)) is not None:  # AUTOMATIC1111 names a chosen VAE in the infotext
+            info |= {"vae": vae.name, "vae_hash": vae.short_hash or None}
         hashes = [self.lora_set(request.prompt)[1].hashes]
         if request.hires is not None and request.hires.prompt is not None:
             hashes.append(self.lora_set(request.hires.prompt)[1].hashes)

@@ -52,7 +52,8 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
                 "control_net_no_detectmap": bool}
 ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta
 # what one request's override_settings can change
-APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap")
+APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
+                     "sd_vae")
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
 
 
@@ -193,11 +194,15 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     eta = body.eta if body.eta is not None else float(body.override_settings.get("eta_ddim", options["eta_ddim"]))
     _check_eta(body)
     clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
+    vae = body.override_settings.get("sd_vae", options["sd_vae"])
+    if not isinstance(vae, str):
+        raise InputError("override_settings.sd_vae must be a string: a VAE's name, Automatic or None")
+    contract.vae(vae)  # an unknown VAE: a 422 listing the build's
     if body.disable_extra_networks:  # AUTOMATIC1111 takes the tags out of the prompts and runs none of them
         body = body.model_copy(update={name: EXTRA_NETWORK.sub("", getattr(body, name))
                                        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")})
     prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
-    fields = dict(clip_skip=clip_skip, prompt=prompt, negative_prompt=negative, steps=body.steps,
+    fields = dict(clip_skip=clip_skip, vae=vae, prompt=prompt, negative_prompt=negative, steps=body.steps,
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength, s_churn=body.s_churn, s_tmin=body.s_tmin,
@@ -361,6 +366,8 @@ def updated_options(options: dict, body: dict[str, Any], contract: SDContract | 
                 raise InputError(f"option {key} must be a {kind.__name__}")
         if key == "sd_model_checkpoint" and contract is not None:
             check_checkpoint(value, contract, "sd_model_checkpoint")
+        if key == "sd_vae" and contract is not None:
+            contract.vae(value)
         if key == "CLIP_stop_at_last_layers" and contract is not None and \
                 not 1 <= value <= max(1, contract.clip_skip_layers):
             raise InputError(f"option CLIP_stop_at_last_layers must be 1 to {max(1, contract.clip_skip_layers)} "

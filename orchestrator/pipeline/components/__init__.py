@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from kiln.contract import SDContract, ServedControlNet
+from kiln.errors import InputError
 from kiln.lora import LoraLibrary
 
 
@@ -72,6 +73,16 @@ class Components:
     controlnets: Mapping[str, ControlNet] = field(default_factory=dict)  # by name, in build order
     close: Callable[[], None] | None = None  # releases what the components hold (shared-memory regions)
     loras: LoraLibrary | None = None  # the LoRA files prompts may name (headers: the models read the weights)
+    vaes: Mapping[str, VAE] = field(default_factory=dict)  # the build's other VAEs by name (contract.vaes)
+
+    def vae_for(self, name: str | None) -> VAE:
+        """The VAE AUTOMATIC1111's sd_vae names (None, Automatic, None: the checkpoint's); InputError for another."""
+        served = self.contract.vae(name)
+        if served is None:
+            return self.vae
+        if served.name not in self.vaes:
+            raise InputError(f"sd_vae: {served.name} is not served by these components")
+        return self.vaes[served.name]
 
     def controlnet(self, model: str | None) -> ControlNet:
         """The ControlNet a unit names (its name or title; None: the first); InputError for an unknown one."""

@@ -30,7 +30,8 @@ def components_in(repository: Path, contract: SDContract | None = None) -> list[
     """The SD components a repository serves: txt2img's, then the VAE encoder and ControlNet ones where built."""
     contract = contract or read_sd_contract(repository)
     optional = ["vae_encoder"] + (["unet_control"] + [c.component for c in contract.controlnets]
-                                  if contract.controlnets else [])
+                                  if contract.controlnets else []) + \
+        [f"vae_{part}{v.suffix}" for v in contract.vaes for part in ("decoder", "encoder")]
     return [*REQUIRED, *(c for c in optional if (Path(repository) / names.sd_model(c) / "config.pbtxt").exists())]
 
 
@@ -159,7 +160,8 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
     controlnets = {c.name: LocalControlNet(c, runners[c.component]) for c in contract.controlnets
                    if c.component in runners and "unet_control" in runners}
     # The contract describes what these components can run: a ControlNet without its runner is not served here.
-    contract = replace(contract, controlnets=tuple(c for c in contract.controlnets if c.name in controlnets))
+    contract = replace(contract, controlnets=tuple(c for c in contract.controlnets if c.name in controlnets),
+                       vaes=tuple(v for v in contract.vaes if f"vae_decoder{v.suffix}" in runners))
     tokenizer = load_tokenizer(Path(repository) / names.SD_TOKENIZER / "1" / "tokenizer")
     return Components(
         contract=contract,
@@ -168,4 +170,6 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
         unet=LocalGraph(names.SD_UNET, runners["unet"]),
         vae=LocalVAE(runners["vae_decoder"], runners.get("vae_encoder")),
         unet_control=LocalGraph(names.SD_UNET_CONTROL, runners["unet_control"]) if "unet_control" in runners else None,
-        controlnets=controlnets, loras=loras)
+        controlnets=controlnets, loras=loras,
+        vaes={v.name: LocalVAE(runners[f"vae_decoder{v.suffix}"], runners.get(f"vae_encoder{v.suffix}"))
+              for v in contract.vaes if f"vae_decoder{v.suffix}" in runners})

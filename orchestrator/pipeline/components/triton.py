@@ -85,12 +85,13 @@ class TritonTextEncoder:
 
 
 class TritonVAE:
-    def __init__(self, client: TritonClient) -> None:
+    def __init__(self, client: TritonClient, suffix: str = "") -> None:
         self.client = client
+        self.models = names.vae_models(suffix)  # the checkpoint's VAE (""), or one of the build's others
 
     def encode_image(self, data: bytes, width: int, height: int) -> np.ndarray:
         try:
-            out = self.client.infer(names.SD_VAE_ENCODE, {"image": np.array([[data]], dtype=object),
+            out = self.client.infer(self.models["encode"], {"image": np.array([[data]], dtype=object),
                                                           "size": np.array([[height, width]], dtype=np.int32)},
                                     ["moments"])
         except InputError as exc:
@@ -98,11 +99,11 @@ class TritonVAE:
         return np.array(out["moments"])  # a writable copy: torch refuses read-only buffers
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        out = self.client.infer(names.SD_VAE_ENCODER, {"image": np.asarray(pixels, dtype=np.float32)}, ["moments"])
+        out = self.client.infer(self.models["encoder"], {"image": np.asarray(pixels, dtype=np.float32)}, ["moments"])
         return np.array(out["moments"])
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self.client.infer(names.SD_VAE_DECODE, {"latent": np.asarray(latents, dtype=np.float32)},
+        return self.client.infer(self.models["decode"], {"latent": np.asarray(latents, dtype=np.float32)},
                                  ["image"])["image"]
 
 
@@ -151,4 +152,5 @@ def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str 
                       unet=TritonGraph(client, names.SD_UNET, batch, out_channels=channels), vae=TritonVAE(client),
                       unet_control=TritonGraph(client, names.SD_UNET_CONTROL, batch, out_channels=channels)
                       if controlnets else None,
-                      controlnets=controlnets, close=client.close, loras=loras)
+                      controlnets=controlnets, close=client.close, loras=loras,
+                      vaes={v.name: TritonVAE(client, v.suffix) for v in contract.vaes})

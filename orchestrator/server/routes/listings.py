@@ -1,7 +1,7 @@
 """The listing routes AUTOMATIC1111's clients call when they connect, answered truthfully in AUTOMATIC1111's shapes
 (modules/api/models.py): what kiln serves (the upscalers of kiln.upscale, the textual-inversion embeddings of
-kiln serve --embeddings, the LoRA files of --loras, the styles), and an empty list where it has none (VAEs,
-hypernetworks, face restorers, extensions). The refresh routes answer as AUTOMATIC1111 does (null); embeddings and
+kiln serve --embeddings, the LoRA files of --loras, the build's VAEs, the styles), and an empty list where it has
+none (hypernetworks, face restorers, extensions). The refresh routes answer as AUTOMATIC1111 does (null); embeddings and
 LoRAs read their folders again. sd-webui-controlnet's version and settings too."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from orchestrator.server.generation import engine, pipeline
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 controlnet = APIRouter(prefix="/controlnet", tags=["controlnet"])
 CONTROLNET_API_VERSION = 2  # sd-webui-controlnet's /controlnet/version: the API generation kiln's units follow
-EMPTY = ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models",
+EMPTY = ("hypernetworks", "face-restorers", "realesrgan-models",
          "extensions")  # kiln has none of these yet: an empty list, never an invented entry
 
 
@@ -65,6 +65,17 @@ async def embeddings(request: Request) -> dict:
 async def refresh_embeddings(request: Request) -> None:
     """Read the embeddings folder again now (it is also read again whenever a file is added, removed or renamed)."""
     await run_in_threadpool(request.app.state.embeddings.refresh)
+
+
+@router.get("/sd-vae")
+async def sd_vae(request: Request) -> list[dict]:
+    """The build's VAEs besides the checkpoint's own (kiln build sd --vae), in AUTOMATIC1111's shape: model_name is
+    what sd_vae takes (options, override_settings); "Automatic" and "None" are the checkpoint's own."""
+    from kiln.contract import vae_models
+
+    served = await pipeline(request)
+    return [{"model_name": vae.name, "filename": f"triton://{vae_models(vae.suffix)['decoder']}/{vae.name}"}
+            for vae in served.contract.vaes]
 
 
 @router.get("/loras")
@@ -115,7 +126,7 @@ def _refresh(name: str) -> None:
         return None
 
 
-for _name in ("refresh-checkpoints", "refresh-vae"):
+for _name in ("refresh-checkpoints", "refresh-vae"):  # the build's: nothing to read again while it serves
     _refresh(_name)
 
 
