@@ -120,8 +120,8 @@ async def get_options(request: Request):
 
 @router.post("/options")
 async def set_options(request: Request, body: dict[str, Any]):
-    # The served build is needed before a checkpoint, a clip skip or a VAE can be checked against it (503 while Triton is
-    # away).
+    # The served build is needed before a checkpoint, a clip skip or a VAE can be checked against it (503 while
+    # Triton is away).
     contract = (await pipeline(request)).contract \
         if {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"} & set(body) else None
     request.app.state.options.update(a1111.updated_options(request.app.state.options, body, contract))
