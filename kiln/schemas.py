@@ -14,7 +14,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-STRICT = ConfigDict(allow_inf_nan=False, extra="ignore")
+# A field this server does not know is refused by name (it would otherwise be ignored without a word)
+STRICT = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+
+# sd-webui-controlnet's fields kiln runs at their defaults only (the values clients send for "not used")
+UNIT_DEFAULTS: dict[str, tuple] = {
+    "input_mode": ("simple", "SIMPLE", 0), "use_preview_as_input": (False,), "generated_image": (None,),
+    "batch_image_dir": ("", None), "batch_mask_dir": ("", None), "batch_input_gallery": (None, []),
+    "batch_mask_gallery": (None, []), "batch_image_files": (None, []), "batch_keyframe_idx": (None, ""),
+    "batch_modifiers": (None, []), "animatediff_batch": (False,), "image_fg": (None,), "mask_image_fg": (None,),
+    "advanced_weighting": (None,), "effective_region_mask": (None,), "pulid_mode": ("Fidelity",),
+    "union_control_type": ("Unknown",), "ipadapter_input": (None,), "inpaint_crop_input_image": (False,)}
 
 
 class ControlNetUnitArgs(BaseModel):
@@ -43,12 +54,39 @@ class ControlNetUnitArgs(BaseModel):
     guessmode: bool = False
     save_detected_map: bool = True  # the unit's detected map follows the response's images (unless false)
     hr_option: Any = "Both"  # with the hires fix: the unit acts in both passes ("Both"); the others are refused
+    is_ui: bool = False  # whether the unit came from the extension's UI: nothing for an API request to change
+    # The extension's newer fields, each at its default or refused (UNIT_DEFAULTS): batch and merge inputs, the
+    # preview as input, foreground images, per-layer weights, region masks, PuLID, ControlNet-Union types, IP-Adapter
+    # inputs, AnimateDiff batches, the inpaint crop of the control image
+    input_mode: Any = "simple"
+    use_preview_as_input: Any = False
+    generated_image: Any = None
+    batch_image_dir: Any = ""
+    batch_mask_dir: Any = ""
+    batch_input_gallery: Any = None
+    batch_mask_gallery: Any = None
+    batch_image_files: Any = None
+    batch_keyframe_idx: Any = None
+    batch_modifiers: Any = None
+    animatediff_batch: Any = False
+    image_fg: Any = None
+    mask_image_fg: Any = None
+    advanced_weighting: Any = None
+    effective_region_mask: Any = None
+    pulid_mode: Any = "Fidelity"
+    union_control_type: Any = "Unknown"
+    ipadapter_input: Any = None
+    inpaint_crop_input_image: Any = False
 
     @model_validator(mode="after")
     def _unsupported(self):
         for name in ("mask", "mask_image", "guess_mode", "guessmode"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not supported by this server")
+        for name, defaults in UNIT_DEFAULTS.items():
+            if getattr(self, name) not in defaults:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not supported by this server (it runs "
+                                 f"{defaults[0]!r})")
         if self.hr_option not in ("Both", "both", 0, None):
             raise ValueError(f"hr_option {self.hr_option!r} is not supported by this server: with the hires fix a "
                              "unit acts in both passes (Both)")
@@ -118,6 +156,10 @@ class Txt2ImgBody(BaseModel):
     firstpass_image: str | None = None  # hires fix from a given first pass: refused
     comments: dict[str, Any] | None = None  # AUTOMATIC1111 discards a request's own: refused unless empty
     infotext: str | None = None  # AUTOMATIC1111 1.8+ fills the request from an infotext: refused
+    # AUTOMATIC1111 1.10's (Forge's) modules for the hires pass: "Use same choices" (its default) only
+    hr_additional_modules: list[str] | None = None
+    # SD.Next's top-level clip skip (its CLIP_stop_at_last_layers): a whole number of layers, 1 the last
+    clip_skip: float | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -128,7 +170,10 @@ class Txt2ImgBody(BaseModel):
                   "s_min_uncond": self.s_min_uncond != 0,
                   "refiner_checkpoint": self.refiner_checkpoint not in (None, "", "None"),
                   "refiner_switch_at": self.refiner_checkpoint not in (None, "", "None")
-                  and self.refiner_switch_at is not None}
+                  and self.refiner_switch_at is not None,
+                  "hr_additional_modules": self.hr_additional_modules not in (None, [], ["Use same choices"]),
+                  "a fractional clip_skip (SD.Next's interpolation between layers)":
+                      self.clip_skip is not None and self.clip_skip != int(self.clip_skip)}
         for name, value in refuse.items():
             if value:
                 raise ValueError(f"{name} is not supported by this server")

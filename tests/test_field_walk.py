@@ -40,14 +40,27 @@ API_FIELDS = ("force_task_id", "sampler_index", "script_name", "script_args", "s
 TXT2IMG_FIELDS = PROCESSING_FIELDS + (
     "enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
     "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
-    "hr_negative_prompt") + API_FIELDS
+    "hr_negative_prompt", "hr_additional_modules") + API_FIELDS
 IMG2IMG_FIELDS = PROCESSING_FIELDS + (
     "init_images", "resize_mode", "image_cfg_scale", "mask", "mask_blur_x", "mask_blur_y", "mask_blur", "mask_round",
     "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
     "initial_noise_multiplier", "latent_mask", "include_init_images") + API_FIELDS
 UNIT_FIELDS = ("enabled", "image", "input_image", "mask", "mask_image", "module", "model", "weight", "resize_mode",
                "low_vram", "lowvram", "processor_res", "threshold_a", "threshold_b", "guidance_start", "guidance_end",
-               "pixel_perfect", "control_mode", "guess_mode", "guessmode", "hr_option", "save_detected_map")
+               "pixel_perfect", "control_mode", "guess_mode", "guessmode", "hr_option", "save_detected_map", "is_ui",
+               # the extension's newer fields (v1.1.4xx)
+               "input_mode", "use_preview_as_input", "generated_image", "batch_image_dir", "batch_mask_dir",
+               "batch_input_gallery", "batch_mask_gallery", "batch_image_files", "batch_keyframe_idx",
+               "batch_modifiers", "animatediff_batch", "image_fg", "mask_image_fg", "advanced_weighting",
+               "effective_region_mask", "pulid_mode", "union_control_type", "ipadapter_input",
+               "inpaint_crop_input_image")
+# what each of those newer fields is sent as when a client uses it (kiln runs none of them: each is refused)
+NEWER_UNIT_VALUES = {"input_mode": "batch", "use_preview_as_input": True, "generated_image": "x",
+                     "batch_image_dir": "/in", "batch_mask_dir": "/masks", "batch_input_gallery": ["x"],
+                     "batch_mask_gallery": ["x"], "batch_image_files": ["a.png"], "batch_keyframe_idx": "0,5",
+                     "batch_modifiers": ["x"], "animatediff_batch": True, "image_fg": "x", "mask_image_fg": "x",
+                     "advanced_weighting": [1.0] * 13, "effective_region_mask": "x", "pulid_mode": "Style",
+                     "union_control_type": "Canny", "ipadapter_input": ["x"], "inpaint_crop_input_image": True}
 
 BASE = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 2, "sampler_name": "Euler",
         "cfg_scale": 7.5, "seed": 5, "width": 64, "height": 64}
@@ -136,6 +149,12 @@ TXT2IMG = {
                      HIRES | {"hr_sampler_name": "DPM++ 2M"}, "image"),
     "hr_prompt": (HIRES | {"hr_prompt": "a red dog"}, HIRES, "image"),
     "hr_negative_prompt": (HIRES | {"hr_negative_prompt": "dark"}, HIRES, "image"),
+    "hr_additional_modules": (HIRES | {"hr_additional_modules": ["ae.safetensors"]}, HIRES,
+                              ("refused", 422, "hr_additional_modules")),
+    "hr_additional_modules (its default)": (HIRES | {"hr_additional_modules": ["Use same choices"]}, HIRES,
+                                            "same_image"),
+    "clip_skip (SD.Next's)": ({"clip_skip": 2}, {}, "image"),
+    "clip_skip 1.5 (SD.Next's interpolation)": ({"clip_skip": 1.5}, {}, ("refused", 422, "fractional clip_skip")),
     "force_task_id": ({"force_task_id": "task(walk)"}, {}, "names_the_task"),
     "sampler_index": ({"sampler_index": "DDIM", "sampler_name": None}, {}, "image"),
     "script_name": ({"script_name": "sd upscale"}, {}, ("refused", 422, "script_name")),
@@ -194,7 +213,8 @@ UNIT = {
     "guessmode": (unit(guessmode=True), {}, ("refused", 422, "guessmode")),
     "hr_option": (HIRES | unit(hr_option="Low res only"), {}, ("refused", 422, "hr_option")),
     "save_detected_map": (unit(save_detected_map=False), {}, 1),  # the image alone; with it, its map after it
-}
+    "is_ui": (unit(is_ui=True), unit(), "same_image"),  # where the unit came from: nothing to honour
+} | {name: (unit(**{name: value}), {}, ("refused", 422, name)) for name, value in NEWER_UNIT_VALUES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +292,16 @@ def test_img2img_field(walk_api, field):
 @pytest.mark.parametrize("field", list(UNIT))
 def test_controlnet_unit_field(walk_api, field):
     _check(walk_api, "txt2img", BASE, *UNIT[field])
+
+
+def test_a_field_this_server_does_not_have_is_refused_by_name(walk_api):
+    client, _ = walk_api
+    for route, body, name in (("txt2img", BASE | {"tile_size": 64}, "tile_size"),
+                              ("img2img", BASE | {"init_images": [INIT], "inpaint_mode": 1}, "inpaint_mode"),
+                              ("txt2img", BASE | unit(effective_mask=1), "effective_mask")):
+        response = client.post(f"/sdapi/v1/{route}", json=body)
+        assert response.status_code == 422 and name in response.text and "not a field this server has" in \
+            response.text, response.text
 
 
 def test_the_walk_can_fail(walk_api):

@@ -194,6 +194,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     eta = body.eta if body.eta is not None else float(body.override_settings.get("eta_ddim", options["eta_ddim"]))
     _check_eta(body)
     clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
+    if body.clip_skip is not None:  # SD.Next's own field
+        clip_skip = int(body.clip_skip)
     vae = body.override_settings.get("sd_vae", options["sd_vae"])
     if not isinstance(vae, str):
         raise InputError("override_settings.sd_vae must be a string: a VAE's name, Automatic or None")

@@ -47,8 +47,14 @@ def short(exc: Exception) -> str:
     """A pydantic validation error as "field: message; ..." (names the fields, never echoes values)."""
     errors = getattr(exc, "errors", None)
     if callable(errors):
-        return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors())
+        return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {_message(e)}" for e in errors())
     return type(exc).__name__
+
+
+def _message(error: dict) -> str:
+    if error.get("type") == "extra_forbidden":  # schemas.STRICT: a field kiln does not read is refused, not ignored
+        return "not a field this server has (it would be ignored); remove it"
+    return error.get("msg", "")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -62,7 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
-        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
+        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": _message(e), "type": e.get("type", "")}
                   for e in exc.errors()]
         detail = "; ".join(f"{'.'.join(e['loc'][1:]) or e['loc'][0] if e['loc'] else 'body'}: {e['msg']}"
                            for e in errors)
