@@ -579,9 +579,14 @@ def test_include_init_images_echoes_them_in_parameters(client):
 def test_automatic1111_clients_defaults_are_accepted(client):
     """What sdwebuiapi and AUTOMATIC1111's own UI send by default for the fields kiln refuses otherwise."""
     defaults = {"s_churn": 0, "s_tmin": 0, "s_tmax": 0, "s_noise": 1, "s_min_uncond": 0, "refiner_checkpoint": None,
-                "refiner_switch_at": None, "initial_noise_multiplier": None, "save_images": False,
-                "image_cfg_scale": 1.5}
+                "refiner_switch_at": None, "initial_noise_multiplier": None, "save_images": False}
     assert client.post("/sdapi/v1/txt2img", json=TXT | defaults | {"steps": 1}).status_code == 200
+    init = {"init_images": [base64.b64encode(encode(Image.new("RGB", (64, 64), (90, 120, 200)))).decode()]}
+    img2img = client.post("/sdapi/v1/img2img", json=TXT | defaults | init | {"steps": 1, "image_cfg_scale": 1.5})
+    assert img2img.status_code == 200, img2img.text
+    # txt2img has no image_cfg_scale (img2img's field): sent there it is a field this server does not have
+    wrong = client.post("/sdapi/v1/txt2img", json=TXT | defaults | {"steps": 1, "image_cfg_scale": 1.5})
+    assert wrong.status_code == 422 and "image_cfg_scale: not a field this server has" in wrong.text, wrong.text
 
 
 def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(client):
