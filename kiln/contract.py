@@ -47,6 +47,9 @@ def controlnet_component(index: int) -> str:
     return "controlnet" if index == 0 else f"controlnet_{index + 1}"
 
 
+TILING = "_tiling"  # the suffix of the seamless models (sd_unet_tiling, sd_vae_decoder_tiling, ...; SDContract.tiling)
+
+
 def vae_models(suffix: str = "") -> dict[str, str]:
     """A VAE's Triton models: the checkpoint's own ("") or an extra VAE's (suffix "_2", "_3", ...)."""
     return {"decoder": SD_VAE_DECODER + suffix, "decode": SD_VAE_DECODE + suffix, "encoder": SD_VAE_ENCODER + suffix,
@@ -111,6 +114,8 @@ class SDContract:
     variant: str = "onnxruntime-fp32"  # what the served models run
     controlnets: tuple[ServedControlNet, ...] = ()  # in build order; the first is the default
     vaes: tuple[ServedVAE, ...] = ()  # VAEs a request may choose instead of the checkpoint's own (sd_vae)
+    # AUTOMATIC1111's tiling: the build serves the UNet and the VAE with circular padding too (the _tiling models)
+    tiling: bool = False
     max_prompt_chunks: int = 8  # 75-token chunks a prompt may have
     # Layers the text encoder serves for AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers 1..this); 0: a build
     # before clip skip, whose text encoder serves its last layer only
@@ -205,7 +210,7 @@ class SDContract:
             elif item.name == "scheduler_config":
                 values[item.name] = json.loads(text)
             else:
-                kind = {"int": int, "float": float}.get(str(item.type), str)
+                kind = {"int": int, "float": float, "bool": lambda text: text == "True"}.get(str(item.type), str)
                 values[item.name] = kind(text)
         try:
             return cls(**values)

@@ -39,6 +39,7 @@ def parameters_text(info: dict) -> str:
               ("Clip skip", info.get("clip_skip")),
               ("Lora hashes", quote(info.get("lora_hashes"))),
               ("VAE hash", info.get("vae_hash")), ("VAE", quote(info.get("vae"))),
+              ("Tiling", info.get("tiling")),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Denoising strength", info.get("denoising_strength")),
               ("Noise multiplier", info.get("noise_multiplier")),

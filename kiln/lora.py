@@ -124,7 +124,7 @@ class LoraSet:
     hashes: str = ""  # AUTOMATIC1111's infotext "Lora hashes": "name: short hash, ..." (kohya's addnet hash)
 
     def spec(self, component: str) -> str:
-        return self.specs.get("unet" if component == "unet_control" else component, "")
+        return self.specs.get("unet" if component.startswith("unet") else component, "")  # unet_control, _tiling
 
 
 def encode_spec(entries: Iterable[tuple[str, float]]) -> str:

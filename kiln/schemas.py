@@ -115,7 +115,7 @@ class Txt2ImgBody(BaseModel):
     height: int = 512
     eta: float | None = None
     restore_faces: bool | None = None
-    tiling: bool | None = None
+    tiling: bool | None = None  # seamless images: the build's _tiling models (kiln build sd --tiling)
     enable_hr: bool = False  # the hires fix: the hr_* fields below shape its second pass
     denoising_strength: float | None = None  # txt2img: the hires pass's (None: AUTOMATIC1111's 0.75)
     firstphase_width: int = 0  # the pre-1.0 hires fix's first pass size: refused unless 0
@@ -164,7 +164,7 @@ class Txt2ImgBody(BaseModel):
     @model_validator(mode="after")
     def _unsupported(self):
         refuse = {"firstphase_width": self.firstphase_width, "firstphase_height": self.firstphase_height,
-                  "restore_faces": self.restore_faces, "tiling": self.tiling,
+                  "restore_faces": self.restore_faces,
                   "firstpass_image": self.firstpass_image, "comments": self.comments, "infotext": self.infotext,
                   "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
                   "s_min_uncond": self.s_min_uncond != 0,

@@ -99,7 +99,7 @@ def all_variants_repo(tmp_path_factory) -> tuple[Path, object]:
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory, sd_checkpoint, scribble, extra_vae, all_variants_repo) -> Path:
     """One repository: the tiny SD with two ControlNets ("controlnet", the default, and "scribble"), a second VAE
-    (extra_vae, sd_vae "anime-vae.safetensors"), and the ViT.
+    (extra_vae, sd_vae "anime-vae.safetensors"), the seamless UNet and VAE (tiling), and the ViT.
 
     The ViT's models are those of the all-variants build (linked, and its report section copied): the same
     random weights and the same served variant, ONNX Runtime fp32, without exporting it twice.
@@ -107,7 +107,7 @@ def model_repo(tmp_path_factory, sd_checkpoint, scribble, extra_vae, all_variant
     repo = tmp_path_factory.mktemp("repo") / "repo"
     build_sd(SDBuildOptions(weights=str(sd_checkpoint), repository=repo, images=IMAGES, progress=False,
                             controlnet=(str(sd_checkpoint / "controlnet"), f"scribble={scribble}"),
-                            vae=(str(extra_vae),)),
+                            vae=(str(extra_vae),), tiling=True),
              log=lambda _m: None)
     vit_build, _ = all_variants_repo
     vit_report = read_report(vit_build)["vit"]

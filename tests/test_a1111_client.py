@@ -52,8 +52,10 @@ def test_txt2img_with_its_defaults_lora_embeddings_and_the_hires_fix(client):
         == (64, 64)
     with pytest.raises(RuntimeError, match="no such LoRA"):  # webuiapi raises on a non-200 answer
         client.txt2img(prompt="a cat <lora:nope:1>", **SMALL)
-    with pytest.raises(RuntimeError, match="tiling"):  # what kiln cannot honour is a 422 naming it
-        client.txt2img(prompt="a cat", tiling=True, **SMALL)
+    seamless = client.txt2img(prompt="a photo of a cat", tiling=True, **SMALL)
+    assert not np.array_equal(_pixels(seamless), _pixels(plain)) and "Tiling: True" in seamless.info["infotexts"][0]
+    with pytest.raises(RuntimeError, match="restore_faces"):  # what kiln cannot honour is a 422 naming it
+        client.txt2img(prompt="a cat", restore_faces=True, **SMALL)
 
 
 def test_img2img_with_its_defaults(client):

@@ -113,7 +113,7 @@ TXT2IMG = {
     "width": ({"width": 96}, {}, (96, 64)),
     "height": ({"height": 96}, {}, (64, 96)),
     "restore_faces": ({"restore_faces": True}, {}, ("refused", 422, "restore_faces")),
-    "tiling": ({"tiling": True}, {}, ("refused", 422, "tiling")),
+    "tiling": ({"tiling": True}, {}, "image"),  # the build's seamless models (kiln build sd --tiling)
     "do_not_save_samples": ({"save_images": True, "do_not_save_samples": True}, {}, "saves_nothing"),
     "do_not_save_grid": ({"save_images": True, "batch_size": 2, "do_not_save_grid": True}, {}, "saves_no_grid"),
     "eta": ({"sampler_name": "DDIM", "eta": 0.8}, {"sampler_name": "DDIM"}, "image"),

@@ -76,8 +76,9 @@ def test_original_layout_files_read_into_the_checkpoints_architecture(tmp_path):
 def test_the_contract_names_the_vaes_and_round_trips():
     contract = SDContract(scheduler_config={}, vae_scale_factor=8, latent_channels=4, unet_in_channels=4,
                           scaling_factor=0.18215, min_size=64, max_size=128, size_multiple=8,
-                          vaes=(ServedVAE(NAME, "_2", "ab" * 32),))
+                          vaes=(ServedVAE(NAME, "_2", "ab" * 32),), tiling=True)
     assert SDContract.from_parameters(contract.to_parameters(), 16) == contract
+    assert not SDContract.from_parameters({**contract.to_parameters(), "tiling": "False"}, 16).tiling
     assert contract.vae(None) is None and contract.vae("Automatic") is None and contract.vae("None") is None
     assert contract.vae(NAME).suffix == "_2" and contract.vae("anime-vae").short_hash == "ab" * 5
     with pytest.raises(InputError, match=rf"unknown VAE 'nope'; this build serves: Automatic, None, {NAME}"):

@@ -38,7 +38,7 @@ from build.sd.specs import (
 )
 from build.torch_export import compile_packages, export_program
 from kiln import contract as names
-from kiln.contract import SDContract, ServedControlNet
+from kiln.contract import TILING, SDContract, ServedControlNet
 from kiln.errors import ConfigError, ExportError
 from kiln.paths import DEFAULT_REPOSITORY
 from kiln.prompts import MAX_CHUNKS
@@ -56,6 +56,7 @@ class SDBuildOptions:
     # ControlNets: PATH or NAME=PATH each (build.sd.weights.controlnet_sources); default: <weights>/controlnet
     controlnet: str | tuple[str, ...] | None = None
     vae: tuple[str, ...] = ()  # more VAEs requests may choose (sd_vae): PATH or NAME=PATH each (build.sd.vae)
+    tiling: bool = False  # also serve the UNet and the VAE with circular padding (AUTOMATIC1111's tiling)
     config: str | None = None  # a single file's architecture (a diffusers-format folder); default: SD 1.5's
     repository: Path = DEFAULT_REPOSITORY
     images: ImageRange = ImageRange()
@@ -95,6 +96,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     check_target(options.triton_backend, options.device, [SD_VARIANTS[k] for k in keys or (options.variant,)])
     loaded = load_sd(options.weights, options.controlnet, options.config)
     loaded.vaes = {name: load_vae(path, loaded.vae) for name, path in vae_sources(options.vae).items()}
+    loaded.tiling = options.tiling
     if loaded.random:
         log(f"!! RANDOM WEIGHTS: {options.weights} holds seeded random weights; images are noise-like, not art.")
     specs = sd_specs(loaded, options.images)
@@ -112,7 +114,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         options = replace(options, variant=chosen)
     controls = controlnet_components(specs)
     components = SERVED + (("unet_control", *controls) if controls else ()) + tuple(
-        f"vae_{part}{served.suffix}" for served in extra_vaes(loaded) for part in ("decoder", "encoder"))
+        f"vae_{part}{served.suffix}" for served in extra_vaes(loaded) for part in ("decoder", "encoder")) + \
+        (tuple(c + TILING for c in SERVED if c != "text_encoder") if options.tiling else ())
     variant = SD_VARIANTS[options.variant]
     variants = {c: variant if c in CALIBRATED else variant.uncalibrated() for c in components}
 
@@ -206,7 +209,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         lora_layers=artifacts["unet"]["lora"]["layers"] if lora_layers else 0,
         **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
            else {}),
-        vaes=extra_vaes(loaded),
+        vaes=extra_vaes(loaded), tiling=options.tiling,
         controlnets=tuple(ServedControlNet(name=label, model=names.sd_model(name), sha256=artifacts[name]["sha256"],
                                            ensemble=names.controlnet_ensemble(index) if has_ensemble(specs, name)
                                            else "")

@@ -11,9 +11,9 @@ from build.sd.specs import controlnet_components, has_ensemble
 from build.specs import ComponentSpec
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 from kiln import contract as names
-from kiln.contract import SDContract
+from kiln.contract import TILING, SDContract
 
-STEP_COMPONENTS = ("unet", "unet_control")  # with the ControlNets: what every denoising step calls
+STEP_COMPONENTS = ("unet", "unet_control", "unet" + TILING)  # with the ControlNets: what a denoising step calls
 
 
 def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, variants: Mapping[str, Variant],
@@ -113,9 +113,10 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
                                EnsembleStep(models["encoder"], {"image": "pixels"}, {"moments": "moments"})))]
 
     configs += vae_models("")
-    for served_vae in contract.vaes:
-        configs += [runtime_model("vae_decoder" + served_vae.suffix), runtime_model("vae_encoder" + served_vae.suffix),
-                    *vae_models(served_vae.suffix)]
+    for suffix in [v.suffix for v in contract.vaes] + ([TILING] if contract.tiling else []):
+        configs += [runtime_model("vae_decoder" + suffix), runtime_model("vae_encoder" + suffix), *vae_models(suffix)]
+    if contract.tiling:
+        configs.append(runtime_model("unet" + TILING))
     controls = controlnet_components(specs)
     if controls:
         configs.append(runtime_model("unet_control"))

@@ -8,7 +8,7 @@ from pathlib import Path
 from build import parity
 from build.convert import FP32, Variant, open_session
 from build.specs import ComponentSpec
-from kiln.contract import controlnet_component
+from kiln.contract import TILING, controlnet_component
 from kiln.errors import ExportError
 from kiln.prompts import token_vector_id
 
@@ -50,11 +50,28 @@ def export_modules(loaded) -> dict[str, Callable]:
             end = (ids if text.config.eos_token_id == 2 else ids == text.config.eos_token_id).int().argmax(-1)
             return text.final_layer_norm(layers[index, every]), text.final_layer_norm(hidden[every, end])
 
-    class UNet(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
+    class Tiling(torch.nn.Module):
+        """AUTOMATIC1111's tiling (seamless images): with `circular`, every Conv2d of the model pads circularly while
+        the wrapper runs (its sd_hijack.apply_circular), so the export traces circular pads; the model's own
+        padding is restored after, for the wrappers that share it."""
 
+        def __init__(self, model, circular: bool = False):
+            super().__init__()
+            self.model, self.circular = model, circular
+
+        def __call__(self, *args):
+            if not self.circular:
+                return super().__call__(*args)
+            convs = [m for m in self.model.modules() if isinstance(m, torch.nn.Conv2d)]
+            for conv in convs:
+                conv.padding_mode = "circular"
+            try:
+                return super().__call__(*args)
+            finally:
+                for conv in convs:
+                    conv.padding_mode = "zeros"
+
+    class UNet(Tiling):
         def forward(self, sample, timestep, encoder_hidden_states, *residuals):
             if residuals:
                 return self.model(sample, timestep, encoder_hidden_states, return_dict=False,
@@ -72,18 +89,13 @@ def export_modules(loaded) -> dict[str, Callable]:
             scale = conditioning_scale.reshape(-1, 1, 1, 1)  # per sample: requests with different scales share a batch
             return (*[d * scale for d in down], mid * scale)
 
-    class VaeEncoder(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
+    class VaeEncoder(Tiling):
         def forward(self, image):
             return self.model.encode(image).latent_dist.parameters
 
-    class VaeDecoder(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
+    class VaeDecoder(Tiling):
+        def __init__(self, model, circular: bool = False):
+            super().__init__(model, circular)
             self.scaling_factor = float(model.config.scaling_factor)  # from the checkpoint, not a constant here
 
         def forward(self, latent):
@@ -95,6 +107,10 @@ def export_modules(loaded) -> dict[str, Callable]:
     }
     for index, control in enumerate(loaded.controlnets.values()):
         modules[controlnet_component(index)] = ControlNet(control)
+    if getattr(loaded, "tiling", False):  # the seamless models: the same weights, circular padding
+        modules |= {"unet" + TILING: UNet(loaded.unet, circular=True),
+                    "vae_decoder" + TILING: VaeDecoder(loaded.vae, circular=True),
+                    "vae_encoder" + TILING: VaeEncoder(loaded.vae, circular=True)}
     for index, extra in enumerate(getattr(loaded, "vaes", {}).values()):  # kiln.contract.ServedVAE's suffixes
         modules[f"vae_decoder_{index + 2}"], modules[f"vae_encoder_{index + 2}"] = \
             VaeDecoder(extra.model), VaeEncoder(extra.model)

@@ -19,7 +19,8 @@ import numpy as np
 from kiln.lora import module_key
 from kiln.runtime.lora import map_path
 
-LORA_COMPONENTS = {"text_encoder": "text_encoder", "unet": "unet", "unet_control": "unet"}  # -> the LoRA's part
+# -> the LoRA's part
+LORA_COMPONENTS = {"text_encoder": "text_encoder", "unet": "unet", "unet_control": "unet", "unet_tiling": "unet"}
 LORA_RUNTIMES = ("onnxruntime", "openvino")
 
 

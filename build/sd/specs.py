@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, replace
 
 from build.specs import ComponentSpec, TensorSpec, Tolerance
-from kiln.contract import ServedVAE, controlnet_component
+from kiln.contract import TILING, ServedVAE, controlnet_component
 from kiln.errors import ExportError
 from kiln.prompts import CHUNK_TOKENS, MAX_CHUNKS, token_vector_id
 
@@ -98,9 +98,10 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
             outputs=(TensorSpec("image", "FP32", ("batch", vae_cfg.out_channels, "height", "width")),),
             profile=batch | image_axes | latent_axes, tolerances=FP32_TOLERANCE, reference_output="image"),
     }
-    for served in extra_vaes(loaded):  # the same architecture, other weights: the same interface
-        for part in ("vae_decoder", "vae_encoder"):
-            specs[part + served.suffix] = replace(specs[part], name=part + served.suffix)
+    suffixes = [served.suffix for served in extra_vaes(loaded)]  # the same architecture, other weights
+    for part in ("unet", "vae_decoder", "vae_encoder"):  # ... and the seamless models: other padding
+        for suffix in (suffixes if part != "unet" else []) + ([TILING] if getattr(loaded, "tiling", False) else []):
+            specs[part + suffix] = replace(specs[part], name=part + suffix)
     for index, (label, control) in enumerate(loaded.controlnets.items()):
         _check_controlnet_fits(label, control, loaded.unet, scale)
         control_sample = TensorSpec("sample", "FP32", ("batch", control.config.in_channels, "latent_height",

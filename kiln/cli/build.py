@@ -50,6 +50,9 @@ def add_parser(commands) -> None:
                     help="another VAE requests may choose (AUTOMATIC1111's sd_vae), built and checked like the "
                          "checkpoint's own: an original-layout .safetensors file (AUTOMATIC1111's VAE files), a "
                          "diffusers VAE folder, or a folder of .safetensors files; named by its file; repeatable")
+    sd.add_argument("--tiling", action="store_true",
+                    help="also serve the UNet and the VAE with circular padding, for AUTOMATIC1111's tiling (seamless "
+                         "images): sd_unet_tiling, sd_vae_decoder_tiling, sd_vae_encoder_tiling")
     sd.add_argument("--controlnet", action="append", metavar="[NAME=]PATH",
                     help="a ControlNet folder, single .safetensors file or hub id; repeat for several, each served "
                          "as its own model that requests pick by NAME (default: the folder's or file's name; the first "
@@ -105,7 +108,7 @@ def run_sd(args) -> int:
     from build.sd import ImageRange, SDBuildOptions, build_sd
 
     build_sd(SDBuildOptions(weights=args.weights, controlnet=tuple(args.controlnet or ()) or None, config=args.config,
-                            vae=tuple(args.vae or ()),
+                            vae=tuple(args.vae or ()), tiling=args.tiling,
                             repository=args.repo, images=ImageRange(args.min_size, args.opt_size, args.max_size),
                             threads=args.threads, variant=args.variant, step_queue_delay_us=args.step_queue_delay_us,
                             triton_backend=args.triton_backend, device=args.device,

@@ -73,7 +73,10 @@ class Pipeline:
     def check(self, request: Txt2ImgRequest) -> None:
         """Raise an InputError naming the bad field before any model runs."""
         check_request(request, self.contract, self.limits)
-        self.components.vae_for(request.vae)
+        self.components.for_request(request.vae, request.tiling)
+        if request.tiling and request.controlnet_units:
+            raise InputError("tiling with ControlNet is not supported: the build's ControlNets and the UNet they feed "
+                             "pad with zeros")
         self.lora_set(request.prompt)
         if request.hires is not None and request.hires.prompt is not None:
             self.lora_set(request.hires.prompt)
@@ -120,10 +123,11 @@ class Pipeline:
         """
         import torch
 
-        # 1. Check inputs. The request's VAE (AUTOMATIC1111's sd_vae) stands in for the checkpoint's everywhere.
+        # 1. Check inputs. The request's VAE (AUTOMATIC1111's sd_vae), or with tiling the seamless UNet and VAE, stand
+        # in for the checkpoint's everywhere.
         self.check(request)
         contract = self.contract
-        components = replace(self.components, vae=self.components.vae_for(request.vae))
+        components = self.components.for_request(request.vae, request.tiling)
         init = isinstance(request, Img2ImgRequest)
         if init and request.sd_upscale is not None:
             return sd_upscale(lambda inner, tile_progress: self.generate(inner, tile_progress, cancelled,
@@ -190,7 +194,7 @@ class Pipeline:
             if second is not None and stopped_at is None:
                 latents, stopped_at = self._hires_pass(request, latents, (context, prompt, loras), seeds, variation,
                                                        second, _counting(progress, len(timesteps), steps_total),
-                                                       cancelled, stop_early, unet_call, components.vae)
+                                                       cancelled, stop_early, unet_call)
                 stopped_at = None if stopped_at is None else len(timesteps) + stopped_at
 
         # 8. Decode; AUTOMATIC1111 pastes the original back outside the mask.
@@ -207,7 +211,7 @@ class Pipeline:
         run with the LoRA set `loras` (another graph key: the batcher merges rows of one set only)."""
         import torch
 
-        components, guided = self.components, request.cfg_scale > 1
+        components, guided = self.components.for_request(request.vae, request.tiling), request.cfg_scale > 1
         lora = loras.spec("unet")
         nine_channels = inpaint is not None and self.contract.inpainting_unet
         for index, t in enumerate(timesteps):
@@ -255,13 +259,14 @@ class Pipeline:
         return latents, None
 
     def _hires_pass(self, request: Txt2ImgRequest, latents: torch.Tensor, first: tuple, seeds: list[int],
-                    variation, second: tuple, progress, cancelled, stop_early, unet_call: UNetCall, vae) -> tuple:
+                    variation, second: tuple, progress, cancelled, stop_early, unet_call: UNetCall) -> tuple:
         """The hires fix after the first pass (`first`: its context, prompt text and LoRA set): upscale (latents, or
         the decoded image encoded again), fresh noise from the same seeds at the new size, and the second pass's
         steps (orchestrator.pipeline.hires). hr_prompt's LoRA tags apply to the second pass, as AUTOMATIC1111's."""
         import torch
 
         contract, fix = self.contract, request.hires
+        vae = self.components.for_request(request.vae, request.tiling).vae
         planned = hires.plan(request, contract)
         # Fresh generators from the seeds, as img2img's: the VAE's sample (an image upscaler), then the noise.
         fresh = [torch.Generator().manual_seed(s) for s in seeds]
@@ -299,6 +304,8 @@ class Pipeline:
             info["clip_skip"] = request.clip_skip
         if (vae := contract.vae(request.vae)) is not None:  # AUTOMATIC1111 names a chosen VAE in the infotext
             info |= {"vae": vae.name, "vae_hash": vae.short_hash or None}
+        if request.tiling:
+            info["tiling"] = True
         hashes = [self.lora_set(request.prompt)[1].hashes]
         if request.hires is not None and request.hires.prompt is not None:
             hashes.append(self.lora_set(request.hires.prompt)[1].hashes)

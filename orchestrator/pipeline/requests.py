@@ -72,6 +72,7 @@ class Txt2ImgRequest:
     s_noise: float = 1.0
     hires: HiresFix | None = None  # txt2img only: the hires fix's second pass
     vae: str | None = None  # AUTOMATIC1111's sd_vae: one of the build's VAEs by name; None: the checkpoint's own
+    tiling: bool = False  # AUTOMATIC1111's tiling: seamless images (circular padding in the UNet and the VAE)
 
     @property
     def controlnet_units(self) -> tuple[ControlNetUnit, ...]:

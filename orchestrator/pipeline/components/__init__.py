@@ -9,7 +9,7 @@ numpy arrays; per-row scalars (`timestep`, `conditioning_scale`) have shape (row
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -74,6 +74,9 @@ class Components:
     close: Callable[[], None] | None = None  # releases what the components hold (shared-memory regions)
     loras: LoraLibrary | None = None  # the LoRA files prompts may name (headers: the models read the weights)
     vaes: Mapping[str, VAE] = field(default_factory=dict)  # the build's other VAEs by name (contract.vaes)
+    # AUTOMATIC1111's tiling: the UNet and the VAE with circular padding (contract.tiling)
+    unet_tiling: Graph | None = None
+    vae_tiling: VAE | None = None
 
     def vae_for(self, name: str | None) -> VAE:
         """The VAE AUTOMATIC1111's sd_vae names (None, Automatic, None: the checkpoint's); InputError for another."""
@@ -83,6 +86,18 @@ class Components:
         if served.name not in self.vaes:
             raise InputError(f"sd_vae: {served.name} is not served by these components")
         return self.vaes[served.name]
+
+    def for_request(self, vae: str | None = None, tiling: bool = False) -> Components:
+        """The components one request runs: its VAE (sd_vae), and with tiling the seamless UNet and VAE (InputError
+        where the build has none, or with another VAE: only the checkpoint's own is built seamless)."""
+        if not tiling:
+            return replace(self, vae=self.vae_for(vae))
+        if self.unet_tiling is None or self.vae_tiling is None:
+            raise InputError("tiling: this build serves no seamless models; rebuild with `kiln build sd --tiling`")
+        if self.contract.vae(vae) is not None:
+            raise InputError("tiling with another VAE (sd_vae) is not supported: the build's seamless VAE is the "
+                             "checkpoint's own")
+        return replace(self, unet=self.unet_tiling, vae=self.vae_tiling)
 
     def controlnet(self, model: str | None) -> ControlNet:
         """The ControlNet a unit names (its name or title; None: the first); InputError for an unknown one."""

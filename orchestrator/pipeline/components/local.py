@@ -31,7 +31,8 @@ def components_in(repository: Path, contract: SDContract | None = None) -> list[
     contract = contract or read_sd_contract(repository)
     optional = ["vae_encoder"] + (["unet_control"] + [c.component for c in contract.controlnets]
                                   if contract.controlnets else []) + \
-        [f"vae_{part}{v.suffix}" for v in contract.vaes for part in ("decoder", "encoder")]
+        [f"vae_{part}{v.suffix}" for v in contract.vaes for part in ("decoder", "encoder")] + \
+        ([f"{part}{names.TILING}" for part in ("unet", "vae_decoder", "vae_encoder")] if contract.tiling else [])
     return [*REQUIRED, *(c for c in optional if (Path(repository) / names.sd_model(c) / "config.pbtxt").exists())]
 
 
@@ -161,7 +162,8 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
                    if c.component in runners and "unet_control" in runners}
     # The contract describes what these components can run: a ControlNet without its runner is not served here.
     contract = replace(contract, controlnets=tuple(c for c in contract.controlnets if c.name in controlnets),
-                       vaes=tuple(v for v in contract.vaes if f"vae_decoder{v.suffix}" in runners))
+                       vaes=tuple(v for v in contract.vaes if f"vae_decoder{v.suffix}" in runners),
+                       tiling=contract.tiling and f"unet{names.TILING}" in runners)
     tokenizer = load_tokenizer(Path(repository) / names.SD_TOKENIZER / "1" / "tokenizer")
     return Components(
         contract=contract,
@@ -172,4 +174,8 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
         unet_control=LocalGraph(names.SD_UNET_CONTROL, runners["unet_control"]) if "unet_control" in runners else None,
         controlnets=controlnets, loras=loras,
         vaes={v.name: LocalVAE(runners[f"vae_decoder{v.suffix}"], runners.get(f"vae_encoder{v.suffix}"))
-              for v in contract.vaes if f"vae_decoder{v.suffix}" in runners})
+              for v in contract.vaes if f"vae_decoder{v.suffix}" in runners},
+        unet_tiling=LocalGraph(names.SD_UNET + names.TILING, runners[f"unet{names.TILING}"])
+        if contract.tiling else None,
+        vae_tiling=LocalVAE(runners[f"vae_decoder{names.TILING}"], runners.get(f"vae_encoder{names.TILING}"))
+        if contract.tiling else None)

@@ -153,4 +153,7 @@ def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str 
                       unet_control=TritonGraph(client, names.SD_UNET_CONTROL, batch, out_channels=channels)
                       if controlnets else None,
                       controlnets=controlnets, close=client.close, loras=loras,
-                      vaes={v.name: TritonVAE(client, v.suffix) for v in contract.vaes})
+                      vaes={v.name: TritonVAE(client, v.suffix) for v in contract.vaes},
+                      unet_tiling=TritonGraph(client, names.SD_UNET + names.TILING, batch, out_channels=channels)
+                      if contract.tiling else None,
+                      vae_tiling=TritonVAE(client, names.TILING) if contract.tiling else None)
