@@ -111,7 +111,8 @@ def test_the_second_pass_matters_and_progress_counts_both_passes(local):
     (HiresFix(scale=1.3), {}, r"gives 82x82: .*multiples of 8 .*upscaled to 83x83 first"),
     (HiresFix(denoising_strength=0), {}, r"denoising_strength \(of the hires pass\) must be in \(0, 1\]"),
     (HiresFix(sampler="Euler z"), {}, "Sampler not found"),
-    (HiresFix(prompt="a <lora:x:1>"), {}, "hr_prompt: <lora:x:1> is an extra-network tag"),
+    (HiresFix(prompt="a <hypernet:x:1>"), {}, "hr_prompt: <hypernet:x:1> is an extra-network tag"),
+    (HiresFix(prompt="a <lora:x:1>"), {}, "<lora:x>: no such LoRA"),
     (HiresFix(steps=-1), {}, "hr_second_pass_steps must be a non-negative integer"),
 ])
 def test_bad_hires_requests_are_named(local, fix, extra, message):

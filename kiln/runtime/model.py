@@ -21,7 +21,6 @@ import triton_python_backend_utils as pb_utils
 
 from kiln.errors import KilnError
 from kiln.runtime import Session, SessionOptions, model_config, session_device
-from kiln.runtime.lora import LoraSessions
 
 
 class RuntimeModel:
@@ -43,8 +42,13 @@ class RuntimeModel:
         self.output_names = [o["name"] for o in config["output"]]
         self.batching = int(config.get("max_batch_size", 0)) > 0
         self.name = args["model_name"]
-        # A model with a `lora` input runs each request on the session of its LoRA set (kiln.runtime.lora)
-        self.loras = LoraSessions(self.session) if "lora" in self.input_names else None
+        # A model with a `lora` input runs each request on the session of its LoRA set (kiln.runtime.lora, imported
+        # then only: the hand-written models import this module in NVIDIA's image, which has no LoRA)
+        self.loras = None
+        if "lora" in self.input_names:
+            from kiln.runtime.lora import LoraSessions
+
+            self.loras = LoraSessions(self.session)
 
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
         """Adapt one request's inputs to the artifact's, or return an error message for that request."""
