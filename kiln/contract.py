@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from kiln.errors import ConfigError, InputError
@@ -83,6 +83,25 @@ class ServedControlNet:
 
 
 @dataclass(frozen=True)
+class ServedUpscaler:
+    """An upscaler network the repository serves (`kiln build upscaler`): its name (what upscaler_1, hr_upscaler and
+    SD upscale take), its Triton model, its native scale, its architecture."""
+
+    name: str
+    model: str
+    scale: int
+    architecture: str = ""
+
+    @classmethod
+    def from_parameters(cls, model: str, params: Mapping[str, str]) -> ServedUpscaler:
+        return cls(params.get("upscaler_name", model), model, int(params.get("scale", "1")),
+                   params.get("architecture", ""))
+
+
+UPSCALER_PREFIX = "upscaler_"  # the upscaler networks' Triton models
+
+
+@dataclass(frozen=True)
 class ServedVAE:
     """A VAE of the build besides the checkpoint's own (AUTOMATIC1111's sd_vae): its name (the file's), the suffix of
     its Triton models (kiln.contract.vae_models), its file's sha256."""
@@ -116,6 +135,13 @@ class SDContract:
     vaes: tuple[ServedVAE, ...] = ()  # VAEs a request may choose instead of the checkpoint's own (sd_vae)
     # AUTOMATIC1111's tiling: the build serves the UNet and the VAE with circular padding too (the _tiling models)
     tiling: bool = False
+    # The upscaler networks beside the build (kiln build upscaler): found in the repository when the service connects,
+    # not written by the SD build
+    upscalers: tuple[ServedUpscaler, ...] = field(default=(), metadata={"parameter": False})
+
+    @property
+    def upscaler_names(self) -> tuple[str, ...]:
+        return tuple(u.name for u in self.upscalers)
     max_prompt_chunks: int = 8  # 75-token chunks a prompt may have
     # Layers the text encoder serves for AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers 1..this); 0: a build
     # before clip skip, whose text encoder serves its last layer only

@@ -223,6 +223,20 @@ class TritonClient:
         except InferenceServerException as exc:
             raise self._error(model, exc) from None
 
+    def ready_models(self, prefix: str = "") -> list[str]:
+        """The names of the models Triton serves and has ready, those starting with `prefix`."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            if self.protocol == "grpc":
+                index = self.connection().get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+                entries = index.get("models", [])
+            else:
+                entries = self.connection().get_model_repository_index()
+        except InferenceServerException as exc:
+            raise self._error("the repository index", exc) from None
+        return sorted(e["name"] for e in entries if e.get("state") == "READY" and e["name"].startswith(prefix))
+
     def model_parameters(self, model: str) -> tuple[dict[str, str], int]:
         """A model's string parameters and its max_batch_size."""
         config = self.model_config(model)

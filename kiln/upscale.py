@@ -1,9 +1,11 @@
 """AUTOMATIC1111's extras upscale with its built-in PIL upscalers, step for step as it runs them
 (scripts/postprocessing_upscale.py over modules/upscaler.py): "None" (no upscaling: the image as it is), "Lanczos"
-and "Nearest". Every size is planned, and bounded, before a pixel is allocated.
+and "Nearest", and with upscaler networks (`networks`: name -> one pass of the network, an ESRGAN x4 say; served by
+Triton, build/upscaler.py). Every size is planned, and bounded, before a pixel is allocated.
 
 AUTOMATIC1111's order, for a scale s (resize_mode 0: upscaling_resize; 1: the larger of w/width, h/height):
-1. the upscaler's own resize to (int(width * s), int(height * s));
+1. the upscaler's own resize to (int(width * s), int(height * s)); a network instead runs its passes (its native
+   scale each) until the image covers the multiple-of-8 size below, at most 3, as AUTOMATIC1111's Upscaler.upscale;
 2. a Lanczos resize to (int(width * s // 8 * 8), ...), the multiple of 8 below, where that differs;
 3. resize_mode 1 with upscaling_crop: the result centred on a black canvas of exactly w x h;
 4. upscaler_2 with extras_upscaler_2_visibility > 0: steps 1-3 with it, blended over the first (PIL's Image.blend).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from PIL import Image
@@ -21,6 +24,8 @@ from kiln.errors import InputError
 
 UPSCALERS = ("None", "Lanczos", "Nearest")  # AUTOMATIC1111's names and order (its /sdapi/v1/upscalers)
 RESAMPLE = {"Lanczos": Image.Resampling.LANCZOS, "Nearest": Image.Resampling.NEAREST}
+Network = Callable[[Image.Image], Image.Image]  # one pass of an upscaler network: RGB in, RGB x its scale out
+NO_NETWORKS: Mapping[str, Network] = {}
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,13 @@ class Plan:
     canvas: tuple[int, int] | None  # resize_mode 1 with upscaling_crop
 
 
-def check(options: UpscaleOptions) -> None:
+def check(options: UpscaleOptions, networks: Mapping[str, Network] | tuple[str, ...] = NO_NETWORKS) -> None:
     """Refuse, by field, an upscaler this server does not have and a blend it would not run."""
+    valid = (*UPSCALERS, *networks)
     for name in ("upscaler_1", "upscaler_2"):
         value = getattr(options, name)
-        if value not in UPSCALERS:
-            raise InputError(f"{name} {value!r} is not an upscaler of this server; valid: {', '.join(UPSCALERS)}")
+        if value not in valid:
+            raise InputError(f"{name} {value!r} is not an upscaler of this server; valid: {', '.join(valid)}")
     if options.upscaler_1 == "None" and options.upscaler_2 != "None" and options.extras_upscaler_2_visibility > 0:
         raise InputError("upscaler_2 is blended over upscaler_1's result, and upscaler_1 is \"None\" (no upscaling: "
                          "AUTOMATIC1111 then skips upscaler_2 too); choose upscaler_1, or set upscaler_2 to \"None\"")
@@ -80,9 +86,19 @@ def plan(width: int, height: int, options: UpscaleOptions, max_pixels: int) -> P
     return Plan(scale=scale, first=first, size=size, canvas=canvas)
 
 
-def upscale_with(image: Image.Image, upscaler: str, planned: Plan) -> Image.Image:
-    """One upscaler's result: its own resize, Lanczos to the multiple of 8, then the crop (steps 1-3 above)."""
-    if planned.first != image.size:  # AUTOMATIC1111's loop stops at once when the upscaler leaves the size alone
+def upscale_with(image: Image.Image, upscaler: str, planned: Plan,
+                 networks: Mapping[str, Network] = NO_NETWORKS) -> Image.Image:
+    """One upscaler's result: its own resize (a network's passes), Lanczos to the multiple of 8, then the crop (steps
+    1-3 above)."""
+    if upscaler in networks:
+        for _ in range(3):
+            if image.width >= planned.size[0] and image.height >= planned.size[1]:
+                break
+            before = image.size
+            image = networks[upscaler](image)
+            if image.size == before:
+                break
+    elif planned.first != image.size:  # AUTOMATIC1111's loop stops at once when the upscaler leaves the size alone
         image = image.resize(planned.first, resample=RESAMPLE[upscaler])
     if image.size != planned.size:
         image = image.resize(planned.size, resample=Image.Resampling.LANCZOS)
@@ -93,9 +109,10 @@ def upscale_with(image: Image.Image, upscaler: str, planned: Plan) -> Image.Imag
     return image
 
 
-def upscale(image: Image.Image, options: UpscaleOptions, max_pixels: int) -> tuple[Image.Image, str]:
+def upscale(image: Image.Image, options: UpscaleOptions, max_pixels: int,
+            networks: Mapping[str, Network] = NO_NETWORKS) -> tuple[Image.Image, str]:
     """An RGB image upscaled as AUTOMATIC1111's extras do it, and its "postprocessing" infotext."""
-    check(options)
+    check(options, networks)
     if options.upscaler_1 == "None":
         return image, ""
     planned = plan(image.width, image.height, options, max_pixels)
@@ -106,10 +123,10 @@ def upscale(image: Image.Image, options: UpscaleOptions, max_pixels: int) -> tup
         info["Postprocess upscale by"] = float(options.upscaling_resize)
     if planned.canvas is not None:
         info["Postprocess crop to"] = f"{planned.canvas[0]}x{planned.canvas[1]}"
-    result = upscale_with(image, options.upscaler_1, planned)
+    result = upscale_with(image, options.upscaler_1, planned, networks)
     info["Postprocess upscaler"] = options.upscaler_1
     if options.upscaler_2 != "None" and options.extras_upscaler_2_visibility > 0:
-        second = upscale_with(image, options.upscaler_2, planned)
+        second = upscale_with(image, options.upscaler_2, planned, networks)
         result = Image.blend(result, second, float(options.extras_upscaler_2_visibility))
         info["Postprocess upscaler 2"] = options.upscaler_2
     return result, infotext(info)

@@ -28,6 +28,7 @@ from build.convert import VIT_VARIANTS
 from build.report import read_report, update_report
 from build.sd import ImageRange, SDBuildOptions, build_sd
 from build.sd.weights import random_controlnet, write_sd_checkpoint
+from build.upscaler import build_upscaler
 from build.vit import ViTBuildOptions, build_vit
 from build.vit.weights import load_vit
 from kiln.paths import SAMPLE_IMAGES, list_images
@@ -86,6 +87,18 @@ def extra_vae(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def upscaler_file(tmp_path_factory) -> Path:
+    """A tiny seeded random ESRGAN x4 in the original key layout (`kiln weights upscaler --tiny`): "4x-tiny"."""
+    from safetensors.torch import save_file
+
+    from build.upscaler import random_esrgan
+
+    path = tmp_path_factory.mktemp("upscaler") / "4x-tiny.safetensors"
+    save_file(random_esrgan(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def all_variants_repo(tmp_path_factory) -> tuple[Path, object]:
     """Every CPU variant of the ViT and its extra exports, built once per session (about a minute on 2 cores); it
     serves ONNX Runtime fp32. All but the AOTInductor packages (26 s of compile each): their path is the torch-fp32
@@ -97,9 +110,10 @@ def all_variants_repo(tmp_path_factory) -> tuple[Path, object]:
 
 
 @pytest.fixture(scope="session")
-def model_repo(tmp_path_factory, sd_checkpoint, scribble, extra_vae, all_variants_repo) -> Path:
+def model_repo(tmp_path_factory, sd_checkpoint, scribble, extra_vae, upscaler_file, all_variants_repo) -> Path:
     """One repository: the tiny SD with two ControlNets ("controlnet", the default, and "scribble"), a second VAE
-    (extra_vae, sd_vae "anime-vae.safetensors"), the seamless UNet and VAE (tiling), and the ViT.
+    (extra_vae, sd_vae "anime-vae.safetensors"), the seamless UNet and VAE (tiling), an upscaler network
+    ("4x-tiny"), and the ViT.
 
     The ViT's models are those of the all-variants build (linked, and its report section copied): the same
     random weights and the same served variant, ONNX Runtime fp32, without exporting it twice.
@@ -109,6 +123,7 @@ def model_repo(tmp_path_factory, sd_checkpoint, scribble, extra_vae, all_variant
                             controlnet=(str(sd_checkpoint / "controlnet"), f"scribble={scribble}"),
                             vae=(str(extra_vae),), tiling=True),
              log=lambda _m: None)
+    build_upscaler(upscaler_file, repo, log=lambda _m: None)
     vit_build, _ = all_variants_repo
     vit_report = read_report(vit_build)["vit"]
     for name in vit_report["models"]:

@@ -1,4 +1,4 @@
-"""`kiln build vit|sd`: export, compile and check models into a Triton model repository."""
+"""`kiln build vit|sd|upscaler`: export, compile and check models into a Triton model repository."""
 
 from __future__ import annotations
 
@@ -74,6 +74,14 @@ def add_parser(commands) -> None:
     sd.add_argument("--auto-candidates", help="comma-separated variants --variant auto times (default: every one "
                                               "this device can run here)")
     sd.set_defaults(run=run_sd)
+    upscaler = targets.add_parser("upscaler", help="an upscaler network (ESRGAN family, read by spandrel) for the "
+                                                   "extras, the hires fix and SD upscale")
+    upscaler.add_argument("--weights", type=Path, required=True, metavar="FILE",
+                          help=".safetensors or .pth (read weights-only: no code runs), e.g. 4x-UltraSharp.pth")
+    upscaler.add_argument("--name", help="what requests call it (default: the file's name without its extension)")
+    upscaler.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
+    upscaler.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
+    upscaler.set_defaults(run=run_upscaler)
 
 
 def _target_arguments(parser) -> None:
@@ -113,4 +121,12 @@ def run_sd(args) -> int:
                             threads=args.threads, variant=args.variant, step_queue_delay_us=args.step_queue_delay_us,
                             triton_backend=args.triton_backend, device=args.device,
                             auto_candidates=tuple(args.auto_candidates.split(",")) if args.auto_candidates else None))
+    return 0
+
+
+def run_upscaler(args) -> int:
+    from build.upscaler import build_upscaler
+
+    entry = build_upscaler(args.weights, args.repo, args.name, args.threads)
+    print(f"served: {entry['model']} ({entry['architecture']} x{entry['scale']}); requests name it {entry['name']!r}")
     return 0

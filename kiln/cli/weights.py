@@ -1,5 +1,5 @@
-"""`kiln weights sd|vit|embedding|lora|vae`: seeded random checkpoints of the real architectures (and a
-textual-inversion embedding, a LoRA and another VAE for them), written as a user's would be."""
+"""`kiln weights sd|vit|embedding|lora|vae|upscaler`: seeded random checkpoints of the real architectures (and a
+textual-inversion embedding, a LoRA, another VAE and an upscaler for them), written as a user's would be."""
 
 from __future__ import annotations
 
@@ -52,6 +52,11 @@ def add_parser(commands) -> None:
     size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help="for SD 1.5's architecture")
     vae.add_argument("--seed", type=int, default=7)
     vae.set_defaults(run=run_vae)
+    upscaler = targets.add_parser("upscaler", help="an ESRGAN upscaler (x4, original ESRGAN key layout, as "
+                                                   "AUTOMATIC1111's ESRGAN folder holds), tiny: seconds to build")
+    upscaler.add_argument("--tiny", type=Path, metavar="OUT.safetensors", required=True)
+    upscaler.add_argument("--seed", type=int, default=0)
+    upscaler.set_defaults(run=run_upscaler)
 
 
 def run_sd(args) -> int:
@@ -116,4 +121,18 @@ def run_vae(args) -> int:
     write_vae_file(random_vae(size, args.seed), out)
     print(f"wrote {out}: a seeded random VAE (seed {args.seed}) in the original layout; `kiln build sd --vae {out}` "
           f"serves it as sd_vae {out.name!r}")
+    return 0
+
+
+def run_upscaler(args) -> int:
+    from safetensors.torch import save_file
+
+    from build.upscaler import random_esrgan
+
+    if args.tiny.suffix != ".safetensors":
+        raise KilnError(f"{args.tiny}: the file's name must end in .safetensors")
+    args.tiny.parent.mkdir(parents=True, exist_ok=True)
+    save_file(random_esrgan(args.seed), str(args.tiny))
+    print(f"wrote {args.tiny}: a seeded random ESRGAN x4 (seed {args.seed}); `kiln build upscaler --weights "
+          f"{args.tiny}` serves it as {args.tiny.stem!r}")
     return 0

@@ -14,6 +14,7 @@ What AUTOMATIC1111 does (modules/processing.py, StableDiffusionProcessingTxt2Img
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from kiln.contract import SDContract
 from kiln.errors import InputError
-from kiln.upscale import UpscaleOptions, upscale_with
+from kiln.upscale import NO_NETWORKS, Network, UpscaleOptions, upscale_with
 from kiln.upscale import plan as plan_upscale
 from orchestrator.pipeline.requests import HiresFix, Txt2ImgRequest
 
@@ -84,7 +85,7 @@ def check(request: Txt2ImgRequest, contract: SDContract) -> None:
     hires = request.hires
     if not isinstance(hires, HiresFix):
         raise InputError("hires must be a HiresFix")
-    valid = (*LATENT_MODES, *IMAGE_UPSCALERS)
+    valid = (*LATENT_MODES, *IMAGE_UPSCALERS, *contract.upscaler_names)
     if hires.upscaler not in valid:
         raise InputError(f"hr_upscaler {hires.upscaler!r} is not an upscaler of this server; valid: {', '.join(valid)}")
     if not (isinstance(hires.scale, (int, float)) and np.isfinite(hires.scale) and 1 <= hires.scale <= 4):
@@ -115,9 +116,11 @@ def upscale_latents(latents: torch.Tensor, hires: HiresFix, planned: HiresPlan, 
     return truncate(F.interpolate(latents, size=size, mode=mode, antialias=antialias), planned)
 
 
-def upscale_images(images: np.ndarray, hires: HiresFix, planned: HiresPlan, max_pixels: int) -> np.ndarray:
+def upscale_images(images: np.ndarray, hires: HiresFix, planned: HiresPlan, max_pixels: int,
+                   networks: Mapping[str, Network] = NO_NETWORKS) -> np.ndarray:
     """An image upscaler on the decoded first pass (uint8 N x H x W x 3): AUTOMATIC1111's resize_image (mode 0) with
-    that upscaler (its upscale as the extras run it, kiln.upscale), then Lanczos to the target. Returns pixels in
+    that upscaler (its upscale as the extras run it, kiln.upscale; a network of `networks`), then Lanczos to the
+    target. Returns pixels in
     [-1, 1], (N, 3, H, W), for the VAE encoder."""
     from PIL import Image
 
@@ -129,7 +132,7 @@ def upscale_images(images: np.ndarray, hires: HiresFix, planned: HiresPlan, max_
         if hires.upscaler != "None" and scale > 1:  # the upscaler's own resize, then Lanczos to a multiple of 8
             options = UpscaleOptions(upscaling_resize=scale, upscaler_1=hires.upscaler)
             picture = upscale_with(picture, hires.upscaler, plan_upscale(picture.width, picture.height, options,
-                                                                         max_pixels))
+                                                                         max_pixels), networks)
         if picture.size != (width, height):
             picture = picture.resize((width, height), resample=Image.Resampling.LANCZOS)
         out.append(np.asarray(picture, dtype=np.float32).transpose(2, 0, 1) / np.float32(127.5) - np.float32(1.0))

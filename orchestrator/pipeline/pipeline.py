@@ -133,7 +133,7 @@ class Pipeline:
             return sd_upscale(lambda inner, tile_progress: self.generate(inner, tile_progress, cancelled,
                                                                          unet_call=unet_call, stop_early=stop_early,
                                                                          denoising=denoising),
-                              request, self.limits.max_image_pixels, progress)
+                              request, self.limits.max_image_pixels, progress, self.components.upscalers)
         if init and request.inpainting and request.inpaint_full_res:
             return only_masked(lambda inner: self.generate(inner, progress, cancelled, unet_call=unet_call,
                                                            stop_early=stop_early, denoising=denoising), request)
@@ -274,7 +274,8 @@ class Pipeline:
         if fix.upscaler in hires.LATENT_MODES:
             latents = hires.upscale_latents(latents, fix, planned, contract.vae_scale_factor)
         else:
-            pixels = hires.upscale_images(vae.decode(latents.numpy()), fix, planned, self.limits.max_image_pixels)
+            pixels = hires.upscale_images(vae.decode(latents.numpy()), fix, planned, self.limits.max_image_pixels,
+                                          self.components.upscalers)
             moments = torch.from_numpy(vae.encode_pixels(pixels))
             latents = hires.truncate(sample_latents(moments, fresh, contract.scaling_factor), planned)
         scheduler, timesteps = second

@@ -6,7 +6,7 @@ img2img (tile k with seed + k), and the tiles put back with their overlaps blend
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 from kiln.contract import SDContract
 from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image, encode_png, header_size
-from kiln.upscale import UPSCALERS, Plan, UpscaleOptions, plan, upscale_with
+from kiln.upscale import NO_NETWORKS, UPSCALERS, Network, Plan, UpscaleOptions, plan, upscale_with
 from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest, ProgressCallback
 from orchestrator.pipeline.sampling import draw_seed
 
@@ -38,11 +38,11 @@ def upscale_plan(request: Img2ImgRequest, width: int, height: int, max_pixels: i
     return plan(width, height, options, max_pixels)
 
 
-def upscaled_image(request: Img2ImgRequest, max_pixels: int):
+def upscaled_image(request: Img2ImgRequest, max_pixels: int, networks: Mapping[str, Network] = NO_NETWORKS):
     """The init image upscaled as AUTOMATIC1111's upscaler.upscale does it ("None": unchanged)."""
     image = decode_image(request.init_image, ImageLimits(min_side=1))
     planned = upscale_plan(request, image.width, image.height, max_pixels)
-    return image if planned is None else upscale_with(image, request.sd_upscale.upscaler, planned)
+    return image if planned is None else upscale_with(image, request.sd_upscale.upscaler, planned, networks)
 
 
 def grid_shape(width: int, height: int, tile_w: int, tile_h: int, overlap: int) -> tuple[int, int]:
@@ -92,9 +92,10 @@ def combine(grid: list[list[Tile]], width: int, height: int, overlap: int):
 
 def check(request: Img2ImgRequest, contract: SDContract, max_pixels: int) -> None:
     script = request.sd_upscale
-    if script.upscaler not in UPSCALERS:
+    valid = (*UPSCALERS, *contract.upscaler_names)
+    if script.upscaler not in valid:
         raise InputError(f"script_args: SD upscale's upscaler {script.upscaler!r} is not one of this server's: "
-                         f"{', '.join(UPSCALERS)} (0, 1, 2)")
+                         f"{', '.join(valid)} (0 to {len(valid) - 1})")
     if not (isinstance(script.overlap, int) and 0 <= script.overlap < min(request.width, request.height)):
         raise InputError(f"script_args: SD upscale's overlap must be 0 to the tile's side ({request.width}x"
                          f"{request.height}, width x height), got {script.overlap!r}")
@@ -116,10 +117,12 @@ def check(request: Img2ImgRequest, contract: SDContract, max_pixels: int) -> Non
 
 
 def sd_upscale(generate: Callable[..., GenerationResult], request: Img2ImgRequest, max_pixels: int,
-               progress: ProgressCallback | None = None) -> GenerationResult:
-    """Run the script: `generate(tile_request, progress)` redraws one tile (a whole img2img run)."""
+               progress: ProgressCallback | None = None,
+               networks: Mapping[str, Network] = NO_NETWORKS) -> GenerationResult:
+    """Run the script: `generate(tile_request, progress)` redraws one tile (a whole img2img run); `networks`: the
+    upscaler networks by name (kiln.upscale)."""
     script, seed = request.sd_upscale, draw_seed(request.seed)
-    image = upscaled_image(request, max_pixels)
+    image = upscaled_image(request, max_pixels, networks)
     grid = split(image, request.width, request.height, script.overlap)
     tiles = [tile for row in grid for tile in row]
     info: dict = {}

@@ -79,9 +79,9 @@ def default_options() -> dict:
 SCRIPTS = {"img2img": ("sd upscale",), "txt2img": ()}  # the selectable scripts kiln runs (script_name), by route
 
 
-def selected_script(body: schemas.Txt2ImgBody) -> SDUpscale | None:
+def selected_script(body: schemas.Txt2ImgBody, networks: tuple[str, ...] = ()) -> SDUpscale | None:
     """script_name and script_args: AUTOMATIC1111's SD upscale script (img2img), [_, overlap, upscaler, scale]; the
-    upscaler by its index in /sdapi/v1/upscalers or by name."""
+    upscaler by its index in /sdapi/v1/upscalers (the built-in ones, then the repository's `networks`) or by name."""
     route = "img2img" if isinstance(body, schemas.Img2ImgBody) else "txt2img"
     if body.script_name in (None, "", "None"):
         if body.script_args:
@@ -95,12 +95,13 @@ def selected_script(body: schemas.Txt2ImgBody) -> SDUpscale | None:
         raise InputError(f"script_args: SD upscale takes [_, overlap, upscaler, scale_factor], got "
                          f"{len(body.script_args)} values")
     upscaler = "None" if args[2] is None else args[2]
+    listed = (*UPSCALERS, *networks)
     if isinstance(upscaler, int) and not isinstance(upscaler, bool):
-        if not 0 <= upscaler < len(UPSCALERS):
+        if not 0 <= upscaler < len(listed):
             raise InputError(f"script_args: SD upscale's upscaler index {upscaler} is not one of this server's "
-                             f"(0 to {len(UPSCALERS) - 1}: {', '.join(UPSCALERS)})")
-        upscaler = UPSCALERS[upscaler]
-    names = {name.lower(): name for name in UPSCALERS}
+                             f"(0 to {len(listed) - 1}: {', '.join(listed)})")
+        upscaler = listed[upscaler]
+    names = {name.lower(): name for name in listed}
     return SDUpscale(overlap=64 if args[1] is None else args[1], upscaler=names.get(str(upscaler).lower(), upscaler),
                      scale=2.0 if args[3] is None else args[3])
 
@@ -212,7 +213,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise,
                   controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height))
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
-    script = selected_script(body)
+    script = selected_script(body, contract.upscaler_names)
     if not isinstance(body, schemas.Img2ImgBody):
         if multiplier != 1:
             raise InputError("initial_noise_multiplier scales img2img's noise; txt2img has no use for it "

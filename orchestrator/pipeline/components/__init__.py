@@ -77,6 +77,8 @@ class Components:
     # AUTOMATIC1111's tiling: the UNet and the VAE with circular padding (contract.tiling)
     unet_tiling: Graph | None = None
     vae_tiling: VAE | None = None
+    # Upscaler networks by name (contract.upscalers): one pass each, a PIL image in, kiln.upscale.Network
+    upscalers: Mapping[str, Callable] = field(default_factory=dict)
 
     def vae_for(self, name: str | None) -> VAE:
         """The VAE AUTOMATIC1111's sd_vae names (None, Automatic, None: the checkpoint's); InputError for another."""
@@ -102,6 +104,29 @@ class Components:
     def controlnet(self, model: str | None) -> ControlNet:
         """The ControlNet a unit names (its name or title; None: the first); InputError for an unknown one."""
         return self.controlnets[self.contract.controlnet(model).name]
+
+
+@dataclass
+class NetworkUpscaler:
+    """One pass of an upscaler network (kiln.upscale.Network) over any runner of its model: uint8 RGB in, its scale
+    out, as AUTOMATIC1111 runs ESRGAN (pixels / 255, the output clamped to [0, 1], x 255 rounded). An output over
+    `max_pixels` is refused before the network runs."""
+
+    name: str
+    scale: int
+    run: Callable[[np.ndarray], np.ndarray]  # (1, 3, H, W) float32 in [0, 1] -> (1, 3, sH, sW)
+    max_pixels: int = 16_777_216
+
+    def __call__(self, image):
+        from PIL import Image
+
+        width, height = image.width * self.scale, image.height * self.scale
+        if width * height > self.max_pixels:
+            raise InputError(f"upscaler {self.name}: x{self.scale} makes the {image.width}x{image.height} image "
+                             f"{width}x{height} = {width * height} pixels, over the limit of {self.max_pixels}")
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)[None] / np.float32(255)
+        out = self.run(np.ascontiguousarray(pixels))[0].transpose(1, 2, 0)
+        return Image.fromarray((out * 255).round().clip(0, 255).astype(np.uint8))
 
 
 def call_graph(graph: Graph, inputs: dict[str, np.ndarray]) -> np.ndarray:

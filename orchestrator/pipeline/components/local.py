@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from kiln import contract as names
-from kiln.contract import SDContract, ServedControlNet, read_sd_contract, read_served
+from kiln.contract import SDContract, ServedControlNet, ServedUpscaler, read_sd_contract, read_served
 from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import InputError
 from kiln.imaging import to_uint8, vae_input
 from kiln.lora import LoraLibrary
 from kiln.prompts import EmbeddingLookup, apply_emphasis, load_tokenizer, tokenize_weighted_batch
-from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components
+from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components, NetworkUpscaler
 
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # inputs -> every output, by name
 REQUIRED = ("text_encoder", "unet", "vae_decoder")  # what txt2img needs
@@ -148,13 +148,31 @@ class LocalControlNet:
         return self.runner({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()})
 
 
+def local_upscalers(repository: Path) -> dict[ServedUpscaler, NetworkUpscaler]:
+    """The repository's upscaler networks (kiln build upscaler), each over a runtime session of its artifact."""
+    from kiln.contract import read_parameters
+    from kiln.runtime import Session, SessionOptions
+
+    found = {}
+    for folder in sorted(Path(repository).glob(names.UPSCALER_PREFIX + "*")):
+        if (folder / "config.pbtxt").exists():
+            served, (params, _) = read_served(folder / "config.pbtxt"), read_parameters(folder / "config.pbtxt")
+            upscaler = ServedUpscaler.from_parameters(folder.name, params)
+            session = Session(SessionOptions(served.runtime, folder / "1" / served.artifact))
+            found[upscaler] = NetworkUpscaler(upscaler.name, upscaler.scale,
+                                              lambda pixels, run=session.run: run({"image": pixels})["upscaled"])
+    return found
+
+
 def local_components(repository: Path, runners: Mapping[str, Runner] | None = None,
                      embeddings: EmbeddingLibrary | None = None, loras: LoraLibrary | None = None) -> Components:
     """The repository's SD build in process: `runners` (default: sessions over what each model serves);
     `embeddings`: the textual-inversion embeddings prompts may name; `loras`: the LoRA files (their folder)."""
     contract = read_sd_contract(repository)
+    upscalers: dict[ServedUpscaler, NetworkUpscaler] = {}
     if runners is None:
         runners, _ = session_runners(repository, lora_folder=loras.folder if loras is not None else None)
+        upscalers = local_upscalers(repository)
     missing = [c for c in REQUIRED if c not in runners]
     if missing:
         raise KeyError(f"in-process components need runners for {', '.join(missing)}")
@@ -163,7 +181,8 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
     # The contract describes what these components can run: a ControlNet without its runner is not served here.
     contract = replace(contract, controlnets=tuple(c for c in contract.controlnets if c.name in controlnets),
                        vaes=tuple(v for v in contract.vaes if f"vae_decoder{v.suffix}" in runners),
-                       tiling=contract.tiling and f"unet{names.TILING}" in runners)
+                       tiling=contract.tiling and f"unet{names.TILING}" in runners,
+                       upscalers=tuple(upscalers))
     tokenizer = load_tokenizer(Path(repository) / names.SD_TOKENIZER / "1" / "tokenizer")
     return Components(
         contract=contract,
@@ -178,4 +197,5 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
         unet_tiling=LocalGraph(names.SD_UNET + names.TILING, runners[f"unet{names.TILING}"])
         if contract.tiling else None,
         vae_tiling=LocalVAE(runners[f"vae_decoder{names.TILING}"], runners.get(f"vae_encoder{names.TILING}"))
-        if contract.tiling else None)
+        if contract.tiling else None,
+        upscalers={served.name: network for served, network in upscalers.items()})

@@ -8,13 +8,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from kiln import contract as names
-from kiln.contract import SDContract, ServedControlNet
+from kiln.contract import SDContract, ServedControlNet, ServedUpscaler
 from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import InputError, KilnError, ServerError
 from kiln.lora import LoraLibrary
 from kiln.prompts import apply_emphasis, embedding_tensors
 from kiln.triton_client import TritonClient
-from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components
+from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components, NetworkUpscaler
 
 _ROW_SCALARS = ("timestep", "conditioning_scale")  # (rows,) here, (rows, 1) on the wire
 
@@ -145,6 +145,9 @@ def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str 
     service's folder; Triton's models read the same files from theirs, KILN_LORAS)."""
     client = TritonClient(url, "grpc", timeout_s=timeout_s, shared_memory=shared_memory)
     contract = read_contract(client)
+    upscalers = tuple(ServedUpscaler.from_parameters(m, client.model_parameters(m)[0])
+                      for m in client.ready_models(names.UPSCALER_PREFIX))
+    contract = replace(contract, upscalers=upscalers)
     batch, channels = contract.unet_max_batch, contract.latent_channels
     controlnets = {c.name: TritonControlNet(client, c, batch, channels) for c in contract.controlnets}
     text_encoder = TritonTextEncoder(client, contract.clip_skip_layers, contract.textual_inversion_dim, embeddings)
@@ -156,4 +159,10 @@ def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str 
                       vaes={v.name: TritonVAE(client, v.suffix) for v in contract.vaes},
                       unet_tiling=TritonGraph(client, names.SD_UNET + names.TILING, batch, out_channels=channels)
                       if contract.tiling else None,
-                      vae_tiling=TritonVAE(client, names.TILING) if contract.tiling else None)
+                      vae_tiling=TritonVAE(client, names.TILING) if contract.tiling else None,
+                      upscalers={u.name: NetworkUpscaler(u.name, u.scale, _upscaler_runner(client, u.model))
+                                 for u in upscalers})
+
+
+def _upscaler_runner(client: TritonClient, model: str):
+    return lambda pixels: client.infer(model, {"image": pixels}, ["upscaled"])["upscaled"]

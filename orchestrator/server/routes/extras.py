@@ -1,10 +1,11 @@
 """AUTOMATIC1111's extras: /sdapi/v1/extra-single-image and /sdapi/v1/extra-batch-images, upscaling with its built-in
-PIL upscalers (kiln.upscale). The work is CPU only: it runs in the thread pool, off the event loop, and never in the
-generation queue."""
+PIL upscalers (kiln.upscale) or the repository's upscaler networks (kiln build upscaler, run in Triton). The work
+runs in the thread pool, off the event loop, and never in the generation queue."""
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
@@ -12,9 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from kiln import schemas
 from kiln.errors import InputError, KilnError, TooLargeError
 from kiln.imaging import ImageLimits, decode_image, encode_png
-from kiln.upscale import UpscaleOptions, check, html_info, upscale
+from kiln.upscale import NO_NETWORKS, UPSCALERS, Network, UpscaleOptions, check, html_info, upscale
 from orchestrator.server.errors import count
-from orchestrator.server.generation import engine
+from orchestrator.server.generation import engine, pipeline
 from orchestrator.server.inputs import decode_b64_image
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
@@ -27,7 +28,8 @@ def options_of(body: schemas.ExtrasBody) -> UpscaleOptions:
                           extras_upscaler_2_visibility=body.extras_upscaler_2_visibility)
 
 
-def run_extras(images: list[tuple[str, str]], options: UpscaleOptions, max_pixels: int) -> tuple[list[str], str]:
+def run_extras(images: list[tuple[str, str]], options: UpscaleOptions, max_pixels: int,
+               networks: Mapping[str, Network] = NO_NETWORKS) -> tuple[list[str], str]:
     """Every image's header checked (refused before any is decoded), then each decoded, upscaled and encoded as a
     base64 PNG, one at a time; and the (last) infotext. The PNG carries the input's text chunks (its `parameters`,
     say) and `postprocessing`, as AUTOMATIC1111's do."""
@@ -37,7 +39,7 @@ def run_extras(images: list[tuple[str, str]], options: UpscaleOptions, max_pixel
         try:
             image = decode_image(data, ImageLimits(max_pixels=max_pixels, min_side=1))
             chunks = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
-            result, info = upscale(image, options, max_pixels)
+            result, info = upscale(image, options, max_pixels, networks)
         except InputError as exc:
             raise InputError(f"{what}: {exc}") from None
         encoded.append(base64.b64encode(encode_png(result, chunks | {"postprocessing": info})).decode())
@@ -49,10 +51,13 @@ async def extras(request: Request, endpoint: str, body: schemas.ExtrasBody, imag
     limits = engine(request).options.limits
     try:
         options = options_of(body)
-        check(options)  # an unknown upscaler is refused before any image is read
+        networks = NO_NETWORKS
+        if {options.upscaler_1, options.upscaler_2} - set(UPSCALERS):  # a network: the served repository's
+            networks = (await pipeline(request)).components.upscalers
+        check(options, networks)  # an unknown upscaler is refused before any image is read
         if len(images) > limits.max_images:
             raise TooLargeError(f"imageList: {len(images)} images; at most {limits.max_images} per request")
-        encoded, text = await run_in_threadpool(run_extras, images, options, limits.max_image_pixels)
+        encoded, text = await run_in_threadpool(run_extras, images, options, limits.max_image_pixels, networks)
     except KilnError as exc:
         count(request, endpoint, "413" if isinstance(exc, TooLargeError) else "422")
         raise

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
+from kiln.errors import KilnError
 from kiln.upscale import UPSCALERS
 from orchestrator.pipeline.hires import LATENT_MODES
 from orchestrator.server.a1111 import SCRIPTS
@@ -33,10 +34,23 @@ for _name in EMPTY:
 
 
 @router.get("/upscalers", response_model=list[schemas.UpscalerItem])
-async def upscalers() -> list[dict]:
+async def upscalers(request: Request) -> list[dict]:
     """AUTOMATIC1111's built-in upscalers, which the extras routes run: "None", "Lanczos", "Nearest" (PIL's resampling;
-    no model, so no model name, path or URL; scale 4 is what AUTOMATIC1111 lists for them)."""
-    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for name in UPSCALERS]
+    no model, so no model name, path or URL; scale 4 is what AUTOMATIC1111 lists for them), then the repository's
+    upscaler networks (kiln build upscaler: their architecture, Triton model and native scale); the built-in ones
+    alone while Triton is away."""
+    listed = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+              for name in UPSCALERS]
+    return listed + [{"name": u.name, "model_name": u.architecture or None, "model_path": f"triton://{u.model}",
+                      "model_url": None, "scale": u.scale} for u in await _networks(request)]
+
+
+async def _networks(request: Request) -> tuple:
+    """The repository's upscaler networks (none while Triton is away: the built-in upscalers still answer)."""
+    try:
+        return (await pipeline(request)).contract.upscalers
+    except KilnError:
+        return ()
 
 
 @router.get("/prompt-styles")
@@ -100,11 +114,12 @@ async def scripts() -> dict:
 
 
 @router.get("/script-info")
-async def script_info() -> list[dict]:
+async def script_info(request: Request) -> list[dict]:
     """AUTOMATIC1111's shape: each script's name, kind and arguments (SD upscale's as its UI declares them)."""
     sd_upscale = [{"label": None, "value": None}, {"label": "Tile overlap", "value": 64, "minimum": 0, "maximum": 256,
                                                    "step": 16},
-                  {"label": "Upscaler", "value": "None", "choices": list(UPSCALERS)},
+                  {"label": "Upscaler", "value": "None",
+                   "choices": [*UPSCALERS, *(u.name for u in await _networks(request))]},
                   {"label": "Scale Factor", "value": 2.0, "minimum": 1.0, "maximum": 4.0, "step": 0.05}]
     return [{"name": "sd upscale", "is_alwayson": False, "is_img2img": True, "args": sd_upscale}] + \
         [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": []} for img2img in (False, True)]
