@@ -596,7 +596,7 @@ def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(c
         response = client.get(f"/sdapi/v1/{name}")
         assert response.status_code == 200 and response.json() == [], name
     assert [v["model_name"] for v in client.get("/sdapi/v1/sd-vae").json()] == ["anime-vae.safetensors"]
-    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest"]
+    assert [u["name"] for u in client.get("/sdapi/v1/upscalers").json()] == ["None", "Lanczos", "Nearest", "4x-tiny"]
     assert [m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()] == [
         "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
         "Latent (nearest-exact)"]

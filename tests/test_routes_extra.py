@@ -145,7 +145,7 @@ def test_batch_upscales_every_image_in_order(client):
     ("single", {"gfpgan_visibility": 0.5}, 422, "gfpgan_visibility"),
     ("single", {"codeformer_visibility": 1}, 422, "codeformer_visibility"),
     ("single", {"upscaler_1": "R-ESRGAN 4x+"}, 422, "upscaler_1 'R-ESRGAN 4x+' is not an upscaler of this server; "
-                                                    "valid: None, Lanczos, Nearest"),
+                                                    "valid: None, Lanczos, Nearest, 4x-tiny"),
     ("single", {"upscaler_1": "Lanczos", "upscaler_2": "SwinIR_4x", "extras_upscaler_2_visibility": 0.5}, 422,
      "upscaler_2 'SwinIR_4x'"),
     ("single", {"upscaler_2": "Lanczos", "extras_upscaler_2_visibility": 0.5}, 422, "upscaler_1 is \"None\""),
@@ -178,7 +178,7 @@ def test_extras_refusals_name_the_field_and_the_server_keeps_serving(client, rou
 
 def test_upscalers_list_what_extras_run(client):
     upscalers = client.get("/sdapi/v1/upscalers").json()
-    assert [u["name"] for u in upscalers] == ["None", "Lanczos", "Nearest"]
+    assert [u["name"] for u in upscalers] == ["None", "Lanczos", "Nearest", "4x-tiny"]  # the repository's network
     assert all(u.keys() == {"name", "model_name", "model_path", "model_url", "scale"} for u in upscalers)
 
 
