@@ -167,7 +167,6 @@ class Txt2ImgBody(BaseModel):
                   "restore_faces": self.restore_faces,
                   "firstpass_image": self.firstpass_image, "comments": self.comments, "infotext": self.infotext,
                   "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
-                  "s_min_uncond": self.s_min_uncond != 0,
                   "refiner_checkpoint": self.refiner_checkpoint not in (None, "", "None"),
                   "refiner_switch_at": self.refiner_checkpoint not in (None, "", "None")
                   and self.refiner_switch_at is not None,

@@ -247,7 +247,7 @@ BAD = [
     ({"prompt": "a [cat:dog:5]"}, 422, "prompt editing"),
     ({"s_churn": 0.5}, 422, "s_churn 0.5: the Euler a sampler has no churn"),
     ({"s_noise": 1.003, "sampler_name": "DDIM"}, 422, "s_noise 1.003: the DDIM sampler has no churn"),
-    ({"s_min_uncond": 0.2}, 422, "s_min_uncond"),
+    ({"s_min_uncond": -1}, 422, "s_min_uncond"),
     ({"refiner_checkpoint": "sdxl_refiner", "refiner_switch_at": 0.8}, 422, "refiner_checkpoint"),
     ({"initial_noise_multiplier": 0.9}, 422, "initial_noise_multiplier scales img2img's noise"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "control_mode": "My prompt is more "

@@ -118,7 +118,7 @@ TXT2IMG = {
     "do_not_save_grid": ({"save_images": True, "batch_size": 2, "do_not_save_grid": True}, {}, "saves_no_grid"),
     "eta": ({"sampler_name": "DDIM", "eta": 0.8}, {"sampler_name": "DDIM"}, "image"),
     "denoising_strength": (HIRES | {"denoising_strength": 0.3}, HIRES, "image"),
-    "s_min_uncond": ({"s_min_uncond": 0.5}, {}, ("refused", 422, "s_min_uncond")),
+    "s_min_uncond": ({"s_min_uncond": 20.0, "steps": 4}, {"steps": 4}, "image"),  # every other step: no uncond
     "s_churn": (CHURN, {}, "image"),
     "s_tmax": (CHURN | {"s_tmax": 0.01}, CHURN, "image"),
     "s_tmin": (CHURN | {"s_tmin": 5.0}, CHURN, "image"),

@@ -637,3 +637,32 @@ def test_generate_command_writes_a_png_with_parameters(triton, tmp_path, kiln):
     assert "Clip skip: 2" in big.text["parameters"]
     code, _, err = kiln("generate", "a cat", "--hires", "2", "--init-image", out, *common)
     assert code == 2 and "--hires is txt2img's hires fix" in err
+
+
+def test_s_min_uncond_skips_the_unconditional_half_on_every_other_step_below_its_sigma(local):
+    """AUTOMATIC1111's s_min_uncond (NGMS): odd steps whose sigma is under it run the prompt's rows alone, and take
+    the prompt's prediction; 0 never skips."""
+    from orchestrator.pipeline.pipeline import sigma_at
+    from orchestrator.pipeline.sampling import schedule
+
+    def run(s_min_uncond: float, batch: int = 1) -> tuple[np.ndarray, list[int]]:
+        rows: list[int] = []
+
+        def counting(graph, inputs):
+            rows.append(len(inputs["sample"]))
+            return graph(inputs)
+
+        request = Txt2ImgRequest(prompt="a cat", negative_prompt="blurry", steps=6, sampler="Euler", seed=3, width=64,
+                                 height=64, batch_size=batch, s_min_uncond=s_min_uncond)
+        return local.txt2img(request, unet_call=counting).images, rows
+
+    plain, rows = run(0.0)
+    assert rows == [2] * 6
+    scheduler, timesteps = schedule("Euler", local.contract.scheduler_config, 6, 3)
+    sigmas = [sigma_at(scheduler, t) for t in timesteps]
+    threshold = (sigmas[2] + sigmas[3]) / 2  # steps 3 and 5 are under it (odd), step 4 too (even: not skipped)
+    skipped, rows = run(threshold, batch=2)
+    assert rows == [4, 4, 4, 2, 4, 2]
+    assert _max_diff(skipped[:1], plain) > 0
+    assert np.array_equal(run(1e-6)[0], plain)  # no step's sigma is that low: nothing skipped
+    assert abs(sigma_at(scheduler, 999) - 14.6) < 0.1 and sigma_at(scheduler, 0) < 0.03  # SD 1.x's schedule

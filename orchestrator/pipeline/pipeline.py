@@ -219,14 +219,19 @@ class Pipeline:
                 raise Cancelled(f"cancelled after {index} of {len(timesteps)} steps")
             if stop_early is not None and stop_early():
                 return latents, index
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            # AUTOMATIC1111's s_min_uncond: every other step below that sigma runs the prompt's rows alone
+            skip_uncond = guided and index % 2 == 1 and 0 < sigma_at(scheduler, t) < request.s_min_uncond
+            both = guided and not skip_uncond
+            rows_of = _prompt_rows if skip_uncond else _all_rows
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if both else latents, t)
             control_input = model_input.numpy()  # what a ControlNet takes: the latents alone
             if nine_channels:  # a 9-channel inpainting UNet also takes the mask and the masked image
-                model_input = torch.cat([model_input, inpaint["mask_input"], inpaint["masked_input"]], dim=1)
+                model_input = torch.cat([model_input, rows_of(inpaint["mask_input"]), rows_of(inpaint["masked_input"])],
+                                        dim=1)
             rows = len(model_input)
             inputs = {"sample": model_input.numpy(), "timestep": np.full(rows, float(t), np.float32),
-                      "encoder_hidden_states": context}
-            active = [(unit_cond, scale, components.controlnet(unit.model))
+                      "encoder_hidden_states": rows_of(context)}
+            active = [(rows_of(unit_cond), scale, components.controlnet(unit.model))
                       for unit_cond, unit in zip(cond, request.controlnet_units)
                       if (scale := unit.scale_at(index, len(timesteps)))]
             if len(active) == 1 and active[0][2].fused is not None and not nine_channels:
@@ -244,7 +249,7 @@ class Pipeline:
             else:  # no ControlNet, or outside its guidance window: zero residuals equal the plain UNet exactly
                 noise_pred = unet_call(components.unet.with_lora(lora), inputs)
             noise_pred = torch.from_numpy(noise_pred)
-            if guided:
+            if both:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + request.cfg_scale * (text - uncond)
             latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
@@ -338,6 +343,27 @@ def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int) 
     return [np.repeat(control_image(unit.image, width, height, unit.module, unit.low_threshold,
                                     unit.high_threshold)[None], rows, axis=0)
             for unit in request.controlnet_units]
+
+
+def _prompt_rows(tensor):
+    """The prompt's rows of a guided batch (its second half): a step without the unconditional half."""
+    return tensor[len(tensor) // 2:]
+
+
+def _all_rows(tensor):
+    return tensor
+
+
+def sigma_at(scheduler, t) -> float:
+    """The noise level (k-diffusion's sigma) of timestep `t` (fractional too): log-linear between the training
+    schedule's sigmas, as k-diffusion's t_to_sigma, which AUTOMATIC1111's s_min_uncond compares against."""
+    cumprod = scheduler.alphas_cumprod.double()
+    log_sigmas = (((1 - cumprod) / cumprod) ** 0.5).log()
+    t = float(t)
+    low = min(int(t), len(log_sigmas) - 1)
+    high = min(low + 1, len(log_sigmas) - 1)
+    fraction = t - low
+    return float(((1 - fraction) * log_sigmas[low] + fraction * log_sigmas[high]).exp())
 
 
 def churn(request: Txt2ImgRequest) -> dict:

@@ -70,6 +70,9 @@ class Txt2ImgRequest:
     s_tmin: float = 0.0
     s_tmax: float = math.inf
     s_noise: float = 1.0
+    # AUTOMATIC1111's "skip negative prompt" (NGMS): on every other step whose sigma is below this, the unconditional
+    # half is not run and the step takes the prompt's prediction alone; 0: never
+    s_min_uncond: float = 0.0
     hires: HiresFix | None = None  # txt2img only: the hires fix's second pass
     vae: str | None = None  # AUTOMATIC1111's sd_vae: one of the build's VAEs by name; None: the checkpoint's own
     tiling: bool = False  # AUTOMATIC1111's tiling: seamless images (circular padding in the UNet and the VAE)

@@ -58,6 +58,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         if not _is_int(value) or not -1 <= value <= MAX_SEED:
             raise InputError(f"{name} must be -1 (random) or in [0, 2^32 - 1], got {value!r}")
     _number_in("subseed_strength", request.subseed_strength, 0, 1)
+    _number_in("s_min_uncond", request.s_min_uncond, 0, 1000)  # a sigma: SD 1.x's largest is 14.6
     check_sampler(request.sampler)
     _check_churn(request)
     if request.hires is not None:

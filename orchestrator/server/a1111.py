@@ -210,6 +210,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength, s_churn=body.s_churn, s_tmin=body.s_tmin,
+                  s_min_uncond=body.s_min_uncond,
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise,
                   controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height))
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
