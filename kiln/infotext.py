@@ -51,7 +51,7 @@ def parameters_text(info: dict) -> str:
                else ("Inpaint not masked" if info["inpainting_mask_invert"] else "Inpaint masked")),
               ("Masked content", None if "inpainting_fill" not in info else INPAINTING_FILL[info["inpainting_fill"]]),
               ("Inpaint area", "Only masked" if info.get("inpaint_full_res") else None),
-              ("Only masked padding, pixels", info.get("inpaint_full_res_padding")),
+              ("Masked area padding", info.get("inpaint_full_res_padding")),
               ]
     units = info.get("controlnet") or []
     fields += [(f"ControlNet {i}", unit) for i, unit in enumerate([units] if isinstance(units, str) else units)]

@@ -155,7 +155,7 @@ class Txt2ImgBody(BaseModel):
     disable_extra_networks: bool = False  # extra-network tags (<lora:...>) are taken out of the prompts, not run
     firstpass_image: str | None = None  # hires fix from a given first pass: refused
     comments: dict[str, Any] | None = None  # AUTOMATIC1111 discards a request's own: refused unless empty
-    infotext: str | None = None  # AUTOMATIC1111 1.8+ fills the request from an infotext: refused
+    infotext: str | None = None  # AUTOMATIC1111 1.8+: fields the request leaves unset, from an infotext (server.paste)
     # AUTOMATIC1111 1.10's (Forge's) modules for the hires pass: "Use same choices" (its default) only
     hr_additional_modules: list[str] | None = None
     # SD.Next's top-level clip skip (its CLIP_stop_at_last_layers): a whole number of layers, 1 the last
@@ -165,7 +165,7 @@ class Txt2ImgBody(BaseModel):
     def _unsupported(self):
         refuse = {"firstphase_width": self.firstphase_width, "firstphase_height": self.firstphase_height,
                   "restore_faces": self.restore_faces,
-                  "firstpass_image": self.firstpass_image, "comments": self.comments, "infotext": self.infotext,
+                  "firstpass_image": self.firstpass_image, "comments": self.comments,
                   "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
                   "refiner_checkpoint": self.refiner_checkpoint not in (None, "", "None"),
                   "refiner_switch_at": self.refiner_checkpoint not in (None, "", "None")

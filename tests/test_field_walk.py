@@ -162,7 +162,9 @@ TXT2IMG = {
     "send_images": ({"send_images": False}, {}, 0),
     "save_images": ({"save_images": True}, {}, "saves"),
     "alwayson_scripts": (unit(), {}, "image"),
-    "infotext": ({"infotext": "a cat\nSteps: 3, Seed: 1"}, {}, ("refused", 422, "infotext")),
+    # the fields it gives that the request leaves unset (the request's own win: here the variation seed is new)
+    "infotext": ({"infotext": "a cat\nSteps: 3, Seed: 1, Variation seed: 7, Variation seed strength: 0.5"}, {},
+                 "image"),
 }
 IMG2IMG = {
     "init_images": ({"init_images": [WIDE]}, {}, "image"),

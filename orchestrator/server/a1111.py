@@ -36,6 +36,7 @@ from orchestrator.pipeline import (
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.server.errors import short
 from orchestrator.server.inputs import decode_b64_image
+from orchestrator.server.paste import apply_infotext
 
 SAMPLER_ALIASES = {
     "Euler a": ["k_euler_a", "k_euler_ancestral"], "Euler": ["k_euler"], "LMS": ["k_lms"], "Heun": ["k_heun"],
@@ -186,7 +187,8 @@ def check_checkpoint(name: str, contract: SDContract, what: str) -> None:
 def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, limits: Limits,
                styles: StyleLibrary | None = None) -> Txt2ImgRequest:
     """An AUTOMATIC1111 body as the pipeline's request (its checks run in the pipeline's validation, once); the
-    styles it names are applied to its prompts here."""
+    styles it names are applied to its prompts here, and the fields its infotext gives (server.paste)."""
+    body = apply_infotext(body)
     for key, value in body.override_settings.items():
         check_setting(key, value, options, APPLIED_OVERRIDES, "override_settings.")
     checkpoint = body.override_settings.get("sd_model_checkpoint")

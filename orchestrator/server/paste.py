@@ -1,0 +1,96 @@
+"""AUTOMATIC1111's `infotext` request field (1.8+): the request's other fields filled from an infotext, as its
+api.apply_infotext does with the UI's paste fields. A field the request sets itself wins over the infotext's; the
+settings an infotext carries (Clip skip, VAE, Model) go to override_settings unless the request overrides them too.
+
+Keys are applied (PASTED, SETTINGS, the hires fix's), or are information only (INFORMATION: hashes, the version),
+or are refused by name: a key that describes a setting kiln would not apply (ENSD, RNG, a ControlNet unit) would
+otherwise change the image without a word.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln import schemas
+from kiln.errors import InputError
+from kiln.infotext import parse_infotext
+from kiln.masks import INPAINTING_FILL
+
+# infotext key -> (request field, type); both routes
+PASTED = {"Prompt": ("prompt", str), "Negative prompt": ("negative_prompt", str), "Steps": ("steps", int),
+          "Sampler": ("sampler_name", str), "Schedule type": ("scheduler", str), "CFG scale": ("cfg_scale", float),
+          "Seed": ("seed", int), "Size-1": ("width", int), "Size-2": ("height", int), "Batch size": ("batch_size", int),
+          "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
+          "Denoising strength": ("denoising_strength", float), "Tiling": ("tiling", bool),
+          "Noise multiplier": ("initial_noise_multiplier", float)}
+def _choice(options: dict[str, Any]):
+    """A key whose text names one of `options` (AUTOMATIC1111's radio buttons)."""
+    def convert(key: str, text: str) -> Any:
+        if text not in options:
+            raise InputError(f"infotext: {key} {text!r} is not one of {', '.join(options)}")
+        return options[text]
+    return convert
+
+
+IMG2IMG_PASTED = {"Mask blur": ("mask_blur", int),
+                  "Mask mode": ("inpainting_mask_invert", _choice({"Inpaint masked": 0, "Inpaint not masked": 1})),
+                  "Masked content": ("inpainting_fill", _choice({v: k for k, v in INPAINTING_FILL.items()})),
+                  "Inpaint area": ("inpaint_full_res", _choice({"Only masked": True, "Whole picture": False})),
+                  "Masked area padding": ("inpaint_full_res_padding", int)}
+HIRES_PASTED = {"Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_upscaler", str),
+                "Hires steps": ("hr_second_pass_steps", int), "Hires resize-1": ("hr_resize_x", int),
+                "Hires resize-2": ("hr_resize_y", int), "Hires prompt": ("hr_prompt", str),
+                "Hires negative prompt": ("hr_negative_prompt", str), "Hires sampler": ("hr_sampler_name", str),
+                "Hires schedule type": ("hr_scheduler", str)}
+SETTINGS = {"Clip skip": ("CLIP_stop_at_last_layers", int), "VAE": ("sd_vae", str),
+            "Model": ("sd_model_checkpoint", str)}
+INFORMATION = {"Size", "Hires resize", "Model hash", "VAE hash", "Lora hashes", "TI hashes", "Hashes", "Version",
+               "Emphasis"}  # Emphasis: only "Original", AUTOMATIC1111's default, is kiln's (checked below)
+
+
+def _value(key: str, text: str, kind) -> Any:
+    if kind not in (str, bool, int, float):
+        return kind(key, text)
+    if kind is str:
+        return text
+    if kind is bool:
+        if text not in ("True", "False"):
+            raise InputError(f"infotext: {key} {text!r} is not True or False")
+        return text == "True"
+    try:
+        return kind(float(text)) if kind is int and float(text).is_integer() else kind(text)
+    except ValueError:
+        raise InputError(f"infotext: {key} {text!r} is not a number") from None
+
+
+def apply_infotext(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
+    """The body with the fields its `infotext` gives and it does not set itself (the body unchanged without one)."""
+    if not body.infotext:
+        return body
+    params = parse_infotext(body.infotext)
+    if "Hires resize" in params and "x" in str(params["Hires resize"]):
+        params["Hires resize-1"], params["Hires resize-2"] = str(params["Hires resize"]).split("x", 1)
+    img2img = isinstance(body, schemas.Img2ImgBody)
+    pasted = PASTED | (IMG2IMG_PASTED if img2img else HIRES_PASTED)
+    if params.get("Emphasis", "Original") != "Original":
+        raise InputError(f"infotext: Emphasis {params['Emphasis']!r} is not applied; kiln's is AUTOMATIC1111's "
+                         "Original")
+    unknown = sorted(set(params) - set(pasted) - set(SETTINGS) - INFORMATION - {"Prompt", "Negative prompt"})
+    if unknown:
+        raise InputError(f"infotext: {', '.join(unknown)} {'is a setting' if len(unknown) == 1 else 'are settings'} "
+                         "kiln would not apply; remove it from the infotext, or send the request's own fields")
+    explicit = body.model_fields_set
+    update: dict[str, Any] = {}
+    for key, (field, kind) in pasted.items():
+        if key in params and field not in explicit and (params[key] != "" or kind is str):
+            update[field] = _value(key, params[key], kind)
+    hires = any(k in params for k in ("Hires upscale", "Hires upscaler", "Hires resize-1"))
+    if not img2img and hires and "Denoising strength" in params and "enable_hr" not in explicit:
+        update["enable_hr"] = True  # AUTOMATIC1111's paste: the hires fix is on when its fields are there
+    settings = dict(body.override_settings)
+    for key, (setting, kind) in SETTINGS.items():
+        if key in params and setting not in settings:
+            settings[setting] = _value(key, params[key], kind)
+    update["override_settings"] = settings
+    update["infotext"] = None  # applied
+    return body.model_validate(body.model_dump(exclude_unset=True) | update)

@@ -1,0 +1,68 @@
+"""AUTOMATIC1111's `infotext` request field: a response's infotext sent back alone gives the same image; the
+request's own fields win over it; its settings go to override_settings; what kiln would not apply is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln import schemas
+from kiln.errors import InputError
+from orchestrator.server.paste import apply_infotext
+
+TEXT = ("a photo of a cat\nNegative prompt: blurry\nSteps: 3, Sampler: Euler, Schedule type: Karras, CFG scale: 6.5, "
+        "Seed: 42, Size: 64x96, Model hash: abc, Clip skip: 2, VAE: anime-vae.safetensors, Lora hashes: \"x: 1\", "
+        "Version: v1.10.1")
+
+
+def test_fields_the_request_leaves_unset_come_from_the_infotext():
+    body = apply_infotext(schemas.Txt2ImgBody(infotext=TEXT, seed=7, override_settings={"sd_vae": "Automatic"}))
+    assert (body.prompt, body.negative_prompt, body.steps, body.sampler_name, body.scheduler) == \
+        ("a photo of a cat", "blurry", 3, "Euler", "Karras")
+    assert (body.cfg_scale, body.width, body.height, body.seed) == (6.5, 64, 96, 7)  # its own seed wins
+    assert body.override_settings == {"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 2}
+    assert body.infotext is None and not body.enable_hr
+    hires = apply_infotext(schemas.Txt2ImgBody(infotext="a cat\nSteps: 2, Denoising strength: 0.4, Hires upscale: "
+                                                        "1.5, Hires steps: 1, Hires upscaler: Latent"))
+    assert hires.enable_hr and (hires.hr_scale, hires.hr_second_pass_steps, hires.denoising_strength) == (1.5, 1, 0.4)
+    masked = apply_infotext(schemas.Img2ImgBody(infotext="a dog\nSteps: 2, Mask blur: 6, Mask mode: Inpaint not "
+                                                         "masked, Masked content: latent noise, Inpaint area: Only "
+                                                         "masked, Masked area padding: 16"))
+    assert (masked.mask_blur, masked.inpainting_mask_invert, masked.inpainting_fill, masked.inpaint_full_res,
+            masked.inpaint_full_res_padding) == (6, 1, 2, True, 16)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a cat\nSteps: 2, ENSD: 31337", "ENSD is a setting kiln would not apply"),
+    ("a cat\nSteps: 2, ControlNet 0: \"Module: canny\"", "ControlNet 0"),
+    ("a cat\nSteps: many", "Steps 'many' is not a number"),
+    ("a cat\nSteps: 2, Emphasis: No norm", "Emphasis 'No norm'"),
+    ("a cat\nSteps: 2, Mask blur: 4", "Mask blur"),  # img2img's, sent to txt2img
+])
+def test_what_kiln_would_not_apply_is_refused(text, message):
+    with pytest.raises(InputError, match=message):
+        apply_infotext(schemas.Txt2ImgBody(infotext=text))
+
+
+@pytest.mark.slow
+def test_a_responses_infotext_sent_back_alone_gives_the_same_image(triton):
+    from kiln.triton_server import free_port
+    from orchestrator.server.service import BackgroundAPI
+    from orchestrator.server.settings import Settings
+
+    live = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port()))
+    body = {"prompt": "a photo of a (cat:1.2)", "negative_prompt": "blurry", "steps": 3, "seed": 11, "width": 64,
+            "height": 96, "sampler_name": "Euler", "cfg_scale": 6.0, "subseed": 3, "subseed_strength": 0.3,
+            "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "anime-vae.safetensors"}}
+    try:
+        with live.client() as client:
+            first = client.post("/sdapi/v1/txt2img", json=body).json()
+            infotext = json.loads(first["info"])["infotexts"][0]
+            again = client.post("/sdapi/v1/txt2img", json={"infotext": infotext})
+            assert again.status_code == 200, again.text
+            assert again.json()["images"][0] == first["images"][0]
+            other = client.post("/sdapi/v1/txt2img", json={"infotext": infotext, "seed": 12})
+            assert other.json()["images"][0] != first["images"][0]  # the request's own seed wins
+    finally:
+        live.stop()
