@@ -851,6 +851,9 @@ def test_generate_command_through_the_api(api, tmp_path, kiln):
                             capture_output=True, text=True, cwd=PROJECT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "seed 7" in result.stdout and "Seed: 7" in Image.open(out).info["parameters"]
+    code, _, err = kiln("generate", "a cat", "--steps", "2", "--width", "64", "--height", "64", "--tiling", "--vae",
+                        "anime-vae.safetensors", "--api", api.url)
+    assert code == 2 and "tiling with another VAE" in err, err  # both reached the server, which names the clash
     code, _, err = kiln("generate", "x", "--width", "65", "--api", api.url)  # the server's verdict
     assert code == 2 and "width must be a multiple" in err and "Traceback" not in err
     code, _, err = kiln("generate", "x", "--cfg-scale", "nan", "--api", api.url)  # refused before sending

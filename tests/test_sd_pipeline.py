@@ -637,6 +637,12 @@ def test_generate_command_writes_a_png_with_parameters(triton, tmp_path, kiln):
     assert "Clip skip: 2" in big.text["parameters"]
     code, _, err = kiln("generate", "a cat", "--hires", "2", "--init-image", out, *common)
     assert code == 2 and "--hires is txt2img's hires fix" in err
+    code, _, err = kiln("generate", "a cat", "--steps", "2", "--vae", "anime-vae.safetensors", "--tiling", *common)
+    assert code == 2 and "tiling with another VAE" in err  # the build's seamless VAE is the checkpoint's own
+    code, _, err = kiln("generate", "a cat", "--steps", "2", "--vae", "anime-vae.safetensors", "--hires", "1.5",
+                        "--hires-upscaler", "4x-tiny", *common, "--out", tmp_path / "vae.png")
+    parameters = Image.open(tmp_path / "vae.png").text["parameters"]
+    assert code == 0 and "VAE: anime-vae.safetensors" in parameters and "Hires upscaler: 4x-tiny" in parameters, err
 
 
 def test_s_min_uncond_skips_the_unconditional_half_on_every_other_step_below_its_sigma(local):

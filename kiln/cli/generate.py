@@ -26,10 +26,15 @@ def add_parser(commands) -> None:
     generate.add_argument("--clip-skip", type=int, default=1,
                           help="AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers): 1 uses the text encoder's last "
                                "layer, 2 the one before, ...")
+    generate.add_argument("--vae", help="one of the build's other VAEs by name (kiln build sd --vae; AUTOMATIC1111's "
+                                        "sd_vae); default: the checkpoint's own")
+    generate.add_argument("--tiling", action="store_true",
+                          help="seamless images: the build's circular-padding models (kiln build sd --tiling)")
     generate.add_argument("--hires", type=float, metavar="SCALE",
                           help="AUTOMATIC1111's hires fix: upscale the result by SCALE and redraw it (img2img)")
     generate.add_argument("--hires-upscaler", default="Latent",
-                          help="Latent, Latent (bicubic), ... (a latent mode), or Lanczos / Nearest (the image)")
+                          help="Latent, Latent (bicubic), ... (a latent mode), or Lanczos / Nearest or an upscaler "
+                               "network of the repository (kiln build upscaler) on the image")
     generate.add_argument("--hires-steps", type=int, default=0, help="steps of the hires pass (0: --steps)")
     generate.add_argument("--hires-strength", type=float, default=0.75, help="how much the hires pass redraws")
     generate.add_argument("--init-image", type=Path,
@@ -128,7 +133,7 @@ def run(args) -> int:
 
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
-                  batch_size=args.batch_size, clip_skip=args.clip_skip,
+                  batch_size=args.batch_size, clip_skip=args.clip_skip, vae=args.vae, tiling=args.tiling,
                   controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None)
     if args.init_image is not None:
         request = Img2ImgRequest(**fields, init_image=files[str(args.init_image)], denoising_strength=args.strength,
@@ -172,7 +177,9 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                   sampler_name=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
                   height=args.height, batch_size=args.batch_size, eta=0.0 if args.sampler.lower() == "ddim" else None,
-                  override_settings={"CLIP_stop_at_last_layers": args.clip_skip} if args.clip_skip != 1 else {})
+                  tiling=args.tiling or None,
+                  override_settings=({"CLIP_stop_at_last_layers": args.clip_skip} if args.clip_skip != 1 else {})
+                  | ({"sd_vae": args.vae} if args.vae else {}))
     if args.hires:
         fields |= dict(enable_hr=True, hr_scale=args.hires, hr_upscaler=args.hires_upscaler,
                        hr_second_pass_steps=args.hires_steps, denoising_strength=args.hires_strength)
