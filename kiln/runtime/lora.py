@@ -1,4 +1,4 @@
-"""LoRA on compiled models: one session per LoRA set, its weights merged, the others shared with the base.
+"""LoRA on compiled models: one session per LoRA set, over the same artifact, its touched weights merged.
 
 A build writes, beside each artifact that can take LoRA (the text encoder's and the UNets', ONNX Runtime or OpenVINO
 in float), `<artifact>.lora.json`: which of the artifact's constants holds which module's weight (found by value,
@@ -10,8 +10,11 @@ session initializers (`SessionOptions.add_initializer`), OpenVINO as new constan
 
 Cost: a set not yet held costs reading its files, the merge (numpy, per touched weight) and opening a session;
 a held set costs nothing. Memory: each held set keeps its merged weights (the touched constants, in the artifact's
-dtype) and what the runtime derives from them; sets are dropped least recently used past `budget_bytes` of merged
-weights (KILN_LORA_CACHE_MB, default 4096), the newest always kept. The folder is `KILN_LORAS` (Triton's side).
+dtype) and a session, which reads the artifact's other weights again (the runtimes share nothing between sessions:
+about the model's size per held set; benchmarks/RESULTS.md); sets are dropped least recently used past
+`budget_bytes` of merged weights (KILN_LORA_CACHE_MB, default 4096), the newest always kept. An ONNX Runtime LoRA
+session stops at the extended optimization level (kiln.runtime.Session: its layout transforms would read the file's
+weights). The folder is `KILN_LORAS` (Triton's side).
 """
 
 from __future__ import annotations
