@@ -373,3 +373,35 @@ def test_list_refresh_and_use_over_http(triton, lora_dir, tmp_path):
             assert "style" not in [e["name"] for e in client.get("/sdapi/v1/loras").json()]
     finally:
         live.stop()
+
+
+@slow
+def test_openvino_takes_the_same_sets_within_its_precision(plain_checkpoint, plain_repo, lora_dir, tmp_path):
+    """The OpenVINO fp16 UNet (its constants replaced before it compiles) against ONNX Runtime fp32's LoRA session,
+    which equals diffusers exactly: within fp16's tolerance, and far closer to it than to the UNet without the LoRA."""
+    from build.convert import SD_VARIANTS, derive
+    from build.parity import compare
+    from build.sd.export import export_modules
+    from build.sd.lora import write_lora_map
+    from build.sd.weights import load_sd
+    from kiln.runtime import Session, SessionOptions
+    from kiln.runtime.lora import LoraSessions
+
+    kind = SD_VARIANTS["openvino-fp16"]
+    target = tmp_path / kind.artifact
+    derive(kind, plain_repo / "sd_unet" / "1" / "model.onnx", target)
+    written = write_lora_map(export_modules(load_sd(plain_checkpoint))["unet"], "unet", "openvino", target)
+    assert written["unmatched"] == 0 and written["layers"] > 100
+    spec = '[["detail.safetensors",0.8]]'
+    openvino = LoraSessions(Session(SessionOptions("openvino", target)), lora_dir)
+    reference = LoraSessions(Session(SessionOptions("onnxruntime", plain_repo / "sd_unet" / "1" / "model.onnx")),
+                             lora_dir)
+    rng = np.random.default_rng(0)
+    feed = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+            "timestep": np.array([500.0, 20.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    got = openvino.session(spec).run(feed)["noise_pred"]
+    expected = reference.session(spec).run(feed)["noise_pred"]
+    base = reference.base.run(feed)["noise_pred"]
+    assert compare(expected, got).cosine > 0.999  # fp16 weights
+    assert np.abs(got - expected).max() * 10 < np.abs(base - expected).max()
