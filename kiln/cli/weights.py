@@ -29,17 +29,13 @@ def add_parser(commands) -> None:
     vit.set_defaults(run=run_vit)
     embedding = targets.add_parser("embedding", help="an AUTOMATIC1111 textual-inversion embedding (.safetensors, "
                                                      "emb_params) for the SD text encoder; its name is the file's")
-    size = embedding.add_mutually_exclusive_group(required=True)
-    size.add_argument("--tiny", type=Path, metavar="OUT.safetensors", help="for `kiln weights sd --tiny`'s encoder")
-    size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help="for SD 1.5's (768 wide)")
+    _file_sizes(embedding, "for `kiln weights sd --tiny`'s encoder", "for SD 1.5's (768 wide)")
     embedding.add_argument("--vectors", type=int, default=2, help="vectors per use of its name (1-75)")
     embedding.add_argument("--seed", type=int, default=0)
     embedding.set_defaults(run=run_embedding)
     lora = targets.add_parser("lora", help="a LoRA in kohya's layout (.safetensors) for the SD UNet and text encoder; "
                                            "prompts use it as <lora:NAME:multiplier>, NAME the file's")
-    size = lora.add_mutually_exclusive_group(required=True)
-    size.add_argument("--tiny", type=Path, metavar="OUT.safetensors", help="for `kiln weights sd --tiny`")
-    size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help="for SD 1.5's architecture")
+    _file_sizes(lora)
     lora.add_argument("--rank", type=int, default=4)
     lora.add_argument("--alpha", type=float, default=2.0, help="kohya's alpha: the difference is scaled by alpha/rank")
     lora.add_argument("--unet-only", action="store_true", help="no text encoder layers")
@@ -47,9 +43,7 @@ def add_parser(commands) -> None:
     lora.set_defaults(run=run_lora)
     vae = targets.add_parser("vae", help="an SD VAE as AUTOMATIC1111's VAE files are (original layout, .safetensors); "
                                          "kiln build sd --vae serves it as sd_vae NAME, its file's name")
-    size = vae.add_mutually_exclusive_group(required=True)
-    size.add_argument("--tiny", type=Path, metavar="OUT.safetensors", help="for `kiln weights sd --tiny`")
-    size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help="for SD 1.5's architecture")
+    _file_sizes(vae)
     vae.add_argument("--seed", type=int, default=7)
     vae.set_defaults(run=run_vae)
     upscaler = targets.add_parser("upscaler", help="an ESRGAN upscaler (x4, original ESRGAN key layout, as "
@@ -59,10 +53,22 @@ def add_parser(commands) -> None:
     upscaler.set_defaults(run=run_upscaler)
 
 
+def _file_sizes(parser, tiny: str = "for `kiln weights sd --tiny`", full: str = "for SD 1.5's architecture") -> None:
+    """--tiny OUT or --full-size-random OUT: the architecture a written file is for (one of them required)."""
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tiny", type=Path, metavar="OUT.safetensors", help=tiny)
+    size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help=full)
+
+
+def _sized(args) -> tuple[Path, str]:
+    """The output path, and its architecture's size ("tiny" or "full"), of --tiny / --full-size-random."""
+    return (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+
+
 def run_sd(args) -> int:
     from build.sd.weights import write_sd_checkpoint
 
-    out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+    out, size = _sized(args)
     if args.single_file is not None and args.single_file.suffix != ".safetensors":
         raise KilnError(f"--single-file {args.single_file}: the file name must end in .safetensors")
     write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet, inpainting=args.inpainting)
@@ -87,7 +93,7 @@ def run_embedding(args) -> int:
     from build.sd.weights import random_embedding
     from kiln.embeddings import write_embedding
 
-    out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+    out, size = _sized(args)
     if not 1 <= args.vectors <= 75:
         raise KilnError(f"--vectors {args.vectors}: an embedding has 1 to 75 vectors (one 75-token chunk)")
     vectors = random_embedding(size, args.vectors, args.seed)
@@ -100,7 +106,7 @@ def run_embedding(args) -> int:
 def run_lora(args) -> int:
     from build.sd.lora import random_lora, write_lora
 
-    out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+    out, size = _sized(args)
     if out.suffix != ".safetensors":
         raise KilnError(f"{out}: a LoRA file's name must end in .safetensors")
     if args.rank < 1 or args.alpha <= 0:
@@ -117,7 +123,7 @@ def run_lora(args) -> int:
 def run_vae(args) -> int:
     from build.sd.vae import random_vae, write_vae_file
 
-    out, size = (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
+    out, size = _sized(args)
     write_vae_file(random_vae(size, args.seed), out)
     print(f"wrote {out}: a seeded random VAE (seed {args.seed}) in the original layout; `kiln build sd --vae {out}` "
           f"serves it as sd_vae {out.name!r}")
