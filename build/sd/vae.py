@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from build.sd.weights import named_paths
 from kiln.errors import WeightsError, first_line
 
 VAE_NAME = re.compile(r"^[\w.+ ()\[\]-]{1,96}$")
@@ -31,15 +32,10 @@ class ExtraVAE:
     sha256: str  # of its file (AUTOMATIC1111's "VAE hash" is the first 10 digits)
 
 
-def vae_sources(specs, base_config_folder: Path | None = None) -> dict[str, Path]:
+def vae_sources(specs) -> dict[str, Path]:
     """`--vae` values (PATH or NAME=PATH) as {name: path}, a folder of files expanded to its files."""
     sources: dict[str, Path] = {}
-    for spec in [specs] if isinstance(specs, (str, Path)) else (specs or ()):
-        text = str(spec)
-        name, sep, location = text.partition("=")
-        if not sep or Path(text).exists():
-            name, location = "", text
-        path = Path(location)
+    for text, name, path in named_paths(specs):
         if not path.exists():
             raise WeightsError(f"--vae {text}: no such file or folder")
         if path.is_dir() and not (path / "config.json").exists():

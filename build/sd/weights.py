@@ -233,6 +233,19 @@ class LoadedSD:
 CONTROLNET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 
 
+def named_paths(specs: str | Path | Sequence[str | Path] | None) -> list[tuple[str, str, Path]]:
+    """Repeatable PATH or NAME=PATH options (--controlnet, --vae) as (the option's text, NAME or "", PATH); a path
+    that happens to contain "=" stays a path."""
+    found = []
+    for spec in [specs] if isinstance(specs, (str, Path)) else (specs or ()):
+        text = str(spec)
+        name, sep, location = text.partition("=")
+        if not sep or Path(text).exists():
+            name, location = "", text
+        found.append((text, name, Path(location)))
+    return found
+
+
 def controlnet_sources(specs: str | Path | Sequence[str | Path] | None, weights: Path) -> dict[str, Path]:
     """`--controlnet` values (PATH or NAME=PATH, repeatable) as {name: path}; none given: <weights>/controlnet.
 
@@ -243,12 +256,7 @@ def controlnet_sources(specs: str | Path | Sequence[str | Path] | None, weights:
         default = weights / "controlnet"
         return {"controlnet": default} if default.is_dir() else {}
     sources: dict[str, Path] = {}
-    for spec in [specs] if isinstance(specs, (str, Path)) else specs:
-        text = str(spec)
-        name, sep, location = text.partition("=")
-        if not sep or Path(text).exists():  # a path that happens to contain "=" stays a path
-            name, location = "", text
-        path = Path(location)
+    for text, name, path in named_paths(specs):
         name = name or (path.stem if path.is_file() else path.name)
         if not CONTROLNET_NAME.match(name):
             raise WeightsError(f"--controlnet {text}: the name {name!r} must be 1-64 letters, digits, _ . + - "
