@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 # A field this server does not know is refused by name (it would otherwise be ignored without a word)
 STRICT = ConfigDict(allow_inf_nan=False, extra="forbid")
@@ -26,9 +26,14 @@ UNIT_DEFAULTS: dict[str, tuple] = {
     "batch_modifiers": (None, []), "animatediff_batch": (False,), "image_fg": (None,), "mask_image_fg": (None,),
     "advanced_weighting": (None,), "effective_region_mask": (None,), "pulid_mode": ("Fidelity",),
     "union_control_type": ("Unknown",), "ipadapter_input": (None,), "inpaint_crop_input_image": (False,)}
+# The extension's newer fields (batch and merge inputs, the preview as input, foreground images, per-layer weights,
+# region masks, PuLID, ControlNet-Union types, IP-Adapter inputs, AnimateDiff batches, the inpaint crop of the control
+# image), declared from UNIT_DEFAULTS: each defaults to its first accepted value, and anything else is refused
+_NewerUnitFields = create_model("_NewerUnitFields", __config__=STRICT,
+                                **{name: (Any, values[0]) for name, values in UNIT_DEFAULTS.items()})
 
 
-class ControlNetUnitArgs(BaseModel):
+class ControlNetUnitArgs(_NewerUnitFields):
     """One unit of sd-webui-controlnet's `alwayson_scripts.controlnet.args`."""
 
     model_config = STRICT
@@ -55,28 +60,6 @@ class ControlNetUnitArgs(BaseModel):
     save_detected_map: bool = True  # the unit's detected map follows the response's images (unless false)
     hr_option: Any = "Both"  # with the hires fix: the unit acts in both passes ("Both"); the others are refused
     is_ui: bool = False  # whether the unit came from the extension's UI: nothing for an API request to change
-    # The extension's newer fields, each at its default or refused (UNIT_DEFAULTS): batch and merge inputs, the
-    # preview as input, foreground images, per-layer weights, region masks, PuLID, ControlNet-Union types, IP-Adapter
-    # inputs, AnimateDiff batches, the inpaint crop of the control image
-    input_mode: Any = "simple"
-    use_preview_as_input: Any = False
-    generated_image: Any = None
-    batch_image_dir: Any = ""
-    batch_mask_dir: Any = ""
-    batch_input_gallery: Any = None
-    batch_mask_gallery: Any = None
-    batch_image_files: Any = None
-    batch_keyframe_idx: Any = None
-    batch_modifiers: Any = None
-    animatediff_batch: Any = False
-    image_fg: Any = None
-    mask_image_fg: Any = None
-    advanced_weighting: Any = None
-    effective_region_mask: Any = None
-    pulid_mode: Any = "Fidelity"
-    union_control_type: Any = "Unknown"
-    ipadapter_input: Any = None
-    inpaint_crop_input_image: Any = False
 
     @model_validator(mode="after")
     def _unsupported(self):
