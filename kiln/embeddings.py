@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import InputError, WeightsError
+from kiln.folders import WatchedFolder
 from kiln.prompts import BREAK, parse_emphasis
 
 log = logging.getLogger("kiln.embeddings")
@@ -171,30 +171,23 @@ class EmbeddingLibrary:
     `refresh()`, as AUTOMATIC1111 reloads its embeddings folder."""
 
     def __init__(self, folder: Path | None) -> None:
-        self.folder = Path(folder) if folder is not None else None
-        self._lock = threading.Lock()
-        self._stamp: int | None = None
-        self._loaded: dict[str, Embedding] = {}
-        self._refused: dict[str, str] = {}
+        self._watched = WatchedFolder(folder, self._read, ({}, {}))
+        self.folder = self._watched.folder
+
+    @staticmethod
+    def _read(folder: Path) -> tuple[dict[str, Embedding], dict[str, str]]:
+        loaded, refused = read_folder(folder)
+        log.info("embeddings in %s: %s", folder, ", ".join(loaded) or "none")
+        for why in refused.values():
+            log.warning("embeddings: %s", why)
+        return loaded, refused
 
     def refresh(self) -> None:
         """Read the folder again now (a file replaced in place does not change the folder)."""
-        with self._lock:
-            self._stamp = None
-        self._current()
+        self._watched.refresh()
 
     def _current(self) -> tuple[dict[str, Embedding], dict[str, str]]:
-        if self.folder is None or not self.folder.is_dir():
-            return {}, {}
-        stamp = self.folder.stat().st_mtime_ns
-        with self._lock:
-            if stamp != self._stamp:
-                self._loaded, self._refused = read_folder(self.folder)
-                self._stamp = stamp
-                log.info("embeddings in %s: %s", self.folder, ", ".join(self._loaded) or "none")
-                for why in self._refused.values():
-                    log.warning("embeddings: %s", why)
-            return self._loaded, self._refused
+        return self._watched.current()
 
     def listing(self, hidden: int) -> dict:
         """AUTOMATIC1111's GET /sdapi/v1/embeddings for a text encoder of `hidden` (0: one that takes none): the

@@ -32,6 +32,7 @@ import numpy as np
 
 from kiln.embeddings import float32_tensor
 from kiln.errors import InputError, WeightsError
+from kiln.folders import WatchedFolder
 from kiln.prompts import EXTRA_NETWORK
 
 log = logging.getLogger("kiln.lora")
@@ -285,36 +286,30 @@ class LoraLibrary:
     `refresh()` (POST /sdapi/v1/refresh-loras); headers only."""
 
     def __init__(self, folder: Path | None) -> None:
-        self.folder = Path(folder) if folder is not None else None
-        self._lock = threading.Lock()
-        self._stamp: int | None = None
-        self._files: list[LoraFile] = []
-        self._refused: dict[str, str] = {}
+        self._watched = WatchedFolder(folder, self._read, ([], {}))
+        self.folder = self._watched.folder
+        self._lock = threading.Lock()  # the hashes'
         self._hashes: dict[tuple, str] = {}  # by (path, mtime, size)
 
+    @staticmethod
+    def _read(folder: Path) -> tuple[list[LoraFile], dict[str, str]]:
+        files, refused = [], {}
+        for path in sorted(folder.rglob(f"*{SUFFIX}")):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            try:
+                files.append(read_entry(folder, path))
+            except (WeightsError, OSError) as exc:
+                refused[path.stem] = str(exc)
+                log.warning("loras: %s", exc)
+        log.info("LoRAs in %s: %s", folder, ", ".join(f.name for f in files) or "none")
+        return files, refused
+
     def refresh(self) -> None:
-        with self._lock:
-            self._stamp = None
-        self._current()
+        self._watched.refresh()
 
     def _current(self) -> tuple[list[LoraFile], dict[str, str]]:
-        if self.folder is None or not self.folder.is_dir():
-            return [], {}
-        stamp = self.folder.stat().st_mtime_ns
-        with self._lock:
-            if stamp != self._stamp:
-                self._files, self._refused = [], {}
-                for path in sorted(self.folder.rglob(f"*{SUFFIX}")):
-                    if path.name.startswith(".") or not path.is_file():
-                        continue
-                    try:
-                        self._files.append(read_entry(self.folder, path))
-                    except (WeightsError, OSError) as exc:
-                        self._refused[path.stem] = str(exc)
-                        log.warning("loras: %s", exc)
-                self._stamp = stamp
-                log.info("LoRAs in %s: %s", self.folder, ", ".join(f.name for f in self._files) or "none")
-            return self._files, self._refused
+        return self._watched.current()
 
     def listing(self) -> list[dict]:
         return [f.describe() for f in self._current()[0]]
