@@ -218,3 +218,32 @@ def kiln(capsys):
         return code, out, err
 
     return run
+
+
+def diffusers_pipeline(checkpoint: Path):
+    """diffusers' own StableDiffusionPipeline over a checkpoint folder: the parity tests' reference."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(checkpoint), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_image(pipe, scheduler_config: dict, request: dict, init=None, strength: float = 0.5) -> np.ndarray:
+    """diffusers' uint8 images for a request's fields (prompt, negative_prompt, steps, sampler, cfg_scale, seed,
+    width, height): txt2img, or img2img from the PIL image `init` at `strength` (its own components)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from orchestrator.pipeline import make_scheduler
+
+    common = dict(negative_prompt=request["negative_prompt"], num_inference_steps=request["steps"],
+                  guidance_scale=request["cfg_scale"], generator=torch.Generator().manual_seed(request["seed"]),
+                  output_type="np")
+    if init is None:
+        pipe.scheduler = make_scheduler(request["sampler"], scheduler_config)
+        images = pipe(request["prompt"], height=request["height"], width=request["width"], **common).images
+    else:
+        img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+        img2img.scheduler = make_scheduler(request["sampler"], scheduler_config)
+        images = img2img(request["prompt"], image=init, strength=strength, **common).images
+    return (images * 255).round().astype(np.uint8)

@@ -163,28 +163,21 @@ def test_the_build_maps_every_linear_and_conv_weight_of_the_text_encoder_and_une
 def test_parity_with_diffusers_load_lora_weights(local, sd_checkpoint, lora_dir):
     """diffusers (PEFT) with the same file and scales: one LoRA at 0.8, and two with the text encoder's and the UNet's
     multipliers apart. Measured: 0/255 both."""
-    import torch
-    from diffusers import StableDiffusionPipeline
+    from tests.conftest import diffusers_image, diffusers_pipeline
 
-    from orchestrator.pipeline import make_scheduler
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(sd_checkpoint), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(sd_checkpoint)
     scheduler_config = dict(pipe.scheduler.config)
     pipe.load_lora_weights(str(lora_dir), weight_name="detail.safetensors", adapter_name="detail")
     pipe.load_lora_weights(str(lora_dir / "sub"), weight_name="style.safetensors", adapter_name="style")
 
-    def diffusers_image(adapters, weights):
+    def with_adapters(adapters, weights):
         pipe.set_adapters(adapters, adapter_weights=weights)
-        pipe.scheduler = make_scheduler("Euler a", scheduler_config)
-        return (pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5,
-                     height=64, width=64, generator=torch.Generator().manual_seed(21), output_type="np").images
-                * 255).round().astype(np.uint8)
+        return diffusers_image(pipe, scheduler_config, BASE | {"prompt": "a photo of a cat"})
 
     one = local.txt2img(Txt2ImgRequest(prompt="a photo of a cat <lora:detail:0.8>", **BASE)).images
-    assert _max_diff(one, diffusers_image(["detail"], [0.8])) <= 2
+    assert _max_diff(one, with_adapters(["detail"], [0.8])) <= 2
     two = local.txt2img(Txt2ImgRequest(prompt="a photo of <lora:detail:0.3:0.7>a cat<lora:style:1.5>", **BASE)).images
-    assert _max_diff(two, diffusers_image(["detail", "style"], [{"text_encoder": 0.3, "unet": 0.7}, 1.5])) <= 2
+    assert _max_diff(two, with_adapters(["detail", "style"], [{"text_encoder": 0.3, "unet": 0.7}, 1.5])) <= 2
     plain = local.txt2img(Txt2ImgRequest(prompt="a photo of a cat", **BASE)).images
     assert _max_diff(one, plain) > 10 and _max_diff(two, one) > 10  # the LoRAs act (measured: 43 and 60 apart)
 

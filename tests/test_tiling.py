@@ -7,7 +7,6 @@ The session repository is built with --tiling.
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +15,8 @@ import torch
 from PIL import Image
 
 from kiln.errors import InputError
-from orchestrator.pipeline import ControlNetUnit, Img2ImgRequest, Pipeline, Txt2ImgRequest, make_scheduler
+from orchestrator.pipeline import ControlNetUnit, Img2ImgRequest, Pipeline, Txt2ImgRequest
+from tests.conftest import diffusers_image, diffusers_pipeline, encode
 
 pytestmark = pytest.mark.slow
 BASE = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4, sampler="Euler a", cfg_scale=7.5, seed=3,
@@ -31,10 +31,7 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
 @pytest.fixture(scope="module")
 def circular(sd_checkpoint):
     """diffusers' pipeline with every Conv2d of the UNet and the VAE padding circularly, as AUTOMATIC1111 tiles."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(sd_checkpoint), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(sd_checkpoint)
     for module in [*pipe.unet.modules(), *pipe.vae.modules()]:
         if isinstance(module, torch.nn.Conv2d):
             module.padding_mode = "circular"
@@ -43,26 +40,14 @@ def circular(sd_checkpoint):
 
 def test_txt2img_and_img2img_match_diffusers_with_circular_padding(local, circular):
     pipe, config = circular
-    pipe.scheduler = make_scheduler("Euler a", config)
-    expected = (pipe(BASE["prompt"], negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5, height=96,
-                     width=64, generator=torch.Generator().manual_seed(3), output_type="np").images * 255).round()
     seamless = local.txt2img(Txt2ImgRequest(**BASE, tiling=True))
-    assert _max_diff(seamless.images, expected.astype(np.uint8)) <= 2  # measured: 1
+    assert _max_diff(seamless.images, diffusers_image(pipe, config, BASE)) <= 2  # measured: 1
     assert _max_diff(seamless.images, local.txt2img(Txt2ImgRequest(**BASE)).images) > 10
     assert seamless.info["tiling"] is True
 
-    from diffusers import StableDiffusionImg2ImgPipeline
-
     start = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 64, 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    start.save(buffer, format="PNG")
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
-    img2img.scheduler = make_scheduler("Euler a", config)
-    expected = (img2img(BASE["prompt"], image=start, strength=0.5, negative_prompt="blurry", num_inference_steps=4,
-                        guidance_scale=7.5, generator=torch.Generator().manual_seed(3), output_type="np").images
-                * 255).round().astype(np.uint8)
-    result = local.img2img(Img2ImgRequest(**BASE, tiling=True, init_image=buffer.getvalue(), denoising_strength=0.5))
-    assert _max_diff(result.images, expected) <= 2  # the seamless VAE encodes the init image too
+    result = local.img2img(Img2ImgRequest(**BASE, tiling=True, init_image=encode(start), denoising_strength=0.5))
+    assert _max_diff(result.images, diffusers_image(pipe, config, BASE, init=start)) <= 2  # the seamless VAE encodes
 
 
 def test_triton_gives_the_in_process_images(triton, local):
@@ -77,9 +62,8 @@ def test_triton_gives_the_in_process_images(triton, local):
 
 
 def test_what_cannot_be_seamless_is_refused(local):
-    control = io.BytesIO()
-    Image.new("RGB", (64, 96), (255, 255, 255)).save(control, format="PNG")
-    cases = [(Txt2ImgRequest(**BASE, tiling=True, controlnet=ControlNetUnit(image=control.getvalue())),
+    control = encode(Image.new("RGB", (64, 96), (255, 255, 255)))
+    cases = [(Txt2ImgRequest(**BASE, tiling=True, controlnet=ControlNetUnit(image=control)),
               "tiling with ControlNet"),
              (Txt2ImgRequest(**BASE, tiling=True, vae="anime-vae.safetensors"), "tiling with another VAE")]
     for request, message in cases:

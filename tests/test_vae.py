@@ -8,7 +8,6 @@ The session repository serves a second VAE (conftest.extra_vae: "anime-vae.safet
 from __future__ import annotations
 
 import base64
-import io
 import json
 
 import numpy as np
@@ -20,6 +19,7 @@ from build.sd.vae import load_vae, random_vae, vae_ldm_state_dict, vae_sources, 
 from kiln.contract import SDContract, ServedVAE
 from kiln.errors import InputError, WeightsError
 from orchestrator.pipeline import Img2ImgRequest, Pipeline, Txt2ImgRequest
+from tests.conftest import diffusers_image, diffusers_pipeline, encode
 
 NAME = "anime-vae.safetensors"
 BASE = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4, sampler="Euler a", cfg_scale=7.5, seed=3,
@@ -88,41 +88,24 @@ def test_the_contract_names_the_vaes_and_round_trips():
 # -- the loop: diffusers' images with that VAE -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reference(sd_checkpoint, extra_vae):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(sd_checkpoint), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(sd_checkpoint)
     pipe.vae = load_vae(extra_vae, pipe.vae).model
     return pipe, dict(pipe.scheduler.config)
 
 
 @pytest.mark.slow
 def test_txt2img_and_img2img_with_another_vae_match_diffusers(local, reference):
-    from orchestrator.pipeline import make_scheduler
-
     pipe, scheduler_config = reference
-    pipe.scheduler = make_scheduler("Euler a", scheduler_config)
-    expected = (pipe(BASE["prompt"], negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5, height=64,
-                     width=64, generator=torch.Generator().manual_seed(3), output_type="np").images * 255).round()
     chosen = local.txt2img(Txt2ImgRequest(**BASE, vae=NAME))
-    assert _max_diff(chosen.images, expected.astype(np.uint8)) <= 2  # measured: 0
+    assert _max_diff(chosen.images, diffusers_image(pipe, scheduler_config, BASE)) <= 2  # measured: 0
     assert chosen.info["vae"] == NAME and len(chosen.info["vae_hash"]) == 10
     own = local.txt2img(Txt2ImgRequest(**BASE)).images
     assert _max_diff(own, chosen.images) > 10 and "vae" not in local.txt2img(Txt2ImgRequest(**BASE)).info
     assert np.array_equal(local.txt2img(Txt2ImgRequest(**BASE, vae="Automatic")).images, own)
 
-    from diffusers import StableDiffusionImg2ImgPipeline
-
     start = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    buffer = io.BytesIO()
-    start.save(buffer, format="PNG")
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
-    img2img.scheduler = make_scheduler("Euler a", scheduler_config)
-    expected = (img2img(BASE["prompt"], image=start, strength=0.5, negative_prompt="blurry", num_inference_steps=4,
-                        guidance_scale=7.5, generator=torch.Generator().manual_seed(3), output_type="np").images
-                * 255).round().astype(np.uint8)
-    result = local.img2img(Img2ImgRequest(**BASE, vae="anime-vae", init_image=buffer.getvalue(),
-                                          denoising_strength=0.5))
+    result = local.img2img(Img2ImgRequest(**BASE, vae="anime-vae", init_image=encode(start), denoising_strength=0.5))
+    expected = diffusers_image(pipe, scheduler_config, BASE, init=start)
     assert _max_diff(result.images, expected) <= 2  # the chosen VAE encodes the init image too
 
 
