@@ -21,7 +21,6 @@ VIT_PREPROCESS = "vit_preprocess"  # image bytes -> pixels (timm's eval transfor
 VIT_POSTPROCESS = "vit_postprocess"  # logits -> top-k labels
 VIT_CLASSIFY = "vit_classify"  # ensemble: bytes -> labels
 VIT_EMBED = "vit_embed"  # ensemble: bytes -> features
-VIT_BLOCKS = 12  # ViT-B/16's depth: the `layer` a client may ask for is 0..11 (or -1 for the last)
 
 SD_TOKENIZER = "sd_tokenizer"  # prompts -> token ids in 77-token chunks
 SD_TEXT_ENCODER = "sd_text_encoder"

@@ -272,14 +272,14 @@ class TaskState(BaseModel):
 class ClassifyBody(BaseModel):
     model_config = STRICT
     images: list[str] = Field(min_length=1, description="base64-encoded images (data: URL prefix allowed)")
-    top_k: int = Field(5, ge=1, le=1000)
+    top_k: int = Field(5, ge=1, le=1000, description="at most this many labels (a model with fewer classes: all)")
 
 
 class EmbedBody(BaseModel):
     model_config = STRICT
     images: list[str] = Field(min_length=1, description="base64-encoded images (data: URL prefix allowed)")
-    layer: int = Field(-1, ge=-12, le=11,
-                       description="block whose tokens are returned: 0..11, or negative from the end")
+    layer: int = Field(-1, description="block whose tokens are returned: 0..depth-1 (0..11 for ViT-B/16), or "
+                                       "negative from the end; checked against the served model's depth")
     tokens: bool = False
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kiln.contract import VIT_BLOCKS, VIT_CLASSIFY, VIT_EMBED
+from kiln.contract import VIT, VIT_CLASSIFY, VIT_EMBED
 from kiln.errors import KilnError
 from kiln.triton_client import TritonClient
 
@@ -35,9 +35,9 @@ class Classification:
 @dataclass
 class Embedding:
     image: str
-    layer: int  # block whose tokens were returned (0..11)
-    embedding: np.ndarray | None = None  # (768,) pooled CLS features after the final norm
-    tokens: np.ndarray | None = None  # (197, 768) tokens of block `layer`, when asked for
+    layer: int  # block whose tokens were returned (0..blocks-1)
+    embedding: np.ndarray | None = None  # (width,) pooled features after the final norm (768 for ViT-B)
+    tokens: np.ndarray | None = None  # (tokens, width) of block `layer` (197x768 for ViT-B/16), when asked for
     error: str | None = None
 
     def as_dict(self, *, with_values: bool = True) -> dict:
@@ -61,6 +61,14 @@ class ViTClient:
         self.triton = TritonClient(url, protocol, timeout_s=timeout_s)
         self.url, self.protocol = self.triton.url, protocol
         self.concurrency = concurrency
+        self._blocks: int | None = None
+
+    def blocks(self) -> int:
+        """The served ViT's depth (12 for ViT-B/16, 24 for ViT-L): `layer` is 0..blocks-1, or negative from the end."""
+        if self._blocks is None:
+            params, _ = self.triton.model_parameters(VIT)
+            self._blocks = int(params["default_layer"]) + 1
+        return self._blocks
 
     def is_ready(self, model: str | None = None) -> bool:
         """The server is ready (or, given a model, that model is)."""
@@ -79,7 +87,7 @@ class ViTClient:
         wanted = ["embedding", "tokens"] if tokens else ["embedding"]
         out = self.triton.infer(VIT_EMBED, {"image": np.array([[data]], dtype=object),
                                             "layer": np.array([[layer]], dtype=np.int64)}, wanted)
-        return Embedding(image=name, layer=layer % VIT_BLOCKS if layer < 0 else layer, embedding=out["embedding"][0],
+        return Embedding(image=name, layer=layer % self.blocks() if layer < 0 else layer, embedding=out["embedding"][0],
                          tokens=out["tokens"][0] if tokens else None)
 
     # -- many images, concurrently --------------------------------------------------------------

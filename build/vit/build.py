@@ -23,9 +23,11 @@ from build import auto, parity, report
 from build.convert import VIT_VARIANTS, Variant, derive, open_session
 from build.native import check_target, parity_note, precision_caveat
 from build.repository import write_models
+from build.specs import ComponentSpec
 from build.torch_export import export_artifact
 from build.vit.configs import vit_model_configs
-from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, NUM_CLASSES, VIT_MODEL_NAME, VIT_SPEC
+from build.vit.labels import class_labels, write_labels
+from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, VIT_MODEL_NAME, VIT_SPEC, spec_facts, spec_for
 from kiln.contract import VIT, VIT_POSTPROCESS
 from kiln.errors import ConfigError, ParityError
 from kiln.imaging import EvalTransform, decode_image
@@ -84,14 +86,16 @@ class ViTBuildOptions:
         return [k for k in VIT_VARIANTS if k in set(keys) | needed]
 
 
-def parity_batch(images: list[Path], transform: EvalTransform) -> tuple[np.ndarray, np.ndarray]:
+def parity_batch(images: list[Path], transform: EvalTransform, blocks: int = NUM_BLOCKS,
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The eval-transformed images, plus a spread of `layer` values so every block index is exercised."""
     pixels = np.stack([transform(decode_image(p.read_bytes())) for p in images])
-    layers = (np.arange(len(images), dtype=np.int64) * 5 + NUM_BLOCKS - 1) % NUM_BLOCKS
+    layers = (np.arange(len(images), dtype=np.int64) * 5 + blocks - 1) % blocks
     return pixels, layers.reshape(-1, 1)
 
 
-def calibration_samples(images: list[Path], transform: EvalTransform, count: int, seed: int) -> list[dict]:
+def calibration_samples(images: list[Path], transform: EvalTransform, count: int, seed: int,
+                        blocks: int = NUM_BLOCKS) -> list[dict]:
     """`count` in-distribution inputs: the eval view of each image, then random crops and flips of them."""
     from PIL import Image
 
@@ -108,8 +112,18 @@ def calibration_samples(images: list[Path], transform: EvalTransform, count: int
         if rng.random() < 0.5:
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         samples.append(transform(view))
-    last_layer = np.array([[NUM_BLOCKS - 1]], dtype=np.int64)
+    last_layer = np.array([[blocks - 1]], dtype=np.int64)
     return [{"pixel_values": sample[None].astype(np.float32), "layer": last_layer} for sample in samples[:count]]
+
+
+PARITY_IMAGES = 16  # parity runs on at most this many of the images (spread over them)
+
+
+def spread(images: list[Path], count: int) -> list[Path]:
+    """At most `count` of `images`, evenly spaced (every class of a sorted class-folder tree is represented)."""
+    if len(images) <= count:
+        return list(images)
+    return [images[int(i * len(images) / count)] for i in range(count)]
 
 
 @dataclass
@@ -148,9 +162,9 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     repository = Path(options.repository)
     loaded = load_vit(options.weights, random_weights=options.random_weights, seed=options.seed)
     model = loaded.model
-    if len(model.blocks) != NUM_BLOCKS or model.num_classes != NUM_CLASSES:
-        raise ConfigError(f"expected a ViT-B/16 with {NUM_BLOCKS} blocks and {NUM_CLASSES} classes, "
-                          f"got {len(model.blocks)} blocks and {model.num_classes} classes")
+    spec = spec_for(model, VIT_SPEC)  # the shapes of this model (any timm ViT), the tolerances of the ViT spec
+    facts = spec_facts(spec)
+    labels = class_labels(loaded.labels, facts["classes"], log)
     if loaded.random:
         log("!" * 78)
         log(f"!! RANDOM WEIGHTS, {loaded.source}: the real {VIT_MODEL_NAME}")
@@ -163,8 +177,10 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         raise ConfigError(f"cannot serve this model's preprocessing: {exc}") from None
 
     # 2. Reference outputs on real images.
-    images = list_images(Path(options.calibration) if options.calibration else SAMPLE_IMAGES)
-    pixels, layers = parity_batch(images, transform)
+    # The user's images when given (--calibration) or known (the training split of a kiln finetune folder).
+    images = list_images(Path(options.calibration)) if options.calibration else \
+        list(loaded.images) or list_images(SAMPLE_IMAGES)
+    pixels, layers = parity_batch(spread(images, PARITY_IMAGES), transform, facts["blocks"])
     reference = export.reference_outputs(model, pixels, layers)
     version_dir = repository / VIT / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -184,22 +200,23 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                 continue
             if key == "torchscript":
                 export.export_torchscript(model, version_dir / "model.torchscript.pt", pixels, layers, reference,
-                                          artifacts, repository)
+                                          artifacts, repository, spec)
                 continue
             variant = VIT_VARIANTS[key]
             produced = variant.artifact not in made
             if key == "onnxruntime-fp32":
-                export.export_onnx(model, onnx_path)
+                export.export_onnx(model, onnx_path, spec)
             elif variant.runtime == "torch":
-                compiled = export_artifact(export.ViTExport(model).eval(), VIT_SPEC, variant,
-                                           version_dir / variant.artifact, VIT_SPEC.sizes("opt"), log=bar.write)
+                compiled = export_artifact(export.ViTExport(model).eval(), spec, variant,
+                                           version_dir / variant.artifact, spec.sizes("opt"), log=bar.write)
             elif produced:
-                calibration = calibration_samples(images, transform, options.calibration_size, options.seed) \
+                calibration = calibration_samples(spread(images, options.calibration_size), transform,
+                                                  options.calibration_size, options.seed, facts["blocks"]) \
                     if variant.calibrated else None
                 derive(variant, onnx_path, version_dir / variant.artifact, calibration)
             made.add(variant.artifact)
             try:
-                artifacts[key] = _check(key, variant, version_dir, repository, pixels, layers, reference, log,
+                artifacts[key] = _check(key, variant, spec, version_dir, repository, pixels, layers, reference, log,
                                         remove_on_failure=produced)
             except ParityError as exc:
                 if not options.auto or key in ("onnxruntime-fp32", "openvino-fp32"):
@@ -217,15 +234,17 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     # 4. Triton models (auto: of what serves, the fastest here).
     choice = None
     if options.auto:
-        options, choice = _choose(options, keys, artifacts, rejected, version_dir, pixels, layers, log)
-    configs = vit_model_configs(options, transform)
+        options, choice = _choose(options, spec, keys, artifacts, rejected, version_dir, pixels, layers, log)
+    configs = vit_model_configs(options, transform, spec)
     write_models(configs, repository)
-    _write_labels(repository / VIT_POSTPROCESS / "1" / "labels.json")
+    write_labels(repository / VIT_POSTPROCESS / "1" / "labels.json", labels.names)
 
     # 5. Report.
     served = options.served
     content = {
-        "model": VIT_MODEL_NAME,
+        "model": _model_name(model),
+        "shape": facts,
+        "labels": {"source": labels.source, "count": len(labels.names), "first": list(labels.names[:10])},
         "created": report.now(),
         "weights": {"source": loaded.source, "random": loaded.random,
                     "parameters": int(sum(p.numel() for p in model.parameters()))},
@@ -234,7 +253,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                    "caveat": precision_caveat(served, options.triton_backend)},
         "auto": choice,
         "preprocess": json.loads(transform.to_json()),
-        "parity_images": [p.name for p in images],
+        "parity_images": [p.name for p in spread(images, PARITY_IMAGES)],
         "versions": report.tool_versions(),
         "machine": report.machine(),
         "artifacts": artifacts,
@@ -248,20 +267,21 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                        artifacts=artifacts)
 
 
-def _check(key: str, variant: Variant, version_dir: Path, repository: Path, pixels: np.ndarray, layers: np.ndarray,
-           reference: dict[str, np.ndarray], log: Callable[[str], None], remove_on_failure: bool) -> dict:
+def _check(key: str, variant: Variant, spec: ComponentSpec, version_dir: Path, repository: Path, pixels: np.ndarray,
+           layers: np.ndarray, reference: dict[str, np.ndarray], log: Callable[[str], None],
+           remove_on_failure: bool) -> dict:
     """Run the artifact on the parity batch, compare with PyTorch, refuse it outside its tolerance; its report entry."""
     path = version_dir / variant.artifact
     session = open_session(variant, path)
-    outputs, executed_in = session.run({"pixel_values": pixels, "layer": layers}, VIT_SPEC.output_names), \
+    outputs, executed_in = session.run({"pixel_values": pixels, "layer": layers}, spec.output_names), \
         session.execution_precision
     if variant.inference_precision != "f32" and executed_in != variant.inference_precision:
         log(f"  note: {key}: this CPU has no {variant.inference_precision} instructions, so OpenVINO "
             f"executes it in {executed_in}; its figures equal the fp32 variant's here")
     figures = parity.compare_outputs(reference, outputs, classify={"logits"})
-    tolerance = VIT_SPEC.tolerance(variant.tolerance_key)
+    tolerance = spec.tolerance(variant.tolerance_key)
     try:
-        parity.check(f"{key} ({VIT_SPEC.reference_output})", figures[VIT_SPEC.reference_output], tolerance)
+        parity.check(f"{key} ({spec.reference_output})", figures[spec.reference_output], tolerance)
     except ParityError:
         if remove_on_failure:  # never remove a file another variant made (bf16 shares fp32's IR)
             report.remove_artifact(path)
@@ -275,7 +295,7 @@ def _check(key: str, variant: Variant, version_dir: Path, repository: Path, pixe
         "size_bytes": report.artifact_size(path),
         "sha256": report.sha256(path),
         "parity": {name: fig.as_dict() for name, fig in figures.items()},
-        "tolerance": {"output": VIT_SPEC.reference_output, "min_cosine": tolerance.min_cosine,
+        "tolerance": {"output": spec.reference_output, "min_cosine": tolerance.min_cosine,
                       "max_abs": tolerance.max_abs, "min_top1": tolerance.min_top1, "why": tolerance.why},
         "parity_samples": int(len(pixels)),
         "parity_note": parity_note(variant),
@@ -288,10 +308,11 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _choose(options: ViTBuildOptions, keys: list[str], artifacts: dict, rejected: dict, version_dir: Path,
-            pixels: np.ndarray, layers: np.ndarray, log: Callable[[str], None]) -> tuple[ViTBuildOptions, dict]:
+def _choose(options: ViTBuildOptions, spec: ComponentSpec, keys: list[str], artifacts: dict, rejected: dict,
+            version_dir: Path, pixels: np.ndarray, layers: np.ndarray,
+            log: Callable[[str], None]) -> tuple[ViTBuildOptions, dict]:
     """Time every candidate that passed its parity check on the spec's optimal batch; serve the fastest."""
-    batch = VIT_SPEC.sizes("opt")["batch"]
+    batch = spec.sizes("opt")["batch"]
     rows = np.arange(batch) % len(pixels)
     inputs = {"pixel_values": np.ascontiguousarray(pixels[rows]), "layer": np.ascontiguousarray(layers[rows])}
     measured = {}
@@ -311,10 +332,8 @@ def _choose(options: ViTBuildOptions, keys: list[str], artifacts: dict, rejected
         "rejected": dict(rejected)}
 
 
-def _write_labels(path: Path) -> None:
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    labels = [info.index_to_description(i) for i in range(info.num_classes())]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(labels))
+def _model_name(model) -> str:
+    """timm's name of the architecture and its pretrained tag (vit_base_patch16_224.augreg2_in21k_ft_in1k)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") or VIT_MODEL_NAME.split(".")[0]
+    return f"{name}.{cfg['tag']}" if cfg.get("tag") else name

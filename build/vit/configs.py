@@ -6,8 +6,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from build.native import cuda_graph_parameters, native_config
+from build.specs import ComponentSpec
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
-from build.vit.spec import DEFAULT_TOP_K, MAX_TOP_K, NUM_BLOCKS, NUM_CLASSES, VIT_SPEC
+from build.vit.spec import DEFAULT_TOP_K, MAX_TOP_K, VIT_SPEC, spec_facts
 from kiln import contract as names
 from kiln.imaging import EvalTransform, ImageLimits
 
@@ -19,9 +20,10 @@ GPU_MAX_BATCH = 256
 GPU_GRAPH_BATCHES = (1, 8, 64, 256)  # torch on CUDA: batch sizes replayed from CUDA graphs
 
 
-def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> list[ModelConfig]:
-    """vit_preprocess, vit, vit_postprocess and the ensembles vit_classify and vit_embed."""
-    spec = VIT_SPEC
+def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
+                      spec: ComponentSpec = VIT_SPEC) -> list[ModelConfig]:
+    """vit_preprocess, vit, vit_postprocess and the ensembles vit_classify and vit_embed, for this ViT's spec."""
+    facts = spec_facts(spec)
     served = options.served
     on_gpu = options.device == "gpu" and options.triton_backend == "python"  # torch on CUDA (check_target)
     # A GPU classifies 256 images in one call (10,000 images/s on an H200 is a batch-256 figure); Triton's batcher
@@ -42,7 +44,7 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> lis
         max_batch_size=max_batch,
         dynamic_batching=batching,
         kind="KIND_CPU",
-        parameters={"transform": transform.to_json(), "default_layer": str(NUM_BLOCKS - 1),
+        parameters={"transform": transform.to_json(), "default_layer": str(facts["blocks"] - 1),
                     "max_pixels": str(ImageLimits().max_pixels), "min_side": str(ImageLimits().min_side)},
     )
     vit = ModelConfig(
@@ -54,7 +56,7 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> lis
         kind="KIND_CPU",
         parameters={"runtime": served.runtime, "artifact": served.artifact,
                     "inference_precision": served.inference_precision, "threads": str(options.threads),
-                    "default_layer": str(NUM_BLOCKS - 1)},
+                    "default_layer": str(facts["blocks"] - 1)},
     )
     if options.triton_backend == "native":
         vit = native_config(vit, served, options.device, options.threads, spec)
@@ -64,7 +66,7 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> lis
     top_k = Tensor("top_k", "INT32", (1,), optional=True)
     postprocess = ModelConfig(
         name=names.VIT_POSTPROCESS,
-        inputs=(Tensor("logits", "FP32", (NUM_CLASSES,)), top_k),
+        inputs=(Tensor("logits", "FP32", (facts["classes"],)), top_k),
         outputs=labels,
         max_batch_size=max_batch,
         dynamic_batching=batching,
@@ -90,7 +92,8 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform) -> lis
         platform="ensemble",
         max_batch_size=max_batch,
         inputs=(image, Tensor("layer", "INT64", (1,))),
-        outputs=(Tensor("embedding", "FP32", (768,)), Tensor("tokens", "FP32", (197, 768))),
+        outputs=(Tensor("embedding", "FP32", (facts["width"],)),
+                 Tensor("tokens", "FP32", (facts["tokens"], facts["width"]))),
         steps=(
             EnsembleStep(names.VIT_PREPROCESS, {"image": "image"}, {"pixel_values": "pixel_values"}),
             EnsembleStep(names.VIT, {"pixel_values": "pixel_values", "layer": "layer"},

@@ -15,7 +15,7 @@ import torch
 
 from build import parity, report
 from build.specs import ComponentSpec
-from build.vit.spec import NUM_BLOCKS, VIT_SPEC
+from build.vit.spec import VIT_SPEC
 from kiln.errors import ExportError
 
 
@@ -47,7 +47,7 @@ def reference_outputs(model: torch.nn.Module, pixel_values: np.ndarray, layer: n
         features = model.forward_features(x)
         pooled = model.forward_head(features, pre_logits=True)
         logits = model.forward_head(features)
-        _, intermediates = model.forward_intermediates(x, indices=list(range(NUM_BLOCKS)), norm=False,
+        _, intermediates = model.forward_intermediates(x, indices=list(range(len(model.blocks))), norm=False,
                                                        output_fmt="NLC", return_prefix_tokens=True)
         tokens = np.stack([
             torch.cat([intermediates[int(block)][1][i], intermediates[int(block)][0][i]], dim=0).numpy()
@@ -91,7 +91,8 @@ def export_safetensors(model, path: Path, artifacts: dict, repository: Path) -> 
                                 "parity": "bit-exact state dict of the PyTorch model"}
 
 
-def export_torchscript(model, path: Path, pixels, layers, reference, artifacts: dict, repository: Path) -> None:
+def export_torchscript(model, path: Path, pixels, layers, reference, artifacts: dict, repository: Path,
+                       spec: ComponentSpec = VIT_SPEC) -> None:
     start = time.perf_counter()
     wrapper = ViTExport(model).eval()
     with torch.inference_mode():
@@ -101,9 +102,9 @@ def export_torchscript(model, path: Path, pixels, layers, reference, artifacts: 
     loaded = torch.jit.load(str(path))
     with torch.inference_mode():
         outs = [o.numpy() for o in loaded(torch.from_numpy(pixels), torch.from_numpy(layers))]
-    figures = parity.compare_outputs(reference, dict(zip(VIT_SPEC.output_names, outs)), classify={"logits"})
+    figures = parity.compare_outputs(reference, dict(zip(spec.output_names, outs)), classify={"logits"})
     try:
-        parity.check("torchscript (logits)", figures["logits"], VIT_SPEC.tolerance("fp32"))
+        parity.check("torchscript (logits)", figures["logits"], spec.tolerance("fp32"))
     except Exception:
         path.unlink(missing_ok=True)
         raise

@@ -24,6 +24,8 @@ class LoadedWeights:
     model: torch.nn.Module
     source: str  # what the user passed, or "random (seed N)"
     random: bool  # True when the weights are seeded random: outputs are meaningless
+    labels: tuple[str, ...] | None = None  # the folder's label_names (one per class), when it has them
+    images: tuple[Path, ...] = ()  # the images it was fine-tuned on (kiln finetune's training split), when known
 
 
 def create_vit(model_name: str = VIT_MODEL_NAME, **kwargs) -> torch.nn.Module:
@@ -47,7 +49,8 @@ def load_vit(weights: str | Path | None = None, *, random_weights: bool = False,
 
     path = Path(weights)
     if path.is_dir():
-        model = _from_folder(path, model_name)
+        model, labels = _from_folder(path, model_name)
+        return LoadedWeights(model.eval(), str(weights), False, labels, training_images(path))
     elif path.is_file():
         if path.suffix != ".safetensors":
             raise WeightsError(f"{path}: only .safetensors files are loaded (pickled checkpoints are never unpickled)")
@@ -55,18 +58,22 @@ def load_vit(weights: str | Path | None = None, *, random_weights: bool = False,
         _load_state(model, path)
     elif str(weights).count("/") == 1 and not str(weights).startswith((".", "/")):
         model = _from_hub(str(weights))
+        names = model.pretrained_cfg.get("label_names")
+        if isinstance(names, (list, tuple)) and len(names) == model.num_classes:
+            return LoadedWeights(model.eval(), str(weights), False, tuple(str(n) for n in names))
     else:
         raise WeightsError(f"{weights}: no such file or folder, and not a hub id of the form owner/name")
     return LoadedWeights(model.eval(), str(weights), False)
 
 
-def _from_folder(folder: Path, default_model_name: str) -> torch.nn.Module:
-    """A timm hub-style folder: model.safetensors, plus config.json naming the architecture."""
+def _from_folder(folder: Path, default_model_name: str) -> tuple[torch.nn.Module, tuple[str, ...] | None]:
+    """A timm hub-style folder: model.safetensors, plus config.json naming the architecture (and its labels)."""
     checkpoint = folder / "model.safetensors"
     if not checkpoint.exists():
         found = sorted(p.name for p in folder.iterdir())
         raise WeightsError(f"{folder}: no model.safetensors (found: {', '.join(found) or 'nothing'})")
     kwargs = {}
+    labels = None
     architecture = default_model_name
     config_path = folder / "config.json"
     if config_path.exists():
@@ -77,6 +84,9 @@ def _from_folder(folder: Path, default_model_name: str) -> torch.nn.Module:
         architecture = config.get("architecture", default_model_name)
         if "num_classes" in config:
             kwargs["num_classes"] = int(config["num_classes"])
+        if isinstance(config.get("model_args"), dict):  # timm's save_for_hf: arguments the model was made with
+            kwargs |= config["model_args"]
+        labels = _label_names(config, config_path)
         if isinstance(config.get("pretrained_cfg"), dict):
             # The folder's preprocessing (mean, std, crop) wins over timm's defaults for the architecture.
             kwargs["pretrained_cfg_overlay"] = config["pretrained_cfg"]
@@ -85,7 +95,36 @@ def _from_folder(folder: Path, default_model_name: str) -> torch.nn.Module:
     except RuntimeError as exc:  # timm: unknown model
         raise WeightsError(f"{config_path}: architecture {architecture!r} is not a timm model: {exc}") from None
     _load_state(model, checkpoint)
-    return model
+    if labels is not None and len(labels) != model.num_classes:
+        raise WeightsError(f"{config_path}: {len(labels)} label_names for a model with {model.num_classes} classes")
+    return model, labels
+
+
+def _label_names(config: dict, config_path: Path) -> tuple[str, ...] | None:
+    """timm's label_names (top level, or in pretrained_cfg): a list, or a dict of index -> name without gaps."""
+    names = config.get("label_names", (config.get("pretrained_cfg") or {}).get("label_names"))
+    if names is None:
+        return None
+    if isinstance(names, dict):
+        try:
+            names = [names[k] for k in sorted(names, key=int)]
+        except ValueError:
+            raise WeightsError(f"{config_path}: label_names keys must be class indices") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise WeightsError(f"{config_path}: label_names must be a list of strings")
+    return tuple(names)
+
+
+def training_images(folder: Path) -> tuple[Path, ...]:
+    """The training split kiln finetune recorded in the folder (split.json), those of its images that still exist."""
+    split = folder / "split.json"
+    if not split.exists():
+        return ()
+    try:
+        train = json.loads(split.read_text())["train"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise WeightsError(f"{split}: not the split kiln finetune writes") from None
+    return tuple(p for p in (Path(entry["path"]) for entry in train) if p.exists())
 
 
 def _load_state(model: torch.nn.Module, checkpoint: Path) -> None:
@@ -119,14 +158,19 @@ def save_state_dict(model: torch.nn.Module, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def save_vit_checkpoint(model: torch.nn.Module, folder: Path, model_name: str = VIT_MODEL_NAME) -> Path:
-    """Write a timm hub-style folder (model.safetensors + config.json) that `load_vit` reads back."""
+def save_vit_checkpoint(model: torch.nn.Module, folder: Path, model_name: str = VIT_MODEL_NAME,
+                        labels: list[str] | None = None) -> Path:
+    """Write a timm hub-style folder (model.safetensors + config.json, with label_names) that `load_vit` reads."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_state_dict(model, folder / "model.safetensors")
     architecture = model_name.split(".")[0]
     config = {"architecture": architecture, "num_classes": int(model.num_classes),
               "pretrained_cfg": {k: v for k, v in dict(model.pretrained_cfg).items() if _is_json(v)}}
+    config["pretrained_cfg"]["num_classes"] = int(model.num_classes)
+    if labels is not None:
+        config["label_names"] = list(labels)
+        config["pretrained_cfg"].pop("label_names", None)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
 

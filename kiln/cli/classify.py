@@ -11,7 +11,7 @@ from kiln.errors import KilnError
 
 
 def add_parser(commands) -> None:
-    classify = commands.add_parser("classify", help="top-k ImageNet labels for images, through vit_classify")
+    classify = commands.add_parser("classify", help="top-k labels for images (the build's own), through vit_classify")
     classify.add_argument("images", nargs="+")
     add_triton_address(classify)
     classify.add_argument("--top-k", type=int, default=5)

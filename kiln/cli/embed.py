@@ -13,9 +13,10 @@ def add_parser(commands) -> None:
     embed = commands.add_parser("embed", help="ViT features for images, through vit_embed")
     embed.add_argument("images", nargs="+")
     add_triton_address(embed)
-    embed.add_argument("--layer", type=int, default=-1, help="block whose tokens to return: 0..11, or -1 for the last")
+    embed.add_argument("--layer", type=int, default=-1,
+                       help="block whose tokens to return: 0..depth-1 (0..11 for ViT-B/16), or -1 for the last")
     embed.add_argument("--tokens", choices=("cls", "all"), default="cls",
-                       help="cls: the pooled 768-d CLS embedding; all: also the 197x768 tokens of --layer")
+                       help="cls: the pooled embedding (768-d for ViT-B); all: also the tokens of --layer (197x768)")
     embed.add_argument("--json", action="store_true", help="print JSON with the values")
     embed.add_argument("--out", type=Path, help="also save each result as .npy files in this folder")
     embed.set_defaults(run=run)

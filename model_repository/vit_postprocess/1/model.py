@@ -1,4 +1,4 @@
-"""vit_postprocess: logits -> top-k ImageNet-1k labels and softmax probabilities (Triton Python backend)."""
+"""vit_postprocess: logits -> top-k labels (the build's labels.json) and softmax probabilities (Python backend)."""
 
 import os
 import site
@@ -31,10 +31,10 @@ class TritonPythonModel:
             logits = pb_utils.get_input_tensor_by_name(request, "logits").as_numpy().astype(np.float64)
             k_tensor = pb_utils.get_input_tensor_by_name(request, "top_k")
             k = int(k_tensor.as_numpy().reshape(-1)[0]) if k_tensor is not None else self.default_k
-            if not 1 <= k <= min(self.max_k, logits.shape[-1]):
-                limit = min(self.max_k, logits.shape[-1])
-                responses.append(error_response(f"vit_postprocess: top_k must be between 1 and {limit}, got {k}"))
+            if not 1 <= k <= self.max_k:
+                responses.append(error_response(f"vit_postprocess: top_k must be between 1 and {self.max_k}, got {k}"))
                 continue
+            k = min(k, logits.shape[-1])  # "the best k": a model with fewer classes answers with all of them
             shifted = logits - logits.max(axis=-1, keepdims=True)
             probs = np.exp(shifted)
             probs /= probs.sum(axis=-1, keepdims=True)
