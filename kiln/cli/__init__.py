@@ -9,7 +9,7 @@ import sys
 
 from kiln.errors import KilnError
 
-COMMANDS = ("build", "weights", "serve", "classify", "embed", "generate", "demo", "bench")
+COMMANDS = ("build", "weights", "finetune", "serve", "classify", "embed", "generate", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
