@@ -6,7 +6,8 @@ bucket), starts the embedded Triton on the GPU and measures, in the same run:
   in-process torch fp16, eager and torch.compile'd, and p50 latency at batch 1;
 - SD 1.5 512x512, 50 steps, Euler a, CFG 7.5: seconds per image through Triton + the orchestrator, the same variant
   in process, and diffusers' own fp16 pipeline; the per-step split;
-- step batching at 1, 4 and 16 concurrent clients of the service's engine: images/s and p95 against no batching.
+- step batching at 1, 4 and 16 concurrent clients of the service's engine: images/s and p95 against no batching;
+- kiln finetune's training step on ViT-B/16: images/s in fp32 and fp16 autocast.
 Each phase is timed against a budget and fails alone: results.json is rewritten after every phase, so a run that
 is cut short still says what it measured and why it stopped. `--device cpu` runs the same code on tiny weights
 (torch-fp32 on the CPU): a test runs it so the script cannot rot before a GPU is lent.
@@ -27,6 +28,7 @@ from benchmarks.gpu_phases import (
     _versions,
     batching,
     build,
+    finetune,
     sd_in_process,
     sd_served,
     serve,
@@ -113,7 +115,7 @@ class Check:
 # lent machine, the in-process GPU figures still come back.
 PHASES = (("weights", weights), ("build", build), ("serve", serve), ("sd_served", sd_served),
           ("vit_served", vit_served), ("batching", batching), ("sd_in_process", sd_in_process),
-          ("vit_in_process", vit_in_process))
+          ("vit_in_process", vit_in_process), ("finetune", finetune))
 SERVED = ("sd_served", "vit_served", "batching")
 
 

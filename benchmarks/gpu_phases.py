@@ -305,3 +305,17 @@ def batching(check: Check) -> dict:
         by_arm = {r["arm"]: r for r in rows if r["clients"] == clients}
         speedup[clients] = round(by_arm["step"]["images_per_s"] / by_arm["unbatched"]["images_per_s"], 3)
     return {"steps": options.batching_steps, "rows": rows, "step_over_unbatched": speedup}
+
+
+def finetune(check: Check) -> dict:
+    """Training images/s of kiln finetune's step (issue 16): ViT-B/16 in fp32 and fp16 autocast on the GPU (ViT-Tiny
+    and bf16 on the CPU run), the ratio against fp32 measured in the same run."""
+    from benchmarks.finetune import MODELS, train_throughput
+
+    label = "ViT-B/16" if check.options.cuda else "ViT-Tiny"
+    name, batch = MODELS[label]
+    batch, low = (64, "fp16") if check.options.cuda else (batch, "bf16")
+    rows = {precision: train_throughput(name, precision, check.options.device, batch, steps=5 if check.options.cuda
+                                        else 1) for precision in ("fp32", low)}
+    return {"model": label, **rows, f"{low}_over_fp32": round(rows[low]["images_per_s"] /
+                                                              rows["fp32"]["images_per_s"], 3)}

@@ -26,7 +26,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert run.returncode == 0 and not result["errors"] and not result["skipped"], run.stderr[-3000:]
     phases = result["phases"]
     assert list(phases) == ["weights", "build", "serve", "sd_served", "vit_served", "batching", "sd_in_process",
-                            "vit_in_process"]
+                            "vit_in_process", "finetune"]
     assert phases["build"]["variant"] == "torch-fp32" and phases["build"]["vit_parity"]["cosine"] > 0.99999
     served, local = phases["vit_served"]["batches"]["1"], phases["vit_in_process"]["batches"]["1"]
     assert served["triton_tensor"]["images_per_s"] > 0 and served["triton_jpeg"]["images_per_s"] > 0
@@ -38,6 +38,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert local["served_vs_in_process_psnr_db"] == float("inf")  # the same torch program, served or not
     arms = {(r["arm"], r["clients"]) for r in phases["batching"]["rows"]}
     assert arms == {(a, n) for a in ("unbatched", "step") for n in (1, 2)}
+    assert phases["finetune"]["fp32"]["images_per_s"] > 0 and phases["finetune"]["bf16_over_fp32"] > 0
     assert set(result["verdict"]) and all(v is not None for v in result["verdict"].values())
     assert {"torch", "diffusers", "tritonclient"} <= set(result["imported"])
     assert all(version != "missing" for version in result["modules"].values())

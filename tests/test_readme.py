@@ -28,6 +28,8 @@ NOT_RUN = {
     "kiln weights sd --tiny out/sd-tiny --single-file": "tests/test_sd_single_file.py writes and builds it",
     "kiln build vit": "builds every ViT variant (a minute) or needs a user's weights: tests/test_build_vit.py",
     "kiln build sd": "a build: tests/test_sd_single_file.py and the session's repository run the same code",
+    "kiln finetune vit --data ./photos": "downloads ViT-B/16's pretrained weights: tests/test_finetune.py runs a "
+                                         "ViT-B/16 from local weights",
     "kiln serve": "runs until stopped: tests/test_cli.py starts and stops it",
     "kiln bench": "minutes of measuring: tests/test_sd_variants.py runs the tiny benchmarks",
 }
@@ -74,7 +76,7 @@ def test_readme_command_lines_run(triton, api, tmp_path, kiln, monkeypatch):
         ran.append(command)
     assert len(ran) >= 10 and skipped, (ran, skipped)
     for made in ("cat.png", "cat2.png", "tea.png", "dog.png", "dog2.png", "cup.png", "out.png",
-                 "out/sd-tiny/model_index.json", "out/features"):
+                 "out/sd-tiny/model_index.json", "out/features", "out/my-vit/config.json"):
         assert (tmp_path / made).exists(), made
     assert Image.open(tmp_path / "dog2.png").size == photo.size  # "only masked" keeps the picture's size
 
