@@ -83,17 +83,19 @@ def _pytorch_top1(model, paths) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_built_and_served_it_answers_with_the_folder_names(tuned, tmp_path):
+def test_built_and_served_it_answers_with_the_folder_names(tuned, tmp_path, kiln):
     """kiln build vit --weights OUT: int8 calibrated on the training images; Triton's top-1 = PyTorch's on the
-    validation images, the labels the folder names; the API checks `layer` against the served depth."""
+    validation images, the labels the folder names (kiln classify prints them); the API checks `layer` against the
+    served depth."""
     from kiln.triton_server import free_port
     from kiln.vit import ViTClient
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
 
     repo = tmp_path / "repo"
-    build_vit(ViTBuildOptions(weights=str(tuned.out), variants=("openvino-int8",), extra_exports=(),
-                              repository=repo, progress=False), log=lambda _m: None)
+    code, out, err = kiln("build", "vit", "--weights", tuned.out, "--variants", "openvino-int8", "--no-extra-exports",
+                          "--repo", repo)
+    assert code == 0 and "served: vit = onnxruntime-fp32" in out, err
     report = read_report(repo)["vit"]
     assert report["labels"] == {"source": "weights", "count": 3, "first": CLASSES}
     assert report["shape"] == {"blocks": 12, "classes": 3, "width": 192, "tokens": 197, "size": 224}
@@ -111,6 +113,9 @@ def test_built_and_served_it_answers_with_the_folder_names(tuned, tmp_path):
         assert all(sorted(r.labels) == CLASSES for r in results)  # top 5 of 3 classes: all three, ranked
         assert [r.indices[0] for r in results] == expected.tolist()
         assert [r.labels[0] for r in results] == [CLASSES[i] for i in expected]
+        code, out, err = kiln("classify", val[0], val[-1], "--url", server.grpc_url, "--top-k", "1", "--json")
+        assert code == 0, err
+        assert [r["top"][0]["label"] for r in json.loads(out)] == [CLASSES[expected[0]], CLASSES[expected[-1]]]
         embedding = client.embed_one(val[0].read_bytes(), layer=-1, tokens=True)
         assert embedding.embedding.shape == (192,) and embedding.tokens.shape == (197, 192) and embedding.layer == 11
         api = BackgroundAPI(Settings(triton_url=server.grpc_url, port=free_port()))
@@ -192,7 +197,10 @@ def test_bad_data_is_refused_by_name(tmp_path, data):
     assert classes == ["cool", "warm"] and len(rows) == 8 and all(p.exists() for p, _ in rows)
 
 
-def test_bad_settings_are_refused_before_training(data, tmp_path):
+def test_bad_settings_are_refused_before_training(data, tmp_path, kiln):
+    code, _, err = kiln("finetune", "vit", "--data", tmp_path / "nowhere", "--out", tmp_path / "x")
+    assert code == 2 and "kiln finetune: error: " in err and "nowhere: neither a folder" in err
+    assert "Traceback" not in err
     with pytest.raises(ConfigError, match="no model 'vit_tiny_patch16_244'; did you mean vit_tiny_patch16_224"):
         finetune_vit(options(data, tmp_path / "a", model="vit_tiny_patch16_244"), log=lambda _m: None)
     with pytest.raises(ConfigError, match="ResNet is not one of timm's VisionTransformer models"):

@@ -14,7 +14,7 @@ def add_parser(commands) -> None:
 
     build = commands.add_parser("build", help="export and compile models into a Triton model repository")
     targets = build.add_subparsers(dest="target", required=True)
-    vit = targets.add_parser("vit", help=f"ViT-B/16 classifier ({', '.join(VIT_VARIANTS)})")
+    vit = targets.add_parser("vit", help=f"a timm ViT classifier, ViT-B/16 or yours ({', '.join(VIT_VARIANTS)})")
     source = vit.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", help="local timm/HF folder, .safetensors file, or hub id (needs network)")
     source.add_argument("--random-weights", action="store_true",
