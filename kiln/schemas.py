@@ -269,6 +269,27 @@ class TaskState(BaseModel):
     result: GenerationResponse | None = None
 
 
+class TaskSummary(BaseModel):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    queue_position: int
+    progress: float
+    step: int
+    steps: int
+    iteration: int
+    n_iter: int
+    eta_seconds: float | None
+    created: float
+    prompt: str
+    error: str | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary]  # the caller's own, newest first
+    others: dict[str, int]  # everyone else's, as counts: queued, running
+
+
 class ClassifyBody(BaseModel):
     model_config = STRICT
     images: list[str] = Field(min_length=1, description="base64-encoded images (data: URL prefix allowed)")

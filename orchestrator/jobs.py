@@ -158,6 +158,11 @@ class JobQueue:
             except ValueError:
                 return 0
 
+    def jobs(self) -> list[Job]:
+        """Every job the queue still knows (waiting, running, and the most recent finished ones)."""
+        with self._lock:
+            return list(self._jobs.values())
+
     def running(self) -> list[Job]:
         with self._lock:
             return list(self._running)

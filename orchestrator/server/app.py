@@ -19,7 +19,7 @@ from orchestrator.pipeline import Pipeline
 from orchestrator.security import SecurityMiddleware
 from orchestrator.server.a1111 import default_options
 from orchestrator.server.errors import install_error_handlers
-from orchestrator.server.routes import controlnet, extras, health, listings, sdapi, sdnext, tasks, vit
+from orchestrator.server.routes import controlnet, extras, health, listings, outputs, sdapi, sdnext, tasks, ui, vit
 from orchestrator.server.settings import Settings
 
 
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=True)
     install_error_handlers(app)
-    for family in (sdapi, controlnet, tasks, vit, health, listings, extras, sdnext):
+    for family in (sdapi, controlnet, tasks, vit, health, listings, extras, sdnext, outputs, ui):
         app.include_router(family.router)
     app.include_router(listings.controlnet)
     return app

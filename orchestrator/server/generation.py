@@ -48,12 +48,12 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
                  "detect_maps": a1111.wants_detect_maps(body, request.app.state.options)},
         job_id=body.force_task_id))
     if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
-        job.future.add_done_callback(lambda _done: _save(job, request.app.state.settings.outputs_dir,
+        job.future.add_done_callback(lambda _done: save_logged(job, request.app.state.settings.outputs_dir,
                                                          not body.do_not_save_grid))
     return job
 
 
-def _save(job: Job, folder, grid: bool) -> None:
+def save_logged(job: Job, folder, grid: bool) -> None:
     try:
         paths = save_job_images(job, folder, grid)
     except OSError as exc:  # the images are still answered; the outputs folder's trouble is the log's

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -13,7 +13,7 @@ from kiln.errors import KilnError
 from orchestrator.jobs import FINISHED, Job, Status
 from orchestrator.server import a1111
 from orchestrator.server.errors import APIError, as_api_error, count
-from orchestrator.server.generation import engine, own, submit
+from orchestrator.server.generation import client_id, engine, own, submit
 from orchestrator.server.preview import preview_png
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -48,6 +48,29 @@ async def task_txt2img(request: Request, body: schemas.Txt2ImgBody):
 @router.post("/img2img", status_code=202, response_model=schemas.TaskAccepted)
 async def task_img2img(request: Request, body: schemas.Img2ImgBody):
     return await accept(request, "img2img", body)
+
+
+@router.get("", response_model=schemas.TaskList)
+async def list_tasks(request: Request, limit: int = Query(50, ge=1, le=512)):
+    """The caller's own tasks, newest first, with queue positions and progress; everyone else's as counts only."""
+    caller = client_id(request)
+    queue = engine(request).queue
+    mine, others = [], {"queued": 0, "running": 0}
+    for job in queue.jobs():
+        if job.context.get("family") == "tasks" and job.client_id == caller:
+            mine.append(job)
+        elif job.status in (Status.QUEUED, Status.RUNNING):
+            others[job.status.value] += 1
+    mine.sort(key=lambda job: job.created, reverse=True)
+    return {"tasks": [summary(queue, job) for job in mine[:limit]], "others": others}
+
+
+def summary(queue, job: Job) -> dict:
+    body = job.context.get("body")
+    return {"id": job.id, "kind": job.kind, "status": job.status.value, "queue_position": queue.position(job),
+            "progress": job.progress, "step": job.step, "steps": job.steps, "iteration": job.iteration,
+            "n_iter": job.n_iter, "eta_seconds": job.eta_seconds(), "created": job.created,
+            "prompt": getattr(body, "prompt", ""), "error": str(job.error) if job.error else None}
 
 
 def find(request: Request, task_id: str) -> Job:

@@ -1,0 +1,70 @@
+"""The outputs folder as a gallery: what save_images wrote (AUTOMATIC1111's layout), listed newest first with each
+image's infotext, and the files themselves. Read-only; nothing outside the folder is reachable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from kiln.infotext import parse_infotext
+from orchestrator.server.errors import APIError
+
+router = APIRouter(prefix="/v1/outputs", tags=["outputs"])
+
+
+class OutputItem(BaseModel):
+    path: str  # relative to the outputs folder: txt2img-images/2026-11-30/00003-42.png
+    url: str
+    kind: str  # txt2img-images, img2img-images, txt2img-grids, img2img-grids, ...
+    modified: float
+    width: int
+    height: int
+    parameters: str  # the PNG's infotext ("" when it has none)
+    fields: dict  # the infotext parsed (Prompt, Negative prompt, Steps, Sampler, Seed, ...)
+
+
+class OutputList(BaseModel):
+    total: int
+    items: list[OutputItem]
+
+
+def _listing(folder: Path, offset: int, limit: int, kind: str | None) -> dict:
+    from PIL import Image
+
+    if not folder.is_dir():
+        return {"total": 0, "items": []}
+    files = [p for p in folder.glob("*/*/*.png") if kind is None or p.parts[-3] == kind]
+    files.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    items = []
+    for path in files[offset:offset + limit]:
+        try:
+            with Image.open(path) as image:
+                size, text = image.size, str(image.info.get("parameters", ""))
+        except OSError:  # being written, or not an image after all: left out of this page
+            continue
+        relative = path.relative_to(folder).as_posix()
+        items.append({"path": relative, "url": f"/v1/outputs/file/{relative}", "kind": path.parts[-3],
+                      "modified": path.stat().st_mtime, "width": size[0], "height": size[1], "parameters": text,
+                      "fields": parse_infotext(text) if text else {}})
+    return {"total": len(files), "items": items}
+
+
+@router.get("", response_model=OutputList)
+async def list_outputs(request: Request, offset: int = Query(0, ge=0), limit: int = Query(48, ge=1, le=500),
+                       kind: str | None = None):
+    """Saved images, newest first (`kind`: one folder, e.g. txt2img-images)."""
+    folder = Path(request.app.state.settings.outputs_dir)
+    return await run_in_threadpool(_listing, folder, offset, limit, kind)
+
+
+@router.get("/file/{path:path}")
+async def output_file(request: Request, path: str):
+    folder = Path(request.app.state.settings.outputs_dir).resolve()
+    target = (folder / path).resolve()
+    if not target.is_relative_to(folder) or target.suffix.lower() != ".png" or not target.is_file():
+        raise APIError(404, "not_found", f"no saved image {path!r}")
+    return FileResponse(target, media_type="image/png")
