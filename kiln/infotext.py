@@ -52,6 +52,9 @@ def parameters_text(info: dict) -> str:
               ("Masked content", None if "inpainting_fill" not in info else INPAINTING_FILL[info["inpainting_fill"]]),
               ("Inpaint area", "Only masked" if info.get("inpaint_full_res") else None),
               ("Masked area padding", info.get("inpaint_full_res_padding")),
+              ("Script", info.get("script")),
+              *((f"{axis} {what}", quote(info.get(f"{axis.lower()}_{what.lower()}")))
+                for axis in "XYZ" for what in ("Type", "Values")),
               ]
     units = info.get("controlnet") or []
     fields += [(f"ControlNet {i}", unit) for i, unit in enumerate([units] if isinstance(units, str) else units)]

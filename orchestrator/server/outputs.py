@@ -20,6 +20,7 @@ from orchestrator.jobs import Job, Status
 _LOCK = threading.Lock()  # numbering: two jobs finishing at once must not take the same number
 _NUMBERED = re.compile(r"^(\d{5})-")
 _GRID = re.compile(r"^grid-(\d{4})")
+_XYZ = re.compile(r"^xyz_grid-(\d{4})")
 
 
 def save_job_images(job: Job, folder: Path, grid: bool = True) -> list[Path]:
@@ -43,6 +44,16 @@ def save_job_images(job: Job, folder: Path, grid: bool = True) -> list[Path]:
             path.write_bytes(encode_png(image_grid(job.images), {"parameters": parameters_text(job.infos[0])}))
             paths.append(path)
     return paths
+
+
+def save_grid(grid: np.ndarray, info: dict, kind: str, folder: Path) -> Path:
+    """An X/Y/Z plot's grid, as AUTOMATIC1111 saves it: outputs/<kind>-grids/<date>/xyz_grid-<number>.png."""
+    grids = folder / f"{'img2img' if kind == 'img2img' else 'txt2img'}-grids" / time.strftime("%Y-%m-%d")
+    with _LOCK:
+        grids.mkdir(parents=True, exist_ok=True)
+        path = grids / f"xyz_grid-{_next_number(grids, _XYZ):04d}.png"
+        path.write_bytes(encode_png(grid, {"parameters": parameters_text(info)}))
+    return path
 
 
 def image_grid(images: list[np.ndarray]) -> np.ndarray:

@@ -110,7 +110,7 @@ async def refresh_loras(request: Request) -> None:
 async def scripts() -> dict:
     """The scripts a request may name: the selectable ones (script_name: SD upscale, img2img's) and ControlNet, an
     always-on script in both modes (alwayson_scripts)."""
-    return {route: [*SCRIPTS[route], "controlnet"] for route in ("txt2img", "img2img")}
+    return {route: [*SCRIPTS[route], "x/y/z plot", "controlnet"] for route in ("txt2img", "img2img")}
 
 
 @router.get("/script-info")

@@ -14,7 +14,7 @@ from kiln.errors import KilnError, NotFoundError
 from kiln.infotext import read_png_info
 from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
-from orchestrator.server import a1111
+from orchestrator.server import a1111, xyz
 from orchestrator.server.errors import APIError, as_api_error, count
 from orchestrator.server.generation import engine, own, pipeline, response, submit, wait_for
 from orchestrator.server.inputs import decode_b64_image
@@ -31,6 +31,10 @@ def own_running(request: Request) -> list[Job]:
 async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     endpoint = f"/sdapi/v1/{kind}"
     try:
+        if xyz.is_xyz(body):
+            answer = await xyz.run(request, kind, body)
+            count(request, endpoint, "200")
+            return answer
         job = await submit(request, kind, body, "sdapi")
         await wait_for(request, job, request.app.state.settings.request_timeout_s)
         answer = response(job)

@@ -1,0 +1,325 @@
+"""AUTOMATIC1111's X/Y/Z plot script (`script_name: "x/y/z plot"`) over the API: every cell its own job, queued at
+once, so the step batcher merges the cells' denoising steps; then the grid with its labels, as AUTOMATIC1111 draws it.
+
+script_args as AUTOMATIC1111 1.10's script takes them: [x_type, x_values, x_values_dropdown, y_type, y_values,
+y_values_dropdown, z_type, z_values, z_values_dropdown, draw_legend, include_lone_images, include_sub_grids,
+no_fixed_seeds, margin_size, csv_mode, raw_mode]. A type is an index into AUTOMATIC1111's axis list for the route
+(its UI's order) or the axis's label ("Steps", "[ControlNet] Weight"). Values: comma-separated text (numbers also as
+ranges: 1-5, 10-30 (+10), 1-2 [5]), or the dropdown's list. Axes kiln cannot vary are refused by name. The cells are
+tasks of the caller (GET /v1/tasks lists them, DELETE cancels one: its cell stays black in the grid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kiln import schemas
+from kiln.errors import InputError
+from orchestrator.pipeline.sampling import MAX_SEED
+
+# AUTOMATIC1111 1.10's axis lists, in its UI's order (an integer type indexes these).
+_ALL = ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "*Hires steps", "CFG Scale", "+Image CFG Scale",
+        "Prompt S/R", "Prompt order", "*Sampler", "*Hires sampler", "+Sampler", "Checkpoint name",
+        "Negative Guidance minimum sigma", "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise", "Schedule type",
+        "Schedule min sigma", "Schedule max sigma", "Schedule rho", "Eta", "Clip skip", "Denoising",
+        "Initial noise multiplier", "Extra noise", "*Hires upscaler", "+Cond. Image Mask Weight", "VAE", "Styles",
+        "UniPC Order", "Face restore", "Token merging ratio", "Token merging ratio high-res",
+        "Always discard next-to-last sigma", "SGM noise multiplier", "Refiner checkpoint", "Refiner switch at",
+        "RNG source"]
+A1111_AXES = {route: [a.lstrip("*+") for a in _ALL if not a.startswith("+" if route == "txt2img" else "*")]
+              for route in ("txt2img", "img2img")}
+
+
+def _field(name: str):
+    return lambda body, value: body.model_copy(update={name: value})
+
+
+def _override(name: str):
+    return lambda body, value: body.model_copy(update={"override_settings": {**body.override_settings, name: value}})
+
+
+def _prompt_sr(body, value, first):
+    if first not in body.prompt and first not in body.negative_prompt:
+        raise InputError(f"X/Y/Z plot: Prompt S/R did not find {first!r} in the prompt or the negative prompt")
+    return body.model_copy(update={"prompt": body.prompt.replace(first, value),
+                                   "negative_prompt": body.negative_prompt.replace(first, value)})
+
+
+def _controlnet_weight(body, value):
+    scripts = body.alwayson_scripts or {}
+    units = (scripts.get("controlnet") or {}).get("args") or []
+    if not units:
+        raise InputError("X/Y/Z plot: [ControlNet] Weight needs a ControlNet unit in alwayson_scripts.controlnet")
+    changed = [dict(unit, weight=value) if i == 0 else unit for i, unit in enumerate(units)]  # the first unit's
+    return body.model_copy(update={"alwayson_scripts": {**scripts, "controlnet": {"args": changed}}})
+
+
+# label -> (value type, apply(body, value)); "prompt" marks Prompt S/R, whose first value is the one replaced
+AXES: dict[str, tuple[type, Any]] = {
+    "Nothing": (str, None), "Seed": (int, _field("seed")), "Var. seed": (int, _field("subseed")),
+    "Var. strength": (float, _field("subseed_strength")), "Steps": (int, _field("steps")),
+    "Hires steps": (int, _field("hr_second_pass_steps")), "CFG Scale": (float, _field("cfg_scale")),
+    "Prompt S/R": (str, "prompt"), "Sampler": (str, _field("sampler_name")),
+    "Hires sampler": (str, _field("hr_sampler_name")),
+    "Checkpoint name": (str, _override("sd_model_checkpoint")),
+    "Negative Guidance minimum sigma": (float, _field("s_min_uncond")), "Sigma Churn": (float, _field("s_churn")),
+    "Sigma min": (float, _field("s_tmin")), "Sigma max": (float, _field("s_tmax")),
+    "Sigma noise": (float, _field("s_noise")), "Schedule type": (str, _field("scheduler")),
+    "Eta": (float, _field("eta")), "Clip skip": (int, _override("CLIP_stop_at_last_layers")),
+    "Denoising": (float, _field("denoising_strength")), "Hires upscaler": (str, _field("hr_upscaler")),
+    "VAE": (str, _override("sd_vae")), "Styles": (str, lambda b, v: b.model_copy(update={"styles": [*b.styles, v]})),
+    "[ControlNet] Weight": (float, _controlnet_weight),
+}
+MAX_CELLS = 64
+
+
+def supported_axes(route: str) -> list[str]:
+    """The axes this server plots for a route, in AUTOMATIC1111's order, then the extensions' ("[ControlNet] ...")."""
+    return [a for a in A1111_AXES[route] if a in AXES] + [a for a in AXES if a.startswith("[")]
+
+
+def is_xyz(body: schemas.Txt2ImgBody) -> bool:
+    return (body.script_name or "").strip().lower() in ("x/y/z plot", "xyz plot", "xyz_grid")
+
+
+@dataclass
+class Axis:
+    label: str
+    values: list
+    text: str  # as the request gave them (the infotext's "X Values")
+
+    def names(self) -> list[str]:
+        if self.label == "Nothing":
+            return [""]
+        return [f"{self.label}: {v}" if self.label not in ("Prompt S/R", "Sampler", "Checkpoint name") else str(v)
+                for v in self.values]
+
+
+@dataclass
+class Plot:
+    axes: tuple[Axis, Axis, Axis]
+    draw_legend: bool = True
+    include_lone_images: bool = False
+    include_sub_grids: bool = False
+    no_fixed_seeds: bool = False
+    margin_size: int = 0
+
+
+_RANGE = re.compile(r"\s*([+-]?\d+(?:\.\d*)?)\s*-\s*([+-]?\d+(?:\.\d*)?)(?:\s*\(([+-]\d+(?:\.\d*)?)\s*\))?\s*")
+_COUNT = re.compile(r"\s*([+-]?\d+(?:\.\d*)?)\s*-\s*([+-]?\d+(?:\.\d*)?)\s*\[(\d+)\s*]\s*")
+
+
+def parse(body: schemas.Txt2ImgBody, route: str) -> Plot:
+    """The plot a body's script_args describe; an InputError naming what cannot be plotted."""
+    args = list(body.script_args)
+    if len(args) > 16:
+        raise InputError(f"script_args: the X/Y/Z plot takes at most 16 values (AUTOMATIC1111 1.10's), got {len(args)}")
+    args += [None] * (16 - len(args))
+    axes = tuple(_axis("XYZ"[i], args[3 * i], args[3 * i + 1], args[3 * i + 2], route, args[14] is not False)
+                 for i in range(3))
+    plot = Plot(axes, draw_legend=args[9] is not False, include_lone_images=bool(args[10]),
+                include_sub_grids=bool(args[11]), no_fixed_seeds=bool(args[12]), margin_size=int(args[13] or 0))
+    cells = len(axes[0].values) * len(axes[1].values) * len(axes[2].values)
+    if cells > MAX_CELLS:
+        raise InputError(f"X/Y/Z plot: {cells} cells; this server plots at most {MAX_CELLS}")
+    if not 0 <= plot.margin_size <= 500:
+        raise InputError(f"script_args: margin_size must be within [0, 500], got {plot.margin_size}")
+    if not plot.no_fixed_seeds:
+        for axis in axes:
+            if axis.label in ("Seed", "Var. seed"):
+                axis.values = [random.randrange(MAX_SEED) if v == -1 else v for v in axis.values]
+    return plot
+
+
+def _axis(name: str, kind: Any, text: Any, dropdown: Any, route: str, csv_mode: bool) -> Axis:
+    listed = A1111_AXES[route]
+    if kind is None:
+        kind = 0
+    if isinstance(kind, int) and not isinstance(kind, bool):
+        if not 0 <= kind < len(listed):
+            raise InputError(f"script_args: {name} type {kind} is not an axis (0 to {len(listed) - 1}, AUTOMATIC1111's "
+                             f"{route} list)")
+        label = listed[kind]
+    else:
+        label = next((a for a in [*listed, *AXES] if a.lower() == str(kind).strip().lower()), str(kind))
+    if label not in AXES:
+        raise InputError(f"X/Y/Z plot: the {name} axis {label!r} is not supported by this server; it plots: "
+                         f"{', '.join(supported_axes(route))}")
+    value_type, _ = AXES[label]
+    if label == "Nothing":
+        return Axis(label, [None], "")
+    if (not text or not csv_mode) and isinstance(dropdown, list) and dropdown:
+        raw = [str(v) for v in dropdown]
+        text = ", ".join(raw)
+    else:
+        raw = [v.strip() for v in next(csv.reader([str(text or "")]), []) if v.strip()]
+    if not raw:
+        raise InputError(f"X/Y/Z plot: the {name} axis ({label}) has no values")
+    values = []
+    for item in raw:
+        values += _expand(item, value_type, name, label)
+    return Axis(label, values, str(text))
+
+
+def _expand(item: str, value_type: type, name: str, label: str) -> list:
+    """One comma-separated item: a value, or for numbers a range (1-5, 10-30 (+10), 1-2 [5])."""
+    try:
+        if value_type in (int, float) and (match := _COUNT.fullmatch(item)):
+            values = np.linspace(float(match[1]), float(match[2]), int(match[3])).tolist()
+            return [value_type(round(v)) if value_type is int else v for v in values]
+        if value_type in (int, float) and (match := _RANGE.fullmatch(item)) and not item.lstrip().startswith("-"):
+            start, end = value_type(match[1]), value_type(match[2])
+            step = value_type(match[3]) if match[3] else value_type(1)
+            if step == 0 or (end - start) / step > MAX_CELLS:
+                raise ValueError("too many values")
+            return [value_type(v) for v in np.arange(start, end + step / 2, step).tolist()]
+        return [value_type(item)]
+    except ValueError:
+        raise InputError(f"X/Y/Z plot: the {name} axis ({label}) value {item!r} is not a {value_type.__name__} or a "
+                         "range") from None
+
+
+def cell_bodies(body: schemas.Txt2ImgBody, plot: Plot) -> list[tuple[tuple[int, int, int], schemas.Txt2ImgBody]]:
+    """Each cell's body, z outermost and x innermost (AUTOMATIC1111's order), its seed fixed once for all of them."""
+    base = body.model_copy(update={"script_name": None, "script_args": []})
+    if not plot.no_fixed_seeds and base.seed == -1:
+        base = base.model_copy(update={"seed": random.randrange(MAX_SEED)})
+    x, y, z = plot.axes
+    cells = []
+    for iz, zv in enumerate(z.values):
+        for iy, yv in enumerate(y.values):
+            for ix, xv in enumerate(x.values):
+                cell = base
+                for axis, value in ((x, xv), (y, yv), (z, zv)):
+                    apply = AXES[axis.label][1]
+                    if apply == "prompt":
+                        cell = _prompt_sr(cell, value, axis.values[0])
+                    elif apply is not None:
+                        cell = apply(cell, value)
+                cells.append(((ix, iy, iz), cell))
+    return cells
+
+
+def draw_grid(plot: Plot, images: dict[tuple[int, int, int], np.ndarray]) -> np.ndarray:
+    """The cells as one picture: each z's x-by-y grid with its column and row labels, the z grids side by side under
+    their titles (AUTOMATIC1111's layout)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    x, y, z = plot.axes
+    height, width = next(iter(images.values())).shape[:2]
+    font = ImageFont.load_default(size=max(12, (width + height) // 25))
+    margin = plot.margin_size
+    draw_x, draw_y = plot.draw_legend and x.label != "Nothing", plot.draw_legend and y.label != "Nothing"
+    top = (font.size * 2 + 8) if draw_x else 0
+    left = max((int(font.getlength(n)) for n in y.names()), default=0) + 16 if draw_y else 0
+    grids = []
+    for iz in range(len(z.values)):
+        cols, rows = len(x.values), len(y.values)
+        size = (left + cols * width + (cols - 1) * margin, top + rows * height + (rows - 1) * margin)
+        canvas = Image.new("RGB", size, "white")
+        pen = ImageDraw.Draw(canvas)
+        for (ix, iy, cz), pixels in images.items():
+            if cz == iz:
+                canvas.paste(Image.fromarray(pixels), (left + ix * (width + margin), top + iy * (height + margin)))
+        for ix, label in enumerate(x.names() if draw_x else []):
+            pen.text((left + ix * (width + margin) + width / 2, top / 2), label, fill="black", font=font, anchor="mm")
+        for iy, label in enumerate(y.names() if draw_y else []):
+            pen.text((left - 8, top + iy * (height + margin) + height / 2), label, fill="black", font=font,
+                     anchor="rm")
+        grids.append(canvas)
+    if len(grids) == 1:
+        return np.asarray(grids[0])
+    title = font.size * 2 + 8 if plot.draw_legend else 0
+    whole = Image.new("RGB", (sum(g.width for g in grids), title + max(g.height for g in grids)), "white")
+    pen, offset = ImageDraw.Draw(whole), 0
+    for grid, label in zip(grids, z.names()):
+        whole.paste(grid, (offset, title))
+        if title:
+            pen.text((offset + grid.width / 2, title / 2), label, fill="black", font=font, anchor="mm")
+        offset += grid.width
+    return np.asarray(whole)
+
+
+async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
+    """The plot for an /sdapi/v1 request: every cell checked before any is queued, all queued at once (tasks of the
+    caller), waited for together; the grid first in the answer (then the cells with include_lone_images)."""
+    import base64
+    import json
+    import time
+
+    from starlette.concurrency import run_in_threadpool
+
+    from kiln.imaging import encode_png
+    from kiln.infotext import parameters_text
+    from orchestrator.jobs import Status
+    from orchestrator.pipeline.validate import check_job
+    from orchestrator.server import a1111
+    from orchestrator.server.generation import client_id, engine, pipeline, save_logged, wait_for
+    from orchestrator.server.outputs import save_grid
+
+    served = await pipeline(request)
+    plot = parse(body, kind)
+    cells = cell_bodies(body, plot)
+    state = request.app.state
+    generations = []
+    for index, cell in cells:  # every cell checked first: a bad one is a 422 before anything is queued
+        try:
+            generation = await run_in_threadpool(a1111.to_request, cell, served.contract, state.options,
+                                                 served.limits, state.styles)
+            check_job(generation, cell.n_iter, served.limits)
+            await run_in_threadpool(served.check, generation)
+            generations.append(generation)
+        except InputError as exc:
+            raise InputError(f"X/Y/Z plot cell {', '.join(n for n in _cell_names(plot, index) if n)}: {exc}") from None
+    jobs = []
+    try:
+        for (_, cell), generation in zip(cells, generations):
+            jobs.append(engine(request).submit(kind, generation, cell.n_iter, client_id=client_id(request),
+                                               context={"family": "tasks", "body": cell, "detect_maps": False}))
+    except Exception:
+        for job in jobs:
+            engine(request).queue.cancel(job)
+        raise
+    try:
+        await asyncio.gather(*(wait_for(request, job, state.settings.request_timeout_s) for job in jobs))
+    except Exception:
+        for job in jobs:
+            engine(request).queue.cancel(job)
+        raise
+    done = [job for job in jobs if job.status == Status.DONE and job.images]
+    if not done:
+        failed = next((job for job in jobs if job.error is not None), None)
+        raise InputError(f"X/Y/Z plot: no cell produced an image ({failed.error if failed else 'all cancelled'})")
+    blank = np.zeros_like(done[0].images[0])
+    pictures = {index: job.images[0] if job in done else blank for (index, _), job in zip(cells, jobs)}
+    grid = await run_in_threadpool(draw_grid, plot, pictures)
+    info = dict(done[0].infos[0]) | {"script": "X/Y/Z plot"}
+    for axis, name in zip(plot.axes, "XYZ"):
+        if axis.label != "Nothing":
+            info |= {f"{name.lower()}_type": axis.label, f"{name.lower()}_values": axis.text}
+    save = body.save_images and not body.do_not_save_samples
+    if save:
+        for job in done:
+            await run_in_threadpool(save_logged, job, state.settings.outputs_dir, False)
+        await run_in_threadpool(save_grid, grid, info, kind, state.settings.outputs_dir)
+    answer = a1111.to_response(done[0], done[0].context["body"])
+    details = json.loads(answer["info"])
+    lone = [base64.b64encode(encode_png(job.images[0], {"parameters": parameters_text(job.infos[0])})).decode()
+            for job in done] if plot.include_lone_images else []
+    details["infotexts"] = [parameters_text(info)] + [parameters_text(job.infos[0]) for job in done][:len(lone)]
+    details["xyz"] = {"cells": len(jobs), "done": len(done), "seconds": round(time.time() - jobs[0].created, 3),
+                      "failed": [str(job.error) for job in jobs if job.status != Status.DONE]}
+    images = [base64.b64encode(encode_png(grid, {"parameters": parameters_text(info)})).decode()] + lone
+    parameters = body.model_dump(exclude={"alwayson_scripts", "init_images", "mask"})
+    return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(details)}
+
+
+def _cell_names(plot: Plot, index: tuple[int, int, int]) -> list[str]:
+    return [axis.names()[i] for axis, i in zip(plot.axes, index)]
