@@ -1,0 +1,572 @@
+// kiln's web page: a client of the public API (AUTOMATIC1111's /sdapi/v1, kiln's /v1 tasks, outputs, classify) and
+// the task WebSocket. No build step, no dependencies.
+"use strict";
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const $$ = (selector, root = document) => [...root.querySelectorAll(selector)];
+const state = { tab: "txt2img", caps: null, tasks: new Map(), current: null, lastSeed: -1, gallery: [], detail: null,
+                events: [] };
+window.kiln = state; // what the browser test reads: the events the page received
+
+class ApiError extends Error {
+  constructor(status, detail) { super(detail); this.status = status; }
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: {} };
+  if (body !== undefined) { init.headers["Content-Type"] = "application/json"; init.body = JSON.stringify(body); }
+  const response = await fetch(path, init);
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { data = text; }
+  if (!response.ok) {
+    const detail = data && data.detail ? (typeof data.detail === "string" ? data.detail : JSON.stringify(data.detail))
+      : `${response.status} ${response.statusText}`;
+    throw new ApiError(response.status, detail);
+  }
+  return data;
+}
+
+function fileToBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1]);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function option(value, label = value) {
+  const element = document.createElement("option");
+  element.value = value; element.textContent = label;
+  return element;
+}
+
+// -- tabs ------------------------------------------------------------------------------------------------------------
+function showTab(tab) {
+  state.tab = tab;
+  $$("#tabs button").forEach(b => b.classList.toggle("active", b.dataset.tab === tab));
+  $$(".panel[class*='tab-']").forEach(p => { p.hidden = !p.classList.contains(`tab-${tab}`); });
+  $$(".only-img2img").forEach(e => { e.hidden = tab !== "img2img"; });
+  $$(".only-xyz").forEach(e => { e.hidden = tab !== "xyz"; });
+  $$(".not-xyz").forEach(e => { e.hidden = tab === "xyz"; });
+  $("#submit").textContent = tab === "xyz" ? "Run X/Y/Z plot" : "Generate";
+  if (tab === "gallery") loadGallery();
+  if (tab === "settings") loadOptions();
+}
+
+// -- what the server offers --------------------------------------------------------------------------------------------
+async function loadCapabilities() {
+  const form = $("#generate");
+  try {
+    state.caps = await api("GET", "/v1/capabilities");
+  } catch (error) {
+    $("#server-status").textContent = `server: ${error.message}`;
+    return;
+  }
+  const sd = state.caps.sd;
+  $("#checkpoint").textContent = sd ? sd.checkpoint : "no Stable Diffusion build served";
+  if (state.caps.sd_unavailable) $("#server-status").textContent = state.caps.sd_unavailable;
+  const limits = state.caps.limits;
+  form.steps.max = limits.max_steps; form.n_iter.max = limits.max_n_iter; form.batch_size.max = limits.max_batch_size;
+  if (sd) {
+    for (const name of ["width", "height"]) {
+      Object.assign(form[name], { min: sd.min_size, max: sd.max_size, step: sd.size_multiple });
+      const value = Math.min(Math.max(Number(form[name].value), sd.min_size), sd.max_size);
+      form[name].value = value - (value % sd.size_multiple);
+    }
+  }
+  const [samplers, schedulers, styles, modules, models] = await Promise.all([
+    api("GET", "/sdapi/v1/samplers"), api("GET", "/sdapi/v1/schedulers"), api("GET", "/sdapi/v1/prompt-styles"),
+    api("GET", "/controlnet/module_list").catch(() => ({ module_list: [] })),
+    api("GET", "/controlnet/model_list").catch(() => ({ model_list: [] }))]);
+  form.sampler_name.replaceChildren(...samplers.map(s => option(s.name)));
+  form.scheduler.replaceChildren(...schedulers.map(s => option(s.name, s.label || s.name)));
+  if (styles.length) {
+    $("#styles-field").hidden = false;
+    form.styles.replaceChildren(...styles.map(s => option(s.name)));
+  }
+  state.modules = modules.module_list; state.models = models.model_list;
+  $("#controlnet").hidden = !state.models.length;
+  const axes = await api("GET", "/v1/xyz-axes").catch(() => ({ txt2img: [] }));
+  for (const select of $$(".axis-type")) select.replaceChildren(...axes.txt2img.map(a => option(a)));
+}
+
+// -- the generation form -------------------------------------------------------------------------------------------
+function numberOr(value, fallback) {
+  return value === "" || value === undefined ? fallback : Number(value);
+}
+
+async function generationBody(kind) {
+  const form = $("#generate");
+  const body = {
+    prompt: form.prompt.value, negative_prompt: form.negative_prompt.value,
+    sampler_name: form.sampler_name.value, scheduler: form.scheduler.value || undefined,
+    steps: numberOr(form.steps.value, 20), cfg_scale: numberOr(form.cfg_scale.value, 7),
+    width: numberOr(form.width.value, 512), height: numberOr(form.height.value, 512),
+    seed: numberOr(form.seed.value, -1), n_iter: numberOr(form.n_iter.value, 1),
+    batch_size: numberOr(form.batch_size.value, 1), save_images: true,
+    styles: $$("option", form.styles).filter(o => o.selected).map(o => o.value),
+  };
+  if (kind === "img2img") {
+    if (!state.initImage) throw new FieldError("init_images", "choose an image for img2img");
+    body.init_images = [state.initImage];
+    body.denoising_strength = numberOr(form.denoising_strength.value, 0.75);
+    if (maskPainted()) {
+      body.mask = $("#mask-canvas").toDataURL("image/png").split(",", 2)[1];
+      body.mask_blur = numberOr(form.mask_blur.value, 4);
+      body.inpainting_fill = Number(form.inpainting_fill.value);
+      body.inpainting_mask_invert = form.inpainting_mask_invert.checked ? 1 : 0;
+      body.inpaint_full_res = form.inpaint_full_res.checked;
+      body.inpaint_full_res_padding = numberOr(form.inpaint_full_res_padding.value, 32);
+    }
+  }
+  const units = [];
+  if (state.tab !== "xyz") {
+    for (const unit of $$("#units .unit")) {
+      const file = $(".unit-image", unit).files[0];
+      if (!file) throw new FieldError("controlnet", "each ControlNet unit needs an image");
+      units.push({ image: await fileToBase64(file), module: $(".unit-module", unit).value,
+                   model: $(".unit-model", unit).value, weight: Number($(".unit-weight", unit).value),
+                   guidance_start: Number($(".unit-start", unit).value),
+                   guidance_end: Number($(".unit-end", unit).value) });
+    }
+  }
+  if (units.length) body.alwayson_scripts = { controlnet: { args: units } };
+  return body;
+}
+
+class FieldError extends Error {
+  constructor(field, message) { super(message); this.field = field; }
+}
+
+function clearErrors() {
+  $$(".field-error").forEach(e => e.remove());
+  $$(".invalid").forEach(e => e.classList.remove("invalid"));
+  $("#form-error").hidden = true;
+}
+
+// The API names the field its message is about ("width must be ...", "steps: ..."): show it there too.
+function showError(message, field) {
+  const form = $("#generate");
+  const named = field || (message.match(/^([a-z_]+)[\s:.\[]/) || [])[1];
+  const input = named && form.elements[named];
+  if (input && input.closest) {
+    input.classList.add("invalid");
+    const note = document.createElement("span");
+    note.className = "field-error"; note.textContent = message;
+    input.closest("label").after(note);
+  }
+  $("#form-error").textContent = message;
+  $("#form-error").hidden = false;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  clearErrors();
+  const kind = state.tab === "img2img" ? "img2img" : "txt2img";
+  let body;
+  try {
+    body = await generationBody(kind);
+  } catch (error) {
+    showError(error.message, error.field);
+    return;
+  }
+  if (state.tab === "xyz") return runXYZ(body);
+  try {
+    const accepted = await api("POST", `/v1/tasks/${kind}`, body);
+    track(accepted.id, kind, body.prompt);
+  } catch (error) {
+    showError(error.message);
+  }
+}
+
+// -- one task: its WebSocket (progress, previews), polling when the socket cannot open ------------------------------
+function track(id, kind, prompt) {
+  const task = { id, kind, prompt, status: "queued", progress: 0, step: 0, steps: 0, eta: null };
+  state.tasks.set(id, task);
+  state.current = id;
+  setProgress(0, "queued");
+  $("#preview").hidden = true;
+  renderQueue();
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  let socket, opened = false;
+  try {
+    socket = new WebSocket(`${scheme}://${location.host}/v1/tasks/${id}/events?preview_every=1`);
+  } catch (_) {
+    return poll(task);
+  }
+  socket.onopen = () => { opened = true; };
+  socket.onmessage = message => onEvent(task, JSON.parse(message.data));
+  socket.onerror = () => { if (!opened) poll(task); };
+  socket.onclose = () => { if (opened && !["done", "failed", "cancelled"].includes(task.status)) poll(task); };
+}
+
+function onEvent(task, event) {
+  state.events.push({ task: task.id, event: event.event, step: event.step, preview: Boolean(event.preview) });
+  if (event.event === "progress") {
+    Object.assign(task, { status: "running", step: event.step, steps: event.steps, progress: event.progress });
+    const now = performance.now();
+    task.startedAt = task.startedAt || now;
+    const elapsed = (now - task.startedAt) / 1000;
+    task.eta = event.progress > 0 && event.step > 1 ? elapsed / event.progress - elapsed : null;
+    if (state.current === task.id) {
+      const eta = task.eta != null ? `, ~${Math.ceil(task.eta)} s left` : "";
+      setProgress(event.progress, `step ${event.step}/${event.steps}${eta}`);
+      if (event.preview) {
+        $("#preview").src = `data:image/png;base64,${event.preview}`;
+        $("#preview").hidden = false;
+      }
+    }
+  } else if (event.event === "started" || event.event === "state") {
+    task.status = event.status || "running";
+  } else if (["done", "failed", "cancelled"].includes(event.event)) {
+    finish(task, event.event, event.error);
+  }
+  renderQueue();
+}
+
+async function poll(task) {
+  while (!["done", "failed", "cancelled"].includes(task.status)) {
+    try {
+      const current = await api("GET", `/v1/tasks/${task.id}`);
+      Object.assign(task, { status: current.status, progress: current.progress, step: current.step,
+                            steps: current.steps });
+      if (state.current === task.id && current.status === "running") {
+        setProgress(current.progress, `step ${current.step}/${current.steps}`);
+      }
+      if (["done", "failed", "cancelled"].includes(current.status)) {
+        return finish(task, current.status, current.error, current.result);
+      }
+    } catch (_) { /* the server restarts or the network blinks: keep polling */ }
+    renderQueue();
+    await new Promise(resolve => setTimeout(resolve, 500));
+  }
+}
+
+async function finish(task, status, error, result) {
+  if (task.finished) return;
+  task.finished = true;
+  task.status = status;
+  renderQueue();
+  if (state.current !== task.id) return;
+  if (status !== "done") {
+    setProgress(0, status === "failed" ? `failed: ${error || ""}` : "cancelled");
+    return;
+  }
+  setProgress(1, "done");
+  if (!result) result = (await api("GET", `/v1/tasks/${task.id}`)).result;
+  showResult(result);
+  state.shown = task.id;
+}
+
+function showResult(result) {
+  $("#preview").hidden = true;
+  $("#results").replaceChildren(...result.images.map((image, index) => {
+    const element = document.createElement("img");
+    element.src = `data:image/png;base64,${image}`;
+    element.alt = `result ${index + 1}`;
+    element.className = "result";
+    return element;
+  }));
+  const info = typeof result.info === "string" ? JSON.parse(result.info) : result.info;
+  state.lastSeed = info.seed;
+  $("#info").textContent = (info.infotexts || [])[0] || "";
+}
+
+function setProgress(fraction, text) {
+  const percent = Math.round(fraction * 100);
+  $("#progress-bar").style.width = `${percent}%`;
+  $("#progress").setAttribute("aria-valuenow", String(percent));
+  $("#progress-text").textContent = text;
+}
+
+// -- the queue: the caller's tasks with their positions and cancel buttons, everyone else's as counts ---------------
+async function refreshQueue() {
+  try {
+    const listing = await api("GET", "/v1/tasks");
+    for (const summary of listing.tasks) {
+      const known = state.tasks.get(summary.id);
+      if (known && !known.finished) {
+        Object.assign(known, { position: summary.queue_position, eta: summary.eta_seconds,
+                               progress: Math.max(known.progress || 0, summary.progress) });
+        if (summary.status === "running" && known.status === "queued") known.status = "running";
+        if (["done", "failed", "cancelled"].includes(summary.status) && known.status !== summary.status) {
+          finish(known, summary.status, summary.error);
+        }
+      } else if (!known) {
+        state.tasks.set(summary.id, { id: summary.id, kind: summary.kind, prompt: summary.prompt,
+                                      status: summary.status, progress: summary.progress,
+                                      position: summary.queue_position, eta: summary.eta_seconds,
+                                      finished: ["done", "failed", "cancelled"].includes(summary.status) });
+      }
+    }
+    const others = listing.others;
+    $("#others").textContent = `others: ${others.queued} queued, ${others.running} running`;
+    renderQueue();
+  } catch (_) { /* shown by the next successful refresh */ }
+}
+
+function renderQueue() {
+  const items = [...state.tasks.values()].reverse().slice(0, 20).map(task => {
+    const item = document.createElement("li");
+    item.dataset.task = task.id;
+    item.className = `task ${task.status}`;
+    const eta = task.eta != null && task.status === "running" ? `, ~${Math.ceil(task.eta)} s left` : "";
+    const where = task.status === "queued" && task.position ? ` #${task.position}` : "";
+    const label = document.createElement("span");
+    label.textContent = `${task.kind}: ${(task.prompt || "").slice(0, 40)} — ${task.status}${where}${eta}`;
+    const bar = document.createElement("div");
+    bar.className = "mini-bar";
+    bar.style.width = `${Math.round((task.progress || 0) * 100)}%`;
+    item.append(label, bar);
+    if (task.status === "queued" || task.status === "running") {
+      const cancel = document.createElement("button");
+      cancel.type = "button"; cancel.className = "cancel"; cancel.textContent = "Cancel";
+      cancel.onclick = async () => {
+        try { await api("DELETE", `/v1/tasks/${task.id}`); } catch (error) { showError(error.message); }
+        refreshQueue();
+      };
+      item.append(cancel);
+    }
+    return item;
+  });
+  $("#queue").replaceChildren(...items);
+}
+
+// -- img2img: the image and the mask painted on it ------------------------------------------------------------------
+async function loadInitImage(file, base64) {
+  state.initImage = base64 || await fileToBase64(file);
+  const image = new Image();
+  await new Promise((resolve, reject) => {
+    image.onload = resolve; image.onerror = reject;
+    image.src = `data:image;base64,${state.initImage}`;
+  });
+  for (const canvas of [$("#init-canvas"), $("#mask-canvas")]) {
+    canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
+  }
+  $("#init-canvas").getContext("2d").drawImage(image, 0, 0);
+  clearMask();
+}
+
+function clearMask() {
+  const canvas = $("#mask-canvas");
+  const context = canvas.getContext("2d");
+  context.fillStyle = "black";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  state.maskPainted = false;
+}
+
+function maskPainted() { return Boolean(state.maskPainted); }
+
+function setUpMaskPainting() {
+  const canvas = $("#mask-canvas");
+  let painting = false;
+  const paint = event => {
+    if (!painting) return;
+    const box = canvas.getBoundingClientRect();
+    const scale = canvas.width / box.width;
+    const context = canvas.getContext("2d");
+    context.fillStyle = "white";
+    context.beginPath();
+    context.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale,
+                Number($("#brush").value) * scale / 2, 0, 2 * Math.PI);
+    context.fill();
+    state.maskPainted = true;
+  };
+  canvas.addEventListener("pointerdown", event => { painting = true; canvas.setPointerCapture(event.pointerId);
+                                                    paint(event); });
+  canvas.addEventListener("pointermove", paint);
+  canvas.addEventListener("pointerup", () => { painting = false; });
+  $("#clear-mask").onclick = clearMask;
+  $("#init-file").onchange = event => event.target.files[0] && loadInitImage(event.target.files[0]);
+}
+
+// -- ControlNet units -------------------------------------------------------------------------------------------------
+function addUnit() {
+  const unit = $("#unit-template").content.firstElementChild.cloneNode(true);
+  $(".unit-module", unit).replaceChildren(...(state.modules || ["none"]).map(m => option(m)));
+  $(".unit-model", unit).replaceChildren(...(state.models || []).map(m => option(m)));
+  $(".remove-unit", unit).onclick = () => unit.remove();
+  $("#units").append(unit);
+}
+
+// -- X/Y/Z plot: AUTOMATIC1111's script through the API; its cells run as tasks through the step batcher -------------
+async function runXYZ(body) {
+  const axes = $$(".axis").map(axis => [$(".axis-type", axis).value || "Nothing", $(".axis-values", axis).value]);
+  body.script_name = "x/y/z plot";
+  body.script_args = [axes[0][0], axes[0][1], null, axes[1][0], axes[1][1], null, axes[2][0], axes[2][1], null,
+                      $("#xyz-legend").checked, false, false, false, 0, true, false];
+  setProgress(0, "X/Y/Z plot: cells queued");
+  const started = Date.now();
+  const ticker = setInterval(refreshQueue, 500);
+  try {
+    const result = await api("POST", "/sdapi/v1/txt2img", body);
+    setProgress(1, `X/Y/Z plot done in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    showResult(result);
+  } catch (error) {
+    setProgress(0, "X/Y/Z plot failed");
+    showError(error.message);
+  } finally {
+    clearInterval(ticker);
+    refreshQueue();
+  }
+}
+
+// -- classify ---------------------------------------------------------------------------------------------------------
+async function classify(files) {
+  $("#classify-error").hidden = true;
+  try {
+    const images = await Promise.all([...files].map(fileToBase64));
+    const answer = await api("POST", "/v1/classify", { images, top_k: Number($("#top-k").value) });
+    $("#classify-results").replaceChildren(...answer.results.map((result, index) => {
+      const card = document.createElement("div");
+      card.className = "classification";
+      const title = document.createElement("h3");
+      title.textContent = files[index].name;
+      card.append(title);
+      if (result.error) {
+        const error = document.createElement("p");
+        error.className = "error"; error.textContent = result.error;
+        card.append(error);
+      }
+      for (const top of result.top || []) {
+        const row = document.createElement("div");
+        row.className = "score";
+        row.innerHTML = `<span class="label"></span><span class="bar"></span><span class="value"></span>`;
+        $(".label", row).textContent = top.label;
+        $(".bar", row).style.width = `${Math.round(top.score * 100)}%`;
+        $(".value", row).textContent = top.score.toFixed(3);
+        card.append(row);
+      }
+      return card;
+    }));
+  } catch (error) {
+    $("#classify-error").textContent = error.message;
+    $("#classify-error").hidden = false;
+  }
+}
+
+function setUpClassify() {
+  const drop = $("#drop");
+  $("#classify-files").onchange = event => classify(event.target.files);
+  drop.addEventListener("dragover", event => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", event => {
+    event.preventDefault(); drop.classList.remove("over");
+    classify(event.dataTransfer.files);
+  });
+}
+
+// -- gallery ----------------------------------------------------------------------------------------------------------
+async function loadGallery() {
+  try {
+    const listing = await api("GET", "/v1/outputs?limit=60");
+    state.gallery = listing.items;
+    $("#gallery-count").textContent = `${listing.total} saved images`;
+    $("#gallery-grid").replaceChildren(...listing.items.map((item, index) => {
+      const thumb = document.createElement("img");
+      thumb.src = item.url; thumb.alt = item.path; thumb.loading = "lazy"; thumb.className = "thumb";
+      thumb.onclick = () => showDetail(index);
+      return thumb;
+    }));
+  } catch (error) {
+    $("#gallery-count").textContent = error.message;
+  }
+}
+
+function showDetail(index) {
+  const item = state.gallery[index];
+  state.detail = item;
+  $("#gallery-detail").hidden = false;
+  $("#detail-image").src = item.url;
+  $("#detail-parameters").textContent = item.parameters || "(no parameters in this file)";
+  $("#download").href = item.url;
+  $("#download").setAttribute("download", item.path.split("/").pop());
+}
+
+// Fill the form from an image's infotext fields (AUTOMATIC1111's names).
+function reuse(fields) {
+  const form = $("#generate");
+  const set = (name, value) => { if (value !== undefined && value !== "") form[name].value = value; };
+  set("prompt", fields.Prompt); set("negative_prompt", fields["Negative prompt"]);
+  set("steps", fields.Steps); set("cfg_scale", fields["CFG scale"]); set("seed", fields.Seed);
+  set("width", fields["Size-1"]); set("height", fields["Size-2"]);
+  if (fields.Sampler && $$("option", form.sampler_name).some(o => o.value === fields.Sampler)) {
+    form.sampler_name.value = fields.Sampler;
+  }
+  if (fields["Denoising strength"]) set("denoising_strength", fields["Denoising strength"]);
+}
+
+async function sendTo(tab) {
+  const item = state.detail;
+  if (!item) return;
+  reuse(item.fields);
+  if (tab === "img2img") {
+    const blob = await (await fetch(item.url)).blob();
+    await loadInitImage(null, await fileToBase64(blob));
+  }
+  showTab(tab);
+}
+
+// -- settings: the options the API exposes ----------------------------------------------------------------------------
+async function loadOptions() {
+  const form = $("#options-form");
+  try {
+    state.options = await api("GET", "/sdapi/v1/options");
+  } catch (error) {
+    $("#settings-error").textContent = error.message; $("#settings-error").hidden = false;
+    return;
+  }
+  form.replaceChildren(...Object.entries(state.options).filter(([, v]) => v === null || typeof v !== "object")
+    .map(([name, value]) => {
+      const label = document.createElement("label");
+      label.textContent = name;
+      const input = document.createElement("input");
+      input.name = name;
+      if (typeof value === "boolean") { input.type = "checkbox"; input.checked = value; }
+      else if (typeof value === "number") { input.type = "number"; input.step = "any"; input.value = value; }
+      else { input.value = value ?? ""; }
+      label.append(input);
+      return label;
+    }));
+}
+
+async function saveOptions() {
+  $("#settings-error").hidden = true; $("#settings-saved").hidden = true;
+  const changed = {};
+  for (const input of $$("#options-form input")) {
+    const old = state.options[input.name];
+    const value = input.type === "checkbox" ? input.checked : input.type === "number" ? Number(input.value)
+      : input.value;
+    if (value !== old && !(old === null && value === "")) changed[input.name] = value;
+  }
+  try {
+    await api("POST", "/sdapi/v1/options", changed);
+    $("#settings-saved").hidden = false;
+    await loadOptions();
+  } catch (error) {
+    $("#settings-error").textContent = error.message; $("#settings-error").hidden = false;
+  }
+}
+
+// -- start ------------------------------------------------------------------------------------------------------------
+function start() {
+  $$("#tabs button").forEach(b => { b.onclick = () => showTab(b.dataset.tab); });
+  $("#generate").addEventListener("submit", submit);
+  $("#dice").onclick = () => { $("#generate").seed.value = -1; };
+  $("#recycle").onclick = () => { $("#generate").seed.value = state.lastSeed; };
+  $("#add-unit").onclick = addUnit;
+  $("#refresh-gallery").onclick = loadGallery;
+  $("#send-txt2img").onclick = () => sendTo("txt2img");
+  $("#send-img2img").onclick = () => sendTo("img2img");
+  $("#save-options").onclick = saveOptions;
+  setUpMaskPainting();
+  setUpClassify();
+  showTab("txt2img");
+  loadCapabilities();
+  refreshQueue();
+  setInterval(refreshQueue, 2000);
+}
+
+start();
