@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/kiln demo
 
 test: $(STAMP)
+	bash scripts/setup_system.sh browser
 	$(BIN)/python -m pytest
 
 # The inner loop: no Triton, no export (under two minutes on 2 cores).

@@ -1,0 +1,224 @@
+"""The web page in a real browser (Debian's Chromium driven by Playwright) against the real API on the session's
+Triton (tiny SD + ViT): a person's session, tab by tab, with a screenshot of each in out/ui/.
+
+The page is a client of the public API only, so what it shows is checked against the API's own answers. The
+service runs one worker here so that tasks really queue (positions, cancelling a queued one).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+
+from kiln.triton_server import free_port
+from orchestrator.security import SecurityOptions
+from orchestrator.server.service import BackgroundAPI
+from orchestrator.server.settings import Settings
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "out" / "ui"
+PHOTO = ROOT / "assets" / "images" / "chelsea.jpg"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: `make test` installs it (scripts/setup_system.sh)"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def service(triton, tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("outputs")
+    live = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), workers=1, outputs_dir=outputs))
+    yield live
+    live.stop()
+
+
+def open_page(browser, url: str, **context):
+    page = browser.new_context(viewport={"width": 1280, "height": 900}, **context).new_page()
+    page.errors = []
+    page.on("console", lambda message: page.errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(url)
+    page.wait_for_function("document.querySelector('[name=sampler_name]').options.length > 0")
+    return page
+
+
+def settle(page, text: str, timeout: float = 120_000) -> None:
+    page.wait_for_function(f"document.querySelector('#progress-text').textContent.includes({json.dumps(text)})",
+                           timeout=timeout)
+
+
+def generate(page) -> str:
+    """Click Generate; the new task's id once its images are shown."""
+    before = page.evaluate("window.kiln.tasks.size")
+    page.click("#submit")
+    page.wait_for_function("n => window.kiln.tasks.size > n", arg=before)
+    task = page.evaluate("[...window.kiln.tasks.keys()].at(-1)")
+    page.wait_for_function("id => window.kiln.shown === id", arg=task, timeout=120_000)
+    return task
+
+
+def shot(page, name: str) -> None:
+    page.wait_for_timeout(300)  # the progress bar's transition
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_a_session_in_the_browser(browser, service):
+    page = open_page(browser, service.url)
+    served = requests.get(f"{service.url}/sdapi/v1/sd-models", timeout=30).json()[0]["title"]
+    assert page.inner_text("#checkpoint") == served
+
+    # txt2img: the progress bar moves, the preview changes as it denoises, the image arrives.
+    page.evaluate("""() => {
+        window.seen = {widths: new Set(), previews: new Set()};
+        new MutationObserver(() => {
+            window.seen.widths.add(document.querySelector('#progress-bar').style.width);
+            const preview = document.querySelector('#preview');
+            if (!preview.hidden) window.seen.previews.add(preview.src);
+        }).observe(document.querySelector('#output'), {subtree: true, attributes: true});
+    }""")
+    page.fill("[name=prompt]", "a photo of a cat")
+    for name, value in (("width", "64"), ("height", "64"), ("steps", "16"), ("seed", "1234")):
+        page.fill(f"[name={name}]", value)
+    generate(page)
+    assert page.evaluate("window.seen.widths.size") >= 4  # 0%, steps between, 100%
+    assert page.evaluate("window.seen.previews.size") >= 3
+    assert page.evaluate("window.kiln.events.filter(e => e.event === 'progress').length") == 16
+    assert "Seed: 1234" in page.inner_text("#info") and "Size: 64x64" in page.inner_text("#info")
+    shot(page, "txt2img")
+
+    # The gallery lists what save_images wrote; its parameters go back into the form.
+    page.fill("[name=prompt]", "")
+    page.click("[data-tab=gallery]")
+    page.wait_for_selector("#gallery-grid img")
+    page.click("#gallery-grid img >> nth=0")
+    assert "a photo of a cat" in page.inner_text("#detail-parameters")
+    assert page.get_attribute("#download", "href").startswith("/v1/outputs/file/txt2img-images/")
+    shot(page, "gallery")
+    page.click("#send-txt2img")
+    assert page.input_value("[name=prompt]") == "a photo of a cat" and page.input_value("[name=seed]") == "1234"
+
+    # img2img: an image, a mask painted on it, inpainting.
+    page.click("[data-tab=img2img]")
+    page.set_input_files("#init-file", str(PHOTO))
+    page.wait_for_function("document.querySelector('#mask-canvas').width > 0")
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.5, steps=8)
+    page.mouse.up()
+    assert page.evaluate("window.kiln.maskPainted")
+    page.fill("[name=steps]", "8")
+    generate(page)
+    info = page.inner_text("#info")
+    assert "Mask blur: 4" in info and "Denoising strength: 0.75" in info  # the mask reached the server
+    shot(page, "img2img")
+
+    # ControlNet: a unit with its image and module, in txt2img.
+    page.click("[data-tab=txt2img]")
+    page.click("#controlnet summary")
+    page.click("#add-unit")
+    page.set_input_files("#units .unit-image", str(PHOTO))
+    page.select_option("#units .unit-module", "canny")
+    page.fill("#units .unit-weight", "0.8")
+    page.fill("[name=steps]", "4")
+    generate(page)
+    assert "ControlNet 0: \"Module: canny" in page.inner_text("#info")
+    shot(page, "controlnet")
+    page.click("#units .remove-unit")
+
+    # Three tasks queued (one worker), the middle one cancelled: the others finish, nothing else is lost.
+    page.click("[data-tab=txt2img]")
+    page.fill("[name=steps]", "40")
+    for _ in range(3):
+        before = page.evaluate("window.kiln.tasks.size")
+        page.click("#submit")
+        page.wait_for_function("n => window.kiln.tasks.size > n", arg=before)
+    ids = page.evaluate("[...window.kiln.tasks.keys()].slice(-3)")
+    page.wait_for_selector(f"li[data-task='{ids[1]}'] .cancel")
+    page.click(f"li[data-task='{ids[1]}'] .cancel")
+    page.wait_for_function("ids => ids.every(id => window.kiln.tasks.get(id).finished)", arg=ids, timeout=180_000)
+    statuses = [requests.get(f"{service.url}/v1/tasks/{task}", timeout=30).json()["status"] for task in ids]
+    assert statuses == ["done", "cancelled", "done"]
+    page.wait_for_selector(f"li.task.cancelled[data-task='{ids[1]}']")
+    shot(page, "queue")
+
+    # A 2x2 X/Y/Z plot: seeds across, steps down; the grid with its labels, each cell a task.
+    page.click("[data-tab=xyz]")
+    page.select_option(".axis[data-axis=x] .axis-type", "Seed")
+    page.fill(".axis[data-axis=x] .axis-values", "1, 2")
+    page.select_option(".axis[data-axis=y] .axis-type", "Steps")
+    page.fill(".axis[data-axis=y] .axis-values", "4, 8")
+    page.fill("[name=seed]", "-1")
+    page.click("#submit")
+    settle(page, "X/Y/Z plot done")
+    size = page.evaluate("[document.querySelector('#results img').naturalWidth, "
+                         "document.querySelector('#results img').naturalHeight]")
+    assert size[0] > 2 * 64 and size[1] > 2 * 64  # two cells each way, plus the labels' margins
+    assert 'X Type: Seed, X Values: "1, 2", Y Type: Steps' in page.inner_text("#info")
+    shot(page, "xyz")
+
+    # Classify: an image in, its top labels out.
+    page.click("[data-tab=classify]")
+    page.set_input_files("#classify-files", str(PHOTO))
+    page.wait_for_selector(".classification .score")
+    assert page.locator(".classification .score").count() == 5
+    shot(page, "classify")
+
+    # A phone-sized screen: one column, nothing wider than the screen.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.click("[data-tab=txt2img]")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    shot(page, "phone")
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+    page.click("[data-tab=settings]")
+    page.wait_for_selector("#options-form input[name=CLIP_stop_at_last_layers]")
+    shot(page, "settings")
+    assert not page.errors, page.errors
+
+    # Bad input: the API's message next to the field; a task queued before it still finishes.
+    page.click("[data-tab=txt2img]")
+    page.fill("[name=steps]", "20")
+    page.fill("[name=width]", "64")
+    page.click("#submit")
+    queued = page.evaluate("[...window.kiln.tasks.keys()].at(-1)")
+    page.fill("[name=width]", "60")
+    page.click("#submit")
+    page.wait_for_selector(".field-error")
+    assert "width must be a multiple of 8, got 60" in page.inner_text(".field-error")
+    page.wait_for_function("id => window.kiln.tasks.get(id).finished", arg=queued, timeout=120_000)
+    assert requests.get(f"{service.url}/v1/tasks/{queued}", timeout=30).json()["status"] == "done"
+    shot(page, "bad-input")
+    assert all("422" in error for error in page.errors), page.errors  # the refused request, and nothing else
+
+
+def test_off_loopback_the_page_asks_for_credentials(browser, triton, tmp_path):
+    """With auth on (as `kiln serve --listen` off loopback requires), the page and every call it makes need them;
+    with them, a generation runs (its WebSocket or, where a browser sends no credentials on one, polling)."""
+    live = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), outputs_dir=tmp_path,
+                                  security=SecurityOptions(credentials=(("alice", "s3cret"),))))
+    try:
+        answer = requests.get(live.url, timeout=30)
+        assert answer.status_code == 401 and answer.headers["www-authenticate"].startswith("Basic")
+        page = open_page(browser, live.url, http_credentials={"username": "alice", "password": "s3cret"})
+        page.fill("[name=prompt]", "a cat")
+        for name, value in (("width", "64"), ("height", "64"), ("steps", "4")):
+            page.fill(f"[name={name}]", value)
+        generate(page)
+        assert not [e for e in page.errors if "WebSocket" not in e], page.errors
+    finally:
+        live.stop()
