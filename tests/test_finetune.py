@@ -25,7 +25,7 @@ from build.vit.finetune import FinetuneOptions, finetune_vit
 from build.vit.resources import pick_precision
 from build.vit.spec import spec_facts, spec_for
 from build.vit.weights import load_vit
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, WeightsError
 from kiln.machine import machine
 from tests.conftest import start_triton
 
@@ -217,6 +217,23 @@ def test_bad_settings_are_refused_before_training(data, tmp_path, kiln):
     assert pick_precision("auto", torch.device("cpu")) == ("bf16" if has_bf16 else "fp32")
     with pytest.raises(ConfigError, match="fp16 trains on a CUDA GPU only"):
         pick_precision("fp16", torch.device("cpu"))
+
+
+def test_timm_synset_names_are_served_as_their_descriptions(tmp_path):
+    import timm
+
+    from build.vit.weights import save_vit_checkpoint
+
+    folder = save_vit_checkpoint(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2),
+                                 tmp_path, "vit_tiny_patch16_224", labels=["n01440764", "n01443537"])
+    config = json.loads((folder / "config.json").read_text())
+    config["label_descriptions"] = {"n01440764": "tench, Tinca tinca", "n01443537": "goldfish, Carassius auratus"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_vit(folder).labels == ("tench, Tinca tinca", "goldfish, Carassius auratus")
+    config["label_names"] = ["only one"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="1 label_names for a model with 2 classes"):
+        load_vit(folder)
 
 
 @pytest.mark.parametrize(("name", "facts"), [

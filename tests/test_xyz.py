@@ -47,6 +47,9 @@ def test_cells_vary_what_their_axes_name():
     assert [c.prompt for _, c in cells] == ["a cat on a mat", "a cat on a mat", "a dog on a mat", "a dog on a mat"]
     assert [c.seed for _, c in cells] == [seeds[0], 7, seeds[0], 7]
     assert all(c.denoising_strength == 0.5 and c.script_name is None and c.script_args == [] for _, c in cells)
+    lines = parse(body(["Prompt S/R", "cat\nred, big dog", None, 0, "", None, 0, "", None, True, False, False, False,
+                        0, True, True]), "txt2img")
+    assert lines.axes[0].values == ["cat", "red, big dog"]  # raw_mode: one value per line
     kept = parse(body(["Seed", "-1", None, 0, "", None, 0, "", None, True, False, False, True]), "txt2img")
     assert kept.axes[0].values == [-1]  # no_fixed_seeds: -1 stays -1
 
@@ -118,6 +121,10 @@ def test_the_plot_through_the_api(api):
         caps = client.get("/v1/capabilities").json()
         assert caps["sd"]["min_size"] == 32 and caps["sd"]["max_size"] == 128 and caps["classify"] is True
         assert "Steps" in client.get("/v1/xyz-axes").json()["img2img"]
+        # A Z axis with sub-grids: the whole grid, then one grid per Z value.
+        z = client.post("/sdapi/v1/txt2img", json=request | {"save_images": False, "script_args": [
+            "Seed", "1, 2", None, "Nothing", "", None, "CFG Scale", "3, 6", None, True, False, True]}).json()
+        assert len(z["images"]) == 3 and pixels(z["images"][0]).shape[1] > pixels(z["images"][1]).shape[1]
 
 
 @pytest.mark.slow

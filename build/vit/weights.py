@@ -112,6 +112,11 @@ def _label_names(config: dict, config_path: Path) -> tuple[str, ...] | None:
             raise WeightsError(f"{config_path}: label_names keys must be class indices") from None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise WeightsError(f"{config_path}: label_names must be a list of strings")
+    # timm's ImageNet folders name classes by synset (n01440764) and describe them in label_descriptions: serve the
+    # descriptions ("tench, Tinca tinca"), as the stock build does
+    descriptions = config.get("label_descriptions", (config.get("pretrained_cfg") or {}).get("label_descriptions"))
+    if isinstance(descriptions, dict):
+        names = [str(descriptions.get(name, name)) for name in names]
     return tuple(names)
 
 

@@ -3,10 +3,12 @@ once, so the step batcher merges the cells' denoising steps; then the grid with 
 
 script_args as AUTOMATIC1111 1.10's script takes them: [x_type, x_values, x_values_dropdown, y_type, y_values,
 y_values_dropdown, z_type, z_values, z_values_dropdown, draw_legend, include_lone_images, include_sub_grids,
-no_fixed_seeds, margin_size, csv_mode, raw_mode]. A type is an index into AUTOMATIC1111's axis list for the route
-(its UI's order) or the axis's label ("Steps", "[ControlNet] Weight"). Values: comma-separated text (numbers also as
-ranges: 1-5, 10-30 (+10), 1-2 [5]), or the dropdown's list. Axes kiln cannot vary are refused by name. The cells are
-tasks of the caller (GET /v1/tasks lists them, DELETE cancels one: its cell stays black in the grid).
+no_fixed_seeds, margin_size, csv_mode, raw_mode]; the answer's images: the grid, then each z's grid
+(include_sub_grids, with a Z axis), then the cells (include_lone_images). A type is an index into AUTOMATIC1111's
+axis list for the route (its UI's order) or the axis's label ("Steps", "[ControlNet] Weight"). Values:
+comma-separated text (numbers also as ranges: 1-5, 10-30 (+10), 1-2 [5]; one per line with raw_mode), or the
+dropdown's list. Axes kiln cannot vary are refused by name. The cells are tasks of the caller (GET /v1/tasks lists
+them, DELETE cancels one: its cell stays black in the grid).
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ def parse(body: schemas.Txt2ImgBody, route: str) -> Plot:
     if len(args) > 16:
         raise InputError(f"script_args: the X/Y/Z plot takes at most 16 values (AUTOMATIC1111 1.10's), got {len(args)}")
     args += [None] * (16 - len(args))
-    axes = tuple(_axis("XYZ"[i], args[3 * i], args[3 * i + 1], args[3 * i + 2], route, args[14] is not False)
-                 for i in range(3))
+    axes = tuple(_axis("XYZ"[i], args[3 * i], args[3 * i + 1], args[3 * i + 2], route, args[14] is not False,
+                       bool(args[15])) for i in range(3))
     plot = Plot(axes, draw_legend=args[9] is not False, include_lone_images=bool(args[10]),
                 include_sub_grids=bool(args[11]), no_fixed_seeds=bool(args[12]), margin_size=int(args[13] or 0))
     cells = len(axes[0].values) * len(axes[1].values) * len(axes[2].values)
@@ -138,7 +140,7 @@ def parse(body: schemas.Txt2ImgBody, route: str) -> Plot:
     return plot
 
 
-def _axis(name: str, kind: Any, text: Any, dropdown: Any, route: str, csv_mode: bool) -> Axis:
+def _axis(name: str, kind: Any, text: Any, dropdown: Any, route: str, csv_mode: bool, raw_mode: bool) -> Axis:
     listed = A1111_AXES[route]
     if kind is None:
         kind = 0
@@ -158,6 +160,8 @@ def _axis(name: str, kind: Any, text: Any, dropdown: Any, route: str, csv_mode: 
     if (not text or not csv_mode) and isinstance(dropdown, list) and dropdown:
         raw = [str(v) for v in dropdown]
         text = ", ".join(raw)
+    elif raw_mode and "\n" in str(text).strip():  # "Use raw text lines": one value per line, commas kept
+        raw = [line.strip() for line in str(text).strip().split("\n") if line.strip()]
     else:
         raw = [v.strip() for v in next(csv.reader([str(text or "")]), []) if v.strip()]
     if not raw:
@@ -300,6 +304,11 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     blank = np.zeros_like(done[0].images[0])
     pictures = {index: job.images[0] if job in done else blank for (index, _), job in zip(cells, jobs)}
     grid = await run_in_threadpool(draw_grid, plot, pictures)
+    x, y, z = plot.axes
+    flat = Plot((x, y, Axis("Nothing", [None], "")), plot.draw_legend, margin_size=plot.margin_size)
+    subgrids = [await run_in_threadpool(draw_grid, flat, {(ix, iy, 0): image for (ix, iy, iz), image in
+                                                          pictures.items() if iz == k})
+                for k in range(len(z.values))] if plot.include_sub_grids and len(z.values) > 1 else []
     info = dict(done[0].infos[0]) | {"script": "X/Y/Z plot"}
     for axis, name in zip(plot.axes, "XYZ"):
         if axis.label != "Nothing":
@@ -313,10 +322,12 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     details = json.loads(answer["info"])
     lone = [base64.b64encode(encode_png(job.images[0], {"parameters": parameters_text(job.infos[0])})).decode()
             for job in done] if plot.include_lone_images else []
-    details["infotexts"] = [parameters_text(info)] + [parameters_text(job.infos[0]) for job in done][:len(lone)]
+    details["infotexts"] = [parameters_text(info)] * (1 + len(subgrids)) + \
+        [parameters_text(job.infos[0]) for job in done][:len(lone)]
     details["xyz"] = {"cells": len(jobs), "done": len(done), "seconds": round(time.time() - jobs[0].created, 3),
                       "failed": [str(job.error) for job in jobs if job.status != Status.DONE]}
-    images = [base64.b64encode(encode_png(grid, {"parameters": parameters_text(info)})).decode()] + lone
+    images = [base64.b64encode(encode_png(picture, {"parameters": parameters_text(info)})).decode()
+              for picture in (grid, *subgrids)] + lone
     parameters = body.model_dump(exclude={"alwayson_scripts", "init_images", "mask"})
     return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(details)}
 
