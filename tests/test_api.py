@@ -601,10 +601,15 @@ def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(c
         "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
         "Latent (nearest-exact)"]
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["controlnet"],
-                                                      "img2img": ["sd upscale", "controlnet"]}
-    assert {(s["name"], s["is_alwayson"], s["is_img2img"]) for s in client.get("/sdapi/v1/script-info").json()} == {
-        ("sd upscale", False, True), ("controlnet", True, False), ("controlnet", True, True)}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot", "controlnet"],
+                                                      "img2img": ["sd upscale", "x/y/z plot", "controlnet"]}
+    info = client.get("/sdapi/v1/script-info").json()
+    assert {(s["name"], s["is_alwayson"], s["is_img2img"]) for s in info} == {
+        ("sd upscale", False, True), ("x/y/z plot", False, False), ("x/y/z plot", False, True),
+        ("controlnet", True, False), ("controlnet", True, True)}
+    xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    assert len(xyz["args"]) == 16 and xyz["args"][0]["choices"][:5] == ["Nothing", "Seed", "Var. seed",
+                                                                       "Var. strength", "Steps"]
     memory = client.get("/sdapi/v1/memory").json()
     assert memory["ram"]["total"] >= memory["ram"]["used"] > 0 and "error" in memory["cuda"]
     for name in ("refresh-checkpoints", "refresh-vae", "refresh-loras"):

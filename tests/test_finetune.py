@@ -149,7 +149,7 @@ def test_freezing_ema_mixup_and_accumulation(data, tmp_path):
     """The rest of the recipe in one short run: frozen blocks stay as they were, the EMA is validated beside the
     model, mixup/cutmix and RandAugment run, and an optimizer step spans two batches."""
     result = finetune_vit(options(data, tmp_path / "out", epochs=1, freeze_blocks=10, ema=0.9, mixup=0.8,
-                                  cutmix=1.0, accumulate=2, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4,
+                                  cutmix=1.0, accumulate=2, auto_augment="rand-m9-mstd0.5", color_jitter=0.4,
                                   layer_decay=0.75, label_smoothing=0.1, patience=1), log=lambda _m: None)
     row = result.metrics["history"][0]
     assert "ema_val_accuracy" in row and result.kept in ("model", "ema")
@@ -210,6 +210,8 @@ def test_bad_settings_are_refused_before_training(data, tmp_path, kiln):
         finetune_vit(options(data, tmp_path / "c", batch_size=64, max_memory_gb=0.5), log=lambda _m: None)
     with pytest.raises(ConfigError, match="--resume: .*checkpoint.pt does not exist"):
         finetune_vit(options(data, tmp_path / "d", resume=True), log=lambda _m: None)
+    with pytest.raises(ConfigError, match="inc1.*posterize to 0 bits"):
+        finetune_vit(options(data, tmp_path / "f", auto_augment="rand-m9-mstd0.5-inc1"), log=lambda _m: None)
     with pytest.raises(ConfigError, match="--freeze-blocks 13: the model has 12 blocks"):
         finetune_vit(options(data, tmp_path / "e", freeze_blocks=13), log=lambda _m: None)
     # auto: bf16 exactly where this CPU has bf16 instructions (whichever CI has), never fp16 on a CPU.

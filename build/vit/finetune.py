@@ -47,7 +47,7 @@ class FinetuneOptions:
     layer_decay: float | None = 0.75  # timm's layer-wise lr decay (None: one lr for every layer)
     warmup_epochs: int = 1
     label_smoothing: float = 0.1
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm's RandAugment spec; None: none
+    auto_augment: str | None = "rand-m9-mstd0.5"  # timm's RandAugment spec; None: none
     color_jitter: float = 0.4
     mixup: float = 0.0  # mixup alpha (0: off)
     cutmix: float = 0.0  # cutmix alpha (0: off)
@@ -358,6 +358,10 @@ def _check_options(options: FinetuneOptions) -> None:
         raise ConfigError("give --weights or --random-init, not both")
     if options.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {options.precision!r}")
+    if options.auto_augment and "-inc1" in options.auto_augment:
+        # timm's increasing posterize reaches 0 bits at high magnitudes, which this Pillow refuses mid-epoch
+        raise ConfigError(f"--auto-augment {options.auto_augment}: the increasing ops (inc1) posterize to 0 bits at "
+                          "high magnitudes, which Pillow 13 refuses; use the same policy without -inc1")
     if not 0 <= options.max_bad_images < 1:
         raise ConfigError(f"--max-bad-images is a fraction in [0, 1), got {options.max_bad_images}")
 

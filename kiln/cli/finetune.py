@@ -31,7 +31,7 @@ def add_parser(commands) -> None:
                      help="timm's layer-wise learning-rate decay (1: the same rate for every layer)")
     vit.add_argument("--warmup-epochs", type=int, default=1)
     vit.add_argument("--label-smoothing", type=float, default=0.1)
-    vit.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1",
+    vit.add_argument("--auto-augment", default="rand-m9-mstd0.5",
                      help="timm's augmentation policy (RandAugment spec), or 'none' (default: %(default)s)")
     vit.add_argument("--color-jitter", type=float, default=0.4, help="0 turns it off")
     vit.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (e.g. 0.8; 0: off)")

@@ -87,6 +87,20 @@ def supported_axes(route: str) -> list[str]:
     return [a for a in A1111_AXES[route] if a in AXES] + [a for a in AXES if a.startswith("[")]
 
 
+def xyz_script_args(route: str) -> list[dict]:
+    """The script's 16 arguments as AUTOMATIC1111's /sdapi/v1/script-info lists them (types index its full list;
+    the axes this server cannot vary are refused when sent)."""
+    axis = [{"label": f"{name} type", "value": A1111_AXES[route][1 if name == "X" else 0],
+             "choices": A1111_AXES[route]} for name in "XYZ"]
+    args = []
+    for name, kind in zip("XYZ", axis):
+        args += [kind, {"label": f"{name} values", "value": ""}, {"label": f"{name} values", "value": None}]
+    return args + [{"label": label, "value": value} for label, value in (
+        ("Draw legend", True), ("Include Sub Images", False), ("Include Sub Grids", False),
+        ("Keep -1 for seeds", False), ("Grid margins (px)", 0), ("Use text inputs instead of dropdowns", False),
+        ("Use raw text lines", False))]
+
+
 def is_xyz(body: schemas.Txt2ImgBody) -> bool:
     return (body.script_name or "").strip().lower() in ("x/y/z plot", "xyz plot", "xyz_grid")
 

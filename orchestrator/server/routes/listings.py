@@ -15,6 +15,7 @@ from kiln.upscale import UPSCALERS
 from orchestrator.pipeline.hires import LATENT_MODES
 from orchestrator.server.a1111 import SCRIPTS
 from orchestrator.server.generation import engine, pipeline
+from orchestrator.server.xyz import xyz_script_args
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 controlnet = APIRouter(prefix="/controlnet", tags=["controlnet"])
@@ -122,6 +123,8 @@ async def script_info(request: Request) -> list[dict]:
                    "choices": [*UPSCALERS, *(u.name for u in await _networks(request))]},
                   {"label": "Scale Factor", "value": 2.0, "minimum": 1.0, "maximum": 4.0, "step": 0.05}]
     return [{"name": "sd upscale", "is_alwayson": False, "is_img2img": True, "args": sd_upscale}] + \
+        [{"name": "x/y/z plot", "is_alwayson": False, "is_img2img": img2img, "args": xyz_script_args(route)}
+         for img2img, route in ((False, "txt2img"), (True, "img2img"))] + \
         [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": []} for img2img in (False, True)]
 
 
