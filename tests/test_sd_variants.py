@@ -104,6 +104,8 @@ def test_hybrid_int8_build_is_served_and_reports_its_trade(int8_repo, tmp_path):
         code = server.stop()
     # Every OpenVINO model process ends (telemetry's fork used to hang one now and then: Triton's exit timeout).
     assert code == 0, server.explain()
+    # The served OpenVINO models compiled into the cache beside the repository: a second start reads them back.
+    assert len(list((int8_repo.parent / f"{int8_repo.name}.ov-cache").glob("*.blob"))) >= 4
     in_process = Pipeline.from_repository(int8_repo).generate(request).images
     assert served.shape == (1, 64, 64, 3)
     # The served int8 models and the same artifacts opened in-process give the same image.

@@ -39,6 +39,34 @@ class SessionOptions:
     device: str = "cpu"  # torch: cpu or cuda:N (the Triton instance's GPU)
     graph_batches: tuple[int, ...] = ()  # torch on CUDA: batch sizes that replay a CUDA graph ...
     graph_shapes: Mapping[str, tuple[int, ...]] | None = None  # ... captured at these input shapes (the build's opt)
+    cache_dir: Path | None = None  # OpenVINO: its model cache (CACHE_DIR), so a second start skips compiling
+
+
+def ov_cache_dir(repository: Path) -> Path | None:
+    """Where OpenVINO keeps compiled models for a repository: KILN_OV_CACHE (a folder, or "off"), else a folder beside
+    the repository, <repository>.ov-cache (inside it, Triton would take the folder for a model)."""
+    chosen = os.environ.get("KILN_OV_CACHE", "")
+    if chosen.lower() in ("off", "none", "0"):
+        return None
+    return Path(chosen) if chosen else repository.parent / f"{repository.name}.ov-cache"
+
+
+def _usable_cache(folder: Path | None) -> str | None:
+    """The cache folder as OpenVINO takes it, or None (with a warning) where it cannot be written: serving goes on."""
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        import warnings
+
+        warnings.warn(f"OpenVINO model cache {folder} is not writable ({exc.strerror or exc}): compiling without it",
+                      stacklevel=3)
+        return None
+    return str(folder)
 
 
 def session_device(runtime: str, gpu: bool, graph_batches: str = "", graph_shapes: str = "",
@@ -92,6 +120,9 @@ class Session:
                 "PERFORMANCE_HINT": options.performance_hint,
                 "INFERENCE_NUM_THREADS": threads,
             }
+            cache = None if overrides else _usable_cache(options.cache_dir)  # a LoRA set's weights: never cached
+            if cache:
+                config["CACHE_DIR"] = cache
             self._compiled = core.compile_model(_with_constants(core, path, overrides) if overrides else str(path),
                                                 "CPU", config)
             self._request = self._compiled.create_infer_request()

@@ -20,7 +20,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kiln.errors import KilnError
-from kiln.runtime import Session, SessionOptions, model_config, session_device
+from kiln.runtime import Session, SessionOptions, model_config, ov_cache_dir, session_device
 
 
 class RuntimeModel:
@@ -36,6 +36,8 @@ class RuntimeModel:
             path=version_dir / self.params["artifact"],
             inference_precision=self.params.get("inference_precision", "f32"),
             threads=int(self.params.get("threads", "0")),
+            cache_dir=ov_cache_dir(Path(args["model_repository"]).parent) if self.params["runtime"] == "openvino"
+            else None,
             **device,
         ))
         self.input_names = [i["name"] for i in config["input"]]
