@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.load import machine, machine_line
+from kiln import contract as names
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -31,7 +32,6 @@ def _repositories(work: Path, sd_size: str, log) -> dict[str, Path]:
     from build.sd import ImageRange, SDBuildOptions, build_sd
     from build.sd.weights import write_sd_checkpoint
     from build.vit import ViTBuildOptions, build_vit
-    from kiln import contract as names
 
     vit, sd = work / "cold_vit", work / f"cold_sd_{sd_size}"
     size, (low, opt, high) = SD_SIZES[sd_size]
@@ -91,7 +91,7 @@ def run(starts: int, work: Path, sd_size: str = "tiny", log=print) -> dict:
         log(f"{name}: no cache {rows[name]['no_cache_s']} s, first start {rows[name]['first_s']} s, second "
             f"{rows[name]['second_s']} s")
     alone = {name: _compile_alone(repo / model / "1" / "model.xml", work / "cold_compile.ov-cache")
-             for (name, repo), model in zip(repos.items(), ("vit", "sd_unet"))}
+             for (name, repo), model in zip(repos.items(), (names.VIT, names.SD_UNET))}
     return {"machine": machine(), "starts": starts, "sd": sd_size, "triton": rows, "compile_alone_s": alone}
 
 
