@@ -24,7 +24,26 @@ from kiln.errors import ConfigError
 
 TRITON_BACKENDS = ("python", "native")
 DEVICES = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
-RUNTIME_PARAMETERS = ("runtime", "artifact", "inference_precision", "threads")  # RuntimeModel's own
+RUNTIME_PARAMETERS = ("runtime", "artifact", "inference_precision", "threads", "ov_device")  # RuntimeModel's own
+
+
+def ov_target(ov_device: str, triton_backend: str, variants: list[Variant]) -> dict:
+    """Check an OpenVINO target device (--ov-device) before anything is built; its report entry. Parity is checked on
+    this machine's CPU either way (the IR does not depend on the device); a device this machine lacks is said."""
+    from kiln.runtime import check_ov_device, ov_device_here
+
+    check_ov_device(ov_device)
+    if ov_device != "CPU":
+        if triton_backend == "native":
+            raise ConfigError("--ov-device is the embedded Python backend's: NVIDIA's image runs OpenVINO on its CPU")
+        others = sorted({v.runtime for v in variants if v.runtime != "openvino"})
+        if others:
+            raise ConfigError(f"--ov-device {ov_device} targets OpenVINO variants; this build serves "
+                              f"{', '.join(others)}")
+    runs, available = ov_device_here(ov_device)
+    note = None if runs else (f"not run on this device here (this machine's OpenVINO has {', '.join(available)}); "
+                              "parity was checked on its CPU, and serving here refuses to load")
+    return {"ov_device": ov_device, "available_here": available, "note": note}
 
 
 def check_target(triton_backend: str, device: str, variants: list[Variant]) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from build import report
 from build.convert import ARTIFACTS, FP32, SD_VARIANTS, Variant, derive
-from build.native import check_target, cuda_graph_parameters, parity_note, precision_caveat
+from build.native import check_target, cuda_graph_parameters, ov_target, parity_note, precision_caveat
 from build.repository import remove_stale, write_models
 from build.sd.auto import candidates as auto_candidates
 from build.sd.auto import choose_variant
@@ -68,6 +68,7 @@ class SDBuildOptions:
     auto_candidates: tuple[str, ...] | None = None  # auto: the variants to time (default: all this device can run)
     triton_backend: str = "python"  # python (embedded Triton here) or native (NVIDIA's tritonserver image)
     device: str = "cpu"  # cpu or gpu: the instance kind of a native build's runtime models
+    ov_device: str = "CPU"  # OpenVINO variants: the device the served models compile for (CPU, GPU, NPU, AUTO)
     image_check_steps: int = 4  # steps of the image a lower-precision variant is compared on (PSNR against fp32)
     calibration_steps: int = 8  # steps per calibration run (x 3 prompts: UNet inputs for calibrated variants)
 
@@ -94,6 +95,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     keys = auto_candidates(options.device, options.auto_candidates, options.triton_backend) \
         if options.variant == "auto" else ()
     check_target(options.triton_backend, options.device, [SD_VARIANTS[k] for k in keys or (options.variant,)])
+    target = ov_target(options.ov_device, options.triton_backend, [SD_VARIANTS[k] for k in keys or (options.variant,)])
     loaded = load_sd(options.weights, options.controlnet, options.config)
     loaded.vaes = {name: load_vae(path, loaded.vae) for name, path in vae_sources(options.vae).items()}
     loaded.tiling = options.tiling
@@ -215,7 +217,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
                                            else "")
                           for index, (label, name) in enumerate(zip(loaded.controlnets, controls))))
     configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads,
-                               options.step_queue_delay_us, options.triton_backend, options.device)
+                               options.step_queue_delay_us, options.triton_backend, options.device, options.ov_device)
     remove_stale(repository, "sd_*control*", {c.name for c in configs})
     remove_stale(repository, "sd_vae_*_*", {c.name for c in configs})  # an earlier build's extra VAEs
     write_models(configs, repository)
@@ -232,11 +234,14 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
                "image_range": asdict(options.images), "variant": options.variant, "auto": choice,
                "triton_backend": options.triton_backend, "device": options.device,
                "caveat": precision_caveat(variant, options.triton_backend),
+               **(target if variant.runtime == "openvino" else {}),
                "vae_scale_factor": contract.vae_scale_factor, "versions": report.tool_versions(),
                "machine": report.machine(), "artifacts": artifacts, "models": [c.name for c in configs]}
     if variant.derived:
         content["image_parity"] = variant_image_parity(repository, side, options.image_check_steps, options.variant,
                                                        log)
+    if content.get("note"):
+        log(f"!! --ov-device {options.ov_device}: {content['note']}")
     if content["caveat"]:
         log(f"!! {content['caveat']}")
     report.update_report(repository, "sd", content)

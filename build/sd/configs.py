@@ -18,7 +18,7 @@ STEP_COMPONENTS = ("unet", "unet_control", "unet" + TILING)  # with the ControlN
 
 def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, variants: Mapping[str, Variant],
                      max_queue_delay_us: int = 2000, threads: int = 0, step_queue_delay_us: int = 0,
-                     triton_backend: str = "python", device: str = "cpu") -> list[ModelConfig]:
+                     triton_backend: str = "python", device: str = "cpu", ov_device: str = "CPU") -> list[ModelConfig]:
     """Every model of the build; `variants[component]` is what that component's model serves. The contract goes
     into sd_unet's parameters: the service reads what it needs to drive the loop from there. `triton_backend`
     "native" serves the runtime models on NVIDIA's image's own backends (build.native), on `device`.
@@ -35,6 +35,8 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
         served = variants[component]
         params = {"runtime": served.runtime, "artifact": served.artifact,
                   "inference_precision": served.inference_precision, "threads": str(threads)}
+        if served.runtime == "openvino":
+            params["ov_device"] = ov_device
         step = component in STEP_COMPONENTS or component.startswith("controlnet")
         if served.runtime == "torch" and served.accelerator == "cuda" and step:
             params |= cuda_graph_parameters(specs[component])

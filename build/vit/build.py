@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from build import auto, parity, report
 from build.convert import VIT_VARIANTS, Variant, derive, open_session
-from build.native import check_target, parity_note, precision_caveat
+from build.native import check_target, ov_target, parity_note, precision_caveat
 from build.repository import write_models
 from build.specs import ComponentSpec
 from build.torch_export import export_artifact
@@ -50,6 +50,7 @@ class ViTBuildOptions:
     repository: Path = DEFAULT_REPOSITORY
     triton_backend: str = "python"  # python (embedded Triton here) or native (NVIDIA's tritonserver image)
     device: str = "cpu"  # cpu or gpu: the instance kind of a native build's `vit`
+    ov_device: str = "CPU"  # OpenVINO variants: the device the served model compiles for (CPU, GPU, NPU, AUTO)
     max_queue_delay_us: int = 2000
     threads: int = 0  # runtime threads inside Triton; 0: all cores
     progress: bool = True
@@ -154,6 +155,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     check_target(options.triton_backend, options.device,
                  [VIT_VARIANTS[k] for k in keys if options.device == "cpu" or VIT_VARIANTS[k].gpu_only]
                  if options.auto else [options.served])
+    target = ov_target(options.ov_device, options.triton_backend,
+                       [VIT_VARIANTS[k] for k in keys] if options.auto else [options.served])
     if options.calibration_size < 1:
         raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
     for name in options.extra_exports:
@@ -250,7 +253,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                     "parameters": int(sum(p.numel() for p in model.parameters()))},
         "served": {"backend": served.runtime, "precision": served.precision, "artifact": served.artifact,
                    "triton_backend": options.triton_backend, "device": options.device,
-                   "caveat": precision_caveat(served, options.triton_backend)},
+                   "caveat": precision_caveat(served, options.triton_backend),
+                   **(target if served.runtime == "openvino" else {})},
         "auto": choice,
         "preprocess": json.loads(transform.to_json()),
         "parity_images": [p.name for p in spread(images, PARITY_IMAGES)],
@@ -259,6 +263,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         "artifacts": artifacts,
         "models": [c.name for c in configs],
     }
+    if content["served"].get("note"):
+        log(f"!! --ov-device {options.ov_device}: {content['served']['note']}")
     if content["served"]["caveat"]:
         log(f"!! {content['served']['caveat']}")
     report_path = report.update_report(repository, "vit", content)

@@ -56,6 +56,7 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
         kind="KIND_CPU",
         parameters={"runtime": served.runtime, "artifact": served.artifact,
                     "inference_precision": served.inference_precision, "threads": str(options.threads),
+                    **({"ov_device": options.ov_device} if served.runtime == "openvino" else {}),
                     "default_layer": str(facts["blocks"] - 1)},
     )
     if options.triton_backend == "native":

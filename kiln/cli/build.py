@@ -85,6 +85,10 @@ def add_parser(commands) -> None:
 
 
 def _target_arguments(parser) -> None:
+    parser.add_argument("--ov-device", default="CPU", metavar="CPU|GPU|NPU|AUTO",
+                        help="OpenVINO variants: the device the served models compile for (GPU.1, AUTO:GPU,CPU too; "
+                             "AUTO lets OpenVINO choose among what the serving machine has). Parity is checked on "
+                             "this machine's CPU; a device it lacks is said in the report (default: CPU)")
     parser.add_argument("--triton-backend", choices=("python", "native"), default="python",
                         help="python: the runtimes inside Python-backend models (the embedded Triton); native: the "
                              "onnxruntime/openvino backends of NVIDIA's tritonserver image (see the Dockerfile)")
@@ -106,7 +110,7 @@ def run_vit(args) -> int:
         precision=args.precision or "fp32", variants=variants,
         extra_exports=() if args.no_extra_exports else EXTRA_EXPORTS,
         calibration=args.calibration, calibration_size=args.calibration_size, repository=args.repo,
-        triton_backend=args.triton_backend, device=args.device,
+        triton_backend=args.triton_backend, device=args.device, ov_device=args.ov_device,
         threads=args.threads))
     print(f"served: vit = {result.served_key} ({result.served.artifact})")
     return 0
@@ -119,7 +123,7 @@ def run_sd(args) -> int:
                             vae=tuple(args.vae or ()), tiling=args.tiling,
                             repository=args.repo, images=ImageRange(args.min_size, args.opt_size, args.max_size),
                             threads=args.threads, variant=args.variant, step_queue_delay_us=args.step_queue_delay_us,
-                            triton_backend=args.triton_backend, device=args.device,
+                            triton_backend=args.triton_backend, device=args.device, ov_device=args.ov_device,
                             auto_candidates=tuple(args.auto_candidates.split(",")) if args.auto_candidates else None))
     return 0
 

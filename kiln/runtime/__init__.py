@@ -40,6 +40,36 @@ class SessionOptions:
     graph_batches: tuple[int, ...] = ()  # torch on CUDA: batch sizes that replay a CUDA graph ...
     graph_shapes: Mapping[str, tuple[int, ...]] | None = None  # ... captured at these input shapes (the build's opt)
     cache_dir: Path | None = None  # OpenVINO: its model cache (CACHE_DIR), so a second start skips compiling
+    ov_device: str = "CPU"  # OpenVINO: CPU, GPU[.N], NPU, or AUTO (its plugin chooses among what the machine has)
+
+
+OV_DEVICES = ("CPU", "GPU", "NPU", "AUTO")  # the OpenVINO targets a build may name (GPU.1, AUTO:GPU,CPU too)
+
+
+def check_ov_device(name: str) -> str:
+    """An OpenVINO device name a build may write (CPU, GPU, GPU.1, NPU, AUTO, AUTO:GPU,CPU); a ConfigError naming
+    the valid ones otherwise. Whether this machine has it is ov_device_here's question."""
+    base, _, candidates = name.partition(":")
+    family = base.split(".")[0]
+    if family not in OV_DEVICES or (candidates and family != "AUTO") or \
+            (base != family and not base[len(family) + 1:].isdigit()):
+        raise ConfigError(f"--ov-device {name!r} is not an OpenVINO device; valid: CPU, GPU, GPU.N, NPU, AUTO, "
+                          "AUTO:GPU,CPU")
+    for candidate in filter(None, candidates.split(",")):
+        check_ov_device(candidate)
+    return name
+
+
+def ov_device_here(name: str) -> tuple[bool, list[str]]:
+    """Whether OpenVINO on this machine can run on `name` (AUTO: on some device it has), and the devices it has."""
+    import openvino as ov
+
+    available = list(ov.Core().available_devices)
+    base, _, candidates = name.partition(":")
+    if base == "AUTO":
+        wanted = [c for c in candidates.split(",") if c] or available
+        return any(c in available or c.split(".")[0] in available for c in wanted), available
+    return name in available or (name == "GPU" and "GPU.0" in available), available
 
 
 def ov_cache_dir(repository: Path) -> Path | None:
@@ -123,8 +153,14 @@ class Session:
             cache = None if overrides else _usable_cache(options.cache_dir)  # a LoRA set's weights: never cached
             if cache:
                 config["CACHE_DIR"] = cache
+            runs, available = ov_device_here(options.ov_device)
+            if not runs:
+                raise ConfigError(f"OpenVINO device {options.ov_device!r} is not on this machine; it has: "
+                                  f"{', '.join(available)} (rebuild with --ov-device naming one of them, or AUTO)")
+            if options.ov_device.split(".")[0] in ("GPU", "NPU"):  # the thread count is the CPU plugin's alone
+                config.pop("INFERENCE_NUM_THREADS")
             self._compiled = core.compile_model(_with_constants(core, path, overrides) if overrides else str(path),
-                                                "CPU", config)
+                                                options.ov_device, config)
             self._request = self._compiled.create_infer_request()
             self._lock = threading.Lock()
             # A port can carry several names (ONNX's and OpenVINO's own); index every one.

@@ -38,6 +38,7 @@ class RuntimeModel:
             threads=int(self.params.get("threads", "0")),
             cache_dir=ov_cache_dir(Path(args["model_repository"]).parent) if self.params["runtime"] == "openvino"
             else None,
+            ov_device=self.params.get("ov_device", "CPU"),
             **device,
         ))
         self.input_names = [i["name"] for i in config["input"]]
