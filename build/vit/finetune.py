@@ -93,7 +93,7 @@ def finetune_vit(options: FinetuneOptions, log: Callable[[str], None] = print) -
     # 2. The model, its classifier sized for these classes; a resumed run's state.
     state = _resume_state(out, options, classes) if options.resume else None
     torch.manual_seed(options.seed)
-    model = _create_model(options, len(classes), log)
+    model = _create_model(options, len(classes), log, resuming=state is not None)
     facts = spec_facts(spec_for(model))  # refuses what kiln cannot serve, before any training
     frozen = _freeze(model, options.freeze_blocks)
     model.to(device)
@@ -273,7 +273,10 @@ def _criterion(mixing: bool, smoothing: float):
 
 
 # -- the model -------------------------------------------------------------------------------------------------------
-def _create_model(options: FinetuneOptions, classes: int, log: Callable[[str], None]) -> torch.nn.Module:
+def _create_model(options: FinetuneOptions, classes: int, log: Callable[[str], None],
+                  resuming: bool = False) -> torch.nn.Module:
+    """The model to train: from --weights, seeded random, or timm's pretrained download (a resumed run loads its own
+    checkpoint over the architecture, so it downloads nothing)."""
     import timm
 
     architecture = options.model.split(".")[0]
@@ -285,9 +288,10 @@ def _create_model(options: FinetuneOptions, classes: int, log: Callable[[str], N
         from build.vit.weights import load_vit
 
         model = load_vit(options.weights, model_name=options.model).model
-    elif options.random_init:
+    elif options.random_init or resuming:
         model = timm.create_model(options.model, pretrained=False)
-        log(f"!! --random-init: {options.model} starts from seeded random weights, not from its pretrained ones")
+        if not resuming:
+            log(f"!! --random-init: {options.model} starts from seeded random weights, not from its pretrained ones")
     else:
         try:
             model = timm.create_model(options.model, pretrained=True)
