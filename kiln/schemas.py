@@ -287,7 +287,7 @@ class TaskSummary(BaseModel):
 
 class TaskList(BaseModel):
     tasks: list[TaskSummary]  # the caller's own, newest first
-    others: dict[str, int]  # everyone else's, as counts: queued, running
+    others: dict[str, int]  # everything else queued or running (others' tasks, /sdapi generations), as counts
 
 
 class ClassifyBody(BaseModel):
