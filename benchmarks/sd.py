@@ -218,8 +218,23 @@ COMPUTING_MODELS = (names.SD_TOKENIZER, names.SD_TEXT_ENCODER, names.SD_UNET, na
                     names.SD_VAE_POSTPROCESS)
 
 
-def triton_compute_seconds(http_url: str) -> dict[str, float]:
-    """Triton's cumulative statistics per computing model: compute (input + infer + output) and queue seconds."""
+def triton_compute_seconds(http_url: str, settle_s: float = 1.0) -> dict[str, float]:
+    """Triton's cumulative statistics per computing model: compute (input + infer + output) and queue seconds, once
+    they have settled: a model records a request's statistics after its response has gone out, so a snapshot taken
+    right after a call may lack it (and one taken later would give it to the next window). Two equal reads 50 ms
+    apart, or `settle_s` at most."""
+    deadline = time.perf_counter() + settle_s
+    current = _compute_seconds(http_url)
+    while time.perf_counter() < deadline:
+        time.sleep(0.05)
+        latest = _compute_seconds(http_url)
+        if latest == current:
+            break
+        current = latest
+    return current
+
+
+def _compute_seconds(http_url: str) -> dict[str, float]:
     import urllib.request
 
     with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=30) as response:
