@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.load import machine, machine_line
+
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune.json"
 MODELS = {"ViT-Tiny": ("vit_tiny_patch16_224.augreg_in21k_ft_in1k", 16),
           "ViT-B/16": ("vit_base_patch16_224.augreg2_in21k_ft_in1k", 8)}  # name, batch
@@ -99,8 +101,6 @@ def served_throughput(runs: int, batch: int = 8) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
-    from kiln.machine import machine
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--runs", type=int, default=8)
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     for rows in result["training"].values():
         rows[f"{low}_over_fp32"] = round(rows[low]["images_per_s"] / rows["fp32"]["images_per_s"], 3)
     result["served"] = served_throughput(args.runs)
-    m = result["machine"]
-    print(f"machine: {m['cpu']}, {m['cores']} cores, ISA {m['isa']}; device {args.device}")
+    print(f"{machine_line(result['machine'])} Device: {args.device}.")
     print(f"| training | batch | fp32 images/s | {low} images/s | {low} / fp32 |\n|---|---|---|---|---|")
     for label, rows in result["training"].items():
         print(f"| {label} | {rows['fp32']['batch']} | {rows['fp32']['images_per_s']:.2f} | "

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from benchmarks.load import machine, machine_line
     from build.sd.export import export_modules
-    from kiln.machine import machine
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": {k: {"median_ms": v["median_ms"]} for k, v in rows.items()},
               "ratio": round(ours["median_ms"] / baseline["median_ms"], 3),
               "max_abs_diff": float(np.abs(baseline["output"] - ours["output"]).max())}
-    print(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, ISA {result['machine']['isa']}")
+    print(machine_line(result["machine"]))
     print("| text encoder (ONNX Runtime fp32, batch 2 x 77) | median ms |\n|---|---|")
     for name, row in result["rows"].items():
         print(f"| {name} | {row['median_ms']:.1f} |")

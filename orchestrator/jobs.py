@@ -276,6 +276,13 @@ class Engine:
                context: dict[str, Any] | None = None, job_id: str | None = None) -> Job:
         """Validate against the served pipeline (InputError before anything is queued), then queue. `job_id`:
         the caller's id for the job (AUTOMATIC1111's force_task_id); one the queue knows is refused."""
+        return self.queue.submit(self.prepare(kind, request, n_iter, client_id=client_id, context=context,
+                                              job_id=job_id))
+
+    def prepare(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,
+                context: dict[str, Any] | None = None, job_id: str | None = None) -> Job:
+        """A job checked against the served pipeline (an InputError naming the bad field), not queued yet: callers
+        that queue several together (the X/Y/Z plot's cells) check them all first, then pass each to queue.submit."""
         pipeline = self.pipeline()
         check_job(request, n_iter, pipeline.limits)
         pipeline.check(request)
@@ -283,7 +290,7 @@ class Engine:
         job = Job(kind=kind, request=request, n_iter=n_iter, client_id=client_id, context=context or {})
         if job_id is not None:
             job.id = job_id
-        return self.queue.submit(job)
+        return job
 
     def _run_job(self, job: Job) -> None:
         pipeline = self.pipeline()

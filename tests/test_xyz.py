@@ -125,6 +125,13 @@ def test_the_plot_through_the_api(api):
         z = client.post("/sdapi/v1/txt2img", json=request | {"save_images": False, "script_args": [
             "Seed", "1, 2", None, "Nothing", "", None, "CFG Scale", "3, 6", None, True, False, True]}).json()
         assert len(z["images"]) == 3 and pixels(z["images"][0]).shape[1] > pixels(z["images"][1]).shape[1]
+        # A cell of two images is their grid (as AUTOMATIC1111 draws it); do_not_save_grid keeps the plot unsaved.
+        grids = [i for i in client.get("/v1/outputs").json()["items"] if i["kind"] == "txt2img-grids"]
+        pair = client.post("/sdapi/v1/txt2img", json=request | {"batch_size": 2, "do_not_save_grid": True,
+                                                                "script_args": ["Seed", "1, 2", None, 0, "", None, 0,
+                                                                                "", None, True, True]}).json()
+        assert len(pair["images"]) == 1 + 2 * 2 and pixels(pair["images"][0]).shape[1] >= 2 * 2 * 64
+        assert [i for i in client.get("/v1/outputs").json()["items"] if i["kind"] == "txt2img-grids"] == grids
 
 
 @pytest.mark.slow

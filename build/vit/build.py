@@ -183,7 +183,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     # The user's images when given (--calibration) or known (the training split of a kiln finetune folder).
     images = list_images(Path(options.calibration)) if options.calibration else \
         list(loaded.images) or list_images(SAMPLE_IMAGES)
-    pixels, layers = parity_batch(spread(images, PARITY_IMAGES), transform, facts["blocks"])
+    checked = spread(images, PARITY_IMAGES)
+    pixels, layers = parity_batch(checked, transform, facts["blocks"])
     reference = export.reference_outputs(model, pixels, layers)
     version_dir = repository / VIT / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +258,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                    **(target if served.runtime == "openvino" else {})},
         "auto": choice,
         "preprocess": json.loads(transform.to_json()),
-        "parity_images": [p.name for p in spread(images, PARITY_IMAGES)],
+        "parity_images": [p.name for p in checked],
         "versions": report.tool_versions(),
         "machine": report.machine(),
         "artifacts": artifacts,

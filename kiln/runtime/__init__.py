@@ -60,11 +60,14 @@ def check_ov_device(name: str) -> str:
     return name
 
 
-def ov_device_here(name: str) -> tuple[bool, list[str]]:
-    """Whether OpenVINO on this machine can run on `name` (AUTO: on some device it has), and the devices it has."""
-    import openvino as ov
+def ov_device_here(name: str, core=None) -> tuple[bool, list[str]]:
+    """Whether OpenVINO on this machine can run on `name` (AUTO: on some device it has), and the devices it has
+    (`core`: an OpenVINO Core the caller already holds)."""
+    if core is None:
+        import openvino as ov
 
-    available = list(ov.Core().available_devices)
+        core = ov.Core()
+    available = list(core.available_devices)
     base, _, candidates = name.partition(":")
     if base == "AUTO":
         wanted = [c for c in candidates.split(",") if c] or available
@@ -153,7 +156,7 @@ class Session:
             cache = None if overrides else _usable_cache(options.cache_dir)  # a LoRA set's weights: never cached
             if cache:
                 config["CACHE_DIR"] = cache
-            runs, available = ov_device_here(options.ov_device)
+            runs, available = ov_device_here(options.ov_device, core)
             if not runs:
                 raise ConfigError(f"OpenVINO device {options.ov_device!r} is not on this machine; it has: "
                                   f"{', '.join(available)} (rebuild with --ov-device naming one of them, or AUTO)")

@@ -14,17 +14,27 @@ them, DELETE cancels one: its cell stays black in the grid).
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
+import json
 import random
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.errors import InputError
+from kiln.imaging import encode_png
+from kiln.infotext import parameters_text
+from orchestrator.jobs import Status
 from orchestrator.pipeline.sampling import MAX_SEED
+from orchestrator.server import a1111
+from orchestrator.server.generation import client_id, engine, pipeline, save_logged, wait_for
+from orchestrator.server.outputs import image_grid, save_grid
 
 # AUTOMATIC1111 1.10's axis lists, in its UI's order (an integer type indexes these).
 _ALL = ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "*Hires steps", "CFG Scale", "+Image CFG Scale",
@@ -267,56 +277,38 @@ def draw_grid(plot: Plot, images: dict[tuple[int, int, int], np.ndarray]) -> np.
 
 async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     """The plot for an /sdapi/v1 request: every cell checked before any is queued, all queued at once (tasks of the
-    caller), waited for together; the grid first in the answer (then the cells with include_lone_images)."""
-    import base64
-    import json
-    import time
-
-    from starlette.concurrency import run_in_threadpool
-
-    from kiln.imaging import encode_png
-    from kiln.infotext import parameters_text
-    from orchestrator.jobs import Status
-    from orchestrator.pipeline.validate import check_job
-    from orchestrator.server import a1111
-    from orchestrator.server.generation import client_id, engine, pipeline, save_logged, wait_for
-    from orchestrator.server.outputs import save_grid
-
+    caller), waited for together; the grid first in the answer (then the cells with include_lone_images). A cell of
+    several images (batch_size, n_iter) is their grid, as AUTOMATIC1111 draws it."""
     served = await pipeline(request)
     plot = parse(body, kind)
     cells = cell_bodies(body, plot)
-    state = request.app.state
-    generations = []
+    state, queue = request.app.state, engine(request).queue
+    jobs = []
     for index, cell in cells:  # every cell checked first: a bad one is a 422 before anything is queued
         try:
             generation = await run_in_threadpool(a1111.to_request, cell, served.contract, state.options,
                                                  served.limits, state.styles)
-            check_job(generation, cell.n_iter, served.limits)
-            await run_in_threadpool(served.check, generation)
-            generations.append(generation)
+            jobs.append(await run_in_threadpool(
+                engine(request).prepare, kind, generation, cell.n_iter, client_id=client_id(request),
+                context={"family": "tasks", "body": cell, "detect_maps": False}))
         except InputError as exc:
             raise InputError(f"X/Y/Z plot cell {', '.join(n for n in _cell_names(plot, index) if n)}: {exc}") from None
-    jobs = []
+    queued = []
     try:
-        for (_, cell), generation in zip(cells, generations):
-            jobs.append(engine(request).submit(kind, generation, cell.n_iter, client_id=client_id(request),
-                                               context={"family": "tasks", "body": cell, "detect_maps": False}))
-    except Exception:
         for job in jobs:
-            engine(request).queue.cancel(job)
-        raise
-    try:
+            queued.append(queue.submit(job))
         await asyncio.gather(*(wait_for(request, job, state.settings.request_timeout_s) for job in jobs))
     except Exception:
-        for job in jobs:
-            engine(request).queue.cancel(job)
+        for job in queued:
+            queue.cancel(job)
         raise
     done = [job for job in jobs if job.status == Status.DONE and job.images]
     if not done:
         failed = next((job for job in jobs if job.error is not None), None)
         raise InputError(f"X/Y/Z plot: no cell produced an image ({failed.error if failed else 'all cancelled'})")
-    blank = np.zeros_like(done[0].images[0])
-    pictures = {index: job.images[0] if job in done else blank for (index, _), job in zip(cells, jobs)}
+    pictures = {index: image_grid(job.images) for (index, _), job in zip(cells, jobs) if job in done}
+    blank = np.zeros_like(next(iter(pictures.values())))
+    pictures = {index: pictures.get(index, blank) for index, _ in cells}
     grid = await run_in_threadpool(draw_grid, plot, pictures)
     x, y, z = plot.axes
     flat = Plot((x, y, Axis("Nothing", [None], "")), plot.draw_legend, margin_size=plot.margin_size)
@@ -327,23 +319,22 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     for axis, name in zip(plot.axes, "XYZ"):
         if axis.label != "Nothing":
             info |= {f"{name.lower()}_type": axis.label, f"{name.lower()}_values": axis.text}
-    save = body.save_images and not body.do_not_save_samples
-    if save:
+    if body.save_images and not body.do_not_save_samples:
         for job in done:
             await run_in_threadpool(save_logged, job, state.settings.outputs_dir, False)
+    if body.save_images and not body.do_not_save_grid:
         await run_in_threadpool(save_grid, grid, info, kind, state.settings.outputs_dir)
-    answer = a1111.to_response(done[0], done[0].context["body"])
-    details = json.loads(answer["info"])
-    lone = [base64.b64encode(encode_png(job.images[0], {"parameters": parameters_text(job.infos[0])})).decode()
-            for job in done] if plot.include_lone_images else []
-    details["infotexts"] = [parameters_text(info)] * (1 + len(subgrids)) + \
-        [parameters_text(job.infos[0]) for job in done][:len(lone)]
+    details = json.loads(a1111.to_response(done[0], done[0].context["body"])["info"])
+    lone = [(image, image_info) for job in done for image, image_info in zip(job.images, job.infos)] \
+        if plot.include_lone_images else []
+    details["infotexts"] = [parameters_text(info)] * (1 + len(subgrids)) + [parameters_text(i) for _, i in lone]
     details["xyz"] = {"cells": len(jobs), "done": len(done), "seconds": round(time.time() - jobs[0].created, 3),
                       "failed": [str(job.error) for job in jobs if job.status != Status.DONE]}
-    images = [base64.b64encode(encode_png(picture, {"parameters": parameters_text(info)})).decode()
-              for picture in (grid, *subgrids)] + lone
+    images = [(picture, info) for picture in (grid, *subgrids)] + lone
     parameters = body.model_dump(exclude={"alwayson_scripts", "init_images", "mask"})
-    return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(details)}
+    return {"images": [base64.b64encode(encode_png(picture, {"parameters": parameters_text(image_info)})).decode()
+                       for picture, image_info in images] if body.send_images else [],
+            "parameters": parameters, "info": json.dumps(details)}
 
 
 def _cell_names(plot: Plot, index: tuple[int, int, int]) -> list[str]:

@@ -37,10 +37,10 @@ def _listing(folder: Path, offset: int, limit: int, kind: str | None) -> dict:
 
     if not folder.is_dir():
         return {"total": 0, "items": []}
-    files = [p for p in folder.glob("*/*/*.png") if kind is None or p.parts[-3] == kind]
-    files.sort(key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    files = sorted(((p.stat().st_mtime, p.name, p) for p in folder.glob("*/*/*.png")
+                    if kind is None or p.parts[-3] == kind), reverse=True)
     items = []
-    for path in files[offset:offset + limit]:
+    for modified, _, path in files[offset:offset + limit]:
         try:
             with Image.open(path) as image:
                 size, text = image.size, str(image.info.get("parameters", ""))
@@ -48,7 +48,7 @@ def _listing(folder: Path, offset: int, limit: int, kind: str | None) -> dict:
             continue
         relative = path.relative_to(folder).as_posix()
         items.append({"path": relative, "url": f"/v1/outputs/file/{relative}", "kind": path.parts[-3],
-                      "modified": path.stat().st_mtime, "width": size[0], "height": size[1], "parameters": text,
+                      "modified": modified, "width": size[0], "height": size[1], "parameters": text,
                       "fields": parse_infotext(text) if text else {}})
     return {"total": len(files), "items": items}
 

@@ -99,12 +99,13 @@ async def classify(request: Request):
 async def embed(request: Request):
     """Pooled features (and optionally one block's tokens) per image."""
     images, params = await images_from(request, schemas.EmbedBody)
-    client = vit_client(request)
-    if await run_in_threadpool(client.is_ready, VIT_EMBED):
-        blocks = await run_in_threadpool(client.blocks)
-        if not -blocks <= params.layer < blocks:
-            raise InputError(f"layer must be in [-{blocks}, {blocks - 1}] (the served ViT has {blocks} blocks), "
-                             f"got {params.layer}")
+    try:
+        blocks = await run_in_threadpool(vit_client(request).blocks)  # asked once, then remembered
+    except KilnError:
+        blocks = None  # no ViT served: run_vit answers 503
+    if blocks is not None and not -blocks <= params.layer < blocks:
+        raise InputError(f"layer must be in [-{blocks}, {blocks - 1}] (the served ViT has {blocks} blocks), "
+                         f"got {params.layer}")
     results = await run_vit(request, "/v1/embed", VIT_EMBED, images,
                             lambda client, good: client.embed(good, layer=params.layer, tokens=params.tokens))
     return {"results": results}
