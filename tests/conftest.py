@@ -8,8 +8,10 @@ transport.
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import struct
 import tempfile
 import zlib
@@ -17,8 +19,10 @@ from pathlib import Path
 
 # No hub here: every lookup fails at once instead of after retries (read when huggingface_hub is imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# AOTInductor packages are cached per session, not in the user's cache: every run compiles what it tests.
+# AOTInductor packages (and Inductor's own cache) are kept per session, not in the user's caches: every run
+# compiles what it tests, and the ~2 GB they take is removed when the session ends.
 os.environ["KILN_AOTI_CACHE"] = tempfile.mkdtemp(prefix="kiln-aoti-cache-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["KILN_AOTI_CACHE"], "inductor")
 
 import numpy as np
 import pytest
@@ -34,8 +38,32 @@ from build.vit.weights import load_vit
 from kiln.paths import SAMPLE_IMAGES, list_images
 from kiln.triton_server import TritonOptions, TritonServer, free_port
 
+atexit.register(shutil.rmtree, os.environ["KILN_AOTI_CACHE"], ignore_errors=True)
+
 IMAGES = ImageRange(32, 64, 128)  # the tiny repository's image sides
 ALL_VIT_VARIANTS = tuple(k for k, v in VIT_VARIANTS.items() if not v.gpu_only and not v.compiler)
+
+
+# What a whole run writes at its peak (builds, repositories, AOTInductor packages): 3.5 GB measured on 2026-11-30.
+RUN_NEEDS_GB = 4.0
+
+
+def _free_gb() -> float:
+    return shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+
+
+def pytest_report_header(config) -> str:
+    return f"kiln: {_free_gb():.1f} GB free in {tempfile.gettempdir()} (a whole run needs about {RUN_NEEDS_GB:g} GB)"
+
+
+def pytest_collection_finish(session) -> None:
+    """A whole run on a nearly full disk stops here, saying so, instead of failing mid-build with a torch or ONNX
+    write error (a small selection of tests goes on)."""
+    free = _free_gb()
+    if any(item.get_closest_marker("slow") for item in session.items) and len(session.items) > 100 and \
+            free < RUN_NEEDS_GB:
+        pytest.exit(f"only {free:.1f} GB free in {tempfile.gettempdir()}; the test run writes about "
+                    f"{RUN_NEEDS_GB:g} GB of builds (free some space, or point TMPDIR at a larger disk)", returncode=4)
 
 
 @pytest.fixture(scope="session")

@@ -66,6 +66,8 @@ def test_readme_command_lines_run(triton, api, tmp_path, kiln, monkeypatch):
             continue
         args = shlex.split(command.replace("127.0.0.1:8000", triton.http_url)
                            .replace("http://127.0.0.1:7860", api.url))[1:]
+        if args[0] == "build" and "--repo" not in args:  # never the project's own model_repository
+            args += ["--repo", str(tmp_path / "model_repository")]
         if args[0] in ("classify", "embed", "generate") and "--url" not in args and "--api" not in args:
             args += ["--url", triton.grpc_url]
         if args[0] == "generate":
