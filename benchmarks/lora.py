@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     from build.sd import ImageRange, SDBuildOptions, build_sd
+    from build.sd.families import ARCHITECTURES
     from build.sd.lora import random_lora, write_lora
-    from build.sd.weights import ARCHITECTURES, write_sd_checkpoint
+    from build.sd.weights import write_sd_checkpoint
     from kiln.lora import LoraLibrary, LoraUse
     from kiln.machine import machine
     from kiln.runtime import Session, SessionOptions

@@ -128,6 +128,7 @@ class SDContract:
     max_size: int
     size_multiple: int  # image sides must be multiples of this (the exported UNet's upsamplers)
     model_name: str = "sd"  # what /sdapi/v1/sd-models lists: the checkpoint's name
+    family: str = "sd1"  # the model family (build.sd.families): sd1, sd2; a build before families is SD 1.x
     model_sha256: str = ""  # the UNet artifact's hash
     variant: str = "onnxruntime-fp32"  # what the served models run
     controlnets: tuple[ServedControlNet, ...] = ()  # in build order; the first is the default
@@ -175,6 +176,18 @@ class SDContract:
     def title(self) -> str:
         """AUTOMATIC1111's checkpoint title: name [hash]."""
         return f"{self.model_name} [{self.model_hash}]" if self.model_hash else self.model_name
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    @property
+    def a1111_config(self) -> str:
+        """The config file AUTOMATIC1111 would load this checkpoint with (its sd-models "config")."""
+        version = "v2" if self.family == "sd2" else "v1"
+        if self.inpainting_unet:
+            return f"{version}-inpainting-inference.yaml"
+        return f"{version}-inference{'-v' if self.prediction_type == 'v_prediction' else ''}.yaml"
 
     @property
     def inpainting_unet(self) -> bool:

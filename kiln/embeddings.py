@@ -93,7 +93,8 @@ def read_embedding(path: Path) -> Embedding:
     elif len(tensors) == 1:
         key = next(iter(tensors))
     elif {"clip_l", "clip_g"} <= set(tensors):
-        raise WeightsError(f"{path.name} is an SDXL embedding (clip_l, clip_g); this server serves SD 1.x")
+        raise WeightsError(f"{path.name} is an SDXL embedding (clip_l, clip_g); this server serves SD 1.x and 2.x "
+                           "(one text encoder)")
     else:
         raise WeightsError(f"{path.name} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:4])}), not one "
                            "embedding (emb_params, or one tensor)")

@@ -10,8 +10,8 @@ those out first), composable diffusion (`AND`), prompt editing `[from:to:when]` 
 encoded as literal text.
 
 A prompt's tokens (without BOS/EOS) are split into chunks of 75; each chunk becomes
-BOS + chunk + EOS, padded with EOS to 77, and the text encoder's outputs of the chunks are
-concatenated along the sequence axis (77 x n). As in AUTOMATIC1111, when a chunk fills up and a
+BOS + chunk + EOS, padded to 77 (with EOS for SD 1.x, with "!" for SD 2.x), and the text encoder's outputs of the
+chunks are concatenated along the sequence axis (77 x n). As in AUTOMATIC1111, when a chunk fills up and a
 comma lies within its last 20 tokens, the chunk ends after that comma and the rest moves on
 (`comma_padding_backtrack`). A prompt and its negative prompt are padded to the same number of
 chunks with empty chunks, so classifier-free guidance can batch them.
@@ -137,7 +137,7 @@ def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PromptTokens:
-    ids: np.ndarray  # (chunks, 77) int64, BOS/EOS added, EOS-padded; token_vector_id(k) where a vector goes
+    ids: np.ndarray  # (chunks, 77) int64, BOS/EOS added, padded (pad_token_id); token_vector_id(k) where a vector goes
     token_count: int  # text positions, BOS/EOS excluded (what A1111's UI shows as "n/75"; n per embedding)
     weights: np.ndarray | None = None  # (chunks, 77) float32: each position's emphasis (1 for BOS, EOS, padding)
 
@@ -231,15 +231,24 @@ def tokenize_prompt(tokenizer, text: str, *, embeddings: EmbeddingLookup | None 
         current += item
     if current or not chunks:
         chunks.append(current)
-    rows = [[bos, *(t for t, _ in chunk), *([eos] * (chunk_tokens + 1 - len(chunk)))] for chunk in chunks]
+    pad = pad_token_id(tokenizer)
+    rows = [[bos, *(t for t, _ in chunk), eos, *([pad] * (chunk_tokens - len(chunk)))] for chunk in chunks]
     weights = [[1.0, *(w for _, w in chunk), *([1.0] * (chunk_tokens + 1 - len(chunk)))] for chunk in chunks]
     return PromptTokens(ids=np.asarray(rows, dtype=np.int64), token_count=sum(len(i) for i in items if i),
                         weights=np.asarray(weights, dtype=np.float32))
 
 
 def empty_chunk(tokenizer, chunk_tokens: int = CHUNK_TOKENS) -> np.ndarray:
-    """The ids of an empty prompt: BOS then EOS padding."""
-    return np.asarray([[tokenizer.bos_token_id] + [tokenizer.eos_token_id] * (chunk_tokens + 1)], dtype=np.int64)
+    """The ids of an empty prompt: BOS, EOS, then padding."""
+    return np.asarray([[tokenizer.bos_token_id, tokenizer.eos_token_id] + [pad_token_id(tokenizer)] * chunk_tokens],
+                      dtype=np.int64)
+
+
+def pad_token_id(tokenizer) -> int:
+    """What follows a chunk's end token: the end token again (SD 1.x, AUTOMATIC1111's id_end) or the tokenizer's own
+    padding ("!" for SD 2.x's OpenCLIP, as diffusers and AUTOMATIC1111's id_pad)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return tokenizer.eos_token_id if pad is None else pad
 
 
 def pad_to_same_chunks(tokenizer, *prompts: PromptTokens) -> list[np.ndarray]:
@@ -291,7 +300,7 @@ def embeddings_from_tensors(names: np.ndarray, sizes: np.ndarray, vectors: np.nd
 def check_tokenizer(tokenizer, source: str, vocab_size: int = CLIP_VOCAB_SIZE) -> None:
     """Guard against the silent 2-token tokenizer that from_pretrained(<hub id>) can return offline."""
     if len(tokenizer) != vocab_size:
-        raise WeightsError(f"tokenizer from {source} has {len(tokenizer)} tokens, expected {vocab_size} (SD 1.x CLIP)")
+        raise WeightsError(f"tokenizer from {source} has {len(tokenizer)} tokens, expected {vocab_size} (CLIP's)")
 
 
 class ClipTokenizer:
@@ -318,6 +327,7 @@ class ClipTokenizer:
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.bos_token_id = self._special(config.get("bos_token", "<|startoftext|>"))
         self.eos_token_id = self._special(config.get("eos_token", "<|endoftext|>"))
+        self.pad_token_id = self._special(config.get("pad_token") or config.get("eos_token", "<|endoftext|>"))
 
     def _special(self, token: str | dict) -> int:
         content = token["content"] if isinstance(token, dict) else token

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from build.sd.families import ARCHITECTURES
 from build.sd.single_file import (
     CONV_IN,
     TEXT_PREFIX,
@@ -15,10 +16,10 @@ from build.sd.single_file import (
     VAE_PREFIX,
     inspect_single_file,
     ldm_state_dict,
-    write_sd15_config,
+    write_family_config,
     write_single_file,
 )
-from build.sd.weights import ARCHITECTURES, CLIP_VOCAB_SIZE, clip_text_config, load_sd, write_sd_checkpoint
+from build.sd.weights import CLIP_VOCAB_SIZE, clip_text_config, load_sd, write_sd_checkpoint
 from kiln.errors import WeightsError
 
 
@@ -69,7 +70,7 @@ def test_default_config_is_sd15(tmp_path, in_channels):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    config = write_sd15_config(tmp_path / "sd15", in_channels=in_channels)
+    config = write_family_config(tmp_path / "sd15", in_channels=in_channels)
     arch = ARCHITECTURES["full"]
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(config / "unet")))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from build.sd.weights import ARCHITECTURES, CLIP_VOCAB_SIZE, clip_tokenizer, load_sd, write_sd_checkpoint
+from build.sd.families import ARCHITECTURES
+from build.sd.weights import CLIP_VOCAB_SIZE, clip_tokenizer, load_sd, write_sd_checkpoint
 from kiln.errors import WeightsError
 
 

@@ -32,6 +32,7 @@ from build.sd.specs import (
     controlnet_components,
     extra_vaes,
     has_ensemble,
+    native_side,
     sd_specs,
     size_multiple,
     vae_scale_factor,
@@ -101,6 +102,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     loaded.tiling = options.tiling
     if loaded.random:
         log(f"!! RANDOM WEIGHTS: {options.weights} holds seeded random weights; images are noise-like, not art.")
+    options = replace(options, images=options.images.resolved(native_side(loaded)))
     specs = sd_specs(loaded, options.images)
     modules = export_modules(loaded)
     repository = Path(options.repository)
@@ -205,6 +207,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         latent_channels=loaded.vae.config.latent_channels, unet_in_channels=loaded.unet.config.in_channels,
         scaling_factor=float(loaded.vae.config.scaling_factor), min_size=options.images.min,
         max_size=options.images.max, size_multiple=size_multiple(loaded), model_name=_model_name(loaded.source),
+        family=loaded.family,
         model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
         unet_max_batch=specs["unet"].max_batch_size, clip_skip_layers=loaded.text_encoder.config.num_hidden_layers,
         textual_inversion_dim=loaded.text_encoder.config.hidden_size,
@@ -231,6 +234,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
 
     # 5. A lower precision is a trade we show: its image against the fp32 build's, same seed. Then the report.
     content = {"created": report.now(), "weights": {"source": loaded.source, "random": loaded.random},
+               "family": loaded.family, "prediction_type": loaded.scheduler_config.get("prediction_type", "epsilon"),
                "image_range": asdict(options.images), "variant": options.variant, "auto": choice,
                "triton_backend": options.triton_backend, "device": options.device,
                "caveat": precision_caveat(variant, options.triton_backend),

@@ -84,18 +84,19 @@ TEXT_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
 def random_lora(size: str = "tiny", seed: int = 0, rank: int = 4, alpha: float = 2.0,
-                text_encoder: bool = True) -> dict[str, np.ndarray]:
-    """A seeded random LoRA in kohya's layout for the `size` architecture (build.sd.weights): the layers kohya's
-    sd-scripts train by default (the UNet's transformer blocks, the text encoder's attention and MLP), rank `rank`.
-    lora_down is normal with std 1/sqrt(fan in); lora_up is not zero (as a trained LoRA's): its std makes each
+                text_encoder: bool = True, family_name: str = "sd1") -> dict[str, np.ndarray]:
+    """A seeded random LoRA in kohya's layout for the family's `size` architecture (build.sd.families): the layers
+    kohya's sd-scripts train by default (the UNet's transformer blocks, the text encoder's attention and MLP), rank
+    `rank`. lora_down is normal with std 1/sqrt(fan in); lora_up is not zero (as a trained LoRA's): its std makes each
     difference about half as wide as the weight it changes."""
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from build.sd.weights import ARCHITECTURES, clip_text_config
+    from build.sd.families import family
+    from build.sd.weights import clip_text_config
 
-    arch = ARCHITECTURES[size]
+    arch = family(family_name).architecture(size)
     modules = {"unet": UNet2DConditionModel(**arch.unet)}
     if text_encoder:
         modules["te"] = CLIPTextModel(clip_text_config(arch.text_encoder))

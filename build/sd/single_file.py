@@ -1,8 +1,11 @@
-"""Single-file Stable Diffusion 1.x checkpoints: the original (LDM) layout AUTOMATIC1111 and SD.Next load.
+"""Single-file Stable Diffusion 1.x and 2.x checkpoints: the original (LDM) layout AUTOMATIC1111 and SD.Next load.
 
 Reading is diffusers' own `StableDiffusionPipeline.from_single_file`, offline: the architecture comes from a
-diffusers-format config folder (`--config`), or, by default, SD 1.5's own configs written here (the UNet's
-input channels read from the file, so SD 1.5 inpainting files work too). sd-webui-controlnet's ControlNet files
+diffusers-format config folder (`--config`), or, by default, the family's released configs written here (SD 1.5's
+or SD 2.1's; the family told by the text encoder's tensors, the UNet's input channels read from the file, so
+inpainting files work too). An SD 2.x file's prediction type is what its kiln metadata says, else found as
+AUTOMATIC1111 finds it: the UNet run once on a constant input at t=999 (v-prediction if its output minus the
+input averages below -1). sd-webui-controlnet's ControlNet files
 are read with `ControlNetModel.from_single_file` as a ControlNet for the checkpoint's UNet.
 
 Writing (`ldm_state_dict`, `write_single_file`, `controlnet_ldm_state_dict`) renames a diffusers checkpoint's
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x's text encoder, in OpenCLIP's layout
 CONTROLNET_PREFIX = "control_model."
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 METADATA_KEY = "kiln-weights"  # safetensors metadata: the kiln-weights.json of a random checkpoint
@@ -115,8 +119,37 @@ def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module,
     from build.sd.vae import vae_ldm_state_dict
 
     out |= {VAE_PREFIX + key: tensor for key, tensor in vae_ldm_state_dict(vae).items()}
+    if getattr(getattr(text_encoder, "config", None), "hidden_act", "") == "gelu":  # SD 2.x: OpenCLIP layout
+        return out | {OPEN_CLIP_PREFIX + key: tensor for key, tensor in open_clip_state_dict(text_encoder).items()}
     for name, tensor in text_encoder.state_dict().items():  # transformers >= 5.6 drops the text_model. level
         out[TEXT_PREFIX + (name if name.startswith("text_model.") else "text_model." + name)] = tensor
+    return out
+
+
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+
+
+def open_clip_state_dict(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel in OpenCLIP's layout (SD 2.x files): q, k and v joined into in_proj, and a text projection
+    (hidden x projection_dim, seeded: OpenCLIP has one, SD 2.x never uses it). Stability's files hold a 24th layer
+    that SD 2.x skips (diffusers drops it); these hold the encoder's layers alone."""
+    import torch
+
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {"token_embedding.weight": state["embeddings.token_embedding.weight"],
+           "positional_embedding": state["embeddings.position_embedding.weight"],
+           "ln_final.weight": state["final_layer_norm.weight"], "ln_final.bias": state["final_layer_norm.bias"]}
+    for index in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{index}.", f"transformer.resblocks.{index}."
+        for param in ("weight", "bias"):
+            out[block + f"attn.in_proj_{param}"] = torch.cat(
+                [state[layer + f"self_attn.{p}_proj.{param}"] for p in "qkv"])
+            for new, old in _OPEN_CLIP_LAYER.items():
+                out[block + f"{old}.{param}"] = state[layer + f"{new}.{param}"]
+    generator = torch.Generator().manual_seed(0)
+    out["text_projection"] = torch.randn(text_encoder.config.hidden_size, text_encoder.config.projection_dim,
+                                         generator=generator) * text_encoder.config.hidden_size ** -0.5
     return out
 
 
@@ -157,7 +190,7 @@ def write_controlnet_single_file(control: torch.nn.Module, out: Path) -> Path:
 
 
 def write_single_file(folder: Path, out: Path) -> Path:
-    """Write the diffusers-format SD 1.x checkpoint in `folder` as one original-layout .safetensors file."""
+    """Write the diffusers-format SD 1.x or 2.x checkpoint in `folder` as one original-layout .safetensors file."""
     from safetensors.torch import save_file
 
     from build.sd.weights import load_sd
@@ -193,42 +226,57 @@ def read_header(path: Path, kind: str, shape_of=lambda _key: False) -> tuple[set
 
 
 def inspect_single_file(path: Path) -> dict:
-    """Check a file is an SD 1.x original-layout .safetensors checkpoint, from its header alone.
+    """Check a file is an SD 1.x or 2.x original-layout .safetensors checkpoint, from its header alone.
 
-    Returns {"in_channels", "cross_attention_dim", "metadata"}; anything else is a WeightsError naming the problem.
+    Returns {"family", "in_channels", "cross_attention_dim", "metadata"}; anything else is a WeightsError naming the
+    problem.
     """
     path = Path(path)
     keys, metadata, shapes = read_header(path, "single files",
                                          lambda k: k == CONV_IN or k.endswith("attn2.to_k.weight"))
     if CONV_IN not in keys:
         raise WeightsError(f"{path}: not a Stable Diffusion checkpoint in the original layout (no {CONV_IN})")
+    if any(k.startswith("conditioner.") for k in keys):
+        raise WeightsError(f"{path}: an SDXL checkpoint (two text encoders under conditioner.); this build reads "
+                           "SD 1.x and SD 2.x single files")
     if not any(k.startswith(VAE_PREFIX) for k in keys):
-        raise WeightsError(f"{path}: the file has no VAE ({VAE_PREFIX}*); a full SD 1.x checkpoint is needed")
-    if not any(k.startswith(TEXT_PREFIX) for k in keys):
-        kind = "SD 2.x (OpenCLIP text encoder)" if any(k.startswith("cond_stage_model.model.") for k in keys) else (
-            "SDXL" if any(k.startswith("conditioner.") for k in keys) else "without a CLIP text encoder")
-        raise WeightsError(f"{path}: a checkpoint {kind}; only Stable Diffusion 1.x single files are supported")
+        raise WeightsError(f"{path}: the file has no VAE ({VAE_PREFIX}*); a full SD checkpoint is needed")
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
+        family = "sd2"
+    elif any(k.startswith(TEXT_PREFIX) for k in keys):
+        family = "sd1"
+    else:
+        raise WeightsError(f"{path}: a checkpoint without a text encoder ({TEXT_PREFIX}* for SD 1.x, "
+                           f"{OPEN_CLIP_PREFIX}* for SD 2.x)")
     cross = {shape[1] for k, shape in shapes.items() if k != CONV_IN}
-    return {"in_channels": shapes[CONV_IN][1], "cross_attention_dim": min(cross) if cross else None,
+    return {"family": family, "in_channels": shapes[CONV_IN][1], "cross_attention_dim": min(cross) if cross else None,
             "metadata": metadata}
 
 
-def write_sd15_config(out: Path, in_channels: int = 4) -> Path:
-    """SD 1.5's diffusers configs (no weights): model_index.json, each component's config, tokenizer, scheduler."""
+def write_family_config(out: Path, family_name: str = "sd1", in_channels: int = 4,
+                        prediction: str | None = None) -> Path:
+    """A family's released diffusers configs (no weights): model_index.json, each component's config, tokenizer,
+    scheduler (SD 1.5's; SD 2.1's 768-v, or 2.1-base's 512 with `prediction` epsilon)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from build.sd.weights import ARCHITECTURES, SCHEDULER_CONFIG, clip_text_config, clip_tokenizer
+    from build.sd.families import family
+    from build.sd.weights import clip_text_config, clip_tokenizer
 
     out = Path(out)
-    arch = ARCHITECTURES["full"]
+    kind = family(family_name)
+    arch = kind.architecture("full")
+    scheduler = kind.scheduler_config(prediction)
+    side = kind.native_side if scheduler["prediction_type"] == kind.prediction else 512
     with torch.device("meta"):  # configs only: nothing is allocated
-        UNet2DConditionModel(**(arch.unet | {"in_channels": in_channels})).save_config(str(out / "unet"))
+        UNet2DConditionModel(**(arch.unet | {"in_channels": in_channels, "sample_size": side // 8})).save_config(
+            str(out / "unet"))
         AutoencoderKL(**arch.vae).save_config(str(out / "vae"))
-    clip_text_config(arch.text_encoder).save_pretrained(str(out / "text_encoder"))
-    clip_tokenizer().save_pretrained(str(out / "tokenizer"))
+    tokenizer = clip_tokenizer(kind.pad_token)
+    clip_text_config(arch.text_encoder, tokenizer.pad_token_id).save_pretrained(str(out / "text_encoder"))
+    tokenizer.save_pretrained(str(out / "tokenizer"))
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
     (out / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None],
         "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
@@ -237,15 +285,27 @@ def write_sd15_config(out: Path, in_channels: int = 4) -> Path:
     return out
 
 
+def predicts_v(unet) -> bool:
+    """AUTOMATIC1111's test for an SD 2.x UNet trained for v-prediction: at t=999 on a constant latent (0.5) and
+    context (0.5), a v-prediction UNet's output minus its input averages below -1 (it predicts about -x0)."""
+    import torch
+
+    with torch.inference_mode():
+        sample = torch.full((1, unet.config.in_channels, 8, 8), 0.5)
+        context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5)
+        out = unet(sample, torch.tensor([999]), encoder_hidden_states=context).sample
+    return float((out[:, :4] - sample[:, :4]).mean()) < -1
+
+
 @contextmanager
-def _config_folder(config: str | Path | None, in_channels: int):
+def _config_folder(config: str | Path | None, family_name: str, in_channels: int, prediction: str | None):
     if config is not None:
         if not (Path(config) / "model_index.json").is_file():
             raise WeightsError(f"--config {config}: not a diffusers-format folder (no model_index.json)")
         yield Path(config)
         return
-    with tempfile.TemporaryDirectory(prefix="kiln-sd15-config-") as scratch:
-        yield write_sd15_config(Path(scratch), in_channels)
+    with tempfile.TemporaryDirectory(prefix="kiln-sd-config-") as scratch:
+        yield write_family_config(Path(scratch), family_name, in_channels, prediction)
 
 
 def load_single_file(path: Path, config: str | Path | None = None):
@@ -253,18 +313,28 @@ def load_single_file(path: Path, config: str | Path | None = None):
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from build.sd.families import family
+
     info = inspect_single_file(path)
-    if config is None and info["cross_attention_dim"] not in (None, 768):
-        raise WeightsError(f"{path}: cross-attention width {info['cross_attention_dim']} is not SD 1.x's 768; "
-                           "pass --config with a diffusers folder describing this architecture")
-    with _config_folder(config, info["in_channels"]) as folder:
+    kind = family(info["family"])
+    width = kind.architecture("full").unet["cross_attention_dim"]
+    if config is None and info["cross_attention_dim"] not in (None, width):
+        raise WeightsError(f"{path}: cross-attention width {info['cross_attention_dim']} is not {kind.title}'s "
+                           f"{width}; pass --config with a diffusers folder describing this architecture")
+    marker = json.loads(info["metadata"].get(METADATA_KEY, "{}"))
+    prediction = marker.get("prediction_type")
+    with _config_folder(config, kind.name, info["in_channels"], prediction) as folder:
         try:
             pipeline = StableDiffusionPipeline.from_single_file(
                 str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32,
                 safety_checker=None, requires_safety_checker=False)
         except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError/SingleFileComponentError variants
             raise WeightsError(f"cannot load the single-file checkpoint {path} with the configs of "
-                               f"{config or 'SD 1.5'}: {first_line(exc)}") from None
+                               f"{config or kind.title}: {first_line(exc)}") from None
+    if config is None and prediction is None and kind.name == "sd2" and not predicts_v(pipeline.unet):
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
+                                                                  prediction_type="epsilon")
+        pipeline.unet.register_to_config(sample_size=64)  # SD 2.x's epsilon models are the 512 ones
     return pipeline, info["metadata"]
 
 

@@ -29,15 +29,25 @@ FP32_TOLERANCE = {
 
 @dataclass(frozen=True)
 class ImageRange:
-    """Image sizes (pixels, multiples of 8) a build supports: (min, opt, max) per side."""
+    """Image sizes (pixels, multiples of 8) a build supports: (min, opt, max) per side; opt 0: the checkpoint's own
+    (its UNet's sample size: 512 for SD 1.x, 768 for SD 2.x's v models), within min and max."""
 
     min: int = 64
-    opt: int = 512
+    opt: int = 0
     max: int = 1024
+
+    def resolved(self, native: int) -> ImageRange:
+        return self if self.opt else replace(self, opt=min(max(native, self.min), self.max))
+
+
+def native_side(loaded) -> int:
+    """The image side the checkpoint was trained at: its UNet's sample size in pixels."""
+    return int(loaded.unet.config.sample_size) * vae_scale_factor(loaded)
 
 
 def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSpec]:
     """Specs of text_encoder, unet, unet_control, controlnet (when present), vae_encoder and vae_decoder."""
+    images = images.resolved(native_side(loaded))
     unet_cfg, vae_cfg, text_cfg = loaded.unet.config, loaded.vae.config, loaded.text_encoder.config
     scale = vae_scale_factor(loaded)
     latent = unet_cfg.in_channels

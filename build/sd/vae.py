@@ -122,7 +122,7 @@ def random_vae(size: str = "tiny", seed: int = 7):
     import torch
     from diffusers import AutoencoderKL
 
-    from build.sd.weights import ARCHITECTURES
+    from build.sd.families import ARCHITECTURES
 
     torch.manual_seed(seed)
     return AutoencoderKL(**ARCHITECTURES[size].vae).eval()

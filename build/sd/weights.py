@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x checkpoints without a hub: seeded random weights of the real architectures, and the real
+"""Stable Diffusion 1.x and 2.x checkpoints without a hub: seeded random weights of the real architectures, and the real
 CLIP tokenizer.
 
 `write_sd_checkpoint` writes a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/,
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from build.sd.families import family, family_of
 from kiln.errors import WeightsError, first_line
 from kiln.prompts import CLIP_VOCAB_SIZE, check_tokenizer
 
@@ -25,58 +26,6 @@ if TYPE_CHECKING:
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
-
-# SD 1.5's scheduler config (PNDM, as the original checkpoint ships it); samplers are chosen per request later.
-SCHEDULER_CONFIG = {
-    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "clip_sample": False, "prediction_type": "epsilon", "trained_betas": None,
-}
-
-
-@dataclass(frozen=True)
-class SDArchitecture:
-    """Constructor arguments of each component; `tiny` follows diffusers' own fast tests, `full` is SD 1.5."""
-
-    unet: dict[str, Any]
-    vae: dict[str, Any]
-    text_encoder: dict[str, Any]
-    controlnet: dict[str, Any]
-
-
-ARCHITECTURES = {
-    "tiny": SDArchitecture(
-        unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=32),
-        vae=dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
-                 down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                 up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32),
-        text_encoder=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
-                          projection_dim=32, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
-        controlnet=dict(block_out_channels=(32, 64), layers_per_block=2, in_channels=4,
-                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), cross_attention_dim=32,
-                        conditioning_embedding_out_channels=(16, 32), norm_num_groups=32),
-    ),
-    "full": SDArchitecture(
-        unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
-                  out_channels=4, attention_head_dim=8, cross_attention_dim=768,
-                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                    "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
-        vae=dict(block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
-                 sample_size=512, layers_per_block=2, scaling_factor=0.18215,
-                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4),
-        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                          projection_dim=768, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
-        controlnet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, in_channels=4,
-                        attention_head_dim=8, cross_attention_dim=768,
-                        conditioning_embedding_out_channels=(16, 32, 96, 256),
-                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                          "DownBlock2D")),
-    ),
-}
-
 
 def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """CLIP's byte-level BPE vocabulary and merges, from the file in the open-clip-torch wheel (found, not imported:
@@ -111,24 +60,24 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes)))
 
 
-def clip_tokenizer():
-    """The SD 1.x CLIP tokenizer (transformers' CLIPTokenizer), built offline."""
+def clip_tokenizer(pad_token: str = EOS):
+    """SD's CLIP tokenizer (transformers' CLIPTokenizer), built offline; SD 2.x's pads with "!" (its family's)."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocabulary()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH,
-                              bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
+                              bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=pad_token)
     check_tokenizer(tokenizer, "the open-clip vocabulary")
     return tokenizer
 
 
-def clip_text_config(sizes: dict[str, Any]):
-    """A CLIPTextConfig of SD 1.x's vocabulary and 77 positions with the given sizes."""
+def clip_text_config(sizes: dict[str, Any], pad_token_id: int = CLIP_VOCAB_SIZE - 1):
+    """A CLIPTextConfig of CLIP's vocabulary and 77 positions with the given sizes."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=MODEL_MAX_LENGTH,
                           bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1,
-                          pad_token_id=CLIP_VOCAB_SIZE - 1, **sizes)
+                          pad_token_id=pad_token_id, **sizes)
 
 
 def _seeded(seed: int):
@@ -137,39 +86,43 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
-def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True, inpainting: bool = False) -> dict:
-    """Seeded random components of the `size` architecture ("tiny" or "full"), each from its own seed.
+def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True, inpainting: bool = False,
+                     family_name: str = "sd1", prediction: str | None = None) -> dict:
+    """Seeded random components of the family's `size` architecture ("tiny" or "full"), each from its own seed.
 
-    `inpainting` makes the UNet a 9-channel inpainting UNet (latents + mask + masked-image latents).
+    `inpainting` makes the UNet a 9-channel inpainting UNet (latents + mask + masked-image latents); `prediction`
+    (epsilon, v_prediction) defaults to the family's released model's.
     """
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    if size not in ARCHITECTURES:
-        raise WeightsError(f"unknown architecture size {size!r}; valid: {', '.join(ARCHITECTURES)}")
-    arch = ARCHITECTURES[size]
+    kind = family(family_name)
+    arch = kind.architecture(size)
+    scheduler = kind.scheduler_config(prediction)
+    tokenizer = clip_tokenizer(kind.pad_token)
     _seeded(seed)
     unet = UNet2DConditionModel(**(arch.unet | ({"in_channels": 9} if inpainting else {})))
     _seeded(seed + 1)
     vae = AutoencoderKL(**arch.vae)
     _seeded(seed + 2)
-    text_encoder = CLIPTextModel(clip_text_config(arch.text_encoder))
+    text_encoder = CLIPTextModel(clip_text_config(arch.text_encoder, tokenizer.pad_token_id))
     components = {
-        "unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": clip_tokenizer(),
-        "scheduler": PNDMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k != "_class_name"}),
+        "unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
+        "scheduler": PNDMScheduler.from_config({k: v for k, v in scheduler.items() if k != "_class_name"}),
     }
     if controlnet:
-        components["controlnet"] = random_controlnet(size, seed + 3)
+        components["controlnet"] = random_controlnet(size, seed + 3, family_name)
     return components
 
 
-def random_controlnet(size: str = "tiny", seed: int = 3):
-    """A seeded random ControlNet of the `size` architecture (fits that size's UNet)."""
+def random_controlnet(size: str = "tiny", seed: int = 3, family_name: str = "sd1"):
+    """A seeded random ControlNet of the family's `size` architecture (fits that size's UNet)."""
     import torch
     from diffusers import ControlNetModel
 
+    arch = family(family_name).architecture(size)
     _seeded(seed)
-    control = ControlNetModel(**ARCHITECTURES[size].controlnet)
+    control = ControlNetModel(**arch.controlnet)
     # ControlNet's output convolutions start at zero (so training starts from the plain UNet); random ones
     # make its residuals non-zero, as a trained ControlNet's are (diffusers' own pipeline tests do the same). The
     # control image's embedding ends in a zero convolution too: random, or the image would not matter at all.
@@ -180,24 +133,22 @@ def random_controlnet(size: str = "tiny", seed: int = 3):
     return control.eval()
 
 
-def random_embedding(size: str = "tiny", vectors: int = 2, seed: int = 0):
+def random_embedding(size: str = "tiny", vectors: int = 2, seed: int = 0, family_name: str = "sd1"):
     """Seeded random textual-inversion vectors (vectors, hidden) for the `size` architecture's text encoder: normal,
     std 0.05 (wider than CLIP's token embeddings at initialisation, 0.02, as trained embeddings' vectors are)."""
     import numpy as np
 
-    if size not in ARCHITECTURES:
-        raise WeightsError(f"unknown architecture size {size!r}; valid: {', '.join(ARCHITECTURES)}")
-    hidden = ARCHITECTURES[size].text_encoder["hidden_size"]
+    hidden = family(family_name).architecture(size).text_encoder["hidden_size"]
     return np.random.default_rng(seed).normal(0.0, 0.05, (vectors, hidden)).astype(np.float32)
 
 
 def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet: bool = True,
-                        inpainting: bool = False) -> Path:
-    """Write a diffusers-format SD 1.x folder of seeded random weights; a ControlNet goes in controlnet/."""
+                        inpainting: bool = False, family_name: str = "sd1", prediction: str | None = None) -> Path:
+    """Write a diffusers-format SD 1.x or 2.x folder of seeded random weights; a ControlNet goes in controlnet/."""
     from diffusers import StableDiffusionPipeline
 
     out = Path(out)
-    components = build_components(size, seed, controlnet, inpainting)
+    components = build_components(size, seed, controlnet, inpainting, family_name, prediction)
     control = components.pop("controlnet", None)
     pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
@@ -205,7 +156,8 @@ def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet
     if control is not None:
         control.save_pretrained(str(out / "controlnet"), safe_serialization=True)
     (out / "kiln-weights.json").write_text(json.dumps(
-        {"random": True, "seed": seed, "architecture": size, "inpainting": inpainting,
+        {"random": True, "seed": seed, "architecture": size, "family": family_name, "inpainting": inpainting,
+         "prediction_type": components["scheduler"].config.prediction_type,
          "note": "seeded random weights of the real architecture: images are noise-like, not art"}, indent=2))
     return out
 
@@ -223,6 +175,7 @@ class LoadedSD:
     source: str
     random: bool
     vaes: dict = field(default_factory=dict)  # more VAEs (build.sd.vae.ExtraVAE) by name, in the order given
+    family: str = "sd1"  # build.sd.families: sd1, sd2
 
     @property
     def controlnet(self) -> torch.nn.Module | None:
@@ -318,4 +271,5 @@ def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] |
     random = marker.get("random", False)
     return LoadedSD(unet=pipeline.unet.eval(), vae=pipeline.vae.eval(), text_encoder=pipeline.text_encoder.eval(),
                     tokenizer=pipeline.tokenizer, scheduler_config=dict(pipeline.scheduler.config),
-                    controlnets=controlnets, source=str(weights), random=bool(random))
+                    controlnets=controlnets, source=str(weights), random=bool(random),
+                    family=family_of(pipeline.text_encoder.config, marker).name)

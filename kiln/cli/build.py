@@ -40,12 +40,13 @@ def add_parser(commands) -> None:
     vit.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
     vit.set_defaults(run=run_vit)
 
-    sd = targets.add_parser("sd", help="Stable Diffusion 1.x: text encoder, UNet, VAE, ControlNets, tokenizer")
+    sd = targets.add_parser("sd", help="Stable Diffusion 1.x or 2.x: text encoder, UNet, VAE, ControlNets, tokenizer")
     sd.add_argument("--weights", required=True,
-                    help="diffusers-format folder (see `kiln weights sd`), a single-file SD 1.x .safetensors "
+                    help="diffusers-format folder (see `kiln weights sd`), a single-file SD 1.x or 2.x .safetensors "
                          "(AUTOMATIC1111's layout), or a hub id")
     sd.add_argument("--config", help="a single file's architecture: a diffusers-format folder whose configs describe "
-                                     "it (default: SD 1.5's, with the UNet's input channels read from the file)")
+                                     "it (default: SD 1.5's or SD 2.1's, as the file's text encoder says, with the "
+                                     "UNet's input channels read from the file)")
     sd.add_argument("--vae", action="append", metavar="[NAME=]PATH",
                     help="another VAE requests may choose (AUTOMATIC1111's sd_vae), built and checked like the "
                          "checkpoint's own: an original-layout .safetensors file (AUTOMATIC1111's VAE files), a "
@@ -59,7 +60,9 @@ def add_parser(commands) -> None:
                          "is the default ControlNet). Default: <weights>/controlnet when present")
     sd.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
     sd.add_argument("--min-size", type=int, default=64, help="smallest image side the build serves (pixels)")
-    sd.add_argument("--opt-size", type=int, default=512)
+    sd.add_argument("--opt-size", type=int, default=0,
+                    help="the image side the profiles are tuned for (default: the checkpoint's own, 512 for SD 1.x, "
+                         "768 for SD 2.x's v models)")
     sd.add_argument("--max-size", type=int, default=1024, help="largest image side the build serves (pixels)")
     sd.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
     sd.add_argument("--step-queue-delay-us", type=int, default=0,

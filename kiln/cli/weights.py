@@ -5,18 +5,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from build.sd.families import FAMILIES, PREDICTIONS
 from kiln.errors import KilnError
 
 
 def add_parser(commands) -> None:
     weights = commands.add_parser("weights", help="write seeded random checkpoints of the real architectures")
     targets = weights.add_subparsers(dest="target", required=True)
-    sd = targets.add_parser("sd", help="a diffusers-format Stable Diffusion 1.x folder (+ ControlNet)")
+    sd = targets.add_parser("sd", help="a diffusers-format Stable Diffusion 1.x or 2.x folder (+ ControlNet)")
     size = sd.add_mutually_exclusive_group(required=True)
     size.add_argument("--tiny", type=Path, metavar="OUT",
                       help="tiny components (diffusers' test sizes), seconds to run")
     size.add_argument("--full-size-random", type=Path, metavar="OUT",
-                      help="SD 1.5's architecture (UNet 859.5 M parameters)")
+                      help="the released architecture (SD 1.5's UNet: 859.5 M parameters; SD 2.1's: 865.9 M)")
+    _family(sd)
+    sd.add_argument("--prediction", choices=PREDICTIONS,
+                    help="what the UNet predicts (default: the family's released model's: epsilon for SD 1.x, "
+                         "v_prediction for SD 2.x, as SD 2.1 768; epsilon is SD 2.1-base's)")
     sd.add_argument("--seed", type=int, default=0)
     sd.add_argument("--no-controlnet", action="store_true")
     sd.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SD 1.5 inpainting)")
@@ -29,13 +34,15 @@ def add_parser(commands) -> None:
     vit.set_defaults(run=run_vit)
     embedding = targets.add_parser("embedding", help="an AUTOMATIC1111 textual-inversion embedding (.safetensors, "
                                                      "emb_params) for the SD text encoder; its name is the file's")
-    _file_sizes(embedding, "for `kiln weights sd --tiny`'s encoder", "for SD 1.5's (768 wide)")
+    _file_sizes(embedding, "for `kiln weights sd --tiny`'s encoder", "for SD 1.5's (768 wide) or SD 2.x's (1024)")
+    _family(embedding)
     embedding.add_argument("--vectors", type=int, default=2, help="vectors per use of its name (1-75)")
     embedding.add_argument("--seed", type=int, default=0)
     embedding.set_defaults(run=run_embedding)
     lora = targets.add_parser("lora", help="a LoRA in kohya's layout (.safetensors) for the SD UNet and text encoder; "
                                            "prompts use it as <lora:NAME:multiplier>, NAME the file's")
     _file_sizes(lora)
+    _family(lora)
     lora.add_argument("--rank", type=int, default=4)
     lora.add_argument("--alpha", type=float, default=2.0, help="kohya's alpha: the difference is scaled by alpha/rank")
     lora.add_argument("--unet-only", action="store_true", help="no text encoder layers")
@@ -60,6 +67,12 @@ def _file_sizes(parser, tiny: str = "for `kiln weights sd --tiny`", full: str = 
     size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help=full)
 
 
+def _family(parser) -> None:
+    parser.add_argument("--family", choices=tuple(FAMILIES), default="sd1",
+                        help="the model family: sd1 (SD 1.x, CLIP ViT-L) or sd2 (SD 2.x, OpenCLIP ViT-H) "
+                             "(default: %(default)s)")
+
+
 def _sized(args) -> tuple[Path, str]:
     """The output path, and its architecture's size ("tiny" or "full"), of --tiny / --full-size-random."""
     return (args.tiny, "tiny") if args.tiny else (args.full_size_random, "full")
@@ -71,7 +84,8 @@ def run_sd(args) -> int:
     out, size = _sized(args)
     if args.single_file is not None and args.single_file.suffix != ".safetensors":
         raise KilnError(f"--single-file {args.single_file}: the file name must end in .safetensors")
-    write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet, inpainting=args.inpainting)
+    write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet, inpainting=args.inpainting,
+                        family_name=args.family, prediction=args.prediction)
     if args.single_file is not None:
         from build.sd.single_file import write_single_file
 
@@ -96,7 +110,7 @@ def run_embedding(args) -> int:
     out, size = _sized(args)
     if not 1 <= args.vectors <= 75:
         raise KilnError(f"--vectors {args.vectors}: an embedding has 1 to 75 vectors (one 75-token chunk)")
-    vectors = random_embedding(size, args.vectors, args.seed)
+    vectors = random_embedding(size, args.vectors, args.seed, args.family)
     write_embedding(out, vectors)
     print(f"wrote {out}: {vectors.shape[0]} seeded random vectors (seed {args.seed}) of {vectors.shape[1]}; a prompt "
           f"uses it as the word {out.stem!r}")
@@ -111,7 +125,8 @@ def run_lora(args) -> int:
         raise KilnError(f"{out}: a LoRA file's name must end in .safetensors")
     if args.rank < 1 or args.alpha <= 0:
         raise KilnError("--rank must be at least 1 and --alpha above 0")
-    tensors = random_lora(size, args.seed, args.rank, args.alpha, text_encoder=not args.unet_only)
+    tensors = random_lora(size, args.seed, args.rank, args.alpha, text_encoder=not args.unet_only,
+                          family_name=args.family)
     write_lora(out, tensors, {"ss_network_module": "networks.lora", "ss_network_dim": str(args.rank),
                               "ss_network_alpha": str(args.alpha), "ss_output_name": out.stem})
     layers = len([k for k in tensors if k.endswith(".alpha")])

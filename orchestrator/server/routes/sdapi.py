@@ -110,7 +110,7 @@ async def sd_models(request: Request):
     contract = (await pipeline(request)).contract
     return [{"title": contract.title, "model_name": contract.model_name, "hash": contract.model_hash or None,
              "sha256": contract.model_sha256 or None, "filename": f"triton://{SD_UNET}/{contract.model_name}",
-             "config": None}]
+             "config": contract.a1111_config}]
 
 
 @router.get("/options")

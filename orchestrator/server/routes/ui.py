@@ -48,7 +48,8 @@ async def capabilities(request: Request):
     except KilnError as exc:
         out["sd_unavailable"] = str(exc)
         return out
-    out["sd"] = {"checkpoint": contract.title, "min_size": contract.min_size, "max_size": contract.max_size,
+    out["sd"] = {"checkpoint": contract.title, "family": contract.family, "prediction_type": contract.prediction_type,
+                 "min_size": contract.min_size, "max_size": contract.max_size,
                  "size_multiple": contract.size_multiple, "inpainting_unet": contract.unet_in_channels == 9,
                  "controlnets": [c.title for c in contract.controlnets], "upscalers": list(contract.upscaler_names),
                  "vaes": [v.name for v in contract.vaes], "tiling": contract.tiling,
