@@ -210,3 +210,16 @@ def test_served_through_triton_and_the_automatic1111_api(sd2_repo, sd2_local, sd
     local = sd2_local.txt2img(Txt2ImgRequest(prompt="a cat <lora:detail2:0.8>", steps=4, sampler="Euler", seed=11,
                                              width=64, height=64)).images[0]
     assert _diff(image, local) <= 1
+
+
+def test_a_controlnet_of_the_other_family_is_refused_by_name(sd2_checkpoint, tmp_path):
+    from build.sd.specs import sd_specs
+    from build.sd.weights import random_controlnet
+    from kiln.errors import ExportError
+
+    random_controlnet("tiny", seed=3).save_pretrained(str(tmp_path / "sd1-control"), safe_serialization=True)
+    loaded = load_sd(sd2_checkpoint, controlnet=str(tmp_path / "sd1-control"))
+    with pytest.raises(ExportError, match=r"use_linear_projection is False, the UNet's True .*looks like SD 1.x's, "
+                                          r"the checkpoint SD 2.x"):
+        sd_specs(loaded, SIDES)
+    assert "controlnet" in sd_specs(load_sd(sd2_checkpoint), SIDES)  # its own (SD 2.x) ControlNet fits

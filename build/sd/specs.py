@@ -141,11 +141,16 @@ def _check_controlnet_fits(label: str, control, unet, vae_scale: int) -> None:
     def plain(value):
         return tuple(value) if isinstance(value, (list, tuple)) else value
 
-    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types"):
+    def family(config) -> str:  # SD 2.x's attention projects linearly, SD 1.x's through 1x1 convolutions
+        return "SD 2.x" if config.get("use_linear_projection") else "SD 1.x"
+
+    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types",
+                "use_linear_projection"):
         mine, theirs = plain(control.config.get(key)), plain(unet.config.get(key))
-        if mine != theirs:
+        if bool(mine) != bool(theirs) if key == "use_linear_projection" else mine != theirs:
             raise ExportError(f"ControlNet {label!r} does not fit this UNet: its {key} is {mine}, the UNet's {theirs} "
-                              "(a ControlNet is trained for one base architecture, e.g. SD 1.5)")
+                              f"(a ControlNet is trained for one base architecture: this one looks like "
+                              f"{family(control.config)}'s, the checkpoint {family(unet.config)})")
     down = 2 ** (len(control.config.conditioning_embedding_out_channels) - 1)
     if down != vae_scale:
         raise ExportError(f"ControlNet {label!r} does not fit this checkpoint: its conditioning embedding scales the "
