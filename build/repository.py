@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from build.triton_config import ModelConfig
+from kiln.contract import base_name
 from kiln.errors import ConfigError
 from kiln.paths import DEFAULT_REPOSITORY
 
@@ -47,7 +48,7 @@ def write_model(config: ModelConfig, repository: Path) -> Path:
     path = config.write(repository)
     if config.backend == "python":
         target = Path(repository) / config.name / "1" / "model.py"
-        source = hand_written(config.name)
+        source = hand_written(base_name(config.name))  # a checkpoint's own sd_tokenizer: the same code
         if source is not None:
             if source.resolve() != target.resolve():
                 shutil.copy2(source, target)

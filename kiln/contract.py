@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -60,6 +61,58 @@ def controlnet_ensemble(index: int) -> str:
     return "sd_controlnet_unet" + controlnet_component(index).removeprefix("controlnet")
 
 
+# -- several checkpoints in one repository -----------------------------------------------------------
+CHECKPOINT_SEPARATOR = "--"  # NAME--sd_unet: the models of the checkpoint built with `kiln build sd --checkpoint NAME`
+CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.+]|-(?!-)){0,63}$")
+
+
+def check_checkpoint_name(name: str) -> str:
+    if not CHECKPOINT_NAME.match(name) or name.endswith("-"):
+        raise ConfigError(f"checkpoint name {name!r}: 1-64 letters, digits, _ . + and single hyphens, starting with a "
+                          "letter or digit")
+    return name
+
+
+@dataclass(frozen=True)
+class SDModels:
+    """The Triton model names of one checkpoint's SD build: as above for the repository's default checkpoint
+    (`checkpoint` ""), NAME--sd_* for one built beside it with `kiln build sd --checkpoint NAME`. Every SD model of a
+    build, ensembles and pre/post-processing included, is its checkpoint's own: an ensemble never crosses them."""
+
+    checkpoint: str = ""
+
+    def __call__(self, name: str) -> str:
+        return f"{self.checkpoint}{CHECKPOINT_SEPARATOR}{name}" if self.checkpoint else name
+
+    def component(self, component: str) -> str:
+        return self(sd_model(component))
+
+    def vae(self, suffix: str = "") -> dict[str, str]:
+        return {kind: self(name) for kind, name in vae_models(suffix).items()}
+
+    def controlnet_ensemble(self, index: int) -> str:
+        return self(controlnet_ensemble(index))
+
+    @property
+    def report_section(self) -> str:
+        """Its section of the repository's build-report.json."""
+        return f"sd{CHECKPOINT_SEPARATOR}{self.checkpoint}" if self.checkpoint else "sd"
+
+    @staticmethod
+    def of(model: str) -> SDModels:
+        """The checkpoint a model name belongs to (NAME--sd_unet: NAME; sd_unet: the default)."""
+        checkpoint, sep, _ = model.rpartition(CHECKPOINT_SEPARATOR)
+        return SDModels(checkpoint if sep else "")
+
+
+DEFAULT_MODELS = SDModels()  # the repository's default checkpoint: sd_unet, sd_tokenizer, ...
+
+
+def base_name(model: str) -> str:
+    """A model's name without its checkpoint's prefix (NAME--sd_tokenizer: sd_tokenizer)."""
+    return model.rpartition(CHECKPOINT_SEPARATOR)[2]
+
+
 # -- the SD build's facts ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ServedControlNet:
@@ -73,7 +126,7 @@ class ServedControlNet:
     @property
     def component(self) -> str:
         """The build's component name of its model (controlnet, controlnet_2, ...)."""
-        return self.model.removeprefix("sd_")
+        return base_name(self.model).removeprefix("sd_")
 
     @property
     def title(self) -> str:
@@ -321,7 +374,7 @@ def read_served(config_path: Path) -> ServedArtifact:
     raise ConfigError(f"{config_path}: {config.name} serves no artifact kiln can open")
 
 
-def read_sd_contract(repository: Path) -> SDContract:
-    """The contract of the SD build in a repository (what Triton would report for sd_unet)."""
-    params, max_batch = read_parameters(Path(repository) / SD_UNET / "config.pbtxt")
+def read_sd_contract(repository: Path, models: SDModels = DEFAULT_MODELS) -> SDContract:
+    """The contract of a checkpoint's SD build in a repository (what Triton would report for its sd_unet)."""
+    params, max_batch = read_parameters(Path(repository) / models(SD_UNET) / "config.pbtxt")
     return SDContract.from_parameters(params, max_batch)

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import InputError, KilnError, ServerError
+from kiln.errors import InputError, KilnError, NotFoundError, ServerError
 from orchestrator.batching import StepBatcher
 from orchestrator.metrics import Metrics
 from orchestrator.pipeline import Cancelled, Limits, Pipeline, Txt2ImgRequest, check_job, with_seeds
@@ -72,6 +72,7 @@ class Job:
     latents: np.ndarray | None = None  # after the latest step, for previews
     client_id: str | None = None  # who submitted it (the API scopes interrupt, skip and task reads by it)
     context: dict[str, Any] = field(default_factory=dict)  # the submitter's own (the API: its body and routes)
+    checkpoint: str = ""  # the checkpoint it runs on (kiln.contract.SDModels.checkpoint; "": the default)
     _listeners: list[Callable[[dict], None]] = field(default_factory=list)
 
     # -- state for callers ---------------------------------------------------------------------------
@@ -248,7 +249,7 @@ class Engine:
     """
 
     def __init__(self, options: EngineOptions, metrics: Metrics,
-                 connect: Callable[[], Pipeline] | None = None) -> None:
+                 connect: Callable[[], Pipeline | Mapping[str, Pipeline]] | None = None) -> None:
         from orchestrator.pipeline.sampling import preload
 
         preload()  # before any worker thread exists
@@ -256,44 +257,86 @@ class Engine:
         self.metrics = metrics
         self._connect = connect or (lambda: Pipeline.from_triton(options.triton_url, limits=options.limits,
                                                                  shared_memory=options.shared_memory))
-        self._pipeline: Pipeline | None = None
+        self._pipelines: dict[str, Pipeline] | None = None  # by checkpoint (SDModels.checkpoint), the default first
         self._pipeline_lock = threading.Lock()
         self.batcher = StepBatcher(max_rows=options.max_batch_rows or 16, window_s=options.batch_window_s,
                                    enabled=options.step_batching, on_batch=metrics.unet_batch)
         self.queue = JobQueue(self._run_job, max_queue=options.max_queue, workers=options.workers, metrics=metrics)
 
-    def pipeline(self) -> Pipeline:
+    def pipelines(self) -> dict[str, Pipeline]:
+        """Every served checkpoint's pipeline (connected on first use), by its checkpoint name ("": the default)."""
         with self._pipeline_lock:
-            if self._pipeline is None:
-                self._pipeline = self._connect()
+            if self._pipelines is None:
+                connected = self._connect()
+                self._pipelines = dict(connected) if isinstance(connected, Mapping) else {"": connected}
+                default = next(iter(self._pipelines.values()))
                 if not self.options.max_batch_rows:
-                    self.batcher.max_rows = self._pipeline.contract.unet_max_batch
-                contract = self._pipeline.contract  # the row counts and shapes the UNet replays from CUDA graphs
+                    self.batcher.max_rows = default.contract.unet_max_batch
+                contract = default.contract  # the row counts and shapes the UNet replays from CUDA graphs
                 self.batcher.buckets, self.batcher.bucket_shapes = contract.row_buckets, contract.bucket_row_shapes
-            return self._pipeline
+            return self._pipelines
+
+    def refresh(self) -> None:
+        """Discover the served checkpoints again: new ones are connected, those gone are dropped, the others keep
+        their pipelines (and the jobs running on them)."""
+        with self._pipeline_lock:
+            if self._pipelines is None:
+                return
+            connected = self._connect()
+            fresh = dict(connected) if isinstance(connected, Mapping) else {"": connected}
+            for key, pipeline in fresh.items():
+                if key in self._pipelines:
+                    pipeline.close()  # the one already served stays
+            self._pipelines = {key: self._pipelines.get(key, pipeline) for key, pipeline in fresh.items()}
+
+    def checkpoint(self, name: str | None = None, what: str = "sd_model_checkpoint") -> str:
+        """The served checkpoint a client's name picks (AUTOMATIC1111's sd_model_checkpoint: a title "name [hash]",
+        a name, or a build's checkpoint name; None or "": the default); NotFoundError listing what is served."""
+        pipelines = self.pipelines()
+        if not name:
+            return next(iter(pipelines))
+        wanted = name.strip()
+        for key, pipeline in pipelines.items():
+            contract = pipeline.contract
+            if wanted in (contract.title, contract.model_name) or (key and wanted == key):
+                return key
+        titles = ", ".join(repr(p.contract.title) for p in pipelines.values())
+        raise NotFoundError(f"{what} {name!r}: no such model; this server serves {titles}")
+
+    def pipeline(self, checkpoint: str | None = None, what: str = "sd_model_checkpoint") -> Pipeline:
+        """The pipeline of the checkpoint a client names (see `checkpoint`; None: the default)."""
+        return self.pipelines()[self.checkpoint(checkpoint, what)]
 
     def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,
-               context: dict[str, Any] | None = None, job_id: str | None = None) -> Job:
-        """Validate against the served pipeline (InputError before anything is queued), then queue. `job_id`:
-        the caller's id for the job (AUTOMATIC1111's force_task_id); one the queue knows is refused."""
+               context: dict[str, Any] | None = None, job_id: str | None = None,
+               checkpoint: str | None = None) -> Job:
+        """Validate against the pipeline of the checkpoint it names (InputError before anything is queued), then
+        queue. `job_id`: the caller's id for the job (AUTOMATIC1111's force_task_id); one the queue knows is
+        refused."""
         return self.queue.submit(self.prepare(kind, request, n_iter, client_id=client_id, context=context,
-                                              job_id=job_id))
+                                              job_id=job_id, checkpoint=checkpoint))
 
     def prepare(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,
-                context: dict[str, Any] | None = None, job_id: str | None = None) -> Job:
-        """A job checked against the served pipeline (an InputError naming the bad field), not queued yet: callers
-        that queue several together (the X/Y/Z plot's cells) check them all first, then pass each to queue.submit."""
-        pipeline = self.pipeline()
+                context: dict[str, Any] | None = None, job_id: str | None = None,
+                checkpoint: str | None = None) -> Job:
+        """A job checked against the pipeline of the checkpoint it names (None: the default; an InputError naming
+        the bad field), not queued yet: callers that queue several together (the X/Y/Z plot's cells) check them all
+        first, then pass each to queue.submit."""
+        key = self.checkpoint(checkpoint)
+        pipeline = self.pipelines()[key]
         check_job(request, n_iter, pipeline.limits)
         pipeline.check(request)
         request = with_seeds(request)  # drawn once: n_iter chains from them
-        job = Job(kind=kind, request=request, n_iter=n_iter, client_id=client_id, context=context or {})
+        job = Job(kind=kind, request=request, n_iter=n_iter, client_id=client_id, context=context or {},
+                  checkpoint=key)
         if job_id is not None:
             job.id = job_id
         return job
 
     def _run_job(self, job: Job) -> None:
-        pipeline = self.pipeline()
+        pipeline = self.pipelines().get(job.checkpoint)
+        if pipeline is None:  # refreshed away while the job waited
+            raise ServerError(f"checkpoint {job.checkpoint!r} is no longer served (refresh-checkpoints found it gone)")
         request = job.request
         batch = request.batch_size
         for iteration in range(job.n_iter):
@@ -340,5 +383,5 @@ class Engine:
         self.queue.close(timeout_s)
         self.batcher.close()
         with self._pipeline_lock:
-            if self._pipeline is not None:
-                self._pipeline.close()
+            for pipeline in (self._pipelines or {}).values():
+                pipeline.close()

@@ -39,7 +39,7 @@ from build.sd.specs import (
 )
 from build.torch_export import compile_packages, export_program
 from kiln import contract as names
-from kiln.contract import TILING, SDContract, ServedControlNet
+from kiln.contract import TILING, SDContract, SDModels, ServedControlNet, check_checkpoint_name
 from kiln.errors import ConfigError, ExportError
 from kiln.paths import DEFAULT_REPOSITORY
 from kiln.prompts import MAX_CHUNKS
@@ -70,6 +70,9 @@ class SDBuildOptions:
     triton_backend: str = "python"  # python (embedded Triton here) or native (NVIDIA's tritonserver image)
     device: str = "cpu"  # cpu or gpu: the instance kind of a native build's runtime models
     ov_device: str = "CPU"  # OpenVINO variants: the device the served models compile for (CPU, GPU, NPU, AUTO)
+    # Build into the repository beside its other checkpoints, as NAME (its models NAME--sd_*, kiln.contract.SDModels;
+    # what requests name in sd_model_checkpoint); "": the repository's default checkpoint (sd_*), named by its source
+    checkpoint: str = ""
     image_check_steps: int = 4  # steps of the image a lower-precision variant is compared on (PSNR against fp32)
     calibration_steps: int = 8  # steps per calibration run (x 3 prompts: UNet inputs for calibrated variants)
 
@@ -97,6 +100,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         if options.variant == "auto" else ()
     check_target(options.triton_backend, options.device, [SD_VARIANTS[k] for k in keys or (options.variant,)])
     target = ov_target(options.ov_device, options.triton_backend, [SD_VARIANTS[k] for k in keys or (options.variant,)])
+    models = SDModels(check_checkpoint_name(options.checkpoint) if options.checkpoint else "")
     loaded = load_sd(options.weights, options.controlnet, options.config)
     loaded.vaes = {name: load_vae(path, loaded.vae) for name, path in vae_sources(options.vae).items()}
     loaded.tiling = options.tiling
@@ -128,7 +132,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
 
     def serve_variant(name: str, calibration: list[dict] | None = None) -> None:
         start = time.perf_counter()
-        served, version = variants[name], repository / names.sd_model(name) / "1"
+        served, version = variants[name], repository / models.component(name) / "1"
         path = version / served.artifact
         derive(served, version / "model.onnx", path, calibration)
         figures = check_component(modules[name], specs[name], path, check_sizes, variant=served)
@@ -162,7 +166,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     programs: dict[str, tuple[Path, Path, float]] = {}  # AOTInductor: exported programs compiled side by side
     scratch = tempfile.TemporaryDirectory(prefix="kiln-programs-")  # removed when done, or when the build fails
     for name in tqdm(components, desc=f"build sd ({options.variant})", unit="component", disable=not options.progress):
-        version = repository / names.sd_model(name) / "1"
+        version = repository / models.component(name) / "1"
         exported = variants[name] if variant.runtime == "torch" else FP32  # a torch program, or the ONNX file
         path = version / exported.artifact
         for stale in ARTIFACTS - {path.name}:
@@ -195,7 +199,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         if (lora_ready and served.runtime in LORA_RUNTIMES and not served.accelerator and not served.calibrated
                 and served.quantization == "none"):
             artifacts[name]["lora"] = write_lora_map(modules[name], name, served.runtime,
-                                                     repository / names.sd_model(name) / "1" / served.artifact)
+                                                     repository / models.component(name) / "1" / served.artifact)
     lora_layers = min((artifacts[c].get("lora", {}).get("layers", 0) for c in ("text_encoder", "unet")), default=0)
     if lora_layers:
         log(f"  LoRA: {artifacts['unet']['lora']['layers']} UNet and {artifacts['text_encoder']['lora']['layers']} "
@@ -206,8 +210,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         scheduler_config=loaded.scheduler_config, vae_scale_factor=vae_scale_factor(loaded),
         latent_channels=loaded.vae.config.latent_channels, unet_in_channels=loaded.unet.config.in_channels,
         scaling_factor=float(loaded.vae.config.scaling_factor), min_size=options.images.min,
-        max_size=options.images.max, size_multiple=size_multiple(loaded), model_name=_model_name(loaded.source),
-        family=loaded.family,
+        max_size=options.images.max, size_multiple=size_multiple(loaded),
+        model_name=options.checkpoint or _model_name(loaded.source), family=loaded.family,
         model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
         unet_max_batch=specs["unet"].max_batch_size, clip_skip_layers=loaded.text_encoder.config.num_hidden_layers,
         textual_inversion_dim=loaded.text_encoder.config.hidden_size,
@@ -215,22 +219,23 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
            else {}),
         vaes=extra_vaes(loaded), tiling=options.tiling,
-        controlnets=tuple(ServedControlNet(name=label, model=names.sd_model(name), sha256=artifacts[name]["sha256"],
-                                           ensemble=names.controlnet_ensemble(index) if has_ensemble(specs, name)
+        controlnets=tuple(ServedControlNet(name=label, model=models.component(name), sha256=artifacts[name]["sha256"],
+                                           ensemble=models.controlnet_ensemble(index) if has_ensemble(specs, name)
                                            else "")
                           for index, (label, name) in enumerate(zip(loaded.controlnets, controls))))
     configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads,
-                               options.step_queue_delay_us, options.triton_backend, options.device, options.ov_device)
-    remove_stale(repository, "sd_*control*", {c.name for c in configs})
-    remove_stale(repository, "sd_vae_*_*", {c.name for c in configs})  # an earlier build's extra VAEs
+                               options.step_queue_delay_us, options.triton_backend, options.device, options.ov_device,
+                               models)
+    remove_stale(repository, models("sd_*control*"), {c.name for c in configs})
+    remove_stale(repository, models("sd_vae_*_*"), {c.name for c in configs})  # an earlier build's extra VAEs
     write_models(configs, repository)
-    loaded.tokenizer.save_pretrained(str(repository / names.SD_TOKENIZER / "1" / "tokenizer"))
+    loaded.tokenizer.save_pretrained(str(repository / models(names.SD_TOKENIZER) / "1" / "tokenizer"))
 
     # 4. Calibrated variants: UNet inputs captured from denoising runs of the fp32 models just written.
     for name in (c for c in components if variants[c].calibrated):
         log(f"  capturing sd_{name} inputs from {len(CALIBRATION_PROMPTS)} txt2img runs of "
             f"{options.calibration_steps} steps for calibration ...")
-        serve_variant(name, capture_unet_inputs(repository, side, options.calibration_steps))
+        serve_variant(name, capture_unet_inputs(repository, side, options.calibration_steps, models))
 
     # 5. A lower precision is a trade we show: its image against the fp32 build's, same seed. Then the report.
     content = {"created": report.now(), "weights": {"source": loaded.source, "random": loaded.random},
@@ -243,12 +248,12 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
                "machine": report.machine(), "artifacts": artifacts, "models": [c.name for c in configs]}
     if variant.derived:
         content["image_parity"] = variant_image_parity(repository, side, options.image_check_steps, options.variant,
-                                                       log)
+                                                       log, models)
     if content.get("note"):
         log(f"!! --ov-device {options.ov_device}: {content['note']}")
     if content["caveat"]:
         log(f"!! {content['caveat']}")
-    report.update_report(repository, "sd", content)
+    report.update_report(repository, models.report_section, content)
     log(f"wrote {len(configs)} Triton models to {repository}")
     return content
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from build.parity import psnr
+from kiln.contract import DEFAULT_MODELS, SDModels
 from orchestrator.pipeline import Pipeline, Txt2ImgRequest
 from orchestrator.pipeline.components.local import REQUIRED, session_runners
 
@@ -14,10 +15,11 @@ CALIBRATION_PROMPTS = ("a photo of a cat", "a watercolor landscape with mountain
                        "portrait of an old man, studio lighting, detailed")
 
 
-def capture_unet_inputs(repository: Path, side: int, steps: int, prompts=CALIBRATION_PROMPTS) -> list[dict]:
+def capture_unet_inputs(repository: Path, side: int, steps: int, models: SDModels = DEFAULT_MODELS,
+                        prompts=CALIBRATION_PROMPTS) -> list[dict]:
     """The UNet's inputs (CFG pairs) at every step of real txt2img runs of the fp32 ONNX files: calibration data."""
     runners, _ = session_runners(repository, runtime="onnxruntime", artifact="model.onnx", inference_precision="f32",
-                                 components=REQUIRED)
+                                 components=REQUIRED, models=models)
     unet, captured = runners["unet"], []
 
     def recording(inputs: dict):
@@ -25,7 +27,7 @@ def capture_unet_inputs(repository: Path, side: int, steps: int, prompts=CALIBRA
         return unet(inputs)
 
     runners["unet"] = recording
-    pipeline = Pipeline.from_repository(repository, runners)
+    pipeline = Pipeline.from_repository(repository, runners, models=models)
     for seed, prompt in enumerate(prompts):
         pipeline.generate(Txt2ImgRequest(prompt=prompt, negative_prompt="blurry", steps=steps, sampler="Euler a",
                                          cfg_scale=7.0, seed=seed, width=side, height=side))
@@ -33,15 +35,15 @@ def capture_unet_inputs(repository: Path, side: int, steps: int, prompts=CALIBRA
 
 
 def variant_image_parity(repository: Path, side: int, steps: int, variant: str,
-                         log: Callable[[str], None] = print) -> dict:
+                         log: Callable[[str], None] = print, models: SDModels = DEFAULT_MODELS) -> dict:
     """PSNR of a txt2img image from the served variant against the fp32 ONNX files' image (same seed and loop)."""
     request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=steps, sampler="Euler a",
                              cfg_scale=7.0, seed=0, width=side, height=side)
     images = {}
     for name, fp32 in (("fp32", True), ("served", False)):
         overrides = {"runtime": "onnxruntime", "artifact": "model.onnx", "inference_precision": "f32"} if fp32 else {}
-        runners, _ = session_runners(repository, components=REQUIRED, **overrides)
-        images[name] = Pipeline.from_repository(repository, runners).generate(request).images[0]
+        runners, _ = session_runners(repository, components=REQUIRED, models=models, **overrides)
+        images[name] = Pipeline.from_repository(repository, runners, models=models).generate(request).images[0]
         del runners
     value = psnr(images["fp32"], images["served"])
     log(f"  image ({side}x{side}, {steps} steps, Euler a): {variant} vs fp32 PSNR "

@@ -11,14 +11,15 @@ from build.sd.specs import controlnet_components, has_ensemble
 from build.specs import ComponentSpec
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 from kiln import contract as names
-from kiln.contract import TILING, SDContract
+from kiln.contract import DEFAULT_MODELS, TILING, SDContract, SDModels
 
 STEP_COMPONENTS = ("unet", "unet_control", "unet" + TILING)  # with the ControlNets: what a denoising step calls
 
 
 def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, variants: Mapping[str, Variant],
                      max_queue_delay_us: int = 2000, threads: int = 0, step_queue_delay_us: int = 0,
-                     triton_backend: str = "python", device: str = "cpu", ov_device: str = "CPU") -> list[ModelConfig]:
+                     triton_backend: str = "python", device: str = "cpu", ov_device: str = "CPU",
+                     models: SDModels = DEFAULT_MODELS) -> list[ModelConfig]:
     """Every model of the build; `variants[component]` is what that component's model serves. The contract goes
     into sd_unet's parameters: the service reads what it needs to drive the loop from there. `triton_backend`
     "native" serves the runtime models on NVIDIA's image's own backends (build.native), on `device`.
@@ -28,6 +29,9 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
     step); the others `max_queue_delay_us`.
     """
     text, decoder, encoder = specs["text_encoder"], specs["vae_decoder"], specs["vae_encoder"]
+    tokenizer_model, text_encoder_model, text_encode_model, unet_control_model, postprocess_model, preprocess_model = (
+        models(name) for name in (names.SD_TOKENIZER, names.SD_TEXT_ENCODER, names.SD_TEXT_ENCODE,
+                                  names.SD_UNET_CONTROL, names.SD_VAE_POSTPROCESS, names.SD_IMAGE_PREPROCESS))
     batching = DynamicBatching(max_queue_delay_microseconds=max_queue_delay_us)
     step_batching = DynamicBatching(max_queue_delay_microseconds=step_queue_delay_us)
 
@@ -54,7 +58,7 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
         spec = specs[component]
         step = component in STEP_COMPONENTS or component.startswith("controlnet")
         return served(component, ModelConfig(
-            name=names.sd_model(component), outputs=spec.triton_outputs(),
+            name=models.component(component), outputs=spec.triton_outputs(),
             inputs=spec.triton_inputs() + (lora if component in STEP_COMPONENTS else ()),
             max_batch_size=spec.max_batch_size, dynamic_batching=step_batching if step else batching,
             parameters=runtime(component) | extra))
@@ -72,28 +76,28 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
     prompts = (Tensor("prompt", "BYTES", (-1,)), clip_skip, *embeddings)
     token_vectors = Tensor("token_vectors", "FP32", (-1, hidden))
     configs = [
-        ModelConfig(name=names.SD_TOKENIZER, inputs=prompts,
+        ModelConfig(name=tokenizer_model, inputs=prompts,
                     outputs=(ids, chunks, weights, row_clip_skip, token_vectors),  # clip skip for every row of ids
                     parameters={"max_chunks": str(contract.max_prompt_chunks),
                                 "clip_skip_layers": str(contract.clip_skip_layers),
                                 "textual_inversion_dim": str(contract.textual_inversion_dim)}),
-        served("text_encoder", ModelConfig(name=names.SD_TEXT_ENCODER, inputs=text.triton_inputs(batched=False) + lora,
+        served("text_encoder", ModelConfig(name=text_encoder_model, inputs=text.triton_inputs(batched=False) + lora,
                                            outputs=text.triton_outputs(batched=False),
                                            parameters=runtime("text_encoder"))),
         runtime_model("unet", **contract.to_parameters()),
         runtime_model("vae_decoder"),
-        ModelConfig(name=names.SD_VAE_POSTPROCESS, inputs=(Tensor("decoded", "FP32", (3, -1, -1)),), outputs=(images,),
+        ModelConfig(name=postprocess_model, inputs=(Tensor("decoded", "FP32", (3, -1, -1)),), outputs=(images,),
                     max_batch_size=decoder.max_batch_size, dynamic_batching=batching),
         runtime_model("vae_encoder"),
-        ModelConfig(name=names.SD_IMAGE_PREPROCESS, inputs=(image_bytes, size),
+        ModelConfig(name=preprocess_model, inputs=(image_bytes, size),
                     outputs=(Tensor("pixels", "FP32", (3, -1, -1)),), max_batch_size=encoder.max_batch_size,
                     parameters={"min_size": str(contract.min_size), "max_size": str(contract.max_size)}),
-        ModelConfig(name=names.SD_TEXT_ENCODE, backend=None, platform="ensemble", inputs=prompts + lora,
+        ModelConfig(name=text_encode_model, backend=None, platform="ensemble", inputs=prompts + lora,
                     outputs=(Tensor("embeddings", "FP32", (-1, text.inputs[0].shape[1], hidden)), chunks, weights),
-                    steps=(EnsembleStep(names.SD_TOKENIZER, {t.name: t.name for t in prompts},
+                    steps=(EnsembleStep(tokenizer_model, {t.name: t.name for t in prompts},
                                         {"input_ids": "input_ids", "chunks": "chunks", "weights": "weights",
                                          "clip_skip": "row_clip_skip", "token_vectors": "token_vectors"}),
-                           EnsembleStep(names.SD_TEXT_ENCODER, {"input_ids": "input_ids", "clip_skip": "row_clip_skip",
+                           EnsembleStep(text_encoder_model, {"input_ids": "input_ids", "clip_skip": "row_clip_skip",
                                                                 "token_vectors": "token_vectors"}
                                         | {t.name: t.name for t in lora},
                                         {"last_hidden_state": "embeddings"}))),
@@ -101,18 +105,18 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
 
     def vae_models(suffix: str) -> list[ModelConfig]:
         """A VAE's decode and encode ensembles (the checkpoint's own, suffix "", or the build's extra VAEs)."""
-        models = names.vae_models(suffix)
+        vae = models.vae(suffix)
         return [
-            ModelConfig(name=models["decode"], backend=None, platform="ensemble", max_batch_size=decoder.max_batch_size,
+            ModelConfig(name=vae["decode"], backend=None, platform="ensemble", max_batch_size=decoder.max_batch_size,
                         inputs=(Tensor("latent", "FP32", decoder.inputs[0].triton_tensor().dims),), outputs=(images,),
-                        steps=(EnsembleStep(models["decoder"], {"latent": "latent"}, {"image": "decoded"}),
-                               EnsembleStep(names.SD_VAE_POSTPROCESS, {"decoded": "decoded"}, {"image": "image"}))),
-            ModelConfig(name=models["encode"], backend=None, platform="ensemble", max_batch_size=encoder.max_batch_size,
+                        steps=(EnsembleStep(vae["decoder"], {"latent": "latent"}, {"image": "decoded"}),
+                               EnsembleStep(postprocess_model, {"decoded": "decoded"}, {"image": "image"}))),
+            ModelConfig(name=vae["encode"], backend=None, platform="ensemble", max_batch_size=encoder.max_batch_size,
                         inputs=(image_bytes, size),
                         outputs=(Tensor("moments", "FP32", encoder.outputs[0].triton_tensor().dims),),
-                        steps=(EnsembleStep(names.SD_IMAGE_PREPROCESS, {"image": "image", "size": "size"},
+                        steps=(EnsembleStep(preprocess_model, {"image": "image", "size": "size"},
                                             {"pixels": "pixels"}),
-                               EnsembleStep(models["encoder"], {"image": "pixels"}, {"moments": "moments"})))]
+                               EnsembleStep(vae["encoder"], {"image": "pixels"}, {"moments": "moments"})))]
 
     configs += vae_models("")
     for suffix in [v.suffix for v in contract.vaes] + ([TILING] if contract.tiling else []):
@@ -128,12 +132,12 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
         configs.append(runtime_model(name))
         if has_ensemble(specs, name):  # ControlNet -> UNet: a fixed graph, so an ensemble; the residuals stay in Triton
             configs.append(ModelConfig(
-                name=names.controlnet_ensemble(index), backend=None, platform="ensemble",
+                name=models.controlnet_ensemble(index), backend=None, platform="ensemble",
                 max_batch_size=unet_control.max_batch_size,
                 inputs=tuple(replace(t, reshape=None) for t in control.triton_inputs()) + lora,
                 outputs=unet_control.triton_outputs(),
-                steps=(EnsembleStep(names.sd_model(name), {t.name: t.name for t in control.inputs},
+                steps=(EnsembleStep(models.component(name), {t.name: t.name for t in control.inputs},
                                     {t.name: t.name for t in control.outputs}),
-                       EnsembleStep(names.SD_UNET_CONTROL, {t.name: t.name for t in (*unet_control.inputs, *lora)},
+                       EnsembleStep(unet_control_model, {t.name: t.name for t in (*unet_control.inputs, *lora)},
                                     {"noise_pred": "noise_pred"}))))
     return configs

@@ -59,6 +59,10 @@ def add_parser(commands) -> None:
                          "as its own model that requests pick by NAME (default: the folder's or file's name; the first "
                          "is the default ControlNet). Default: <weights>/controlnet when present")
     sd.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
+    sd.add_argument("--checkpoint", metavar="NAME", default="",
+                    help="build into the repository beside its other checkpoints, as NAME (its models NAME--sd_*): "
+                         "one kiln serve serves them all, and requests pick one by NAME in sd_model_checkpoint "
+                         "(default: the repository's default checkpoint, named by its weights)")
     sd.add_argument("--min-size", type=int, default=64, help="smallest image side the build serves (pixels)")
     sd.add_argument("--opt-size", type=int, default=0,
                     help="the image side the profiles are tuned for (default: the checkpoint's own, 512 for SD 1.x, "
@@ -125,6 +129,7 @@ def run_sd(args) -> int:
     build_sd(SDBuildOptions(weights=args.weights, controlnet=tuple(args.controlnet or ()) or None, config=args.config,
                             vae=tuple(args.vae or ()), tiling=args.tiling,
                             repository=args.repo, images=ImageRange(args.min_size, args.opt_size, args.max_size),
+                            checkpoint=args.checkpoint,
                             threads=args.threads, variant=args.variant, step_queue_delay_us=args.step_queue_delay_us,
                             triton_backend=args.triton_backend, device=args.device, ov_device=args.ov_device,
                             auto_candidates=tuple(args.auto_candidates.split(",")) if args.auto_candidates else None))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kiln.contract import DEFAULT_MODELS, SDModels
 from kiln.control import control_image
 from kiln.errors import InputError
 from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
@@ -54,12 +55,13 @@ class Pipeline:
 
     @classmethod
     def from_repository(cls, repository: Path, runners: Mapping | None = None, limits: Limits = Limits(),
-                        loras: Path | None = None) -> Pipeline:
+                        loras: Path | None = None, models: SDModels = DEFAULT_MODELS) -> Pipeline:
         """A built repository's models in process (runtime sessions, or the given runners); `loras`: the folder of
-        the LoRA files prompts may name."""
+        the LoRA files prompts may name; `models`: the checkpoint's (the repository's default one unless given)."""
         from orchestrator.pipeline.components.local import local_components
 
-        return cls(local_components(repository, runners, loras=LoraLibrary(loras) if loras else None), limits)
+        return cls(local_components(repository, runners, loras=LoraLibrary(loras) if loras else None, models=models),
+                   limits)
 
     @property
     def contract(self):

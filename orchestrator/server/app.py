@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from kiln.contract import DEFAULT_MODELS
 from kiln.embeddings import EmbeddingLibrary
+from kiln.errors import KilnError
 from kiln.lora import LoraLibrary
 from kiln.styles import StyleLibrary
 from kiln.triton_client import TritonClient
@@ -59,10 +61,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _connect(settings: Settings, app: FastAPI) -> Pipeline:
-    """The engine's pipeline over Triton, its text encoder sending the vectors of the embeddings prompts name, its
-    models the LoRA sets they name."""
-    from orchestrator.pipeline.components.triton import triton_components
+def _connect(settings: Settings, app: FastAPI) -> dict[str, Pipeline]:
+    """The engine's pipelines over Triton, one per checkpoint it serves (the repository's default first), their text
+    encoders sending the vectors of the embeddings prompts name, their models the LoRA sets they name."""
+    from orchestrator.pipeline.components.triton import served_checkpoints, triton_components
 
-    return Pipeline(triton_components(settings.triton_url, shared_memory=settings.shared_memory,
-                                      embeddings=app.state.embeddings, loras=app.state.loras), settings.limits)
+    try:
+        found = served_checkpoints(app.state.probe)
+    except KilnError:
+        found = []
+    pipelines: dict[str, Pipeline] = {}
+    try:
+        for models in found or [DEFAULT_MODELS]:  # none ready: the default's read says why generation cannot start
+            pipelines[models.checkpoint] = Pipeline(triton_components(
+                settings.triton_url, shared_memory=settings.shared_memory, embeddings=app.state.embeddings,
+                loras=app.state.loras, models=models), settings.limits)
+    except BaseException:
+        for pipeline in pipelines.values():
+            pipeline.close()
+        raise
+    return pipelines

@@ -23,13 +23,17 @@ def engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-async def pipeline(request: Request) -> Pipeline:
-    """The served pipeline (503 while Triton is away); the first connection sets the checkpoint option."""
-    connected = await run_in_threadpool(engine(request).pipeline)
+async def pipeline(request: Request, checkpoint: str | None = None,
+                   what: str = "override_settings.sd_model_checkpoint") -> Pipeline:
+    """The pipeline of the checkpoint a request names (AUTOMATIC1111's sd_model_checkpoint; None: the server's
+    default, the sd_model_checkpoint option); 503 while Triton is away, 404 for a checkpoint not served. The first
+    connection sets the checkpoint option to the repository's default checkpoint."""
     options = request.app.state.options
     if not options["sd_model_checkpoint"]:
-        options["sd_model_checkpoint"] = connected.contract.title
-    return connected
+        options["sd_model_checkpoint"] = (await run_in_threadpool(engine(request).pipeline)).contract.title
+    if checkpoint:
+        return await run_in_threadpool(engine(request).pipeline, checkpoint, what)
+    return await run_in_threadpool(engine(request).pipeline, options["sd_model_checkpoint"], "sd_model_checkpoint")
 
 
 def client_id(request: Request) -> str | None:
@@ -39,14 +43,14 @@ def client_id(request: Request) -> str | None:
 
 async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family: str) -> Job:
     """Translate, validate (once, in the engine) and queue an AUTOMATIC1111 body; `family`: sdapi or tasks."""
-    served = await pipeline(request)
+    served = await pipeline(request, body.override_settings.get("sd_model_checkpoint"))
     generation = await run_in_threadpool(a1111.to_request, body, served.contract, request.app.state.options,
                                          served.limits, request.app.state.styles)
     job = await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
         context={"family": family, "body": body,
                  "detect_maps": a1111.wants_detect_maps(body, request.app.state.options)},
-        job_id=body.force_task_id))
+        job_id=body.force_task_id, checkpoint=served.contract.title))
     if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
         job.future.add_done_callback(lambda _done: save_logged(job, request.app.state.settings.outputs_dir,
                                                          not body.do_not_save_grid))

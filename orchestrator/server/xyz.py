@@ -279,18 +279,19 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     """The plot for an /sdapi/v1 request: every cell checked before any is queued, all queued at once (tasks of the
     caller), waited for together; the grid first in the answer (then the cells with include_lone_images). A cell of
     several images (batch_size, n_iter) is their grid, as AUTOMATIC1111 draws it."""
-    served = await pipeline(request)
+    await pipeline(request)  # the server's default checkpoint is set, and Triton is there
     plot = parse(body, kind)
     cells = cell_bodies(body, plot)
     state, queue = request.app.state, engine(request).queue
     jobs = []
     for index, cell in cells:  # every cell checked first: a bad one is a 422 before anything is queued
-        try:
+        try:  # a cell's checkpoint (the "Checkpoint name" axis) picks its pipeline
+            served = await pipeline(request, cell.override_settings.get("sd_model_checkpoint"))
             generation = await run_in_threadpool(a1111.to_request, cell, served.contract, state.options,
                                                  served.limits, state.styles)
             jobs.append(await run_in_threadpool(
                 engine(request).prepare, kind, generation, cell.n_iter, client_id=client_id(request),
-                context={"family": "tasks", "body": cell, "detect_maps": False}))
+                context={"family": "tasks", "body": cell, "detect_maps": False}, checkpoint=served.contract.title))
         except InputError as exc:
             raise InputError(f"X/Y/Z plot cell {', '.join(n for n in _cell_names(plot, index) if n)}: {exc}") from None
     queued = []

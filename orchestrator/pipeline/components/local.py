@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from kiln import contract as names
-from kiln.contract import SDContract, ServedControlNet, ServedUpscaler, read_sd_contract, read_served
+from kiln.contract import (
+    DEFAULT_MODELS,
+    SDContract,
+    SDModels,
+    ServedControlNet,
+    ServedUpscaler,
+    read_sd_contract,
+    read_served,
+)
 from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import InputError
 from kiln.imaging import to_uint8, vae_input
@@ -26,14 +34,16 @@ Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # inputs -
 REQUIRED = ("text_encoder", "unet", "vae_decoder")  # what txt2img needs
 
 
-def components_in(repository: Path, contract: SDContract | None = None) -> list[str]:
-    """The SD components a repository serves: txt2img's, then the VAE encoder and ControlNet ones where built."""
-    contract = contract or read_sd_contract(repository)
+def components_in(repository: Path, contract: SDContract | None = None,
+                  models: SDModels = DEFAULT_MODELS) -> list[str]:
+    """The SD components a checkpoint's build serves: txt2img's, then the VAE encoder and ControlNet ones where
+    built."""
+    contract = contract or read_sd_contract(repository, models)
     optional = ["vae_encoder"] + (["unet_control"] + [c.component for c in contract.controlnets]
                                   if contract.controlnets else []) + \
         [f"vae_{part}{v.suffix}" for v in contract.vaes for part in ("decoder", "encoder")] + \
         ([f"{part}{names.TILING}" for part in ("unet", "vae_decoder", "vae_encoder")] if contract.tiling else [])
-    return [*REQUIRED, *(c for c in optional if (Path(repository) / names.sd_model(c) / "config.pbtxt").exists())]
+    return [*REQUIRED, *(c for c in optional if (Path(repository) / models.component(c) / "config.pbtxt").exists())]
 
 
 class LoraRunner:
@@ -59,20 +69,21 @@ def _with_lora(runner: Runner, spec: str) -> Runner:
 
 def session_runners(repository: Path, runtime: str | None = None, artifact: str | None = None,
                     inference_precision: str | None = None, paths: Mapping[str, Path] | None = None,
-                    components: Sequence[str] | None = None,
-                    lora_folder: Path | None = None) -> tuple[dict[str, Runner], dict[str, str]]:
+                    components: Sequence[str] | None = None, lora_folder: Path | None = None,
+                    models: SDModels = DEFAULT_MODELS) -> tuple[dict[str, Runner], dict[str, str]]:
     """{component: Runner} over runtime sessions, and the precision each really computes in.
 
     Each component opens what its model serves (the parameters of its config.pbtxt); `runtime`,
     `artifact` and `inference_precision` override that for all, and `paths` names a component's
     file directly. An artifact with a LoRA map runs LoRA sets of files under `lora_folder` (`LoraRunner`).
+    `models`: the checkpoint's (in a repository of several).
     """
     from kiln.runtime import Session, SessionOptions, session_device
     from kiln.runtime.lora import LoraSessions, read_map
 
     runners, precision = {}, {}
-    for component in components or components_in(repository):
-        folder = Path(repository) / names.sd_model(component)
+    for component in components or components_in(repository, models=models):
+        folder = Path(repository) / models.component(component)
         served = read_served(folder / "config.pbtxt")
         path = (paths or {}).get(component) or folder / "1" / (artifact or served.artifact)
         session = Session(SessionOptions(runtime or served.runtime, path,
@@ -165,13 +176,16 @@ def local_upscalers(repository: Path) -> dict[ServedUpscaler, NetworkUpscaler]:
 
 
 def local_components(repository: Path, runners: Mapping[str, Runner] | None = None,
-                     embeddings: EmbeddingLibrary | None = None, loras: LoraLibrary | None = None) -> Components:
-    """The repository's SD build in process: `runners` (default: sessions over what each model serves);
-    `embeddings`: the textual-inversion embeddings prompts may name; `loras`: the LoRA files (their folder)."""
-    contract = read_sd_contract(repository)
+                     embeddings: EmbeddingLibrary | None = None, loras: LoraLibrary | None = None,
+                     models: SDModels = DEFAULT_MODELS) -> Components:
+    """A checkpoint's SD build in process (`models`: its names; the repository's default checkpoint unless given):
+    `runners` (default: sessions over what each model serves); `embeddings`: the textual-inversion embeddings
+    prompts may name; `loras`: the LoRA files (their folder)."""
+    contract = read_sd_contract(repository, models)
     upscalers: dict[ServedUpscaler, NetworkUpscaler] = {}
     if runners is None:
-        runners, _ = session_runners(repository, lora_folder=loras.folder if loras is not None else None)
+        runners, _ = session_runners(repository, lora_folder=loras.folder if loras is not None else None,
+                                     models=models)
         upscalers = local_upscalers(repository)
     missing = [c for c in REQUIRED if c not in runners]
     if missing:
@@ -183,18 +197,19 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
                        vaes=tuple(v for v in contract.vaes if f"vae_decoder{v.suffix}" in runners),
                        tiling=contract.tiling and f"unet{names.TILING}" in runners,
                        upscalers=tuple(upscalers))
-    tokenizer = load_tokenizer(Path(repository) / names.SD_TOKENIZER / "1" / "tokenizer")
+    tokenizer = load_tokenizer(Path(repository) / models(names.SD_TOKENIZER) / "1" / "tokenizer")
     return Components(
         contract=contract,
         text_encoder=LocalTextEncoder(tokenizer, runners["text_encoder"], contract.max_prompt_chunks,
                                       contract.clip_skip_layers, contract.textual_inversion_dim, embeddings),
-        unet=LocalGraph(names.SD_UNET, runners["unet"]),
+        unet=LocalGraph(models(names.SD_UNET), runners["unet"]),
         vae=LocalVAE(runners["vae_decoder"], runners.get("vae_encoder")),
-        unet_control=LocalGraph(names.SD_UNET_CONTROL, runners["unet_control"]) if "unet_control" in runners else None,
+        unet_control=LocalGraph(models(names.SD_UNET_CONTROL), runners["unet_control"])
+        if "unet_control" in runners else None,
         controlnets=controlnets, loras=loras,
         vaes={v.name: LocalVAE(runners[f"vae_decoder{v.suffix}"], runners.get(f"vae_encoder{v.suffix}"))
               for v in contract.vaes if f"vae_decoder{v.suffix}" in runners},
-        unet_tiling=LocalGraph(names.SD_UNET + names.TILING, runners[f"unet{names.TILING}"])
+        unet_tiling=LocalGraph(models(names.SD_UNET + names.TILING), runners[f"unet{names.TILING}"])
         if contract.tiling else None,
         vae_tiling=LocalVAE(runners[f"vae_decoder{names.TILING}"], runners.get(f"vae_encoder{names.TILING}"))
         if contract.tiling else None,

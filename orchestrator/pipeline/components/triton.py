@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from kiln import contract as names
-from kiln.contract import SDContract, ServedControlNet, ServedUpscaler
+from kiln.contract import DEFAULT_MODELS, SDContract, SDModels, ServedControlNet, ServedUpscaler, base_name
 from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import InputError, KilnError, ServerError
 from kiln.lora import LoraLibrary
@@ -61,8 +61,9 @@ class TritonGraph:
 
 class TritonTextEncoder:
     def __init__(self, client: TritonClient, clip_skip_layers: int = 0, textual_inversion_dim: int = 0,
-                 embeddings: EmbeddingLibrary | None = None) -> None:
+                 embeddings: EmbeddingLibrary | None = None, models: SDModels = DEFAULT_MODELS) -> None:
         self.client = client
+        self.model = models(names.SD_TEXT_ENCODE)
         self.clip_skip_layers = clip_skip_layers  # 0: a build before clip skip (its ensemble takes prompts only)
         self.textual_inversion_dim = textual_inversion_dim  # 0: a build before embeddings (no vectors go with them)
         self.embeddings = embeddings  # the service's embeddings folder: the vectors the prompts name go to Triton
@@ -78,16 +79,16 @@ class TritonTextEncoder:
         named = self.embeddings.select(prompts, self.textual_inversion_dim) if self.embeddings is not None else {}
         if self.textual_inversion_dim:
             inputs |= embedding_tensors(named, self.textual_inversion_dim)
-        out = self.client.infer(names.SD_TEXT_ENCODE, inputs, ["embeddings", "chunks", "weights"])
+        out = self.client.infer(self.model, inputs, ["embeddings", "chunks", "weights"])
         chunks = int(out["chunks"][0])
         embeddings = apply_emphasis(out["embeddings"], out["weights"])  # (prompts * chunks, 77, hidden)
         return embeddings.reshape(len(prompts), chunks * embeddings.shape[1], embeddings.shape[2])
 
 
 class TritonVAE:
-    def __init__(self, client: TritonClient, suffix: str = "") -> None:
+    def __init__(self, client: TritonClient, suffix: str = "", models: SDModels = DEFAULT_MODELS) -> None:
         self.client = client
-        self.models = names.vae_models(suffix)  # the checkpoint's VAE (""), or one of the build's others
+        self.models = models.vae(suffix)  # the checkpoint's VAE (""), or one of the build's others
 
     def encode_image(self, data: bytes, width: int, height: int) -> np.ndarray:
         try:
@@ -124,10 +125,10 @@ class TritonControlNet:
         return self._graph.rows(inputs)
 
 
-def read_contract(client: TritonClient) -> SDContract:
-    """The SD build's contract, from sd_unet's config as Triton serves it."""
+def read_contract(client: TritonClient, models: SDModels = DEFAULT_MODELS) -> SDContract:
+    """A checkpoint's SD build's contract, from its sd_unet's config as Triton serves it."""
     try:
-        params, max_batch = client.model_parameters(names.SD_UNET)
+        params, max_batch = client.model_parameters(models(names.SD_UNET))
     except KilnError as exc:  # whatever Triton answers, generation cannot start: the service is unavailable
         raise ServerError(f"{exc} (generation needs a repository built with `kiln build sd`)") from None
     contract = SDContract.from_parameters(params, max_batch)
@@ -137,29 +138,40 @@ def read_contract(client: TritonClient) -> SDContract:
     return contract
 
 
+def served_checkpoints(client: TritonClient) -> list[SDModels]:
+    """The checkpoints whose SD builds Triton has ready (their sd_unet): the repository's default first, then the
+    others by name."""
+    found = [SDModels.of(m) for m in client.ready_models() if base_name(m) == names.SD_UNET]
+    return sorted(found, key=lambda models: (models.checkpoint != "", models.checkpoint))
+
+
 def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str = "auto",
-                      embeddings: EmbeddingLibrary | None = None, loras: LoraLibrary | None = None) -> Components:
-    """The SD components served by the Triton at `url` (gRPC); `shared_memory` as kiln.triton_client.TritonClient's
-    (auto: a denoising step's tensors travel through shared memory when Triton is on this host); `embeddings`: the
+                      embeddings: EmbeddingLibrary | None = None, loras: LoraLibrary | None = None,
+                      models: SDModels = DEFAULT_MODELS) -> Components:
+    """A checkpoint's SD components served by the Triton at `url` (gRPC; `models`: the checkpoint's names, the
+    repository's default one unless given); `shared_memory` as kiln.triton_client.TritonClient's (auto: a
+    denoising step's tensors travel through shared memory when Triton is on this host); `embeddings`: the
     textual-inversion embeddings prompts may name (the service's folder); `loras`: the LoRA files they may name (the
     service's folder; Triton's models read the same files from theirs, KILN_LORAS)."""
     client = TritonClient(url, "grpc", timeout_s=timeout_s, shared_memory=shared_memory)
-    contract = read_contract(client)
+    contract = read_contract(client, models)
     upscalers = tuple(ServedUpscaler.from_parameters(m, client.model_parameters(m)[0])
                       for m in client.ready_models(names.UPSCALER_PREFIX))
     contract = replace(contract, upscalers=upscalers)
     batch, channels = contract.unet_max_batch, contract.latent_channels
     controlnets = {c.name: TritonControlNet(client, c, batch, channels) for c in contract.controlnets}
-    text_encoder = TritonTextEncoder(client, contract.clip_skip_layers, contract.textual_inversion_dim, embeddings)
+    text_encoder = TritonTextEncoder(client, contract.clip_skip_layers, contract.textual_inversion_dim, embeddings,
+                                     models)
     return Components(contract=contract, text_encoder=text_encoder,
-                      unet=TritonGraph(client, names.SD_UNET, batch, out_channels=channels), vae=TritonVAE(client),
-                      unet_control=TritonGraph(client, names.SD_UNET_CONTROL, batch, out_channels=channels)
+                      unet=TritonGraph(client, models(names.SD_UNET), batch, out_channels=channels),
+                      vae=TritonVAE(client, models=models),
+                      unet_control=TritonGraph(client, models(names.SD_UNET_CONTROL), batch, out_channels=channels)
                       if controlnets else None,
                       controlnets=controlnets, close=client.close, loras=loras,
-                      vaes={v.name: TritonVAE(client, v.suffix) for v in contract.vaes},
-                      unet_tiling=TritonGraph(client, names.SD_UNET + names.TILING, batch, out_channels=channels)
-                      if contract.tiling else None,
-                      vae_tiling=TritonVAE(client, names.TILING) if contract.tiling else None,
+                      vaes={v.name: TritonVAE(client, v.suffix, models) for v in contract.vaes},
+                      unet_tiling=TritonGraph(client, models(names.SD_UNET + names.TILING), batch,
+                                              out_channels=channels) if contract.tiling else None,
+                      vae_tiling=TritonVAE(client, names.TILING, models) if contract.tiling else None,
                       upscalers={u.name: NetworkUpscaler(u.name, u.scale, _upscaler_runner(client, u.model))
                                  for u in upscalers})
 

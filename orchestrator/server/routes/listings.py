@@ -138,14 +138,16 @@ async def memory() -> dict:
             "cuda": {"error": "the service holds no GPU memory: the models run in Triton (its /metrics report it)"}}
 
 
-def _refresh(name: str) -> None:
-    @router.post(f"/{name}", name=name.replace("-", "_"))
-    async def refresh() -> None:
-        return None
+@router.post("/refresh-checkpoints")
+async def refresh_checkpoints(request: Request) -> None:
+    """Triton's checkpoints read again: one built into the repository since (and loaded by Triton) is served from now
+    on; the served ones go on as they were."""
+    await run_in_threadpool(engine(request).refresh)
 
 
-for _name in ("refresh-checkpoints", "refresh-vae"):  # the build's: nothing to read again while it serves
-    _refresh(_name)
+@router.post("/refresh-vae")
+async def refresh_vae() -> None:
+    return None  # the build's VAEs: nothing to read again while it serves
 
 
 @controlnet.get("/version")

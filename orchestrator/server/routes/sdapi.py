@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
-from kiln.contract import SD_UNET
+from kiln.contract import SD_UNET, SDModels
 from kiln.errors import KilnError, NotFoundError
 from kiln.infotext import read_png_info
 from orchestrator.jobs import FINISHED, Job
@@ -107,10 +107,13 @@ async def schedulers():
 
 @router.get("/sd-models", response_model=list[schemas.ModelItem])
 async def sd_models(request: Request):
-    contract = (await pipeline(request)).contract
+    await pipeline(request)
+    served = await run_in_threadpool(engine(request).pipelines)
     return [{"title": contract.title, "model_name": contract.model_name, "hash": contract.model_hash or None,
-             "sha256": contract.model_sha256 or None, "filename": f"triton://{SD_UNET}/{contract.model_name}",
-             "config": contract.a1111_config}]
+             "sha256": contract.model_sha256 or None,
+             "filename": f"triton://{SDModels(checkpoint)(SD_UNET)}/{contract.model_name}",
+             "config": contract.a1111_config}
+            for checkpoint, contract in ((key, p.contract) for key, p in served.items())]
 
 
 @router.get("/options")
@@ -125,10 +128,15 @@ async def get_options(request: Request):
 @router.post("/options")
 async def set_options(request: Request, body: dict[str, Any]):
     # The served build is needed before a checkpoint, a clip skip or a VAE can be checked against it (503 while
-    # Triton is away).
-    contract = (await pipeline(request)).contract \
+    # Triton is away); a clip skip or a VAE against the checkpoint the same call sets, or else the default one.
+    checkpoint = body.get("sd_model_checkpoint")
+    contract = (await pipeline(request, checkpoint if isinstance(checkpoint, str) else None,
+                               "sd_model_checkpoint")).contract \
         if {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"} & set(body) else None
-    request.app.state.options.update(a1111.updated_options(request.app.state.options, body, contract))
+    updates = a1111.updated_options(request.app.state.options, body, contract)
+    if "sd_model_checkpoint" in updates:  # as AUTOMATIC1111 keeps it: the title, whichever name picked it
+        updates["sd_model_checkpoint"] = contract.title
+    request.app.state.options.update(updates)
     return {}
 
 

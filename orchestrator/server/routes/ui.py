@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from kiln.contract import VIT_CLASSIFY
 from kiln.errors import KilnError
 from orchestrator.server.errors import APIError
-from orchestrator.server.generation import pipeline
+from orchestrator.server.generation import engine, pipeline
 from orchestrator.server.xyz import supported_axes
 
 UI = Path(__file__).resolve().parent.parent / "ui"
@@ -45,10 +45,12 @@ async def capabilities(request: Request):
         "sd": None, "classify": await run_in_threadpool(request.app.state.probe.is_model_ready, VIT_CLASSIFY)}
     try:
         contract = (await pipeline(request)).contract
+        checkpoints = [p.contract.title for p in (await run_in_threadpool(engine(request).pipelines)).values()]
     except KilnError as exc:
         out["sd_unavailable"] = str(exc)
         return out
-    out["sd"] = {"checkpoint": contract.title, "family": contract.family, "prediction_type": contract.prediction_type,
+    out["sd"] = {"checkpoint": contract.title, "checkpoints": checkpoints, "family": contract.family,
+                 "prediction_type": contract.prediction_type,
                  "min_size": contract.min_size, "max_size": contract.max_size,
                  "size_multiple": contract.size_multiple, "inpainting_unet": contract.unet_in_channels == 9,
                  "controlnets": [c.title for c in contract.controlnets], "upscalers": list(contract.upscaler_names),

@@ -1,0 +1,133 @@
+"""Several checkpoints in one repository, of different families: the tiny SD 1.x as the default checkpoint and the
+tiny SD 2.x built beside it (`kiln build sd --checkpoint sd2-tiny`), served by one Triton and one API, picked per
+request with AUTOMATIC1111's sd_model_checkpoint."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from build.sd import SDBuildOptions, build_sd
+from build.sd.weights import write_sd_checkpoint
+from kiln.contract import DEFAULT_MODELS, SDModels
+from kiln.errors import ConfigError
+from kiln.triton_server import free_port
+from orchestrator.pipeline import Pipeline, Txt2ImgRequest, make_scheduler
+from tests.conftest import IMAGES, diffusers_pipeline, start_triton
+
+pytestmark = pytest.mark.slow
+SD2 = SDModels("sd2-tiny")
+
+
+@pytest.fixture(scope="module")
+def sd2_weights(tmp_path_factory):
+    return write_sd_checkpoint(tmp_path_factory.mktemp("sd2w") / "tiny", size="tiny", seed=5, family_name="sd2",
+                               controlnet=False)
+
+
+@pytest.fixture(scope="module")
+def two_repo(tmp_path_factory, plain_checkpoint, sd2_weights):
+    repo = tmp_path_factory.mktemp("two") / "repo"
+    for weights, checkpoint in ((plain_checkpoint, ""), (sd2_weights, SD2.checkpoint)):
+        build_sd(SDBuildOptions(weights=str(weights), repository=repo, images=IMAGES, progress=False,
+                                checkpoint=checkpoint), log=lambda _m: None)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def api(two_repo, tmp_path_factory):
+    from orchestrator.server.service import BackgroundAPI
+    from orchestrator.server.settings import Settings
+
+    server = start_triton(two_repo, tmp_path_factory.mktemp("two_triton") / "tritonserver.log")
+    live = BackgroundAPI(Settings(triton_url=server.grpc_url, port=free_port()))
+    yield live
+    live.stop()
+    server.stop()
+
+
+BODY = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 4, "sampler_name": "Euler", "seed": 21,
+        "cfg_scale": 7.5, "width": 64, "height": 64}
+
+
+def _image(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
+
+
+def _local(repo, models: SDModels = DEFAULT_MODELS) -> np.ndarray:
+    request = Txt2ImgRequest(prompt=BODY["prompt"], negative_prompt=BODY["negative_prompt"], steps=4, sampler="Euler",
+                             seed=21, cfg_scale=7.5, width=64, height=64)
+    return Pipeline.from_repository(repo, models=models).txt2img(request).images[0]
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_each_checkpoint_has_its_own_models_contract_and_report(two_repo, sd2_weights):
+    names = {p.name for p in two_repo.iterdir() if p.is_dir()}
+    assert {"sd_unet", "sd_tokenizer", "sd2-tiny--sd_unet", "sd2-tiny--sd_tokenizer", "sd2-tiny--sd_text_encode",
+            "sd2-tiny--sd_vae_decode"} <= names
+    steps = (two_repo / "sd2-tiny--sd_text_encode" / "config.pbtxt").read_text()
+    assert '"sd2-tiny--sd_tokenizer"' in steps and '"sd_tokenizer"' not in steps  # an ensemble never crosses them
+    default, other = (Pipeline.from_repository(two_repo, models=m).contract for m in (DEFAULT_MODELS, SD2))
+    assert (default.family, other.family, other.model_name) == ("sd1", "sd2", "sd2-tiny")
+    from build.report import read_report
+
+    assert {"sd", "sd--sd2-tiny"} <= set(read_report(two_repo))
+    # The namespaced build is the SD 2.x checkpoint itself: diffusers' image of it
+    pipe = diffusers_pipeline(sd2_weights)
+    pipe.scheduler = make_scheduler("Euler", dict(pipe.scheduler.config))
+    expected = (pipe(BODY["prompt"], negative_prompt=BODY["negative_prompt"], num_inference_steps=4, guidance_scale=7.5,
+                     height=64, width=64, generator=torch.Generator().manual_seed(21), output_type="np").images[0]
+                * 255).round().astype(np.uint8)
+    assert _diff(_local(two_repo, SD2), expected) <= 2
+
+
+def test_a_checkpoint_name_is_checked_before_anything_is_built(tmp_path, plain_checkpoint):
+    for bad in ("a--b", "-x", "x y", ""):
+        if bad:
+            with pytest.raises(ConfigError, match="checkpoint name"):
+                build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, images=IMAGES,
+                                        progress=False, checkpoint=bad), log=lambda _m: None)
+    assert not any(tmp_path.iterdir())
+
+
+def test_one_api_serves_both_and_requests_pick_one(api, two_repo):
+    default_image, sd2_image = _local(two_repo), _local(two_repo, SD2)
+    assert _diff(default_image, sd2_image) > 10
+    with httpx.Client(base_url=api.url, timeout=120) as client:
+        models = client.get("/sdapi/v1/sd-models").json()
+        assert [(m["model_name"], m["config"]) for m in models] == [("weights", "v1-inference.yaml"),
+                                                                    ("sd2-tiny", "v2-inference-v.yaml")]
+        titles = [m["title"] for m in models]
+        assert client.get("/v1/capabilities").json()["sd"]["checkpoints"] == titles
+        assert _diff(_image(client.post("/sdapi/v1/txt2img", json=BODY)), default_image) <= 1
+        for name in ("sd2-tiny", titles[1]):  # by name or by title
+            picked = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint": name}})
+            assert _diff(_image(picked), sd2_image) <= 1
+        unknown = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint": "sdxl"}})
+        assert unknown.status_code == 404 and "override_settings.sd_model_checkpoint 'sdxl'" in unknown.text
+        assert titles[0] in unknown.text and titles[1] in unknown.text
+        # Both at once: each its own image (the step batcher merges steps of one checkpoint's models only)
+        with ThreadPoolExecutor(4) as pool:
+            bodies = [BODY, BODY | {"override_settings": {"sd_model_checkpoint": "sd2-tiny"}}] * 2
+            answers = list(pool.map(lambda body: client.post("/sdapi/v1/txt2img", json=body), bodies))
+        for answer, expected in zip(answers, [default_image, sd2_image] * 2):
+            assert _diff(_image(answer), expected) <= 1
+        # The option sets the default (kept as the title, as AUTOMATIC1111 keeps it); refresh keeps both
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd2-tiny"}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles[1]
+        assert _diff(_image(client.post("/sdapi/v1/txt2img", json=BODY)), sd2_image) <= 1
+        assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+        assert [m["title"] for m in client.get("/sdapi/v1/sd-models").json()] == titles
+        refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
+        assert refused.status_code == 404 and "sd_model_checkpoint 'nope'" in refused.text
