@@ -237,6 +237,25 @@ class TritonClient:
             raise self._error("the repository index", exc) from None
         return sorted(e["name"] for e in entries if e.get("state") == "READY" and e["name"].startswith(prefix))
 
+    def load_model(self, model: str) -> None:
+        """Load (or reload) a model: Triton's explicit model control (`kiln serve --max-checkpoints`)."""
+        self._control("load_model", model)
+
+    def unload_model(self, model: str) -> None:
+        self._control("unload_model", model)
+
+    def _control(self, action: str, model: str) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            if self.protocol == "grpc":
+                getattr(self.connection(), action)(model, client_timeout=self.timeout_s)
+            else:
+                getattr(self.connection(), action)(model)
+        except InferenceServerException as exc:
+            raise ServerError(f"Triton could not {action.split('_')[0]} {model}: "
+                              f"{(exc.message() if callable(getattr(exc, 'message', None)) else '') or exc}") from None
+
     def model_parameters(self, model: str) -> tuple[dict[str, str], int]:
         """A model's string parameters and its max_batch_size."""
         config = self.model_config(model)

@@ -52,6 +52,9 @@ class TritonOptions:
     log_verbose: int = 0
     log_path: Path | None = None  # default: a file in a fresh temporary folder
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Triton's explicit model control: only these models load at start, the others on a client's load call (kiln
+    # serve --max-checkpoints); None: every model of the repository loads at start (model control "none")
+    load_models: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,8 @@ class TritonServer:
             str(self.install.binary),
             f"--model-repository={Path(o.repository).resolve()}",
             f"--backend-directory={self.install.backend_directory()}",
-            "--model-control-mode=none",
+            *(["--model-control-mode=none"] if o.load_models is None else
+              ["--model-control-mode=explicit", *(f"--load-model={m}" for m in o.load_models)]),
             "--strict-readiness=true",
             "--exit-on-error=true",
             f"--exit-timeout-secs={o.exit_timeout_s}",

@@ -23,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import InputError, KilnError, NotFoundError, ServerError
+from kiln.contract import SDModels
+from kiln.errors import InputError, KilnError, ServerError
 from orchestrator.batching import StepBatcher
+from orchestrator.checkpoints import Checkpoints, ModelControl
 from orchestrator.metrics import Metrics
 from orchestrator.pipeline import Cancelled, Limits, Pipeline, Txt2ImgRequest, check_job, with_seeds
 from orchestrator.pipeline.sampling import MAX_SEED
@@ -242,70 +244,56 @@ class EngineOptions:
 
 
 class Engine:
-    """The pipeline (connected lazily, so the service starts before Triton is up), batcher and queue.
+    """The checkpoints' pipelines (connected lazily, so the service starts before Triton is up), batcher and queue.
 
-    `connect` makes the pipeline (default: over the Triton at `options.triton_url`); the engine
-    knows nothing of HTTP.
+    `connect` makes the pipelines (default: over the Triton at `options.triton_url`; one, or {checkpoint: pipeline}
+    with the default first); with `control` (orchestrator.checkpoints.ModelControl) checkpoints are loaded on demand
+    through `connect_one`. The engine knows nothing of HTTP.
     """
 
     def __init__(self, options: EngineOptions, metrics: Metrics,
-                 connect: Callable[[], Pipeline | Mapping[str, Pipeline]] | None = None) -> None:
+                 connect: Callable[[], Pipeline | Mapping[str, Pipeline]] | None = None,
+                 connect_one: Callable[[SDModels], Pipeline] | None = None,
+                 control: ModelControl | None = None) -> None:
         from orchestrator.pipeline.sampling import preload
 
         preload()  # before any worker thread exists
         self.options = options
         self.metrics = metrics
-        self._connect = connect or (lambda: Pipeline.from_triton(options.triton_url, limits=options.limits,
-                                                                 shared_memory=options.shared_memory))
-        self._pipelines: dict[str, Pipeline] | None = None  # by checkpoint (SDModels.checkpoint), the default first
-        self._pipeline_lock = threading.Lock()
+        connect = connect or (lambda: Pipeline.from_triton(options.triton_url, limits=options.limits,
+                                                           shared_memory=options.shared_memory))
+        self.checkpoints = Checkpoints(connect, connect_one, control, busy=self._busy_checkpoints)
+        self._batcher_ready = False
         self.batcher = StepBatcher(max_rows=options.max_batch_rows or 16, window_s=options.batch_window_s,
                                    enabled=options.step_batching, on_batch=metrics.unet_batch)
         self.queue = JobQueue(self._run_job, max_queue=options.max_queue, workers=options.workers, metrics=metrics)
 
-    def pipelines(self) -> dict[str, Pipeline]:
-        """Every served checkpoint's pipeline (connected on first use), by its checkpoint name ("": the default)."""
-        with self._pipeline_lock:
-            if self._pipelines is None:
-                connected = self._connect()
-                self._pipelines = dict(connected) if isinstance(connected, Mapping) else {"": connected}
-                default = next(iter(self._pipelines.values()))
-                if not self.options.max_batch_rows:
-                    self.batcher.max_rows = default.contract.unet_max_batch
-                contract = default.contract  # the row counts and shapes the UNet replays from CUDA graphs
-                self.batcher.buckets, self.batcher.bucket_shapes = contract.row_buckets, contract.bucket_row_shapes
-            return self._pipelines
+    def _busy_checkpoints(self) -> set[str]:
+        return {job.checkpoint for job in self.queue.jobs() if job.status in (Status.QUEUED, Status.RUNNING)}
 
-    def refresh(self) -> None:
-        """Discover the served checkpoints again: new ones are connected, those gone are dropped, the others keep
-        their pipelines (and the jobs running on them)."""
-        with self._pipeline_lock:
-            if self._pipelines is None:
-                return
-            connected = self._connect()
-            fresh = dict(connected) if isinstance(connected, Mapping) else {"": connected}
-            for key, pipeline in fresh.items():
-                if key in self._pipelines:
-                    pipeline.close()  # the one already served stays
-            self._pipelines = {key: self._pipelines.get(key, pipeline) for key, pipeline in fresh.items()}
+    def pipelines(self) -> dict[str, Pipeline]:
+        """The connected checkpoints' pipelines, by checkpoint name ("": the repository's default)."""
+        pipelines = self.checkpoints.pipelines()
+        if not self._batcher_ready:
+            self._batcher_ready = True
+            contract = next(iter(pipelines.values())).contract
+            if not self.options.max_batch_rows:
+                self.batcher.max_rows = contract.unet_max_batch
+            # the row counts and shapes the UNet replays from CUDA graphs
+            self.batcher.buckets, self.batcher.bucket_shapes = contract.row_buckets, contract.bucket_row_shapes
+        return pipelines
 
     def checkpoint(self, name: str | None = None, what: str = "sd_model_checkpoint") -> str:
-        """The served checkpoint a client's name picks (AUTOMATIC1111's sd_model_checkpoint: a title "name [hash]",
-        a name, or a build's checkpoint name; None or "": the default); NotFoundError listing what is served."""
-        pipelines = self.pipelines()
-        if not name:
-            return next(iter(pipelines))
-        wanted = name.strip()
-        for key, pipeline in pipelines.items():
-            contract = pipeline.contract
-            if wanted in (contract.title, contract.model_name) or (key and wanted == key):
-                return key
-        titles = ", ".join(repr(p.contract.title) for p in pipelines.values())
-        raise NotFoundError(f"{what} {name!r}: no such model; this server serves {titles}")
+        """The checkpoint a client's name picks (orchestrator.checkpoints.Checkpoints.resolve)."""
+        self.pipelines()
+        return self.checkpoints.resolve(name, what)
 
     def pipeline(self, checkpoint: str | None = None, what: str = "sd_model_checkpoint") -> Pipeline:
-        """The pipeline of the checkpoint a client names (see `checkpoint`; None: the default)."""
-        return self.pipelines()[self.checkpoint(checkpoint, what)]
+        """The pipeline of the checkpoint a client names (None: the default), loaded first where it is not."""
+        return self.checkpoints.get(self.checkpoint(checkpoint, what))
+
+    def refresh(self) -> None:
+        self.checkpoints.refresh()
 
     def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,
                context: dict[str, Any] | None = None, job_id: str | None = None,
@@ -323,7 +311,7 @@ class Engine:
         the bad field), not queued yet: callers that queue several together (the X/Y/Z plot's cells) check them all
         first, then pass each to queue.submit."""
         key = self.checkpoint(checkpoint)
-        pipeline = self.pipelines()[key]
+        pipeline = self.checkpoints.get(key)
         check_job(request, n_iter, pipeline.limits)
         pipeline.check(request)
         request = with_seeds(request)  # drawn once: n_iter chains from them
@@ -334,9 +322,9 @@ class Engine:
         return job
 
     def _run_job(self, job: Job) -> None:
-        pipeline = self.pipelines().get(job.checkpoint)
-        if pipeline is None:  # refreshed away while the job waited
-            raise ServerError(f"checkpoint {job.checkpoint!r} is no longer served (refresh-checkpoints found it gone)")
+        # unloaded while the job waited (model control): loaded again, the job's progress saying so
+        pipeline = self.checkpoints.get(job.checkpoint, on_load=lambda: job.emit(
+            {"event": "loading", "checkpoint": job.checkpoint or "default"}))
         request = job.request
         batch = request.batch_size
         for iteration in range(job.n_iter):
@@ -382,6 +370,4 @@ class Engine:
     def close(self, timeout_s: float = 60.0) -> None:
         self.queue.close(timeout_s)
         self.batcher.close()
-        with self._pipeline_lock:
-            for pipeline in (self._pipelines or {}).values():
-                pipeline.close()
+        self.checkpoints.close()

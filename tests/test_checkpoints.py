@@ -131,3 +131,58 @@ def test_one_api_serves_both_and_requests_pick_one(api, two_repo):
         assert [m["title"] for m in client.get("/sdapi/v1/sd-models").json()] == titles
         refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
         assert refused.status_code == 404 and "sd_model_checkpoint 'nope'" in refused.text
+
+
+def _ready(server, model: str) -> bool:
+    from kiln.triton_client import TritonClient
+
+    client = TritonClient(server.grpc_url, "grpc", timeout_s=10)
+    try:
+        return client.is_model_ready(model)
+    finally:
+        client.close()
+
+
+def test_model_control_loads_on_demand_and_unloads_the_least_recently_used(two_repo, tmp_path):
+    """kiln serve --max-checkpoints 1: Triton starts with the default checkpoint only; naming the other loads it and
+    unloads the default (idle), and back; unload-checkpoint empties Triton, reload-checkpoint loads the default."""
+    from kiln.triton_server import TritonOptions, TritonServer
+    from orchestrator.checkpoints import ModelControl, checkpoint_bytes
+    from orchestrator.server.service import BackgroundAPI
+    from orchestrator.server.settings import Settings
+
+    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
+    url = f"127.0.0.1:{ports['grpc']}"
+    control = ModelControl(two_repo, url, max_loaded=1)
+    assert "sd_unet" in control.startup_models() and not any("sd2-tiny" in m for m in control.startup_models())
+    server = TritonServer(TritonOptions(repository=two_repo, http_port=ports["http"], grpc_port=ports["grpc"],
+                                        metrics_port=ports["metrics"], exit_timeout_s=5,
+                                        log_path=tmp_path / "tritonserver.log",
+                                        load_models=control.startup_models())).start()
+    api = BackgroundAPI(Settings(triton_url=url, port=free_port(), model_control=control))
+    small = BackgroundAPI(Settings(triton_url=url, port=free_port(), model_control=ModelControl(
+        two_repo, url, budget_bytes=checkpoint_bytes(two_repo, SD2.checkpoint) - 1)))
+    try:
+        assert _ready(server, "sd_unet") and not _ready(server, "sd2-tiny--sd_unet")
+        with httpx.Client(base_url=api.url, timeout=120) as client:
+            # Listed before it is loaded: the repository's checkpoints
+            assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["weights", "sd2-tiny"]
+            picked = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint":
+                                                                                          "sd2-tiny"}})
+            assert _diff(_image(picked), _local(two_repo, SD2)) <= 1
+            assert _ready(server, "sd2-tiny--sd_unet") and not _ready(server, "sd_unet")
+            assert _diff(_image(client.post("/sdapi/v1/txt2img", json=BODY)), _local(two_repo)) <= 1
+            assert _ready(server, "sd_unet") and not _ready(server, "sd2-tiny--sd_unet")
+            assert client.post("/sdapi/v1/unload-checkpoint").json() == {"unloaded": ["default"]}
+            assert not _ready(server, "sd_unet") and not _ready(server, "sd_tokenizer")
+            assert client.post("/sdapi/v1/reload-checkpoint").status_code == 200
+            assert _ready(server, "sd_unet") and _ready(server, "sd_vae_decode")
+        with httpx.Client(base_url=small.url, timeout=120) as client:
+            refused = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint":
+                                                                                           "sd2-tiny"}})
+            assert refused.status_code == 422 and "over the memory budget" in refused.text
+            assert _diff(_image(client.post("/sdapi/v1/txt2img", json=BODY)), _local(two_repo)) <= 1
+    finally:
+        small.stop()
+        api.stop()
+        server.stop()

@@ -27,6 +27,15 @@ def add_parser(commands) -> None:
                             "<lora:NAME:multiplier>, NAME a file's name; the API lists them and Triton's models read "
                             "them (a Triton of --triton-url reads its own KILN_LORAS folder). Default: loras/ in the "
                             "working directory, where there is one")
+    checkpoints = serve.add_argument_group("checkpoints (kiln build sd --checkpoint NAME builds several into one "
+                                           "repository)")
+    checkpoints.add_argument("--max-checkpoints", type=int, default=0, metavar="N",
+                             help="keep at most N checkpoints loaded in Triton: the default one at start, the others "
+                                  "when a request names one, the least recently used idle one unloaded to make room "
+                                  "(default 0: every checkpoint loaded at start, none unloaded)")
+    checkpoints.add_argument("--checkpoint-memory-gb", type=float, default=0.0, metavar="GB",
+                             help="the same, by the size of the checkpoints' models (their files): a checkpoint "
+                                  "larger than this is refused (default 0: no byte budget)")
     api = serve.add_argument_group("API service")
     api.add_argument("--no-api", action="store_true", help="serve Triton only")
     api.add_argument("--listen", default="127.0.0.1", help="API bind address (any but loopback needs --api-auth or "
@@ -85,13 +94,28 @@ def settings_from(args):
     if args.embeddings is not None and not args.embeddings.is_dir():
         raise KilnError(f"--embeddings {args.embeddings}: no such folder")
     host = "127.0.0.1" if args.address in ("0.0.0.0", "") else args.address
-    return Settings(triton_url=args.triton_url or f"{host}:{args.grpc_port}", max_queue=args.queue_size,
+    triton_url = args.triton_url or f"{host}:{args.grpc_port}"
+    return Settings(triton_url=triton_url, model_control=model_control(args, triton_url), max_queue=args.queue_size,
                     workers=args.workers, step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
                     shared_memory=args.shared_memory,
                     request_timeout_s=args.request_timeout, limits=Limits(max_steps=args.max_steps),
                     cors_origins=names(args.cors_origins), security=security, listen=args.listen, port=args.port,
                     styles_file=args.styles, outputs_dir=args.outputs,
                     embeddings_dir=args.embeddings or Path("embeddings"), loras_dir=loras_folder(args))
+
+
+def model_control(args, triton_url: str):
+    """Triton's models loaded on demand under --max-checkpoints / --checkpoint-memory-gb, or None."""
+    if args.max_checkpoints < 0 or args.checkpoint_memory_gb < 0:
+        raise KilnError("--max-checkpoints and --checkpoint-memory-gb must be >= 0")
+    if not (args.max_checkpoints or args.checkpoint_memory_gb):
+        return None
+    if args.triton_url:
+        raise KilnError("--max-checkpoints and --checkpoint-memory-gb control the Triton kiln serve starts; a "
+                        "Triton of --triton-url loads its own models")
+    from orchestrator.checkpoints import GB, ModelControl
+
+    return ModelControl(args.repo, triton_url, args.max_checkpoints, int(args.checkpoint_memory_gb * GB))
 
 
 def run(args) -> int:
@@ -103,10 +127,12 @@ def run(args) -> int:
             raise KilnError("--triton-url with --no-api leaves nothing to serve")
         return _serve_api(settings, None)
     loras = loras_folder(args)  # Triton's models read the files the service lists
+    control = settings.model_control if settings is not None else model_control(args, "")
     server = TritonServer(TritonOptions(repository=args.repo, address=args.address, http_port=args.http_port,
                                         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                                         log_verbose=args.log_verbose,
-                                        extra_env={LORA_ENV: str(loras.resolve())} if loras else {}))
+                                        extra_env={LORA_ENV: str(loras.resolve())} if loras else {},
+                                        load_models=control.startup_models() if control is not None else None))
     print(f"starting Triton on {args.address} (repository {args.repo}) ...", flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from kiln.contract import DEFAULT_MODELS
+from kiln.contract import DEFAULT_MODELS, SDModels
 from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import KilnError
 from kiln.lora import LoraLibrary
@@ -31,7 +31,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine = Engine(settings.engine_options(), metrics, connect=lambda: _connect(settings, app))
+        app.state.engine = Engine(settings.engine_options(), metrics, connect=lambda: _connect(settings, app),
+                                  connect_one=lambda models: _connect_one(settings, app, models),
+                                  control=settings.model_control)
         try:
             yield
         finally:  # uvicorn has stopped taking requests and waited for the open ones: drain the queue
@@ -64,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _connect(settings: Settings, app: FastAPI) -> dict[str, Pipeline]:
     """The engine's pipelines over Triton, one per checkpoint it serves (the repository's default first), their text
     encoders sending the vectors of the embeddings prompts name, their models the LoRA sets they name."""
-    from orchestrator.pipeline.components.triton import served_checkpoints, triton_components
+    from orchestrator.pipeline.components.triton import served_checkpoints
 
     try:
         found = served_checkpoints(app.state.probe)
@@ -73,11 +75,17 @@ def _connect(settings: Settings, app: FastAPI) -> dict[str, Pipeline]:
     pipelines: dict[str, Pipeline] = {}
     try:
         for models in found or [DEFAULT_MODELS]:  # none ready: the default's read says why generation cannot start
-            pipelines[models.checkpoint] = Pipeline(triton_components(
-                settings.triton_url, shared_memory=settings.shared_memory, embeddings=app.state.embeddings,
-                loras=app.state.loras, models=models), settings.limits)
+            pipelines[models.checkpoint] = _connect_one(settings, app, models)
     except BaseException:
         for pipeline in pipelines.values():
             pipeline.close()
         raise
     return pipelines
+
+
+def _connect_one(settings: Settings, app: FastAPI, models: SDModels) -> Pipeline:
+    from orchestrator.pipeline.components.triton import triton_components
+
+    return Pipeline(triton_components(settings.triton_url, shared_memory=settings.shared_memory,
+                                      embeddings=app.state.embeddings, loras=app.state.loras, models=models),
+                    settings.limits)

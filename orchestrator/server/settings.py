@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.checkpoints import ModelControl
 from orchestrator.jobs import EngineOptions
 from orchestrator.pipeline import Limits
 from orchestrator.security import SecurityOptions
@@ -28,6 +29,9 @@ class Settings:
     outputs_dir: Path = Path("outputs")  # where save_images writes (txt2img-images/<date>/, img2img-images/<date>/)
     embeddings_dir: Path | None = None  # textual-inversion embeddings prompts may name by file stem (none: none)
     loras_dir: Path | None = None  # LoRA files prompts may name in <lora:name:multiplier> tags (none: none)
+    # Triton's models loaded on demand under a budget (kiln serve --max-checkpoints / --checkpoint-memory-gb; the
+    # Triton started with explicit model control); None: every checkpoint Triton serves stays loaded
+    model_control: ModelControl | None = None
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(triton_url=self.triton_url, max_queue=self.max_queue, workers=self.workers,

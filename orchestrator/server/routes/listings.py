@@ -145,6 +145,20 @@ async def refresh_checkpoints(request: Request) -> None:
     await run_in_threadpool(engine(request).refresh)
 
 
+@router.post("/unload-checkpoint")
+async def unload_checkpoint(request: Request) -> dict:
+    """AUTOMATIC1111's unload-checkpoint: every loaded checkpoint no job is using leaves Triton (kiln serve
+    --max-checkpoints or --checkpoint-memory-gb; a request naming one loads it again)."""
+    unloaded = await run_in_threadpool(engine(request).checkpoints.unload_idle)
+    return {"unloaded": [key or "default" for key in unloaded]}
+
+
+@router.post("/reload-checkpoint")
+async def reload_checkpoint(request: Request) -> dict:
+    """AUTOMATIC1111's reload-checkpoint: the default checkpoint (the sd_model_checkpoint option) loaded again."""
+    return {"loaded": (await pipeline(request)).contract.title}
+
+
 @router.post("/refresh-vae")
 async def refresh_vae() -> None:
     return None  # the build's VAEs: nothing to read again while it serves

@@ -108,12 +108,12 @@ async def schedulers():
 @router.get("/sd-models", response_model=list[schemas.ModelItem])
 async def sd_models(request: Request):
     await pipeline(request)
-    served = await run_in_threadpool(engine(request).pipelines)
+    known = await run_in_threadpool(engine(request).checkpoints.known)  # loaded or not (kiln serve --max-checkpoints)
     return [{"title": contract.title, "model_name": contract.model_name, "hash": contract.model_hash or None,
              "sha256": contract.model_sha256 or None,
              "filename": f"triton://{SDModels(checkpoint)(SD_UNET)}/{contract.model_name}",
              "config": contract.a1111_config}
-            for checkpoint, contract in ((key, p.contract) for key, p in served.items())]
+            for checkpoint, contract in known.items()]
 
 
 @router.get("/options")

@@ -45,7 +45,7 @@ async def capabilities(request: Request):
         "sd": None, "classify": await run_in_threadpool(request.app.state.probe.is_model_ready, VIT_CLASSIFY)}
     try:
         contract = (await pipeline(request)).contract
-        checkpoints = [p.contract.title for p in (await run_in_threadpool(engine(request).pipelines)).values()]
+        checkpoints = [c.title for c in (await run_in_threadpool(engine(request).checkpoints.known)).values()]
     except KilnError as exc:
         out["sd_unavailable"] = str(exc)
         return out
