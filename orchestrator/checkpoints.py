@@ -15,6 +15,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from orchestrator.pipeline import Pipeline
 
 log = logging.getLogger("kiln.checkpoints")
 GB = 2**30
+LOAD_THREADS = 4  # Triton's own default --model-load-thread-count
 
 
 def repository_checkpoints(repository: Path) -> dict[str, SDContract]:
@@ -44,8 +46,11 @@ def checkpoint_models(repository: Path, checkpoint: str) -> list[str]:
 
     folders = [f for f in Path(repository).iterdir() if f.is_dir() and belongs(f.name)
                and (f / "config.pbtxt").is_file()]
-    return [f.name for f in sorted(folders, key=lambda f: ('platform: "ensemble"' in (f / "config.pbtxt").read_text(),
-                                                           f.name))]
+    return [f.name for f in sorted(folders, key=lambda f: (_is_ensemble(f), f.name))]
+
+
+def _is_ensemble(folder: Path) -> bool:
+    return 'platform: "ensemble"' in (Path(folder) / "config.pbtxt").read_text()
 
 
 def checkpoint_bytes(repository: Path, checkpoint: str) -> int:
@@ -165,7 +170,11 @@ class Checkpoints:
                 continue
             self.unload(victim)
         log.info("loading checkpoint %r (%.2f GB)", key, size / GB)
-        for model in checkpoint_models(control.repository, key):
+        models = checkpoint_models(control.repository, key)
+        ensembles = [m for m in models if _is_ensemble(control.repository / m)]
+        with ThreadPoolExecutor(LOAD_THREADS) as pool:  # each model's Python-backend stub starts in parallel
+            list(pool.map(self._client.load_model, [m for m in models if m not in ensembles]))
+        for model in ensembles:  # once what they call is there
             self._client.load_model(model)
 
     def unload(self, key: str) -> None:
