@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.contract import SDModels
+from kiln.contract import SDContract, SDModels
 from kiln.errors import InputError, KilnError, ServerError
 from orchestrator.batching import StepBatcher
 from orchestrator.checkpoints import Checkpoints, ModelControl
@@ -291,6 +291,11 @@ class Engine:
     def pipeline(self, checkpoint: str | None = None, what: str = "sd_model_checkpoint") -> Pipeline:
         """The pipeline of the checkpoint a client names (None: the default), loaded first where it is not."""
         return self.checkpoints.get(self.checkpoint(checkpoint, what))
+
+    def contract(self, checkpoint: str | None = None, what: str = "sd_model_checkpoint") -> SDContract:
+        """The contract of the checkpoint a client names, loaded or not (listings never load one)."""
+        self.pipelines()
+        return self.checkpoints.known()[self.checkpoints.resolve(checkpoint, what)]
 
     def refresh(self) -> None:
         self.checkpoints.refresh()

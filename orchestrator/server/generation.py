@@ -10,6 +10,7 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
+from kiln.contract import SDContract
 from orchestrator.jobs import Engine, Job, Status
 from orchestrator.pipeline import Pipeline
 from orchestrator.server import a1111
@@ -28,12 +29,23 @@ async def pipeline(request: Request, checkpoint: str | None = None,
     """The pipeline of the checkpoint a request names (AUTOMATIC1111's sd_model_checkpoint; None: the server's
     default, the sd_model_checkpoint option); 503 while Triton is away, 404 for a checkpoint not served. The first
     connection sets the checkpoint option to the repository's default checkpoint."""
+    if checkpoint:
+        await served_contract(request)  # connected, the default option set
+        return await run_in_threadpool(engine(request).pipeline, checkpoint, what)
+    default = (await served_contract(request)).title
+    return await run_in_threadpool(engine(request).pipeline, default, "sd_model_checkpoint")
+
+
+async def served_contract(request: Request, checkpoint: str | None = None,
+                          what: str = "sd_model_checkpoint") -> SDContract:
+    """The contract of the checkpoint a request names (None: the server's default), without loading it: what the
+    listings read (503 while Triton is away, 404 for a checkpoint not served). The first connection sets the
+    checkpoint option to the repository's default checkpoint."""
     options = request.app.state.options
     if not options["sd_model_checkpoint"]:
-        options["sd_model_checkpoint"] = (await run_in_threadpool(engine(request).pipeline)).contract.title
-    if checkpoint:
-        return await run_in_threadpool(engine(request).pipeline, checkpoint, what)
-    return await run_in_threadpool(engine(request).pipeline, options["sd_model_checkpoint"], "sd_model_checkpoint")
+        options["sd_model_checkpoint"] = (await run_in_threadpool(engine(request).contract)).title
+    return await run_in_threadpool(engine(request).contract, checkpoint or options["sd_model_checkpoint"],
+                                   what if checkpoint else "sd_model_checkpoint")
 
 
 def client_id(request: Request) -> str | None:

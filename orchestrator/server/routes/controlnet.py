@@ -13,7 +13,7 @@ from kiln.control import CONTROL_MODULES
 from kiln.detect import DEFAULT_RESOLUTION, DEFAULT_THRESHOLDS, RESOLUTION_RANGE, detect_map
 from kiln.errors import InputError, TooLargeError
 from kiln.imaging import encode_png
-from orchestrator.server.generation import engine, pipeline
+from orchestrator.server.generation import engine, served_contract
 from orchestrator.server.inputs import decode_b64_image
 
 router = APIRouter(prefix="/controlnet", tags=["controlnet"])
@@ -24,7 +24,7 @@ TAGS = {"canny": ("Canny",)}
 @router.get("/model_list")
 async def model_list(request: Request):
     """The build's ControlNets as "name [hash]" (a unit's `model` takes either form)."""
-    return {"model_list": [c.title for c in (await pipeline(request)).contract.controlnets]}
+    return {"model_list": [c.title for c in (await served_contract(request)).controlnets]}
 
 
 @router.get("/module_list")
@@ -44,7 +44,7 @@ def control_type(modules: list[str], models: list[str], default_option: str) -> 
 async def control_types(request: Request):
     """"All" (every module, every model, defaults none/None), then one type per tag of kiln's modules: its modules
     after "none", and the models whose name holds the type's name, after "None" (sd-webui-controlnet's filter)."""
-    models = ["None"] + [c.title for c in (await pipeline(request)).contract.controlnets]
+    models = ["None"] + [c.title for c in (await served_contract(request)).controlnets]
     types = {"All": control_type(list(CONTROL_MODULES), models, "none") | {"default_model": "None"}}
     for tag in sorted({tag for module in CONTROL_MODULES for tag in TAGS.get(module, ())}):
         modules = ["none"] + [m for m in CONTROL_MODULES if tag in TAGS.get(m, ())]

@@ -14,7 +14,7 @@ from kiln.errors import KilnError
 from kiln.upscale import UPSCALERS
 from orchestrator.pipeline.hires import LATENT_MODES
 from orchestrator.server.a1111 import SCRIPTS
-from orchestrator.server.generation import engine, pipeline
+from orchestrator.server.generation import engine, pipeline, served_contract
 from orchestrator.server.xyz import xyz_script_args
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
@@ -49,9 +49,11 @@ async def upscalers(request: Request) -> list[dict]:
 async def _networks(request: Request) -> tuple:
     """The repository's upscaler networks (none while Triton is away: the built-in upscalers still answer)."""
     try:
-        return (await pipeline(request)).contract.upscalers
+        await served_contract(request)
+        served = await run_in_threadpool(engine(request).pipelines)  # the upscalers are every checkpoint's
     except KilnError:
         return ()
+    return next(iter(served.values())).contract.upscalers if served else ()
 
 
 @router.get("/prompt-styles")
@@ -72,8 +74,8 @@ async def embeddings(request: Request) -> dict:
     """The embeddings folder (kiln serve --embeddings) in AUTOMATIC1111's shape: `loaded` are those the served text
     encoder takes (their hidden size is its own), `skipped` the others (all of them for a build before embeddings);
     pickled or broken files are in neither (the service's log and a prompt naming one say why)."""
-    served = await pipeline(request)
-    return await run_in_threadpool(request.app.state.embeddings.listing, served.contract.textual_inversion_dim)
+    contract = await served_contract(request)
+    return await run_in_threadpool(request.app.state.embeddings.listing, contract.textual_inversion_dim)
 
 
 @router.post("/refresh-embeddings")
@@ -88,9 +90,9 @@ async def sd_vae(request: Request) -> list[dict]:
     what sd_vae takes (options, override_settings); "Automatic" and "None" are the checkpoint's own."""
     from kiln.contract import vae_models
 
-    served = await pipeline(request)
+    contract = await served_contract(request)
     return [{"model_name": vae.name, "filename": f"triton://{vae_models(vae.suffix)['decoder']}/{vae.name}"}
-            for vae in served.contract.vaes]
+            for vae in contract.vaes]
 
 
 @router.get("/loras")

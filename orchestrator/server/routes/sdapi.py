@@ -16,7 +16,7 @@ from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
 from orchestrator.server import a1111, xyz
 from orchestrator.server.errors import APIError, as_api_error, count
-from orchestrator.server.generation import engine, own, pipeline, response, submit, wait_for
+from orchestrator.server.generation import engine, own, response, served_contract, submit, wait_for
 from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.preview import preview_png
 
@@ -107,7 +107,7 @@ async def schedulers():
 
 @router.get("/sd-models", response_model=list[schemas.ModelItem])
 async def sd_models(request: Request):
-    await pipeline(request)
+    await served_contract(request)
     known = await run_in_threadpool(engine(request).checkpoints.known)  # loaded or not (kiln serve --max-checkpoints)
     return [{"title": contract.title, "model_name": contract.model_name, "hash": contract.model_hash or None,
              "sha256": contract.model_sha256 or None,
@@ -119,7 +119,7 @@ async def sd_models(request: Request):
 @router.get("/options")
 async def get_options(request: Request):
     try:
-        await pipeline(request)
+        await served_contract(request)
     except KilnError:
         pass  # options are readable while Triton is away (or serves no SD build)
     return dict(request.app.state.options)
@@ -130,8 +130,7 @@ async def set_options(request: Request, body: dict[str, Any]):
     # The served build is needed before a checkpoint, a clip skip or a VAE can be checked against it (503 while
     # Triton is away); a clip skip or a VAE against the checkpoint the same call sets, or else the default one.
     checkpoint = body.get("sd_model_checkpoint")
-    contract = (await pipeline(request, checkpoint if isinstance(checkpoint, str) else None,
-                               "sd_model_checkpoint")).contract \
+    contract = await served_contract(request, checkpoint if isinstance(checkpoint, str) else None) \
         if {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"} & set(body) else None
     updates = a1111.updated_options(request.app.state.options, body, contract)
     if "sd_model_checkpoint" in updates:  # as AUTOMATIC1111 keeps it: the title, whichever name picked it

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from kiln.contract import VIT_CLASSIFY
 from kiln.errors import KilnError
 from orchestrator.server.errors import APIError
-from orchestrator.server.generation import engine, pipeline
+from orchestrator.server.generation import engine, served_contract
 from orchestrator.server.xyz import supported_axes
 
 UI = Path(__file__).resolve().parent.parent / "ui"
@@ -44,7 +44,7 @@ async def capabilities(request: Request):
         "max_steps", "max_batch_size", "max_n_iter", "max_images", "max_controlnet_units", "max_mask_blur")},
         "sd": None, "classify": await run_in_threadpool(request.app.state.probe.is_model_ready, VIT_CLASSIFY)}
     try:
-        contract = (await pipeline(request)).contract
+        contract = await served_contract(request)
         checkpoints = [c.title for c in (await run_in_threadpool(engine(request).checkpoints.known)).values()]
     except KilnError as exc:
         out["sd_unavailable"] = str(exc)
