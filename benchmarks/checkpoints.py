@@ -29,6 +29,7 @@ ARMS = ("loaded (the checkpoint of the previous request)", "switch: loaded on de
 def _repository(work: Path, size: str, log) -> tuple[Path, dict[str, Path]]:
     from build.sd import ImageRange, SDBuildOptions, build_sd
     from build.sd.weights import write_sd_checkpoint
+    from kiln.contract import SD_UNET, SDModels
 
     repo, weights = work / f"checkpoints_{size}", {}
     for family, checkpoint in (("sd1", ""), ("sd2", "sd2")):
@@ -36,7 +37,7 @@ def _repository(work: Path, size: str, log) -> tuple[Path, dict[str, Path]]:
         if not (folder / "model_index.json").exists():
             write_sd_checkpoint(folder, size=size, seed=0, controlnet=False, family_name=family)
         weights[checkpoint] = folder
-        unet = repo / (f"{checkpoint}--sd_unet" if checkpoint else "sd_unet") / "config.pbtxt"
+        unet = repo / SDModels(checkpoint)(SD_UNET) / "config.pbtxt"
         if not unet.exists():
             log(f"building {family} ({size}) into {repo} ...")
             build_sd(SDBuildOptions(weights=str(folder), repository=repo, images=ImageRange(*SIDES[size]),
