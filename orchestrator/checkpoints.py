@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.contract import CHECKPOINT_SEPARATOR, SD_UNET, SDContract, SDModels, base_name, read_sd_contract
-from kiln.errors import InputError, NotFoundError
+from kiln.errors import InputError, KilnError, NotFoundError
 from kiln.triton_client import TritonClient
 from orchestrator.pipeline import Pipeline
 
@@ -172,10 +172,16 @@ class Checkpoints:
         log.info("loading checkpoint %r (%.2f GB)", key, size / GB)
         models = checkpoint_models(control.repository, key)
         ensembles = [m for m in models if _is_ensemble(control.repository / m)]
-        with ThreadPoolExecutor(LOAD_THREADS) as pool:  # each model's Python-backend stub starts in parallel
-            list(pool.map(self._client.load_model, [m for m in models if m not in ensembles]))
-        for model in ensembles:  # once what they call is there
-            self._client.load_model(model)
+        try:
+            with ThreadPoolExecutor(LOAD_THREADS) as pool:  # each model's Python-backend stub starts in parallel
+                list(pool.map(self._client.load_model, [m for m in models if m not in ensembles]))
+            for model in ensembles:  # once what they call is there
+                self._client.load_model(model)
+        except KilnError:  # Triton's reason is in the message; what did load goes again, the others serve on
+            for model in reversed(models):
+                if self._client.is_model_ready(model):
+                    self._client.unload_model(model)
+            raise
 
     def unload(self, key: str) -> None:
         """Unload a checkpoint's models from Triton (ensembles first) and drop its pipeline."""

@@ -186,3 +186,45 @@ def test_model_control_loads_on_demand_and_unloads_the_least_recently_used(two_r
         small.stop()
         api.stop()
         server.stop()
+
+
+def test_a_checkpoint_that_fails_to_load_is_a_503_with_tritons_reason_and_the_others_serve_on(two_repo, tmp_path):
+    """A checkpoint whose UNet file is broken (a copy of sd2-tiny's build as "broken", its model.onnx overwritten):
+    naming it is a 503 carrying Triton's reason, its models that did load are unloaded again, and the default
+    checkpoint still answers."""
+    import shutil
+
+    from kiln.triton_server import TritonOptions, TritonServer
+    from orchestrator.checkpoints import ModelControl
+    from orchestrator.server.service import BackgroundAPI
+    from orchestrator.server.settings import Settings
+
+    repo = tmp_path / "repo"
+    shutil.copytree(two_repo, repo, symlinks=True)
+    for folder in sorted(repo.glob("sd2-tiny--*")):
+        copy = repo / folder.name.replace("sd2-tiny--", "broken--")
+        shutil.copytree(folder, copy)
+        config = copy / "config.pbtxt"
+        config.write_text(config.read_text().replace("sd2-tiny--", "broken--").replace('"sd2-tiny"', '"broken"'))
+    (repo / "broken--sd_unet" / "1" / "model.onnx").write_bytes(b"not an ONNX file")
+    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
+    url = f"127.0.0.1:{ports['grpc']}"
+    control = ModelControl(repo, url, max_loaded=3)
+    server = TritonServer(TritonOptions(repository=repo, http_port=ports["http"], grpc_port=ports["grpc"],
+                                        metrics_port=ports["metrics"], exit_timeout_s=5,
+                                        log_path=tmp_path / "tritonserver.log",
+                                        load_models=control.startup_models())).start()
+    api = BackgroundAPI(Settings(triton_url=url, port=free_port(), model_control=control))
+    try:
+        with httpx.Client(base_url=api.url, timeout=120) as client:
+            failed = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint":
+                                                                                          "broken"}})
+            assert failed.status_code == 503 and "broken--sd_unet" in failed.text, failed.text
+            assert not any(_ready(server, f.name) for f in repo.glob("broken--*"))
+            assert _diff(_image(client.post("/sdapi/v1/txt2img", json=BODY)), _local(two_repo)) <= 1
+            picked = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint":
+                                                                                          "sd2-tiny"}})
+            assert _diff(_image(picked), _local(two_repo, SD2)) <= 1
+    finally:
+        api.stop()
+        server.stop()
