@@ -228,3 +228,34 @@ def test_a_checkpoint_that_fails_to_load_is_a_503_with_tritons_reason_and_the_ot
     finally:
         api.stop()
         server.stop()
+
+
+def test_a_checkpoints_folder_is_built_once_and_rebuilt_when_a_file_changes(tmp_path, sd2_weights):
+    """kiln serve --checkpoints DIR: each checkpoint of the folder built as its own named checkpoint, reused while its
+    files are the same; what cannot be served is skipped with its reason, leaving nothing half-built."""
+    import os
+
+    from build.sd.folder import sync_checkpoints
+
+    folder, repo = tmp_path / "checkpoints", tmp_path / "repo"
+    folder.mkdir()
+    (folder / "My Model v2").symlink_to(sd2_weights, target_is_directory=True)
+    (folder / "old.ckpt").write_bytes(b"pickle")
+    (folder / "notes").mkdir()
+    (folder / "broken.safetensors").write_bytes(b"not a safetensors file")
+    lines: list[str] = []
+    first = {s.name: s for s in sync_checkpoints(folder, repo, IMAGES, lines.append, progress=False)}
+    assert first["My-Model-v2"].status == "built"
+    assert {name: s.status for name, s in first.items()} == {"My-Model-v2": "built", "broken": "skipped",
+                                                             "notes": "skipped", "old": "skipped"}
+    assert "pickle" in first["old"].reason and "model_index.json" in first["notes"].reason
+    assert "not a readable .safetensors file" in first["broken"].reason
+    assert not list(repo.glob("broken--*"))
+    contract = Pipeline.from_repository(repo, models=SDModels("My-Model-v2")).contract
+    assert (contract.model_name, contract.family) == ("My-Model-v2", "sd2")
+    again = {s.name: s.status for s in sync_checkpoints(folder, repo, IMAGES, lines.append, progress=False)}
+    assert again["My-Model-v2"] == "reused"
+    unet = sd2_weights / "unet" / "diffusion_pytorch_model.safetensors"
+    os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))
+    changed = {s.name: s.status for s in sync_checkpoints(folder, repo, IMAGES, lines.append, progress=False)}
+    assert changed["My-Model-v2"] == "built"

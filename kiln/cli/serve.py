@@ -29,6 +29,12 @@ def add_parser(commands) -> None:
                             "working directory, where there is one")
     checkpoints = serve.add_argument_group("checkpoints (kiln build sd --checkpoint NAME builds several into one "
                                            "repository)")
+    checkpoints.add_argument("--checkpoints", type=Path, metavar="DIR",
+                             help="a folder of checkpoints (single .safetensors files, SD 1.x or 2.x, or diffusers "
+                                  "folders), as AUTOMATIC1111's models/Stable-diffusion: each is built into the "
+                                  "repository as a checkpoint named by its file before Triton starts, or reused when "
+                                  "its build is of the same file (default: checkpoints/ in the working directory, "
+                                  "where there is one)")
     checkpoints.add_argument("--max-checkpoints", type=int, default=0, metavar="N",
                              help="keep at most N checkpoints loaded in Triton: the default one at start, the others "
                                   "when a request names one, the least recently used idle one unloaded to make room "
@@ -127,6 +133,14 @@ def run(args) -> int:
             raise KilnError("--triton-url with --no-api leaves nothing to serve")
         return _serve_api(settings, None)
     loras = loras_folder(args)  # Triton's models read the files the service lists
+    folder = args.checkpoints if args.checkpoints is not None else (
+        Path("checkpoints") if Path("checkpoints").is_dir() else None)
+    if folder is not None:
+        from build.sd.folder import sync_checkpoints
+
+        synced = sync_checkpoints(folder, args.repo)
+        print("checkpoints: " + ", ".join(f"{s.name} ({s.status})" for s in synced) if synced else
+              f"checkpoints: {folder} holds none", flush=True)
     control = settings.model_control if settings is not None else model_control(args, "")
     server = TritonServer(TritonOptions(repository=args.repo, address=args.address, http_port=args.http_port,
                                         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
