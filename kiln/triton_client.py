@@ -204,6 +204,14 @@ class TritonClient:
         except Exception:  # noqa: BLE001 - unreachable, refused, timed out: all mean "not ready"
             return False
 
+    def is_server_live(self, timeout_s: float = 2.0) -> bool:
+        try:
+            if self.protocol == "grpc":
+                return bool(self.connection().is_server_live(client_timeout=timeout_s))
+            return bool(self.connection().is_server_live())
+        except Exception:  # noqa: BLE001 - unreachable, refused, timed out: all mean "not live"
+            return False
+
     def is_model_ready(self, model: str, timeout_s: float = 2.0) -> bool:
         try:
             if self.protocol == "grpc":

@@ -103,9 +103,6 @@ class Checkpoints:
                 self._used.update((key, None) for key in self._pipelines)
             return self._pipelines
 
-    def default(self) -> Pipeline:
-        return next(iter(self.pipelines().values()))
-
     def known(self) -> dict[str, SDContract]:
         """Every checkpoint a request may name: the connected ones and, with model control, the repository's."""
         known = {key: pipeline.contract for key, pipeline in self.pipelines().items()}
@@ -171,7 +168,7 @@ class Checkpoints:
             self.unload(victim)
         log.info("loading checkpoint %r (%.2f GB)", key, size / GB)
         models = checkpoint_models(control.repository, key)
-        ensembles = [m for m in models if _is_ensemble(control.repository / m)]
+        ensembles = [m for m in models if _is_ensemble(Path(control.repository) / m)]
         try:
             with ThreadPoolExecutor(LOAD_THREADS) as pool:  # each model's Python-backend stub starts in parallel
                 list(pool.map(self._client.load_model, [m for m in models if m not in ensembles]))

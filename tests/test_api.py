@@ -643,6 +643,7 @@ def test_health_and_metrics(client):
     assert client.get("/health/live").json() == {"status": "live"}
     ready = client.get("/health/ready")
     assert ready.status_code == 200 and all(ready.json()["models"].values())
+    assert ready.json()["checkpoints"] == ["default"]
     text = client.get("/metrics").text
     for name in ("kiln_queue_depth", "kiln_unet_batch_rows_bucket", "kiln_step_seconds_bucket",
                  'kiln_requests_total{endpoint="/sdapi/v1/txt2img",outcome="200"}'):

@@ -175,6 +175,8 @@ def test_model_control_loads_on_demand_and_unloads_the_least_recently_used(two_r
             assert _ready(server, "sd_unet") and not _ready(server, "sd2-tiny--sd_unet")
             assert client.post("/sdapi/v1/unload-checkpoint").json() == {"unloaded": ["default"]}
             assert not _ready(server, "sd_unet") and not _ready(server, "sd_tokenizer")
+            ready = client.get("/health/ready")  # nothing loaded, yet ready: checkpoints load on demand
+            assert ready.status_code == 200 and ready.json()["checkpoints"] == [], ready.text
             assert client.post("/sdapi/v1/reload-checkpoint").status_code == 200
             assert _ready(server, "sd_unet") and _ready(server, "sd_vae_decode")
         with httpx.Client(base_url=small.url, timeout=120) as client:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from kiln.contract import SD_READY
+from kiln.contract import SD_READY, SD_UNET, SDModels, base_name
 from kiln.triton_client import TritonClient
 
 router = APIRouter(tags=["health"])
@@ -21,10 +21,18 @@ async def live():
 async def ready(request: Request):
     def check() -> tuple[bool, dict]:
         client: TritonClient = request.app.state.probe
-        if not client.is_server_ready():
+        # Under model control Triton's own readiness is false once a model was unloaded (strict readiness): live it is
+        on_demand = request.app.state.settings.model_control is not None
+        if not (client.is_server_live() if on_demand else client.is_server_ready()):
             return False, {"triton": "unreachable or not ready"}
-        models = {model: client.is_model_ready(model) for model in SD_READY}
-        return all(models.values()), {"triton": "ready", "models": models}
+        # Ready when one checkpoint can generate (its text encoding, UNet and decoding all ready); under model
+        # control (kiln serve --max-checkpoints) when Triton is, as checkpoints load on demand.
+        loaded = set(client.ready_models())
+        checkpoints = {SDModels.of(m).checkpoint for m in loaded if base_name(m) == SD_UNET}
+        complete = sorted(c for c in checkpoints if all(SDModels(c)(m) in loaded for m in SD_READY))
+        models = {model: model in loaded for model in SD_READY}  # the default checkpoint's
+        return bool(complete) or on_demand, {"triton": "ready", "models": models,
+                                             "checkpoints": [c or "default" for c in complete]}
 
     ok, detail = await run_in_threadpool(check)
     return JSONResponse({"status": "ready" if ok else "not ready"} | detail, status_code=200 if ok else 503)
