@@ -66,6 +66,19 @@ def pytest_collection_finish(session) -> None:
                     f"{RUN_NEEDS_GB:g} GB of builds (free some space, or point TMPDIR at a larger disk)", returncode=4)
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright (the web page's tests)."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(chromium).exists(), "Debian's chromium is missing: `make test` installs it (scripts/setup_system.sh)"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
 @pytest.fixture(scope="session")
 def vit_model():
     """The real ViT-B/16 architecture with seeded random weights (the same the builds use)."""

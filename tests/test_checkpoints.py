@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -21,6 +22,7 @@ from kiln.errors import ConfigError
 from kiln.triton_server import free_port
 from orchestrator.pipeline import Pipeline, Txt2ImgRequest, make_scheduler
 from tests.conftest import IMAGES, diffusers_pipeline, start_triton
+from tests.test_ui import generate, open_page
 
 pytestmark = pytest.mark.slow
 SD2 = SDModels("sd2-tiny")
@@ -114,6 +116,7 @@ def test_one_api_serves_both_and_requests_pick_one(api, two_repo):
         for name in ("sd2-tiny", titles[1]):  # by name or by title
             picked = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint": name}})
             assert _diff(_image(picked), sd2_image) <= 1
+            assert json.loads(picked.json()["info"])["sd_model_name"] == "sd2-tiny"
         unknown = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint": "sdxl"}})
         assert unknown.status_code == 404 and "override_settings.sd_model_checkpoint 'sdxl'" in unknown.text
         assert titles[0] in unknown.text and titles[1] in unknown.text
@@ -261,3 +264,19 @@ def test_a_checkpoints_folder_is_built_once_and_rebuilt_when_a_file_changes(tmp_
     os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))
     changed = {s.name: s.status for s in sync_checkpoints(folder, repo, IMAGES, lines.append, progress=False)}
     assert changed["My-Model-v2"] == "built"
+
+
+def test_the_page_offers_the_checkpoints_and_runs_the_one_picked(api, browser):
+    """The web page on a server of two checkpoints: a Checkpoint field listing both (hidden with one, as in
+    tests/test_ui.py), and the task it submits runs on the one picked."""
+    page = open_page(browser, api.url)
+    titles = page.eval_on_selector_all("[name=sd_model_checkpoint] option", "options => options.map(o => o.value)")
+    assert page.is_visible("#checkpoint-field") and len(titles) == 2 and titles[1].startswith("sd2-tiny")
+    page.select_option("[name=sd_model_checkpoint]", titles[1])
+    page.fill("[name=prompt]", "a photo of a cat")
+    page.fill("[name=steps]", "2")
+    task = generate(page)
+    with httpx.Client(base_url=api.url, timeout=60) as client:
+        result = client.get(f"/v1/tasks/{task}").json()["result"]
+    assert json.loads(result["info"])["sd_model_name"] == "sd2-tiny"
+    assert not page.errors, page.errors

@@ -69,6 +69,11 @@ async function loadCapabilities() {
   if (state.caps.sd_unavailable) $("#server-status").textContent = state.caps.sd_unavailable;
   const limits = state.caps.limits;
   form.steps.max = limits.max_steps; form.n_iter.max = limits.max_n_iter; form.batch_size.max = limits.max_batch_size;
+  if (sd && sd.checkpoints && sd.checkpoints.length > 1) {  // several checkpoints: each request names its own
+    $("#checkpoint-field").hidden = false;
+    form.sd_model_checkpoint.replaceChildren(...sd.checkpoints.map(title => option(title)));
+    form.sd_model_checkpoint.value = sd.checkpoint;
+  }
   if (sd) {
     for (const name of ["width", "height"]) {
       Object.assign(form[name], { min: sd.min_size, max: sd.max_size, step: sd.size_multiple });
@@ -108,6 +113,7 @@ async function generationBody(kind) {
     batch_size: numberOr(form.batch_size.value, 1), save_images: true,
     styles: $$("option", form.styles).filter(o => o.selected).map(o => o.value),
   };
+  if (!$("#checkpoint-field").hidden) body.override_settings = { sd_model_checkpoint: form.sd_model_checkpoint.value };
   if (kind === "img2img") {
     if (!state.initImage) throw new FieldError("init_images", "choose an image for img2img");
     body.init_images = [state.initImage];
