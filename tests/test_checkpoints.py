@@ -126,6 +126,13 @@ def test_one_api_serves_both_and_requests_pick_one(api, two_repo):
             answers = list(pool.map(lambda body: client.post("/sdapi/v1/txt2img", json=body), bodies))
         for answer, expected in zip(answers, [default_image, sd2_image] * 2):
             assert _diff(_image(answer), expected) <= 1
+        # The X/Y/Z plot's "Checkpoint name" axis: each cell on its own checkpoint
+        plot = client.post("/sdapi/v1/txt2img", json=BODY | {
+            "script_name": "x/y/z plot", "script_args": ["Checkpoint name", "weights, sd2-tiny", None, "Nothing", "",
+                                                         None, "Nothing", "", None, True, True]})  # + the cells
+        assert plot.status_code == 200, plot.text
+        cells = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in plot.json()["images"][1:]]
+        assert _diff(cells[0], default_image) <= 1 and _diff(cells[1], sd2_image) <= 1
         # The option sets the default (kept as the title, as AUTOMATIC1111 keeps it); refresh keeps both
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "sd2-tiny"}).status_code == 200
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles[1]
