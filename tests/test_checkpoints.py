@@ -44,15 +44,20 @@ def two_repo(tmp_path_factory, plain_checkpoint, sd2_weights):
 
 
 @pytest.fixture(scope="module")
-def api(two_repo, tmp_path_factory):
+def two_triton(two_repo, tmp_path_factory):
+    server = start_triton(two_repo, tmp_path_factory.mktemp("two_triton") / "tritonserver.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def api(two_triton):
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
 
-    server = start_triton(two_repo, tmp_path_factory.mktemp("two_triton") / "tritonserver.log")
-    live = BackgroundAPI(Settings(triton_url=server.grpc_url, port=free_port()))
+    live = BackgroundAPI(Settings(triton_url=two_triton.grpc_url, port=free_port()))
     yield live
     live.stop()
-    server.stop()
 
 
 BODY = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 4, "sampler_name": "Euler", "seed": 21,
@@ -287,3 +292,14 @@ def test_the_page_offers_the_checkpoints_and_runs_the_one_picked(api, browser):
         result = client.get(f"/v1/tasks/{task}").json()["result"]
     assert json.loads(result["info"])["sd_model_name"] == "sd2-tiny"
     assert not page.errors, page.errors
+
+
+def test_kiln_generate_runs_the_checkpoint_it_names(two_triton, two_repo, kiln, tmp_path):
+    args = ["generate", BODY["prompt"], "--negative-prompt", BODY["negative_prompt"], "--steps", "4", "--sampler",
+            "Euler", "--seed", "21", "--cfg-scale", "7.5", "--width", "64", "--height", "64", "--url",
+            two_triton.grpc_url]
+    code, out, err = kiln(*args, "--checkpoint", "sd2-tiny", "--out", str(tmp_path / "sd2.png"))
+    assert code == 0, err
+    assert _diff(np.asarray(Image.open(tmp_path / "sd2.png")), _local(two_repo, SD2)) <= 1
+    code, out, err = kiln(*args, "--checkpoint", "sdxl", "--out", str(tmp_path / "none.png"))
+    assert code != 0 and "checkpoint 'sdxl': no such model" in err and "sd2-tiny [" in err

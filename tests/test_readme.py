@@ -31,6 +31,8 @@ NOT_RUN = {
     "kiln finetune vit --data ./photos": "downloads ViT-B/16's pretrained weights: tests/test_finetune.py runs a "
                                          "ViT-B/16 from local weights",
     "kiln serve": "runs until stopped: tests/test_cli.py starts and stops it",
+    'kiln generate "a photo of a cat" --checkpoint': "needs the second checkpoint built beside the session's: "
+                                                     "tests/test_checkpoints.py runs it",
     "kiln bench": "minutes of measuring: tests/test_sd_variants.py runs the tiny benchmarks",
 }
 

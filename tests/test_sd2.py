@@ -223,3 +223,58 @@ def test_a_controlnet_of_the_other_family_is_refused_by_name(sd2_checkpoint, tmp
                                           r"the checkpoint SD 2.x"):
         sd_specs(loaded, SIDES)
     assert "controlnet" in sd_specs(load_sd(sd2_checkpoint), SIDES)  # its own (SD 2.x) ControlNet fits
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_controlnet_for_sd2_matches_diffusers(sd2_local, sd2_checkpoint):
+    """The checkpoint's own SD 2.x ControlNet (linear projections, 32-wide cross-attention) through its ensemble."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from kiln.control import canny
+    from orchestrator.pipeline import ControlNetUnit
+
+    photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS)
+    edges = canny(photo, 100, 200)
+    base = diffusers_pipeline(sd2_checkpoint)
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=ControlNetModel.from_pretrained(
+        str(sd2_checkpoint / "controlnet")))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("DPM++ 2M Karras", dict(base.scheduler.config))
+    expected = _uint8(pipe("a photo of a cat", image=edges, num_inference_steps=6, guidance_scale=7.5,
+                           controlnet_conditioning_scale=0.8, height=64, width=64, output_type="np",
+                           generator=torch.Generator().manual_seed(5)).images)
+    request = Txt2ImgRequest(prompt="a photo of a cat", steps=6, sampler="DPM++ 2M Karras", cfg_scale=7.5, seed=5,
+                             width=64, height=64, controlnet=ControlNetUnit(image=_png(edges), weight=0.8))
+    result = sd2_local.txt2img(request).images
+    assert _diff(result, expected) <= 2
+    assert _diff(result, sd2_local.txt2img(replace(request, controlnet=None)).images) > 2
+
+
+def test_an_sd2_inpainting_unet_matches_diffusers(tmp_path):
+    """SD 2.x inpainting (a 9-channel UNet, epsilon as stable-diffusion-2-inpainting) built and run like SD 1.x's."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    folder = write_sd_checkpoint(tmp_path / "inpaint", size="tiny", seed=3, controlnet=False, inpainting=True,
+                                 family_name="sd2", prediction="epsilon")
+    build_sd(SDBuildOptions(weights=str(folder), repository=tmp_path / "repo", images=SIDES, progress=False),
+             log=lambda _m: None)
+    pipeline = Pipeline.from_repository(tmp_path / "repo")
+    assert pipeline.contract.a1111_config == "v2-inpainting-inference.yaml"
+    photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 20, 48, 52))
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = make_scheduler("Euler a", dict(pipe.scheduler.config))
+    expected = _uint8(pipe("a photo of a cat", image=photo, mask_image=mask, strength=1.0, num_inference_steps=6,
+                           guidance_scale=7.5, height=64, width=64, output_type="np",
+                           generator=torch.Generator().manual_seed(4)).images)
+    result = pipeline.img2img(Img2ImgRequest(prompt="a photo of a cat", steps=6, sampler="Euler a", cfg_scale=7.5,
+                                             seed=4, width=64, height=64, init_image=_png(photo),
+                                             denoising_strength=1.0, mask=_png(mask), mask_blur=0))
+    assert _diff(result.images, expected) <= 2

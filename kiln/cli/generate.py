@@ -73,6 +73,10 @@ def add_parser(commands) -> None:
                           help="LoRA files the prompt's <lora:NAME:multiplier> tags name (default: loras/ in the "
                                "working directory, where there is one); Triton's models read the same files from "
                                "their KILN_LORAS folder (kiln serve --loras); with --api, the service's folder is used")
+    generate.add_argument("--checkpoint", metavar="NAME",
+                          help="the checkpoint to run, by name or title, where the repository holds several "
+                               "(kiln build sd --checkpoint; AUTOMATIC1111's sd_model_checkpoint; default: the "
+                               "repository's default checkpoint)")
     generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (the loop runs here)")
     generate.add_argument("--api", metavar="URL", help="go through the API service instead, e.g. http://127.0.0.1:7860")
     generate.add_argument("--api-auth", help="user:password for --api (HTTP Basic)")
@@ -124,12 +128,14 @@ def run(args) -> int:
             raise KilnError(f"--{name}: through --api the service reads its own folder (kiln serve --{name})")
     if args.api:
         return _through_api(args, files, units)
+    from kiln.contract import DEFAULT_MODELS
     from kiln.embeddings import EmbeddingLibrary
     from kiln.imaging import encode_png
     from kiln.infotext import parameters_text
     from kiln.lora import LoraLibrary
+    from kiln.triton_client import TritonClient
     from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Pipeline, Txt2ImgRequest
-    from orchestrator.pipeline.components.triton import triton_components
+    from orchestrator.pipeline.components.triton import find_checkpoint, triton_components
 
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
@@ -151,8 +157,15 @@ def run(args) -> int:
 
     embeddings = EmbeddingLibrary(args.embeddings or Path("embeddings"))
     loras = LoraLibrary(args.loras or Path("loras"))
-    result = Pipeline(triton_components(args.url, embeddings=embeddings, loras=loras)).generate(request,
-                                                                                                progress=progress)
+    models = DEFAULT_MODELS
+    if args.checkpoint:
+        client = TritonClient(args.url, "grpc", timeout_s=30)
+        try:
+            models = find_checkpoint(client, args.checkpoint)
+        finally:
+            client.close()
+    result = Pipeline(triton_components(args.url, embeddings=embeddings, loras=loras, models=models)).generate(
+        request, progress=progress)
     print(file=sys.stderr)
     for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
         path = args.out if len(result.images) == 1 else \
@@ -179,7 +192,8 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
                   height=args.height, batch_size=args.batch_size, eta=0.0 if args.sampler.lower() == "ddim" else None,
                   tiling=args.tiling or None,
                   override_settings=({"CLIP_stop_at_last_layers": args.clip_skip} if args.clip_skip != 1 else {})
-                  | ({"sd_vae": args.vae} if args.vae else {}))
+                  | ({"sd_vae": args.vae} if args.vae else {})
+                  | ({"sd_model_checkpoint": args.checkpoint} if args.checkpoint else {}))
     if args.hires:
         fields |= dict(enable_hr=True, hr_scale=args.hires, hr_upscaler=args.hires_upscaler,
                        hr_second_pass_steps=args.hires_steps, denoising_strength=args.hires_strength)

@@ -10,7 +10,7 @@ import numpy as np
 from kiln import contract as names
 from kiln.contract import DEFAULT_MODELS, SDContract, SDModels, ServedControlNet, ServedUpscaler, base_name
 from kiln.embeddings import EmbeddingLibrary
-from kiln.errors import InputError, KilnError, ServerError
+from kiln.errors import InputError, KilnError, NotFoundError, ServerError
 from kiln.lora import LoraLibrary
 from kiln.prompts import apply_emphasis, embedding_tensors
 from kiln.triton_client import TritonClient
@@ -143,6 +143,16 @@ def served_checkpoints(client: TritonClient) -> list[SDModels]:
     others by name."""
     found = [SDModels.of(m) for m in client.ready_models() if base_name(m) == names.SD_UNET]
     return sorted(found, key=lambda models: (models.checkpoint != "", models.checkpoint))
+
+
+def find_checkpoint(client: TritonClient, name: str) -> SDModels:
+    """The served checkpoint a name, title or build name picks; NotFoundError listing the served titles."""
+    served = {models: read_contract(client, models) for models in served_checkpoints(client)}
+    for models, contract in served.items():
+        if name.strip() in (contract.title, contract.model_name, models.checkpoint or None):
+            return models
+    titles = ", ".join(repr(c.title) for c in served.values())
+    raise NotFoundError(f"checkpoint {name!r}: no such model; Triton serves {titles or 'none'}")
 
 
 def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str = "auto",
