@@ -303,3 +303,44 @@ def test_kiln_generate_runs_the_checkpoint_it_names(two_triton, two_repo, kiln, 
     assert _diff(np.asarray(Image.open(tmp_path / "sd2.png")), _local(two_repo, SD2)) <= 1
     code, out, err = kiln(*args, "--checkpoint", "sdxl", "--out", str(tmp_path / "none.png"))
     assert code != 0 and "checkpoint 'sdxl': no such model" in err and "sd2-tiny [" in err
+
+
+def test_refresh_builds_the_folders_new_checkpoint_and_a_request_loads_it(two_repo, sd2_weights, tmp_path):
+    """kiln serve --checkpoints DIR --max-checkpoints 1: a checkpoint added to the folder while serving is built by
+    refresh-checkpoints (the answer lists it) and loads when a request names it."""
+    import shutil
+
+    from build.sd.folder import sync_checkpoints
+    from kiln.triton_server import TritonOptions, TritonServer
+    from orchestrator.checkpoints import ModelControl
+    from orchestrator.server.service import BackgroundAPI
+    from orchestrator.server.settings import Settings
+
+    repo, folder = tmp_path / "repo", tmp_path / "checkpoints"
+    shutil.copytree(two_repo, repo, symlinks=True)
+    folder.mkdir()
+    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
+    url = f"127.0.0.1:{ports['grpc']}"
+    control = ModelControl(repo, url, max_loaded=1)
+    server = TritonServer(TritonOptions(repository=repo, http_port=ports["http"], grpc_port=ports["grpc"],
+                                        metrics_port=ports["metrics"], exit_timeout_s=5,
+                                        log_path=tmp_path / "tritonserver.log",
+                                        load_models=control.startup_models())).start()
+    api = BackgroundAPI(Settings(triton_url=url, port=free_port(), model_control=control, sync_checkpoints=lambda:
+                                 sync_checkpoints(folder, repo, IMAGES, log=lambda _m: None, progress=False)))
+    try:
+        with httpx.Client(base_url=api.url, timeout=120) as client:
+            assert len(client.get("/sdapi/v1/sd-models").json()) == 2
+            (folder / "late").symlink_to(sd2_weights, target_is_directory=True)
+            refreshed = client.post("/sdapi/v1/refresh-checkpoints").json()
+            assert refreshed == {"checkpoints": [{"name": "late", "source": "late", "status": "built",
+                                                  "reason": None}]}
+            assert [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()] == ["weights", "late",
+                                                                                            "sd2-tiny"]
+            picked = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint":
+                                                                                          "late"}})
+            assert _diff(_image(picked), _local(two_repo, SD2)) <= 1  # the same weights as sd2-tiny
+            assert _ready(server, "late--sd_unet") and not _ready(server, "sd_unet")
+    finally:
+        api.stop()
+        server.stop()

@@ -141,6 +141,8 @@ def run(args) -> int:
         synced = sync_checkpoints(folder, args.repo)
         print("checkpoints: " + ", ".join(f"{s.name} ({s.status})" for s in synced) if synced else
               f"checkpoints: {folder} holds none", flush=True)
+        if settings is not None and settings.model_control is not None:  # new files: built on refresh-checkpoints
+            settings.sync_checkpoints = lambda: sync_checkpoints(folder, args.repo, progress=False)
     control = settings.model_control if settings is not None else model_control(args, "")
     server = TritonServer(TritonOptions(repository=args.repo, address=args.address, http_port=args.http_port,
                                         grpc_port=args.grpc_port, metrics_port=args.metrics_port,

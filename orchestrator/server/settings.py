@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,9 @@ class Settings:
     # Triton's models loaded on demand under a budget (kiln serve --max-checkpoints / --checkpoint-memory-gb; the
     # Triton started with explicit model control); None: every checkpoint Triton serves stays loaded
     model_control: ModelControl | None = None
+    # What refresh-checkpoints runs first under model control: the checkpoints folder built into the repository
+    # (kiln serve --checkpoints; build.sd.folder.sync_checkpoints, handed in: the service never imports the build)
+    sync_checkpoints: Callable[[], list] | None = None
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(triton_url=self.triton_url, max_queue=self.max_queue, workers=self.workers,

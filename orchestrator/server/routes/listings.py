@@ -141,10 +141,18 @@ async def memory() -> dict:
 
 
 @router.post("/refresh-checkpoints")
-async def refresh_checkpoints(request: Request) -> None:
+async def refresh_checkpoints(request: Request) -> dict | None:
     """Triton's checkpoints read again: one built into the repository since (and loaded by Triton) is served from now
-    on; the served ones go on as they were."""
+    on; the served ones go on as they were. Under model control with a checkpoints folder (kiln serve --checkpoints
+    --max-checkpoints), the folder's new or changed checkpoints are built first and load when a request names them;
+    the answer lists each entry's fate."""
+    sync = request.app.state.settings.sync_checkpoints
+    synced = await run_in_threadpool(sync) if sync is not None else None
     await run_in_threadpool(engine(request).refresh)
+    if synced is None:
+        return None
+    return {"checkpoints": [{"name": s.name, "source": s.source.name, "status": s.status, "reason": s.reason or None}
+                            for s in synced]}
 
 
 @router.post("/unload-checkpoint")
