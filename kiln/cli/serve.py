@@ -131,6 +131,9 @@ def run(args) -> int:
     if args.triton_url:
         if settings is None:
             raise KilnError("--triton-url with --no-api leaves nothing to serve")
+        if args.checkpoints is not None:
+            raise KilnError("--checkpoints builds into the repository of the Triton kiln serve starts; a Triton of "
+                            "--triton-url serves its own repository")
         return _serve_api(settings, None)
     loras = loras_folder(args)  # Triton's models read the files the service lists
     folder = args.checkpoints if args.checkpoints is not None else (
