@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.load import machine, machine_line, write_results
+from benchmarks.load import bar_chart, machine, machine_line, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDES = {"tiny": (32, 64, 128), "full": (256, 512, 512)}
@@ -107,18 +107,8 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 2.8))
-    axis.barh(list(result["seconds"]), list(result["seconds"].values()), color=["#3a7be0", "#e0703a", "#8b929c"])
-    axis.set_xlabel("seconds from request to image (median)")
-    axis.set_title(f"Checkpoint switching ({result['size']})")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    bar_chart(result["seconds"], path, "seconds from request to image (median)",
+              f"Checkpoint switching ({result['size']})", ["#3a7be0", "#e0703a", "#8b929c"], size=(10, 2.8))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,5 +1,5 @@
 """What the benchmarks share: the machine line of their tables, the concurrent load generator, the writing of
-results."""
+results, a bar chart of seconds per arm."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kiln.machine import machine
 
-__all__ = ["machine", "machine_line", "run_concurrently", "write_results"]
+__all__ = ["bar_chart", "machine", "machine_line", "run_concurrently", "write_results"]
 
 
 def machine_line(info: dict) -> str:
@@ -41,3 +41,20 @@ def write_results(stem: Path, result: dict, table: Callable[[dict], str], plot: 
     log(text)
     log(f"wrote {stem}.json, {stem}.md, {stem}.png")
     return result
+
+
+def bar_chart(seconds: dict[str, float], path: Path, xlabel: str, title: str, colors: list[str],
+              size: tuple[float, float] = (6, 3)) -> None:
+    """One horizontal bar per arm (its median seconds), written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=size)
+    axis.barh(list(seconds), list(seconds.values()), color=colors)
+    axis.set_xlabel(xlabel)
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

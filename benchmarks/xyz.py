@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.load import machine, machine_line, write_results
+from benchmarks.load import bar_chart, machine, machine_line, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS, SCALES = (1, 2, 3), (4.0, 7.0, 10.0)
@@ -84,19 +84,8 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3))
-    names, values = list(result["seconds"]), list(result["seconds"].values())
-    axis.barh(names, values, color=["#e0703a", "#8b929c"])
-    axis.set_xlabel("seconds per 3x3 grid (median)")
-    axis.set_title(f"X/Y/Z plot: {result['speedup']:.2f}x from running the cells together")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    bar_chart(result["seconds"], path, "seconds per 3x3 grid (median)",
+              f"X/Y/Z plot: {result['speedup']:.2f}x from running the cells together", ["#e0703a", "#8b929c"])
 
 
 def main(argv: list[str] | None = None) -> dict:
