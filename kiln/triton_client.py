@@ -197,27 +197,21 @@ class TritonClient:
 
     # -- state -------------------------------------------------------------------------------------
     def is_server_ready(self, timeout_s: float = 2.0) -> bool:
-        try:
-            if self.protocol == "grpc":
-                return bool(self.connection().is_server_ready(client_timeout=timeout_s))
-            return bool(self.connection().is_server_ready())
-        except Exception:  # noqa: BLE001 - unreachable, refused, timed out: all mean "not ready"
-            return False
+        return self._probe("is_server_ready", timeout_s)
 
     def is_server_live(self, timeout_s: float = 2.0) -> bool:
-        try:
-            if self.protocol == "grpc":
-                return bool(self.connection().is_server_live(client_timeout=timeout_s))
-            return bool(self.connection().is_server_live())
-        except Exception:  # noqa: BLE001 - unreachable, refused, timed out: all mean "not live"
-            return False
+        return self._probe("is_server_live", timeout_s)
 
     def is_model_ready(self, model: str, timeout_s: float = 2.0) -> bool:
+        return self._probe("is_model_ready", timeout_s, model)
+
+    def _probe(self, check: str, timeout_s: float, *args: str) -> bool:
+        """One of the client's yes/no checks; unreachable, refused, timed out or an unknown model all mean no."""
         try:
             if self.protocol == "grpc":
-                return bool(self.connection().is_model_ready(model, client_timeout=timeout_s))
-            return bool(self.connection().is_model_ready(model))
-        except Exception:  # noqa: BLE001 - unreachable or unknown model: not ready
+                return bool(getattr(self.connection(), check)(*args, client_timeout=timeout_s))
+            return bool(getattr(self.connection(), check)(*args))
+        except Exception:  # noqa: BLE001 - every failure is a "no"
             return False
 
     def model_config(self, model: str) -> dict:
