@@ -158,26 +158,35 @@ def _ready(server, model: str) -> bool:
         client.close()
 
 
+def _controlled_triton(repo, log_dir, max_loaded: int):
+    """A Triton under explicit model control on `repo` (kiln serve --max-checkpoints's): started with the default
+    checkpoint and the models of no checkpoint; the ModelControl a service uses on it."""
+    from kiln.triton_server import TritonOptions, TritonServer
+    from orchestrator.checkpoints import ModelControl
+
+    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
+    control = ModelControl(repo, f"127.0.0.1:{ports['grpc']}", max_loaded=max_loaded)
+    server = TritonServer(TritonOptions(repository=repo, http_port=ports["http"], grpc_port=ports["grpc"],
+                                        metrics_port=ports["metrics"], exit_timeout_s=5,
+                                        log_path=log_dir / "tritonserver.log",
+                                        load_models=control.startup_models())).start()
+    return server, control
+
+
 def test_model_control_loads_on_demand_and_unloads_the_least_recently_used(two_repo, tmp_path):
     """kiln serve --max-checkpoints 1: Triton starts with the default checkpoint only; naming the other loads it and
     unloads the default (idle), and back; unload-checkpoint empties Triton, reload-checkpoint loads the default."""
-    from kiln.triton_server import TritonOptions, TritonServer
     from orchestrator.checkpoints import ModelControl, checkpoint_bytes
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
 
-    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
-    url = f"127.0.0.1:{ports['grpc']}"
-    control = ModelControl(two_repo, url, max_loaded=1)
-    assert "sd_unet" in control.startup_models() and not any("sd2-tiny" in m for m in control.startup_models())
-    server = TritonServer(TritonOptions(repository=two_repo, http_port=ports["http"], grpc_port=ports["grpc"],
-                                        metrics_port=ports["metrics"], exit_timeout_s=5,
-                                        log_path=tmp_path / "tritonserver.log",
-                                        load_models=control.startup_models())).start()
+    server, control = _controlled_triton(two_repo, tmp_path, max_loaded=1)
+    url = control.triton_url
     api = BackgroundAPI(Settings(triton_url=url, port=free_port(), model_control=control))
     small = BackgroundAPI(Settings(triton_url=url, port=free_port(), model_control=ModelControl(
         two_repo, url, budget_bytes=checkpoint_bytes(two_repo, SD2.checkpoint) - 1)))
     try:
+        assert "sd_unet" in control.startup_models() and not any("sd2-tiny" in m for m in control.startup_models())
         assert _ready(server, "sd_unet") and not _ready(server, "sd2-tiny--sd_unet")
         with httpx.Client(base_url=api.url, timeout=120) as client:
             # Listed before it is loaded: the repository's checkpoints
@@ -211,8 +220,6 @@ def test_a_checkpoint_that_fails_to_load_is_a_503_with_tritons_reason_and_the_ot
     checkpoint still answers."""
     import shutil
 
-    from kiln.triton_server import TritonOptions, TritonServer
-    from orchestrator.checkpoints import ModelControl
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
 
@@ -224,14 +231,8 @@ def test_a_checkpoint_that_fails_to_load_is_a_503_with_tritons_reason_and_the_ot
         config = copy / "config.pbtxt"
         config.write_text(config.read_text().replace("sd2-tiny--", "broken--").replace('"sd2-tiny"', '"broken"'))
     (repo / "broken--sd_unet" / "1" / "model.onnx").write_bytes(b"not an ONNX file")
-    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
-    url = f"127.0.0.1:{ports['grpc']}"
-    control = ModelControl(repo, url, max_loaded=3)
-    server = TritonServer(TritonOptions(repository=repo, http_port=ports["http"], grpc_port=ports["grpc"],
-                                        metrics_port=ports["metrics"], exit_timeout_s=5,
-                                        log_path=tmp_path / "tritonserver.log",
-                                        load_models=control.startup_models())).start()
-    api = BackgroundAPI(Settings(triton_url=url, port=free_port(), model_control=control))
+    server, control = _controlled_triton(repo, tmp_path, max_loaded=3)
+    api = BackgroundAPI(Settings(triton_url=control.triton_url, port=free_port(), model_control=control))
     try:
         with httpx.Client(base_url=api.url, timeout=120) as client:
             failed = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint":
@@ -311,22 +312,15 @@ def test_refresh_builds_the_folders_new_checkpoint_and_a_request_loads_it(two_re
     import shutil
 
     from build.sd.folder import sync_checkpoints
-    from kiln.triton_server import TritonOptions, TritonServer
-    from orchestrator.checkpoints import ModelControl
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
 
     repo, folder = tmp_path / "repo", tmp_path / "checkpoints"
     shutil.copytree(two_repo, repo, symlinks=True)
     folder.mkdir()
-    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
-    url = f"127.0.0.1:{ports['grpc']}"
-    control = ModelControl(repo, url, max_loaded=1)
-    server = TritonServer(TritonOptions(repository=repo, http_port=ports["http"], grpc_port=ports["grpc"],
-                                        metrics_port=ports["metrics"], exit_timeout_s=5,
-                                        log_path=tmp_path / "tritonserver.log",
-                                        load_models=control.startup_models())).start()
-    api = BackgroundAPI(Settings(triton_url=url, port=free_port(), model_control=control, sync_checkpoints=lambda:
+    server, control = _controlled_triton(repo, tmp_path, max_loaded=1)
+    api = BackgroundAPI(Settings(triton_url=control.triton_url, port=free_port(), model_control=control,
+                                 sync_checkpoints=lambda:
                                  sync_checkpoints(folder, repo, IMAGES, log=lambda _m: None, progress=False)))
     try:
         with httpx.Client(base_url=api.url, timeout=120) as client:
