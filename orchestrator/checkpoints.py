@@ -92,6 +92,7 @@ class Checkpoints:
         self._lock = threading.Lock()  # the pipelines dict
         self._loading = threading.Lock()  # one load (and its unloads) at a time
         self._used: OrderedDict[str, None] = OrderedDict()  # loaded checkpoints, least recently used first
+        self._built: dict[str, SDContract] | None = None  # the repository's checkpoints, read again on refresh
         self._client = TritonClient(control.triton_url, "grpc", timeout_s=600) if control is not None else None
 
     def pipelines(self) -> dict[str, Pipeline]:
@@ -107,7 +108,9 @@ class Checkpoints:
         """Every checkpoint a request may name: the connected ones and, with model control, the repository's."""
         known = {key: pipeline.contract for key, pipeline in self.pipelines().items()}
         if self.control is not None:
-            known = repository_checkpoints(self.control.repository) | known
+            if self._built is None:  # read once, not per request
+                self._built = repository_checkpoints(self.control.repository)
+            known = self._built | known
         return known
 
     def resolve(self, name: str | None = None, what: str = "sd_model_checkpoint") -> str:
@@ -156,9 +159,10 @@ class Checkpoints:
             raise InputError(f"checkpoint {key or 'default'!r} takes {size / GB:.2f} GB, over the memory budget of "
                              f"{control.budget_bytes / GB:.2f} GB (kiln serve --checkpoint-memory-gb)")
         busy = set(self._busy())
+        sizes = {k: checkpoint_bytes(control.repository, k) for k in self._used} if control.budget_bytes else {}
         for victim in list(self._used):
             loaded = [k for k in self._used if k in (self._pipelines or {})]
-            used = sum(checkpoint_bytes(control.repository, k) for k in loaded)
+            used = sum(sizes.get(k, 0) for k in loaded)
             over_count = control.max_loaded and len(loaded) >= control.max_loaded
             over_bytes = control.budget_bytes and used + size > control.budget_bytes
             if not (over_count or over_bytes):
@@ -207,6 +211,7 @@ class Checkpoints:
         """Discover the served checkpoints again: new ones are connected, those gone are dropped, the others keep
         their pipelines (and the jobs running on them)."""
         with self._lock:
+            self._built = None
             if self._pipelines is None:
                 return
         connected = self._connect()
