@@ -33,7 +33,7 @@ def repository_checkpoints(repository: Path) -> dict[str, SDContract]:
     """{checkpoint: contract} of every SD build in the repository, the default one first."""
     found = [SDModels.of(folder.name) for folder in Path(repository).glob(f"*{SD_UNET}")
              if base_name(folder.name) == SD_UNET and (folder / "config.pbtxt").is_file()]
-    found.sort(key=lambda models: (models.checkpoint != "", models.checkpoint))
+    found.sort(key=lambda models: models.checkpoint)  # "" (the default) sorts first
     return {models.checkpoint: read_sd_contract(repository, models) for models in found}
 
 

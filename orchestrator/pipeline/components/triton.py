@@ -142,7 +142,7 @@ def served_checkpoints(client: TritonClient) -> list[SDModels]:
     """The checkpoints whose SD builds Triton has ready (their sd_unet): the repository's default first, then the
     others by name."""
     found = [SDModels.of(m) for m in client.ready_models() if base_name(m) == names.SD_UNET]
-    return sorted(found, key=lambda models: (models.checkpoint != "", models.checkpoint))
+    return sorted(found, key=lambda models: models.checkpoint)  # "" (the default) sorts first
 
 
 def find_checkpoint(client: TritonClient, name: str) -> SDModels:
