@@ -120,18 +120,18 @@ def _load(url: str, clients: int, per_client: int, body: dict) -> tuple[list[flo
 
 def unet_cost_curve(triton_grpc_url: str, side: int, rows: tuple[int, ...], repeats: int = 15) -> dict[int, float]:
     """Median seconds of one sd_unet call of `rows` rows, alone on an idle server (the batching ceiling's input)."""
-    from orchestrator.pipeline import Pipeline
+    from orchestrator.pipeline import Pipeline, Txt2ImgRequest
 
     pipeline = Pipeline.from_triton(triton_grpc_url)
     contract = pipeline.contract
-    context = pipeline.encode_prompts(["a photo of a cat"])
+    context = pipeline.encode_prompts(["a photo of a cat"], Txt2ImgRequest(prompt="", width=side, height=side))
     latent = side // contract.vae_scale_factor
     rng = np.random.default_rng(0)
     curve = {}
     for n in rows:
         inputs = {"sample": rng.standard_normal((n, contract.unet_in_channels, latent, latent), dtype=np.float32),
                   "timestep": np.full(n, 500, np.float32),
-                  "encoder_hidden_states": np.repeat(context, n, axis=0)}
+                  **context.repeat(n).inputs(lambda rows: rows)}
         pipeline.components.unet(inputs)  # warm-up at this shape
         times = []
         for _ in range(repeats):

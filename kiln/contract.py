@@ -181,7 +181,7 @@ class SDContract:
     max_size: int
     size_multiple: int  # image sides must be multiples of this (the exported UNet's upsamplers)
     model_name: str = "sd"  # what /sdapi/v1/sd-models lists: the checkpoint's name
-    family: str = "sd1"  # the model family (build.sd.families): sd1, sd2; a build before families is SD 1.x
+    family: str = "sd1"  # the model family (build.sd.families): sd1, sd2, sdxl; a build before families is SD 1.x
     model_sha256: str = ""  # the UNet artifact's hash
     variant: str = "onnxruntime-fp32"  # what the served models run
     controlnets: tuple[ServedControlNet, ...] = ()  # in build order; the first is the default
@@ -202,6 +202,9 @@ class SDContract:
     # Hidden size of the textual-inversion vectors the text encoder takes per request (its token embeddings'); 0: a
     # build before embeddings, whose text encoder takes token ids only
     textual_inversion_dim: int = 0
+    # SDXL: the first text encoder's width in the encoding (the second's follows; emphasis restores each one's mean on
+    # its own, as AUTOMATIC1111), and the text encoding comes with the pooled text; 0: one text encoder
+    text_split: int = 0
     # Layers of the UNet a LoRA can change in this build (its artifacts' kiln.runtime.lora maps); 0: the models take
     # no LoRA (a build before LoRA, a quantized or torch variant, or NVIDIA's native backends)
     lora_layers: int = 0
@@ -237,6 +240,8 @@ class SDContract:
     @property
     def a1111_config(self) -> str:
         """The config file AUTOMATIC1111 would load this checkpoint with (its sd-models "config")."""
+        if self.family == "sdxl":
+            return "sd_xl_inpaint.yaml" if self.inpainting_unet else "sd_xl_base.yaml"
         version = "v2" if self.family == "sd2" else "v1"
         if self.inpainting_unet:
             return f"{version}-inpainting-inference.yaml"

@@ -8,8 +8,9 @@ in-process text encoder. Either finds the names by their token ids (kiln.prompts
 
 Layouts read: AUTOMATIC1111's `emb_params` (n, hidden), its .pt layout's `string_to_param.*` as converters flatten
 it, and diffusers' one tensor under the token's name ((hidden,) or (n, hidden)); float32, float16, bfloat16 or
-float64. Pickled files (.pt, .bin, .ckpt, .pth) are never loaded (unpickling runs code): a prompt naming one is
-refused with the file's name, and converting it to .safetensors is the way.
+float64; SDXL's `clip_l` and `clip_g` side by side (its text encoding's layout: (n, 768 + 1280)). Pickled files
+(.pt, .bin, .ckpt, .pth) are never loaded (unpickling runs code): a prompt naming one is refused with the file's
+name, and converting it to .safetensors is the way.
 """
 
 from __future__ import annotations
@@ -86,20 +87,27 @@ def read_embedding(path: Path) -> Embedding:
     except Exception as exc:  # noqa: BLE001 - the library raises its own and plain errors for a bad file
         raise WeightsError(f"{path.name} is not a readable {SUFFIX} file: {exc}") from None
     flattened = [k for k in tensors if k.startswith("string_to_param.")]
+    joined = None
     if "emb_params" in tensors:
         key = "emb_params"
     elif len(flattened) == 1:
         key = flattened[0]
     elif len(tensors) == 1:
         key = next(iter(tensors))
-    elif {"clip_l", "clip_g"} <= set(tensors):
-        raise WeightsError(f"{path.name} is an SDXL embedding (clip_l, clip_g); this server serves SD 1.x and 2.x "
-                           "(one text encoder)")
+    elif set(tensors) == {"clip_l", "clip_g"}:  # SDXL's: each encoder's vectors, side by side as its encoding's
+        try:
+            parts = [float32_tensor(tensors[k]) for k in ("clip_l", "clip_g")]
+        except WeightsError as exc:
+            raise WeightsError(f"{path.name}: {exc}") from None
+        if any(part.ndim != 2 for part in parts) or parts[0].shape[0] != parts[1].shape[0]:
+            raise WeightsError(f"{path.name}: clip_l {tuple(parts[0].shape)} and clip_g {tuple(parts[1].shape)} are "
+                               "not (vectors, hidden) of the same vectors")
+        key, joined = "clip_l+clip_g", np.concatenate(parts, axis=1)
     else:
         raise WeightsError(f"{path.name} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:4])}), not one "
                            "embedding (emb_params, or one tensor)")
     try:
-        vectors = float32_tensor(tensors[key])
+        vectors = joined if joined is not None else float32_tensor(tensors[key])
     except WeightsError as exc:
         raise WeightsError(f"{path.name}: {key} is {exc}") from None
     vectors = vectors[None] if vectors.ndim == 1 else vectors

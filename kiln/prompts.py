@@ -125,11 +125,15 @@ def token_vector_id(row):
     return -1 - row
 
 
-def apply_emphasis(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def apply_emphasis(hidden: np.ndarray, weights: np.ndarray, split: int = 0) -> np.ndarray:
     """AUTOMATIC1111's emphasis on the text encoder's output: each position (chunk, 77, hidden) scaled by its token's
-    weight, then the chunk rescaled to its original mean. All weights 1: `hidden` itself."""
+    weight, then the chunk rescaled to its original mean. All weights 1: `hidden` itself. `split`: SDXL's encoding
+    holds two encoders' outputs side by side, the first `split` wide; each is rescaled to its own mean."""
     if np.all(weights == 1):
         return hidden
+    if split:
+        return np.concatenate([apply_emphasis(hidden[..., :split], weights),
+                               apply_emphasis(hidden[..., split:], weights)], axis=-1)
     original = hidden.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
     scaled = hidden * weights[:, :, None].astype(hidden.dtype)
     return (scaled * (original / scaled.mean(axis=(1, 2), keepdims=True, dtype=np.float64))).astype(hidden.dtype)

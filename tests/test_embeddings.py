@@ -69,11 +69,15 @@ def test_the_layouts_users_have_are_read(tmp_path):
                                "vectors": 2}
 
     save_file({"clip_l": vectors, "clip_g": _vectors(2, 1280)}, str(tmp_path / "xl.safetensors"))
+    xl = read_embedding(tmp_path / "xl.safetensors")  # SDXL's: both encoders' vectors side by side, as its encoding
+    assert xl.vectors.shape == (2, HIDDEN + 1280) and np.array_equal(xl.vectors[:, :HIDDEN], vectors)
+    save_file({"clip_l": vectors, "clip_g": _vectors(3, 1280)}, str(tmp_path / "xl.safetensors"))
     save_file({"a": vectors, "b": vectors}, str(tmp_path / "two.safetensors"))
     save_file({"emb_params": np.full((1, 4), np.nan, np.float32)}, str(tmp_path / "nan.safetensors"))
     (tmp_path / "style.pt").write_bytes(b"\x80\x04anything")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    for name, message in [("xl.safetensors", "an SDXL embedding"), ("two.safetensors", "holds 2 tensors"),
+    for name, message in [("xl.safetensors", r"clip_l \(2, \d+\) and clip_g \(3, 1280\)"),
+                          ("two.safetensors", "holds 2 tensors"),
                           ("nan.safetensors", "finite"), ("style.pt", "style.pt is a pickled file, which kiln never "
                                                                       "loads .*convert it to .safetensors"),
                           ("junk.safetensors", "junk.safetensors is not a readable .safetensors file")]:

@@ -188,7 +188,8 @@ def test_seeds_follow_automatic1111(local):
 
 
 def test_long_prompts_are_chunked_not_cut(local):
-    assert local.encode_prompts(["a photo of a cat " * 30, ""]).shape[:2] == (2, 77 * 2)
+    request = Txt2ImgRequest(prompt="a cat", width=64, height=64)
+    assert local.encode_prompts(["a photo of a cat " * 30, ""], request).context.shape[:2] == (2, 77 * 2)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -35,6 +35,8 @@ from build.sd.specs import (
     native_side,
     sd_specs,
     size_multiple,
+    text_widths,
+    two_encoders,
     vae_scale_factor,
 )
 from build.torch_export import compile_packages, export_program
@@ -193,7 +195,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
                    compile_seconds=compiled[program].seconds, compile_cached=compiled[program].cached)
 
     # LoRA: where each module's weight is in the artifacts that can take one (build.sd.lora)
-    lora_ready = options.triton_backend == "python"
+    # (SDXL's LoRA files name both text encoders' layers apart: not mapped yet, so its builds take no LoRA)
+    lora_ready = options.triton_backend == "python" and not two_encoders(loaded)
     for name in (c for c in components if c in LORA_COMPONENTS):
         served = variants[name]
         if (lora_ready and served.runtime in LORA_RUNTIMES and not served.accelerator and not served.calibrated
@@ -213,8 +216,9 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         max_size=options.images.max, size_multiple=size_multiple(loaded),
         model_name=options.checkpoint or _model_name(loaded.source), family=loaded.family,
         model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
-        unet_max_batch=specs["unet"].max_batch_size, clip_skip_layers=loaded.text_encoder.config.num_hidden_layers,
-        textual_inversion_dim=loaded.text_encoder.config.hidden_size,
+        unet_max_batch=specs["unet"].max_batch_size, clip_skip_layers=text_widths(loaded)[2],
+        textual_inversion_dim=text_widths(loaded)[0],
+        text_split=loaded.text_encoder.config.hidden_size if two_encoders(loaded) else 0,
         lora_layers=artifacts["unet"]["lora"]["layers"] if lora_layers else 0,
         **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
            else {}),

@@ -64,6 +64,8 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
             parameters=runtime(component) | extra))
 
     hidden = text.outputs[0].shape[-1]
+    # SDXL's encoding comes with the pooled text (the second encoder's projection), for the UNet's added conditions
+    pooled = (Tensor("pooled", "FP32", (-1, text.outputs[1].shape[-1])),) if contract.text_split else ()
     ids = Tensor("input_ids", "INT64", (-1, text.inputs[0].shape[1]))
     chunks = Tensor("chunks", "INT32", (1,))
     weights = Tensor("weights", "FP32", (-1, text.inputs[0].shape[1]))  # each position's emphasis
@@ -93,14 +95,16 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
                     outputs=(Tensor("pixels", "FP32", (3, -1, -1)),), max_batch_size=encoder.max_batch_size,
                     parameters={"min_size": str(contract.min_size), "max_size": str(contract.max_size)}),
         ModelConfig(name=text_encode_model, backend=None, platform="ensemble", inputs=prompts + lora,
-                    outputs=(Tensor("embeddings", "FP32", (-1, text.inputs[0].shape[1], hidden)), chunks, weights),
+                    outputs=(Tensor("embeddings", "FP32", (-1, text.inputs[0].shape[1], hidden)), chunks, weights,
+                             *pooled),
                     steps=(EnsembleStep(tokenizer_model, {t.name: t.name for t in prompts},
                                         {"input_ids": "input_ids", "chunks": "chunks", "weights": "weights",
                                          "clip_skip": "row_clip_skip", "token_vectors": "token_vectors"}),
                            EnsembleStep(text_encoder_model, {"input_ids": "input_ids", "clip_skip": "row_clip_skip",
                                                                 "token_vectors": "token_vectors"}
                                         | {t.name: t.name for t in lora},
-                                        {"last_hidden_state": "embeddings"}))),
+                                        {"last_hidden_state": "embeddings"}
+                                        | ({"pooler_output": "pooled"} if pooled else {})))),
     ]
 
     def vae_models(suffix: str) -> list[ModelConfig]:

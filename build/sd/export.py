@@ -10,7 +10,7 @@ from build.convert import FP32, Variant, open_session
 from build.specs import ComponentSpec
 from kiln.contract import TILING, controlnet_component
 from kiln.errors import ExportError
-from kiln.prompts import token_vector_id
+from kiln.prompts import pad_token_id, token_vector_id
 
 
 def export_modules(loaded) -> dict[str, Callable]:
@@ -18,37 +18,66 @@ def export_modules(loaded) -> dict[str, Callable]:
     import torch
     from transformers.masking_utils import create_causal_mask
 
-    class TextEncoder(torch.nn.Module):
+    def run_layers(model, input_ids, token_vectors):
         """CLIP's text model run from its parts (transformers 5's CLIPTextModel takes no inputs_embeds), so that
-        the token embeddings can be replaced per request; with no id below 0 its arithmetic is the model's own."""
+        the token embeddings can be replaced per request: every layer's output, the ids, the end-of-text positions.
 
+        Textual inversion: a position whose id is token_vector_id(k) (-1 - k, never a token) takes row k of
+        `token_vectors` instead of a token's embedding; with no id below 0 the arithmetic is the model's own."""
+        text = getattr(model, "text_model", model)  # transformers 5 dropped text_model
+        vector = input_ids < 0
+        ids = torch.where(vector, torch.zeros_like(input_ids), input_ids)  # "!" where a vector goes, as A1111
+        rows = token_vector_id(input_ids).clamp(0, token_vectors.shape[0] - 1)  # its own inverse: -1 - id
+        tokens = torch.where(vector.unsqueeze(-1), token_vectors[rows], text.embeddings.token_embedding(ids))
+        hidden = text.embeddings(input_ids=ids, inputs_embeds=tokens)  # + position embeddings
+        mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+        states = []
+        for layer in text.encoder.layers:
+            hidden = layer(hidden, mask, is_causal=True)
+            states.append(hidden)
+        # CLIPTextModel's pooled output: the last layer at the end-of-text position (the highest id in configs
+        # written before transformers' fix, whose eos_token_id is 2; int32 for ONNX's ArgMax)
+        end = (ids if text.config.eos_token_id == 2 else ids == text.config.eos_token_id).int().argmax(-1)
+        return text, torch.stack(states), end  # (layers, rows, tokens, hidden)
+
+    class TextEncoder(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
             self.model = model
 
         def forward(self, input_ids, clip_skip, token_vectors):
-            """Textual inversion: a position whose id is token_vector_id(k) (-1 - k, never a token) takes row k of
-            `token_vectors` instead of a token's embedding. AUTOMATIC1111's clip skip per row: the hidden state
-            `clip_skip` layers from the end (1: the last), through the final layer norm, as its FrozenCLIPEmbedder
-            (and diffusers' `clip_skip`, counted one lower)."""
-            text = getattr(self.model, "text_model", self.model)  # transformers 5 dropped text_model
-            vector = input_ids < 0
-            ids = torch.where(vector, torch.zeros_like(input_ids), input_ids)  # "!" where a vector goes, as A1111
-            rows = token_vector_id(input_ids).clamp(0, token_vectors.shape[0] - 1)  # its own inverse: -1 - id
-            tokens = torch.where(vector.unsqueeze(-1), token_vectors[rows], text.embeddings.token_embedding(ids))
-            hidden = text.embeddings(input_ids=ids, inputs_embeds=tokens)  # + position embeddings
-            mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
-            states = []
-            for layer in text.encoder.layers:
-                hidden = layer(hidden, mask, is_causal=True)
-                states.append(hidden)
-            layers = torch.stack(states)  # (layers, rows, tokens, hidden)
-            index = (len(states) - clip_skip).clamp(0, len(states) - 1)
+            """AUTOMATIC1111's clip skip per row: the hidden state `clip_skip` layers from the end (1: the last),
+            through the final layer norm, as its FrozenCLIPEmbedder (and diffusers' `clip_skip`, counted one
+            lower)."""
+            text, layers, end = run_layers(self.model, input_ids, token_vectors)
+            index = (len(layers) - clip_skip).clamp(0, len(layers) - 1)
             every = torch.arange(input_ids.shape[0])
-            # CLIPTextModel's pooled output: the last layer at the end-of-text position (the highest id in configs
-            # written before transformers' fix, whose eos_token_id is 2; int32 for ONNX's ArgMax)
-            end = (ids if text.config.eos_token_id == 2 else ids == text.config.eos_token_id).int().argmax(-1)
-            return text.final_layer_norm(layers[index, every]), text.final_layer_norm(hidden[every, end])
+            return text.final_layer_norm(layers[index, every]), text.final_layer_norm(layers[-1, every, end])
+
+    class TextEncoderXL(torch.nn.Module):
+        """SDXL's two text encoders as one model: both read the same tokens (the second with its own padding after
+        the end token: "!", as diffusers' tokenizer_2 and AUTOMATIC1111's id_pad), each from its penultimate layer
+        without the final layer norm, side by side; the pooled text is the second's projection of its last layer at
+        the end token. Textual-inversion vectors hold both encoders' rows side by side too (SDXL embeddings'
+        clip_l and clip_g)."""
+
+        def __init__(self, first, second, pad_2: int):
+            super().__init__()
+            self.first, self.second, self.pad_2 = first, second, pad_2
+
+        def forward(self, input_ids, clip_skip, token_vectors):
+            """clip skip 1 (AUTOMATIC1111's default): the penultimate layers; each more goes one layer further back,
+            as diffusers' SDXL `clip_skip` (counted one lower)."""
+            width = self.first.config.hidden_size
+            _, first, end = run_layers(self.first, input_ids, token_vectors[:, :width])
+            after_end = torch.arange(input_ids.shape[1]).unsqueeze(0) > end.unsqueeze(1)
+            ids_2 = torch.where(after_end, torch.full_like(input_ids, self.pad_2), input_ids)
+            text_2, second, end_2 = run_layers(self.second, ids_2, token_vectors[:, width:])
+            every = torch.arange(input_ids.shape[0])
+            hidden = [layers[(len(layers) - 1 - clip_skip).clamp(0, len(layers) - 1), every]
+                      for layers in (first, second)]
+            pooled = self.second.text_projection(text_2.final_layer_norm(second[-1, every, end_2]))
+            return torch.cat(hidden, dim=-1), pooled
 
     class Tiling(torch.nn.Module):
         """AUTOMATIC1111's tiling (seamless images): with `circular`, every Conv2d of the model pads circularly while
@@ -72,12 +101,15 @@ def export_modules(loaded) -> dict[str, Callable]:
                     conv.padding_mode = "zeros"
 
     class UNet(Tiling):
-        def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        def forward(self, sample, timestep, encoder_hidden_states, *rest):
+            added, residuals = {}, rest
+            if self.model.config.addition_embed_type == "text_time":  # SDXL: the pooled text and the time ids first
+                added, residuals = {"added_cond_kwargs": {"text_embeds": rest[0], "time_ids": rest[1]}}, rest[2:]
             if residuals:
                 return self.model(sample, timestep, encoder_hidden_states, return_dict=False,
                                   down_block_additional_residuals=list(residuals[:-1]),
-                                  mid_block_additional_residual=residuals[-1])[0]
-            return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+                                  mid_block_additional_residual=residuals[-1], **added)[0]
+            return self.model(sample, timestep, encoder_hidden_states, return_dict=False, **added)[0]
 
     class ControlNet(torch.nn.Module):
         def __init__(self, model):
@@ -101,8 +133,11 @@ def export_modules(loaded) -> dict[str, Callable]:
         def forward(self, latent):
             return self.model.decode(latent / self.scaling_factor, return_dict=False)[0]
 
+    second = getattr(loaded, "text_encoder_2", None)
     modules = {
-        "text_encoder": TextEncoder(loaded.text_encoder), "unet": UNet(loaded.unet), "unet_control": UNet(loaded.unet),
+        "text_encoder": TextEncoder(loaded.text_encoder) if second is None
+        else TextEncoderXL(loaded.text_encoder, second, pad_token_id(loaded.tokenizer_2)),
+        "unet": UNet(loaded.unet), "unet_control": UNet(loaded.unet),
         "vae_encoder": VaeEncoder(loaded.vae), "vae_decoder": VaeDecoder(loaded.vae),
     }
     for index, control in enumerate(loaded.controlnets.values()):

@@ -1,10 +1,14 @@
-"""The Stable Diffusion families kiln builds: SD 1.x and SD 2.x, their architectures (tiny and full size), scheduler
-configs and tokenizer padding, and how a loaded checkpoint tells which family it is.
+"""The Stable Diffusion families kiln builds: SD 1.x, SD 2.x and SDXL, their architectures (tiny and full size),
+scheduler configs and tokenizer padding, and how a loaded checkpoint tells which family it is.
 
 SD 2.x differs from SD 1.x in its text encoder (OpenCLIP ViT-H/14, which diffusers holds as a 23-layer
 CLIPTextModel with GELU; SD 1.x has OpenAI's CLIP ViT-L/14 with QuickGELU), its UNet (linear attention projections,
 heads of 64 channels, 1024-wide cross-attention), the padding after a prompt ("!" instead of the end token: what
 OpenCLIP's tokenizer pads with, and diffusers and AUTOMATIC1111 follow) and, for the 768 models, v-prediction.
+
+SDXL has two text encoders (CLIP ViT-L/14 and OpenCLIP ViT-bigG/14, the second with a projection: its pooled output
+conditions the UNet beside six "time ids", the image's original size, crop and target size), reads both from their
+penultimate layer without the final layer norm, and has a 3-level UNet with 10-deep transformers at 1024 pixels.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ class SDArchitecture:
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
-    controlnet: dict[str, Any]
+    controlnet: dict[str, Any] | None
+    text_encoder_2: dict[str, Any] | None = None  # SDXL's OpenCLIP ViT-bigG (CLIPTextModelWithProjection)
 
 
 _TINY_VAE = dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
@@ -89,6 +94,39 @@ SD2_ARCHITECTURES = {
 }
 
 
+# SDXL: diffusers' SDXL fast tests (tiny) and stabilityai/stable-diffusion-xl-base-1.0 (full; 1024 px). The UNet's
+# added embedding takes the pooled text (the second encoder's projection) and 6 time ids of addition_time_embed_dim.
+_TINY_XL_TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5,
+                     projection_dim=32, layer_norm_eps=1e-5, hidden_act="gelu")
+SDXL_ARCHITECTURES = {
+    "tiny": SDArchitecture(
+        unet=dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                  use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                  transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
+                  cross_attention_dim=64, norm_num_groups=32),
+        vae=_TINY_VAE | dict(sample_size=128),
+        text_encoder=_TINY_XL_TEXT | dict(hidden_act="quick_gelu"), text_encoder_2=_TINY_XL_TEXT, controlnet=None),
+    "full": SDArchitecture(
+        unet=dict(block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128, in_channels=4,
+                  out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, transformer_layers_per_block=(1, 2, 10),
+                  projection_class_embeddings_input_dim=2816, cross_attention_dim=2048),
+        vae=_FULL_VAE | dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        text_encoder=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                          projection_dim=768, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
+        text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                            projection_dim=1280, layer_norm_eps=1e-5, hidden_act="gelu"),
+        controlnet=None),
+}
+# SDXL base's scheduler: Euler over the same training schedule, "leading" timesteps
+SDXL_SCHEDULER_CONFIG = SCHEDULER_CONFIG | {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading",
+                                            "interpolation_type": "linear", "use_karras_sigmas": False}
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family: what its checkpoints share."""
@@ -99,6 +137,8 @@ class Family:
     prediction: str  # the released model's: epsilon or v_prediction
     pad_token: str  # what the tokenizer pads a prompt with after its end token
     native_side: int  # the released model's image side (pixels)
+    scheduler: dict | None = None  # the released model's scheduler config (default: SCHEDULER_CONFIG)
+    pad_token_2: str = ""  # what the second text encoder's tokenizer pads with (SDXL); "": one text encoder
 
     def architecture(self, size: str) -> SDArchitecture:
         if size not in self.architectures:
@@ -109,12 +149,17 @@ class Family:
         prediction = prediction or self.prediction
         if prediction not in PREDICTIONS:
             raise WeightsError(f"unknown prediction type {prediction!r}; valid: {', '.join(PREDICTIONS)}")
-        return SCHEDULER_CONFIG | {"prediction_type": prediction}
+        return (self.scheduler or SCHEDULER_CONFIG) | {"prediction_type": prediction}
+
+    @property
+    def two_encoders(self) -> bool:
+        return bool(self.pad_token_2)
 
 
 FAMILIES = {
     "sd1": Family("sd1", "SD 1.x", ARCHITECTURES, "epsilon", "<|endoftext|>", 512),
     "sd2": Family("sd2", "SD 2.x", SD2_ARCHITECTURES, "v_prediction", "!", 768),
+    "sdxl": Family("sdxl", "SDXL", SDXL_ARCHITECTURES, "epsilon", "<|endoftext|>", 1024, SDXL_SCHEDULER_CONFIG, "!"),
 }
 
 
@@ -125,9 +170,11 @@ def family(name: str) -> Family:
         raise WeightsError(f"unknown model family {name!r}; valid: {', '.join(FAMILIES)}") from None
 
 
-def family_of(text_encoder_config, marker: dict | None = None) -> Family:
-    """The family of a loaded checkpoint: what its kiln-weights.json says, else its text encoder's activation (GELU:
-    OpenCLIP, SD 2.x; QuickGELU: OpenAI's CLIP, SD 1.x)."""
+def family_of(text_encoder_config, marker: dict | None = None, text_encoder_2=None) -> Family:
+    """The family of a loaded checkpoint: what its kiln-weights.json says, else a second text encoder (SDXL), else its
+    text encoder's activation (GELU: OpenCLIP, SD 2.x; QuickGELU: OpenAI's CLIP, SD 1.x)."""
     if marker and marker.get("family"):
         return family(marker["family"])
+    if text_encoder_2 is not None:
+        return FAMILIES["sdxl"]
     return FAMILIES["sd2" if getattr(text_encoder_config, "hidden_act", "quick_gelu") == "gelu" else "sd1"]

@@ -51,7 +51,7 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
     unet_cfg, vae_cfg, text_cfg = loaded.unet.config, loaded.vae.config, loaded.text_encoder.config
     scale = vae_scale_factor(loaded)
     latent = unet_cfg.in_channels
-    hidden = text_cfg.hidden_size
+    hidden, pooled, layers = text_widths(loaded)
     max_len = text_cfg.max_position_embeddings
     multiple = size_multiple(loaded)
     if not images.min <= images.opt <= images.max:
@@ -75,24 +75,28 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
     context = TensorSpec("encoder_hidden_states", "FP32", ("batch", "sequence", hidden))
     noise = TensorSpec("noise_pred", "FP32", ("batch", unet_cfg.out_channels, "latent_height", "latent_width"))
     residuals = _residual_specs(loaded.unet)
+    # SDXL's added conditions: the pooled text (the second encoder's projection) and the six time ids (original
+    # size, crop top-left, target size), per row
+    added = (TensorSpec("text_embeds", "FP32", ("batch", pooled)),
+             TensorSpec("time_ids", "FP32", ("batch", 6), value_range=(0, 1024))) if two_encoders(loaded) else ()
 
     specs = {
         "text_encoder": ComponentSpec(
             name="text_encoder",
             inputs=(TensorSpec("input_ids", "INT64", ("batch", max_len), value_range=(0, text_cfg.vocab_size)),
                     # AUTOMATIC1111's CLIP_stop_at_last_layers per row: 1 (the last layer) to every layer
-                    TensorSpec("clip_skip", "INT64", ("batch",), value_range=(1, text_cfg.num_hidden_layers + 1)),
+                    TensorSpec("clip_skip", "INT64", ("batch",), value_range=(1, layers + 1)),
                     # textual inversion: an id token_vector_id(k) (-1 - k) takes row k instead of a token's embedding
                     TensorSpec("token_vectors", "FP32", ("vectors", hidden), value_range=(-0.1, 0.1))),
             outputs=(TensorSpec("last_hidden_state", "FP32", ("batch", max_len, hidden)),
-                     TensorSpec("pooler_output", "FP32", ("batch", hidden))),
+                     TensorSpec("pooler_output", "FP32", ("batch", pooled))),
             profile=batch | vectors, tolerances=FP32_TOLERANCE, reference_output="last_hidden_state",
             link_samples=_point_at_token_vectors),
         "unet": ComponentSpec(
-            name="unet", inputs=(sample, timestep, context), outputs=(noise,),
+            name="unet", inputs=(sample, timestep, context, *added), outputs=(noise,),
             profile=batch | latent_axes | sequence, tolerances=FP32_TOLERANCE, reference_output="noise_pred"),
         "unet_control": ComponentSpec(
-            name="unet_control", inputs=(sample, timestep, context, *residuals), outputs=(noise,),
+            name="unet_control", inputs=(sample, timestep, context, *added, *residuals), outputs=(noise,),
             profile=batch | latent_axes | sequence, tolerances=FP32_TOLERANCE, reference_output="noise_pred"),
         "vae_encoder": ComponentSpec(
             name="vae_encoder",
@@ -126,6 +130,23 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
             profile=batch | image_axes | latent_axes | sequence, tolerances=FP32_TOLERANCE,
             reference_output=residuals[-1].name)
     return specs
+
+
+def two_encoders(loaded) -> bool:
+    """SDXL: a second text encoder, whose pooled projection and the time ids condition the UNet too."""
+    return getattr(loaded, "text_encoder_2", None) is not None
+
+
+def text_widths(loaded) -> tuple[int, int, int]:
+    """The text encoding's width (both encoders' hidden states side by side for SDXL), the pooled text's width (the
+    second encoder's projection for SDXL; the hidden size otherwise), and the layers clip skip may count back."""
+    first = loaded.text_encoder.config
+    if not two_encoders(loaded):
+        return first.hidden_size, first.hidden_size, first.num_hidden_layers
+    second = loaded.text_encoder_2.config
+    # SDXL starts at the penultimate layer: clip skip goes back from there, as far as the shallower encoder allows
+    return (first.hidden_size + second.hidden_size, second.projection_dim,
+            min(first.num_hidden_layers, second.num_hidden_layers) - 1)
 
 
 def _point_at_token_vectors(sample: dict, rng) -> None:

@@ -1,5 +1,5 @@
-"""Stable Diffusion 1.x and 2.x checkpoints without a hub: seeded random weights of the real architectures, and the real
-CLIP tokenizer.
+"""Stable Diffusion 1.x, 2.x and SDXL checkpoints without a hub: seeded random weights of the real architectures, and
+the real CLIP tokenizer.
 
 `write_sd_checkpoint` writes a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/,
 tokenizer/, scheduler/, and controlnet/) that `load_sd` — and diffusers itself — read exactly like a
@@ -93,12 +93,14 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True,
     `inpainting` makes the UNet a 9-channel inpainting UNet (latents + mask + masked-image latents); `prediction`
     (epsilon, v_prediction) defaults to the family's released model's.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     kind = family(family_name)
     arch = kind.architecture(size)
     scheduler = kind.scheduler_config(prediction)
+    controlnet = controlnet and arch.controlnet is not None  # SDXL: no ControlNet architecture here yet
     tokenizer = clip_tokenizer(kind.pad_token)
     _seeded(seed)
     unet = UNet2DConditionModel(**(arch.unet | ({"in_channels": 9} if inpainting else {})))
@@ -108,8 +110,14 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True,
     text_encoder = CLIPTextModel(clip_text_config(arch.text_encoder, tokenizer.pad_token_id))
     components = {
         "unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
-        "scheduler": PNDMScheduler.from_config({k: v for k, v in scheduler.items() if k != "_class_name"}),
+        "scheduler": getattr(diffusers, scheduler["_class_name"]).from_config(
+            {k: v for k, v in scheduler.items() if k != "_class_name"}),
     }
+    if arch.text_encoder_2 is not None:  # SDXL's OpenCLIP ViT-bigG, with its projection (the pooled text)
+        components["tokenizer_2"] = clip_tokenizer(kind.pad_token_2)
+        _seeded(seed + 4)
+        components["text_encoder_2"] = CLIPTextModelWithProjection(
+            clip_text_config(arch.text_encoder_2, components["tokenizer_2"].pad_token_id)).eval()
     if controlnet:
         components["controlnet"] = random_controlnet(size, seed + 3, family_name)
     return components
@@ -144,14 +152,18 @@ def random_embedding(size: str = "tiny", vectors: int = 2, seed: int = 0, family
 
 def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet: bool = True,
                         inpainting: bool = False, family_name: str = "sd1", prediction: str | None = None) -> Path:
-    """Write a diffusers-format SD 1.x or 2.x folder of seeded random weights; a ControlNet goes in controlnet/."""
-    from diffusers import StableDiffusionPipeline
+    """Write a diffusers-format SD 1.x, 2.x or SDXL folder of seeded random weights; a ControlNet goes in
+    controlnet/."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out = Path(out)
     components = build_components(size, seed, controlnet, inpainting, family_name, prediction)
     control = components.pop("controlnet", None)
-    pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    if "text_encoder_2" in components:
+        pipeline = StableDiffusionXLPipeline(**components)
+    else:
+        pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
     pipeline.save_pretrained(str(out), safe_serialization=True)
     if control is not None:
         control.save_pretrained(str(out / "controlnet"), safe_serialization=True)
@@ -175,7 +187,9 @@ class LoadedSD:
     source: str
     random: bool
     vaes: dict = field(default_factory=dict)  # more VAEs (build.sd.vae.ExtraVAE) by name, in the order given
-    family: str = "sd1"  # build.sd.families: sd1, sd2
+    family: str = "sd1"  # build.sd.families: sd1, sd2, sdxl
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second text encoder (with its projection) ...
+    tokenizer_2: Any = None  # ... and its tokenizer (the same vocabulary, its own padding)
 
     @property
     def controlnet(self) -> torch.nn.Module | None:
@@ -237,12 +251,13 @@ def load_controlnet(source: Path, unet=None, latent_channels: int = 4):
 
 def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] | None = None,
             config: str | Path | None = None) -> LoadedSD:
-    """Load a diffusers-format folder, a single-file original-layout .safetensors, or a hub id (where a network exists).
+    """Load a diffusers-format folder (SD 1.x, 2.x or SDXL base), a single-file original-layout .safetensors, or a hub
+    id (where a network exists).
 
     A single file takes its architecture from `config` (a diffusers-format folder; default: SD 1.5's). ControlNets
     come from `controlnet` (see `controlnet_sources`), or a folder checkpoint's controlnet/.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     path = Path(weights)
     if not path.exists() and not (str(weights).count("/") == 1 and not str(weights).startswith((".", "/"))):
@@ -258,18 +273,38 @@ def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] |
         marker = json.loads(metadata.get(METADATA_KEY, "{}"))
     else:
         try:
-            pipeline = StableDiffusionPipeline.from_pretrained(str(weights), safety_checker=None,
-                                                               requires_safety_checker=False, use_safetensors=True)
+            if _is_sdxl_folder(path):
+                pipeline = StableDiffusionXLPipeline.from_pretrained(str(weights), use_safetensors=True)
+            else:
+                pipeline = StableDiffusionPipeline.from_pretrained(str(weights), safety_checker=None,
+                                                                   requires_safety_checker=False, use_safetensors=True)
         except Exception as exc:  # noqa: BLE001 - diffusers raises OSError/ValueError/EnvironmentError variants
             raise WeightsError(f"cannot load a Stable Diffusion checkpoint from {weights!r}: "
                                f"{first_line(exc)}") from None
         if (path / "kiln-weights.json").exists():
             marker = json.loads((path / "kiln-weights.json").read_text())
     check_tokenizer(pipeline.tokenizer, str(weights))
+    text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
+    kind = family_of(pipeline.text_encoder.config, marker, text_encoder_2)
+    if kind.two_encoders and (controlnet or (path / "controlnet").is_dir()):
+        raise WeightsError(f"{weights}: ControlNets for {kind.title} are not built yet (SD 1.x and 2.x only)")
     controlnets = {name: load_controlnet(source, pipeline.unet, pipeline.vae.config.latent_channels)
                    for name, source in controlnet_sources(controlnet, path).items()}
     random = marker.get("random", False)
     return LoadedSD(unet=pipeline.unet.eval(), vae=pipeline.vae.eval(), text_encoder=pipeline.text_encoder.eval(),
                     tokenizer=pipeline.tokenizer, scheduler_config=dict(pipeline.scheduler.config),
-                    controlnets=controlnets, source=str(weights), random=bool(random),
-                    family=family_of(pipeline.text_encoder.config, marker).name)
+                    controlnets=controlnets, source=str(weights), random=bool(random), family=kind.name,
+                    text_encoder_2=text_encoder_2.eval() if text_encoder_2 is not None else None,
+                    tokenizer_2=getattr(pipeline, "tokenizer_2", None))
+
+
+def _is_sdxl_folder(path: Path) -> bool:
+    """A diffusers folder of an SDXL pipeline (its model_index.json names a second text encoder); the refiner (the
+    second alone) is refused by name."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return False
+    components = json.loads(index.read_text())
+    if components.get("text_encoder_2") and not (components.get("text_encoder") or [None])[0]:
+        raise WeightsError(f"{path}: an SDXL refiner (one text encoder, the second); refiners are not built yet")
+    return bool((components.get("text_encoder_2") or [None])[0])

@@ -1,4 +1,4 @@
-"""`kiln weights sd|vit|embedding|lora|vae|upscaler`: seeded random checkpoints of the real architectures (and a
+"""`kiln weights sd|sdxl|vit|embedding|lora|vae|upscaler`: seeded random checkpoints of the real architectures (and a
 textual-inversion embedding, a LoRA, another VAE and an upscaler for them), written as a user's would be."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def add_parser(commands) -> None:
                       help="tiny components (diffusers' test sizes), seconds to run")
     size.add_argument("--full-size-random", type=Path, metavar="OUT",
                       help="the released architecture (SD 1.5's UNet: 859.5 M parameters; SD 2.1's: 865.9 M)")
-    _family(sd)
+    _family(sd, tuple(FAMILIES))
     sd.add_argument("--prediction", choices=PREDICTIONS,
                     help="what the UNet predicts (default: the family's released model's: epsilon for SD 1.x, "
                          "v_prediction for SD 2.x, as SD 2.1 768; epsilon is SD 2.1-base's)")
@@ -28,6 +28,15 @@ def add_parser(commands) -> None:
     sd.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
                     help="also write the checkpoint as one original-layout .safetensors (what AUTOMATIC1111 loads)")
     sd.set_defaults(run=run_sd)
+    xl = targets.add_parser("sdxl", help="a diffusers-format SDXL base folder (same as `sd --family sdxl`)")
+    size = xl.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tiny", type=Path, metavar="OUT",
+                      help="tiny components (diffusers' SDXL test sizes), seconds to run")
+    size.add_argument("--full-size-random", type=Path, metavar="OUT",
+                      help="SDXL base 1.0's architecture (UNet 2,567.5 M parameters; text encoders 123.1 M + 694.7 M)")
+    xl.add_argument("--seed", type=int, default=0)
+    xl.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SDXL inpainting 0.1)")
+    xl.set_defaults(run=run_sd, family="sdxl", prediction=None, no_controlnet=True, single_file=None)
     vit = targets.add_parser("vit", help="a timm-style ViT-B/16 folder (model.safetensors + config.json)")
     vit.add_argument("--random", type=Path, metavar="OUT", required=True)
     vit.add_argument("--seed", type=int, default=0)
@@ -67,10 +76,10 @@ def _file_sizes(parser, tiny: str = "for `kiln weights sd --tiny`", full: str = 
     size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help=full)
 
 
-def _family(parser) -> None:
-    parser.add_argument("--family", choices=tuple(FAMILIES), default="sd1",
-                        help="the model family: sd1 (SD 1.x, CLIP ViT-L) or sd2 (SD 2.x, OpenCLIP ViT-H) "
-                             "(default: %(default)s)")
+def _family(parser, families: tuple[str, ...] = ("sd1", "sd2")) -> None:
+    parser.add_argument("--family", choices=families, default="sd1",
+                        help="the model family: sd1 (SD 1.x, CLIP ViT-L) or sd2 (SD 2.x, OpenCLIP ViT-H)"
+                             + (", sdxl (two text encoders)" if "sdxl" in families else "") + " (default: %(default)s)")
 
 
 def _sized(args) -> tuple[Path, str]:
@@ -82,6 +91,8 @@ def run_sd(args) -> int:
     from build.sd.weights import write_sd_checkpoint
 
     out, size = _sized(args)
+    if args.single_file is not None and args.family == "sdxl":
+        raise KilnError("--single-file: SDXL single files are not written yet (kiln writes SD 1.x and 2.x ones)")
     if args.single_file is not None and args.single_file.suffix != ".safetensors":
         raise KilnError(f"--single-file {args.single_file}: the file name must end in .safetensors")
     write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet, inpainting=args.inpainting,

@@ -21,8 +21,9 @@ from kiln.errors import InputError
 from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
 from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
 from kiln.masks import blur_radius, paste_outside_mask
-from orchestrator.pipeline import hires
+from orchestrator.pipeline import conditioning, hires
 from orchestrator.pipeline.components import Components, Graph, call_graph
+from orchestrator.pipeline.conditioning import Conditioning
 from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
 from orchestrator.pipeline.sampling import CHURN, batch_seeds, draw_seed, noise, schedule, step_kwargs
@@ -90,12 +91,17 @@ class Pipeline:
         if not uses:
             return text, LoraSet()
         if not self.contract.lora_layers:
-            raise InputError(LORA_NOT_BUILT.format(name=uses[0].name, why=f"variant {self.contract.variant}, or a "
-                                                                          "build before LoRA"))
+            why = "SDXL builds take none yet" if self.contract.text_split else \
+                f"variant {self.contract.variant}, or a build before LoRA"
+            raise InputError(LORA_NOT_BUILT.format(name=uses[0].name, why=why))
         return text, (self.components.loras or LoraLibrary(None)).resolve(uses)
 
-    def encode_prompts(self, prompts: list[str], clip_skip: int = 1, loras: LoraSet = NO_LORA) -> np.ndarray:
-        return self.components.text_encoder.encode(prompts, clip_skip, loras.spec("text_encoder"))
+    def encode_prompts(self, prompts: list[str], request: Txt2ImgRequest, loras: LoraSet = NO_LORA) -> Conditioning:
+        """The UNet's conditioning by `prompts` (the negative prompt first where guided) for the request's image."""
+        return conditioning.encode(self.components.text_encoder, prompts, request.clip_skip,
+                                   loras.spec("text_encoder"), two_encoders=bool(self.contract.text_split),
+                                   width=request.width, height=request.height,
+                                   zero_first=len(prompts) > 1 and prompts[0] == "")
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None, **hooks) -> GenerationResult:
@@ -154,8 +160,7 @@ class Pipeline:
         # 3. Encode the prompts: negative first, as diffusers concatenates them.
         prompt, loras = self.lora_set(request.prompt)  # AUTOMATIC1111's LoRA tags: out of the text, into the models
         prompts = [request.negative_prompt, prompt] if guided else [prompt]
-        # (negative x batch, positive x batch)
-        context = np.repeat(self.encode_prompts(prompts, request.clip_skip, loras), batch, axis=0)
+        context = self.encode_prompts(prompts, request, loras).repeat(batch)  # (negative x batch, positive x batch)
 
         # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says. The hires fix's second pass
         # has its own, made now: progress counts both passes' steps.
@@ -206,7 +211,7 @@ class Pipeline:
                                         request.mask_blur, request.inpainting_mask_invert)
         return GenerationResult(images=images, seeds=seeds, info=self._info(request, seeds, variation, stopped_at))
 
-    def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, context: np.ndarray,
+    def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, context: Conditioning,
                  cond: list[np.ndarray], inpaint: dict | None, drawn, kwargs: dict, progress, cancelled, stop_early,
                  unet_call: UNetCall, loras: LoraSet = NO_LORA) -> tuple:
         """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked. The UNets
@@ -232,7 +237,7 @@ class Pipeline:
                                         dim=1)
             rows = len(model_input)
             inputs = {"sample": model_input.numpy(), "timestep": np.full(rows, float(t), np.float32),
-                      "encoder_hidden_states": rows_of(context)}
+                      **context.inputs(rows_of)}
             active = [(rows_of(unit_cond), scale, components.controlnet(unit.model))
                       for unit_cond, unit in zip(cond, request.controlnet_units)
                       if (scale := unit.scale_at(index, len(timesteps)))]
@@ -293,7 +298,7 @@ class Pipeline:
         negative = request.negative_prompt if fix.negative_prompt is None else fix.negative_prompt
         if (prompt, negative, loras) != (first_prompt, request.negative_prompt, first[2]):
             prompts = [negative, prompt] if request.cfg_scale > 1 else [prompt]
-            context = np.repeat(self.encode_prompts(prompts, request.clip_skip, loras), len(latents), axis=0)
+            context = self.encode_prompts(prompts, request, loras).repeat(len(latents))
         # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
         pass_two = replace(request, width=planned.size[0], height=planned.size[1], hires=None)
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context))

@@ -41,6 +41,15 @@ class TextEncoder(Protocol):
         AUTOMATIC1111's CLIP_stop_at_last_layers (1: the last layer's output); `lora`: the text encoder's LoRA spec
         (kiln.lora.LoraSet.spec)."""
 
+    def encode_pooled(self, prompts: Sequence[str], clip_skip: int = 1, lora: str = "") -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+        """SDXL: the encoding as encode's, and each prompt's pooled text (len(prompts), pooled): its first chunk's."""
+
+
+def first_chunks(pooled: np.ndarray, prompts: int) -> np.ndarray:
+    """Each prompt's pooled text from the (prompts * chunks, pooled) rows of its chunks: its first chunk's (A1111)."""
+    return np.ascontiguousarray(pooled.reshape(prompts, -1, pooled.shape[-1])[:, 0])
+
 
 class VAE(Protocol):
     def encode_image(self, data: bytes, width: int, height: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from kiln.errors import InputError
 from kiln.imaging import to_uint8, vae_input
 from kiln.lora import LoraLibrary
 from kiln.prompts import EmbeddingLookup, apply_emphasis, load_tokenizer, tokenize_weighted_batch
-from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components, NetworkUpscaler
+from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components, NetworkUpscaler, first_chunks
 
 Runner = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]  # inputs -> every output, by name
 REQUIRED = ("text_encoder", "unet", "vae_decoder")  # what txt2img needs
@@ -110,13 +110,19 @@ class LocalGraph:
 
 class LocalTextEncoder:
     def __init__(self, tokenizer, runner: Runner, max_chunks: int, clip_skip_layers: int = 0,
-                 textual_inversion_dim: int = 0, embeddings: EmbeddingLibrary | None = None) -> None:
+                 textual_inversion_dim: int = 0, embeddings: EmbeddingLibrary | None = None,
+                 text_split: int = 0) -> None:
         self.tokenizer, self.runner, self.max_chunks = tokenizer, runner, max_chunks
+        self.text_split = text_split  # SDXL's: the first encoder's width (SDContract.text_split)
         self.clip_skip_layers = clip_skip_layers  # 0: a build before clip skip (its encoder takes input_ids only)
         self.textual_inversion_dim = textual_inversion_dim  # 0: a build before embeddings (no token_vectors)
         self.embeddings = embeddings  # the textual-inversion embeddings prompts may name
 
     def encode(self, prompts: Sequence[str], clip_skip: int = 1, lora: str = "") -> np.ndarray:
+        return self.encode_pooled(prompts, clip_skip, lora)[0]
+
+    def encode_pooled(self, prompts: Sequence[str], clip_skip: int = 1, lora: str = "") -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
         """As sd_text_encode: the same selection, lookup and tokenization as the Triton path, in process."""
         named = self.embeddings.select(prompts, self.textual_inversion_dim) if self.embeddings is not None else {}
         lookup = EmbeddingLookup(self.tokenizer, named, self.textual_inversion_dim) \
@@ -129,8 +135,10 @@ class LocalTextEncoder:
             raise InputError(CLIP_SKIP_NOT_BUILT)
         if lookup is not None:
             inputs["token_vectors"] = lookup.vectors
-        hidden = apply_emphasis(_with_lora(self.runner, lora)(inputs)["last_hidden_state"], weights)
-        return hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2])
+        out = _with_lora(self.runner, lora)(inputs)
+        hidden = apply_emphasis(out["last_hidden_state"], weights, self.text_split)
+        return (hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2]),
+                first_chunks(out["pooler_output"], len(prompts)) if self.text_split else None)
 
 
 class LocalVAE:
@@ -201,7 +209,8 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
     return Components(
         contract=contract,
         text_encoder=LocalTextEncoder(tokenizer, runners["text_encoder"], contract.max_prompt_chunks,
-                                      contract.clip_skip_layers, contract.textual_inversion_dim, embeddings),
+                                      contract.clip_skip_layers, contract.textual_inversion_dim, embeddings,
+                                      contract.text_split),
         unet=LocalGraph(models(names.SD_UNET), runners["unet"]),
         vae=LocalVAE(runners["vae_decoder"], runners.get("vae_encoder")),
         unet_control=LocalGraph(models(names.SD_UNET_CONTROL), runners["unet_control"])

@@ -14,7 +14,7 @@ from kiln.errors import InputError, KilnError, NotFoundError, ServerError
 from kiln.lora import LoraLibrary
 from kiln.prompts import apply_emphasis, embedding_tensors
 from kiln.triton_client import TritonClient
-from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components, NetworkUpscaler
+from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components, NetworkUpscaler, first_chunks
 
 _ROW_SCALARS = ("timestep", "conditioning_scale")  # (rows,) here, (rows, 1) on the wire
 
@@ -61,14 +61,24 @@ class TritonGraph:
 
 class TritonTextEncoder:
     def __init__(self, client: TritonClient, clip_skip_layers: int = 0, textual_inversion_dim: int = 0,
-                 embeddings: EmbeddingLibrary | None = None, models: SDModels = DEFAULT_MODELS) -> None:
+                 embeddings: EmbeddingLibrary | None = None, models: SDModels = DEFAULT_MODELS,
+                 text_split: int = 0) -> None:
         self.client = client
+        self.text_split = text_split  # SDXL's: the first encoder's width; the ensemble gives the pooled text too
         self.model = models(names.SD_TEXT_ENCODE)
         self.clip_skip_layers = clip_skip_layers  # 0: a build before clip skip (its ensemble takes prompts only)
         self.textual_inversion_dim = textual_inversion_dim  # 0: a build before embeddings (no vectors go with them)
         self.embeddings = embeddings  # the service's embeddings folder: the vectors the prompts name go to Triton
 
     def encode(self, prompts: Sequence[str], clip_skip: int = 1, lora: str = "") -> np.ndarray:
+        return self._encode(prompts, clip_skip, lora)[0]
+
+    def encode_pooled(self, prompts: Sequence[str], clip_skip: int = 1, lora: str = "") -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+        context, out = self._encode(prompts, clip_skip, lora)
+        return context, first_chunks(out["pooled"], len(prompts))
+
+    def _encode(self, prompts: Sequence[str], clip_skip: int, lora: str) -> tuple[np.ndarray, dict]:
         inputs = {"prompt": np.array([p.encode() for p in prompts], dtype=object)}
         if lora:  # only then: a build before LoRA has no such input (the pipeline refuses LoRA for it)
             inputs["lora"] = np.array([lora.encode()], dtype=object)
@@ -79,10 +89,11 @@ class TritonTextEncoder:
         named = self.embeddings.select(prompts, self.textual_inversion_dim) if self.embeddings is not None else {}
         if self.textual_inversion_dim:
             inputs |= embedding_tensors(named, self.textual_inversion_dim)
-        out = self.client.infer(self.model, inputs, ["embeddings", "chunks", "weights"])
+        out = self.client.infer(self.model, inputs, ["embeddings", "chunks", "weights"]
+                                + (["pooled"] if self.text_split else []))
         chunks = int(out["chunks"][0])
-        embeddings = apply_emphasis(out["embeddings"], out["weights"])  # (prompts * chunks, 77, hidden)
-        return embeddings.reshape(len(prompts), chunks * embeddings.shape[1], embeddings.shape[2])
+        embeddings = apply_emphasis(out["embeddings"], out["weights"], self.text_split)  # (prompts * chunks, 77, _)
+        return embeddings.reshape(len(prompts), chunks * embeddings.shape[1], embeddings.shape[2]), out
 
 
 class TritonVAE:
@@ -171,7 +182,7 @@ def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str 
     batch, channels = contract.unet_max_batch, contract.latent_channels
     controlnets = {c.name: TritonControlNet(client, c, batch, channels) for c in contract.controlnets}
     text_encoder = TritonTextEncoder(client, contract.clip_skip_layers, contract.textual_inversion_dim, embeddings,
-                                     models)
+                                     models, contract.text_split)
     return Components(contract=contract, text_encoder=text_encoder,
                       unet=TritonGraph(client, models(names.SD_UNET), batch, out_channels=channels),
                       vae=TritonVAE(client, models=models),

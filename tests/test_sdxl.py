@@ -1,0 +1,231 @@
+"""SDXL: its tiny architecture (diffusers' SDXL fast tests: two text encoders, the pooled text and time ids as added
+conditions), built like SD 1.x and matching diffusers' StableDiffusionXL pipelines; built beside an SD 1.x checkpoint
+in one repository and served by one Triton and one API, picked per request."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import replace
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import save_file
+
+from build.sd import ImageRange, SDBuildOptions, build_sd
+from build.sd.weights import load_sd, write_sd_checkpoint
+from kiln.contract import SD_TEXT_ENCODE, SDModels, read_config
+from kiln.errors import InputError, WeightsError
+from kiln.paths import SAMPLE_IMAGES
+from kiln.triton_server import free_port
+from orchestrator.pipeline import Img2ImgRequest, Pipeline, Txt2ImgRequest, make_scheduler
+from tests.conftest import start_triton
+
+pytestmark = pytest.mark.slow
+SIDES = ImageRange(32, 0, 128)  # opt 0: the checkpoint's own side (the tiny UNet's 32 latents: 64 pixels)
+XL = SDModels("xl-tiny")
+PROMPT = "a photo of a cat"
+
+
+@pytest.fixture(scope="module")
+def xl_checkpoint(tmp_path_factory):
+    return write_sd_checkpoint(tmp_path_factory.mktemp("sdxl") / "tiny", size="tiny", seed=0, family_name="sdxl")
+
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    """An SDXL textual-inversion embedding (clip_l and clip_g: both encoders' vectors), 2 vectors."""
+    folder = tmp_path_factory.mktemp("xl_embeddings")
+    rng = np.random.default_rng(0)
+    save_file({"clip_l": rng.normal(0, 0.05, (2, 32)).astype(np.float32),
+               "clip_g": rng.normal(0, 0.05, (2, 32)).astype(np.float32)}, str(folder / "xl-style.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, plain_checkpoint, xl_checkpoint):
+    """The tiny SD 1.x as the default checkpoint, the tiny SDXL beside it as xl-tiny."""
+    repo = tmp_path_factory.mktemp("xl_repo") / "repo"
+    for weights, checkpoint in ((plain_checkpoint, ""), (xl_checkpoint, XL.checkpoint)):
+        build_sd(SDBuildOptions(weights=str(weights), repository=repo, images=SIDES, progress=False,
+                                checkpoint=checkpoint), log=lambda _m: None)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def xl_local(repo, embeddings):
+    from kiln.embeddings import EmbeddingLibrary
+    from orchestrator.pipeline.components.local import local_components
+
+    return Pipeline(local_components(repo, embeddings=EmbeddingLibrary(embeddings), models=XL))
+
+
+@pytest.fixture(scope="module")
+def reference(xl_checkpoint):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(xl_checkpoint))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dict(pipe.scheduler.config)
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def _uint8(images) -> np.ndarray:
+    return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _theirs(pipe, config, sampler: str, seed: int, steps: int = 6, **kwargs) -> np.ndarray:
+    pipe.scheduler = make_scheduler(sampler, config, seed=seed)
+    return _uint8(pipe(kwargs.pop("prompt", PROMPT), num_inference_steps=steps, guidance_scale=7.5, height=64,
+                       width=64, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images)
+
+
+def test_the_family_two_encoders_and_added_conditions_reach_the_contract_and_the_models(xl_checkpoint, repo,
+                                                                                        xl_local):
+    loaded = load_sd(xl_checkpoint)
+    assert loaded.family == "sdxl" and loaded.tokenizer_2.pad_token == "!" and loaded.tokenizer.pad_token != "!"
+    contract = xl_local.contract
+    assert (contract.family, contract.text_split, contract.textual_inversion_dim) == ("sdxl", 32, 64)
+    assert contract.a1111_config == "sd_xl_base.yaml" and contract.lora_layers == 0
+    assert contract.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
+    unet = read_config(repo / XL.component("unet") / "config.pbtxt")
+    assert [i.name for i in unet.input] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    ensemble = read_config(repo / XL(SD_TEXT_ENCODE) / "config.pbtxt")
+    assert "pooled" in [o.name for o in ensemble.output]
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "DDIM", "UniPC"])
+def test_txt2img_matches_diffusers(xl_local, reference, sampler):
+    """Measured: 0/255 apart."""
+    pipe, config = reference
+    expected = _theirs(pipe, config, sampler, 1234, negative_prompt="blurry")
+    request = Txt2ImgRequest(prompt=PROMPT, negative_prompt="blurry", steps=6, sampler=sampler, cfg_scale=7.5,
+                             seed=1234, width=64, height=64)
+    assert _diff(xl_local.txt2img(request).images, expected) <= 2
+
+
+def test_an_empty_negative_prompt_is_zeros_and_the_time_ids_are_the_images_size(xl_local, reference):
+    """As diffusers' force_zeros_for_empty_prompt and AUTOMATIC1111's SDXL; the encoding of "", or other time ids,
+    give another image (so the test can fail)."""
+    pipe, config = reference
+    request = Txt2ImgRequest(prompt=PROMPT, steps=4, sampler="Euler", cfg_scale=7.5, seed=8, width=64, height=64)
+    ours = xl_local.txt2img(request).images
+    assert _diff(ours, _theirs(pipe, config, "Euler", 8, steps=4)) <= 2
+    assert _diff(ours, _theirs(pipe, config, "Euler", 8, steps=4, negative_prompt="")) > 2
+    assert _diff(ours, _theirs(pipe, config, "Euler", 8, steps=4, original_size=(1024, 1024))) > 2
+
+
+def test_clip_skip_goes_back_from_the_penultimate_layer_as_diffusers(xl_local, reference):
+    """No negative prompt: diffusers' SDXL applies clip_skip to the prompt only (its negative prompt always reads the
+    penultimate layers); AUTOMATIC1111's, and ours, to both."""
+    pipe, config = reference
+    request = Txt2ImgRequest(prompt=PROMPT, steps=4, sampler="Euler", cfg_scale=7.5, seed=2, width=64, height=64,
+                             clip_skip=2)
+    ours = xl_local.txt2img(request).images
+    assert _diff(ours, _theirs(pipe, config, "Euler", 2, steps=4, clip_skip=1)) <= 2
+    assert _diff(ours, xl_local.txt2img(replace(request, clip_skip=1)).images) > 2
+
+
+def test_long_prompts_emphasis_and_embeddings(xl_local, reference, xl_checkpoint, embeddings):
+    """A prompt past 75 tokens is chunks side by side, its pooled text its first chunk's (AUTOMATIC1111); emphasis
+    acts; an SDXL embedding (clip_l + clip_g) matches diffusers loading each part into its encoder."""
+    long = xl_local.encode_prompts([PROMPT + ", detailed" * 60], Txt2ImgRequest(prompt="", width=64, height=64))
+    first = xl_local.encode_prompts([PROMPT + ", detailed" * 70], Txt2ImgRequest(prompt="", width=64, height=64))
+    assert long.context.shape == (1, 77 * 2, 64) and long.added["text_embeds"].shape == (1, 32)
+    assert np.array_equal(long.added["time_ids"], [[64, 64, 0, 0, 64, 64]])
+    # its first chunk's: the same as a prompt's whose first chunk is the same
+    assert np.allclose(long.added["text_embeds"], first.added["text_embeds"], atol=1e-5)
+    assert not np.allclose(long.context, first.context[:, :77 * 2], atol=1e-3)
+    base = Txt2ImgRequest(prompt=PROMPT, steps=3, sampler="Euler", seed=4, width=64, height=64)
+    emphasis = xl_local.txt2img(replace(base, prompt="a (photo:1.6) of a cat")).images
+    assert _diff(xl_local.txt2img(base).images, emphasis) > 2
+
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(xl_checkpoint))  # its own: the tokens stay added
+    pipe.set_progress_bar_config(disable=True)
+    vectors = load_file(str(embeddings / "xl-style.safetensors"))
+    pipe.load_textual_inversion(vectors["clip_l"], token="xl-style", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vectors["clip_g"], token="xl-style", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    prompt = "a photo of xl-style cat"
+    expected = _theirs(pipe, reference[1], "Euler", 4, steps=3, prompt=prompt, negative_prompt="x")
+    ours = xl_local.txt2img(replace(base, prompt=prompt, negative_prompt="x")).images
+    assert _diff(ours, expected) <= 2
+    assert _diff(ours, xl_local.txt2img(replace(base, prompt="a photo of cat", negative_prompt="x")).images) > 2
+
+
+def test_img2img_and_inpainting_match_diffusers(xl_local, xl_checkpoint, reference):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+
+    pipe, config = reference
+    photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 20, 48, 52))
+    img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    expected = _theirs(img2img, config, "DDIM", 9, steps=10, prompt="a dog", negative_prompt="blurry", image=photo,
+                       strength=0.6)
+    request = Img2ImgRequest(prompt="a dog", negative_prompt="blurry", init_image=_png(photo), denoising_strength=0.6,
+                             steps=10, sampler="DDIM", cfg_scale=7.5, seed=9, width=64, height=64)
+    assert _diff(xl_local.img2img(request).images, expected) <= 2
+
+    inpaint = StableDiffusionXLInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    expected = _theirs(inpaint, config, "Euler a", 11, steps=8, negative_prompt="blurry", image=photo,
+                       mask_image=mask, strength=0.75)
+    result = xl_local.img2img(replace(request, prompt=PROMPT, mask=_png(mask), mask_blur=0, denoising_strength=0.75,
+                                      sampler="Euler a", seed=11, steps=8))
+    assert _diff(result.images, expected) <= 2
+
+
+def test_what_sdxl_builds_cannot_run_is_refused_by_name(xl_local, xl_checkpoint, tmp_path):
+    with pytest.raises(InputError, match="LoRA"):
+        xl_local.txt2img(Txt2ImgRequest(prompt="a cat <lora:detail:1>", steps=2, width=64, height=64))
+    with pytest.raises(WeightsError, match="ControlNets for SDXL are not built yet"):
+        load_sd(xl_checkpoint, controlnet=str(tmp_path / "any"))
+
+
+def test_served_beside_sd1_by_one_triton_and_api_and_picked_per_request(repo, xl_local, tmp_path):
+    from orchestrator.server.service import BackgroundAPI
+    from orchestrator.server.settings import Settings
+
+    body = {"prompt": PROMPT, "negative_prompt": "blurry", "steps": 4, "sampler_name": "Euler a", "seed": 7,
+            "cfg_scale": 7.5, "width": 64, "height": 64}
+    request = Txt2ImgRequest(prompt=PROMPT, negative_prompt="blurry", steps=4, sampler="Euler a", seed=7,
+                             cfg_scale=7.5, width=64, height=64)
+    sd1 = Pipeline.from_repository(repo).txt2img(request).images[0]
+    xl = xl_local.txt2img(request).images[0]
+    server = start_triton(repo, tmp_path / "tritonserver.log")
+    api = BackgroundAPI(Settings(triton_url=server.grpc_url, port=free_port()))
+    try:
+        with httpx.Client(base_url=api.url, timeout=120) as client:
+            models = client.get("/sdapi/v1/sd-models").json()
+            assert [(m["model_name"], m["config"]) for m in models][1] == ("xl-tiny", "sd_xl_base.yaml")
+            answers = {}
+            for name in (None, "xl-tiny"):
+                extra = {"override_settings": {"sd_model_checkpoint": name}} if name else {}
+                response = client.post("/sdapi/v1/txt2img", json=body | extra)
+                assert response.status_code == 200, response.text
+                answers[name] = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
+            assert json.loads(response.json()["info"])["sd_model_name"] == "xl-tiny"
+    finally:
+        api.stop()
+        server.stop()
+    assert _diff(answers[None], sd1) <= 1 and _diff(answers["xl-tiny"], xl) <= 1 and _diff(sd1, xl) > 10
