@@ -186,7 +186,8 @@ def _warm(pipeline, options: GPUCheckOptions) -> None:
 
 def sd_served(check: Check) -> dict:
     """One image through Triton + the orchestrator, and where its time goes (Triton's own statistics)."""
-    from benchmarks.sd import CallTimer, triton_compute_seconds
+    from benchmarks.sd import CallTimer
+    from benchmarks.sd_triton import triton_compute_seconds
     from orchestrator.pipeline import Pipeline
 
     options = check.options

@@ -61,6 +61,12 @@ class SDBenchOptions:
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     triton: bool = True
     skip_build: bool = False
+    family: str = "sd1"  # build.sd.families: sd1, sd2, sdxl
+
+    @property
+    def name(self) -> str:
+        """The run's name: its folder's and its results' (sd1 unnamed, as before families)."""
+        return self.pipeline if self.family == "sd1" else f"{self.family}-{self.pipeline}"
 
     @property
     def side(self) -> int:
@@ -97,11 +103,9 @@ def _peak_rss_mb(pid: int | str = "self") -> float:
     return float("nan")
 
 
-INPUT_NAMES = {"text_encoder": ("input_ids", "clip_skip", "token_vectors"),
-               "unet": ("sample", "timestep", "encoder_hidden_states"),
-               "vae_decoder": ("latent",)}  # the exported components' inputs, in order
-# The output parity compares, per component.
+# The output parity compares, per component (each component's inputs are its exported module's, in order).
 OUTPUT_NAMES = {"text_encoder": "last_hidden_state", "unet": "noise_pred", "vae_decoder": "image"}
+EVERY_OUTPUT = {"text_encoder": ("last_hidden_state", "pooler_output")}  # what the loop reads (SDXL: the pooled text)
 
 
 def component_inputs(repo: Path, weights: Path, side: int) -> dict[str, dict[str, np.ndarray]]:
@@ -110,14 +114,20 @@ def component_inputs(repo: Path, weights: Path, side: int) -> dict[str, dict[str
     text = json.loads((weights / "text_encoder" / "config.json").read_text())
     latent = side // contract.vae_scale_factor
     channels, length = contract.latent_channels, int(text["max_position_embeddings"])
+    hidden = contract.textual_inversion_dim or text["hidden_size"]  # SDXL's: both encoders side by side
     rng = np.random.default_rng(1)
+    added = {}
+    if contract.text_split:  # SDXL's pooled text and time ids
+        pooled = json.loads((weights / "text_encoder_2" / "config.json").read_text())["projection_dim"]
+        added = {"text_embeds": rng.standard_normal((2, pooled), dtype=np.float32),
+                 "time_ids": np.tile(np.array([side, side, 0, 0, side, side], np.float32), (2, 1))}
     return {
         "text_encoder": {"input_ids": rng.integers(0, text["vocab_size"], (2, length), dtype=np.int64),
                          "clip_skip": np.ones(2, dtype=np.int64),
-                         "token_vectors": np.zeros((1, text["hidden_size"]), dtype=np.float32)},  # no embedding
+                         "token_vectors": np.zeros((1, hidden), dtype=np.float32)},  # no embedding
         "unet": {"sample": rng.standard_normal((2, contract.unet_in_channels, latent, latent), dtype=np.float32),
                  "timestep": np.full(2, 500.0, np.float32),
-                 "encoder_hidden_states": rng.standard_normal((2, length, text["hidden_size"]), dtype=np.float32)},
+                 "encoder_hidden_states": rng.standard_normal((2, length, hidden), dtype=np.float32), **added},
         "vae_decoder": {"latent": rng.standard_normal((1, channels, latent, latent), dtype=np.float32)},
     }
 
@@ -134,12 +144,13 @@ def _runners(variant: str, root: Path, repo: Path, weights: Path) -> tuple[dict,
         modules = export_modules(load_sd(str(weights)))
 
         def runner(component: str):
-            module, inputs_of = modules[component], INPUT_NAMES[component]
+            module = modules[component]
 
-            def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            def run(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:  # component_inputs' order: the module's
                 with torch.inference_mode():
-                    out = module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in inputs_of))
-                return {OUTPUT_NAMES[component]: (out[0] if isinstance(out, tuple) else out).numpy()}
+                    out = module(*(torch.from_numpy(np.ascontiguousarray(value)) for value in inputs.values()))
+                outputs = EVERY_OUTPUT.get(component, (OUTPUT_NAMES[component],))
+                return {name: value.numpy() for name, value in zip(outputs, out if isinstance(out, tuple) else (out,))}
             return run
         return {c: runner(c) for c in COMPONENTS}, {c: "f32" for c in COMPONENTS}
 
@@ -213,43 +224,6 @@ class CallTimer:
         return timed
 
 
-# The models that compute (ensembles only route between them, so their statistics would count twice).
-COMPUTING_MODELS = (names.SD_TOKENIZER, names.SD_TEXT_ENCODER, names.SD_UNET, names.SD_VAE_DECODER,
-                    names.SD_VAE_POSTPROCESS)
-
-
-def triton_compute_seconds(http_url: str, settle_s: float = 1.0) -> dict[str, float]:
-    """Triton's cumulative statistics per computing model: compute (input + infer + output) and queue seconds, once
-    they have settled: a model records a request's statistics after its response has gone out, so a snapshot taken
-    right after a call may lack it (and one taken later would give it to the next window). Two equal reads 50 ms
-    apart, or `settle_s` at most."""
-    deadline = time.perf_counter() + settle_s
-    current = _compute_seconds(http_url)
-    while time.perf_counter() < deadline:
-        time.sleep(0.05)
-        latest = _compute_seconds(http_url)
-        if latest == current:
-            break
-        current = latest
-    return current
-
-
-def _compute_seconds(http_url: str) -> dict[str, float]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=30) as response:
-        stats = json.load(response)["model_stats"]
-    out = {}
-    for model in stats:
-        if model["name"] in COMPUTING_MODELS:
-            inference = model["inference_stats"]
-            out[model["name"]] = {
-                "compute_s": sum(int(inference[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output"))
-                / 1e9,
-                "queue_s": int(inference["queue"]["ns"]) / 1e9, "executions": int(model["execution_count"])}
-    return out
-
-
 def bench_request(side: int, steps: int) -> Txt2ImgRequest:
     return Txt2ImgRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, sampler="Euler a", cfg_scale=7.0,
                           seed=SEED, width=side, height=side)
@@ -282,67 +256,17 @@ def _in_subprocess(mode: str, config: dict, log) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-# -- through Triton -----------------------------------------------------------------------------
-
-def _tree_peak_rss_mb(pid: int) -> float:
-    """Sum of the peak RSS of a process and its children (Triton and its Python-backend stubs)."""
-    import psutil
-
-    total = 0.0
-    try:
-        process = psutil.Process(pid)
-        for p in [process, *process.children(recursive=True)]:
-            try:
-                peak = _peak_rss_mb(p.pid)
-            except OSError:  # the process ended meanwhile
-                continue
-            if peak == peak:  # not NaN
-                total += peak
-    except psutil.Error:
-        return float("nan")
-    return total
-
-
-def measure_triton(root: Path, repo: Path, side: int, steps: int, log) -> dict:
-    from kiln.triton_server import TritonOptions, TritonServer, free_port
-
-    server = TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port(), log_path=root / "triton.log"))
-    with server:
-        pipeline = Pipeline.from_triton(server.grpc_url)
-        pipeline.generate(bench_request(side, 1))  # warm-up: every model's first call
-        timed = CallTimer()
-        client = pipeline.components.unet.client  # the components' one Triton client: every model call goes through it
-        client.infer = timed.wrap(client.infer)
-        before = triton_compute_seconds(server.http_url)
-        start = time.perf_counter()
-        image = pipeline.generate(bench_request(side, steps)).images[0]
-        seconds = time.perf_counter() - start
-        after = triton_compute_seconds(server.http_url)
-        peak = _tree_peak_rss_mb(server.pid)
-    per_model = {name: {k: after[name][k] - before.get(name, {}).get(k, 0) for k in after[name]} for name in after}
-    result = {"variant": "onnxruntime-fp32", "path": "triton", "image_s": seconds, "image_steps": steps,
-              "peak_rss_mb": peak, "model_calls_s": timed.seconds, "model_calls": timed.calls,
-              "triton_models": per_model,
-              "triton_compute_s": sum(m["compute_s"] for m in per_model.values()),
-              "triton_queue_s": sum(m["queue_s"] for m in per_model.values())}
-    direct = root / "image-onnxruntime-fp32.npy"
-    if direct.exists():
-        result["image_psnr_vs_direct_db"] = psnr(np.load(direct), image)
-    return result
-
-
 # -- the benchmark ------------------------------------------------------------------------------
 
 def _prepare(options: SDBenchOptions, log) -> tuple[Path, Path, Path]:
     from build.sd import ImageRange, SDBuildOptions, build_sd
     from build.sd.weights import write_sd_checkpoint
 
-    root = options.out / f"bench_sd_{options.pipeline}"
+    root = options.out / f"bench_sd_{options.name.replace('-', '_')}"
     weights, repo = root / "weights", root / "repo"
     if not (weights / "model_index.json").exists():
-        log(f"writing the seeded random {options.pipeline} SD checkpoint to {weights} ...")
-        write_sd_checkpoint(weights, size=options.pipeline, seed=0, controlnet=False)
+        log(f"writing the seeded random {options.pipeline} {options.family} checkpoint to {weights} ...")
+        write_sd_checkpoint(weights, size=options.pipeline, seed=0, controlnet=False, family_name=options.family)
     if not (options.skip_build and (repo / names.SD_UNET / "config.pbtxt").exists()):
         low, opt, high = PIPELINES[options.pipeline][1]
         log(f"building the {options.pipeline} SD pipeline into {repo} ...")
@@ -388,11 +312,13 @@ def run_sd_benchmark(options: SDBenchOptions, log=print) -> dict:
     triton = None
     if options.triton:
         bar.set_postfix(variant="triton")
+        from benchmarks.sd_triton import measure_triton
+
         triton = measure_triton(root, repo, options.side, options.steps, log)
         bar.update()
     bar.close()
     result = summarize(results, triton, derived, options) | {"failed": failed}
-    stem = options.out / f"sd-{options.pipeline}-{options.side}"
+    stem = options.out / f"sd-{options.name}-{options.side}"
     return write_results(stem, result, markdown_table, plot, log)
 
 

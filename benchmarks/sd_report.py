@@ -27,7 +27,8 @@ def summarize(results: list[dict], triton: dict | None, derived: dict, options) 
         r["loop_overhead_per_step_s"] = (r["image_s"] - r["composed_image_s"]) / options.steps
     best = max(results, key=lambda r: r["unet_speedup"])
     out = {
-        "benchmark": "sd", "pipeline": options.pipeline, "image_side": options.side, "steps": options.steps,
+        "benchmark": "sd", "pipeline": options.pipeline, "family": options.family, "image_side": options.side,
+        "steps": options.steps,
         "options": {k: str(v) for k, v in asdict(options).items()},
         "machine": machine(),
         "variants": results, "derive": derived, "baseline": BASELINE,

@@ -115,7 +115,7 @@ class Checkpoints:
 
     def resolve(self, name: str | None = None, what: str = "sd_model_checkpoint") -> str:
         """The checkpoint a client's name picks (AUTOMATIC1111's sd_model_checkpoint: a title "name [hash]", a
-        name, or a build's checkpoint name; None or "": the default); NotFoundError listing what is served."""
+        name, or a build's checkpoint name; None or "": the default); InputError listing what is served."""
         known = self.known()
         if not name:
             return next(iter(known))
@@ -124,7 +124,7 @@ class Checkpoints:
             if wanted in (contract.title, contract.model_name) or (key and wanted == key):
                 return key
         titles = ", ".join(repr(contract.title) for contract in known.values())
-        raise NotFoundError(f"{what} {name!r}: no such model; this server serves {titles}")
+        raise InputError(f"{what} {name!r}: no such model; this server serves {titles}")  # a 422, as a bad field
 
     def get(self, key: str, on_load: Callable[[], None] | None = None) -> Pipeline:
         """The checkpoint's pipeline, its models loaded first where model control unloaded them (`on_load` is

@@ -361,7 +361,7 @@ def test_listing_endpoints(client):
     assert client.post("/sdapi/v1/options", json={"eta_ddim": 0.5}).status_code == 200
     assert client.get("/sdapi/v1/options").json()["eta_ddim"] == 0.5
     assert client.post("/sdapi/v1/options", json={"eta_ddim": "lots"}).status_code == 422
-    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 404
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 422
     client.post("/sdapi/v1/options", json={"eta_ddim": 0.0})
     # A setting kiln does not act on is refused, not stored and ignored; one that already holds is fine.
     refused = client.post("/sdapi/v1/options", json={"samples_format": "webp"})

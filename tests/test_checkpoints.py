@@ -123,7 +123,7 @@ def test_one_api_serves_both_and_requests_pick_one(api, two_repo):
             assert _diff(_image(picked), sd2_image) <= 1
             assert json.loads(picked.json()["info"])["sd_model_name"] == "sd2-tiny"
         unknown = client.post("/sdapi/v1/txt2img", json=BODY | {"override_settings": {"sd_model_checkpoint": "sdxl"}})
-        assert unknown.status_code == 404 and "override_settings.sd_model_checkpoint 'sdxl'" in unknown.text
+        assert unknown.status_code == 422 and "override_settings.sd_model_checkpoint 'sdxl'" in unknown.text
         assert titles[0] in unknown.text and titles[1] in unknown.text
         # Both at once: each its own image (the step batcher merges steps of one checkpoint's models only)
         with ThreadPoolExecutor(4) as pool:
@@ -145,7 +145,7 @@ def test_one_api_serves_both_and_requests_pick_one(api, two_repo):
         assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
         assert [m["title"] for m in client.get("/sdapi/v1/sd-models").json()] == titles
         refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"})
-        assert refused.status_code == 404 and "sd_model_checkpoint 'nope'" in refused.text
+        assert refused.status_code == 422 and "sd_model_checkpoint 'nope'" in refused.text
 
 
 def _ready(server, model: str) -> bool:

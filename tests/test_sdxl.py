@@ -229,3 +229,16 @@ def test_served_beside_sd1_by_one_triton_and_api_and_picked_per_request(repo, xl
         api.stop()
         server.stop()
     assert _diff(answers[None], sd1) <= 1 and _diff(answers["xl-tiny"], xl) <= 1 and _diff(sd1, xl) > 10
+
+
+def test_bench_sd_measures_the_sdxl_family(tmp_path):
+    """`kiln bench sd --family sdxl` on the tiny architecture: its own checkpoint and build, the components with their
+    added inputs in torch eager and ONNX Runtime, parity between them."""
+    from benchmarks.sd import SDBenchOptions, run_sd_benchmark
+
+    run_sd_benchmark(SDBenchOptions(out=tmp_path, pipeline="tiny", family="sdxl", steps=2, repeats=1, triton=False,
+                                    variants=("torch-fp32", "onnxruntime-fp32")), log=lambda _m: None)
+    saved = json.loads((tmp_path / "sd-sdxl-tiny-64.json").read_text())
+    assert saved["family"] == "sdxl" and not saved["failed"]
+    direct = {r["variant"]: r for r in saved["variants"]}["onnxruntime-fp32"]
+    assert direct["parity"]["unet"]["cosine"] > 0.99999 and direct["parity"]["image_psnr_db"] > 40

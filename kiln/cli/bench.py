@@ -36,6 +36,8 @@ def add_parser(commands) -> None:
     sd.add_argument("--repeats", type=int, default=3, help="timed calls per component after one warm-up")
     sd.add_argument("--variants", default="torch-fp32,onnxruntime-fp32,openvino-fp32,openvino-bf16,openvino-int8",
                     help="comma-separated; also onnxruntime-int8, openvino-fp16, openvino-int8-hybrid")
+    sd.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1",
+                    help="the model family of the seeded random checkpoint (sdxl: SDXL base's architecture)")
     sd.add_argument("--no-triton", action="store_true", help="skip the run through Triton + the orchestrator")
     sd.add_argument("--skip-build", action="store_true",
                     help="reuse the benchmark's checkpoint, repository and derived artifacts")
@@ -76,7 +78,7 @@ def run_sd(args) -> int:
 
     run_sd_benchmark(SDBenchOptions(out=args.out, pipeline=args.pipeline, size=args.size, steps=args.steps,
                                     repeats=args.repeats, variants=names(args.variants), triton=not args.no_triton,
-                                    skip_build=args.skip_build))
+                                    skip_build=args.skip_build, family=args.family))
     return 0
 
 

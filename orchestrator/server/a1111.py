@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from kiln import schemas
 from kiln.contract import SDContract
 from kiln.control import control_image
-from kiln.errors import InputError, NotFoundError
+from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import resize_init_image
@@ -184,7 +184,7 @@ def schedulers() -> list[dict]:
 def check_checkpoint(name: str, contract: SDContract, what: str) -> None:
     """A checkpoint name a client sends must be the one served (by title or by name)."""
     if name not in (contract.title, contract.model_name):
-        raise NotFoundError(f"{what} {name!r}: no such model; this server serves {contract.title!r}")
+        raise InputError(f"{what} {name!r}: no such model; this server serves {contract.title!r}")
 
 
 def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, limits: Limits,
