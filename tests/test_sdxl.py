@@ -42,7 +42,7 @@ def embeddings(tmp_path_factory):
     folder = tmp_path_factory.mktemp("xl_embeddings")
     rng = np.random.default_rng(0)
     save_file({"clip_l": rng.normal(0, 0.05, (2, 32)).astype(np.float32),
-               "clip_g": rng.normal(0, 0.05, (2, 32)).astype(np.float32)}, str(folder / "xl-style.safetensors"))
+               "clip_g": rng.normal(0, 0.05, (2, 48)).astype(np.float32)}, str(folder / "xl-style.safetensors"))
     return folder
 
 
@@ -99,7 +99,7 @@ def test_the_family_two_encoders_and_added_conditions_reach_the_contract_and_the
     loaded = load_sd(xl_checkpoint)
     assert loaded.family == "sdxl" and loaded.tokenizer_2.pad_token == "!" and loaded.tokenizer.pad_token != "!"
     contract = xl_local.contract
-    assert (contract.family, contract.text_split, contract.textual_inversion_dim) == ("sdxl", 32, 64)
+    assert (contract.family, contract.text_split, contract.textual_inversion_dim) == ("sdxl", 32, 32 + 48)
     assert contract.a1111_config == "sd_xl_base.yaml" and contract.lora_layers == 0
     assert contract.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
     unet = read_config(repo / XL.component("unet") / "config.pbtxt")
@@ -145,7 +145,7 @@ def test_long_prompts_emphasis_and_embeddings(xl_local, reference, xl_checkpoint
     acts; an SDXL embedding (clip_l + clip_g) matches diffusers loading each part into its encoder."""
     long = xl_local.encode_prompts([PROMPT + ", detailed" * 60], Txt2ImgRequest(prompt="", width=64, height=64))
     first = xl_local.encode_prompts([PROMPT + ", detailed" * 70], Txt2ImgRequest(prompt="", width=64, height=64))
-    assert long.context.shape == (1, 77 * 2, 64) and long.added["text_embeds"].shape == (1, 32)
+    assert long.context.shape == (1, 77 * 2, 32 + 48) and long.added["text_embeds"].shape == (1, 32)
     assert np.array_equal(long.added["time_ids"], [[64, 64, 0, 0, 64, 64]])
     # its first chunk's: the same as a prompt's whose first chunk is the same
     assert np.allclose(long.added["text_embeds"], first.added["text_embeds"], atol=1e-5)
@@ -193,6 +193,31 @@ def test_img2img_and_inpainting_match_diffusers(xl_local, xl_checkpoint, referen
     result = xl_local.img2img(replace(request, prompt=PROMPT, mask=_png(mask), mask_blur=0, denoising_strength=0.75,
                                       sampler="Euler a", seed=11, steps=8))
     assert _diff(result.images, expected) <= 2
+
+
+def test_single_files_hold_both_encoders_and_load_back_equal(xl_checkpoint, tmp_path):
+    """kiln writes SDXL's original layout (conditioner.embedders.0: CLIP ViT-L, .1: OpenCLIP with its projection) and
+    reads it back through diffusers' from_single_file, offline, every tensor equal; a refiner's file is named as one."""
+    from safetensors.torch import save_file as save_torch
+
+    from build.sd.single_file import inspect_single_file, write_single_file
+
+    path = write_single_file(xl_checkpoint, tmp_path / "xl.safetensors")
+    info = inspect_single_file(path)
+    assert (info["family"], info["cross_attention_dim"]) == ("sdxl", 32 + 48)
+    folder, single = load_sd(xl_checkpoint), load_sd(path, config=xl_checkpoint)
+    assert single.family == "sdxl" and single.tokenizer_2.pad_token == "!"
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    with pytest.raises(WeightsError, match="cross-attention width 80 is not SDXL's 2048; pass --config"):
+        load_sd(path)  # SDXL base's released configs: not the tiny architecture
+    save_torch({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(384, 4, 3, 3),
+                "first_stage_model.decoder.conv_in.weight": torch.zeros(1),
+                "conditioner.embedders.0.model.ln_final.weight": torch.zeros(1)},  # the refiner's OpenCLIP alone
+               str(tmp_path / "refiner.safetensors"))
+    with pytest.raises(WeightsError, match="an SDXL refiner"):
+        inspect_single_file(tmp_path / "refiner.safetensors")
 
 
 def test_what_sdxl_builds_cannot_run_is_refused_by_name(xl_local, xl_checkpoint, tmp_path):

@@ -105,9 +105,12 @@ SDXL_ARCHITECTURES = {
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
                   use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
                   transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
-                  cross_attention_dim=64, norm_num_groups=32),
+                  cross_attention_dim=32 + 48, norm_num_groups=32),
         vae=_TINY_VAE | dict(sample_size=128),
-        text_encoder=_TINY_XL_TEXT | dict(hidden_act="quick_gelu"), text_encoder_2=_TINY_XL_TEXT, controlnet=None),
+        # The second encoder wider than the first (48, not diffusers' tests' 32): single files tell them apart by
+        # width, as diffusers' from_single_file does (SDXL's are 768 and 1280)
+        text_encoder=_TINY_XL_TEXT | dict(hidden_act="quick_gelu"), text_encoder_2=_TINY_XL_TEXT | dict(hidden_size=48),
+        controlnet=None),
     "full": SDArchitecture(
         unet=dict(block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128, in_channels=4,
                   out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -1,12 +1,11 @@
-"""Single-file Stable Diffusion 1.x and 2.x checkpoints: the original (LDM) layout AUTOMATIC1111 and SD.Next load.
+"""Single-file SD 1.x, 2.x and SDXL checkpoints: the original (LDM; SGM for SDXL) layout AUTOMATIC1111 and SD.Next load.
 
-Reading is diffusers' own `StableDiffusionPipeline.from_single_file`, offline: the architecture comes from a
-diffusers-format config folder (`--config`), or, by default, the family's released configs written here (SD 1.5's
-or SD 2.1's; the family told by the text encoder's tensors, the UNet's input channels read from the file, so
-inpainting files work too). An SD 2.x file's prediction type is what its kiln metadata says, else found as
-AUTOMATIC1111 finds it: the UNet run once on a constant input at t=999 (v-prediction if its output minus the
-input averages below -1). sd-webui-controlnet's ControlNet files
-are read with `ControlNetModel.from_single_file` as a ControlNet for the checkpoint's UNet.
+Reading is diffusers' own `from_single_file`, offline: the architecture comes from a diffusers-format config folder
+(`--config`), or, by default, the family's released configs written here (SD 1.5's, SD 2.1's or SDXL base's; the
+family told by the text encoders' tensors, the UNet's input channels read from the file, so inpainting files work
+too). An SD 2.x file's prediction type is what its kiln metadata says, else found as AUTOMATIC1111 finds it: the UNet
+run once on a constant input at t=999 (v-prediction if its output minus the input averages below -1).
+sd-webui-controlnet's ControlNet files are read with `ControlNetModel.from_single_file` for the checkpoint's UNet.
 
 Writing (`ldm_state_dict`, `write_single_file`, `controlnet_ldm_state_dict`) renames a diffusers checkpoint's
 tensors to the original layout. diffusers ships that direction only as a repository script, so it is written here
@@ -30,12 +29,15 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x's text encoder, in OpenCLIP's layout
+XL_TEXT_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's CLIP ViT-L (transformers' layout) ...
+XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # ... and its OpenCLIP ViT-bigG (OpenCLIP's, with projection)
 CONTROLNET_PREFIX = "control_model."
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 METADATA_KEY = "kiln-weights"  # safetensors metadata: the kiln-weights.json of a random checkpoint
 
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL's
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _VAE_FIXED = {"conv_norm_out": "norm_out"}
@@ -110,30 +112,37 @@ def _vae_resnet(rest: str) -> str:
     return rest.replace("conv_shortcut", "nin_shortcut")
 
 
-def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module,
-                   text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """One state dict in the original layout, the tensors shared (not copied) with the modules."""
+def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                   text_encoder_2: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """One state dict in the original layout, the tensors shared (not copied) with the modules (SDXL's: both text
+    encoders under conditioner.embedders)."""
     config = unet.config
     attention_up = {i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind}
     out = {UNET_PREFIX + unet_key(k, config.layers_per_block, attention_up): v for k, v in unet.state_dict().items()}
     from build.sd.vae import vae_ldm_state_dict
 
     out |= {VAE_PREFIX + key: tensor for key, tensor in vae_ldm_state_dict(vae).items()}
+    # transformers' layout of a CLIP text model (>= 5.6 drops the text_model. level)
+    clip = {(name if name.startswith("text_model.") else "text_model." + name): tensor
+            for name, tensor in text_encoder.state_dict().items()}
+    if text_encoder_2 is not None:  # SDXL: its projection is real (OpenCLIP's x @ P: the transposed weight)
+        second = open_clip_state_dict(text_encoder_2, text_encoder_2.text_projection.weight.T)
+        return out | {XL_OPEN_CLIP_PREFIX + key: tensor for key, tensor in second.items()} | {
+            XL_TEXT_PREFIX + key: tensor for key, tensor in clip.items()}
     if getattr(getattr(text_encoder, "config", None), "hidden_act", "") == "gelu":  # SD 2.x: OpenCLIP layout
         return out | {OPEN_CLIP_PREFIX + key: tensor for key, tensor in open_clip_state_dict(text_encoder).items()}
-    for name, tensor in text_encoder.state_dict().items():  # transformers >= 5.6 drops the text_model. level
-        out[TEXT_PREFIX + (name if name.startswith("text_model.") else "text_model." + name)] = tensor
-    return out
+    return out | {TEXT_PREFIX + key: tensor for key, tensor in clip.items()}
 
 
 _OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                     "self_attn.out_proj": "attn.out_proj"}
 
 
-def open_clip_state_dict(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+def open_clip_state_dict(text_encoder: torch.nn.Module,
+                         projection: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """A CLIPTextModel in OpenCLIP's layout (SD 2.x files): q, k and v joined into in_proj, and a text projection
-    (hidden x projection_dim, seeded: OpenCLIP has one, SD 2.x never uses it). Stability's files hold a 24th layer
-    that SD 2.x skips (diffusers drops it); these hold the encoder's layers alone."""
+    (hidden x projection_dim: SDXL's own, or seeded: OpenCLIP has one, SD 2.x never uses it). Stability's SD 2.x files
+    hold a 24th layer that SD 2.x skips (diffusers drops it); these hold the encoder's layers alone."""
     import torch
 
     state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
@@ -147,9 +156,11 @@ def open_clip_state_dict(text_encoder: torch.nn.Module) -> dict[str, torch.Tenso
                 [state[layer + f"self_attn.{p}_proj.{param}"] for p in "qkv"])
             for new, old in _OPEN_CLIP_LAYER.items():
                 out[block + f"{old}.{param}"] = state[layer + f"{new}.{param}"]
-    generator = torch.Generator().manual_seed(0)
-    out["text_projection"] = torch.randn(text_encoder.config.hidden_size, text_encoder.config.projection_dim,
-                                         generator=generator) * text_encoder.config.hidden_size ** -0.5
+    if projection is None:
+        generator = torch.Generator().manual_seed(0)
+        projection = torch.randn(text_encoder.config.hidden_size, text_encoder.config.projection_dim,
+                                 generator=generator) * text_encoder.config.hidden_size ** -0.5
+    out["text_projection"] = projection
     return out
 
 
@@ -190,7 +201,8 @@ def write_controlnet_single_file(control: torch.nn.Module, out: Path) -> Path:
 
 
 def write_single_file(folder: Path, out: Path) -> Path:
-    """Write the diffusers-format SD 1.x or 2.x checkpoint in `folder` as one original-layout .safetensors file."""
+    """Write the diffusers-format SD 1.x, 2.x or SDXL checkpoint in `folder` as one original-layout .safetensors
+    file."""
     from safetensors.torch import save_file
 
     from build.sd.weights import load_sd
@@ -199,7 +211,8 @@ def write_single_file(folder: Path, out: Path) -> Path:
     if out.suffix != ".safetensors":
         raise WeightsError(f"{out}: a single-file checkpoint is written as .safetensors")
     loaded = load_sd(folder)
-    tensors = {k: v.contiguous() for k, v in ldm_state_dict(loaded.unet, loaded.vae, loaded.text_encoder).items()}
+    tensors = {k: v.contiguous() for k, v in ldm_state_dict(loaded.unet, loaded.vae, loaded.text_encoder,
+                                                            loaded.text_encoder_2).items()}
     marker = Path(folder) / "kiln-weights.json"
     metadata = {"format": "pt"} | ({METADATA_KEY: marker.read_text()} if marker.exists() else {})
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,24 +239,25 @@ def read_header(path: Path, kind: str, shape_of=lambda _key: False) -> tuple[set
 
 
 def inspect_single_file(path: Path) -> dict:
-    """Check a file is an SD 1.x or 2.x original-layout .safetensors checkpoint, from its header alone.
-
-    Returns {"family", "in_channels", "cross_attention_dim", "metadata"}; anything else is a WeightsError naming the
-    problem.
-    """
+    """Check a file is an SD 1.x, 2.x or SDXL original-layout .safetensors checkpoint, from its header alone: returns
+    {"family", "in_channels", "cross_attention_dim", "metadata"}; anything else is a WeightsError naming the problem."""
     path = Path(path)
     keys, metadata, shapes = read_header(path, "single files",
                                          lambda k: k == CONV_IN or k.endswith("attn2.to_k.weight"))
     if CONV_IN not in keys:
         raise WeightsError(f"{path}: not a Stable Diffusion checkpoint in the original layout (no {CONV_IN})")
-    if any(k.startswith("conditioner.") for k in keys):
-        raise WeightsError(f"{path}: an SDXL checkpoint (two text encoders under conditioner.); this build reads "
-                           "SD 1.x and SD 2.x single files")
     if not any(k.startswith(VAE_PREFIX) for k in keys):
         raise WeightsError(f"{path}: the file has no VAE ({VAE_PREFIX}*); a full SD checkpoint is needed")
-    if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
+    has = {p: any(k.startswith(p) for k in keys) for p in (XL_TEXT_PREFIX, XL_OPEN_CLIP_PREFIX, OPEN_CLIP_PREFIX,
+                                                           TEXT_PREFIX, "conditioner.")}
+    if has[XL_TEXT_PREFIX] and has[XL_OPEN_CLIP_PREFIX]:
+        family = "sdxl"
+    elif has["conditioner."]:
+        raise WeightsError(f"{path}: an SDXL refiner (the OpenCLIP text encoder alone under conditioner.); refiners "
+                           "are not built yet")
+    elif has[OPEN_CLIP_PREFIX]:
         family = "sd2"
-    elif any(k.startswith(TEXT_PREFIX) for k in keys):
+    elif has[TEXT_PREFIX]:
         family = "sd1"
     else:
         raise WeightsError(f"{path}: a checkpoint without a text encoder ({TEXT_PREFIX}* for SD 1.x, "
@@ -256,7 +270,7 @@ def inspect_single_file(path: Path) -> dict:
 def write_family_config(out: Path, family_name: str = "sd1", in_channels: int = 4,
                         prediction: str | None = None) -> Path:
     """A family's released diffusers configs (no weights): model_index.json, each component's config, tokenizer,
-    scheduler (SD 1.5's; SD 2.1's 768-v, or 2.1-base's 512 with `prediction` epsilon)."""
+    scheduler (SD 1.5's; SD 2.1's 768-v, or 2.1-base's 512 with `prediction` epsilon; SDXL base 1.0's)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -277,11 +291,22 @@ def write_family_config(out: Path, family_name: str = "sd1", in_channels: int = 
     tokenizer.save_pretrained(str(out / "tokenizer"))
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
-    (out / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "safety_checker": [None, None],
-        "requires_safety_checker": False, "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    components = {"scheduler": ["diffusers", scheduler["_class_name"]],
+                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if arch.text_encoder_2 is None:
+        components |= {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+                       "safety_checker": [None, None], "requires_safety_checker": False}
+    else:  # SDXL: its OpenCLIP ViT-bigG (with projection) and tokenizer padding with "!"
+        second = clip_tokenizer(kind.pad_token_2)
+        config = clip_text_config(arch.text_encoder_2, second.pad_token_id)
+        config.architectures = ["CLIPTextModelWithProjection"]
+        config.save_pretrained(str(out / "text_encoder_2"))
+        second.save_pretrained(str(out / "tokenizer_2"))
+        components |= {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+                       "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                       "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    (out / "model_index.json").write_text(json.dumps(components, indent=2))
     return out
 
 
@@ -309,9 +334,9 @@ def _config_folder(config: str | Path | None, family_name: str, in_channels: int
 
 
 def load_single_file(path: Path, config: str | Path | None = None):
-    """A StableDiffusionPipeline (fp32) from an original-layout .safetensors file, offline; and its metadata."""
+    """A StableDiffusion(XL)Pipeline (fp32) from an original-layout .safetensors file, offline; and its metadata."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from build.sd.families import family
 
@@ -325,9 +350,13 @@ def load_single_file(path: Path, config: str | Path | None = None):
     prediction = marker.get("prediction_type")
     with _config_folder(config, kind.name, info["in_channels"], prediction) as folder:
         try:
-            pipeline = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32,
-                safety_checker=None, requires_safety_checker=False)
+            if kind.two_encoders:
+                pipeline = StableDiffusionXLPipeline.from_single_file(
+                    str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32)
+            else:
+                pipeline = StableDiffusionPipeline.from_single_file(
+                    str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32,
+                    safety_checker=None, requires_safety_checker=False)
         except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError/SingleFileComponentError variants
             raise WeightsError(f"cannot load the single-file checkpoint {path} with the configs of "
                                f"{config or kind.title}: {first_line(exc)}") from None

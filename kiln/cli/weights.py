@@ -8,6 +8,8 @@ from pathlib import Path
 from build.sd.families import FAMILIES, PREDICTIONS
 from kiln.errors import KilnError
 
+SINGLE_FILE_HELP = "also write the checkpoint as one original-layout .safetensors (what AUTOMATIC1111 loads)"
+
 
 def add_parser(commands) -> None:
     weights = commands.add_parser("weights", help="write seeded random checkpoints of the real architectures")
@@ -26,7 +28,7 @@ def add_parser(commands) -> None:
     sd.add_argument("--no-controlnet", action="store_true")
     sd.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SD 1.5 inpainting)")
     sd.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
-                    help="also write the checkpoint as one original-layout .safetensors (what AUTOMATIC1111 loads)")
+                    help=SINGLE_FILE_HELP)
     sd.set_defaults(run=run_sd)
     xl = targets.add_parser("sdxl", help="a diffusers-format SDXL base folder (same as `sd --family sdxl`)")
     size = xl.add_mutually_exclusive_group(required=True)
@@ -36,7 +38,9 @@ def add_parser(commands) -> None:
                       help="SDXL base 1.0's architecture (UNet 2,567.5 M parameters; text encoders 123.1 M + 694.7 M)")
     xl.add_argument("--seed", type=int, default=0)
     xl.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SDXL inpainting 0.1)")
-    xl.set_defaults(run=run_sd, family="sdxl", prediction=None, no_controlnet=True, single_file=None)
+    xl.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
+                    help=SINGLE_FILE_HELP)
+    xl.set_defaults(run=run_sd, family="sdxl", prediction=None, no_controlnet=True)
     vit = targets.add_parser("vit", help="a timm-style ViT-B/16 folder (model.safetensors + config.json)")
     vit.add_argument("--random", type=Path, metavar="OUT", required=True)
     vit.add_argument("--seed", type=int, default=0)
@@ -91,8 +95,6 @@ def run_sd(args) -> int:
     from build.sd.weights import write_sd_checkpoint
 
     out, size = _sized(args)
-    if args.single_file is not None and args.family == "sdxl":
-        raise KilnError("--single-file: SDXL single files are not written yet (kiln writes SD 1.x and 2.x ones)")
     if args.single_file is not None and args.single_file.suffix != ".safetensors":
         raise KilnError(f"--single-file {args.single_file}: the file name must end in .safetensors")
     write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet, inpainting=args.inpainting,
