@@ -119,15 +119,19 @@ def read_embedding(path: Path) -> Embedding:
                      metadata.get("sd_checkpoint"), metadata.get("sd_checkpoint_name"))
 
 
-def write_embedding(path: Path, vectors: np.ndarray) -> Path:
-    """An embedding file in AUTOMATIC1111's layout ({"emb_params": (n, hidden) float32})."""
+def write_embedding(path: Path, vectors: np.ndarray, split: int = 0) -> Path:
+    """An embedding file in AUTOMATIC1111's layout ({"emb_params": (n, hidden) float32}); SDXL's (`split`: the first
+    encoder's width) as {"clip_l": (n, split), "clip_g": (n, rest)}."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     if path.suffix != SUFFIX:
         raise WeightsError(f"{path}: an embedding file's name must end in {SUFFIX}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"emb_params": np.ascontiguousarray(vectors, dtype=np.float32)}, str(path))
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    tensors = {"clip_l": vectors[:, :split].copy(), "clip_g": vectors[:, split:].copy()} if split else \
+        {"emb_params": vectors}
+    save_file(tensors, str(path))
     return path
 
 

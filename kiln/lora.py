@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,17 +43,33 @@ COMPONENTS = ("text_encoder", "unet")  # what a LoRA changes; sd_unet_control ta
 ENV = "KILN_LORAS"  # the folder the models read LoRA files from (Triton's side)
 NOT_BUILT = ("<lora:{name}>: this build's models take no LoRA ({why}); rebuild with `kiln build sd` and a float "
              "variant that runs on ONNX Runtime or OpenVINO")
-_KOHYA = re.compile(r"^lora_(unet|te1?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|diff|diff_b|dora_scale|"
+_KOHYA = re.compile(r"^lora_(unet|te[12]?)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha|diff|diff_b|dora_scale|"
                     r"lora_mid\.weight|hada_\w+|lokr_\w+)$")
-_PEFT = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
+_PEFT = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
+# SDXL's text encoders as kiln's export wrapper names them (build.sd.export's TextEncoderXL), and as LoRA files do
+# (kohya's lora_te1_/lora_te2_, diffusers' text_encoder./text_encoder_2.)
+_ENCODERS = {"first.": "te1_", "second.": "te2_"}
 
 
 def module_key(path: str) -> str:
     """A module's name in the one form LoRA files and builds are matched in: `model.` (kiln's export wrappers) and
-    `text_model.` dropped, dots as underscores (kohya's form of diffusers' names)."""
+    `text_model.` dropped, dots as underscores (kohya's form of diffusers' names); SDXL's two text encoders as te1_
+    and te2_ (kohya's)."""
+    label = next((label for wrapper, label in _ENCODERS.items() if path.startswith(wrapper)), "")
+    if label:
+        path = path.split(".", 1)[1]
     for prefix in ("model.", "text_model."):
         path = path.removeprefix(prefix)
-    return path.replace(".", "_")
+    return label + path.replace(".", "_")
+
+
+def target_of(module: str, targets: Mapping[str, object]) -> str | None:
+    """The build's module a LoRA file's module names: itself, or across SD 1.x's one text encoder and SDXL's first
+    (a file's lora_te1_/text_encoder. on SD 1.x, its lora_te_ on SDXL); None: the build has no such module."""
+    if module in targets:
+        return module
+    other = module.removeprefix("te1_") if module.startswith("te1_") else "te1_" + module
+    return other if other in targets else None
 
 
 # --- prompts -------------------------------------------------------------------------------------------------------
@@ -211,8 +227,11 @@ def classify_keys(keys: Iterable[str], name: str) -> dict[tuple[str, str], dict[
             component = "unet" if match.group(1) == "unet" else "text_encoder"
             module, part = match.group(2), match.group(3)
             module = module.removeprefix("text_model_")
+            module = f"{match.group(1)}_{module}" if match.group(1) in ("te1", "te2") else module
         elif match := _PEFT.match(key):
             component, module = match.group(1), module_key(match.group(2))
+            if component != "unet":  # diffusers' text_encoder. (SDXL's first) and text_encoder_2.
+                component, module = "text_encoder", ("te2_" if component.endswith("_2") else "te1_") + module
             part = {"lora_A": "lora_down.weight", "lora.down": "lora_down.weight"}.get(match.group(3), "lora_up.weight")
         else:
             raise WeightsError(f"LoRA {name}: {key!r} is no layer kiln reads (kohya's lora_unet_*/lora_te_* or "

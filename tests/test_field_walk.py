@@ -143,7 +143,7 @@ TXT2IMG = {
     "hr_resize_x": (HIRES | {"hr_resize_x": 96}, HIRES, (96, 96)),
     "hr_resize_y": (HIRES | {"hr_resize_y": 96}, HIRES, (96, 96)),
     "hr_checkpoint_name": (HIRES | {"hr_checkpoint_name": "other.safetensors"}, HIRES,
-                           ("refused", 404, "hr_checkpoint_name")),
+                           ("refused", 422, "hr_checkpoint_name")),
     "hr_sampler_name": (HIRES | {"hr_sampler_name": "DDIM"}, HIRES, "image"),
     "hr_scheduler": (HIRES | {"hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras"},
                      HIRES | {"hr_sampler_name": "DPM++ 2M"}, "image"),

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from build.sd import ImageRange, SDBuildOptions, build_sd
 from build.sd.weights import load_sd, write_sd_checkpoint
 from kiln.contract import SD_TEXT_ENCODE, SDModels, read_config
-from kiln.errors import InputError, WeightsError
+from kiln.errors import WeightsError
 from kiln.paths import SAMPLE_IMAGES
 from kiln.triton_server import free_port
 from orchestrator.pipeline import Img2ImgRequest, Pipeline, Txt2ImgRequest, make_scheduler
@@ -221,8 +221,6 @@ def test_single_files_hold_both_encoders_and_load_back_equal(xl_checkpoint, tmp_
 
 
 def test_what_sdxl_builds_cannot_run_is_refused_by_name(xl_local, xl_checkpoint, tmp_path):
-    with pytest.raises(InputError, match="LoRA"):
-        xl_local.txt2img(Txt2ImgRequest(prompt="a cat <lora:detail:1>", steps=2, width=64, height=64))
     with pytest.raises(WeightsError, match="ControlNets for SDXL are not built yet"):
         load_sd(xl_checkpoint, controlnet=str(tmp_path / "any"))
 
@@ -267,3 +265,32 @@ def test_bench_sd_measures_the_sdxl_family(tmp_path):
     assert saved["family"] == "sdxl" and not saved["failed"]
     direct = {r["variant"]: r for r in saved["variants"]}["onnxruntime-fp32"]
     assert direct["parity"]["unet"]["cosine"] > 0.99999 and direct["parity"]["image_psnr_db"] > 40
+
+
+def test_a_kohya_sdxl_lora_matches_diffusers(xl_checkpoint, repo, tmp_path):
+    """kohya's SDXL layout: lora_te1_/lora_te2_ for the two text encoders, the UNet's layers by their original (SGM)
+    names; applied per request to the built models, as diffusers' load_lora_weights applies it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from build.sd.lora import random_lora, write_lora
+    from kiln.lora import LoraLibrary
+    from orchestrator.pipeline.components.local import local_components
+
+    folder = tmp_path / "loras"
+    tensors = random_lora("tiny", seed=2, family_name="sdxl")
+    assert any(k.startswith("lora_te2_text_model_") for k in tensors) and any(
+        k.startswith("lora_unet_input_blocks_") for k in tensors)
+    write_lora(folder / "xl-detail.safetensors", tensors)
+    pipeline = Pipeline(local_components(repo, loras=LoraLibrary(folder), models=XL))
+    assert pipeline.contract.lora_layers > 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(xl_checkpoint))
+    pipe.set_progress_bar_config(disable=True)
+    config = dict(pipe.scheduler.config)
+    pipe.load_lora_weights(str(folder), weight_name="xl-detail.safetensors", adapter_name="xl-detail")
+    pipe.set_adapters(["xl-detail"], adapter_weights=[0.8])
+    expected = _theirs(pipe, config, "Euler", 4, steps=4, negative_prompt="blurry")
+    request = Txt2ImgRequest(prompt=PROMPT + " <lora:xl-detail:0.8>", negative_prompt="blurry", steps=4,
+                             sampler="Euler", seed=4, cfg_scale=7.5, width=64, height=64)
+    with_lora = pipeline.txt2img(request).images
+    assert _diff(with_lora, expected) <= 2
+    assert _diff(with_lora, pipeline.txt2img(replace(request, prompt=PROMPT)).images) > 10

@@ -195,8 +195,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
                    compile_seconds=compiled[program].seconds, compile_cached=compiled[program].cached)
 
     # LoRA: where each module's weight is in the artifacts that can take one (build.sd.lora)
-    # (SDXL's LoRA files name both text encoders' layers apart: not mapped yet, so its builds take no LoRA)
-    lora_ready = options.triton_backend == "python" and not two_encoders(loaded)
+    lora_ready = options.triton_backend == "python"
     for name in (c for c in components if c in LORA_COMPONENTS):
         served = variants[name]
         if (lora_ready and served.runtime in LORA_RUNTIMES and not served.accelerator and not served.calibrated

@@ -146,7 +146,8 @@ def random_embedding(size: str = "tiny", vectors: int = 2, seed: int = 0, family
     std 0.05 (wider than CLIP's token embeddings at initialisation, 0.02, as trained embeddings' vectors are)."""
     import numpy as np
 
-    hidden = family(family_name).architecture(size).text_encoder["hidden_size"]
+    arch = family(family_name).architecture(size)  # SDXL's: both encoders' vectors side by side
+    hidden = arch.text_encoder["hidden_size"] + (arch.text_encoder_2 or {}).get("hidden_size", 0)
     return np.random.default_rng(seed).normal(0.0, 0.05, (vectors, hidden)).astype(np.float32)
 
 

@@ -48,14 +48,14 @@ def add_parser(commands) -> None:
     embedding = targets.add_parser("embedding", help="an AUTOMATIC1111 textual-inversion embedding (.safetensors, "
                                                      "emb_params) for the SD text encoder; its name is the file's")
     _file_sizes(embedding, "for `kiln weights sd --tiny`'s encoder", "for SD 1.5's (768 wide) or SD 2.x's (1024)")
-    _family(embedding)
+    _family(embedding, tuple(FAMILIES))
     embedding.add_argument("--vectors", type=int, default=2, help="vectors per use of its name (1-75)")
     embedding.add_argument("--seed", type=int, default=0)
     embedding.set_defaults(run=run_embedding)
     lora = targets.add_parser("lora", help="a LoRA in kohya's layout (.safetensors) for the SD UNet and text encoder; "
                                            "prompts use it as <lora:NAME:multiplier>, NAME the file's")
     _file_sizes(lora)
-    _family(lora)
+    _family(lora, tuple(FAMILIES))
     lora.add_argument("--rank", type=int, default=4)
     lora.add_argument("--alpha", type=float, default=2.0, help="kohya's alpha: the difference is scaled by alpha/rank")
     lora.add_argument("--unet-only", action="store_true", help="no text encoder layers")
@@ -124,7 +124,8 @@ def run_embedding(args) -> int:
     if not 1 <= args.vectors <= 75:
         raise KilnError(f"--vectors {args.vectors}: an embedding has 1 to 75 vectors (one 75-token chunk)")
     vectors = random_embedding(size, args.vectors, args.seed, args.family)
-    write_embedding(out, vectors)
+    arch = FAMILIES[args.family].architecture(size)
+    write_embedding(out, vectors, arch.text_encoder["hidden_size"] if arch.text_encoder_2 else 0)
     print(f"wrote {out}: {vectors.shape[0]} seeded random vectors (seed {args.seed}) of {vectors.shape[1]}; a prompt "
           f"uses it as the word {out.stem!r}")
     return 0

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import InputError, KilnError, WeightsError
-from kiln.lora import ENV, decode_spec, read_lora
+from kiln.lora import ENV, decode_spec, read_lora, target_of
 
 MAP_SUFFIX = ".lora.json"
 BUDGET_ENV = "KILN_LORA_CACHE_MB"
@@ -106,6 +106,7 @@ class LoraSessions:
         targets = self.map["targets"]
         deltas: dict[str, np.ndarray] = {}
         for layers, multiplier, name in loras:
+            layers = {target_of(module, targets) or module: layer for module, layer in layers.items()}
             missing = sorted(set(layers) - set(targets))
             if missing:
                 raise InputError(f"LoRA {name}: {len(missing)} of its {len(layers)} {self.map['component']} layers "

@@ -91,9 +91,8 @@ class Pipeline:
         if not uses:
             return text, LoraSet()
         if not self.contract.lora_layers:
-            why = "SDXL builds take none yet" if self.contract.text_split else \
-                f"variant {self.contract.variant}, or a build before LoRA"
-            raise InputError(LORA_NOT_BUILT.format(name=uses[0].name, why=why))
+            raise InputError(LORA_NOT_BUILT.format(name=uses[0].name, why=f"variant {self.contract.variant}, or a "
+                                                                          "build before LoRA"))
         return text, (self.components.loras or LoraLibrary(None)).resolve(uses)
 
     def encode_prompts(self, prompts: list[str], request: Txt2ImgRequest, loras: LoraSet = NO_LORA) -> Conditioning:
