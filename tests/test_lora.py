@@ -151,7 +151,11 @@ def test_the_build_maps_every_linear_and_conv_weight_of_the_text_encoder_and_une
         content = json.loads((model_repo / model / "1" / "model.onnx.lora.json").read_text())
         assert content["unmatched"] == [] and len(content["targets"]) > 20, model
     unet = json.loads((model_repo / "sd_unet" / "1" / "model.onnx.lora.json").read_text())["targets"]
-    assert local.contract.lora_layers == len(unet)
+    assert local.contract.lora_layers == len({target["constant"] for target in unet.values()})
+    # each UNet layer by both names: diffusers' and the original layout's (kohya's SDXL files, LyCORIS)
+    assert len(unet) == 2 * local.contract.lora_layers
+    assert unet["input_blocks_4_1_transformer_blocks_0_attn1_to_q"] == \
+        unet["down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"]
     every = {k[len("lora_unet_"):-len(".alpha")] for k in random_lora("tiny") if k.startswith("lora_unet_")
              and k.endswith(".alpha")}
     assert every <= set(unet)  # every layer kohya trains by default has its constant
