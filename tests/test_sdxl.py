@@ -66,11 +66,16 @@ def xl_local(repo, embeddings):
 
 @pytest.fixture(scope="module")
 def reference(xl_checkpoint):
+    pipe = _pipe(xl_checkpoint)
+    return pipe, dict(pipe.scheduler.config)
+
+
+def _pipe(checkpoint):
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(xl_checkpoint))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(checkpoint))
     pipe.set_progress_bar_config(disable=True)
-    return pipe, dict(pipe.scheduler.config)
+    return pipe
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -100,10 +105,11 @@ def test_the_family_two_encoders_and_added_conditions_reach_the_contract_and_the
     assert loaded.family == "sdxl" and loaded.tokenizer_2.pad_token == "!" and loaded.tokenizer.pad_token != "!"
     contract = xl_local.contract
     assert (contract.family, contract.text_split, contract.textual_inversion_dim) == ("sdxl", 32, 32 + 48)
-    assert contract.a1111_config == "sd_xl_base.yaml" and contract.lora_layers == 0
+    assert contract.a1111_config == "sd_xl_base.yaml" and contract.lora_layers > 0
     assert contract.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
     unet = read_config(repo / XL.component("unet") / "config.pbtxt")
-    assert [i.name for i in unet.input] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert [i.name for i in unet.input][:5] == ["sample", "timestep", "encoder_hidden_states", "text_embeds",
+                                                "time_ids"]
     ensemble = read_config(repo / XL(SD_TEXT_ENCODE) / "config.pbtxt")
     assert "pooled" in [o.name for o in ensemble.output]
 
@@ -151,14 +157,16 @@ def test_long_prompts_emphasis_and_embeddings(xl_local, reference, xl_checkpoint
     assert np.allclose(long.added["text_embeds"], first.added["text_embeds"], atol=1e-5)
     assert not np.allclose(long.context, first.context[:, :77 * 2], atol=1e-3)
     base = Txt2ImgRequest(prompt=PROMPT, steps=3, sampler="Euler", seed=4, width=64, height=64)
-    emphasis = xl_local.txt2img(replace(base, prompt="a (photo:1.6) of a cat")).images
-    assert _diff(xl_local.txt2img(base).images, emphasis) > 2
+    # Emphasis scales positions, then restores each encoder's own mean (AUTOMATIC1111: each embedder on its own)
+    plain = xl_local.encode_prompts([PROMPT], base).context
+    weighted = xl_local.encode_prompts(["a (photo:1.9) of a (cat:0.2)"], base).context
+    assert np.abs(weighted - plain).max() > 0.5
+    for part in (slice(0, 32), slice(32, None)):
+        assert abs(weighted[..., part].mean() - plain[..., part].mean()) < 1e-5
 
-    from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(xl_checkpoint))  # its own: the tokens stay added
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _pipe(xl_checkpoint)  # its own: the tokens stay added
     vectors = load_file(str(embeddings / "xl-style.safetensors"))
     pipe.load_textual_inversion(vectors["clip_l"], token="xl-style", text_encoder=pipe.text_encoder,
                                 tokenizer=pipe.tokenizer)
@@ -220,9 +228,15 @@ def test_single_files_hold_both_encoders_and_load_back_equal(xl_checkpoint, tmp_
         inspect_single_file(tmp_path / "refiner.safetensors")
 
 
-def test_what_sdxl_builds_cannot_run_is_refused_by_name(xl_local, xl_checkpoint, tmp_path):
-    with pytest.raises(WeightsError, match="ControlNets for SDXL are not built yet"):
-        load_sd(xl_checkpoint, controlnet=str(tmp_path / "any"))
+def test_a_controlnet_of_another_family_is_refused_naming_both(xl_checkpoint, tmp_path):
+    from build.sd.specs import sd_specs
+    from build.sd.weights import random_controlnet
+    from kiln.errors import ExportError
+
+    random_controlnet("tiny", seed=3).save_pretrained(str(tmp_path / "sd1-control"), safe_serialization=True)
+    loaded = load_sd(xl_checkpoint, controlnet=str(tmp_path / "sd1-control"))
+    with pytest.raises(ExportError, match=r"looks like SD 1.x's, the checkpoint SDXL"):
+        sd_specs(loaded, SIDES)
 
 
 def test_served_beside_sd1_by_one_triton_and_api_and_picked_per_request(repo, xl_local, tmp_path):
@@ -270,8 +284,6 @@ def test_bench_sd_measures_the_sdxl_family(tmp_path):
 def test_a_kohya_sdxl_lora_matches_diffusers(xl_checkpoint, repo, tmp_path):
     """kohya's SDXL layout: lora_te1_/lora_te2_ for the two text encoders, the UNet's layers by their original (SGM)
     names; applied per request to the built models, as diffusers' load_lora_weights applies it."""
-    from diffusers import StableDiffusionXLPipeline
-
     from build.sd.lora import random_lora, write_lora
     from kiln.lora import LoraLibrary
     from orchestrator.pipeline.components.local import local_components
@@ -283,8 +295,7 @@ def test_a_kohya_sdxl_lora_matches_diffusers(xl_checkpoint, repo, tmp_path):
     write_lora(folder / "xl-detail.safetensors", tensors)
     pipeline = Pipeline(local_components(repo, loras=LoraLibrary(folder), models=XL))
     assert pipeline.contract.lora_layers > 0
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(xl_checkpoint))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _pipe(xl_checkpoint)
     config = dict(pipe.scheduler.config)
     pipe.load_lora_weights(str(folder), weight_name="xl-detail.safetensors", adapter_name="xl-detail")
     pipe.set_adapters(["xl-detail"], adapter_weights=[0.8])
@@ -294,3 +305,28 @@ def test_a_kohya_sdxl_lora_matches_diffusers(xl_checkpoint, repo, tmp_path):
     with_lora = pipeline.txt2img(request).images
     assert _diff(with_lora, expected) <= 2
     assert _diff(with_lora, pipeline.txt2img(replace(request, prompt=PROMPT)).images) > 10
+
+
+def test_an_sdxl_controlnet_matches_diffusers(xl_local, xl_checkpoint):
+    """The checkpoint's own SDXL ControlNet (it takes the pooled text and time ids too) through its ensemble, and two
+    units as diffusers' MultiControlNet."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    from kiln.control import canny
+    from orchestrator.pipeline import ControlNetUnit
+
+    photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS)
+    edges = canny(photo, 100, 200)
+    control = ControlNetModel.from_pretrained(str(xl_checkpoint / "controlnet"))
+    assert xl_local.contract.controlnet(None).ensemble  # ControlNet -> UNet in one Triton call where served
+    base = _pipe(xl_checkpoint)
+    pipe = StableDiffusionXLControlNetPipeline(**base.components, controlnet=control)
+    pipe.set_progress_bar_config(disable=True)
+    expected = _theirs(pipe, dict(base.scheduler.config), "DPM++ 2M Karras", 5, negative_prompt="blurry",
+                       image=edges, controlnet_conditioning_scale=0.8)
+    request = Txt2ImgRequest(prompt=PROMPT, negative_prompt="blurry", steps=6, sampler="DPM++ 2M Karras",
+                             cfg_scale=7.5, seed=5, width=64, height=64,
+                             controlnet=ControlNetUnit(image=_png(edges), weight=0.8))
+    result = xl_local.txt2img(request).images
+    assert _diff(result, expected) <= 2
+    assert _diff(result, xl_local.txt2img(replace(request, controlnet=None)).images) > 2

@@ -116,8 +116,13 @@ def export_modules(loaded) -> dict[str, Callable]:
             super().__init__()
             self.model = model
 
-        def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale):
-            down, mid = self.model(sample, timestep, encoder_hidden_states, controlnet_cond, return_dict=False)
+        def forward(self, sample, timestep, encoder_hidden_states, *rest):
+            added = {}
+            if self.model.config.addition_embed_type == "text_time":  # SDXL: the pooled text and the time ids first
+                added, rest = {"added_cond_kwargs": {"text_embeds": rest[0], "time_ids": rest[1]}}, rest[2:]
+            controlnet_cond, conditioning_scale = rest
+            down, mid = self.model(sample, timestep, encoder_hidden_states, controlnet_cond, return_dict=False,
+                                   **added)
             scale = conditioning_scale.reshape(-1, 1, 1, 1)  # per sample: requests with different scales share a batch
             return (*[d * scale for d in down], mid * scale)
 

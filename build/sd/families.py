@@ -34,7 +34,7 @@ class SDArchitecture:
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
-    controlnet: dict[str, Any] | None
+    controlnet: dict[str, Any]
     text_encoder_2: dict[str, Any] | None = None  # SDXL's OpenCLIP ViT-bigG (CLIPTextModelWithProjection)
 
 
@@ -110,7 +110,12 @@ SDXL_ARCHITECTURES = {
         # The second encoder wider than the first (48, not diffusers' tests' 32): single files tell them apart by
         # width, as diffusers' from_single_file does (SDXL's are 768 and 1280)
         text_encoder=_TINY_XL_TEXT | dict(hidden_act="quick_gelu"), text_encoder_2=_TINY_XL_TEXT | dict(hidden_size=48),
-        controlnet=None),
+        controlnet=dict(block_out_channels=(32, 64), layers_per_block=2, in_channels=4,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=(2, 4),
+                        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
+                        conditioning_embedding_out_channels=(16, 32), cross_attention_dim=32 + 48,
+                        norm_num_groups=32)),
     "full": SDArchitecture(
         unet=dict(block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128, in_channels=4,
                   out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -123,7 +128,12 @@ SDXL_ARCHITECTURES = {
                           projection_dim=768, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
         text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
                             projection_dim=1280, layer_norm_eps=1e-5, hidden_act="gelu"),
-        controlnet=None),
+        controlnet=dict(block_out_channels=(320, 640, 1280), layers_per_block=2, in_channels=4,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        attention_head_dim=(5, 10, 20), use_linear_projection=True, addition_embed_type="text_time",
+                        addition_time_embed_dim=256, transformer_layers_per_block=(1, 2, 10),
+                        projection_class_embeddings_input_dim=2816, cross_attention_dim=2048,
+                        conditioning_embedding_out_channels=_FULL_CONTROL_EMBEDDING)),
 }
 # SDXL base's scheduler: Euler over the same training schedule, "leading" timesteps
 SDXL_SCHEDULER_CONFIG = SCHEDULER_CONFIG | {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading",

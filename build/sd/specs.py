@@ -123,7 +123,7 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
         name = controlnet_component(index)
         specs[name] = ComponentSpec(
             name=name,
-            inputs=(control_sample, timestep, context,
+            inputs=(control_sample, timestep, context, *added,
                     TensorSpec("controlnet_cond", "FP32", ("batch", 3, "height", "width"), value_range=(0, 1)),
                     TensorSpec("conditioning_scale", "FP32", ("batch",), value_range=(0, 1))),
             outputs=tuple(TensorSpec(r.name, r.dtype, r.shape) for r in residuals),
@@ -163,10 +163,12 @@ def _check_controlnet_fits(label: str, control, unet, vae_scale: int) -> None:
         return tuple(value) if isinstance(value, (list, tuple)) else value
 
     def family(config) -> str:  # SD 2.x's attention projects linearly, SD 1.x's through 1x1 convolutions
+        if config.get("addition_embed_type") == "text_time":
+            return "SDXL"
         return "SD 2.x" if config.get("use_linear_projection") else "SD 1.x"
 
     for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "down_block_types",
-                "use_linear_projection"):
+                "use_linear_projection", "addition_embed_type"):
         mine, theirs = plain(control.config.get(key)), plain(unet.config.get(key))
         if bool(mine) != bool(theirs) if key == "use_linear_projection" else mine != theirs:
             raise ExportError(f"ControlNet {label!r} does not fit this UNet: its {key} is {mine}, the UNet's {theirs} "

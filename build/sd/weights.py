@@ -100,7 +100,6 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True,
     kind = family(family_name)
     arch = kind.architecture(size)
     scheduler = kind.scheduler_config(prediction)
-    controlnet = controlnet and arch.controlnet is not None  # SDXL: no ControlNet architecture here yet
     tokenizer = clip_tokenizer(kind.pad_token)
     _seeded(seed)
     unet = UNet2DConditionModel(**(arch.unet | ({"in_channels": 9} if inpainting else {})))
@@ -287,8 +286,6 @@ def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] |
     check_tokenizer(pipeline.tokenizer, str(weights))
     text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
     kind = family_of(pipeline.text_encoder.config, marker, text_encoder_2)
-    if kind.two_encoders and (controlnet or (path / "controlnet").is_dir()):
-        raise WeightsError(f"{weights}: ControlNets for {kind.title} are not built yet (SD 1.x and 2.x only)")
     controlnets = {name: load_controlnet(source, pipeline.unet, pipeline.vae.config.latent_channels)
                    for name, source in controlnet_sources(controlnet, path).items()}
     random = marker.get("random", False)

@@ -38,9 +38,10 @@ def add_parser(commands) -> None:
                       help="SDXL base 1.0's architecture (UNet 2,567.5 M parameters; text encoders 123.1 M + 694.7 M)")
     xl.add_argument("--seed", type=int, default=0)
     xl.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SDXL inpainting 0.1)")
+    xl.add_argument("--no-controlnet", action="store_true")
     xl.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
                     help=SINGLE_FILE_HELP)
-    xl.set_defaults(run=run_sd, family="sdxl", prediction=None, no_controlnet=True)
+    xl.set_defaults(run=run_sd, family="sdxl", prediction=None)
     vit = targets.add_parser("vit", help="a timm-style ViT-B/16 folder (model.safetensors + config.json)")
     vit.add_argument("--random", type=Path, metavar="OUT", required=True)
     vit.add_argument("--seed", type=int, default=0)
