@@ -203,8 +203,11 @@ class SDContract:
     # build before embeddings, whose text encoder takes token ids only
     textual_inversion_dim: int = 0
     # SDXL: the first text encoder's width in the encoding (the second's follows; emphasis restores each one's mean on
-    # its own, as AUTOMATIC1111), and the text encoding comes with the pooled text; 0: one text encoder
+    # its own, as AUTOMATIC1111); 0: one text encoder
     text_split: int = 0
+    # SDXL: the UNet takes the pooled text and this many time ids (6 for the base: original size, crop, target size;
+    # 5 for the refiner: the aesthetic score last); 0: no added conditions
+    time_ids: int = 0
     # Layers of the UNet a LoRA can change in this build (its artifacts' kiln.runtime.lora maps); 0: the models take
     # no LoRA (a build before LoRA, a quantized or torch variant, or NVIDIA's native backends)
     lora_layers: int = 0
@@ -240,8 +243,9 @@ class SDContract:
     @property
     def a1111_config(self) -> str:
         """The config file AUTOMATIC1111 would load this checkpoint with (its sd-models "config")."""
-        if self.family == "sdxl":
-            return "sd_xl_inpaint.yaml" if self.inpainting_unet else "sd_xl_base.yaml"
+        if self.family.startswith("sdxl"):
+            return "sd_xl_refiner.yaml" if self.family == "sdxl-refiner" else \
+                "sd_xl_inpaint.yaml" if self.inpainting_unet else "sd_xl_base.yaml"
         version = "v2" if self.family == "sd2" else "v1"
         if self.inpainting_unet:
             return f"{version}-inpainting-inference.yaml"

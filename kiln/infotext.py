@@ -40,6 +40,7 @@ def parameters_text(info: dict) -> str:
               ("Lora hashes", quote(info.get("lora_hashes"))),
               ("VAE hash", info.get("vae_hash")), ("VAE", quote(info.get("vae"))),
               ("Tiling", info.get("tiling")),
+              ("Refiner", quote(info.get("refiner"))), ("Refiner switch at", info.get("refiner_switch_at")),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Denoising strength", info.get("denoising_strength")),
               ("Noise multiplier", info.get("noise_multiplier")),

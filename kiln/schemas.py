@@ -130,8 +130,8 @@ class Txt2ImgBody(BaseModel):
     s_tmax: float | None = None  # None or 0: no upper bound, as AUTOMATIC1111 reads it
     s_noise: float = 1.0
     s_min_uncond: float = 0.0
-    refiner_checkpoint: str | None = None
-    refiner_switch_at: float | None = None
+    refiner_checkpoint: str | None = None  # another served checkpoint finishing the denoising (SDXL's refiner)
+    refiner_switch_at: float | None = Field(None, ge=0, le=1)  # when it takes over (None: 0.8, A1111's UI default)
     initial_noise_multiplier: float | None = None
     force_task_id: str | None = Field(None, min_length=1, max_length=128,
                                       description="the task id to give this job (progress?id_task= follows it)")
@@ -150,9 +150,6 @@ class Txt2ImgBody(BaseModel):
                   "restore_faces": self.restore_faces,
                   "firstpass_image": self.firstpass_image, "comments": self.comments,
                   "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
-                  "refiner_checkpoint": self.refiner_checkpoint not in (None, "", "None"),
-                  "refiner_switch_at": self.refiner_checkpoint not in (None, "", "None")
-                  and self.refiner_switch_at is not None,
                   "hr_additional_modules": self.hr_additional_modules not in (None, [], ["Use same choices"]),
                   "a fractional clip_skip (SD.Next's interpolation between layers)":
                       self.clip_skip is not None and self.clip_skip != int(self.clip_skip)}

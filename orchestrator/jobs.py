@@ -29,6 +29,7 @@ from orchestrator.batching import StepBatcher
 from orchestrator.checkpoints import Checkpoints, ModelControl
 from orchestrator.metrics import Metrics
 from orchestrator.pipeline import Cancelled, Limits, Pipeline, Txt2ImgRequest, check_job, with_seeds
+from orchestrator.pipeline.refiner import check_refiner
 from orchestrator.pipeline.sampling import MAX_SEED
 
 log = logging.getLogger("kiln.jobs")
@@ -75,6 +76,7 @@ class Job:
     client_id: str | None = None  # who submitted it (the API scopes interrupt, skip and task reads by it)
     context: dict[str, Any] = field(default_factory=dict)  # the submitter's own (the API: its body and routes)
     checkpoint: str = ""  # the checkpoint it runs on (kiln.contract.SDModels.checkpoint; "": the default)
+    refiner: str | None = None  # the checkpoint finishing its denoising (request.refiner's), None: none
     _listeners: list[Callable[[dict], None]] = field(default_factory=list)
 
     # -- state for callers ---------------------------------------------------------------------------
@@ -269,7 +271,8 @@ class Engine:
         self.queue = JobQueue(self._run_job, max_queue=options.max_queue, workers=options.workers, metrics=metrics)
 
     def _busy_checkpoints(self) -> set[str]:
-        return {job.checkpoint for job in self.queue.jobs() if job.status in (Status.QUEUED, Status.RUNNING)}
+        active = [job for job in self.queue.jobs() if job.status in (Status.QUEUED, Status.RUNNING)]
+        return {job.checkpoint for job in active} | {job.refiner for job in active if job.refiner is not None}
 
     def pipelines(self) -> dict[str, Pipeline]:
         """The connected checkpoints' pipelines, by checkpoint name ("": the repository's default)."""
@@ -319,17 +322,21 @@ class Engine:
         pipeline = self.checkpoints.get(key)
         check_job(request, n_iter, pipeline.limits)
         pipeline.check(request)
+        refiner = None
+        if request.refiner is not None:  # AUTOMATIC1111's refiner_checkpoint: another served checkpoint
+            refiner = self.checkpoint(request.refiner.checkpoint, "refiner_checkpoint")
+            check_refiner(pipeline, self.checkpoints.get(refiner), request)
         request = with_seeds(request)  # drawn once: n_iter chains from them
         job = Job(kind=kind, request=request, n_iter=n_iter, client_id=client_id, context=context or {},
-                  checkpoint=key)
+                  checkpoint=key, refiner=refiner)
         if job_id is not None:
             job.id = job_id
         return job
 
     def _run_job(self, job: Job) -> None:
         # unloaded while the job waited (model control): loaded again, the job's progress saying so
-        pipeline = self.checkpoints.get(job.checkpoint, on_load=lambda: job.emit(
-            {"event": "loading", "checkpoint": job.checkpoint or "default"}))
+        pipeline, refiner = (None if key is None else self.checkpoints.get(key, on_load=lambda key=key: job.emit(
+            {"event": "loading", "checkpoint": key or "default"})) for key in (job.checkpoint, job.refiner))
         request = job.request
         batch = request.batch_size
         for iteration in range(job.n_iter):
@@ -341,7 +348,7 @@ class Engine:
             progress = self._progress(job)
             result = pipeline.generate(run, progress, job.cancel_event.is_set, unet_call=self.batcher,
                                        stop_early=lambda: job.interrupted or job.skipped,
-                                       denoising=self._denoising)
+                                       denoising=self._denoising, refiner=refiner)
             for image, seed in zip(result.images, result.seeds):
                 index = len(job.images)
                 job.images.append(image)

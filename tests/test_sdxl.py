@@ -19,15 +19,16 @@ from safetensors.numpy import save_file
 from build.sd import ImageRange, SDBuildOptions, build_sd
 from build.sd.weights import load_sd, write_sd_checkpoint
 from kiln.contract import SD_TEXT_ENCODE, SDModels, read_config
-from kiln.errors import WeightsError
+from kiln.errors import InputError, WeightsError
 from kiln.paths import SAMPLE_IMAGES
 from kiln.triton_server import free_port
-from orchestrator.pipeline import Img2ImgRequest, Pipeline, Txt2ImgRequest, make_scheduler
+from orchestrator.pipeline import Img2ImgRequest, Pipeline, Refiner, Txt2ImgRequest, make_scheduler
 from tests.conftest import start_triton
 
 pytestmark = pytest.mark.slow
 SIDES = ImageRange(32, 0, 128)  # opt 0: the checkpoint's own side (the tiny UNet's 32 latents: 64 pixels)
 XL = SDModels("xl-tiny")
+REFINER = SDModels("xl-refiner")
 PROMPT = "a photo of a cat"
 
 
@@ -47,10 +48,17 @@ def embeddings(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, plain_checkpoint, xl_checkpoint):
-    """The tiny SD 1.x as the default checkpoint, the tiny SDXL beside it as xl-tiny."""
+def refiner_checkpoint(tmp_path_factory):
+    return write_sd_checkpoint(tmp_path_factory.mktemp("sdxl_refiner") / "tiny", size="tiny", seed=7,
+                               family_name="sdxl-refiner")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, plain_checkpoint, xl_checkpoint, refiner_checkpoint):
+    """The tiny SD 1.x as the default checkpoint, the tiny SDXL beside it as xl-tiny, its refiner as xl-refiner."""
     repo = tmp_path_factory.mktemp("xl_repo") / "repo"
-    for weights, checkpoint in ((plain_checkpoint, ""), (xl_checkpoint, XL.checkpoint)):
+    for weights, checkpoint in ((plain_checkpoint, ""), (xl_checkpoint, XL.checkpoint),
+                                (refiner_checkpoint, REFINER.checkpoint)):
         build_sd(SDBuildOptions(weights=str(weights), repository=repo, images=SIDES, progress=False,
                                 checkpoint=checkpoint), log=lambda _m: None)
     return repo
@@ -253,8 +261,8 @@ def test_served_beside_sd1_by_one_triton_and_api_and_picked_per_request(repo, xl
     api = BackgroundAPI(Settings(triton_url=server.grpc_url, port=free_port()))
     try:
         with httpx.Client(base_url=api.url, timeout=120) as client:
-            models = client.get("/sdapi/v1/sd-models").json()
-            assert [(m["model_name"], m["config"]) for m in models][1] == ("xl-tiny", "sd_xl_base.yaml")
+            models = {m["model_name"]: m["config"] for m in client.get("/sdapi/v1/sd-models").json()}
+            assert (models["xl-tiny"], models["xl-refiner"]) == ("sd_xl_base.yaml", "sd_xl_refiner.yaml")
             answers = {}
             for name in (None, "xl-tiny"):
                 extra = {"override_settings": {"sd_model_checkpoint": name}} if name else {}
@@ -262,10 +270,24 @@ def test_served_beside_sd1_by_one_triton_and_api_and_picked_per_request(repo, xl
                 assert response.status_code == 200, response.text
                 answers[name] = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
             assert json.loads(response.json()["info"])["sd_model_name"] == "xl-tiny"
+            # AUTOMATIC1111's refiner: another served checkpoint takes over part way
+            refined = client.post("/sdapi/v1/txt2img", json=body | extra | {"refiner_checkpoint": "xl-refiner",
+                                                                             "refiner_switch_at": 0.5})
+            assert refined.status_code == 200, refined.text
+            infotext = json.loads(refined.json()["info"])["infotexts"][0]
+            assert "Refiner: xl-refiner [" in infotext and "Refiner switch at: 0.5" in infotext
+            answers["refined"] = np.asarray(Image.open(io.BytesIO(base64.b64decode(refined.json()["images"][0]))))
+            unknown = client.post("/sdapi/v1/txt2img", json=body | extra | {"refiner_checkpoint": "nope"})
+            assert unknown.status_code == 422 and "refiner_checkpoint 'nope'" in unknown.text
+            latents = client.post("/sdapi/v1/txt2img", json=body | {"refiner_checkpoint": "xl-tiny"})  # from SD 1.x
+            assert latents.status_code == 200, latents.text  # the same latent space: AUTOMATIC1111 allows it too
     finally:
         api.stop()
         server.stop()
     assert _diff(answers[None], sd1) <= 1 and _diff(answers["xl-tiny"], xl) <= 1 and _diff(sd1, xl) > 10
+    refined = xl_local.txt2img(replace(request, refiner=Refiner("xl-refiner", 0.5)),
+                               refiner=Pipeline.from_repository(repo, models=REFINER)).images[0]
+    assert _diff(answers["refined"], refined) <= 1
 
 
 def test_bench_sd_measures_the_sdxl_family(tmp_path):
@@ -330,3 +352,53 @@ def test_an_sdxl_controlnet_matches_diffusers(xl_local, xl_checkpoint):
     result = xl_local.txt2img(request).images
     assert _diff(result, expected) <= 2
     assert _diff(result, xl_local.txt2img(replace(request, controlnet=None)).images) > 2
+
+
+def test_the_refiner_alone_matches_diffusers_img2img(repo, refiner_checkpoint):
+    """SDXL's refiner as a checkpoint of its own (OpenCLIP ViT-bigG alone, the aesthetic score in its time ids): its
+    img2img as diffusers' StableDiffusionXLImg2ImgPipeline computes it."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    refiner = Pipeline.from_repository(repo, models=REFINER)
+    assert (refiner.contract.family, refiner.contract.time_ids, refiner.contract.text_split) == ("sdxl-refiner", 5, 0)
+    photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(refiner_checkpoint))
+    pipe.set_progress_bar_config(disable=True)
+    expected = _theirs(pipe, dict(pipe.scheduler.config), "Euler", 9, steps=10, prompt="a dog",
+                       negative_prompt="blurry", image=photo, strength=0.6)
+    result = refiner.img2img(Img2ImgRequest(prompt="a dog", negative_prompt="blurry", init_image=_png(photo),
+                                            denoising_strength=0.6, steps=10, sampler="Euler", cfg_scale=7.5, seed=9,
+                                            width=64, height=64))
+    assert _diff(result.images, expected) <= 2
+
+
+def test_the_refiner_takes_over_as_diffusers_ensemble_of_experts(repo, xl_local, xl_checkpoint, refiner_checkpoint):
+    """refiner_switch_at 0.75: the base denoises while (999 - t) / 1000 < 0.75, the refiner the rest with the same
+    sampler and latents; as diffusers' base with denoising_end and refiner with denoising_start (Euler: stateless
+    between steps; a multistep sampler goes on with its history, as AUTOMATIC1111's, where diffusers starts over)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from orchestrator.pipeline import HiresFix
+
+    base = _pipe(xl_checkpoint)
+    config = dict(base.scheduler.config)
+    refiner_pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(refiner_checkpoint))
+    refiner_pipe.set_progress_bar_config(disable=True)
+    base.scheduler, refiner_pipe.scheduler = make_scheduler("Euler", config), make_scheduler("Euler", config)
+    generator = torch.Generator().manual_seed(3)
+    latents = base(PROMPT, negative_prompt="blurry", num_inference_steps=10, guidance_scale=7.5, height=64, width=64,
+                   generator=generator, denoising_end=0.75, output_type="latent").images
+    expected = _uint8(refiner_pipe(PROMPT, negative_prompt="blurry", image=latents, num_inference_steps=10,
+                                   guidance_scale=7.5, denoising_start=0.75, generator=generator,
+                                   output_type="np").images)
+    refiner = Pipeline.from_repository(repo, models=REFINER)
+    request = Txt2ImgRequest(prompt=PROMPT, negative_prompt="blurry", steps=10, sampler="Euler", cfg_scale=7.5, seed=3,
+                             width=64, height=64, refiner=Refiner("xl-refiner", 0.75))
+    result = xl_local.txt2img(request, refiner=refiner)
+    assert _diff(result.images, expected) <= 2
+    assert result.info["refiner"] == refiner.contract.title and result.info["refiner_switch_at"] == 0.75
+    assert _diff(result.images, xl_local.txt2img(replace(request, refiner=None)).images) > 10
+    never = xl_local.txt2img(replace(request, refiner=Refiner("xl-refiner", 1.0)), refiner=refiner).images
+    assert _diff(never, xl_local.txt2img(replace(request, refiner=None)).images) == 0  # 1: the base runs every step
+    with pytest.raises(InputError, match="refiner_checkpoint with the hires fix is not supported"):
+        xl_local.txt2img(replace(request, hires=HiresFix()), refiner=refiner)

@@ -36,6 +36,7 @@ from build.sd.specs import (
     sd_specs,
     size_multiple,
     text_widths,
+    time_ids,
     two_encoders,
     vae_scale_factor,
 )
@@ -217,7 +218,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
         unet_max_batch=specs["unet"].max_batch_size, clip_skip_layers=text_widths(loaded)[2],
         textual_inversion_dim=text_widths(loaded)[0],
-        text_split=loaded.text_encoder.config.hidden_size if two_encoders(loaded) else 0,
+        text_split=loaded.text_encoder.config.hidden_size if two_encoders(loaded) else 0, time_ids=time_ids(loaded),
         lora_layers=artifacts["unet"]["lora"]["layers"] if lora_layers else 0,
         **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
            else {}),

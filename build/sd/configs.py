@@ -65,7 +65,7 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
 
     hidden = text.outputs[0].shape[-1]
     # SDXL's encoding comes with the pooled text (the second encoder's projection), for the UNet's added conditions
-    pooled = (Tensor("pooled", "FP32", (-1, text.outputs[1].shape[-1])),) if contract.text_split else ()
+    pooled = (Tensor("pooled", "FP32", (-1, text.outputs[1].shape[-1])),) if contract.time_ids else ()
     ids = Tensor("input_ids", "INT64", (-1, text.inputs[0].shape[1]))
     chunks = Tensor("chunks", "INT32", (1,))
     weights = Tensor("weights", "FP32", (-1, text.inputs[0].shape[1]))  # each position's emphasis

@@ -55,27 +55,29 @@ def export_modules(loaded) -> dict[str, Callable]:
             return text.final_layer_norm(layers[index, every]), text.final_layer_norm(layers[-1, every, end])
 
     class TextEncoderXL(torch.nn.Module):
-        """SDXL's two text encoders as one model: both read the same tokens (the second with its own padding after
-        the end token: "!", as diffusers' tokenizer_2 and AUTOMATIC1111's id_pad), each from its penultimate layer
-        without the final layer norm, side by side; the pooled text is the second's projection of its last layer at
-        the end token. Textual-inversion vectors hold both encoders' rows side by side too (SDXL embeddings'
-        clip_l and clip_g)."""
+        """SDXL's text encoders as one model (two for the base; its OpenCLIP ViT-bigG alone for the refiner): all
+        read the same tokens (the second with its own padding after the end token: "!", as diffusers' tokenizer_2
+        and AUTOMATIC1111's id_pad), each from its penultimate layer without the final layer norm, side by side; the
+        pooled text is the last one's projection of its last layer at the end token. Textual-inversion vectors hold
+        the encoders' rows side by side too (SDXL embeddings' clip_l and clip_g)."""
 
-        def __init__(self, first, second, pad_2: int):
+        def __init__(self, second, first=None, pad_2: int = 0):
             super().__init__()
             self.first, self.second, self.pad_2 = first, second, pad_2
 
         def forward(self, input_ids, clip_skip, token_vectors):
             """clip skip 1 (AUTOMATIC1111's default): the penultimate layers; each more goes one layer further back,
             as diffusers' SDXL `clip_skip` (counted one lower)."""
-            width = self.first.config.hidden_size
-            _, first, end = run_layers(self.first, input_ids, token_vectors[:, :width])
-            after_end = torch.arange(input_ids.shape[1]).unsqueeze(0) > end.unsqueeze(1)
-            ids_2 = torch.where(after_end, torch.full_like(input_ids, self.pad_2), input_ids)
+            every, ids_2, width, states = torch.arange(input_ids.shape[0]), input_ids, 0, []
+            if self.first is not None:
+                width = self.first.config.hidden_size
+                _, first, end = run_layers(self.first, input_ids, token_vectors[:, :width])
+                after_end = torch.arange(input_ids.shape[1]).unsqueeze(0) > end.unsqueeze(1)
+                ids_2 = torch.where(after_end, torch.full_like(input_ids, self.pad_2), input_ids)
+                states.append(first)
             text_2, second, end_2 = run_layers(self.second, ids_2, token_vectors[:, width:])
-            every = torch.arange(input_ids.shape[0])
-            hidden = [layers[(len(layers) - 1 - clip_skip).clamp(0, len(layers) - 1), every]
-                      for layers in (first, second)]
+            states.append(second)
+            hidden = [layers[(len(layers) - 1 - clip_skip).clamp(0, len(layers) - 1), every] for layers in states]
             pooled = self.second.text_projection(text_2.final_layer_norm(second[-1, every, end_2]))
             return torch.cat(hidden, dim=-1), pooled
 
@@ -139,9 +141,14 @@ def export_modules(loaded) -> dict[str, Callable]:
             return self.model.decode(latent / self.scaling_factor, return_dict=False)[0]
 
     second = getattr(loaded, "text_encoder_2", None)
+    if second is not None:  # SDXL
+        text_encoder = TextEncoderXL(second, loaded.text_encoder, pad_token_id(loaded.tokenizer_2))
+    elif getattr(loaded, "family", "") == "sdxl-refiner":
+        text_encoder = TextEncoderXL(loaded.text_encoder)
+    else:
+        text_encoder = TextEncoder(loaded.text_encoder)
     modules = {
-        "text_encoder": TextEncoder(loaded.text_encoder) if second is None
-        else TextEncoderXL(loaded.text_encoder, second, pad_token_id(loaded.tokenizer_2)),
+        "text_encoder": text_encoder,
         "unet": UNet(loaded.unet), "unet_control": UNet(loaded.unet),
         "vae_encoder": VaeEncoder(loaded.vae), "vae_decoder": VaeDecoder(loaded.vae),
     }

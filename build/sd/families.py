@@ -34,7 +34,7 @@ class SDArchitecture:
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
-    controlnet: dict[str, Any]
+    controlnet: dict[str, Any] | None
     text_encoder_2: dict[str, Any] | None = None  # SDXL's OpenCLIP ViT-bigG (CLIPTextModelWithProjection)
 
 
@@ -135,6 +135,23 @@ SDXL_ARCHITECTURES = {
                         projection_class_embeddings_input_dim=2816, cross_attention_dim=2048,
                         conditioning_embedding_out_channels=_FULL_CONTROL_EMBEDDING)),
 }
+# SDXL's refiner: OpenCLIP ViT-bigG alone (with its projection), 5 time ids (the 6th, the target size, becomes the
+# aesthetic score), cross-attention 1280 wide; stabilityai/stable-diffusion-xl-refiner-1.0 (full) and tiny ones
+SDXL_REFINER_ARCHITECTURES = {
+    "tiny": SDArchitecture(
+        unet=SDXL_ARCHITECTURES["tiny"].unet | dict(projection_class_embeddings_input_dim=5 * 8 + 32,
+                                                    cross_attention_dim=48),
+        vae=_TINY_VAE | dict(sample_size=128), text_encoder=_TINY_XL_TEXT | dict(hidden_size=48), controlnet=None),
+    "full": SDArchitecture(
+        unet=dict(block_out_channels=(384, 768, 1536, 1536), layers_per_block=2, sample_size=128, in_channels=4,
+                  out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                    "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  attention_head_dim=(6, 12, 24, 24), use_linear_projection=True, addition_embed_type="text_time",
+                  addition_time_embed_dim=256, transformer_layers_per_block=4,
+                  projection_class_embeddings_input_dim=2560, cross_attention_dim=1280),
+        vae=SDXL_ARCHITECTURES["full"].vae, text_encoder=SDXL_ARCHITECTURES["full"].text_encoder_2, controlnet=None),
+}
 # SDXL base's scheduler: Euler over the same training schedule, "leading" timesteps
 SDXL_SCHEDULER_CONFIG = SCHEDULER_CONFIG | {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading",
                                             "interpolation_type": "linear", "use_karras_sigmas": False}
@@ -152,6 +169,7 @@ class Family:
     native_side: int  # the released model's image side (pixels)
     scheduler: dict | None = None  # the released model's scheduler config (default: SCHEDULER_CONFIG)
     pad_token_2: str = ""  # what the second text encoder's tokenizer pads with (SDXL); "": one text encoder
+    refiner: bool = False  # SDXL's refiner: its one text encoder has a projection (the pooled text), no first one
 
     def architecture(self, size: str) -> SDArchitecture:
         if size not in self.architectures:
@@ -173,6 +191,8 @@ FAMILIES = {
     "sd1": Family("sd1", "SD 1.x", ARCHITECTURES, "epsilon", "<|endoftext|>", 512),
     "sd2": Family("sd2", "SD 2.x", SD2_ARCHITECTURES, "v_prediction", "!", 768),
     "sdxl": Family("sdxl", "SDXL", SDXL_ARCHITECTURES, "epsilon", "<|endoftext|>", 1024, SDXL_SCHEDULER_CONFIG, "!"),
+    "sdxl-refiner": Family("sdxl-refiner", "SDXL refiner", SDXL_REFINER_ARCHITECTURES, "epsilon", "!", 1024,
+                           SDXL_SCHEDULER_CONFIG, refiner=True),
 }
 
 
@@ -190,4 +210,6 @@ def family_of(text_encoder_config, marker: dict | None = None, text_encoder_2=No
         return family(marker["family"])
     if text_encoder_2 is not None:
         return FAMILIES["sdxl"]
+    if getattr(text_encoder_config, "architectures", None) == ["CLIPTextModelWithProjection"]:
+        return FAMILIES["sdxl-refiner"]
     return FAMILIES["sd2" if getattr(text_encoder_config, "hidden_act", "quick_gelu") == "gelu" else "sd1"]

@@ -253,8 +253,8 @@ def inspect_single_file(path: Path) -> dict:
     if has[XL_TEXT_PREFIX] and has[XL_OPEN_CLIP_PREFIX]:
         family = "sdxl"
     elif has["conditioner."]:
-        raise WeightsError(f"{path}: an SDXL refiner (the OpenCLIP text encoder alone under conditioner.); refiners "
-                           "are not built yet")
+        raise WeightsError(f"{path}: an SDXL refiner (the OpenCLIP text encoder alone under conditioner.); kiln reads "
+                           "refiners as diffusers folders, not single files yet")
     elif has[OPEN_CLIP_PREFIX]:
         family = "sd2"
     elif has[TEXT_PREFIX]:

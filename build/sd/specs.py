@@ -78,7 +78,8 @@ def sd_specs(loaded, images: ImageRange = ImageRange()) -> dict[str, ComponentSp
     # SDXL's added conditions: the pooled text (the second encoder's projection) and the six time ids (original
     # size, crop top-left, target size), per row
     added = (TensorSpec("text_embeds", "FP32", ("batch", pooled)),
-             TensorSpec("time_ids", "FP32", ("batch", 6), value_range=(0, 1024))) if two_encoders(loaded) else ()
+             TensorSpec("time_ids", "FP32", ("batch", time_ids(loaded)), value_range=(0, 1024))) \
+        if time_ids(loaded) else ()
 
     specs = {
         "text_encoder": ComponentSpec(
@@ -137,10 +138,22 @@ def two_encoders(loaded) -> bool:
     return getattr(loaded, "text_encoder_2", None) is not None
 
 
+def time_ids(loaded) -> int:
+    """How many time ids the UNet's added conditions take beside the pooled text: 6 for SDXL base (original size,
+    crop, target size), 5 for its refiner (the aesthetic score for the target size); 0: no added conditions."""
+    config = loaded.unet.config
+    if config.get("addition_embed_type") != "text_time":
+        return 0
+    return (config.projection_class_embeddings_input_dim - text_widths(loaded)[1]) // config.addition_time_embed_dim
+
+
 def text_widths(loaded) -> tuple[int, int, int]:
     """The text encoding's width (both encoders' hidden states side by side for SDXL), the pooled text's width (the
-    second encoder's projection for SDXL; the hidden size otherwise), and the layers clip skip may count back."""
+    second encoder's projection for SDXL, the one encoder's for its refiner; the hidden size otherwise), and the
+    layers clip skip may count back."""
     first = loaded.text_encoder.config
+    if getattr(loaded, "family", "") == "sdxl-refiner":  # from its penultimate layer, as SDXL's
+        return first.hidden_size, first.projection_dim, first.num_hidden_layers - 1
     if not two_encoders(loaded):
         return first.hidden_size, first.hidden_size, first.num_hidden_layers
     second = loaded.text_encoder_2.config

@@ -106,7 +106,9 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True,
     _seeded(seed + 1)
     vae = AutoencoderKL(**arch.vae)
     _seeded(seed + 2)
-    text_encoder = CLIPTextModel(clip_text_config(arch.text_encoder, tokenizer.pad_token_id))
+    # (SDXL's refiner: OpenCLIP ViT-bigG alone, with its projection)
+    text_encoder = (CLIPTextModelWithProjection if kind.refiner else CLIPTextModel)(
+        clip_text_config(arch.text_encoder, tokenizer.pad_token_id))
     components = {
         "unet": unet.eval(), "vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": tokenizer,
         "scheduler": getattr(diffusers, scheduler["_class_name"]).from_config(
@@ -117,7 +119,7 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True,
         _seeded(seed + 4)
         components["text_encoder_2"] = CLIPTextModelWithProjection(
             clip_text_config(arch.text_encoder_2, components["tokenizer_2"].pad_token_id)).eval()
-    if controlnet:
+    if controlnet and arch.controlnet is not None:  # (none for the refiner)
         components["controlnet"] = random_controlnet(size, seed + 3, family_name)
     return components
 
@@ -154,12 +156,17 @@ def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet
                         inpainting: bool = False, family_name: str = "sd1", prediction: str | None = None) -> Path:
     """Write a diffusers-format SD 1.x, 2.x or SDXL folder of seeded random weights; a ControlNet goes in
     controlnet/."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     out = Path(out)
     components = build_components(size, seed, controlnet, inpainting, family_name, prediction)
     control = components.pop("controlnet", None)
-    if "text_encoder_2" in components:
+    if family(family_name).refiner:  # as diffusers holds SDXL's refiner: its one encoder is the "second"
+        pipeline = StableDiffusionXLImg2ImgPipeline(
+            vae=components["vae"], text_encoder=None, tokenizer=None, text_encoder_2=components["text_encoder"],
+            tokenizer_2=components["tokenizer"], unet=components["unet"], scheduler=components["scheduler"],
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    elif "text_encoder_2" in components:
         pipeline = StableDiffusionXLPipeline(**components)
     else:
         pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
@@ -257,7 +264,7 @@ def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] |
     A single file takes its architecture from `config` (a diffusers-format folder; default: SD 1.5's). ControlNets
     come from `controlnet` (see `controlnet_sources`), or a folder checkpoint's controlnet/.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     path = Path(weights)
     if not path.exists() and not (str(weights).count("/") == 1 and not str(weights).startswith((".", "/"))):
@@ -273,8 +280,10 @@ def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] |
         marker = json.loads(metadata.get(METADATA_KEY, "{}"))
     else:
         try:
-            if _is_sdxl_folder(path):
-                pipeline = StableDiffusionXLPipeline.from_pretrained(str(weights), use_safetensors=True)
+            kind = _sdxl_folder(path)
+            if kind:
+                pipeline = (StableDiffusionXLImg2ImgPipeline if kind == "refiner" else StableDiffusionXLPipeline
+                            ).from_pretrained(str(weights), use_safetensors=True)
             else:
                 pipeline = StableDiffusionPipeline.from_pretrained(str(weights), safety_checker=None,
                                                                    requires_safety_checker=False, use_safetensors=True)
@@ -283,26 +292,29 @@ def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] |
                                f"{first_line(exc)}") from None
         if (path / "kiln-weights.json").exists():
             marker = json.loads((path / "kiln-weights.json").read_text())
-    check_tokenizer(pipeline.tokenizer, str(weights))
-    text_encoder_2 = getattr(pipeline, "text_encoder_2", None)
-    kind = family_of(pipeline.text_encoder.config, marker, text_encoder_2)
+    text_encoder, tokenizer = pipeline.text_encoder, pipeline.tokenizer
+    text_encoder_2, tokenizer_2 = getattr(pipeline, "text_encoder_2", None), getattr(pipeline, "tokenizer_2", None)
+    if text_encoder is None:  # SDXL's refiner: its one text encoder, with its projection, is diffusers' "second"
+        text_encoder, tokenizer, text_encoder_2, tokenizer_2 = text_encoder_2, tokenizer_2, None, None
+    check_tokenizer(tokenizer, str(weights))
+    kind = family_of(text_encoder.config, marker, text_encoder_2)
     controlnets = {name: load_controlnet(source, pipeline.unet, pipeline.vae.config.latent_channels)
                    for name, source in controlnet_sources(controlnet, path).items()}
     random = marker.get("random", False)
-    return LoadedSD(unet=pipeline.unet.eval(), vae=pipeline.vae.eval(), text_encoder=pipeline.text_encoder.eval(),
-                    tokenizer=pipeline.tokenizer, scheduler_config=dict(pipeline.scheduler.config),
+    return LoadedSD(unet=pipeline.unet.eval(), vae=pipeline.vae.eval(), text_encoder=text_encoder.eval(),
+                    tokenizer=tokenizer, scheduler_config=dict(pipeline.scheduler.config),
                     controlnets=controlnets, source=str(weights), random=bool(random), family=kind.name,
                     text_encoder_2=text_encoder_2.eval() if text_encoder_2 is not None else None,
-                    tokenizer_2=getattr(pipeline, "tokenizer_2", None))
+                    tokenizer_2=tokenizer_2)
 
 
-def _is_sdxl_folder(path: Path) -> bool:
-    """A diffusers folder of an SDXL pipeline (its model_index.json names a second text encoder); the refiner (the
-    second alone) is refused by name."""
+def _sdxl_folder(path: Path) -> str:
+    """"base" for a diffusers folder of an SDXL pipeline (its model_index.json names a second text encoder),
+    "refiner" for SDXL's refiner (the second alone), "" for another."""
     index = path / "model_index.json"
     if not index.is_file():
-        return False
+        return ""
     components = json.loads(index.read_text())
-    if components.get("text_encoder_2") and not (components.get("text_encoder") or [None])[0]:
-        raise WeightsError(f"{path}: an SDXL refiner (one text encoder, the second); refiners are not built yet")
-    return bool((components.get("text_encoder_2") or [None])[0])
+    if not (components.get("text_encoder_2") or [None])[0]:
+        return ""
+    return "base" if (components.get("text_encoder") or [None])[0] else "refiner"

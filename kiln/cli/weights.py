@@ -39,6 +39,8 @@ def add_parser(commands) -> None:
     xl.add_argument("--seed", type=int, default=0)
     xl.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SDXL inpainting 0.1)")
     xl.add_argument("--no-controlnet", action="store_true")
+    xl.add_argument("--refiner", action="store_true",
+                    help="SDXL's refiner instead (OpenCLIP ViT-bigG alone, aesthetic-score time ids; UNet 2,259.5 M)")
     xl.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
                     help=SINGLE_FILE_HELP)
     xl.set_defaults(run=run_sd, family="sdxl", prediction=None)
@@ -98,8 +100,11 @@ def run_sd(args) -> int:
     out, size = _sized(args)
     if args.single_file is not None and args.single_file.suffix != ".safetensors":
         raise KilnError(f"--single-file {args.single_file}: the file name must end in .safetensors")
+    family = "sdxl-refiner" if getattr(args, "refiner", False) else args.family
+    if family == "sdxl-refiner" and args.single_file is not None:
+        raise KilnError("--single-file: kiln writes SDXL refiners as diffusers folders only, not single files yet")
     write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet, inpainting=args.inpainting,
-                        family_name=args.family, prediction=args.prediction)
+                        family_name=family, prediction=args.prediction)
     if args.single_file is not None:
         from build.sd.single_file import write_single_file
 

@@ -13,6 +13,7 @@ from orchestrator.pipeline.requests import (
                                             HiresFix,
                                             Img2ImgRequest,
                                             ProgressCallback,
+                                            Refiner,
                                             SDUpscale,
                                             Txt2ImgRequest,
 )
@@ -20,5 +21,5 @@ from orchestrator.pipeline.sampling import SAMPLERS, UnknownSampler, make_schedu
 from orchestrator.pipeline.validate import Limits, check_job, check_request
 
 __all__ = ["SAMPLERS", "Cancelled", "Components", "ControlNetUnit", "GenerationResult", "HiresFix", "Img2ImgRequest",
-           "Limits", "Pipeline", "ProgressCallback", "SDUpscale", "Txt2ImgRequest", "UNetCall", "UnknownSampler",
-           "check_job", "check_request", "make_scheduler", "with_seeds"]
+           "Limits", "Pipeline", "ProgressCallback", "Refiner", "SDUpscale", "Txt2ImgRequest", "UNetCall",
+           "UnknownSampler", "check_job", "check_request", "make_scheduler", "with_seeds"]

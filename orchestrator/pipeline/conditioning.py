@@ -35,19 +35,32 @@ class Conditioning:
         return {"encoder_hidden_states": rows(self.context)} | {name: rows(v) for name, v in self.added.items()}
 
 
-def time_ids(width: int, height: int, rows: int) -> np.ndarray:
-    """SDXL's added time ids for an image of width x height: original size, crop top-left, target size (h, w)."""
-    return np.tile(np.array([height, width, 0, 0, height, width], dtype=np.float32), (rows, 1))
+# The refiner's aesthetic scores: the prompt's and the negative prompt's (diffusers' and AUTOMATIC1111's defaults)
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 
 
-def encode(text_encoder, prompts: list[str], clip_skip: int, lora: str, *, two_encoders: bool, width: int,
+def added_time_ids(width: int, height: int, rows: int, count: int = 6, negative_first: bool = False) -> np.ndarray:
+    """SDXL's added time ids for an image of width x height: original size, crop top-left, and target size (h, w;
+    `count` 6, the base's) or the aesthetic score (5, the refiner's: the negative prompt's row, first, its own)."""
+    if count == 6:
+        return np.tile(np.array([height, width, 0, 0, height, width], dtype=np.float32), (rows, 1))
+    ids = np.tile(np.array([height, width, 0, 0, AESTHETIC_SCORE], dtype=np.float32), (rows, 1))
+    if negative_first:
+        ids[0, 4] = NEGATIVE_AESTHETIC_SCORE
+    return ids
+
+
+def encode(text_encoder, prompts: list[str], clip_skip: int, lora: str, *, time_ids: int, width: int,
            height: int, zero_first: bool = False) -> Conditioning:
-    """The prompts' conditioning, a row each. SDXL (`two_encoders`): with its pooled text and time ids; `zero_first`:
-    the first prompt is the empty negative prompt, zeros."""
-    if not two_encoders:
+    """The prompts' conditioning, a row each (with CFG, the negative prompt first). SDXL (`time_ids`: how many the
+    UNet takes): with its pooled text and time ids; `zero_first`: the first prompt is the empty negative prompt,
+    zeros."""
+    if not time_ids:
         return Conditioning(text_encoder.encode(prompts, clip_skip, lora))
     context, pooled = text_encoder.encode_pooled(prompts, clip_skip, lora)
     if zero_first:
         context, pooled = context.copy(), pooled.copy()
         context[0], pooled[0] = 0, 0
-    return Conditioning(context, {"text_embeds": pooled, "time_ids": time_ids(width, height, len(prompts))})
+    ids = added_time_ids(width, height, len(prompts), time_ids, negative_first=len(prompts) > 1)
+    return Conditioning(context, {"text_embeds": pooled, "time_ids": ids})
+

@@ -22,11 +22,12 @@ from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
 from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
 from kiln.masks import blur_radius, paste_outside_mask
 from orchestrator.pipeline import conditioning, hires
+from orchestrator.pipeline import refiner as refining
 from orchestrator.pipeline.components import Components, Graph, call_graph
 from orchestrator.pipeline.conditioning import Conditioning
 from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
-from orchestrator.pipeline.sampling import CHURN, batch_seeds, draw_seed, noise, schedule, step_kwargs
+from orchestrator.pipeline.sampling import CHURN, batch_seeds, draw_seed, noise, schedule, sigma_at, step_kwargs
 from orchestrator.pipeline.tiles import sd_upscale
 from orchestrator.pipeline.validate import Limits, check_request
 
@@ -98,7 +99,7 @@ class Pipeline:
     def encode_prompts(self, prompts: list[str], request: Txt2ImgRequest, loras: LoraSet = NO_LORA) -> Conditioning:
         """The UNet's conditioning by `prompts` (the negative prompt first where guided) for the request's image."""
         return conditioning.encode(self.components.text_encoder, prompts, request.clip_skip,
-                                   loras.spec("text_encoder"), two_encoders=bool(self.contract.text_split),
+                                   loras.spec("text_encoder"), time_ids=self.contract.time_ids,
                                    width=request.width, height=request.height,
                                    zero_first=len(prompts) > 1 and prompts[0] == "")
 
@@ -119,20 +120,25 @@ class Pipeline:
     def generate(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                  cancelled: Callable[[], bool] | None = None, *, unet_call: UNetCall | None = None,
                  stop_early: Callable[[], bool] | None = None,
-                 denoising: Callable[[], AbstractContextManager] | None = None) -> GenerationResult:
+                 denoising: Callable[[], AbstractContextManager] | None = None,
+                 refiner: Pipeline | None = None) -> GenerationResult:
         """txt2img, or img2img/inpainting for an Img2ImgRequest.
 
         progress(step, total, latents) after each step; cancelled() -> True raises Cancelled before
         the next step; stop_early() -> True ends the loop and decodes the latents as they are
         (AUTOMATIC1111's interrupt and skip); unet_call(graph, inputs) runs the UNet calls (a
         StepBatcher merges them with other generations'); denoising() is a context held for the
-        loop (the batcher's participant()).
+        loop (the batcher's participant()); `refiner`: the pipeline of request.refiner's checkpoint.
         """
         import torch
 
         # 1. Check inputs. The request's VAE (AUTOMATIC1111's sd_vae), or with tiling the seamless UNet and VAE, stand
         # in for the checkpoint's everywhere.
         self.check(request)
+        if request.refiner is not None:
+            if refiner is None:
+                raise InputError(f"refiner_checkpoint {request.refiner.checkpoint!r}: no pipeline was given for it")
+            refining.check_refiner(self, refiner, request)
         contract = self.contract
         components = self.components.for_request(request.vae, request.tiling)
         init = isinstance(request, Img2ImgRequest)
@@ -189,32 +195,40 @@ class Pipeline:
         # 6. ControlNet conditioning: each unit's control image for every row of the UNet batch.
         cond = control_images(request, request.width, request.height, len(context))
 
-        # 7. Denoising loop; with the hires fix, the upscale and the second pass (in the batcher like any steps).
+        # 7. Denoising loop (the refiner taking over part way); with the hires fix, the upscale and the second pass
+        # (in the batcher like any steps).
         unet_call = unet_call or call_graph
         steps_total = len(timesteps) + (len(second[1]) if second else 0)
+        handover = refining.handover(refiner, request, prompts, timesteps, batch) if request.refiner else None
         with denoising() if denoising is not None else nullcontext():
             latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, context, cond, inpaint, drawn,
                                                 step_kwargs(scheduler, generator, request.eta, churn(request)),
                                                 _counting(progress, 0, steps_total), cancelled, stop_early, unet_call,
-                                                loras)
+                                                loras, handover)
             if second is not None and stopped_at is None:
                 latents, stopped_at = self._hires_pass(request, latents, (context, prompt, loras), seeds, variation,
                                                        second, _counting(progress, len(timesteps), steps_total),
                                                        cancelled, stop_early, unet_call)
                 stopped_at = None if stopped_at is None else len(timesteps) + stopped_at
 
-        # 8. Decode; AUTOMATIC1111 pastes the original back outside the mask.
+        # 8. Decode (with the refiner's VAE once it took over); AUTOMATIC1111 pastes the original back outside the mask.
+        if handover is not None and (stopped_at is None or stopped_at > handover.index):
+            components = handover.components
         images = components.vae.decode(latents.numpy())
         if init and request.inpainting and request.overlay:
             images = paste_outside_mask(images, request.init_image, request.mask, request.width, request.height,
                                         request.mask_blur, request.inpainting_mask_invert)
-        return GenerationResult(images=images, seeds=seeds, info=self._info(request, seeds, variation, stopped_at))
+        info = self._info(request, seeds, variation, stopped_at)
+        if request.refiner is not None:  # AUTOMATIC1111's "Refiner" and "Refiner switch at"
+            info |= {"refiner": refiner.contract.title, "refiner_switch_at": request.refiner.switch_at}
+        return GenerationResult(images=images, seeds=seeds, info=info)
 
     def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, context: Conditioning,
                  cond: list[np.ndarray], inpaint: dict | None, drawn, kwargs: dict, progress, cancelled, stop_early,
-                 unet_call: UNetCall, loras: LoraSet = NO_LORA) -> tuple:
+                 unet_call: UNetCall, loras: LoraSet = NO_LORA, handover: refining.Handover | None = None) -> tuple:
         """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked. The UNets
-        run with the LoRA set `loras` (another graph key: the batcher merges rows of one set only)."""
+        run with the LoRA set `loras` (another graph key: the batcher merges rows of one set only); from step
+        handover.index on, the refiner's UNet with its conditioning."""
         import torch
 
         components, guided = self.components.for_request(request.vae, request.tiling), request.cfg_scale > 1
@@ -225,6 +239,8 @@ class Pipeline:
                 raise Cancelled(f"cancelled after {index} of {len(timesteps)} steps")
             if stop_early is not None and stop_early():
                 return latents, index
+            if handover is not None and index == handover.index:
+                components, context = handover.components, handover.context
             # AUTOMATIC1111's s_min_uncond: every other step below that sigma runs the prompt's rows alone
             skip_uncond = guided and index % 2 == 1 and 0 < sigma_at(scheduler, t) < request.s_min_uncond
             both = guided and not skip_uncond
@@ -358,18 +374,6 @@ def _prompt_rows(tensor):
 
 def _all_rows(tensor):
     return tensor
-
-
-def sigma_at(scheduler, t) -> float:
-    """The noise level (k-diffusion's sigma) of timestep `t` (fractional too): log-linear between the training
-    schedule's sigmas, as k-diffusion's t_to_sigma, which AUTOMATIC1111's s_min_uncond compares against."""
-    cumprod = scheduler.alphas_cumprod.double()
-    log_sigmas = (((1 - cumprod) / cumprod) ** 0.5).log()
-    t = float(t)
-    low = min(int(t), len(log_sigmas) - 1)
-    high = min(low + 1, len(log_sigmas) - 1)
-    fraction = t - low
-    return float(((1 - fraction) * log_sigmas[low] + fraction * log_sigmas[high]).exp())
 
 
 def churn(request: Txt2ImgRequest) -> dict:

@@ -47,6 +47,17 @@ class HiresFix:
 
 
 @dataclass(frozen=True)
+class Refiner:
+    """AUTOMATIC1111's refiner: another checkpoint of the same latent space (SDXL's refiner, or any) takes over the
+    denoising once `switch_at` of it is done, by noise level (AUTOMATIC1111's default, as diffusers' denoising_end):
+    from the first step whose timestep t has (999 - t) / 1000 >= switch_at, the same sampler and latents go on with
+    its UNet and its own encoding of the prompts."""
+
+    checkpoint: str  # the checkpoint's name or title (AUTOMATIC1111's refiner_checkpoint)
+    switch_at: float = 0.8  # refiner_switch_at: 0 (the refiner from the start) to 1 (never)
+
+
+@dataclass(frozen=True)
 class Txt2ImgRequest:
     """One txt2img job, with AUTOMATIC1111's field meanings."""
 
@@ -76,6 +87,7 @@ class Txt2ImgRequest:
     hires: HiresFix | None = None  # txt2img only: the hires fix's second pass
     vae: str | None = None  # AUTOMATIC1111's sd_vae: one of the build's VAEs by name; None: the checkpoint's own
     tiling: bool = False  # AUTOMATIC1111's tiling: seamless images (circular padding in the UNet and the VAE)
+    refiner: Refiner | None = None  # another checkpoint finishing the denoising (run with Pipeline.generate's refiner)
 
     @property
     def controlnet_units(self) -> tuple[ControlNetUnit, ...]:

@@ -178,3 +178,15 @@ def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         return (1 - t) * low + t * high
     omega = torch.acos(dot)
     return (torch.sin((1 - t) * omega) * low + torch.sin(t * omega) * high) / torch.sin(omega)
+
+
+def sigma_at(scheduler, t) -> float:
+    """The noise level (k-diffusion's sigma) of timestep `t` (fractional too): log-linear between the training
+    schedule's sigmas, as k-diffusion's t_to_sigma, which AUTOMATIC1111's s_min_uncond compares against."""
+    cumprod = scheduler.alphas_cumprod.double()
+    log_sigmas = (((1 - cumprod) / cumprod) ** 0.5).log()
+    t = float(t)
+    low = min(int(t), len(log_sigmas) - 1)
+    high = min(low + 1, len(log_sigmas) - 1)
+    fraction = t - low
+    return float(((1 - fraction) * log_sigmas[low] + fraction * log_sigmas[high]).exp())

@@ -29,6 +29,7 @@ from orchestrator.pipeline import (
     HiresFix,
     Img2ImgRequest,
     Limits,
+    Refiner,
     SDUpscale,
     Txt2ImgRequest,
     UnknownSampler,
@@ -114,6 +115,13 @@ def hires_fix_sampler(body: schemas.Txt2ImgBody) -> str:
     """The hires pass's sampler: hr_sampler_name (default: the first pass's) with hr_scheduler (default: its)."""
     return sampler_name(body.model_copy(update={"sampler_name": body.hr_sampler_name or body.sampler_name,
                                                 "scheduler": body.hr_scheduler or body.scheduler}))
+
+
+def refiner(body: schemas.Txt2ImgBody) -> Refiner | None:
+    """AUTOMATIC1111's refiner_checkpoint and refiner_switch_at (the engine resolves the checkpoint's name)."""
+    if body.refiner_checkpoint in (None, "", "None", "none"):
+        return None
+    return Refiner(body.refiner_checkpoint, 0.8 if body.refiner_switch_at is None else body.refiner_switch_at)
 
 
 def hires_fix(body: schemas.Txt2ImgBody, contract: SDContract) -> HiresFix | None:
@@ -216,7 +224,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength, s_churn=body.s_churn, s_tmin=body.s_tmin,
                   s_min_uncond=body.s_min_uncond,
-                  s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise,
+                  s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise, refiner=refiner(body),
                   controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height))
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     script = selected_script(body, contract.upscaler_names)

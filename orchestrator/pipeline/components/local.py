@@ -111,9 +111,10 @@ class LocalGraph:
 class LocalTextEncoder:
     def __init__(self, tokenizer, runner: Runner, max_chunks: int, clip_skip_layers: int = 0,
                  textual_inversion_dim: int = 0, embeddings: EmbeddingLibrary | None = None,
-                 text_split: int = 0) -> None:
+                 text_split: int = 0, pooled: bool = False) -> None:
         self.tokenizer, self.runner, self.max_chunks = tokenizer, runner, max_chunks
         self.text_split = text_split  # SDXL's: the first encoder's width (SDContract.text_split)
+        self.pooled = pooled  # SDXL's: the encoder gives the pooled text too (SDContract.time_ids)
         self.clip_skip_layers = clip_skip_layers  # 0: a build before clip skip (its encoder takes input_ids only)
         self.textual_inversion_dim = textual_inversion_dim  # 0: a build before embeddings (no token_vectors)
         self.embeddings = embeddings  # the textual-inversion embeddings prompts may name
@@ -138,7 +139,7 @@ class LocalTextEncoder:
         out = _with_lora(self.runner, lora)(inputs)
         hidden = apply_emphasis(out["last_hidden_state"], weights, self.text_split)
         return (hidden.reshape(len(prompts), chunks * hidden.shape[1], hidden.shape[2]),
-                first_chunks(out["pooler_output"], len(prompts)) if self.text_split else None)
+                first_chunks(out["pooler_output"], len(prompts)) if self.pooled else None)
 
 
 class LocalVAE:
@@ -210,7 +211,7 @@ def local_components(repository: Path, runners: Mapping[str, Runner] | None = No
         contract=contract,
         text_encoder=LocalTextEncoder(tokenizer, runners["text_encoder"], contract.max_prompt_chunks,
                                       contract.clip_skip_layers, contract.textual_inversion_dim, embeddings,
-                                      contract.text_split),
+                                      contract.text_split, bool(contract.time_ids)),
         unet=LocalGraph(models(names.SD_UNET), runners["unet"]),
         vae=LocalVAE(runners["vae_decoder"], runners.get("vae_encoder")),
         unet_control=LocalGraph(models(names.SD_UNET_CONTROL), runners["unet_control"])

@@ -62,9 +62,10 @@ class TritonGraph:
 class TritonTextEncoder:
     def __init__(self, client: TritonClient, clip_skip_layers: int = 0, textual_inversion_dim: int = 0,
                  embeddings: EmbeddingLibrary | None = None, models: SDModels = DEFAULT_MODELS,
-                 text_split: int = 0) -> None:
+                 text_split: int = 0, pooled: bool = False) -> None:
         self.client = client
-        self.text_split = text_split  # SDXL's: the first encoder's width; the ensemble gives the pooled text too
+        self.text_split = text_split  # SDXL's: the first encoder's width (SDContract.text_split)
+        self.pooled = pooled  # SDXL's: the ensemble gives the pooled text too (SDContract.time_ids)
         self.model = models(names.SD_TEXT_ENCODE)
         self.clip_skip_layers = clip_skip_layers  # 0: a build before clip skip (its ensemble takes prompts only)
         self.textual_inversion_dim = textual_inversion_dim  # 0: a build before embeddings (no vectors go with them)
@@ -90,7 +91,7 @@ class TritonTextEncoder:
         if self.textual_inversion_dim:
             inputs |= embedding_tensors(named, self.textual_inversion_dim)
         out = self.client.infer(self.model, inputs, ["embeddings", "chunks", "weights"]
-                                + (["pooled"] if self.text_split else []))
+                                + (["pooled"] if self.pooled else []))
         chunks = int(out["chunks"][0])
         embeddings = apply_emphasis(out["embeddings"], out["weights"], self.text_split)  # (prompts * chunks, 77, _)
         return embeddings.reshape(len(prompts), chunks * embeddings.shape[1], embeddings.shape[2]), out
@@ -182,7 +183,7 @@ def triton_components(url: str, *, timeout_s: float = 600.0, shared_memory: str 
     batch, channels = contract.unet_max_batch, contract.latent_channels
     controlnets = {c.name: TritonControlNet(client, c, batch, channels) for c in contract.controlnets}
     text_encoder = TritonTextEncoder(client, contract.clip_skip_layers, contract.textual_inversion_dim, embeddings,
-                                     models, contract.text_split)
+                                     models, contract.text_split, bool(contract.time_ids))
     return Components(contract=contract, text_encoder=text_encoder,
                       unet=TritonGraph(client, models(names.SD_UNET), batch, out_channels=channels),
                       vae=TritonVAE(client, models=models),

@@ -1,0 +1,73 @@
+"""AUTOMATIC1111's refiner: another checkpoint takes over a generation's denoising part way (SDXL's refiner after its
+base, or any checkpoint of the same latent space after another).
+
+The switch is by noise level, as AUTOMATIC1111's default and diffusers' denoising_end/denoising_start: from the first
+step whose timestep t has (999 - t) / 1000 >= switch_at, the same scheduler (its state, the latents, the noise) goes
+on with the refiner's UNet, conditioned on the refiner's own encoding of the prompts (SDXL's refiner: its one text
+encoder, and time ids with the aesthetic score), and the refiner's VAE decodes. Its UNet calls are another graph:
+the step batcher merges them with other requests' refiner steps only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from kiln.errors import InputError
+from orchestrator.pipeline.components import Components
+from orchestrator.pipeline.conditioning import Conditioning
+
+if TYPE_CHECKING:
+    from orchestrator.pipeline.pipeline import Pipeline
+    from orchestrator.pipeline.requests import Txt2ImgRequest
+
+
+@dataclass(frozen=True)
+class Handover:
+    """Where the refiner takes over (the index of its first step in the pass) and what it runs with."""
+
+    index: int
+    components: Components
+    context: Conditioning
+
+
+def check_refiner(base: Pipeline, refiner: Pipeline, request: Txt2ImgRequest) -> None:
+    """InputError naming why `refiner` cannot finish this request of `base`'s."""
+    switch_at = request.refiner.switch_at
+    if not 0 <= switch_at <= 1:
+        raise InputError(f"refiner_switch_at: {switch_at} is not between 0 and 1")
+    for what, refused in (("the hires fix", request.hires is not None), ("ControlNet", request.controlnet_units),
+                          ("tiling", request.tiling)):
+        if refused:
+            raise InputError(f"refiner_checkpoint with {what} is not supported yet")
+    ours, theirs = base.contract, refiner.contract
+    if ours.inpainting_unet or theirs.inpainting_unet:
+        raise InputError("refiner_checkpoint with an inpainting UNet (9 channels) is not supported")
+    if (ours.latent_channels, ours.vae_scale_factor) != (theirs.latent_channels, theirs.vae_scale_factor):
+        raise InputError(f"refiner_checkpoint {theirs.title!r}: its latents ({theirs.latent_channels} channels, 1/"
+                         f"{theirs.vae_scale_factor} size) are not the checkpoint's ({ours.latent_channels}, 1/"
+                         f"{ours.vae_scale_factor})")
+    try:
+        refiner.check(replace(request, refiner=None, vae=None))  # sizes, LoRA, clip skip within its build
+    except InputError as exc:
+        raise InputError(f"refiner_checkpoint {theirs.title!r}: {exc}") from None
+
+
+def switch_index(timesteps, switch_at: float) -> int | None:
+    """The first step the refiner runs (AUTOMATIC1111's: the nearest training timestep's completed ratio); None:
+    the base runs every step."""
+    for index, t in enumerate(timesteps):
+        if (999 - round(float(t))) / 1000 >= switch_at:
+            return index
+    return None
+
+
+def handover(refiner: Pipeline, request: Txt2ImgRequest, prompts: list[str], timesteps,
+             batch: int) -> Handover | None:
+    """What the refiner runs with from its first step on (None: it never takes over in this pass)."""
+    index = switch_index(timesteps, request.refiner.switch_at)
+    if index is None:
+        return None
+    _, loras = refiner.lora_set(request.prompt)  # the prompt's LoRA tags apply to the refiner's models too
+    return Handover(index, refiner.components.for_request(), refiner.encode_prompts(prompts, request, loras)
+                    .repeat(batch))
