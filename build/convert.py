@@ -7,7 +7,7 @@ variants that make sense for it (`VIT_VARIANTS`, `SD_VARIANTS`), under the names
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kiln.errors import ExportError
@@ -81,6 +81,12 @@ class Variant:
     def uncalibrated(self) -> Variant:
         """This variant for a component without calibration data: int8 weights instead of static quantization."""
         return Variant(self.runtime, self.precision, "weights", self.inference_precision) if self.calibrated else self
+
+    def upcast(self) -> Variant:
+        """This variant computing in float32 where it computes in float16 on a GPU (the same runtime and device): a
+        VAE's (SDXL's overflows float16 and decodes black; diffusers upcasts every VAE whose config says
+        force_upcast)."""
+        return replace(self, precision="fp32") if self.accelerator and self.precision == "fp16" else self
 
 
 FP32 = Variant("onnxruntime", "fp32")

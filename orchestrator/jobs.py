@@ -334,9 +334,12 @@ class Engine:
         return job
 
     def _run_job(self, job: Job) -> None:
-        # unloaded while the job waited (model control): loaded again, the job's progress saying so
-        pipeline, refiner = (None if key is None else self.checkpoints.get(key, on_load=lambda key=key: job.emit(
-            {"event": "loading", "checkpoint": key or "default"})) for key in (job.checkpoint, job.refiner))
+        def loaded(key: str) -> Pipeline:  # unloaded while the job waited (model control): loaded again, its
+            return self.checkpoints.get(key, on_load=lambda: job.emit(  # progress saying so
+                {"event": "loading", "checkpoint": key or "default"}))
+
+        pipeline = loaded(job.checkpoint)
+        refiner = loaded(job.refiner) if job.refiner is not None else None
         request = job.request
         batch = request.batch_size
         for iteration in range(job.n_iter):

@@ -402,3 +402,17 @@ def test_the_refiner_takes_over_as_diffusers_ensemble_of_experts(repo, xl_local,
     assert _diff(never, xl_local.txt2img(replace(request, refiner=None)).images) == 0  # 1: the base runs every step
     with pytest.raises(InputError, match="refiner_checkpoint with the hires fix is not supported"):
         xl_local.txt2img(replace(request, hires=HiresFix()), refiner=refiner)
+
+
+def test_vaes_are_served_in_float32_where_a_gpu_variant_computes_in_float16():
+    """SDXL's VAE overflows float16 (black images): as diffusers upcasts a VAE whose config says force_upcast (the
+    default), a GPU float16 build serves its VAE models in float32 on the same runtime and device; CPU variants keep
+    theirs (OpenVINO's fp16 holds float16 weights and computes in float32)."""
+    from build.convert import SD_VARIANTS
+
+    for name in ("torch-cuda-fp16", "torch-aoti-cuda-fp16", "onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16"):
+        upcast = SD_VARIANTS[name].upcast()
+        assert (upcast.precision, upcast.runtime, upcast.accelerator, upcast.compiler) == (
+            "fp32", SD_VARIANTS[name].runtime, SD_VARIANTS[name].accelerator, SD_VARIANTS[name].compiler), name
+    for name in ("openvino-fp16", "onnxruntime-fp32", "openvino-int8", "torch-aoti-bf16"):
+        assert SD_VARIANTS[name].upcast() == SD_VARIANTS[name]

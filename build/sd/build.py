@@ -129,6 +129,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         (tuple(c + TILING for c in SERVED if c != "text_encoder") if options.tiling else ())
     variant = SD_VARIANTS[options.variant]
     variants = {c: variant if c in CALIBRATED else variant.uncalibrated() for c in components}
+    if loaded.vae.config.get("force_upcast", True):  # diffusers' default: the VAE in float32 (SDXL's needs it)
+        variants |= {c: variants[c].upcast() for c in components if c.startswith("vae_")}
 
     # 2. Export and check each component: the fp32 ONNX file, then the served variant derived from it.
     artifacts: dict[str, dict] = {}
