@@ -247,7 +247,7 @@ def test_a_controlnet_of_another_family_is_refused_naming_both(xl_checkpoint, tm
         sd_specs(loaded, SIDES)
 
 
-def test_served_beside_sd1_by_one_triton_and_api_and_picked_per_request(repo, xl_local, tmp_path):
+def test_served_beside_sd1_by_one_triton_and_api_and_picked_per_request(repo, xl_local, tmp_path, kiln):
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
 
@@ -281,13 +281,19 @@ def test_served_beside_sd1_by_one_triton_and_api_and_picked_per_request(repo, xl
             assert unknown.status_code == 422 and "refiner_checkpoint 'nope'" in unknown.text
             latents = client.post("/sdapi/v1/txt2img", json=body | {"refiner_checkpoint": "xl-tiny"})  # from SD 1.x
             assert latents.status_code == 200, latents.text  # the same latent space: AUTOMATIC1111 allows it too
+        code, out, err = kiln("generate", PROMPT, "--negative-prompt", "blurry", "--steps", 4, "--sampler", "Euler a",
+                              "--seed", 7, "--cfg-scale", 7.5, "--width", 64, "--height", 64, "--checkpoint",
+                              "xl-tiny", "--refiner", "xl-refiner", "--refiner-switch-at", 0.5, "--url",
+                              server.grpc_url, "--out", tmp_path / "refined.png")
+        assert code == 0, err
+        answers["cli"] = np.asarray(Image.open(tmp_path / "refined.png"))
     finally:
         api.stop()
         server.stop()
     assert _diff(answers[None], sd1) <= 1 and _diff(answers["xl-tiny"], xl) <= 1 and _diff(sd1, xl) > 10
     refined = xl_local.txt2img(replace(request, refiner=Refiner("xl-refiner", 0.5)),
                                refiner=Pipeline.from_repository(repo, models=REFINER)).images[0]
-    assert _diff(answers["refined"], refined) <= 1
+    assert _diff(answers["refined"], refined) <= 1 and _diff(answers["cli"], refined) <= 1
 
 
 def test_bench_sd_measures_the_sdxl_family(tmp_path):

@@ -77,6 +77,11 @@ def add_parser(commands) -> None:
                           help="the checkpoint to run, by name or title, where the repository holds several "
                                "(kiln build sd --checkpoint; AUTOMATIC1111's sd_model_checkpoint; default: the "
                                "repository's default checkpoint)")
+    generate.add_argument("--refiner", metavar="NAME",
+                          help="another served checkpoint that finishes the denoising (SDXL's refiner; "
+                               "AUTOMATIC1111's refiner_checkpoint)")
+    generate.add_argument("--refiner-switch-at", type=float, default=0.8, metavar="F",
+                          help="when the refiner takes over: the share of the denoising done, 0-1 (default: 0.8)")
     generate.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (the loop runs here)")
     generate.add_argument("--api", metavar="URL", help="go through the API service instead, e.g. http://127.0.0.1:7860")
     generate.add_argument("--api-auth", help="user:password for --api (HTTP Basic)")
@@ -134,13 +139,14 @@ def run(args) -> int:
     from kiln.infotext import parameters_text
     from kiln.lora import LoraLibrary
     from kiln.triton_client import TritonClient
-    from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Pipeline, Txt2ImgRequest
+    from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Pipeline, Refiner, Txt2ImgRequest
     from orchestrator.pipeline.components.triton import find_checkpoint, triton_components
 
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                   batch_size=args.batch_size, clip_skip=args.clip_skip, vae=args.vae, tiling=args.tiling,
-                  controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None)
+                  controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None,
+                  refiner=Refiner(args.refiner, args.refiner_switch_at) if args.refiner else None)
     if args.init_image is not None:
         request = Img2ImgRequest(**fields, init_image=files[str(args.init_image)], denoising_strength=args.strength,
                                  mask=files.get(str(args.mask), b""), mask_blur=args.mask_blur,
@@ -157,15 +163,17 @@ def run(args) -> int:
 
     embeddings = EmbeddingLibrary(args.embeddings or Path("embeddings"))
     loras = LoraLibrary(args.loras or Path("loras"))
-    models = DEFAULT_MODELS
-    if args.checkpoint:
+    models, refiner = DEFAULT_MODELS, None
+    if args.checkpoint or args.refiner:
         client = TritonClient(args.url, "grpc", timeout_s=30)
         try:
-            models = find_checkpoint(client, args.checkpoint)
+            models = find_checkpoint(client, args.checkpoint) if args.checkpoint else models
+            refiner = find_checkpoint(client, args.refiner) if args.refiner else None
         finally:
             client.close()
     result = Pipeline(triton_components(args.url, embeddings=embeddings, loras=loras, models=models)).generate(
-        request, progress=progress)
+        request, progress=progress, refiner=None if refiner is None else Pipeline(triton_components(
+            args.url, embeddings=embeddings, loras=loras, models=refiner)))
     print(file=sys.stderr)
     for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
         path = args.out if len(result.images) == 1 else \
@@ -193,7 +201,9 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
                   tiling=args.tiling or None,
                   override_settings=({"CLIP_stop_at_last_layers": args.clip_skip} if args.clip_skip != 1 else {})
                   | ({"sd_vae": args.vae} if args.vae else {})
-                  | ({"sd_model_checkpoint": args.checkpoint} if args.checkpoint else {}))
+                  | ({"sd_model_checkpoint": args.checkpoint} if args.checkpoint else {}),
+                  **({"refiner_checkpoint": args.refiner, "refiner_switch_at": args.refiner_switch_at}
+                     if args.refiner else {}))
     if args.hires:
         fields |= dict(enable_hr=True, hr_scale=args.hires, hr_upscaler=args.hires_upscaler,
                        hr_second_pass_steps=args.hires_steps, denoising_strength=args.hires_strength)
