@@ -408,6 +408,14 @@ def test_the_refiner_takes_over_as_diffusers_ensemble_of_experts(repo, xl_local,
     assert _diff(never, xl_local.txt2img(replace(request, refiner=None)).images) == 0  # 1: the base runs every step
     with pytest.raises(InputError, match="refiner_checkpoint with the hires fix is not supported"):
         xl_local.txt2img(replace(request, hires=HiresFix()), refiner=refiner)
+    # Inpainting "only masked" runs its crop through the same loop: the refiner goes with it
+    photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 20, 48, 52))
+    cropped = Img2ImgRequest(prompt=PROMPT, negative_prompt="blurry", steps=6, sampler="Euler", seed=3, width=64,
+                             height=64, init_image=_png(photo), mask=_png(mask), inpaint_full_res=True,
+                             refiner=Refiner("xl-refiner", 0.5))
+    assert "refiner" in xl_local.img2img(cropped, refiner=refiner).info
 
 
 def test_vaes_are_served_in_float32_where_a_gpu_variant_computes_in_float16():

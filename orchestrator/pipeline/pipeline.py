@@ -145,11 +145,12 @@ class Pipeline:
         if init and request.sd_upscale is not None:
             return sd_upscale(lambda inner, tile_progress: self.generate(inner, tile_progress, cancelled,
                                                                          unet_call=unet_call, stop_early=stop_early,
-                                                                         denoising=denoising),
+                                                                         denoising=denoising, refiner=refiner),
                               request, self.limits.max_image_pixels, progress, self.components.upscalers)
         if init and request.inpainting and request.inpaint_full_res:
             return only_masked(lambda inner: self.generate(inner, progress, cancelled, unet_call=unet_call,
-                                                           stop_early=stop_early, denoising=denoising), request)
+                                                           stop_early=stop_early, denoising=denoising,
+                                                           refiner=refiner), request)
         batch = request.batch_size
         guided = request.cfg_scale > 1
 
