@@ -147,6 +147,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
             "inference_precision": served.inference_precision, "calibration_samples": len(calibration or ()),
             "size_bytes": report.artifact_size(path), "sha256": report.sha256(path),
             "parity": {k: v.as_dict() for k, v in figures.items()}, "parity_note": parity_note(served),
+            "upcast": served.precision != variant.precision,  # a VAE in float32 (force_upcast: Variant.upcast)
             "build_seconds": round(time.perf_counter() - start, 2)}
         reference = figures[specs[name].reference_output]
         log(f"  sd_{name:13s} {options.variant}: cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}"
