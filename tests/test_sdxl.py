@@ -1,6 +1,7 @@
 """SDXL: its tiny architecture (diffusers' SDXL fast tests: two text encoders, the pooled text and time ids as added
-conditions), built like SD 1.x and matching diffusers' StableDiffusionXL pipelines; built beside an SD 1.x checkpoint
-in one repository and served by one Triton and one API, picked per request."""
+conditions), built like SD 1.x and matching diffusers' StableDiffusionXL pipelines (txt2img, img2img, inpainting,
+embeddings, kohya LoRAs, ControlNet, single files); its refiner, alone and taking over part way; all built beside an
+SD 1.x checkpoint in one repository and served by one Triton and one API, picked per request."""
 
 from __future__ import annotations
 
