@@ -8,41 +8,27 @@ from pathlib import Path
 from build.sd.families import FAMILIES, PREDICTIONS
 from kiln.errors import KilnError
 
-SINGLE_FILE_HELP = "also write the checkpoint as one original-layout .safetensors (what AUTOMATIC1111 loads)"
+WRITES_EXTRAS = ("sd1", "sd2", "sdxl")  # the families kiln writes embeddings and LoRAs for (not SDXL's refiner)
 
 
 def add_parser(commands) -> None:
     weights = commands.add_parser("weights", help="write seeded random checkpoints of the real architectures")
     targets = weights.add_subparsers(dest="target", required=True)
-    sd = targets.add_parser("sd", help="a diffusers-format Stable Diffusion 1.x or 2.x folder (+ ControlNet)")
-    size = sd.add_mutually_exclusive_group(required=True)
-    size.add_argument("--tiny", type=Path, metavar="OUT",
-                      help="tiny components (diffusers' test sizes), seconds to run")
-    size.add_argument("--full-size-random", type=Path, metavar="OUT",
-                      help="the released architecture (SD 1.5's UNet: 859.5 M parameters; SD 2.1's: 865.9 M)")
+    sd = targets.add_parser("sd", help="a diffusers-format Stable Diffusion folder of any family (+ ControlNet)")
+    _checkpoint_folder(sd, "tiny components (diffusers' test sizes), seconds to run",
+                       "the released architecture (SD 1.5's UNet: 859.5 M parameters; SD 2.1's: 865.9 M)",
+                       "a 9-channel inpainting UNet (as SD 1.5 inpainting)")
     _family(sd, tuple(FAMILIES))
     sd.add_argument("--prediction", choices=PREDICTIONS,
                     help="what the UNet predicts (default: the family's released model's: epsilon for SD 1.x, "
                          "v_prediction for SD 2.x, as SD 2.1 768; epsilon is SD 2.1-base's)")
-    sd.add_argument("--seed", type=int, default=0)
-    sd.add_argument("--no-controlnet", action="store_true")
-    sd.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SD 1.5 inpainting)")
-    sd.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
-                    help=SINGLE_FILE_HELP)
     sd.set_defaults(run=run_sd)
     xl = targets.add_parser("sdxl", help="a diffusers-format SDXL base folder (same as `sd --family sdxl`)")
-    size = xl.add_mutually_exclusive_group(required=True)
-    size.add_argument("--tiny", type=Path, metavar="OUT",
-                      help="tiny components (diffusers' SDXL test sizes), seconds to run")
-    size.add_argument("--full-size-random", type=Path, metavar="OUT",
-                      help="SDXL base 1.0's architecture (UNet 2,567.5 M parameters; text encoders 123.1 M + 694.7 M)")
-    xl.add_argument("--seed", type=int, default=0)
-    xl.add_argument("--inpainting", action="store_true", help="a 9-channel inpainting UNet (as SDXL inpainting 0.1)")
-    xl.add_argument("--no-controlnet", action="store_true")
+    _checkpoint_folder(xl, "tiny components (diffusers' SDXL test sizes), seconds to run",
+                       "SDXL base 1.0's architecture (UNet 2,567.5 M parameters; text encoders 123.1 M + 694.7 M)",
+                       "a 9-channel inpainting UNet (as SDXL inpainting 0.1)")
     xl.add_argument("--refiner", action="store_true",
                     help="SDXL's refiner instead (OpenCLIP ViT-bigG alone, aesthetic-score time ids; UNet 2,259.5 M)")
-    xl.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
-                    help=SINGLE_FILE_HELP)
     xl.set_defaults(run=run_sd, family="sdxl", prediction=None)
     vit = targets.add_parser("vit", help="a timm-style ViT-B/16 folder (model.safetensors + config.json)")
     vit.add_argument("--random", type=Path, metavar="OUT", required=True)
@@ -51,14 +37,14 @@ def add_parser(commands) -> None:
     embedding = targets.add_parser("embedding", help="an AUTOMATIC1111 textual-inversion embedding (.safetensors, "
                                                      "emb_params) for the SD text encoder; its name is the file's")
     _file_sizes(embedding, "for `kiln weights sd --tiny`'s encoder", "for SD 1.5's (768 wide) or SD 2.x's (1024)")
-    _family(embedding, tuple(FAMILIES))
+    _family(embedding, WRITES_EXTRAS)
     embedding.add_argument("--vectors", type=int, default=2, help="vectors per use of its name (1-75)")
     embedding.add_argument("--seed", type=int, default=0)
     embedding.set_defaults(run=run_embedding)
     lora = targets.add_parser("lora", help="a LoRA in kohya's layout (.safetensors) for the SD UNet and text encoder; "
                                            "prompts use it as <lora:NAME:multiplier>, NAME the file's")
     _file_sizes(lora)
-    _family(lora, tuple(FAMILIES))
+    _family(lora, WRITES_EXTRAS)
     lora.add_argument("--rank", type=int, default=4)
     lora.add_argument("--alpha", type=float, default=2.0, help="kohya's alpha: the difference is scaled by alpha/rank")
     lora.add_argument("--unet-only", action="store_true", help="no text encoder layers")
@@ -81,6 +67,20 @@ def _file_sizes(parser, tiny: str = "for `kiln weights sd --tiny`", full: str = 
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--tiny", type=Path, metavar="OUT.safetensors", help=tiny)
     size.add_argument("--full-size-random", type=Path, metavar="OUT.safetensors", help=full)
+
+
+def _checkpoint_folder(parser, tiny: str, full: str, inpainting: str) -> None:
+    """What `weights sd` and `weights sdxl` share: --tiny OUT or --full-size-random OUT (one required), --seed,
+    --no-controlnet, --inpainting, --single-file."""
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--tiny", type=Path, metavar="OUT", help=tiny)
+    size.add_argument("--full-size-random", type=Path, metavar="OUT", help=full)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-controlnet", action="store_true")
+    parser.add_argument("--inpainting", action="store_true", help=inpainting)
+    parser.add_argument("--single-file", type=Path, metavar="FILE.safetensors",
+                        help="also write the checkpoint as one original-layout .safetensors (what AUTOMATIC1111 "
+                             "loads)")
 
 
 def _family(parser, families: tuple[str, ...] = ("sd1", "sd2")) -> None:
