@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kiln-installed
 
-.PHONY: setup demo test test-fast lint bench bench-vit clean-repo gpu-check gpu-wheels
+.PHONY: setup setup-serve demo test test-fast lint bench bench-vit clean-repo gpu-check gpu-wheels
 
 setup: $(STAMP)
 
@@ -15,6 +15,23 @@ $(STAMP): requirements.txt pyproject.toml scripts/setup_system.sh
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# The serving install (issue 17, the edge): `kiln serve` on a built OpenVINO repository from requirements-serve.txt
+# alone (no CUDA libraries, no build tooling; about 1.4 GB against the development venv's 6.7). Another folder:
+# make setup-serve SERVE_VENV=DIR. Off this machine, the CPU torch comes from PyTorch's index: SERVE_PIP_ARGS=
+# "--extra-index-url https://download.pytorch.org/whl/cpu".
+SERVE_VENV     ?= .venv-serve
+SERVE_PIP_ARGS ?=
+SERVE_STAMP    := $(SERVE_VENV)/.kiln-installed
+
+setup-serve: $(SERVE_STAMP)
+
+$(SERVE_STAMP): requirements-serve.txt pyproject.toml scripts/setup_system.sh
+	bash scripts/setup_system.sh
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --no-deps $(SERVE_PIP_ARGS) -r requirements-serve.txt
+	$(SERVE_VENV)/bin/python -m pip install --quiet --no-deps .
 	touch $@
 
 demo: $(STAMP)

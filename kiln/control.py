@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from kiln.errors import InputError
 from kiln.imaging import resized_rgb, unit_range
 
 CONTROL_MODULES = ("none", "canny")
@@ -26,7 +27,11 @@ def canny(image: Image.Image, low: int, high: int) -> Image.Image:
     scikit-image's Canny (Gaussian sigma 1, L2 gradient); OpenCV's, which sd-webui-controlnet uses,
     takes the L1 gradient, so edge maps differ slightly at the same thresholds.
     """
-    from skimage.feature import canny as skimage_canny
+    try:
+        from skimage.feature import canny as skimage_canny
+    except ImportError:  # the serving install (make setup-serve) leaves scikit-image out: 140 MB with scipy
+        raise InputError("ControlNet module 'canny' needs scikit-image, which this install lacks: `pip install "
+                         "scikit-image`, or send an edge map with module 'none'") from None
 
     gray = np.asarray(image.convert("L"), dtype=np.float64)
     edges = skimage_canny(gray, sigma=1.0, low_threshold=low, high_threshold=high)
