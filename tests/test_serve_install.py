@@ -143,3 +143,10 @@ def test_the_serving_install_serves_sd_and_the_vit(served, edge_repo):
         refused = client.post("/controlnet/detect", json={"controlnet_module": "canny",
                                                           "controlnet_input_images": [init]})
         assert refused.status_code == 422 and "scikit-image" in refused.text, refused.text
+
+
+def test_the_serving_install_refuses_builds_by_name(serve_venv, tmp_path):
+    done = subprocess.run([str(serve_venv / "bin" / "kiln"), "build", "vit", "--random-weights", "--repo",
+                           str(tmp_path / "repo")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "serving install (make setup-serve) leaves out" in done.stderr and "timm" in done.stderr
