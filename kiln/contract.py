@@ -188,6 +188,7 @@ class SDContract:
     vaes: tuple[ServedVAE, ...] = ()  # VAEs a request may choose instead of the checkpoint's own (sd_vae)
     # AUTOMATIC1111's tiling: the build serves the UNet and the VAE with circular padding too (the _tiling models)
     tiling: bool = False
+    vae_tile: int = 0  # the VAE's sample size, diffusers' tile side in pixels (VAE tiling); 0: a build before it
     # The upscaler networks beside the build (kiln build upscaler): found in the repository when the service connects,
     # not written by the SD build
     upscalers: tuple[ServedUpscaler, ...] = field(default=(), metadata={"parameter": False})

@@ -99,6 +99,9 @@ class Txt2ImgBody(BaseModel):
     eta: float | None = None
     restore_faces: bool | None = None
     tiling: bool | None = None  # seamless images: the build's _tiling models (kiln build sd --tiling)
+    # kiln's: the VAE decodes and encodes in tiles (less memory for large images, seams blended as diffusers'
+    # enable_vae_tiling); null: above the server's --vae-tile-above pixels
+    vae_tiling: bool | None = None
     enable_hr: bool = False  # the hires fix: the hr_* fields below shape its second pass
     denoising_strength: float | None = None  # txt2img: the hires pass's (None: AUTOMATIC1111's 0.75)
     firstphase_width: int = 0  # the pre-1.0 hires fix's first pass size: refused unless 0

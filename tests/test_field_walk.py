@@ -114,6 +114,8 @@ TXT2IMG = {
     "height": ({"height": 96}, {}, (64, 96)),
     "restore_faces": ({"restore_faces": True}, {}, ("refused", 422, "restore_faces")),
     "tiling": ({"tiling": True}, {}, "image"),  # the build's seamless models (kiln build sd --tiling)
+    # kiln's own: VAE tiles (the tiny VAE's are 64 pixels: a 128x128 image is cut in 3 x 3)
+    "vae_tiling": ({"vae_tiling": True, "width": 128, "height": 128}, {"width": 128, "height": 128}, "image"),
     "do_not_save_samples": ({"save_images": True, "do_not_save_samples": True}, {}, "saves_nothing"),
     "do_not_save_grid": ({"save_images": True, "batch_size": 2, "do_not_save_grid": True}, {}, "saves_no_grid"),
     "eta": ({"sampler_name": "DDIM", "eta": 0.8}, {"sampler_name": "DDIM"}, "image"),

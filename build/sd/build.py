@@ -39,6 +39,7 @@ from build.sd.specs import (
     time_ids,
     two_encoders,
     vae_scale_factor,
+    vae_tile,
 )
 from build.torch_export import compile_packages, export_program
 from kiln import contract as names
@@ -225,7 +226,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         lora_layers=artifacts["unet"]["lora"]["layers"] if lora_layers else 0,
         **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
            else {}),
-        vaes=extra_vaes(loaded), tiling=options.tiling,
+        vaes=extra_vaes(loaded), tiling=options.tiling, vae_tile=vae_tile(loaded),
         controlnets=tuple(ServedControlNet(name=label, model=models.component(name), sha256=artifacts[name]["sha256"],
                                            ensemble=models.controlnet_ensemble(index) if has_ensemble(specs, name)
                                            else "")

@@ -220,6 +220,12 @@ def vae_scale_factor(loaded) -> int:
     return 2 ** (len(loaded.vae.config.block_out_channels) - 1)
 
 
+def vae_tile(loaded) -> int:
+    """The side of the VAE's tiles in pixels: its sample size, as diffusers' enable_tiling() cuts them."""
+    size = loaded.vae.config.sample_size
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
 def size_multiple(loaded) -> int:
     """Image sides must be multiples of this: the exported UNet's graph fixes the upsampling sizes, so the
     latents must divide by 2 per upsampler (diffusers' eager UNet handles other sizes, the graph does not)."""

@@ -60,6 +60,13 @@ def add_parser(commands) -> None:
                           "this host and can map it), on (or fail), off (always over gRPC)")
     api.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a generation is a 504")
     api.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
+    api.add_argument("--vae-tile-above", type=int, default=1024 * 1024, metavar="PIXELS",
+                     help="decode and encode images of more pixels than this in VAE tiles, as diffusers' "
+                          "enable_vae_tiling (memory of one tile; seams blended); a request's vae_tiling true/false "
+                          "decides for itself (default 1048576: above 1024x1024)")
+    api.add_argument("--vae-tile", type=int, default=0, metavar="PIXELS",
+                     help="the VAE tiles' side (default 0: the VAE's own sample size, 512 for SD 1.x, as diffusers); "
+                          "smaller tiles take less memory and leave more seams")
     api.add_argument("--styles", type=Path, default=Path("styles.csv"),
                      help="AUTOMATIC1111's styles.csv (name, prompt, negative_prompt) that requests' `styles` name "
                           "(default: styles.csv in the working directory, where there is one; read again when it "
@@ -92,8 +99,10 @@ def settings_from(args):
     for name in ("queue_size", "workers", "port", "max_steps"):
         if getattr(args, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.rate_limit < 0 or args.request_timeout <= 0 or args.max_batch_rows < 0:
-        raise KilnError("--rate-limit and --max-batch-rows must be >= 0, --request-timeout > 0")
+    if args.rate_limit < 0 or args.request_timeout <= 0 or args.max_batch_rows < 0 or args.vae_tile_above < 0:
+        raise KilnError("--rate-limit, --max-batch-rows and --vae-tile-above must be >= 0, --request-timeout > 0")
+    if args.vae_tile and (args.vae_tile < 64 or args.vae_tile % 64):
+        raise KilnError(f"--vae-tile must be a multiple of 64 pixels (64, 128, ..., 512), got {args.vae_tile}")
     security = SecurityOptions(credentials=tuple(parse_credentials(args.api_auth)), api_keys=names(args.api_keys or ""),
                                rate_limit_per_minute=args.rate_limit)
     check_exposure(args.listen, security)
@@ -103,8 +112,8 @@ def settings_from(args):
     triton_url = args.triton_url or f"{host}:{args.grpc_port}"
     return Settings(triton_url=triton_url, model_control=model_control(args, triton_url), max_queue=args.queue_size,
                     workers=args.workers, step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
-                    shared_memory=args.shared_memory,
-                    request_timeout_s=args.request_timeout, limits=Limits(max_steps=args.max_steps),
+                    shared_memory=args.shared_memory, request_timeout_s=args.request_timeout,
+                    limits=Limits(max_steps=args.max_steps, vae_tile_above=args.vae_tile_above, vae_tile=args.vae_tile),
                     cors_origins=names(args.cors_origins), security=security, listen=args.listen, port=args.port,
                     styles_file=args.styles, outputs_dir=args.outputs,
                     embeddings_dir=args.embeddings or Path("embeddings"), loras_dir=loras_folder(args))

@@ -29,6 +29,7 @@ from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_ma
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
 from orchestrator.pipeline.sampling import CHURN, batch_seeds, draw_seed, noise, schedule, sigma_at, step_kwargs
 from orchestrator.pipeline.tiles import sd_upscale
+from orchestrator.pipeline.vae_tiles import with_tiles
 from orchestrator.pipeline.validate import Limits, check_request
 
 if TYPE_CHECKING:
@@ -85,6 +86,10 @@ class Pipeline:
         if request.hires is not None and request.hires.prompt is not None:
             self.lora_set(request.hires.prompt)
 
+    def parts(self, request: Txt2ImgRequest) -> Components:
+        """The components `request` runs: its VAE (sd_vae, in tiles or not), seamless or plain."""
+        return with_tiles(self.components.for_request(request.vae, request.tiling), request, self.limits)
+
     def lora_set(self, prompt: str) -> tuple[str, LoraSet]:
         """The prompt without its LoRA tags, and the set they apply (InputError for a name the folder lacks, or a
         build whose models take none)."""
@@ -140,7 +145,7 @@ class Pipeline:
                 raise InputError(f"refiner_checkpoint {request.refiner.checkpoint!r}: no pipeline was given for it")
             refining.check_refiner(self, refiner, request)
         contract = self.contract
-        components = self.components.for_request(request.vae, request.tiling)
+        components = self.parts(request)
         init = isinstance(request, Img2ImgRequest)
         if init and request.sd_upscale is not None:
             return sd_upscale(lambda inner, tile_progress: self.generate(inner, tile_progress, cancelled,
@@ -232,7 +237,7 @@ class Pipeline:
         handover.index on, the refiner's UNet with its conditioning."""
         import torch
 
-        components, guided = self.components.for_request(request.vae, request.tiling), request.cfg_scale > 1
+        components, guided = self.parts(request), request.cfg_scale > 1
         lora = loras.spec("unet")
         nine_channels = inpaint is not None and self.contract.inpainting_unet
         for index, t in enumerate(timesteps):
@@ -294,7 +299,7 @@ class Pipeline:
         import torch
 
         contract, fix = self.contract, request.hires
-        vae = self.components.for_request(request.vae, request.tiling).vae
+        vae = self.parts(request).vae
         planned = hires.plan(request, contract)
         # Fresh generators from the seeds, as img2img's: the VAE's sample (an image upscaler), then the noise.
         fresh = [torch.Generator().manual_seed(s) for s in seeds]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from kiln.errors import InputError
 from orchestrator.pipeline.components import Components
 from orchestrator.pipeline.conditioning import Conditioning
+from orchestrator.pipeline.vae_tiles import with_tiles
 
 if TYPE_CHECKING:
     from orchestrator.pipeline.pipeline import Pipeline
@@ -69,5 +70,5 @@ def handover(refiner: Pipeline, request: Txt2ImgRequest, prompts: list[str], tim
     if index is None:
         return None
     _, loras = refiner.lora_set(request.prompt)  # the prompt's LoRA tags apply to the refiner's models too
-    return Handover(index, refiner.components.for_request(), refiner.encode_prompts(prompts, request, loras)
-                    .repeat(batch))
+    parts = with_tiles(refiner.components.for_request(), request, refiner.limits)  # its own VAE, tiled as asked
+    return Handover(index, parts, refiner.encode_prompts(prompts, request, loras).repeat(batch))

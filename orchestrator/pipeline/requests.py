@@ -87,6 +87,7 @@ class Txt2ImgRequest:
     hires: HiresFix | None = None  # txt2img only: the hires fix's second pass
     vae: str | None = None  # AUTOMATIC1111's sd_vae: one of the build's VAEs by name; None: the checkpoint's own
     tiling: bool = False  # AUTOMATIC1111's tiling: seamless images (circular padding in the UNet and the VAE)
+    vae_tiling: bool | None = None  # VAE decode/encode in tiles (vae_tiles); None: above Limits.vae_tile_above pixels
     refiner: Refiner | None = None  # another checkpoint finishing the denoising (run with Pipeline.generate's refiner)
 
     @property

@@ -34,6 +34,10 @@ class Limits:
     max_image_pixels: int = 4096 * 4096  # per input image, read from its header before decoding
     max_controlnet_units: int = 4  # ControlNet units per request
     max_mask_blur: int = 64
+    # VAE tiling (orchestrator.pipeline.vae_tiles): images above this many pixels are decoded and encoded in tiles
+    # unless a request says otherwise; the tile's side in pixels (0: the VAE's own sample size, as diffusers)
+    vae_tile_above: int = 1024 * 1024
+    vae_tile: int = 0
 
 
 def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits = Limits()) -> None:

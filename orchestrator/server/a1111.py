@@ -218,8 +218,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
         body = body.model_copy(update={name: EXTRA_NETWORK.sub("", getattr(body, name))
                                        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")})
     prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
-    fields = dict(clip_skip=clip_skip, vae=vae, tiling=bool(body.tiling), prompt=prompt, negative_prompt=negative,
-                  steps=body.steps,
+    fields = dict(clip_skip=clip_skip, vae=vae, tiling=bool(body.tiling), vae_tiling=body.vae_tiling, prompt=prompt,
+                  negative_prompt=negative, steps=body.steps,
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength, s_churn=body.s_churn, s_tmin=body.s_tmin,

@@ -61,6 +61,9 @@ class VAE(Protocol):
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Scaled latents (N, channels, h, w) -> uint8 images (N, H, W, 3)."""
 
+    def decode_pixels(self, latents: np.ndarray) -> np.ndarray:
+        """Scaled latents -> the decoder's float output (N, 3, H, W) in [-1, 1] (what VAE tiles blend)."""
+
 
 class ControlNet(Protocol):
     served: ServedControlNet  # its name, title and Triton models

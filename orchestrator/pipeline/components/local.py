@@ -155,7 +155,10 @@ class LocalVAE:
         return np.array(self.encoder({"image": np.ascontiguousarray(pixels, dtype=np.float32)})["moments"])
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return to_uint8(self.decoder({"latent": np.ascontiguousarray(latents, dtype=np.float32)})["image"])
+        return to_uint8(self.decode_pixels(latents))
+
+    def decode_pixels(self, latents: np.ndarray) -> np.ndarray:
+        return self.decoder({"latent": np.ascontiguousarray(latents, dtype=np.float32)})["image"]
 
 
 @dataclass

@@ -119,6 +119,10 @@ class TritonVAE:
         return self.client.infer(self.models["decode"], {"latent": np.asarray(latents, dtype=np.float32)},
                                  ["image"])["image"]
 
+    def decode_pixels(self, latents: np.ndarray) -> np.ndarray:
+        return self.client.infer(self.models["decoder"], {"latent": np.asarray(latents, dtype=np.float32)},
+                                 ["image"])["image"]
+
 
 class TritonControlNet:
     def __init__(self, client: TritonClient, served: ServedControlNet, max_batch: int,
