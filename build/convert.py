@@ -22,7 +22,7 @@ class Variant:
     """One served form of a component."""
 
     runtime: str  # onnxruntime, openvino, or torch (a torch.export program inside Triton's Python backend)
-    precision: str  # fp32, fp16, bf16, int8: the tolerance it is checked against
+    precision: str  # fp32, fp16, bf16, int8, int4: the tolerance it is checked against
     # none; dynamic (ONNX Runtime: int8 MatMul weights, activations quantized per call); weights (NNCF: int8 weights,
     # float activations); static (NNCF post-training quantization of weights and activations, calibrated)
     quantization: str = "none"
@@ -63,7 +63,7 @@ class Variant:
                     + (f"-{self.precision}" if self.precision != "fp32" else "") + ".pt2")
         if self.accelerator == "tensorrt":
             return "model.onnx"  # TensorRT lowers the precision itself, from the fp32 graph
-        if self.precision in ("fp16", "int8"):
+        if self.precision in ("fp16", "int8", "int4"):
             stem += f"-{self.precision}"
         if self.quantization == "static":
             stem += "-static"
@@ -118,6 +118,9 @@ SD_VARIANTS = {
     "openvino-bf16": Variant("openvino", "bf16", inference_precision="bf16"),
     "openvino-fp16": Variant("openvino", "fp16"),
     "openvino-int8": Variant("openvino", "int8", "weights"),
+    # int4 weights for the MatMuls (attention, projections: most of the text encoder, half the UNet), int8 for the
+    # convolutions and embeddings (NNCF's weight compression keeps those in int8): the smallest memory, for the edge
+    "openvino-int4": Variant("openvino", "int4", "weights"),
     # The UNet's weights and activations in int8, calibrated on UNet inputs captured from denoising runs of the fp32
     # build; the other components (no calibration data) int8 weights.
     "openvino-int8-hybrid": Variant("openvino", "int8", "static"),
@@ -159,7 +162,15 @@ def derive(variant: Variant, source: Path, target: Path, calibration: list[dict]
             import nncf
 
             # int8 weights (asymmetric, per output channel); activations stay in float: no calibration set needed.
-            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+            # int4: asymmetric in groups of 64 input channels (a width 64 does not divide: the largest power of two
+            # that does, else int8), every MatMul (ratio 1); NNCF keeps convolutions and embeddings in int8.
+            from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+            int4 = dict(mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0,
+                        advanced_parameters=AdvancedCompressionParameters(
+                            group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
+            model = nncf.compress_weights(model, **(int4 if variant.precision == "int4" else
+                                                    dict(mode=nncf.CompressWeightsMode.INT8_ASYM)))
         ov.save_model(model, str(target), compress_to_fp16=variant.precision == "fp16")
     elif variant.quantization == "dynamic":
         import onnx

@@ -24,6 +24,8 @@ FP32_TOLERANCE = {
                                                     "float32 accumulation in the GEMMs)"),
     "bf16": Tolerance(min_cosine=0.99, why="bfloat16 arithmetic (8-bit mantissa) where the CPU has it"),
     "int8": Tolerance(min_cosine=0.98, why="int8 weights (per channel); activations in float"),
+    "int4": Tolerance(min_cosine=0.95, why="int4 MatMul weights (groups of 64), int8 convolutions; activations in "
+                                           "float"),
 }
 
 
