@@ -42,6 +42,15 @@ def add_parser(commands) -> None:
     sd.add_argument("--skip-build", action="store_true",
                     help="reuse the benchmark's checkpoint, repository and derived artifacts")
     sd.set_defaults(run=run_sd)
+    edge = targets.add_parser("edge", help="kiln's served OpenVINO variants against OpenVINO GenAI's "
+                                           "Text2ImagePipeline and diffusers (torch) on the same weights: seconds "
+                                           "per image, cold start, peak memory, PSNR")
+    _sd_pipeline(edge, "full", "SD 1.5's full-size architecture with seeded random weights (default), or the tiny one")
+    edge.add_argument("--steps", type=int, default=20)
+    edge.add_argument("--variants", default="openvino-fp32,openvino-bf16,openvino-int8,openvino-int4",
+                      help="kiln's OpenVINO variants (comma-separated); GenAI runs at each one's precision")
+    edge.add_argument("--no-genai", action="store_true", help="skip the GenAI rows")
+    edge.set_defaults(run=run_edge)
     transport = targets.add_parser("transport", help="one denoising step's call to Triton outside the model: gRPC "
                                                      "against Triton's system shared memory")
     transport.add_argument("--out", type=Path, default=RESULTS)
@@ -79,6 +88,20 @@ def run_sd(args) -> int:
     run_sd_benchmark(SDBenchOptions(out=args.out, pipeline=args.pipeline, size=args.size, steps=args.steps,
                                     repeats=args.repeats, variants=names(args.variants), triton=not args.no_triton,
                                     skip_build=args.skip_build, family=args.family))
+    return 0
+
+
+def run_edge(args) -> int:
+    from benchmarks.edge import EdgeBenchOptions, run_edge_benchmark
+    from kiln.errors import KilnError
+
+    variants = names(args.variants)
+    wrong = [v for v in variants if v not in ("openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int4")]
+    if wrong:
+        raise KilnError(f"--variants: {', '.join(wrong)} not among openvino-fp32, openvino-bf16, openvino-int8, "
+                        "openvino-int4 (the ones GenAI has a counterpart for)")
+    run_edge_benchmark(EdgeBenchOptions(out=args.out, pipeline=args.pipeline, size=args.size, steps=args.steps,
+                                        variants=variants, genai=not args.no_genai))
     return 0
 
 
