@@ -104,3 +104,15 @@ def test_kiln_serve_flags_set_the_tiles(tmp_path):
         settings("--vae-tile", "100")
     with pytest.raises(KilnError, match="--vae-tile-above"):
         settings("--vae-tile-above", "-1")
+
+
+def test_kiln_generate_takes_vae_tiling(triton, tmp_path, kiln):
+    """kiln generate --vae-tiling on|off (the loop here, the models in the session's Triton): tiles change the image."""
+    images = {}
+    for mode in ("on", "off"):
+        out = tmp_path / f"{mode}.png"
+        code, _, err = kiln("generate", "a photo of a cat", "--url", triton.grpc_url, "--width", "128", "--height",
+                            "128", "--steps", "2", "--seed", "3", "--vae-tiling", mode, "--out", str(out))
+        assert code == 0, err
+        images[mode] = np.asarray(Image.open(out))
+    assert _diff(images["on"], images["off"]) > 2

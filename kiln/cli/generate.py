@@ -10,6 +10,8 @@ from pathlib import Path
 from kiln.control import CONTROL_MODULES
 from kiln.errors import KilnError
 
+VAE_TILING = {"auto": None, "on": True, "off": False}  # --vae-tiling -> a request's vae_tiling
+
 
 def add_parser(commands) -> None:
     generate = commands.add_parser("generate", help="txt2img/img2img through Triton (needs `kiln build sd` and "
@@ -30,6 +32,9 @@ def add_parser(commands) -> None:
                                         "sd_vae); default: the checkpoint's own")
     generate.add_argument("--tiling", action="store_true",
                           help="seamless images: the build's circular-padding models (kiln build sd --tiling)")
+    generate.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
+                          help="decode (and encode) in VAE tiles, as diffusers' enable_vae_tiling: on, off, or auto "
+                               "(above 1024x1024 pixels, or the server's --vae-tile-above)")
     generate.add_argument("--hires", type=float, metavar="SCALE",
                           help="AUTOMATIC1111's hires fix: upscale the result by SCALE and redraw it (img2img)")
     generate.add_argument("--hires-upscaler", default="Latent",
@@ -145,6 +150,7 @@ def run(args) -> int:
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                   batch_size=args.batch_size, clip_skip=args.clip_skip, vae=args.vae, tiling=args.tiling,
+                  vae_tiling=VAE_TILING[args.vae_tiling],
                   controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None,
                   refiner=Refiner(args.refiner, args.refiner_switch_at) if args.refiner else None)
     if args.init_image is not None:
@@ -198,7 +204,7 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                   sampler_name=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
                   height=args.height, batch_size=args.batch_size, eta=0.0 if args.sampler.lower() == "ddim" else None,
-                  tiling=args.tiling or None,
+                  tiling=args.tiling or None, vae_tiling=VAE_TILING[args.vae_tiling],
                   override_settings=({"CLIP_stop_at_last_layers": args.clip_skip} if args.clip_skip != 1 else {})
                   | ({"sd_vae": args.vae} if args.vae else {})
                   | ({"sd_model_checkpoint": args.checkpoint} if args.checkpoint else {}),
