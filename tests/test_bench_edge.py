@@ -27,7 +27,10 @@ def test_bench_edge_runs_every_row_on_the_tiny_pipeline(tmp_path):
     for name in ("kiln openvino-fp32", "GenAI fp32", "kiln openvino-int4", "GenAI int4"):
         row = rows[name]
         assert len(row["ready_s"]) == 2 and row["image_s"] > 0 and row["peak_rss_mb"] > 100
-    assert rows["kiln openvino-fp32"]["triton_peak_rss_mb"] < rows["kiln openvino-fp32"]["peak_rss_mb"]
+    # kiln's peak is sampled over its whole process tree (Triton, its stubs, the loop); each process's own peaks summed
+    # count peaks that never happened together, so they bound it from above.
+    kiln = rows["kiln openvino-fp32"]
+    assert kiln["peak_rss_mb"] <= kiln["sum_of_process_peaks_mb"] * 1.05
     assert set(result["versus_genai"]) == {"fp32", "int4"}
     stem = tmp_path / "edge-tiny-64"
     assert json.loads(stem.with_suffix(".json").read_text())["steps"] == 2
