@@ -114,10 +114,10 @@ def convert(checkpoint: Path, out: Path, precision: str, scheduler_config: dict)
     return time.perf_counter() - start
 
 
-def generate(folder: Path, precision: str, request: dict, cache: Path | None = None) -> dict:
+def generate(folder: Path, precision: str, request: dict, cache: Path | None = None, image: bool = True) -> dict:
     """One image through GenAI in this process: the pipeline's construction (reading and compiling the models, with
-    OpenVINO's model cache in `cache`), a one-step warm-up at the image's size, then the timed image. `request`:
-    prompt, negative_prompt, width, height, steps, cfg_scale, seed."""
+    OpenVINO's model cache in `cache`), a one-step warm-up at the image's size, then the timed image (with `image`
+    false: the construction alone). `request`: prompt, negative_prompt, width, height, steps, cfg_scale, seed."""
     import numpy as np
     import openvino_genai as genai
 
@@ -129,13 +129,16 @@ def generate(folder: Path, precision: str, request: dict, cache: Path | None = N
                                                    genai.Scheduler.Type.EULER_DISCRETE))
     ready = time.perf_counter() - start
 
-    def image(steps: int) -> np.ndarray:
+    if not image:
+        return {"ready_s": ready}
+
+    def run(steps: int) -> np.ndarray:
         out = pipe.generate(request["prompt"], negative_prompt=request["negative_prompt"], width=request["width"],
                             height=request["height"], num_inference_steps=steps, guidance_scale=request["cfg_scale"],
                             generator=genai.TorchGenerator(request["seed"]))
         return np.array(out.data, copy=True)[0]  # GenAI reuses its output buffer for the next call
 
-    image(1)
+    run(1)
     start = time.perf_counter()
-    pixels = image(request["steps"])
+    pixels = run(request["steps"])
     return {"ready_s": ready, "image_s": time.perf_counter() - start, "image": pixels}
