@@ -116,3 +116,14 @@ def test_kiln_generate_takes_vae_tiling(triton, tmp_path, kiln):
         assert code == 0, err
         images[mode] = np.asarray(Image.open(out))
     assert _diff(images["on"], images["off"]) > 2
+
+
+def test_vae_tiles_never_go_with_seamless_tiling(model_repo):
+    from kiln.errors import InputError
+
+    seamless = Pipeline.from_repository(model_repo)  # its build serves the seamless (_tiling) models too
+    request = Txt2ImgRequest(**REQUEST, tiling=True)
+    seamless.check(request)  # not asked: the seamless VAE decodes the whole image
+    assert not isinstance(seamless.parts(request).vae, TiledVAE)
+    with pytest.raises(InputError, match="vae_tiling with tiling"):
+        seamless.check(Txt2ImgRequest(**REQUEST, tiling=True, vae_tiling=True))

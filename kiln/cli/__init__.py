@@ -11,7 +11,8 @@ from kiln.errors import KilnError
 
 # What requirements-serve.txt leaves out (the build's exporters, quantizers, model zoos and plots)
 LEFT_OUT_OF_SERVING = ("onnx", "onnxscript", "onnxruntime", "nncf", "timm", "transformers", "torchvision", "sympy",
-                       "networkx", "skimage", "matplotlib", "open_clip", "peft", "spandrel", "accelerate")
+                       "networkx", "skimage", "matplotlib", "open_clip", "peft", "spandrel", "accelerate",
+                       "geventhttpclient", "gevent")  # the last two: tritonclient's HTTP client (it uses gRPC)
 
 COMMANDS = ("build", "weights", "finetune", "serve", "classify", "embed", "generate", "demo", "bench")
 

@@ -78,7 +78,7 @@ class Pipeline:
     def check(self, request: Txt2ImgRequest) -> None:
         """Raise an InputError naming the bad field before any model runs."""
         check_request(request, self.contract, self.limits)
-        self.components.for_request(request.vae, request.tiling)
+        self.parts(request)  # sd_vae, the seamless models, VAE tiles: each refused where it cannot run
         if request.tiling and request.controlnet_units:
             raise InputError("tiling with ControlNet is not supported: the build's ControlNets and the UNet they feed "
                              "pad with zeros")

@@ -5,8 +5,9 @@ with the one above, then the one to its left, both already blended). The memory 
 tile, whatever the image's size: what an edge box needs for large images.
 
 The service tiles an image above `Limits.vae_tile_above` pixels (kiln serve --vae-tile-above), or as a request asks
-(`vae_tiling`: true or false; SD.Next's `diffusers_vae_tiling` setting); `Limits.vae_tile` sets a smaller tile than
-the VAE's own (less memory, more seams).
+(`vae_tiling`: true or false, kiln's field); `Limits.vae_tile` sets a smaller tile than the VAE's own (less memory,
+more seams). Never with AUTOMATIC1111's `tiling` (seamless images): its VAE pads circularly, and a tile would wrap
+around itself instead of the image.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from kiln.errors import InputError
 from kiln.imaging import to_uint8, vae_input
 
 OVERLAP = 0.25  # diffusers' tile_overlap_factor
@@ -113,6 +115,11 @@ def tiling_policy(asked: bool | None, above: int) -> Callable[[int, int], bool]:
 
 def with_tiles(components, request, limits):
     """`components` (components.Components) with its VAE tiling as `request` asks, under the service's `limits`."""
+    if getattr(request, "tiling", False):
+        if request.vae_tiling:
+            raise InputError("vae_tiling with tiling (seamless images) is not supported: the seamless VAE wraps "
+                             "around the whole image, a tile would wrap around itself")
+        return components
     contract = components.contract
     tile = limits.vae_tile or contract.vae_tile or 64 * contract.vae_scale_factor  # 64 latents: SD's 512 pixels
     return replace(components, vae=TiledVAE(components.vae, tile, contract.vae_scale_factor,
