@@ -275,10 +275,10 @@ def _versus(rows: list[dict]) -> dict:
 def table(result: dict) -> str:
     lines = [f"SD 1.5 ({result['pipeline']}, seeded random weights), {result['side']}x{result['side']}, "
              f"{result['steps']} steps, {result['sampler']}, CFG 7.5. {machine_line(result['machine'])}",
-             "kiln's memory: its process tree (Triton, the Python-backend stubs, the loop) sampled every 0.2 s from "
-             "its second start (the OpenVINO cache filled) to the image; RSS counts the libraries every stub maps once "
-             "per stub, PSS once. GenAI's and diffusers': their process's peak RSS (the second GenAI process, its "
-             "cache filled).", "",
+             "kiln's memory: its process tree (Triton, the Python-backend stubs, the loop) sampled every 0.2 s over a "
+             "2-step image after the timed one (the OpenVINO cache filled); RSS counts the libraries every stub maps "
+             "once per stub, PSS once. GenAI's and diffusers': their process's peak RSS (the second GenAI process, "
+             "its cache filled).", "",
              "| row | s/image | x GenAI (same precision) | cold start s (empty cache, cached) | peak RSS MB "
              "| peak PSS MB | x GenAI memory (RSS, PSS) | PSNR vs torch fp32 dB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
