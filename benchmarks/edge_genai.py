@@ -22,16 +22,10 @@ PRECISIONS = {"fp32": ("f32", None), "bf16": ("bf16", None), "int8": ("f32", "in
 
 
 def _compress(model, kind: str | None):
-    if kind is None:
-        return model
-    import nncf
-    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+    """kiln's own weight compression (build.convert.compress_weights), so both sides run the same artifact."""
+    from build.convert import compress_weights
 
-    if kind == "int8":
-        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0,
-                                 advanced_parameters=AdvancedCompressionParameters(
-                                     group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
+    return model if kind is None else compress_weights(model, kind)
 
 
 def convert(checkpoint: Path, out: Path, precision: str, scheduler_config: dict) -> float:

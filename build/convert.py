@@ -159,18 +159,7 @@ def derive(variant: Variant, source: Path, target: Path, calibration: list[dict]
                                   advanced_parameters=AdvancedQuantizationParameters(
                                       smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
         elif variant.quantization == "weights":
-            import nncf
-
-            # int8 weights (asymmetric, per output channel); activations stay in float: no calibration set needed.
-            # int4: asymmetric in groups of 64 input channels (a width 64 does not divide: the largest power of two
-            # that does, else int8), every MatMul (ratio 1); NNCF keeps convolutions and embeddings in int8.
-            from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
-
-            int4 = dict(mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0,
-                        advanced_parameters=AdvancedCompressionParameters(
-                            group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
-            model = nncf.compress_weights(model, **(int4 if variant.precision == "int4" else
-                                                    dict(mode=nncf.CompressWeightsMode.INT8_ASYM)))
+            model = compress_weights(model, variant.precision)
         ov.save_model(model, str(target), compress_to_fp16=variant.precision == "fp16")
     elif variant.quantization == "dynamic":
         import onnx
@@ -187,6 +176,21 @@ def derive(variant: Variant, source: Path, target: Path, calibration: list[dict]
         _float16(source, target)
     elif source.resolve() != target.resolve():
         raise ExportError(f"{variant}: nothing to derive from {source}")
+
+
+def compress_weights(model, precision: str):
+    """An OpenVINO model with NNCF-compressed weights; activations stay in float, so no calibration set is needed.
+    int8: asymmetric, per output channel. int4: asymmetric in groups of 64 input channels (where 64 does not divide a
+    width: the largest power of two that does, else int8), every MatMul (ratio 1); NNCF keeps convolutions and
+    embeddings in int8."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+    if precision == "int4":
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=64, ratio=1.0,
+                                     advanced_parameters=AdvancedCompressionParameters(
+                                         group_size_fallback_mode=GroupSizeFallbackMode.ADJUST))
+    return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
 
 
 def _float16(source: Path, target: Path) -> None:
