@@ -27,6 +27,6 @@ def derive_component(served, config: dict, image_range: tuple[int, int, int]) ->
 
     calibration = None
     if served.calibrated:  # UNet inputs of real runs, as the build does
-        calibration = capture_unet_inputs(Path(config["repo"]), min(256, config["side"]), 8)
+        calibration = capture_unet_inputs(Path(config["repo"]), (min(256, config["side"]),) * 2, 8)
     derive(served, Path(config["source"]), Path(config["target"]), calibration)
     return {"seconds": time.perf_counter() - start}

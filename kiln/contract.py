@@ -192,10 +192,6 @@ class SDContract:
     # The upscaler networks beside the build (kiln build upscaler): found in the repository when the service connects,
     # not written by the SD build
     upscalers: tuple[ServedUpscaler, ...] = field(default=(), metadata={"parameter": False})
-
-    @property
-    def upscaler_names(self) -> tuple[str, ...]:
-        return tuple(u.name for u in self.upscalers)
     max_prompt_chunks: int = 8  # 75-token chunks a prompt may have
     # Layers the text encoder serves for AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers 1..this); 0: a build
     # before clip skip, whose text encoder serves its last layer only
@@ -217,6 +213,18 @@ class SDContract:
     # the build's optimal size): the step batcher pads a call of those per-row shapes to the next bucket
     graph_batches: str = ""
     graph_shapes: str = ""
+    static_sizes: str = ""  # a static build (--static-size): the only sizes its models run, "512x512,768x512" (w x h)
+
+    def check_built_size(self, width: int, height: int, what: str) -> None:
+        """An InputError where a static build has no models for width x height (`what`: what runs at that size)."""
+        built = self.static_sizes.split(",")
+        if self.static_sizes and f"{width}x{height}" not in built:
+            raise InputError(f"{what} is {width}x{height}; this static build runs {', '.join(built)} only (build "
+                             f"with --static-size {width}x{height}, or without --static-size)")
+
+    @property
+    def upscaler_names(self) -> tuple[str, ...]:
+        return tuple(u.name for u in self.upscalers)
 
     @property
     def row_buckets(self) -> tuple[int, ...]:
@@ -288,8 +296,8 @@ class SDContract:
         for item in fields(self):
             if item.metadata.get("parameter", True):
                 value = getattr(self, item.name)
-                if item.name in ("graph_batches", "graph_shapes") and not value:
-                    continue  # the runtime's parameters, written with the model's CUDA graphs
+                if item.name in ("graph_batches", "graph_shapes", "static_sizes") and not value:
+                    continue  # written where they apply (CUDA graphs, a static build): Triton leaves "" out
                 if item.name in ("controlnets", "vaes"):
                     value = json.dumps([c.__dict__ for c in value])
                 elif isinstance(value, dict):
@@ -366,6 +374,7 @@ class ServedArtifact:
     gpu: bool = False  # a KIND_GPU instance (in process: the first GPU)
     graph_batches: str = ""  # torch on CUDA: the batch sizes replayed from CUDA graphs ...
     graph_shapes: str = ""  # ... captured at these input shapes (JSON)
+    static_shapes: str = ""  # OpenVINO: a static build's plan (kiln.runtime.static)
 
 
 def read_served(config_path: Path) -> ServedArtifact:
@@ -377,7 +386,8 @@ def read_served(config_path: Path) -> ServedArtifact:
             raise ConfigError(f"{config_path}: {config.name} serves no artifact")
         gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
         return ServedArtifact(params["runtime"], params["artifact"], params.get("inference_precision", "f32"), gpu,
-                              params.get("graph_batches", ""), params.get("graph_shapes", ""))
+                              params.get("graph_batches", ""), params.get("graph_shapes", ""),
+                              params.get("static_shapes", ""))
     if config.backend in ("onnxruntime", "openvino") and config.default_model_filename:
         return ServedArtifact(config.backend, config.default_model_filename,
                               "bf16" if params.get("HINT_BF16") == "YES" else "f32")

@@ -41,6 +41,7 @@ from build.sd.specs import (
     vae_scale_factor,
     vae_tile,
 )
+from build.static import check_static, check_static_variant, size_label, static_plan
 from build.torch_export import compile_packages, export_program
 from kiln import contract as names
 from kiln.contract import TILING, SDContract, SDModels, ServedControlNet, check_checkpoint_name
@@ -77,6 +78,9 @@ class SDBuildOptions:
     # Build into the repository beside its other checkpoints, as NAME (its models NAME--sd_*, kiln.contract.SDModels;
     # what requests name in sd_model_checkpoint); "": the repository's default checkpoint (sd_*), named by its source
     checkpoint: str = ""
+    # A static-shape build (build.static): the (width, height) sizes the OpenVINO models are compiled at, one row per
+    # call, for devices that need fixed shapes (NPU); (): dynamic shapes
+    static_sizes: tuple[tuple[int, int], ...] = ()
     image_check_steps: int = 4  # steps of the image a lower-precision variant is compared on (PSNR against fp32)
     calibration_steps: int = 8  # steps per calibration run (x 3 prompts: UNet inputs for calibrated variants)
 
@@ -104,6 +108,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         if options.variant == "auto" else ()
     check_target(options.triton_backend, options.device, [SD_VARIANTS[k] for k in keys or (options.variant,)])
     target = ov_target(options.ov_device, options.triton_backend, [SD_VARIANTS[k] for k in keys or (options.variant,)])
+    check_static_variant(options.static_sizes, [SD_VARIANTS[k] for k in keys or (options.variant,)],
+                         options.triton_backend)
     models = SDModels(check_checkpoint_name(options.checkpoint) if options.checkpoint else "")
     loaded = load_sd(options.weights, options.controlnet, options.config)
     loaded.vaes = {name: load_vae(path, loaded.vae) for name, path in vae_sources(options.vae).items()}
@@ -112,9 +118,16 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         log(f"!! RANDOM WEIGHTS: {options.weights} holds seeded random weights; images are noise-like, not art.")
     options = replace(options, images=options.images.resolved(native_side(loaded)))
     specs = sd_specs(loaded, options.images)
+    static = {size_label(w, h): axis_sizes(loaded, batch=1, height=h, width=w) for w, h in options.static_sizes}
+    for width, height in options.static_sizes:
+        multiple, images = size_multiple(loaded), options.images
+        if any(side % multiple or not images.min <= side <= images.max for side in (width, height)):
+            raise ConfigError(f"--static-size {width}x{height}: sides must be multiples of {multiple} within the "
+                              f"build's sizes [{images.min}, {images.max}] (--min-size, --max-size)")
     modules = export_modules(loaded)
     repository = Path(options.repository)
     side = min(options.images.opt, 256)
+    image_size = options.static_sizes[0] if options.static_sizes else (side, side)  # what the build's images run at
     export_sizes = axis_sizes(loaded, batch=2, height=side, width=side)
     check_sizes = axis_sizes(loaded, batch=3, height=side + 8 * vae_scale_factor(loaded), width=side, chunks=2,
                              vectors=5)  # other sizes than the export's: every axis is dynamic
@@ -219,21 +232,23 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         scaling_factor=float(loaded.vae.config.scaling_factor), min_size=options.images.min,
         max_size=options.images.max, size_multiple=size_multiple(loaded),
         model_name=options.checkpoint or _model_name(loaded.source), family=loaded.family,
-        model_sha256=artifacts["unet"]["sha256"], variant=options.variant, max_prompt_chunks=MAX_CHUNKS,
+        model_sha256=artifacts["unet"]["sha256"], variant=options.variant,
+        max_prompt_chunks=1 if static else MAX_CHUNKS,  # a static text encoder takes one 75-token chunk
         unet_max_batch=specs["unet"].max_batch_size, clip_skip_layers=text_widths(loaded)[2],
         textual_inversion_dim=text_widths(loaded)[0],
         text_split=loaded.text_encoder.config.hidden_size if two_encoders(loaded) else 0, time_ids=time_ids(loaded),
         lora_layers=artifacts["unet"]["lora"]["layers"] if lora_layers else 0,
         **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
            else {}),
-        vaes=extra_vaes(loaded), tiling=options.tiling, vae_tile=vae_tile(loaded),
+        vaes=extra_vaes(loaded), tiling=options.tiling, vae_tile=vae_tile(loaded), static_sizes=",".join(static),
         controlnets=tuple(ServedControlNet(name=label, model=models.component(name), sha256=artifacts[name]["sha256"],
                                            ensemble=models.controlnet_ensemble(index) if has_ensemble(specs, name)
                                            else "")
                           for index, (label, name) in enumerate(zip(loaded.controlnets, controls))))
+    plans = {name: static_plan(specs[name], static) for name in components} if static else {}
     configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads,
                                options.step_queue_delay_us, options.triton_backend, options.device, options.ov_device,
-                               models)
+                               models, plans)
     remove_stale(repository, models("sd_*control*"), {c.name for c in configs})
     remove_stale(repository, models("sd_vae_*_*"), {c.name for c in configs})  # an earlier build's extra VAEs
     write_models(configs, repository)
@@ -243,20 +258,29 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     for name in (c for c in components if variants[c].calibrated):
         log(f"  capturing sd_{name} inputs from {len(CALIBRATION_PROMPTS)} txt2img runs of "
             f"{options.calibration_steps} steps for calibration ...")
-        serve_variant(name, capture_unet_inputs(repository, side, options.calibration_steps, models))
+        serve_variant(name, capture_unet_inputs(repository, image_size, options.calibration_steps, models))
+
+    # The static models at a built size against the dynamic IR they come from (on this machine's CPU)
+    for name, plan in plans.items():
+        path = repository / models.component(name) / "1" / variants[name].artifact
+        checked = artifacts[name]["static"] = check_static(specs[name], path, variants[name], plan,
+                                                           next(iter(static.values())))
+        log(f"  sd_{name:13s} static at {', '.join(static)}: max|diff| vs dynamic "
+            f"{checked['vs_dynamic'][specs[name].reference_output]['max_abs']:.2e}")
 
     # 5. A lower precision is a trade we show: its image against the fp32 build's, same seed. Then the report.
     content = {"created": report.now(), "weights": {"source": loaded.source, "random": loaded.random},
                "family": loaded.family, "prediction_type": loaded.scheduler_config.get("prediction_type", "epsilon"),
-               "image_range": asdict(options.images), "variant": options.variant, "auto": choice,
+               "image_range": asdict(options.images), "static_sizes": list(static), "variant": options.variant,
+               "auto": choice,
                "triton_backend": options.triton_backend, "device": options.device,
                "caveat": precision_caveat(variant, options.triton_backend),
                **(target if variant.runtime == "openvino" else {}),
                "vae_scale_factor": contract.vae_scale_factor, "versions": report.tool_versions(),
                "machine": report.machine(), "artifacts": artifacts, "models": [c.name for c in configs]}
     if variant.derived:
-        content["image_parity"] = variant_image_parity(repository, side, options.image_check_steps, options.variant,
-                                                       log, models)
+        content["image_parity"] = variant_image_parity(repository, image_size, options.image_check_steps,
+                                                       options.variant, log, models)
     if content.get("note"):
         log(f"!! --ov-device {options.ov_device}: {content['note']}")
     if content["caveat"]:

@@ -15,9 +15,10 @@ CALIBRATION_PROMPTS = ("a photo of a cat", "a watercolor landscape with mountain
                        "portrait of an old man, studio lighting, detailed")
 
 
-def capture_unet_inputs(repository: Path, side: int, steps: int, models: SDModels = DEFAULT_MODELS,
+def capture_unet_inputs(repository: Path, size: tuple[int, int], steps: int, models: SDModels = DEFAULT_MODELS,
                         prompts=CALIBRATION_PROMPTS) -> list[dict]:
-    """The UNet's inputs (CFG pairs) at every step of real txt2img runs of the fp32 ONNX files: calibration data."""
+    """The UNet's inputs (CFG pairs) at every step of real txt2img runs of the fp32 ONNX files at `size` (width,
+    height): calibration data."""
     runners, _ = session_runners(repository, runtime="onnxruntime", artifact="model.onnx", inference_precision="f32",
                                  components=REQUIRED, models=models)
     unet, captured = runners["unet"], []
@@ -30,15 +31,16 @@ def capture_unet_inputs(repository: Path, side: int, steps: int, models: SDModel
     pipeline = Pipeline.from_repository(repository, runners, models=models)
     for seed, prompt in enumerate(prompts):
         pipeline.generate(Txt2ImgRequest(prompt=prompt, negative_prompt="blurry", steps=steps, sampler="Euler a",
-                                         cfg_scale=7.0, seed=seed, width=side, height=side))
+                                         cfg_scale=7.0, seed=seed, width=size[0], height=size[1]))
     return captured
 
 
-def variant_image_parity(repository: Path, side: int, steps: int, variant: str,
+def variant_image_parity(repository: Path, size: tuple[int, int], steps: int, variant: str,
                          log: Callable[[str], None] = print, models: SDModels = DEFAULT_MODELS) -> dict:
-    """PSNR of a txt2img image from the served variant against the fp32 ONNX files' image (same seed and loop)."""
+    """PSNR of a txt2img image (`size`: width, height) from the served variant against the fp32 ONNX files' image
+    (same seed and loop)."""
     request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=steps, sampler="Euler a",
-                             cfg_scale=7.0, seed=0, width=side, height=side)
+                             cfg_scale=7.0, seed=0, width=size[0], height=size[1])
     images = {}
     for name, fp32 in (("fp32", True), ("served", False)):
         overrides = {"runtime": "onnxruntime", "artifact": "model.onnx", "inference_precision": "f32"} if fp32 else {}
@@ -46,7 +48,7 @@ def variant_image_parity(repository: Path, side: int, steps: int, variant: str,
         images[name] = Pipeline.from_repository(repository, runners, models=models).generate(request).images[0]
         del runners
     value = psnr(images["fp32"], images["served"])
-    log(f"  image ({side}x{side}, {steps} steps, Euler a): {variant} vs fp32 PSNR "
+    log(f"  image ({size[0]}x{size[1]}, {steps} steps, Euler a): {variant} vs fp32 PSNR "
         + ("identical" if value == float("inf") else f"{value:.1f} dB"))
     return {"against": "onnxruntime-fp32", "psnr_db": value if value != float("inf") else "inf",
-            "width": side, "height": side, "steps": steps, "sampler": request.sampler, "seed": request.seed}
+            "width": size[0], "height": size[1], "steps": steps, "sampler": request.sampler, "seed": request.seed}

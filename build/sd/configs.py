@@ -12,6 +12,7 @@ from build.specs import ComponentSpec
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 from kiln import contract as names
 from kiln.contract import DEFAULT_MODELS, TILING, SDContract, SDModels
+from kiln.runtime.static import StaticPlan
 
 STEP_COMPONENTS = ("unet", "unet_control", "unet" + TILING)  # with the ControlNets: what a denoising step calls
 
@@ -19,14 +20,16 @@ STEP_COMPONENTS = ("unet", "unet_control", "unet" + TILING)  # with the ControlN
 def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, variants: Mapping[str, Variant],
                      max_queue_delay_us: int = 2000, threads: int = 0, step_queue_delay_us: int = 0,
                      triton_backend: str = "python", device: str = "cpu", ov_device: str = "CPU",
-                     models: SDModels = DEFAULT_MODELS) -> list[ModelConfig]:
+                     models: SDModels = DEFAULT_MODELS,
+                     static: Mapping[str, StaticPlan] | None = None) -> list[ModelConfig]:
     """Every model of the build; `variants[component]` is what that component's model serves. The contract goes
     into sd_unet's parameters: the service reads what it needs to drive the loop from there. `triton_backend`
     "native" serves the runtime models on NVIDIA's image's own backends (build.native), on `device`.
 
     The models a denoising step calls wait `step_queue_delay_us` for batching partners (default none: the
     service's step batcher already merges the steps of concurrent requests, so a wait only adds to each
-    step); the others `max_queue_delay_us`.
+    step); the others `max_queue_delay_us`. `static`: the static-shape plans of a static build's runtime models
+    (build.static), by component.
     """
     text, decoder, encoder = specs["text_encoder"], specs["vae_decoder"], specs["vae_encoder"]
     tokenizer_model, text_encoder_model, text_encode_model, unet_control_model, postprocess_model, preprocess_model = (
@@ -41,6 +44,8 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
                   "inference_precision": served.inference_precision, "threads": str(threads)}
         if served.runtime == "openvino":
             params["ov_device"] = ov_device
+        if static and component in static:
+            params["static_shapes"] = static[component].to_json()
         step = component in STEP_COMPONENTS or component.startswith("controlnet")
         if served.runtime == "torch" and served.accelerator == "cuda" and step:
             params |= cuda_graph_parameters(specs[component])

@@ -24,8 +24,9 @@ from build.convert import VIT_VARIANTS, Variant, derive, open_session
 from build.native import check_target, ov_target, parity_note, precision_caveat
 from build.repository import write_models
 from build.specs import ComponentSpec
+from build.static import check_static, check_static_variant
 from build.torch_export import export_artifact
-from build.vit.configs import vit_model_configs
+from build.vit.configs import vit_model_configs, vit_static_plan
 from build.vit.labels import class_labels, write_labels
 from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, VIT_MODEL_NAME, VIT_SPEC, spec_facts, spec_for
 from kiln.contract import VIT, VIT_POSTPROCESS
@@ -51,6 +52,9 @@ class ViTBuildOptions:
     triton_backend: str = "python"  # python (embedded Triton here) or native (NVIDIA's tritonserver image)
     device: str = "cpu"  # cpu or gpu: the instance kind of a native build's `vit`
     ov_device: str = "CPU"  # OpenVINO variants: the device the served model compiles for (CPU, GPU, NPU, AUTO)
+    # A static-shape build (build.static): the served OpenVINO model compiled at its image size, one image per call,
+    # for devices that need fixed shapes (NPU); (): dynamic batches
+    static_sizes: tuple[tuple[int, int], ...] = ()
     max_queue_delay_us: int = 2000
     threads: int = 0  # runtime threads inside Triton; 0: all cores
     progress: bool = True
@@ -157,6 +161,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                  if options.auto else [options.served])
     target = ov_target(options.ov_device, options.triton_backend,
                        [VIT_VARIANTS[k] for k in keys] if options.auto else [options.served])
+    check_static_variant(options.static_sizes, [VIT_VARIANTS[k] for k in keys] if options.auto else [options.served],
+                         options.triton_backend)
     if options.calibration_size < 1:
         raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
     for name in options.extra_exports:
@@ -167,6 +173,10 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     model = loaded.model
     spec = spec_for(model, VIT_SPEC)  # the shapes of this model (any timm ViT), the tolerances of the ViT spec
     facts = spec_facts(spec)
+    for width, height in options.static_sizes:
+        if (width, height) != (facts["size"], facts["size"]):
+            raise ConfigError(f"--static-size {width}x{height}: this ViT takes {facts['size']}x{facts['size']} images "
+                              "only (the preprocessing resizes every image to it)")
     labels = class_labels(loaded.labels, facts["classes"], log)
     if loaded.random:
         log("!" * 78)
@@ -241,6 +251,12 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         options, choice = _choose(options, spec, keys, artifacts, rejected, version_dir, pixels, layers, log)
     configs = vit_model_configs(options, transform, spec)
     write_models(configs, repository)
+    static = None
+    if options.static_sizes:  # the static model at its size against the dynamic IR it comes from
+        static = check_static(spec, version_dir / options.served.artifact, options.served, vit_static_plan(spec),
+                              {"batch": 1})
+        log(f"  static at {facts['size']}x{facts['size']}: max|diff| vs dynamic "
+            f"{static['vs_dynamic']['logits']['max_abs']:.2e}")
     write_labels(repository / VIT_POSTPROCESS / "1" / "labels.json", labels.names)
 
     # 5. Report.
@@ -255,7 +271,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         "served": {"backend": served.runtime, "precision": served.precision, "artifact": served.artifact,
                    "triton_backend": options.triton_backend, "device": options.device,
                    "caveat": precision_caveat(served, options.triton_backend),
-                   **(target if served.runtime == "openvino" else {})},
+                   **(target if served.runtime == "openvino" else {}), "static": static},
         "auto": choice,
         "preprocess": json.loads(transform.to_json()),
         "parity_images": [p.name for p in checked],

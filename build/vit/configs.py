@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 from build.native import cuda_graph_parameters, native_config
 from build.specs import ComponentSpec
+from build.static import size_label, static_plan
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 from build.vit.spec import DEFAULT_TOP_K, MAX_TOP_K, VIT_SPEC, spec_facts
 from kiln import contract as names
 from kiln.imaging import EvalTransform, ImageLimits
+from kiln.runtime.static import StaticPlan
 
 if TYPE_CHECKING:
     from build.vit.build import ViTBuildOptions
@@ -18,6 +20,12 @@ if TYPE_CHECKING:
 
 GPU_MAX_BATCH = 256
 GPU_GRAPH_BATCHES = (1, 8, 64, 256)  # torch on CUDA: batch sizes replayed from CUDA graphs
+
+
+def vit_static_plan(spec: ComponentSpec) -> StaticPlan:
+    """A static build's plan: one image per call at the model's size (its only one)."""
+    size = spec_facts(spec)["size"]
+    return static_plan(spec, {size_label(size, size): {"batch": 1}})
 
 
 def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
@@ -57,6 +65,7 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
         parameters={"runtime": served.runtime, "artifact": served.artifact,
                     "inference_precision": served.inference_precision, "threads": str(options.threads),
                     **({"ov_device": options.ov_device} if served.runtime == "openvino" else {}),
+                    **({"static_shapes": vit_static_plan(spec).to_json()} if options.static_sizes else {}),
                     "default_layer": str(facts["blocks"] - 1)},
     )
     if options.triton_backend == "native":

@@ -96,12 +96,23 @@ def _target_arguments(parser) -> None:
                         help="OpenVINO variants: the device the served models compile for (GPU.1, AUTO:GPU,CPU too; "
                              "AUTO lets OpenVINO choose among what the serving machine has). Parity is checked on "
                              "this machine's CPU; a device it lacks is said in the report (default: CPU)")
+    parser.add_argument("--static-size", action="append", metavar="SIZE",
+                        help="OpenVINO variants: compile the served models at this fixed size, one image per call, "
+                             "for devices that need static shapes (NPU): a side (512) or width x height (768x512); "
+                             "repeat for more sizes. Requests at other sizes are refused (422 naming the built ones), "
+                             "and prompts take one 75-token chunk (default: dynamic shapes)")
     parser.add_argument("--triton-backend", choices=("python", "native"), default="python",
                         help="python: the runtimes inside Python-backend models (the embedded Triton); native: the "
                              "onnxruntime/openvino backends of NVIDIA's tritonserver image (see the Dockerfile)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="where the runtime models run (gpu: torch's CUDA variants, or ONNX Runtime's with "
                              "--triton-backend native)")
+
+
+def _static_sizes(args) -> tuple[tuple[int, int], ...]:
+    from build.static import parse_size
+
+    return tuple(dict.fromkeys(parse_size(text) for text in args.static_size or ()))
 
 
 def run_vit(args) -> int:
@@ -118,7 +129,7 @@ def run_vit(args) -> int:
         extra_exports=() if args.no_extra_exports else EXTRA_EXPORTS,
         calibration=args.calibration, calibration_size=args.calibration_size, repository=args.repo,
         triton_backend=args.triton_backend, device=args.device, ov_device=args.ov_device,
-        threads=args.threads))
+        static_sizes=_static_sizes(args), threads=args.threads))
     print(f"served: vit = {result.served_key} ({result.served.artifact})")
     return 0
 
@@ -132,6 +143,7 @@ def run_sd(args) -> int:
                             checkpoint=args.checkpoint,
                             threads=args.threads, variant=args.variant, step_queue_delay_us=args.step_queue_delay_us,
                             triton_backend=args.triton_backend, device=args.device, ov_device=args.ov_device,
+                            static_sizes=_static_sizes(args),
                             auto_candidates=tuple(args.auto_candidates.split(",")) if args.auto_candidates else None))
     return 0
 

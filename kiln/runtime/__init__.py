@@ -24,7 +24,7 @@ def model_config(args: Mapping[str, str]) -> tuple[dict, dict[str, str]]:
     import json
 
     config = json.loads(args["model_config"])
-    return config, {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+    return config, {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class SessionOptions:
     graph_shapes: Mapping[str, tuple[int, ...]] | None = None  # ... captured at these input shapes (the build's opt)
     cache_dir: Path | None = None  # OpenVINO: its model cache (CACHE_DIR), so a second start skips compiling
     ov_device: str = "CPU"  # OpenVINO: CPU, GPU[.N], NPU, or AUTO (its plugin chooses among what the machine has)
+    static_shapes: str = ""  # OpenVINO: a kiln.runtime.static plan (JSON); "": the IR's dynamic shapes
 
 
 OV_DEVICES = ("CPU", "GPU", "NPU", "AUTO")  # the OpenVINO targets a build may name (GPU.1, AUTO:GPU,CPU too)
@@ -162,9 +163,17 @@ class Session:
                                   f"{', '.join(available)} (rebuild with --ov-device naming one of them, or AUTO)")
             if options.ov_device.split(".")[0] in ("GPU", "NPU"):  # the thread count is the CPU plugin's alone
                 config.pop("INFERENCE_NUM_THREADS")
-            self._compiled = core.compile_model(_with_constants(core, path, overrides) if overrides else str(path),
-                                                options.ov_device, config)
-            self._request = self._compiled.create_infer_request()
+            self._static = None
+            if options.static_shapes:  # one compiled model per built shape set (kiln.runtime.static)
+                from kiln.runtime.static import StaticModels, StaticPlan
+
+                self._static = StaticModels(core, _with_constants(core, path, overrides or {}), options.ov_device,
+                                            config, StaticPlan.from_json(options.static_shapes))
+                self._compiled = self._static.compiled[0]
+            else:
+                self._compiled = core.compile_model(_with_constants(core, path, overrides) if overrides else
+                                                    str(path), options.ov_device, config)
+                self._request = self._compiled.create_infer_request()
             self._lock = threading.Lock()
             # A port can carry several names (ONNX's and OpenVINO's own); index every one.
             self._ports = {name: port for port in self._compiled.outputs for name in port.get_names()}
@@ -207,6 +216,8 @@ class Session:
         if self.options.runtime == "torch":
             return self._torch.run(feed, names)
         with self._lock:
+            if self._static is not None:
+                return self._static.run(feed, names)
             self._request.infer(feed)
             return {name: np.array(self._request.get_tensor(self._ports[name]).data, copy=True) for name in names}
 

@@ -39,6 +39,7 @@ class RuntimeModel:
             cache_dir=ov_cache_dir(Path(args["model_repository"]).parent) if self.params["runtime"] == "openvino"
             else None,
             ov_device=self.params.get("ov_device", "CPU"),
+            static_shapes=self.params.get("static_shapes", ""),
             **device,
         ))
         self.input_names = [i["name"] for i in config["input"]]

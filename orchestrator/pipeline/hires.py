@@ -77,6 +77,9 @@ def plan(request: Txt2ImgRequest, contract: SDContract) -> HiresPlan:
                          f"that are multiples of {multiple} within the built profile [{contract.min_size}, "
                          f"{contract.max_size}] (upscaled to {upscale_to[0]}x{upscale_to[1]} first, whose sides "
                          f"must be multiples of {factor})")
+    contract.check_built_size(*size, f"the hires pass ({asked} of {width}x{height})")
+    if truncate != (0, 0):  # the upscaled picture is encoded before the crop
+        contract.check_built_size(*upscale_to, f"the hires fix's upscaled picture ({asked} of {width}x{height})")
     return HiresPlan(upscale_to=upscale_to, truncate=truncate, size=size)
 
 

@@ -121,6 +121,8 @@ def with_tiles(components, request, limits):
                              "around the whole image, a tile would wrap around itself")
         return components
     contract = components.contract
+    if contract.static_sizes:  # its VAE runs at the built sizes only (a request asking is refused by validate)
+        return components
     tile = limits.vae_tile or contract.vae_tile or 64 * contract.vae_scale_factor  # 64 latents: SD's 512 pixels
     return replace(components, vae=TiledVAE(components.vae, tile, contract.vae_scale_factor,
                                             tiling_policy(request.vae_tiling, limits.vae_tile_above)))

@@ -52,6 +52,9 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         if not contract.min_size <= value <= contract.max_size:
             raise InputError(f"{name} must be within the built profile [{contract.min_size}, {contract.max_size}], "
                              f"got {value}")
+    contract.check_built_size(request.width, request.height, "width x height")
+    if contract.static_sizes and getattr(request, "vae_tiling", None):
+        raise InputError("vae_tiling on a static build: its VAE runs at the built sizes only, not at a tile's")
     _integer_in("steps", request.steps, 1, limits.max_steps)
     _integer_in("batch_size", request.batch_size, 1, limits.max_batch_size)
     if not _finite(request.cfg_scale) or request.cfg_scale < 1:
@@ -128,6 +131,7 @@ def _check_latent_resize(request: Img2ImgRequest, contract: SDContract) -> None:
         raise InputError(f"resize_mode 3 encodes the init image at its own size, {width}x{height} (sides down to a "
                          f"multiple of 8), outside the built profile [{contract.min_size}, {contract.max_size}]; "
                          "resize it first or use resize_mode 0")
+    contract.check_built_size(width, height, "resize_mode 3 encodes the init image at its own size, which")
 
 
 def _check_churn(request: Txt2ImgRequest) -> None:

@@ -88,6 +88,7 @@ def session_runners(repository: Path, runtime: str | None = None, artifact: str 
         path = (paths or {}).get(component) or folder / "1" / (artifact or served.artifact)
         session = Session(SessionOptions(runtime or served.runtime, path,
                                          inference_precision=inference_precision or served.inference_precision,
+                                         static_shapes=served.static_shapes if not (runtime or artifact) else "",
                                          **session_device(served.runtime, served.gpu, served.graph_batches,
                                                          served.graph_shapes)))
         runners[component] = LoraRunner(LoraSessions(session, lora_folder)) if read_map(path) is not None \
