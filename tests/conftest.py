@@ -9,11 +9,15 @@ transport.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import os
 import shutil
+import signal
 import struct
+import subprocess
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -203,11 +207,13 @@ def triton(model_repo, lora_dir, tmp_path_factory):
     server.stop()
 
 
-def start_triton(repo: Path, log: Path, loras: Path | None = None, **ports: int) -> TritonServer:
+def start_triton(repo: Path, log: Path, loras: Path | None = None, exit_timeout_s: int = 5,
+                 **ports: int) -> TritonServer:
     """A Triton on free ports. It waits at most 5 s for in-flight requests when stopped (Triton's own default, 30 s,
-    sometimes elapses in full after a test's last call, whose client keeps its channel open)."""
+    sometimes elapses in full after a test's last call, whose client keeps its channel open); torch models take
+    longer to unload on 2 busy cores (measured: 6 s for four AOTInductor packages)."""
     return TritonServer(TritonOptions(repository=repo, http_port=ports.get("http") or free_port(),
-                                      grpc_port=ports.get("grpc") or free_port(), exit_timeout_s=5,
+                                      grpc_port=ports.get("grpc") or free_port(), exit_timeout_s=exit_timeout_s,
                                       metrics_port=ports.get("metrics") or free_port(), log_path=log,
                                       extra_env={"KILN_LORAS": str(loras)} if loras else {})).start()
 
@@ -288,3 +294,38 @@ def diffusers_image(pipe, scheduler_config: dict, request: dict, init=None, stre
         img2img.scheduler = make_scheduler(request["sampler"], scheduler_config)
         images = img2img(request["prompt"], image=init, strength=strength, **common).images
     return (images * 255).round().astype(np.uint8)
+
+
+@contextlib.contextmanager
+def kiln_serve(kiln: Path, repo: Path, folder: Path, env: dict | None = None, flags: tuple[str, ...] = (),
+               timeout_s: float = 240):
+    """`kiln serve` (the executable `kiln`) on `repo` as a process of its own on free ports, its log in `folder`;
+    yields the API's URL once it is ready; stopped with SIGTERM (the drain) at the end."""
+    import httpx
+
+    log, port = folder / "serve.log", free_port()
+    command = [str(kiln), "serve", "--repo", str(repo), "--port", str(port), "--http-port", str(free_port()),
+               "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), *flags]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"kiln serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"kiln serve not ready in {timeout_s} s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()

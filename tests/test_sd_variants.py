@@ -188,7 +188,7 @@ def test_aoti_build_is_compiled_cached_and_served_through_triton(plain_checkpoin
         reference = entry["parity"][next(iter(entry["parity"]))]
         assert 0 < reference["max_abs"] < 1e-4 and reference["cosine"] > 0.99999  # compiled: other summation order
 
-    server = start_triton(repo, tmp_path / "triton.log")
+    server = start_triton(repo, tmp_path / "triton.log", exit_timeout_s=30)
     try:
         served = Pipeline.from_triton(server.grpc_url).generate(REQUEST).images
     finally:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -20,9 +18,8 @@ from PIL import Image
 
 from build.sd import SDBuildOptions, build_sd
 from build.vit import ViTBuildOptions, build_vit
-from kiln.triton_server import free_port
 from orchestrator.pipeline import Pipeline, Txt2ImgRequest
-from tests.conftest import IMAGES, encode
+from tests.conftest import IMAGES, encode, kiln_serve
 
 pytestmark = pytest.mark.slow
 
@@ -77,40 +74,12 @@ def test_the_serving_install_is_small_and_has_no_cuda(serve_venv):
     assert out == "None [] []", out  # a CPU torch, no CUDA wheels, no build or test tooling
 
 
-def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"kiln serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"kiln serve not ready in {timeout_s} s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def served(serve_venv, edge_repo, tmp_path_factory):
     """`kiln serve` of the serving venv on edge_repo (its own ports); yields the API's URL."""
-    log = tmp_path_factory.mktemp("serve_log") / "serve.log"
-    port = free_port()
-    command = [str(serve_venv / "bin" / "kiln"), "serve", "--repo", str(edge_repo), "--port", str(port),
-               "--http-port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(url, process, log)
+    with kiln_serve(serve_venv / "bin" / "kiln", edge_repo, tmp_path_factory.mktemp("serve_log"), env) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def _image(response: httpx.Response) -> np.ndarray:
