@@ -42,9 +42,29 @@ def wire_dtype(array: np.ndarray) -> str:
 SHARED_MEMORY = ("auto", "on", "off")
 
 
+# Every gRPC channel to Triton, in one place. Keepalive pings find a dead peer under a call (a Triton pod gone
+# without a FIN) in 30 + 10 s instead of the kernel's hours; messages have no size limit (an SDXL batch of latents
+# and a 4096-pixel image exceed gRPC's 4 MB default); round_robin spreads the calls of one channel over every address
+# a name resolves to, so `dns:///triton-headless:8001` (a Kubernetes headless Service) reaches every Triton pod
+# instead of pinning one HTTP/2 connection to the first.
+GRPC_CHANNEL_ARGS = (
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # Pings only while calls are open: Triton's defaults (--grpc-keepalive-permit-without-calls false, a 5-minute
+    # minimum between idle pings) answer idle pings with GOAWAY
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.dns_min_time_between_resolutions_ms", 5_000),
+)
+
+
 def _is_local(url: str) -> bool:
-    """Whether `url` (host:port) names this host: only then can Triton map our shared memory."""
-    host = urlsplit(f"//{url}").hostname or ""
+    """Whether `url` (host:port, or gRPC's dns:///host:port) names this host: only then can Triton map our shared
+    memory."""
+    host = urlsplit(f"//{url.removeprefix('dns:///')}").hostname or ""
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
@@ -84,7 +104,7 @@ class TritonClient:
         client = getattr(self._local, "client", None)
         if client is None:
             if self.protocol == "grpc":
-                client = self._module.InferenceServerClient(self.url)
+                client = self._module.InferenceServerClient(self.url, channel_args=list(GRPC_CHANNEL_ARGS))
             else:
                 client = self._module.InferenceServerClient(self.url, connection_timeout=self.timeout_s,
                                                             network_timeout=self.timeout_s)
@@ -261,5 +281,5 @@ class TritonClient:
     def model_parameters(self, model: str) -> tuple[dict[str, str], int]:
         """A model's string parameters and its max_batch_size."""
         config = self.model_config(model)
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}  # "" is left out
         return params, int(config.get("max_batch_size", 0))

@@ -186,14 +186,25 @@ class JobQueue:
                 return
         job.finish(Status.CANCELLED, Cancelled("cancelled while queued"))
 
-    def close(self, timeout_s: float = 60.0) -> None:
-        """Stop accepting; let waiting and running jobs finish (drain), up to timeout_s."""
+    def close(self, timeout_s: float = 60.0, grace_s: float = 5.0) -> None:
+        """Stop accepting; let waiting and running jobs finish (drain), up to timeout_s; then cancel what is left (a
+        running job stops before its next step) and wait up to grace_s more."""
         with self._lock:
             self._closed = True
             self._lock.notify_all()
         deadline = time.monotonic() + timeout_s
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for late in (False, True):
+            for thread in self._threads:
+                thread.join(max(0.0, deadline + (grace_s if late else 0) - time.monotonic()))
+            if late or not any(thread.is_alive() for thread in self._threads):
+                return
+            with self._lock:
+                left, running, self._waiting = list(self._waiting), list(self._running), deque()
+            log.warning("drain over (%.0f s): %d waiting, %d running cancelled", timeout_s, len(left), len(running))
+            for job in left:
+                job.finish(Status.CANCELLED, Cancelled("the server shut down before this job ran"))
+            for job in running:
+                job.cancel()
 
     def _forget_old(self, keep: int = 512) -> None:
         if len(self._jobs) <= keep:

@@ -2,7 +2,8 @@
 
 - HTTP Basic (`--api-auth user:pass[,user:pass]`, compared in constant time) and/or API keys
   (`--api-keys`, sent as `X-API-Key: KEY` or `Authorization: Bearer KEY`). Without a valid
-  credential: 401 with `WWW-Authenticate: Basic`. The health probes stay open.
+  credential: 401 with `WWW-Authenticate: Basic`. The health probes stay open; /metrics also takes its own
+  token (`--metrics-token`, sent as `Authorization: Bearer TOKEN`), so Prometheus holds no API credential.
 - A token bucket per client (the authenticated user or key, else the peer address) on the
   requests that start work (POST, DELETE, WebSocket): beyond it, 429 with Retry-After.
 - A body larger than the cap is refused with 413 from its Content-Length, before it is read.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from kiln.errors import KilnError
 
 OPEN_PATHS = ("/health/live", "/health/ready")
+METRICS_PATH = "/metrics"  # open to the metrics token too (SecurityOptions.metrics_token)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -64,6 +66,9 @@ class SecurityOptions:
     rate_limit_per_minute: float = 0.0  # 0: no limit
     rate_burst: int = 0  # bucket size; 0: the per-minute figure (at least 1)
     max_body_bytes: int = 64 * 1024 * 1024
+    # Prometheus' credential for /metrics alone (`Authorization: Bearer TOKEN`), so a scraper needs none of the API's;
+    # "": /metrics takes the API's credentials (open where the API is)
+    metrics_token: str = ""
 
     @property
     def auth_required(self) -> bool:
@@ -105,7 +110,7 @@ class SecurityMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
         method = scope.get("method", "GET") if scope["type"] == "http" else "WEBSOCKET"
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or (path == METRICS_PATH and self._scraper(headers)):
             return await self.app(scope, receive, send)
 
         identity = None
@@ -130,6 +135,12 @@ class SecurityMiddleware:
                 return await _reject(scope, send, 429, "rate limit exceeded; retry later",
                                      {"retry-after": str(max(1, math.ceil(wait)))})
         return await self.app(scope, receive, send)
+
+    def _scraper(self, headers: dict[str, str]) -> bool:
+        """Whether the request carries the metrics token (compared in constant time)."""
+        token = self.options.metrics_token
+        sent = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return bool(token) and hmac.compare_digest(sent.encode(), token.encode())
 
     def _authenticate(self, headers: dict[str, str]) -> str | None:
         authorization = headers.get("authorization", "")

@@ -182,3 +182,20 @@ def test_engine_without_triton_reports_unavailable():
             engine.submit("txt2img", REQUEST)
     finally:
         engine.close()
+
+
+def test_a_drain_is_bounded_and_cancels_what_is_left():
+    """kiln serve --drain-timeout: past it, a job that would run on is stopped before its next step and a waiting one
+    never starts; both end, cancelled, and close returns."""
+    work = Work()
+    work.gates["endless"] = threading.Event()  # never set
+    queue = JobQueue(work, max_queue=4, workers=1, metrics=Metrics())
+    endless = queue.submit(Job(kind="endless", request=REQUEST))
+    assert work.started.wait(5)
+    waiting = queue.submit(Job(kind="waiting", request=REQUEST))
+    start = time.monotonic()
+    queue.close(timeout_s=0.5, grace_s=5)
+    assert time.monotonic() - start < 3
+    assert _wait(endless, 1).status == Status.CANCELLED
+    assert _wait(waiting, 1).status == Status.CANCELLED and "shut down before this job ran" in str(waiting.error)
+    assert work.ran == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -49,6 +50,9 @@ def add_parser(commands) -> None:
     api.add_argument("--port", type=int, default=7860, help="API port")
     api.add_argument("--api-auth", help="HTTP Basic credentials user:pass[,user:pass]")
     api.add_argument("--api-keys", help="comma-separated API keys (X-API-Key or Authorization: Bearer)")
+    api.add_argument("--metrics-token", default=os.environ.get("KILN_METRICS_TOKEN", ""),
+                     help="a token that opens /metrics alone (Authorization: Bearer TOKEN), for Prometheus without "
+                          "the API's credentials (default: $KILN_METRICS_TOKEN; none: /metrics takes the API's)")
     api.add_argument("--rate-limit", type=float, default=0.0, help="requests per minute per client (0: none)")
     api.add_argument("--cors-origins", default="", help="comma-separated allowed origins (default: CORS closed)")
     api.add_argument("--queue-size", type=int, default=64, help="jobs waiting beyond the running ones; more is 429")
@@ -59,6 +63,9 @@ def add_parser(commands) -> None:
                      help="denoising steps' tensors through Triton's system shared memory: auto (when Triton is on "
                           "this host and can map it), on (or fail), off (always over gRPC)")
     api.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a generation is a 504")
+    api.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="on SIGTERM, open requests and queued jobs get this long to finish; what is left is then "
+                          "cancelled (a pod's grace period should be at least this + 10; default: %(default)s)")
     api.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
     api.add_argument("--vae-tile-above", type=int, default=1024 * 1024, metavar="PIXELS",
                      help="decode and encode images of more pixels than this in VAE tiles, as diffusers' "
@@ -99,12 +106,14 @@ def settings_from(args):
     for name in ("queue_size", "workers", "port", "max_steps"):
         if getattr(args, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.rate_limit < 0 or args.request_timeout <= 0 or args.max_batch_rows < 0 or args.vae_tile_above < 0:
-        raise KilnError("--rate-limit, --max-batch-rows and --vae-tile-above must be >= 0, --request-timeout > 0")
+    if args.rate_limit < 0 or args.request_timeout <= 0 or args.max_batch_rows < 0 or args.vae_tile_above < 0 or \
+            args.drain_timeout < 0:
+        raise KilnError("--rate-limit, --max-batch-rows, --vae-tile-above and --drain-timeout must be >= 0, "
+                        "--request-timeout > 0")
     if args.vae_tile and (args.vae_tile < 64 or args.vae_tile % 64):
         raise KilnError(f"--vae-tile must be a multiple of 64 pixels (64, 128, ..., 512), got {args.vae_tile}")
     security = SecurityOptions(credentials=tuple(parse_credentials(args.api_auth)), api_keys=names(args.api_keys or ""),
-                               rate_limit_per_minute=args.rate_limit)
+                               rate_limit_per_minute=args.rate_limit, metrics_token=args.metrics_token)
     check_exposure(args.listen, security)
     if args.embeddings is not None and not args.embeddings.is_dir():
         raise KilnError(f"--embeddings {args.embeddings}: no such folder")
@@ -113,6 +122,7 @@ def settings_from(args):
     return Settings(triton_url=triton_url, model_control=model_control(args, triton_url), max_queue=args.queue_size,
                     workers=args.workers, step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
                     shared_memory=args.shared_memory, request_timeout_s=args.request_timeout,
+                    drain_timeout_s=args.drain_timeout,
                     limits=Limits(max_steps=args.max_steps, vae_tile_above=args.vae_tile_above, vae_tile=args.vae_tile),
                     cors_origins=names(args.cors_origins), security=security, listen=args.listen, port=args.port,
                     styles_file=args.styles, outputs_dir=args.outputs,

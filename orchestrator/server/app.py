@@ -4,6 +4,7 @@ with WebSocket progress, ViT classification, health and Prometheus metrics) over
 
 from __future__ import annotations
 
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -36,8 +37,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   control=settings.model_control)
         try:
             yield
-        finally:  # uvicorn has stopped taking requests and waited for the open ones: drain the queue
-            await run_in_threadpool(app.state.engine.close, settings.request_timeout_s)
+        finally:  # uvicorn has stopped taking requests and waited for the open ones: drain the queue, in what is
+            # left of the drain's time (it started when uvicorn stopped accepting; service.run_api)
+            started = getattr(app.state, "draining_since", None) or time.monotonic()
+            left = max(0.0, settings.drain_timeout_s - (time.monotonic() - started))
+            await run_in_threadpool(app.state.engine.close, left)
 
     app = FastAPI(title="kiln", version="0.1.0", lifespan=lifespan,
                   description="Stable Diffusion and ViT served on Triton: AUTOMATIC1111/SD.Next-compatible API, "

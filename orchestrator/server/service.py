@@ -2,14 +2,17 @@
 
 Shutdown order on SIGTERM/SIGINT: uvicorn stops accepting connections and waits for the open
 requests (generations in flight finish and are answered), the app's lifespan drains the job
-queue, and only then is Triton stopped.
+queue, and only then is Triton stopped. The whole drain is bounded by `Settings.drain_timeout_s`
+(`kiln serve --drain-timeout`): what is left then is cancelled.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
+import time
 
 from kiln.errors import KilnError
 from orchestrator.security import check_exposure
@@ -24,8 +27,15 @@ def run_api(settings: Settings, *, log_level: str = "info", on_started=None) -> 
     check_exposure(settings.listen, settings.security)
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.listen, port=settings.port, log_level=log_level, ws="websockets-sansio",
-                            timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, access_log=False)
+                            timeout_graceful_shutdown=max(1, math.ceil(settings.drain_timeout_s)), access_log=False)
     server = uvicorn.Server(config)
+    stop_accepting = server.shutdown
+
+    async def shutdown(sockets=None):  # the drain's clock starts when uvicorn stops accepting (app.py's lifespan)
+        app.state.draining_since = time.monotonic()
+        await stop_accepting(sockets=sockets)
+
+    server.shutdown = shutdown
     if on_started is not None:
         original = server.startup
 

@@ -21,6 +21,9 @@ class Settings:
     max_batch_rows: int = 0  # rows per merged UNet call; 0: the model's max batch size
     shared_memory: str = "auto"  # denoising steps through Triton's shared memory: auto, on, off
     request_timeout_s: float = 600.0  # a synchronous generation past this is a 504 (and cancelled)
+    # SIGTERM's drain: open requests and queued jobs get this long to finish, then what is left is cancelled (5 s more
+    # to stop); a Kubernetes pod's terminationGracePeriodSeconds should be at least this + 10
+    drain_timeout_s: float = 60.0
     limits: Limits = field(default_factory=Limits)  # what one request may ask for (the CLI and library share them)
     cors_origins: tuple[str, ...] = ()  # browsers' origins allowed to call the API; none by default
     security: SecurityOptions = field(default_factory=SecurityOptions)  # auth, rate limit, body cap

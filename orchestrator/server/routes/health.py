@@ -1,4 +1,5 @@
-"""Probes and metrics: /health/live, /health/ready (Triton and the SD models), /metrics (Prometheus)."""
+"""Probes and metrics: /health/live, /health/ready (Triton, and what it serves: an SD checkpoint or the ViT),
+/metrics (Prometheus; its own token with `kiln serve --metrics-token`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from kiln.contract import SD_READY, SD_UNET, SDModels, base_name
+from kiln.contract import (
+    SD_READY,
+    SD_UNET,
+    VIT,
+    VIT_CLASSIFY,
+    VIT_EMBED,
+    VIT_POSTPROCESS,
+    VIT_PREPROCESS,
+    SDModels,
+    base_name,
+)
 from kiln.triton_client import TritonClient
 
 router = APIRouter(tags=["health"])
+VIT_READY = (VIT, VIT_PREPROCESS, VIT_POSTPROCESS, VIT_CLASSIFY, VIT_EMBED)  # the ViT's whole service
 
 
 @router.get("/health/live")
@@ -25,14 +37,16 @@ async def ready(request: Request):
         on_demand = request.app.state.settings.model_control is not None
         if not (client.is_server_live() if on_demand else client.is_server_ready()):
             return False, {"triton": "unreachable or not ready"}
-        # Ready when one checkpoint can generate (its text encoding, UNet and decoding all ready); under model
-        # control (kiln serve --max-checkpoints) when Triton is, as checkpoints load on demand.
+        # Ready when it serves something whole: a checkpoint that can generate (its text encoding, UNet and decoding
+        # all ready) or the ViT (classify and embed); under model control (kiln serve --max-checkpoints) when Triton
+        # is, as checkpoints load on demand. A Triton with the ViT alone is a ready classification service.
         loaded = set(client.ready_models())
         checkpoints = {SDModels.of(m).checkpoint for m in loaded if base_name(m) == SD_UNET}
         complete = sorted(c for c in checkpoints if all(SDModels(c)(m) in loaded for m in SD_READY))
         models = {model: model in loaded for model in SD_READY}  # the default checkpoint's
-        return bool(complete) or on_demand, {"triton": "ready", "models": models,
-                                             "checkpoints": [c or "default" for c in complete]}
+        vit = all(model in loaded for model in VIT_READY)
+        return bool(complete) or vit or on_demand, {"triton": "ready", "models": models,
+                                                    "checkpoints": [c or "default" for c in complete], "vit": vit}
 
     ok, detail = await run_in_threadpool(check)
     return JSONResponse({"status": "ready" if ok else "not ready"} | detail, status_code=200 if ok else 503)

@@ -1,0 +1,94 @@
+"""What an orchestrator (Kubernetes, a load balancer, Prometheus) needs from the service (issue 15): readiness that
+reflects what Triton serves (a ViT-only Triton is a ready classification service), /metrics with a token of its
+own, a drain bounded by a setting, and gRPC channels to Triton set in one place (keepalive, message sizes,
+round-robin over every address of a `dns:///` name). Real Triton servers and real HTTP, on loopback."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.triton_client import GRPC_CHANNEL_ARGS, TritonClient, _is_local
+from kiln.triton_server import free_port
+from orchestrator.security import SecurityOptions
+from orchestrator.server.service import BackgroundAPI
+from orchestrator.server.settings import Settings
+from tests.conftest import start_triton
+
+
+@pytest.fixture(scope="module")
+def vit_triton(vit_repo, tmp_path_factory):
+    """A Triton serving the ViT alone."""
+    server = start_triton(vit_repo, tmp_path_factory.mktemp("vit_triton") / "tritonserver.log")
+    yield server
+    server.stop()
+
+
+def _api(triton_url: str, **settings) -> BackgroundAPI:
+    return BackgroundAPI(Settings(triton_url=triton_url, port=free_port(), **settings))
+
+
+def test_a_vit_only_triton_is_ready(vit_triton):
+    api = _api(vit_triton.grpc_url)
+    try:
+        with api.client() as client:
+            answer = client.get("/health/ready")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["vit"] is True and answer.json()["checkpoints"] == []
+    finally:
+        api.stop()
+
+
+def test_readiness_names_what_is_served(triton):
+    api = _api(triton.grpc_url)
+    try:
+        with api.client() as client:
+            body = client.get("/health/ready").json()
+        assert body["status"] == "ready" and body["vit"] is True and body["checkpoints"] == ["default"]
+    finally:
+        api.stop()
+
+
+def test_a_triton_that_is_gone_is_not_ready():
+    api = _api(f"127.0.0.1:{free_port()}")
+    try:
+        with api.client() as client:
+            answer = client.get("/health/ready")
+        assert answer.status_code == 503 and answer.json()["triton"] == "unreachable or not ready"
+    finally:
+        api.stop()
+
+
+def test_metrics_take_their_own_token_and_it_opens_nothing_else(triton):
+    api = _api(triton.grpc_url, security=SecurityOptions(api_keys=("api-key",), metrics_token="scrape"))
+    try:
+        with api.client() as client:
+            assert client.get("/metrics").status_code == 401
+            assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+            scraped = client.get("/metrics", headers={"Authorization": "Bearer scrape"})
+            assert scraped.status_code == 200 and "kiln_queue_depth" in scraped.text
+            assert client.get("/metrics", headers={"X-API-Key": "api-key"}).status_code == 200  # the API's still do
+            assert client.get("/sdapi/v1/options", headers={"Authorization": "Bearer scrape"}).status_code == 401
+    finally:
+        api.stop()
+
+
+def test_grpc_channels_take_dns_names_and_one_set_of_options(triton):
+    options = dict(GRPC_CHANNEL_ARGS)
+    assert options["grpc.lb_policy_name"] == "round_robin" and options["grpc.max_receive_message_length"] == -1
+    assert options["grpc.keepalive_time_ms"] > 0 and options["grpc.keepalive_permit_without_calls"] == 0
+    client = TritonClient(f"dns:///{triton.grpc_url}")  # gRPC's resolver: every address of the name, round-robin
+    assert client.is_server_ready() and "vit" in client.ready_models()
+    assert _is_local(f"dns:///{triton.grpc_url}") and not _is_local("dns:///triton-headless:8001")
+
+
+def test_kiln_serve_flags_for_orchestration(tmp_path, monkeypatch):
+    from kiln.cli import build_parser
+    from kiln.cli.serve import settings_from
+
+    def settings(*flags: str):
+        return settings_from(build_parser().parse_args(["serve", "--repo", str(tmp_path), *flags]))
+
+    assert settings().drain_timeout_s == 60 and settings("--drain-timeout", "20").drain_timeout_s == 20
+    assert settings("--metrics-token", "scrape").security.metrics_token == "scrape"
+    monkeypatch.setenv("KILN_METRICS_TOKEN", "from-env")
+    assert settings().security.metrics_token == "from-env"
