@@ -266,7 +266,7 @@ def _diffusers(check: Check) -> dict:
 
 
 def batching(check: Check) -> dict:
-    from orchestrator.jobs import Engine, EngineOptions
+    from orchestrator.engine import Engine, EngineOptions
     from orchestrator.metrics import Metrics
     from orchestrator.pipeline import Txt2ImgRequest
 

@@ -14,23 +14,17 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 import numpy as np
 
-from kiln.contract import SDContract, SDModels
 from kiln.errors import InputError, KilnError, ServerError
-from orchestrator.batching import StepBatcher
-from orchestrator.checkpoints import Checkpoints, ModelControl
 from orchestrator.metrics import Metrics
-from orchestrator.pipeline import Cancelled, Limits, Pipeline, Txt2ImgRequest, check_job, with_seeds
-from orchestrator.pipeline.refiner import check_refiner
-from orchestrator.pipeline.sampling import MAX_SEED
+from orchestrator.pipeline import Cancelled, Txt2ImgRequest
 
 log = logging.getLogger("kiln.jobs")
 
@@ -242,158 +236,3 @@ class JobQueue:
                 with self._lock:
                     self._running.remove(job)
                     self._metrics.running_jobs.set(len(self._running))
-
-
-@dataclass
-class EngineOptions:
-    triton_url: str = "127.0.0.1:8001"
-    max_queue: int = 64  # jobs waiting beyond the running ones; more is 429
-    workers: int = 16  # jobs running at once (their UNet steps share batches)
-    step_batching: bool = True
-    max_batch_rows: int = 0  # rows per merged UNet call; 0: the model's max batch size
-    batch_window_s: float = 0.05  # longest a tick waits for stragglers
-    limits: Limits = field(default_factory=Limits)  # what one request may ask for
-    shared_memory: str = "auto"  # kiln.triton_client.TritonClient's shared-memory mode for the SD components
-
-
-class Engine:
-    """The checkpoints' pipelines (connected lazily, so the service starts before Triton is up), batcher and queue.
-
-    `connect` makes the pipelines (default: over the Triton at `options.triton_url`; one, or {checkpoint: pipeline}
-    with the default first); with `control` (orchestrator.checkpoints.ModelControl) checkpoints are loaded on demand
-    through `connect_one`. The engine knows nothing of HTTP.
-    """
-
-    def __init__(self, options: EngineOptions, metrics: Metrics,
-                 connect: Callable[[], Pipeline | Mapping[str, Pipeline]] | None = None,
-                 connect_one: Callable[[SDModels], Pipeline] | None = None,
-                 control: ModelControl | None = None) -> None:
-        from orchestrator.pipeline.sampling import preload
-
-        preload()  # before any worker thread exists
-        self.options = options
-        self.metrics = metrics
-        connect = connect or (lambda: Pipeline.from_triton(options.triton_url, limits=options.limits,
-                                                           shared_memory=options.shared_memory))
-        self.checkpoints = Checkpoints(connect, connect_one, control, busy=self._busy_checkpoints)
-        self._batcher_ready = False
-        self.batcher = StepBatcher(max_rows=options.max_batch_rows or 16, window_s=options.batch_window_s,
-                                   enabled=options.step_batching, on_batch=metrics.unet_batch)
-        self.queue = JobQueue(self._run_job, max_queue=options.max_queue, workers=options.workers, metrics=metrics)
-
-    def _busy_checkpoints(self) -> set[str]:
-        active = [job for job in self.queue.jobs() if job.status in (Status.QUEUED, Status.RUNNING)]
-        return {job.checkpoint for job in active} | {job.refiner for job in active if job.refiner is not None}
-
-    def pipelines(self) -> dict[str, Pipeline]:
-        """The connected checkpoints' pipelines, by checkpoint name ("": the repository's default)."""
-        pipelines = self.checkpoints.pipelines()
-        if not self._batcher_ready:
-            self._batcher_ready = True
-            contract = next(iter(pipelines.values())).contract
-            if not self.options.max_batch_rows:
-                self.batcher.max_rows = contract.unet_max_batch
-            # the row counts and shapes the UNet replays from CUDA graphs
-            self.batcher.buckets, self.batcher.bucket_shapes = contract.row_buckets, contract.bucket_row_shapes
-        return pipelines
-
-    def checkpoint(self, name: str | None = None, what: str = "sd_model_checkpoint") -> str:
-        """The checkpoint a client's name picks (orchestrator.checkpoints.Checkpoints.resolve)."""
-        self.pipelines()
-        return self.checkpoints.resolve(name, what)
-
-    def pipeline(self, checkpoint: str | None = None, what: str = "sd_model_checkpoint") -> Pipeline:
-        """The pipeline of the checkpoint a client names (None: the default), loaded first where it is not."""
-        return self.checkpoints.get(self.checkpoint(checkpoint, what))
-
-    def contract(self, checkpoint: str | None = None, what: str = "sd_model_checkpoint") -> SDContract:
-        """The contract of the checkpoint a client names, loaded or not (listings never load one)."""
-        self.pipelines()
-        return self.checkpoints.known()[self.checkpoints.resolve(checkpoint, what)]
-
-    def refresh(self) -> None:
-        self.checkpoints.refresh()
-
-    def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,
-               context: dict[str, Any] | None = None, job_id: str | None = None,
-               checkpoint: str | None = None) -> Job:
-        """Validate against the pipeline of the checkpoint it names (InputError before anything is queued), then
-        queue. `job_id`: the caller's id for the job (AUTOMATIC1111's force_task_id); one the queue knows is
-        refused."""
-        return self.queue.submit(self.prepare(kind, request, n_iter, client_id=client_id, context=context,
-                                              job_id=job_id, checkpoint=checkpoint))
-
-    def prepare(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,
-                context: dict[str, Any] | None = None, job_id: str | None = None,
-                checkpoint: str | None = None) -> Job:
-        """A job checked against the pipeline of the checkpoint it names (None: the default; an InputError naming
-        the bad field), not queued yet: callers that queue several together (the X/Y/Z plot's cells) check them all
-        first, then pass each to queue.submit."""
-        key = self.checkpoint(checkpoint)
-        pipeline = self.checkpoints.get(key)
-        check_job(request, n_iter, pipeline.limits)
-        pipeline.check(request)
-        refiner = None
-        if request.refiner is not None:  # AUTOMATIC1111's refiner_checkpoint: another served checkpoint
-            refiner = self.checkpoint(request.refiner.checkpoint, "refiner_checkpoint")
-            check_refiner(pipeline, self.checkpoints.get(refiner), request)
-        request = with_seeds(request)  # drawn once: n_iter chains from them
-        job = Job(kind=kind, request=request, n_iter=n_iter, client_id=client_id, context=context or {},
-                  checkpoint=key, refiner=refiner)
-        if job_id is not None:
-            job.id = job_id
-        return job
-
-    def _run_job(self, job: Job) -> None:
-        def loaded(key: str) -> Pipeline:  # unloaded while the job waited (model control): loaded again, its
-            return self.checkpoints.get(key, on_load=lambda: job.emit(  # progress saying so
-                {"event": "loading", "checkpoint": key or "default"}))
-
-        pipeline = loaded(job.checkpoint)
-        refiner = loaded(job.refiner) if job.refiner is not None else None
-        request = job.request
-        batch = request.batch_size
-        for iteration in range(job.n_iter):
-            if job.interrupted:
-                break
-            job.iteration, job.step, job.steps, job.skipped = iteration, 0, 0, False
-            run = replace(request, seed=(request.seed + iteration * batch) % (MAX_SEED + 1),
-                          subseed=(request.subseed + iteration * batch) % (MAX_SEED + 1))
-            progress = self._progress(job)
-            result = pipeline.generate(run, progress, job.cancel_event.is_set, unet_call=self.batcher,
-                                       stop_early=lambda: job.interrupted or job.skipped,
-                                       denoising=self._denoising, refiner=refiner)
-            for image, seed in zip(result.images, result.seeds):
-                index = len(job.images)
-                job.images.append(image)
-                job.infos.append(result.info | {"seed": seed, "index": index})
-            self.metrics.images.inc(len(result.images))
-
-    def _progress(self, job: Job):
-        """The progress callback of one run: the job's state, its listeners' events, the step-time metric."""
-        last = [time.perf_counter()]  # when the previous step ended
-
-        def progress(step: int, total: int, latents: np.ndarray) -> None:
-            now = time.perf_counter()
-            self.metrics.step_seconds.observe(now - last[0])
-            last[0] = now
-            job.step, job.steps, job.latents = step, total, latents
-            job.emit({"event": "progress", "iteration": job.iteration, "n_iter": job.n_iter, "step": step,
-                      "steps": total, "progress": job.progress})
-
-        return progress
-
-    @contextmanager
-    def _denoising(self):
-        """Held by a job for its denoising loop: it makes the job a participant of the step batcher."""
-        with self.batcher.participant():
-            self.metrics.denoising_jobs.set(self.batcher.participants)
-            try:
-                yield
-            finally:
-                self.metrics.denoising_jobs.set(self.batcher.participants - 1)
-
-    def close(self, timeout_s: float = 60.0) -> None:
-        self.queue.close(timeout_s)
-        self.batcher.close()
-        self.checkpoints.close()

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from kiln.errors import InputError, KilnError, ServerError
-from orchestrator.jobs import FINISHED, Engine, EngineOptions, Job, JobQueue, QueueFull, Status
+from orchestrator.engine import Engine, EngineOptions
+from orchestrator.jobs import FINISHED, Job, JobQueue, QueueFull, Status
 from orchestrator.metrics import Metrics, read_metric
 from orchestrator.pipeline import Cancelled, Limits, Pipeline, Txt2ImgRequest
 

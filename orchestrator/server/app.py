@@ -16,7 +16,7 @@ from kiln.errors import KilnError
 from kiln.lora import LoraLibrary
 from kiln.styles import StyleLibrary
 from kiln.triton_client import TritonClient
-from orchestrator.jobs import Engine
+from orchestrator.engine import Engine
 from orchestrator.metrics import Metrics
 from orchestrator.pipeline import Pipeline
 from orchestrator.security import SecurityMiddleware

@@ -11,7 +11,8 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.contract import SDContract
-from orchestrator.jobs import Engine, Job, Status
+from orchestrator.engine import Engine
+from orchestrator.jobs import Job, Status
 from orchestrator.pipeline import Pipeline
 from orchestrator.server import a1111
 from orchestrator.server.errors import APIError, api_error

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.checkpoints import ModelControl
-from orchestrator.jobs import EngineOptions
+from orchestrator.engine import EngineOptions
 from orchestrator.pipeline import Limits
 from orchestrator.security import SecurityOptions
 
