@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from kiln.contract import SDContract, SDModels
+from kiln.errors import ConfigError, ServerError
 from orchestrator.batching import StepBatcher
 from orchestrator.checkpoints import Checkpoints, ModelControl
 from orchestrator.jobs import Job, JobQueue, Status
@@ -23,6 +24,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.pipeline import Limits, Pipeline, Txt2ImgRequest, check_job, with_seeds
 from orchestrator.pipeline.refiner import check_refiner
 from orchestrator.pipeline.sampling import MAX_SEED
+from orchestrator.replicas import Replica, Replicas
 
 
 @dataclass
@@ -35,6 +37,13 @@ class EngineOptions:
     batch_window_s: float = 0.05  # longest a tick waits for stragglers
     limits: Limits = field(default_factory=Limits)  # what one request may ask for
     shared_memory: str = "auto"  # kiln.triton_client.TritonClient's shared-memory mode for the SD components
+    # More Tritons serving the same repository (orchestrator.replicas): jobs go to whichever is up and least busy
+    replica_urls: tuple[str, ...] = ()
+    replica_check_s: float = 2.0  # how often the replicas' readiness is probed (with more than one)
+
+    @property
+    def triton_urls(self) -> tuple[str, ...]:
+        return (self.triton_url, *self.replica_urls)
 
 
 class Engine:
@@ -42,25 +51,49 @@ class Engine:
 
     `connect` makes the pipelines (default: over the Triton at `options.triton_url`; one, or {checkpoint: pipeline}
     with the default first); with `control` (orchestrator.checkpoints.ModelControl) checkpoints are loaded on demand
-    through `connect_one`. The engine knows nothing of HTTP.
+    through `connect_one`. `connect_at(url)` makes those of another Triton (`options.replica_urls`; default: its
+    pipelines over gRPC); each Triton has its own pipelines and step batcher (orchestrator.replicas). The engine
+    knows nothing of HTTP.
     """
 
     def __init__(self, options: EngineOptions, metrics: Metrics,
                  connect: Callable[[], Pipeline | Mapping[str, Pipeline]] | None = None,
                  connect_one: Callable[[SDModels], Pipeline] | None = None,
-                 control: ModelControl | None = None) -> None:
+                 control: ModelControl | None = None,
+                 connect_at: Callable[[str], Pipeline | Mapping[str, Pipeline]] | None = None) -> None:
         from orchestrator.pipeline.sampling import preload
 
         preload()  # before any worker thread exists
+        if control is not None and options.replica_urls:
+            raise ConfigError("checkpoints loaded on demand (--max-checkpoints) manage one Triton's models; with "
+                              "several --triton-url, every Triton serves its whole repository")
         self.options = options
         self.metrics = metrics
-        connect = connect or (lambda: Pipeline.from_triton(options.triton_url, limits=options.limits,
-                                                           shared_memory=options.shared_memory))
-        self.checkpoints = Checkpoints(connect, connect_one, control, busy=self._busy_checkpoints)
+        connect_at = connect_at or (lambda url: Pipeline.from_triton(url, limits=options.limits,
+                                                                     shared_memory=options.shared_memory))
+        connects = [connect or (lambda: connect_at(options.triton_url))]
+        connects += [lambda url=url: connect_at(url) for url in options.replica_urls]
         self._batcher_ready = False
-        self.batcher = StepBatcher(max_rows=options.max_batch_rows or 16, window_s=options.batch_window_s,
-                                   enabled=options.step_batching, on_batch=metrics.unet_batch)
+        self.replicas = Replicas([Replica(url, Checkpoints(how, connect_one if index == 0 else None, control,
+                                                           busy=self._busy_checkpoints), self._new_batcher(url))
+                                  for index, (url, how) in enumerate(zip(options.triton_urls, connects))],
+                                 every_s=options.replica_check_s, on_state=metrics.replica_state)
         self.queue = JobQueue(self._run_job, max_queue=options.max_queue, workers=options.workers, metrics=metrics)
+
+    def _new_batcher(self, url: str) -> StepBatcher:
+        return StepBatcher(max_rows=self.options.max_batch_rows or 16, window_s=self.options.batch_window_s,
+                           enabled=self.options.step_batching,
+                           on_batch=lambda rows, seconds: self.metrics.unet_batch(rows, seconds, url))
+
+    @property
+    def checkpoints(self) -> Checkpoints:
+        """What listings and request checks read: the checkpoints of the first Triton that is up."""
+        return self.replicas.primary.checkpoints
+
+    @property
+    def batcher(self) -> StepBatcher:
+        """The first Triton's step batcher (its statistics)."""
+        return self.replicas.all[0].batcher
 
     def _busy_checkpoints(self) -> set[str]:
         active = [job for job in self.queue.jobs() if job.status in (Status.QUEUED, Status.RUNNING)]
@@ -72,10 +105,11 @@ class Engine:
         if not self._batcher_ready:
             self._batcher_ready = True
             contract = next(iter(pipelines.values())).contract
-            if not self.options.max_batch_rows:
-                self.batcher.max_rows = contract.unet_max_batch
-            # the row counts and shapes the UNet replays from CUDA graphs
-            self.batcher.buckets, self.batcher.bucket_shapes = contract.row_buckets, contract.bucket_row_shapes
+            for batcher in (replica.batcher for replica in self.replicas.all):  # the same repository on each
+                if not self.options.max_batch_rows:
+                    batcher.max_rows = contract.unet_max_batch
+                # the row counts and shapes the UNet replays from CUDA graphs
+                batcher.buckets, batcher.bucket_shapes = contract.row_buckets, contract.bucket_row_shapes
         return pipelines
 
     def checkpoint(self, name: str | None = None, what: str = "sd_model_checkpoint") -> str:
@@ -126,29 +160,48 @@ class Engine:
         return job
 
     def _run_job(self, job: Job) -> None:
+        """Run a job on a replica; where that Triton fails under it, its unfinished runs again on another one."""
+        self.pipelines()
+        done, tried = 0, ()
+        while True:
+            replica = self.replicas.pick(job.checkpoint, tried)
+            try:
+                with self.replicas.running(replica):
+                    done = self._run_on(replica, job, done)
+                return
+            except ServerError as exc:
+                if job.cancel_event.is_set() or not self.replicas.failed(replica, exc, tried):
+                    raise
+                tried += (replica,)
+                job.emit({"event": "restarted", "reason": f"Triton {replica.url} failed: {exc}"})
+
+    def _run_on(self, replica: Replica, job: Job, done: int) -> int:
+        """Runs `done` to n_iter - 1 of a job on one replica; the runs finished (all of them, or what an error left)."""
         def loaded(key: str) -> Pipeline:  # unloaded while the job waited (model control): loaded again, its
-            return self.checkpoints.get(key, on_load=lambda: job.emit(  # progress saying so
+            return replica.checkpoints.get(key, on_load=lambda: job.emit(  # progress saying so
                 {"event": "loading", "checkpoint": key or "default"}))
 
         pipeline = loaded(job.checkpoint)
         refiner = loaded(job.refiner) if job.refiner is not None else None
         request = job.request
         batch = request.batch_size
-        for iteration in range(job.n_iter):
+        for iteration in range(done, job.n_iter):
             if job.interrupted:
                 break
             job.iteration, job.step, job.steps, job.skipped = iteration, 0, 0, False
             run = replace(request, seed=(request.seed + iteration * batch) % (MAX_SEED + 1),
                           subseed=(request.subseed + iteration * batch) % (MAX_SEED + 1))
             progress = self._progress(job)
-            result = pipeline.generate(run, progress, job.cancel_event.is_set, unet_call=self.batcher,
+            result = pipeline.generate(run, progress, job.cancel_event.is_set, unet_call=replica.batcher,
                                        stop_early=lambda: job.interrupted or job.skipped,
-                                       denoising=self._denoising, refiner=refiner)
+                                       denoising=lambda: self._denoising(replica.batcher), refiner=refiner)
             for image, seed in zip(result.images, result.seeds):
                 index = len(job.images)
                 job.images.append(image)
                 job.infos.append(result.info | {"seed": seed, "index": index})
             self.metrics.images.inc(len(result.images))
+            done = iteration + 1
+        return done
 
     def _progress(self, job: Job):
         """The progress callback of one run: the job's state, its listeners' events, the step-time metric."""
@@ -165,16 +218,15 @@ class Engine:
         return progress
 
     @contextmanager
-    def _denoising(self):
-        """Held by a job for its denoising loop: it makes the job a participant of the step batcher."""
-        with self.batcher.participant():
-            self.metrics.denoising_jobs.set(self.batcher.participants)
+    def _denoising(self, batcher: StepBatcher):
+        """Held by a job for its denoising loop: it makes the job a participant of its replica's step batcher."""
+        with batcher.participant():
+            self.metrics.denoising_jobs.inc()
             try:
                 yield
             finally:
-                self.metrics.denoising_jobs.set(self.batcher.participants - 1)
+                self.metrics.denoising_jobs.dec()
 
     def close(self, timeout_s: float = 60.0) -> None:
         self.queue.close(timeout_s)
-        self.batcher.close()
-        self.checkpoints.close()
+        self.replicas.close()

@@ -36,11 +36,20 @@ class Metrics:
         self.requests = Counter("kiln_requests_total", "API requests by endpoint and outcome",
                                 ["endpoint", "outcome"], registry=r)
         self.images = Counter("kiln_images_total", "Images generated", registry=r)
+        self.replica_seconds = Histogram("kiln_triton_unet_call_seconds", "UNet call latency per Triton replica",
+                                         ["replica"], buckets=STEP_BUCKETS, registry=r)
+        self.replica_up = Gauge("kiln_triton_replica_up", "Whether a Triton replica was ready at its last probe",
+                                ["replica"], registry=r)
 
-    def unet_batch(self, rows: int, seconds: float) -> None:
+    def unet_batch(self, rows: int, seconds: float, replica: str = "") -> None:
         self.unet_batch_rows.observe(rows)
         self.active_batch_rows.set(rows)
         self.unet_seconds.observe(seconds)
+        if replica:
+            self.replica_seconds.labels(replica=replica).observe(seconds)
+
+    def replica_state(self, replica: str, up: bool) -> None:
+        self.replica_up.labels(replica=replica).set(1 if up else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,7 +22,11 @@ def add_parser(commands) -> None:
     serve.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
     serve.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
     serve.add_argument("--log-verbose", type=int, default=0)
-    serve.add_argument("--triton-url", help="use this running Triton (host:gRPC port) instead of starting one")
+    serve.add_argument("--triton-url", action="append", metavar="HOST:PORT",
+                       help="use this running Triton (its gRPC address) instead of starting one; repeat for several "
+                            "serving the same repository: each job runs on one that is ready and least busy, and "
+                            "starts again on another if its Triton fails (dns:///NAME:PORT: gRPC spreads the calls "
+                            "over every address the name resolves to)")
     serve.add_argument("--loras", type=Path, metavar="DIR",
                        help="LoRA files (.safetensors, kohya's or diffusers' layout) that prompts apply as "
                             "<lora:NAME:multiplier>, NAME a file's name; the API lists them and Triton's models read "
@@ -118,8 +122,10 @@ def settings_from(args):
     if args.embeddings is not None and not args.embeddings.is_dir():
         raise KilnError(f"--embeddings {args.embeddings}: no such folder")
     host = "127.0.0.1" if args.address in ("0.0.0.0", "") else args.address
-    triton_url = args.triton_url or f"{host}:{args.grpc_port}"
-    return Settings(triton_url=triton_url, model_control=model_control(args, triton_url), max_queue=args.queue_size,
+    urls = list(dict.fromkeys(args.triton_url or ()))
+    triton_url = urls[0] if urls else f"{host}:{args.grpc_port}"
+    return Settings(triton_url=triton_url, replica_urls=tuple(urls[1:]), model_control=model_control(args, triton_url),
+                    max_queue=args.queue_size,
                     workers=args.workers, step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
                     shared_memory=args.shared_memory, request_timeout_s=args.request_timeout,
                     drain_timeout_s=args.drain_timeout,

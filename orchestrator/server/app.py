@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.engine = Engine(settings.engine_options(), metrics, connect=lambda: _connect(settings, app),
                                   connect_one=lambda models: _connect_one(settings, app, models),
-                                  control=settings.model_control)
+                                  control=settings.model_control, connect_at=lambda url: _connect(settings, app, url))
         try:
             yield
         finally:  # uvicorn has stopped taking requests and waited for the open ones: drain the queue, in what is
@@ -52,8 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.styles = StyleLibrary(settings.styles_file)
     app.state.embeddings = EmbeddingLibrary(settings.embeddings_dir)
     app.state.loras = LoraLibrary(settings.loras_dir)
-    app.state.vit = None  # the ViT client, made on first use
-    app.state.probe = TritonClient(settings.triton_url, "grpc", timeout_s=2)  # readiness checks
+    app.state.vit = {}  # the ViT clients by Triton, made on first use
+    # Readiness checks, per Triton; `probe`: the first one's
+    app.state.probes = {url: TritonClient(url, "grpc", timeout_s=2) for url in settings.triton_urls}
+    app.state.probe = app.state.probes[settings.triton_url]
     app.add_middleware(SecurityMiddleware, options=settings.security)
     if settings.cors_origins:  # outermost: preflights carry no credentials, and 401s need CORS headers too
         from fastapi.middleware.cors import CORSMiddleware
@@ -67,19 +69,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _connect(settings: Settings, app: FastAPI) -> dict[str, Pipeline]:
-    """The engine's pipelines over Triton, one per checkpoint it serves (the repository's default first), their text
-    encoders sending the vectors of the embeddings prompts name, their models the LoRA sets they name."""
+def _connect(settings: Settings, app: FastAPI, url: str | None = None) -> dict[str, Pipeline]:
+    """The engine's pipelines over a Triton (default: the first), one per checkpoint it serves (the repository's
+    default first), their text encoders sending the vectors of the embeddings prompts name, their models the LoRA
+    sets they name."""
     from orchestrator.pipeline.components.triton import served_checkpoints
 
+    url = url or settings.triton_url
     try:
-        found = served_checkpoints(app.state.probe)
+        found = served_checkpoints(app.state.probes[url])
     except KilnError:
         found = []
     pipelines: dict[str, Pipeline] = {}
     try:
         for models in found or [DEFAULT_MODELS]:  # none ready: the default's read says why generation cannot start
-            pipelines[models.checkpoint] = _connect_one(settings, app, models)
+            pipelines[models.checkpoint] = _connect_one(settings, app, models, url)
     except BaseException:
         for pipeline in pipelines.values():
             pipeline.close()
@@ -87,9 +91,9 @@ def _connect(settings: Settings, app: FastAPI) -> dict[str, Pipeline]:
     return pipelines
 
 
-def _connect_one(settings: Settings, app: FastAPI, models: SDModels) -> Pipeline:
+def _connect_one(settings: Settings, app: FastAPI, models: SDModels, url: str | None = None) -> Pipeline:
     from orchestrator.pipeline.components.triton import triton_components
 
-    return Pipeline(triton_components(settings.triton_url, shared_memory=settings.shared_memory,
+    return Pipeline(triton_components(url or settings.triton_url, shared_memory=settings.shared_memory,
                                       embeddings=app.state.embeddings, loras=app.state.loras, models=models),
                     settings.limits)

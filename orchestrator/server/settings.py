@@ -15,6 +15,7 @@ from orchestrator.security import SecurityOptions
 @dataclass
 class Settings:
     triton_url: str = "127.0.0.1:8001"  # the Triton (gRPC) that runs every model
+    replica_urls: tuple[str, ...] = ()  # more Tritons serving the same repository (orchestrator.replicas)
     max_queue: int = 64  # jobs waiting beyond the running ones; more is 429
     workers: int = 16  # generations running at once
     step_batching: bool = True  # merge the UNet steps of concurrent generations
@@ -40,7 +41,11 @@ class Settings:
     # (kiln serve --checkpoints; build.sd.folder.sync_checkpoints, handed in: the service never imports the build)
     sync_checkpoints: Callable[[], list] | None = None
 
+    @property
+    def triton_urls(self) -> tuple[str, ...]:
+        return (self.triton_url, *self.replica_urls)
+
     def engine_options(self) -> EngineOptions:
-        return EngineOptions(triton_url=self.triton_url, max_queue=self.max_queue, workers=self.workers,
-                             step_batching=self.step_batching, max_batch_rows=self.max_batch_rows, limits=self.limits,
-                             shared_memory=self.shared_memory)
+        return EngineOptions(triton_url=self.triton_url, replica_urls=self.replica_urls, max_queue=self.max_queue,
+                             workers=self.workers, step_batching=self.step_batching,
+                             max_batch_rows=self.max_batch_rows, limits=self.limits, shared_memory=self.shared_memory)

@@ -31,25 +31,31 @@ async def live():
 
 @router.get("/health/ready")
 async def ready(request: Request):
-    def check() -> tuple[bool, dict]:
-        client: TritonClient = request.app.state.probe
-        # Under model control Triton's own readiness is false once a model was unloaded (strict readiness): live it is
-        on_demand = request.app.state.settings.model_control is not None
-        if not (client.is_server_live() if on_demand else client.is_server_ready()):
-            return False, {"triton": "unreachable or not ready"}
-        # Ready when it serves something whole: a checkpoint that can generate (its text encoding, UNet and decoding
-        # all ready) or the ViT (classify and embed); under model control (kiln serve --max-checkpoints) when Triton
-        # is, as checkpoints load on demand. A Triton with the ViT alone is a ready classification service.
-        loaded = set(client.ready_models())
-        checkpoints = {SDModels.of(m).checkpoint for m in loaded if base_name(m) == SD_UNET}
-        complete = sorted(c for c in checkpoints if all(SDModels(c)(m) in loaded for m in SD_READY))
-        models = {model: model in loaded for model in SD_READY}  # the default checkpoint's
-        vit = all(model in loaded for model in VIT_READY)
-        return bool(complete) or vit or on_demand, {"triton": "ready", "models": models,
-                                                    "checkpoints": [c or "default" for c in complete], "vit": vit}
-
-    ok, detail = await run_in_threadpool(check)
+    """Ready when a Triton (any of several: orchestrator.replicas) serves something whole; its figures, and with
+    several Tritons each one's readiness."""
+    on_demand = request.app.state.settings.model_control is not None
+    probes = request.app.state.probes
+    answers = {url: await run_in_threadpool(_ready, client, on_demand) for url, client in probes.items()}
+    ok, detail = next((answer for answer in answers.values() if answer[0]), next(iter(answers.values())))
+    if len(answers) > 1:
+        detail = detail | {"replicas": {url: "ready" if up else "not ready" for url, (up, _) in answers.items()}}
     return JSONResponse({"status": "ready" if ok else "not ready"} | detail, status_code=200 if ok else 503)
+
+
+def _ready(client: TritonClient, on_demand: bool) -> tuple[bool, dict]:
+    # Under model control Triton's own readiness is false once a model was unloaded (strict readiness): live it is
+    if not (client.is_server_live() if on_demand else client.is_server_ready()):
+        return False, {"triton": "unreachable or not ready"}
+    # Ready when it serves something whole: a checkpoint that can generate (its text encoding, UNet and decoding all
+    # ready) or the ViT (classify and embed); under model control (kiln serve --max-checkpoints) when Triton is, as
+    # checkpoints load on demand. A Triton with the ViT alone is a ready classification service.
+    loaded = set(client.ready_models())
+    checkpoints = {SDModels.of(m).checkpoint for m in loaded if base_name(m) == SD_UNET}
+    complete = sorted(c for c in checkpoints if all(SDModels(c)(m) in loaded for m in SD_READY))
+    models = {model: model in loaded for model in SD_READY}  # the default checkpoint's
+    vit = all(model in loaded for model in VIT_READY)
+    return bool(complete) or vit or on_demand, {"triton": "ready", "models": models,
+                                                "checkpoints": [c or "default" for c in complete], "vit": vit}
 
 
 @router.get("/metrics")

@@ -28,10 +28,12 @@ OPENAPI = {"requestBody": {"content": {
 
 
 def vit_client(request: Request) -> ViTClient:
+    """The ViT client of the first Triton that is up (orchestrator.replicas)."""
     state = request.app.state
-    if state.vit is None:
-        state.vit = ViTClient(state.settings.triton_url, "grpc")
-    return state.vit
+    url = state.engine.replicas.primary.url
+    if url not in state.vit:
+        state.vit[url] = ViTClient(url, "grpc")
+    return state.vit[url]
 
 
 async def images_from(request: Request, body_model) -> tuple[list[tuple[str, bytes]], Any]:
