@@ -18,6 +18,31 @@
 # "import torch; print(torch.__version__)"`): 24.10's is older than the torch.export features kiln's build uses.
 ARG TRITON_RELEASE=24.10
 ARG TRITON_FLAVOR=py3
+
+# The orchestrator image (docker build --target orchestrator -t kiln-orchestrator .): the serving install
+# (requirements-serve.txt: CPU torch for the schedulers, no CUDA, no build tooling) and `kiln serve --triton-url`,
+# the API in front of Tritons elsewhere (deploy/ runs it on Kubernetes). Its models all run in Triton. Off loopback
+# the API needs credentials: KILN_API_KEYS (and KILN_METRICS_TOKEN for Prometheus) in the environment.
+FROM python:3.11-slim AS orchestrator
+WORKDIR /opt/kiln
+COPY requirements-serve.txt pyproject.toml setup.cfg README.md /opt/kiln/
+COPY kiln/ /opt/kiln/kiln/
+COPY orchestrator/ /opt/kiln/orchestrator/
+COPY build/ /opt/kiln/build/
+COPY clients/ /opt/kiln/clients/
+COPY benchmarks/ /opt/kiln/benchmarks/
+RUN pip install --no-cache-dir --no-deps --extra-index-url https://download.pytorch.org/whl/cpu \
+        -r requirements-serve.txt && \
+    pip install --no-cache-dir --no-deps . && rm -rf /opt/kiln/.kiln
+USER nobody
+WORKDIR /tmp
+EXPOSE 7860
+HEALTHCHECK --interval=30s --timeout=5s CMD python3 -c \
+  "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/health/live', timeout=4)"
+ENTRYPOINT ["kiln"]
+CMD ["serve", "--triton-url", "triton:8001", "--shared-memory", "off", "--listen", "0.0.0.0"]
+
+# The default target: Triton with the repository.
 FROM nvcr.io/nvidia/tritonserver:${TRITON_RELEASE}-${TRITON_FLAVOR}
 
 # A repository built by `kiln build ... --triton-backend native` (a folder inside the build context).

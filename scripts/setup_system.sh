@@ -3,7 +3,8 @@
 # - always: Debian's libpython3.X. Triton's Python-backend stub embeds the system's libpython; we always use
 #   Debian's build: with a pyenv interpreter's own libpython the stub corrupts BYTES inputs (see kiln/triton_server.py).
 # - `setup_system.sh browser` (make test): Debian's chromium, which the web page's browser test drives through
-#   Playwright (tests/test_ui.py).
+#   Playwright (tests/test_ui.py), and kubectl (Debian's kubernetes-client, where none is on PATH), whose kustomize
+#   renders the Kubernetes manifests tests/test_deploy.py validates.
 set -euo pipefail
 py=${PYTHON:-python3}
 ver=$("$py" -c 'import sys; print(f"{sys.version_info.major}.{sys.version_info.minor}")')
@@ -18,6 +19,10 @@ fi
 if [ "${1:-}" = "browser" ] && [ ! -x /usr/bin/chromium ]; then
   echo "setup: installing Debian's chromium (the web page's browser test)"
   missing+=(chromium)
+fi
+if [ "${1:-}" = "browser" ] && ! command -v kubectl >/dev/null; then
+  echo "setup: installing Debian's kubernetes-client (kubectl kustomize renders deploy/ in tests/test_deploy.py)"
+  missing+=(kubernetes-client)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

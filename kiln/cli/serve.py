@@ -53,7 +53,8 @@ def add_parser(commands) -> None:
                                                            "--api-keys)")
     api.add_argument("--port", type=int, default=7860, help="API port")
     api.add_argument("--api-auth", help="HTTP Basic credentials user:pass[,user:pass]")
-    api.add_argument("--api-keys", help="comma-separated API keys (X-API-Key or Authorization: Bearer)")
+    api.add_argument("--api-keys", default=os.environ.get("KILN_API_KEYS"),
+                     help="comma-separated API keys (X-API-Key or Authorization: Bearer); default: $KILN_API_KEYS")
     api.add_argument("--metrics-token", default=os.environ.get("KILN_METRICS_TOKEN", ""),
                      help="a token that opens /metrics alone (Authorization: Bearer TOKEN), for Prometheus without "
                           "the API's credentials (default: $KILN_METRICS_TOKEN; none: /metrics takes the API's)")
