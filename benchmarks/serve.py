@@ -86,7 +86,9 @@ def _triton_unet_counts(triton_http_url: str) -> tuple[int, int]:
     return sum(int(s["inference_count"]) for s in stats), sum(int(s["execution_count"]) for s in stats)
 
 
-def _load(url: str, clients: int, per_client: int, body: dict) -> tuple[list[float], float, dict]:
+def load_clients(url: str, clients: int, per_client: int, body: dict) -> tuple[list[float], float, dict]:
+    """`clients` threads sending `per_client` txt2img requests each (seeds 1000 * client + k): the latencies, the
+    wall seconds, and the service's UNet calls, rows and busy seconds over the run (its /metrics)."""
     import httpx
 
     latencies: list[float] = []
@@ -178,7 +180,7 @@ def rebatched_repository(repo: Path, target: Path, queue_delay_us: int | None) -
     return target
 
 
-def _repository(options: ServeBenchOptions, log) -> Path:
+def bench_repository(options: ServeBenchOptions, log) -> Path:
     from build.sd import ImageRange, SDBuildOptions, build_sd
     from build.sd.weights import write_sd_checkpoint
 
@@ -205,7 +207,7 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
     if options.pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {options.pipeline!r}; valid: {', '.join(PIPELINES)}")
     options.out.mkdir(parents=True, exist_ok=True)
-    repo = _repository(options, log)
+    repo = bench_repository(options, log)
     # The build's sd_unet waits for no partners (the step batcher merges); Triton's own batching arm waits 2 ms.
     repos = {"step": repo, "unbatched": rebatched_repository(repo, repo.parent / "repo-unbatched", None),
              "triton": rebatched_repository(repo, repo.parent / "repo-triton", 2000)}
@@ -226,7 +228,7 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
         for service in services.values():
             stack.callback(service.stop)
         for service in services.values():  # warm-up: sessions, thread pools, first-call allocations
-            _load(service.url, 2, 1, body)
+            load_clients(service.url, 2, 1, body)
         max_rows = 2 * max(options.concurrency)
         curve = unet_cost_curve(tritons["step"].grpc_url, side,
                                 tuple(n for n in (1, 2, 4, 8, 16) if n <= max(max_rows, 2)))
@@ -237,7 +239,7 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
             for arm in ARMS:
                 bar.set_postfix(clients=clients, arm=arm)
                 inferences, executions = _triton_unet_counts(triton_of[arm].http_url)
-                latencies, wall, unet = _load(services[arm].url, clients, options.requests_per_client, body)
+                latencies, wall, unet = load_clients(services[arm].url, clients, options.requests_per_client, body)
                 inferences_after, executions_after = _triton_unet_counts(triton_of[arm].http_url)
                 ran = executions_after - executions
                 rows.append(Row(arm=arm, clients=clients, requests=len(latencies),

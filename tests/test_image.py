@@ -63,8 +63,12 @@ def _build_sd(checkpoint: Path, repo: Path, variant: str) -> None:
 
 
 def _dockerfile_lines() -> list[str]:
+    """The lines of the Dockerfile's last stage: Triton's image, its default target (the orchestrator's stage comes
+    first)."""
     text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    last = max(index for index, line in enumerate(lines) if line.startswith("FROM "))
+    return lines[last:]
 
 
 def _assemble_image(repo: Path, image: Path) -> None:

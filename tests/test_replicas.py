@@ -137,3 +137,17 @@ def test_replica_choice_is_the_least_busy_one_that_is_up():
             replicas.pick("other")
     finally:
         replicas.close()
+
+
+def test_the_replica_benchmark_splits_the_cores_between_its_tritons(plain_repo, tmp_path):
+    """`kiln bench serve --replicas 2` serves the same artifacts (linked) with each runtime's threads set."""
+    from benchmarks.replicas import threaded_repository
+    from kiln.contract import read_parameters
+
+    copy = threaded_repository(plain_repo, tmp_path / "repo-threads-1", 1)
+    unet = copy / "sd_unet"
+    assert read_parameters(unet / "config.pbtxt")[0]["threads"] == "1"
+    assert read_parameters(plain_repo / "sd_unet" / "config.pbtxt")[0]["threads"] == "0"  # the original is untouched
+    artifact = unet / "1"
+    assert artifact.is_symlink() and artifact.resolve() == (plain_repo / "sd_unet" / "1").resolve()
+    assert {p.name for p in copy.iterdir()} == {p.name for p in plain_repo.iterdir() if (p / "config.pbtxt").exists()}

@@ -28,6 +28,9 @@ def add_parser(commands) -> None:
     serve.add_argument("--requests-per-client", type=int, default=3)
     serve.add_argument("--steps", type=int, default=20)
     serve.add_argument("--skip-build", action="store_true", help="reuse the benchmark's repository")
+    serve.add_argument("--replicas", type=int, default=1, choices=(1, 2),
+                       help="2: one Triton against two behind the service at the same total cores "
+                            "(benchmarks/replicas.py) instead of the batching arms (default: %(default)s)")
     serve.set_defaults(run=run_serve)
     sd = targets.add_parser("sd", help="SD per component and per image: torch eager vs ONNX Runtime and OpenVINO "
                                        "variants, direct vs Triton")
@@ -75,6 +78,14 @@ def run_vit(args) -> int:
 
 def run_serve(args) -> int:
     from benchmarks.serve import ServeBenchOptions, run_serve_benchmark
+
+    if args.replicas == 2:
+        from benchmarks.replicas import ReplicaBenchOptions, run_replica_benchmark
+
+        run_replica_benchmark(ReplicaBenchOptions(out=args.out, pipeline=args.pipeline, concurrency=args.clients,
+                                                  requests_per_client=args.requests_per_client, steps=args.steps,
+                                                  skip_build=args.skip_build, size=args.size))
+        return 0
 
     run_serve_benchmark(ServeBenchOptions(out=args.out, pipeline=args.pipeline, concurrency=args.clients,
                                           requests_per_client=args.requests_per_client, steps=args.steps,
