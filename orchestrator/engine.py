@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kiln.contract import SDContract, SDModels
-from kiln.errors import ConfigError, ServerError
+from kiln.errors import ConfigError, KilnError, ServerError
 from orchestrator.batching import StepBatcher
 from orchestrator.checkpoints import Checkpoints, ModelControl
 from orchestrator.jobs import Job, JobQueue, Status
@@ -127,7 +127,14 @@ class Engine:
         return self.checkpoints.known()[self.checkpoints.resolve(checkpoint, what)]
 
     def refresh(self) -> None:
+        """Discover every Triton's checkpoints again (a Triton that is down now is read when it is used)."""
         self.checkpoints.refresh()
+        for replica in self.replicas.all:
+            if replica.checkpoints is not self.checkpoints and replica.up:
+                try:
+                    replica.checkpoints.refresh()
+                except KilnError:
+                    self.replicas.check(replica)
 
     def submit(self, kind: str, request: Txt2ImgRequest, n_iter: int = 1, *, client_id: str | None = None,
                context: dict[str, Any] | None = None, job_id: str | None = None,

@@ -271,7 +271,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         "served": {"backend": served.runtime, "precision": served.precision, "artifact": served.artifact,
                    "triton_backend": options.triton_backend, "device": options.device,
                    "caveat": precision_caveat(served, options.triton_backend),
-                   **(target if served.runtime == "openvino" else {}), "static": static},
+                   **(target if served.runtime == "openvino" else {}), **({"static": static} if static else {})},
         "auto": choice,
         "preprocess": json.loads(transform.to_json()),
         "parity_images": [p.name for p in checked],

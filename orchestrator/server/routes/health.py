@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -35,7 +37,9 @@ async def ready(request: Request):
     several Tritons each one's readiness."""
     on_demand = request.app.state.settings.model_control is not None
     probes = request.app.state.probes
-    answers = {url: await run_in_threadpool(_ready, client, on_demand) for url, client in probes.items()}
+    # All at once: a Triton that is gone costs its 2 s timeout once, not once per replica before it
+    found = await asyncio.gather(*(run_in_threadpool(_ready, client, on_demand) for client in probes.values()))
+    answers = dict(zip(probes, found))
     ok, detail = next((answer for answer in answers.values() if answer[0]), next(iter(answers.values())))
     if len(answers) > 1:
         detail = detail | {"replicas": {url: "ready" if up else "not ready" for url, (up, _) in answers.items()}}
