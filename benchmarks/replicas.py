@@ -3,9 +3,10 @@
 The tiny (or full) SD pipeline of `kiln bench serve`, served by one Triton whose runtimes use every core, and by two
 Tritons whose runtimes use half of them each (a copy of the repository's configs with `threads` set; the artifacts
 are linked), the service sending each job to the less busy one (orchestrator.replicas). For each concurrency N,
-N clients send txt2img requests back to back over real HTTP; the arms alternate per N. Reported: images/s, p50 and
-p95 latency, and the ratio of two Tritons to one. What this does not measure yet: the shared job store across
-orchestrator replicas (issue 15), which does not exist.
+N clients send txt2img requests back to back over real HTTP; the arms alternate per N. A third arm runs the two
+Tritons' service on the job store shared by several orchestrators (`kiln serve --redis`, orchestrator.shared) in a
+real redis-server on loopback, persisting every write as the manifests' does: its cost against the in-memory queue
+is the store's overhead. Reported: images/s, p50 and p95 latency, two Tritons over one, Redis over memory.
 
 Writes results/replicas-<pipeline>-<side>.json, .md and .png.
 """
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from benchmarks.load import machine, machine_line, write_results
 from benchmarks.serve import PIPELINES, ServeBenchOptions, bench_repository, load_clients
 
-ARMS = {"one": 1, "two": 2}  # Tritons per arm; the first is the baseline
+ARMS = {"one": 1, "two": 2, "two-redis": 2}  # Tritons per arm; the first is the baseline; the last on Redis
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def threaded_repository(repo: Path, target: Path, threads: int) -> Path:
 def run_replica_benchmark(options: ReplicaBenchOptions, log=print) -> dict:
     from contextlib import ExitStack
 
+    from kiln.redis_server import RedisServer
     from kiln.triton_server import TritonOptions, TritonServer, free_port
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
@@ -78,15 +80,19 @@ def run_replica_benchmark(options: ReplicaBenchOptions, log=print) -> dict:
     workers = max(options.concurrency)
     rows = []
     with ExitStack() as stack:
-        services = {}
+        services, tritons = {}, {}
+        redis = stack.enter_context(RedisServer(options.out / "bench_replicas_redis"))
         for arm, count in ARMS.items():
             threads = max(1, cores // count)
             served = threaded_repository(repo, repo.parent / f"repo-threads-{threads}", threads)
-            urls = [stack.enter_context(TritonServer(TritonOptions(
-                repository=served, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                log_path=options.out / f"bench_replicas_{arm}_{index}.log"))).grpc_url for index in range(count)]
+            if count not in tritons:  # the Redis arm uses the two Tritons of the in-memory one
+                tritons[count] = [stack.enter_context(TritonServer(TritonOptions(
+                    repository=served, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                    log_path=options.out / f"bench_replicas_{arm}_{index}.log"))).grpc_url for index in range(count)]
+            urls = tritons[count]
             services[arm] = BackgroundAPI(Settings(triton_url=urls[0], replica_urls=tuple(urls[1:]), port=free_port(),
-                                                   workers=workers, max_queue=workers, request_timeout_s=3600))
+                                                   workers=workers, max_queue=workers, request_timeout_s=3600,
+                                                   redis_url=redis.url if arm.endswith("redis") else ""))
             stack.callback(services[arm].stop)
             load_clients(services[arm].url, 2, 1, body)  # warm-up: sessions, thread pools, first calls
         bar = tqdm(total=len(ARMS) * len(options.concurrency), desc="bench serve --replicas", unit="config")
@@ -102,9 +108,10 @@ def run_replica_benchmark(options: ReplicaBenchOptions, log=print) -> dict:
         bar.close()
     by = {(r["arm"], r["clients"]): r for r in rows}
     ratios = {str(n): by["two", n]["images_per_s"] / by["one", n]["images_per_s"] for n in options.concurrency}
+    store = {str(n): by["two-redis", n]["images_per_s"] / by["two", n]["images_per_s"] for n in options.concurrency}
     result = {"machine": machine(), "pipeline": options.pipeline, "image_side": side, "steps": options.steps,
               "cores": cores, "requests_per_client": options.requests_per_client, "rows": rows,
-              "two_over_one": ratios}
+              "two_over_one": ratios, "redis_over_memory": store}
     return write_results(options.out / f"replicas-{options.pipeline}-{side}", result, markdown_table, plot, log)
 
 
@@ -115,12 +122,14 @@ def markdown_table(result: dict) -> str:
              f"(Euler a), {result['requests_per_client']} requests per client; {result['cores']} cores shared: one "
              f"Triton with {by['one', clients[0]]['threads_each']} runtime threads, or two with "
              f"{by['two', clients[0]]['threads_each']} each. {machine_line(result['machine'])}", "",
-             "| clients | one Triton: images/s | p95 s | two Tritons: images/s | p95 s | two / one |",
-             "|---|---|---|---|---|---|"]
+             "| clients | one Triton: images/s | p95 s | two Tritons: images/s | p95 s | two, jobs in Redis: "
+             "images/s | p95 s | two / one | Redis / memory |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n in clients:
-        one, two = by["one", n], by["two", n]
+        one, two, shared = by["one", n], by["two", n], by["two-redis", n]
         lines.append(f"| {n} | {one['images_per_s']:.2f} | {one['p95_s']:.2f} | {two['images_per_s']:.2f} | "
-                     f"{two['p95_s']:.2f} | {result['two_over_one'][str(n)]:.2f}x |")
+                     f"{two['p95_s']:.2f} | {shared['images_per_s']:.2f} | {shared['p95_s']:.2f} | "
+                     f"{result['two_over_one'][str(n)]:.2f}x | {result['redis_over_memory'][str(n)]:.3f}x |")
     return "\n".join(lines)
 
 
@@ -133,8 +142,8 @@ def plot(result: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for arm in ARMS:
         points = sorted((r["clients"], r["images_per_s"]) for r in result["rows"] if r["arm"] == arm)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{arm} Triton"
-                  + ("s" if ARMS[arm] > 1 else ""))
+        label = {"one": "one Triton", "two": "two Tritons", "two-redis": "two Tritons, jobs in Redis"}[arm]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     axis.set_xlabel("concurrent clients")
     axis.set_ylabel("images/s")
     axis.set_xscale("log", base=2)

@@ -40,6 +40,9 @@ class EngineOptions:
     # More Tritons serving the same repository (orchestrator.replicas): jobs go to whichever is up and least busy
     replica_urls: tuple[str, ...] = ()
     replica_check_s: float = 2.0  # how often the replicas' readiness is probed (with more than one)
+    # A job store and queue shared with other orchestrators (orchestrator.shared); "": this process's own
+    redis_url: str = ""
+    lease_s: float = 15.0  # a job whose orchestrator stops renewing this long is claimed by another
 
     @property
     def triton_urls(self) -> tuple[str, ...]:
@@ -78,7 +81,15 @@ class Engine:
                                                            busy=self._busy_checkpoints), self._new_batcher(url))
                                   for index, (url, how) in enumerate(zip(options.triton_urls, connects))],
                                  every_s=options.replica_check_s, on_state=metrics.replica_state)
-        self.queue = JobQueue(self._run_job, max_queue=options.max_queue, workers=options.workers, metrics=metrics)
+        if options.redis_url:
+            from orchestrator.shared import SharedQueue
+
+            self.queue: JobQueue | SharedQueue = SharedQueue(
+                options.redis_url, self._run_job, max_queue=options.max_queue, workers=options.workers,
+                metrics=metrics, lease_s=options.lease_s)
+        else:
+            self.queue = JobQueue(self._run_job, max_queue=options.max_queue, workers=options.workers,
+                                  metrics=metrics)
 
     def _new_batcher(self, url: str) -> StepBatcher:
         return StepBatcher(max_rows=self.options.max_batch_rows or 16, window_s=self.options.batch_window_s,

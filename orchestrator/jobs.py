@@ -169,6 +169,18 @@ class JobQueue:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def interrupt(self, job: Job) -> None:
+        """AUTOMATIC1111's interrupt: stop now, keep what is done."""
+        job.interrupted = True
+
+    def skip(self, job: Job) -> None:
+        """AUTOMATIC1111's skip: end the current run of n_iter, go on with the next."""
+        job.skipped = True
+
+    def latents(self, job: Job) -> np.ndarray | None:
+        """The latents of the job's latest step (previews)."""
+        return job.latents
+
     def cancel(self, job: Job) -> None:
         """Cancel a job: a waiting one leaves the queue at once, a running one stops before its next step."""
         job.cancel()
@@ -222,6 +234,7 @@ class JobQueue:
                 self._metrics.running_jobs.set(len(self._running))
             try:
                 job.status, job.started = Status.RUNNING, time.time()
+                self._metrics.queue_wait_seconds.observe(job.started - job.created)
                 job.emit({"event": "started"})
                 self._run(job)
                 job.finish(Status.DONE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -21,6 +22,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.queue_depth = Gauge("kiln_queue_depth", "Generation jobs waiting for a worker", registry=r)
+        self.queue_wait_seconds = Histogram("kiln_queue_wait_seconds", "From a job's submission to its start",
+                                            buckets=WAIT_BUCKETS, registry=r)
         self.running_jobs = Gauge("kiln_running_jobs", "Generation jobs being worked on", registry=r)
         self.denoising_jobs = Gauge("kiln_denoising_jobs",
                                     "Jobs inside their denoising loop (step-batching participants)",

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -21,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, ServerError
 
 OPEN_PATHS = ("/health/live", "/health/ready")
 METRICS_PATH = "/metrics"  # open to the metrics token too (SecurityOptions.metrics_token)
@@ -69,6 +70,7 @@ class SecurityOptions:
     # Prometheus' credential for /metrics alone (`Authorization: Bearer TOKEN`), so a scraper needs none of the API's;
     # "": /metrics takes the API's credentials (open where the API is)
     metrics_token: str = ""
+    redis_url: str = ""  # the rate limit's buckets in this Redis, shared by every orchestrator using it ("": here)
 
     @property
     def auth_required(self) -> bool:
@@ -97,12 +99,49 @@ class _Buckets:
             return (1 - tokens) / self.rate
 
 
+class _RedisBuckets(_Buckets):
+    """The same token buckets in Redis (one script reads, refills and takes), so every orchestrator counts a
+    client's requests together. Redis away: the request is refused with 503 rather than let through uncounted."""
+
+    SCRIPT = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local size, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tokens = tonumber(state[1]) or size
+local at = tonumber(state[2]) or t
+tokens = math.min(size, tokens + (t - at) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(t))
+redis.call('EXPIRE', KEYS[1], math.ceil(size / rate) + 60)
+return tostring(wait)
+"""
+
+    def __init__(self, per_minute: float, burst: int, url: str) -> None:
+        import redis
+
+        super().__init__(per_minute, burst)
+        self.redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
+        self.script = self.redis.register_script(self.SCRIPT)
+
+    def take(self, client: str) -> float:
+        import redis
+
+        try:
+            return float(self.script(keys=["kiln:rate:" + client], args=[self.size, self.rate]))
+        except (redis.RedisError, OSError) as exc:
+            raise ServerError(f"the rate limit's store (Redis) is unreachable: {type(exc).__name__}") from exc
+
+
 class SecurityMiddleware:
     def __init__(self, app, options: SecurityOptions) -> None:
         self.app = app
         self.options = options
-        self.buckets = _Buckets(options.rate_limit_per_minute, options.rate_burst) \
-            if options.rate_limit_per_minute > 0 else None
+        self.buckets = None
+        if options.rate_limit_per_minute > 0:
+            self.buckets = _RedisBuckets(options.rate_limit_per_minute, options.rate_burst, options.redis_url) \
+                if options.redis_url else _Buckets(options.rate_limit_per_minute, options.rate_burst)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -130,7 +169,11 @@ class SecurityMiddleware:
                                                        f"{self.options.max_body_bytes}-byte limit")
 
         if self.buckets is not None and method in ("POST", "DELETE", "PUT", "WEBSOCKET"):
-            wait = self.buckets.take(scope["state"]["client_id"])
+            try:
+                wait = await asyncio.to_thread(self.buckets.take, scope["state"]["client_id"]) \
+                    if isinstance(self.buckets, _RedisBuckets) else self.buckets.take(scope["state"]["client_id"])
+            except ServerError as exc:
+                return await _reject(scope, send, 503, str(exc), {"retry-after": "5"})
             if wait > 0:
                 return await _reject(scope, send, 429, "rate limit exceeded; retry later",
                                      {"retry-after": str(max(1, math.ceil(wait)))})
@@ -178,7 +221,8 @@ async def _reject(scope, send, status: int, message: str, headers: dict[str, str
         # Refuse the handshake (the client sees an HTTP 403; the close reason says why).
         await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
         return
-    body = json.dumps({"error": {401: "unauthorized", 413: "too_large", 429: "rate_limited"}.get(status, "bad_request"),
+    kind = {401: "unauthorized", 413: "too_large", 429: "rate_limited", 503: "unavailable"}.get(status, "bad_request")
+    body = json.dumps({"error": kind,
                        "detail": message}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]

@@ -4,7 +4,8 @@
 #   Debian's build: with a pyenv interpreter's own libpython the stub corrupts BYTES inputs (see kiln/triton_server.py).
 # - `setup_system.sh browser` (make test): Debian's chromium, which the web page's browser test drives through
 #   Playwright (tests/test_ui.py), and kubectl (Debian's kubernetes-client, where none is on PATH), whose kustomize
-#   renders the Kubernetes manifests tests/test_deploy.py validates.
+#   renders the Kubernetes manifests tests/test_deploy.py validates, and Debian's redis-server, the job store several
+#   orchestrators share (`kiln serve --redis`; tests/test_shared_queue.py starts its own on loopback).
 set -euo pipefail
 py=${PYTHON:-python3}
 ver=$("$py" -c 'import sys; print(f"{sys.version_info.major}.{sys.version_info.minor}")')
@@ -23,6 +24,10 @@ fi
 if [ "${1:-}" = "browser" ] && ! command -v kubectl >/dev/null; then
   echo "setup: installing Debian's kubernetes-client (kubectl kustomize renders deploy/ in tests/test_deploy.py)"
   missing+=(kubernetes-client)
+fi
+if [ "${1:-}" = "browser" ] && ! command -v redis-server >/dev/null; then
+  echo "setup: installing Debian's redis-server (the shared job store's tests)"
+  missing+=(redis-server)
 fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0

@@ -37,7 +37,8 @@ def test_each_overlay_renders_and_validates(overlay):
                             ("PodDisruptionBudget", "kiln-triton"), ("Deployment", "kiln-orchestrator"),
                             ("Service", "kiln-orchestrator"), ("PodDisruptionBudget", "kiln-orchestrator"),
                             ("HorizontalPodAutoscaler", "kiln-orchestrator"),
-                            ("HorizontalPodAutoscaler", "kiln-triton")}
+                            ("HorizontalPodAutoscaler", "kiln-triton"), ("StatefulSet", "kiln-redis"),
+                            ("Service", "kiln-redis")}
     for key, doc in objects.items():
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises ValidationError naming the field
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "kiln", key
@@ -69,6 +70,8 @@ def test_the_orchestrator_runs_as_kiln_serve_parses_it(monkeypatch):
     assert settings.triton_url == "dns:///kiln-triton:8001" and settings.shared_memory == "off"
     assert settings.listen == "0.0.0.0" and settings.security.api_keys == ("from-the-secret",)
     assert settings.security.metrics_token == "scrape"
+    redis = render("cpu")["StatefulSet", "kiln-redis"]["spec"]["template"]["spec"]["containers"][0]
+    assert settings.redis_url == "redis://kiln-redis:6379/0" and "always" in redis["args"]  # acknowledged: on disk
     assert deployment["terminationGracePeriodSeconds"] >= settings.drain_timeout_s + 10
     probes = {container["readinessProbe"]["httpGet"]["path"], container["livenessProbe"]["httpGet"]["path"]}
     assert probes == {"/health/ready", "/health/live"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from kiln.errors import KilnError
 from kiln.triton_client import GRPC_CHANNEL_ARGS, TritonClient, _is_local
 from kiln.triton_server import free_port
 from orchestrator.security import SecurityOptions
@@ -92,3 +93,13 @@ def test_kiln_serve_flags_for_orchestration(tmp_path, monkeypatch):
     assert settings("--metrics-token", "scrape").security.metrics_token == "scrape"
     monkeypatch.setenv("KILN_METRICS_TOKEN", "from-env")
     assert settings().security.metrics_token == "from-env"
+    assert settings().redis_url == "" and settings().lease_s == 15  # the in-memory queue by default
+    shared = settings("--redis", "redis://store:6379/0", "--redis-lease", "5", "--rate-limit", "60")
+    assert (shared.redis_url, shared.lease_s, shared.security.redis_url) == ("redis://store:6379/0", 5.0,
+                                                                             "redis://store:6379/0")
+    monkeypatch.setenv("KILN_REDIS_URL", "redis://from-env:6379/1")
+    assert settings().redis_url == "redis://from-env:6379/1"
+    with pytest.raises(KilnError, match="expected a URL such as redis://"):
+        settings("--redis", "store:6379")
+    with pytest.raises(KilnError, match="--redis-lease"):
+        settings("--redis-lease", "0")

@@ -29,8 +29,10 @@ def add_parser(commands) -> None:
     serve.add_argument("--steps", type=int, default=20)
     serve.add_argument("--skip-build", action="store_true", help="reuse the benchmark's repository")
     serve.add_argument("--replicas", type=int, default=1, choices=(1, 2),
-                       help="2: one Triton against two behind the service at the same total cores "
-                            "(benchmarks/replicas.py) instead of the batching arms (default: %(default)s)")
+                       help="2: one Triton against two behind the service at the same total cores, and the two "
+                            "with the job store in Redis (kiln serve --redis; a redis-server on loopback) against "
+                            "the in-memory queue (benchmarks/replicas.py), instead of the batching arms "
+                            "(default: %(default)s)")
     serve.set_defaults(run=run_serve)
     sd = targets.add_parser("sd", help="SD per component and per image: torch eager vs ONNX Runtime and OpenVINO "
                                        "variants, direct vs Triton")

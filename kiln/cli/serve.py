@@ -71,6 +71,14 @@ def add_parser(commands) -> None:
     api.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
                      help="on SIGTERM, open requests and queued jobs get this long to finish; what is left is then "
                           "cancelled (a pod's grace period should be at least this + 10; default: %(default)s)")
+    api.add_argument("--redis", default=os.environ.get("KILN_REDIS_URL", ""), metavar="URL",
+                     help="share the job queue, task state, progress and rate limits with every orchestrator using "
+                          "this Redis (redis://[:password@]host:port/db; default: $KILN_REDIS_URL; none: this "
+                          "process's own): any of them answers for any task, and one that dies leaves its running "
+                          "jobs to the others")
+    api.add_argument("--redis-lease", type=float, default=15.0, metavar="SECONDS",
+                     help="with --redis, an orchestrator that has not renewed a running job's lease this long is "
+                          "taken for dead and another runs the job again (default: %(default)s)")
     api.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
     api.add_argument("--vae-tile-above", type=int, default=1024 * 1024, metavar="PIXELS",
                      help="decode and encode images of more pixels than this in VAE tiles, as diffusers' "
@@ -112,13 +120,16 @@ def settings_from(args):
         if getattr(args, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
     if args.rate_limit < 0 or args.request_timeout <= 0 or args.max_batch_rows < 0 or args.vae_tile_above < 0 or \
-            args.drain_timeout < 0:
+            args.drain_timeout < 0 or args.redis_lease <= 0:
         raise KilnError("--rate-limit, --max-batch-rows, --vae-tile-above and --drain-timeout must be >= 0, "
-                        "--request-timeout > 0")
+                        "--request-timeout and --redis-lease > 0")
+    if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
+        raise KilnError(f"--redis {args.redis!r}: expected a URL such as redis://host:6379/0")
     if args.vae_tile and (args.vae_tile < 64 or args.vae_tile % 64):
         raise KilnError(f"--vae-tile must be a multiple of 64 pixels (64, 128, ..., 512), got {args.vae_tile}")
     security = SecurityOptions(credentials=tuple(parse_credentials(args.api_auth)), api_keys=names(args.api_keys or ""),
-                               rate_limit_per_minute=args.rate_limit, metrics_token=args.metrics_token)
+                               rate_limit_per_minute=args.rate_limit, metrics_token=args.metrics_token,
+                               redis_url=args.redis)
     check_exposure(args.listen, security)
     if args.embeddings is not None and not args.embeddings.is_dir():
         raise KilnError(f"--embeddings {args.embeddings}: no such folder")
@@ -129,7 +140,7 @@ def settings_from(args):
                     max_queue=args.queue_size,
                     workers=args.workers, step_batching=not args.no_step_batching, max_batch_rows=args.max_batch_rows,
                     shared_memory=args.shared_memory, request_timeout_s=args.request_timeout,
-                    drain_timeout_s=args.drain_timeout,
+                    drain_timeout_s=args.drain_timeout, redis_url=args.redis, lease_s=args.redis_lease,
                     limits=Limits(max_steps=args.max_steps, vae_tile_above=args.vae_tile_above, vae_tile=args.vae_tile),
                     cors_origins=names(args.cors_origins), security=security, listen=args.listen, port=args.port,
                     styles_file=args.styles, outputs_dir=args.outputs,

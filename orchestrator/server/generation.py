@@ -97,10 +97,10 @@ async def wait_for(request: Request, job: Job, timeout_s: float) -> None:
         if done:
             return
         if await request.is_disconnected():
-            engine(request).queue.cancel(job)
+            await run_in_threadpool(engine(request).queue.cancel, job)
             raise APIError(499, "client_closed", "client disconnected; the job was cancelled")
         if loop.time() > deadline:
-            engine(request).queue.cancel(job)
+            await run_in_threadpool(engine(request).queue.cancel, job)
             raise APIError(504, "timeout", f"the generation did not finish within {timeout_s:g} s; it was cancelled")
 
 

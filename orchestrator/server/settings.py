@@ -16,6 +16,10 @@ from orchestrator.security import SecurityOptions
 class Settings:
     triton_url: str = "127.0.0.1:8001"  # the Triton (gRPC) that runs every model
     replica_urls: tuple[str, ...] = ()  # more Tritons serving the same repository (orchestrator.replicas)
+    # The job store and queue shared by several orchestrators (kiln serve --redis; orchestrator.shared), and the
+    # lease after which an orchestrator's running jobs are claimed by another; "": this process's own queue
+    redis_url: str = ""
+    lease_s: float = 15.0
     max_queue: int = 64  # jobs waiting beyond the running ones; more is 429
     workers: int = 16  # generations running at once
     step_batching: bool = True  # merge the UNet steps of concurrent generations
@@ -48,4 +52,5 @@ class Settings:
     def engine_options(self) -> EngineOptions:
         return EngineOptions(triton_url=self.triton_url, replica_urls=self.replica_urls, max_queue=self.max_queue,
                              workers=self.workers, step_batching=self.step_batching,
-                             max_batch_rows=self.max_batch_rows, limits=self.limits, shared_memory=self.shared_memory)
+                             max_batch_rows=self.max_batch_rows, limits=self.limits, shared_memory=self.shared_memory,
+                             redis_url=self.redis_url, lease_s=self.lease_s)

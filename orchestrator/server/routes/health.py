@@ -1,4 +1,5 @@
-"""Probes and metrics: /health/live, /health/ready (Triton, and what it serves: an SD checkpoint or the ViT),
+"""Probes and metrics: /health/live, /health/ready (Triton, and what it serves: an SD checkpoint or the ViT; the
+shared job store where there is one),
 /metrics (Prometheus; its own token with `kiln serve --metrics-token`)."""
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ async def ready(request: Request):
     ok, detail = next((answer for answer in answers.values() if answer[0]), next(iter(answers.values())))
     if len(answers) > 1:
         detail = detail | {"replicas": {url: "ready" if up else "not ready" for url, (up, _) in answers.items()}}
+    queue = getattr(getattr(request.app.state, "engine", None), "queue", None)
+    if hasattr(queue, "reachable"):  # the job store shared with other orchestrators (kiln serve --redis)
+        store = await run_in_threadpool(queue.reachable)
+        ok, detail = ok and store, detail | {"job_store": "reachable" if store else "unreachable"}
     return JSONResponse({"status": "ready" if ok else "not ready"} | detail, status_code=200 if ok else 503)
 
 

@@ -23,9 +23,9 @@ from orchestrator.server.preview import preview_png
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 
 
-def own_running(request: Request) -> list[Job]:
+async def own_running(request: Request) -> list[Job]:
     """AUTOMATIC1111 calls act on the caller's own /sdapi jobs (all of them when auth is off)."""
-    return [job for job in engine(request).queue.running() if own(request, job, "sdapi")]
+    return [job for job in await run_in_threadpool(engine(request).queue.running) if own(request, job, "sdapi")]
 
 
 async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> dict:
@@ -58,11 +58,11 @@ async def img2img(request: Request, body: schemas.Img2ImgBody):
 @router.get("/progress", response_model=schemas.ProgressResponse)
 async def progress(request: Request, skip_current_image: bool = False,
                    id_task: str | None = Query(None, description="a task id; default: the oldest running job")):
-    job = engine(request).queue.get(id_task) if id_task else None
+    job = await run_in_threadpool(engine(request).queue.get, id_task) if id_task else None
     if id_task and not own(request, job, "sdapi"):  # never another task's progress in its place
         raise NotFoundError(f"unknown task {id_task!r} (finished tasks are forgotten after a while)")
     if job is None:
-        running = sorted(own_running(request), key=lambda j: j.started or 0)
+        running = sorted(await own_running(request), key=lambda j: j.started or 0)
         job = running[0] if running else None
     if job is None:
         return schemas.ProgressResponse(progress=0.0, eta_relative=0.0, state=schemas.ProgressState())
@@ -74,24 +74,27 @@ async def progress(request: Request, skip_current_image: bool = False,
     current = None
     options = request.app.state.options
     every = int(options.get("show_progress_every_n_steps", 10))
-    if not skip_current_image and every != 0 and job.latents is not None and options.get("live_previews_enable", True) \
+    if not skip_current_image and every != 0 and options.get("live_previews_enable", True) \
             and (every < 0 or job.step % every == 0 or job.step == job.steps):
-        current = await run_in_threadpool(preview_png, job.latents)
+        latents = await run_in_threadpool(engine(request).queue.latents, job)
+        current = None if latents is None else await run_in_threadpool(preview_png, latents)
     return schemas.ProgressResponse(progress=job.progress, eta_relative=job.eta_seconds() or 0.0, state=state,
                                     current_image=current, textinfo=None)
 
 
 @router.post("/interrupt")
 async def interrupt(request: Request):
-    for job in own_running(request):
-        job.interrupted = True
+    queue = engine(request).queue
+    for job in await own_running(request):
+        await run_in_threadpool(queue.interrupt, job)
     return {}
 
 
 @router.post("/skip")
 async def skip(request: Request):
-    for job in own_running(request):
-        job.skipped = True
+    queue = engine(request).queue
+    for job in await own_running(request):
+        await run_in_threadpool(queue.skip, job)
     return {}
 
 

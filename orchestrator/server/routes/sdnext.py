@@ -75,8 +75,8 @@ async def status(request: Request) -> dict:
     job; queued counts every waiting job. kiln runs several jobs at once, so `running` says how many; `total` is the
     jobs the engine holds now (running and queued): it keeps no count since it started."""
     queue = engine(request).queue
-    running = queue.running()
-    queued = queue.waiting()
+    running = await run_in_threadpool(queue.running)
+    queued = await run_in_threadpool(queue.waiting)
     mine = sorted((job for job in running if _visible(request, job)), key=lambda job: job.started or 0)
     job = mine[0] if mine else None
     now = time.time()

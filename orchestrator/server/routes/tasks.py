@@ -36,7 +36,8 @@ async def accept(request: Request, kind: str, body: schemas.Txt2ImgBody) -> JSON
         count(request, f"/v1/tasks/{kind}", str(as_api_error(exc).status))
         raise
     count(request, f"/v1/tasks/{kind}", "202")
-    accepted = {"id": job.id, "status": job.status.value, "queue_position": engine(request).queue.position(job)}
+    position = await run_in_threadpool(engine(request).queue.position, job)
+    accepted = {"id": job.id, "status": job.status.value, "queue_position": position}
     return JSONResponse(accepted, status_code=202, headers={"Location": f"/v1/tasks/{job.id}"})
 
 
@@ -53,6 +54,10 @@ async def task_img2img(request: Request, body: schemas.Img2ImgBody):
 @router.get("", response_model=schemas.TaskList)
 async def list_tasks(request: Request, limit: int = Query(50, ge=1, le=512)):
     """The caller's own tasks, newest first, with queue positions and progress; everyone else's as counts only."""
+    return await run_in_threadpool(tasks_of, request, limit)
+
+
+def tasks_of(request: Request, limit: int) -> dict:
     caller = client_id(request)
     queue = engine(request).queue
     mine, others = [], {"queued": 0, "running": 0}
@@ -73,8 +78,8 @@ def summary(queue, job: Job) -> dict:
             "prompt": getattr(body, "prompt", ""), "error": str(job.error) if job.error else None}
 
 
-def find(request: Request, task_id: str) -> Job:
-    job = engine(request).queue.get(task_id)
+async def find(request: Request, task_id: str) -> Job:
+    job = await run_in_threadpool(engine(request).queue.get, task_id)
     if not own(request, job, "tasks"):
         raise APIError(404, "not_found", f"no task {task_id!r}")
     return job
@@ -82,23 +87,27 @@ def find(request: Request, task_id: str) -> Job:
 
 @router.get("/{task_id}", response_model=schemas.TaskState)
 async def get_task(request: Request, task_id: str):
-    job = find(request, task_id)
+    job = await find(request, task_id)
     return await run_in_threadpool(task_state, request, job)
 
 
 @router.delete("/{task_id}")
 async def cancel_task(request: Request, task_id: str):
-    job = find(request, task_id)
+    job = await find(request, task_id)
     if job.status in FINISHED:
         raise APIError(409, "finished", f"task {task_id} already {job.status.value}")
-    engine(request).queue.cancel(job)
+    await run_in_threadpool(engine(request).queue.cancel, job)
     return {"id": job.id, "status": "cancelling" if job.status == Status.RUNNING else job.status.value}
 
 
 @router.websocket("/{task_id}/events")
 async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0):
     """Progress events as JSON: queued, started, progress (with a preview every N steps), done/failed/cancelled."""
-    job = engine(websocket).queue.get(task_id)  # type: ignore[arg-type]
+    try:
+        job = await run_in_threadpool(engine(websocket).queue.get, task_id)  # type: ignore[arg-type]
+    except KilnError:  # the job store is away
+        await websocket.close(code=1013, reason="the job store is unreachable; try again")
+        return
     if not own(websocket, job, "tasks"):  # type: ignore[arg-type]
         await websocket.close(code=4404, reason="no such task")
         return
@@ -106,10 +115,13 @@ async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
+    queue = engine(websocket).queue  # type: ignore[arg-type]
+
     def listener(event: dict) -> None:
-        if preview_every > 0 and event.get("event") == "progress" and event["step"] % preview_every == 0 \
-                and job.latents is not None:
-            event = event | {"preview": preview_png(job.latents)}
+        if preview_every > 0 and event.get("event") == "progress" and event["step"] % preview_every == 0:
+            latents = queue.latents(job)
+            if latents is not None:
+                event = event | {"preview": preview_png(latents)}
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     unsubscribe = job.subscribe(listener)

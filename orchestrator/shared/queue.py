@@ -1,0 +1,395 @@
+"""SharedQueue: JobQueue's interface over the job store in Redis (the design: orchestrator.shared)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+from kiln.errors import InputError, ServerError
+from orchestrator.jobs import FINISHED, Job, JobQueue, QueueFull, Status
+from orchestrator.metrics import Metrics
+from orchestrator.shared.store import (
+    CANCEL_QUEUED,
+    CONTROL,
+    EVENTS,
+    FINISH,
+    GROUP,
+    KEEP_S,
+    QUEUED,
+    RECENT,
+    RUNNING,
+    SEQ,
+    START,
+    STREAM,
+    SUBMIT,
+    P,
+    apply_state,
+    job_of,
+    spec_of,
+    state_of,
+)
+
+log = logging.getLogger("kiln.shared")
+
+
+class SharedQueue:
+    """JobQueue's interface over Redis; `run(job)` runs a job here, as JobQueue's does."""
+
+    def __init__(self, url: str, run: Callable[[Job], None], *, max_queue: int, workers: int, metrics: Metrics,
+                 lease_s: float = 15.0) -> None:
+        import redis
+
+        self.url, self.max_queue, self.workers, self.lease_s = url, max_queue, workers, lease_s
+        self._redis_errors = (redis.RedisError, OSError)
+        self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
+        self._scripts = {name: self.redis.register_script(text) for name, text in
+                         (("submit", SUBMIT), ("start", START), ("finish", FINISH), ("cancel", CANCEL_QUEUED))}
+        self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._metrics = metrics
+        self._local = JobQueue(run, max_queue=10**6, workers=workers, metrics=metrics)
+        self._mirrors: OrderedDict[str, Job] = OrderedDict()
+        self._executing: dict[str, tuple[str, Job]] = {}  # job id: (stream entry id, the job running here)
+        self._lost: set[str] = set()  # jobs running here that another orchestrator claimed
+        self._lock = threading.Condition()
+        self._closed = self._stopped = False  # closed: no more submits or pulls; stopped: the threads end
+        self._release_at = float("inf")  # draining: from then on a job cancelled here is left to another
+        try:
+            self._call(self._ensure_group)
+        except ServerError as exc:  # the service starts anyway (not ready); the puller makes the group later
+            log.warning("%s", exc)
+        self._threads = [threading.Thread(target=target, name=f"kiln-shared-{target.__name__}", daemon=True)
+                         for target in (self._pull, self._keep_leases, self._listen)]
+        for thread in self._threads:
+            thread.start()
+
+    # -- calls --------------------------------------------------------------------------------------------------
+    def _call(self, fn):
+        try:
+            return fn()
+        except self._redis_errors as exc:
+            raise ServerError(f"the job store (Redis at {self._where()}) is unreachable: {type(exc).__name__}") \
+                from exc
+
+    def _where(self) -> str:
+        kwargs = self.redis.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+
+    def _ensure_group(self) -> None:
+        import redis
+
+        try:
+            self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # -- JobQueue's interface -------------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        if self._closed:
+            raise ServerError("the service is shutting down; not accepting new jobs")
+        spec = spec_of(job)
+        seq = self._call(lambda: self._scripts["submit"](
+            keys=[P + "job:" + job.id, QUEUED, STREAM, RECENT, SEQ],
+            args=[job.id, spec, json.dumps(state_of(job)), self.max_queue, job.created]))
+        if seq == -1:
+            raise InputError(f"force_task_id {job.id!r} names a task this server already has")
+        if seq == -2:
+            raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)")
+        self._remember(job)
+        self._metrics.queue_depth.set(self.waiting())
+        job.emit({"event": "queued", "queue_position": self.position(job)})
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The job's mirror, its state read again from Redis (None: unknown, or finished and forgotten)."""
+        mirror = self._mirrors.get(job_id)
+        if mirror is not None and mirror.status in FINISHED and mirror.future.done():
+            return mirror
+        fields = self._call(lambda: self.redis.hmget(P + "job:" + job_id, "spec", "state", "result"))
+        if fields[0] is None:
+            return mirror
+        if mirror is None:
+            mirror = job_of(fields[0])
+            self._remember(mirror)
+        self._update(mirror, json.loads(fields[1]), fields[2])
+        return mirror
+
+    def position(self, job: Job) -> int:
+        rank = self._call(lambda: self.redis.zrank(QUEUED, job.id))
+        return 0 if rank is None else rank + 1
+
+    def jobs(self) -> list[Job]:
+        """The newest 512 jobs of every orchestrator (those still kept)."""
+        ids = self._call(lambda: self.redis.zrevrange(RECENT, 0, 511))
+        return [job for job in (self.get(i.decode()) for i in ids) if job is not None]
+
+    def running(self) -> list[Job]:
+        ids = self._call(lambda: self.redis.zrange(RUNNING, 0, -1))
+        return [job for job in (self.get(i.decode()) for i in ids) if job is not None and job.status == Status.RUNNING]
+
+    def waiting(self) -> int:
+        return self._call(lambda: self.redis.zcard(QUEUED))
+
+    def cancel(self, job: Job) -> None:
+        """A queued job is cancelled at once; a running one stops before its next step (wherever it runs)."""
+        if self._call(lambda: self._scripts["cancel"](keys=[P + "job:" + job.id, QUEUED],
+                                                      args=[job.id, "cancelled while queued", time.time(), KEEP_S])):
+            self._call(lambda: self._publish({"task_id": job.id, "event": "cancelled",
+                                              "error": "cancelled while queued"}))
+            self.get(job.id)
+            return
+        self._control(job, "cancel")
+
+    def interrupt(self, job: Job) -> None:
+        self._control(job, "interrupt")
+
+    def skip(self, job: Job) -> None:
+        self._control(job, "skip")
+
+    def reachable(self) -> bool:
+        """Whether Redis answers (readiness)."""
+        try:
+            return bool(self.redis.ping())
+        except self._redis_errors:
+            return False
+
+    def latents(self, job: Job) -> np.ndarray | None:
+        """The latents of the job's latest step (previews), wherever it runs."""
+        raw = self._call(lambda: self.redis.get(P + "latents:" + job.id))
+        return None if raw is None else pickle.loads(raw)
+
+    def close(self, timeout_s: float = 60.0, grace_s: float = 5.0) -> None:
+        """Stop pulling; let the jobs running here finish up to timeout_s. Those still running then are left to
+        another orchestrator (not acknowledged: claimed after the lease), not cancelled."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._release_at = time.monotonic() + timeout_s
+        self._local.close(timeout_s, grace_s)
+        self._stopped = True
+        for thread in self._threads:
+            thread.join(2)
+        self.redis.close()
+
+    # -- mirrors --------------------------------------------------------------------------------------------
+    def _remember(self, job: Job) -> None:
+        with self._lock:
+            self._mirrors[job.id] = job
+            self._mirrors.move_to_end(job.id)
+            while len(self._mirrors) > 1024:
+                old_id, old = next(iter(self._mirrors.items()))
+                if old.status not in FINISHED:
+                    break
+                del self._mirrors[old_id]
+
+    def _update(self, mirror: Job, state: dict, result: bytes | None) -> None:
+        finished = Status(state["status"]) in FINISHED
+        if finished and result is None and state["status"] != "cancelled":
+            result = self._call(lambda: self.redis.hget(P + "job:" + mirror.id, "result"))
+        if result is not None and not mirror.images:
+            mirror.images, mirror.infos = pickle.loads(result)
+        apply_state(mirror, state)
+        if finished and not mirror.future.done():
+            mirror.future.set_result(mirror)
+
+    def _control(self, job: Job, op: str) -> None:
+        self._call(lambda: (self.redis.hset(P + "job:" + job.id, "control:" + op, 1),
+                            self.redis.publish(CONTROL, json.dumps({"task_id": job.id, "op": op}))))
+
+    def _publish(self, event: dict) -> None:
+        self.redis.publish(EVENTS, json.dumps(event))
+
+    def _listen(self) -> None:
+        """Events to the mirrors (and their listeners: WebSockets), control to the jobs running here; every 2 s the
+        unfinished mirrors are read again (pub/sub loses what is sent while the connection is away)."""
+        pubsub, last_sync = None, 0.0
+        while not self._stopped:
+            try:
+                if pubsub is None:
+                    pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                    pubsub.subscribe(EVENTS, CONTROL)
+                message = pubsub.get_message(timeout=0.5)
+                if message is not None:
+                    self._on_message(message["channel"].decode(), json.loads(message["data"]))
+                if time.monotonic() - last_sync > 2:
+                    last_sync = time.monotonic()
+                    for mirror in [m for m in list(self._mirrors.values()) if m.status not in FINISHED]:
+                        self.get(mirror.id)
+            except (*self._redis_errors, ServerError) as exc:
+                log.warning("job store: %s; retrying", exc)
+                pubsub = None
+                time.sleep(0.5)
+
+    def _on_message(self, channel: str, message: dict) -> None:
+        task_id = message["task_id"]
+        if channel == CONTROL:
+            running = self._executing.get(task_id)
+            if running is not None:
+                self._apply_control(running[1], message["op"])
+            return
+        mirror = self._mirrors.get(task_id)
+        if mirror is None:
+            return
+        event = message.copy()
+        kind = event.get("event")
+        if kind == "progress":
+            mirror.iteration, mirror.step, mirror.steps = event["iteration"], event["step"], event["steps"]
+        elif kind == "started":
+            mirror.status, mirror.started = Status.RUNNING, mirror.started or time.time()
+        elif kind in ("done", "failed", "cancelled"):
+            self.get(task_id)
+        mirror.emit(event)
+
+    @staticmethod
+    def _apply_control(job: Job, op: str) -> None:
+        if op == "cancel":
+            job.cancel()
+        elif op == "interrupt":
+            job.interrupted = True
+        elif op == "skip":
+            job.skipped = True
+
+    # -- running jobs here ----------------------------------------------------------------------------------
+    def _pull(self) -> None:
+        while not self._closed:
+            with self._lock:
+                if len(self._executing) >= self.workers:
+                    self._lock.wait(0.2)
+                    continue
+            try:
+                read = self.redis.xreadgroup(GROUP, self.name, {STREAM: ">"}, count=1, block=500)
+                entries = [(entry_id, fields) for _stream, items in read or [] for entry_id, fields in items]
+                for entry_id, fields in entries:
+                    self._start(entry_id.decode(), fields[b"id"].decode(), restarted=False)
+            except self._redis_errors as exc:
+                if "NOGROUP" in str(exc):
+                    self._call(self._ensure_group)
+                log.warning("job store: reading the queue failed (%s); retrying", exc)
+                time.sleep(0.5)
+
+    def _start(self, entry_id: str, job_id: str, *, restarted: bool) -> None:
+        key = P + "job:" + job_id
+        with self._lock:
+            if job_id in self._executing:  # claimed back while it runs here (its lease lapsed): it goes on
+                return
+        spec = self.redis.hget(key, "spec")
+        if spec is None:  # expired
+            self._ack(entry_id)
+            return
+        job = job_of(spec)
+        job.status, job.started = Status.RUNNING, time.time()
+        if not self._scripts["start"](keys=[key, QUEUED, RUNNING],
+                                      args=[job_id, json.dumps(state_of(job)), self.name, job.started]):
+            self._ack(entry_id)  # cancelled while queued, or finished by an orchestrator that died after
+            return
+        for op in ("cancel", "interrupt", "skip"):  # asked for while it was in transit
+            if self.redis.hexists(key, "control:" + op):
+                self._apply_control(job, op)
+        job.status = Status.QUEUED  # the local queue starts it
+        job.subscribe(lambda event: self._mirror_out(job, entry_id, event))
+        with self._lock:
+            self._executing[job_id] = (entry_id, job)
+        if restarted:
+            self.redis.hincrby(key, "restarts", 1)
+            self._publish({"task_id": job_id, "event": "restarted",
+                           "reason": "its orchestrator stopped renewing its lease"})
+        self._metrics.queue_depth.set(self.waiting())
+        self._local.submit(job)
+
+    def _ack(self, entry_id) -> None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(STREAM, GROUP, entry_id)
+            pipe.xdel(STREAM, entry_id)
+            pipe.execute()
+
+    def _mirror_out(self, job: Job, entry_id: str, event: dict) -> None:
+        """The running job's events to Redis: progress (with the latents for previews) best effort, the finish
+        until it is written (or the orchestrator is leaving it to another one)."""
+        kind = event.get("event")
+        if kind == "queued":
+            return
+        if kind not in ("done", "failed", "cancelled"):
+            try:
+                with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hset(P + "job:" + job.id, "state", json.dumps(state_of(job)))
+                    if kind == "progress" and job.latents is not None:
+                        pipe.set(P + "latents:" + job.id, pickle.dumps(job.latents), ex=KEEP_S)
+                    pipe.publish(EVENTS, json.dumps(event))
+                    pipe.execute()
+            except self._redis_errors:
+                pass
+            return
+        result = pickle.dumps((job.images, job.infos))
+        while True:
+            if kind == "cancelled" and time.monotonic() >= self._release_at:
+                log.warning("job %s left to another orchestrator (drain over)", job.id)
+                break
+            if job.id in self._lost:  # another orchestrator runs it now: its end is that one's to write
+                self._lost.discard(job.id)
+                break
+            try:
+                if self._scripts["finish"](keys=[P + "job:" + job.id, QUEUED, RUNNING, P + "latents:" + job.id],
+                                           args=[job.id, json.dumps(state_of(job)), result, KEEP_S]):
+                    self._publish(event)
+                self._ack(entry_id)
+                break
+            except self._redis_errors as exc:
+                log.warning("job %s: writing its end failed (%s); retrying", job.id, exc)
+                time.sleep(1.0)
+        with self._lock:
+            self._executing.pop(job.id, None)
+            self._lock.notify_all()
+
+    def _renew(self) -> None:
+        """Reset the idle time of the entries of the jobs running here, where this orchestrator still owns them. One
+        that another claimed meanwhile (Redis away longer than the lease, or this process stalled) is cancelled
+        here: the other one runs it again and writes its end."""
+        with self._lock:
+            executing = list(self._executing.items())
+        if not executing:
+            return
+        owners = self.redis.pipeline(transaction=False)
+        for job_id, _running in executing:
+            owners.hget(P + "job:" + job_id, "owner")
+        mine = []
+        for (job_id, (entry_id, job)), owner in zip(executing, owners.execute()):
+            if owner is not None and owner.decode() != self.name:
+                log.warning("job %s: claimed by %s; stopping it here", job_id, owner.decode())
+                self._lost.add(job_id)
+                job.cancel()
+            else:
+                mine.append(entry_id)
+        if mine:
+            self.redis.xclaim(STREAM, GROUP, self.name, 0, mine, justid=True)
+
+    def _keep_leases(self) -> None:
+        """Renew the leases of the jobs running here; claim those of orchestrators that stopped renewing."""
+        while not self._stopped:
+            time.sleep(self.lease_s / 3)
+            try:
+                self._renew()
+                with self._lock:
+                    free = self.workers - len(self._executing)
+                if free <= 0 or self._closed:
+                    continue
+                claimed = self.redis.xautoclaim(STREAM, GROUP, self.name, int(self.lease_s * 1000), count=free,
+                                                justid=True)
+                for entry_id in claimed:
+                    entry = self.redis.xrange(STREAM, entry_id, entry_id)
+                    if entry:
+                        log.warning("job %s: claimed from an orchestrator that stopped", entry[0][1][b"id"].decode())
+                        self._start(entry_id.decode(), entry[0][1][b"id"].decode(), restarted=True)
+                    else:
+                        self._ack(entry_id)
+            except self._redis_errors as exc:
+                log.warning("job store: renewing leases failed (%s); retrying", exc)
