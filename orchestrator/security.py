@@ -222,8 +222,7 @@ async def _reject(scope, send, status: int, message: str, headers: dict[str, str
         await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
         return
     kind = {401: "unauthorized", 413: "too_large", 429: "rate_limited", 503: "unavailable"}.get(status, "bad_request")
-    body = json.dumps({"error": kind,
-                       "detail": message}).encode()
+    body = json.dumps({"error": kind, "detail": message}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -263,3 +263,21 @@ def test_redis_restarting_is_a_503_and_loses_no_acknowledged_job(triton, redis_s
         states = _wait_done(app.url, ids, timeout_s=120)
         assert all(state["status"] == "done" for state in states.values()), states
         assert client.get("/health/ready").status_code == 200
+
+
+def test_a_job_this_version_cannot_read_fails_alone(triton, redis_server):
+    """A stored job that does not unpickle here (another kiln version's, mid-upgrade; here: bytes that are no pickle)
+    fails with its reason; the orchestrator goes on taking jobs."""
+    store = redis_server.client()
+    with apps(triton, redis_server, count=1, workers=1) as (app,), app.client() as client:
+        state = {"status": "queued", "iteration": 0, "step": 0, "steps": 0, "n_iter": 1, "started": None,
+                 "finished": None, "error": None, "error_type": None}
+        store.hset("kiln:job:unreadable", mapping={"spec": b"not a pickle", "state": json.dumps(state)})
+        store.zadd("kiln:queued", {"unreadable": 0})
+        store.xadd("kiln:stream", {"id": "unreadable"})
+        accepted = client.post("/v1/tasks/txt2img", json=BODY | {"seed": 3})
+        assert accepted.status_code == 202, accepted.text
+        assert _wait_done(app.url, [accepted.json()["id"]], timeout_s=60)[accepted.json()["id"]]["status"] == "done"
+        stored = json.loads(store.hget("kiln:job:unreadable", "state"))
+        assert stored["status"] == "failed" and "cannot read the job" in stored["error"], stored
+        assert store.zcard("kiln:queued") == 0 and store.xlen("kiln:stream") == 0  # acknowledged, not retried

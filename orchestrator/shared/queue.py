@@ -19,21 +19,20 @@ from kiln.errors import InputError, ServerError
 from orchestrator.jobs import FINISHED, Job, JobQueue, QueueFull, Status
 from orchestrator.metrics import Metrics
 from orchestrator.shared.store import (
-    CANCEL_QUEUED,
     CONTROL,
     EVENTS,
-    FINISH,
     GROUP,
     KEEP_S,
     QUEUED,
     RECENT,
     RUNNING,
+    SCRIPTS,
     SEQ,
-    START,
     STREAM,
-    SUBMIT,
     P,
+    apply_control,
     apply_state,
+    failed_state,
     job_of,
     spec_of,
     state_of,
@@ -52,8 +51,9 @@ class SharedQueue:
         self.url, self.max_queue, self.workers, self.lease_s = url, max_queue, workers, lease_s
         self._redis_errors = (redis.RedisError, OSError)
         self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=10)
-        self._scripts = {name: self.redis.register_script(text) for name, text in
-                         (("submit", SUBMIT), ("start", START), ("finish", FINISH), ("cancel", CANCEL_QUEUED))}
+        self._scripts = {name: self.redis.register_script(text) for name, text in SCRIPTS.items()}
+        where = self.redis.connection_pool.connection_kwargs
+        self._where = f"{where.get('host', '?')}:{where.get('port', '?')}"
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._metrics = metrics
         self._local = JobQueue(run, max_queue=10**6, workers=workers, metrics=metrics)
@@ -77,12 +77,8 @@ class SharedQueue:
         try:
             return fn()
         except self._redis_errors as exc:
-            raise ServerError(f"the job store (Redis at {self._where()}) is unreachable: {type(exc).__name__}") \
+            raise ServerError(f"the job store (Redis at {self._where}) is unreachable: {type(exc).__name__}") \
                 from exc
-
-    def _where(self) -> str:
-        kwargs = self.redis.connection_pool.connection_kwargs
-        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
     def _ensure_group(self) -> None:
         import redis
@@ -229,13 +225,15 @@ class SharedQueue:
                 log.warning("job store: %s; retrying", exc)
                 pubsub = None
                 time.sleep(0.5)
+            except Exception:  # noqa: BLE001 - a bug (a malformed message) must not stop the events
+                log.exception("job store: handling an event failed")
 
     def _on_message(self, channel: str, message: dict) -> None:
         task_id = message["task_id"]
         if channel == CONTROL:
             running = self._executing.get(task_id)
             if running is not None:
-                self._apply_control(running[1], message["op"])
+                apply_control(running[1], message["op"])
             return
         mirror = self._mirrors.get(task_id)
         if mirror is None:
@@ -250,15 +248,6 @@ class SharedQueue:
             self.get(task_id)
         mirror.emit(event)
 
-    @staticmethod
-    def _apply_control(job: Job, op: str) -> None:
-        if op == "cancel":
-            job.cancel()
-        elif op == "interrupt":
-            job.interrupted = True
-        elif op == "skip":
-            job.skipped = True
-
     # -- running jobs here ----------------------------------------------------------------------------------
     def _pull(self) -> None:
         while not self._closed:
@@ -272,9 +261,15 @@ class SharedQueue:
                 for entry_id, fields in entries:
                     self._start(entry_id.decode(), fields[b"id"].decode(), restarted=False)
             except self._redis_errors as exc:
-                if "NOGROUP" in str(exc):
-                    self._call(self._ensure_group)
                 log.warning("job store: reading the queue failed (%s); retrying", exc)
+                time.sleep(0.5)
+                if "NOGROUP" in str(exc):  # Redis came back empty (it did not persist): the group again
+                    try:
+                        self._ensure_group()
+                    except self._redis_errors:
+                        pass
+            except Exception:  # noqa: BLE001 - a bug (a job that cannot be read) must not stop the pulling
+                log.exception("job store: starting a job failed; its entry is claimed again after the lease")
                 time.sleep(0.5)
 
     def _start(self, entry_id: str, job_id: str, *, restarted: bool) -> None:
@@ -286,7 +281,15 @@ class SharedQueue:
         if spec is None:  # expired
             self._ack(entry_id)
             return
-        job = job_of(spec)
+        try:
+            job = job_of(spec)
+        except Exception as exc:  # noqa: BLE001 - one this version cannot read (another's, mid-upgrade) fails alone
+            error = f"this orchestrator cannot read the job as stored ({type(exc).__name__}: {exc})"
+            self._scripts["finish"](keys=[key, QUEUED, RUNNING, P + "latents:" + job_id],
+                                    args=[job_id, json.dumps(failed_state(error)), pickle.dumps(([], [])), KEEP_S])
+            self._publish({"task_id": job_id, "event": "failed", "error": error})
+            self._ack(entry_id)
+            return
         job.status, job.started = Status.RUNNING, time.time()
         if not self._scripts["start"](keys=[key, QUEUED, RUNNING],
                                       args=[job_id, json.dumps(state_of(job)), self.name, job.started]):
@@ -294,7 +297,7 @@ class SharedQueue:
             return
         for op in ("cancel", "interrupt", "skip"):  # asked for while it was in transit
             if self.redis.hexists(key, "control:" + op):
-                self._apply_control(job, op)
+                apply_control(job, op)
         job.status = Status.QUEUED  # the local queue starts it
         job.subscribe(lambda event: self._mirror_out(job, entry_id, event))
         with self._lock:
@@ -393,3 +396,5 @@ class SharedQueue:
                         self._ack(entry_id)
             except self._redis_errors as exc:
                 log.warning("job store: renewing leases failed (%s); retrying", exc)
+            except Exception:  # noqa: BLE001 - a bug must not stop the leases of the jobs running here
+                log.exception("job store: renewing leases failed")

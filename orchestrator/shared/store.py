@@ -5,6 +5,7 @@ hash counts the runs that completed (`completions`, written or not): more than o
 from __future__ import annotations
 
 import pickle
+import time
 
 from kiln.errors import KilnError
 from orchestrator.jobs import Job, Status
@@ -64,6 +65,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
+SCRIPTS = {"submit": SUBMIT, "start": START, "finish": FINISH, "cancel": CANCEL_QUEUED}
+
 
 def _error_types() -> dict[str, type[KilnError]]:
     found, todo = {}, [KilnError]
@@ -89,6 +92,23 @@ def apply_state(job: Job, state: dict) -> None:
     job.interrupted, job.skipped = state.get("interrupted", False), state.get("skipped", False)
     if state.get("error"):
         job.error = _error_types().get(state.get("error_type") or "", KilnError)(state["error"])
+
+
+def failed_state(error: str) -> dict:
+    """The state of a job that failed before it ran."""
+    return {"status": "failed", "iteration": 0, "step": 0, "steps": 0, "n_iter": 1, "started": None,
+            "finished": time.time(), "error": error, "error_type": "ServerError"}
+
+
+def apply_control(job: Job, op: str) -> None:
+    """What a client asked of a running job, wherever it asked: cancel, interrupt (AUTOMATIC1111's: stop now, keep
+    what is done) or skip (end the current run of n_iter)."""
+    if op == "cancel":
+        job.cancel()
+    elif op == "interrupt":
+        job.interrupted = True
+    elif op == "skip":
+        job.skipped = True
 
 
 def spec_of(job: Job) -> bytes:
