@@ -301,13 +301,22 @@ def kiln_serve(kiln: Path, repo: Path, folder: Path, env: dict | None = None, fl
                timeout_s: float = 240):
     """`kiln serve` (the executable `kiln`) on `repo` as a process of its own on free ports, its log in `folder`;
     yields the API's URL once it is ready; stopped with SIGTERM (the drain) at the end."""
-    import httpx
-
-    log, port = folder / "serve.log", free_port()
+    port = free_port()
     command = [str(kiln), "serve", "--repo", str(repo), "--port", str(port), "--http-port", str(free_port()),
                "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), *flags]
+    with serve_process(command, port, folder / "serve.log", env=env, cwd=folder, timeout_s=timeout_s) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serve_process(command: list[str], port: int, log: Path, env: dict | None = None, cwd: Path | None = None,
+                  timeout_s: float = 240):
+    """A `kiln serve` command line as a process of its own, its output in `log`; yields (the API's URL, the process)
+    once /health/ready answers 200 on `port`; stopped with SIGTERM (the drain) at the end unless it has exited."""
+    import httpx
+
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
@@ -321,11 +330,12 @@ def kiln_serve(kiln: Path, repo: Path, folder: Path, env: dict | None = None, fl
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"kiln serve not ready in {timeout_s} s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
-        yield url
+            time.sleep(0.5)
+        yield url, process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from orchestrator.pipeline import Pipeline, Txt2ImgRequest
 from orchestrator.security import SecurityOptions
 from orchestrator.server.service import BackgroundAPI
 from orchestrator.server.settings import Settings
-from tests.conftest import start_triton
+from tests.conftest import serve_process, start_triton
 
 pytestmark = pytest.mark.slow
 BODY = {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "steps": 8, "sampler_name": "Euler",
@@ -41,7 +40,6 @@ def redis_server(tmp_path):
         yield server
 
 
-@contextmanager
 def orchestrator(folder: Path, tritons: list[str], redis_url: str, *flags: str):
     """`kiln serve` without a Triton of its own (--triton-url) on the shared store, as a process; yields (url, process)
     once it is ready."""
@@ -49,31 +47,7 @@ def orchestrator(folder: Path, tritons: list[str], redis_url: str, *flags: str):
     command = [str(KILN), "serve", "--port", str(port), "--redis", redis_url, *flags]
     for url in tritons:
         command += ["--triton-url", url]
-    log = folder / f"orchestrator-{port}.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"kiln serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"kiln serve not ready:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    return serve_process(command, port, folder / f"orchestrator-{port}.log", timeout_s=120)
 
 
 def _image(state: dict) -> np.ndarray:
