@@ -130,13 +130,17 @@ class JobQueue:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, job: Job) -> Job:
+    def submit(self, job: Job, *, again: bool = False) -> Job:
+        """again: the id may name a finished job of this queue, which it replaces (the shared store runs a job again
+        here after the orchestrator that claimed it from this one stopped)."""
         with self._lock:
             if self._closed:
                 raise ServerError("the service is shutting down; not accepting new jobs")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)")
-            if job.id in self._jobs:
+            known = self._jobs.pop(job.id, None)
+            if known is not None and not (again and known.status in FINISHED):
+                self._jobs[job.id] = known
                 raise InputError(f"force_task_id {job.id!r} names a task this server already has")
             self._waiting.append(job)
             self._jobs[job.id] = job

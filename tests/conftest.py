@@ -40,6 +40,7 @@ from build.upscaler import build_upscaler
 from build.vit import ViTBuildOptions, build_vit
 from build.vit.weights import load_vit
 from kiln.paths import SAMPLE_IMAGES, list_images
+from kiln.redis_server import RedisServer
 from kiln.triton_server import TritonOptions, TritonServer, free_port
 
 atexit.register(shutil.rmtree, os.environ["KILN_AOTI_CACHE"], ignore_errors=True)
@@ -68,6 +69,13 @@ def pytest_collection_finish(session) -> None:
             free < RUN_NEEDS_GB:
         pytest.exit(f"only {free:.1f} GB free in {tempfile.gettempdir()}; the test run writes about "
                     f"{RUN_NEEDS_GB:g} GB of builds (free some space, or point TMPDIR at a larger disk)", returncode=4)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server of its own (the shared job store), on a free loopback port."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

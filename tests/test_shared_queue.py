@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kiln.redis_server import RedisServer
 from kiln.triton_server import free_port
 from orchestrator.pipeline import Pipeline, Txt2ImgRequest
 from orchestrator.security import SecurityOptions
@@ -32,12 +31,6 @@ pytestmark = pytest.mark.slow
 BODY = {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "steps": 8, "sampler_name": "Euler",
         "cfg_scale": 7.0, "width": 64, "height": 64}
 KILN = Path(sys.executable).parent / "kiln"
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 def orchestrator(folder: Path, tritons: list[str], redis_url: str, *flags: str):

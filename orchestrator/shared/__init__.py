@@ -1,7 +1,7 @@
 """A job store and queue in Redis shared by several orchestrators (`kiln serve --redis URL`): SharedQueue
-(orchestrator.shared.queue) has JobQueue's interface; orchestrator.shared.store holds the keys, scripts and stored
-forms. Every orchestrator accepts jobs into one queue and runs them on its own workers; any of them answers for any
-job.
+(orchestrator.shared.queue) has JobQueue's interface, its Runner (orchestrator.shared.runner) runs the store's jobs
+here; orchestrator.shared.store holds the keys, scripts and stored forms. Every orchestrator accepts jobs into one
+queue and runs them on its own workers; any of them answers for any job.
 
 - A job's spec (the prepared request, pickled: Redis is trusted as Triton is), state (JSON) and, once finished, its
   images live in the hash `kiln:job:{id}`. Submitting checks the shared bound and the id in one Lua script, then
@@ -14,7 +14,7 @@ job.
   after the lease another one claims the entry (XAUTOCLAIM) and runs the job again, with the same seeds. A job whose
   finished state was written before its orchestrator died is only acknowledged. An orchestrator that finds a job it
   runs claimed by another (Redis away longer than the lease, or a stalled process) stops it and leaves its end to
-  the other one.
+  the other one; should that one stop in turn, the job can come back and run here again.
 - Cancel, interrupt and skip go to the running orchestrator over pub/sub `kiln:control` (and are kept in the hash
   for an orchestrator that picks the job up later). A queued job is cancelled at once, by a script.
 - The accepting orchestrator (and any that is asked) keeps a mirror Job, updated from the events and read again
