@@ -314,8 +314,9 @@ def finetune(check: Check) -> dict:
     from benchmarks.finetune import MODELS, train_throughput
 
     label = "ViT-B/16" if check.options.cuda else "ViT-Tiny"
-    name, batch = MODELS[label]
-    batch, low = (64, "fp16") if check.options.cuda else (batch, "bf16")
+    name, _batch = MODELS[label]
+    # the CPU run only proves the phase runs: bf16 autocast is emulated without AVX-512 BF16 (7 s a step at batch 4)
+    batch, low = (64, "fp16") if check.options.cuda else (2, "bf16")
     rows = {precision: train_throughput(name, precision, check.options.device, batch, steps=5 if check.options.cuda
                                         else 1) for precision in ("fp32", low)}
     return {"model": label, **rows, f"{low}_over_fp32": round(rows[low]["images_per_s"] /
