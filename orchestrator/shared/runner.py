@@ -10,7 +10,7 @@ import pickle
 import threading
 import time
 
-from kiln.errors import ServerError
+from kiln.errors import KilnError
 from orchestrator.jobs import Job, JobQueue, Status
 from orchestrator.metrics import Metrics
 from orchestrator.shared.store import (
@@ -125,7 +125,7 @@ class Runner:
         self._metrics.queue_depth.set(self.waiting())
         try:  # again: it may have run here before, until another orchestrator claimed it (and then stopped)
             self._local.submit(job, again=True)
-        except ServerError as exc:  # shutting down: the entry is claimed by another orchestrator after the lease
+        except KilnError as exc:  # shutting down (or a bug): another orchestrator claims the entry after the lease
             log.warning("job %s: not started here (%s)", job_id, exc)
             with self._lock:
                 self._executing.pop(job_id, None)
