@@ -138,11 +138,11 @@ class JobQueue:
                 raise ServerError("the service is shutting down; not accepting new jobs")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting)")
-            known = self._jobs.pop(job.id, None)
+            known = self._jobs.get(job.id)
             if known is not None and not (again and known.status in FINISHED):
-                self._jobs[job.id] = known
                 raise InputError(f"force_task_id {job.id!r} names a task this server already has")
             self._waiting.append(job)
+            self._jobs.pop(job.id, None)  # the newest last, as _forget_old reads them
             self._jobs[job.id] = job
             self._forget_old()
             self._metrics.queue_depth.set(len(self._waiting))
