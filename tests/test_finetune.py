@@ -95,13 +95,22 @@ def test_built_and_served_it_answers_with_the_folder_names(tuned, tmp_path, kiln
     repo = tmp_path / "repo"
     code, out, err = kiln("build", "vit", "--weights", tuned.out, "--variants", "openvino-int8", "--no-extra-exports",
                           "--repo", repo)
+    if code != 0:
+        # The int8 parity of this tiny model, trained from random weights on 48 images, is a draw of the training's
+        # arithmetic: the seed fixes it on one CPU (0.995 on the AVX2 EPYC), but another ISA's sums train another model,
+        # and some of those lose the logits in int8 (cosine 0.33 with seed 3 here). Then the build must refuse it by
+        # name and remove it, and the rest of this test runs on the fp32 build.
+        assert "openvino-int8 (logits) is outside its tolerance" in err and "The artifact was removed" in err, err
+        code, out, err = kiln("build", "vit", "--weights", tuned.out, "--variants", "openvino-fp32",
+                              "--no-extra-exports", "--repo", repo)
     assert code == 0 and "served: vit = onnxruntime-fp32" in out, err
     report = read_report(repo)["vit"]
     assert report["labels"] == {"source": "weights", "count": 3, "first": CLASSES}
     assert report["shape"] == {"blocks": 12, "classes": 3, "width": 192, "tokens": 197, "size": 224}
     train_names = {Path(e["path"]).name for e in json.loads((tuned.out / "split.json").read_text())["train"]}
     assert set(report["parity_images"]) <= train_names  # parity and int8 calibration on the user's own images
-    assert report["artifacts"]["openvino-int8"]["parity"]["logits"]["top1"] >= 0.9
+    if "openvino-int8" in report["artifacts"]:
+        assert report["artifacts"]["openvino-int8"]["parity"]["logits"]["top1"] >= 0.9
 
     val = sorted(Path(e["path"]) for e in json.loads((tuned.out / "split.json").read_text())["val"])
     expected = _pytorch_top1(load_vit(tuned.out).model, val)
@@ -143,6 +152,21 @@ def test_resume_continues_the_run_and_refuses_other_labels(tuned, data, tmp_path
     shutil.copytree(data / "gray", other / "sepia")
     with pytest.raises(ConfigError, match=r"trained on classes \['cool', 'gray', 'warm'\].*'sepia'"):
         finetune_vit(options(other, out, epochs=12, resume=True), log=lambda _m: None)
+
+
+def test_the_seed_makes_a_run_repeatable(data, tmp_path):
+    """Same data, options and seed: the same weights, whatever state Python's and numpy's generators were in (timm's
+    random crops and RandAugment draw from them; unseeded, two runs differed, and the int8 build's parity with them)."""
+    import random
+
+    weights = []
+    for state in (1, 2):
+        random.seed(state), np.random.seed(state)  # what earlier code left in the global generators
+        out = tmp_path / f"run{state}"
+        finetune_vit(options(data, out, epochs=1, freeze_blocks=11, auto_augment="rand-m9-mstd0.5"),
+                     log=lambda _m: None)
+        weights.append(load_vit(out).model.state_dict())
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
 def test_freezing_ema_mixup_and_accumulation(data, tmp_path):

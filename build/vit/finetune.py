@@ -15,11 +15,13 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -92,7 +94,8 @@ def finetune_vit(options: FinetuneOptions, log: Callable[[str], None] = print) -
 
     # 2. The model, its classifier sized for these classes; a resumed run's state.
     state = _resume_state(out, options, classes) if options.resume else None
-    torch.manual_seed(options.seed)
+    # A repeatable run: torch's generator, Python's (timm's random crops) and numpy's (RandAugment's choice of ops)
+    torch.manual_seed(options.seed), random.seed(options.seed), np.random.seed(options.seed)
     model = _create_model(options, len(classes), log, resuming=state is not None)
     facts = spec_facts(spec_for(model))  # refuses what kiln cannot serve, before any training
     frozen = _freeze(model, options.freeze_blocks)
