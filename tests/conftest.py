@@ -256,6 +256,17 @@ def _seed():
     np.random.seed(0)
 
 
+WORKING_OUTPUTS = Path(__file__).resolve().parent.parent / "outputs"  # kiln serve's default --outputs
+
+
+@pytest.fixture(autouse=True)
+def _no_outputs_in_the_working_tree():
+    """A test's API saves images in a temporary folder (Settings.outputs_dir), never in the checkout's outputs/."""
+    before = WORKING_OUTPUTS.exists()
+    yield
+    assert before or not WORKING_OUTPUTS.exists(), f"this test saved images into {WORKING_OUTPUTS}"
+
+
 
 @pytest.fixture
 def kiln(capsys):

@@ -51,11 +51,13 @@ def two_triton(two_repo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api(two_triton):
+def api(two_triton, tmp_path_factory):
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
 
-    live = BackgroundAPI(Settings(triton_url=two_triton.grpc_url, port=free_port()))
+    # The web page sends save_images: its PNGs go to a temporary folder, not to outputs/ in the working tree.
+    live = BackgroundAPI(Settings(triton_url=two_triton.grpc_url, port=free_port(),
+                                  outputs_dir=tmp_path_factory.mktemp("outputs")))
     yield live
     live.stop()
 
