@@ -161,7 +161,8 @@ def test_the_seed_makes_a_run_repeatable(data, tmp_path):
 
     weights = []
     for state in (1, 2):
-        random.seed(state), np.random.seed(state)  # what earlier code left in the global generators
+        random.seed(state)  # what earlier code left in the global generators
+        np.random.seed(state)
         out = tmp_path / f"run{state}"
         finetune_vit(options(data, out, epochs=1, freeze_blocks=11, auto_augment="rand-m9-mstd0.5"),
                      log=lambda _m: None)

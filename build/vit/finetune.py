@@ -94,8 +94,8 @@ def finetune_vit(options: FinetuneOptions, log: Callable[[str], None] = print) -
 
     # 2. The model, its classifier sized for these classes; a resumed run's state.
     state = _resume_state(out, options, classes) if options.resume else None
-    # A repeatable run: torch's generator, Python's (timm's random crops) and numpy's (RandAugment's choice of ops)
-    torch.manual_seed(options.seed), random.seed(options.seed), np.random.seed(options.seed)
+    for seed in (torch.manual_seed, random.seed, np.random.seed):  # torch's; timm's random crops'; RandAugment's
+        seed(options.seed)  # a repeatable run: every generator the training draws from
     model = _create_model(options, len(classes), log, resuming=state is not None)
     facts = spec_facts(spec_for(model))  # refuses what kiln cannot serve, before any training
     frozen = _freeze(model, options.freeze_blocks)
