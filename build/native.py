@@ -40,6 +40,8 @@ def ov_target(ov_device: str, triton_backend: str, variants: list[Variant]) -> d
         if others:
             raise ConfigError(f"--ov-device {ov_device} targets OpenVINO variants; this build serves "
                               f"{', '.join(others)}")
+    if not any(v.runtime == "openvino" for v in variants):  # nothing to ask OpenVINO (a GPU machine may lack it)
+        return {"ov_device": ov_device, "available_here": None, "note": None}
     runs, available = ov_device_here(ov_device)
     note = None if runs else (f"not run on this device here (this machine's OpenVINO has {', '.join(available)}); "
                               "parity was checked on its CPU, and serving here refuses to load")
