@@ -30,7 +30,9 @@ def export_modules(loaded) -> dict[str, Callable]:
         rows = token_vector_id(input_ids).clamp(0, token_vectors.shape[0] - 1)  # its own inverse: -1 - id
         tokens = torch.where(vector.unsqueeze(-1), token_vectors[rows], text.embeddings.token_embedding(ids))
         hidden = text.embeddings(input_ids=ids, inputs_embeds=tokens)  # + position embeddings
-        mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+        # config, inputs_embeds, attention_mask, cache: by position (transformers 5.24 renamed past_key_values to
+        # cache; a GPU machine's own transformers may be older)
+        mask = create_causal_mask(text.config, hidden, None, None)
         states = []
         for layer in text.encoder.layers:
             hidden = layer(hidden, mask, is_causal=True)
