@@ -20,10 +20,13 @@ from kiln.paths import DEFAULT_REPOSITORY
 # path itself (kiln/triton_server.py; the hand-written models in model_repository/ carry the same lines).
 SITE_PREAMBLE = '''import os
 import site
+import sys
 
 for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
+_own = set(site.getsitepackages() + [site.getusersitepackages()])  # the stub interpreter's: after the above
+sys.path.sort(key=lambda _p: _p in _own)
 '''
 
 RUNTIME_MODEL = '''"""{name}: an artifact on ONNX Runtime, OpenVINO or torch inside Triton's Python backend.

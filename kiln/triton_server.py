@@ -1,15 +1,18 @@
 """The embedded Triton Inference Server: the real `tritonserver` binary from the nvidia-pytriton wheel.
 
 One mechanism, in one place, makes Python-backend models see the project's environment:
-the Python-backend stub embeds libpython3.11 and runs *isolated* (PYTHONPATH is ignored), so
+the Python-backend stub embeds the system's `libpython3.X.so.1.0` (Debian's libpython3.11, installed by
+scripts/setup_system.sh) and runs *isolated* (PYTHONPATH is ignored), so
 
-- the stub embeds the system's `libpython3.X.so.1.0` (Debian's libpython3.11, installed by
-  scripts/setup_system.sh). We do *not* point it at a pyenv build's own libpython: measured here,
-  the stub then corrupts every BYTES input (the 4-byte length prefix arrives as the low byte of
-  the length repeated four times), so image bytes never reach the model intact. C extensions of
-  the venv load fine into the system interpreter of the same minor version.
-- `KILN_SITE_PACKAGES` names this environment's site-packages; every hand-written `model.py`
-  starts with `site.addsitedir()` on it (which also honours the editable install's .pth file).
+- `KILN_SITE_PACKAGES` names this environment's site-packages; every `model.py` starts with `site.addsitedir()` on
+  each (which also honours the editable install's .pth file), then moves the stub interpreter's own site-packages
+  behind them, as a venv would hide them.
+- The stub (Triton 2.51's, built with a pybind11 older than numpy 2) needs numpy<2: with numpy 2 its arrays have the
+  wrong item size, so a BYTES input crashes the stub (the 4-byte length prefix arrives as its low byte repeated) and
+  a numpy output arrives empty. requirements.txt pins numpy 1.26. Where this environment has numpy 2 (a GPU
+  machine's own Python), `KILN_STUB_PATH` names folders with numpy<2 (`pip install --target DIR 'numpy<2'`) that the
+  stubs put first; `start()` refuses a numpy 2 that the stubs would import. (This was first taken for a fault of
+  pyenv's libpython: its interpreter's own site-packages held numpy 2 and came first.)
 
 Production (NVIDIA's tritonserver image) needs neither: there the packages are installed into the
 image's own Python.
@@ -109,10 +112,37 @@ class TritonInstallation:
 
 
 def stub_site_packages() -> str:
-    """The value of KILN_SITE_PACKAGES: this environment's site-packages folders, then the folders on PYTHONPATH
-    (the stub ignores PYTHONPATH itself): a checkout run without installing, packages installed with --target."""
-    extra = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return os.pathsep.join(dict.fromkeys([*site.getsitepackages(), *extra]))
+    """The value of KILN_SITE_PACKAGES: the folders of KILN_STUB_PATH (numpy<2 for the stubs, where this environment
+    has numpy 2), this environment's site-packages folders, then the folders on PYTHONPATH (the stub ignores
+    PYTHONPATH itself): a checkout run without installing, packages installed with --target."""
+    folders = [*_folders("KILN_STUB_PATH"), *site.getsitepackages(), *_folders("PYTHONPATH")]
+    return os.pathsep.join(dict.fromkeys(folders))
+
+
+def _folders(variable: str) -> list[str]:
+    return [str(Path(p).resolve()) for p in os.environ.get(variable, "").split(os.pathsep) if p]
+
+
+def stub_numpy(folders: str) -> str | None:
+    """The version of the numpy that stubs with these KILN_SITE_PACKAGES folders import (the first folder's that has
+    one; None where none has, and the stub interpreter's own decides)."""
+    import importlib.metadata
+
+    for folder in filter(None, folders.split(os.pathsep)):
+        found = next(iter(importlib.metadata.distributions(name="numpy", path=[folder])), None)
+        if found is not None:
+            return found.version
+    return None
+
+
+def check_stub_numpy(folders: str) -> None:
+    """Refuse a numpy 2 in the stubs, which corrupts their tensors (the module docstring says how)."""
+    version = stub_numpy(folders)
+    if version is not None and int(version.split(".")[0]) >= 2:
+        raise ServerError(f"Triton's Python-backend stubs would import numpy {version}, and the embedded Triton's stub "
+                          "needs numpy<2 (with numpy 2 its BYTES inputs crash it and its numpy outputs arrive empty). "
+                          "Install numpy<2 here (requirements.txt pins 1.26.4), or give the stubs their own: "
+                          "pip install --target DIR 'numpy<2', then KILN_STUB_PATH=DIR")
 
 
 def free_port() -> int:
@@ -202,6 +232,7 @@ class TritonServer:
         repository = Path(self.options.repository)
         if not repository.is_dir():
             raise ServerError(f"model repository {repository} does not exist; build one with `kiln build vit`")
+        check_stub_numpy(self.environment()["KILN_SITE_PACKAGES"])
         native = native_models(repository)
         if native:
             listed = ", ".join(f"{name} ({backend})" for name, backend in sorted(native.items()))

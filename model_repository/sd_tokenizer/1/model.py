@@ -15,10 +15,13 @@ folder of its own); a name used as a word becomes its vectors' positions (kiln.p
 
 import os
 import site
+import sys
 
 for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
+_own = set(site.getsitepackages() + [site.getusersitepackages()])  # the stub interpreter's: after the above
+sys.path.sort(key=lambda _p: _p in _own)
 
 from pathlib import Path
 

@@ -2,10 +2,13 @@
 
 import os
 import site
+import sys
 
 for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
+_own = set(site.getsitepackages() + [site.getusersitepackages()])  # the stub interpreter's: after the above
+sys.path.sort(key=lambda _p: _p in _own)
 
 import triton_python_backend_utils as pb_utils
 

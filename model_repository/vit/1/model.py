@@ -7,10 +7,13 @@ errors and output selection are kiln.runtime.model.RuntimeModel's. This model ad
 
 import os
 import site
+import sys
 
 for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
+_own = set(site.getsitepackages() + [site.getusersitepackages()])  # the stub interpreter's: after the above
+sys.path.sort(key=lambda _p: _p in _own)
 
 import numpy as np
 

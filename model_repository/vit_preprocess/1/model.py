@@ -5,10 +5,13 @@ One response per request; a bad image fails its own request with a message, neve
 
 import os
 import site
+import sys
 
 for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
     if _path:
         site.addsitedir(_path)
+_own = set(site.getsitepackages() + [site.getusersitepackages()])  # the stub interpreter's: after the above
+sys.path.sort(key=lambda _p: _p in _own)
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
