@@ -61,14 +61,10 @@ gpu-check: $(STAMP)
 	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA GPU here; bash scripts/gpu_check.sh cpu runs the same check on tiny weights')"
 	bash scripts/gpu_check.sh cuda
 
-# The wheels a GPU machine with its own torch lacks (about 63 MB: nvidia-pytriton is 55 of it; a run may carry
-# 64 MiB), pinned as requirements.txt pins them (names as it spells them).
-GPU_WHEELS := nvidia-pytriton diffusers tritonclient prometheus_client open_clip_torch
+# The wheels a GPU machine with its own torch lacks, for its Python (3.12), pinned as requirements.txt pins them;
+# nvidia-pytriton trimmed to that Python's stub. It fails if they and the working tree exceed the 64 MiB a run carries.
 gpu-wheels: $(STAMP)
-	mkdir -p .kiln/gpu-wheels
-	$(BIN)/python -m pip download --quiet --no-deps -d .kiln/gpu-wheels \
-	  $$(for w in $(GPU_WHEELS); do grep -i "^$$w==" requirements.txt; done)
-	du -sh .kiln/gpu-wheels
+	$(BIN)/python scripts/gpu_wheels.py --out .kiln/gpu-wheels
 
 clean-repo:
 	git clean -fdX model_repository

@@ -37,6 +37,7 @@ from benchmarks.gpu_phases import (
     weights,
 )
 from benchmarks.load import machine, machine_line
+from kiln.triton_server import stub_numpy, stub_site_packages
 
 TARGETS = {"sd_served_s": 0.45, "served_over_in_process": 1.10, "vit_images_per_s_at_256": 10_000,
            "step_batching_speedup_at_16": 3.0}
@@ -85,7 +86,8 @@ class Check:
         gpu = torch.cuda.get_device_name(0) if options.cuda else ""
         self.result = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
                        "machine": machine(), "gpu": gpu, "torch": torch.__version__, "targets": TARGETS,
-                       "modules": _versions(), "phases": {}, "errors": {}, "skipped": {}}
+                       "modules": _versions(), "stub_numpy": stub_numpy(stub_site_packages()), "phases": {},
+                       "errors": {}, "tracebacks": {}, "skipped": {}}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -105,6 +107,8 @@ class Check:
                 self.result["errors"][name] = self.stopped
             except Exception as exc:  # noqa: BLE001 - a phase fails alone; the file says how
                 self.result["errors"][name] = "".join(traceback.format_exception_only(exc)).strip()[-2000:]
+                # Where it failed: a lent machine is gone once the run ends, and this file is all that comes back.
+                self.result["tracebacks"][name] = "".join(traceback.format_exception(exc))[-4000:]
                 self.log(f"!! {name}: {self.result['errors'][name]}")
         self.result["elapsed_s"] = round(self.elapsed(), 1)
         (self.root / "results.json").write_text(json.dumps(self.result, indent=2, default=str))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 11 in one run (benchmarks/gpu_check.py), for a lent NVIDIA machine:
 #
-#   here:   make gpu-wheels              (the wheels that machine lacks, into .kiln/gpu-wheels, ~62 MB)
+#   here:   make gpu-wheels              (the wheels that machine lacks, for its Python 3.12, into .kiln/gpu-wheels)
 #   there:  bash scripts/gpu_check.sh    (run from the repository root, with .kiln/gpu-wheels carried along)
 #   here, to try it on the CPU:  bash scripts/gpu_check.sh cpu   (tiny weights; tests/test_gpu_check.py runs it)
 #
@@ -12,8 +12,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${1:-cuda}"
 OUT="${OUT:-results}"
-PY="${PYTHON:-python3}"
-if [ "$DEVICE" = cpu ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+# The python: $PYTHON if set (a stand-in for the GPU machine's environment, say), else on the CPU the project's venv,
+# else the machine's python3 (the GPU machine's holds its torch).
+PY="${PYTHON:-}"
+if [ -z "$PY" ] && [ "$DEVICE" = cpu ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+PY="${PY:-python3}"
 SITE="$PWD/.kiln/gpu-site"
 WHEELS="$PWD/.kiln/gpu-wheels"
 
@@ -24,7 +27,7 @@ wheels = {"diffusers": "diffusers", "pytriton": "nvidia-pytriton", "tritonclient
           "prometheus_client": "prometheus-client", "safetensors": "safetensors", "tokenizers": "tokenizers",
           "timm": "timm", "transformers": "transformers", "onnx": "onnx", "onnxruntime": "onnxruntime",
           "grpc": "grpcio", "google.protobuf": "protobuf", "open_clip": "open-clip-torch", "PIL": "pillow",
-          "tqdm": "tqdm", "psutil": "psutil"}
+          "tqdm": "tqdm", "psutil": "psutil", "rapidjson": "python-rapidjson"}  # rapidjson: tritonclient's
 def absent(module):
     try:
         return importlib.util.find_spec(module) is None
@@ -37,10 +40,20 @@ mkdir -p "$OUT"
 if [ -n "$missing" ]; then
   echo "gpu-check: $PY lacks: $missing; installing them from $WHEELS"
   for wheel in $missing; do
-    "$PY" -m pip install --quiet --no-deps --no-index --find-links "$WHEELS" --target "$SITE" "$wheel" \
+    "$PY" -m pip install --quiet --upgrade --no-deps --no-index --find-links "$WHEELS" --target "$SITE" "$wheel" \
       || echo "gpu-check: no carried wheel for $wheel (make gpu-wheels carries the ones this check needs)" \
       | tee -a "$OUT/gpu-check-setup.log"
   done
+fi
+# Triton's Python-backend stub needs numpy<2 (kiln/triton_server.py says why). Where this python has numpy 2 (the GPU
+# machine's has 2.5), the stubs get the carried numpy 1.26 in a folder of their own, first on their path.
+if ! "$PY" -c "import sys, numpy; sys.exit(int(numpy.__version__.split('.')[0]) >= 2)"; then
+  STUB="$PWD/.kiln/gpu-stub-numpy"
+  if "$PY" -m pip install --quiet --upgrade --no-deps --no-index --find-links "$WHEELS" --target "$STUB" "numpy<2"; then
+    export KILN_STUB_PATH="$STUB"
+  else
+    echo "gpu-check: no carried numpy<2 for Triton's stubs (make gpu-wheels carries one)" | tee -a "$OUT/gpu-check-setup.log"
+  fi
 fi
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch; print('gpu-check: torch', torch.__version__, 'cuda', torch.cuda.is_available())"
