@@ -2,7 +2,8 @@
 
 One mechanism, in one place, makes Python-backend models see the project's environment:
 the Python-backend stub embeds the system's `libpython3.X.so.1.0` (Debian's libpython3.11, installed by
-scripts/setup_system.sh) and runs *isolated* (PYTHONPATH is ignored), so
+scripts/setup_system.sh; where the system has none, this interpreter's own) and runs *isolated* (PYTHONPATH is
+ignored), so
 
 - `KILN_SITE_PACKAGES` names this environment's site-packages; every `model.py` starts with `site.addsitedir()` on
   each (which also honours the editable install's .pth file), then moves the stub interpreter's own site-packages
@@ -145,6 +146,19 @@ def check_stub_numpy(folders: str) -> None:
                           "pip install --target DIR 'numpy<2', then KILN_STUB_PATH=DIR")
 
 
+def libpython_fallback() -> list[str]:
+    """This interpreter's library folder where the system has no libpython3.X.so.1.0 for the stub to link (a Python
+    built apart from the system's, as a GPU machine's may be); nothing where it has one (Debian's, here)."""
+    import ctypes.util
+    import sysconfig
+
+    name = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    folder = sysconfig.get_config_var("LIBDIR")
+    if ctypes.util.find_library(name) or not folder or not (Path(folder) / f"lib{name}.so.1.0").exists():
+        return []
+    return [folder]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -220,7 +234,7 @@ class TritonServer:
         library_path = [str(self.install.library_dir)]
         if env.get("LD_LIBRARY_PATH"):
             library_path.append(env["LD_LIBRARY_PATH"])
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(library_path)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*library_path, *libpython_fallback()])
         env["KILN_SITE_PACKAGES"] = stub_site_packages()
         env.update(self.options.extra_env)
         return env

@@ -8,7 +8,8 @@
 # KINDS.md lists for that machine (torch 2.11 CUDA build, numpy 2.5, transformers 5.17, huggingface_hub 1.33,
 # onnxruntime 1.30, ...), without what it lacks (pydantic, OpenVINO, this project's pins). Then `make gpu-wheels`'
 # wheels, installed by scripts/gpu_check.sh as there, and the check on tiny weights: results in $OUT/gpu-check.
-# What it cannot stand in for: CUDA itself, and that machine's libpython3.12 (here pyenv's, on LD_LIBRARY_PATH).
+# What it cannot stand in for: CUDA itself, and that machine's libpython3.12 (here pyenv's: Debian 12 has none, so
+# kiln/triton_server.py's fallback puts the interpreter's own library folder on the stubs' LD_LIBRARY_PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY312="${PYTHON312:-$(pyenv prefix 3.12 2>/dev/null || true)/bin/python3.12}"
@@ -28,6 +29,5 @@ if [ ! -f "$MADE" ] || [ requirements.txt -nt "$MADE" ] || [ scripts/gpu_wheels.
   make gpu-wheels && touch "$MADE"
 fi
 rm -rf .kiln/gpu-site .kiln/gpu-stub-numpy  # installed afresh from the wheels, as on a fresh GPU machine
-LD_LIBRARY_PATH="$(dirname "$(dirname "$PY312")")/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-  OUT="${OUT:-$PWD/.kiln/gpu-sim-out}" KILN_GPU_CHECK_WORK="${KILN_GPU_CHECK_WORK:-.kiln/gpu-sim-work}" \
+OUT="${OUT:-$PWD/.kiln/gpu-sim-out}" KILN_GPU_CHECK_WORK="${KILN_GPU_CHECK_WORK:-.kiln/gpu-sim-work}" \
   PYTHON="$VENV/bin/python" bash scripts/gpu_check.sh cpu
