@@ -44,6 +44,7 @@ if [ -n "$missing" ]; then
       || echo "gpu-check: no carried wheel for $wheel (make gpu-wheels carries the ones this check needs)" \
       | tee -a "$OUT/gpu-check-setup.log"
   done
+  PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"  # only then: a folder left by another python must not shadow this one's
 fi
 # Triton's Python-backend stub needs numpy<2 (kiln/triton_server.py says why). Where this python has numpy 2 (the GPU
 # machine's has 2.5), the stubs get the carried numpy 1.26 in a folder of their own, first on their path.
@@ -55,6 +56,6 @@ if ! "$PY" -c "import sys, numpy; sys.exit(int(numpy.__version__.split('.')[0]) 
     echo "gpu-check: no carried numpy<2 for Triton's stubs (make gpu-wheels carries one)" | tee -a "$OUT/gpu-check-setup.log"
   fi
 fi
-export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch; print('gpu-check: torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 exec timeout --signal=INT --kill-after=20 480 "$PY" -m benchmarks.gpu_check --device "$DEVICE" --out "$OUT"

@@ -23,7 +23,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
                          env=os.environ | {"OUT": str(tmp_path), "KILN_GPU_CHECK_WORK": str(tmp_path / "work")},
                          timeout=600)
     result = json.loads((tmp_path / "gpu-check" / "results.json").read_text())
-    assert run.returncode == 0 and not result["errors"] and not result["skipped"], run.stderr[-3000:]
+    assert run.returncode == 0 and not result["errors"] and not result["skipped"], (run.stdout + run.stderr)[-3000:]
     phases = result["phases"]
     assert list(phases) == ["weights", "build", "serve", "sd_served", "vit_served", "batching", "sd_in_process",
                             "vit_in_process", "finetune"]
