@@ -33,15 +33,15 @@ REPACK_OVER = 4_000_000  # bytes: the wheels worth repacking (nvidia-pytriton, n
 
 def pins(names: tuple[str, ...], requirements: Path = ROOT / "requirements.txt") -> list[str]:
     """`name==version` for each name, as requirements.txt pins it (an unpinned name is an error)."""
-    pinned = {}
-    for line in requirements.read_text().splitlines():
-        name, _, version = line.partition("==")
-        if version:
-            pinned[re.sub(r"[-_.]+", "-", name.strip()).lower()] = line.strip()
-    missing = [n for n in names if re.sub(r"[-_.]+", "-", n).lower() not in pinned]
+    def normal(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+    pinned = {normal(line.partition("==")[0]): line.strip() for line in requirements.read_text().splitlines()
+              if "==" in line}
+    missing = [n for n in names if normal(n) not in pinned]
     if missing:
         raise SystemExit(f"gpu-wheels: requirements.txt pins no {', '.join(missing)}")
-    return [pinned[re.sub(r"[-_.]+", "-", n).lower()] for n in names]
+    return [pinned[normal(n)] for n in names]
 
 
 def keep(name: str, python: str) -> bool:
