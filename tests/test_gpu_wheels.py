@@ -38,7 +38,7 @@ def test_a_repacked_wheel_keeps_one_python_and_pip_installs_it(tmp_path):
     assert after < before
     with zipfile.ZipFile(wheel) as repacked:
         kept = set(repacked.namelist())
-        assert all(info.compress_type == zipfile.ZIP_LZMA for info in repacked.infolist())
+        assert all(entry.compress_type == zipfile.ZIP_LZMA for entry in repacked.infolist())
         record = repacked.read(f"{info}/RECORD").decode()
     assert kept == {f"{STUBS}3.12/triton_python_backend_stub", "nvidia_pytriton.libs/libtritonserver-7171.so",
                     "pytriton/tritonserver/bin/tritonserver", f"{info}/METADATA", f"{info}/WHEEL", f"{info}/RECORD"}
