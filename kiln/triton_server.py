@@ -246,7 +246,8 @@ class TritonServer:
         repository = Path(self.options.repository)
         if not repository.is_dir():
             raise ServerError(f"model repository {repository} does not exist; build one with `kiln build vit`")
-        check_stub_numpy(self.environment()["KILN_SITE_PACKAGES"])
+        env = self.environment()  # once: it looks for libpython through ldconfig
+        check_stub_numpy(env["KILN_SITE_PACKAGES"])
         native = native_models(repository)
         if native:
             listed = ", ".join(f"{name} ({backend})" for name, backend in sorted(native.items()))
@@ -256,7 +257,7 @@ class TritonServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "wb")
         self._process = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=self._log_file, stderr=subprocess.STDOUT,
+            self.command(), env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, start_new_session=True,
         )
         deadline = time.monotonic() + self.options.startup_timeout_s

@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     for wheel in sorted(w for w in args.out.glob("*.whl") if w.stat().st_size > REPACK_OVER):
         before, after = repack(wheel, args.python)
         print(f"gpu-wheels: {wheel.name}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
-    wheels, tree = sum(w.stat().st_size for w in args.out.glob("*.whl")), tree_size()
-    print(f"gpu-wheels: {len(list(args.out.glob('*.whl')))} wheels, {wheels / 2**20:.1f} MiB, and the working tree "
+    made = list(args.out.glob("*.whl"))
+    wheels, tree = sum(w.stat().st_size for w in made), tree_size()
+    print(f"gpu-wheels: {len(made)} wheels, {wheels / 2**20:.1f} MiB, and the working tree "
           f"{tree / 2**20:.1f} MiB: {(wheels + tree) / 2**20:.1f} MiB of the {TRAVEL_LIMIT // 2**20} MiB a run carries")
     if wheels + tree > TRAVEL_LIMIT:
         raise SystemExit("gpu-wheels: too much to travel with one run; make the working tree smaller (git status "
