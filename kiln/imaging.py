@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -18,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kiln.errors import InputError, TooLargeError
+
+_OPEN_LOCK = threading.Lock()
 
 # PIL's names for resampling filters, as torchvision's InterpolationMode values spell them.
 RESAMPLE = {
@@ -91,18 +94,20 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     if len(data) > limits.max_bytes:
         raise InputError(f"image of {len(data)} bytes exceeds the {limits.max_bytes}-byte limit")
     try:
-        with warnings.catch_warnings():
+        # catch_warnings swaps the process's filter list, so two threads inside it at once can leave one's filter
+        # behind: the header parse it guards takes microseconds and runs under a lock; the decode runs outside it.
+        with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size  # from the header only
-            if width * height > limits.max_pixels:
-                raise InputError(
-                    f"image header declares {width}x{height} = {width * height} pixels, "
-                    f"over the limit of {limits.max_pixels}; refused before decoding")
-            if min(width, height) < limits.min_side:
-                raise InputError(f"image of {width}x{height} is too small: each side must be at least "
-                                 f"{limits.min_side} pixels")
-            image.load()
+        width, height = image.size  # from the header only
+        if width * height > limits.max_pixels:
+            raise InputError(
+                f"image header declares {width}x{height} = {width * height} pixels, "
+                f"over the limit of {limits.max_pixels}; refused before decoding")
+        if min(width, height) < limits.min_side:
+            raise InputError(f"image of {width}x{height} is too small: each side must be at least "
+                             f"{limits.min_side} pixels")
+        image.load()  # PIL decodes without the GIL: threads decode side by side (vit_preprocess's pool)
     except InputError:
         raise
     except UnidentifiedImageError:

@@ -126,6 +126,26 @@ def test_bad_image_fails_alone_while_good_ones_in_the_same_batch_succeed(triton,
     assert triton.is_running() and ViTClient(triton.grpc_url).is_ready()
 
 
+def test_a_request_of_many_images_is_decoded_side_by_side_and_fails_whole_on_one_bad_image(triton, sample_images,
+                                                                                         reference):
+    """vit_preprocess decodes the images of a call on its thread pool: each row keeps its place, and one bad image
+    fails its own request (naming the problem) while the request beside it succeeds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    payloads = [p.read_bytes() for p in sample_images]
+    good = np.array([[payloads[i % len(payloads)]] for i in range(2 * len(payloads))], dtype=object)
+    bad = good.copy()
+    bad[3, 0] = BAD_IMAGES["corrupt bytes"][0]
+    with ThreadPoolExecutor(2) as pool:  # sent together: the batcher may give both to one execute() call
+        outcomes = [pool.submit(_raw_infer, triton, "vit_classify", [("image", rows, "BYTES")]) for rows in (good, bad)]
+        indices = outcomes[0].result().as_numpy("indices")
+        with pytest.raises(InferenceServerException, match="corrupt or truncated image"):
+            outcomes[1].result()
+    for row, expected in enumerate(indices):
+        assert expected[:5].tolist() == reference["top5"][row % len(payloads)].tolist(), row
+    assert triton.is_running()
+
+
 def test_bad_input_is_the_clients_error_over_grpc_and_http(triton):
     """A corrupt image or a bad top_k is answered as the request's fault (gRPC INVALID_ARGUMENT, HTTP 400), not as
     a server error, so clients and proxies can tell them apart."""
@@ -183,3 +203,14 @@ def test_metrics_endpoint_counts_requests(triton):
     with urllib.request.urlopen(triton.metrics_url) as response:
         text = response.read().decode()
     assert 'nv_inference_request_success{model="vit_classify"' in text
+
+
+def test_bench_preprocess_measures_the_pool_against_one_thread(tmp_path, kiln):
+    code, out, err = kiln("bench", "preprocess", "--calls", "2", "--batch-sizes", "1,4", "--out", tmp_path)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "preprocess.json").read_text())
+    assert {(r["batch"], r["arm"]) for r in saved["rows"]} == {(b, a) for b in (1, 4) for a in ("pool", "one thread")}
+    for row in saved["rows"]:  # the two arms' pixels were compared on every call (the run fails if they differ)
+        assert row["images_per_s"] > 0 and row["vs_one_thread"] > 0
+    assert "| 4 |" in out and (tmp_path / "preprocess.png").stat().st_size > 5_000 and saved["machine"]["isa"]
+    assert kiln("bench", "preprocess", "--calls", "0", "--out", tmp_path)[0] == 2

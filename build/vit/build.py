@@ -56,7 +56,7 @@ class ViTBuildOptions:
     # for devices that need fixed shapes (NPU); (): dynamic batches
     static_sizes: tuple[tuple[int, int], ...] = ()
     max_queue_delay_us: int = 2000
-    threads: int = 0  # runtime threads inside Triton; 0: all cores
+    threads: int = 0  # runtime threads inside Triton, and vit_preprocess's decode pool; 0: all cores
     progress: bool = True
 
     @property

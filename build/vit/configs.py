@@ -53,7 +53,8 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
         dynamic_batching=batching,
         kind="KIND_CPU",
         parameters={"transform": transform.to_json(), "default_layer": str(facts["blocks"] - 1),
-                    "max_pixels": str(ImageLimits().max_pixels), "min_side": str(ImageLimits().min_side)},
+                    "max_pixels": str(ImageLimits().max_pixels), "min_side": str(ImageLimits().min_side),
+                    "threads": str(options.threads)},  # its decode pool (0: all cores)
     )
     vit = ModelConfig(
         name=names.VIT,

@@ -1,4 +1,5 @@
-"""`kiln bench vit|serve|sd|transport`: the benchmarks (benchmarks/); results and commands in benchmarks/RESULTS.md."""
+"""`kiln bench vit|serve|sd|edge|transport|preprocess`: the benchmarks (benchmarks/); results and commands in
+benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -61,6 +62,12 @@ def add_parser(commands) -> None:
     transport.add_argument("--out", type=Path, default=RESULTS)
     transport.add_argument("--calls", type=int, default=200, help="timed calls per shape and mode")
     transport.set_defaults(run=run_transport)
+    preprocess = targets.add_parser("preprocess", help="vit_preprocess (JPEG decode + eval transform) through Triton: "
+                                                       "its thread pool against one thread")
+    preprocess.add_argument("--out", type=Path, default=RESULTS)
+    preprocess.add_argument("--batch-sizes", type=int_list, default=(1, 8, 32), help="comma-separated")
+    preprocess.add_argument("--calls", type=int, default=20, help="timed calls per batch size and arm")
+    preprocess.set_defaults(run=run_preprocess)
 
 
 def _sd_pipeline(parser, default: str, help_text: str) -> None:
@@ -126,4 +133,15 @@ def run_transport(args) -> int:
 
         raise KilnError("--calls must be at least 1")
     run_transport_benchmark(TransportBenchOptions(out=args.out, calls=args.calls))
+    return 0
+
+
+def run_preprocess(args) -> int:
+    from benchmarks.preprocess import PreprocessBenchOptions, run_preprocess_benchmark
+
+    if args.calls < 1:
+        from kiln.errors import KilnError
+
+        raise KilnError("--calls must be at least 1")
+    run_preprocess_benchmark(PreprocessBenchOptions(out=args.out, batch_sizes=args.batch_sizes, calls=args.calls))
     return 0

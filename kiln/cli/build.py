@@ -37,7 +37,8 @@ def add_parser(commands) -> None:
     vit.add_argument("--calibration-size", type=int, default=32)
     vit.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
     _target_arguments(vit)
-    vit.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
+    vit.add_argument("--threads", type=int, default=0,
+                     help="runtime threads inside Triton, and vit_preprocess's decode pool (0: all cores)")
     vit.set_defaults(run=run_vit)
 
     sd = targets.add_parser("sd", help="Stable Diffusion 1.x or 2.x: text encoder, UNet, VAE, ControlNets, tokenizer")
