@@ -19,35 +19,38 @@ COMPUTING_MODELS = (names.SD_TOKENIZER, names.SD_TEXT_ENCODER, names.SD_UNET, na
                     names.SD_VAE_POSTPROCESS)
 
 
-def triton_compute_seconds(http_url: str, settle_s: float = 1.0) -> dict[str, float]:
-    """Triton's cumulative statistics per computing model: compute (input + infer + output) and queue seconds, once
-    they have settled: a model records a request's statistics after its response has gone out, so a snapshot taken
-    right after a call may lack it (and one taken later would give it to the next window). Two equal reads 50 ms
-    apart, or `settle_s` at most."""
+def triton_compute_seconds(http_url: str, settle_s: float = 1.0,
+                           models: tuple[str, ...] = COMPUTING_MODELS) -> dict[str, dict]:
+    """Triton's cumulative statistics per computing model (or per one of `models`): compute (input + infer + output,
+    and each of the three) and queue seconds and the executions, once they have settled: a model records a request's
+    statistics after its response has gone out, so a snapshot taken right after a call may lack it (and one taken
+    later would give it to the next window). Two equal reads 50 ms apart, or `settle_s` at most."""
     deadline = time.perf_counter() + settle_s
-    current = _compute_seconds(http_url)
+    current = _compute_seconds(http_url, models)
     while time.perf_counter() < deadline:
         time.sleep(0.05)
-        latest = _compute_seconds(http_url)
+        latest = _compute_seconds(http_url, models)
         if latest == current:
             break
         current = latest
     return current
 
 
-def _compute_seconds(http_url: str) -> dict[str, float]:
+def _compute_seconds(http_url: str, models: tuple[str, ...]) -> dict[str, dict]:
     import urllib.request
 
     with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=30) as response:
         stats = json.load(response)["model_stats"]
     out = {}
     for model in stats:
-        if model["name"] in COMPUTING_MODELS:
+        if model["name"] in models:
             inference = model["inference_stats"]
-            out[model["name"]] = {
-                "compute_s": sum(int(inference[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output"))
-                / 1e9,
-                "queue_s": int(inference["queue"]["ns"]) / 1e9, "executions": int(model["execution_count"])}
+            stages = {f"{k}_s": int(inference[k]["ns"]) / 1e9 for k in ("compute_input", "compute_infer",
+                                                                          "compute_output")}
+            out[model["name"]] = {"compute_s": sum(stages.values()), **stages,
+                                  "queue_s": int(inference["queue"]["ns"]) / 1e9,
+                                  "executions": int(model["execution_count"]),
+                                  "requests": int(inference["success"]["count"])}
     return out
 
 

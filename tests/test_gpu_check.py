@@ -31,6 +31,13 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     served, local = phases["vit_served"]["batches"]["1"], phases["vit_in_process"]["batches"]["1"]
     assert served["triton_tensor"]["images_per_s"] > 0 and served["triton_jpeg"]["images_per_s"] > 0
     assert local["eager"]["images_per_s"] > 0 and phases["vit_in_process"]["served_over_eager_at_max_batch"] > 0
+    # Triton's split of each request (the tensor path: `vit` alone; JPEG: the three models of vit_classify)
+    assert set(served["triton_tensor"]["triton_ms_per_request"]) == {"vit"}
+    assert set(served["triton_jpeg"]["triton_ms_per_request"]) == {"vit_preprocess", "vit", "vit_postprocess"}
+    assert served["triton_tensor"]["triton_ms_per_request"]["vit"]["compute_infer_ms"] > 0
+    concurrent = phases["vit_served"]["concurrent"]
+    assert concurrent["clients"] == 2 and concurrent["requests"] > 0 and concurrent["images_per_s"] > 0
+    assert set(phases["vit_in_process"]["host_copy_ms_at_max_batch"]) == {"cast_on_host", "cast_on_device"}
     served, local = phases["sd_served"], phases["sd_in_process"]
     assert served["image_s"] > 0 and local["in_process"]["image_s"] > 0 and local["diffusers"]["image_s"] > 0
     assert 0 < served["triton_compute_s"] < served["model_calls_s"] < served["image_s"]

@@ -1,0 +1,176 @@
+"""The GPU check's ViT phases (benchmarks/gpu_check.py): ViT-B/16 served through Triton and in process.
+
+Every import that needs more than numpy is inside a phase, as in benchmarks/gpu_phases.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from benchmarks.gpu_phases import _sync, rate, timed
+from kiln import contract as names
+
+if TYPE_CHECKING:
+    from benchmarks.gpu_check import Check
+
+def _vit_inputs(batches: tuple[int, ...]):
+    """The ViT (seeded random weights, eval transform) and the sample photographs, tiled to the largest batch."""
+    from build.vit.transform import eval_transform
+    from build.vit.weights import load_vit
+    from kiln.imaging import preprocess
+    from kiln.paths import SAMPLE_IMAGES, list_images
+
+    model = load_vit(random_weights=True, seed=0).model
+    transform = eval_transform(model)
+    payloads = [p.read_bytes() for p in list_images(SAMPLE_IMAGES) if p.suffix.lower() in (".jpg", ".jpeg")]
+    pixels = np.stack([preprocess(payloads[i % len(payloads)], transform) for i in range(max(batches))])
+    jpegs = np.array([payloads[i % len(payloads)] for i in range(max(batches))], dtype=object).reshape(-1, 1)
+    return model, pixels, jpegs
+
+
+def vit_served(check: Check) -> dict:
+    """Through Triton: tensors to `vit` (through system shared memory) and JPEG bytes to `vit_classify`, one client,
+    with Triton's own split of each request's time per model; then, at the largest batch, tensors from several
+    clients at once (the client's copies overlap the GPU's work, as a loaded server's do)."""
+    from benchmarks.sd_triton import triton_compute_seconds
+    from kiln.triton_client import TritonClient
+
+    options, batches = check.options, check.options.vit_batches
+    _, pixels, jpegs = _vit_inputs(batches)
+    models = (names.VIT_PREPROCESS, names.VIT, names.VIT_POSTPROCESS)
+
+    def measured(call) -> tuple[list[float], dict]:
+        before = triton_compute_seconds(check.server.http_url, models=models)
+        latencies = timed(call, options.seconds)
+        return latencies, _per_request(before, triton_compute_seconds(check.server.http_url, models=models))
+
+    client = TritonClient(check.server.grpc_url, shared_memory="auto")
+    rows = {}
+    try:
+        for batch in batches:
+            feed = {"pixel_values": pixels[:batch]}
+            tensor, tensor_split = measured(lambda feed=feed, batch=batch: client.infer(
+                names.VIT, feed, ["logits"], output_shapes={"logits": (batch, 1000)}))
+            jpeg, jpeg_split = measured(lambda batch=batch: client.infer(
+                names.VIT_CLASSIFY, {"image": jpegs[:batch]}, ["labels"]))
+            rows[batch] = {"triton_tensor": rate(tensor, batch) | {"triton_ms_per_request": tensor_split},
+                           "triton_jpeg": rate(jpeg, batch) | {"triton_ms_per_request": jpeg_split}}
+    finally:
+        client.close()
+    return {"batches": rows, "concurrent": _vit_concurrent(check, pixels[:max(batches)])}
+
+
+def _per_request(before: dict, after: dict) -> dict:
+    """Triton's milliseconds per request of each model between two statistics snapshots (queue, compute input,
+    infer, output), and the requests and executions counted."""
+    out = {}
+    for model, now in after.items():
+        then = before.get(model, {})
+        requests = now["requests"] - then.get("requests", 0)
+        if requests:
+            out[model] = {k.removesuffix("_s") + "_ms": round(1e3 * (v - then.get(k, 0)) / requests, 3)
+                          for k, v in now.items() if k.endswith("_s")}
+            out[model] |= {"requests": requests, "executions": now["executions"] - then.get("executions", 0)}
+    return out
+
+
+def _vit_concurrent(check: Check, pixels: np.ndarray) -> dict:
+    """`vit_clients` clients, each with its own shared-memory regions, sending the largest batch back to back."""
+
+    from kiln.triton_client import TritonClient
+
+    options, batch = check.options, len(pixels)
+    clients = [TritonClient(check.server.grpc_url, shared_memory="auto") for _ in range(options.vit_clients)]
+    counts, ends, ready = [0] * len(clients), [0.0] * len(clients), threading.Barrier(len(clients) + 1)
+    feed, shapes = {"pixel_values": pixels}, {"logits": (batch, 1000)}
+    try:
+        failures: list[BaseException] = []
+
+        def send(index: int) -> None:
+            try:
+                clients[index].infer(names.VIT, feed, ["logits"], output_shapes=shapes)  # warm-up: its regions
+                ready.wait()
+                until = time.perf_counter() + options.seconds
+                while time.perf_counter() < until:
+                    clients[index].infer(names.VIT, feed, ["logits"], output_shapes=shapes)
+                    counts[index] += 1
+                ends[index] = time.perf_counter()
+            except BaseException as exc:  # noqa: BLE001 - the phase fails with it, below; the others stop waiting
+                failures.append(exc)
+                ready.abort()
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(clients))]
+        for thread in threads:
+            thread.start()
+        try:
+            ready.wait()
+        except threading.BrokenBarrierError:
+            pass  # a client failed its warm-up: reported below
+        start = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        if failures:
+            raise failures[0]
+        wall = max(ends) - start
+    finally:
+        for client in clients:
+            client.close()
+    return {"clients": len(clients), "batch": batch, "requests": sum(counts),
+            "images_per_s": round(batch * sum(counts) / wall, 1)}
+
+
+def vit_in_process(check: Check) -> dict:
+    """torch itself on the same images: eager fp16 (fp32 on the CPU) at every batch, and torch.compile with CUDA
+    graphs (mode reduce-overhead) at the largest, as long as the time budget allows."""
+    import torch
+
+    options, batches = check.options, check.options.vit_batches
+    model, pixels, _ = _vit_inputs(batches)
+    device, dtype = ("cuda", torch.float16) if options.cuda else ("cpu", torch.float32)
+    model = model.to(device, dtype).eval()
+    rows: dict = {batch: {} for batch in batches}
+    arms = [("eager", model, batches)]
+    if options.compiled:
+        arms.append(("compiled", torch.compile(model, mode="reduce-overhead"), (max(batches),)))
+    for arm, module, sizes in arms:
+        for batch in sizes:
+            if arm == "compiled" and check.elapsed() > options.budget_s * 0.8:
+                rows[batch][arm] = {"skipped": "time budget"}
+                continue
+            x = torch.from_numpy(pixels[:batch]).to(device, dtype)
+
+            def call(x=x, module=module) -> None:
+                with torch.inference_mode():
+                    module(x)
+                _sync()
+            rows[batch][arm] = rate(timed(call, options.seconds), batch)
+    served = check.result["phases"].get("vit_served", {}).get("batches", {}).get(max(batches), {})
+    ratio = {"host_copy_ms_at_max_batch": _host_copies(pixels[:max(batches)], device, dtype, options.seconds)}
+    if served:
+        ratio["served_over_eager_at_max_batch"] = round(
+            served["triton_tensor"]["images_per_s"] / rows[max(batches)]["eager"]["images_per_s"], 3)
+    return {"batches": rows} | ratio
+
+
+def _host_copies(pixels: np.ndarray, device: str, dtype, seconds: float) -> dict:
+    """p50 ms of the ways a served model can take a float32 batch from host memory to the device in its dtype: cast
+    on the host then copy (what kiln.runtime.torch_session does now: torch casts before a host-to-device copy),
+    copy then cast on the device, and through a pinned staging buffer."""
+    import torch
+
+    host = torch.from_numpy(pixels)
+    ways = {"cast_on_host": lambda: host.to(device, dtype), "cast_on_device": lambda: host.to(device).to(dtype)}
+    if device == "cuda":
+        pinned = torch.empty_like(host).pin_memory()
+        ways["pinned"] = lambda: pinned.copy_(host).to(device, non_blocking=True).to(dtype)
+    out = {}
+    for name, way in ways.items():
+        def call(way=way) -> None:
+            way()
+            _sync()
+        out[name] = round(1e3 * float(np.median(timed(call, seconds / 2))), 3)
+    return out
