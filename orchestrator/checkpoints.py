@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +146,23 @@ class Checkpoints:
                 self._pipelines[key] = pipeline
             self._touch(key)
             return pipeline
+
+    def check_together(self, keys: Sequence[str], what: str) -> None:
+        """InputError (a 422) where model control can never hold `keys` loaded at once: a refiner and the checkpoint
+        it finishes run side by side, so a pair over --max-checkpoints or the byte budget is refused before either
+        loads, not loaded past the budget."""
+        control, keys = self.control, list(dict.fromkeys(keys))
+        if control is None or len(keys) < 2:
+            return
+        names = " and ".join(repr(key or "default") for key in keys)
+        if control.max_loaded and len(keys) > control.max_loaded:
+            raise InputError(f"{what}: {names} run loaded together, and this server loads at most "
+                             f"{control.max_loaded} checkpoint{'s' if control.max_loaded > 1 else ''} at once "
+                             "(kiln serve --max-checkpoints)")
+        total = sum(checkpoint_bytes(control.repository, key) for key in keys) if control.budget_bytes else 0
+        if total > control.budget_bytes:
+            raise InputError(f"{what}: {names} run loaded together and take {total / GB:.2f} GB, over the memory "
+                             f"budget of {control.budget_bytes / GB:.2f} GB (kiln serve --checkpoint-memory-gb)")
 
     def _touch(self, key: str) -> None:
         with self._lock:

@@ -169,6 +169,7 @@ class Engine:
         refiner = None
         if request.refiner is not None:  # AUTOMATIC1111's refiner_checkpoint: another served checkpoint
             refiner = self.checkpoint(request.refiner.checkpoint, "refiner_checkpoint")
+            self.checkpoints.check_together((key, refiner), "refiner_checkpoint")
             check_refiner(pipeline, self.checkpoints.get(refiner), request)
         request = with_seeds(request)  # drawn once: n_iter chains from them
         job = Job(kind=kind, request=request, n_iter=n_iter, client_id=client_id, context=context or {},
