@@ -3,9 +3,10 @@ set, the step time of a LoRA session against the base session, and the memory a 
 
 An SD build of seeded random weights (`--size tiny`, seconds; `--size full`, SD 1.5's architecture: minutes and
 about 12 GB of memory) served as ONNX Runtime fp32, and a kohya-layout LoRA for it (`kiln weights lora`'s, rank
-`--rank`). Times are medians; the step times are interleaved (base, LoRA, base, ...) and compared as a ratio, since
-a LoRA session stops at ONNX Runtime's extended optimizations (kiln.runtime: its layout transforms read the file's
-weights before session initializers replace them).
+`--rank`). Times are medians; the step times are interleaved (base, LoRA, base, ...) and compared as a ratio. A
+LoRA session stops at ONNX Runtime's extended optimizations (kiln.runtime.Session); for a file with external
+data (the full-size UNet) the same set is also opened with KILN_LORA_ORT_LEVEL=all (every optimization, its
+weights replaced as the file loads) and measured in the same rounds.
 
     python -m benchmarks.lora [--size tiny|full] [--rank 16] [--runs 7]
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     from build.sd.weights import write_sd_checkpoint
     from kiln.lora import LoraLibrary, LoraUse
     from kiln.machine import machine
-    from kiln.runtime import Session, SessionOptions
+    from kiln.runtime import LORA_LEVEL_ENV, Session, SessionOptions, external_initializers
     from kiln.runtime.lora import LoraSessions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -85,21 +87,35 @@ def main(argv: list[str] | None = None) -> dict:
             started = time.perf_counter()
             assert held.session(spec.spec(component)) is lora
             again = time.perf_counter() - started
-            times: dict[str, list[float]] = {"base": [], "lora": []}
-            for session in (base, lora):
+            arms = {"base": base, "lora": lora}
+            full = {}
+            if external_initializers(path):  # the same set at every optimization level (KILN_LORA_ORT_LEVEL=all)
+                os.environ[LORA_LEVEL_ENV] = "all"
+                try:
+                    before, started = _rss_mb(), time.perf_counter()
+                    arms["lora_all"] = LoraSessions(base, scratch / "loras").session(spec.spec(component))
+                    full = {"switch_s": round(time.perf_counter() - started, 3),
+                            "session_rss_mb": round(_rss_mb() - before)}
+                finally:
+                    os.environ.pop(LORA_LEVEL_ENV)
+            times: dict[str, list[float]] = {name: [] for name in arms}
+            for session in arms.values():
                 session.run(feed)  # warm
-            for _ in tqdm(range(args.runs), desc=f"{component} base/LoRA", unit="pair"):
-                for name, session in (("base", base), ("lora", lora)):
+            for _ in tqdm(range(args.runs), desc=f"{component} {'/'.join(arms)}", unit="round"):
+                for name, session in arms.items():
                     started = time.perf_counter()
                     session.run(feed)
                     times[name].append(time.perf_counter() - started)
             base_ms, lora_ms = (statistics.median(times[k]) * 1e3 for k in ("base", "lora"))
+            if full:
+                full["lora_ms"] = round(statistics.median(times["lora_all"]) * 1e3, 2)
+                full["ratio"] = round(full["lora_ms"] / base_ms, 3)
             rows[component] = {
                 "layers": len([m for m in held._layers(scratch / "loras" / "bench.safetensors")]),
                 "base_open_s": round(base_open, 3), "switch_s": round(switch, 3), "held_s": round(again, 6),
                 "merged_mb": round(held.held_bytes / 2**20, 1), "base_session_rss_mb": round(base_mb),
                 "lora_session_rss_mb": round(lora_mb), "base_ms": round(base_ms, 2), "lora_ms": round(lora_ms, 2),
-                "ratio": round(lora_ms / base_ms, 3)}
+                "ratio": round(lora_ms / base_ms, 3), **({"all_levels": full} if full else {})}
     header = (f"{'component':13s} {'layers':>6s} {'switch s':>9s} {'held s':>8s} {'merged MB':>9s} "
               f"{'session MB':>10s} {'base ms':>8s} {'LoRA ms':>8s} {'ratio':>6s}")
     print(header)
@@ -111,6 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"lora-{args.size}.json"
     out.write_text(json.dumps(result, indent=1))
+    for component, row in rows.items():
+        if "all_levels" in row:
+            other = row["all_levels"]
+            print(f"{component}: the same set with KILN_LORA_ORT_LEVEL=all (every optimization): switch "
+                  f"{other['switch_s']:.3f} s, session {other['session_rss_mb']} MB, {other['lora_ms']:.2f} ms, "
+                  f"ratio {other['ratio']:.3f}")
     print(f"machine: {result['machine']}\nwrote {out}")
     return result
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from build.sd.lora import random_lora, write_lora
-from kiln.errors import InputError, WeightsError
+from kiln.errors import ConfigError, InputError, WeightsError
 from kiln.lora import (
     LoraLayer,
     LoraLibrary,
@@ -241,6 +241,49 @@ def test_held_sets_are_reused_and_dropped_past_the_budget(model_repo, lora_dir):
     assert tight.built == 3 and len(tight._sets) == 1
     with pytest.raises(InputError, match="not in"):
         held.session('[["gone.safetensors",1.0]]')
+
+
+def test_weights_in_external_data_are_replaced_as_the_file_loads_at_every_optimization_level(model_repo, lora_dir,
+                                                                                           tmp_path, monkeypatch):
+    """A UNet past 2 GB keeps its weights in model.onnx.data: with KILN_LORA_ORT_LEVEL=all a LoRA session replaces
+    them as the file loads (before ONNX Runtime's layout transforms read them) and runs at every optimization level,
+    giving what the session over the inline file gives at the extended level (the default for both)."""
+    import onnx
+    import onnxruntime as ort
+
+    from kiln.runtime import Session, SessionOptions, external_initializers
+    from kiln.runtime.lora import LoraSessions, map_path
+
+    inline = model_repo / "sd_unet" / "1" / "model.onnx"
+    external = tmp_path / "model.onnx"  # the tiny UNet saved as the build saves a large one
+    onnx.save_model(onnx.load(str(inline)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=0)
+    map_path(external).write_text(map_path(inline).read_text())
+    assert external_initializers(external) and not external_initializers(inline)
+    spec = '[["detail.safetensors",0.8]]'
+
+    def levels() -> dict:
+        return {kind: held.session(spec)._ort.get_session_options().graph_optimization_level
+                for kind, held in sessions.items()}
+
+    extended, every = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sessions = {kind: LoraSessions(Session(SessionOptions("onnxruntime", path)), lora_dir)
+                for kind, path in (("inline", inline), ("external", external))}
+    assert levels() == {"inline": extended, "external": extended}  # the default: the file's weights shared
+    monkeypatch.setenv("KILN_LORA_ORT_LEVEL", "all")
+    sessions = {kind: LoraSessions(Session(SessionOptions("onnxruntime", path)), lora_dir)
+                for kind, path in (("inline", inline), ("external", external))}
+    assert levels() == {"inline": extended, "external": every}
+    rng = np.random.default_rng(0)
+    feed = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+            "timestep": np.array([500.0, 20.0], np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    got, expected = (sessions[kind].session(spec).run(feed)["noise_pred"] for kind in ("external", "inline"))
+    base = sessions["inline"].base.run(feed)["noise_pred"]
+    assert np.abs(got - expected).max() < 1e-4 < np.abs(base - expected).max()
+    monkeypatch.setenv("KILN_LORA_ORT_LEVEL", "fastest")
+    with pytest.raises(ConfigError, match="KILN_LORA_ORT_LEVEL='fastest': extended or all"):
+        LoraSessions(sessions["external"].base, lora_dir).session(spec)
 
 
 # -- the step batcher: rows of different sets never share a UNet batch --------------------------------------------

@@ -115,6 +115,28 @@ def session_device(runtime: str, gpu: bool, graph_batches: str = "", graph_shape
             "graph_shapes": json.loads(graph_shapes) if graph_shapes else None}
 
 
+LORA_LEVEL_ENV = "KILN_LORA_ORT_LEVEL"
+
+
+def lora_ort_level() -> str:
+    """How ONNX Runtime runs a LoRA set's session over a file with external data: extended (default) or all."""
+    level = os.environ.get(LORA_LEVEL_ENV, "extended") or "extended"
+    if level not in ("extended", "all"):
+        raise ConfigError(f"{LORA_LEVEL_ENV}={level!r}: extended or all")
+    return level
+
+
+def external_initializers(path: Path) -> set[str]:
+    """The names of an ONNX file's initializers kept in external data: none where no `<file>.data` (the build's one
+    data file) lies beside it; else read from its graph alone."""
+    if not path.with_name(path.name + ".data").exists():
+        return set()
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+
+
 class Session:
     """run(inputs, output_names) -> {name: array}; thread-safe (ONNX Runtime runs concurrent calls; OpenVINO's one
     infer request takes them in turn)."""
@@ -134,14 +156,22 @@ class Session:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
             # Replaced constants: ONNX Runtime's level-3 layout transforms (NCHWc convolutions) read the file's weights
-            # before session initializers replace them (measured: 1x1 convolutions kept their old weights), so a
-            # session with overrides stops at the extended level
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if overrides else \
-                ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # before session initializers replace them (measured: 1x1 convolutions kept their old weights), so a LoRA
+            # session stops at the extended level, sharing the file's mapped weights with the base session. With
+            # KILN_LORA_ORT_LEVEL=all, weights kept in external data (a file past 2 GB: the full-size UNet) are
+            # replaced as the file loads, before any transform, and the session runs at every level: its own copy
+            # of the weights (about 3 GB more per held full-size UNet set), for the speed NCHWc gives where it pays
+            # (benchmarks/RESULTS.md, LoRA).
+            on_load = bool(overrides) and lora_ort_level() == "all" and set(overrides) <= external_initializers(path)
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED \
+                if overrides and not on_load else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             # ONNX Runtime uses these buffers without a copy: they live as long as the session
             self._held = [ort.OrtValue.ortvalue_from_numpy(v) for v in (overrides or {}).values()]
-            for name, value in zip(overrides or {}, self._held):
-                so.add_initializer(name, value)
+            if on_load:
+                so.add_external_initializers(list(overrides), self._held)
+            else:
+                for name, value in zip(overrides or {}, self._held):
+                    so.add_initializer(name, value)
             self._ort = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
             self.input_names = [i.name for i in self._ort.get_inputs()]
             self.output_names = [o.name for o in self._ort.get_outputs()]

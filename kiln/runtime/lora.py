@@ -13,8 +13,10 @@ a held set costs nothing. Memory: each held set keeps its merged weights (the to
 dtype) and a session, which reads the artifact's other weights again (the runtimes share nothing between sessions:
 about the model's size per held set; benchmarks/RESULTS.md); sets are dropped least recently used past
 `budget_bytes` of merged weights (KILN_LORA_CACHE_MB, default 4096), the newest always kept. An ONNX Runtime LoRA
-session stops at the extended optimization level (kiln.runtime.Session: its layout transforms would read the file's
-weights). The folder is `KILN_LORAS` (Triton's side).
+session stops at the extended optimization level (kiln.runtime.Session: its layout transforms would read the
+file's weights); KILN_LORA_ORT_LEVEL=all runs one over a file with external data (past 2 GB: the full-size UNet)
+at every level, its weights replaced as the file loads, for more memory. The folder is `KILN_LORAS` (Triton's
+side).
 """
 
 from __future__ import annotations
