@@ -3,7 +3,8 @@
 It generates full-size seeded random SD 1.5 and ViT-B/16 weights, builds `torch-cuda-fp16` (CUDA graphs per row
 bucket), starts the embedded Triton on the GPU and measures, in the same run:
 - ViT images/s at batch 1, 8, 64, 256 through Triton (tensor input to `vit`, JPEG input to `vit_classify`) against
-  in-process torch fp16, eager and torch.compile'd, and p50 latency at batch 1;
+  in-process torch fp16, eager and torch.compile'd, and p50 latency at batch 1; Triton's split of each request per
+  model, the largest batch from 4 clients at once, and the host-to-GPU copy of a batch three ways;
 - SD 1.5 512x512, 50 steps, Euler a, CFG 7.5: seconds per image through Triton + the orchestrator, the same variant
   in process, and diffusers' own fp16 pipeline; the per-step split;
 - step batching at 1, 4 and 16 concurrent clients of the service's engine: images/s and p95 against no batching;

@@ -41,7 +41,7 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _sync() -> None:
+def sync() -> None:
     import torch
 
     if torch.cuda.is_available():
@@ -187,10 +187,10 @@ def _diffusers(check: Check) -> dict:
     kwargs = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance_scale": 7.5, "height": options.side,
               "width": options.side}
     pipe(num_inference_steps=2, **kwargs)  # warm-up
-    _sync()
+    sync()
     start = time.perf_counter()
     pipe(num_inference_steps=options.steps, generator=torch.Generator(device).manual_seed(1234), **kwargs)
-    _sync()
+    sync()
     seconds = time.perf_counter() - start
     del pipe
     return {"image_s": round(seconds, 4), "step_ms": round(1000 * seconds / options.steps, 3)}

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks.gpu_phases import _sync, rate, timed
+from benchmarks.gpu_phases import rate, sync, timed
 from kiln import contract as names
 
 if TYPE_CHECKING:
     from benchmarks.gpu_check import Check
+
 
 def _vit_inputs(batches: tuple[int, ...]):
     """The ViT (seeded random weights, eval transform) and the sample photographs, tiled to the largest batch."""
@@ -44,6 +45,7 @@ def vit_served(check: Check) -> dict:
     models = (names.VIT_PREPROCESS, names.VIT, names.VIT_POSTPROCESS)
 
     def measured(call) -> tuple[list[float], dict]:
+        call()  # the warm-up outside the statistics' window
         before = triton_compute_seconds(check.server.http_url, models=models)
         latencies = timed(call, options.seconds)
         return latencies, _per_request(before, triton_compute_seconds(check.server.http_url, models=models))
@@ -61,7 +63,18 @@ def vit_served(check: Check) -> dict:
                            "triton_jpeg": rate(jpeg, batch) | {"triton_ms_per_request": jpeg_split}}
     finally:
         client.close()
-    return {"batches": rows, "concurrent": _vit_concurrent(check, pixels[:max(batches)])}
+    return {"batches": rows, "concurrent": alone(_vit_concurrent, check, pixels[:max(batches)])}
+
+
+def alone(arm, *args) -> dict:
+    """An extra arm of a phase: its figures, or what stopped it, without losing the phase's other figures."""
+    import traceback
+
+    try:
+        return arm(*args)
+    except Exception as exc:  # noqa: BLE001 - reported in the phase's figures
+        return {"error": "".join(traceback.format_exception_only(exc)).strip()[-2000:],
+                "traceback": "".join(traceback.format_exception(exc))[-4000:]}
 
 
 def _per_request(before: dict, after: dict) -> dict:
@@ -80,30 +93,31 @@ def _per_request(before: dict, after: dict) -> dict:
 
 def _vit_concurrent(check: Check, pixels: np.ndarray) -> dict:
     """`vit_clients` clients, each with its own shared-memory regions, sending the largest batch back to back."""
-
     from kiln.triton_client import TritonClient
 
     options, batch = check.options, len(pixels)
+    patience = options.seconds + 120  # a warm-up or a call stuck past this fails the arm instead of hanging the run
     clients = [TritonClient(check.server.grpc_url, shared_memory="auto") for _ in range(options.vit_clients)]
-    counts, ends, ready = [0] * len(clients), [0.0] * len(clients), threading.Barrier(len(clients) + 1)
+    counts, ends = [0] * len(clients), [0.0] * len(clients)
+    ready = threading.Barrier(len(clients) + 1, timeout=patience)
     feed, shapes = {"pixel_values": pixels}, {"logits": (batch, 1000)}
+    failures: list[BaseException] = []
+
+    def send(index: int) -> None:
+        try:
+            clients[index].infer(names.VIT, feed, ["logits"], output_shapes=shapes)  # warm-up: its regions
+            ready.wait()
+            until = time.perf_counter() + options.seconds
+            while time.perf_counter() < until:
+                clients[index].infer(names.VIT, feed, ["logits"], output_shapes=shapes)
+                counts[index] += 1
+            ends[index] = time.perf_counter()
+        except BaseException as exc:  # noqa: BLE001 - the arm fails with it, below; the others stop waiting
+            failures.append(exc)
+            ready.abort()
+
+    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(len(clients))]
     try:
-        failures: list[BaseException] = []
-
-        def send(index: int) -> None:
-            try:
-                clients[index].infer(names.VIT, feed, ["logits"], output_shapes=shapes)  # warm-up: its regions
-                ready.wait()
-                until = time.perf_counter() + options.seconds
-                while time.perf_counter() < until:
-                    clients[index].infer(names.VIT, feed, ["logits"], output_shapes=shapes)
-                    counts[index] += 1
-                ends[index] = time.perf_counter()
-            except BaseException as exc:  # noqa: BLE001 - the phase fails with it, below; the others stop waiting
-                failures.append(exc)
-                ready.abort()
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(clients))]
         for thread in threads:
             thread.start()
         try:
@@ -112,11 +126,14 @@ def _vit_concurrent(check: Check, pixels: np.ndarray) -> dict:
             pass  # a client failed its warm-up: reported below
         start = time.perf_counter()
         for thread in threads:
-            thread.join()
+            thread.join(patience)
         if failures:
             raise failures[0]
+        if any(thread.is_alive() for thread in threads):
+            raise TimeoutError(f"a client's call took over {patience:.0f} s")
         wall = max(ends) - start
     finally:
+        ready.abort()  # an interrupted run leaves no thread waiting
         for client in clients:
             client.close()
     return {"clients": len(clients), "batch": batch, "requests": sum(counts),
@@ -146,10 +163,10 @@ def vit_in_process(check: Check) -> dict:
             def call(x=x, module=module) -> None:
                 with torch.inference_mode():
                     module(x)
-                _sync()
+                sync()
             rows[batch][arm] = rate(timed(call, options.seconds), batch)
     served = check.result["phases"].get("vit_served", {}).get("batches", {}).get(max(batches), {})
-    ratio = {"host_copy_ms_at_max_batch": _host_copies(pixels[:max(batches)], device, dtype, options.seconds)}
+    ratio = {"host_copy_ms_at_max_batch": alone(_host_copies, pixels[:max(batches)], device, dtype, options.seconds)}
     if served:
         ratio["served_over_eager_at_max_batch"] = round(
             served["triton_tensor"]["images_per_s"] / rows[max(batches)]["eager"]["images_per_s"], 3)
@@ -171,6 +188,6 @@ def _host_copies(pixels: np.ndarray, device: str, dtype, seconds: float) -> dict
     for name, way in ways.items():
         def call(way=way) -> None:
             way()
-            _sync()
+            sync()
         out[name] = round(1e3 * float(np.median(timed(call, seconds / 2))), 3)
     return out

@@ -16,6 +16,7 @@ Prints a table, writes benchmarks/results/lora-<size>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     from build.sd.weights import write_sd_checkpoint
     from kiln.lora import LoraLibrary, LoraUse
     from kiln.machine import machine
-    from kiln.runtime import LORA_LEVEL_ENV, Session, SessionOptions, external_initializers
+    from kiln.runtime import Session, SessionOptions, external_initializers
     from kiln.runtime.lora import LoraSessions
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
             held = LoraSessions(base, scratch / "loras")
             before = _rss_mb()
             started = time.perf_counter()
-            lora = held.session(spec.spec(component))
+            with _lora_level("extended"):  # the default, whatever this shell sets
+                lora = held.session(spec.spec(component))
             switch = time.perf_counter() - started
             lora_mb = _rss_mb() - before
             started = time.perf_counter()
@@ -90,14 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
             arms = {"base": base, "lora": lora}
             full = {}
             if external_initializers(path):  # the same set at every optimization level (KILN_LORA_ORT_LEVEL=all)
-                os.environ[LORA_LEVEL_ENV] = "all"
-                try:
-                    before, started = _rss_mb(), time.perf_counter()
+                before, started = _rss_mb(), time.perf_counter()
+                with _lora_level("all"):
                     arms["lora_all"] = LoraSessions(base, scratch / "loras").session(spec.spec(component))
-                    full = {"switch_s": round(time.perf_counter() - started, 3),
-                            "session_rss_mb": round(_rss_mb() - before)}
-                finally:
-                    os.environ.pop(LORA_LEVEL_ENV)
+                full = {"switch_s": round(time.perf_counter() - started, 3),
+                        "session_rss_mb": round(_rss_mb() - before)}
             times: dict[str, list[float]] = {name: [] for name in arms}
             for session in arms.values():
                 session.run(feed)  # warm
@@ -135,6 +134,22 @@ def main(argv: list[str] | None = None) -> dict:
                   f"ratio {other['ratio']:.3f}")
     print(f"machine: {result['machine']}\nwrote {out}")
     return result
+
+
+@contextlib.contextmanager
+def _lora_level(level: str):
+    """KILN_LORA_ORT_LEVEL set to `level` for the sessions opened inside, the caller's setting restored after."""
+    from kiln.runtime import LORA_LEVEL_ENV
+
+    saved = os.environ.get(LORA_LEVEL_ENV)
+    os.environ[LORA_LEVEL_ENV] = level
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(LORA_LEVEL_ENV, None)
+        else:
+            os.environ[LORA_LEVEL_ENV] = saved
 
 
 if __name__ == "__main__":

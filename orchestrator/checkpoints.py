@@ -149,8 +149,9 @@ class Checkpoints:
 
     def check_together(self, keys: Sequence[str], what: str) -> None:
         """InputError (a 422) where model control can never hold `keys` loaded at once: a refiner and the checkpoint
-        it finishes run side by side, so a pair over --max-checkpoints or the byte budget is refused before either
-        loads, not loaded past the budget."""
+        it finishes run side by side, so a pair over --max-checkpoints or the byte budget is refused before the
+        refiner loads (the API has loaded the request's own checkpoint by then, as for any request), not loaded past
+        the budget."""
         control, keys = self.control, list(dict.fromkeys(keys))
         if control is None or len(keys) < 2:
             return

@@ -163,13 +163,14 @@ class Engine:
         the bad field), not queued yet: callers that queue several together (the X/Y/Z plot's cells) check them all
         first, then pass each to queue.submit."""
         key = self.checkpoint(checkpoint)
-        pipeline = self.checkpoints.get(key)
-        check_job(request, n_iter, pipeline.limits)
-        pipeline.check(request)
         refiner = None
         if request.refiner is not None:  # AUTOMATIC1111's refiner_checkpoint: another served checkpoint
             refiner = self.checkpoint(request.refiner.checkpoint, "refiner_checkpoint")
-            self.checkpoints.check_together((key, refiner), "refiner_checkpoint")
+            self.checkpoints.check_together((key, refiner), "refiner_checkpoint")  # before the refiner loads
+        pipeline = self.checkpoints.get(key)
+        check_job(request, n_iter, pipeline.limits)
+        pipeline.check(request)
+        if refiner is not None:
             check_refiner(pipeline, self.checkpoints.get(refiner), request)
         request = with_seeds(request)  # drawn once: n_iter chains from them
         job = Job(kind=kind, request=request, n_iter=n_iter, client_id=client_id, context=context or {},

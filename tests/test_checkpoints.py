@@ -199,11 +199,12 @@ def test_model_control_loads_on_demand_and_unloads_the_least_recently_used(two_r
             assert _ready(server, "sd2-tiny--sd_unet") and not _ready(server, "sd_unet")
             assert _diff(_image(client.post("/sdapi/v1/txt2img", json=BODY)), _local(two_repo)) <= 1
             assert _ready(server, "sd_unet") and not _ready(server, "sd2-tiny--sd_unet")
-            # A refiner runs loaded beside the checkpoint it finishes: a pair over the budget is refused, not loaded
+            # A refiner runs loaded beside the checkpoint it finishes: a pair over the budget is refused before the
+            # refiner loads (it used to unload the default to load the refiner, then run with both loaded)
             refused = client.post("/sdapi/v1/txt2img", json=BODY | {"refiner_checkpoint": "sd2-tiny",
                                                                     "refiner_switch_at": 0.5})
             assert refused.status_code == 422 and "loads at most 1 checkpoint at once" in refused.text, refused.text
-            assert _ready(server, "sd_unet") and not _ready(server, "sd2-tiny--sd_unet")  # nothing was loaded
+            assert _ready(server, "sd_unet") and not _ready(server, "sd2-tiny--sd_unet")
             assert client.post("/sdapi/v1/unload-checkpoint").json() == {"unloaded": ["default"]}
             assert not _ready(server, "sd_unet") and not _ready(server, "sd_tokenizer")
             ready = client.get("/health/ready")  # nothing loaded, yet ready: checkpoints load on demand

@@ -205,6 +205,45 @@ def test_metrics_endpoint_counts_requests(triton):
     assert 'nv_inference_request_success{model="vit_classify"' in text
 
 
+def test_requests_merged_into_one_call_keep_their_places_and_fail_alone(tmp_path):
+    """vit_preprocess with a long batching window, so that Triton hands three concurrent requests to one execute()
+    call: the pool decodes their six images together, each request gets its own rows back, and the one with a corrupt
+    image fails alone, naming it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.preprocess import ARMS, preprocess_repository
+    from build.vit.transform import eval_transform
+    from build.vit.weights import load_vit
+    from kiln.imaging import preprocess
+    from kiln.paths import SAMPLE_IMAGES, list_images
+    from tests.conftest import start_triton
+
+    repo = preprocess_repository(tmp_path / "repo", max_queue_delay_us=1_500_000)
+    transform = eval_transform(load_vit(random_weights=True).model)
+    photos = [p.read_bytes() for p in list_images(SAMPLE_IMAGES)]
+    requests = [photos[:2], [photos[2], BAD_IMAGES["corrupt bytes"][0]], photos[3:6]]
+    server = start_triton(repo, tmp_path / "triton.log")
+    try:
+        model = ARMS["pool"]
+        with ThreadPoolExecutor(len(requests)) as pool:
+            calls = [pool.submit(_raw_infer, server, model, [("image", np.array([[p] for p in images], dtype=object),
+                                                                   "BYTES")]) for images in requests]
+            outcomes = []
+            for call in calls:
+                try:
+                    outcomes.append(call.result().as_numpy("pixel_values"))
+                except InferenceServerException as exc:
+                    outcomes.append(exc.message())
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as response:
+            stats = json.load(response)["model_stats"][0]
+    finally:
+        server.stop()
+    assert int(stats["inference_count"]) == 7 and int(stats["execution_count"]) == 1, stats  # one call, three requests
+    for images, outcome in zip(requests[::2], outcomes[::2]):
+        np.testing.assert_array_equal(outcome, np.stack([preprocess(p, transform) for p in images]))
+    assert isinstance(outcomes[1], str) and "corrupt or truncated image" in outcomes[1], outcomes[1]
+
+
 def test_bench_preprocess_measures_the_pool_against_one_thread(tmp_path, kiln):
     code, out, err = kiln("bench", "preprocess", "--calls", "2", "--batch-sizes", "1,4", "--out", tmp_path)
     assert code == 0, err
@@ -214,3 +253,4 @@ def test_bench_preprocess_measures_the_pool_against_one_thread(tmp_path, kiln):
         assert row["images_per_s"] > 0 and row["vs_one_thread"] > 0
     assert "| 4 |" in out and (tmp_path / "preprocess.png").stat().st_size > 5_000 and saved["machine"]["isa"]
     assert kiln("bench", "preprocess", "--calls", "0", "--out", tmp_path)[0] == 2
+    assert kiln("bench", "preprocess", "--batch-sizes", "64", "--out", tmp_path)[0] == 2

@@ -138,10 +138,12 @@ def run_transport(args) -> int:
 
 def run_preprocess(args) -> int:
     from benchmarks.preprocess import PreprocessBenchOptions, run_preprocess_benchmark
+    from build.vit.spec import VIT_SPEC
+    from kiln.errors import KilnError
 
     if args.calls < 1:
-        from kiln.errors import KilnError
-
         raise KilnError("--calls must be at least 1")
+    if not all(1 <= size <= VIT_SPEC.max_batch_size for size in args.batch_sizes):
+        raise KilnError(f"--batch-sizes: each between 1 and {VIT_SPEC.max_batch_size} (the CPU build's batch limit)")
     run_preprocess_benchmark(PreprocessBenchOptions(out=args.out, batch_sizes=args.batch_sizes, calls=args.calls))
     return 0

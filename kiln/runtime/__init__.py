@@ -157,11 +157,10 @@ class Session:
             so.inter_op_num_threads = 1
             # Replaced constants: ONNX Runtime's level-3 layout transforms (NCHWc convolutions) read the file's weights
             # before session initializers replace them (measured: 1x1 convolutions kept their old weights), so a LoRA
-            # session stops at the extended level, sharing the file's mapped weights with the base session. With
-            # KILN_LORA_ORT_LEVEL=all, weights kept in external data (a file past 2 GB: the full-size UNet) are
-            # replaced as the file loads, before any transform, and the session runs at every level: its own copy
-            # of the weights (about 3 GB more per held full-size UNet set), for the speed NCHWc gives where it pays
-            # (benchmarks/RESULTS.md, LoRA).
+            # session stops at the extended level. With KILN_LORA_ORT_LEVEL=all, weights kept in external data (a
+            # file past 2 GB: the full-size UNet) are replaced as the file loads, before any transform, and the
+            # session runs at every level, for more memory per held set (benchmarks/RESULTS.md, LoRA: 4.1 GB against
+            # 2.4 GB for a full-size UNet set, and no faster on an AVX2 CPU).
             on_load = bool(overrides) and lora_ort_level() == "all" and set(overrides) <= external_initializers(path)
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED \
                 if overrides and not on_load else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
