@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     from build.sd.weights import write_sd_checkpoint
     from kiln.lora import LoraLibrary, LoraUse
     from kiln.machine import machine
-    from kiln.runtime import Session, SessionOptions, external_initializers
-    from kiln.runtime.lora import LoraSessions
+    from kiln.runtime import Session, SessionOptions
+    from kiln.runtime.lora import LoraSessions, external_initializers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
 @contextlib.contextmanager
 def _lora_level(level: str):
     """KILN_LORA_ORT_LEVEL set to `level` for the sessions opened inside, the caller's setting restored after."""
-    from kiln.runtime import LORA_LEVEL_ENV
+    from kiln.runtime.lora import LORA_LEVEL_ENV
 
     saved = os.environ.get(LORA_LEVEL_ENV)
     os.environ[LORA_LEVEL_ENV] = level

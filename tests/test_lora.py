@@ -251,8 +251,8 @@ def test_weights_in_external_data_are_replaced_as_the_file_loads_at_every_optimi
     import onnx
     import onnxruntime as ort
 
-    from kiln.runtime import Session, SessionOptions, external_initializers
-    from kiln.runtime.lora import LoraSessions, map_path
+    from kiln.runtime import Session, SessionOptions
+    from kiln.runtime.lora import LoraSessions, external_initializers, map_path
 
     inline = model_repo / "sd_unet" / "1" / "model.onnx"
     external = tmp_path / "model.onnx"  # the tiny UNet saved as the build saves a large one

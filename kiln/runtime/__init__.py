@@ -115,28 +115,6 @@ def session_device(runtime: str, gpu: bool, graph_batches: str = "", graph_shape
             "graph_shapes": json.loads(graph_shapes) if graph_shapes else None}
 
 
-LORA_LEVEL_ENV = "KILN_LORA_ORT_LEVEL"
-
-
-def lora_ort_level() -> str:
-    """How ONNX Runtime runs a LoRA set's session over a file with external data: extended (default) or all."""
-    level = os.environ.get(LORA_LEVEL_ENV, "extended") or "extended"
-    if level not in ("extended", "all"):
-        raise ConfigError(f"{LORA_LEVEL_ENV}={level!r}: extended or all")
-    return level
-
-
-def external_initializers(path: Path) -> set[str]:
-    """The names of an ONNX file's initializers kept in external data: none where no `<file>.data` (the build's one
-    data file) lies beside it; else read from its graph alone."""
-    if not path.with_name(path.name + ".data").exists():
-        return set()
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-
-
 class Session:
     """run(inputs, output_names) -> {name: array}; thread-safe (ONNX Runtime runs concurrent calls; OpenVINO's one
     infer request takes them in turn)."""
@@ -161,7 +139,11 @@ class Session:
             # file past 2 GB: the full-size UNet) are replaced as the file loads, before any transform, and the
             # session runs at every level, for more memory per held set (benchmarks/RESULTS.md, LoRA: 4.1 GB against
             # 2.4 GB for a full-size UNet set, and no faster on an AVX2 CPU).
-            on_load = bool(overrides) and lora_ort_level() == "all" and set(overrides) <= external_initializers(path)
+            on_load = False
+            if overrides:  # LoRA only (kiln.runtime.lora: NVIDIA's image, which has no LoRA, lacks what it imports)
+                from kiln.runtime.lora import external_initializers, lora_ort_level
+
+                on_load = lora_ort_level() == "all" and set(overrides) <= external_initializers(path)
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED \
                 if overrides and not on_load else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             # ONNX Runtime uses these buffers without a copy: they live as long as the session

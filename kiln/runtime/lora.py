@@ -30,12 +30,34 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.errors import InputError, KilnError, WeightsError
+from kiln.errors import ConfigError, InputError, KilnError, WeightsError
 from kiln.lora import ENV, decode_spec, read_lora, target_of
 
 MAP_SUFFIX = ".lora.json"
 BUDGET_ENV = "KILN_LORA_CACHE_MB"
 _FILES_HELD = 8  # parsed LoRA files kept (sets often share files)
+
+
+LORA_LEVEL_ENV = "KILN_LORA_ORT_LEVEL"
+
+
+def lora_ort_level() -> str:
+    """How ONNX Runtime runs a LoRA set's session over a file with external data: extended (default) or all."""
+    level = os.environ.get(LORA_LEVEL_ENV, "extended") or "extended"
+    if level not in ("extended", "all"):
+        raise ConfigError(f"{LORA_LEVEL_ENV}={level!r}: extended or all")
+    return level
+
+
+def external_initializers(path: Path) -> set[str]:
+    """The names of an ONNX file's initializers kept in external data: none where no `<file>.data` (the build's one
+    data file) lies beside it; else read from its graph alone."""
+    if not path.with_name(path.name + ".data").exists():
+        return set()
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
 
 
 def map_path(artifact: Path) -> Path:
