@@ -21,11 +21,20 @@ import json
 import os
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.gpu_phases import _versions, batching, build, finetune, sd_in_process, sd_served, serve, weights
+from benchmarks.gpu_phases import (
+    _versions,
+    batching,
+    build,
+    failure,
+    finetune,
+    sd_in_process,
+    sd_served,
+    serve,
+    weights,
+)
 from benchmarks.gpu_vit import vit_in_process, vit_served
 from benchmarks.load import machine, machine_line
 from kiln.triton_server import stub_numpy, stub_site_packages
@@ -98,9 +107,9 @@ class Check:
                 self.stopped = f"the run's time limit interrupted {name} at {self.elapsed():.0f} s"
                 self.result["errors"][name] = self.stopped
             except Exception as exc:  # noqa: BLE001 - a phase fails alone; the file says how
-                self.result["errors"][name] = "".join(traceback.format_exception_only(exc)).strip()[-2000:]
-                # Where it failed: a lent machine is gone once the run ends, and this file is all that comes back.
-                self.result["tracebacks"][name] = "".join(traceback.format_exception(exc))[-4000:]
+                described = failure(exc)
+                self.result["errors"][name] = described["error"]
+                self.result["tracebacks"][name] = described["traceback"]
                 self.log(f"!! {name}: {self.result['errors'][name]}")
         self.result["elapsed_s"] = round(self.elapsed(), 1)
         (self.root / "results.json").write_text(json.dumps(self.result, indent=2, default=str))

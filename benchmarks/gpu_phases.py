@@ -41,6 +41,15 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def failure(exc: BaseException) -> dict[str, str]:
+    """What stopped a phase or an arm, for results.json: its message and where it failed (a lent machine is gone once
+    the run ends, and that file is all that comes back)."""
+    import traceback
+
+    return {"error": "".join(traceback.format_exception_only(exc)).strip()[-2000:],
+            "traceback": "".join(traceback.format_exception(exc))[-4000:]}
+
+
 def sync() -> None:
     import torch
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks.gpu_phases import rate, sync, timed
+from benchmarks.gpu_phases import failure, rate, sync, timed
 from kiln import contract as names
 
 if TYPE_CHECKING:
@@ -68,13 +68,10 @@ def vit_served(check: Check) -> dict:
 
 def alone(arm, *args) -> dict:
     """An extra arm of a phase: its figures, or what stopped it, without losing the phase's other figures."""
-    import traceback
-
     try:
         return arm(*args)
     except Exception as exc:  # noqa: BLE001 - reported in the phase's figures
-        return {"error": "".join(traceback.format_exception_only(exc)).strip()[-2000:],
-                "traceback": "".join(traceback.format_exception(exc))[-4000:]}
+        return failure(exc)
 
 
 def _per_request(before: dict, after: dict) -> dict:

@@ -262,18 +262,19 @@ def test_weights_in_external_data_are_replaced_as_the_file_loads_at_every_optimi
     assert external_initializers(external) and not external_initializers(inline)
     spec = '[["detail.safetensors",0.8]]'
 
-    def levels() -> dict:
+    def opened() -> dict:
+        return {kind: LoraSessions(Session(SessionOptions("onnxruntime", path)), lora_dir)
+                for kind, path in (("inline", inline), ("external", external))}
+
+    def levels(sessions: dict) -> dict:
         return {kind: held.session(spec)._ort.get_session_options().graph_optimization_level
                 for kind, held in sessions.items()}
 
     extended, every = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sessions = {kind: LoraSessions(Session(SessionOptions("onnxruntime", path)), lora_dir)
-                for kind, path in (("inline", inline), ("external", external))}
-    assert levels() == {"inline": extended, "external": extended}  # the default: the file's weights shared
+    assert levels(opened()) == {"inline": extended, "external": extended}  # the default
     monkeypatch.setenv("KILN_LORA_ORT_LEVEL", "all")
-    sessions = {kind: LoraSessions(Session(SessionOptions("onnxruntime", path)), lora_dir)
-                for kind, path in (("inline", inline), ("external", external))}
-    assert levels() == {"inline": extended, "external": every}
+    sessions = opened()
+    assert levels(sessions) == {"inline": extended, "external": every}
     rng = np.random.default_rng(0)
     feed = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
             "timestep": np.array([500.0, 20.0], np.float32),
