@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kiln.errors import ExportError
+from kiln.errors import ConfigError, ExportError
 
 RUNTIMES = ("onnxruntime", "openvino", "torch")
 QUANTIZATION = ("none", "dynamic", "dynamic7", "weights", "static")
@@ -213,6 +213,13 @@ def _float16(source: Path, target: Path) -> None:
                         location=f"{target.name}.data")
     else:
         onnx.save_model(model, str(target))
+
+
+def check_threads(threads: int) -> int:
+    """The runtime threads a build writes into its models' configs (0: all cores)."""
+    if threads < 0:
+        raise ConfigError(f"--threads must be at least 0 (0: all cores), got {threads}")
+    return threads
 
 
 def open_session(variant: Variant, path: Path, threads: int = 0):

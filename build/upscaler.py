@@ -75,13 +75,14 @@ def build_upscaler(weights: Path, repository: Path = DEFAULT_REPOSITORY, name: s
     """Export, check and serve one upscaler network; returns its report entry."""
     import torch
 
-    from build.convert import FP32, open_session
+    from build.convert import FP32, check_threads, open_session
     from build.repository import write_model
 
     name = name or Path(weights).stem
     if not NAME.match(name) or name in ("None", "Lanczos", "Nearest") or name.startswith("Latent"):
         raise WeightsError(f"--name {name!r}: 1-64 letters, digits, space, _ . + - ( ) [ ], and not one of "
                            "AUTOMATIC1111's built-in upscalers")
+    check_threads(threads)
     start = time.perf_counter()
     descriptor = load_upscaler(weights)
 

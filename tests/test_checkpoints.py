@@ -353,7 +353,8 @@ def test_refresh_builds_the_folders_new_checkpoint_and_a_request_loads_it(two_re
 @pytest.mark.parametrize("flags, message", [
     (["--checkpoints", "."], "--checkpoints builds into the repository of the Triton kiln serve starts"),
     (["--max-checkpoints", "2"], "--max-checkpoints and --checkpoint-memory-gb control the Triton kiln serve starts"),
-    (["--max-checkpoints", "-1"], "must be >= 0"),
+    (["--max-checkpoints", "-1"], "--max-checkpoints: must be at least 0"),
+    (["--checkpoint-memory-gb", "nan"], "--checkpoint-memory-gb: must be at least 0"),
 ])
 def test_serve_refuses_checkpoint_flags_it_cannot_honour(kiln, flags, message):
     code, _out, err = kiln("serve", "--triton-url", "127.0.0.1:1", *flags)

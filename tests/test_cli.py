@@ -39,6 +39,35 @@ def test_errors_are_one_line_without_traceback(tmp_path, kiln):
         assert message in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["build", "vit", "--random-weights", "--threads", "-2"], "--threads: must be at least 0, got '-2'"),
+    (["build", "sd", "--weights", "w", "--threads", "two"], "--threads: expected an integer, got 'two'"),
+    (["build", "sd", "--weights", "w", "--min-size", "0"], "--min-size: must be at least 1"),
+    (["bench", "sd", "--repeats", "0"], "--repeats: must be at least 1"),
+    (["bench", "vit", "--seconds", "0"], "--seconds: must be above 0"),
+    (["serve", "--workers", "0"], "--workers: must be at least 1"),
+    (["serve", "--request-timeout", "nan"], "--request-timeout: must be above 0"),
+    (["classify", "x.jpg", "--top-k", "0"], "--top-k: must be at least 1"),
+    (["weights", "lora", "--tiny", "l.safetensors", "--alpha", "-1"], "--alpha: must be above 0"),
+])
+def test_counts_out_of_range_are_refused_before_anything_runs(kiln, args, message):
+    code, _, err = kiln(*args)
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_a_build_refuses_negative_threads_called_as_a_library(tmp_path):
+    """build_vit/build_sd/build_upscaler are called without the CLI (the GPU check, benchmarks): they check too."""
+    from build.upscaler import build_upscaler
+    from build.vit import ViTBuildOptions, build_vit
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--threads must be at least 0"):
+        build_vit(ViTBuildOptions(random_weights=True, repository=tmp_path, threads=-1))
+    with pytest.raises(ConfigError, match="--threads must be at least 0"):
+        build_upscaler(tmp_path / "missing.pth", tmp_path, threads=-1)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_classify_with_no_server_says_so(sample_images):
     result = run("classify", str(sample_images[0]), "--url", f"127.0.0.1:{free_port()}")
     assert result.returncode == 1

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from build import report
-from build.convert import ARTIFACTS, FP32, SD_VARIANTS, Variant, derive
+from build.convert import ARTIFACTS, FP32, SD_VARIANTS, Variant, check_threads, derive
 from build.native import check_target, cuda_graph_parameters, ov_target, parity_note, precision_caveat
 from build.repository import remove_stale, write_models
 from build.sd.auto import candidates as auto_candidates
@@ -102,6 +102,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     # 1. Load and derive the specs (auto: time the UNet in each candidate, then build the fastest).
     if options.variant != "auto" and options.variant not in SD_VARIANTS:
         raise ExportError(f"unknown SD variant {options.variant!r}; valid: auto, {', '.join(SD_VARIANTS)}")
+    check_threads(options.threads)
     if options.auto_candidates and options.variant != "auto":
         raise ConfigError("--auto-candidates names what --variant auto times; it goes with --variant auto only")
     keys = auto_candidates(options.device, options.auto_candidates, options.triton_backend) \

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from build import auto, parity, report
-from build.convert import VIT_VARIANTS, Variant, derive, open_session
+from build.convert import VIT_VARIANTS, Variant, check_threads, derive, open_session
 from build.native import check_target, ov_target, parity_note, precision_caveat
 from build.repository import write_models
 from build.specs import ComponentSpec
@@ -163,6 +163,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                        [VIT_VARIANTS[k] for k in keys] if options.auto else [options.served])
     check_static_variant(options.static_sizes, [VIT_VARIANTS[k] for k in keys] if options.auto else [options.served],
                          options.triton_backend)
+    check_threads(options.threads)
     if options.calibration_size < 1:
         raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
     for name in options.extra_exports:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.cli.args import int_list, names
+from kiln.cli.args import above, at_least, int_list, names
 from kiln.paths import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -19,15 +19,15 @@ def add_parser(commands) -> None:
     vit.add_argument("--variants",
                      default="onnxruntime-fp32,onnxruntime-int8,openvino-fp32,openvino-bf16,openvino-int8")
     vit.add_argument("--batch-sizes", type=int_list, default=(1, 8), help="comma-separated, e.g. 1,8")
-    vit.add_argument("--seconds", type=float, default=8.0, help="measuring time per configuration")
+    vit.add_argument("--seconds", type=above(0), default=8.0, help="measuring time per configuration")
     vit.add_argument("--skip-build", action="store_true", help="reuse the variants already in --repo")
     vit.set_defaults(run=run_vit)
     serve = targets.add_parser("serve", help="concurrent txt2img clients against the API: step-level batching on "
                                              "vs off")
     _sd_pipeline(serve, "tiny", "tiny random SD, or SD 1.5's full-size architecture (slow: hours on 2 cores)")
     serve.add_argument("--clients", type=int_list, default=(1, 2, 4, 8, 16), help="concurrency levels")
-    serve.add_argument("--requests-per-client", type=int, default=3)
-    serve.add_argument("--steps", type=int, default=20)
+    serve.add_argument("--requests-per-client", type=at_least(1), default=3)
+    serve.add_argument("--steps", type=at_least(1), default=20)
     serve.add_argument("--skip-build", action="store_true", help="reuse the benchmark's repository")
     serve.add_argument("--replicas", type=int, default=1, choices=(1, 2),
                        help="2: one Triton against two behind the service at the same total cores, and the two "
@@ -38,8 +38,8 @@ def add_parser(commands) -> None:
     sd = targets.add_parser("sd", help="SD per component and per image: torch eager vs ONNX Runtime and OpenVINO "
                                        "variants, direct vs Triton")
     _sd_pipeline(sd, "full", "SD 1.5's full-size architecture with seeded random weights (default), or the tiny one")
-    sd.add_argument("--steps", type=int, default=20, help="steps of the measured images")
-    sd.add_argument("--repeats", type=int, default=3, help="timed calls per component after one warm-up")
+    sd.add_argument("--steps", type=at_least(1), default=20, help="steps of the measured images")
+    sd.add_argument("--repeats", type=at_least(1), default=3, help="timed calls per component after one warm-up")
     sd.add_argument("--variants", default="torch-fp32,onnxruntime-fp32,openvino-fp32,openvino-bf16,openvino-int8",
                     help="comma-separated; also onnxruntime-int8, openvino-fp16, openvino-int8-hybrid")
     sd.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1",
@@ -52,7 +52,7 @@ def add_parser(commands) -> None:
                                            "Text2ImagePipeline and diffusers (torch) on the same weights: seconds "
                                            "per image, cold start, peak memory, PSNR")
     _sd_pipeline(edge, "full", "SD 1.5's full-size architecture with seeded random weights (default), or the tiny one")
-    edge.add_argument("--steps", type=int, default=20)
+    edge.add_argument("--steps", type=at_least(1), default=20)
     edge.add_argument("--variants", default="openvino-fp32,openvino-bf16,openvino-int8,openvino-int4",
                       help="kiln's OpenVINO variants (comma-separated); GenAI runs at each one's precision")
     edge.add_argument("--no-genai", action="store_true", help="skip the GenAI rows")
@@ -60,13 +60,13 @@ def add_parser(commands) -> None:
     transport = targets.add_parser("transport", help="one denoising step's call to Triton outside the model: gRPC "
                                                      "against Triton's system shared memory")
     transport.add_argument("--out", type=Path, default=RESULTS)
-    transport.add_argument("--calls", type=int, default=200, help="timed calls per shape and mode")
+    transport.add_argument("--calls", type=at_least(1), default=200, help="timed calls per shape and mode")
     transport.set_defaults(run=run_transport)
     preprocess = targets.add_parser("preprocess", help="vit_preprocess (JPEG decode + eval transform) through Triton: "
                                                        "its thread pool against one thread")
     preprocess.add_argument("--out", type=Path, default=RESULTS)
     preprocess.add_argument("--batch-sizes", type=int_list, default=(1, 8, 32), help="comma-separated")
-    preprocess.add_argument("--calls", type=int, default=20, help="timed calls per batch size and arm")
+    preprocess.add_argument("--calls", type=at_least(1), default=20, help="timed calls per batch size and arm")
     preprocess.set_defaults(run=run_preprocess)
 
 
@@ -74,7 +74,7 @@ def _sd_pipeline(parser, default: str, help_text: str) -> None:
     """Where an SD benchmark writes, which pipeline it builds, and at which image side."""
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--pipeline", choices=("tiny", "full"), default=default, help=help_text)
-    parser.add_argument("--size", type=int, default=0, help="image side (default: 64 tiny, 512 full)")
+    parser.add_argument("--size", type=at_least(0), default=0, help="image side (default: 64 tiny, 512 full)")
 
 
 def run_vit(args) -> int:
@@ -128,10 +128,6 @@ def run_edge(args) -> int:
 def run_transport(args) -> int:
     from benchmarks.transport import TransportBenchOptions, run_transport_benchmark
 
-    if args.calls < 1:
-        from kiln.errors import KilnError
-
-        raise KilnError("--calls must be at least 1")
     run_transport_benchmark(TransportBenchOptions(out=args.out, calls=args.calls))
     return 0
 
@@ -141,8 +137,6 @@ def run_preprocess(args) -> int:
     from build.vit.spec import VIT_SPEC
     from kiln.errors import KilnError
 
-    if args.calls < 1:
-        raise KilnError("--calls must be at least 1")
     if not all(1 <= size <= VIT_SPEC.max_batch_size for size in args.batch_sizes):
         raise KilnError(f"--batch-sizes: each between 1 and {VIT_SPEC.max_batch_size} (the CPU build's batch limit)")
     run_preprocess_benchmark(PreprocessBenchOptions(out=args.out, batch_sizes=args.batch_sizes, calls=args.calls))

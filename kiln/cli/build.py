@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.cli.args import names
+from kiln.cli.args import at_least, names
 from kiln.errors import KilnError
 from kiln.paths import DEFAULT_REPOSITORY
 
@@ -34,10 +34,10 @@ def add_parser(commands) -> None:
     vit.add_argument("--no-extra-exports", action="store_true",
                      help="skip the non-served exports (SafeTensors and TorchScript)")
     vit.add_argument("--calibration", type=Path, help="folder of images for int8 calibration and parity checks")
-    vit.add_argument("--calibration-size", type=int, default=32)
+    vit.add_argument("--calibration-size", type=at_least(1), default=32)
     vit.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
     _target_arguments(vit)
-    vit.add_argument("--threads", type=int, default=0,
+    vit.add_argument("--threads", type=at_least(0), default=0,
                      help="runtime threads inside Triton, and vit_preprocess's decode pool (0: all cores)")
     vit.set_defaults(run=run_vit)
 
@@ -64,13 +64,13 @@ def add_parser(commands) -> None:
                     help="build into the repository beside its other checkpoints, as NAME (its models NAME--sd_*): "
                          "one kiln serve serves them all, and requests pick one by NAME in sd_model_checkpoint "
                          "(default: the repository's default checkpoint, named by its weights)")
-    sd.add_argument("--min-size", type=int, default=64, help="smallest image side the build serves (pixels)")
-    sd.add_argument("--opt-size", type=int, default=0,
+    sd.add_argument("--min-size", type=at_least(1), default=64, help="smallest image side the build serves (pixels)")
+    sd.add_argument("--opt-size", type=at_least(0), default=0,
                     help="the image side the profiles are tuned for (default: the checkpoint's own, 512 for SD 1.x, "
                          "768 for SD 2.x's v models)")
-    sd.add_argument("--max-size", type=int, default=1024, help="largest image side the build serves (pixels)")
-    sd.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
-    sd.add_argument("--step-queue-delay-us", type=int, default=0,
+    sd.add_argument("--max-size", type=at_least(1), default=1024, help="largest image side the build serves (pixels)")
+    sd.add_argument("--threads", type=at_least(0), default=0, help="runtime threads inside Triton (0: all cores)")
+    sd.add_argument("--step-queue-delay-us", type=at_least(0), default=0,
                     help="how long the UNet and ControlNet models wait for batching partners (default: none; the "
                          "service's step batcher merges the steps of concurrent requests, a wait only slows each "
                          "step; raise it for clients that call sd_unet directly)")
@@ -88,7 +88,7 @@ def add_parser(commands) -> None:
                           help=".safetensors or .pth (read weights-only: no code runs), e.g. 4x-UltraSharp.pth")
     upscaler.add_argument("--name", help="what requests call it (default: the file's name without its extension)")
     upscaler.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
-    upscaler.add_argument("--threads", type=int, default=0, help="runtime threads inside Triton (0: all cores)")
+    upscaler.add_argument("--threads", type=at_least(0), default=0, help="runtime threads inside Triton (0: all cores)")
     upscaler.set_defaults(run=run_upscaler)
 
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from kiln.cli.args import add_triton_address
+from kiln.cli.args import add_triton_address, at_least
 from kiln.errors import KilnError
 
 
@@ -14,7 +14,7 @@ def add_parser(commands) -> None:
     classify = commands.add_parser("classify", help="top-k labels for images (the build's own), through vit_classify")
     classify.add_argument("images", nargs="+")
     add_triton_address(classify)
-    classify.add_argument("--top-k", type=int, default=5)
+    classify.add_argument("--top-k", type=at_least(1), default=5)
     classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
     classify.set_defaults(run=run)
 

@@ -7,7 +7,7 @@ import signal
 import threading
 from pathlib import Path
 
-from kiln.cli.args import names
+from kiln.cli.args import above, at_least, names
 from kiln.errors import KilnError
 from kiln.lora import ENV as LORA_ENV
 from kiln.paths import DEFAULT_REPOSITORY
@@ -18,10 +18,10 @@ def add_parser(commands) -> None:
                                               "Ctrl-C / SIGTERM drains and stops")
     serve.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY)
     serve.add_argument("--address", default="127.0.0.1", help="Triton's bind address (default: loopback only)")
-    serve.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port")
-    serve.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
-    serve.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
-    serve.add_argument("--log-verbose", type=int, default=0)
+    serve.add_argument("--http-port", type=at_least(1), default=8000, help="Triton HTTP port")
+    serve.add_argument("--grpc-port", type=at_least(1), default=8001, help="Triton gRPC port")
+    serve.add_argument("--metrics-port", type=at_least(1), default=8002, help="Triton metrics port")
+    serve.add_argument("--log-verbose", type=at_least(0), default=0)
     serve.add_argument("--triton-url", action="append", metavar="HOST:PORT",
                        help="use this running Triton (its gRPC address) instead of starting one; repeat for several "
                             "serving the same repository: each job runs on one that is ready and least busy, and "
@@ -40,35 +40,38 @@ def add_parser(commands) -> None:
                                   "repository as a checkpoint named by its file before Triton starts, or reused when "
                                   "its build is of the same file (default: checkpoints/ in the working directory, "
                                   "where there is one)")
-    checkpoints.add_argument("--max-checkpoints", type=int, default=0, metavar="N",
+    checkpoints.add_argument("--max-checkpoints", type=at_least(0), default=0, metavar="N",
                              help="keep at most N checkpoints loaded in Triton: the default one at start, the others "
                                   "when a request names one, the least recently used idle one unloaded to make room "
                                   "(default 0: every checkpoint loaded at start, none unloaded)")
-    checkpoints.add_argument("--checkpoint-memory-gb", type=float, default=0.0, metavar="GB",
+    checkpoints.add_argument("--checkpoint-memory-gb", type=at_least(0, float), default=0.0, metavar="GB",
                              help="the same, by the size of the checkpoints' models (their files): a checkpoint "
                                   "larger than this is refused (default 0: no byte budget)")
     api = serve.add_argument_group("API service")
     api.add_argument("--no-api", action="store_true", help="serve Triton only")
     api.add_argument("--listen", default="127.0.0.1", help="API bind address (any but loopback needs --api-auth or "
                                                            "--api-keys)")
-    api.add_argument("--port", type=int, default=7860, help="API port")
+    api.add_argument("--port", type=at_least(1), default=7860, help="API port")
     api.add_argument("--api-auth", help="HTTP Basic credentials user:pass[,user:pass]")
     api.add_argument("--api-keys", default=os.environ.get("KILN_API_KEYS"),
                      help="comma-separated API keys (X-API-Key or Authorization: Bearer); default: $KILN_API_KEYS")
     api.add_argument("--metrics-token", default=os.environ.get("KILN_METRICS_TOKEN", ""),
                      help="a token that opens /metrics alone (Authorization: Bearer TOKEN), for Prometheus without "
                           "the API's credentials (default: $KILN_METRICS_TOKEN; none: /metrics takes the API's)")
-    api.add_argument("--rate-limit", type=float, default=0.0, help="requests per minute per client (0: none)")
+    api.add_argument("--rate-limit", type=at_least(0, float), default=0.0,
+                     help="requests per minute per client (0: none)")
     api.add_argument("--cors-origins", default="", help="comma-separated allowed origins (default: CORS closed)")
-    api.add_argument("--queue-size", type=int, default=64, help="jobs waiting beyond the running ones; more is 429")
-    api.add_argument("--workers", type=int, default=16, help="generations running at once")
+    api.add_argument("--queue-size", type=at_least(1), default=64,
+                     help="jobs waiting beyond the running ones; more is 429")
+    api.add_argument("--workers", type=at_least(1), default=16, help="generations running at once")
     api.add_argument("--no-step-batching", action="store_true", help="do not merge UNet steps across requests")
-    api.add_argument("--max-batch-rows", type=int, default=0, help="rows per merged UNet call (0: the model's max)")
+    api.add_argument("--max-batch-rows", type=at_least(0), default=0,
+                     help="rows per merged UNet call (0: the model's max)")
     api.add_argument("--shared-memory", choices=("auto", "on", "off"), default="auto",
                      help="denoising steps' tensors through Triton's system shared memory: auto (when Triton is on "
                           "this host and can map it), on (or fail), off (always over gRPC)")
-    api.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a generation is a 504")
-    api.add_argument("--drain-timeout", type=float, default=60.0, metavar="SECONDS",
+    api.add_argument("--request-timeout", type=above(0), default=600.0, help="seconds before a generation is a 504")
+    api.add_argument("--drain-timeout", type=at_least(0, float), default=60.0, metavar="SECONDS",
                      help="on SIGTERM, open requests and queued jobs get this long to finish; what is left is then "
                           "cancelled (a pod's grace period should be at least this + 10; default: %(default)s)")
     api.add_argument("--redis", default=os.environ.get("KILN_REDIS_URL", ""), metavar="URL",
@@ -76,11 +79,11 @@ def add_parser(commands) -> None:
                           "this Redis (redis://[:password@]host:port/db; default: $KILN_REDIS_URL; none: this "
                           "process's own): any of them answers for any task, and one that dies leaves its running "
                           "jobs to the others")
-    api.add_argument("--redis-lease", type=float, default=15.0, metavar="SECONDS",
+    api.add_argument("--redis-lease", type=above(0), default=15.0, metavar="SECONDS",
                      help="with --redis, an orchestrator that has not renewed a running job's lease this long is "
                           "taken for dead and another runs the job again (default: %(default)s)")
-    api.add_argument("--max-steps", type=int, default=150, help="most sampling steps a request may ask for")
-    api.add_argument("--vae-tile-above", type=int, default=1024 * 1024, metavar="PIXELS",
+    api.add_argument("--max-steps", type=at_least(1), default=150, help="most sampling steps a request may ask for")
+    api.add_argument("--vae-tile-above", type=at_least(0), default=1024 * 1024, metavar="PIXELS",
                      help="decode and encode images of more pixels than this in VAE tiles, as diffusers' "
                           "enable_vae_tiling (memory of one tile; seams blended); a request's vae_tiling true/false "
                           "decides for itself (default 1048576: above 1024x1024)")
@@ -116,13 +119,6 @@ def settings_from(args):
     from orchestrator.security import SecurityOptions, check_exposure, parse_credentials
     from orchestrator.server.settings import Settings
 
-    for name in ("queue_size", "workers", "port", "max_steps"):
-        if getattr(args, name) < 1:
-            raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.rate_limit < 0 or args.request_timeout <= 0 or args.max_batch_rows < 0 or args.vae_tile_above < 0 or \
-            args.drain_timeout < 0 or args.redis_lease <= 0:
-        raise KilnError("--rate-limit, --max-batch-rows, --vae-tile-above and --drain-timeout must be >= 0, "
-                        "--request-timeout and --redis-lease > 0")
     if args.redis and not args.redis.startswith(("redis://", "rediss://", "unix://")):
         raise KilnError(f"--redis {args.redis!r}: expected a URL such as redis://host:6379/0")
     if args.vae_tile and (args.vae_tile < 64 or args.vae_tile % 64):
@@ -149,8 +145,6 @@ def settings_from(args):
 
 def model_control(args, triton_url: str):
     """Triton's models loaded on demand under --max-checkpoints / --checkpoint-memory-gb, or None."""
-    if args.max_checkpoints < 0 or args.checkpoint_memory_gb < 0:
-        raise KilnError("--max-checkpoints and --checkpoint-memory-gb must be >= 0")
     if not (args.max_checkpoints or args.checkpoint_memory_gb):
         return None
     if args.triton_url:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from build.sd.families import FAMILIES, PREDICTIONS
+from kiln.cli.args import above, at_least
 from kiln.errors import KilnError
 
 WRITES_EXTRAS = ("sd1", "sd2", "sdxl")  # the families kiln writes embeddings and LoRAs for (not SDXL's refiner)
@@ -45,8 +46,9 @@ def add_parser(commands) -> None:
                                            "prompts use it as <lora:NAME:multiplier>, NAME the file's")
     _file_sizes(lora)
     _family(lora, WRITES_EXTRAS)
-    lora.add_argument("--rank", type=int, default=4)
-    lora.add_argument("--alpha", type=float, default=2.0, help="kohya's alpha: the difference is scaled by alpha/rank")
+    lora.add_argument("--rank", type=at_least(1), default=4)
+    lora.add_argument("--alpha", type=above(0), default=2.0,
+                      help="kohya's alpha: the difference is scaled by alpha/rank")
     lora.add_argument("--unet-only", action="store_true", help="no text encoder layers")
     lora.add_argument("--seed", type=int, default=0)
     lora.set_defaults(run=run_lora)
@@ -143,8 +145,6 @@ def run_lora(args) -> int:
     out, size = _sized(args)
     if out.suffix != ".safetensors":
         raise KilnError(f"{out}: a LoRA file's name must end in .safetensors")
-    if args.rank < 1 or args.alpha <= 0:
-        raise KilnError("--rank must be at least 1 and --alpha above 0")
     tensors = random_lora(size, args.seed, args.rank, args.alpha, text_encoder=not args.unet_only,
                           family_name=args.family)
     write_lora(out, tensors, {"ss_network_module": "networks.lora", "ss_network_dim": str(args.rank),
