@@ -50,12 +50,11 @@ def _repositories(work: Path, sd_size: str, log) -> dict[str, Path]:
 
 
 def _start(repo: Path, log_path: Path, cache: bool = True) -> float:
-    from kiln.triton_server import TritonOptions, TritonServer, free_port
+    from kiln.triton_server import TritonOptions, TritonServer
 
     started = time.perf_counter()
-    server = TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port(), log_path=log_path,
-                                        extra_env={} if cache else {"KILN_OV_CACHE": "off"})).start()
+    server = TritonServer(TritonOptions.on_free_ports(repo, log_path,
+                                                      extra_env={} if cache else {"KILN_OV_CACHE": "off"})).start()
     seconds = time.perf_counter() - started
     server.stop()
     return seconds

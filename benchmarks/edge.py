@@ -163,7 +163,7 @@ def _kiln_row(repo: Path, request: dict) -> dict:
     running; then the memory, sampled over a 2-step image of the same size (a step's peak is every step's)."""
     from benchmarks.sd_triton import _tree_peak_rss_mb
     from kiln.runtime import ov_cache_dir
-    from kiln.triton_server import TritonOptions, TritonServer, free_port
+    from kiln.triton_server import TritonOptions, TritonServer
     from orchestrator.pipeline import Pipeline, Txt2ImgRequest
 
     shutil.rmtree(ov_cache_dir(repo), ignore_errors=True)  # the first start compiles every model
@@ -171,8 +171,7 @@ def _kiln_row(repo: Path, request: dict) -> dict:
 
     def start() -> TritonServer:
         began = time.perf_counter()
-        server = TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                            metrics_port=free_port(), log_path=repo.parent / "triton.log")).start()
+        server = TritonServer(TritonOptions.on_free_ports(repo, repo.parent / "triton.log")).start()
         ready.append(time.perf_counter() - began)
         return server
 

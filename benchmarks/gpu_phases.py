@@ -103,11 +103,10 @@ def build(check: Check) -> dict:
 
 
 def serve(check: Check) -> dict:
-    from kiln.triton_server import TritonOptions, TritonServer, free_port
+    from kiln.triton_server import TritonOptions, TritonServer
 
     started = time.perf_counter()
-    check.server = TritonServer(TritonOptions(repository=check.repo, http_port=free_port(), grpc_port=free_port(),
-                                              metrics_port=free_port(), log_path=check.work / "triton.log")).start()
+    check.server = TritonServer(TritonOptions.on_free_ports(check.repo, check.work / "triton.log")).start()
     return {"ready_s": round(time.perf_counter() - started, 2)}
 
 

@@ -56,15 +56,14 @@ def run_preprocess_benchmark(options: PreprocessBenchOptions, log=print) -> dict
 
     from kiln.paths import SAMPLE_IMAGES, list_images
     from kiln.triton_client import TritonClient
-    from kiln.triton_server import TritonOptions, TritonServer, free_port
+    from kiln.triton_server import TritonOptions, TritonServer
 
     out = Path(options.out)
     work = out / "bench_preprocess"
     repo = preprocess_repository(work / "repo")
     photos = [p.read_bytes() for p in list_images(SAMPLE_IMAGES) if p.suffix.lower() in (".jpg", ".jpeg")]
     rows = []
-    triton_options = TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                   metrics_port=free_port(), log_path=work / "triton.log")
+    triton_options = TritonOptions.on_free_ports(repo, work / "triton.log")
     with TritonServer(triton_options) as server:
         client = TritonClient(server.grpc_url, shared_memory="off")  # BYTES inputs travel over gRPC in any case
         try:

@@ -86,9 +86,8 @@ def run_replica_benchmark(options: ReplicaBenchOptions, log=print) -> dict:
             threads = max(1, cores // count)
             served = threaded_repository(repo, repo.parent / f"repo-threads-{threads}", threads)
             if count not in tritons:  # the Redis arm uses the two Tritons of the in-memory one
-                tritons[count] = [stack.enter_context(TritonServer(TritonOptions(
-                    repository=served, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                    log_path=options.out / f"bench_replicas_{arm}_{index}.log"))).grpc_url for index in range(count)]
+                tritons[count] = [stack.enter_context(TritonServer(TritonOptions.on_free_ports(
+                    served, options.out / f"bench_replicas_{arm}_{index}.log"))).grpc_url for index in range(count)]
             urls = tritons[count]
             services[arm] = BackgroundAPI(Settings(triton_url=urls[0], replica_urls=tuple(urls[1:]), port=free_port(),
                                                    workers=workers, max_queue=workers, request_timeout_s=3600,

@@ -74,10 +74,9 @@ def _tree_peak_rss_mb(pid: int) -> float:
 
 
 def measure_triton(root: Path, repo: Path, side: int, steps: int, log) -> dict:
-    from kiln.triton_server import TritonOptions, TritonServer, free_port
+    from kiln.triton_server import TritonOptions, TritonServer
 
-    server = TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port(), log_path=root / "triton.log"))
+    server = TritonServer(TritonOptions.on_free_ports(repo, root / "triton.log"))
     with server:
         pipeline = Pipeline.from_triton(server.grpc_url)
         pipeline.generate(bench_request(side, 1))  # warm-up: every model's first call

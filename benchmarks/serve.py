@@ -217,9 +217,8 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
     rows: list[Row] = []
     workers = max(options.concurrency)
     with ExitStack() as stack:
-        tritons = {name: stack.enter_context(TritonServer(TritonOptions(
-            repository=path, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-            log_path=options.out / f"bench_serve_triton_{name}.log"))) for name, path in repos.items()}
+        tritons = {name: stack.enter_context(TritonServer(TritonOptions.on_free_ports(
+            path, options.out / f"bench_serve_triton_{name}.log"))) for name, path in repos.items()}
         triton_of = tritons  # one Triton per arm
         services = {arm: BackgroundAPI(Settings(triton_url=triton_of[arm].grpc_url, port=free_port(), workers=workers,
                                                 max_queue=workers, step_batching=arm == "step",

@@ -80,7 +80,7 @@ def _inputs(shape: tuple[int, ...], rng: np.random.Generator) -> dict[str, np.nd
 
 def run_transport_benchmark(options: TransportBenchOptions, log=print) -> dict:
     from kiln.triton_client import TritonClient
-    from kiln.triton_server import TritonOptions, TritonServer, free_port
+    from kiln.triton_server import TritonOptions, TritonServer
     from orchestrator.pipeline.components.triton import TritonGraph
 
     for name in options.shapes:
@@ -90,8 +90,7 @@ def run_transport_benchmark(options: TransportBenchOptions, log=print) -> dict:
     repo = probe_repository(out / "bench_transport" / "repo")
     rng = np.random.default_rng(0)
     rows = []
-    triton_options = TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                   metrics_port=free_port(), log_path=out / "bench_transport" / "triton.log")
+    triton_options = TritonOptions.on_free_ports(repo, out / "bench_transport" / "triton.log")
     with TritonServer(triton_options) as server:
         clients = {"network": TritonClient(server.grpc_url, shared_memory="off"),
                    "shared memory": TritonClient(server.grpc_url, shared_memory="on")}

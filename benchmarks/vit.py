@@ -179,7 +179,7 @@ def run_benchmark(options: BenchOptions) -> dict:
         bar.update()
 
     # 3. Each variant: direct, direct+decode, then through Triton.
-    from kiln.triton_server import TritonOptions, TritonServer, free_port
+    from kiln.triton_server import TritonOptions, TritonServer
 
     for key in options.variants:
         variant = VARIANTS[key]
@@ -202,8 +202,7 @@ def run_benchmark(options: BenchOptions) -> dict:
             bar.update()
 
         _serve_variant(repository, key)
-        server = TritonServer(TritonOptions(repository=repository, http_port=free_port(), grpc_port=free_port(),
-                                            metrics_port=free_port(), log_path=out / f"triton-{key}.log"))
+        server = TritonServer(TritonOptions.on_free_ports(repository, out / f"triton-{key}.log"))
         with server:
             for batch in options.batch_sizes:
                 row = _load(server.grpc_url, payloads, batch, options.seconds, options.min_iterations * batch)

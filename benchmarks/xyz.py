@@ -39,8 +39,7 @@ def run(rounds: int, steps: int, work: Path, log=print) -> dict:
                         "script_args": ["Seed", ", ".join(map(str, SEEDS)), None, "CFG Scale",
                                         ", ".join(map(str, SCALES)), None]}
     times: dict[str, list[float]] = {"grid (one request, 9 concurrent cells)": [], "9 requests one after another": []}
-    with TritonServer(TritonOptions(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                    metrics_port=free_port(), log_path=work / "bench_xyz_triton.log")) as triton:
+    with TritonServer(TritonOptions.on_free_ports(repo, work / "bench_xyz_triton.log")) as triton:
         service = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), request_timeout_s=3600))
         try:
             with httpx.Client(base_url=service.url, timeout=3600) as client:

@@ -60,6 +60,13 @@ class TritonOptions:
     # serve --max-checkpoints); None: every model of the repository loads at start (model control "none")
     load_models: tuple[str, ...] | None = None
 
+    @classmethod
+    def on_free_ports(cls, repository: Path, log_path: Path | None = None, **fields) -> TritonOptions:
+        """Loopback, on ports that are free now (tests, benchmarks and `kiln demo` start several side by side);
+        fields: any other option, a port too."""
+        ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+        return cls(repository=repository, log_path=log_path, **{**ports, **fields})
+
 
 @dataclass(frozen=True)
 class TritonInstallation:

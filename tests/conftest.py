@@ -220,10 +220,9 @@ def start_triton(repo: Path, log: Path, loras: Path | None = None, exit_timeout_
     """A Triton on free ports. It waits at most 5 s for in-flight requests when stopped (Triton's own default, 30 s,
     sometimes elapses in full after a test's last call, whose client keeps its channel open); torch models take
     longer to unload on 2 busy cores (measured: 6 s for four AOTInductor packages)."""
-    return TritonServer(TritonOptions(repository=repo, http_port=ports.get("http") or free_port(),
-                                      grpc_port=ports.get("grpc") or free_port(), exit_timeout_s=exit_timeout_s,
-                                      metrics_port=ports.get("metrics") or free_port(), log_path=log,
-                                      extra_env={"KILN_LORAS": str(loras)} if loras else {})).start()
+    return TritonServer(TritonOptions.on_free_ports(
+        repo, log, exit_timeout_s=exit_timeout_s, extra_env={"KILN_LORAS": str(loras)} if loras else {},
+        **{f"{name}_port": port for name, port in ports.items() if port})).start()
 
 
 @pytest.fixture(scope="session")

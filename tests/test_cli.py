@@ -123,8 +123,7 @@ def test_a_model_that_fails_to_load_is_explained(vit_repo, tmp_path):
     shutil.copy(vit_repo / "vit" / "config.pbtxt", broken / "vit")
     shutil.copy(vit_repo / "vit" / "1" / "model.py", broken / "vit" / "1")
     (broken / "vit" / "1" / "model.onnx").write_bytes(b"not an onnx file")
-    server = TritonServer(TritonOptions(repository=broken, http_port=free_port(), grpc_port=free_port(),
-                                        metrics_port=free_port(), log_path=tmp_path / "log.txt"))
+    server = TritonServer(TritonOptions.on_free_ports(broken, tmp_path / "log.txt"))
     from kiln.errors import ServerError
 
     with pytest.raises(ServerError) as info:

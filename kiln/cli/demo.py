@@ -78,8 +78,7 @@ def run_demo(repository: Path, out: Path) -> int:
 
     # 2. Serve.
     print("== 2/4 start Triton and the API", flush=True)
-    options = TritonOptions(repository=repository, http_port=free_port(), grpc_port=free_port(),
-                            metrics_port=free_port(), log_path=out / "tritonserver.log")
+    options = TritonOptions.on_free_ports(repository, out / "tritonserver.log")
     with TritonServer(options) as server:
         print(f"   ready: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}", flush=True)
         api = BackgroundAPI(Settings(triton_url=server.grpc_url, port=free_port()))
