@@ -154,8 +154,9 @@ def precision_caveat(variant: Variant, triton_backend: str) -> str | None:
 
 
 def parity_note(variant: Variant) -> str | None:
-    """What a GPU variant's parity figures, measured on this machine's CPU, do not show."""
-    if variant.accelerator == "cuda":
+    """What a GPU variant's parity figures, measured on this machine's CPU, do not show (torch's on CUDA are measured
+    on the GPU: nothing to say)."""
+    if variant.accelerator == "cuda" and variant.runtime == "onnxruntime":
         return ("measured with ONNX Runtime's CPU provider, which computes most float16 nodes in float32: the error "
                 "of the float16 weights, not of the GPU's float16 arithmetic (not run on a GPU here)")
     if variant.accelerator == "tensorrt":

@@ -182,3 +182,13 @@ def test_auto_choice_says_why_and_refuses_when_nothing_passed():
         auto.choose({}, {"c": "cosine too low"}, "images/s")
     figures = auto.throughput(lambda: sum(range(1000)), items=8, repeats=3)
     assert figures["per_s"] > 0 and figures["repeats"] == 3
+
+
+def test_parity_notes_say_what_was_not_measured_on_a_gpu():
+    """ONNX Runtime's GPU variants are checked on this CPU, and their reports say so; torch's CUDA variants are checked
+    on the GPU they are built for, and say nothing of the kind."""
+    from build.native import parity_note
+
+    for key in ("onnxruntime-cuda-fp16", "onnxruntime-tensorrt-fp16"):
+        assert "not run on a GPU here" in parity_note(VARIANTS[key])
+    assert parity_note(VARIANTS["torch-cuda-fp16"]) is None and parity_note(VARIANTS["onnxruntime-fp32"]) is None

@@ -237,6 +237,22 @@ def test_torch_cuda_variant_configs_and_its_gpu(plain_checkpoint, tmp_path, key,
                                     progress=False, variant=key, device="gpu"), log=lambda _m: None)
 
 
+def test_a_gpu_session_finds_nan_inputs_as_the_requests_fault():
+    """On CUDA, TorchSession checks float inputs for NaN after the copy (RuntimeModel, on the CPU, before it): an
+    InputError, which the model answers as the request's (INVALID_ARG, a 400), naming the input; ints are not
+    checked. The check itself is device-agnostic, so it runs here on CPU tensors."""
+    import torch
+
+    from kiln.errors import InputError
+    from kiln.runtime.torch_session import TorchSession
+
+    with pytest.raises(InputError, match="^encoder_hidden_states contains NaN or infinity$"):
+        TorchSession._check_finite({"sample": torch.ones(2, 3), "timestep": torch.ones(2),
+                                    "encoder_hidden_states": torch.tensor([1.0, float("inf")]),
+                                    "ids": torch.tensor([1, 2])})
+    TorchSession._check_finite({"sample": torch.ones(2, 3), "ids": torch.tensor([1])})
+
+
 def _prebuilt(tmp_path: Path, name: str, plain_checkpoint: Path, plain_repo: Path) -> None:
     """The tiny checkpoint and its fp32 build where a benchmark looks for its own (with skip_build, it reuses them)."""
     root = tmp_path / name

@@ -431,3 +431,29 @@ def test_vaes_are_served_in_float32_where_a_gpu_variant_computes_in_float16():
             "fp32", SD_VARIANTS[name].runtime, SD_VARIANTS[name].accelerator, SD_VARIANTS[name].compiler), name
     for name in ("openvino-fp16", "onnxruntime-fp32", "openvino-int8", "torch-aoti-bf16"):
         assert SD_VARIANTS[name].upcast() == SD_VARIANTS[name]
+    # An upcast VAE in torch on CUDA convolves in TF32 (cuDNN's default): judged by that, not by IEEE float32's 1e-3.
+    from build.sd.specs import FP32_TOLERANCE
+
+    assert SD_VARIANTS["torch-cuda-fp16"].upcast().tolerance_key == "tf32-compute" in FP32_TOLERANCE
+    assert SD_VARIANTS["torch-fp32"].tolerance_key == "fp32"
+
+
+@pytest.mark.parametrize("checkpoint", ["plain_checkpoint", "xl_checkpoint", "refiner_checkpoint"])
+def test_export_modules_make_no_tensor_on_another_device(checkpoint, request):
+    """torch's CUDA variants export each module on the GPU (AOTInductor's without a device pass): a tensor its forward
+    makes without `device=` lands on the CPU and meets CUDA ones (SDXL's text encoder did, a GPU-only failure). On the
+    meta device every such mix is an error, so this machine finds them without a GPU."""
+    import copy
+
+    from build.sd import axis_sizes, sd_specs
+    from build.sd.export import export_modules
+    from tests.conftest import IMAGES
+
+    loaded = load_sd(str(request.getfixturevalue(checkpoint)), None, None)
+    specs, sizes = sd_specs(loaded, IMAGES), axis_sizes(loaded, batch=2, height=64, width=64)
+    for name, module in export_modules(loaded).items():
+        sample = specs[name].sample_inputs(seed=0, **sizes)
+        with torch.no_grad():  # raises "Tensor on device meta is not on the expected device cpu!" on a mix
+            outputs = copy.deepcopy(module).to("meta")(*(torch.from_numpy(sample[n]).to("meta")
+                                                         for n in specs[name].input_names))
+        assert all(o.device.type == "meta" for o in (outputs if isinstance(outputs, tuple) else (outputs,))), name

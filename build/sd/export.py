@@ -53,7 +53,7 @@ def export_modules(loaded) -> dict[str, Callable]:
             lower)."""
             text, layers, end = run_layers(self.model, input_ids, token_vectors)
             index = (len(layers) - clip_skip).clamp(0, len(layers) - 1)
-            every = torch.arange(input_ids.shape[0])
+            every = torch.arange(input_ids.shape[0], device=input_ids.device)
             return text.final_layer_norm(layers[index, every]), text.final_layer_norm(layers[-1, every, end])
 
     class TextEncoderXL(torch.nn.Module):
@@ -70,11 +70,11 @@ def export_modules(loaded) -> dict[str, Callable]:
         def forward(self, input_ids, clip_skip, token_vectors):
             """clip skip 1 (AUTOMATIC1111's default): the penultimate layers; each more goes one layer further back,
             as diffusers' SDXL `clip_skip` (counted one lower)."""
-            every, ids_2, width, states = torch.arange(input_ids.shape[0]), input_ids, 0, []
+            every, ids_2, width, states = torch.arange(input_ids.shape[0], device=input_ids.device), input_ids, 0, []
             if self.first is not None:
                 width = self.first.config.hidden_size
                 _, first, end = run_layers(self.first, input_ids, token_vectors[:, :width])
-                after_end = torch.arange(input_ids.shape[1]).unsqueeze(0) > end.unsqueeze(1)
+                after_end = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) > end.unsqueeze(1)
                 ids_2 = torch.where(after_end, torch.full_like(input_ids, self.pad_2), input_ids)
                 states.append(first)
             text_2, second, end_2 = run_layers(self.second, ids_2, token_vectors[:, width:])

@@ -22,6 +22,8 @@ FP32_TOLERANCE = {
     "fp16": Tolerance(min_cosine=0.999, why="weights rounded to float16, computed in float32"),
     "fp16-compute": Tolerance(min_cosine=0.995, why="float16 weights and arithmetic (torch on CUDA; 10-bit mantissa, "
                                                     "float32 accumulation in the GEMMs)"),
+    "tf32-compute": Tolerance(min_cosine=0.9999, why="float32 on CUDA, whose cuDNN convolutions round their inputs to "
+                                                    "TF32 (10-bit mantissa) by default; float32 accumulation"),
     "bf16": Tolerance(min_cosine=0.99, why="bfloat16 arithmetic (8-bit mantissa) where the CPU has it"),
     "int8": Tolerance(min_cosine=0.98, why="int8 weights (per channel); activations in float"),
     "int4": Tolerance(min_cosine=0.95, why="int4 MatMul weights (groups of 64), int8 convolutions; activations in "

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kiln.errors import KilnError
+from kiln.errors import InputError, KilnError
 from kiln.runtime import Session, SessionOptions, model_config, ov_cache_dir, session_device
 
 
@@ -83,7 +83,7 @@ class RuntimeModel:
                     results[i] = str(exc)
                 refused.update(group)
                 continue
-            self._run_group(group, feeds, wanted, results, session)
+            self._run_group(group, feeds, wanted, results, session, refused)
         responses = []
         for i, outcome in enumerate(results):
             if isinstance(outcome, str):
@@ -104,7 +104,7 @@ class RuntimeModel:
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
-    def _run_group(self, group, feeds, wanted, results, session) -> None:
+    def _run_group(self, group, feeds, wanted, results, session, refused: set[int]) -> None:
         names = [n for n in self.output_names if any(n in wanted[i] for i in group)]
         try:
             if len(group) == 1:
@@ -118,12 +118,16 @@ class RuntimeModel:
                 results[i] = {n: (outputs[n][start:start + count] if count is not None else outputs[n])
                               for n in wanted[i]}
                 start += count or 0
-        except Exception:  # noqa: BLE001 - a batch-level failure: retry alone so only the culprit fails
+        except Exception as exc:  # noqa: BLE001 - a batch-level failure: retry alone so only the culprit fails
+            if len(group) == 1 and isinstance(exc, InputError):  # the request's fault, found by the session (NaN
+                results[group[0]] = str(exc)                        # on a GPU is checked there): a 400, not a 500
+                refused.add(group[0])
+                return
             if len(group) == 1:
                 results[group[0]] = f"inference failed: {_short_error()}"
                 return
             for i in group:
-                self._run_group([i], feeds, wanted, results, session)
+                self._run_group([i], feeds, wanted, results, session, refused)
 
 
 def _lora_spec(value: np.ndarray | None) -> str | None:

@@ -14,6 +14,7 @@ the build's optimal sizes): one launch instead of hundreds for a denoising step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, InputError
 from kiln.runtime.programs import METADATA, read_metadata, release
 
 
@@ -146,12 +147,12 @@ class TorchSession:
         names = list(output_names) if output_names else self.output_names
         key = tuple(tuple(np.shape(inputs[n])) for n in self.input_names)
         captured = self._graphs.get(key)
-        with torch.inference_mode():
+        # Triton may call execute on another thread than initialize's, whose current device set_device set.
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.inference_mode(), on_device:
             tensors = {name: self._tensor(name, inputs[name]) for name in self.input_names}
             if self.checks_finite:
-                for name, tensor in tensors.items():
-                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                        raise ValueError(f"{name} contains NaN or infinity")
+                self._check_finite(tensors)
             if captured is not None:
                 graph, static, outputs = captured
                 with self._lock:
@@ -161,6 +162,16 @@ class TorchSession:
                     return self._numpy(outputs, names)
             outputs = self.module(*(tensors[n] for n in self.input_names))
             return self._numpy(outputs if isinstance(outputs, (tuple, list)) else (outputs,), names)
+
+    @staticmethod
+    def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+        """InputError naming the first float input with NaN or infinity; one wait for the GPU for them all."""
+        floats = [name for name, tensor in tensors.items() if tensor.is_floating_point()]
+        if floats:
+            finite = torch.stack([torch.isfinite(tensors[name]).all() for name in floats]).tolist()
+            for name, ok in zip(floats, finite):
+                if not ok:
+                    raise InputError(f"{name} contains NaN or infinity")
 
     @property
     def checks_finite(self) -> bool:
