@@ -137,13 +137,15 @@ ARTIFACTS = frozenset(v.artifact for kind in (*VIT_VARIANTS.values(), *SD_VARIAN
                       for v in (kind, kind.uncalibrated()))
 
 
-def derive(variant: Variant, source: Path, target: Path, calibration: list[dict] | None = None) -> None:
+def derive(variant: Variant, source: Path, target: Path, calibration: list[dict] | None = None,
+           float_outputs: tuple[str, ...] = ()) -> None:
     """Make `variant`'s artifact at `target` from a component's fp32 ONNX file `source`.
 
     A static variant needs `calibration` (input dicts that look like real inputs): NNCF's
     post-training quantization, transformer preset, SmoothQuant off (measured on the ViT: it lowers
     logit cosine, 0.9972 with it against 0.9977 without), NNCF's overflow fix on (without VNNI,
-    disabling it saturates the int8 dot products: cosine 0.92).
+    disabling it saturates the int8 dot products: cosine 0.92). The layers that make `float_outputs`
+    stay in float (a classifier's head: see the ViT build).
     """
     source, target = Path(source), Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +163,7 @@ def derive(variant: Variant, source: Path, target: Path, calibration: list[dict]
             )
 
             model = nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                                  ignored_scope=nncf.IgnoredScope(names=_producers(model, float_outputs)),
                                   subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED,
                                   advanced_parameters=AdvancedQuantizationParameters(
                                       smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
@@ -186,6 +189,21 @@ def derive(variant: Variant, source: Path, target: Path, calibration: list[dict]
         _float16(source, target)
     elif source.resolve() != target.resolve():
         raise ExportError(f"{variant}: nothing to derive from {source}")
+
+
+def _producers(model, outputs: tuple[str, ...]) -> list[str]:
+    """The MatMul or convolution that makes each named output of an OpenVINO model (behind its bias, if any)."""
+    names = []
+    for output in outputs:
+        node = model.output(output).get_node().input_value(0).get_node()  # the Result's input
+        for _ in range(3):  # Add (bias) <- MatMul; a graph whose output is the layer itself stops at once
+            if node.get_type_name() in ("MatMul", "Convolution"):
+                names.append(node.get_friendly_name())
+                break
+            node = node.input_value(0).get_node()
+        else:
+            raise ExportError(f"{output}: no MatMul or convolution makes it, to keep in float")
+    return names
 
 
 def compress_weights(model, precision: str):
