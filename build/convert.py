@@ -142,10 +142,10 @@ def derive(variant: Variant, source: Path, target: Path, calibration: list[dict]
     """Make `variant`'s artifact at `target` from a component's fp32 ONNX file `source`.
 
     A static variant needs `calibration` (input dicts that look like real inputs): NNCF's
-    post-training quantization, transformer preset, SmoothQuant off (measured on the ViT: it lowers
-    logit cosine, 0.9972 with it against 0.9977 without), NNCF's overflow fix on (without VNNI,
-    disabling it saturates the int8 dot products: cosine 0.92). The layers that make `float_outputs`
-    stay in float (a classifier's head: see the ViT build).
+    post-training quantization, transformer preset, SmoothQuant off (measured on the ViT, its head then
+    int8: it lowers logit cosine, 0.9972 with it against 0.9977 without), NNCF's overflow fix on (without
+    VNNI, disabling it saturates the int8 dot products: cosine 0.92). The layers that make
+    `float_outputs` stay in float (static variants only; a classifier's head: see the ViT build).
     """
     source, target = Path(source), Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -197,12 +197,14 @@ def _producers(model, outputs: tuple[str, ...]) -> list[str]:
     for output in outputs:
         node = model.output(output).get_node().input_value(0).get_node()  # the Result's input
         for _ in range(3):  # Add (bias) <- MatMul; a graph whose output is the layer itself stops at once
-            if node.get_type_name() in ("MatMul", "Convolution"):
-                names.append(node.get_friendly_name())
+            if node is None or node.get_type_name() in ("MatMul", "Convolution"):
                 break
-            node = node.input_value(0).get_node()
-        else:
+            computed = [node.input_value(i).get_node() for i in range(node.get_input_size())
+                        if node.input_value(i).get_node().get_type_name() != "Constant"]  # not the bias
+            node = computed[0] if computed else None
+        if node is None or node.get_type_name() not in ("MatMul", "Convolution"):
             raise ExportError(f"{output}: no MatMul or convolution makes it, to keep in float")
+        names.append(node.get_friendly_name())
     return names
 
 

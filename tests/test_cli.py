@@ -44,7 +44,8 @@ def test_errors_are_one_line_without_traceback(tmp_path, kiln):
     (["build", "sd", "--weights", "w", "--threads", "two"], "--threads: expected an integer, got 'two'"),
     (["build", "sd", "--weights", "w", "--min-size", "0"], "--min-size: must be at least 1"),
     (["bench", "sd", "--repeats", "0"], "--repeats: must be at least 1"),
-    (["bench", "vit", "--seconds", "0"], "--seconds: must be above 0"),
+    (["bench", "vit", "--seconds", "-1"], "--seconds: must be at least 0"),
+    (["serve", "--checkpoint-memory-gb", "inf"], "--checkpoint-memory-gb: must be finite"),
     (["serve", "--workers", "0"], "--workers: must be at least 1"),
     (["serve", "--request-timeout", "nan"], "--request-timeout: must be above 0"),
     (["classify", "x.jpg", "--top-k", "0"], "--top-k: must be at least 1"),
@@ -57,12 +58,15 @@ def test_counts_out_of_range_are_refused_before_anything_runs(kiln, args, messag
 
 def test_a_build_refuses_negative_threads_called_as_a_library(tmp_path):
     """build_vit/build_sd/build_upscaler are called without the CLI (the GPU check, benchmarks): they check too."""
+    from build.sd import SDBuildOptions, build_sd
     from build.upscaler import build_upscaler
     from build.vit import ViTBuildOptions, build_vit
     from kiln.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--threads must be at least 0"):
         build_vit(ViTBuildOptions(random_weights=True, repository=tmp_path, threads=-1))
+    with pytest.raises(ConfigError, match="--threads must be at least 0"):
+        build_sd(SDBuildOptions(weights=str(tmp_path / "missing"), repository=tmp_path, threads=-1))
     with pytest.raises(ConfigError, match="--threads must be at least 0"):
         build_upscaler(tmp_path / "missing.pth", tmp_path, threads=-1)
     assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -253,6 +253,63 @@ def test_a_gpu_session_finds_nan_inputs_as_the_requests_fault():
     TorchSession._check_finite({"sample": torch.ones(2, 3), "ids": torch.tensor([1])})
 
 
+def test_a_nan_request_in_a_merged_gpu_batch_fails_alone_as_invalid(monkeypatch):
+    """RuntimeModel.execute with three requests merged into one batch, the middle one NaN, its session on a GPU
+    (checks_finite: it raises InputError for the whole batch). Stand-ins, because neither can be had here for real:
+    Triton's `triton_python_backend_utils` exists only inside its stub process, and a CUDA session needs a GPU (the
+    real check is TorchSession._check_finite, tested above). The batch is retried one by one: the others answer, the
+    culprit gets INVALID_ARG (HTTP 400). On the CPU (checks_finite False) prepare() refuses it first, the same way."""
+    import sys
+    import types
+
+    from kiln.errors import InputError
+
+    class Error:
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    class Response:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs, self.error = {t[0]: t[1] for t in output_tensors}, error
+
+    class Request(dict):
+        def requested_output_names(self):
+            return []
+
+    stub = types.ModuleType("triton_python_backend_utils")
+    stub.TritonError, stub.InferenceResponse, stub.Tensor = Error, Response, lambda name, value: (name, value)
+    stub.get_input_tensor_by_name = lambda request, name: types.SimpleNamespace(as_numpy=lambda: request[name]) \
+        if name in request else None
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    sys.modules.pop("kiln.runtime.model", None)
+    try:
+        from kiln.runtime.model import RuntimeModel
+    finally:
+        sys.modules.pop("kiln.runtime.model", None)  # bound to the stand-in: not for other tests
+
+    class Session:  # what TorchSession does on CUDA: the check after the copy, for the whole batch
+        def __init__(self, on_gpu):
+            self.checks_finite, self.calls = on_gpu, 0
+
+        def run(self, inputs, names):
+            self.calls += 1
+            if self.checks_finite and not np.isfinite(inputs["x"]).all():
+                raise InputError("x contains NaN or infinity")
+            return {"y": inputs["x"] * 2}
+
+    for on_gpu in (True, False):
+        model = RuntimeModel()
+        model.session, model.loras, model.name, model.batching = Session(on_gpu), None, "m", True
+        model.input_names, model.output_names = ["x"], ["y"]
+        rows = [np.ones((1, 2), np.float32), np.full((1, 2), np.nan, np.float32), np.zeros((1, 2), np.float32)]
+        responses = model.execute([Request(x=r) for r in rows])
+        assert responses[1].error.code == "INVALID_ARG" and "x contains NaN" in responses[1].error.message
+        assert [r.outputs["y"].tolist() for r in (responses[0], responses[2])] == [[[2, 2]], [[0, 0]]]
+        assert model.session.calls == (4 if on_gpu else 1)  # the GPU's merged batch, then each alone
+
+
 def _prebuilt(tmp_path: Path, name: str, plain_checkpoint: Path, plain_repo: Path) -> None:
     """The tiny checkpoint and its fp32 build where a benchmark looks for its own (with skip_build, it reuses them)."""
     root = tmp_path / name

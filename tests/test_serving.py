@@ -193,8 +193,9 @@ def test_wrong_dtype_or_shape_is_rejected_by_triton(triton, inputs, message):
 
 def test_non_finite_pixels_fail_that_request(triton):
     bad = np.full((1, 3, 224, 224), np.nan, np.float32)
-    with pytest.raises(InferenceServerException, match="NaN"):
+    with pytest.raises(InferenceServerException, match="NaN") as info:
         _raw_infer(triton, "vit", [("pixel_values", bad, "FP32")])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"  # the request's fault (HTTP 400), not the server's
     good = _raw_infer(triton, "vit", [("pixel_values", np.zeros((2, 3, 224, 224), np.float32), "FP32")])
     assert good.as_numpy("logits").shape == (2, 1000)
 

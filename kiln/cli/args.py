@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -27,6 +28,8 @@ def at_least(low: float, kind: type = int):
                                              f"got {text!r}") from None
         if not value >= low:  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its own messages
@@ -43,6 +46,8 @@ def above(low: float):
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not value > low:
             raise argparse.ArgumentTypeError(f"must be above {low}, got {text!r}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
         return value
 
     parse.__name__ = "float"

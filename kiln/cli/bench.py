@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.cli.args import above, at_least, int_list, names
+from kiln.cli.args import at_least, int_list, names
 from kiln.paths import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -19,7 +19,8 @@ def add_parser(commands) -> None:
     vit.add_argument("--variants",
                      default="onnxruntime-fp32,onnxruntime-int8,openvino-fp32,openvino-bf16,openvino-int8")
     vit.add_argument("--batch-sizes", type=int_list, default=(1, 8), help="comma-separated, e.g. 1,8")
-    vit.add_argument("--seconds", type=above(0), default=8.0, help="measuring time per configuration")
+    vit.add_argument("--seconds", type=at_least(0, float), default=8.0,
+                     help="measuring time per configuration (0: three calls each)")
     vit.add_argument("--skip-build", action="store_true", help="reuse the variants already in --repo")
     vit.set_defaults(run=run_vit)
     serve = targets.add_parser("serve", help="concurrent txt2img clients against the API: step-level batching on "

@@ -74,7 +74,8 @@ class RuntimeModel:
                                                                             "LoRA sets")
         wanted = [list(r.requested_output_names()) or self.output_names for r in requests]
         results: list[dict | str | None] = [f if isinstance(f, str) else None for f in feeds]
-        refused = {i for i, spec in enumerate(specs) if spec is None}  # a LoRA set that cannot run: the request's fault
+        # What prepare refused (NaN, a layer out of range) and a LoRA set that cannot run: the request's fault
+        refused = {i for i, (feed, spec) in enumerate(zip(feeds, specs)) if spec is None or isinstance(feed, str)}
         for group in self._groups(feeds, specs):
             try:
                 session = self.loras.session(specs[group[0]]) if self.loras is not None else self.session
