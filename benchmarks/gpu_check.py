@@ -88,7 +88,10 @@ class Check:
         self.result = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
                        "machine": machine(), "gpu": gpu, "torch": torch.__version__, "targets": TARGETS,
                        "modules": _versions(), "stub_numpy": stub_numpy(stub_site_packages()), "phases": {},
-                       "errors": {}, "tracebacks": {}, "skipped": {}}
+                       "errors": {}, "tracebacks": {}, "skipped": {},
+                       # float32 on the GPU (the upcast VAE, the fp32 arms): TF32 where these say so
+                       "tf32": {"cudnn": torch.backends.cudnn.allow_tf32,
+                                "matmul": torch.backends.cuda.matmul.allow_tf32}}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
