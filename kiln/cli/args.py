@@ -18,39 +18,30 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 def at_least(low: float, kind: type = int):
-    """An argparse type: a number (int or float) of at least low, e.g. at_least(0) for --threads (0: all cores)."""
+    """An argparse type: a finite number (int or float) of at least low, e.g. at_least(0) for --threads (0: all
+    cores)."""
+    return _number(kind, lambda value: value >= low, f"at least {low}")
 
+
+def above(low: float):
+    """An argparse type: a finite float above low, e.g. above(0) for a timeout in seconds."""
+    return _number(float, lambda value: value > low, f"above {low}")
+
+
+def _number(kind: type, within, bound: str):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
-        if not value >= low:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text!r}")
+        if not within(value):  # nan is within nothing
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its own messages
-    return parse
-
-
-def above(low: float):
-    """An argparse type: a float above low, e.g. above(0) for a timeout in seconds."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not value > low:
-            raise argparse.ArgumentTypeError(f"must be above {low}, got {text!r}")
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        return value
-
-    parse.__name__ = "float"
     return parse
 
 
