@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +60,11 @@ def run(rounds: int, size: str, work: Path, log=print) -> dict:
     side = SIDES[size][1]
     body = {"prompt": "a photo of a cat", "steps": 1, "sampler_name": "Euler", "seed": 1, "width": side,
             "height": side}
-    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
-    url = f"127.0.0.1:{ports['grpc']}"
+    options = TritonOptions.on_free_ports(repo, work / "bench_checkpoints_triton.log")
+    url = f"127.0.0.1:{options.grpc_port}"
     control = ModelControl(repo, url, max_loaded=1)
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    with TritonServer(TritonOptions(repository=repo, http_port=ports["http"], grpc_port=ports["grpc"],
-                                    metrics_port=ports["metrics"], log_path=work / "bench_checkpoints_triton.log",
-                                    load_models=control.startup_models())):
+    with TritonServer(replace(options, load_models=control.startup_models())):
         service = BackgroundAPI(Settings(triton_url=url, port=free_port(), model_control=control,
                                          request_timeout_s=3600))
         try:

@@ -240,11 +240,10 @@ def _float16(source: Path, target: Path) -> None:
         onnx.save_model(model, str(target))
 
 
-def check_threads(threads: int) -> int:
+def check_threads(threads: int) -> None:
     """The runtime threads a build writes into its models' configs (0: all cores)."""
     if threads < 0:
         raise ConfigError(f"--threads must be at least 0 (0: all cores), got {threads}")
-    return threads
 
 
 def open_session(variant: Variant, path: Path, threads: int = 0):

@@ -8,6 +8,7 @@ import base64
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import numpy as np
@@ -166,12 +167,9 @@ def _controlled_triton(repo, log_dir, max_loaded: int):
     from kiln.triton_server import TritonOptions, TritonServer
     from orchestrator.checkpoints import ModelControl
 
-    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
-    control = ModelControl(repo, f"127.0.0.1:{ports['grpc']}", max_loaded=max_loaded)
-    server = TritonServer(TritonOptions(repository=repo, http_port=ports["http"], grpc_port=ports["grpc"],
-                                        metrics_port=ports["metrics"], exit_timeout_s=5,
-                                        log_path=log_dir / "tritonserver.log",
-                                        load_models=control.startup_models())).start()
+    options = TritonOptions.on_free_ports(repo, log_dir / "tritonserver.log", exit_timeout_s=5)
+    control = ModelControl(repo, f"127.0.0.1:{options.grpc_port}", max_loaded=max_loaded)
+    server = TritonServer(replace(options, load_models=control.startup_models())).start()
     return server, control
 
 
