@@ -1,11 +1,14 @@
 """`kiln bench preprocess`: the JPEG path's first model, `vit_preprocess`, decoding a call's images on its thread pool
-against one thread.
+against one thread, and with `--jpeg-draft` (large JPEGs decoded reduced).
 
 On a GPU server the ViT classifies a batch of 256 in milliseconds, and decoding and transforming the JPEGs (about
-5 ms each on one core) is what sets `vit_classify`'s images/s. This benchmark serves the model twice in one Triton,
-as the ViT build writes it: `vit_preprocess` with its pool (`threads` 0: all cores) and `serial--vit_preprocess`
-with `threads` 1, and sends both the same batches of the sample photographs, alternating. Every call's pixels are
-checked equal between the two. The ratio (pool over one thread, images/s) is measured in the same run.
+5 ms each on one core for the samples, 150 ms for a 12 MP photo) is what sets `vit_classify`'s images/s. This
+benchmark serves the model three times in one Triton, as the ViT build writes it: `vit_preprocess` with its pool
+(`threads` 0: all cores), `serial--vit_preprocess` with `threads` 1, and `draft--vit_preprocess` with its pool and
+`jpeg_draft`. It sends them the same batches, alternating, of each set of photos: the samples as shipped, and the
+samples resized to each `--photo-sizes` size (a phone's 12 MP by default) and saved as JPEG (quality 92). The pool's
+pixels are checked equal to one thread's on every call; the draft arm's are compared with them (PSNR on the 0..1
+scale, worst image). Ratios (images/s against one thread) are measured in the same run.
 
 Writes results/preprocess.json, .md and .png.
 """
@@ -22,15 +25,20 @@ from tqdm import tqdm
 from benchmarks.load import bar_chart, machine, machine_line, write_results
 from kiln import contract as names
 
-ARMS = {"pool": names.VIT_PREPROCESS, "one thread": f"serial--{names.VIT_PREPROCESS}"}
+ARMS = {"pool": names.VIT_PREPROCESS, "one thread": f"serial--{names.VIT_PREPROCESS}",
+        "pool + JPEG draft": f"draft--{names.VIT_PREPROCESS}"}
 BASELINE = "one thread"
+DRAFT = "pool + JPEG draft"
+SAMPLES = "samples"  # the shipped JPEGs at their own sizes
+STD = 0.5  # ViT-B/16's normalisation: pixels times it are back on the 0..1 scale (for PSNR)
 
 
 @dataclass(frozen=True)
 class PreprocessBenchOptions:
     out: Path
     batch_sizes: tuple[int, ...] = (1, 8, 32)
-    calls: int = 20  # timed calls per batch size and arm (after one warm-up), alternating between the arms
+    calls: int = 20  # timed calls per photo set, batch size and arm (after one warm-up), alternating between the arms
+    photo_sizes: tuple[tuple[int, int], ...] = ((4032, 3024),)  # (width, height): the samples resized, as JPEG
 
 
 def preprocess_repository(target: Path, max_queue_delay_us: int = 2000) -> Path:
@@ -43,71 +51,108 @@ def preprocess_repository(target: Path, max_queue_delay_us: int = 2000) -> Path:
 
     transform = eval_transform(load_vit(random_weights=True).model)  # the transform only: weights play no part
     configs = []
-    for arm, threads in (("pool", 0), ("one thread", 1)):
-        options = ViTBuildOptions(threads=threads, repository=target, max_queue_delay_us=max_queue_delay_us)
+    for arm, threads, draft in (("pool", 0, False), ("one thread", 1, False), (DRAFT, 0, True)):
+        options = ViTBuildOptions(threads=threads, repository=target, max_queue_delay_us=max_queue_delay_us,
+                                  jpeg_draft=draft)
         config = next(c for c in vit_model_configs(options, transform) if c.name == names.VIT_PREPROCESS)
         configs.append(replace(config, name=ARMS[arm]))
     write_models(configs, target)
     return target
 
 
+def photo_sets(sizes: tuple[tuple[int, int], ...]) -> dict[str, list[bytes]]:
+    """The shipped sample JPEGs, and the same photos resized to each size (bicubic) and saved as JPEG (quality 92)."""
+    import io
+
+    from PIL import Image
+
+    from kiln.paths import SAMPLE_IMAGES, list_images
+
+    samples = [p.read_bytes() for p in list_images(SAMPLE_IMAGES) if p.suffix.lower() in (".jpg", ".jpeg")]
+    sets = {SAMPLES: samples}
+    for width, height in sizes:
+        encoded = []
+        for data in samples:
+            buffer = io.BytesIO()
+            Image.open(io.BytesIO(data)).convert("RGB").resize((width, height), Image.Resampling.BICUBIC).save(
+                buffer, "JPEG", quality=92)
+            encoded.append(buffer.getvalue())
+        sets[f"{width}x{height}"] = encoded
+    return sets
+
+
 def run_preprocess_benchmark(options: PreprocessBenchOptions, log=print) -> dict:
     import os
 
-    from kiln.paths import SAMPLE_IMAGES, list_images
+    from build.parity import psnr
     from kiln.triton_client import TritonClient
     from kiln.triton_server import TritonOptions, TritonServer
 
     out = Path(options.out)
     work = out / "bench_preprocess"
     repo = preprocess_repository(work / "repo")
-    photos = [p.read_bytes() for p in list_images(SAMPLE_IMAGES) if p.suffix.lower() in (".jpg", ".jpeg")]
+    sets = photo_sets(options.photo_sizes)
     rows = []
     triton_options = TritonOptions.on_free_ports(repo, work / "triton.log")
     with TritonServer(triton_options) as server:
         client = TritonClient(server.grpc_url, shared_memory="off")  # BYTES inputs travel over gRPC in any case
         try:
-            with tqdm(total=len(options.batch_sizes) * options.calls, desc="bench preprocess", unit="call pair") as bar:
-                for batch in options.batch_sizes:
-                    images = np.array([[photos[i % len(photos)]] for i in range(batch)], dtype=object)
-                    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-                    for call in range(options.calls + 1):  # one warm-up call per arm, then the timed ones
-                        pixels = {}
-                        for arm, model in ARMS.items():
-                            start = time.perf_counter()
-                            pixels[arm] = client.infer(model, {"image": images}, ["pixel_values"])["pixel_values"]
-                            if call:
-                                times[arm].append(time.perf_counter() - start)
-                        if not np.array_equal(pixels["pool"], pixels[BASELINE]) or len(pixels["pool"]) != batch:
-                            raise RuntimeError(f"the two arms disagree at batch {batch}")
-                        bar.update(int(call > 0))
-                    for arm in ARMS:
-                        median = float(np.median(times[arm]))
-                        rows.append({"batch": batch, "arm": arm, "p50_ms": round(1e3 * median, 2),
-                                     "images_per_s": round(batch / median, 1)})
+            total = len(sets) * len(options.batch_sizes) * options.calls
+            with tqdm(total=total, desc="bench preprocess", unit="call round") as bar:
+                for photos_name, photos in sets.items():
+                    for batch in options.batch_sizes:
+                        images = np.array([[photos[i % len(photos)]] for i in range(batch)], dtype=object)
+                        times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+                        worst_psnr = float("inf")
+                        for call in range(options.calls + 1):  # one warm-up call per arm, then the timed ones
+                            pixels = {}
+                            for arm, model in ARMS.items():
+                                start = time.perf_counter()
+                                pixels[arm] = client.infer(model, {"image": images}, ["pixel_values"])["pixel_values"]
+                                if call:
+                                    times[arm].append(time.perf_counter() - start)
+                            if not np.array_equal(pixels["pool"], pixels[BASELINE]) or len(pixels["pool"]) != batch:
+                                raise RuntimeError(f"the pool and one thread disagree at batch {batch} ({photos_name})")
+                            worst_psnr = min([worst_psnr] + [psnr(exact * STD, draft * STD, peak=1.0) for exact, draft
+                                                             in zip(pixels["pool"], pixels[DRAFT])])
+                            bar.update(int(call > 0))
+                        for arm in ARMS:
+                            median = float(np.median(times[arm]))
+                            rows.append({"photos": photos_name, "batch": batch, "arm": arm,
+                                         "p50_ms": round(1e3 * median, 2), "images_per_s": round(batch / median, 1)}
+                                        | ({"pixels_psnr_db": round(worst_psnr, 2) if np.isfinite(worst_psnr) else None}
+                                           if arm == DRAFT else {}))
         finally:
             client.close()
     for row in rows:
-        base = next(r for r in rows if r["batch"] == row["batch"] and r["arm"] == BASELINE)
+        base = next(r for r in rows if (r["photos"], r["batch"], r["arm"]) == (row["photos"], row["batch"], BASELINE))
         row["vs_one_thread"] = round(row["images_per_s"] / base["images_per_s"], 3)
     result = {"benchmark": "preprocess", "calls": options.calls, "rows": rows, "machine": machine(),
-              "pool_threads": os.cpu_count(), "images": f"{len(photos)} sample JPEGs, cycled"}
+              "pool_threads": os.cpu_count(),
+              "photos": {name: f"{len(photos)} JPEGs, cycled" for name, photos in sets.items()}}
     write_results(out / "preprocess", result, markdown_table, plot, log)
     return result
 
 
 def markdown_table(result: dict) -> str:
     lines = [f"vit_preprocess through Triton: a batch of JPEGs per call, {result['calls']} calls per cell (p50); the "
-             f"pool has {result['pool_threads']} threads; ratio: images/s against one thread in the same run.", "",
-             "| batch | one thread: images/s | pool: images/s | ratio |", "|---|---|---|---|"]
-    for batch in dict.fromkeys(r["batch"] for r in result["rows"]):
-        cells = {r["arm"]: r for r in result["rows"] if r["batch"] == batch}
-        lines.append(f"| {batch} | {cells[BASELINE]['images_per_s']:.0f} | {cells['pool']['images_per_s']:.0f} | "
-                     f"{cells['pool']['vs_one_thread']:.2f}x |")
+             f"pool has {result['pool_threads']} threads; ratios: images/s against one thread in the same run; PSNR: "
+             "the draft arm's pixels against the exact ones (0..1 scale, worst image; none: identical, no photo "
+             "decoded reduced).", "",
+             "| photos | batch | one thread: images/s | pool: images/s | pool + JPEG draft: images/s | ratios | "
+             "draft PSNR dB |", "|---|---|---|---|---|---|---|"]
+    for photos, batch in dict.fromkeys((r["photos"], r["batch"]) for r in result["rows"]):
+        cells = {r["arm"]: r for r in result["rows"] if (r["photos"], r["batch"]) == (photos, batch)}
+        lines.append(f"| {photos} | {batch} | {cells[BASELINE]['images_per_s']:.0f} | "
+                     f"{cells['pool']['images_per_s']:.0f} | {cells[DRAFT]['images_per_s']:.0f} | "
+                     f"{cells['pool']['vs_one_thread']:.2f}x, {cells[DRAFT]['vs_one_thread']:.2f}x | "
+                     f"{cells[DRAFT]['pixels_psnr_db'] or 'none'} |")
     return "\n".join(lines + ["", machine_line(result["machine"])])
 
 
 def plot(result: dict, path: Path) -> None:
     largest = max(r["batch"] for r in result["rows"])
-    bar_chart({f"{r['arm']} (batch {largest})": r["images_per_s"] for r in result["rows"] if r["batch"] == largest},
-              path, "images/s", "vit_preprocess: JPEG decode + eval transform", ["tab:gray", "tab:blue"])
+    photos = list(dict.fromkeys(r["photos"] for r in result["rows"]))[-1]  # the largest photos
+    bar_chart({r["arm"]: r["images_per_s"] for r in result["rows"] if (r["batch"], r["photos"]) == (largest, photos)},
+              path, "images/s", f"vit_preprocess: {photos} JPEGs, batch {largest}",
+              ["tab:blue", "tab:gray", "tab:green"])

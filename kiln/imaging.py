@@ -13,6 +13,7 @@ import io
 import json
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -61,14 +62,17 @@ class EvalTransform:
         return cls(resize=int(data["resize"]), crop=tuple(data["crop"]), interpolation=data["interpolation"],
                    mean=tuple(data["mean"]), std=tuple(data["std"]))
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize: torchvision's Resize(int) on PIL input takes the short side to `resize`
+        and the long side to int(resize * long / short)."""
+        if width <= height:
+            return self.resize, int(self.resize * height / width)
+        return int(self.resize * width / height), self.resize
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> float32 array (3, crop_h, crop_w)."""
         width, height = image.size
-        # torchvision's Resize(int) on PIL input: short side -> resize, long side -> int(resize * long / short).
-        if width <= height:
-            new_w, new_h = self.resize, int(self.resize * height / width)
-        else:
-            new_w, new_h = int(self.resize * width / height), self.resize
+        new_w, new_h = self.resized_size(width, height)
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), RESAMPLE[self.interpolation])
         crop_h, crop_w = self.crop
@@ -83,8 +87,13 @@ class EvalTransform:
         return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(),
+                 draft: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
     """Encoded image bytes (any format PIL reads, any mode) -> an upright RGB image.
+
+    `draft`, for JPEGs only: given the header's (width, height), the smallest size the caller will use. libjpeg then
+    decodes at 1/2, 1/4 or 1/8 scale (in the DCT, a fraction of the work) while both sides stay at least that size.
+    The pixels are close to, not equal to, decoding in full and resizing (kiln bench preprocess measures both).
 
     Raises InputError naming the problem for empty, corrupt, oversized (by header, before decoding)
     or too small images.
@@ -107,6 +116,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         if min(width, height) < limits.min_side:
             raise InputError(f"image of {width}x{height} is too small: each side must be at least "
                              f"{limits.min_side} pixels")
+        if draft is not None:
+            image.draft(None, draft(width, height))  # JPEG only (other formats keep their size); scale is uniform,
+            # so an EXIF rotation applied after it changes nothing
         image.load()  # PIL decodes without the GIL: threads decode side by side (vit_preprocess's pool)
     except InputError:
         raise
@@ -171,9 +183,11 @@ def vae_input(data: bytes, width: int, height: int, what: str = "init image") ->
     return np.float32(2.0) * unit_range(resized_rgb(data, width, height, what)) - np.float32(1.0)
 
 
-def preprocess(data: bytes, transform: EvalTransform, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """Encoded image bytes -> the model's float32 input (3, H, W)."""
-    return transform(decode_image(data, limits))
+def preprocess(data: bytes, transform: EvalTransform, limits: ImageLimits = ImageLimits(),
+               jpeg_draft: bool = False) -> np.ndarray:
+    """Encoded image bytes -> the model's float32 input (3, H, W); `jpeg_draft`: a JPEG at least twice the resize
+    target decodes reduced (decode_image's `draft`), then resizes as any image does."""
+    return transform(decode_image(data, limits, transform.resized_size if jpeg_draft else None))
 
 
 def header_size(data: bytes, what: str = "image", max_pixels: int | None = None) -> tuple[int, int]:

@@ -35,6 +35,30 @@ def test_report_of_the_served_build(model_repo):
     assert set(content["models"]) == {"vit_preprocess", "vit", "vit_postprocess", "vit_classify", "vit_embed"}
     for name in content["models"]:
         assert (model_repo / name / "config.pbtxt").exists()
+    assert content["preprocess"]["jpeg_draft"] == {"enabled": False}
+    assert read_config(model_repo / "vit_preprocess" / "config.pbtxt").parameters["jpeg_draft"].string_value == "false"
+
+
+@pytest.mark.slow
+def test_jpeg_draft_build_reports_what_it_changes(tmp_path, kiln, sample_images):
+    """--jpeg-draft: vit_preprocess is told to decode large JPEGs reduced, and the report gives, for the parity images
+    that do, the pixels' PSNR and PyTorch's logits against those of the exact pixels."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    source = Image.open(next(p for p in sample_images if p.suffix == ".jpg")).convert("RGB")
+    source.resize((1600, 1200), Image.Resampling.BICUBIC).save(photos / "large.jpg", quality=92)
+    source.save(photos / "small.jpg", quality=92)  # under twice the resize target: decoded in full
+    code, out, err = kiln("build", "vit", "--random-weights", "--variants", "served", "--no-extra-exports",
+                          "--jpeg-draft", "--calibration", photos, "--repo", tmp_path / "repo")
+    assert code == 0, err
+    draft = report.read_report(tmp_path / "repo")["vit"]["preprocess"]["jpeg_draft"]
+    assert draft["enabled"] and (draft["parity_images"], draft["decoded_reduced"]) == (2, 1), draft
+    assert 38 < draft["pixels_psnr_db"] < 80 and draft["logits_vs_exact_pixels"]["cosine"] > 0.999, draft
+    assert "1 of 2 parity images decode reduced" in out
+    config = read_config(tmp_path / "repo" / "vit_preprocess" / "config.pbtxt")
+    assert config.parameters["jpeg_draft"].string_value == "true"
 
 
 def test_unknown_backend_precision_pair_lists_valid_ones():

@@ -114,3 +114,39 @@ def test_limits_are_configurable():
     with pytest.raises(InputError, match="over the limit"):
         decode_image(image, ImageLimits(max_pixels=5000))
     assert preprocess(image, EvalTransform(248, (224, 224), "bicubic", (0.5,) * 3, (0.5,) * 3)).shape == (3, 224, 224)
+
+
+def _photo(sample_images, size: tuple[int, int], exif: bytes = b"") -> bytes:
+    """A sample photo resized to `size` and saved as JPEG: large enough for libjpeg's reduced decoding."""
+    photo = Image.open(next(p for p in sample_images if p.suffix == ".jpg")).convert("RGB")
+    return encode(photo.resize(size, Image.Resampling.BICUBIC), "JPEG", quality=92, exif=exif)
+
+
+def _psnr01(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of two preprocessed images on the 0..1 scale (ViT-B/16 normalises with std 0.5)."""
+    return float(10 * np.log10(1.0 / np.mean(((a - b) * 0.5) ** 2)))
+
+
+def test_jpeg_draft_decodes_a_large_jpeg_reduced_and_close(sample_images, transform):
+    data = _photo(sample_images, (1200, 900))
+    # Short side 900 against a target of 248: 1/2 keeps both sides at least the target, 1/4 would not (225).
+    assert decode_image(data, draft=transform.resized_size).size == (600, 450)
+    exact, drafted = preprocess(data, transform), preprocess(data, transform, jpeg_draft=True)
+    assert exact.shape == drafted.shape == (3, 224, 224)
+    assert not np.array_equal(exact, drafted) and _psnr01(exact, drafted) > 38  # close, not equal
+
+
+def test_jpeg_draft_keeps_exif_orientation(sample_images, transform):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    data = _photo(sample_images, (1200, 800), exif.tobytes())
+    assert decode_image(data).size == (800, 1200)
+    assert decode_image(data, draft=transform.resized_size).size == (400, 600)  # reduced, then turned upright
+    assert _psnr01(preprocess(data, transform), preprocess(data, transform, jpeg_draft=True)) > 38
+
+
+def test_jpeg_draft_leaves_other_images_as_they_were(sample_images, transform):
+    small = _photo(sample_images, (480, 400))  # under twice the target on its short side: decoded in full
+    png = encode(Image.open(next(p for p in sample_images if p.suffix == ".jpg")).convert("RGB").resize((1200, 900)))
+    for data in (small, png):
+        np.testing.assert_array_equal(preprocess(data, transform), preprocess(data, transform, jpeg_draft=True))

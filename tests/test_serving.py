@@ -245,13 +245,21 @@ def test_requests_merged_into_one_call_keep_their_places_and_fail_alone(tmp_path
     assert isinstance(outcomes[1], str) and "corrupt or truncated image" in outcomes[1], outcomes[1]
 
 
-def test_bench_preprocess_measures_the_pool_against_one_thread(tmp_path, kiln):
-    code, out, err = kiln("bench", "preprocess", "--calls", "2", "--batch-sizes", "1,4", "--out", tmp_path)
+def test_bench_preprocess_measures_the_pool_and_jpeg_draft_against_one_thread(tmp_path, kiln):
+    code, out, err = kiln("bench", "preprocess", "--calls", "2", "--batch-sizes", "1,4", "--photo-sizes", "1024x768",
+                          "--out", tmp_path)
     assert code == 0, err
     saved = json.loads((tmp_path / "preprocess.json").read_text())
-    assert {(r["batch"], r["arm"]) for r in saved["rows"]} == {(b, a) for b in (1, 4) for a in ("pool", "one thread")}
-    for row in saved["rows"]:  # the two arms' pixels were compared on every call (the run fails if they differ)
+    arms = ("pool", "one thread", "pool + JPEG draft")
+    assert {(r["photos"], r["batch"], r["arm"]) for r in saved["rows"]} == {
+        (photos, b, a) for photos in ("samples", "1024x768") for b in (1, 4) for a in arms}
+    for row in saved["rows"]:  # the pool's pixels were compared with one thread's on every call (the run fails if not)
         assert row["images_per_s"] > 0 and row["vs_one_thread"] > 0
-    assert "| 4 |" in out and (tmp_path / "preprocess.png").stat().st_size > 5_000 and saved["machine"]["isa"]
+    drafted = {r["photos"]: r["pixels_psnr_db"] for r in saved["rows"] if r["arm"] == "pool + JPEG draft"}
+    assert drafted["samples"] is None  # the samples are too small to decode reduced: the same pixels
+    assert 38 < drafted["1024x768"] < 80  # decoded reduced: close to the exact pixels, not equal
+    assert "| 1024x768 | 4 |" in out and (tmp_path / "preprocess.png").stat().st_size > 5_000
+    assert saved["machine"]["isa"]
     assert kiln("bench", "preprocess", "--calls", "0", "--out", tmp_path)[0] == 2
     assert kiln("bench", "preprocess", "--batch-sizes", "64", "--out", tmp_path)[0] == 2
+    assert kiln("bench", "preprocess", "--photo-sizes", "1024", "--out", tmp_path)[0] == 2

@@ -27,6 +27,7 @@ from build.specs import ComponentSpec
 from build.static import check_static, check_static_variant
 from build.torch_export import export_artifact
 from build.vit.configs import vit_model_configs, vit_static_plan
+from build.vit.draft import draft_figures
 from build.vit.labels import class_labels, write_labels
 from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, VIT_MODEL_NAME, VIT_SPEC, spec_facts, spec_for
 from kiln.contract import VIT, VIT_POSTPROCESS
@@ -57,6 +58,7 @@ class ViTBuildOptions:
     static_sizes: tuple[tuple[int, int], ...] = ()
     max_queue_delay_us: int = 2000
     threads: int = 0  # runtime threads inside Triton, and vit_preprocess's decode pool; 0: all cores
+    jpeg_draft: bool = False  # vit_preprocess decodes large JPEGs reduced (libjpeg's DCT scaling), near timm's pixels
     progress: bool = True
 
     @property
@@ -266,6 +268,14 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
 
     # 5. Report.
     served = options.served
+    draft = draft_figures(model, checked, transform, pixels, layers, reference) if options.jpeg_draft else \
+        {"enabled": False}
+    if draft.get("decoded_reduced"):
+        log(f"  --jpeg-draft: {draft['decoded_reduced']} of {len(checked)} parity images decode reduced: pixels PSNR "
+            f"{draft['pixels_psnr_db']} dB, PyTorch's logits cosine {draft['logits_vs_exact_pixels']['cosine']:.6f}, "
+            f"top-1 {draft['logits_vs_exact_pixels']['top1']:.2f} against the exact pixels")
+    elif options.jpeg_draft:
+        log(f"  --jpeg-draft: {draft['note']}")
     content = {
         "model": _model_name(model),
         "shape": facts,
@@ -278,7 +288,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                    "caveat": precision_caveat(served, options.triton_backend),
                    **(target if served.runtime == "openvino" else {}), **({"static": static} if static else {})},
         "auto": choice,
-        "preprocess": json.loads(transform.to_json()),
+        "preprocess": json.loads(transform.to_json()) | {"jpeg_draft": draft},
         "parity_images": [p.name for p in checked],
         "versions": report.tool_versions(),
         "machine": report.machine(),

@@ -54,7 +54,8 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
         kind="KIND_CPU",
         parameters={"transform": transform.to_json(), "default_layer": str(facts["blocks"] - 1),
                     "max_pixels": str(ImageLimits().max_pixels), "min_side": str(ImageLimits().min_side),
-                    "threads": str(options.threads)},  # its decode pool (0: all cores)
+                    "threads": str(options.threads),  # its decode pool (0: all cores)
+                    "jpeg_draft": str(options.jpeg_draft).lower()},  # JPEGs decoded reduced (kiln.imaging.preprocess)
     )
     vit = ModelConfig(
         name=names.VIT,

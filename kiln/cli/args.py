@@ -17,6 +17,21 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def size_list(text: str) -> tuple[tuple[int, int], ...]:
+    """Comma-separated WIDTHxHEIGHT sizes, e.g. 4032x3024,1920x1080; "none" for none."""
+    if text.strip().lower() == "none":
+        return ()
+    sizes = []
+    for item in (v.strip().lower() for v in text.split(",") if v.strip()):
+        width, _, height = item.partition("x")
+        if not (width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+            raise argparse.ArgumentTypeError(f"expected comma-separated WIDTHxHEIGHT sizes, got {item!r}")
+        sizes.append((int(width), int(height)))
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected comma-separated WIDTHxHEIGHT sizes or none, got {text!r}")
+    return tuple(sizes)
+
+
 def at_least(low: float, kind: type = int):
     """An argparse type: a finite number (int or float) of at least low, e.g. at_least(0) for --threads (0: all
     cores)."""

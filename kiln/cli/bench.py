@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.cli.args import at_least, int_list, names
+from kiln.cli.args import at_least, int_list, names, size_list
 from kiln.paths import PROJECT_ROOT
 
 RESULTS = PROJECT_ROOT / "benchmarks" / "results"
@@ -64,10 +64,14 @@ def add_parser(commands) -> None:
     transport.add_argument("--calls", type=at_least(1), default=200, help="timed calls per shape and mode")
     transport.set_defaults(run=run_transport)
     preprocess = targets.add_parser("preprocess", help="vit_preprocess (JPEG decode + eval transform) through Triton: "
-                                                       "its thread pool against one thread")
+                                                       "its thread pool, and --jpeg-draft, against one thread")
     preprocess.add_argument("--out", type=Path, default=RESULTS)
     preprocess.add_argument("--batch-sizes", type=int_list, default=(1, 8, 32), help="comma-separated")
-    preprocess.add_argument("--calls", type=at_least(1), default=20, help="timed calls per batch size and arm")
+    preprocess.add_argument("--calls", type=at_least(1), default=20,
+                            help="timed calls per photo set, batch size and arm")
+    preprocess.add_argument("--photo-sizes", type=size_list, default=((4032, 3024),),
+                            help="the sample JPEGs also resized to these sizes, comma-separated WIDTHxHEIGHT, or none "
+                                 "(default: 4032x3024, a phone's 12 MP photo)")
     preprocess.set_defaults(run=run_preprocess)
 
 
@@ -140,5 +144,6 @@ def run_preprocess(args) -> int:
 
     if not all(1 <= size <= VIT_SPEC.max_batch_size for size in args.batch_sizes):
         raise KilnError(f"--batch-sizes: each between 1 and {VIT_SPEC.max_batch_size} (the CPU build's batch limit)")
-    run_preprocess_benchmark(PreprocessBenchOptions(out=args.out, batch_sizes=args.batch_sizes, calls=args.calls))
+    run_preprocess_benchmark(PreprocessBenchOptions(out=args.out, batch_sizes=args.batch_sizes, calls=args.calls,
+                                                     photo_sizes=args.photo_sizes))
     return 0

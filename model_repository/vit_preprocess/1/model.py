@@ -32,13 +32,14 @@ class TritonPythonModel:
         self.transform = EvalTransform.from_json(params["transform"])
         self.limits = ImageLimits(max_pixels=int(params["max_pixels"]), min_side=int(params["min_side"]))
         self.default_layer = int(params["default_layer"])
+        self.jpeg_draft = params.get("jpeg_draft", "false") == "true"  # kiln build vit --jpeg-draft
         threads = int(params.get("threads", "0")) or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="vit_preprocess") if threads > 1 else None
 
     def _one(self, data: bytes):
         """One image's pixels, or the message that fails its request."""
         try:
-            return preprocess(data, self.transform, self.limits)
+            return preprocess(data, self.transform, self.limits, self.jpeg_draft)
         except InputError as exc:
             return str(exc)
         except Exception as exc:  # noqa: BLE001 - whatever PIL raises fails this request only
