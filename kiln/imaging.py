@@ -88,12 +88,14 @@ class EvalTransform:
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(),
-                 draft: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
+                 draft: Callable[[int, int], tuple[int, int]] | None = None, resample: str = "bicubic") -> Image.Image:
     """Encoded image bytes (any format PIL reads, any mode) -> an upright RGB image.
 
-    `draft`, for JPEGs only: given the header's (width, height), the smallest size the caller will use. libjpeg then
-    decodes at 1/2, 1/4 or 1/8 scale (in the DCT, a fraction of the work) while both sides stay at least that size.
-    The pixels are close to, not equal to, decoding in full and resizing (kiln bench preprocess measures both).
+    `draft`, for JPEGs only: given the header's (width, height), the size the caller resizes to. libjpeg then decodes
+    at 1/2, 1/4 or 1/8 scale (in the DCT, a fraction of the work) while both sides stay at least that size, and the
+    reduced image is resized to it (`resample`, a key of RESAMPLE) over the area it covers: a side that the scale
+    does not divide ends in a partial pixel, which resizing the whole image would stretch over the rest. The pixels
+    are close to, not equal to, decoding in full and resizing (kiln bench preprocess measures both).
 
     Raises InputError naming the problem for empty, corrupt, oversized (by header, before decoding)
     or too small images.
@@ -116,10 +118,12 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(),
         if min(width, height) < limits.min_side:
             raise InputError(f"image of {width}x{height} is too small: each side must be at least "
                              f"{limits.min_side} pixels")
-        if draft is not None:
-            image.draft(None, draft(width, height))  # JPEG only (other formats keep their size); scale is uniform,
-            # so an EXIF rotation applied after it changes nothing
+        target = draft(width, height) if draft is not None else None
+        reduced = image.draft(None, target) if target else None  # JPEG only: other formats return None
         image.load()  # PIL decodes without the GIL: threads decode side by side (vit_preprocess's pool)
+        if reduced and image.size != (width, height):
+            # In the stored orientation, as the box is: the EXIF rotation below turns the target with the image.
+            image = image.resize(target, RESAMPLE[resample], box=reduced[1])
     except InputError:
         raise
     except UnidentifiedImageError:
@@ -186,8 +190,10 @@ def vae_input(data: bytes, width: int, height: int, what: str = "init image") ->
 def preprocess(data: bytes, transform: EvalTransform, limits: ImageLimits = ImageLimits(),
                jpeg_draft: bool = False) -> np.ndarray:
     """Encoded image bytes -> the model's float32 input (3, H, W); `jpeg_draft`: a JPEG at least twice the resize
-    target decodes reduced (decode_image's `draft`), then resizes as any image does."""
-    return transform(decode_image(data, limits, transform.resized_size if jpeg_draft else None))
+    target decodes reduced and resizes from that (decode_image's `draft`)."""
+    if not jpeg_draft:
+        return transform(decode_image(data, limits))
+    return transform(decode_image(data, limits, transform.resized_size, transform.interpolation))
 
 
 def header_size(data: bytes, what: str = "image", max_pixels: int | None = None) -> tuple[int, int]:

@@ -263,3 +263,5 @@ def test_bench_preprocess_measures_the_pool_and_jpeg_draft_against_one_thread(tm
     assert kiln("bench", "preprocess", "--calls", "0", "--out", tmp_path)[0] == 2
     assert kiln("bench", "preprocess", "--batch-sizes", "64", "--out", tmp_path)[0] == 2
     assert kiln("bench", "preprocess", "--photo-sizes", "1024", "--out", tmp_path)[0] == 2
+    code, _, err = kiln("bench", "preprocess", "--photo-sizes", "1024x8", "--out", tmp_path)
+    assert code == 2 and "sides of at least 16" in err

@@ -27,7 +27,7 @@ from build.specs import ComponentSpec
 from build.static import check_static, check_static_variant
 from build.torch_export import export_artifact
 from build.vit.configs import vit_model_configs, vit_static_plan
-from build.vit.draft import draft_figures
+from build.vit.draft import draft_figures, draft_summary
 from build.vit.labels import class_labels, write_labels
 from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, VIT_MODEL_NAME, VIT_SPEC, spec_facts, spec_for
 from kiln.contract import VIT, VIT_POSTPROCESS
@@ -270,12 +270,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     served = options.served
     draft = draft_figures(model, checked, transform, pixels, layers, reference) if options.jpeg_draft else \
         {"enabled": False}
-    if draft.get("decoded_reduced"):
-        log(f"  --jpeg-draft: {draft['decoded_reduced']} of {len(checked)} parity images decode reduced: pixels PSNR "
-            f"{draft['pixels_psnr_db']} dB, PyTorch's logits cosine {draft['logits_vs_exact_pixels']['cosine']:.6f}, "
-            f"top-1 {draft['logits_vs_exact_pixels']['top1']:.2f} against the exact pixels")
-    elif options.jpeg_draft:
-        log(f"  --jpeg-draft: {draft['note']}")
+    if options.jpeg_draft:
+        log(f"  --jpeg-draft: {draft_summary(draft)}")
     content = {
         "model": _model_name(model),
         "shape": facts,

@@ -31,7 +31,18 @@ def draft_figures(model, images: list[Path], transform: EvalTransform, pixels: n
     drafted = np.stack([preprocess(payloads[i], transform, jpeg_draft=True) for i in reduced])
     exact = pixels[reduced]
     scale = np.asarray(transform.std, np.float32).reshape(1, 3, 1, 1)  # back to 0..1 before comparing
-    entry["pixels_psnr_db"] = round(min(parity.psnr(e * scale, d * scale, peak=1.0) for e, d in zip(exact, drafted)), 2)
+    worst = min(parity.psnr(e * scale, d * scale, peak=1.0) for e, d in zip(exact, drafted))
+    entry["pixels_psnr_db"] = round(worst, 2) if np.isfinite(worst) else None  # None: identical (strict JSON)
     outputs = reference_outputs(model, drafted, layers[reduced])
     figures = parity.compare(reference["logits"][reduced], outputs["logits"], classify=True)
     return entry | {"logits_vs_exact_pixels": figures.as_dict()}
+
+
+def draft_summary(entry: dict) -> str:
+    """The build's line for `draft_figures`'s entry."""
+    if not entry["decoded_reduced"]:
+        return entry["note"]
+    psnr, logits = entry["pixels_psnr_db"], entry["logits_vs_exact_pixels"]
+    return (f"{entry['decoded_reduced']} of {entry['parity_images']} parity images decode reduced: pixels PSNR "
+            f"{f'{psnr} dB' if psnr else 'inf (identical)'}, PyTorch's logits cosine {logits['cosine']:.6f}, top-1 "
+            f"{logits['top1']:.2f} against the exact pixels")

@@ -141,9 +141,15 @@ def run_preprocess(args) -> int:
     from benchmarks.preprocess import PreprocessBenchOptions, run_preprocess_benchmark
     from build.vit.spec import VIT_SPEC
     from kiln.errors import KilnError
+    from kiln.imaging import ImageLimits
 
     if not all(1 <= size <= VIT_SPEC.max_batch_size for size in args.batch_sizes):
         raise KilnError(f"--batch-sizes: each between 1 and {VIT_SPEC.max_batch_size} (the CPU build's batch limit)")
+    limits = ImageLimits()  # what vit_preprocess accepts
+    for width, height in args.photo_sizes:
+        if min(width, height) < limits.min_side or width * height > limits.max_pixels:
+            raise KilnError(f"--photo-sizes {width}x{height}: vit_preprocess takes sides of at least {limits.min_side} "
+                            f"and at most {limits.max_pixels} pixels")
     run_preprocess_benchmark(PreprocessBenchOptions(out=args.out, batch_sizes=args.batch_sizes, calls=args.calls,
                                                      photo_sizes=args.photo_sizes))
     return 0
