@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +268,46 @@ def test_bench_preprocess_measures_the_pool_and_jpeg_draft_against_one_thread(tm
     assert kiln("bench", "preprocess", "--photo-sizes", "1024", "--out", tmp_path)[0] == 2
     code, _, err = kiln("bench", "preprocess", "--photo-sizes", "1024x8", "--out", tmp_path)
     assert code == 2 and "sides of at least 16" in err
+
+
+def _living_group(pgid: int) -> set[int]:
+    """The processes of a process group that still run (a zombie has ended; its parent has not reaped it yet)."""
+    members = set()
+    for entry in (e for e in Path("/proc").iterdir() if e.name.isdigit()):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError, IndexError, PermissionError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.add(int(entry.name))
+    return members
+
+
+def test_stop_ends_what_a_killed_server_left_in_its_process_group():
+    """A SIGKILLed tritonserver orphans its Python-backend stubs. Two such stubs (sd_tokenizer, from the replica and
+    shared-queue tests, which kill a Triton under load) outlived a CI run by an hour. That hang could not be produced
+    on demand (here, idle and busy stubs alike noticed their parent's death within 0.3 s), so this test orphans two
+    `sleep`s of a real process group the same way, and checks that what TritonServer.stop() runs after the server
+    exits (kiln.triton_server._kill_group) ends them."""
+    import subprocess
+
+    from kiln.triton_server import _kill_group
+
+    leader = subprocess.Popen(["sh", "-c", "sleep 300 & sleep 300 & wait"], start_new_session=True)  # as Triton is
+    deadline = time.monotonic() + 10
+    while len(_living_group(leader.pid)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(leader.pid, signal.SIGKILL)
+    leader.wait()
+    orphans = _living_group(leader.pid)
+    try:
+        assert len(orphans) == 2, orphans  # the two sleeps, orphaned and running: what a killed Triton leaves
+        _kill_group(leader.pid)
+        deadline = time.monotonic() + 10
+        while _living_group(leader.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _living_group(leader.pid)
+    finally:
+        for pid in _living_group(leader.pid):
+            os.kill(pid, signal.SIGKILL)
+    _kill_group(leader.pid)  # an empty group is no error
