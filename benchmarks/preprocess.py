@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -25,12 +26,14 @@ from tqdm import tqdm
 from benchmarks.load import bar_chart, machine, machine_line, write_results
 from kiln import contract as names
 
+if TYPE_CHECKING:
+    from kiln.imaging import EvalTransform
+
 ARMS = {"pool": names.VIT_PREPROCESS, "one thread": f"serial--{names.VIT_PREPROCESS}",
         "pool + JPEG draft": f"draft--{names.VIT_PREPROCESS}"}
 BASELINE = "one thread"
 DRAFT = "pool + JPEG draft"
 SAMPLES = "samples"  # the shipped JPEGs at their own sizes
-STD = 0.5  # ViT-B/16's normalisation: pixels times it are back on the 0..1 scale (for PSNR)
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,9 @@ class PreprocessBenchOptions:
     photo_sizes: tuple[tuple[int, int], ...] = ((4032, 3024),)  # (width, height): the samples resized, as JPEG
 
 
-def preprocess_repository(target: Path, max_queue_delay_us: int = 2000) -> Path:
-    """The two vit_preprocess models, each written as `kiln build vit` writes it (its config and model.py)."""
+def preprocess_repository(target: Path, max_queue_delay_us: int = 2000) -> tuple[Path, EvalTransform]:
+    """The three vit_preprocess models, each written as `kiln build vit` writes it (its config and model.py), and the
+    eval transform they run (ViT-B/16's)."""
     from build.repository import write_models
     from build.vit.build import ViTBuildOptions
     from build.vit.configs import vit_model_configs
@@ -57,7 +61,7 @@ def preprocess_repository(target: Path, max_queue_delay_us: int = 2000) -> Path:
         config = next(c for c in vit_model_configs(options, transform) if c.name == names.VIT_PREPROCESS)
         configs.append(replace(config, name=ARMS[arm]))
     write_models(configs, target)
-    return target
+    return target, transform
 
 
 def photo_sets(sizes: tuple[tuple[int, int], ...]) -> dict[str, list[bytes]]:
@@ -90,7 +94,8 @@ def run_preprocess_benchmark(options: PreprocessBenchOptions, log=print) -> dict
 
     out = Path(options.out)
     work = out / "bench_preprocess"
-    repo = preprocess_repository(work / "repo")
+    repo, transform = preprocess_repository(work / "repo")
+    std = np.asarray(transform.std, np.float32).reshape(3, 1, 1)  # pixels times it are back on the 0..1 scale
     sets = photo_sets(options.photo_sizes)
     rows = []
     triton_options = TritonOptions.on_free_ports(repo, work / "triton.log")
@@ -113,7 +118,7 @@ def run_preprocess_benchmark(options: PreprocessBenchOptions, log=print) -> dict
                                     times[arm].append(time.perf_counter() - start)
                             if not np.array_equal(pixels["pool"], pixels[BASELINE]) or len(pixels["pool"]) != batch:
                                 raise RuntimeError(f"the pool and one thread disagree at batch {batch} ({photos_name})")
-                            worst_psnr = min([worst_psnr] + [psnr(exact * STD, draft * STD, peak=1.0) for exact, draft
+                            worst_psnr = min([worst_psnr] + [psnr(exact * std, draft * std, peak=1.0) for exact, draft
                                                              in zip(pixels["pool"], pixels[DRAFT])])
                             bar.update(int(call > 0))
                         for arm in ARMS:

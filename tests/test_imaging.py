@@ -9,6 +9,7 @@ import pytest
 import timm.data
 from PIL import Image
 
+from build.parity import psnr
 from build.vit.transform import eval_transform
 from kiln.errors import InputError
 from kiln.imaging import EvalTransform, ImageLimits, decode_image, preprocess, to_rgb
@@ -124,7 +125,7 @@ def _photo(sample_images, size: tuple[int, int], exif: bytes = b"") -> bytes:
 
 def _psnr01(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of two preprocessed images on the 0..1 scale (ViT-B/16 normalises with std 0.5)."""
-    return float(10 * np.log10(1.0 / np.mean(((a - b) * 0.5) ** 2)))
+    return psnr(a * 0.5, b * 0.5, peak=1.0)
 
 
 @pytest.mark.parametrize("size", [(1200, 900), (1600, 1201), (4032, 2268)])

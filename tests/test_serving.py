@@ -216,14 +216,11 @@ def test_requests_merged_into_one_call_keep_their_places_and_fail_alone(tmp_path
     from concurrent.futures import ThreadPoolExecutor
 
     from benchmarks.preprocess import ARMS, preprocess_repository
-    from build.vit.transform import eval_transform
-    from build.vit.weights import load_vit
     from kiln.imaging import preprocess
     from kiln.paths import SAMPLE_IMAGES, list_images
     from tests.conftest import start_triton
 
-    repo = preprocess_repository(tmp_path / "repo", max_queue_delay_us=1_500_000)
-    transform = eval_transform(load_vit(random_weights=True).model)
+    repo, transform = preprocess_repository(tmp_path / "repo", max_queue_delay_us=1_500_000)
     photos = [p.read_bytes() for p in list_images(SAMPLE_IMAGES)]
     requests = [photos[:2], [photos[2], BAD_IMAGES["corrupt bytes"][0]], photos[3:6]]
     server = start_triton(repo, tmp_path / "triton.log")
