@@ -3,7 +3,8 @@
 For each variant (torch eager fp32; ONNX Runtime fp32 and dynamic int8; OpenVINO fp32, bf16 hint,
 fp16 weights, int8 weights, and int8-hybrid, whose UNet is calibrated on inputs captured from
 denoising runs as `kiln build sd` does), derived from the build's fp32 ONNX files, each in its own
-process so its peak memory is its own:
+process so its peak memory is its own (a mix, `openvino-int8-hybrid+vae=openvino-bf16` (build.sd.mix), runs each
+part in its own variant, from the same derived files as the plain variants of the run):
 
 - per-component latency on the shapes of one 512x512 txt2img request: the text encoder on the
   CFG pair of prompts (batch 2), one UNet step with CFG (batch 2), the VAE decoder (batch 1);
@@ -35,6 +36,7 @@ import numpy as np
 from benchmarks.load import write_results
 from benchmarks.sd_report import BASELINE, markdown_table, plot, summarize
 from build.parity import psnr
+from build.sd.mix import parse_mix
 from kiln import contract as names
 from kiln.contract import read_sd_contract
 from kiln.errors import ConfigError, KilnError
@@ -76,21 +78,19 @@ class SDBenchOptions:
 # -- artifacts ----------------------------------------------------------------------------------
 
 def artifact_path(root: Path, repo: Path, variant: str, component: str) -> Path:
-    """The build's fp32 ONNX file, or where the benchmark derives the variant's artifact from it."""
+    """The build's fp32 ONNX file, or where the benchmark derives the component's artifact from it (one file per
+    component and variant key: a mix shares its parts' files with the plain variants of the run)."""
     onnx = repo / names.sd_model(component) / "1" / "model.onnx"
-    served = served_variant(variant, component)
-    if variant == "onnxruntime-fp32" or (served.runtime == "openvino" and served.precision in ("fp32", "bf16")):
+    served, key = served_variant(variant, component), parse_mix(variant, allow_auto=False).key(component)
+    if key == "onnxruntime-fp32" or (served.runtime == "openvino" and served.precision in ("fp32", "bf16")):
         return onnx  # OpenVINO reads ONNX files itself: no IR copy of the fp32 weights on disk
-    return root / "artifacts" / variant / f"{component}{Path(served.artifact).suffix}"
+    return root / "artifacts" / key / f"{component}{Path(served.artifact).suffix}"
 
 
 def served_variant(variant: str, component: str):
-    """What a component runs in `variant`, as the build derives it (only the UNet is calibrated)."""
-    from build.convert import SD_VARIANTS
-    from build.sd.build import CALIBRATED
-
-    kind = SD_VARIANTS[variant]
-    return kind if component in CALIBRATED else kind.uncalibrated()
+    """What a component runs in `variant` (a key, or a mix: build.sd.mix), as the build derives it (only the UNet is
+    calibrated)."""
+    return parse_mix(variant, allow_auto=False).variant(component)
 
 
 # -- one variant, in its own process ------------------------------------------------------------
@@ -154,11 +154,15 @@ def _runners(variant: str, root: Path, repo: Path, weights: Path) -> tuple[dict,
             return run
         return {c: runner(c) for c in COMPONENTS}, {c: "f32" for c in COMPONENTS}
 
-    from build.convert import SD_VARIANTS
-
-    kind = SD_VARIANTS[variant]
-    return session_runners(repo, kind.runtime, inference_precision=kind.inference_precision,
-                           paths={c: artifact_path(root, repo, variant, c) for c in COMPONENTS}, components=COMPONENTS)
+    runners, precision = {}, {}
+    for component in COMPONENTS:  # each in its own runtime (a mix's parts may differ)
+        kind = served_variant(variant, component)
+        one, executes = session_runners(repo, kind.runtime, inference_precision=kind.inference_precision,
+                                        paths={component: artifact_path(root, repo, variant, component)},
+                                        components=(component,))
+        runners |= one
+        precision |= executes
+    return runners, precision
 
 
 def measure_variant(variant: str, root: Path, repo: Path, weights: Path, side: int, steps: int, repeats: int) -> dict:
@@ -274,32 +278,41 @@ def _prepare(options: SDBenchOptions, log) -> tuple[Path, Path, Path]:
     return root, weights, repo
 
 
+def _known(variant: str) -> bool:
+    """Whether the benchmark can run `variant`: one of VARIANTS, or a mix of them."""
+    try:
+        return set(parse_mix(variant, allow_auto=False).keys()) <= set(VARIANTS)
+    except ConfigError:
+        return False
+
+
 def run_sd_benchmark(options: SDBenchOptions, log=print) -> dict:
     from tqdm import tqdm
 
     if options.pipeline not in PIPELINES:
         raise ConfigError(f"unknown pipeline {options.pipeline!r}; valid: {', '.join(PIPELINES)}")
-    unknown = [v for v in options.variants if v not in VARIANTS]
+    unknown = [v for v in options.variants if not _known(v)]
     if unknown:
-        raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}, each optionally "
+                          "followed by +PART=VARIANT (build.sd.mix: openvino-int8-hybrid+vae=openvino-bf16)")
     variants = [BASELINE] + [v for v in options.variants if v != BASELINE]  # the baseline first: parity needs it
     root, weights, repo = _prepare(options, log)
     (root / "reference.npz").unlink(missing_ok=True)
-    results, derived, failed = [], {}, {}
+    results, derived, failed, made = [], {}, {}, set()
     bar = tqdm(total=len(variants) + options.triton, desc="bench sd", unit="variant")
     for variant in variants:
         bar.set_postfix(variant=variant)
         try:
-            if variant != BASELINE and artifact_path(root, repo, variant, "unet").parent != repo / names.SD_UNET / "1":
-                derived[variant] = {}
-                for component in COMPONENTS:
-                    target = artifact_path(root, repo, variant, component)
-                    if not (options.skip_build and target.exists()):
-                        derived[variant][component] = _in_subprocess("derive", {
-                            "variant": variant, "component": component, "repo": str(repo), "side": options.side,
-                            "weights": str(weights), "pipeline": options.pipeline,
-                            "source": str(artifact_path(root, repo, "onnxruntime-fp32", component)),
-                            "target": str(target)}, log)
+            for component in COMPONENTS if variant != BASELINE else ():
+                target = artifact_path(root, repo, variant, component)
+                if target.parent != repo / names.sd_model(component) / "1" and target not in made \
+                        and not (options.skip_build and target.exists()):
+                    made.add(target)  # a mix's part made once in a run
+                    derived.setdefault(variant, {})[component] = _in_subprocess("derive", {
+                        "variant": variant, "component": component, "repo": str(repo), "side": options.side,
+                        "weights": str(weights), "pipeline": options.pipeline,
+                        "source": str(artifact_path(root, repo, "onnxruntime-fp32", component)),
+                        "target": str(target)}, log)
             results.append(_in_subprocess("measure", {
                 "variant": variant, "root": str(root), "repo": str(repo), "weights": str(weights),
                 "side": options.side, "steps": options.steps, "repeats": options.repeats}, log))

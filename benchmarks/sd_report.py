@@ -52,6 +52,13 @@ def summarize(results: list[dict], triton: dict | None, derived: dict, options) 
     return out
 
 
+def _executes(precision: dict[str, str]) -> str:
+    """What the UNet computes in, and the other components where they differ (a mix: build.sd.mix)."""
+    others = [f"{label} {precision[c]}" for c, label in (("text_encoder", "text"), ("vae_decoder", "VAE"))
+              if precision.get(c, precision["unet"]) != precision["unet"]]
+    return ", ".join([precision["unet"], *others])
+
+
 def markdown_table(result: dict) -> str:
     side, steps = result["image_side"], result["steps"]
     lines = [f"Pipeline: {result['pipeline']} SD at {side}x{side}, Euler a, CFG 7 (UNet batch 2), {steps} steps. "
@@ -69,7 +76,7 @@ def markdown_table(result: dict) -> str:
         image_psnr = p.get("image_psnr_db")
         psnr_text = "" if image_psnr is None else ("identical" if image_psnr == float("inf") else f"{image_psnr:.1f}")
         lines.append(
-            f"| {r['variant']} | {r['executed_precision']['unet']} | {c['text_encoder']['median_s'] * 1000:.0f} | "
+            f"| {r['variant']} | {_executes(r['executed_precision'])} | {c['text_encoder']['median_s'] * 1000:.0f} | "
             f"{c['unet']['median_s'] * 1000:.0f} | {c['vae_decoder']['median_s'] * 1000:.0f} | "
             f"{r['unet_speedup']:.2f}x | {r['composed_image_s']:.2f} | {r['image_s']:.2f} | "
             f"{r['loop_overhead_per_step_s'] * 1000:.1f} | {cosine} | "

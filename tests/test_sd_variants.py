@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from build.convert import SD_VARIANTS, derive
+from build.parity import psnr
 from build.report import read_report
 from build.sd import SDBuildOptions, axis_sizes, build_sd, sd_specs
 from build.sd.export import check_component, export_modules
@@ -59,12 +60,88 @@ def test_a_static_variant_needs_calibration(unet_onnx, tmp_path):
 
 
 def test_unknown_variant_is_a_clear_error(plain_checkpoint, tmp_path):
-    from kiln.errors import ExportError
+    from kiln.errors import ConfigError
 
-    with pytest.raises(ExportError, match="unknown SD variant 'tensorrt-fp4'.*openvino-int8"):
+    with pytest.raises(ConfigError, match="unknown SD variant 'tensorrt-fp4'.*openvino-int8"):
         build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, variant="tensorrt-fp4",
                                 progress=False),
                  log=lambda _m: None)
+
+
+def test_a_mix_names_what_each_part_runs(plain_checkpoint, tmp_path, kiln):
+    """KEY+PART=KEY: the UNet, its tiling twin and the ControlNets run the first variant; each part named runs its own
+    (only the UNet is calibrated, so a calibrated key elsewhere means its int8 weights)."""
+    from build.sd.mix import parse_mix
+    from kiln.errors import ConfigError
+
+    mix = parse_mix("openvino-int8-hybrid+vae=openvino-bf16")
+    assert mix.label == "openvino-int8-hybrid+vae=openvino-bf16" and mix.keys() == (
+        "openvino-int8-hybrid", "openvino-bf16")
+    for component in ("unet", "unet_tiling", "unet_control", "controlnet", "controlnet_2"):
+        assert mix.key(component) == "openvino-int8-hybrid"
+    assert mix.variant("unet") == SD_VARIANTS["openvino-int8-hybrid"]
+    assert mix.variant("controlnet") == mix.variant("text_encoder") == SD_VARIANTS["openvino-int8"]  # uncalibrated
+    for component in ("vae_decoder", "vae_encoder", "vae_decoder_2", "vae_encoder_tiling"):
+        assert mix.variant(component) == SD_VARIANTS["openvino-bf16"]
+    # One spelling per choice: the parts in a fixed order, a part that runs the base dropped.
+    assert parse_mix("onnxruntime-fp32 + vae=openvino-bf16+text_encoder=onnxruntime-int8").label == \
+        "onnxruntime-fp32+text_encoder=onnxruntime-int8+vae=openvino-bf16"
+    assert parse_mix("openvino-fp32+vae=openvino-fp32") == parse_mix("openvino-fp32")
+    # auto, first or for a part: the build's to choose (and a part chosen like the base then runs the base)
+    assert parse_mix("auto+vae=openvino-bf16").choose("", "openvino-fp32").label == "openvino-fp32+vae=openvino-bf16"
+    mix = parse_mix("auto+vae=auto")
+    assert mix.auto_parts() == ("", "vae") and mix.choose("", "openvino-fp32").auto_parts() == ("vae",)
+    assert mix.choose("", "openvino-fp32").choose("vae", "openvino-fp32").label == "openvino-fp32"
+    assert parse_mix("openvino-fp32+text_encoder=auto").auto_parts() == ("text_encoder",)
+    for text, message in (("openvino-fp32+unet=openvino-bf16", "'unet=openvino-bf16' is not PART=VARIANT"),
+                          ("openvino-fp32+vae", "'vae' is not PART=VARIANT"),
+                          ("openvino-fp32+vae=fp8", "unknown variant 'fp8' for vae"),
+                          ("openvino-fp32+vae=openvino-bf16+vae=openvino-fp16", "names vae twice"),
+                          ("fp8+vae=openvino-bf16", "unknown SD variant 'fp8'")):
+        with pytest.raises(ConfigError, match=message):
+            parse_mix(text)
+    with pytest.raises(ConfigError, match="unknown SD variant 'auto'"):
+        parse_mix("auto", allow_auto=False)  # what the benchmark runs: a choice already made
+    with pytest.raises(ConfigError, match="unknown variant 'auto' for vae"):
+        parse_mix("openvino-fp32+vae=auto", allow_auto=False)
+    code, _, err = kiln("build", "sd", "--weights", str(plain_checkpoint), "--repo", str(tmp_path), "--variant",
+                        "openvino-fp32+vae=fp8")
+    assert code == 2 and "unknown variant 'fp8' for vae" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())  # refused before anything was built
+
+
+def test_a_mixed_build_serves_each_part_in_its_own_runtime(plain_checkpoint, plain_repo, tmp_path):
+    """A torch program UNet, an ONNX Runtime int8 text encoder and OpenVINO bf16 VAEs in one build: each checked
+    against PyTorch in its own tolerance, each model's config naming its own runtime, the report and the contract
+    naming the mix, and the image's trade against fp32 shown."""
+    from kiln.contract import read_sd_contract
+
+    label = "torch-fp32+text_encoder=onnxruntime-int8+vae=openvino-bf16"
+    content = build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, images=IMAGES,
+                                      progress=False, variant=label, image_check_steps=2), log=lambda _m: None)
+    assert content["variant"] == read_sd_contract(tmp_path).variant == label
+    assert content["components"] == {"text_encoder": "onnxruntime-int8", "unet": "torch-fp32",
+                                     "vae_decoder": "openvino-bf16", "vae_encoder": "openvino-bf16"}
+    expected = {"text_encoder": ("onnxruntime", "model-int8.onnx", "f32"), "unet": ("torch", "model.pt2", "f32"),
+                "vae_decoder": ("openvino", "model.xml", "bf16"), "vae_encoder": ("openvino", "model.xml", "bf16")}
+    for name, (runtime, artifact, precision) in expected.items():
+        params = {k: v.string_value for k, v in read_config(tmp_path / f"sd_{name}" / "config.pbtxt")
+                  .parameters.items()}
+        assert (params["runtime"], params["artifact"], params["inference_precision"]) == (runtime, artifact,
+                                                                                          precision), name
+        assert (tmp_path / f"sd_{name}" / "1" / artifact).exists()
+        entry = content["artifacts"][name]
+        served = entry.get("served", entry)  # a derived file is checked beside the fp32 export it comes from
+        assert served["runtime"] == runtime and served["parity"], name
+        if "served" in entry:
+            assert served["variant"] == content["components"][name]
+    assert content["artifacts"]["unet"]["parity"]["noise_pred"]["max_abs"] == 0.0  # the module's own arithmetic
+    assert not (tmp_path / "sd_unet" / "1" / "model.onnx").exists()  # no ONNX in between for the torch part
+    image = content["image_parity"]  # int8 text and bf16 VAE: a trade, shown (the torch UNet in both images)
+    assert 10 < float(image["psnr_db"]) < float("inf") and image["as_served"] == ["unet"]
+    images = Pipeline.from_repository(tmp_path).generate(REQUEST).images
+    onnx = Pipeline.from_repository(plain_repo).generate(REQUEST).images
+    assert images.shape == onnx.shape and 10 < psnr(onnx, images) < float("inf")
 
 
 @pytest.fixture(scope="module")
@@ -318,17 +395,27 @@ def _prebuilt(tmp_path: Path, name: str, plain_checkpoint: Path, plain_repo: Pat
     (root / "repo").symlink_to(plain_repo)
 
 
+MIX = "onnxruntime-int8+vae=openvino-fp32"
+
+
 def test_bench_sd_tiny(tmp_path, plain_checkpoint, plain_repo):
     from benchmarks.sd import SDBenchOptions, run_sd_benchmark
 
     _prebuilt(tmp_path, "bench_sd_tiny", plain_checkpoint, plain_repo)
     result = run_sd_benchmark(SDBenchOptions(out=tmp_path, pipeline="tiny", steps=2, repeats=1, skip_build=True,
-                                             variants=("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8")),
+                                             variants=("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", MIX)),
                               log=lambda _m: None)
     saved = json.loads((tmp_path / "sd-tiny-64.json").read_text())
     assert (tmp_path / "sd-tiny-64.png").stat().st_size > 10_000 and (tmp_path / "sd-tiny-64.md").exists()
     rows = {r["variant"]: r for r in saved["variants"]}
-    assert list(rows) == ["torch-fp32", "onnxruntime-fp32", "onnxruntime-int8"] and not saved["failed"]
+    assert list(rows) == ["torch-fp32", "onnxruntime-fp32", "onnxruntime-int8", MIX] and not saved["failed"]
+    # A mix (build.sd.mix): its int8 parts are the int8 row's files (made once), its VAE OpenVINO on the fp32 ONNX.
+    assert MIX not in saved["derive"]
+    mix, int8 = rows[MIX], rows["onnxruntime-int8"]
+    assert mix["parity"]["unet"] == int8["parity"]["unet"] and mix["parity"]["text_encoder"] == int8["parity"][
+        "text_encoder"]
+    assert mix["parity"]["vae_decoder"]["cosine"] > 0.99999 and mix["executed_precision"]["vae_decoder"] == "f32"
+    assert f"| {MIX} | as stored, VAE f32 |" in (tmp_path / "sd-tiny-64.md").read_text()
     for row in rows.values():
         assert row["peak_rss_mb"] > 100 and row["image_s"] > 0
         assert all(row["components"][c]["median_s"] > 0 for c in ("text_encoder", "unet", "vae_decoder"))
@@ -423,6 +510,33 @@ def test_auto_builds_the_fastest_unet_measured_here(plain_checkpoint, tmp_path):
     assert all(v["parity"]["cosine"] > 0.98 for v in choice["candidates"].values())
     served = read_config(tmp_path / "sd_unet" / "config.pbtxt").parameters["artifact"].string_value
     assert served == SD_VARIANTS[choice["chosen"]].artifact and (tmp_path / "sd_unet" / "1" / served).exists()
+
+
+def test_auto_for_a_part_times_that_part_on_its_own(plain_checkpoint, tmp_path):
+    """auto+vae=auto: the UNet timed on a CFG step and the VAE decoder on one image decode, each the fastest of its
+    own candidates; the encoder runs the decoder's choice, and the label names what was chosen."""
+    from build.sd.mix import parse_mix
+    from kiln.contract import read_sd_contract
+
+    candidates = ("onnxruntime-fp32", "openvino-fp32")
+    logs = []
+    content = build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, images=IMAGES,
+                                      progress=False, variant="auto+vae=auto", auto_candidates=candidates),
+                       log=logs.append)
+    unet, vae = content["auto"], content["auto_parts"]["vae"]
+    assert set(unet["candidates"]) == set(vae["candidates"]) == set(candidates)
+    assert "VAE decodes/s" in vae["reason"] and "UNet steps/s" in unet["reason"]
+    assert any("ms per VAE decode" in line for line in logs)
+    speeds = {k: v["per_s"] for k, v in vae["candidates"].items()}
+    assert vae["chosen"] == max(speeds, key=speeds.get)
+    mix = parse_mix(content["variant"], allow_auto=False)  # no auto left in what is served
+    assert mix == parse_mix("auto+vae=auto").choose("", unet["chosen"]).choose("vae", vae["chosen"])
+    assert read_sd_contract(tmp_path).variant == content["variant"]
+    for name, key in (("unet", unet["chosen"]), ("vae_decoder", vae["chosen"]), ("vae_encoder", vae["chosen"])):
+        assert content["components"][name] == key
+        params = read_config(tmp_path / f"sd_{name}" / "config.pbtxt").parameters
+        assert (params["runtime"].string_value, params["artifact"].string_value) == (
+            SD_VARIANTS[key].runtime, SD_VARIANTS[key].artifact)
 
 
 def test_auto_refuses_what_it_cannot_time(plain_checkpoint, tmp_path, kiln):

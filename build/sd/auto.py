@@ -47,11 +47,20 @@ def candidates(device: str, asked: Sequence[str] | None, triton_backend: str = "
     return keys
 
 
+# What `auto` times for each part of a mix (build.sd.mix; "": the UNet's): the component, the rows of one call (a CFG
+# pair for the text encoder and the UNet, one image for the VAE decoder), and what a call is. A part's other
+# components (the VAE encoder, the ControlNets) run the variant chosen for it.
+TIMED = {"": ("unet", 2, "UNet step"), "text_encoder": ("text_encoder", 2, "text encoding"),
+         "vae": ("vae_decoder", 1, "VAE decode")}
+
+
 def choose_variant(keys: Sequence[str], module, spec, export_sizes: dict[str, int], check_sizes: dict[str, int],
-                   timing_sizes: dict[str, int], log: Callable[[str], None]) -> tuple[str, dict]:
-    """Make, check and time the UNet in each candidate variant (one CFG step at the build's optimal size,
-    `timing_sizes`, the same inputs for all; torch's CUDA variants replaying the CUDA graph they would serve with);
-    the fastest inside its tolerance, and the record."""
+                   timing_sizes: dict[str, int], log: Callable[[str], None], what: str = "UNet step",
+                   upcast: bool = False) -> tuple[str, dict]:
+    """Make, check and time a component (the UNet: one CFG step; `what` one call is) in each candidate variant at
+    the build's optimal size, `timing_sizes`, the same inputs for all; torch's CUDA variants replaying the CUDA graph
+    they would serve with; `upcast`: each as a VAE serves it (Variant.upcast). The fastest inside its tolerance, and
+    the record."""
     from build.sd.export import check_component, export_component
     from build.torch_export import export_artifact
     from kiln.runtime import Session, SessionOptions
@@ -63,7 +72,7 @@ def choose_variant(keys: Sequence[str], module, spec, export_sizes: dict[str, in
         if any(SD_VARIANTS[k].runtime != "torch" for k in keys):  # the file the other runtimes' variants come from
             export_component(module, spec, onnx, export_sizes)
         for key in keys:
-            variant = SD_VARIANTS[key]
+            variant = SD_VARIANTS[key].upcast() if upcast else SD_VARIANTS[key]
             path = onnx if key == "onnxruntime-fp32" else Path(scratch) / key / variant.artifact
             try:
                 if variant.runtime == "torch":
@@ -83,10 +92,10 @@ def choose_variant(keys: Sequence[str], module, spec, export_sizes: dict[str, in
                 session = open_session(variant, path)
             measured[key] = auto.throughput(lambda s=session: s.run(inputs, spec.output_names), 1)
             figures[key] = {"cosine": parity.cosine, "max_abs": parity.max_abs}
-            log(f"  auto: {key:22s} {1000 / measured[key]['per_s']:8.1f} ms per UNet step  "
+            log(f"  auto: {key:22s} {1000 / measured[key]['per_s']:8.1f} ms per {what}  "
                 f"(cosine {parity.cosine:.6f})")
-    chosen, reason = auto.choose(measured, rejected, "UNet steps/s")
-    log(f"auto: serving {chosen}: {reason}")
+    chosen, reason = auto.choose(measured, rejected, f"{what}s/s")
+    log(f"auto: serving {chosen} for the {what}: {reason}")
     return chosen, {"chosen": chosen, "reason": reason, "measured_at": dict(export_sizes),
                     "candidates": {k: measured[k] | {"parity": figures[k]} for k in measured},
                     "rejected": rejected}

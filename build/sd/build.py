@@ -21,11 +21,13 @@ from build import report
 from build.convert import ARTIFACTS, FP32, SD_VARIANTS, Variant, check_threads, derive
 from build.native import check_target, cuda_graph_parameters, ov_target, parity_note, precision_caveat
 from build.repository import remove_stale, write_models
+from build.sd.auto import TIMED as AUTO_TIMED
 from build.sd.auto import candidates as auto_candidates
 from build.sd.auto import choose_variant
 from build.sd.configs import sd_model_configs
 from build.sd.export import check_component, export_component, export_modules
 from build.sd.lora import LORA_COMPONENTS, LORA_RUNTIMES, write_lora_map
+from build.sd.mix import parse_mix
 from build.sd.specs import (
     ImageRange,
     axis_sizes,
@@ -45,13 +47,12 @@ from build.static import check_static, check_static_variant, size_label, static_
 from build.torch_export import compile_packages, export_program
 from kiln import contract as names
 from kiln.contract import TILING, SDContract, SDModels, ServedControlNet, check_checkpoint_name
-from kiln.errors import ConfigError, ExportError
+from kiln.errors import ConfigError
 from kiln.paths import DEFAULT_REPOSITORY
 from kiln.prompts import MAX_CHUNKS
 from kiln.runtime.lora import MAP_SUFFIX
 
 SERVED = ("text_encoder", "unet", "vae_decoder", "vae_encoder")  # txt2img and img2img
-CALIBRATED = ("unet",)  # components whose real inputs a build can capture (a calibrated variant quantizes them so)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,9 @@ class SDBuildOptions:
     step_queue_delay_us: int = 0  # the same for the UNet and ControlNets (none: the step batcher merges steps)
     threads: int = 0
     progress: bool = True
-    variant: str = "onnxruntime-fp32"  # what the served models run: a key of SD_VARIANTS, or auto (build.sd.auto)
+    # What the served models run: a key of SD_VARIANTS, or auto (build.sd.auto), optionally with parts that run another
+    # (build.sd.mix: openvino-int8-hybrid+vae=openvino-bf16)
+    variant: str = "onnxruntime-fp32"
     auto_candidates: tuple[str, ...] | None = None  # auto: the variants to time (default: all this device can run)
     triton_backend: str = "python"  # python (embedded Triton here) or native (NVIDIA's tritonserver image)
     device: str = "cpu"  # cpu or gpu: the instance kind of a native build's runtime models
@@ -83,6 +86,12 @@ class SDBuildOptions:
     static_sizes: tuple[tuple[int, int], ...] = ()
     image_check_steps: int = 4  # steps of the image a lower-precision variant is compared on (PSNR against fp32)
     calibration_steps: int = 8  # steps per calibration run (x 3 prompts: UNet inputs for calibrated variants)
+
+
+def upcast_vae(loaded) -> bool:
+    """Whether the VAE computes in float32 where the variant would compute in float16 (Variant.upcast): its config's
+    force_upcast, true by default (as diffusers)."""
+    return bool(loaded.vae.config.get("force_upcast", True))
 
 
 def _model_name(source: str) -> str:
@@ -99,18 +108,17 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     from build.sd.vae import load_vae, vae_sources
     from build.sd.weights import load_sd
 
-    # 1. Load and derive the specs (auto: time the UNet in each candidate, then build the fastest).
-    if options.variant != "auto" and options.variant not in SD_VARIANTS:
-        raise ExportError(f"unknown SD variant {options.variant!r}; valid: auto, {', '.join(SD_VARIANTS)}")
+    # 1. Load and derive the specs (auto: time the UNet, or a part named auto, in each candidate; build the fastest).
+    mix = parse_mix(options.variant)
     check_threads(options.threads)
-    if options.auto_candidates and options.variant != "auto":
+    if options.auto_candidates and not mix.auto_parts():
         raise ConfigError("--auto-candidates names what --variant auto times; it goes with --variant auto only")
     keys = auto_candidates(options.device, options.auto_candidates, options.triton_backend) \
-        if options.variant == "auto" else ()
-    check_target(options.triton_backend, options.device, [SD_VARIANTS[k] for k in keys or (options.variant,)])
-    target = ov_target(options.ov_device, options.triton_backend, [SD_VARIANTS[k] for k in keys or (options.variant,)])
-    check_static_variant(options.static_sizes, [SD_VARIANTS[k] for k in keys or (options.variant,)],
-                         options.triton_backend)
+        if mix.auto_parts() else ()
+    possible = [SD_VARIANTS[k] for k in (*keys, *mix.keys()) if k != "auto"]  # what any component may serve
+    check_target(options.triton_backend, options.device, possible)
+    target = ov_target(options.ov_device, options.triton_backend, possible)
+    check_static_variant(options.static_sizes, possible, options.triton_backend)
     models = SDModels(check_checkpoint_name(options.checkpoint) if options.checkpoint else "")
     loaded = load_sd(options.weights, options.controlnet, options.config)
     loaded.vaes = {name: load_vae(path, loaded.vae) for name, path in vae_sources(options.vae).items()}
@@ -132,19 +140,23 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     export_sizes = axis_sizes(loaded, batch=2, height=side, width=side)
     check_sizes = axis_sizes(loaded, batch=3, height=side + 8 * vae_scale_factor(loaded), width=side, chunks=2,
                              vectors=5)  # other sizes than the export's: every axis is dynamic
-    choice = None
-    if keys:
-        log(f"auto: timing the UNet in {len(keys)} variants ({', '.join(keys)}) ...")
-        timing = axis_sizes(loaded, batch=2, height=options.images.opt, width=options.images.opt)  # one CFG step
-        chosen, choice = choose_variant(keys, modules["unet"], specs["unet"], export_sizes, check_sizes, timing, log)
-        options = replace(options, variant=chosen)
+    choices = {}  # auto: by part of the mix, the candidates' figures and the reason for the choice
+    for part in mix.auto_parts():
+        component, rows, what = AUTO_TIMED[part]
+        log(f"auto: timing the {what} in {len(keys)} variants ({', '.join(keys)}) ...")
+        timing = axis_sizes(loaded, batch=rows, height=options.images.opt, width=options.images.opt)
+        chosen, choices[part or "unet"] = choose_variant(
+            keys, modules[component], specs[component], export_sizes, check_sizes, timing, log, what,
+            upcast=component.startswith("vae_") and upcast_vae(loaded))
+        mix = mix.choose(part, chosen)
+    options = replace(options, variant=mix.label)
     controls = controlnet_components(specs)
     components = SERVED + (("unet_control", *controls) if controls else ()) + tuple(
         f"vae_{part}{served.suffix}" for served in extra_vaes(loaded) for part in ("decoder", "encoder")) + \
         (tuple(c + TILING for c in SERVED if c != "text_encoder") if options.tiling else ())
-    variant = SD_VARIANTS[options.variant]
-    variants = {c: variant if c in CALIBRATED else variant.uncalibrated() for c in components}
-    if loaded.vae.config.get("force_upcast", True):  # diffusers' default: the VAE in float32 (SDXL's needs it)
+    variant = SD_VARIANTS[mix.base]  # the UNet's, and the ControlNets'
+    variants = {c: mix.variant(c) for c in components}
+    if upcast_vae(loaded):  # diffusers' default: the VAE in float32 (SDXL's needs it)
         variants |= {c: variants[c].upcast() for c in components if c.startswith("vae_")}
 
     # 2. Export and check each component: the fp32 ONNX file, then the served variant derived from it.
@@ -157,15 +169,15 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         derive(served, version / "model.onnx", path, calibration)
         figures = check_component(modules[name], specs[name], path, check_sizes, variant=served)
         artifacts[name]["served"] = {
-            "variant": options.variant, "file": str(path.relative_to(repository)), "runtime": served.runtime,
+            "variant": mix.key(name), "file": str(path.relative_to(repository)), "runtime": served.runtime,
             "precision": served.precision, "quantization": served.quantization,
             "inference_precision": served.inference_precision, "calibration_samples": len(calibration or ()),
             "size_bytes": report.artifact_size(path), "sha256": report.sha256(path),
             "parity": {k: v.as_dict() for k, v in figures.items()}, "parity_note": parity_note(served),
-            "upcast": served.precision != variant.precision,  # a VAE in float32 (force_upcast: Variant.upcast)
+            "upcast": served.precision != mix.variant(name).precision,  # a VAE in float32 (Variant.upcast)
             "build_seconds": round(time.perf_counter() - start, 2)}
         reference = figures[specs[name].reference_output]
-        log(f"  sd_{name:13s} {options.variant}: cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}"
+        log(f"  sd_{name:13s} {mix.key(name)}: cosine {reference.cosine:.6f}  max|diff| {reference.max_abs:.2e}"
             + (f"  ({len(calibration)} calibration samples)" if calibration else ""))
 
     def record(name: str, exported: Variant, path: Path, seconds: float, **extra) -> None:
@@ -188,7 +200,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     scratch = tempfile.TemporaryDirectory(prefix="kiln-programs-")  # removed when done, or when the build fails
     for name in tqdm(components, desc=f"build sd ({options.variant})", unit="component", disable=not options.progress):
         version = repository / models.component(name) / "1"
-        exported = variants[name] if variant.runtime == "torch" else FP32  # a torch program, or the ONNX file
+        exported = variants[name] if variants[name].runtime == "torch" else FP32  # a torch program, or the ONNX file
         path = version / exported.artifact
         for stale in ARTIFACTS - {path.name}:
             report.remove_artifact(version / stale)  # a previous build's variant must not linger beside this one
@@ -205,13 +217,15 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         else:
             export_component(modules[name], specs[name], path, export_sizes)
         record(name, exported, path, time.perf_counter() - start)
-    if programs:
-        compiled = compile_packages({program: package for program, package, _ in programs.values()},
-                                    "cuda" if variant.accelerator == "cuda" else "cpu", log)
-        scratch.cleanup()
-        for name, (program, package, export_seconds) in programs.items():
-            record(name, variants[name], package, export_seconds + compiled[program].seconds,
-                   compile_seconds=compiled[program].seconds, compile_cached=compiled[program].cached)
+    compiled = {}
+    for device in ("cpu", "cuda"):  # one compile per device (a mix may hold both)
+        on = {program: package for name, (program, package, _) in programs.items()
+              if (variants[name].accelerator == "cuda") == (device == "cuda")}
+        compiled |= compile_packages(on, device, log) if on else {}
+    scratch.cleanup()
+    for name, (program, package, export_seconds) in programs.items():
+        record(name, variants[name], package, export_seconds + compiled[program].seconds,
+               compile_seconds=compiled[program].seconds, compile_cached=compiled[program].cached)
 
     # LoRA: where each module's weight is in the artifacts that can take one (build.sd.lora)
     lora_ready = options.triton_backend == "python"
@@ -273,13 +287,15 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     content = {"created": report.now(), "weights": {"source": loaded.source, "random": loaded.random},
                "family": loaded.family, "prediction_type": loaded.scheduler_config.get("prediction_type", "epsilon"),
                "image_range": asdict(options.images), "static_sizes": list(static), "variant": options.variant,
-               "auto": choice,
+               "auto": choices.pop("unet", None), **({"auto_parts": choices} if choices else {}),
+               "components": {c: mix.key(c) for c in components},
                "triton_backend": options.triton_backend, "device": options.device,
-               "caveat": precision_caveat(variant, options.triton_backend),
-               **(target if variant.runtime == "openvino" else {}),
+               "caveat": "; ".join(dict.fromkeys(c for v in variants.values()
+                                                  if (c := precision_caveat(v, options.triton_backend)))) or None,
+               **(target if any(v.runtime == "openvino" for v in variants.values()) else {}),
                "vae_scale_factor": contract.vae_scale_factor, "versions": report.tool_versions(),
                "machine": report.machine(), "artifacts": artifacts, "models": [c.name for c in configs]}
-    if variant.derived:
+    if any(v.derived for v in variants.values()):
         content["image_parity"] = variant_image_parity(repository, image_size, options.image_check_steps,
                                                        options.variant, log, models)
     if content.get("note"):

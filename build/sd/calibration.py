@@ -19,8 +19,7 @@ def capture_unet_inputs(repository: Path, size: tuple[int, int], steps: int, mod
                         prompts=CALIBRATION_PROMPTS) -> list[dict]:
     """The UNet's inputs (CFG pairs) at every step of real txt2img runs of the fp32 ONNX files at `size` (width,
     height): calibration data."""
-    runners, _ = session_runners(repository, runtime="onnxruntime", artifact="model.onnx", inference_precision="f32",
-                                 components=REQUIRED, models=models)
+    runners, _ = fp32_runners(repository, models)
     unet, captured = runners["unet"], []
 
     def recording(inputs: dict):
@@ -41,14 +40,29 @@ def variant_image_parity(repository: Path, size: tuple[int, int], steps: int, va
     (same seed and loop)."""
     request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=steps, sampler="Euler a",
                              cfg_scale=7.0, seed=0, width=size[0], height=size[1])
-    images = {}
-    for name, fp32 in (("fp32", True), ("served", False)):
-        overrides = {"runtime": "onnxruntime", "artifact": "model.onnx", "inference_precision": "f32"} if fp32 else {}
-        runners, _ = session_runners(repository, components=REQUIRED, models=models, **overrides)
+    images, kept = {}, []
+    for name in ("fp32", "served"):
+        runners, kept = fp32_runners(repository, models) if name == "fp32" else \
+            (session_runners(repository, components=REQUIRED, models=models)[0], kept)
         images[name] = Pipeline.from_repository(repository, runners, models=models).generate(request).images[0]
         del runners
     value = psnr(images["fp32"], images["served"])
     log(f"  image ({size[0]}x{size[1]}, {steps} steps, Euler a): {variant} vs fp32 PSNR "
         + ("identical" if value == float("inf") else f"{value:.1f} dB"))
     return {"against": "onnxruntime-fp32", "psnr_db": value if value != float("inf") else "inf",
-            "width": size[0], "height": size[1], "steps": steps, "sampler": request.sampler, "seed": request.seed}
+            "width": size[0], "height": size[1], "steps": steps, "sampler": request.sampler, "seed": request.seed,
+            **({"as_served": kept, "as_served_note": "torch programs (no fp32 ONNX export): the same in both images, "
+                "so the PSNR is the other components' trade"} if kept else {})}
+
+
+def fp32_runners(repository: Path, models: SDModels = DEFAULT_MODELS) -> tuple[dict, list[str]]:
+    """Runners over each component's fp32 ONNX export; and the components that have none (a mix's torch programs:
+    build.sd.mix), which run as served."""
+    runners, kept = {}, []
+    for component in REQUIRED:
+        onnx = Path(repository) / models.component(component) / "1" / "model.onnx"
+        fp32 = {"runtime": "onnxruntime", "artifact": "model.onnx", "inference_precision": "f32"} if onnx.exists() \
+            else {}
+        kept += [] if fp32 else [component]
+        runners |= session_runners(repository, components=(component,), models=models, **fp32)[0]
+    return runners, kept

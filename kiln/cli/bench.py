@@ -42,7 +42,9 @@ def add_parser(commands) -> None:
     sd.add_argument("--steps", type=at_least(1), default=20, help="steps of the measured images")
     sd.add_argument("--repeats", type=at_least(1), default=3, help="timed calls per component after one warm-up")
     sd.add_argument("--variants", default="torch-fp32,onnxruntime-fp32,openvino-fp32,openvino-bf16,openvino-int8",
-                    help="comma-separated; also onnxruntime-int8, openvino-fp16, openvino-int8-hybrid")
+                    help="comma-separated; also onnxruntime-int8, openvino-fp16, openvino-int8-hybrid, and mixes "
+                         "(openvino-int8-hybrid+vae=openvino-bf16: the VAE in another variant, as kiln build sd "
+                         "--variant takes them)")
     sd.add_argument("--family", choices=("sd1", "sd2", "sdxl"), default="sd1",
                     help="the model family of the seeded random checkpoint (sdxl: SDXL base's architecture)")
     sd.add_argument("--no-triton", action="store_true", help="skip the run through Triton + the orchestrator")

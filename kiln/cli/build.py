@@ -79,10 +79,12 @@ def add_parser(commands) -> None:
                          "service's step batcher merges the steps of concurrent requests, a wait only slows each "
                          "step; raise it for clients that call sd_unet directly)")
     _target_arguments(sd)
-    sd.add_argument("--variant", default="onnxruntime-fp32", choices=(*SD_VARIANTS, "auto"),
-                    help="what the served models run: each is checked against PyTorch; lower precisions also report "
-                         "an image's PSNR against fp32; auto: the UNet timed in every variant this machine can run "
-                         "(--auto-candidates), the fastest inside its tolerance served (default: %(default)s)")
+    sd.add_argument("--variant", default="onnxruntime-fp32", metavar="VARIANT[+PART=VARIANT...]",
+                    help=f"what the served models run ({', '.join(SD_VARIANTS)}): each is checked against PyTorch; "
+                         "lower precisions also report an image's PSNR against fp32; auto: the UNet timed in every "
+                         "variant this machine can run (--auto-candidates), the fastest inside its tolerance served. "
+                         "+text_encoder=VARIANT, +vae=VARIANT: that part runs another (openvino-int8-hybrid+vae="
+                         "openvino-bf16: the UNet in int8, the VAE in bf16) (default: %(default)s)")
     sd.add_argument("--auto-candidates", help="comma-separated variants --variant auto times (default: every one "
                                               "this device can run here)")
     sd.set_defaults(run=run_sd)
