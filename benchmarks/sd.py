@@ -298,21 +298,27 @@ def run_sd_benchmark(options: SDBenchOptions, log=print) -> dict:
     variants = [BASELINE] + [v for v in options.variants if v != BASELINE]  # the baseline first: parity needs it
     root, weights, repo = _prepare(options, log)
     (root / "reference.npz").unlink(missing_ok=True)
-    results, derived, failed, made = [], {}, {}, set()
+    results, derived, failed, made, broken = [], {}, {}, set(), set()
     bar = tqdm(total=len(variants) + options.triton, desc="bench sd", unit="variant")
     for variant in variants:
         bar.set_postfix(variant=variant)
         try:
             for component in COMPONENTS if variant != BASELINE else ():
                 target = artifact_path(root, repo, variant, component)
+                if target in broken:  # never an older file in its place
+                    raise KilnError(f"bench sd: {variant} needs {target}, whose derive failed above")
                 if target.parent != repo / names.sd_model(component) / "1" and target not in made \
                         and not (options.skip_build and target.exists()):
+                    try:
+                        derived.setdefault(variant, {})[component] = _in_subprocess("derive", {
+                            "variant": variant, "component": component, "repo": str(repo), "side": options.side,
+                            "weights": str(weights), "pipeline": options.pipeline,
+                            "source": str(artifact_path(root, repo, "onnxruntime-fp32", component)),
+                            "target": str(target)}, log)
+                    except KilnError:
+                        broken.add(target)
+                        raise
                     made.add(target)  # a mix's part made once in a run
-                    derived.setdefault(variant, {})[component] = _in_subprocess("derive", {
-                        "variant": variant, "component": component, "repo": str(repo), "side": options.side,
-                        "weights": str(weights), "pipeline": options.pipeline,
-                        "source": str(artifact_path(root, repo, "onnxruntime-fp32", component)),
-                        "target": str(target)}, log)
             results.append(_in_subprocess("measure", {
                 "variant": variant, "root": str(root), "repo": str(repo), "weights": str(weights),
                 "side": options.side, "steps": options.steps, "repeats": options.repeats}, log))

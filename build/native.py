@@ -65,6 +65,10 @@ def check_target(triton_backend: str, device: str, variants: list[Variant]) -> N
         if variant.runtime == "onnxruntime" and variant.gpu_only and triton_backend != "native":
             raise ConfigError(f"ONNX Runtime's {variant.accelerator} variant runs on the onnxruntime backend of "
                               "NVIDIA's image: build it with --triton-backend native --device gpu")
+    if device == "gpu" and any(v.runtime == "torch" and not v.accelerator for v in variants):
+        raise ConfigError("--device gpu runs the served models on the GPU, and torch's CPU variants (torch-fp32, "
+                          "torch-aoti-fp32, torch-aoti-bf16) are checked and compiled for the CPU: choose a CUDA one "
+                          "(torch-cuda-fp16, torch-aoti-cuda-fp16) for every torch model")
     if device == "gpu" and triton_backend == "python" and any(v.runtime != "torch" for v in variants):
         raise ConfigError("--device gpu needs --triton-backend native, or a torch variant: the embedded Python-backend "
                           "runtimes ONNX Runtime and OpenVINO are CPU builds")

@@ -87,6 +87,10 @@ def test_a_mix_names_what_each_part_runs(plain_checkpoint, tmp_path, kiln):
     assert parse_mix("onnxruntime-fp32 + vae=openvino-bf16+text_encoder=onnxruntime-int8").label == \
         "onnxruntime-fp32+text_encoder=onnxruntime-int8+vae=openvino-bf16"
     assert parse_mix("openvino-fp32+vae=openvino-fp32") == parse_mix("openvino-fp32")
+    # Outside the UNet a calibrated key means its int8 weights: the same models, the same label.
+    assert parse_mix("openvino-int8-hybrid+vae=openvino-int8").label == "openvino-int8-hybrid"
+    assert parse_mix("openvino-int8+text_encoder=openvino-int8-hybrid").label == "openvino-int8"
+    assert parse_mix("openvino-int8-hybrid+vae=auto").choose("vae", "openvino-int8").label == "openvino-int8-hybrid"
     # auto, first or for a part: the build's to choose (and a part chosen like the base then runs the base)
     assert parse_mix("auto+vae=openvino-bf16").choose("", "openvino-fp32").label == "openvino-fp32+vae=openvino-bf16"
     mix = parse_mix("auto+vae=auto")
@@ -108,6 +112,10 @@ def test_a_mix_names_what_each_part_runs(plain_checkpoint, tmp_path, kiln):
                         "openvino-fp32+vae=fp8")
     assert code == 2 and "unknown variant 'fp8' for vae" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # refused before anything was built
+    # A GPU build runs every model on the GPU: a torch part checked and compiled for the CPU would not load there.
+    with pytest.raises(ConfigError, match="torch's CPU variants"):
+        build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, progress=False, device="gpu",
+                                variant="torch-cuda-fp16+vae=torch-aoti-fp32"), log=lambda _m: None)
 
 
 def test_a_mixed_build_serves_each_part_in_its_own_runtime(plain_checkpoint, plain_repo, tmp_path):
@@ -150,6 +158,25 @@ def int8_repo(plain_checkpoint, tmp_path_factory) -> Path:
     build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=repo, images=IMAGES, progress=False,
                             variant="openvino-int8-hybrid", calibration_steps=2), log=lambda _m: None)
     return repo
+
+
+def test_the_int8_unet_with_a_bf16_vae(plain_checkpoint, tmp_path):
+    """openvino-int8-hybrid+vae=openvino-bf16: the UNet calibrated on inputs captured from the mixed build's fp32
+    files, the VAE models in bf16, the text encoder int8 weights; the image's trade shown."""
+    content = build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, images=IMAGES,
+                                      progress=False, variant="openvino-int8-hybrid+vae=openvino-bf16",
+                                      calibration_steps=2, image_check_steps=2), log=lambda _m: None)
+    served = {name: content["artifacts"][name]["served"] for name in ("text_encoder", "unet", "vae_decoder",
+                                                                      "vae_encoder")}
+    assert (served["unet"]["quantization"], served["unet"]["calibration_samples"]) == ("static", 3 * 2)
+    assert (served["text_encoder"]["quantization"], served["text_encoder"]["variant"]) == ("weights",
+                                                                                           "openvino-int8-hybrid")
+    for name in ("vae_decoder", "vae_encoder"):
+        assert (served[name]["variant"], served[name]["inference_precision"], served[name]["file"]) == (
+            "openvino-bf16", "bf16", f"sd_{name}/1/model.xml")
+        assert not served[name]["upcast"]  # bf16 is what was asked for, not an upcast
+    assert 10 < float(content["image_parity"]["psnr_db"]) < float("inf")
+    assert "as_served" not in content["image_parity"]  # every component has its fp32 ONNX file to compare with
 
 
 def test_hybrid_int8_build_is_served_and_reports_its_trade(int8_repo, tmp_path):
@@ -515,7 +542,6 @@ def test_auto_builds_the_fastest_unet_measured_here(plain_checkpoint, tmp_path):
 def test_auto_for_a_part_times_that_part_on_its_own(plain_checkpoint, tmp_path):
     """auto+vae=auto: the UNet timed on a CFG step and the VAE decoder on one image decode, each the fastest of its
     own candidates; the encoder runs the decoder's choice, and the label names what was chosen."""
-    from build.sd.mix import parse_mix
     from kiln.contract import read_sd_contract
 
     candidates = ("onnxruntime-fp32", "openvino-fp32")
@@ -529,8 +555,8 @@ def test_auto_for_a_part_times_that_part_on_its_own(plain_checkpoint, tmp_path):
     assert any("ms per VAE decode" in line for line in logs)
     speeds = {k: v["per_s"] for k, v in vae["candidates"].items()}
     assert vae["chosen"] == max(speeds, key=speeds.get)
-    mix = parse_mix(content["variant"], allow_auto=False)  # no auto left in what is served
-    assert mix == parse_mix("auto+vae=auto").choose("", unet["chosen"]).choose("vae", vae["chosen"])
+    assert content["variant"] == unet["chosen"] + (f"+vae={vae['chosen']}" if vae["chosen"] != unet["chosen"] else "")
+    assert vae["measured_at"]["batch"] == 1 and unet["measured_at"]["batch"] == 2  # one decode, one CFG step
     assert read_sd_contract(tmp_path).variant == content["variant"]
     for name, key in (("unet", unet["chosen"]), ("vae_decoder", vae["chosen"]), ("vae_encoder", vae["chosen"])):
         assert content["components"][name] == key
@@ -552,7 +578,7 @@ def test_auto_refuses_what_it_cannot_time(plain_checkpoint, tmp_path, kiln):
 
     assert candidates("cpu", None) == CPU_CANDIDATES and "torch-aoti-fp32" in CPU_CANDIDATES
     assert "torch-aoti-fp32" not in candidates("cpu", None, "native")  # NVIDIA's image runs no torch program natively
-    with pytest.raises(ConfigError, match="goes with --variant auto only"):
+    with pytest.raises(ConfigError, match="goes with --variant auto .or a part.s =auto. only"):
         build(auto_candidates=("onnxruntime-int8",))
     with pytest.raises(ConfigError, match="needs calibration runs"):
         build(variant="auto", auto_candidates=("openvino-int8-hybrid",))

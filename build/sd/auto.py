@@ -56,10 +56,11 @@ TIMED = {"": ("unet", 2, "UNet step"), "text_encoder": ("text_encoder", 2, "text
 
 def choose_variant(keys: Sequence[str], module, spec, export_sizes: dict[str, int], check_sizes: dict[str, int],
                    timing_sizes: dict[str, int], log: Callable[[str], None], what: str = "UNet step",
-                   upcast: bool = False) -> tuple[str, dict]:
+                   upcast: bool = False, graphs: bool = True) -> tuple[str, dict]:
     """Make, check and time a component (the UNet: one CFG step; `what` one call is) in each candidate variant at
-    the build's optimal size, `timing_sizes`, the same inputs for all; torch's CUDA variants replaying the CUDA graph
-    they would serve with; `upcast`: each as a VAE serves it (Variant.upcast). The fastest inside its tolerance, and
+    the build's optimal size, `timing_sizes`, the same inputs for all; with `graphs` (the step models: their configs
+    carry CUDA graph buckets), torch's CUDA variants replay the CUDA graph they would serve with, and run eagerly
+    otherwise, as served; `upcast`: each as a VAE serves it (Variant.upcast). The fastest inside its tolerance, and
     the record."""
     from build.sd.export import check_component, export_component
     from build.torch_export import export_artifact
@@ -84,7 +85,7 @@ def choose_variant(keys: Sequence[str], module, spec, export_sizes: dict[str, in
                 rejected[key] = str(exc)
                 log(f"  auto: {key:22s} not a candidate: {str(exc).splitlines()[0]}")
                 continue
-            if variant.accelerator == "cuda":  # the graph it would replay when served, captured at these sizes
+            if variant.accelerator == "cuda" and graphs:  # the graph it would replay when served, at these sizes
                 shapes = {t.name: tuple(t.concrete_shape(timing_sizes)) for t in spec.inputs}
                 session = Session(SessionOptions("torch", path, device="cuda:0", graph_batches=(timing_sizes["batch"],),
                                                  graph_shapes=shapes))
@@ -96,6 +97,6 @@ def choose_variant(keys: Sequence[str], module, spec, export_sizes: dict[str, in
                 f"(cosine {parity.cosine:.6f})")
     chosen, reason = auto.choose(measured, rejected, f"{what}s/s")
     log(f"auto: serving {chosen} for the {what}: {reason}")
-    return chosen, {"chosen": chosen, "reason": reason, "measured_at": dict(export_sizes),
+    return chosen, {"chosen": chosen, "reason": reason, "measured_at": dict(timing_sizes),
                     "candidates": {k: measured[k] | {"parity": figures[k]} for k in measured},
                     "rejected": rejected}

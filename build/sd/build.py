@@ -112,7 +112,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     mix = parse_mix(options.variant)
     check_threads(options.threads)
     if options.auto_candidates and not mix.auto_parts():
-        raise ConfigError("--auto-candidates names what --variant auto times; it goes with --variant auto only")
+        raise ConfigError("--auto-candidates names what auto times; it goes with --variant auto (or a part's =auto) "
+                          "only")
     keys = auto_candidates(options.device, options.auto_candidates, options.triton_backend) \
         if mix.auto_parts() else ()
     possible = [SD_VARIANTS[k] for k in (*keys, *mix.keys()) if k != "auto"]  # what any component may serve
@@ -147,7 +148,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         timing = axis_sizes(loaded, batch=rows, height=options.images.opt, width=options.images.opt)
         chosen, choices[part or "unet"] = choose_variant(
             keys, modules[component], specs[component], export_sizes, check_sizes, timing, log, what,
-            upcast=component.startswith("vae_") and upcast_vae(loaded))
+            upcast=component.startswith("vae_") and upcast_vae(loaded), graphs=component == "unet")
         mix = mix.choose(part, chosen)
     options = replace(options, variant=mix.label)
     controls = controlnet_components(specs)
@@ -217,11 +218,9 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         else:
             export_component(modules[name], specs[name], path, export_sizes)
         record(name, exported, path, time.perf_counter() - start)
-    compiled = {}
-    for device in ("cpu", "cuda"):  # one compile per device (a mix may hold both)
-        on = {program: package for name, (program, package, _) in programs.items()
-              if (variants[name].accelerator == "cuda") == (device == "cuda")}
-        compiled |= compile_packages(on, device, log) if on else {}
+    # One device per build (check_target: a GPU build's torch parts are CUDA variants, a CPU build's CPU ones)
+    compiled = compile_packages({program: package for program, package, _ in programs.values()},
+                                "cuda" if options.device == "gpu" else "cpu", log) if programs else {}
     scratch.cleanup()
     for name, (program, package, export_seconds) in programs.items():
         record(name, variants[name], package, export_seconds + compiled[program].seconds,

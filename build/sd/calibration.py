@@ -41,9 +41,11 @@ def variant_image_parity(repository: Path, size: tuple[int, int], steps: int, va
     request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=steps, sampler="Euler a",
                              cfg_scale=7.0, seed=0, width=size[0], height=size[1])
     images, kept = {}, []
-    for name in ("fp32", "served"):
-        runners, kept = fp32_runners(repository, models) if name == "fp32" else \
-            (session_runners(repository, components=REQUIRED, models=models)[0], kept)
+    for name in ("fp32", "served"):  # one set of sessions at a time (full-size memory)
+        if name == "fp32":
+            runners, kept = fp32_runners(repository, models)
+        else:
+            runners, _ = session_runners(repository, components=REQUIRED, models=models)
         images[name] = Pipeline.from_repository(repository, runners, models=models).generate(request).images[0]
         del runners
     value = psnr(images["fp32"], images["served"])

@@ -57,11 +57,19 @@ class Mix:
         return tuple(part for part, key in (("", self.base), *self.parts) if key == AUTO)
 
     def choose(self, part: str, key: str) -> Mix:
-        """This mix with `key` for `part` ("": the first variant), in one spelling: a part that runs the base is
-        dropped (but a part to choose stays one: auto+vae=auto times the VAE on its own)."""
+        """This mix with `key` for `part` ("": the first variant), in one spelling: a part that serves what the base
+        would serve there is dropped (outside the UNet a calibrated key means its int8 weights, so
+        openvino-int8-hybrid+vae=openvino-int8 is openvino-int8-hybrid); a part to choose stays (auto+vae=auto times
+        the VAE on its own)."""
         base, parts = (key, dict(self.parts)) if not part else (self.base, dict(self.parts) | {part: key})
         return Mix(base, tuple((name, parts[name]) for name in PARTS
-                               if name in parts and (parts[name] != base or base == AUTO)))
+                               if name in parts and not _same_outside_the_unet(parts[name], base)))
+
+
+def _same_outside_the_unet(key: str, base: str) -> bool:
+    if AUTO in (key, base):
+        return False
+    return SD_VARIANTS[key].uncalibrated() == SD_VARIANTS[base].uncalibrated()
 
 
 def parse_mix(text: str, allow_auto: bool = True) -> Mix:
