@@ -81,7 +81,8 @@ def artifact_path(root: Path, repo: Path, variant: str, component: str) -> Path:
     """The build's fp32 ONNX file, or where the benchmark derives the component's artifact from it (one file per
     component and variant key: a mix shares its parts' files with the plain variants of the run)."""
     onnx = repo / names.sd_model(component) / "1" / "model.onnx"
-    served, key = served_variant(variant, component), parse_mix(variant, allow_auto=False).key(component)
+    mix = parse_mix(variant, allow_auto=False)
+    served, key = mix.variant(component), mix.key(component)
     if key == "onnxruntime-fp32" or (served.runtime == "openvino" and served.precision in ("fp32", "bf16")):
         return onnx  # OpenVINO reads ONNX files itself: no IR copy of the fp32 weights on disk
     return root / "artifacts" / key / f"{component}{Path(served.artifact).suffix}"

@@ -155,7 +155,6 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     components = SERVED + (("unet_control", *controls) if controls else ()) + tuple(
         f"vae_{part}{served.suffix}" for served in extra_vaes(loaded) for part in ("decoder", "encoder")) + \
         (tuple(c + TILING for c in SERVED if c != "text_encoder") if options.tiling else ())
-    variant = SD_VARIANTS[mix.base]  # the UNet's, and the ControlNets'
     variants = {c: mix.variant(c) for c in components}
     if upcast_vae(loaded):  # diffusers' default: the VAE in float32 (SDXL's needs it)
         variants |= {c: variants[c].upcast() for c in components if c.startswith("vae_")}
@@ -252,8 +251,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         textual_inversion_dim=text_widths(loaded)[0],
         text_split=loaded.text_encoder.config.hidden_size if two_encoders(loaded) else 0, time_ids=time_ids(loaded),
         lora_layers=artifacts["unet"]["lora"]["layers"] if lora_layers else 0,
-        **(cuda_graph_parameters(specs["unet"]) if variant.runtime == "torch" and variant.accelerator == "cuda"
-           else {}),
+        **(cuda_graph_parameters(specs["unet"])
+           if variants["unet"].runtime == "torch" and variants["unet"].accelerator == "cuda" else {}),
         vaes=extra_vaes(loaded), tiling=options.tiling, vae_tile=vae_tile(loaded), static_sizes=",".join(static),
         controlnets=tuple(ServedControlNet(name=label, model=models.component(name), sha256=artifacts[name]["sha256"],
                                            ensemble=models.controlnet_ensemble(index) if has_ensemble(specs, name)
