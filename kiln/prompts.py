@@ -4,10 +4,11 @@ Emphasis is parsed as AUTOMATIC1111 parses it (`parse_emphasis`): `(word)` multi
 by 1.1, `[word]` divides it by 1.1, `(word:1.3)` sets 1.3, nesting multiplies, `\(` and `\[` are literal
 brackets, and `BREAK` ends the current chunk. Each fragment is tokenized on its own; every token carries its weight
 into the chunk, and `apply_emphasis` scales the text encoder's output by them and restores its mean (per prompt and
-chunk), as AUTOMATIC1111 does. A prompt whose weights are all 1 encodes exactly as its plain text. What kiln does not
-run is refused by name (`check_prompt_syntax`): extra-network tags other than the prompt's LoRA tags (kiln.lora takes
-those out first), composable diffusion (`AND`), prompt editing `[from:to:when]` and alternation `[a|b]`; never
-encoded as literal text.
+chunk), as AUTOMATIC1111 does. A prompt whose weights are all 1 encodes exactly as its plain text. Prompt editing
+`[from:to:when]` and alternation `[a|b]` choose the text of each step (kiln.prompt_schedule); what reaches the
+tokenizer is one step's text. What kiln does not run is refused by name (`check_prompt_syntax`): extra-network tags
+other than the prompt's LoRA tags (kiln.lora takes those out first), composable diffusion (`AND`), and an editing
+bracket that does not parse (`[cat:dog]`: no step); never encoded as literal text.
 
 A prompt's tokens (without BOS/EOS) are split into chunks of 75; each chunk becomes
 BOS + chunk + EOS, padded to 77 (with EOS for SD 1.x, with "!" for SD 2.x), and the text encoder's outputs of the
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import InputError, WeightsError
+from kiln.prompt_schedule import leftover, parse
 
 CHUNK_TOKENS = 75  # tokens of text per chunk; + BOS + EOS = the encoder's 77 positions
 COMMA_BACKTRACK = 20  # AUTOMATIC1111's default comma_padding_backtrack
@@ -51,7 +53,7 @@ _ATTENTION = re.compile(r"""
 """, re.VERBOSE)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]*)>")  # AUTOMATIC1111's extra-network tags: <lora:name:0.8>
-_EDITING = re.compile(r"\[[^\[\]()]*[:|][^\[\]()]*\]")  # [from:to:when], [to:when], [a|b]
+_EDITING = re.compile(r"\[[^\[\]()]*[:|][^\[\]()]*\]")  # a bracket that looks like [from:to:when] or [a|b]
 _AND = re.compile(r"\bAND\b")
 
 
@@ -66,10 +68,15 @@ def check_prompt_syntax(text: str, field: str = "prompt") -> None:
     if _AND.search(plain):
         raise InputError(f"{field}: AND (composable diffusion) is not supported; write one prompt, or use emphasis "
                          "such as (word:1.2)")
-    if match := _EDITING.search(plain):
-        kind = "alternation [a|b]" if "|" in match.group(0) else "prompt editing [from:to:when]"
-        raise InputError(f"{field}: {match.group(0)} is {kind}, which is not supported; write the words without it "
-                         "(or escape the brackets: \\[ \\])")
+    if match := _EDITING.search(re.sub(r"\\.", "", leftover(text))):  # what no edit or alternation took
+        if any(not isinstance(node, str) for node in parse(match.group(0)) or ()):  # valid alone: the rest is not
+            why = "the prompt does not parse: a | outside [a|b], or a backslash at its end"
+        elif "|" in match.group(0):
+            why = "alternation is [a|b|...], its options without colons"
+        else:
+            why = "prompt editing is [from:to:when] or [to:when], when a step number or a fraction such as 0.5"
+        raise InputError(f"{field}: {match.group(0)} is not valid prompt editing or alternation ({why}); escape "
+                         "the brackets (\\[ \\]) to write them as text")
 
 
 def parse_emphasis(text: str) -> list[tuple[str, float]]:
@@ -203,6 +210,9 @@ def tokenize_prompt(tokenizer, text: str, *, embeddings: EmbeddingLookup | None 
     """`text` (AUTOMATIC1111's prompt language) -> every one of its tokens, in chunks of 77 ids, with their weights;
     the names of `embeddings` become their vectors' positions."""
     check_prompt_syntax(text)
+    if any(not isinstance(node, str) for node in parse(text) or ()):
+        raise InputError(f"prompt {text!r} holds prompt editing or alternation: the text encoder takes one step's "
+                         "text (kiln.prompt_schedule chooses it; the orchestrator sends each one)")
     items: list[list[tuple[int, float]] | None] = []  # the positions of one token or one embedding; None: BREAK
     for fragment, weight in parse_emphasis(text):
         if weight == -1 and fragment == BREAK:

@@ -505,6 +505,9 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
         "emphasis and BREAK": Txt2ImgRequest(**base | {"prompt": "a photo of a ((cat)) BREAK [in the] (snow:1.3)",
                                                        "negative_prompt": "(blurry:0.8)"}),
         "clip skip": Txt2ImgRequest(**base | {"clip_skip": 3}),
+        "prompt editing and alternation": Txt2ImgRequest(**base | {"prompt": "a photo of a [cat:dog:0.4] [in the "
+                                                                             "snow|on grass, sunny, detailed]",
+                                                                   "negative_prompt": "[blurry::2]"}),
         "hires fix": Txt2ImgRequest(**base | {"steps": 2}, hires=HiresFix(upscaler="Lanczos", steps=2)),
         "hires fix with ControlNet (its ensemble)": Txt2ImgRequest(**base | {"steps": 2}, controlnet=edges,
                                                                    hires=HiresFix(steps=2)),
@@ -519,7 +522,8 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "clip skip", "hires fix",
+@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "clip skip", "prompt editing and alternation",
+                                  "hires fix",
                                   "hires fix with ControlNet (its ensemble)", "img2img", "inpainting",
                                   "controlnet (ensemble)",
                                   "scribble by name (its ensemble)", "two units (residuals, then the UNet)"])

@@ -23,7 +23,7 @@ from kiln.contract import SD_TEXT_ENCODE, SDModels, read_config
 from kiln.errors import InputError, WeightsError
 from kiln.paths import SAMPLE_IMAGES
 from kiln.triton_server import free_port
-from orchestrator.pipeline import Img2ImgRequest, Pipeline, Refiner, Txt2ImgRequest, make_scheduler
+from orchestrator.pipeline import HiresFix, Img2ImgRequest, Pipeline, Refiner, Txt2ImgRequest, make_scheduler
 from tests.conftest import start_triton
 
 pytestmark = pytest.mark.slow
@@ -385,8 +385,6 @@ def test_the_refiner_takes_over_as_diffusers_ensemble_of_experts(repo, xl_local,
     between steps; a multistep sampler goes on with its history, as AUTOMATIC1111's, where diffusers starts over)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    from orchestrator.pipeline import HiresFix
-
     base = _pipe(xl_checkpoint)
     config = dict(base.scheduler.config)
     refiner_pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(refiner_checkpoint))
@@ -457,3 +455,30 @@ def test_export_modules_make_no_tensor_on_another_device(checkpoint, request):
             outputs = copy.deepcopy(module).to("meta")(*(torch.from_numpy(sample[n]).to("meta")
                                                          for n in specs[name].input_names))
         assert all(o.device.type == "meta" for o in (outputs if isinstance(outputs, tuple) else (outputs,))), name
+
+
+def test_prompt_editing_switches_text_and_pooled_and_the_hires_pass_conditions_on_its_size(xl_local):
+    """[a cat:a dog:2]: the encoding and the pooled text switch after step 2; the empty negative prompt stays zeros;
+    the hires fix's second pass gets the time ids of its own size (AUTOMATIC1111's hr conditioning)."""
+    request = Txt2ImgRequest(prompt="a photo of [a cat:a dog:2]", steps=4, sampler="Euler", cfg_scale=7.5, seed=8,
+                             width=64, height=64)
+    seen: list[dict] = []
+
+    def recording(graph, inputs):
+        seen.append({name: inputs[name].copy() for name in ("encoder_hidden_states", "text_embeds", "time_ids")})
+        return graph(inputs)
+
+    xl_local.txt2img(request, unet_call=recording)
+    cat = xl_local.encode_prompts(["", "a photo of a cat"], request)
+    dog = xl_local.encode_prompts(["", "a photo of a dog"], request)
+    for step, call in enumerate(seen):
+        expected = cat if step <= 2 else dog
+        assert np.array_equal(call["encoder_hidden_states"], expected.context), step
+        assert np.array_equal(call["text_embeds"], expected.added["text_embeds"]), step
+        assert not call["encoder_hidden_states"][0].any() and not call["text_embeds"][0].any()  # the negative: zeros
+    assert not np.array_equal(cat.context, dog.context)
+    seen.clear()
+    xl_local.txt2img(replace(request, prompt=PROMPT, hires=HiresFix(scale=2, steps=2, denoising_strength=0.5)),
+                     unet_call=recording)
+    assert [call["time_ids"][0].tolist() for call in seen] == [[64, 64, 0, 0, 64, 64]] * 4 + \
+        [[128, 128, 0, 0, 128, 128]] * 2

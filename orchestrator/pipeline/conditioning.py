@@ -1,5 +1,9 @@
 """What the UNet is conditioned on: the prompts' text encoding and, for SDXL, its added conditions.
 
+Prompt editing and alternation (kiln.prompt_schedule) make it change with the step: `encode_scheduled` encodes each
+text a prompt takes (a negative prompt and prompt pair per text encoder call, as without editing, padded to one chunk
+count with the empty chunk the tokenizer pads with), and `Scheduled.at(step)` gives the rows of that step.
+
 SD 1.x and 2.x condition on the text encoding alone. SDXL adds, per row, the pooled text (its second text encoder's
 projection, of a prompt's first 77-token chunk, as AUTOMATIC1111) and six time ids: the original size, the crop's
 top-left corner and the target size, which AUTOMATIC1111 and diffusers both set to the image's size, (0, 0) and the
@@ -13,6 +17,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from kiln.prompt_schedule import parse, text_at
+from kiln.prompt_schedule import schedule as prompt_schedule
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,37 @@ class Conditioning:
     def inputs(self, rows: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
         """The UNet's conditioning inputs, of the rows `rows` selects."""
         return {"encoder_hidden_states": rows(self.context)} | {name: rows(v) for name, v in self.added.items()}
+
+    def at(self, step: int) -> Conditioning:
+        """The rows of a denoising step: the same at every step (no prompt editing)."""
+        return self
+
+    def take(self, rows: list[int]) -> Conditioning:
+        return Conditioning(self.context[rows], {name: value[rows] for name, value in self.added.items()})
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """Conditioning that changes with the step: each prompt's schedule [(end_at_step, row of `encoded`)] (the
+    negative prompt's first), each row `count` times (the images of a batch)."""
+
+    encoded: Conditioning  # a row per (text, prompt)
+    schedules: tuple[tuple[tuple[int, int], ...], ...]
+    count: int = 1
+
+    def __len__(self) -> int:
+        return len(self.schedules) * self.count
+
+    def repeat(self, count: int) -> Scheduled:
+        return Scheduled(self.encoded, self.schedules, self.count * count)
+
+    def at(self, step: int) -> Conditioning:
+        """The rows of denoising step `step` (from 0): each prompt's entry for it (kiln.prompt_schedule.text_at)."""
+        rows = [entries[text_at(entries, step)][1] for entries in self.schedules]
+        return self.encoded.take(rows).repeat(self.count)
+
+
+Prompted = Conditioning | Scheduled  # what a denoising loop is conditioned on: .at(step) gives a step's rows
 
 
 # The refiner's aesthetic scores: the prompt's and the negative prompt's (diffusers' and AUTOMATIC1111's defaults)
@@ -64,3 +102,45 @@ def encode(text_encoder, prompts: list[str], clip_skip: int, lora: str, *, time_
     ids = added_time_ids(width, height, len(prompts), time_ids, negative_first=len(prompts) > 1)
     return Conditioning(context, {"text_embeds": pooled, "time_ids": ids})
 
+
+
+def edited(prompts: list[str]) -> bool:
+    """Whether any of `prompts` holds prompt editing or alternation."""
+    return any(not isinstance(node, str) for prompt in prompts for node in parse(prompt) or ())
+
+
+def encode_scheduled(text_encoder, prompts: list[str], clip_skip: int, lora: str, *, steps: int,
+                     hires_steps: int | None = None, time_ids: int, width: int, height: int) -> Prompted:
+    """The prompts' conditioning (the negative prompt first where guided) over `steps` editing steps (sampling.
+    editing_steps; `hires_steps`: the hires fix's second pass, kiln.prompt_schedule.schedule). Prompts without
+    editing: `encode` of their text, as before."""
+    schedules = [prompt_schedule(prompt, steps, hires_steps) for prompt in prompts]
+    guided = len(prompts) > 1
+    if all(len(entries) == 1 for entries in schedules):
+        texts = [entries[0][1] for entries in schedules]
+        return encode(text_encoder, texts, clip_skip, lora, time_ids=time_ids, width=width, height=height,
+                      zero_first=guided and texts[0] == "")
+    distinct = [list(dict.fromkeys(text for _, text in entries)) for entries in schedules]
+    zero_first = guided and distinct[0] == [""]
+    calls = max(len(texts) for texts in distinct)
+    parts = [encode(text_encoder, [texts[min(call, len(texts) - 1)] for texts in distinct], clip_skip, lora,
+                    time_ids=time_ids, width=width, height=height, zero_first=zero_first) for call in range(calls)]
+    longest = max(part.context.shape[1] for part in parts)
+    if any(part.context.shape[1] < longest for part in parts):  # pad to one chunk count, as one call would
+        empty = text_encoder.encode([""], clip_skip, lora)[0]
+        parts = [_padded(part, empty, longest, zero_first) for part in parts]
+    encoded = Conditioning(np.concatenate([part.context for part in parts]),
+                           {name: np.concatenate([part.added[name] for part in parts]) for name in parts[0].added})
+    rows = len(prompts)  # call c's row of prompt p: c * rows + p
+    return Scheduled(encoded, tuple(tuple((end, texts.index(text) * rows + p) for end, text in entries)
+                                    for p, (entries, texts) in enumerate(zip(schedules, distinct))))
+
+
+def _padded(part: Conditioning, empty: np.ndarray, length: int, zero_first: bool) -> Conditioning:
+    """`part`'s text encoding padded with empty chunks to `length` positions (a zeroed negative prompt: zeros)."""
+    rows, positions, _ = part.context.shape
+    filler = np.tile(empty, ((length - positions) // len(empty), 1))
+    context = np.concatenate([part.context, np.broadcast_to(filler, (rows, *filler.shape))], axis=1)
+    if zero_first:
+        context[0] = 0
+    return Conditioning(context, part.added)

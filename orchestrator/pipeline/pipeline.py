@@ -20,14 +20,24 @@ from kiln.control import control_image
 from kiln.errors import InputError
 from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
 from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
-from kiln.masks import blur_radius, paste_outside_mask
+from kiln.masks import paste_outside_mask
 from orchestrator.pipeline import conditioning, hires
 from orchestrator.pipeline import refiner as refining
 from orchestrator.pipeline.components import Components, Graph, call_graph
-from orchestrator.pipeline.conditioning import Conditioning
+from orchestrator.pipeline.conditioning import Prompted, edited
+from orchestrator.pipeline.info import run_info
 from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
-from orchestrator.pipeline.sampling import CHURN, batch_seeds, draw_seed, noise, schedule, sigma_at, step_kwargs
+from orchestrator.pipeline.sampling import (
+    CHURN,
+    batch_seeds,
+    draw_seed,
+    editing_steps,
+    noise,
+    schedule,
+    sigma_at,
+    step_kwargs,
+)
 from orchestrator.pipeline.tiles import sd_upscale
 from orchestrator.pipeline.vae_tiles import with_tiles
 from orchestrator.pipeline.validate import Limits, check_request
@@ -101,12 +111,14 @@ class Pipeline:
                                                                           "build before LoRA"))
         return text, (self.components.loras or LoraLibrary(None)).resolve(uses)
 
-    def encode_prompts(self, prompts: list[str], request: Txt2ImgRequest, loras: LoraSet = NO_LORA) -> Conditioning:
-        """The UNet's conditioning by `prompts` (the negative prompt first where guided) for the request's image."""
-        return conditioning.encode(self.components.text_encoder, prompts, request.clip_skip,
-                                   loras.spec("text_encoder"), time_ids=self.contract.time_ids,
-                                   width=request.width, height=request.height,
-                                   zero_first=len(prompts) > 1 and prompts[0] == "")
+    def encode_prompts(self, prompts: list[str], request: Txt2ImgRequest, loras: LoraSet = NO_LORA,
+                       hires_steps: int | None = None) -> Prompted:
+        """The UNet's conditioning by `prompts` (the negative prompt first where guided) for the request's image, at
+        every step of its prompt editing (`hires_steps`: the hires fix's second pass's editing steps)."""
+        return conditioning.encode_scheduled(self.components.text_encoder, prompts, request.clip_skip,
+                                             loras.spec("text_encoder"), time_ids=self.contract.time_ids,
+                                             steps=editing_steps(request.sampler, request.steps),
+                                             hires_steps=hires_steps, width=request.width, height=request.height)
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None, **hooks) -> GenerationResult:
@@ -224,12 +236,12 @@ class Pipeline:
         if init and request.inpainting and request.overlay:
             images = paste_outside_mask(images, request.init_image, request.mask, request.width, request.height,
                                         request.mask_blur, request.inpainting_mask_invert)
-        info = self._info(request, seeds, variation, stopped_at)
+        info = run_info(self, request, seeds, variation, stopped_at)
         if request.refiner is not None:  # AUTOMATIC1111's "Refiner" and "Refiner switch at"
             info |= {"refiner": refiner.contract.title, "refiner_switch_at": request.refiner.switch_at}
         return GenerationResult(images=images, seeds=seeds, info=info)
 
-    def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, context: Conditioning,
+    def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, context: Prompted,
                  cond: list[np.ndarray], inpaint: dict | None, drawn, kwargs: dict, progress, cancelled, stop_early,
                  unet_call: UNetCall, loras: LoraSet = NO_LORA, handover: refining.Handover | None = None) -> tuple:
         """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked. The UNets
@@ -258,7 +270,7 @@ class Pipeline:
                                         dim=1)
             rows = len(model_input)
             inputs = {"sample": model_input.numpy(), "timestep": np.full(rows, float(t), np.float32),
-                      **context.inputs(rows_of)}
+                      **context.at(index).inputs(rows_of)}
             active = [(rows_of(unit_cond), scale, components.controlnet(unit.model))
                       for unit_cond, unit in zip(cond, request.controlnet_units)
                       if (scale := unit.scale_at(index, len(timesteps)))]
@@ -317,53 +329,19 @@ class Pipeline:
         context, first_prompt, loras = first
         prompt, loras = (first_prompt, loras) if fix.prompt is None else self.lora_set(fix.prompt)
         negative = request.negative_prompt if fix.negative_prompt is None else fix.negative_prompt
-        if (prompt, negative, loras) != (first_prompt, request.negative_prompt, first[2]):
-            prompts = [negative, prompt] if request.cfg_scale > 1 else [prompt]
-            context = self.encode_prompts(prompts, request, loras).repeat(len(latents))
-        # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
+        prompts = [negative, prompt] if request.cfg_scale > 1 else [prompt]
         pass_two = replace(request, width=planned.size[0], height=planned.size[1], hires=None)
+        # Encoded again for other prompts, for prompt editing (its steps count on from the first pass's), and for
+        # SDXL's time ids (the second pass's size, as AUTOMATIC1111's hr conditioning)
+        if (prompt, negative, loras) != (first_prompt, request.negative_prompt, first[2]) or edited(prompts) \
+                or contract.time_ids:
+            steps = editing_steps(fix.sampler or request.sampler, hires.second_pass_steps(fix, request.steps)[1])
+            context = self.encode_prompts(prompts, pass_two, loras, hires_steps=steps).repeat(len(latents))
+        # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context))
         kwargs = step_kwargs(scheduler, generator, request.eta, churn(request))
         return self._denoise(pass_two, scheduler, timesteps, latents, context, cond, None, drawn, kwargs, progress,
                              cancelled, stop_early, unet_call, loras)
-
-    def _info(self, request: Txt2ImgRequest, seeds: list[int], variation, stopped_at: int | None) -> dict:
-        """What the images' infotext and the API's info say about the run."""
-        contract = self.contract
-        info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
-                "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
-                "width": request.width, "height": request.height, "model": contract.model_name,
-                "model_hash": contract.model_hash or None}
-        if request.clip_skip != 1:
-            info["clip_skip"] = request.clip_skip
-        if (vae := contract.vae(request.vae)) is not None:  # AUTOMATIC1111 names a chosen VAE in the infotext
-            info |= {"vae": vae.name, "vae_hash": vae.short_hash or None}
-        if request.tiling:
-            info["tiling"] = True
-        hashes = [self.lora_set(request.prompt)[1].hashes]
-        if request.hires is not None and request.hires.prompt is not None:
-            hashes.append(self.lora_set(request.hires.prompt)[1].hashes)
-        if any(hashes):  # AUTOMATIC1111's "Lora hashes": each file once
-            info["lora_hashes"] = ", ".join(dict.fromkeys(h for part in hashes for h in part.split(", ") if h))
-        if request.hires is not None:
-            info |= hires.info(request)
-        if variation is not None:
-            info |= {"subseed": variation[0][0], "all_subseeds": variation[0], "subseed_strength": variation[1]}
-        if stopped_at is not None:
-            info["stopped_at_step"] = stopped_at
-        if isinstance(request, Img2ImgRequest):
-            info["denoising_strength"] = request.denoising_strength
-            if request.initial_noise_multiplier != 1:
-                info["noise_multiplier"] = request.initial_noise_multiplier
-            if request.inpainting:
-                info |= {"mask_blur": blur_radius(request.mask_blur), "inpainting_fill": request.inpainting_fill,
-                         "inpainting_mask_invert": request.inpainting_mask_invert}
-        if request.controlnet_units:
-            info["controlnet"] = [f"\"Module: {unit.module}, Model: {contract.controlnet(unit.model).title}, "
-                                  f"Weight: {unit.weight}, Guidance Start: {unit.guidance_start}, "
-                                  f"Guidance End: {unit.guidance_end}\""
-                                  for unit in request.controlnet_units]
-        return info
 
 
 def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from kiln.errors import InputError
 from orchestrator.pipeline.components import Components
-from orchestrator.pipeline.conditioning import Conditioning
+from orchestrator.pipeline.conditioning import Prompted
 from orchestrator.pipeline.vae_tiles import with_tiles
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ class Handover:
 
     index: int
     components: Components
-    context: Conditioning
+    context: Prompted
 
 
 def check_refiner(base: Pipeline, refiner: Pipeline, request: Txt2ImgRequest) -> None:

@@ -28,12 +28,13 @@ class Sampler:
     scheduler: str  # diffusers class name
     overrides: dict = field(default_factory=dict)  # config values that make it this sampler
     seeded: bool = False  # draws its noise from a seed in its config, not from the step's generator
+    second_order: bool = False  # two model calls a step: AUTOMATIC1111 counts prompt-editing steps twice
 
 
 SAMPLERS = {
     "Euler": Sampler("EulerDiscreteScheduler"),
     "Euler a": Sampler("EulerAncestralDiscreteScheduler"),
-    "Heun": Sampler("HeunDiscreteScheduler"),
+    "Heun": Sampler("HeunDiscreteScheduler", second_order=True),
     "DDIM": Sampler("DDIMScheduler"),
     "DDPM": Sampler("DDPMScheduler"),
     # AUTOMATIC1111's PLMS and diffusers' SD pipelines (the checkpoint's config says so): linear multistep alone, no
@@ -42,8 +43,9 @@ SAMPLERS = {
     "LMS": Sampler("LMSDiscreteScheduler"),
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", seeded=True),  # its Brownian-tree noise needs torchsde
-    "DPM++ SDE Karras": Sampler("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, seeded=True),
+    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", seeded=True, second_order=True),  # Brownian-tree noise: torchsde
+    "DPM++ SDE Karras": Sampler("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, seeded=True,
+                                second_order=True),
     "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "UniPC": Sampler("UniPCMultistepScheduler"),
     "LCM": Sampler("LCMScheduler"),
@@ -68,6 +70,12 @@ def check_sampler(name: str) -> Sampler:
         return SAMPLERS[name]
     except (KeyError, TypeError):
         raise UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}") from None
+
+
+def editing_steps(name: str, steps: int) -> int:
+    """The steps prompt editing counts for `steps` steps of the sampler: AUTOMATIC1111's total_steps (twice the
+    steps for a second-order sampler, whose every step calls the model twice)."""
+    return steps * 2 if check_sampler(name).second_order else steps
 
 
 def make_scheduler(name: str, base_config: dict, seed: int | None = None):
