@@ -7,6 +7,8 @@ r"""AUTOMATIC1111's prompt editing and alternation: which text a prompt is at ea
   half way through it).
 - `[a|b|c]` alternates every step: a, b, c, a, ... (an empty option is no text).
 - They nest, in each other and in emphasis: `a [(red:1.2)|blue] [cat:[dog:fox:12]:5]`.
+- `a cat AND a dog :0.5` (composable diffusion, `composable`): parts, each with its weight, guided together; each part
+  has its own schedule.
 
 The grammar is AUTOMATIC1111's (modules/prompt_parser.py, a lark grammar); this is a hand-written parser for the
 same language, with its outcomes: a bracket that opens no valid construct is text (`a [unbalanced`), and a prompt
@@ -193,6 +195,23 @@ def schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tu
 
     collect(nodes)
     return [(step, at(step, nodes)) for step in sorted(ends)]
+
+
+_AND = re.compile(r"\bAND\b")
+_WEIGHT = re.compile(r"\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+))\s*$")  # a part's trailing :weight
+
+
+def composable(prompt: str) -> list[tuple[str, float]]:
+    """AUTOMATIC1111's composable diffusion (get_multicond_prompt_list): the prompt's parts between ANDs, each with
+    its trailing `:weight` (1 without one) taken off, as [(text, weight)]. A prompt of one part without a weight is
+    itself, untouched."""
+    parts = []
+    for part in _AND.split(prompt):
+        if match := _WEIGHT.search(part):
+            parts.append((part[:match.start()], float(match.group(1))))
+        else:
+            parts.append((part.rstrip(), 1.0))
+    return [(prompt, 1.0)] if parts == [(prompt.rstrip(), 1.0)] else parts
 
 
 def text_at(entries: list[tuple[int, str]] | tuple, step: int) -> int:

@@ -5,10 +5,11 @@ by 1.1, `[word]` divides it by 1.1, `(word:1.3)` sets 1.3, nesting multiplies, `
 brackets, and `BREAK` ends the current chunk. Each fragment is tokenized on its own; every token carries its weight
 into the chunk, and `apply_emphasis` scales the text encoder's output by them and restores its mean (per prompt and
 chunk), as AUTOMATIC1111 does. A prompt whose weights are all 1 encodes exactly as its plain text. Prompt editing
-`[from:to:when]` and alternation `[a|b]` choose the text of each step (kiln.prompt_schedule); what reaches the
-tokenizer is one step's text. What kiln does not run is refused by name (`check_prompt_syntax`): extra-network tags
-other than the prompt's LoRA tags (kiln.lora takes those out first), composable diffusion (`AND`), and an editing
-bracket that does not parse (`[cat:dog]`: no step); never encoded as literal text.
+`[from:to:when]` and alternation `[a|b]` choose the text of each step, and composable diffusion (`a AND b :0.5`)
+splits a prompt into parts (kiln.prompt_schedule); what reaches the tokenizer is one part's text at one step. What
+kiln does not run is refused by name (`check_prompt_syntax`): extra-network tags other than the prompt's LoRA tags
+(kiln.lora takes those out first), AND outside a prompt, and an editing bracket that does not parse (`[cat:dog]`: no
+step); never encoded as literal text.
 
 A prompt's tokens (without BOS/EOS) are split into chunks of 75; each chunk becomes
 BOS + chunk + EOS, padded to 77 (with EOS for SD 1.x, with "!" for SD 2.x), and the text encoder's outputs of the
@@ -57,17 +58,18 @@ _EDITING = re.compile(r"\[[^\[\]()]*[:|][^\[\]()]*\]")  # a bracket that looks l
 _AND = re.compile(r"\bAND\b")
 
 
-def check_prompt_syntax(text: str, field: str = "prompt") -> None:
-    """Refuse, by name, the parts of AUTOMATIC1111's prompt language kiln does not run (InputError: HTTP 422)."""
+def check_prompt_syntax(text: str, field: str = "prompt", parts: bool = False) -> None:
+    """Refuse, by name, the parts of AUTOMATIC1111's prompt language kiln does not run (InputError: HTTP 422).
+    `parts`: the text may hold AND (a prompt, not a negative prompt, nor one part the text encoder takes)."""
     plain = re.sub(r"\\.", "", text)  # escaped brackets are text
     if match := EXTRA_NETWORK.search(plain):
         where = "the prompt only (as AUTOMATIC1111 applies them)" if match.group(1).lower() in ("lora", "lyco") \
             else "LoRA tags (<lora:name:multiplier>) only, in the prompt"
         raise InputError(f"{field}: {match.group(0)} is an extra-network tag ({match.group(1)}); kiln applies {where}, "
                          "and a tag is never taken as text")
-    if _AND.search(plain):
-        raise InputError(f"{field}: AND (composable diffusion) is not supported; write one prompt, or use emphasis "
-                         "such as (word:1.2)")
+    if not parts and _AND.search(plain):
+        raise InputError(f"{field}: AND (composable diffusion) is the prompt's (and hr_prompt's), each of its parts "
+                         "encoded on its own; AUTOMATIC1111 takes it as a word here: write 'and'")
     if match := _EDITING.search(re.sub(r"\\.", "", leftover(text))):  # what no edit or alternation took
         if any(not isinstance(node, str) for node in parse(match.group(0)) or ()):  # valid alone: the rest is not
             why = "the prompt does not parse: a | outside [a|b], or a backslash at its end"

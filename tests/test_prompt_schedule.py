@@ -1,5 +1,6 @@
-"""AUTOMATIC1111's prompt editing and alternation: the schedules its parser gives, and the pipeline conditioning each
-denoising step (UNet call) on its step's text, in process and through Triton's text encoder.
+"""AUTOMATIC1111's prompt editing, alternation and composable diffusion (AND): the schedules its parser gives, the
+parts AND makes, and the pipeline conditioning each denoising step (UNet call) on its step's texts, in process (the
+Triton path: tests/test_sd_pipeline.py's cases, and the API's step-batching test).
 
 The expected schedules are AUTOMATIC1111's documented ones (modules/prompt_parser.py's examples, 10 steps), and
 what its grammar gives for the hires fix's offsets and for second-order samplers (steps counted twice).
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from kiln.errors import InputError
-from kiln.prompt_schedule import schedule, text_at
+from kiln.prompt_schedule import composable, schedule, text_at
 from kiln.prompts import check_prompt_syntax
 from orchestrator.pipeline import HiresFix, Txt2ImgRequest
 
@@ -82,6 +83,28 @@ def test_editing_that_does_not_parse_is_refused_by_name(text, names):
 def test_valid_editing_passes_the_check():
     for text in ("a [cat:dog:5]", "a [cat|dog|fox]", "[cat:[dog|fox]:0.5] (detail:1.2)", "a | b", "a [unbalanced"):
         check_prompt_syntax(text)
+
+
+@pytest.mark.parametrize(("prompt", "parts"), [
+    ("a cat", [("a cat", 1.0)]),
+    ("a cat ", [("a cat ", 1.0)]),  # one part without a weight: the prompt untouched
+    ("a cat AND a dog :0.5", [("a cat", 1.0), (" a dog", 0.5)]),  # AUTOMATIC1111 keeps a part's leading space
+    ("a cat:1.5", [("a cat", 1.5)]),  # a weight without AND: that part's guidance x 1.5, as AUTOMATIC1111
+    ("a (cat:1.5)", [("a (cat:1.5)", 1.0)]),  # emphasis, not a weight
+    ("a cat AND", [("a cat", 1.0), ("", 1.0)]),
+    ("ANDROID AND droid:-.5", [("ANDROID", 1.0), (" droid", -0.5)]),
+    ("[a cat:a dog:3] AND snow", [("[a cat:a dog:3]", 1.0), (" snow", 1.0)]),  # each part has its own schedule
+])
+def test_and_splits_the_prompt_into_weighted_parts(prompt, parts):
+    assert composable(prompt) == parts
+
+
+def test_and_outside_a_prompt_is_refused():
+    check_prompt_syntax("a cat AND a dog", "prompt", parts=True)
+    with pytest.raises(InputError, match="negative_prompt: AND .composable diffusion. is the prompt's"):
+        check_prompt_syntax("blurry AND dark", "negative_prompt")
+    with pytest.raises(InputError, match="AND"):  # one part is what the text encoder takes
+        check_prompt_syntax("a cat AND a dog")
 
 
 # -- the pipeline --------------------------------------------------------------------------------------------------
@@ -155,3 +178,25 @@ def test_the_hires_pass_edits_by_the_whole_runs_steps(local):
     assert [("cat" if np.array_equal(c, cat) else "dog" if np.array_equal(c, dog) else "?") for c in seen] == \
         ["cat"] * 2 + ["cat"] * 3 + ["dog"]  # second pass: 4 steps, when (1.5 - 1) x 4 = 2: steps 0, 1, 2 are cat
 
+
+
+@pytest.mark.slow
+def test_and_guides_each_part_by_its_weight(local):
+    """Rows: the negative prompt, then each part; each part's guidance x its weight (AUTOMATIC1111's
+    combine_denoised). Two halves of one prompt give its image; s_min_uncond's skipped steps run the parts alone."""
+    request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=4, sampler="Euler", seed=5,
+                             width=64, height=64, batch_size=2)
+    plain, _ = _contexts(local, request)
+    halves, seen = _contexts(local, replace(request, prompt="a photo of a cat :0.5 AND a photo of a cat:0.5"))
+    assert np.abs(halves.astype(int) - plain.astype(int)).max() <= 1
+    rows = _encoded(local, request, ["blurry", "a photo of a cat", " a dog"])
+    mixed, seen = _contexts(local, replace(request, prompt="a photo of a cat AND a dog :0.7"))
+    assert all(np.array_equal(context, np.repeat(rows, 2, axis=0)) for context in seen)  # (1 + 2 parts) x batch 2
+    assert np.abs(mixed.astype(int) - plain.astype(int)).max() > 0
+    assert np.array_equal(local.txt2img(replace(request, prompt="a photo of a cat :1")).images, plain)
+    sizes: list[int] = []
+    local.txt2img(replace(request, prompt="a cat AND a dog", s_min_uncond=100.0),
+                  unet_call=lambda graph, inputs: sizes.append(len(inputs["sample"])) or graph(inputs))
+    assert sizes == [6, 4, 6, 4]  # odd steps: the two parts' rows alone
+    with pytest.raises(InputError, match="prompt: AND and a part's :weight weigh each part's guidance"):
+        local.txt2img(replace(request, prompt="a cat AND a dog", cfg_scale=1.0))

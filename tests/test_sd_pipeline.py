@@ -452,6 +452,10 @@ def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_unet, init_im
                                              seed=4, width=64, height=64, init_image=init_image_png,
                                              denoising_strength=1.0, mask=mask_png, mask_blur=0))
     assert _max_diff(result.images, expected) <= 2
+    halves = pipeline.img2img(Img2ImgRequest(
+        prompt="a photo of a cat :0.5 AND a photo of a cat :0.5", steps=6, sampler="Euler a", cfg_scale=7.5, seed=4,
+        width=64, height=64, init_image=init_image_png, denoising_strength=1.0, mask=mask_png, mask_blur=0))
+    assert _max_diff(halves.images, result.images) <= 2  # AND's rows take the mask's rows too
     with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
         pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64))
 
@@ -505,6 +509,8 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
         "emphasis and BREAK": Txt2ImgRequest(**base | {"prompt": "a photo of a ((cat)) BREAK [in the] (snow:1.3)",
                                                        "negative_prompt": "(blurry:0.8)"}),
         "clip skip": Txt2ImgRequest(**base | {"clip_skip": 3}),
+        "composable diffusion (AND)": Txt2ImgRequest(**base | {"prompt": "a photo of a cat AND in the snow :0.6",
+                                                                "s_min_uncond": 1.5}),
         "prompt editing and alternation": Txt2ImgRequest(**base | {"prompt": "a photo of a [cat:dog:0.4] [in the "
                                                                              "snow|on grass, sunny, detailed]",
                                                                    "negative_prompt": "[blurry::2]"}),
@@ -522,7 +528,8 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "clip skip", "prompt editing and alternation",
+@pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "clip skip", "composable diffusion (AND)",
+                                  "prompt editing and alternation",
                                   "hires fix",
                                   "hires fix with ControlNet (its ensemble)", "img2img", "inpainting",
                                   "controlnet (ensemble)",

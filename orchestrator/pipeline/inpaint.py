@@ -84,12 +84,7 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
             start = image_latents * (1 - mask_latent)
         latents = scheduler.add_noise(start, drawn, timesteps[:1].repeat(batch))
     masked_latents = sample_latents(moments[1:], generators, contract.scaling_factor)
-    guided = request.cfg_scale > 1
-    return latents, drawn, {
-        "image_latents": image_latents, "mask": mask_latent,
-        "mask_input": torch.cat([mask_latent] * 2) if guided else mask_latent,
-        "masked_input": torch.cat([masked_latents] * 2) if guided else masked_latents,
-    }
+    return latents, drawn, {"image_latents": image_latents, "mask": mask_latent, "masked": masked_latents}
 
 
 def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request: Img2ImgRequest) -> GenerationResult:

@@ -21,6 +21,7 @@ from kiln.errors import InputError
 from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
 from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
 from kiln.masks import paste_outside_mask
+from kiln.prompt_schedule import composable
 from orchestrator.pipeline import conditioning, hires
 from orchestrator.pipeline import refiner as refining
 from orchestrator.pipeline.components import Components, Graph, call_graph
@@ -180,9 +181,9 @@ class Pipeline:
         if request.subseed_strength > 0:
             variation = (batch_seeds(draw_seed(request.subseed), batch), request.subseed_strength)
 
-        # 3. Encode the prompts: negative first, as diffusers concatenates them.
+        # 3. Encode the prompts: negative first, as diffusers concatenates them (then each of AND's parts).
         prompt, loras = self.lora_set(request.prompt)  # AUTOMATIC1111's LoRA tags: out of the text, into the models
-        prompts = [request.negative_prompt, prompt] if guided else [prompt]
+        prompts, weights = guidance(request.negative_prompt, prompt, guided)
         context = self.encode_prompts(prompts, request, loras).repeat(batch)  # (negative x batch, positive x batch)
 
         # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says. The hires fix's second pass
@@ -219,7 +220,8 @@ class Pipeline:
         steps_total = len(timesteps) + (len(second[1]) if second else 0)
         handover = refining.handover(refiner, request, prompts, timesteps, batch) if request.refiner else None
         with denoising() if denoising is not None else nullcontext():
-            latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, context, cond, inpaint, drawn,
+            latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, (context, weights), cond,
+                                                inpaint, drawn,
                                                 step_kwargs(scheduler, generator, request.eta, churn(request)),
                                                 _counting(progress, 0, steps_total), cancelled, stop_early, unet_call,
                                                 loras, handover)
@@ -241,15 +243,18 @@ class Pipeline:
             info |= {"refiner": refiner.contract.title, "refiner_switch_at": request.refiner.switch_at}
         return GenerationResult(images=images, seeds=seeds, info=info)
 
-    def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, context: Prompted,
+    def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, prompted: tuple,
                  cond: list[np.ndarray], inpaint: dict | None, drawn, kwargs: dict, progress, cancelled, stop_early,
                  unet_call: UNetCall, loras: LoraSet = NO_LORA, handover: refining.Handover | None = None) -> tuple:
         """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked. The UNets
         run with the LoRA set `loras` (another graph key: the batcher merges rows of one set only); from step
-        handover.index on, the refiner's UNet with its conditioning."""
+        handover.index on, the refiner's UNet with its conditioning. `prompted`: the conditioning, and the weight of
+        each of the prompt's parts (guidance())."""
         import torch
 
         components, guided = self.parts(request), request.cfg_scale > 1
+        context, weights = prompted
+        batch = len(latents)
         lora = loras.spec("unet")
         nine_channels = inpaint is not None and self.contract.inpainting_unet
         for index, t in enumerate(timesteps):
@@ -262,12 +267,13 @@ class Pipeline:
             # AUTOMATIC1111's s_min_uncond: every other step below that sigma runs the prompt's rows alone
             skip_uncond = guided and index % 2 == 1 and 0 < sigma_at(scheduler, t) < request.s_min_uncond
             both = guided and not skip_uncond
-            rows_of = _prompt_rows if skip_uncond else _all_rows
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if both else latents, t)
+            copies = len(weights) + both  # the rows of each image: unconditional (where run), then each part's
+            rows_of = (lambda rows: rows[batch:]) if skip_uncond else _all_rows
+            model_input = scheduler.scale_model_input(torch.cat([latents] * copies) if copies > 1 else latents, t)
             control_input = model_input.numpy()  # what a ControlNet takes: the latents alone
             if nine_channels:  # a 9-channel inpainting UNet also takes the mask and the masked image
-                model_input = torch.cat([model_input, rows_of(inpaint["mask_input"]), rows_of(inpaint["masked_input"])],
-                                        dim=1)
+                model_input = torch.cat([model_input, torch.cat([inpaint["mask"]] * copies),
+                                         torch.cat([inpaint["masked"]] * copies)], dim=1)
             rows = len(model_input)
             inputs = {"sample": model_input.numpy(), "timestep": np.full(rows, float(t), np.float32),
                       **context.at(index).inputs(rows_of)}
@@ -289,9 +295,8 @@ class Pipeline:
             else:  # no ControlNet, or outside its guidance window: zero residuals equal the plain UNet exactly
                 noise_pred = unet_call(components.unet.with_lora(lora), inputs)
             noise_pred = torch.from_numpy(noise_pred)
-            if both:
-                uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + request.cfg_scale * (text - uncond)
+            if guided:
+                noise_pred = combine(noise_pred, weights, request.cfg_scale, both)
             latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
             if inpaint is not None and not nine_channels:
                 # A standard UNet inpaints by blending: outside the mask, the init image noised to the next step.
@@ -329,7 +334,7 @@ class Pipeline:
         context, first_prompt, loras = first
         prompt, loras = (first_prompt, loras) if fix.prompt is None else self.lora_set(fix.prompt)
         negative = request.negative_prompt if fix.negative_prompt is None else fix.negative_prompt
-        prompts = [negative, prompt] if request.cfg_scale > 1 else [prompt]
+        prompts, weights = guidance(negative, prompt, request.cfg_scale > 1)
         pass_two = replace(request, width=planned.size[0], height=planned.size[1], hires=None)
         # Encoded again for other prompts, for prompt editing (its steps count on from the first pass's), and for
         # SDXL's time ids (the second pass's size, as AUTOMATIC1111's hr conditioning)
@@ -340,8 +345,8 @@ class Pipeline:
         # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context))
         kwargs = step_kwargs(scheduler, generator, request.eta, churn(request))
-        return self._denoise(pass_two, scheduler, timesteps, latents, context, cond, None, drawn, kwargs, progress,
-                             cancelled, stop_early, unet_call, loras)
+        return self._denoise(pass_two, scheduler, timesteps, latents, (context, weights), cond, None, drawn, kwargs,
+                             progress, cancelled, stop_early, unet_call, loras)
 
 
 def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int) -> list[np.ndarray]:
@@ -351,9 +356,23 @@ def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int) 
             for unit in request.controlnet_units]
 
 
-def _prompt_rows(tensor):
-    """The prompt's rows of a guided batch (its second half): a step without the unconditional half."""
-    return tensor[len(tensor) // 2:]
+def guidance(negative: str, prompt: str, guided: bool) -> tuple[list[str], tuple[float, ...]]:
+    """The texts of the UNet's rows (the negative prompt first where guided, then each of AND's parts: AUTOMATIC1111's
+    composable diffusion) and each part's weight."""
+    parts = composable(prompt)
+    texts = [text for text, _ in parts]
+    return ([negative, *texts] if guided else texts), tuple(weight for _, weight in parts)
+
+
+def combine(noise_pred, weights: tuple[float, ...], cfg_scale: float, unconditional: bool):
+    """AUTOMATIC1111's combine_denoised: uncond + (part - uncond) x weight x cfg_scale, for each part (one part of
+    weight 1: classifier-free guidance exactly). Without unconditional rows (s_min_uncond's skipped steps) the first
+    part stands in for them, as AUTOMATIC1111's."""
+    parts = noise_pred.chunk(len(weights) + unconditional)
+    guided = uncond = parts[0]
+    for weight, part in zip(weights, parts[1:] if unconditional else parts):
+        guided = guided + (part - uncond) * (weight * cfg_scale)
+    return guided
 
 
 def _all_rows(tensor):

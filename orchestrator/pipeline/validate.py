@@ -15,6 +15,7 @@ from kiln.control import CONTROL_MODULES
 from kiln.errors import InputError, TooLargeError
 from kiln.lora import split_lora_tags
 from kiln.masks import INPAINTING_FILL
+from kiln.prompt_schedule import composable
 from kiln.prompts import check_prompt_syntax
 from orchestrator.pipeline import hires, tiles
 from orchestrator.pipeline.inpaint import own_size
@@ -59,6 +60,12 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
     _integer_in("batch_size", request.batch_size, 1, limits.max_batch_size)
     if not _finite(request.cfg_scale) or request.cfg_scale < 1:
         raise InputError(f"cfg_scale must be a finite number >= 1, got {request.cfg_scale!r}")
+    if request.cfg_scale == 1:  # unguided: no unconditional rows for AND's parts to be weighed against
+        for name, text in (("prompt", request.prompt), ("hr_prompt", getattr(request.hires, "prompt", None))):
+            parts = composable(split_lora_tags(text)[0]) if isinstance(text, str) else [("", 1)]
+            if len(parts) > 1 or parts[0][1] != 1:
+                raise InputError(f"{name}: AND and a part's :weight weigh each part's guidance; they need "
+                                 "cfg_scale > 1")
     _number_in("eta", request.eta, 0, 1)
     for name in ("seed", "subseed"):
         value = getattr(request, name)
@@ -119,7 +126,7 @@ def _check_prompt(name: str, text, limits: Limits) -> None:
         raise TooLargeError(f"{name} of {len(text)} characters exceeds the {limits.max_prompt_chars}-character limit")
     if name in ("prompt", "hr_prompt"):  # its LoRA tags leave it (the pipeline applies them); not the negative's
         text = split_lora_tags(text)[0]
-    check_prompt_syntax(text, name)  # other tags, AND, prompt editing: refused by name, never taken as text
+    check_prompt_syntax(text, name, parts=name in ("prompt", "hr_prompt"))  # never taken as text
 
 
 def _check_latent_resize(request: Img2ImgRequest, contract: SDContract) -> None:
