@@ -224,9 +224,9 @@ def text_at(entries: list[tuple[int, str]] | tuple, step: int) -> int:
 
 
 def leftover(text: str) -> str:
-    """`text` with every edit and alternation taken out (each leaves a space): what is left is read as plain text
-    and emphasis, where an editing bracket that did not parse can be found."""
+    """`text` with every edit and alternation taken out (each leaves "…"): what is left is read as plain text and
+    emphasis, where an editing bracket that did not parse can be found."""
     nodes = parse(text)
     if nodes is None:
         return text
-    return "".join(node if isinstance(node, str) else " " for node in nodes)
+    return "".join(node if isinstance(node, str) else "…" for node in nodes)

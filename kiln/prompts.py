@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import InputError, WeightsError
-from kiln.prompt_schedule import leftover, parse
+from kiln.prompt_schedule import composable, leftover, parse
 
 CHUNK_TOKENS = 75  # tokens of text per chunk; + BOS + EOS = the encoder's 77 positions
 COMMA_BACKTRACK = 20  # AUTOMATIC1111's default comma_padding_backtrack
@@ -70,6 +70,12 @@ def check_prompt_syntax(text: str, field: str = "prompt", parts: bool = False) -
     if not parts and _AND.search(plain):
         raise InputError(f"{field}: AND (composable diffusion) is the prompt's (and hr_prompt's), each of its parts "
                          "encoded on its own; AUTOMATIC1111 takes it as a word here: write 'and'")
+    for part, _ in composable(text) if parts else [(text, 1.0)]:  # AUTOMATIC1111 splits at AND, then parses
+        _check_editing(part, field)
+
+
+def _check_editing(text: str, field: str) -> None:
+    """Refuse a bracket that looks like prompt editing or alternation but is neither (it would be read as emphasis)."""
     if match := _EDITING.search(re.sub(r"\\.", "", leftover(text))):  # what no edit or alternation took
         if any(not isinstance(node, str) for node in parse(match.group(0)) or ()):  # valid alone: the rest is not
             why = "the prompt does not parse: a | outside [a|b], or a backslash at its end"
@@ -211,6 +217,9 @@ def tokenize_prompt(tokenizer, text: str, *, embeddings: EmbeddingLookup | None 
                     chunk_tokens: int = CHUNK_TOKENS, comma_backtrack: int = COMMA_BACKTRACK) -> PromptTokens:
     """`text` (AUTOMATIC1111's prompt language) -> every one of its tokens, in chunks of 77 ids, with their weights;
     the names of `embeddings` become their vectors' positions."""
+    if _AND.search(re.sub(r"\\.", "", text)):
+        raise InputError(f"prompt {text!r} holds AND: the text encoder takes one of its parts (kiln.prompt_schedule."
+                         "composable splits it; the orchestrator sends each one)")
     check_prompt_syntax(text)
     if any(not isinstance(node, str) for node in parse(text) or ()):
         raise InputError(f"prompt {text!r} holds prompt editing or alternation: the text encoder takes one step's "

@@ -31,6 +31,7 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["KILN_AOTI_CACHE
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from build.convert import VIT_VARIANTS
 from build.report import read_report, update_report
@@ -223,6 +224,24 @@ def start_triton(repo: Path, log: Path, loras: Path | None = None, exit_timeout_
     return TritonServer(TritonOptions.on_free_ports(
         repo, log, exit_timeout_s=exit_timeout_s, extra_env={"KILN_LORAS": str(loras)} if loras else {},
         **{f"{name}_port": port for name, port in ports.items() if port})).start()
+
+
+@pytest.fixture(scope="session")
+def init_image_png() -> bytes:
+    """A real photograph, 64x64, as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def edge_map_png(init_image_png) -> bytes:
+    """A Canny edge map of the photograph, made by the built-in preprocessor, as PNG bytes."""
+    from kiln.control import canny
+
+    buffer = io.BytesIO()
+    canny(Image.open(io.BytesIO(init_image_png)).convert("RGB"), 100, 200).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session")

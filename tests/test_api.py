@@ -250,8 +250,10 @@ BAD = [
     ({"s_min_uncond": -1}, 422, "s_min_uncond"),
     ({"refiner_checkpoint": "sdxl_refiner", "refiner_switch_at": 0.8}, 422, "refiner_checkpoint"),
     ({"initial_noise_multiplier": 0.9}, 422, "initial_noise_multiplier scales img2img's noise"),
-    ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "control_mode": "My prompt is more "
-                                                    "important"}]}}}, 422, "control_mode"),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "control_mode": "Prompt first"}]}}}, 422,
+     "control_mode 'Prompt first' is not one of sd-webui-controlnet's"),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "control_mode": [2]}]}}}, 422,
+     "control_mode [2] is not one of"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "resize_mode": "Resize and Fill"}]}}},
      422, "Resize and Fill is not supported"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "module": "canny",

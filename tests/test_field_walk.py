@@ -212,7 +212,7 @@ UNIT = {
     "guidance_start": (unit(guidance_start=0.5), unit(), "image"),
     "guidance_end": (unit(guidance_end=0.5), unit(), "image"),
     "pixel_perfect": (unit(module="canny", pixel_perfect=True), {}, ("refused", 422, "pixel_perfect")),
-    "control_mode": (unit(control_mode=2), {}, ("refused", 422, "control_mode")),
+    "control_mode": (unit(control_mode="ControlNet is more important"), unit(), "image"),
     "guess_mode": (unit(guess_mode=True), {}, ("refused", 422, "guess_mode")),
     "guessmode": (unit(guessmode=True), {}, ("refused", 422, "guessmode")),
     "hr_option": (HIRES | unit(hr_option="Low res only"), {}, ("refused", 422, "hr_option")),

@@ -72,7 +72,7 @@ def test_each_step_runs_the_first_entry_that_ends_at_or_after_it():
     ("a [cat:dog:big]", "[cat:dog:big] is not valid"),
     ("a [cat:dog|fox]", "alternation is [a|b|...]"),
     ("a [cat|dog] | fox", "the prompt does not parse"),
-    ("[a:[b:c:3]]", "[a: ] is not valid"),  # an outer bracket that holds no valid construct
+    ("[a:[b:c:3]]", "[a:…] is not valid"),  # an outer bracket that holds no valid construct (… : the edit in it)
 ])
 def test_editing_that_does_not_parse_is_refused_by_name(text, names):
     with pytest.raises(InputError, match=re.escape(names)):
@@ -101,6 +101,7 @@ def test_and_splits_the_prompt_into_weighted_parts(prompt, parts):
 
 def test_and_outside_a_prompt_is_refused():
     check_prompt_syntax("a cat AND a dog", "prompt", parts=True)
+    check_prompt_syntax("[a AND b:c]", "prompt", parts=True)  # split first, as AUTOMATIC1111: "[a " and " b:c]", text
     with pytest.raises(InputError, match="negative_prompt: AND .composable diffusion. is the prompt's"):
         check_prompt_syntax("blurry AND dark", "negative_prompt")
     with pytest.raises(InputError, match="AND"):  # one part is what the text encoder takes
@@ -120,8 +121,8 @@ def _contexts(local, request: Txt2ImgRequest) -> tuple[np.ndarray, list[np.ndarr
 
 
 def _encoded(local, request: Txt2ImgRequest, texts: list[str]) -> np.ndarray:
-    """The plain encoding of `texts` (no editing) for `request`."""
-    return local.encode_prompts(texts, replace(request, prompt="", negative_prompt="")).context
+    """`texts` encoded in one text-encoder call (no editing; all padded with empty chunks to the longest)."""
+    return local.components.text_encoder.encode(texts, request.clip_skip)
 
 
 @pytest.mark.slow
@@ -157,14 +158,21 @@ def test_second_order_samplers_count_each_model_call(local):
 
 
 @pytest.mark.slow
-def test_texts_of_different_lengths_are_padded_as_one_encoder_call_pads_them(local):
+@pytest.mark.parametrize("negative", ["blurry", ""])  # SD 1.x's empty negative prompt: its encoding, never zeros
+def test_texts_of_different_lengths_are_padded_as_automatic1111_pads_them(local, negative):
+    """A step's own texts only: the negative prompt padded with empty chunks to the prompt's length (pad_cond_uncond,
+    as one encoder call pads them), AND's parts by repeating their last vector (reconstruct_multicond_batch)."""
     long = "a photo of a cat, " * 15  # 90 tokens: two chunks
-    request = Txt2ImgRequest(prompt=f"[a dog:{long}:1]", negative_prompt="blurry", steps=3, sampler="Euler", seed=2,
+    request = Txt2ImgRequest(prompt=f"[a dog:{long}:1]", negative_prompt=negative, steps=3, sampler="Euler", seed=2,
                              width=64, height=64)
     _, seen = _contexts(local, request)
-    together = _encoded(local, request, ["blurry", "a dog", long])  # one call pads "a dog" and "blurry" to 2 chunks
-    assert seen[0].shape == (2, 154, together.shape[-1])
-    assert np.allclose(seen[0], together[[0, 1]], atol=1e-6) and np.allclose(seen[2], together[[0, 2]], atol=1e-6)
+    assert [context.shape[1] for context in seen] == [77, 77, 154]  # each step its own length
+    assert np.allclose(seen[0], _encoded(local, request, [negative, "a dog"]), atol=1e-6)
+    assert np.allclose(seen[2], _encoded(local, request, [negative, long]), atol=1e-6)  # one call: empty chunks
+    _, seen = _contexts(local, replace(request, prompt=f"a dog AND {long}"))
+    dog = _encoded(local, request, ["a dog"])[0]
+    assert np.allclose(seen[0][1], np.concatenate([dog, np.repeat(dog[-1:], 77, axis=0)]), atol=1e-6)
+    assert np.allclose(seen[0][[0, 2]], _encoded(local, request, [negative, " " + long]), atol=1e-6)
 
 
 @pytest.mark.slow
@@ -198,5 +206,8 @@ def test_and_guides_each_part_by_its_weight(local):
     local.txt2img(replace(request, prompt="a cat AND a dog", s_min_uncond=100.0),
                   unet_call=lambda graph, inputs: sizes.append(len(inputs["sample"])) or graph(inputs))
     assert sizes == [6, 4, 6, 4]  # odd steps: the two parts' rows alone
-    with pytest.raises(InputError, match="prompt: AND and a part's :weight weigh each part's guidance"):
+    with pytest.raises(InputError, match="prompt: AND .composable diffusion. weighs each part's guidance; it needs"):
         local.txt2img(replace(request, prompt="a cat AND a dog", cfg_scale=1.0))
+    with pytest.raises(InputError, match="prompt: it ends in :9, which AUTOMATIC1111 reads as the prompt's weight"):
+        local.txt2img(replace(request, prompt="a wide photo, 16:9", cfg_scale=1.0))
+    local.txt2img(replace(request, prompt="a wide photo, 16:9,", cfg_scale=1.0, steps=1))  # a comma: text

@@ -140,7 +140,7 @@ def test_weights_follow_their_tokens_and_break_starts_a_chunk(tokenizer):
 
 @pytest.mark.parametrize(("text", "names"), [
     ("a cat <lora:watercolor:0.8>", "<lora:watercolor:0.8> is an extra-network tag"),
-    ("a cat AND a dog", "AND (composable diffusion)"),
+    ("a cat AND a dog", "holds AND: the text encoder takes one of its parts"),
     ("a [cat:dog:0.5]", "holds prompt editing or alternation: the text encoder takes one step's text"),
     ("a [cat|dog]", "holds prompt editing or alternation"),
     ("a [cat:dog]", "[cat:dog] is not valid prompt editing"),

@@ -17,7 +17,7 @@ from PIL import Image
 
 from build.sd import SDBuildOptions, build_sd
 from build.sd.weights import write_sd_checkpoint
-from kiln.control import canny, control_image
+from kiln.control import control_image
 from kiln.errors import InputError, KilnError
 from kiln.masks import inpaint_mask
 from kiln.paths import SAMPLE_IMAGES
@@ -61,22 +61,6 @@ def _diffusers_image(reference, sampler: str, prompt: str, negative: str, steps:
 def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
     assert a.shape == b.shape, (a.shape, b.shape)
     return int(np.abs(a.astype(int) - b.astype(int)).max())
-
-
-@pytest.fixture(scope="module")
-def init_image_png() -> bytes:
-    """A real photograph, 64x64, as PNG bytes."""
-    buffer = io.BytesIO()
-    Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def edge_map_png(init_image_png) -> bytes:
-    """A Canny edge map of the photograph, made by the built-in preprocessor, as PNG bytes."""
-    buffer = io.BytesIO()
-    canny(Image.open(io.BytesIO(init_image_png)).convert("RGB"), 100, 200).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -521,6 +505,8 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
         "inpainting": Img2ImgRequest(**base, init_image=init_image_png, mask=mask_png, denoising_strength=0.9,
                                      inpainting_fill=0, overlay=True),
         "controlnet (ensemble)": Txt2ImgRequest(**base, controlnet=edges),
+        "controlnet, ControlNet is more important (residuals)": Txt2ImgRequest(
+            **base, controlnet=replace(edges, control_mode=2)),
         "scribble by name (its ensemble)": Txt2ImgRequest(**base, controlnet=replace(edges, model="scribble")),
         "two units (residuals, then the UNet)": Txt2ImgRequest(**base, controlnet=(
             edges, ControlNetUnit(image=init_image_png, module="canny", weight=0.5, guidance_start=0.2,
@@ -532,7 +518,7 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
                                   "prompt editing and alternation",
                                   "hires fix",
                                   "hires fix with ControlNet (its ensemble)", "img2img", "inpainting",
-                                  "controlnet (ensemble)",
+                                  "controlnet (ensemble)", "controlnet, ControlNet is more important (residuals)",
                                   "scribble by name (its ensemble)", "two units (residuals, then the UNet)"])
 def test_triton_gives_the_in_process_images(served, local, init_image_png, mask_png, edge_map_png, case):
     """Every model call through Triton (ensembles, per-row scalars, the VAE encode ensemble): the same images."""

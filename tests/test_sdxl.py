@@ -482,3 +482,8 @@ def test_prompt_editing_switches_text_and_pooled_and_the_hires_pass_conditions_o
                      unet_call=recording)
     assert [call["time_ids"][0].tolist() for call in seen] == [[64, 64, 0, 0, 64, 64]] * 4 + \
         [[128, 128, 0, 0, 128, 128]] * 2
+    seen.clear()  # 128x96 covers 128x128 (then cropped): AUTOMATIC1111 conditions on the upscaled size, before the crop
+    images = xl_local.txt2img(replace(request, prompt=PROMPT, hires=HiresFix(resize_x=128, resize_y=96, steps=2,
+                                                                             denoising_strength=0.5)),
+                              unet_call=recording).images
+    assert images.shape == (1, 96, 128, 3) and seen[-1]["time_ids"][0].tolist() == [128, 128, 0, 0, 128, 128]

@@ -1,8 +1,9 @@
 """What the UNet is conditioned on: the prompts' text encoding and, for SDXL, its added conditions.
 
-Prompt editing and alternation (kiln.prompt_schedule) make it change with the step: `encode_scheduled` encodes each
-text a prompt takes (a negative prompt and prompt pair per text encoder call, as without editing, padded to one chunk
-count with the empty chunk the tokenizer pads with), and `Scheduled.at(step)` gives the rows of that step.
+Prompt editing and alternation (kiln.prompt_schedule) make it change with the step, and AND splits the prompt into
+parts of their own rows: `encode_scheduled` encodes each text a prompt takes on its own, and `Scheduled.at(step)`
+assembles the rows of that step as AUTOMATIC1111 does (parts padded by their last vector, the negative prompt and the
+parts to one length with empty chunks).
 
 SD 1.x and 2.x condition on the text encoding alone. SDXL adds, per row, the pooled text (its second text encoder's
 projection, of a prompt's first 77-token chunk, as AUTOMATIC1111) and six time ids: the original size, the crop's
@@ -14,7 +15,7 @@ AUTOMATIC1111's force_zero_negative_prompt), never the encoding of "".
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -51,23 +52,61 @@ class Conditioning:
 
 @dataclass(frozen=True)
 class Scheduled:
-    """Conditioning that changes with the step: each prompt's schedule [(end_at_step, row of `encoded`)] (the
-    negative prompt's first), each row `count` times (the images of a batch)."""
+    """Conditioning that changes with the step (prompt editing, alternation) or holds AND's parts: each prompt's
+    schedule [(end_at_step, text)] (the negative prompt's first where guided), each text encoded on its own (its own
+    chunk count), each row `count` times (the images of a batch). A step's rows are assembled as AUTOMATIC1111
+    assembles them: the prompt's parts padded to the longest by repeating their last vector
+    (reconstruct_multicond_batch), then the negative prompt and the parts to one length with empty chunks (its
+    pad_cond_uncond: what lets one UNet call take both)."""
 
-    encoded: Conditioning  # a row per (text, prompt)
-    schedules: tuple[tuple[tuple[int, int], ...], ...]
+    texts: Mapping[str, Conditioning]  # each text's encoding: one row, its own length
+    schedules: tuple[tuple[tuple[int, str], ...], ...]
+    guided: bool
+    empty: np.ndarray | None  # the empty chunk's encoding (77, hidden), where lengths differ
+    time_ids: np.ndarray | None  # SDXL's, a row per prompt (the negative prompt's first)
+    zero_negative: bool = False  # SDXL's empty negative prompt: zeros
     count: int = 1
+    _steps: dict = field(default_factory=dict, compare=False, repr=False)  # the rows of each choice of texts
 
     def __len__(self) -> int:
         return len(self.schedules) * self.count
 
     def repeat(self, count: int) -> Scheduled:
-        return Scheduled(self.encoded, self.schedules, self.count * count)
+        return replace(self, count=self.count * count, _steps={})
 
     def at(self, step: int) -> Conditioning:
         """The rows of denoising step `step` (from 0): each prompt's entry for it (kiln.prompt_schedule.text_at)."""
-        rows = [entries[text_at(entries, step)][1] for entries in self.schedules]
-        return self.encoded.take(rows).repeat(self.count)
+        chosen = tuple(entries[text_at(entries, step)][1] for entries in self.schedules)
+        if chosen not in self._steps:
+            self._steps[chosen] = self._assemble([self.texts[text] for text in chosen]).repeat(self.count)
+        return self._steps[chosen]
+
+    def _assemble(self, rows: list[Conditioning]) -> Conditioning:
+        negative, parts = (rows[0], rows[1:]) if self.guided else (None, rows)
+        longest = max(part.context.shape[1] for part in parts)
+        contexts = [np.concatenate([part.context, np.repeat(part.context[:, -1:], longest - part.context.shape[1],
+                                                            axis=1)], axis=1) for part in parts]
+        pooled = [part.added["text_embeds"] for part in parts] if self.time_ids is not None else []
+        if negative is not None:
+            context = np.zeros_like(negative.context) if self.zero_negative else negative.context
+            contexts, context = _same_length(contexts, context, self.empty)
+            contexts = [context, *contexts]
+            if self.time_ids is not None:
+                neg = negative.added["text_embeds"]
+                pooled = [np.zeros_like(neg) if self.zero_negative else neg, *pooled]
+        added = {"text_embeds": np.concatenate(pooled), "time_ids": self.time_ids} if self.time_ids is not None else {}
+        return Conditioning(np.concatenate(contexts), added)
+
+
+def _same_length(parts: list[np.ndarray], negative: np.ndarray, empty: np.ndarray | None) -> tuple:
+    """The parts and the negative prompt padded to one length with empty chunks (AUTOMATIC1111's pad_cond)."""
+    gap = parts[0].shape[1] - negative.shape[1]
+    if gap == 0:
+        return parts, negative
+    filler = np.tile(empty, (abs(gap) // len(empty), 1))[None]
+    if gap > 0:
+        return parts, np.concatenate([negative, filler], axis=1)
+    return [np.concatenate([part, filler], axis=1) for part in parts], negative
 
 
 Prompted = Conditioning | Scheduled  # what a denoising loop is conditioned on: .at(step) gives a step's rows
@@ -111,36 +150,20 @@ def edited(prompts: list[str]) -> bool:
 
 def encode_scheduled(text_encoder, prompts: list[str], clip_skip: int, lora: str, *, steps: int,
                      hires_steps: int | None = None, time_ids: int, width: int, height: int) -> Prompted:
-    """The prompts' conditioning (the negative prompt first where guided) over `steps` editing steps (sampling.
-    editing_steps; `hires_steps`: the hires fix's second pass, kiln.prompt_schedule.schedule). Prompts without
-    editing: `encode` of their text, as before."""
+    """The prompts' conditioning (the negative prompt first where guided, then AND's parts) over `steps` editing
+    steps (sampling.editing_steps; `hires_steps`: the hires fix's second pass, kiln.prompt_schedule.schedule). A
+    negative prompt and one prompt without editing: `encode` of their text, one call, as before."""
     schedules = [prompt_schedule(prompt, steps, hires_steps) for prompt in prompts]
     guided = len(prompts) > 1
-    if all(len(entries) == 1 for entries in schedules):
+    if all(len(entries) == 1 for entries in schedules) and len(prompts) <= 2:
         texts = [entries[0][1] for entries in schedules]
         return encode(text_encoder, texts, clip_skip, lora, time_ids=time_ids, width=width, height=height,
                       zero_first=guided and texts[0] == "")
-    distinct = [list(dict.fromkeys(text for _, text in entries)) for entries in schedules]
-    zero_first = guided and distinct[0] == [""]
-    calls = max(len(texts) for texts in distinct)
-    parts = [encode(text_encoder, [texts[min(call, len(texts) - 1)] for texts in distinct], clip_skip, lora,
-                    time_ids=time_ids, width=width, height=height, zero_first=zero_first) for call in range(calls)]
-    longest = max(part.context.shape[1] for part in parts)
-    if any(part.context.shape[1] < longest for part in parts):  # pad to one chunk count, as one call would
-        empty = text_encoder.encode([""], clip_skip, lora)[0]
-        parts = [_padded(part, empty, longest, zero_first) for part in parts]
-    encoded = Conditioning(np.concatenate([part.context for part in parts]),
-                           {name: np.concatenate([part.added[name] for part in parts]) for name in parts[0].added})
-    rows = len(prompts)  # call c's row of prompt p: c * rows + p
-    return Scheduled(encoded, tuple(tuple((end, texts.index(text) * rows + p) for end, text in entries)
-                                    for p, (entries, texts) in enumerate(zip(schedules, distinct))))
-
-
-def _padded(part: Conditioning, empty: np.ndarray, length: int, zero_first: bool) -> Conditioning:
-    """`part`'s text encoding padded with empty chunks to `length` positions (a zeroed negative prompt: zeros)."""
-    rows, positions, _ = part.context.shape
-    filler = np.tile(empty, ((length - positions) // len(empty), 1))
-    context = np.concatenate([part.context, np.broadcast_to(filler, (rows, *filler.shape))], axis=1)
-    if zero_first:
-        context[0] = 0
-    return Conditioning(context, part.added)
+    encoded = {text: encode(text_encoder, [text], clip_skip, lora, time_ids=time_ids, width=width, height=height)
+               for text in dict.fromkeys(text for entries in schedules for _, text in entries)}
+    lengths = {conditioning.context.shape[1] for conditioning in encoded.values()}
+    return Scheduled(encoded, tuple(tuple(entries) for entries in schedules), guided,
+                     empty=text_encoder.encode([""], clip_skip, lora)[0] if len(lengths) > 1 else None,
+                     time_ids=added_time_ids(width, height, len(prompts), time_ids, negative_first=guided)
+                     if time_ids else None,
+                     zero_negative=bool(time_ids) and guided and {text for _, text in schedules[0]} == {""})

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from kiln.masks import blur_radius
 from orchestrator.pipeline import hires
+from orchestrator.pipeline.control import CONTROL_MODES
 from orchestrator.pipeline.requests import Img2ImgRequest, Txt2ImgRequest
 
 if TYPE_CHECKING:
@@ -47,6 +48,6 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeds: list[int], vari
     if request.controlnet_units:
         info["controlnet"] = [f"\"Module: {unit.module}, Model: {contract.controlnet(unit.model).title}, "
                               f"Weight: {unit.weight}, Guidance Start: {unit.guidance_start}, "
-                              f"Guidance End: {unit.guidance_end}\""
+                              f"Guidance End: {unit.guidance_end}, Control Mode: {CONTROL_MODES[unit.control_mode]}\""
                               for unit in request.controlnet_units]
     return info

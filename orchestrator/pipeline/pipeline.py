@@ -26,6 +26,7 @@ from orchestrator.pipeline import conditioning, hires
 from orchestrator.pipeline import refiner as refining
 from orchestrator.pipeline.components import Components, Graph, call_graph
 from orchestrator.pipeline.conditioning import Prompted, edited
+from orchestrator.pipeline.control import unet_with_units
 from orchestrator.pipeline.info import run_info
 from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
@@ -277,22 +278,12 @@ class Pipeline:
             rows = len(model_input)
             inputs = {"sample": model_input.numpy(), "timestep": np.full(rows, float(t), np.float32),
                       **context.at(index).inputs(rows_of)}
-            active = [(rows_of(unit_cond), scale, components.controlnet(unit.model))
+            active = [(unit, rows_of(unit_cond), scale, components.controlnet(unit.model))
                       for unit_cond, unit in zip(cond, request.controlnet_units)
                       if (scale := unit.scale_at(index, len(timesteps)))]
-            if len(active) == 1 and active[0][2].fused is not None and not nine_channels:
-                unit_cond, scale, control = active[0]  # ControlNet -> UNet in one call: the residuals stay in Triton
-                noise_pred = unet_call(control.fused.with_lora(lora), inputs | {"controlnet_cond": unit_cond,
-                                                               "conditioning_scale": np.full(rows, scale, np.float32)})
-            elif active:  # diffusers' MultiControlNetModel: each unit's residuals, summed, then the UNet with them
-                total: dict[str, np.ndarray] = {}
-                for unit_cond, scale, control in active:
-                    residuals = control.residuals(inputs | {"sample": control_input, "controlnet_cond": unit_cond,
-                                                            "conditioning_scale": np.full(rows, scale, np.float32)})
-                    for name, value in residuals.items():
-                        total[name] = total[name] + value if name in total else value
-                noise_pred = unet_call(components.unet_control.with_lora(lora), inputs | total)
-            else:  # no ControlNet, or outside its guidance window: zero residuals equal the plain UNet exactly
+            noise_pred = unet_with_units(active, inputs, control_input, components.unet_control, lora, unet_call,
+                                         nine_channels, batch if both else 0)
+            if noise_pred is None:  # no ControlNet, or outside its guidance window: the plain UNet
                 noise_pred = unet_call(components.unet.with_lora(lora), inputs)
             noise_pred = torch.from_numpy(noise_pred)
             if guided:
@@ -335,13 +326,15 @@ class Pipeline:
         prompt, loras = (first_prompt, loras) if fix.prompt is None else self.lora_set(fix.prompt)
         negative = request.negative_prompt if fix.negative_prompt is None else fix.negative_prompt
         prompts, weights = guidance(negative, prompt, request.cfg_scale > 1)
-        pass_two = replace(request, width=planned.size[0], height=planned.size[1], hires=None)
+        units = tuple(replace(unit, second_pass=True) for unit in request.controlnet_units)
+        pass_two = replace(request, width=planned.size[0], height=planned.size[1], hires=None, controlnet=units or None)
         # Encoded again for other prompts, for prompt editing (its steps count on from the first pass's), and for
         # SDXL's time ids (the second pass's size, as AUTOMATIC1111's hr conditioning)
         if (prompt, negative, loras) != (first_prompt, request.negative_prompt, first[2]) or edited(prompts) \
                 or contract.time_ids:
             steps = editing_steps(fix.sampler or request.sampler, hires.second_pass_steps(fix, request.steps)[1])
-            context = self.encode_prompts(prompts, pass_two, loras, hires_steps=steps).repeat(len(latents))
+            upscaled = replace(pass_two, width=planned.upscale_to[0], height=planned.upscale_to[1])  # SDXL's hr size
+            context = self.encode_prompts(prompts, upscaled, loras, hires_steps=steps).repeat(len(latents))
         # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context))
         kwargs = step_kwargs(scheduler, generator, request.eta, churn(request))

@@ -24,6 +24,11 @@ class ControlNetUnit:
     high_threshold: int = 200
     model: str | None = None  # which of the build's ControlNets, by name ("name [hash]" too); None: the first
     save_detected_map: bool = True  # the API returns the unit's preprocessed image after the images (the extension's)
+    # sd-webui-controlnet's control_mode: 0 Balanced, 1 My prompt is more important (soft injection: residual i
+    # x 0.825^(12 - i), the high-resolution ones weakest), 2 ControlNet is more important (soft, and no residuals on
+    # the unconditional rows); orchestrator.pipeline.control
+    control_mode: int = 0
+    second_pass: bool = False  # set for the hires fix's second pass: canny soft-injects there (the extension's)
 
     def scale_at(self, index: int, total: int) -> float:
         """diffusers' controlnet_keep: the unit acts on steps inside [guidance_start, guidance_end]."""

@@ -63,9 +63,13 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
     if request.cfg_scale == 1:  # unguided: no unconditional rows for AND's parts to be weighed against
         for name, text in (("prompt", request.prompt), ("hr_prompt", getattr(request.hires, "prompt", None))):
             parts = composable(split_lora_tags(text)[0]) if isinstance(text, str) else [("", 1)]
-            if len(parts) > 1 or parts[0][1] != 1:
-                raise InputError(f"{name}: AND and a part's :weight weigh each part's guidance; they need "
+            if len(parts) > 1:
+                raise InputError(f"{name}: AND (composable diffusion) weighs each part's guidance; it needs "
                                  "cfg_scale > 1")
+            if parts[0][1] != 1:
+                raise InputError(f"{name}: it ends in :{parts[0][1]:g}, which AUTOMATIC1111 reads as the prompt's "
+                                 "weight (of its guidance: it needs cfg_scale > 1); end the prompt with a comma to "
+                                 "keep the number as text")
     _number_in("eta", request.eta, 0, 1)
     for name in ("seed", "subseed"):
         value = getattr(request, name)
@@ -181,6 +185,9 @@ def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits
             raise InputError(f"{name} is not a ControlNet unit")
         if unit.module not in CONTROL_MODULES:
             raise InputError(f"{name} module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
+        if unit.control_mode not in (0, 1, 2) or isinstance(unit.control_mode, bool):
+            raise InputError(f"{name} control_mode must be 0 (Balanced), 1 (My prompt is more important) or 2 "
+                             f"(ControlNet is more important), got {unit.control_mode!r}")
         if not _finite(unit.weight) or not 0 <= unit.weight <= 2:
             raise InputError(f"{name} weight must be in [0, 2], got {unit.weight!r}")
         if not 0 <= unit.low_threshold < unit.high_threshold <= 255:

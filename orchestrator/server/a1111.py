@@ -263,8 +263,9 @@ CONTROL_RESIZE = {0: 0, 1: 1, 2: 2, "just resize": 0, "crop and resize": 1, "sca
 CONTROL_MODES = {0: 0, "balanced": 0, 1: 1, "my prompt is more important": 1, 2: 2, "controlnet is more important": 2}
 
 
-def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> int:
-    """A unit's resize mode (sd-webui-controlnet's default: crop and resize); what kiln does not run is refused."""
+def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, int]:
+    """A unit's resize mode (sd-webui-controlnet's default: crop and resize) and control mode (0, 1, 2); what kiln
+    does not run is refused."""
     key = unit.resize_mode.lower() if isinstance(unit.resize_mode, str) else unit.resize_mode
     mode = 1 if unit.resize_mode is None else CONTROL_RESIZE.get(key)
     if mode is None:
@@ -274,13 +275,14 @@ def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> int:
         raise InputError(f"{where}.resize_mode: Resize and Fill is not supported for control images; use Just "
                          "Resize or Crop and Resize")
     control_mode = CONTROL_MODES.get(unit.control_mode.lower() if isinstance(unit.control_mode, str)
-                                     else unit.control_mode)
-    if control_mode != 0:
-        raise InputError(f"{where}.control_mode {unit.control_mode!r} is not supported: only Balanced (0)")
+                                     else unit.control_mode) if isinstance(unit.control_mode, (int, str)) else None
+    if control_mode is None:
+        raise InputError(f"{where}.control_mode {unit.control_mode!r} is not one of sd-webui-controlnet's: Balanced, "
+                         "My prompt is more important, ControlNet is more important (or 0, 1, 2)")
     if unit.module.lower() != "none" and (unit.pixel_perfect or unit.processor_res not in (512, -1)):
         raise InputError(f"{where}: pixel_perfect and processor_res are not supported: the {unit.module} "
                          "preprocessor runs at the generation's size")
-    return mode
+    return mode, control_mode
 
 
 def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) -> tuple[ControlNetUnit, ...] | None:
@@ -310,13 +312,14 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) ->
         for name in ("threshold_a", "threshold_b"):
             if unit.module.lower() == "canny" and getattr(unit, name) != int(getattr(unit, name)):
                 raise InputError(f"{where}.{name} must be an integer")
-        resize = _unit_options(unit, where)
+        resize, control_mode = _unit_options(unit, where)
         data = decode_b64_image(image, f"{where}.image", max_pixels)
         result.append(ControlNetUnit(image=resize_init_image(data, width, height, resize) if resize else data,
                                      module=unit.module.lower(), weight=unit.weight,
                                      guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
                                      low_threshold=int(unit.threshold_a), high_threshold=int(unit.threshold_b),
-                                     model=unit.model, save_detected_map=unit.save_detected_map))
+                                     model=unit.model, save_detected_map=unit.save_detected_map,
+                                     control_mode=control_mode))
     return tuple(result) or None
 
 

@@ -1,0 +1,64 @@
+"""A denoising step's UNet call with ControlNet units, as sd-webui-controlnet weighs them (its hook.py).
+
+- Balanced (control_mode 0): every residual x the unit's weight, on every row.
+- My prompt is more important (1): soft injection, residual i (the down residuals in the UNet's order, the middle
+  one last) x weight x 0.825^(12 - i): the high-resolution residuals weakest (x 0.0995), the middle one x 1.
+- ControlNet is more important (2): soft injection, and no residuals on the unconditional rows (the prompt's rows
+  alone carry the control: classifier-free guidance amplifies it).
+- In the hires fix's second pass a canny (or mlsd) unit soft-injects whatever its mode, as the extension forces.
+
+One Balanced unit with a fused ensemble runs ControlNet -> UNet in one Triton call (the residuals never leave the
+server); any soft unit, or several units, run each ControlNet for its residuals, weigh and sum them here, then the
+UNet that takes them (diffusers' MultiControlNetModel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SOFT = 0.825  # sd-webui-controlnet's soft-injection base
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+
+
+def soft(unit) -> bool:
+    """Whether the unit soft-injects: its mode, or canny/mlsd in the second pass."""
+    return unit.control_mode != 0 or (unit.second_pass and unit.module in ("canny", "mlsd"))
+
+
+def row_scales(unit, scale: float, rows: int, unconditional: int) -> np.ndarray:
+    """Each row's conditioning scale: the unit's weight, 0 on the `unconditional` first rows in mode 2."""
+    scales = np.full(rows, scale, np.float32)
+    if unit.control_mode == 2:
+        scales[:unconditional] = 0
+    return scales
+
+
+def soften(residuals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Soft injection: down residual i x 0.825^(12 - i), the middle residual x 0.825^(12 - its position)
+    (the extension's scales zipped with the residuals in order: 1 for SD 1.x/2.x's 13th, 0.825^3 for SDXL's 10th)."""
+    down = [name for name in residuals if name.startswith("down_residual_")]
+    order = [*sorted(down, key=lambda name: int(name.rsplit("_", 1)[1])), "mid_residual"]
+    return {name: residuals[name] * np.float32(SOFT ** float(12 - order.index(name))) for name in residuals}
+
+
+def unet_with_units(active: list, inputs: dict[str, np.ndarray], control_input: np.ndarray, unet_control, lora: str,
+                    unet_call, nine_channels: bool, unconditional: int) -> np.ndarray | None:
+    """The step's noise prediction with the `active` units [(unit, its rows' control images, scale, ControlNet)]
+    (`unconditional`: how many of the rows are the negative prompt's); None: no unit acts (the caller runs the plain
+    UNet: zero residuals equal it exactly)."""
+    if not active:
+        return None
+    rows = len(inputs["sample"])
+    if len(active) == 1 and not soft(active[0][0]) and active[0][3].fused is not None and not nine_channels:
+        unit, unit_cond, scale, control = active[0]  # ControlNet -> UNet in one call: the residuals stay in Triton
+        return unet_call(control.fused.with_lora(lora), inputs | {
+            "controlnet_cond": unit_cond, "conditioning_scale": row_scales(unit, scale, rows, unconditional)})
+    total: dict[str, np.ndarray] = {}
+    for unit, unit_cond, scale, control in active:
+        residuals = control.residuals(inputs | {"sample": control_input, "controlnet_cond": unit_cond,
+                                                "conditioning_scale": row_scales(unit, scale, rows, unconditional)})
+        if soft(unit):
+            residuals = soften(residuals)
+        for name, value in residuals.items():
+            total[name] = total[name] + value if name in total else value
+    return unet_call(unet_control.with_lora(lora), inputs | total)
