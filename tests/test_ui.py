@@ -121,9 +121,11 @@ def test_a_session_in_the_browser(browser, service):
     page.set_input_files("#units .unit-image", str(PHOTO))
     page.select_option("#units .unit-module", "canny")
     page.fill("#units .unit-weight", "0.8")
+    page.select_option("#units .unit-control-mode", "ControlNet is more important")
     page.fill("[name=steps]", "4")
     generate(page)
-    assert "ControlNet 0: \"Module: canny" in page.inner_text("#info")
+    info = page.inner_text("#info")
+    assert "ControlNet 0: \"Module: canny" in info and "Control Mode: ControlNet is more important" in info
     shot(page, "controlnet")
     page.click("#units .remove-unit")
 

@@ -135,7 +135,8 @@ async function generationBody(kind) {
       units.push({ image: await fileToBase64(file), module: $(".unit-module", unit).value,
                    model: $(".unit-model", unit).value, weight: Number($(".unit-weight", unit).value),
                    guidance_start: Number($(".unit-start", unit).value),
-                   guidance_end: Number($(".unit-end", unit).value) });
+                   guidance_end: Number($(".unit-end", unit).value),
+                   control_mode: $(".unit-control-mode", unit).value });
     }
   }
   if (units.length) body.alwayson_scripts = { controlnet: { args: units } };
