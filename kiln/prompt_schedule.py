@@ -60,6 +60,11 @@ def parse(text: str) -> tuple | None:
         return None
 
 
+def edits(text: str) -> bool:
+    """Whether `text` holds prompt editing or alternation (a construct that parses)."""
+    return any(not isinstance(node, str) for node in parse(text) or ())
+
+
 def _top(text: str) -> tuple:
     """AUTOMATIC1111's start rule: prompts, and between them brackets and colons that open nothing (text)."""
     nodes: list = []
@@ -197,7 +202,7 @@ def schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tu
     return [(step, at(step, nodes)) for step in sorted(ends)]
 
 
-_AND = re.compile(r"\bAND\b")
+AND = re.compile(r"\bAND\b")  # composable diffusion's separator
 _WEIGHT = re.compile(r"\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+))\s*$")  # a part's trailing :weight
 
 
@@ -206,7 +211,7 @@ def composable(prompt: str) -> list[tuple[str, float]]:
     its trailing `:weight` (1 without one) taken off, as [(text, weight)]. A prompt of one part without a weight is
     itself, untouched."""
     parts = []
-    for part in _AND.split(prompt):
+    for part in AND.split(prompt):
         if match := _WEIGHT.search(part):
             parts.append((part[:match.start()], float(match.group(1))))
         else:

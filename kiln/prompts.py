@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import InputError, WeightsError
-from kiln.prompt_schedule import composable, leftover, parse
+from kiln.prompt_schedule import AND, composable, edits, leftover
 
 CHUNK_TOKENS = 75  # tokens of text per chunk; + BOS + EOS = the encoder's 77 positions
 COMMA_BACKTRACK = 20  # AUTOMATIC1111's default comma_padding_backtrack
@@ -55,7 +55,6 @@ _ATTENTION = re.compile(r"""
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]*)>")  # AUTOMATIC1111's extra-network tags: <lora:name:0.8>
 _EDITING = re.compile(r"\[[^\[\]()]*[:|][^\[\]()]*\]")  # a bracket that looks like [from:to:when] or [a|b]
-_AND = re.compile(r"\bAND\b")
 
 
 def check_prompt_syntax(text: str, field: str = "prompt", parts: bool = False) -> None:
@@ -67,7 +66,7 @@ def check_prompt_syntax(text: str, field: str = "prompt", parts: bool = False) -
             else "LoRA tags (<lora:name:multiplier>) only, in the prompt"
         raise InputError(f"{field}: {match.group(0)} is an extra-network tag ({match.group(1)}); kiln applies {where}, "
                          "and a tag is never taken as text")
-    if not parts and _AND.search(plain):
+    if not parts and AND.search(plain):
         raise InputError(f"{field}: AND (composable diffusion) is the prompt's (and hr_prompt's), each of its parts "
                          "encoded on its own; AUTOMATIC1111 takes it as a word here: write 'and'")
     for part, _ in composable(text) if parts else [(text, 1.0)]:  # AUTOMATIC1111 splits at AND, then parses
@@ -77,7 +76,7 @@ def check_prompt_syntax(text: str, field: str = "prompt", parts: bool = False) -
 def _check_editing(text: str, field: str) -> None:
     """Refuse a bracket that looks like prompt editing or alternation but is neither (it would be read as emphasis)."""
     if match := _EDITING.search(re.sub(r"\\.", "", leftover(text))):  # what no edit or alternation took
-        if any(not isinstance(node, str) for node in parse(match.group(0)) or ()):  # valid alone: the rest is not
+        if edits(match.group(0)):  # valid alone: the rest of the prompt is not
             why = "the prompt does not parse: a | outside [a|b], or a backslash at its end"
         elif "|" in match.group(0):
             why = "alternation is [a|b|...], its options without colons"
@@ -217,11 +216,11 @@ def tokenize_prompt(tokenizer, text: str, *, embeddings: EmbeddingLookup | None 
                     chunk_tokens: int = CHUNK_TOKENS, comma_backtrack: int = COMMA_BACKTRACK) -> PromptTokens:
     """`text` (AUTOMATIC1111's prompt language) -> every one of its tokens, in chunks of 77 ids, with their weights;
     the names of `embeddings` become their vectors' positions."""
-    if _AND.search(re.sub(r"\\.", "", text)):
+    if AND.search(re.sub(r"\\.", "", text)):
         raise InputError(f"prompt {text!r} holds AND: the text encoder takes one of its parts (kiln.prompt_schedule."
                          "composable splits it; the orchestrator sends each one)")
     check_prompt_syntax(text)
-    if any(not isinstance(node, str) for node in parse(text) or ()):
+    if edits(text):
         raise InputError(f"prompt {text!r} holds prompt editing or alternation: the text encoder takes one step's "
                          "text (kiln.prompt_schedule chooses it; the orchestrator sends each one)")
     items: list[list[tuple[int, float]] | None] = []  # the positions of one token or one embedding; None: BREAK

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from kiln.prompt_schedule import parse, text_at
+from kiln.prompt_schedule import edits, text_at
 from kiln.prompt_schedule import schedule as prompt_schedule
 
 
@@ -45,9 +45,6 @@ class Conditioning:
     def at(self, step: int) -> Conditioning:
         """The rows of a denoising step: the same at every step (no prompt editing)."""
         return self
-
-    def take(self, rows: list[int]) -> Conditioning:
-        return Conditioning(self.context[rows], {name: value[rows] for name, value in self.added.items()})
 
 
 @dataclass(frozen=True)
@@ -145,7 +142,7 @@ def encode(text_encoder, prompts: list[str], clip_skip: int, lora: str, *, time_
 
 def edited(prompts: list[str]) -> bool:
     """Whether any of `prompts` holds prompt editing or alternation."""
-    return any(not isinstance(node, str) for prompt in prompts for node in parse(prompt) or ())
+    return any(edits(prompt) for prompt in prompts)
 
 
 def encode_scheduled(text_encoder, prompts: list[str], clip_skip: int, lora: str, *, steps: int,
