@@ -59,7 +59,12 @@ def _wait_done(url: str, ids: list[str], timeout_s: float = 400) -> dict[str, di
     with httpx.Client(base_url=url, timeout=30) as client:
         while len(states) < len(ids) and time.monotonic() < deadline:
             for task_id in [i for i in ids if i not in states]:
-                state = client.get(f"/v1/tasks/{task_id}").json()
+                response = client.get(f"/v1/tasks/{task_id}")
+                if response.status_code == 503:  # the job store reconnecting (Redis back but slow): ask again
+                    assert "Redis" in response.json()["detail"], response.text
+                    continue
+                assert response.status_code == 200, response.text
+                state = response.json()
                 if state["status"] in ("done", "failed", "cancelled"):
                     states[task_id] = state
             time.sleep(0.5)
