@@ -21,6 +21,9 @@ HIRES_FIELDS = {"hires_prompt": "Hires prompt", "hires_negative_prompt": "Hires 
                 "hires_upscaler": "Hires upscaler", "hires_sampler": "Hires sampler"}
 
 
+PAD_CONDS = {"empty_chunks": "Pad conds", "last_vector": "Pad conds v0"}  # info's pad_conds -> its infotext key
+
+
 def quote(value: Any) -> Any:
     """An infotext value as AUTOMATIC1111 writes it: JSON-quoted when it holds a comma, a colon or a newline."""
     if value is None or not any(c in str(value) for c in ",:\n"):
@@ -40,6 +43,7 @@ def parameters_text(info: dict) -> str:
               ("Lora hashes", quote(info.get("lora_hashes"))),
               ("VAE hash", info.get("vae_hash")), ("VAE", quote(info.get("vae"))),
               ("Tiling", info.get("tiling")),
+              (PAD_CONDS.get(info.get("pad_conds")), True),
               ("Refiner", quote(info.get("refiner"))), ("Refiner switch at", info.get("refiner_switch_at")),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Denoising strength", info.get("denoising_strength")),
@@ -59,7 +63,7 @@ def parameters_text(info: dict) -> str:
               ]
     units = info.get("controlnet") or []
     fields += [(f"ControlNet {i}", unit) for i, unit in enumerate([units] if isinstance(units, str) else units)]
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None))
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields if v is not None and k is not None))
     return "\n".join(lines)
 
 

@@ -87,6 +87,7 @@ class StepBatcher:
         self._lock = threading.Condition()
         self._participants = 0
         self._pending: list[_Call] = []
+        self._arrivals = 0  # participants whose calls are pending (one arrival may bring several calls)
         self._first_arrival = 0.0
         self._tick_end = 0.0  # when the previous tick's results were handed back
         self._closed = False
@@ -112,19 +113,26 @@ class StepBatcher:
 
     def __call__(self, graph: Graph, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Submit one UNet call and wait for its rows of the merged result."""
+        return self.run_all([(graph, inputs)])[0]
+
+    def run_all(self, calls: list[tuple[Graph, dict[str, np.ndarray]]]) -> list[np.ndarray]:
+        """Submit the UNet calls of one participant's step together (one arrival: rows whose conditioning differs in
+        shape, conditioning.Split) and wait for each one's rows of the merged results."""
         if not self.enabled:
-            return self._execute(graph, inputs)
-        call = _Call(graph, {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in inputs.items()})
+            return [self._execute(graph, inputs) for graph, inputs in calls]
+        submitted = [_Call(graph, {name: np.ascontiguousarray(value, dtype=np.float32)
+                                   for name, value in inputs.items()}) for graph, inputs in calls]
         with self._lock:
             if self._closed:
                 raise RuntimeError("the step batcher is closed")
             if not self._pending:
                 self._first_arrival = time.monotonic()
-            self._pending.append(call)
-            self.stats.calls += 1
+            self._pending.extend(submitted)
+            self._arrivals += 1
+            self.stats.calls += len(submitted)
             self._ensure_thread()
             self._lock.notify_all()
-        return call.future.result()
+        return [call.future.result() for call in submitted]
 
     def close(self) -> None:
         with self._lock:
@@ -149,7 +157,7 @@ class StepBatcher:
                     self._lock.wait(timeout)
                 if self._closed and not self._pending:
                     return
-                calls, self._pending = self._pending, []
+                calls, self._pending, self._arrivals = self._pending, [], 0
             self._run_tick(calls)
             with self._lock:
                 self._tick_end = time.monotonic()
@@ -160,7 +168,7 @@ class StepBatcher:
     def _tick_ready(self) -> bool:
         if not self._pending:
             return False
-        everyone = len(self._pending) >= self._participants  # every generation in its loop is waiting
+        everyone = self._arrivals >= self._participants  # every generation in its loop is waiting
         return everyone or time.monotonic() >= self._deadline()
 
     def _run_tick(self, calls: list[_Call]) -> None:

@@ -266,6 +266,7 @@ BAD = [
     ({"override_settings": {"CLIP_stop_at_last_layers": 9}}, 422, "CLIP_stop_at_last_layers) must be 1 to 5"),
     ({"override_settings": {"samples_format": "jpg"}}, 422, "override_settings.samples_format 'jpg' is not supported"),
     ({"override_settings": {"outdir_samples": "/tmp"}}, 422, "override_settings.outdir_samples is not a setting"),
+    ({"override_settings": {"pad_cond_uncond": "yes"}}, 422, "override_settings.pad_cond_uncond must be true or false"),
     ({"override_settings": {"eta_ddim": 0.3}, "override_settings_restore_afterwards": False}, 422,
      "override_settings_restore_afterwards"),
     ({"alwayson_scripts": {"adetailer": {"args": []}}}, 422, "adetailer"),
@@ -401,6 +402,33 @@ def test_clip_skip_from_options_and_override_settings(client):
     finally:
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
     assert generate()[0] == last
+
+
+def test_pad_conds_from_override_settings_options_and_the_infotext(client):
+    """A long prompt and a short negative prompt: AUTOMATIC1111's default runs them in UNet calls of their own; its
+    pad_cond_uncond ("Pad conds") and pad_cond_uncond_v0 ("Pad conds v0", first where both are on) pad them, another
+    image, which the infotext names and gives back when pasted."""
+    def generate(**extra) -> tuple[bytes, str]:
+        response = client.post("/sdapi/v1/txt2img", json=TXT | {"prompt": "a photo of a cat, " * 15, "steps": 2,
+                                                                 "seed": 9} | extra)
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+        return image.tobytes(), image.info["parameters"]
+
+    plain, text = generate()
+    padded, padded_text = generate(override_settings={"pad_cond_uncond": True})
+    v0, v0_text = generate(override_settings={"pad_cond_uncond": True, "pad_cond_uncond_v0": True})
+    assert len({plain, padded, v0}) == 3 and "Pad conds" not in text
+    assert ", Pad conds: True" in padded_text and ", Pad conds v0: True" in v0_text and "Pad conds:" not in v0_text
+    assert generate(infotext=padded_text)[0] == padded and generate(infotext=v0_text)[0] == v0
+    try:
+        assert client.post("/sdapi/v1/options", json={"pad_cond_uncond": True}).status_code == 200
+        assert generate()[0] == padded
+        assert generate(override_settings={"pad_cond_uncond": False})[0] == plain
+    finally:
+        client.post("/sdapi/v1/options", json={"pad_cond_uncond": False})
+    bad = client.post("/sdapi/v1/options", json={"pad_cond_uncond_v0": 1})
+    assert bad.status_code == 422 and "option pad_cond_uncond_v0 must be a bool" in bad.text
 
 
 def test_save_images_writes_the_outputs_folder(client, outputs_dir):

@@ -89,6 +89,36 @@ def test_different_shapes_or_graphs_run_in_separate_batches():
     batcher.close()
 
 
+def test_a_participants_calls_of_one_step_arrive_together():
+    """A step whose rows run in two calls (the negative prompt and a longer prompt, AUTOMATIC1111's default) is one
+    arrival: the tick still waits for the other participant, whose call merges with the one of its shape."""
+    batcher, graph = StepBatcher(max_rows=16, window_s=5.0), RowGraph()
+    short, long, other = _inputs(2, 1.0), _inputs(2, 1.0, chunks=2), _inputs(2, 2.0)
+    started, both_in = time.monotonic(), threading.Barrier(2)
+
+    def split():
+        with batcher.participant():
+            both_in.wait()
+            return batcher.run_all([(graph, short), (graph, long)])
+
+    def single():
+        with batcher.participant():
+            both_in.wait()
+            while len(batcher._pending) < 2 and batcher.stats.batches == 0:  # the split step first: two calls
+                time.sleep(0.01)
+            return batcher(graph, other)
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.submit(split), pool.submit(single)
+        (short_out, long_out), other_out = first.result(), second.result()
+    for inputs, result in ((short, short_out), (long, long_out), (other, other_out)):
+        np.testing.assert_array_equal(result, _expected(inputs))
+    assert sorted(graph.calls) == [2, 4]  # the other call merged with the split step's call of its shape
+    assert time.monotonic() - started < 5.0  # one tick, when both had arrived: not the window's end
+    assert batcher.stats.calls == 3
+    batcher.close()
+
+
 def test_batches_hold_whole_calls_up_to_max_rows():
     batcher, graph = StepBatcher(max_rows=4, window_s=5.0), RowGraph()
     calls = [_inputs(2, 1.0), _inputs(2, 2.0), _inputs(3, 3.0), _inputs(6, 4.0)]

@@ -160,11 +160,12 @@ def test_second_order_samplers_count_each_model_call(local):
 @pytest.mark.slow
 @pytest.mark.parametrize("negative", ["blurry", ""])  # SD 1.x's empty negative prompt: its encoding, never zeros
 def test_texts_of_different_lengths_are_padded_as_automatic1111_pads_them(local, negative):
-    """A step's own texts only: the negative prompt padded with empty chunks to the prompt's length (pad_cond_uncond,
-    as one encoder call pads them), AND's parts by repeating their last vector (reconstruct_multicond_batch)."""
+    """A step's own texts only: AND's parts padded by repeating their last vector (reconstruct_multicond_batch); with
+    "Pad conds", the negative prompt padded with empty chunks to the prompt's length (pad_cond_uncond, as one encoder
+    call pads them; without it, tests/test_pad_conds.py: two UNet calls)."""
     long = "a photo of a cat, " * 15  # 90 tokens: two chunks
     request = Txt2ImgRequest(prompt=f"[a dog:{long}:1]", negative_prompt=negative, steps=3, sampler="Euler", seed=2,
-                             width=64, height=64)
+                             width=64, height=64, pad_conds="empty_chunks")
     _, seen = _contexts(local, request)
     assert [context.shape[1] for context in seen] == [77, 77, 154]  # each step its own length
     assert np.allclose(seen[0], _encoded(local, request, [negative, "a dog"]), atol=1e-6)

@@ -173,7 +173,10 @@ def test_seeds_follow_automatic1111(local):
 
 def test_long_prompts_are_chunked_not_cut(local):
     request = Txt2ImgRequest(prompt="a cat", width=64, height=64)
-    assert local.encode_prompts(["a photo of a cat " * 30, ""], request).context.shape[:2] == (2, 77 * 2)
+    step = local.encode_prompts(["a photo of a cat " * 30, ""], request).at(0)  # each its own length: two UNet calls
+    assert step.negative.context.shape[:2] == (1, 77 * 2) and step.prompt.context.shape[:2] == (1, 77)
+    padded = local.encode_prompts(["a photo of a cat " * 30, ""], replace(request, pad_conds="empty_chunks")).at(0)
+    assert padded.context.shape[:2] == (2, 77 * 2)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -498,6 +501,8 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
         "prompt editing and alternation": Txt2ImgRequest(**base | {"prompt": "a photo of a [cat:dog:0.4] [in the "
                                                                              "snow|on grass, sunny, detailed]",
                                                                    "negative_prompt": "[blurry::2]"}),
+        "a long prompt, its own UNet call (ControlNet's ensemble on each)": Txt2ImgRequest(
+            **base | {"prompt": "a photo of a cat, " * 15}, controlnet=edges),
         "hires fix": Txt2ImgRequest(**base | {"steps": 2}, hires=HiresFix(upscaler="Lanczos", steps=2)),
         "hires fix with ControlNet (its ensemble)": Txt2ImgRequest(**base | {"steps": 2}, controlnet=edges,
                                                                    hires=HiresFix(steps=2)),
@@ -516,7 +521,7 @@ def _cases(init_image_png, mask_png, edge_map_png) -> dict:
 
 @pytest.mark.parametrize("case", ["txt2img", "emphasis and BREAK", "clip skip", "composable diffusion (AND)",
                                   "prompt editing and alternation",
-                                  "hires fix",
+                                  "a long prompt, its own UNet call (ControlNet's ensemble on each)", "hires fix",
                                   "hires fix with ControlNet (its ensemble)", "img2img", "inpainting",
                                   "controlnet (ensemble)", "controlnet, ControlNet is more important (residuals)",
                                   "scribble by name (its ensemble)", "two units (residuals, then the UNet)"])

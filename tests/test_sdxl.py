@@ -487,3 +487,28 @@ def test_prompt_editing_switches_text_and_pooled_and_the_hires_pass_conditions_o
                                                                              denoising_strength=0.5)),
                               unet_call=recording).images
     assert images.shape == (1, 96, 128, 3) and seen[-1]["time_ids"][0].tolist() == [128, 128, 0, 0, 128, 128]
+
+
+def test_a_long_prompt_runs_in_its_own_unet_call_with_its_pooled_text_and_time_ids(xl_local):
+    """AUTOMATIC1111's default for a negative prompt and a prompt of different lengths: a UNet call each, each with
+    its own rows of the added conditions; "Pad conds": one call, the negative prompt padded with empty chunks."""
+    long = PROMPT + ", detailed" * 60
+    request = Txt2ImgRequest(prompt=long, negative_prompt="x", steps=2, sampler="Euler", cfg_scale=7.5, seed=8,
+                             width=64, height=64)
+    seen: list[dict] = []
+
+    def recording(graph, inputs):
+        seen.append({name: inputs[name].copy() for name in ("encoder_hidden_states", "text_embeds", "time_ids")})
+        return graph(inputs)
+
+    split = xl_local.txt2img(request, unet_call=recording).images
+    negative, prompt = (xl_local.encode_prompts([text], request) for text in ("x", long))
+    assert len(seen) == 4
+    for call, expected in zip(seen, [negative, prompt] * 2):
+        assert np.allclose(call["encoder_hidden_states"], expected.context, atol=1e-6)
+        assert np.allclose(call["text_embeds"], expected.added["text_embeds"], atol=1e-6)
+        assert call["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]]
+    seen.clear()
+    padded = xl_local.txt2img(replace(request, pad_conds="empty_chunks"), unet_call=recording)
+    assert [call["encoder_hidden_states"].shape[:2] for call in seen] == [(2, 154)] * 2
+    assert padded.info["pad_conds"] == "empty_chunks" and _diff(padded.images, split) > 0

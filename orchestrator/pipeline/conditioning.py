@@ -2,8 +2,9 @@
 
 Prompt editing and alternation (kiln.prompt_schedule) make it change with the step, and AND splits the prompt into
 parts of their own rows: `encode_scheduled` encodes each text a prompt takes on its own, and `Scheduled.at(step)`
-assembles the rows of that step as AUTOMATIC1111 does (parts padded by their last vector, the negative prompt and the
-parts to one length with empty chunks).
+assembles the rows of that step as AUTOMATIC1111 does: parts padded by their last vector; where the negative prompt
+and the parts still differ in length, by default two UNet calls (`Split`), or padded to one length
+(Txt2ImgRequest.pad_conds: its "Pad conds" and "Pad conds v0").
 
 SD 1.x and 2.x condition on the text encoding alone. SDXL adds, per row, the pooled text (its second text encoder's
 projection, of a prompt's first 77-token chunk, as AUTOMATIC1111) and six time ids: the original size, the crop's
@@ -46,6 +47,43 @@ class Conditioning:
         """The rows of a denoising step: the same at every step (no prompt editing)."""
         return self
 
+    def calls(self, skip: int) -> list[tuple[slice, dict[str, np.ndarray]]]:
+        """The step's UNet calls: [(their rows of the step's input, their conditioning inputs)]; `skip`: the first
+        rows (the negative prompt's) left out (s_min_uncond)."""
+        return [(slice(0, None), self.inputs(lambda rows: rows[skip:]))]
+
+    @property
+    def padded(self) -> bool:
+        """Whether padding made the negative prompt and the prompt one length at some step: a single encoding of
+        one chunk each never needs it."""
+        return False
+
+
+@dataclass(frozen=True)
+class Split:
+    """A step's rows where the negative prompt and the prompt differ in length and nothing pads them
+    (AUTOMATIC1111's default): the negative prompt's rows and the prompt's, each run by a UNet call of its own."""
+
+    negative: Conditioning
+    prompt: Conditioning
+
+    def __len__(self) -> int:
+        return len(self.negative) + len(self.prompt)
+
+    def repeat(self, count: int) -> Split:
+        return Split(self.negative.repeat(count), self.prompt.repeat(count))
+
+    def calls(self, skip: int) -> list[tuple[slice, dict[str, np.ndarray]]]:
+        prompt = self.prompt.inputs(_all_rows)
+        if skip:  # s_min_uncond's steps: the prompt's call alone
+            return [(slice(0, None), prompt)]
+        rows = len(self.negative)
+        return [(slice(0, rows), self.negative.inputs(_all_rows)), (slice(rows, None), prompt)]
+
+
+def _all_rows(rows: np.ndarray) -> np.ndarray:
+    return rows
+
 
 @dataclass(frozen=True)
 class Scheduled:
@@ -53,8 +91,9 @@ class Scheduled:
     schedule [(end_at_step, text)] (the negative prompt's first where guided), each text encoded on its own (its own
     chunk count), each row `count` times (the images of a batch). A step's rows are assembled as AUTOMATIC1111
     assembles them: the prompt's parts padded to the longest by repeating their last vector
-    (reconstruct_multicond_batch), then the negative prompt and the parts to one length with empty chunks (its
-    pad_cond_uncond: what lets one UNet call take both)."""
+    (reconstruct_multicond_batch); then, where the negative prompt's length differs, `pad` (Txt2ImgRequest.pad_conds):
+    "off", a `Split` in two UNet calls; "empty_chunks", the shorter padded with empty chunks (pad_cond_uncond);
+    "last_vector", the negative prompt padded with its last vector or cut (pad_cond_uncond_v0)."""
 
     texts: Mapping[str, Conditioning]  # each text's encoding: one row, its own length
     schedules: tuple[tuple[tuple[int, str], ...], ...]
@@ -62,6 +101,7 @@ class Scheduled:
     empty: np.ndarray | None  # the empty chunk's encoding (77, hidden), where lengths differ
     time_ids: np.ndarray | None  # SDXL's, a row per prompt (the negative prompt's first)
     zero_negative: bool = False  # SDXL's empty negative prompt: zeros
+    pad: str = "off"
     count: int = 1
     _steps: dict = field(default_factory=dict, compare=False, repr=False)  # the rows of each choice of texts
 
@@ -71,32 +111,63 @@ class Scheduled:
     def repeat(self, count: int) -> Scheduled:
         return replace(self, count=self.count * count, _steps={})
 
-    def at(self, step: int) -> Conditioning:
+    def at(self, step: int) -> Conditioning | Split:
         """The rows of denoising step `step` (from 0): each prompt's entry for it (kiln.prompt_schedule.text_at)."""
-        chosen = tuple(entries[text_at(entries, step)][1] for entries in self.schedules)
+        chosen = self._chosen(step)
         if chosen not in self._steps:
             self._steps[chosen] = self._assemble([self.texts[text] for text in chosen]).repeat(self.count)
         return self._steps[chosen]
 
-    def _assemble(self, rows: list[Conditioning]) -> Conditioning:
+    @property
+    def padded(self) -> bool:
+        """Whether padding made the negative prompt and the prompt one length at some step (AUTOMATIC1111's infotext
+        says "Pad conds" or "Pad conds v0" then)."""
+        if not self.guided or self.pad == "off":
+            return False
+        last = max(end for entries in self.schedules for end, _ in entries)
+        for chosen in {self._chosen(step) for step in range(last + 1)}:
+            lengths = [self.texts[text].context.shape[1] for text in chosen]
+            if lengths[0] != max(lengths[1:]):
+                return True
+        return False
+
+    def _chosen(self, step: int) -> tuple[str, ...]:
+        return tuple(entries[text_at(entries, step)][1] for entries in self.schedules)
+
+    def _assemble(self, rows: list[Conditioning]) -> Conditioning | Split:
         negative, parts = (rows[0], rows[1:]) if self.guided else (None, rows)
         longest = max(part.context.shape[1] for part in parts)
         contexts = [np.concatenate([part.context, np.repeat(part.context[:, -1:], longest - part.context.shape[1],
                                                             axis=1)], axis=1) for part in parts]
         pooled = [part.added["text_embeds"] for part in parts] if self.time_ids is not None else []
-        if negative is not None:
-            context = np.zeros_like(negative.context) if self.zero_negative else negative.context
-            contexts, context = _same_length(contexts, context, self.empty)
-            contexts = [context, *contexts]
-            if self.time_ids is not None:
-                neg = negative.added["text_embeds"]
-                pooled = [np.zeros_like(neg) if self.zero_negative else neg, *pooled]
-        added = {"text_embeds": np.concatenate(pooled), "time_ids": self.time_ids} if self.time_ids is not None else {}
-        return Conditioning(np.concatenate(contexts), added)
+        if negative is None:
+            return _rows(contexts, pooled, self.time_ids)
+        context = np.zeros_like(negative.context) if self.zero_negative else negative.context
+        neg = [] if self.time_ids is None else [negative.added["text_embeds"]]
+        neg = [np.zeros_like(value) for value in neg] if self.zero_negative else neg
+        if context.shape[1] != longest and self.pad == "off":
+            ids = (None, None) if self.time_ids is None else (self.time_ids[:1], self.time_ids[1:])
+            return Split(_rows([context], neg, ids[0]), _rows(contexts, pooled, ids[1]))
+        if self.pad == "last_vector":
+            context = _last_vector(context, longest)
+        contexts, context = _same_length(contexts, context, self.empty)
+        return _rows([context, *contexts], [*neg, *pooled], self.time_ids)
+
+
+def _rows(contexts: list[np.ndarray], pooled: list[np.ndarray], time_ids: np.ndarray | None) -> Conditioning:
+    added = {"text_embeds": np.concatenate(pooled), "time_ids": time_ids} if time_ids is not None else {}
+    return Conditioning(np.concatenate(contexts), added)
+
+
+def _last_vector(negative: np.ndarray, length: int) -> np.ndarray:
+    """AUTOMATIC1111's pad_cond_uncond_v0: the negative prompt padded to `length` with its last vector, or cut."""
+    gap = length - negative.shape[1]
+    return np.concatenate([negative, np.repeat(negative[:, -1:], gap, axis=1)], axis=1) if gap > 0 \
+        else negative[:, :length]
 
 
 def _same_length(parts: list[np.ndarray], negative: np.ndarray, empty: np.ndarray | None) -> tuple:
-    """The parts and the negative prompt padded to one length with empty chunks (AUTOMATIC1111's pad_cond)."""
+    """The parts and the negative prompt padded to one length with empty chunks (AUTOMATIC1111's pad_cond_uncond)."""
     gap = parts[0].shape[1] - negative.shape[1]
     if gap == 0:
         return parts, negative
@@ -107,6 +178,7 @@ def _same_length(parts: list[np.ndarray], negative: np.ndarray, empty: np.ndarra
 
 
 Prompted = Conditioning | Scheduled  # what a denoising loop is conditioned on: .at(step) gives a step's rows
+CHUNK = 77  # positions of one chunk of a prompt's encoding
 
 
 # The refiner's aesthetic scores: the prompt's and the negative prompt's (diffusers' and AUTOMATIC1111's defaults)
@@ -146,21 +218,27 @@ def edited(prompts: list[str]) -> bool:
 
 
 def encode_scheduled(text_encoder, prompts: list[str], clip_skip: int, lora: str, *, steps: int,
-                     hires_steps: int | None = None, time_ids: int, width: int, height: int) -> Prompted:
+                     hires_steps: int | None = None, time_ids: int, width: int, height: int,
+                     pad: str = "off") -> Prompted:
     """The prompts' conditioning (the negative prompt first where guided, then AND's parts) over `steps` editing
-    steps (sampling.editing_steps; `hires_steps`: the hires fix's second pass, kiln.prompt_schedule.schedule). A
-    negative prompt and one prompt without editing: `encode` of their text, one call, as before."""
+    steps (sampling.editing_steps; `hires_steps`: the hires fix's second pass, kiln.prompt_schedule.schedule; `pad`:
+    Txt2ImgRequest.pad_conds). A negative prompt and one prompt without editing, of one chunk each: `encode` of
+    their text, one call; longer, each text on its own (its length decides the step's calls and the infotext)."""
     schedules = [prompt_schedule(prompt, steps, hires_steps) for prompt in prompts]
     guided = len(prompts) > 1
     if all(len(entries) == 1 for entries in schedules) and len(prompts) <= 2:
         texts = [entries[0][1] for entries in schedules]
-        return encode(text_encoder, texts, clip_skip, lora, time_ids=time_ids, width=width, height=height,
-                      zero_first=guided and texts[0] == "")
+        together = encode(text_encoder, texts, clip_skip, lora, time_ids=time_ids, width=width, height=height,
+                          zero_first=guided and texts[0] == "")
+        if not guided or together.context.shape[1] == CHUNK:
+            return together
     encoded = {text: encode(text_encoder, [text], clip_skip, lora, time_ids=time_ids, width=width, height=height)
                for text in dict.fromkeys(text for entries in schedules for _, text in entries)}
     lengths = {conditioning.context.shape[1] for conditioning in encoded.values()}
     return Scheduled(encoded, tuple(tuple(entries) for entries in schedules), guided,
-                     empty=text_encoder.encode([""], clip_skip, lora)[0] if len(lengths) > 1 else None,
+                     empty=text_encoder.encode([""], clip_skip, lora)[0]
+                     if len(lengths) > 1 and pad == "empty_chunks" else None,
                      time_ids=added_time_ids(width, height, len(prompts), time_ids, negative_first=guided)
                      if time_ids else None,
-                     zero_negative=bool(time_ids) and guided and {text for _, text in schedules[0]} == {""})
+                     zero_negative=bool(time_ids) and guided and {text for _, text in schedules[0]} == {""},
+                     pad=pad)

@@ -42,17 +42,17 @@ def soften(residuals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def unet_with_units(active: list, inputs: dict[str, np.ndarray], control_input: np.ndarray, unet_control, lora: str,
-                    unet_call, nine_channels: bool, unconditional: int) -> np.ndarray | None:
-    """The step's noise prediction with the `active` units [(unit, its rows' control images, scale, ControlNet)]
-    (`unconditional`: how many of the rows are the negative prompt's); None: no unit acts (the caller runs the plain
-    UNet: zero residuals equal it exactly)."""
+                    nine_channels: bool, unconditional: int) -> tuple | None:
+    """The UNet call (graph, inputs) of the step's rows with the `active` units [(unit, its rows' control images,
+    scale, ControlNet)] (`unconditional`: how many of the rows are the negative prompt's); None: no unit acts (the
+    caller runs the plain UNet: zero residuals equal it exactly)."""
     if not active:
         return None
     rows = len(inputs["sample"])
     if len(active) == 1 and not soft(active[0][0]) and active[0][3].fused is not None and not nine_channels:
         unit, unit_cond, scale, control = active[0]  # ControlNet -> UNet in one call: the residuals stay in Triton
-        return unet_call(control.fused.with_lora(lora), inputs | {
-            "controlnet_cond": unit_cond, "conditioning_scale": row_scales(unit, scale, rows, unconditional)})
+        return control.fused.with_lora(lora), inputs | {
+            "controlnet_cond": unit_cond, "conditioning_scale": row_scales(unit, scale, rows, unconditional)}
     total: dict[str, np.ndarray] = {}
     for unit, unit_cond, scale, control in active:
         residuals = control.residuals(inputs | {"sample": control_input, "controlnet_cond": unit_cond,
@@ -61,4 +61,4 @@ def unet_with_units(active: list, inputs: dict[str, np.ndarray], control_input: 
             residuals = soften(residuals)
         for name, value in residuals.items():
             total[name] = total[name] + value if name in total else value
-    return unet_call(unet_control.with_lora(lora), inputs | total)
+    return unet_control.with_lora(lora), inputs | total

@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 
 
 def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeds: list[int], variation,
-             stopped_at: int | None) -> dict:
-    """What the images' infotext and the API's info say about the run."""
+             stopped_at: int | None, padded: bool = False) -> dict:
+    """What the images' infotext and the API's info say about the run (`padded`: padding made the negative prompt
+    and the prompt one length)."""
     contract = pipeline.contract
     info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
             "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
@@ -27,6 +28,8 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeds: list[int], vari
         info |= {"vae": vae.name, "vae_hash": vae.short_hash or None}
     if request.tiling:
         info["tiling"] = True
+    if padded:  # AUTOMATIC1111's "Pad conds" or "Pad conds v0"
+        info["pad_conds"] = request.pad_conds
     hashes = [pipeline.lora_set(request.prompt)[1].hashes]
     if request.hires is not None and request.hires.prompt is not None:
         hashes.append(pipeline.lora_set(request.hires.prompt)[1].hashes)

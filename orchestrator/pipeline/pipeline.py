@@ -26,7 +26,6 @@ from orchestrator.pipeline import conditioning, hires
 from orchestrator.pipeline import refiner as refining
 from orchestrator.pipeline.components import Components, Graph, call_graph
 from orchestrator.pipeline.conditioning import Prompted, edited
-from orchestrator.pipeline.control import unet_with_units
 from orchestrator.pipeline.info import run_info
 from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
@@ -40,6 +39,7 @@ from orchestrator.pipeline.sampling import (
     sigma_at,
     step_kwargs,
 )
+from orchestrator.pipeline.step import predict
 from orchestrator.pipeline.tiles import sd_upscale
 from orchestrator.pipeline.vae_tiles import with_tiles
 from orchestrator.pipeline.validate import Limits, check_request
@@ -120,7 +120,8 @@ class Pipeline:
         return conditioning.encode_scheduled(self.components.text_encoder, prompts, request.clip_skip,
                                              loras.spec("text_encoder"), time_ids=self.contract.time_ids,
                                              steps=editing_steps(request.sampler, request.steps),
-                                             hires_steps=hires_steps, width=request.width, height=request.height)
+                                             hires_steps=hires_steps, width=request.width, height=request.height,
+                                             pad=request.pad_conds)
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None, **hooks) -> GenerationResult:
@@ -226,10 +227,13 @@ class Pipeline:
                                                 step_kwargs(scheduler, generator, request.eta, churn(request)),
                                                 _counting(progress, 0, steps_total), cancelled, stop_early, unet_call,
                                                 loras, handover)
+            # AUTOMATIC1111's "Pad conds": padding made the negative prompt and the prompt one length in some pass
+            padded = context.padded or (handover is not None and handover.context.padded)
             if second is not None and stopped_at is None:
-                latents, stopped_at = self._hires_pass(request, latents, (context, prompt, loras), seeds, variation,
-                                                       second, _counting(progress, len(timesteps), steps_total),
-                                                       cancelled, stop_early, unet_call)
+                latents, stopped_at, hires_padded = self._hires_pass(
+                    request, latents, (context, prompt, loras), seeds, variation, second,
+                    _counting(progress, len(timesteps), steps_total), cancelled, stop_early, unet_call)
+                padded = padded or hires_padded
                 stopped_at = None if stopped_at is None else len(timesteps) + stopped_at
 
         # 8. Decode (with the refiner's VAE once it took over); AUTOMATIC1111 pastes the original back outside the mask.
@@ -239,7 +243,7 @@ class Pipeline:
         if init and request.inpainting and request.overlay:
             images = paste_outside_mask(images, request.init_image, request.mask, request.width, request.height,
                                         request.mask_blur, request.inpainting_mask_invert)
-        info = run_info(self, request, seeds, variation, stopped_at)
+        info = run_info(self, request, seeds, variation, stopped_at, padded)
         if request.refiner is not None:  # AUTOMATIC1111's "Refiner" and "Refiner switch at"
             info |= {"refiner": refiner.contract.title, "refiner_switch_at": request.refiner.switch_at}
         return GenerationResult(images=images, seeds=seeds, info=info)
@@ -269,23 +273,18 @@ class Pipeline:
             skip_uncond = guided and index % 2 == 1 and 0 < sigma_at(scheduler, t) < request.s_min_uncond
             both = guided and not skip_uncond
             copies = len(weights) + both  # the rows of each image: unconditional (where run), then each part's
-            rows_of = (lambda rows: rows[batch:]) if skip_uncond else _all_rows
+            skip = batch if skip_uncond else 0
             model_input = scheduler.scale_model_input(torch.cat([latents] * copies) if copies > 1 else latents, t)
             control_input = model_input.numpy()  # what a ControlNet takes: the latents alone
             if nine_channels:  # a 9-channel inpainting UNet also takes the mask and the masked image
                 model_input = torch.cat([model_input, torch.cat([inpaint["mask"]] * copies),
                                          torch.cat([inpaint["masked"]] * copies)], dim=1)
-            rows = len(model_input)
-            inputs = {"sample": model_input.numpy(), "timestep": np.full(rows, float(t), np.float32),
-                      **context.at(index).inputs(rows_of)}
-            active = [(unit, rows_of(unit_cond), scale, components.controlnet(unit.model))
+            inputs = {"sample": model_input.numpy(), "timestep": np.full(len(model_input), float(t), np.float32)}
+            active = [(unit, unit_cond[skip:], scale, components.controlnet(unit.model))
                       for unit_cond, unit in zip(cond, request.controlnet_units)
                       if (scale := unit.scale_at(index, len(timesteps)))]
-            noise_pred = unet_with_units(active, inputs, control_input, components.unet_control, lora, unet_call,
-                                         nine_channels, batch if both else 0)
-            if noise_pred is None:  # no ControlNet, or outside its guidance window: the plain UNet
-                noise_pred = unet_call(components.unet.with_lora(lora), inputs)
-            noise_pred = torch.from_numpy(noise_pred)
+            noise_pred = torch.from_numpy(predict(context.at(index), skip, inputs, control_input, active, components,
+                                                  lora, unet_call, nine_channels, batch if both else 0))
             if guided:
                 noise_pred = combine(noise_pred, weights, request.cfg_scale, both)
             latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
@@ -338,8 +337,8 @@ class Pipeline:
         # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context))
         kwargs = step_kwargs(scheduler, generator, request.eta, churn(request))
-        return self._denoise(pass_two, scheduler, timesteps, latents, (context, weights), cond, None, drawn, kwargs,
-                             progress, cancelled, stop_early, unet_call, loras)
+        return *self._denoise(pass_two, scheduler, timesteps, latents, (context, weights), cond, None, drawn, kwargs,
+                              progress, cancelled, stop_early, unet_call, loras), context.padded
 
 
 def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int) -> list[np.ndarray]:
@@ -366,10 +365,6 @@ def combine(noise_pred, weights: tuple[float, ...], cfg_scale: float, unconditio
     for weight, part in zip(weights, parts[1:] if unconditional else parts):
         guided = guided + (part - uncond) * (weight * cfg_scale)
     return guided
-
-
-def _all_rows(tensor):
-    return tensor
 
 
 def churn(request: Txt2ImgRequest) -> dict:

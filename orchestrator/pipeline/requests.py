@@ -62,6 +62,9 @@ class Refiner:
     switch_at: float = 0.8  # refiner_switch_at: 0 (the refiner from the start) to 1 (never)
 
 
+PAD_CONDS = ("off", "empty_chunks", "last_vector")  # Txt2ImgRequest.pad_conds
+
+
 @dataclass(frozen=True)
 class Txt2ImgRequest:
     """One txt2img job, with AUTOMATIC1111's field meanings."""
@@ -89,6 +92,11 @@ class Txt2ImgRequest:
     # AUTOMATIC1111's "skip negative prompt" (NGMS): on every other step whose sigma is below this, the unconditional
     # half is not run and the step takes the prompt's prediction alone; 0: never
     s_min_uncond: float = 0.0
+    # Where the negative prompt and the prompt differ in length (chunks of 75 tokens): "off", AUTOMATIC1111's default,
+    # runs them in UNet calls of their own; "empty_chunks" pads the shorter with the empty prompt's chunks (its
+    # pad_cond_uncond, "Pad conds"); "last_vector" pads the negative prompt with its last vector, or cuts it
+    # (pad_cond_uncond_v0, "Pad conds v0"). Padding lets one UNet call take both: faster, a slightly other image.
+    pad_conds: str = "off"
     hires: HiresFix | None = None  # txt2img only: the hires fix's second pass
     vae: str | None = None  # AUTOMATIC1111's sd_vae: one of the build's VAEs by name; None: the checkpoint's own
     tiling: bool = False  # AUTOMATIC1111's tiling: seamless images (circular padding in the UNet and the VAE)

@@ -19,7 +19,7 @@ from kiln.prompt_schedule import composable
 from kiln.prompts import check_prompt_syntax
 from orchestrator.pipeline import hires, tiles
 from orchestrator.pipeline.inpaint import own_size
-from orchestrator.pipeline.requests import ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
+from orchestrator.pipeline.requests import PAD_CONDS, ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import CHURN, MAX_SEED, SAMPLERS, check_sampler, step_options
 
 
@@ -77,6 +77,8 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             raise InputError(f"{name} must be -1 (random) or in [0, 2^32 - 1], got {value!r}")
     _number_in("subseed_strength", request.subseed_strength, 0, 1)
     _number_in("s_min_uncond", request.s_min_uncond, 0, 1000)  # a sigma: SD 1.x's largest is 14.6
+    if request.pad_conds not in PAD_CONDS:
+        raise InputError(f"pad_conds must be one of {', '.join(PAD_CONDS)}, got {request.pad_conds!r}")
     check_sampler(request.sampler)
     _check_churn(request)
     if request.hires is not None:

@@ -51,11 +51,13 @@ ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.ite
 SCHEDULER_SUFFIX = {"automatic": "", "uniform": "", "karras": " Karras"}
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
                 "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
-                "control_net_no_detectmap": bool}
+                "control_net_no_detectmap": bool, "pad_cond_uncond": bool, "pad_cond_uncond_v0": bool}
 ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta
 # what one request's override_settings can change
 APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
-                     "sd_vae")
+                     "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0")
+# AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
+PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
 
 
@@ -74,7 +76,18 @@ def check_setting(key: str, value: Any, options: dict, applied: tuple[str, ...],
 def default_options() -> dict:
     return {"sd_model_checkpoint": "", "show_progress_every_n_steps": 10, "live_previews_enable": True,
             "samples_format": "png", "eta_ddim": 0.0, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
-            "live_preview_content": "Prompt", "interrogate_return_ranks": False, "control_net_no_detectmap": False}
+            "live_preview_content": "Prompt", "interrogate_return_ranks": False, "control_net_no_detectmap": False,
+            "pad_cond_uncond": False, "pad_cond_uncond_v0": False}
+
+
+def pad_conds(body: schemas.Txt2ImgBody, options: dict) -> str:
+    """Txt2ImgRequest.pad_conds from AUTOMATIC1111's settings pad_cond_uncond ("Pad prompt/negative prompt") and
+    pad_cond_uncond_v0, a request's override_settings over the server's options."""
+    values = {key: body.override_settings.get(key, options[key]) for key in PAD_SETTINGS}
+    for key, value in values.items():
+        if not isinstance(value, bool):
+            raise InputError(f"override_settings.{key} must be true or false, got {value!r}")
+    return next((mode for key, mode in PAD_SETTINGS.items() if values[key]), "off")
 
 
 # -- sampler names ---------------------------------------------------------------------------------
@@ -219,7 +232,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                                        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")})
     prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
     fields = dict(clip_skip=clip_skip, vae=vae, tiling=bool(body.tiling), vae_tiling=body.vae_tiling, prompt=prompt,
-                  negative_prompt=negative, steps=body.steps,
+                  negative_prompt=negative, steps=body.steps, pad_conds=pad_conds(body, options),
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength, s_churn=body.s_churn, s_tmin=body.s_tmin,

@@ -43,7 +43,8 @@ HIRES_PASTED = {"Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_ups
                 "Hires negative prompt": ("hr_negative_prompt", str), "Hires sampler": ("hr_sampler_name", str),
                 "Hires schedule type": ("hr_scheduler", str)}
 SETTINGS = {"Clip skip": ("CLIP_stop_at_last_layers", int), "VAE": ("sd_vae", str),
-            "Model": ("sd_model_checkpoint", str)}
+            "Model": ("sd_model_checkpoint", str), "Pad conds": ("pad_cond_uncond", bool),
+            "Pad conds v0": ("pad_cond_uncond_v0", bool)}
 INFORMATION = {"Size", "Hires resize", "Model hash", "VAE hash", "Lora hashes", "TI hashes", "Hashes", "Version",
                "Emphasis"}  # Emphasis: only "Original", AUTOMATIC1111's default, is kiln's (checked below)
 

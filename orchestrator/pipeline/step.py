@@ -1,0 +1,42 @@
+"""A denoising step's UNet calls.
+
+The step's rows (the negative prompt's, then each of the prompt's parts', for every image) go to the UNet in one call,
+unless their conditioning splits them (conditioning.Split: the negative prompt and the prompt differ in length and
+nothing pads them, AUTOMATIC1111's default): then one call for each, handed over together, so a StepBatcher merges
+each with the other generations' calls of its shape in the same tick. Each call carries the ControlNet units that act
+on its rows (control.unet_with_units).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from orchestrator.pipeline.control import unet_with_units
+
+
+def predict(step, skip: int, inputs: dict[str, np.ndarray], control_input: np.ndarray, active: list, components,
+            lora: str, unet_call, nine_channels: bool, unconditional: int) -> np.ndarray:
+    """The step's noise prediction, its rows in order. `step`: the step's conditioning (Conditioning or Split);
+    `skip`: its first rows left out (s_min_uncond's steps); `inputs`: sample and timestep of every row run; `active`:
+    the units that act [(unit, their rows' control images, scale, ControlNet)]; `unconditional`: how many of the rows
+    run are the negative prompt's."""
+    total = len(inputs["sample"])
+    calls = []
+    for rows, conditioning in step.calls(skip):
+        start, stop, _ = rows.indices(total)
+        part = {name: value[rows] for name, value in inputs.items()} | conditioning
+        units = [(unit, images[rows], scale, control) for unit, images, scale, control in active]
+        call = unet_with_units(units, part, control_input[rows], components.unet_control, lora, nine_channels,
+                               max(0, min(unconditional, stop) - start))
+        calls.append(call or (components.unet.with_lora(lora), part))
+    predictions = run_all(unet_call, calls)
+    return predictions[0] if len(predictions) == 1 else np.concatenate(predictions)
+
+
+def run_all(unet_call, calls: list[tuple]) -> list[np.ndarray]:
+    """Each (graph, inputs) call's result: all handed over at once where `unet_call` takes several (a StepBatcher:
+    one arrival of this generation's in its tick), else one after another."""
+    together = getattr(unet_call, "run_all", None)
+    if together is not None and len(calls) > 1:
+        return together(calls)
+    return [unet_call(graph, inputs) for graph, inputs in calls]
