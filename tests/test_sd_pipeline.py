@@ -627,6 +627,9 @@ def test_generate_command_writes_a_png_with_parameters(triton, tmp_path, kiln):
     code, _, err = kiln("generate", "a cat", "--steps", "2", "--control-image", out, "--control-module", "canny",
                         "--control-weight", "0.5", *common, "--out", tmp_path / "cat3.png")
     assert code == 0 and Image.open(tmp_path / "cat3.png").size == (64, 64), err
+    code, _, err = kiln("generate", "a photo of a cat, " * 15, "--negative-prompt", "blurry", "--steps", "1",
+                        "--pad-conds", "last_vector", *common, "--out", tmp_path / "long.png")
+    assert code == 0 and "Pad conds v0: True" in Image.open(tmp_path / "long.png").text["parameters"], err
     Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
     code, _, err = kiln("generate", "a dog", "--steps", "2", "--init-image", out, "--mask", tmp_path / "mask.png",
                         "--mask-blur", "2", "--strength", "1.0", *common, "--out", tmp_path / "dog.png")

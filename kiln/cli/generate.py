@@ -11,6 +11,7 @@ from kiln.control import CONTROL_MODULES
 from kiln.errors import KilnError
 
 VAE_TILING = {"auto": None, "on": True, "off": False}  # --vae-tiling -> a request's vae_tiling
+PAD_SETTINGS = {"empty_chunks": "pad_cond_uncond", "last_vector": "pad_cond_uncond_v0"}  # --pad-conds -> a setting
 
 
 def add_parser(commands) -> None:
@@ -28,6 +29,9 @@ def add_parser(commands) -> None:
     generate.add_argument("--clip-skip", type=int, default=1,
                           help="AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers): 1 uses the text encoder's last "
                                "layer, 2 the one before, ...")
+    generate.add_argument("--pad-conds", choices=("off", "empty_chunks", "last_vector"), default="off",
+                          help="a negative prompt and a prompt of different lengths: off (AUTOMATIC1111's default: a "
+                               "UNet call each), empty_chunks (its Pad conds) or last_vector (Pad conds v0): one call")
     generate.add_argument("--vae", help="one of the build's other VAEs by name (kiln build sd --vae; AUTOMATIC1111's "
                                         "sd_vae); default: the checkpoint's own")
     generate.add_argument("--tiling", action="store_true",
@@ -150,7 +154,7 @@ def run(args) -> int:
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
                   cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
                   batch_size=args.batch_size, clip_skip=args.clip_skip, vae=args.vae, tiling=args.tiling,
-                  vae_tiling=VAE_TILING[args.vae_tiling],
+                  vae_tiling=VAE_TILING[args.vae_tiling], pad_conds=args.pad_conds,
                   controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None,
                   refiner=Refiner(args.refiner, args.refiner_switch_at) if args.refiner else None)
     if args.init_image is not None:
@@ -207,6 +211,7 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
                   tiling=args.tiling or None, vae_tiling=VAE_TILING[args.vae_tiling],
                   override_settings=({"CLIP_stop_at_last_layers": args.clip_skip} if args.clip_skip != 1 else {})
                   | ({"sd_vae": args.vae} if args.vae else {})
+                  | ({PAD_SETTINGS[args.pad_conds]: True} if args.pad_conds != "off" else {})
                   | ({"sd_model_checkpoint": args.checkpoint} if args.checkpoint else {}),
                   **({"refiner_checkpoint": args.refiner, "refiner_switch_at": args.refiner_switch_at}
                      if args.refiner else {}))
