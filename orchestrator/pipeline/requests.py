@@ -95,7 +95,8 @@ class Txt2ImgRequest:
     # Where the negative prompt and the prompt differ in length (chunks of 75 tokens): "off", AUTOMATIC1111's default,
     # runs them in UNet calls of their own; "empty_chunks" pads the shorter with the empty prompt's chunks (its
     # pad_cond_uncond, "Pad conds"); "last_vector" pads the negative prompt with its last vector, or cuts it
-    # (pad_cond_uncond_v0, "Pad conds v0"). Padding lets one UNet call take both: faster, a slightly other image.
+    # (pad_cond_uncond_v0, "Pad conds v0"). Padding makes one UNet call of both (as fast on a CPU:
+    # benchmarks/prompts.py) and a slightly other image.
     pad_conds: str = "off"
     hires: HiresFix | None = None  # txt2img only: the hires fix's second pass
     vae: str | None = None  # AUTOMATIC1111's sd_vae: one of the build's VAEs by name; None: the checkpoint's own
