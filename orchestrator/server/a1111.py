@@ -37,6 +37,7 @@ from orchestrator.pipeline import (
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.server.errors import short
 from orchestrator.server.inputs import decode_b64_image
+from orchestrator.server.options import APPLIED_OPTIONS, APPLIED_OVERRIDES, OPTION_TYPES, check_setting, pad_conds
 from orchestrator.server.paste import apply_infotext
 
 SAMPLER_ALIASES = {
@@ -49,45 +50,7 @@ ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.ite
     {name.lower(): name for name in SAMPLERS}
 # AUTOMATIC1111 1.9+ splits "DPM++ 2M Karras" into sampler_name + scheduler.
 SCHEDULER_SUFFIX = {"automatic": "", "uniform": "", "karras": " Karras"}
-OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
-                "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
-                "control_net_no_detectmap": bool, "pad_cond_uncond": bool, "pad_cond_uncond_v0": bool}
 ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta
-# what one request's override_settings can change
-APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
-                     "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0")
-# AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
-PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
-APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
-
-
-def check_setting(key: str, value: Any, options: dict, applied: tuple[str, ...], where: str) -> None:
-    """A setting (POST /sdapi/v1/options, a request's override_settings) this server acts on: one it applies, or
-    one that already holds the value asked for (samples_format "png", CLIP_stop_at_last_layers 1, ...). Anything
-    else is refused by name, never stored and ignored."""
-    if key in applied:
-        return
-    if key not in options:
-        raise InputError(f"{where}{key} is not a setting this server has; it has {', '.join(sorted(options))}")
-    if value != options[key]:
-        raise InputError(f"{where}{key} {value!r} is not supported by this server: it runs {options[key]!r}")
-
-
-def default_options() -> dict:
-    return {"sd_model_checkpoint": "", "show_progress_every_n_steps": 10, "live_previews_enable": True,
-            "samples_format": "png", "eta_ddim": 0.0, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
-            "live_preview_content": "Prompt", "interrogate_return_ranks": False, "control_net_no_detectmap": False,
-            "pad_cond_uncond": False, "pad_cond_uncond_v0": False}
-
-
-def pad_conds(body: schemas.Txt2ImgBody, options: dict) -> str:
-    """Txt2ImgRequest.pad_conds from AUTOMATIC1111's settings pad_cond_uncond ("Pad prompt/negative prompt") and
-    pad_cond_uncond_v0, a request's override_settings over the server's options."""
-    values = {key: body.override_settings.get(key, options[key]) for key in PAD_SETTINGS}
-    for key, value in values.items():
-        if not isinstance(value, bool):
-            raise InputError(f"override_settings.{key} must be true or false, got {value!r}")
-    return next((mode for key, mode in PAD_SETTINGS.items() if values[key]), "off")
 
 
 # -- sampler names ---------------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from orchestrator.engine import Engine
 from orchestrator.metrics import Metrics
 from orchestrator.pipeline import Pipeline
 from orchestrator.security import SecurityMiddleware
-from orchestrator.server.a1111 import default_options
 from orchestrator.server.errors import install_error_handlers
+from orchestrator.server.options import default_options
 from orchestrator.server.routes import controlnet, extras, health, listings, outputs, sdapi, sdnext, tasks, ui, vit
 from orchestrator.server.settings import Settings
 

@@ -1,0 +1,48 @@
+"""AUTOMATIC1111's settings as this server keeps them (POST /sdapi/v1/options, a request's override_settings): their
+defaults and types, which ones it applies, and the refusal of any other that asks for another value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kiln import schemas
+from kiln.errors import InputError
+
+OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
+                "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
+                "control_net_no_detectmap": bool, "pad_cond_uncond": bool, "pad_cond_uncond_v0": bool}
+# what one request's override_settings can change
+APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
+                     "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0")
+# AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
+PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
+APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
+
+
+def check_setting(key: str, value: Any, options: dict, applied: tuple[str, ...], where: str) -> None:
+    """A setting (POST /sdapi/v1/options, a request's override_settings) this server acts on: one it applies, or
+    one that already holds the value asked for (samples_format "png", CLIP_stop_at_last_layers 1, ...). Anything
+    else is refused by name, never stored and ignored."""
+    if key in applied:
+        return
+    if key not in options:
+        raise InputError(f"{where}{key} is not a setting this server has; it has {', '.join(sorted(options))}")
+    if value != options[key]:
+        raise InputError(f"{where}{key} {value!r} is not supported by this server: it runs {options[key]!r}")
+
+
+def default_options() -> dict:
+    return {"sd_model_checkpoint": "", "show_progress_every_n_steps": 10, "live_previews_enable": True,
+            "samples_format": "png", "eta_ddim": 0.0, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+            "live_preview_content": "Prompt", "interrogate_return_ranks": False, "control_net_no_detectmap": False,
+            "pad_cond_uncond": False, "pad_cond_uncond_v0": False}
+
+
+def pad_conds(body: schemas.Txt2ImgBody, options: dict) -> str:
+    """Txt2ImgRequest.pad_conds from AUTOMATIC1111's settings pad_cond_uncond ("Pad prompt/negative prompt") and
+    pad_cond_uncond_v0, a request's override_settings over the server's options."""
+    values = {key: body.override_settings.get(key, options[key]) for key in PAD_SETTINGS}
+    for key, value in values.items():
+        if not isinstance(value, bool):
+            raise InputError(f"override_settings.{key} must be true or false, got {value!r}")
+    return next((mode for key, mode in PAD_SETTINGS.items() if values[key]), "off")
