@@ -22,6 +22,7 @@ import numpy as np
 
 from kiln.prompt_schedule import edits, text_at
 from kiln.prompt_schedule import schedule as prompt_schedule
+from kiln.prompts import CHUNK_TOKENS
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,6 @@ def _same_length(parts: list[np.ndarray], negative: np.ndarray, empty: np.ndarra
 
 
 Prompted = Conditioning | Scheduled  # what a denoising loop is conditioned on: .at(step) gives a step's rows
-CHUNK = 77  # positions of one chunk of a prompt's encoding
 
 
 # The refiner's aesthetic scores: the prompt's and the negative prompt's (diffusers' and AUTOMATIC1111's defaults)
@@ -230,7 +230,7 @@ def encode_scheduled(text_encoder, prompts: list[str], clip_skip: int, lora: str
         texts = [entries[0][1] for entries in schedules]
         together = encode(text_encoder, texts, clip_skip, lora, time_ids=time_ids, width=width, height=height,
                           zero_first=guided and texts[0] == "")
-        if not guided or together.context.shape[1] == CHUNK:
+        if not guided or together.context.shape[1] == CHUNK_TOKENS + 2:  # one chunk, BOS and EOS
             return together
     encoded = {text: encode(text_encoder, [text], clip_skip, lora, time_ids=time_ids, width=width, height=height)
                for text in dict.fromkeys(text for entries in schedules for _, text in entries)}
