@@ -22,6 +22,10 @@ HIRES_FIELDS = {"hires_prompt": "Hires prompt", "hires_negative_prompt": "Hires 
 
 
 PAD_CONDS = {"empty_chunks": "Pad conds", "last_vector": "Pad conds v0"}  # info's pad_conds -> its infotext key
+# The sampler options that are not their defaults, by generation-info key (AUTOMATIC1111's names)
+SAMPLER_FIELDS = {"eta_ddim": "Eta DDIM", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax",
+                  "s_noise": "Sigma noise", "s_min_uncond": "NGMS"}
+SIZE_KEYS = ("Size", "Hires resize", "Seed resize from")  # "WxH" values, parsed into "<key>-1" and "<key>-2" too
 
 
 def quote(value: Any) -> Any:
@@ -46,6 +50,8 @@ def parameters_text(info: dict) -> str:
               (PAD_CONDS.get(info.get("pad_conds")), True),
               ("Refiner", quote(info.get("refiner"))), ("Refiner switch at", info.get("refiner_switch_at")),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
+              ("Seed resize from", info.get("seed_resize_from")), ("ENSD", info.get("ensd")),
+              *((label, info.get(key)) for key, label in SAMPLER_FIELDS.items()),
               ("Denoising strength", info.get("denoising_strength")),
               ("Noise multiplier", info.get("noise_multiplier")),
               ("SD upscale overlap", info.get("sd_upscale_overlap")),
@@ -86,8 +92,9 @@ def parse_infotext(text: str) -> dict[str, Any]:
         if value.startswith('"') and value.endswith('"'):
             value = value[1:-1]
         params[key.strip()] = value
-    if "Size" in params and "x" in params["Size"]:
-        params["Size-1"], params["Size-2"] = params["Size"].split("x", 1)
+    for key in SIZE_KEYS:
+        if "x" in str(params.get(key, "")):
+            params[f"{key}-1"], params[f"{key}-2"] = params[key].split("x", 1)
     return params
 
 

@@ -152,13 +152,15 @@ class Txt2ImgBody(BaseModel):
         refuse = {"firstphase_width": self.firstphase_width, "firstphase_height": self.firstphase_height,
                   "restore_faces": self.restore_faces,
                   "firstpass_image": self.firstpass_image, "comments": self.comments,
-                  "seed_resize_from_h": self.seed_resize_from_h > 0, "seed_resize_from_w": self.seed_resize_from_w > 0,
                   "hr_additional_modules": self.hr_additional_modules not in (None, [], ["Use same choices"]),
                   "a fractional clip_skip (SD.Next's interpolation between layers)":
                       self.clip_skip is not None and self.clip_skip != int(self.clip_skip)}
         for name, value in refuse.items():
             if value:
                 raise ValueError(f"{name} is not supported by this server")
+        if (self.seed_resize_from_w > 0) != (self.seed_resize_from_h > 0):
+            raise ValueError("seed_resize_from_w and seed_resize_from_h: Resize seed from takes both (or neither, 0 "
+                             "or -1)")
         if self.override_settings and not self.override_settings_restore_afterwards:
             raise ValueError("override_settings_restore_afterwards false is not supported by this server: "
                              "override_settings apply to this request only (POST /sdapi/v1/options changes settings)")

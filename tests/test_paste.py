@@ -33,8 +33,19 @@ def test_fields_the_request_leaves_unset_come_from_the_infotext():
             masked.inpaint_full_res_padding) == (6, 1, 2, True, 16)
 
 
+def test_seed_and_sampler_options_come_from_the_infotext():
+    """AUTOMATIC1111's names: Seed resize from (a WxH, as Size), ENSD and Eta DDIM (settings), the churn and NGMS."""
+    body = apply_infotext(schemas.Txt2ImgBody(infotext="a cat\nSteps: 2, Seed resize from: 48x32, ENSD: 31337, "
+                                                       "Eta DDIM: 0.3, Sigma churn: 0.4, Sigma tmin: 0.1, Sigma tmax: "
+                                                       "9.5, Sigma noise: 1.01, NGMS: 0.5"))
+    assert (body.seed_resize_from_w, body.seed_resize_from_h) == (48, 32)
+    assert body.override_settings == {"eta_noise_seed_delta": 31337, "eta_ddim": 0.3}
+    assert (body.s_churn, body.s_tmin, body.s_tmax, body.s_noise, body.s_min_uncond) == (0.4, 0.1, 9.5, 1.01, 0.5)
+
+
 @pytest.mark.parametrize("text, message", [
-    ("a cat\nSteps: 2, ENSD: 31337", "ENSD is a setting kiln would not apply"),
+    ("a cat\nSteps: 2, Eta: 0.5", "Eta is a setting kiln would not apply"),  # ancestral eta: kiln runs 1 only
+    ("a cat\nSteps: 2, RNG: NV", "RNG is a setting kiln would not apply"),
     ("a cat\nSteps: 2, ControlNet 0: \"Module: canny\"", "ControlNet 0"),
     ("a cat\nSteps: many", "Steps 'many' is not a number"),
     ("a cat\nSteps: 2, Emphasis: No norm", "Emphasis 'No norm'"),
@@ -45,20 +56,32 @@ def test_what_kiln_would_not_apply_is_refused(text, message):
         apply_infotext(schemas.Txt2ImgBody(infotext=text))
 
 
+BODY = {"prompt": "a photo of a (cat:1.2)", "negative_prompt": "blurry", "steps": 3, "seed": 11, "width": 64,
+        "height": 96, "sampler_name": "Euler", "cfg_scale": 6.0, "subseed": 3, "subseed_strength": 0.3,
+        "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "anime-vae.safetensors"}}
+
+
 @pytest.mark.slow
-def test_a_responses_infotext_sent_back_alone_gives_the_same_image(triton):
+@pytest.mark.parametrize("body, written", [
+    (BODY, "Variation seed: 3"),
+    # the seed options and the sampler's own: each written where it ran, and read back
+    (BODY | {"sampler_name": "Euler a", "seed_resize_from_w": 48, "seed_resize_from_h": 64, "s_min_uncond": 5.0,
+             "override_settings": {"eta_noise_seed_delta": 31337}},
+     "Seed resize from: 48x64, ENSD: 31337, NGMS: 5.0"),
+    (BODY | {"s_churn": 0.5, "s_tmin": 0.2, "s_noise": 1.05}, "Sigma churn: 0.5, Sigma tmin: 0.2, Sigma noise: 1.05"),
+    (BODY | {"sampler_name": "DDIM", "override_settings": {"eta_ddim": 0.4}}, "Eta DDIM: 0.4"),
+], ids=["variation", "seeds", "churn", "ddim"])
+def test_a_responses_infotext_sent_back_alone_gives_the_same_image(triton, body, written):
     from kiln.triton_server import free_port
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
 
     live = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port()))
-    body = {"prompt": "a photo of a (cat:1.2)", "negative_prompt": "blurry", "steps": 3, "seed": 11, "width": 64,
-            "height": 96, "sampler_name": "Euler", "cfg_scale": 6.0, "subseed": 3, "subseed_strength": 0.3,
-            "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "anime-vae.safetensors"}}
     try:
         with live.client() as client:
             first = client.post("/sdapi/v1/txt2img", json=body).json()
             infotext = json.loads(first["info"])["infotexts"][0]
+            assert written in infotext, infotext
             again = client.post("/sdapi/v1/txt2img", json={"infotext": infotext})
             assert again.status_code == 200, again.text
             assert again.json()["images"][0] == first["images"][0]

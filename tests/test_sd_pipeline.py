@@ -630,6 +630,13 @@ def test_generate_command_writes_a_png_with_parameters(triton, tmp_path, kiln):
     code, _, err = kiln("generate", "a photo of a cat, " * 15, "--negative-prompt", "blurry", "--steps", "1",
                         "--pad-conds", "last_vector", *common, "--out", tmp_path / "long.png")
     assert code == 0 and "Pad conds v0: True" in Image.open(tmp_path / "long.png").text["parameters"], err
+    code, _, err = kiln("generate", "a cat", "--steps", "2", "--subseed", "3", "--subseed-strength", "0.4",
+                        "--seed-resize-from", "48x48", "--ensd", "31337", *common, "--out", tmp_path / "seeds.png")
+    parameters = Image.open(tmp_path / "seeds.png").text["parameters"]  # Euler a draws from the ENSD's generators
+    assert code == 0 and "Variation seed: 3, Variation seed strength: 0.4, Seed resize from: 48x48, ENSD: 31337" \
+        in parameters, err
+    code, _, err = kiln("generate", "a cat", "--seed-resize-from", "48", *common)
+    assert code == 2 and "'48' is not WxH" in err and "Traceback" not in err
     Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
     code, _, err = kiln("generate", "a dog", "--steps", "2", "--init-image", out, "--mask", tmp_path / "mask.png",
                         "--mask-blur", "2", "--strength", "1.0", *common, "--out", tmp_path / "dog.png")

@@ -23,6 +23,13 @@ def add_parser(commands) -> None:
     generate.add_argument("--sampler", default="Euler a")
     generate.add_argument("--cfg-scale", type=float, default=7.0)
     generate.add_argument("--seed", type=int, default=-1, help="-1: random (the seed used is printed)")
+    generate.add_argument("--subseed", type=int, default=-1,
+                          help="AUTOMATIC1111's variation seed: its noise mixed in by --subseed-strength")
+    generate.add_argument("--subseed-strength", type=float, default=0.0, help="0: the seed's noise; 1: the subseed's")
+    generate.add_argument("--seed-resize-from", type=_size, metavar="WxH",
+                          help="AUTOMATIC1111's Resize seed from: the noise the seed gives at WxH, at the centre")
+    generate.add_argument("--ensd", type=int, default=0, metavar="N",
+                          help="AUTOMATIC1111's eta noise seed delta: the samplers' own noise from seed + N")
     generate.add_argument("--width", type=int, default=512)
     generate.add_argument("--height", type=int, default=512)
     generate.add_argument("--batch-size", type=int, default=1)
@@ -99,6 +106,16 @@ def add_parser(commands) -> None:
     generate.set_defaults(run=run)
 
 
+def _size(text: str) -> tuple[int, int]:
+    """WxH -> (width, height)."""
+    import argparse
+
+    width, _, height = text.partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WxH (for example 512x512)")
+    return int(width), int(height)
+
+
 def _files(args) -> dict[str, bytes]:
     """Every image the arguments name, read once; a missing one is an error before anything runs."""
     if args.mask is not None and args.init_image is None:
@@ -152,8 +169,10 @@ def run(args) -> int:
     from orchestrator.pipeline.components.triton import find_checkpoint, triton_components
 
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, sampler=args.sampler,
-                  cfg_scale=args.cfg_scale, seed=args.seed, width=args.width, height=args.height,
-                  batch_size=args.batch_size, clip_skip=args.clip_skip, vae=args.vae, tiling=args.tiling,
+                  cfg_scale=args.cfg_scale, seed=args.seed, subseed=args.subseed,
+                  subseed_strength=args.subseed_strength, seed_resize_from=args.seed_resize_from,
+                  eta_noise_seed_delta=args.ensd, width=args.width, height=args.height, batch_size=args.batch_size,
+                  clip_skip=args.clip_skip, vae=args.vae, tiling=args.tiling,
                   vae_tiling=VAE_TILING[args.vae_tiling], pad_conds=args.pad_conds,
                   controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None,
                   refiner=Refiner(args.refiner, args.refiner_switch_at) if args.refiner else None)
@@ -208,11 +227,15 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                   sampler_name=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
                   height=args.height, batch_size=args.batch_size, eta=0.0 if args.sampler.lower() == "ddim" else None,
+                  subseed=args.subseed, subseed_strength=args.subseed_strength,
+                  **(dict(zip(("seed_resize_from_w", "seed_resize_from_h"), args.seed_resize_from))
+                     if args.seed_resize_from else {}),
                   tiling=args.tiling or None, vae_tiling=VAE_TILING[args.vae_tiling],
                   override_settings=({"CLIP_stop_at_last_layers": args.clip_skip} if args.clip_skip != 1 else {})
                   | ({"sd_vae": args.vae} if args.vae else {})
                   | ({PAD_SETTINGS[args.pad_conds]: True} if args.pad_conds != "off" else {})
-                  | ({"sd_model_checkpoint": args.checkpoint} if args.checkpoint else {}),
+                  | ({"sd_model_checkpoint": args.checkpoint} if args.checkpoint else {})
+                  | ({"eta_noise_seed_delta": args.ensd} if args.ensd else {}),
                   **({"refiner_checkpoint": args.refiner, "refiner_switch_at": args.refiner_switch_at}
                      if args.refiner else {}))
     if args.hires:

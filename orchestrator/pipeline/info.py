@@ -8,16 +8,17 @@ from kiln.masks import blur_radius
 from orchestrator.pipeline import hires
 from orchestrator.pipeline.control import CONTROL_MODES
 from orchestrator.pipeline.requests import Img2ImgRequest, Txt2ImgRequest
+from orchestrator.pipeline.sampling import CHURN, Seeds
 
 if TYPE_CHECKING:
     from orchestrator.pipeline.pipeline import Pipeline
 
 
-def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeds: list[int], variation,
-             stopped_at: int | None, padded: bool = False) -> dict:
+def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeding: Seeds, stopped_at: int | None,
+             padded: bool = False) -> dict:
     """What the images' infotext and the API's info say about the run (`padded`: padding made the negative prompt
     and the prompt one length)."""
-    contract = pipeline.contract
+    contract, seeds = pipeline.contract, seeding.seeds
     info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "steps": request.steps,
             "sampler": request.sampler, "cfg_scale": request.cfg_scale, "seed": seeds[0], "all_seeds": seeds,
             "width": request.width, "height": request.height, "model": contract.model_name,
@@ -37,8 +38,13 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeds: list[int], vari
         info["lora_hashes"] = ", ".join(dict.fromkeys(h for part in hashes for h in part.split(", ") if h))
     if request.hires is not None:
         info |= hires.info(request)
-    if variation is not None:
-        info |= {"subseed": variation[0][0], "all_subseeds": variation[0], "subseed_strength": variation[1]}
+    if seeding.subseeds is not None:
+        info |= {"subseed": seeding.subseeds[0], "all_subseeds": seeding.subseeds, "subseed_strength": seeding.strength}
+    if request.seed_resize_from is not None:
+        info["seed_resize_from"] = "{}x{}".format(*request.seed_resize_from)
+    if seeding.delta_used:  # AUTOMATIC1111 names ENSD where the sampler drew its noise from it
+        info["ensd"] = seeding.delta
+    info |= sampler_settings(request)
     if stopped_at is not None:
         info["stopped_at_step"] = stopped_at
     if isinstance(request, Img2ImgRequest):
@@ -54,3 +60,15 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeds: list[int], vari
                               f"Guidance End: {unit.guidance_end}, Control Mode: {CONTROL_MODES[unit.control_mode]}\""
                               for unit in request.controlnet_units]
     return info
+
+
+def sampler_settings(request: Txt2ImgRequest) -> dict:
+    """The sampler options that are not their defaults (kiln.infotext.SAMPLER_FIELDS names them): DDIM's eta where
+    either pass runs DDIM, the churn (checked to be the sampler's), s_min_uncond."""
+    samplers = {request.sampler, getattr(request.hires, "sampler", None) or request.sampler}
+    settings = {name: getattr(request, name) for name in CHURN if getattr(request, name) != CHURN[name]}
+    if "DDIM" in samplers and request.eta:
+        settings["eta_ddim"] = request.eta
+    if request.s_min_uncond:
+        settings["s_min_uncond"] = request.s_min_uncond
+    return settings

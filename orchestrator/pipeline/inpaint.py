@@ -14,7 +14,7 @@ from kiln.imaging import ImageLimits, decode_image, encode_png, header_size, res
 from kiln.masks import blur_radius, crop_region, fill_masked, inpaint_mask, soft_mask
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest
-from orchestrator.pipeline.sampling import noise
+from orchestrator.pipeline.sampling import Seeds
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,7 @@ def own_size(init_image: bytes) -> tuple[int, int]:
 
 
 def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, shape: tuple, generators: list,
-                    generator, scheduler, timesteps, variation) -> tuple:
+                    generator, scheduler, timesteps, seeding: Seeds) -> tuple:
     """diffusers' StableDiffusionInpaintPipeline, in its order of random draws: image latents, noise, masked-image
     latents. Returns the starting latents, the noise, and what the loop needs at each step."""
     import torch
@@ -72,7 +72,7 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     # diffusers samples the image latents only when it blends (4-channel UNet) or starts from the image.
     image_latents = sample_latents(moments[:1], generators, contract.scaling_factor) \
         if blending or not strength_max else None
-    drawn = noise(shape, generator, variation) * request.initial_noise_multiplier
+    drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
     mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:]).repeat(batch, 1, 1, 1)
     if strength_max:
         latents = drawn * scheduler.init_noise_sigma

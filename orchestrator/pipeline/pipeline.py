@@ -31,10 +31,10 @@ from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_ma
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
 from orchestrator.pipeline.sampling import (
     CHURN,
+    Seeds,
     batch_seeds,
     draw_seed,
     editing_steps,
-    noise,
     schedule,
     sigma_at,
     step_kwargs,
@@ -150,8 +150,6 @@ class Pipeline:
         StepBatcher merges them with other generations'); denoising() is a context held for the
         loop (the batcher's participant()); `refiner`: the pipeline of request.refiner's checkpoint.
         """
-        import torch
-
         # 1. Check inputs. The request's VAE (AUTOMATIC1111's sd_vae), or with tiling the seamless UNet and VAE, stand
         # in for the checkpoint's everywhere.
         self.check(request)
@@ -177,11 +175,10 @@ class Pipeline:
         # 2. Seeds: -1 draws one; image i uses seed + i (AUTOMATIC1111).
         seed = draw_seed(request.seed)
         seeds = batch_seeds(seed, batch)
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        seeding = Seeds(seeds, batch_seeds(draw_seed(request.subseed), batch) if request.subseed_strength > 0 else None,
+                        request.subseed_strength, request.seed_resize_from, request.eta_noise_seed_delta)
+        generators = seeding.generators()
         generator = generators if batch > 1 else generators[0]
-        variation = None
-        if request.subseed_strength > 0:
-            variation = (batch_seeds(draw_seed(request.subseed), batch), request.subseed_strength)
 
         # 3. Encode the prompts: negative first, as diffusers concatenates them (then each of AND's parts).
         prompt, loras = self.lora_set(request.prompt)  # AUTOMATIC1111's LoRA tags: out of the text, into the models
@@ -204,14 +201,14 @@ class Pipeline:
         inpaint, drawn = None, None
         if init and request.inpainting:
             latents, drawn, inpaint = inpaint_latents(components.vae, contract, request, shape, generators, generator,
-                                                      scheduler, timesteps, variation)
+                                                      scheduler, timesteps, seeding)
         elif init:
             latents = init_latents(components.vae, contract, request, generators)
-            drawn = noise(shape, generator, variation) * request.initial_noise_multiplier
+            drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
             if len(timesteps):
                 latents = scheduler.add_noise(latents, drawn, timesteps[:1].repeat(batch))
         else:
-            latents = noise(shape, generator, variation) * scheduler.init_noise_sigma
+            latents = seeding.noise(shape, generator, contract.vae_scale_factor) * scheduler.init_noise_sigma
 
         # 6. ControlNet conditioning: each unit's control image for every row of the UNet batch.
         cond = control_images(request, request.width, request.height, len(context))
@@ -224,14 +221,15 @@ class Pipeline:
         with denoising() if denoising is not None else nullcontext():
             latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, (context, weights), cond,
                                                 inpaint, drawn,
-                                                step_kwargs(scheduler, generator, request.eta, churn(request)),
+                                                step_kwargs(scheduler, seeding.for_steps(generator), request.eta,
+                                                            churn(request)),
                                                 _counting(progress, 0, steps_total), cancelled, stop_early, unet_call,
                                                 loras, handover)
             # AUTOMATIC1111's "Pad conds": padding made the negative prompt and the prompt one length in some pass
             padded = context.padded or (handover is not None and handover.context.padded)
             if second is not None and stopped_at is None:
                 latents, stopped_at, hires_padded = self._hires_pass(
-                    request, latents, (context, prompt, loras), seeds, variation, second,
+                    request, latents, (context, prompt, loras), seeding, second,
                     _counting(progress, len(timesteps), steps_total), cancelled, stop_early, unet_call)
                 padded = padded or hires_padded
                 stopped_at = None if stopped_at is None else len(timesteps) + stopped_at
@@ -243,7 +241,7 @@ class Pipeline:
         if init and request.inpainting and request.overlay:
             images = paste_outside_mask(images, request.init_image, request.mask, request.width, request.height,
                                         request.mask_blur, request.inpainting_mask_invert)
-        info = run_info(self, request, seeds, variation, stopped_at, padded)
+        info = run_info(self, request, seeding, stopped_at, padded)
         if request.refiner is not None:  # AUTOMATIC1111's "Refiner" and "Refiner switch at"
             info |= {"refiner": refiner.contract.title, "refiner_switch_at": request.refiner.switch_at}
         return GenerationResult(images=images, seeds=seeds, info=info)
@@ -298,8 +296,8 @@ class Pipeline:
                 progress(index + 1, len(timesteps), latents.numpy())
         return latents, None
 
-    def _hires_pass(self, request: Txt2ImgRequest, latents: torch.Tensor, first: tuple, seeds: list[int],
-                    variation, second: tuple, progress, cancelled, stop_early, unet_call: UNetCall) -> tuple:
+    def _hires_pass(self, request: Txt2ImgRequest, latents: torch.Tensor, first: tuple, seeding: Seeds,
+                    second: tuple, progress, cancelled, stop_early, unet_call: UNetCall) -> tuple:
         """The hires fix after the first pass (`first`: its context, prompt text and LoRA set): upscale (latents, or
         the decoded image encoded again), fresh noise from the same seeds at the new size, and the second pass's
         steps (orchestrator.pipeline.hires). hr_prompt's LoRA tags apply to the second pass, as AUTOMATIC1111's."""
@@ -309,7 +307,7 @@ class Pipeline:
         vae = self.parts(request).vae
         planned = hires.plan(request, contract)
         # Fresh generators from the seeds, as img2img's: the VAE's sample (an image upscaler), then the noise.
-        fresh = [torch.Generator().manual_seed(s) for s in seeds]
+        fresh = seeding.generators()
         generator = fresh if len(fresh) > 1 else fresh[0]
         if fix.upscaler in hires.LATENT_MODES:
             latents = hires.upscale_latents(latents, fix, planned, contract.vae_scale_factor)
@@ -319,7 +317,7 @@ class Pipeline:
             moments = torch.from_numpy(vae.encode_pixels(pixels))
             latents = hires.truncate(sample_latents(moments, fresh, contract.scaling_factor), planned)
         scheduler, timesteps = second
-        drawn = noise(tuple(latents.shape), generator, variation)
+        drawn = seeding.noise(tuple(latents.shape), generator, contract.vae_scale_factor)
         latents = scheduler.add_noise(latents, drawn, timesteps[:1].repeat(len(latents)))
         context, first_prompt, loras = first
         prompt, loras = (first_prompt, loras) if fix.prompt is None else self.lora_set(fix.prompt)
@@ -336,7 +334,7 @@ class Pipeline:
             context = self.encode_prompts(prompts, upscaled, loras, hires_steps=steps).repeat(len(latents))
         # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context))
-        kwargs = step_kwargs(scheduler, generator, request.eta, churn(request))
+        kwargs = step_kwargs(scheduler, seeding.for_steps(generator), request.eta, churn(request))
         return *self._denoise(pass_two, scheduler, timesteps, latents, (context, weights), cond, None, drawn, kwargs,
                               progress, cancelled, stop_early, unet_call, loras), context.padded
 

@@ -82,6 +82,12 @@ class Txt2ImgRequest:
     controlnet: ControlNetUnit | tuple[ControlNetUnit, ...] | None = None  # one unit, or several (summed residuals)
     subseed: int = -1  # variation seed (AUTOMATIC1111): its noise is mixed in by subseed_strength
     subseed_strength: float = 0.0  # 0: the seed's noise alone; 1: the subseed's alone
+    # AUTOMATIC1111's "Resize seed from" (seed_resize_from_w, _h): the noise this seed gives at that size (width,
+    # height in pixels) is kept at the centre of the image's, so that a seed keeps its composition at another size
+    seed_resize_from: tuple[int, int] | None = None
+    # AUTOMATIC1111's eta_noise_seed_delta (ENSD): after the initial noise, the samplers' own noise (ancestral,
+    # churn, SDE) comes from generators seeded seed + this; 0: from the seed's generator, drawn on
+    eta_noise_seed_delta: int = 0
     clip_skip: int = 1  # AUTOMATIC1111's CLIP_stop_at_last_layers: the text encoder layer, counted from the end
     # Karras et al.'s stochastic churn, for the samplers that take it (Euler: diffusers' EulerDiscreteScheduler, as
     # k-diffusion's sample_euler in AUTOMATIC1111): noise added at sigmas in [s_tmin, s_tmax], scaled by s_noise

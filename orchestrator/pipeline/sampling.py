@@ -161,19 +161,83 @@ def batch_seeds(seed: int, count: int) -> list[int]:
     return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
 
 
-def noise(shape: tuple, generator, variation: tuple[list[int], float] | None) -> torch.Tensor:
-    """The initial noise, drawn like diffusers'; with a variation seed, AUTOMATIC1111's slerp toward its noise."""
-    import torch
-    from diffusers.utils.torch_utils import randn_tensor
+class Seeds:
+    """A run's seeds as AUTOMATIC1111 uses them (its ImageRNG): image i's seed and variation seed, how far its noise
+    is slerped toward the variation seed's (`strength`), the size whose noise it keeps at the centre ("Resize seed
+    from": `resize_from`, width x height in pixels), and the eta noise seed delta (ENSD): after the initial noise,
+    the samplers' own noise comes from generators seeded seed + delta."""
 
-    drawn = randn_tensor(shape, generator=generator, dtype=torch.float32)
-    if variation is None:
-        return drawn
-    subseeds, strength = variation
-    sub_generators = [torch.Generator().manual_seed(s) for s in subseeds]
-    sub_noise = randn_tensor(shape, generator=sub_generators if len(subseeds) > 1 else sub_generators[0],
-                             dtype=torch.float32)
-    return torch.stack([slerp(strength, a, b) for a, b in zip(drawn, sub_noise)])
+    def __init__(self, seeds: list[int], subseeds: list[int] | None = None, strength: float = 0.0,
+                 resize_from: tuple[int, int] | None = None, delta: int = 0) -> None:
+        self.seeds, self.subseeds, self.strength = seeds, subseeds, strength
+        self.resize_from, self.delta = resize_from, delta
+        self._reseeded: list[tuple] = []  # (generator, its state when made): the steps' generators under ENSD
+
+    def generators(self) -> list[torch.Generator]:
+        import torch
+
+        return [torch.Generator().manual_seed(s) for s in self.seeds]
+
+    def noise(self, shape: tuple, generator, scale_factor: int) -> torch.Tensor:
+        """The initial noise, drawn like diffusers' (each image's generator); with a variation seed, slerped toward
+        its noise; resized from another size, that size's noise pasted at the centre of this one's (the generator
+        still draws this size's, so the samplers' later noise is the same as without)."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        drawn = randn_tensor(shape, generator=generator, dtype=torch.float32)
+        small = None
+        if self.resize_from is not None:
+            small = (shape[1], self.resize_from[1] // scale_factor, self.resize_from[0] // scale_factor)
+            small = None if small == tuple(shape[1:]) else small
+        if self.strength == 0 and small is None:
+            return drawn
+        rows = []
+        for i, seed in enumerate(self.seeds):
+            own = drawn[i] if small is None else _randn(seed, small)
+            if self.strength > 0:
+                own = slerp(self.strength, own, _randn(self.subseeds[i], small or tuple(shape[1:])))
+            rows.append(own if small is None else _centred(own, drawn[i]))
+        return torch.stack(rows)
+
+    def for_steps(self, generator):
+        """The generator(s) a pass's steps draw from: the initial noise's, or with ENSD fresh ones from seed + delta
+        (AUTOMATIC1111 reseeds right after each pass's initial noise)."""
+        import torch
+
+        if not self.delta:
+            return generator
+        fresh = [torch.Generator().manual_seed(s + self.delta) for s in self.seeds]
+        self._reseeded += [(g, g.get_state()) for g in fresh]
+        return fresh if len(fresh) > 1 else fresh[0]
+
+    @property
+    def delta_used(self) -> bool:
+        """Whether a sampler drew from the reseeded generators, so that ENSD changed the image (AUTOMATIC1111 writes
+        ENSD in the infotext only for the samplers it changes)."""
+        import torch
+
+        return any(not torch.equal(g.get_state(), state) for g, state in self._reseeded)
+
+
+def _randn(seed: int, shape: tuple) -> torch.Tensor:
+    import torch
+
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def _centred(small: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` with `small` pasted at its centre, cut to fit where larger (AUTOMATIC1111's arithmetic, to its odd
+    sizes: the offsets are floor halves of the difference)."""
+    out = full.clone()
+    spans = []
+    for have, want in zip(small.shape[1:], full.shape[1:]):
+        offset = (want - have) // 2
+        size = have if offset >= 0 else have + 2 * offset
+        spans.append((max(offset, 0), max(-offset, 0), size))
+    (ty, sy, h), (tx, sx, w) = spans
+    out[:, ty:ty + h, tx:tx + w] = small[:, sy:sy + h, sx:sx + w]
+    return out
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,9 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         if not _is_int(value) or not -1 <= value <= MAX_SEED:
             raise InputError(f"{name} must be -1 (random) or in [0, 2^32 - 1], got {value!r}")
     _number_in("subseed_strength", request.subseed_strength, 0, 1)
+    _integer_in("eta_noise_seed_delta (ENSD)", request.eta_noise_seed_delta, 0, MAX_SEED)
+    if request.seed_resize_from is not None:
+        _check_seed_resize(request.seed_resize_from, contract.vae_scale_factor, limits)
     _number_in("s_min_uncond", request.s_min_uncond, 0, 1000)  # a sigma: SD 1.x's largest is 14.6
     if request.pad_conds not in PAD_CONDS:
         raise InputError(f"pad_conds must be one of {', '.join(PAD_CONDS)}, got {request.pad_conds!r}")
@@ -204,6 +207,17 @@ def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits
             contract.controlnet(unit.model)
         except InputError as exc:
             raise InputError(f"{name}: {exc}") from None
+
+
+def _check_seed_resize(size, scale_factor: int, limits: Limits) -> None:
+    """Resize seed from: (width, height) in pixels, at least a latent pixel each, and no more pixels than an input
+    image may have (the noise of that size is drawn)."""
+    if not isinstance(size, tuple) or len(size) != 2 or not all(_is_int(v) and v >= scale_factor for v in size):
+        raise InputError(f"seed_resize_from must be (width, height), each at least {scale_factor} pixels, got "
+                         f"{size!r}")
+    if size[0] * size[1] > limits.max_image_pixels:
+        raise InputError(f"seed_resize_from {size[0]}x{size[1]} is more than this server's "
+                         f"{limits.max_image_pixels} pixels")
 
 
 def _is_int(value) -> bool:

@@ -129,6 +129,11 @@ def _check_eta(body: schemas.Txt2ImgBody) -> None:
                          "(diffusers' scheduler has no eta); DDIM takes any eta")
 
 
+def seed_resize_from(body: schemas.Txt2ImgBody) -> tuple[int, int] | None:
+    """AUTOMATIC1111's "Resize seed from": (width, height) where both are set (the schema refuses one alone)."""
+    return (body.seed_resize_from_w, body.seed_resize_from_h) if body.seed_resize_from_w > 0 else None
+
+
 def sampler_name(body: schemas.Txt2ImgBody) -> str:
     """sampler_name (or the old sampler_index, or an alias such as k_euler_a) + scheduler -> one of SAMPLERS.
     SD.Next's integer sampler_index is the position in /sdapi/v1/samplers (SAMPLERS' order)."""
@@ -198,7 +203,10 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   negative_prompt=negative, steps=body.steps, pad_conds=pad_conds(body, options),
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
-                  subseed_strength=body.subseed_strength, s_churn=body.s_churn, s_tmin=body.s_tmin,
+                  subseed_strength=body.subseed_strength, seed_resize_from=seed_resize_from(body),
+                  eta_noise_seed_delta=body.override_settings.get("eta_noise_seed_delta",
+                                                                  options["eta_noise_seed_delta"]),
+                  s_churn=body.s_churn, s_tmin=body.s_tmin,
                   s_min_uncond=body.s_min_uncond,
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise, refiner=refiner(body),
                   controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height))
@@ -315,7 +323,7 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
         "sampler_name": first.get("sampler"), "cfg_scale": body.cfg_scale, "steps": body.steps,
         "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": first.get("model"), "sd_model_hash": first.get("model_hash"),
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "seed_resize_from_w": body.seed_resize_from_w, "seed_resize_from_h": body.seed_resize_from_h,
         "denoising_strength": first.get("denoising_strength"),
         "extra_generation_params": {label: first[key] for key, label in
                                     (*HIRES_FIELDS.items(), ("lora_hashes", "Lora hashes")) if key in first},

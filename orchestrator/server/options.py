@@ -10,10 +10,11 @@ from kiln.errors import InputError
 
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
                 "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
-                "control_net_no_detectmap": bool, "pad_cond_uncond": bool, "pad_cond_uncond_v0": bool}
+                "control_net_no_detectmap": bool, "pad_cond_uncond": bool, "pad_cond_uncond_v0": bool,
+                "eta_noise_seed_delta": int}
 # what one request's override_settings can change
 APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
-                     "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0")
+                     "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0", "eta_noise_seed_delta")
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -35,7 +36,7 @@ def default_options() -> dict:
     return {"sd_model_checkpoint": "", "show_progress_every_n_steps": 10, "live_previews_enable": True,
             "samples_format": "png", "eta_ddim": 0.0, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
             "live_preview_content": "Prompt", "interrogate_return_ranks": False, "control_net_no_detectmap": False,
-            "pad_cond_uncond": False, "pad_cond_uncond_v0": False}
+            "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "eta_noise_seed_delta": 0}
 
 
 def pad_conds(body: schemas.Txt2ImgBody, options: dict) -> str:

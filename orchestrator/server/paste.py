@@ -3,7 +3,7 @@ api.apply_infotext does with the UI's paste fields. A field the request sets its
 settings an infotext carries (Clip skip, VAE, Model) go to override_settings unless the request overrides them too.
 
 Keys are applied (PASTED, SETTINGS, the hires fix's), or are information only (INFORMATION: hashes, the version),
-or are refused by name: a key that describes a setting kiln would not apply (ENSD, RNG, a ControlNet unit) would
+or are refused by name: a key that describes a setting kiln would not apply (RNG, Eta, a ControlNet unit) would
 otherwise change the image without a word.
 """
 
@@ -22,7 +22,10 @@ PASTED = {"Prompt": ("prompt", str), "Negative prompt": ("negative_prompt", str)
           "Seed": ("seed", int), "Size-1": ("width", int), "Size-2": ("height", int), "Batch size": ("batch_size", int),
           "Variation seed": ("subseed", int), "Variation seed strength": ("subseed_strength", float),
           "Denoising strength": ("denoising_strength", float), "Tiling": ("tiling", bool),
-          "Noise multiplier": ("initial_noise_multiplier", float)}
+          "Noise multiplier": ("initial_noise_multiplier", float), "Seed resize from-1": ("seed_resize_from_w", int),
+          "Seed resize from-2": ("seed_resize_from_h", int), "Sigma churn": ("s_churn", float),
+          "Sigma tmin": ("s_tmin", float), "Sigma tmax": ("s_tmax", float), "Sigma noise": ("s_noise", float),
+          "NGMS": ("s_min_uncond", float)}
 def _choice(options: dict[str, Any]):
     """A key whose text names one of `options` (AUTOMATIC1111's radio buttons)."""
     def convert(key: str, text: str) -> Any:
@@ -44,9 +47,11 @@ HIRES_PASTED = {"Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_ups
                 "Hires schedule type": ("hr_scheduler", str)}
 SETTINGS = {"Clip skip": ("CLIP_stop_at_last_layers", int), "VAE": ("sd_vae", str),
             "Model": ("sd_model_checkpoint", str), "Pad conds": ("pad_cond_uncond", bool),
-            "Pad conds v0": ("pad_cond_uncond_v0", bool)}
-INFORMATION = {"Size", "Hires resize", "Model hash", "VAE hash", "Lora hashes", "TI hashes", "Hashes", "Version",
-               "Emphasis"}  # Emphasis: only "Original", AUTOMATIC1111's default, is kiln's (checked below)
+            "Pad conds v0": ("pad_cond_uncond_v0", bool), "ENSD": ("eta_noise_seed_delta", int),
+            "Eta DDIM": ("eta_ddim", float)}
+# Emphasis: only "Original", AUTOMATIC1111's default, is kiln's (checked below)
+INFORMATION = {"Size", "Hires resize", "Seed resize from", "Model hash", "VAE hash", "Lora hashes", "TI hashes",
+               "Hashes", "Version", "Emphasis"}
 
 
 def _value(key: str, text: str, kind) -> Any:
@@ -69,8 +74,6 @@ def apply_infotext(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
     if not body.infotext:
         return body
     params = parse_infotext(body.infotext)
-    if "Hires resize" in params and "x" in str(params["Hires resize"]):
-        params["Hires resize-1"], params["Hires resize-2"] = str(params["Hires resize"]).split("x", 1)
     img2img = isinstance(body, schemas.Img2ImgBody)
     pasted = PASTED | (IMG2IMG_PASTED if img2img else HIRES_PASTED)
     if params.get("Emphasis", "Original") != "Original":
