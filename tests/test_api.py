@@ -267,6 +267,11 @@ BAD = [
     ({"override_settings": {"samples_format": "jpg"}}, 422, "override_settings.samples_format 'jpg' is not supported"),
     ({"override_settings": {"outdir_samples": "/tmp"}}, 422, "override_settings.outdir_samples is not a setting"),
     ({"override_settings": {"pad_cond_uncond": "yes"}}, 422, "override_settings.pad_cond_uncond must be true or false"),
+    ({"override_settings": {"eta_noise_seed_delta": -1}}, 422, "eta_noise_seed_delta (ENSD) must be between 0 and"),
+    ({"override_settings": {"eta_noise_seed_delta": "31337"}}, 422, "eta_noise_seed_delta (ENSD) must be between"),
+    ({"seed_resize_from_w": 5000, "seed_resize_from_h": 5000}, 422, "seed_resize_from 5000x5000 is more than"),
+    ({"seed_resize_from_w": 1, "seed_resize_from_h": 64}, 422, "seed_resize_from must be (width, height), each at"),
+    ({"seed_resize_from_h": 64}, 422, "Resize seed from takes both"),
     ({"override_settings": {"eta_ddim": 0.3}, "override_settings_restore_afterwards": False}, 422,
      "override_settings_restore_afterwards"),
     ({"alwayson_scripts": {"adetailer": {"args": []}}}, 422, "adetailer"),
@@ -366,6 +371,10 @@ def test_listing_endpoints(client):
     assert client.post("/sdapi/v1/options", json={"eta_ddim": "lots"}).status_code == 422
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 422
     client.post("/sdapi/v1/options", json={"eta_ddim": 0.0})
+    assert client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 31337}).status_code == 200
+    ensd = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 1, "sampler_name": "Euler a"}).json()
+    assert "ENSD: 31337" in json.loads(ensd["info"])["infotexts"][0]
+    assert client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 0}).status_code == 200
     # A setting kiln does not act on is refused, not stored and ignored; one that already holds is fine.
     refused = client.post("/sdapi/v1/options", json={"samples_format": "webp"})
     assert refused.status_code == 422 and "samples_format 'webp' is not supported" in refused.text
