@@ -87,6 +87,18 @@ def test_a_session_in_the_browser(browser, service):
     assert "Seed: 1234" in page.inner_text("#info") and "Size: 64x64" in page.inner_text("#info")
     shot(page, "txt2img")
 
+    # The seed's extras: a variation seed and a seed resized from a smaller size reach the image's infotext.
+    page.click("#seed-extra summary")
+    extras = {"subseed": "3", "subseed_strength": "0.5", "seed_resize_from_w": "48", "seed_resize_from_h": "48"}
+    plain = {"subseed": "-1", "subseed_strength": "0", "seed_resize_from_w": "0", "seed_resize_from_h": "0"}
+    for name, value in extras.items():
+        page.fill(f"[name={name}]", value)
+    page.fill("[name=steps]", "4")
+    generate(page)
+    assert "Variation seed: 3, Variation seed strength: 0.5, Seed resize from: 48x48" in page.inner_text("#info")
+    for name, value in plain.items():
+        page.fill(f"[name={name}]", value)
+
     # The gallery lists what save_images wrote; its parameters go back into the form.
     page.fill("[name=prompt]", "")
     page.click("[data-tab=gallery]")
@@ -97,6 +109,9 @@ def test_a_session_in_the_browser(browser, service):
     shot(page, "gallery")
     page.click("#send-txt2img")
     assert page.input_value("[name=prompt]") == "a photo of a cat" and page.input_value("[name=seed]") == "1234"
+    assert all(page.input_value(f"[name={name}]") == value for name, value in extras.items())  # the newest's
+    for name, value in plain.items():
+        page.fill(f"[name={name}]", value)
 
     # img2img: an image, a mask painted on it, inpainting.
     page.click("[data-tab=img2img]")

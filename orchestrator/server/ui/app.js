@@ -110,6 +110,9 @@ async function generationBody(kind) {
     steps: numberOr(form.steps.value, 20), cfg_scale: numberOr(form.cfg_scale.value, 7),
     width: numberOr(form.width.value, 512), height: numberOr(form.height.value, 512),
     seed: numberOr(form.seed.value, -1), n_iter: numberOr(form.n_iter.value, 1),
+    subseed: numberOr(form.subseed.value, -1), subseed_strength: numberOr(form.subseed_strength.value, 0),
+    seed_resize_from_w: numberOr(form.seed_resize_from_w.value, 0),
+    seed_resize_from_h: numberOr(form.seed_resize_from_h.value, 0),
     batch_size: numberOr(form.batch_size.value, 1), save_images: true,
     styles: $$("option", form.styles).filter(o => o.selected).map(o => o.value),
   };
@@ -499,6 +502,9 @@ function reuse(fields) {
   set("prompt", fields.Prompt); set("negative_prompt", fields["Negative prompt"]);
   set("steps", fields.Steps); set("cfg_scale", fields["CFG scale"]); set("seed", fields.Seed);
   set("width", fields["Size-1"]); set("height", fields["Size-2"]);
+  set("subseed", fields["Variation seed"]); set("subseed_strength", fields["Variation seed strength"]);
+  set("seed_resize_from_w", fields["Seed resize from-1"]); set("seed_resize_from_h", fields["Seed resize from-2"]);
+  if (fields["Variation seed"] || fields["Seed resize from"]) $("#seed-extra").open = true;
   if (fields.Sampler && $$("option", form.sampler_name).some(o => o.value === fields.Sampler)) {
     form.sampler_name.value = fields.Sampler;
   }
