@@ -126,11 +126,8 @@ class Scheduled:
         if not self.guided or self.pad == "off":
             return False
         last = max(end for entries in self.schedules for end, _ in entries)
-        for chosen in {self._chosen(step) for step in range(last + 1)}:
-            lengths = [self.texts[text].context.shape[1] for text in chosen]
-            if lengths[0] != max(lengths[1:]):
-                return True
-        return False
+        return any(_uneven([self.texts[text] for text in chosen])
+                   for chosen in {self._chosen(step) for step in range(last + 1)})
 
     def _chosen(self, step: int) -> tuple[str, ...]:
         return tuple(entries[text_at(entries, step)][1] for entries in self.schedules)
@@ -146,13 +143,18 @@ class Scheduled:
         context = np.zeros_like(negative.context) if self.zero_negative else negative.context
         neg = [] if self.time_ids is None else [negative.added["text_embeds"]]
         neg = [np.zeros_like(value) for value in neg] if self.zero_negative else neg
-        if context.shape[1] != longest and self.pad == "off":
+        if self.pad == "off" and _uneven(rows):
             ids = (None, None) if self.time_ids is None else (self.time_ids[:1], self.time_ids[1:])
             return Split(_rows([context], neg, ids[0]), _rows(contexts, pooled, ids[1]))
         if self.pad == "last_vector":
             context = _last_vector(context, longest)
         contexts, context = _same_length(contexts, context, self.empty)
         return _rows([context, *contexts], [*neg, *pooled], self.time_ids)
+
+
+def _uneven(rows: list[Conditioning]) -> bool:
+    """Whether the negative prompt's row (the first) and the prompt's longest part differ in length."""
+    return rows[0].context.shape[1] != max(row.context.shape[1] for row in rows[1:])
 
 
 def _rows(contexts: list[np.ndarray], pooled: list[np.ndarray], time_ids: np.ndarray | None) -> Conditioning:
