@@ -63,7 +63,18 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-def test_a_session_in_the_browser(browser, service):
+def _infotext_png(path: Path) -> Path:
+    """A PNG as AUTOMATIC1111 writes one: its infotext in the "parameters" text chunk."""
+    from PIL import Image, PngImagePlugin
+
+    chunk = PngImagePlugin.PngInfo()
+    chunk.add_text("parameters", "a red fox\nNegative prompt: blurry\nSteps: 7, Sampler: DDIM, CFG scale: 5.5, "
+                                 "Seed: 99, Size: 64x64, Variation seed: 4, Variation seed strength: 0.2")
+    Image.new("RGB", (64, 64), (180, 90, 40)).save(path, pnginfo=chunk)
+    return path
+
+
+def test_a_session_in_the_browser(browser, service, tmp_path):
     page = open_page(browser, service.url)
     served = requests.get(f"{service.url}/sdapi/v1/sd-models", timeout=30).json()[0]["title"]
     assert page.inner_text("#checkpoint") == served
@@ -193,6 +204,26 @@ def test_a_session_in_the_browser(browser, service):
     page.wait_for_selector("#options-form input[name=CLIP_stop_at_last_layers]")
     shot(page, "settings")
     assert not page.errors, page.errors
+
+    # PNG info: another program's PNG read by the server (png-info), its fields sent into the txt2img form.
+    page.click("[data-tab=png-info]")
+    page.set_input_files("#png-file", str(_infotext_png(tmp_path / "a1111.png")))
+    page.wait_for_selector("#png-detail:not([hidden])")
+    assert page.inner_text("#png-parameters").startswith("a red fox\nNegative prompt: blurry\nSteps: 7")
+    shot(page, "png-info")
+    page.click("#png-send-txt2img")
+    form = {"prompt": "a red fox", "negative_prompt": "blurry", "steps": "7", "cfg_scale": "5.5", "seed": "99",
+            "width": "64", "height": "64", "subseed": "4", "subseed_strength": "0.2"}
+    assert {name: page.input_value(f"[name={name}]") for name in form} == form
+    assert page.input_value("[name=sampler_name]") == "DDIM"
+    page.click("[data-tab=png-info]")
+    page.set_input_files("#png-file", str(PHOTO))  # a photo: nothing to send
+    page.wait_for_function("document.querySelector('#png-parameters').textContent.includes('no parameters')")
+    assert page.is_disabled("#png-send-txt2img")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    page.set_input_files("#png-file", str(tmp_path / "broken.png"))  # the server's message, shown
+    page.wait_for_selector("#png-error:not([hidden])")
+    assert "not an image this server reads" in page.inner_text("#png-error") and page.is_hidden("#png-detail")
 
     # Bad input: the API's message next to the field; a task queued before it still finishes.
     page.click("[data-tab=txt2img]")

@@ -5,7 +5,7 @@
 const $ = (selector, root = document) => root.querySelector(selector);
 const $$ = (selector, root = document) => [...root.querySelectorAll(selector)];
 const state = { tab: "txt2img", caps: null, tasks: new Map(), current: null, lastSeed: -1, gallery: [], detail: null,
-                events: [] };
+                pngInfo: null, events: [] };
 window.kiln = state; // what the browser test reads: the events the page received
 
 class ApiError extends Error {
@@ -457,15 +457,34 @@ async function classify(files) {
   }
 }
 
-function setUpClassify() {
-  const drop = $("#drop");
-  $("#classify-files").onchange = event => classify(event.target.files);
+// A drop zone and its file input: `onFiles` gets what is dropped or chosen.
+function dropZone(drop, input, onFiles) {
+  input.onchange = event => onFiles(event.target.files);
   drop.addEventListener("dragover", event => { event.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
   drop.addEventListener("drop", event => {
     event.preventDefault(); drop.classList.remove("over");
-    classify(event.dataTransfer.files);
+    onFiles(event.dataTransfer.files);
   });
+}
+
+// -- PNG info: an image's infotext (POST /sdapi/v1/png-info), and its fields into the form -----------------------
+async function readPngInfo(files) {
+  const file = files[0];
+  if (!file) return;
+  $("#png-error").hidden = true;
+  try {
+    const base64 = await fileToBase64(file);
+    const answer = await api("POST", "/sdapi/v1/png-info", { image: base64 });
+    state.pngInfo = { url: `data:image/png;base64,${base64}`, fields: answer.parameters, path: file.name };
+    $("#png-image").src = state.pngInfo.url;
+    $("#png-parameters").textContent = answer.info || "(no parameters in this image)";
+    $("#png-detail").hidden = false;
+    $$("#png-detail button").forEach(b => { b.disabled = !answer.info; });
+  } catch (error) {
+    $("#png-detail").hidden = true;
+    $("#png-error").textContent = error.message; $("#png-error").hidden = false;
+  }
 }
 
 // -- gallery ----------------------------------------------------------------------------------------------------------
@@ -511,8 +530,7 @@ function reuse(fields) {
   if (fields["Denoising strength"]) set("denoising_strength", fields["Denoising strength"]);
 }
 
-async function sendTo(tab) {
-  const item = state.detail;
+async function sendTo(tab, item = state.detail) {
   if (!item) return;
   reuse(item.fields);
   if (tab === "img2img") {
@@ -575,7 +593,10 @@ function start() {
   $("#send-img2img").onclick = () => sendTo("img2img");
   $("#save-options").onclick = saveOptions;
   setUpMaskPainting();
-  setUpClassify();
+  dropZone($("#drop"), $("#classify-files"), classify);
+  dropZone($("#png-drop"), $("#png-file"), readPngInfo);
+  $("#png-send-txt2img").onclick = () => sendTo("txt2img", state.pngInfo);
+  $("#png-send-img2img").onclick = () => sendTo("img2img", state.pngInfo);
   showTab("txt2img");
   loadCapabilities();
   refreshQueue();
