@@ -68,7 +68,8 @@ def _infotext_png(path: Path) -> Path:
     from PIL import Image, PngImagePlugin
 
     chunk = PngImagePlugin.PngInfo()
-    chunk.add_text("parameters", "a red fox\nNegative prompt: blurry\nSteps: 7, Sampler: DDIM, CFG scale: 5.5, "
+    chunk.add_text("parameters", "a red fox\nNegative prompt: blurry\nSteps: 7, Sampler: DPM++ 2M, Schedule type: "
+                                 "Karras, CFG scale: 5.5, "
                                  "Seed: 99, Size: 64x64, Variation seed: 4, Variation seed strength: 0.2")
     Image.new("RGB", (64, 64), (180, 90, 40)).save(path, pnginfo=chunk)
     return path
@@ -215,7 +216,7 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     form = {"prompt": "a red fox", "negative_prompt": "blurry", "steps": "7", "cfg_scale": "5.5", "seed": "99",
             "width": "64", "height": "64", "subseed": "4", "subseed_strength": "0.2"}
     assert {name: page.input_value(f"[name={name}]") for name in form} == form
-    assert page.input_value("[name=sampler_name]") == "DDIM"
+    assert (page.input_value("[name=sampler_name]"), page.input_value("[name=scheduler]")) == ("DPM++ 2M", "karras")
     page.click("[data-tab=png-info]")
     page.set_input_files("#png-file", str(PHOTO))  # a photo: nothing to send
     page.wait_for_function("document.querySelector('#png-parameters').textContent.includes('no parameters')")

@@ -527,6 +527,8 @@ function reuse(fields) {
   if (fields.Sampler && $$("option", form.sampler_name).some(o => o.value === fields.Sampler)) {
     form.sampler_name.value = fields.Sampler;
   }
+  const schedule = $$("option", form.scheduler).find(o => o.textContent === fields["Schedule type"]);
+  if (schedule) form.scheduler.value = schedule.value;
   if (fields["Denoising strength"]) set("denoising_strength", fields["Denoising strength"]);
 }
 
