@@ -162,6 +162,18 @@ def test_int8_keeps_the_head_in_float(all_variants_repo):
     assert not quantized(head)
 
 
+def test_the_precision_a_session_reports_shows_int8_layers(all_variants_repo):
+    """OpenVINO's precision hint says f32 for a quantized model; its compiled graph runs int8 layers, and what a
+    session reports (the build report's and the benchmarks' "executes in") says so."""
+    from kiln.runtime import Session, SessionOptions
+
+    repo, _ = all_variants_repo
+    folder = repo / "vit" / "1"
+    assert Session(SessionOptions("openvino", folder / VARIANTS["openvino-int8"].artifact)).execution_precision == \
+        "int8+f32"
+    assert Session(SessionOptions("openvino", folder / VARIANTS["openvino-fp32"].artifact)).execution_precision == "f32"
+
+
 @pytest.mark.slow
 def test_extra_exports_load_back(all_variants_repo, vit_model):
     import torch

@@ -203,16 +203,19 @@ class Session:
 
     @property
     def execution_precision(self) -> str:
-        """The precision the runtime really computes in ("f32", "bf16"; "as stored" for ONNX Runtime).
+        """The precision the runtime really computes in ("f32", "bf16"; "as stored" for ONNX Runtime; "int8+f32"
+        where OpenVINO runs some convolutions or matrix products in int8, the rest in f32).
 
-        OpenVINO silently falls back to f32 for a bf16 hint on CPUs without bf16 instructions.
+        OpenVINO silently falls back to f32 for a bf16 hint on CPUs without bf16 instructions; its hint says nothing
+        of a quantized model's int8 layers, which its compiled graph shows.
         """
         if self.options.runtime == "onnxruntime":
             return "as stored"
         if self.options.runtime == "torch":
             return self._torch.execution_precision
         value = self._compiled.get_property("INFERENCE_PRECISION_HINT")
-        return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+        value = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+        return f"int8+{value}" if _runs_int8(self._compiled) else value
 
     @property
     def checks_finite(self) -> bool:
@@ -256,3 +259,15 @@ def _preferred_name(port) -> str:
     # Prefer a name without OpenVINO's ":0"/"/sink_port" decorations when there is one.
     plain = sorted(n for n in names if ":" not in n and "/" not in n)
     return plain[0] if plain and any_name not in plain else any_name
+
+
+def _runs_int8(compiled) -> bool:
+    """Whether a compiled OpenVINO model runs a convolution or a matrix product in 8-bit integers (its execution
+    graph's runtimePrecision; a plugin without that graph says nothing: False)."""
+    try:
+        ops = compiled.get_runtime_model().get_ops()
+        return any(str(op.get_rt_info()["runtimePrecision"].astype(str)) in ("u8", "i8") and
+                   str(op.get_rt_info()["layerType"].astype(str)) in ("Convolution", "FullyConnected", "MatMul",
+                                                                       "Deconvolution") for op in ops)
+    except (RuntimeError, KeyError, AttributeError):
+        return False
