@@ -48,6 +48,7 @@ def parameters_text(info: dict) -> str:
               ("VAE hash", info.get("vae_hash")), ("VAE", quote(info.get("vae"))),
               ("Tiling", info.get("tiling")),
               (PAD_CONDS.get(info.get("pad_conds")), True),
+              ("Old prompt editing timelines", info.get("old_timelines")),
               ("Refiner", quote(info.get("refiner"))), ("Refiner switch at", info.get("refiner_switch_at")),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Seed resize from", info.get("seed_resize_from")), ("ENSD", info.get("ensd")),

@@ -157,10 +157,13 @@ def _merged(nodes: list) -> tuple:
     return tuple(out)
 
 
-def schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
+def schedule(prompt: str, steps: int, hires_steps: int | None = None, old: bool = False) -> list[tuple[int, str]]:
     """AUTOMATIC1111's get_learned_conditioning_prompt_schedules for one prompt: [(end_at_step, text)], the steps
-    ascending, the last `steps` (or `hires_steps`: the second pass's, its numbers counting on from `steps`)."""
-    if hires_steps is None:
+    ascending, the last `steps` (or `hires_steps`: the second pass's, its numbers counting on from `steps`).
+
+    `old`: its use_old_scheduling ("Old prompt editing timelines", before 1.8): a number under 1 is a fraction of the
+    steps, any other a step, and the hires fix's second pass runs the first pass's timeline again."""
+    if hires_steps is None or old:
         int_offset, float_offset, total = 0, 0.0, steps
     else:
         int_offset, float_offset, total = steps, 1.0, hires_steps
@@ -170,7 +173,10 @@ def schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tu
 
     def when(number: str) -> int:
         value = float(number)
-        value = (value - float_offset) * total if "." in number else value - int_offset
+        if old:
+            value = value * total if value < 1 else value
+        else:
+            value = (value - float_offset) * total if "." in number else value - int_offset
         return min(total, int(value))
 
     ends = {total}

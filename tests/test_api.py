@@ -268,6 +268,8 @@ BAD = [
     ({"override_settings": {"outdir_samples": "/tmp"}}, 422, "override_settings.outdir_samples is not a setting"),
     ({"override_settings": {"pad_cond_uncond": "yes"}}, 422, "override_settings.pad_cond_uncond must be true or false"),
     ({"override_settings": {"eta_noise_seed_delta": -1}}, 422, "eta_noise_seed_delta (ENSD) must be between 0 and"),
+    ({"override_settings": {"use_old_scheduling": 1}}, 422, "override_settings.use_old_scheduling must be true or"),
+    ({"override_settings": {"auto_backcompat": True}}, 422, "auto_backcompat True is not supported by this server"),
     ({"override_settings": {"eta_noise_seed_delta": "31337"}}, 422, "eta_noise_seed_delta (ENSD) must be between"),
     ({"seed_resize_from_w": 5000, "seed_resize_from_h": 5000}, 422, "seed_resize_from 5000x5000 is more than"),
     ({"seed_resize_from_w": 1, "seed_resize_from_h": 64}, 422, "seed_resize_from must be (width, height), each at"),

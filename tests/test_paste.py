@@ -37,9 +37,10 @@ def test_seed_and_sampler_options_come_from_the_infotext():
     """AUTOMATIC1111's names: Seed resize from (a WxH, as Size), ENSD and Eta DDIM (settings), the churn and NGMS."""
     body = apply_infotext(schemas.Txt2ImgBody(infotext="a cat\nSteps: 2, Seed resize from: 48x32, ENSD: 31337, "
                                                        "Eta DDIM: 0.3, Sigma churn: 0.4, Sigma tmin: 0.1, Sigma tmax: "
-                                                       "9.5, Sigma noise: 1.01, NGMS: 0.5"))
+                                                       "9.5, Sigma noise: 1.01, NGMS: 0.5, Old prompt editing "
+                                                       "timelines: True"))
     assert (body.seed_resize_from_w, body.seed_resize_from_h) == (48, 32)
-    assert body.override_settings == {"eta_noise_seed_delta": 31337, "eta_ddim": 0.3}
+    assert body.override_settings == {"eta_noise_seed_delta": 31337, "eta_ddim": 0.3, "use_old_scheduling": True}
     assert (body.s_churn, body.s_tmin, body.s_tmax, body.s_noise, body.s_min_uncond) == (0.4, 0.1, 9.5, 1.01, 0.5)
 
 
@@ -70,7 +71,9 @@ BODY = {"prompt": "a photo of a (cat:1.2)", "negative_prompt": "blurry", "steps"
      "Seed resize from: 48x64, ENSD: 31337, NGMS: 5.0"),
     (BODY | {"s_churn": 0.5, "s_tmin": 0.2, "s_noise": 1.05}, "Sigma churn: 0.5, Sigma tmin: 0.2, Sigma noise: 1.05"),
     (BODY | {"sampler_name": "DDIM", "override_settings": {"eta_ddim": 0.4}}, "Eta DDIM: 0.4"),
-], ids=["variation", "seeds", "churn", "ddim"])
+    (BODY | {"prompt": "a [cat:dog:1.0]", "override_settings": {"use_old_scheduling": True}},
+     "Old prompt editing timelines: True"),
+], ids=["variation", "seeds", "churn", "ddim", "old timelines"])
 def test_a_responses_infotext_sent_back_alone_gives_the_same_image(triton, body, written):
     from kiln.triton_server import free_port
     from orchestrator.server.service import BackgroundAPI

@@ -60,6 +60,17 @@ def test_the_hires_pass_counts_on_from_the_first():
     assert schedule("[a:b:5]", 10, 8) == [(8, "b")]
 
 
+def test_old_timelines_are_automatic1111s_before_1_8():
+    """use_old_scheduling: under 1 a fraction, any other number a step (1.0 too); the hires pass runs the first
+    pass's timeline again (past its end, the first entry, as AUTOMATIC1111's reconstruct_cond_batch)."""
+    assert schedule("[a:b:1.0]", 10, old=True) == [(1, "a"), (10, "b")]
+    assert schedule("[a:b:1.0]", 10) == [(10, "a")]
+    assert schedule("[a:b:0.5]", 10, old=True) == schedule("[a:b:0.5]", 10) == [(5, "a"), (10, "b")]
+    assert schedule("[a:b:0.5]", 10, 8, old=True) == [(5, "a"), (10, "b")]
+    assert schedule("[a:b:0.5]", 10, 8) == [(8, "b")]
+    assert schedule("[a:b:15]", 10, 8, old=True) == [(10, "a")]
+
+
 def test_each_step_runs_the_first_entry_that_ends_at_or_after_it():
     entries = schedule("[a:b:3]", 10)  # [(3, a), (10, b)]
     assert [entries[text_at(entries, step)][1] for step in range(12)] == ["a"] * 4 + ["b"] * 7 + ["a"]
@@ -109,15 +120,16 @@ def test_and_outside_a_prompt_is_refused():
 
 
 # -- the pipeline --------------------------------------------------------------------------------------------------
-def _contexts(local, request: Txt2ImgRequest) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The images, and the encoder_hidden_states of every UNet call."""
+def _contexts(local, request: Txt2ImgRequest, info: bool = False) -> tuple:
+    """The images (or with `info`, the run's info), and the encoder_hidden_states of every UNet call."""
     seen: list[np.ndarray] = []
 
     def recording(graph, inputs):
         seen.append(inputs["encoder_hidden_states"].copy())
         return graph(inputs)
 
-    return local.txt2img(request, unet_call=recording).images, seen
+    result = local.txt2img(request, unet_call=recording)
+    return result.info if info else result.images, seen
 
 
 def _encoded(local, request: Txt2ImgRequest, texts: list[str]) -> np.ndarray:
@@ -186,6 +198,15 @@ def test_the_hires_pass_edits_by_the_whole_runs_steps(local):
     assert len(seen) == 2 + 4
     assert [("cat" if np.array_equal(c, cat) else "dog" if np.array_equal(c, dog) else "?") for c in seen] == \
         ["cat"] * 2 + ["cat"] * 3 + ["dog"]  # second pass: 4 steps, when (1.5 - 1) x 4 = 2: steps 0, 1, 2 are cat
+    # Old timelines: [a:b:0.5] over the first pass's 2 steps, in both passes: cat to step 1, then dog; the second
+    # pass's step 3 is past that timeline's end, and runs its first entry again (AUTOMATIC1111's fallback)
+    old = replace(request, prompt="[a cat:a dog:0.5]", use_old_scheduling=True)
+    info, seen = _contexts(local, old, info=True)
+    assert [("cat" if np.array_equal(c, cat) else "dog" if np.array_equal(c, dog) else "?") for c in seen] == \
+        ["cat"] * 2 + ["cat", "cat", "dog", "cat"]
+    assert info["old_timelines"] is True  # AUTOMATIC1111's infotext names it where a timeline differs
+    same = replace(old, prompt="[a cat:a dog:1]", hires=None)  # a step number, one pass: either timeline
+    assert "old_timelines" not in _contexts(local, same, info=True)[0]
 
 
 

@@ -635,6 +635,9 @@ def test_generate_command_writes_a_png_with_parameters(triton, tmp_path, kiln):
     parameters = Image.open(tmp_path / "seeds.png").text["parameters"]  # Euler a draws from the ENSD's generators
     assert code == 0 and "Variation seed: 3, Variation seed strength: 0.4, Seed resize from: 48x48, ENSD: 31337" \
         in parameters, err
+    code, _, err = kiln("generate", "a [cat:dog:1.0]", "--steps", "2", "--old-scheduling", *common, "--out",
+                        tmp_path / "old.png")
+    assert code == 0 and "Old prompt editing timelines: True" in Image.open(tmp_path / "old.png").text["parameters"]
     code, _, err = kiln("generate", "a cat", "--seed-resize-from", "48", *common)
     assert code == 2 and "'48' is not WxH" in err and "Traceback" not in err
     Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")

@@ -39,6 +39,8 @@ def add_parser(commands) -> None:
     generate.add_argument("--pad-conds", choices=("off", "empty_chunks", "last_vector"), default="off",
                           help="a negative prompt and a prompt of different lengths: off (AUTOMATIC1111's default: a "
                                "UNet call each), empty_chunks (its Pad conds) or last_vector (Pad conds v0): one call")
+    generate.add_argument("--old-scheduling", action="store_true",
+                          help="AUTOMATIC1111's old prompt editing timelines (use_old_scheduling, before 1.8)")
     generate.add_argument("--vae", help="one of the build's other VAEs by name (kiln build sd --vae; AUTOMATIC1111's "
                                         "sd_vae); default: the checkpoint's own")
     generate.add_argument("--tiling", action="store_true",
@@ -174,6 +176,7 @@ def run(args) -> int:
                   eta_noise_seed_delta=args.ensd, width=args.width, height=args.height, batch_size=args.batch_size,
                   clip_skip=args.clip_skip, vae=args.vae, tiling=args.tiling,
                   vae_tiling=VAE_TILING[args.vae_tiling], pad_conds=args.pad_conds,
+                  use_old_scheduling=args.old_scheduling,
                   controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None,
                   refiner=Refiner(args.refiner, args.refiner_switch_at) if args.refiner else None)
     if args.init_image is not None:
@@ -235,7 +238,8 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
                   | ({"sd_vae": args.vae} if args.vae else {})
                   | ({PAD_SETTINGS[args.pad_conds]: True} if args.pad_conds != "off" else {})
                   | ({"sd_model_checkpoint": args.checkpoint} if args.checkpoint else {})
-                  | ({"eta_noise_seed_delta": args.ensd} if args.ensd else {}),
+                  | ({"eta_noise_seed_delta": args.ensd} if args.ensd else {})
+                  | ({"use_old_scheduling": True} if args.old_scheduling else {}),
                   **({"refiner_checkpoint": args.refiner, "refiner_switch_at": args.refiner_switch_at}
                      if args.refiner else {}))
     if args.hires:

@@ -221,12 +221,13 @@ def edited(prompts: list[str]) -> bool:
 
 def encode_scheduled(text_encoder, prompts: list[str], clip_skip: int, lora: str, *, steps: int,
                      hires_steps: int | None = None, time_ids: int, width: int, height: int,
-                     pad: str = "off") -> Prompted:
+                     pad: str = "off", old_scheduling: bool = False) -> Prompted:
     """The prompts' conditioning (the negative prompt first where guided, then AND's parts) over `steps` editing
     steps (sampling.editing_steps; `hires_steps`: the hires fix's second pass, kiln.prompt_schedule.schedule; `pad`:
-    Txt2ImgRequest.pad_conds). A negative prompt and one prompt without editing, of one chunk each: `encode` of
-    their text, one call; longer, each text on its own (its length decides the step's calls and the infotext)."""
-    schedules = [prompt_schedule(prompt, steps, hires_steps) for prompt in prompts]
+    Txt2ImgRequest.pad_conds; `old_scheduling`: its use_old_scheduling). A negative prompt and one prompt without
+    editing, of one chunk each: `encode` of their text, one call; longer, each text on its own (its length decides
+    the step's calls and the infotext)."""
+    schedules = [prompt_schedule(prompt, steps, hires_steps, old_scheduling) for prompt in prompts]
     guided = len(prompts) > 1
     if all(len(entries) == 1 for entries in schedules) and len(prompts) <= 2:
         texts = [entries[0][1] for entries in schedules]

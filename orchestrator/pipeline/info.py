@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kiln.masks import blur_radius
+from kiln.prompt_schedule import schedule
 from orchestrator.pipeline import hires
 from orchestrator.pipeline.control import CONTROL_MODES
 from orchestrator.pipeline.requests import Img2ImgRequest, Txt2ImgRequest
-from orchestrator.pipeline.sampling import CHURN, Seeds
+from orchestrator.pipeline.sampling import CHURN, Seeds, editing_steps
 
 if TYPE_CHECKING:
     from orchestrator.pipeline.pipeline import Pipeline
@@ -45,6 +46,8 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeding: Seeds, stoppe
     if seeding.delta_used:  # AUTOMATIC1111 names ENSD where the sampler drew its noise from it
         info["ensd"] = seeding.delta
     info |= sampler_settings(request)
+    if old_timelines(request):
+        info["old_timelines"] = True
     if stopped_at is not None:
         info["stopped_at_step"] = stopped_at
     if isinstance(request, Img2ImgRequest):
@@ -72,3 +75,18 @@ def sampler_settings(request: Txt2ImgRequest) -> dict:
     if request.s_min_uncond:
         settings["s_min_uncond"] = request.s_min_uncond
     return settings
+
+
+def old_timelines(request: Txt2ImgRequest) -> bool:
+    """AUTOMATIC1111's "Old prompt editing timelines": use_old_scheduling on, and some prompt of some pass scheduled
+    otherwise under it."""
+    if not request.use_old_scheduling:
+        return False
+    steps = editing_steps(request.sampler, request.steps)
+    passes = [((request.prompt, request.negative_prompt), None)]
+    if (fix := request.hires) is not None:
+        passes.append(((request.prompt if fix.prompt is None else fix.prompt,
+                        request.negative_prompt if fix.negative_prompt is None else fix.negative_prompt),
+                       editing_steps(fix.sampler or request.sampler, hires.second_pass_steps(fix, request.steps)[1])))
+    return any(schedule(text, steps, hires_steps, old=True) != schedule(text, steps, hires_steps)
+               for texts, hires_steps in passes for text in texts)

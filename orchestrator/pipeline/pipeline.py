@@ -121,7 +121,7 @@ class Pipeline:
                                              loras.spec("text_encoder"), time_ids=self.contract.time_ids,
                                              steps=editing_steps(request.sampler, request.steps),
                                              hires_steps=hires_steps, width=request.width, height=request.height,
-                                             pad=request.pad_conds)
+                                             pad=request.pad_conds, old_scheduling=request.use_old_scheduling)
 
     def txt2img(self, request: Txt2ImgRequest, progress: ProgressCallback | None = None,
                 cancelled: Callable[[], bool] | None = None, **hooks) -> GenerationResult:

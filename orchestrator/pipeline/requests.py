@@ -104,6 +104,9 @@ class Txt2ImgRequest:
     # (pad_cond_uncond_v0, "Pad conds v0"). Padding makes one UNet call of both (as fast on a CPU:
     # benchmarks/prompts.py) and a slightly other image.
     pad_conds: str = "off"
+    # AUTOMATIC1111's use_old_scheduling ("Old prompt editing timelines", its timelines before 1.8): in [a:b:N], N
+    # under 1 is a fraction of the steps, any other N a step, and the hires fix's second pass runs the first's again
+    use_old_scheduling: bool = False
     hires: HiresFix | None = None  # txt2img only: the hires fix's second pass
     vae: str | None = None  # AUTOMATIC1111's sd_vae: one of the build's VAEs by name; None: the checkpoint's own
     tiling: bool = False  # AUTOMATIC1111's tiling: seamless images (circular padding in the UNet and the VAE)

@@ -37,7 +37,7 @@ from orchestrator.pipeline import (
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.server.errors import short
 from orchestrator.server.inputs import decode_b64_image
-from orchestrator.server.options import APPLIED_OPTIONS, APPLIED_OVERRIDES, OPTION_TYPES, check_setting, pad_conds
+from orchestrator.server.options import APPLIED_OPTIONS, APPLIED_OVERRIDES, OPTION_TYPES, check_setting, setting_fields
 from orchestrator.server.paste import apply_infotext
 
 SAMPLER_ALIASES = {
@@ -200,12 +200,10 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                                        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")})
     prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
     fields = dict(clip_skip=clip_skip, vae=vae, tiling=bool(body.tiling), vae_tiling=body.vae_tiling, prompt=prompt,
-                  negative_prompt=negative, steps=body.steps, pad_conds=pad_conds(body, options),
+                  negative_prompt=negative, steps=body.steps, **setting_fields(body, options),
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength, seed_resize_from=seed_resize_from(body),
-                  eta_noise_seed_delta=body.override_settings.get("eta_noise_seed_delta",
-                                                                  options["eta_noise_seed_delta"]),
                   s_churn=body.s_churn, s_tmin=body.s_tmin,
                   s_min_uncond=body.s_min_uncond,
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise, refiner=refiner(body),

@@ -11,10 +11,10 @@ from kiln.errors import InputError
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
                 "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
                 "control_net_no_detectmap": bool, "pad_cond_uncond": bool, "pad_cond_uncond_v0": bool,
-                "eta_noise_seed_delta": int}
+                "eta_noise_seed_delta": int, "use_old_scheduling": bool}
 # what one request's override_settings can change
 APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
-                     "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0", "eta_noise_seed_delta")
+                     "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0", "eta_noise_seed_delta", "use_old_scheduling")
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -36,14 +36,31 @@ def default_options() -> dict:
     return {"sd_model_checkpoint": "", "show_progress_every_n_steps": 10, "live_previews_enable": True,
             "samples_format": "png", "eta_ddim": 0.0, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
             "live_preview_content": "Prompt", "interrogate_return_ranks": False, "control_net_no_detectmap": False,
-            "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "eta_noise_seed_delta": 0}
+            "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "eta_noise_seed_delta": 0,
+            "use_old_scheduling": False,
+            # AUTOMATIC1111's paste turns on old behaviours for an old Version's infotext; kiln's paste does not
+            "auto_backcompat": False}
+
+
+def setting_fields(body: schemas.Txt2ImgBody, options: dict) -> dict:
+    """The request fields AUTOMATIC1111's settings give (a request's override_settings over the server's options);
+    each checked when the request is (orchestrator.pipeline.validate)."""
+    return {"pad_conds": pad_conds(body, options), "use_old_scheduling": bool_setting(body, options,
+                                                                                      "use_old_scheduling"),
+            "eta_noise_seed_delta": body.override_settings.get("eta_noise_seed_delta",
+                                                               options["eta_noise_seed_delta"])}
 
 
 def pad_conds(body: schemas.Txt2ImgBody, options: dict) -> str:
     """Txt2ImgRequest.pad_conds from AUTOMATIC1111's settings pad_cond_uncond ("Pad prompt/negative prompt") and
     pad_cond_uncond_v0, a request's override_settings over the server's options."""
-    values = {key: body.override_settings.get(key, options[key]) for key in PAD_SETTINGS}
-    for key, value in values.items():
-        if not isinstance(value, bool):
-            raise InputError(f"override_settings.{key} must be true or false, got {value!r}")
+    values = {key: bool_setting(body, options, key) for key in PAD_SETTINGS}
     return next((mode for key, mode in PAD_SETTINGS.items() if values[key]), "off")
+
+
+def bool_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> bool:
+    """A true/false setting: the request's override_settings over the server's options."""
+    value = body.override_settings.get(key, options[key])
+    if not isinstance(value, bool):
+        raise InputError(f"override_settings.{key} must be true or false, got {value!r}")
+    return value

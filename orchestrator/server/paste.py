@@ -48,7 +48,7 @@ HIRES_PASTED = {"Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_ups
 SETTINGS = {"Clip skip": ("CLIP_stop_at_last_layers", int), "VAE": ("sd_vae", str),
             "Model": ("sd_model_checkpoint", str), "Pad conds": ("pad_cond_uncond", bool),
             "Pad conds v0": ("pad_cond_uncond_v0", bool), "ENSD": ("eta_noise_seed_delta", int),
-            "Eta DDIM": ("eta_ddim", float)}
+            "Eta DDIM": ("eta_ddim", float), "Old prompt editing timelines": ("use_old_scheduling", bool)}
 # Emphasis: only "Original", AUTOMATIC1111's default, is kiln's (checked below)
 INFORMATION = {"Size", "Hires resize", "Seed resize from", "Model hash", "VAE hash", "Lora hashes", "TI hashes",
                "Hashes", "Version", "Emphasis"}
