@@ -45,10 +45,9 @@ def default_options() -> dict:
 def setting_fields(body: schemas.Txt2ImgBody, options: dict) -> dict:
     """The request fields AUTOMATIC1111's settings give (a request's override_settings over the server's options);
     each checked when the request is (orchestrator.pipeline.validate)."""
-    return {"pad_conds": pad_conds(body, options), "use_old_scheduling": bool_setting(body, options,
-                                                                                      "use_old_scheduling"),
-            "eta_noise_seed_delta": body.override_settings.get("eta_noise_seed_delta",
-                                                               options["eta_noise_seed_delta"])}
+    return {"pad_conds": pad_conds(body, options),
+            "use_old_scheduling": bool_setting(body, options, "use_old_scheduling"),
+            "eta_noise_seed_delta": body.override_settings.get("eta_noise_seed_delta", options["eta_noise_seed_delta"])}
 
 
 def pad_conds(body: schemas.Txt2ImgBody, options: dict) -> str:
