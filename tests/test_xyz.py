@@ -50,6 +50,12 @@ def test_cells_vary_what_their_axes_name():
     lines = parse(body(["Prompt S/R", "cat\nred, big dog", None, 0, "", None, 0, "", None, True, False, False, False,
                         0, True, True]), "txt2img")
     assert lines.axes[0].values == ["cat", "red, big dog"]  # raw_mode: one value per line
+    refined = parse(body(["Refiner checkpoint", "sdxl_refiner", None, "Refiner switch at", "0.5, 0.8"]), "txt2img")
+    assert [(c.refiner_checkpoint, c.refiner_switch_at) for _, c in cell_bodies(body([]), refined)] == \
+        [("sdxl_refiner", 0.5), ("sdxl_refiner", 0.8)]
+    noise = schemas.Img2ImgBody(prompt="a cat", init_images=["x"], script_name="x/y/z plot",
+                                script_args=["Initial noise multiplier", "0.9, 1.1"])
+    assert [c.initial_noise_multiplier for _, c in cell_bodies(noise, parse(noise, "img2img"))] == [0.9, 1.1]
     kept = parse(body(["Seed", "-1", None, 0, "", None, 0, "", None, True, False, False, True]), "txt2img")
     assert kept.axes[0].values == [-1]  # no_fixed_seeds: -1 stays -1
 

@@ -85,8 +85,12 @@ AXES: dict[str, tuple[type, Any]] = {
     "Sigma min": (float, _field("s_tmin")), "Sigma max": (float, _field("s_tmax")),
     "Sigma noise": (float, _field("s_noise")), "Schedule type": (str, _field("scheduler")),
     "Eta": (float, _field("eta")), "Clip skip": (int, _override("CLIP_stop_at_last_layers")),
-    "Denoising": (float, _field("denoising_strength")), "Hires upscaler": (str, _field("hr_upscaler")),
+    "Denoising": (float, _field("denoising_strength")),
+    "Initial noise multiplier": (float, _field("initial_noise_multiplier")),
+    "Hires upscaler": (str, _field("hr_upscaler")),
     "VAE": (str, _override("sd_vae")), "Styles": (str, lambda b, v: b.model_copy(update={"styles": [*b.styles, v]})),
+    "Refiner checkpoint": (str, _field("refiner_checkpoint")),
+    "Refiner switch at": (float, _field("refiner_switch_at")),
     "[ControlNet] Weight": (float, _controlnet_weight),
 }
 MAX_CELLS = 64
