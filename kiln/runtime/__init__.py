@@ -265,9 +265,9 @@ def _runs_int8(compiled) -> bool:
     """Whether a compiled OpenVINO model runs a convolution or a matrix product in 8-bit integers (its execution
     graph's runtimePrecision; a plugin without that graph says nothing: False)."""
     try:
-        ops = compiled.get_runtime_model().get_ops()
-        return any(str(op.get_rt_info()["runtimePrecision"].astype(str)) in ("u8", "i8") and
-                   str(op.get_rt_info()["layerType"].astype(str)) in ("Convolution", "FullyConnected", "MatMul",
-                                                                       "Deconvolution") for op in ops)
+        infos = [op.get_rt_info() for op in compiled.get_runtime_model().get_ops()]
+        return any(info["runtimePrecision"].astype(str) in ("u8", "i8") and
+                   info["layerType"].astype(str) in ("Convolution", "FullyConnected", "MatMul", "Deconvolution")
+                   for info in infos)
     except (RuntimeError, KeyError, AttributeError):
         return False
