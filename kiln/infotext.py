@@ -52,6 +52,7 @@ def parameters_text(info: dict) -> str:
               ("Refiner", quote(info.get("refiner"))), ("Refiner switch at", info.get("refiner_switch_at")),
               ("Variation seed", info.get("subseed")), ("Variation seed strength", info.get("subseed_strength")),
               ("Seed resize from", info.get("seed_resize_from")), ("ENSD", info.get("ensd")),
+              ("RNG", info.get("rng")),
               *((label, info.get(key)) for key, label in SAMPLER_FIELDS.items()),
               ("Denoising strength", info.get("denoising_strength")),
               ("Noise multiplier", info.get("noise_multiplier")),

@@ -906,10 +906,10 @@ def test_generate_command_through_the_api(api, tmp_path, kiln):
                         "--pad-conds", "empty_chunks", "--api", api.url, "--out", tmp_path / "long.png")
     assert code == 0 and "Pad conds: True" in Image.open(tmp_path / "long.png").info["parameters"], err
     code, _, err = kiln("generate", "a cat", "--steps", "2", "--width", "64", "--height", "64", "--subseed", "3",
-                        "--subseed-strength", "0.4", "--seed-resize-from", "48x48", "--ensd", "31337", "--api",
-                        api.url, "--out", tmp_path / "seeds.png")
-    assert code == 0 and "Variation seed: 3, Variation seed strength: 0.4, Seed resize from: 48x48, ENSD: 31337" in \
-        Image.open(tmp_path / "seeds.png").info["parameters"], err
+                        "--subseed-strength", "0.4", "--seed-resize-from", "48x48", "--ensd", "31337", "--rng", "NV",
+                        "--api", api.url, "--out", tmp_path / "seeds.png")
+    assert code == 0 and "Variation seed: 3, Variation seed strength: 0.4, Seed resize from: 48x48, ENSD: 31337, " \
+        "RNG: NV" in Image.open(tmp_path / "seeds.png").info["parameters"], err
     code, _, err = kiln("generate", "x", "--width", "65", "--api", api.url)  # the server's verdict
     assert code == 2 and "width must be a multiple" in err and "Traceback" not in err
     code, _, err = kiln("generate", "x", "--cfg-scale", "nan", "--api", api.url)  # refused before sending

@@ -21,7 +21,8 @@ def test_fields_the_request_leaves_unset_come_from_the_infotext():
     assert (body.prompt, body.negative_prompt, body.steps, body.sampler_name, body.scheduler) == \
         ("a photo of a cat", "blurry", 3, "Euler", "Karras")
     assert (body.cfg_scale, body.width, body.height, body.seed) == (6.5, 64, 96, 7)  # its own seed wins
-    assert body.override_settings == {"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 2}
+    # no RNG: AUTOMATIC1111's default source, GPU
+    assert body.override_settings == {"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 2, "randn_source": "GPU"}
     assert body.infotext is None and not body.enable_hr
     hires = apply_infotext(schemas.Txt2ImgBody(infotext="a cat\nSteps: 2, Denoising strength: 0.4, Hires upscale: "
                                                         "1.5, Hires steps: 1, Hires upscaler: Latent"))
@@ -40,13 +41,24 @@ def test_seed_and_sampler_options_come_from_the_infotext():
                                                        "9.5, Sigma noise: 1.01, NGMS: 0.5, Old prompt editing "
                                                        "timelines: True"))
     assert (body.seed_resize_from_w, body.seed_resize_from_h) == (48, 32)
-    assert body.override_settings == {"eta_noise_seed_delta": 31337, "eta_ddim": 0.3, "use_old_scheduling": True}
+    assert body.override_settings == {"eta_noise_seed_delta": 31337, "eta_ddim": 0.3, "use_old_scheduling": True,
+                                      "randn_source": "GPU"}
     assert (body.s_churn, body.s_tmin, body.s_tmax, body.s_noise, body.s_min_uncond) == (0.4, 0.1, 9.5, 1.01, 0.5)
+
+
+@pytest.mark.parametrize("text, override, source", [
+    ("a cat\nSteps: 2, RNG: NV", {}, "NV"),
+    ("a cat\nSteps: 2, RNG: CPU", {}, "CPU"),
+    ("a cat\nSteps: 2", {}, "GPU"),  # AUTOMATIC1111 writes no RNG for its default
+    ("a cat\nSteps: 2, RNG: NV", {"randn_source": "CPU"}, "CPU"),  # the request's own setting wins
+])
+def test_the_random_number_source_comes_from_the_infotext(text, override, source):
+    body = apply_infotext(schemas.Txt2ImgBody(infotext=text, override_settings=override))
+    assert body.override_settings["randn_source"] == source
 
 
 @pytest.mark.parametrize("text, message", [
     ("a cat\nSteps: 2, Eta: 0.5", "Eta is a setting kiln would not apply"),  # ancestral eta: kiln runs 1 only
-    ("a cat\nSteps: 2, RNG: NV", "RNG is a setting kiln would not apply"),
     ("a cat\nSteps: 2, ControlNet 0: \"Module: canny\"", "ControlNet 0"),
     ("a cat\nSteps: many", "Steps 'many' is not a number"),
     ("a cat\nSteps: 2, Emphasis: No norm", "Emphasis 'No norm'"),
@@ -64,16 +76,20 @@ BODY = {"prompt": "a photo of a (cat:1.2)", "negative_prompt": "blurry", "steps"
 
 @pytest.mark.slow
 @pytest.mark.parametrize("body, written", [
-    (BODY, "Variation seed: 3"),
+    (BODY, "Variation seed: 3, Variation seed strength: 0.3, RNG: CPU"),
     # the seed options and the sampler's own: each written where it ran, and read back
     (BODY | {"sampler_name": "Euler a", "seed_resize_from_w": 48, "seed_resize_from_h": 64, "s_min_uncond": 5.0,
              "override_settings": {"eta_noise_seed_delta": 31337}},
-     "Seed resize from: 48x64, ENSD: 31337, NGMS: 5.0"),
+     "Seed resize from: 48x64, ENSD: 31337, RNG: CPU, NGMS: 5.0"),
     (BODY | {"s_churn": 0.5, "s_tmin": 0.2, "s_noise": 1.05}, "Sigma churn: 0.5, Sigma tmin: 0.2, Sigma noise: 1.05"),
     (BODY | {"sampler_name": "DDIM", "override_settings": {"eta_ddim": 0.4}}, "Eta DDIM: 0.4"),
     (BODY | {"prompt": "a [cat:dog:1.0]", "override_settings": {"use_old_scheduling": True}},
      "Old prompt editing timelines: True"),
-], ids=["variation", "seeds", "churn", "ddim", "old timelines"])
+    # AUTOMATIC1111's random number sources: kiln's CPU named, NV named, its default GPU (no RNG) read back as GPU
+    (BODY | {"sampler_name": "Euler a", "override_settings": {"randn_source": "NV", "eta_noise_seed_delta": 31337}},
+     "ENSD: 31337, RNG: NV"),
+    (BODY | {"sampler_name": "Euler a", "override_settings": {"randn_source": "GPU"}}, "Seed: 11, Size: 64x96"),
+], ids=["variation", "seeds", "churn", "ddim", "old timelines", "nv", "gpu"])
 def test_a_responses_infotext_sent_back_alone_gives_the_same_image(triton, body, written):
     from kiln.triton_server import free_port
     from orchestrator.server.service import BackgroundAPI
@@ -85,6 +101,7 @@ def test_a_responses_infotext_sent_back_alone_gives_the_same_image(triton, body,
             first = client.post("/sdapi/v1/txt2img", json=body).json()
             infotext = json.loads(first["info"])["infotexts"][0]
             assert written in infotext, infotext
+            assert ("RNG:" in infotext) == ("GPU" not in json.dumps(body))
             again = client.post("/sdapi/v1/txt2img", json={"infotext": infotext})
             assert again.status_code == 200, again.text
             assert again.json()["images"][0] == first["images"][0]

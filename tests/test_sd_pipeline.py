@@ -171,6 +171,31 @@ def test_seeds_follow_automatic1111(local):
     assert 0 <= drawn.seeds[0] < 2**32 and drawn.info["seed"] == drawn.seeds[0]
 
 
+@pytest.mark.parametrize("source", ["NV", "GPU"])
+def test_the_nv_and_gpu_sources_draw_what_torch_draws_on_an_nvidia_gpu_through_the_whole_run(local, reference_pipe,
+                                                                                              source):
+    """AUTOMATIC1111's NV and GPU sources: the initial noise is the seed's first Philox draw and an ancestral
+    sampler's noise the draws after it, so diffusers given that generator (and that noise) gives the same image."""
+    from orchestrator.pipeline.noise import Philox
+
+    request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=4, sampler="Euler a",
+                             cfg_scale=7.5, seed=77, width=64, height=64, randn_source=source)
+    result = local.txt2img(request)
+    pipe, config = reference_pipe
+    pipe.scheduler = make_scheduler("Euler a", config)
+    generator, side = Philox(77), 64 // pipe.vae_scale_factor
+    expected = _as_uint8(pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=4, guidance_scale=7.5,
+                              height=64, width=64, latents=generator.randn((1, 4, side, side)), generator=generator,
+                              output_type="np").images)
+    assert generator.get_state() == (77, 0, 5)  # the initial noise and four steps' noise
+    assert _max_diff(result.images, expected) <= 2
+    assert result.info["rng"] == "NV" if source == "NV" else "rng" not in result.info  # GPU: AUTOMATIC1111 names none
+    cpu = local.txt2img(replace(request, randn_source="CPU"))
+    assert _max_diff(cpu.images, result.images) > 8 and cpu.info["rng"] == "CPU"
+    with pytest.raises(InputError, match="randn_source .RNG. must be one of GPU, CPU, NV, got 'XPU'"):
+        local.txt2img(replace(request, randn_source="XPU"))
+
+
 def test_long_prompts_are_chunked_not_cut(local):
     request = Txt2ImgRequest(prompt="a cat", width=64, height=64)
     step = local.encode_prompts(["a photo of a cat " * 30, ""], request).at(0)  # each its own length: two UNet calls
@@ -631,10 +656,11 @@ def test_generate_command_writes_a_png_with_parameters(triton, tmp_path, kiln):
                         "--pad-conds", "last_vector", *common, "--out", tmp_path / "long.png")
     assert code == 0 and "Pad conds v0: True" in Image.open(tmp_path / "long.png").text["parameters"], err
     code, _, err = kiln("generate", "a cat", "--steps", "2", "--subseed", "3", "--subseed-strength", "0.4",
-                        "--seed-resize-from", "48x48", "--ensd", "31337", *common, "--out", tmp_path / "seeds.png")
+                        "--seed-resize-from", "48x48", "--ensd", "31337", "--rng", "NV", *common, "--out",
+                        tmp_path / "seeds.png")
     parameters = Image.open(tmp_path / "seeds.png").text["parameters"]  # Euler a draws from the ENSD's generators
-    assert code == 0 and "Variation seed: 3, Variation seed strength: 0.4, Seed resize from: 48x48, ENSD: 31337" \
-        in parameters, err
+    assert code == 0 and "Variation seed: 3, Variation seed strength: 0.4, Seed resize from: 48x48, ENSD: 31337, " \
+        "RNG: NV" in parameters, err
     code, _, err = kiln("generate", "a [cat:dog:1.0]", "--steps", "2", "--old-scheduling", *common, "--out",
                         tmp_path / "old.png")
     assert code == 0 and "Old prompt editing timelines: True" in Image.open(tmp_path / "old.png").text["parameters"]

@@ -63,3 +63,82 @@ def test_ensd_reseeds_the_steps_generators_and_says_whether_a_sampler_drew_from_
     assert not seeding.delta_used  # reseeded, nothing drawn yet: ENSD changed nothing
     assert all(torch.equal(torch.randn(3, generator=g), e) for g, e in zip(steps, expected))
     assert seeding.delta_used
+
+
+# -- AUTOMATIC1111's random number sources (orchestrator.pipeline.noise) --------------------------------
+# torch.manual_seed(0); torch.randn(3, 4, device="cuda"): what PyTorch prints on any NVIDIA GPU (and the example in
+# AUTOMATIC1111's modules/rng_philox.py)
+CUDA_SEED_0 = [[-0.92466259, -0.42534415, -2.6438457, 0.14518388],
+               [-0.12086647, -0.57972564, -0.62285122, -0.32838709],
+               [-1.07454231, -0.36314407, -1.67105067, 2.26550497]]
+
+
+def test_philox_draws_what_torch_draws_on_an_nvidia_gpu():
+    from orchestrator.pipeline.noise import Philox
+
+    generator = Philox(0)
+    first = generator.randn((3, 4))
+    assert first.dtype == torch.float32 and torch.allclose(first, torch.tensor(CUDA_SEED_0), atol=1e-6, rtol=0)
+    assert generator.get_state() == (0, 0, 1)
+    second = generator.randn((3, 4))  # the next call: one Philox counter on, other numbers
+    assert not torch.allclose(second, first) and torch.equal(Philox(0).randn((12,)), first.flatten())
+    assert not torch.equal(Philox(0, stream=1).randn((3, 4)), first)  # a stream apart
+    assert not torch.equal(Philox(2**32).randn((3, 4)), first)  # the key's high word counts
+    many = Philox(7).randn((4, 64, 64))
+    assert abs(float(many.mean())) < 0.03 and abs(float(many.std()) - 1) < 0.03
+
+
+def test_the_gpu_and_nv_sources_draw_the_seeds_philox_noise_first_and_reseed_with_ensd():
+    from orchestrator.pipeline.noise import Philox
+
+    for source in ("GPU", "NV"):
+        seeding = Seeds([5, 6], delta=31337, source=source)
+        generators = seeding.generators()
+        drawn = seeding.noise((2, 4, 8, 8), generators, 8)
+        assert torch.equal(drawn, torch.cat([Philox(s).randn((1, 4, 8, 8)) for s in (5, 6)]))
+        single = Seeds([5], source=source)
+        assert torch.equal(single.noise((1, 4, 8, 8), single.generators()[0], 8), drawn[:1])
+        # the VAE's latent sample: a stream of the seed apart, so that the noise stays the seed's first draw
+        latents = seeding.for_latents(generators)
+        assert [g.get_state() for g in latents] == [(5, 1, 0), (6, 1, 0)]
+        steps = seeding.for_steps(generators)
+        assert [g.get_state() for g in steps] == [(5 + 31337, 0, 0), (6 + 31337, 0, 0)] and not seeding.delta_used
+        steps[0].randn((1, 4, 8, 8))
+        assert seeding.delta_used
+    cpu = Seeds([5], source="CPU")
+    generators = cpu.generators()
+    assert cpu.for_latents(generators) is generators  # diffusers' order: the VAE's sample, then the noise
+
+
+def test_a_resized_seed_keeps_its_philox_noise_at_the_centre():
+    from orchestrator.pipeline.noise import Philox
+
+    seeding = Seeds([5], resize_from=(64, 64), source="NV")
+    generator = seeding.generators()[0]
+    resized = seeding.noise((1, 4, 12, 16), generator, 8)
+    assert torch.equal(resized[0, :, 2:10, 4:12], Philox(5).randn((4, 8, 8)))
+    assert generator.get_state() == (5, 0, 1)  # this size's noise drawn from the generator, as AUTOMATIC1111's
+    assert torch.equal(resized[0, :, 0], Philox(5).randn((1, 4, 12, 16))[0, :, 0])
+
+
+def test_a_samplers_own_noise_comes_from_a_philox_generator():
+    """diffusers' schedulers draw their noise through randn_tensor; with a Philox generator it is Philox's (DDIM
+    takes the same noise as variance_noise too, which makes the comparison exact)."""
+    from orchestrator.pipeline.noise import Philox
+    from orchestrator.pipeline.sampling import schedule
+
+    sample = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    output = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(2))
+    config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+    def step(**kwargs):
+        scheduler, timesteps = schedule("DDIM", config, 4, 0)
+        return scheduler.step(output, timesteps[1], sample, eta=1.0, **kwargs).prev_sample
+
+    pair = [Philox(3), Philox(4)]
+    noise = torch.cat([Philox(3).randn((1, 4, 8, 8)), Philox(4).randn((1, 4, 8, 8))])
+    assert torch.equal(step(generator=pair), step(variance_noise=noise))
+    assert [g.get_state()[2] for g in pair] == [1, 1]
+    cpu = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]  # torch's own: diffusers', unchanged
+    expected = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
+    assert torch.equal(step(generator=cpu), step(variance_noise=expected))

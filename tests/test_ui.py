@@ -105,9 +105,12 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     plain = {"subseed": "-1", "subseed_strength": "0", "seed_resize_from_w": "0", "seed_resize_from_h": "0"}
     for name, value in extras.items():
         page.fill(f"[name={name}]", value)
+    page.select_option("[name=randn_source]", "NV")  # AUTOMATIC1111's NV random numbers
     page.fill("[name=steps]", "4")
     generate(page)
-    assert "Variation seed: 3, Variation seed strength: 0.5, Seed resize from: 48x48" in page.inner_text("#info")
+    assert "Variation seed: 3, Variation seed strength: 0.5, Seed resize from: 48x48, RNG: NV" in \
+        page.inner_text("#info")
+    page.select_option("[name=randn_source]", "CPU")
     for name, value in plain.items():
         page.fill(f"[name={name}]", value)
 
@@ -122,6 +125,7 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     page.click("#send-txt2img")
     assert page.input_value("[name=prompt]") == "a photo of a cat" and page.input_value("[name=seed]") == "1234"
     assert all(page.input_value(f"[name={name}]") == value for name, value in extras.items())  # the newest's
+    assert page.input_value("[name=randn_source]") == "NV"
     for name, value in plain.items():
         page.fill(f"[name={name}]", value)
 
@@ -217,6 +221,7 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
             "width": "64", "height": "64", "subseed": "4", "subseed_strength": "0.2"}
     assert {name: page.input_value(f"[name={name}]") for name in form} == form
     assert (page.input_value("[name=sampler_name]"), page.input_value("[name=scheduler]")) == ("DPM++ 2M", "karras")
+    assert page.input_value("[name=randn_source]") == "GPU"  # no RNG in it: AUTOMATIC1111's default
     page.click("[data-tab=png-info]")
     page.set_input_files("#png-file", str(PHOTO))  # a photo: nothing to send
     page.wait_for_function("document.querySelector('#png-parameters').textContent.includes('no parameters')")

@@ -30,6 +30,10 @@ def add_parser(commands) -> None:
                           help="AUTOMATIC1111's Resize seed from: the noise the seed gives at WxH, at the centre")
     generate.add_argument("--ensd", type=int, default=0, metavar="N",
                           help="AUTOMATIC1111's eta noise seed delta: the samplers' own noise from seed + N")
+    generate.add_argument("--rng", choices=("CPU", "GPU", "NV"),
+                          help="AUTOMATIC1111's random number source: CPU (default directly: diffusers' noise), GPU "
+                               "(its default) or NV: the numbers an NVIDIA GPU draws, on any machine; with --api, "
+                               "default: the server's randn_source option")
     generate.add_argument("--width", type=int, default=512)
     generate.add_argument("--height", type=int, default=512)
     generate.add_argument("--batch-size", type=int, default=1)
@@ -176,7 +180,7 @@ def run(args) -> int:
                   eta_noise_seed_delta=args.ensd, width=args.width, height=args.height, batch_size=args.batch_size,
                   clip_skip=args.clip_skip, vae=args.vae, tiling=args.tiling,
                   vae_tiling=VAE_TILING[args.vae_tiling], pad_conds=args.pad_conds,
-                  use_old_scheduling=args.old_scheduling,
+                  use_old_scheduling=args.old_scheduling, randn_source=args.rng or "CPU",
                   controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None,
                   refiner=Refiner(args.refiner, args.refiner_switch_at) if args.refiner else None)
     if args.init_image is not None:
@@ -239,7 +243,8 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
                   | ({PAD_SETTINGS[args.pad_conds]: True} if args.pad_conds != "off" else {})
                   | ({"sd_model_checkpoint": args.checkpoint} if args.checkpoint else {})
                   | ({"eta_noise_seed_delta": args.ensd} if args.ensd else {})
-                  | ({"use_old_scheduling": True} if args.old_scheduling else {}),
+                  | ({"use_old_scheduling": True} if args.old_scheduling else {})
+                  | ({"randn_source": args.rng} if args.rng else {}),
                   **({"refiner_checkpoint": args.refiner, "refiner_switch_at": args.refiner_switch_at}
                      if args.refiner else {}))
     if args.hires:

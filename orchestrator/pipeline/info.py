@@ -45,6 +45,8 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeding: Seeds, stoppe
         info["seed_resize_from"] = "{}x{}".format(*request.seed_resize_from)
     if seeding.delta_used:  # AUTOMATIC1111 names ENSD where the sampler drew its noise from it
         info["ensd"] = seeding.delta
+    if request.randn_source != "GPU":  # AUTOMATIC1111 names any source but its default
+        info["rng"] = request.randn_source
     info |= sampler_settings(request)
     if old_timelines(request):
         info["old_timelines"] = True

@@ -13,6 +13,7 @@ from kiln.contract import SDContract
 from kiln.imaging import ImageLimits, decode_image, encode_png, header_size, resized_rgb, unit_range, vae_input
 from kiln.masks import blur_radius, crop_region, fill_masked, inpaint_mask, soft_mask
 from orchestrator.pipeline.components import VAE
+from orchestrator.pipeline.noise import draw
 from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest
 from orchestrator.pipeline.sampling import Seeds
 
@@ -23,12 +24,10 @@ if TYPE_CHECKING:
 def sample_latents(moments: torch.Tensor, generators: list, scaling_factor: float) -> torch.Tensor:
     """Sample the VAE's latent distribution with each image's generator, scaled (diffusers' _encode_vae_image)."""
     import torch
-    from diffusers.utils.torch_utils import randn_tensor
 
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # DiagonalGaussianDistribution
-    return torch.cat([mean + std * randn_tensor(mean.shape, generator=g, dtype=torch.float32)
-                      for g in generators]) * scaling_factor
+    return torch.cat([mean + std * draw(mean.shape, g) for g in generators]) * scaling_factor
 
 
 def init_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, generators: list) -> torch.Tensor:
@@ -70,7 +69,8 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     strength_max = request.denoising_strength == 1.0
     blending = not contract.inpainting_unet
     # diffusers samples the image latents only when it blends (4-channel UNet) or starts from the image.
-    image_latents = sample_latents(moments[:1], generators, contract.scaling_factor) \
+    sampling = seeding.for_latents(generators)  # the VAE's samples: from the seeds' generators with the CPU source
+    image_latents = sample_latents(moments[:1], sampling, contract.scaling_factor) \
         if blending or not strength_max else None
     drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
     mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:]).repeat(batch, 1, 1, 1)
@@ -83,7 +83,7 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
         elif request.inpainting_fill == 3:  # "latent nothing": zeros there
             start = image_latents * (1 - mask_latent)
         latents = scheduler.add_noise(start, drawn, timesteps[:1].repeat(batch))
-    masked_latents = sample_latents(moments[1:], generators, contract.scaling_factor)
+    masked_latents = sample_latents(moments[1:], sampling, contract.scaling_factor)
     return latents, drawn, {"image_latents": image_latents, "mask": mask_latent, "masked": masked_latents}
 
 

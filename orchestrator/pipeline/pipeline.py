@@ -176,7 +176,8 @@ class Pipeline:
         seed = draw_seed(request.seed)
         seeds = batch_seeds(seed, batch)
         seeding = Seeds(seeds, batch_seeds(draw_seed(request.subseed), batch) if request.subseed_strength > 0 else None,
-                        request.subseed_strength, request.seed_resize_from, request.eta_noise_seed_delta)
+                        request.subseed_strength, request.seed_resize_from, request.eta_noise_seed_delta,
+                        request.randn_source)
         generators = seeding.generators()
         generator = generators if batch > 1 else generators[0]
 
@@ -203,7 +204,7 @@ class Pipeline:
             latents, drawn, inpaint = inpaint_latents(components.vae, contract, request, shape, generators, generator,
                                                       scheduler, timesteps, seeding)
         elif init:
-            latents = init_latents(components.vae, contract, request, generators)
+            latents = init_latents(components.vae, contract, request, seeding.for_latents(generators))
             drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
             if len(timesteps):
                 latents = scheduler.add_noise(latents, drawn, timesteps[:1].repeat(batch))
@@ -315,7 +316,8 @@ class Pipeline:
             pixels = hires.upscale_images(vae.decode(latents.numpy()), fix, planned, self.limits.max_image_pixels,
                                           self.components.upscalers)
             moments = torch.from_numpy(vae.encode_pixels(pixels))
-            latents = hires.truncate(sample_latents(moments, fresh, contract.scaling_factor), planned)
+            latents = hires.truncate(sample_latents(moments, seeding.for_latents(fresh), contract.scaling_factor),
+                                     planned)
         scheduler, timesteps = second
         drawn = seeding.noise(tuple(latents.shape), generator, contract.vae_scale_factor)
         latents = scheduler.add_noise(latents, drawn, timesteps[:1].repeat(len(latents)))

@@ -88,6 +88,9 @@ class Txt2ImgRequest:
     # AUTOMATIC1111's eta_noise_seed_delta (ENSD): after the initial noise, the samplers' own noise (ancestral,
     # churn, SDE) comes from generators seeded seed + this; 0: from the seed's generator, drawn on
     eta_noise_seed_delta: int = 0
+    # AUTOMATIC1111's randn_source (orchestrator.pipeline.noise.RANDN_SOURCES): "CPU", torch's CPU generators
+    # (diffusers' noise); "GPU" and "NV", the numbers torch draws on an NVIDIA GPU, on any machine
+    randn_source: str = "CPU"
     clip_skip: int = 1  # AUTOMATIC1111's CLIP_stop_at_last_layers: the text encoder layer, counted from the end
     # Karras et al.'s stochastic churn, for the samplers that take it (Euler: diffusers' EulerDiscreteScheduler, as
     # k-diffusion's sample_euler in AUTOMATIC1111): noise added at sigmas in [s_tmin, s_tmax], scaled by s_noise

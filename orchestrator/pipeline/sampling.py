@@ -3,7 +3,8 @@
 Sampler names map to diffusers' schedulers configured from the checkpoint's scheduler config.
 Seeds follow AUTOMATIC1111 (-1 draws one; image i of a batch uses seed + i), and noise is drawn
 exactly as diffusers draws it (torch CPU generators, one per image), so a seed gives diffusers'
-image.
+image; or, with AUTOMATIC1111's GPU and NV sources, as torch draws it on an NVIDIA GPU
+(orchestrator.pipeline.noise).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kiln.errors import NotFoundError
+from orchestrator.pipeline import noise
 
 if TYPE_CHECKING:
     import torch
@@ -107,11 +109,15 @@ def schedule(name: str, base_config: dict, steps: int, seed: int, start: int = 0
 
 
 def _scheduler_class(name: str):
+    import sys
+
     import diffusers
 
     with _IMPORT_LOCK:
         if name not in _CLASSES:
-            _CLASSES[name] = getattr(diffusers, name)
+            cls = getattr(diffusers, name)
+            noise.adapt(sys.modules[cls.__module__])  # its steps' noise from a Philox generator too
+            _CLASSES[name] = cls
         return _CLASSES[name]
 
 
@@ -164,50 +170,53 @@ def batch_seeds(seed: int, count: int) -> list[int]:
 class Seeds:
     """A run's seeds as AUTOMATIC1111 uses them (its ImageRNG): image i's seed and variation seed, how far its noise
     is slerped toward the variation seed's (`strength`), the size whose noise it keeps at the centre ("Resize seed
-    from": `resize_from`, width x height in pixels), and the eta noise seed delta (ENSD): after the initial noise,
-    the samplers' own noise comes from generators seeded seed + delta."""
+    from": `resize_from`, width x height in pixels), the eta noise seed delta (ENSD: after the initial noise, the
+    samplers' own noise comes from generators seeded seed + delta), and the random number source
+    (orchestrator.pipeline.noise)."""
 
     def __init__(self, seeds: list[int], subseeds: list[int] | None = None, strength: float = 0.0,
-                 resize_from: tuple[int, int] | None = None, delta: int = 0) -> None:
+                 resize_from: tuple[int, int] | None = None, delta: int = 0, source: str = "CPU") -> None:
         self.seeds, self.subseeds, self.strength = seeds, subseeds, strength
-        self.resize_from, self.delta = resize_from, delta
+        self.resize_from, self.delta, self.source = resize_from, delta, source
         self._reseeded: list[tuple] = []  # (generator, its state when made): the steps' generators under ENSD
 
-    def generators(self) -> list[torch.Generator]:
-        import torch
+    def generators(self) -> list:
+        """Fresh generators, one per image: the initial noise's (and, drawn on, the samplers')."""
+        return [noise.generator(s, self.source) for s in self.seeds]
 
-        return [torch.Generator().manual_seed(s) for s in self.seeds]
+    def for_latents(self, generators: list) -> list:
+        """The generators the VAE's latent sample draws from: the images' own with the CPU source (before the noise,
+        diffusers' order); otherwise a stream of each seed apart, so that the noise is the seed's first draw, as
+        AUTOMATIC1111's (orchestrator.pipeline.noise)."""
+        return generators if self.source == "CPU" else [noise.generator(s, self.source, 1) for s in self.seeds]
 
     def noise(self, shape: tuple, generator, scale_factor: int) -> torch.Tensor:
         """The initial noise, drawn like diffusers' (each image's generator); with a variation seed, slerped toward
         its noise; resized from another size, that size's noise pasted at the centre of this one's (the generator
         still draws this size's, so the samplers' later noise is the same as without)."""
         import torch
-        from diffusers.utils.torch_utils import randn_tensor
 
-        drawn = randn_tensor(shape, generator=generator, dtype=torch.float32)
         small = None
         if self.resize_from is not None:
             small = (shape[1], self.resize_from[1] // scale_factor, self.resize_from[0] // scale_factor)
             small = None if small == tuple(shape[1:]) else small
+        drawn = noise.draw(shape, generator)
         if self.strength == 0 and small is None:
             return drawn
         rows = []
         for i, seed in enumerate(self.seeds):
-            own = drawn[i] if small is None else _randn(seed, small)
+            own = drawn[i] if small is None else self._randn(seed, small)
             if self.strength > 0:
-                own = slerp(self.strength, own, _randn(self.subseeds[i], small or tuple(shape[1:])))
+                own = slerp(self.strength, own, self._randn(self.subseeds[i], small or tuple(shape[1:])))
             rows.append(own if small is None else _centred(own, drawn[i]))
         return torch.stack(rows)
 
     def for_steps(self, generator):
         """The generator(s) a pass's steps draw from: the initial noise's, or with ENSD fresh ones from seed + delta
         (AUTOMATIC1111 reseeds right after each pass's initial noise)."""
-        import torch
-
         if not self.delta:
             return generator
-        fresh = [torch.Generator().manual_seed(s + self.delta) for s in self.seeds]
+        fresh = [noise.generator(s + self.delta, self.source) for s in self.seeds]
         self._reseeded += [(g, g.get_state()) for g in fresh]
         return fresh if len(fresh) > 1 else fresh[0]
 
@@ -217,13 +226,14 @@ class Seeds:
         ENSD in the infotext only for the samplers it changes)."""
         import torch
 
-        return any(not torch.equal(g.get_state(), state) for g, state in self._reseeded)
+        def same(a, b) -> bool:
+            return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
+        return any(not same(g.get_state(), state) for g, state in self._reseeded)
 
-def _randn(seed: int, shape: tuple) -> torch.Tensor:
-    import torch
-
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    def _randn(self, seed: int, shape: tuple) -> torch.Tensor:
+        """A seed's first draw, from a fresh generator (AUTOMATIC1111's randn(seed, shape))."""
+        return noise.draw(shape, noise.generator(seed, self.source))
 
 
 def _centred(small: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

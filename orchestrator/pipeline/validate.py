@@ -19,6 +19,7 @@ from kiln.prompt_schedule import composable
 from kiln.prompts import check_prompt_syntax
 from orchestrator.pipeline import hires, tiles
 from orchestrator.pipeline.inpaint import own_size
+from orchestrator.pipeline.noise import RANDN_SOURCES
 from orchestrator.pipeline.requests import PAD_CONDS, ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import CHURN, MAX_SEED, SAMPLERS, check_sampler, step_options
 
@@ -77,6 +78,8 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             raise InputError(f"{name} must be -1 (random) or in [0, 2^32 - 1], got {value!r}")
     _number_in("subseed_strength", request.subseed_strength, 0, 1)
     _integer_in("eta_noise_seed_delta (ENSD)", request.eta_noise_seed_delta, 0, MAX_SEED)
+    if request.randn_source not in RANDN_SOURCES:
+        raise InputError(f"randn_source (RNG) must be one of {', '.join(RANDN_SOURCES)}, got {request.randn_source!r}")
     if request.seed_resize_from is not None:
         _check_seed_resize(request.seed_resize_from, contract.vae_scale_factor, limits)
     _number_in("s_min_uncond", request.s_min_uncond, 0, 1000)  # a sigma: SD 1.x's largest is 14.6

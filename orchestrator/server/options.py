@@ -11,10 +11,11 @@ from kiln.errors import InputError
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
                 "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
                 "control_net_no_detectmap": bool, "pad_cond_uncond": bool, "pad_cond_uncond_v0": bool,
-                "eta_noise_seed_delta": int, "use_old_scheduling": bool}
+                "eta_noise_seed_delta": int, "use_old_scheduling": bool, "randn_source": str}
 # what one request's override_settings can change
 APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
-                     "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0", "eta_noise_seed_delta", "use_old_scheduling")
+                     "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0", "eta_noise_seed_delta", "use_old_scheduling",
+                     "randn_source")
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -38,6 +39,8 @@ def default_options() -> dict:
             "live_preview_content": "Prompt", "interrogate_return_ranks": False, "control_net_no_detectmap": False,
             "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "eta_noise_seed_delta": 0,
             "use_old_scheduling": False,
+            # AUTOMATIC1111's default is "GPU"; kiln's is diffusers' noise (orchestrator.pipeline.noise)
+            "randn_source": "CPU",
             # AUTOMATIC1111's paste turns on old behaviours for an old Version's infotext; kiln's paste does not
             "auto_backcompat": False}
 
@@ -47,7 +50,8 @@ def setting_fields(body: schemas.Txt2ImgBody, options: dict) -> dict:
     each checked when the request is (orchestrator.pipeline.validate)."""
     return {"pad_conds": pad_conds(body, options),
             "use_old_scheduling": bool_setting(body, options, "use_old_scheduling"),
-            "eta_noise_seed_delta": body.override_settings.get("eta_noise_seed_delta", options["eta_noise_seed_delta"])}
+            "eta_noise_seed_delta": body.override_settings.get("eta_noise_seed_delta", options["eta_noise_seed_delta"]),
+            "randn_source": body.override_settings.get("randn_source", options["randn_source"])}
 
 
 def pad_conds(body: schemas.Txt2ImgBody, options: dict) -> str:

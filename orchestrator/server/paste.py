@@ -3,8 +3,9 @@ api.apply_infotext does with the UI's paste fields. A field the request sets its
 settings an infotext carries (Clip skip, VAE, Model) go to override_settings unless the request overrides them too.
 
 Keys are applied (PASTED, SETTINGS, the hires fix's), or are information only (INFORMATION: hashes, the version),
-or are refused by name: a key that describes a setting kiln would not apply (RNG, Eta, a ControlNet unit) would
-otherwise change the image without a word.
+or are refused by name: a key that describes a setting kiln would not apply (Eta, a ControlNet unit) would
+otherwise change the image without a word. An infotext without RNG is AUTOMATIC1111's default source, GPU (as its
+paste reads it), which kiln draws too (orchestrator.pipeline.noise).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ HIRES_PASTED = {"Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_ups
 SETTINGS = {"Clip skip": ("CLIP_stop_at_last_layers", int), "VAE": ("sd_vae", str),
             "Model": ("sd_model_checkpoint", str), "Pad conds": ("pad_cond_uncond", bool),
             "Pad conds v0": ("pad_cond_uncond_v0", bool), "ENSD": ("eta_noise_seed_delta", int),
-            "Eta DDIM": ("eta_ddim", float), "Old prompt editing timelines": ("use_old_scheduling", bool)}
+            "Eta DDIM": ("eta_ddim", float), "Old prompt editing timelines": ("use_old_scheduling", bool),
+            "RNG": ("randn_source", str)}
 # Emphasis: only "Original", AUTOMATIC1111's default, is kiln's (checked below)
 INFORMATION = {"Size", "Hires resize", "Seed resize from", "Model hash", "VAE hash", "Lora hashes", "TI hashes",
                "Hashes", "Version", "Emphasis"}
@@ -92,6 +94,7 @@ def apply_infotext(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
     if not img2img and hires and "Denoising strength" in params and "enable_hr" not in explicit:
         update["enable_hr"] = True  # AUTOMATIC1111's paste: the hires fix is on when its fields are there
     settings = dict(body.override_settings)
+    params.setdefault("RNG", "GPU")  # AUTOMATIC1111 writes no RNG for its default source, GPU
     for key, (setting, kind) in SETTINGS.items():
         if key in params and setting not in settings:
             settings[setting] = _value(key, params[key], kind)

@@ -116,7 +116,8 @@ async function generationBody(kind) {
     batch_size: numberOr(form.batch_size.value, 1), save_images: true,
     styles: $$("option", form.styles).filter(o => o.selected).map(o => o.value),
   };
-  if (!$("#checkpoint-field").hidden) body.override_settings = { sd_model_checkpoint: form.sd_model_checkpoint.value };
+  body.override_settings = { randn_source: form.randn_source.value };
+  if (!$("#checkpoint-field").hidden) body.override_settings.sd_model_checkpoint = form.sd_model_checkpoint.value;
   if (kind === "img2img") {
     if (!state.initImage) throw new FieldError("init_images", "choose an image for img2img");
     body.init_images = [state.initImage];
@@ -523,7 +524,11 @@ function reuse(fields) {
   set("width", fields["Size-1"]); set("height", fields["Size-2"]);
   set("subseed", fields["Variation seed"]); set("subseed_strength", fields["Variation seed strength"]);
   set("seed_resize_from_w", fields["Seed resize from-1"]); set("seed_resize_from_h", fields["Seed resize from-2"]);
-  if (fields["Variation seed"] || fields["Seed resize from"]) $("#seed-extra").open = true;
+  const source = fields.RNG || "GPU";  // AUTOMATIC1111 writes no RNG for its default, GPU
+  if ($$("option", form.randn_source).some(o => o.value === source)) form.randn_source.value = source;
+  if (fields["Variation seed"] || fields["Seed resize from"] || form.randn_source.value !== "CPU") {
+    $("#seed-extra").open = true;
+  }
   if (fields.Sampler && $$("option", form.sampler_name).some(o => o.value === fields.Sampler)) {
     form.sampler_name.value = fields.Sampler;
   }
