@@ -30,6 +30,7 @@ from benchmarks.gpu_phases import (
     build,
     failure,
     finetune,
+    philox,
     sd_in_process,
     sd_served,
     serve,
@@ -119,9 +120,9 @@ class Check:
 
 
 
-# The served figures first (the targets are theirs), then what runs without Triton: if Triton cannot start on a
-# lent machine, the in-process GPU figures still come back.
-PHASES = (("weights", weights), ("build", build), ("serve", serve), ("sd_served", sd_served),
+# The served figures first (the targets are theirs; only the one-second random-number check before them), then what
+# runs without Triton: if Triton cannot start on a lent machine, the in-process GPU figures still come back.
+PHASES = (("philox", philox), ("weights", weights), ("build", build), ("serve", serve), ("sd_served", sd_served),
           ("vit_served", vit_served), ("batching", batching), ("sd_in_process", sd_in_process),
           ("vit_in_process", vit_in_process), ("finetune", finetune))
 SERVED = ("sd_served", "vit_served", "batching")

@@ -76,6 +76,30 @@ def rate(latencies: list[float], items: int, concurrency: int = 1) -> dict:
 
 # -- phases -----------------------------------------------------------------------------------------
 
+def philox(check: Check) -> dict:
+    """AUTOMATIC1111's GPU and NV random numbers as kiln draws them (orchestrator.pipeline.noise.Philox, numpy) against
+    torch.randn on this GPU, two calls each: the same numbers are what let a pasted infotext give an NVIDIA GPU's
+    image on any machine. A tensor larger than the GPU's threads at once is drawn differently by PyTorch (the last
+    row says where). On the CPU there is no CUDA generator (tests/test_seeds.py holds its published figures)."""
+    import torch
+
+    from orchestrator.pipeline.noise import Philox
+
+    if not check.options.cuda:
+        return {"compared": False, "why": "torch's CUDA generator needs an NVIDIA GPU"}
+    props = torch.cuda.get_device_properties(0)
+    threads = getattr(props, "max_threads_per_multi_processor", 0) * props.multi_processor_count
+    rows = {}
+    for seed, shape in ((0, (3, 4)), (31337, (1, 4, 64, 64)), (2**32 + 5, (4, 128, 128)), (1234, (1, 4, 96, 80)),
+                        (7, (4, 512, 512))):
+        ours, theirs = Philox(seed), torch.Generator("cuda").manual_seed(seed)
+        diffs = [float((ours.randn(shape) - torch.randn(shape, generator=theirs, device="cuda").cpu()).abs().max())
+                 for _ in range(2)]
+        rows[f"{'x'.join(map(str, shape))} seed {seed}"] = {"max_abs_diff": diffs, "same": max(diffs) < 1e-5,
+                                                            "elements": int(np.prod(shape))}
+    return {"compared": True, "gpu_threads_at_once": threads or None, "draws": rows}
+
+
 def weights(check: Check) -> dict:
     from build.sd.weights import write_sd_checkpoint
 

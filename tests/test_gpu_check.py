@@ -25,8 +25,9 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     result = json.loads((tmp_path / "gpu-check" / "results.json").read_text())
     assert run.returncode == 0 and not result["errors"] and not result["skipped"], (run.stdout + run.stderr)[-3000:]
     phases = result["phases"]
-    assert list(phases) == ["weights", "build", "serve", "sd_served", "vit_served", "batching", "sd_in_process",
-                            "vit_in_process", "finetune"]
+    assert list(phases) == ["philox", "weights", "build", "serve", "sd_served", "vit_served", "batching",
+                            "sd_in_process", "vit_in_process", "finetune"]
+    assert phases["philox"]["compared"] is False  # torch's CUDA generator: on a GPU only
     assert phases["build"]["variant"] == "torch-fp32" and phases["build"]["vit_parity"]["cosine"] > 0.99999
     served, local = phases["vit_served"]["batches"]["1"], phases["vit_in_process"]["batches"]["1"]
     assert served["triton_tensor"]["images_per_s"] > 0 and served["triton_jpeg"]["images_per_s"] > 0
