@@ -377,6 +377,16 @@ def test_listing_endpoints(client):
     ensd = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 1, "sampler_name": "Euler a"}).json()
     assert "ENSD: 31337" in json.loads(ensd["info"])["infotexts"][0]
     assert client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 0}).status_code == 200
+    assert options["randn_source"] == "CPU"  # kiln's default: diffusers' noise
+    assert client.post("/sdapi/v1/options", json={"randn_source": "NV"}).status_code == 200
+    nv = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 1}).json()
+    assert "RNG: NV" in json.loads(nv["info"])["infotexts"][0]
+    assert client.post("/sdapi/v1/options", json={"randn_source": "CPU"}).status_code == 200
+    # out of range, stored, they would fail every request after them
+    for key, value, message in (("randn_source", "XPU", "one of GPU, CPU, NV"),
+                                ("eta_noise_seed_delta", -1, "in [0, 2^32 - 1]")):
+        refused = client.post("/sdapi/v1/options", json={key: value})
+        assert refused.status_code == 422 and message in refused.text, refused.text
     # A setting kiln does not act on is refused, not stored and ignored; one that already holds is fine.
     refused = client.post("/sdapi/v1/options", json={"samples_format": "webp"})
     assert refused.status_code == 422 and "samples_format 'webp' is not supported" in refused.text

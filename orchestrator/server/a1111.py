@@ -37,7 +37,14 @@ from orchestrator.pipeline import (
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.server.errors import short
 from orchestrator.server.inputs import decode_b64_image
-from orchestrator.server.options import APPLIED_OPTIONS, APPLIED_OVERRIDES, OPTION_TYPES, check_setting, setting_fields
+from orchestrator.server.options import (
+    APPLIED_OPTIONS,
+    APPLIED_OVERRIDES,
+    OPTION_TYPES,
+    check_setting,
+    check_value,
+    setting_fields,
+)
 from orchestrator.server.paste import apply_infotext
 
 SAMPLER_ALIASES = {
@@ -375,6 +382,7 @@ def updated_options(options: dict, body: dict[str, Any], contract: SDContract | 
                 not 1 <= value <= max(1, contract.clip_skip_layers):
             raise InputError(f"option CLIP_stop_at_last_layers must be 1 to {max(1, contract.clip_skip_layers)} "
                              f"(the text encoder's layers this build serves), got {value}")
+        check_value(key, value)
         if key.startswith("_"):
             raise InputError(f"option {key} is not settable")
         check_setting(key, value, options, APPLIED_OPTIONS, "option ")

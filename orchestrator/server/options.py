@@ -7,6 +7,8 @@ from typing import Any
 
 from kiln import schemas
 from kiln.errors import InputError
+from orchestrator.pipeline.noise import RANDN_SOURCES
+from orchestrator.pipeline.sampling import MAX_SEED
 
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
                 "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
@@ -31,6 +33,15 @@ def check_setting(key: str, value: Any, options: dict, applied: tuple[str, ...],
         raise InputError(f"{where}{key} is not a setting this server has; it has {', '.join(sorted(options))}")
     if value != options[key]:
         raise InputError(f"{where}{key} {value!r} is not supported by this server: it runs {options[key]!r}")
+
+
+def check_value(key: str, value: Any) -> None:
+    """The range of an option whose type alone does not say it (POST /sdapi/v1/options: stored out of range, it would
+    fail every request after it; a request's override_settings are checked with the request)."""
+    if key == "randn_source" and value not in RANDN_SOURCES:
+        raise InputError(f"option randn_source must be one of {', '.join(RANDN_SOURCES)}, got {value!r}")
+    if key == "eta_noise_seed_delta" and not 0 <= value <= MAX_SEED:
+        raise InputError(f"option eta_noise_seed_delta must be in [0, 2^32 - 1], got {value}")
 
 
 def default_options() -> dict:
