@@ -142,3 +142,19 @@ def test_a_samplers_own_noise_comes_from_a_philox_generator():
     cpu = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]  # torch's own: diffusers', unchanged
     expected = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
     assert torch.equal(step(generator=cpu), step(variance_noise=expected))
+
+
+def test_a_variation_seed_is_slerped_column_by_column_as_automatic1111_does():
+    """AUTOMATIC1111's slerp of a (C, H, W) noise normalises each column (dim 1) and interpolates it on its own."""
+    from orchestrator.pipeline.sampling import slerp
+
+    low, high = (torch.randn((4, 8, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    mixed = slerp(0.3, low, high)
+    for c, x in ((0, 0), (3, 5)):  # one column, by the textbook formula
+        a, b = low[c, :, x], high[c, :, x]
+        omega = torch.acos(torch.dot(a / a.norm(), b / b.norm()))
+        expected = (torch.sin(0.7 * omega) * a + torch.sin(0.3 * omega) * b) / torch.sin(omega)
+        assert torch.allclose(mixed[c, :, x], expected, atol=1e-5)
+    assert torch.allclose(slerp(0.0, low, high), low, atol=1e-5) and torch.allclose(slerp(1.0, low, high), high,
+                                                                                      atol=1e-5)
+    assert torch.allclose(slerp(0.4, low, low), low, atol=1e-6)  # the seed as its own variation seed: its noise

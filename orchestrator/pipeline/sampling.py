@@ -251,15 +251,19 @@ def _centred(small: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 
 def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation from `low` (t=0) to `high` (t=1), over the whole tensor; linear when nearly parallel."""
+    """AUTOMATIC1111's spherical interpolation of one image's noise (C, H, W) from `low` (t=0) to `high` (t=1): each
+    column (the H values at one channel and x) on its own great circle. Where the columns are parallel on average it
+    is linear with the weights the other way round, as there (only a variation seed equal to the seed gets there, and
+    then both noises are the same)."""
     import torch
 
-    a, b = low.flatten(), high.flatten()
-    dot = torch.dot(a / a.norm(), b / b.norm()).clamp(-1, 1)
-    if dot > 0.9995:
-        return (1 - t) * low + t * high
-    omega = torch.acos(dot)
-    return (torch.sin((1 - t) * omega) * low + torch.sin(t * omega) * high) / torch.sin(omega)
+    a, b = low / low.norm(dim=1, keepdim=True), high / high.norm(dim=1, keepdim=True)
+    dot = (a * b).sum(1)
+    if dot.mean() > 0.9995:
+        return t * low + (1 - t) * high
+    omega = torch.acos(dot.clamp(-1, 1))
+    sine = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / sine).unsqueeze(1) * low + (torch.sin(t * omega) / sine).unsqueeze(1) * high
 
 
 def sigma_at(scheduler, t) -> float:
