@@ -149,6 +149,42 @@ def test_sampler_names_ignore_the_checkpoints_own_scheduler_options():
     assert type(karras).__name__ == "DPMSolverMultistepScheduler" and karras.config.use_karras_sigmas
 
 
+SD15_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
+                 "timestep_spacing": "leading", "_class_name": "PNDMScheduler"}  # SD 1.5's own scheduler config
+
+
+def _k_diffusion_sigmas(alphas_cumprod, steps: int, karras: bool):
+    """k-diffusion's, as AUTOMATIC1111 samples: get_sigmas (t evenly from 999 to 0, log sigma interpolated) or
+    get_sigmas_karras (rho 7 over the model's whole sigma range), then a final 0."""
+    import torch
+
+    log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).double().log()
+    if karras:
+        low, high = log_sigmas.exp()[0] ** (1 / 7), log_sigmas.exp()[-1] ** (1 / 7)
+        sigmas = (high + torch.linspace(0, 1, steps, dtype=torch.float64) * (low - high)) ** 7
+    else:
+        t = torch.linspace(len(log_sigmas) - 1, 0, steps, dtype=torch.float64)
+        below, fraction = t.floor().long(), t - t.floor()
+        above = (below + 1).clamp(max=len(log_sigmas) - 1)
+        sigmas = ((1 - fraction) * log_sigmas[below] + fraction * log_sigmas[above]).exp()
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ SDE", "DPM++ SDE Karras",
+                                     "DPM++ 2M Karras"])
+@pytest.mark.parametrize("steps", [7, 20])
+def test_k_diffusion_samplers_run_automatic1111s_sigmas_whatever_the_checkpoints_spacing(sampler, steps):
+    """AUTOMATIC1111's Automatic/Uniform schedule is k-diffusion's (t evenly from 999 to 0); SD 1.5's own config says
+    "leading", which started at sigma 11.0 instead of 14.6 at 20 steps (and squeezed DPM++ SDE's Karras range)."""
+    import torch
+
+    scheduler = make_scheduler(sampler, SD15_SCHEDULE)
+    scheduler.set_timesteps(steps)
+    ran = torch.unique_consecutive(torch.as_tensor(scheduler.sigmas).double())  # Heun and SDE list each twice
+    expected = _k_diffusion_sigmas(scheduler.alphas_cumprod, steps, "Karras" in sampler)
+    assert ran.shape == expected.shape and torch.allclose(ran, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_only_masked_crop_region_follows_automatic1111():
     mask = np.zeros((100, 200), bool)
     mask[40:50, 90:110] = True  # 20 wide, 10 high

@@ -33,20 +33,29 @@ class Sampler:
     second_order: bool = False  # two model calls a step: AUTOMATIC1111 counts prompt-editing steps twice
 
 
+# k-diffusion's own schedule, which AUTOMATIC1111's "Automatic" and "Uniform" run for its k-diffusion samplers: the
+# timesteps evenly from the last (999) to 0. diffusers' "linspace" gives those sigmas (to 3e-5, tests/test_core.py)
+# for the schedulers below that take it; a checkpoint's "leading" (SD 1.x's, SDXL's) starts lower (11.0, not 14.6, at
+# 20 steps) and gave another image than AUTOMATIC1111's for the same seed and noise; its Karras sigmas span the
+# spaced range there, not the model's whole one as k-diffusion's. DDIM and PLMS are its CompVis
+# samplers, whose uniform steps are the checkpoint's "leading" with steps_offset 1; DPM++ 2M (2M SDE, UniPC) keep
+# the checkpoint's: diffusers' multistep schedulers round their timesteps, so none of their spacings is k-diffusion's.
+UNIFORM = {"timestep_spacing": "linspace"}
 SAMPLERS = {
-    "Euler": Sampler("EulerDiscreteScheduler"),
-    "Euler a": Sampler("EulerAncestralDiscreteScheduler"),
-    "Heun": Sampler("HeunDiscreteScheduler", second_order=True),
+    "Euler": Sampler("EulerDiscreteScheduler", UNIFORM),
+    "Euler a": Sampler("EulerAncestralDiscreteScheduler", UNIFORM),
+    "Heun": Sampler("HeunDiscreteScheduler", UNIFORM, second_order=True),
     "DDIM": Sampler("DDIMScheduler"),
     "DDPM": Sampler("DDPMScheduler"),
     # AUTOMATIC1111's PLMS and diffusers' SD pipelines (the checkpoint's config says so): linear multistep alone, no
     # Runge-Kutta warm-up (which tripled the UNet calls of a short run and could not run under 4 steps)
     "PNDM": Sampler("PNDMScheduler", {"skip_prk_steps": True}),
-    "LMS": Sampler("LMSDiscreteScheduler"),
+    "LMS": Sampler("LMSDiscreteScheduler", UNIFORM),
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", seeded=True, second_order=True),  # Brownian-tree noise: torchsde
-    "DPM++ SDE Karras": Sampler("DPMSolverSDEScheduler", {"use_karras_sigmas": True}, seeded=True,
+    # Brownian-tree noise: torchsde
+    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", UNIFORM, seeded=True, second_order=True),
+    "DPM++ SDE Karras": Sampler("DPMSolverSDEScheduler", {"use_karras_sigmas": True} | UNIFORM, seeded=True,
                                 second_order=True),
     "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "UniPC": Sampler("UniPCMultistepScheduler"),
