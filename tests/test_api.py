@@ -116,6 +116,19 @@ def test_scheduler_field_and_aliases(client):
     assert karras.status_code == direct.status_code == alias.status_code == 200
     assert karras.json()["images"][0] == direct.json()["images"][0] == alias.json()["images"][0]
     assert json.loads(karras.json()["info"])["sampler_name"] == "DPM++ 2M Karras"
+    # AUTOMATIC1111 1.9+: Automatic (or no scheduler) is each sampler's own schedule, Karras for DPM++ 2M
+    automatic = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3, "sampler_name": "DPM++ 2M"})
+    assert automatic.json()["images"][0] == karras.json()["images"][0]
+    uniform = client.post("/sdapi/v1/txt2img",
+                          json=TXT | {"steps": 3, "sampler_name": "DPM++ 2M", "scheduler": "Uniform"})
+    assert json.loads(uniform.json()["info"])["sampler_name"] == "DPM++ 2M"
+    assert uniform.json()["images"][0] != karras.json()["images"][0]
+    for sampler, scheduler, runs in (("DPM++ 2M SDE", None, "DPM++ 2M SDE Exponential"),
+                                     ("DPM++ 2M SDE", "Karras", "DPM++ 2M SDE Karras"),
+                                     ("DPM++ SDE", "Automatic", "DPM++ SDE Karras"), ("Euler", None, "Euler")):
+        response = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 2, "sampler_name": sampler,
+                                                                 "scheduler": scheduler})
+        assert response.status_code == 200 and json.loads(response.json()["info"])["sampler_name"] == runs
 
 
 def test_variation_seeds(client):
@@ -239,7 +252,8 @@ BAD = [
     ({"seed": 2**32}, 422, "seed"),
     ({"subseed_strength": 2}, 422, "subseed_strength"),
     ({"sampler_name": "Euler z"}, 404, "Sampler not found"),
-    ({"scheduler": "Exponential"}, 422, "scheduler"),
+    ({"scheduler": "Polyexponential"}, 422, "scheduler"),
+    ({"scheduler": "Exponential"}, 404, "Sampler not found: Euler a with scheduler Exponential"),
     ({"prompt": "cat " * 10000}, 413, "prompt"),
     ({"prompt": "a cat <lora:watercolor:0.8>"}, 422, "<lora:watercolor>: no such LoRA (the server has no LoRA folder"),
     ({"prompt": "a cat <hypernet:ink:1>"}, 422, "prompt: <hypernet:ink:1> is an extra-network tag (hypernet)"),
@@ -707,7 +721,7 @@ MIXED = [
     TXT | {"prompt": "a [dog|cat] [on grass:in snow:0.5]", "negative_prompt": "", "steps": 5,  # per-step prompts
            "sampler_name": "DPM++ 2M Karras", "cfg_scale": 4, "seed": 12},
     TXT | {"prompt": "a bird", "steps": 6, "sampler_name": "DDIM", "cfg_scale": 1, "seed": 13, "batch_size": 2},
-    TXT | {"prompt": "a tree " * 20, "steps": 7, "sampler_name": "DPM++ SDE", "cfg_scale": 3, "seed": 14},
+    TXT | {"prompt": "a tree " * 20, "steps": 7, "sampler_name": "DPM++ SDE Karras", "cfg_scale": 3, "seed": 14},
     TXT | {"steps": 4, "sampler_name": "UniPC", "seed": 15, "width": 96},  # another shape: its own batch
 ]
 

@@ -153,15 +153,18 @@ SD15_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "sca
                  "timestep_spacing": "leading", "_class_name": "PNDMScheduler"}  # SD 1.5's own scheduler config
 
 
-def _k_diffusion_sigmas(alphas_cumprod, steps: int, karras: bool):
-    """k-diffusion's, as AUTOMATIC1111 samples: get_sigmas (t evenly from 999 to 0, log sigma interpolated) or
-    get_sigmas_karras (rho 7 over the model's whole sigma range), then a final 0."""
+def _k_diffusion_sigmas(alphas_cumprod, steps: int, kind: str):
+    """k-diffusion's, as AUTOMATIC1111 samples: get_sigmas (t evenly from 999 to 0, log sigma interpolated),
+    get_sigmas_karras (rho 7) or get_sigmas_exponential over the model's whole sigma range, then a final 0."""
     import torch
 
     log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).double().log()
-    if karras:
-        low, high = log_sigmas.exp()[0] ** (1 / 7), log_sigmas.exp()[-1] ** (1 / 7)
-        sigmas = (high + torch.linspace(0, 1, steps, dtype=torch.float64) * (low - high)) ** 7
+    low, high = log_sigmas[0], log_sigmas[-1]
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if kind == "Karras":
+        sigmas = ((high / 7).exp() + ramp * ((low / 7).exp() - (high / 7).exp())) ** 7
+    elif kind == "Exponential":
+        sigmas = (high + ramp * (low - high)).exp()
     else:
         t = torch.linspace(len(log_sigmas) - 1, 0, steps, dtype=torch.float64)
         below, fraction = t.floor().long(), t - t.floor()
@@ -171,7 +174,7 @@ def _k_diffusion_sigmas(alphas_cumprod, steps: int, karras: bool):
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ SDE", "DPM++ SDE Karras",
-                                     "DPM++ 2M Karras"])
+                                     "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential"])
 @pytest.mark.parametrize("steps", [7, 20])
 def test_k_diffusion_samplers_run_automatic1111s_sigmas_whatever_the_checkpoints_spacing(sampler, steps):
     """AUTOMATIC1111's Automatic/Uniform schedule is k-diffusion's (t evenly from 999 to 0); SD 1.5's own config says
@@ -181,7 +184,7 @@ def test_k_diffusion_samplers_run_automatic1111s_sigmas_whatever_the_checkpoints
     scheduler = make_scheduler(sampler, SD15_SCHEDULE)
     scheduler.set_timesteps(steps)
     ran = torch.unique_consecutive(torch.as_tensor(scheduler.sigmas).double())  # Heun and SDE list each twice
-    expected = _k_diffusion_sigmas(scheduler.alphas_cumprod, steps, "Karras" in sampler)
+    expected = _k_diffusion_sigmas(scheduler.alphas_cumprod, steps, sampler.split()[-1])
     assert ran.shape == expected.shape and torch.allclose(ran, expected, rtol=1e-4, atol=1e-6)
 
 

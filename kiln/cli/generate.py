@@ -231,9 +231,11 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
         return base64.b64encode(data).decode()
 
     # eta as the direct path runs it (DDIM's 0), not the server's eta_ddim option; the other samplers' own default.
+    # The sampler as named ("Uniform": the server's Automatic turns DPM++ 2M into DPM++ 2M Karras, as AUTOMATIC1111's)
     fields = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                  sampler_name=args.sampler, cfg_scale=args.cfg_scale, seed=args.seed, width=args.width,
-                  height=args.height, batch_size=args.batch_size, eta=0.0 if args.sampler.lower() == "ddim" else None,
+                  sampler_name=args.sampler, scheduler="Uniform", cfg_scale=args.cfg_scale, seed=args.seed,
+                  width=args.width, height=args.height, batch_size=args.batch_size,
+                  eta=0.0 if args.sampler.lower() == "ddim" else None,
                   subseed=args.subseed, subseed_strength=args.subseed_strength,
                   **(dict(zip(("seed_resize_from_w", "seed_resize_from_h"), args.seed_resize_from))
                      if args.seed_resize_from else {}),

@@ -58,6 +58,11 @@ SAMPLERS = {
     "DPM++ SDE Karras": Sampler("DPMSolverSDEScheduler", {"use_karras_sigmas": True} | UNIFORM, seeded=True,
                                 second_order=True),
     "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                   "use_karras_sigmas": True}),
+    # k-diffusion's get_sigmas_exponential (AUTOMATIC1111 1.9+'s Automatic schedule for DPM++ 2M SDE)
+    "DPM++ 2M SDE Exponential": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                                        "use_exponential_sigmas": True}),
     "UniPC": Sampler("UniPCMultistepScheduler"),
     "LCM": Sampler("LCMScheduler"),
 }

@@ -50,14 +50,18 @@ from orchestrator.server.paste import apply_infotext
 SAMPLER_ALIASES = {
     "Euler a": ["k_euler_a", "k_euler_ancestral"], "Euler": ["k_euler"], "LMS": ["k_lms"], "Heun": ["k_heun"],
     "DPM++ 2M": ["k_dpmpp_2m"], "DPM++ 2M Karras": ["k_dpmpp_2m_ka"], "DPM++ SDE": ["k_dpmpp_sde"],
-    "DPM++ SDE Karras": ["k_dpmpp_sde_ka"], "DPM++ 2M SDE": ["k_dpmpp_2m_sde_ka"], "DDIM": ["ddim"],
+    "DPM++ SDE Karras": ["k_dpmpp_sde_ka"], "DPM++ 2M SDE": ["k_dpmpp_2m_sde"],
+    "DPM++ 2M SDE Karras": ["k_dpmpp_2m_sde_ka"], "DPM++ 2M SDE Exponential": ["k_dpmpp_2m_sde_exp"], "DDIM": ["ddim"],
     "DDPM": ["ddpm"], "PNDM": ["pndm", "PLMS"], "UniPC": ["unipc"], "LCM": ["lcm"],
 }
 ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.items() for alias in aliases} | \
     {name.lower(): name for name in SAMPLERS}
-# AUTOMATIC1111 1.9+ splits "DPM++ 2M Karras" into sampler_name + scheduler.
-SCHEDULER_SUFFIX = {"automatic": "", "uniform": "", "karras": " Karras"}
-ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta
+# AUTOMATIC1111 1.9+ splits "DPM++ 2M Karras" into sampler_name + scheduler; its Automatic is each sampler's own
+SCHEDULER_SUFFIX = {"automatic": "", "uniform": "", "karras": " Karras", "exponential": " Exponential"}
+AUTOMATIC = {"DPM++ 2M": " Karras", "DPM++ SDE": " Karras", "DPM++ 2M SDE": " Exponential"}  # the others: uniform
+# k-diffusion's samplers that take eta
+ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras",
+                 "DPM++ 2M SDE Exponential"}
 
 
 # -- sampler names ---------------------------------------------------------------------------------
@@ -156,8 +160,9 @@ def sampler_name(body: schemas.Txt2ImgBody) -> str:
         raise UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}")
     scheduler = (body.scheduler or "automatic").lower()
     if scheduler not in SCHEDULER_SUFFIX:
-        raise InputError(f"scheduler {body.scheduler!r} is not supported; valid: Automatic, Uniform, Karras")
-    suffix = SCHEDULER_SUFFIX[scheduler]
+        raise InputError(f"scheduler {body.scheduler!r} is not supported; valid: Automatic, Uniform, Karras, "
+                         "Exponential")
+    suffix = AUTOMATIC.get(resolved, "") if scheduler == "automatic" else SCHEDULER_SUFFIX[scheduler]
     if suffix and not resolved.endswith(suffix):
         if resolved + suffix not in SAMPLERS:
             raise UnknownSampler(f"Sampler not found: {resolved} with scheduler {body.scheduler}")
