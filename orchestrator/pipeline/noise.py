@@ -85,16 +85,21 @@ def generator(seed: int, source: str, stream: int = 0):
     return Philox(seed, stream)
 
 
+def _philox(generator) -> bool:
+    """Whether `generator` (one, or a list of one per image) is Philox."""
+    return isinstance(generator[0] if isinstance(generator, list) and generator else generator, Philox)
+
+
 def draw(shape: tuple, generator) -> torch.Tensor:
     """Standard normal noise of `shape` from one generator, or from one per image (a list: each image's (1, ...)
     slice from its own, as diffusers' randn_tensor draws)."""
     import torch
 
-    generators = generator if isinstance(generator, list) else [generator]
-    if not isinstance(generators[0], Philox):
+    if not _philox(generator):
         from diffusers.utils.torch_utils import randn_tensor
 
         return randn_tensor(shape, generator=generator, dtype=torch.float32)
+    generators = generator if isinstance(generator, list) else [generator]
     if len(generators) == 1:
         return generators[0].randn(tuple(shape))
     return torch.cat([g.randn((1, *shape[1:])) for g in generators])
@@ -107,8 +112,7 @@ def adapt(module) -> None:
         return
 
     def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None, **kwargs):
-        first = generator[0] if isinstance(generator, list) and generator else generator
-        if not isinstance(first, Philox):
+        if not _philox(generator):
             return original(shape, generator=generator, device=device, dtype=dtype, layout=layout, **kwargs)
         noise = draw(tuple(shape), generator)
         return noise.to(device=device or noise.device, dtype=dtype or noise.dtype)
