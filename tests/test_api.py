@@ -125,10 +125,19 @@ def test_scheduler_field_and_aliases(client):
     assert uniform.json()["images"][0] != karras.json()["images"][0]
     for sampler, scheduler, runs in (("DPM++ 2M SDE", None, "DPM++ 2M SDE Exponential"),
                                      ("DPM++ 2M SDE", "Karras", "DPM++ 2M SDE Karras"),
-                                     ("DPM++ SDE", "Automatic", "DPM++ SDE Karras"), ("Euler", None, "Euler")):
+                                     ("DPM++ SDE", "Automatic", "DPM++ SDE Karras"), ("Euler", None, "Euler"),
+                                     # any k-diffusion sampler on any schedule type; the name's type wins
+                                     ("Euler a", "Beta", "Euler a Beta"), ("k_lms Exponential", "Karras",
+                                                                           "LMS Exponential"),
+                                     # AUTOMATIC1111's timestep samplers run their own steps whatever the type
+                                     ("DDIM", "Karras", "DDIM"), ("UniPC", "Exponential", "UniPC")):
         response = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 2, "sampler_name": sampler,
                                                                  "scheduler": scheduler})
         assert response.status_code == 200 and json.loads(response.json()["info"])["sampler_name"] == runs
+    ancestral = [client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3, "sampler_name": "Euler a"} | fields).json()
+                 for fields in ({"scheduler": "Karras"}, {"sampler_name": "Euler a Karras"}, {})]
+    assert ancestral[0]["images"][0] == ancestral[1]["images"][0] != ancestral[2]["images"][0]
+    assert parse_infotext(json.loads(ancestral[0]["info"])["infotexts"][0])["Sampler"] == "Euler a Karras"
 
 
 def test_variation_seeds(client):
@@ -253,7 +262,8 @@ BAD = [
     ({"subseed_strength": 2}, 422, "subseed_strength"),
     ({"sampler_name": "Euler z"}, 404, "Sampler not found"),
     ({"scheduler": "Polyexponential"}, 422, "scheduler"),
-    ({"scheduler": "Exponential"}, 404, "Sampler not found: Euler a with scheduler Exponential"),
+    ({"sampler_name": "LCM", "scheduler": "Karras"}, 404, "LCM Karras: diffusers' LCMScheduler has no Karras"),
+    ({"sampler_name": "DPM++ 2M Karras Beta"}, 404, "DPM++ 2M Karras runs its own schedule"),
     ({"prompt": "cat " * 10000}, 413, "prompt"),
     ({"prompt": "a cat <lora:watercolor:0.8>"}, 422, "<lora:watercolor>: no such LoRA (the server has no LoRA folder"),
     ({"prompt": "a cat <hypernet:ink:1>"}, 422, "prompt: <hypernet:ink:1> is an extra-network tag (hypernet)"),
@@ -378,6 +388,10 @@ def test_listing_endpoints(client):
     names = {s["name"] for s in samplers}
     assert {"Euler", "Euler a", "Heun", "DDIM", "DDPM", "PNDM", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE",
             "DPM++ 2M SDE", "UniPC", "LCM"} <= names
+    schedulers = client.get("/sdapi/v1/schedulers").json()
+    assert [(s["name"], s["label"]) for s in schedulers] == [
+        ("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"), ("exponential", "Exponential"),
+        ("beta", "Beta")]
     models = client.get("/sdapi/v1/sd-models").json()
     assert len(models) == 1 and models[0]["model_name"] == "tiny" and len(models[0]["hash"]) == 10
     options = client.get("/sdapi/v1/options").json()

@@ -18,7 +18,14 @@ from kiln.infotext import parameters_text, parse_infotext, read_png_info
 from kiln.masks import crop_region, inpaint_mask, resize_init_image
 from kiln.triton_client import wire_dtype
 from orchestrator.pipeline import ControlNetUnit, Img2ImgRequest, Limits, Txt2ImgRequest, check_job, check_request
-from orchestrator.pipeline.sampling import UnknownSampler, make_scheduler
+from orchestrator.pipeline.sampling import (
+    SAMPLERS,
+    UnknownSampler,
+    check_sampler,
+    make_scheduler,
+    schedule,
+    split_schedule,
+)
 from tests.conftest import encode, png_header_only
 
 CONTRACT = SDContract(
@@ -155,7 +162,8 @@ SD15_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "sca
 
 def _k_diffusion_sigmas(alphas_cumprod, steps: int, kind: str):
     """k-diffusion's, as AUTOMATIC1111 samples: get_sigmas (t evenly from 999 to 0, log sigma interpolated),
-    get_sigmas_karras (rho 7) or get_sigmas_exponential over the model's whole sigma range, then a final 0."""
+    get_sigmas_karras (rho 7), get_sigmas_exponential or beta_scheduler over the model's whole sigma range, then a
+    final 0."""
     import torch
 
     log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).double().log()
@@ -165,6 +173,11 @@ def _k_diffusion_sigmas(alphas_cumprod, steps: int, kind: str):
         sigmas = ((high / 7).exp() + ramp * ((low / 7).exp() - (high / 7).exp())) ** 7
     elif kind == "Exponential":
         sigmas = (high + ramp * (low - high)).exp()
+    elif kind == "Beta":  # "Beta Sampling is All You Need" (alpha = beta = 0.6, AUTOMATIC1111's defaults)
+        from scipy import stats
+
+        ppf = torch.as_tensor(stats.beta.ppf(1 - ramp.numpy(), 0.6, 0.6), dtype=torch.float64)
+        sigmas = low.exp() + ppf * (high.exp() - low.exp())
     else:
         t = torch.linspace(len(log_sigmas) - 1, 0, steps, dtype=torch.float64)
         below, fraction = t.floor().long(), t - t.floor()
@@ -174,18 +187,36 @@ def _k_diffusion_sigmas(alphas_cumprod, steps: int, kind: str):
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ SDE", "DPM++ SDE Karras",
-                                     "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential"])
+                                     "DPM++ 2M Karras", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential",
+                                     # AUTOMATIC1111 1.9+: any k-diffusion sampler on any schedule type
+                                     "Euler Karras", "Euler a Karras", "Euler a Exponential", "Heun Exponential",
+                                     "LMS Karras", "DPM++ 2M Exponential", "DPM++ SDE Exponential", "Euler Beta",
+                                     "Euler a Beta", "DPM++ 2M Beta", "DPM++ 2M SDE Beta"])
 @pytest.mark.parametrize("steps", [7, 20])
 def test_k_diffusion_samplers_run_automatic1111s_sigmas_whatever_the_checkpoints_spacing(sampler, steps):
     """AUTOMATIC1111's Automatic/Uniform schedule is k-diffusion's (t evenly from 999 to 0); SD 1.5's own config says
-    "leading", which started at sigma 11.0 instead of 14.6 at 20 steps (and squeezed DPM++ SDE's Karras range)."""
+    "leading", which started at sigma 11.0 instead of 14.6 at 20 steps (and squeezed DPM++ SDE's Karras range). Its
+    other schedule types span the model's whole sigma range too (Euler a borrows Euler's: diffusers' has no switch)."""
     import torch
 
-    scheduler = make_scheduler(sampler, SD15_SCHEDULE)
-    scheduler.set_timesteps(steps)
+    scheduler, timesteps = schedule(sampler, SD15_SCHEDULE, steps, seed=0)
     ran = torch.unique_consecutive(torch.as_tensor(scheduler.sigmas).double())  # Heun and SDE list each twice
     expected = _k_diffusion_sigmas(scheduler.alphas_cumprod, steps, sampler.split()[-1])
     assert ran.shape == expected.shape and torch.allclose(ran, expected, rtol=1e-4, atol=1e-6)
+    assert len(timesteps) == steps * scheduler.order - (scheduler.order - 1)
+
+
+def test_schedule_types_only_where_they_run():
+    """A sampler with a schedule of its own, or whose diffusers scheduler has none of that type, is not found, and
+    the message says why; the names in SAMPLERS stay as they are."""
+    assert check_sampler("DPM++ 2M Karras") is SAMPLERS["DPM++ 2M Karras"]
+    assert split_schedule("Euler a Karras") == ("Euler a", "Karras") and split_schedule("Euler") == ("Euler", None)
+    assert check_sampler("Euler Karras").overrides == SAMPLERS["Euler"].overrides | {"use_karras_sigmas": True}
+    for name, reason in [("DPM++ 2M Karras Exponential", "runs its own schedule"),
+                         ("DDIM Karras", "DDIMScheduler has no Karras"), ("LCM Beta", "LCMScheduler has no Beta"),
+                         ("Euler Polyexponential", "valid samplers")]:
+        with pytest.raises(UnknownSampler, match=reason):
+            check_sampler(name)
 
 
 def test_only_masked_crop_region_follows_automatic1111():

@@ -9,11 +9,12 @@ image; or, with AUTOMATIC1111's GPU and NV sources, as torch draws it on an NVID
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import secrets
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from kiln.errors import NotFoundError
@@ -31,6 +32,9 @@ class Sampler:
     overrides: dict = field(default_factory=dict)  # config values that make it this sampler
     seeded: bool = False  # draws its noise from a seed in its config, not from the step's generator
     second_order: bool = False  # two model calls a step: AUTOMATIC1111 counts prompt-editing steps twice
+    # where diffusers' scheduler has no switch for a schedule type: the scheduler, and its overrides, whose sigmas and
+    # timesteps it runs (Euler a on Euler's Karras sigmas; both step through the same table)
+    sigmas_from: tuple[str, dict] | None = None
 
 
 # k-diffusion's own schedule, which AUTOMATIC1111's "Automatic" and "Uniform" run for its k-diffusion samplers: the
@@ -67,6 +71,12 @@ SAMPLERS = {
     "LCM": Sampler("LCMScheduler"),
 }
 
+# AUTOMATIC1111 1.9+'s schedule types that diffusers computes as k-diffusion does (tests/test_core.py), as the
+# config switch that turns a scheduler's sigmas into them: any sampler above that has no schedule of its own runs on
+# them as "<sampler> <type>" ("Euler Karras", "DPM++ SDE Beta"; Beta needs scipy)
+SCHEDULE_TYPES = {"Karras": "use_karras_sigmas", "Exponential": "use_exponential_sigmas", "Beta": "use_beta_sigmas"}
+BORROWED_SIGMAS = {"EulerAncestralDiscreteScheduler": "EulerDiscreteScheduler"}  # diffusers' classes with no switch
+
 # What the checkpoint's scheduler config may say: its training noise schedule. Anything else in it
 # (use_karras_sigmas, algorithm_type, ...) belongs to the scheduler it shipped with, and would turn
 # "Euler" into a Karras or SDE variant without saying so.
@@ -82,10 +92,48 @@ class UnknownSampler(NotFoundError):
 
 
 def check_sampler(name: str) -> Sampler:
-    try:
+    """One of SAMPLERS, or one of them on another schedule type ("Euler Karras": split_schedule)."""
+    if isinstance(name, str) and name in SAMPLERS:
         return SAMPLERS[name]
-    except (KeyError, TypeError):
-        raise UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}") from None
+    base, kind = split_schedule(name) if isinstance(name, str) else (name, None)
+    if kind is None:
+        raise not_found(name)
+    return _on_schedule(base, kind)
+
+
+def not_found(name) -> UnknownSampler:
+    return UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}, and the k-diffusion "
+                          f"ones on a schedule type: \"Euler Karras\" ({', '.join(SCHEDULE_TYPES)})")
+
+
+def split_schedule(name: str) -> tuple[str, str | None]:
+    """"Euler a Karras" -> ("Euler a", "Karras"); a name in SAMPLERS, or without a schedule type, -> (name, None)."""
+    base, _, kind = name.rpartition(" ")
+    if name in SAMPLERS or kind not in SCHEDULE_TYPES or base not in SAMPLERS:
+        return name, None
+    return base, kind
+
+
+def own_schedule(name: str) -> bool:
+    """Whether the sampler runs a schedule type of its own ("DPM++ 2M Karras", "Euler Karras"), not the uniform one."""
+    return any(switch in check_sampler(name).overrides for switch in SCHEDULE_TYPES.values()) or \
+        check_sampler(name).sigmas_from is not None
+
+
+def _on_schedule(base: str, kind: str) -> Sampler:
+    sampler = SAMPLERS[base]
+    switch = SCHEDULE_TYPES[kind]
+    if any(key in sampler.overrides for key in SCHEDULE_TYPES.values()):
+        raise UnknownSampler(f"Sampler not found: {base} {kind}: {base} runs its own schedule already")
+    if kind == "Beta" and importlib.util.find_spec("scipy") is None:
+        raise UnknownSampler(f"Sampler not found: {base} Beta: the Beta schedule needs scipy, which this install "
+                             "lacks (pip install scipy)")
+    if switch in inspect.signature(_scheduler_class(sampler.scheduler).__init__).parameters:
+        return replace(sampler, overrides=sampler.overrides | {switch: True})
+    if sampler.scheduler in BORROWED_SIGMAS:
+        return replace(sampler, sigmas_from=(BORROWED_SIGMAS[sampler.scheduler], sampler.overrides | {switch: True}))
+    raise UnknownSampler(f"Sampler not found: {base} {kind}: diffusers' {sampler.scheduler} has no {kind} "
+                         f"schedule")
 
 
 def editing_steps(name: str, steps: int) -> int:
@@ -101,10 +149,15 @@ def make_scheduler(name: str, base_config: dict, seed: int | None = None):
     gives the same image every time; the others take the generator at each step.
     """
     sampler = check_sampler(name)
-    config = {k: v for k, v in base_config.items() if k in SCHEDULE_KEYS} | sampler.overrides
+    config = _config(base_config, sampler.overrides)
     if sampler.seeded and seed is not None:
         config["noise_sampler_seed"] = seed
     return _scheduler_class(sampler.scheduler).from_config(config)
+
+
+def _config(base_config: dict, overrides: dict) -> dict:
+    """The checkpoint's training schedule (SCHEDULE_KEYS) with a sampler's overrides."""
+    return {k: v for k, v in base_config.items() if k in SCHEDULE_KEYS} | overrides
 
 
 def schedule(name: str, base_config: dict, steps: int, seed: int, start: int = 0) -> tuple:
@@ -116,6 +169,11 @@ def schedule(name: str, base_config: dict, steps: int, seed: int, start: int = 0
         scheduler.set_timesteps(steps)
     except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule
         raise InputError(f"steps: {name} cannot run {steps} steps ({exc})") from None
+    borrowed = check_sampler(name).sigmas_from
+    if borrowed is not None:
+        other = _scheduler_class(borrowed[0]).from_config(_config(base_config, borrowed[1]))
+        other.set_timesteps(steps)
+        scheduler.sigmas, scheduler.timesteps = other.sigmas, other.timesteps
     timesteps = scheduler.timesteps[start * scheduler.order:]
     if start and hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * scheduler.order)

@@ -32,7 +32,7 @@ from orchestrator.pipeline import (
     Refiner,
     SDUpscale,
     Txt2ImgRequest,
-    UnknownSampler,
+    sampling,
 )
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.server.errors import short
@@ -56,9 +56,11 @@ SAMPLER_ALIASES = {
 }
 ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.items() for alias in aliases} | \
     {name.lower(): name for name in SAMPLERS}
-# AUTOMATIC1111 1.9+ splits "DPM++ 2M Karras" into sampler_name + scheduler; its Automatic is each sampler's own
-SCHEDULER_SUFFIX = {"automatic": "", "uniform": "", "karras": " Karras", "exponential": " Exponential"}
-AUTOMATIC = {"DPM++ 2M": " Karras", "DPM++ SDE": " Karras", "DPM++ 2M SDE": " Exponential"}  # the others: uniform
+# AUTOMATIC1111 1.9+ splits "DPM++ 2M Karras" into sampler_name + scheduler (a schedule type in the name wins); its
+# Automatic is each sampler's own; its timestep samplers (DDIM, PLMS, UniPC) run their own steps whatever the type.
+SCHEDULE_TYPES = {"automatic": None, "uniform": None} | {kind.lower(): kind for kind in sampling.SCHEDULE_TYPES}
+AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential"}  # the others: uniform
+OWN_TIMESTEPS = {"DDIM", "PNDM", "UniPC"}
 # k-diffusion's samplers that take eta
 ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras",
                  "DPM++ 2M SDE Exponential"}
@@ -134,7 +136,7 @@ def _check_eta(body: schemas.Txt2ImgBody) -> None:
     samplers = {sampler_name(body)}
     if body.enable_hr and (body.hr_sampler_name or body.hr_scheduler):
         samplers.add(hires_fix_sampler(body))
-    blocked = sorted(samplers & ETA_ANCESTRAL)
+    blocked = sorted(s for s in samplers if s in ETA_ANCESTRAL or sampling.split_schedule(s)[0] in ETA_ANCESTRAL)
     if blocked:
         raise InputError(f"eta {body.eta:g}: the {blocked[0]} sampler runs its ancestral noise at eta 1 only "
                          "(diffusers' scheduler has no eta); DDIM takes any eta")
@@ -146,28 +148,31 @@ def seed_resize_from(body: schemas.Txt2ImgBody) -> tuple[int, int] | None:
 
 
 def sampler_name(body: schemas.Txt2ImgBody) -> str:
-    """sampler_name (or the old sampler_index, or an alias such as k_euler_a) + scheduler -> one of SAMPLERS.
-    SD.Next's integer sampler_index is the position in /sdapi/v1/samplers (SAMPLERS' order)."""
+    """sampler_name (or the old sampler_index, or an alias such as k_euler_a) + scheduler -> one of SAMPLERS, or one
+    on a schedule type ("Euler Karras"). SD.Next's integer sampler_index is the position in /sdapi/v1/samplers."""
     index = body.sampler_index
     if isinstance(index, int) and not isinstance(index, bool):
         if not 0 <= index < len(SAMPLERS):
-            raise UnknownSampler(f"Sampler not found: index {index}; /sdapi/v1/samplers lists {len(SAMPLERS)} "
+            raise sampling.UnknownSampler(f"Sampler not found: index {index}; /sdapi/v1/samplers lists {len(SAMPLERS)} "
                                  f"(0 to {len(SAMPLERS) - 1})")
         index = list(SAMPLERS)[index]
     name = body.sampler_name or index or "Euler a"
-    resolved = ALIAS_TO_SAMPLER.get(name.lower())
-    if resolved is None:
-        raise UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    resolved, kind = ALIAS_TO_SAMPLER.get(name.lower()), None
+    if resolved is None:  # "Euler a Karras", "k_euler_a Karras": AUTOMATIC1111 takes the type off the name
+        base, _, suffix = name.rpartition(" ")
+        resolved, kind = ALIAS_TO_SAMPLER.get(base.lower()), SCHEDULE_TYPES.get(suffix.lower())
+        if resolved is None or kind is None:
+            raise sampling.not_found(name)
     scheduler = (body.scheduler or "automatic").lower()
-    if scheduler not in SCHEDULER_SUFFIX:
-        raise InputError(f"scheduler {body.scheduler!r} is not supported; valid: Automatic, Uniform, Karras, "
-                         "Exponential")
-    suffix = AUTOMATIC.get(resolved, "") if scheduler == "automatic" else SCHEDULER_SUFFIX[scheduler]
-    if suffix and not resolved.endswith(suffix):
-        if resolved + suffix not in SAMPLERS:
-            raise UnknownSampler(f"Sampler not found: {resolved} with scheduler {body.scheduler}")
-        resolved += suffix
-    return resolved
+    if scheduler not in SCHEDULE_TYPES:
+        raise InputError(f"scheduler {body.scheduler!r} is not supported; valid: "
+                         f"{', '.join(n.capitalize() for n in SCHEDULE_TYPES)}")
+    if kind is None and not sampling.own_schedule(resolved):
+        kind = AUTOMATIC.get(resolved) if scheduler == "automatic" else SCHEDULE_TYPES[scheduler]
+    if kind is None or resolved in OWN_TIMESTEPS:
+        return resolved
+    sampling.check_sampler(f"{resolved} {kind}")  # not found where it cannot run, saying why
+    return f"{resolved} {kind}"
 
 
 def samplers() -> list[dict]:
@@ -178,7 +183,7 @@ def samplers() -> list[dict]:
 
 def schedulers() -> list[dict]:
     return [{"name": n, "label": n.capitalize(), "aliases": None, "default_rho": -1, "need_inner_model": False}
-            for n in SCHEDULER_SUFFIX]
+            for n in SCHEDULE_TYPES]
 
 
 # -- bodies -> pipeline requests ----------------------------------------------------------------------
