@@ -313,9 +313,18 @@ def diffusers_pipeline(checkpoint: Path):
     return pipe
 
 
+def diffusers_strength(sampler: str, steps: int, strength: float) -> float:
+    """The strength at which diffusers' img2img pipelines run the steps kiln runs at `strength`: for AUTOMATIC1111's
+    k-diffusion samplers its setup_img2img_steps, t_enc = int(min(strength, 0.999) * steps) and t_enc + 1 steps
+    (diffusers runs int(strength' * steps)); for DDIM, DDPM, PNDM, UniPC and LCM, diffusers' own."""
+    if sampler in ("DDIM", "DDPM", "PNDM", "UniPC", "LCM"):
+        return strength
+    return min(1.0, (int(min(strength, 0.999) * steps) + 1.5) / steps)
+
+
 def diffusers_image(pipe, scheduler_config: dict, request: dict, init=None, strength: float = 0.5) -> np.ndarray:
     """diffusers' uint8 images for a request's fields (prompt, negative_prompt, steps, sampler, cfg_scale, seed,
-    width, height): txt2img, or img2img from the PIL image `init` at `strength` (its own components)."""
+    width, height): txt2img, or img2img from the PIL image `init` at kiln's `strength` (its own components)."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     from orchestrator.pipeline import make_scheduler
@@ -329,6 +338,7 @@ def diffusers_image(pipe, scheduler_config: dict, request: dict, init=None, stre
     else:
         img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
         img2img.scheduler = make_scheduler(request["sampler"], scheduler_config)
+        strength = diffusers_strength(request["sampler"], request["steps"], strength)
         images = img2img(request["prompt"], image=init, strength=strength, **common).images
     return (images * 255).round().astype(np.uint8)
 

@@ -22,6 +22,7 @@ from orchestrator.pipeline.sampling import (
     SAMPLERS,
     UnknownSampler,
     check_sampler,
+    img2img_start,
     make_scheduler,
     schedule,
     split_schedule,
@@ -204,6 +205,17 @@ def test_k_diffusion_samplers_run_automatic1111s_sigmas_whatever_the_checkpoints
     expected = _k_diffusion_sigmas(scheduler.alphas_cumprod, steps, sampler.split()[-1])
     assert ran.shape == expected.shape and torch.allclose(ran, expected, rtol=1e-4, atol=1e-6)
     assert len(timesteps) == steps * scheduler.order - (scheduler.order - 1)
+
+
+@pytest.mark.parametrize("sampler, steps, strength, start", [
+    ("Euler a", 20, 0.75, 4),  # AUTOMATIC1111: t_enc 15, 16 steps from sigmas[4] (diffusers: 15 from 5)
+    ("DPM++ 2M Karras", 10, 0.5, 4), ("Euler a Karras", 7, 0.3, 4),
+    ("Euler", 20, 1.0, 0), ("Heun", 8, 0.999, 0), ("Euler", 20, 0.01, 19),  # the lowest sigma's step
+    ("Euler", 20, 0.0, 20),  # none: the init image through the VAE
+    ("DDIM", 20, 0.75, 5), ("UniPC", 10, 0.5, 5), ("PNDM", 20, 0.01, 20),  # diffusers' int(steps x strength)
+])
+def test_img2img_starts_where_automatic1111_does(sampler, steps, strength, start):
+    assert img2img_start(sampler, steps, strength) == start
 
 
 def test_schedule_types_only_where_they_run():

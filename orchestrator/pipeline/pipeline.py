@@ -35,6 +35,7 @@ from orchestrator.pipeline.sampling import (
     batch_seeds,
     draw_seed,
     editing_steps,
+    img2img_start,
     schedule,
     sigma_at,
     step_kwargs,
@@ -188,7 +189,7 @@ class Pipeline:
 
         # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says. The hires fix's second pass
         # has its own, made now: progress counts both passes' steps.
-        start = request.steps - min(int(request.steps * request.denoising_strength), request.steps) if init else 0
+        start = img2img_start(request.sampler, request.steps, request.denoising_strength) if init else 0
         scheduler, timesteps = schedule(request.sampler, contract.scheduler_config, request.steps, seed, start)
         second = None
         if request.hires is not None:

@@ -32,6 +32,7 @@ class Sampler:
     overrides: dict = field(default_factory=dict)  # config values that make it this sampler
     seeded: bool = False  # draws its noise from a seed in its config, not from the step's generator
     second_order: bool = False  # two model calls a step: AUTOMATIC1111 counts prompt-editing steps twice
+    k_diffusion: bool = True  # AUTOMATIC1111 runs it through k-diffusion (img2img_start), not as diffusers' own
     # where diffusers' scheduler has no switch for a schedule type: the scheduler, and its overrides, whose sigmas and
     # timesteps it runs (Euler a on Euler's Karras sigmas; both step through the same table)
     sigmas_from: tuple[str, dict] | None = None
@@ -49,11 +50,11 @@ SAMPLERS = {
     "Euler": Sampler("EulerDiscreteScheduler", UNIFORM),
     "Euler a": Sampler("EulerAncestralDiscreteScheduler", UNIFORM),
     "Heun": Sampler("HeunDiscreteScheduler", UNIFORM, second_order=True),
-    "DDIM": Sampler("DDIMScheduler"),
-    "DDPM": Sampler("DDPMScheduler"),
+    "DDIM": Sampler("DDIMScheduler", k_diffusion=False),
+    "DDPM": Sampler("DDPMScheduler", k_diffusion=False),
     # AUTOMATIC1111's PLMS and diffusers' SD pipelines (the checkpoint's config says so): linear multistep alone, no
     # Runge-Kutta warm-up (which tripled the UNet calls of a short run and could not run under 4 steps)
-    "PNDM": Sampler("PNDMScheduler", {"skip_prk_steps": True}),
+    "PNDM": Sampler("PNDMScheduler", {"skip_prk_steps": True}, k_diffusion=False),
     "LMS": Sampler("LMSDiscreteScheduler", UNIFORM),
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
@@ -67,8 +68,8 @@ SAMPLERS = {
     # k-diffusion's get_sigmas_exponential (AUTOMATIC1111 1.9+'s Automatic schedule for DPM++ 2M SDE)
     "DPM++ 2M SDE Exponential": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
                                                                         "use_exponential_sigmas": True}),
-    "UniPC": Sampler("UniPCMultistepScheduler"),
-    "LCM": Sampler("LCMScheduler"),
+    "UniPC": Sampler("UniPCMultistepScheduler", k_diffusion=False),
+    "LCM": Sampler("LCMScheduler", k_diffusion=False),
 }
 
 # AUTOMATIC1111 1.9+'s schedule types that diffusers computes as k-diffusion does (tests/test_core.py), as the
@@ -153,6 +154,19 @@ def make_scheduler(name: str, base_config: dict, seed: int | None = None):
     if sampler.seeded and seed is not None:
         config["noise_sampler_seed"] = seed
     return _scheduler_class(sampler.scheduler).from_config(config)
+
+
+def img2img_start(name: str, steps: int, strength: float) -> int:
+    """The step of `steps` that img2img (and inpainting) starts from. AUTOMATIC1111's k-diffusion samplers run t_enc +
+    1 steps from step steps - t_enc - 1, t_enc = int(min(strength, 0.999) * steps) (its setup_img2img_steps): one
+    more than diffusers' img2img pipelines, from a noisier start (16 of 20 at 0.75, not 15; all 20 at 1). DDIM, PNDM,
+    UniPC, DDPM and LCM run diffusers' int(strength * steps). At 0 none runs (the init image through the VAE; there,
+    one step at the lowest sigma)."""
+    if strength <= 0:
+        return steps
+    if check_sampler(name).k_diffusion:
+        return steps - int(min(strength, 0.999) * steps) - 1
+    return steps - min(int(steps * strength), steps)
 
 
 def _config(base_config: dict, overrides: dict) -> dict:

@@ -21,7 +21,14 @@ from orchestrator.pipeline import hires, tiles
 from orchestrator.pipeline.inpaint import own_size
 from orchestrator.pipeline.noise import RANDN_SOURCES
 from orchestrator.pipeline.requests import PAD_CONDS, ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
-from orchestrator.pipeline.sampling import CHURN, MAX_SEED, SAMPLERS, check_sampler, step_options
+from orchestrator.pipeline.sampling import (
+    CHURN,
+    MAX_SEED,
+    SAMPLERS,
+    check_sampler,
+    img2img_start,
+    step_options,
+)
 
 
 @dataclass(frozen=True)
@@ -119,9 +126,9 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
                              f"got {request.inpaint_full_res_padding!r}")
     if contract.inpainting_unet and not inpainting:
         raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
-    if inpainting and int(request.steps * request.denoising_strength) < 1:
-        raise InputError(f"inpainting needs at least one denoising step: steps x denoising_strength = "
-                         f"{request.steps} x {request.denoising_strength} rounds down to 0")
+    if inpainting and img2img_start(request.sampler, request.steps, request.denoising_strength) >= request.steps:
+        raise InputError(f"inpainting needs at least one denoising step: {request.sampler} runs none at steps "
+                         f"{request.steps} x denoising_strength {request.denoising_strength}")
 
 
 def check_job(request: Txt2ImgRequest, n_iter: int, limits: Limits = Limits()) -> None:
