@@ -24,7 +24,7 @@ from kiln.errors import InputError, WeightsError
 from kiln.paths import SAMPLE_IMAGES
 from kiln.triton_server import free_port
 from orchestrator.pipeline import HiresFix, Img2ImgRequest, Pipeline, Refiner, Txt2ImgRequest, make_scheduler
-from tests.conftest import start_triton
+from tests.conftest import diffusers_strength, start_triton
 
 pytestmark = pytest.mark.slow
 SIDES = ImageRange(32, 0, 128)  # opt 0: the checkpoint's own side (the tiny UNet's 32 latents: 64 pixels)
@@ -104,6 +104,8 @@ def _png(image: Image.Image) -> bytes:
 
 def _theirs(pipe, config, sampler: str, seed: int, steps: int = 6, **kwargs) -> np.ndarray:
     pipe.scheduler = make_scheduler(sampler, config, seed=seed)
+    if "strength" in kwargs:  # kiln's strength -> the one at which diffusers runs kiln's (AUTOMATIC1111's) steps
+        kwargs["strength"] = diffusers_strength(sampler, steps, kwargs["strength"])
     return _uint8(pipe(kwargs.pop("prompt", PROMPT), num_inference_steps=steps, guidance_scale=7.5, height=64,
                        width=64, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images)
 

@@ -153,8 +153,8 @@ def sampler_name(body: schemas.Txt2ImgBody) -> str:
     index = body.sampler_index
     if isinstance(index, int) and not isinstance(index, bool):
         if not 0 <= index < len(SAMPLERS):
-            raise sampling.UnknownSampler(f"Sampler not found: index {index}; /sdapi/v1/samplers lists {len(SAMPLERS)} "
-                                 f"(0 to {len(SAMPLERS) - 1})")
+            raise sampling.UnknownSampler(f"Sampler not found: index {index}; /sdapi/v1/samplers lists "
+                                          f"{len(SAMPLERS)} (0 to {len(SAMPLERS) - 1})")
         index = list(SAMPLERS)[index]
     name = body.sampler_name or index or "Euler a"
     resolved, kind = ALIAS_TO_SAMPLER.get(name.lower()), None
