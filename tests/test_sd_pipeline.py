@@ -407,9 +407,9 @@ def test_canny_preprocessor_and_bad_units(local, init_image_png):
             local.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, seed=1, width=64, height=64, controlnet=unit))
 
 
-# (not 0.9 with DPM++ 2M Karras at 8 steps: AUTOMATIC1111 runs all 8 there, from the image and noise; diffusers'
-# inpainting pipeline runs 8 only at 1, from noise alone)
-@pytest.mark.parametrize("sampler, strength", [("Euler a", 1.0), ("DDIM", 0.75), ("DPM++ 2M Karras", 0.7)])
+# Strengths where diffusers runs fewer steps than all: where it runs all (at 1 alone) its inpainting pipeline starts
+# from noise alone, AUTOMATIC1111 (and kiln) from the image and noise (test_inpainting_at_full_strength_...)
+@pytest.mark.parametrize("sampler, strength", [("Euler a", 0.6), ("DDIM", 0.75), ("DPM++ 2M Karras", 0.7)])
 def test_inpainting_matches_diffusers(local, reference_pipe, init_image_png, mask_png, sampler, strength):
     from diffusers import StableDiffusionInpaintPipeline
 
@@ -426,6 +426,22 @@ def test_inpainting_matches_diffusers(local, reference_pipe, init_image_png, mas
         prompt="a photo of a cat", negative_prompt="blurry", steps=8, sampler=sampler, cfg_scale=7.5, seed=11,
         width=64, height=64, init_image=init_image_png, denoising_strength=strength, mask=mask_png, mask_blur=0))
     assert _max_diff(result.images, expected) <= 2, sampler
+
+
+def test_inpainting_at_full_strength_starts_from_the_image_as_automatic1111(local, init_image_png, mask_png):
+    """At strength 1 AUTOMATIC1111 starts from the image plus the whole noise (not noise alone, as diffusers'
+    inpainting pipeline): a mask over everything is img2img at 1, and the masked content (fill, original, latent
+    noise, latent nothing) acts at 1 too."""
+    everything = io.BytesIO()
+    Image.new("L", (64, 64), 255).save(everything, "PNG")
+    base = Img2ImgRequest(prompt="a cat", steps=3, sampler="Euler", seed=5, width=64, height=64,
+                          init_image=init_image_png, denoising_strength=1.0, mask_blur=0)
+    whole = local.img2img(replace(base, mask=everything.getvalue(), inpainting_fill=1)).images
+    assert _max_diff(whole, local.img2img(base).images) <= 1  # measured: 0
+    fills = [local.img2img(replace(base, mask=mask_png, inpainting_fill=fill)).images for fill in range(4)]
+    # measured, pair by pair: 2, 13, 6, 13, 5, 11 (fill and original differ little: a 14.6th of the colours)
+    assert min(_max_diff(a, b) for i, a in enumerate(fills) for b in fills[i + 1:]) > 0
+    assert _max_diff(fills[2], fills[3]) > 2  # latent noise and latent nothing: the same start from noise alone
 
 
 def test_inpainting_mask_options(local, init_image_png, mask_png):
@@ -465,17 +481,18 @@ def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_unet, init_im
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = make_scheduler("Euler a", dict(pipe.scheduler.config))
     expected = _as_uint8(pipe("a photo of a cat", image=Image.open(io.BytesIO(init_image_png)),
-                              mask_image=Image.open(io.BytesIO(mask_png)), strength=1.0, num_inference_steps=6,
+                              mask_image=Image.open(io.BytesIO(mask_png)),
+                              strength=diffusers_strength("Euler a", 6, 0.5), num_inference_steps=6,
                               guidance_scale=7.5, height=64, width=64, output_type="np",
                               generator=torch.Generator().manual_seed(4)).images)
     assert pipeline.contract.unet_in_channels == 9
     result = pipeline.img2img(Img2ImgRequest(prompt="a photo of a cat", steps=6, sampler="Euler a", cfg_scale=7.5,
                                              seed=4, width=64, height=64, init_image=init_image_png,
-                                             denoising_strength=1.0, mask=mask_png, mask_blur=0))
+                                             denoising_strength=0.5, mask=mask_png, mask_blur=0))
     assert _max_diff(result.images, expected) <= 2
     halves = pipeline.img2img(Img2ImgRequest(
         prompt="a photo of a cat :0.5 AND a photo of a cat :0.5", steps=6, sampler="Euler a", cfg_scale=7.5, seed=4,
-        width=64, height=64, init_image=init_image_png, denoising_strength=1.0, mask=mask_png, mask_blur=0))
+        width=64, height=64, init_image=init_image_png, denoising_strength=0.5, mask=mask_png, mask_blur=0))
     assert _max_diff(halves.images, result.images) <= 2  # AND's rows take the mask's rows too
     with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
         pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64))
@@ -494,12 +511,13 @@ def test_controlnet_with_a_nine_channel_inpainting_unet_matches_diffusers(inpain
     pipe.scheduler = make_scheduler("DPM++ 2M Karras", dict(pipe.scheduler.config))
     expected = _as_uint8(pipe("a photo of a cat", image=Image.open(io.BytesIO(init_image_png)),
                               mask_image=Image.open(io.BytesIO(mask_png)),
-                              control_image=Image.open(io.BytesIO(edge_map_png)), strength=1.0,
-                              num_inference_steps=6, guidance_scale=7.5, controlnet_conditioning_scale=0.9,
+                              control_image=Image.open(io.BytesIO(edge_map_png)),
+                              strength=diffusers_strength("DPM++ 2M Karras", 6, 0.5), num_inference_steps=6,
+                              guidance_scale=7.5, controlnet_conditioning_scale=0.9,
                               height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(4)).images)
     assert pipeline.contract.controlnet(None).ensemble == ""  # the ControlNet takes 4 channels, the UNet 9
     request = Img2ImgRequest(prompt="a photo of a cat", steps=6, sampler="DPM++ 2M Karras", cfg_scale=7.5, seed=4,
-                             width=64, height=64, init_image=init_image_png, denoising_strength=1.0, mask=mask_png,
+                             width=64, height=64, init_image=init_image_png, denoising_strength=0.5, mask=mask_png,
                              mask_blur=0, controlnet=ControlNetUnit(image=edge_map_png, weight=0.9))
     result = pipeline.img2img(request)
     assert _max_diff(result.images, expected) <= 2

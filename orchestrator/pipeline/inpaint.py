@@ -53,7 +53,8 @@ def own_size(init_image: bytes) -> tuple[int, int]:
 def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, shape: tuple, generators: list,
                     generator, scheduler, timesteps, seeding: Seeds) -> tuple:
     """diffusers' StableDiffusionInpaintPipeline, in its order of random draws: image latents, noise, masked-image
-    latents. Returns the starting latents, the noise, and what the loop needs at each step."""
+    latents; started as AUTOMATIC1111 starts (below). Returns the starting latents, the noise, and what the loop
+    needs at each step."""
     import torch
     import torch.nn.functional as F
 
@@ -66,23 +67,18 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
         filled = fill_masked(resized_rgb(request.init_image, request.width, request.height), mask)
         start_pixels = np.float32(2.0) * unit_range(filled) - np.float32(1.0)
     moments = torch.from_numpy(vae.encode_pixels(np.stack([start_pixels, masked])))
-    strength_max = request.denoising_strength == 1.0
-    blending = not contract.inpainting_unet
-    # diffusers samples the image latents only when it blends (4-channel UNet) or starts from the image.
     sampling = seeding.for_latents(generators)  # the VAE's samples: from the seeds' generators with the CPU source
-    image_latents = sample_latents(moments[:1], sampling, contract.scaling_factor) \
-        if blending or not strength_max else None
+    image_latents = sample_latents(moments[:1], sampling, contract.scaling_factor)
     drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
     mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:]).repeat(batch, 1, 1, 1)
-    if strength_max:
-        latents = drawn * scheduler.init_noise_sigma
-    else:
-        start = image_latents
-        if request.inpainting_fill == 2:  # "latent noise": the seeds' noise where the mask repaints
-            start = image_latents * (1 - mask_latent) + drawn * mask_latent
-        elif request.inpainting_fill == 3:  # "latent nothing": zeros there
-            start = image_latents * (1 - mask_latent)
-        latents = scheduler.add_noise(start, drawn, timesteps[:1].repeat(batch))
+    start = image_latents
+    if request.inpainting_fill == 2:  # "latent noise": the seeds' noise where the mask repaints
+        start = image_latents * (1 - mask_latent) + drawn * mask_latent
+    elif request.inpainting_fill == 3:  # "latent nothing": zeros there
+        start = image_latents * (1 - mask_latent)
+    # At every strength, 1 too, the image (as the masked content leaves it) plus the first step's noise, as
+    # AUTOMATIC1111 starts (diffusers' inpaint pipeline starts from noise alone at 1, where the fill would not act)
+    latents = scheduler.add_noise(start, drawn, timesteps[:1].repeat(batch))
     masked_latents = sample_latents(moments[1:], sampling, contract.scaling_factor)
     return latents, drawn, {"image_latents": image_latents, "mask": mask_latent, "masked": masked_latents}
 
