@@ -126,6 +126,7 @@ def test_scheduler_field_and_aliases(client):
     for sampler, scheduler, runs in (("DPM++ 2M SDE", None, "DPM++ 2M SDE Exponential"),
                                      ("DPM++ 2M SDE", "Karras", "DPM++ 2M SDE Karras"),
                                      ("DPM++ SDE", "Automatic", "DPM++ SDE Karras"), ("Euler", None, "Euler"),
+                                     (None, None, "Euler"),  # AUTOMATIC1111's API default (sampler_index's)
                                      # any k-diffusion sampler on any schedule type; the name's type wins
                                      ("Euler a", "Beta", "Euler a Beta"), ("k_lms Exponential", "Karras",
                                                                            "LMS Exponential"),

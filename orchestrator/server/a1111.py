@@ -156,7 +156,7 @@ def sampler_name(body: schemas.Txt2ImgBody) -> str:
             raise sampling.UnknownSampler(f"Sampler not found: index {index}; /sdapi/v1/samplers lists "
                                           f"{len(SAMPLERS)} (0 to {len(SAMPLERS) - 1})")
         index = list(SAMPLERS)[index]
-    name = body.sampler_name or index or "Euler a"
+    name = body.sampler_name or index or "Euler"  # AUTOMATIC1111's API default (its sampler_index field's)
     resolved, kind = ALIAS_TO_SAMPLER.get(name.lower()), None
     if resolved is None:  # "Euler a Karras", "k_euler_a Karras": AUTOMATIC1111 takes the type off the name
         base, _, suffix = name.rpartition(" ")
