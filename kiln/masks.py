@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from kiln.imaging import ImageLimits, decode_image, encode_png, resized_rgb, unit_range
 
-# What the masked area starts from (AUTOMATIC1111's names). Matters when denoising_strength < 1.
+# What the masked area starts from (AUTOMATIC1111's names), at every denoising strength.
 INPAINTING_FILL = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize (latent upscale)"}
 

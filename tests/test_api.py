@@ -131,7 +131,9 @@ def test_scheduler_field_and_aliases(client):
                                      ("Euler a", "Beta", "Euler a Beta"), ("k_lms Exponential", "Karras",
                                                                            "LMS Exponential"),
                                      # AUTOMATIC1111's timestep samplers run their own steps whatever the type
-                                     ("DDIM", "Karras", "DDIM"), ("UniPC", "Exponential", "UniPC")):
+                                     ("DDIM", "Karras", "DDIM"), ("UniPC", "Exponential", "UniPC"),
+                                     # "Uniform" in the name wins over Automatic's Karras
+                                     ("DPM++ 2M Uniform", None, "DPM++ 2M")):
         response = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 2, "sampler_name": sampler,
                                                                  "scheduler": scheduler})
         assert response.status_code == 200 and json.loads(response.json()["info"])["sampler_name"] == runs
@@ -263,7 +265,7 @@ BAD = [
     ({"subseed_strength": 2}, 422, "subseed_strength"),
     ({"sampler_name": "Euler z"}, 404, "Sampler not found"),
     ({"scheduler": "Polyexponential"}, 422, "scheduler"),
-    ({"sampler_name": "LCM", "scheduler": "Karras"}, 404, "LCM Karras: diffusers' LCMScheduler has no Karras"),
+    ({"sampler_name": "LCM", "scheduler": "Karras"}, 404, "LCM Karras: LCM runs its own timesteps"),
     ({"sampler_name": "DPM++ 2M Karras Beta"}, 404, "DPM++ 2M Karras runs its own schedule"),
     ({"prompt": "cat " * 10000}, 413, "prompt"),
     ({"prompt": "a cat <lora:watercolor:0.8>"}, 422, "<lora:watercolor>: no such LoRA (the server has no LoRA folder"),

@@ -223,9 +223,11 @@ def test_schedule_types_only_where_they_run():
     the message says why; the names in SAMPLERS stay as they are."""
     assert check_sampler("DPM++ 2M Karras") is SAMPLERS["DPM++ 2M Karras"]
     assert split_schedule("Euler a Karras") == ("Euler a", "Karras") and split_schedule("Euler") == ("Euler", None)
+    assert split_schedule("DPM++ 2M SDE Exponential") == ("DPM++ 2M SDE", "Exponential")
     assert check_sampler("Euler Karras").overrides == SAMPLERS["Euler"].overrides | {"use_karras_sigmas": True}
     for name, reason in [("DPM++ 2M Karras Exponential", "runs its own schedule"),
-                         ("DDIM Karras", "DDIMScheduler has no Karras"), ("LCM Beta", "LCMScheduler has no Beta"),
+                         ("DDIM Karras", "DDIM runs its own timesteps"), ("LCM Beta", "LCM runs its own timesteps"),
+                         ("UniPC Exponential", "UniPC runs its own timesteps"),
                          ("Euler Polyexponential", "valid samplers")]:
         with pytest.raises(UnknownSampler, match=reason):
             check_sampler(name)

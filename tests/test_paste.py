@@ -109,3 +109,22 @@ def test_a_responses_infotext_sent_back_alone_gives_the_same_image(triton, body,
             assert other.json()["images"][0] != first["images"][0]  # the request's own seed wins
     finally:
         live.stop()
+
+
+def test_sampler_names_and_schedule_types_for_both_passes():
+    """AUTOMATIC1111 1.9+ takes a schedule type off the sampler's name on arrival (it wins over `scheduler`), and its
+    hires pass uses the first pass's sampler and type unless hr_sampler_name / hr_scheduler say otherwise."""
+    from orchestrator.server.sampler_names import hires_fix_sampler, sampler_name
+
+    def body(**fields) -> schemas.Txt2ImgBody:
+        return schemas.Txt2ImgBody(prompt="x", **fields)
+
+    assert sampler_name(body()) == "Euler"  # AUTOMATIC1111's API default
+    assert sampler_name(body(sampler_name="k_euler_a Karras", scheduler="Beta")) == "Euler a Karras"
+    assert sampler_name(body(sampler_name="DPM++ 2M", scheduler="Automatic")) == "DPM++ 2M Karras"
+    assert sampler_name(body(sampler_name="DPM++ 2M Uniform", scheduler="Karras")) == "DPM++ 2M"
+    assert sampler_name(body(sampler_name="DDIM", scheduler="Karras")) == "DDIM"  # its own timesteps, as there
+    assert hires_fix_sampler(body(sampler_name="Euler a Karras", hr_scheduler="Exponential")) == "Euler a Exponential"
+    assert hires_fix_sampler(body(sampler_name="DPM++ 2M Karras", hr_sampler_name="Euler")) == "Euler Karras"
+    assert hires_fix_sampler(body(sampler_name="DPM++ 2M", hr_sampler_name="Euler")) == "Euler"  # Automatic: its own
+    assert hires_fix_sampler(body(sampler_name="DPM++ 2M", hr_scheduler="Uniform")) == "DPM++ 2M"

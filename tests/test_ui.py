@@ -63,13 +63,12 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-def _infotext_png(path: Path) -> Path:
+def _infotext_png(path: Path, sampler: str = "Sampler: DPM++ 2M, Schedule type: Karras") -> Path:
     """A PNG as AUTOMATIC1111 writes one: its infotext in the "parameters" text chunk."""
     from PIL import Image, PngImagePlugin
 
     chunk = PngImagePlugin.PngInfo()
-    chunk.add_text("parameters", "a red fox\nNegative prompt: blurry\nSteps: 7, Sampler: DPM++ 2M, Schedule type: "
-                                 "Karras, CFG scale: 5.5, "
+    chunk.add_text("parameters", f"a red fox\nNegative prompt: blurry\nSteps: 7, {sampler}, CFG scale: 5.5, "
                                  "Seed: 99, Size: 64x64, Variation seed: 4, Variation seed strength: 0.2")
     Image.new("RGB", (64, 64), (180, 90, 40)).save(path, pnginfo=chunk)
     return path
@@ -222,6 +221,11 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     assert {name: page.input_value(f"[name={name}]") for name in form} == form
     assert (page.input_value("[name=sampler_name]"), page.input_value("[name=scheduler]")) == ("DPM++ 2M", "karras")
     assert page.input_value("[name=randn_source]") == "GPU"  # no RNG in it: AUTOMATIC1111's default
+    page.click("[data-tab=png-info]")  # kiln's (and AUTOMATIC1111's before 1.9) sampler on a type: one name
+    page.set_input_files("#png-file", str(_infotext_png(tmp_path / "kiln.png", "Sampler: Euler a Karras")))
+    page.wait_for_function("document.querySelector('#png-parameters').textContent.includes('Euler a Karras')")
+    page.click("#png-send-txt2img")
+    assert (page.input_value("[name=sampler_name]"), page.input_value("[name=scheduler]")) == ("Euler a", "karras")
     page.click("[data-tab=png-info]")
     page.set_input_files("#png-file", str(PHOTO))  # a photo: nothing to send
     page.wait_for_function("document.querySelector('#png-parameters').textContent.includes('no parameters')")

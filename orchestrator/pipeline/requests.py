@@ -137,13 +137,13 @@ class Img2ImgRequest(Txt2ImgRequest):
     """img2img: the init image is encoded, noised to the step `denoising_strength` selects, then denoised."""
 
     init_image: bytes = b""  # encoded image (PNG/JPEG/...); resized to width x height ("just resize")
-    denoising_strength: float = 0.75  # 0: the init image back; 1: all steps, nothing of the image's layout kept
+    denoising_strength: float = 0.75  # 0: the init image back; 1: all steps, from the image plus the whole noise
     mask: bytes = b""  # inpainting: white = repaint, black = keep (empty: plain img2img)
     # Gaussian blur radius applied to the mask first (AUTOMATIC1111's default 4), or (x, y): mask_blur_x/y
     mask_blur: int | tuple[int, int] = 4
     inpainting_mask_invert: bool = False  # repaint the black part instead
     # What the masked area starts from (AUTOMATIC1111's names): 0 fill (the surrounding colours, blurred in),
-    # 1 original, 2 latent noise, 3 latent nothing (zeros). Matters when denoising_strength < 1.
+    # 1 original, 2 latent noise, 3 latent nothing (zeros), at every denoising strength (as AUTOMATIC1111).
     inpainting_fill: int = 1
     overlay: bool = False  # paste the init image back outside the (blurred) mask, as AUTOMATIC1111 finishes
     # AUTOMATIC1111's "only masked": inpaint a crop around the mask (plus padding, widened to width:height)

@@ -73,8 +73,8 @@ SAMPLERS = {
 }
 
 # AUTOMATIC1111 1.9+'s schedule types that diffusers computes as k-diffusion does (tests/test_core.py), as the
-# config switch that turns a scheduler's sigmas into them: any sampler above that has no schedule of its own runs on
-# them as "<sampler> <type>" ("Euler Karras", "DPM++ SDE Beta"; Beta needs scipy)
+# config switch that turns a scheduler's sigmas into them: any k-diffusion sampler above that has no schedule of its
+# own runs on them as "<sampler> <type>" ("Euler Karras", "DPM++ SDE Beta"; Beta needs scipy)
 SCHEDULE_TYPES = {"Karras": "use_karras_sigmas", "Exponential": "use_exponential_sigmas", "Beta": "use_beta_sigmas"}
 BORROWED_SIGMAS = {"EulerAncestralDiscreteScheduler": "EulerDiscreteScheduler"}  # diffusers' classes with no switch
 
@@ -108,17 +108,16 @@ def not_found(name) -> UnknownSampler:
 
 
 def split_schedule(name: str) -> tuple[str, str | None]:
-    """"Euler a Karras" -> ("Euler a", "Karras"); a name in SAMPLERS, or without a schedule type, -> (name, None)."""
+    """"Euler a Karras" and "DPM++ 2M Karras" -> (sampler, "Karras"); a name without a schedule type -> (name, None)."""
     base, _, kind = name.rpartition(" ")
-    if name in SAMPLERS or kind not in SCHEDULE_TYPES or base not in SAMPLERS:
+    if kind not in SCHEDULE_TYPES or base not in SAMPLERS:
         return name, None
     return base, kind
 
 
-def own_schedule(name: str) -> bool:
-    """Whether the sampler runs a schedule type of its own ("DPM++ 2M Karras", "Euler Karras"), not the uniform one."""
-    return any(switch in check_sampler(name).overrides for switch in SCHEDULE_TYPES.values()) or \
-        check_sampler(name).sigmas_from is not None
+def schedule_types() -> list[str]:
+    """The schedule types this install runs (Beta needs scipy, which the serving install leaves out)."""
+    return [kind for kind in SCHEDULE_TYPES if kind != "Beta" or importlib.util.find_spec("scipy") is not None]
 
 
 def _on_schedule(base: str, kind: str) -> Sampler:
@@ -126,8 +125,11 @@ def _on_schedule(base: str, kind: str) -> Sampler:
     switch = SCHEDULE_TYPES[kind]
     if any(key in sampler.overrides for key in SCHEDULE_TYPES.values()):
         raise UnknownSampler(f"Sampler not found: {base} {kind}: {base} runs its own schedule already")
-    if kind == "Beta" and importlib.util.find_spec("scipy") is None:
-        raise UnknownSampler(f"Sampler not found: {base} Beta: the Beta schedule needs scipy, which this install "
+    if not sampler.k_diffusion:
+        raise UnknownSampler(f"Sampler not found: {base} {kind}: {base} runs its own timesteps, not k-diffusion's "
+                             "sigmas, which AUTOMATIC1111's schedule types are")
+    if kind not in schedule_types():
+        raise UnknownSampler(f"Sampler not found: {base} {kind}: the {kind} schedule needs scipy, which this install "
                              "lacks (pip install scipy)")
     if switch in inspect.signature(_scheduler_class(sampler.scheduler).__init__).parameters:
         return replace(sampler, overrides=sampler.overrides | {switch: True})
@@ -153,7 +155,23 @@ def make_scheduler(name: str, base_config: dict, seed: int | None = None):
     config = _config(base_config, sampler.overrides)
     if sampler.seeded and seed is not None:
         config["noise_sampler_seed"] = seed
-    return _scheduler_class(sampler.scheduler).from_config(config)
+    scheduler = _scheduler_class(sampler.scheduler).from_config(config)
+    if sampler.sigmas_from is not None:
+        _borrow_sigmas(scheduler, _scheduler_class(sampler.sigmas_from[0]).from_config(
+            _config(base_config, sampler.sigmas_from[1])))
+    return scheduler
+
+
+def _borrow_sigmas(scheduler, other) -> None:
+    """From now on, `scheduler.set_timesteps` sets `other`'s sigmas and timesteps (Sampler.sigmas_from)."""
+    own = scheduler.set_timesteps
+
+    def set_timesteps(num_inference_steps: int, device=None) -> None:
+        own(num_inference_steps, device)
+        other.set_timesteps(num_inference_steps, device)
+        scheduler.sigmas, scheduler.timesteps = other.sigmas, other.timesteps
+
+    scheduler.set_timesteps = set_timesteps
 
 
 def img2img_start(name: str, steps: int, strength: float) -> int:
@@ -175,7 +193,8 @@ def _config(base_config: dict, overrides: dict) -> dict:
 
 
 def schedule(name: str, base_config: dict, steps: int, seed: int, start: int = 0) -> tuple:
-    """A fresh scheduler set to `steps` steps, and the timesteps from step `start` on (img2img starts late)."""
+    """A fresh scheduler set to `steps` steps, and the timesteps from step `start` on (img2img starts late; its
+    noise by step index, not by timestep value, which a multistep scheduler's rounding can repeat)."""
     from kiln.errors import InputError
 
     scheduler = make_scheduler(name, base_config, seed=seed)
@@ -183,13 +202,8 @@ def schedule(name: str, base_config: dict, steps: int, seed: int, start: int = 0
         scheduler.set_timesteps(steps)
     except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule
         raise InputError(f"steps: {name} cannot run {steps} steps ({exc})") from None
-    borrowed = check_sampler(name).sigmas_from
-    if borrowed is not None:
-        other = _scheduler_class(borrowed[0]).from_config(_config(base_config, borrowed[1]))
-        other.set_timesteps(steps)
-        scheduler.sigmas, scheduler.timesteps = other.sigmas, other.timesteps
     timesteps = scheduler.timesteps[start * scheduler.order:]
-    if start and hasattr(scheduler, "set_begin_index"):
+    if hasattr(scheduler, "set_begin_index"):  # at 0 too, as diffusers' img2img pipelines: add_noise's step by index
         scheduler.set_begin_index(start * scheduler.order)
     return scheduler, timesteps
 

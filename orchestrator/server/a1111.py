@@ -24,7 +24,6 @@ from kiln.styles import StyleLibrary
 from kiln.upscale import UPSCALERS
 from orchestrator.jobs import Job
 from orchestrator.pipeline import (
-    SAMPLERS,
     ControlNetUnit,
     HiresFix,
     Img2ImgRequest,
@@ -32,7 +31,6 @@ from orchestrator.pipeline import (
     Refiner,
     SDUpscale,
     Txt2ImgRequest,
-    sampling,
 )
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.server.errors import short
@@ -46,27 +44,9 @@ from orchestrator.server.options import (
     setting_fields,
 )
 from orchestrator.server.paste import apply_infotext
+from orchestrator.server.sampler_names import check_eta, hires_fix_sampler, sampler_name
 
-SAMPLER_ALIASES = {
-    "Euler a": ["k_euler_a", "k_euler_ancestral"], "Euler": ["k_euler"], "LMS": ["k_lms"], "Heun": ["k_heun"],
-    "DPM++ 2M": ["k_dpmpp_2m"], "DPM++ 2M Karras": ["k_dpmpp_2m_ka"], "DPM++ SDE": ["k_dpmpp_sde"],
-    "DPM++ SDE Karras": ["k_dpmpp_sde_ka"], "DPM++ 2M SDE": ["k_dpmpp_2m_sde"],
-    "DPM++ 2M SDE Karras": ["k_dpmpp_2m_sde_ka"], "DPM++ 2M SDE Exponential": ["k_dpmpp_2m_sde_exp"], "DDIM": ["ddim"],
-    "DDPM": ["ddpm"], "PNDM": ["pndm", "PLMS"], "UniPC": ["unipc"], "LCM": ["lcm"],
-}
-ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.items() for alias in aliases} | \
-    {name.lower(): name for name in SAMPLERS}
-# AUTOMATIC1111 1.9+ splits "DPM++ 2M Karras" into sampler_name + scheduler (a schedule type in the name wins); its
-# Automatic is each sampler's own; its timestep samplers (DDIM, PLMS, UniPC) run their own steps whatever the type.
-SCHEDULE_TYPES = {"automatic": None, "uniform": None} | {kind.lower(): kind for kind in sampling.SCHEDULE_TYPES}
-AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential"}  # the others: uniform
-OWN_TIMESTEPS = {"DDIM", "PNDM", "UniPC"}
-# k-diffusion's samplers that take eta
-ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ SDE Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras",
-                 "DPM++ 2M SDE Exponential"}
-
-
-# -- sampler names ---------------------------------------------------------------------------------
+# -- scripts and passes ---------------------------------------------------------------------------------
 SCRIPTS = {"img2img": ("sd upscale",), "txt2img": ()}  # the selectable scripts kiln runs (script_name), by route
 
 
@@ -100,12 +80,6 @@ def selected_script(body: schemas.Txt2ImgBody, networks: tuple[str, ...] = ()) -
                      scale=2.0 if args[3] is None else args[3])
 
 
-def hires_fix_sampler(body: schemas.Txt2ImgBody) -> str:
-    """The hires pass's sampler: hr_sampler_name (default: the first pass's) with hr_scheduler (default: its)."""
-    return sampler_name(body.model_copy(update={"sampler_name": body.hr_sampler_name or body.sampler_name,
-                                                "scheduler": body.hr_scheduler or body.scheduler}))
-
-
 def refiner(body: schemas.Txt2ImgBody) -> Refiner | None:
     """AUTOMATIC1111's refiner_checkpoint and refiner_switch_at (the engine resolves the checkpoint's name)."""
     if body.refiner_checkpoint in (None, "", "None", "none"):
@@ -127,63 +101,9 @@ def hires_fix(body: schemas.Txt2ImgBody, contract: SDContract) -> HiresFix | Non
                     negative_prompt=body.hr_negative_prompt or None, sampler=sampler)
 
 
-def _check_eta(body: schemas.Txt2ImgBody) -> None:
-    """eta scales the ancestral noise of AUTOMATIC1111's ancestral and SDE samplers (k-diffusion's, 1 by default);
-    diffusers' schedulers for them take none, so only 1 runs as asked there. DDIM takes eta (its own, 0 by default);
-    the other samplers have none in AUTOMATIC1111 either."""
-    if body.eta is None or body.eta == 1:
-        return
-    samplers = {sampler_name(body)}
-    if body.enable_hr and (body.hr_sampler_name or body.hr_scheduler):
-        samplers.add(hires_fix_sampler(body))
-    blocked = sorted(s for s in samplers if s in ETA_ANCESTRAL or sampling.split_schedule(s)[0] in ETA_ANCESTRAL)
-    if blocked:
-        raise InputError(f"eta {body.eta:g}: the {blocked[0]} sampler runs its ancestral noise at eta 1 only "
-                         "(diffusers' scheduler has no eta); DDIM takes any eta")
-
-
 def seed_resize_from(body: schemas.Txt2ImgBody) -> tuple[int, int] | None:
     """AUTOMATIC1111's "Resize seed from": (width, height) where both are set (the schema refuses one alone)."""
     return (body.seed_resize_from_w, body.seed_resize_from_h) if body.seed_resize_from_w > 0 else None
-
-
-def sampler_name(body: schemas.Txt2ImgBody) -> str:
-    """sampler_name (or the old sampler_index, or an alias such as k_euler_a) + scheduler -> one of SAMPLERS, or one
-    on a schedule type ("Euler Karras"). SD.Next's integer sampler_index is the position in /sdapi/v1/samplers."""
-    index = body.sampler_index
-    if isinstance(index, int) and not isinstance(index, bool):
-        if not 0 <= index < len(SAMPLERS):
-            raise sampling.UnknownSampler(f"Sampler not found: index {index}; /sdapi/v1/samplers lists "
-                                          f"{len(SAMPLERS)} (0 to {len(SAMPLERS) - 1})")
-        index = list(SAMPLERS)[index]
-    name = body.sampler_name or index or "Euler"  # AUTOMATIC1111's API default (its sampler_index field's)
-    resolved, kind = ALIAS_TO_SAMPLER.get(name.lower()), None
-    if resolved is None:  # "Euler a Karras", "k_euler_a Karras": AUTOMATIC1111 takes the type off the name
-        base, _, suffix = name.rpartition(" ")
-        resolved, kind = ALIAS_TO_SAMPLER.get(base.lower()), SCHEDULE_TYPES.get(suffix.lower())
-        if resolved is None or kind is None:
-            raise sampling.not_found(name)
-    scheduler = (body.scheduler or "automatic").lower()
-    if scheduler not in SCHEDULE_TYPES:
-        raise InputError(f"scheduler {body.scheduler!r} is not supported; valid: "
-                         f"{', '.join(n.capitalize() for n in SCHEDULE_TYPES)}")
-    if kind is None and not sampling.own_schedule(resolved):
-        kind = AUTOMATIC.get(resolved) if scheduler == "automatic" else SCHEDULE_TYPES[scheduler]
-    if kind is None or resolved in OWN_TIMESTEPS:
-        return resolved
-    sampling.check_sampler(f"{resolved} {kind}")  # not found where it cannot run, saying why
-    return f"{resolved} {kind}"
-
-
-def samplers() -> list[dict]:
-    return [{"name": name, "aliases": SAMPLER_ALIASES.get(name, []),
-             "options": {"scheduler": s.scheduler} | {k: str(v) for k, v in s.overrides.items()}}
-            for name, s in SAMPLERS.items()]
-
-
-def schedulers() -> list[dict]:
-    return [{"name": n, "label": n.capitalize(), "aliases": None, "default_rho": -1, "need_inner_model": False}
-            for n in SCHEDULE_TYPES]
 
 
 # -- bodies -> pipeline requests ----------------------------------------------------------------------
@@ -204,7 +124,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     if checkpoint:
         check_checkpoint(checkpoint, contract, "override_settings.sd_model_checkpoint")
     eta = body.eta if body.eta is not None else float(body.override_settings.get("eta_ddim", options["eta_ddim"]))
-    _check_eta(body)
+    check_eta(body)
     clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
     if body.clip_skip is not None:  # SD.Next's own field
         clip_skip = int(body.clip_skip)

@@ -14,7 +14,7 @@ from kiln.errors import KilnError, NotFoundError
 from kiln.infotext import read_png_info
 from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
-from orchestrator.server import a1111, xyz
+from orchestrator.server import a1111, sampler_names, xyz
 from orchestrator.server.errors import APIError, as_api_error, count
 from orchestrator.server.generation import engine, own, response, served_contract, submit, wait_for
 from orchestrator.server.inputs import decode_b64_image
@@ -100,12 +100,12 @@ async def skip(request: Request):
 
 @router.get("/samplers", response_model=list[schemas.SamplerItem])
 async def samplers():
-    return a1111.samplers()
+    return sampler_names.samplers()
 
 
 @router.get("/schedulers")
 async def schedulers():
-    return a1111.schedulers()
+    return sampler_names.schedulers()
 
 
 @router.get("/sd-models", response_model=list[schemas.ModelItem])

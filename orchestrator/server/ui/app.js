@@ -529,10 +529,15 @@ function reuse(fields) {
   if (fields["Variation seed"] || fields["Seed resize from"] || form.randn_source.value !== "CPU") {
     $("#seed-extra").open = true;
   }
-  if (fields.Sampler && $$("option", form.sampler_name).some(o => o.value === fields.Sampler)) {
-    form.sampler_name.value = fields.Sampler;
+  const listed = name => $$("option", form.sampler_name).some(o => o.value === name);
+  let [sampler, type] = [fields.Sampler, fields["Schedule type"]];
+  // kiln writes a sampler on a schedule type as one name ("Euler a Karras"), as AUTOMATIC1111 before 1.9
+  const suffix = $$("option", form.scheduler).find(o => sampler && sampler.endsWith(" " + o.textContent));
+  if (sampler && !listed(sampler) && suffix) {
+    [sampler, type] = [sampler.slice(0, -suffix.textContent.length - 1), suffix.textContent];
   }
-  const schedule = $$("option", form.scheduler).find(o => o.textContent === fields["Schedule type"]);
+  if (sampler && listed(sampler)) form.sampler_name.value = sampler;
+  const schedule = $$("option", form.scheduler).find(o => o.textContent === type);
   if (schedule) form.scheduler.value = schedule.value;
   if (fields["Denoising strength"]) set("denoising_strength", fields["Denoising strength"]);
 }

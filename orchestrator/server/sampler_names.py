@@ -1,0 +1,98 @@
+"""AUTOMATIC1111's sampler names: sampler_name (or sampler_index, or an alias) with its 1.9+ scheduler, for both
+passes, as one of kiln's samplers (orchestrator.pipeline.sampling), and the two listings."""
+
+from __future__ import annotations
+
+from kiln import schemas
+from kiln.errors import InputError
+from orchestrator.pipeline import SAMPLERS, sampling
+
+SAMPLER_ALIASES = {
+    "Euler a": ["k_euler_a", "k_euler_ancestral"], "Euler": ["k_euler"], "LMS": ["k_lms"], "Heun": ["k_heun"],
+    "DPM++ 2M": ["k_dpmpp_2m"], "DPM++ 2M Karras": ["k_dpmpp_2m_ka"], "DPM++ SDE": ["k_dpmpp_sde"],
+    "DPM++ SDE Karras": ["k_dpmpp_sde_ka"], "DPM++ 2M SDE": ["k_dpmpp_2m_sde"],
+    "DPM++ 2M SDE Karras": ["k_dpmpp_2m_sde_ka"], "DPM++ 2M SDE Exponential": ["k_dpmpp_2m_sde_exp"], "DDIM": ["ddim"],
+    "DDPM": ["ddpm"], "PNDM": ["pndm", "PLMS"], "UniPC": ["unipc"], "LCM": ["lcm"],
+}
+ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.items() for alias in aliases} | \
+    {name.lower(): name for name in SAMPLERS}
+# AUTOMATIC1111 1.9+ splits "DPM++ 2M Karras" into sampler_name + scheduler (a schedule type in the name wins); its
+# Automatic is each sampler's own; its timestep samplers (DDIM, PLMS, UniPC) run their own steps whatever the type.
+SCHEDULES = {label.lower(): label for label in ("Automatic", "Uniform", *sampling.SCHEDULE_TYPES)}
+AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential"}  # the others: uniform
+OWN_TIMESTEPS = {"DDIM", "PNDM", "UniPC"}
+ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta, on any schedule
+
+
+def sampler_name(body: schemas.Txt2ImgBody) -> str:
+    """sampler_name (or the old sampler_index, or an alias such as k_euler_a) + scheduler -> one of SAMPLERS, or one
+    on a schedule type ("Euler Karras"). SD.Next's integer sampler_index is the position in /sdapi/v1/samplers."""
+    index = body.sampler_index
+    if isinstance(index, int) and not isinstance(index, bool):
+        if not 0 <= index < len(SAMPLERS):
+            raise sampling.UnknownSampler(f"Sampler not found: index {index}; /sdapi/v1/samplers lists "
+                                          f"{len(SAMPLERS)} (0 to {len(SAMPLERS) - 1})")
+        index = list(SAMPLERS)[index]
+    name = body.sampler_name or index or "Euler"  # AUTOMATIC1111's API default (its sampler_index field's)
+    base, label = _named(name)
+    scheduler = (body.scheduler or "automatic").lower()
+    if scheduler not in SCHEDULES:
+        raise InputError(f"scheduler {body.scheduler!r} is not supported; valid: {', '.join(SCHEDULES.values())}")
+    label = label or SCHEDULES[scheduler]
+    if label == "Automatic":
+        label = AUTOMATIC.get(base, "Uniform")
+    if label == "Uniform" or base in OWN_TIMESTEPS:
+        return base
+    sampling.check_sampler(f"{base} {label}")  # not found where it cannot run, saying why
+    return f"{base} {label}"
+
+
+def _named(name: str) -> tuple[str, str | None]:
+    """A sampler's name or alias -> (the sampler, the schedule type the name carries): "DPM++ 2M Karras" and
+    "k_dpmpp_2m_ka" -> ("DPM++ 2M", "Karras"); "Euler a Uniform" -> ("Euler a", "Uniform"); "Euler" -> ("Euler",
+    None)."""
+    resolved = ALIAS_TO_SAMPLER.get(name.lower())
+    if resolved is not None:
+        return sampling.split_schedule(resolved)
+    base, _, suffix = name.rpartition(" ")
+    resolved = ALIAS_TO_SAMPLER.get(base.lower())
+    if resolved is None or suffix.lower() not in SCHEDULES:
+        raise sampling.not_found(name)
+    if sampling.split_schedule(resolved)[1]:  # "DPM++ 2M Karras Beta": not found, saying why
+        sampling.check_sampler(f"{resolved} {SCHEDULES[suffix.lower()]}")
+    return resolved, SCHEDULES[suffix.lower()]
+
+
+def samplers() -> list[dict]:
+    return [{"name": name, "aliases": SAMPLER_ALIASES.get(name, []),
+             "options": {"scheduler": s.scheduler} | {k: str(v) for k, v in s.overrides.items()}}
+            for name, s in SAMPLERS.items()]
+
+
+def schedulers() -> list[dict]:
+    runs = {"Automatic", "Uniform", *sampling.schedule_types()}  # Beta where scipy is installed
+    return [{"name": n, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for n, label in SCHEDULES.items() if label in runs]
+
+
+def hires_fix_sampler(body: schemas.Txt2ImgBody) -> str:
+    """The hires pass's sampler: hr_sampler_name (default: the first pass's, a type in its name taken off, as
+    AUTOMATIC1111 takes it off on arrival) with hr_scheduler (default: the first pass's)."""
+    name, label = _named(body.sampler_name) if body.sampler_name else (None, None)
+    return sampler_name(body.model_copy(update={"sampler_name": body.hr_sampler_name or name,
+                                                "scheduler": body.hr_scheduler or label or body.scheduler}))
+
+
+def check_eta(body: schemas.Txt2ImgBody) -> None:
+    """eta scales the ancestral noise of AUTOMATIC1111's ancestral and SDE samplers (k-diffusion's, 1 by default);
+    diffusers' schedulers for them take none, so only 1 runs as asked there. DDIM takes eta (its own, 0 by default);
+    the other samplers have none in AUTOMATIC1111 either."""
+    if body.eta is None or body.eta == 1:
+        return
+    samplers = {sampler_name(body)}
+    if body.enable_hr and (body.hr_sampler_name or body.hr_scheduler):
+        samplers.add(hires_fix_sampler(body))
+    blocked = sorted(s for s in samplers if sampling.split_schedule(s)[0] in ETA_ANCESTRAL)
+    if blocked:
+        raise InputError(f"eta {body.eta:g}: the {blocked[0]} sampler runs its ancestral noise at eta 1 only "
+                         "(diffusers' scheduler has no eta); DDIM takes any eta")
