@@ -9,6 +9,7 @@ image; or, with AUTOMATIC1111's GPU and NV sources, as torch draws it on an NVID
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import math
@@ -115,11 +116,13 @@ def split_schedule(name: str) -> tuple[str, str | None]:
     return base, kind
 
 
+@functools.cache
 def schedule_types() -> list[str]:
     """The schedule types this install runs (Beta needs scipy, which the serving install leaves out)."""
     return [kind for kind in SCHEDULE_TYPES if kind != "Beta" or importlib.util.find_spec("scipy") is not None]
 
 
+@functools.cache  # a request resolves its sampler several times (validation, steps, scheduler); the answer is fixed
 def _on_schedule(base: str, kind: str) -> Sampler:
     sampler = SAMPLERS[base]
     switch = SCHEDULE_TYPES[kind]
