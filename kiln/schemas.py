@@ -139,7 +139,7 @@ class Txt2ImgBody(BaseModel):
     force_task_id: str | None = Field(None, min_length=1, max_length=128,
                                       description="the task id to give this job (progress?id_task= follows it)")
     disable_extra_networks: bool = False  # extra-network tags (<lora:...>) are taken out of the prompts, not run
-    firstpass_image: str | None = None  # hires fix from a given first pass: refused
+    firstpass_image: str | None = None  # the hires fix's first pass, given (base64): that pass is not run
     comments: dict[str, Any] | None = None  # AUTOMATIC1111 discards a request's own: refused unless empty
     infotext: str | None = None  # AUTOMATIC1111 1.8+: fields the request leaves unset, from an infotext (server.paste)
     # AUTOMATIC1111 1.10's (Forge's) modules for the hires pass: "Use same choices" (its default) only
@@ -151,7 +151,7 @@ class Txt2ImgBody(BaseModel):
     def _unsupported(self):
         refuse = {"firstphase_width": self.firstphase_width, "firstphase_height": self.firstphase_height,
                   "restore_faces": self.restore_faces,
-                  "firstpass_image": self.firstpass_image, "comments": self.comments,
+                  "comments": self.comments,
                   "hr_additional_modules": self.hr_additional_modules not in (None, [], ["Use same choices"]),
                   "a fractional clip_skip (SD.Next's interpolation between layers)":
                       self.clip_skip is not None and self.clip_skip != int(self.clip_skip)}

@@ -144,7 +144,9 @@ TXT2IMG = {
                           ("refused", 422, "refiner")),
     "disable_extra_networks": ({"prompt": BASE["prompt"] + " <lora:ink:0.7>", "disable_extra_networks": True}, {},
                                "same_image"),
-    "firstpass_image": ({"firstpass_image": INIT}, {}, ("refused", 422, "firstpass_image")),
+    # the hires fix of a given first pass (AUTOMATIC1111's Upscale button), which is then not run
+    "firstpass_image": (HIRES | {"firstpass_image": INIT}, HIRES, "image"),
+    "firstpass_image without enable_hr": ({"firstpass_image": INIT}, {}, ("refused", 422, "needs enable_hr")),
     "comments": ({"comments": {"note": 1}}, {}, ("refused", 422, "comments")),
     "enable_hr": (HIRES, {}, (128, 128)),
     "firstphase_width": ({"firstphase_width": 32}, {}, ("refused", 422, "firstphase_width")),
@@ -198,6 +200,7 @@ IMG2IMG = {
     "initial_noise_multiplier": ({"initial_noise_multiplier": 0.7}, {}, "image"),
     "latent_mask": (INPAINT | {"latent_mask": MASK}, {}, ("refused", 422, "latent_mask")),
     "include_init_images": ({"include_init_images": True}, {}, "echoes_init_images"),
+    "firstpass_image": ({"firstpass_image": INIT}, {}, ("refused", 422, "firstpass_image: the hires fix")),
     "script_name": ({"script_name": "sd upscale", "script_args": [None, 16, "Lanczos", 1.5]}, {}, (96, 96)),
     "script_args": ({"script_name": "sd upscale", "script_args": [None, 16, "Nearest", 1.5]},
                     {"script_name": "sd upscale", "script_args": [None, 16, "Lanczos", 1.5]}, "image"),

@@ -16,6 +16,7 @@ import torch
 from kiln.errors import InputError
 from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Txt2ImgRequest, make_scheduler
 from orchestrator.pipeline.hires import second_pass_steps
+from tests.conftest import encode, png_header_only
 
 pytestmark = pytest.mark.slow
 BASE = dict(prompt="a photo of a cat", negative_prompt="blurry", steps=4, cfg_scale=7.5, seed=77, width=64, height=64)
@@ -105,6 +106,53 @@ def test_the_second_pass_matters_and_progress_counts_both_passes(local):
     assert stopped.images.shape == (1, 128, 128, 3) and stopped.info["stopped_at_step"] == request.steps + 1
 
 
+def test_a_given_first_pass_is_redrawn_as_the_pass_it_stands_for(local):
+    """firstpass_image (AUTOMATIC1111's Upscale button): the first pass is not run; an image upscaler takes the given
+    pixels, so the PNG of a first pass gives exactly the hires fix that ran that pass. Progress counts the second
+    pass alone; a batch redraws the one picture with each image's seed (a batch's first passes are encoded each with
+    its own generator: it once failed there)."""
+    from PIL import Image
+
+    request = Txt2ImgRequest(**BASE, sampler="Euler", hires=HiresFix(upscaler="Lanczos", denoising_strength=0.5,
+                                                                      steps=2))
+    png = encode(Image.fromarray(local.txt2img(replace(request, hires=None)).images[0]))
+    seen = []
+    given = local.txt2img(replace(request, hires=replace(request.hires, first_pass=png)),
+                          progress=lambda step, total, _latents: seen.append((step, total)))
+    assert np.array_equal(given.images, local.txt2img(request).images) and seen == [(1, 2), (2, 2)]
+    batch = local.txt2img(replace(request, batch_size=2, hires=replace(request.hires, first_pass=png)))
+    assert batch.images.shape == (2, 128, 128, 3) and _max_diff(batch.images[:1], given.images) <= 1
+    assert _max_diff(batch.images[0], batch.images[1]) > 0
+    whole = local.txt2img(replace(request, batch_size=2))
+    assert _max_diff(whole.images[:1], given.images) <= 1 and _max_diff(whole.images[1], batch.images[1]) > 0
+
+
+def test_a_given_first_pass_in_a_latent_mode_is_its_encoding_upscaled(local, pipes):
+    """A latent mode encodes the given first pass (the seed's generator samples it, then draws the second pass's
+    noise), interpolates the latents and runs the second pass: diffusers' VAE and img2img, composed."""
+    from PIL import Image
+
+    from kiln.imaging import vae_input
+    from kiln.paths import SAMPLE_IMAGES
+
+    photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.Resampling.LANCZOS)
+    fix = HiresFix(upscaler="Latent (bicubic)", denoising_strength=0.6, steps=2, first_pass=encode(photo))
+    result = local.txt2img(Txt2ImgRequest(**BASE, sampler="Euler", hires=fix))
+    first, second, config = pipes
+    generator = torch.Generator().manual_seed(BASE["seed"])
+    with torch.no_grad():
+        posterior = first.vae.encode(torch.from_numpy(vae_input(fix.first_pass, 64, 64)[None])).latent_dist
+    latents = posterior.sample(generator) * first.vae.config.scaling_factor
+    latents = torch.nn.functional.interpolate(latents, size=(latents.shape[2] * 2, latents.shape[3] * 2),
+                                              mode="bicubic")
+    total, run = second_pass_steps(fix, BASE["steps"])
+    second.scheduler = make_scheduler("Euler", config)
+    image = second(BASE["prompt"], negative_prompt=BASE["negative_prompt"], image=latents, num_inference_steps=total,
+                   strength=(run + 0.5) / total, guidance_scale=BASE["cfg_scale"], generator=generator,
+                   output_type="np").images
+    assert _max_diff(result.images, (image * 255).round().astype(np.uint8)) <= 2
+
+
 @pytest.mark.parametrize("fix, extra, message", [
     (HiresFix(upscaler="ESRGAN_4x"), {}, "hr_upscaler 'ESRGAN_4x' is not an upscaler of this server; valid: Latent"),
     (HiresFix(scale=4), {}, r"hr_scale 4 of a 64x64 image gives 256x256: .* within the built profile \[32, 128\]"),
@@ -114,6 +162,9 @@ def test_the_second_pass_matters_and_progress_counts_both_passes(local):
     (HiresFix(prompt="a <hypernet:x:1>"), {}, "hr_prompt: <hypernet:x:1> is an extra-network tag"),
     (HiresFix(prompt="a <lora:x:1>"), {}, "<lora:x>: no such LoRA"),
     (HiresFix(steps=-1), {}, "hr_second_pass_steps must be a non-negative integer"),
+    (HiresFix(first_pass=b"png"), {}, "firstpass_image: not an image this server reads"),
+    (HiresFix(first_pass=png_header_only(32, 64)), {},
+     r"firstpass_image is 32x64, not the request's width x height \(64x64\)"),
 ])
 def test_bad_hires_requests_are_named(local, fix, extra, message):
     with pytest.raises(InputError, match=message):

@@ -706,6 +706,11 @@ def test_generate_command_writes_a_png_with_parameters(triton, tmp_path, kiln):
     assert "Clip skip: 2" in big.text["parameters"]
     code, _, err = kiln("generate", "a cat", "--hires", "2", "--init-image", out, *common)
     assert code == 2 and "--hires is txt2img's hires fix" in err
+    code, _, err = kiln("generate", "a cat", "--hires", "2", "--hires-steps", "1", "--hires-first-pass", out, *common,
+                        "--out", tmp_path / "given.png")  # AUTOMATIC1111's firstpass_image: the hires pass alone
+    assert code == 0 and Image.open(tmp_path / "given.png").size == (128, 128) and "step 1/1" in err, err
+    code, _, err = kiln("generate", "a cat", "--hires-first-pass", out, *common)
+    assert code == 2 and "it needs --hires SCALE" in err
     code, _, err = kiln("generate", "a cat", "--steps", "2", "--vae", "anime-vae.safetensors", "--tiling", *common)
     assert code == 2 and "tiling with another VAE" in err  # the build's seamless VAE is the checkpoint's own
     code, _, err = kiln("generate", "a cat", "--steps", "2", "--vae", "anime-vae.safetensors", "--hires", "1.5",

@@ -47,10 +47,10 @@ def settle(page, text: str, timeout: float = 120_000) -> None:
                            timeout=timeout)
 
 
-def generate(page) -> str:
-    """Click Generate; the new task's id once its images are shown."""
+def generate(page, button: str = "#submit") -> str:
+    """Click Generate (or `button`); the new task's id once its images are shown."""
     before = page.evaluate("window.kiln.tasks.size")
-    page.click("#submit")
+    page.click(button)
     page.wait_for_function("n => window.kiln.tasks.size > n", arg=before)
     task = page.evaluate("[...window.kiln.tasks.keys()].at(-1)")
     page.wait_for_function("id => window.kiln.shown === id", arg=task, timeout=120_000)
@@ -127,6 +127,31 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     assert page.input_value("[name=randn_source]") == "NV"
     for name, value in plain.items():
         page.fill(f"[name={name}]", value)
+
+    # The hires fix: its settings reach the infotext; "Hires fix this image" redraws the shown image with its seed,
+    # running the hires pass alone (AUTOMATIC1111's Upscale button: firstpass_image).
+    page.click("#hires summary")
+    page.check("[name=enable_hr]")
+    page.select_option("[name=hr_upscaler]", "Lanczos")
+    for name, value in (("hr_scale", "1.5"), ("hr_second_pass_steps", "2"), ("steps", "3"), ("seed", "-1")):
+        page.fill(f"[name={name}]", value)
+    generate(page)
+    info = page.inner_text("#info")
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos" in info, info
+    size = "[document.querySelector('#results img').naturalWidth, document.querySelector('#results img').naturalHeight]"
+    assert page.evaluate(size) == [96, 96]
+    page.uncheck("[name=enable_hr]")
+    assert page.is_visible("#hires-this")
+    first = generate(page)
+    seed = page.evaluate("window.kiln.result.info.seed")
+    assert page.evaluate(size) == [64, 64] and f"Seed: {seed}," in page.inner_text("#info")
+    task = generate(page, "#hires-this")
+    steps = page.evaluate("id => window.kiln.events.filter(e => e.task === id && e.event === 'progress').length", task)
+    info = page.inner_text("#info")
+    assert steps == 2 and page.evaluate(size) == [96, 96] and f"Seed: {seed}," in info and "Hires upscale: 1.5" in info
+    assert task != first
+    shot(page, "hires")
+    page.fill("[name=seed]", "1234")
 
     # img2img: an image, a mask painted on it, inpainting.
     page.click("[data-tab=img2img]")

@@ -59,6 +59,9 @@ def add_parser(commands) -> None:
                                "network of the repository (kiln build upscaler) on the image")
     generate.add_argument("--hires-steps", type=int, default=0, help="steps of the hires pass (0: --steps)")
     generate.add_argument("--hires-strength", type=float, default=0.75, help="how much the hires pass redraws")
+    generate.add_argument("--hires-first-pass", type=Path, metavar="IMAGE",
+                          help="the hires fix of this image (--width x --height), which stands for the first pass: "
+                               "only the hires pass runs (AUTOMATIC1111's firstpass_image)")
     generate.add_argument("--init-image", type=Path,
                           help="img2img: start from this image (resized to --width x --height)")
     generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
@@ -128,8 +131,10 @@ def _files(args) -> dict[str, bytes]:
         raise KilnError("--mask needs --init-image (inpainting repaints part of an image)")
     if args.hires and args.init_image is not None:
         raise KilnError("--hires is txt2img's hires fix; img2img (--init-image) has none")
+    if args.hires_first_pass is not None and not args.hires:
+        raise KilnError("--hires-first-pass is the hires fix's first pass: it needs --hires SCALE")
     files = {}
-    for path in (args.init_image, *(args.control_image or ()), args.mask):
+    for path in (args.init_image, *(args.control_image or ()), args.mask, args.hires_first_pass):
         if path is not None:
             if not path.is_file():
                 raise KilnError(f"{path}: no such image file")
@@ -191,7 +196,8 @@ def run(args) -> int:
                                  overlay=args.overlay)
     else:
         hires = HiresFix(scale=args.hires, upscaler=args.hires_upscaler, steps=args.hires_steps,
-                         denoising_strength=args.hires_strength) if args.hires else None
+                         denoising_strength=args.hires_strength,
+                         first_pass=files.get(str(args.hires_first_pass))) if args.hires else None
         request = Txt2ImgRequest(**fields, hires=hires)
 
     def progress(step, total, _latents):
@@ -252,6 +258,8 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
     if args.hires:
         fields |= dict(enable_hr=True, hr_scale=args.hires, hr_upscaler=args.hires_upscaler,
                        hr_second_pass_steps=args.hires_steps, denoising_strength=args.hires_strength)
+        if args.hires_first_pass is not None:
+            fields["firstpass_image"] = b64(files[str(args.hires_first_pass)])
     if units:
         fields["alwayson_scripts"] = {"controlnet": {"args": [
             {"enabled": True, "image": b64(u["image"]), "module": u["module"], "model": u["model"] or "None",

@@ -9,7 +9,9 @@ What AUTOMATIC1111 does (modules/processing.py, StableDiffusionProcessingTxt2Img
 - the second pass draws new noise from the same seeds at the new size, and runs exactly hr_second_pass_steps (or
   steps) steps of a schedule of int(steps / denoising_strength) (its img2img steps for an explicit step count);
 - ControlNet units act in both passes (sd-webui-controlnet's hr_option "Both"), each on its control image at the
-  pass's size, their guidance windows over each pass's steps.
+  pass's size, their guidance windows over each pass's steps;
+- firstpass_image (AUTOMATIC1111's "Upscale" button under a txt2img result) stands for the first pass, which is then
+  not run: an image upscaler takes its pixels, a latent mode the VAE's encoding of it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 from kiln.contract import SDContract
 from kiln.errors import InputError
+from kiln.imaging import resized_rgb
 from kiln.upscale import NO_NETWORKS, Network, UpscaleOptions, upscale_with
 from kiln.upscale import plan as plan_upscale
 from orchestrator.pipeline.requests import HiresFix, Txt2ImgRequest
@@ -117,6 +120,13 @@ def upscale_latents(latents: torch.Tensor, hires: HiresFix, planned: HiresPlan, 
     mode, antialias = LATENT_MODES[hires.upscaler]
     size = (planned.upscale_to[1] // factor, planned.upscale_to[0] // factor)
     return truncate(F.interpolate(latents, size=size, mode=mode, antialias=antialias), planned)
+
+
+def given_images(request: Txt2ImgRequest) -> np.ndarray:
+    """firstpass_image as every image's first pass (uint8 N x H x W x 3): AUTOMATIC1111 takes its pixels as they are
+    for an image upscaler (validation made sure it is width x height)."""
+    image = resized_rgb(request.hires.first_pass, request.width, request.height, "firstpass_image")
+    return np.repeat(np.asarray(image, dtype=np.uint8)[None], request.batch_size, axis=0)
 
 
 def upscale_images(images: np.ndarray, hires: HiresFix, planned: HiresPlan, max_pixels: int,

@@ -22,12 +22,18 @@ if TYPE_CHECKING:
 
 
 def sample_latents(moments: torch.Tensor, generators: list, scaling_factor: float) -> torch.Tensor:
-    """Sample the VAE's latent distribution with each image's generator, scaled (diffusers' _encode_vae_image)."""
+    """Sample the VAE's latent distribution with each image's generator, scaled (diffusers' _encode_vae_image):
+    `moments` of one image (every generator samples it) or of one per generator."""
     import torch
 
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))  # DiagonalGaussianDistribution
-    return torch.cat([mean + std * draw(mean.shape, g) for g in generators]) * scaling_factor
+    if len(mean) == 1:
+        mean, std = (t.expand(len(generators), *t.shape[1:]) for t in (mean, std))
+    if len(mean) != len(generators):
+        raise ValueError(f"{len(mean)} images' latent distributions for {len(generators)} generators")
+    return torch.cat([m[None] + s[None] * draw((1, *m.shape), g) for m, s, g in zip(mean, std, generators)]) \
+        * scaling_factor
 
 
 def init_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, generators: list) -> torch.Tensor:

@@ -197,11 +197,14 @@ class Pipeline:
             second = schedule(request.hires.sampler or request.sampler, contract.scheduler_config, total, seed,
                               total - run)
 
-        # 5. Initial latents, drawn like diffusers' pipelines.
+        # 5. Initial latents, drawn like diffusers' pipelines (none where the hires fix's first pass is given).
         shape = (batch, contract.latent_channels, request.height // contract.vae_scale_factor,
                  request.width // contract.vae_scale_factor)
         inpaint, drawn = None, None
-        if init and request.inpainting:
+        given = second is not None and request.hires.first_pass is not None
+        if given:
+            latents, timesteps = None, timesteps[:0]
+        elif init and request.inpainting:
             latents, drawn, inpaint = inpaint_latents(components.vae, contract, request, shape, generators, generator,
                                                       scheduler, timesteps, seeding)
         elif init:
@@ -213,7 +216,7 @@ class Pipeline:
             latents = seeding.noise(shape, generator, contract.vae_scale_factor) * scheduler.init_noise_sigma
 
         # 6. ControlNet conditioning: each unit's control image for every row of the UNet batch.
-        cond = control_images(request, request.width, request.height, len(context))
+        cond = [] if given else control_images(request, request.width, request.height, len(context))
 
         # 7. Denoising loop (the refiner taking over part way); with the hires fix, the upscale and the second pass
         # (in the batcher like any steps).
@@ -221,12 +224,14 @@ class Pipeline:
         steps_total = len(timesteps) + (len(second[1]) if second else 0)
         handover = refining.handover(refiner, request, prompts, timesteps, batch) if request.refiner else None
         with denoising() if denoising is not None else nullcontext():
-            latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, (context, weights), cond,
-                                                inpaint, drawn,
-                                                step_kwargs(scheduler, seeding.for_steps(generator), request.eta,
-                                                            churn(request)),
-                                                _counting(progress, 0, steps_total), cancelled, stop_early, unet_call,
-                                                loras, handover)
+            stopped_at = None
+            if not given:  # a given first pass (firstpass_image) runs none of its steps
+                latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, (context, weights), cond,
+                                                    inpaint, drawn,
+                                                    step_kwargs(scheduler, seeding.for_steps(generator), request.eta,
+                                                                churn(request)),
+                                                    _counting(progress, 0, steps_total), cancelled, stop_early,
+                                                    unet_call, loras, handover)
             # AUTOMATIC1111's "Pad conds": padding made the negative prompt and the prompt one length in some pass
             padded = context.padded or (handover is not None and handover.context.padded)
             if second is not None and stopped_at is None:
@@ -308,13 +313,18 @@ class Pipeline:
         contract, fix = self.contract, request.hires
         vae = self.parts(request).vae
         planned = hires.plan(request, contract)
-        # Fresh generators from the seeds, as img2img's: the VAE's sample (an image upscaler), then the noise.
+        # Fresh generators from the seeds, as img2img's: the VAE's sample (an image upscaler, a given first pass
+        # for a latent mode), then the noise.
         fresh = seeding.generators()
         generator = fresh if len(fresh) > 1 else fresh[0]
+        if latents is None and fix.upscaler in hires.LATENT_MODES:  # firstpass_image, encoded (AUTOMATIC1111's)
+            moments = torch.from_numpy(vae.encode_image(fix.first_pass, request.width, request.height))
+            latents = sample_latents(moments, seeding.for_latents(fresh), contract.scaling_factor)
         if fix.upscaler in hires.LATENT_MODES:
             latents = hires.upscale_latents(latents, fix, planned, contract.vae_scale_factor)
         else:
-            pixels = hires.upscale_images(vae.decode(latents.numpy()), fix, planned, self.limits.max_image_pixels,
+            decoded = hires.given_images(request) if latents is None else vae.decode(latents.numpy())
+            pixels = hires.upscale_images(decoded, fix, planned, self.limits.max_image_pixels,
                                           self.components.upscalers)
             moments = torch.from_numpy(vae.encode_pixels(pixels))
             latents = hires.truncate(sample_latents(moments, seeding.for_latents(fresh), contract.scaling_factor),

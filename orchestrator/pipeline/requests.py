@@ -49,6 +49,8 @@ class HiresFix:
     prompt: str | None = None  # hr_prompt; None: the request's prompt
     negative_prompt: str | None = None  # hr_negative_prompt; None: the request's
     sampler: str | None = None  # hr_sampler_name; None: the request's sampler
+    # firstpass_image: the first pass's result, given (an encoded image of width x height); its steps are not run
+    first_pass: bytes | None = None
 
 
 @dataclass(frozen=True)

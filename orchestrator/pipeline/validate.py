@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kiln.contract import SDContract
 from kiln.control import CONTROL_MODULES
 from kiln.errors import InputError, TooLargeError
+from kiln.imaging import header_size
 from kiln.lora import split_lora_tags
 from kiln.masks import INPAINTING_FILL
 from kiln.prompt_schedule import composable
@@ -189,6 +190,13 @@ def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) 
         check_sampler(fix.sampler)
     hires.check(request, contract)
     _integer_in("hr_second_pass_steps", fix.steps, 0, limits.max_steps)
+    if getattr(fix, "first_pass", None) is not None:
+        if not isinstance(fix.first_pass, bytes) or not fix.first_pass:
+            raise InputError("firstpass_image must be an encoded image (bytes)")
+        size = header_size(fix.first_pass, "firstpass_image", limits.max_image_pixels)
+        if size != (request.width, request.height):
+            raise InputError(f"firstpass_image is {size[0]}x{size[1]}, not the request's width x height "
+                             f"({request.width}x{request.height}): it stands for the first pass, which is that size")
 
 
 def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits: Limits) -> None:

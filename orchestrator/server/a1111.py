@@ -87,9 +87,12 @@ def refiner(body: schemas.Txt2ImgBody) -> Refiner | None:
     return Refiner(body.refiner_checkpoint, 0.8 if body.refiner_switch_at is None else body.refiner_switch_at)
 
 
-def hires_fix(body: schemas.Txt2ImgBody, contract: SDContract) -> HiresFix | None:
-    """The hires fix an AUTOMATIC1111 txt2img body asks for (enable_hr and its hr_* fields), or None."""
+def hires_fix(body: schemas.Txt2ImgBody, contract: SDContract, max_pixels: int) -> HiresFix | None:
+    """The hires fix an AUTOMATIC1111 txt2img body asks for (enable_hr and its hr_* fields, firstpass_image), or
+    None."""
     if not body.enable_hr:
+        if body.firstpass_image:  # AUTOMATIC1111 would pass it over without enable_hr: refused, never ignored
+            raise InputError("firstpass_image is the hires fix's first pass: it needs enable_hr true")
         return None
     if body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
         check_checkpoint(body.hr_checkpoint_name, contract, "hr_checkpoint_name")
@@ -98,7 +101,9 @@ def hires_fix(body: schemas.Txt2ImgBody, contract: SDContract) -> HiresFix | Non
     return HiresFix(scale=body.hr_scale, resize_x=body.hr_resize_x, resize_y=body.hr_resize_y,
                     upscaler=body.hr_upscaler or DEFAULT_UPSCALER, steps=body.hr_second_pass_steps,
                     denoising_strength=strength, prompt=body.hr_prompt or None,
-                    negative_prompt=body.hr_negative_prompt or None, sampler=sampler)
+                    negative_prompt=body.hr_negative_prompt or None, sampler=sampler,
+                    first_pass=decode_b64_image(body.firstpass_image, "firstpass_image", max_pixels)
+                    if body.firstpass_image else None)
 
 
 def seed_resize_from(body: schemas.Txt2ImgBody) -> tuple[int, int] | None:
@@ -151,9 +156,10 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
         if multiplier != 1:
             raise InputError("initial_noise_multiplier scales img2img's noise; txt2img has no use for it "
                              "(AUTOMATIC1111 ignores it there)")
-        return Txt2ImgRequest(**fields, hires=hires_fix(body, contract))
-    if body.enable_hr:
-        raise InputError("enable_hr: the hires fix is txt2img's; img2img has none")
+        return Txt2ImgRequest(**fields, hires=hires_fix(body, contract, limits.max_image_pixels))
+    if body.enable_hr or body.firstpass_image:
+        raise InputError(f"{'enable_hr' if body.enable_hr else 'firstpass_image'}: the hires fix is txt2img's; "
+                         "img2img has none")
     if len(body.init_images) != 1:
         raise InputError(f"init_images must hold exactly one image, got {len(body.init_images)}")
     init = decode_b64_image(body.init_images[0], "init_images[0]", limits.max_image_pixels)

@@ -49,6 +49,7 @@ function showTab(tab) {
   $$(".panel[class*='tab-']").forEach(p => { p.hidden = !p.classList.contains(`tab-${tab}`); });
   $$(".only-img2img").forEach(e => { e.hidden = tab !== "img2img"; });
   $$(".only-xyz").forEach(e => { e.hidden = tab !== "xyz"; });
+  $$(".not-img2img").forEach(e => { e.hidden = tab === "img2img"; });
   $$(".not-xyz").forEach(e => { e.hidden = tab === "xyz"; });
   $("#submit").textContent = tab === "xyz" ? "Run X/Y/Z plot" : "Generate";
   if (tab === "gallery") loadGallery();
@@ -91,6 +92,9 @@ async function loadCapabilities() {
     $("#styles-field").hidden = false;
     form.styles.replaceChildren(...styles.map(s => option(s.name)));
   }
+  const [latentModes, upscalers] = await Promise.all([
+    api("GET", "/sdapi/v1/latent-upscale-modes").catch(() => []), api("GET", "/sdapi/v1/upscalers").catch(() => [])]);
+  form.hr_upscaler.replaceChildren(...[...latentModes, ...upscalers].map(u => option(u.name)));
   state.modules = modules.module_list; state.models = models.model_list;
   $("#controlnet").hidden = !state.models.length;
   const axes = await api("GET", "/v1/xyz-axes").catch(() => ({ txt2img: [] }));
@@ -118,6 +122,7 @@ async function generationBody(kind) {
   };
   body.override_settings = { randn_source: form.randn_source.value };
   if (!$("#checkpoint-field").hidden) body.override_settings.sd_model_checkpoint = form.sd_model_checkpoint.value;
+  if (kind === "txt2img" && form.enable_hr.checked) Object.assign(body, hiresFields());
   if (kind === "img2img") {
     if (!state.initImage) throw new FieldError("init_images", "choose an image for img2img");
     body.init_images = [state.initImage];
@@ -145,6 +150,16 @@ async function generationBody(kind) {
   }
   if (units.length) body.alwayson_scripts = { controlnet: { args: units } };
   return body;
+}
+
+// The form's hires fix, as AUTOMATIC1111's fields (its denoising_strength is the hires pass's in txt2img).
+function hiresFields() {
+  const form = $("#generate");
+  return { enable_hr: true, hr_upscaler: form.hr_upscaler.value || undefined,
+           hr_scale: numberOr(form.hr_scale.value, 2),
+           hr_second_pass_steps: numberOr(form.hr_second_pass_steps.value, 0),
+           hr_resize_x: numberOr(form.hr_resize_x.value, 0), hr_resize_y: numberOr(form.hr_resize_y.value, 0),
+           denoising_strength: numberOr(form.hr_denoising_strength.value, 0.7) };
 }
 
 class FieldError extends Error {
@@ -267,22 +282,67 @@ async function finish(task, status, error, result) {
   }
   setProgress(1, "done");
   if (!result) result = (await api("GET", `/v1/tasks/${task.id}`)).result;
-  showResult(result);
+  showResult(result, task.kind);
   state.shown = task.id;
 }
 
-function showResult(result) {
+function showResult(result, kind = "txt2img") {
   $("#preview").hidden = true;
+  const info = typeof result.info === "string" ? JSON.parse(result.info) : result.info;
+  const infotexts = info.infotexts || [];
+  // a batch's images come after its grid, where there is one (AUTOMATIC1111's index_of_first_image)
+  const first = info.index_of_first_image || 0;
+  state.result = { images: result.images, info, kind, selected: first };
   $("#results").replaceChildren(...result.images.map((image, index) => {
     const element = document.createElement("img");
     element.src = `data:image/png;base64,${image}`;
     element.alt = `result ${index + 1}`;
     element.className = "result";
+    element.classList.toggle("selected", index === first);
+    element.onclick = () => {
+      state.result.selected = index;
+      $$("#results .result").forEach((e, i) => e.classList.toggle("selected", i === index));
+      $("#info").textContent = infotexts[Math.max(index - first, 0)] || "";
+      $("#hires-this").hidden = !canHiresFix();
+    };
     return element;
   }));
-  const info = typeof result.info === "string" ? JSON.parse(result.info) : result.info;
   state.lastSeed = info.seed;
-  $("#info").textContent = (info.infotexts || [])[0] || "";
+  $("#info").textContent = infotexts[0] || "";
+  $("#hires-this").hidden = !canHiresFix();
+}
+
+// AUTOMATIC1111's Upscale button: a txt2img image (not a grid) redrawn by the hires fix alone (firstpass_image).
+function canHiresFix() {
+  const shown = state.result;
+  return Boolean(shown && shown.kind === "txt2img" && shown.selected >= (shown.info.index_of_first_image || 0) &&
+                 (shown.info.all_seeds || []).length);
+}
+
+async function hiresThis() {
+  clearErrors();
+  const shown = state.result;
+  const index = shown.selected - (shown.info.index_of_first_image || 0);
+  const image = shown.images[shown.selected];
+  const picture = new Image();
+  picture.src = `data:image/png;base64,${image}`;
+  await picture.decode();
+  let body;
+  try {
+    body = await generationBody("txt2img");
+  } catch (error) {
+    showError(error.message, error.field);
+    return;
+  }
+  Object.assign(body, hiresFields(), {
+    firstpass_image: image, width: picture.naturalWidth, height: picture.naturalHeight, batch_size: 1, n_iter: 1,
+    seed: shown.info.all_seeds[index], subseed: (shown.info.all_subseeds || [])[index] ?? body.subseed });
+  try {
+    const accepted = await api("POST", "/v1/tasks/txt2img", body);
+    track(accepted.id, "txt2img", body.prompt);
+  } catch (error) {
+    showError(error.message);
+  }
 }
 
 function setProgress(fraction, text) {
@@ -414,7 +474,7 @@ async function runXYZ(body) {
   try {
     const result = await api("POST", "/sdapi/v1/txt2img", body);
     setProgress(1, `X/Y/Z plot done in ${((Date.now() - started) / 1000).toFixed(1)} s`);
-    showResult(result);
+    showResult(result, "xyz");
   } catch (error) {
     setProgress(0, "X/Y/Z plot failed");
     showError(error.message);
@@ -540,6 +600,18 @@ function reuse(fields) {
   const schedule = $$("option", form.scheduler).find(o => o.textContent === type);
   if (schedule) form.scheduler.value = schedule.value;
   if (fields["Denoising strength"]) set("denoising_strength", fields["Denoising strength"]);
+  // the hires fix's, where the image had one (its denoising strength is then the hires pass's)
+  const hires = fields["Hires upscale"] !== undefined || fields["Hires resize-1"] !== undefined;
+  form.enable_hr.checked = hires;
+  if (hires) {
+    set("hr_scale", fields["Hires upscale"]); set("hr_second_pass_steps", fields["Hires steps"] || 0);
+    set("hr_resize_x", fields["Hires resize-1"] || 0); set("hr_resize_y", fields["Hires resize-2"] || 0);
+    set("hr_denoising_strength", fields["Denoising strength"]);
+    if ($$("option", form.hr_upscaler).some(o => o.value === fields["Hires upscaler"])) {
+      form.hr_upscaler.value = fields["Hires upscaler"];
+    }
+    $("#hires").open = true;
+  }
 }
 
 async function sendTo(tab, item = state.detail) {
@@ -600,6 +672,7 @@ function start() {
   $("#dice").onclick = () => { $("#generate").seed.value = -1; };
   $("#recycle").onclick = () => { $("#generate").seed.value = state.lastSeed; };
   $("#add-unit").onclick = addUnit;
+  $("#hires-this").onclick = hiresThis;
   $("#refresh-gallery").onclick = loadGallery;
   $("#send-txt2img").onclick = () => sendTo("txt2img");
   $("#send-img2img").onclick = () => sendTo("img2img");
