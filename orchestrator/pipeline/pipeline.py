@@ -18,6 +18,7 @@ import numpy as np
 from kiln.contract import DEFAULT_MODELS, SDModels
 from kiln.control import control_image
 from kiln.errors import InputError
+from kiln.imaging import vae_input
 from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
 from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
 from kiln.masks import paste_outside_mask
@@ -318,8 +319,9 @@ class Pipeline:
         fresh = seeding.generators()
         generator = fresh if len(fresh) > 1 else fresh[0]
         if latents is None and fix.upscaler in hires.LATENT_MODES:  # firstpass_image, encoded (AUTOMATIC1111's)
-            moments = torch.from_numpy(vae.encode_image(fix.first_pass, request.width, request.height))
-            latents = sample_latents(moments, seeding.for_latents(fresh), contract.scaling_factor)
+            pixels = vae_input(fix.first_pass, request.width, request.height, "firstpass_image")[None]
+            latents = sample_latents(torch.from_numpy(vae.encode_pixels(pixels)), seeding.for_latents(fresh),
+                                     contract.scaling_factor)
         if fix.upscaler in hires.LATENT_MODES:
             latents = hires.upscale_latents(latents, fix, planned, contract.vae_scale_factor)
         else:
