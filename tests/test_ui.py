@@ -142,14 +142,13 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     assert page.evaluate(size) == [96, 96]
     page.uncheck("[name=enable_hr]")
     assert page.is_visible("#hires-this")
-    first = generate(page)
+    generate(page)
     seed = page.evaluate("window.kiln.result.info.seed")
     assert page.evaluate(size) == [64, 64] and f"Seed: {seed}," in page.inner_text("#info")
     task = generate(page, "#hires-this")
     steps = page.evaluate("id => window.kiln.events.filter(e => e.task === id && e.event === 'progress').length", task)
     info = page.inner_text("#info")
     assert steps == 2 and page.evaluate(size) == [96, 96] and f"Seed: {seed}," in info and "Hires upscale: 1.5" in info
-    assert task != first
     shot(page, "hires")
     page.fill("[name=seed]", "1234")
 
