@@ -318,11 +318,11 @@ class Pipeline:
         # for a latent mode), then the noise.
         fresh = seeding.generators()
         generator = fresh if len(fresh) > 1 else fresh[0]
-        if latents is None and fix.upscaler in hires.LATENT_MODES:  # firstpass_image, encoded (AUTOMATIC1111's)
-            pixels = vae_input(fix.first_pass, request.width, request.height, "firstpass_image")[None]
-            latents = sample_latents(torch.from_numpy(vae.encode_pixels(pixels)), seeding.for_latents(fresh),
-                                     contract.scaling_factor)
         if fix.upscaler in hires.LATENT_MODES:
+            if latents is None:  # firstpass_image, encoded (AUTOMATIC1111's)
+                pixels = vae_input(fix.first_pass, request.width, request.height, "firstpass_image")[None]
+                latents = sample_latents(torch.from_numpy(vae.encode_pixels(pixels)), seeding.for_latents(fresh),
+                                         contract.scaling_factor)
             latents = hires.upscale_latents(latents, fix, planned, contract.vae_scale_factor)
         else:
             decoded = hires.given_images(request) if latents is None else vae.decode(latents.numpy())
