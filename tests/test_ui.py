@@ -7,11 +7,15 @@ service runs one worker here so that tasks really queue (positions, cancelling a
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from kiln.triton_server import free_port
 from orchestrator.security import SecurityOptions
@@ -55,6 +59,10 @@ def generate(page, button: str = "#submit") -> str:
     task = page.evaluate("[...window.kiln.tasks.keys()].at(-1)")
     page.wait_for_function("id => window.kiln.shown === id", arg=task, timeout=120_000)
     return task
+
+
+def _pixels(png_base64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_base64))).convert("RGB"))
 
 
 def shot(page, name: str) -> None:
@@ -150,6 +158,17 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     info = page.inner_text("#info")
     assert steps == 2 and page.evaluate(size) == [96, 96] and f"Seed: {seed}," in info and "Hires upscale: 1.5" in info
     shot(page, "hires")
+    hired = page.evaluate("window.kiln.result.images[0]")
+    # The gallery's "Hires fix" does the same to the saved first pass (the newest but one): its seed and size, the
+    # form's hires settings; the hires result itself (the newest) is a txt2img image too, a grid would not be.
+    page.fill("[name=seed]", "7")
+    page.click("[data-tab=gallery]")
+    page.wait_for_selector("#gallery-grid img >> nth=1")
+    page.click("#gallery-grid img >> nth=1")
+    assert page.is_visible("#detail-hires") and f"Seed: {seed}," in page.inner_text("#detail-parameters")
+    generate(page, "#detail-hires")
+    assert page.input_value("[name=seed]") == str(seed)  # the form holds the saved image's parameters
+    assert np.array_equal(_pixels(page.evaluate("window.kiln.result.images[0]")), _pixels(hired))
     page.fill("[name=seed]", "1234")
 
     # img2img: an image, a mask painted on it, inpainting.

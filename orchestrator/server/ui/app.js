@@ -320,10 +320,27 @@ function canHiresFix() {
 }
 
 async function hiresThis() {
-  clearErrors();
   const shown = state.result;
   const index = shown.selected - (shown.info.index_of_first_image || 0);
-  const image = shown.images[shown.selected];
+  await hiresOf(shown.images[shown.selected], shown.info.all_seeds[index], (shown.info.all_subseeds || [])[index]);
+}
+
+// The gallery's: a saved txt2img image, its parameters put back into the form first (its seed, prompt, sampler).
+async function hiresSaved(item = state.detail) {
+  if (!item) return;
+  reuse(item.fields);
+  showTab("txt2img");
+  const image = await fileToBase64(await (await fetch(item.url)).blob());
+  await hiresOf(image, Number(item.fields.Seed), undefined);
+}
+
+function canHiresSaved(item) {
+  return Boolean(item && item.path.startsWith("txt2img-images/") && item.fields && item.fields.Seed !== undefined);
+}
+
+// A txt2img task of `image` (base64) as the first pass: this form's prompt and hires settings, the image's seed.
+async function hiresOf(image, seed, subseed) {
+  clearErrors();
   const picture = new Image();
   picture.src = `data:image/png;base64,${image}`;
   await picture.decode();
@@ -336,7 +353,7 @@ async function hiresThis() {
   }
   Object.assign(body, hiresFields(), {
     firstpass_image: image, width: picture.naturalWidth, height: picture.naturalHeight, batch_size: 1, n_iter: 1,
-    seed: shown.info.all_seeds[index], subseed: (shown.info.all_subseeds || [])[index] ?? body.subseed });
+    seed, subseed: subseed ?? body.subseed });
   try {
     const accepted = await api("POST", "/v1/tasks/txt2img", body);
     track(accepted.id, "txt2img", body.prompt);
@@ -573,6 +590,7 @@ function showDetail(index) {
   $("#detail-parameters").textContent = item.parameters || "(no parameters in this file)";
   $("#download").href = item.url;
   $("#download").setAttribute("download", item.path.split("/").pop());
+  $("#detail-hires").hidden = !canHiresSaved(item);
 }
 
 // Fill the form from an image's infotext fields (AUTOMATIC1111's names).
@@ -676,6 +694,7 @@ function start() {
   $("#refresh-gallery").onclick = loadGallery;
   $("#send-txt2img").onclick = () => sendTo("txt2img");
   $("#send-img2img").onclick = () => sendTo("img2img");
+  $("#detail-hires").onclick = () => hiresSaved();
   $("#save-options").onclick = saveOptions;
   setUpMaskPainting();
   dropZone($("#drop"), $("#classify-files"), classify);
