@@ -159,8 +159,8 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     assert steps == 2 and page.evaluate(size) == [96, 96] and f"Seed: {seed}," in info and "Hires upscale: 1.5" in info
     shot(page, "hires")
     hired = page.evaluate("window.kiln.result.images[0]")
-    # The gallery's "Hires fix" does the same to the saved first pass (the newest but one): its seed and size, the
-    # form's hires settings; the hires result itself (the newest) is a txt2img image too, a grid would not be.
+    # The gallery's "Hires fix" on the saved first pass (the newest but one, after the hires result): its parameters
+    # back in the form, its seed and size, the form's hires settings: the same pixels.
     page.fill("[name=seed]", "7")
     page.click("[data-tab=gallery]")
     page.wait_for_selector("#gallery-grid img >> nth=1")
