@@ -9,6 +9,7 @@ transport.
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import io
 import os
@@ -266,6 +267,12 @@ def encode(image, fmt: str = "PNG", **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **kwargs)
     return buffer.getvalue()
+
+
+def decode(b64: str) -> tuple[np.ndarray, dict]:
+    """An API's base64 image: its RGB pixels and its metadata (a PNG's text chunks)."""
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    return np.asarray(image.convert("RGB")), dict(image.info)
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ from orchestrator.pipeline import Limits, Pipeline, Txt2ImgRequest
 from orchestrator.security import SecurityOptions
 from orchestrator.server.service import BackgroundAPI as LiveAPI
 from orchestrator.server.settings import Settings
-from tests.conftest import encode, png_header_only, start_triton
+from tests.conftest import decode, encode, png_header_only, start_triton
 
 pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parent.parent
@@ -71,11 +71,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _decode(b64: str) -> tuple[np.ndarray, dict]:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    return np.asarray(image.convert("RGB")), dict(image.info)
-
-
 TXT = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 5, "sampler_name": "Euler a",
        "cfg_scale": 7.5, "seed": 1234, "width": 64, "height": 64}
 
@@ -94,7 +89,7 @@ def test_txt2img_matches_the_library_and_carries_parameters(client, triton):
     info = json.loads(body["info"])
     assert info["all_seeds"] == [1234, 1235] and info["seed"] == 1234  # n_iter chains seeds as AUTOMATIC1111
     assert len(body["images"]) == 2 and body["parameters"]["prompt"] == TXT["prompt"]
-    pixels, meta = _decode(body["images"][0])
+    pixels, meta = decode(body["images"][0])
     expected = Pipeline.from_triton(triton.grpc_url).txt2img(Txt2ImgRequest(
         prompt=TXT["prompt"], negative_prompt="blurry", steps=5, sampler="Euler a", cfg_scale=7.5, seed=1234,
         width=64, height=64)).images[0]
@@ -151,7 +146,7 @@ def test_variation_seeds(client):
     def image(**change):
         response = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 3, "sampler_name": "Euler"} | change)
         assert response.status_code == 200, response.text
-        return _decode(response.json()["images"][0])[0].astype(int), json.loads(response.json()["info"])
+        return decode(response.json()["images"][0])[0].astype(int), json.loads(response.json()["info"])
 
     base, _ = image(seed=1)
     other, _ = image(seed=77)
@@ -219,7 +214,7 @@ def test_inpainting_fill_modes_only_masked_and_the_overlay(client):
     for fill in (0, 1, 2, 3):
         response = client.post("/sdapi/v1/img2img", json=body | {"inpainting_fill": fill})
         assert response.status_code == 200, response.text
-        images[fill] = _decode(response.json()["images"][0])[0]
+        images[fill] = decode(response.json()["images"][0])[0]
         assert np.array_equal(images[fill][~inside], np.asarray(init)[~inside])  # the overlay: kept means kept
     for a, b in ((0, 1), (1, 2), (2, 3), (0, 3)):
         assert np.abs(images[a][inside].astype(int) - images[b][inside].astype(int)).max() > 8, (a, b)
@@ -235,7 +230,7 @@ def test_inpainting_fill_modes_only_masked_and_the_overlay(client):
                                                             "mask": _b64(encode(wide_mask)), "mask_blur": 0,
                                                             "inpaint_full_res_padding": 4})
     assert response.status_code == 200, response.text
-    out = _decode(response.json()["images"][0])[0]
+    out = decode(response.json()["images"][0])[0]
     assert out.shape == (48, 96, 3)
     keep = np.asarray(wide_mask) == 0
     assert np.array_equal(out[keep], np.asarray(wide)[keep])
@@ -495,7 +490,7 @@ def test_save_images_writes_the_outputs_folder(client, outputs_dir):
     days = list((outputs_dir / "txt2img-images").iterdir())
     assert len(days) == 1 and sorted(p.name for p in days[0].iterdir()) == ["00000-30.png", "00001-31.png"]
     written = Image.open(days[0] / "00001-31.png")
-    assert np.array_equal(np.asarray(written.convert("RGB")), _decode(saved.json()["images"][1])[0])
+    assert np.array_equal(np.asarray(written.convert("RGB")), decode(saved.json()["images"][1])[0])
     assert "Seed: 31" in written.info["parameters"]
     client.post("/sdapi/v1/txt2img", json=body | {"save_images": True, "batch_size": 1, "seed": 40})
     assert (days[0] / "00002-40.png").is_file()
@@ -520,7 +515,7 @@ def test_separate_mask_blurs(client):
     def pixels(**blur) -> np.ndarray:
         response = client.post("/sdapi/v1/img2img", json=body | blur)
         assert response.status_code == 200, response.text
-        return _decode(response.json()["images"][0])[0]
+        return decode(response.json()["images"][0])[0]
 
     across, down = pixels(mask_blur_x=8, mask_blur_y=0), pixels(mask_blur_x=0, mask_blur_y=8)
     assert not np.array_equal(across, down)
@@ -577,7 +572,7 @@ def test_sd_upscale_script(client):
                   "script_args": [None, 16, 1, 2]}
     response = client.post("/sdapi/v1/img2img", json=body)
     assert response.status_code == 200, response.text
-    image, info = _decode(response.json()["images"][0])
+    image, info = decode(response.json()["images"][0])
     assert image.shape == (128, 128, 3) and "SD upscale upscaler: Lanczos" in info["parameters"]
     for change, words in (({"script_args": [None, 16, 7, 2]}, "upscaler index 7"),
                           ({"script_name": "ultimate sd upscale"}, "not one of this server's img2img scripts"),
@@ -619,7 +614,7 @@ def test_controlnet_units_detected_maps_follow_the_images(client):
     images = response.json()["images"]
     assert len(images) == 3 and len(json.loads(response.json()["info"])["infotexts"]) == 2
     expected = np.round(control_image(photo, 64, 64, "canny", 50, 150).transpose(1, 2, 0) * 255).astype(np.uint8)
-    assert np.array_equal(_decode(images[2])[0], expected)
+    assert np.array_equal(decode(images[2])[0], expected)
     off = body | {"override_settings": {"control_net_no_detectmap": True}}
     assert len(client.post("/sdapi/v1/txt2img", json=off).json()["images"]) == 2
     unit = body["alwayson_scripts"]["controlnet"]["args"][0] | {"save_detected_map": False}  # the unit's own say
@@ -766,7 +761,7 @@ def test_step_batching_merges_requests_and_matches_solo_runs(api, triton):
         after = c.get("/metrics").text
     for body, response in zip(MIXED, responses):
         assert response.status_code == 200, response.text
-        images = np.stack([_decode(i)[0] for i in response.json()["images"]])
+        images = np.stack([decode(i)[0] for i in response.json()["images"]])
         solo = _solo(triton, body)
         diff = np.abs(images.astype(int) - solo).max()
         assert np.array_equal(images, solo), f"{body['sampler_name']}: max diff {diff}"

@@ -7,20 +7,18 @@ service runs one worker here so that tasks really queue (positions, cancelling a
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from kiln.triton_server import free_port
 from orchestrator.security import SecurityOptions
 from orchestrator.server.service import BackgroundAPI
 from orchestrator.server.settings import Settings
+from tests.conftest import decode
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,10 +57,6 @@ def generate(page, button: str = "#submit") -> str:
     task = page.evaluate("[...window.kiln.tasks.keys()].at(-1)")
     page.wait_for_function("id => window.kiln.shown === id", arg=task, timeout=120_000)
     return task
-
-
-def _pixels(png_base64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_base64))).convert("RGB"))
 
 
 def shot(page, name: str) -> None:
@@ -168,7 +162,7 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     assert page.is_visible("#detail-hires") and f"Seed: {seed}," in page.inner_text("#detail-parameters")
     generate(page, "#detail-hires")
     assert page.input_value("[name=seed]") == str(seed)  # the form holds the saved image's parameters
-    assert np.array_equal(_pixels(page.evaluate("window.kiln.result.images[0]")), _pixels(hired))
+    assert np.array_equal(decode(page.evaluate("window.kiln.result.images[0]"))[0], decode(hired)[0])
     page.fill("[name=seed]", "1234")
 
     # img2img: an image, a mask painted on it, inpainting.
