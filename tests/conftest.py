@@ -323,8 +323,9 @@ def diffusers_pipeline(checkpoint: Path):
 def diffusers_strength(sampler: str, steps: int, strength: float) -> float:
     """The strength at which diffusers' img2img pipelines run the steps kiln runs at `strength`: for AUTOMATIC1111's
     k-diffusion samplers its setup_img2img_steps, t_enc = int(min(strength, 0.999) * steps) and t_enc + 1 steps
-    (diffusers runs int(strength' * steps)); for DDIM, DDPM, PNDM, UniPC and LCM, diffusers' own."""
-    if sampler in ("DDIM", "DDPM", "PNDM", "UniPC", "LCM"):
+    (diffusers runs int(strength' * steps)); for DDPM, UniPC and LCM, diffusers' own. (AUTOMATIC1111's DDIM and PLMS
+    start where no strength of diffusers' does: tests/test_compvis.py.)"""
+    if sampler in ("DDPM", "UniPC", "LCM"):
         return strength
     return min(1.0, (int(min(strength, 0.999) * steps) + 1.5) / steps)
 

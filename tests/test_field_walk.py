@@ -108,7 +108,8 @@ TXT2IMG = {
     "seed_resize_from_w": ({"seed_resize_from_w": 32, "seed_resize_from_h": 48},
                            {"seed_resize_from_w": 48, "seed_resize_from_h": 48}, "image"),
     "seed_resize_from_w alone": ({"seed_resize_from_w": 32}, {}, ("refused", 422, "takes both")),
-    "sampler_name": ({"sampler_name": "DDIM"}, {}, "image"),
+    # 4 steps: img2img's 0.7 of 2 is no call of AUTOMATIC1111's DDIM (t_enc - 1 calls), so a 422
+    "sampler_name": ({"sampler_name": "DDIM", "steps": 4}, {"steps": 4}, "image"),
     "scheduler": ({"sampler_name": "DPM++ 2M", "scheduler": "Karras"}, {"sampler_name": "DPM++ 2M",
                                                                          "scheduler": "Uniform"}, "image"),
     "batch_size": ({"batch_size": 2}, {}, 2),
@@ -123,7 +124,7 @@ TXT2IMG = {
     "vae_tiling": ({"vae_tiling": True, "width": 128, "height": 128}, {"width": 128, "height": 128}, "image"),
     "do_not_save_samples": ({"save_images": True, "do_not_save_samples": True}, {}, "saves_nothing"),
     "do_not_save_grid": ({"save_images": True, "batch_size": 2, "do_not_save_grid": True}, {}, "saves_no_grid"),
-    "eta": ({"sampler_name": "DDIM", "eta": 0.8}, {"sampler_name": "DDIM"}, "image"),
+    "eta": ({"sampler_name": "DDIM", "eta": 0.8, "steps": 4}, {"sampler_name": "DDIM", "steps": 4}, "image"),
     "denoising_strength": (HIRES | {"denoising_strength": 0.3}, HIRES, "image"),
     "s_min_uncond": ({"s_min_uncond": 20.0, "steps": 4}, {"steps": 4}, "image"),  # every other step: no uncond
     "s_churn": (CHURN, {}, "image"),
@@ -158,7 +159,9 @@ TXT2IMG = {
     "hr_resize_y": (HIRES | {"hr_resize_y": 96}, HIRES, (96, 96)),
     "hr_checkpoint_name": (HIRES | {"hr_checkpoint_name": "other.safetensors"}, HIRES,
                            ("refused", 422, "hr_checkpoint_name")),
-    "hr_sampler_name": (HIRES | {"hr_sampler_name": "DDIM"}, HIRES, "image"),
+    # 4 second-pass steps: AUTOMATIC1111's DDIM runs 2 of them there (N - 2), none of the 2 BASE gives
+    "hr_sampler_name": (HIRES | {"hr_sampler_name": "DDIM", "hr_second_pass_steps": 4},
+                        HIRES | {"hr_second_pass_steps": 4}, "image"),
     "hr_scheduler": (HIRES | {"hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Karras"},
                      HIRES | {"hr_sampler_name": "DPM++ 2M", "hr_scheduler": "Uniform"}, "image"),
     "hr_prompt": (HIRES | {"hr_prompt": "a red dog"}, HIRES, "image"),
@@ -170,7 +173,7 @@ TXT2IMG = {
     "clip_skip (SD.Next's)": ({"clip_skip": 2}, {}, "image"),
     "clip_skip 1.5 (SD.Next's interpolation)": ({"clip_skip": 1.5}, {}, ("refused", 422, "fractional clip_skip")),
     "force_task_id": ({"force_task_id": "task(walk)"}, {}, "names_the_task"),
-    "sampler_index": ({"sampler_index": "DDIM", "sampler_name": None}, {}, "image"),
+    "sampler_index": ({"sampler_index": "DDIM", "sampler_name": None, "steps": 4}, {"steps": 4}, "image"),
     "script_name": ({"script_name": "sd upscale"}, {}, ("refused", 422, "script_name")),
     "script_args": ({"script_args": [1]}, {}, ("refused", 422, "script_args")),
     "send_images": ({"send_images": False}, {}, 0),

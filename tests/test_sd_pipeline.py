@@ -224,10 +224,13 @@ def test_bad_requests_are_clear_errors(local, field, value, message):
     assert ok.images.shape == (1, 64, 64, 3)
 
 
-def test_plms_runs_at_every_step_count_with_one_unet_call_per_step_and_one_more(local):
-    """PNDM is AUTOMATIC1111's PLMS (no Runge-Kutta warm-up): 1, 2, 3 steps run; N > 1 steps are N + 1 UNet calls
-    (the first step evaluates twice), not the warm-up's 13 calls for 4 steps."""
-    for steps in (1, 2, 3, 8):
+def test_plms_runs_its_ladder_with_one_unet_call_per_entry(local):
+    """PNDM is AUTOMATIC1111's PLMS (no Runge-Kutta warm-up): one call per entry of its ladder, the first step
+    evaluating twice and the last entry none (2 steps: 2 calls, 3: 4, its ladder clipped at 999; 8: 8), not the
+    warm-up's 13 calls for 4 steps. At 1 step its ladder has one entry and no call: refused."""
+    with pytest.raises(InputError, match="steps: PNDM runs no denoising step at steps 1"):
+        local.txt2img(Txt2ImgRequest(prompt="a cat", steps=1, sampler="PNDM", width=64, height=64))
+    for steps, expected in ((2, 2), (3, 4), (8, 8)):
         calls = []
 
         def counting(graph, inputs, calls=calls):
@@ -236,7 +239,7 @@ def test_plms_runs_at_every_step_count_with_one_unet_call_per_step_and_one_more(
 
         result = local.txt2img(Txt2ImgRequest(prompt="a cat", steps=steps, sampler="PNDM", cfg_scale=1.0, seed=2,
                                               width=64, height=64), unet_call=counting)
-        assert len(calls) == (steps + 1 if steps > 1 else 1) and result.images.shape == (1, 64, 64, 3), steps
+        assert len(calls) == expected and result.images.shape == (1, 64, 64, 3), steps
 
 
 def test_progress_and_cancellation(local):
@@ -249,7 +252,7 @@ def test_progress_and_cancellation(local):
                       progress=lambda *a: None, cancelled=lambda: len(seen) >= 5 or bool(seen.append(0)))
 
 
-@pytest.mark.parametrize("sampler, strength", [("Euler a", 0.6), ("DDIM", 0.75), ("DPM++ 2M Karras", 0.5)])
+@pytest.mark.parametrize("sampler, strength", [("Euler a", 0.6), ("DDPM", 0.75), ("DPM++ 2M Karras", 0.5)])
 def test_img2img_matches_diffusers(local, reference_pipe, init_image_png, sampler, strength):
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -266,6 +269,38 @@ def test_img2img_matches_diffusers(local, reference_pipe, init_image_png, sample
         width=64, height=64, init_image=init_image_png, denoising_strength=strength))
     assert _max_diff(result.images, expected) <= 2, sampler
     assert result.info["denoising_strength"] == strength
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("DDIM", 0.6), ("PNDM", 0.75)])
+def test_img2img_with_automatic1111s_timestep_samplers(local, reference_pipe, init_image_png, sampler, strength):
+    """AUTOMATIC1111's DDIM and PLMS on diffusers' own components: its loop as tests/test_compvis.py writes it out,
+    from the init latents (diffusers' sample of them, then the noise, as kiln draws them) noised to A[t_enc]."""
+    from tests.test_compvis import _their_loop, _their_timesteps
+
+    pipe, _ = reference_pipe
+    steps, generator = 10, torch.Generator().manual_seed(99)
+    scale = pipe.vae.config.scaling_factor
+    with torch.inference_mode():
+        pixels = pipe.image_processor.preprocess(Image.open(io.BytesIO(init_image_png)))
+        latents = pipe.vae.encode(pixels).latent_dist.sample(generator) * scale
+        drawn = torch.randn(latents.shape, generator=generator)
+        positive, negative = pipe.encode_prompt("a photo of a cat", "cpu", 1, True, "blurry")
+        context = torch.cat([negative, positive])
+
+        def guided(x, t):
+            uncond, cond = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
+            return uncond + 7.5 * (cond - uncond)
+
+        ladder, alphas = _their_timesteps(steps), pipe.scheduler.alphas_cumprod
+        t_enc = int(strength * steps)
+        level = alphas[ladder[t_enc]]
+        x = _their_loop(guided, latents * level ** 0.5 + drawn * (1 - level) ** 0.5, ladder[:t_enc], alphas,
+                        sampler == "PNDM")
+        decoded = pipe.image_processor.postprocess(pipe.vae.decode(x / scale).sample, output_type="np")
+    result = local.img2img(Img2ImgRequest(
+        prompt="a photo of a cat", negative_prompt="blurry", steps=steps, sampler=sampler, cfg_scale=7.5, seed=99,
+        width=64, height=64, init_image=init_image_png, denoising_strength=strength))
+    assert _max_diff(result.images, _as_uint8(decoded)) <= 2, sampler
 
 
 def test_latent_resize_matches_diffusers(local, reference_pipe):
@@ -409,7 +444,7 @@ def test_canny_preprocessor_and_bad_units(local, init_image_png):
 
 # Strengths where diffusers runs fewer steps than all: where it runs all (at 1 alone) its inpainting pipeline starts
 # from noise alone, AUTOMATIC1111 (and kiln) from the image and noise (test_inpainting_at_full_strength_...)
-@pytest.mark.parametrize("sampler, strength", [("Euler a", 0.6), ("DDIM", 0.75), ("DPM++ 2M Karras", 0.7)])
+@pytest.mark.parametrize("sampler, strength", [("Euler a", 0.6), ("DDPM", 0.75), ("DPM++ 2M Karras", 0.7)])
 def test_inpainting_matches_diffusers(local, reference_pipe, init_image_png, mask_png, sampler, strength):
     from diffusers import StableDiffusionInpaintPipeline
 

@@ -201,10 +201,10 @@ def test_img2img_and_inpainting_match_diffusers(xl_local, xl_checkpoint, referen
     mask.paste(255, (16, 20, 48, 52))
     img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
-    expected = _theirs(img2img, config, "DDIM", 9, steps=10, prompt="a dog", negative_prompt="blurry", image=photo,
+    expected = _theirs(img2img, config, "DDPM", 9, steps=10, prompt="a dog", negative_prompt="blurry", image=photo,
                        strength=0.6)
     request = Img2ImgRequest(prompt="a dog", negative_prompt="blurry", init_image=_png(photo), denoising_strength=0.6,
-                             steps=10, sampler="DDIM", cfg_scale=7.5, seed=9, width=64, height=64)
+                             steps=10, sampler="DDPM", cfg_scale=7.5, seed=9, width=64, height=64)
     assert _diff(xl_local.img2img(request).images, expected) <= 2
 
     inpaint = StableDiffusionXLInpaintPipeline(**pipe.components)

@@ -15,7 +15,7 @@ from kiln.masks import blur_radius, crop_region, fill_masked, inpaint_mask, soft
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.noise import draw
 from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest
-from orchestrator.pipeline.sampling import Seeds
+from orchestrator.pipeline.sampling import Seeds, noised_to
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,7 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
         start = image_latents * (1 - mask_latent)
     # At every strength, 1 too, the image (as the masked content leaves it) plus the first step's noise, as
     # AUTOMATIC1111 starts (diffusers' inpaint pipeline starts from noise alone at 1, where the fill would not act)
-    latents = scheduler.add_noise(start, drawn, timesteps[:1].repeat(batch))
+    latents = scheduler.add_noise(start, drawn, noised_to(scheduler, timesteps, batch))
     masked_latents = sample_latents(moments[1:], sampling, contract.scaling_factor)
     return latents, drawn, {"image_latents": image_latents, "mask": mask_latent, "masked": masked_latents}
 

@@ -37,6 +37,7 @@ from orchestrator.pipeline.sampling import (
     draw_seed,
     editing_steps,
     img2img_start,
+    noised_to,
     schedule,
     sigma_at,
     step_kwargs,
@@ -190,7 +191,7 @@ class Pipeline:
 
         # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says. The hires fix's second pass
         # has its own, made now: progress counts both passes' steps.
-        start = img2img_start(request.sampler, request.steps, request.denoising_strength) if init else 0
+        start = img2img_start(request.sampler, request.steps, request.denoising_strength) if init else None
         scheduler, timesteps = schedule(request.sampler, contract.scheduler_config, request.steps, seed, start)
         second = None
         if request.hires is not None:
@@ -212,7 +213,7 @@ class Pipeline:
             latents = init_latents(components.vae, contract, request, seeding.for_latents(generators))
             drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
             if len(timesteps):
-                latents = scheduler.add_noise(latents, drawn, timesteps[:1].repeat(batch))
+                latents = scheduler.add_noise(latents, drawn, noised_to(scheduler, timesteps, batch))
         else:
             latents = seeding.noise(shape, generator, contract.vae_scale_factor) * scheduler.init_noise_sigma
 
@@ -333,7 +334,7 @@ class Pipeline:
                                      planned)
         scheduler, timesteps = second
         drawn = seeding.noise(tuple(latents.shape), generator, contract.vae_scale_factor)
-        latents = scheduler.add_noise(latents, drawn, timesteps[:1].repeat(len(latents)))
+        latents = scheduler.add_noise(latents, drawn, noised_to(scheduler, timesteps, len(latents)))
         context, first_prompt, loras = first
         prompt, loras = (first_prompt, loras) if fix.prompt is None else self.lora_set(fix.prompt)
         negative = request.negative_prompt if fix.negative_prompt is None else fix.negative_prompt

@@ -34,6 +34,7 @@ class Sampler:
     seeded: bool = False  # draws its noise from a seed in its config, not from the step's generator
     second_order: bool = False  # two model calls a step: AUTOMATIC1111 counts prompt-editing steps twice
     k_diffusion: bool = True  # AUTOMATIC1111 runs it through k-diffusion (img2img_start), not as diffusers' own
+    compvis: bool = False  # one of AUTOMATIC1111's own timestep samplers (orchestrator.pipeline.compvis)
     # where diffusers' scheduler has no switch for a schedule type: the scheduler, and its overrides, whose sigmas and
     # timesteps it runs (Euler a on Euler's Karras sigmas; both step through the same table)
     sigmas_from: tuple[str, dict] | None = None
@@ -43,19 +44,19 @@ class Sampler:
 # timesteps evenly from the last (999) to 0. diffusers' "linspace" gives those sigmas (to 3e-5, tests/test_core.py)
 # for the schedulers below that take it; a checkpoint's "leading" (SD 1.x's, SDXL's) starts lower (11.0, not 14.6, at
 # 20 steps) and gave another image than AUTOMATIC1111's for the same seed and noise; its Karras sigmas span the
-# spaced range there, not the model's whole one as k-diffusion's. DDIM and PLMS are its CompVis
-# samplers, whose uniform steps are the checkpoint's "leading" with steps_offset 1; DPM++ 2M (2M SDE, UniPC) keep
-# the checkpoint's: diffusers' multistep schedulers round their timesteps, so none of their spacings is k-diffusion's.
+# spaced range there, not the model's whole one as k-diffusion's. DDIM and PLMS are its timestep samplers, with a
+# ladder and an img2img start of their own (orchestrator.pipeline.compvis); DPM++ 2M (2M SDE, UniPC) keep the
+# checkpoint's spacing: diffusers' multistep schedulers round their timesteps, so none of theirs is k-diffusion's.
 UNIFORM = {"timestep_spacing": "linspace"}
 SAMPLERS = {
     "Euler": Sampler("EulerDiscreteScheduler", UNIFORM),
     "Euler a": Sampler("EulerAncestralDiscreteScheduler", UNIFORM),
     "Heun": Sampler("HeunDiscreteScheduler", UNIFORM, second_order=True),
-    "DDIM": Sampler("DDIMScheduler", k_diffusion=False),
+    "DDIM": Sampler("CompVisDDIM", k_diffusion=False, compvis=True),
     "DDPM": Sampler("DDPMScheduler", k_diffusion=False),
-    # AUTOMATIC1111's PLMS and diffusers' SD pipelines (the checkpoint's config says so): linear multistep alone, no
-    # Runge-Kutta warm-up (which tripled the UNet calls of a short run and could not run under 4 steps)
-    "PNDM": Sampler("PNDMScheduler", {"skip_prk_steps": True}, k_diffusion=False),
+    # AUTOMATIC1111's PLMS: linear multistep alone after a first step that evaluates twice (not PNDM's Runge-Kutta
+    # warm-up, which tripled the UNet calls of a short run and could not run under 4 steps)
+    "PNDM": Sampler("CompVisPLMS", k_diffusion=False, compvis=True),
     "LMS": Sampler("LMSDiscreteScheduler", UNIFORM),
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
@@ -180,12 +181,14 @@ def _borrow_sigmas(scheduler, other) -> None:
 def img2img_start(name: str, steps: int, strength: float) -> int:
     """The step of `steps` that img2img (and inpainting) starts from. AUTOMATIC1111's k-diffusion samplers run t_enc +
     1 steps from step steps - t_enc - 1, t_enc = int(min(strength, 0.999) * steps) (its setup_img2img_steps): one
-    more than diffusers' img2img pipelines, from a noisier start (16 of 20 at 0.75, not 15; all 20 at 1). DDIM, PNDM,
-    UniPC, DDPM and LCM run diffusers' int(strength * steps). At 0 none runs (the init image through the VAE; there,
-    one step at the lowest sigma)."""
+    more than diffusers' img2img pipelines, from a noisier start (16 of 20 at 0.75, not 15; all 20 at 1). Its DDIM
+    and PLMS take the same t_enc to a start of their own (orchestrator.pipeline.compvis.first_call). UniPC, DDPM and
+    LCM run diffusers' int(strength * steps). At 0 none runs (the init image through the VAE; there, one step at the
+    lowest sigma)."""
     if strength <= 0:
         return steps
-    if check_sampler(name).k_diffusion:
+    sampler = check_sampler(name)
+    if sampler.k_diffusion or sampler.compvis:
         return steps - int(min(strength, 0.999) * steps) - 1
     return steps - min(int(steps * strength), steps)
 
@@ -195,9 +198,10 @@ def _config(base_config: dict, overrides: dict) -> dict:
     return {k: v for k, v in base_config.items() if k in SCHEDULE_KEYS} | overrides
 
 
-def schedule(name: str, base_config: dict, steps: int, seed: int, start: int = 0) -> tuple:
-    """A fresh scheduler set to `steps` steps, and the timesteps from step `start` on (img2img starts late; its
-    noise by step index, not by timestep value, which a multistep scheduler's rounding can repeat)."""
+def schedule(name: str, base_config: dict, steps: int, seed: int, start: int | None = None) -> tuple:
+    """A fresh scheduler set to `steps` steps, and the timesteps of its model calls: from noise (start None), or from
+    img2img's `start` (img2img_start; its noise by step index, not by timestep value, which a multistep scheduler's
+    rounding can repeat). AUTOMATIC1111's DDIM and PLMS begin where their own rules say (compvis.first_call)."""
     from kiln.errors import InputError
 
     scheduler = make_scheduler(name, base_config, seed=seed)
@@ -205,10 +209,22 @@ def schedule(name: str, base_config: dict, steps: int, seed: int, start: int = 0
         scheduler.set_timesteps(steps)
     except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule
         raise InputError(f"steps: {name} cannot run {steps} steps ({exc})") from None
+    if check_sampler(name).compvis:
+        return scheduler, scheduler.begin(start)
+    start = start or 0
     timesteps = scheduler.timesteps[start * scheduler.order:]
     if hasattr(scheduler, "set_begin_index"):  # at 0 too, as diffusers' img2img pipelines: add_noise's step by index
         scheduler.set_begin_index(start * scheduler.order)
     return scheduler, timesteps
+
+
+def noised_to(scheduler, timesteps: torch.Tensor, rows: int) -> torch.Tensor:
+    """The timestep img2img's latents are noised to, for each of `rows` rows: that of the first call, or for
+    AUTOMATIC1111's DDIM and PLMS the ladder's entry above it (compvis: `noise_timestep`)."""
+    import torch
+
+    own = getattr(scheduler, "noise_timestep", None)
+    return (timesteps[:1] if own is None else torch.tensor([own])).repeat(rows)
 
 
 def _scheduler_class(name: str):
@@ -218,6 +234,8 @@ def _scheduler_class(name: str):
 
     with _IMPORT_LOCK:
         if name not in _CLASSES:
+            if name.startswith("CompVis"):  # AUTOMATIC1111's timestep samplers, kiln's own classes
+                from orchestrator.pipeline import compvis as diffusers
             cls = getattr(diffusers, name)
             noise.adapt(sys.modules[cls.__module__])  # its steps' noise from a Philox generator too
             _CLASSES[name] = cls

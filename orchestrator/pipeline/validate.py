@@ -104,8 +104,9 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             "1 only (this build's text encoder serves its last layer: rebuild with `kiln build sd` for clip skip)"
         raise InputError(f"clip_skip (CLIP_stop_at_last_layers) must be {served}, got {request.clip_skip!r}")
     _check_units(request.controlnet_units, contract, limits)
-    inpainting = isinstance(request, Img2ImgRequest) and request.inpainting
-    if isinstance(request, Img2ImgRequest):
+    init = isinstance(request, Img2ImgRequest)
+    inpainting = init and request.inpainting
+    if init:
         if not request.init_image:
             raise InputError("init_image is empty")
         _number_in("denoising_strength", request.denoising_strength, 0, 1)
@@ -127,9 +128,30 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
                              f"got {request.inpaint_full_res_padding!r}")
     if contract.inpainting_unet and not inpainting:
         raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
-    if inpainting and img2img_start(request.sampler, request.steps, request.denoising_strength) >= request.steps:
-        raise InputError(f"inpainting needs at least one denoising step: {request.sampler} runs none at steps "
-                         f"{request.steps} x denoising_strength {request.denoising_strength}")
+    start = img2img_start(request.sampler, request.steps, request.denoising_strength) if init else None
+    # at strength 0 img2img runs none on purpose (the init image through the VAE); inpainting needs one to blend
+    if init and (inpainting or request.denoising_strength > 0) and _runs_none(request.sampler, request.steps, start,
+                                                                              contract):
+        raise InputError(f"{'inpainting' if inpainting else 'img2img'} needs at least one denoising step: "
+                         f"{request.sampler} runs none at steps {request.steps} x denoising_strength "
+                         f"{request.denoising_strength}")
+    if not init and getattr(request.hires, "first_pass", None) is None \
+            and _runs_none(request.sampler, request.steps, None, contract):
+        raise InputError(f"steps: {request.sampler} runs no denoising step at steps {request.steps} (AUTOMATIC1111's "
+                         "DDIM and PLMS call the model at every step of their ladder but the last): ask for 2 or more")
+
+
+def _runs_none(name: str, steps: int, start: int | None, contract: SDContract) -> bool:
+    """Whether `steps` steps of the sampler from `start` (img2img_start; None: from noise) call the model not once
+    (AUTOMATIC1111's DDIM and PLMS: orchestrator.pipeline.compvis.first_call)."""
+    if not check_sampler(name).compvis:
+        return start is not None and start >= steps
+    from orchestrator.pipeline.compvis import first_call  # torch and diffusers: only for these samplers
+
+    try:
+        return first_call(steps, start, contract.scheduler_config.get("num_train_timesteps", 1000))[0] < 1
+    except ValueError as exc:
+        raise InputError(f"steps: {name} cannot run {steps} steps ({exc})") from None
 
 
 def check_job(request: Txt2ImgRequest, n_iter: int, limits: Limits = Limits()) -> None:
@@ -190,6 +212,11 @@ def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) 
         check_sampler(fix.sampler)
     hires.check(request, contract)
     _integer_in("hr_second_pass_steps", fix.steps, 0, limits.max_steps)
+    total, run = hires.second_pass_steps(fix, request.steps)
+    sampler = getattr(fix, "sampler", None) or request.sampler
+    if _runs_none(sampler, total, total - run, contract):
+        raise InputError(f"hr_second_pass_steps: {sampler} runs no denoising step in the second pass at {run} steps "
+                         "(AUTOMATIC1111's DDIM and PLMS run N - 2 there): ask for 3 or more")
     if getattr(fix, "first_pass", None) is not None:
         if not isinstance(fix.first_pass, bytes) or not fix.first_pass:
             raise InputError("firstpass_image must be an encoded image (bytes)")
