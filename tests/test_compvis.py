@@ -103,7 +103,7 @@ def test_the_calls_are_not_diffusers():
     assert _ours("DDIM", 20, _noise(1))[1] == list(range(951, 1, -50))
     assert _ours("DDIM", 30, _noise(1))[1] == list(range(991, 1, -33))
     assert _ours("PNDM", 20, _noise(1))[1] == [951, 901] + list(range(901, 1, -50))
-    assert _ours("DDIM", 1, _noise(1))[1] == []  # refused by validation (test_sd_pipeline)
+    assert _ours("DDIM", 1, _noise(1))[1] == []  # refused by validation (below)
 
 
 @pytest.mark.parametrize("sampler", ["DDIM", "PNDM"])

@@ -292,7 +292,7 @@ def test_img2img_with_automatic1111s_timestep_samplers(local, reference_pipe, in
             return uncond + 7.5 * (cond - uncond)
 
         ladder, alphas = _their_timesteps(steps), pipe.scheduler.alphas_cumprod
-        t_enc = int(strength * steps)
+        t_enc = int(min(strength, 0.999) * steps)
         level = alphas[ladder[t_enc]]
         x = _their_loop(guided, latents * level ** 0.5 + drawn * (1 - level) ** 0.5, ladder[:t_enc], alphas,
                         sampler == "PNDM")
