@@ -234,9 +234,9 @@ def _scheduler_class(name: str):
 
     with _IMPORT_LOCK:
         if name not in _CLASSES:
-            if name.startswith("CompVis"):  # AUTOMATIC1111's timestep samplers, kiln's own classes
-                from orchestrator.pipeline import compvis as diffusers
-            cls = getattr(diffusers, name)
+            # AUTOMATIC1111's timestep samplers are kiln's own classes (orchestrator.pipeline.compvis)
+            own = name.startswith("CompVis")
+            cls = getattr(importlib.import_module("orchestrator.pipeline.compvis") if own else diffusers, name)
             noise.adapt(sys.modules[cls.__module__])  # its steps' noise from a Philox generator too
             _CLASSES[name] = cls
         return _CLASSES[name]
