@@ -14,6 +14,7 @@ import math
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image, encode_png, resized_rgb, unit_range
 
 # What the masked area starts from (AUTOMATIC1111's names), at every denoising strength.
@@ -31,32 +32,77 @@ def blur_radius(blur: Blur) -> int | None:
     return blur
 
 
-def soft_mask(data: bytes, width: int, height: int, blur: Blur, invert: bool) -> Image.Image:
-    """The mask as a PIL "L" image, white = repaint: AUTOMATIC1111's invert, then its Gaussian blur (one radius, or
-    separate x and y radii).
-
-    A partly transparent mask is read by its alpha channel (opaque = repaint), as AUTOMATIC1111 does.
-    """
-    rgb = resized_rgb(data, width, height, "mask")  # validates the bytes (format, size limits) first
+def soft_mask(data: bytes, width: int, height: int, blur: Blur, invert: bool, resize_mode: int = 0) -> Image.Image:
+    """The mask as a PIL "L" image of width x height, white = repaint, made as AUTOMATIC1111 makes it, at the mask's
+    own size: read (a partly transparent mask by its alpha channel, opaque above 128 = repaint: its
+    create_binary_mask), inverted, blurred (gaussian_blur); then shaped to width x height by `resize_mode` as the
+    init image is (resize_init_image; 0 and 3 a plain Lanczos resize)."""
+    try:
+        rgb = decode_image(data, ImageLimits(min_side=1))  # validates the bytes (format, size limits) first
+    except InputError as exc:
+        raise InputError(f"mask: {exc}") from None
     raw = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
     if raw.mode in ("RGBA", "LA", "PA") and raw.getchannel("A").getextrema()[0] < 255:
-        mask = raw.getchannel("A")
-        if mask.size != (width, height):
-            mask = mask.resize((width, height), Image.Resampling.LANCZOS)
+        mask = raw.getchannel("A").point(lambda v: 255 if v > 128 else 0)
     else:
         mask = rgb.convert("L")
     if invert:
         mask = ImageOps.invert(mask)
-    x, y = blur if isinstance(blur, tuple) else (blur, blur)
-    if x > 0 or y > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur((x, y)))
-    return mask
+    mask = gaussian_blur(mask, *(blur if isinstance(blur, tuple) else (blur, blur)))
+    return shaped(mask, width, height, resize_mode)
+
+
+def gaussian_blur(mask: Image.Image, x: int, y: int) -> Image.Image:
+    """AUTOMATIC1111's mask blur: OpenCV's GaussianBlur along x, then along y, each over 2 int(2.5 r + 0.5) + 1
+    pixels with sigma r, the edges mirrored without repeating the edge pixel (BORDER_REFLECT_101), in OpenCV's 8-bit
+    fixed point (opencv_kernel): the same pixels as OpenCV's."""
+    values = np.asarray(mask, dtype=np.int64)
+    for axis, radius in ((1, x), (0, y)):
+        if radius <= 0:
+            continue
+        kernel = opencv_kernel(radius)
+        half = len(kernel) // 2
+        padded = np.pad(values, [(half, half) if a == axis else (0, 0) for a in (0, 1)], mode="reflect")
+        length = values.shape[axis]
+        total = sum(int(w) * np.take(padded, np.arange(i, i + length), axis=axis) for i, w in enumerate(kernel))
+        values = (total + 128) >> 8
+    return Image.fromarray(values.astype(np.uint8), "L") if (x > 0 or y > 0) else mask
+
+
+def opencv_kernel(radius: int) -> np.ndarray:
+    """OpenCV's 8-bit Gaussian kernel for sigma `radius` over 2 int(2.5 r + 0.5) + 1 taps, in 256ths: the exact
+    weights scaled by 256 and rounded from the outermost tap inwards, each carrying the rounding error of the one
+    before; the centre takes what makes the sum 256 (measured against opencv-python 5.1's GaussianBlur: equal)."""
+    taps = 2 * int(2.5 * radius + 0.5) + 1
+    centre = taps // 2
+    exact = np.exp(-((np.arange(taps) - centre) ** 2) / (2.0 * radius * radius))
+    exact *= 256 / exact.sum()
+    kernel = np.zeros(taps, np.int64)
+    carried = 0.0
+    for i in range(centre):
+        wanted = exact[i] + carried
+        kernel[i] = kernel[taps - 1 - i] = int(np.floor(wanted + 0.5))
+        carried = wanted - kernel[i]
+    kernel[centre] = 256 - 2 * kernel[:centre].sum()
+    return kernel
 
 
 def inpaint_mask(data: bytes, width: int, height: int, blur: Blur, invert: bool) -> np.ndarray:
-    """The mask (1, height, width) the pipeline uses: the soft mask, then diffusers' binarize (1 = repaint)."""
-    values = unit_range(soft_mask(data, width, height, blur, invert))
-    return np.where(values < 0.5, np.float32(0), np.float32(1))
+    """The soft mask rounded (1, height, width), 1 = repaint: what a 9-channel inpainting UNet takes."""
+    return rounded(soft_mask(data, width, height, blur, invert))
+
+
+def rounded(soft: Image.Image) -> np.ndarray:
+    """The soft mask rounded to 0 and 1 (1, height, width): AUTOMATIC1111's inpainting conditioning rounds it, as
+    diffusers binarizes it (on 8-bit values the two agree)."""
+    return np.where(unit_range(soft) < 0.5, np.float32(0), np.float32(1))
+
+
+def latent_mask(soft: Image.Image, width: int, height: int) -> np.ndarray:
+    """AUTOMATIC1111's latent mask (1, height, width), 1 = repaint: the soft mask resized to the latents' size by
+    PIL's default (bicubic) filter, then rounded (orchestrator.pipeline.blend)."""
+    small = soft.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    return np.around(np.asarray(small, dtype=np.float32)[None, ..., 0] / np.float32(255))
 
 
 def crop_region(mask: np.ndarray, padding: int, width: int, height: int) -> tuple[int, int, int, int] | None:
@@ -83,15 +129,14 @@ def crop_region(mask: np.ndarray, padding: int, width: int, height: int) -> tupl
     return left, top, right, bottom
 
 
-def fill_masked(image: Image.Image, mask: np.ndarray) -> Image.Image:
+def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     """AUTOMATIC1111's "fill": the masked area painted with the colours around it, from wide to narrow blurs.
 
-    The kept pixels (mask 0), blurred with decreasing radii, are layered over each other, each
-    layer's alpha being how much kept area its blur reached; the kept pixels themselves go on top.
+    The kept pixels (the soft mask's complement as their alpha), blurred with decreasing radii, are layered over
+    each other, each layer's alpha being how much kept area its blur reached; the kept pixels themselves go on top.
     """
-    keep = Image.fromarray(((1 - mask[0]) * 255).astype(np.uint8), "L")
     kept = image.convert("RGBA")
-    kept.putalpha(keep)
+    kept.putalpha(ImageOps.invert(mask))
     premultiplied = kept.convert("RGBa")  # blur colour weighted by alpha, so the masked area adds nothing
     result = Image.new("RGBA", image.size)
     for radius, layers in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
@@ -102,10 +147,13 @@ def fill_masked(image: Image.Image, mask: np.ndarray) -> Image.Image:
 
 
 def paste_outside_mask(images: np.ndarray, init_image: bytes, mask: bytes, width: int, height: int, blur: Blur,
-                       invert: bool) -> np.ndarray:
-    """AUTOMATIC1111's overlay: the init image over each result, opaque where the blurred mask keeps it."""
+                       invert: bool, resize_mode: int = 0) -> np.ndarray:
+    """AUTOMATIC1111's overlay for the whole picture: the init image over each result, opaque where the blurred mask
+    keeps it, with the mask doubled first (its mask_for_overlay: a pixel blurred half-way in or further repaints
+    whole)."""
     original = np.asarray(resized_rgb(init_image, width, height), dtype=np.float32)
-    repaint = np.asarray(soft_mask(mask, width, height, blur, invert), dtype=np.float32)[..., None] / np.float32(255)
+    soft = np.asarray(soft_mask(mask, width, height, blur, invert, resize_mode), dtype=np.float32)
+    repaint = np.clip(soft * 2, 0, 255).astype(np.uint8)[..., None].astype(np.float32) / np.float32(255)
     blended = images.astype(np.float32) * repaint + original[None] * (1 - repaint)
     return np.round(blended).astype(np.uint8)
 
@@ -115,12 +163,20 @@ def resize_init_image(data: bytes, width: int, height: int, mode: int) -> bytes:
     bytes unchanged (the pipeline's own plain resize)."""
     if mode not in (1, 2):
         return data
-    image = decode_image(data, ImageLimits(min_side=1))
+    return encode_png(shaped(decode_image(data, ImageLimits(min_side=1)), width, height, mode))
+
+
+def shaped(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
+    """`image` at width x height by resize_mode: 1 crop and resize, 2 resize and fill, any other a plain Lanczos
+    resize."""
+    if image.size == (width, height):
+        return image
     if mode == 1:
-        image = ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
-    else:  # the whole image inside, the borders filled with a blurred stretch of it
-        fitted = ImageOps.contain(image, (width, height), Image.Resampling.LANCZOS)
-        canvas = image.resize((width, height), Image.Resampling.LANCZOS).filter(ImageFilter.GaussianBlur(16))
-        canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
-        image = canvas
-    return encode_png(image)
+        return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
+    if mode != 2:
+        return image.resize((width, height), Image.Resampling.LANCZOS)
+    # the whole image inside, the borders filled with a blurred stretch of it
+    fitted = ImageOps.contain(image, (width, height), Image.Resampling.LANCZOS)
+    canvas = image.resize((width, height), Image.Resampling.LANCZOS).filter(ImageFilter.GaussianBlur(16))
+    canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
+    return canvas

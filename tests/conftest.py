@@ -330,6 +330,65 @@ def diffusers_strength(sampler: str, steps: int, strength: float) -> float:
     return min(1.0, (int(min(strength, 0.999) * steps) + 1.5) / steps)
 
 
+def latent_keep(mask, latents) -> torch.Tensor:
+    """AUTOMATIC1111's latent mask of the PIL mask `mask` for `latents`, as its `mask` (1 = keep): the mask resized
+    to the latents' size with PIL's default filter (bicubic), divided by 255 and rounded."""
+    small = mask.convert("RGB").resize((latents.shape[3], latents.shape[2]))
+    return 1 - torch.from_numpy(np.around(np.moveaxis(np.array(small, dtype=np.float32), 2, 0) / 255)[:1])
+
+
+def a1111_inpainting(pipe, sampler: str, scheduler_config: dict, image, mask, seed: int, strength: float,
+                     steps: int, **call) -> np.ndarray:
+    """AUTOMATIC1111's whole-picture inpainting with a k-diffusion sampler (mask blur 0, masked content "original")
+    on diffusers' own pipeline `pipe`: an img2img pipeline for a 4-channel UNet, an inpaint pipeline for a 9-channel
+    one (`mask_image` in `call`; it does not blend then). Its CFGDenoiser blends the denoised prediction with the
+    init latents where the latent mask keeps them; here the UNet's output there is the one whose denoised
+    prediction is the init latents, for the scheduler's sample space at the call (x0 + sigma eps: Euler's, scaled
+    into the UNet by 1 / sqrt(sigma^2 + 1); alpha x0 + sigma_t eps: DPM++ 2M's and DDPM's). UniPC is one of its
+    timestep samplers, which paste the init latents into the model's input instead. Then its last blend, and the
+    decode. uint8 images."""
+    from orchestrator.pipeline import make_scheduler
+
+    pipe.scheduler = scheduler = make_scheduler(sampler, scheduler_config, seed=seed)
+    height, width = call["height"], call["width"]
+    with torch.inference_mode():  # the init latents: the pipeline's first draw from its generator, as here
+        pixels = pipe.image_processor.preprocess(image, height=height, width=width)
+        init = pipe.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(seed))
+        init = init * pipe.vae.config.scaling_factor
+    keep = latent_keep(mask, init)
+    forward = pipe.unet.forward
+
+    def blended(sample, timestep, *args, **kwargs):
+        if sampler == "UniPC":  # a timestep sampler there: the init latents pasted into the model's input instead
+            channels = init.shape[1]
+            pasted = sample[:, :channels] * (1 - keep) + init * keep
+            return forward(torch.cat([pasted, sample[:, channels:]], dim=1), timestep, *args, **kwargs)
+        output = forward(sample, timestep, *args, **kwargs)
+        x = sample[:, :init.shape[1]]
+        if not hasattr(scheduler, "sigmas"):  # DDPM
+            cumprod = float(scheduler.alphas_cumprod[int(timestep)])
+            c0, c1 = cumprod ** 0.5, (1 - cumprod) ** 0.5
+        else:
+            sigma = float(scheduler.sigmas[(scheduler.timesteps == timestep).nonzero()[0, 0]])
+            if scheduler.init_noise_sigma > 1:
+                x, c0, c1 = x * (sigma ** 2 + 1) ** 0.5, 1.0, sigma
+            else:
+                c0 = (sigma ** 2 + 1) ** -0.5
+                c1 = sigma * c0
+        return (output[0] * (1 - keep) + (x - c0 * init) / c1 * keep, *output[1:])
+
+    pipe.unet.forward = blended
+    try:
+        latents = pipe(image=image, strength=diffusers_strength(sampler, steps, strength), num_inference_steps=steps,
+                       generator=torch.Generator().manual_seed(seed), output_type="latent", **call).images
+    finally:
+        del pipe.unet.forward
+    with torch.inference_mode():
+        final = latents * (1 - keep) + init * keep
+        decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor).sample
+    return (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round().astype(np.uint8)
+
+
 def diffusers_image(pipe, scheduler_config: dict, request: dict, init=None, strength: float = 0.5) -> np.ndarray:
     """diffusers' uint8 images for a request's fields (prompt, negative_prompt, steps, sampler, cfg_scale, seed,
     width, height): txt2img, or img2img from the PIL image `init` at kiln's `strength` (its own components)."""

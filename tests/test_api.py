@@ -237,6 +237,28 @@ def test_inpainting_fill_modes_only_masked_and_the_overlay(client):
     assert np.abs(out[~keep].astype(int) - np.asarray(wide)[~keep].astype(int)).max() > 8  # repainted
 
 
+def test_the_mask_follows_resize_mode(client):
+    """AUTOMATIC1111 shapes the mask by resize_mode as it shapes the init image (after the blur): with "crop and
+    resize" a mask over the strip the crop cuts off masks nothing, and the init image comes back as cropped; a plain
+    resize keeps the strip and repaints it."""
+    from kiln.masks import resize_init_image
+
+    rng = np.random.default_rng(5)
+    wide = encode(Image.fromarray(rng.integers(0, 256, (48, 96, 3), dtype=np.uint8)))
+    strip = Image.new("L", (96, 48), 0)
+    strip.paste(255, (0, 0, 14, 48))  # blurred, still inside the 24 columns a crop to 64x64 (of 128x64) leaves out
+    body = TXT | {"init_images": [_b64(wide)], "mask": _b64(encode(strip)), "mask_blur": 2, "steps": 4,
+                  "denoising_strength": 0.9, "inpaint_full_res": False}
+    cropped = client.post("/sdapi/v1/img2img", json=body | {"resize_mode": 1})
+    assert cropped.status_code == 200, cropped.text
+    expected = np.asarray(Image.open(io.BytesIO(resize_init_image(wide, 64, 64, 1))).convert("RGB"))
+    assert np.array_equal(decode(cropped.json()["images"][0])[0], expected)
+    stretched = client.post("/sdapi/v1/img2img", json=body | {"resize_mode": 0})
+    out = decode(stretched.json()["images"][0])[0].astype(int)
+    plain = np.asarray(Image.open(io.BytesIO(wide)).resize((64, 64), Image.Resampling.LANCZOS)).astype(int)
+    assert np.abs(out[:, :6] - plain[:, :6]).max() > 8 and np.array_equal(out[:, 16:], plain[:, 16:])
+
+
 @pytest.mark.parametrize("mode", ["CMYK", "I;16", "P", "LA", "RGBA"])
 def test_init_images_in_any_mode(client, mode):
     image = Image.new("RGB", (64, 64), (30, 120, 200))

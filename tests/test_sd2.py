@@ -26,7 +26,7 @@ from kiln.paths import SAMPLE_IMAGES
 from kiln.prompts import load_tokenizer, tokenize_prompt
 from kiln.triton_server import free_port
 from orchestrator.pipeline import Img2ImgRequest, Pipeline, Txt2ImgRequest, make_scheduler
-from tests.conftest import diffusers_pipeline, diffusers_strength, start_triton
+from tests.conftest import a1111_inpainting, diffusers_pipeline, start_triton
 
 pytestmark = pytest.mark.slow
 SIDES = ImageRange(32, 0, 128)  # opt 0: the checkpoint's own side (the tiny UNet's 32 latents: 64 pixels)
@@ -248,8 +248,9 @@ def test_controlnet_for_sd2_matches_diffusers(sd2_local, sd2_checkpoint):
     assert _diff(result, sd2_local.txt2img(replace(request, controlnet=None)).images) > 2
 
 
-def test_an_sd2_inpainting_unet_matches_diffusers(tmp_path):
-    """SD 2.x inpainting (a 9-channel UNet, epsilon as stable-diffusion-2-inpainting) built and run like SD 1.x's."""
+def test_an_sd2_inpainting_unet_matches_automatic1111(tmp_path):
+    """SD 2.x inpainting (a 9-channel UNet, epsilon as stable-diffusion-2-inpainting) built and run like SD 1.x's
+    (blended as AUTOMATIC1111: conftest.a1111_inpainting)."""
     from diffusers import StableDiffusionInpaintPipeline
 
     folder = write_sd_checkpoint(tmp_path / "inpaint", size="tiny", seed=3, controlnet=False, inpainting=True,
@@ -263,11 +264,9 @@ def test_an_sd2_inpainting_unet_matches_diffusers(tmp_path):
     mask.paste(255, (16, 20, 48, 52))
     pipe = StableDiffusionInpaintPipeline.from_pretrained(str(folder), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler("Euler a", dict(pipe.scheduler.config))
-    expected = _uint8(pipe("a photo of a cat", image=photo, mask_image=mask,
-                           strength=diffusers_strength("Euler a", 6, 0.5), num_inference_steps=6,
-                           guidance_scale=7.5, height=64, width=64, output_type="np",
-                           generator=torch.Generator().manual_seed(4)).images)
+    expected = a1111_inpainting(pipe, "Euler a", dict(pipe.scheduler.config), photo, mask, seed=4, strength=0.5,
+                                steps=6, mask_image=mask, prompt="a photo of a cat", guidance_scale=7.5, height=64,
+                                width=64)
     result = pipeline.img2img(Img2ImgRequest(prompt="a photo of a cat", steps=6, sampler="Euler a", cfg_scale=7.5,
                                              seed=4, width=64, height=64, init_image=_png(photo),
                                              denoising_strength=0.5, mask=_png(mask), mask_blur=0))

@@ -31,7 +31,7 @@ from orchestrator.pipeline import (
     Txt2ImgRequest,
     make_scheduler,
 )
-from tests.conftest import IMAGES, diffusers_strength
+from tests.conftest import IMAGES, a1111_inpainting, diffusers_strength, latent_keep
 
 pytestmark = pytest.mark.slow
 
@@ -271,10 +271,14 @@ def test_img2img_matches_diffusers(local, reference_pipe, init_image_png, sample
     assert result.info["denoising_strength"] == strength
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize(("sampler", "strength"), [("DDIM", 0.6), ("PNDM", 0.75)])
-def test_img2img_with_automatic1111s_timestep_samplers(local, reference_pipe, init_image_png, sampler, strength):
+def test_img2img_with_automatic1111s_timestep_samplers(local, reference_pipe, init_image_png, mask_png, sampler,
+                                                       strength, masked):
     """AUTOMATIC1111's DDIM and PLMS on diffusers' own components: its loop as tests/test_compvis.py writes it out,
-    from the init latents (diffusers' sample of them, then the noise, as kiln draws them) noised to A[t_enc]."""
+    from the init latents (diffusers' sample of them, then the noise, as kiln draws them) noised to A[t_enc].
+    Inpainting (`masked`): the model sees the clean init latents where the latent mask keeps them (its
+    CFGDenoiserTimesteps), and the last blend."""
     from tests.test_compvis import _their_loop, _their_timesteps
 
     pipe, _ = reference_pipe
@@ -286,8 +290,10 @@ def test_img2img_with_automatic1111s_timestep_samplers(local, reference_pipe, in
         drawn = torch.randn(latents.shape, generator=generator)
         positive, negative = pipe.encode_prompt("a photo of a cat", "cpu", 1, True, "blurry")
         context = torch.cat([negative, positive])
+        keep = latent_keep(Image.open(io.BytesIO(mask_png)), latents) if masked else torch.zeros(1)
 
         def guided(x, t):
+            x = x * (1 - keep) + latents * keep
             uncond, cond = pipe.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
             return uncond + 7.5 * (cond - uncond)
 
@@ -296,10 +302,12 @@ def test_img2img_with_automatic1111s_timestep_samplers(local, reference_pipe, in
         level = alphas[ladder[t_enc]]
         x = _their_loop(guided, latents * level ** 0.5 + drawn * (1 - level) ** 0.5, ladder[:t_enc], alphas,
                         sampler == "PNDM")
+        x = x * (1 - keep) + latents * keep
         decoded = pipe.image_processor.postprocess(pipe.vae.decode(x / scale).sample, output_type="np")
+    mask = dict(mask=mask_png, mask_blur=0) if masked else {}
     result = local.img2img(Img2ImgRequest(
         prompt="a photo of a cat", negative_prompt="blurry", steps=steps, sampler=sampler, cfg_scale=7.5, seed=99,
-        width=64, height=64, init_image=init_image_png, denoising_strength=strength))
+        width=64, height=64, init_image=init_image_png, denoising_strength=strength, **mask))
     assert _max_diff(result.images, _as_uint8(decoded)) <= 2, sampler
 
 
@@ -442,24 +450,31 @@ def test_canny_preprocessor_and_bad_units(local, init_image_png):
             local.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, seed=1, width=64, height=64, controlnet=unit))
 
 
-# Strengths where diffusers runs fewer steps than all: where it runs all (at 1 alone) its inpainting pipeline starts
-# from noise alone, AUTOMATIC1111 (and kiln) from the image and noise (test_inpainting_at_full_strength_...)
-@pytest.mark.parametrize("sampler, strength", [("Euler a", 0.6), ("DDPM", 0.75), ("DPM++ 2M Karras", 0.7)])
-def test_inpainting_matches_diffusers(local, reference_pipe, init_image_png, mask_png, sampler, strength):
-    from diffusers import StableDiffusionInpaintPipeline
+# Strengths where diffusers' img2img runs fewer steps than all (at 1 it would start from noise alone)
+@pytest.mark.parametrize("sampler, strength", [("Euler a", 0.6), ("DDPM", 0.75), ("DPM++ 2M Karras", 0.7),
+                                               ("UniPC", 0.7), ("Heun", 0.5)])
+def test_inpainting_matches_automatic1111s_blend(local, reference_pipe, init_image_png, sampler, strength):
+    """AUTOMATIC1111's inpainting (the denoised prediction blended with the init latents where its latent mask keeps
+    them, then the last blend) on diffusers' img2img pipeline and components (conftest.a1111_inpainting). The mask's
+    edges are odd: the latents they cut in half are decided by the latent mask's bicubic and rounding (nearest
+    sampling differs by 220/255)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
 
     pipe, checkpoint_scheduler_config = reference_pipe
-    inpaint = StableDiffusionInpaintPipeline(**pipe.components)
-    inpaint.set_progress_bar_config(disable=True)
-    inpaint.scheduler = make_scheduler(sampler, checkpoint_scheduler_config)
-    expected = _as_uint8(inpaint("a photo of a cat", image=Image.open(io.BytesIO(init_image_png)),
-                                 mask_image=Image.open(io.BytesIO(mask_png)),
-                                 strength=diffusers_strength(sampler, 8, strength), num_inference_steps=8,
-                                 guidance_scale=7.5, negative_prompt="blurry", height=64,
-                                 width=64, output_type="np", generator=torch.Generator().manual_seed(11)).images)
-    result = local.img2img(Img2ImgRequest(
-        prompt="a photo of a cat", negative_prompt="blurry", steps=8, sampler=sampler, cfg_scale=7.5, seed=11,
-        width=64, height=64, init_image=init_image_png, denoising_strength=strength, mask=mask_png, mask_blur=0))
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (17, 21, 47, 51))
+    buffer = io.BytesIO()
+    mask.save(buffer, "PNG")
+    mask_png = buffer.getvalue()
+    expected = a1111_inpainting(img2img, sampler, checkpoint_scheduler_config, Image.open(io.BytesIO(init_image_png)),
+                                mask, seed=11, strength=strength, steps=8, prompt="a photo of a cat",
+                                negative_prompt="blurry", guidance_scale=7.5, height=64, width=64)
+    request = Img2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=8, sampler=sampler,
+                             cfg_scale=7.5, seed=11, width=64, height=64, init_image=init_image_png,
+                             denoising_strength=strength, mask=mask_png, mask_blur=0)
+    result = local.img2img(request)
     assert _max_diff(result.images, expected) <= 2, sampler
 
 
@@ -508,18 +523,18 @@ def inpainting_unet(tmp_path_factory):
     return Pipeline.from_repository(repo), folder
 
 
-def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_unet, init_image_png, mask_png):
+def test_nine_channel_inpainting_unet_matches_automatic1111(inpainting_unet, init_image_png, mask_png):
+    """diffusers' inpaint pipeline gives the UNet its mask and masked image; AUTOMATIC1111 blends with a 9-channel
+    UNet too (conftest.a1111_inpainting)."""
     from diffusers import StableDiffusionInpaintPipeline
 
     pipeline, folder = inpainting_unet
     pipe = StableDiffusionInpaintPipeline.from_pretrained(str(folder), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler("Euler a", dict(pipe.scheduler.config))
-    expected = _as_uint8(pipe("a photo of a cat", image=Image.open(io.BytesIO(init_image_png)),
-                              mask_image=Image.open(io.BytesIO(mask_png)),
-                              strength=diffusers_strength("Euler a", 6, 0.5), num_inference_steps=6,
-                              guidance_scale=7.5, height=64, width=64, output_type="np",
-                              generator=torch.Generator().manual_seed(4)).images)
+    mask = Image.open(io.BytesIO(mask_png))
+    expected = a1111_inpainting(pipe, "Euler a", dict(pipe.scheduler.config), Image.open(io.BytesIO(init_image_png)),
+                                mask, seed=4, strength=0.5, steps=6, mask_image=mask, prompt="a photo of a cat",
+                                guidance_scale=7.5, height=64, width=64)
     assert pipeline.contract.unet_in_channels == 9
     result = pipeline.img2img(Img2ImgRequest(prompt="a photo of a cat", steps=6, sampler="Euler a", cfg_scale=7.5,
                                              seed=4, width=64, height=64, init_image=init_image_png,
@@ -533,23 +548,22 @@ def test_nine_channel_inpainting_unet_matches_diffusers(inpainting_unet, init_im
         pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64))
 
 
-def test_controlnet_with_a_nine_channel_inpainting_unet_matches_diffusers(inpainting_unet, init_image_png, mask_png,
-                                                                         edge_map_png):
+def test_controlnet_with_a_nine_channel_inpainting_unet_matches_automatic1111(inpainting_unet, init_image_png,
+                                                                             mask_png, edge_map_png):
     """The ControlNet sees the latents, the UNet the latents + mask + masked image (diffusers'
-    StableDiffusionControlNetInpaintPipeline): two calls, the UNet's in the step batcher."""
+    StableDiffusionControlNetInpaintPipeline, blended as AUTOMATIC1111): two calls, the UNet's in the step batcher."""
     from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
 
     pipeline, folder = inpainting_unet
     pipe = StableDiffusionControlNetInpaintPipeline.from_pretrained(
         str(folder), controlnet=ControlNetModel.from_pretrained(str(folder / "controlnet")), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler("DPM++ 2M Karras", dict(pipe.scheduler.config))
-    expected = _as_uint8(pipe("a photo of a cat", image=Image.open(io.BytesIO(init_image_png)),
-                              mask_image=Image.open(io.BytesIO(mask_png)),
-                              control_image=Image.open(io.BytesIO(edge_map_png)),
-                              strength=diffusers_strength("DPM++ 2M Karras", 6, 0.5), num_inference_steps=6,
-                              guidance_scale=7.5, controlnet_conditioning_scale=0.9,
-                              height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(4)).images)
+    mask = Image.open(io.BytesIO(mask_png))
+    expected = a1111_inpainting(pipe, "DPM++ 2M Karras", dict(pipe.scheduler.config),
+                                Image.open(io.BytesIO(init_image_png)), mask, seed=4, strength=0.5, steps=6,
+                                mask_image=mask, control_image=Image.open(io.BytesIO(edge_map_png)),
+                                prompt="a photo of a cat", guidance_scale=7.5, controlnet_conditioning_scale=0.9,
+                                height=64, width=64)
     assert pipeline.contract.controlnet(None).ensemble == ""  # the ControlNet takes 4 channels, the UNet 9
     request = Img2ImgRequest(prompt="a photo of a cat", steps=6, sampler="DPM++ 2M Karras", cfg_scale=7.5, seed=4,
                              width=64, height=64, init_image=init_image_png, denoising_strength=0.5, mask=mask_png,

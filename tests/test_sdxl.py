@@ -24,7 +24,7 @@ from kiln.errors import InputError, WeightsError
 from kiln.paths import SAMPLE_IMAGES
 from kiln.triton_server import free_port
 from orchestrator.pipeline import HiresFix, Img2ImgRequest, Pipeline, Refiner, Txt2ImgRequest, make_scheduler
-from tests.conftest import diffusers_strength, start_triton
+from tests.conftest import a1111_inpainting, diffusers_strength, start_triton
 
 pytestmark = pytest.mark.slow
 SIDES = ImageRange(32, 0, 128)  # opt 0: the checkpoint's own side (the tiny UNet's 32 latents: 64 pixels)
@@ -192,8 +192,8 @@ def test_long_prompts_emphasis_and_embeddings(xl_local, reference, xl_checkpoint
     assert _diff(ours, xl_local.txt2img(replace(base, prompt="a photo of cat", negative_prompt="x")).images) > 2
 
 
-def test_img2img_and_inpainting_match_diffusers(xl_local, xl_checkpoint, reference):
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+def test_img2img_matches_diffusers_and_inpainting_automatic1111(xl_local, xl_checkpoint, reference):
+    from diffusers import StableDiffusionXLImg2ImgPipeline
 
     pipe, config = reference
     photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS)
@@ -207,10 +207,9 @@ def test_img2img_and_inpainting_match_diffusers(xl_local, xl_checkpoint, referen
                              steps=10, sampler="DDPM", cfg_scale=7.5, seed=9, width=64, height=64)
     assert _diff(xl_local.img2img(request).images, expected) <= 2
 
-    inpaint = StableDiffusionXLInpaintPipeline(**pipe.components)
-    inpaint.set_progress_bar_config(disable=True)
-    expected = _theirs(inpaint, config, "Euler a", 11, steps=8, negative_prompt="blurry", image=photo,
-                       mask_image=mask, strength=0.75)
+    # AUTOMATIC1111's inpainting blend on diffusers' img2img pipeline (conftest.a1111_inpainting)
+    expected = a1111_inpainting(img2img, "Euler a", config, photo, mask, seed=11, strength=0.75, steps=8,
+                                prompt=PROMPT, negative_prompt="blurry", guidance_scale=7.5, height=64, width=64)
     result = xl_local.img2img(replace(request, prompt=PROMPT, mask=_png(mask), mask_blur=0, denoising_strength=0.75,
                                       sampler="Euler a", seed=11, steps=8))
     assert _diff(result.images, expected) <= 2

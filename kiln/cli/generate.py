@@ -66,7 +66,8 @@ def add_parser(commands) -> None:
                           help="img2img: start from this image (resized to --width x --height)")
     generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
     generate.add_argument("--mask", type=Path, help="inpainting (with --init-image): white repaints, black keeps")
-    generate.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur radius of the mask")
+    generate.add_argument("--mask-blur", type=int, default=4,
+                          help="Gaussian blur radius of the mask (OpenCV's, as AUTOMATIC1111's)")
     generate.add_argument("--mask-invert", action="store_true", help="repaint the black part instead")
     generate.add_argument("--inpainting-fill", type=int, choices=(0, 1, 2, 3), default=1,
                           help="what the masked area starts from: 0 fill, 1 original (default), 2 latent noise, "

@@ -1,5 +1,5 @@
-"""img2img and inpainting latents, as diffusers' img2img and inpaint pipelines draw them, and AUTOMATIC1111's
-"only masked" (inpaint a crop around the mask, paste it back)."""
+"""img2img and inpainting latents, drawn as diffusers' img2img and inpaint pipelines draw them and started as
+AUTOMATIC1111 starts them, and AUTOMATIC1111's "only masked" (inpaint a crop around the mask, paste it back)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 
 from kiln.contract import SDContract
 from kiln.imaging import ImageLimits, decode_image, encode_png, header_size, resized_rgb, unit_range, vae_input
-from kiln.masks import blur_radius, crop_region, fill_masked, inpaint_mask, soft_mask
+from kiln.masks import blur_radius, crop_region, fill_masked, latent_mask, rounded, soft_mask
+from orchestrator.pipeline.blend import Blend
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.noise import draw
 from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest
@@ -58,35 +59,41 @@ def own_size(init_image: bytes) -> tuple[int, int]:
 
 def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, shape: tuple, generators: list,
                     generator, scheduler, timesteps, seeding: Seeds) -> tuple:
-    """diffusers' StableDiffusionInpaintPipeline, in its order of random draws: image latents, noise, masked-image
-    latents; started as AUTOMATIC1111 starts (below). Returns the starting latents, the noise, and what the loop
-    needs at each step."""
+    """The inpainting start, as AUTOMATIC1111 makes it, in diffusers' inpaint pipeline's order of random draws
+    (image latents, noise, and for a 9-channel UNet the masked image's latents). Returns the starting latents and
+    what the loop needs at each step: the blend (orchestrator.pipeline.blend), and a 9-channel UNet's mask and
+    masked-image latents."""
     import torch
     import torch.nn.functional as F
 
     batch = shape[0]
+    soft = soft_mask(request.mask, request.width, request.height, request.mask_blur, request.inpainting_mask_invert,
+                     request.mask_resize)
+    repaint = torch.from_numpy(latent_mask(soft, shape[3], shape[2]))[None]
     pixels = vae_input(request.init_image, request.width, request.height)
-    mask = inpaint_mask(request.mask, request.width, request.height, request.mask_blur, request.inpainting_mask_invert)
-    masked = pixels * (mask < 0.5)
-    start_pixels = pixels
-    if request.inpainting_fill == 0:  # "fill": the masked area repainted with the surrounding colours first
-        filled = fill_masked(resized_rgb(request.init_image, request.width, request.height), mask)
-        start_pixels = np.float32(2.0) * unit_range(filled) - np.float32(1.0)
-    moments = torch.from_numpy(vae.encode_pixels(np.stack([start_pixels, masked])))
+    if request.inpainting_fill != 1:  # all but "original": the masked area painted with the colours around it first
+        filled = fill_masked(resized_rgb(request.init_image, request.width, request.height), soft)
+        pixels = np.float32(2.0) * unit_range(filled) - np.float32(1.0)
+    mask = rounded(soft)
+    nine = contract.inpainting_unet  # a 9-channel UNet also takes the masked image's latents (drawn last)
+    moments = torch.from_numpy(vae.encode_pixels(np.stack([pixels, pixels * (mask < 0.5)] if nine else [pixels])))
     sampling = seeding.for_latents(generators)  # the VAE's samples: from the seeds' generators with the CPU source
     image_latents = sample_latents(moments[:1], sampling, contract.scaling_factor)
     drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
-    mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:]).repeat(batch, 1, 1, 1)
     start = image_latents
     if request.inpainting_fill == 2:  # "latent noise": the seeds' noise where the mask repaints
-        start = image_latents * (1 - mask_latent) + drawn * mask_latent
+        start = image_latents * (1 - repaint) + drawn * repaint
     elif request.inpainting_fill == 3:  # "latent nothing": zeros there
-        start = image_latents * (1 - mask_latent)
+        start = image_latents * (1 - repaint)
     # At every strength, 1 too, the image (as the masked content leaves it) plus the first step's noise, as
     # AUTOMATIC1111 starts (diffusers' inpaint pipeline starts from noise alone at 1, where the fill would not act)
     latents = scheduler.add_noise(start, drawn, noised_to(scheduler, timesteps, batch))
+    blend = {"blend": Blend.for_sampler(request.sampler, repaint, start)}
+    if not nine:
+        return latents, blend
     masked_latents = sample_latents(moments[1:], sampling, contract.scaling_factor)
-    return latents, drawn, {"image_latents": image_latents, "mask": mask_latent, "masked": masked_latents}
+    mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:])  # nearest, as there
+    return latents, blend | {"mask": mask_latent.repeat(batch, 1, 1, 1), "masked": masked_latents}
 
 
 def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request: Img2ImgRequest) -> GenerationResult:

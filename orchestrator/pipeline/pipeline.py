@@ -202,13 +202,13 @@ class Pipeline:
         # 5. Initial latents, drawn like diffusers' pipelines (none where the hires fix's first pass is given).
         shape = (batch, contract.latent_channels, request.height // contract.vae_scale_factor,
                  request.width // contract.vae_scale_factor)
-        inpaint, drawn = None, None
+        inpaint = None
         given = second is not None and request.hires.first_pass is not None
         if given:
             latents, timesteps = None, timesteps[:0]
         elif init and request.inpainting:
-            latents, drawn, inpaint = inpaint_latents(components.vae, contract, request, shape, generators, generator,
-                                                      scheduler, timesteps, seeding)
+            latents, inpaint = inpaint_latents(components.vae, contract, request, shape, generators, generator,
+                                               scheduler, timesteps, seeding)
         elif init:
             latents = init_latents(components.vae, contract, request, seeding.for_latents(generators))
             drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
@@ -229,11 +229,13 @@ class Pipeline:
             stopped_at = None
             if not given:  # a given first pass (firstpass_image) runs none of its steps
                 latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, (context, weights), cond,
-                                                    inpaint, drawn,
+                                                    inpaint,
                                                     step_kwargs(scheduler, seeding.for_steps(generator), request.eta,
                                                                 churn(request)),
                                                     _counting(progress, 0, steps_total), cancelled, stop_early,
                                                     unet_call, loras, handover)
+            if inpaint is not None:  # AUTOMATIC1111's last blend (after a stop too)
+                latents = inpaint["blend"].final(latents)
             # AUTOMATIC1111's "Pad conds": padding made the negative prompt and the prompt one length in some pass
             padded = context.padded or (handover is not None and handover.context.padded)
             if second is not None and stopped_at is None:
@@ -249,14 +251,14 @@ class Pipeline:
         images = components.vae.decode(latents.numpy())
         if init and request.inpainting and request.overlay:
             images = paste_outside_mask(images, request.init_image, request.mask, request.width, request.height,
-                                        request.mask_blur, request.inpainting_mask_invert)
+                                        request.mask_blur, request.inpainting_mask_invert, request.mask_resize)
         info = run_info(self, request, seeding, stopped_at, padded)
         if request.refiner is not None:  # AUTOMATIC1111's "Refiner" and "Refiner switch at"
             info |= {"refiner": refiner.contract.title, "refiner_switch_at": request.refiner.switch_at}
         return GenerationResult(images=images, seeds=seeds, info=info)
 
     def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, prompted: tuple,
-                 cond: list[np.ndarray], inpaint: dict | None, drawn, kwargs: dict, progress, cancelled, stop_early,
+                 cond: list[np.ndarray], inpaint: dict | None, kwargs: dict, progress, cancelled, stop_early,
                  unet_call: UNetCall, loras: LoraSet = NO_LORA, handover: refining.Handover | None = None) -> tuple:
         """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked. The UNets
         run with the LoRA set `loras` (another graph key: the batcher merges rows of one set only); from step
@@ -269,6 +271,7 @@ class Pipeline:
         batch = len(latents)
         lora = loras.spec("unet")
         nine_channels = inpaint is not None and self.contract.inpainting_unet
+        blend = None if inpaint is None else inpaint["blend"]
         for index, t in enumerate(timesteps):
             if cancelled is not None and cancelled():
                 raise Cancelled(f"cancelled after {index} of {len(timesteps)} steps")
@@ -281,7 +284,8 @@ class Pipeline:
             both = guided and not skip_uncond
             copies = len(weights) + both  # the rows of each image: unconditional (where run), then each part's
             skip = batch if skip_uncond else 0
-            model_input = scheduler.scale_model_input(torch.cat([latents] * copies) if copies > 1 else latents, t)
+            seen = latents if blend is None else blend.model_input(latents)
+            model_input = scheduler.scale_model_input(torch.cat([seen] * copies) if copies > 1 else seen, t)
             control_input = model_input.numpy()  # what a ControlNet takes: the latents alone
             if nine_channels:  # a 9-channel inpainting UNet also takes the mask and the masked image
                 model_input = torch.cat([model_input, torch.cat([inpaint["mask"]] * copies),
@@ -294,13 +298,9 @@ class Pipeline:
                                                   lora, unet_call, nine_channels, batch if both else 0))
             if guided:
                 noise_pred = combine(noise_pred, weights, request.cfg_scale, both)
+            if blend is not None:  # AUTOMATIC1111's inpainting: the init latents predicted where the mask keeps them
+                noise_pred = blend.prediction(scheduler, t, latents, noise_pred)
             latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
-            if inpaint is not None and not nine_channels:
-                # A standard UNet inpaints by blending: outside the mask, the init image noised to the next step.
-                proper = inpaint["image_latents"]
-                if index < len(timesteps) - 1:
-                    proper = scheduler.add_noise(proper, drawn, torch.tensor([timesteps[index + 1]]))
-                latents = (1 - inpaint["mask"]) * proper + inpaint["mask"] * latents
             if progress is not None:
                 progress(index + 1, len(timesteps), latents.numpy())
         return latents, None
@@ -351,7 +351,7 @@ class Pipeline:
         # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context))
         kwargs = step_kwargs(scheduler, seeding.for_steps(generator), request.eta, churn(request))
-        return *self._denoise(pass_two, scheduler, timesteps, latents, (context, weights), cond, None, drawn, kwargs,
+        return *self._denoise(pass_two, scheduler, timesteps, latents, (context, weights), cond, None, kwargs,
                               progress, cancelled, stop_early, unet_call, loras), context.padded
 
 

@@ -144,6 +144,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     # Gaussian blur radius applied to the mask first (AUTOMATIC1111's default 4), or (x, y): mask_blur_x/y
     mask_blur: int | tuple[int, int] = 4
     inpainting_mask_invert: bool = False  # repaint the black part instead
+    # AUTOMATIC1111's resize_mode for the mask, after its blur (kiln.masks.soft_mask): the API shapes the init image
+    # by the same mode before the request (kiln.masks.resize_init_image)
+    mask_resize: int = 0
     # What the masked area starts from (AUTOMATIC1111's names): 0 fill (the surrounding colours, blurred in),
     # 1 original, 2 latent noise, 3 latent nothing (zeros), at every denoising strength (as AUTOMATIC1111).
     inpainting_fill: int = 1
