@@ -56,16 +56,20 @@ def gaussian_blur(mask: Image.Image, x: int, y: int) -> Image.Image:
     """AUTOMATIC1111's mask blur: OpenCV's GaussianBlur along x, then along y, each over 2 int(2.5 r + 0.5) + 1
     pixels with sigma r, the edges mirrored without repeating the edge pixel (BORDER_REFLECT_101), in OpenCV's 8-bit
     fixed point (opencv_kernel): the same pixels as OpenCV's."""
-    values = np.asarray(mask, dtype=np.int64)
+    values = np.asarray(mask, dtype=np.int32)  # at most 255 x 256 before the shift
     for axis, radius in ((1, x), (0, y)):
         if radius <= 0:
             continue
         kernel = opencv_kernel(radius)
         half = len(kernel) // 2
-        padded = np.pad(values, [(half, half) if a == axis else (0, 0) for a in (0, 1)], mode="reflect")
-        length = values.shape[axis]
-        total = sum(int(w) * np.take(padded, np.arange(i, i + length), axis=axis) for i, w in enumerate(kernel))
-        values = (total + 128) >> 8
+        rows = values if axis == 1 else values.T  # filter along the last axis
+        padded = np.pad(rows, ((0, 0), (half, half)), mode="reflect")
+        total = np.zeros_like(rows)
+        for i, weight in enumerate(kernel.tolist()):
+            if weight:
+                total += weight * padded[:, i:i + rows.shape[1]]
+        rows = (total + 128) >> 8
+        values = rows if axis == 1 else rows.T
     return Image.fromarray(values.astype(np.uint8), "L") if (x > 0 or y > 0) else mask
 
 
@@ -146,14 +150,13 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
     return result.convert("RGB")
 
 
-def paste_outside_mask(images: np.ndarray, init_image: bytes, mask: bytes, width: int, height: int, blur: Blur,
-                       invert: bool, resize_mode: int = 0) -> np.ndarray:
-    """AUTOMATIC1111's overlay for the whole picture: the init image over each result, opaque where the blurred mask
-    keeps it, with the mask doubled first (its mask_for_overlay: a pixel blurred half-way in or further repaints
-    whole)."""
-    original = np.asarray(resized_rgb(init_image, width, height), dtype=np.float32)
-    soft = np.asarray(soft_mask(mask, width, height, blur, invert, resize_mode), dtype=np.float32)
-    repaint = np.clip(soft * 2, 0, 255).astype(np.uint8)[..., None].astype(np.float32) / np.float32(255)
+def paste_outside_mask(images: np.ndarray, init_image: bytes, soft: Image.Image) -> np.ndarray:
+    """AUTOMATIC1111's overlay for the whole picture: the init image over each result, opaque where the soft mask
+    (soft_mask, at the images' size) keeps it, with the mask doubled first (its mask_for_overlay: a pixel blurred
+    half-way in or further repaints whole)."""
+    original = np.asarray(resized_rgb(init_image, soft.width, soft.height), dtype=np.float32)
+    doubled = np.clip(np.asarray(soft, dtype=np.float32) * 2, 0, 255).astype(np.uint8)
+    repaint = doubled[..., None].astype(np.float32) / np.float32(255)
     blended = images.astype(np.float32) * repaint + original[None] * (1 - repaint)
     return np.round(blended).astype(np.uint8)
 

@@ -183,7 +183,7 @@ def test_the_overlay_doubles_the_mask_first():
     black = _png(Image.new("RGB", (4, 4)))
     mask = Image.new("L", (4, 4), 64)
     mask.paste(128, (0, 0, 2, 4))
-    out = paste_outside_mask(generated, black, _png(mask), 4, 4, 0, invert=False)[0, ..., 0]
+    out = paste_outside_mask(generated, black, soft_mask(_png(mask), 4, 4, 0, invert=False))[0, ..., 0]
     assert out[:, :2].tolist() == [[255, 255]] * 4 and out[:, 2:].tolist() == [[128, 128]] * 4
 
 

@@ -61,8 +61,8 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
                     generator, scheduler, timesteps, seeding: Seeds) -> tuple:
     """The inpainting start, as AUTOMATIC1111 makes it, in diffusers' inpaint pipeline's order of random draws
     (image latents, noise, and for a 9-channel UNet the masked image's latents). Returns the starting latents and
-    what the loop needs at each step: the blend (orchestrator.pipeline.blend), and a 9-channel UNet's mask and
-    masked-image latents."""
+    what the loop needs at each step: the blend (orchestrator.pipeline.blend), the soft mask (for the overlay), and
+    a 9-channel UNet's mask and masked-image latents."""
     import torch
     import torch.nn.functional as F
 
@@ -88,7 +88,7 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     # At every strength, 1 too, the image (as the masked content leaves it) plus the first step's noise, as
     # AUTOMATIC1111 starts (diffusers' inpaint pipeline starts from noise alone at 1, where the fill would not act)
     latents = scheduler.add_noise(start, drawn, noised_to(scheduler, timesteps, batch))
-    blend = {"blend": Blend.for_sampler(request.sampler, repaint, start)}
+    blend = {"blend": Blend.for_sampler(request.sampler, repaint, start), "soft": soft}  # soft: for the overlay
     if not nine:
         return latents, blend
     masked_latents = sample_latents(moments[1:], sampling, contract.scaling_factor)

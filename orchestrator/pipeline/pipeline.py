@@ -249,9 +249,8 @@ class Pipeline:
         if handover is not None and (stopped_at is None or stopped_at > handover.index):
             components = handover.components
         images = components.vae.decode(latents.numpy())
-        if init and request.inpainting and request.overlay:
-            images = paste_outside_mask(images, request.init_image, request.mask, request.width, request.height,
-                                        request.mask_blur, request.inpainting_mask_invert, request.mask_resize)
+        if inpaint is not None and request.overlay:
+            images = paste_outside_mask(images, request.init_image, inpaint["soft"])
         info = run_info(self, request, seeding, stopped_at, padded)
         if request.refiner is not None:  # AUTOMATIC1111's "Refiner" and "Refiner switch at"
             info |= {"refiner": refiner.contract.title, "refiner_switch_at": request.refiner.switch_at}
