@@ -3,7 +3,7 @@
 The mask (white = repaint) is read, inverted and blurred as AUTOMATIC1111 reads it; "fill" paints
 the masked area with the colours around it; "only masked" inpaints a crop around the mask; the
 overlay pastes the init image back outside the blurred mask; resize_mode 1 and 2 shape the init
-image before anything else.
+image (and the mask) before anything else, in AUTOMATIC1111's steps.
 """
 
 from __future__ import annotations
@@ -170,16 +170,26 @@ def resize_init_image(data: bytes, width: int, height: int, mode: int) -> bytes:
 
 
 def shaped(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:
-    """`image` at width x height by resize_mode: 1 crop and resize, 2 resize and fill, any other a plain Lanczos
-    resize."""
+    """`image` at width x height by resize_mode, in AUTOMATIC1111's steps (modules/images.py resize_image): any mode
+    but 1 and 2 a plain Lanczos resize; 1 (crop and resize) the whole image resized until it covers the frame (the
+    other side by floor division), centred, the rest cut off; 2 (resize and fill) resized until it fits, centred, and
+    each empty border filled by stretching the resized image's edge row or column across it."""
     if image.size == (width, height):
         return image
-    if mode == 1:
-        return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
-    if mode != 2:
+    if mode not in (1, 2):
         return image.resize((width, height), Image.Resampling.LANCZOS)
-    # the whole image inside, the borders filled with a blurred stretch of it
-    fitted = ImageOps.contain(image, (width, height), Image.Resampling.LANCZOS)
-    canvas = image.resize((width, height), Image.Resampling.LANCZOS).filter(ImageFilter.GaussianBlur(16))
-    canvas.paste(fitted, ((width - fitted.width) // 2, (height - fitted.height) // 2))
+    ratio, source = width / height, image.width / image.height
+    full_width = ratio > source if mode == 1 else ratio < source  # the side that takes the frame's full length
+    size = (width, image.height * width // image.width) if full_width else (image.width * height // image.height,
+                                                                                height)
+    resized = image.resize(size, Image.Resampling.LANCZOS)
+    canvas = Image.new(image.mode, (width, height))
+    top, left = height // 2 - size[1] // 2, width // 2 - size[0] // 2
+    canvas.paste(resized, (left, top))
+    if mode == 2 and ratio < source and top > 0:  # bands above and below: the first and the last row stretched
+        canvas.paste(resized.resize((width, top), box=(0, 0, width, 0)), (0, 0))
+        canvas.paste(resized.resize((width, top), box=(0, size[1], width, size[1])), (0, top + size[1]))
+    elif mode == 2 and ratio > source and left > 0:  # bands left and right: the first and the last column stretched
+        canvas.paste(resized.resize((left, height), box=(0, 0, 0, height)), (0, 0))
+        canvas.paste(resized.resize((left, height), box=(size[0], 0, size[0], height)), (left + size[0], 0))
     return canvas

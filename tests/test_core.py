@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from kiln import contract
 from kiln.contract import SDContract, ServedControlNet
@@ -107,6 +107,35 @@ def test_resize_modes_shape_the_init_image():
     assert resize_init_image(wide, 64, 64, 0) is wide and resize_init_image(wide, 64, 64, 3) is wide
     for mode in (1, 2):
         assert Image.open(io.BytesIO(resize_init_image(wide, 64, 64, mode))).size == (64, 64)
+
+
+@pytest.mark.parametrize("size", [(100, 47), (41, 100)])
+def test_resize_modes_take_automatic1111s_steps(size):
+    """AUTOMATIC1111's resize_image: "crop and resize" resizes the whole image to cover the frame (the other side by
+    floor division) and cuts the middle out, not a centred crop of the source resized (ImageOps.fit); "resize and
+    fill" centres the image resized to fit and fills each border by stretching the edge row (or column) across it."""
+    from kiln.masks import shaped
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    image = Image.fromarray(np.stack([x * 255 // size[0], y * 255 // size[1], (x * y) % 256], -1).astype(np.uint8))
+    wide = size[0] > size[1]
+    lines = (lambda a: a) if wide else (lambda a: a.transpose(1, 0, 2))  # rows for a wide image, columns for a tall
+
+    cover = (size[0] * 64 // size[1], 64) if wide else (64, size[1] * 64 // size[0])
+    resized = lines(np.asarray(image.resize(cover, Image.Resampling.LANCZOS)))
+    start = len(resized[0]) // 2 - 32
+    cut = lines(np.asarray(shaped(image, 64, 64, 1)))
+    assert np.array_equal(cut, resized[:, start:start + 64])
+    assert not np.array_equal(cut, lines(np.asarray(ImageOps.fit(image, (64, 64), Image.Resampling.LANCZOS))))
+
+    fit_size = (64, size[1] * 64 // size[0]) if wide else (size[0] * 64 // size[1], 64)
+    fit = lines(np.asarray(image.resize(fit_size, Image.Resampling.LANCZOS)))
+    filled = lines(np.asarray(shaped(image, 64, 64, 2)))
+    top = 32 - len(fit) // 2
+    assert np.array_equal(filled[top:top + len(fit)], fit)
+    for band, edge in ((filled[:top], 0), (filled[top + len(fit):], len(fit) - 1)):
+        assert len(band) and (band == band[0]).all(), "each line of a band is the same stretched edge"
+        distance = np.abs(fit.astype(int) - band[0]).mean(axis=(1, 2))
+        assert distance.argmin() == edge, "the band is the fitted image's edge line"
 
 
 def test_wire_dtypes():
