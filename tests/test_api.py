@@ -406,7 +406,7 @@ def test_skip_ends_the_current_iteration_only(api):
 def test_listing_endpoints(client):
     samplers = client.get("/sdapi/v1/samplers").json()
     names = {s["name"] for s in samplers}
-    assert {"Euler", "Euler a", "Heun", "DDIM", "DDPM", "PNDM", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE",
+    assert {"Euler", "Euler a", "Heun", "DDIM", "DDPM", "PLMS", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE",
             "DPM++ 2M SDE", "UniPC", "LCM"} <= names
     schedulers = client.get("/sdapi/v1/schedulers").json()
     assert [(s["name"], s["label"]) for s in schedulers] == [

@@ -21,7 +21,7 @@ SHAPE = (2, 4, 8, 8)
 REPAINT = torch.zeros(1, 1, 8, 8)
 REPAINT[..., 2:6, 1:5] = 1
 # LMS's last step combines the derivatives of four calls: it ends near the init latents, not on them (below)
-AFTER = [name for name in SAMPLERS if name not in ("DDIM", "PNDM", "UniPC", "LMS")]
+AFTER = [name for name in SAMPLERS if name not in ("DDIM", "PLMS", "UniPC", "LMS")]
 
 
 class _Spatial(_Model):
@@ -136,7 +136,7 @@ def test_euler_a_blends_the_denoised_prediction_as_k_diffusion(steps, strength):
     assert float((ours - diffusers_way).abs().max()) > 0.05  # the kept region's noise reached the masked one
 
 
-@pytest.mark.parametrize("sampler", ["DDIM", "PNDM"])
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
 def test_automatic1111s_timestep_samplers_paste_the_init_into_the_models_input(sampler):
     """CFGDenoiserTimesteps (mask_before_denoising): the model sees the clean init latents where the mask keeps
     them, the sampler's latents stay its own; then the last blend. tests/test_compvis.py's loops, the model
@@ -150,7 +150,7 @@ def test_automatic1111s_timestep_samplers_paste_the_init_into_the_models_input(s
     level = alphas[ladder[t_enc]]
     model = _Spatial()
     x = _their_loop(lambda x, t: model(x * (1 - keep) + init * keep, t),
-                    init * level ** 0.5 + _noise(2) * (1 - level) ** 0.5, ladder[:t_enc], alphas, sampler == "PNDM")
+                    init * level ** 0.5 + _noise(2) * (1 - level) ** 0.5, ladder[:t_enc], alphas, sampler == "PLMS")
     expected = x * (1 - keep) + init * keep
     assert torch.allclose(ours, expected, atol=1e-5), float((ours - expected).abs().max())
 

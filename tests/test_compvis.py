@@ -86,13 +86,13 @@ def _noise(seed: int) -> torch.Tensor:
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("sampler", ["DDIM", "PNDM"])
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
 @pytest.mark.parametrize("steps", [2, 3, 9, 20, 27, 30, 37, 105, 150])
 def test_from_noise_as_automatic1111(sampler, steps):
     """Its ladder, A[-1] down to A[1] (clipped at 999 for 3, 9, 27, 37 and 105 steps; 31 entries at 30)."""
     ours, calls, scheduler = _ours(sampler, steps, _noise(1))
     theirs = _Model()
-    expected = _their_loop(theirs, _noise(1), _their_timesteps(steps), scheduler.alphas_cumprod, sampler == "PNDM")
+    expected = _their_loop(theirs, _noise(1), _their_timesteps(steps), scheduler.alphas_cumprod, sampler == "PLMS")
     assert calls == theirs.calls
     assert torch.allclose(ours, expected, atol=1e-5), float((ours - expected).abs().max())
 
@@ -102,11 +102,11 @@ def test_the_calls_are_not_diffusers():
     starts one entry higher (991, not 958); PLMS calls it once more than DDIM (its first step evaluates twice)."""
     assert _ours("DDIM", 20, _noise(1))[1] == list(range(951, 1, -50))
     assert _ours("DDIM", 30, _noise(1))[1] == list(range(991, 1, -33))
-    assert _ours("PNDM", 20, _noise(1))[1] == [951, 901] + list(range(901, 1, -50))
+    assert _ours("PLMS", 20, _noise(1))[1] == [951, 901] + list(range(901, 1, -50))
     assert _ours("DDIM", 1, _noise(1))[1] == []  # refused by validation (below)
 
 
-@pytest.mark.parametrize("sampler", ["DDIM", "PNDM"])
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
 @pytest.mark.parametrize(("steps", "strength"), [(20, 0.75), (10, 0.5), (30, 1.0), (7, 0.3), (9, 0.999)])
 def test_img2img_as_automatic1111(sampler, steps, strength):
     """sample_img2img: t_enc = int(min(strength, 0.999) x steps), the init latents noised to A[t_enc], the loop over
@@ -118,8 +118,8 @@ def test_img2img_as_automatic1111(sampler, steps, strength):
     level = a[ladder[t_enc]]
     theirs = _Model()
     expected = _their_loop(theirs, init * level ** 0.5 + drawn * (1 - level) ** 0.5, ladder[:t_enc], a,
-                           sampler == "PNDM")
-    assert calls == theirs.calls and len(calls) == t_enc - 1 + (sampler == "PNDM")
+                           sampler == "PLMS")
+    assert calls == theirs.calls and len(calls) == t_enc - 1 + (sampler == "PLMS")
     assert torch.allclose(ours, expected, atol=1e-5), float((ours - expected).abs().max())
 
 
@@ -145,7 +145,7 @@ def test_ddim_eta_draws_from_the_generator_as_there():
     assert not torch.allclose(ours, _ours("DDIM", 12, _noise(1))[0], atol=1e-2)  # eta moved it
 
 
-@pytest.mark.parametrize("sampler", ["DDIM", "PNDM"])
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
 def test_a_v_prediction_model_is_turned_into_epsilon_first(sampler):
     """SD 2.x's v models (CompVisTimestepsVDenoiser: eps = sqrt(a_t) v + sqrt(1 - a_t) x)."""
     config = SD15 | {"prediction_type": "v_prediction"}
@@ -155,7 +155,7 @@ def test_a_v_prediction_model_is_turned_into_epsilon_first(sampler):
     def as_epsilon(x, t):
         return a[t] ** 0.5 * _Model()(x, t) + (1 - a[t]) ** 0.5 * x
 
-    expected = _their_loop(as_epsilon, _noise(1), _their_timesteps(10), a, sampler == "PNDM")
+    expected = _their_loop(as_epsilon, _noise(1), _their_timesteps(10), a, sampler == "PLMS")
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
@@ -169,7 +169,7 @@ def test_out_of_order_calls_steps_past_the_ladder_and_other_predictions_are_erro
         scheduler.step(_noise(1), timesteps[-1], _noise(2))
     with pytest.raises(InputError, match="steps: DDIM cannot run 1001 steps"):
         schedule("DDIM", SD15, 1001, seed=0)
-    scheduler, timesteps = schedule("PNDM", SD15 | {"prediction_type": "sample"}, 5, seed=0)
+    scheduler, timesteps = schedule("PLMS", SD15 | {"prediction_type": "sample"}, 5, seed=0)
     with pytest.raises(InputError, match="this checkpoint predicts 'sample': choose another sampler"):
         scheduler.step(_noise(1), timesteps[0], _noise(2))
 
@@ -187,8 +187,8 @@ def test_requests_on_which_they_call_no_model_are_refused():
         check_request(base, contract)
     check_request(replace(base, sampler="Euler"), contract)
     fix = HiresFix(steps=2, denoising_strength=0.5, upscaler="Latent", scale=2.0)
-    with pytest.raises(InputError, match="hr_second_pass_steps: PNDM runs no denoising step in the second pass at 2"):
-        check_request(replace(base, steps=4, hires=replace(fix, sampler="PNDM")), contract)
+    with pytest.raises(InputError, match="hr_second_pass_steps: PLMS runs no denoising step in the second pass at 2"):
+        check_request(replace(base, steps=4, hires=replace(fix, sampler="PLMS")), contract)
     check_request(replace(base, steps=4, hires=replace(fix, steps=3)), contract)
     img2img = Img2ImgRequest(prompt="a cat", steps=2, sampler="DDIM", width=64, height=64, init_image=b"x",
                              denoising_strength=0.7)

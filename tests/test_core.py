@@ -241,7 +241,7 @@ def test_k_diffusion_samplers_run_automatic1111s_sigmas_whatever_the_checkpoints
     ("DPM++ 2M Karras", 10, 0.5, 4), ("Euler a Karras", 7, 0.3, 4),
     ("Euler", 20, 1.0, 0), ("Heun", 8, 0.999, 0), ("Euler", 20, 0.01, 19),  # the lowest sigma's step
     ("Euler", 20, 0.0, 20),  # none: the init image through the VAE
-    ("DDIM", 20, 0.75, 4), ("PNDM", 20, 0.01, 19),  # the same t_enc, to their own start (test_compvis.py)
+    ("DDIM", 20, 0.75, 4), ("PLMS", 20, 0.01, 19),  # the same t_enc, to their own start (test_compvis.py)
     ("UniPC", 10, 0.5, 5), ("DDPM", 20, 0.01, 20),  # diffusers' int(steps x strength)
 ])
 def test_img2img_starts_where_automatic1111_does(sampler, steps, strength, start):

@@ -124,6 +124,8 @@ def test_sampler_names_and_schedule_types_for_both_passes():
     assert sampler_name(body(sampler_name="DPM++ 2M", scheduler="Automatic")) == "DPM++ 2M Karras"
     assert sampler_name(body(sampler_name="DPM++ 2M Uniform", scheduler="Karras")) == "DPM++ 2M"
     assert sampler_name(body(sampler_name="DDIM", scheduler="Karras")) == "DDIM"  # its own timesteps, as there
+    # AUTOMATIC1111's name for PLMS, which its infotext carries; SD.Next's PNDM (kiln's name before) an alias of it
+    assert sampler_name(body(sampler_name="PNDM")) == sampler_name(body(sampler_name="plms")) == "PLMS"
     assert hires_fix_sampler(body(sampler_name="Euler a Karras", hr_scheduler="Exponential")) == "Euler a Exponential"
     assert hires_fix_sampler(body(sampler_name="DPM++ 2M Karras", hr_sampler_name="Euler")) == "Euler Karras"
     assert hires_fix_sampler(body(sampler_name="DPM++ 2M", hr_sampler_name="Euler")) == "Euler"  # Automatic: its own

@@ -225,11 +225,11 @@ def test_bad_requests_are_clear_errors(local, field, value, message):
 
 
 def test_plms_runs_its_ladder_with_one_unet_call_per_entry(local):
-    """PNDM is AUTOMATIC1111's PLMS (no Runge-Kutta warm-up): one call per entry of its ladder, the first step
-    evaluating twice and the last entry none (2 steps: 2 calls, 3: 4, its ladder clipped at 999; 8: 8), not the
-    warm-up's 13 calls for 4 steps. At 1 step its ladder has one entry and no call: refused."""
-    with pytest.raises(InputError, match="steps: PNDM runs no denoising step at steps 1"):
-        local.txt2img(Txt2ImgRequest(prompt="a cat", steps=1, sampler="PNDM", width=64, height=64))
+    """AUTOMATIC1111's PLMS (no Runge-Kutta warm-up, as diffusers' PNDM has): one call per entry of its ladder, the
+    first step evaluating twice and the last entry none (2 steps: 2 calls, 3: 4, its ladder clipped at 999; 8: 8), not
+    the warm-up's 13 calls for 4 steps. At 1 step its ladder has one entry and no call: refused."""
+    with pytest.raises(InputError, match="steps: PLMS runs no denoising step at steps 1"):
+        local.txt2img(Txt2ImgRequest(prompt="a cat", steps=1, sampler="PLMS", width=64, height=64))
     for steps, expected in ((2, 2), (3, 4), (8, 8)):
         calls = []
 
@@ -237,7 +237,7 @@ def test_plms_runs_its_ladder_with_one_unet_call_per_entry(local):
             calls.append(len(inputs["sample"]))
             return graph(inputs)
 
-        result = local.txt2img(Txt2ImgRequest(prompt="a cat", steps=steps, sampler="PNDM", cfg_scale=1.0, seed=2,
+        result = local.txt2img(Txt2ImgRequest(prompt="a cat", steps=steps, sampler="PLMS", cfg_scale=1.0, seed=2,
                                               width=64, height=64), unet_call=counting)
         assert len(calls) == expected and result.images.shape == (1, 64, 64, 3), steps
 
@@ -272,7 +272,7 @@ def test_img2img_matches_diffusers(local, reference_pipe, init_image_png, sample
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize(("sampler", "strength"), [("DDIM", 0.6), ("PNDM", 0.75)])
+@pytest.mark.parametrize(("sampler", "strength"), [("DDIM", 0.6), ("PLMS", 0.75)])
 def test_img2img_with_automatic1111s_timestep_samplers(local, reference_pipe, init_image_png, mask_png, sampler,
                                                        strength, masked):
     """AUTOMATIC1111's DDIM and PLMS on diffusers' own components: its loop as tests/test_compvis.py writes it out,
@@ -301,7 +301,7 @@ def test_img2img_with_automatic1111s_timestep_samplers(local, reference_pipe, in
         t_enc = int(min(strength, 0.999) * steps)
         level = alphas[ladder[t_enc]]
         x = _their_loop(guided, latents * level ** 0.5 + drawn * (1 - level) ** 0.5, ladder[:t_enc], alphas,
-                        sampler == "PNDM")
+                        sampler == "PLMS")
         x = x * (1 - keep) + latents * keep
         decoded = pipe.image_processor.postprocess(pipe.vae.decode(x / scale).sample, output_type="np")
     mask = dict(mask=mask_png, mask_blur=0) if masked else {}

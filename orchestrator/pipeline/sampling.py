@@ -56,7 +56,7 @@ SAMPLERS = {
     "DDPM": Sampler("DDPMScheduler", k_diffusion=False),
     # AUTOMATIC1111's PLMS: linear multistep alone after a first step that evaluates twice (not PNDM's Runge-Kutta
     # warm-up, which tripled the UNet calls of a short run and could not run under 4 steps)
-    "PNDM": Sampler("CompVisPLMS", k_diffusion=False, compvis=True),
+    "PLMS": Sampler("CompVisPLMS", k_diffusion=False, compvis=True),
     "LMS": Sampler("LMSDiscreteScheduler", UNIFORM),
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),

@@ -12,7 +12,7 @@ SAMPLER_ALIASES = {
     "DPM++ 2M": ["k_dpmpp_2m"], "DPM++ 2M Karras": ["k_dpmpp_2m_ka"], "DPM++ SDE": ["k_dpmpp_sde"],
     "DPM++ SDE Karras": ["k_dpmpp_sde_ka"], "DPM++ 2M SDE": ["k_dpmpp_2m_sde"],
     "DPM++ 2M SDE Karras": ["k_dpmpp_2m_sde_ka"], "DPM++ 2M SDE Exponential": ["k_dpmpp_2m_sde_exp"], "DDIM": ["ddim"],
-    "DDPM": ["ddpm"], "PNDM": ["pndm", "PLMS"], "UniPC": ["unipc"], "LCM": ["lcm"],
+    "DDPM": ["ddpm"], "PLMS": ["plms", "PNDM"], "UniPC": ["unipc"], "LCM": ["lcm"],
 }
 ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.items() for alias in aliases} | \
     {name.lower(): name for name in SAMPLERS}
@@ -20,7 +20,7 @@ ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.ite
 # Automatic is each sampler's own; its timestep samplers (DDIM, PLMS, UniPC) run their own steps whatever the type.
 SCHEDULES = {label.lower(): label for label in ("Automatic", "Uniform", *sampling.SCHEDULE_TYPES)}
 AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential"}  # the others: uniform
-OWN_TIMESTEPS = {"DDIM", "PNDM", "UniPC"}
+OWN_TIMESTEPS = {"DDIM", "PLMS", "UniPC"}
 ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta, on any schedule
 
 
