@@ -32,18 +32,20 @@ def blur_radius(blur: Blur) -> int | None:
     return blur
 
 
-def soft_mask(data: bytes, width: int, height: int, blur: Blur, invert: bool, resize_mode: int = 0) -> Image.Image:
+def soft_mask(data: bytes, width: int, height: int, blur: Blur, invert: bool, resize_mode: int = 0,
+              binarize: bool = True) -> Image.Image:
     """The mask as a PIL "L" image of width x height, white = repaint, made as AUTOMATIC1111 makes it, at the mask's
-    own size: read (a partly transparent mask by its alpha channel, opaque above 128 = repaint: its
-    create_binary_mask), inverted, blurred (gaussian_blur); then shaped to width x height by `resize_mode` as the
-    init image is (resize_init_image; 0 and 3 a plain Lanczos resize)."""
+    own size: read (a partly transparent mask by its alpha channel, opaque above 128 = repaint unless not
+    `binarize`, its mask_round: its create_binary_mask), inverted, blurred (gaussian_blur); then shaped to width x
+    height by `resize_mode` as the init image is (resize_init_image; 0 and 3 a plain Lanczos resize)."""
     try:
         rgb = decode_image(data, ImageLimits(min_side=1))  # validates the bytes (format, size limits) first
     except InputError as exc:
         raise InputError(f"mask: {exc}") from None
     raw = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
     if raw.mode in ("RGBA", "LA", "PA") and raw.getchannel("A").getextrema()[0] < 255:
-        mask = raw.getchannel("A").point(lambda v: 255 if v > 128 else 0)
+        mask = raw.getchannel("A")
+        mask = mask.point(lambda v: 255 if v > 128 else 0) if binarize else mask
     else:
         mask = rgb.convert("L")
     if invert:
@@ -96,17 +98,20 @@ def inpaint_mask(data: bytes, width: int, height: int, blur: Blur, invert: bool)
     return rounded(soft_mask(data, width, height, blur, invert))
 
 
-def rounded(soft: Image.Image) -> np.ndarray:
+def rounded(soft: Image.Image, rounding: bool = True) -> np.ndarray:
     """The soft mask rounded to 0 and 1 (1, height, width): AUTOMATIC1111's inpainting conditioning rounds it, as
-    diffusers binarizes it (on 8-bit values the two agree)."""
-    return np.where(unit_range(soft) < 0.5, np.float32(0), np.float32(1))
+    diffusers binarizes it (on 8-bit values the two agree); without `rounding` (its mask_round false) it stays soft,
+    0 to 1."""
+    values = unit_range(soft)
+    return np.where(values < 0.5, np.float32(0), np.float32(1)) if rounding else values
 
 
-def latent_mask(soft: Image.Image, width: int, height: int) -> np.ndarray:
+def latent_mask(soft: Image.Image, width: int, height: int, rounding: bool = True) -> np.ndarray:
     """AUTOMATIC1111's latent mask (1, height, width), 1 = repaint: the soft mask resized to the latents' size by
-    PIL's default (bicubic) filter, then rounded (orchestrator.pipeline.blend)."""
+    PIL's default (bicubic) filter, then rounded unless not `rounding`, its mask_round (orchestrator.pipeline.blend)."""
     small = soft.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
-    return np.around(np.asarray(small, dtype=np.float32)[None, ..., 0] / np.float32(255))
+    values = np.asarray(small, dtype=np.float32)[None, ..., 0] / np.float32(255)
+    return np.around(values) if rounding else values
 
 
 def crop_region(mask: np.ndarray, padding: int, width: int, height: int) -> tuple[int, int, int, int] | None:

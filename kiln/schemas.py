@@ -183,15 +183,12 @@ class Img2ImgBody(Txt2ImgBody):
     image_cfg_scale: float | None = None  # instruct-pix2pix only: anything but the default refused
     include_init_images: bool = False
     latent_mask: str | None = None
-    mask_round: bool = True  # the mask binarized for the latents (diffusers' and kiln's way); false is refused
+    mask_round: bool = True  # false: the mask's alpha, the latent mask and a 9-channel UNet's mask stay soft
 
     @model_validator(mode="after")
     def _unsupported_img2img(self):
         if self.latent_mask:
             raise ValueError("latent_mask is not supported by this server")
-        if not self.mask_round:
-            raise ValueError("mask_round false is not supported by this server: the mask is binarized at 0.5 for the "
-                             "latents")
         if self.image_cfg_scale not in (None, 1.5):
             raise ValueError("image_cfg_scale is instruct-pix2pix's image guidance; this server serves no such model "
                              "(1.5, AUTOMATIC1111's default that its clients send, is accepted)")

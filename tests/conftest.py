@@ -330,15 +330,16 @@ def diffusers_strength(sampler: str, steps: int, strength: float) -> float:
     return min(1.0, (int(min(strength, 0.999) * steps) + 1.5) / steps)
 
 
-def latent_keep(mask, latents) -> torch.Tensor:
+def latent_keep(mask, latents, mask_round: bool = True) -> torch.Tensor:
     """AUTOMATIC1111's latent mask of the PIL mask `mask` for `latents`, as its `mask` (1 = keep): the mask resized
-    to the latents' size with PIL's default filter (bicubic), divided by 255 and rounded."""
+    to the latents' size with PIL's default filter (bicubic), divided by 255 and rounded if `mask_round`."""
     small = mask.convert("RGB").resize((latents.shape[3], latents.shape[2]))
-    return 1 - torch.from_numpy(np.around(np.moveaxis(np.array(small, dtype=np.float32), 2, 0) / 255)[:1])
+    repaint = np.moveaxis(np.array(small, dtype=np.float32), 2, 0) / 255
+    return 1 - torch.from_numpy((np.around(repaint) if mask_round else repaint)[:1])
 
 
 def a1111_inpainting(pipe, sampler: str, scheduler_config: dict, image, mask, seed: int, strength: float,
-                     steps: int, **call) -> np.ndarray:
+                     steps: int, mask_round: bool = True, **call) -> np.ndarray:
     """AUTOMATIC1111's whole-picture inpainting with a k-diffusion sampler (mask blur 0, masked content "original")
     on diffusers' own pipeline `pipe`: an img2img pipeline for a 4-channel UNet, an inpaint pipeline for a 9-channel
     one (`mask_image` in `call`; it does not blend then). Its CFGDenoiser blends the denoised prediction with the
@@ -355,7 +356,7 @@ def a1111_inpainting(pipe, sampler: str, scheduler_config: dict, image, mask, se
         pixels = pipe.image_processor.preprocess(image, height=height, width=width)
         init = pipe.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(seed))
         init = init * pipe.vae.config.scaling_factor
-    keep = latent_keep(mask, init)
+    keep = latent_keep(mask, init, mask_round)
     forward = pipe.unet.forward
 
     def blended(sample, timestep, *args, **kwargs):

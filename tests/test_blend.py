@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kiln.masks import gaussian_blur, latent_mask, opencv_kernel, paste_outside_mask, soft_mask
+from kiln.masks import gaussian_blur, latent_mask, opencv_kernel, paste_outside_mask, rounded, soft_mask
 from orchestrator.pipeline.blend import Blend
 from orchestrator.pipeline.sampling import SAMPLERS, img2img_start, noised_to, schedule, step_kwargs
 from tests.test_compvis import SD15, _Model, _their_loop, _their_timesteps
@@ -174,6 +174,10 @@ def test_the_latent_mask_is_the_soft_mask_resized_bicubic_and_rounded():
     assert not np.array_equal(values[0], nearest)  # nearest takes column 20's and 44's pixels: 2 in, 5 out
     blurred = soft_mask(_png(mask), 64, 64, 8, invert=False)
     assert latent_mask(blurred, 8, 8).sum() != values.sum()
+    # mask_round false: the filter's fractions as they are (AUTOMATIC1111 divides by 255 and stops there)
+    soft = latent_mask(mask, 8, 8, rounding=False)
+    assert np.array_equal(np.around(soft), values) and 0 < soft[0, 4, 2] < 1 and 0 < soft[0, 4, 5] < 1
+    assert np.array_equal(soft * 255, np.asarray(mask.resize((8, 8), Image.Resampling.BICUBIC), np.float32)[None])
 
 
 def test_the_overlay_doubles_the_mask_first():
@@ -194,6 +198,10 @@ def test_an_alpha_mask_is_read_opaque_above_128():
     rgba.paste((0, 0, 0, 128), (2, 0, 4, 4))
     mask = np.asarray(soft_mask(_png(rgba), 4, 4, 0, invert=False))
     assert mask[:, :2].tolist() == [[255, 255]] * 4 and mask[:, 2:].tolist() == [[0, 0]] * 4
+    # mask_round false: the alpha as it is, and an inpainting UNet's mask as soft
+    soft = soft_mask(_png(rgba), 4, 4, 0, invert=False, binarize=False)
+    assert np.asarray(soft)[:, :2].tolist() == [[129, 129]] * 4 and np.asarray(soft)[:, 2:].tolist() == [[128, 128]] * 4
+    assert rounded(soft).tolist() == [[[1, 1, 1, 1]] * 4] and rounded(soft, False).max() == np.float32(129 / 255)
 
 
 def test_the_mask_blur_is_opencvs():

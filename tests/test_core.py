@@ -156,7 +156,9 @@ def test_validation_names_the_field_with_one_set_of_limits():
              (replace(ok, controlnet=ControlNetUnit(image=b"x", model="seg")), InputError, "unknown ControlNet"),
              (Img2ImgRequest(prompt="a cat", width=64, height=64), InputError, "init_image is empty"),
              (Img2ImgRequest(prompt="a cat", width=64, height=64, init_image=b"x", inpainting_fill=7), InputError,
-              "inpainting_fill must be one of")]
+              "inpainting_fill must be one of"),
+             (Img2ImgRequest(prompt="a cat", width=64, height=64, init_image=b"x", mask_round=0), InputError,
+              "mask_round must be true or false, got 0")]
     for request, kind, message in cases:
         with pytest.raises(kind, match=message):
             check_request(request, CONTRACT)

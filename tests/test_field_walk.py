@@ -194,7 +194,7 @@ IMG2IMG = {
     "mask_blur_y": (INPAINT | {"mask_blur_x": 0, "mask_blur_y": 12}, INPAINT | {"mask_blur_x": 0, "mask_blur_y": 0},
                     "image"),
     "mask_blur": (INPAINT | {"mask_blur": 12}, INPAINT | {"mask_blur": 0}, "image"),
-    "mask_round": (INPAINT | {"mask_round": False}, {}, ("refused", 422, "mask_round")),
+    "mask_round": (INPAINT | {"mask_round": False}, INPAINT, "image"),
     "inpainting_fill": (INPAINT | {"inpainting_fill": 2}, INPAINT, "image"),
     "inpaint_full_res": ({"mask": MASK, "inpaint_full_res": True}, INPAINT, "image"),
     "inpaint_full_res_padding": ({"mask": MASK, "inpaint_full_res": True, "inpaint_full_res_padding": 16},

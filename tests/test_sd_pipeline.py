@@ -451,13 +451,15 @@ def test_canny_preprocessor_and_bad_units(local, init_image_png):
 
 
 # Strengths where diffusers' img2img runs fewer steps than all (at 1 it would start from noise alone)
-@pytest.mark.parametrize("sampler, strength", [("Euler a", 0.6), ("DDPM", 0.75), ("DPM++ 2M Karras", 0.7),
-                                               ("UniPC", 0.7), ("Heun", 0.5)])
-def test_inpainting_matches_automatic1111s_blend(local, reference_pipe, init_image_png, sampler, strength):
+@pytest.mark.parametrize("sampler, strength, mask_round", [
+    ("Euler a", 0.6, True), ("DDPM", 0.75, True), ("DPM++ 2M Karras", 0.7, True), ("UniPC", 0.7, True),
+    ("Heun", 0.5, True), ("Euler a", 0.6, False), ("UniPC", 0.7, False)])
+def test_inpainting_matches_automatic1111s_blend(local, reference_pipe, init_image_png, sampler, strength,
+                                                 mask_round):
     """AUTOMATIC1111's inpainting (the denoised prediction blended with the init latents where its latent mask keeps
     them, then the last blend) on diffusers' img2img pipeline and components (conftest.a1111_inpainting). The mask's
     edges are odd: the latents they cut in half are decided by the latent mask's bicubic and rounding (nearest
-    sampling differs by 220/255)."""
+    sampling differs by 220/255); with mask_round false they are mixed by its fractions."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     pipe, checkpoint_scheduler_config = reference_pipe
@@ -469,11 +471,12 @@ def test_inpainting_matches_automatic1111s_blend(local, reference_pipe, init_ima
     mask.save(buffer, "PNG")
     mask_png = buffer.getvalue()
     expected = a1111_inpainting(img2img, sampler, checkpoint_scheduler_config, Image.open(io.BytesIO(init_image_png)),
-                                mask, seed=11, strength=strength, steps=8, prompt="a photo of a cat",
-                                negative_prompt="blurry", guidance_scale=7.5, height=64, width=64)
+                                mask, seed=11, strength=strength, steps=8, mask_round=mask_round,
+                                prompt="a photo of a cat", negative_prompt="blurry", guidance_scale=7.5, height=64,
+                                width=64)
     request = Img2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=8, sampler=sampler,
                              cfg_scale=7.5, seed=11, width=64, height=64, init_image=init_image_png,
-                             denoising_strength=strength, mask=mask_png, mask_blur=0)
+                             denoising_strength=strength, mask=mask_png, mask_blur=0, mask_round=mask_round)
     result = local.img2img(request)
     assert _max_diff(result.images, expected) <= 2, sampler
 

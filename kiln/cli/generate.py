@@ -69,6 +69,9 @@ def add_parser(commands) -> None:
     generate.add_argument("--mask-blur", type=int, default=4,
                           help="Gaussian blur radius of the mask (OpenCV's, as AUTOMATIC1111's)")
     generate.add_argument("--mask-invert", action="store_true", help="repaint the black part instead")
+    generate.add_argument("--soft-mask", action="store_true",
+                          help="keep the mask soft where AUTOMATIC1111 rounds it by default (its mask_round false): "
+                               "a transparent mask's alpha, the latent mask, an inpainting UNet's mask")
     generate.add_argument("--inpainting-fill", type=int, choices=(0, 1, 2, 3), default=1,
                           help="what the masked area starts from: 0 fill, 1 original (default), 2 latent noise, "
                                "3 latent nothing")
@@ -193,7 +196,8 @@ def run(args) -> int:
         request = Img2ImgRequest(**fields, init_image=files[str(args.init_image)], denoising_strength=args.strength,
                                  mask=files.get(str(args.mask), b""), mask_blur=args.mask_blur,
                                  inpainting_mask_invert=args.mask_invert, inpainting_fill=args.inpainting_fill,
-                                 inpaint_full_res=args.only_masked, inpaint_full_res_padding=args.only_masked_padding,
+                                 mask_round=not args.soft_mask, inpaint_full_res=args.only_masked,
+                                 inpaint_full_res_padding=args.only_masked_padding,
                                  overlay=args.overlay)
     else:
         hires = HiresFix(scale=args.hires, upscaler=args.hires_upscaler, steps=args.hires_steps,
@@ -276,7 +280,7 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
             # Sent explicitly: the service's defaults are AUTOMATIC1111's (fill 0, only masked), not these options'.
             body = schemas.Img2ImgBody(**fields, init_images=[b64(files[str(args.init_image)])],
                                        denoising_strength=args.strength, mask_blur=args.mask_blur,
-                                       inpainting_mask_invert=int(args.mask_invert),
+                                       inpainting_mask_invert=int(args.mask_invert), mask_round=not args.soft_mask,
                                        inpainting_fill=args.inpainting_fill, inpaint_full_res=args.only_masked,
                                        inpaint_full_res_padding=args.only_masked_padding,
                                        **({"mask": b64(files[str(args.mask)])} if args.mask else {}))

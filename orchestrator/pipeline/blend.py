@@ -1,7 +1,8 @@
 """Inpainting's blend, as AUTOMATIC1111 runs it (its CFGDenoiser's mask, and processing's last blend).
 
-The latent mask is the soft (blurred) pixel mask resized to the latents' size by PIL's bicubic filter and rounded
-(kiln.masks.latent_mask): 1 repaints, 0 keeps the init latents (after the masked content acted on them). Then:
+The latent mask is the soft (blurred) pixel mask resized to the latents' size by PIL's bicubic filter and rounded,
+unless mask_round is off (kiln.masks.latent_mask): 1 repaints, 0 keeps the init latents (after the masked content
+acted on them), what lies between mixes the two. Then:
 - its k-diffusion samplers (Euler, DPM++ and the others) blend the model's *denoised prediction* with the clean init
   latents after every model call (`mask_before_denoising` off), so the sampler steps as if the model had predicted
   the init image in the kept region. diffusers' samplers take the model's output, not the prediction: `prediction`
@@ -30,7 +31,7 @@ TIMESTEP_SCHEDULERS = ("UniPCMultistepScheduler",)
 
 @dataclass(frozen=True)
 class Blend:
-    keep: torch.Tensor  # (rows or 1, 1, h, w): 1 where the init latents stay (AUTOMATIC1111's `mask`), 0 or 1
+    keep: torch.Tensor  # (rows or 1, 1, h, w): 1 where the init latents stay (AUTOMATIC1111's `mask`), 0 to 1
     init: torch.Tensor  # (rows, channels, h, w): the init latents, after the masked content acted on them
     before: bool  # paste into the model's input (timestep samplers), not into its prediction
 

@@ -68,15 +68,15 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
 
     batch = shape[0]
     soft = soft_mask(request.mask, request.width, request.height, request.mask_blur, request.inpainting_mask_invert,
-                     request.mask_resize)
-    repaint = torch.from_numpy(latent_mask(soft, shape[3], shape[2]))[None]
+                     request.mask_resize, request.mask_round)
+    repaint = torch.from_numpy(latent_mask(soft, shape[3], shape[2], request.mask_round))[None]
     pixels = vae_input(request.init_image, request.width, request.height)
     if request.inpainting_fill != 1:  # all but "original": the masked area painted with the colours around it first
         filled = fill_masked(resized_rgb(request.init_image, request.width, request.height), soft)
         pixels = np.float32(2.0) * unit_range(filled) - np.float32(1.0)
-    mask = rounded(soft)
+    mask = rounded(soft, request.mask_round)
     nine = contract.inpainting_unet  # a 9-channel UNet also takes the masked image's latents (drawn last)
-    moments = torch.from_numpy(vae.encode_pixels(np.stack([pixels, pixels * (mask < 0.5)] if nine else [pixels])))
+    moments = torch.from_numpy(vae.encode_pixels(np.stack([pixels, pixels * (1 - mask)] if nine else [pixels])))
     sampling = seeding.for_latents(generators)  # the VAE's samples: from the seeds' generators with the CPU source
     image_latents = sample_latents(moments[:1], sampling, contract.scaling_factor)
     drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
@@ -105,7 +105,8 @@ def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request:
 
     original = decode_image(request.init_image, ImageLimits(min_side=1))
     width, height = original.size
-    mask = soft_mask(request.mask, width, height, request.mask_blur, request.inpainting_mask_invert)
+    mask = soft_mask(request.mask, width, height, request.mask_blur, request.inpainting_mask_invert,
+                     binarize=request.mask_round)
     box = crop_region(np.asarray(mask) > 0, request.inpaint_full_res_padding, request.width, request.height)
     if box is None:  # nothing masked: whole-picture inpainting (which keeps everything)
         return generate(replace(request, inpaint_full_res=False))

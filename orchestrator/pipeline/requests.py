@@ -144,6 +144,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     # Gaussian blur radius applied to the mask first (AUTOMATIC1111's default 4), or (x, y): mask_blur_x/y
     mask_blur: int | tuple[int, int] = 4
     inpainting_mask_invert: bool = False  # repaint the black part instead
+    # AUTOMATIC1111's mask_round: a partly transparent mask's alpha binarized at 128, the latent mask rounded, and a
+    # 9-channel UNet's mask rounded (its default); false keeps each of them soft
+    mask_round: bool = True
     # AUTOMATIC1111's resize_mode for the mask, after its blur (kiln.masks.soft_mask): the API shapes the init image
     # by the same mode before the request (kiln.masks.resize_init_image)
     mask_resize: int = 0

@@ -121,6 +121,8 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         for axis, blur in zip(("", "_x", "_y")[len(blurs) - 1:], blurs):
             _integer_in(f"mask_blur{axis}", blur, 0, limits.max_mask_blur)
         _integer_in("mask_resize", request.mask_resize, 0, 3)  # AUTOMATIC1111's resize_mode
+        if not isinstance(request.mask_round, bool):
+            raise InputError(f"mask_round must be true or false, got {request.mask_round!r}")
         if request.inpainting_fill not in INPAINTING_FILL:
             valid = ", ".join(f"{k} ({v})" for k, v in INPAINTING_FILL.items())
             raise InputError(f"inpainting_fill must be one of {valid}, got {request.inpainting_fill!r}")

@@ -175,6 +175,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     # AUTOMATIC1111 pastes the original back outside the mask: clients expect the kept area untouched.
     return Img2ImgRequest(**fields, init_image=init, denoising_strength=body.denoising_strength, mask=mask,
                           mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
+                          mask_round=body.mask_round,
                           mask_resize=0 if body.inpaint_full_res else body.resize_mode,
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
