@@ -9,7 +9,6 @@ image (and the mask) before anything else, in AUTOMATIC1111's steps.
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
@@ -115,9 +114,10 @@ def latent_mask(soft: Image.Image, width: int, height: int, rounding: bool = Tru
 
 
 def crop_region(mask: np.ndarray, padding: int, width: int, height: int) -> tuple[int, int, int, int] | None:
-    """The box (left, top, right, bottom) around the mask's True pixels, `padding` wider on each side and then
-    widened to the aspect ratio width:height, kept inside the image (AUTOMATIC1111's "only masked" crop); None
-    when nothing is masked."""
+    """The box (left, top, right, bottom) around the mask's True pixels, `padding` wider on each side, then grown
+    towards the aspect ratio width:height and kept inside the image, as AUTOMATIC1111's "only masked" crop
+    (masking.get_crop_region_v2 and expand_crop_region): the growth is the float shortfall rounded down, split with
+    the odd pixel after; None when nothing is masked."""
     rows, cols = np.nonzero(mask)
     if len(rows) == 0:
         return None
@@ -125,16 +125,19 @@ def crop_region(mask: np.ndarray, padding: int, width: int, height: int) -> tupl
     left, right = max(int(cols.min()) - padding, 0), min(int(cols.max()) + 1 + padding, image_w)
     top, bottom = max(int(rows.min()) - padding, 0), min(int(rows.max()) + 1 + padding, image_h)
 
-    def widen(low: int, high: int, size: int, limit: int) -> tuple[int, int]:
-        size = min(size, limit)
-        low = max(0, min(low - (size - (high - low)) // 2, limit - size))
-        return low, low + size
+    def grown(low: int, high: int, by: int, limit: int) -> tuple[int, int]:
+        low, high = low - by // 2, high + by - by // 2
+        if high >= limit:  # past the far edge: moved back inside
+            low, high = low - (high - limit), limit
+        if low < 0:  # past the near edge: moved forward, then cut at the far edge
+            low, high = 0, high - low
+        return low, min(high, limit)
 
-    box_w, box_h = right - left, bottom - top
-    if box_w * height < box_h * width:  # too narrow: widen
-        left, right = widen(left, right, math.ceil(box_h * width / height), image_w)
-    else:  # too flat: heighten
-        top, bottom = widen(top, bottom, math.ceil(box_w * height / width), image_h)
+    ratio = width / height  # in floats, as there (the shortfall's rounding follows them)
+    if (right - left) / (bottom - top) > ratio:  # too flat: taller
+        top, bottom = grown(top, bottom, int((right - left) / ratio - (bottom - top)), image_h)
+    else:  # too narrow: wider
+        left, right = grown(left, right, int((bottom - top) * ratio - (right - left)), image_w)
     return left, top, right, bottom
 
 

@@ -295,6 +295,81 @@ def test_only_masked_crop_region_follows_automatic1111():
     assert (right - left, bottom - top) == (40, 10) and (left, top) == (80, 40)
     left, top, right, bottom = crop_region(mask, 80, 64, 64)  # wider than the image allows: clamped inside
     assert 0 <= left < right <= 200 and 0 <= top < bottom <= 100
+    # 21 x 10 for 64 x 48: 15.75 high wanted, grown by 5 (rounded down, as there; not to 16), 2 above and 3 below
+    mask[40:50, 110] = True
+    assert crop_region(mask, 0, 64, 48) == (90, 38, 111, 53)
+
+
+def test_only_masked_crops_and_pastes_back_as_automatic1111():
+    """The crop (and its mask) goes to width x height as "resize and fill" (resize_image(2), as there: the box's
+    aspect is only near the request's) and the result comes back into the box as "crop and resize"
+    (resize_image(1), its apply_overlay); outside the mask the init image stays. `generate` here stands for the
+    whole-picture generation of the crop (tested on its own elsewhere): it returns a known image."""
+    from kiln.masks import shaped
+    from orchestrator.pipeline import GenerationResult
+    from orchestrator.pipeline.inpaint import only_masked
+
+    rng = np.random.default_rng(5)
+    original = Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    mask = Image.new("L", (120, 80), 0)
+    mask.paste(255, (40, 30, 61, 40))  # 21 x 10: grown to 21 x 15 for 64 x 48 (1.4, not 1.33)
+    generated = rng.integers(0, 256, (1, 48, 64, 3), dtype=np.uint8)
+    inner = []
+
+    def generate(request):
+        inner.append(request)
+        return GenerationResult(images=generated, seeds=[1])
+
+    result = only_masked(generate, Img2ImgRequest(prompt="x", width=64, height=48, init_image=encode(original),
+                                                  mask=encode(mask), mask_blur=0, inpaint_full_res=True,
+                                                  overlay=True))
+    box = (40, 28, 61, 43)
+    assert result.info["inpaint_region"] == list(box)
+    crop = np.asarray(Image.open(io.BytesIO(inner[0].init_image)))
+    assert np.array_equal(crop, np.asarray(shaped(original.crop(box), 64, 48, 2)))
+    assert not np.array_equal(crop, np.asarray(original.crop(box).resize((64, 48), Image.Resampling.LANCZOS)))
+    masked = np.asarray(mask) > 0
+    back = np.asarray(original).copy()
+    back[28:43, 40:61] = np.asarray(shaped(Image.fromarray(generated[0]), 21, 15, 1))
+    assert np.array_equal(result.images[0][masked], back[masked])
+    assert np.array_equal(result.images[0][~masked], np.asarray(original)[~masked])
+
+
+def _their_expand_crop_region(box, width, height, image_width, image_height):
+    """AUTOMATIC1111's masking.expand_crop_region, written out."""
+    x1, y1, x2, y2 = box
+    if (x2 - x1) / (y2 - y1) > width / height:
+        diff = int((x2 - x1) / (width / height) - (y2 - y1))
+        y1, y2 = y1 - diff // 2, y2 + diff - diff // 2
+        if y2 >= image_height:
+            y1, y2 = y1 - (y2 - image_height), y2 - (y2 - image_height)
+        if y1 < 0:
+            y1, y2 = 0, y2 - y1
+        y2 = min(y2, image_height)
+    else:
+        diff = int((y2 - y1) * (width / height) - (x2 - x1))
+        x1, x2 = x1 - diff // 2, x2 + diff - diff // 2
+        if x2 >= image_width:
+            x1, x2 = x1 - (x2 - image_width), x2 - (x2 - image_width)
+        if x1 < 0:
+            x1, x2 = 0, x2 - x1
+        x2 = min(x2, image_width)
+    return x1, y1, x2, y2
+
+
+def test_only_masked_crop_region_is_automatic1111s_on_random_masks():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        image_h, image_w = (int(v) for v in rng.integers(8, 120, 2))
+        mask = np.zeros((image_h, image_w), bool)
+        top, left = int(rng.integers(0, image_h)), int(rng.integers(0, image_w))
+        mask[top:top + int(rng.integers(1, 40)), left:left + int(rng.integers(1, 40))] = True
+        padding, width, height = int(rng.integers(0, 20)), int(rng.choice([64, 96, 512])), int(rng.choice([48, 64]))
+        rows, cols = np.nonzero(mask)
+        box = (max(int(cols.min()) - padding, 0), max(int(rows.min()) - padding, 0),
+               min(int(cols.max()) + 1 + padding, image_w), min(int(rows.max()) + 1 + padding, image_h))
+        assert crop_region(mask, padding, width, height) == _their_expand_crop_region(box, width, height, image_w,
+                                                                                     image_h)
 
 
 def test_openvino_telemetry_is_off_in_our_processes():

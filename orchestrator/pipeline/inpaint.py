@@ -11,7 +11,7 @@ import numpy as np
 
 from kiln.contract import SDContract
 from kiln.imaging import ImageLimits, decode_image, encode_png, header_size, resized_rgb, unit_range, vae_input
-from kiln.masks import blur_radius, crop_region, fill_masked, latent_mask, rounded, soft_mask
+from kiln.masks import blur_radius, crop_region, fill_masked, latent_mask, rounded, shaped, soft_mask
 from orchestrator.pipeline.blend import Blend
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.noise import draw
@@ -111,8 +111,9 @@ def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request:
     if box is None:  # nothing masked: whole-picture inpainting (which keeps everything)
         return generate(replace(request, inpaint_full_res=False))
     region = (box[2] - box[0], box[3] - box[1])
-    crop = original.crop(box).resize((request.width, request.height), Image.Resampling.LANCZOS)
-    crop_mask = mask.crop(box).resize((request.width, request.height), Image.Resampling.LANCZOS)
+    # the crop and its mask to width x height as "resize and fill" (as there: the box's aspect is only near theirs)
+    crop = shaped(original.crop(box), request.width, request.height, 2)
+    crop_mask = shaped(mask.crop(box), request.width, request.height, 2)
     inner = replace(request, init_image=encode_png(crop), mask=encode_png(crop_mask), mask_blur=0,
                     inpainting_mask_invert=False, inpaint_full_res=False, overlay=False)  # already blurred, inverted
     result = generate(inner)
@@ -120,7 +121,7 @@ def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request:
     images = []
     for generated in result.images:
         canvas = original.copy()
-        canvas.paste(Image.fromarray(generated).resize(region, Image.Resampling.LANCZOS), box[:2])
+        canvas.paste(shaped(Image.fromarray(generated), *region, 1), box[:2])  # back as "crop and resize", as there
         if request.overlay:
             canvas.paste(original, (0, 0), keep)  # the init image back outside the blurred mask
         images.append(np.asarray(canvas, dtype=np.uint8))
