@@ -162,11 +162,25 @@ def paste_outside_mask(images: np.ndarray, init_image: bytes, soft: Image.Image)
     """AUTOMATIC1111's overlay for the whole picture: the init image over each result, opaque where the soft mask
     (soft_mask, at the images' size) keeps it, with the mask doubled first (its mask_for_overlay: a pixel blurred
     half-way in or further repaints whole)."""
-    original = np.asarray(resized_rgb(init_image, soft.width, soft.height), dtype=np.float32)
     doubled = np.clip(np.asarray(soft, dtype=np.float32) * 2, 0, 255).astype(np.uint8)
-    repaint = doubled[..., None].astype(np.float32) / np.float32(255)
-    blended = images.astype(np.float32) * repaint + original[None] * (1 - repaint)
-    return np.round(blended).astype(np.uint8)
+    overlay = init_overlay(resized_rgb(init_image, soft.width, soft.height), Image.fromarray(doubled, "L"))
+    return np.stack([np.asarray(under_overlay(Image.fromarray(image), overlay)) for image in images])
+
+
+def init_overlay(init: Image.Image, mask: Image.Image) -> Image.Image:
+    """AUTOMATIC1111's overlay image: the init image with the inverted mask as its alpha, made as it makes it (pasted
+    premultiplied onto a transparent canvas, then unpremultiplied: the same rounding)."""
+    masked = Image.new("RGBa", init.size)
+    masked.paste(init.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask))
+    return masked.convert("RGBA")
+
+
+def under_overlay(image: Image.Image, overlay: Image.Image) -> Image.Image:
+    """`image` (RGB, or RGBA with transparency where nothing was pasted) with `overlay` composited over it, as
+    AUTOMATIC1111's apply_overlay: RGB."""
+    image = image.convert("RGBA")
+    image.alpha_composite(overlay)
+    return image.convert("RGB")
 
 
 def resize_init_image(data: bytes, width: int, height: int, mode: int) -> bytes:

@@ -11,7 +11,17 @@ import numpy as np
 
 from kiln.contract import SDContract
 from kiln.imaging import ImageLimits, decode_image, encode_png, header_size, resized_rgb, unit_range, vae_input
-from kiln.masks import blur_radius, crop_region, fill_masked, latent_mask, rounded, shaped, soft_mask
+from kiln.masks import (
+    blur_radius,
+    crop_region,
+    fill_masked,
+    init_overlay,
+    latent_mask,
+    rounded,
+    shaped,
+    soft_mask,
+    under_overlay,
+)
 from orchestrator.pipeline.blend import Blend
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.noise import draw
@@ -117,14 +127,14 @@ def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request:
     inner = replace(request, init_image=encode_png(crop), mask=encode_png(crop_mask), mask_blur=0,
                     inpainting_mask_invert=False, inpaint_full_res=False, overlay=False)  # already blurred, inverted
     result = generate(inner)
-    keep = Image.eval(mask, lambda v: 255 - v)
+    # the init image back outside the blurred mask (not doubled here, as there)
+    overlay = init_overlay(original, mask) if request.overlay else None
     images = []
     for generated in result.images:
-        canvas = original.copy()
-        canvas.paste(shaped(Image.fromarray(generated), *region, 1), box[:2])  # back as "crop and resize", as there
-        if request.overlay:
-            canvas.paste(original, (0, 0), keep)  # the init image back outside the blurred mask
-        images.append(np.asarray(canvas, dtype=np.uint8))
+        # back into the box as "crop and resize"; with the overlay, onto a transparent canvas it covers outside the box
+        canvas = original.copy() if overlay is None else Image.new("RGBA", original.size)
+        canvas.paste(shaped(Image.fromarray(generated), *region, 1), box[:2])
+        images.append(np.asarray(canvas if overlay is None else under_overlay(canvas, overlay), dtype=np.uint8))
     info = result.info | {"mask_blur": blur_radius(request.mask_blur),
                           "inpainting_mask_invert": request.inpainting_mask_invert, "inpaint_full_res": True,
                           "inpaint_full_res_padding": request.inpaint_full_res_padding, "inpaint_region": list(box)}
