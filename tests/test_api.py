@@ -298,8 +298,8 @@ BAD = [
      "control_mode 'Prompt first' is not one of sd-webui-controlnet's"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "control_mode": [2]}]}}}, 422,
      "control_mode [2] is not one of"),
-    ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "resize_mode": "Resize and Fill"}]}}},
-     422, "Resize and Fill is not supported"),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "resize_mode": "Fill"}]}}},
+     422, "resize_mode 'Fill' is not one of sd-webui-controlnet's"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "module": "canny",
                                                     "pixel_perfect": True}]}}}, 422, "pixel_perfect"),
     ({"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 422, "hr_upscaler 'R-ESRGAN 4x+' is not an upscaler"),
@@ -651,7 +651,8 @@ def test_controlnet_units_detected_maps_follow_the_images(client):
 
 def test_controlnet_resize_modes_shape_the_control_image(client):
     """sd-webui-controlnet's resize modes on a wide control image: Crop and Resize (its default) keeps the aspect,
-    Just Resize stretches; the two give different images, and the default is Crop and Resize."""
+    Just Resize stretches, Resize and Fill pads; the three give different images, and the default is Crop and
+    Resize."""
     wide = _b64(_png(size=(128, 48)))
 
     def image(**unit) -> bytes:  # the pixels (the PNG's infotext names the unit's settings)
@@ -662,6 +663,8 @@ def test_controlnet_resize_modes_shape_the_control_image(client):
 
     crop, stretch = image(resize_mode="Crop and Resize"), image(resize_mode="Just Resize")
     assert crop != stretch, "crop vs stretch"
+    fill = image(resize_mode="Resize and Fill")
+    assert fill not in (crop, stretch) and image(resize_mode=2) == fill, "fill"
     assert image(resize_mode=1) == crop, "1 vs Crop and Resize"
     assert image() == crop, "default vs Crop and Resize"
     assert image(control_mode="Balanced", processor_res=512, pixel_perfect=False) == crop  # the defaults clients send

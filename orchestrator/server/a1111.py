@@ -18,7 +18,7 @@ from kiln.control import control_image
 from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
-from kiln.masks import resize_init_image
+from kiln.masks import fit_control_image, resize_init_image
 from kiln.prompts import EXTRA_NETWORK
 from kiln.styles import StyleLibrary
 from kiln.upscale import UPSCALERS
@@ -198,9 +198,6 @@ def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, in
     if mode is None:
         raise InputError(f"{where}.resize_mode {unit.resize_mode!r} is not one of sd-webui-controlnet's: Just Resize, "
                          "Crop and Resize, Resize and Fill (or 0, 1, 2)")
-    if mode == 2:
-        raise InputError(f"{where}.resize_mode: Resize and Fill is not supported for control images; use Just "
-                         "Resize or Crop and Resize")
     control_mode = CONTROL_MODES.get(unit.control_mode.lower() if isinstance(unit.control_mode, str)
                                      else unit.control_mode) if isinstance(unit.control_mode, (int, str)) else None
     if control_mode is None:
@@ -241,7 +238,7 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) ->
                 raise InputError(f"{where}.{name} must be an integer")
         resize, control_mode = _unit_options(unit, where)
         data = decode_b64_image(image, f"{where}.image", max_pixels)
-        result.append(ControlNetUnit(image=resize_init_image(data, width, height, resize) if resize else data,
+        result.append(ControlNetUnit(image=fit_control_image(data, width, height, resize),
                                      module=unit.module.lower(), weight=unit.weight,
                                      guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
                                      low_threshold=int(unit.threshold_a), high_threshold=int(unit.threshold_b),
