@@ -30,6 +30,8 @@ def test_errors_are_one_line_without_traceback(tmp_path, kiln):
         (["serve", "--repo", str(tmp_path / "nothing")], "does not exist"),
         (["classify", str(tmp_path / "nope.jpg")], "no such image file"),
         (["generate", "x", "--mask", str(tmp_path / "mask.png")], "--mask needs --init-image"),
+        (["generate", "x", "--init-image", str(tmp_path / "i.png"), "--soft-mask", "--inpainting-fill", "0"],
+         "--soft-mask, --inpainting-fill: inpainting options; pass --mask"),
         (["weights", "sd", "--tiny", str(tmp_path / "w"), "--single-file", str(tmp_path / "w.ckpt")],
          "must end in .safetensors"),
     ]

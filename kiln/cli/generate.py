@@ -14,6 +14,10 @@ VAE_TILING = {"auto": None, "on": True, "off": False}  # --vae-tiling -> a reque
 PAD_SETTINGS = {"empty_chunks": "pad_cond_uncond", "last_vector": "pad_cond_uncond_v0"}  # --pad-conds -> a setting
 
 
+# The inpainting options' defaults (the flags' own are False): set away from them without --mask, they are refused
+INPAINTING_DEFAULTS = {"mask_blur": 4, "inpainting_fill": 1, "only_masked_padding": 32}
+
+
 def add_parser(commands) -> None:
     generate = commands.add_parser("generate", help="txt2img/img2img through Triton (needs `kiln build sd` and "
                                                     "`kiln serve`), or through the API with --api")
@@ -66,19 +70,21 @@ def add_parser(commands) -> None:
                           help="img2img: start from this image (resized to --width x --height)")
     generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
     generate.add_argument("--mask", type=Path, help="inpainting (with --init-image): white repaints, black keeps")
-    generate.add_argument("--mask-blur", type=int, default=4,
+    generate.add_argument("--mask-blur", type=int, default=INPAINTING_DEFAULTS["mask_blur"],
                           help="Gaussian blur radius of the mask (OpenCV's, as AUTOMATIC1111's)")
     generate.add_argument("--mask-invert", action="store_true", help="repaint the black part instead")
     generate.add_argument("--soft-mask", action="store_true",
                           help="keep the mask soft where AUTOMATIC1111 rounds it by default (its mask_round false): "
                                "a transparent mask's alpha, the latent mask, an inpainting UNet's mask")
-    generate.add_argument("--inpainting-fill", type=int, choices=(0, 1, 2, 3), default=1,
+    generate.add_argument("--inpainting-fill", type=int, choices=(0, 1, 2, 3),
+                          default=INPAINTING_DEFAULTS["inpainting_fill"],
                           help="what the masked area starts from: 0 fill, 1 original (default), 2 latent noise, "
                                "3 latent nothing")
     generate.add_argument("--only-masked", action="store_true",
                           help="inpaint a crop around the mask at --width x --height and paste it back "
                                "(AUTOMATIC1111's inpaint_full_res); the image keeps its own size")
-    generate.add_argument("--only-masked-padding", type=int, default=32, help="pixels around the mask's crop")
+    generate.add_argument("--only-masked-padding", type=int, default=INPAINTING_DEFAULTS["only_masked_padding"],
+                          help="pixels around the mask's crop")
     generate.add_argument("--overlay", action="store_true",
                           help="paste the init image back outside the blurred mask (what AUTOMATIC1111 returns; "
                                "the API always does)")
@@ -133,6 +139,12 @@ def _files(args) -> dict[str, bytes]:
     """Every image the arguments name, read once; a missing one is an error before anything runs."""
     if args.mask is not None and args.init_image is None:
         raise KilnError("--mask needs --init-image (inpainting repaints part of an image)")
+    inpainting_only = [f"--{name.replace('_', '-')}" for name in ("mask_blur", "mask_invert", "soft_mask",
+                                                                   "inpainting_fill", "only_masked",
+                                                                   "only_masked_padding", "overlay")
+                       if getattr(args, name) != INPAINTING_DEFAULTS.get(name, False)]
+    if inpainting_only and args.mask is None:  # they act on the mask: without one they would be ignored
+        raise KilnError(f"{', '.join(inpainting_only)}: inpainting options; pass --mask (and --init-image) too")
     if args.hires and args.init_image is not None:
         raise KilnError("--hires is txt2img's hires fix; img2img (--init-image) has none")
     if args.hires_first_pass is not None and not args.hires:
