@@ -72,8 +72,10 @@ def test_top_k_and_layer_are_validated(triton, sample_images):
     assert np.allclose(last.embedding, client.embed_one(data, layer=11).embedding)
 
 
-def _model_stats(server, model: str) -> dict:
-    """Triton's counters for `model`, read once they are settled (they are updated after responses go out)."""
+def _model_stats(server, model: str, inferences: int = 0) -> dict:
+    """Triton's counters for `model`, read once they are settled (they are updated after responses go out, so a
+    client can read them first: seen under load): at least `inferences` counted, the same twice 0.1 s apart, or 5 s
+    gone."""
     def read() -> dict:
         with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as response:
             stats = json.load(response)["model_stats"][0]
@@ -83,7 +85,7 @@ def _model_stats(server, model: str) -> dict:
     for _ in range(50):
         time.sleep(0.1)
         current = read()
-        if current == previous:
+        if current == previous and current["inferences"] >= inferences:
             return current
         previous = current
     return previous
@@ -235,11 +237,10 @@ def test_requests_merged_into_one_call_keep_their_places_and_fail_alone(tmp_path
                     outcomes.append(call.result().as_numpy("pixel_values"))
                 except InferenceServerException as exc:
                     outcomes.append(exc.message())
-        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}/stats") as response:
-            stats = json.load(response)["model_stats"][0]
+        stats = _model_stats(server, model, inferences=7)
     finally:
         server.stop()
-    assert int(stats["inference_count"]) == 7 and int(stats["execution_count"]) == 1, stats  # one call, three requests
+    assert stats == {"inferences": 7, "executions": 1}, stats  # one call, three requests
     for images, outcome in zip(requests[::2], outcomes[::2]):
         np.testing.assert_array_equal(outcome, np.stack([preprocess(p, transform) for p in images]))
     assert isinstance(outcomes[1], str) and "corrupt or truncated image" in outcomes[1], outcomes[1]
