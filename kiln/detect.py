@@ -1,5 +1,6 @@
-"""sd-webui-controlnet's /controlnet/detect on kiln's preprocessors (kiln.control): the map a module makes of an image,
-at the preprocessor's resolution. "none" is the image itself; "canny" resizes the image so that its short side is
+"""sd-webui-controlnet's preprocessing on kiln's preprocessors (kiln.control), for /controlnet/detect and the API's
+ControlNet units (made at the processor resolution, then fitted, as there): the map a module makes of an image, at
+the preprocessor's resolution. "none" is the image itself; "canny" resizes the image so that its short side is
 the resolution (aspect kept, as sd-webui-controlnet's resize_image_with_pad sizes it; with Lanczos, kiln's resize,
 where sd-webui-controlnet uses OpenCV's cubic/area) and runs kiln.control.canny on it."""
 
@@ -14,6 +15,14 @@ from kiln.imaging import ImageLimits, decode_image
 RESOLUTION_RANGE = (64, 2048)  # sd-webui-controlnet's resolution slider
 DEFAULT_RESOLUTION = 512
 DEFAULT_THRESHOLDS = (100, 200)  # its Canny sliders' defaults (low, high)
+
+
+def pixel_perfect_resolution(width: int, height: int, target_width: int, target_height: int, mode: int) -> int:
+    """sd-webui-controlnet's "pixel perfect" processor resolution: the one at which a width x height image's map
+    comes out at the generation's scale once fitted by the resize mode. The short side times the larger of the two
+    ratios (the smaller for 2, resize and fill), rounded half to even."""
+    ratio = (min if mode == 2 else max)(target_height / height, target_width / width)
+    return round(ratio * min(width, height))
 
 
 def processor_size(width: int, height: int, resolution: int) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
+from kiln.control import resize_control
 from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image, encode_png, resized_rgb, unit_range
 
@@ -196,7 +197,7 @@ def fit_control_image(data: bytes, width: int, height: int, mode: int) -> bytes:
     scaled by the larger of the two ratios (sides rounded half to even, as numpy rounds), the middle cut out; 2
     resize and fill (its outer fit): scaled by the smaller, centred on the median colour of the image's four edges;
     0 and any other return the bytes unchanged (the pipeline's plain resize). kiln scales with Lanczos where the
-    extension uses OpenCV's area and cubic filters."""
+    extension uses OpenCV's area and cubic filters; a binary map stays binary (kiln.control.resize_control)."""
     if mode not in (1, 2):
         return data
     image = decode_image(data, ImageLimits(min_side=1))
@@ -204,7 +205,7 @@ def fit_control_image(data: bytes, width: int, height: int, mode: int) -> bytes:
     old_h, old_w = pixels.shape[:2]
     scale = (max if mode == 1 else min)(height / old_h, width / old_w)
     size = (int(np.round(old_w * scale)), int(np.round(old_h * scale)))
-    resized = np.asarray(image.resize(size, Image.Resampling.LANCZOS))
+    resized = np.asarray(resize_control(image, size))
     if mode == 1:
         top, left = max(0, (size[1] - height) // 2), max(0, (size[0] - width) // 2)
         return encode_png(resized[top:top + height, left:left + width])

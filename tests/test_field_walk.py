@@ -222,12 +222,18 @@ UNIT = {
     "resize_mode": (unit(image=WIDE, resize_mode="Just Resize"), unit(image=WIDE), "image"),
     "low_vram": (unit(low_vram=True), unit(), "same_image"),  # a memory strategy: the same images by definition
     "lowvram": (unit(lowvram=True), unit(), "same_image"),
-    "processor_res": (unit(module="canny", processor_res=256), {}, ("refused", 422, "processor_res")),
-    "threshold_a": (unit(image=PHOTO, module="canny", threshold_a=20), unit(image=PHOTO, module="canny"), "image"),
-    "threshold_b": (unit(image=PHOTO, module="canny", threshold_b=120), unit(image=PHOTO, module="canny"), "image"),
+    # the map made at that resolution, then fitted (sd-webui-controlnet's order; tests/test_control_units.py)
+    "processor_res": (unit(image=PHOTO, module="canny", processor_res=256), unit(image=PHOTO, module="canny"),
+                      "image"),
+    # at the photo's own scale (pixel perfect): at the default 512 the 64-pixel photo, upscaled 8x, has no edges
+    "threshold_a": (unit(image=PHOTO, module="canny", threshold_a=20, pixel_perfect=True),
+                    unit(image=PHOTO, module="canny", pixel_perfect=True), "image"),
+    "threshold_b": (unit(image=PHOTO, module="canny", threshold_b=120, pixel_perfect=True),
+                    unit(image=PHOTO, module="canny", pixel_perfect=True), "image"),
     "guidance_start": (unit(guidance_start=0.5), unit(), "image"),
     "guidance_end": (unit(guidance_end=0.5), unit(), "image"),
-    "pixel_perfect": (unit(module="canny", pixel_perfect=True), {}, ("refused", 422, "pixel_perfect")),
+    "pixel_perfect": (unit(image=PHOTO, module="canny", pixel_perfect=True), unit(image=PHOTO, module="canny"),
+                      "image"),
     "control_mode": (unit(control_mode="ControlNet is more important"), unit(), "image"),
     "guess_mode": (unit(guess_mode=True), {}, ("refused", 422, "guess_mode")),
     "guessmode": (unit(guessmode=True), {}, ("refused", 422, "guessmode")),

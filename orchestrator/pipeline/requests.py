@@ -29,6 +29,9 @@ class ControlNetUnit:
     # the unconditional rows); orchestrator.pipeline.control
     control_mode: int = 0
     second_pass: bool = False  # set for the hires fix's second pass: canny soft-injects there (the extension's)
+    # the image is the module's map already (the API's units: detected at the processor resolution, then fitted, as
+    # sd-webui-controlnet does); otherwise the module runs on the image at the generation's size
+    detected: bool = False
 
     def scale_at(self, index: int, total: int) -> float:
         """diffusers' controlnet_keep: the unit acts on steps inside [guidance_start, guidance_end]."""

@@ -4,17 +4,21 @@ response, its sampler names and options."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import time
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from pydantic import ValidationError
 
 from kiln import schemas
 from kiln.contract import SDContract
-from kiln.control import control_image
+from kiln.control import CONTROL_MODULES, control_image
+from kiln.detect import DEFAULT_RESOLUTION, RESOLUTION_RANGE, pixel_perfect_resolution
+from kiln.detect import detect_map as preprocessor_map
 from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
@@ -203,10 +207,35 @@ def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, in
     if control_mode is None:
         raise InputError(f"{where}.control_mode {unit.control_mode!r} is not one of sd-webui-controlnet's: Balanced, "
                          "My prompt is more important, ControlNet is more important (or 0, 1, 2)")
-    if unit.module.lower() != "none" and (unit.pixel_perfect or unit.processor_res not in (512, -1)):
-        raise InputError(f"{where}: pixel_perfect and processor_res are not supported: the {unit.module} "
-                         "preprocessor runs at the generation's size")
     return mode, control_mode
+
+
+def _unit_image(unit: schemas.ControlNetUnitArgs, where: str, data: bytes, width: int, height: int, mode: int,
+                max_pixels: int) -> bytes:
+    """The unit's control image at width x height, in sd-webui-controlnet's order: its preprocessor's map made at the
+    processor resolution (processor_res, -1 its default 512; or pixel perfect's, from the image's and the
+    generation's sizes), then fitted by the resize mode. Fitting first would make the preprocessor see resize and
+    fill's borders (canny: a frame of edges around the image)."""
+    module = unit.module.lower()
+    if module == "none":
+        return fit_control_image(data, width, height, mode)
+    if module not in CONTROL_MODULES:
+        raise InputError(f"{where}.module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
+    if unit.pixel_perfect:
+        resolution = pixel_perfect_resolution(*Image.open(io.BytesIO(data)).size, width, height, mode)
+    elif unit.processor_res == -1:
+        resolution = DEFAULT_RESOLUTION
+    elif RESOLUTION_RANGE[0] <= unit.processor_res <= RESOLUTION_RANGE[1]:
+        resolution = unit.processor_res
+    else:
+        raise InputError(f"{where}.processor_res must be {RESOLUTION_RANGE[0]} to {RESOLUTION_RANGE[1]} (or -1: "
+                         f"{DEFAULT_RESOLUTION}), got {unit.processor_res}")
+    low, high = int(unit.threshold_a), int(unit.threshold_b)
+    if not 0 <= low < high <= 255:
+        raise InputError(f"{where}: canny thresholds must satisfy 0 <= threshold_a < threshold_b <= 255, got {low}, "
+                         f"{high}")
+    detected = preprocessor_map(data, module, resolution, low, high, max_pixels, f"{where}.image")
+    return fit_control_image(encode_png(detected), width, height, mode)
 
 
 def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) -> tuple[ControlNetUnit, ...] | None:
@@ -238,8 +267,8 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) ->
                 raise InputError(f"{where}.{name} must be an integer")
         resize, control_mode = _unit_options(unit, where)
         data = decode_b64_image(image, f"{where}.image", max_pixels)
-        result.append(ControlNetUnit(image=fit_control_image(data, width, height, resize),
-                                     module=unit.module.lower(), weight=unit.weight,
+        result.append(ControlNetUnit(image=_unit_image(unit, where, data, width, height, resize, max_pixels),
+                                     detected=True, module=unit.module.lower(), weight=unit.weight,
                                      guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
                                      low_threshold=int(unit.threshold_a), high_threshold=int(unit.threshold_b),
                                      model=unit.model, save_detected_map=unit.save_detected_map,
@@ -287,8 +316,8 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
 def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
     """What a unit gave its ControlNet (the preprocessor's output, or the resized image), as uint8 pixels: the
     "detected map" sd-webui-controlnet appends to the response's images unless control_net_no_detectmap."""
-    pixels = control_image(unit.image, request.width, request.height, unit.module, unit.low_threshold,
-                           unit.high_threshold)
+    pixels = control_image(unit.image, request.width, request.height, "none" if unit.detected else unit.module,
+                           unit.low_threshold, unit.high_threshold)
     return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)
 
 

@@ -1,0 +1,124 @@
+"""An API ControlNet unit's image as sd-webui-controlnet makes it: the preprocessor's map at the processor
+resolution (processor_res, or pixel perfect's), then fitted by the resize mode, a binary map kept binary.
+
+No server: `a1111.controlnet_units` is what the txt2img/img2img routes call on alwayson_scripts.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kiln.control import canny, otsu_threshold, resize_control
+from kiln.detect import detect_map, pixel_perfect_resolution
+from kiln.errors import InputError
+from kiln.masks import fit_control_image
+from kiln.paths import SAMPLE_IMAGES
+from orchestrator.server.a1111 import controlnet_units
+from tests.conftest import encode
+
+MAX_PIXELS = 4096 * 4096
+
+
+def _photo(size: tuple[int, int]) -> bytes:
+    return encode(Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize(size, Image.Resampling.LANCZOS))
+
+
+def _unit_image(data: bytes, width: int = 64, height: int = 64, **unit) -> np.ndarray:
+    args = [{"image": base64.b64encode(data).decode(), "module": "canny"} | unit]
+    (made,) = controlnet_units({"controlnet": {"args": args}}, MAX_PIXELS, width, height)
+    assert made.detected and made.module == "canny"
+    return np.asarray(Image.open(io.BytesIO(made.image)).convert("RGB"))
+
+
+def _read(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_resize_and_fill_detects_before_it_fills():
+    """A wide image into a square by Resize and Fill: the map is made of the image and then centred on the map's edge
+    colour (black), so the bands are empty and the image's border is no line of edges. Fitting first (kiln's order
+    before) gave canny the boundary between the photo and its fill: a line of edges along it."""
+    halves = np.full((48, 128, 3), 230, np.uint8)
+    halves[24:] = 30  # light above, dark below: the edges' median colour (130) is neither
+    wide = encode(Image.fromarray(halves))
+    fill = _unit_image(wide, resize_mode="Resize and Fill", pixel_perfect=True)
+    assert fill.shape == (64, 64, 3) and fill[20:44].any()  # the map is in the middle band
+    assert not fill[:20].any() and not fill[44:].any()  # 48 x 64/128 = 24 rows, centred: 20..44
+    assert (fill[20, :, 0] == 255).mean() < 0.5 and (fill[43, :, 0] == 255).mean() < 0.5
+    fitted_first = np.asarray(canny(Image.open(io.BytesIO(fit_control_image(wide, 64, 64, 2))), 100, 200))
+    assert max((fitted_first[row, :, 0] == 255).mean() for row in (19, 20, 43, 44)) > 0.8  # the line it had
+
+
+@pytest.mark.parametrize(("mode", "name"), [(0, "Just Resize"), (1, "Crop and Resize"), (2, "Resize and Fill")])
+def test_the_map_is_made_at_the_processor_resolution_then_fitted(mode, name):
+    """processor_res (-1 its default, 512) or pixel perfect's: the unit's image is that map fitted by the mode."""
+    tall = _photo((40, 90))
+    for unit, resolution in (({"processor_res": 96}, 96), ({"processor_res": -1}, 512), ({}, 512),
+                             ({"pixel_perfect": True, "processor_res": 96}, pixel_perfect_resolution(40, 90, 64, 64,
+                                                                                                  mode))):
+        made = detect_map(tall, "canny", resolution, 100, 200, MAX_PIXELS)
+        expected = _read(fit_control_image(encode(made), 64, 64, mode))
+        if mode == 0:  # Just Resize: the pipeline stretches the map to the generation's size
+            expected = np.asarray(resize_control(Image.fromarray(expected), (64, 64)))
+        got = _unit_image(tall, resize_mode=name, **unit)
+        if mode == 0:
+            got = np.asarray(resize_control(Image.fromarray(got), (64, 64)))
+        assert np.array_equal(got, expected), (name, unit)
+    at_96, at_512 = _unit_image(tall, resize_mode=name, processor_res=96), _unit_image(tall, resize_mode=name)
+    assert not np.array_equal(at_96, at_512)
+
+
+def test_pixel_perfect_resolution_is_the_extensions():
+    """sd-webui-controlnet's pixel_perfect_resolution written out: the short side times the larger ratio (the smaller
+    for its outer fit, Resize and Fill), np.round."""
+    def theirs(raw_h, raw_w, target_h, target_w, outer):
+        k0, k1 = target_h / raw_h, target_w / raw_w
+        return int(np.round((min(k0, k1) if outer else max(k0, k1)) * min(raw_h, raw_w)))
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        raw_w, raw_h, width, height = (int(v) for v in rng.integers(16, 2048, 4))
+        for mode in (0, 1, 2):
+            assert pixel_perfect_resolution(raw_w, raw_h, width, height, mode) == theirs(raw_h, raw_w, height, width,
+                                                                                          mode == 2)
+    assert pixel_perfect_resolution(1024, 768, 512, 512, 1) == 512 and pixel_perfect_resolution(1024, 768, 512, 512,
+                                                                                                2) == 384
+
+
+def test_a_binary_map_stays_binary_when_resized():
+    """An edge map scaled up or down keeps two values (Otsu's threshold of the channels' mean); a photo is plain
+    Lanczos."""
+    rng = np.random.default_rng(1)
+    edges = np.where(rng.random((50, 70)) > 0.9, 255, 0).astype(np.uint8)
+    for size in ((160, 90), (33, 21)):
+        resized = np.asarray(resize_control(Image.fromarray(np.repeat(edges[..., None], 3, axis=2)), size))
+        assert resized.shape == (size[1], size[0], 3) and set(np.unique(resized)) <= {0, 255}
+        lanczos = np.asarray(Image.fromarray(edges).resize(size, Image.Resampling.LANCZOS)).astype(np.uint8)
+        assert np.array_equal(resized[..., 0], np.where(lanczos > otsu_threshold(lanczos), 255, 0))
+    photo = Image.open(io.BytesIO(_photo((50, 70))))
+    assert np.array_equal(np.asarray(resize_control(photo, (33, 21))),
+                          np.asarray(photo.resize((33, 21), Image.Resampling.LANCZOS)))
+
+
+def test_otsu_threshold_splits_two_groups():
+    values = np.array([10] * 30 + [12] * 10 + [200] * 5 + [220] * 20, dtype=np.uint8)
+    threshold = otsu_threshold(values)
+    assert 12 <= threshold < 200
+
+
+@pytest.mark.parametrize(("unit", "words"), [
+    ({"processor_res": 4096}, "processor_res must be 64 to 2048 (or -1: 512), got 4096"),
+    ({"processor_res": 32}, "processor_res must be 64 to 2048"),
+    ({"threshold_a": 200, "threshold_b": 100}, "canny thresholds must satisfy 0 <= threshold_a < threshold_b <= 255"),
+    ({"threshold_b": 300}, "got 100, 300"),
+    ({"module": "depth"}, "module 'depth' is unknown; valid: none, canny"),
+])
+def test_bad_unit_settings_are_refused_by_name(unit, words):
+    with pytest.raises(InputError, match="alwayson_scripts.controlnet.args\\[0\\]") as info:
+        _unit_image(_photo((64, 64)), **unit)
+    assert words in str(info.value)
