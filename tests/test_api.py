@@ -631,11 +631,12 @@ def test_controlnet_units_detected_maps_follow_the_images(client):
 
     photo = _png(size=(64, 64))
     body = TXT | {"steps": 2, "batch_size": 2, "alwayson_scripts": {"controlnet": {"args": [
-        {"image": _b64(photo), "module": "canny", "threshold_a": 50, "threshold_b": 150}]}}}
+        {"image": _b64(photo), "module": "canny", "threshold_a": 50, "threshold_b": 150, "pixel_perfect": True}]}}}
     response = client.post("/sdapi/v1/txt2img", json=body)
     assert response.status_code == 200, response.text
     images = response.json()["images"]
     assert len(images) == 3 and len(json.loads(response.json()["info"])["infotexts"]) == 2
+    # pixel perfect: the photo's map at its own size, the generation's (tests/test_control_units.py: other sizes)
     expected = np.round(control_image(photo, 64, 64, "canny", 50, 150).transpose(1, 2, 0) * 255).astype(np.uint8)
     assert np.array_equal(decode(images[2])[0], expected)
     off = body | {"override_settings": {"control_net_no_detectmap": True}}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +124,19 @@ def test_bad_unit_settings_are_refused_by_name(unit, words):
     with pytest.raises(InputError, match="alwayson_scripts.controlnet.args\\[0\\]") as info:
         _unit_image(_photo((64, 64)), **unit)
     assert words in str(info.value)
+
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "canny"
+
+
+@pytest.mark.parametrize("case", json.loads((GOLDEN / "cases.json").read_text())["cases"],
+                         ids=lambda case: case["edges"])
+def test_canny_is_opencvs(case):
+    """kiln's canny gives OpenCV's pixels: maps cv2.Canny made of the sample photographs (scripts/
+    make_canny_golden.py, opencv-python-headless 5.1, not a dependency), at the extension's default thresholds, low
+    ones, fractional and swapped ones."""
+    photo = Image.open(SAMPLE_IMAGES / case["image"])
+    edges = np.asarray(canny(photo, case["low"], case["high"]))
+    theirs = np.asarray(Image.open(GOLDEN / case["edges"]))
+    assert edges.shape == (*theirs.shape, 3) and (edges == edges[..., :1]).all()
+    assert theirs.any() and np.array_equal(edges[..., 0], theirs), f"{(edges[..., 0] != theirs).sum()} pixels differ"
