@@ -20,15 +20,15 @@ DEFAULT_THRESHOLDS = (100, 200)  # its Canny sliders' defaults (low, high)
 def pixel_perfect_resolution(width: int, height: int, target_width: int, target_height: int, mode: int) -> int:
     """sd-webui-controlnet's "pixel perfect" processor resolution: the one at which a width x height image's map
     comes out at the generation's scale once fitted by the resize mode. The short side times the larger of the two
-    ratios (the smaller for 2, resize and fill), rounded half to even."""
+    ratios (the smaller for 2, resize and fill), rounded half to even (at least 1)."""
     ratio = (min if mode == 2 else max)(target_height / height, target_width / width)
-    return round(ratio * min(width, height))
+    return max(1, round(ratio * min(width, height)))
 
 
 def processor_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     """The short side at `resolution`, the long one scaled with it and rounded (half to even, as numpy rounds)."""
     k = resolution / min(width, height)
-    return round(width * k), round(height * k)
+    return max(1, round(width * k)), max(1, round(height * k))
 
 
 def detect_map(data: bytes, module: str, resolution: int, low: int, high: int, max_pixels: int,

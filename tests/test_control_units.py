@@ -86,8 +86,9 @@ def test_pixel_perfect_resolution_is_the_extensions():
     for _ in range(200):
         raw_w, raw_h, width, height = (int(v) for v in rng.integers(16, 2048, 4))
         for mode in (0, 1, 2):
-            assert pixel_perfect_resolution(raw_w, raw_h, width, height, mode) == theirs(raw_h, raw_w, height, width,
-                                                                                          mode == 2)
+            assert pixel_perfect_resolution(raw_w, raw_h, width, height, mode) == max(1, theirs(raw_h, raw_w, height,
+                                                                                                 width, mode == 2))
+    assert pixel_perfect_resolution(4000, 10, 64, 64, 2) == 1  # theirs: 0, a map of no pixels (kiln: at least 1)
     assert pixel_perfect_resolution(1024, 768, 512, 512, 1) == 512 and pixel_perfect_resolution(1024, 768, 512, 512,
                                                                                                 2) == 384
 

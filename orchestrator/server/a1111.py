@@ -4,14 +4,12 @@ response, its sampler names and options."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import time
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pydantic import ValidationError
 
 from kiln import schemas
@@ -20,7 +18,7 @@ from kiln.control import CONTROL_MODULES, control_image
 from kiln.detect import DEFAULT_RESOLUTION, RESOLUTION_RANGE, pixel_perfect_resolution
 from kiln.detect import detect_map as preprocessor_map
 from kiln.errors import InputError
-from kiln.imaging import encode_png
+from kiln.imaging import ImageLimits, decode_image, encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import fit_control_image, resize_init_image
 from kiln.prompts import EXTRA_NETWORK
@@ -222,7 +220,8 @@ def _unit_image(unit: schemas.ControlNetUnitArgs, where: str, data: bytes, width
     if module not in CONTROL_MODULES:
         raise InputError(f"{where}.module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
     if unit.pixel_perfect:
-        resolution = pixel_perfect_resolution(*Image.open(io.BytesIO(data)).size, width, height, mode)
+        upright = decode_image(data, ImageLimits(min_side=1))  # its size as the map sees it (EXIF rotation applied)
+        resolution = pixel_perfect_resolution(*upright.size, width, height, mode)
     elif unit.processor_res == -1:
         resolution = DEFAULT_RESOLUTION
     elif RESOLUTION_RANGE[0] <= unit.processor_res <= RESOLUTION_RANGE[1]:
