@@ -31,15 +31,36 @@ def processor_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return max(1, round(width * k)), max(1, round(height * k))
 
 
+def processor_resolution(value: int, name: str) -> int:
+    """A processor resolution as a client sends it: -1 is sd-webui-controlnet's default (512); anything outside its
+    slider's range, which it would not run as sent, is refused naming the field `name`."""
+    if value == -1:
+        return DEFAULT_RESOLUTION
+    if not RESOLUTION_RANGE[0] <= value <= RESOLUTION_RANGE[1]:
+        raise InputError(f"{name} must be {RESOLUTION_RANGE[0]} to {RESOLUTION_RANGE[1]} (or -1: "
+                         f"{DEFAULT_RESOLUTION}), got {value}")
+    return value
+
+
+def decode_source(data: bytes, max_pixels: int, what: str = "image") -> Image.Image:
+    """An encoded image a preprocessor is to read (upright, RGB), its errors naming `what`."""
+    try:
+        return decode_image(data, ImageLimits(max_pixels=max_pixels, min_side=1))
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+
+
 def detect_map(data: bytes, module: str, resolution: int, low: int, high: int, max_pixels: int,
                what: str = "image") -> Image.Image:
     """The module's map of an encoded image (RGB); a map over `max_pixels` is refused before it is made."""
     if module not in CONTROL_MODULES:
         raise InputError(f"module {module!r} is not available; valid: {', '.join(CONTROL_MODULES)}")
-    try:
-        image = decode_image(data, ImageLimits(max_pixels=max_pixels, min_side=1))
-    except InputError as exc:
-        raise InputError(f"{what}: {exc}") from None
+    return map_of(decode_source(data, max_pixels, what), module, resolution, low, high, max_pixels, what)
+
+
+def map_of(image: Image.Image, module: str, resolution: int, low: int, high: int, max_pixels: int,
+           what: str = "image") -> Image.Image:
+    """The module's map of a decoded image (detect_map's second half)."""
     if module == "none":
         return image
     size = processor_size(image.width, image.height, resolution)

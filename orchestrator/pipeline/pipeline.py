@@ -356,8 +356,8 @@ class Pipeline:
 
 def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int) -> list[np.ndarray]:
     """Each ControlNet unit's input at width x height (its preprocessor run), once per row of the UNet batch."""
-    return [np.repeat(control_image(unit.image, width, height, "none" if unit.detected else unit.module,
-                                    unit.low_threshold, unit.high_threshold)[None], rows, axis=0)
+    return [np.repeat(control_image(unit.image, width, height, unit.preprocessor, unit.low_threshold,
+                                    unit.high_threshold)[None], rows, axis=0)
             for unit in request.controlnet_units]
 
 

@@ -33,6 +33,11 @@ class ControlNetUnit:
     # sd-webui-controlnet does); otherwise the module runs on the image at the generation's size
     detected: bool = False
 
+    @property
+    def preprocessor(self) -> str:
+        """The module still to run on the image: none where the image is its map already."""
+        return "none" if self.detected else self.module
+
     def scale_at(self, index: int, total: int) -> float:
         """diffusers' controlnet_keep: the unit acts on steps inside [guidance_start, guidance_end]."""
         outside = index / total < self.guidance_start or (index + 1) / total > self.guidance_end

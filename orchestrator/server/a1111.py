@@ -15,10 +15,9 @@ from pydantic import ValidationError
 from kiln import schemas
 from kiln.contract import SDContract
 from kiln.control import CONTROL_MODULES, control_image
-from kiln.detect import DEFAULT_RESOLUTION, RESOLUTION_RANGE, pixel_perfect_resolution
-from kiln.detect import detect_map as preprocessor_map
+from kiln.detect import decode_source, map_of, pixel_perfect_resolution, processor_resolution
 from kiln.errors import InputError
-from kiln.imaging import ImageLimits, decode_image, encode_png
+from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import fit_control_image, resize_init_image
 from kiln.prompts import EXTRA_NETWORK
@@ -219,21 +218,14 @@ def _unit_image(unit: schemas.ControlNetUnitArgs, where: str, data: bytes, width
         return fit_control_image(data, width, height, mode)
     if module not in CONTROL_MODULES:
         raise InputError(f"{where}.module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
-    if unit.pixel_perfect:
-        upright = decode_image(data, ImageLimits(min_side=1))  # its size as the map sees it (EXIF rotation applied)
-        resolution = pixel_perfect_resolution(*upright.size, width, height, mode)
-    elif unit.processor_res == -1:
-        resolution = DEFAULT_RESOLUTION
-    elif RESOLUTION_RANGE[0] <= unit.processor_res <= RESOLUTION_RANGE[1]:
-        resolution = unit.processor_res
-    else:
-        raise InputError(f"{where}.processor_res must be {RESOLUTION_RANGE[0]} to {RESOLUTION_RANGE[1]} (or -1: "
-                         f"{DEFAULT_RESOLUTION}), got {unit.processor_res}")
     low, high = int(unit.threshold_a), int(unit.threshold_b)
     if not 0 <= low < high <= 255:
         raise InputError(f"{where}: canny thresholds must satisfy 0 <= threshold_a < threshold_b <= 255, got {low}, "
                          f"{high}")
-    detected = preprocessor_map(data, module, resolution, low, high, max_pixels, f"{where}.image")
+    image = decode_source(data, max_pixels, f"{where}.image")  # upright: pixel perfect reads the size the map sees
+    resolution = (pixel_perfect_resolution(*image.size, width, height, mode) if unit.pixel_perfect
+                  else processor_resolution(unit.processor_res, f"{where}.processor_res"))
+    detected = map_of(image, module, resolution, low, high, max_pixels, f"{where}.image")
     return fit_control_image(encode_png(detected), width, height, mode)
 
 
@@ -315,8 +307,8 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
 def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
     """What a unit gave its ControlNet (the preprocessor's output, or the resized image), as uint8 pixels: the
     "detected map" sd-webui-controlnet appends to the response's images unless control_net_no_detectmap."""
-    pixels = control_image(unit.image, request.width, request.height, "none" if unit.detected else unit.module,
-                           unit.low_threshold, unit.high_threshold)
+    pixels = control_image(unit.image, request.width, request.height, unit.preprocessor, unit.low_threshold,
+                           unit.high_threshold)
     return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)
 
 

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.control import CONTROL_MODULES
-from kiln.detect import DEFAULT_RESOLUTION, DEFAULT_THRESHOLDS, RESOLUTION_RANGE, detect_map
+from kiln.detect import DEFAULT_RESOLUTION, DEFAULT_THRESHOLDS, detect_map, processor_resolution
 from kiln.errors import InputError, TooLargeError
 from kiln.imaging import encode_png
 from orchestrator.server.generation import engine, served_contract
@@ -73,14 +73,9 @@ def detect_options(body: schemas.ControlNetDetectBody) -> tuple[str, int, int, i
         raise InputError("controlnet_input_images: no image (send one or more base64 images)")
     if body.controlnet_masks:
         raise InputError(f"controlnet_masks: the {module} preprocessor takes no mask")
-    resolution = body.controlnet_processor_res
-    if resolution == -1:
-        resolution = DEFAULT_RESOLUTION
-    elif module != "none" and not RESOLUTION_RANGE[0] <= resolution <= RESOLUTION_RANGE[1]:
-        raise InputError(f"controlnet_processor_res must be {RESOLUTION_RANGE[0]} to {RESOLUTION_RANGE[1]} (or -1: "
-                         f"{DEFAULT_RESOLUTION}), got {resolution}")
     if module == "none":  # the image itself: no resolution, no thresholds (as sd-webui-controlnet's "none")
-        return module, resolution, *DEFAULT_THRESHOLDS
+        return module, DEFAULT_RESOLUTION, *DEFAULT_THRESHOLDS
+    resolution = processor_resolution(body.controlnet_processor_res, "controlnet_processor_res")
     low = _threshold(body, "controlnet_threshold_a", DEFAULT_THRESHOLDS[0])
     high = _threshold(body, "controlnet_threshold_b", DEFAULT_THRESHOLDS[1])
     if low >= high:
