@@ -112,15 +112,39 @@ def _local_maxima(magnitude: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.n
 
 
 def _hysteresis(candidates: np.ndarray, strong: np.ndarray) -> np.ndarray:
-    """The candidates 8-connected (through candidates) to a strong pixel, as 255; the rest 0."""
-    edges = strong.copy()
-    height, width = edges.shape
-    todo = list(zip(*np.nonzero(strong)))
-    while todo:
-        row, column = todo.pop()
-        for near_row in range(max(row - 1, 0), min(row + 2, height)):
-            for near_column in range(max(column - 1, 0), min(column + 2, width)):
-                if candidates[near_row, near_column] and not edges[near_row, near_column]:
-                    edges[near_row, near_column] = True
-                    todo.append((near_row, near_column))
-    return np.where(edges, 255, 0).astype(np.uint8)
+    """The candidates 8-connected (through candidates) to a strong pixel, as 255; the rest 0. Connected components
+    of the candidates' horizontal runs: runs on neighbouring rows touch where their columns overlap or meet at a
+    corner; labels are merged by hooking each pair's larger root onto the smaller and halving paths until nothing
+    changes (a few rounds), all in numpy."""
+    height, width = candidates.shape
+    steps = np.diff(np.pad(candidates, ((0, 0), (1, 1))).astype(np.int8), axis=1)  # +1 a run starts, -1 it ended
+    starts, stops = np.flatnonzero(steps == 1), np.flatnonzero(steps == -1)  # row * (width + 1) + column, row-major
+    rows, first, stop = starts // (width + 1), starts % (width + 1), stops % (width + 1)
+    stride = width + 2  # keys row * stride + column order the runs as they are numbered
+    start_keys, stop_keys = rows * stride + first, rows * stride + stop
+    # the runs of the next row that touch each run: from the first ending at or after its start to the last starting
+    # at or before its end
+    lowest = np.searchsorted(stop_keys, (rows + 1) * stride + first, side="left")
+    count = np.maximum(np.searchsorted(start_keys, (rows + 1) * stride + stop, side="right") - lowest, 0)
+    upper = np.repeat(np.arange(len(starts)), count)
+    lower = np.repeat(lowest - np.cumsum(count) + count, count) + np.arange(count.sum())
+    root = np.arange(len(starts))
+    while True:
+        a, b = root[upper], root[lower]
+        differ = a != b
+        if not differ.any():
+            break
+        np.minimum.at(root, np.maximum(a[differ], b[differ]), np.minimum(a[differ], b[differ]))
+        while True:
+            jumped = root[root]
+            if np.array_equal(jumped, root):
+                break
+            root = jumped
+    strong_rows, strong_columns = np.nonzero(strong)
+    reached = np.zeros(len(starts), bool)
+    reached[root[np.searchsorted(start_keys, strong_rows * stride + strong_columns, side="right") - 1]] = True
+    kept = reached[root]
+    marks = np.zeros((height, width + 1), np.int32)
+    marks[rows[kept], first[kept]] += 1
+    marks[rows[kept], stop[kept]] -= 1
+    return np.where(np.cumsum(marks, axis=1)[:, :width] > 0, 255, 0).astype(np.uint8)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kiln.control import canny, otsu_threshold, resize_control
+from kiln.control import _hysteresis, canny, otsu_threshold, resize_control
 from kiln.detect import detect_map, pixel_perfect_resolution
 from kiln.errors import InputError
 from kiln.masks import fit_control_image
@@ -141,3 +141,34 @@ def test_canny_is_opencvs(case):
     theirs = np.asarray(Image.open(GOLDEN / case["edges"]))
     assert edges.shape == (*theirs.shape, 3) and (edges == edges[..., :1]).all()
     assert theirs.any() and np.array_equal(edges[..., 0], theirs), f"{(edges[..., 0] != theirs).sum()} pixels differ"
+
+
+def _flood(candidates: np.ndarray, strong: np.ndarray) -> np.ndarray:
+    """Hysteresis as a flood fill from the strong pixels: the definition the vectorized one must equal."""
+    edges, todo = strong.copy(), list(zip(*np.nonzero(strong)))
+    while todo:
+        row, column = todo.pop()
+        for r in range(max(row - 1, 0), min(row + 2, edges.shape[0])):
+            for c in range(max(column - 1, 0), min(column + 2, edges.shape[1])):
+                if candidates[r, c] and not edges[r, c]:
+                    edges[r, c] = True
+                    todo.append((r, c))
+    return np.where(edges, 255, 0).astype(np.uint8)
+
+
+def test_hysteresis_is_the_flood_fill():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        height, width = (int(v) for v in rng.integers(1, 40, 2))
+        candidates = rng.random((height, width)) < rng.uniform(0.05, 0.95)
+        strong = candidates & (rng.random((height, width)) < rng.uniform(0, 0.3))
+        assert np.array_equal(_hysteresis(candidates, strong), _flood(candidates, strong))
+    spiral = np.zeros((64, 64), bool)  # one long path: the labels must meet from end to end
+    for ring in range(0, 32, 2):
+        spiral[ring, ring:64 - ring] = spiral[ring:64 - ring, 63 - ring] = spiral[63 - ring, ring:64 - ring] = True
+        spiral[ring + 2:64 - ring, ring] = True
+        spiral[ring + 2, ring:ring + 3] = True
+    strong = np.zeros_like(spiral)
+    strong[32, 32] = spiral[32, 32]
+    strong[0, 0] = True
+    assert np.array_equal(_hysteresis(spiral, strong), _flood(spiral, strong))
