@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from kiln.controlmaps import fit_map
+from kiln.cvimage import otsu_threshold
 from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image, unit_range
 
@@ -13,12 +15,16 @@ CONTROL_MODULES = ("none", "canny")
 
 
 def control_image(data: bytes, width: int, height: int, module: str = "none", low_threshold: int = 100,
-                  high_threshold: int = 200) -> np.ndarray:
-    """The ControlNet's input (3, height, width) in [0, 1]: the image resized, then the module's preprocessing."""
+                  high_threshold: int = 200, fit: int | None = None) -> np.ndarray:
+    """The ControlNet's input (3, height, width) in [0, 1]: the image resized, then the module's preprocessing; or,
+    with `fit` (sd-webui-controlnet's resize mode), the image is the unit's map already and is fitted as the
+    extension fits it (kiln.controlmaps.fit_map)."""
     try:
         image = decode_image(data, ImageLimits(min_side=1))
     except InputError as exc:
         raise InputError(f"controlnet image: {exc}") from None
+    if fit is not None:
+        return unit_range(Image.fromarray(fit_map(np.asarray(image), width, height, fit)))
     image = resize_control(image, (width, height))
     if module == "canny":
         image = canny(image, low_threshold, high_threshold)
@@ -26,10 +32,10 @@ def control_image(data: bytes, width: int, height: int, module: str = "none", lo
 
 
 def resize_control(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """A control image at `size` (width, height) with Lanczos; a binary map (two colours, one under 16, one over
-    240: an edge map) stays binary, as sd-webui-controlnet's high_quality_resize keeps it: the channels' mean
-    thresholded where Otsu's method puts it. (The extension also thins one-pixel edges after the threshold; kiln
-    does not.)"""
+    """A control image at `size` (width, height) for kiln's own units (`kiln generate`, library callers: diffusers'
+    resize, Lanczos); a binary map (two colours, one under 16, one over 240: an edge map) stays binary: the channels'
+    mean thresholded where Otsu's method puts it. The API's units are fitted as sd-webui-controlnet fits them
+    instead (kiln.controlmaps)."""
     if image.size == size:
         return image
     resized = image.resize(size, Image.Resampling.LANCZOS)
@@ -43,17 +49,6 @@ def resize_control(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     gray = (gray.mean(axis=2) if gray.ndim == 3 else gray).clip(0, 255).astype(np.uint8)
     binary = np.where(gray > otsu_threshold(gray), 255, 0).astype(np.uint8)
     return Image.fromarray(np.repeat(binary[..., None], 3, axis=2) if pixels.ndim == 3 else binary)
-
-
-def otsu_threshold(gray: np.ndarray) -> int:
-    """Otsu's threshold of uint8 values: the t that maximizes the variance between the classes <= t and > t."""
-    counts = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
-    below = np.cumsum(counts)
-    total_below = np.cumsum(counts * np.arange(256))
-    above = below[-1] - below
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = below * above * (total_below / below - (total_below[-1] - total_below) / above) ** 2
-    return int(np.argmax(np.nan_to_num(between, nan=-1.0)))
 
 
 def canny(image: Image.Image, low: float, high: float) -> Image.Image:

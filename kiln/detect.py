@@ -1,14 +1,17 @@
 """sd-webui-controlnet's preprocessing on kiln's preprocessors (kiln.control), for /controlnet/detect and the API's
 ControlNet units (made at the processor resolution, then fitted, as there): the map a module makes of an image, at
-the preprocessor's resolution. "none" is the image itself; "canny" resizes the image so that its short side is
-the resolution (aspect kept, as sd-webui-controlnet's resize_image_with_pad sizes it; with Lanczos, kiln's resize,
-where sd-webui-controlnet uses OpenCV's cubic/area) and runs kiln.control.canny on it."""
+the preprocessor's resolution. "none" is the image itself; "canny" runs kiln.control.canny on the image as
+sd-webui-controlnet's resize_image_with_pad prepares it: resized so that its short side is the resolution (aspect
+kept; OpenCV's cubic filter to enlarge, area to shrink, kiln.cvimage), its bottom and right edges repeated out to
+multiples of 64, the map of that cut back to the resized image."""
 
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image
 
 from kiln.control import CONTROL_MODULES, canny
+from kiln.cvimage import resize
 from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image
 
@@ -67,6 +70,7 @@ def map_of(image: Image.Image, module: str, resolution: int, low: int, high: int
     if size[0] * size[1] > max_pixels:
         raise InputError(f"controlnet_processor_res {resolution} makes the {image.width}x{image.height} {what} "
                          f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels, over the limit of {max_pixels}")
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    return canny(image, low, high)
+    interpolation = "cubic" if resolution > min(image.width, image.height) else "area"
+    pixels = resize(np.asarray(image.convert("RGB")), *size, interpolation)
+    padded = np.pad(pixels, ((0, -size[1] % 64), (0, -size[0] % 64), (0, 0)), mode="edge")
+    return Image.fromarray(np.asarray(canny(Image.fromarray(padded), low, high))[:size[1], :size[0]])

@@ -13,7 +13,6 @@ import io
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from kiln.control import resize_control
 from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image, encode_png, resized_rgb, unit_range
 
@@ -190,30 +189,6 @@ def resize_init_image(data: bytes, width: int, height: int, mode: int) -> bytes:
     if mode not in (1, 2):
         return data
     return encode_png(shaped(decode_image(data, ImageLimits(min_side=1)), width, height, mode))
-
-
-def fit_control_image(data: bytes, width: int, height: int, mode: int) -> bytes:
-    """sd-webui-controlnet's resize modes for a control image, in its geometry: 1 crop and resize (its inner fit):
-    scaled by the larger of the two ratios (sides rounded half to even, as numpy rounds), the middle cut out; 2
-    resize and fill (its outer fit): scaled by the smaller, centred on the median colour of the image's four edges;
-    0 and any other return the bytes unchanged (the pipeline's plain resize). kiln scales with Lanczos where the
-    extension uses OpenCV's area and cubic filters; a binary map stays binary (kiln.control.resize_control)."""
-    if mode not in (1, 2):
-        return data
-    image = decode_image(data, ImageLimits(min_side=1))
-    pixels = np.asarray(image)
-    old_h, old_w = pixels.shape[:2]
-    scale = (max if mode == 1 else min)(height / old_h, width / old_w)
-    size = (int(np.round(old_w * scale)), int(np.round(old_h * scale)))
-    resized = np.asarray(resize_control(image, size))
-    if mode == 1:
-        top, left = max(0, (size[1] - height) // 2), max(0, (size[0] - width) // 2)
-        return encode_png(resized[top:top + height, left:left + width])
-    edges = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    canvas = np.tile(np.median(edges, axis=0).astype(np.uint8)[None, None], (height, width, 1))
-    top, left = max(0, (height - size[1]) // 2), max(0, (width - size[0]) // 2)
-    canvas[top:top + size[1], left:left + size[0]] = resized
-    return encode_png(canvas)
 
 
 def shaped(image: Image.Image, width: int, height: int, mode: int) -> Image.Image:

@@ -1,5 +1,6 @@
 """An API ControlNet unit's image as sd-webui-controlnet makes it: the preprocessor's map at the processor
-resolution (processor_res, or pixel perfect's), then fitted by the resize mode, a binary map kept binary.
+resolution (processor_res, or pixel perfect's), then fitted by the resize mode (kiln.controlmaps; tests/test_cvimage.py
+compares both steps with the extension's on OpenCV).
 
 No server: `a1111.controlnet_units` is what the txt2img/img2img routes call on alwayson_scripts.
 """
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kiln.control import _hysteresis, canny, otsu_threshold, resize_control
+from kiln.control import _hysteresis, canny, control_image, resize_control
+from kiln.controlmaps import fit_map
+from kiln.cvimage import otsu_threshold
 from kiln.detect import detect_map, pixel_perfect_resolution
 from kiln.errors import InputError
-from kiln.masks import fit_control_image
 from kiln.paths import SAMPLE_IMAGES
 from orchestrator.server.a1111 import controlnet_units
 from tests.conftest import encode
@@ -31,14 +33,12 @@ def _photo(size: tuple[int, int]) -> bytes:
 
 
 def _unit_image(data: bytes, width: int = 64, height: int = 64, **unit) -> np.ndarray:
+    """The unit's control image as the pipeline's first pass feeds it (uint8)."""
     args = [{"image": base64.b64encode(data).decode(), "module": "canny"} | unit]
     (made,) = controlnet_units({"controlnet": {"args": args}}, MAX_PIXELS, width, height)
-    assert made.detected and made.module == "canny"
-    return np.asarray(Image.open(io.BytesIO(made.image)).convert("RGB"))
-
-
-def _read(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert made.resize_mode is not None and made.preprocessor == "none" and made.module == "canny"
+    pixels = control_image(made.image, width, height, made.preprocessor, fit=made.resize_mode)
+    return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)
 
 
 def test_resize_and_fill_detects_before_it_fills():
@@ -52,7 +52,7 @@ def test_resize_and_fill_detects_before_it_fills():
     assert fill.shape == (64, 64, 3) and fill[20:44].any()  # the map is in the middle band
     assert not fill[:20].any() and not fill[44:].any()  # 48 x 64/128 = 24 rows, centred: 20..44
     assert (fill[20, :, 0] == 255).mean() < 0.5 and (fill[43, :, 0] == 255).mean() < 0.5
-    fitted_first = np.asarray(canny(Image.open(io.BytesIO(fit_control_image(wide, 64, 64, 2))), 100, 200))
+    fitted_first = np.asarray(canny(Image.fromarray(fit_map(halves, 64, 64, 2)), 100, 200))
     assert max((fitted_first[row, :, 0] == 255).mean() for row in (19, 20, 43, 44)) > 0.8  # the line it had
 
 
@@ -64,13 +64,8 @@ def test_the_map_is_made_at_the_processor_resolution_then_fitted(mode, name):
                              ({"pixel_perfect": True, "processor_res": 96}, pixel_perfect_resolution(40, 90, 64, 64,
                                                                                                   mode))):
         made = detect_map(tall, "canny", resolution, 100, 200, MAX_PIXELS)
-        expected = _read(fit_control_image(encode(made), 64, 64, mode))
-        if mode == 0:  # Just Resize: the pipeline stretches the map to the generation's size
-            expected = np.asarray(resize_control(Image.fromarray(expected), (64, 64)))
-        got = _unit_image(tall, resize_mode=name, **unit)
-        if mode == 0:
-            got = np.asarray(resize_control(Image.fromarray(got), (64, 64)))
-        assert np.array_equal(got, expected), (name, unit)
+        expected = fit_map(np.asarray(made), 64, 64, mode)
+        assert np.array_equal(_unit_image(tall, resize_mode=name, **unit), expected), (name, unit)
     at_96, at_512 = _unit_image(tall, resize_mode=name, processor_res=96), _unit_image(tall, resize_mode=name)
     assert not np.array_equal(at_96, at_512)
 
@@ -93,9 +88,9 @@ def test_pixel_perfect_resolution_is_the_extensions():
                                                                                                 2) == 384
 
 
-def test_a_binary_map_stays_binary_when_resized():
-    """An edge map scaled up or down keeps two values (Otsu's threshold of the channels' mean); a photo is plain
-    Lanczos."""
+def test_kiln_units_resize_as_diffusers_and_keep_binary_maps_binary():
+    """kiln's own units (kiln generate, the library): an edge map scaled up or down keeps two values (Otsu's threshold
+    of the channels' mean); a photo is plain Lanczos, as diffusers resizes it."""
     rng = np.random.default_rng(1)
     edges = np.where(rng.random((50, 70)) > 0.9, 255, 0).astype(np.uint8)
     for size in ((160, 90), (33, 21)):
@@ -106,12 +101,6 @@ def test_a_binary_map_stays_binary_when_resized():
     photo = Image.open(io.BytesIO(_photo((50, 70))))
     assert np.array_equal(np.asarray(resize_control(photo, (33, 21))),
                           np.asarray(photo.resize((33, 21), Image.Resampling.LANCZOS)))
-
-
-def test_otsu_threshold_splits_two_groups():
-    values = np.array([10] * 30 + [12] * 10 + [200] * 5 + [220] * 20, dtype=np.uint8)
-    threshold = otsu_threshold(values)
-    assert 12 <= threshold < 200
 
 
 @pytest.mark.parametrize(("unit", "words"), [
@@ -141,6 +130,30 @@ def test_canny_is_opencvs(case):
     theirs = np.asarray(Image.open(GOLDEN / case["edges"]))
     assert edges.shape == (*theirs.shape, 3) and (edges == edges[..., :1]).all()
     assert theirs.any() and np.array_equal(edges[..., 0], theirs), f"{(edges[..., 0] != theirs).sum()} pixels differ"
+
+
+def test_each_pass_fits_the_units_map_to_its_own_size():
+    """As the extension's hires option "Both": the second pass's control image is the unit's map fitted to that
+    pass's size by the unit's resize mode, not the first pass's image enlarged; the response's detected map is the
+    first pass's."""
+    from orchestrator.pipeline.pipeline import control_images
+    from orchestrator.pipeline.requests import Txt2ImgRequest
+    from orchestrator.server.a1111 import detect_map as detected_map
+
+    args = [{"image": base64.b64encode(_photo((40, 90))).decode(), "module": "canny", "processor_res": 96,
+             "resize_mode": "Resize and Fill"}]
+    (unit,) = controlnet_units({"controlnet": {"args": args}}, MAX_PIXELS, 64, 64)
+    request = Txt2ImgRequest(prompt="a cat", width=64, height=64, controlnet=unit)
+    made = np.asarray(Image.open(io.BytesIO(unit.image)).convert("RGB"))
+    assert made.shape == (216, 96, 3)  # the map at the processor resolution, as the extension keeps it
+
+    def uint8(pixels: np.ndarray) -> np.ndarray:
+        return np.round(pixels[0].transpose(1, 2, 0) * 255).astype(np.uint8)
+
+    first, second = (uint8(control_images(request, side, side, 2)[0]) for side in (64, 160))
+    assert np.array_equal(first, fit_map(made, 64, 64, 2)) and np.array_equal(second, fit_map(made, 160, 160, 2))
+    assert not np.array_equal(second, fit_map(first, 160, 160, 2))
+    assert np.array_equal(detected_map(unit, request), first)
 
 
 def _flood(candidates: np.ndarray, strong: np.ndarray) -> np.ndarray:

@@ -111,23 +111,20 @@ def test_resize_modes_shape_the_init_image():
 
 def test_control_images_fit_as_sd_webui_controlnet_fits_them():
     """Its inner fit (Crop and Resize): scaled by the larger ratio, rounded half to even, the middle cut out; its
-    outer fit (Resize and Fill): scaled by the smaller, centred on the median colour of the four edges."""
-    from kiln.masks import fit_control_image
+    outer fit (Resize and Fill): scaled by the smaller, centred on the median colour of the four edges; Just Resize
+    stretches. A photo is enlarged by cubic and shrunk by area (its high_quality_resize)."""
+    from kiln.controlmaps import fit_map
+    from kiln.cvimage import resize
 
     pixels = np.random.default_rng(2).integers(0, 256, (48, 128, 3), dtype=np.uint8)
     pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1] = (10, 20, 30), (10, 20, 30), (10, 20, 30), (200, 0, 0)
-    image = Image.fromarray(pixels)
-
-    def read(data: bytes) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(data)))
-
-    crop = read(fit_control_image(encode(image), 64, 64, 1))
-    wide = np.asarray(image.resize((171, 64), Image.Resampling.LANCZOS))  # 128 x 4/3 = 170.67
-    assert np.array_equal(crop, wide[:, 53:117])
-    fill = read(fit_control_image(encode(image), 64, 64, 2))
-    assert np.array_equal(fill[20:44], np.asarray(image.resize((64, 24), Image.Resampling.LANCZOS)))
+    crop = fit_map(pixels, 64, 64, 1)
+    assert np.array_equal(crop, resize(pixels, 171, 64, "cubic")[:, 53:117])  # 128 x 4/3 = 170.67
+    fill = fit_map(pixels, 64, 64, 2)
+    assert np.array_equal(fill[20:44], resize(pixels, 64, 24, "area"))
     assert (fill[:20] == (10, 20, 30)).all() and (fill[44:] == (10, 20, 30)).all()  # the edges' median colour
-    assert fit_control_image(encode(image), 64, 64, 0) == encode(image)
+    assert np.array_equal(fit_map(pixels, 64, 64, 0), resize(pixels, 64, 64, "area"))  # fewer pixels: area
+    assert np.array_equal(fit_map(pixels, 32, 12, 1), resize(pixels, 32, 12, "area"))  # a quarter: whole blocks
 
 
 @pytest.mark.parametrize("size", [(100, 47), (41, 100)])

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from kiln.control import canny
+from kiln.cvimage import resize
 from kiln.triton_server import free_port
 from orchestrator.pipeline import Limits
 from orchestrator.server.service import BackgroundAPI
@@ -250,19 +251,34 @@ def test_control_types_group_the_modules_and_the_builds_controlnets(client):
 
 
 def test_detect_is_kilns_canny_at_the_processor_resolution(client):
+    """sd-webui-controlnet's resize_image_with_pad, then canny: the short side at the resolution (OpenCV's cubic to
+    enlarge, area to shrink: kiln.cvimage), the bottom and right edges repeated out to multiples of 64 (canny sees
+    them), the map cut back."""
+    def padded_canny(pixels: np.ndarray, low: int, high: int) -> np.ndarray:
+        height, width = pixels.shape[:2]
+        padded = np.pad(pixels, ((0, -height % 64), (0, -width % 64), (0, 0)), mode="edge")
+        return np.asarray(canny(Image.fromarray(padded), low, high))[:height, :width]
+
     photo = _photo((96, 64), seed=3)
     same = client.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": [
         _b64(photo)], "controlnet_processor_res": 64, "controlnet_threshold_a": 50, "controlnet_threshold_b": 150})
     assert same.status_code == 200, same.text
     assert same.json()["info"] == "Success"
     edges = _pixels(same.json()["images"][0])
-    assert np.array_equal(edges, np.asarray(canny(photo, 50, 150))) and edges.max() == 255
+    assert np.array_equal(edges, padded_canny(np.asarray(photo), 50, 150)) and edges.max() == 255
+    assert not np.array_equal(edges, np.asarray(canny(photo, 50, 150)))  # the padding shows on the right edge
     # The defaults (-1): resolution 512 on the short side, thresholds 100 and 200.
     scaled = client.post("/controlnet/detect", json={"controlnet_module": "Canny",
                                                      "controlnet_input_images": [_b64(photo), _b64(photo)]}).json()
-    expected = np.asarray(canny(photo.resize((768, 512), LANCZOS), 100, 200))
-    assert not np.array_equal(expected, np.asarray(canny(photo.resize((768, 512), LANCZOS), 50, 150)))
+    enlarged = resize(np.asarray(photo), 768, 512, "cubic")
+    expected = padded_canny(enlarged, 100, 200)
+    assert not np.array_equal(expected, padded_canny(enlarged, 50, 150))
     assert len(scaled["images"]) == 2 and all(np.array_equal(_pixels(i), expected) for i in scaled["images"])
+    large = _photo((128, 96), seed=4)
+    shrunk = client.post("/controlnet/detect", json={"controlnet_module": "canny", "controlnet_input_images": [
+        _b64(large)], "controlnet_processor_res": 72}).json()
+    assert np.array_equal(_pixels(shrunk["images"][0]), padded_canny(resize(np.asarray(large), 96, 72, "area"), 100,
+                                                                      200))
     plain = client.post("/controlnet/detect", json={"controlnet_module": "none", "controlnet_input_images": [
         _b64(photo)]}).json()
     assert np.array_equal(_pixels(plain["images"][0]), np.asarray(photo))

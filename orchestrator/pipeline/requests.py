@@ -29,14 +29,16 @@ class ControlNetUnit:
     # the unconditional rows); orchestrator.pipeline.control
     control_mode: int = 0
     second_pass: bool = False  # set for the hires fix's second pass: canny soft-injects there (the extension's)
-    # the image is the module's map already (the API's units: detected at the processor resolution, then fitted, as
-    # sd-webui-controlnet does); otherwise the module runs on the image at the generation's size
-    detected: bool = False
+    # sd-webui-controlnet's resize mode (0 just resize, 1 crop and resize, 2 resize and fill) for the API's units:
+    # the image is then the unit's map already (its module's output at the processor resolution, or the image itself
+    # with none), fitted to each pass's size as the extension fits it (kiln.controlmaps). None: kiln's own units,
+    # whose module runs on the image at each pass's size (a plain resize, as diffusers')
+    resize_mode: int | None = None
 
     @property
     def preprocessor(self) -> str:
         """The module still to run on the image: none where the image is its map already."""
-        return "none" if self.detected else self.module
+        return "none" if self.resize_mode is not None else self.module
 
     def scale_at(self, index: int, total: int) -> float:
         """diffusers' controlnet_keep: the unit acts on steps inside [guidance_start, guidance_end]."""

@@ -19,7 +19,7 @@ from kiln.detect import decode_source, map_of, pixel_perfect_resolution, process
 from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
-from kiln.masks import fit_control_image, resize_init_image
+from kiln.masks import resize_init_image
 from kiln.prompts import EXTRA_NETWORK
 from kiln.styles import StyleLibrary
 from kiln.upscale import UPSCALERS
@@ -209,13 +209,13 @@ def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, in
 
 def _unit_image(unit: schemas.ControlNetUnitArgs, where: str, data: bytes, width: int, height: int, mode: int,
                 max_pixels: int) -> bytes:
-    """The unit's control image at width x height, in sd-webui-controlnet's order: its preprocessor's map made at the
-    processor resolution (processor_res, -1 its default 512; or pixel perfect's, from the image's and the
-    generation's sizes), then fitted by the resize mode. Fitting first would make the preprocessor see resize and
-    fill's borders (canny: a frame of edges around the image)."""
+    """The unit's map as sd-webui-controlnet makes it: its preprocessor run at the processor resolution
+    (processor_res, -1 its default 512; or pixel perfect's, from the image's and the generation's sizes), or the image
+    itself with no preprocessor. Each pass fits it to its size by the resize mode (the pipeline's control_images).
+    Fitting first would make the preprocessor see resize and fill's borders (canny: a frame of edges)."""
     module = unit.module.lower()
     if module == "none":
-        return fit_control_image(data, width, height, mode)
+        return data
     if module not in CONTROL_MODULES:
         raise InputError(f"{where}.module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
     low, high = int(unit.threshold_a), int(unit.threshold_b)
@@ -225,8 +225,7 @@ def _unit_image(unit: schemas.ControlNetUnitArgs, where: str, data: bytes, width
     image = decode_source(data, max_pixels, f"{where}.image")  # upright: pixel perfect reads the size the map sees
     resolution = (pixel_perfect_resolution(*image.size, width, height, mode) if unit.pixel_perfect
                   else processor_resolution(unit.processor_res, f"{where}.processor_res"))
-    detected = map_of(image, module, resolution, low, high, max_pixels, f"{where}.image")
-    return fit_control_image(encode_png(detected), width, height, mode)
+    return encode_png(map_of(image, module, resolution, low, high, max_pixels, f"{where}.image"))
 
 
 def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) -> tuple[ControlNetUnit, ...] | None:
@@ -259,7 +258,7 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) ->
         resize, control_mode = _unit_options(unit, where)
         data = decode_b64_image(image, f"{where}.image", max_pixels)
         result.append(ControlNetUnit(image=_unit_image(unit, where, data, width, height, resize, max_pixels),
-                                     detected=True, module=unit.module.lower(), weight=unit.weight,
+                                     resize_mode=resize, module=unit.module.lower(), weight=unit.weight,
                                      guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
                                      low_threshold=int(unit.threshold_a), high_threshold=int(unit.threshold_b),
                                      model=unit.model, save_detected_map=unit.save_detected_map,
@@ -308,7 +307,7 @@ def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
     """What a unit gave its ControlNet (the preprocessor's output, or the resized image), as uint8 pixels: the
     "detected map" sd-webui-controlnet appends to the response's images unless control_net_no_detectmap."""
     pixels = control_image(unit.image, request.width, request.height, unit.preprocessor, unit.low_threshold,
-                           unit.high_threshold)
+                           unit.high_threshold, unit.resize_mode)
     return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)
 
 

@@ -1,0 +1,199 @@
+"""Regenerate tests/golden/cv/: what OpenCV and sd-webui-controlnet's map handling make, the reference that
+kiln.cvimage and kiln.controlmaps are compared with (tests/test_cvimage.py). OpenCV is not a dependency of kiln;
+install it beside the project for this script only:
+
+    .venv/bin/pip install --target /tmp/cv2lib opencv-python-headless && rm -rf /tmp/cv2lib/numpy*
+    PYTHONPATH=/tmp/cv2lib .venv/bin/python scripts/make_cv_golden.py
+
+Two parts:
+- ops.npz: seeded random images and what cv2.resize (INTER_AREA, INTER_CUBIC, INTER_NEAREST), cv2.erode/dilate,
+  MORPH_HITMISS and THRESH_OTSU make of them;
+- maps/: the extension's steps on the sample photographs and on two drawn maps, written out here with OpenCV as the
+  extension runs them (scripts/processor.py resize_image_with_pad + canny; detectmap_proc with high_quality_resize,
+  nake_nms and lvmin_thin): the processor's map of each image, and that map fitted to a generation's size.
+
+The files in the repository were made by opencv-python-headless 5.1.0 on x86-64 (IPP on, OpenCV's default; the
+cubic cases depend on it), and agree with 4.14.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGES, OUT = ROOT / "assets" / "images", ROOT / "tests" / "golden" / "cv"
+# (source, processor resolution, canny thresholds, resize mode, generation width x height)
+MAP_CASES = [("coffee.png", 256, 100, 200, 1, 96, 64),  # shrunk by area for canny; fitted smaller: area
+             ("camera_gray.png", 200, 50, 150, 0, 320, 256),  # shrunk; fitted larger: cubic, thinned and pruned
+             ("coffee.png", 512, 100, 200, 2, 448, 256),  # enlarged by cubic (IPP) for canny; resize and fill
+             ("segments.png", 0, 0, 0, 1, 200, 120),  # 6 colours: nearest
+             ("strokes.png", 0, 0, 0, 0, 150, 90)]  # a binary map of thick strokes: Otsu, no thinning
+
+
+def _ops() -> dict:
+    rng = np.random.default_rng(20261203)
+    cases = {}
+    for index in range(48):
+        height, width = (int(v) for v in rng.integers(1, 40, 2))
+        shape = (height, width, 3) if index % 2 else (height, width)
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        if index % 3 == 0:  # smooth images too (their values near each other, where rounding matters)
+            smooth = np.cumsum(np.cumsum(rng.normal(0, 4, shape), 0), 1)
+            image = np.clip(smooth - smooth.mean() + 128, 0, 255).astype(np.uint8)
+        kind = ("area", "area_grow", "cubic", "nearest", "morph", "otsu")[index % 6]
+        cases[f"{index}_{kind}_in"] = image
+        if kind == "area":
+            whole = int(rng.integers(1, 4))
+            if index % 4 == 0:  # a whole factor (OpenCV's block average)
+                image = cases[f"{index}_{kind}_in"] = np.resize(image, (height * whole, width * whole) + shape[2:])
+                size = (width, height)
+            else:
+                size = (int(rng.integers(1, width + 1)), int(rng.integers(1, height + 1)))
+            cases[f"{index}_{kind}_out"] = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        elif kind == "area_grow":
+            size = (int(rng.integers(1, width + 1)), int(rng.integers(height, 3 * height + 2)))
+            cases[f"{index}_{kind}_out"] = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        elif kind == "cubic":
+            factor = 3 if index % 4 == 2 else rng.uniform(1, 3)
+            size = (max(1, int(width * factor)), max(1, int(height * factor)))
+            cases[f"{index}_{kind}_out"] = cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
+        elif kind == "nearest":
+            size = (int(rng.integers(1, 3 * width + 2)), int(rng.integers(1, 3 * height + 2)))
+            cases[f"{index}_{kind}_out"] = cv2.resize(image, size, interpolation=cv2.INTER_NEAREST)
+        elif kind == "morph":
+            gray = image if image.ndim == 2 else image[..., 0]
+            binary = np.where(gray > 127, 255, 0).astype(np.uint8)
+            pattern = rng.integers(-1, 2, (3, 3)).astype(np.int32)
+            element = (rng.random((3, 3)) < 0.6).astype(np.uint8)
+            cases |= {f"{index}_{kind}_binary": binary, f"{index}_{kind}_pattern": pattern,
+                      f"{index}_{kind}_element": element,
+                      f"{index}_{kind}_hitmiss": cv2.morphologyEx(binary, cv2.MORPH_HITMISS, pattern),
+                      f"{index}_{kind}_erode": cv2.erode(image, element),
+                      f"{index}_{kind}_dilate": cv2.dilate(image, element)}
+        else:
+            gray = image if image.ndim == 2 else image[..., 0]
+            cases[f"{index}_{kind}_out"] = np.array(cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0])
+    return cases
+
+
+# -- sd-webui-controlnet's steps, with OpenCV ------------------------------------------------------------------------
+def _processor_map(pixels: np.ndarray, resolution: int, low: int, high: int) -> np.ndarray:
+    """resize_image_with_pad (short side to the resolution, cubic up or area down, edges repeated out to
+    multiples of 64), cv2.Canny, the padding cut off."""
+    h, w = pixels.shape[:2]
+    k = resolution / min(h, w)
+    th, tw = int(np.round(h * k)), int(np.round(w * k))
+    resized = cv2.resize(pixels, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    padded = np.pad(resized, [[0, -th % 64], [0, -tw % 64], [0, 0]], mode="edge")
+    edges = cv2.Canny(padded, low, high)[:th, :tw]
+    return np.repeat(edges[..., None], 3, axis=2)
+
+
+_THIN = [np.rot90(np.array(k, np.int32), t) for t in range(4)
+         for k in ([[-1, -1, -1], [0, 1, 0], [1, 1, 1]], [[0, -1, -1], [1, 1, -1], [0, 1, 0]])]
+_PRUNE = [np.rot90(np.array(k, np.int32), t) for t in range(4)
+          for k in ([[-1, -1, -1], [-1, 1, -1], [0, 0, -1]], [[-1, -1, -1], [-1, 1, -1], [-1, 0, 0]])]
+
+
+def _thin(binary: np.ndarray, prune: bool) -> np.ndarray:
+    def sweep(patterns) -> bool:
+        changed = False
+        for pattern in patterns:
+            hits = cv2.morphologyEx(binary, cv2.MORPH_HITMISS, pattern) > 127
+            changed |= bool(hits.any())
+            binary[hits] = 0
+        return changed
+
+    for _ in range(32):
+        if not sweep(_THIN):
+            break
+    if prune:
+        sweep(_PRUNE)
+    return binary
+
+
+def _quality_resize(x: np.ndarray, width: int, height: int) -> np.ndarray:
+    if x.shape[:2] == (height, width):
+        return x
+    area, old = width * height, x.shape[0] * x.shape[1]
+    colours = len(np.unique(x.reshape(-1, 3), axis=0))
+    binary = colours == 2 and x.min() < 16 and x.max() > 240
+    one_pixel = False
+    if binary:
+        opened = cv2.dilate(cv2.erode(x, np.ones((3, 3), np.uint8)), np.ones((3, 3), np.uint8))
+        one_pixel = np.count_nonzero(opened < x) * 2 > np.count_nonzero(x > 127)
+    inter = cv2.INTER_NEAREST if 2 < colours < 200 else cv2.INTER_AREA if area < old else cv2.INTER_CUBIC
+    y = cv2.resize(x, (width, height), interpolation=inter)
+    if binary:
+        y = np.mean(y.astype(np.float32), axis=2).clip(0, 255).astype(np.uint8)
+        if one_pixel:
+            lines = [np.array(k, np.uint8) for k in ([[0, 0, 0], [1, 1, 1], [0, 0, 0]], [[0, 1, 0]] * 3,
+                                                     np.eye(3), np.fliplr(np.eye(3)))]
+            kept = np.zeros_like(y)
+            for line in lines:
+                np.putmask(kept, cv2.dilate(y, kernel=line) == y, y)
+            y = _thin(cv2.threshold(kept, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1], area > old)
+        else:
+            y = cv2.threshold(y, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1]
+        y = np.stack([y] * 3, axis=2)
+    return y
+
+
+def _fit(x: np.ndarray, mode: int, width: int, height: int) -> np.ndarray:
+    """detectmap_proc's geometry: 0 just resize, 1 crop and resize, 2 resize and fill."""
+    if mode == 0:
+        return _quality_resize(x, width, height)
+    old_h, old_w = x.shape[:2]
+    k = (max if mode == 1 else min)(height / old_h, width / old_w)
+    y = _quality_resize(x, int(np.round(old_w * k)), int(np.round(old_h * k)))
+    new_h, new_w = y.shape[:2]
+    if mode == 1:
+        top, left = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)
+        return y[top:top + height, left:left + width]
+    edges = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]], axis=0)
+    canvas = np.tile(np.median(edges, axis=0).astype(np.uint8)[None, None], [height, width, 1])
+    top, left = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
+    canvas[top:top + new_h, left:left + new_w] = y
+    return canvas
+
+
+def _drawn_maps(out: Path) -> None:
+    """A segmentation-like map of six colours, and thick white strokes on black."""
+    rng = np.random.default_rng(7)
+    seeds, palette = rng.integers(0, 160, (6, 2)), rng.integers(0, 256, (6, 3)).astype(np.uint8)
+    ys, xs = np.mgrid[:90, :160]
+    nearest = np.argmin((ys[..., None] - seeds[:, 0]) ** 2 + (xs[..., None] - seeds[:, 1]) ** 2, axis=2)
+    Image.fromarray(palette[nearest]).save(out / "segments.png")
+    strokes = np.zeros((60, 100), np.uint8)
+    for _ in range(6):
+        y0, x0 = rng.integers(5, 55), rng.integers(5, 95)
+        strokes[max(0, y0 - 3):y0 + 3, max(0, x0 - 20):x0 + 20] = 255
+    Image.fromarray(np.repeat(strokes[..., None], 3, axis=2)).save(out / "strokes.png")
+
+
+def main() -> None:
+    (OUT / "maps").mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(OUT / "ops.npz", **_ops())
+    _drawn_maps(OUT / "maps")
+    index = []
+    for number, (name, resolution, low, high, mode, width, height) in enumerate(MAP_CASES):
+        folder = IMAGES if (IMAGES / name).exists() else OUT / "maps"
+        pixels = np.asarray(Image.open(folder / name).convert("RGB"))
+        detected = _processor_map(pixels, resolution, low, high) if resolution else pixels
+        case = {"image": name, "resolution": resolution, "low": low, "high": high, "mode": mode, "width": width,
+                "height": height, "fitted": f"{number}-fitted.png"}
+        if resolution:
+            case["detected"] = f"{number}-detected.png"
+            Image.fromarray(detected[..., 0]).save(OUT / "maps" / case["detected"], optimize=True)
+        Image.fromarray(_fit(detected, mode, width, height)).save(OUT / "maps" / case["fitted"], optimize=True)
+        index.append(case)
+    (OUT / "maps" / "cases.json").write_text(json.dumps({"opencv": cv2.__version__, "cases": index}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
