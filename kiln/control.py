@@ -109,8 +109,8 @@ def _local_maxima(magnitude: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.n
 def _hysteresis(candidates: np.ndarray, strong: np.ndarray) -> np.ndarray:
     """The candidates 8-connected (through candidates) to a strong pixel, as 255; the rest 0. Connected components
     of the candidates' horizontal runs: runs on neighbouring rows touch where their columns overlap or meet at a
-    corner; labels are merged by hooking each pair's larger root onto the smaller and halving paths until nothing
-    changes (a few rounds), all in numpy."""
+    corner; labels are merged by hooking each touching pair's larger root onto the smaller, then pointing every run
+    straight at its root, until nothing changes (a few rounds), all in numpy."""
     height, width = candidates.shape
     steps = np.diff(np.pad(candidates, ((0, 0), (1, 1))).astype(np.int8), axis=1)  # +1 a run starts, -1 it ended
     starts, stops = np.flatnonzero(steps == 1), np.flatnonzero(steps == -1)  # row * (width + 1) + column, row-major
