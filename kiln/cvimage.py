@@ -118,7 +118,8 @@ def _area_enlarging(source: np.ndarray, width: int, height: int) -> np.ndarray:
     then down in its uint8 rows' shortened arithmetic."""
     taps_x, weights_x = _area_linear_taps(source.shape[1], width)
     taps_y, weights_y = _area_linear_taps(source.shape[0], height)
-    rows = (source.astype(np.int64)[:, taps_x] * weights_x[None, :, :, None]).sum(axis=2).reshape(source.shape[0], -1)
+    pixels = source.astype(np.int64)
+    rows = sum(pixels[:, taps_x[:, k]] * weights_x[None, :, k, None] for k in range(2)).reshape(source.shape[0], -1)
     top, bottom = rows[taps_y[:, 0]], rows[taps_y[:, 1]]  # (height, width * channels)
     b0, b1 = weights_y[:, 0, None], weights_y[:, 1, None]
     # OpenCV's uint8 rows, vector and scalar alike: ((b0 (top >> 4)) >> 16) + ((b1 (bottom >> 4)) >> 16), then + 2 >> 2
@@ -182,8 +183,9 @@ def _cubic_float(source: np.ndarray, width: int, height: int) -> np.ndarray:
     across then down, rounded to nearest."""
     taps_x, weights_x = _cubic_exact(source.shape[1], width)
     taps_y, weights_y = _cubic_exact(source.shape[0], height)
-    rows = (source.astype(np.float64)[:, taps_x] * weights_x[None, :, :, None]).sum(axis=2)
-    out = (rows[taps_y] * weights_y[:, :, None, None]).sum(axis=1)
+    pixels = source.astype(np.float64)
+    rows = sum(pixels[:, taps_x[:, k]] * weights_x[None, :, k, None] for k in range(4))  # tap by tap: no 4x copies
+    out = sum(rows[taps_y[:, k]] * weights_y[:, k, None, None] for k in range(4))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
