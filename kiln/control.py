@@ -11,7 +11,7 @@ from kiln.cvimage import otsu_threshold
 from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image, unit_range
 
-CONTROL_MODULES = ("none", "canny")
+CONTROL_MODULES = ("none", "canny", "invert")
 
 
 def control_image(data: bytes, width: int, height: int, module: str = "none", low_threshold: int = 100,
@@ -28,6 +28,8 @@ def control_image(data: bytes, width: int, height: int, module: str = "none", lo
     image = resize_control(image, (width, height))
     if module == "canny":
         image = canny(image, low_threshold, high_threshold)
+    elif module == "invert":
+        image = invert(image)
     return unit_range(image)
 
 
@@ -49,6 +51,12 @@ def resize_control(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     gray = (gray.mean(axis=2) if gray.ndim == 3 else gray).clip(0, 255).astype(np.uint8)
     binary = np.where(gray > otsu_threshold(gray), 255, 0).astype(np.uint8)
     return Image.fromarray(np.repeat(binary[..., None], 3, axis=2) if pixels.ndim == 3 else binary)
+
+
+def invert(image: Image.Image) -> Image.Image:
+    """sd-webui-controlnet's "invert (from white bg & black line)": 255 minus each RGB value, at the image's size
+    (lines drawn black on white become the white-on-black map line ControlNets take)."""
+    return Image.fromarray(255 - np.asarray(image.convert("RGB")))
 
 
 def canny(image: Image.Image, low: float, high: float) -> Image.Image:

@@ -1,16 +1,17 @@
 """sd-webui-controlnet's preprocessing on kiln's preprocessors (kiln.control), for /controlnet/detect and the API's
 ControlNet units (made at the processor resolution, then fitted, as there): the map a module makes of an image, at
-the preprocessor's resolution. "none" is the image itself; "canny" runs kiln.control.canny on the image as
-sd-webui-controlnet's resize_image_with_pad prepares it: resized so that its short side is the resolution (aspect
-kept; OpenCV's cubic filter to enlarge, area to shrink, kiln.cvimage), its bottom and right edges repeated out to
-multiples of 64, the map of that cut back to the resized image."""
+the preprocessor's resolution. "none" is the image itself, "invert" its negative (at its own size, as the
+extension's); "canny" runs kiln.control.canny on the image as sd-webui-controlnet's resize_image_with_pad prepares
+it: resized so that its short side is the resolution (aspect kept; OpenCV's cubic filter to enlarge, area to shrink,
+kiln.cvimage), its bottom and right edges repeated out to multiples of 64, the map of that cut back to the resized
+image."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from kiln.control import CONTROL_MODULES, canny
+from kiln.control import CONTROL_MODULES, canny, invert
 from kiln.cvimage import resize
 from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image
@@ -66,6 +67,8 @@ def map_of(image: Image.Image, module: str, resolution: int, low: int, high: int
     """The module's map of a decoded image (detect_map's second half)."""
     if module == "none":
         return image
+    if module == "invert":  # the extension's invert has no resolution: the image's own size
+        return invert(image)
     size = processor_size(image.width, image.height, resolution)
     if size[0] * size[1] > max_pixels:
         raise InputError(f"controlnet_processor_res {resolution} makes the {image.width}x{image.height} {what} "

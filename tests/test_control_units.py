@@ -108,7 +108,7 @@ def test_kiln_units_resize_as_diffusers_and_keep_binary_maps_binary():
     ({"processor_res": 32}, "processor_res must be 64 to 2048"),
     ({"threshold_a": 200, "threshold_b": 100}, "canny thresholds must satisfy 0 <= threshold_a < threshold_b <= 255"),
     ({"threshold_b": 300}, "got 100, 300"),
-    ({"module": "depth"}, "module 'depth' is unknown; valid: none, canny"),
+    ({"module": "depth"}, "module 'depth' is unknown; valid: none, canny, invert"),
 ])
 def test_bad_unit_settings_are_refused_by_name(unit, words):
     with pytest.raises(InputError, match="alwayson_scripts.controlnet.args\\[0\\]") as info:
@@ -185,3 +185,28 @@ def test_hysteresis_is_the_flood_fill():
     strong[32, 32] = spiral[32, 32]
     strong[0, 0] = True
     assert np.array_equal(_hysteresis(spiral, strong), _flood(spiral, strong))
+
+
+def test_invert_units_take_the_negative_at_the_images_size_and_ignore_the_canny_fields():
+    """sd-webui-controlnet's invert (from white bg & black line): 255 minus the image, no processor resolution (a
+    processor_res outside canny's range, thresholds of -1 or 300: ignored, as there), then fitted like any map."""
+    drawing = np.full((90, 40, 3), 255, np.uint8)
+    drawing[20:22, 5:35] = 0  # a black line on white
+    args = [{"image": base64.b64encode(encode(Image.fromarray(drawing))).decode(), "module": "invert",
+             "processor_res": 4096, "threshold_a": -1, "threshold_b": 300, "resize_mode": "Just Resize"}]
+    (unit,) = controlnet_units({"controlnet": {"args": args}}, MAX_PIXELS, 64, 64)
+    assert unit.module == "invert" and unit.preprocessor == "none"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(unit.image)).convert("RGB")), 255 - drawing)
+    fed = control_image(unit.image, 64, 64, unit.preprocessor, fit=unit.resize_mode)
+    assert np.array_equal(np.round(fed.transpose(1, 2, 0) * 255).astype(np.uint8), fit_map(255 - drawing, 64, 64, 0))
+    own = control_image(encode(Image.fromarray(drawing)), 40, 90, "invert")  # kiln's own units: resized, inverted
+    assert np.array_equal(np.round(own.transpose(1, 2, 0) * 255).astype(np.uint8), 255 - drawing)
+
+
+def test_canny_thresholds_of_minus_one_are_the_defaults():
+    """The extension's bound check: a threshold of -1 is its slider's default (100 low, 200 high)."""
+    photo = _photo((64, 64))
+    assert np.array_equal(_unit_image(photo, threshold_a=-1, threshold_b=-1), _unit_image(photo))
+    args = [{"image": base64.b64encode(photo).decode(), "module": "canny", "threshold_a": -1, "threshold_b": -1}]
+    (unit,) = controlnet_units({"controlnet": {"args": args}}, MAX_PIXELS, 64, 64)
+    assert (unit.low_threshold, unit.high_threshold) == (100, 200)

@@ -239,15 +239,21 @@ def test_sdnext_status_follows_a_running_job(api):
 
 # -- sd-webui-controlnet ------------------------------------------------------------------------------------------
 def test_control_types_group_the_modules_and_the_builds_controlnets(client):
+    """One type per tag of kiln's modules (canny: Canny; invert: Canny, Lineart, Scribble, Sketch, MLSD, as the
+    extension tags them), each with "none" and its modules, and the models whose name holds the type's."""
     models = client.get("/controlnet/model_list").json()["model_list"]
     types = client.get("/controlnet/control_types").json()["control_types"]
-    assert list(types) == ["All", "Canny"]
-    assert types["All"] == {"module_list": ["none", "canny"], "model_list": ["None", *models], "default_option": "none",
-                            "default_model": "None"}
+    assert list(types) == ["All", "Canny", "Lineart", "MLSD", "Scribble", "Sketch"]
+    assert types["All"] == {"module_list": ["none", "canny", "invert"], "model_list": ["None", *models],
+                            "default_option": "none", "default_model": "None"}
     assert any(m.startswith("controlnet [") for m in types["All"]["model_list"])
     # No ControlNet of this build has "canny" in its name, so the type holds "None" only, as sd-webui-controlnet's.
-    assert types["Canny"] == {"module_list": ["none", "canny"], "model_list": ["None"], "default_option": "canny",
-                              "default_model": "None"}
+    assert types["Canny"] == {"module_list": ["none", "canny", "invert"], "model_list": ["None"],
+                              "default_option": "canny", "default_model": "None"}
+    scribble = next(m for m in models if m.startswith("scribble ["))
+    assert types["Scribble"] == {"module_list": ["none", "invert"], "model_list": ["None", scribble],
+                                 "default_option": "invert", "default_model": scribble}
+    assert types["Lineart"]["model_list"] == ["None"] and types["Lineart"]["default_option"] == "invert"
 
 
 def test_detect_is_kilns_canny_at_the_processor_resolution(client):
@@ -282,10 +288,15 @@ def test_detect_is_kilns_canny_at_the_processor_resolution(client):
     plain = client.post("/controlnet/detect", json={"controlnet_module": "none", "controlnet_input_images": [
         _b64(photo)]}).json()
     assert np.array_equal(_pixels(plain["images"][0]), np.asarray(photo))
+    # invert: the negative at the image's own size; the resolution and thresholds are ignored, as the extension's
+    inverted = client.post("/controlnet/detect", json={"controlnet_module": "invert", "controlnet_input_images": [
+        _b64(photo)], "controlnet_processor_res": 4096, "controlnet_threshold_a": 300}).json()
+    assert np.array_equal(_pixels(inverted["images"][0]), 255 - np.asarray(photo))
 
 
 @pytest.mark.parametrize("fields,status,needle", [
-    ({"controlnet_module": "openpose"}, 422, "controlnet_module 'openpose' is not available; valid: none, canny"),
+    ({"controlnet_module": "openpose"}, 422,
+     "controlnet_module 'openpose' is not available; valid: none, canny, invert"),
     ({"controlnet_input_images": []}, 422, "controlnet_input_images: no image"),
     ({"controlnet_threshold_a": 300}, 422, "controlnet_threshold_a must be an integer from 0 to 255"),
     ({"controlnet_threshold_a": 200, "controlnet_threshold_b": 100}, 422, "must be below controlnet_threshold_b"),

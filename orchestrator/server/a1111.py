@@ -15,7 +15,14 @@ from pydantic import ValidationError
 from kiln import schemas
 from kiln.contract import SDContract
 from kiln.control import CONTROL_MODULES, control_image
-from kiln.detect import decode_source, map_of, pixel_perfect_resolution, processor_resolution
+from kiln.detect import (
+    DEFAULT_RESOLUTION,
+    DEFAULT_THRESHOLDS,
+    decode_source,
+    map_of,
+    pixel_perfect_resolution,
+    processor_resolution,
+)
 from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
@@ -207,25 +214,41 @@ def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, in
     return mode, control_mode
 
 
-def _unit_image(unit: schemas.ControlNetUnitArgs, where: str, data: bytes, width: int, height: int, mode: int,
-                max_pixels: int) -> bytes:
-    """The unit's map as sd-webui-controlnet makes it: its preprocessor run at the processor resolution
-    (processor_res, -1 its default 512; or pixel perfect's, from the image's and the generation's sizes), or the image
-    itself with no preprocessor. Each pass fits it to its size by the resize mode (the pipeline's control_images).
-    Fitting first would make the preprocessor see resize and fill's borders (canny: a frame of edges)."""
-    module = unit.module.lower()
-    if module == "none":
-        return data
-    if module not in CONTROL_MODULES:
-        raise InputError(f"{where}.module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
-    low, high = int(unit.threshold_a), int(unit.threshold_b)
+def _thresholds(unit: schemas.ControlNetUnitArgs, module: str, where: str) -> tuple[int, int]:
+    """canny's low and high thresholds (threshold_a, threshold_b; -1 their defaults, 100 and 200, as the extension's
+    bound check sets them); the other modules have none and ignore both fields, as the extension's do."""
+    if module != "canny":
+        return DEFAULT_THRESHOLDS
+    values = []
+    for name, default in zip(("threshold_a", "threshold_b"), DEFAULT_THRESHOLDS):
+        value = getattr(unit, name)
+        if value != int(value):
+            raise InputError(f"{where}.{name} must be an integer")
+        values.append(default if value == -1 else int(value))
+    low, high = values
     if not 0 <= low < high <= 255:
         raise InputError(f"{where}: canny thresholds must satisfy 0 <= threshold_a < threshold_b <= 255, got {low}, "
                          f"{high}")
+    return low, high
+
+
+def _unit_image(unit: schemas.ControlNetUnitArgs, module: str, where: str, data: bytes, size: tuple[int, int],
+                mode: int, thresholds: tuple[int, int], max_pixels: int) -> bytes:
+    """The unit's map as sd-webui-controlnet makes it: the image itself with no preprocessor; its negative with
+    invert; canny's map at the processor resolution (processor_res, -1 its default 512; or pixel perfect's, from the
+    image's and the generation's sizes). Each pass fits it to its size by the resize mode (the pipeline's
+    control_images). Fitting first would make the preprocessor see resize and fill's borders (canny: a frame of
+    edges)."""
+    if module == "none":
+        return data
     image = decode_source(data, max_pixels, f"{where}.image")  # upright: pixel perfect reads the size the map sees
-    resolution = (pixel_perfect_resolution(*image.size, width, height, mode) if unit.pixel_perfect
-                  else processor_resolution(unit.processor_res, f"{where}.processor_res"))
-    return encode_png(map_of(image, module, resolution, low, high, max_pixels, f"{where}.image"))
+    if module != "canny":  # invert has no resolution (the extension hides and ignores it)
+        resolution = DEFAULT_RESOLUTION
+    elif unit.pixel_perfect:
+        resolution = pixel_perfect_resolution(*image.size, *size, mode)
+    else:
+        resolution = processor_resolution(unit.processor_res, f"{where}.processor_res")
+    return encode_png(map_of(image, module, resolution, *thresholds, max_pixels, f"{where}.image"))
 
 
 def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) -> tuple[ControlNetUnit, ...] | None:
@@ -252,15 +275,16 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) ->
         image = unit.image if unit.image is not None else unit.input_image
         if isinstance(image, dict):
             image = image.get("image")
-        for name in ("threshold_a", "threshold_b"):
-            if unit.module.lower() == "canny" and getattr(unit, name) != int(getattr(unit, name)):
-                raise InputError(f"{where}.{name} must be an integer")
+        module = unit.module.lower()
+        if module not in CONTROL_MODULES:
+            raise InputError(f"{where}.module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
+        low, high = _thresholds(unit, module, where)
         resize, control_mode = _unit_options(unit, where)
         data = decode_b64_image(image, f"{where}.image", max_pixels)
-        result.append(ControlNetUnit(image=_unit_image(unit, where, data, width, height, resize, max_pixels),
-                                     resize_mode=resize, module=unit.module.lower(), weight=unit.weight,
+        made = _unit_image(unit, module, where, data, (width, height), resize, (low, high), max_pixels)
+        result.append(ControlNetUnit(image=made, resize_mode=resize, module=module, weight=unit.weight,
                                      guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
-                                     low_threshold=int(unit.threshold_a), high_threshold=int(unit.threshold_b),
+                                     low_threshold=low, high_threshold=high,
                                      model=unit.model, save_detected_map=unit.save_detected_map,
                                      control_mode=control_mode))
     return tuple(result) or None

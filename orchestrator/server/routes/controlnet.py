@@ -18,7 +18,7 @@ from orchestrator.server.inputs import decode_b64_image
 
 router = APIRouter(prefix="/controlnet", tags=["controlnet"])
 # sd-webui-controlnet's control-type tags of kiln's modules (scripts/preprocessor/*.py); "none" goes in every type
-TAGS = {"canny": ("Canny",)}
+TAGS = {"canny": ("Canny",), "invert": ("Canny", "Lineart", "Scribble", "Sketch", "MLSD")}
 
 
 @router.get("/model_list")
@@ -73,7 +73,7 @@ def detect_options(body: schemas.ControlNetDetectBody) -> tuple[str, int, int, i
         raise InputError("controlnet_input_images: no image (send one or more base64 images)")
     if body.controlnet_masks:
         raise InputError(f"controlnet_masks: the {module} preprocessor takes no mask")
-    if module == "none":  # the image itself: no resolution, no thresholds (as sd-webui-controlnet's "none")
+    if module != "canny":  # none and invert: no resolution, no thresholds (sd-webui-controlnet ignores them)
         return module, DEFAULT_RESOLUTION, *DEFAULT_THRESHOLDS
     resolution = processor_resolution(body.controlnet_processor_res, "controlnet_processor_res")
     low = _threshold(body, "controlnet_threshold_a", DEFAULT_THRESHOLDS[0])
