@@ -245,7 +245,7 @@ def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits
                              f"(ControlNet is more important), got {unit.control_mode!r}")
         if not _finite(unit.weight) or not 0 <= unit.weight <= 2:
             raise InputError(f"{name} weight must be in [0, 2], got {unit.weight!r}")
-        if unit.preprocessor == "canny" and not 0 <= unit.low_threshold < unit.high_threshold <= 255:
+        if not 0 <= unit.low_threshold < unit.high_threshold <= 255:
             raise InputError(f"{name} canny thresholds must satisfy 0 <= low < high <= 255, "
                              f"got {unit.low_threshold!r}, {unit.high_threshold!r}")
         if not (0 <= unit.guidance_start < unit.guidance_end <= 1):
