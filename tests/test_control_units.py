@@ -108,6 +108,7 @@ def test_kiln_units_resize_as_diffusers_and_keep_binary_maps_binary():
     ({"processor_res": 32}, "processor_res must be 64 to 2048"),
     ({"threshold_a": 200, "threshold_b": 100}, "canny thresholds must satisfy 0 <= threshold_a < threshold_b <= 255"),
     ({"threshold_b": 300}, "got 100, 300"),
+    ({"threshold_b": 150.5}, "threshold_b must be an integer, got 150.5"),
     ({"module": "depth"}, "module 'depth' is unknown; valid: none, canny, invert"),
 ])
 def test_bad_unit_settings_are_refused_by_name(unit, words):

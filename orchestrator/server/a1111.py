@@ -222,8 +222,8 @@ def _thresholds(unit: schemas.ControlNetUnitArgs, module: str, where: str) -> tu
     values = []
     for name, default in zip(("threshold_a", "threshold_b"), DEFAULT_THRESHOLDS):
         value = getattr(unit, name)
-        if value != int(value):
-            raise InputError(f"{where}.{name} must be an integer")
+        if value != int(value):  # finite: the schema refuses NaN and infinities
+            raise InputError(f"{where}.{name} must be an integer, got {value!r}")
         values.append(default if value == -1 else int(value))
     low, high = values
     if not 0 <= low < high <= 255:
