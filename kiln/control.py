@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from kiln.controlmaps import fit_map
-from kiln.cvimage import otsu_threshold
+from kiln.controlmaps import colour_count, fit_map, is_binary, otsu_binarize
 from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image, unit_range
 
@@ -42,14 +41,11 @@ def resize_control(image: Image.Image, size: tuple[int, int]) -> Image.Image:
         return image
     resized = image.resize(size, Image.Resampling.LANCZOS)
     pixels = np.asarray(image)
-    packed = pixels.astype(np.uint32) if pixels.ndim == 2 else np.zeros(pixels.shape[:2], np.uint32)
-    for channel in range(pixels.shape[2] if pixels.ndim == 3 else 0):  # one number per colour: a fast unique
-        packed = (packed << 8) | pixels[..., channel]
-    if len(np.unique(packed)) != 2 or pixels.min() >= 16 or pixels.max() <= 240:
+    if not is_binary(pixels, colour_count(pixels)):
         return resized
     gray = np.asarray(resized, dtype=np.float32)
     gray = (gray.mean(axis=2) if gray.ndim == 3 else gray).clip(0, 255).astype(np.uint8)
-    binary = np.where(gray > otsu_threshold(gray), 255, 0).astype(np.uint8)
+    binary = otsu_binarize(gray)
     return Image.fromarray(np.repeat(binary[..., None], 3, axis=2) if pixels.ndim == 3 else binary)
 
 

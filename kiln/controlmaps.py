@@ -46,8 +46,8 @@ def high_quality_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarr
     if pixels.shape[:2] == (height, width):
         return pixels
     area, old_area = width * height, pixels.shape[0] * pixels.shape[1]
-    colours = _colour_count(pixels)
-    binary = colours == 2 and pixels.min() < 16 and pixels.max() > 240
+    colours = colour_count(pixels)
+    binary = is_binary(pixels, colours)
     one_pixel_lines = False
     if binary:  # most of the lit pixels gone after an opening: lines one pixel wide
         opened = dilate(erode(pixels, _SQUARE), _SQUARE)
@@ -59,21 +59,28 @@ def high_quality_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarr
     channels = resized.astype(np.float32)
     gray = ((channels[..., 0] + channels[..., 1] + channels[..., 2]) / np.float32(3)).clip(0, 255).astype(np.uint8)
     if one_pixel_lines:
-        gray = _threshold(nake_nms(gray))
+        gray = otsu_binarize(nake_nms(gray))
         gray = lvmin_thin(gray, prunings=area > old_area)
     else:
-        gray = _threshold(gray)
+        gray = otsu_binarize(gray)
     return np.repeat(gray[..., None], 3, axis=2)
 
 
-def _colour_count(pixels: np.ndarray) -> int:
-    packed = np.zeros(pixels.shape[:2], np.uint32)
-    for channel in range(pixels.shape[2]):
+def colour_count(pixels: np.ndarray) -> int:
+    """How many colours a uint8 image (h, w) or (h, w, channels) holds (each packed into one number: a fast
+    unique)."""
+    packed = pixels.astype(np.uint32) if pixels.ndim == 2 else np.zeros(pixels.shape[:2], np.uint32)
+    for channel in range(pixels.shape[2] if pixels.ndim == 3 else 0):
         packed = (packed << 8) | pixels[..., channel]
     return len(np.unique(packed))
 
 
-def _threshold(gray: np.ndarray) -> np.ndarray:
+def is_binary(pixels: np.ndarray, colours: int) -> bool:
+    """The extension's binary map: two colours, one under 16 and one over 240 (an edge map, a scribble)."""
+    return colours == 2 and pixels.min() < 16 and pixels.max() > 240
+
+
+def otsu_binarize(gray: np.ndarray) -> np.ndarray:
     """cv2.threshold(gray, 0, 255, THRESH_BINARY + THRESH_OTSU)."""
     return np.where(gray > otsu_threshold(gray), 255, 0).astype(np.uint8)
 
