@@ -1,24 +1,22 @@
-"""sd-webui-controlnet's preprocessing on kiln's preprocessors (kiln.control), for /controlnet/detect and the API's
-ControlNet units (made at the processor resolution, then fitted, as there): the map a module makes of an image, at
-the preprocessor's resolution. "none" is the image itself, "invert" its negative (at its own size, as the
-extension's); "canny" runs kiln.control.canny on the image as sd-webui-controlnet's resize_image_with_pad prepares
-it: resized so that its short side is the resolution (aspect kept; OpenCV's cubic filter to enlarge, area to shrink,
-kiln.cvimage), its bottom and right edges repeated out to multiples of 64, the map of that cut back to the resized
-image."""
+"""sd-webui-controlnet's preprocessing on kiln's preprocessors (kiln.preprocessors), for /controlnet/detect and the
+API's ControlNet units (made at the processor resolution, then fitted, as there): the map a module makes of an image.
+"none" is the image itself; modules without a resolution run at the image's own size; the others run on the image
+as sd-webui-controlnet's resize_image_with_pad prepares it: resized so that its short side is the resolution (aspect
+kept; OpenCV's cubic filter to enlarge, area to shrink, kiln.cvimage), and for most its bottom and right edges
+repeated out to multiples of 64, the map of that cut back to the resized image."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from kiln.control import CONTROL_MODULES, canny, invert
 from kiln.cvimage import resize
 from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image
+from kiln.preprocessors import RESOLUTION, preprocessor
 
-RESOLUTION_RANGE = (64, 2048)  # sd-webui-controlnet's resolution slider
-DEFAULT_RESOLUTION = 512
-DEFAULT_THRESHOLDS = (100, 200)  # its Canny sliders' defaults (low, high)
+RESOLUTION_RANGE = (int(RESOLUTION.minimum), int(RESOLUTION.maximum))  # sd-webui-controlnet's resolution slider
+DEFAULT_RESOLUTION = int(RESOLUTION.value)
 
 
 def pixel_perfect_resolution(width: int, height: int, target_width: int, target_height: int, mode: int) -> int:
@@ -54,26 +52,30 @@ def decode_source(data: bytes, max_pixels: int, what: str = "image") -> Image.Im
         raise InputError(f"{what}: {exc}") from None
 
 
-def detect_map(data: bytes, module: str, resolution: int, low: int, high: int, max_pixels: int,
+def detect_map(data: bytes, module: str, resolution: int, a: float, b: float, max_pixels: int,
                what: str = "image") -> Image.Image:
     """The module's map of an encoded image (RGB); a map over `max_pixels` is refused before it is made."""
-    if module not in CONTROL_MODULES:
-        raise InputError(f"module {module!r} is not available; valid: {', '.join(CONTROL_MODULES)}")
-    return map_of(decode_source(data, max_pixels, what), module, resolution, low, high, max_pixels, what)
+    name = preprocessor(module).name
+    return map_of(decode_source(data, max_pixels, what), name, resolution, a, b, max_pixels, what)
 
 
-def map_of(image: Image.Image, module: str, resolution: int, low: int, high: int, max_pixels: int,
+def map_of(image: Image.Image, module: str, resolution: int, a: float, b: float, max_pixels: int,
            what: str = "image") -> Image.Image:
-    """The module's map of a decoded image (detect_map's second half)."""
+    """The module's map of a decoded image (detect_map's second half), with its sliders' values `a` and `b` (as
+    Preprocessor.slider_values gives them)."""
     if module == "none":
         return image
-    if module == "invert":  # the extension's invert has no resolution: the image's own size
-        return invert(image)
+    pre = preprocessor(module)
+    pixels = np.asarray(image.convert("RGB"))
+    if not pre.uses_resolution:  # the extension's modules without a resolution: the image's own size
+        return Image.fromarray(pre.apply(pixels, a, b))
     size = processor_size(image.width, image.height, resolution)
     if size[0] * size[1] > max_pixels:
         raise InputError(f"controlnet_processor_res {resolution} makes the {image.width}x{image.height} {what} "
                          f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels, over the limit of {max_pixels}")
     interpolation = "cubic" if resolution > min(image.width, image.height) else "area"
-    pixels = resize(np.asarray(image.convert("RGB")), *size, interpolation)
+    pixels = resize(pixels, *size, interpolation)
+    if pre.sizing == "resize":
+        return Image.fromarray(pre.apply(pixels, a, b))
     padded = np.pad(pixels, ((0, -size[1] % 64), (0, -size[0] % 64), (0, 0)), mode="edge")
-    return Image.fromarray(np.asarray(canny(Image.fromarray(padded), low, high))[:size[1], :size[0]])
+    return Image.fromarray(np.ascontiguousarray(pre.apply(padded, a, b)[:size[1], :size[0]]))

@@ -45,9 +45,9 @@ class ControlNetUnitArgs(_NewerUnitFields):
     weight: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
-    threshold_a: float = 100.0  # canny low threshold
-    threshold_b: float = 200.0  # canny high threshold
-    processor_res: int = 512
+    threshold_a: float = -1  # the module's first slider (canny's low threshold); -1 its default
+    threshold_b: float = -1  # its second (canny's high threshold)
+    processor_res: int = -1  # the preprocessor's resolution; -1 its default, 512
     resize_mode: Any = None
     control_mode: Any = 0
     pixel_perfect: bool = False

@@ -5,12 +5,17 @@ install it beside the project for this script only:
     .venv/bin/pip install --target /tmp/cv2lib opencv-python-headless && rm -rf /tmp/cv2lib/numpy*
     PYTHONPATH=/tmp/cv2lib .venv/bin/python scripts/make_cv_golden.py
 
-Two parts:
+Four parts:
 - ops.npz: seeded random images and what cv2.resize (INTER_AREA, INTER_CUBIC, INTER_NEAREST), cv2.erode/dilate,
   MORPH_HITMISS and THRESH_OTSU make of them;
+- filters.npz: what cv2.GaussianBlur makes of seeded uint8 and float32 images (sigmas from 0.3 to 512, kernels
+  wider than the image among them), and the L of cv2.cvtColor(..., COLOR_BGR2LAB) for seeded colours;
 - maps/: the extension's steps on the sample photographs and on two drawn maps, written out here with OpenCV as the
   extension runs them (scripts/processor.py resize_image_with_pad + canny; detectmap_proc with high_quality_resize,
-  nake_nms and lvmin_thin): the processor's map of each image, and that map fitted to a generation's size.
+  nake_nms and lvmin_thin): the processor's map of each image, and that map fitted to a generation's size;
+- modules/: the extension's model-free preprocessors (threshold, scribble_xdog, lineart_standard, blur_gaussian,
+  tile_resample, recolor_luminance, recolor_intensity) on the sample photographs, as its code runs them (its
+  scripts/preprocessor/model_free_preprocessors.py and legacy/processor.py, with OpenCV and numpy).
 
 The files in the repository were made by opencv-python-headless 5.1.0 on x86-64 (IPP on, OpenCV's default; the
 cubic cases depend on it), and agree with 4.14.
@@ -162,6 +167,79 @@ def _fit(x: np.ndarray, mode: int, width: int, height: int) -> np.ndarray:
     return canvas
 
 
+def _filters() -> dict:
+    rng = np.random.default_rng(20261204)
+    cases = {}
+    for index in range(40):
+        height, width = (int(v) for v in rng.integers(1, 32, 2))
+        sigma = float(rng.choice([0.3, 0.5, 1.0, 2.5, 5.0, 6.0, 9.0, 20.0, 64.0, 512.0]))
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        if index % 2:
+            image = image.astype(np.float32)
+        cases[f"{index}_blur_in"], cases[f"{index}_blur_sigma"] = image, np.array(sigma)
+        cases[f"{index}_blur_out"] = cv2.GaussianBlur(image, (0, 0), sigma)
+    colours = rng.integers(0, 256, (1, 16384, 3), dtype=np.uint8)
+    cases["lab_in"], cases["lab_out"] = colours, cv2.cvtColor(colours, cv2.COLOR_BGR2LAB)[..., 0]
+    return cases
+
+
+# (module, source, processor resolution, threshold_a): the extension's model-free modules
+MODULE_CASES = [("threshold", "coffee.png", 160, 127), ("threshold", "camera_gray.png", 100, 60.5),
+                ("scribble_xdog", "coffee.png", 160, 32), ("scribble_xdog", "chelsea.jpg", 192, 10),
+                ("lineart_standard", "coffee.png", 160, -1), ("lineart_standard", "camera_gray.png", 128, -1),
+                ("blur_gaussian", "coffee.png", 128, 9.0), ("blur_gaussian", "astronaut.jpg", 96, 512),
+                ("tile_resample", "coffee.png", 0, 3.7), ("tile_resample", "astronaut.jpg", 0, 1.5),
+                ("recolor_luminance", "astronaut.jpg", 0, 1.0), ("recolor_luminance", "astronaut.jpg", 0, 0.6),
+                ("recolor_intensity", "astronaut.jpg", 0, 1.0), ("recolor_intensity", "astronaut.jpg", 0, 1.7)]
+
+
+def _resize_with_pad(image: np.ndarray, resolution: int):
+    """The extension's resize_image_with_pad: the padded image and its remove_pad."""
+    h, w = image.shape[:2]
+    k = resolution / min(h, w)
+    th, tw = int(np.round(h * k)), int(np.round(w * k))
+    resized = cv2.resize(image, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
+    return np.pad(resized, [[0, -th % 64], [0, -tw % 64], [0, 0]], mode="edge"), lambda x: x[:th, :tw]
+
+
+def _module(name: str, image: np.ndarray, resolution: int, a: float) -> np.ndarray:
+    """The extension's code for each module (HWC3 makes gray maps three channels)."""
+    if name == "threshold":
+        img, remove_pad = _resize_with_pad(image, resolution)
+        result = np.zeros_like(img, dtype=np.uint8)
+        result[np.min(img, axis=2) > a] = 255
+        return remove_pad(result)
+    if name == "scribble_xdog":
+        img, remove_pad = _resize_with_pad(image, resolution)
+        g1 = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 0.5)
+        g2 = cv2.GaussianBlur(img.astype(np.float32), (0, 0), 5.0)
+        dog = (255 - np.min(g2 - g1, axis=2)).clip(0, 255).astype(np.uint8)
+        result = np.zeros_like(img, dtype=np.uint8)
+        result[2 * (255 - dog) > a] = 255
+        return remove_pad(result)
+    if name == "lineart_standard":
+        img, remove_pad = _resize_with_pad(image, resolution)
+        x = img.astype(np.float32)
+        g = cv2.GaussianBlur(x, (0, 0), 6.0)
+        intensity = np.min(g - x, axis=2).clip(0, 255)
+        intensity /= max(16, np.median(intensity[intensity > 8]))
+        intensity *= 127
+        return np.stack([remove_pad(intensity.clip(0, 255).astype(np.uint8))] * 3, axis=2)
+    if name == "blur_gaussian":
+        img, remove_pad = _resize_with_pad(image, resolution)
+        return cv2.GaussianBlur(remove_pad(img), (0, 0), float(a))
+    if name == "tile_resample":
+        if a < 1.1:
+            return image
+        h, w = int(image.shape[0] / a), int(image.shape[1] / a)
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    code = cv2.COLOR_BGR2LAB if name == "recolor_luminance" else cv2.COLOR_BGR2HSV
+    result = cv2.cvtColor(image, code)[:, :, 0 if name == "recolor_luminance" else 2].astype(np.float32) / 255.0
+    result = result ** a
+    result = (result * 255.0).clip(0, 255).astype(np.uint8)
+    return cv2.cvtColor(result, cv2.COLOR_GRAY2RGB)
+
+
 def _drawn_maps(out: Path) -> None:
     """A segmentation-like map of six colours, and thick white strokes on black."""
     rng = np.random.default_rng(7)
@@ -193,6 +271,19 @@ def main() -> None:
         Image.fromarray(_fit(detected, mode, width, height)).save(OUT / "maps" / case["fitted"], optimize=True)
         index.append(case)
     (OUT / "maps" / "cases.json").write_text(json.dumps({"opencv": cv2.__version__, "cases": index}, indent=1) + "\n")
+    np.savez_compressed(OUT / "filters.npz", **_filters())
+    (OUT / "modules").mkdir(exist_ok=True)
+    modules = []
+    for number, (name, source, resolution, a) in enumerate(MODULE_CASES):
+        pixels = np.asarray(Image.open(IMAGES / source).convert("RGB"))
+        made = _module(name, pixels, resolution, a if a != -1 else 0)
+        case = {"module": name, "image": source, "resolution": resolution, "threshold_a": a,
+                "map": f"{number}-{name}.png"}
+        Image.fromarray(made[..., 0] if (made == made[..., :1]).all() else made).save(
+            OUT / "modules" / case["map"], optimize=True)
+        modules.append(case)
+    (OUT / "modules" / "cases.json").write_text(json.dumps({"opencv": cv2.__version__, "numpy": np.__version__,
+                                                             "cases": modules}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def init_image_png() -> bytes:
 @pytest.fixture(scope="session")
 def edge_map_png(init_image_png) -> bytes:
     """A Canny edge map of the photograph, made by the built-in preprocessor, as PNG bytes."""
-    from kiln.control import canny
+    from kiln.canny import canny
 
     buffer = io.BytesIO()
     canny(Image.open(io.BytesIO(init_image_png)).convert("RGB"), 100, 200).save(buffer, "PNG")

@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kiln.control import _hysteresis, canny, control_image, resize_control
+from kiln.canny import _hysteresis, canny
+from kiln.control import control_image, resize_control
 from kiln.controlmaps import fit_map
 from kiln.cvimage import otsu_threshold
 from kiln.detect import detect_map, pixel_perfect_resolution
 from kiln.errors import InputError
 from kiln.paths import SAMPLE_IMAGES
+from orchestrator.pipeline.info import unit_text
+from orchestrator.pipeline.requests import ControlNetUnit
 from orchestrator.server.a1111 import controlnet_units
 from tests.conftest import encode
 
@@ -107,9 +110,13 @@ def test_kiln_units_resize_as_diffusers_and_keep_binary_maps_binary():
     ({"processor_res": 4096}, "processor_res must be 64 to 2048 (or -1: 512), got 4096"),
     ({"processor_res": 32}, "processor_res must be 64 to 2048"),
     ({"threshold_a": 200, "threshold_b": 100}, "canny thresholds must satisfy 0 <= threshold_a < threshold_b <= 255"),
-    ({"threshold_b": 300}, "got 100, 300"),
-    ({"threshold_b": 150.5}, "threshold_b must be an integer, got 150.5"),
-    ({"module": "depth"}, "module 'depth' is unknown; valid: none, canny, invert"),
+    ({"threshold_b": 300}, "threshold_b must be 0 to 255 (or -1: 200), canny's High Threshold; got 300"),
+    ({"threshold_b": 150.5}, "threshold_b must be an integer (canny's High Threshold), got 150.5"),
+    ({"module": "depth"}, "module 'depth' is unknown; valid: none, tile_resample, recolor_luminance, lineart_standard, "
+                          "canny, invert, threshold, scribble_xdog, recolor_intensity, blur_gaussian"),
+    ({"module": "blur_gaussian", "threshold_a": 0}, "threshold_a must be 0.01 to 2048 (or -1: 512), blur_gaussian's "
+                                                    "Sigma; got 0"),
+    ({"module": "tile_resample", "threshold_a": 9}, "threshold_a must be 1 to 8 (or -1: 1)"),
 ])
 def test_bad_unit_settings_are_refused_by_name(unit, words):
     with pytest.raises(InputError, match="alwayson_scripts.controlnet.args\\[0\\]") as info:
@@ -210,4 +217,24 @@ def test_canny_thresholds_of_minus_one_are_the_defaults():
     assert np.array_equal(_unit_image(photo, threshold_a=-1, threshold_b=-1), _unit_image(photo))
     args = [{"image": base64.b64encode(photo).decode(), "module": "canny", "threshold_a": -1, "threshold_b": -1}]
     (unit,) = controlnet_units({"controlnet": {"args": args}}, MAX_PIXELS, 64, 64)
-    assert (unit.low_threshold, unit.high_threshold) == (100, 200)
+    assert (unit.threshold_a, unit.threshold_b) == (100, 200)
+
+
+def test_the_infotext_writes_each_unit_as_the_extension_does():
+    """sd-webui-controlnet's serialize_unit: its fields in its order, those at -1 left out (a module's missing
+    sliders, a resolution it does not use); kiln's own units have no resize mode or resolution."""
+    photo = base64.b64encode(_photo((64, 64))).decode()
+    args = [{"image": photo, "module": "canny", "threshold_a": 50, "resize_mode": "Just Resize", "processor_res": 96},
+            {"image": photo, "module": "invert", "pixel_perfect": True, "weight": 0.5, "control_mode": 2},
+            {"image": photo, "module": "blur_gaussian", "pixel_perfect": True, "threshold_a": 3.5}]
+    canny_unit, invert_unit, blur_unit = controlnet_units({"controlnet": {"args": args}}, MAX_PIXELS, 64, 64)
+    assert unit_text(canny_unit, "m [1a2b]") == (
+        '"Module: canny, Model: m [1a2b], Weight: 1.0, Resize Mode: Just Resize, Processor Res: 96, Threshold A: 50, '
+        'Threshold B: 200, Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced"')
+    assert unit_text(invert_unit, "m") == (
+        '"Module: invert, Model: m, Weight: 0.5, Resize Mode: Crop and Resize, Guidance Start: 0.0, Guidance End: 1.0, '
+        'Pixel Perfect: False, Control Mode: ControlNet is more important"')
+    assert "Processor Res: 64, Threshold A: 3.5, Guidance Start" in unit_text(blur_unit, "m")  # pixel perfect's
+    assert "Pixel Perfect: True" in unit_text(blur_unit, "m")
+    assert unit_text(ControlNetUnit(image=b"", module="canny"), "m") == (
+        '"Module: canny, Model: m, Weight: 1.0, Guidance Start: 0.0, Guidance End: 1.0, Control Mode: Balanced"')

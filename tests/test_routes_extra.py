@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kiln.control import canny
+from kiln.canny import canny
 from kiln.cvimage import resize
+from kiln.detect import map_of
+from kiln.paths import SAMPLE_IMAGES
+from kiln.preprocessors import CONTROL_MODULES
 from kiln.triton_server import free_port
 from orchestrator.pipeline import Limits
+from orchestrator.server.a1111 import controlnet_units
 from orchestrator.server.service import BackgroundAPI
 from orchestrator.server.settings import Settings
 from tests.conftest import encode, png_header_only
@@ -239,21 +243,32 @@ def test_sdnext_status_follows_a_running_job(api):
 
 # -- sd-webui-controlnet ------------------------------------------------------------------------------------------
 def test_control_types_group_the_modules_and_the_builds_controlnets(client):
-    """One type per tag of kiln's modules (canny: Canny; invert: Canny, Lineart, Scribble, Sketch, MLSD, as the
-    extension tags them), each with "none" and its modules, and the models whose name holds the type's."""
+    """One type per tag of kiln's modules, as the extension tags them, sorted; each with "none" and its modules (by
+    label, in the extension's order: priority, then label, both descending; the first is the default), and the models
+    whose name holds the type's (or its alias: sketch for Scribble, blur for Tile)."""
     models = client.get("/controlnet/model_list").json()["model_list"]
     types = client.get("/controlnet/control_types").json()["control_types"]
-    assert list(types) == ["All", "Canny", "Lineart", "MLSD", "Scribble", "Sketch"]
-    assert types["All"] == {"module_list": ["none", "canny", "invert"], "model_list": ["None", *models],
-                            "default_option": "none", "default_model": "None"}
+    assert list(types) == ["All", "Blur", "Canny", "Lineart", "MLSD", "Recolor", "Scribble", "Sketch", "Tile"]
+    invert, lineart = "invert (from white bg & black line)", "lineart_standard (from white bg & black line)"
+    assert types["All"] == {"module_list": ["none", "tile_resample", "recolor_luminance", lineart, "canny", invert,
+                                            "threshold", "scribble_xdog", "recolor_intensity", "blur_gaussian"],
+                            "model_list": ["None", *models], "default_option": "none", "default_model": "None"}
     assert any(m.startswith("controlnet [") for m in types["All"]["model_list"])
     # No ControlNet of this build has "canny" in its name, so the type holds "None" only, as sd-webui-controlnet's.
-    assert types["Canny"] == {"module_list": ["none", "canny", "invert"], "model_list": ["None"],
+    assert types["Canny"] == {"module_list": ["none", "canny", invert], "model_list": ["None"],
                               "default_option": "canny", "default_model": "None"}
     scribble = next(m for m in models if m.startswith("scribble ["))
-    assert types["Scribble"] == {"module_list": ["none", "invert"], "model_list": ["None", scribble],
-                                 "default_option": "invert", "default_model": scribble}
-    assert types["Lineart"]["model_list"] == ["None"] and types["Lineart"]["default_option"] == "invert"
+    assert types["Scribble"] == {"module_list": ["none", invert, "scribble_xdog"], "model_list": ["None", scribble],
+                                 "default_option": invert, "default_model": scribble}
+    assert types["Sketch"]["module_list"] == ["none", invert, "scribble_xdog"]
+    assert types["Sketch"]["model_list"] == ["None"]  # "scribble" is not one of Sketch's words
+    assert types["Lineart"] == {"module_list": ["none", lineart, invert], "model_list": ["None"],
+                                "default_option": lineart, "default_model": "None"}
+    for tile in ("Tile", "Blur"):
+        assert types[tile]["module_list"] == ["none", "tile_resample", "blur_gaussian"]
+        assert types[tile]["default_option"] == "tile_resample"
+    assert types["Recolor"]["module_list"] == ["none", "recolor_luminance", "recolor_intensity"]
+    assert types["MLSD"]["module_list"] == ["none", invert]
 
 
 def test_detect_is_kilns_canny_at_the_processor_resolution(client):
@@ -296,10 +311,15 @@ def test_detect_is_kilns_canny_at_the_processor_resolution(client):
 
 @pytest.mark.parametrize("fields,status,needle", [
     ({"controlnet_module": "openpose"}, 422,
-     "controlnet_module 'openpose' is not available; valid: none, canny, invert"),
+     "controlnet_module 'openpose' is unknown; valid: none, tile_resample, recolor_luminance, lineart_standard, canny"),
     ({"controlnet_input_images": []}, 422, "controlnet_input_images: no image"),
-    ({"controlnet_threshold_a": 300}, 422, "controlnet_threshold_a must be an integer from 0 to 255"),
-    ({"controlnet_threshold_a": 200, "controlnet_threshold_b": 100}, 422, "must be below controlnet_threshold_b"),
+    ({"controlnet_threshold_a": 300}, 422, "controlnet_threshold_a must be 0 to 255 (or -1: 100), canny's Low "
+                                           "Threshold; got 300"),
+    ({"controlnet_threshold_a": 20.5}, 422, "controlnet_threshold_a must be an integer (canny's Low Threshold)"),
+    ({"controlnet_threshold_a": 200, "controlnet_threshold_b": 100}, 422,
+     "canny thresholds must satisfy 0 <= controlnet_threshold_a < controlnet_threshold_b <= 255, got 200, 100"),
+    ({"controlnet_module": "threshold", "controlnet_threshold_a": 256}, 422,
+     "controlnet_threshold_a must be 0 to 255 (or -1: 127), threshold's Binarization Threshold; got 256"),
     ({"controlnet_processor_res": 4096}, 422, "controlnet_processor_res must be 64 to 2048"),
     ({"controlnet_processor_res": 2048}, 422, "controlnet_processor_res 2048 makes the 48x32"),
     ({"controlnet_masks": ["x"]}, 422, "controlnet_masks"),
@@ -310,3 +330,35 @@ def test_detect_refusals_name_the_field(client, fields, status, needle):
     response = client.post("/controlnet/detect", json=body)
     assert response.status_code == status, response.text
     assert needle in response.json()["detail"], response.text
+
+
+def test_module_list_detect_and_units_take_every_module(client):
+    """/controlnet/module_list: names (labels with alias_names) and each one's sliders; /controlnet/detect and the
+    units run any module, by name or label, with its sliders."""
+    listed = client.get("/controlnet/module_list").json()
+    assert listed["module_list"] == list(CONTROL_MODULES)
+    assert listed["module_detail"]["canny"]["sliders"] == [
+        {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
+        {"name": "Low Threshold", "value": 100, "min": 0, "max": 255, "step": 1},
+        {"name": "High Threshold", "value": 200, "min": 0, "max": 255, "step": 1}]
+    assert listed["module_detail"]["invert"] == {"model_free": False, "sliders": []}
+    assert [s["name"] for s in listed["module_detail"]["tile_resample"]["sliders"]] == ["Down Sampling Rate"]
+    aliases = client.get("/controlnet/module_list", params={"alias_names": True}).json()
+    assert "lineart_standard (from white bg & black line)" in aliases["module_list"]
+    assert set(aliases["module_detail"]) == set(aliases["module_list"])
+    photo = Image.open(SAMPLE_IMAGES / "coffee.png").convert("RGB").resize((96, 64))
+    response = client.post("/controlnet/detect", json={
+        "controlnet_module": "scribble_xdog", "controlnet_input_images": [_b64(photo)], "controlnet_processor_res": 64,
+        "controlnet_threshold_a": 20})
+    assert response.status_code == 200, response.text
+    made = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB"))
+    assert np.array_equal(made, np.asarray(map_of(photo, "scribble_xdog", 64, 20, -1, 1 << 20)))
+    args = [{"image": _b64(photo), "module": "lineart_standard (from white bg & black line)", "processor_res": 64,
+             "resize_mode": "Just Resize"},
+            {"image": _b64(photo), "module": "recolor_intensity", "threshold_a": 0.5, "threshold_b": 99}]
+    lineart, recolor = controlnet_units({"controlnet": {"args": args}}, 1 << 20, 64, 64)
+    assert (lineart.module, lineart.preprocessor, lineart.threshold_a) == ("lineart_standard", "none", -1)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(lineart.image)).convert("RGB")),
+                          np.asarray(map_of(photo, "lineart_standard", 64, -1, -1, 1 << 20)))
+    assert (recolor.threshold_a, recolor.threshold_b) == (0.5, -1)  # recolor has one slider: b is ignored
+    assert Image.open(io.BytesIO(recolor.image)).size == (96, 64)  # its own size: no resolution

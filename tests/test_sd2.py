@@ -228,7 +228,7 @@ def test_controlnet_for_sd2_matches_diffusers(sd2_local, sd2_checkpoint):
     """The checkpoint's own SD 2.x ControlNet (linear projections, 32-wide cross-attention) through its ensemble."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
-    from kiln.control import canny
+    from kiln.canny import canny
     from orchestrator.pipeline import ControlNetUnit
 
     photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS)

@@ -396,7 +396,7 @@ def test_several_controlnet_units_match_diffusers_multicontrolnet(local, sd_chec
         output_type="np", generator=torch.Generator().manual_seed(5)).images)
     units = (ControlNetUnit(image=edge_map_png, weight=0.8),
              ControlNetUnit(image=init_image_png, module="canny", weight=0.5, guidance_start=0.25, guidance_end=0.75,
-                            low_threshold=50, high_threshold=150, model="scribble"))
+                            threshold_a=50, threshold_b=150, model="scribble"))
     request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=8, sampler="DPM++ 2M Karras",
                              cfg_scale=7.5, seed=5, width=64, height=64, controlnet=units)
     result = local.txt2img(request)
@@ -443,7 +443,7 @@ def test_canny_preprocessor_and_bad_units(local, init_image_png):
     for unit, message in [(ControlNetUnit(image=init_image_png, module="depth"), "module 'depth' is unknown"),
                           (ControlNetUnit(image=init_image_png, weight=float("nan")), "weight must be in"),
                           (ControlNetUnit(image=init_image_png, guidance_start=0.9, guidance_end=0.1), "start < end"),
-                          (ControlNetUnit(image=init_image_png, low_threshold=200, high_threshold=100),
+                          (ControlNetUnit(image=init_image_png, module="canny", threshold_a=200, threshold_b=100),
                            "canny thresholds"),
                           (ControlNetUnit(image=b"junk"), "controlnet image: cannot decode")]:
         with pytest.raises(InputError, match=message):

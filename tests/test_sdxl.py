@@ -344,7 +344,7 @@ def test_an_sdxl_controlnet_matches_diffusers(xl_local, xl_checkpoint):
     units as diffusers' MultiControlNet."""
     from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
-    from kiln.control import canny
+    from kiln.canny import canny
     from orchestrator.pipeline import ControlNetUnit
 
     photo = Image.open(SAMPLE_IMAGES / "chelsea.jpg").convert("RGB").resize((64, 64), Image.LANCZOS)

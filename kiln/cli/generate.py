@@ -7,8 +7,8 @@ import base64
 import sys
 from pathlib import Path
 
-from kiln.control import CONTROL_MODULES
 from kiln.errors import KilnError
+from kiln.preprocessors import CONTROL_MODULES
 
 VAE_TILING = {"auto": None, "on": True, "off": False}  # --vae-tiling -> a request's vae_tiling
 PAD_SETTINGS = {"empty_chunks": "pad_cond_uncond", "last_vector": "pad_cond_uncond_v0"}  # --pad-conds -> a setting
@@ -92,7 +92,13 @@ def add_parser(commands) -> None:
                           help="ControlNet: a control image (or a photo with --control-module canny); repeat it for "
                                "several units, whose residuals add up. The other --control-* options take one value "
                                "for all units or one per unit")
-    generate.add_argument("--control-module", choices=CONTROL_MODULES, action="append")
+    generate.add_argument("--control-module", choices=CONTROL_MODULES, action="append",
+                          help="the preprocessor run on the control image (sd-webui-controlnet's model-free modules)")
+    generate.add_argument("--control-threshold-a", type=float, action="append",
+                          help="the module's first slider (canny's low threshold, a blur's sigma, ...; default: the "
+                               "module's; GET /controlnet/module_list lists them)")
+    generate.add_argument("--control-threshold-b", type=float, action="append",
+                          help="the module's second slider (canny's high threshold)")
     generate.add_argument("--control-model", action="append",
                           help="which of the build's ControlNets the unit uses, by name (default: the first built)")
     generate.add_argument("--control-weight", type=float, action="append", help="ControlNet conditioning scale (1)")
@@ -170,9 +176,11 @@ def _units(args, files: dict[str, bytes]) -> list[dict]:
         return values * len(images) if len(values) == 1 else values
 
     columns = zip(per_unit("control_module", "none"), per_unit("control_weight", 1.0), per_unit("control_start", 0.0),
-                  per_unit("control_end", 1.0), per_unit("control_model", None))
+                  per_unit("control_end", 1.0), per_unit("control_model", None), per_unit("control_threshold_a", -1),
+                  per_unit("control_threshold_b", -1))
     return [dict(image=files[str(path)], module=module, weight=weight, guidance_start=start, guidance_end=end,
-                 model=model) for path, (module, weight, start, end, model) in zip(images, columns)]
+                 model=model, threshold_a=a, threshold_b=b)
+            for path, (module, weight, start, end, model, a, b) in zip(images, columns)]
 
 
 def run(args) -> int:
@@ -280,7 +288,8 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
     if units:
         fields["alwayson_scripts"] = {"controlnet": {"args": [
             {"enabled": True, "image": b64(u["image"]), "module": u["module"], "model": u["model"] or "None",
-             "weight": u["weight"], "guidance_start": u["guidance_start"], "guidance_end": u["guidance_end"]}
+             "weight": u["weight"], "guidance_start": u["guidance_start"], "guidance_end": u["guidance_end"],
+             "threshold_a": u["threshold_a"], "threshold_b": u["threshold_b"]}
             for u in units]}}
     if args.init_image is not None and args.mask is not None and not args.overlay:
         raise KilnError("--api: the API pastes the init image back outside the mask (AUTOMATIC1111 does); "

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from kiln.preprocessors import preprocessor
+
 SOFT = 0.825  # sd-webui-controlnet's soft-injection base
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 
 
 def soft(unit) -> bool:
-    """Whether the unit soft-injects: its mode, or canny/mlsd in the second pass."""
-    return unit.control_mode != 0 or (unit.second_pass and unit.module in ("canny", "mlsd"))
+    """Whether the unit soft-injects: its mode, or in the second pass a module the extension soft-projects there
+    (canny; its mlsd too, which kiln does not have)."""
+    return unit.control_mode != 0 or (unit.second_pass and preprocessor(unit.module).soft_in_hires)
 
 
 def row_scales(unit, scale: float, rows: int, unconditional: int) -> np.ndarray:

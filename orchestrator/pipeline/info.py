@@ -60,11 +60,29 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeding: Seeds, stoppe
             info |= {"mask_blur": blur_radius(request.mask_blur), "inpainting_fill": request.inpainting_fill,
                      "inpainting_mask_invert": request.inpainting_mask_invert}
     if request.controlnet_units:
-        info["controlnet"] = [f"\"Module: {unit.module}, Model: {contract.controlnet(unit.model).title}, "
-                              f"Weight: {unit.weight}, Guidance Start: {unit.guidance_start}, "
-                              f"Guidance End: {unit.guidance_end}, Control Mode: {CONTROL_MODES[unit.control_mode]}\""
+        info["controlnet"] = [unit_text(unit, contract.controlnet(unit.model).title)
                               for unit in request.controlnet_units]
     return info
+
+
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+
+
+def unit_text(unit, model: str) -> str:
+    """A ControlNet unit as sd-webui-controlnet's serialize_unit writes it, quoted: its fields in its order, those
+    at -1 (sliders the module lacks, no resolution) left out; the resize mode, resolution and pixel perfect only for
+    the API's units (kiln's own run the module at each pass's size)."""
+    fields = [("Module", unit.module), ("Model", model), ("Weight", unit.weight)]
+    if unit.resize_mode is not None:
+        fields.append(("Resize Mode", RESIZE_MODES[unit.resize_mode]))
+    fields += [(name, f"{value:g}") for name, value in (("Processor Res", unit.processor_res),
+                                                         ("Threshold A", unit.threshold_a),
+                                                         ("Threshold B", unit.threshold_b)) if value != -1]
+    fields += [("Guidance Start", unit.guidance_start), ("Guidance End", unit.guidance_end)]
+    if unit.resize_mode is not None:
+        fields.append(("Pixel Perfect", unit.pixel_perfect))
+    fields.append(("Control Mode", CONTROL_MODES[unit.control_mode]))
+    return '"' + ", ".join(f"{name}: {value}" for name, value in fields) + '"'
 
 
 def sampler_settings(request: Txt2ImgRequest) -> dict:

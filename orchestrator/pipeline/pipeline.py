@@ -357,8 +357,8 @@ class Pipeline:
 def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int) -> list[np.ndarray]:
     """Each ControlNet unit's input at width x height (its preprocessor run, or its map fitted by its resize mode),
     once per row of the UNet batch."""
-    return [np.repeat(control_image(unit.image, width, height, unit.preprocessor, unit.low_threshold,
-                                    unit.high_threshold, unit.resize_mode)[None], rows, axis=0)
+    return [np.repeat(control_image(unit.image, width, height, unit.preprocessor, unit.threshold_a,
+                                    unit.threshold_b, unit.resize_mode)[None], rows, axis=0)
             for unit in request.controlnet_units]
 
 

@@ -16,12 +16,14 @@ class ControlNetUnit:
     """One ControlNet conditioning, as sd-webui-controlnet's unit describes it."""
 
     image: bytes  # the control image (an edge map, or a photo with module="canny")
-    module: str = "none"  # preprocessor: none, or canny (built in)
+    module: str = "none"  # preprocessor: none, or one of kiln.preprocessors' (canny, scribble_xdog, ...)
     weight: float = 1.0  # conditioning scale
     guidance_start: float = 0.0  # fraction of the steps where the ControlNet starts acting
     guidance_end: float = 1.0  # ... and where it stops
-    low_threshold: int = 100  # canny thresholds, on 0-255 intensities
-    high_threshold: int = 200
+    # the module's sliders (sd-webui-controlnet's threshold_a and threshold_b: canny's low and high thresholds, on
+    # 0-255 intensities; a blur's sigma; ...); -1 their defaults, and for a module without that slider
+    threshold_a: float = -1
+    threshold_b: float = -1
     model: str | None = None  # which of the build's ControlNets, by name ("name [hash]" too); None: the first
     save_detected_map: bool = True  # the API returns the unit's preprocessed image after the images (the extension's)
     # sd-webui-controlnet's control_mode: 0 Balanced, 1 My prompt is more important (soft injection: residual i
@@ -34,6 +36,10 @@ class ControlNetUnit:
     # with none), fitted to each pass's size as the extension fits it (kiln.controlmaps). None: kiln's own units,
     # whose module runs on the image at each pass's size (a plain resize, as diffusers')
     resize_mode: int | None = None
+    # for the infotext: the processor resolution the API's unit made its map at (-1: none, or kiln's own unit), and
+    # whether pixel perfect chose it
+    processor_res: int = -1
+    pixel_perfect: bool = False
 
     @property
     def preprocessor(self) -> str:

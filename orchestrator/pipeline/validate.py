@@ -11,11 +11,11 @@ import numbers
 from dataclasses import dataclass
 
 from kiln.contract import SDContract
-from kiln.control import CONTROL_MODULES
 from kiln.errors import InputError, TooLargeError
 from kiln.imaging import header_size
 from kiln.lora import split_lora_tags
 from kiln.masks import INPAINTING_FILL
+from kiln.preprocessors import CONTROL_MODULES, preprocessor
 from kiln.prompt_schedule import composable
 from kiln.prompts import check_prompt_syntax
 from orchestrator.pipeline import hires, tiles
@@ -238,16 +238,20 @@ def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits
         name = "controlnet" if len(units) == 1 else f"controlnet unit {index}"
         if not isinstance(unit, ControlNetUnit):
             raise InputError(f"{name} is not a ControlNet unit")
-        if unit.module not in CONTROL_MODULES:
+        if unit.module not in CONTROL_MODULES:  # by name (the API's units carry the name of a label they sent)
             raise InputError(f"{name} module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
         if unit.control_mode not in (0, 1, 2) or isinstance(unit.control_mode, bool):
             raise InputError(f"{name} control_mode must be 0 (Balanced), 1 (My prompt is more important) or 2 "
                              f"(ControlNet is more important), got {unit.control_mode!r}")
         if not _finite(unit.weight) or not 0 <= unit.weight <= 2:
             raise InputError(f"{name} weight must be in [0, 2], got {unit.weight!r}")
-        if not 0 <= unit.low_threshold < unit.high_threshold <= 255:
-            raise InputError(f"{name} canny thresholds must satisfy 0 <= low < high <= 255, "
-                             f"got {unit.low_threshold!r}, {unit.high_threshold!r}")
+        checked = preprocessor(unit.module).slider_values(unit.threshold_a, unit.threshold_b,
+                                                          ("threshold_a", "threshold_b"), f"{name} ")
+        lacking = [field for field, value, kept in zip(("threshold_a", "threshold_b"),
+                                                       (unit.threshold_a, unit.threshold_b), checked)
+                   if kept == -1 and value != -1]
+        if lacking:
+            raise InputError(f"{name} module {unit.module} has no {' or '.join(lacking)} (leave it -1)")
         if not (0 <= unit.guidance_start < unit.guidance_end <= 1):
             raise InputError(f"{name} guidance_start/end must satisfy 0 <= start < end <= 1, "
                              f"got {unit.guidance_start!r}, {unit.guidance_end!r}")

@@ -14,19 +14,13 @@ from pydantic import ValidationError
 
 from kiln import schemas
 from kiln.contract import SDContract
-from kiln.control import CONTROL_MODULES, control_image
-from kiln.detect import (
-    DEFAULT_RESOLUTION,
-    DEFAULT_THRESHOLDS,
-    decode_source,
-    map_of,
-    pixel_perfect_resolution,
-    processor_resolution,
-)
+from kiln.control import control_image
+from kiln.detect import DEFAULT_RESOLUTION, decode_source, map_of, pixel_perfect_resolution, processor_resolution
 from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import resize_init_image
+from kiln.preprocessors import Preprocessor, preprocessor
 from kiln.prompts import EXTRA_NETWORK
 from kiln.styles import StyleLibrary
 from kiln.upscale import UPSCALERS
@@ -214,41 +208,24 @@ def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, in
     return mode, control_mode
 
 
-def _thresholds(unit: schemas.ControlNetUnitArgs, module: str, where: str) -> tuple[int, int]:
-    """canny's low and high thresholds (threshold_a, threshold_b; -1 their defaults, 100 and 200, as the extension's
-    bound check sets them); the other modules have none and ignore both fields, as the extension's do."""
-    if module != "canny":
-        return DEFAULT_THRESHOLDS
-    values = []
-    for name, default in zip(("threshold_a", "threshold_b"), DEFAULT_THRESHOLDS):
-        value = getattr(unit, name)
-        if value != int(value):  # finite: the schema refuses NaN and infinities
-            raise InputError(f"{where}.{name} must be an integer, got {value!r}")
-        values.append(default if value == -1 else int(value))
-    low, high = values
-    if not 0 <= low < high <= 255:
-        raise InputError(f"{where}: canny thresholds must satisfy 0 <= threshold_a < threshold_b <= 255, got {low}, "
-                         f"{high}")
-    return low, high
-
-
-def _unit_image(unit: schemas.ControlNetUnitArgs, module: str, where: str, data: bytes, size: tuple[int, int],
-                mode: int, thresholds: tuple[int, int], max_pixels: int) -> bytes:
-    """The unit's map as sd-webui-controlnet makes it: the image itself with no preprocessor; its negative with
-    invert; canny's map at the processor resolution (processor_res, -1 its default 512; or pixel perfect's, from the
-    image's and the generation's sizes). Each pass fits it to its size by the resize mode (the pipeline's
-    control_images). Fitting first would make the preprocessor see resize and fill's borders (canny: a frame of
-    edges)."""
-    if module == "none":
-        return data
+def _unit_image(unit: schemas.ControlNetUnitArgs, pre: Preprocessor, where: str, data: bytes,
+                size: tuple[int, int], mode: int, sliders: tuple[float, float],
+                max_pixels: int) -> tuple[bytes, int]:
+    """The unit's map as sd-webui-controlnet makes it: the image itself with no preprocessor; a module without a
+    resolution (invert, tile_resample, recolor) at the image's size; the others at the processor resolution
+    (processor_res, -1 its default 512; or pixel perfect's, from the image's and the generation's sizes). Each pass
+    fits it to its size by the resize mode (the pipeline's control_images). Fitting first would make the
+    preprocessor see resize and fill's borders (canny: a frame of edges). With the resolution used (-1: none)."""
+    if pre.name == "none":
+        return data, -1
     image = decode_source(data, max_pixels, f"{where}.image")  # upright: pixel perfect reads the size the map sees
-    if module != "canny":  # invert has no resolution (the extension hides and ignores it)
-        resolution = DEFAULT_RESOLUTION
-    elif unit.pixel_perfect:
+    if not pre.uses_resolution:  # the extension hides the resolution and ignores it
+        return encode_png(map_of(image, pre.name, DEFAULT_RESOLUTION, *sliders, max_pixels, f"{where}.image")), -1
+    if unit.pixel_perfect:
         resolution = pixel_perfect_resolution(*image.size, *size, mode)
     else:
         resolution = processor_resolution(unit.processor_res, f"{where}.processor_res")
-    return encode_png(map_of(image, module, resolution, *thresholds, max_pixels, f"{where}.image"))
+    return encode_png(map_of(image, pre.name, resolution, *sliders, max_pixels, f"{where}.image")), resolution
 
 
 def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) -> tuple[ControlNetUnit, ...] | None:
@@ -275,16 +252,15 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) ->
         image = unit.image if unit.image is not None else unit.input_image
         if isinstance(image, dict):
             image = image.get("image")
-        module = unit.module.lower()
-        if module not in CONTROL_MODULES:
-            raise InputError(f"{where}.module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
-        low, high = _thresholds(unit, module, where)
+        pre = preprocessor(unit.module, f"{where}.module")  # its name or its label
+        sliders = pre.slider_values(unit.threshold_a, unit.threshold_b, ("threshold_a", "threshold_b"), f"{where}.")
         resize, control_mode = _unit_options(unit, where)
         data = decode_b64_image(image, f"{where}.image", max_pixels)
-        made = _unit_image(unit, module, where, data, (width, height), resize, (low, high), max_pixels)
-        result.append(ControlNetUnit(image=made, resize_mode=resize, module=module, weight=unit.weight,
+        made, resolution = _unit_image(unit, pre, where, data, (width, height), resize, sliders, max_pixels)
+        result.append(ControlNetUnit(image=made, resize_mode=resize, module=pre.name, weight=unit.weight,
                                      guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
-                                     low_threshold=low, high_threshold=high,
+                                     threshold_a=sliders[0], threshold_b=sliders[1], processor_res=resolution,
+                                     pixel_perfect=unit.pixel_perfect and resolution != -1,
                                      model=unit.model, save_detected_map=unit.save_detected_map,
                                      control_mode=control_mode))
     return tuple(result) or None
@@ -330,8 +306,8 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
 def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
     """What a unit gave its ControlNet (the preprocessor's output, or the resized image), as uint8 pixels: the
     "detected map" sd-webui-controlnet appends to the response's images unless control_net_no_detectmap."""
-    pixels = control_image(unit.image, request.width, request.height, unit.preprocessor, unit.low_threshold,
-                           unit.high_threshold, unit.resize_mode)
+    pixels = control_image(unit.image, request.width, request.height, unit.preprocessor, unit.threshold_a,
+                           unit.threshold_b, unit.resize_mode)
     return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)
 
 
