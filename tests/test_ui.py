@@ -186,13 +186,17 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     page.click("#controlnet summary")
     page.click("#add-unit")
     page.set_input_files("#units .unit-image", str(PHOTO))
-    page.select_option("#units .unit-module", "canny")
+    page.select_option("#units .unit-module", "canny")  # its sliders, from /controlnet/module_list
+    assert page.eval_on_selector_all("#units .unit-slider", "s => s.map(i => [i.dataset.field, i.value])") == [
+        ["processor_res", "512"], ["threshold_a", "100"], ["threshold_b", "200"]]
+    page.fill("#units .unit-slider[data-field=threshold_a]", "60")
     page.fill("#units .unit-weight", "0.8")
     page.select_option("#units .unit-control-mode", "ControlNet is more important")
     page.fill("[name=steps]", "4")
     generate(page)
     info = page.inner_text("#info")
     assert "ControlNet 0: \"Module: canny" in info and "Control Mode: ControlNet is more important" in info
+    assert "Threshold A: 60" in info
     shot(page, "controlnet")
     page.click("#units .remove-unit")
 

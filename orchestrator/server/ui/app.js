@@ -95,7 +95,8 @@ async function loadCapabilities() {
   const [latentModes, upscalers] = await Promise.all([
     api("GET", "/sdapi/v1/latent-upscale-modes").catch(() => []), api("GET", "/sdapi/v1/upscalers").catch(() => [])]);
   form.hr_upscaler.replaceChildren(...[...latentModes, ...upscalers].map(u => option(u.name)));
-  state.modules = modules.module_list; state.models = models.model_list;
+  state.modules = modules.module_list; state.moduleDetail = modules.module_detail || {};
+  state.models = models.model_list;
   $("#controlnet").hidden = !state.models.length;
   const axes = await api("GET", "/v1/xyz-axes").catch(() => ({ txt2img: [] }));
   for (const select of $$(".axis-type")) select.replaceChildren(...axes.txt2img.map(a => option(a)));
@@ -145,7 +146,8 @@ async function generationBody(kind) {
                    model: $(".unit-model", unit).value, weight: Number($(".unit-weight", unit).value),
                    guidance_start: Number($(".unit-start", unit).value),
                    guidance_end: Number($(".unit-end", unit).value),
-                   control_mode: $(".unit-control-mode", unit).value });
+                   control_mode: $(".unit-control-mode", unit).value,
+                   ...Object.fromEntries($$(".unit-slider", unit).map(i => [i.dataset.field, Number(i.value)])) });
     }
   }
   if (units.length) body.alwayson_scripts = { controlnet: { args: units } };
@@ -473,10 +475,29 @@ function setUpMaskPainting() {
 // -- ControlNet units -------------------------------------------------------------------------------------------------
 function addUnit() {
   const unit = $("#unit-template").content.firstElementChild.cloneNode(true);
-  $(".unit-module", unit).replaceChildren(...(state.modules || ["none"]).map(m => option(m)));
+  const module = $(".unit-module", unit);
+  module.replaceChildren(...(state.modules || ["none"]).map(m => option(m)));
+  module.onchange = () => showSliders(unit);
   $(".unit-model", unit).replaceChildren(...(state.models || []).map(m => option(m)));
+  showSliders(unit);
   $(".remove-unit", unit).onclick = () => unit.remove();
   $("#units").append(unit);
+}
+
+// The unit's module's sliders, as /controlnet/module_list details them: its resolution (processor_res), then
+// threshold_a and threshold_b, each at its default within its range.
+function showSliders(unit) {
+  const detail = (state.moduleDetail || {})[$(".unit-module", unit).value] || { sliders: [] };
+  const fields = ["threshold_a", "threshold_b"];
+  $(".unit-sliders", unit).replaceChildren(...detail.sliders.map(slider => {
+    const label = document.createElement("label");
+    const input = document.createElement("input");
+    Object.assign(input, { type: "number", className: "unit-slider", min: slider.min, max: slider.max,
+                           step: slider.step, value: slider.value });
+    input.dataset.field = slider.name === "Resolution" ? "processor_res" : fields.shift();
+    label.append(`${slider.name} `, input);
+    return label;
+  }));
 }
 
 // -- X/Y/Z plot: AUTOMATIC1111's script through the API; its cells run as tasks through the step batcher -------------
