@@ -84,7 +84,7 @@ class Preprocessor:
                 raise InputError(f"{where}{name} must be a number ({self.name}'s {slider.label}), got {value!r}")
             if value == -1:
                 value = slider.value
-            elif slider.integer and value != int(value):  # finite: the schemas refuse NaN and infinities
+            elif slider.integer and value != int(value):
                 raise InputError(f"{where}{name} must be an integer ({self.name}'s {slider.label}), got {value:g}")
             elif not slider.minimum <= value <= slider.maximum:
                 raise InputError(f"{where}{name} must be {slider.minimum:g} to {slider.maximum:g} (or -1: "

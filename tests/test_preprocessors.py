@@ -112,3 +112,18 @@ def test_modules_at_their_own_size():
     pixels = np.array([[[200, 130, 140], [128, 128, 128]]], np.uint8)
     assert PREPROCESSORS["threshold"].apply(pixels, 127, -1)[0, :, 0].tolist() == [255, 255]
     assert PREPROCESSORS["threshold"].apply(pixels, 130, -1)[0, :, 0].tolist() == [0, 0]
+
+
+def test_kiln_generate_passes_each_units_sliders():
+    """--control-threshold-a/b: once for all units or once per unit; absent, -1 (the module's defaults)."""
+    from kiln.cli import build_parser
+    from kiln.cli.generate import _units
+
+    files = {"a.png": b"A", "b.png": b"B"}
+    args = build_parser().parse_args(["generate", "x", "--control-image", "a.png", "--control-image", "b.png",
+                                      "--control-module", "canny", "--control-module", "blur_gaussian",
+                                      "--control-threshold-a", "50", "--control-threshold-a", "9.5"])
+    units = _units(args, files)
+    assert [(u["module"], u["threshold_a"], u["threshold_b"]) for u in units] == [("canny", 50, -1),
+                                                                                  ("blur_gaussian", 9.5, -1)]
+    assert [ControlNetUnit(**u).threshold_a for u in units] == [50, 9.5]
