@@ -209,7 +209,14 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
         page.wait_for_function("n => window.kiln.tasks.size > n", arg=before)
     ids = page.evaluate("[...window.kiln.tasks.keys()].slice(-3)")
     page.wait_for_selector(f"li[data-task='{ids[1]}'] .cancel")
-    page.click(f"li[data-task='{ids[1]}'] .cancel")
+    # The queued task's Cancel button is the same element while the running one's progress events arrive (a list
+    # rebuilt on each event loses clicks: press and release land on two different buttons).
+    cancel = f"li[data-task='{ids[1]}'] .cancel"
+    page.evaluate("selector => { window.heldCancel = document.querySelector(selector); }", cancel)
+    seen = page.evaluate("window.kiln.events.length")
+    page.wait_for_function("n => window.kiln.events.length >= n + 3", arg=seen)
+    assert page.evaluate("selector => window.heldCancel === document.querySelector(selector)", cancel)
+    page.click(cancel)
     page.wait_for_function("ids => ids.every(id => window.kiln.tasks.get(id).finished)", arg=ids, timeout=180_000)
     statuses = [requests.get(f"{service.url}/v1/tasks/{task}", timeout=30).json()["status"] for task in ids]
     assert statuses == ["done", "cancelled", "done"]

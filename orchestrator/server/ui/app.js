@@ -397,31 +397,44 @@ async function refreshQueue() {
   } catch (_) { /* shown by the next successful refresh */ }
 }
 
+// Each task keeps its list item: the item is updated in place, never rebuilt, so that a Cancel button stays put
+// while progress events arrive (a click whose press and release land on two rebuilt buttons is lost).
 function renderQueue() {
+  const list = $("#queue");
+  const kept = new Map($$("li", list).map(item => [item.dataset.task, item]));
   const items = [...state.tasks.values()].reverse().slice(0, 20).map(task => {
-    const item = document.createElement("li");
-    item.dataset.task = task.id;
+    const item = kept.get(task.id) || queueItem(task);
     item.className = `task ${task.status}`;
     const eta = task.eta != null && task.status === "running" ? `, ~${Math.ceil(task.eta)} s left` : "";
     const where = task.status === "queued" && task.position ? ` #${task.position}` : "";
-    const label = document.createElement("span");
-    label.textContent = `${task.kind}: ${(task.prompt || "").slice(0, 40)} — ${task.status}${where}${eta}`;
-    const bar = document.createElement("div");
-    bar.className = "mini-bar";
-    bar.style.width = `${Math.round((task.progress || 0) * 100)}%`;
-    item.append(label, bar);
-    if (task.status === "queued" || task.status === "running") {
-      const cancel = document.createElement("button");
-      cancel.type = "button"; cancel.className = "cancel"; cancel.textContent = "Cancel";
-      cancel.onclick = async () => {
-        try { await api("DELETE", `/v1/tasks/${task.id}`); } catch (error) { showError(error.message); }
-        refreshQueue();
-      };
-      item.append(cancel);
-    }
+    const text = `${task.kind}: ${(task.prompt || "").slice(0, 40)} — ${task.status}${where}${eta}`;
+    const label = $(".label", item);
+    if (label.textContent !== text) label.textContent = text;
+    $(".mini-bar", item).style.width = `${Math.round((task.progress || 0) * 100)}%`;
+    $(".cancel", item).hidden = !(task.status === "queued" || task.status === "running");
     return item;
   });
-  $("#queue").replaceChildren(...items);
+  items.forEach((item, index) => {  // only items out of place move
+    if (list.children[index] !== item) list.insertBefore(item, list.children[index] || null);
+  });
+  while (list.children.length > items.length) list.lastElementChild.remove();
+}
+
+function queueItem(task) {
+  const item = document.createElement("li");
+  item.dataset.task = task.id;
+  const label = document.createElement("span");
+  label.className = "label";
+  const bar = document.createElement("div");
+  bar.className = "mini-bar";
+  const cancel = document.createElement("button");
+  cancel.type = "button"; cancel.className = "cancel"; cancel.textContent = "Cancel";
+  cancel.onclick = async () => {
+    try { await api("DELETE", `/v1/tasks/${task.id}`); } catch (error) { showError(error.message); }
+    refreshQueue();
+  };
+  item.append(label, bar, cancel);
+  return item;
 }
 
 // -- img2img: the image and the mask painted on it ------------------------------------------------------------------
