@@ -33,6 +33,14 @@ def processor_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return max(1, round(width * k)), max(1, round(height * k))
 
 
+def shortest_edge_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """annotator/color's cv2_resize_shortest_edge: the short side at `resolution`, the other scaled by its own ratio
+    and rounded (Python's round)."""
+    if height < width:
+        return int(round(width / height * resolution)), resolution
+    return resolution, int(round(height / width * resolution))
+
+
 def processor_resolution(value: int, name: str) -> int:
     """A processor resolution as a client sends it: -1 is sd-webui-controlnet's default (512); anything outside its
     slider's range, which it would not run as sent, is refused naming the field `name`."""
@@ -69,13 +77,14 @@ def map_of(image: Image.Image, module: str, resolution: int, a: float, b: float,
     pixels = np.asarray(image.convert("RGB"))
     if not pre.uses_resolution:  # the extension's modules without a resolution: the image's own size
         return Image.fromarray(pre.apply(pixels, a, b))
-    size = processor_size(image.width, image.height, resolution)
+    size = processor_size(image.width, image.height, resolution) if pre.sizing != "shortest" \
+        else shortest_edge_size(image.width, image.height, resolution)
     if size[0] * size[1] > max_pixels:
         raise InputError(f"controlnet_processor_res {resolution} makes the {image.width}x{image.height} {what} "
                          f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels, over the limit of {max_pixels}")
-    interpolation = "cubic" if resolution > min(image.width, image.height) else "area"
+    interpolation = "cubic" if resolution > min(image.width, image.height) and pre.sizing != "shortest" else "area"
     pixels = resize(pixels, *size, interpolation)
-    if pre.sizing == "resize":
+    if pre.sizing in ("resize", "shortest"):
         return Image.fromarray(pre.apply(pixels, a, b))
     padded = np.pad(pixels, ((0, -size[1] % 64), (0, -size[0] % 64), (0, 0)), mode="edge")
     return Image.fromarray(np.ascontiguousarray(pre.apply(padded, a, b)[:size[1], :size[0]]))

@@ -8,11 +8,13 @@ sorting priority, sliders) with what each does to an image, in numpy:
 - lineart_standard: how much darker each pixel is than its sigma-6 blur, scaled by the median of the lines: grey
   lines on black;
 - blur_gaussian, tile_resample: a Gaussian blur, or a shrink by a rate (area), for tile ControlNets;
-- recolor_luminance, recolor_intensity: Lab lightness or HSV value, gamma-corrected, for recolor ControlNets.
+- recolor_luminance, recolor_intensity: Lab lightness or HSV value, gamma-corrected, for recolor ControlNets;
+- color ("t2ia_color_grid"): the image as a grid of 64-pixel cells of its colour, for colour T2I-Adapters.
 
 Where each runs (the extension's `sizing`): "pad" modules run on the image resized so that its short side is the
 processor resolution, its bottom and right edges repeated out to multiples of 64, and cut back after (its
-resize_image_with_pad); "resize" ones on the resized image; "own" ones at the image's own size (no resolution).
+resize_image_with_pad); "resize" ones on the resized image; "shortest" (color) on the image resized by area so that
+its short side is the resolution (its cv2_resize_shortest_edge); "own" ones at the image's own size (no resolution).
 kiln.detect makes the extension's maps with these; kiln.control runs them for kiln's own units at each pass's size.
 The arithmetic follows the extension's numpy and OpenCV calls (kiln.cvimage, kiln.cvfilter), quirks included:
 recolor converts the RGB image as if it were BGR, as the extension does; scribble_xdog's 2 x (255 - dog) wraps
@@ -58,7 +60,7 @@ class Preprocessor:
     label: str = ""  # the extension's display name ("" the name); units and /controlnet/detect take either
     tags: tuple[str, ...] = ()  # its control types
     priority: int = 0  # its sorting priority (higher first; a type's default module is its first)
-    sizing: str = "pad"  # pad, resize or own (above)
+    sizing: str = "pad"  # pad, resize, shortest or own (above)
     sliders: tuple[Slider, ...] = field(default=())  # threshold_a's, then threshold_b's
     soft_in_hires: bool = False  # the hires fix's second pass soft-injects (use_soft_projection_in_hr_fix)
 
@@ -146,6 +148,12 @@ def _gamma(values: np.ndarray, gamma: float) -> np.ndarray:
     return _gray3((result * 255.0).clip(0, 255).astype(np.uint8))
 
 
+def _color_grid(pixels: np.ndarray, _: float, __: float) -> np.ndarray:
+    """annotator/color's apply_color: shrunk by cubic to one pixel per 64, enlarged back by nearest."""
+    height, width = pixels.shape[:2]
+    return resize(resize(pixels, width // 64, height // 64, "cubic"), width, height, "nearest")
+
+
 def _blur(pixels: np.ndarray, sigma: float, _: float) -> np.ndarray:
     return gaussian_blur(pixels, sigma)
 
@@ -172,6 +180,7 @@ _ALL = (
     Preprocessor("recolor_luminance", lambda pixels, gamma, _: _gamma(lab_lightness(pixels), gamma),
                  tags=("Recolor",), priority=100, sizing="own", sliders=(GAMMA,)),
     Preprocessor("threshold", _threshold, sliders=(Slider("Binarization Threshold", 0, 255, 127),)),
+    Preprocessor("color", _color_grid, label="t2ia_color_grid", tags=("T2I-Adapter",), sizing="shortest"),
     Preprocessor("tile_resample", _tile_resample, tags=("Tile", "Blur"), priority=100, sizing="own",
                  sliders=(Slider("Down Sampling Rate", 1.0, 8.0, 1.0),)),
 )

@@ -14,8 +14,9 @@ Four parts:
   extension runs them (scripts/processor.py resize_image_with_pad + canny; detectmap_proc with high_quality_resize,
   nake_nms and lvmin_thin): the processor's map of each image, and that map fitted to a generation's size;
 - modules/: the extension's model-free preprocessors (threshold, scribble_xdog, lineart_standard, blur_gaussian,
-  tile_resample, recolor_luminance, recolor_intensity) on the sample photographs, as its code runs them (its
-  scripts/preprocessor/model_free_preprocessors.py and legacy/processor.py, with OpenCV and numpy).
+  tile_resample, recolor_luminance, recolor_intensity, t2ia_color_grid) on the sample photographs, as its code runs
+  them (its scripts/preprocessor/model_free_preprocessors.py, legacy/processor.py and annotator/color, with OpenCV
+  and numpy).
 
 The files in the repository were made by opencv-python-headless 5.1.0 on x86-64 (IPP on, OpenCV's default; the
 cubic cases depend on it), and agree with 4.14.
@@ -190,7 +191,8 @@ MODULE_CASES = [("threshold", "coffee.png", 160, 127), ("threshold", "camera_gra
                 ("blur_gaussian", "coffee.png", 128, 9.0), ("blur_gaussian", "astronaut.jpg", 96, 512),
                 ("tile_resample", "coffee.png", 0, 3.7), ("tile_resample", "astronaut.jpg", 0, 1.5),
                 ("recolor_luminance", "astronaut.jpg", 0, 1.0), ("recolor_luminance", "astronaut.jpg", 0, 0.6),
-                ("recolor_intensity", "astronaut.jpg", 0, 1.0), ("recolor_intensity", "astronaut.jpg", 0, 1.7)]
+                ("recolor_intensity", "astronaut.jpg", 0, 1.0), ("recolor_intensity", "astronaut.jpg", 0, 1.7),
+                ("color", "coffee.png", 256, -1), ("color", "astronaut.jpg", 700, -1)]
 
 
 def _resize_with_pad(image: np.ndarray, resolution: int):
@@ -228,6 +230,13 @@ def _module(name: str, image: np.ndarray, resolution: int, a: float) -> np.ndarr
     if name == "blur_gaussian":
         img, remove_pad = _resize_with_pad(image, resolution)
         return cv2.GaussianBlur(remove_pad(img), (0, 0), float(a))
+    if name == "color":  # annotator/color: cv2_resize_shortest_edge, then apply_color
+        h, w = image.shape[:2]
+        size = (int(round(w / h * resolution)), resolution) if h < w else (resolution, int(round(h / w * resolution)))
+        img = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        h, w = img.shape[:2]
+        grid = cv2.resize(img, (w // 64, h // 64), interpolation=cv2.INTER_CUBIC)
+        return cv2.resize(grid, (w, h), interpolation=cv2.INTER_NEAREST)
     if name == "tile_resample":
         if a < 1.1:
             return image

@@ -113,7 +113,7 @@ def test_kiln_units_resize_as_diffusers_and_keep_binary_maps_binary():
     ({"threshold_b": 300}, "threshold_b must be 0 to 255 (or -1: 200), canny's High Threshold; got 300"),
     ({"threshold_b": 150.5}, "threshold_b must be an integer (canny's High Threshold), got 150.5"),
     ({"module": "depth"}, "module 'depth' is unknown; valid: none, tile_resample, recolor_luminance, lineart_standard, "
-                          "canny, invert, threshold, scribble_xdog, recolor_intensity, blur_gaussian"),
+                          "canny, invert, threshold, color, scribble_xdog, recolor_intensity, blur_gaussian"),
     ({"module": "blur_gaussian", "threshold_a": 0}, "threshold_a must be 0.01 to 2048 (or -1: 512), blur_gaussian's "
                                                     "Sigma; got 0"),
     ({"module": "tile_resample", "threshold_a": 9}, "threshold_a must be 1 to 8 (or -1: 1)"),

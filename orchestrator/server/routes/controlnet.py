@@ -18,7 +18,7 @@ from orchestrator.server.inputs import decode_b64_image
 
 router = APIRouter(prefix="/controlnet", tags=["controlnet"])
 # the model-name words a control type also matches (the extension's Preprocessor.tag_to_filters, for kiln's tags)
-TAG_FILTERS = {"scribble": ("sketch",), "tile": ("blur",)}
+TAG_FILTERS = {"scribble": ("sketch",), "tile": ("blur",), "t2i-adapter": ("t2i_adapter", "t2iadapter", "t2ia")}
 
 
 @router.get("/model_list")
