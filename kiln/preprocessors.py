@@ -151,6 +151,8 @@ def _gamma(values: np.ndarray, gamma: float) -> np.ndarray:
 def _color_grid(pixels: np.ndarray, _: float, __: float) -> np.ndarray:
     """annotator/color's apply_color: shrunk by cubic to one pixel per 64, enlarged back by nearest."""
     height, width = pixels.shape[:2]
+    if min(height, width) < 64:
+        raise InputError(f"t2ia_color_grid makes one cell per 64 pixels: the {width}x{height} image has none")
     return resize(resize(pixels, width // 64, height // 64, "cubic"), width, height, "nearest")
 
 

@@ -107,6 +107,8 @@ def test_modules_at_their_own_size():
     assert map_of(photo, "tile_resample", 512, 3.0, -1, 1 << 20).size == (12, 16)
     with pytest.raises(InputError, match="tile_resample's down sampling rate 8 leaves nothing of the 5x50 image"):
         tile.apply(np.zeros((50, 5, 3), np.uint8), 8.0, -1)
+    with pytest.raises(InputError, match="t2ia_color_grid makes one cell per 64 pixels: the 100x40 image has none"):
+        PREPROCESSORS["color"].apply(np.zeros((40, 100, 3), np.uint8), -1, -1)
     flat = Image.new("RGB", (70, 70), (90, 120, 200))
     with np.errstate(all="raise"):
         assert not np.asarray(map_of(flat, "lineart_standard", 64, -1, -1, 1 << 20)).any()
