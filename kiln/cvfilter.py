@@ -18,6 +18,7 @@ arithmetic so that the maps are its pixels (kiln.cvimage has its resizes and mor
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -128,8 +129,10 @@ def softfloat_cbrt(x: np.ndarray) -> np.ndarray:
     return np.where(bits & 0x7FFFFFFF, value, 0.0).astype(np.float32)
 
 
+@lru_cache(maxsize=1)
 def _lab_tables() -> tuple[np.ndarray, np.ndarray]:
-    """OpenCV's sRGBGammaTab_b (x 255 x 8) and LabCbrtTab_b (x 2^15), from its softfloat constants."""
+    """OpenCV's sRGBGammaTab_b (x 255 x 8) and LabCbrtTab_b (x 2^15), from its softfloat constants (made once; only
+    read)."""
     f32 = np.float32
     x = np.arange(256, dtype=np.float32) / f32(255)
     wide = x.astype(np.float64)

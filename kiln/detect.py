@@ -77,12 +77,14 @@ def map_of(image: Image.Image, module: str, resolution: int, a: float, b: float,
     pixels = np.asarray(image.convert("RGB"))
     if not pre.uses_resolution:  # the extension's modules without a resolution: the image's own size
         return Image.fromarray(pre.apply(pixels, a, b))
-    size = processor_size(image.width, image.height, resolution) if pre.sizing != "shortest" \
-        else shortest_edge_size(image.width, image.height, resolution)
+    if pre.sizing == "shortest":  # annotator/color's own resize: area, even to enlarge
+        size, interpolation = shortest_edge_size(image.width, image.height, resolution), "area"
+    else:
+        size = processor_size(image.width, image.height, resolution)
+        interpolation = "cubic" if resolution > min(image.width, image.height) else "area"
     if size[0] * size[1] > max_pixels:
         raise InputError(f"controlnet_processor_res {resolution} makes the {image.width}x{image.height} {what} "
                          f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels, over the limit of {max_pixels}")
-    interpolation = "cubic" if resolution > min(image.width, image.height) and pre.sizing != "shortest" else "area"
     pixels = resize(pixels, *size, interpolation)
     if pre.sizing in ("resize", "shortest"):
         return Image.fromarray(pre.apply(pixels, a, b))

@@ -91,13 +91,8 @@ def _ops() -> dict:
 def _processor_map(pixels: np.ndarray, resolution: int, low: int, high: int) -> np.ndarray:
     """resize_image_with_pad (short side to the resolution, cubic up or area down, edges repeated out to
     multiples of 64), cv2.Canny, the padding cut off."""
-    h, w = pixels.shape[:2]
-    k = resolution / min(h, w)
-    th, tw = int(np.round(h * k)), int(np.round(w * k))
-    resized = cv2.resize(pixels, (tw, th), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
-    padded = np.pad(resized, [[0, -th % 64], [0, -tw % 64], [0, 0]], mode="edge")
-    edges = cv2.Canny(padded, low, high)[:th, :tw]
-    return np.repeat(edges[..., None], 3, axis=2)
+    padded, remove_pad = _resize_with_pad(pixels, resolution)
+    return np.repeat(remove_pad(cv2.Canny(padded, low, high))[..., None], 3, axis=2)
 
 
 _THIN = [np.rot90(np.array(k, np.int32), t) for t in range(4)
