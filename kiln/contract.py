@@ -122,6 +122,9 @@ class ServedControlNet:
     model: str = "sd_controlnet"
     ensemble: str = "sd_controlnet_unet"  # "": none (a 9-channel UNet's ControlNet takes other inputs than it)
     sha256: str = ""
+    # Its residuals are pooled to one value per channel and act on the prompt's rows alone, whatever the control mode
+    # (shuffle ControlNets: diffusers' global_pool_conditions, sd-webui-controlnet's global_average_pooling).
+    global_pool: bool = False
 
     @property
     def component(self) -> str:

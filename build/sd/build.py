@@ -256,8 +256,9 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         vaes=extra_vaes(loaded), tiling=options.tiling, vae_tile=vae_tile(loaded), static_sizes=",".join(static),
         controlnets=tuple(ServedControlNet(name=label, model=models.component(name), sha256=artifacts[name]["sha256"],
                                            ensemble=models.controlnet_ensemble(index) if has_ensemble(specs, name)
-                                           else "")
-                          for index, (label, name) in enumerate(zip(loaded.controlnets, controls))))
+                                           else "", global_pool=bool(control.config.global_pool_conditions))
+                          for index, ((label, control), name) in enumerate(zip(loaded.controlnets.items(),
+                                                                               controls))))
     plans = {name: static_plan(specs[name], static) for name in components} if static else {}
     configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads,
                                options.step_queue_delay_us, options.triton_backend, options.device, options.ov_device,

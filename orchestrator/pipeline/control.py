@@ -6,6 +6,8 @@
 - ControlNet is more important (2): soft injection, and no residuals on the unconditional rows (the prompt's rows
   alone carry the control: classifier-free guidance amplifies it).
 - In the hires fix's second pass a canny (or mlsd) unit soft-injects whatever its mode, as the extension forces.
+- A ControlNet that pools its residuals (shuffle's: ServedControlNet.global_pool) acts on the prompt's rows alone in
+  every mode, as the extension's global_average_pooling and diffusers' global_pool_conditions do.
 
 One Balanced unit with a fused ensemble runs ControlNet -> UNet in one Triton call (the residuals never leave the
 server); any soft unit, or several units, run each ControlNet for its residuals, weigh and sum them here, then the
@@ -28,10 +30,11 @@ def soft(unit) -> bool:
     return unit.control_mode != 0 or (unit.second_pass and preprocessor(unit.module).soft_in_hires)
 
 
-def row_scales(unit, scale: float, rows: int, unconditional: int) -> np.ndarray:
-    """Each row's conditioning scale: the unit's weight, 0 on the `unconditional` first rows in mode 2."""
+def row_scales(unit, scale: float, rows: int, unconditional: int, pooled: bool = False) -> np.ndarray:
+    """Each row's conditioning scale: the unit's weight, 0 on the `unconditional` first rows in mode 2 or for a
+    ControlNet that pools its residuals."""
     scales = np.full(rows, scale, np.float32)
-    if unit.control_mode == 2:
+    if unit.control_mode == 2 or pooled:
         scales[:unconditional] = 0
     return scales
 
@@ -55,11 +58,13 @@ def unet_with_units(active: list, inputs: dict[str, np.ndarray], control_input: 
     if len(active) == 1 and not soft(active[0][0]) and active[0][3].fused is not None and not nine_channels:
         unit, unit_cond, scale, control = active[0]  # ControlNet -> UNet in one call: the residuals stay in Triton
         return control.fused.with_lora(lora), inputs | {
-            "controlnet_cond": unit_cond, "conditioning_scale": row_scales(unit, scale, rows, unconditional)}
+            "controlnet_cond": unit_cond,
+            "conditioning_scale": row_scales(unit, scale, rows, unconditional, control.served.global_pool)}
     total: dict[str, np.ndarray] = {}
     for unit, unit_cond, scale, control in active:
         residuals = control.residuals(inputs | {"sample": control_input, "controlnet_cond": unit_cond,
-                                                "conditioning_scale": row_scales(unit, scale, rows, unconditional)})
+                                                "conditioning_scale": row_scales(unit, scale, rows, unconditional,
+                                                                                 control.served.global_pool)})
         if soft(unit):
             residuals = soften(residuals)
         for name, value in residuals.items():

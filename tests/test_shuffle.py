@@ -1,0 +1,77 @@
+"""Shuffle ControlNets: a ControlNet that pools its residuals (diffusers' global_pool_conditions; sd-webui-controlnet's
+global_average_pooling, which it gives to files named "shuffle") acts on the prompt's rows alone, in process and
+through Triton's ControlNet -> UNet ensemble, as diffusers' pipeline runs it."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from build.sd import SDBuildOptions, build_sd
+from build.sd.weights import random_controlnet
+from orchestrator.pipeline import ControlNetUnit, Pipeline, Txt2ImgRequest, make_scheduler
+from tests.conftest import IMAGES, diffusers_pipeline, start_triton
+
+
+@pytest.mark.slow
+def test_a_pooling_controlnet_acts_on_the_prompts_rows_as_diffusers_runs_it(tmp_path, plain_checkpoint,
+                                                                            edge_map_png):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    control = random_controlnet("tiny", seed=13)
+    control.register_to_config(global_pool_conditions=True)
+    folder = tmp_path / "control_v11e_shuffle"
+    control.save_pretrained(str(folder), safe_serialization=True)
+    repo = tmp_path / "repo"
+    build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=repo, images=IMAGES, progress=False,
+                            controlnet=(f"shuffle={folder}",)), log=lambda _m: None)
+    local = Pipeline.from_repository(repo)
+    assert [(c.name, c.global_pool) for c in local.contract.controlnets] == [("shuffle", True)]
+
+    pipe = diffusers_pipeline(plain_checkpoint)
+    scheduler_config = dict(pipe.scheduler.config)
+    control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=control.eval())
+    control_pipe.set_progress_bar_config(disable=True)
+    control_pipe.scheduler = make_scheduler("Euler a", scheduler_config)
+    expected = (control_pipe(
+        "a photo of a cat", image=Image.open(io.BytesIO(edge_map_png)), num_inference_steps=6, guidance_scale=7.5,
+        negative_prompt="blurry", controlnet_conditioning_scale=0.8, height=64, width=64, output_type="np",
+        generator=torch.Generator().manual_seed(5)).images * 255).round().astype(np.uint8)
+    request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=6, sampler="Euler a",
+                             cfg_scale=7.5, seed=5, width=64, height=64,
+                             controlnet=ControlNetUnit(image=edge_map_png, weight=0.8))
+    result = local.txt2img(request).images
+    assert np.abs(result.astype(int) - expected.astype(int)).max() <= 2
+
+    # Without the pooling rule (residuals on every row, as before) the image is another one: the rule is what matched.
+    unpooled = replace(local.contract.controlnets[0], global_pool=False)
+    local.components.controlnets = {"shuffle": replace(local.components.controlnets["shuffle"], served=unpooled)}
+    assert np.abs(local.txt2img(request).images.astype(int) - expected.astype(int)).max() > 2
+
+    server = start_triton(repo, tmp_path / "triton.log")
+    try:
+        served = Pipeline.from_triton(server.grpc_url)
+        assert served.contract.controlnets[0].global_pool
+        assert np.array_equal(served.txt2img(request).images, result)  # the ensemble: pooled residuals, one call
+    finally:
+        assert server.stop() == 0, server.explain()
+
+
+def test_a_single_file_named_shuffle_pools_as_the_extension_decides(tmp_path, plain_checkpoint):
+    """A ControlNet file carries no config: sd-webui-controlnet pools the residuals of SD 1.x/2.x files whose name
+    says "shuffle", and so does kiln's loader; other names do not pool."""
+    from diffusers import ControlNetModel
+
+    from build.sd.single_file import load_controlnet_single_file, write_controlnet_single_file
+    from build.sd.weights import load_sd
+
+    unet = load_sd(plain_checkpoint).unet
+    control = ControlNetModel.from_unet(unet, load_weights_from_unet=False).eval()
+    for name, pooled in (("control_v11e_sd15_Shuffle", True), ("control_v11p_sd15_canny", False)):
+        path = write_controlnet_single_file(control, tmp_path / f"{name}.safetensors")
+        assert load_controlnet_single_file(path, unet).config.global_pool_conditions is pooled, name
