@@ -122,9 +122,7 @@ class ServedControlNet:
     model: str = "sd_controlnet"
     ensemble: str = "sd_controlnet_unet"  # "": none (a 9-channel UNet's ControlNet takes other inputs than it)
     sha256: str = ""
-    # Its residuals are pooled to one value per channel and act on the prompt's rows alone, whatever the control mode
-    # (shuffle ControlNets: diffusers' global_pool_conditions, sd-webui-controlnet's global_average_pooling).
-    global_pool: bool = False
+    global_pool: bool = False  # pools its residuals, for the prompt's rows alone (shuffle's: global_pool_conditions)
 
     @property
     def component(self) -> str:
@@ -192,8 +190,7 @@ class SDContract:
     # AUTOMATIC1111's tiling: the build serves the UNet and the VAE with circular padding too (the _tiling models)
     tiling: bool = False
     vae_tile: int = 0  # the VAE's sample size, diffusers' tile side in pixels (VAE tiling); 0: a build before it
-    # The upscaler networks beside the build (kiln build upscaler): found in the repository when the service connects,
-    # not written by the SD build
+    # The upscaler networks beside the build (kiln build upscaler), found when the service connects (not the build's)
     upscalers: tuple[ServedUpscaler, ...] = field(default=(), metadata={"parameter": False})
     max_prompt_chunks: int = 8  # 75-token chunks a prompt may have
     # Layers the text encoder serves for AUTOMATIC1111's clip skip (CLIP_stop_at_last_layers 1..this); 0: a build

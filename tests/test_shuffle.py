@@ -67,11 +67,11 @@ def test_a_single_file_named_shuffle_pools_as_the_extension_decides(tmp_path, pl
     says "shuffle", and so does kiln's loader; other names do not pool."""
     from diffusers import ControlNetModel
 
-    from build.sd.single_file import load_controlnet_single_file, write_controlnet_single_file
-    from build.sd.weights import load_sd
+    from build.sd.single_file import write_controlnet_single_file
+    from build.sd.weights import load_controlnet, load_sd
 
     unet = load_sd(plain_checkpoint).unet
     control = ControlNetModel.from_unet(unet, load_weights_from_unet=False).eval()
     for name, pooled in (("control_v11e_sd15_Shuffle", True), ("control_v11p_sd15_canny", False)):
         path = write_controlnet_single_file(control, tmp_path / f"{name}.safetensors")
-        assert load_controlnet_single_file(path, unet).config.global_pool_conditions is pooled, name
+        assert load_controlnet(path, unet).config.global_pool_conditions is pooled, name

@@ -379,9 +379,7 @@ def controlnet_config(unet, latent_channels: int = 4):
 
 def load_controlnet_single_file(path: Path, unet, latent_channels: int = 4):
     """A ControlNet from one .safetensors file (original layout, with or without "control_model.", or diffusers'),
-    its architecture that of a ControlNet for `unet`; offline, through diffusers' ControlNetModel.from_single_file.
-    An SD 1.x/2.x file with "shuffle" in its name pools its residuals (global_pool_conditions), as sd-webui-controlnet
-    decides for its files (a file carries no config; SDXL's never pool there)."""
+    its architecture that of a ControlNet for `unet`; offline, through diffusers' ControlNetModel.from_single_file."""
     import torch
     from diffusers import ControlNetModel
     path = Path(path)
@@ -397,7 +395,4 @@ def load_controlnet_single_file(path: Path, unet, latent_channels: int = 4):
                                                        torch_dtype=torch.float32)
         except Exception as exc:  # noqa: BLE001 - diffusers raises ValueError/RuntimeError variants
             raise WeightsError(f"cannot load the ControlNet file {path} for this UNet: {first_line(exc)}") from None
-    # (from_single_file takes no such key from the config folder: set on the model, which its forward reads)
-    control.register_to_config(global_pool_conditions="shuffle" in path.stem.lower()
-                               and unet.config.addition_embed_type != "text_time")
     return control.eval()

@@ -249,7 +249,12 @@ def load_controlnet(source: Path, unet=None, latent_channels: int = 4):
     if Path(source).is_file():
         from build.sd.single_file import load_controlnet_single_file
 
-        return load_controlnet_single_file(Path(source), unet, latent_channels)
+        control = load_controlnet_single_file(Path(source), unet, latent_channels)
+        # A file holds no config: sd-webui-controlnet pools the residuals of SD 1.x/2.x files named *shuffle*, and so
+        # does kiln (diffusers' from_single_file ignores global_pool_conditions in a config; the forward reads it).
+        pooled = "shuffle" in Path(source).stem.lower() and unet.config.addition_embed_type != "text_time"
+        control.register_to_config(global_pool_conditions=pooled)
+        return control
     try:
         return ControlNetModel.from_pretrained(str(source), use_safetensors=True).eval()
     except Exception as exc:  # noqa: BLE001 - diffusers raises OSError/ValueError/EnvironmentError variants
