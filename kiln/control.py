@@ -14,11 +14,11 @@ from kiln.preprocessors import preprocessor
 
 
 def control_image(data: bytes, width: int, height: int, module: str = "none", threshold_a: float = -1,
-                  threshold_b: float = -1, fit: int | None = None) -> np.ndarray:
+                  threshold_b: float = -1, fit: int | None = None, seed: int | None = None) -> np.ndarray:
     """The ControlNet's input (3, height, width) in [0, 1]: the image resized, then the module run on it with its
     sliders (-1: their defaults; a module that changes the size, tile_resample, is resized back); or, with `fit`
     (sd-webui-controlnet's resize mode), the image is the unit's map already and is fitted as the extension fits it
-    (kiln.controlmaps.fit_map)."""
+    (kiln.controlmaps.fit_map). A random module (shuffle) draws from `seed` (Preprocessor.run)."""
     try:
         image = decode_image(data, ImageLimits(min_side=1))
     except InputError as exc:
@@ -29,7 +29,7 @@ def control_image(data: bytes, width: int, height: int, module: str = "none", th
     if module != "none":
         pre = preprocessor(module)
         a, b = pre.slider_values(threshold_a, threshold_b, ("threshold_a", "threshold_b"), f"controlnet {module}: ")
-        image = resize_control(Image.fromarray(pre.apply(np.asarray(image.convert("RGB")), a, b)), (width, height))
+        image = resize_control(Image.fromarray(pre.run(np.asarray(image.convert("RGB")), a, b, seed)), (width, height))
     return unit_range(image)
 
 

@@ -1,8 +1,8 @@
 """The OpenCV image operations that sd-webui-controlnet runs on control images, in numpy (kiln has no OpenCV):
-cv2.resize with INTER_AREA, INTER_CUBIC and INTER_NEAREST on uint8 images, 3x3 erosion and dilation, the hit-or-miss
-transform, and Otsu's threshold. Each follows OpenCV's own arithmetic (its coordinate maps, coefficient tables,
-fixed point and float rounding), checked against OpenCV 4.14 and 5.1 (tests/test_cvimage.py, against images OpenCV
-made; scripts/make_cv_golden.py):
+cv2.resize with INTER_AREA, INTER_CUBIC and INTER_NEAREST on uint8 images (and INTER_CUBIC on float64 noise),
+cv2.remap with INTER_LINEAR, 3x3 erosion and dilation, the hit-or-miss transform, and Otsu's threshold. Each follows
+OpenCV's own arithmetic (its coordinate maps, coefficient tables, fixed point and float rounding), checked against
+OpenCV 4.14 and 5.1 (tests/test_cvimage.py, against images OpenCV made; scripts/make_cv_golden.py):
 
 - area and nearest give OpenCV's pixels exactly;
 - cubic: OpenCV's x86 builds hand INTER_CUBIC of images whose sides are all 4 or more to Intel IPP (the default, so
@@ -187,6 +187,50 @@ def _cubic_float(source: np.ndarray, width: int, height: int) -> np.ndarray:
     rows = sum(pixels[:, taps_x[:, k]] * weights_x[None, :, k, None] for k in range(4))  # tap by tap: no 4x copies
     out = sum(rows[taps_y[:, k]] * weights_y[:, k, None, None] for k in range(4))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def resize_cubic_float(values: np.ndarray, width: int, height: int) -> np.ndarray:
+    """cv2.resize(values, (width, height), interpolation=INTER_CUBIC) of a float64 array (h, w): OpenCV's generic
+    path for doubles (IPP takes none), Keys' weights in float32 as for uint8, the sums in double, across then down,
+    tap by tap in order. Exact: checked against OpenCV's output."""
+    taps_x, fraction_x = _cubic_positions(values.shape[1], width)
+    taps_y, fraction_y = _cubic_positions(values.shape[0], height)
+    weights_x = _cubic_weights_float(fraction_x).astype(np.float64)
+    weights_y = _cubic_weights_float(fraction_y).astype(np.float64)
+    values = values.astype(np.float64)
+    rows = values[:, taps_x[:, 0]] * weights_x[None, :, 0]
+    for k in (1, 2, 3):
+        rows = rows + values[:, taps_x[:, k]] * weights_x[None, :, k]
+    out = rows[taps_y[:, 0]] * weights_y[:, 0, None]
+    for k in (1, 2, 3):
+        out = out + rows[taps_y[:, k]] * weights_y[:, k, None]
+    return out
+
+
+def remap_linear(pixels: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
+    """cv2.remap(pixels, map, None, INTER_LINEAR) of uint8 pixels (h, w, channels) with a float32 map (x, y): each
+    output pixel the bilinear mix of the four around (x, y), pixels outside the image 0 (BORDER_CONSTANT). OpenCV 5
+    computes it in float32 with fused multiply-adds, p00 + fx (p01 - p00) across, then the same down, rounded to
+    nearest even; each fused step is emulated in double here (the float32 product is exact there). OpenCV 4.x mixed
+    in fixed point at 1/32-pixel positions instead: up to 3 levels off in 6% of a photo's values
+    (scripts/make_cv_golden.py)."""
+    height, width = pixels.shape[:2]
+    x, y = map_x.astype(F32), map_y.astype(F32)
+    left, top = np.floor(x), np.floor(y)
+    fx, fy = (x - left).astype(np.float64)[..., None], (y - top).astype(np.float64)[..., None]
+    left, top = left.astype(np.int64), top.astype(np.int64)
+    source = pixels.astype(F32)
+
+    def at(row: np.ndarray, column: np.ndarray) -> np.ndarray:
+        inside = (row >= 0) & (row < height) & (column >= 0) & (column < width)
+        return source[row.clip(0, height - 1), column.clip(0, width - 1)] * inside[..., None]
+
+    def fused(fraction: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:  # start + fraction (end - start)
+        return (fraction * (end - start).astype(np.float64) + start.astype(np.float64)).astype(F32)
+
+    upper = fused(fx, at(top, left), at(top, left + 1))
+    lower = fused(fx, at(top + 1, left), at(top + 1, left + 1))
+    return np.clip(np.rint(fused(fy, upper, lower)), 0, 255).astype(np.uint8)
 
 
 # -- morphology and thresholds ---------------------------------------------------------------------------------------

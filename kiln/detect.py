@@ -62,21 +62,23 @@ def decode_source(data: bytes, max_pixels: int, what: str = "image") -> Image.Im
 
 def detect_map(data: bytes, module: str, resolution: int, a: float, b: float, max_pixels: int,
                what: str = "image") -> Image.Image:
-    """The module's map of an encoded image (RGB); a map over `max_pixels` is refused before it is made."""
+    """The module's map of an encoded image (RGB); a map over `max_pixels` is refused before it is made. A random
+    module (shuffle) draws afresh each call, as the extension's detect route does."""
     name = preprocessor(module).name
     return map_of(decode_source(data, max_pixels, what), name, resolution, a, b, max_pixels, what)
 
 
 def map_of(image: Image.Image, module: str, resolution: int, a: float, b: float, max_pixels: int,
-           what: str = "image") -> Image.Image:
+           what: str = "image", seed: int | None = None) -> Image.Image:
     """The module's map of a decoded image (detect_map's second half), with its sliders' values `a` and `b` (as
-    Preprocessor.slider_values gives them)."""
+    Preprocessor.slider_values gives them); a random module draws from `seed` (Preprocessor.run)."""
     if module == "none":
         return image
     pre = preprocessor(module)
     pixels = np.asarray(image.convert("RGB"))
-    if not pre.uses_resolution:  # the extension's modules without a resolution: the image's own size
-        return Image.fromarray(pre.apply(pixels, a, b))
+    if pre.sizing == "own":  # the extension's modules without a resolution: the image's own size
+        return Image.fromarray(pre.run(pixels, a, b, seed))
+    resolution = pre.resolution or resolution  # one the module fixes (shuffle's 512) over the unit's
     if pre.sizing == "shortest":  # annotator/color's own resize: area, even to enlarge
         size, interpolation = shortest_edge_size(image.width, image.height, resolution), "area"
     else:
@@ -87,6 +89,6 @@ def map_of(image: Image.Image, module: str, resolution: int, a: float, b: float,
                          f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels, over the limit of {max_pixels}")
     pixels = resize(pixels, *size, interpolation)
     if pre.sizing in ("resize", "shortest"):
-        return Image.fromarray(pre.apply(pixels, a, b))
+        return Image.fromarray(pre.run(pixels, a, b, seed))
     padded = np.pad(pixels, ((0, -size[1] % 64), (0, -size[0] % 64), (0, 0)), mode="edge")
-    return Image.fromarray(np.ascontiguousarray(pre.apply(padded, a, b)[:size[1], :size[0]]))
+    return Image.fromarray(np.ascontiguousarray(pre.run(padded, a, b, seed)[:size[1], :size[0]]))

@@ -9,7 +9,9 @@ sorting priority, sliders) with what each does to an image, in numpy:
   lines on black;
 - blur_gaussian, tile_resample: a Gaussian blur, or a shrink by a rate (area), for tile ControlNets;
 - recolor_luminance, recolor_intensity: Lab lightness or HSV value, gamma-corrected, for recolor ControlNets;
-- color ("t2ia_color_grid"): the image as a grid of 64-pixel cells of its colour, for colour T2I-Adapters.
+- color ("t2ia_color_grid"): the image as a grid of 64-pixel cells of its colour, for colour T2I-Adapters;
+- shuffle: the image's content moved about along two smooth random fields, for shuffle ControlNets (which pool their
+  residuals: kiln.contract.ServedControlNet.global_pool); seeded by the job's seed as the extension seeds it.
 
 Where each runs (the extension's `sizing`): "pad" modules run on the image resized so that its short side is the
 processor resolution, its bottom and right edges repeated out to multiples of 64, and cut back after (its
@@ -30,7 +32,7 @@ from PIL import Image
 
 from kiln.canny import canny
 from kiln.cvfilter import gaussian_blur, lab_lightness
-from kiln.cvimage import resize
+from kiln.cvimage import remap_linear, resize, resize_cubic_float
 from kiln.errors import InputError
 
 
@@ -63,6 +65,8 @@ class Preprocessor:
     sizing: str = "pad"  # pad, resize, shortest or own (above)
     sliders: tuple[Slider, ...] = field(default=())  # threshold_a's, then threshold_b's
     soft_in_hires: bool = False  # the hires fix's second pass soft-injects (use_soft_projection_in_hr_fix)
+    resolution: int = 0  # a processor resolution the module fixes and hides (shuffle: 512); 0: the unit's
+    random: bool = False  # it draws noise (shuffle): `apply` takes a numpy RandomState too
 
     @property
     def title(self) -> str:
@@ -70,7 +74,16 @@ class Preprocessor:
 
     @property
     def uses_resolution(self) -> bool:
-        return self.sizing != "own"
+        """Whether the unit's processor resolution (a slider the extension shows) sizes the map."""
+        return self.sizing != "own" and not self.resolution
+
+    def run(self, pixels: np.ndarray, a: float, b: float, seed: int | None = None) -> np.ndarray:
+        """The module on uint8 pixels. A random one draws from numpy's legacy generator seeded as sd-webui-controlnet
+        seeds numpy before it preprocesses (set_numpy_seed: the job's first seed added to itself, mod 2^32), or
+        without a seed (/controlnet/detect) from a fresh one, as the extension's detect route does."""
+        if not self.random:
+            return self.apply(pixels, a, b)
+        return self.apply(pixels, a, b, np.random.RandomState(None if seed is None else (2 * seed) & 0xFFFFFFFF))
 
     def slider_values(self, a: float, b: float, names: tuple[str, str], where: str = "") -> tuple[float, float]:
         """threshold_a and threshold_b for this module: -1 its defaults; a value outside a slider's range (which the
@@ -160,6 +173,25 @@ def _blur(pixels: np.ndarray, sigma: float, _: float) -> np.ndarray:
     return gaussian_blur(pixels, sigma)
 
 
+def _noise_field(rng: np.random.RandomState, height: int, width: int, cell: int = 256) -> np.ndarray:
+    """annotator's make_noise_disk (one channel): uniform noise, one value per `cell` pixels and two more each way,
+    enlarged by cubic, its middle cut out, stretched to [0, 1]."""
+    noise = rng.uniform(low=0, high=1, size=(height // cell + 2, width // cell + 2))
+    noise = resize_cubic_float(noise, width + 2 * cell, height + 2 * cell)[cell:cell + height, cell:cell + width]
+    noise -= np.min(noise)
+    noise /= np.max(noise)
+    return noise
+
+
+def _shuffle(pixels: np.ndarray, _: float, __: float, rng: np.random.RandomState) -> np.ndarray:
+    """annotator/shuffle's ContentShuffleDetector: each pixel taken (bilinear) from where two smooth noise fields, x
+    then y, point; the extension's draws in its order."""
+    height, width = pixels.shape[:2]
+    x = (_noise_field(rng, height, width) * float(width - 1)).astype(np.float32)
+    y = (_noise_field(rng, height, width) * float(height - 1)).astype(np.float32)
+    return remap_linear(pixels, x, y)
+
+
 CANNY_SLIDERS = (Slider("Low Threshold", 0, 255, 100, step=1, integer=True),
                  Slider("High Threshold", 0, 255, 200, step=1, integer=True))
 GAMMA = Slider("Gamma Correction", 0.1, 2.0, 1.0, step=0.001)
@@ -183,6 +215,8 @@ _ALL = (
                  tags=("Recolor",), priority=100, sizing="own", sliders=(GAMMA,)),
     Preprocessor("threshold", _threshold, sliders=(Slider("Binarization Threshold", 0, 255, 127),)),
     Preprocessor("color", _color_grid, label="t2ia_color_grid", tags=("T2I-Adapter",), sizing="shortest"),
+    # the extension fixes shuffle's resolution at 512 and hides it; each call draws (its detect route: unseeded)
+    Preprocessor("shuffle", _shuffle, tags=("Shuffle",), sizing="resize", resolution=512, random=True),
     Preprocessor("tile_resample", _tile_resample, tags=("Tile", "Blur"), priority=100, sizing="own",
                  sliders=(Slider("Down Sampling Rate", 1.0, 8.0, 1.0),)),
 )

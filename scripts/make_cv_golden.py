@@ -14,12 +14,14 @@ Four parts:
   extension runs them (scripts/processor.py resize_image_with_pad + canny; detectmap_proc with high_quality_resize,
   nake_nms and lvmin_thin): the processor's map of each image, and that map fitted to a generation's size;
 - modules/: the extension's model-free preprocessors (threshold, scribble_xdog, lineart_standard, blur_gaussian,
-  tile_resample, recolor_luminance, recolor_intensity, t2ia_color_grid) on the sample photographs, as its code runs
-  them (its scripts/preprocessor/model_free_preprocessors.py, legacy/processor.py and annotator/color, with OpenCV
-  and numpy).
+  tile_resample, recolor_luminance, recolor_intensity, t2ia_color_grid, shuffle with numpy seeded as it seeds it)
+  on the sample photographs, as its code runs them (its scripts/preprocessor/model_free_preprocessors.py,
+  legacy/processor.py, annotator/color and annotator/shuffle, with OpenCV and numpy).
 
 The files in the repository were made by opencv-python-headless 5.1.0 on x86-64 (IPP on, OpenCV's default; the
-cubic cases depend on it), and agree with 4.14.
+cubic cases depend on it), and agree with 4.14, but for shuffle: OpenCV 4.x's remap mixes pixels in fixed point at
+1/32-pixel positions, 5.x's in float, and kiln follows the newer (4.14's maps of the sample photos differ by up to
+3 levels in about 6% of their values).
 """
 
 from __future__ import annotations
@@ -188,6 +190,24 @@ MODULE_CASES = [("threshold", "coffee.png", 160, 127), ("threshold", "camera_gra
                 ("recolor_luminance", "astronaut.jpg", 0, 1.0), ("recolor_luminance", "astronaut.jpg", 0, 0.6),
                 ("recolor_intensity", "astronaut.jpg", 0, 1.0), ("recolor_intensity", "astronaut.jpg", 0, 1.7),
                 ("color", "coffee.png", 256, -1), ("color", "astronaut.jpg", 700, -1)]
+SHUFFLE_SEEDS = [("coffee.png", 5), ("astronaut.jpg", 2**31 + 7)]  # the job's seed (doubled wraps past 2^32)
+
+
+def _shuffle(image: np.ndarray, seed: int) -> np.ndarray:
+    """The extension's shuffle: numpy seeded as its set_numpy_seed seeds it, the image resized to its fixed 512, then
+    annotator/shuffle's ContentShuffleDetector with make_noise_disk."""
+    np.random.seed((seed + seed) & 0xFFFFFFFF)
+    img, remove_pad = _resize_with_pad(image, 512)
+    img = remove_pad(img)
+    h, w = img.shape[:2]
+    fields = []
+    for scale in (w - 1, h - 1):
+        noise = np.random.uniform(low=0, high=1, size=(h // 256 + 2, w // 256 + 2, 1))
+        noise = cv2.resize(noise, (w + 512, h + 512), interpolation=cv2.INTER_CUBIC)[256:256 + h, 256:256 + w]
+        noise -= np.min(noise)
+        noise /= np.max(noise)
+        fields.append(noise[:, :, None] * float(scale))
+    return cv2.remap(img, np.concatenate(fields, axis=2).astype(np.float32), None, cv2.INTER_LINEAR)
 
 
 def _resize_with_pad(image: np.ndarray, resolution: int):
@@ -284,6 +304,12 @@ def main() -> None:
         case = {"module": name, "image": source, "resolution": resolution, "threshold_a": a,
                 "map": f"{number}-{name}.png"}
         Image.fromarray(made[..., 0] if (made == made[..., :1]).all() else made).save(
+            OUT / "modules" / case["map"], optimize=True)
+        modules.append(case)
+    for number, (source, seed) in enumerate(SHUFFLE_SEEDS, start=len(modules)):
+        case = {"module": "shuffle", "image": source, "resolution": 512, "threshold_a": -1, "seed": seed,
+                "map": f"{number}-shuffle.png"}
+        Image.fromarray(_shuffle(np.asarray(Image.open(IMAGES / source).convert("RGB")), seed)).save(
             OUT / "modules" / case["map"], optimize=True)
         modules.append(case)
     (OUT / "modules" / "cases.json").write_text(json.dumps({"opencv": cv2.__version__, "numpy": np.__version__,

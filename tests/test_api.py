@@ -652,6 +652,27 @@ def test_controlnet_units_detected_maps_follow_the_images(client):
         client.post("/sdapi/v1/options", json={"control_net_no_detectmap": False})
 
 
+def test_a_shuffle_unit_with_a_random_seed_is_drawn_from_the_seed_it_reports(client):
+    """seed -1 is drawn before the units' maps are made, so a shuffle unit's map is the one that seed makes: sending the
+    reported seed back gives the same map and the same image."""
+    from kiln.control import control_image
+    from kiln.detect import map_of
+
+    photo = _png(size=(96, 64))
+    body = TXT | {"steps": 2, "seed": -1, "alwayson_scripts": {"controlnet": {"args": [
+        {"image": _b64(photo), "module": "shuffle", "resize_mode": "Just Resize"}]}}}
+    first = client.post("/sdapi/v1/txt2img", json=body)
+    assert first.status_code == 200, first.text
+    seed = json.loads(first.json()["info"])["seed"]
+    assert seed != -1 and "Module: shuffle" in json.loads(first.json()["info"])["infotexts"][0]
+    again = client.post("/sdapi/v1/txt2img", json=body | {"seed": seed}).json()["images"]
+    assert again == first.json()["images"]
+    # the detected map that follows the image: that seed's shuffle of the photo (at 512), fitted to the generation
+    shuffled = map_of(Image.open(io.BytesIO(photo)), "shuffle", 512, -1, -1, 1 << 24, seed=seed)
+    fitted = control_image(encode(shuffled), 64, 64, fit=0)
+    assert np.array_equal(decode(again[1])[0], np.round(fitted.transpose(1, 2, 0) * 255).astype(np.uint8))
+
+
 def test_controlnet_resize_modes_shape_the_control_image(client):
     """sd-webui-controlnet's resize modes on a wide control image: Crop and Resize (its default) keeps the aspect,
     Just Resize stretches, Resize and Fill pads; the three give different images, and the default is Crop and

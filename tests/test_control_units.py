@@ -113,7 +113,7 @@ def test_kiln_units_resize_as_diffusers_and_keep_binary_maps_binary():
     ({"threshold_b": 300}, "threshold_b must be 0 to 255 (or -1: 200), canny's High Threshold; got 300"),
     ({"threshold_b": 150.5}, "threshold_b must be an integer (canny's High Threshold), got 150.5"),
     ({"module": "depth"}, "module 'depth' is unknown; valid: none, tile_resample, recolor_luminance, lineart_standard, "
-                          "canny, invert, threshold, color, scribble_xdog, recolor_intensity, blur_gaussian"),
+                          "canny, invert, threshold, color, shuffle, scribble_xdog, recolor_intensity, blur_gaussian"),
     ({"module": "blur_gaussian", "threshold_a": 0}, "threshold_a must be 0.01 to 2048 (or -1: 512), blur_gaussian's "
                                                     "Sigma; got 0"),
     ({"module": "tile_resample", "threshold_a": 9}, "threshold_a must be 1 to 8 (or -1: 1)"),
@@ -158,7 +158,7 @@ def test_each_pass_fits_the_units_map_to_its_own_size():
     def uint8(pixels: np.ndarray) -> np.ndarray:
         return np.round(pixels[0].transpose(1, 2, 0) * 255).astype(np.uint8)
 
-    first, second = (uint8(control_images(request, side, side, 2)[0]) for side in (64, 160))
+    first, second = (uint8(control_images(request, side, side, 2, 0)[0]) for side in (64, 160))
     assert np.array_equal(first, fit_map(made, 64, 64, 2)) and np.array_equal(second, fit_map(made, 160, 160, 2))
     assert not np.array_equal(second, fit_map(first, 160, 160, 2))
     assert np.array_equal(detected_map(unit, request), first)
@@ -238,3 +238,28 @@ def test_the_infotext_writes_each_unit_as_the_extension_does():
     assert "Pixel Perfect: True" in unit_text(blur_unit, "m")
     assert unit_text(ControlNetUnit(image=b"", module="canny"), "m") == (
         '"Module: canny, Model: m, Weight: 1.0, Guidance Start: 0.0, Guidance End: 1.0, Control Mode: Balanced"')
+
+
+def test_shuffle_is_drawn_from_the_jobs_seed():
+    """shuffle draws its noise: an API unit's map comes from the job's seed (as the extension seeds numpy before it
+    preprocesses), so a seed gives the same map and another seed another; it runs at its fixed resolution (512, which
+    the extension hides: processor_res is not used) and /controlnet/detect draws afresh each call."""
+    from kiln.detect import map_of
+    from kiln.preprocessors import preprocessor
+
+    photo = _photo((300, 200))
+    args = [{"image": base64.b64encode(photo).decode(), "module": "shuffle", "processor_res": 128}]
+    maps = [controlnet_units({"controlnet": {"args": args}}, MAX_PIXELS, 64, 64, seed)[0] for seed in (5, 5, 6)]
+    first, again, other = (np.asarray(Image.open(io.BytesIO(unit.image))) for unit in maps)
+    assert first.shape == (512, 768, 3) and maps[0].processor_res == -1  # its own 512; no Processor Res written
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+    image = Image.open(io.BytesIO(photo))
+    assert np.array_equal(np.asarray(map_of(image, "shuffle", 512, -1, -1, MAX_PIXELS, seed=5)), first)
+    assert sorted(np.unique(first.reshape(-1, 3), axis=0).tolist()) != sorted(
+        np.unique(np.asarray(image.resize((768, 512))).reshape(-1, 3), axis=0).tolist())  # moved and mixed
+    drawn = [np.asarray(detect_map(photo, "shuffle", 512, -1, -1, MAX_PIXELS)) for _ in range(2)]
+    assert not np.array_equal(*drawn)
+    assert preprocessor("shuffle").detail() == {"model_free": False, "sliders": []}  # nothing to set, as there
+    own = control_image(photo, 64, 64, "shuffle", seed=5)  # kiln's own units: at the pass's size, seeded alike
+    assert np.array_equal(own, control_image(photo, 64, 64, "shuffle", seed=5))
+    assert not np.array_equal(own, control_image(photo, 64, 64, "shuffle", seed=7))

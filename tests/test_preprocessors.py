@@ -55,7 +55,7 @@ def test_modules_are_the_extensions(case):
     image = Image.open(SAMPLE_IMAGES / case["image"]).convert("RGB")
     pre = preprocessor(case["module"])
     a, b = pre.slider_values(case["threshold_a"], -1, ("threshold_a", "threshold_b"))
-    got = np.asarray(map_of(image, pre.name, case["resolution"] or 512, a, b, 1 << 24))
+    got = np.asarray(map_of(image, pre.name, case["resolution"] or 512, a, b, 1 << 24, seed=case.get("seed")))
     expected = np.asarray(Image.open(GOLDEN / "modules" / case["map"]))
     expected = np.repeat(expected[..., None], 3, axis=2) if expected.ndim == 2 else expected
     assert got.shape == expected.shape
@@ -73,7 +73,7 @@ def test_the_registry_is_the_extensions():
     """Names in the extension's order (none, then priority and label descending), labels accepted as names (any
     case), each module's sliders and the defaults -1 asks for; what a module lacks is -1; bad values named."""
     assert CONTROL_MODULES == ("none", "tile_resample", "recolor_luminance", "lineart_standard", "canny", "invert",
-                               "threshold", "color", "scribble_xdog", "recolor_intensity", "blur_gaussian")
+                               "threshold", "color", "shuffle", "scribble_xdog", "recolor_intensity", "blur_gaussian")
     assert preprocessor("t2ia_color_grid").name == "color"
     assert preprocessor("Invert (From White BG & Black Line)").name == "invert"
     assert preprocessor("CANNY").name == "canny"

@@ -248,12 +248,12 @@ def test_control_types_group_the_modules_and_the_builds_controlnets(client):
     whose name holds the type's (or its alias: sketch for Scribble, blur for Tile)."""
     models = client.get("/controlnet/model_list").json()["model_list"]
     types = client.get("/controlnet/control_types").json()["control_types"]
-    assert list(types) == ["All", "Blur", "Canny", "Lineart", "MLSD", "Recolor", "Scribble", "Sketch", "T2I-Adapter",
-                           "Tile"]
+    assert list(types) == ["All", "Blur", "Canny", "Lineart", "MLSD", "Recolor", "Scribble", "Shuffle", "Sketch",
+                           "T2I-Adapter", "Tile"]
     invert, lineart = "invert (from white bg & black line)", "lineart_standard (from white bg & black line)"
     assert types["All"] == {"module_list": ["none", "tile_resample", "recolor_luminance", lineart, "canny", invert,
-                                            "threshold", "t2ia_color_grid", "scribble_xdog", "recolor_intensity",
-                                            "blur_gaussian"],
+                                            "threshold", "t2ia_color_grid", "shuffle", "scribble_xdog",
+                                            "recolor_intensity", "blur_gaussian"],
                             "model_list": ["None", *models], "default_option": "none", "default_model": "None"}
     assert any(m.startswith("controlnet [") for m in types["All"]["model_list"])
     # No ControlNet of this build has "canny" in its name, so the type holds "None" only, as sd-webui-controlnet's.
@@ -272,6 +272,7 @@ def test_control_types_group_the_modules_and_the_builds_controlnets(client):
     assert types["Recolor"]["module_list"] == ["none", "recolor_luminance", "recolor_intensity"]
     assert types["MLSD"]["module_list"] == ["none", invert]
     assert types["T2I-Adapter"]["module_list"] == ["none", "t2ia_color_grid"]
+    assert types["Shuffle"]["module_list"] == ["none", "shuffle"] and types["Shuffle"]["default_option"] == "shuffle"
 
 
 def test_detect_is_kilns_canny_at_the_processor_resolution(client):

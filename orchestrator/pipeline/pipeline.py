@@ -218,7 +218,7 @@ class Pipeline:
             latents = seeding.noise(shape, generator, contract.vae_scale_factor) * scheduler.init_noise_sigma
 
         # 6. ControlNet conditioning: each unit's control image for every row of the UNet batch.
-        cond = [] if given else control_images(request, request.width, request.height, len(context))
+        cond = [] if given else control_images(request, request.width, request.height, len(context), seed)
 
         # 7. Denoising loop (the refiner taking over part way); with the hires fix, the upscale and the second pass
         # (in the batcher like any steps).
@@ -348,17 +348,17 @@ class Pipeline:
             upscaled = replace(pass_two, width=planned.upscale_to[0], height=planned.upscale_to[1])  # SDXL's hr size
             context = self.encode_prompts(prompts, upscaled, loras, hires_steps=steps).repeat(len(latents))
         # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
-        cond = control_images(pass_two, pass_two.width, pass_two.height, len(context))
+        cond = control_images(pass_two, pass_two.width, pass_two.height, len(context), seeding.seeds[0])
         kwargs = step_kwargs(scheduler, seeding.for_steps(generator), request.eta, churn(request))
         return *self._denoise(pass_two, scheduler, timesteps, latents, (context, weights), cond, None, kwargs,
                               progress, cancelled, stop_early, unet_call, loras), context.padded
 
 
-def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int) -> list[np.ndarray]:
-    """Each ControlNet unit's input at width x height (its preprocessor run, or its map fitted by its resize mode),
-    once per row of the UNet batch."""
+def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int, seed: int) -> list[np.ndarray]:
+    """Each ControlNet unit's input at width x height (its preprocessor run, a random one seeded by the run's first
+    `seed`, or its map fitted by its resize mode), once per row of the UNet batch."""
     return [np.repeat(control_image(unit.image, width, height, unit.preprocessor, unit.threshold_a,
-                                    unit.threshold_b, unit.resize_mode)[None], rows, axis=0)
+                                    unit.threshold_b, unit.resize_mode, seed)[None], rows, axis=0)
             for unit in request.controlnet_units]
 
 

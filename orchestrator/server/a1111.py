@@ -35,6 +35,7 @@ from orchestrator.pipeline import (
     Txt2ImgRequest,
 )
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
+from orchestrator.pipeline.sampling import draw_seed
 from orchestrator.server.errors import short
 from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.options import (
@@ -143,15 +144,17 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
         body = body.model_copy(update={name: EXTRA_NETWORK.sub("", getattr(body, name))
                                        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")})
     prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
+    seed = draw_seed(body.seed)  # drawn here: a random ControlNet module (shuffle) is seeded by it, as in the extension
     fields = dict(clip_skip=clip_skip, vae=vae, tiling=bool(body.tiling), vae_tiling=body.vae_tiling, prompt=prompt,
                   negative_prompt=negative, steps=body.steps, **setting_fields(body, options),
-                  sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=body.seed, width=body.width,
+                  sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength, seed_resize_from=seed_resize_from(body),
                   s_churn=body.s_churn, s_tmin=body.s_tmin,
                   s_min_uncond=body.s_min_uncond,
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise, refiner=refiner(body),
-                  controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height))
+                  controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height,
+                                              seed))
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     script = selected_script(body, contract.upscaler_names)
     if not isinstance(body, schemas.Img2ImgBody):
@@ -210,7 +213,7 @@ def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, in
 
 def _unit_image(unit: schemas.ControlNetUnitArgs, pre: Preprocessor, where: str, data: bytes,
                 size: tuple[int, int], mode: int, sliders: tuple[float, float],
-                max_pixels: int) -> tuple[bytes, int]:
+                max_pixels: int, seed: int | None) -> tuple[bytes, int]:
     """The unit's map as sd-webui-controlnet makes it: the image itself with no preprocessor; a module without a
     resolution (invert, tile_resample, recolor) at the image's size; the others at the processor resolution
     (processor_res, -1 its default 512; or pixel perfect's, from the image's and the generation's sizes). Each pass
@@ -220,17 +223,19 @@ def _unit_image(unit: schemas.ControlNetUnitArgs, pre: Preprocessor, where: str,
         return data, -1
     image = decode_source(data, max_pixels, f"{where}.image")  # upright: pixel perfect reads the size the map sees
     if not pre.uses_resolution:  # the extension hides the resolution and ignores it
-        return encode_png(map_of(image, pre.name, DEFAULT_RESOLUTION, *sliders, max_pixels, f"{where}.image")), -1
+        return encode_png(map_of(image, pre.name, DEFAULT_RESOLUTION, *sliders, max_pixels, f"{where}.image",
+                                 seed)), -1
     if unit.pixel_perfect:
         resolution = pixel_perfect_resolution(*image.size, *size, mode)
     else:
         resolution = processor_resolution(unit.processor_res, f"{where}.processor_res")
-    return encode_png(map_of(image, pre.name, resolution, *sliders, max_pixels, f"{where}.image")), resolution
+    return encode_png(map_of(image, pre.name, resolution, *sliders, max_pixels, f"{where}.image", seed)), resolution
 
 
-def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) -> tuple[ControlNetUnit, ...] | None:
+def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int,
+                     seed: int | None = None) -> tuple[ControlNetUnit, ...] | None:
     """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit with an image, in order, its image
-    fitted to width x height by the unit's resize mode."""
+    fitted to width x height by the unit's resize mode; a random module's map drawn from the job's `seed`."""
     if not scripts:
         return None
     unknown = sorted(k for k in scripts if k.lower() != "controlnet")
@@ -256,7 +261,7 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int) ->
         sliders = pre.slider_values(unit.threshold_a, unit.threshold_b, ("threshold_a", "threshold_b"), f"{where}.")
         resize, control_mode = _unit_options(unit, where)
         data = decode_b64_image(image, f"{where}.image", max_pixels)
-        made, resolution = _unit_image(unit, pre, where, data, (width, height), resize, sliders, max_pixels)
+        made, resolution = _unit_image(unit, pre, where, data, (width, height), resize, sliders, max_pixels, seed)
         result.append(ControlNetUnit(image=made, resize_mode=resize, module=pre.name, weight=unit.weight,
                                      guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
                                      threshold_a=sliders[0], threshold_b=sliders[1], processor_res=resolution,
