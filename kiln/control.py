@@ -18,7 +18,7 @@ def control_image(data: bytes, width: int, height: int, module: str = "none", th
     """The ControlNet's input (3, height, width) in [0, 1]: the image resized, then the module run on it with its
     sliders (-1: their defaults; a module that changes the size, tile_resample, is resized back); or, with `fit`
     (sd-webui-controlnet's resize mode), the image is the unit's map already and is fitted as the extension fits it
-    (kiln.controlmaps.fit_map). A random module (shuffle) draws from `seed` (Preprocessor.run)."""
+    (kiln.controlmaps.fit_map). A random module (shuffle) draws from numpy `seed` (Preprocessor.run)."""
     try:
         image = decode_image(data, ImageLimits(min_side=1))
     except InputError as exc:

@@ -71,14 +71,13 @@ def detect_map(data: bytes, module: str, resolution: int, a: float, b: float, ma
 def map_of(image: Image.Image, module: str, resolution: int, a: float, b: float, max_pixels: int,
            what: str = "image", seed: int | None = None) -> Image.Image:
     """The module's map of a decoded image (detect_map's second half), with its sliders' values `a` and `b` (as
-    Preprocessor.slider_values gives them); a random module draws from `seed` (Preprocessor.run)."""
+    Preprocessor.slider_values gives them); a random module draws from numpy `seed` (Preprocessor.run)."""
     if module == "none":
         return image
     pre = preprocessor(module)
     pixels = np.asarray(image.convert("RGB"))
     if pre.sizing == "own":  # the extension's modules without a resolution: the image's own size
         return Image.fromarray(pre.run(pixels, a, b, seed))
-    resolution = pre.resolution or resolution  # one the module fixes (shuffle's 512) over the unit's
     if pre.sizing == "shortest":  # annotator/color's own resize: area, even to enlarge
         size, interpolation = shortest_edge_size(image.width, image.height, resolution), "area"
     else:

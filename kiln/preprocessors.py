@@ -78,12 +78,11 @@ class Preprocessor:
         return self.sizing != "own" and not self.resolution
 
     def run(self, pixels: np.ndarray, a: float, b: float, seed: int | None = None) -> np.ndarray:
-        """The module on uint8 pixels. A random one draws from numpy's legacy generator seeded as sd-webui-controlnet
-        seeds numpy before it preprocesses (set_numpy_seed: the job's first seed added to itself, mod 2^32), or
-        without a seed (/controlnet/detect) from a fresh one, as the extension's detect route does."""
+        """The module on uint8 pixels. A random one draws from numpy's legacy generator seeded with `seed`
+        (numpy_seed's), or without one (/controlnet/detect) from a fresh one, as the extension's detect route does."""
         if not self.random:
             return self.apply(pixels, a, b)
-        return self.apply(pixels, a, b, np.random.RandomState(None if seed is None else (2 * seed) & 0xFFFFFFFF))
+        return self.apply(pixels, a, b, np.random.RandomState(seed))
 
     def slider_values(self, a: float, b: float, names: tuple[str, str], where: str = "") -> tuple[float, float]:
         """threshold_a and threshold_b for this module: -1 its defaults; a value outside a slider's range (which the
@@ -115,6 +114,12 @@ class Preprocessor:
         """The extension's /controlnet/module_list module_detail entry: every slider the module shows."""
         shown = ((RESOLUTION,) if self.uses_resolution else ()) + self.sliders
         return {"model_free": False, "sliders": [s.api_json() for s in shown]}
+
+
+def numpy_seed(seed: int, subseed: int = -1) -> int:
+    """The seed sd-webui-controlnet gives numpy before it preprocesses (its set_numpy_seed): the job's first seed plus
+    the request's variation seed (-1: the first seed again), mod 2^32."""
+    return (seed + (seed if subseed == -1 else max(subseed, 0))) & 0xFFFFFFFF
 
 
 def _gray3(gray: np.ndarray) -> np.ndarray:

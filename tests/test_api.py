@@ -657,6 +657,7 @@ def test_a_shuffle_unit_with_a_random_seed_is_drawn_from_the_seed_it_reports(cli
     reported seed back gives the same map and the same image."""
     from kiln.control import control_image
     from kiln.detect import map_of
+    from kiln.preprocessors import numpy_seed
 
     photo = _png(size=(96, 64))
     body = TXT | {"steps": 2, "seed": -1, "alwayson_scripts": {"controlnet": {"args": [
@@ -668,7 +669,7 @@ def test_a_shuffle_unit_with_a_random_seed_is_drawn_from_the_seed_it_reports(cli
     again = client.post("/sdapi/v1/txt2img", json=body | {"seed": seed}).json()["images"]
     assert again == first.json()["images"]
     # the detected map that follows the image: that seed's shuffle of the photo (at 512), fitted to the generation
-    shuffled = map_of(Image.open(io.BytesIO(photo)), "shuffle", 512, -1, -1, 1 << 24, seed=seed)
+    shuffled = map_of(Image.open(io.BytesIO(photo)), "shuffle", 512, -1, -1, 1 << 24, seed=numpy_seed(seed))
     fitted = control_image(encode(shuffled), 64, 64, fit=0)
     assert np.array_equal(decode(again[1])[0], np.round(fitted.transpose(1, 2, 0) * 255).astype(np.uint8))
 

@@ -241,17 +241,22 @@ def test_the_infotext_writes_each_unit_as_the_extension_does():
 
 
 def test_shuffle_is_drawn_from_the_jobs_seed():
-    """shuffle draws its noise: an API unit's map comes from the job's seed (as the extension seeds numpy before it
-    preprocesses), so a seed gives the same map and another seed another; it runs at its fixed resolution (512, which
-    the extension hides: processor_res is not used) and /controlnet/detect draws afresh each call."""
+    """shuffle draws its noise: an API unit's map comes from numpy seeded as the extension seeds it (the job's seed
+    plus the variation seed, or itself again), so a seed gives the same map and another seed another; it runs at its
+    fixed resolution (512, which the extension hides: processor_res is not used; pixel perfect's overrides it, as
+    there) and /controlnet/detect draws afresh each call."""
     from kiln.detect import map_of
-    from kiln.preprocessors import preprocessor
+    from kiln.preprocessors import numpy_seed, preprocessor
 
+    assert numpy_seed(5) == 10 and numpy_seed(5, 7) == 12 and numpy_seed(2**32 - 1) == 2**32 - 2
     photo = _photo((300, 200))
     args = [{"image": base64.b64encode(photo).decode(), "module": "shuffle", "processor_res": 128}]
     maps = [controlnet_units({"controlnet": {"args": args}}, MAX_PIXELS, 64, 64, seed)[0] for seed in (5, 5, 6)]
     first, again, other = (np.asarray(Image.open(io.BytesIO(unit.image))) for unit in maps)
-    assert first.shape == (512, 768, 3) and maps[0].processor_res == -1  # its own 512; no Processor Res written
+    assert first.shape == (512, 768, 3) and maps[0].processor_res == 512  # its own 512, whatever processor_res says
+    perfect = [args[0] | {"pixel_perfect": True, "resize_mode": "Just Resize"}]
+    (unit,) = controlnet_units({"controlnet": {"args": perfect}}, MAX_PIXELS, 96, 64, 5)
+    assert unit.processor_res == 64 and Image.open(io.BytesIO(unit.image)).size == (96, 64)
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     image = Image.open(io.BytesIO(photo))
     assert np.array_equal(np.asarray(map_of(image, "shuffle", 512, -1, -1, MAX_PIXELS, seed=5)), first)

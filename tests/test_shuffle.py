@@ -32,6 +32,15 @@ def test_a_pooling_controlnet_acts_on_the_prompts_rows_as_diffusers_runs_it(tmp_
                             controlnet=(f"shuffle={folder}",)), log=lambda _m: None)
     local = Pipeline.from_repository(repo)
     assert [(c.name, c.global_pool) for c in local.contract.controlnets] == [("shuffle", True)]
+    # pooled in the export and spread back over each residual's size: the UNet's inputs keep their shapes everywhere
+    rows = {"sample": np.ones((2, 4, 32, 32), np.float32), "timestep": np.full(2, 500, np.float32),
+            "encoder_hidden_states": np.ones((2, 77, 32), np.float32), "conditioning_scale": np.ones(2, np.float32),
+            "controlnet_cond": np.random.default_rng(0).random((2, 3, 64, 64), np.float32)}
+    residuals = local.components.controlnets["shuffle"].residuals(rows)
+    assert residuals["down_residual_0"].shape[2:] == (32, 32)
+    for value in residuals.values():
+        assert value.shape[2:] != (1, 1) and np.abs(value).max() > 0
+        assert np.allclose(value, value[:, :, :1, :1], rtol=0, atol=1e-6)  # one value per channel
 
     pipe = diffusers_pipeline(plain_checkpoint)
     scheduler_config = dict(pipe.scheduler.config)

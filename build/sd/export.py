@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,6 +119,14 @@ def export_modules(loaded) -> dict[str, Callable]:
     class ControlNet(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
+            # A ControlNet that pools (global_pool_conditions: shuffle's) is pooled here and each mean spread over its
+            # residual's size, so that unet_control's inputs keep their shapes in every runtime (static plans, torch
+            # programs, TensorRT profiles); diffusers' 1x1 means would only broadcast in some. A shallow copy runs
+            # unpooled: the loaded model keeps its config.
+            self.pooled = bool(model.config.global_pool_conditions)
+            if self.pooled:
+                model = copy.copy(model)
+                model.register_to_config(global_pool_conditions=False)
             self.model = model
 
         def forward(self, sample, timestep, encoder_hidden_states, *rest):
@@ -127,6 +136,9 @@ def export_modules(loaded) -> dict[str, Callable]:
             controlnet_cond, conditioning_scale = rest
             down, mid = self.model(sample, timestep, encoder_hidden_states, controlnet_cond, return_dict=False,
                                    **added)
+            if self.pooled:
+                down, mid = [d.mean(dim=(2, 3), keepdim=True).expand_as(d) for d in down], \
+                    mid.mean(dim=(2, 3), keepdim=True).expand_as(mid)
             scale = conditioning_scale.reshape(-1, 1, 1, 1)  # per sample: requests with different scales share a batch
             return (*[d * scale for d in down], mid * scale)
 

@@ -22,6 +22,7 @@ from kiln.imaging import vae_input
 from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
 from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
 from kiln.masks import paste_outside_mask
+from kiln.preprocessors import numpy_seed
 from kiln.prompt_schedule import composable
 from orchestrator.pipeline import conditioning, hires
 from orchestrator.pipeline import refiner as refining
@@ -358,7 +359,7 @@ def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int, 
     """Each ControlNet unit's input at width x height (its preprocessor run, a random one seeded by the run's first
     `seed`, or its map fitted by its resize mode), once per row of the UNet batch."""
     return [np.repeat(control_image(unit.image, width, height, unit.preprocessor, unit.threshold_a,
-                                    unit.threshold_b, unit.resize_mode, seed)[None], rows, axis=0)
+                                    unit.threshold_b, unit.resize_mode, numpy_seed(seed))[None], rows, axis=0)
             for unit in request.controlnet_units]
 
 

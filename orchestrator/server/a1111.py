@@ -20,7 +20,7 @@ from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import resize_init_image
-from kiln.preprocessors import Preprocessor, preprocessor
+from kiln.preprocessors import Preprocessor, numpy_seed, preprocessor
 from kiln.prompts import EXTRA_NETWORK
 from kiln.styles import StyleLibrary
 from kiln.upscale import UPSCALERS
@@ -145,6 +145,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                                        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")})
     prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
     seed = draw_seed(body.seed)  # drawn here: a random ControlNet module (shuffle) is seeded by it, as in the extension
+    units = controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height,
+                             numpy_seed(seed, body.subseed))
     fields = dict(clip_skip=clip_skip, vae=vae, tiling=bool(body.tiling), vae_tiling=body.vae_tiling, prompt=prompt,
                   negative_prompt=negative, steps=body.steps, **setting_fields(body, options),
                   sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=seed, width=body.width,
@@ -153,8 +155,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   s_churn=body.s_churn, s_tmin=body.s_tmin,
                   s_min_uncond=body.s_min_uncond,
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise, refiner=refiner(body),
-                  controlnet=controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height,
-                                              seed))
+                  controlnet=units)
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     script = selected_script(body, contract.upscaler_names)
     if not isinstance(body, schemas.Img2ImgBody):
@@ -216,17 +217,21 @@ def _unit_image(unit: schemas.ControlNetUnitArgs, pre: Preprocessor, where: str,
                 max_pixels: int, seed: int | None) -> tuple[bytes, int]:
     """The unit's map as sd-webui-controlnet makes it: the image itself with no preprocessor; a module without a
     resolution (invert, tile_resample, recolor) at the image's size; the others at the processor resolution
-    (processor_res, -1 its default 512; or pixel perfect's, from the image's and the generation's sizes). Each pass
+    (processor_res, -1 its default 512; a module's fixed one, shuffle's 512, which processor_res does not change;
+    or pixel perfect's, from the image's and the generation's sizes, which overrides both, as there). Each pass
     fits it to its size by the resize mode (the pipeline's control_images). Fitting first would make the
-    preprocessor see resize and fill's borders (canny: a frame of edges). With the resolution used (-1: none)."""
+    preprocessor see resize and fill's borders (canny: a frame of edges). A random module draws from numpy `seed`.
+    With the resolution used (-1: none)."""
     if pre.name == "none":
         return data, -1
     image = decode_source(data, max_pixels, f"{where}.image")  # upright: pixel perfect reads the size the map sees
-    if not pre.uses_resolution:  # the extension hides the resolution and ignores it
+    if pre.sizing == "own":  # the extension hides the resolution and ignores it
         return encode_png(map_of(image, pre.name, DEFAULT_RESOLUTION, *sliders, max_pixels, f"{where}.image",
                                  seed)), -1
     if unit.pixel_perfect:
         resolution = pixel_perfect_resolution(*image.size, *size, mode)
+    elif pre.resolution:
+        resolution = pre.resolution
     else:
         resolution = processor_resolution(unit.processor_res, f"{where}.processor_res")
     return encode_png(map_of(image, pre.name, resolution, *sliders, max_pixels, f"{where}.image", seed)), resolution
@@ -235,7 +240,7 @@ def _unit_image(unit: schemas.ControlNetUnitArgs, pre: Preprocessor, where: str,
 def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int,
                      seed: int | None = None) -> tuple[ControlNetUnit, ...] | None:
     """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit with an image, in order, its image
-    fitted to width x height by the unit's resize mode; a random module's map drawn from the job's `seed`."""
+    fitted to width x height by the unit's resize mode; a random module's map drawn from numpy `seed` (numpy_seed)."""
     if not scripts:
         return None
     unknown = sorted(k for k in scripts if k.lower() != "controlnet")

@@ -67,7 +67,7 @@ def detect_options(body: schemas.ControlNetDetectBody) -> tuple[str, int, float,
     if body.controlnet_masks:
         raise InputError(f"controlnet_masks: the {pre.name} preprocessor takes no mask")
     resolution = processor_resolution(body.controlnet_processor_res, "controlnet_processor_res") \
-        if pre.uses_resolution else DEFAULT_RESOLUTION
+        if pre.uses_resolution else pre.resolution or DEFAULT_RESOLUTION
     a, b = pre.slider_values(body.controlnet_threshold_a, body.controlnet_threshold_b,
                              ("controlnet_threshold_a", "controlnet_threshold_b"))
     return pre.name, resolution, a, b
