@@ -202,7 +202,8 @@ CANNY_SLIDERS = (Slider("Low Threshold", 0, 255, 100, step=1, integer=True),
 GAMMA = Slider("Gamma Correction", 0.1, 2.0, 1.0, step=0.001)
 
 _ALL = (
-    Preprocessor("none", lambda pixels, _, __: pixels, priority=10, sizing="own"),
+    # none: the image itself, what instruct-pix2pix ControlNets take (the extension tags it so)
+    Preprocessor("none", lambda pixels, _, __: pixels, tags=("InstructP2P",), priority=10, sizing="own"),
     Preprocessor("canny", _canny, tags=("Canny",), priority=100, sliders=CANNY_SLIDERS, soft_in_hires=True),
     Preprocessor("invert", lambda pixels, _, __: 255 - pixels, label="invert (from white bg & black line)",
                  tags=("Canny", "Lineart", "Scribble", "Sketch", "MLSD"), priority=20, sizing="own"),

@@ -248,8 +248,8 @@ def test_control_types_group_the_modules_and_the_builds_controlnets(client):
     whose name holds the type's (or its alias: sketch for Scribble, blur for Tile)."""
     models = client.get("/controlnet/model_list").json()["model_list"]
     types = client.get("/controlnet/control_types").json()["control_types"]
-    assert list(types) == ["All", "Blur", "Canny", "Lineart", "MLSD", "Recolor", "Scribble", "Shuffle", "Sketch",
-                           "T2I-Adapter", "Tile"]
+    assert list(types) == ["All", "Blur", "Canny", "InstructP2P", "Lineart", "MLSD", "Recolor", "Scribble", "Shuffle",
+                           "Sketch", "T2I-Adapter", "Tile"]
     invert, lineart = "invert (from white bg & black line)", "lineart_standard (from white bg & black line)"
     assert types["All"] == {"module_list": ["none", "tile_resample", "recolor_luminance", lineart, "canny", invert,
                                             "threshold", "t2ia_color_grid", "shuffle", "scribble_xdog",
@@ -273,6 +273,9 @@ def test_control_types_group_the_modules_and_the_builds_controlnets(client):
     assert types["MLSD"]["module_list"] == ["none", invert]
     assert types["T2I-Adapter"]["module_list"] == ["none", "t2ia_color_grid"]
     assert types["Shuffle"]["module_list"] == ["none", "shuffle"] and types["Shuffle"]["default_option"] == "shuffle"
+    # instruct-pix2pix ControlNets take the image itself: "none" alone, and the default (ip2p in a model's name too)
+    assert types["InstructP2P"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
+                                    "default_model": "None"}
 
 
 def test_detect_is_kilns_canny_at_the_processor_resolution(client):

@@ -18,7 +18,8 @@ from orchestrator.server.inputs import decode_b64_image
 
 router = APIRouter(prefix="/controlnet", tags=["controlnet"])
 # the model-name words a control type also matches (the extension's Preprocessor.tag_to_filters, for kiln's tags)
-TAG_FILTERS = {"scribble": ("sketch",), "tile": ("blur",), "t2i-adapter": ("t2i_adapter", "t2iadapter", "t2ia")}
+TAG_FILTERS = {"scribble": ("sketch",), "tile": ("blur",), "t2i-adapter": ("t2i_adapter", "t2iadapter", "t2ia"),
+               "instructp2p": ("ip2p",)}
 
 
 @router.get("/model_list")
@@ -45,16 +46,17 @@ def control_type(modules: list[str], models: list[str], default_option: str) -> 
 @router.get("/control_types")
 async def control_types(request: Request):
     """"All" (every module, every model, defaults none/None), then one type per tag of kiln's modules, sorted: its
-    modules after "none" in the extension's order (labels, as it lists them; the first is the default), and the
-    models whose name holds the type's name (or its alias: sketch for Scribble, blur for Tile), after "None"."""
+    modules after "none" in the extension's order (labels, as it lists them; the first is the default, or none for
+    InstructP2P, which has no other), and the models whose name holds the type's name (or its alias: sketch for
+    Scribble, blur for Tile, ip2p for InstructP2P), after "None"."""
     models = ["None"] + [c.title for c in (await served_contract(request)).controlnets]
     titles = [p.title for p in PREPROCESSORS.values()]
     types = {"All": control_type(titles, models, "none") | {"default_model": "None"}}
     for tag in sorted({tag for p in PREPROCESSORS.values() for tag in p.tags}):
-        modules = ["none"] + [p.title for p in PREPROCESSORS.values() if tag in p.tags]
+        modules = ["none"] + [p.title for p in PREPROCESSORS.values() if tag in p.tags and p.name != "none"]
         words = (tag.lower(), *TAG_FILTERS.get(tag.lower(), ()))
         matching = ["None"] + [m for m in models[1:] if any(word in m.lower() for word in words)]
-        types[tag] = control_type(modules, matching, modules[1])
+        types[tag] = control_type(modules, matching, modules[1] if len(modules) > 1 else "none")  # InstructP2P: none
     return {"control_types": types}
 
 
