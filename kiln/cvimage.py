@@ -181,12 +181,16 @@ def _cubic_exact(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
 def _cubic_float(source: np.ndarray, width: int, height: int) -> np.ndarray:
     """IPP's cubic (B 0, C 0.75: Keys' a = -0.75) as OpenCV calls it: the same taps, unquantized weights, float sums
     across then down, rounded to nearest."""
-    taps_x, weights_x = _cubic_exact(source.shape[1], width)
-    taps_y, weights_y = _cubic_exact(source.shape[0], height)
-    pixels = source.astype(np.float64)
-    rows = sum(pixels[:, taps_x[:, k]] * weights_x[None, :, k, None] for k in range(4))  # tap by tap: no 4x copies
-    out = sum(rows[taps_y[:, k]] * weights_y[:, k, None, None] for k in range(4))
+    out = _four_taps(source, *_cubic_exact(source.shape[1], width), *_cubic_exact(source.shape[0], height))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _four_taps(values: np.ndarray, taps_x: np.ndarray, weights_x: np.ndarray, taps_y: np.ndarray,
+               weights_y: np.ndarray) -> np.ndarray:
+    """A separable four-tap filter in double, across then down, summed tap by tap in order (no 4x copies)."""
+    values, trailing = values.astype(np.float64), (1,) * (values.ndim - 2)
+    rows = sum(values[:, taps_x[:, k]] * weights_x[:, k].reshape(1, -1, *trailing) for k in range(4))
+    return sum(rows[taps_y[:, k]] * weights_y[:, k].reshape(-1, 1, *trailing) for k in range(4))
 
 
 def resize_cubic_float(values: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -195,16 +199,8 @@ def resize_cubic_float(values: np.ndarray, width: int, height: int) -> np.ndarra
     tap by tap in order. Exact: checked against OpenCV's output."""
     taps_x, fraction_x = _cubic_positions(values.shape[1], width)
     taps_y, fraction_y = _cubic_positions(values.shape[0], height)
-    weights_x = _cubic_weights_float(fraction_x).astype(np.float64)
-    weights_y = _cubic_weights_float(fraction_y).astype(np.float64)
-    values = values.astype(np.float64)
-    rows = values[:, taps_x[:, 0]] * weights_x[None, :, 0]
-    for k in (1, 2, 3):
-        rows = rows + values[:, taps_x[:, k]] * weights_x[None, :, k]
-    out = rows[taps_y[:, 0]] * weights_y[:, 0, None]
-    for k in (1, 2, 3):
-        out = out + rows[taps_y[:, k]] * weights_y[:, k, None]
-    return out
+    return _four_taps(values, taps_x, _cubic_weights_float(fraction_x).astype(np.float64), taps_y,
+                      _cubic_weights_float(fraction_y).astype(np.float64))
 
 
 def remap_linear(pixels: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:
