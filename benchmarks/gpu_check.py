@@ -58,6 +58,12 @@ class GPUCheckOptions:
     seconds: float = 2.0  # per ViT measurement, after warm-up
     budget_s: float = 400.0  # a phase that would start later is skipped, and said so (the script stops at 480 s)
     compiled: bool = True  # in-process torch.compile baselines (minutes on a CPU: off there)
+    variant: str = ""  # the torch variant built and served; "": torch-cuda-fp16 on cuda, torch-fp32 on the CPU
+    phases: tuple[str, ...] = ()  # the phases to run, in PHASES' order; (): all
+
+    @property
+    def built(self) -> str:
+        return self.variant or ("torch-cuda-fp16" if self.cuda else "torch-fp32")
 
     @property
     def cuda(self) -> bool:
@@ -132,6 +138,8 @@ def run_gpu_check(options: GPUCheckOptions, log=print) -> dict:
     check = Check(options, log)
     try:
         for name, phase in PHASES:
+            if options.phases and name not in options.phases:
+                continue
             if name in SERVED and check.server is None:
                 check.result["skipped"][name] = "Triton did not start"
                 continue
@@ -180,15 +188,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "results")))
     parser.add_argument("--budget-s", type=float, default=GPUCheckOptions.budget_s)
+    parser.add_argument("--variant", default="", help="the torch variant to build and serve (torch-aoti-cuda-fp16: "
+                        "AOTInductor's compiled kernels; default torch-cuda-fp16, torch-fp32 with --device cpu)")
+    parser.add_argument("--phases", default="", help=f"comma-separated, from {', '.join(n for n, _ in PHASES)} "
+                        "(default: all); a served phase needs serve, and serve needs build")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("KILN_GPU_CHECK_WORK", ".kiln/gpu-check")),
                         help="weights, repository and logs (kept out of --out, which a lent machine sends back)")
     args = parser.parse_args(argv)
+    phases = tuple(p for p in args.phases.split(",") if p)
+    unknown = sorted(set(phases) - {n for n, _ in PHASES})
+    if unknown:
+        parser.error(f"unknown phase {', '.join(unknown)}; the phases are {', '.join(n for n, _ in PHASES)}")
+    chosen = {"variant": args.variant, "phases": phases}
     if args.device == "cpu":  # the tiny run that keeps this script honest where no GPU is lent
         options = GPUCheckOptions(out=args.out, work=args.work, device="cpu", steps=3, batching_steps=2,
                                   vit_batches=(1,), vit_clients=2, clients=(1, 2), requests_per_client=1, seconds=0.2,
-                                  budget_s=args.budget_s, compiled=False)
+                                  budget_s=args.budget_s, compiled=False, **chosen)
     else:
-        options = GPUCheckOptions(out=args.out, work=args.work, budget_s=args.budget_s)
+        options = GPUCheckOptions(out=args.out, work=args.work, budget_s=args.budget_s, **chosen)
     result = run_gpu_check(options)
     return 1 if result["errors"] else 0
 

@@ -162,8 +162,10 @@ def vit_in_process(check: Check) -> dict:
                     module(x)
                 sync()
             rows[batch][arm] = rate(timed(call, options.seconds), batch)
+    del model, arms  # the GPU's memory for the served artifact's session
     served = check.result["phases"].get("vit_served", {}).get("batches", {}).get(max(batches), {})
-    ratio = {"host_copy_ms_at_max_batch": alone(_host_copies, pixels[:max(batches)], device, dtype, options.seconds)}
+    ratio = {"host_copy_ms_at_max_batch": alone(_host_copies, pixels[:max(batches)], device, dtype, options.seconds),
+             "kiln_session": alone(_session, check, pixels)}
     if served:
         ratio["served_over_eager_at_max_batch"] = round(
             served["triton_tensor"]["images_per_s"] / rows[max(batches)]["eager"]["images_per_s"], 3)
@@ -188,3 +190,26 @@ def _host_copies(pixels: np.ndarray, device: str, dtype, seconds: float) -> dict
             sync()
         out[name] = round(1e3 * float(np.median(timed(call, seconds / 2))), 3)
     return out
+
+
+def _session(check: Check, pixels: np.ndarray) -> dict:
+    """The served `vit`'s own artifact in this process, through kiln's Session as the Triton model opens it (its CUDA
+    graphs too) and with numpy in and out as there: what the served model's compute costs without Triton, so the
+    served figures' gap splits into Triton's share and the session's (host copies, casts, the graph or eager run)."""
+    from kiln.contract import read_parameters, read_served
+    from kiln.runtime import Session, SessionOptions, session_device
+
+    config = check.repo / names.VIT / "config.pbtxt"
+    served, (params, _) = read_served(config), read_parameters(config)
+    session = Session(SessionOptions(served.runtime, check.repo / names.VIT / "1" / served.artifact,
+                                     inference_precision=served.inference_precision,
+                                     **session_device(served.runtime, served.gpu, served.graph_batches,
+                                                      served.graph_shapes)))
+    layer, graphs = int(params["default_layer"]), getattr(getattr(session, "_torch", None), "graph_keys", [])
+    rows = {}
+    for batch in sorted({1, len(pixels)}):
+        feed = {"pixel_values": pixels[:batch], "layer": np.full((batch, 1), layer, dtype=np.int64)}
+        rows[batch] = rate(timed(lambda feed=feed: session.run(feed, ["logits"]), check.options.seconds / 2), batch)
+        # whether this shape replays a CUDA graph (torch on CUDA) or runs op by op
+        rows[batch]["graph"] = any(key[0][0] == batch for key in graphs)
+    return {"runtime": served.runtime, "artifact": served.artifact, "batches": rows}

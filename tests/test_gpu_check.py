@@ -39,6 +39,9 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     concurrent = phases["vit_served"]["concurrent"]
     assert concurrent["clients"] == 2 and concurrent["requests"] > 0 and concurrent["images_per_s"] > 0
     assert set(phases["vit_in_process"]["host_copy_ms_at_max_batch"]) == {"cast_on_host", "cast_on_device"}
+    session = phases["vit_in_process"]["kiln_session"]  # the served artifact in process, as the Triton model opens it
+    assert session["runtime"] == "torch" and session["batches"]["1"]["images_per_s"] > 0
+    assert session["batches"]["1"]["graph"] is False  # CUDA graphs: on a GPU only
     served, local = phases["sd_served"], phases["sd_in_process"]
     assert served["image_s"] > 0 and local["in_process"]["image_s"] > 0 and local["diffusers"]["image_s"] > 0
     assert 0 < served["triton_compute_s"] < served["model_calls_s"] < served["image_s"]
@@ -52,3 +55,18 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(version != "missing" for version in result["modules"].values())
     assert not list(tmp_path.glob("gpu-check/*.npy")) and (tmp_path / "work" / "repo").is_dir()  # $OUT: results only
     assert "| sd_served_s |" in (tmp_path / "gpu-check" / "results.md").read_text()
+
+
+def test_the_gpu_check_runs_the_phases_and_variant_it_is_given(tmp_path):
+    """`--phases` runs those alone, in order (a second run on a lent machine measures what changed, in less of its
+    time); `--variant` chooses what is built and served; a phase it does not have is a usage error."""
+    from benchmarks.gpu_check import main
+
+    assert main(["--device", "cpu", "--out", str(tmp_path), "--work", str(tmp_path / "work"),
+                 "--phases", "weights,philox", "--variant", "torch-aoti-fp32"]) == 0
+    result = json.loads((tmp_path / "gpu-check" / "results.json").read_text())
+    assert list(result["phases"]) == ["philox", "weights"] and not result["skipped"]
+    assert result["options"]["variant"] == "torch-aoti-fp32" and (tmp_path / "work" / "sd-weights").is_dir()
+    with pytest.raises(SystemExit) as exited:
+        main(["--device", "cpu", "--out", str(tmp_path), "--phases", "weights,warp"])
+    assert exited.value.code == 2
