@@ -4,14 +4,21 @@ It generates full-size seeded random SD 1.5 and ViT-B/16 weights, builds `torch-
 bucket), starts the embedded Triton on the GPU and measures, in the same run:
 - ViT images/s at batch 1, 8, 64, 256 through Triton (tensor input to `vit`, JPEG input to `vit_classify`) against
   in-process torch fp16, eager and torch.compile'd, and p50 latency at batch 1; Triton's split of each request per
-  model, the largest batch from 4 clients at once, and the host-to-GPU copy of a batch three ways;
+  model, the largest batch from 4 clients at once, the host-to-GPU copy of a batch three ways, and the served
+  artifact through kiln's Session in process (Triton's share of the gap, and the session's);
 - SD 1.5 512x512, 50 steps, Euler a, CFG 7.5: seconds per image through Triton + the orchestrator, the same variant
   in process, and diffusers' own fp16 pipeline; the per-step split;
+- the served UNet's artifact in process at each CUDA-graph row bucket: milliseconds per row, which say what merging
+  steps can gain (benchmarks/gpu_unet.py);
 - step batching at 1, 4 and 16 concurrent clients of the service's engine: images/s and p95 against no batching;
 - kiln finetune's training step on ViT-B/16: images/s in fp32 and fp16 autocast.
 Each phase is timed against a budget and fails alone: results.json is rewritten after every phase, so a run that
 is cut short still says what it measured and why it stopped. `--device cpu` runs the same code on tiny weights
 (torch-fp32 on the CPU): a test runs it so the script cannot rot before a GPU is lent.
+
+`--variant` builds another torch variant or mix (torch-aoti-cuda-fp16+text_encoder=torch-cuda-fp16+vae=torch-cuda-fp16
+compiles the UNet alone) and `--phases` runs some phases only (the build phase builds the ViT only for a ViT phase):
+a run that measures one change fits in what is left of a lent machine's time. results.png draws the figures.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from benchmarks.gpu_phases import (
     serve,
     weights,
 )
+from benchmarks.gpu_plot import plot
+from benchmarks.gpu_unet import unet_rows
 from benchmarks.gpu_vit import vit_in_process, vit_served
 from benchmarks.load import machine, machine_line
 from kiln.triton_server import stub_numpy, stub_site_packages
@@ -64,6 +73,10 @@ class GPUCheckOptions:
     @property
     def built(self) -> str:
         return self.variant or ("torch-cuda-fp16" if self.cuda else "torch-fp32")
+
+    def runs(self, *phases: str) -> bool:
+        """Whether any of these phases runs (the build phase builds the ViT only for its phases)."""
+        return not self.phases or any(p in self.phases for p in phases)
 
     @property
     def cuda(self) -> bool:
@@ -130,7 +143,7 @@ class Check:
 # runs without Triton: if Triton cannot start on a lent machine, the in-process GPU figures still come back.
 PHASES = (("philox", philox), ("weights", weights), ("build", build), ("serve", serve), ("sd_served", sd_served),
           ("vit_served", vit_served), ("batching", batching), ("sd_in_process", sd_in_process),
-          ("vit_in_process", vit_in_process), ("finetune", finetune))
+          ("unet_rows", unet_rows), ("vit_in_process", vit_in_process), ("finetune", finetune))
 SERVED = ("sd_served", "vit_served", "batching")
 
 
@@ -138,7 +151,7 @@ def run_gpu_check(options: GPUCheckOptions, log=print) -> dict:
     check = Check(options, log)
     try:
         for name, phase in PHASES:
-            if options.phases and name not in options.phases:
+            if not options.runs(name):
                 continue
             if name in SERVED and check.server is None:
                 check.result["skipped"][name] = "Triton did not start"
@@ -153,6 +166,10 @@ def run_gpu_check(options: GPUCheckOptions, log=print) -> dict:
                                       - {"kiln", "build", "orchestrator", "benchmarks"} - {""})
     (check.root / "results.json").write_text(json.dumps(check.result, indent=2, default=str))
     (check.root / "results.md").write_text(markdown(check.result) + "\n")
+    try:
+        plot(check.result, check.root / "results.png")
+    except Exception as exc:  # noqa: BLE001 - the picture is a convenience; the figures are in results.json
+        log(f"gpu-check: no results.png ({failure(exc)['error']})")
     log(markdown(check.result))
     log(f"wrote {check.root / 'results.json'}")
     return check.result

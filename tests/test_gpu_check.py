@@ -26,7 +26,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert run.returncode == 0 and not result["errors"] and not result["skipped"], (run.stdout + run.stderr)[-3000:]
     phases = result["phases"]
     assert list(phases) == ["philox", "weights", "build", "serve", "sd_served", "vit_served", "batching",
-                            "sd_in_process", "vit_in_process", "finetune"]
+                            "sd_in_process", "unet_rows", "vit_in_process", "finetune"]
     assert phases["philox"]["compared"] is False  # torch's CUDA generator: on a GPU only
     assert phases["build"]["variant"] == "torch-fp32" and phases["build"]["vit_parity"]["cosine"] > 0.99999
     served, local = phases["vit_served"]["batches"]["1"], phases["vit_in_process"]["batches"]["1"]
@@ -39,6 +39,10 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     concurrent = phases["vit_served"]["concurrent"]
     assert concurrent["clients"] == 2 and concurrent["requests"] > 0 and concurrent["images_per_s"] > 0
     assert set(phases["vit_in_process"]["host_copy_ms_at_max_batch"]) == {"cast_on_host", "cast_on_device"}
+    unet = phases["unet_rows"]  # no graphs on the CPU: 2 and 4 rows, and 3; the program also channels-last
+    assert unet["runtime"] == "torch" and set(unet["served"]) == set(unet["channels_last"]) == {"2", "3", "4"}
+    assert all(row["ms_per_row"] > 0 and row["graph"] is False for row in unet["served"].values())
+    assert all(speedup > 0 for speedup in unet["channels_last_speedup"].values())
     session = phases["vit_in_process"]["kiln_session"]  # the served artifact in process, as the Triton model opens it
     assert session["runtime"] == "torch" and session["batches"]["1"]["images_per_s"] > 0
     assert session["batches"]["1"]["graph"] is False  # CUDA graphs: on a GPU only
@@ -55,18 +59,24 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(version != "missing" for version in result["modules"].values())
     assert not list(tmp_path.glob("gpu-check/*.npy")) and (tmp_path / "work" / "repo").is_dir()  # $OUT: results only
     assert "| sd_served_s |" in (tmp_path / "gpu-check" / "results.md").read_text()
+    assert (tmp_path / "gpu-check" / "results.png").stat().st_size > 10_000  # the three panels (benchmarks.gpu_plot)
 
 
 def test_the_gpu_check_runs_the_phases_and_variant_it_is_given(tmp_path):
     """`--phases` runs those alone, in order (a second run on a lent machine measures what changed, in less of its
-    time); `--variant` chooses what is built and served; a phase it does not have is a usage error."""
+    time), and the build phase builds the ViT only for a ViT phase; `--variant` chooses what is built and served, a
+    mix of parts too (the UNet compiled, say, and the rest not); a phase it does not have is a usage error."""
     from benchmarks.gpu_check import main
 
+    mix = "torch-fp32+vae=onnxruntime-fp32"
     assert main(["--device", "cpu", "--out", str(tmp_path), "--work", str(tmp_path / "work"),
-                 "--phases", "weights,philox", "--variant", "torch-aoti-fp32"]) == 0
+                 "--phases", "unet_rows,weights,build", "--variant", mix]) == 0
     result = json.loads((tmp_path / "gpu-check" / "results.json").read_text())
-    assert list(result["phases"]) == ["philox", "weights"] and not result["skipped"]
-    assert result["options"]["variant"] == "torch-aoti-fp32" and (tmp_path / "work" / "sd-weights").is_dir()
+    assert list(result["phases"]) == ["weights", "build", "unet_rows"] and not result["skipped"]
+    build, unet = result["phases"]["build"], result["phases"]["unet_rows"]
+    assert result["options"]["variant"] == build["variant"] == mix and "vit_parity" not in build
+    assert not (tmp_path / "work" / "repo" / "vit").exists()
+    assert unet["artifact"] == "model.pt2" and unet["served"]["2"]["ms_per_call"] > 0
     with pytest.raises(SystemExit) as exited:
         main(["--device", "cpu", "--out", str(tmp_path), "--phases", "weights,warp"])
     assert exited.value.code == 2

@@ -243,6 +243,16 @@ def test_torch_program_build_matches_the_modules_and_onnx(plain_checkpoint, plai
                             variant="torch-fp32"), log=lambda _m: None)
     for entry in _torch_artifacts(tmp_path, "model.pt2").values():
         assert entry["parity"][next(iter(entry["parity"]))]["max_abs"] == 0.0
+    # The program with channels-last weights (SessionOptions.channels_last: NHWC convolutions, for cuDNN's fp16
+    # kernels): the layout carries through the UNet's and the VAE's graphs, and the numbers stay within rounding.
+    from kiln.runtime import Session, SessionOptions
+
+    specs = sd_specs(load_sd(str(plain_checkpoint), None, None), IMAGES)
+    for component, output in (("unet", "noise_pred"), ("vae_decoder", "image")):
+        path, feed = tmp_path / f"sd_{component}" / "1" / "model.pt2", specs[component].sample_inputs(0, batch=2)
+        plain, nhwc = (Session(SessionOptions("torch", path, channels_last=layout)).run(feed)[output]
+                       for layout in (False, True))
+        assert plain.shape == nhwc.shape and np.abs(plain - nhwc).max() < 1e-4
     images = Pipeline.from_repository(tmp_path).generate(REQUEST).images
     onnx = Pipeline.from_repository(plain_repo).generate(REQUEST).images
     assert np.abs(images.astype(int) - onnx.astype(int)).max() <= 2
@@ -308,6 +318,8 @@ def test_aoti_build_is_compiled_cached_and_served_through_triton(plain_checkpoin
         other = _with_metadata(package, tmp_path / "other.pt2", **changes)
         with pytest.raises(ConfigError, match=reason):
             Session(SessionOptions("torch", other))
+    with pytest.raises(ConfigError, match="fixes its layouts when it is compiled"):  # channels_last: programs only
+        Session(SessionOptions("torch", package, channels_last=True))
 
 
 @pytest.mark.parametrize(("key", "artifact"), [("torch-cuda-fp16", "model-fp16.pt2"),

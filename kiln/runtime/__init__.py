@@ -39,6 +39,7 @@ class SessionOptions:
     device: str = "cpu"  # torch: cpu or cuda:N (the Triton instance's GPU)
     graph_batches: tuple[int, ...] = ()  # torch on CUDA: batch sizes that replay a CUDA graph ...
     graph_shapes: Mapping[str, tuple[int, ...]] | None = None  # ... captured at these input shapes (the build's opt)
+    channels_last: bool = False  # torch.export programs: 4-d weights in channels-last layout (NHWC convolutions)
     cache_dir: Path | None = None  # OpenVINO: its model cache (CACHE_DIR), so a second start skips compiling
     ov_device: str = "CPU"  # OpenVINO: CPU, GPU[.N], NPU, or AUTO (its plugin chooses among what the machine has)
     static_shapes: str = ""  # OpenVINO: a kiln.runtime.static plan (JSON); "": the IR's dynamic shapes
@@ -196,7 +197,7 @@ class Session:
             from kiln.runtime.torch_session import TorchSession  # the one module of kiln that needs torch
 
             self._torch = TorchSession(path, options.device, options.threads, options.graph_batches,
-                                       options.graph_shapes)
+                                       options.graph_shapes, options.channels_last)
             self.input_names, self.output_names = self._torch.input_names, self._torch.output_names
         else:
             raise ConfigError(f"unknown runtime {options.runtime!r}; valid: {', '.join(RUNTIMES)}")

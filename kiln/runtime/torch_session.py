@@ -10,6 +10,8 @@ package, what it was compiled for: a file another release or another CPU cannot 
 
 On CUDA, `graph_batches` names batch sizes whose calls replay a CUDA graph captured at load time (at `graph_sizes`,
 the build's optimal sizes): one launch instead of hundreds for a denoising step. Any other shape runs eagerly.
+`channels_last` stores a program's 4-d weights channels-last (NHWC): a convolution with such a weight computes and
+returns channels-last, so the layout carries through a UNet or a VAE, as cuDNN's float16 tensor-core kernels want.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def check_loadable(path: Path, device: torch.device) -> dict:
 
 class TorchSession:
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0,
-                 graph_batches: Sequence[int] = (), graph_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
+                 graph_batches: Sequence[int] = (), graph_shapes: Mapping[str, Sequence[int]] | None = None,
+                 channels_last: bool = False) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -98,6 +101,9 @@ class TorchSession:
         # Each input travels in the dtype it was exported with (floats in the program's, the timestep in float32).
         self._input_dtypes = {n: getattr(torch, d) for n, d in meta["inputs"].items()}
         self.compiled = meta.get("compiler", "")
+        if self.compiled == "aoti" and channels_last:
+            raise ConfigError(f"{path}: an AOTInductor package fixes its layouts when it is compiled; channels_last "
+                              "applies to torch.export programs")
         if self.compiled == "aoti":  # native code for the device it was compiled for, weights inside
             index = (self.device.index or 0) if self.device.type == "cuda" else -1
             # Single-threaded: AOTInductor's own thread hand-off does not mix with CUDA graph capture.
@@ -110,6 +116,10 @@ class TorchSession:
 
                 program = move_to_device_pass(program, self.device)
             self.module = program.module()
+            if channels_last:
+                for tensor in (*self.module.parameters(), *self.module.buffers()):
+                    if tensor.dim() == 4:
+                        tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
         self._graphs: dict[tuple, tuple] = {}
         self._lock = threading.Lock()  # a captured graph has one set of static buffers
         if self.device.type == "cuda" and graph_batches and graph_shapes:

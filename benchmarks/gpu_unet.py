@@ -1,0 +1,73 @@
+"""The GPU check's UNet phase (benchmarks/gpu_check.py): what one denoising call costs at each row count.
+
+The served UNet's own artifact in this process, opened by kiln's Session as the Triton model opens it (its CUDA
+graphs at the build's row buckets), fed numpy at the build's optimal image size: milliseconds per call and per row at
+each bucket (2, 4, 8, 16 rows: one request with CFG, and the step batcher's merges) and at 3 rows, which no graph
+holds (op by op). Milliseconds per row that stay flat as rows grow mean the GPU is already busy at 2 rows, and
+merging requests' steps can save only what a call costs outside its kernels; milliseconds per row that fall are what
+the step batcher gains there.
+
+For a torch.export program (torch-cuda-fp16), a second arm opens it with channels-last weights
+(SessionOptions.channels_last: NHWC convolutions, which cuDNN's float16 tensor-core kernels prefer): the figures that
+say whether the variant should serve that layout.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from benchmarks.gpu_phases import failure, timed
+from kiln import contract as names
+
+if TYPE_CHECKING:
+    from benchmarks.gpu_check import Check
+
+BETWEEN_BUCKETS = 3  # rows no CUDA graph holds: the call runs op by op
+
+
+def unet_rows(check: Check) -> dict:
+    from build.sd import ImageRange
+    from build.sd.specs import sd_specs
+    from build.sd.weights import load_sd
+    from kiln.contract import read_served
+    from kiln.runtime import session_device
+
+    options = check.options
+    spec = sd_specs(load_sd(check.weights), ImageRange(*options.images))["unet"]
+    folder = check.repo / names.SD_UNET
+    served = read_served(folder / "config.pbtxt")
+    device = session_device(served.runtime, served.gpu, served.graph_batches, served.graph_shapes)
+    buckets = tuple(device.get("graph_batches", ())) or (2, 4)  # the CPU has no graphs: two row counts show the trend
+    rows = tuple(sorted({*buckets, BETWEEN_BUCKETS}))
+    feeds = {n: spec.sample_inputs(0, batch=n) for n in rows}
+    arms = {"served": {}}
+    if served.runtime == "torch" and not served.artifact.startswith("model-aoti"):
+        arms["channels_last"] = {"channels_last": True}
+    result: dict = {"runtime": served.runtime, "artifact": served.artifact, "buckets": list(buckets),
+                    "size": options.images[1]}
+    for arm, extra in arms.items():
+        try:
+            result[arm] = _time_rows(folder / "1" / served.artifact, served, device | extra, feeds, options.seconds)
+        except Exception as exc:  # noqa: BLE001 - an arm fails alone; the phase keeps the other's figures
+            result[arm] = failure(exc)
+    plain, other = result["served"], result.get("channels_last", {})
+    if "error" not in plain and other and "error" not in other:
+        result["channels_last_speedup"] = {n: round(plain[n]["ms_per_call"] / other[n]["ms_per_call"], 3)
+                                           for n in plain}
+    return result
+
+
+def _time_rows(path, served, device: dict, feeds: dict, seconds: float) -> dict:
+    from kiln.runtime import Session, SessionOptions
+
+    session = Session(SessionOptions(served.runtime, path, inference_precision=served.inference_precision, **device))
+    graphs = {key[0][0] for key in getattr(getattr(session, "_torch", None), "graph_keys", [])}
+    out = {}
+    for n, feed in feeds.items():
+        latencies = timed(lambda feed=feed: session.run(feed), seconds / len(feeds), min_calls=3)
+        ms = 1e3 * float(np.median(latencies))
+        out[n] = {"ms_per_call": round(ms, 3), "ms_per_row": round(ms / n, 3), "graph": n in graphs,
+                  "calls": len(latencies)}
+    return out
