@@ -21,6 +21,7 @@ image's own Python.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -64,7 +65,7 @@ class TritonOptions:
     def on_free_ports(cls, repository: Path, log_path: Path | None = None, **fields) -> TritonOptions:
         """Loopback, on ports that are free now (tests, benchmarks and `kiln demo` start several side by side);
         fields: any other option, a port too."""
-        ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+        ports = dict(zip(("http_port", "grpc_port", "metrics_port"), free_ports(3)))
         return cls(repository=repository, log_path=log_path, **{**ports, **fields})
 
 
@@ -168,9 +169,18 @@ def libpython_fallback() -> list[str]:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports on 127.0.0.1 that nothing listens on right now. Each is held until all are
+    chosen: asked one at a time, the kernel may hand the same port out twice (a CI run once got Triton's HTTP and
+    metrics ports equal, and Triton refused to start)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.triton_server import TritonOptions, TritonServer, free_port
+from kiln.triton_server import TritonOptions, TritonServer, free_port, free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 KILN = [sys.executable, "-m", "kiln.cli"]
@@ -74,6 +74,15 @@ def test_a_build_refuses_negative_threads_called_as_a_library(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_the_ports_a_server_is_given_differ():
+    """Triton's three ports (and `kiln serve`'s four) are chosen together: asked for one at a time, the kernel may
+    hand the same free port out twice, and Triton then refuses to start (seen once in CI)."""
+    for _ in range(200):
+        options = TritonOptions.on_free_ports(Path("repo"))
+        assert len({options.http_port, options.grpc_port, options.metrics_port}) == 3
+    assert len(set(free_ports(64))) == 64
+
+
 def test_classify_with_no_server_says_so(sample_images):
     result = run("classify", str(sample_images[0]), "--url", f"127.0.0.1:{free_port()}")
     assert result.returncode == 1
@@ -97,7 +106,7 @@ def test_classify_and_embed_commands(triton, sample_images):
 @pytest.mark.slow
 def test_serve_starts_and_stops_on_sigterm(vit_repo):
     """Triton, then the API; SIGTERM stops the API (draining), then Triton, and exits 0."""
-    ports = [str(free_port()) for _ in range(4)]
+    ports = [str(port) for port in free_ports(4)]
     process = subprocess.Popen([*KILN, "serve", "--repo", str(vit_repo), "--http-port", ports[0],
                                 "--grpc-port", ports[1], "--metrics-port", ports[2], "--port", ports[3]],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
