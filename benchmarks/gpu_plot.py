@@ -50,7 +50,8 @@ def plot(result: dict, path: Path) -> None:
             batching.plot(*zip(*points), marker="o", label=label)
     batching.set(xscale="log", xlabel="concurrent clients", ylabel="images/s",
                  title=f"Step batching ({phases.get('batching', {}).get('steps', '')} steps a request)")
-    batching.legend(fontsize=8)
+    if rows:  # a run without the batching phase leaves the panel empty
+        batching.legend(fontsize=8)
     figure.suptitle(f"GPU check: {result['gpu'] or 'CPU'}, torch {result['torch']}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

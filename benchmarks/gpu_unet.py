@@ -63,11 +63,10 @@ def _time_rows(path, served, device: dict, feeds: dict, seconds: float) -> dict:
     from kiln.runtime import Session, SessionOptions
 
     session = Session(SessionOptions(served.runtime, path, inference_precision=served.inference_precision, **device))
-    graphs = {key[0][0] for key in getattr(getattr(session, "_torch", None), "graph_keys", [])}
     out = {}
     for n, feed in feeds.items():
         latencies = timed(lambda feed=feed: session.run(feed), seconds / len(feeds), min_calls=3)
         ms = 1e3 * float(np.median(latencies))
-        out[n] = {"ms_per_call": round(ms, 3), "ms_per_row": round(ms / n, 3), "graph": n in graphs,
+        out[n] = {"ms_per_call": round(ms, 3), "ms_per_row": round(ms / n, 3), "graph": session.replays_graph(feed),
                   "calls": len(latencies)}
     return out

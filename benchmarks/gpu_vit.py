@@ -146,6 +146,22 @@ def vit_in_process(check: Check) -> dict:
     model, pixels, _ = _vit_inputs(batches)
     device, dtype = ("cuda", torch.float16) if options.cuda else ("cpu", torch.float32)
     model = model.to(device, dtype).eval()
+    rows = _torch_arms(check, model, pixels, device, dtype)
+    del model  # the GPU's memory (the compiled arm's graphs went with _torch_arms) for the served artifact's session
+    served = check.result["phases"].get("vit_served", {}).get("batches", {}).get(max(batches), {})
+    ratio = {"host_copy_ms_at_max_batch": alone(_host_copies, pixels[:max(batches)], device, dtype, options.seconds),
+             "kiln_session": alone(_session, check, pixels)}
+    if served:
+        ratio["served_over_eager_at_max_batch"] = round(
+            served["triton_tensor"]["images_per_s"] / rows[max(batches)]["eager"]["images_per_s"], 3)
+    return {"batches": rows} | ratio
+
+
+def _torch_arms(check: Check, model, pixels: np.ndarray, device: str, dtype) -> dict:
+    """images/s of torch itself at each batch: eager, and compiled at the largest while the budget allows."""
+    import torch
+
+    options, batches = check.options, check.options.vit_batches
     rows: dict = {batch: {} for batch in batches}
     arms = [("eager", model, batches)]
     if options.compiled:
@@ -162,14 +178,7 @@ def vit_in_process(check: Check) -> dict:
                     module(x)
                 sync()
             rows[batch][arm] = rate(timed(call, options.seconds), batch)
-    del model, arms  # the GPU's memory for the served artifact's session
-    served = check.result["phases"].get("vit_served", {}).get("batches", {}).get(max(batches), {})
-    ratio = {"host_copy_ms_at_max_batch": alone(_host_copies, pixels[:max(batches)], device, dtype, options.seconds),
-             "kiln_session": alone(_session, check, pixels)}
-    if served:
-        ratio["served_over_eager_at_max_batch"] = round(
-            served["triton_tensor"]["images_per_s"] / rows[max(batches)]["eager"]["images_per_s"], 3)
-    return {"batches": rows} | ratio
+    return rows
 
 
 def _host_copies(pixels: np.ndarray, device: str, dtype, seconds: float) -> dict:
@@ -205,11 +214,11 @@ def _session(check: Check, pixels: np.ndarray) -> dict:
                                      inference_precision=served.inference_precision,
                                      **session_device(served.runtime, served.gpu, served.graph_batches,
                                                       served.graph_shapes)))
-    layer, graphs = int(params["default_layer"]), getattr(getattr(session, "_torch", None), "graph_keys", [])
+    layer = int(params["default_layer"])
     rows = {}
     for batch in sorted({1, len(pixels)}):
         feed = {"pixel_values": pixels[:batch], "layer": np.full((batch, 1), layer, dtype=np.int64)}
         rows[batch] = rate(timed(lambda feed=feed: session.run(feed, ["logits"]), check.options.seconds / 2), batch)
         # whether this shape replays a CUDA graph (torch on CUDA) or runs op by op
-        rows[batch]["graph"] = any(key[0][0] == batch for key in graphs)
+        rows[batch]["graph"] = session.replays_graph(feed)
     return {"runtime": served.runtime, "artifact": served.artifact, "batches": rows}

@@ -4,17 +4,20 @@
 #   here:   make gpu-wheels              (the wheels that machine lacks, for its Python 3.12, into .kiln/gpu-wheels)
 #   there:  bash scripts/gpu_check.sh    (run from the repository root, with .kiln/gpu-wheels carried along)
 #   here, to try it on the CPU:  bash scripts/gpu_check.sh cpu   (tiny weights; tests/test_gpu_check.py runs it)
-#   options after the device go to benchmarks/gpu_check.py: bash scripts/gpu_check.sh cuda --variant torch-aoti-cuda-fp16
-#   --phases weights,build,serve,sd_served,sd_in_process (a second run that measures one change)
+#   options (after the device, which may be left out) go to benchmarks/gpu_check.py: a run that measures one change,
+#   bash scripts/gpu_check.sh --variant torch-aoti-cuda-fp16+text_encoder=torch-cuda-fp16+vae=torch-cuda-fp16 \
+#       --phases weights,build,serve,sd_served,unet_rows,sd_in_process
 #
 # That machine has its own torch (no network, and the 5.5 GB venv cannot travel), so this script uses its python and
 # installs, with --target into .kiln/gpu-site, only the carried wheels of the modules it cannot import. Results go
-# to $OUT/gpu-check/results.json (and .md), rewritten after every phase; the run stops itself at 8 minutes
+# to $OUT/gpu-check/results.json (and .md, .png), rewritten after every phase; the run stops itself at 8 minutes
 # (KILN_GPU_CHECK_LIMIT_S: sooner, where less of the lent machine's time is left).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEVICE="${1:-cuda}"
-shift || true  # the rest: benchmarks/gpu_check.py's options
+case "${1:-}" in  # the device first, if named; the rest: benchmarks/gpu_check.py's options
+  cuda|cpu) DEVICE="$1"; shift ;;
+  *) DEVICE=cuda ;;
+esac
 OUT="${OUT:-results}"
 # The python: $PYTHON if set (a stand-in for the GPU machine's environment, say), else on the CPU the project's venv,
 # else the machine's python3 (the GPU machine's holds its torch).

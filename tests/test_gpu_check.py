@@ -25,8 +25,8 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     result = json.loads((tmp_path / "gpu-check" / "results.json").read_text())
     assert run.returncode == 0 and not result["errors"] and not result["skipped"], (run.stdout + run.stderr)[-3000:]
     phases = result["phases"]
-    assert list(phases) == ["philox", "weights", "build", "serve", "sd_served", "vit_served", "batching",
-                            "sd_in_process", "unet_rows", "vit_in_process", "finetune"]
+    assert list(phases) == ["philox", "weights", "build", "serve", "sd_served", "unet_rows", "vit_served", "batching",
+                            "sd_in_process", "vit_in_process", "finetune"]
     assert phases["philox"]["compared"] is False  # torch's CUDA generator: on a GPU only
     assert phases["build"]["variant"] == "torch-fp32" and phases["build"]["vit_parity"]["cosine"] > 0.99999
     served, local = phases["vit_served"]["batches"]["1"], phases["vit_in_process"]["batches"]["1"]
@@ -42,7 +42,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     unet = phases["unet_rows"]  # no graphs on the CPU: 2 and 4 rows, and 3; the program also channels-last
     assert unet["runtime"] == "torch" and set(unet["served"]) == set(unet["channels_last"]) == {"2", "3", "4"}
     assert all(row["ms_per_row"] > 0 and row["graph"] is False for row in unet["served"].values())
-    assert all(speedup > 0 for speedup in unet["channels_last_speedup"].values())
+    assert set(unet["channels_last_speedup"]) == {"2", "3", "4"}
     session = phases["vit_in_process"]["kiln_session"]  # the served artifact in process, as the Triton model opens it
     assert session["runtime"] == "torch" and session["batches"]["1"]["images_per_s"] > 0
     assert session["batches"]["1"]["graph"] is False  # CUDA graphs: on a GPU only
@@ -62,17 +62,19 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert (tmp_path / "gpu-check" / "results.png").stat().st_size > 10_000  # the three panels (benchmarks.gpu_plot)
 
 
-def test_the_gpu_check_runs_the_phases_and_variant_it_is_given(tmp_path):
+def test_the_gpu_check_runs_the_phases_and_variant_it_is_given(tmp_path, monkeypatch):
     """`--phases` runs those alone, in order (a second run on a lent machine measures what changed, in less of its
     time), and the build phase builds the ViT only for a ViT phase; `--variant` chooses what is built and served, a
     mix of parts too (the UNet compiled, say, and the rest not); a phase it does not have is a usage error."""
     from benchmarks.gpu_check import main
 
     mix = "torch-fp32+vae=onnxruntime-fp32"
+    monkeypatch.setenv("KILN_GPU_CHECK_LIMIT_S", "300")  # less machine time left: no phase starts after 220 s
     assert main(["--device", "cpu", "--out", str(tmp_path), "--work", str(tmp_path / "work"),
                  "--phases", "unet_rows,weights,build", "--variant", mix]) == 0
     result = json.loads((tmp_path / "gpu-check" / "results.json").read_text())
     assert list(result["phases"]) == ["weights", "build", "unet_rows"] and not result["skipped"]
+    assert result["options"]["budget_s"] == 220
     build, unet = result["phases"]["build"], result["phases"]["unet_rows"]
     assert result["options"]["variant"] == build["variant"] == mix and "vit_parity" not in build
     assert not (tmp_path / "work" / "repo" / "vit").exists()

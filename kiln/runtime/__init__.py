@@ -223,6 +223,10 @@ class Session:
         """Whether run() itself refuses NaN and infinity in float inputs (torch on a GPU, where it is cheap)."""
         return self.options.runtime == "torch" and self._torch.checks_finite
 
+    def replays_graph(self, inputs: Mapping[str, np.ndarray]) -> bool:
+        """Whether run(inputs) replays a CUDA graph (torch on CUDA, at the shapes its build captured)."""
+        return self.options.runtime == "torch" and self._torch.replays_graph(inputs)
+
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(output_names) if output_names else self.output_names
         feed = {k: v for k, v in inputs.items() if k in self.input_names}

@@ -130,10 +130,12 @@ class TorchSession:
     def execution_precision(self) -> str:
         return {torch.float16: "f16", torch.bfloat16: "bf16"}.get(self.dtype, "f32")
 
-    @property
-    def graph_keys(self) -> list[tuple]:
-        """The input shapes that replay a CUDA graph."""
-        return list(self._graphs)
+    def _key(self, inputs: Mapping[str, np.ndarray]) -> tuple:
+        return tuple(tuple(np.shape(inputs[n])) for n in self.input_names)
+
+    def replays_graph(self, inputs: Mapping[str, np.ndarray]) -> bool:
+        """Whether a call with these inputs replays a captured CUDA graph (only their exact shapes do)."""
+        return self._key(inputs) in self._graphs
 
     def _tensor(self, name: str, value: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(value)).to(self.device, self._input_dtypes[name])
@@ -155,8 +157,7 @@ class TorchSession:
 
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(output_names) if output_names else self.output_names
-        key = tuple(tuple(np.shape(inputs[n])) for n in self.input_names)
-        captured = self._graphs.get(key)
+        captured = self._graphs.get(self._key(inputs))
         # Triton may call execute on another thread than initialize's, whose current device set_device set.
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
         with torch.inference_mode(), on_device:
@@ -191,5 +192,6 @@ class TorchSession:
 
     def _numpy(self, outputs, names: Sequence[str]) -> dict[str, np.ndarray]:
         by_name = dict(zip(self.output_names, outputs))
-        return {name: by_name[name].float().cpu().numpy() if by_name[name].is_floating_point()
-                else by_name[name].cpu().numpy() for name in names}
+        # contiguous: a channels-last program's outputs come back in that layout; numpy callers expect C order
+        return {name: by_name[name].float().contiguous().cpu().numpy() if by_name[name].is_floating_point()
+                else by_name[name].contiguous().cpu().numpy() for name in names}
