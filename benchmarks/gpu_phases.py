@@ -68,6 +68,18 @@ def timed(call, seconds: float, min_calls: int = 3) -> list[float]:
     return latencies
 
 
+def served_session(folder, **options):
+    """The artifact a runtime model's folder serves, opened by kiln's Session as its Triton model opens it (on the GPU
+    its config names, with its CUDA graphs); `options`: SessionOptions fields to change (channels_last, say)."""
+    from kiln.contract import read_served
+    from kiln.runtime import Session, SessionOptions, session_device
+
+    served = read_served(folder / "config.pbtxt")
+    device = session_device(served.runtime, served.gpu, served.graph_batches, served.graph_shapes)
+    return Session(SessionOptions(served.runtime, folder / "1" / served.artifact,
+                                  inference_precision=served.inference_precision, **(device | options)))
+
+
 def rate(latencies: list[float], items: int, concurrency: int = 1) -> dict:
     ordered = sorted(latencies)
     return {"images_per_s": round(items * concurrency * len(latencies) / max(sum(latencies), 1e-9), 1),

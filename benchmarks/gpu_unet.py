@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks.gpu_phases import failure, timed
+from benchmarks.gpu_phases import failure, served_session, timed
 from kiln import contract as names
 
 if TYPE_CHECKING:
@@ -31,15 +31,13 @@ def unet_rows(check: Check) -> dict:
     from build.sd import ImageRange
     from build.sd.specs import sd_specs
     from build.sd.weights import load_sd
-    from kiln.contract import read_served
-    from kiln.runtime import session_device
+    from kiln.contract import read_sd_contract, read_served
 
     options = check.options
     spec = sd_specs(load_sd(check.weights), ImageRange(*options.images))["unet"]
     folder = check.repo / names.SD_UNET
     served = read_served(folder / "config.pbtxt")
-    device = session_device(served.runtime, served.gpu, served.graph_batches, served.graph_shapes)
-    buckets = tuple(device.get("graph_batches", ())) or (2, 4)  # the CPU has no graphs: two row counts show the trend
+    buckets = read_sd_contract(check.repo).row_buckets or (2, 4)  # the CPU has no graphs: two row counts, the trend
     rows = tuple(sorted({*buckets, BETWEEN_BUCKETS}))
     feeds = {n: spec.sample_inputs(0, batch=n) for n in rows}
     arms = {"served": {}}
@@ -49,7 +47,7 @@ def unet_rows(check: Check) -> dict:
                     "size": options.images[1]}
     for arm, extra in arms.items():
         try:
-            result[arm] = _time_rows(folder / "1" / served.artifact, served, device | extra, feeds, options.seconds)
+            result[arm] = _time_rows(served_session(folder, **extra), feeds, options.seconds)
         except Exception as exc:  # noqa: BLE001 - an arm fails alone; the phase keeps the other's figures
             result[arm] = failure(exc)
     plain, other = result["served"], result.get("channels_last", {})
@@ -59,10 +57,7 @@ def unet_rows(check: Check) -> dict:
     return result
 
 
-def _time_rows(path, served, device: dict, feeds: dict, seconds: float) -> dict:
-    from kiln.runtime import Session, SessionOptions
-
-    session = Session(SessionOptions(served.runtime, path, inference_precision=served.inference_precision, **device))
+def _time_rows(session, feeds: dict, seconds: float) -> dict:
     out = {}
     for n, feed in feeds.items():
         latencies = timed(lambda feed=feed: session.run(feed), seconds / len(feeds), min_calls=3)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks.gpu_phases import failure, rate, sync, timed
+from benchmarks.gpu_phases import failure, rate, served_session, sync, timed
 from kiln import contract as names
 
 if TYPE_CHECKING:
@@ -205,20 +206,14 @@ def _session(check: Check, pixels: np.ndarray) -> dict:
     """The served `vit`'s own artifact in this process, through kiln's Session as the Triton model opens it (its CUDA
     graphs too) and with numpy in and out as there: what the served model's compute costs without Triton, so the
     served figures' gap splits into Triton's share and the session's (host copies, casts, the graph or eager run)."""
-    from kiln.contract import read_parameters, read_served
-    from kiln.runtime import Session, SessionOptions, session_device
+    from kiln.contract import read_parameters
 
-    config = check.repo / names.VIT / "config.pbtxt"
-    served, (params, _) = read_served(config), read_parameters(config)
-    session = Session(SessionOptions(served.runtime, check.repo / names.VIT / "1" / served.artifact,
-                                     inference_precision=served.inference_precision,
-                                     **session_device(served.runtime, served.gpu, served.graph_batches,
-                                                      served.graph_shapes)))
-    layer = int(params["default_layer"])
+    session = served_session(check.repo / names.VIT)
+    layer = int(read_parameters(check.repo / names.VIT / "config.pbtxt")[0]["default_layer"])
     rows = {}
     for batch in sorted({1, len(pixels)}):
         feed = {"pixel_values": pixels[:batch], "layer": np.full((batch, 1), layer, dtype=np.int64)}
         rows[batch] = rate(timed(lambda feed=feed: session.run(feed, ["logits"]), check.options.seconds / 2), batch)
         # whether this shape replays a CUDA graph (torch on CUDA) or runs op by op
         rows[batch]["graph"] = session.replays_graph(feed)
-    return {"runtime": served.runtime, "artifact": served.artifact, "batches": rows}
+    return {"runtime": session.options.runtime, "artifact": Path(session.options.path).name, "batches": rows}

@@ -101,10 +101,10 @@ class TorchSession:
         # Each input travels in the dtype it was exported with (floats in the program's, the timestep in float32).
         self._input_dtypes = {n: getattr(torch, d) for n, d in meta["inputs"].items()}
         self.compiled = meta.get("compiler", "")
-        if self.compiled == "aoti" and channels_last:
-            raise ConfigError(f"{path}: an AOTInductor package fixes its layouts when it is compiled; channels_last "
-                              "applies to torch.export programs")
         if self.compiled == "aoti":  # native code for the device it was compiled for, weights inside
+            if channels_last:
+                raise ConfigError(f"{path}: an AOTInductor package fixes its layouts when it is compiled; "
+                                  "channels_last applies to torch.export programs")
             index = (self.device.index or 0) if self.device.type == "cuda" else -1
             # Single-threaded: AOTInductor's own thread hand-off does not mix with CUDA graph capture.
             self.module = torch._inductor.aoti_load_package(str(path), run_single_threaded=bool(graph_batches),
