@@ -10,7 +10,9 @@ bucket), starts the embedded Triton on the GPU and measures, in the same run:
   in process, and diffusers' own fp16 pipeline; the per-step split;
 - the served UNet's artifact in process at each CUDA-graph row bucket: milliseconds per row, which say what merging
   steps can gain (benchmarks/gpu_unet.py);
-- step batching at 1, 4 and 16 concurrent clients of the service's engine: images/s and p95 against no batching;
+- step batching at 1, 4 and 16 concurrent clients of the service's engine: images/s and p95 against no batching (a
+  second Triton whose sd_unet runs each call alone) and against Triton's own merging, with the UNet's rows per
+  execution as Triton counts them;
 - kiln finetune's training step on ViT-B/16: images/s in fp32 and fp16 autocast.
 Each phase is timed against a budget and fails alone: results.json is rewritten after every phase, so a run that
 is cut short still says what it measured and why it stopped. `--device cpu` runs the same code on tiny weights

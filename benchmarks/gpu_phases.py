@@ -247,24 +247,36 @@ def _diffusers(check: Check) -> dict:
     return {"image_s": round(seconds, 4), "step_ms": round(1000 * seconds / options.steps, 3)}
 
 
+BATCHING_ARMS = ("unbatched", "triton", "step")  # as in `kiln bench serve` (benchmarks/serve.py)
+
+
 def batching(check: Check) -> dict:
+    """Concurrent clients of the service's engine, three arms alternating per client count: `unbatched`, no batching
+    anywhere (a second Triton serves the repository with sd_unet's dynamic batcher removed, so every request's CFG pair
+    runs alone, as a batch-1 server runs it); `triton`, the build's Triton with step batching off (Triton merges the
+    calls that happen to queue together); `step`, the service's step batcher. The target's baseline is `unbatched`."""
+    from benchmarks.serve import rebatched_repository, triton_unet_counts
+    from kiln.triton_server import TritonOptions, TritonServer
     from orchestrator.engine import Engine, EngineOptions
     from orchestrator.metrics import Metrics
     from orchestrator.pipeline import Txt2ImgRequest
 
     options = check.options
-    engines = {arm: Engine(EngineOptions(triton_url=check.server.grpc_url, step_batching=arm == "step",
+    alone = TritonServer(TritonOptions.on_free_ports(
+        rebatched_repository(check.repo, check.work / "repo-unbatched", None), check.work / "triton-unbatched.log"))
+    servers = {"unbatched": alone.start(), "triton": check.server, "step": check.server}
+    engines = {arm: Engine(EngineOptions(triton_url=servers[arm].grpc_url, step_batching=arm == "step",
                                          workers=max(options.clients), max_queue=256), Metrics())
-               for arm in ("unbatched", "step")}
+               for arm in BATCHING_ARMS}
     rows = []
     try:
         for engine in engines.values():
             engine.submit("txt2img", Txt2ImgRequest(prompt=PROMPT, steps=2, width=options.side,
                                                     height=options.side)).future.result()
         for clients in options.clients:
-            for arm, engine in engines.items():  # alternating per N, so drift hits both alike
+            for arm, engine in engines.items():  # alternating per N, so drift hits every arm alike
                 latencies: list[float] = []
-                rows_before, batches_before = engine.batcher.stats.rows, engine.batcher.stats.batches
+                counts_before = triton_unet_counts(servers[arm].http_url)
 
                 def client(index: int, engine=engine, latencies=latencies) -> None:
                     for r in range(options.requests_per_client):
@@ -275,19 +287,26 @@ def batching(check: Check) -> dict:
                         latencies.append(time.perf_counter() - start)
                 wall = run_concurrently(client, clients)
                 ordered = sorted(latencies)
+                (rows_before, runs_before), (rows_after, runs_after) = counts_before, \
+                    triton_unet_counts(servers[arm].http_url)
                 rows.append({"arm": arm, "clients": clients, "requests": len(latencies),
                              "images_per_s": round(len(latencies) / wall, 3),
                              "p95_s": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 3),
-                             "mean_unet_rows": round((engine.batcher.stats.rows - rows_before)
-                                                     / max(engine.batcher.stats.batches - batches_before, 1), 2)})
+                             # the rows each UNet execution ran, as Triton counts them (step batching's padding in)
+                             "unet_rows_per_execution": round((rows_after - rows_before)
+                                                              / max(runs_after - runs_before, 1), 2)})
     finally:
         for engine in engines.values():
             engine.close()
-    speedup = {}
-    for clients in options.clients:
-        by_arm = {r["arm"]: r for r in rows if r["clients"] == clients}
-        speedup[clients] = round(by_arm["step"]["images_per_s"] / by_arm["unbatched"]["images_per_s"], 3)
-    return {"steps": options.batching_steps, "rows": rows, "step_over_unbatched": speedup}
+        alone.stop()
+    over = {}
+    for arm in ("step", "triton"):
+        over[arm] = {}
+        for clients in options.clients:
+            by_arm = {r["arm"]: r for r in rows if r["clients"] == clients}
+            over[arm][clients] = round(by_arm[arm]["images_per_s"] / by_arm["unbatched"]["images_per_s"], 3)
+    return {"steps": options.batching_steps, "rows": rows, "step_over_unbatched": over["step"],
+            "triton_over_unbatched": over["triton"]}
 
 
 def finetune(check: Check) -> dict:

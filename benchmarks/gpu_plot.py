@@ -44,7 +44,7 @@ def plot(result: dict, path: Path) -> None:
     sd.legend(fontsize=8)
 
     rows = phases.get("batching", {}).get("rows", [])
-    for arm, label in (("unbatched", "no batching"), ("step", "merged steps")):
+    for arm, label in (("unbatched", "no batching"), ("triton", "Triton's merging only"), ("step", "merged steps")):
         points = sorted((r["clients"], r["images_per_s"]) for r in rows if r["arm"] == arm)
         if points:
             batching.plot(*zip(*points), marker="o", label=label)

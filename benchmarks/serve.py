@@ -77,7 +77,7 @@ def _metric(text: str, name: str) -> float:
     return read_metric(text, name) or 0.0
 
 
-def _triton_unet_counts(triton_http_url: str) -> tuple[int, int]:
+def triton_unet_counts(triton_http_url: str) -> tuple[int, int]:
     """(inferences, executions) of sd_unet so far: Triton counts every batch row as an inference."""
     import urllib.request
 
@@ -237,9 +237,9 @@ def run_serve_benchmark(options: ServeBenchOptions, log=print) -> dict:
         for clients in options.concurrency:
             for arm in ARMS:
                 bar.set_postfix(clients=clients, arm=arm)
-                inferences, executions = _triton_unet_counts(triton_of[arm].http_url)
+                inferences, executions = triton_unet_counts(triton_of[arm].http_url)
                 latencies, wall, unet = load_clients(services[arm].url, clients, options.requests_per_client, body)
-                inferences_after, executions_after = _triton_unet_counts(triton_of[arm].http_url)
+                inferences_after, executions_after = triton_unet_counts(triton_of[arm].http_url)
                 ran = executions_after - executions
                 rows.append(Row(arm=arm, clients=clients, requests=len(latencies),
                                 images_per_s=len(latencies) / wall, p50_s=float(np.percentile(latencies, 50)),

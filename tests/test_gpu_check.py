@@ -52,7 +52,10 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert served["model_calls"] == 1 + 3 + 1  # the text encoder (both prompts), 3 UNet steps, the VAE
     assert local["served_vs_in_process_psnr_db"] == float("inf")  # the same torch program, served or not
     arms = {(r["arm"], r["clients"]) for r in phases["batching"]["rows"]}
-    assert arms == {(a, n) for a in ("unbatched", "step") for n in (1, 2)}
+    assert arms == {(a, n) for a in ("unbatched", "triton", "step") for n in (1, 2)}
+    # Triton's own count of the UNet's rows per execution: the baseline runs each request's CFG pair alone
+    assert all(r["unet_rows_per_execution"] == 2.0 for r in phases["batching"]["rows"] if r["arm"] == "unbatched")
+    assert set(phases["batching"]["triton_over_unbatched"]) == {"1", "2"}
     assert phases["finetune"]["fp32"]["images_per_s"] > 0 and phases["finetune"]["bf16_over_fp32"] > 0
     assert set(result["verdict"]) and all(v is not None for v in result["verdict"].values())
     assert {"torch", "diffusers", "tritonclient"} <= set(result["imported"])
