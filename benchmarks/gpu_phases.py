@@ -72,12 +72,12 @@ def served_session(folder, **options):
     """The artifact a runtime model's folder serves, opened by kiln's Session as its Triton model opens it (on the GPU
     its config names, with its CUDA graphs); `options`: SessionOptions fields to change (channels_last, say)."""
     from kiln.contract import read_served
-    from kiln.runtime import Session, SessionOptions, session_device
+    from kiln.runtime import Session, SessionOptions, served_device
 
     served = read_served(folder / "config.pbtxt")
-    device = session_device(served.runtime, served.gpu, served.graph_batches, served.graph_shapes)
     return Session(SessionOptions(served.runtime, folder / "1" / served.artifact,
-                                  inference_precision=served.inference_precision, **(device | options)))
+                                  inference_precision=served.inference_precision,
+                                  **(served_device(served) | options)))
 
 
 def rate(latencies: list[float], items: int, concurrency: int = 1) -> dict:

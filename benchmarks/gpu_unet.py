@@ -7,9 +7,9 @@ holds (op by op). Milliseconds per row that stay flat as rows grow mean the GPU 
 merging requests' steps can save only what a call costs outside its kernels; milliseconds per row that fall are what
 the step batcher gains there.
 
-For a torch.export program (torch-cuda-fp16), a second arm opens it with channels-last weights
-(SessionOptions.channels_last: NHWC convolutions, which cuDNN's float16 tensor-core kernels prefer): the figures that
-say whether the variant should serve that layout.
+For a torch.export program (torch-cuda-fp16), a second arm opens it in the other layout of its weights
+(SessionOptions.channels_last: NHWC convolutions, which cuDNN's float16 tensor-core kernels prefer; the build serves
+the UNet channels-last by default, `kiln build sd --layout`): the figures that say which layout it should serve.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def unet_rows(check: Check) -> dict:
     rows = tuple(sorted({*buckets, BETWEEN_BUCKETS}))
     feeds = {n: spec.sample_inputs(0, batch=n) for n in rows}
     arms = {"served": {}}
-    if served.runtime == "torch" and not served.artifact.startswith("model-aoti"):
-        arms["channels_last"] = {"channels_last": True}
+    served_nhwc = served.channels_last == "1"
+    if served.runtime == "torch" and not served.artifact.startswith("model-aoti"):  # the other layout
+        arms["contiguous" if served_nhwc else "channels_last"] = {"channels_last": not served_nhwc}
     result: dict = {"runtime": served.runtime, "artifact": served.artifact, "buckets": list(buckets),
                     "size": options.images[1]}
     for arm, extra in arms.items():
@@ -50,9 +51,11 @@ def unet_rows(check: Check) -> dict:
             result[arm] = _time_rows(served_session(folder, **extra), feeds, options.seconds)
         except Exception as exc:  # noqa: BLE001 - an arm fails alone; the phase keeps the other's figures
             result[arm] = failure(exc)
-    plain, other = result["served"], result.get("channels_last", {})
-    if "error" not in plain and other and "error" not in other:
-        result["channels_last_speedup"] = {n: round(plain[n]["ms_per_call"] / other[n]["ms_per_call"], 3)
+    result["served_layout"] = "channels_last" if served_nhwc else "contiguous"
+    nhwc, plain = (result["served"], result.get("contiguous", {})) if served_nhwc else \
+        (result.get("channels_last", {}), result["served"])
+    if nhwc and plain and "error" not in nhwc and "error" not in plain:
+        result["channels_last_speedup"] = {n: round(plain[n]["ms_per_call"] / nhwc[n]["ms_per_call"], 3)
                                            for n in plain}
     return result
 

@@ -375,6 +375,7 @@ class ServedArtifact:
     graph_batches: str = ""  # torch on CUDA: the batch sizes replayed from CUDA graphs ...
     graph_shapes: str = ""  # ... captured at these input shapes (JSON)
     static_shapes: str = ""  # OpenVINO: a static build's plan (kiln.runtime.static)
+    channels_last: str = ""  # torch on CUDA: "1", the program's 4-d weights channels-last (NHWC)
 
 
 def read_served(config_path: Path) -> ServedArtifact:
@@ -384,10 +385,9 @@ def read_served(config_path: Path) -> ServedArtifact:
     if config.backend == "python":
         if "runtime" not in params:
             raise ConfigError(f"{config_path}: {config.name} serves no artifact")
-        gpu = any(group.kind == group.KIND_GPU for group in config.instance_group)
-        return ServedArtifact(params["runtime"], params["artifact"], params.get("inference_precision", "f32"), gpu,
-                              params.get("graph_batches", ""), params.get("graph_shapes", ""),
-                              params.get("static_shapes", ""))
+        extra = {k: params.get(k, "") for k in ("graph_batches", "graph_shapes", "static_shapes", "channels_last")}
+        return ServedArtifact(params["runtime"], params["artifact"], params.get("inference_precision", "f32"),
+                              any(group.kind == group.KIND_GPU for group in config.instance_group), **extra)
     if config.backend in ("onnxruntime", "openvino") and config.default_model_filename:
         return ServedArtifact(config.backend, config.default_model_filename,
                               "bf16" if params.get("HINT_BF16") == "YES" else "f32")

@@ -348,6 +348,20 @@ def test_torch_cuda_variant_configs_and_its_gpu(plain_checkpoint, tmp_path, key,
     assert json.loads(unet.parameters["graph_shapes"])["sample"] == [2, 4, 32, 32]  # opt: batch 2, 64 px / 2
     assert configs["sd_vae_decoder"].kind == "KIND_GPU" and "graph_batches" not in configs["sd_vae_decoder"].parameters
     assert configs["sd_tokenizer"].kind == "KIND_CPU"
+    # The fp16 program's UNet keeps its weights channels-last (kiln build sd --layout), which the session reads from
+    # the config; a compiled package fixes its own layouts; the VAE (upcast: float32) is not measured that way
+    nhwc = key == "torch-cuda-fp16"
+    assert unet.parameters.get("channels_last") == ("1" if nhwc else None)
+    assert "channels_last" not in configs["sd_vae_decoder"].parameters
+    from kiln.runtime import session_device
+
+    params = unet.parameters
+    device = session_device("torch", True, params["graph_batches"], params["graph_shapes"], 0,
+                            params.get("channels_last", ""))
+    assert device["channels_last"] is nhwc and device["graph_batches"] == (2, 4, 8, 16)
+    assert session_device("torch", False, channels_last="1") == {}  # a CPU instance: the layout as exported
+    contiguous = sd_model_configs(specs, contract, dict.fromkeys(specs, variant), device="gpu", channels_last=False)
+    assert all("channels_last" not in c.parameters for c in contiguous)
     if not torch.cuda.is_available():
         from kiln.errors import ExportError
 

@@ -70,6 +70,9 @@ class SDBuildOptions:
     max_queue_delay_us: int = 2000  # how long the VAE and pre/post-processing models wait for batching partners
     step_queue_delay_us: int = 0  # the same for the UNet and ControlNets (none: the step batcher merges steps)
     threads: int = 0
+    # torch.export programs in float16 on CUDA: the step models' 4-d weights channels-last (NHWC), as cuDNN's float16
+    # kernels want (kiln.runtime.torch_session); False: contiguous (NCHW)
+    channels_last: bool = True
     progress: bool = True
     # What the served models run: a key of SD_VARIANTS, or auto (build.sd.auto), optionally with parts that run another
     # (build.sd.mix: openvino-int8-hybrid+vae=openvino-bf16)
@@ -262,7 +265,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     plans = {name: static_plan(specs[name], static) for name in components} if static else {}
     configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads,
                                options.step_queue_delay_us, options.triton_backend, options.device, options.ov_device,
-                               models, plans)
+                               models, plans, options.channels_last)
     remove_stale(repository, models("sd_*control*"), {c.name for c in configs})
     remove_stale(repository, models("sd_vae_*_*"), {c.name for c in configs})  # an earlier build's extra VAEs
     write_models(configs, repository)

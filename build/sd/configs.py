@@ -21,7 +21,8 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
                      max_queue_delay_us: int = 2000, threads: int = 0, step_queue_delay_us: int = 0,
                      triton_backend: str = "python", device: str = "cpu", ov_device: str = "CPU",
                      models: SDModels = DEFAULT_MODELS,
-                     static: Mapping[str, StaticPlan] | None = None) -> list[ModelConfig]:
+                     static: Mapping[str, StaticPlan] | None = None,
+                     channels_last: bool = True) -> list[ModelConfig]:
     """Every model of the build; `variants[component]` is what that component's model serves. The contract goes
     into sd_unet's parameters: the service reads what it needs to drive the loop from there. `triton_backend`
     "native" serves the runtime models on NVIDIA's image's own backends (build.native), on `device`.
@@ -29,7 +30,8 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
     The models a denoising step calls wait `step_queue_delay_us` for batching partners (default none: the
     service's step batcher already merges the steps of concurrent requests, so a wait only adds to each
     step); the others `max_queue_delay_us`. `static`: the static-shape plans of a static build's runtime models
-    (build.static), by component.
+    (build.static), by component. `channels_last`: the step models of a float16 torch.export program on CUDA keep
+    their convolution weights channels-last.
     """
     text, decoder, encoder = specs["text_encoder"], specs["vae_decoder"], specs["vae_encoder"]
     tokenizer_model, text_encoder_model, text_encode_model, unet_control_model, postprocess_model, preprocess_model = (
@@ -49,6 +51,8 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
         step = component in STEP_COMPONENTS or component.startswith("controlnet")
         if served.runtime == "torch" and served.accelerator == "cuda" and step:
             params |= cuda_graph_parameters(specs[component])
+            if channels_last and not served.compiler and served.precision == "fp16":
+                params["channels_last"] = "1"
         return params
 
     def served(component: str, config: ModelConfig) -> ModelConfig:

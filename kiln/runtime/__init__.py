@@ -105,15 +105,23 @@ def _usable_cache(folder: Path | None) -> str | None:
 
 
 def session_device(runtime: str, gpu: bool, graph_batches: str = "", graph_shapes: str = "",
-                   device_id: int = 0) -> dict:
+                   device_id: int = 0, channels_last: str = "") -> dict:
     """SessionOptions' device fields from a model's config: a KIND_GPU torch model runs on GPU `device_id`, replaying
-    CUDA graphs at the batches its build captured ("2,4,8,16") at the shapes it names (JSON)."""
+    CUDA graphs at the batches its build captured ("2,4,8,16") at the shapes it names (JSON), with its weights
+    channels-last where the config says "1"."""
     if not gpu or runtime != "torch":
         return {}
     import json
 
     return {"device": f"cuda:{device_id}", "graph_batches": tuple(int(b) for b in graph_batches.split(",") if b),
-            "graph_shapes": json.loads(graph_shapes) if graph_shapes else None}
+            "graph_shapes": json.loads(graph_shapes) if graph_shapes else None, "channels_last": channels_last == "1"}
+
+
+def served_device(served) -> dict:
+    """session_device for a kiln.contract.ServedArtifact (what a runtime model's config serves), on the first GPU:
+    its artifact opened in another process as its Triton model opens it."""
+    return session_device(served.runtime, served.gpu, served.graph_batches, served.graph_shapes,
+                          channels_last=served.channels_last)
 
 
 class Session:

@@ -78,7 +78,7 @@ def session_runners(repository: Path, runtime: str | None = None, artifact: str 
     file directly. An artifact with a LoRA map runs LoRA sets of files under `lora_folder` (`LoraRunner`).
     `models`: the checkpoint's (in a repository of several).
     """
-    from kiln.runtime import Session, SessionOptions, session_device
+    from kiln.runtime import Session, SessionOptions, served_device
     from kiln.runtime.lora import LoraSessions, read_map
 
     runners, precision = {}, {}
@@ -89,8 +89,7 @@ def session_runners(repository: Path, runtime: str | None = None, artifact: str 
         session = Session(SessionOptions(runtime or served.runtime, path,
                                          inference_precision=inference_precision or served.inference_precision,
                                          static_shapes=served.static_shapes if not (runtime or artifact) else "",
-                                         **session_device(served.runtime, served.gpu, served.graph_batches,
-                                                         served.graph_shapes)))
+                                         **served_device(served)))
         runners[component] = LoraRunner(LoraSessions(session, lora_folder)) if read_map(path) is not None \
             else session.run
         precision[component] = session.execution_precision
