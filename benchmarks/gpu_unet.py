@@ -3,9 +3,9 @@
 The served UNet's own artifact in this process, opened by kiln's Session as the Triton model opens it (its CUDA
 graphs at the build's row buckets), fed numpy at the build's optimal image size: milliseconds per call and per row at
 each bucket (2, 4, 8, 16 rows: one request with CFG, and the step batcher's merges) and at 3 rows, which no graph
-holds (op by op). Milliseconds per row that stay flat as rows grow mean the GPU is already busy at 2 rows, and
-merging requests' steps can save only what a call costs outside its kernels; milliseconds per row that fall are what
-the step batcher gains there.
+holds: op by op until 2026-12-04's run, now replayed from the 4-row graph, padded (kiln.runtime.torch_session).
+Milliseconds per row that stay flat as rows grow mean the GPU is already busy at 2 rows, and merging requests' steps
+can save only what a call costs outside its kernels; milliseconds per row that fall are the step batcher's gain there.
 
 For a torch.export program (torch-cuda-fp16), a second arm opens it in the other layout of its weights
 (SessionOptions.channels_last: NHWC convolutions, which cuDNN's float16 tensor-core kernels prefer; the build serves
@@ -24,7 +24,7 @@ from kiln import contract as names
 if TYPE_CHECKING:
     from benchmarks.gpu_check import Check
 
-BETWEEN_BUCKETS = 3  # rows no CUDA graph holds: the call runs op by op
+BETWEEN_BUCKETS = 3  # rows no CUDA graph holds: the session pads them to the next bucket's
 
 
 def unet_rows(check: Check) -> dict:
