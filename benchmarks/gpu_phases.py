@@ -149,8 +149,34 @@ def serve(check: Check) -> dict:
     from kiln.triton_server import TritonOptions, TritonServer
 
     started = time.perf_counter()
-    check.server = TritonServer(TritonOptions.on_free_ports(check.repo, check.work / "triton.log")).start()
+    timing = check.work / "execute-timing.jsonl"  # each runtime model's execute, split (execute_split)
+    timing.unlink(missing_ok=True)
+    check.server = TritonServer(TritonOptions.on_free_ports(check.repo, check.work / "triton.log", extra_env={
+        "KILN_EXECUTE_TIMING": str(timing)})).start()
     return {"ready_s": round(time.perf_counter() - started, 2)}
+
+
+def execute_split(check: Check, model: str) -> dict:
+    """Where a served model's execute spent its time, by rows per execute (medians, from the lines kiln.runtime.model
+    writes with KILN_EXECUTE_TIMING): reading the inputs, the session's run (for torch, split into the copy to the
+    device, the compute and the copy back) and the responses; and the stub's CPUs and torch threads. What Triton's
+    compute_infer holds, taken apart."""
+    import json
+
+    path = check.work / "execute-timing.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    records = [r for r in records if r["model"] == model]
+    by_rows: dict[int, list[dict]] = {}
+    for r in records:
+        if r["event"] == "execute":
+            by_rows.setdefault(r["rows"], []).append(r | (r.get("session") or {}))
+    out = {"stub": next(({"cpus": r["cpus"], "torch_threads": r["torch_threads"]} for r in records
+                         if r["event"] == "initialize"), None)}
+    for rows, group in sorted(by_rows.items()):
+        parts = ("inputs_ms", "run_ms", "responses_ms", "to_device_ms", "compute_ms", "to_host_ms")
+        out[str(rows)] = {"executes": len(group)} | {
+            p: round(float(np.median([g[p] for g in group])), 3) for p in parts if all(p in g for g in group)}
+    return out
 
 
 def _sd_request(options: GPUCheckOptions):
@@ -194,7 +220,8 @@ def sd_served(check: Check) -> dict:
             "model_calls_s": round(timer.seconds, 4), "model_calls": timer.calls,
             "triton_compute_s": round(compute, 4), "unet_compute_ms_per_step": round(1000 * unet / steps, 3),
             "transport_ms_per_call": round(1000 * (timer.seconds - compute) / max(timer.calls, 1), 3),
-            "loop_outside_calls_ms_per_step": round(1000 * (seconds - timer.seconds) / steps, 3)}
+            "loop_outside_calls_ms_per_step": round(1000 * (seconds - timer.seconds) / steps, 3),
+            "unet_execute_split": execute_split(check, names.SD_UNET)}
 
 
 def sd_in_process(check: Check) -> dict:

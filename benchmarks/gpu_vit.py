@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from benchmarks.gpu_phases import failure, rate, served_session, sync, timed
+from benchmarks.gpu_phases import execute_split, failure, rate, served_session, sync, timed
 from kiln import contract as names
 
 if TYPE_CHECKING:
@@ -64,7 +64,8 @@ def vit_served(check: Check) -> dict:
                            "triton_jpeg": rate(jpeg, batch) | {"triton_ms_per_request": jpeg_split}}
     finally:
         client.close()
-    return {"batches": rows, "concurrent": alone(_vit_concurrent, check, pixels[:max(batches)])}
+    return {"batches": rows, "concurrent": alone(_vit_concurrent, check, pixels[:max(batches)]),
+            "execute_split": alone(execute_split, check, names.VIT)}
 
 
 def alone(arm, *args) -> dict:

@@ -50,6 +50,12 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert served["image_s"] > 0 and local["in_process"]["image_s"] > 0 and local["diffusers"]["image_s"] > 0
     assert 0 < served["triton_compute_s"] < served["model_calls_s"] < served["image_s"]
     assert served["model_calls"] == 1 + 3 + 1  # the text encoder (both prompts), 3 UNet steps, the VAE
+    # Triton's compute_infer taken apart by the served models themselves (KILN_EXECUTE_TIMING): the inputs, the
+    # session's copy in, compute and copy out, the responses; and the stub's CPUs and torch threads
+    unet_split, vit_split = served["unet_execute_split"], phases["vit_served"]["execute_split"]
+    assert unet_split["2"]["executes"] >= 3 and unet_split["2"]["compute_ms"] > 0
+    assert vit_split["stub"]["cpus"] >= 1 and vit_split["stub"]["torch_threads"] >= 1
+    assert vit_split["1"]["run_ms"] >= vit_split["1"]["compute_ms"] > 0 and vit_split["1"]["inputs_ms"] >= 0
     assert local["served_vs_in_process_psnr_db"] == float("inf")  # the same torch program, served or not
     arms = {(r["arm"], r["clients"]) for r in phases["batching"]["rows"]}
     assert arms == {(a, n) for a in ("unbatched", "triton", "step") for n in (1, 2)}

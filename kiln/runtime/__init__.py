@@ -211,6 +211,13 @@ class Session:
             raise ConfigError(f"unknown runtime {options.runtime!r}; valid: {', '.join(RUNTIMES)}")
 
     @property
+    def last_split(self) -> dict | None:
+        """The torch runtime's split of its last call into copy in, compute and copy out, where KILN_EXECUTE_TIMING
+        is set (kiln.runtime.torch_session); None otherwise."""
+        torch_session = getattr(self, "_torch", None)
+        return torch_session.last_split if torch_session is not None else None
+
+    @property
     def execution_precision(self) -> str:
         """The precision the runtime really computes in ("f32", "bf16"; "as stored" for ONNX Runtime; "int8+f32"
         where OpenVINO runs some convolutions or matrix products in int8, the rest in f32).

@@ -14,6 +14,10 @@ Imported inside Triton's Python backend stub only (it needs `triton_python_backe
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,8 @@ from kiln.runtime import Session, SessionOptions, model_config, ov_cache_dir, se
 
 
 class RuntimeModel:
+    timing = None  # KILN_EXECUTE_TIMING: a file that gets one JSON line per execute (diagnostics: where time goes)
+
     def initialize(self, args):
         config, self.params = model_config(args)
         version_dir = Path(args["model_repository"]) / args["model_version"]
@@ -53,6 +59,14 @@ class RuntimeModel:
             from kiln.runtime.lora import LoraSessions
 
             self.loras = LoraSessions(self.session)
+        if os.environ.get("KILN_EXECUTE_TIMING"):
+            self.timing = open(os.environ["KILN_EXECUTE_TIMING"], "a", buffering=1)  # open for the model's life
+            torch = sys.modules.get("torch")  # loaded by a torch artifact's session only
+            self._log_timing({"event": "initialize", "cpus": len(os.sched_getaffinity(0)),
+                              "torch_threads": torch.get_num_threads() if torch else None})
+
+    def _log_timing(self, record: dict) -> None:
+        self.timing.write(json.dumps({"model": self.name, "pid": os.getpid()} | record) + "\n")
 
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
         """Adapt one request's inputs to the artifact's, or return an error message for that request."""
@@ -62,6 +76,7 @@ class RuntimeModel:
         return inputs
 
     def execute(self, requests):
+        started = time.perf_counter()
         feeds, specs = [], []
         for request in requests:
             inputs = {}
@@ -76,6 +91,7 @@ class RuntimeModel:
         results: list[dict | str | None] = [f if isinstance(f, str) else None for f in feeds]
         # What prepare refused (NaN, a layer out of range) and a LoRA set that cannot run: the request's fault
         refused = {i for i, (feed, spec) in enumerate(zip(feeds, specs)) if spec is None or isinstance(feed, str)}
+        inputs_done = time.perf_counter()
         for group in self._groups(feeds, specs):
             try:
                 session = self.loras.session(specs[group[0]]) if self.loras is not None else self.session
@@ -85,6 +101,7 @@ class RuntimeModel:
                 refused.update(group)
                 continue
             self._run_group(group, feeds, wanted, results, session, refused)
+        run_done = time.perf_counter()
         responses = []
         for i, outcome in enumerate(results):
             if isinstance(outcome, str):
@@ -92,6 +109,13 @@ class RuntimeModel:
             else:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(v)) for n, v in outcome.items()]))
+        if self.timing:
+            done = time.perf_counter()
+            rows = [len(next(iter(f.values()))) for f in feeds if not isinstance(f, str) and f and self.batching]
+            self._log_timing({"event": "execute", "requests": len(requests), "rows": sum(rows),
+                              "inputs_ms": round(1e3 * (inputs_done - started), 3),
+                              "run_ms": round(1e3 * (run_done - inputs_done), 3),
+                              "responses_ms": round(1e3 * (done - run_done), 3), "session": self.session.last_split})
         return responses
 
     def _groups(self, feeds, specs) -> list[list[int]]:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -106,7 +108,25 @@ def pad_rows(value: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([value, np.repeat(value[-1:], rows - len(value), axis=0)])
 
 
+class _Clock:
+    """Milliseconds between laps, the device's queued work finished at each (diagnostics only: it waits)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.laps = device, {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name], self._last = round(1e3 * (now - self._last), 3), now
+
+
 class TorchSession:
+    # KILN_EXECUTE_TIMING set (kiln.runtime.model): each call's split into copy in, compute and copy out, in last_split
+    timed = bool(os.environ.get("KILN_EXECUTE_TIMING"))
+    last_split: dict | None = None
+
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0,
                  graph_batches: Sequence[int] = (), graph_shapes: Mapping[str, Sequence[int]] | None = None,
                  channels_last: bool = False) -> None:
@@ -184,22 +204,33 @@ class TorchSession:
         captured = self._graphs.get(key)
         # Triton may call execute on another thread than initialize's, whose current device set_device set.
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        clock = _Clock(self.device) if self.timed else None
         with torch.inference_mode(), on_device:
             tensors = {name: self._tensor(name, inputs[name]) for name in self.input_names}
             if self.checks_finite:
                 self._check_finite(tensors)
+            if clock:
+                clock.lap("to_device_ms")
             if captured is not None:
                 graph, static, outputs = captured
                 with self._lock:
                     for name in self.input_names:
                         static[name].copy_(tensors[name])
                     graph.replay()
+                    if clock:
+                        clock.lap("compute_ms")
                     result = self._numpy(outputs, names)
-                    if rows is None:
-                        return result
-                    return {n: v[:rows] if v.ndim and len(v) == key[0][0] else v for n, v in result.items()}
-            outputs = self.module(*(tensors[n] for n in self.input_names))
-            return self._numpy(outputs if isinstance(outputs, (tuple, list)) else (outputs,), names)
+                    if rows is not None:
+                        result = {n: v[:rows] if v.ndim and len(v) == key[0][0] else v for n, v in result.items()}
+            else:
+                outputs = self.module(*(tensors[n] for n in self.input_names))
+                if clock:
+                    clock.lap("compute_ms")
+                result = self._numpy(outputs if isinstance(outputs, (tuple, list)) else (outputs,), names)
+        if clock:
+            clock.lap("to_host_ms")
+            self.last_split = clock.laps | {"graph": captured is not None, "padded_from": rows}
+        return result
 
     @staticmethod
     def _check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
