@@ -211,10 +211,15 @@ def _session(check: Check, pixels: np.ndarray) -> dict:
 
     session = served_session(check.repo / names.VIT)
     layer = int(read_parameters(check.repo / names.VIT / "config.pbtxt")[0]["default_layer"])
-    rows = {}
+    rows, first = {}, {}
     for batch in sorted({1, len(pixels)}):
         feed = {"pixel_values": pixels[:batch], "layer": np.full((batch, 1), layer, dtype=np.int64)}
         rows[batch] = rate(timed(lambda feed=feed: session.run(feed, ["logits"]), check.options.seconds / 2), batch)
         # whether this shape replays a CUDA graph (torch on CUDA) or runs op by op
         rows[batch]["graph"] = session.replays_graph(feed)
-    return {"runtime": session.options.runtime, "artifact": Path(session.options.path).name, "batches": rows}
+        first[batch] = session.run(feed, ["logits"])["logits"][0]
+    # The first image's logits from the largest batch (on CUDA through pinned staging: kiln.runtime.torch_session)
+    # against its own call (a batch too small to stage): another kernel's rounding, or a staging fault if large
+    largest = max(first)
+    return {"runtime": session.options.runtime, "artifact": Path(session.options.path).name, "batches": rows,
+            "first_image_max_abs_diff": float(np.abs(first[largest] - first[1]).max())}
