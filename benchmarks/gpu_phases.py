@@ -289,14 +289,19 @@ def batching(check: Check) -> dict:
     from orchestrator.pipeline import Txt2ImgRequest
 
     options = check.options
+    # The checkpoint's models only (not the ViT's), served as check.server serves them (timed executes too) but for
+    # sd_unet's batcher
     alone = TritonServer(TritonOptions.on_free_ports(
-        rebatched_repository(check.repo, check.work / "repo-unbatched", None), check.work / "triton-unbatched.log"))
-    servers = {"unbatched": alone.start(), "triton": check.server, "step": check.server}
-    engines = {arm: Engine(EngineOptions(triton_url=servers[arm].grpc_url, step_batching=arm == "step",
-                                         workers=max(options.clients), max_queue=256), Metrics())
-               for arm in BATCHING_ARMS}
-    rows = []
+        rebatched_repository(check.repo, check.work / "repo-unbatched", None, prefix="sd_"),
+        check.work / "triton-unbatched.log",
+        extra_env={"KILN_EXECUTE_TIMING": str(check.work / "execute-timing-unbatched.jsonl")}))
+    servers = {"unbatched": alone, "triton": check.server, "step": check.server}
+    engines, rows = {}, []
     try:
+        alone.start()
+        engines |= {arm: Engine(EngineOptions(triton_url=servers[arm].grpc_url, step_batching=arm == "step",
+                                              workers=max(options.clients), max_queue=256), Metrics())
+                    for arm in BATCHING_ARMS}
         for engine in engines.values():
             engine.submit("txt2img", Txt2ImgRequest(prompt=PROMPT, steps=2, width=options.side,
                                                     height=options.side)).future.result()

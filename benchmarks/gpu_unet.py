@@ -41,8 +41,8 @@ def unet_rows(check: Check) -> dict:
     rows = tuple(sorted({*buckets, BETWEEN_BUCKETS}))
     feeds = {n: spec.sample_inputs(0, batch=n) for n in rows}
     arms = {"served": {}}
-    served_nhwc = served.channels_last == "1"
-    if served.runtime == "torch" and not served.artifact.startswith("model-aoti"):  # the other layout
+    served_nhwc, program = served.channels_last == "1", served.runtime == "torch" and "aoti" not in served.artifact
+    if program:  # a torch.export program: the other layout of its weights too
         arms["contiguous" if served_nhwc else "channels_last"] = {"channels_last": not served_nhwc}
     result: dict = {"runtime": served.runtime, "artifact": served.artifact, "buckets": list(buckets),
                     "size": options.images[1]}
@@ -51,7 +51,7 @@ def unet_rows(check: Check) -> dict:
             result[arm] = _time_rows(served_session(folder, **extra), feeds, options.seconds)
         except Exception as exc:  # noqa: BLE001 - an arm fails alone; the phase keeps the other's figures
             result[arm] = failure(exc)
-    result["served_layout"] = "channels_last" if served_nhwc else "contiguous"
+    result["served_layout"] = ("channels_last" if served_nhwc else "contiguous") if program else "its own"
     nhwc, plain = (result["served"], result.get("contiguous", {})) if served_nhwc else \
         (result.get("channels_last", {}), result["served"])
     if nhwc and plain and "error" not in nhwc and "error" not in plain:

@@ -185,8 +185,9 @@ def _torch_arms(check: Check, model, pixels: np.ndarray, device: str, dtype) -> 
 
 def _host_copies(pixels: np.ndarray, device: str, dtype, seconds: float) -> dict:
     """p50 ms of the ways a served model can take a float32 batch from host memory to the device in its dtype: cast
-    on the host then copy (what kiln.runtime.torch_session does now: torch casts before a host-to-device copy),
-    copy then cast on the device, and through a pinned staging buffer."""
+    on the host then copy (torch casts before a host-to-device copy; kiln.runtime.torch_session's way until
+    2026-12-04, and still for inputs under 1 MB), copy then cast on the device, and through a pinned staging buffer
+    (its way now for larger inputs)."""
     import torch
 
     host = torch.from_numpy(pixels)
@@ -211,15 +212,20 @@ def _session(check: Check, pixels: np.ndarray) -> dict:
 
     session = served_session(check.repo / names.VIT)
     layer = int(read_parameters(check.repo / names.VIT / "config.pbtxt")[0]["default_layer"])
-    rows, first = {}, {}
+    def feed(images: np.ndarray) -> dict:
+        return {"pixel_values": images, "layer": np.full((len(images), 1), layer, dtype=np.int64)}
+
+    rows = {}
     for batch in sorted({1, len(pixels)}):
-        feed = {"pixel_values": pixels[:batch], "layer": np.full((batch, 1), layer, dtype=np.int64)}
-        rows[batch] = rate(timed(lambda feed=feed: session.run(feed, ["logits"]), check.options.seconds / 2), batch)
+        inputs = feed(pixels[:batch])
+        rows[batch] = rate(timed(lambda f=inputs: session.run(f, ["logits"]), check.options.seconds / 2), batch)
         # whether this shape replays a CUDA graph (torch on CUDA) or runs op by op
-        rows[batch]["graph"] = session.replays_graph(feed)
-        first[batch] = session.run(feed, ["logits"])["logits"][0]
-    # The first image's logits from the largest batch (on CUDA through pinned staging: kiln.runtime.torch_session)
-    # against its own call (a batch too small to stage): another kernel's rounding, or a staging fault if large
-    largest = max(first)
+        rows[batch]["graph"] = session.replays_graph(inputs)
+    # The first and last images' logits from the largest batch (on CUDA through pinned staging:
+    # kiln.runtime.torch_session) against each image's own call (too small to stage): another kernel's rounding, or
+    # a staging fault if large
+    batched = session.run(feed(pixels), ["logits"])["logits"]
+    alone_ = [session.run(feed(pixels[i:i + 1]), ["logits"])["logits"][0] for i in (0, len(pixels) - 1)]
     return {"runtime": session.options.runtime, "artifact": Path(session.options.path).name, "batches": rows,
-            "first_image_max_abs_diff": float(np.abs(first[largest] - first[1]).max())}
+            "batch_vs_alone_max_abs_diff": float(max(np.abs(batched[i] - a).max()
+                                                     for i, a in zip((0, -1), alone_)))}

@@ -152,9 +152,9 @@ def batching_ceiling(curve: dict[int, float], clients: int, rows_per_request: in
     return (merged // rows_per_request) * curve[rows_per_request] / curve[merged]
 
 
-def rebatched_repository(repo: Path, target: Path, queue_delay_us: int | None) -> Path:
-    """The same models (linked, not copied) with sd_unet's dynamic batching changed: removed (None), so each call
-    executes alone, or waiting `queue_delay_us` for partners."""
+def rebatched_repository(repo: Path, target: Path, queue_delay_us: int | None, prefix: str = "") -> Path:
+    """The same models (linked, not copied; those whose names start with `prefix`) with sd_unet's dynamic batching
+    changed: removed (None), so each call executes alone, or waiting `queue_delay_us` for partners."""
     import shutil
 
     from google.protobuf import text_format
@@ -164,7 +164,7 @@ def rebatched_repository(repo: Path, target: Path, queue_delay_us: int | None) -
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     for entry in repo.iterdir():
-        if entry.name != names.SD_UNET:
+        if entry.name != names.SD_UNET and entry.name.startswith(prefix):
             (target / entry.name).symlink_to(entry.resolve())
     unet = target / names.SD_UNET
     unet.mkdir()

@@ -55,6 +55,12 @@ class Variant:
         return self.precision
 
     @property
+    def channels_last(self) -> bool:
+        """Whether a step model (UNet, ControlNet) of this variant serves its weights channels-last where the build
+        asks (kiln build sd --layout): a float16 torch.export program on CUDA (a compiled package fixes its own)."""
+        return self.runtime == "torch" and self.accelerator == "cuda" and not self.compiler and self.precision == "fp16"
+
+    @property
     def gpu_only(self) -> bool:
         """Runs on an NVIDIA GPU only (--device gpu): ONNX Runtime's CUDA and TensorRT, torch on CUDA."""
         return bool(self.accelerator)

@@ -46,6 +46,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     session = phases["vit_in_process"]["kiln_session"]  # the served artifact in process, as the Triton model opens it
     assert session["runtime"] == "torch" and session["batches"]["1"]["images_per_s"] > 0
     assert session["batches"]["1"]["graph"] is False  # CUDA graphs: on a GPU only
+    assert session["batch_vs_alone_max_abs_diff"] < 1e-4  # (on a GPU: the batch arrives through pinned staging)
     served, local = phases["sd_served"], phases["sd_in_process"]
     assert served["image_s"] > 0 and local["in_process"]["image_s"] > 0 and local["diffusers"]["image_s"] > 0
     assert 0 < served["triton_compute_s"] < served["model_calls_s"] < served["image_s"]

@@ -620,9 +620,10 @@ def test_auto_refuses_what_it_cannot_time(plain_checkpoint, tmp_path, kiln):
 
 
 def test_a_call_between_cuda_graph_buckets_replays_the_next_one_padded():
-    """TorchSession pads a call to the next captured bucket when it holds at most twice the rows (a CUDA graph's
-    replay against a launch-bound call op by op); the choice and the padding are plain logic, checked here on
-    shapes (the replay itself needs a GPU: the GPU check's unet_rows phase times 3 rows there)."""
+    """TorchSession pads a call to the next captured bucket when that adds at most 8 rows (a CUDA graph's replay
+    against a launch-bound call op by op; past that the padding's compute costs more); the choice and the padding
+    are plain logic, checked here on shapes (the replay itself needs a GPU: the GPU check's unet_rows phase times 3
+    rows there)."""
     from kiln.runtime.torch_session import graph_bucket, pad_rows
 
     def key(rows: int, side: int = 8) -> tuple:  # sample, timestep, text: SD's UNet inputs
@@ -636,8 +637,11 @@ def test_a_call_between_cuda_graph_buckets_replays_the_next_one_padded():
     assert graph_bucket(((3, 4, 8, 8), (2,), (3, 77, 768)), captured) is None  # rows that disagree
     assert graph_bucket(key(4), captured) == key(8)  # a caller looks up exact shapes first (TorchSession.run)
     vit = {((b, 3, 224, 224),): None for b in (1, 8, 64, 256)}
-    assert graph_bucket(((100, 3, 224, 224),), vit) is None  # 256 is more than twice 100: op by op is cheaper
-    assert graph_bucket(((40, 3, 224, 224),), vit) == ((64, 3, 224, 224),)
+    assert graph_bucket(((200, 3, 224, 224),), vit) is None  # 56 rows of padding: compute-bound, op by op is cheaper
+    assert graph_bucket(((40, 3, 224, 224),), vit) is None
+    assert graph_bucket(((250, 3, 224, 224),), vit) == ((256, 3, 224, 224),)
+    assert graph_bucket(((5, 3, 224, 224),), vit) == ((8, 3, 224, 224),)
+    assert graph_bucket(((2, 3, 224, 224),), vit) == ((8, 3, 224, 224),)  # small batches are launch-bound
     value = np.arange(6, dtype=np.float32).reshape(3, 2)
     padded = pad_rows(value, 4)
     assert padded.shape == (4, 2) and (padded[:3] == value).all() and (padded[3] == value[2]).all()

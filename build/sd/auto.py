@@ -56,12 +56,12 @@ TIMED = {"": ("unet", 2, "UNet step"), "text_encoder": ("text_encoder", 2, "text
 
 def choose_variant(keys: Sequence[str], module, spec, export_sizes: dict[str, int], check_sizes: dict[str, int],
                    timing_sizes: dict[str, int], log: Callable[[str], None], what: str = "UNet step",
-                   upcast: bool = False, graphs: bool = True) -> tuple[str, dict]:
+                   upcast: bool = False, graphs: bool = True, channels_last: bool = True) -> tuple[str, dict]:
     """Make, check and time a component (the UNet: one CFG step; `what` one call is) in each candidate variant at
     the build's optimal size, `timing_sizes`, the same inputs for all; with `graphs` (the step models: their configs
     carry CUDA graph buckets), torch's CUDA variants replay the CUDA graph they would serve with, and run eagerly
-    otherwise, as served; `upcast`: each as a VAE serves it (Variant.upcast). The fastest inside its tolerance, and
-    the record."""
+    otherwise, as served, in the weights' layout they would serve (`channels_last`: the build's --layout); `upcast`:
+    each as a VAE serves it (Variant.upcast). The fastest inside its tolerance, and the record."""
     from build.sd.export import check_component, export_component
     from build.torch_export import export_artifact
     from kiln.runtime import Session, SessionOptions
@@ -88,7 +88,8 @@ def choose_variant(keys: Sequence[str], module, spec, export_sizes: dict[str, in
             if variant.accelerator == "cuda" and graphs:  # the graph it would replay when served, at these sizes
                 shapes = {t.name: tuple(t.concrete_shape(timing_sizes)) for t in spec.inputs}
                 session = Session(SessionOptions("torch", path, device="cuda:0", graph_batches=(timing_sizes["batch"],),
-                                                 graph_shapes=shapes))
+                                                 graph_shapes=shapes,
+                                                 channels_last=channels_last and variant.channels_last))
             else:
                 session = open_session(variant, path)
             measured[key] = auto.throughput(lambda s=session: s.run(inputs, spec.output_names), 1)

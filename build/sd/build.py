@@ -151,7 +151,8 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         timing = axis_sizes(loaded, batch=rows, height=options.images.opt, width=options.images.opt)
         chosen, choices[part or "unet"] = choose_variant(
             keys, modules[component], specs[component], export_sizes, check_sizes, timing, log, what,
-            upcast=component.startswith("vae_") and upcast_vae(loaded), graphs=component == "unet")
+            upcast=component.startswith("vae_") and upcast_vae(loaded), graphs=component == "unet",
+            channels_last=options.channels_last)
         mix = mix.choose(part, chosen)
     options = replace(options, variant=mix.label)
     controls = controlnet_components(specs)

@@ -51,7 +51,7 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
         step = component in STEP_COMPONENTS or component.startswith("controlnet")
         if served.runtime == "torch" and served.accelerator == "cuda" and step:
             params |= cuda_graph_parameters(specs[component])
-            if channels_last and not served.compiler and served.precision == "fp16":
+            if channels_last and served.channels_last:
                 params["channels_last"] = "1"
         return params
 

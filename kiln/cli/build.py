@@ -80,7 +80,7 @@ def add_parser(commands) -> None:
                          "step; raise it for clients that call sd_unet directly)")
     sd.add_argument("--layout", choices=("channels-last", "contiguous"), default="channels-last",
                     help="torch-cuda-fp16: the memory layout of the UNet's and ControlNets' convolution weights "
-                         "(channels-last: NHWC, measured 1.17x faster at one request's 2 rows on an H200 and 5%% "
+                         "(channels-last: NHWC, measured 1.18x faster at one request's 2 rows on an H200 and 6%% "
                          "slower at 16 merged rows; see benchmarks/RESULTS.md)")
     _target_arguments(sd)
     sd.add_argument("--variant", default="onnxruntime-fp32", metavar="VARIANT[+PART=VARIANT...]",

@@ -66,7 +66,11 @@ class RuntimeModel:
                               "torch_threads": torch.get_num_threads() if torch else None})
 
     def _log_timing(self, record: dict) -> None:
-        self.timing.write(json.dumps({"model": self.name, "pid": os.getpid()} | record) + "\n")
+        try:
+            self.timing.write(json.dumps({"model": self.name, "pid": os.getpid()} | record) + "\n")
+        except (OSError, TypeError, ValueError) as exc:  # diagnostics never fail a request: say so once, stop
+            print(f"{self.name}: KILN_EXECUTE_TIMING stopped: {exc}", file=sys.stderr)  # to Triton's log
+            self.timing = None
 
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
         """Adapt one request's inputs to the artifact's, or return an error message for that request."""
@@ -92,7 +96,8 @@ class RuntimeModel:
         # What prepare refused (NaN, a layer out of range) and a LoRA set that cannot run: the request's fault
         refused = {i for i, (feed, spec) in enumerate(zip(feeds, specs)) if spec is None or isinstance(feed, str)}
         inputs_done = time.perf_counter()
-        for group in self._groups(feeds, specs):
+        groups = self._groups(feeds, specs)
+        for group in groups:
             try:
                 session = self.loras.session(specs[group[0]]) if self.loras is not None else self.session
             except KilnError as exc:
@@ -112,10 +117,12 @@ class RuntimeModel:
         if self.timing:
             done = time.perf_counter()
             rows = [len(next(iter(f.values()))) for f in feeds if not isinstance(f, str) and f and self.batching]
+            # rows: 0 for a model without batching; the session's split: of one batch's run (none for several)
             self._log_timing({"event": "execute", "requests": len(requests), "rows": sum(rows),
                               "inputs_ms": round(1e3 * (inputs_done - started), 3),
                               "run_ms": round(1e3 * (run_done - inputs_done), 3),
-                              "responses_ms": round(1e3 * (done - run_done), 3), "session": self.session.last_split})
+                              "responses_ms": round(1e3 * (done - run_done), 3),
+                              "session": self.session.last_split if len(groups) == 1 else None})
         return responses
 
     def _groups(self, feeds, specs) -> list[list[int]]:

@@ -10,9 +10,11 @@ package, what it was compiled for: a file another release or another CPU cannot 
 
 On CUDA, `graph_batches` names batch sizes whose calls replay a CUDA graph captured at load time (at `graph_sizes`,
 the build's optimal sizes): one launch instead of hundreds for a denoising step. A call with fewer rows at the same
-sizes replays the next graph up to twice its rows, padded with copies of its last row, which are dropped from the
-outputs (what Triton's batcher merges rarely lands on a bucket, and op by op is launch-bound: an H200 ran SD 1.5's
-UNet at 3 rows in 37.8 ms, at 4 rows from its graph in 17.8 ms). Any other shape runs eagerly.
+sizes replays the next graph when that adds at most 8 rows, padded with copies of its last row, which are dropped
+from the outputs (what Triton's batcher merges rarely lands on a bucket, and op by op is
+launch-bound: an H200 ran SD 1.5's UNet at 3 rows in 37.8 ms, at 4 rows from its graph in 17.8 ms, about 23 ms of
+launches, some 7 of its rows; a ViT row costs about 0.1 ms there, against some 3 ms of launches). Any other shape runs
+eagerly.
 A float32 input of 1 MB or more reaches the GPU through a pinned staging buffer (a ViT batch, not a UNet step's
 latents). `channels_last` stores a program's 4-d weights channels-last (NHWC): a convolution with such a weight
 computes and returns channels-last, so the layout carries through a UNet or a VAE, as cuDNN's float16 tensor-core
@@ -93,15 +95,19 @@ def check_loadable(path: Path, device: torch.device) -> dict:
     return meta
 
 
+MAX_PAD_ROWS = 8  # the most rows a call is padded by to replay a CUDA graph (graph_bucket)
+
+
 def graph_bucket(key: tuple, captured) -> tuple | None:
     """The captured shapes (`key`s: each input's shape, in input order) a call at `key` can replay padded: every input
-    with the same rows, the same other dimensions, and the fewest rows above the call's, at most twice them."""
+    with the same rows, the same other dimensions, and the fewest rows above the call's, at most MAX_PAD_ROWS more
+    (past that, the padding's compute costs more than the launches it saves)."""
     rows = {shape[0] for shape in key if shape}
     if len(rows) != 1 or not all(key):
         return None
     (n,) = rows
     fits = [k for k in captured if all(len(a) == len(b) and a[1:] == b[1:] for a, b in zip(k, key))
-            and len({shape[0] for shape in k}) == 1 and n < k[0][0] <= 2 * n]
+            and len({shape[0] for shape in k}) == 1 and n < k[0][0] <= n + MAX_PAD_ROWS]
     return min(fits, key=lambda k: k[0][0], default=None)
 
 
@@ -238,7 +244,7 @@ class TorchSession:
         captured = self._graphs.get(key)
         # Triton may call execute on another thread than initialize's, whose current device set_device set.
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        clock = _Clock(self.device) if self.timed else None
+        clock, self.last_split = (_Clock(self.device), None) if self.timed else (None, self.last_split)
         with torch.inference_mode(), on_device:
             tensors = {name: self._tensor(name, inputs[name]) for name in self.input_names}
             if self.checks_finite:

@@ -86,10 +86,13 @@ def session_runners(repository: Path, runtime: str | None = None, artifact: str 
         folder = Path(repository) / models.component(component)
         served = read_served(folder / "config.pbtxt")
         path = (paths or {}).get(component) or folder / "1" / (artifact or served.artifact)
+        device = served_device(served)
+        if runtime or artifact or component in (paths or {}):  # another artifact than the served one: its own layout
+            device["channels_last"] = False
         session = Session(SessionOptions(runtime or served.runtime, path,
                                          inference_precision=inference_precision or served.inference_precision,
                                          static_shapes=served.static_shapes if not (runtime or artifact) else "",
-                                         **served_device(served)))
+                                         **device))
         runners[component] = LoraRunner(LoraSessions(session, lora_folder)) if read_map(path) is not None \
             else session.run
         precision[component] = session.execution_precision
