@@ -11,10 +11,10 @@ package, what it was compiled for: a file another release or another CPU cannot 
 On CUDA, `graph_batches` names batch sizes whose calls replay a CUDA graph captured at load time (at `graph_sizes`,
 the build's optimal sizes): one launch instead of hundreds for a denoising step. A call with fewer rows at the same
 sizes replays the next graph when that adds at most 8 rows, padded with copies of its last row, which are dropped
-from the outputs (what Triton's batcher merges rarely lands on a bucket, and op by op is
-launch-bound: an H200 ran SD 1.5's UNet at 3 rows in 37.8 ms, at 4 rows from its graph in 17.8 ms, about 23 ms of
-launches, some 7 of its rows; a ViT row costs about 0.1 ms there, against some 3 ms of launches). Any other shape runs
-eagerly.
+from the outputs: what Triton's batcher merges rarely lands on a bucket, and op by op is launch-bound (an H200 ran
+SD 1.5's UNet at 3 rows in 37.8 ms, at 4 rows from its graph in 17.8 ms: about 23 ms of launches, some 7 of its
+rows; a ViT row costs about 0.1 ms there, against some 3 ms of launches). Any other shape runs eagerly.
+
 A float32 input of 1 MB or more reaches the GPU through a pinned staging buffer (a ViT batch, not a UNet step's
 latents). `channels_last` stores a program's 4-d weights channels-last (NHWC): a convolution with such a weight
 computes and returns channels-last, so the layout carries through a UNet or a VAE, as cuDNN's float16 tensor-core
