@@ -145,11 +145,14 @@ def build(check: Check) -> dict:
     return result
 
 
+EXECUTE_TIMING = "execute-timing.jsonl"  # what the served models write (KILN_EXECUTE_TIMING), in the work folder
+
+
 def serve(check: Check) -> dict:
     from kiln.triton_server import TritonOptions, TritonServer
 
     started = time.perf_counter()
-    timing = check.work / "execute-timing.jsonl"  # each runtime model's execute, split (execute_split)
+    timing = check.work / EXECUTE_TIMING  # each runtime model's execute, split (execute_split)
     timing.unlink(missing_ok=True)
     check.server = TritonServer(TritonOptions.on_free_ports(check.repo, check.work / "triton.log", extra_env={
         "KILN_EXECUTE_TIMING": str(timing)})).start()
@@ -163,7 +166,7 @@ def execute_split(check: Check, model: str) -> dict:
     compute_infer holds, taken apart."""
     import json
 
-    path = check.work / "execute-timing.jsonl"
+    path = check.work / EXECUTE_TIMING
     records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     records = [r for r in records if r["model"] == model]
     by_rows: dict[int, list[dict]] = {}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kiln.runtime import pad_rows as repeat_last_row
 from orchestrator.pipeline.components import Graph
 
 
@@ -227,8 +228,7 @@ def pad_rows(inputs: dict[str, np.ndarray], buckets: tuple[int, ...], max_rows: 
     target = min((b for b in buckets if rows <= b <= max_rows), default=rows)
     if target == rows:
         return inputs
-    return {name: np.concatenate([value, np.repeat(value[-1:], target - rows, axis=0)])
-            for name, value in inputs.items()}
+    return {name: repeat_last_row(value, target) for name, value in inputs.items()}
 
 
 def _pack(calls: list[_Call], max_rows: int) -> list[list[_Call]]:

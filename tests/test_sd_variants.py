@@ -624,7 +624,8 @@ def test_a_call_between_cuda_graph_buckets_replays_the_next_one_padded():
     against a launch-bound call op by op; past that the padding's compute costs more); the choice and the padding
     are plain logic, checked here on shapes (the replay itself needs a GPU: the GPU check's unet_rows phase times 3
     rows there)."""
-    from kiln.runtime.torch_session import graph_bucket, pad_rows
+    from kiln.runtime import pad_rows
+    from kiln.runtime.torch_session import graph_bucket
 
     def key(rows: int, side: int = 8) -> tuple:  # sample, timestep, text: SD's UNet inputs
         return ((rows, 4, side, side), (rows,), (rows, 77, 768))

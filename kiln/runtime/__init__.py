@@ -117,6 +117,12 @@ def session_device(runtime: str, gpu: bool, graph_batches: str = "", graph_shape
             "graph_shapes": json.loads(graph_shapes) if graph_shapes else None, "channels_last": channels_last == "1"}
 
 
+def pad_rows(value: np.ndarray, rows: int) -> np.ndarray:
+    """`value` with copies of its last row up to `rows` (real values: nothing a model would treat otherwise), to fill
+    a CUDA graph's batch (the step batcher's buckets, and a torch session's own)."""
+    return np.concatenate([value, np.repeat(value[-1:], rows - len(value), axis=0)])
+
+
 def served_device(served) -> dict:
     """session_device for a kiln.contract.ServedArtifact (what a runtime model's config serves), on the first GPU:
     its artifact opened in another process as its Triton model opens it."""

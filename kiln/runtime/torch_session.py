@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from kiln.errors import ConfigError, InputError
+from kiln.runtime import pad_rows
 from kiln.runtime.programs import METADATA, read_metadata, release
 
 
@@ -109,11 +110,6 @@ def graph_bucket(key: tuple, captured) -> tuple | None:
     fits = [k for k in captured if all(len(a) == len(b) and a[1:] == b[1:] for a, b in zip(k, key))
             and len({shape[0] for shape in k}) == 1 and n < k[0][0] <= n + MAX_PAD_ROWS]
     return min(fits, key=lambda k: k[0][0], default=None)
-
-
-def pad_rows(value: np.ndarray, rows: int) -> np.ndarray:
-    """`value` with copies of its last row up to `rows` (real values: nothing a model would treat otherwise)."""
-    return np.concatenate([value, np.repeat(value[-1:], rows - len(value), axis=0)])
 
 
 class _Clock:
@@ -210,9 +206,13 @@ class TorchSession:
     def _key(self, inputs: Mapping[str, np.ndarray]) -> tuple:
         return tuple(tuple(np.shape(inputs[n])) for n in self.input_names)
 
+    def _graph_key(self, key: tuple) -> tuple | None:
+        """The captured shapes a call at `key` replays: its own, or a bucket it is padded to (graph_bucket)."""
+        return key if key in self._graphs else graph_bucket(key, self._graphs)
+
     def replays_graph(self, inputs: Mapping[str, np.ndarray]) -> bool:
         """Whether a call with these inputs replays a captured CUDA graph (at their shapes, or padded to a bucket)."""
-        return self._key(inputs) in self._graphs or graph_bucket(self._key(inputs), self._graphs) is not None
+        return self._graph_key(self._key(inputs)) is not None
 
     def _tensor(self, name: str, value: np.ndarray) -> torch.Tensor:
         value = np.ascontiguousarray(value)
@@ -238,13 +238,16 @@ class TorchSession:
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(output_names) if output_names else self.output_names
         key, rows = self._key(inputs), None
-        if key not in self._graphs and (bucket := graph_bucket(key, self._graphs)) is not None:
+        bucket = self._graph_key(key)
+        if bucket is not None and bucket != key:  # padded to the bucket's rows; the outputs sliced back to `rows`
             rows, key = key[0][0], bucket
             inputs = {n: pad_rows(inputs[n], bucket[i][0]) for i, n in enumerate(self.input_names)}
         captured = self._graphs.get(key)
         # Triton may call execute on another thread than initialize's, whose current device set_device set.
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        clock, self.last_split = (_Clock(self.device), None) if self.timed else (None, self.last_split)
+        clock = None
+        if self.timed:  # a call that fails leaves no split of an earlier one behind
+            clock, self.last_split = _Clock(self.device), None
         with torch.inference_mode(), on_device:
             tensors = {name: self._tensor(name, inputs[name]) for name in self.input_names}
             if self.checks_finite:
