@@ -180,11 +180,12 @@ def run_gpu_check(options: GPUCheckOptions, log=print) -> dict:
 def verdict(result: dict) -> dict:
     """Each target against its figure (None where the phase did not run)."""
     phases = result["phases"]
-    vit_ = phases.get("vit_served", {}).get("batches", {})
-    top = vit_.get(max(vit_) if vit_ else 0, {}).get("triton_tensor", {})
-    # the better of one client and several at once (phases.vit_served has both)
-    vit_rate = max((r for r in (top.get("images_per_s"), phases.get("vit_served", {}).get("concurrent", {})
-                                .get("images_per_s")) if r is not None), default=None)
+    served = phases.get("vit_served", {})
+    top = served.get("batches", {}).get(max(served.get("batches", {})) if served.get("batches") else 0, {})
+    # the best of one client and several at once, float32 or uint8 (phases.vit_served has them all)
+    rates = [top.get(arm, {}).get("images_per_s") for arm in ("triton_tensor", "triton_uint8")] + \
+        [served.get(arm, {}).get("images_per_s") for arm in ("concurrent", "concurrent_uint8")]
+    vit_rate = max((r for r in rates if r is not None), default=None)
     speed = phases.get("batching", {}).get("step_over_unbatched", {})
     return {"sd_served_s": phases.get("sd_served", {}).get("image_s"),
             "served_over_in_process": phases.get("sd_in_process", {}).get("served_over_in_process"),

@@ -71,12 +71,13 @@ def timed(call, seconds: float, min_calls: int = 3) -> list[float]:
 def served_session(folder, **options):
     """The artifact a runtime model's folder serves, opened by kiln's Session as its Triton model opens it (on the GPU
     its config names, with its CUDA graphs); `options`: SessionOptions fields to change (channels_last, say)."""
-    from kiln.contract import read_served
-    from kiln.runtime import Session, SessionOptions, served_device
+    from kiln.contract import read_parameters, read_served
+    from kiln.runtime import ByteScale, Session, SessionOptions, served_device
 
     served = read_served(folder / "config.pbtxt")
+    scales = ByteScale.parse(read_parameters(folder / "config.pbtxt")[0].get("byte_inputs", "")) or None
     return Session(SessionOptions(served.runtime, folder / "1" / served.artifact,
-                                  inference_precision=served.inference_precision,
+                                  inference_precision=served.inference_precision, byte_inputs=scales,
                                   **(served_device(served) | options)))
 
 

@@ -23,7 +23,8 @@ def plot(result: dict, path: Path) -> None:
     phases = result["phases"]
     figure, (vit, sd, batching) = plt.subplots(1, 3, figsize=(15, 4.2))
     served, local = phases.get("vit_served", {}).get("batches", {}), phases.get("vit_in_process", {}).get("batches", {})
-    for label, rows, arm in (("served, tensors", served, "triton_tensor"), ("served, JPEG", served, "triton_jpeg"),
+    for label, rows, arm in (("served, float32 tensors", served, "triton_tensor"),
+                             ("served, uint8 tensors", served, "triton_uint8"), ("served, JPEG", served, "triton_jpeg"),
                              ("in process, eager", local, "eager"), ("in process, compiled", local, "compiled")):
         points = sorted((int(b), r[arm]["images_per_s"]) for b, r in rows.items() if "images_per_s" in r.get(arm, {}))
         if points:

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 def _vit_inputs(batches: tuple[int, ...]):
-    """The ViT (seeded random weights, eval transform) and the sample photographs, tiled to the largest batch."""
+    """The ViT (seeded random weights, eval transform) and the sample photographs, tiled to the largest batch: as
+    float32 pixel_values, as uint8 pixels (resized and cropped, a quarter of the bytes) and as JPEG bytes."""
     from build.vit.transform import eval_transform
     from build.vit.weights import load_vit
     from kiln.imaging import preprocess
@@ -29,20 +30,21 @@ def _vit_inputs(batches: tuple[int, ...]):
     model = load_vit(random_weights=True, seed=0).model
     transform = eval_transform(model)
     payloads = [p.read_bytes() for p in list_images(SAMPLE_IMAGES) if p.suffix.lower() in (".jpg", ".jpeg")]
-    pixels = np.stack([preprocess(payloads[i % len(payloads)], transform) for i in range(max(batches))])
+    raw = np.stack([preprocess(payloads[i % len(payloads)], transform, scaled=False) for i in range(max(batches))])
     jpegs = np.array([payloads[i % len(payloads)] for i in range(max(batches))], dtype=object).reshape(-1, 1)
-    return model, pixels, jpegs
+    return model, transform.normalize(raw), raw, jpegs
 
 
 def vit_served(check: Check) -> dict:
-    """Through Triton: tensors to `vit` (through system shared memory) and JPEG bytes to `vit_classify`, one client,
-    with Triton's own split of each request's time per model; then, at the largest batch, tensors from several
-    clients at once (the client's copies overlap the GPU's work, as a loaded server's do)."""
+    """Through Triton: tensors to `vit` (through system shared memory: float32 pixel_values, and uint8 pixels, a
+    quarter of the bytes, which the model scales) and JPEG bytes to `vit_classify`, one client, with Triton's own
+    split of each request's time per model; then, at the largest batch, tensors from several clients at once (the
+    client's copies overlap the GPU's work, as a loaded server's do), float32 and uint8."""
     from benchmarks.sd_triton import triton_compute_seconds
     from kiln.triton_client import TritonClient
 
     options, batches = check.options, check.options.vit_batches
-    _, pixels, jpegs = _vit_inputs(batches)
+    _, pixels, raw, jpegs = _vit_inputs(batches)
     models = (names.VIT_PREPROCESS, names.VIT, names.VIT_POSTPROCESS)
 
     def measured(call) -> tuple[list[float], dict]:
@@ -55,16 +57,20 @@ def vit_served(check: Check) -> dict:
     rows = {}
     try:
         for batch in batches:
-            feed = {"pixel_values": pixels[:batch]}
-            tensor, tensor_split = measured(lambda feed=feed, batch=batch: client.infer(
-                names.VIT, feed, ["logits"], output_shapes={"logits": (batch, 1000)}))
+            arms = {}
+            for arm, feed in (("triton_tensor", {"pixel_values": pixels[:batch]}),
+                              ("triton_uint8", {"pixels": raw[:batch]})):
+                latencies, split = measured(lambda feed=feed, batch=batch: client.infer(
+                    names.VIT, feed, ["logits"], output_shapes={"logits": (batch, 1000)}))
+                arms[arm] = rate(latencies, batch) | {"triton_ms_per_request": split}
             jpeg, jpeg_split = measured(lambda batch=batch: client.infer(
                 names.VIT_CLASSIFY, {"image": jpegs[:batch]}, ["labels"]))
-            rows[batch] = {"triton_tensor": rate(tensor, batch) | {"triton_ms_per_request": tensor_split},
-                           "triton_jpeg": rate(jpeg, batch) | {"triton_ms_per_request": jpeg_split}}
+            rows[batch] = arms | {"triton_jpeg": rate(jpeg, batch) | {"triton_ms_per_request": jpeg_split}}
     finally:
         client.close()
-    return {"batches": rows, "concurrent": alone(_vit_concurrent, check, pixels[:max(batches)]),
+    largest = max(batches)
+    return {"batches": rows, "concurrent": alone(_vit_concurrent, check, {"pixel_values": pixels[:largest]}),
+            "concurrent_uint8": alone(_vit_concurrent, check, {"pixels": raw[:largest]}),
             "execute_split": alone(execute_split, check, names.VIT)}
 
 
@@ -90,16 +96,16 @@ def _per_request(before: dict, after: dict) -> dict:
     return out
 
 
-def _vit_concurrent(check: Check, pixels: np.ndarray) -> dict:
+def _vit_concurrent(check: Check, feed: dict[str, np.ndarray]) -> dict:
     """`vit_clients` clients, each with its own shared-memory regions, sending the largest batch back to back."""
     from kiln.triton_client import TritonClient
 
-    options, batch = check.options, len(pixels)
+    options, batch = check.options, len(next(iter(feed.values())))
     patience = options.seconds + 120  # a warm-up or a call stuck past this fails the arm instead of hanging the run
     clients = [TritonClient(check.server.grpc_url, shared_memory="auto") for _ in range(options.vit_clients)]
     counts, ends = [0] * len(clients), [0.0] * len(clients)
     ready = threading.Barrier(len(clients) + 1, timeout=patience)
-    feed, shapes = {"pixel_values": pixels}, {"logits": (batch, 1000)}
+    shapes = {"logits": (batch, 1000)}
     failures: list[BaseException] = []
 
     def send(index: int) -> None:
@@ -145,14 +151,15 @@ def vit_in_process(check: Check) -> dict:
     import torch
 
     options, batches = check.options, check.options.vit_batches
-    model, pixels, _ = _vit_inputs(batches)
+    model, pixels, raw, _ = _vit_inputs(batches)
     device, dtype = ("cuda", torch.float16) if options.cuda else ("cpu", torch.float32)
     model = model.to(device, dtype).eval()
     rows = _torch_arms(check, model, pixels, device, dtype)
     del model  # the GPU's memory (the compiled arm's graphs went with _torch_arms) for the served artifact's session
     served = check.result["phases"].get("vit_served", {}).get("batches", {}).get(max(batches), {})
-    ratio = {"host_copy_ms_at_max_batch": alone(_host_copies, pixels[:max(batches)], device, dtype, options.seconds),
-             "kiln_session": alone(_session, check, pixels)}
+    ratio = {"host_copy_ms_at_max_batch": alone(_host_copies, pixels[:max(batches)], raw[:max(batches)], device,
+                                                dtype, options.seconds),
+             "kiln_session": alone(_session, check, pixels, raw)}
     if served:
         ratio["served_over_eager_at_max_batch"] = round(
             served["triton_tensor"]["images_per_s"] / rows[max(batches)]["eager"]["images_per_s"], 3)
@@ -183,18 +190,22 @@ def _torch_arms(check: Check, model, pixels: np.ndarray, device: str, dtype) -> 
     return rows
 
 
-def _host_copies(pixels: np.ndarray, device: str, dtype, seconds: float) -> dict:
+def _host_copies(pixels: np.ndarray, raw: np.ndarray, device: str, dtype, seconds: float) -> dict:
     """p50 ms of the ways a served model can take a float32 batch from host memory to the device in its dtype: cast
     on the host then copy (torch casts before a host-to-device copy; kiln.runtime.torch_session's way until
     2026-12-04, and still for inputs under 1 MB), copy then cast on the device, and through a pinned staging buffer
-    (its way now for larger inputs)."""
+    (its way now for larger inputs); and the same batch as uint8 pixels through a pinned buffer, scaled on the device
+    (kiln.runtime.ByteScale's way)."""
     import torch
 
-    host = torch.from_numpy(pixels)
+    host, host_raw = torch.from_numpy(pixels), torch.from_numpy(raw)
     ways = {"cast_on_host": lambda: host.to(device, dtype), "cast_on_device": lambda: host.to(device).to(dtype)}
     if device == "cuda":
-        pinned = torch.empty_like(host).pin_memory()
+        pinned, pinned_raw = torch.empty_like(host).pin_memory(), torch.empty_like(host_raw).pin_memory()
         ways["pinned"] = lambda: pinned.copy_(host).to(device, non_blocking=True).to(dtype)
+        # (the stock ViT's mean and std, 0.5: the cost is the same for any)
+        ways["uint8_pinned_scaled"] = lambda: ((pinned_raw.copy_(host_raw).to(device, non_blocking=True).float()
+                                                / 255.0 - 0.5) / 0.5).to(dtype)
     out = {}
     for name, way in ways.items():
         def call(way=way) -> None:
@@ -204,7 +215,7 @@ def _host_copies(pixels: np.ndarray, device: str, dtype, seconds: float) -> dict
     return out
 
 
-def _session(check: Check, pixels: np.ndarray) -> dict:
+def _session(check: Check, pixels: np.ndarray, raw: np.ndarray) -> dict:
     """The served `vit`'s own artifact in this process, through kiln's Session as the Triton model opens it (its CUDA
     graphs too) and with numpy in and out as there: what the served model's compute costs without Triton, so the
     served figures' gap splits into Triton's share and the session's (host copies, casts, the graph or eager run)."""
@@ -212,7 +223,7 @@ def _session(check: Check, pixels: np.ndarray) -> dict:
 
     session = served_session(check.repo / names.VIT)
     layer = int(read_parameters(check.repo / names.VIT / "config.pbtxt")[0]["default_layer"])
-    def feed(images: np.ndarray) -> dict:
+    def feed(images: np.ndarray) -> dict:  # uint8 pixels go in as pixel_values too (the vit model's prepare)
         return {"pixel_values": images, "layer": np.full((len(images), 1), layer, dtype=np.int64)}
 
     rows = {}
@@ -221,11 +232,17 @@ def _session(check: Check, pixels: np.ndarray) -> dict:
         rows[batch] = rate(timed(lambda f=inputs: session.run(f, ["logits"]), check.options.seconds / 2), batch)
         # whether this shape replays a CUDA graph (torch on CUDA) or runs op by op
         rows[batch]["graph"] = session.replays_graph(inputs)
+    uint8 = feed(raw)
+    rows[f"{len(raw)}_uint8"] = rate(timed(lambda: session.run(uint8, ["logits"]), check.options.seconds / 2),
+                                     len(raw))
     # The first and last images' logits from the largest batch (on CUDA through pinned staging:
     # kiln.runtime.torch_session) against each image's own call (too small to stage): another kernel's rounding, or
     # a staging fault if large
     batched = session.run(feed(pixels), ["logits"])["logits"]
     alone_ = [session.run(feed(pixels[i:i + 1]), ["logits"])["logits"][0] for i in (0, len(pixels) - 1)]
+    # uint8 scaled by the session (on CUDA, on the device): the same floats, so 0 unless a kernel differs
+    scaled = session.run(uint8, ["logits"])["logits"]
     return {"runtime": session.options.runtime, "artifact": Path(session.options.path).name, "batches": rows,
             "batch_vs_alone_max_abs_diff": float(max(np.abs(batched[i] - a).max()
-                                                     for i, a in zip((0, -1), alone_)))}
+                                                     for i, a in zip((0, -1), alone_))),
+            "uint8_vs_float32_max_abs_diff": float(np.abs(scaled - batched).max())}

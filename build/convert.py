@@ -252,11 +252,11 @@ def check_threads(threads: int) -> None:
         raise ConfigError(f"--threads must be at least 0 (0: all cores), got {threads}")
 
 
-def open_session(variant: Variant, path: Path, threads: int = 0):
+def open_session(variant: Variant, path: Path, threads: int = 0, byte_inputs=None):
     """A runtime session on an artifact, with the variant's execution precision (a CUDA torch program on the
-    first GPU)."""
+    first GPU); `byte_inputs`: kiln.runtime.ByteScale by input name, for uint8 pixels."""
     from kiln.runtime import Session, SessionOptions
 
     device = "cuda:0" if variant.runtime == "torch" and variant.accelerator == "cuda" else "cpu"
     return Session(SessionOptions(variant.runtime, Path(path), inference_precision=variant.inference_precision,
-                                  threads=threads, device=device))
+                                  threads=threads, device=device, byte_inputs=byte_inputs))

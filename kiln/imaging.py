@@ -71,6 +71,11 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """RGB PIL image -> float32 array (3, crop_h, crop_w)."""
+        return self.normalize(self.pixels(image))
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> the resized, cropped uint8 array (3, crop_h, crop_w): the model's input before scaling, a
+        quarter of its bytes on the wire (normalize gives the same floats as __call__)."""
         width, height = image.size
         new_w, new_h = self.resized_size(width, height)
         if (new_w, new_h) != (width, height):
@@ -82,9 +87,11 @@ class EvalTransform:
         top = int(round((new_h - crop_h) / 2.0))
         left = int(round((new_w - crop_w) / 2.0))
         image = image.crop((left, top, left + crop_w, top + crop_h))
-        array = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
-        array = (array - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (..., 3, H, W) -> float32: / 255, minus the mean, over the std, per channel."""
+        return normalize_pixels(pixels, self.mean, self.std)
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(),
@@ -188,12 +195,21 @@ def vae_input(data: bytes, width: int, height: int, what: str = "init image") ->
 
 
 def preprocess(data: bytes, transform: EvalTransform, limits: ImageLimits = ImageLimits(),
-               jpeg_draft: bool = False) -> np.ndarray:
-    """Encoded image bytes -> the model's float32 input (3, H, W); `jpeg_draft`: a JPEG at least twice the resize
-    target decodes reduced and resizes from that (decode_image's `draft`)."""
-    if not jpeg_draft:
-        return transform(decode_image(data, limits))
-    return transform(decode_image(data, limits, transform.resized_size, transform.interpolation))
+               jpeg_draft: bool = False, scaled: bool = True) -> np.ndarray:
+    """Encoded image bytes -> the model's float32 input (3, H, W), or with `scaled` False its uint8 pixels before
+    scaling (EvalTransform.pixels); `jpeg_draft`: a JPEG at least twice the resize target decodes reduced and resizes
+    from that (decode_image's `draft`)."""
+    image = decode_image(data, limits, transform.resized_size, transform.interpolation) if jpeg_draft else \
+        decode_image(data, limits)
+    return transform(image) if scaled else transform.pixels(image)
+
+
+def normalize_pixels(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 pixels (..., 3, H, W) -> float32 (pixels / 255 - mean) / std per channel, the eval transform's scaling
+    in its order of operations (the same floats, bit for bit)."""
+    shape = (3, 1, 1)
+    array = pixels.astype(np.float32) / np.float32(255.0)
+    return (array - np.asarray(mean, np.float32).reshape(shape)) / np.asarray(std, np.float32).reshape(shape)
 
 
 def header_size(data: bytes, what: str = "image", max_pixels: int | None = None) -> tuple[int, int]:

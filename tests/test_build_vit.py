@@ -18,6 +18,8 @@ from build.vit import VIT_SPEC, ViTBuildOptions, parity_batch
 from build.vit.export import reference_outputs
 from build.vit.transform import eval_transform
 from kiln.errors import ConfigError, ParityError
+from kiln.imaging import decode_image
+from kiln.runtime import ByteScale
 from tests.conftest import ALL_VIT_VARIANTS
 
 
@@ -97,12 +99,19 @@ def test_every_variant_is_within_its_tolerance(all_variants_repo, vit_model, sam
     repo, result = all_variants_repo
     cpu = {k: VARIANTS[k] for k in ALL_VIT_VARIANTS}  # "all" on the CPU, but for the AOTInductor packages
     assert set(result.artifacts) == set(cpu) | {"safetensors", "torchscript"}
-    pixels, layers = parity_batch(sample_images, eval_transform(vit_model))
+    transform = eval_transform(vit_model)
+    pixels, layers = parity_batch(sample_images, transform)
+    raw = np.stack([transform.pixels(decode_image(p.read_bytes())) for p in sample_images])  # uint8, before scaling
     reference = reference_outputs(vit_model, pixels, layers)
     figures = {}
     for key, variant in cpu.items():
-        session = open_session(variant, repo / "vit" / "1" / variant.artifact)
+        session = open_session(variant, repo / "vit" / "1" / variant.artifact,
+                               byte_inputs={"pixel_values": ByteScale(transform.mean, transform.std)})
         outputs = session.run({"pixel_values": pixels, "layer": layers})
+        # uint8 pixels, scaled by the session (the Python-backend vit's `pixels`): the same floats, the same outputs
+        scaled = session.run({"pixel_values": raw, "layer": layers})
+        for name in outputs:
+            np.testing.assert_array_equal(scaled[name], outputs[name], err_msg=f"{key} {name}")
         figures[key] = parity.compare(reference["logits"], outputs["logits"], classify=True)
         parity.check(key, figures[key], VIT_SPEC.tolerance(variant.tolerance_key))
         # Features too: the embedding ensemble serves them.

@@ -30,14 +30,15 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert phases["philox"]["compared"] is False  # torch's CUDA generator: on a GPU only
     assert phases["build"]["variant"] == "torch-fp32" and phases["build"]["vit_parity"]["cosine"] > 0.99999
     served, local = phases["vit_served"]["batches"]["1"], phases["vit_in_process"]["batches"]["1"]
-    assert served["triton_tensor"]["images_per_s"] > 0 and served["triton_jpeg"]["images_per_s"] > 0
+    assert all(served[arm]["images_per_s"] > 0 for arm in ("triton_tensor", "triton_uint8", "triton_jpeg"))
     assert local["eager"]["images_per_s"] > 0 and phases["vit_in_process"]["served_over_eager_at_max_batch"] > 0
     # Triton's split of each request (the tensor path: `vit` alone; JPEG: the three models of vit_classify)
-    assert set(served["triton_tensor"]["triton_ms_per_request"]) == {"vit"}
+    assert all(set(served[arm]["triton_ms_per_request"]) == {"vit"} for arm in ("triton_tensor", "triton_uint8"))
     assert set(served["triton_jpeg"]["triton_ms_per_request"]) == {"vit_preprocess", "vit", "vit_postprocess"}
     assert served["triton_tensor"]["triton_ms_per_request"]["vit"]["compute_infer_ms"] > 0
-    concurrent = phases["vit_served"]["concurrent"]
-    assert concurrent["clients"] == 2 and concurrent["requests"] > 0 and concurrent["images_per_s"] > 0
+    for arm in ("concurrent", "concurrent_uint8"):
+        concurrent = phases["vit_served"][arm]
+        assert concurrent["clients"] == 2 and concurrent["requests"] > 0 and concurrent["images_per_s"] > 0, arm
     assert set(phases["vit_in_process"]["host_copy_ms_at_max_batch"]) == {"cast_on_host", "cast_on_device"}
     unet = phases["unet_rows"]  # no graphs on the CPU: 2 and 4 rows, and 3; the program also channels-last
     assert unet["runtime"] == "torch" and set(unet["served"]) == set(unet["channels_last"]) == {"2", "3", "4"}
@@ -47,6 +48,8 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert session["runtime"] == "torch" and session["batches"]["1"]["images_per_s"] > 0
     assert session["batches"]["1"]["graph"] is False  # CUDA graphs: on a GPU only
     assert session["batch_vs_alone_max_abs_diff"] < 1e-4  # (on a GPU: the batch arrives through pinned staging)
+    # uint8 pixels scaled by the session: the very floats of the eval transform (on a GPU: scaled there)
+    assert session["uint8_vs_float32_max_abs_diff"] == 0 and session["batches"]["1_uint8"]["images_per_s"] > 0
     served, local = phases["sd_served"], phases["sd_in_process"]
     assert served["image_s"] > 0 and local["in_process"]["image_s"] > 0 and local["diffusers"]["image_s"] > 0
     assert 0 < served["triton_compute_s"] < served["model_calls_s"] < served["image_s"]

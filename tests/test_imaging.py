@@ -13,6 +13,7 @@ from build.parity import psnr
 from build.vit.transform import eval_transform
 from kiln.errors import InputError
 from kiln.imaging import EvalTransform, ImageLimits, decode_image, preprocess, to_rgb
+from kiln.runtime import ByteScale
 from tests.conftest import encode, png_header_only
 
 
@@ -43,6 +44,19 @@ def test_parity_with_timm_on_shipped_images(sample_images, transform, timm_trans
         theirs = timm_transform(rgb).numpy()
         assert ours.shape == theirs.shape == (3, 224, 224)
         assert np.abs(ours - theirs).max() <= 1e-5, path.name
+
+
+def test_uint8_pixels_scale_to_the_transforms_floats_bit_for_bit(sample_images, transform):
+    """The Python-backend vit's `pixels` (uint8, resized and cropped) scaled by kiln.runtime.ByteScale, by the
+    transform's own normalize, are the very floats of the eval transform: a quarter of the bytes, nothing lost."""
+    scale = ByteScale(transform.mean, transform.std)
+    for path in sample_images:
+        data = path.read_bytes()
+        raw, floats = preprocess(data, transform, scaled=False), preprocess(data, transform)
+        assert raw.dtype == np.uint8 and raw.shape == floats.shape == (3, 224, 224)
+        np.testing.assert_array_equal(transform.normalize(raw), floats)
+        np.testing.assert_array_equal(scale.numpy(raw[None])[0], floats)
+    assert ByteScale.parse(ByteScale.dump({"pixel_values": scale})) == {"pixel_values": scale}
 
 
 @pytest.mark.parametrize("size", [(16, 16), (17, 300), (1000, 37), (249, 248), (248, 248)])

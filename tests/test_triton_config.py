@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,8 +21,12 @@ def _configs(**options):
     return vit_model_configs(ViTBuildOptions(random_weights=True, **options), TRANSFORM)
 
 
+GPU_PYTHON = {"device": "gpu", "backend": "torch-cuda", "precision": "fp16"}
+
+
 @pytest.mark.parametrize("mode, options", [
     ("python", {}),
+    ("python-gpu-torch-cuda-fp16", GPU_PYTHON),
     ("native-openvino-int8", {"triton_backend": "native", "backend": "openvino", "precision": "int8"}),
     ("native-openvino-bf16-threads", {"triton_backend": "native", "backend": "openvino", "precision": "bf16",
                                       "threads": 2}),
@@ -50,15 +55,26 @@ def test_configs_round_trip_through_protobuf(tmp_path):
 
 def test_vit_config_is_derived_from_the_spec():
     vit = next(c for c in _configs() if c.name == "vit")
-    assert [t.name for t in vit.inputs] == VIT_SPEC.input_names
+    native = next(c for c in _configs(triton_backend="native", backend="openvino") if c.name == "vit")
+    assert [t.name for t in native.inputs] == VIT_SPEC.input_names  # no optional image inputs there
+    # A Python-backend vit takes the image as float32 pixel_values or uint8 pixels, either one (its model.py checks)
+    assert [(t.name, t.dtype, t.optional) for t in vit.inputs] == [
+        ("pixel_values", "FP32", True), ("pixels", "UINT8", True), ("layer", "INT64", True)]
+    assert vit.inputs[0].dims == vit.inputs[1].dims == (3, 224, 224)
+    assert json.loads(vit.parameters["byte_inputs"]) == {"pixel_values": {"mean": [0.5] * 3, "std": [0.5] * 3}}
     assert [t.name for t in vit.outputs] == VIT_SPEC.output_names
     assert vit.max_batch_size == VIT_SPEC.profile["batch"][2] > 1
     assert vit.dynamic_batching is not None
-    assert vit.inputs[1].optional  # `layer`: classification leaves it out
 
 
-def test_ensembles_wire_existing_tensors():
-    configs = {c.name: c for c in _configs()}
+@pytest.mark.parametrize("options, wire", [({}, "pixel_values"), (GPU_PYTHON, "pixels"),
+                                           ({"triton_backend": "native", "backend": "openvino"}, "pixel_values")])
+def test_ensembles_wire_existing_tensors(options, wire):
+    """Every ensemble step reads tensors that exist; vit_preprocess hands `vit` uint8 pixels only where a GPU scales
+    them (elsewhere the decode pool scales them in parallel, and a native backend takes floats only)."""
+    configs = {c.name: c for c in _configs(**options)}
+    assert [t.name for t in configs["vit_preprocess"].outputs] == [wire, "layer"]
+    assert configs["vit_preprocess"].parameters["scaled"] == str(wire == "pixel_values").lower()
     for ensemble in (configs["vit_classify"], configs["vit_embed"]):
         available = {t.name for t in ensemble.inputs}
         for step in ensemble.steps:

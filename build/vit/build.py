@@ -26,7 +26,7 @@ from build.repository import write_models
 from build.specs import ComponentSpec
 from build.static import check_static, check_static_variant
 from build.torch_export import export_artifact
-from build.vit.configs import vit_model_configs, vit_static_plan
+from build.vit.configs import pixel_wire, vit_model_configs, vit_static_plan
 from build.vit.draft import draft_figures, draft_summary
 from build.vit.labels import class_labels, write_labels
 from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, VIT_MODEL_NAME, VIT_SPEC, spec_facts, spec_for
@@ -59,6 +59,7 @@ class ViTBuildOptions:
     max_queue_delay_us: int = 2000
     threads: int = 0  # runtime threads inside Triton, and vit_preprocess's decode pool; 0: all cores
     jpeg_draft: bool = False  # vit_preprocess decodes large JPEGs reduced (libjpeg's DCT scaling), near timm's pixels
+    pixel_wire: str = "auto"  # how vit_preprocess hands images to vit: uint8, float32, auto (build.vit.configs)
     progress: bool = True
 
     @property
@@ -166,6 +167,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     check_static_variant(options.static_sizes, [VIT_VARIANTS[k] for k in keys] if options.auto else [options.served],
                          options.triton_backend)
     check_threads(options.threads)
+    wire = pixel_wire(options)
     if options.calibration_size < 1:
         raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
     for name in options.extra_exports:
@@ -284,7 +286,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                    "caveat": precision_caveat(served, options.triton_backend),
                    **(target if served.runtime == "openvino" else {}), **({"static": static} if static else {})},
         "auto": choice,
-        "preprocess": json.loads(transform.to_json()) | {"jpeg_draft": draft},
+        "preprocess": json.loads(transform.to_json()) | {"jpeg_draft": draft, "pixel_wire": wire},
         "parity_images": [p.name for p in checked],
         "versions": report.tool_versions(),
         "machine": report.machine(),

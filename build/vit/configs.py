@@ -11,7 +11,9 @@ from build.static import size_label, static_plan
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 from build.vit.spec import DEFAULT_TOP_K, MAX_TOP_K, VIT_SPEC, spec_facts
 from kiln import contract as names
+from kiln.errors import ConfigError
 from kiln.imaging import EvalTransform, ImageLimits
+from kiln.runtime import ByteScale
 from kiln.runtime.static import StaticPlan
 
 if TYPE_CHECKING:
@@ -28,6 +30,24 @@ def vit_static_plan(spec: ComponentSpec) -> StaticPlan:
     return static_plan(spec, {size_label(size, size): {"batch": 1}})
 
 
+PIXEL_WIRES = ("auto", "uint8", "float32")
+
+
+def pixel_wire(options: ViTBuildOptions) -> str:
+    """How vit_preprocess hands the image to `vit`: "uint8" pixels (resized and cropped), which vit's session scales
+    (a quarter of float32's bytes through Triton and, on a GPU, over PCIe, scaled there), or "float32" pixel_values,
+    scaled by the decode pool. auto: uint8 where torch runs on a GPU, float32 elsewhere (a native backend takes
+    floats only)."""
+    if options.pixel_wire not in PIXEL_WIRES:
+        raise ConfigError(f"unknown pixel wire {options.pixel_wire!r}; valid: {', '.join(PIXEL_WIRES)}")
+    if options.pixel_wire == "uint8" and options.triton_backend != "python":
+        raise ConfigError("--pixel-wire uint8 needs the Python backend's vit (a native backend's ONNX Runtime or "
+                          "OpenVINO model takes float32 pixel_values only)")
+    if options.pixel_wire == "auto":
+        return "uint8" if options.device == "gpu" and options.triton_backend == "python" else "float32"
+    return options.pixel_wire
+
+
 def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
                       spec: ComponentSpec = VIT_SPEC) -> list[ModelConfig]:
     """vit_preprocess, vit, vit_postprocess and the ensembles vit_classify and vit_embed, for this ViT's spec."""
@@ -42,24 +62,30 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
     pixel = spec.inputs[0]
     image = Tensor("image", "BYTES", (1,))
     layer = spec.inputs[1].triton_tensor()
+    # A Python-backend `vit` also takes the image as uint8 `pixels` (resized and cropped), which its session scales;
+    # what vit_preprocess hands it is pixel_wire's choice.
+    python = options.triton_backend == "python"
+    pixels = Tensor("pixels", "UINT8", pixel.triton_tensor().dims, optional=True)
+    wire = pixels if pixel_wire(options) == "uint8" else pixel.triton_tensor()
     labels = (Tensor("labels", "BYTES", (-1,)), Tensor("scores", "FP32", (-1,)), Tensor("indices", "INT32", (-1,)))
     preprocess = ModelConfig(
         name=names.VIT_PREPROCESS,
         inputs=(image,),
         # `layer` carries the default block to the `vit` step of vit_classify: native backends have no
         # optional inputs, and an ensemble cannot make a constant.
-        outputs=(pixel.triton_tensor(), replace(layer, optional=False)),
+        outputs=(replace(wire, optional=False), replace(layer, optional=False)),
         max_batch_size=max_batch,
         dynamic_batching=batching,
         kind="KIND_CPU",
         parameters={"transform": transform.to_json(), "default_layer": str(facts["blocks"] - 1),
                     "max_pixels": str(ImageLimits().max_pixels), "min_side": str(ImageLimits().min_side),
                     "threads": str(options.threads),  # its decode pool (0: all cores)
-                    "jpeg_draft": str(options.jpeg_draft).lower()},  # JPEGs decoded reduced (kiln.imaging.preprocess)
+                    "jpeg_draft": str(options.jpeg_draft).lower(),  # JPEGs decoded reduced (kiln.imaging.preprocess)
+                    "scaled": str(wire is not pixels).lower()},  # false: uint8 `pixels` out, scaled by `vit`
     )
     vit = ModelConfig(
         name=names.VIT,
-        inputs=spec.triton_inputs(),
+        inputs=(replace(pixel.triton_tensor(), optional=True), pixels, layer) if python else spec.triton_inputs(),
         outputs=spec.triton_outputs(),
         max_batch_size=max_batch,
         dynamic_batching=batching,
@@ -68,6 +94,8 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
                     "inference_precision": served.inference_precision, "threads": str(options.threads),
                     **({"ov_device": options.ov_device} if served.runtime == "openvino" else {}),
                     **({"static_shapes": vit_static_plan(spec).to_json()} if options.static_sizes else {}),
+                    **({"byte_inputs": ByteScale.dump({pixel.name: ByteScale(transform.mean, transform.std)})}
+                       if python else {}),
                     "default_layer": str(facts["blocks"] - 1)},
     )
     if options.triton_backend == "native":
@@ -92,8 +120,8 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
         inputs=(image, top_k),
         outputs=labels,
         steps=(
-            EnsembleStep(names.VIT_PREPROCESS, {"image": "image"}, {"pixel_values": "pixel_values", "layer": "layer"}),
-            EnsembleStep(names.VIT, {"pixel_values": "pixel_values", "layer": "layer"}, {"logits": "logits"}),
+            EnsembleStep(names.VIT_PREPROCESS, {"image": "image"}, {wire.name: wire.name, "layer": "layer"}),
+            EnsembleStep(names.VIT, {wire.name: wire.name, "layer": "layer"}, {"logits": "logits"}),
             EnsembleStep(names.VIT_POSTPROCESS, {"logits": "logits", "top_k": "top_k"},
                          {"labels": "labels", "scores": "scores", "indices": "indices"}),
         ),
@@ -107,8 +135,8 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
         outputs=(Tensor("embedding", "FP32", (facts["width"],)),
                  Tensor("tokens", "FP32", (facts["tokens"], facts["width"]))),
         steps=(
-            EnsembleStep(names.VIT_PREPROCESS, {"image": "image"}, {"pixel_values": "pixel_values"}),
-            EnsembleStep(names.VIT, {"pixel_values": "pixel_values", "layer": "layer"},
+            EnsembleStep(names.VIT_PREPROCESS, {"image": "image"}, {wire.name: wire.name}),
+            EnsembleStep(names.VIT, {wire.name: wire.name, "layer": "layer"},
                          {"pooled": "embedding", "tokens": "tokens"}),
         ),
     )

@@ -43,6 +43,11 @@ def add_parser(commands) -> None:
                      help="vit_preprocess decodes a JPEG of at least twice the resize target at 1/2, 1/4 or 1/8 scale "
                           "(libjpeg's DCT scaling: a 12 MP photo's decode is several times faster), then resizes as "
                           "before; the pixels are close to timm's, not equal (the report gives the figures)")
+    vit.add_argument("--pixel-wire", choices=("auto", "uint8", "float32"), default="auto",
+                     help="how vit_preprocess hands images to vit: uint8 pixels, resized and cropped, which vit scales "
+                          "(a quarter of the bytes; on a GPU, scaled there), or float32 pixel_values, scaled by the "
+                          "decode pool (auto: uint8 with torch on a GPU, float32 otherwise). Either way `vit` "
+                          "takes both, except on a native backend (float32 only)")
     vit.set_defaults(run=run_vit)
 
     sd = targets.add_parser("sd", help="Stable Diffusion 1.x or 2.x: text encoder, UNet, VAE, ControlNets, tokenizer")
@@ -140,7 +145,8 @@ def run_vit(args) -> int:
         extra_exports=() if args.no_extra_exports else EXTRA_EXPORTS,
         calibration=args.calibration, calibration_size=args.calibration_size, repository=args.repo,
         triton_backend=args.triton_backend, device=args.device, ov_device=args.ov_device,
-        static_sizes=_static_sizes(args), threads=args.threads, jpeg_draft=args.jpeg_draft))
+        static_sizes=_static_sizes(args), threads=args.threads, jpeg_draft=args.jpeg_draft,
+        pixel_wire=args.pixel_wire))
     print(f"served: vit = {result.served_key} ({result.served.artifact})")
     return 0
 

@@ -28,6 +28,34 @@ def model_config(args: Mapping[str, str]) -> tuple[dict, dict[str, str]]:
 
 
 @dataclass(frozen=True)
+class ByteScale:
+    """An input that may arrive as uint8 pixels (channels on axis 1) and becomes the program's floats as
+    (pixels / 255 - mean) / std per channel: the ViT's eval transform, with a quarter of float32's bytes on the wire,
+    through Triton and over PCIe (a torch session on a GPU scales after the copy, there)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def numpy(self, pixels: np.ndarray) -> np.ndarray:
+        from kiln.imaging import normalize_pixels
+
+        return normalize_pixels(pixels, self.mean, self.std)
+
+    @staticmethod
+    def parse(text: str) -> dict[str, ByteScale]:
+        """A config's `byte_inputs` parameter, JSON {input: {"mean": [...], "std": [...]}} ("": none)."""
+        import json
+
+        return {name: ByteScale(tuple(v["mean"]), tuple(v["std"])) for name, v in json.loads(text or "{}").items()}
+
+    @staticmethod
+    def dump(scales: Mapping[str, ByteScale]) -> str:
+        import json
+
+        return json.dumps({name: {"mean": list(s.mean), "std": list(s.std)} for name, s in scales.items()})
+
+
+@dataclass(frozen=True)
 class SessionOptions:
     """How to open an artifact."""
 
@@ -43,6 +71,7 @@ class SessionOptions:
     cache_dir: Path | None = None  # OpenVINO: its model cache (CACHE_DIR), so a second start skips compiling
     ov_device: str = "CPU"  # OpenVINO: CPU, GPU[.N], NPU, or AUTO (its plugin chooses among what the machine has)
     static_shapes: str = ""  # OpenVINO: a kiln.runtime.static plan (JSON); "": the IR's dynamic shapes
+    byte_inputs: Mapping[str, ByteScale] | None = None  # inputs that may arrive as uint8 pixels, scaled on the way in
 
 
 OV_DEVICES = ("CPU", "GPU", "NPU", "AUTO")  # the OpenVINO targets a build may name (GPU.1, AUTO:GPU,CPU too)
@@ -211,7 +240,7 @@ class Session:
             from kiln.runtime.torch_session import TorchSession  # the one module of kiln that needs torch
 
             self._torch = TorchSession(path, options.device, options.threads, options.graph_batches,
-                                       options.graph_shapes, options.channels_last)
+                                       options.graph_shapes, options.channels_last, options.byte_inputs)
             self.input_names, self.output_names = self._torch.input_names, self._torch.output_names
         else:
             raise ConfigError(f"unknown runtime {options.runtime!r}; valid: {', '.join(RUNTIMES)}")
@@ -251,10 +280,12 @@ class Session:
     def run(self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(output_names) if output_names else self.output_names
         feed = {k: v for k, v in inputs.items() if k in self.input_names}
+        if self.options.runtime == "torch":  # it scales uint8 pixels itself (on a GPU, after the copy)
+            return self._torch.run(feed, names)
+        scales = self.options.byte_inputs or {}
+        feed = {k: scales[k].numpy(v) if k in scales and v.dtype == np.uint8 else v for k, v in feed.items()}
         if self.options.runtime == "onnxruntime":
             return dict(zip(names, self._ort.run(names, feed)))
-        if self.options.runtime == "torch":
-            return self._torch.run(feed, names)
         with self._lock:
             if self._static is not None:
                 return self._static.run(feed, names)

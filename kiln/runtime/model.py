@@ -24,7 +24,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kiln.errors import InputError, KilnError
-from kiln.runtime import Session, SessionOptions, model_config, ov_cache_dir, session_device
+from kiln.runtime import ByteScale, Session, SessionOptions, model_config, ov_cache_dir, session_device
 
 
 class RuntimeModel:
@@ -46,6 +46,7 @@ class RuntimeModel:
             else None,
             ov_device=self.params.get("ov_device", "CPU"),
             static_shapes=self.params.get("static_shapes", ""),
+            byte_inputs=ByteScale.parse(self.params.get("byte_inputs", "")) or None,  # uint8 pixels, scaled
             **device,
         ))
         self.input_names = [i["name"] for i in config["input"]]

@@ -15,10 +15,10 @@ from the outputs: what Triton's batcher merges rarely lands on a bucket, and op 
 SD 1.5's UNet at 3 rows in 37.8 ms, at 4 rows from its graph in 17.8 ms: about 23 ms of launches, some 7 of its
 rows; a ViT row costs about 0.1 ms there, against some 3 ms of launches). Any other shape runs eagerly.
 
-A float32 input of 1 MB or more reaches the GPU through a pinned staging buffer (a ViT batch, not a UNet step's
-latents). `channels_last` stores a program's 4-d weights channels-last (NHWC): a convolution with such a weight
-computes and returns channels-last, so the layout carries through a UNet or a VAE, as cuDNN's float16 tensor-core
-kernels want.
+A float32 or uint8 input of 1 MB or more reaches the GPU through a pinned staging buffer (a ViT batch, not a UNet
+step's latents); uint8 pixels of an input named in `byte_inputs` are scaled to the program's floats there.
+`channels_last` stores a program's 4-d weights channels-last (NHWC): a convolution with such a weight computes and
+returns channels-last, so the layout carries through a UNet or a VAE, as cuDNN's float16 tensor-core kernels want.
 """
 
 from __future__ import annotations
@@ -126,32 +126,35 @@ class _Clock:
         self.laps[name], self._last = round(1e3 * (now - self._last), 3), now
 
 
-STAGED_BYTES = 1 << 20  # a float32 input at least this large reaches a CUDA device through pinned memory
+STAGED_BYTES = 1 << 20  # a float32 or uint8 input at least this large reaches a CUDA device through pinned memory
+STAGED_DTYPES = (np.float32, np.uint8)
 
 
 class _Staging:
-    """Pinned host buffers, one per input, grown to the largest input seen. A float32 batch is copied into one
-    (torch's copy, on every core), then to the device without a wait, and cast there. An H200 took 6.1 ms this way for
-    a 256-image ViT batch (154 MB), against 12.0 ms cast on the host and copied from pageable memory (the GPU check's
-    host copies)."""
+    """Pinned host buffers, one per input, grown to the largest input seen. A batch is copied into one (torch's copy,
+    on every core), then to the device without a wait, and cast or scaled there. An H200 took 6.1 ms this way for a
+    256-image ViT batch in float32 (154 MB), against 12.0 ms cast on the host and copied from pageable memory (the GPU
+    check's host copies); as uint8 pixels the batch is 38.5 MB."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self._buffers, self._lock = device, {}, threading.Lock()
 
-    def to_device(self, name: str, value: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    def to_device(self, name: str, value: np.ndarray) -> torch.Tensor:
+        """`value` on the device, in its own dtype."""
         with self._lock:
             buffer, copied = self._buffers.get(name, (None, None))
-            if buffer is None or buffer.numel() < value.size:  # a replaced buffer lives on until its copy is done
-                buffer = torch.empty(value.size, dtype=torch.float32, pin_memory=True)  # (torch's host allocator)
+            if buffer is None or buffer.numel() < value.nbytes:  # a replaced buffer lives on until its copy is done
+                buffer = torch.empty(value.nbytes, dtype=torch.uint8, pin_memory=True)  # (torch's host allocator)
             elif copied is not None:
                 copied.synchronize()  # the last copy out of this buffer has finished before it is overwritten
-            staged = buffer[:value.size]
-            staged.copy_(torch.from_numpy(value).reshape(-1))
+            source = torch.from_numpy(value).reshape(-1)
+            staged = buffer[:value.nbytes].view(source.dtype)
+            staged.copy_(source)
             on_device = staged.to(self.device, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(self.device))
             self._buffers[name] = (buffer, copied)
-        return on_device.view(value.shape).to(dtype)
+        return on_device.view(value.shape)
 
 
 class TorchSession:
@@ -161,7 +164,7 @@ class TorchSession:
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0,
                  graph_batches: Sequence[int] = (), graph_shapes: Mapping[str, Sequence[int]] | None = None,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, byte_inputs: Mapping | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -192,6 +195,11 @@ class TorchSession:
                 for tensor in (*self.module.parameters(), *self.module.buffers()):
                     if tensor.dim() == 4:
                         tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+        # uint8 pixels of these inputs are scaled as kiln.runtime.ByteScale says, on the device (after a 4x smaller
+        # copy)
+        self._scales = {name: (torch.tensor(s.mean, dtype=torch.float32, device=self.device).reshape(3, 1, 1),
+                               torch.tensor(s.std, dtype=torch.float32, device=self.device).reshape(3, 1, 1))
+                        for name, s in (byte_inputs or {}).items()}
         self._graphs: dict[tuple, tuple] = {}
         self._lock = threading.Lock()  # a captured graph has one set of static buffers
         self._staging = _Staging(self.device) if self.device.type == "cuda" else None
@@ -216,9 +224,14 @@ class TorchSession:
 
     def _tensor(self, name: str, value: np.ndarray) -> torch.Tensor:
         value = np.ascontiguousarray(value)
-        if self._staging is not None and value.dtype == np.float32 and value.nbytes >= STAGED_BYTES:
-            return self._staging.to_device(name, value, self._input_dtypes[name])
-        return torch.from_numpy(value).to(self.device, self._input_dtypes[name])
+        if self._staging is not None and value.dtype in STAGED_DTYPES and value.nbytes >= STAGED_BYTES:
+            tensor = self._staging.to_device(name, value)
+        else:
+            tensor = torch.from_numpy(value).to(self.device)
+        if name in self._scales and tensor.dtype == torch.uint8:  # kiln.imaging.normalize_pixels' operations, in order
+            mean, std = self._scales[name]
+            tensor = (tensor.to(torch.float32) / 255.0 - mean) / std
+        return tensor.to(self._input_dtypes[name])
 
     def _capture(self, shapes: dict[str, tuple]) -> None:
         static = {name: torch.zeros(shape, device=self.device, dtype=self._input_dtypes[name])

@@ -2,7 +2,9 @@
 
 The runtime and artifact are chosen at build time (config parameters); batching, per-request
 errors and output selection are kiln.runtime.model.RuntimeModel's. This model adds the optional
-`layer` input: left out, it is the last block; -1 counts from the end.
+`layer` input: left out, it is the last block; -1 counts from the end. The image comes as exactly one of
+`pixel_values` (FP32, the eval transform's output) and `pixels` (UINT8, resized and cropped, not yet scaled: a
+quarter of the bytes, scaled by the session as the config's `byte_inputs` says; on a GPU, after the copy).
 """
 
 import os
@@ -27,6 +29,12 @@ class TritonPythonModel(RuntimeModel):
         self.num_layers = self.default_layer + 1
 
     def prepare(self, inputs):
+        given = [name for name in ("pixel_values", "pixels") if name in inputs]
+        if len(given) != 1:
+            return (f"send the image as exactly one of pixel_values (FP32, normalised) and pixels (UINT8, resized and "
+                    f"cropped), not {' and '.join(given) or 'neither'}")
+        if "pixels" in inputs:  # uint8: the session scales it (kiln.runtime.ByteScale)
+            inputs["pixel_values"] = inputs.pop("pixels")
         pixels = inputs["pixel_values"]
         if "layer" not in inputs:
             inputs["layer"] = np.full((len(pixels), 1), self.default_layer, dtype=np.int64)

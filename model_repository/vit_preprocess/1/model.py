@@ -1,4 +1,7 @@
-"""vit_preprocess: encoded image bytes -> the ViT's float32 input, timm's eval transform (Triton Python backend).
+"""vit_preprocess: encoded image bytes -> the ViT's input, timm's eval transform (Triton Python backend).
+
+Its output is `pixel_values` (float32, scaled), or, where its config's `scaled` is "false", `pixels`: the uint8 image
+resized and cropped, which the `vit` model scales (a quarter of the bytes through Triton and onto a GPU).
 
 The images of one execute() call (every request Triton's batcher gathered) are decoded and transformed side by side
 on a pool of `threads` threads (0: all cores): PIL decodes and resizes without the GIL, and on a GPU server this
@@ -33,13 +36,15 @@ class TritonPythonModel:
         self.limits = ImageLimits(max_pixels=int(params["max_pixels"]), min_side=int(params["min_side"]))
         self.default_layer = int(params["default_layer"])
         self.jpeg_draft = params.get("jpeg_draft", "false") == "true"  # kiln build vit --jpeg-draft
+        self.scaled = params.get("scaled", "true") == "true"
+        self.output = "pixel_values" if self.scaled else "pixels"
         threads = int(params.get("threads", "0")) or os.cpu_count() or 1
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="vit_preprocess") if threads > 1 else None
 
     def _one(self, data: bytes):
         """One image's pixels, or the message that fails its request."""
         try:
-            return preprocess(data, self.transform, self.limits, self.jpeg_draft)
+            return preprocess(data, self.transform, self.limits, self.jpeg_draft, self.scaled)
         except InputError as exc:
             return str(exc)
         except Exception as exc:  # noqa: BLE001 - whatever PIL raises fails this request only
@@ -60,7 +65,7 @@ class TritonPythonModel:
                 continue
             layer = np.full((len(pixels), 1), self.default_layer, dtype=np.int64)
             responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("pixel_values", np.stack(pixels)), pb_utils.Tensor("layer", layer)]))
+                pb_utils.Tensor(self.output, np.stack(pixels)), pb_utils.Tensor("layer", layer)]))
         return responses
 
     def finalize(self):
