@@ -208,8 +208,11 @@ def normalize_pixels(pixels: np.ndarray, mean, std) -> np.ndarray:
     """uint8 pixels (..., 3, H, W) -> float32 (pixels / 255 - mean) / std per channel, the eval transform's scaling
     in its order of operations (the same floats, bit for bit)."""
     shape = (3, 1, 1)
-    array = pixels.astype(np.float32) / np.float32(255.0)
-    return (array - np.asarray(mean, np.float32).reshape(shape)) / np.asarray(std, np.float32).reshape(shape)
+    array = pixels.astype(np.float32)  # then in place: one buffer (a 256-image batch is 154 MB of float32)
+    array /= np.float32(255.0)
+    array -= np.asarray(mean, np.float32).reshape(shape)
+    array /= np.asarray(std, np.float32).reshape(shape)
+    return array
 
 
 def header_size(data: bytes, what: str = "image", max_pixels: int | None = None) -> tuple[int, int]:

@@ -279,6 +279,21 @@ def test_the_uint8_wire_classifies_and_embeds_as_the_float32_one(uint8_wire_repo
         server.stop()
 
 
+def test_bench_vit_wire_sends_both_wires_both_ways_and_checks_each_answer(tmp_path, kiln):
+    """`kiln bench vit-wire`: the served vit (its model.py, byte_inputs) over a probe artifact, float32 and uint8 over
+    gRPC and shared memory; each call's answer is checked against the floats' means (a wrong scaling fails the run)."""
+    from benchmarks.vit_wire import ARMS
+
+    code, out, err = kiln("bench", "vit-wire", "--batch-sizes", "2", "--calls", "1", "--out", tmp_path)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "vit-wire.json").read_text())
+    assert [(r["wire"], r["mode"]) for r in saved["rows"]] == list(ARMS) and "| 2 | uint8 | shared memory |" in out
+    megabytes = {r["wire"]: r["megabytes_in"] for r in saved["rows"]}
+    assert megabytes["float32"] == pytest.approx(4 * megabytes["uint8"], rel=0.02)
+    assert all(r["p50_ms"] > 0 and r["compute_infer_ms"] > 0 for r in saved["rows"])
+    assert (tmp_path / "vit-wire.png").stat().st_size > 10_000 and saved["machine"]["isa"]
+
+
 def test_metrics_endpoint_counts_requests(triton):
     with urllib.request.urlopen(triton.metrics_url) as response:
         text = response.read().decode()

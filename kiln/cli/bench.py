@@ -1,4 +1,4 @@
-"""`kiln bench vit|serve|sd|edge|transport|preprocess`: the benchmarks (benchmarks/); results and commands in
+"""`kiln bench vit|serve|sd|edge|transport|vit-wire|preprocess`: the benchmarks (benchmarks/); results and commands in
 benchmarks/RESULTS.md."""
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ def add_parser(commands) -> None:
     transport.add_argument("--out", type=Path, default=RESULTS)
     transport.add_argument("--calls", type=at_least(1), default=200, help="timed calls per shape and mode")
     transport.set_defaults(run=run_transport)
+    wire = targets.add_parser("vit-wire", help="a ViT batch's way into the served vit: float32 pixel_values against "
+                                               "uint8 pixels, over gRPC and Triton's system shared memory")
+    wire.add_argument("--out", type=Path, default=RESULTS)
+    wire.add_argument("--batch-sizes", type=int_list, default=(32, 256), help="comma-separated")
+    wire.add_argument("--calls", type=at_least(1), default=10, help="timed calls per batch size and arm")
+    wire.set_defaults(run=run_vit_wire)
     preprocess = targets.add_parser("preprocess", help="vit_preprocess (JPEG decode + eval transform) through Triton: "
                                                        "its thread pool, and --jpeg-draft, against one thread")
     preprocess.add_argument("--out", type=Path, default=RESULTS)
@@ -129,6 +135,13 @@ def run_edge(args) -> int:
                         "openvino-int4 (the ones GenAI has a counterpart for)")
     run_edge_benchmark(EdgeBenchOptions(out=args.out, pipeline=args.pipeline, size=args.size, steps=args.steps,
                                         variants=variants, genai=not args.no_genai))
+    return 0
+
+
+def run_vit_wire(args) -> int:
+    from benchmarks.vit_wire import VitWireBenchOptions, run_vit_wire_benchmark
+
+    run_vit_wire_benchmark(VitWireBenchOptions(out=args.out, batch_sizes=args.batch_sizes, calls=args.calls))
     return 0
 
 
