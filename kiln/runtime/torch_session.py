@@ -223,15 +223,18 @@ class TorchSession:
         return self._graph_key(self._key(inputs)) is not None
 
     def _tensor(self, name: str, value: np.ndarray) -> torch.Tensor:
-        value = np.ascontiguousarray(value)
+        value, dtype = np.ascontiguousarray(value), self._input_dtypes[name]
+        scaled = name in self._scales and value.dtype == np.uint8
         if self._staging is not None and value.dtype in STAGED_DTYPES and value.nbytes >= STAGED_BYTES:
             tensor = self._staging.to_device(name, value)
-        else:
+        elif scaled:
             tensor = torch.from_numpy(value).to(self.device)
-        if name in self._scales and tensor.dtype == torch.uint8:  # kiln.imaging.normalize_pixels' operations, in order
+        else:  # a small input: cast on the host, then copied (half the bytes for float16)
+            return torch.from_numpy(value).to(self.device, dtype)
+        if scaled:  # kiln.imaging.normalize_pixels' operations, in its order: the same floats
             mean, std = self._scales[name]
             tensor = (tensor.to(torch.float32) / 255.0 - mean) / std
-        return tensor.to(self._input_dtypes[name])
+        return tensor.to(dtype)
 
     def _capture(self, shapes: dict[str, tuple]) -> None:
         static = {name: torch.zeros(shape, device=self.device, dtype=self._input_dtypes[name])
