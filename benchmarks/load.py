@@ -58,3 +58,25 @@ def bar_chart(seconds: dict[str, float], path: Path, xlabel: str, title: str, co
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def grouped_bar_chart(series: dict[str, list[float]], groups: list[str], path: Path, ylabel: str, title: str,
+                      rotation: float = 0, legend_size: float | None = None) -> None:
+    """Vertical bars, one group per entry of `groups`, one bar per series (its label) in each, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    width = 0.76 / len(series)
+    for index, (label, values) in enumerate(series.items()):
+        axis.bar(np.arange(len(groups)) + (index - (len(series) - 1) / 2) * width, values, width, label=label)
+    axis.set_xticks(np.arange(len(groups)), groups, rotation=rotation)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(fontsize=legend_size)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

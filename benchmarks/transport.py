@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.load import machine, machine_line, write_results
+from benchmarks.load import grouped_bar_chart, machine, machine_line, write_results
 from build.repository import SITE_PREAMBLE
 
 MODEL = "transport_probe"
@@ -139,21 +139,7 @@ def markdown_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.38
-    for index, mode in enumerate(MODES):
-        values = [next(r["p50_ms"] for r in result["rows"] if r["shape"] == s and r["mode"] == mode) for s in shapes]
-        ax.bar(np.arange(len(shapes)) + (index - 0.5) * width, values, width, label=mode)
-    ax.set_xticks(np.arange(len(shapes)), shapes, rotation=12)
-    ax.set_ylabel("p50 ms per call")
-    ax.set_title("One denoising step's transport to Triton")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = {mode: [next(r["p50_ms"] for r in result["rows"] if r["shape"] == s and r["mode"] == mode)
+                     for s in shapes] for mode in MODES}
+    grouped_bar_chart(series, shapes, path, "p50 ms per call", "One denoising step's transport to Triton", rotation=12)

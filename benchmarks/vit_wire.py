@@ -14,13 +14,13 @@ Writes results/vit-wire.json, .md and .png.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.load import machine, machine_line, write_results
+from benchmarks.load import grouped_bar_chart, machine, machine_line, write_results
 from kiln import contract as names
 
 SIZE = 224
@@ -37,24 +37,22 @@ class VitWireBenchOptions:
 
 
 def probe_repository(target: Path, max_batch: int) -> Path:
-    """`vit` as a Python-backend build writes it (both image inputs, byte_inputs), over the probe artifact."""
+    """`vit` as a Python-backend build writes it (build.vit.configs: both image inputs, byte_inputs), over the probe
+    artifact in place of the ViT, batching up to `max_batch`."""
     import onnx
     from onnx import TensorProto, helper
 
     from build.repository import write_model
-    from build.triton_config import DynamicBatching, ModelConfig, Tensor
-    from kiln.runtime import ByteScale
+    from build.triton_config import DynamicBatching, Tensor
+    from build.vit import ViTBuildOptions
+    from build.vit.configs import vit_model_configs
+    from kiln.imaging import EvalTransform
 
-    config = ModelConfig(
-        name=names.VIT, max_batch_size=max_batch,
-        dynamic_batching=DynamicBatching(max_queue_delay_microseconds=0),
-        inputs=(Tensor("pixel_values", "FP32", (3, SIZE, SIZE), optional=True),
-                Tensor("pixels", "UINT8", (3, SIZE, SIZE), optional=True),
-                Tensor("layer", "INT64", (1,), optional=True)),
-        outputs=(Tensor("logits", "FP32", (3,)),),
-        parameters={"runtime": "onnxruntime", "artifact": "probe.onnx", "default_layer": "0",
-                    "byte_inputs": ByteScale.dump({"pixel_values": ByteScale(MEAN, STD)})})
-    write_model(config, target)
+    transform = EvalTransform(resize=248, crop=(SIZE, SIZE), interpolation="bicubic", mean=MEAN, std=STD)
+    built = next(c for c in vit_model_configs(ViTBuildOptions(random_weights=True), transform) if c.name == names.VIT)
+    write_model(replace(built, max_batch_size=max_batch, dynamic_batching=DynamicBatching(0),
+                        outputs=(Tensor("logits", "FP32", (3,)),),
+                        parameters=built.parameters | {"runtime": "onnxruntime", "artifact": "probe.onnx"}), target)
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", ["pixel_values"], ["logits"], axes=[2, 3], keepdims=0)], "probe",
         [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
@@ -135,22 +133,9 @@ def markdown_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     batches = list(dict.fromkeys(r["batch"] for r in result["rows"]))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.2
-    for index, arm in enumerate(ARMS):
-        values = [next(r["p50_ms"] for r in result["rows"] if r["batch"] == b and (r["wire"], r["mode"]) == arm)
-                  for b in batches]
-        ax.bar(np.arange(len(batches)) + (index - 1.5) * width, values, width, label=" over ".join(arm))
-    ax.set_xticks(np.arange(len(batches)), [f"batch {b}" for b in batches])
-    ax.set_ylabel("p50 ms per call")
-    ax.set_title("A ViT batch's way into the served model")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = {" over ".join(arm): [next(r["p50_ms"] for r in result["rows"]
+                                        if r["batch"] == b and (r["wire"], r["mode"]) == arm) for b in batches]
+              for arm in ARMS}
+    grouped_bar_chart(series, [f"batch {b}" for b in batches], path, "p50 ms per call",
+                      "A ViT batch's way into the served model", legend_size=8)
