@@ -28,7 +28,7 @@ def test_report_of_the_served_build(model_repo):
     content = report.read_report(model_repo)["vit"]
     assert content["weights"]["random"] is True and content["weights"]["parameters"] == 86_567_656
     assert content["served"] == {"backend": "onnxruntime", "precision": "fp32", "artifact": "model.onnx",
-                                 "triton_backend": "python", "device": "cpu", "caveat": None}
+                                 "triton_backend": "python", "device": "cpu", "instances": 1, "caveat": None}
     entry = content["artifacts"]["onnxruntime-fp32"]
     path = model_repo / entry["file"]
     assert entry["sha256"] == report.sha256(path) and entry["size_bytes"] == path.stat().st_size
@@ -53,7 +53,7 @@ def test_jpeg_draft_build_reports_what_it_changes(tmp_path, kiln, sample_images)
     source.resize((1600, 1200), Image.Resampling.BICUBIC).save(photos / "large.jpg", quality=92)
     source.save(photos / "small.jpg", quality=92)  # under twice the resize target: decoded in full
     code, out, err = kiln("build", "vit", "--random-weights", "--variants", "served", "--no-extra-exports",
-                          "--jpeg-draft", "--calibration", photos, "--repo", tmp_path / "repo")
+                          "--jpeg-draft", "--calibration", photos, "--instances", "2", "--repo", tmp_path / "repo")
     assert code == 0, err
     draft = report.read_report(tmp_path / "repo")["vit"]["preprocess"]["jpeg_draft"]
     assert draft["enabled"] and (draft["parity_images"], draft["decoded_reduced"]) == (2, 1), draft
@@ -61,6 +61,8 @@ def test_jpeg_draft_build_reports_what_it_changes(tmp_path, kiln, sample_images)
     assert "1 of 2 parity images decode reduced" in out
     config = read_config(tmp_path / "repo" / "vit_preprocess" / "config.pbtxt")
     assert config.parameters["jpeg_draft"].string_value == "true"
+    assert read_config(tmp_path / "repo" / "vit" / "config.pbtxt").instance_group[0].count == 2  # --instances
+    assert report.read_report(tmp_path / "repo")["vit"]["served"]["instances"] == 2
 
 
 def test_unknown_backend_precision_pair_lists_valid_ones():

@@ -31,6 +31,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert phases["build"]["variant"] == "torch-fp32" and phases["build"]["vit_parity"]["cosine"] > 0.99999
     served, local = phases["vit_served"]["batches"]["1"], phases["vit_in_process"]["batches"]["1"]
     assert all(served[arm]["images_per_s"] > 0 for arm in ("triton_tensor", "triton_uint8", "triton_jpeg"))
+    assert phases["vit_served"]["instances"] == 1  # copies of vit: one on a CPU, two on a GPU (the build's auto)
     assert local["eager"]["images_per_s"] > 0 and phases["vit_in_process"]["served_over_eager_at_max_batch"] > 0
     # Triton's split of each request (the tensor path: `vit` alone; JPEG: the three models of vit_classify)
     assert all(set(served[arm]["triton_ms_per_request"]) == {"vit"} for arm in ("triton_tensor", "triton_uint8"))

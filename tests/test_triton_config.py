@@ -89,6 +89,22 @@ def test_ensembles_wire_existing_tensors(options, wire):
         assert {t.name for t in ensemble.outputs} <= available
 
 
+@pytest.mark.parametrize("options, count", [({}, 1), (GPU_PYTHON, 2), (GPU_PYTHON | {"instances": 1}, 1),
+                                            ({"instances": 3, "threads": 1}, 3),
+                                            ({"triton_backend": "native", "device": "gpu",
+                                              "backend": "onnxruntime-cuda", "precision": "fp16"}, 2)])
+def test_vit_runs_as_many_copies_as_asked_two_on_a_gpu(options, count):
+    """--instances: Triton's instance_group count of `vit` (each copy its own session); auto gives a GPU two, so that
+    one copy's host work overlaps the other's compute, and a CPU one (its session uses every core). Only `vit`:
+    the decode pool and the label lookup are one copy each."""
+    configs = {c.name: c for c in _configs(**options)}
+    assert configs["vit"].instance_count == count
+    assert configs["vit"].to_proto().instance_group[0].count == count
+    assert configs["vit_preprocess"].instance_count == configs["vit_postprocess"].instance_count == 1
+    with pytest.raises(ConfigError, match="--instances must be 0 \\(auto\\) or more, got -1"):
+        _configs(**options | {"instances": -1})
+
+
 def test_invalid_configs_are_rejected():
     with pytest.raises(ConfigError, match="unknown dtype"):
         Tensor("x", "FLOAT", (1,))

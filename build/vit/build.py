@@ -26,7 +26,7 @@ from build.repository import write_models
 from build.specs import ComponentSpec
 from build.static import check_static, check_static_variant
 from build.torch_export import export_artifact
-from build.vit.configs import pixel_wire, vit_model_configs, vit_static_plan
+from build.vit.configs import pixel_wire, vit_instances, vit_model_configs, vit_static_plan
 from build.vit.draft import draft_figures, draft_summary
 from build.vit.labels import class_labels, write_labels
 from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, VIT_MODEL_NAME, VIT_SPEC, spec_facts, spec_for
@@ -60,6 +60,7 @@ class ViTBuildOptions:
     threads: int = 0  # runtime threads inside Triton, and vit_preprocess's decode pool; 0: all cores
     jpeg_draft: bool = False  # vit_preprocess decodes large JPEGs reduced (libjpeg's DCT scaling), near timm's pixels
     pixel_wire: str = "auto"  # how vit_preprocess hands images to vit: uint8, float32, auto (build.vit.configs)
+    instances: int = 0  # copies of the served `vit` Triton runs (its instance_group count); 0: auto (vit_instances)
     progress: bool = True
 
     @property
@@ -167,7 +168,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
     check_static_variant(options.static_sizes, [VIT_VARIANTS[k] for k in keys] if options.auto else [options.served],
                          options.triton_backend)
     check_threads(options.threads)
-    wire = pixel_wire(options)
+    wire, instances = pixel_wire(options), vit_instances(options)
     if options.calibration_size < 1:
         raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
     for name in options.extra_exports:
@@ -282,7 +283,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         "weights": {"source": loaded.source, "random": loaded.random,
                     "parameters": int(sum(p.numel() for p in model.parameters()))},
         "served": {"backend": served.runtime, "precision": served.precision, "artifact": served.artifact,
-                   "triton_backend": options.triton_backend, "device": options.device,
+                   "triton_backend": options.triton_backend, "device": options.device, "instances": instances,
                    "caveat": precision_caveat(served, options.triton_backend),
                    **(target if served.runtime == "openvino" else {}), **({"static": static} if static else {})},
         "auto": choice,

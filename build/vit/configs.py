@@ -48,6 +48,16 @@ def pixel_wire(options: ViTBuildOptions) -> str:
     return options.pixel_wire
 
 
+def vit_instances(options: ViTBuildOptions) -> int:
+    """How many copies of `vit` Triton runs (its instance_group count), each with its own session. auto (0): two on a
+    GPU, where one copy's host work (the batch into its stub, the pinned copy, the response) overlaps the other's
+    compute, which a single copy serialises; one on a CPU, where one session already uses every core (more copies
+    there should share them: --threads)."""
+    if options.instances < 0:
+        raise ConfigError(f"--instances must be 0 (auto) or more, got {options.instances}")
+    return options.instances or (2 if options.device == "gpu" else 1)
+
+
 def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
                       spec: ComponentSpec = VIT_SPEC) -> list[ModelConfig]:
     """vit_preprocess, vit, vit_postprocess and the ensembles vit_classify and vit_embed, for this ViT's spec."""
@@ -90,6 +100,7 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
         max_batch_size=max_batch,
         dynamic_batching=batching,
         kind="KIND_CPU",
+        instance_count=vit_instances(options),
         parameters={"runtime": served.runtime, "artifact": served.artifact,
                     "inference_precision": served.inference_precision, "threads": str(options.threads),
                     **({"ov_device": options.ov_device} if served.runtime == "openvino" else {}),

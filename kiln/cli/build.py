@@ -48,6 +48,10 @@ def add_parser(commands) -> None:
                           "(a quarter of the bytes; on a GPU, scaled there), or float32 pixel_values, scaled by the "
                           "decode pool (auto: uint8 with torch on a GPU, float32 otherwise). Either way `vit` "
                           "takes both, except on a native backend (float32 only)")
+    vit.add_argument("--instances", type=at_least(0), default=0,
+                     help="copies of the served vit model Triton runs (its instance_group count), each with its own "
+                          "session; 0: auto, two on a GPU (one copy's copies and host work overlap the other's "
+                          "compute), one on a CPU (one session uses every core: give more copies --threads)")
     vit.set_defaults(run=run_vit)
 
     sd = targets.add_parser("sd", help="Stable Diffusion 1.x or 2.x: text encoder, UNet, VAE, ControlNets, tokenizer")
@@ -146,7 +150,7 @@ def run_vit(args) -> int:
         calibration=args.calibration, calibration_size=args.calibration_size, repository=args.repo,
         triton_backend=args.triton_backend, device=args.device, ov_device=args.ov_device,
         static_sizes=_static_sizes(args), threads=args.threads, jpeg_draft=args.jpeg_draft,
-        pixel_wire=args.pixel_wire))
+        pixel_wire=args.pixel_wire, instances=args.instances))
     print(f"served: vit = {result.served_key} ({result.served.artifact})")
     return 0
 
