@@ -75,7 +75,32 @@ def vit_served(check: Check) -> dict:
     return {"instances": instances, "batches": rows,
             "concurrent": alone(_vit_concurrent, check, {"pixel_values": pixels[:largest]}),
             "concurrent_uint8": alone(_vit_concurrent, check, {"pixels": raw[:largest]}),
-            "execute_split": alone(execute_split, check, names.VIT)}
+            "execute_split": alone(execute_split, check, names.VIT),
+            "concurrent_uint8_other_instances": alone(_other_instances, check, {"pixels": raw[:largest]}, instances)}
+
+
+def _other_instances(check: Check, feed: dict[str, np.ndarray], instances: int) -> dict:
+    """The concurrent uint8 arm again with `vit` reloaded at another instance count (two where the build gave one,
+    one where it gave more): what its copies' overlap is worth, measured in the same run. `vit` stays reloaded."""
+    import json
+
+    import tritonclient.grpc as grpcclient
+
+    other = 2 if instances == 1 else 1
+    client = grpcclient.InferenceServerClient(check.server.grpc_url)
+    try:
+        config = client.get_model_config(names.VIT, as_json=True)["config"]
+        for group in config["instance_group"]:
+            group["count"] = other
+        started = time.perf_counter()
+        client.load_model(names.VIT, config=json.dumps(config))  # Triton's explicit model control (serve)
+        reload_s = time.perf_counter() - started
+        loaded = client.get_model_config(names.VIT, as_json=True)["config"]["instance_group"][0]["count"]
+    finally:
+        client.close()
+    if loaded != other:
+        raise RuntimeError(f"vit reloaded with {loaded} instances, not {other}")
+    return {"instances": other, "reload_s": round(reload_s, 2)} | _vit_concurrent(check, feed)
 
 
 def alone(arm, *args) -> dict:

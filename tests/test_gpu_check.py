@@ -37,9 +37,11 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(set(served[arm]["triton_ms_per_request"]) == {"vit"} for arm in ("triton_tensor", "triton_uint8"))
     assert set(served["triton_jpeg"]["triton_ms_per_request"]) == {"vit_preprocess", "vit", "vit_postprocess"}
     assert served["triton_tensor"]["triton_ms_per_request"]["vit"]["compute_infer_ms"] > 0
-    for arm in ("concurrent", "concurrent_uint8"):
+    for arm in ("concurrent", "concurrent_uint8", "concurrent_uint8_other_instances"):
         concurrent = phases["vit_served"][arm]
         assert concurrent["clients"] == 2 and concurrent["requests"] > 0 and concurrent["images_per_s"] > 0, arm
+    # vit reloaded by Triton's explicit model control at the other count of copies: two here
+    assert phases["vit_served"]["concurrent_uint8_other_instances"]["instances"] == 2
     assert set(phases["vit_in_process"]["host_copy_ms_at_max_batch"]) == {"cast_on_host", "cast_on_device"}
     unet = phases["unet_rows"]  # no graphs on the CPU: 2 and 4 rows, and 3; the program also channels-last
     assert unet["runtime"] == "torch" and set(unet["served"]) == set(unet["channels_last"]) == {"2", "3", "4"}
