@@ -82,20 +82,18 @@ def vit_served(check: Check) -> dict:
 def _other_instances(check: Check, feed: dict[str, np.ndarray], instances: int) -> dict:
     """The concurrent uint8 arm again with `vit` reloaded at another instance count (two where the build gave one,
     one where it gave more): what its copies' overlap is worth, measured in the same run. `vit` stays reloaded."""
-    import json
-
-    import tritonclient.grpc as grpcclient
+    from kiln.triton_client import TritonClient
 
     other = 2 if instances == 1 else 1
-    client = grpcclient.InferenceServerClient(check.server.grpc_url)
+    client = TritonClient(check.server.grpc_url)
     try:
-        config = client.get_model_config(names.VIT, as_json=True)["config"]
+        config = client.model_config(names.VIT)
         for group in config["instance_group"]:
             group["count"] = other
         started = time.perf_counter()
-        client.load_model(names.VIT, config=json.dumps(config))  # Triton's explicit model control (serve)
+        client.load_model(names.VIT, config)  # Triton's explicit model control (serve)
         reload_s = time.perf_counter() - started
-        loaded = client.get_model_config(names.VIT, as_json=True)["config"]["instance_group"][0]["count"]
+        loaded = client.model_config(names.VIT)["instance_group"][0]["count"]
     finally:
         client.close()
     if loaded != other:

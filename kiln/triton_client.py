@@ -259,21 +259,24 @@ class TritonClient:
             raise self._error("the repository index", exc) from None
         return sorted(e["name"] for e in entries if e.get("state") == "READY" and e["name"].startswith(prefix))
 
-    def load_model(self, model: str) -> None:
-        """Load (or reload) a model: Triton's explicit model control (`kiln serve --max-checkpoints`)."""
-        self._control("load_model", model)
+    def load_model(self, model: str, config: dict | None = None) -> None:
+        """Load (or reload) a model: Triton's explicit model control (`kiln serve --max-checkpoints`). `config`: a
+        whole model config in model_config's JSON form, which replaces the repository's for this load."""
+        import json
+
+        self._control("load_model", model, **({"config": json.dumps(config)} if config is not None else {}))
 
     def unload_model(self, model: str) -> None:
         self._control("unload_model", model)
 
-    def _control(self, action: str, model: str) -> None:
+    def _control(self, action: str, model: str, **options) -> None:
         from tritonclient.utils import InferenceServerException
 
         try:
             if self.protocol == "grpc":
-                getattr(self.connection(), action)(model, client_timeout=self.timeout_s)
+                getattr(self.connection(), action)(model, client_timeout=self.timeout_s, **options)
             else:
-                getattr(self.connection(), action)(model)
+                getattr(self.connection(), action)(model, **options)
         except InferenceServerException as exc:
             raise ServerError(f"Triton could not {action.split('_')[0]} {model}: "
                               f"{(exc.message() if callable(getattr(exc, 'message', None)) else '') or exc}") from None
