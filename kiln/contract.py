@@ -273,8 +273,7 @@ class SDContract:
             if name.strip() in (candidate.name, Path(candidate.name).stem):
                 return candidate
         known = ", ".join(["Automatic", "None", *(v.name for v in self.vaes)])
-        raise InputError(f"sd_vae: unknown VAE {name!r}; this build serves: {known} (build more with kiln build sd "
-                         "--vae)")
+        raise InputError(f"sd_vae: unknown VAE {name!r}; this build serves: {known} (build more: kiln build sd --vae)")
 
     def controlnet(self, model: str | None) -> ServedControlNet:
         """The ControlNet a unit's `model` names: its name, or its title "name [hash]"; None/"None": the first."""
@@ -375,7 +374,8 @@ class ServedArtifact:
     graph_batches: str = ""  # torch on CUDA: the batch sizes replayed from CUDA graphs ...
     graph_shapes: str = ""  # ... captured at these input shapes (JSON)
     static_shapes: str = ""  # OpenVINO: a static build's plan (kiln.runtime.static)
-    channels_last: str = ""  # torch on CUDA: "1", the program's 4-d weights channels-last (NHWC)
+    channels_last: str = ""  # torch on CUDA: "1", the program's 4-d weights channels-last (NHWC) ...
+    torch_compile: str = ""  # ... and "1", its CUDA graphs captured from torch.compile's kernels
 
 
 def read_served(config_path: Path) -> ServedArtifact:
@@ -385,7 +385,7 @@ def read_served(config_path: Path) -> ServedArtifact:
     if config.backend == "python":
         if "runtime" not in params:
             raise ConfigError(f"{config_path}: {config.name} serves no artifact")
-        extra = {k: params.get(k, "") for k in ("graph_batches", "graph_shapes", "static_shapes", "channels_last")}
+        extra = {f.name: params.get(f.name, "") for f in fields(ServedArtifact)[4:]}  # after gpu: its parameters
         return ServedArtifact(params["runtime"], params["artifact"], params.get("inference_precision", "f32"),
                               any(group.kind == group.KIND_GPU for group in config.instance_group), **extra)
     if config.backend in ("onnxruntime", "openvino") and config.default_model_filename:

@@ -68,6 +68,7 @@ class SessionOptions:
     graph_batches: tuple[int, ...] = ()  # torch on CUDA: batch sizes that replay a CUDA graph ...
     graph_shapes: Mapping[str, tuple[int, ...]] | None = None  # ... captured at these input shapes (the build's opt)
     channels_last: bool = False  # torch.export programs: 4-d weights in channels-last layout (NHWC convolutions)
+    torch_compile: bool = False  # torch.export programs on CUDA: torch.compile's kernels in the captured graphs
     cache_dir: Path | None = None  # OpenVINO: its model cache (CACHE_DIR), so a second start skips compiling
     ov_device: str = "CPU"  # OpenVINO: CPU, GPU[.N], NPU, or AUTO (its plugin chooses among what the machine has)
     static_shapes: str = ""  # OpenVINO: a kiln.runtime.static plan (JSON); "": the IR's dynamic shapes
@@ -134,16 +135,17 @@ def _usable_cache(folder: Path | None) -> str | None:
 
 
 def session_device(runtime: str, gpu: bool, graph_batches: str = "", graph_shapes: str = "",
-                   device_id: int = 0, channels_last: str = "") -> dict:
+                   device_id: int = 0, channels_last: str = "", torch_compile: str = "") -> dict:
     """SessionOptions' device fields from a model's config: a KIND_GPU torch model runs on GPU `device_id`, replaying
     CUDA graphs at the batches its build captured ("2,4,8,16") at the shapes it names (JSON), with its weights
-    channels-last where the config says "1"."""
+    channels-last, and its graphs captured from torch.compile's kernels, where the config says "1"."""
     if not gpu or runtime != "torch":
         return {}
     import json
 
     return {"device": f"cuda:{device_id}", "graph_batches": tuple(int(b) for b in graph_batches.split(",") if b),
-            "graph_shapes": json.loads(graph_shapes) if graph_shapes else None, "channels_last": channels_last == "1"}
+            "graph_shapes": json.loads(graph_shapes) if graph_shapes else None, "channels_last": channels_last == "1",
+            "torch_compile": torch_compile == "1"}
 
 
 def pad_rows(value: np.ndarray, rows: int) -> np.ndarray:
@@ -156,7 +158,7 @@ def served_device(served) -> dict:
     """session_device for a kiln.contract.ServedArtifact (what a runtime model's config serves), on the first GPU:
     its artifact opened in another process as its Triton model opens it."""
     return session_device(served.runtime, served.gpu, served.graph_batches, served.graph_shapes,
-                          channels_last=served.channels_last)
+                          channels_last=served.channels_last, torch_compile=served.torch_compile)
 
 
 class Session:
@@ -240,7 +242,8 @@ class Session:
             from kiln.runtime.torch_session import TorchSession  # the one module of kiln that needs torch
 
             self._torch = TorchSession(path, options.device, options.threads, options.graph_batches,
-                                       options.graph_shapes, options.channels_last, options.byte_inputs)
+                                       options.graph_shapes, options.channels_last, options.byte_inputs,
+                                       options.torch_compile)
             self.input_names, self.output_names = self._torch.input_names, self._torch.output_names
         else:
             raise ConfigError(f"unknown runtime {options.runtime!r}; valid: {', '.join(RUNTIMES)}")
@@ -272,6 +275,11 @@ class Session:
     def checks_finite(self) -> bool:
         """Whether run() itself refuses NaN and infinity in float inputs (torch on a GPU, where it is cheap)."""
         return self.options.runtime == "torch" and self._torch.checks_finite
+
+    @property
+    def compile_s(self) -> float:
+        """The seconds torch.compile took when this session opened (SessionOptions.torch_compile), else 0."""
+        return self._torch.compile_s if self.options.runtime == "torch" else 0.0
 
     def replays_graph(self, inputs: Mapping[str, np.ndarray]) -> bool:
         """Whether run(inputs) replays a CUDA graph (torch on CUDA, at the shapes its build captured)."""

@@ -36,7 +36,8 @@ class RuntimeModel:
         # A KIND_GPU instance runs on the GPU Triton gave it (torch variants).
         device = session_device(self.params["runtime"], args.get("model_instance_kind") == "GPU",
                                 self.params.get("graph_batches", ""), self.params.get("graph_shapes", ""),
-                                int(args.get("model_instance_device_id", 0)), self.params.get("channels_last", ""))
+                                int(args.get("model_instance_device_id", 0)), self.params.get("channels_last", ""),
+                                self.params.get("torch_compile", ""))
         self.session = Session(SessionOptions(
             runtime=self.params["runtime"],
             path=version_dir / self.params["artifact"],

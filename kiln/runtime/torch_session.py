@@ -19,6 +19,9 @@ A float32 or uint8 input of 1 MB or more reaches the GPU through a pinned stagin
 step's latents); uint8 pixels of an input named in `byte_inputs` are scaled to the program's floats there.
 `channels_last` stores a program's 4-d weights channels-last (NHWC): a convolution with such a weight computes and
 returns channels-last, so the layout carries through a UNet or a VAE, as cuDNN's float16 tensor-core kernels want.
+`torch_compile` compiles a program's graph with torch.compile (Inductor's fused kernels; batch sizes symbolic, so one
+compile serves every bucket) before its CUDA graphs are captured: a capture then replays those kernels. Calls no graph
+holds run the program as exported, never a compile at request time. The compile's seconds are in compile_s.
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ class TorchSession:
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0,
                  graph_batches: Sequence[int] = (), graph_shapes: Mapping[str, Sequence[int]] | None = None,
-                 channels_last: bool = False, byte_inputs: Mapping | None = None) -> None:
+                 channels_last: bool = False, byte_inputs: Mapping | None = None, torch_compile: bool = False) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -203,9 +206,15 @@ class TorchSession:
         self._graphs: dict[tuple, tuple] = {}
         self._lock = threading.Lock()  # a captured graph has one set of static buffers
         self._staging = _Staging(self.device) if self.device.type == "cuda" else None
-        if self.device.type == "cuda" and graph_batches and graph_shapes:
-            for batch in graph_batches:
-                self._capture({name: (batch, *graph_shapes[name][1:]) for name in self.input_names})
+        graphs = self.device.type == "cuda" and bool(graph_batches and graph_shapes)
+        self.torch_compile, self.compile_s = torch_compile, 0.0
+        if torch_compile and (self.compiled or not graphs):
+            raise ConfigError(f"{path}: torch_compile compiles what a CUDA graph captures: a torch.export program on a "
+                              "GPU with the build's graph buckets" + (", not an AOTInductor package (compiled already)"
+                                                                      if self.compiled else f", not on {device}"))
+        captured = torch.compile(self.module) if torch_compile else self.module
+        for batch in graph_batches if graphs else ():
+            self._capture(captured, {name: (batch, *graph_shapes[name][1:]) for name in self.input_names})
 
     @property
     def execution_precision(self) -> str:
@@ -236,18 +245,25 @@ class TorchSession:
             tensor = (tensor.to(torch.float32) / 255.0 - mean) / std
         return tensor.to(dtype)
 
-    def _capture(self, shapes: dict[str, tuple]) -> None:
+    def _capture(self, module, shapes: dict[str, tuple]) -> None:
         static = {name: torch.zeros(shape, device=self.device, dtype=self._input_dtypes[name])
                   for name, shape in shapes.items()}
+        if self.torch_compile:  # the rows symbolic: the first bucket's compile serves the others
+            for tensor in static.values():
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(stream):
-            for _ in range(2):  # warm up the allocator and kernels before capturing
-                self.module(*(static[n] for n in self.input_names))
+            for warm_up in range(2):  # warm up the allocator and kernels (and compile) before capturing
+                started = time.perf_counter()
+                module(*(static[n] for n in self.input_names))
+                if self.torch_compile and warm_up == 0:
+                    torch.cuda.synchronize(self.device)
+                    self.compile_s += time.perf_counter() - started
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph):
-            outputs = self.module(*(static[n] for n in self.input_names))
+            outputs = module(*(static[n] for n in self.input_names))
         key = tuple(tuple(shapes[n]) for n in self.input_names)
         self._graphs[key] = (graph, static, outputs if isinstance(outputs, (tuple, list)) else (outputs,))
 

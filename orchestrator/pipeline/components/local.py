@@ -88,7 +88,7 @@ def session_runners(repository: Path, runtime: str | None = None, artifact: str 
         path = (paths or {}).get(component) or folder / "1" / (artifact or served.artifact)
         device = served_device(served)
         if runtime or artifact or component in (paths or {}):  # another artifact than the served one: its own layout
-            device["channels_last"] = False
+            device |= {"channels_last": False, "torch_compile": False}
         session = Session(SessionOptions(runtime or served.runtime, path,
                                          inference_precision=inference_precision or served.inference_precision,
                                          static_shapes=served.static_shapes if not (runtime or artifact) else "",
