@@ -112,6 +112,10 @@ def test_a_mix_names_what_each_part_runs(plain_checkpoint, tmp_path, kiln):
                         "openvino-fp32+vae=fp8")
     assert code == 2 and "unknown variant 'fp8' for vae" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())  # refused before anything was built
+    code, _, err = kiln("build", "sd", "--weights", str(plain_checkpoint), "--repo", str(tmp_path), "--torch-compile")
+    assert code == 2 and "Traceback" not in err and "--torch-compile compiles the CUDA graphs of a torch.export " \
+        "program on a GPU (--device gpu --variant torch-cuda-fp16); the UNet serves onnxruntime-fp32" in err
+    assert not any(tmp_path.iterdir())
     # A GPU build runs every model on the GPU: a torch part checked and compiled for the CPU would not load there.
     with pytest.raises(ConfigError, match="torch's CPU variants"):
         build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=tmp_path, progress=False, device="gpu",
@@ -245,15 +249,19 @@ def test_torch_program_build_matches_the_modules_and_onnx(plain_checkpoint, plai
         assert entry["parity"][next(iter(entry["parity"]))]["max_abs"] == 0.0
     # The program with channels-last weights (SessionOptions.channels_last: NHWC convolutions, for cuDNN's fp16
     # kernels): the layout carries through the UNet's and the VAE's graphs, and the numbers stay within rounding.
+    from kiln.errors import ConfigError
     from kiln.runtime import Session, SessionOptions
 
     specs = sd_specs(load_sd(str(plain_checkpoint), None, None), IMAGES)
     for component, output in (("unet", "noise_pred"), ("vae_decoder", "image")):
         path, feed = tmp_path / f"sd_{component}" / "1" / "model.pt2", specs[component].sample_inputs(0, batch=2)
         plain, nhwc = (Session(SessionOptions("torch", path, channels_last=layout)) for layout in (False, True))
+        with pytest.raises(ConfigError, match="torch_compile compiles what a CUDA graph captures: .* not on cpu"):
+            Session(SessionOptions("torch", path, torch_compile=True))  # no graphs on a CPU: AOTInductor is its plan
         kernels = [w for w in nhwc._torch.module.parameters() if w.dim() == 4 and min(w.shape[-2:]) > 1]
         assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
                                for w in kernels)
+        assert plain.compile_s == 0  # torch.compile's seconds where it compiled (SessionOptions.torch_compile)
         outputs = plain.run(feed)[output], nhwc.run(feed)[output]
         assert outputs[1].flags.c_contiguous and np.abs(outputs[0] - outputs[1]).max() < 1e-4
     images = Pipeline.from_repository(tmp_path).generate(REQUEST).images
@@ -362,6 +370,24 @@ def test_torch_cuda_variant_configs_and_its_gpu(plain_checkpoint, tmp_path, key,
     assert session_device("torch", False, channels_last="1") == {}  # a CPU instance: the layout as exported
     contiguous = sd_model_configs(specs, contract, dict.fromkeys(specs, variant), device="gpu", channels_last=False)
     assert all("channels_last" not in c.parameters for c in contiguous)
+    # --torch-compile: a program's step models capture their graphs from torch.compile's kernels (read back from the
+    # config by the served model and in process); a compiled package is refused it
+    from build.sd.configs import check_torch_compile
+    from kiln.contract import read_served
+    from kiln.errors import ConfigError
+    from kiln.runtime import served_device
+
+    compiled = sd_model_configs(specs, contract, dict.fromkeys(specs, variant), device="gpu", torch_compile=True)
+    flagged = {c.name for c in compiled if c.parameters.get("torch_compile") == "1"}
+    assert flagged == ({"sd_unet"} if nhwc else set())
+    served = read_served(next(c for c in compiled if c.name == "sd_unet").write(tmp_path / "compiled"))
+    assert served.torch_compile == ("1" if nhwc else "") and served_device(served)["torch_compile"] is nhwc
+    if nhwc:
+        check_torch_compile(True, variant, key)
+    else:
+        with pytest.raises(ConfigError, match="--torch-compile compiles the CUDA graphs of a torch.export program on "
+                                              f"a GPU .*; the UNet serves {key}"):
+            check_torch_compile(True, variant, key)
     if not torch.cuda.is_available():
         from kiln.errors import ExportError
 

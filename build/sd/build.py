@@ -24,7 +24,7 @@ from build.repository import remove_stale, write_models
 from build.sd.auto import TIMED as AUTO_TIMED
 from build.sd.auto import candidates as auto_candidates
 from build.sd.auto import choose_variant
-from build.sd.configs import sd_model_configs
+from build.sd.configs import check_torch_compile, sd_model_configs
 from build.sd.export import check_component, export_component, export_modules
 from build.sd.lora import LORA_COMPONENTS, LORA_RUNTIMES, write_lora_map
 from build.sd.mix import parse_mix
@@ -73,6 +73,9 @@ class SDBuildOptions:
     # torch.export programs in float16 on CUDA: the step models' 4-d weights channels-last (NHWC), as cuDNN's float16
     # kernels want (kiln.runtime.torch_session); False: contiguous (NCHW)
     channels_last: bool = True
+    # torch.export programs on CUDA: the step models' CUDA graphs captured from torch.compile's kernels, compiled when
+    # Triton loads them (kiln.runtime.torch_session)
+    torch_compile: bool = False
     progress: bool = True
     # What the served models run: a key of SD_VARIANTS, or auto (build.sd.auto), optionally with parts that run another
     # (build.sd.mix: openvino-int8-hybrid+vae=openvino-bf16)
@@ -160,6 +163,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         f"vae_{part}{served.suffix}" for served in extra_vaes(loaded) for part in ("decoder", "encoder")) + \
         (tuple(c + TILING for c in SERVED if c != "text_encoder") if options.tiling else ())
     variants = {c: mix.variant(c) for c in components}
+    check_torch_compile(options.torch_compile, variants["unet"], mix.key("unet"))
     if upcast_vae(loaded):  # diffusers' default: the VAE in float32 (SDXL's needs it)
         variants |= {c: variants[c].upcast() for c in components if c.startswith("vae_")}
 
@@ -266,7 +270,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
     plans = {name: static_plan(specs[name], static) for name in components} if static else {}
     configs = sd_model_configs(specs, contract, variants, options.max_queue_delay_us, options.threads,
                                options.step_queue_delay_us, options.triton_backend, options.device, options.ov_device,
-                               models, plans, options.channels_last)
+                               models, plans, options.channels_last, options.torch_compile)
     remove_stale(repository, models("sd_*control*"), {c.name for c in configs})
     remove_stale(repository, models("sd_vae_*_*"), {c.name for c in configs})  # an earlier build's extra VAEs
     write_models(configs, repository)
@@ -293,6 +297,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
                "auto": choices.pop("unet", None), **({"auto_parts": choices} if choices else {}),
                "components": {c: mix.key(c) for c in components},
                "triton_backend": options.triton_backend, "device": options.device,
+               "torch_compile": options.torch_compile,
                "caveat": "; ".join(dict.fromkeys(c for v in variants.values()
                                                   if (c := precision_caveat(v, options.triton_backend)))) or None,
                **(target if any(v.runtime == "openvino" for v in variants.values()) else {}),

@@ -12,6 +12,7 @@ from build.specs import ComponentSpec
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 from kiln import contract as names
 from kiln.contract import DEFAULT_MODELS, TILING, SDContract, SDModels
+from kiln.errors import ConfigError
 from kiln.runtime.static import StaticPlan
 
 STEP_COMPONENTS = ("unet", "unet_control", "unet" + TILING)  # with the ControlNets: what a denoising step calls
@@ -22,7 +23,7 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
                      triton_backend: str = "python", device: str = "cpu", ov_device: str = "CPU",
                      models: SDModels = DEFAULT_MODELS,
                      static: Mapping[str, StaticPlan] | None = None,
-                     channels_last: bool = True) -> list[ModelConfig]:
+                     channels_last: bool = True, torch_compile: bool = False) -> list[ModelConfig]:
     """Every model of the build; `variants[component]` is what that component's model serves. The contract goes
     into sd_unet's parameters: the service reads what it needs to drive the loop from there. `triton_backend`
     "native" serves the runtime models on NVIDIA's image's own backends (build.native), on `device`.
@@ -31,7 +32,8 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
     service's step batcher already merges the steps of concurrent requests, so a wait only adds to each
     step); the others `max_queue_delay_us`. `static`: the static-shape plans of a static build's runtime models
     (build.static), by component. `channels_last`: the step models of a float16 torch.export program on CUDA keep
-    their convolution weights channels-last.
+    their convolution weights channels-last; `torch_compile`: those of any torch.export program on CUDA capture their
+    CUDA graphs from torch.compile's kernels, compiled when Triton loads them.
     """
     text, decoder, encoder = specs["text_encoder"], specs["vae_decoder"], specs["vae_encoder"]
     tokenizer_model, text_encoder_model, text_encode_model, unet_control_model, postprocess_model, preprocess_model = (
@@ -53,6 +55,8 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
             params |= cuda_graph_parameters(specs[component])
             if channels_last and served.channels_last:
                 params["channels_last"] = "1"
+            if torch_compile and not served.compiler:
+                params["torch_compile"] = "1"
         return params
 
     def served(component: str, config: ModelConfig) -> ModelConfig:
@@ -154,3 +158,10 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
                        EnsembleStep(unet_control_model, {t.name: t.name for t in (*unet_control.inputs, *lora)},
                                     {"noise_pred": "noise_pred"}))))
     return configs
+
+
+def check_torch_compile(torch_compile: bool, unet: Variant, key: str) -> None:
+    """--torch-compile needs a UNet served as a torch.export program on CUDA (its CUDA graphs are what it compiles)."""
+    if torch_compile and not (unet.runtime == "torch" and unet.accelerator == "cuda" and not unet.compiler):
+        raise ConfigError(f"--torch-compile compiles the CUDA graphs of a torch.export program on a GPU "
+                          f"(--device gpu --variant torch-cuda-fp16); the UNet serves {key}")
