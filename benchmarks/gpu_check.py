@@ -9,7 +9,7 @@ bucket), starts the embedded Triton on the GPU and measures, in the same run:
 - SD 1.5 512x512, 50 steps, Euler a, CFG 7.5: seconds per image through Triton + the orchestrator, the same variant
   in process, and diffusers' own fp16 pipeline; the per-step split;
 - the served UNet's artifact in process at each CUDA-graph row bucket: milliseconds per row, which say what merging
-  steps can gain (benchmarks/gpu_unet.py);
+  steps can gain, in the other layout, and compiled by torch.compile (benchmarks/gpu_unet.py);
 - step batching at 1, 4 and 16 concurrent clients of the service's engine: images/s and p95 against no batching (a
   second Triton whose sd_unet runs each call alone) and against Triton's own merging, with the UNet's rows per
   execution as Triton counts them;
@@ -19,8 +19,9 @@ is cut short still says what it measured and why it stopped. `--device cpu` runs
 (torch-fp32 on the CPU): a test runs it so the script cannot rot before a GPU is lent.
 
 `--variant` builds another torch variant or mix (torch-aoti-cuda-fp16+text_encoder=torch-cuda-fp16+vae=torch-cuda-fp16
-compiles the UNet alone) and `--phases` runs some phases only (the build phase builds the ViT only for a ViT phase):
-a run that measures one change fits in what is left of a lent machine's time. results.png draws the figures.
+compiles the UNet alone), `--torch-compile` serves the UNet compiled by torch.compile, and `--phases` runs some
+phases only (the build phase builds the ViT only for a ViT phase): a run that measures one change fits in what is
+left of a lent machine's time. results.png draws the figures.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class GPUCheckOptions:
     seconds: float = 2.0  # per ViT measurement, after warm-up
     budget_s: float = 400.0  # a phase that would start later is skipped, and said so (the script stops at 480 s)
     compiled: bool = True  # in-process torch.compile baselines (minutes on a CPU: off there)
+    torch_compile: bool = False  # the served UNet compiled by torch.compile when Triton loads it (--torch-compile)
     variant: str = ""  # the torch variant built and served; "": torch-cuda-fp16 on cuda, torch-fp32 on the CPU
     phases: tuple[str, ...] = ()  # the phases to run, in PHASES' order; (): all
 
@@ -215,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="no phase starts after this many seconds (default: the script's limit less 80 s)")
     parser.add_argument("--variant", default="", help="the torch variant to build and serve (torch-aoti-cuda-fp16: "
                         "AOTInductor's compiled kernels; default torch-cuda-fp16, torch-fp32 with --device cpu)")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="build the served UNet with kiln build sd --torch-compile (torch.compile's kernels in its "
+                        "CUDA graphs, compiled when Triton loads it); unet_rows then times it uncompiled too")
     parser.add_argument("--phases", default="", help=f"comma-separated, from {', '.join(n for n, _ in PHASES)} "
                         "(default: all); a served phase needs serve, and serve needs build")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("KILN_GPU_CHECK_WORK", ".kiln/gpu-check")),
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(phases) - {n for n, _ in PHASES})
     if unknown:
         parser.error(f"unknown phase {', '.join(unknown)}; the phases are {', '.join(n for n, _ in PHASES)}")
-    chosen = {"variant": args.variant, "phases": phases}
+    chosen = {"variant": args.variant, "phases": phases, "torch_compile": args.torch_compile}
     if args.device == "cpu":  # the tiny run that keeps this script honest where no GPU is lent
         options = GPUCheckOptions(out=args.out, work=args.work, device="cpu", steps=3, batching_steps=2,
                                   vit_batches=(1,), vit_clients=2, clients=(1, 2), requests_per_client=1, seconds=0.2,

@@ -129,9 +129,11 @@ def build(check: Check) -> dict:
     options = check.options
     variant, device = options.built, "gpu" if options.cuda else "cpu"  # variant: a key, or a mix of them for SD
     build_sd(SDBuildOptions(weights=str(check.weights), repository=check.repo, images=ImageRange(*options.images),
-                            progress=False, variant=variant, device=device), log=check.log)
+                            progress=False, variant=variant, device=device, torch_compile=options.torch_compile),
+             log=check.log)
     sd = read_report(check.repo)["sd"]["artifacts"]
-    result = {"variant": variant, "sd_parity": {k: v["parity"] for k, v in sd.items()},
+    result = {"variant": variant, "torch_compile": options.torch_compile,
+              "sd_parity": {k: v["parity"] for k, v in sd.items()},
               "sd_build_s": {k: v["build_seconds"] for k, v in sd.items()},
               # AOTInductor's share of the build (torch-aoti-*: compiled kernels, not a plan run op by op)
               "sd_compile_s": {k: v["compile_seconds"] for k, v in sd.items() if v.get("compile_seconds")}}

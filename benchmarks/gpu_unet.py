@@ -10,6 +10,8 @@ can save only what a call costs outside its kernels; milliseconds per row that f
 For a torch.export program (torch-cuda-fp16), a second arm opens it in the other layout of its weights
 (SessionOptions.channels_last: NHWC convolutions, which cuDNN's float16 tensor-core kernels prefer; the build serves
 the UNet channels-last by default, `kiln build sd --layout`): the figures that say which layout it should serve.
+A third arm compiles it with torch.compile before capturing its graphs (SessionOptions.torch_compile; uncompiled
+where the build compiled it, `kiln build sd --torch-compile`): the compile's seconds and what its kernels save.
 """
 
 from __future__ import annotations
@@ -42,22 +44,39 @@ def unet_rows(check: Check) -> dict:
     feeds = {n: spec.sample_inputs(0, batch=n) for n in rows}
     arms = {"served": {}}
     served_nhwc, program = served.channels_last == "1", served.runtime == "torch" and "aoti" not in served.artifact
-    if program:  # a torch.export program: the other layout of its weights too
+    served_compiled = served.torch_compile == "1"
+    if program:  # a torch.export program: the other layout of its weights too, and compiled (or not)
         arms["contiguous" if served_nhwc else "channels_last"] = {"channels_last": not served_nhwc}
+        if served.gpu and (options.compiled or served_compiled):
+            arms["uncompiled" if served_compiled else "compiled"] = {"torch_compile": not served_compiled}
     result: dict = {"runtime": served.runtime, "artifact": served.artifact, "buckets": list(buckets),
                     "size": options.images[1]}
     for arm, extra in arms.items():
         try:
-            result[arm] = _time_rows(served_session(folder, **extra), feeds, options.seconds)
+            session = served_session(folder, **extra)
+            if session.compile_s:  # torch.compile's first call at the first bucket, and the others' first calls
+                result["compile_s"] = round(session.compile_s, 1)
+            result[arm] = _time_rows(session, feeds, options.seconds)
         except Exception as exc:  # noqa: BLE001 - an arm fails alone; the phase keeps the other's figures
             result[arm] = failure(exc)
     result["served_layout"] = ("channels_last" if served_nhwc else "contiguous") if program else "its own"
+    if program and not served.gpu:
+        result["compiled"] = {"not_run": "torch.compile compiles what a CUDA graph captures: on a GPU only"}
+    compiled, uncompiled = (result["served"], result.get("uncompiled", {})) if served_compiled else \
+        (result.get("compiled", {}), result["served"])
+    if _timed(compiled) and _timed(uncompiled):
+        result["compiled_speedup"] = {n: round(uncompiled[n]["ms_per_call"] / compiled[n]["ms_per_call"], 3)
+                                      for n in uncompiled}
     nhwc, plain = (result["served"], result.get("contiguous", {})) if served_nhwc else \
         (result.get("channels_last", {}), result["served"])
-    if nhwc and plain and "error" not in nhwc and "error" not in plain:
+    if _timed(nhwc) and _timed(plain):
         result["channels_last_speedup"] = {n: round(plain[n]["ms_per_call"] / nhwc[n]["ms_per_call"], 3)
                                            for n in plain}
     return result
+
+
+def _timed(arm: dict) -> bool:
+    return bool(arm) and "error" not in arm and "not_run" not in arm
 
 
 def _time_rows(session, feeds: dict, seconds: float) -> dict:

@@ -47,6 +47,8 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert unet["runtime"] == "torch" and set(unet["served"]) == set(unet["channels_last"]) == {"2", "3", "4"}
     assert all(row["ms_per_row"] > 0 and row["graph"] is False for row in unet["served"].values())
     assert set(unet["channels_last_speedup"]) == {"2", "3", "4"}
+    assert "not_run" in unet["compiled"] and "compiled_speedup" not in unet  # torch.compile: its graphs are CUDA's
+    assert phases["build"]["torch_compile"] is False
     session = phases["vit_in_process"]["kiln_session"]  # the served artifact in process, as the Triton model opens it
     assert session["runtime"] == "torch" and session["batches"]["1"]["images_per_s"] > 0
     assert session["batches"]["1"]["graph"] is False  # CUDA graphs: on a GPU only
@@ -95,6 +97,11 @@ def test_the_gpu_check_runs_the_phases_and_variant_it_is_given(tmp_path, monkeyp
     assert result["options"]["variant"] == build["variant"] == mix and "vit_parity" not in build
     assert not (tmp_path / "work" / "repo" / "vit").exists()
     assert unet["artifact"] == "model.pt2" and unet["served"]["2"]["ms_per_call"] > 0
+    # --torch-compile reaches the build, which refuses it for a CPU variant (its compile is in the CUDA graphs)
+    assert main(["--device", "cpu", "--out", str(tmp_path / "compiled"), "--work", str(tmp_path / "work"),
+                 "--phases", "weights,build", "--torch-compile"]) == 1
+    error = json.loads((tmp_path / "compiled" / "gpu-check" / "results.json").read_text())["errors"]["build"]
+    assert "--torch-compile compiles the CUDA graphs" in error and "the UNet serves torch-fp32" in error
     with pytest.raises(SystemExit) as exited:
         main(["--device", "cpu", "--out", str(tmp_path), "--phases", "weights,warp"])
     assert exited.value.code == 2
