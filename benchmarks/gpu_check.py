@@ -9,11 +9,13 @@ bucket), starts the embedded Triton on the GPU and measures, in the same run:
 - SD 1.5 512x512, 50 steps, Euler a, CFG 7.5: seconds per image through Triton + the orchestrator, the same variant
   in process, and diffusers' own fp16 pipeline; the per-step split;
 - the served UNet's artifact in process at each CUDA-graph row bucket: milliseconds per row, which say what merging
-  steps can gain, in the other layout, and compiled by torch.compile (benchmarks/gpu_unet.py);
+  steps can gain, and in the other layout (benchmarks/gpu_unet.py);
 - step batching at 1, 4 and 16 concurrent clients of the service's engine: images/s and p95 against no batching (a
   second Triton whose sd_unet runs each call alone) and against Triton's own merging, with the UNet's rows per
   execution as Triton counts them;
 - kiln finetune's training step on ViT-B/16: images/s in fp32 and fp16 autocast.
+- last, the served UNet compiled by torch.compile in process (benchmarks/gpu_unet.py): the compile's seconds and
+  its ms per call at each bucket against the served UNet's.
 Each phase is timed against a budget and fails alone: results.json is rewritten after every phase, so a run that
 is cut short still says what it measured and why it stopped. `--device cpu` runs the same code on tiny weights
 (torch-fp32 on the CPU): a test runs it so the script cannot rot before a GPU is lent.
@@ -47,7 +49,7 @@ from benchmarks.gpu_phases import (
     weights,
 )
 from benchmarks.gpu_plot import plot
-from benchmarks.gpu_unet import unet_rows
+from benchmarks.gpu_unet import unet_compiled, unet_rows
 from benchmarks.gpu_vit import vit_in_process, vit_served
 from benchmarks.load import machine, machine_line
 from kiln.triton_server import stub_numpy, stub_site_packages
@@ -147,7 +149,8 @@ class Check:
 # runs without Triton: if Triton cannot start on a lent machine, the in-process GPU figures still come back.
 PHASES = (("philox", philox), ("weights", weights), ("build", build), ("serve", serve), ("sd_served", sd_served),
           ("unet_rows", unet_rows), ("vit_served", vit_served), ("batching", batching),
-          ("sd_in_process", sd_in_process), ("vit_in_process", vit_in_process), ("finetune", finetune))
+          ("sd_in_process", sd_in_process), ("vit_in_process", vit_in_process), ("finetune", finetune),
+          ("unet_compiled", unet_compiled))  # last: its compile may take minutes, and the targets' phases come first
 SERVED = ("sd_served", "vit_served", "batching")
 
 
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                         "AOTInductor's compiled kernels; default torch-cuda-fp16, torch-fp32 with --device cpu)")
     parser.add_argument("--torch-compile", action="store_true",
                         help="build the served UNet with kiln build sd --torch-compile (torch.compile's kernels in its "
-                        "CUDA graphs, compiled when Triton loads it); unet_rows then times it uncompiled too")
+                        "CUDA graphs, compiled when Triton loads it); unet_compiled then times it uncompiled")
     parser.add_argument("--phases", default="", help=f"comma-separated, from {', '.join(n for n, _ in PHASES)} "
                         "(default: all); a served phase needs serve, and serve needs build")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("KILN_GPU_CHECK_WORK", ".kiln/gpu-check")),

@@ -10,8 +10,11 @@ can save only what a call costs outside its kernels; milliseconds per row that f
 For a torch.export program (torch-cuda-fp16), a second arm opens it in the other layout of its weights
 (SessionOptions.channels_last: NHWC convolutions, which cuDNN's float16 tensor-core kernels prefer; the build serves
 the UNet channels-last by default, `kiln build sd --layout`): the figures that say which layout it should serve.
-A third arm compiles it with torch.compile before capturing its graphs (SessionOptions.torch_compile; uncompiled
-where the build compiled it, `kiln build sd --torch-compile`): the compile's seconds and what its kernels save.
+
+The check's last phase, `unet_compiled`, opens it compiled by torch.compile before its graphs are captured
+(SessionOptions.torch_compile; uncompiled where the build compiled it, `kiln build sd --torch-compile`): the
+compile's seconds and what Inductor's kernels save at each bucket. Last, so that a long compile cannot keep the
+target phases from running in a lent machine's time.
 """
 
 from __future__ import annotations
@@ -30,49 +33,64 @@ BETWEEN_BUCKETS = 3  # rows no CUDA graph holds: the session pads them to the ne
 
 
 def unet_rows(check: Check) -> dict:
-    from build.sd import ImageRange
-    from build.sd.specs import sd_specs
-    from build.sd.weights import load_sd
-    from kiln.contract import read_sd_contract, read_served
+    from kiln.contract import read_served
 
-    options = check.options
-    spec = sd_specs(load_sd(check.weights), ImageRange(*options.images))["unet"]
-    folder = check.repo / names.SD_UNET
+    folder, feeds = _unet_feeds(check)
     served = read_served(folder / "config.pbtxt")
-    buckets = read_sd_contract(check.repo).row_buckets or (2, 4)  # the CPU has no graphs: two row counts, the trend
-    rows = tuple(sorted({*buckets, BETWEEN_BUCKETS}))
-    feeds = {n: spec.sample_inputs(0, batch=n) for n in rows}
     arms = {"served": {}}
     served_nhwc, program = served.channels_last == "1", served.runtime == "torch" and "aoti" not in served.artifact
-    served_compiled = served.torch_compile == "1"
-    if program:  # a torch.export program: the other layout of its weights too, and compiled (or not)
+    if program:  # a torch.export program: the other layout of its weights too
         arms["contiguous" if served_nhwc else "channels_last"] = {"channels_last": not served_nhwc}
-        if served.gpu and (options.compiled or served_compiled):
-            arms["uncompiled" if served_compiled else "compiled"] = {"torch_compile": not served_compiled}
-    result: dict = {"runtime": served.runtime, "artifact": served.artifact, "buckets": list(buckets),
-                    "size": options.images[1]}
+    buckets = [n for n in feeds if n != BETWEEN_BUCKETS]
+    result: dict = {"runtime": served.runtime, "artifact": served.artifact, "buckets": buckets,
+                    "size": check.options.images[1]}
     for arm, extra in arms.items():
         try:
-            session = served_session(folder, **extra)
-            if session.compile_s:  # torch.compile's first call at the first bucket, and the others' first calls
-                result["compile_s"] = round(session.compile_s, 1)
-            result[arm] = _time_rows(session, feeds, options.seconds)
+            result[arm] = _time_rows(served_session(folder, **extra), feeds, check.options.seconds)
         except Exception as exc:  # noqa: BLE001 - an arm fails alone; the phase keeps the other's figures
             result[arm] = failure(exc)
     result["served_layout"] = ("channels_last" if served_nhwc else "contiguous") if program else "its own"
-    if program and not served.gpu:
-        result["compiled"] = {"not_run": "torch.compile compiles what a CUDA graph captures: on a GPU only"}
-    compiled, uncompiled = (result["served"], result.get("uncompiled", {})) if served_compiled else \
-        (result.get("compiled", {}), result["served"])
-    if _timed(compiled) and _timed(uncompiled):
-        result["compiled_speedup"] = {n: round(uncompiled[n]["ms_per_call"] / compiled[n]["ms_per_call"], 3)
-                                      for n in uncompiled}
     nhwc, plain = (result["served"], result.get("contiguous", {})) if served_nhwc else \
         (result.get("channels_last", {}), result["served"])
     if _timed(nhwc) and _timed(plain):
         result["channels_last_speedup"] = {n: round(plain[n]["ms_per_call"] / nhwc[n]["ms_per_call"], 3)
                                            for n in plain}
     return result
+
+
+def unet_compiled(check: Check) -> dict:
+    """The served UNet compiled by torch.compile in this process, against unet_rows' served figures (or, where the
+    build compiled it, uncompiled against them): compile_s, ms per call at each bucket, compiled_speedup."""
+    from kiln.contract import read_served
+
+    served = read_served(check.repo / names.SD_UNET / "config.pbtxt")
+    if not (served.gpu and served.runtime == "torch" and "aoti" not in served.artifact):
+        return {"not_run": "torch.compile compiles what a CUDA graph captures: a torch.export program on a GPU"}
+    folder, feeds = _unet_feeds(check)
+    compiled = served.torch_compile == "1"
+    baseline = check.result["phases"].get("unet_rows", {}).get("served", {})
+    session = served_session(folder, torch_compile=not compiled)
+    result = {"served_compiled": compiled, "compile_s": round(session.compile_s, 1)}
+    other = result["uncompiled" if compiled else "compiled"] = _time_rows(session, feeds, check.options.seconds)
+    if _timed(baseline):
+        fast, slow = ({str(n): row for n, row in arm.items()} for arm in ((baseline, other) if compiled else
+                                                                            (other, baseline)))
+        result["compiled_speedup"] = {n: round(slow[n]["ms_per_call"] / fast[n]["ms_per_call"], 3)
+                                      for n in fast if n in slow}
+    return result
+
+
+def _unet_feeds(check: Check) -> tuple:
+    """The served UNet's folder, and its inputs at each bucket and at BETWEEN_BUCKETS rows (the build's optimal
+    size)."""
+    from build.sd import ImageRange
+    from build.sd.specs import sd_specs
+    from build.sd.weights import load_sd
+    from kiln.contract import read_sd_contract
+
+    spec = sd_specs(load_sd(check.weights), ImageRange(*check.options.images))["unet"]
+    buckets = read_sd_contract(check.repo).row_buckets or (2, 4)  # the CPU has no graphs: two row counts, the trend
+    return check.repo / names.SD_UNET, {n: spec.sample_inputs(0, batch=n) for n in sorted({*buckets, BETWEEN_BUCKETS})}
 
 
 def _timed(arm: dict) -> bool:
