@@ -99,6 +99,13 @@ def check_loadable(path: Path, device: torch.device) -> dict:
     return meta
 
 
+def rows_symbolic(tensors) -> None:
+    """Mark the rows (dimension 0) of a torch.compile'd call's inputs symbolic: that call's compile then serves every
+    row count (without, the second count compiles again, and torch only then makes the rows dynamic)."""
+    for tensor in tensors:
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+
 MAX_PAD_ROWS = 8  # the most rows a call is padded by to replay a CUDA graph (graph_bucket)
 
 
@@ -212,7 +219,7 @@ class TorchSession:
             raise ConfigError(f"{path}: torch_compile compiles what a CUDA graph captures: a torch.export program on a "
                               "GPU with the build's graph buckets" + (", not an AOTInductor package (compiled already)"
                                                                       if self.compiled else f", not on {device}"))
-        captured = torch.compile(self.module) if torch_compile else self.module
+        captured = torch.compile(self.module) if torch_compile else self.module  # kernels; the graphs are ours
         for batch in graph_batches if graphs else ():
             self._capture(captured, {name: (batch, *graph_shapes[name][1:]) for name in self.input_names})
 
@@ -248,9 +255,8 @@ class TorchSession:
     def _capture(self, module, shapes: dict[str, tuple]) -> None:
         static = {name: torch.zeros(shape, device=self.device, dtype=self._input_dtypes[name])
                   for name, shape in shapes.items()}
-        if self.torch_compile:  # the rows symbolic: the first bucket's compile serves the others
-            for tensor in static.values():
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        if self.torch_compile:  # the first bucket's compile serves the others
+            rows_symbolic(static.values())
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(stream):
