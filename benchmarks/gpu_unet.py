@@ -70,7 +70,7 @@ def unet_compiled(check: Check) -> dict:
     compiled = served.torch_compile == "1"
     baseline = check.result["phases"].get("unet_rows", {}).get("served", {})
     session = served_session(folder, torch_compile=not compiled)
-    result = {"served_compiled": compiled, "compile_s": round(session.compile_s, 1)}
+    result = {"served_compiled": compiled, **({} if compiled else {"compile_s": round(session.compile_s, 1)})}
     other = result["uncompiled" if compiled else "compiled"] = _time_rows(session, feeds, check.options.seconds)
     if _timed(baseline):
         fast, slow = ({str(n): row for n, row in arm.items()} for arm in ((baseline, other) if compiled else
