@@ -110,6 +110,7 @@ class Check:
         self.work.mkdir(parents=True, exist_ok=True)
         self.repo, self.weights = self.work / "repo", self.work / "sd-weights"
         self.server, self.stopped = None, ""
+        self.unet_feeds: tuple | None = None  # unet_rows' and unet_compiled's inputs (the 4 GB weights read once)
         gpu = torch.cuda.get_device_name(0) if options.cuda else ""
         self.result = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
                        "machine": machine(), "gpu": gpu, "torch": torch.__version__, "targets": TARGETS,

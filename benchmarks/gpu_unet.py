@@ -38,7 +38,7 @@ def unet_rows(check: Check) -> dict:
     folder, feeds = _unet_feeds(check)
     served = read_served(folder / "config.pbtxt")
     arms = {"served": {}}
-    served_nhwc, program = served.channels_last == "1", served.runtime == "torch" and "aoti" not in served.artifact
+    served_nhwc, program = served.channels_last == "1", _program(served)
     if program:  # a torch.export program: the other layout of its weights too
         arms["contiguous" if served_nhwc else "channels_last"] = {"channels_last": not served_nhwc}
     buckets = [n for n in feeds if n != BETWEEN_BUCKETS]
@@ -64,7 +64,7 @@ def unet_compiled(check: Check) -> dict:
     from kiln.contract import read_served
 
     served = read_served(check.repo / names.SD_UNET / "config.pbtxt")
-    if not (served.gpu and served.runtime == "torch" and "aoti" not in served.artifact):
+    if not (served.gpu and _program(served)):
         return {"not_run": "torch.compile compiles what a CUDA graph captures: a torch.export program on a GPU"}
     folder, feeds = _unet_feeds(check)
     compiled = served.torch_compile == "1"
@@ -82,15 +82,23 @@ def unet_compiled(check: Check) -> dict:
 
 def _unet_feeds(check: Check) -> tuple:
     """The served UNet's folder, and its inputs at each bucket and at BETWEEN_BUCKETS rows (the build's optimal
-    size)."""
+    size); made once a run (check.unet_feeds)."""
     from build.sd import ImageRange
     from build.sd.specs import sd_specs
     from build.sd.weights import load_sd
     from kiln.contract import read_sd_contract
 
-    spec = sd_specs(load_sd(check.weights), ImageRange(*check.options.images))["unet"]
-    buckets = read_sd_contract(check.repo).row_buckets or (2, 4)  # the CPU has no graphs: two row counts, the trend
-    return check.repo / names.SD_UNET, {n: spec.sample_inputs(0, batch=n) for n in sorted({*buckets, BETWEEN_BUCKETS})}
+    if check.unet_feeds is None:
+        spec = sd_specs(load_sd(check.weights), ImageRange(*check.options.images))["unet"]
+        buckets = read_sd_contract(check.repo).row_buckets or (2, 4)  # the CPU has no graphs: two counts, the trend
+        check.unet_feeds = (check.repo / names.SD_UNET,
+                            {n: spec.sample_inputs(0, batch=n) for n in sorted({*buckets, BETWEEN_BUCKETS})})
+    return check.unet_feeds
+
+
+def _program(served) -> bool:
+    """Whether a ServedArtifact is a torch.export program (not an AOTInductor package, nor another runtime's)."""
+    return served.runtime == "torch" and "aoti" not in served.artifact
 
 
 def _timed(arm: dict) -> bool:

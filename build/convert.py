@@ -55,10 +55,16 @@ class Variant:
         return self.precision
 
     @property
+    def cuda_program(self) -> bool:
+        """A torch.export program on CUDA, run as exported (not a compiled package): what the build's --layout and
+        --torch-compile apply to."""
+        return self.runtime == "torch" and self.accelerator == "cuda" and not self.compiler
+
+    @property
     def channels_last(self) -> bool:
         """Whether a step model (UNet, ControlNet) of this variant serves its weights channels-last where the build
         asks (kiln build sd --layout): a float16 torch.export program on CUDA (a compiled package fixes its own)."""
-        return self.runtime == "torch" and self.accelerator == "cuda" and not self.compiler and self.precision == "fp16"
+        return self.cuda_program and self.precision == "fp16"
 
     @property
     def gpu_only(self) -> bool:

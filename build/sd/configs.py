@@ -55,7 +55,7 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
             params |= cuda_graph_parameters(specs[component])
             if channels_last and served.channels_last:
                 params["channels_last"] = "1"
-            if torch_compile and not served.compiler:
+            if torch_compile and served.cuda_program:
                 params["torch_compile"] = "1"
         return params
 
@@ -162,6 +162,6 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
 
 def check_torch_compile(torch_compile: bool, unet: Variant, key: str) -> None:
     """--torch-compile needs a UNet served as a torch.export program on CUDA (its CUDA graphs are what it compiles)."""
-    if torch_compile and not (unet.runtime == "torch" and unet.accelerator == "cuda" and not unet.compiler):
+    if torch_compile and not unet.cuda_program:
         raise ConfigError(f"--torch-compile compiles the CUDA graphs of a torch.export program on a GPU "
                           f"(--device gpu --variant torch-cuda-fp16); the UNet serves {key}")
