@@ -21,9 +21,9 @@ is cut short still says what it measured and why it stopped. `--device cpu` runs
 (torch-fp32 on the CPU): a test runs it so the script cannot rot before a GPU is lent.
 
 `--variant` builds another torch variant or mix (torch-aoti-cuda-fp16+text_encoder=torch-cuda-fp16+vae=torch-cuda-fp16
-compiles the UNet alone), `--torch-compile` serves the UNet compiled by torch.compile, and `--phases` runs some
-phases only (the build phase builds the ViT only for a ViT phase): a run that measures one change fits in what is
-left of a lent machine's time. results.png draws the figures.
+compiles the UNet alone), `--torch-compile` serves the UNet and the ViT compiled by torch.compile, and `--phases`
+runs some phases only (the build phase builds the ViT only for a ViT phase): a run that measures one change fits in
+what is left of a lent machine's time. results.png draws the figures.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class GPUCheckOptions:
     seconds: float = 2.0  # per ViT measurement, after warm-up
     budget_s: float = 400.0  # a phase that would start later is skipped, and said so (the script stops at 480 s)
     compiled: bool = True  # in-process torch.compile baselines (minutes on a CPU: off there)
-    torch_compile: bool = False  # the served UNet compiled by torch.compile when Triton loads it (--torch-compile)
+    torch_compile: bool = False  # the served UNet and ViT compiled by torch.compile when Triton loads them
     variant: str = ""  # the torch variant built and served; "": torch-cuda-fp16 on cuda, torch-fp32 on the CPU
     phases: tuple[str, ...] = ()  # the phases to run, in PHASES' order; (): all
 
@@ -222,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="", help="the torch variant to build and serve (torch-aoti-cuda-fp16: "
                         "AOTInductor's compiled kernels; default torch-cuda-fp16, torch-fp32 with --device cpu)")
     parser.add_argument("--torch-compile", action="store_true",
-                        help="build the served UNet with kiln build sd --torch-compile (torch.compile's kernels in its "
-                        "CUDA graphs, compiled when Triton loads it); unet_compiled then times it uncompiled")
+                        help="build the served UNet and ViT with --torch-compile (torch.compile's kernels in their "
+                        "CUDA graphs, compiled when Triton loads them); unet_compiled then times the UNet uncompiled")
     parser.add_argument("--phases", default="", help=f"comma-separated, from {', '.join(n for n, _ in PHASES)} "
                         "(default: all); a served phase needs serve, and serve needs build")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("KILN_GPU_CHECK_WORK", ".kiln/gpu-check")),

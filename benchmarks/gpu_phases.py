@@ -141,7 +141,8 @@ def build(check: Check) -> dict:
         key = variant.split("+")[0]
         backend, _, precision = key.rpartition("-")
         build_vit(ViTBuildOptions(random_weights=True, backend=backend, precision=precision, variants=(key,),
-                                  extra_exports=(), repository=check.repo, device=device, progress=False),
+                                  extra_exports=(), repository=check.repo, device=device, progress=False,
+                                  torch_compile=options.torch_compile),
                   log=check.log)
         vit = read_report(check.repo)["vit"]["artifacts"][key]
         result |= {"vit_parity": vit["parity"]["logits"], "vit_build_s": vit.get("build_seconds")}

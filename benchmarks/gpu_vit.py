@@ -270,6 +270,7 @@ def _session(check: Check, pixels: np.ndarray, raw: np.ndarray) -> dict:
     # uint8 scaled by the session (on CUDA, on the device): the same floats, so 0 unless a kernel differs
     scaled = session.run(uint8, ["logits"])["logits"]
     return {"runtime": session.options.runtime, "artifact": Path(session.options.path).name, "batches": rows,
+            "compile_s": round(session.compile_s, 1),  # torch.compile at open (kiln build vit --torch-compile)
             "batch_vs_alone_max_abs_diff": float(max(np.abs(batched[i] - a).max()
                                                      for i, a in zip((0, -1), alone_))),
             "uint8_vs_float32_max_abs_diff": float(np.abs(scaled - batched).max())}

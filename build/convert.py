@@ -60,6 +60,13 @@ class Variant:
         --torch-compile apply to."""
         return self.runtime == "torch" and self.accelerator == "cuda" and not self.compiler
 
+    def check_torch_compile(self, torch_compile: bool, part: str, key: str) -> None:
+        """--torch-compile needs `part` served as a torch.export program on CUDA (its CUDA graphs are what it
+        compiles); `key` names what it serves."""
+        if torch_compile and not self.cuda_program:
+            raise ConfigError(f"--torch-compile compiles the CUDA graphs of a torch.export program on a GPU "
+                              f"(--device gpu --variant torch-cuda-fp16); {part} serves {key}")
+
     @property
     def channels_last(self) -> bool:
         """Whether a step model (UNet, ControlNet) of this variant serves its weights channels-last where the build

@@ -28,7 +28,8 @@ def test_report_of_the_served_build(model_repo):
     content = report.read_report(model_repo)["vit"]
     assert content["weights"]["random"] is True and content["weights"]["parameters"] == 86_567_656
     assert content["served"] == {"backend": "onnxruntime", "precision": "fp32", "artifact": "model.onnx",
-                                 "triton_backend": "python", "device": "cpu", "instances": 1, "caveat": None}
+                                 "triton_backend": "python", "device": "cpu", "instances": 1, "torch_compile": False,
+                                 "caveat": None}
     entry = content["artifacts"]["onnxruntime-fp32"]
     path = model_repo / entry["file"]
     assert entry["sha256"] == report.sha256(path) and entry["size_bytes"] == path.stat().st_size

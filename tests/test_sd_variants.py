@@ -372,7 +372,6 @@ def test_torch_cuda_variant_configs_and_its_gpu(plain_checkpoint, tmp_path, key,
     assert all("channels_last" not in c.parameters for c in contiguous)
     # --torch-compile: a program's step models capture their graphs from torch.compile's kernels (read back from the
     # config by the served model and in process); a compiled package is refused it
-    from build.sd.configs import check_torch_compile
     from kiln.contract import read_served
     from kiln.errors import ConfigError
     from kiln.runtime import served_device
@@ -383,11 +382,11 @@ def test_torch_cuda_variant_configs_and_its_gpu(plain_checkpoint, tmp_path, key,
     served = read_served(next(c for c in compiled if c.name == "sd_unet").write(tmp_path / "compiled"))
     assert served.torch_compile == ("1" if nhwc else "") and served_device(served)["torch_compile"] is nhwc
     if nhwc:
-        check_torch_compile(True, variant, key)
+        variant.check_torch_compile(True, "the UNet", key)
     else:
         with pytest.raises(ConfigError, match="--torch-compile compiles the CUDA graphs of a torch.export program on "
                                               f"a GPU .*; the UNet serves {key}"):
-            check_torch_compile(True, variant, key)
+            variant.check_torch_compile(True, "the UNet", key)
     if not torch.cuda.is_available():
         from kiln.errors import ExportError
 

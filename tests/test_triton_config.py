@@ -46,6 +46,29 @@ def test_vit_configs_match_golden_files(mode, options):
         assert config.to_pbtxt() == path.read_text(), f"{config.name} differs from {path}"
 
 
+def test_vit_torch_compile_is_a_parameter_of_the_cuda_program_only(tmp_path, kiln):
+    """kiln build vit --torch-compile: the served torch.export program on CUDA captures its CUDA graphs from
+    torch.compile's kernels (the session reads the parameter, as the SD step models' do); any other variant is refused,
+    naming what it serves."""
+    from kiln.contract import read_served
+    from kiln.runtime import served_device
+
+    configs = {c.name: c for c in _configs(torch_compile=True, **GPU_PYTHON)}
+    assert configs["vit"].parameters["torch_compile"] == "1"
+    assert all("torch_compile" not in c.parameters for name, c in configs.items() if name != "vit")
+    served = read_served(configs["vit"].write(tmp_path))
+    assert served.torch_compile == "1" and served_device(served)["torch_compile"] is True
+    assert "torch_compile" not in {c.name: c for c in _configs(**GPU_PYTHON)}["vit"].parameters
+    for options in ({}, {"device": "gpu", "backend": "torch-aoti-cuda", "precision": "fp16"}):
+        with pytest.raises(ConfigError, match="--torch-compile compiles the CUDA graphs of a torch.export program on a "
+                                              "GPU .*; the ViT serves (onnxruntime-fp32|torch-aoti-cuda-fp16)"):
+            _configs(torch_compile=True, **options)
+    # the command refuses it before it loads or exports anything
+    code, _out, err = kiln("build", "vit", "--random-weights", "--torch-compile", "--repo", tmp_path / "repo")
+    assert code != 0 and "the ViT serves onnxruntime-fp32" in err and "Traceback" not in err
+    assert not (tmp_path / "repo").exists()
+
+
 def test_configs_round_trip_through_protobuf(tmp_path):
     for config in _configs():
         written = config.write(tmp_path)

@@ -24,7 +24,7 @@ from build.repository import remove_stale, write_models
 from build.sd.auto import TIMED as AUTO_TIMED
 from build.sd.auto import candidates as auto_candidates
 from build.sd.auto import choose_variant
-from build.sd.configs import check_torch_compile, sd_model_configs
+from build.sd.configs import sd_model_configs
 from build.sd.export import check_component, export_component, export_modules
 from build.sd.lora import LORA_COMPONENTS, LORA_RUNTIMES, write_lora_map
 from build.sd.mix import parse_mix
@@ -163,7 +163,7 @@ def build_sd(options: SDBuildOptions, log: Callable[[str], None] = print) -> dic
         f"vae_{part}{served.suffix}" for served in extra_vaes(loaded) for part in ("decoder", "encoder")) + \
         (tuple(c + TILING for c in SERVED if c != "text_encoder") if options.tiling else ())
     variants = {c: mix.variant(c) for c in components}
-    check_torch_compile(options.torch_compile, variants["unet"], mix.key("unet"))
+    variants["unet"].check_torch_compile(options.torch_compile, "the UNet", mix.key("unet"))
     if upcast_vae(loaded):  # diffusers' default: the VAE in float32 (SDXL's needs it)
         variants |= {c: variants[c].upcast() for c in components if c.startswith("vae_")}
 

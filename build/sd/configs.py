@@ -12,7 +12,6 @@ from build.specs import ComponentSpec
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 from kiln import contract as names
 from kiln.contract import DEFAULT_MODELS, TILING, SDContract, SDModels
-from kiln.errors import ConfigError
 from kiln.runtime.static import StaticPlan
 
 STEP_COMPONENTS = ("unet", "unet_control", "unet" + TILING)  # with the ControlNets: what a denoising step calls
@@ -158,10 +157,3 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
                        EnsembleStep(unet_control_model, {t.name: t.name for t in (*unet_control.inputs, *lora)},
                                     {"noise_pred": "noise_pred"}))))
     return configs
-
-
-def check_torch_compile(torch_compile: bool, unet: Variant, key: str) -> None:
-    """--torch-compile needs a UNet served as a torch.export program on CUDA (its CUDA graphs are what it compiles)."""
-    if torch_compile and not unet.cuda_program:
-        raise ConfigError(f"--torch-compile compiles the CUDA graphs of a torch.export program on a GPU "
-                          f"(--device gpu --variant torch-cuda-fp16); the UNet serves {key}")

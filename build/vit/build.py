@@ -61,6 +61,7 @@ class ViTBuildOptions:
     jpeg_draft: bool = False  # vit_preprocess decodes large JPEGs reduced (libjpeg's DCT scaling), near timm's pixels
     pixel_wire: str = "auto"  # how vit_preprocess hands images to vit: uint8, float32, auto (build.vit.configs)
     instances: int = 0  # copies of the served `vit` Triton runs (its instance_group count); 0: auto (vit_instances)
+    torch_compile: bool = False  # torch-cuda-fp16: vit's CUDA graphs captured from torch.compile's kernels at load
     progress: bool = True
 
     @property
@@ -169,6 +170,8 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                          options.triton_backend)
     check_threads(options.threads)
     wire, instances = pixel_wire(options), vit_instances(options)
+    if not options.auto:  # (auto: once the served variant is chosen, by vit_model_configs)
+        options.served.check_torch_compile(options.torch_compile, "the ViT", options.served_key)
     if options.calibration_size < 1:
         raise ConfigError(f"--calibration-size must be at least 1, got {options.calibration_size}")
     for name in options.extra_exports:
@@ -284,6 +287,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                     "parameters": int(sum(p.numel() for p in model.parameters()))},
         "served": {"backend": served.runtime, "precision": served.precision, "artifact": served.artifact,
                    "triton_backend": options.triton_backend, "device": options.device, "instances": instances,
+                   "torch_compile": options.torch_compile,
                    "caveat": precision_caveat(served, options.triton_backend),
                    **(target if served.runtime == "openvino" else {}), **({"static": static} if static else {})},
         "auto": choice,

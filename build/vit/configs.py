@@ -114,6 +114,9 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
     elif on_gpu:
         vit = replace(vit, kind="KIND_GPU", parameters=vit.parameters | cuda_graph_parameters(
             spec, GPU_GRAPH_BATCHES, GPU_MAX_BATCH))
+    served.check_torch_compile(options.torch_compile, "the ViT", options.served_key)
+    if options.torch_compile:  # its CUDA graphs replay Inductor's kernels (kiln.runtime.torch_session)
+        vit = replace(vit, parameters=vit.parameters | {"torch_compile": "1"})
     top_k = Tensor("top_k", "INT32", (1,), optional=True)
     postprocess = ModelConfig(
         name=names.VIT_POSTPROCESS,

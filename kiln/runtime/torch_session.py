@@ -20,8 +20,9 @@ step's latents); uint8 pixels of an input named in `byte_inputs` are scaled to t
 `channels_last` stores a program's 4-d weights channels-last (NHWC): a convolution with such a weight computes and
 returns channels-last, so the layout carries through a UNet or a VAE, as cuDNN's float16 tensor-core kernels want.
 `torch_compile` compiles a program's graph with torch.compile (Inductor's fused kernels; batch sizes symbolic, so one
-compile serves every bucket) before its CUDA graphs are captured: a capture then replays those kernels. Calls no graph
-holds run the program as exported, never a compile at request time. The compile's seconds are in compile_s.
+compile serves every bucket of 2 rows or more, and a bucket of 1, which torch specializes, one more) before its CUDA
+graphs are captured: a capture then replays those kernels. Calls no graph holds run the program as exported, never
+a compile at request time. The compile's seconds are in compile_s.
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ class TorchSession:
     def _capture(self, module, shapes: dict[str, tuple]) -> None:
         static = {name: torch.zeros(shape, device=self.device, dtype=self._input_dtypes[name])
                   for name, shape in shapes.items()}
-        if self.torch_compile:  # the first bucket's compile serves the others
+        if self.torch_compile:  # the first bucket's compile serves the others (but a row alone: torch specializes 1)
             rows_symbolic(static.values())
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
