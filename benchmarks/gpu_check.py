@@ -109,6 +109,9 @@ class Check:
         self.work = Path(options.work)  # weights (4 GB at full size), the repository, Triton's log
         self.work.mkdir(parents=True, exist_ok=True)
         self.repo, self.weights = self.work / "repo", self.work / "sd-weights"
+        # The ViT: ViT-B/16 with seeded random weights on a GPU; on the CPU run, its architecture 64 wide
+        # (`kiln weights vit --tiny`, written by the weights phase), as the SD is tiny there
+        self.vit_weights = None if options.cuda else self.work / "vit-weights"
         self.server, self.stopped = None, ""
         self.unet_feeds: tuple | None = None  # unet_rows' and unet_compiled's inputs (the 4 GB weights read once)
         gpu = torch.cuda.get_device_name(0) if options.cuda else ""
@@ -119,6 +122,10 @@ class Check:
                        # float32 on the GPU (the upcast VAE, the fp32 arms): TF32 where these say so
                        "tf32": {"cudnn": torch.backends.cudnn.allow_tf32,
                                 "matmul": torch.backends.cuda.matmul.allow_tf32}}
+
+    def vit_source(self) -> dict:
+        """The ViT's weights as ViTBuildOptions and load_vit take them."""
+        return {"weights": str(self.vit_weights)} if self.vit_weights else {"random_weights": True}
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

@@ -118,7 +118,11 @@ def weights(check: Check) -> dict:
 
     if not (check.weights / "model_index.json").exists():
         write_sd_checkpoint(check.weights, size="full" if check.options.cuda else "tiny", seed=0, controlnet=False)
-    return {"sd": str(check.weights)}
+    if check.vit_weights and not (check.vit_weights / "model.safetensors").exists():
+        from build.vit.weights import write_random_vit
+
+        write_random_vit(check.vit_weights, seed=0, tiny=True)
+    return {"sd": str(check.weights), "vit": str(check.vit_weights or "ViT-B/16, seeded random (seed 0)")}
 
 
 def build(check: Check) -> dict:
@@ -140,7 +144,7 @@ def build(check: Check) -> dict:
     if options.runs("vit_served", "vit_in_process"):  # the ViT in the mix's first variant
         key = variant.split("+")[0]
         backend, _, precision = key.rpartition("-")
-        build_vit(ViTBuildOptions(random_weights=True, backend=backend, precision=precision, variants=(key,),
+        build_vit(ViTBuildOptions(**check.vit_source(), backend=backend, precision=precision, variants=(key,),
                                   extra_exports=(), repository=check.repo, device=device, progress=False,
                                   torch_compile=options.torch_compile),
                   log=check.log)

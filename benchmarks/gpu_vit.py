@@ -19,15 +19,18 @@ if TYPE_CHECKING:
     from benchmarks.gpu_check import Check
 
 
-def _vit_inputs(batches: tuple[int, ...]):
-    """The ViT (seeded random weights, eval transform) and the sample photographs, tiled to the largest batch: as
-    float32 pixel_values, as uint8 pixels (resized and cropped, a quarter of the bytes) and as JPEG bytes."""
+def _vit_inputs(check: Check):
+    """The ViT the build served (check.vit_source) and the sample photographs through its eval transform, tiled to the
+    largest batch: as float32 pixel_values, as uint8 pixels (resized and cropped, a quarter of the bytes) and as JPEG
+    bytes."""
     from build.vit.transform import eval_transform
     from build.vit.weights import load_vit
     from kiln.imaging import preprocess
     from kiln.paths import SAMPLE_IMAGES, list_images
 
-    model = load_vit(random_weights=True, seed=0).model
+    batches = check.options.vit_batches
+    source = check.vit_source()
+    model = load_vit(source.get("weights"), random_weights=source.get("random_weights", False), seed=0).model
     transform = eval_transform(model)
     payloads = [p.read_bytes() for p in list_images(SAMPLE_IMAGES) if p.suffix.lower() in (".jpg", ".jpeg")]
     raw = np.stack([preprocess(payloads[i % len(payloads)], transform, scaled=False) for i in range(max(batches))])
@@ -46,7 +49,7 @@ def vit_served(check: Check) -> dict:
     from kiln.triton_client import TritonClient
 
     options, batches = check.options, check.options.vit_batches
-    _, pixels, raw, jpegs = _vit_inputs(batches)
+    _, pixels, raw, jpegs = _vit_inputs(check)
     models = (names.VIT_PREPROCESS, names.VIT, names.VIT_POSTPROCESS)
 
     def measured(call) -> tuple[list[float], dict]:
@@ -178,7 +181,7 @@ def vit_in_process(check: Check) -> dict:
     import torch
 
     options, batches = check.options, check.options.vit_batches
-    model, pixels, raw, _ = _vit_inputs(batches)
+    model, pixels, raw, _ = _vit_inputs(check)
     device, dtype = ("cuda", torch.float16) if options.cuda else ("cpu", torch.float32)
     model = model.to(device, dtype).eval()
     rows = _torch_arms(check, model, pixels, device, dtype)

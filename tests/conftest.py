@@ -40,7 +40,7 @@ from build.sd import ImageRange, SDBuildOptions, build_sd
 from build.sd.weights import random_controlnet, write_sd_checkpoint
 from build.upscaler import build_upscaler
 from build.vit import ViTBuildOptions, build_vit
-from build.vit.weights import load_vit
+from build.vit.weights import load_vit, write_random_vit
 from kiln.paths import SAMPLE_IMAGES, list_images
 from kiln.redis_server import RedisServer
 from kiln.triton_server import TritonOptions, TritonServer, free_port
@@ -94,9 +94,17 @@ def browser():
 
 
 @pytest.fixture(scope="session")
-def vit_model():
-    """The real ViT-B/16 architecture with seeded random weights (the same the builds use)."""
-    return load_vit(random_weights=True, seed=0).model
+def tiny_vit(tmp_path_factory) -> Path:
+    """The tests' ViT (`kiln weights vit --tiny`): ViT-B/16's architecture (timm's VisionTransformer, 224 px, 16 px
+    patches, 197 tokens, 12 blocks, 1000 classes) 64 wide instead of 768, seeded random. Every variant builds from it
+    in 8 s, where ViT-B/16 takes 51 s; tests/test_cli.py builds and serves ViT-B/16 itself."""
+    return write_random_vit(tmp_path_factory.mktemp("vit") / "tiny", seed=0, tiny=True)
+
+
+@pytest.fixture(scope="session")
+def vit_model(tiny_vit):
+    """The tests' ViT in PyTorch (the same weights the builds use)."""
+    return load_vit(str(tiny_vit)).model
 
 
 @pytest.fixture(scope="session")
@@ -154,12 +162,12 @@ def upscaler_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def all_variants_repo(tmp_path_factory) -> tuple[Path, object]:
-    """Every CPU variant of the ViT and its extra exports, built once per session (about a minute on 2 cores); it
-    serves ONNX Runtime fp32. All but the AOTInductor packages (26 s of compile each): their path is the torch-fp32
+def all_variants_repo(tmp_path_factory, tiny_vit) -> tuple[Path, object]:
+    """Every CPU variant of the tests' ViT and its extra exports, built once per session (seconds); it serves ONNX
+    Runtime fp32. All but the AOTInductor packages (26 s of compile each): their path is the torch-fp32
     program's export (checked here) and the compile test_sd_variants checks on SD's components."""
     repo = tmp_path_factory.mktemp("repo_all")
-    result = build_vit(ViTBuildOptions(random_weights=True, repository=repo, progress=False,
+    result = build_vit(ViTBuildOptions(weights=str(tiny_vit), repository=repo, progress=False,
                                        variants=ALL_VIT_VARIANTS), log=lambda _msg: None)
     return repo, result
 

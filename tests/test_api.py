@@ -890,7 +890,7 @@ def test_classify_and_embed_base64_and_multipart(client):
     uploaded = client.post("/v1/classify", files=[("files", ("a.jpg", photo, "image/jpeg"))], data={"top_k": "2"})
     assert uploaded.status_code == 200 and uploaded.json()["results"][0]["top"] == results[0]["top"]
     embedded = client.post("/v1/embed", json={"images": [_b64(photo)], "layer": 5, "tokens": True}).json()["results"][0]
-    assert len(embedded["embedding"]) == 768 and embedded["tokens_shape"] == [197, 768] and embedded["layer"] == 5
+    assert len(embedded["embedding"]) == 64 and embedded["tokens_shape"] == [197, 64] and embedded["layer"] == 5
     assert client.post("/v1/classify", json={"images": []}).status_code == 422
     assert client.post("/v1/classify", json={"images": ["%%%"]}).status_code == 422
     assert client.post("/v1/embed", json={"images": [_b64(photo)], "layer": 40}).status_code == 422

@@ -24,9 +24,10 @@ from tests.conftest import ALL_VIT_VARIANTS
 
 
 @pytest.mark.slow
-def test_report_of_the_served_build(model_repo):
+def test_report_of_the_served_build(model_repo, vit_model):
     content = report.read_report(model_repo)["vit"]
-    assert content["weights"]["random"] is True and content["weights"]["parameters"] == 86_567_656
+    assert content["weights"]["random"] is True  # (kiln-weights.json in the folder says so)
+    assert content["weights"]["parameters"] == sum(p.numel() for p in vit_model.parameters())
     assert content["served"] == {"backend": "onnxruntime", "precision": "fp32", "artifact": "model.onnx",
                                  "triton_backend": "python", "device": "cpu", "instances": 1, "torch_compile": False,
                                  "caveat": None}
@@ -43,7 +44,7 @@ def test_report_of_the_served_build(model_repo):
 
 
 @pytest.mark.slow
-def test_jpeg_draft_build_reports_what_it_changes(tmp_path, kiln, sample_images):
+def test_jpeg_draft_build_reports_what_it_changes(tmp_path, kiln, sample_images, tiny_vit):
     """--jpeg-draft: vit_preprocess is told to decode large JPEGs reduced, and the report gives, for the parity images
     that do, the pixels' PSNR and PyTorch's logits against those of the exact pixels."""
     from PIL import Image
@@ -53,7 +54,7 @@ def test_jpeg_draft_build_reports_what_it_changes(tmp_path, kiln, sample_images)
     source = Image.open(next(p for p in sample_images if p.suffix == ".jpg")).convert("RGB")
     source.resize((1600, 1200), Image.Resampling.BICUBIC).save(photos / "large.jpg", quality=92)
     source.save(photos / "small.jpg", quality=92)  # under twice the resize target: decoded in full
-    code, out, err = kiln("build", "vit", "--random-weights", "--variants", "served", "--no-extra-exports",
+    code, out, err = kiln("build", "vit", "--weights", tiny_vit, "--variants", "served", "--no-extra-exports",
                           "--jpeg-draft", "--calibration", photos, "--instances", "2", "--repo", tmp_path / "repo")
     assert code == 0, err
     draft = report.read_report(tmp_path / "repo")["vit"]["preprocess"]["jpeg_draft"]
@@ -103,7 +104,7 @@ def test_every_variant_is_within_its_tolerance(all_variants_repo, vit_model, sam
     cpu = {k: VARIANTS[k] for k in ALL_VIT_VARIANTS}  # "all" on the CPU, but for the AOTInductor packages
     assert set(result.artifacts) == set(cpu) | {"safetensors", "torchscript"}
     transform = eval_transform(vit_model)
-    pixels, layers = parity_batch(sample_images, transform)
+    pixels, layers = parity_batch(sample_images, transform, len(vit_model.blocks))
     raw = np.stack([transform.pixels(decode_image(p.read_bytes())) for p in sample_images])  # uint8, before scaling
     reference = reference_outputs(vit_model, pixels, layers)
     figures = {}
@@ -133,14 +134,21 @@ def _has_int8_dot_product() -> bool:
 
 
 @pytest.mark.slow
-def test_int8_keeps_cosine_on_in_distribution_images(all_variants_repo, vit_model, sample_images):
-    """int8 goal: cosine >= 0.998 to fp32 logits on real photographs (not noise).
+def test_int8_keeps_cosine_on_in_distribution_images(tmp_path, sample_images):
+    """int8 goal: cosine >= 0.998 to fp32 logits on real photographs (not noise), for ViT-B/16 itself (the tests'
+    tiny ViT's int8 error is its own: OpenVINO's measured 0.992, inside the build's int8 tolerance).
 
     OpenVINO int8 on a CPU with only AVX2 (no VNNI) measures 0.9980 on these images with seeded
     random weights (0.9977-0.9978 with its head in int8, whatever the calibration, SmoothQuant on or off):
     there the bar is 0.997, and the build report shows the figure.
     """
-    repo, _ = all_variants_repo
+    from build.vit import ViTBuildOptions, build_vit
+    from build.vit.weights import load_vit
+
+    repo = tmp_path / "repo"
+    build_vit(ViTBuildOptions(random_weights=True, repository=repo, progress=False, extra_exports=(),
+                              variants=("onnxruntime-int8", "openvino-int8")), log=lambda _m: None)
+    vit_model = load_vit(random_weights=True).model  # the build's seeded random weights (seed 0)
     pixels, _ = parity_batch(sample_images, eval_transform(vit_model))
     layers = np.full((len(pixels), 1), 11, dtype=np.int64)
     reference = reference_outputs(vit_model, pixels, layers)["logits"]
@@ -152,7 +160,7 @@ def test_int8_keeps_cosine_on_in_distribution_images(all_variants_repo, vit_mode
         assert parity.compare(reference, outputs["logits"]).cosine >= goal, key
 
 
-def test_int8_keeps_the_head_in_float(all_variants_repo):
+def test_int8_keeps_the_head_in_float(all_variants_repo, vit_model):
     """OpenVINO int8 (static): the blocks' qkv, fc1 and fc2 read int8 (FakeQuantized) inputs (NNCF's transformer preset
     leaves attn.proj's in float), the head, which makes the logits, does not (its int8 dot products saturate without
     VNNI, and its error is the logits'; see build/vit/build.py)."""
@@ -170,7 +178,7 @@ def test_int8_keeps_the_head_in_float(all_variants_repo):
 
     int8 = sorted(op.get_friendly_name() for op in matmuls if quantized(op))
     layers = ("attn/qkv", "mlp/fc1", "mlp/fc2")
-    assert int8 == sorted(f"/blocks.{b}/{layer}/MatMul" for b in range(12) for layer in layers)
+    assert int8 == sorted(f"/blocks.{b}/{layer}/MatMul" for b in range(len(vit_model.blocks)) for layer in layers)
     assert not quantized(head)
 
 
@@ -197,7 +205,7 @@ def test_extra_exports_load_back(all_variants_repo, vit_model):
     scripted = torch.jit.load(str(repo / result.artifacts["torchscript"]["file"]))
     x = torch.from_numpy(VIT_SPEC.sample_inputs(seed=5, batch=2)["pixel_values"])
     with torch.inference_mode():
-        logits = scripted(x, torch.tensor([[11], [0]]))[0]
+        logits = scripted(x, torch.tensor([[len(vit_model.blocks) - 1], [0]]))[0]
         assert torch.allclose(logits, vit_model(x), atol=1e-4)
     report_json = json.loads((repo / "build-report.json").read_text())
     assert report_json["vit"]["artifacts"]["torchscript"]["parity"]["logits"]["cosine"] > 0.99999
@@ -210,14 +218,14 @@ def test_parity_of_identical_zero_outputs_is_perfect():
 
 
 @pytest.mark.slow
-def test_auto_serves_the_fastest_variant_measured_here(tmp_path, kiln, monkeypatch):
+def test_auto_serves_the_fastest_variant_measured_here(tmp_path, kiln, monkeypatch, tiny_vit):
     """Which variant wins depends on the CPU (OpenVINO int8 with VNNI, ONNX Runtime int8 without): the test checks
     that the build served what it measured fastest, whatever this machine is. A candidate outside its tolerance
     (bf16 made impossible here) is not served, and the report says so."""
     impossible = dataclasses.replace(VIT_SPEC, tolerances={**VIT_SPEC.tolerances,
                                                            "bf16": Tolerance(min_cosine=1.5, why="test: impossible")})
     monkeypatch.setattr(vit_build, "VIT_SPEC", impossible)
-    code, out, err = kiln("build", "vit", "--random-weights", "--backend", "auto", "--variants",
+    code, out, err = kiln("build", "vit", "--weights", tiny_vit, "--backend", "auto", "--variants",
                           "onnxruntime-fp32,onnxruntime-int8,openvino-bf16", "--no-extra-exports", "--repo", tmp_path)
     assert code == 0, err
     choice = report.read_report(tmp_path)["vit"]["auto"]

@@ -34,14 +34,14 @@ RUNTIME_ENGINES = {"onnxruntime", "openvino"}
 
 
 @pytest.fixture(scope="module")
-def native_repo(tmp_path_factory, plain_checkpoint) -> Path:
-    """The tiny SD (ONNX Runtime with TensorRT, on the GPU) and the ViT (OpenVINO bf16) built for the native
+def native_repo(tmp_path_factory, plain_checkpoint, tiny_vit) -> Path:
+    """The tiny SD (ONNX Runtime with TensorRT, on the GPU) and the tests' ViT (OpenVINO bf16) built for the native
     backends, as the Dockerfile's comment says, into one folder."""
     repo = tmp_path_factory.mktemp("native") / "repos" / "native"
     _build_sd(plain_checkpoint, repo, "onnxruntime-tensorrt-fp16")
     from kiln.cli import main
 
-    assert main(["build", "vit", "--random-weights", "--triton-backend", "native", "--backend", "openvino",
+    assert main(["build", "vit", "--weights", str(tiny_vit), "--triton-backend", "native", "--backend", "openvino",
                  "--precision", "bf16", "--variants", "served", "--no-extra-exports", "--repo", str(repo)]) == 0
     return repo
 

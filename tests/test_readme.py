@@ -24,7 +24,7 @@ README = (ROOT / "README.md").read_text()
 
 # Lines that are not run, by their first words, and why.
 NOT_RUN = {
-    "kiln weights vit": "writes the full-size ViT: tests/test_cli.py writes and builds it",
+    "kiln weights vit --random out/vit-random": "writes the full-size ViT: tests/test_cli.py writes and builds it",
     "kiln weights sd --tiny out/sd-tiny --single-file": "tests/test_sd_single_file.py writes and builds it",
     "kiln build vit": "builds every ViT variant (a minute) or needs a user's weights: tests/test_build_vit.py",
     "kiln build sd": "a build: tests/test_sd_single_file.py and the session's repository run the same code",

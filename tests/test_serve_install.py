@@ -50,12 +50,12 @@ def serve_venv(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def edge_repo(tmp_path_factory, plain_checkpoint) -> Path:
-    """The tiny SD and the ViT-B/16 (random weights), both OpenVINO fp32, built by the development install."""
+def edge_repo(tmp_path_factory, plain_checkpoint, tiny_vit) -> Path:
+    """The tiny SD and the tests' ViT, both OpenVINO fp32, built by the development install."""
     repo = tmp_path_factory.mktemp("edge") / "repo"
     build_sd(SDBuildOptions(weights=str(plain_checkpoint), repository=repo, images=IMAGES, progress=False,
                             variant="openvino-fp32"), log=lambda _m: None)
-    build_vit(ViTBuildOptions(random_weights=True, repository=repo, backend="openvino", variants=("openvino-fp32",),
+    build_vit(ViTBuildOptions(weights=str(tiny_vit), repository=repo, backend="openvino", variants=("openvino-fp32",),
                               extra_exports=(), progress=False), log=lambda _m: None)
     return repo
 

@@ -28,9 +28,34 @@ def test_folder_round_trip(tmp_path, vit_model):
 
 
 def test_single_safetensors_file(tmp_path, vit_model):
-    folder = save_vit_checkpoint(vit_model, tmp_path / "ckpt")
+    full = load_vit(random_weights=True, seed=1).model  # a lone file has no config: ViT-B/16's shape
+    folder = save_vit_checkpoint(full, tmp_path / "ckpt")
     loaded = load_vit(str(folder / "model.safetensors"))
-    assert torch.equal(loaded.model.cls_token, vit_model.cls_token)
+    assert torch.equal(loaded.model.cls_token, full.cls_token)
+    # the tiny ViT's file without its config.json does not fit ViT-B/16: said so, no traceback from torch
+    tiny = save_vit_checkpoint(vit_model, tmp_path / "tiny")
+    with pytest.raises(WeightsError, match="tiny/model.safetensors does not fit VisionTransformer: .*size mismatch"):
+        load_vit(str(tiny / "model.safetensors"))
+
+
+def test_the_tiny_folder_keeps_its_shape_and_says_it_is_random(tiny_vit, vit_model, tmp_path):
+    """`kiln weights vit --tiny`: config.json's model_args give the shape (timm's save_for_hf key), and
+    kiln-weights.json marks the weights random, as `kiln weights sd` does; a folder written from the model keeps
+    the shape; model_args the architecture does not take are refused naming them."""
+    import json
+
+    from build.vit.weights import TINY_VIT_ARGS
+
+    assert json.loads((tiny_vit / "config.json").read_text())["model_args"] == TINY_VIT_ARGS
+    loaded = load_vit(str(tiny_vit))
+    assert loaded.random and len(loaded.model.blocks) == 12 and loaded.model.embed_dim == 64
+    assert loaded.model.patch_embed.num_patches == 196 and loaded.model.num_classes == 1000
+    config = json.loads((tiny_vit / "config.json").read_text())
+    config["model_args"] = {"depth": 2, "no_such_argument": 1}
+    (tmp_path / "model.safetensors").symlink_to(tiny_vit / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="model_args .*no_such_argument.* do not fit 'vit_base_patch16_224'"):
+        load_vit(str(tmp_path))
 
 
 def test_pickled_checkpoints_are_refused(tmp_path):

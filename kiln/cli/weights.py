@@ -34,6 +34,9 @@ def add_parser(commands) -> None:
     vit = targets.add_parser("vit", help="a timm-style ViT-B/16 folder (model.safetensors + config.json)")
     vit.add_argument("--random", type=Path, metavar="OUT", required=True)
     vit.add_argument("--seed", type=int, default=0)
+    vit.add_argument("--tiny", action="store_true",
+                     help="ViT-B/16's architecture 64 wide instead of 768 (config.json's model_args): every "
+                          "variant builds in seconds")
     vit.set_defaults(run=run_vit)
     embedding = targets.add_parser("embedding", help="an AUTOMATIC1111 textual-inversion embedding (.safetensors, "
                                                      "emb_params) for the SD text encoder; its name is the file's")
@@ -117,10 +120,11 @@ def run_sd(args) -> int:
 
 
 def run_vit(args) -> int:
-    from build.vit.weights import load_vit, save_vit_checkpoint
+    from build.vit.weights import TINY_VIT_ARGS, write_random_vit
 
-    out = save_vit_checkpoint(load_vit(random_weights=True, seed=args.seed).model, args.random)
-    print(f"wrote seeded random weights (seed {args.seed}) to {out}: the real architecture, meaningless outputs")
+    out = write_random_vit(args.random, args.seed, args.tiny)
+    print(f"wrote seeded random weights (seed {args.seed}) to {out}: the real architecture"
+          f"{' (tiny: ' + str(TINY_VIT_ARGS) + ')' if args.tiny else ''}, meaningless outputs")
     return 0
 
 
