@@ -65,7 +65,7 @@ class Variant:
         compiles); `key` names what it serves."""
         if torch_compile and not self.cuda_program:
             raise ConfigError(f"--torch-compile compiles the CUDA graphs of a torch.export program on a GPU "
-                              f"(--device gpu --variant torch-cuda-fp16); {part} serves {key}")
+                              f"(--device gpu and the variant torch-cuda-fp16); {part} serves {key}")
 
     @property
     def channels_last(self) -> bool:

@@ -114,7 +114,7 @@ def test_a_mix_names_what_each_part_runs(plain_checkpoint, tmp_path, kiln):
     assert not any(tmp_path.iterdir())  # refused before anything was built
     code, _, err = kiln("build", "sd", "--weights", str(plain_checkpoint), "--repo", str(tmp_path), "--torch-compile")
     assert code == 2 and "Traceback" not in err and "--torch-compile compiles the CUDA graphs of a torch.export " \
-        "program on a GPU (--device gpu --variant torch-cuda-fp16); the UNet serves onnxruntime-fp32" in err
+        "program on a GPU (--device gpu and the variant torch-cuda-fp16); the UNet serves onnxruntime-fp32" in err
     assert not any(tmp_path.iterdir())
     # A GPU build runs every model on the GPU: a torch part checked and compiled for the CPU would not load there.
     with pytest.raises(ConfigError, match="torch's CPU variants"):
