@@ -97,7 +97,7 @@ def browser():
 def tiny_vit(tmp_path_factory) -> Path:
     """The tests' ViT (`kiln weights vit --tiny`): ViT-B/16's architecture (timm's VisionTransformer, 224 px, 16 px
     patches, 197 tokens, 12 blocks, 1000 classes) 64 wide instead of 768, seeded random. Every variant builds from it
-    in 8 s, where ViT-B/16 takes 51 s; tests/test_cli.py builds and serves ViT-B/16 itself."""
+    in 8 s, where ViT-B/16 takes 51 s (tests/test_cli.py and the int8 test of test_build_vit build ViT-B/16 itself)."""
     return write_random_vit(tmp_path_factory.mktemp("vit") / "tiny", seed=0, tiny=True)
 
 
