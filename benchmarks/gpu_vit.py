@@ -29,8 +29,7 @@ def _vit_inputs(check: Check):
     from kiln.paths import SAMPLE_IMAGES, list_images
 
     batches = check.options.vit_batches
-    source = check.vit_source()
-    model = load_vit(source.get("weights"), random_weights=source.get("random_weights", False), seed=0).model
+    model = load_vit(**check.vit_source(), seed=0).model
     transform = eval_transform(model)
     payloads = [p.read_bytes() for p in list_images(SAMPLE_IMAGES) if p.suffix.lower() in (".jpg", ".jpeg")]
     raw = np.stack([preprocess(payloads[i % len(payloads)], transform, scaled=False) for i in range(max(batches))])
