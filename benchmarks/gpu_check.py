@@ -195,11 +195,13 @@ def verdict(result: dict) -> dict:
     phases = result["phases"]
     served = phases.get("vit_served", {})
     top = served.get("batches", {}).get(max(served.get("batches", {})) if served.get("batches") else 0, {})
-    # the best of one client and several at once, float32 or uint8, and at the other count of vit's copies
+    # the best of one client and several at once, float32 or uint8, at the other count of vit's copies, and from a
+    # client's CUDA shared memory
     # (phases.vit_served has them all; kiln build vit --instances chooses the count)
     rates = [top.get(arm, {}).get("images_per_s") for arm in ("triton_tensor", "triton_uint8")] + \
         [served.get(arm, {}).get("images_per_s")
-         for arm in ("concurrent", "concurrent_uint8", "concurrent_uint8_other_instances")]
+         for arm in ("concurrent", "concurrent_uint8", "concurrent_uint8_other_instances", "cuda_shm_uint8")] + \
+        [served.get("cuda_shm_uint8", {}).get("one_client", {}).get("images_per_s")]
     vit_rate = max((r for r in rates if r is not None), default=None)
     speed = phases.get("batching", {}).get("step_over_unbatched", {})
     return {"sd_served_s": phases.get("sd_served", {}).get("image_s"),

@@ -42,7 +42,8 @@ def vit_served(check: Check) -> dict:
     quarter of the bytes, which the model scales) and JPEG bytes to `vit_classify`, one client, with Triton's own
     split of each request's time per model; then, at the largest batch, tensors from several clients at once (the
     client's copies overlap the GPU's work, as a loaded server's do; with two copies of `vit`, the build's default on
-    a GPU, one copy's host work overlaps the other's compute), float32 and uint8."""
+    a GPU, one copy's host work overlaps the other's compute), float32 and uint8; and uint8 from a client's CUDA shared
+    memory (on a GPU)."""
     from benchmarks.sd_triton import triton_compute_seconds
     from build.report import read_report
     from kiln.triton_client import TritonClient
@@ -77,6 +78,7 @@ def vit_served(check: Check) -> dict:
     return {"instances": instances, "batches": rows,
             "concurrent": alone(_vit_concurrent, check, {"pixel_values": pixels[:largest]}),
             "concurrent_uint8": alone(_vit_concurrent, check, {"pixels": raw[:largest]}),
+            "cuda_shm_uint8": alone(_vit_cuda_shm, check, raw[:largest]),
             "execute_split": alone(execute_split, check, names.VIT),
             "concurrent_uint8_other_instances": alone(_other_instances, check, {"pixels": raw[:largest]}, instances)}
 
@@ -129,28 +131,82 @@ def _vit_concurrent(check: Check, feed: dict[str, np.ndarray]) -> dict:
     """`vit_clients` clients, each with its own shared-memory regions, sending the largest batch back to back."""
     from kiln.triton_client import TritonClient
 
-    options, batch = check.options, len(next(iter(feed.values())))
+    batch = len(next(iter(feed.values())))
+    clients = [TritonClient(check.server.grpc_url, shared_memory="auto") for _ in range(check.options.vit_clients)]
+    try:
+        return _concurrently(check, batch, [lambda c=c: c.infer(names.VIT, feed, ["logits"], output_shapes={
+            "logits": (batch, 1000)}) for c in clients])
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _vit_cuda_shm(check: Check, raw: np.ndarray) -> dict:
+    """The largest uint8 batch from a client's CUDA shared memory: put on the GPU and registered with Triton once (as
+    perf_analyzer's --shared-memory=cuda does: a client whose images are on the GPU already), so that `vit` takes it
+    there through DLPack (its config's FORCE_CPU_ONLY_INPUT_TENSORS "no"), with no copy through the host on the way
+    in; the logits come back over gRPC. One client, then `vit_clients` at once; the logits are compared with the
+    same batch's through system shared memory."""
+    if not check.options.cuda:
+        return {"not_run": "CUDA shared memory: on a GPU only"}
+    import base64
+
+    import torch
+    import tritonclient.grpc as grpc
+
+    from kiln.triton_client import TritonClient
+
+    batch, region = len(raw), "kiln_gpu_check_pixels"
+    pixels = torch.from_numpy(raw).to("cuda:0")
+    torch.cuda.synchronize()
+    # the CUDA IPC handle of the allocation that holds it, and where in it the batch starts (torch's caching allocator)
+    device, handle, _, offset, *_ = pixels.untyped_storage()._share_cuda_()
+    clients = [grpc.InferenceServerClient(check.server.grpc_url) for _ in range(check.options.vit_clients)]
+    clients[0].register_cuda_shared_memory(region, base64.b64encode(handle), device, offset + raw.nbytes)
+    try:
+        def call(client) -> np.ndarray:
+            given = grpc.InferInput("pixels", list(raw.shape), "UINT8")
+            given.set_shared_memory(region, raw.nbytes, offset=offset)
+            return client.infer(names.VIT, [given], outputs=[grpc.InferRequestedOutput("logits")]).as_numpy("logits")
+
+        host = TritonClient(check.server.grpc_url, shared_memory="auto")
+        try:
+            reference = host.infer(names.VIT, {"pixels": raw}, ["logits"])["logits"]
+        finally:
+            host.close()
+        one = rate(timed(lambda: call(clients[0]), check.options.seconds), batch)
+        return {"batch": batch, "one_client": one,
+                "vs_system_shm_max_abs_diff": float(np.abs(call(clients[0]) - reference).max())} | \
+            _concurrently(check, batch, [lambda c=c: call(c) for c in clients])
+    finally:
+        clients[0].unregister_cuda_shared_memory(region)
+        for client in clients:
+            client.close()
+
+
+def _concurrently(check: Check, batch: int, calls: list) -> dict:
+    """Each of `calls` (one a client) on its own thread, back to back for the check's seconds after a warm-up each:
+    the images per second of them all."""
+    options = check.options
     patience = options.seconds + 120  # a warm-up or a call stuck past this fails the arm instead of hanging the run
-    clients = [TritonClient(check.server.grpc_url, shared_memory="auto") for _ in range(options.vit_clients)]
-    counts, ends = [0] * len(clients), [0.0] * len(clients)
-    ready = threading.Barrier(len(clients) + 1, timeout=patience)
-    shapes = {"logits": (batch, 1000)}
+    counts, ends = [0] * len(calls), [0.0] * len(calls)
+    ready = threading.Barrier(len(calls) + 1, timeout=patience)
     failures: list[BaseException] = []
 
     def send(index: int) -> None:
         try:
-            clients[index].infer(names.VIT, feed, ["logits"], output_shapes=shapes)  # warm-up: its regions
+            calls[index]()  # warm-up: its regions
             ready.wait()
             until = time.perf_counter() + options.seconds
             while time.perf_counter() < until:
-                clients[index].infer(names.VIT, feed, ["logits"], output_shapes=shapes)
+                calls[index]()
                 counts[index] += 1
             ends[index] = time.perf_counter()
         except BaseException as exc:  # noqa: BLE001 - the arm fails with it, below; the others stop waiting
             failures.append(exc)
             ready.abort()
 
-    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(len(clients))]
+    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(len(calls))]
     try:
         for thread in threads:
             thread.start()
@@ -168,9 +224,7 @@ def _vit_concurrent(check: Check, feed: dict[str, np.ndarray]) -> dict:
         wall = max(ends) - start
     finally:
         ready.abort()  # an interrupted run leaves no thread waiting
-        for client in clients:
-            client.close()
-    return {"clients": len(clients), "batch": batch, "requests": sum(counts),
+    return {"clients": len(calls), "batch": batch, "requests": sum(counts),
             "images_per_s": round(batch * sum(counts) / wall, 1)}
 
 

@@ -169,6 +169,10 @@ def parity_note(variant: Variant) -> str | None:
     return None
 
 
+# A torch model on a GPU takes its float and uint8 inputs where the client put them: from a client's CUDA shared memory
+# on the GPU, through DLPack, with no copy through the host (kiln.runtime.model.read_input). Triton's Python backend
+# otherwise copies every input to the host first.
+GPU_INPUTS = {"FORCE_CPU_ONLY_INPUT_TENSORS": "no"}
 GRAPH_BATCHES = (2, 4, 8, 16)  # rows: one request with CFG, and 2, 4, 8 of them merged by the step batcher
 
 

@@ -60,6 +60,10 @@ class TritonOptions:
     # Triton's explicit model control: only these models load at start, the others on a client's load call (kiln
     # serve --max-checkpoints); None: every model of the repository loads at start (model control "none")
     load_models: tuple[str, ...] | None = None
+    # The first GPU's CUDA memory pool, through which the Python backend hands a GPU input (a client's CUDA shared
+    # memory) to a model's stub: Triton's default, 64 MB, holds one 256-image uint8 ViT batch (38.5 MB), not two
+    # copies of vit's at once. Without a GPU Triton disables the pool.
+    cuda_memory_pool_mb: int = 256
 
     @classmethod
     def on_free_ports(cls, repository: Path, log_path: Path | None = None, **fields) -> TritonOptions:
@@ -254,6 +258,7 @@ class TritonServer:
             # Tensors of a few MB (ViT token features of a batch) pass through shared memory.
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
+            f"--cuda-memory-pool-byte-size=0:{o.cuda_memory_pool_mb << 20}",
         ]
 
     def environment(self) -> dict[str, str]:

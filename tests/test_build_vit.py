@@ -126,6 +126,26 @@ def test_every_variant_is_within_its_tolerance(all_variants_repo, vit_model, sam
         assert figures[key].max_abs <= 1e-3 and figures[key].top1 == 1.0
 
 
+def test_a_torch_session_takes_tensors_as_it_takes_arrays(all_variants_repo, vit_model, sample_images):
+    """What a torch model on a GPU gets from a client's CUDA shared memory (kiln.runtime.model.read_input): torch
+    tensors, float32 pixel_values or uint8 pixels to scale, beside a numpy `layer`. On the CPU the same code path
+    casts and scales them: the outputs are those of the numpy inputs, exactly."""
+    import torch
+
+    repo, _ = all_variants_repo
+    variant = VARIANTS["torch-fp32"]
+    transform = eval_transform(vit_model)
+    pixels, layers = parity_batch(sample_images, transform, len(vit_model.blocks))
+    raw = np.stack([transform.pixels(decode_image(p.read_bytes())) for p in sample_images])
+    session = open_session(variant, repo / "vit" / "1" / variant.artifact,
+                           byte_inputs={"pixel_values": ByteScale(transform.mean, transform.std)})
+    for batch in (pixels, raw):
+        arrays = session.run({"pixel_values": batch, "layer": layers})
+        tensors = session.run({"pixel_values": torch.from_numpy(batch), "layer": layers})
+        for name in arrays:
+            np.testing.assert_array_equal(tensors[name], arrays[name], err_msg=f"{batch.dtype} {name}")
+
+
 def _has_int8_dot_product() -> bool:
     """VNNI or AMX: int8 dot products without the 7-bit weight workaround of plain AVX2."""
     from benchmarks.vit import cpu_ceiling_gflops

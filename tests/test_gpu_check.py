@@ -40,6 +40,7 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     for arm in ("concurrent", "concurrent_uint8", "concurrent_uint8_other_instances"):
         concurrent = phases["vit_served"][arm]
         assert concurrent["clients"] == 2 and concurrent["requests"] > 0 and concurrent["images_per_s"] > 0, arm
+    assert "not_run" in phases["vit_served"]["cuda_shm_uint8"]  # a client's CUDA shared memory: on a GPU only
     # vit reloaded by Triton's explicit model control at the other count of copies: two here
     assert phases["vit_served"]["concurrent_uint8_other_instances"]["instances"] == 2
     assert set(phases["vit_in_process"]["host_copy_ms_at_max_batch"]) == {"cast_on_host", "cast_on_device"}

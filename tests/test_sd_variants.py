@@ -354,6 +354,10 @@ def test_torch_cuda_variant_configs_and_its_gpu(plain_checkpoint, tmp_path, key,
     assert unet.kind == "KIND_GPU" and unet.backend == "python" and unet.parameters["artifact"] == artifact
     assert unet.parameters["graph_batches"] == "2,4,8,16"
     assert json.loads(unet.parameters["graph_shapes"])["sample"] == [2, 4, 32, 32]  # opt: batch 2, 64 px / 2
+    # the step models take a client's CUDA shared memory where it is (kiln.runtime.model.read_input); the others
+    # keep Triton's default, every input copied to the host first
+    assert unet.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in configs["sd_vae_decoder"].parameters
     assert configs["sd_vae_decoder"].kind == "KIND_GPU" and "graph_batches" not in configs["sd_vae_decoder"].parameters
     assert configs["sd_tokenizer"].kind == "KIND_CPU"
     # The fp16 program's UNet keeps its weights channels-last (kiln build sd --layout), which the session reads from
@@ -438,8 +442,8 @@ def test_a_nan_request_in_a_merged_gpu_batch_fails_alone_as_invalid(monkeypatch)
 
     stub = types.ModuleType("triton_python_backend_utils")
     stub.TritonError, stub.InferenceResponse, stub.Tensor = Error, Response, lambda name, value: (name, value)
-    stub.get_input_tensor_by_name = lambda request, name: types.SimpleNamespace(as_numpy=lambda: request[name]) \
-        if name in request else None
+    stub.get_input_tensor_by_name = lambda request, name: types.SimpleNamespace(
+        is_cpu=lambda: True, as_numpy=lambda: request[name]) if name in request else None
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
     sys.modules.pop("kiln.runtime.model", None)
     try:
@@ -466,6 +470,61 @@ def test_a_nan_request_in_a_merged_gpu_batch_fails_alone_as_invalid(monkeypatch)
         assert responses[1].error.code == "INVALID_ARG" and "x contains NaN" in responses[1].error.message
         assert [r.outputs["y"].tolist() for r in (responses[0], responses[2])] == [[[2, 2]], [[0, 0]]]
         assert model.session.calls == (4 if on_gpu else 1)  # the GPU's merged batch, then each alone
+
+
+def test_inputs_on_a_gpu_reach_the_session_as_tensors_and_merge(monkeypatch):
+    """RuntimeModel.execute with inputs that Triton hands over on a GPU (a client's CUDA shared memory, on a model
+    whose config sets FORCE_CPU_ONLY_INPUT_TENSORS to "no"). Stand-ins, because neither can be had here for real:
+    Triton's `triton_python_backend_utils` exists only inside its stub, and no GPU tensor exists on this machine (the
+    stand-in's tensors are on the CPU and say they are not: what read_input does with them is the same). Float inputs
+    reach the session as torch tensors through DLPack, two requests' merged by torch.cat; an integer input (the
+    ViT's `layer`) comes to the host as numpy; a request from host memory is numpy as before."""
+    import sys
+    import types
+
+    import torch
+    from torch.utils.dlpack import to_dlpack
+
+    class Response:
+        def __init__(self, output_tensors=(), error=None):
+            self.outputs, self.error = {t[0]: t[1] for t in output_tensors}, error
+
+    class Request(dict):
+        def requested_output_names(self):
+            return []
+
+    def tensor(value, on_gpu: bool):
+        return types.SimpleNamespace(is_cpu=lambda: not on_gpu, as_numpy=lambda: value,
+                                     to_dlpack=lambda: to_dlpack(torch.from_numpy(value)))
+
+    stub = types.ModuleType("triton_python_backend_utils")
+    stub.InferenceResponse, stub.Tensor = Response, lambda name, value: (name, value)
+    stub.get_input_tensor_by_name = lambda request, name: request.get(name)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    sys.modules.pop("kiln.runtime.model", None)
+    try:
+        from kiln.runtime.model import RuntimeModel
+    finally:
+        sys.modules.pop("kiln.runtime.model", None)  # bound to the stand-in: not for other tests
+
+    class Session:  # what TorchSession does with either (tested with a real one in test_build_vit)
+        checks_finite = True  # a GPU session checks NaN on the GPU
+        seen: list = []
+
+        def run(self, inputs, names):
+            self.seen.append({name: type(value).__name__ for name, value in inputs.items()})
+            x = inputs["x"] if isinstance(inputs["x"], np.ndarray) else inputs["x"].numpy()
+            return {"y": x * 2 + inputs["k"]}
+
+    model = RuntimeModel()
+    model.session, model.loras, model.name, model.batching = Session(), None, "m", True
+    model.input_names, model.output_names = ["x", "k"], ["y"]
+    rows = [np.full((1, 2), i, np.float32) for i in range(3)]
+    k = np.ones((1, 1), np.int64)
+    requests = [Request(x=tensor(row, i < 2), k=tensor(k, i < 2)) for i, row in enumerate(rows)]  # 2 on the GPU
+    responses = model.execute(requests)
+    assert [r.outputs["y"].tolist() for r in responses] == [[[1, 1]], [[3, 3]], [[5, 5]]]
+    assert Session.seen == [{"x": "Tensor", "k": "ndarray"}, {"x": "ndarray", "k": "ndarray"}]  # 2 merged, 1 alone
 
 
 def _prebuilt(tmp_path: Path, name: str, plain_checkpoint: Path, plain_repo: Path) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from build.convert import Variant
-from build.native import DEVICES, cuda_graph_parameters, native_config
+from build.native import DEVICES, GPU_INPUTS, cuda_graph_parameters, native_config
 from build.sd.specs import controlnet_components, has_ensemble
 from build.specs import ComponentSpec
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
@@ -51,7 +51,7 @@ def sd_model_configs(specs: dict[str, ComponentSpec], contract: SDContract, vari
             params["static_shapes"] = static[component].to_json()
         step = component in STEP_COMPONENTS or component.startswith("controlnet")
         if served.runtime == "torch" and served.accelerator == "cuda" and step:
-            params |= cuda_graph_parameters(specs[component])
+            params |= cuda_graph_parameters(specs[component]) | GPU_INPUTS
             if channels_last and served.channels_last:
                 params["channels_last"] = "1"
             if torch_compile and served.cuda_program:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from build.native import cuda_graph_parameters, native_config
+from build.native import GPU_INPUTS, cuda_graph_parameters, native_config
 from build.specs import ComponentSpec
 from build.static import size_label, static_plan
 from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
@@ -113,7 +113,7 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
         vit = native_config(vit, served, options.device, options.threads, spec)
     elif on_gpu:
         vit = replace(vit, kind="KIND_GPU", parameters=vit.parameters | cuda_graph_parameters(
-            spec, GPU_GRAPH_BATCHES, GPU_MAX_BATCH))
+            spec, GPU_GRAPH_BATCHES, GPU_MAX_BATCH) | GPU_INPUTS)
     served.check_torch_compile(options.torch_compile, "the ViT", options.served_key)
     if options.torch_compile:  # its CUDA graphs replay Inductor's kernels (kiln.runtime.torch_session)
         vit = replace(vit, parameters=vit.parameters | {"torch_compile": "1"})

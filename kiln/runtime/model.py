@@ -7,7 +7,8 @@ shapes agree run as one batch; if a batch fails, its requests are retried one by
 the bad one gets an error. Outputs are computed only when some request asks for them. A model with a `lora`
 input (the text encoder, the UNets) runs each request on its LoRA set's session (kiln.runtime.lora), and requests
 of different sets never share a batch. Subclasses adapt inputs with `prepare`; hand-written models answer a bad
-request with `error_response`.
+request with `error_response`. A torch model on a GPU takes its float and uint8 inputs where a client put them: from
+CUDA shared memory, through DLPack, with no copy through the host (read_input).
 
 Imported inside Triton's Python backend stub only (it needs `triton_python_backend_utils`).
 """
@@ -76,8 +77,8 @@ class RuntimeModel:
 
     def prepare(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
         """Adapt one request's inputs to the artifact's, or return an error message for that request."""
-        for name, value in inputs.items():
-            if value.dtype.kind == "f" and not self.session.checks_finite and not np.isfinite(value).all():
+        for name, value in inputs.items():  # (a GPU session checks on the GPU: its inputs may be torch tensors there)
+            if not self.session.checks_finite and value.dtype.kind == "f" and not np.isfinite(value).all():
                 return f"{name} contains NaN or infinity"
         return inputs
 
@@ -89,7 +90,7 @@ class RuntimeModel:
             for name in self.input_names:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 if tensor is not None:
-                    inputs[name] = tensor.as_numpy()
+                    inputs[name] = read_input(tensor)
             specs.append(_lora_spec(inputs.pop("lora", None)))
             feeds.append(self.prepare(inputs) if specs[-1] is not None else "rows of one request name different "
                                                                             "LoRA sets")
@@ -134,7 +135,8 @@ class RuntimeModel:
         for i, (feed, spec) in enumerate(zip(feeds, specs)):
             if isinstance(feed, str):
                 continue
-            key = (spec, *sorted((k, v.shape[1:], v.dtype.str) for k, v in feed.items())) if self.batching else (i,)
+            key = (spec, *sorted((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in feed.items())) \
+                if self.batching else (i,)
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
@@ -144,7 +146,7 @@ class RuntimeModel:
             if len(group) == 1:
                 merged = feeds[group[0]]
             else:
-                merged = {k: np.concatenate([feeds[i][k] for i in group]) for k in feeds[group[0]]}
+                merged = {k: _concatenate([feeds[i][k] for i in group]) for k in feeds[group[0]]}
             outputs = session.run(merged, names)
             start = 0
             for i in group:
@@ -162,6 +164,27 @@ class RuntimeModel:
                 return
             for i in group:
                 self._run_group([i], feeds, wanted, results, session, refused)
+
+
+def read_input(tensor):
+    """A request's input as the session takes it: numpy from host memory; from a GPU (a client's CUDA shared memory,
+    which Triton hands a model whose config sets FORCE_CPU_ONLY_INPUT_TENSORS to "no": the torch CUDA models) a torch
+    tensor on that GPU through DLPack, with no copy through the host (kiln.runtime.torch_session.from_gpu)."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    from kiln.runtime.torch_session import from_gpu  # a GPU tensor reaches a torch model only: torch is there
+
+    return from_gpu(tensor)
+
+
+def _concatenate(values: list):
+    """Requests' inputs as one batch: numpy arrays, or torch tensors on a GPU (read_input; _groups never mixes the
+    two: their dtypes are named apart)."""
+    if isinstance(values[0], np.ndarray):
+        return np.concatenate(values)
+    from kiln.runtime.torch_session import concatenate
+
+    return concatenate(values)
 
 
 def _lora_spec(value: np.ndarray | None) -> str | None:

@@ -16,7 +16,9 @@ SD 1.5's UNet at 3 rows in 37.8 ms, at 4 rows from its graph in 17.8 ms: about 2
 rows; a ViT row costs about 0.1 ms there, against some 3 ms of launches). Any other shape runs eagerly.
 
 A float32 or uint8 input of 1 MB or more reaches the GPU through a pinned staging buffer (a ViT batch, not a UNet
-step's latents); uint8 pixels of an input named in `byte_inputs` are scaled to the program's floats there.
+step's latents); uint8 pixels of an input named in `byte_inputs` are scaled to the program's floats there. An input
+that is already a torch tensor (on a GPU: a client's CUDA shared memory, kiln.runtime.model.read_input) is cast or
+scaled where it is, with no copy through the host.
 `channels_last` stores a program's 4-d weights channels-last (NHWC): a convolution with such a weight computes and
 returns channels-last, so the layout carries through a UNet or a VAE, as cuDNN's float16 tensor-core kernels want.
 `torch_compile` compiles a program's graph with torch.compile (Inductor's fused kernels; batch sizes symbolic, so one
@@ -121,6 +123,31 @@ def graph_bucket(key: tuple, captured) -> tuple | None:
     fits = [k for k in captured if all(len(a) == len(b) and a[1:] == b[1:] for a, b in zip(k, key))
             and len({shape[0] for shape in k}) == 1 and n < k[0][0] <= n + MAX_PAD_ROWS]
     return min(fits, key=lambda k: k[0][0], default=None)
+
+
+# What a torch session casts or scales on its device: inputs of these types stay on the GPU they came on
+DEVICE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
+
+
+def from_gpu(tensor) -> torch.Tensor | np.ndarray:
+    """A Triton input tensor on a GPU (kiln.runtime.model.read_input) as a torch tensor there, through DLPack; other
+    types (indices such as the ViT's `layer`) come to the host as numpy, where the models read them."""
+    from torch.utils.dlpack import from_dlpack
+
+    value = from_dlpack(tensor.to_dlpack())
+    return value if value.dtype in DEVICE_DTYPES else value.cpu().numpy()
+
+
+def concatenate(values: list[torch.Tensor]) -> torch.Tensor:
+    """Requests' tensors on a GPU as one batch (kiln.runtime.model)."""
+    return torch.cat(values)
+
+
+def _pad(value: np.ndarray | torch.Tensor, rows: int) -> np.ndarray | torch.Tensor:
+    """pad_rows, for a torch tensor too (read_input's, on its GPU)."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value[-1:].expand(rows - len(value), *value.shape[1:])])
+    return pad_rows(value, rows)
 
 
 class _Clock:
@@ -239,15 +266,20 @@ class TorchSession:
         """Whether a call with these inputs replays a captured CUDA graph (at their shapes, or padded to a bucket)."""
         return self._graph_key(self._key(inputs)) is not None
 
-    def _tensor(self, name: str, value: np.ndarray) -> torch.Tensor:
-        value, dtype = np.ascontiguousarray(value), self._input_dtypes[name]
-        scaled = name in self._scales and value.dtype == np.uint8
-        if self._staging is not None and value.dtype in STAGED_DTYPES and value.nbytes >= STAGED_BYTES:
-            tensor = self._staging.to_device(name, value)
-        elif scaled:
-            tensor = torch.from_numpy(value).to(self.device)
-        else:  # a small input: cast on the host, then copied (half the bytes for float16)
-            return torch.from_numpy(value).to(self.device, dtype)
+    def _tensor(self, name: str, value: np.ndarray | torch.Tensor) -> torch.Tensor:
+        dtype = self._input_dtypes[name]
+        if isinstance(value, torch.Tensor):  # already a tensor (on a GPU: a client's CUDA shared memory, through
+            tensor = value.to(self.device)   # DLPack, kiln.runtime.model.read_input): cast or scaled where it is
+            scaled = name in self._scales and tensor.dtype == torch.uint8
+        else:
+            value = np.ascontiguousarray(value)
+            scaled = name in self._scales and value.dtype == np.uint8
+            if self._staging is not None and value.dtype in STAGED_DTYPES and value.nbytes >= STAGED_BYTES:
+                tensor = self._staging.to_device(name, value)
+            elif scaled:
+                tensor = torch.from_numpy(value).to(self.device)
+            else:  # a small input: cast on the host, then copied (half the bytes for float16)
+                return torch.from_numpy(value).to(self.device, dtype)
         if scaled:  # kiln.imaging.normalize_pixels' operations, in its order: the same floats
             mean, std = self._scales[name]
             tensor = (tensor.to(torch.float32) / 255.0 - mean) / std
@@ -280,7 +312,7 @@ class TorchSession:
         bucket = self._graph_key(key)
         if bucket is not None and bucket != key:  # padded to the bucket's rows; the outputs sliced back to `rows`
             rows, key = key[0][0], bucket
-            inputs = {n: pad_rows(inputs[n], bucket[i][0]) for i, n in enumerate(self.input_names)}
+            inputs = {n: _pad(inputs[n], bucket[i][0]) for i, n in enumerate(self.input_names)}
         captured = self._graphs.get(key)
         # Triton may call execute on another thread than initialize's, whose current device set_device set.
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
