@@ -146,7 +146,7 @@ def build(check: Check) -> dict:
         backend, _, precision = key.rpartition("-")
         build_vit(ViTBuildOptions(**check.vit_source(), backend=backend, precision=precision, variants=(key,),
                                   extra_exports=(), repository=check.repo, device=device, progress=False,
-                                  torch_compile=options.torch_compile),
+                                  torch_compile=options.torch_compile, pixel_wire="uint8"),  # a GPU build's
                   log=check.log)
         vit = read_report(check.repo)["vit"]["artifacts"][key]
         result |= {"vit_parity": vit["parity"]["logits"], "vit_build_s": vit.get("build_seconds")}

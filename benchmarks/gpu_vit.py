@@ -43,7 +43,7 @@ def vit_served(check: Check) -> dict:
     split of each request's time per model; then, at the largest batch, tensors from several clients at once (the
     client's copies overlap the GPU's work, as a loaded server's do; with two copies of `vit`, the build's default on
     a GPU, one copy's host work overlaps the other's compute), float32 and uint8; and uint8 from a client's CUDA shared
-    memory (on a GPU)."""
+    memory (on a GPU); and JPEGs again with vit_preprocess decoding with torch (nvJPEG on a GPU)."""
     from benchmarks.sd_triton import triton_compute_seconds
     from build.report import read_report
     from kiln.triton_client import TritonClient
@@ -80,7 +80,8 @@ def vit_served(check: Check) -> dict:
             "concurrent_uint8": alone(_vit_concurrent, check, {"pixels": raw[:largest]}),
             "cuda_shm_uint8": alone(_vit_cuda_shm, check, raw[:largest]),
             "execute_split": alone(execute_split, check, names.VIT),
-            "concurrent_uint8_other_instances": alone(_other_instances, check, {"pixels": raw[:largest]}, instances)}
+            "concurrent_uint8_other_instances": alone(_other_instances, check, {"pixels": raw[:largest]}, instances),
+            "jpeg_torch_decode": alone(_torch_decode, check, jpegs[:largest], raw[:largest])}
 
 
 def _other_instances(check: Check, feed: dict[str, np.ndarray], instances: int) -> dict:
@@ -103,6 +104,32 @@ def _other_instances(check: Check, feed: dict[str, np.ndarray], instances: int) 
     if loaded != other:
         raise RuntimeError(f"vit reloaded with {loaded} instances, not {other}")
     return {"instances": other, "reload_s": round(reload_s, 2)} | _vit_concurrent(check, feed)
+
+
+def _torch_decode(check: Check, jpegs: np.ndarray, raw: np.ndarray) -> dict:
+    """vit_classify's JPEG arm at the largest batch again, with vit_preprocess reloaded to decode with torchvision
+    (kiln build vit --decode torch: on a GPU, nvJPEG there, and the pixels handed to `vit` there), and the pixels it
+    hands on against PIL's. vit_preprocess stays reloaded."""
+    from kiln.triton_client import TritonClient
+
+    client = TritonClient(check.server.grpc_url)
+    try:
+        config = client.model_config(names.VIT_PREPROCESS)
+        config["parameters"]["decode"] = {"string_value": "torch"}
+        if check.options.cuda:
+            for group in config["instance_group"]:
+                group |= {"kind": "KIND_GPU", "gpus": [0]}
+        started = time.perf_counter()
+        client.load_model(names.VIT_PREPROCESS, config)  # Triton's explicit model control (serve)
+        reload_s = time.perf_counter() - started
+        pixels = client.infer(names.VIT_PREPROCESS, {"image": jpegs}, ["pixels"])["pixels"]
+        latencies = timed(lambda: client.infer(names.VIT_CLASSIFY, {"image": jpegs}, ["labels"]),
+                          check.options.seconds)
+    finally:
+        client.close()
+    return {"reload_s": round(reload_s, 2), "kind": config["instance_group"][0]["kind"],
+            "pixels_max_abs_levels_vs_pil": int(np.abs(pixels.astype(int) - raw.astype(int)).max())} | \
+        rate(latencies, len(jpegs))
 
 
 def alone(arm, *args) -> dict:

@@ -17,6 +17,7 @@ _FILENAME = re.compile(r'^default_model_filename:\s*"([^"]+)"', re.MULTILINE)
 _PARAMETER = r'key:\s*"{}"\s*value\s*{{\s*string_value:\s*"([^"]*)"'
 _RUNTIME = re.compile(_PARAMETER.format("runtime"))
 _ARTIFACT = re.compile(_PARAMETER.format("artifact"))
+_DECODE = re.compile(_PARAMETER.format("decode"))
 
 
 def model_folders(repository: Path) -> list[Path]:
@@ -74,10 +75,20 @@ def check_for_image(repository: Path) -> list[str]:
                                 "image does not install; build with --triton-backend native")
             elif runtime and (artifact := _ARTIFACT.search(text)):
                 problems += _torch_problems(folder.name, [v / artifact.group(1) for v in versions])
+            if (decode := _DECODE.search(text)) and decode.group(1) == "torch" and not _has_torchvision():
+                problems.append(f"{folder.name}: decodes with torch (kiln build vit --decode torch), and this image "
+                                "has no torch and torchvision: build it FROM NVIDIA's PyTorch flavour "
+                                "(--build-arg TRITON_FLAVOR=pyt-python-py3) or with --decode pil")
         elif backend != "ensemble" and (match := _FILENAME.search(config.read_text())):
             if not any((v / match.group(1)).is_file() for v in versions):
                 problems.append(f"{folder.name}: {match.group(1)} is missing from its version folder")
     return problems
+
+
+def _has_torchvision() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "torchvision"))
 
 
 def _torch_problems(model: str, programs: list[Path]) -> list[str]:

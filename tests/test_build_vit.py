@@ -67,6 +67,29 @@ def test_jpeg_draft_build_reports_what_it_changes(tmp_path, kiln, sample_images,
     assert report.read_report(tmp_path / "repo")["vit"]["served"]["instances"] == 2
 
 
+@pytest.mark.slow
+def test_torch_decode_build_reports_what_it_changes(tmp_path, kiln, sample_images, tiny_vit):
+    """--decode torch: vit_preprocess is told to decode with torchvision, and the report gives the parity images'
+    pixels and PyTorch's logits against PIL's; what it cannot honour is refused before anything is built."""
+    code, out, err = kiln("build", "vit", "--weights", tiny_vit, "--variants", "served", "--no-extra-exports",
+                          "--decode", "torch", "--pixel-wire", "uint8", "--repo", tmp_path / "repo")
+    assert code == 0, err
+    decode = report.read_report(tmp_path / "repo")["vit"]["preprocess"]["decode"]
+    jpegs = sum(p.suffix == ".jpg" for p in sample_images)
+    assert (decode["decode"], decode["device"], decode["decoded_by_torch"]) == ("torch", "cpu", jpegs), decode
+    assert 0 < decode["pixels_max_abs_levels"] <= 16 and decode["pixels_psnr_db"] > 35, decode
+    assert decode["logits_vs_pil_pixels"]["cosine"] > 0.999, decode
+    assert f"{jpegs} of {len(sample_images)} parity images decoded by torchvision on cpu" in out
+    config = read_config(tmp_path / "repo" / "vit_preprocess" / "config.pbtxt")
+    assert config.parameters["decode"].string_value == "torch" and config.parameters["scaled"].string_value == "false"
+    for flags, message in ((("--pixel-wire", "float32"), "needs --pixel-wire uint8"),
+                           (("--pixel-wire", "uint8", "--jpeg-draft"), "choose one")):
+        code, _, err = kiln("build", "vit", "--weights", tiny_vit, "--decode", "torch", *flags, "--repo",
+                            tmp_path / "refused")
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "refused").exists()
+
+
 def test_unknown_backend_precision_pair_lists_valid_ones():
     with pytest.raises(ConfigError, match="valid backend-precision pairs: .*openvino-int8"):
         ViTBuildOptions(random_weights=True, backend="onnxruntime", precision="bf16").variant_keys()

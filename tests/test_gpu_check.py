@@ -41,6 +41,8 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
         concurrent = phases["vit_served"][arm]
         assert concurrent["clients"] == 2 and concurrent["requests"] > 0 and concurrent["images_per_s"] > 0, arm
     assert "not_run" in phases["vit_served"]["cuda_shm_uint8"]  # a client's CUDA shared memory: on a GPU only
+    decoded = phases["vit_served"]["jpeg_torch_decode"]  # vit_preprocess reloaded to decode with torchvision
+    assert decoded["images_per_s"] > 0 and 0 < decoded["pixels_max_abs_levels_vs_pil"] <= 16, decoded
     # vit reloaded by Triton's explicit model control at the other count of copies: two here
     assert phases["vit_served"]["concurrent_uint8_other_instances"]["instances"] == 2
     assert set(phases["vit_in_process"]["host_copy_ms_at_max_batch"]) == {"cast_on_host", "cast_on_device"}

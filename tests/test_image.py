@@ -196,6 +196,8 @@ def test_the_image_holds_every_model_and_every_import(native_repo, tmp_path):
                 top = name.split(".")[0]
                 if name.startswith("kiln.runtime.torch_session"):
                     continue  # opened for a torch program only, which kiln.repository refuses where torch is absent
+                if name.startswith("kiln.runtime.torch_decode"):
+                    continue  # opened for --decode torch only, which kiln.repository refuses where torch is absent
                 if name.startswith("kiln.runtime.lora"):
                     continue  # opened by a Python-backend runtime model with a lora input only; the image has none
                 if top == "kiln":

@@ -240,8 +240,15 @@ def uint8_wire_repo(vit_repo, vit_model, tmp_path_factory) -> Path:
     spec = spec_for(vit_model, VIT_SPEC)  # the tests' ViT's shapes (64 wide)
     for config in vit_model_configs(ViTBuildOptions(random_weights=True), transform, spec):
         assert config.to_pbtxt() == (vit_repo / config.name / "config.pbtxt").read_text(), config.name
-    repo = tmp_path_factory.mktemp("uint8_wire")
-    for config in vit_model_configs(ViTBuildOptions(random_weights=True, pixel_wire="uint8"), transform, spec):
+    return _rewired(vit_repo, ViTBuildOptions(random_weights=True, pixel_wire="uint8"), transform, spec,
+                    tmp_path_factory.mktemp("uint8_wire"))
+
+
+def _rewired(vit_repo: Path, options, transform, spec, repo: Path) -> Path:
+    """vit_repo's models under the configs `options` give (written by the build's own code), the rest linked."""
+    from build.vit.configs import vit_model_configs
+
+    for config in vit_model_configs(options, transform, spec):
         if config.name == "vit":  # the same config either way: it takes both
             assert config.to_pbtxt() == (vit_repo / config.name / "config.pbtxt").read_text()
         (repo / config.name).mkdir()
@@ -250,6 +257,39 @@ def uint8_wire_repo(vit_repo, vit_model, tmp_path_factory) -> Path:
                 (repo / config.name / entry.name).symlink_to(entry.resolve())
         (repo / config.name / "config.pbtxt").write_text(config.to_pbtxt())
     return repo
+
+
+def test_torch_decode_serves_the_decoders_pixels_and_fails_a_bad_image_alone(vit_repo, vit_model, tmp_path,
+                                                                             sample_images):
+    """--decode torch, served here on the CPU (torchvision's libjpeg-turbo; nvJPEG on a GPU): vit_preprocess hands
+    `vit` exactly kiln.runtime.torch_decode's pixels for a batch of JPEGs and a PNG (which goes through PIL), the
+    classification runs on them, and a corrupt image fails its own request with PIL's message."""
+    from build.vit import ViTBuildOptions
+    from build.vit.spec import VIT_SPEC, spec_for
+    from kiln.contract import read_parameters
+    from kiln.imaging import EvalTransform
+    from kiln.runtime.torch_decode import TorchDecoder
+    from tests.conftest import start_triton
+
+    transform = EvalTransform.from_json(read_parameters(vit_repo / "vit_preprocess" / "config.pbtxt")[0]["transform"])
+    options = ViTBuildOptions(random_weights=True, pixel_wire="uint8", decode="torch")
+    (tmp_path / "repo").mkdir()
+    repo = _rewired(vit_repo, options, transform, spec_for(vit_model, VIT_SPEC), tmp_path / "repo")
+    assert read_parameters(repo / "vit_preprocess" / "config.pbtxt")[0]["decode"] == "torch"
+    payloads = [p.read_bytes() for p in sample_images if p.suffix in (".jpg", ".png")]
+    decoder = TorchDecoder(transform)
+    assert 0 < sum(map(decoder.decodes, payloads)) < len(payloads)  # JPEGs by torchvision, the PNGs by PIL
+    server = start_triton(repo, tmp_path / "triton.log")
+    try:
+        images = np.array([[data] for data in payloads], dtype=object)
+        out = _raw_infer(server, "vit_preprocess", [("image", images, "BYTES")])
+        np.testing.assert_array_equal(out.as_numpy("pixels"), np.stack([p.numpy() for p in decoder(payloads)]))
+        labels = _raw_infer(server, "vit_classify", [("image", images, "BYTES")]).as_numpy("indices")
+        assert labels.shape[0] == len(payloads)
+        with pytest.raises(InferenceServerException, match="vit_preprocess: corrupt or truncated image"):
+            _raw_infer(server, "vit_classify", [("image", np.array([[payloads[0][:400]]], dtype=object), "BYTES")])
+    finally:
+        server.stop()
 
 
 def test_the_uint8_wire_classifies_and_embeds_as_the_float32_one(uint8_wire_repo, tmp_path, sample_images, reference):
@@ -342,7 +382,7 @@ def test_bench_preprocess_measures_the_pool_and_jpeg_draft_against_one_thread(tm
                           "--out", tmp_path)
     assert code == 0, err
     saved = json.loads((tmp_path / "preprocess.json").read_text())
-    arms = ("pool", "one thread", "pool + JPEG draft")
+    arms = ("pool", "one thread", "pool + JPEG draft", "torch decode")
     assert {(r["photos"], r["batch"], r["arm"]) for r in saved["rows"]} == {
         (photos, b, a) for photos in ("samples", "1024x768") for b in (1, 4) for a in arms}
     for row in saved["rows"]:  # the pool's pixels were compared with one thread's on every call (the run fails if not)
@@ -350,6 +390,8 @@ def test_bench_preprocess_measures_the_pool_and_jpeg_draft_against_one_thread(tm
     drafted = {r["photos"]: r["pixels_psnr_db"] for r in saved["rows"] if r["arm"] == "pool + JPEG draft"}
     assert drafted["samples"] is None  # the samples are too small to decode reduced: the same pixels
     assert 38 < drafted["1024x768"] < 80  # decoded reduced: close to the exact pixels, not equal
+    decoded = [r["pixels_psnr_db"] for r in saved["rows"] if r["arm"] == "torch decode"]
+    assert all(35 < psnr < 80 for psnr in decoded), decoded  # torchvision and torch's resize: close to PIL's
     assert "| 1024x768 | 4 |" in out and (tmp_path / "preprocess.png").stat().st_size > 5_000
     assert saved["machine"]["isa"]
     assert kiln("bench", "preprocess", "--calls", "0", "--out", tmp_path)[0] == 2

@@ -26,8 +26,8 @@ from build.repository import write_models
 from build.specs import ComponentSpec
 from build.static import check_static, check_static_variant
 from build.torch_export import export_artifact
-from build.vit.configs import pixel_wire, vit_instances, vit_model_configs, vit_static_plan
-from build.vit.draft import draft_figures, draft_summary
+from build.vit.configs import check_decode, pixel_wire, vit_instances, vit_model_configs, vit_static_plan
+from build.vit.draft import decode_figures, decode_summary, draft_figures, draft_summary
 from build.vit.labels import class_labels, write_labels
 from build.vit.spec import EXTRA_EXPORTS, NUM_BLOCKS, VIT_MODEL_NAME, VIT_SPEC, spec_facts, spec_for
 from kiln.contract import VIT, VIT_POSTPROCESS
@@ -60,6 +60,7 @@ class ViTBuildOptions:
     threads: int = 0  # runtime threads inside Triton, and vit_preprocess's decode pool; 0: all cores
     jpeg_draft: bool = False  # vit_preprocess decodes large JPEGs reduced (libjpeg's DCT scaling), near timm's pixels
     pixel_wire: str = "auto"  # how vit_preprocess hands images to vit: uint8, float32, auto (build.vit.configs)
+    decode: str = "pil"  # vit_preprocess's JPEG decode: pil (a thread pool) or torch (torchvision, nvJPEG on a GPU)
     instances: int = 0  # copies of the served `vit` Triton runs (its instance_group count); 0: auto (vit_instances)
     torch_compile: bool = False  # torch-cuda-fp16: vit's CUDA graphs captured from torch.compile's kernels at load
     progress: bool = True
@@ -170,6 +171,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                          options.triton_backend)
     check_threads(options.threads)
     wire, instances = pixel_wire(options), vit_instances(options)
+    check_decode(options, wire)
     if not options.auto:  # (auto: once the served variant is chosen, by vit_model_configs)
         options.served.check_torch_compile(options.torch_compile, "the ViT", options.served_key)
     if options.calibration_size < 1:
@@ -278,6 +280,10 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
         {"enabled": False}
     if options.jpeg_draft:
         log(f"  --jpeg-draft: {draft_summary(draft)}")
+    decode = decode_figures(model, checked, transform, layers, reference, options.device) \
+        if options.decode == "torch" else {"decode": "pil"}
+    if options.decode == "torch":
+        log(f"  --decode torch: {decode_summary(decode)}")
     content = {
         "model": _model_name(model),
         "shape": facts,
@@ -291,7 +297,7 @@ def build_vit(options: ViTBuildOptions, log: Callable[[str], None] = print) -> B
                    "caveat": precision_caveat(served, options.triton_backend),
                    **(target if served.runtime == "openvino" else {}), **({"static": static} if static else {})},
         "auto": choice,
-        "preprocess": json.loads(transform.to_json()) | {"jpeg_draft": draft, "pixel_wire": wire},
+        "preprocess": json.loads(transform.to_json()) | {"jpeg_draft": draft, "pixel_wire": wire, "decode": decode},
         "parity_images": [p.name for p in checked],
         "versions": report.tool_versions(),
         "machine": report.machine(),

@@ -48,6 +48,20 @@ def pixel_wire(options: ViTBuildOptions) -> str:
     return options.pixel_wire
 
 
+DECODES = ("pil", "torch")
+
+
+def check_decode(options: ViTBuildOptions, wire: str) -> None:
+    """--decode torch (kiln.runtime.torch_decode) hands `vit` uint8 pixels where it decoded them, decoded in full."""
+    if options.decode not in DECODES:
+        raise ConfigError(f"unknown decode {options.decode!r}; valid: {', '.join(DECODES)}")
+    if options.decode == "torch" and wire != "uint8":
+        raise ConfigError("--decode torch hands vit uint8 pixels, which vit scales: it needs --pixel-wire uint8 (auto "
+                          "chooses it for torch on a GPU)")
+    if options.decode == "torch" and options.jpeg_draft:
+        raise ConfigError("--jpeg-draft is PIL's reduced decode; --decode torch decodes in full: choose one")
+
+
 def vit_instances(options: ViTBuildOptions) -> int:
     """How many copies of `vit` Triton runs (its instance_group count), each with its own session. auto (0): two on a
     GPU, where one copy's host work (the batch into its stub, the pinned copy, the response) overlaps the other's
@@ -86,12 +100,13 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
         outputs=(replace(wire, optional=False), replace(layer, optional=False)),
         max_batch_size=max_batch,
         dynamic_batching=batching,
-        kind="KIND_CPU",
+        kind="KIND_GPU" if on_gpu and options.decode == "torch" else "KIND_CPU",  # nvJPEG on the GPU vit runs on
         parameters={"transform": transform.to_json(), "default_layer": str(facts["blocks"] - 1),
                     "max_pixels": str(ImageLimits().max_pixels), "min_side": str(ImageLimits().min_side),
                     "threads": str(options.threads),  # its decode pool (0: all cores)
                     "jpeg_draft": str(options.jpeg_draft).lower(),  # JPEGs decoded reduced (kiln.imaging.preprocess)
-                    "scaled": str(wire is not pixels).lower()},  # false: uint8 `pixels` out, scaled by `vit`
+                    "scaled": str(wire is not pixels).lower(),  # false: uint8 `pixels` out, scaled by `vit`
+                    **({"decode": "torch"} if options.decode == "torch" else {})},  # kiln.runtime.torch_decode
     )
     vit = ModelConfig(
         name=names.VIT,

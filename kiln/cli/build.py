@@ -43,6 +43,11 @@ def add_parser(commands) -> None:
                      help="vit_preprocess decodes a JPEG of at least twice the resize target at 1/2, 1/4 or 1/8 scale "
                           "(libjpeg's DCT scaling: a 12 MP photo's decode is several times faster), then resizes as "
                           "before; the pixels are close to timm's, not equal (the report gives the figures)")
+    vit.add_argument("--decode", choices=("pil", "torch"), default="pil",
+                     help="how vit_preprocess decodes JPEGs: pil (a pool of threads on the host) or torch "
+                          "(torchvision's decode_jpeg on the device vit_preprocess runs on, nvJPEG on a GPU, resized "
+                          "there and handed to vit there; needs the uint8 pixel wire). Its pixels are close to PIL's, "
+                          "not equal: the report gives the figures")
     vit.add_argument("--pixel-wire", choices=("auto", "uint8", "float32"), default="auto",
                      help="how vit_preprocess hands images to vit: uint8 pixels, resized and cropped, which vit scales "
                           "(a quarter of the bytes; on a GPU, scaled there), or float32 pixel_values, scaled by the "
@@ -161,7 +166,7 @@ def run_vit(args) -> int:
         calibration=args.calibration, calibration_size=args.calibration_size, repository=args.repo,
         triton_backend=args.triton_backend, device=args.device, ov_device=args.ov_device,
         static_sizes=_static_sizes(args), threads=args.threads, jpeg_draft=args.jpeg_draft,
-        pixel_wire=args.pixel_wire, instances=args.instances, torch_compile=args.torch_compile))
+        pixel_wire=args.pixel_wire, instances=args.instances, torch_compile=args.torch_compile, decode=args.decode))
     print(f"served: vit = {result.served_key} ({result.served.artifact})")
     return 0
 
