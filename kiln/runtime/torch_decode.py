@@ -48,6 +48,7 @@ class TorchDecoder:
         if batch.is_cuda:
             from torch.utils.dlpack import to_dlpack
 
+            torch.cuda.current_stream(batch.device).synchronize()  # its kernels done before Triton reads it
             return to_dlpack(batch)
         return batch.numpy()
 
