@@ -66,4 +66,7 @@ RUN PYTHONPATH=/opt/kiln python3 -m kiln.repository /models
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
   CMD curl -fsS localhost:8000/v2/health/ready || exit 1
-CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=none", "--strict-readiness=true"]
+# A GPU's CUDA memory pool of 256 MB, as kiln's own Triton has: the Python backend hands a client's CUDA shared memory
+# to a torch model's stub through it (kiln.triton_server.TritonOptions.cuda_memory_pool_mb).
+CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=none", "--strict-readiness=true", \
+     "--cuda-memory-pool-byte-size=0:268435456"]
