@@ -189,8 +189,11 @@ def _vit_cuda_shm(check: Check, raw: np.ndarray) -> dict:
     # the CUDA IPC handle of the allocation that holds it, and where in it the batch starts (torch's caching allocator)
     device, handle, _, offset, *_ = pixels.untyped_storage()._share_cuda_()
     clients = [grpc.InferenceServerClient(check.server.grpc_url) for _ in range(check.options.vit_clients)]
-    clients[0].register_cuda_shared_memory(region, base64.b64encode(handle), device, offset + raw.nbytes)
+    registered = False
     try:
+        clients[0].register_cuda_shared_memory(region, base64.b64encode(handle), device, offset + raw.nbytes)
+        registered = True
+
         def call(client) -> np.ndarray:
             given = grpc.InferInput("pixels", list(raw.shape), "UINT8")
             given.set_shared_memory(region, raw.nbytes, offset=offset)
@@ -206,7 +209,8 @@ def _vit_cuda_shm(check: Check, raw: np.ndarray) -> dict:
                 "vs_system_shm_max_abs_diff": float(np.abs(call(clients[0]) - reference).max())} | \
             _concurrently(check, batch, [lambda c=c: call(c) for c in clients])
     finally:
-        clients[0].unregister_cuda_shared_memory(region)
+        if registered:
+            clients[0].unregister_cuda_shared_memory(region)
         for client in clients:
             client.close()
 

@@ -6,7 +6,7 @@ What it decodes itself: baseline and progressive JPEGs in RGB or greyscale, stor
 the request limits. Anything else (PNG, WebP, CMYK, a rotated photo, a JPEG torchvision refuses) goes through PIL as
 `kiln.imaging.preprocess` takes it, and a bad image fails its own request with the same message. Its pixels are close
 to PIL's, not equal: another IDCT and chroma upsampling, and torch's bicubic against PIL's; the build reports the
-difference on the sample images (`served.decode_parity`), and the ViT's agreement on them.
+difference on the parity images (`preprocess.decode`), and PyTorch's logits on them.
 """
 
 from __future__ import annotations
@@ -79,12 +79,12 @@ class TorchDecoder:
         encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in payloads]
         try:
             return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             decoded = []
             for one in encoded:
                 try:
                     decoded.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
+                except (RuntimeError, ValueError):
                     decoded.append(None)
             return decoded
 
