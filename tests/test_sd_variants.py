@@ -415,16 +415,19 @@ def test_a_gpu_session_finds_nan_inputs_as_the_requests_fault():
     TorchSession._check_finite({"sample": torch.ones(2, 3), "ids": torch.tensor([1])})
 
 
-def test_a_nan_request_in_a_merged_gpu_batch_fails_alone_as_invalid(monkeypatch):
-    """RuntimeModel.execute with three requests merged into one batch, the middle one NaN, its session on a GPU
-    (checks_finite: it raises InputError for the whole batch). Stand-ins, because neither can be had here for real:
-    Triton's `triton_python_backend_utils` exists only inside its stub process, and a CUDA session needs a GPU (the
-    real check is TorchSession._check_finite, tested above). The batch is retried one by one: the others answer, the
-    culprit gets INVALID_ARG (HTTP 400). On the CPU (checks_finite False) prepare() refuses it first, the same way."""
+class _Request(dict):
+    """A stand-in for a Triton request: its inputs by name, every output asked for."""
+
+    def requested_output_names(self):
+        return []
+
+
+def _runtime_model_with_stand_ins(monkeypatch, input_tensor):
+    """kiln.runtime.model.RuntimeModel imported against a stand-in `triton_python_backend_utils` (the real one exists
+    only inside Triton's stub process), whose get_input_tensor_by_name gives input_tensor(request, name). A response
+    holds its outputs by name and its error; an error its message and code."""
     import sys
     import types
-
-    from kiln.errors import InputError
 
     class Error:
         INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
@@ -436,20 +439,30 @@ def test_a_nan_request_in_a_merged_gpu_batch_fails_alone_as_invalid(monkeypatch)
         def __init__(self, output_tensors=(), error=None):
             self.outputs, self.error = {t[0]: t[1] for t in output_tensors}, error
 
-    class Request(dict):
-        def requested_output_names(self):
-            return []
-
     stub = types.ModuleType("triton_python_backend_utils")
     stub.TritonError, stub.InferenceResponse, stub.Tensor = Error, Response, lambda name, value: (name, value)
-    stub.get_input_tensor_by_name = lambda request, name: types.SimpleNamespace(
-        is_cpu=lambda: True, as_numpy=lambda: request[name]) if name in request else None
+    stub.get_input_tensor_by_name = input_tensor
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
     sys.modules.pop("kiln.runtime.model", None)
     try:
         from kiln.runtime.model import RuntimeModel
     finally:
         sys.modules.pop("kiln.runtime.model", None)  # bound to the stand-in: not for other tests
+    return RuntimeModel
+
+
+def test_a_nan_request_in_a_merged_gpu_batch_fails_alone_as_invalid(monkeypatch):
+    """RuntimeModel.execute with three requests merged into one batch, the middle one NaN, its session on a GPU
+    (checks_finite: it raises InputError for the whole batch). Stand-ins, because neither can be had here for real:
+    Triton's `triton_python_backend_utils` exists only inside its stub process, and a CUDA session needs a GPU (the
+    real check is TorchSession._check_finite, tested above). The batch is retried one by one: the others answer, the
+    culprit gets INVALID_ARG (HTTP 400). On the CPU (checks_finite False) prepare() refuses it first, the same way."""
+    import types
+
+    from kiln.errors import InputError
+
+    RuntimeModel = _runtime_model_with_stand_ins(monkeypatch, lambda request, name: types.SimpleNamespace(
+        is_cpu=lambda: True, as_numpy=lambda: request[name]) if name in request else None)
 
     class Session:  # what TorchSession does on CUDA: the check after the copy, for the whole batch
         def __init__(self, on_gpu):
@@ -466,7 +479,7 @@ def test_a_nan_request_in_a_merged_gpu_batch_fails_alone_as_invalid(monkeypatch)
         model.session, model.loras, model.name, model.batching = Session(on_gpu), None, "m", True
         model.input_names, model.output_names = ["x"], ["y"]
         rows = [np.ones((1, 2), np.float32), np.full((1, 2), np.nan, np.float32), np.zeros((1, 2), np.float32)]
-        responses = model.execute([Request(x=r) for r in rows])
+        responses = model.execute([_Request(x=r) for r in rows])
         assert responses[1].error.code == "INVALID_ARG" and "x contains NaN" in responses[1].error.message
         assert [r.outputs["y"].tolist() for r in (responses[0], responses[2])] == [[[2, 2]], [[0, 0]]]
         assert model.session.calls == (4 if on_gpu else 1)  # the GPU's merged batch, then each alone
@@ -479,33 +492,16 @@ def test_inputs_on_a_gpu_reach_the_session_as_tensors_and_merge(monkeypatch):
     stand-in's tensors are on the CPU and say they are not: what read_input does with them is the same). Float inputs
     reach the session as torch tensors through DLPack, two requests' merged by torch.cat; an integer input (the
     ViT's `layer`) comes to the host as numpy; a request from host memory is numpy as before."""
-    import sys
     import types
 
     import torch
     from torch.utils.dlpack import to_dlpack
 
-    class Response:
-        def __init__(self, output_tensors=(), error=None):
-            self.outputs, self.error = {t[0]: t[1] for t in output_tensors}, error
-
-    class Request(dict):
-        def requested_output_names(self):
-            return []
-
     def tensor(value, on_gpu: bool):
         return types.SimpleNamespace(is_cpu=lambda: not on_gpu, as_numpy=lambda: value,
                                      to_dlpack=lambda: to_dlpack(torch.from_numpy(value)))
 
-    stub = types.ModuleType("triton_python_backend_utils")
-    stub.InferenceResponse, stub.Tensor = Response, lambda name, value: (name, value)
-    stub.get_input_tensor_by_name = lambda request, name: request.get(name)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
-    sys.modules.pop("kiln.runtime.model", None)
-    try:
-        from kiln.runtime.model import RuntimeModel
-    finally:
-        sys.modules.pop("kiln.runtime.model", None)  # bound to the stand-in: not for other tests
+    RuntimeModel = _runtime_model_with_stand_ins(monkeypatch, lambda request, name: request.get(name))
 
     class Session:  # what TorchSession does with either (tested with a real one in test_build_vit)
         checks_finite = True  # a GPU session checks NaN on the GPU
@@ -521,7 +517,7 @@ def test_inputs_on_a_gpu_reach_the_session_as_tensors_and_merge(monkeypatch):
     model.input_names, model.output_names = ["x", "k"], ["y"]
     rows = [np.full((1, 2), i, np.float32) for i in range(3)]
     k = np.ones((1, 1), np.int64)
-    requests = [Request(x=tensor(row, i < 2), k=tensor(k, i < 2)) for i, row in enumerate(rows)]  # 2 on the GPU
+    requests = [_Request(x=tensor(row, i < 2), k=tensor(k, i < 2)) for i, row in enumerate(rows)]  # 2 on the GPU
     responses = model.execute(requests)
     assert [r.outputs["y"].tolist() for r in responses] == [[[1, 1]], [[3, 3]], [[5, 5]]]
     assert Session.seen == [{"x": "Tensor", "k": "ndarray"}, {"x": "ndarray", "k": "ndarray"}]  # 2 merged, 1 alone
