@@ -66,9 +66,14 @@ def test_a_triton_killed_under_load_loses_nothing(two_tritons, plain_repo):
         while not (engine.replicas.all[0].jobs and engine.replicas.all[1].jobs) and time.monotonic() < deadline:
             time.sleep(0.02)  # jobs running on both Tritons
         assert engine.replicas.all[0].jobs and engine.replicas.all[1].jobs, "the jobs did not spread over both"
+        regions = first.shared_memory_regions()  # its Python backend's, in /dev/shm under its own prefix
+        assert regions and not set(regions) & set(second.shared_memory_regions())
         os.kill(first.pid, signal.SIGKILL)  # mid-denoising: its jobs must start again on the other one
         for thread in threads:
             thread.join(300)
+        assert set(regions) <= set(first.shared_memory_regions())  # what a killed Triton leaves in memory...
+        first.stop()
+        assert not first.shared_memory_regions() and second.shared_memory_regions()  # ...until stop() removes it
         local = Pipeline.from_repository(plain_repo)
         for seed in seeds:
             expected = local.txt2img(Txt2ImgRequest(prompt=BODY["prompt"], negative_prompt=BODY["negative_prompt"],
