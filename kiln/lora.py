@@ -13,8 +13,10 @@ request is a `LoraSet`, the files' paths under the folder and their multipliers,
 Files read (`read_lora`): kohya's layout (`lora_unet_<module>` / `lora_te_<module>` with `.lora_down.weight`,
 `.lora_up.weight` and `.alpha`; `.diff` for a full difference), and diffusers' PEFT layout (`unet.<module>.lora_A
 .weight` / `lora_B`, `text_encoder.<module>...`). Module names are matched in one normal form (`module_key`):
-diffusers' module path, "text_model." dropped, dots as underscores, which is kohya's. LyCORIS's other algorithms
-(LoHa, LoKr, Tucker mids, DoRA) and bias differences are refused by name, never skipped.
+diffusers' module path, "text_model." dropped, dots as underscores, which is kohya's. LyCORIS's LoHa (`.hada_w1_a`,
+`_w1_b`, `_w2_a`, `_w2_b`) and LoKr (`.lokr_w1` or `_w1_a` and `_w1_b`, the same for w2) in kohya's names too, their
+differences as AUTOMATIC1111's Lora extension computes them (`LoraLayer.delta`). Tucker factors (`hada_t1`, `lokr_t2`,
+`lora_mid`), DoRA and bias differences are refused by name, never skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln import lycoris
 from kiln.embeddings import float32_tensor
 from kiln.errors import InputError, WeightsError
 from kiln.folders import WatchedFolder
@@ -172,21 +175,26 @@ def decode_spec(spec: str) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class LoraLayer:
-    """One module's change: up @ down * alpha / rank (a LoRA), or a full difference (`diff`)."""
+    """One module's change: up @ down * alpha / rank (a LoRA), a full difference (`diff`), or a LoHa's or LoKr's
+    factors (by name without the hada_/lokr_ prefix; kiln.lycoris computes their difference)."""
 
     up: np.ndarray | None = None
     down: np.ndarray | None = None
     alpha: float | None = None
     diff: np.ndarray | None = None
+    loha: dict[str, np.ndarray] | None = None
+    lokr: dict[str, np.ndarray] | None = None
 
     def delta(self, shape: tuple[int, ...]) -> np.ndarray:
         """The change to a weight of `shape` (torch's: (out, in) or (out, in, kh, kw)) at multiplier 1."""
         if self.diff is not None:
             change = self.diff
+        elif self.loha is not None:
+            change = lycoris.loha(self.loha, self.alpha)
+        elif self.lokr is not None:
+            change = lycoris.lokr(self.lokr, self.alpha)
         else:
-            rank = self.down.shape[0]
-            scale = (self.alpha / rank) if self.alpha is not None else 1.0
-            change = (self.up.reshape(self.up.shape[0], rank) @ self.down.reshape(rank, -1)) * scale
+            change = lycoris.product(self.up, self.down) * lycoris.scale(self.alpha, self.down)
         if change.size != math.prod(shape):
             raise WeightsError(f"a change of shape {tuple(change.shape)} for a weight of shape {shape}")
         return change.reshape(shape)
@@ -236,16 +244,16 @@ def classify_keys(keys: Iterable[str], name: str) -> dict[tuple[str, str], dict[
         else:
             raise WeightsError(f"LoRA {name}: {key!r} is no layer kiln reads (kohya's lora_unet_*/lora_te_* or "
                                "diffusers' unet.*/text_encoder.* lora_A/lora_B)")
-        if part.startswith(("hada_", "lokr_", "lora_mid", "dora_scale", "diff_b")):
-            kind = {"hada": "a LoHa", "lokr": "a LoKr", "lora": "a Tucker mid", "dora": "a DoRA", "diff": "a bias"}[
-                part.split("_")[0]]
-            raise WeightsError(f"LoRA {name}: {key!r} is {kind} layer, which kiln does not apply (LoRA layers and "
-                               "full differences only)")
+        if part.startswith(("hada_", "lokr_")) and part not in lycoris.PARTS or part in lycoris.REFUSED:
+            kind = lycoris.REFUSED.get(part) or ("a LoHa part" if part.startswith("hada_") else "a LoKr part")
+            raise WeightsError(f"LoRA {name}: {key!r} is {kind}, which kiln does not apply (LoRA, LoHa and LoKr "
+                               "layers and full differences)")
         layers.setdefault((component, module), {})[part] = key
     for (component, module), parts in layers.items():
-        if "diff" not in parts and not {"lora_down.weight", "lora_up.weight"} <= set(parts):
-            raise WeightsError(f"LoRA {name}: {component} module {module} has {sorted(parts)}, not both "
-                               "lora_down and lora_up")
+        if lycoris.algorithm(set(parts) - {"alpha"}) is None:
+            raise WeightsError(f"LoRA {name}: {component} module {module} has {sorted(parts)}, not one whole layer: "
+                               "lora_down and lora_up, a diff, LoHa's hada_w1_a/w1_b/w2_a/w2_b, or LoKr's lokr_w1 "
+                               "(or w1_a and w1_b) and lokr_w2 (or w2_a and w2_b)")
     if not layers:
         raise WeightsError(f"LoRA {name} has no layers")
     return layers
@@ -268,9 +276,15 @@ def read_lora(path: Path, component: str | None = None) -> dict[str, LoraLayer]:
             arrays = {part: float32_tensor(tensors[key]) for part, key in parts.items()}
         except WeightsError as exc:
             raise WeightsError(f"LoRA {path.stem}: {module}: {exc}") from None
-        alpha = arrays.get("alpha")
-        layer = LoraLayer(up=arrays.get("lora_up.weight"), down=arrays.get("lora_down.weight"),
-                          alpha=float(alpha.reshape(-1)[0]) if alpha is not None else None, diff=arrays.get("diff"))
+        alpha = arrays.pop("alpha", None)
+        alpha = float(alpha.reshape(-1)[0]) if alpha is not None else None
+        algorithm = lycoris.algorithm(set(arrays))
+        if algorithm in ("loha", "lokr"):
+            prefix = "hada_" if algorithm == "loha" else "lokr_"
+            layer = LoraLayer(alpha=alpha, **{algorithm: {k.removeprefix(prefix): v for k, v in arrays.items()}})
+        else:
+            layer = LoraLayer(up=arrays.get("lora_up.weight"), down=arrays.get("lora_down.weight"), alpha=alpha,
+                              diff=arrays.get("diff"))
         layers[module if component is not None else f"{kind}:{module}"] = layer
     return layers
 

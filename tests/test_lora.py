@@ -105,10 +105,45 @@ def test_kohya_and_peft_layouts_read_to_the_same_difference(tmp_path):
         conv.delta((32, 32))
 
 
+def test_loha_and_lokr_make_the_differences_peft_makes_scaled_as_automatic1111_scales_them(tmp_path):
+    """LyCORIS's layers against PEFT's own LoHa and LoKr functions (peft.tuners.loha/lokr make_weight, make_kron), with
+    AUTOMATIC1111's scale: alpha / rank where a factor is a product (a LoKr's rank is w2_b's), 1 where a LoKr's
+    factors are both whole, whatever its alpha. Linear and convolution weights, read from kohya-named files."""
+    import torch
+    from peft.tuners.loha.layer import make_weight
+    from peft.tuners.lokr.layer import make_kron
+
+    rng = np.random.default_rng(1)
+
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    def t(array):
+        return torch.from_numpy(array)
+
+    w1a, w1b, w2a, w2b = normal(64, 4), normal(4, 32 * 9), normal(64, 4), normal(4, 32 * 9)
+    k1, k2a, k2b, k2 = normal(4, 8), normal(16, 2), normal(2, 4), normal(16, 4, 3, 3)
+    files = {
+        "loha": ({"hada_w1_a": w1a, "hada_w1_b": w1b, "hada_w2_a": w2a, "hada_w2_b": w2b, "alpha": 2.0}, (64, 32, 3, 3),
+                 make_weight(t(w1a), t(w1b), t(w2a), t(w2b), torch.tensor(2.0 / 4))),
+        "lokr": ({"lokr_w1": k1, "lokr_w2_a": k2a, "lokr_w2_b": k2b, "alpha": 3.0}, (64, 32),
+                 make_kron(t(k1), t(k2a @ k2b), 3.0 / 2)),
+        "lokr_conv_whole": ({"lokr_w1": k1, "lokr_w2": k2, "alpha": 3.0}, (64, 32, 3, 3), make_kron(t(k1), t(k2))),
+    }
+    for name, (parts, shape, expected) in files.items():
+        path = write_lora(tmp_path / f"{name}.safetensors", {f"lora_unet_mid_block_x.{part}": np.asarray(v, np.float32)
+                                                              for part, v in parts.items()})
+        delta = read_lora(path, "unet")["mid_block_x"].delta(shape)
+        np.testing.assert_allclose(delta, expected.numpy().reshape(shape), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("keys, message", [
-    ({"lora_unet_x.hada_w1_a": 1}, "LoHa"), ({"lora_unet_x.lokr_w1": 1}, "LoKr"),
-    ({"lora_unet_x.dora_scale": 1}, "DoRA"), ({"lora_unet_x.lora_down.weight": 1}, "not both lora_down and lora_up"),
-    ({"model.weight": 1}, "no layer kiln reads"),
+    ({"lora_unet_x.hada_w1_a": 1}, "not one whole layer"), ({"lora_unet_x.hada_t1": 1}, "a LoHa Tucker factor"),
+    ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w2_a": 1}, "not one whole layer"),
+    ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w2": 1, "lora_unet_x.lokr_t2": 1}, "a LoKr Tucker factor"),
+    ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w2": 1, "lora_unet_x.hada_w1_a": 1}, "not one whole layer"),
+    ({"lora_unet_x.dora_scale": 1}, "DoRA"), ({"lora_unet_x.lora_down.weight": 1}, "not one whole layer"),
+    ({"lora_unet_x.lora_mid.weight": 1}, "a Tucker mid"), ({"model.weight": 1}, "no layer kiln reads"),
 ])
 def test_other_algorithms_and_broken_files_are_refused_by_name(tmp_path, keys, message):
     path = write_lora(tmp_path / "odd.safetensors", {k: np.ones((2, 2), np.float32) for k in keys})
@@ -184,6 +219,80 @@ def test_parity_with_diffusers_load_lora_weights(local, sd_checkpoint, lora_dir)
     assert _max_diff(two, with_adapters(["detail", "style"], [{"text_encoder": 0.3, "unet": 0.7}, 1.5])) <= 2
     plain = local.txt2img(Txt2ImgRequest(prompt="a photo of a cat", **BASE)).images
     assert _max_diff(one, plain) > 10 and _max_diff(two, one) > 10  # the LoRAs act (measured: 43 and 60 apart)
+
+
+def _lycoris_files(pipe, folder):
+    """A LoHa and a LoKr for the tiny SD, in kohya's names, each on a UNet attention projection, a UNet 3x3
+    convolution and a text-encoder projection (LoKr: every way its factors come, whole or products); and each
+    module's difference at multiplier 1 made by PEFT's functions with AUTOMATIC1111's scales (the test's reference)."""
+    import torch
+    from peft.tuners.loha.layer import make_weight
+    from peft.tuners.lokr.layer import make_kron
+
+    rng = np.random.default_rng(5)
+    modules = {"unet": ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.resnets.0.conv1"),
+               "te": ("encoder.layers.0.self_attn.q_proj",)}
+    loha, lokr, expected = {}, {}, {"loha": {}, "lokr": {}}
+    for prefix, names in modules.items():
+        model = pipe.unet if prefix == "unet" else pipe.text_encoder
+        for name in names:
+            weight = model.get_submodule(name).weight
+            out, fan_in, kernel = weight.shape[0], int(np.prod(weight.shape[1:])), tuple(weight.shape[2:])
+            key = f"lora_{prefix}_{'text_model_' if prefix == 'te' else ''}{name.replace('.', '_')}"  # kohya's
+            size = float(weight.std()) ** 0.25 * 0.8  # each difference about as wide as its weight's entries
+
+            def normal(*shape, std=size):
+                return (rng.standard_normal(shape) * std).astype(np.float32)
+
+            a = {"hada_w1_a": normal(out, 2), "hada_w1_b": normal(2, fan_in), "hada_w2_a": normal(out, 2),
+                 "hada_w2_b": normal(2, fan_in)}
+            loha |= {f"{key}.{part}": value for part, value in a.items()} | {f"{key}.alpha": np.float32(1.0)}
+            expected["loha"][(prefix, name)] = make_weight(*(torch.from_numpy(a[f"hada_{p}"]) for p in (
+                "w1_a", "w1_b", "w2_a", "w2_b")), torch.tensor(0.5)).reshape(weight.shape)
+            size = size ** 2
+            w1 = normal(2, 2)
+            if kernel:  # a convolution: both factors whole, w2 with its kernel; its alpha is not applied
+                k = {"lokr_w1": w1, "lokr_w2": normal(out // 2, weight.shape[1] // 2, *kernel), "alpha": np.float32(4)}
+                delta = make_kron(torch.from_numpy(w1), torch.from_numpy(k["lokr_w2"]))
+            elif prefix == "unet":  # w1 whole, w2 a product of rank 3: alpha / 3
+                k = {"lokr_w1": w1, "lokr_w2_a": normal(out // 2, 3), "lokr_w2_b": normal(3, fan_in // 2),
+                     "alpha": np.float32(1.5)}
+                delta = make_kron(torch.from_numpy(w1), torch.from_numpy(k["lokr_w2_a"] @ k["lokr_w2_b"]), 0.5)
+            else:  # w1 a product of rank 1, w2 whole: alpha / 1
+                k = {"lokr_w1_a": normal(2, 1), "lokr_w1_b": normal(1, 2), "lokr_w2": normal(out // 2, fan_in // 2),
+                     "alpha": np.float32(0.5)}
+                delta = make_kron(torch.from_numpy(k["lokr_w1_a"] @ k["lokr_w1_b"]), torch.from_numpy(k["lokr_w2"]),
+                                  0.5)
+            lokr |= {f"{key}.{part}": value for part, value in k.items()}
+            expected["lokr"][(prefix, name)] = delta.reshape(weight.shape)
+    write_lora(folder / "loha.safetensors", loha)
+    write_lora(folder / "lokr.safetensors", lokr)
+    return expected
+
+
+@slow
+def test_loha_and_lokr_files_match_diffusers_with_their_differences_merged(model_repo, sd_checkpoint, tmp_path):
+    """LyCORIS's LoHa and LoKr through kiln's LoRA path (the build's weight maps, the merged sessions) against
+    diffusers' pipeline with the same differences (PEFT's functions, AUTOMATIC1111's scales) added to its weights."""
+    import torch
+
+    from tests.conftest import diffusers_image, diffusers_pipeline
+
+    pipe = diffusers_pipeline(sd_checkpoint)
+    scheduler_config = dict(pipe.scheduler.config)
+    expected = _lycoris_files(pipe, tmp_path)
+    kiln = Pipeline.from_repository(model_repo, loras=tmp_path)
+    prompt = "a photo of a cat"
+    ours = kiln.txt2img(Txt2ImgRequest(prompt=f"{prompt} <lora:loha:0.8> <lora:lokr:1.2>", **BASE)).images
+    with torch.no_grad():
+        for name, multiplier in (("loha", 0.8), ("lokr", 1.2)):
+            for (prefix, module), delta in expected[name].items():
+                model = pipe.unet if prefix == "unet" else pipe.text_encoder
+                model.get_submodule(module).weight += delta * multiplier
+    reference = diffusers_image(pipe, scheduler_config, BASE | {"prompt": prompt})
+    plain = kiln.txt2img(Txt2ImgRequest(prompt=prompt, **BASE)).images
+    assert _max_diff(ours, reference) <= 2, _max_diff(ours, reference)
+    assert _max_diff(ours, plain) > 10, _max_diff(ours, plain)  # they act (measured: 1 and 57 apart)
 
 
 @slow
