@@ -14,9 +14,9 @@ Files read (`read_lora`): kohya's layout (`lora_unet_<module>` / `lora_te_<modul
 `.lora_up.weight` and `.alpha`; `.diff` for a full difference), and diffusers' PEFT layout (`unet.<module>.lora_A
 .weight` / `lora_B`, `text_encoder.<module>...`). Module names are matched in one normal form (`module_key`):
 diffusers' module path, "text_model." dropped, dots as underscores, which is kohya's. LyCORIS's LoHa (`.hada_w1_a`,
-`_w1_b`, `_w2_a`, `_w2_b`) and LoKr (`.lokr_w1` or `_w1_a` and `_w1_b`, the same for w2) in kohya's names too, their
-differences as AUTOMATIC1111's Lora extension computes them (`LoraLayer.delta`). Tucker factors (`hada_t1`, `lokr_t2`,
-`lora_mid`), DoRA and bias differences are refused by name, never skipped.
+`_w1_b`, `_w2_a`, `_w2_b`), LoKr (`.lokr_w1` or `_w1_a` and `_w1_b`, the same for w2) and their Tucker factors
+(`hada_t1`, `lokr_t2`, LoRA's `lora_mid`) in kohya's names too, their differences as AUTOMATIC1111's Lora extension
+computes them (kiln.lycoris). DoRA scales and bias differences are refused by name, never skipped.
 """
 
 from __future__ import annotations
@@ -175,13 +175,15 @@ def decode_spec(spec: str) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class LoraLayer:
-    """One module's change: up @ down * alpha / rank (a LoRA), a full difference (`diff`), or a LoHa's or LoKr's
-    factors (by name without the hada_/lokr_ prefix; kiln.lycoris computes their difference)."""
+    """One module's change: up @ down * alpha / rank (a LoRA, with a Tucker mid between them where it has one), a
+    full difference (`diff`), or a LoHa's or LoKr's factors (by name without the hada_/lokr_ prefix); kiln.lycoris
+    computes each."""
 
     up: np.ndarray | None = None
     down: np.ndarray | None = None
     alpha: float | None = None
     diff: np.ndarray | None = None
+    mid: np.ndarray | None = None  # a Tucker mid (LoCon's CP decomposition)
     loha: dict[str, np.ndarray] | None = None
     lokr: dict[str, np.ndarray] | None = None
 
@@ -194,7 +196,7 @@ class LoraLayer:
         elif self.lokr is not None:
             change = lycoris.lokr(self.lokr, self.alpha)
         else:
-            change = lycoris.product(self.up, self.down) * lycoris.scale(self.alpha, self.down)
+            change = lycoris.lora(self.up, self.down, self.mid, self.alpha)
         if change.size != math.prod(shape):
             raise WeightsError(f"a change of shape {tuple(change.shape)} for a weight of shape {shape}")
         return change.reshape(shape)
@@ -244,7 +246,7 @@ def classify_keys(keys: Iterable[str], name: str) -> dict[tuple[str, str], dict[
         else:
             raise WeightsError(f"LoRA {name}: {key!r} is no layer kiln reads (kohya's lora_unet_*/lora_te_* or "
                                "diffusers' unet.*/text_encoder.* lora_A/lora_B)")
-        if part.startswith(("hada_", "lokr_")) and part not in lycoris.PARTS or part in lycoris.REFUSED:
+        if part.startswith(("hada_", "lokr_")) and part not in lycoris.PARTS or part in lycoris.REFUSED:  # e.g. OFT
             kind = lycoris.REFUSED.get(part) or ("a LoHa part" if part.startswith("hada_") else "a LoKr part")
             raise WeightsError(f"LoRA {name}: {key!r} is {kind}, which kiln does not apply (LoRA, LoHa and LoKr "
                                "layers and full differences)")
@@ -252,8 +254,8 @@ def classify_keys(keys: Iterable[str], name: str) -> dict[tuple[str, str], dict[
     for (component, module), parts in layers.items():
         if lycoris.algorithm(set(parts) - {"alpha"}) is None:
             raise WeightsError(f"LoRA {name}: {component} module {module} has {sorted(parts)}, not one whole layer: "
-                               "lora_down and lora_up, a diff, LoHa's hada_w1_a/w1_b/w2_a/w2_b, or LoKr's lokr_w1 "
-                               "(or w1_a and w1_b) and lokr_w2 (or w2_a and w2_b)")
+                               "lora_down and lora_up (and a lora_mid), a diff, LoHa's hada_w1_a/w1_b/w2_a/w2_b (and "
+                               "t1/t2), or LoKr's lokr_w1 (or w1_a and w1_b) and lokr_w2 (or w2_a and w2_b, and t2)")
     if not layers:
         raise WeightsError(f"LoRA {name} has no layers")
     return layers
@@ -284,7 +286,7 @@ def read_lora(path: Path, component: str | None = None) -> dict[str, LoraLayer]:
             layer = LoraLayer(alpha=alpha, **{algorithm: {k.removeprefix(prefix): v for k, v in arrays.items()}})
         else:
             layer = LoraLayer(up=arrays.get("lora_up.weight"), down=arrays.get("lora_down.weight"), alpha=alpha,
-                              diff=arrays.get("diff"))
+                              diff=arrays.get("diff"), mid=arrays.get("lora_mid.weight"))
         layers[module if component is not None else f"{kind}:{module}"] = layer
     return layers
 

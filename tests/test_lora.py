@@ -106,12 +106,14 @@ def test_kohya_and_peft_layouts_read_to_the_same_difference(tmp_path):
 
 
 def test_loha_and_lokr_make_the_differences_peft_makes_scaled_as_automatic1111_scales_them(tmp_path):
-    """LyCORIS's layers against PEFT's own LoHa and LoKr functions (peft.tuners.loha/lokr make_weight, make_kron), with
-    AUTOMATIC1111's scale: alpha / rank where a factor is a product (a LoKr's rank is w2_b's), 1 where a LoKr's
-    factors are both whole, whatever its alpha. Linear and convolution weights, read from kohya-named files."""
+    """LyCORIS's layers against PEFT's own LoHa and LoKr functions (peft.tuners.loha/lokr make_weight, make_kron and
+    their Tucker forms), with AUTOMATIC1111's scale: alpha / rank where a factor is a product (a LoKr's rank is
+    w2_b's), 1 where a LoKr's factors are both whole, whatever its alpha; and a LoRA's Tucker mid summed by hand.
+    Linear and convolution weights, read from kohya-named files."""
     import torch
-    from peft.tuners.loha.layer import make_weight
+    from peft.tuners.loha.layer import make_weight, make_weight_cp
     from peft.tuners.lokr.layer import make_kron
+    from peft.tuners.lokr.layer import make_weight_cp as lokr_cp
 
     rng = np.random.default_rng(1)
 
@@ -130,6 +132,22 @@ def test_loha_and_lokr_make_the_differences_peft_makes_scaled_as_automatic1111_s
                  make_kron(t(k1), t(k2a @ k2b), 3.0 / 2)),
         "lokr_conv_whole": ({"lokr_w1": k1, "lokr_w2": k2, "alpha": 3.0}, (64, 32, 3, 3), make_kron(t(k1), t(k2))),
     }
+    # Tucker factors (convolutions'): LoHa's t1/t2 between w_a (rank, out) and w_b (rank, in), LoKr's t2, LoRA's mid
+    t1, t2 = normal(3, 3, 3, 3), normal(3, 3, 3, 3)
+    a1, b1, a2, b2 = normal(3, 64), normal(3, 32), normal(3, 64), normal(3, 32)
+    files["loha_tucker"] = ({"hada_t1": t1, "hada_w1_a": a1, "hada_w1_b": b1, "hada_t2": t2, "hada_w2_a": a2,
+                             "hada_w2_b": b2, "alpha": 1.5}, (64, 32, 3, 3),
+                            make_weight_cp(t(t1), t(a1), t(b1), t(t2), t(a2), t(b2), torch.tensor(0.5)))
+    c2a, c2b = normal(3, 16), normal(3, 4)
+    files["lokr_tucker"] = ({"lokr_w1": k1, "lokr_t2": t2, "lokr_w2_a": c2a, "lokr_w2_b": c2b, "alpha": 6.0},
+                            (64, 32, 3, 3), make_kron(t(k1), lokr_cp(t(t2), t(c2a), t(c2b)), 2.0))
+    up, down, mid = normal(64, 3, 1, 1), normal(3, 32, 1, 1), normal(3, 3, 3, 3)
+    by_hand = np.zeros((64, 32, 3, 3), np.float32)  # sum over the ranks of up's column x mid x down's row
+    for n in range(3):
+        for m in range(3):
+            by_hand += up[:, n, 0, 0, None, None, None] * mid[n, m] * down[m, :, 0, 0, None, None]
+    files["lora_mid"] = ({"lora_up.weight": up, "lora_mid.weight": mid, "lora_down.weight": down, "alpha": 1.5},
+                         (64, 32, 3, 3), t(by_hand * 0.5))
     for name, (parts, shape, expected) in files.items():
         path = write_lora(tmp_path / f"{name}.safetensors", {f"lora_unet_mid_block_x.{part}": np.asarray(v, np.float32)
                                                               for part, v in parts.items()})
@@ -138,12 +156,13 @@ def test_loha_and_lokr_make_the_differences_peft_makes_scaled_as_automatic1111_s
 
 
 @pytest.mark.parametrize("keys, message", [
-    ({"lora_unet_x.hada_w1_a": 1}, "not one whole layer"), ({"lora_unet_x.hada_t1": 1}, "a LoHa Tucker factor"),
+    ({"lora_unet_x.hada_w1_a": 1}, "not one whole layer"), ({"lora_unet_x.hada_t1": 1}, "not one whole layer"),
     ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w2_a": 1}, "not one whole layer"),
-    ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w2": 1, "lora_unet_x.lokr_t2": 1}, "a LoKr Tucker factor"),
+    ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w2": 1, "lora_unet_x.lokr_t2": 1}, "not one whole layer"),
     ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w2": 1, "lora_unet_x.hada_w1_a": 1}, "not one whole layer"),
+    ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w3": 1}, "a LoKr part"), ({"lora_unet_x.oft_blocks": 1}, "no layer"),
     ({"lora_unet_x.dora_scale": 1}, "DoRA"), ({"lora_unet_x.lora_down.weight": 1}, "not one whole layer"),
-    ({"lora_unet_x.lora_mid.weight": 1}, "a Tucker mid"), ({"model.weight": 1}, "no layer kiln reads"),
+    ({"lora_unet_x.diff_b": 1}, "a bias difference"), ({"model.weight": 1}, "no layer kiln reads"),
 ])
 def test_other_algorithms_and_broken_files_are_refused_by_name(tmp_path, keys, message):
     path = write_lora(tmp_path / "odd.safetensors", {k: np.ones((2, 2), np.float32) for k in keys})
