@@ -14,6 +14,7 @@ diffusers' LoKr conversion scales the same way).
 
 DoRA scales and bias differences are refused by name (kiln.lora).
 """
+
 from __future__ import annotations
 
 import numpy as np
