@@ -204,6 +204,17 @@ def preprocess(data: bytes, transform: EvalTransform, limits: ImageLimits = Imag
     return transform(image) if scaled else transform.pixels(image)
 
 
+def preprocess_or_message(data: bytes, transform: EvalTransform, limits: ImageLimits = ImageLimits(),
+                          jpeg_draft: bool = False, scaled: bool = True) -> np.ndarray | str:
+    """preprocess, or the message that fails this image's request alone (a Triton model's batch goes on)."""
+    try:
+        return preprocess(data, transform, limits, jpeg_draft, scaled)
+    except InputError as exc:
+        return str(exc)
+    except Exception as exc:  # noqa: BLE001 - whatever PIL raises fails this request only
+        return f"cannot process image ({type(exc).__name__})"
+
+
 def normalize_pixels(pixels: np.ndarray, mean, std) -> np.ndarray:
     """uint8 pixels (..., 3, H, W) -> float32 (pixels / 255 - mean) / std per channel, the eval transform's scaling
     in its order of operations (the same floats, bit for bit)."""

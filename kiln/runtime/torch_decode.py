@@ -17,8 +17,8 @@ import warnings
 import torch
 from PIL import Image
 
-from kiln.errors import ConfigError, InputError
-from kiln.imaging import EvalTransform, ImageLimits, preprocess
+from kiln.errors import ConfigError
+from kiln.imaging import EvalTransform, ImageLimits, preprocess_or_message
 
 MODES = ("bicubic", "bilinear")  # what torch resizes with antialiasing, as PIL's resize does
 ORIENTATION = 0x0112  # EXIF's orientation tag: 1 (or none) is upright
@@ -103,9 +103,5 @@ class TorchDecoder:
         return image[:, top:top + crop_h, left:left + crop_w].contiguous()
 
     def _through_pil(self, data: bytes) -> torch.Tensor | str:
-        try:
-            return torch.from_numpy(preprocess(data, self.transform, self.limits, scaled=False)).to(self.device)
-        except InputError as exc:
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001 - whatever PIL raises fails this request only
-            return f"cannot process image ({type(exc).__name__})"
+        pixels = preprocess_or_message(data, self.transform, self.limits, scaled=False)
+        return pixels if isinstance(pixels, str) else torch.from_numpy(pixels).to(self.device)

@@ -25,8 +25,7 @@ sys.path.sort(key=lambda _p: _p in _own)
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kiln.errors import InputError
-from kiln.imaging import EvalTransform, ImageLimits, preprocess
+from kiln.imaging import EvalTransform, ImageLimits, preprocess_or_message
 from kiln.runtime import model_config
 from kiln.runtime.model import error_response
 
@@ -55,12 +54,7 @@ class TritonPythonModel:
 
     def _one(self, data: bytes):
         """One image's pixels, or the message that fails its request."""
-        try:
-            return preprocess(data, self.transform, self.limits, self.jpeg_draft, self.scaled)
-        except InputError as exc:
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001 - whatever PIL raises fails this request only
-            return f"cannot process image ({type(exc).__name__})"
+        return preprocess_or_message(data, self.transform, self.limits, self.jpeg_draft, self.scaled)
 
     def execute(self, requests):
         images = [pb_utils.get_input_tensor_by_name(r, "image").as_numpy().reshape(-1) for r in requests]
