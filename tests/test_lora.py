@@ -258,7 +258,7 @@ def _lycoris_files(pipe, folder):
             weight = model.get_submodule(name).weight
             out, fan_in, kernel = weight.shape[0], int(np.prod(weight.shape[1:])), tuple(weight.shape[2:])
             key = f"lora_{prefix}_{'text_model_' if prefix == 'te' else ''}{name.replace('.', '_')}"  # kohya's
-            size = float(weight.std()) ** 0.25 * 0.8  # each difference about as wide as its weight's entries
+            size = float(weight.std()) ** 0.25 * 0.8  # a LoHa's difference (of 4 factors) about as wide as the weight
 
             def normal(*shape, std=size):
                 return (rng.standard_normal(shape) * std).astype(np.float32)
@@ -268,7 +268,6 @@ def _lycoris_files(pipe, folder):
             loha |= {f"{key}.{part}": value for part, value in a.items()} | {f"{key}.alpha": np.float32(1.0)}
             expected["loha"][(prefix, name)] = make_weight(*(torch.from_numpy(a[f"hada_{p}"]) for p in (
                 "w1_a", "w1_b", "w2_a", "w2_b")), torch.tensor(0.5)).reshape(weight.shape)
-            size = size ** 2
             w1 = normal(2, 2)
             if kernel:  # a convolution: both factors whole, w2 with its kernel; its alpha is not applied
                 k = {"lokr_w1": w1, "lokr_w2": normal(out // 2, weight.shape[1] // 2, *kernel), "alpha": np.float32(4)}
