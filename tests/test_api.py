@@ -128,7 +128,14 @@ def test_scheduler_field_and_aliases(client):
                                      # AUTOMATIC1111's timestep samplers run their own steps whatever the type
                                      ("DDIM", "Karras", "DDIM"), ("UniPC", "Exponential", "UniPC"),
                                      # "Uniform" in the name wins over Automatic's Karras
-                                     ("DPM++ 2M Uniform", None, "DPM++ 2M")):
+                                     ("DPM++ 2M Uniform", None, "DPM++ 2M"),
+                                     # AUTOMATIC1111 1.10's others, by label, name or alias, and in the name
+                                     ("Euler", "SGM Uniform", "Euler SGM Uniform"),
+                                     ("Euler a", "sgm_uniform", "Euler a SGM Uniform"),
+                                     ("LMS", "SGMUniform", "LMS SGM Uniform"),
+                                     ("DPM++ 2M Align Your Steps", "Karras", "DPM++ 2M Align Your Steps"),
+                                     ("DPM++ 2M SDE", "kl_optimal", "DPM++ 2M SDE KL Optimal"),
+                                     ("Heun", "Simple", "Heun Simple"), ("Euler", "DDIM", "Euler DDIM")):
         response = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 2, "sampler_name": sampler,
                                                                  "scheduler": scheduler})
         assert response.status_code == 200 and json.loads(response.json()["info"])["sampler_name"] == runs
@@ -282,7 +289,9 @@ BAD = [
     ({"seed": 2**32}, 422, "seed"),
     ({"subseed_strength": 2}, 422, "subseed_strength"),
     ({"sampler_name": "Euler z"}, 404, "Sampler not found"),
-    ({"scheduler": "Polyexponential"}, 422, "scheduler"),
+    ({"scheduler": "Karras Exponential"}, 422, "scheduler 'Karras Exponential' is not supported; valid: Automatic"),
+    ({"scheduler": "KL Optimal", "sampler_name": "Heun"}, 404, "KL Optimal ends above sigma 0"),
+    ({"scheduler": "DDIM", "steps": 30}, 422, "the DDIM schedule type runs 31 steps for 30"),
     ({"sampler_name": "LCM", "scheduler": "Karras"}, 404, "LCM Karras: LCM runs its own timesteps"),
     ({"sampler_name": "DPM++ 2M Karras Beta"}, 404, "DPM++ 2M Karras runs its own schedule"),
     ({"prompt": "cat " * 10000}, 413, "prompt"),
@@ -411,9 +420,13 @@ def test_listing_endpoints(client):
     assert {"Euler", "Euler a", "Heun", "DDIM", "DDPM", "PLMS", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE",
             "DPM++ 2M SDE", "UniPC", "LCM"} <= names
     schedulers = client.get("/sdapi/v1/schedulers").json()
-    assert [(s["name"], s["label"]) for s in schedulers] == [
+    assert [(s["name"], s["label"]) for s in schedulers] == [  # AUTOMATIC1111 1.10's, in its order
         ("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"), ("exponential", "Exponential"),
+        ("polyexponential", "Polyexponential"), ("sgm_uniform", "SGM Uniform"), ("kl_optimal", "KL Optimal"),
+        ("align_your_steps", "Align Your Steps"), ("simple", "Simple"), ("normal", "Normal"), ("ddim", "DDIM"),
         ("beta", "Beta")]
+    assert {s["name"]: (s["default_rho"], s["aliases"]) for s in schedulers if s["default_rho"] != -1 or s["aliases"]} \
+        == {"karras": (7.0, None), "polyexponential": (1.0, None), "sgm_uniform": (-1, ["SGMUniform"])}
     models = client.get("/sdapi/v1/sd-models").json()
     assert len(models) == 1 and models[0]["model_name"] == "tiny" and len(models[0]["hash"]) == 10
     options = client.get("/sdapi/v1/options").json()

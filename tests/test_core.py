@@ -4,6 +4,7 @@ samplers and validation (fast: no model runs here)."""
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -210,29 +211,49 @@ SD15_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "sca
                  "timestep_spacing": "leading", "_class_name": "PNDMScheduler"}  # SD 1.5's own scheduler config
 
 
-def _k_diffusion_sigmas(alphas_cumprod, steps: int, kind: str):
-    """k-diffusion's, as AUTOMATIC1111 samples: get_sigmas (t evenly from 999 to 0, log sigma interpolated),
-    get_sigmas_karras (rho 7), get_sigmas_exponential or beta_scheduler over the model's whole sigma range, then a
-    final 0."""
+AYS = {"sd1": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],  # NVIDIA's, 10 steps
+       "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029]}
+
+
+def _k_diffusion_sigmas(alphas_cumprod, steps: int, kind: str | None, family: str = "sd1"):
+    """k-diffusion's, as AUTOMATIC1111 1.10 samples: get_sigmas (t evenly from 999 to 0, log sigma interpolated),
+    get_sigmas_karras (rho 7), get_sigmas_exponential (and polyexponential at its rho 1) or beta_scheduler over the
+    model's whole sigma range, or its modules/sd_schedulers.py's others, then a final 0 (KL Optimal: none)."""
     import torch
 
-    log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).double().log()
+    table = ((1 - alphas_cumprod) / alphas_cumprod).double() ** 0.5
+    log_sigmas = table.log()
     low, high = log_sigmas[0], log_sigmas[-1]
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    if kind == "Karras":
+
+    def at(t):  # t_to_sigma: log sigma linear between whole timesteps
+        below, fraction = t.floor().long(), t - t.floor()
+        return ((1 - fraction) * log_sigmas[below] + fraction * log_sigmas[t.ceil().long()]).exp()
+
+    if kind == "KL Optimal":  # evenly in arctan(sigma), ending at the lowest sigma
+        i = torch.arange(steps + 1, dtype=torch.float64) / steps
+        return torch.tan(i * low.exp().atan() + (1 - i) * high.exp().atan())
+    if kind == "SGM Uniform":
+        sigmas = at(torch.linspace(len(table) - 1, 0, steps + 1, dtype=torch.float64)[:-1])
+    elif kind == "Simple":
+        sigmas = torch.stack([table[-(1 + int(x * len(table) / steps))] for x in range(steps)])
+    elif kind == "DDIM":
+        sigmas = table[1::len(table) // steps].flip(0)
+    elif kind == "Align Your Steps":
+        published = torch.tensor(AYS[family], dtype=torch.float64)
+        sigmas = published if steps == len(published) else torch.tensor(np.exp(np.interp(
+            np.linspace(0, 1, steps), np.linspace(0, 1, 11), np.log(published.flip(0).numpy())))).flip(0)
+    elif kind == "Karras":
         sigmas = ((high / 7).exp() + ramp * ((low / 7).exp() - (high / 7).exp())) ** 7
-    elif kind == "Exponential":
+    elif kind in ("Exponential", "Polyexponential"):
         sigmas = (high + ramp * (low - high)).exp()
     elif kind == "Beta":  # "Beta Sampling is All You Need" (alpha = beta = 0.6, AUTOMATIC1111's defaults)
         from scipy import stats
 
         ppf = torch.as_tensor(stats.beta.ppf(1 - ramp.numpy(), 0.6, 0.6), dtype=torch.float64)
         sigmas = low.exp() + ppf * (high.exp() - low.exp())
-    else:
-        t = torch.linspace(len(log_sigmas) - 1, 0, steps, dtype=torch.float64)
-        below, fraction = t.floor().long(), t - t.floor()
-        above = (below + 1).clamp(max=len(log_sigmas) - 1)
-        sigmas = ((1 - fraction) * log_sigmas[below] + fraction * log_sigmas[above]).exp()
+    else:  # Automatic and Uniform, and Normal (the same timesteps)
+        sigmas = at(torch.linspace(len(log_sigmas) - 1, 0, steps, dtype=torch.float64))
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
@@ -251,9 +272,55 @@ def test_k_diffusion_samplers_run_automatic1111s_sigmas_whatever_the_checkpoints
 
     scheduler, timesteps = schedule(sampler, SD15_SCHEDULE, steps, seed=0)
     ran = torch.unique_consecutive(torch.as_tensor(scheduler.sigmas).double())  # Heun and SDE list each twice
-    expected = _k_diffusion_sigmas(scheduler.alphas_cumprod, steps, sampler.split()[-1])
+    expected = _k_diffusion_sigmas(scheduler.alphas_cumprod, steps, split_schedule(sampler)[1])
     assert ran.shape == expected.shape and torch.allclose(ran, expected, rtol=1e-4, atol=1e-6)
     assert len(timesteps) == steps * scheduler.order - (scheduler.order - 1)
+
+
+@pytest.mark.parametrize("sampler, steps", [
+    ("Euler SGM Uniform", 7), ("Euler a SGM Uniform", 20), ("DPM++ 2M SDE SGM Uniform", 20), ("Heun Normal", 7),
+    ("LMS Normal", 20), ("DPM++ SDE Simple", 7), ("Euler Simple", 20), ("Euler DDIM", 20), ("DPM++ 2M DDIM", 25),
+    ("Euler Align Your Steps", 7), ("Euler a Align Your Steps", 11), ("Heun Align Your Steps", 30),
+    ("Euler Polyexponential", 20), ("Heun Polyexponential", 7), ("Euler KL Optimal", 7), ("Euler a KL Optimal", 20),
+    ("LMS KL Optimal", 20), ("DPM++ 2M KL Optimal", 20), ("DPM++ 2M SDE KL Optimal", 7)])
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_automatic1111s_other_schedule_types_are_its_sigmas(sampler, steps, family):
+    """AUTOMATIC1111 1.10's schedule types that diffusers has no switch for: kiln's sigmas (orchestrator.pipeline.
+    sigmas), in the scheduler diffusers steps with (its second-order samplers list each twice). KL Optimal ends at
+    the model's lowest sigma, not at 0; Align Your Steps takes SDXL's published sigmas for SDXL."""
+    import torch
+
+    scheduler, timesteps = schedule(sampler, SD15_SCHEDULE, steps, seed=0, family=family)
+    ran = torch.unique_consecutive(torch.as_tensor(scheduler.sigmas).double())
+    expected = _k_diffusion_sigmas(scheduler.alphas_cumprod, steps, split_schedule(sampler)[1], family)
+    assert ran.shape == expected.shape and torch.allclose(ran, expected, rtol=1e-4, atol=1e-6), (ran, expected)
+    assert len(timesteps) == steps * scheduler.order - (scheduler.order - 1)
+    if sampler in ("Euler KL Optimal", "LMS KL Optimal"):
+        # A model whose every prediction is the clean image 0 (epsilon = sample / sigma): on the exact path sample /
+        # sigma stays constant, which Euler and LMS keep, so the image ends at the last sigma's share of the start,
+        # not at 0: the noise AUTOMATIC1111's KL Optimal leaves in.
+        latents = torch.ones(1, 4, 2, 2)
+        for i, t in enumerate(timesteps):
+            scheduler.scale_model_input(latents, t)  # LMS warns without it (the model's input is not used here)
+            latents = scheduler.step(latents / scheduler.sigmas[i], t, latents).prev_sample
+        assert torch.allclose(latents, torch.full_like(latents, float(expected[-1] / expected[0])), rtol=1e-3)
+        assert 0.02 < float(expected[-1]) < 0.03
+
+
+def test_schedule_types_that_cannot_run_as_asked_are_refused_by_name():
+    """AUTOMATIC1111's DDIM type runs another step count than asked where 1000 // steps does not stride 999 evenly
+    (31 for 30; 20, 25, 27, 37, 40 and 50 run as asked): a 422 naming the nearest counts that run. KL Optimal on a
+    second-order sampler: diffusers' last step there assumes a final sigma of 0."""
+    from orchestrator.pipeline.sigmas import check_steps
+
+    with pytest.raises(InputError, match=r"runs 31 steps for 30 .* use 27 or 37"):
+        check_steps("DDIM", 30)
+    check_steps("DDIM", 50)
+    with pytest.raises(InputError, match="runs 31 steps for 30"):
+        schedule("Euler DDIM", SD15_SCHEDULE, 30, seed=0)
+    for name in ("Heun KL Optimal", "DPM++ SDE KL Optimal"):
+        with pytest.raises(UnknownSampler, match=re.escape(f"{name}: KL Optimal ends above sigma 0")):
+            check_sampler(name)
 
 
 @pytest.mark.parametrize("sampler, steps, strength, start", [
@@ -298,7 +365,7 @@ def test_schedule_types_only_where_they_run():
     for name, reason in [("DPM++ 2M Karras Exponential", "runs its own schedule"),
                          ("DDIM Karras", "DDIM runs its own timesteps"), ("LCM Beta", "LCM runs its own timesteps"),
                          ("UniPC Exponential", "UniPC runs its own timesteps"),
-                         ("Euler Polyexponential", "valid samplers")]:
+                         ("Euler Turbo", "valid samplers")]:
         with pytest.raises(UnknownSampler, match=reason):
             check_sampler(name)
 

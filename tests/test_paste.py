@@ -130,3 +130,7 @@ def test_sampler_names_and_schedule_types_for_both_passes():
     assert hires_fix_sampler(body(sampler_name="DPM++ 2M Karras", hr_sampler_name="Euler")) == "Euler Karras"
     assert hires_fix_sampler(body(sampler_name="DPM++ 2M", hr_sampler_name="Euler")) == "Euler"  # Automatic: its own
     assert hires_fix_sampler(body(sampler_name="DPM++ 2M", hr_scheduler="Uniform")) == "DPM++ 2M"
+    # schedule types of several words, in the name (kiln's infotext writes them so) or as scheduler
+    assert sampler_name(body(sampler_name="k_euler SGM Uniform", scheduler="Karras")) == "Euler SGM Uniform"
+    assert sampler_name(body(sampler_name="Euler a", scheduler="align_your_steps")) == "Euler a Align Your Steps"
+    assert hires_fix_sampler(body(sampler_name="Euler a KL Optimal", hr_sampler_name="LMS")) == "LMS KL Optimal"

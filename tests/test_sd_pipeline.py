@@ -774,7 +774,8 @@ def test_generate_command_writes_a_png_with_parameters(triton, tmp_path, kiln):
 def test_s_min_uncond_skips_the_unconditional_half_on_every_other_step_below_its_sigma(local):
     """AUTOMATIC1111's s_min_uncond (NGMS): odd steps whose sigma is under it run the prompt's rows alone, and take
     the prompt's prediction; 0 never skips."""
-    from orchestrator.pipeline.sampling import schedule, sigma_at
+    from orchestrator.pipeline.sampling import schedule
+    from orchestrator.pipeline.sigmas import sigma_at
 
     def run(s_min_uncond: float, batch: int = 1) -> tuple[np.ndarray, list[int]]:
         rows: list[int] = []

@@ -40,9 +40,9 @@ from orchestrator.pipeline.sampling import (
     img2img_start,
     noised_to,
     schedule,
-    sigma_at,
     step_kwargs,
 )
+from orchestrator.pipeline.sigmas import sigma_at
 from orchestrator.pipeline.step import predict
 from orchestrator.pipeline.tiles import sd_upscale
 from orchestrator.pipeline.vae_tiles import with_tiles
@@ -193,12 +193,13 @@ class Pipeline:
         # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says. The hires fix's second pass
         # has its own, made now: progress counts both passes' steps.
         start = img2img_start(request.sampler, request.steps, request.denoising_strength) if init else None
-        scheduler, timesteps = schedule(request.sampler, contract.scheduler_config, request.steps, seed, start)
+        scheduler, timesteps = schedule(request.sampler, contract.scheduler_config, request.steps, seed, start,
+                                        contract.family)
         second = None
         if request.hires is not None:
             total, run = hires.second_pass_steps(request.hires, request.steps)
             second = schedule(request.hires.sampler or request.sampler, contract.scheduler_config, total, seed,
-                              total - run)
+                              total - run, contract.family)
 
         # 5. Initial latents, drawn like diffusers' pipelines (none where the hires fix's first pass is given).
         shape = (batch, contract.latent_channels, request.height // contract.vae_scale_factor,

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from kiln.errors import NotFoundError
-from orchestrator.pipeline import noise
+from orchestrator.pipeline import noise, sigmas
+from orchestrator.pipeline.sigmas import OWN_SCHEDULES
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +39,7 @@ class Sampler:
     # where diffusers' scheduler has no switch for a schedule type: the scheduler, and its overrides, whose sigmas and
     # timesteps it runs (Euler a on Euler's Karras sigmas; both step through the same table)
     sigmas_from: tuple[str, dict] | None = None
+    sigma_schedule: str | None = None  # one of sigmas.OWN_SCHEDULES: kiln computes its sigmas (sigmas.install)
 
 
 # k-diffusion's own schedule, which AUTOMATIC1111's "Automatic" and "Uniform" run for its k-diffusion samplers: the
@@ -78,6 +80,8 @@ SAMPLERS = {
 # config switch that turns a scheduler's sigmas into them: any k-diffusion sampler above that has no schedule of its
 # own runs on them as "<sampler> <type>" ("Euler Karras", "DPM++ SDE Beta"; Beta needs scipy)
 SCHEDULE_TYPES = {"Karras": "use_karras_sigmas", "Exponential": "use_exponential_sigmas", "Beta": "use_beta_sigmas"}
+# and the rest of AUTOMATIC1111 1.10's, whose sigmas kiln computes (orchestrator.pipeline.sigmas), longest name first
+ALL_TYPES = sorted([*SCHEDULE_TYPES, *OWN_SCHEDULES], key=len, reverse=True)
 BORROWED_SIGMAS = {"EulerAncestralDiscreteScheduler": "EulerDiscreteScheduler"}  # diffusers' classes with no switch
 
 # What the checkpoint's scheduler config may say: its training noise schedule. Anything else in it
@@ -106,27 +110,29 @@ def check_sampler(name: str) -> Sampler:
 
 def not_found(name) -> UnknownSampler:
     return UnknownSampler(f"Sampler not found: {name!r}; valid samplers: {', '.join(SAMPLERS)}, and the k-diffusion "
-                          f"ones on a schedule type: \"Euler Karras\" ({', '.join(SCHEDULE_TYPES)})")
+                          f"ones on a schedule type: \"Euler Karras\" ({', '.join(schedule_types())})")
 
 
 def split_schedule(name: str) -> tuple[str, str | None]:
-    """"Euler a Karras" and "DPM++ 2M Karras" -> (sampler, "Karras"); a name without a schedule type -> (name, None)."""
-    base, _, kind = name.rpartition(" ")
-    if kind not in SCHEDULE_TYPES or base not in SAMPLERS:
+    """"Euler a Karras", "DPM++ 2M Karras" and "Euler SGM Uniform" -> (sampler, type); a name without a schedule type
+    -> (name, None)."""
+    kind = next((kind for kind in ALL_TYPES if name.endswith(f" {kind}")), None)
+    if kind is None or name[:-len(kind) - 1] not in SAMPLERS:
         return name, None
-    return base, kind
+    return name[:-len(kind) - 1], kind
 
 
 @functools.cache
 def schedule_types() -> list[str]:
     """The schedule types this install runs (Beta needs scipy, which the serving install leaves out)."""
-    return [kind for kind in SCHEDULE_TYPES if kind != "Beta" or importlib.util.find_spec("scipy") is not None]
+    return [kind for kind in [*SCHEDULE_TYPES, *OWN_SCHEDULES]
+            if kind != "Beta" or importlib.util.find_spec("scipy") is not None]
 
 
 @functools.cache  # a request resolves its sampler several times (validation, steps, scheduler); the answer is fixed
 def _on_schedule(base: str, kind: str) -> Sampler:
     sampler = SAMPLERS[base]
-    switch = SCHEDULE_TYPES[kind]
+    switch = SCHEDULE_TYPES.get(kind, "use_karras_sigmas")  # kiln's own sigmas: through the Karras switch's hook
     if any(key in sampler.overrides for key in SCHEDULE_TYPES.values()):
         raise UnknownSampler(f"Sampler not found: {base} {kind}: {base} runs its own schedule already")
     if not sampler.k_diffusion:
@@ -135,10 +141,19 @@ def _on_schedule(base: str, kind: str) -> Sampler:
     if kind not in schedule_types():
         raise UnknownSampler(f"Sampler not found: {base} {kind}: the {kind} schedule needs scipy, which this install "
                              "lacks (pip install scipy)")
-    if switch in inspect.signature(_scheduler_class(sampler.scheduler).__init__).parameters:
-        return replace(sampler, overrides=sampler.overrides | {switch: True})
+    own = kind if kind in OWN_SCHEDULES else None
+    options = set(inspect.signature(_scheduler_class(sampler.scheduler).__init__).parameters)
+    overrides = sampler.overrides | {switch: True}
+    if kind in sigmas.ENDS_ABOVE_ZERO:
+        if sampler.second_order:  # diffusers' second-order step is Euler's where a final sigma is, k-diffusion's not
+            raise UnknownSampler(f"Sampler not found: {base} {kind}: {kind} ends above sigma 0, and diffusers' "
+                                 f"{sampler.scheduler} takes its last step as to 0")
+        if "lower_order_final" in options:  # the last step second-order where the sigma after it is not 0
+            overrides |= {"final_sigmas_type": "sigma_min", "lower_order_final": False}
+    if switch in options:
+        return replace(sampler, overrides=overrides, sigma_schedule=own)
     if sampler.scheduler in BORROWED_SIGMAS:
-        return replace(sampler, sigmas_from=(BORROWED_SIGMAS[sampler.scheduler], sampler.overrides | {switch: True}))
+        return replace(sampler, sigmas_from=(BORROWED_SIGMAS[sampler.scheduler], overrides), sigma_schedule=own)
     raise UnknownSampler(f"Sampler not found: {base} {kind}: diffusers' {sampler.scheduler} has no {kind} "
                          f"schedule")
 
@@ -149,33 +164,25 @@ def editing_steps(name: str, steps: int) -> int:
     return steps * 2 if check_sampler(name).second_order else steps
 
 
-def make_scheduler(name: str, base_config: dict, seed: int | None = None):
+def make_scheduler(name: str, base_config: dict, seed: int | None = None, family: str = "sd1"):
     """A fresh scheduler for one request (schedulers keep per-run state, so never share one).
 
     `seed` seeds the samplers that draw their own noise (DPM++ SDE's Brownian tree), so a seed
-    gives the same image every time; the others take the generator at each step.
+    gives the same image every time; the others take the generator at each step. `family`
+    (build.sd.families) picks Align Your Steps' sigmas.
     """
     sampler = check_sampler(name)
     config = _config(base_config, sampler.overrides)
     if sampler.seeded and seed is not None:
         config["noise_sampler_seed"] = seed
     scheduler = _scheduler_class(sampler.scheduler).from_config(config)
+    computes = scheduler
     if sampler.sigmas_from is not None:
-        _borrow_sigmas(scheduler, _scheduler_class(sampler.sigmas_from[0]).from_config(
-            _config(base_config, sampler.sigmas_from[1])))
+        computes = _scheduler_class(sampler.sigmas_from[0]).from_config(_config(base_config, sampler.sigmas_from[1]))
+        sigmas.borrow(scheduler, computes)
+    if sampler.sigma_schedule is not None:
+        sigmas.install(computes, sampler.sigma_schedule, family)
     return scheduler
-
-
-def _borrow_sigmas(scheduler, other) -> None:
-    """From now on, `scheduler.set_timesteps` sets `other`'s sigmas and timesteps (Sampler.sigmas_from)."""
-    own = scheduler.set_timesteps
-
-    def set_timesteps(num_inference_steps: int, device=None) -> None:
-        own(num_inference_steps, device)
-        other.set_timesteps(num_inference_steps, device)
-        scheduler.sigmas, scheduler.timesteps = other.sigmas, other.timesteps
-
-    scheduler.set_timesteps = set_timesteps
 
 
 def img2img_start(name: str, steps: int, strength: float) -> int:
@@ -198,13 +205,14 @@ def _config(base_config: dict, overrides: dict) -> dict:
     return {k: v for k, v in base_config.items() if k in SCHEDULE_KEYS} | overrides
 
 
-def schedule(name: str, base_config: dict, steps: int, seed: int, start: int | None = None) -> tuple:
+def schedule(name: str, base_config: dict, steps: int, seed: int, start: int | None = None,
+             family: str = "sd1") -> tuple:
     """A fresh scheduler set to `steps` steps, and the timesteps of its model calls: from noise (start None), or from
     img2img's `start` (img2img_start; its noise by step index, not by timestep value, which a multistep scheduler's
     rounding can repeat). AUTOMATIC1111's DDIM and PLMS begin where their own rules say (compvis.first_call)."""
     from kiln.errors import InputError
 
-    scheduler = make_scheduler(name, base_config, seed=seed)
+    scheduler = make_scheduler(name, base_config, seed=seed, family=family)
     try:
         scheduler.set_timesteps(steps)
     except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule
@@ -385,15 +393,3 @@ def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     omega = torch.acos(dot.clamp(-1, 1))
     sine = torch.sin(omega)
     return (torch.sin((1 - t) * omega) / sine).unsqueeze(1) * low + (torch.sin(t * omega) / sine).unsqueeze(1) * high
-
-
-def sigma_at(scheduler, t) -> float:
-    """The noise level (k-diffusion's sigma) of timestep `t` (fractional too): log-linear between the training
-    schedule's sigmas, as k-diffusion's t_to_sigma, which AUTOMATIC1111's s_min_uncond compares against."""
-    cumprod = scheduler.alphas_cumprod.double()
-    log_sigmas = (((1 - cumprod) / cumprod) ** 0.5).log()
-    t = float(t)
-    low = min(int(t), len(log_sigmas) - 1)
-    high = min(low + 1, len(log_sigmas) - 1)
-    fraction = t - low
-    return float(((1 - fraction) * log_sigmas[low] + fraction * log_sigmas[high]).exp())

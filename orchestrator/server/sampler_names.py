@@ -18,7 +18,17 @@ ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.ite
     {name.lower(): name for name in SAMPLERS}
 # AUTOMATIC1111 1.9+ splits "DPM++ 2M Karras" into sampler_name + scheduler (a schedule type in the name wins); its
 # Automatic is each sampler's own; its timestep samplers (DDIM, PLMS, UniPC) run their own steps whatever the type.
-SCHEDULES = {label.lower(): label for label in ("Automatic", "Uniform", *sampling.SCHEDULE_TYPES)}
+# AUTOMATIC1111 1.10's schedule types in its order: label -> (name, default rho, need_inner_model), as its
+# /sdapi/v1/schedulers lists them; a request's scheduler may be the label, the name or an alias (any case).
+SCHEDULE_LIST = {"Automatic": ("automatic", -1, False), "Uniform": ("uniform", -1, True),
+                 "Karras": ("karras", 7.0, False),
+                 "Exponential": ("exponential", -1, False), "Polyexponential": ("polyexponential", 1.0, False),
+                 "SGM Uniform": ("sgm_uniform", -1, True), "KL Optimal": ("kl_optimal", -1, False),
+                 "Align Your Steps": ("align_your_steps", -1, False), "Simple": ("simple", -1, True),
+                 "Normal": ("normal", -1, True), "DDIM": ("ddim", -1, True), "Beta": ("beta", -1, True)}
+SCHEDULE_ALIASES = {"SGM Uniform": ["SGMUniform"]}
+SCHEDULES = {key.lower(): label for label, (name, *_) in SCHEDULE_LIST.items()
+             for key in (label, name, *SCHEDULE_ALIASES.get(label, []))}
 AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential"}  # the others: uniform
 OWN_TIMESTEPS = {"DDIM", "PLMS", "UniPC"}
 ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta, on any schedule
@@ -37,7 +47,7 @@ def sampler_name(body: schemas.Txt2ImgBody) -> str:
     base, label = _named(name)
     scheduler = (body.scheduler or "automatic").lower()
     if scheduler not in SCHEDULES:
-        raise InputError(f"scheduler {body.scheduler!r} is not supported; valid: {', '.join(SCHEDULES.values())}")
+        raise InputError(f"scheduler {body.scheduler!r} is not supported; valid: {', '.join(SCHEDULE_LIST)}")
     label = label or SCHEDULES[scheduler]
     if label == "Automatic":
         label = AUTOMATIC.get(base, "Uniform")
@@ -54,13 +64,15 @@ def _named(name: str) -> tuple[str, str | None]:
     resolved = ALIAS_TO_SAMPLER.get(name.lower())
     if resolved is not None:
         return sampling.split_schedule(resolved)
-    base, _, suffix = name.rpartition(" ")
-    resolved = ALIAS_TO_SAMPLER.get(base.lower())
-    if resolved is None or suffix.lower() not in SCHEDULES:
+    lowered = name.lower()
+    label = next((label for label in sorted(SCHEDULE_LIST, key=len, reverse=True)
+                  if lowered.endswith(f" {label.lower()}")), None)  # "Euler SGM Uniform": the longest that ends it
+    resolved = ALIAS_TO_SAMPLER.get(lowered[:-len(label) - 1]) if label else None
+    if resolved is None:
         raise sampling.not_found(name)
     if sampling.split_schedule(resolved)[1]:  # "DPM++ 2M Karras Beta": not found, saying why
-        sampling.check_sampler(f"{resolved} {SCHEDULES[suffix.lower()]}")
-    return resolved, SCHEDULES[suffix.lower()]
+        sampling.check_sampler(f"{resolved} {label}")
+    return resolved, label
 
 
 def samplers() -> list[dict]:
@@ -71,8 +83,8 @@ def samplers() -> list[dict]:
 
 def schedulers() -> list[dict]:
     runs = {"Automatic", "Uniform", *sampling.schedule_types()}  # Beta where scipy is installed
-    return [{"name": n, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
-            for n, label in SCHEDULES.items() if label in runs]
+    return [{"name": name, "label": label, "aliases": SCHEDULE_ALIASES.get(label), "default_rho": rho,
+             "need_inner_model": inner} for label, (name, rho, inner) in SCHEDULE_LIST.items() if label in runs]
 
 
 def hires_fix_sampler(body: schemas.Txt2ImgBody) -> str:
