@@ -58,7 +58,9 @@ class TritonOptions:
     startup_timeout_s: float = 300.0  # loading several full-size models on 2 cores takes a while
     exit_timeout_s: int = 30  # how long Triton waits for in-flight requests on shutdown
     log_verbose: int = 0
-    log_path: Path | None = None  # default: a file in a fresh temporary folder
+    # default: a file in a fresh temporary folder, which a clean stop() removes (one was left per server: 125 a day
+    # here, from the tests' `kiln serve`s); a server that fails or crashes keeps it for its error to point at
+    log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     # Triton's explicit model control: only these models load at start, the others on a client's load call (kiln
     # serve --max-checkpoints); None: every model of the repository loads at start (model control "none")
@@ -215,6 +217,7 @@ class TritonServer:
         self.install = TritonInstallation.find()
         self._process: subprocess.Popen | None = None
         self._log_file = None
+        self._temporary_log = options.log_path is None
         if options.log_path is not None:
             self.log_path = Path(options.log_path)
         else:
@@ -334,7 +337,8 @@ class TritonServer:
         if self._process is None:
             return None
         process, self._process = self._process, None
-        if process.poll() is None:
+        crashed = process.poll() is not None  # it exited before we asked
+        if not crashed:
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=timeout_s if timeout_s is not None else self.options.exit_timeout_s + 10)
@@ -345,6 +349,8 @@ class TritonServer:
         for region in self.shared_memory_regions():  # what a killed or crashed Triton left (none after a clean exit)
             region.unlink(missing_ok=True)
         self._close_log()
+        if self._temporary_log and not crashed and process.returncode == 0:
+            shutil.rmtree(self.log_path.parent, ignore_errors=True)
         return process.returncode
 
     def shared_memory_regions(self) -> list[Path]:

@@ -138,13 +138,22 @@ def test_a_model_that_fails_to_load_is_explained(vit_repo, tmp_path):
     shutil.copy(vit_repo / "vit" / "config.pbtxt", broken / "vit")
     shutil.copy(vit_repo / "vit" / "1" / "model.py", broken / "vit" / "1")
     (broken / "vit" / "1" / "model.onnx").write_bytes(b"not an onnx file")
-    server = TritonServer(TritonOptions.on_free_ports(broken, tmp_path / "log.txt"))
+    server = TritonServer(TritonOptions.on_free_ports(broken))  # its log in a temporary folder
     from kiln.errors import ServerError
 
     with pytest.raises(ServerError) as info:
         server.start()
-    assert "'vit'" in str(info.value) and "log.txt" in str(info.value)
-    assert not server.is_running()
+    assert "'vit'" in str(info.value) and f"(full log: {server.log_path})" in str(info.value)
+    assert not server.is_running() and server.log_path.is_file()  # kept for the error to point at
+    shutil.rmtree(server.log_path.parent)
+    # A server that stops cleanly takes its temporary log folder with it; one given a log file keeps it.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "vit_preprocess").symlink_to((vit_repo / "vit_preprocess").resolve())
+    for log in (None, tmp_path / "kept.log"):
+        clean = TritonServer(TritonOptions.on_free_ports(alone, log)).start()
+        assert clean.log_path.is_file() and clean.stop() == 0
+        assert clean.log_path.exists() == (log is not None), clean.log_path
 
 
 @pytest.mark.slow

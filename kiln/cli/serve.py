@@ -22,6 +22,9 @@ def add_parser(commands) -> None:
     serve.add_argument("--grpc-port", type=at_least(1), default=8001, help="Triton gRPC port")
     serve.add_argument("--metrics-port", type=at_least(1), default=8002, help="Triton metrics port")
     serve.add_argument("--log-verbose", type=at_least(0), default=0)
+    serve.add_argument("--triton-log", type=Path, metavar="FILE",
+                       help="Triton's log file, kept (default: one in a temporary folder, removed when Triton stops "
+                            "cleanly and kept when it fails)")
     serve.add_argument("--triton-url", action="append", metavar="HOST:PORT",
                        help="use this running Triton (its gRPC address) instead of starting one; repeat for several "
                             "serving the same repository: each job runs on one that is ready and least busy, and "
@@ -180,7 +183,7 @@ def run(args) -> int:
     control = settings.model_control if settings is not None else model_control(args, "")
     server = TritonServer(TritonOptions(repository=args.repo, address=args.address, http_port=args.http_port,
                                         grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                                        log_verbose=args.log_verbose,
+                                        log_verbose=args.log_verbose, log_path=args.triton_log,
                                         extra_env={LORA_ENV: str(loras.resolve())} if loras else {},
                                         load_models=control.startup_models() if control is not None else None))
     print(f"starting Triton on {args.address} (repository {args.repo}) ...", flush=True)
