@@ -414,6 +414,35 @@ def test_skip_ends_the_current_iteration_only(api):
     assert response.status_code == 200 and len(response.json()["images"]) == 2
 
 
+def test_schedule_settings_from_a_request_and_from_the_options(client):
+    """AUTOMATIC1111's Settings sigma_min, sigma_max and rho: a request's override_settings move its schedule (and the
+    infotext says so) or, with a schedule that has no such thing, are a 422 naming it; the server's options apply
+    where the schedule takes them, and leave the others alone, as there."""
+    karras = TXT | {"steps": 3, "sampler_name": "DPM++ 2M"}  # Automatic: Karras
+    plain = client.post("/sdapi/v1/txt2img", json=karras).json()
+    moved = client.post("/sdapi/v1/txt2img", json=karras | {"override_settings": {"sigma_max": 8, "rho": 3}})
+    assert moved.status_code == 200, moved.text
+    fields = parse_infotext(json.loads(moved.json()["info"])["infotexts"][0])
+    assert (fields["Schedule max sigma"], fields["Schedule rho"]) == ("8.0", "3.0")
+    assert "Schedule min sigma" not in fields
+    assert _pixels(moved.json()["images"][0]) != _pixels(plain["images"][0])
+    refused = client.post("/sdapi/v1/txt2img", json=TXT | {"override_settings": {"rho": 3}})  # Euler a: Uniform
+    assert refused.status_code == 422 and "rho: the Euler a sampler's schedule (Uniform) has no rho" in refused.text
+    assert client.post("/sdapi/v1/options", json={"sigma_min": -1.0}).status_code == 422
+    assert client.post("/sdapi/v1/options", json={"rho": 3.0}).status_code == 200
+    try:
+        uniform = client.post("/sdapi/v1/txt2img", json=TXT).json()
+        assert "Schedule rho" not in uniform["info"]  # not taken by Euler a's schedule, and not failed either
+        from_options = client.post("/sdapi/v1/txt2img", json=karras | {"override_settings": {"sigma_max": 8.0}})
+        assert from_options.json()["images"][0] == moved.json()["images"][0]
+    finally:
+        client.post("/sdapi/v1/options", json={"rho": 0.0})
+
+
+def _pixels(b64: str) -> bytes:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).tobytes()
+
+
 def test_listing_endpoints(client):
     samplers = client.get("/sdapi/v1/samplers").json()
     names = {s["name"] for s in samplers}

@@ -307,17 +307,84 @@ def test_automatic1111s_other_schedule_types_are_its_sigmas(sampler, steps, fami
         assert 0.02 < float(expected[-1]) < 0.03
 
 
+@pytest.mark.parametrize("sampler, settings", [
+    ("Euler Karras", (0.1, 10.0, 0.0)), ("DPM++ 2M Karras", (0.3, 12.0, 3.0)), ("Euler a Karras", (0.5, 0.0, 9.0)),
+    ("Heun Exponential", (0.2, 5.0, 0.0)), ("Euler a Polyexponential", (0.0, 0.0, 2.0)),
+    ("LMS SGM Uniform", (0.5, 8.0, 0.0)), ("Euler Normal", (0.0, 6.0, 0.0)), ("Euler KL Optimal", (0.05, 0.0, 0.0)),
+    ("DPM++ SDE Beta", (0.1, 7.0, 0.0))])
+def test_automatic1111s_schedule_settings_move_the_range_and_the_curve(sampler, settings):
+    """AUTOMATIC1111's Settings sigma_min, sigma_max (0: the model's) and rho (0: the type's own: Karras 7,
+    Polyexponential 1), as its get_sigmas hands them to the schedule type's function."""
+    import torch
+    from scipy import stats
+
+    from orchestrator.pipeline.sampling import schedule_kind
+
+    steps = 9
+    scheduler, _ = schedule(sampler, SD15_SCHEDULE, steps, seed=0, settings=settings)
+    ran = torch.unique_consecutive(torch.as_tensor(scheduler.sigmas).double())
+    table = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).double() ** 0.5
+    low, high = settings[0] or float(table[0]), settings[1] or float(table[-1])
+    kind, ramp = schedule_kind(sampler), torch.linspace(0, 1, steps, dtype=torch.float64)
+    log_sigmas = table.log()
+
+    def at(t):
+        return torch.tensor(np.exp(np.interp(t, np.arange(1000), log_sigmas.numpy())))
+
+    def to_t(sigma):
+        return float(np.interp(np.log(sigma), log_sigmas.numpy(), np.arange(1000)))
+
+    if kind == "Karras":
+        rho = settings[2] or 7.0
+        expected = (high ** (1 / rho) + ramp * (low ** (1 / rho) - high ** (1 / rho))) ** rho
+    elif kind == "Exponential":
+        expected = torch.linspace(np.log(high), np.log(low), steps, dtype=torch.float64).exp()
+    elif kind == "Polyexponential":
+        expected = ((1 - ramp) ** settings[2] * (np.log(high) - np.log(low)) + np.log(low)).exp()
+    elif kind == "SGM Uniform":
+        expected = at(np.linspace(to_t(high), to_t(low), steps + 1)[:-1])
+    elif kind == "Normal":
+        expected = at(np.linspace(to_t(high), to_t(low), steps))
+    elif kind == "Beta":
+        expected = low + torch.tensor(stats.beta.ppf(1 - ramp.numpy(), 0.6, 0.6)) * (high - low)
+    else:  # KL Optimal: ends at sigma_min
+        i = torch.arange(steps + 1, dtype=torch.float64) / steps
+        expected = torch.tan(i * np.arctan(low) + (1 - i) * np.arctan(high))[:-1]
+    expected = torch.cat([expected, torch.tensor([low if kind == "KL Optimal" else 0.0], dtype=torch.float64)])
+    assert torch.allclose(ran, expected, rtol=1e-4, atol=1e-6), (ran, expected)
+    plain = torch.unique_consecutive(torch.as_tensor(schedule(sampler, SD15_SCHEDULE, steps, seed=0)[0].sigmas))
+    assert not torch.allclose(ran.float(), plain.float(), rtol=1e-3)  # the settings changed the schedule
+
+
+@pytest.mark.parametrize("sampler, settings, message", [
+    ("Euler", (0.5, 0.0, 0.0), r"sigma_min / sigma_max: the Euler sampler's schedule \(Uniform\) spans no range"),
+    ("Euler Simple", (0.0, 0.0, 3.0), r"rho: the Euler Simple sampler's schedule \(Simple\) has no rho"),
+    ("DDIM", (0.0, 9.0, 0.0), "spans no range"), ("Euler Exponential", (0.0, 0.0, 2.0), "has no rho"),
+    ("Euler Karras", (-1.0, 0.0, 0.0), "sigma_min must be a number, 0 or more"),
+    ("Euler Karras", (0.0, 0.0, "7"), "rho must be a number")])
+def test_schedule_settings_where_they_change_nothing_are_refused(sampler, settings, message):
+    from orchestrator.pipeline.sampling import schedule_kind
+    from orchestrator.pipeline.sigmas import check_settings
+
+    with pytest.raises(InputError, match=message):
+        check_settings(schedule_kind(sampler), settings, sampler)
+
+
+def test_a_schedule_range_upside_down_is_refused_naming_the_models():
+    for settings, message in [((5.0, 2.0, 0.0), "sigma_min 5 must be below sigma_max 2 "),
+                              ((20.0, 0.0, 0.0), r"sigma_min 20 must be below sigma_max 14.61 \(0 is the model's: "
+                                                 r"0.02917 and 14.61\)")]:
+        with pytest.raises(InputError, match=message):
+            schedule("Euler Karras", SD15_SCHEDULE, 5, seed=0, settings=settings)
+
+
 def test_schedule_types_that_cannot_run_as_asked_are_refused_by_name():
     """AUTOMATIC1111's DDIM type runs another step count than asked where 1000 // steps does not stride 999 evenly
     (31 for 30; 20, 25, 27, 37, 40 and 50 run as asked): a 422 naming the nearest counts that run. KL Optimal on a
     second-order sampler: diffusers' last step there assumes a final sigma of 0."""
-    from orchestrator.pipeline.sigmas import check_steps
-
     with pytest.raises(InputError, match=r"runs 31 steps for 30 .* use 27 or 37"):
-        check_steps("DDIM", 30)
-    check_steps("DDIM", 50)
-    with pytest.raises(InputError, match="runs 31 steps for 30"):
         schedule("Euler DDIM", SD15_SCHEDULE, 30, seed=0)
+    assert len(schedule("Euler DDIM", SD15_SCHEDULE, 50, seed=0)[1]) == 50
     for name in ("Heun KL Optimal", "DPM++ SDE KL Optimal"):
         with pytest.raises(UnknownSampler, match=re.escape(f"{name}: KL Optimal ends above sigma 0")):
             check_sampler(name)

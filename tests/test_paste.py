@@ -39,10 +39,10 @@ def test_seed_and_sampler_options_come_from_the_infotext():
     body = apply_infotext(schemas.Txt2ImgBody(infotext="a cat\nSteps: 2, Seed resize from: 48x32, ENSD: 31337, "
                                                        "Eta DDIM: 0.3, Sigma churn: 0.4, Sigma tmin: 0.1, Sigma tmax: "
                                                        "9.5, Sigma noise: 1.01, NGMS: 0.5, Old prompt editing "
-                                                       "timelines: True"))
+                                                       "timelines: True, Schedule max sigma: 9.5, Schedule rho: 5"))
     assert (body.seed_resize_from_w, body.seed_resize_from_h) == (48, 32)
     assert body.override_settings == {"eta_noise_seed_delta": 31337, "eta_ddim": 0.3, "use_old_scheduling": True,
-                                      "randn_source": "GPU"}
+                                      "randn_source": "GPU", "sigma_max": 9.5, "rho": 5.0}
     assert (body.s_churn, body.s_tmin, body.s_tmax, body.s_noise, body.s_min_uncond) == (0.4, 0.1, 9.5, 1.01, 0.5)
 
 
@@ -89,7 +89,12 @@ BODY = {"prompt": "a photo of a (cat:1.2)", "negative_prompt": "blurry", "steps"
     (BODY | {"sampler_name": "Euler a", "override_settings": {"randn_source": "NV", "eta_noise_seed_delta": 31337}},
      "ENSD: 31337, RNG: NV"),
     (BODY | {"sampler_name": "Euler a", "override_settings": {"randn_source": "GPU"}}, "Seed: 11, Size: 64x96"),
-], ids=["variation", "seeds", "churn", "ddim", "old timelines", "nv", "gpu"])
+    # AUTOMATIC1111's schedule types and settings
+    (BODY | {"sampler_name": "Euler", "scheduler": "SGM Uniform", "override_settings": {"sigma_min": 0.5,
+                                                                                        "sigma_max": 8.0}},
+     "Sampler: Euler SGM Uniform, "),
+    (BODY | {"sampler_name": "DPM++ 2M", "override_settings": {"rho": 3}}, "Schedule rho: 3.0"),  # a float there
+], ids=["variation", "seeds", "churn", "ddim", "old timelines", "nv", "gpu", "sgm uniform", "rho"])
 def test_a_responses_infotext_sent_back_alone_gives_the_same_image(triton, body, written):
     from kiln.triton_server import free_port
     from orchestrator.server.service import BackgroundAPI
@@ -101,6 +106,8 @@ def test_a_responses_infotext_sent_back_alone_gives_the_same_image(triton, body,
             first = client.post("/sdapi/v1/txt2img", json=body).json()
             infotext = json.loads(first["info"])["infotexts"][0]
             assert written in infotext, infotext
+            settings = json.dumps(body.get("override_settings", {}))
+            assert ("Schedule min sigma: 0.5, Schedule max sigma: 8.0" in infotext) == ("sigma_min" in settings)
             assert ("RNG:" in infotext) == ("GPU" not in json.dumps(body))
             again = client.post("/sdapi/v1/txt2img", json={"infotext": infotext})
             assert again.status_code == 200, again.text

@@ -56,6 +56,9 @@ def test_cells_vary_what_their_axes_name():
     noise = schemas.Img2ImgBody(prompt="a cat", init_images=["x"], script_name="x/y/z plot",
                                 script_args=["Initial noise multiplier", "0.9, 1.1"])
     assert [c.initial_noise_multiplier for _, c in cell_bodies(noise, parse(noise, "img2img"))] == [0.9, 1.1]
+    schedule = parse(body(["Schedule rho", "3, 5", None, "Schedule max sigma", "8"]), "txt2img")  # Settings values
+    assert [c.override_settings for _, c in cell_bodies(body([]), schedule)] == [{"rho": 3.0, "sigma_max": 8.0},
+                                                                               {"rho": 5.0, "sigma_max": 8.0}]
     kept = parse(body(["Seed", "-1", None, 0, "", None, 0, "", None, True, False, False, True]), "txt2img")
     assert kept.axes[0].values == [-1]  # no_fixed_seeds: -1 stays -1
 

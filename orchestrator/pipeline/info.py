@@ -94,6 +94,9 @@ def sampler_settings(request: Txt2ImgRequest) -> dict:
         settings["eta_ddim"] = request.eta
     if request.s_min_uncond:
         settings["s_min_uncond"] = request.s_min_uncond
+    for name in ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho"):  # checked to be the schedule's
+        if getattr(request, name):
+            settings[name] = getattr(request, name)
     return settings
 
 

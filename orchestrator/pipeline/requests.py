@@ -119,6 +119,12 @@ class Txt2ImgRequest:
     # AUTOMATIC1111's "skip negative prompt" (NGMS): on every other step whose sigma is below this, the unconditional
     # half is not run and the step takes the prompt's prediction alone; 0: never
     s_min_uncond: float = 0.0
+    # AUTOMATIC1111's schedule settings sigma_min and sigma_max ("Schedule min/max sigma": the range the schedule type
+    # spans; 0: the model's) and rho ("Schedule rho": Karras's and Polyexponential's curve; 0: the type's own), for
+    # the types that take them (orchestrator.pipeline.sigmas.check_settings)
+    schedule_sigma_min: float = 0.0
+    schedule_sigma_max: float = 0.0
+    schedule_rho: float = 0.0
     # Where the negative prompt and the prompt differ in length (chunks of 75 tokens): "off", AUTOMATIC1111's default,
     # runs them in UNet calls of their own; "empty_chunks" pads the shorter with the empty prompt's chunks (its
     # pad_cond_uncond, "Pad conds"); "last_vector" pads the negative prompt with its last vector, or cuts it
@@ -133,6 +139,10 @@ class Txt2ImgRequest:
     tiling: bool = False  # AUTOMATIC1111's tiling: seamless images (circular padding in the UNet and the VAE)
     vae_tiling: bool | None = None  # VAE decode/encode in tiles (vae_tiles); None: above Limits.vae_tile_above pixels
     refiner: Refiner | None = None  # another checkpoint finishing the denoising (run with Pipeline.generate's refiner)
+
+    @property
+    def sigma_settings(self) -> tuple[float, float, float]:
+        return self.schedule_sigma_min, self.schedule_sigma_max, self.schedule_rho
 
     @property
     def controlnet_units(self) -> tuple[ControlNetUnit, ...]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from kiln.errors import NotFoundError
 from orchestrator.pipeline import noise, sigmas
-from orchestrator.pipeline.sigmas import OWN_SCHEDULES
+from orchestrator.pipeline.sigmas import OWN_SCHEDULES, SCHEDULE_TYPES, schedule_types
 
 if TYPE_CHECKING:
     import torch
@@ -76,12 +76,9 @@ SAMPLERS = {
     "LCM": Sampler("LCMScheduler", k_diffusion=False),
 }
 
-# AUTOMATIC1111 1.9+'s schedule types that diffusers computes as k-diffusion does (tests/test_core.py), as the
-# config switch that turns a scheduler's sigmas into them: any k-diffusion sampler above that has no schedule of its
-# own runs on them as "<sampler> <type>" ("Euler Karras", "DPM++ SDE Beta"; Beta needs scipy)
-SCHEDULE_TYPES = {"Karras": "use_karras_sigmas", "Exponential": "use_exponential_sigmas", "Beta": "use_beta_sigmas"}
-# and the rest of AUTOMATIC1111 1.10's, whose sigmas kiln computes (orchestrator.pipeline.sigmas), longest name first
-ALL_TYPES = sorted([*SCHEDULE_TYPES, *OWN_SCHEDULES], key=len, reverse=True)
+# AUTOMATIC1111 1.10's schedule types (sigmas.SCHEDULE_TYPES, diffusers' switches; sigmas.OWN_SCHEDULES): any
+# k-diffusion sampler above that has no schedule of its own runs on them as "<sampler> <type>" ("Euler Karras")
+ALL_TYPES = sorted([*SCHEDULE_TYPES, *OWN_SCHEDULES], key=len, reverse=True)  # longest first: "SGM Uniform"
 BORROWED_SIGMAS = {"EulerAncestralDiscreteScheduler": "EulerDiscreteScheduler"}  # diffusers' classes with no switch
 
 # What the checkpoint's scheduler config may say: its training noise schedule. Anything else in it
@@ -122,13 +119,6 @@ def split_schedule(name: str) -> tuple[str, str | None]:
     return name[:-len(kind) - 1], kind
 
 
-@functools.cache
-def schedule_types() -> list[str]:
-    """The schedule types this install runs (Beta needs scipy, which the serving install leaves out)."""
-    return [kind for kind in [*SCHEDULE_TYPES, *OWN_SCHEDULES]
-            if kind != "Beta" or importlib.util.find_spec("scipy") is not None]
-
-
 @functools.cache  # a request resolves its sampler several times (validation, steps, scheduler); the answer is fixed
 def _on_schedule(base: str, kind: str) -> Sampler:
     sampler = SAMPLERS[base]
@@ -164,12 +154,23 @@ def editing_steps(name: str, steps: int) -> int:
     return steps * 2 if check_sampler(name).second_order else steps
 
 
-def make_scheduler(name: str, base_config: dict, seed: int | None = None, family: str = "sd1"):
+def schedule_kind(name: str) -> str | None:
+    """The schedule type a k-diffusion sampler runs ("DPM++ 2M Karras": Karras); None for Uniform, or a sampler with
+    timesteps of its own."""
+    sampler = check_sampler(name)
+    overrides = sampler.sigmas_from[1] if sampler.sigmas_from else sampler.overrides  # Euler a's: Euler's switch
+    switched = [kind for kind, switch in SCHEDULE_TYPES.items() if overrides.get(switch)]
+    return sampler.sigma_schedule or next(iter(switched), None) if sampler.k_diffusion else None
+
+
+def make_scheduler(name: str, base_config: dict, seed: int | None = None, family: str = "sd1",
+                   settings: tuple[float, float, float] = sigmas.NO_SETTINGS):
     """A fresh scheduler for one request (schedulers keep per-run state, so never share one).
 
     `seed` seeds the samplers that draw their own noise (DPM++ SDE's Brownian tree), so a seed
     gives the same image every time; the others take the generator at each step. `family`
-    (build.sd.families) picks Align Your Steps' sigmas.
+    (build.sd.families) picks Align Your Steps' sigmas; `settings` are AUTOMATIC1111's sigma_min,
+    sigma_max and rho (sigmas.check_settings).
     """
     sampler = check_sampler(name)
     config = _config(base_config, sampler.overrides)
@@ -180,8 +181,9 @@ def make_scheduler(name: str, base_config: dict, seed: int | None = None, family
     if sampler.sigmas_from is not None:
         computes = _scheduler_class(sampler.sigmas_from[0]).from_config(_config(base_config, sampler.sigmas_from[1]))
         sigmas.borrow(scheduler, computes)
-    if sampler.sigma_schedule is not None:
-        sigmas.install(computes, sampler.sigma_schedule, family)
+    kind = schedule_kind(name)
+    if sampler.sigma_schedule is not None or (any(settings) and kind):  # kiln's (diffusers' take no settings)
+        sigmas.install(computes, kind, family, settings)
     return scheduler
 
 
@@ -205,14 +207,14 @@ def _config(base_config: dict, overrides: dict) -> dict:
     return {k: v for k, v in base_config.items() if k in SCHEDULE_KEYS} | overrides
 
 
-def schedule(name: str, base_config: dict, steps: int, seed: int, start: int | None = None,
-             family: str = "sd1") -> tuple:
+def schedule(name: str, base_config: dict, steps: int, seed: int, start: int | None = None, family: str = "sd1",
+             settings: tuple[float, float, float] = sigmas.NO_SETTINGS) -> tuple:
     """A fresh scheduler set to `steps` steps, and the timesteps of its model calls: from noise (start None), or from
     img2img's `start` (img2img_start; its noise by step index, not by timestep value, which a multistep scheduler's
     rounding can repeat). AUTOMATIC1111's DDIM and PLMS begin where their own rules say (compvis.first_call)."""
     from kiln.errors import InputError
 
-    scheduler = make_scheduler(name, base_config, seed=seed, family=family)
+    scheduler = make_scheduler(name, base_config, seed=seed, family=family, settings=settings)
     try:
         scheduler.set_timesteps(steps)
     except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule

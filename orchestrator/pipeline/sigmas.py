@@ -5,11 +5,14 @@ k-diffusion sampler walks, over the model's training table (1000 sigmas, sqrt((1
 Exponential and Beta diffusers computes the same way (orchestrator.pipeline.sampling.SCHEDULE_TYPES); the others
 (OWN_SCHEDULES) are computed here and handed to diffusers' scheduler through the hook its Karras switch calls, so that
 each scheduler's own bookkeeping (timesteps from sigmas, the second-order samplers' doubled entries, the final sigma)
-stays diffusers'. Checked against the formulas in tests/test_core.py.
+stays diffusers'. So are all of them where AUTOMATIC1111's schedule settings (sigma_min, sigma_max, rho: Settings)
+move their range or curve, which diffusers' switches do not take. Checked against the formulas in tests/test_core.py.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 
 import numpy as np
@@ -43,10 +46,27 @@ class Table:
         return float(np.interp(math.log(sigma), self.log_sigmas, np.arange(len(self.sigmas))))
 
 
-def _polyexponential(n: int, table: Table, low: float, high: float, family: str) -> list[float]:
-    # k-diffusion's get_sigmas_polyexponential at its rho 1 (AUTOMATIC1111's default for it): Exponential's sigmas
-    ramp = np.linspace(1, 0, n)
+def _karras(n: int, table: Table, low: float, high: float, family: str, rho: float = 7.0) -> list[float]:
+    # Karras et al.'s: evenly in sigma^(1/rho)
+    ramp = np.linspace(0, 1, n)
+    return [*(high ** (1 / rho) + ramp * (low ** (1 / rho) - high ** (1 / rho))) ** rho, 0.0]
+
+
+def _exponential(n: int, table: Table, low: float, high: float, family: str) -> list[float]:
+    return [*np.exp(np.linspace(math.log(high), math.log(low), n)), 0.0]
+
+
+def _polyexponential(n: int, table: Table, low: float, high: float, family: str, rho: float = 1.0) -> list[float]:
+    # k-diffusion's get_sigmas_polyexponential; at its rho 1 (AUTOMATIC1111's default for it) Exponential's sigmas
+    ramp = np.linspace(1, 0, n) ** rho
     return [*np.exp(ramp * (math.log(high) - math.log(low)) + math.log(low)), 0.0]
+
+
+def _beta(n: int, table: Table, low: float, high: float, family: str) -> list[float]:
+    # "Beta Sampling is All You Need" at AUTOMATIC1111's alpha = beta = 0.6
+    from scipy import stats
+
+    return [*(low + stats.beta.ppf(1 - np.linspace(0, 1, n), 0.6, 0.6) * (high - low)), 0.0]
 
 
 def _sgm_uniform(n: int, table: Table, low: float, high: float, family: str) -> list[float]:
@@ -89,23 +109,41 @@ def _ddim(n: int, table: Table, low: float, high: float, family: str) -> list[fl
 OWN_SCHEDULES = {"Polyexponential": _polyexponential, "SGM Uniform": _sgm_uniform, "KL Optimal": _kl_optimal,
                  "Align Your Steps": _align_your_steps, "Simple": _simple, "Normal": _normal, "DDIM": _ddim}
 ENDS_ABOVE_ZERO = {"KL Optimal"}  # its last sigma is the model's lowest: a sampler's final step must allow that
+# AUTOMATIC1111 1.9+'s types that diffusers computes as k-diffusion does (tests/test_core.py), as the config switch
+# that turns a scheduler's sigmas into them (Beta needs scipy)
+SCHEDULE_TYPES = {"Karras": "use_karras_sigmas", "Exponential": "use_exponential_sigmas", "Beta": "use_beta_sigmas"}
+SWITCHED = {"Karras": _karras, "Exponential": _exponential, "Beta": _beta}  # diffusers' switches: here for settings
+# The types that take AUTOMATIC1111's sigma range (the others ignore it there, and kiln refuses it with them), and
+# those that take a rho, with their own
+TAKE_RANGE = {"Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Normal", "Beta"}
+OWN_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
+NO_SETTINGS = (0.0, 0.0, 0.0)  # (sigma_min, sigma_max, rho): 0 is the model's range, the type's own rho
 
 
-def schedule_sigmas(kind: str, steps: int, alphas_cumprod, family: str = "sd1") -> np.ndarray:
+@functools.cache
+def schedule_types() -> list[str]:
+    """The schedule types this install runs (Beta needs scipy, which the serving install leaves out)."""
+    return [kind for kind in [*SCHEDULE_TYPES, *OWN_SCHEDULES]
+            if kind != "Beta" or importlib.util.find_spec("scipy") is not None]
+
+
+def schedule_sigmas(kind: str, steps: int, alphas_cumprod, family: str = "sd1",
+                    settings: tuple[float, float, float] = NO_SETTINGS) -> np.ndarray:
     """The steps + 1 sigmas, highest first, that AUTOMATIC1111's schedule type `kind` gives a k-diffusion sampler
-    for `steps` steps over the model's whole sigma range."""
+    for `steps` steps over the model's whole sigma range, or over `settings`' (check_settings)."""
     table = Table(alphas_cumprod)
-    sigmas = np.asarray(OWN_SCHEDULES[kind](steps, table, table.sigmas[0], table.sigmas[-1], family), np.float64)
+    low, high = settings[0] or table.sigmas[0], settings[1] or table.sigmas[-1]
+    if low >= high:
+        raise InputError(f"sigma_min {low:.4g} must be below sigma_max {high:.4g} (0 is the model's: "
+                         f"{table.sigmas[0]:.4g} and {table.sigmas[-1]:.4g})")
+    options = {"rho": settings[2]} if settings[2] and kind in OWN_RHO else {}
+    function = OWN_SCHEDULES.get(kind) or SWITCHED[kind]
+    sigmas = np.asarray(function(steps, table, low, high, family, **options), np.float64)
     if len(sigmas) != steps + 1:
         raise InputError(f"steps: the {kind} schedule type runs {len(sigmas) - 1} steps for {steps} (AUTOMATIC1111 "
                          f"strides the model's {len(table.sigmas)} sigmas by {len(table.sigmas)} // {steps}); kiln "
                          f"runs the steps asked for only: use {_nearest_even(kind, steps, table)}")
     return sigmas
-
-
-def check_steps(kind: str, steps: int, train_steps: int = 1000) -> None:
-    """Refuse, naming the step counts that run, a step count the schedule type would run as another (DDIM's)."""
-    schedule_sigmas(kind, steps, np.linspace(0.999, 0.001, train_steps))  # a count depends on the table's length only
 
 
 def _nearest_even(kind: str, steps: int, table: Table) -> str:
@@ -118,15 +156,31 @@ def _nearest_even(kind: str, steps: int, table: Table) -> str:
     return " or ".join(str(n) for n in (below, above) if n is not None)
 
 
-def install(scheduler, kind: str, family: str) -> None:
-    """From now on `scheduler.set_timesteps` (configured with use_karras_sigmas, whose hook this replaces) sets the
-    sigmas of schedule type `kind`; where they end above 0, the scheduler's last sigma is set to that end."""
+def check_settings(kind: str | None, settings: tuple[float, float, float], sampler: str) -> None:
+    """AUTOMATIC1111's schedule settings only where they change the sigmas: a range for the types that span one
+    (TAKE_RANGE), a rho for Karras and Polyexponential; it ignores them elsewhere, and kiln refuses them there."""
+    low, high, rho = settings
+    for name, value in zip(("sigma_min", "sigma_max", "rho"), settings):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+            raise InputError(f"{name} must be a number, 0 or more (0: the model's, or the type's own), got {value!r}")
+    if (low or high) and kind not in TAKE_RANGE:
+        raise InputError(f"sigma_min / sigma_max: the {sampler} sampler's schedule ({kind or 'Uniform'}) spans no "
+                         f"range to move (AUTOMATIC1111 ignores them there); types that do: {', '.join(TAKE_RANGE)}")
+    if rho and kind not in OWN_RHO:
+        raise InputError(f"rho: the {sampler} sampler's schedule ({kind or 'Uniform'}) has no rho (AUTOMATIC1111 "
+                         f"ignores it there); types that do: {', '.join(OWN_RHO)}")
+
+
+def install(scheduler, kind: str, family: str, settings: tuple[float, float, float] = NO_SETTINGS) -> None:
+    """From now on `scheduler.set_timesteps` (configured with one of diffusers' sigma switches, whose hooks this
+    replaces) sets the sigmas of schedule type `kind`, within `settings`; where they end above 0, the scheduler's last
+    sigma is set to that end."""
     own = scheduler.set_timesteps
     final: list[float] = []
 
     def convert(in_sigmas, num_inference_steps: int | None = None) -> np.ndarray:
         sigmas = schedule_sigmas(kind, num_inference_steps or scheduler.num_inference_steps, scheduler.alphas_cumprod,
-                                 family)
+                                 family, settings)
         final[:] = [float(sigmas[-1])]
         return sigmas[:-1]
 
@@ -135,7 +189,7 @@ def install(scheduler, kind: str, family: str) -> None:
         if final and final[0] != 0:
             scheduler.sigmas[-1] = final[0]
 
-    scheduler._convert_to_karras = convert
+    scheduler._convert_to_karras = scheduler._convert_to_exponential = scheduler._convert_to_beta = convert
     scheduler.set_timesteps = set_timesteps
 
 

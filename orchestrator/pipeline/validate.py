@@ -28,9 +28,11 @@ from orchestrator.pipeline.sampling import (
     SAMPLERS,
     check_sampler,
     img2img_start,
+    schedule,
+    schedule_kind,
     step_options,
 )
-from orchestrator.pipeline.sigmas import check_steps
+from orchestrator.pipeline.sigmas import check_settings
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         raise InputError(f"use_old_scheduling must be true or false, got {request.use_old_scheduling!r}")
     if request.pad_conds not in PAD_CONDS:
         raise InputError(f"pad_conds must be one of {', '.join(PAD_CONDS)}, got {request.pad_conds!r}")
-    _check_schedule(request.sampler, request.steps, contract)
+    _check_schedule(request.sampler, request.steps, contract, request.sigma_settings)
     _check_churn(request)
     if request.hires is not None:
         _check_hires(request, contract, limits)
@@ -145,11 +147,13 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
                          "DDIM and PLMS call the model at every step of their ladder but the last): ask for 2 or more")
 
 
-def _check_schedule(name: str, steps: int, contract: SDContract) -> None:
-    """A known sampler, on a schedule type that runs `steps` steps as asked (AUTOMATIC1111's DDIM type may not)."""
-    kind = check_sampler(name).sigma_schedule
-    if kind is not None:
-        check_steps(kind, steps, contract.scheduler_config.get("num_train_timesteps", 1000))
+def _check_schedule(name: str, steps: int, contract: SDContract, settings: tuple[float, float, float]) -> None:
+    """A known sampler, on a schedule type that takes the schedule settings given (sigmas.check_settings); where kiln
+    computes the sigmas, they are computed now: a range upside down, or a step count AUTOMATIC1111's DDIM type would
+    run as another, is refused before the job is queued."""
+    check_settings(schedule_kind(name), settings, name)
+    if check_sampler(name).sigma_schedule is not None or any(settings):
+        schedule(name, contract.scheduler_config, steps, 0, family=contract.family, settings=settings)
 
 
 def _runs_none(name: str, steps: int, start: int | None, contract: SDContract) -> bool:
@@ -225,7 +229,7 @@ def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) 
     _integer_in("hr_second_pass_steps", fix.steps, 0, limits.max_steps)
     total, run = hires.second_pass_steps(fix, request.steps)
     sampler = getattr(fix, "sampler", None) or request.sampler
-    _check_schedule(sampler, total, contract)
+    _check_schedule(sampler, total, contract, request.sigma_settings)
     if _runs_none(sampler, total, total - run, contract):
         raise InputError(f"hr_second_pass_steps: {sampler} runs no denoising step in the second pass at {run} steps "
                          "(AUTOMATIC1111's DDIM and PLMS run N - 2 there): ask for 3 or more")

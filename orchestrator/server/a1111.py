@@ -45,6 +45,7 @@ from orchestrator.server.options import (
     check_setting,
     check_value,
     setting_fields,
+    sigma_fields,
 )
 from orchestrator.server.paste import apply_infotext
 from orchestrator.server.sampler_names import check_eta, hires_fix_sampler, sampler_name
@@ -144,12 +145,14 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
         body = body.model_copy(update={name: EXTRA_NETWORK.sub("", getattr(body, name))
                                        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")})
     prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
+    sampler = sampler_name(body)
     seed = draw_seed(body.seed)  # drawn here: a random ControlNet module (shuffle) is seeded by it, as in the extension
     units = controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height,
                              numpy_seed(seed, body.subseed))
     fields = dict(clip_skip=clip_skip, vae=vae, tiling=bool(body.tiling), vae_tiling=body.vae_tiling, prompt=prompt,
                   negative_prompt=negative, steps=body.steps, **setting_fields(body, options),
-                  sampler=sampler_name(body), cfg_scale=body.cfg_scale, seed=seed, width=body.width,
+                  **sigma_fields(body, options, {sampler, hires_fix_sampler(body) if body.enable_hr else sampler}),
+                  sampler=sampler, cfg_scale=body.cfg_scale, seed=seed, width=body.width,
                   height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
                   subseed_strength=body.subseed_strength, seed_resize_from=seed_resize_from(body),
                   s_churn=body.s_churn, s_tmin=body.s_tmin,

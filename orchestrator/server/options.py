@@ -8,16 +8,20 @@ from typing import Any
 from kiln import schemas
 from kiln.errors import InputError
 from orchestrator.pipeline.noise import RANDN_SOURCES
-from orchestrator.pipeline.sampling import MAX_SEED
+from orchestrator.pipeline.sampling import MAX_SEED, schedule_kind
+from orchestrator.pipeline.sigmas import OWN_RHO, TAKE_RANGE
 
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
                 "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
                 "control_net_no_detectmap": bool, "pad_cond_uncond": bool, "pad_cond_uncond_v0": bool,
-                "eta_noise_seed_delta": int, "use_old_scheduling": bool, "randn_source": str}
+                "eta_noise_seed_delta": int, "use_old_scheduling": bool, "randn_source": str, "sigma_min": float,
+                "sigma_max": float, "rho": float}
+# AUTOMATIC1111's schedule settings (Settings > Sampler parameters) -> the request's fields
+SIGMA_SETTINGS = {"sigma_min": "schedule_sigma_min", "sigma_max": "schedule_sigma_max", "rho": "schedule_rho"}
 # what one request's override_settings can change
 APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
                      "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0", "eta_noise_seed_delta", "use_old_scheduling",
-                     "randn_source")
+                     "randn_source", *SIGMA_SETTINGS)
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -42,6 +46,8 @@ def check_value(key: str, value: Any) -> None:
         raise InputError(f"option randn_source must be one of {', '.join(RANDN_SOURCES)}, got {value!r}")
     if key == "eta_noise_seed_delta" and not 0 <= value <= MAX_SEED:
         raise InputError(f"option eta_noise_seed_delta must be in [0, 2^32 - 1], got {value}")
+    if key in SIGMA_SETTINGS and value < 0:
+        raise InputError(f"option {key} must be 0 or more (0: the model's, or the schedule type's own), got {value}")
 
 
 def default_options() -> dict:
@@ -49,7 +55,7 @@ def default_options() -> dict:
             "samples_format": "png", "eta_ddim": 0.0, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
             "live_preview_content": "Prompt", "interrogate_return_ranks": False, "control_net_no_detectmap": False,
             "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "eta_noise_seed_delta": 0,
-            "use_old_scheduling": False,
+            "use_old_scheduling": False, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
             # AUTOMATIC1111's default is "GPU"; kiln's is diffusers' noise (orchestrator.pipeline.noise)
             "randn_source": "CPU",
             # AUTOMATIC1111's paste turns on old behaviours for an old Version's infotext; kiln's paste does not
@@ -63,6 +69,26 @@ def setting_fields(body: schemas.Txt2ImgBody, options: dict) -> dict:
             "use_old_scheduling": bool_setting(body, options, "use_old_scheduling"),
             "eta_noise_seed_delta": body.override_settings.get("eta_noise_seed_delta", options["eta_noise_seed_delta"]),
             "randn_source": body.override_settings.get("randn_source", options["randn_source"])}
+
+
+def sigma_fields(body: schemas.Txt2ImgBody, options: dict, samplers: set[str]) -> dict:
+    """The request's schedule settings (SIGMA_SETTINGS): a request's override_settings as sent (checked with the
+    request, and refused for a schedule that does not take them); the server's options where every pass's schedule
+    takes them, as AUTOMATIC1111 applies its settings, and not otherwise (a stored sigma_min does not fail every
+    Euler request)."""
+    fields = {}
+    for key, field in SIGMA_SETTINGS.items():
+        if key in body.override_settings:
+            value = body.override_settings[key]
+            fields[field] = float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        elif options[key] and all(key in taken_settings(schedule_kind(s)) for s in samplers):
+            fields[field] = options[key]
+    return fields
+
+
+def taken_settings(kind: str | None) -> set[str]:
+    """The schedule settings a schedule type takes (orchestrator.pipeline.sigmas.check_settings)."""
+    return ({"sigma_min", "sigma_max"} if kind in TAKE_RANGE else set()) | ({"rho"} if kind in OWN_RHO else set())
 
 
 def pad_conds(body: schemas.Txt2ImgBody, options: dict) -> str:

@@ -50,7 +50,8 @@ SETTINGS = {"Clip skip": ("CLIP_stop_at_last_layers", int), "VAE": ("sd_vae", st
             "Model": ("sd_model_checkpoint", str), "Pad conds": ("pad_cond_uncond", bool),
             "Pad conds v0": ("pad_cond_uncond_v0", bool), "ENSD": ("eta_noise_seed_delta", int),
             "Eta DDIM": ("eta_ddim", float), "Old prompt editing timelines": ("use_old_scheduling", bool),
-            "RNG": ("randn_source", str)}
+            "RNG": ("randn_source", str), "Schedule min sigma": ("sigma_min", float),
+            "Schedule max sigma": ("sigma_max", float), "Schedule rho": ("rho", float)}
 # Emphasis: only "Original", AUTOMATIC1111's default, is kiln's (checked below)
 INFORMATION = {"Size", "Hires resize", "Seed resize from", "Model hash", "VAE hash", "Lora hashes", "TI hashes",
                "Hashes", "Version", "Emphasis"}

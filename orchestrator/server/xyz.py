@@ -84,6 +84,8 @@ AXES: dict[str, tuple[type, Any]] = {
     "Negative Guidance minimum sigma": (float, _field("s_min_uncond")), "Sigma Churn": (float, _field("s_churn")),
     "Sigma min": (float, _field("s_tmin")), "Sigma max": (float, _field("s_tmax")),
     "Sigma noise": (float, _field("s_noise")), "Schedule type": (str, _field("scheduler")),
+    "Schedule min sigma": (float, _override("sigma_min")), "Schedule max sigma": (float, _override("sigma_max")),
+    "Schedule rho": (float, _override("rho")),
     "Eta": (float, _field("eta")), "Clip skip": (int, _override("CLIP_stop_at_last_layers")),
     "Denoising": (float, _field("denoising_strength")),
     "Initial noise multiplier": (float, _field("initial_noise_multiplier")),
