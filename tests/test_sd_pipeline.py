@@ -84,6 +84,39 @@ def test_txt2img_matches_diffusers(local, reference_pipe, sampler):
     assert result.seeds == [1234] and result.info["sampler"] == sampler
 
 
+def _a1111_sigmas(kind: str, steps: int, alphas_cumprod) -> list[float]:
+    """AUTOMATIC1111 1.10's sigmas of three of its schedule types (modules/sd_schedulers.py), written out."""
+    table = np.sqrt((1 - alphas_cumprod.double().numpy()) / alphas_cumprod.double().numpy())
+    if kind == "SGM Uniform":
+        t = np.linspace(999, 0, steps + 1)[:-1]
+        return [*np.exp(np.interp(t, np.arange(1000), np.log(table))), 0.0]
+    if kind == "KL Optimal":
+        i = np.arange(steps + 1) / steps
+        return list(np.tan(i * np.arctan(table[0]) + (1 - i) * np.arctan(table[-1])))
+    published = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]  # Align Your Steps
+    return [*np.exp(np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, 11), np.log(published[::-1])))[::-1], 0.0]
+
+
+@pytest.mark.parametrize("kind", ["SGM Uniform", "KL Optimal", "Align Your Steps"])
+def test_schedule_types_match_diffusers_euler_on_automatic1111s_sigmas(local, reference_pipe, kind):
+    """kiln's "Euler <type>" against diffusers' own pipeline and Euler scheduler handed AUTOMATIC1111's sigmas for
+    that type (its `sigmas` argument): the schedule and its stepping, end to end."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe, config = reference_pipe
+    pipe.scheduler = EulerDiscreteScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    sigmas = _a1111_sigmas(kind, 6, pipe.scheduler.alphas_cumprod)
+    expected = _as_uint8(pipe("a photo of a cat", negative_prompt="blurry", sigmas=sigmas, guidance_scale=7.5,
+                              height=64, width=64, generator=torch.Generator().manual_seed(1234),
+                              output_type="np").images)
+    result = local.txt2img(Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=6,
+                                          sampler=f"Euler {kind}", cfg_scale=7.5, seed=1234, width=64, height=64))
+    assert _max_diff(result.images, expected) <= 2, kind
+    plain = local.txt2img(Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=6,
+                                         sampler="Euler", cfg_scale=7.5, seed=1234, width=64, height=64))
+    assert _max_diff(plain.images, expected) > 2  # another schedule: another image
+
+
 def test_cfg_one_has_no_negative_branch_and_non_square_sizes(local, reference_pipe):
     calls = []
 
