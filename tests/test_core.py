@@ -370,6 +370,28 @@ def test_schedule_settings_where_they_change_nothing_are_refused(sampler, settin
         check_settings(schedule_kind(sampler), settings, sampler)
 
 
+@pytest.mark.parametrize("steps", [2, 5, 20])
+def test_unipc_is_automatic1111s_by_its_default_settings(steps):
+    """AUTOMATIC1111's UniPC (the UniPC authors' code under its settings' defaults: variant bh1, order 3, lower order
+    final, skip type time_uniform): the model at timesteps 999 (1 - k / steps), rounded, and the last step to
+    timestep 0's noise level, where the image keeps that little noise, not to 0. A model whose every prediction is
+    the clean image 0 shows it: on that exact path the sample shrinks with the noise level, so the image ends at the
+    last noise level's share of the first."""
+    import torch
+
+    scheduler, timesteps = schedule("UniPC", SD15_SCHEDULE, steps, seed=0)
+    config = scheduler.config
+    assert (config.solver_type, config.solver_order, config.lower_order_final, config.predict_x0) == \
+        ("bh1", 3, True, True)
+    assert timesteps.tolist() == [round(999 * (1 - k / steps)) for k in range(steps)]
+    vp = scheduler.sigmas.double() / (1 + scheduler.sigmas.double() ** 2) ** 0.5  # sqrt(1 - alpha_bar) at each step
+    assert float(vp[-1]) == pytest.approx(0.00085 ** 0.5, rel=1e-3)  # timestep 0's: beta_start
+    latents = torch.ones(1, 4, 2, 2)
+    for i, t in enumerate(timesteps):
+        latents = scheduler.step(latents / vp[i].float(), t, latents).prev_sample
+    assert torch.allclose(latents, torch.full_like(latents, float(vp[-1] / vp[0])), rtol=1e-3)
+
+
 def test_a_schedule_range_upside_down_is_refused_naming_the_models():
     for settings, message in [((5.0, 2.0, 0.0), "sigma_min 5 must be below sigma_max 2 "),
                               ((20.0, 0.0, 0.0), r"sigma_min 20 must be below sigma_max 14.61 \(0 is the model's: "

@@ -47,9 +47,12 @@ class Sampler:
 # for the schedulers below that take it; a checkpoint's "leading" (SD 1.x's, SDXL's) starts lower (11.0, not 14.6, at
 # 20 steps) and gave another image than AUTOMATIC1111's for the same seed and noise; its Karras sigmas span the
 # spaced range there, not the model's whole one as k-diffusion's. DDIM and PLMS are its timestep samplers, with a
-# ladder and an img2img start of their own (orchestrator.pipeline.compvis); DPM++ 2M (2M SDE, UniPC) keep the
-# checkpoint's spacing: diffusers' multistep schedulers round their timesteps, so none of theirs is k-diffusion's.
+# ladder and an img2img start of their own (orchestrator.pipeline.compvis); DPM++ 2M (2M SDE) keep the checkpoint's
+# spacing: diffusers' multistep schedulers round their timesteps, so none of theirs is k-diffusion's. UniPC is its
+# settings' defaults (bh1, order 3, lower order final, time_uniform: the model at 999 (1 - k / steps), the last step
+# to timestep 0's noise, not 0), timesteps rounded.
 UNIFORM = {"timestep_spacing": "linspace"}
+UNIPC = UNIFORM | {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True, "final_sigmas_type": "sigma_min"}
 SAMPLERS = {
     "Euler": Sampler("EulerDiscreteScheduler", UNIFORM),
     "Euler a": Sampler("EulerAncestralDiscreteScheduler", UNIFORM),
@@ -72,7 +75,7 @@ SAMPLERS = {
     # k-diffusion's get_sigmas_exponential (AUTOMATIC1111 1.9+'s Automatic schedule for DPM++ 2M SDE)
     "DPM++ 2M SDE Exponential": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
                                                                         "use_exponential_sigmas": True}),
-    "UniPC": Sampler("UniPCMultistepScheduler", k_diffusion=False),
+    "UniPC": Sampler("UniPCMultistepScheduler", UNIPC, k_diffusion=False),
     "LCM": Sampler("LCMScheduler", k_diffusion=False),
 }
 
