@@ -2,7 +2,7 @@
 
 AUTOMATIC1111 1.10's schedule types (its modules/sd_schedulers.py) are functions from a step count to the sigmas a
 k-diffusion sampler walks, over the model's training table (1000 sigmas, sqrt((1 - alpha_bar) / alpha_bar)): Karras,
-Exponential and Beta diffusers computes the same way (orchestrator.pipeline.sampling.SCHEDULE_TYPES); the others
+Exponential and Beta diffusers computes the same way (SCHEDULE_TYPES, its config switches); the others
 (OWN_SCHEDULES) are computed here and handed to diffusers' scheduler through the hook its Karras switch calls, so that
 each scheduler's own bookkeeping (timesteps from sigmas, the second-order samplers' doubled entries, the final sigma)
 stays diffusers'. So are all of them where AUTOMATIC1111's schedule settings (sigma_min, sigma_max, rho: Settings)
@@ -115,7 +115,7 @@ SCHEDULE_TYPES = {"Karras": "use_karras_sigmas", "Exponential": "use_exponential
 SWITCHED = {"Karras": _karras, "Exponential": _exponential, "Beta": _beta}  # diffusers' switches: here for settings
 # The types that take AUTOMATIC1111's sigma range (the others ignore it there, and kiln refuses it with them), and
 # those that take a rho, with their own
-TAKE_RANGE = {"Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Normal", "Beta"}
+TAKE_RANGE = ("Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Normal", "Beta")
 OWN_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
 NO_SETTINGS = (0.0, 0.0, 0.0)  # (sigma_min, sigma_max, rho): 0 is the model's range, the type's own rho
 
@@ -142,11 +142,11 @@ def schedule_sigmas(kind: str, steps: int, alphas_cumprod, family: str = "sd1",
     if len(sigmas) != steps + 1:
         raise InputError(f"steps: the {kind} schedule type runs {len(sigmas) - 1} steps for {steps} (AUTOMATIC1111 "
                          f"strides the model's {len(table.sigmas)} sigmas by {len(table.sigmas)} // {steps}); kiln "
-                         f"runs the steps asked for only: use {_nearest_even(kind, steps, table)}")
+                         f"runs the steps asked for only: use {_counts_that_run(kind, steps, table)}")
     return sigmas
 
 
-def _nearest_even(kind: str, steps: int, table: Table) -> str:
+def _counts_that_run(kind: str, steps: int, table: Table) -> str:
     """The step counts nearest `steps`, below and above, that the schedule type runs as asked."""
     def runs(n: int) -> bool:
         return len(OWN_SCHEDULES[kind](n, table, table.sigmas[0], table.sigmas[-1], "sd1")) == n + 1
