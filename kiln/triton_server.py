@@ -35,6 +35,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,7 +222,8 @@ class TritonServer:
         if options.log_path is not None:
             self.log_path = Path(options.log_path)
         else:
-            self.log_path = Path(tempfile.mkdtemp(prefix="kiln-triton-")) / "tritonserver.log"
+            # named now, made by start(): a server refused before it starts (a native repository) leaves no folder
+            self.log_path = Path(tempfile.gettempdir()) / f"kiln-triton-{uuid.uuid4().hex[:12]}" / "tritonserver.log"
         # The Python backend's regions in /dev/shm (16 MB per model instance, more as they grow) are named
         # prefix + a uuid. Triton removes them when it exits; a Triton killed or crashed leaves them, in memory,
         # until the machine restarts (5.5 GB of them had piled up here). This prefix lets stop() find its own.
@@ -297,7 +299,7 @@ class TritonServer:
             raise ServerError(f"{repository} was built for NVIDIA's tritonserver image: {listed} need Triton's native "
                               "backends, which the embedded Triton lacks (it has the Python backend). Serve it with "
                               "the Dockerfile, or rebuild with --triton-backend python to serve it here")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(mode=0o700 if self._temporary_log else 0o777, parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "wb")
         self._process = subprocess.Popen(
             self.command(), env=env, stdout=self._log_file, stderr=subprocess.STDOUT,

@@ -146,6 +146,10 @@ def test_a_model_that_fails_to_load_is_explained(vit_repo, tmp_path):
     assert "'vit'" in str(info.value) and f"(full log: {server.log_path})" in str(info.value)
     assert not server.is_running() and server.log_path.is_file()  # kept for the error to point at
     shutil.rmtree(server.log_path.parent)
+    refused = TritonServer(TritonOptions.on_free_ports(tmp_path / "no-repo"))
+    with pytest.raises(ServerError, match="does not exist"):
+        refused.start()
+    assert not refused.log_path.parent.exists()  # refused before it started: no folder made
     # A server that stops cleanly takes its temporary log folder with it; one given a log file keeps it.
     alone = tmp_path / "alone"
     alone.mkdir()
