@@ -59,8 +59,8 @@ class TritonOptions:
     startup_timeout_s: float = 300.0  # loading several full-size models on 2 cores takes a while
     exit_timeout_s: int = 30  # how long Triton waits for in-flight requests on shutdown
     log_verbose: int = 0
-    # default: a file in a fresh temporary folder, which a clean stop() removes (one was left per server: 125 a day
-    # here, from the tests' `kiln serve`s); a server that fails or crashes keeps it for its error to point at
+    # default: a file in a fresh temporary folder, made by start() and removed by a clean stop() (one was left per
+    # server: 125 a day here); a server that fails or crashes keeps it for its error to point at
     log_path: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     # Triton's explicit model control: only these models load at start, the others on a client's load call (kiln
@@ -222,7 +222,6 @@ class TritonServer:
         if options.log_path is not None:
             self.log_path = Path(options.log_path)
         else:
-            # named now, made by start(): a server refused before it starts (a native repository) leaves no folder
             self.log_path = Path(tempfile.gettempdir()) / f"kiln-triton-{uuid.uuid4().hex[:12]}" / "tritonserver.log"
         # The Python backend's regions in /dev/shm (16 MB per model instance, more as they grow) are named
         # prefix + a uuid. Triton removes them when it exits; a Triton killed or crashed leaves them, in memory,

@@ -281,8 +281,7 @@ class Pipeline:
             if handover is not None and index == handover.index:
                 components, context = handover.components, handover.context
             # AUTOMATIC1111's s_min_uncond: every other step below that sigma runs the prompt's rows alone
-            skip_uncond = (guided and request.s_min_uncond > 0 and index % 2 == 1
-                           and 0 < sigma_at(scheduler, t) < request.s_min_uncond)
+            skip_uncond = guided and index % 2 == 1 and 0 < sigma_at(scheduler, t) < request.s_min_uncond
             both = guided and not skip_uncond
             copies = len(weights) + both  # the rows of each image: unconditional (where run), then each part's
             skip = batch if skip_uncond else 0
