@@ -23,7 +23,7 @@ from orchestrator.jobs import Job, JobQueue, Status
 from orchestrator.metrics import Metrics
 from orchestrator.pipeline import Limits, Pipeline, Txt2ImgRequest, check_job, with_seeds
 from orchestrator.pipeline.refiner import check_refiner
-from orchestrator.pipeline.sampling import MAX_SEED
+from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.replicas import Replica, Replicas
 
 

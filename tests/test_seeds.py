@@ -1,4 +1,4 @@
-"""AUTOMATIC1111's seed options as orchestrator.pipeline.sampling.Seeds draws them: "Resize seed from" keeps another
+"""AUTOMATIC1111's seed options as orchestrator.pipeline.seeds.Seeds draws them: "Resize seed from" keeps another
 size's noise at the centre, the variation seed mixes in its noise at that size too, and ENSD reseeds the samplers'
 own noise after the initial noise. Real torch generators throughout; no model runs here (tests/test_paste.py and
 tests/test_field_walk.py run them through the API)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orchestrator.pipeline.sampling import Seeds
+from orchestrator.pipeline.seeds import Seeds
 
 
 def _generator(seeds: list[int]):
@@ -146,7 +146,7 @@ def test_a_samplers_own_noise_comes_from_a_philox_generator():
 
 def test_a_variation_seed_is_slerped_column_by_column_as_automatic1111_does():
     """AUTOMATIC1111's slerp of a (C, H, W) noise normalises each column (dim 1) and interpolates it on its own."""
-    from orchestrator.pipeline.sampling import slerp
+    from orchestrator.pipeline.seeds import slerp
 
     low, high = (torch.randn((4, 8, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2))
     mixed = slerp(0.3, low, high)

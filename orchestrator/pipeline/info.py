@@ -9,7 +9,8 @@ from kiln.prompt_schedule import schedule
 from orchestrator.pipeline import hires
 from orchestrator.pipeline.control import CONTROL_MODES
 from orchestrator.pipeline.requests import Img2ImgRequest, Txt2ImgRequest
-from orchestrator.pipeline.sampling import CHURN, Seeds, editing_steps
+from orchestrator.pipeline.sampling import CHURN, editing_steps
+from orchestrator.pipeline.seeds import Seeds
 
 if TYPE_CHECKING:
     from orchestrator.pipeline.pipeline import Pipeline

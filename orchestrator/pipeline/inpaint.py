@@ -26,7 +26,8 @@ from orchestrator.pipeline.blend import Blend
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.noise import draw
 from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest
-from orchestrator.pipeline.sampling import Seeds, noised_to
+from orchestrator.pipeline.sampling import noised_to
+from orchestrator.pipeline.seeds import Seeds
 
 if TYPE_CHECKING:
     import torch

@@ -33,17 +33,14 @@ from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_ma
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
 from orchestrator.pipeline.sampling import (
     CHURN,
-    Seeds,
-    batch_seeds,
-    draw_seed,
     editing_steps,
     img2img_start,
     noised_to,
     schedule,
     step_kwargs,
 )
-from orchestrator.pipeline.sigmas import sigma_at
-from orchestrator.pipeline.step import predict
+from orchestrator.pipeline.seeds import Seeds, batch_seeds, draw_seed
+from orchestrator.pipeline.step import combine, predict, skips_unconditional
 from orchestrator.pipeline.tiles import sd_upscale
 from orchestrator.pipeline.vae_tiles import with_tiles
 from orchestrator.pipeline.validate import Limits, check_request
@@ -280,8 +277,7 @@ class Pipeline:
                 return latents, index
             if handover is not None and index == handover.index:
                 components, context = handover.components, handover.context
-            # AUTOMATIC1111's s_min_uncond: every other step below that sigma runs the prompt's rows alone
-            skip_uncond = guided and index % 2 == 1 and 0 < sigma_at(scheduler, t) < request.s_min_uncond
+            skip_uncond = guided and skips_unconditional(request.s_min_uncond, scheduler, t, index)
             both = guided and not skip_uncond
             copies = len(weights) + both  # the rows of each image: unconditional (where run), then each part's
             skip = batch if skip_uncond else 0
@@ -370,17 +366,6 @@ def guidance(negative: str, prompt: str, guided: bool) -> tuple[list[str], tuple
     parts = composable(prompt)
     texts = [text for text, _ in parts]
     return ([negative, *texts] if guided else texts), tuple(weight for _, weight in parts)
-
-
-def combine(noise_pred, weights: tuple[float, ...], cfg_scale: float, unconditional: bool):
-    """AUTOMATIC1111's combine_denoised: uncond + (part - uncond) x weight x cfg_scale, for each part (one part of
-    weight 1: classifier-free guidance exactly). Without unconditional rows (s_min_uncond's skipped steps) the first
-    part stands in for them, as AUTOMATIC1111's."""
-    parts = noise_pred.chunk(len(weights) + unconditional)
-    guided = uncond = parts[0]
-    for weight, part in zip(weights, parts[1:] if unconditional else parts):
-        guided = guided + (part - uncond) * (weight * cfg_scale)
-    return guided
 
 
 def churn(request: Txt2ImgRequest) -> dict:

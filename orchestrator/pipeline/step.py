@@ -1,4 +1,4 @@
-"""A denoising step's UNet calls.
+"""A denoising step's UNet calls, and what the step makes of their predictions (guidance, s_min_uncond).
 
 The step's rows (the negative prompt's, then each of the prompt's parts', for every image) go to the UNet in one call,
 unless their conditioning splits them (conditioning.Split: the negative prompt and the prompt differ in length and
@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from orchestrator.pipeline.control import unet_with_units
+from orchestrator.pipeline.sigmas import sigma_at
 
 
 def predict(step, skip: int, inputs: dict[str, np.ndarray], control_input: np.ndarray, active: list, components,
@@ -40,3 +41,20 @@ def run_all(unet_call, calls: list[tuple]) -> list[np.ndarray]:
     if together is not None and len(calls) > 1:
         return together(calls)
     return [unet_call(graph, inputs) for graph, inputs in calls]
+
+
+def skips_unconditional(s_min_uncond: float, scheduler, t, index: int) -> bool:
+    """AUTOMATIC1111's s_min_uncond (NGMS): every other step below that sigma runs the prompt's rows alone. Off (0),
+    no step looks its sigma up."""
+    return s_min_uncond > 0 and index % 2 == 1 and 0 < sigma_at(scheduler, t) < s_min_uncond
+
+
+def combine(noise_pred, weights: tuple[float, ...], cfg_scale: float, unconditional: bool):
+    """AUTOMATIC1111's combine_denoised: uncond + (part - uncond) x weight x cfg_scale, for each part (one part of
+    weight 1: classifier-free guidance exactly). Without unconditional rows (s_min_uncond's skipped steps) the first
+    part stands in for them, as AUTOMATIC1111's."""
+    parts = noise_pred.chunk(len(weights) + unconditional)
+    guided = uncond = parts[0]
+    for weight, part in zip(weights, parts[1:] if unconditional else parts):
+        guided = guided + (part - uncond) * (weight * cfg_scale)
+    return guided

@@ -16,7 +16,7 @@ from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image, encode_png, header_size
 from kiln.upscale import NO_NETWORKS, UPSCALERS, Network, Plan, UpscaleOptions, plan, upscale_with
 from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest, ProgressCallback
-from orchestrator.pipeline.sampling import draw_seed
+from orchestrator.pipeline.seeds import draw_seed
 
 MAX_TILES = 64  # tiles one request may cut (each is a whole img2img run)
 

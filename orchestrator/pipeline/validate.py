@@ -24,7 +24,6 @@ from orchestrator.pipeline.noise import RANDN_SOURCES
 from orchestrator.pipeline.requests import PAD_CONDS, ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import (
     CHURN,
-    MAX_SEED,
     SAMPLERS,
     check_sampler,
     img2img_start,
@@ -32,6 +31,7 @@ from orchestrator.pipeline.sampling import (
     schedule_kind,
     step_options,
 )
+from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.pipeline.sigmas import check_settings
 
 

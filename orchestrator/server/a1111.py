@@ -35,7 +35,7 @@ from orchestrator.pipeline import (
     Txt2ImgRequest,
 )
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
-from orchestrator.pipeline.sampling import draw_seed
+from orchestrator.pipeline.seeds import draw_seed
 from orchestrator.server.errors import short
 from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.options import (

@@ -8,7 +8,8 @@ from typing import Any
 from kiln import schemas
 from kiln.errors import InputError
 from orchestrator.pipeline.noise import RANDN_SOURCES
-from orchestrator.pipeline.sampling import MAX_SEED, schedule_kind
+from orchestrator.pipeline.sampling import schedule_kind
+from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.pipeline.sigmas import OWN_RHO, TAKE_RANGE
 
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,

@@ -65,8 +65,7 @@ def _named(name: str) -> tuple[str, str | None]:
     if resolved is not None:
         return sampling.split_schedule(resolved)
     lowered = name.lower()
-    label = next((label for label in sorted(SCHEDULE_LIST, key=len, reverse=True)
-                  if lowered.endswith(f" {label.lower()}")), None)  # "Euler SGM Uniform": the longest that ends it
+    label = sampling.type_ending(name, SCHEDULE_LIST, any_case=True)
     resolved = ALIAS_TO_SAMPLER.get(lowered[:-len(label) - 1]) if label else None
     if resolved is None:
         raise sampling.not_found(name)

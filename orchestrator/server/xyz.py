@@ -31,7 +31,7 @@ from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import parameters_text
 from orchestrator.jobs import Status
-from orchestrator.pipeline.sampling import MAX_SEED
+from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.server import a1111
 from orchestrator.server.generation import client_id, engine, pipeline, save_logged, wait_for
 from orchestrator.server.outputs import image_grid, save_grid
