@@ -52,7 +52,7 @@ from benchmarks.gpu_plot import plot
 from benchmarks.gpu_unet import unet_compiled, unet_rows
 from benchmarks.gpu_vit import vit_in_process, vit_served
 from benchmarks.load import machine, machine_line
-from kiln.triton_server import stub_numpy, stub_site_packages
+from kiln.triton_install import stub_numpy, stub_site_packages
 
 TARGETS = {"sd_served_s": 0.45, "served_over_in_process": 1.10, "vit_images_per_s_at_256": 10_000,
            "step_batching_speedup_at_16": 3.0}

@@ -17,12 +17,12 @@ from kiln.errors import ConfigError
 from kiln.paths import DEFAULT_REPOSITORY
 
 # What every generated model.py starts with: the stub runs isolated, so it puts this environment's folders on its
-# path itself (kiln/triton_server.py; the hand-written models in model_repository/ carry the same lines).
+# path itself (kiln/triton_install.py; the hand-written models in model_repository/ carry the same lines).
 SITE_PREAMBLE = '''import os
 import site
 import sys
 
-for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_install.py
     if _path:
         site.addsitedir(_path)
 _own = set(site.getsitepackages() + [site.getusersitepackages()])  # the stub interpreter's: after the above

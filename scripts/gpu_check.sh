@@ -53,7 +53,7 @@ if [ -n "$missing" ]; then
   done
   PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"  # only then: a folder left by another python must not shadow this one's
 fi
-# Triton's Python-backend stub needs numpy<2 (kiln/triton_server.py says why). Where this python has numpy 2 (the GPU
+# Triton's Python-backend stub needs numpy<2 (kiln/triton_install.py says why). Where this python has numpy 2 (the GPU
 # machine's has 2.5), the stubs get the carried numpy 1.26 in a folder of their own, first on their path.
 if ! "$PY" -c "import sys, numpy; sys.exit(int(numpy.__version__.split('.')[0]) >= 2)"; then
   STUB="$PWD/.kiln/gpu-stub-numpy"

@@ -9,7 +9,7 @@
 # onnxruntime 1.30, ...), without what it lacks (pydantic, OpenVINO, this project's pins). Then `make gpu-wheels`'
 # wheels, installed by scripts/gpu_check.sh as there, and the check on tiny weights: results in $OUT/gpu-check.
 # What it cannot stand in for: CUDA itself, and that machine's libpython3.12 (here pyenv's: Debian 12 has none, so
-# kiln/triton_server.py's fallback puts the interpreter's own library folder on the stubs' LD_LIBRARY_PATH).
+# kiln/triton_install.py's fallback puts the interpreter's own library folder on the stubs' LD_LIBRARY_PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY312="${PYTHON312:-$(pyenv prefix 3.12 2>/dev/null || true)/bin/python3.12}"

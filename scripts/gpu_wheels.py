@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The modules gpu_check.sh may find missing, by the names requirements.txt pins them under.
-# numpy: 1.26, for Triton's Python-backend stubs where the machine's own is numpy 2 (kiln/triton_server.py).
+# numpy: 1.26, for Triton's Python-backend stubs where the machine's own is numpy 2 (kiln/triton_install.py).
 WHEELS = ("nvidia-pytriton", "diffusers", "tritonclient", "python-rapidjson", "prometheus_client", "open_clip_torch",
           "numpy")
 PLATFORMS = ("manylinux_2_35_x86_64", "manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",

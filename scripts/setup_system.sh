@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the project needs beyond Python wheels.
 # - always: Debian's libpython3.X. Triton's Python-backend stub embeds the system's libpython; we always use
-#   Debian's build: with a pyenv interpreter's own libpython the stub corrupts BYTES inputs (see kiln/triton_server.py).
+#   Debian's build: with a pyenv interpreter's own libpython the stub corrupts BYTES inputs (see kiln/triton_install.py).
 # - `setup_system.sh browser` (make test): Debian's chromium, which the web page's browser test drives through
 #   Playwright (tests/test_ui.py), and kubectl (Debian's kubernetes-client, where none is on PATH), whose kustomize
 #   renders the Kubernetes manifests tests/test_deploy.py validates, and Debian's redis-server, the job store several

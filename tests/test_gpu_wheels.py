@@ -13,7 +13,7 @@ import zipfile
 import pytest
 
 from kiln.errors import ServerError
-from kiln.triton_server import check_stub_numpy, stub_numpy, stub_site_packages
+from kiln.triton_install import check_stub_numpy, stub_numpy, stub_site_packages
 from scripts.gpu_wheels import STUBS, TRAVEL_LIMIT, keep, pins, repack, tree_size
 
 

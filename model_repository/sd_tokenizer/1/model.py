@@ -17,7 +17,7 @@ import os
 import site
 import sys
 
-for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_server.py
+for _path in os.environ.get("KILN_SITE_PACKAGES", "").split(os.pathsep):  # see kiln/triton_install.py
     if _path:
         site.addsitedir(_path)
 _own = set(site.getsitepackages() + [site.getusersitepackages()])  # the stub interpreter's: after the above
