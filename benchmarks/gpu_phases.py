@@ -71,7 +71,7 @@ def timed(call, seconds: float, min_calls: int = 3) -> list[float]:
 def served_session(folder, **options):
     """The artifact a runtime model's folder serves, opened by kiln's Session as its Triton model opens it (on the GPU
     its config names, with its CUDA graphs); `options`: SessionOptions fields to change (channels_last, say)."""
-    from kiln.contract import read_parameters, read_served
+    from kiln.model_config import read_parameters, read_served
     from kiln.runtime import ByteScale, Session, SessionOptions, served_device
 
     served = read_served(folder / "config.pbtxt")

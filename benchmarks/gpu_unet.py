@@ -33,7 +33,7 @@ BETWEEN_BUCKETS = 3  # rows no CUDA graph holds: the session pads them to the ne
 
 
 def unet_rows(check: Check) -> dict:
-    from kiln.contract import read_served
+    from kiln.model_config import read_served
 
     folder, feeds = _unet_feeds(check)
     served = read_served(folder / "config.pbtxt")
@@ -61,7 +61,7 @@ def unet_rows(check: Check) -> dict:
 def unet_compiled(check: Check) -> dict:
     """The served UNet compiled by torch.compile in this process, against unet_rows' served figures (or, where the
     build compiled it, uncompiled against them): compile_s, ms per call at each bucket, compiled_speedup."""
-    from kiln.contract import read_served
+    from kiln.model_config import read_served
 
     served = read_served(check.repo / names.SD_UNET / "config.pbtxt")
     if not (served.gpu and _program(served)):

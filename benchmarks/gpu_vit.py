@@ -333,7 +333,7 @@ def _session(check: Check, pixels: np.ndarray, raw: np.ndarray) -> dict:
     """The served `vit`'s own artifact in this process, through kiln's Session as the Triton model opens it (its CUDA
     graphs too) and with numpy in and out as there: what the served model's compute costs without Triton, so the
     served figures' gap splits into Triton's share and the session's (host copies, casts, the graph or eager run)."""
-    from kiln.contract import read_parameters
+    from kiln.model_config import read_parameters
 
     session = served_session(check.repo / names.VIT)
     layer = int(read_parameters(check.repo / names.VIT / "config.pbtxt")[0]["default_layer"])

@@ -44,7 +44,7 @@ def threaded_repository(repo: Path, target: Path, threads: int) -> Path:
 
     from google.protobuf import text_format
 
-    from build.triton_config import read_config
+    from kiln.model_config import read_config
 
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)

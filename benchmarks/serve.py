@@ -159,7 +159,7 @@ def rebatched_repository(repo: Path, target: Path, queue_delay_us: int | None, p
 
     from google.protobuf import text_format
 
-    from build.triton_config import read_config
+    from kiln.model_config import read_config
 
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)

@@ -26,7 +26,6 @@ from tqdm import tqdm
 from benchmarks.load import run_concurrently, write_results
 from build.convert import VIT_VARIANTS as VARIANTS
 from build.convert import open_session
-from build.triton_config import read_config
 from build.vit import ViTBuildOptions, build_vit
 from build.vit.transform import eval_transform
 from build.vit.weights import load_vit
@@ -34,6 +33,7 @@ from kiln.contract import VIT
 from kiln.errors import ConfigError
 from kiln.imaging import preprocess
 from kiln.machine import cpu_flags, isa
+from kiln.model_config import read_config
 from kiln.paths import SAMPLE_IMAGES, list_images
 
 GFLOP_PER_IMAGE = 35.2  # ViT-B/16 at 224x224: 17.6 GMAC

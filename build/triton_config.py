@@ -14,8 +14,8 @@ from pathlib import Path
 
 from google.protobuf import json_format, text_format
 
-from kiln.contract import model_config_messages
 from kiln.errors import ConfigError
+from kiln.model_config import model_config_messages
 
 model_config_pb2 = model_config_messages()
 
@@ -185,8 +185,3 @@ def _tensor_dict(tensor: Tensor, *, is_input: bool) -> dict:
             raise ConfigError(f"output {tensor.name!r} cannot be optional")
         entry["optional"] = True
     return entry
-
-
-def read_config(path: Path) -> model_config_pb2.ModelConfig:
-    """Parse a config.pbtxt back into the protobuf message (used by tests and `kiln serve` checks)."""
-    return text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())

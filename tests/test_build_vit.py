@@ -13,12 +13,12 @@ from build import auto, parity, report
 from build.convert import VIT_VARIANTS as VARIANTS
 from build.convert import open_session
 from build.specs import Tolerance
-from build.triton_config import read_config
 from build.vit import VIT_SPEC, ViTBuildOptions, parity_batch
 from build.vit.export import reference_outputs
 from build.vit.transform import eval_transform
 from kiln.errors import ConfigError, ParityError
 from kiln.imaging import decode_image
+from kiln.model_config import read_config
 from kiln.runtime import ByteScale
 from tests.conftest import ALL_VIT_VARIANTS
 

@@ -282,8 +282,8 @@ def test_another_size_builds_with_its_own_shapes(tmp_path):
     """A ViT-Tiny at 384 pixels (577 tokens): exported, checked and configured from its own spec."""
     import timm
 
-    from build.triton_config import read_config
     from build.vit.weights import save_vit_checkpoint
+    from kiln.model_config import read_config
 
     torch.manual_seed(0)
     folder = save_vit_checkpoint(timm.create_model("vit_tiny_patch16_384", pretrained=False, num_classes=5),

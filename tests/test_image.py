@@ -21,9 +21,10 @@ import pytest
 
 from build import report
 from build.native import native_config, precision_caveat
-from build.triton_config import ModelConfig, Tensor, read_config
-from kiln.contract import read_sd_contract, read_served
+from build.triton_config import ModelConfig, Tensor
+from kiln.contract import read_sd_contract
 from kiln.errors import ConfigError, ServerError
+from kiln.model_config import read_config, read_served
 from kiln.repository import check_for_image, native_models
 from kiln.triton_server import TritonOptions, TritonServer
 from tests.conftest import IMAGES

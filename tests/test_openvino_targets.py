@@ -96,9 +96,9 @@ def test_a_build_for_another_device_says_so_and_serving_it_here_is_refused(tmp_p
     import timm
 
     from build.report import read_report
-    from build.triton_config import read_config
     from build.vit import ViTBuildOptions, build_vit
     from build.vit.weights import save_vit_checkpoint
+    from kiln.model_config import read_config
     from kiln.vit import ViTClient
     from tests.conftest import start_triton
 

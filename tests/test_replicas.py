@@ -146,7 +146,7 @@ def test_replica_choice_is_the_least_busy_one_that_is_up():
 def test_the_replica_benchmark_splits_the_cores_between_its_tritons(plain_repo, tmp_path):
     """`kiln bench serve --replicas 2` serves the same artifacts (linked) with each runtime's threads set."""
     from benchmarks.replicas import threaded_repository
-    from kiln.contract import read_parameters
+    from kiln.model_config import read_parameters
 
     copy = threaded_repository(plain_repo, tmp_path / "repo-threads-1", 1)
     unet = copy / "sd_unet"

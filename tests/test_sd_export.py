@@ -111,7 +111,7 @@ def test_random_controlnet_has_non_zero_residuals(tiny):
 def test_step_models_wait_for_no_batching_partners(model_repo):
     """The service's step batcher merges the steps; a queue delay on the models each step calls would only add to
     every step. The once-per-image models keep theirs."""
-    from build.triton_config import read_config
+    from kiln.model_config import read_config
 
     def delay(model: str) -> int:
         return read_config(model_repo / model / "config.pbtxt").dynamic_batching.max_queue_delay_microseconds

@@ -17,7 +17,7 @@ from build.report import read_report
 from build.sd import SDBuildOptions, axis_sizes, build_sd, sd_specs
 from build.sd.export import check_component, export_modules
 from build.sd.weights import load_sd
-from build.triton_config import read_config
+from kiln.model_config import read_config
 from orchestrator.pipeline import Pipeline, Txt2ImgRequest
 from tests.conftest import IMAGES, start_triton
 
@@ -376,8 +376,8 @@ def test_torch_cuda_variant_configs_and_its_gpu(plain_checkpoint, tmp_path, key,
     assert all("channels_last" not in c.parameters for c in contiguous)
     # --torch-compile: a program's step models capture their graphs from torch.compile's kernels (read back from the
     # config by the served model and in process); a compiled package is refused it
-    from kiln.contract import read_served
     from kiln.errors import ConfigError
+    from kiln.model_config import read_served
     from kiln.runtime import served_device
 
     compiled = sd_model_configs(specs, contract, dict.fromkeys(specs, variant), device="gpu", torch_compile=True)

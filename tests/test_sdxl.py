@@ -19,8 +19,9 @@ from safetensors.numpy import save_file
 
 from build.sd import ImageRange, SDBuildOptions, build_sd
 from build.sd.weights import load_sd, write_sd_checkpoint
-from kiln.contract import SD_TEXT_ENCODE, SDModels, read_config
+from kiln.contract import SD_TEXT_ENCODE, SDModels
 from kiln.errors import InputError, WeightsError
+from kiln.model_config import read_config
 from kiln.paths import SAMPLE_IMAGES
 from kiln.triton_server import free_port
 from orchestrator.pipeline import HiresFix, Img2ImgRequest, Pipeline, Refiner, Txt2ImgRequest, make_scheduler

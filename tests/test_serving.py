@@ -233,8 +233,8 @@ def uint8_wire_repo(vit_repo, vit_model, tmp_path_factory) -> Path:
     from build.vit import ViTBuildOptions
     from build.vit.configs import vit_model_configs
     from build.vit.spec import VIT_SPEC, spec_for
-    from kiln.contract import read_parameters
     from kiln.imaging import EvalTransform
+    from kiln.model_config import read_parameters
 
     transform = EvalTransform.from_json(read_parameters(vit_repo / "vit_preprocess" / "config.pbtxt")[0]["transform"])
     spec = spec_for(vit_model, VIT_SPEC)  # the tests' ViT's shapes (64 wide)
@@ -266,8 +266,8 @@ def test_torch_decode_serves_the_decoders_pixels_and_fails_a_bad_image_alone(vit
     classification runs on them, and a corrupt image fails its own request with PIL's message."""
     from build.vit import ViTBuildOptions
     from build.vit.spec import VIT_SPEC, spec_for
-    from kiln.contract import read_parameters
     from kiln.imaging import EvalTransform
+    from kiln.model_config import read_parameters
     from kiln.runtime.torch_decode import TorchDecoder
     from tests.conftest import start_triton
 
@@ -295,8 +295,8 @@ def test_torch_decode_serves_the_decoders_pixels_and_fails_a_bad_image_alone(vit
 def test_the_uint8_wire_classifies_and_embeds_as_the_float32_one(uint8_wire_repo, tmp_path, sample_images, reference):
     """vit_preprocess -> uint8 pixels -> vit (which scales them) gives PyTorch's outputs through both ensembles, as
     the float32 wire does: a GPU build's default path, served here on the CPU."""
-    from kiln.contract import read_parameters
     from kiln.imaging import EvalTransform, preprocess
+    from kiln.model_config import read_parameters
     from tests.conftest import start_triton
 
     server = start_triton(uint8_wire_repo, tmp_path / "triton.log")

@@ -18,9 +18,9 @@ from PIL import Image
 
 from build.sd import SDBuildOptions, build_sd
 from build.static import parse_size, static_plan
-from kiln.contract import read_parameters
 from kiln.errors import ConfigError, InputError
 from kiln.lora import LoraLibrary
+from kiln.model_config import read_parameters
 from kiln.runtime import Session, SessionOptions
 from kiln.runtime.static import StaticPlan
 from orchestrator.pipeline import Img2ImgRequest, Pipeline, Txt2ImgRequest

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor, read_config
+from build.triton_config import DynamicBatching, EnsembleStep, ModelConfig, Tensor
 from build.vit import VIT_SPEC, ViTBuildOptions, vit_model_configs
 from kiln.errors import ConfigError
 from kiln.imaging import EvalTransform
+from kiln.model_config import read_config
 
 GOLDEN = Path(__file__).parent / "golden"
 TRANSFORM = EvalTransform(resize=248, crop=(224, 224), interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -50,7 +51,7 @@ def test_vit_torch_compile_is_a_parameter_of_the_cuda_program_only(tmp_path, kil
     """kiln build vit --torch-compile: the served torch.export program on CUDA captures its CUDA graphs from
     torch.compile's kernels (the session reads the parameter, as the SD step models' do); any other variant is refused,
     naming what it serves."""
-    from kiln.contract import read_served
+    from kiln.model_config import read_served
     from kiln.runtime import served_device
 
     configs = {c.name: c for c in _configs(torch_compile=True, **GPU_PYTHON)}

@@ -37,7 +37,7 @@ def _torch_pass(upscaler_file, image: Image.Image) -> Image.Image:
 
 def test_the_build_checks_and_serves_it(model_repo, upscaler_file):
     from build import report
-    from kiln.contract import read_parameters
+    from kiln.model_config import read_parameters
 
     entry = report.read_report(model_repo)["upscalers"][NAME]
     assert entry["architecture"] == "ESRGAN" and entry["scale"] == 4 and entry["parity"]["cosine"] > 0.99999

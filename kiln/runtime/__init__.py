@@ -155,7 +155,7 @@ def pad_rows(value: np.ndarray, rows: int) -> np.ndarray:
 
 
 def served_device(served) -> dict:
-    """session_device for a kiln.contract.ServedArtifact (what a runtime model's config serves), on the first GPU:
+    """session_device for a kiln.model_config.ServedArtifact (what a runtime model's config serves), on the first GPU:
     its artifact opened in another process as its Triton model opens it."""
     return session_device(served.runtime, served.gpu, served.graph_batches, served.graph_shapes,
                           channels_last=served.channels_last, torch_compile=served.torch_compile)

@@ -14,19 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from kiln import contract as names
-from kiln.contract import (
-    DEFAULT_MODELS,
-    SDContract,
-    SDModels,
-    ServedControlNet,
-    ServedUpscaler,
-    read_sd_contract,
-    read_served,
-)
+from kiln.contract import DEFAULT_MODELS, SDContract, SDModels, ServedControlNet, ServedUpscaler, read_sd_contract
 from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import InputError
 from kiln.imaging import to_uint8, vae_input
 from kiln.lora import LoraLibrary
+from kiln.model_config import read_served
 from kiln.prompts import EmbeddingLookup, apply_emphasis, load_tokenizer, tokenize_weighted_batch
 from orchestrator.pipeline.components import CLIP_SKIP_NOT_BUILT, Components, NetworkUpscaler, first_chunks
 
@@ -176,7 +169,7 @@ class LocalControlNet:
 
 def local_upscalers(repository: Path) -> dict[ServedUpscaler, NetworkUpscaler]:
     """The repository's upscaler networks (kiln build upscaler), each over a runtime session of its artifact."""
-    from kiln.contract import read_parameters
+    from kiln.model_config import read_parameters
     from kiln.runtime import Session, SessionOptions
 
     found = {}
