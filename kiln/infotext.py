@@ -23,9 +23,10 @@ HIRES_FIELDS = {"hires_prompt": "Hires prompt", "hires_negative_prompt": "Hires 
 
 PAD_CONDS = {"empty_chunks": "Pad conds", "last_vector": "Pad conds v0"}  # info's pad_conds -> its infotext key
 # The sampler options that are not their defaults, by generation-info key (AUTOMATIC1111's names)
-SAMPLER_FIELDS = {"eta_ddim": "Eta DDIM", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax",
-                  "s_noise": "Sigma noise", "s_min_uncond": "NGMS", "schedule_sigma_min": "Schedule min sigma",
-                  "schedule_sigma_max": "Schedule max sigma", "schedule_rho": "Schedule rho"}
+SAMPLER_FIELDS = {"eta_ddim": "Eta DDIM", "eta_ancestral": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin",
+                  "s_tmax": "Sigma tmax", "s_noise": "Sigma noise", "s_min_uncond": "NGMS",
+                  "schedule_sigma_min": "Schedule min sigma", "schedule_sigma_max": "Schedule max sigma",
+                  "schedule_rho": "Schedule rho"}
 SIZE_KEYS = ("Size", "Hires resize", "Seed resize from")  # "WxH" values, parsed into "<key>-1" and "<key>-2" too
 
 

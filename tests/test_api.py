@@ -302,6 +302,10 @@ BAD = [
     ({"s_churn": 0.5}, 422, "s_churn 0.5: the Euler a sampler has no churn"),
     ({"s_noise": 1.003, "sampler_name": "DDIM"}, 422, "s_noise 1.003: the DDIM sampler has no churn"),
     ({"s_min_uncond": -1}, 422, "s_min_uncond"),
+    ({"sampler_name": "DPM++ SDE Karras", "eta": 0.5}, 422,
+     "eta 0.5 (eta_ancestral): the DPM++ SDE Karras sampler runs its ancestral noise at eta 1 only"),
+    ({"override_settings": {"eta_ancestral": "0.5"}}, 422, "override_settings.eta_ancestral must be a number"),
+    ({"override_settings": {"eta_ancestral": 2}}, 422, "eta_ancestral must be"),
     ({"refiner_checkpoint": "sdxl_refiner", "refiner_switch_at": 0.8}, 422, "refiner_checkpoint"),
     ({"initial_noise_multiplier": 0.9}, 422, "initial_noise_multiplier scales img2img's noise"),
     ({"alwayson_scripts": {"controlnet": {"args": [{"image": _b64(_png()), "control_mode": "Prompt first"}]}}}, 422,
@@ -437,6 +441,35 @@ def test_schedule_settings_from_a_request_and_from_the_options(client):
         assert from_options.json()["images"][0] == moved.json()["images"][0]
     finally:
         client.post("/sdapi/v1/options", json={"rho": 0.0})
+
+
+def test_eta_moves_euler_a_as_automatic1111s(client):
+    """AUTOMATIC1111's eta for Euler a (k-diffusion's, 1 by default): 0 adds no ancestral noise, which is Euler's
+    image; the request's eta, override_settings' eta_ancestral and the server's option give it, and the infotext
+    writes it where it is not 1. The SDE samplers run eta 1 only: another is a 422 naming the sampler."""
+    ancestral = TXT | {"steps": 3, "sampler_name": "Euler a"}
+    runs = {eta: client.post("/sdapi/v1/txt2img", json=ancestral | {"eta": eta}).json() for eta in (1, 0, 0.5)}
+    default = client.post("/sdapi/v1/txt2img", json=ancestral).json()
+    euler = client.post("/sdapi/v1/txt2img", json=ancestral | {"sampler_name": "Euler"}).json()
+    assert runs[1]["images"][0] == default["images"][0]
+    image = {eta: np.asarray(Image.open(io.BytesIO(base64.b64decode(run["images"][0]))), np.int16)
+             for eta, run in [*runs.items(), ("euler", euler)]}
+    assert np.abs(image[0] - image["euler"]).max() <= 1  # Euler's step, to rounding
+    assert np.abs(image[0.5] - image[0]).max() > 2 and np.abs(image[0.5] - image[1]).max() > 2
+    written = {eta: parse_infotext(json.loads(run["info"])["infotexts"][0]).get("Eta") for eta, run in runs.items()}
+    assert written == {1: None, 0: "0.0", 0.5: "0.5"}
+    overridden = client.post("/sdapi/v1/txt2img", json=ancestral | {"override_settings": {"eta_ancestral": 0.5}})
+    assert overridden.json()["images"][0] == runs[0.5]["images"][0]
+    assert client.post("/sdapi/v1/options", json={"eta_ancestral": 1.5}).status_code == 422
+    assert client.post("/sdapi/v1/options", json={"eta_ancestral": 0.5}).status_code == 200
+    try:
+        assert client.post("/sdapi/v1/txt2img", json=ancestral).json()["images"][0] == runs[0.5]["images"][0]
+        sde = client.post("/sdapi/v1/txt2img", json=ancestral | {"sampler_name": "DPM++ 2M SDE"})
+        assert sde.status_code == 422 and "DPM++ 2M SDE Exponential sampler runs its ancestral noise" in sde.text
+        ddim = client.post("/sdapi/v1/txt2img", json=ancestral | {"sampler_name": "DDIM"})  # its own eta, eta_ddim
+        assert ddim.status_code == 200 and "Eta" not in json.loads(ddim.json()["info"])["infotexts"][0]
+    finally:
+        client.post("/sdapi/v1/options", json={"eta_ancestral": 1.0})
 
 
 def _pixels(b64: str) -> bytes:

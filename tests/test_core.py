@@ -18,7 +18,15 @@ from kiln.imaging import encode_png, header_size, to_uint8
 from kiln.infotext import parameters_text, parse_infotext, read_png_info
 from kiln.masks import crop_region, inpaint_mask, resize_init_image
 from kiln.triton_client import wire_dtype
-from orchestrator.pipeline import ControlNetUnit, Img2ImgRequest, Limits, Txt2ImgRequest, check_job, check_request
+from orchestrator.pipeline import (
+    ControlNetUnit,
+    HiresFix,
+    Img2ImgRequest,
+    Limits,
+    Txt2ImgRequest,
+    check_job,
+    check_request,
+)
 from orchestrator.pipeline.sampling import (
     SAMPLERS,
     UnknownSampler,
@@ -177,13 +185,19 @@ def test_validation_names_the_field_with_one_set_of_limits():
              (Img2ImgRequest(prompt="a cat", width=64, height=64, init_image=b"x", inpainting_fill=7), InputError,
               "inpainting_fill must be one of"),
              (Img2ImgRequest(prompt="a cat", width=64, height=64, init_image=b"x", mask_round=0), InputError,
-              "mask_round must be true or false, got 0")]
+              "mask_round must be true or false, got 0"),
+             (replace(ok, eta_ancestral=1.5), InputError, r"eta_ancestral must be in \[0, 1\], got 1.5"),
+             (replace(ok, sampler="DPM++ 2M SDE Exponential", eta_ancestral=0.5), InputError,
+              r"eta 0.5 \(eta_ancestral\): the DPM\+\+ 2M SDE Exponential sampler runs its ancestral noise at eta 1"),
+             (replace(ok, hires=HiresFix(sampler="DPM++ SDE"), eta_ancestral=0), InputError,
+              "the DPM\\+\\+ SDE sampler runs its ancestral noise at eta 1 only")]
     for request, kind, message in cases:
         with pytest.raises(kind, match=message):
             check_request(request, CONTRACT)
     assert issubclass(UnknownSampler, NotFoundError)  # the API's 404
     check_request(replace(ok, steps=400), CONTRACT, Limits(max_steps=500))
     check_request(replace(ok, cfg_scale=np.float32(7.5), eta=np.float64(0.5)), CONTRACT)  # numpy numbers are numbers
+    check_request(replace(ok, sampler="Euler a Karras", eta_ancestral=0.5), CONTRACT)  # Euler a on any schedule
     with pytest.raises(InputError, match="batch_size x n_iter = 18 images exceeds the limit of 16"):
         check_job(replace(ok, batch_size=2), 9)
     with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
@@ -390,6 +404,54 @@ def test_unipc_is_automatic1111s_by_its_default_settings(steps):
     for i, t in enumerate(timesteps):
         latents = scheduler.step(latents / vp[i].float(), t, latents).prev_sample
     assert torch.allclose(latents, torch.full_like(latents, float(vp[-1] / vp[0])), rtol=1e-3)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("kind", ["", " Karras"])
+def test_euler_a_takes_k_diffusions_eta(prediction, kind):
+    """AUTOMATIC1111's eta for Euler a (k-diffusion's sample_euler_ancestral, written out here): at 1 diffusers' own
+    step, number for number; at 0 no ancestral noise, which is Euler's step; between, the noise scaled by eta and the
+    deterministic part stepping to the rest of the next sigma. Every eta draws the same noise, so the generator's
+    later numbers do not depend on it."""
+    import torch
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    config = SD15_SCHEDULE | {"prediction_type": prediction}
+    ours, timesteps = schedule(f"Euler a{kind}", config, 6, seed=0)
+    euler, _ = schedule(f"Euler{kind}", config, 6, seed=0)
+    theirs = EulerAncestralDiscreteScheduler.from_config(ours.config)
+    theirs.sigmas, theirs.timesteps = ours.sigmas.clone(), ours.timesteps.clone()  # diffusers' class, kiln's sigmas
+    sample, output = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)), torch.randn(2, 4, 3, 3)
+
+    def steps(scheduler, **kwargs) -> tuple[list, float]:
+        generator, x, out = torch.Generator().manual_seed(5), sample.clone(), []
+        for t in timesteps:
+            scheduler.scale_model_input(x, t)  # the model's input, as a pipeline asks for it before each step
+            x = scheduler.step(output, t, x, generator=generator, **kwargs).prev_sample
+            out.append(x)
+        return out, float(torch.randn(1, generator=generator))
+
+    expected, after = steps(theirs)
+    assert [torch.equal(a, b) for a, b in zip(steps(ours)[0], expected)] == [True] * 6
+    ours._step_index = euler._step_index = None  # run again from the first step
+    for eta in (0.0, 0.5):
+        got, later = steps(ours, eta_ancestral=eta)
+        assert later == after
+        generator, x = torch.Generator().manual_seed(5), sample.clone()
+        for i, (sigma, to) in enumerate(zip(ours.sigmas[:-1].double(), ours.sigmas[1:].double())):
+            scaled = x.double() / (sigma**2 + 1) ** 0.5
+            denoised = x.double() - sigma * output if prediction == "epsilon" else \
+                output * (-sigma / (sigma**2 + 1) ** 0.5) + scaled / (sigma**2 + 1) ** 0.5
+            up = min(float(to), eta * float((to**2 * (sigma**2 - to**2) / sigma**2) ** 0.5))
+            down = (to**2 - up**2) ** 0.5
+            x = (x.double() + (x.double() - denoised) / sigma * (down - sigma) +
+                 torch.randn(x.shape, generator=generator).double() * up).float()
+            assert torch.allclose(got[i], x, atol=1e-4), (eta, i)
+        if eta == 0:
+            plain = steps(euler)[0]
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, plain))  # Euler's step
+        ours._step_index = euler._step_index = None
+    assert not torch.allclose(steps(ours, eta_ancestral=0.5)[0][-2], expected[-2], atol=1e-2)  # eta moved it
 
 
 def test_a_schedule_range_upside_down_is_refused_naming_the_models():

@@ -35,14 +35,16 @@ def test_fields_the_request_leaves_unset_come_from_the_infotext():
 
 
 def test_seed_and_sampler_options_come_from_the_infotext():
-    """AUTOMATIC1111's names: Seed resize from (a WxH, as Size), ENSD and Eta DDIM (settings), the churn and NGMS."""
+    """AUTOMATIC1111's names: Seed resize from (a WxH, as Size), ENSD, Eta DDIM and Eta (settings), the churn and
+    NGMS."""
     body = apply_infotext(schemas.Txt2ImgBody(infotext="a cat\nSteps: 2, Seed resize from: 48x32, ENSD: 31337, "
-                                                       "Eta DDIM: 0.3, Sigma churn: 0.4, Sigma tmin: 0.1, Sigma tmax: "
-                                                       "9.5, Sigma noise: 1.01, NGMS: 0.5, Old prompt editing "
-                                                       "timelines: True, Schedule max sigma: 9.5, Schedule rho: 5"))
+                                                       "Eta DDIM: 0.3, Eta: 0.6, Sigma churn: 0.4, Sigma tmin: 0.1, "
+                                                       "Sigma tmax: 9.5, Sigma noise: 1.01, NGMS: 0.5, Old prompt "
+                                                       "editing timelines: True, Schedule max sigma: 9.5, Schedule "
+                                                       "rho: 5"))
     assert (body.seed_resize_from_w, body.seed_resize_from_h) == (48, 32)
-    assert body.override_settings == {"eta_noise_seed_delta": 31337, "eta_ddim": 0.3, "use_old_scheduling": True,
-                                      "randn_source": "GPU", "sigma_max": 9.5, "rho": 5.0}
+    assert body.override_settings == {"eta_noise_seed_delta": 31337, "eta_ddim": 0.3, "eta_ancestral": 0.6,
+                                      "use_old_scheduling": True, "randn_source": "GPU", "sigma_max": 9.5, "rho": 5.0}
     assert (body.s_churn, body.s_tmin, body.s_tmax, body.s_noise, body.s_min_uncond) == (0.4, 0.1, 9.5, 1.01, 0.5)
 
 
@@ -58,7 +60,6 @@ def test_the_random_number_source_comes_from_the_infotext(text, override, source
 
 
 @pytest.mark.parametrize("text, message", [
-    ("a cat\nSteps: 2, Eta: 0.5", "Eta is a setting kiln would not apply"),  # ancestral eta: kiln runs 1 only
     ("a cat\nSteps: 2, ControlNet 0: \"Module: canny\"", "ControlNet 0"),
     ("a cat\nSteps: many", "Steps 'many' is not a number"),
     ("a cat\nSteps: 2, Emphasis: No norm", "Emphasis 'No norm'"),
@@ -83,6 +84,7 @@ BODY = {"prompt": "a photo of a (cat:1.2)", "negative_prompt": "blurry", "steps"
      "Seed resize from: 48x64, ENSD: 31337, RNG: CPU, NGMS: 5.0"),
     (BODY | {"s_churn": 0.5, "s_tmin": 0.2, "s_noise": 1.05}, "Sigma churn: 0.5, Sigma tmin: 0.2, Sigma noise: 1.05"),
     (BODY | {"sampler_name": "DDIM", "override_settings": {"eta_ddim": 0.4}}, "Eta DDIM: 0.4"),
+    (BODY | {"sampler_name": "Euler a", "eta": 0.5}, "Eta: 0.5"),  # k-diffusion's eta
     (BODY | {"prompt": "a [cat:dog:1.0]", "override_settings": {"use_old_scheduling": True}},
      "Old prompt editing timelines: True"),
     # AUTOMATIC1111's random number sources: kiln's CPU named, NV named, its default GPU (no RNG) read back as GPU
@@ -94,7 +96,7 @@ BODY = {"prompt": "a photo of a (cat:1.2)", "negative_prompt": "blurry", "steps"
                                                                                         "sigma_max": 8.0}},
      "Sampler: Euler SGM Uniform, "),
     (BODY | {"sampler_name": "DPM++ 2M", "override_settings": {"rho": 3}}, "Schedule rho: 3.0"),  # a float there
-], ids=["variation", "seeds", "churn", "ddim", "old timelines", "nv", "gpu", "sgm uniform", "rho"])
+], ids=["variation", "seeds", "churn", "ddim", "eta", "old timelines", "nv", "gpu", "sgm uniform", "rho"])
 def test_a_responses_infotext_sent_back_alone_gives_the_same_image(triton, body, written):
     from kiln.triton_server import free_port
     from orchestrator.server.service import BackgroundAPI

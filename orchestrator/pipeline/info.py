@@ -9,7 +9,7 @@ from kiln.prompt_schedule import schedule
 from orchestrator.pipeline import hires
 from orchestrator.pipeline.control import CONTROL_MODES
 from orchestrator.pipeline.requests import Img2ImgRequest, Txt2ImgRequest
-from orchestrator.pipeline.sampling import CHURN, editing_steps
+from orchestrator.pipeline.sampling import CHURN, editing_steps, step_options
 from orchestrator.pipeline.seeds import Seeds
 
 if TYPE_CHECKING:
@@ -88,11 +88,14 @@ def unit_text(unit, model: str) -> str:
 
 def sampler_settings(request: Txt2ImgRequest) -> dict:
     """The sampler options that are not their defaults (kiln.infotext.SAMPLER_FIELDS names them): DDIM's eta where
-    either pass runs DDIM, the churn (checked to be the sampler's), s_min_uncond."""
+    either pass runs DDIM, k-diffusion's where either runs Euler a, the churn (checked to be the sampler's),
+    s_min_uncond."""
     samplers = {request.sampler, getattr(request.hires, "sampler", None) or request.sampler}
     settings = {name: getattr(request, name) for name in CHURN if getattr(request, name) != CHURN[name]}
     if "DDIM" in samplers and request.eta:
         settings["eta_ddim"] = request.eta
+    if request.eta_ancestral != 1 and any("eta_ancestral" in step_options(sampler) for sampler in samplers):
+        settings["eta_ancestral"] = request.eta_ancestral
     if request.s_min_uncond:
         settings["s_min_uncond"] = request.s_min_uncond
     for name in ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho"):  # checked to be the schedule's

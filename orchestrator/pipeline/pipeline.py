@@ -230,7 +230,7 @@ class Pipeline:
                 latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, (context, weights), cond,
                                                     inpaint,
                                                     step_kwargs(scheduler, seeding.for_steps(generator), request.eta,
-                                                                churn(request)),
+                                                                step_settings(request)),
                                                     _counting(progress, 0, steps_total), cancelled, stop_early,
                                                     unet_call, loras, handover)
             if inpaint is not None:  # AUTOMATIC1111's last blend (after a stop too)
@@ -347,7 +347,7 @@ class Pipeline:
             context = self.encode_prompts(prompts, upscaled, loras, hires_steps=steps).repeat(len(latents))
         # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context), seeding.seeds[0])
-        kwargs = step_kwargs(scheduler, seeding.for_steps(generator), request.eta, churn(request))
+        kwargs = step_kwargs(scheduler, seeding.for_steps(generator), request.eta, step_settings(request))
         return *self._denoise(pass_two, scheduler, timesteps, latents, (context, weights), cond, None, kwargs,
                               progress, cancelled, stop_early, unet_call, loras), context.padded
 
@@ -368,9 +368,9 @@ def guidance(negative: str, prompt: str, guided: bool) -> tuple[list[str], tuple
     return ([negative, *texts] if guided else texts), tuple(weight for _, weight in parts)
 
 
-def churn(request: Txt2ImgRequest) -> dict:
-    """The request's churn options (sampling.CHURN), for the samplers that take them."""
-    return {name: getattr(request, name) for name in CHURN}
+def step_settings(request: Txt2ImgRequest) -> dict:
+    """The request's churn options (sampling.CHURN) and ancestral eta, for the samplers whose step takes them."""
+    return {name: getattr(request, name) for name in CHURN} | {"eta_ancestral": request.eta_ancestral}
 
 
 def _counting(progress: ProgressCallback | None, before: int, total: int) -> ProgressCallback | None:

@@ -35,6 +35,7 @@ class Sampler:
     # timesteps it runs (Euler a on Euler's Karras sigmas; both step through the same table)
     sigmas_from: tuple[str, dict] | None = None
     sigma_schedule: str | None = None  # one of sigmas.OWN_SCHEDULES: kiln computes its sigmas (sigmas.install)
+    fixed_eta: bool = False  # ancestral noise at k-diffusion's eta 1 only: diffusers' SDE schedulers take no eta
 
 
 # k-diffusion's own schedule, which AUTOMATIC1111's "Automatic" and "Uniform" run for its k-diffusion samplers: the
@@ -47,10 +48,11 @@ class Sampler:
 # settings' defaults (bh1, order 3, lower order final, time_uniform: the model at 999 (1 - k / steps), the last step
 # to timestep 0's noise, not 0), timesteps rounded.
 UNIFORM = {"timestep_spacing": "linspace"}
+SDE = {"algorithm_type": "sde-dpmsolver++"}
 UNIPC = UNIFORM | {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True, "final_sigmas_type": "sigma_min"}
 SAMPLERS = {
     "Euler": Sampler("EulerDiscreteScheduler", UNIFORM),
-    "Euler a": Sampler("EulerAncestralDiscreteScheduler", UNIFORM),
+    "Euler a": Sampler("EulerAncestralEta", UNIFORM),  # diffusers' Euler a taking eta (orchestrator.pipeline.ancestral)
     "Heun": Sampler("HeunDiscreteScheduler", UNIFORM, second_order=True),
     "DDIM": Sampler("CompVisDDIM", k_diffusion=False, compvis=True),
     "DDPM": Sampler("DDPMScheduler", k_diffusion=False),
@@ -61,15 +63,14 @@ SAMPLERS = {
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     # Brownian-tree noise: torchsde
-    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", UNIFORM, seeded=True, second_order=True),
+    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", UNIFORM, seeded=True, second_order=True, fixed_eta=True),
     "DPM++ SDE Karras": Sampler("DPMSolverSDEScheduler", {"use_karras_sigmas": True} | UNIFORM, seeded=True,
-                                second_order=True),
-    "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "DPM++ 2M SDE Karras": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
-                                                                   "use_karras_sigmas": True}),
+                                second_order=True, fixed_eta=True),
+    "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", SDE, fixed_eta=True),
+    "DPM++ 2M SDE Karras": Sampler("DPMSolverMultistepScheduler", SDE | {"use_karras_sigmas": True}, fixed_eta=True),
     # k-diffusion's get_sigmas_exponential (AUTOMATIC1111 1.9+'s Automatic schedule for DPM++ 2M SDE)
-    "DPM++ 2M SDE Exponential": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
-                                                                        "use_exponential_sigmas": True}),
+    "DPM++ 2M SDE Exponential": Sampler("DPMSolverMultistepScheduler", SDE | {"use_exponential_sigmas": True},
+                                        fixed_eta=True),
     "UniPC": Sampler("UniPCMultistepScheduler", UNIPC, k_diffusion=False),
     "LCM": Sampler("LCMScheduler", k_diffusion=False),
 }
@@ -77,7 +78,7 @@ SAMPLERS = {
 # AUTOMATIC1111 1.10's schedule types (sigmas.SCHEDULE_TYPES, diffusers' switches; sigmas.OWN_SCHEDULES): any
 # k-diffusion sampler above that has no schedule of its own runs on them as "<sampler> <type>" ("Euler Karras")
 ALL_TYPES = (*SCHEDULE_TYPES, *OWN_SCHEDULES)
-BORROWED_SIGMAS = {"EulerAncestralDiscreteScheduler": "EulerDiscreteScheduler"}  # diffusers' classes with no switch
+BORROWED_SIGMAS = {"EulerAncestralEta": "EulerDiscreteScheduler"}  # schedulers whose diffusers class has no switch
 
 # What the checkpoint's scheduler config may say: its training noise schedule. Anything else in it
 # (use_karras_sigmas, algorithm_type, ...) belongs to the scheduler it shipped with, and would turn
@@ -87,6 +88,8 @@ SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps
 
 _IMPORT_LOCK = threading.Lock()
 _CLASSES: dict[str, type] = {}
+OWN_CLASSES = {"CompVisDDIM": "orchestrator.pipeline.compvis", "CompVisPLMS": "orchestrator.pipeline.compvis",
+               "EulerAncestralEta": "orchestrator.pipeline.ancestral"}  # the modules of kiln's own schedulers
 
 
 class UnknownSampler(NotFoundError):
@@ -249,9 +252,9 @@ def _scheduler_class(name: str):
 
     with _IMPORT_LOCK:
         if name not in _CLASSES:
-            # AUTOMATIC1111's timestep samplers are kiln's own classes (orchestrator.pipeline.compvis)
-            own = name.startswith("CompVis")
-            cls = getattr(importlib.import_module("orchestrator.pipeline.compvis") if own else diffusers, name)
+            # kiln's own classes: AUTOMATIC1111's timestep samplers, Euler a with eta
+            own = OWN_CLASSES.get(name)
+            cls = getattr(importlib.import_module(own) if own else diffusers, name)
             noise.adapt(sys.modules[cls.__module__])  # its steps' noise from a Philox generator too
             _CLASSES[name] = cls
         return _CLASSES[name]
@@ -278,14 +281,15 @@ def step_options(name: str) -> set[str]:
     return set(inspect.signature(_scheduler_class(check_sampler(name).scheduler).step).parameters)
 
 
-def step_kwargs(scheduler, generator, eta: float, churn: dict | None = None) -> dict:
-    """What diffusers' pipelines pass to scheduler.step: eta and generator, where the scheduler takes them; the churn
-    options (CHURN) where it takes them (a request with others than the defaults was checked against the sampler)."""
+def step_kwargs(scheduler, generator, eta: float, settings: dict | None = None) -> dict:
+    """What diffusers' pipelines pass to scheduler.step: eta and generator, where the scheduler takes them; the step
+    settings (CHURN, eta_ancestral) where it takes them (a request with others than the defaults was checked against
+    the sampler)."""
     accepted = set(inspect.signature(scheduler.step).parameters)
     kwargs = {}
     if "eta" in accepted:
         kwargs["eta"] = eta
     if "generator" in accepted:
         kwargs["generator"] = generator
-    kwargs |= {k: v for k, v in (churn or {}).items() if k in accepted}
+    kwargs |= {k: v for k, v in (settings or {}).items() if k in accepted}
     return kwargs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import numbers
 import time
 from typing import Any
 
@@ -48,7 +49,7 @@ from orchestrator.server.options import (
     sigma_fields,
 )
 from orchestrator.server.paste import apply_infotext
-from orchestrator.server.sampler_names import check_eta, hires_fix_sampler, sampler_name
+from orchestrator.server.sampler_names import hires_fix_sampler, sampler_name
 
 # -- scripts and passes ---------------------------------------------------------------------------------
 SCRIPTS = {"img2img": ("sd upscale",), "txt2img": ()}  # the selectable scripts kiln runs (script_name), by route
@@ -132,8 +133,9 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     checkpoint = body.override_settings.get("sd_model_checkpoint")
     if checkpoint:
         check_checkpoint(checkpoint, contract, "override_settings.sd_model_checkpoint")
-    eta = body.eta if body.eta is not None else float(body.override_settings.get("eta_ddim", options["eta_ddim"]))
-    check_eta(body)
+    # AUTOMATIC1111's eta is the sampler's: DDIM's (eta_ddim by default) or k-diffusion's (eta_ancestral by default)
+    eta, eta_ancestral = (body.eta, body.eta) if body.eta is not None else \
+        (_number_setting(body, options, name) for name in ("eta_ddim", "eta_ancestral"))
     clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
     if body.clip_skip is not None:  # SD.Next's own field
         clip_skip = int(body.clip_skip)
@@ -153,7 +155,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   negative_prompt=negative, steps=body.steps, **setting_fields(body, options),
                   **sigma_fields(body, options, {sampler, hires_fix_sampler(body) if body.enable_hr else sampler}),
                   sampler=sampler, cfg_scale=body.cfg_scale, seed=seed, width=body.width,
-                  height=body.height, batch_size=body.batch_size, eta=eta, subseed=body.subseed,
+                  height=body.height, batch_size=body.batch_size, eta=eta, eta_ancestral=eta_ancestral,
+                  subseed=body.subseed,
                   subseed_strength=body.subseed_strength, seed_resize_from=seed_resize_from(body),
                   s_churn=body.s_churn, s_tmin=body.s_tmin,
                   s_min_uncond=body.s_min_uncond,
@@ -322,6 +325,14 @@ def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
     pixels = control_image(unit.image, request.width, request.height, unit.preprocessor, unit.threshold_a,
                            unit.threshold_b, unit.resize_mode)
     return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)
+
+
+def _number_setting(body: schemas.Txt2ImgBody, options: dict, name: str) -> float:
+    """A number setting: this request's override, else the server's option."""
+    value = body.override_settings.get(name, options[name])
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise InputError(f"override_settings.{name} must be a number, got {value!r}")
+    return float(value)
 
 
 def wants_detect_maps(body: schemas.Txt2ImgBody, options: dict) -> bool:

@@ -13,16 +13,16 @@ from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.pipeline.sigmas import OWN_RHO, TAKE_RANGE
 
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
-                "eta_ddim": float, "CLIP_stop_at_last_layers": int, "sd_model_checkpoint": str, "sd_vae": str,
-                "control_net_no_detectmap": bool, "pad_cond_uncond": bool, "pad_cond_uncond_v0": bool,
-                "eta_noise_seed_delta": int, "use_old_scheduling": bool, "randn_source": str, "sigma_min": float,
-                "sigma_max": float, "rho": float}
+                "eta_ddim": float, "eta_ancestral": float, "CLIP_stop_at_last_layers": int,
+                "sd_model_checkpoint": str, "sd_vae": str, "control_net_no_detectmap": bool, "pad_cond_uncond": bool,
+                "pad_cond_uncond_v0": bool, "eta_noise_seed_delta": int, "use_old_scheduling": bool,
+                "randn_source": str, "sigma_min": float, "sigma_max": float, "rho": float}
 # AUTOMATIC1111's schedule settings (Settings > Sampler parameters) -> the request's fields
 SIGMA_SETTINGS = {"sigma_min": "schedule_sigma_min", "sigma_max": "schedule_sigma_max", "rho": "schedule_rho"}
 # what one request's override_settings can change
-APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
-                     "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0", "eta_noise_seed_delta", "use_old_scheduling",
-                     "randn_source", *SIGMA_SETTINGS)
+APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "eta_ancestral", "CLIP_stop_at_last_layers",
+                     "control_net_no_detectmap", "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0",
+                     "eta_noise_seed_delta", "use_old_scheduling", "randn_source", *SIGMA_SETTINGS)
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -47,13 +47,16 @@ def check_value(key: str, value: Any) -> None:
         raise InputError(f"option randn_source must be one of {', '.join(RANDN_SOURCES)}, got {value!r}")
     if key == "eta_noise_seed_delta" and not 0 <= value <= MAX_SEED:
         raise InputError(f"option eta_noise_seed_delta must be in [0, 2^32 - 1], got {value}")
+    if key in ("eta_ddim", "eta_ancestral") and not 0 <= value <= 1:
+        raise InputError(f"option {key} must be in [0, 1], got {value}")
     if key in SIGMA_SETTINGS and value < 0:
         raise InputError(f"option {key} must be 0 or more (0: the model's, or the schedule type's own), got {value}")
 
 
 def default_options() -> dict:
     return {"sd_model_checkpoint": "", "show_progress_every_n_steps": 10, "live_previews_enable": True,
-            "samples_format": "png", "eta_ddim": 0.0, "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic",
+            "samples_format": "png", "eta_ddim": 0.0, "eta_ancestral": 1.0, "CLIP_stop_at_last_layers": 1,
+            "sd_vae": "Automatic",
             "live_preview_content": "Prompt", "interrogate_return_ranks": False, "control_net_no_detectmap": False,
             "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "eta_noise_seed_delta": 0,
             "use_old_scheduling": False, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,

@@ -3,7 +3,7 @@ api.apply_infotext does with the UI's paste fields. A field the request sets its
 settings an infotext carries (Clip skip, VAE, Model) go to override_settings unless the request overrides them too.
 
 Keys are applied (PASTED, SETTINGS, the hires fix's), or are information only (INFORMATION: hashes, the version),
-or are refused by name: a key that describes a setting kiln would not apply (Eta, a ControlNet unit) would
+or are refused by name: a key that describes a setting kiln would not apply (a ControlNet unit) would
 otherwise change the image without a word. An infotext without RNG is AUTOMATIC1111's default source, GPU (as its
 paste reads it), which kiln draws too (orchestrator.pipeline.noise).
 """
@@ -49,9 +49,10 @@ HIRES_PASTED = {"Hires upscale": ("hr_scale", float), "Hires upscaler": ("hr_ups
 SETTINGS = {"Clip skip": ("CLIP_stop_at_last_layers", int), "VAE": ("sd_vae", str),
             "Model": ("sd_model_checkpoint", str), "Pad conds": ("pad_cond_uncond", bool),
             "Pad conds v0": ("pad_cond_uncond_v0", bool), "ENSD": ("eta_noise_seed_delta", int),
-            "Eta DDIM": ("eta_ddim", float), "Old prompt editing timelines": ("use_old_scheduling", bool),
-            "RNG": ("randn_source", str), "Schedule min sigma": ("sigma_min", float),
-            "Schedule max sigma": ("sigma_max", float), "Schedule rho": ("rho", float)}
+            "Eta DDIM": ("eta_ddim", float), "Eta": ("eta_ancestral", float),
+            "Old prompt editing timelines": ("use_old_scheduling", bool), "RNG": ("randn_source", str),
+            "Schedule min sigma": ("sigma_min", float), "Schedule max sigma": ("sigma_max", float),
+            "Schedule rho": ("rho", float)}
 # Emphasis: only "Original", AUTOMATIC1111's default, is kiln's (checked below)
 INFORMATION = {"Size", "Hires resize", "Seed resize from", "Model hash", "VAE hash", "Lora hashes", "TI hashes",
                "Hashes", "Version", "Emphasis"}

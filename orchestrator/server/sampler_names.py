@@ -31,7 +31,6 @@ SCHEDULES = {key.lower(): label for label, (name, *_) in SCHEDULE_LIST.items()
              for key in (label, name, *SCHEDULE_ALIASES.get(label, []))}
 AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential"}  # the others: uniform
 OWN_TIMESTEPS = {"DDIM", "PLMS", "UniPC"}
-ETA_ANCESTRAL = {"Euler a", "DPM++ SDE", "DPM++ 2M SDE"}  # k-diffusion's samplers that take eta, on any schedule
 
 
 def sampler_name(body: schemas.Txt2ImgBody) -> str:
@@ -92,18 +91,3 @@ def hires_fix_sampler(body: schemas.Txt2ImgBody) -> str:
     name, label = _named(body.sampler_name) if body.sampler_name else (None, None)
     return sampler_name(body.model_copy(update={"sampler_name": body.hr_sampler_name or name,
                                                 "scheduler": body.hr_scheduler or label or body.scheduler}))
-
-
-def check_eta(body: schemas.Txt2ImgBody) -> None:
-    """eta scales the ancestral noise of AUTOMATIC1111's ancestral and SDE samplers (k-diffusion's, 1 by default);
-    diffusers' schedulers for them take none, so only 1 runs as asked there. DDIM takes eta (its own, 0 by default);
-    the other samplers have none in AUTOMATIC1111 either."""
-    if body.eta is None or body.eta == 1:
-        return
-    samplers = {sampler_name(body)}
-    if body.enable_hr and (body.hr_sampler_name or body.hr_scheduler):
-        samplers.add(hires_fix_sampler(body))
-    blocked = sorted(s for s in samplers if sampling.split_schedule(s)[0] in ETA_ANCESTRAL)
-    if blocked:
-        raise InputError(f"eta {body.eta:g}: the {blocked[0]} sampler runs its ancestral noise at eta 1 only "
-                         "(diffusers' scheduler has no eta); DDIM takes any eta")
