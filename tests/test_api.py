@@ -446,7 +446,7 @@ def test_schedule_settings_from_a_request_and_from_the_options(client):
 def test_eta_moves_euler_a_as_automatic1111s(client):
     """AUTOMATIC1111's eta for Euler a (k-diffusion's, 1 by default): 0 adds no ancestral noise, which is Euler's
     image; the request's eta, override_settings' eta_ancestral and the server's option give it, and the infotext
-    writes it where it is not 1. The SDE samplers run eta 1 only: another is a 422 naming the sampler."""
+    writes it where it is not 1; DPM++ 2M SDE takes it too. DPM++ SDE runs eta 1 only: another is a 422 naming it."""
     ancestral = TXT | {"steps": 3, "sampler_name": "Euler a"}
     runs = {eta: client.post("/sdapi/v1/txt2img", json=ancestral | {"eta": eta}).json() for eta in (1, 0, 0.5)}
     default = client.post("/sdapi/v1/txt2img", json=ancestral).json()
@@ -465,7 +465,9 @@ def test_eta_moves_euler_a_as_automatic1111s(client):
     try:
         assert client.post("/sdapi/v1/txt2img", json=ancestral).json()["images"][0] == runs[0.5]["images"][0]
         sde = client.post("/sdapi/v1/txt2img", json=ancestral | {"sampler_name": "DPM++ 2M SDE"})
-        assert sde.status_code == 422 and "DPM++ 2M SDE Exponential sampler runs its ancestral noise" in sde.text
+        assert parse_infotext(json.loads(sde.json()["info"])["infotexts"][0])["Eta"] == "0.5"
+        refused = client.post("/sdapi/v1/txt2img", json=ancestral | {"sampler_name": "DPM++ SDE"})
+        assert refused.status_code == 422 and "the DPM++ SDE Karras sampler runs its ancestral noise" in refused.text
         ddim = client.post("/sdapi/v1/txt2img", json=ancestral | {"sampler_name": "DDIM"})  # its own eta, eta_ddim
         assert ddim.status_code == 200 and "Eta" not in json.loads(ddim.json()["info"])["infotexts"][0]
     finally:

@@ -187,8 +187,8 @@ def test_validation_names_the_field_with_one_set_of_limits():
              (Img2ImgRequest(prompt="a cat", width=64, height=64, init_image=b"x", mask_round=0), InputError,
               "mask_round must be true or false, got 0"),
              (replace(ok, eta_ancestral=1.5), InputError, r"eta_ancestral must be in \[0, 1\], got 1.5"),
-             (replace(ok, sampler="DPM++ 2M SDE Exponential", eta_ancestral=0.5), InputError,
-              r"eta 0.5 \(eta_ancestral\): the DPM\+\+ 2M SDE Exponential sampler runs its ancestral noise at eta 1"),
+             (replace(ok, sampler="DPM++ SDE Karras", eta_ancestral=0.5), InputError,
+              r"eta 0.5 \(eta_ancestral\): the DPM\+\+ SDE Karras sampler runs its ancestral noise at eta 1 only"),
              (replace(ok, hires=HiresFix(sampler="DPM++ SDE"), eta_ancestral=0), InputError,
               "the DPM\\+\\+ SDE sampler runs its ancestral noise at eta 1 only")]
     for request, kind, message in cases:
@@ -197,7 +197,8 @@ def test_validation_names_the_field_with_one_set_of_limits():
     assert issubclass(UnknownSampler, NotFoundError)  # the API's 404
     check_request(replace(ok, steps=400), CONTRACT, Limits(max_steps=500))
     check_request(replace(ok, cfg_scale=np.float32(7.5), eta=np.float64(0.5)), CONTRACT)  # numpy numbers are numbers
-    check_request(replace(ok, sampler="Euler a Karras", eta_ancestral=0.5), CONTRACT)  # Euler a on any schedule
+    for sampler in ("Euler a Karras", "DPM++ 2M SDE Exponential", "DDIM", "Euler"):  # eta, or no noise of their own
+        check_request(replace(ok, sampler=sampler, eta_ancestral=0.5), CONTRACT)
     with pytest.raises(InputError, match="batch_size x n_iter = 18 images exceeds the limit of 16"):
         check_job(replace(ok, batch_size=2), 9)
     with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
@@ -452,6 +453,56 @@ def test_euler_a_takes_k_diffusions_eta(prediction, kind):
             assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, plain))  # Euler's step
         ours._step_index = euler._step_index = None
     assert not torch.allclose(steps(ours, eta_ancestral=0.5)[0][-2], expected[-2], atol=1e-2)  # eta moved it
+
+
+@pytest.mark.parametrize("name", ["DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ 2M SDE KL Optimal"])
+def test_dpmpp_2m_sde_takes_k_diffusions_eta(name):
+    """AUTOMATIC1111's eta for DPM++ 2M SDE (k-diffusion's sample_dpmpp_2m_sde, midpoint, written out here on its
+    own variables, x / alpha): at 1 diffusers' step itself; at 0 DPM++ 2M's; between, each step's noise and its decay
+    scaled by eta. KL Optimal ends above sigma 0, so its last step is a second-order one with eta too."""
+    import math
+
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    ours, timesteps = schedule(name, SD15_SCHEDULE, 6, seed=0)
+    theirs = DPMSolverMultistepScheduler.from_config(ours.config)
+    theirs.set_timesteps(6)
+    theirs.sigmas, theirs.timesteps = ours.sigmas.clone(), ours.timesteps.clone()  # diffusers' class, kiln's sigmas
+    sample, eps = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)), torch.randn(2, 4, 3, 3) * 0.3
+
+    def steps(scheduler, **kwargs) -> list:
+        generator, x, out = torch.Generator().manual_seed(5), sample.clone(), []
+        scheduler._step_index, scheduler.lower_order_nums = None, 0
+        scheduler.model_outputs = [None] * scheduler.config.solver_order
+        for t in timesteps:
+            x = scheduler.step(eps, t, x, generator=generator, **kwargs).prev_sample
+            out.append(x)
+        return out
+
+    expected = steps(theirs)
+    assert all(torch.equal(a, b) for a, b in zip(steps(ours), expected))
+    sigmas = [float(s) for s in ours.sigmas]
+    alpha = [1 / math.sqrt(s**2 + 1) for s in sigmas]
+    for eta in (0.0, 0.4):
+        got = steps(ours, eta_ancestral=eta)
+        generator, x, old, h_last = torch.Generator().manual_seed(5), sample.double() / alpha[0], None, None
+        for i, (s, to) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+            denoised, drawn = x - s * eps.double(), torch.randn(x.shape, generator=generator).double()
+            if to == 0:
+                x = denoised
+            else:
+                h = math.log(s / to)
+                x = to / s * math.exp(-eta * h) * x - math.expm1(-h - eta * h) * denoised
+                if old is not None:
+                    x = x - 0.5 * math.expm1(-h - eta * h) * (h / h_last) * (denoised - old)
+                x = x + drawn * to * math.sqrt(-math.expm1(-2 * eta * h))
+            old, h_last = denoised, math.log(s / to) if to else None
+            assert torch.allclose(got[i].double(), x * alpha[i + 1], atol=1e-4), (eta, i)
+        if eta == 0 and "KL" not in name:
+            plain, _ = schedule(name.replace(" SDE", ""), SD15_SCHEDULE, 6, seed=0)
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, steps(plain)))  # DPM++ 2M's step
+    assert not torch.allclose(steps(ours, eta_ancestral=0.4)[-2], expected[-2], atol=1e-2)  # eta moved it
 
 
 def test_a_schedule_range_upside_down_is_refused_naming_the_models():

@@ -1,21 +1,25 @@
-"""AUTOMATIC1111's Euler a with its eta (k-diffusion's sample_euler_ancestral), as a diffusers scheduler.
+"""AUTOMATIC1111's Euler a and DPM++ 2M SDE with its eta (k-diffusion's), as diffusers schedulers.
 
-diffusers' EulerAncestralDiscreteScheduler is k-diffusion's ancestral step at eta 1, the only one it runs. k-diffusion
-scales the noise each step adds by eta (AUTOMATIC1111's "Eta" for its ancestral samplers, the eta_ancestral setting,
-1 by default):
+diffusers' EulerAncestralDiscreteScheduler and DPMSolverMultistepScheduler ("sde-dpmsolver++") are k-diffusion's
+sample_euler_ancestral and sample_dpmpp_2m_sde at eta 1, the only eta they run. k-diffusion scales the noise each step
+adds by eta (AUTOMATIC1111's "Eta" for these samplers, the eta_ancestral setting, 1 by default):
 
-    sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2))
-    sigma_down = sqrt(sigma_to^2 - sigma_up^2)
-    x = x + (x - denoised) / sigma_from (sigma_down - sigma_from) + sigma_up noise
+- Euler a: sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2)),
+  sigma_down = sqrt(sigma_to^2 - sigma_up^2), x = x + (x - denoised) / sigma_from (sigma_down - sigma_from)
+  + sigma_up noise: eta 0 is Euler's step;
+- DPM++ 2M SDE (midpoint), with h = log(sigma_from / sigma_to): x = sigma_to / sigma_from e^(-eta h) x
+  + (1 - e^(-(1 + eta) h)) (denoised + D1 / 2) + sigma_to sqrt(1 - e^(-2 eta h)) noise, D1 the multistep's
+  difference (none on the first and the last step, which lands on the prediction itself): eta 0 is DPM++ 2M's step.
+  diffusers computes it on the variance-preserving sample (the k-diffusion one times alpha); so does this.
 
-so eta 0 is Euler's step (no noise), and eta 1 diffusers' own. The noise is drawn every step whatever eta is, as
-diffusers draws it, so the generator's later draws are the same at every eta.
+At eta 1 each is diffusers' step itself. The noise is drawn every step whatever eta is, as diffusers draws it, so the
+generator's later draws are the same at every eta.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import EulerAncestralDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 
 from orchestrator.pipeline import noise
@@ -48,3 +52,48 @@ class EulerAncestralEta(EulerAncestralDiscreteScheduler):
         if not return_dict:
             return previous, denoised
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=previous, pred_original_sample=denoised)
+
+
+class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
+    """diffusers' DPM++ 2M SDE (midpoint), its step taking k-diffusion's eta (`eta_ancestral`); at 1 diffusers' own."""
+
+    eta_ancestral = 1.0
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, variance_noise=None,
+             return_dict: bool = True, eta_ancestral: float = 1.0):
+        self.eta_ancestral = eta_ancestral  # read by the updates that diffusers' step calls
+        return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                            return_dict=return_dict)
+
+    def dpm_solver_first_order_update(self, model_output: torch.Tensor, *args, sample=None, noise=None, **kwargs):
+        if self.eta_ancestral == 1 or args or kwargs:
+            return super().dpm_solver_first_order_update(model_output, *args, sample=sample, noise=noise, **kwargs)
+        return self._with_eta(sample, model_output, None, noise)
+
+    def multistep_dpm_solver_second_order_update(self, model_output_list: list, *args, sample=None, noise=None,
+                                                 **kwargs):
+        if self.eta_ancestral == 1 or args or kwargs:
+            return super().multistep_dpm_solver_second_order_update(model_output_list, *args, sample=sample,
+                                                                    noise=noise, **kwargs)
+        h, h_last = (self._lambda(self.step_index + i + 1) - self._lambda(self.step_index + i) for i in (0, -1))
+        m0, m1 = model_output_list[-1], model_output_list[-2]
+        return self._with_eta(sample, m0, (m0 - m1) * (h / h_last), noise)
+
+    def _lambda(self, index: int) -> torch.Tensor:
+        alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[index])
+        return torch.log(alpha) - torch.log(sigma)
+
+    def _with_eta(self, sample: torch.Tensor, denoised: torch.Tensor, difference, noise) -> torch.Tensor:
+        if self.config.algorithm_type != "sde-dpmsolver++" or self.config.solver_type != "midpoint":
+            raise ValueError("eta other than 1 runs on DPM++ 2M SDE (sde-dpmsolver++, midpoint) only")
+        if self.sigmas[self.step_index + 1] == 0:  # the last step: k-diffusion lands on the prediction
+            return denoised
+        eta = self.eta_ancestral
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index + 1])
+        sigma_s = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index])[1]
+        h = self._lambda(self.step_index + 1) - self._lambda(self.step_index)
+        weight = alpha_t * -torch.expm1(-(1 + eta) * h)
+        x = sigma_t / sigma_s * torch.exp(-eta * h) * sample + weight * denoised
+        if difference is not None:
+            x = x + 0.5 * weight * difference
+        return x + sigma_t * torch.sqrt(-torch.expm1(-2 * eta * h)) * noise

@@ -88,7 +88,7 @@ def unit_text(unit, model: str) -> str:
 
 def sampler_settings(request: Txt2ImgRequest) -> dict:
     """The sampler options that are not their defaults (kiln.infotext.SAMPLER_FIELDS names them): DDIM's eta where
-    either pass runs DDIM, k-diffusion's where either runs Euler a, the churn (checked to be the sampler's),
+    either pass runs DDIM, k-diffusion's where either takes it, the churn (checked to be the sampler's),
     s_min_uncond."""
     samplers = {request.sampler, getattr(request.hires, "sampler", None) or request.sampler}
     settings = {name: getattr(request, name) for name in CHURN if getattr(request, name) != CHURN[name]}

@@ -35,7 +35,7 @@ class Sampler:
     # timesteps it runs (Euler a on Euler's Karras sigmas; both step through the same table)
     sigmas_from: tuple[str, dict] | None = None
     sigma_schedule: str | None = None  # one of sigmas.OWN_SCHEDULES: kiln computes its sigmas (sigmas.install)
-    fixed_eta: bool = False  # ancestral noise at k-diffusion's eta 1 only: diffusers' SDE schedulers take no eta
+    fixed_eta: bool = False  # ancestral noise at k-diffusion's eta 1 only: diffusers' DPM++ SDE takes no eta
 
 
 # k-diffusion's own schedule, which AUTOMATIC1111's "Automatic" and "Uniform" run for its k-diffusion samplers: the
@@ -66,11 +66,11 @@ SAMPLERS = {
     "DPM++ SDE": Sampler("DPMSolverSDEScheduler", UNIFORM, seeded=True, second_order=True, fixed_eta=True),
     "DPM++ SDE Karras": Sampler("DPMSolverSDEScheduler", {"use_karras_sigmas": True} | UNIFORM, seeded=True,
                                 second_order=True, fixed_eta=True),
-    "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", SDE, fixed_eta=True),
-    "DPM++ 2M SDE Karras": Sampler("DPMSolverMultistepScheduler", SDE | {"use_karras_sigmas": True}, fixed_eta=True),
+    # diffusers' DPM++ 2M SDE taking eta (orchestrator.pipeline.ancestral)
+    "DPM++ 2M SDE": Sampler("DPMSolverMultistepEta", SDE),
+    "DPM++ 2M SDE Karras": Sampler("DPMSolverMultistepEta", SDE | {"use_karras_sigmas": True}),
     # k-diffusion's get_sigmas_exponential (AUTOMATIC1111 1.9+'s Automatic schedule for DPM++ 2M SDE)
-    "DPM++ 2M SDE Exponential": Sampler("DPMSolverMultistepScheduler", SDE | {"use_exponential_sigmas": True},
-                                        fixed_eta=True),
+    "DPM++ 2M SDE Exponential": Sampler("DPMSolverMultistepEta", SDE | {"use_exponential_sigmas": True}),
     "UniPC": Sampler("UniPCMultistepScheduler", UNIPC, k_diffusion=False),
     "LCM": Sampler("LCMScheduler", k_diffusion=False),
 }
@@ -89,7 +89,8 @@ SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps
 _IMPORT_LOCK = threading.Lock()
 _CLASSES: dict[str, type] = {}
 OWN_CLASSES = {"CompVisDDIM": "orchestrator.pipeline.compvis", "CompVisPLMS": "orchestrator.pipeline.compvis",
-               "EulerAncestralEta": "orchestrator.pipeline.ancestral"}  # the modules of kiln's own schedulers
+               "EulerAncestralEta": "orchestrator.pipeline.ancestral",
+               "DPMSolverMultistepEta": "orchestrator.pipeline.ancestral"}  # the modules of kiln's own schedulers
 
 
 class UnknownSampler(NotFoundError):
@@ -252,10 +253,11 @@ def _scheduler_class(name: str):
 
     with _IMPORT_LOCK:
         if name not in _CLASSES:
-            # kiln's own classes: AUTOMATIC1111's timestep samplers, Euler a with eta
+            # kiln's own classes: AUTOMATIC1111's timestep samplers, Euler a and DPM++ 2M SDE with eta
             own = OWN_CLASSES.get(name)
             cls = getattr(importlib.import_module(own) if own else diffusers, name)
-            noise.adapt(sys.modules[cls.__module__])  # its steps' noise from a Philox generator too
+            for klass in cls.__mro__:  # its steps' noise from a Philox generator too (diffusers' draws it)
+                noise.adapt(sys.modules[klass.__module__])
             _CLASSES[name] = cls
         return _CLASSES[name]
 

@@ -217,12 +217,13 @@ def _check_churn(request: Txt2ImgRequest) -> None:
 
 
 def _check_eta_ancestral(request: Txt2ImgRequest) -> None:
-    """k-diffusion's eta in [0, 1], and other than 1 only where no pass runs an SDE sampler (diffusers' has no eta)."""
+    """k-diffusion's eta in [0, 1], and other than 1 only where no pass runs DPM++ SDE (diffusers' has no eta)."""
     _number_in("eta_ancestral", request.eta_ancestral, 0, 1)
     fixed = [sampler for sampler in _samplers(request) if check_sampler(sampler).fixed_eta]
     if request.eta_ancestral != 1 and fixed:
         raise InputError(f"eta {request.eta_ancestral:g} (eta_ancestral): the {fixed[0]} sampler runs its ancestral "
-                         "noise at eta 1 only (diffusers' scheduler has no eta); Euler a and DDIM take any eta")
+                         "noise at eta 1 only (diffusers' scheduler has no eta); Euler a, DPM++ 2M SDE and DDIM "
+                         "take any eta")
 
 
 def _samplers(request: Txt2ImgRequest) -> list[str]:
