@@ -187,17 +187,15 @@ def test_validation_names_the_field_with_one_set_of_limits():
              (Img2ImgRequest(prompt="a cat", width=64, height=64, init_image=b"x", mask_round=0), InputError,
               "mask_round must be true or false, got 0"),
              (replace(ok, eta_ancestral=1.5), InputError, r"eta_ancestral must be in \[0, 1\], got 1.5"),
-             (replace(ok, sampler="DPM++ SDE Karras", eta_ancestral=0.5), InputError,
-              r"eta 0.5 \(eta_ancestral\): the DPM\+\+ SDE Karras sampler runs its ancestral noise at eta 1 only"),
-             (replace(ok, hires=HiresFix(sampler="DPM++ SDE"), eta_ancestral=0), InputError,
-              "the DPM\\+\\+ SDE sampler runs its ancestral noise at eta 1 only")]
+             (replace(ok, hires=HiresFix(sampler="DPM++ SDE"), eta_ancestral=-0.1), InputError,
+              r"eta_ancestral must be in \[0, 1\], got -0.1")]
     for request, kind, message in cases:
         with pytest.raises(kind, match=message):
             check_request(request, CONTRACT)
     assert issubclass(UnknownSampler, NotFoundError)  # the API's 404
     check_request(replace(ok, steps=400), CONTRACT, Limits(max_steps=500))
     check_request(replace(ok, cfg_scale=np.float32(7.5), eta=np.float64(0.5)), CONTRACT)  # numpy numbers are numbers
-    for sampler in ("Euler a Karras", "DPM++ 2M SDE Exponential", "DDIM", "Euler"):  # eta, or no noise of their own
+    for sampler in ("Euler a Karras", "DPM++ SDE", "DPM++ 2M SDE Exponential", "DDIM", "Euler"):  # or no noise
         check_request(replace(ok, sampler=sampler, eta_ancestral=0.5), CONTRACT)
     with pytest.raises(InputError, match="batch_size x n_iter = 18 images exceeds the limit of 16"):
         check_job(replace(ok, batch_size=2), 9)
@@ -503,6 +501,61 @@ def test_dpmpp_2m_sde_takes_k_diffusions_eta(name):
             plain, _ = schedule(name.replace(" SDE", ""), SD15_SCHEDULE, 6, seed=0)
             assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, steps(plain)))  # DPM++ 2M's step
     assert not torch.allclose(steps(ours, eta_ancestral=0.4)[-2], expected[-2], atol=1e-2)  # eta moved it
+
+
+@pytest.mark.parametrize("name", ["DPM++ SDE", "DPM++ SDE Karras"])
+def test_dpmpp_sde_takes_k_diffusions_eta(name):
+    """AUTOMATIC1111's eta for DPM++ SDE (k-diffusion's sample_dpmpp_sde, r = 1/2, written out here, its noise from
+    the same seeded Brownian tree): at 1 diffusers' two calls a step themselves; at 0 and between, both half-steps'
+    noise scaled by eta and their deterministic parts stepping to the rest, the last step Euler's."""
+    import math
+
+    import torch
+    from diffusers import DPMSolverSDEScheduler
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    ours, timesteps = schedule(name, SD15_SCHEDULE, 5, seed=3)
+    theirs = DPMSolverSDEScheduler.from_config(ours.config)
+    theirs.set_timesteps(5)
+    assert torch.equal(theirs.sigmas, ours.sigmas) and torch.equal(theirs.timesteps, timesteps)
+    sample, eps = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * 14, torch.randn(1, 4, 3, 3)
+
+    def steps(scheduler, **kwargs) -> list:
+        scheduler._step_index, scheduler.noise_sampler, scheduler.sample = None, None, None
+        x, out = sample.clone(), []
+        for t in timesteps:
+            scheduler.scale_model_input(x, t)
+            x = scheduler.step(eps, t, x, **kwargs).prev_sample
+            out.append(x)
+        return out
+
+    expected = steps(theirs)
+    assert all(torch.equal(a, b) for a, b in zip(steps(ours), expected))
+    base = [float(s) for s in torch.unique_consecutive(ours.sigmas)]  # k-diffusion's sigmas, each once
+
+    def ancestral(low, high, eta):
+        up = min(high, eta * math.sqrt(high**2 * (low**2 - high**2) / low**2))
+        return math.sqrt(high**2 - up**2), up
+
+    for eta in (0.0, 0.4):
+        got = steps(ours, eta_ancestral=eta)
+        tree = BrownianTreeNoiseSampler(sample, min(s for s in base if s > 0), max(base), ours.noise_sampler_seed)
+        x, reference = sample.double(), []
+        for s, to in zip(base[:-1], base[1:]):
+            denoised = x - s * eps.double()
+            if to == 0:
+                x = denoised
+            else:
+                mid = math.sqrt(s * to)
+                down, up = ancestral(s, mid, eta)
+                halfway = down / s * x + (1 - down / s) * denoised + tree(torch.tensor(s), torch.tensor(mid)) * up
+                down, up = ancestral(s, to, eta)
+                x = down / s * x + (1 - down / s) * (halfway - mid * eps.double()) + \
+                    tree(torch.tensor(s), torch.tensor(to)) * up
+            reference.append(x)
+        ends = [got[i] for i in range(1, len(got) - 1, 2)] + [got[-1]]  # after each step's second call, and the last
+        assert all(torch.allclose(a.double(), b, atol=1e-4) for a, b in zip(ends, reference)), eta
+    assert not torch.allclose(steps(ours, eta_ancestral=0.4)[-3], expected[-3], atol=1e-2)  # eta moved it
 
 
 def test_a_schedule_range_upside_down_is_refused_naming_the_models():

@@ -1,15 +1,21 @@
-"""AUTOMATIC1111's Euler a and DPM++ 2M SDE with its eta (k-diffusion's), as diffusers schedulers.
+"""AUTOMATIC1111's Euler a, DPM++ SDE and DPM++ 2M SDE with its eta (k-diffusion's), as diffusers schedulers.
 
-diffusers' EulerAncestralDiscreteScheduler and DPMSolverMultistepScheduler ("sde-dpmsolver++") are k-diffusion's
-sample_euler_ancestral and sample_dpmpp_2m_sde at eta 1, the only eta they run. k-diffusion scales the noise each step
-adds by eta (AUTOMATIC1111's "Eta" for these samplers, the eta_ancestral setting, 1 by default):
+diffusers' EulerAncestralDiscreteScheduler, DPMSolverSDEScheduler and DPMSolverMultistepScheduler ("sde-dpmsolver++")
+are k-diffusion's sample_euler_ancestral, sample_dpmpp_sde and sample_dpmpp_2m_sde at eta 1, the only eta they run.
+k-diffusion scales the noise each step adds by eta (AUTOMATIC1111's "Eta" for these samplers, the eta_ancestral
+setting, 1 by default):
 
 - Euler a: sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2)),
   sigma_down = sqrt(sigma_to^2 - sigma_up^2), x = x + (x - denoised) / sigma_from (sigma_down - sigma_from)
   + sigma_up noise: eta 0 is Euler's step;
+- DPM++ SDE: each of its two calls a step (to the midpoint in log sigma, then from the start again with the
+  midpoint's prediction) is such an ancestral step in the exponential integrator's form, x = sigma_down / sigma_from
+  x + (1 - sigma_down / sigma_from) denoised + sigma_up noise (the Brownian tree's), with eta in sigma_up: eta 0 is
+  DPM-Solver++(2S)'s step;
 - DPM++ 2M SDE (midpoint), with h = log(sigma_from / sigma_to): x = sigma_to / sigma_from e^(-eta h) x
   + (1 - e^(-(1 + eta) h)) (denoised + D1 / 2) + sigma_to sqrt(1 - e^(-2 eta h)) noise, D1 the multistep's
-  difference (none on the first and the last step, which lands on the prediction itself): eta 0 is DPM++ 2M's step.
+  difference (none on the first step; a last step to sigma 0 lands on the prediction itself): eta 0 is DPM++ 2M's
+  step.
   diffusers computes it on the variance-preserving sample (the k-diffusion one times alpha); so does this.
 
 At eta 1 each is diffusers' step itself. The noise is drawn every step whatever eta is, as diffusers draws it, so the
@@ -19,10 +25,26 @@ generator's later draws are the same at every eta.
 from __future__ import annotations
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler, DPMSolverSDESchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 
 from orchestrator.pipeline import noise
+
+
+def predicted(scheduler, model_output: torch.Tensor, sample: torch.Tensor, sigma) -> torch.Tensor:
+    """The clean sample a k-diffusion scheduler's model output predicts at `sigma` (epsilon or v)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if scheduler.config.prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    raise ValueError(f"prediction_type {scheduler.config.prediction_type!r}: kiln's eta takes epsilon or v_prediction")
+
+
+def ancestral_step(sigma_from, sigma_to, eta: float) -> tuple:
+    """k-diffusion's get_ancestral_step: (sigma_down, sigma_up), the deterministic part's target and the noise's."""
+    up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - up**2) ** 0.5, up
 
 
 class EulerAncestralEta(EulerAncestralDiscreteScheduler):
@@ -36,15 +58,8 @@ class EulerAncestralEta(EulerAncestralDiscreteScheduler):
             self._init_step_index(timestep)
         sigma_from, sigma_to = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
         sample = sample.to(torch.float32)
-        if self.config.prediction_type == "epsilon":
-            denoised = sample - sigma_from * model_output
-        elif self.config.prediction_type == "v_prediction":
-            denoised = model_output * (-sigma_from / (sigma_from**2 + 1) ** 0.5) + sample / (sigma_from**2 + 1)
-        else:
-            raise ValueError(f"prediction_type {self.config.prediction_type!r}: Euler a takes epsilon or v_prediction")
-        full = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-        sigma_up = torch.minimum(sigma_to, eta_ancestral * full)
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        denoised = predicted(self, model_output, sample, sigma_from)
+        sigma_down, sigma_up = ancestral_step(sigma_from, sigma_to, eta_ancestral)
         drawn = noise.draw(tuple(model_output.shape), generator)  # diffusers' draw, a Philox generator's too
         previous = sample + (sample - denoised) / sigma_from * (sigma_down - sigma_from) + drawn * sigma_up
         previous = previous.to(model_output.dtype)
@@ -97,3 +112,35 @@ class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
         if difference is not None:
             x = x + 0.5 * weight * difference
         return x + sigma_t * torch.sqrt(-torch.expm1(-2 * eta * h)) * noise
+
+
+class DPMSolverSDEEta(DPMSolverSDEScheduler):
+    """diffusers' DPM++ SDE, its step taking k-diffusion's eta (`eta_ancestral`); at 1 diffusers' step itself."""
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+             s_noise: float = 1.0, eta_ancestral: float = 1.0):
+        if eta_ancestral == 1:
+            return super().step(model_output, timestep, sample, return_dict=return_dict, s_noise=s_noise)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.noise_sampler is None:  # diffusers' own, seeded as its: the same tree at every eta
+            low, high = self.sigmas[self.sigmas > 0].min(), self.sigmas.max()
+            self.noise_sampler = BrownianTreeNoiseSampler(sample, low.item(), high.item(), self.noise_sampler_seed)
+        first = self.state_in_first_order  # the call at the step's start, else the one at its midpoint
+        index = self.step_index if first else self.step_index - 1
+        sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
+        midpoint = (sigma * sigma_next) ** 0.5  # halfway in log sigma
+        denoised = predicted(self, model_output, sample, sigma if first else midpoint)
+        if sigma_next == 0:  # the last step: Euler's, as k-diffusion's
+            previous = sample + (sample - denoised) / sigma * (sigma_next - sigma)
+        else:
+            start = sample if first else self.sample
+            sigma_to = midpoint if first else sigma_next
+            sigma_down, sigma_up = ancestral_step(sigma, sigma_to, eta_ancestral)
+            previous = sigma_down / sigma * start + (1 - sigma_down / sigma) * denoised
+            previous = previous + self.noise_sampler(sigma, sigma_to) * s_noise * sigma_up
+            self.sample, self.mid_point_sigma = (start, midpoint) if first else (None, None)
+        self._step_index += 1
+        if not return_dict:
+            return previous, denoised
+        return DPMSolverSDESchedulerOutput(prev_sample=previous, pred_original_sample=denoised)

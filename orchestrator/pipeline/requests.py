@@ -97,8 +97,8 @@ class Txt2ImgRequest:
     height: int = 512
     batch_size: int = 1
     eta: float = 0.0  # DDIM's eta (other samplers ignore it)
-    # k-diffusion's eta (AUTOMATIC1111's eta_ancestral): how much of their noise Euler a and DPM++ 2M SDE add each
-    # step (0: none, Euler's and DPM++ 2M's steps); DPM++ SDE runs 1 only; the others add no noise of their own
+    # k-diffusion's eta (AUTOMATIC1111's eta_ancestral): how much of their noise Euler a, DPM++ SDE and DPM++ 2M SDE
+    # add each step (0: none, Euler's, DPM-Solver++(2S)'s and DPM++ 2M's steps); the others add no noise of their own
     eta_ancestral: float = 1.0
     controlnet: ControlNetUnit | tuple[ControlNetUnit, ...] | None = None  # one unit, or several (summed residuals)
     subseed: int = -1  # variation seed (AUTOMATIC1111): its noise is mixed in by subseed_strength

@@ -35,7 +35,6 @@ class Sampler:
     # timesteps it runs (Euler a on Euler's Karras sigmas; both step through the same table)
     sigmas_from: tuple[str, dict] | None = None
     sigma_schedule: str | None = None  # one of sigmas.OWN_SCHEDULES: kiln computes its sigmas (sigmas.install)
-    fixed_eta: bool = False  # ancestral noise at k-diffusion's eta 1 only: diffusers' DPM++ SDE takes no eta
 
 
 # k-diffusion's own schedule, which AUTOMATIC1111's "Automatic" and "Uniform" run for its k-diffusion samplers: the
@@ -52,7 +51,7 @@ SDE = {"algorithm_type": "sde-dpmsolver++"}
 UNIPC = UNIFORM | {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True, "final_sigmas_type": "sigma_min"}
 SAMPLERS = {
     "Euler": Sampler("EulerDiscreteScheduler", UNIFORM),
-    "Euler a": Sampler("EulerAncestralEta", UNIFORM),  # diffusers' Euler a taking eta (orchestrator.pipeline.ancestral)
+    "Euler a": Sampler("EulerAncestralEta", UNIFORM),
     "Heun": Sampler("HeunDiscreteScheduler", UNIFORM, second_order=True),
     "DDIM": Sampler("CompVisDDIM", k_diffusion=False, compvis=True),
     "DDPM": Sampler("DDPMScheduler", k_diffusion=False),
@@ -63,10 +62,9 @@ SAMPLERS = {
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     # Brownian-tree noise: torchsde
-    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", UNIFORM, seeded=True, second_order=True, fixed_eta=True),
-    "DPM++ SDE Karras": Sampler("DPMSolverSDEScheduler", {"use_karras_sigmas": True} | UNIFORM, seeded=True,
-                                second_order=True, fixed_eta=True),
-    # diffusers' DPM++ 2M SDE taking eta (orchestrator.pipeline.ancestral)
+    "DPM++ SDE": Sampler("DPMSolverSDEEta", UNIFORM, seeded=True, second_order=True),
+    "DPM++ SDE Karras": Sampler("DPMSolverSDEEta", {"use_karras_sigmas": True} | UNIFORM, seeded=True,
+                                second_order=True),
     "DPM++ 2M SDE": Sampler("DPMSolverMultistepEta", SDE),
     "DPM++ 2M SDE Karras": Sampler("DPMSolverMultistepEta", SDE | {"use_karras_sigmas": True}),
     # k-diffusion's get_sigmas_exponential (AUTOMATIC1111 1.9+'s Automatic schedule for DPM++ 2M SDE)
@@ -89,8 +87,9 @@ SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps
 _IMPORT_LOCK = threading.Lock()
 _CLASSES: dict[str, type] = {}
 OWN_CLASSES = {"CompVisDDIM": "orchestrator.pipeline.compvis", "CompVisPLMS": "orchestrator.pipeline.compvis",
-               "EulerAncestralEta": "orchestrator.pipeline.ancestral",
-               "DPMSolverMultistepEta": "orchestrator.pipeline.ancestral"}  # the modules of kiln's own schedulers
+               # diffusers' samplers with noise of their own, taking k-diffusion's eta
+               **dict.fromkeys(("EulerAncestralEta", "DPMSolverSDEEta", "DPMSolverMultistepEta"),
+                               "orchestrator.pipeline.ancestral")}
 
 
 class UnknownSampler(NotFoundError):
@@ -253,7 +252,7 @@ def _scheduler_class(name: str):
 
     with _IMPORT_LOCK:
         if name not in _CLASSES:
-            # kiln's own classes: AUTOMATIC1111's timestep samplers, Euler a and DPM++ 2M SDE with eta
+            # kiln's own classes: AUTOMATIC1111's timestep samplers; the samplers with noise of their own, with eta
             own = OWN_CLASSES.get(name)
             cls = getattr(importlib.import_module(own) if own else diffusers, name)
             for klass in cls.__mro__:  # its steps' noise from a Philox generator too (diffusers' draws it)

@@ -100,7 +100,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         raise InputError(f"pad_conds must be one of {', '.join(PAD_CONDS)}, got {request.pad_conds!r}")
     _check_schedule(request.sampler, request.steps, contract, request.sigma_settings)
     _check_churn(request)
-    _check_eta_ancestral(request)
+    _number_in("eta_ancestral", request.eta_ancestral, 0, 1)
     if request.hires is not None:
         _check_hires(request, contract, limits)
     if not _is_int(request.clip_skip) or not 1 <= request.clip_skip <= max(1, contract.clip_skip_layers):
@@ -214,16 +214,6 @@ def _check_churn(request: Txt2ImgRequest) -> None:
                     takers = ", ".join(n for n in SAMPLERS if name in step_options(n))
                     raise InputError(f"{name} {value!r}: the {sampler} sampler has no churn (samplers that take it: "
                                      f"{takers})")
-
-
-def _check_eta_ancestral(request: Txt2ImgRequest) -> None:
-    """k-diffusion's eta in [0, 1], and other than 1 only where no pass runs DPM++ SDE (diffusers' has no eta)."""
-    _number_in("eta_ancestral", request.eta_ancestral, 0, 1)
-    fixed = [sampler for sampler in _samplers(request) if check_sampler(sampler).fixed_eta]
-    if request.eta_ancestral != 1 and fixed:
-        raise InputError(f"eta {request.eta_ancestral:g} (eta_ancestral): the {fixed[0]} sampler runs its ancestral "
-                         "noise at eta 1 only (diffusers' scheduler has no eta); Euler a, DPM++ 2M SDE and DDIM "
-                         "take any eta")
 
 
 def _samplers(request: Txt2ImgRequest) -> list[str]:
