@@ -458,9 +458,9 @@ def test_eta_moves_euler_a_as_automatic1111s(client):
     assert written == {1: None, 0: "0.0", 0.5: "0.5"}
     overridden = client.post("/sdapi/v1/txt2img", json=ancestral | {"override_settings": {"eta_ancestral": 0.5}})
     assert overridden.json()["images"][0] == runs[0.5]["images"][0]
-    assert client.post("/sdapi/v1/options", json={"eta_ancestral": 1.5}).status_code == 422
-    assert client.post("/sdapi/v1/options", json={"eta_ancestral": 0.5}).status_code == 200
     try:
+        assert client.post("/sdapi/v1/options", json={"eta_ancestral": 1.5}).status_code == 422
+        assert client.post("/sdapi/v1/options", json={"eta_ancestral": 0.5}).status_code == 200
         assert client.post("/sdapi/v1/txt2img", json=ancestral).json()["images"][0] == runs[0.5]["images"][0]
         for sde in ("DPM++ SDE", "DPM++ 2M SDE"):
             response = client.post("/sdapi/v1/txt2img", json=ancestral | {"sampler_name": sde})
@@ -492,20 +492,24 @@ def test_listing_endpoints(client):
     assert len(models) == 1 and models[0]["model_name"] == "tiny" and len(models[0]["hash"]) == 10
     options = client.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"] == models[0]["title"]
-    assert client.post("/sdapi/v1/options", json={"eta_ddim": 0.5}).status_code == 200
-    assert client.get("/sdapi/v1/options").json()["eta_ddim"] == 0.5
-    assert client.post("/sdapi/v1/options", json={"eta_ddim": "lots"}).status_code == 422
-    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 422
-    client.post("/sdapi/v1/options", json={"eta_ddim": 0.0})
-    assert client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 31337}).status_code == 200
-    ensd = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 1, "sampler_name": "Euler a"}).json()
-    assert "ENSD: 31337" in json.loads(ensd["info"])["infotexts"][0]
-    assert client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 0}).status_code == 200
     assert options["randn_source"] == "CPU"  # kiln's default: diffusers' noise
-    assert client.post("/sdapi/v1/options", json={"randn_source": "NV"}).status_code == 200
-    nv = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 1}).json()
-    assert "RNG: NV" in json.loads(nv["info"])["infotexts"][0]
-    assert client.post("/sdapi/v1/options", json={"randn_source": "CPU"}).status_code == 200
+    try:  # the options this changes are the module's server's: put back whatever fails (else every test after fails)
+        assert client.post("/sdapi/v1/options", json={"eta_ddim": 0.5}).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["eta_ddim"] == 0.5
+        assert client.post("/sdapi/v1/options", json={"eta_ddim": "lots"}).status_code == 422
+        assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope"}).status_code == 422
+        client.post("/sdapi/v1/options", json={"eta_ddim": 0.0})
+        assert client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 31337}).status_code == 200
+        ensd = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 1, "sampler_name": "Euler a"}).json()
+        assert "ENSD: 31337" in json.loads(ensd["info"])["infotexts"][0]
+        assert client.post("/sdapi/v1/options", json={"eta_noise_seed_delta": 0}).status_code == 200
+        assert client.post("/sdapi/v1/options", json={"randn_source": "NV"}).status_code == 200
+        nv = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 1}).json()
+        assert "RNG: NV" in json.loads(nv["info"])["infotexts"][0]
+    finally:
+        restored = client.post("/sdapi/v1/options", json={"eta_ddim": 0.0, "eta_noise_seed_delta": 0,
+                                                          "randn_source": "CPU"})
+    assert restored.status_code == 200
     # out of range, stored, they would fail every request after them
     for key, value, message in (("randn_source", "XPU", "one of GPU, CPU, NV"),
                                 ("eta_noise_seed_delta", -1, "in [0, 2^32 - 1]")):

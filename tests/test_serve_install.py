@@ -117,6 +117,17 @@ def test_the_serving_install_serves_sd_and_the_vit(served, edge_repo):
         assert edges.shape == (64, 64, 3) and set(np.unique(edges)) <= {0, 255}
 
 
+def test_the_serving_install_runs_the_samplers_it_has_and_names_what_another_needs(served):
+    """DPM++ SDE's Brownian tree needs torchsde, which the serving install leaves out: it is refused by name (on any
+    schedule type), and the service still starts and runs every other sampler, eta included."""
+    with httpx.Client(base_url=served, timeout=300) as client:
+        for name in ("DPM++ SDE", "DPM++ SDE Exponential"):
+            refused = client.post("/sdapi/v1/txt2img", json=BODY | {"sampler_name": name})
+            assert refused.status_code == 404 and "it needs torchsde, which this install lacks" in refused.text
+        for name in ("Euler a", "DPM++ 2M SDE"):
+            _image(client.post("/sdapi/v1/txt2img", json=BODY | {"sampler_name": name, "eta": 0.5, "steps": 2}))
+
+
 def test_the_serving_install_refuses_builds_by_name(serve_venv, tmp_path):
     done = subprocess.run([str(serve_venv / "bin" / "kiln"), "build", "vit", "--random-weights", "--repo",
                            str(tmp_path / "repo")], capture_output=True, text=True, timeout=120)

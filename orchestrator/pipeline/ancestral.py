@@ -19,14 +19,14 @@ setting, 1 by default):
   diffusers computes it on the variance-preserving sample (the k-diffusion one times alpha); so does this.
 
 At eta 1 each is diffusers' step itself. The noise is drawn every step whatever eta is, as diffusers draws it, so the
-generator's later draws are the same at every eta.
+generator's later draws are the same at every eta. DPM++ SDE's class is in orchestrator.pipeline.ancestral_sde: its
+Brownian tree needs torchsde, which the serving install leaves out.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, DPMSolverSDEScheduler, EulerAncestralDiscreteScheduler
-from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler, DPMSolverSDESchedulerOutput
+from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 
 from orchestrator.pipeline import noise
@@ -112,35 +112,3 @@ class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
         if difference is not None:
             x = x + 0.5 * weight * difference
         return x + sigma_t * torch.sqrt(-torch.expm1(-2 * eta * h)) * noise
-
-
-class DPMSolverSDEEta(DPMSolverSDEScheduler):
-    """diffusers' DPM++ SDE, its step taking k-diffusion's eta (`eta_ancestral`); at 1 diffusers' step itself."""
-
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
-             s_noise: float = 1.0, eta_ancestral: float = 1.0):
-        if eta_ancestral == 1:
-            return super().step(model_output, timestep, sample, return_dict=return_dict, s_noise=s_noise)
-        if self.step_index is None:
-            self._init_step_index(timestep)
-        if self.noise_sampler is None:  # diffusers' own, seeded as its: the same tree at every eta
-            low, high = self.sigmas[self.sigmas > 0].min(), self.sigmas.max()
-            self.noise_sampler = BrownianTreeNoiseSampler(sample, low.item(), high.item(), self.noise_sampler_seed)
-        first = self.state_in_first_order  # the call at the step's start, else the one at its midpoint
-        index = self.step_index if first else self.step_index - 1
-        sigma, sigma_next = self.sigmas[index], self.sigmas[index + 1]
-        midpoint = (sigma * sigma_next) ** 0.5  # halfway in log sigma
-        denoised = predicted(self, model_output, sample, sigma if first else midpoint)
-        if sigma_next == 0:  # the last step: Euler's, as k-diffusion's
-            previous = sample + (sample - denoised) / sigma * (sigma_next - sigma)
-        else:
-            start = sample if first else self.sample
-            sigma_to = midpoint if first else sigma_next
-            sigma_down, sigma_up = ancestral_step(sigma, sigma_to, eta_ancestral)
-            previous = sigma_down / sigma * start + (1 - sigma_down / sigma) * denoised
-            previous = previous + self.noise_sampler(sigma, sigma_to) * s_noise * sigma_up
-            self.sample, self.mid_point_sigma = (start, midpoint) if first else (None, None)
-        self._step_index += 1
-        if not return_dict:
-            return previous, denoised
-        return DPMSolverSDESchedulerOutput(prev_sample=previous, pred_original_sample=denoised)

@@ -35,6 +35,7 @@ class Sampler:
     # timesteps it runs (Euler a on Euler's Karras sigmas; both step through the same table)
     sigmas_from: tuple[str, dict] | None = None
     sigma_schedule: str | None = None  # one of sigmas.OWN_SCHEDULES: kiln computes its sigmas (sigmas.install)
+    needs: str | None = None  # a package beyond the serving install's (DPM++ SDE's Brownian tree: torchsde)
 
 
 # k-diffusion's own schedule, which AUTOMATIC1111's "Automatic" and "Uniform" run for its k-diffusion samplers: the
@@ -62,9 +63,9 @@ SAMPLERS = {
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     # Brownian-tree noise: torchsde
-    "DPM++ SDE": Sampler("DPMSolverSDEEta", UNIFORM, seeded=True, second_order=True),
+    "DPM++ SDE": Sampler("DPMSolverSDEEta", UNIFORM, seeded=True, second_order=True, needs="torchsde"),
     "DPM++ SDE Karras": Sampler("DPMSolverSDEEta", {"use_karras_sigmas": True} | UNIFORM, seeded=True,
-                                second_order=True),
+                                second_order=True, needs="torchsde"),
     "DPM++ 2M SDE": Sampler("DPMSolverMultistepEta", SDE),
     "DPM++ 2M SDE Karras": Sampler("DPMSolverMultistepEta", SDE | {"use_karras_sigmas": True}),
     # k-diffusion's get_sigmas_exponential (AUTOMATIC1111 1.9+'s Automatic schedule for DPM++ 2M SDE)
@@ -88,8 +89,9 @@ _IMPORT_LOCK = threading.Lock()
 _CLASSES: dict[str, type] = {}
 OWN_CLASSES = {"CompVisDDIM": "orchestrator.pipeline.compvis", "CompVisPLMS": "orchestrator.pipeline.compvis",
                # diffusers' samplers with noise of their own, taking k-diffusion's eta
-               **dict.fromkeys(("EulerAncestralEta", "DPMSolverSDEEta", "DPMSolverMultistepEta"),
-                               "orchestrator.pipeline.ancestral")}
+               "EulerAncestralEta": "orchestrator.pipeline.ancestral",
+               "DPMSolverMultistepEta": "orchestrator.pipeline.ancestral",
+               "DPMSolverSDEEta": "orchestrator.pipeline.ancestral_sde"}
 
 
 class UnknownSampler(NotFoundError):
@@ -97,13 +99,28 @@ class UnknownSampler(NotFoundError):
 
 
 def check_sampler(name: str) -> Sampler:
-    """One of SAMPLERS, or one of them on another schedule type ("Euler Karras": split_schedule)."""
-    if isinstance(name, str) and name in SAMPLERS:
-        return SAMPLERS[name]
-    base, kind = split_schedule(name) if isinstance(name, str) else (name, None)
-    if kind is None:
+    """One of SAMPLERS, or one of them on another schedule type ("Euler Karras": split_schedule), that this install
+    runs (DPM++ SDE needs torchsde, which the serving install leaves out)."""
+    if not isinstance(name, str):
         raise not_found(name)
-    return _on_schedule(base, kind)
+    base, kind = (name, None) if name in SAMPLERS else split_schedule(name)
+    if base not in SAMPLERS:
+        raise not_found(name)
+    if not runs_here(SAMPLERS[base]):  # before its class is looked at
+        needs = SAMPLERS[base].needs
+        raise UnknownSampler(f"Sampler not found: {name}: it needs {needs}, which this install lacks (pip install "
+                             f"{needs})")
+    return SAMPLERS[base] if kind is None else _on_schedule(base, kind)
+
+
+@functools.cache
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def runs_here(sampler: Sampler) -> bool:
+    """Whether this install has what the sampler needs (Sampler.needs)."""
+    return sampler.needs is None or _installed(sampler.needs)
 
 
 def not_found(name) -> UnknownSampler:
@@ -271,7 +288,8 @@ def preload() -> None:
     import diffusers.utils.torch_utils  # noqa: F401 - randn_tensor, used by every generation
 
     for sampler in SAMPLERS.values():
-        _scheduler_class(sampler.scheduler)
+        if runs_here(sampler):
+            _scheduler_class(sampler.scheduler)
 
 
 CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}  # the step options and their defaults
