@@ -35,7 +35,7 @@ class Sampler:
     # timesteps it runs (Euler a on Euler's Karras sigmas; both step through the same table)
     sigmas_from: tuple[str, dict] | None = None
     sigma_schedule: str | None = None  # one of sigmas.OWN_SCHEDULES: kiln computes its sigmas (sigmas.install)
-    needs: str | None = None  # a package beyond the serving install's (DPM++ SDE's Brownian tree: torchsde)
+    needs: str | None = None  # a package beyond the serving install's (LMS: scipy; DPM++ SDE's Brownian tree: torchsde)
 
 
 # k-diffusion's own schedule, which AUTOMATIC1111's "Automatic" and "Uniform" run for its k-diffusion samplers: the
@@ -59,7 +59,7 @@ SAMPLERS = {
     # AUTOMATIC1111's PLMS: linear multistep alone after a first step that evaluates twice (not PNDM's Runge-Kutta
     # warm-up, which tripled the UNet calls of a short run and could not run under 4 steps)
     "PLMS": Sampler("CompVisPLMS", k_diffusion=False, compvis=True),
-    "LMS": Sampler("LMSDiscreteScheduler", UNIFORM),
+    "LMS": Sampler("LMSDiscreteScheduler", UNIFORM, needs="scipy"),  # its integration
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler"),
     "DPM++ 2M Karras": Sampler("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     # Brownian-tree noise: torchsde
@@ -100,7 +100,7 @@ class UnknownSampler(NotFoundError):
 
 def check_sampler(name: str) -> Sampler:
     """One of SAMPLERS, or one of them on another schedule type ("Euler Karras": split_schedule), that this install
-    runs (DPM++ SDE needs torchsde, which the serving install leaves out)."""
+    runs (LMS needs scipy and DPM++ SDE torchsde, which the serving install leaves out)."""
     if not isinstance(name, str):
         raise not_found(name)
     base, kind = (name, None) if name in SAMPLERS else split_schedule(name)

@@ -27,6 +27,7 @@ from orchestrator.pipeline.sampling import (
     SAMPLERS,
     check_sampler,
     img2img_start,
+    runs_here,
     schedule,
     schedule_kind,
     step_options,
@@ -211,7 +212,8 @@ def _check_churn(request: Txt2ImgRequest) -> None:
         if value != default:
             for sampler in _samplers(request):
                 if name not in step_options(sampler):
-                    takers = ", ".join(n for n in SAMPLERS if name in step_options(n))
+                    takers = ", ".join(n for n, known in SAMPLERS.items()
+                                       if runs_here(known) and name in step_options(n))
                     raise InputError(f"{name} {value!r}: the {sampler} sampler has no churn (samplers that take it: "
                                      f"{takers})")
 
