@@ -90,7 +90,7 @@ def sampler_settings(request: Txt2ImgRequest) -> dict:
     """The sampler options that are not their defaults (kiln.infotext.SAMPLER_FIELDS names them): DDIM's eta where
     either pass runs DDIM, k-diffusion's where either takes it, the churn (checked to be the sampler's),
     s_min_uncond."""
-    samplers = {request.sampler, getattr(request.hires, "sampler", None) or request.sampler}
+    samplers = request.samplers
     settings = {name: getattr(request, name) for name in CHURN if getattr(request, name) != CHURN[name]}
     if "DDIM" in samplers and request.eta:
         settings["eta_ddim"] = request.eta

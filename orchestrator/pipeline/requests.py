@@ -144,6 +144,11 @@ class Txt2ImgRequest:
     refiner: Refiner | None = None  # another checkpoint finishing the denoising (run with Pipeline.generate's refiner)
 
     @property
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers of its passes, sorted (the hires fix's may be another)."""
+        return tuple(sorted({self.sampler, getattr(self.hires, "sampler", None) or self.sampler}))
+
+    @property
     def sigma_settings(self) -> tuple[float, float, float]:
         return self.schedule_sigma_min, self.schedule_sigma_max, self.schedule_rho
 

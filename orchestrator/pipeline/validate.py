@@ -210,18 +210,12 @@ def _check_churn(request: Txt2ImgRequest) -> None:
                 (math.isinf(value) and name != "s_tmax"):
             raise InputError(f"{name} must be a non-negative number, got {value!r}")
         if value != default:
-            for sampler in _samplers(request):
+            for sampler in request.samplers:
                 if name not in step_options(sampler):
                     takers = ", ".join(n for n, known in SAMPLERS.items()
                                        if runs_here(known) and name in step_options(n))
                     raise InputError(f"{name} {value!r}: the {sampler} sampler has no churn (samplers that take it: "
                                      f"{takers})")
-
-
-def _samplers(request: Txt2ImgRequest) -> list[str]:
-    """The samplers of the request's passes (the hires fix's may be another)."""
-    second = getattr(request.hires, "sampler", None)
-    return sorted({request.sampler} | ({second} if second else set()))
 
 
 def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import numbers
 import time
 from typing import Any
 
@@ -45,6 +44,7 @@ from orchestrator.server.options import (
     OPTION_TYPES,
     check_setting,
     check_value,
+    number_setting,
     setting_fields,
     sigma_fields,
 )
@@ -135,7 +135,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
         check_checkpoint(checkpoint, contract, "override_settings.sd_model_checkpoint")
     # AUTOMATIC1111's eta is the sampler's: DDIM's (eta_ddim by default) or k-diffusion's (eta_ancestral by default)
     eta, eta_ancestral = (body.eta, body.eta) if body.eta is not None else \
-        (_number_setting(body, options, name) for name in ("eta_ddim", "eta_ancestral"))
+        (number_setting(body, options, name) for name in ("eta_ddim", "eta_ancestral"))
     clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", options["CLIP_stop_at_last_layers"])
     if body.clip_skip is not None:  # SD.Next's own field
         clip_skip = int(body.clip_skip)
@@ -325,14 +325,6 @@ def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
     pixels = control_image(unit.image, request.width, request.height, unit.preprocessor, unit.threshold_a,
                            unit.threshold_b, unit.resize_mode)
     return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)
-
-
-def _number_setting(body: schemas.Txt2ImgBody, options: dict, name: str) -> float:
-    """A number setting: this request's override, else the server's option."""
-    value = body.override_settings.get(name, options[name])
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise InputError(f"override_settings.{name} must be a number, got {value!r}")
-    return float(value)
 
 
 def wants_detect_maps(body: schemas.Txt2ImgBody, options: dict) -> bool:

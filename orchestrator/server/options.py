@@ -3,6 +3,7 @@ defaults and types, which ones it applies, and the refusal of any other that ask
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from kiln import schemas
@@ -100,6 +101,14 @@ def pad_conds(body: schemas.Txt2ImgBody, options: dict) -> str:
     pad_cond_uncond_v0, a request's override_settings over the server's options."""
     values = {key: bool_setting(body, options, key) for key in PAD_SETTINGS}
     return next((mode for key, mode in PAD_SETTINGS.items() if values[key]), "off")
+
+
+def number_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> float:
+    """A number setting: the request's override_settings over the server's options."""
+    value = body.override_settings.get(key, options[key])
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise InputError(f"override_settings.{key} must be a number, got {value!r}")
+    return float(value)
 
 
 def bool_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> bool:
