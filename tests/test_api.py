@@ -294,6 +294,10 @@ BAD = [
     ({"scheduler": "DDIM", "steps": 30}, 422, "the DDIM schedule type runs 31 steps for 30"),
     ({"sampler_name": "LCM", "scheduler": "Karras"}, 404, "LCM Karras: LCM runs its own timesteps"),
     ({"sampler_name": "DPM++ 2M Karras Beta"}, 404, "DPM++ 2M Karras runs its own schedule"),
+    ({"sampler_name": "Heun", "override_settings": {"always_discard_next_to_last_sigma": True}}, 422,
+     "always_discard_next_to_last_sigma: kiln cannot discard Heun's next-to-last sigma"),
+    ({"override_settings": {"always_discard_next_to_last_sigma": "yes"}}, 422,
+     "override_settings.always_discard_next_to_last_sigma must be true or false"),
     ({"prompt": "cat " * 10000}, 413, "prompt"),
     ({"prompt": "a cat <lora:watercolor:0.8>"}, 422, "<lora:watercolor>: no such LoRA (the server has no LoRA folder"),
     ({"prompt": "a cat <hypernet:ink:1>"}, 422, "prompt: <hypernet:ink:1> is an extra-network tag (hypernet)"),
@@ -469,6 +473,44 @@ def test_eta_moves_euler_a_as_automatic1111s(client):
         assert ddim.status_code == 200 and "Eta" not in json.loads(ddim.json()["info"])["infotexts"][0]
     finally:
         client.post("/sdapi/v1/options", json={"eta_ancestral": 1.0})
+
+
+def test_the_sde_samplers_brownian_noise_and_the_discard_option(client):
+    """DPM++ 2M SDE Heun and DPM++ 3M SDE by name and by alias (1.6's too), on AUTOMATIC1111's Automatic schedule for
+    them (Exponential); an SDE sampler's image is its seed's whichever batch it is in (each image's own Brownian tree);
+    always_discard_next_to_last_sigma from override_settings and the options, written as "Discard penultimate sigma"
+    where it changes the sigmas (not for DPM++ 3M SDE, which discards already), and pasted back."""
+    body = TXT | {"steps": 4, "seed": 40}
+
+    def run(**fields) -> tuple[str, dict]:
+        response = client.post("/sdapi/v1/txt2img", json=body | fields)
+        assert response.status_code == 200, response.text
+        return response.json()["images"][0], parse_infotext(json.loads(response.json()["info"])["infotexts"][0])
+
+    heun, written = run(sampler_name="DPM++ 2M SDE Heun")
+    assert written["Sampler"] == "DPM++ 2M SDE Heun Exponential"
+    assert run(sampler_name="k_dpmpp_2m_sde_heun", scheduler="Exponential")[0] == heun
+    three, written = run(sampler_name="DPM++ 3M SDE")
+    assert written["Sampler"] == "DPM++ 3M SDE Exponential" and three != heun
+    assert run(sampler_name="k_dpmpp_3m_sde")[0] == run(sampler_name="k_dpmpp_3m_sde_exp")[0] == three  # 1.6's too
+    for name in ("DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"):
+        batch = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": name, "batch_size": 2}).json()
+        assert batch["images"][1] == run(sampler_name=name, seed=41)[0], name
+    plain = run(sampler_name="Euler")[0]
+    discarded, written = run(sampler_name="Euler", override_settings={"always_discard_next_to_last_sigma": True})
+    assert discarded != plain and written["Discard penultimate sigma"] == "True"
+    text = json.loads(client.post("/sdapi/v1/txt2img", json=body | {
+        "sampler_name": "Euler", "override_settings": {"always_discard_next_to_last_sigma": True}}).json()["info"])
+    assert client.post("/sdapi/v1/txt2img", json={"infotext": text["infotexts"][0]}).json()["images"][0] == discarded
+    same, written = run(sampler_name="DPM++ 3M SDE", override_settings={"always_discard_next_to_last_sigma": True})
+    assert same == three and "Discard penultimate sigma" not in written
+    try:
+        assert client.post("/sdapi/v1/options", json={"always_discard_next_to_last_sigma": True}).status_code == 200
+        assert run(sampler_name="Euler")[0] == discarded
+        assert client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "Heun"}).status_code == 422
+    finally:
+        client.post("/sdapi/v1/options", json={"always_discard_next_to_last_sigma": False})
+    assert run(sampler_name="Euler")[0] == plain
 
 
 def _pixels(b64: str) -> bytes:

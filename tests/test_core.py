@@ -453,54 +453,143 @@ def test_euler_a_takes_k_diffusions_eta(prediction, kind):
     assert not torch.allclose(steps(ours, eta_ancestral=0.5)[0][-2], expected[-2], atol=1e-2)  # eta moved it
 
 
-@pytest.mark.parametrize("name", ["DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ 2M SDE KL Optimal"])
-def test_dpmpp_2m_sde_takes_k_diffusions_eta(name):
-    """AUTOMATIC1111's eta for DPM++ 2M SDE (k-diffusion's sample_dpmpp_2m_sde, midpoint, written out here on its
-    own variables, x / alpha): at 1 diffusers' step itself; at 0 DPM++ 2M's; between, each step's noise and its decay
-    scaled by eta. KL Optimal ends above sigma 0, so its last step is a second-order one with eta too."""
+def _k_diffusion_sde(sigmas: list, x, eps, eta: float, tree, order: int, heun: bool) -> list:
+    """k-diffusion's sample_dpmpp_2m_sde (midpoint or heun, order 2) and sample_dpmpp_3m_sde (order 3), written out on
+    their own variables (x / alpha), for a model that predicts `eps` at every step: x after each step."""
+    import math
+
+    import torch
+
+    out, old, h_1, h_2 = [], [], None, None
+    for s, to in zip(sigmas[:-1], sigmas[1:]):
+        denoised = x - s * eps
+        h = math.log(s / to) if to else None
+        if to == 0:
+            x = denoised
+        else:
+            h_eta = h * (1 + eta)
+            x = to / s * math.exp(-eta * h) * x - math.expm1(-h_eta) * denoised
+            phi_2 = math.expm1(-h_eta) / h_eta + 1
+            if order == 3 and h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (denoised - old[-1]) / r0, (old[-1] - old[-2]) / r1
+                d1, d2 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1), (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif h_1 is not None:
+                d = (denoised - old[-1]) * (h / h_1)
+                x = x + (phi_2 * d if heun else -0.5 * math.expm1(-h_eta) * d)
+            if eta:
+                x = x + tree(torch.tensor(s), torch.tensor(to)).double() * to * math.sqrt(-math.expm1(-2 * eta * h))
+        old, h_1, h_2 = old + [denoised], h, h_1
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("name", ["DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ 2M SDE KL Optimal",
+                                  "DPM++ 2M SDE Heun", "DPM++ 2M SDE Heun Exponential", "DPM++ 3M SDE",
+                                  "DPM++ 3M SDE Karras", "DPM++ 3M SDE KL Optimal"])
+def test_dpmpp_2m_and_3m_sde_are_k_diffusions_with_its_eta_and_brownian_noise(name):
+    """AUTOMATIC1111's DPM++ 2M SDE (midpoint, Heun) and 3M SDE: k-diffusion's samplers (written out above), their
+    noise from a Brownian tree seeded by the image's seed as AUTOMATIC1111 seeds it, at eta 1, 0 and between, 6 and 8
+    steps (3M's third-order steps from the third on). At eta 1 the 2M ones are diffusers' own step given that noise,
+    number for number, and at eta 0 2M SDE is DPM++ 2M's. KL Optimal ends above sigma 0, so its last step is a
+    multistep one with noise too."""
     import math
 
     import torch
     from diffusers import DPMSolverMultistepScheduler
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
-    ours, timesteps = schedule(name, SD15_SCHEDULE, 6, seed=0)
-    theirs = DPMSolverMultistepScheduler.from_config(ours.config)
-    theirs.set_timesteps(6)
-    theirs.sigmas, theirs.timesteps = ours.sigmas.clone(), ours.timesteps.clone()  # diffusers' class, kiln's sigmas
+    heun, order = "Heun" in name or "3M" in name, 3 if "3M" in name else 2
     sample, eps = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)), torch.randn(2, 4, 3, 3) * 0.3
 
-    def steps(scheduler, **kwargs) -> list:
+    def steps(scheduler, noises=None, **kwargs) -> list:
         generator, x, out = torch.Generator().manual_seed(5), sample.clone(), []
-        scheduler._step_index, scheduler.lower_order_nums = None, 0
+        scheduler._step_index, scheduler.lower_order_nums, scheduler.noise_sampler = None, 0, None
         scheduler.model_outputs = [None] * scheduler.config.solver_order
-        for t in timesteps:
-            x = scheduler.step(eps, t, x, generator=generator, **kwargs).prev_sample
+        for i, t in enumerate(scheduler.timesteps):
+            noise = None if noises is None else noises[i]
+            x = scheduler.step(eps, t, x, generator=generator, variance_noise=noise, **kwargs).prev_sample
             out.append(x)
         return out
 
-    expected = steps(theirs)
-    assert all(torch.equal(a, b) for a, b in zip(steps(ours), expected))
-    sigmas = [float(s) for s in ours.sigmas]
-    alpha = [1 / math.sqrt(s**2 + 1) for s in sigmas]
-    for eta in (0.0, 0.4):
-        got = steps(ours, eta_ancestral=eta)
-        generator, x, old, h_last = torch.Generator().manual_seed(5), sample.double() / alpha[0], None, None
-        for i, (s, to) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-            denoised, drawn = x - s * eps.double(), torch.randn(x.shape, generator=generator).double()
-            if to == 0:
-                x = denoised
-            else:
-                h = math.log(s / to)
-                x = to / s * math.exp(-eta * h) * x - math.expm1(-h - eta * h) * denoised
-                if old is not None:
-                    x = x - 0.5 * math.expm1(-h - eta * h) * (h / h_last) * (denoised - old)
-                x = x + drawn * to * math.sqrt(-math.expm1(-2 * eta * h))
-            old, h_last = denoised, math.log(s / to) if to else None
-            assert torch.allclose(got[i].double(), x * alpha[i + 1], atol=1e-4), (eta, i)
-        if eta == 0 and "KL" not in name:
-            plain, _ = schedule(name.replace(" SDE", ""), SD15_SCHEDULE, 6, seed=0)
-            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, steps(plain)))  # DPM++ 2M's step
-    assert not torch.allclose(steps(ours, eta_ancestral=0.4)[-2], expected[-2], atol=1e-2)  # eta moved it
+    for steps_asked in (6, 8):
+        ours, timesteps = schedule(name, SD15_SCHEDULE, steps_asked, seed=11)
+        assert len(timesteps) == steps_asked and ours.noise_sampler_seed == 11
+        sigmas = [float(s) for s in ours.sigmas]
+        alpha = [1 / math.sqrt(s**2 + 1) for s in sigmas]
+        tree = BrownianTreeNoiseSampler(sample, min(s for s in sigmas if s > 0), max(sigmas), 11)
+        for eta in (1.0, 0.0, 0.4):
+            got = steps(ours, eta_ancestral=eta)
+            expected = _k_diffusion_sde(sigmas, sample.double() / alpha[0], eps.double(), eta, tree, order, heun)
+            for i, (a, b) in enumerate(zip(got, expected)):
+                assert torch.allclose(a.double(), b * alpha[i + 1], atol=1e-4), (steps_asked, eta, i)
+        if order == 2:  # diffusers' own step, given the tree's noise (none into sigma 0)
+            theirs = DPMSolverMultistepScheduler.from_config(ours.config)
+            theirs.set_timesteps(steps_asked)
+            theirs.sigmas, theirs.timesteps = ours.sigmas.clone(), ours.timesteps.clone()
+            noises = [tree(torch.tensor(s), torch.tensor(to)) if to else torch.zeros_like(sample)
+                      for s, to in zip(sigmas[:-1], sigmas[1:])]
+            assert all(torch.equal(a, b) for a, b in zip(steps(ours), steps(theirs, noises)))
+        if name == "DPM++ 2M SDE":
+            plain, _ = schedule("DPM++ 2M", SD15_SCHEDULE, steps_asked, seed=0)
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(steps(ours, eta_ancestral=0.0), steps(plain)))
+    assert not torch.allclose(steps(ours, eta_ancestral=0.4)[-2], steps(ours)[-2], atol=1e-2)  # eta moved it
+
+
+def test_the_sdes_brownian_noise_is_each_images_own():
+    """AUTOMATIC1111 seeds the SDE samplers' Brownian tree with each image's seed (one tree an image), so that an
+    image is the same whichever batch it is in: the second image of a batch seeded [7, 8] is seed 8's alone, for
+    DPM++ SDE, 2M SDE and 3M SDE. Another seed gives other noise."""
+    import torch
+
+    latents = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    eps = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(4)) * 0.3
+    for name in ("DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"):
+        def run(seeds, rows: slice, name=name):
+            scheduler, timesteps = schedule(name, SD15_SCHEDULE, 5, seed=seeds)
+            x = latents[rows] * scheduler.init_noise_sigma
+            for t in timesteps:
+                x = scheduler.step(eps[rows], t, scheduler.scale_model_input(x, t)
+                                   if name == "DPM++ SDE" else x).prev_sample
+            return x
+
+        both = run([7, 8], slice(0, 2))
+        assert torch.allclose(both[1:], run([8], slice(1, 2)), atol=1e-6), name
+        assert torch.allclose(both[:1], run(7, slice(0, 1)), atol=1e-6), name  # a seed alone: the same tree
+        assert not torch.allclose(both[1:], run([9], slice(1, 2)), atol=1e-3), name
+
+
+def test_dpmpp_3m_sde_and_the_discard_option_leave_out_the_next_to_last_sigma():
+    """AUTOMATIC1111's discard_next_to_last_sigma (DPM++ 3M SDE's own; always_discard_next_to_last_sigma for the
+    other k-diffusion samplers): the sigmas of one step more, the last above 0 left out, img2img starting on them as
+    there. Samplers that discard already, the timestep samplers and a second-order sampler are not changed by the
+    option; the second-order one is refused."""
+    import torch
+
+    from orchestrator.pipeline.sampling import check_discard
+    from orchestrator.pipeline.sigmas import schedule_sigmas
+
+    table = SD15_SCHEDULE
+    alphas = schedule("Euler", table, 5, seed=0)[0].alphas_cumprod
+    full = schedule_sigmas("Exponential", 21, alphas)  # 3M SDE's Automatic schedule, one step more
+    ours, timesteps = schedule("DPM++ 3M SDE Exponential", table, 20, seed=0)
+    assert np.allclose(ours.sigmas.numpy(), np.concatenate([full[:-2], full[-1:]]), rtol=1e-5)
+    assert len(timesteps) == 20 and ours.num_inference_steps == 20
+    for name in ("Euler", "Euler a Karras", "DPM++ 2M", "LMS", "DPM++ 2M SDE Exponential"):
+        plain = schedule(name, table, 21, seed=0)[0]
+        kept, timesteps = schedule(name, table, 20, seed=0, discard=True)
+        assert torch.equal(kept.sigmas, torch.cat([plain.sigmas[:-2], plain.sigmas[-1:]])), name
+        assert torch.equal(timesteps, plain.timesteps[:-1]), name
+        _, start = schedule(name, table, 20, seed=0, start=5, discard=True)
+        assert torch.equal(start, plain.timesteps[5:-1]), name
+        assert check_discard(name, True) and not check_discard(name, False)
+    for name in ("DPM++ 3M SDE", "DDIM", "UniPC", "LCM"):
+        assert not check_discard(name, True), name
+    assert torch.equal(schedule("DDIM", table, 20, seed=0, discard=True)[1], schedule("DDIM", table, 20, seed=0)[1])
+    for name in ("Heun", "DPM++ SDE Karras"):
+        with pytest.raises(InputError, match=re.escape(f"cannot discard {name}'s next-to-last sigma")):
+            check_discard(name, True)
 
 
 @pytest.mark.parametrize("name", ["DPM++ SDE", "DPM++ SDE Karras"])
@@ -515,7 +604,7 @@ def test_dpmpp_sde_takes_k_diffusions_eta(name):
     from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
     ours, timesteps = schedule(name, SD15_SCHEDULE, 5, seed=3)
-    theirs = DPMSolverSDEScheduler.from_config(ours.config)
+    theirs = DPMSolverSDEScheduler.from_config(ours.config, noise_sampler_seed=3)
     theirs.set_timesteps(5)
     assert torch.equal(theirs.sigmas, ours.sigmas) and torch.equal(theirs.timesteps, timesteps)
     sample, eps = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * 14, torch.randn(1, 4, 3, 3)

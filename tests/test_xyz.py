@@ -59,6 +59,9 @@ def test_cells_vary_what_their_axes_name():
     schedule = parse(body(["Schedule rho", "3, 5", None, "Schedule max sigma", "8"]), "txt2img")  # Settings values
     assert [c.override_settings for _, c in cell_bodies(body([]), schedule)] == [{"rho": 3.0, "sigma_max": 8.0},
                                                                                {"rho": 5.0, "sigma_max": 8.0}]
+    discard = parse(body(["Always discard next-to-last sigma", "False, True"]), "txt2img")  # its boolean choices
+    assert [c.override_settings for _, c in cell_bodies(body([]), discard)] == \
+        [{"always_discard_next_to_last_sigma": False}, {"always_discard_next_to_last_sigma": True}]
     kept = parse(body(["Seed", "-1", None, 0, "", None, 0, "", None, True, False, False, True]), "txt2img")
     assert kept.axes[0].values == [-1]  # no_fixed_seeds: -1 stays -1
 
@@ -68,6 +71,7 @@ def test_cells_vary_what_their_axes_name():
     ([30, "x"], "axis 'Face restore' is not supported"),  # txt2img's index 30
     ([99, "1"], "X type 99 is not an axis (0 to 37"),
     (["Steps", "a few"], "the X axis (Steps) value 'a few' is not a int or a range"),
+    (["Always discard next-to-last sigma", "yes"], "value 'yes' is not a boolean"),
     (["Steps", ""], "the X axis (Steps) has no values"),
     (["Prompt S/R", "horse, dog"], "Prompt S/R did not find 'horse'"),
     (["[ControlNet] Weight", "0.5, 1"], "needs a ControlNet unit"),

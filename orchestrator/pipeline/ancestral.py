@@ -1,4 +1,5 @@
-"""AUTOMATIC1111's Euler a, DPM++ SDE and DPM++ 2M SDE with its eta (k-diffusion's), as diffusers schedulers.
+"""AUTOMATIC1111's Euler a, DPM++ SDE, DPM++ 2M SDE (midpoint and Heun) and DPM++ 3M SDE with its eta (k-diffusion's),
+as diffusers schedulers.
 
 diffusers' EulerAncestralDiscreteScheduler, DPMSolverSDEScheduler and DPMSolverMultistepScheduler ("sde-dpmsolver++")
 are k-diffusion's sample_euler_ancestral, sample_dpmpp_sde and sample_dpmpp_2m_sde at eta 1, the only eta they run.
@@ -12,15 +13,21 @@ setting, 1 by default):
   midpoint's prediction) is such an ancestral step in the exponential integrator's form, x = sigma_down / sigma_from
   x + (1 - sigma_down / sigma_from) denoised + sigma_up noise (the Brownian tree's), with eta in sigma_up: eta 0 is
   DPM-Solver++(2S)'s step;
-- DPM++ 2M SDE (midpoint), with h = log(sigma_from / sigma_to): x = sigma_to / sigma_from e^(-eta h) x
-  + (1 - e^(-(1 + eta) h)) (denoised + D1 / 2) + sigma_to sqrt(1 - e^(-2 eta h)) noise, D1 the multistep's
-  difference (none on the first step; a last step to sigma 0 lands on the prediction itself): eta 0 is DPM++ 2M's
-  step.
-  diffusers computes it on the variance-preserving sample (the k-diffusion one times alpha); so does this.
+- DPM++ 2M SDE, with h = log(sigma_from / sigma_to) and h_eta = (1 + eta) h: x = sigma_to / sigma_from e^(-eta h) x
+  + (1 - e^(-h_eta)) denoised + the multistep's term + sigma_to sqrt(1 - e^(-2 eta h)) noise; the term is none on
+  the first step, else (1 - e^(-h_eta)) D1 / 2 (midpoint) or phi_2 D1 (Heun, phi_2 = (e^(-h_eta) - 1) / h_eta + 1),
+  D1 the first difference of the predictions over the step ratio; a last step to sigma 0 lands on the prediction
+  itself; eta 0 is DPM++ 2M's step (midpoint);
+- DPM++ 3M SDE (sample_dpmpp_3m_sde): the same, Heun's term on its second step and phi_2 d1 - phi_3 d2 from the
+  third (phi_3 = phi_2 / h_eta - 0.5, d1 and d2 the third-order differences), at every eta: diffusers' third-order
+  SDE update is another formula.
+  diffusers computes these on the variance-preserving sample (the k-diffusion one times alpha); so does this.
 
-At eta 1 each is diffusers' step itself. The noise is drawn every step whatever eta is, as diffusers draws it, so the
-generator's later draws are the same at every eta. DPM++ SDE's class is in orchestrator.pipeline.ancestral_sde: its
-Brownian tree needs torchsde, which the serving install leaves out.
+At eta 1 each is diffusers' step itself (3M SDE's third-order steps aside). Euler a draws its noise every step
+whatever eta is, as diffusers draws it, so the generator's later draws are the same at every eta. DPM++ SDE, 2M SDE
+and 3M SDE take theirs from a Brownian tree seeded by each image's seed, as AUTOMATIC1111's (its brownian_noise; a
+tree per image, so an image's noise does not depend on the batch it is in); the tree needs torchsde. DPM++ SDE's
+class is in orchestrator.pipeline.ancestral_sde, as diffusers' DPM++ SDE imports torchsde at once.
 """
 
 from __future__ import annotations
@@ -70,20 +77,45 @@ class EulerAncestralEta(EulerAncestralDiscreteScheduler):
 
 
 class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
-    """diffusers' DPM++ 2M SDE (midpoint), its step taking k-diffusion's eta (`eta_ancestral`); at 1 diffusers' own."""
+    """diffusers' DPM++ 2M SDE (midpoint or heun) and, at solver order 3, k-diffusion's DPM++ 3M SDE, their steps
+    taking k-diffusion's eta (`eta_ancestral`; at 1 diffusers' own first- and second-order updates), their noise from
+    a Brownian tree seeded by each image's seed (`noise_sampler_seed`), as AUTOMATIC1111 draws it."""
 
     eta_ancestral = 1.0
+    noise_sampler_seed: int | list[int] | None = None  # set by sampling.make_scheduler; None: the step's generator
+    noise_sampler = None
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self.noise_sampler = None  # a tree over the new sigmas' range
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, variance_noise=None,
              return_dict: bool = True, eta_ancestral: float = 1.0):
         self.eta_ancestral = eta_ancestral  # read by the updates that diffusers' step calls
+        if variance_noise is None and self.noise_sampler_seed is not None:
+            variance_noise = self._brownian(sample, timestep)
         return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
                             return_dict=return_dict)
+
+    def _brownian(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """k-diffusion's noise_sampler(sigma, sigma_next) for this step: none into sigma 0, where no noise is added."""
+        from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler  # torchsde
+
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        if sigma_next == 0:
+            return torch.zeros_like(sample, dtype=torch.float32)
+        if self.noise_sampler is None:  # over the schedule's range, as sample_dpmpp_2m_sde's
+            low, high = self.sigmas[self.sigmas > 0].min(), self.sigmas.max()
+            self.noise_sampler = BrownianTreeNoiseSampler(sample.float(), low.item(), high.item(),
+                                                          self.noise_sampler_seed)
+        return self.noise_sampler(sigma, sigma_next)
 
     def dpm_solver_first_order_update(self, model_output: torch.Tensor, *args, sample=None, noise=None, **kwargs):
         if self.eta_ancestral == 1 or args or kwargs:
             return super().dpm_solver_first_order_update(model_output, *args, sample=sample, noise=noise, **kwargs)
-        return self._with_eta(sample, model_output, None, noise)
+        return self._with_eta(sample, model_output, (), noise)
 
     def multistep_dpm_solver_second_order_update(self, model_output_list: list, *args, sample=None, noise=None,
                                                  **kwargs):
@@ -92,23 +124,42 @@ class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
                                                                     noise=noise, **kwargs)
         h, h_last = (self._lambda(self.step_index + i + 1) - self._lambda(self.step_index + i) for i in (0, -1))
         m0, m1 = model_output_list[-1], model_output_list[-2]
-        return self._with_eta(sample, m0, (m0 - m1) * (h / h_last), noise)
+        return self._with_eta(sample, m0, ((m0 - m1) * (h / h_last),), noise)
+
+    def multistep_dpm_solver_third_order_update(self, model_output_list: list, *args, sample=None, noise=None,
+                                                **kwargs):
+        """k-diffusion's sample_dpmpp_3m_sde step at any eta (diffusers' third-order SDE update is another)."""
+        if self.config.algorithm_type != "sde-dpmsolver++" or args or kwargs:
+            return super().multistep_dpm_solver_third_order_update(model_output_list, *args, sample=sample,
+                                                                   noise=noise, **kwargs)
+        h, h_1, h_2 = (self._lambda(self.step_index + i + 1) - self._lambda(self.step_index + i) for i in (0, -1, -2))
+        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+        d1_0, d1_1 = (m0 - m1) * (h / h_1), (m1 - m2) * (h / h_2)
+        r0, r1 = h_1 / h, h_2 / h
+        return self._with_eta(sample, m0, (d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1), (d1_0 - d1_1) / (r0 + r1)), noise)
 
     def _lambda(self, index: int) -> torch.Tensor:
         alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[index])
         return torch.log(alpha) - torch.log(sigma)
 
-    def _with_eta(self, sample: torch.Tensor, denoised: torch.Tensor, difference, noise) -> torch.Tensor:
-        if self.config.algorithm_type != "sde-dpmsolver++" or self.config.solver_type != "midpoint":
-            raise ValueError("eta other than 1 runs on DPM++ 2M SDE (sde-dpmsolver++, midpoint) only")
+    def _with_eta(self, sample: torch.Tensor, denoised: torch.Tensor, differences: tuple, noise) -> torch.Tensor:
+        """k-diffusion's DPM++ 2M SDE / 3M SDE step on diffusers' variance-preserving sample: `differences` are none
+        (the first step), the multistep's first difference (2M, or 3M's second step) or its first and second."""
+        if self.config.algorithm_type != "sde-dpmsolver++":
+            raise ValueError("eta other than 1 runs on DPM++ 2M SDE and 3M SDE (sde-dpmsolver++) only")
         if self.sigmas[self.step_index + 1] == 0:  # the last step: k-diffusion lands on the prediction
             return denoised
         eta = self.eta_ancestral
         alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index + 1])
         sigma_s = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index])[1]
         h = self._lambda(self.step_index + 1) - self._lambda(self.step_index)
-        weight = alpha_t * -torch.expm1(-(1 + eta) * h)
-        x = sigma_t / sigma_s * torch.exp(-eta * h) * sample + weight * denoised
-        if difference is not None:
-            x = x + 0.5 * weight * difference
+        h_eta = (1 + eta) * h
+        x = sigma_t / sigma_s * torch.exp(-eta * h) * sample + alpha_t * -torch.expm1(-h_eta) * denoised
+        phi_2 = torch.expm1(-h_eta) / h_eta + 1
+        if len(differences) == 1 and self.config.solver_type == "midpoint":
+            x = x + 0.5 * alpha_t * -torch.expm1(-h_eta) * differences[0]
+        elif len(differences) == 1:  # heun
+            x = x + alpha_t * phi_2 * differences[0]
+        elif differences:  # third order
+            x = x + alpha_t * (phi_2 * differences[0] - (phi_2 / h_eta - 0.5) * differences[1])
         return x + sigma_t * torch.sqrt(-torch.expm1(-2 * eta * h)) * noise

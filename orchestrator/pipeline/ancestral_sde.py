@@ -1,7 +1,7 @@
 """AUTOMATIC1111's DPM++ SDE with its eta (k-diffusion's sample_dpmpp_sde), as a diffusers scheduler: the formula is
 in orchestrator.pipeline.ancestral, beside the other samplers'. A module of its own, as diffusers' DPM++ SDE imports
-torchsde (its Brownian tree), which the serving install leaves out: there DPM++ SDE is refused by name
-(sampling.check_sampler) and the other samplers run.
+torchsde (its Brownian tree): on an install without it, DPM++ SDE is refused by name (sampling.check_sampler) and the
+other samplers run.
 """
 
 from __future__ import annotations

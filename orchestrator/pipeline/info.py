@@ -9,7 +9,7 @@ from kiln.prompt_schedule import schedule
 from orchestrator.pipeline import hires
 from orchestrator.pipeline.control import CONTROL_MODES
 from orchestrator.pipeline.requests import Img2ImgRequest, Txt2ImgRequest
-from orchestrator.pipeline.sampling import CHURN, editing_steps, step_options
+from orchestrator.pipeline.sampling import CHURN, check_discard, editing_steps, step_options
 from orchestrator.pipeline.seeds import Seeds
 
 if TYPE_CHECKING:
@@ -89,7 +89,8 @@ def unit_text(unit, model: str) -> str:
 def sampler_settings(request: Txt2ImgRequest) -> dict:
     """The sampler options that are not their defaults (kiln.infotext.SAMPLER_FIELDS names them): DDIM's eta where
     either pass runs DDIM, k-diffusion's where either takes it, the churn (checked to be the sampler's),
-    s_min_uncond."""
+    s_min_uncond, the schedule settings, and always_discard_next_to_last_sigma where it changes either pass's
+    sigmas."""
     samplers = request.samplers
     settings = {name: getattr(request, name) for name in CHURN if getattr(request, name) != CHURN[name]}
     if "DDIM" in samplers and request.eta:
@@ -98,6 +99,8 @@ def sampler_settings(request: Txt2ImgRequest) -> dict:
         settings["eta_ancestral"] = request.eta_ancestral
     if request.s_min_uncond:
         settings["s_min_uncond"] = request.s_min_uncond
+    if request.discard_penultimate_sigma and any(check_discard(sampler, True) for sampler in samplers):
+        settings["discard_penultimate_sigma"] = True
     for name in ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho"):  # checked to be the schedule's
         if getattr(request, name):
             settings[name] = getattr(request, name)

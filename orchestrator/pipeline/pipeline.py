@@ -190,13 +190,13 @@ class Pipeline:
         # 4. Scheduler and timesteps; img2img starts where `denoising_strength` says. The hires fix's second pass
         # has its own, made now: progress counts both passes' steps.
         start = img2img_start(request.sampler, request.steps, request.denoising_strength) if init else None
-        scheduler, timesteps = schedule(request.sampler, contract.scheduler_config, request.steps, seed, start,
-                                        contract.family, request.sigma_settings)
+        scheduler, timesteps = schedule(request.sampler, contract.scheduler_config, request.steps, seeds, start,
+                                        contract.family, request.sigma_settings, request.discard_penultimate_sigma)
         second = None
         if request.hires is not None:
             total, run = hires.second_pass_steps(request.hires, request.steps)
-            second = schedule(request.hires.sampler or request.sampler, contract.scheduler_config, total, seed,
-                              total - run, contract.family, request.sigma_settings)
+            second = schedule(request.hires.sampler or request.sampler, contract.scheduler_config, total, seeds,
+                              total - run, contract.family, request.sigma_settings, request.discard_penultimate_sigma)
 
         # 5. Initial latents, drawn like diffusers' pipelines (none where the hires fix's first pass is given).
         shape = (batch, contract.latent_channels, request.height // contract.vae_scale_factor,

@@ -97,7 +97,7 @@ class Txt2ImgRequest:
     height: int = 512
     batch_size: int = 1
     eta: float = 0.0  # DDIM's eta (other samplers ignore it)
-    # k-diffusion's eta (AUTOMATIC1111's eta_ancestral): how much of their noise Euler a, DPM++ SDE and DPM++ 2M SDE
+    # k-diffusion's eta (AUTOMATIC1111's eta_ancestral): how much of their noise Euler a and the DPM++ SDE samplers
     # add each step (0: none, Euler's, DPM-Solver++(2S)'s and DPM++ 2M's steps); the others add no noise of their own
     eta_ancestral: float = 1.0
     controlnet: ControlNetUnit | tuple[ControlNetUnit, ...] | None = None  # one unit, or several (summed residuals)
@@ -128,6 +128,9 @@ class Txt2ImgRequest:
     schedule_sigma_min: float = 0.0
     schedule_sigma_max: float = 0.0
     schedule_rho: float = 0.0
+    # AUTOMATIC1111's always_discard_next_to_last_sigma: the k-diffusion samplers run the sigmas of one step more,
+    # the last above 0 left out (as DPM++ 3M SDE does always; sampling.check_discard)
+    discard_penultimate_sigma: bool = False
     # Where the negative prompt and the prompt differ in length (chunks of 75 tokens): "off", AUTOMATIC1111's default,
     # runs them in UNet calls of their own; "empty_chunks" pads the shorter with the empty prompt's chunks (its
     # pad_cond_uncond, "Pad conds"); "last_vector" pads the negative prompt with its last vector, or cuts it

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from kiln.errors import NotFoundError
+from kiln.errors import InputError, NotFoundError
 from orchestrator.pipeline import noise, sigmas
 from orchestrator.pipeline.sigmas import OWN_SCHEDULES, SCHEDULE_TYPES, schedule_types
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class Sampler:
     scheduler: str  # diffusers class name
     overrides: dict = field(default_factory=dict)  # config values that make it this sampler
-    seeded: bool = False  # draws its noise from a seed in its config, not from the step's generator
+    seeded: bool = False  # draws its noise from its images' seeds (a Brownian tree), not from the step's generator
     second_order: bool = False  # two model calls a step: AUTOMATIC1111 counts prompt-editing steps twice
     k_diffusion: bool = True  # AUTOMATIC1111 runs it through k-diffusion (img2img_start), not as diffusers' own
     compvis: bool = False  # one of AUTOMATIC1111's own timestep samplers (orchestrator.pipeline.compvis)
@@ -35,7 +35,9 @@ class Sampler:
     # timesteps it runs (Euler a on Euler's Karras sigmas; both step through the same table)
     sigmas_from: tuple[str, dict] | None = None
     sigma_schedule: str | None = None  # one of sigmas.OWN_SCHEDULES: kiln computes its sigmas (sigmas.install)
-    needs: str | None = None  # a package beyond the serving install's (LMS: scipy; DPM++ SDE's Brownian tree: torchsde)
+    needs: str | None = None  # a package beyond the serving install's (LMS: scipy; the SDEs' Brownian tree: torchsde)
+    # AUTOMATIC1111's discard_next_to_last_sigma: the sigmas of one step more, the last above 0 left out
+    discard_penultimate: bool = False
 
 
 # k-diffusion's own schedule, which AUTOMATIC1111's "Automatic" and "Uniform" run for its k-diffusion samplers: the
@@ -50,6 +52,8 @@ class Sampler:
 UNIFORM = {"timestep_spacing": "linspace"}
 SDE = {"algorithm_type": "sde-dpmsolver++"}
 UNIPC = UNIFORM | {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True, "final_sigmas_type": "sigma_min"}
+# DPM++ 2M SDE's noise as AUTOMATIC1111's (brownian_noise): a Brownian tree seeded by each image's seed
+BROWNIAN_2M = Sampler("DPMSolverMultistepEta", SDE, seeded=True, needs="torchsde")
 SAMPLERS = {
     "Euler": Sampler("EulerDiscreteScheduler", UNIFORM),
     "Euler a": Sampler("EulerAncestralEta", UNIFORM),
@@ -66,12 +70,19 @@ SAMPLERS = {
     "DPM++ SDE": Sampler("DPMSolverSDEEta", UNIFORM, seeded=True, second_order=True, needs="torchsde"),
     "DPM++ SDE Karras": Sampler("DPMSolverSDEEta", {"use_karras_sigmas": True} | UNIFORM, seeded=True,
                                 second_order=True, needs="torchsde"),
-    "DPM++ 2M SDE": Sampler("DPMSolverMultistepEta", SDE),
-    "DPM++ 2M SDE Karras": Sampler("DPMSolverMultistepEta", SDE | {"use_karras_sigmas": True}),
+    "DPM++ 2M SDE": BROWNIAN_2M,
+    "DPM++ 2M SDE Karras": replace(BROWNIAN_2M, overrides=SDE | {"use_karras_sigmas": True}),
     # k-diffusion's get_sigmas_exponential (AUTOMATIC1111 1.9+'s Automatic schedule for DPM++ 2M SDE)
-    "DPM++ 2M SDE Exponential": Sampler("DPMSolverMultistepEta", SDE | {"use_exponential_sigmas": True}),
+    "DPM++ 2M SDE Exponential": replace(BROWNIAN_2M, overrides=SDE | {"use_exponential_sigmas": True}),
     "UniPC": Sampler("UniPCMultistepScheduler", UNIPC, k_diffusion=False),
     "LCM": Sampler("LCMScheduler", k_diffusion=False),
+    # after the others, so that SD.Next's sampler_index (a position in /sdapi/v1/samplers) keeps its meaning
+    "DPM++ 2M SDE Heun": replace(BROWNIAN_2M, overrides=SDE | {"solver_type": "heun"}),
+    # k-diffusion's sample_dpmpp_3m_sde (orchestrator.pipeline.ancestral): third order from its third step, its
+    # second Heun's, to the end (diffusers' lower_order_final would step second-order late in a short run);
+    # AUTOMATIC1111 discards its next-to-last sigma
+    "DPM++ 3M SDE": replace(BROWNIAN_2M, overrides=SDE | {"solver_order": 3, "solver_type": "heun",
+                                                          "lower_order_final": False}, discard_penultimate=True),
 }
 
 # AUTOMATIC1111 1.10's schedule types (sigmas.SCHEDULE_TYPES, diffusers' switches; sigmas.OWN_SCHEDULES): any
@@ -100,7 +111,7 @@ class UnknownSampler(NotFoundError):
 
 def check_sampler(name: str) -> Sampler:
     """One of SAMPLERS, or one of them on another schedule type ("Euler Karras": split_schedule), that this install
-    runs (LMS needs scipy and DPM++ SDE torchsde, which the serving install leaves out)."""
+    runs (Sampler.needs: LMS needs scipy, which the serving install leaves out)."""
     if not isinstance(name, str):
         raise not_found(name)
     base, kind = (name, None) if name in SAMPLERS else split_schedule(name)
@@ -188,20 +199,19 @@ def schedule_kind(name: str) -> str | None:
     return sampler.sigma_schedule or next(iter(switched), None) if sampler.k_diffusion else None
 
 
-def make_scheduler(name: str, base_config: dict, seed: int | None = None, family: str = "sd1",
-                   settings: tuple[float, float, float] = sigmas.NO_SETTINGS):
+def make_scheduler(name: str, base_config: dict, seed: int | list[int] | None = None, family: str = "sd1",
+                   settings: tuple[float, float, float] = sigmas.NO_SETTINGS, discard: bool = False):
     """A fresh scheduler for one request (schedulers keep per-run state, so never share one).
 
-    `seed` seeds the samplers that draw their own noise (DPM++ SDE's Brownian tree), so a seed
-    gives the same image every time; the others take the generator at each step. `family`
-    (build.sd.families) picks Align Your Steps' sigmas; `settings` are AUTOMATIC1111's sigma_min,
-    sigma_max and rho (sigmas.check_settings).
+    `seed` (one, or each image's) seeds the samplers that draw their own noise (the SDEs' Brownian trees), so a seed
+    gives the same image every time; the others take the generator at each step. `family` (build.sd.families) picks
+    Align Your Steps' sigmas; `settings` are AUTOMATIC1111's sigma_min, sigma_max and rho (sigmas.check_settings);
+    `discard` its always_discard_next_to_last_sigma (check_discard).
     """
     sampler = check_sampler(name)
-    config = _config(base_config, sampler.overrides)
+    scheduler = _scheduler_class(sampler.scheduler).from_config(_config(base_config, sampler.overrides))
     if sampler.seeded and seed is not None:
-        config["noise_sampler_seed"] = seed
-    scheduler = _scheduler_class(sampler.scheduler).from_config(config)
+        scheduler.noise_sampler_seed = seed
     computes = scheduler
     if sampler.sigmas_from is not None:
         computes = _scheduler_class(sampler.sigmas_from[0]).from_config(_config(base_config, sampler.sigmas_from[1]))
@@ -209,7 +219,24 @@ def make_scheduler(name: str, base_config: dict, seed: int | None = None, family
     kind = schedule_kind(name)
     if sampler.sigma_schedule is not None or (any(settings) and kind):  # kiln's (diffusers' take no settings)
         sigmas.install(computes, kind, family, settings)
+    if sampler.discard_penultimate or check_discard(name, discard):
+        sigmas.discard_penultimate(scheduler)
     return scheduler
+
+
+def check_discard(name: str, discard: bool) -> bool:
+    """Whether AUTOMATIC1111's always_discard_next_to_last_sigma changes the sampler's sigmas (and its infotext says
+    so): on its k-diffusion samplers that do not discard already; its timestep samplers (DDIM, PLMS, UniPC) and
+    diffusers' DDPM and LCM have no sigmas to discard, as there. A second-order sampler is refused: diffusers
+    interleaves its two calls' sigmas."""
+    sampler = check_sampler(name)
+    if not discard or not sampler.k_diffusion or sampler.discard_penultimate:
+        return False
+    if sampler.second_order:
+        raise InputError(f"always_discard_next_to_last_sigma: kiln cannot discard {name}'s next-to-last sigma "
+                         "(a second-order sampler, whose two calls a step diffusers interleaves); turn it off or use "
+                         "another sampler")
+    return True
 
 
 def img2img_start(name: str, steps: int, strength: float) -> int:
@@ -232,14 +259,14 @@ def _config(base_config: dict, overrides: dict) -> dict:
     return {k: v for k, v in base_config.items() if k in SCHEDULE_KEYS} | overrides
 
 
-def schedule(name: str, base_config: dict, steps: int, seed: int, start: int | None = None, family: str = "sd1",
-             settings: tuple[float, float, float] = sigmas.NO_SETTINGS) -> tuple:
-    """A fresh scheduler set to `steps` steps, and the timesteps of its model calls: from noise (start None), or from
-    img2img's `start` (img2img_start; its noise by step index, not by timestep value, which a multistep scheduler's
-    rounding can repeat). AUTOMATIC1111's DDIM and PLMS begin where their own rules say (compvis.first_call)."""
-    from kiln.errors import InputError
-
-    scheduler = make_scheduler(name, base_config, seed=seed, family=family, settings=settings)
+def schedule(name: str, base_config: dict, steps: int, seed: int | list[int], start: int | None = None,
+             family: str = "sd1", settings: tuple[float, float, float] = sigmas.NO_SETTINGS,
+             discard: bool = False) -> tuple:
+    """A fresh scheduler (make_scheduler) set to `steps` steps, and the timesteps of its model calls: from noise (start
+    None), or from img2img's `start` (img2img_start; its noise by step index, not by timestep value, which a
+    multistep scheduler's rounding can repeat). AUTOMATIC1111's DDIM and PLMS begin where their own rules say
+    (compvis.first_call)."""
+    scheduler = make_scheduler(name, base_config, seed=seed, family=family, settings=settings, discard=discard)
     try:
         scheduler.set_timesteps(steps)
     except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule

@@ -193,6 +193,23 @@ def install(scheduler, kind: str, family: str, settings: tuple[float, float, flo
     scheduler.set_timesteps = set_timesteps
 
 
+def discard_penultimate(scheduler) -> None:
+    """From now on `scheduler.set_timesteps(n)` sets the sigmas of n + 1 steps with the last above the final one left
+    out (AUTOMATIC1111's discard_next_to_last_sigma): n steps, the last from the second-lowest sigma to the end. For
+    schedulers that call the model once a sigma (timesteps[i] is sigmas[i]'s)."""
+    import torch
+
+    own = scheduler.set_timesteps
+
+    def set_timesteps(num_inference_steps: int, device=None) -> None:
+        own(num_inference_steps + 1, device)
+        scheduler.sigmas = torch.cat([scheduler.sigmas[:-2], scheduler.sigmas[-1:]])
+        scheduler.timesteps = scheduler.timesteps[:-1]
+        scheduler.num_inference_steps = num_inference_steps
+
+    scheduler.set_timesteps = set_timesteps
+
+
 def borrow(scheduler, other) -> None:
     """From now on, `scheduler.set_timesteps` sets `other`'s sigmas and timesteps (Sampler.sigmas_from)."""
     own = scheduler.set_timesteps

@@ -25,6 +25,7 @@ from orchestrator.pipeline.requests import PAD_CONDS, ControlNetUnit, Img2ImgReq
 from orchestrator.pipeline.sampling import (
     CHURN,
     SAMPLERS,
+    check_discard,
     check_sampler,
     img2img_start,
     runs_here,
@@ -99,7 +100,11 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         raise InputError(f"use_old_scheduling must be true or false, got {request.use_old_scheduling!r}")
     if request.pad_conds not in PAD_CONDS:
         raise InputError(f"pad_conds must be one of {', '.join(PAD_CONDS)}, got {request.pad_conds!r}")
-    _check_schedule(request.sampler, request.steps, contract, request.sigma_settings)
+    if not isinstance(request.discard_penultimate_sigma, bool):
+        raise InputError(f"discard_penultimate_sigma (always_discard_next_to_last_sigma) must be true or false, got "
+                         f"{request.discard_penultimate_sigma!r}")
+    _check_schedule(request.sampler, request.steps, contract, request.sigma_settings,
+                    request.discard_penultimate_sigma)
     _check_churn(request)
     _number_in("eta_ancestral", request.eta_ancestral, 0, 1)
     if request.hires is not None:
@@ -149,13 +154,17 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
                          "DDIM and PLMS call the model at every step of their ladder but the last): ask for 2 or more")
 
 
-def _check_schedule(name: str, steps: int, contract: SDContract, settings: tuple[float, float, float]) -> None:
-    """A known sampler, on a schedule type that takes the schedule settings given (sigmas.check_settings); where kiln
-    computes the sigmas, they are computed now: a range upside down, or a step count AUTOMATIC1111's DDIM type would
-    run as another, is refused before the job is queued."""
+def _check_schedule(name: str, steps: int, contract: SDContract, settings: tuple[float, float, float],
+                    discard: bool) -> None:
+    """A known sampler, on a schedule type that takes the schedule settings given (sigmas.check_settings), that can
+    discard its next-to-last sigma if asked (sampling.check_discard); where kiln computes the sigmas, they are
+    computed now: a range upside down, or a step count AUTOMATIC1111's DDIM type would run as another, is refused
+    before the job is queued."""
     check_settings(schedule_kind(name), settings, name)
+    check_discard(name, discard)
     if check_sampler(name).sigma_schedule is not None or any(settings):
-        schedule(name, contract.scheduler_config, steps, 0, family=contract.family, settings=settings)
+        schedule(name, contract.scheduler_config, steps, 0, family=contract.family, settings=settings,
+                 discard=discard)
 
 
 def _runs_none(name: str, steps: int, start: int | None, contract: SDContract) -> bool:
@@ -231,7 +240,7 @@ def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) 
     _integer_in("hr_second_pass_steps", fix.steps, 0, limits.max_steps)
     total, run = hires.second_pass_steps(fix, request.steps)
     sampler = getattr(fix, "sampler", None) or request.sampler
-    _check_schedule(sampler, total, contract, request.sigma_settings)
+    _check_schedule(sampler, total, contract, request.sigma_settings, request.discard_penultimate_sigma)
     if _runs_none(sampler, total, total - run, contract):
         raise InputError(f"hr_second_pass_steps: {sampler} runs no denoising step in the second pass at {run} steps "
                          "(AUTOMATIC1111's DDIM and PLMS run N - 2 there): ask for 3 or more")

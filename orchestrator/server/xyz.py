@@ -53,6 +53,13 @@ def _field(name: str):
     return lambda body, value: body.model_copy(update={name: value})
 
 
+def boolean(text: str) -> bool:
+    """AUTOMATIC1111's boolean axis values: True or False."""
+    if text.strip() not in ("True", "False"):
+        raise ValueError(text)
+    return text.strip() == "True"
+
+
 def _override(name: str):
     return lambda body, value: body.model_copy(update={"override_settings": {**body.override_settings, name: value}})
 
@@ -91,6 +98,7 @@ AXES: dict[str, tuple[type, Any]] = {
     "Initial noise multiplier": (float, _field("initial_noise_multiplier")),
     "Hires upscaler": (str, _field("hr_upscaler")),
     "VAE": (str, _override("sd_vae")), "Styles": (str, lambda b, v: b.model_copy(update={"styles": [*b.styles, v]})),
+    "Always discard next-to-last sigma": (boolean, _override("always_discard_next_to_last_sigma")),
     "Refiner checkpoint": (str, _field("refiner_checkpoint")),
     "Refiner switch at": (float, _field("refiner_switch_at")),
     "[ControlNet] Weight": (float, _controlnet_weight),
