@@ -560,6 +560,27 @@ def test_the_sdes_brownian_noise_is_each_images_own():
         assert not torch.allclose(both[1:], run([9], slice(1, 2)), atol=1e-3), name
 
 
+def test_the_brownian_steps_raise_a_failed_tree_and_the_benchmark_runs_every_arm(tmp_path):
+    """The noise computed ahead in threads: a tree that cannot be made (no sigma above 0 to span) fails the step that
+    waits for it, naming it, instead of hanging it; seeds that are not the batch's are refused; benchmarks/brownian.py
+    runs its three arms, whose tree noise agrees exactly (checked inside), and writes its JSON."""
+    import torch
+
+    from benchmarks.brownian import main
+    from orchestrator.pipeline.ancestral import BrownianSteps
+
+    steps = BrownianSteps(torch.zeros(2, 4, 3, 3), torch.tensor([0.0, 0.0]), [1, 2], 0)
+    with pytest.raises(RuntimeError, match="the Brownian tree's noise failed"):
+        steps.take(0)
+    with pytest.raises(ValueError, match="3 seeds for a batch of 2 images"):
+        BrownianSteps(torch.zeros(2, 4, 3, 3), torch.tensor([14.6, 3.0, 0.0]), [1, 2, 3], 0)
+    result = main(["--steps", "3", "--repeats", "1", "--wait", "1", "--out", str(tmp_path)])
+    assert [(row["batch"], row["arm"]) for row in result["rows"]] == [
+        (batch, arm) for batch in (1, 4)
+        for arm in ("generator noise", "tree, asked at each step", "tree, computed ahead (kiln)")]
+    assert all(row["ms_per_step"] >= 1 for row in result["rows"]) and (tmp_path / "brownian.json").exists()
+
+
 def test_dpmpp_3m_sde_and_the_discard_option_leave_out_the_next_to_last_sigma():
     """AUTOMATIC1111's discard_next_to_last_sigma (DPM++ 3M SDE's own; always_discard_next_to_last_sigma for the
     other k-diffusion samplers): the sigmas of one step more, the last above 0 left out, img2img starting on them as

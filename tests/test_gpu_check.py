@@ -60,7 +60,10 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert session["uint8_vs_float32_max_abs_diff"] == 0 and session["batches"]["1_uint8"]["images_per_s"] > 0
     served, local = phases["sd_served"], phases["sd_in_process"]
     assert served["image_s"] > 0 and local["in_process"]["image_s"] > 0 and local["diffusers"]["image_s"] > 0
-    assert 0 < served["triton_compute_s"] < served["model_calls_s"] < served["image_s"]
+    assert 0 < served["model_calls_s"] < served["image_s"]
+    # Triton's compute is within the client's calls; its statistics settle after the responses, and on a loaded
+    # machine the snapshot before the run can miss the warm-up's last few ms (3.4 ms of 6.9 s once, on 2 busy cores)
+    assert 0 < served["triton_compute_s"] < served["model_calls_s"] * 1.01
     assert served["model_calls"] == 1 + 3 + 1  # the text encoder (both prompts), 3 UNet steps, the VAE
     # Triton's compute_infer taken apart by the served models themselves (KILN_EXECUTE_TIMING): the inputs, the
     # session's copy in, compute and copy out, the responses; and the stub's CPUs and torch threads

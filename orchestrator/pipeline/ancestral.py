@@ -32,6 +32,8 @@ class is in orchestrator.pipeline.ancestral_sde, as diffusers' DPM++ SDE imports
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
@@ -76,6 +78,47 @@ class EulerAncestralEta(EulerAncestralDiscreteScheduler):
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=previous, pred_original_sample=denoised)
 
 
+class BrownianSteps:
+    """The noise of a run's steps from a Brownian tree (k-diffusion's BrownianTreeNoiseSampler over the schedule's
+    range, a tree per image seeded by its seed), computed ahead in a thread of its own from the first step on, in the
+    steps' order, so that the tree's work overlaps the model's calls: a query descends the tree to its tolerance with
+    some 50 seeded draws, about 5 ms a step for each 512x512 image on a CPU core, where the generator's noise takes
+    0.5 for the step (benchmarks/brownian.py; a thread per image was slower: the draws hold the GIL between them).
+    The values are the same queries' in the same order, so the same numbers."""
+
+    def __init__(self, sample: torch.Tensor, sigmas: torch.Tensor, seed, start: int) -> None:
+        if not isinstance(seed, int) and len(seed) != len(sample):
+            raise ValueError(f"{len(seed)} seeds for a batch of {len(sample)} images")
+        self._values: dict[int, torch.Tensor] = {}
+        self._failed: Exception | None = None
+        self._ready = threading.Condition()
+        threading.Thread(target=self._compute, args=(torch.zeros_like(sample, dtype=torch.float32), sigmas.clone(),
+                                                     seed, start), daemon=True, name="brownian-steps").start()
+
+    def _compute(self, shape: torch.Tensor, sigmas: torch.Tensor, seed, start: int) -> None:
+        from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler  # torchsde
+
+        try:
+            tree = BrownianTreeNoiseSampler(shape, sigmas[sigmas > 0].min().item(), sigmas.max().item(), seed)
+            for i in range(start, len(sigmas) - 1):
+                value = torch.zeros_like(shape) if sigmas[i + 1] == 0 else tree(sigmas[i], sigmas[i + 1])
+                with self._ready:
+                    self._values[i] = value
+                    self._ready.notify_all()
+        except Exception as exc:  # noqa: BLE001 - raised again in the step that waits for it
+            with self._ready:
+                self._failed = exc
+                self._ready.notify_all()
+
+    def take(self, index: int) -> torch.Tensor:
+        """Step `index`'s noise, waiting for it if the thread has not got there yet."""
+        with self._ready:
+            self._ready.wait_for(lambda: index in self._values or self._failed is not None)
+            if index not in self._values:
+                raise RuntimeError("the Brownian tree's noise failed") from self._failed
+            return self._values.pop(index)
+
+
 class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
     """diffusers' DPM++ 2M SDE (midpoint or heun) and, at solver order 3, k-diffusion's DPM++ 3M SDE, their steps
     taking k-diffusion's eta (`eta_ancestral`; at 1 diffusers' own first- and second-order updates), their noise from
@@ -98,19 +141,14 @@ class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
                             return_dict=return_dict)
 
     def _brownian(self, sample: torch.Tensor, timestep) -> torch.Tensor:
-        """k-diffusion's noise_sampler(sigma, sigma_next) for this step: none into sigma 0, where no noise is added."""
-        from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler  # torchsde
-
+        """k-diffusion's noise_sampler(sigma, sigma_next) for this step (none into sigma 0, where no noise is added),
+        from a tree over the schedule's range, as sample_dpmpp_2m_sde's: the whole run's, computed ahead
+        (BrownianSteps)."""
         if self.step_index is None:
             self._init_step_index(timestep)
-        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
-        if sigma_next == 0:
-            return torch.zeros_like(sample, dtype=torch.float32)
-        if self.noise_sampler is None:  # over the schedule's range, as sample_dpmpp_2m_sde's
-            low, high = self.sigmas[self.sigmas > 0].min(), self.sigmas.max()
-            self.noise_sampler = BrownianTreeNoiseSampler(sample.float(), low.item(), high.item(),
-                                                          self.noise_sampler_seed)
-        return self.noise_sampler(sigma, sigma_next)
+        if self.noise_sampler is None:
+            self.noise_sampler = BrownianSteps(sample, self.sigmas, self.noise_sampler_seed, self.step_index)
+        return self.noise_sampler.take(self.step_index)
 
     def dpm_solver_first_order_update(self, model_output: torch.Tensor, *args, sample=None, noise=None, **kwargs):
         if self.eta_ancestral == 1 or args or kwargs:

@@ -1,0 +1,105 @@
+"""What AUTOMATIC1111's Brownian-tree noise costs the denoising loop (DPM++ 2M SDE; 3M SDE and DPM++ SDE draw the
+same way): a step of diffusers' DPMSolverMultistep scheduler with its generator's noise, against the same step with
+the noise of the tree seeded by each image's seed, asked for at each step, and kiln's way, the run's noise computed
+ahead in a thread (orchestrator.pipeline.ancestral.BrownianSteps). SD 1.5's latent at 512x512 (4 x 64 x 64), batch 1
+and 4, one torch thread.
+
+Between steps the loop waits `--wait` ms for the model, as the orchestrator waits on Triton for a GPU's UNet (its
+thread idle, the GIL released): a sleep stands in for that wait here, so this measures how much of the tree's work
+the wait hides, not a model. 0 is the loop alone.
+
+    python -m benchmarks.brownian [--steps 20] [--repeats 3] [--wait 0 10] [--out benchmarks/results]
+
+Prints a table, writes brownian.json in --out; each ratio is against the generator's noise measured in the
+same run at the same wait, and each arm's last latent is checked against the others' (the tree's two ways must agree
+exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+            "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def _run(arm: str, batch: int, steps: int, wait_s: float) -> tuple[float, object]:
+    """Seconds a step, and the last latent, for one arm."""
+    import torch
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    from orchestrator.pipeline.sampling import schedule
+
+    seeds = list(range(100, 100 + batch))
+    scheduler, timesteps = schedule("DPM++ 2M SDE Exponential", SCHEDULE, steps, seed=seeds)
+    if arm == "generator noise":
+        scheduler.noise_sampler_seed = None
+    x = torch.randn(batch, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(batch, 4, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.3
+    generator, sigmas = torch.Generator().manual_seed(2), scheduler.sigmas
+    tree = None
+    start = time.perf_counter()
+    for i, t in enumerate(timesteps):
+        time.sleep(wait_s)  # the model's call
+        noise = None
+        if arm == "tree, asked at each step":
+            if tree is None:
+                tree = BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min().item(), sigmas.max().item(), seeds)
+            noise = torch.zeros_like(x) if sigmas[i + 1] == 0 else tree(sigmas[i], sigmas[i + 1])
+        x = scheduler.step(eps, t, x, generator=generator, variance_noise=noise).prev_sample
+    return (time.perf_counter() - start) / len(timesteps), x
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from benchmarks.load import machine, machine_line
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--wait", type=float, nargs="+", default=[0.0, 10.0], help="ms the loop waits a step")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    arms = ("generator noise", "tree, asked at each step", "tree, computed ahead (kiln)")
+    cases = [(batch, wait) for batch in (1, 4) for wait in args.wait]
+    rows = []
+    with tqdm(total=len(cases) * len(arms) * args.repeats, desc="brownian", unit="run") as bar:
+        for batch, wait in cases:
+            times: dict[str, list[float]] = {arm: [] for arm in arms}
+            last = {}
+            for _ in range(args.repeats):  # interleaved: drift hits every arm alike
+                for arm in arms:
+                    seconds, last[arm] = _run(arm, batch, args.steps, wait / 1000)
+                    times[arm].append(seconds)
+                    bar.update()
+            assert torch.equal(last[arms[1]], last[arms[2]]), "the tree's two ways gave other numbers"
+            base = float(np.median(times[arms[0]]))
+            for arm in arms:
+                median = float(np.median(times[arm]))
+                rows.append({"batch": batch, "wait_ms": wait, "arm": arm, "ms_per_step": round(median * 1000, 3),
+                             "over_generator": round(median / base, 3),
+                             "beyond_wait_ms": round(median * 1000 - wait, 3)})
+    result = {"machine": machine(), "steps": args.steps, "repeats": args.repeats, "latent": [4, 64, 64],
+              "torch_threads": 1, "rows": rows}
+    print(machine_line(result["machine"]))
+    print("| batch | wait a step (ms) | noise | ms a step | beyond the wait (ms) | over generator noise |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['batch']} | {row['wait_ms']:g} | {row['arm']} | {row['ms_per_step']:.2f} | "
+              f"{row['beyond_wait_ms']:.2f} | {row['over_generator']:.2f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "brownian.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
