@@ -560,25 +560,47 @@ def test_the_sdes_brownian_noise_is_each_images_own():
         assert not torch.allclose(both[1:], run([9], slice(1, 2)), atol=1e-3), name
 
 
-def test_the_brownian_steps_raise_a_failed_tree_and_the_benchmark_runs_every_arm(tmp_path):
-    """The noise computed ahead in threads: a tree that cannot be made (no sigma above 0 to span) fails the step that
-    waits for it, naming it, instead of hanging it; seeds that are not the batch's are refused; benchmarks/brownian.py
-    runs its three arms, whose tree noise agrees exactly (checked inside), and writes its JSON."""
+def test_the_brownian_steps_run_a_window_ahead_stop_with_their_run_and_raise_its_faults(tmp_path):
+    """The noise computed ahead in a thread: a tree that cannot be made (no sigma above 0 to span) fails the step that
+    waits for it, naming it, instead of hanging it; a query other than the run's next is refused, as are seeds that
+    are not the batch's; benchmarks/brownian.py runs its five arms, whose tree noise agrees exactly (checked inside),
+    and writes its JSON."""
+    import gc
+    import time
+
     import torch
 
     from benchmarks.brownian import main
     from orchestrator.pipeline.ancestral import BrownianSteps
 
-    steps = BrownianSteps(torch.zeros(2, 4, 3, 3), torch.tensor([0.0, 0.0]), [1, 2], 0)
+    high, low = torch.tensor(14.6), torch.tensor(3.0)
+    broken = BrownianSteps(torch.zeros(2, 4, 3, 3), torch.tensor([0.0, 0.0]), [1, 2], [(high, low)])
     with pytest.raises(RuntimeError, match="the Brownian tree's noise failed"):
-        steps.take(0)
+        broken(high, low)
+    steps = BrownianSteps(torch.zeros(2, 4, 3, 3), torch.tensor([14.6, 3.0, 0.0]), [1, 2], [(high, low)])
+    with pytest.raises(RuntimeError, match=r"asked for \(3, 14.6\), not the run's next query"):
+        steps(low, high)
+    assert steps(high, low).shape == (2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="not the run's next query"):
+        steps(high, low)  # asked once only
     with pytest.raises(ValueError, match="3 seeds for a batch of 2 images"):
-        BrownianSteps(torch.zeros(2, 4, 3, 3), torch.tensor([14.6, 3.0, 0.0]), [1, 2, 3], 0)
+        BrownianSteps(torch.zeros(2, 4, 3, 3), torch.tensor([14.6, 3.0, 0.0]), [1, 2, 3], [])
+    # at most `window` values ahead of the steps; a run dropped mid-way (cancelled) stops its thread
+    sigmas = torch.linspace(14.6, 0.1, 12)
+    steps = BrownianSteps(torch.zeros(1, 4, 8, 8), sigmas, [5], list(zip(sigmas[:-1], sigmas[1:])), window=2)
+    ahead = steps._ahead
+    steps(sigmas[0], sigmas[1])
+    time.sleep(0.5)
+    assert len(ahead.values) == 2 and not ahead.done
+    del steps
+    gc.collect()
+    with ahead.ready:
+        assert ahead.ready.wait_for(lambda: ahead.done, timeout=5) and len(ahead.values) == 2
     result = main(["--steps", "3", "--repeats", "1", "--wait", "1", "--out", str(tmp_path)])
-    assert [(row["batch"], row["arm"]) for row in result["rows"]] == [
-        (batch, arm) for batch in (1, 4)
-        for arm in ("generator noise", "tree, asked at each step", "tree, computed ahead (kiln)")]
-    assert all(row["ms_per_step"] >= 1 for row in result["rows"]) and (tmp_path / "brownian.json").exists()
+    assert [(row["batch"], row["arm"]) for row in result["rows"]] == [(batch, arm) for batch in (1, 4) for arm in (
+        "DPM++ 2M SDE, generator noise", "DPM++ 2M SDE, tree asked at each step", "DPM++ 2M SDE, tree computed ahead",
+        "DPM++ SDE, tree asked at each call (diffusers')", "DPM++ SDE, tree computed ahead")]
+    assert all(row["ms_per_call"] >= 1 for row in result["rows"]) and (tmp_path / "brownian.json").exists()
 
 
 def test_dpmpp_3m_sde_and_the_discard_option_leave_out_the_next_to_last_sigma():
@@ -605,12 +627,17 @@ def test_dpmpp_3m_sde_and_the_discard_option_leave_out_the_next_to_last_sigma():
         _, start = schedule(name, table, 20, seed=0, start=5, discard=True)
         assert torch.equal(start, plain.timesteps[5:-1]), name
         assert check_discard(name, True) and not check_discard(name, False)
-    for name in ("DPM++ 3M SDE", "DDIM", "UniPC", "LCM"):
+    for name in ("DPM++ 3M SDE", "DDIM", "PLMS", "UniPC"):
         assert not check_discard(name, True), name
     assert torch.equal(schedule("DDIM", table, 20, seed=0, discard=True)[1], schedule("DDIM", table, 20, seed=0)[1])
     for name in ("Heun", "DPM++ SDE Karras"):
         with pytest.raises(InputError, match=re.escape(f"cannot discard {name}'s next-to-last sigma")):
             check_discard(name, True)
+    for name in ("LCM", "DDPM"):
+        with pytest.raises(InputError, match=f"kiln's {name} runs diffusers' timesteps"):
+            check_discard(name, True)
+    with pytest.raises(InputError, match="ask for one step fewer"):  # the DDIM type runs 30 steps for 29 + 1
+        schedule("Euler DDIM", table, 29, seed=0, discard=True)
 
 
 @pytest.mark.parametrize("name", ["DPM++ SDE", "DPM++ SDE Karras"])
@@ -657,11 +684,13 @@ def test_dpmpp_sde_takes_k_diffusions_eta(name):
                 x = denoised
             else:
                 mid = math.sqrt(s * to)
+                # the tree asked where k-diffusion asks it: sigma_fn(t), sigma_fn(t + h / 2), sigma_fn(t_next)
+                t, t_next = torch.tensor(s).log().neg(), torch.tensor(to).log().neg()
+                at, half, end = t.neg().exp(), (t + (t_next - t) * 0.5).neg().exp(), t_next.neg().exp()
                 down, up = ancestral(s, mid, eta)
-                halfway = down / s * x + (1 - down / s) * denoised + tree(torch.tensor(s), torch.tensor(mid)) * up
+                halfway = down / s * x + (1 - down / s) * denoised + tree(at, half) * up
                 down, up = ancestral(s, to, eta)
-                x = down / s * x + (1 - down / s) * (halfway - mid * eps.double()) + \
-                    tree(torch.tensor(s), torch.tensor(to)) * up
+                x = down / s * x + (1 - down / s) * (halfway - mid * eps.double()) + tree(at, end) * up
             reference.append(x)
         ends = [got[i] for i in range(1, len(got) - 1, 2)] + [got[-1]]  # after each step's second call, and the last
         assert all(torch.allclose(a.double(), b, atol=1e-4) for a, b in zip(ends, reference)), eta

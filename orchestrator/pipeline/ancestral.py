@@ -33,6 +33,7 @@ class is in orchestrator.pipeline.ancestral_sde, as diffusers' DPM++ SDE imports
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
@@ -78,45 +79,79 @@ class EulerAncestralEta(EulerAncestralDiscreteScheduler):
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=previous, pred_original_sample=denoised)
 
 
-class BrownianSteps:
-    """The noise of a run's steps from a Brownian tree (k-diffusion's BrownianTreeNoiseSampler over the schedule's
-    range, a tree per image seeded by its seed), computed ahead in a thread of its own from the first step on, in the
-    steps' order, so that the tree's work overlaps the model's calls: a query descends the tree to its tolerance with
-    some 50 seeded draws, about 5 ms a step for each 512x512 image on a CPU core, where the generator's noise takes
-    0.5 for the step (benchmarks/brownian.py; a thread per image was slower: the draws hold the GIL between them).
-    The values are the same queries' in the same order, so the same numbers."""
+class _Ahead:
+    """What BrownianSteps' thread shares with it: the values computed, how many were taken, and why it stopped."""
 
-    def __init__(self, sample: torch.Tensor, sigmas: torch.Tensor, seed, start: int) -> None:
-        if not isinstance(seed, int) and len(seed) != len(sample):
-            raise ValueError(f"{len(seed)} seeds for a batch of {len(sample)} images")
-        self._values: dict[int, torch.Tensor] = {}
-        self._failed: Exception | None = None
-        self._ready = threading.Condition()
-        threading.Thread(target=self._compute, args=(torch.zeros_like(sample, dtype=torch.float32), sigmas.clone(),
-                                                     seed, start), daemon=True, name="brownian-steps").start()
+    def __init__(self) -> None:
+        self.values: dict[int, torch.Tensor] = {}
+        self.taken = 0
+        self.failed: Exception | None = None
+        self.done = self.closed = False
+        self.ready = threading.Condition()
 
-    def _compute(self, shape: torch.Tensor, sigmas: torch.Tensor, seed, start: int) -> None:
+    def close(self) -> None:
+        with self.ready:
+            self.closed = True
+            self.ready.notify_all()
+
+
+def _compute_ahead(ahead: _Ahead, shape: torch.Tensor, sigmas: torch.Tensor, seed, queries: list, window: int) -> None:
+    try:
         from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler  # torchsde
 
-        try:
-            tree = BrownianTreeNoiseSampler(shape, sigmas[sigmas > 0].min().item(), sigmas.max().item(), seed)
-            for i in range(start, len(sigmas) - 1):
-                value = torch.zeros_like(shape) if sigmas[i + 1] == 0 else tree(sigmas[i], sigmas[i + 1])
-                with self._ready:
-                    self._values[i] = value
-                    self._ready.notify_all()
-        except Exception as exc:  # noqa: BLE001 - raised again in the step that waits for it
-            with self._ready:
-                self._failed = exc
-                self._ready.notify_all()
+        tree = BrownianTreeNoiseSampler(shape, sigmas[sigmas > 0].min().item(), sigmas.max().item(), seed)
+        for i, (sigma, sigma_next) in enumerate(queries):
+            with ahead.ready:  # at most `window` values waiting: memory bounded, and no work for an abandoned run
+                ahead.ready.wait_for(lambda i=i: ahead.closed or i - ahead.taken < window)
+                if ahead.closed:
+                    return
+            value = tree(sigma, sigma_next)
+            with ahead.ready:
+                ahead.values[i] = value
+                ahead.ready.notify_all()
+    except Exception as exc:  # noqa: BLE001 - raised again in the step that waits for it
+        with ahead.ready:
+            ahead.failed = exc
+    finally:
+        with ahead.ready:
+            ahead.done = True
+            ahead.ready.notify_all()
 
-    def take(self, index: int) -> torch.Tensor:
-        """Step `index`'s noise, waiting for it if the thread has not got there yet."""
-        with self._ready:
-            self._ready.wait_for(lambda: index in self._values or self._failed is not None)
-            if index not in self._values:
-                raise RuntimeError("the Brownian tree's noise failed") from self._failed
-            return self._values.pop(index)
+
+class BrownianSteps:
+    """A noise sampler (k-diffusion's BrownianTreeNoiseSampler over a schedule's range, a tree per image seeded by its
+    seed, on the CPU as k-diffusion's) whose answers to a run's queries, known in advance, are computed ahead in a
+    thread of its own, in their order and at most `window` ahead, so that the tree's work overlaps the model's calls:
+    a query descends the tree to its tolerance with some 50 seeded draws, about 5 ms for each 512x512 image on a CPU
+    core, where a step with the generator's noise takes 0.5 (benchmarks/brownian.py; a thread per image was slower:
+    the draws hold the GIL between them). It answers the same queries in the same order, so with the same numbers; a
+    query other than the next one expected is an error. When the sampler goes (its run done or abandoned), the
+    thread stops."""
+
+    def __init__(self, sample: torch.Tensor, sigmas: torch.Tensor, seed, queries: list[tuple], window: int = 3) -> None:
+        if not isinstance(seed, int) and len(seed) != len(sample):
+            raise ValueError(f"{len(seed)} seeds for a batch of {len(sample)} images")
+        self._queries, self._ahead = queries, _Ahead()
+        weakref.finalize(self, self._ahead.close)
+        threading.Thread(target=_compute_ahead, args=(self._ahead, torch.zeros_like(sample, dtype=torch.float32),
+                                                      sigmas.clone(), seed, queries, window),
+                         daemon=True, name="brownian-steps").start()
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        """The next query's noise, waiting for it if the thread has not got there yet."""
+        ahead = self._ahead
+        index = ahead.taken
+        if index >= len(self._queries) or not all(torch.equal(torch.as_tensor(asked), expected) for asked, expected
+                                                  in zip((sigma, sigma_next), self._queries[index])):
+            raise RuntimeError(f"Brownian noise asked for ({float(sigma):g}, {float(sigma_next):g}), not the run's "
+                               "next query")
+        with ahead.ready:
+            ahead.ready.wait_for(lambda: index in ahead.values or ahead.done)
+            if index not in ahead.values:
+                raise RuntimeError("the Brownian tree's noise failed") from ahead.failed
+            ahead.taken += 1
+            ahead.ready.notify_all()
+            return ahead.values.pop(index)
 
 
 class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
@@ -135,20 +170,24 @@ class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, variance_noise=None,
              return_dict: bool = True, eta_ancestral: float = 1.0):
         self.eta_ancestral = eta_ancestral  # read by the updates that diffusers' step calls
-        if variance_noise is None and self.noise_sampler_seed is not None:
-            variance_noise = self._brownian(sample, timestep)
+        if variance_noise is None and self.noise_sampler_seed is not None:  # none at eta 0, as k-diffusion asks none
+            variance_noise = self._brownian(sample, timestep) if eta_ancestral else torch.zeros_like(sample).float()
         return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
                             return_dict=return_dict)
 
     def _brownian(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """k-diffusion's noise_sampler(sigma, sigma_next) for this step (none into sigma 0, where no noise is added),
-        from a tree over the schedule's range, as sample_dpmpp_2m_sde's: the whole run's, computed ahead
-        (BrownianSteps)."""
+        from a tree over the schedule's range, as sample_dpmpp_2m_sde's: the run's, computed ahead (BrownianSteps)."""
         if self.step_index is None:
             self._init_step_index(timestep)
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        if sigma_next == 0:
+            return torch.zeros_like(sample, dtype=torch.float32)
         if self.noise_sampler is None:
-            self.noise_sampler = BrownianSteps(sample, self.sigmas, self.noise_sampler_seed, self.step_index)
-        return self.noise_sampler.take(self.step_index)
+            pairs = zip(self.sigmas[self.step_index:-1], self.sigmas[self.step_index + 1:])
+            self.noise_sampler = BrownianSteps(sample, self.sigmas, self.noise_sampler_seed,
+                                               [(a, b) for a, b in pairs if b != 0])
+        return self.noise_sampler(sigma, sigma_next)
 
     def dpm_solver_first_order_update(self, model_output: torch.Tensor, *args, sample=None, noise=None, **kwargs):
         if self.eta_ancestral == 1 or args or kwargs:

@@ -107,7 +107,8 @@ class Txt2ImgRequest:
     # height in pixels) is kept at the centre of the image's, so that a seed keeps its composition at another size
     seed_resize_from: tuple[int, int] | None = None
     # AUTOMATIC1111's eta_noise_seed_delta (ENSD): after the initial noise, the samplers' own noise (ancestral,
-    # churn, SDE) comes from generators seeded seed + this; 0: from the seed's generator, drawn on
+    # churn; not the SDE samplers' Brownian trees, seeded by the seeds) comes from generators seeded seed + this; 0:
+    # from the seed's generator, drawn on
     eta_noise_seed_delta: int = 0
     # AUTOMATIC1111's randn_source (orchestrator.pipeline.noise.RANDN_SOURCES): "CPU", torch's CPU generators
     # (diffusers' noise); "GPU" and "NV", the numbers torch draws on an NVIDIA GPU, on any machine

@@ -226,12 +226,15 @@ def make_scheduler(name: str, base_config: dict, seed: int | list[int] | None = 
 
 def check_discard(name: str, discard: bool) -> bool:
     """Whether AUTOMATIC1111's always_discard_next_to_last_sigma changes the sampler's sigmas (and its infotext says
-    so): on its k-diffusion samplers that do not discard already; its timestep samplers (DDIM, PLMS, UniPC) and
-    diffusers' DDPM and LCM have no sigmas to discard, as there. A second-order sampler is refused: diffusers
-    interleaves its two calls' sigmas."""
+    so): on its k-diffusion samplers that do not discard already; its timestep samplers (DDIM, PLMS, UniPC) have no
+    sigmas to discard, as there. Refused: a second-order sampler (diffusers interleaves its two calls' sigmas), and
+    diffusers' LCM and DDPM, whose timesteps are not k-diffusion's sigmas (AUTOMATIC1111's LCM is, and discards)."""
     sampler = check_sampler(name)
-    if not discard or not sampler.k_diffusion or sampler.discard_penultimate:
+    if not discard or sampler.compvis or sampler.scheduler == "UniPCMultistepScheduler" or sampler.discard_penultimate:
         return False
+    if not sampler.k_diffusion:
+        raise InputError(f"always_discard_next_to_last_sigma: kiln's {name} runs diffusers' timesteps, not "
+                         "k-diffusion's sigmas, and has none to discard; turn it off or use another sampler")
     if sampler.second_order:
         raise InputError(f"always_discard_next_to_last_sigma: kiln cannot discard {name}'s next-to-last sigma "
                          "(a second-order sampler, whose two calls a step diffusers interleaves); turn it off or use "

@@ -202,7 +202,11 @@ def discard_penultimate(scheduler) -> None:
     own = scheduler.set_timesteps
 
     def set_timesteps(num_inference_steps: int, device=None) -> None:
-        own(num_inference_steps + 1, device)
+        try:
+            own(num_inference_steps + 1, device)
+        except InputError as exc:
+            raise InputError(f"{exc} (always_discard_next_to_last_sigma: {num_inference_steps} steps take the sigmas "
+                             f"of {num_inference_steps + 1}; ask for one step fewer than those)") from None
         scheduler.sigmas = torch.cat([scheduler.sigmas[:-2], scheduler.sigmas[-1:]])
         scheduler.timesteps = scheduler.timesteps[:-1]
         scheduler.num_inference_steps = num_inference_steps
