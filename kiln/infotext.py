@@ -26,7 +26,8 @@ PAD_CONDS = {"empty_chunks": "Pad conds", "last_vector": "Pad conds v0"}  # info
 SAMPLER_FIELDS = {"eta_ddim": "Eta DDIM", "eta_ancestral": "Eta", "s_churn": "Sigma churn", "s_tmin": "Sigma tmin",
                   "s_tmax": "Sigma tmax", "s_noise": "Sigma noise", "s_min_uncond": "NGMS",
                   "schedule_sigma_min": "Schedule min sigma", "schedule_sigma_max": "Schedule max sigma",
-                  "schedule_rho": "Schedule rho", "discard_penultimate_sigma": "Discard penultimate sigma"}
+                  "schedule_rho": "Schedule rho", "discard_penultimate_sigma": "Discard penultimate sigma",
+                  "sgm_noise_multiplier": "SGM noise multiplier"}
 SIZE_KEYS = ("Size", "Hires resize", "Seed resize from")  # "WxH" values, parsed into "<key>-1" and "<key>-2" too
 
 

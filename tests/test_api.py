@@ -298,6 +298,8 @@ BAD = [
      "always_discard_next_to_last_sigma: kiln cannot discard Heun's next-to-last sigma"),
     ({"override_settings": {"always_discard_next_to_last_sigma": "yes"}}, 422,
      "override_settings.always_discard_next_to_last_sigma must be true or false"),
+    ({"sampler_name": "LCM", "override_settings": {"sgm_noise_multiplier": True}}, 422,
+     "sgm_noise_multiplier: kiln's LCM starts from diffusers' noise"),
     ({"prompt": "cat " * 10000}, 413, "prompt"),
     ({"prompt": "a cat <lora:watercolor:0.8>"}, 422, "<lora:watercolor>: no such LoRA (the server has no LoRA folder"),
     ({"prompt": "a cat <hypernet:ink:1>"}, 422, "prompt: <hypernet:ink:1> is an extra-network tag (hypernet)"),
@@ -475,11 +477,12 @@ def test_eta_moves_euler_a_as_automatic1111s(client):
         client.post("/sdapi/v1/options", json={"eta_ancestral": 1.0})
 
 
-def test_the_sde_samplers_brownian_noise_and_the_discard_option(client):
+def test_the_sde_samplers_brownian_noise_and_the_discard_and_sgm_options(client):
     """DPM++ 2M SDE Heun and DPM++ 3M SDE by name and by alias (1.6's too), on AUTOMATIC1111's Automatic schedule for
     them (Exponential); an SDE sampler's image is its seed's whichever batch it is in (each image's own Brownian tree);
     always_discard_next_to_last_sigma from override_settings and the options, written as "Discard penultimate sigma"
-    where it changes the sigmas (not for DPM++ 3M SDE, which discards already), and pasted back."""
+    where it changes the sigmas (not for DPM++ 3M SDE, which discards already), and pasted back; sgm_noise_multiplier
+    likewise ("SGM noise multiplier")."""
     body = TXT | {"steps": 4, "seed": 40}
 
     def run(**fields) -> tuple[str, dict]:
@@ -511,6 +514,17 @@ def test_the_sde_samplers_brownian_noise_and_the_discard_option(client):
     finally:
         client.post("/sdapi/v1/options", json={"always_discard_next_to_last_sigma": False})
     assert run(sampler_name="Euler")[0] == plain
+    # sgm_noise_multiplier: Euler starts at noise x sqrt(1 + sigma_max^2); the multistep samplers start there already
+    sgm = {"override_settings": {"sgm_noise_multiplier": True}}
+    multiplied, written = run(sampler_name="Euler", **sgm)
+    assert multiplied != plain and written["SGM noise multiplier"] == "True"
+    pasted = client.post("/sdapi/v1/txt2img", json={"infotext": json.loads(client.post(
+        "/sdapi/v1/txt2img", json=body | {"sampler_name": "Euler"} | sgm).json()["info"])["infotexts"][0]})
+    assert pasted.json()["images"][0] == multiplied
+    multistep, written = run(sampler_name="DPM++ 2M SDE", **sgm)
+    assert multistep == run(sampler_name="DPM++ 2M SDE")[0] and written["SGM noise multiplier"] == "True"
+    ddim, written = run(sampler_name="DDIM", **sgm)
+    assert ddim == run(sampler_name="DDIM")[0] and "SGM noise multiplier" not in written
 
 
 def _pixels(b64: str) -> bytes:

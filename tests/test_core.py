@@ -603,6 +603,31 @@ def test_the_brownian_steps_run_a_window_ahead_stop_with_their_run_and_raise_its
     assert all(row["ms_per_call"] >= 1 for row in result["rows"]) and (tmp_path / "brownian.json").exists()
 
 
+def test_the_sgm_noise_multiplier_starts_k_diffusion_samplers_at_sqrt_one_plus_sigma_max_squared():
+    """AUTOMATIC1111's sgm_noise_multiplier: a txt2img pass's noise times sqrt(1 + sigma_max^2) where its k-diffusion
+    samplers start at noise x sigma_max (kiln's sigma-space schedulers: their init_noise_sigma); the multistep ones,
+    stepping the variance-preserving sample from unit noise, start there already; the timestep samplers as they are;
+    kiln's LCM and DDPM refuse it."""
+    import math
+
+    from orchestrator.pipeline.sampling import check_sgm, initial_noise_scale
+
+    for name in ("Euler", "Euler a Karras", "Heun", "DPM++ SDE Karras", "LMS Exponential"):
+        scheduler, _ = schedule(name, SD15_SCHEDULE, 10, seed=0)
+        sigma_max = float(scheduler.sigmas[0])
+        assert initial_noise_scale(name, scheduler, False) == pytest.approx(sigma_max, rel=1e-6), name
+        assert initial_noise_scale(name, scheduler, True) == pytest.approx(math.sqrt(1 + sigma_max**2), rel=1e-6)
+        assert check_sgm(name, True) and not check_sgm(name, False)
+    for name in ("DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M SDE", "DDIM", "UniPC"):
+        scheduler, _ = schedule(name, SD15_SCHEDULE, 10, seed=0)
+        assert initial_noise_scale(name, scheduler, True) == initial_noise_scale(name, scheduler, False) == \
+            float(scheduler.init_noise_sigma), name
+    assert not check_sgm("DDIM", True) and not check_sgm("PLMS", True)
+    for name in ("LCM", "DDPM"):
+        with pytest.raises(InputError, match=f"sgm_noise_multiplier: kiln's {name} starts from diffusers' noise"):
+            check_sgm(name, True)
+
+
 def test_dpmpp_3m_sde_and_the_discard_option_leave_out_the_next_to_last_sigma():
     """AUTOMATIC1111's discard_next_to_last_sigma (DPM++ 3M SDE's own; always_discard_next_to_last_sigma for the
     other k-diffusion samplers): the sigmas of one step more, the last above 0 left out, img2img starting on them as

@@ -59,9 +59,11 @@ def test_cells_vary_what_their_axes_name():
     schedule = parse(body(["Schedule rho", "3, 5", None, "Schedule max sigma", "8"]), "txt2img")  # Settings values
     assert [c.override_settings for _, c in cell_bodies(body([]), schedule)] == [{"rho": 3.0, "sigma_max": 8.0},
                                                                                {"rho": 5.0, "sigma_max": 8.0}]
-    discard = parse(body(["Always discard next-to-last sigma", "False, True"]), "txt2img")  # its boolean choices
+    discard = parse(body(["Always discard next-to-last sigma", "False, True", None, "SGM noise multiplier", "True"]),
+                    "txt2img")  # their boolean choices
     assert [c.override_settings for _, c in cell_bodies(body([]), discard)] == \
-        [{"always_discard_next_to_last_sigma": False}, {"always_discard_next_to_last_sigma": True}]
+        [{"always_discard_next_to_last_sigma": False, "sgm_noise_multiplier": True},
+         {"always_discard_next_to_last_sigma": True, "sgm_noise_multiplier": True}]
     kept = parse(body(["Seed", "-1", None, 0, "", None, 0, "", None, True, False, False, True]), "txt2img")
     assert kept.axes[0].values == [-1]  # no_fixed_seeds: -1 stays -1
 

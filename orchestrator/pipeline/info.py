@@ -9,7 +9,7 @@ from kiln.prompt_schedule import schedule
 from orchestrator.pipeline import hires
 from orchestrator.pipeline.control import CONTROL_MODES
 from orchestrator.pipeline.requests import Img2ImgRequest, Txt2ImgRequest
-from orchestrator.pipeline.sampling import CHURN, check_discard, editing_steps, step_options
+from orchestrator.pipeline.sampling import CHURN, check_discard, check_sgm, editing_steps, step_options
 from orchestrator.pipeline.seeds import Seeds
 
 if TYPE_CHECKING:
@@ -101,6 +101,9 @@ def sampler_settings(request: Txt2ImgRequest) -> dict:
         settings["s_min_uncond"] = request.s_min_uncond
     if request.discard_penultimate_sigma and any(check_discard(sampler, True) for sampler in samplers):
         settings["discard_penultimate_sigma"] = True
+    drawn = not isinstance(request, Img2ImgRequest) and getattr(request.hires, "first_pass", None) is None
+    if drawn and check_sgm(request.sampler, request.sgm_noise_multiplier):
+        settings["sgm_noise_multiplier"] = True  # the first pass's start (the hires pass is img2img's)
     for name in ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho"):  # checked to be the schedule's
         if getattr(request, name):
             settings[name] = getattr(request, name)

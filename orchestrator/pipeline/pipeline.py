@@ -35,6 +35,7 @@ from orchestrator.pipeline.sampling import (
     CHURN,
     editing_steps,
     img2img_start,
+    initial_noise_scale,
     noised_to,
     schedule,
     step_kwargs,
@@ -214,7 +215,8 @@ class Pipeline:
             if len(timesteps):
                 latents = scheduler.add_noise(latents, drawn, noised_to(scheduler, timesteps, batch))
         else:
-            latents = seeding.noise(shape, generator, contract.vae_scale_factor) * scheduler.init_noise_sigma
+            latents = seeding.noise(shape, generator, contract.vae_scale_factor) * initial_noise_scale(
+                request.sampler, scheduler, request.sgm_noise_multiplier)
 
         # 6. ControlNet conditioning: each unit's control image for every row of the UNet batch.
         cond = [] if given else control_images(request, request.width, request.height, len(context), seed)

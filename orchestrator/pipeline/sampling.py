@@ -242,6 +242,30 @@ def check_discard(name: str, discard: bool) -> bool:
     return True
 
 
+def check_sgm(name: str, sgm: bool) -> bool:
+    """Whether AUTOMATIC1111's sgm_noise_multiplier changes a txt2img pass's start (and its infotext says so): on its
+    k-diffusion samplers; its timestep samplers (DDIM, PLMS, UniPC) start as they do, as there. Refused on diffusers'
+    LCM and DDPM, which start as diffusers' pipelines do (AUTOMATIC1111's LCM is a k-diffusion sampler)."""
+    sampler = check_sampler(name)
+    if not sgm or sampler.compvis or sampler.scheduler == "UniPCMultistepScheduler":
+        return False
+    if not sampler.k_diffusion:
+        raise InputError(f"sgm_noise_multiplier: kiln's {name} starts from diffusers' noise, not k-diffusion's "
+                         "sigma_max; turn it off or use another sampler")
+    return True
+
+
+def initial_noise_scale(name: str, scheduler, sgm: bool) -> float:
+    """What a txt2img pass's noise is multiplied by: the scheduler's init_noise_sigma, k-diffusion's sigma_max for
+    the samplers that step the sample in sigma space; with AUTOMATIC1111's sgm_noise_multiplier (check_sgm)
+    sqrt(1 + sigma_max^2) instead, "to match the official SDXL implementation". Schedulers that step the
+    variance-preserving sample (DPM++ 2M and the multistep SDEs: init_noise_sigma 1) start there already."""
+    scale = float(scheduler.init_noise_sigma)
+    if check_sgm(name, sgm) and scale > 1:
+        return math.sqrt(1 + float(scheduler.sigmas[0]) ** 2)
+    return scale
+
+
 def img2img_start(name: str, steps: int, strength: float) -> int:
     """The step of `steps` that img2img (and inpainting) starts from. AUTOMATIC1111's k-diffusion samplers run t_enc +
     1 steps from step steps - t_enc - 1, t_enc = int(min(strength, 0.999) * steps) (its setup_img2img_steps): one

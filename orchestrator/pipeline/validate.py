@@ -27,6 +27,7 @@ from orchestrator.pipeline.sampling import (
     SAMPLERS,
     check_discard,
     check_sampler,
+    check_sgm,
     img2img_start,
     runs_here,
     schedule,
@@ -100,6 +101,10 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         raise InputError(f"use_old_scheduling must be true or false, got {request.use_old_scheduling!r}")
     if request.pad_conds not in PAD_CONDS:
         raise InputError(f"pad_conds must be one of {', '.join(PAD_CONDS)}, got {request.pad_conds!r}")
+    if not isinstance(request.sgm_noise_multiplier, bool):
+        raise InputError(f"sgm_noise_multiplier must be true or false, got {request.sgm_noise_multiplier!r}")
+    if not isinstance(request, Img2ImgRequest):  # txt2img's start (img2img's is the init image's, as there)
+        check_sgm(request.sampler, request.sgm_noise_multiplier)
     if not isinstance(request.discard_penultimate_sigma, bool):
         raise InputError(f"discard_penultimate_sigma (always_discard_next_to_last_sigma) must be true or false, got "
                          f"{request.discard_penultimate_sigma!r}")

@@ -99,6 +99,7 @@ AXES: dict[str, tuple[type, Any]] = {
     "Hires upscaler": (str, _field("hr_upscaler")),
     "VAE": (str, _override("sd_vae")), "Styles": (str, lambda b, v: b.model_copy(update={"styles": [*b.styles, v]})),
     "Always discard next-to-last sigma": (boolean, _override("always_discard_next_to_last_sigma")),
+    "SGM noise multiplier": (boolean, _override("sgm_noise_multiplier")),
     "Refiner checkpoint": (str, _field("refiner_checkpoint")),
     "Refiner switch at": (float, _field("refiner_switch_at")),
     "[ControlNet] Weight": (float, _controlnet_weight),
