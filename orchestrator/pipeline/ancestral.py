@@ -129,7 +129,7 @@ class BrownianSteps:
     thread stops."""
 
     def __init__(self, sample: torch.Tensor, sigmas: torch.Tensor, seed, queries: list[tuple], window: int = 3) -> None:
-        if not isinstance(seed, int) and len(seed) != len(sample):
+        if isinstance(seed, (list, tuple)) and len(seed) != len(sample):  # None: a random tree, as diffusers'
             raise ValueError(f"{len(seed)} seeds for a batch of {len(sample)} images")
         self._queries, self._ahead = queries, _Ahead()
         weakref.finalize(self, self._ahead.close)
