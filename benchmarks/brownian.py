@@ -84,22 +84,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    arms = ARMS
     cases = [(batch, wait) for batch in (1, 4) for wait in args.wait]
     rows = []
-    with tqdm(total=len(cases) * len(arms) * args.repeats, desc="brownian", unit="run") as bar:
+    with tqdm(total=len(cases) * len(ARMS) * args.repeats, desc="brownian", unit="run") as bar:
         for batch, wait in cases:
-            times: dict[str, list[float]] = {arm: [] for arm in arms}
+            times: dict[str, list[float]] = {arm: [] for arm in ARMS}
             last = {}
             for _ in range(args.repeats):  # interleaved: drift hits every arm alike
-                for arm in arms:
+                for arm in ARMS:
                     seconds, last[arm] = _run(arm, batch, args.steps, wait / 1000)
                     times[arm].append(seconds)
                     bar.update()
-            assert torch.equal(last[arms[1]], last[arms[2]]), "the 2M SDE tree's two ways gave other numbers"
-            assert torch.equal(last[arms[3]], last[arms[4]]), "the SDE tree's two ways gave other numbers"
-            base = float(np.median(times[arms[0]]))
-            for arm in arms:
+            assert torch.equal(last[ARMS[1]], last[ARMS[2]]), "the 2M SDE tree's two ways gave other numbers"
+            assert torch.equal(last[ARMS[3]], last[ARMS[4]]), "the SDE tree's two ways gave other numbers"
+            base = float(np.median(times[ARMS[0]]))
+            for arm in ARMS:
                 median = float(np.median(times[arm]))
                 rows.append({"batch": batch, "wait_ms": wait, "arm": arm, "ms_per_call": round(median * 1000, 3),
                              "over_generator": round(median / base, 3),

@@ -39,6 +39,11 @@ class Sampler:
     # AUTOMATIC1111's discard_next_to_last_sigma: the sigmas of one step more, the last above 0 left out
     discard_penultimate: bool = False
 
+    @property
+    def own_timesteps(self) -> bool:
+        """One of AUTOMATIC1111's timestep samplers (DDIM, PLMS, UniPC): no sigmas, whatever the schedule type."""
+        return self.compvis or self.scheduler == "UniPCMultistepScheduler"
+
 
 # k-diffusion's own schedule, which AUTOMATIC1111's "Automatic" and "Uniform" run for its k-diffusion samplers: the
 # timesteps evenly from the last (999) to 0. diffusers' "linspace" gives those sigmas (to 3e-5, tests/test_core.py)
@@ -224,17 +229,27 @@ def make_scheduler(name: str, base_config: dict, seed: int | list[int] | None = 
     return scheduler
 
 
+def _takes_setting(name: str, setting: str, on: bool, refusal: str) -> Sampler | None:
+    """The sampler where an AUTOMATIC1111 setting about k-diffusion's sigmas is on and applies; None where it is off,
+    or the sampler is one of the timestep samplers, which it leaves alone, as there; kiln's diffusers-only samplers
+    (LCM, DDPM) refuse it, naming `setting` and why (`refusal`)."""
+    sampler = check_sampler(name)
+    if not on or sampler.own_timesteps:
+        return None
+    if not sampler.k_diffusion:
+        raise InputError(f"{setting}: kiln's {name} {refusal}; turn it off or use another sampler")
+    return sampler
+
+
 def check_discard(name: str, discard: bool) -> bool:
     """Whether AUTOMATIC1111's always_discard_next_to_last_sigma changes the sampler's sigmas (and its infotext says
     so): on its k-diffusion samplers that do not discard already; its timestep samplers (DDIM, PLMS, UniPC) have no
     sigmas to discard, as there. Refused: a second-order sampler (diffusers interleaves its two calls' sigmas), and
     diffusers' LCM and DDPM, whose timesteps are not k-diffusion's sigmas (AUTOMATIC1111's LCM is, and discards)."""
-    sampler = check_sampler(name)
-    if not discard or sampler.compvis or sampler.scheduler == "UniPCMultistepScheduler" or sampler.discard_penultimate:
+    sampler = _takes_setting(name, "always_discard_next_to_last_sigma", discard,
+                             "runs diffusers' timesteps, not k-diffusion's sigmas, and has none to discard")
+    if sampler is None or sampler.discard_penultimate:
         return False
-    if not sampler.k_diffusion:
-        raise InputError(f"always_discard_next_to_last_sigma: kiln's {name} runs diffusers' timesteps, not "
-                         "k-diffusion's sigmas, and has none to discard; turn it off or use another sampler")
     if sampler.second_order:
         raise InputError(f"always_discard_next_to_last_sigma: kiln cannot discard {name}'s next-to-last sigma "
                          "(a second-order sampler, whose two calls a step diffusers interleaves); turn it off or use "
@@ -246,13 +261,8 @@ def check_sgm(name: str, sgm: bool) -> bool:
     """Whether AUTOMATIC1111's sgm_noise_multiplier changes a txt2img pass's start (and its infotext says so): on its
     k-diffusion samplers; its timestep samplers (DDIM, PLMS, UniPC) start as they do, as there. Refused on diffusers'
     LCM and DDPM, which start as diffusers' pipelines do (AUTOMATIC1111's LCM is a k-diffusion sampler)."""
-    sampler = check_sampler(name)
-    if not sgm or sampler.compvis or sampler.scheduler == "UniPCMultistepScheduler":
-        return False
-    if not sampler.k_diffusion:
-        raise InputError(f"sgm_noise_multiplier: kiln's {name} starts from diffusers' noise, not k-diffusion's "
-                         "sigma_max; turn it off or use another sampler")
-    return True
+    return _takes_setting(name, "sgm_noise_multiplier", sgm,
+                          "starts from diffusers' noise, not k-diffusion's sigma_max") is not None
 
 
 def initial_noise_scale(name: str, scheduler, sgm: bool) -> float:

@@ -36,7 +36,6 @@ SCHEDULES = {key.lower(): label for label, (name, *_) in SCHEDULE_LIST.items()
              for key in (label, name, *SCHEDULE_ALIASES.get(label, []))}
 AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",  # the others: uniform
              "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential"}
-OWN_TIMESTEPS = {"DDIM", "PLMS", "UniPC"}
 
 
 def sampler_name(body: schemas.Txt2ImgBody) -> str:
@@ -56,7 +55,7 @@ def sampler_name(body: schemas.Txt2ImgBody) -> str:
     label = label or SCHEDULES[scheduler]
     if label == "Automatic":
         label = AUTOMATIC.get(base, "Uniform")
-    if label == "Uniform" or base in OWN_TIMESTEPS:
+    if label == "Uniform" or SAMPLERS[base].own_timesteps:
         return base
     sampling.check_sampler(f"{base} {label}")  # not found where it cannot run, saying why
     return f"{base} {label}"
