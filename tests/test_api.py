@@ -528,6 +528,35 @@ def test_the_sde_samplers_brownian_noise_and_the_discard_and_sgm_options(client)
     assert _pixels(ddim) == _pixels(run(sampler_name="DDIM")[0]) and "SGM noise multiplier" not in written
 
 
+def test_the_midpoint_samplers_dpm2_dpm2_a_and_dpmpp_2s_a(client):
+    """AUTOMATIC1111's DPM2, DPM2 a and DPM++ 2S a by name and alias (1.6's Karras ones too), on their Automatic
+    schedule (Karras); DPM2 a at eta 0 is DPM2 (no noise, the same midpoints); the ancestral ones take eta and s_noise
+    (written back), each image's noise its own generator's; DPM2 has no s_noise without churn, refused by name."""
+    body = TXT | {"steps": 4, "seed": 50}
+
+    def run(**fields) -> tuple[str, dict]:
+        response = client.post("/sdapi/v1/txt2img", json=body | fields)
+        assert response.status_code == 200, response.text
+        return response.json()["images"][0], parse_infotext(json.loads(response.json()["info"])["infotexts"][0])
+
+    images = {}
+    for name, alias in (("DPM2", "k_dpm_2_ka"), ("DPM2 a", "k_dpm_2_a_ka"), ("DPM++ 2S a", "k_dpmpp_2s_a_ka")):
+        images[name], written = run(sampler_name=name)
+        assert written["Sampler"] == f"{name} Karras"
+        assert run(sampler_name=alias)[0] == run(sampler_name=name, scheduler="Karras")[0] == images[name]
+    assert len({_pixels(image) for image in images.values()}) == 3
+    assert run(sampler_name="k_dpm_2", scheduler="Uniform")[0] != images["DPM2"]
+    calm, written = run(sampler_name="DPM2 a", eta=0.0)
+    assert _pixels(calm) == _pixels(images["DPM2"]) and written["Eta"] == "0.0"
+    for name in ("DPM2 a", "DPM++ 2S a"):
+        quieter, written = run(sampler_name=name, s_noise=0.5)
+        assert _pixels(quieter) != _pixels(images[name]) and written["Sigma noise"] == "0.5"
+        batch = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": name, "batch_size": 2}).json()
+        assert batch["images"][1] == run(sampler_name=name, seed=51)[0], name
+    refused = client.post("/sdapi/v1/txt2img", json=body | {"sampler_name": "DPM2", "s_noise": 0.5})
+    assert refused.status_code == 422 and "the DPM2 Karras sampler has no churn" in refused.text
+
+
 def _pixels(b64: str) -> bytes:
     return Image.open(io.BytesIO(base64.b64decode(b64))).tobytes()
 

@@ -192,12 +192,14 @@ class Pipeline:
         # has its own, made now: progress counts both passes' steps.
         start = img2img_start(request.sampler, request.steps, request.denoising_strength) if init else None
         scheduler, timesteps = schedule(request.sampler, contract.scheduler_config, request.steps, seeds, start,
-                                        contract.family, request.sigma_settings, request.discard_penultimate_sigma)
+                                        contract.family, request.sigma_settings, request.discard_penultimate_sigma,
+                                        request.eta_ancestral)
         second = None
         if request.hires is not None:
             total, run = hires.second_pass_steps(request.hires, request.steps)
             second = schedule(request.hires.sampler or request.sampler, contract.scheduler_config, total, seeds,
-                              total - run, contract.family, request.sigma_settings, request.discard_penultimate_sigma)
+                              total - run, contract.family, request.sigma_settings, request.discard_penultimate_sigma,
+                              request.eta_ancestral)
 
         # 5. Initial latents, drawn like diffusers' pipelines (none where the hires fix's first pass is given).
         shape = (batch, contract.latent_channels, request.height // contract.vae_scale_factor,

@@ -88,6 +88,11 @@ SAMPLERS = {
     # AUTOMATIC1111 discards its next-to-last sigma
     "DPM++ 3M SDE": replace(BROWNIAN_2M, overrides=SDE | {"solver_order": 3, "solver_type": "heun",
                                                           "lower_order_final": False}, discard_penultimate=True),
+    # k-diffusion's sample_dpmpp_2s_ancestral, sample_dpm_2 and sample_dpm_2_ancestral (orchestrator.pipeline.midpoint)
+    # on Euler's sigmas; AUTOMATIC1111 discards DPM2's and DPM2 a's next-to-last sigma
+    "DPM++ 2S a": Sampler("DPMPP2SAncestralScheduler", UNIFORM, second_order=True),
+    "DPM2": Sampler("DPM2Scheduler", UNIFORM, second_order=True, discard_penultimate=True),
+    "DPM2 a": Sampler("DPM2AncestralScheduler", UNIFORM, second_order=True, discard_penultimate=True),
 }
 
 # AUTOMATIC1111 1.10's schedule types (sigmas.SCHEDULE_TYPES, diffusers' switches; sigmas.OWN_SCHEDULES): any
@@ -107,7 +112,10 @@ OWN_CLASSES = {"CompVisDDIM": "orchestrator.pipeline.compvis", "CompVisPLMS": "o
                # diffusers' samplers with noise of their own, taking k-diffusion's eta
                "EulerAncestralEta": "orchestrator.pipeline.ancestral",
                "DPMSolverMultistepEta": "orchestrator.pipeline.ancestral",
-               "DPMSolverSDEEta": "orchestrator.pipeline.ancestral_sde"}
+               "DPMSolverSDEEta": "orchestrator.pipeline.ancestral_sde",
+               # k-diffusion's midpoint samplers, on Euler's sigmas
+               **dict.fromkeys(("DPM2Scheduler", "DPM2AncestralScheduler", "DPMPP2SAncestralScheduler"),
+                               "orchestrator.pipeline.midpoint")}
 
 
 class UnknownSampler(NotFoundError):
@@ -176,7 +184,8 @@ def _on_schedule(base: str, kind: str) -> Sampler:
     options = set(inspect.signature(_scheduler_class(sampler.scheduler).__init__).parameters)
     overrides = sampler.overrides | {switch: True}
     if kind in sigmas.ENDS_ABOVE_ZERO:
-        if sampler.second_order:  # diffusers' second-order step is Euler's where a final sigma is, k-diffusion's not
+        # diffusers' second-order step is Euler's where a final sigma is, k-diffusion's not (kiln's midpoint ones are)
+        if sampler.second_order and not interleaves(sampler):
             raise UnknownSampler(f"Sampler not found: {base} {kind}: {kind} ends above sigma 0, and diffusers' "
                                  f"{sampler.scheduler} takes its last step as to 0")
         if "lower_order_final" in options:  # the last step second-order where the sigma after it is not 0
@@ -187,6 +196,13 @@ def _on_schedule(base: str, kind: str) -> Sampler:
         return replace(sampler, sigmas_from=(BORROWED_SIGMAS[sampler.scheduler], overrides), sigma_schedule=own)
     raise UnknownSampler(f"Sampler not found: {base} {kind}: diffusers' {sampler.scheduler} has no {kind} "
                          f"schedule")
+
+
+def interleaves(sampler: Sampler) -> bool:
+    """Whether kiln's scheduler interleaves a second-order sampler's calls itself (orchestrator.pipeline.midpoint),
+    after its sigmas one a step, which the schedule settings may then move; diffusers' second-order schedulers
+    (Heun, DPM++ SDE) interleave them in set_timesteps."""
+    return hasattr(_scheduler_class(sampler.scheduler), "k_timesteps")
 
 
 def editing_steps(name: str, steps: int) -> int:
@@ -205,18 +221,22 @@ def schedule_kind(name: str) -> str | None:
 
 
 def make_scheduler(name: str, base_config: dict, seed: int | list[int] | None = None, family: str = "sd1",
-                   settings: tuple[float, float, float] = sigmas.NO_SETTINGS, discard: bool = False):
+                   settings: tuple[float, float, float] = sigmas.NO_SETTINGS, discard: bool = False,
+                   eta: float = 1.0):
     """A fresh scheduler for one request (schedulers keep per-run state, so never share one).
 
     `seed` (one, or each image's) seeds the samplers that draw their own noise (the SDEs' Brownian trees), so a seed
     gives the same image every time; the others take the generator at each step. `family` (build.sd.families) picks
     Align Your Steps' sigmas; `settings` are AUTOMATIC1111's sigma_min, sigma_max and rho (sigmas.check_settings);
-    `discard` its always_discard_next_to_last_sigma (check_discard).
+    `discard` its always_discard_next_to_last_sigma (check_discard); `eta` k-diffusion's (eta_ancestral), which
+    places the ancestral midpoint samplers' second calls (orchestrator.pipeline.midpoint).
     """
     sampler = check_sampler(name)
     scheduler = _scheduler_class(sampler.scheduler).from_config(_config(base_config, sampler.overrides))
     if sampler.seeded and seed is not None:
         scheduler.noise_sampler_seed = seed
+    if hasattr(scheduler, "planned_eta"):
+        scheduler.planned_eta = eta
     computes = scheduler
     if sampler.sigmas_from is not None:
         computes = _scheduler_class(sampler.sigmas_from[0]).from_config(_config(base_config, sampler.sigmas_from[1]))
@@ -244,13 +264,14 @@ def _takes_setting(name: str, setting: str, on: bool, refusal: str) -> Sampler |
 def check_discard(name: str, discard: bool) -> bool:
     """Whether AUTOMATIC1111's always_discard_next_to_last_sigma changes the sampler's sigmas (and its infotext says
     so): on its k-diffusion samplers that do not discard already; its timestep samplers (DDIM, PLMS, UniPC) have no
-    sigmas to discard, as there. Refused: a second-order sampler (diffusers interleaves its two calls' sigmas), and
+    sigmas to discard, as there. Refused: diffusers' second-order samplers (Heun, DPM++ SDE: it interleaves their two
+    calls' sigmas), and
     diffusers' LCM and DDPM, whose timesteps are not k-diffusion's sigmas (AUTOMATIC1111's LCM is, and discards)."""
     sampler = _takes_setting(name, "always_discard_next_to_last_sigma", discard,
                              "runs diffusers' timesteps, not k-diffusion's sigmas, and has none to discard")
     if sampler is None or sampler.discard_penultimate:
         return False
-    if sampler.second_order:
+    if sampler.second_order and not interleaves(sampler):
         raise InputError(f"always_discard_next_to_last_sigma: kiln cannot discard {name}'s next-to-last sigma "
                          "(a second-order sampler, whose two calls a step diffusers interleaves); turn it off or use "
                          "another sampler")
@@ -298,12 +319,13 @@ def _config(base_config: dict, overrides: dict) -> dict:
 
 def schedule(name: str, base_config: dict, steps: int, seed: int | list[int], start: int | None = None,
              family: str = "sd1", settings: tuple[float, float, float] = sigmas.NO_SETTINGS,
-             discard: bool = False) -> tuple:
+             discard: bool = False, eta: float = 1.0) -> tuple:
     """A fresh scheduler (make_scheduler) set to `steps` steps, and the timesteps of its model calls: from noise (start
     None), or from img2img's `start` (img2img_start; its noise by step index, not by timestep value, which a
     multistep scheduler's rounding can repeat). AUTOMATIC1111's DDIM and PLMS begin where their own rules say
     (compvis.first_call)."""
-    scheduler = make_scheduler(name, base_config, seed=seed, family=family, settings=settings, discard=discard)
+    scheduler = make_scheduler(name, base_config, seed=seed, family=family, settings=settings, discard=discard,
+                               eta=eta)
     try:
         scheduler.set_timesteps(steps)
     except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule

@@ -174,8 +174,9 @@ def check_settings(kind: str | None, settings: tuple[float, float, float], sampl
 def install(scheduler, kind: str, family: str, settings: tuple[float, float, float] = NO_SETTINGS) -> None:
     """From now on `scheduler.set_timesteps` (configured with one of diffusers' sigma switches, whose hooks this
     replaces) sets the sigmas of schedule type `kind`, within `settings`; where they end above 0, the scheduler's last
-    sigma is set to that end."""
-    own = scheduler.set_timesteps
+    sigma is set to that end (before a scheduler that interleaves its calls interleaves them: steps_method)."""
+    method = steps_method(scheduler)
+    own = getattr(scheduler, method)
     final: list[float] = []
 
     def convert(in_sigmas, num_inference_steps: int | None = None) -> np.ndarray:
@@ -190,16 +191,24 @@ def install(scheduler, kind: str, family: str, settings: tuple[float, float, flo
             scheduler.sigmas[-1] = final[0]
 
     scheduler._convert_to_karras = scheduler._convert_to_exponential = scheduler._convert_to_beta = convert
-    scheduler.set_timesteps = set_timesteps
+    setattr(scheduler, method, set_timesteps)
+
+
+def steps_method(scheduler) -> str:
+    """The method that sets a scheduler's sigmas one a step: set_timesteps, or for the schedulers that interleave
+    their second calls' sigmas after it (orchestrator.pipeline.midpoint) their k_timesteps."""
+    return "k_timesteps" if hasattr(scheduler, "k_timesteps") else "set_timesteps"
 
 
 def discard_penultimate(scheduler) -> None:
     """From now on `scheduler.set_timesteps(n)` sets the sigmas of n + 1 steps with the last above the final one left
     out (AUTOMATIC1111's discard_next_to_last_sigma): n steps, the last from the second-lowest sigma to the end. For
-    schedulers that call the model once a sigma (timesteps[i] is sigmas[i]'s)."""
+    schedulers that call the model once a sigma (timesteps[i] is sigmas[i]'s), or that interleave their second calls
+    after these steps (steps_method)."""
     import torch
 
-    own = scheduler.set_timesteps
+    method = steps_method(scheduler)
+    own = getattr(scheduler, method)
 
     def set_timesteps(num_inference_steps: int, device=None) -> None:
         try:
@@ -211,7 +220,7 @@ def discard_penultimate(scheduler) -> None:
         scheduler.timesteps = scheduler.timesteps[:-1]
         scheduler.num_inference_steps = num_inference_steps
 
-    scheduler.set_timesteps = set_timesteps
+    setattr(scheduler, method, set_timesteps)
 
 
 def borrow(scheduler, other) -> None:

@@ -14,10 +14,12 @@ SAMPLER_ALIASES = {
     "DPM++ 2M SDE Karras": ["k_dpmpp_2m_sde_ka"], "DPM++ 2M SDE Exponential": ["k_dpmpp_2m_sde_exp"], "DDIM": ["ddim"],
     "DDPM": ["ddpm"], "PLMS": ["plms", "PNDM"], "UniPC": ["unipc"], "LCM": ["lcm"],
     "DPM++ 2M SDE Heun": ["k_dpmpp_2m_sde_heun"], "DPM++ 3M SDE": ["k_dpmpp_3m_sde"],
+    "DPM++ 2S a": ["k_dpmpp_2s_a"], "DPM2": ["k_dpm_2"], "DPM2 a": ["k_dpm_2_a"],
     # AUTOMATIC1111 1.6's names with a schedule in them, which resolve as "<sampler> <type>"
     "DPM++ 2M SDE Heun Karras": ["k_dpmpp_2m_sde_heun_ka"],
     "DPM++ 2M SDE Heun Exponential": ["k_dpmpp_2m_sde_heun_exp"],
     "DPM++ 3M SDE Karras": ["k_dpmpp_3m_sde_ka"], "DPM++ 3M SDE Exponential": ["k_dpmpp_3m_sde_exp"],
+    "DPM++ 2S a Karras": ["k_dpmpp_2s_a_ka"], "DPM2 Karras": ["k_dpm_2_ka"], "DPM2 a Karras": ["k_dpm_2_a_ka"],
 }
 ALIAS_TO_SAMPLER = {alias.lower(): name for name, aliases in SAMPLER_ALIASES.items() for alias in aliases} | \
     {name.lower(): name for name in SAMPLERS}
@@ -35,7 +37,8 @@ SCHEDULE_ALIASES = {"SGM Uniform": ["SGMUniform"]}
 SCHEDULES = {key.lower(): label for label, (name, *_) in SCHEDULE_LIST.items()
              for key in (label, name, *SCHEDULE_ALIASES.get(label, []))}
 AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",  # the others: uniform
-             "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential"}
+             "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential", "DPM++ 2S a": "Karras",
+             "DPM2": "Karras", "DPM2 a": "Karras"}
 
 
 def sampler_name(body: schemas.Txt2ImgBody) -> str:

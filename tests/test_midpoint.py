@@ -1,0 +1,136 @@
+"""AUTOMATIC1111's DPM2, DPM2 a and DPM++ 2S a (orchestrator.pipeline.midpoint) against k-diffusion's samplers, written
+out here on k-diffusion's own sigmas and its model wrapper (the timestep of a sigma, the input scaled by it)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from kiln.errors import InputError
+from orchestrator.pipeline.sampling import check_discard, editing_steps, img2img_start, schedule
+from orchestrator.pipeline.sigmas import Table, schedule_sigmas
+
+SD15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+        "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def _eps(x, t):
+    """A model that reads its input and its timestep, so that a call at the wrong point gives another output."""
+    import torch
+
+    return 0.4 * torch.tanh(x.double()) + 1e-3 * float(t) * torch.cos(x.double())
+
+
+def _k_sigmas(kind: str, steps: int, alphas, discard: bool) -> list[float]:
+    """k-diffusion's sigmas of AUTOMATIC1111's schedule type (Uniform: get_sigmas; Karras from kiln's tested ones),
+    with discard_next_to_last_sigma."""
+    n = steps + discard
+    if kind == "Uniform":
+        sigmas = [*Table(alphas).t_to_sigma(np.linspace(999, 0, n)), 0.0]
+    else:
+        sigmas = list(schedule_sigmas(kind, n, alphas))
+    return sigmas[:-2] + sigmas[-1:] if discard else sigmas
+
+
+def _k_diffusion(name: str, sigmas: list[float], x, table: Table, eta: float, generator) -> tuple[list, int]:
+    """k-diffusion's sample_dpm_2 (no churn), sample_dpm_2_ancestral and sample_dpmpp_2s_ancestral: x after each step,
+    and the model calls made. Noise from `generator`, drawn as k-diffusion draws it (every step that ends above 0)."""
+    import torch
+
+    calls = 0
+
+    def model(x, sigma):
+        nonlocal calls
+        calls += 1
+        return x - sigma * _eps((x / math.sqrt(sigma**2 + 1)).float(), table.sigma_to_t(sigma))
+
+    out = []
+    for s, to in zip(sigmas[:-1], sigmas[1:]):
+        denoised = model(x, s)
+        up = 0.0 if name == "DPM2" else min(to, eta * math.sqrt(to**2 * (s**2 - to**2) / s**2))
+        down = math.sqrt(to**2 - up**2)
+        if down == 0:
+            x = x + (x - denoised) / s * (down - s)
+        elif name == "DPM++ 2S a":
+            h = math.log(s / down)
+            middle = s * math.exp(-h / 2)
+            x_2 = middle / s * x - math.expm1(-h / 2) * denoised
+            x = down / s * x - math.expm1(-h) * model(x_2, middle)
+        else:
+            middle = math.exp((math.log(s) + math.log(down)) / 2)
+            x_2 = x + (x - denoised) / s * (middle - s)
+            x = x + (x_2 - model(x_2, middle)) / middle * (down - s)
+        if name != "DPM2" and to > 0:
+            x = x + torch.randn(x.shape, generator=generator).double() * up
+        out.append(x)
+    return out, calls
+
+
+def _run(scheduler, timesteps, x, eta: float, generator) -> list:
+    """The pipeline's loop over the scheduler's calls (scale_model_input, the model, step): x after each call."""
+    out = []
+    for t in timesteps:
+        scaled = scheduler.scale_model_input(x, t)
+        kwargs = {} if scheduler.ancestral is False else {"eta_ancestral": eta}
+        x = scheduler.step(_eps(scaled, t).float(), t, x, generator=generator, **kwargs).prev_sample
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("name", ["DPM2", "DPM2 a", "DPM++ 2S a"])
+@pytest.mark.parametrize("kind", ["Uniform", "Karras", "KL Optimal"])
+def test_midpoint_samplers_are_k_diffusions(name, kind):
+    """Each step's two calls at k-diffusion's points (the step's sigma, then the midpoint in log sigma towards the next
+    sigma or sigma_down), its formulas and its noise, at eta 1, 0 and between; DPM2 and DPM2 a on the sigmas of one
+    step more with the next-to-last left out, as AUTOMATIC1111's; one call into sigma 0 (2 x steps - 1 calls); KL
+    Optimal ends above sigma 0, so its last step calls twice too. Every eta draws the same noise."""
+    import torch
+
+    label = "" if kind == "Uniform" else f" {kind}"
+    discard = name != "DPM++ 2S a"
+    sample = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * 14
+    ends = {}
+    for eta in (1.0, 0.0, 0.4):
+        scheduler, timesteps = schedule(f"{name}{label}", SD15, 6, seed=0, eta=eta)
+        table = Table(scheduler.alphas_cumprod)
+        sigmas = _k_sigmas(kind, 6, scheduler.alphas_cumprod, discard)
+        assert np.allclose(scheduler.edges.numpy(), sigmas, rtol=1e-4, atol=1e-6), (eta, scheduler.edges, sigmas)
+        expected, calls = _k_diffusion(name, sigmas, sample.double(), table, eta, torch.Generator().manual_seed(5))
+        assert len(timesteps) == calls == 12 - (kind != "KL Optimal")
+        generator = torch.Generator().manual_seed(5)
+        got = _run(scheduler, timesteps, sample.clone(), eta, generator)
+        ends[eta] = float(torch.randn(1, generator=generator))
+        steps = [x for i, x in enumerate(got) if i == len(got) - 1 or scheduler.calls[i + 1][1]]  # each step's end
+        assert len(steps) == 6
+        for i, (a, b) in enumerate(zip(steps, expected)):
+            assert torch.allclose(a.double(), b, atol=2e-4 * max(1.0, float(b.abs().max()))), (eta, i)
+    assert len(set(ends.values())) == 1  # the same draws at every eta
+    if name != "DPM2":
+        first, _ = schedule(f"{name}{label}", SD15, 6, seed=0)
+        other, _ = schedule(f"{name}{label}", SD15, 6, seed=0, eta=0.4)
+        assert not torch.equal(first.timesteps, other.timesteps)  # sigma_down moves the midpoints
+
+
+def test_midpoint_samplers_plan_their_eta_and_discard_as_automatic1111():
+    """A step with another eta than the scheduler's midpoints were planned for is refused; DPM++ 2S a discards on
+    always_discard_next_to_last_sigma (interleaving after it), DPM2 and DPM2 a do already; img2img starts at a step's
+    first call; prompt editing counts their steps twice, as AUTOMATIC1111's second-order samplers."""
+    import torch
+
+    scheduler, timesteps = schedule("DPM2 a", SD15, 5, seed=0, eta=0.5)
+    with pytest.raises(ValueError, match=re.escape("planned for eta 0.5")):
+        scheduler.step(torch.zeros(1, 4, 2, 2), timesteps[0], torch.zeros(1, 4, 2, 2), eta_ancestral=1.0)
+    plain, _ = schedule("DPM++ 2S a", SD15, 6, seed=0)
+    discarded, _ = schedule("DPM++ 2S a", SD15, 5, seed=0, discard=True)
+    assert torch.equal(discarded.edges, torch.cat([plain.edges[:-2], plain.edges[-1:]]))
+    assert check_discard("DPM++ 2S a", True) and not check_discard("DPM2", True)
+    with pytest.raises(InputError, match="cannot discard Heun's"):
+        check_discard("Heun", True)
+    full, timesteps = schedule("DPM2", SD15, 10, seed=0)
+    start = img2img_start("DPM2", 10, 0.5)
+    _, late = schedule("DPM2", SD15, 10, seed=0, start=start)
+    assert torch.equal(late, timesteps[2 * start:]) and full.calls[2 * start] == (start, True)
+    assert editing_steps("DPM2 a", 10) == editing_steps("DPM++ 2S a Karras", 10) == 20
