@@ -528,10 +528,11 @@ def test_the_sde_samplers_brownian_noise_and_the_discard_and_sgm_options(client)
     assert _pixels(ddim) == _pixels(run(sampler_name="DDIM")[0]) and "SGM noise multiplier" not in written
 
 
-def test_the_midpoint_samplers_dpm2_dpm2_a_and_dpmpp_2s_a(client):
-    """AUTOMATIC1111's DPM2, DPM2 a and DPM++ 2S a by name and alias (1.6's Karras ones too), on their Automatic
-    schedule (Karras); DPM2 a at eta 0 is DPM2 (no noise, the same midpoints); the ancestral ones take eta and s_noise
-    (written back), each image's noise its own generator's; DPM2 has no s_noise without churn, refused by name."""
+def test_the_second_order_samplers_dpm2_dpm2_a_dpmpp_2s_a_and_restart(client):
+    """AUTOMATIC1111's DPM2, DPM2 a, DPM++ 2S a and Restart by name and alias (1.6's Karras ones too), on their
+    Automatic schedule (Karras); DPM2 a at eta 0 is DPM2 (no noise, the same midpoints); the ancestral ones take eta and
+    s_noise (written back), each image's noise its own generator's; DPM2 has no s_noise without churn, refused by name;
+    Restart restarts from 20 steps on, in the hires pass too."""
     body = TXT | {"steps": 4, "seed": 50}
 
     def run(**fields) -> tuple[str, dict]:
@@ -540,11 +541,15 @@ def test_the_midpoint_samplers_dpm2_dpm2_a_and_dpmpp_2s_a(client):
         return response.json()["images"][0], parse_infotext(json.loads(response.json()["info"])["infotexts"][0])
 
     images = {}
-    for name, alias in (("DPM2", "k_dpm_2_ka"), ("DPM2 a", "k_dpm_2_a_ka"), ("DPM++ 2S a", "k_dpmpp_2s_a_ka")):
+    for name, alias in (("DPM2", "k_dpm_2_ka"), ("DPM2 a", "k_dpm_2_a_ka"), ("DPM++ 2S a", "k_dpmpp_2s_a_ka"),
+                        ("Restart", "restart")):
         images[name], written = run(sampler_name=name)
         assert written["Sampler"] == f"{name} Karras"
         assert run(sampler_name=alias)[0] == run(sampler_name=name, scheduler="Karras")[0] == images[name]
-    assert len({_pixels(image) for image in images.values()}) == 3
+    assert len({_pixels(image) for image in images.values()}) == 4
+    restarted, written = run(sampler_name="Restart", steps=20, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=20,
+                             denoising_strength=1.0)
+    assert written["Sampler"] == "Restart Karras" and written["Hires steps"] == "20"
     assert run(sampler_name="k_dpm_2", scheduler="Uniform")[0] != images["DPM2"]
     calm, written = run(sampler_name="DPM2 a", eta=0.0)
     assert _pixels(calm) == _pixels(images["DPM2"]) and written["Eta"] == "0.0"

@@ -88,11 +88,12 @@ SAMPLERS = {
     # AUTOMATIC1111 discards its next-to-last sigma
     "DPM++ 3M SDE": replace(BROWNIAN_2M, overrides=SDE | {"solver_order": 3, "solver_type": "heun",
                                                           "lower_order_final": False}, discard_penultimate=True),
-    # k-diffusion's sample_dpmpp_2s_ancestral, sample_dpm_2 and sample_dpm_2_ancestral (orchestrator.pipeline.midpoint)
-    # on Euler's sigmas; AUTOMATIC1111 discards DPM2's and DPM2 a's next-to-last sigma
+    # k-diffusion's sample_dpmpp_2s_ancestral, sample_dpm_2, sample_dpm_2_ancestral and AUTOMATIC1111's Restart, on
+    # Euler's sigmas (orchestrator.pipeline.second_order); AUTOMATIC1111 discards DPM2's and DPM2 a's next-to-last sigma
     "DPM++ 2S a": Sampler("DPMPP2SAncestralScheduler", UNIFORM, second_order=True),
     "DPM2": Sampler("DPM2Scheduler", UNIFORM, second_order=True, discard_penultimate=True),
     "DPM2 a": Sampler("DPM2AncestralScheduler", UNIFORM, second_order=True, discard_penultimate=True),
+    "Restart": Sampler("RestartScheduler", UNIFORM, second_order=True),
 }
 
 # AUTOMATIC1111 1.10's schedule types (sigmas.SCHEDULE_TYPES, diffusers' switches; sigmas.OWN_SCHEDULES): any
@@ -113,9 +114,9 @@ OWN_CLASSES = {"CompVisDDIM": "orchestrator.pipeline.compvis", "CompVisPLMS": "o
                "EulerAncestralEta": "orchestrator.pipeline.ancestral",
                "DPMSolverMultistepEta": "orchestrator.pipeline.ancestral",
                "DPMSolverSDEEta": "orchestrator.pipeline.ancestral_sde",
-               # k-diffusion's midpoint samplers, on Euler's sigmas
-               **dict.fromkeys(("DPM2Scheduler", "DPM2AncestralScheduler", "DPMPP2SAncestralScheduler"),
-                               "orchestrator.pipeline.midpoint")}
+               # the second-order samplers planned ahead, on Euler's sigmas
+               **dict.fromkeys(("DPM2Scheduler", "DPM2AncestralScheduler", "DPMPP2SAncestralScheduler",
+                                "RestartScheduler"), "orchestrator.pipeline.second_order")}
 
 
 class UnknownSampler(NotFoundError):
@@ -184,7 +185,7 @@ def _on_schedule(base: str, kind: str) -> Sampler:
     options = set(inspect.signature(_scheduler_class(sampler.scheduler).__init__).parameters)
     overrides = sampler.overrides | {switch: True}
     if kind in sigmas.ENDS_ABOVE_ZERO:
-        # diffusers' second-order step is Euler's where a final sigma is, k-diffusion's not (kiln's midpoint ones are)
+        # diffusers' second-order step is Euler's where a final sigma is, k-diffusion's not (kiln's planned ones are)
         if sampler.second_order and not interleaves(sampler):
             raise UnknownSampler(f"Sampler not found: {base} {kind}: {kind} ends above sigma 0, and diffusers' "
                                  f"{sampler.scheduler} takes its last step as to 0")
@@ -199,7 +200,7 @@ def _on_schedule(base: str, kind: str) -> Sampler:
 
 
 def interleaves(sampler: Sampler) -> bool:
-    """Whether kiln's scheduler interleaves a second-order sampler's calls itself (orchestrator.pipeline.midpoint),
+    """Whether kiln's scheduler interleaves a second-order sampler's calls itself (orchestrator.pipeline.second_order),
     after its sigmas one a step, which the schedule settings may then move; diffusers' second-order schedulers
     (Heun, DPM++ SDE) interleave them in set_timesteps."""
     return hasattr(_scheduler_class(sampler.scheduler), "k_timesteps")
@@ -229,7 +230,7 @@ def make_scheduler(name: str, base_config: dict, seed: int | list[int] | None = 
     gives the same image every time; the others take the generator at each step. `family` (build.sd.families) picks
     Align Your Steps' sigmas; `settings` are AUTOMATIC1111's sigma_min, sigma_max and rho (sigmas.check_settings);
     `discard` its always_discard_next_to_last_sigma (check_discard); `eta` k-diffusion's (eta_ancestral), which
-    places the ancestral midpoint samplers' second calls (orchestrator.pipeline.midpoint).
+    places the ancestral midpoint samplers' second calls (orchestrator.pipeline.second_order).
     """
     sampler = check_sampler(name)
     scheduler = _scheduler_class(sampler.scheduler).from_config(_config(base_config, sampler.overrides))
@@ -323,14 +324,13 @@ def schedule(name: str, base_config: dict, steps: int, seed: int | list[int], st
     """A fresh scheduler (make_scheduler) set to `steps` steps, and the timesteps of its model calls: from noise (start
     None), or from img2img's `start` (img2img_start; its noise by step index, not by timestep value, which a
     multistep scheduler's rounding can repeat). AUTOMATIC1111's DDIM and PLMS begin where their own rules say
-    (compvis.first_call)."""
-    scheduler = make_scheduler(name, base_config, seed=seed, family=family, settings=settings, discard=discard,
-                               eta=eta)
+    (compvis.first_call); kiln's planned second-order samplers plan their calls from there (second_order)."""
+    scheduler = make_scheduler(name, base_config, seed=seed, family=family, settings=settings, discard=discard, eta=eta)
     try:
         scheduler.set_timesteps(steps)
     except ValueError as exc:  # e.g. LCM takes at most as many steps as its original schedule
         raise InputError(f"steps: {name} cannot run {steps} steps ({exc})") from None
-    if check_sampler(name).compvis:
+    if hasattr(scheduler, "begin"):  # AUTOMATIC1111's DDIM and PLMS; kiln's planned second-order samplers
         return scheduler, scheduler.begin(start)
     start = start or 0
     timesteps = scheduler.timesteps[start * scheduler.order:]

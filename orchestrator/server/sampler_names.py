@@ -14,7 +14,7 @@ SAMPLER_ALIASES = {
     "DPM++ 2M SDE Karras": ["k_dpmpp_2m_sde_ka"], "DPM++ 2M SDE Exponential": ["k_dpmpp_2m_sde_exp"], "DDIM": ["ddim"],
     "DDPM": ["ddpm"], "PLMS": ["plms", "PNDM"], "UniPC": ["unipc"], "LCM": ["lcm"],
     "DPM++ 2M SDE Heun": ["k_dpmpp_2m_sde_heun"], "DPM++ 3M SDE": ["k_dpmpp_3m_sde"],
-    "DPM++ 2S a": ["k_dpmpp_2s_a"], "DPM2": ["k_dpm_2"], "DPM2 a": ["k_dpm_2_a"],
+    "DPM++ 2S a": ["k_dpmpp_2s_a"], "DPM2": ["k_dpm_2"], "DPM2 a": ["k_dpm_2_a"], "Restart": ["restart"],
     # AUTOMATIC1111 1.6's names with a schedule in them, which resolve as "<sampler> <type>"
     "DPM++ 2M SDE Heun Karras": ["k_dpmpp_2m_sde_heun_ka"],
     "DPM++ 2M SDE Heun Exponential": ["k_dpmpp_2m_sde_heun_exp"],
@@ -38,7 +38,7 @@ SCHEDULES = {key.lower(): label for label, (name, *_) in SCHEDULE_LIST.items()
              for key in (label, name, *SCHEDULE_ALIASES.get(label, []))}
 AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",  # the others: uniform
              "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential", "DPM++ 2S a": "Karras",
-             "DPM2": "Karras", "DPM2 a": "Karras"}
+             "DPM2": "Karras", "DPM2 a": "Karras", "Restart": "Karras"}
 
 
 def sampler_name(body: schemas.Txt2ImgBody) -> str:

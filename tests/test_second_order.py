@@ -1,5 +1,6 @@
-"""AUTOMATIC1111's DPM2, DPM2 a and DPM++ 2S a (orchestrator.pipeline.midpoint) against k-diffusion's samplers, written
-out here on k-diffusion's own sigmas and its model wrapper (the timestep of a sigma, the input scaled by it)."""
+"""AUTOMATIC1111's DPM2, DPM2 a, DPM++ 2S a and Restart (orchestrator.pipeline.second_order) against k-diffusion's
+samplers and AUTOMATIC1111's restart_sampler, written out here on k-diffusion's own sigmas and its model wrapper (the
+timestep of a sigma, the input scaled by it)."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def test_midpoint_samplers_are_k_diffusions(name, kind):
         scheduler, timesteps = schedule(f"{name}{label}", SD15, 6, seed=0, eta=eta)
         table = Table(scheduler.alphas_cumprod)
         sigmas = _k_sigmas(kind, 6, scheduler.alphas_cumprod, discard)
-        assert np.allclose(scheduler.edges.numpy(), sigmas, rtol=1e-4, atol=1e-6), (eta, scheduler.edges, sigmas)
+        assert np.allclose(scheduler.edges, sigmas, rtol=1e-4, atol=1e-6), (eta, scheduler.edges, sigmas)
         expected, calls = _k_diffusion(name, sigmas, sample.double(), table, eta, torch.Generator().manual_seed(5))
         assert len(timesteps) == calls == 12 - (kind != "KL Optimal")
         generator = torch.Generator().manual_seed(5)
@@ -125,12 +126,87 @@ def test_midpoint_samplers_plan_their_eta_and_discard_as_automatic1111():
         scheduler.step(torch.zeros(1, 4, 2, 2), timesteps[0], torch.zeros(1, 4, 2, 2), eta_ancestral=1.0)
     plain, _ = schedule("DPM++ 2S a", SD15, 6, seed=0)
     discarded, _ = schedule("DPM++ 2S a", SD15, 5, seed=0, discard=True)
-    assert torch.equal(discarded.edges, torch.cat([plain.edges[:-2], plain.edges[-1:]]))
+    assert discarded.edges == plain.edges[:-2] + plain.edges[-1:]
     assert check_discard("DPM++ 2S a", True) and not check_discard("DPM2", True)
     with pytest.raises(InputError, match="cannot discard Heun's"):
         check_discard("Heun", True)
-    full, timesteps = schedule("DPM2", SD15, 10, seed=0)
+    _, timesteps = schedule("DPM2", SD15, 10, seed=0)
     start = img2img_start("DPM2", 10, 0.5)
     _, late = schedule("DPM2", SD15, 10, seed=0, start=start)
-    assert torch.equal(late, timesteps[2 * start:]) and full.calls[2 * start] == (start, True)
+    assert torch.equal(late, timesteps[2 * start:])
     assert editing_steps("DPM2 a", 10) == editing_steps("DPM++ 2S a Karras", 10) == 20
+
+
+def _karras(n: int, low: float, high: float):
+    """k-diffusion's get_sigmas_karras, in its float32."""
+    import torch
+
+    ramp = torch.linspace(0, 1, n)
+    sigmas = (high ** (1 / 7) + ramp * (low ** (1 / 7) - high ** (1 / 7))) ** 7
+    return torch.cat([sigmas, sigmas.new_zeros([1])])
+
+
+def _restart(sigmas, x, table: Table, generator) -> tuple:
+    """AUTOMATIC1111's restart_sampler (its automatic restart list), written out: the final x, and the model calls."""
+    import torch
+
+    calls = 0
+
+    def model(x, sigma):
+        nonlocal calls
+        calls += 1
+        return x - sigma * _eps((x / math.sqrt(sigma**2 + 1)).float(), table.sigma_to_t(sigma))
+
+    steps = len(sigmas) - 1
+    restarts = {}
+    if steps >= 20:
+        restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        sigmas = _karras(steps - restart_steps * restart_times, float(sigmas[-2]), float(sigmas[0]))
+        restarts = {int(torch.argmin(abs(sigmas - 0.1))): (restart_steps + 1, restart_times, 2)}
+    pairs = []
+    for i in range(len(sigmas) - 1):
+        pairs.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in restarts:
+            restart_steps, times, restart_max = restarts[i + 1]
+            top = int(torch.argmin(abs(sigmas - restart_max)))
+            if top < i + 1:
+                again = _karras(restart_steps, float(sigmas[i + 1]), float(sigmas[top]))[:-1]
+                pairs += list(zip(again[:-1], again[1:])) * times
+    last = None
+    for old, new in pairs:
+        old, new = float(old), float(new)
+        if last is not None and last < old:
+            x = x + torch.randn(x.shape, generator=generator).double() * math.sqrt(old**2 - last**2)
+        denoised = model(x, old)
+        d = (x - denoised) / old
+        x_2 = x + d * (new - old)
+        if new == 0:
+            x = x_2
+        else:
+            x = x + (d + (x_2 - model(x_2, new)) / new) / 2 * (new - old)
+        last = new
+    return x, calls, len(pairs)
+
+
+@pytest.mark.parametrize("steps, start", [(8, None), (20, None), (40, None), (40, 12), (30, 12)])
+def test_restart_is_automatic1111s(steps, start):
+    """AUTOMATIC1111's Restart (its restart_sampler, written out above): Heun's steps under 20, from 20 on Karras
+    sigmas with a restart segment from the sigma nearest 2 down to the one nearest 0.1 (twice from 36 steps), noise
+    up to each restart's top from the step's generator; in img2img planned on the sigmas left from its start (30 steps
+    from 12: 18 left, no restart), as there. Its Automatic schedule is Karras."""
+    import torch
+
+    sample = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * 3
+    scheduler, timesteps = schedule("Restart Karras", SD15, steps, seed=0, start=start)
+    table = Table(scheduler.alphas_cumprod)
+    edges = torch.tensor(_k_sigmas("Karras", steps, scheduler.alphas_cumprod, False)[start or 0:], dtype=torch.float32)
+    expected, calls, pairs = _restart(edges, sample.double(), table, torch.Generator().manual_seed(5))
+    assert len(timesteps) == calls == 2 * pairs - 1
+    left = steps - (start or 0)
+    restarts = {id(step) for step, _ in scheduler.calls if step.draws}
+    assert pairs == left and len(restarts) == (0 if left < 20 else 1 if left < 36 else 2)
+    got = _run(scheduler, timesteps, sample.clone(), 1.0, torch.Generator().manual_seed(5))[-1]
+    assert torch.allclose(got.double(), expected, atol=2e-4 * max(1.0, float(expected.abs().max())))
+    if steps == 8:  # under 20 steps: Heun's on the schedule's sigmas
+        heun, heun_timesteps = schedule("Heun Karras", SD15, steps, seed=0)
+        assert torch.allclose(timesteps, heun_timesteps.float(), atol=1e-3)

@@ -1,0 +1,206 @@
+"""AUTOMATIC1111's DPM2, DPM2 a, DPM++ 2S a and Restart (k-diffusion's sample_dpm_2, sample_dpm_2_ancestral and
+sample_dpmpp_2s_ancestral, and AUTOMATIC1111's restart_sampler) as diffusers schedulers whose calls are planned ahead.
+
+Each step, from sigma to its target, calls the model twice: at sigma, then at a second point on the way; a step into
+sigma 0 is Euler's, one call. With d = (x - denoised) / sigma and h = log(sigma / target):
+
+- DPM2: to the next sigma, its second call at the midpoint in log sigma, sqrt(sigma x target): x_mid = x + d (sigma_mid
+  - sigma), then x = x + d_mid (target - sigma);
+- DPM2 a: the same to the ancestral step's sigma_down (k-diffusion's eta), then + sigma_up noise;
+- DPM++ 2S a: to sigma_down, at the same midpoint (DPM-Solver++(2S)'s r = 1/2): x_mid = sigma_mid / sigma x
+  - expm1(-h / 2) denoised, then x = target / sigma x - expm1(-h) denoised_mid, then + sigma_up noise;
+- Restart: Heun's steps (the second call at the next sigma, the mean of both slopes), and from 20 steps on, Karras
+  sigmas over the schedule's range for all but 9 of them (36 and more: all but 2 x steps // 4), which then go back up
+  from the sigma nearest 0.1 to the one nearest 2 and down again (twice from 36), noise added to reach the higher
+  sigma (Restart Sampling for Improving Generative Processes, 2023), as AUTOMATIC1111's.
+
+The noise comes from the step's generator (AUTOMATIC1111's per-image generators, as Euler a's): the ancestral two draw
+at every step that ends above sigma 0, whatever eta is (k-diffusion's draws), so the generator's later numbers do not
+depend on eta; their noise times s_noise.
+
+The sigmas are Euler's (diffusers' EulerDiscreteScheduler, with the sampler's schedule switch: k-diffusion's, as
+Euler's), one a step (k_timesteps, which sigmas.install and sigmas.discard_penultimate wrap: AUTOMATIC1111 discards
+DPM2 and DPM2 a's next-to-last sigma). `begin` then plans the steps from noise or from an img2img start (Restart's
+plan depends on where it starts, as AUTOMATIC1111's runs on the sigmas left) and lays out their calls: `timesteps`
+holds every call's (a sigma that is not one of Euler's: k-diffusion's sigma_to_t), `sigmas` every call's sigma and the
+end, so that what looks a call's sigma up (scale_model_input, add_noise from the begin index, inpainting's blend)
+reads its own. The ancestral midpoints depend on eta (sigma_down), so the scheduler is made for one (`planned_eta`,
+sampling.make_scheduler sets the request's) and its step refuses another.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+
+from orchestrator.pipeline import noise
+from orchestrator.pipeline.ancestral import ancestral_step, predicted
+from orchestrator.pipeline.sigmas import schedule_sigmas
+
+
+@dataclass
+class Step:
+    """One planned step: from `sigma` towards `target` (the next sigma, or an ancestral step's sigma_down), its second
+    call at `second` (None: one call, Euler's step), then, where it `draws`, `up` x the generator's noise."""
+
+    sigma: float
+    target: float
+    second: float | None
+    up: float = 0.0
+    draws: bool = False
+
+
+def _single(value: float) -> float:
+    """`value` as the float32 a call's sigma is kept in, so that a step's formulas use the sigma its call ran at."""
+    return float(np.float32(value))
+
+
+class PlannedSteps(EulerDiscreteScheduler):
+    """Euler's sigmas one a step (`edges`), planned into steps (plan) whose calls are laid out (begin)."""
+
+    order = 2
+    ancestral = False
+    planned_eta = 1.0
+
+    def k_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Euler's sigmas and timesteps, one a step: what the plan is made from."""
+        EulerDiscreteScheduler.set_timesteps(self, num_inference_steps, device)
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        self.k_timesteps(num_inference_steps, device)
+        self.edges = [float(s) for s in self.sigmas]
+        self.edge_timesteps = dict(zip(self.edges, map(float, self.timesteps)))
+        self.begin(None)
+
+    def begin(self, start: int | None) -> torch.Tensor:
+        """The calls from noise (None) or from step `start` of the schedule (img2img's, the hires pass's): lays them
+        out and returns their timesteps."""
+        edges = self.edges[start or 0:]
+        log_sigmas = np.log(((1 - self.alphas_cumprod.numpy()) / self.alphas_cumprod.numpy()) ** 0.5)
+        self.calls, sigmas = [], []
+        for step in self.plan(edges):
+            self.calls += [(step, True)] + ([(step, False)] if step.second is not None else [])
+            sigmas += [step.sigma] + ([step.second] if step.second is not None else [])
+        self.sigmas = torch.tensor([*sigmas, edges[-1]], dtype=torch.float32)
+        self.timesteps = torch.tensor([self.edge_timesteps.get(s, float(self._sigma_to_t(np.array(s), log_sigmas)))
+                                       for s in sigmas], dtype=torch.float32)
+        self._step_index, self._begin_index = None, 0
+        return self.timesteps
+
+    def plan(self, edges: list[float]) -> list[Step]:
+        raise NotImplementedError
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True):
+        return self._step(model_output, timestep, sample, generator, return_dict)
+
+    def _step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator, return_dict: bool,
+              eta: float = 1.0, s_noise: float = 1.0):
+        if self.ancestral and eta != self.planned_eta:
+            raise ValueError(f"eta {eta}: this scheduler's midpoints were planned for eta {self.planned_eta}")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        step, first = self.calls[self.step_index]
+        x = sample.double()
+        denoised = predicted(self, model_output.double(), x, self.sigmas[self.step_index].double())
+        if first and step.second is None:  # Euler's step, one call
+            previous = x + (x - denoised) / step.sigma * (step.target - step.sigma)
+        elif first:  # to the second call's point, the step's start kept for it
+            self.start, self.first_denoised = x, denoised
+            previous = self.first_half(x, denoised, step)
+        else:
+            previous = self.second_half(x, denoised, step)
+            self.start = self.first_denoised = None
+        if step.draws and (not first or step.second is None):  # the step's end: its noise
+            previous = previous + noise.draw(tuple(model_output.shape), generator).double() * s_noise * step.up
+        self._step_index += 1
+        previous = previous.to(model_output.dtype)
+        if not return_dict:
+            return previous, denoised
+        return EulerDiscreteSchedulerOutput(prev_sample=previous, pred_original_sample=denoised.to(model_output.dtype))
+
+    def first_half(self, x: torch.Tensor, denoised: torch.Tensor, step: Step) -> torch.Tensor:
+        """Euler's step to the second call's point."""
+        return x + (x - denoised) / step.sigma * (step.second - step.sigma)
+
+    def second_half(self, x: torch.Tensor, denoised: torch.Tensor, step: Step) -> torch.Tensor:
+        """DPM2's: from the step's start with the slope at the second call."""
+        return self.start + (x - denoised) / step.second * (step.target - step.sigma)
+
+
+class DPM2Scheduler(PlannedSteps):
+    """k-diffusion's sample_dpm_2 (no churn): DPM-Solver-2 to the next sigma, Euler's step into sigma 0."""
+
+    def target(self, sigma: float, sigma_next: float) -> tuple[float, float]:
+        """(where the step's deterministic part goes, the noise it adds after): DPM2's, the next sigma and none."""
+        return sigma_next, 0.0
+
+    def plan(self, edges: list[float]) -> list[Step]:
+        steps = []
+        for sigma, sigma_next in zip(edges[:-1], edges[1:]):
+            target, up = self.target(sigma, sigma_next)
+            second = _single(math.sqrt(sigma * target)) if target > 0 else None
+            steps.append(Step(sigma, target, second, up, self.ancestral and sigma_next > 0))
+        return steps
+
+
+class DPM2AncestralScheduler(DPM2Scheduler):
+    """k-diffusion's sample_dpm_2_ancestral: DPM2's step to sigma_down, then sigma_up of the generator's noise."""
+
+    ancestral = True
+
+    def target(self, sigma: float, sigma_next: float) -> tuple[float, float]:
+        down, up = ancestral_step(*torch.tensor([sigma, sigma_next], dtype=torch.float64), self.planned_eta)
+        return float(down), float(up)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True, eta_ancestral: float = 1.0, s_noise: float = 1.0):
+        return self._step(model_output, timestep, sample, generator, return_dict, eta_ancestral, s_noise)
+
+
+class DPMPP2SAncestralScheduler(DPM2AncestralScheduler):
+    """k-diffusion's sample_dpmpp_2s_ancestral: DPM-Solver++(2S) to sigma_down, then sigma_up of the noise."""
+
+    def first_half(self, x: torch.Tensor, denoised: torch.Tensor, step: Step) -> torch.Tensor:
+        return step.second / step.sigma * x - math.expm1(-math.log(step.sigma / step.second)) * denoised
+
+    def second_half(self, x: torch.Tensor, denoised: torch.Tensor, step: Step) -> torch.Tensor:
+        return step.target / step.sigma * self.start - math.expm1(-math.log(step.sigma / step.target)) * denoised
+
+
+class RestartScheduler(PlannedSteps):
+    """AUTOMATIC1111's restart_sampler with its automatic restart list: Heun's steps, restarting below sigma 2."""
+
+    def plan(self, edges: list[float]) -> list[Step]:
+        pairs = list(zip(edges[:-1], edges[1:]))
+        steps = len(pairs)
+        if steps >= 20:
+            restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+            edges = self._karras(steps - restart_steps * restart_times, edges[-2], edges[0])
+            low, high = self._nearest(edges, 0.1), self._nearest(edges, 2)
+            pairs = list(zip(edges[:-1], edges[1:]))
+            if high < low:  # from the sigma nearest 2 down to the one nearest 0.1, after the step that reaches it
+                again = self._karras(restart_steps + 1, edges[low], edges[high])[:-1]
+                pairs[low:low] = list(zip(again[:-1], again[1:])) * restart_times
+        planned = [Step(old, new, new if new != 0 else None) for old, new in pairs]
+        for before, after in zip(planned[:-1], planned[1:]):
+            if after.sigma > before.target:  # back up to a higher sigma: its noise, at the end of the step before
+                before.up, before.draws = math.sqrt(after.sigma**2 - before.target**2), True
+        return planned
+
+    def second_half(self, x: torch.Tensor, denoised: torch.Tensor, step: Step) -> torch.Tensor:
+        slope = ((self.start - self.first_denoised) / step.sigma + (x - denoised) / step.second) / 2
+        return self.start + slope * (step.target - step.sigma)
+
+    def _karras(self, n: int, low: float, high: float) -> list[float]:
+        """k-diffusion's get_sigmas_karras(n, low, high): n sigmas, then 0."""
+        return [_single(s) for s in schedule_sigmas("Karras", n, self.alphas_cumprod, settings=(low, high, 0.0))]
+
+    @staticmethod
+    def _nearest(sigmas: list[float], value: float) -> int:
+        return int(np.argmin([abs(s - value) for s in sigmas]))
