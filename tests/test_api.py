@@ -562,6 +562,37 @@ def test_the_second_order_samplers_dpm2_dpm2_a_dpmpp_2s_a_and_restart(client):
     assert refused.status_code == 422 and "the DPM2 Karras sampler has no churn" in refused.text
 
 
+def test_ddim_cfgpp_guides_at_any_scale(client):
+    """AUTOMATIC1111 1.10's DDIM CFG++ by name and alias: guided at cfg_scale 1 too (its scale divided by 12.5), so
+    the negative prompt changes its image where DDIM's at 1 runs the prompt alone; as the hires pass's sampler after
+    another's first pass, both passes guided; inpainting."""
+    body = TXT | {"steps": 6, "seed": 60, "cfg_scale": 1}
+
+    def run(**fields) -> tuple[str, dict]:
+        response = client.post("/sdapi/v1/txt2img", json=body | fields)
+        assert response.status_code == 200, response.text
+        return response.json()["images"][0], parse_infotext(json.loads(response.json()["info"])["infotexts"][0])
+
+    plus, written = run(sampler_name="DDIM CFG++")
+    assert written["Sampler"] == "DDIM CFG++" and run(sampler_name="ddim_cfgpp")[0] == plus
+    assert _pixels(run(sampler_name="DDIM CFG++", negative_prompt="a dog")[0]) != _pixels(plus)
+    ddim = run(sampler_name="DDIM")[0]
+    assert _pixels(run(sampler_name="DDIM", negative_prompt="a dog")[0]) == _pixels(ddim) != _pixels(plus)
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 4, "denoising_strength": 0.6,
+             "sampler_name": "Euler", "hr_sampler_name": "DDIM CFG++"}
+    second, written = run(**hires)
+    assert written["Hires sampler"] == "DDIM CFG++"
+    assert _pixels(run(**hires, negative_prompt="a dog")[0]) != _pixels(second)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inpainted = client.post("/sdapi/v1/img2img", json=body | {
+        "sampler_name": "DDIM CFG++", "init_images": [_b64(_png())], "mask": _b64(encode(mask)), "mask_blur": 0,
+        "denoising_strength": 0.8})
+    assert inpainted.status_code == 200, inpainted.text
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(inpainted.json()["images"][0]))).convert("RGB"))
+    assert (pixels[:8, :8] == (200, 80, 40)).all()  # the kept corner is the init image's (the overlay)
+
+
 def _pixels(b64: str) -> bytes:
     return Image.open(io.BytesIO(base64.b64decode(b64))).tobytes()
 

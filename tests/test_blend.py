@@ -21,7 +21,7 @@ SHAPE = (2, 4, 8, 8)
 REPAINT = torch.zeros(1, 1, 8, 8)
 REPAINT[..., 2:6, 1:5] = 1
 # LMS's last step combines the derivatives of four calls: it ends near the init latents, not on them (below)
-AFTER = [name for name in SAMPLERS if name not in ("DDIM", "PLMS", "UniPC", "LMS")]
+AFTER = [name for name in SAMPLERS if name not in ("DDIM", "PLMS", "UniPC", "LMS", "DDIM CFG++")]
 
 
 class _Spatial(_Model):

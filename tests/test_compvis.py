@@ -196,3 +196,52 @@ def test_requests_on_which_they_call_no_model_are_refused():
         check_request(img2img, contract)
     check_request(replace(img2img, steps=4), contract)  # t_enc 2: one call
     check_request(replace(img2img, denoising_strength=0.0), contract)  # none on purpose: the init image as it is
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_cfgpp_is_automatic1111s(prediction, eta):
+    """AUTOMATIC1111's DDIM CFG++ (its ddim_cfgpp, written out here): on DDIM's ladder, the guided prediction (the
+    guidance scale divided by 12.5) to x0 and the unconditional one back towards the noise, eta's noise as DDIM's;
+    a v-prediction checkpoint's outputs as epsilon first. Its step refuses to run without the unconditional one."""
+    config = SD15 | {"prediction_type": prediction}
+    steps, cfg = 10, 3.0
+    start = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    ours, timesteps = schedule("DDIM CFG++", config, steps, seed=0)
+    cumprod = ours.alphas_cumprod
+
+    def outputs(x, t):  # the conditional and unconditional rows' outputs, in the checkpoint's parameterisation
+        return torch.tanh(0.5 * x + t / 1000), 0.8 * torch.tanh(0.4 * x - t / 2000)
+
+    def eps(output, x, t):
+        a = float(cumprod[t])
+        return output if prediction == "epsilon" else a ** 0.5 * output + (1 - a) ** 0.5 * x
+
+    ladder = _their_timesteps(steps)
+    alphas, previous = cumprod[ladder], cumprod[torch.nn.functional.pad(ladder[:-1], pad=(1, 0))].double()
+    sigmas = eta * ((1 - previous) / (1 - alphas) * (1 - alphas / previous)).sqrt()
+    theirs, generator = start.clone(), torch.Generator().manual_seed(7)
+    for index in range(len(ladder) - 1, 0, -1):
+        t = int(ladder[index])
+        cond, uncond = (eps(output, theirs, t) for output in outputs(theirs, t))
+        e_t = uncond + (cond - uncond) * cfg / 12.5
+        a_t, a_prev, sigma = float(alphas[index]), float(previous[index]), float(sigmas[index])
+        pred_x0 = (theirs - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
+        theirs = a_prev ** 0.5 * pred_x0 + (1 - a_prev - sigma ** 2) ** 0.5 * uncond
+        if eta > 0:
+            theirs = theirs + sigma * torch.randn(theirs.shape, generator=generator)
+    x, generator = start.clone(), torch.Generator().manual_seed(7)
+    scale = cfg * ours.cfg_scale_multiplier
+    for t in timesteps:
+        cond, uncond = outputs(x, int(t))
+        x = ours.step(uncond + (cond - uncond) * scale, t, x, eta=eta, generator=generator,
+                      uncond_output=uncond).prev_sample
+    assert torch.allclose(x, theirs, atol=1e-4)
+    plain, timesteps = schedule("DDIM", config, steps, seed=0)
+    ddim, generator = start.clone(), torch.Generator().manual_seed(7)
+    for t in timesteps:  # DDIM on the same guided outputs: back towards the noise along them
+        cond, uncond = outputs(ddim, int(t))
+        ddim = plain.step(uncond + (cond - uncond) * scale, t, ddim, eta=eta, generator=generator).prev_sample
+    assert not torch.allclose(x, ddim, atol=1e-2)
+    with pytest.raises(ValueError, match="unconditional"):
+        schedule("DDIM CFG++", config, steps, seed=0)[0].step(x, timesteps[0], x)

@@ -13,7 +13,10 @@ Their steps are not diffusers' DDIMScheduler's and PNDMScheduler's on SD's "lead
 - DDIM's eta noise, sigma_t = eta sqrt((1 - a_prev) / (1 - a_t) (1 - a_t / a_prev)), drawn only where eta > 0 (there
   every step draws and multiplies by zero: the same image);
 - PLMS: the first step evaluates the model twice (pseudo improved Euler: at A[k], then at A[k - 1] on that first
-  estimate, the two averaged), then Adams-Bashforth of order 2, 3 and 4 on the calls' own predictions.
+  estimate, the two averaged), then Adams-Bashforth of order 2, 3 and 4 on the calls' own predictions;
+- DDIM CFG++ (its ddim_cfgpp, after CFG++: Manifold-constrained Classifier Free Guidance, 2024): DDIM whose step back
+  towards the noise (dir_xt) takes the unconditional prediction, the guided one only predicting x0, its guidance
+  scale divided by 12.5 (`cfg_scale_multiplier`: 12.5 is 1, the conditional prediction alone).
 A v-prediction checkpoint's output is turned into epsilon first, as there.
 """
 
@@ -74,6 +77,11 @@ class CompVisDDIM(DDIMScheduler):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0, generator=None,
              variance_noise: torch.Tensor | None = None, return_dict: bool = True) -> SchedulerOutput:
+        return self._step(model_output, timestep, sample, eta, generator, variance_noise, return_dict)
+
+    def _step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float, generator,
+              variance_noise: torch.Tensor | None, return_dict: bool, along: torch.Tensor | None = None):
+        """The step; `along`: the prediction the step back towards the noise takes (None: the model output's)."""
         if self._done >= len(self._calls):
             raise ValueError(f"all {len(self._calls)} calls have run")
         t, t_from, t_to = self._calls[self._done]
@@ -86,7 +94,8 @@ class CompVisDDIM(DDIMScheduler):
         a_t, a_prev = float(self.alphas_cumprod[t_from]), float(self.alphas_cumprod[t_to])
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         pred_x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
-        prev = a_prev ** 0.5 * pred_x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+        direction = eps if along is None else self._epsilon(along, sample, t)
+        prev = a_prev ** 0.5 * pred_x0 + (1 - a_prev - sigma ** 2) ** 0.5 * direction
         if sigma > 0:
             drawn = noise.draw(tuple(sample.shape), generator) if variance_noise is None else variance_noise
             prev = prev + sigma * drawn.to(sample.dtype)
@@ -111,6 +120,19 @@ class CompVisDDIM(DDIMScheduler):
         self._eps = (self._eps + [eps])[-4:]
         weights, divisor = ADAMS_BASHFORTH[len(self._eps)]
         return sum(w * e for w, e in zip(weights, reversed(self._eps))) / divisor, sample
+
+
+class CompVisDDIMCFGPP(CompVisDDIM):
+    """AUTOMATIC1111's DDIM CFG++ (the module's docstring): its step takes the unconditional prediction as well."""
+
+    cfg_scale_multiplier = 1 / 12.5
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0, generator=None,
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True,
+             uncond_output: torch.Tensor | None = None) -> SchedulerOutput:
+        if uncond_output is None:
+            raise ValueError("DDIM CFG++ steps along the unconditional prediction: pass uncond_output")
+        return self._step(model_output, timestep, sample, eta, generator, variance_noise, return_dict, uncond_output)
 
 
 class CompVisPLMS(CompVisDDIM):

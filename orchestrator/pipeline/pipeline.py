@@ -41,7 +41,7 @@ from orchestrator.pipeline.sampling import (
     step_kwargs,
 )
 from orchestrator.pipeline.seeds import Seeds, batch_seeds, draw_seed
-from orchestrator.pipeline.step import combine, predict, skips_unconditional
+from orchestrator.pipeline.step import UNCOND, combine, guides, predict, skips_unconditional, takes_unconditional
 from orchestrator.pipeline.tiles import sd_upscale
 from orchestrator.pipeline.vae_tiles import with_tiles
 from orchestrator.pipeline.validate import Limits, check_request
@@ -172,7 +172,7 @@ class Pipeline:
                                                            stop_early=stop_early, denoising=denoising,
                                                            refiner=refiner), request)
         batch = request.batch_size
-        guided = request.cfg_scale > 1
+        guided = guides(request)
 
         # 2. Seeds: -1 draws one; image i uses seed + i (AUTOMATIC1111).
         seed = draw_seed(request.seed)
@@ -268,9 +268,10 @@ class Pipeline:
         each of the prompt's parts (guidance())."""
         import torch
 
-        components, guided = self.parts(request), request.cfg_scale > 1
-        context, weights = prompted
-        batch = len(latents)
+        components, (context, weights), batch = self.parts(request), prompted, len(latents)
+        guided = len(context) > len(weights) * batch  # the negative prompt's rows too (guides())
+        scale = request.cfg_scale * getattr(scheduler, "cfg_scale_multiplier", 1.0)  # DDIM CFG++'s 1 / 12.5
+        along = takes_unconditional(scheduler)  # the unconditional rows' prediction to its step too
         lora = loras.spec("unet")
         nine_channels = inpaint is not None and self.contract.inpainting_unet
         blend = None if inpaint is None else inpaint["blend"]
@@ -297,11 +298,12 @@ class Pipeline:
                       if (scale := unit.scale_at(index, len(timesteps)))]
             noise_pred = torch.from_numpy(predict(context.at(index), skip, inputs, control_input, active, components,
                                                   lora, unet_call, nine_channels, batch if both else 0))
+            extra = {UNCOND: noise_pred.chunk(len(weights) + both)[0]} if along else {}  # (the stand-in's: combine)
             if guided:
-                noise_pred = combine(noise_pred, weights, request.cfg_scale, both)
+                noise_pred = combine(noise_pred, weights, scale, both)
             if blend is not None:  # AUTOMATIC1111's inpainting: the init latents predicted where the mask keeps them
                 noise_pred = blend.prediction(scheduler, t, latents, noise_pred)
-            latents = scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
+            latents = scheduler.step(noise_pred, t, latents, **kwargs, **extra).prev_sample
             if progress is not None:
                 progress(index + 1, len(timesteps), latents.numpy())
         return latents, None
@@ -339,7 +341,7 @@ class Pipeline:
         context, first_prompt, loras = first
         prompt, loras = (first_prompt, loras) if fix.prompt is None else self.lora_set(fix.prompt)
         negative = request.negative_prompt if fix.negative_prompt is None else fix.negative_prompt
-        prompts, weights = guidance(negative, prompt, request.cfg_scale > 1)
+        prompts, weights = guidance(negative, prompt, guides(request))
         units = tuple(replace(unit, second_pass=True) for unit in request.controlnet_units)
         pass_two = replace(request, width=planned.size[0], height=planned.size[1], hires=None, controlnet=units or None)
         # Encoded again for other prompts, for prompt editing (its steps count on from the first pass's), and for

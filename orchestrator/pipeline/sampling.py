@@ -94,6 +94,7 @@ SAMPLERS = {
     "DPM2": Sampler("DPM2Scheduler", UNIFORM, second_order=True, discard_penultimate=True),
     "DPM2 a": Sampler("DPM2AncestralScheduler", UNIFORM, second_order=True, discard_penultimate=True),
     "Restart": Sampler("RestartScheduler", UNIFORM, second_order=True),
+    "DDIM CFG++": Sampler("CompVisDDIMCFGPP", k_diffusion=False, compvis=True),  # steps along the unconditional too
 }
 
 # AUTOMATIC1111 1.10's schedule types (sigmas.SCHEDULE_TYPES, diffusers' switches; sigmas.OWN_SCHEDULES): any
@@ -109,10 +110,9 @@ SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps
 
 _IMPORT_LOCK = threading.Lock()
 _CLASSES: dict[str, type] = {}
-OWN_CLASSES = {"CompVisDDIM": "orchestrator.pipeline.compvis", "CompVisPLMS": "orchestrator.pipeline.compvis",
+OWN_CLASSES = {**dict.fromkeys(("CompVisDDIM", "CompVisPLMS", "CompVisDDIMCFGPP"), "orchestrator.pipeline.compvis"),
                # diffusers' samplers with noise of their own, taking k-diffusion's eta
-               "EulerAncestralEta": "orchestrator.pipeline.ancestral",
-               "DPMSolverMultistepEta": "orchestrator.pipeline.ancestral",
+               **dict.fromkeys(("EulerAncestralEta", "DPMSolverMultistepEta"), "orchestrator.pipeline.ancestral"),
                "DPMSolverSDEEta": "orchestrator.pipeline.ancestral_sde",
                # the second-order samplers planned ahead, on Euler's sigmas
                **dict.fromkeys(("DPM2Scheduler", "DPM2AncestralScheduler", "DPMPP2SAncestralScheduler",
@@ -195,8 +195,7 @@ def _on_schedule(base: str, kind: str) -> Sampler:
         return replace(sampler, overrides=overrides, sigma_schedule=own)
     if sampler.scheduler in BORROWED_SIGMAS:
         return replace(sampler, sigmas_from=(BORROWED_SIGMAS[sampler.scheduler], overrides), sigma_schedule=own)
-    raise UnknownSampler(f"Sampler not found: {base} {kind}: diffusers' {sampler.scheduler} has no {kind} "
-                         f"schedule")
+    raise UnknownSampler(f"Sampler not found: {base} {kind}: diffusers' {sampler.scheduler} has no {kind} schedule")
 
 
 def interleaves(sampler: Sampler) -> bool:

@@ -9,10 +9,15 @@ on its rows (control.unet_with_units).
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from orchestrator.pipeline.control import unet_with_units
+from orchestrator.pipeline.sampling import step_options
 from orchestrator.pipeline.sigmas import sigma_at
+
+UNCOND = "uncond_output"  # what a scheduler's step takes the unconditional rows' prediction as (DDIM CFG++)
 
 
 def predict(step, skip: int, inputs: dict[str, np.ndarray], control_input: np.ndarray, active: list, components,
@@ -47,6 +52,16 @@ def skips_unconditional(s_min_uncond: float, scheduler, t, index: int) -> bool:
     """AUTOMATIC1111's s_min_uncond (NGMS): every other step below that sigma runs the prompt's rows alone. Off (0),
     no step looks its sigma up."""
     return s_min_uncond > 0 and index % 2 == 1 and 0 < sigma_at(scheduler, t) < s_min_uncond
+
+
+def guides(request) -> bool:
+    """Whether classifier-free guidance runs (the negative prompt's rows too): at a cfg_scale above 1, or at any where
+    a pass's sampler steps along the unconditional prediction (DDIM CFG++, whose scale is divided by 12.5)."""
+    return request.cfg_scale > 1 or any(UNCOND in step_options(name) for name in request.samplers)
+
+
+def takes_unconditional(scheduler) -> bool:
+    return UNCOND in inspect.signature(scheduler.step).parameters
 
 
 def combine(noise_pred, weights: tuple[float, ...], cfg_scale: float, unconditional: bool):

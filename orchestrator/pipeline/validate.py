@@ -36,6 +36,7 @@ from orchestrator.pipeline.sampling import (
 )
 from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.pipeline.sigmas import check_settings
+from orchestrator.pipeline.step import guides
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
     _integer_in("batch_size", request.batch_size, 1, limits.max_batch_size)
     if not _finite(request.cfg_scale) or request.cfg_scale < 1:
         raise InputError(f"cfg_scale must be a finite number >= 1, got {request.cfg_scale!r}")
-    if request.cfg_scale == 1:  # unguided: no unconditional rows for AND's parts to be weighed against
+    if not guides(request):  # unguided: no unconditional rows for AND's parts to be weighed against
         for name, text in (("prompt", request.prompt), ("hr_prompt", getattr(request.hires, "prompt", None))):
             parts = composable(split_lora_tags(text)[0]) if isinstance(text, str) else [("", 1)]
             if len(parts) > 1:
