@@ -528,11 +528,11 @@ def test_the_sde_samplers_brownian_noise_and_the_discard_and_sgm_options(client)
     assert _pixels(ddim) == _pixels(run(sampler_name="DDIM")[0]) and "SGM noise multiplier" not in written
 
 
-def test_the_second_order_samplers_dpm2_dpm2_a_dpmpp_2s_a_and_restart(client):
+def test_the_planned_samplers_dpm2_dpm2_a_dpmpp_2s_a_restart_and_dpm_fast(client):
     """AUTOMATIC1111's DPM2, DPM2 a, DPM++ 2S a and Restart by name and alias (1.6's Karras ones too), on their
-    Automatic schedule (Karras); DPM2 a at eta 0 is DPM2 (no noise, the same midpoints); the ancestral ones take eta and
-    s_noise (written back), each image's noise its own generator's; DPM2 has no s_noise without churn, refused by name;
-    Restart restarts from 20 steps on, in the hires pass too."""
+    Automatic schedule (Karras), and DPM fast (uniform) with its eta; DPM2 a at eta 0 is DPM2 (no noise, the same
+    midpoints); the ancestral ones take eta and s_noise (written back), each image's noise its own generator's; DPM2
+    has no s_noise without churn, refused by name; Restart restarts from 20 steps on, in the hires pass too."""
     body = TXT | {"steps": 4, "seed": 50}
 
     def run(**fields) -> tuple[str, dict]:
@@ -547,6 +547,9 @@ def test_the_second_order_samplers_dpm2_dpm2_a_dpmpp_2s_a_and_restart(client):
         assert written["Sampler"] == f"{name} Karras"
         assert run(sampler_name=alias)[0] == run(sampler_name=name, scheduler="Karras")[0] == images[name]
     assert len({_pixels(image) for image in images.values()}) == 4
+    fast, written = run(sampler_name="DPM fast")  # its Automatic: uniform
+    assert written["Sampler"] == "DPM fast" and run(sampler_name="k_dpm_fast")[0] == fast
+    assert _pixels(run(sampler_name="DPM fast", eta=0.5)[0]) != _pixels(fast)
     restarted, written = run(sampler_name="Restart", steps=20, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=20,
                              denoising_strength=1.0)
     assert written["Sampler"] == "Restart Karras" and written["Hires steps"] == "20"

@@ -20,8 +20,9 @@ from tests.test_compvis import SD15, _Model, _their_loop, _their_timesteps
 SHAPE = (2, 4, 8, 8)
 REPAINT = torch.zeros(1, 1, 8, 8)
 REPAINT[..., 2:6, 1:5] = 1
-# LMS's last step combines the derivatives of four calls: it ends near the init latents, not on them (below)
-AFTER = [name for name in SAMPLERS if name not in ("DDIM", "PLMS", "UniPC", "LMS", "DDIM CFG++")]
+# LMS's last step combines the derivatives of four calls: it ends near the init latents, not on them (below); DPM
+# fast ends at the lowest sigma above 0, as k-diffusion's, so near them too (the last blend puts them back)
+AFTER = [name for name in SAMPLERS if name not in ("DDIM", "PLMS", "UniPC", "LMS", "DDIM CFG++", "DPM fast")]
 
 
 class _Spatial(_Model):
@@ -70,11 +71,12 @@ def test_every_k_diffusion_sampler_predicts_the_init_where_the_mask_keeps_it(sam
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ SDE", "DPM++ SDE Karras"])
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ SDE", "DPM++ SDE Karras", "DPM2 a",
+                                     "DPM++ 2S a", "Restart", "DPM fast"])
 def test_each_call_of_a_sigma_space_sampler_denoises_to_the_init_where_kept(sampler, prediction):
-    """At every call (DPM++ SDE's midpoint and Heun's second call too), the denoised prediction from the output the
-    scheduler gets, at the sigma the model's input was scaled for (1 / sqrt(sigma^2 + 1)), is the init latents where
-    the mask keeps them."""
+    """At every call (DPM++ SDE's midpoint, Heun's second call, DPM fast's three a step too), the denoised prediction
+    from the output the scheduler gets, at the sigma the model's input was scaled for (1 / sqrt(sigma^2 + 1)), is the
+    init latents where the mask keeps them."""
     calls = []
 
     def check(scheduler, t, x, output, init):

@@ -104,7 +104,7 @@ def test_midpoint_samplers_are_k_diffusions(name, kind):
         generator = torch.Generator().manual_seed(5)
         got = _run(scheduler, timesteps, sample.clone(), eta, generator)
         ends[eta] = float(torch.randn(1, generator=generator))
-        steps = [x for i, x in enumerate(got) if i == len(got) - 1 or scheduler.calls[i + 1][1]]  # each step's end
+        steps = [x for i, x in enumerate(got) if i == len(got) - 1 or scheduler.calls[i + 1][1] == 0]  # each step's end
         assert len(steps) == 6
         for i, (a, b) in enumerate(zip(steps, expected)):
             assert torch.allclose(a.double(), b, atol=2e-4 * max(1.0, float(b.abs().max()))), (eta, i)
@@ -210,3 +210,79 @@ def test_restart_is_automatic1111s(steps, start):
     if steps == 8:  # under 20 steps: Heun's on the schedule's sigmas
         heun, heun_timesteps = schedule("Heun Karras", SD15, steps, seed=0)
         assert torch.allclose(timesteps, heun_timesteps.float(), atol=1e-3)
+
+
+def _dpm_fast(x, low: float, high: float, nfe: int, table: Table, eta: float, generator) -> tuple:
+    """k-diffusion's sample_dpm_fast (DPMSolver.dpm_solver_fast and its 1-, 2- and 3-step updates), written out in its
+    float32 t: the final x, and the model calls."""
+    import torch
+
+    calls = 0
+
+    def eps(x, t):
+        nonlocal calls
+        calls += 1
+        sigma = math.exp(-t)
+        return _eps((x / math.sqrt(sigma**2 + 1)).float(), table.sigma_to_t(sigma)).double()
+
+    def sigma(t):
+        return math.exp(-t)
+
+    t_start, t_end = -math.log(high), -math.log(low)
+    m = nfe // 3 + 1
+    ts = torch.linspace(t_start, t_end, m + 1).tolist()
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        if eta:
+            to = sigma(t_next)
+            up = min(to, eta * math.sqrt(to**2 * (sigma(t) ** 2 - to**2) / sigma(t) ** 2))
+            t_next_ = min(t_end, -math.log(math.sqrt(to**2 - up**2)))
+            su = math.sqrt(sigma(t_next) ** 2 - sigma(t_next_) ** 2)
+        else:
+            t_next_, su = t_next, 0.0
+        h = t_next_ - t
+        e = eps(x, t)
+        if order == 1:
+            new = x - sigma(t_next_) * math.expm1(h) * e
+        elif order == 2:
+            s1 = t + h / 2
+            e1 = eps(x - sigma(s1) * math.expm1(h / 2) * e, s1)
+            new = x - sigma(t_next_) * math.expm1(h) * e - sigma(t_next_) * math.expm1(h) * (e1 - e)
+        else:
+            r1, r2 = 1 / 3, 2 / 3
+            s1, s2 = t + r1 * h, t + r2 * h
+            e1 = eps(x - sigma(s1) * math.expm1(r1 * h) * e, s1)
+            bend = (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)
+            u2 = x - sigma(s2) * math.expm1(r2 * h) * e - sigma(s2) * bend * (e1 - e)
+            e2 = eps(u2, s2)
+            new = x - sigma(t_next_) * math.expm1(h) * e - sigma(t_next_) / r2 * (math.expm1(h) / h - 1) * (e2 - e)
+        x = new + su * torch.randn(x.shape, generator=generator).double()
+    return x, calls
+
+
+@pytest.mark.parametrize("steps, start", [(6, None), (7, None), (8, None), (12, 5)])
+def test_dpm_fast_is_automatic1111s(steps, start):
+    """AUTOMATIC1111's DPM fast (k-diffusion's sample_dpm_fast, written out above): from noise over the model's whole
+    sigma range, ending at its lowest sigma; in img2img from its start's sigma to the schedule's last above 0, as
+    there; as many calls as steps (the last steps of order 2 and 1 where the count is not a multiple of 3); eta 1, 0
+    and between, the noise drawn at every step."""
+    import torch
+
+    sample = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * 3
+    for eta in (1.0, 0.0, 0.5):
+        scheduler, timesteps = schedule("DPM fast", SD15, steps, seed=0, start=start, eta=eta)
+        table = Table(scheduler.alphas_cumprod)
+        edges = _k_sigmas("Uniform", steps, scheduler.alphas_cumprod, False)[start or 0:]
+        low, high = (table.sigmas[0], table.sigmas[-1]) if start is None else (edges[-2], edges[0])
+        if start is None:
+            assert scheduler.init_noise_sigma == pytest.approx(high, rel=1e-5)
+        generator = torch.Generator().manual_seed(5)
+        expected, calls = _dpm_fast(sample.double(), low, high, len(edges) - 1, table, eta, generator)
+        after = float(torch.randn(1, generator=generator))
+        assert len(timesteps) == calls == len(edges) - 1
+        generator = torch.Generator().manual_seed(5)
+        got = _run(scheduler, timesteps, sample.clone(), eta, generator)[-1]
+        assert float(torch.randn(1, generator=generator)) == after  # a draw at every step
+        assert torch.allclose(got.double(), expected, atol=2e-4 * max(1.0, float(expected.abs().max()))), eta
+        assert float(scheduler.sigmas[-1]) == pytest.approx(low, rel=1e-5)  # it ends at sigma_min, not 0

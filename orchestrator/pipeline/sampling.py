@@ -95,6 +95,7 @@ SAMPLERS = {
     "DPM2 a": Sampler("DPM2AncestralScheduler", UNIFORM, second_order=True, discard_penultimate=True),
     "Restart": Sampler("RestartScheduler", UNIFORM, second_order=True),
     "DDIM CFG++": Sampler("CompVisDDIMCFGPP", k_diffusion=False, compvis=True),  # steps along the unconditional too
+    "DPM fast": Sampler("DPMFastScheduler", UNIFORM),
 }
 
 # AUTOMATIC1111 1.10's schedule types (sigmas.SCHEDULE_TYPES, diffusers' switches; sigmas.OWN_SCHEDULES): any
@@ -116,7 +117,7 @@ OWN_CLASSES = {**dict.fromkeys(("CompVisDDIM", "CompVisPLMS", "CompVisDDIMCFGPP"
                "DPMSolverSDEEta": "orchestrator.pipeline.ancestral_sde",
                # the second-order samplers planned ahead, on Euler's sigmas
                **dict.fromkeys(("DPM2Scheduler", "DPM2AncestralScheduler", "DPMPP2SAncestralScheduler",
-                                "RestartScheduler"), "orchestrator.pipeline.second_order")}
+                                "RestartScheduler", "DPMFastScheduler"), "orchestrator.pipeline.second_order")}
 
 
 class UnknownSampler(NotFoundError):

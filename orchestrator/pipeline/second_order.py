@@ -1,8 +1,9 @@
-"""AUTOMATIC1111's DPM2, DPM2 a, DPM++ 2S a and Restart (k-diffusion's sample_dpm_2, sample_dpm_2_ancestral and
-sample_dpmpp_2s_ancestral, and AUTOMATIC1111's restart_sampler) as diffusers schedulers whose calls are planned ahead.
+"""AUTOMATIC1111's DPM2, DPM2 a, DPM++ 2S a, Restart and DPM fast (k-diffusion's sample_dpm_2, sample_dpm_2_ancestral,
+sample_dpmpp_2s_ancestral and sample_dpm_fast, and AUTOMATIC1111's restart_sampler) as diffusers schedulers whose
+calls are planned ahead.
 
-Each step, from sigma to its target, calls the model twice: at sigma, then at a second point on the way; a step into
-sigma 0 is Euler's, one call. With d = (x - denoised) / sigma and h = log(sigma / target):
+Each step, from sigma to its target, calls the model at sigma and at any later points on the way; a step with one
+call is Euler's (into sigma 0, say). With d = (x - denoised) / sigma and h = log(sigma / target):
 
 - DPM2: to the next sigma, its second call at the midpoint in log sigma, sqrt(sigma x target): x_mid = x + d (sigma_mid
   - sigma), then x = x + d_mid (target - sigma);
@@ -12,20 +13,22 @@ sigma 0 is Euler's, one call. With d = (x - denoised) / sigma and h = log(sigma 
 - Restart: Heun's steps (the second call at the next sigma, the mean of both slopes), and from 20 steps on, Karras
   sigmas over the schedule's range for all but 9 of them (36 and more: all but 2 x steps // 4), which then go back up
   from the sigma nearest 0.1 to the one nearest 2 and down again (twice from 36), noise added to reach the higher
-  sigma (Restart Sampling for Improving Generative Processes, 2023), as AUTOMATIC1111's.
+  sigma (Restart Sampling for Improving Generative Processes, 2023), as AUTOMATIC1111's;
+- DPM fast: DPM-Solver-3 steps (calls at 0, 1/3 and 2/3 of the step in log sigma) evenly in log sigma, the last one
+  or two of order 2 or 1, as many calls as steps, to sigma_down, then + sigma_up noise (DPMFastScheduler).
 
-The noise comes from the step's generator (AUTOMATIC1111's per-image generators, as Euler a's): the ancestral two draw
-at every step that ends above sigma 0, whatever eta is (k-diffusion's draws), so the generator's later numbers do not
-depend on eta; their noise times s_noise.
+The noise comes from the step's generator (AUTOMATIC1111's per-image generators, as Euler a's): the ancestral ones
+draw at every step that ends above sigma 0 (DPM fast: at every step), whatever eta is (k-diffusion's draws), so the
+generator's later numbers do not depend on eta; their noise times s_noise.
 
 The sigmas are Euler's (diffusers' EulerDiscreteScheduler, with the sampler's schedule switch: k-diffusion's, as
 Euler's), one a step (k_timesteps, which sigmas.install and sigmas.discard_penultimate wrap: AUTOMATIC1111 discards
 DPM2 and DPM2 a's next-to-last sigma). `begin` then plans the steps from noise or from an img2img start (Restart's
-plan depends on where it starts, as AUTOMATIC1111's runs on the sigmas left) and lays out their calls: `timesteps`
-holds every call's (a sigma that is not one of Euler's: k-diffusion's sigma_to_t), `sigmas` every call's sigma and the
-end, so that what looks a call's sigma up (scale_model_input, add_noise from the begin index, inpainting's blend)
-reads its own. The ancestral midpoints depend on eta (sigma_down), so the scheduler is made for one (`planned_eta`,
-sampling.make_scheduler sets the request's) and its step refuses another.
+and DPM fast's plans depend on where they start, as AUTOMATIC1111's run on the sigmas left) and lays out their calls:
+`timesteps` holds every call's (a sigma that is not one of Euler's: k-diffusion's sigma_to_t), `sigmas` every call's
+sigma and the end, so that what looks a call's sigma up (scale_model_input, add_noise from the begin index,
+inpainting's blend) reads its own. The ancestral points depend on eta (sigma_down), so the scheduler is made for one
+(`planned_eta`, sampling.make_scheduler sets the request's) and its step refuses another.
 """
 
 from __future__ import annotations
@@ -45,14 +48,16 @@ from orchestrator.pipeline.sigmas import schedule_sigmas
 
 @dataclass
 class Step:
-    """One planned step: from `sigma` towards `target` (the next sigma, or an ancestral step's sigma_down), its second
-    call at `second` (None: one call, Euler's step), then, where it `draws`, `up` x the generator's noise."""
+    """One planned step: from `sigma` towards `target` (the next sigma, or an ancestral step's sigma_down), the model
+    called at each of `points` (the first `sigma`; one point alone: Euler's step), then, where it `draws`, `up` x the
+    generator's noise."""
 
     sigma: float
     target: float
-    second: float | None
+    points: tuple[float, ...]
     up: float = 0.0
     draws: bool = False
+    ratios: tuple[float, ...] = ()  # DPM fast's: where its later calls lie, as fractions of the step in log sigma
 
 
 def _single(value: float) -> float:
@@ -61,7 +66,9 @@ def _single(value: float) -> float:
 
 
 class PlannedSteps(EulerDiscreteScheduler):
-    """Euler's sigmas one a step (`edges`), planned into steps (plan) whose calls are laid out (begin)."""
+    """Euler's sigmas one a step (`edges`), planned into steps (plan) whose calls are laid out (begin); each call's
+    input and prediction are kept to the step's end (`inputs`, `predictions`), from which `toward` gives the next
+    call's input and `finish` the step's result."""
 
     order = 2
     ancestral = False
@@ -82,17 +89,16 @@ class PlannedSteps(EulerDiscreteScheduler):
         out and returns their timesteps."""
         edges = self.edges[start or 0:]
         log_sigmas = np.log(((1 - self.alphas_cumprod.numpy()) / self.alphas_cumprod.numpy()) ** 0.5)
-        self.calls, sigmas = [], []
-        for step in self.plan(edges):
-            self.calls += [(step, True)] + ([(step, False)] if step.second is not None else [])
-            sigmas += [step.sigma] + ([step.second] if step.second is not None else [])
-        self.sigmas = torch.tensor([*sigmas, edges[-1]], dtype=torch.float32)
+        steps = self.plan(edges, start is None)
+        self.calls = [(step, k) for step in steps for k in range(len(step.points))]
+        sigmas = [step.points[k] for step, k in self.calls]
+        self.sigmas = torch.tensor([*sigmas, steps[-1].target if steps else edges[-1]], dtype=torch.float32)
         self.timesteps = torch.tensor([self.edge_timesteps.get(s, float(self._sigma_to_t(np.array(s), log_sigmas)))
                                        for s in sigmas], dtype=torch.float32)
         self._step_index, self._begin_index = None, 0
         return self.timesteps
 
-    def plan(self, edges: list[float]) -> list[Step]:
+    def plan(self, edges: list[float], from_noise: bool) -> list[Step]:
         raise NotImplementedError
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
@@ -102,35 +108,38 @@ class PlannedSteps(EulerDiscreteScheduler):
     def _step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator, return_dict: bool,
               eta: float = 1.0, s_noise: float = 1.0):
         if self.ancestral and eta != self.planned_eta:
-            raise ValueError(f"eta {eta}: this scheduler's midpoints were planned for eta {self.planned_eta}")
+            raise ValueError(f"eta {eta}: this scheduler's calls were planned for eta {self.planned_eta}")
         if self.step_index is None:
             self._init_step_index(timestep)
-        step, first = self.calls[self.step_index]
+        step, k = self.calls[self.step_index]
         x = sample.double()
         denoised = predicted(self, model_output.double(), x, self.sigmas[self.step_index].double())
-        if first and step.second is None:  # Euler's step, one call
-            previous = x + (x - denoised) / step.sigma * (step.target - step.sigma)
-        elif first:  # to the second call's point, the step's start kept for it
-            self.start, self.first_denoised = x, denoised
-            previous = self.first_half(x, denoised, step)
-        else:
-            previous = self.second_half(x, denoised, step)
-            self.start = self.first_denoised = None
-        if step.draws and (not first or step.second is None):  # the step's end: its noise
-            previous = previous + noise.draw(tuple(model_output.shape), generator).double() * s_noise * step.up
+        self.inputs, self.predictions = ([], []) if k == 0 else (self.inputs, self.predictions)
+        self.inputs.append(x)
+        self.predictions.append(denoised)
+        if k + 1 < len(step.points):
+            previous = self.toward(step, k + 1)
+        else:  # the step's end (one call: Euler's), and its noise
+            previous = self.finish(step) if k else x + self.slope(0, step) * (step.target - step.sigma)
+            if step.draws:
+                previous = previous + noise.draw(tuple(model_output.shape), generator).double() * s_noise * step.up
         self._step_index += 1
         previous = previous.to(model_output.dtype)
         if not return_dict:
             return previous, denoised
         return EulerDiscreteSchedulerOutput(prev_sample=previous, pred_original_sample=denoised.to(model_output.dtype))
 
-    def first_half(self, x: torch.Tensor, denoised: torch.Tensor, step: Step) -> torch.Tensor:
-        """Euler's step to the second call's point."""
-        return x + (x - denoised) / step.sigma * (step.second - step.sigma)
+    def slope(self, k: int, step: Step) -> torch.Tensor:
+        """k-diffusion's to_d at the step's call k: (x - denoised) / sigma."""
+        return (self.inputs[k] - self.predictions[k]) / step.points[k]
 
-    def second_half(self, x: torch.Tensor, denoised: torch.Tensor, step: Step) -> torch.Tensor:
+    def toward(self, step: Step, k: int) -> torch.Tensor:
+        """Call k's input: Euler's step from the step's start to its point."""
+        return self.inputs[0] + self.slope(0, step) * (step.points[k] - step.sigma)
+
+    def finish(self, step: Step) -> torch.Tensor:
         """DPM2's: from the step's start with the slope at the second call."""
-        return self.start + (x - denoised) / step.second * (step.target - step.sigma)
+        return self.inputs[0] + self.slope(1, step) * (step.target - step.sigma)
 
 
 class DPM2Scheduler(PlannedSteps):
@@ -140,17 +149,17 @@ class DPM2Scheduler(PlannedSteps):
         """(where the step's deterministic part goes, the noise it adds after): DPM2's, the next sigma and none."""
         return sigma_next, 0.0
 
-    def plan(self, edges: list[float]) -> list[Step]:
+    def plan(self, edges: list[float], from_noise: bool) -> list[Step]:
         steps = []
         for sigma, sigma_next in zip(edges[:-1], edges[1:]):
             target, up = self.target(sigma, sigma_next)
-            second = _single(math.sqrt(sigma * target)) if target > 0 else None
-            steps.append(Step(sigma, target, second, up, self.ancestral and sigma_next > 0))
+            points = (sigma, _single(math.sqrt(sigma * target))) if target > 0 else (sigma,)
+            steps.append(Step(sigma, target, points, up, self.ancestral and sigma_next > 0))
         return steps
 
 
-class DPM2AncestralScheduler(DPM2Scheduler):
-    """k-diffusion's sample_dpm_2_ancestral: DPM2's step to sigma_down, then sigma_up of the generator's noise."""
+class AncestralSteps(PlannedSteps):
+    """Steps to an ancestral step's sigma_down (k-diffusion's eta: eta_ancestral), then its sigma_up of noise."""
 
     ancestral = True
 
@@ -163,20 +172,26 @@ class DPM2AncestralScheduler(DPM2Scheduler):
         return self._step(model_output, timestep, sample, generator, return_dict, eta_ancestral, s_noise)
 
 
+class DPM2AncestralScheduler(AncestralSteps, DPM2Scheduler):
+    """k-diffusion's sample_dpm_2_ancestral: DPM2's step to sigma_down, then sigma_up of the generator's noise."""
+
+
 class DPMPP2SAncestralScheduler(DPM2AncestralScheduler):
     """k-diffusion's sample_dpmpp_2s_ancestral: DPM-Solver++(2S) to sigma_down, then sigma_up of the noise."""
 
-    def first_half(self, x: torch.Tensor, denoised: torch.Tensor, step: Step) -> torch.Tensor:
-        return step.second / step.sigma * x - math.expm1(-math.log(step.sigma / step.second)) * denoised
+    def toward(self, step: Step, k: int) -> torch.Tensor:
+        middle = step.points[1]
+        return middle / step.sigma * self.inputs[0] - math.expm1(-math.log(step.sigma / middle)) * self.predictions[0]
 
-    def second_half(self, x: torch.Tensor, denoised: torch.Tensor, step: Step) -> torch.Tensor:
-        return step.target / step.sigma * self.start - math.expm1(-math.log(step.sigma / step.target)) * denoised
+    def finish(self, step: Step) -> torch.Tensor:
+        return (step.target / step.sigma * self.inputs[0]
+                - math.expm1(-math.log(step.sigma / step.target)) * self.predictions[1])
 
 
 class RestartScheduler(PlannedSteps):
     """AUTOMATIC1111's restart_sampler with its automatic restart list: Heun's steps, restarting below sigma 2."""
 
-    def plan(self, edges: list[float]) -> list[Step]:
+    def plan(self, edges: list[float], from_noise: bool) -> list[Step]:
         pairs = list(zip(edges[:-1], edges[1:]))
         steps = len(pairs)
         if steps >= 20:
@@ -187,15 +202,14 @@ class RestartScheduler(PlannedSteps):
             if high < low:  # from the sigma nearest 2 down to the one nearest 0.1, after the step that reaches it
                 again = self._karras(restart_steps + 1, edges[low], edges[high])[:-1]
                 pairs[low:low] = list(zip(again[:-1], again[1:])) * restart_times
-        planned = [Step(old, new, new if new != 0 else None) for old, new in pairs]
+        planned = [Step(old, new, (old, new) if new != 0 else (old,)) for old, new in pairs]
         for before, after in zip(planned[:-1], planned[1:]):
             if after.sigma > before.target:  # back up to a higher sigma: its noise, at the end of the step before
                 before.up, before.draws = math.sqrt(after.sigma**2 - before.target**2), True
         return planned
 
-    def second_half(self, x: torch.Tensor, denoised: torch.Tensor, step: Step) -> torch.Tensor:
-        slope = ((self.start - self.first_denoised) / step.sigma + (x - denoised) / step.second) / 2
-        return self.start + slope * (step.target - step.sigma)
+    def finish(self, step: Step) -> torch.Tensor:
+        return self.inputs[0] + (self.slope(0, step) + self.slope(1, step)) / 2 * (step.target - step.sigma)
 
     def _karras(self, n: int, low: float, high: float) -> list[float]:
         """k-diffusion's get_sigmas_karras(n, low, high): n sigmas, then 0."""
@@ -204,3 +218,53 @@ class RestartScheduler(PlannedSteps):
     @staticmethod
     def _nearest(sigmas: list[float], value: float) -> int:
         return int(np.argmin([abs(s - value) for s in sigmas]))
+
+
+class DPMFastScheduler(AncestralSteps):
+    """k-diffusion's sample_dpm_fast (DPM-Solver-Fast), as AUTOMATIC1111 runs it: steps evenly in log sigma from the
+    model's highest sigma to its lowest (img2img: from its start's sigma to the schedule's last above 0), which it
+    ends at, not at 0; DPM-Solver-3 steps (calls at the start, 1/3 and 2/3 of the way) but for the last one or two
+    (order 2, at 1/2; order 1, Euler's), as many calls as steps; each to the ancestral step's sigma_down (eta), then
+    sigma_up of noise, drawn at every step."""
+
+    def plan(self, edges: list[float], from_noise: bool) -> list[Step]:
+        calls = len(edges) - 1
+        if from_noise:  # the model's whole range; the start's noise is the schedule's first sigma (init_noise_sigma)
+            table = np.sqrt((1 - self.alphas_cumprod.double().numpy()) / self.alphas_cumprod.double().numpy())
+            low, high = _single(table[0]), _single(table[-1])
+        else:
+            low, high = edges[-2], edges[0]
+        t_end = -math.log(low)
+        m = calls // 3 + 1
+        ts = torch.linspace(-math.log(high), t_end, m + 1).double().tolist()
+        orders = [3] * (m - 2) + [2, 1] if calls % 3 == 0 else [3] * (m - 1) + [calls % 3]
+        steps = []
+        for order, t, t_next in zip(orders, ts, ts[1:]):
+            sigma, sigma_next = math.exp(-t), math.exp(-t_next)
+            down, _ = self.target(sigma, sigma_next)
+            t_down = min(t_end, -math.log(down))
+            ratios = {3: (1 / 3, 2 / 3), 2: (1 / 2,), 1: ()}[order]
+            points = tuple(_single(math.exp(-(t + r * (t_down - t)))) for r in (0, *ratios))
+            up = math.sqrt(max(sigma_next**2 - math.exp(-2 * t_down), 0.0))
+            steps.append(Step(points[0], math.exp(-t_down), points, up, True, ratios))
+        return steps
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.edges[0]  # AUTOMATIC1111's start: noise x the schedule's first sigma
+
+    def toward(self, step: Step, k: int) -> torch.Tensor:
+        h, eps_0, r_1 = math.log(step.sigma / step.target), self.slope(0, step), step.ratios[0]
+        ahead = self.inputs[0] - step.points[k] * math.expm1(step.ratios[k - 1] * h) * eps_0
+        if k == 1:
+            return ahead
+        r_2 = step.ratios[1]
+        bend = (r_2 / r_1) * (math.expm1(r_2 * h) / (r_2 * h) - 1)
+        return ahead - step.points[2] * bend * (self.slope(1, step) - eps_0)
+
+    def finish(self, step: Step) -> torch.Tensor:
+        h, eps_0 = math.log(step.sigma / step.target), self.slope(0, step)
+        x = self.inputs[0] - step.target * math.expm1(h) * eps_0
+        if len(step.points) == 2:
+            return x - step.target / (2 * step.ratios[0]) * math.expm1(h) * (self.slope(1, step) - eps_0)
+        return x - step.target / step.ratios[1] * (math.expm1(h) / h - 1) * (self.slope(2, step) - eps_0)

@@ -15,7 +15,7 @@ SAMPLER_ALIASES = {
     "DDPM": ["ddpm"], "PLMS": ["plms", "PNDM"], "UniPC": ["unipc"], "LCM": ["lcm"],
     "DPM++ 2M SDE Heun": ["k_dpmpp_2m_sde_heun"], "DPM++ 3M SDE": ["k_dpmpp_3m_sde"],
     "DPM++ 2S a": ["k_dpmpp_2s_a"], "DPM2": ["k_dpm_2"], "DPM2 a": ["k_dpm_2_a"], "Restart": ["restart"],
-    "DDIM CFG++": ["ddim_cfgpp"],
+    "DDIM CFG++": ["ddim_cfgpp"], "DPM fast": ["k_dpm_fast"],
     # AUTOMATIC1111 1.6's names with a schedule in them, which resolve as "<sampler> <type>"
     "DPM++ 2M SDE Heun Karras": ["k_dpmpp_2m_sde_heun_ka"],
     "DPM++ 2M SDE Heun Exponential": ["k_dpmpp_2m_sde_heun_exp"],
