@@ -490,10 +490,10 @@ def _k_diffusion_sde(sigmas: list, x, eps, eta: float, tree, order: int, heun: b
                                   "DPM++ 3M SDE Karras", "DPM++ 3M SDE KL Optimal"])
 def test_dpmpp_2m_and_3m_sde_are_k_diffusions_with_its_eta_and_brownian_noise(name):
     """AUTOMATIC1111's DPM++ 2M SDE (midpoint, Heun) and 3M SDE: k-diffusion's samplers (written out above), their
-    noise from a Brownian tree seeded by the image's seed as AUTOMATIC1111 seeds it, at eta 1, 0 and between, 6 and 8
-    steps (3M's third-order steps from the third on). At eta 1 the 2M ones are diffusers' own step given that noise,
-    number for number, and at eta 0 2M SDE is DPM++ 2M's. KL Optimal ends above sigma 0, so its last step is a
-    multistep one with noise too."""
+    noise from a Brownian tree seeded by the image's seed as AUTOMATIC1111 seeds it (times s_noise), at eta 1, 0 and
+    between, 6 and 8 steps (3M's third-order steps from the third on). At eta 1 the 2M ones are diffusers' own step
+    given that noise, number for number, and at eta 0 2M SDE is DPM++ 2M's. KL Optimal ends above sigma 0, so its
+    last step is a multistep one with noise too."""
     import math
 
     import torch
@@ -519,11 +519,12 @@ def test_dpmpp_2m_and_3m_sde_are_k_diffusions_with_its_eta_and_brownian_noise(na
         sigmas = [float(s) for s in ours.sigmas]
         alpha = [1 / math.sqrt(s**2 + 1) for s in sigmas]
         tree = BrownianTreeNoiseSampler(sample, min(s for s in sigmas if s > 0), max(sigmas), 11)
-        for eta in (1.0, 0.0, 0.4):
-            got = steps(ours, eta_ancestral=eta)
-            expected = _k_diffusion_sde(sigmas, sample.double() / alpha[0], eps.double(), eta, tree, order, heun)
+        for eta, s_noise in ((1.0, 1.0), (0.0, 1.0), (0.4, 1.0), (1.0, 0.5), (0.4, 0.5)):  # and s_noise's scale
+            got = steps(ours, eta_ancestral=eta, s_noise=s_noise)
+            expected = _k_diffusion_sde(sigmas, sample.double() / alpha[0], eps.double(), eta,
+                                        lambda a, b, tree=tree, scale=s_noise: tree(a, b) * scale, order, heun)
             for i, (a, b) in enumerate(zip(got, expected)):
-                assert torch.allclose(a.double(), b * alpha[i + 1], atol=1e-4), (steps_asked, eta, i)
+                assert torch.allclose(a.double(), b * alpha[i + 1], atol=1e-4), (steps_asked, eta, s_noise, i)
         if order == 2:  # diffusers' own step, given the tree's noise (none into sigma 0)
             theirs = DPMSolverMultistepScheduler.from_config(ours.config)
             theirs.set_timesteps(steps_asked)

@@ -156,8 +156,8 @@ class BrownianSteps:
 
 class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
     """diffusers' DPM++ 2M SDE (midpoint or heun) and, at solver order 3, k-diffusion's DPM++ 3M SDE, their steps
-    taking k-diffusion's eta (`eta_ancestral`; at 1 diffusers' own first- and second-order updates), their noise from
-    a Brownian tree seeded by each image's seed (`noise_sampler_seed`), as AUTOMATIC1111 draws it."""
+    taking k-diffusion's eta (`eta_ancestral`; at 1 diffusers' own first- and second-order updates) and s_noise,
+    their noise from a Brownian tree seeded by each image's seed (`noise_sampler_seed`), as AUTOMATIC1111 draws it."""
 
     eta_ancestral = 1.0
     noise_sampler_seed: int | list[int] | None = None  # set by sampling.make_scheduler; None: the step's generator
@@ -168,10 +168,13 @@ class DPMSolverMultistepEta(DPMSolverMultistepScheduler):
         self.noise_sampler = None  # a tree over the new sigmas' range
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, variance_noise=None,
-             return_dict: bool = True, eta_ancestral: float = 1.0):
+             return_dict: bool = True, eta_ancestral: float = 1.0, s_noise: float = 1.0):
         self.eta_ancestral = eta_ancestral  # read by the updates that diffusers' step calls
         if variance_noise is None and self.noise_sampler_seed is not None:  # none at eta 0, as k-diffusion asks none
             variance_noise = self._brownian(sample, timestep) if eta_ancestral else torch.zeros_like(sample).float()
+        if s_noise != 1:  # k-diffusion's s_noise: the noise each step adds, scaled
+            drawn = noise.draw(tuple(model_output.shape), generator) if variance_noise is None else variance_noise
+            variance_noise = drawn * s_noise
         return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
                             return_dict=return_dict)
 
