@@ -270,7 +270,7 @@ class Pipeline:
 
         components, (context, weights), batch = self.parts(request), prompted, len(latents)
         guided = len(context) > len(weights) * batch  # the negative prompt's rows too (guides())
-        scale = request.cfg_scale * getattr(scheduler, "cfg_scale_multiplier", 1.0)  # DDIM CFG++'s 1 / 12.5
+        cfg = request.cfg_scale * getattr(scheduler, "cfg_scale_multiplier", 1.0)  # DDIM CFG++'s: 1 / 12.5 of it
         along = takes_unconditional(scheduler)  # the unconditional rows' prediction to its step too
         lora = loras.spec("unet")
         nine_channels = inpaint is not None and self.contract.inpainting_unet
@@ -300,7 +300,7 @@ class Pipeline:
                                                   lora, unet_call, nine_channels, batch if both else 0))
             extra = {UNCOND: noise_pred.chunk(len(weights) + both)[0]} if along else {}  # (the stand-in's: combine)
             if guided:
-                noise_pred = combine(noise_pred, weights, scale, both)
+                noise_pred = combine(noise_pred, weights, cfg, both)
             if blend is not None:  # AUTOMATIC1111's inpainting: the init latents predicted where the mask keeps them
                 noise_pred = blend.prediction(scheduler, t, latents, noise_pred)
             latents = scheduler.step(noise_pred, t, latents, **kwargs, **extra).prev_sample
