@@ -605,6 +605,13 @@ def test_listing_endpoints(client):
     names = {s["name"] for s in samplers}
     assert {"Euler", "Euler a", "Heun", "DDIM", "DDPM", "PLMS", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE",
             "DPM++ 2M SDE", "UniPC", "LCM"} <= names
+    options = {s["name"]: s["options"] for s in samplers}  # AUTOMATIC1111 1.10's, as its API lists them
+    assert options["Euler"] == {} and options["Euler a"] == {"uses_ensd": "True"}
+    assert options["DPM2 a"] == {"scheduler": "karras", "discard_next_to_last_sigma": "True", "uses_ensd": "True",
+                                 "second_order": "True"}
+    assert options["DPM++ 2M SDE Heun"] == {"scheduler": "exponential", "brownian_noise": "True", "solver_type": "heun"}
+    assert options["DPM++ 3M SDE"] == {"scheduler": "exponential", "discard_next_to_last_sigma": "True",
+                                       "brownian_noise": "True"}
     schedulers = client.get("/sdapi/v1/schedulers").json()
     assert [(s["name"], s["label"]) for s in schedulers] == [  # AUTOMATIC1111 1.10's, in its order
         ("automatic", "Automatic"), ("uniform", "Uniform"), ("karras", "Karras"), ("exponential", "Exponential"),

@@ -37,6 +37,7 @@ SCHEDULE_LIST = {"Automatic": ("automatic", -1, False), "Uniform": ("uniform", -
 SCHEDULE_ALIASES = {"SGM Uniform": ["SGMUniform"]}
 SCHEDULES = {key.lower(): label for label, (name, *_) in SCHEDULE_LIST.items()
              for key in (label, name, *SCHEDULE_ALIASES.get(label, []))}
+USES_ENSD = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast")  # their noise from the step's generator (ENSD's)
 AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",  # the others: uniform
              "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential", "DPM++ 2S a": "Karras",
              "DPM2": "Karras", "DPM2 a": "Karras", "Restart": "Karras"}
@@ -83,9 +84,20 @@ def _named(name: str) -> tuple[str, str | None]:
 
 
 def samplers() -> list[dict]:
-    return [{"name": name, "aliases": SAMPLER_ALIASES.get(name, []),
-             "options": {"scheduler": s.scheduler} | {k: str(v) for k, v in s.overrides.items()}}
-            for name, s in SAMPLERS.items()]
+    """AUTOMATIC1111's listing: each sampler's name, aliases and options, as its own say them (its Automatic schedule,
+    second_order, discard_next_to_last_sigma, uses_ensd, brownian_noise, solver_type; strings, as its API's)."""
+    return [{"name": name, "aliases": SAMPLER_ALIASES.get(name, []), "options": _options(name, sampler)}
+            for name, sampler in SAMPLERS.items()]
+
+
+def _options(name: str, sampler: sampling.Sampler) -> dict[str, str]:
+    label = sampling.split_schedule(name)[1] or AUTOMATIC.get(name)  # "DPM++ 2M Karras": its own type
+    flags = {"second_order": sampler.second_order, "discard_next_to_last_sigma": sampler.discard_penultimate,
+             "uses_ensd": name in USES_ENSD, "brownian_noise": sampler.seeded}
+    options = ({"scheduler": SCHEDULE_LIST[label][0]} if label else {}) | {k: "True" for k, on in flags.items() if on}
+    if sampler.seeded and sampler.overrides.get("solver_type") == "heun" and "solver_order" not in sampler.overrides:
+        options["solver_type"] = "heun"  # DPM++ 2M SDE Heun's (3M SDE's Heun is diffusers' switch, not its option)
+    return options
 
 
 def schedulers() -> list[dict]:
