@@ -266,8 +266,8 @@ def check_discard(name: str, discard: bool) -> bool:
     """Whether AUTOMATIC1111's always_discard_next_to_last_sigma changes the sampler's sigmas (and its infotext says
     so): on its k-diffusion samplers that do not discard already; its timestep samplers (DDIM, PLMS, UniPC) have no
     sigmas to discard, as there. Refused: diffusers' second-order samplers (Heun, DPM++ SDE: it interleaves their two
-    calls' sigmas), and
-    diffusers' LCM and DDPM, whose timesteps are not k-diffusion's sigmas (AUTOMATIC1111's LCM is, and discards)."""
+    calls' sigmas), and diffusers' LCM and DDPM, whose timesteps are not k-diffusion's sigmas (AUTOMATIC1111's LCM
+    is, and discards)."""
     sampler = _takes_setting(name, "always_discard_next_to_last_sigma", discard,
                              "runs diffusers' timesteps, not k-diffusion's sigmas, and has none to discard")
     if sampler is None or sampler.discard_penultimate:

@@ -196,7 +196,7 @@ def install(scheduler, kind: str, family: str, settings: tuple[float, float, flo
 
 def steps_method(scheduler) -> str:
     """The method that sets a scheduler's sigmas one a step: set_timesteps, or for the schedulers that interleave
-    their second calls' sigmas after it (orchestrator.pipeline.midpoint) their k_timesteps."""
+    their later calls' sigmas after it (orchestrator.pipeline.second_order) their k_timesteps."""
     return "k_timesteps" if hasattr(scheduler, "k_timesteps") else "set_timesteps"
 
 

@@ -61,6 +61,7 @@ def guides(request) -> bool:
 
 
 def takes_unconditional(scheduler) -> bool:
+    """Whether the scheduler's step takes the unconditional rows' prediction too (guides())."""
     return UNCOND in inspect.signature(scheduler.step).parameters
 
 
