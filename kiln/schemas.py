@@ -58,7 +58,7 @@ class ControlNetUnitArgs(_NewerUnitFields):
     guess_mode: bool = False  # the old name of control_mode 2: refused, as that is
     guessmode: bool = False
     save_detected_map: bool = True  # the unit's detected map follows the response's images (unless false)
-    hr_option: Any = "Both"  # with the hires fix: the unit acts in both passes ("Both"); the others are refused
+    hr_option: Any = "Both"  # the passes the unit acts in: Both, Low res only, High res only (or 0-2)
     is_ui: bool = False  # whether the unit came from the extension's UI: nothing for an API request to change
 
     @model_validator(mode="after")
@@ -70,9 +70,6 @@ class ControlNetUnitArgs(_NewerUnitFields):
             if getattr(self, name) not in defaults:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not supported by this server (it runs "
                                  f"{defaults[0]!r})")
-        if self.hr_option not in ("Both", "both", 0, None):
-            raise ValueError(f"hr_option {self.hr_option!r} is not supported by this server: with the hires fix a "
-                             "unit acts in both passes (Both)")
         return self
 
 

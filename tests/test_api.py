@@ -596,6 +596,27 @@ def test_ddim_cfgpp_guides_at_any_scale(client):
     assert (pixels[:8, :8] == (200, 80, 40)).all()  # the kept corner is the init image's (the overlay)
 
 
+def test_a_controlnet_units_hr_option(client):
+    """sd-webui-controlnet's hr_option by label, number or enum name (its HiResFixOption.from_value): the unit acts
+    in the passes it names, written as "Hr Option" in the unit's infotext where not Both; another value is a 422
+    naming the field."""
+    body = TXT | {"steps": 3, "enable_hr": True, "hr_scale": 1.5, "denoising_strength": 0.6}
+
+    def run(option) -> tuple[int, str, str]:
+        response = client.post("/sdapi/v1/txt2img", json=body | {"alwayson_scripts": {"controlnet": {"args": [
+            {"image": _b64(_png()), "weight": 0.9, "hr_option": option}]}}})
+        text = json.loads(response.json()["info"])["infotexts"][0] if response.status_code == 200 else response.text
+        return response.status_code, response.json().get("images", [""])[0], text
+
+    status, low, written = run("Low res only")
+    assert status == 200 and 'Control Mode: Balanced, Hr Option: Low res only"' in written
+    assert run(1)[1] == run("HiResFixOption.LOW_RES_ONLY")[1] == low
+    both = run("Both")
+    assert "Hr Option" not in both[2] and _pixels(both[1]) != _pixels(low) != _pixels(run("High res only")[1])
+    status, _, text = run("Sometimes")
+    assert status == 422 and "hr_option" in text
+
+
 def _pixels(b64: str) -> bytes:
     return Image.open(io.BytesIO(base64.b64decode(b64))).tobytes()
 

@@ -237,7 +237,7 @@ UNIT = {
     "control_mode": (unit(control_mode="ControlNet is more important"), unit(), "image"),
     "guess_mode": (unit(guess_mode=True), {}, ("refused", 422, "guess_mode")),
     "guessmode": (unit(guessmode=True), {}, ("refused", 422, "guessmode")),
-    "hr_option": (HIRES | unit(hr_option="Low res only"), {}, ("refused", 422, "hr_option")),
+    "hr_option": (HIRES | unit(hr_option="Low res only"), HIRES | unit(), "image"),  # not in the hires pass
     "save_detected_map": (unit(save_detected_map=False), {}, 1),  # the image alone; with it, its map after it
     "is_ui": (unit(is_ui=True), unit(), "same_image"),  # where the unit came from: nothing to honour
 } | {name: (unit(**{name: value}), {}, ("refused", 422, name)) for name, value in NEWER_UNIT_VALUES.items()}

@@ -190,6 +190,29 @@ def test_controlnet_units_act_in_both_passes(local, edge_png):
     assert _max_diff(result.images, plain.images) > 2
 
 
+def test_a_units_hr_option_picks_its_passes(local, edge_png):
+    """sd-webui-controlnet's hr_option: "Low res only" (1) acts in the first pass alone, "High res only" (2) in the
+    hires pass alone, and without the hires fix in none (its disabled_by_hr_option), the image then the plain one."""
+    def passes(request) -> dict[int, set[str]]:
+        calls: dict[int, set[str]] = {}
+
+        def counting(graph, inputs):
+            calls.setdefault(inputs["sample"].shape[-1], set()).add(graph.key)
+            return graph(inputs)
+
+        local.txt2img(request, unet_call=counting)
+        return calls
+
+    fix = HiresFix(denoising_strength=0.5, steps=2)
+    for option, first, second in ((1, "sd_unet_control", "sd_unet"), (2, "sd_unet", "sd_unet_control")):
+        unit = ControlNetUnit(image=edge_png, weight=0.8, hr_option=option)
+        assert passes(Txt2ImgRequest(**BASE, sampler="Euler", controlnet=unit, hires=fix)) == \
+            {32: {first}, 64: {second}}, option
+    request = Txt2ImgRequest(**BASE, sampler="Euler", controlnet=ControlNetUnit(image=edge_png, hr_option=2))
+    assert passes(request) == {32: {"sd_unet"}}
+    assert _max_diff(local.txt2img(request).images, local.txt2img(replace(request, controlnet=None)).images) == 0
+
+
 @pytest.fixture(scope="module")
 def edge_png() -> bytes:
     import io

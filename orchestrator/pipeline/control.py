@@ -22,6 +22,7 @@ from kiln.preprocessors import preprocessor
 
 SOFT = 0.825  # sd-webui-controlnet's soft-injection base
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+HR_OPTIONS = ("Both", "Low res only", "High res only")  # its hr_option's labels (ControlNetUnit.hr_option)
 
 
 def soft(unit) -> bool:

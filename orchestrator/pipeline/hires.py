@@ -8,8 +8,9 @@ What AUTOMATIC1111 does (modules/processing.py, StableDiffusionProcessingTxt2Img
   resizes the decoded image as AUTOMATIC1111's resize_image does, and the VAE encodes it again;
 - the second pass draws new noise from the same seeds at the new size, and runs exactly hr_second_pass_steps (or
   steps) steps of a schedule of int(steps / denoising_strength) (its img2img steps for an explicit step count);
-- ControlNet units act in both passes (sd-webui-controlnet's hr_option "Both"), each on its control image at the
-  pass's size, their guidance windows over each pass's steps;
+- ControlNet units act in both passes (sd-webui-controlnet's hr_option "Both"; "Low res only" and "High res only"
+  in one: ControlNetUnit.scale_at), each on its control image at the pass's size, their guidance windows over each
+  pass's steps;
 - firstpass_image (AUTOMATIC1111's "Upscale" button under a txt2img result) stands for the first pass, which is then
   not run: an image upscaler takes its pixels, a latent mode the VAE's encoding of it.
 """

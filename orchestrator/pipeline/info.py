@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from kiln.masks import blur_radius
 from kiln.prompt_schedule import schedule
 from orchestrator.pipeline import hires
-from orchestrator.pipeline.control import CONTROL_MODES
+from orchestrator.pipeline.control import CONTROL_MODES, HR_OPTIONS
 from orchestrator.pipeline.requests import Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import CHURN, check_discard, check_sgm, editing_steps, step_options
 from orchestrator.pipeline.seeds import Seeds
@@ -83,6 +83,8 @@ def unit_text(unit, model: str) -> str:
     if unit.resize_mode is not None:
         fields.append(("Pixel Perfect", unit.pixel_perfect))
     fields.append(("Control Mode", CONTROL_MODES[unit.control_mode]))
+    if unit.hr_option:  # the extension's field after it, written where it is not Both
+        fields.append(("Hr Option", HR_OPTIONS[unit.hr_option]))
     return '"' + ", ".join(f"{name}: {value}" for name, value in fields) + '"'
 
 

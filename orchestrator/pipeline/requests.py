@@ -31,6 +31,9 @@ class ControlNetUnit:
     # the unconditional rows); orchestrator.pipeline.control
     control_mode: int = 0
     second_pass: bool = False  # set for the hires fix's second pass: canny soft-injects there (the extension's)
+    # sd-webui-controlnet's hr_option: the passes the unit acts in, 0 Both, 1 Low res only (not the hires fix's
+    # second pass), 2 High res only (that pass alone: without the hires fix, none), as its disabled_by_hr_option
+    hr_option: int = 0
     # sd-webui-controlnet's resize mode (0 just resize, 1 crop and resize, 2 resize and fill) for the API's units:
     # the image is then the unit's map already (its module's output at the processor resolution, or the image itself
     # with none), fitted to each pass's size as the extension fits it (kiln.controlmaps). None: kiln's own units,
@@ -47,9 +50,11 @@ class ControlNetUnit:
         return "none" if self.resize_mode is not None else self.module
 
     def scale_at(self, index: int, total: int) -> float:
-        """diffusers' controlnet_keep: the unit acts on steps inside [guidance_start, guidance_end]."""
+        """diffusers' controlnet_keep: the unit acts on steps inside [guidance_start, guidance_end], in the passes its
+        hr_option names."""
         outside = index / total < self.guidance_start or (index + 1) / total > self.guidance_end
-        return 0.0 if outside else float(self.weight)
+        off = self.hr_option == (1 if self.second_pass else 2)
+        return 0.0 if outside or off else float(self.weight)
 
 
 @dataclass(frozen=True)

@@ -200,11 +200,14 @@ CONTROL_RESIZE = {0: 0, 1: 1, 2: 2, "just resize": 0, "crop and resize": 1, "sca
                   "inner fit (scale to fit)": 1, "resize and fill": 2, "envelope (outer fit)": 2,
                   "outer fit (shrink to fit)": 2}
 CONTROL_MODES = {0: 0, "balanced": 0, 1: 1, "my prompt is more important": 1, 2: 2, "controlnet is more important": 2}
+# its hr_option, by number, label or enum name (its HiResFixOption.from_value); None: Both
+HR_OPTIONS = {None: 0, 0: 0, "both": 0, "hiresfixoption.both": 0, 1: 1, "low res only": 1,
+              "hiresfixoption.low_res_only": 1, 2: 2, "high res only": 2, "hiresfixoption.high_res_only": 2}
 
 
-def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, int]:
-    """A unit's resize mode (sd-webui-controlnet's default: crop and resize) and control mode (0, 1, 2); what kiln
-    does not run is refused."""
+def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, int, int]:
+    """A unit's resize mode (sd-webui-controlnet's default: crop and resize), control mode and hr_option (0, 1, 2);
+    what kiln does not run is refused."""
     key = unit.resize_mode.lower() if isinstance(unit.resize_mode, str) else unit.resize_mode
     mode = 1 if unit.resize_mode is None else CONTROL_RESIZE.get(key)
     if mode is None:
@@ -215,7 +218,12 @@ def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, in
     if control_mode is None:
         raise InputError(f"{where}.control_mode {unit.control_mode!r} is not one of sd-webui-controlnet's: Balanced, "
                          "My prompt is more important, ControlNet is more important (or 0, 1, 2)")
-    return mode, control_mode
+    option = unit.hr_option.lower() if isinstance(unit.hr_option, str) else unit.hr_option
+    hr_option = HR_OPTIONS.get(option) if isinstance(option, (int, str, type(None))) else None
+    if hr_option is None:
+        raise InputError(f"{where}.hr_option {unit.hr_option!r} is not one of sd-webui-controlnet's: Both, Low res "
+                         "only, High res only (or 0, 1, 2)")
+    return mode, control_mode, hr_option
 
 
 def _unit_image(unit: schemas.ControlNetUnitArgs, pre: Preprocessor, where: str, data: bytes,
@@ -270,7 +278,7 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int,
             image = image.get("image")
         pre = preprocessor(unit.module, f"{where}.module")  # its name or its label
         sliders = pre.slider_values(unit.threshold_a, unit.threshold_b, ("threshold_a", "threshold_b"), f"{where}.")
-        resize, control_mode = _unit_options(unit, where)
+        resize, control_mode, hr_option = _unit_options(unit, where)
         data = decode_b64_image(image, f"{where}.image", max_pixels)
         made, resolution = _unit_image(unit, pre, where, data, (width, height), resize, sliders, max_pixels, seed)
         result.append(ControlNetUnit(image=made, resize_mode=resize, module=pre.name, weight=unit.weight,
@@ -278,7 +286,7 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int,
                                      threshold_a=sliders[0], threshold_b=sliders[1], processor_res=resolution,
                                      pixel_perfect=unit.pixel_perfect and resolution != -1,
                                      model=unit.model, save_detected_map=unit.save_detected_map,
-                                     control_mode=control_mode))
+                                     control_mode=control_mode, hr_option=hr_option))
     return tuple(result) or None
 
 
