@@ -550,6 +550,10 @@ def test_the_planned_samplers_dpm2_dpm2_a_dpmpp_2s_a_restart_and_dpm_fast(client
     fast, written = run(sampler_name="DPM fast")  # its Automatic: uniform
     assert written["Sampler"] == "DPM fast" and run(sampler_name="k_dpm_fast")[0] == fast
     assert _pixels(run(sampler_name="DPM fast", eta=0.5)[0]) != _pixels(fast)
+    for strength, status in ((0.2, 422), (0.5, 200)):  # one step left: from its start's sigma to the same one
+        redrawn = client.post("/sdapi/v1/img2img", json=body | {"sampler_name": "DPM fast", "init_images": [
+            _b64(_png())], "denoising_strength": strength})
+        assert redrawn.status_code == status and (status == 200 or "DPM fast runs none" in redrawn.text), strength
     restarted, written = run(sampler_name="Restart", steps=20, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=20,
                              denoising_strength=1.0)
     assert written["Sampler"] == "Restart Karras" and written["Hires steps"] == "20"

@@ -32,6 +32,7 @@ from orchestrator.pipeline.sampling import (
     runs_here,
     schedule,
     schedule_kind,
+    split_schedule,
     step_options,
 )
 from orchestrator.pipeline.seeds import MAX_SEED
@@ -175,9 +176,11 @@ def _check_schedule(name: str, steps: int, contract: SDContract, settings: tuple
 
 def _runs_none(name: str, steps: int, start: int | None, contract: SDContract) -> bool:
     """Whether `steps` steps of the sampler from `start` (img2img_start; None: from noise) call the model not once
-    (AUTOMATIC1111's DDIM and PLMS: orchestrator.pipeline.compvis.first_call)."""
+    (AUTOMATIC1111's DDIM and PLMS: orchestrator.pipeline.compvis.first_call), or take no step: DPM fast runs from
+    the start's sigma to the schedule's last above 0, one sigma where one step is left (AUTOMATIC1111 fails there)."""
     if not check_sampler(name).compvis:
-        return start is not None and start >= steps
+        least = 2 if start is not None and split_schedule(name)[0] == "DPM fast" else 1
+        return start is not None and steps - start < least
     from orchestrator.pipeline.compvis import first_call  # torch and diffusers: only for these samplers
 
     try:
@@ -249,7 +252,7 @@ def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) 
     _check_schedule(sampler, total, contract, request.sigma_settings, request.discard_penultimate_sigma)
     if _runs_none(sampler, total, total - run, contract):
         raise InputError(f"hr_second_pass_steps: {sampler} runs no denoising step in the second pass at {run} steps "
-                         "(AUTOMATIC1111's DDIM and PLMS run N - 2 there): ask for 3 or more")
+                         "(AUTOMATIC1111's DDIM and PLMS run N - 2 there, DPM fast N - 1): ask for 3 or more")
     if getattr(fix, "first_pass", None) is not None:
         if not isinstance(fix.first_pass, bytes) or not fix.first_pass:
             raise InputError("firstpass_image must be an encoded image (bytes)")
