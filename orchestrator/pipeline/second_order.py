@@ -43,7 +43,7 @@ from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedule
 
 from orchestrator.pipeline import noise
 from orchestrator.pipeline.ancestral import ancestral_step, predicted
-from orchestrator.pipeline.sigmas import schedule_sigmas
+from orchestrator.pipeline.sigmas import Table, schedule_sigmas
 
 
 @dataclass
@@ -70,7 +70,6 @@ class PlannedSteps(EulerDiscreteScheduler):
     input and prediction are kept to the step's end (`inputs`, `predictions`), from which `toward` gives the next
     call's input and `finish` the step's result."""
 
-    order = 2
     ancestral = False
     planned_eta = 1.0
 
@@ -88,13 +87,13 @@ class PlannedSteps(EulerDiscreteScheduler):
         """The calls from noise (None) or from step `start` of the schedule (img2img's, the hires pass's): lays them
         out and returns their timesteps."""
         edges = self.edges[start or 0:]
-        log_sigmas = np.log(((1 - self.alphas_cumprod.numpy()) / self.alphas_cumprod.numpy()) ** 0.5)
+        table = Table(self.alphas_cumprod)
         steps = self.plan(edges, start is None)
         self.calls = [(step, k) for step in steps for k in range(len(step.points))]
         sigmas = [step.points[k] for step, k in self.calls]
         self.sigmas = torch.tensor([*sigmas, steps[-1].target if steps else edges[-1]], dtype=torch.float32)
-        self.timesteps = torch.tensor([self.edge_timesteps.get(s, float(self._sigma_to_t(np.array(s), log_sigmas)))
-                                       for s in sigmas], dtype=torch.float32)
+        self.timesteps = torch.tensor([self.edge_timesteps.get(s, table.sigma_to_t(s)) for s in sigmas],
+                                      dtype=torch.float32)
         self._step_index, self._begin_index = None, 0
         return self.timesteps
 
@@ -230,7 +229,7 @@ class DPMFastScheduler(AncestralSteps):
     def plan(self, edges: list[float], from_noise: bool) -> list[Step]:
         calls = len(edges) - 1
         if from_noise:  # the model's whole range; the start's noise is the schedule's first sigma (init_noise_sigma)
-            table = np.sqrt((1 - self.alphas_cumprod.double().numpy()) / self.alphas_cumprod.double().numpy())
+            table = Table(self.alphas_cumprod).sigmas
             low, high = _single(table[0]), _single(table[-1])
         else:
             low, high = edges[-2], edges[0]
