@@ -181,14 +181,17 @@ def _vit_cuda_shm(check: Check, raw: np.ndarray) -> dict:
     import torch
     import tritonclient.grpc as grpc
 
-    from kiln.triton_client import TritonClient
+    from kiln.triton_client import GRPC_CHANNEL_ARGS, TritonClient
 
     batch, region = len(raw), "kiln_gpu_check_pixels"
     pixels = torch.from_numpy(raw).to("cuda:0")
     torch.cuda.synchronize()
     # the CUDA IPC handle of the allocation that holds it, and where in it the batch starts (torch's caching allocator)
     device, handle, _, offset, *_ = pixels.untyped_storage()._share_cuda_()
-    clients = [grpc.InferenceServerClient(check.server.grpc_url) for _ in range(check.options.vit_clients)]
+    # each its own connection (GRPC_CHANNEL_ARGS's local subchannel pool), as perf_analyzer's clients: in gRPC's
+    # process-wide pool they would share one
+    clients = [grpc.InferenceServerClient(check.server.grpc_url, channel_args=list(GRPC_CHANNEL_ARGS))
+               for _ in range(check.options.vit_clients)]
     registered = False
     try:
         clients[0].register_cuda_shared_memory(region, base64.b64encode(handle), device, offset + raw.nbytes)

@@ -58,6 +58,11 @@ GRPC_CHANNEL_ARGS = (
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.lb_policy_name", "round_robin"),
     ("grpc.dns_min_time_between_resolutions_ms", 5_000),
+    # Each channel its own connections: in gRPC's process-wide pool, a new channel to an address takes over the
+    # connection state of older channels to it, so a Triton started on a port an earlier one had (a restarted pod,
+    # or the kernel handing a free port out again) was refused at once ("Connection refused", a CI failure) while
+    # an old channel waited out its reconnect backoff.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 

@@ -82,6 +82,22 @@ def test_grpc_channels_take_dns_names_and_one_set_of_options(triton):
     assert _is_local(f"dns:///{triton.grpc_url}") and not _is_local("dns:///triton-headless:8001")
 
 
+def test_a_new_client_reaches_a_triton_on_a_port_an_old_client_was_refused_on(vit_repo, tmp_path):
+    """A client that was refused (nothing listened on the port yet, or a Triton there had stopped) must not make a new
+    client to that address fail: in gRPC's process-wide subchannel pool the new channel took over the old one's
+    connection in its reconnect backoff and was refused at once, though a Triton now listened there (a CI run failed
+    on it, when the kernel handed a test's Triton a port an earlier test's Triton had had)."""
+    port = free_port()
+    old = TritonClient(f"127.0.0.1:{port}")
+    assert not old.is_server_ready()  # refused: the old channel's connection backs off
+    server = start_triton(vit_repo, tmp_path / "tritonserver.log", grpc=port)
+    try:
+        assert server.grpc_url == f"127.0.0.1:{port}"
+        assert TritonClient(server.grpc_url).is_server_ready(), "a new client was refused by the old one's backoff"
+    finally:
+        server.stop()
+
+
 def test_kiln_serve_flags_for_orchestration(tmp_path, monkeypatch, capsys):
     from kiln.cli import build_parser
     from kiln.cli.serve import settings_from
