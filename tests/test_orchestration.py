@@ -5,6 +5,9 @@ round-robin over every address of a `dns:///` name). Real Triton servers and rea
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
 from kiln.errors import KilnError
@@ -96,6 +99,38 @@ def test_a_new_client_reaches_a_triton_on_a_port_an_old_client_was_refused_on(vi
         assert TritonClient(server.grpc_url).is_server_ready(), "a new client was refused by the old one's backoff"
     finally:
         server.stop()
+
+
+def test_a_client_tries_a_triton_that_went_away_again_every_few_seconds():
+    """While Triton is away, a client's channel tries to connect again at most 2.4 s apart (2 s and gRPC's jitter),
+    so it reaches a Triton that came back within seconds; gRPC's own backoff grows 1.6-fold to 120 s (gaps of 1, 1.6,
+    2.6, 4.1 s, the fourth at least 3.3 s with jitter, within 11.1 s). A Triton that is down accepts no connection; to
+    count the attempts, a listening socket here accepts each and closes it at once (a peer that fails the handshake,
+    which gRPC backs off from as from a refusal)."""
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        attempts: list[float] = []
+
+        def accept() -> None:
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except OSError:  # closed: the test is over
+                    return
+                attempts.append(time.monotonic())
+                connection.close()
+
+        threading.Thread(target=accept, daemon=True).start()
+        client = TritonClient(f"127.0.0.1:{listener.getsockname()[1]}")
+        start = time.monotonic()
+        while time.monotonic() - start < 13:
+            assert not client.is_server_ready(timeout_s=1)
+            time.sleep(0.1)
+    gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:])]
+    assert len(gaps) >= 4 and max(gaps) < 3.2, gaps
 
 
 def test_kiln_serve_flags_for_orchestration(tmp_path, monkeypatch, capsys):
