@@ -101,8 +101,10 @@ class Txt2ImgBody(BaseModel):
     vae_tiling: bool | None = None
     enable_hr: bool = False  # the hires fix: the hr_* fields below shape its second pass
     denoising_strength: float | None = None  # txt2img: the hires pass's (None: AUTOMATIC1111's 0.75)
-    firstphase_width: int = 0  # the pre-1.0 hires fix's first pass size: refused unless 0
-    firstphase_height: int = 0
+    # AUTOMATIC1111's pre-1.0 hires fix fields: both set, they are the size generated (its first pass, whose target
+    # is then hr_scale or hr_resize_x/y of it, as 1.x computes it); width and height are not used. txt2img's only
+    firstphase_width: int = Field(0, ge=0)
+    firstphase_height: int = Field(0, ge=0)
     hr_scale: float = 2.0
     hr_upscaler: str | None = None  # None: "Latent" (AUTOMATIC1111's latent_upscale_default_mode)
     hr_second_pass_steps: int = 0
@@ -146,8 +148,7 @@ class Txt2ImgBody(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        refuse = {"firstphase_width": self.firstphase_width, "firstphase_height": self.firstphase_height,
-                  "restore_faces": self.restore_faces,
+        refuse = {"restore_faces": self.restore_faces,
                   "comments": self.comments,
                   "hr_additional_modules": self.hr_additional_modules not in (None, [], ["Use same choices"]),
                   "a fractional clip_skip (SD.Next's interpolation between layers)":
@@ -158,6 +159,9 @@ class Txt2ImgBody(BaseModel):
         if (self.seed_resize_from_w > 0) != (self.seed_resize_from_h > 0):
             raise ValueError("seed_resize_from_w and seed_resize_from_h: Resize seed from takes both (or neither, 0 "
                              "or -1)")
+        if (self.firstphase_width > 0) != (self.firstphase_height > 0):
+            raise ValueError("firstphase_width and firstphase_height: the first pass's size takes both (or neither, "
+                             "0)")
         if self.override_settings and not self.override_settings_restore_afterwards:
             raise ValueError("override_settings_restore_afterwards false is not supported by this server: "
                              "override_settings apply to this request only (POST /sdapi/v1/options changes settings)")
@@ -186,6 +190,9 @@ class Img2ImgBody(Txt2ImgBody):
     def _unsupported_img2img(self):
         if self.latent_mask:
             raise ValueError("latent_mask is not supported by this server")
+        if self.firstphase_width or self.firstphase_height:
+            raise ValueError("firstphase_width and firstphase_height are txt2img's first pass size; img2img has no "
+                             "first pass (its size is width and height)")
         if self.image_cfg_scale not in (None, 1.5):
             raise ValueError("image_cfg_scale is instruct-pix2pix's image guidance; this server serves no such model "
                              "(1.5, AUTOMATIC1111's default that its clients send, is accepted)")

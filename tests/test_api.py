@@ -858,6 +858,20 @@ def test_hires_fix_through_the_api(client):
     assert info["extra_generation_params"]["Hires upscale"] == 2.0 and info["width"] == 64
     plain = client.post("/sdapi/v1/txt2img", json=body | {"enable_hr": False}).json()
     assert Image.open(io.BytesIO(base64.b64decode(plain["images"][0]))).size == (64, 64)
+    # the pre-1.0 fields: the first pass's size, the hires target hr_scale of it (AUTOMATIC1111 1.x); width and
+    # height unused (its info and infotext give the size generated, parameters echo the request)
+    old = client.post("/sdapi/v1/txt2img", json=body | {"firstphase_width": 48, "firstphase_height": 32,
+                                                        "width": 512, "height": 512})
+    assert old.status_code == 200, old.text
+    image = Image.open(io.BytesIO(base64.b64decode(old.json()["images"][0])))
+    assert image.size == (96, 64) and parse_infotext(image.info["parameters"])["Size"] == "48x32"
+    info = json.loads(old.json()["info"])
+    assert (info["width"], info["height"], old.json()["parameters"]["width"]) == (48, 32, 512)
+    for route, fields, words in (("txt2img", {"firstphase_height": 32}, "takes both"),
+                                 ("img2img", {"firstphase_width": 48, "firstphase_height": 32, "init_images": [
+                                     _b64(_png(size=(64, 64)))]}, "img2img has no first pass")):
+        refused = client.post(f"/sdapi/v1/{route}", json=TXT | fields)
+        assert refused.status_code == 422 and words in refused.text, refused.text
 
 
 def test_controlnet_units_detected_maps_follow_the_images(client):

@@ -150,8 +150,10 @@ TXT2IMG = {
     "firstpass_image without enable_hr": ({"firstpass_image": INIT}, {}, ("refused", 422, "needs enable_hr")),
     "comments": ({"comments": {"note": 1}}, {}, ("refused", 422, "comments")),
     "enable_hr": (HIRES, {}, (128, 128)),
-    "firstphase_width": ({"firstphase_width": 32}, {}, ("refused", 422, "firstphase_width")),
-    "firstphase_height": ({"firstphase_height": 32}, {}, ("refused", 422, "firstphase_height")),
+    # the pre-1.0 hires fix's first pass size: the size generated, the hires pass's target computed from it
+    "firstphase_width": ({"firstphase_width": 48, "firstphase_height": 64}, {}, (48, 64)),
+    "firstphase_height": (HIRES | {"firstphase_width": 32, "firstphase_height": 48}, HIRES, (64, 96)),
+    "firstphase_width alone": ({"firstphase_width": 32}, {}, ("refused", 422, "takes both")),
     "hr_scale": (HIRES | {"hr_scale": 1.5}, HIRES, (96, 96)),
     "hr_upscaler": (HIRES | {"hr_upscaler": "Lanczos"}, HIRES, "image"),
     "hr_second_pass_steps": (HIRES | {"hr_second_pass_steps": 1}, HIRES, "image"),

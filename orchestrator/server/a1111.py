@@ -128,6 +128,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     """An AUTOMATIC1111 body as the pipeline's request (its checks run in the pipeline's validation, once); the
     styles it names are applied to its prompts here, and the fields its infotext gives (server.paste)."""
     body = apply_infotext(body)
+    if body.firstphase_width:  # AUTOMATIC1111's __post_init__: the first pass's size is the size generated
+        body = body.model_copy(update={"width": body.firstphase_width, "height": body.firstphase_height})
     for key, value in body.override_settings.items():
         check_setting(key, value, options, APPLIED_OVERRIDES, "override_settings.")
     checkpoint = body.override_settings.get("sd_model_checkpoint")
@@ -302,7 +304,8 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
         "all_negative_prompts": [i.get("negative_prompt", body.negative_prompt) for i in infos],
         "seed": first.get("seed"), "all_seeds": [i["seed"] for i in infos], "subseed": first.get("subseed", -1),
         "all_subseeds": [s for i in infos for s in i.get("all_subseeds", [-1])][:len(infos)],
-        "subseed_strength": body.subseed_strength, "width": body.width, "height": body.height,
+        # the size generated (firstphase_width and _height, an infotext's Size, where they set it)
+        "subseed_strength": body.subseed_strength, "width": job.request.width, "height": job.request.height,
         "sampler_name": first.get("sampler"), "cfg_scale": body.cfg_scale, "steps": body.steps,
         "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": first.get("model"), "sd_model_hash": first.get("model_hash"),
