@@ -16,7 +16,7 @@ Files read (`read_lora`): kohya's layout (`lora_unet_<module>` / `lora_te_<modul
 diffusers' module path, "text_model." dropped, dots as underscores, which is kohya's. LyCORIS's LoHa (`.hada_w1_a`,
 `_w1_b`, `_w2_a`, `_w2_b`), LoKr (`.lokr_w1` or `_w1_a` and `_w1_b`, the same for w2) and their Tucker factors
 (`hada_t1`, `lokr_t2`, LoRA's `lora_mid`) in kohya's names too, their differences as AUTOMATIC1111's Lora extension
-computes them (kiln.lycoris). DoRA scales and bias differences are refused by name, never skipped.
+computes them (kiln.lycoris), DoRA's `dora_scale` on any of them. Bias differences are refused by name, never skipped.
 """
 
 from __future__ import annotations
@@ -147,13 +147,15 @@ class LoraSet:
         return self.specs.get("unet" if component.startswith("unet") else component, "")  # unet_control, _tiling
 
 
-def encode_spec(entries: Iterable[tuple[str, float]]) -> str:
+def encode_spec(entries: Iterable[tuple[str, float]], ordered: bool = False) -> str:
     """One model's spec: [[path under the folder, multiplier], ...], one entry per file (the multipliers of repeated
-    tags summed: a LoRA's difference is linear in its multiplier), sorted, those at 0 left out; "" for none."""
+    tags summed: a LoRA's difference is linear in its multiplier), sorted (`ordered`: in the tags' order, where a
+    file has DoRA layers, whose change depends on the files before it), those at 0 left out; "" for none."""
     total: dict[str, float] = {}
     for path, multiplier in entries:
         total[path] = total.get(path, 0.0) + float(multiplier)
-    kept = sorted((p, m) for p, m in total.items() if m != 0)
+    kept = [(p, m) for p, m in total.items() if m != 0]
+    kept = kept if ordered else sorted(kept)
     return json.dumps(kept, separators=(",", ":")) if kept else ""
 
 
@@ -186,9 +188,11 @@ class LoraLayer:
     mid: np.ndarray | None = None  # a Tucker mid (LoCon's CP decomposition)
     loha: dict[str, np.ndarray] | None = None
     lokr: dict[str, np.ndarray] | None = None
+    dora_scale: np.ndarray | None = None  # DoRA's magnitudes: the change then depends on the weight it changes
 
-    def delta(self, shape: tuple[int, ...]) -> np.ndarray:
-        """The change to a weight of `shape` (torch's: (out, in) or (out, in, kh, kw)) at multiplier 1."""
+    def delta(self, shape: tuple[int, ...], weight: np.ndarray | None = None) -> np.ndarray:
+        """The change to a weight of `shape` (torch's: (out, in) or (out, in, kh, kw)) at multiplier 1; a DoRA
+        layer's to `weight` itself (float32, torch's layout)."""
         if self.diff is not None:
             change = self.diff
         elif self.loha is not None:
@@ -199,7 +203,11 @@ class LoraLayer:
             change = lycoris.lora(self.up, self.down, self.mid, self.alpha)
         if change.size != math.prod(shape):
             raise WeightsError(f"a change of shape {tuple(change.shape)} for a weight of shape {shape}")
-        return change.reshape(shape)
+        if self.dora_scale is None:
+            return change.reshape(shape)
+        if weight is None:
+            raise WeightsError("a DoRA layer's change depends on the weight it changes, which was not given")
+        return lycoris.dora(change.reshape(shape), weight.reshape(shape), self.dora_scale)
 
 
 def addnet_hash(path: Path) -> str:
@@ -249,10 +257,10 @@ def classify_keys(keys: Iterable[str], name: str) -> dict[tuple[str, str], dict[
         if part.startswith(("hada_", "lokr_")) and part not in lycoris.PARTS or part in lycoris.REFUSED:  # e.g. OFT
             kind = lycoris.REFUSED.get(part) or ("a LoHa part" if part.startswith("hada_") else "a LoKr part")
             raise WeightsError(f"LoRA {name}: {key!r} is {kind}, which kiln does not apply (LoRA, LoHa and LoKr "
-                               "layers and full differences)")
+                               "layers and full differences, with DoRA scales)")
         layers.setdefault((component, module), {})[part] = key
     for (component, module), parts in layers.items():
-        if lycoris.algorithm(set(parts) - {"alpha"}) is None:
+        if lycoris.algorithm(set(parts) - {"alpha", lycoris.DORA}) is None:
             raise WeightsError(f"LoRA {name}: {component} module {module} has {sorted(parts)}, not one whole layer: "
                                "lora_down and lora_up (and a lora_mid), a diff, LoHa's hada_w1_a/w1_b/w2_a/w2_b (and "
                                "t1/t2), or LoKr's lokr_w1 (or w1_a and w1_b) and lokr_w2 (or w2_a and w2_b, and t2)")
@@ -280,13 +288,15 @@ def read_lora(path: Path, component: str | None = None) -> dict[str, LoraLayer]:
             raise WeightsError(f"LoRA {path.stem}: {module}: {exc}") from None
         alpha = arrays.pop("alpha", None)
         alpha = float(alpha.reshape(-1)[0]) if alpha is not None else None
+        dora = arrays.pop(lycoris.DORA, None)
         algorithm = lycoris.algorithm(set(arrays))
         if algorithm in ("loha", "lokr"):
             prefix = "hada_" if algorithm == "loha" else "lokr_"
-            layer = LoraLayer(alpha=alpha, **{algorithm: {k.removeprefix(prefix): v for k, v in arrays.items()}})
+            layer = LoraLayer(alpha=alpha, dora_scale=dora,
+                              **{algorithm: {k.removeprefix(prefix): v for k, v in arrays.items()}})
         else:
             layer = LoraLayer(up=arrays.get("lora_up.weight"), down=arrays.get("lora_down.weight"), alpha=alpha,
-                              diff=arrays.get("diff"), mid=arrays.get("lora_mid.weight"))
+                              diff=arrays.get("diff"), mid=arrays.get("lora_mid.weight"), dora_scale=dora)
         layers[module if component is not None else f"{kind}:{module}"] = layer
     return layers
 
@@ -301,6 +311,7 @@ class LoraFile:
     alias: str
     metadata: dict
     components: tuple[str, ...]  # which of text_encoder and unet it changes
+    dora: bool = False  # whether it has DoRA layers (their change depends on the weight as the files before left it)
 
     def describe(self) -> dict:
         """Its entry in AUTOMATIC1111's GET /sdapi/v1/loras."""
@@ -312,8 +323,8 @@ def read_entry(folder: Path, path: Path) -> LoraFile:
     metadata = header.get("__metadata__") or {}
     layers = classify_keys(header, path.stem)
     return LoraFile(path.stem, path, path.relative_to(folder).as_posix(), str(metadata.get("ss_output_name") or
-                                                                              path.stem),
-                    {str(k): v for k, v in metadata.items()}, tuple(sorted({c for c, _ in layers})))
+                    path.stem), {str(k): v for k, v in metadata.items()}, tuple(sorted({c for c, _ in layers})),
+                    any(lycoris.DORA in parts for parts in layers.values()))
 
 
 class LoraLibrary:
@@ -369,8 +380,12 @@ class LoraLibrary:
         if not uses:
             return LoraSet()
         files = [(self.find(use.name), use) for use in uses]
-        specs = {component: encode_spec((f.relative, getattr(use, "te" if component == "text_encoder" else "unet"))
-                                        for f, use in files if component in f.components)
+        dora = [f.relative for f, _ in files if f.dora]  # their change depends on the files applied before them
+        if len(set(dora)) < len(dora):  # AUTOMATIC1111 applies a repeated tag twice, the second to the first's result
+            raise InputError("a LoRA with DoRA layers tagged twice: their change depends on the weight they change, so "
+                             "two applications do not add up to one at the summed multiplier; tag it once")
+        specs = {component: encode_spec(((f.relative, getattr(use, "te" if component == "text_encoder" else "unet"))
+                                         for f, use in files if component in f.components), bool(dora))
                  for component in COMPONENTS}
         used = {f.name: f for f, _ in files}
         hashes = ", ".join(f"{name}: {self.short_hash(f.path)}" for name, f in used.items())

@@ -12,16 +12,22 @@ diffusers' LoKr conversion scales the same way).
   kernels. Times alpha / rank where a factor is a product (the rank: w2_b's first axis, else w1_b's), and 1 where
   both are whole (their alpha is ignored, as there).
 
-DoRA scales and bias differences are refused by name (kiln.lora).
+- DoRA (`dora_scale`, on any of them): the weight plus the difference, each input channel's column rescaled to the
+  file's magnitude, less the weight (AUTOMATIC1111's apply_weight_decompose); the multiplier scales that.
+
+Bias differences are refused by name (kiln.lora).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from kiln.errors import WeightsError
+
 PARTS = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"})
-REFUSED = {"dora_scale": "a DoRA scale", "diff_b": "a bias difference"}
+REFUSED = {"diff_b": "a bias difference"}
+DORA = "dora_scale"
 LORA = frozenset({"lora_down.weight", "lora_up.weight"})
 LOHA = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"})
 _LOKR_FACTORS = ({"w1"}, {"w1_a", "w1_b"}), ({"w2"}, {"w2_a", "w2_b"}, {"w2_a", "w2_b", "t2"})
@@ -85,3 +91,20 @@ def lokr(factors: dict[str, np.ndarray], alpha: float | None) -> np.ndarray:
     if w2.ndim == 4:
         w1 = w1.reshape(*w1.shape, 1, 1)
     return np.kron(w1, w2) * scale(alpha, f.get("w2_b", f.get("w1_b")))
+
+
+def dora(change: np.ndarray, weight: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    """A DoRA layer's difference to `weight` (torch's layout) given its difference without DoRA: weight + change with
+    each input channel's column (over the outputs and the kernel) scaled to norm `magnitude`, less weight. The
+    magnitudes are kohya's, one per input channel ((1, in, 1, 1) or (in,)), which AUTOMATIC1111 reads; one per output
+    (LyCORIS's wd_on_output, PEFT's) would be misread there, so it is refused."""
+    inputs = weight.shape[1]
+    if magnitude.size != inputs or (magnitude.ndim > 1 and magnitude.shape[0] != 1):
+        raise WeightsError(f"a DoRA scale of shape {tuple(magnitude.shape)} for a weight of shape "
+                           f"{tuple(weight.shape)}: kiln reads kohya's, one magnitude per input channel ((1, {inputs}"
+                           f"{', 1, 1' if weight.ndim == 4 else ''})), as AUTOMATIC1111 does; one per output channel "
+                           "(LyCORIS's wd_on_output) AUTOMATIC1111 would misread")
+    merged = weight + change
+    shape = (1, inputs) + (1,) * (weight.ndim - 2)
+    norms = np.linalg.norm(merged.swapaxes(0, 1).reshape(inputs, -1), axis=1).reshape(shape)
+    return merged * (magnitude.reshape(shape) / norms) - weight

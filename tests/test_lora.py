@@ -155,13 +155,75 @@ def test_loha_and_lokr_make_the_differences_peft_makes_scaled_as_automatic1111_s
         np.testing.assert_allclose(delta, expected.numpy().reshape(shape), rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def _decomposed(updown, weight, magnitude):
+    """AUTOMATIC1111's apply_weight_decompose (extensions-builtin/Lora/network.py), written out in torch."""
+    import torch
+
+    updown, weight, magnitude = (torch.from_numpy(np.asarray(a, np.float32)) for a in (updown, weight, magnitude))
+    merged = updown + weight
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True).reshape(
+        merged.shape[1], *[1] * (weight.dim() - 1)).transpose(0, 1)
+    return (merged * (magnitude / norm) - weight).numpy()
+
+
+def test_dora_scales_decompose_as_automatic1111_does(tmp_path):
+    """A DoRA scale on a LoRA (a linear and a 3x3 convolution) and on a full difference: the weight plus the scaled
+    difference, each input column rescaled to its magnitude, less the weight; per-output magnitudes are refused."""
+    rng = np.random.default_rng(3)
+    cases = {"lin": (64, 32), "conv": (16, 8, 3, 3), "full": (24, 24)}
+    tensors, expected = {}, {}
+    for name, shape in cases.items():
+        weight = rng.standard_normal(shape).astype(np.float32)
+        magnitude = rng.uniform(0.5, 2.0, (1, shape[1], *[1] * (len(shape) - 2))).astype(np.float32)
+        if name == "full":
+            parts = {"diff": rng.standard_normal(shape).astype(np.float32) * 0.1}
+            updown = parts["diff"]
+        else:
+            down = rng.standard_normal((4, *shape[1:])).astype(np.float32)
+            up = rng.standard_normal((shape[0], 4, *[1] * (len(shape) - 2))).astype(np.float32)
+            parts = {"lora_down.weight": down, "lora_up.weight": up, "alpha": np.array(2.0, np.float32)}
+            updown = (up.reshape(shape[0], 4) @ down.reshape(4, -1)).reshape(shape) * 0.5  # alpha / rank
+        tensors |= {f"lora_unet_{name}.{part}": v for part, v in (parts | {"dora_scale": magnitude}).items()}
+        expected[name] = (weight, _decomposed(updown, weight, magnitude))
+    layers = read_lora(write_lora(tmp_path / "dora.safetensors", tensors), "unet")
+    for name, (weight, reference) in expected.items():
+        np.testing.assert_allclose(layers[name].delta(cases[name], weight), reference, rtol=1e-4, atol=1e-5)
+        assert np.abs(reference - layers[name].delta(cases[name], weight * 1.5)).max() > 0.1  # it reads the weight
+    with pytest.raises(WeightsError, match="depends on the weight"):
+        layers["lin"].delta(cases["lin"])
+    per_output = replace(layers["lin"], dora_scale=np.ones((64, 1), np.float32))
+    with pytest.raises(WeightsError, match="one per output channel"):
+        per_output.delta((64, 32), expected["lin"][0])
+
+
+def test_a_set_with_dora_keeps_the_tags_order_and_refuses_its_repeats(tmp_path):
+    """AUTOMATIC1111 applies the files in the tags' order, each to the weight as the ones before left it: a set with
+    DoRA layers keeps that order (others are sorted, their differences adding up in any order); a DoRA file tagged
+    twice would be applied to its own result, which no summed multiplier gives."""
+    assert encode_spec([("b.safetensors", 1), ("a.safetensors", 0.5)], ordered=True) == \
+        '[["b.safetensors",1.0],["a.safetensors",0.5]]'
+    layer = {"lora_unet_x.lora_down.weight": np.ones((2, 4), np.float32),
+             "lora_unet_x.lora_up.weight": np.ones((4, 2), np.float32)}
+    write_lora(tmp_path / "plain.safetensors", layer)
+    write_lora(tmp_path / "dora.safetensors", layer | {"lora_unet_x.dora_scale": np.ones((1, 4), np.float32)})
+    library = LoraLibrary(tmp_path)
+    uses = split_lora_tags("<lora:plain:0.7> <lora:dora:0.8>")[1]
+    assert decode_spec(library.resolve(uses).spec("unet")) == [("plain.safetensors", 0.7), ("dora.safetensors", 0.8)]
+    assert decode_spec(library.resolve(uses[::-1]).spec("unet"))[0][0] == "dora.safetensors"
+    without = split_lora_tags("<lora:plain:0.7> <lora:plain:0.1>")[1]  # no DoRA: summed (linear in the multiplier)
+    assert decode_spec(library.resolve(without).spec("unet")) == [("plain.safetensors", pytest.approx(0.8))]
+    with pytest.raises(InputError, match="DoRA layers tagged twice"):
+        library.resolve(split_lora_tags("<lora:dora:0.5> <lora:plain> <lora:dora:0.5>")[1])
+
+
 @pytest.mark.parametrize("keys, message", [
     ({"lora_unet_x.hada_w1_a": 1}, "not one whole layer"), ({"lora_unet_x.hada_t1": 1}, "not one whole layer"),
     ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w2_a": 1}, "not one whole layer"),
     ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w2": 1, "lora_unet_x.lokr_t2": 1}, "not one whole layer"),
     ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w2": 1, "lora_unet_x.hada_w1_a": 1}, "not one whole layer"),
     ({"lora_unet_x.lokr_w1": 1, "lora_unet_x.lokr_w3": 1}, "a LoKr part"), ({"lora_unet_x.oft_blocks": 1}, "no layer"),
-    ({"lora_unet_x.dora_scale": 1}, "DoRA"), ({"lora_unet_x.lora_down.weight": 1}, "not one whole layer"),
+    ({"lora_unet_x.dora_scale": 1}, "not one whole layer"),  # a DoRA scale alone: no difference to decompose
+    ({"lora_unet_x.lora_down.weight": 1}, "not one whole layer"),
     ({"lora_unet_x.diff_b": 1}, "a bias difference"), ({"model.weight": 1}, "no layer kiln reads"),
 ])
 def test_other_algorithms_and_broken_files_are_refused_by_name(tmp_path, keys, message):
@@ -311,6 +373,62 @@ def test_loha_and_lokr_files_match_diffusers_with_their_differences_merged(model
     plain = kiln.txt2img(Txt2ImgRequest(prompt=prompt, **BASE)).images
     assert _max_diff(ours, reference) <= 2, _max_diff(ours, reference)
     assert _max_diff(ours, plain) > 10, _max_diff(ours, plain)  # they act (measured: 1 and 57 apart)
+
+
+def _rank_two(rng, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A rank-2 LoRA's up and down for `weight` (alpha-less: scale 1) and their difference, about as wide as it."""
+    out, kernel = weight.shape[0], weight.shape[2:]
+    down = (rng.standard_normal((2, *weight.shape[1:])) * float(weight.std())).astype(np.float32)
+    up = rng.standard_normal((out, 2, *[1] * len(kernel))).astype(np.float32)
+    return up, down, (up.reshape(out, -1) @ down.reshape(2, -1)).reshape(weight.shape)
+
+
+@slow
+def test_a_dora_file_after_a_lora_matches_diffusers_with_automatic1111s_decomposition(model_repo, sd_checkpoint,
+                                                                                     tmp_path):
+    """A LoRA, then a DoRA file on the same modules (a UNet attention projection, a UNet 3x3 convolution, a text
+    encoder projection), through kiln's merged sessions, against diffusers' pipeline whose weights take the LoRA's
+    difference and then AUTOMATIC1111's decomposition of the DoRA file's against the weight the LoRA left (tag order:
+    "dora" sorts first, so a set applied in name order would fail)."""
+    import torch
+
+    from tests.conftest import diffusers_image, diffusers_pipeline
+
+    pipe = diffusers_pipeline(sd_checkpoint)
+    scheduler_config = dict(pipe.scheduler.config)
+    rng = np.random.default_rng(9)
+    modules = {"unet": ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.0.resnets.0.conv1"),
+               "te": ("encoder.layers.0.self_attn.q_proj",)}
+    plain, dora, changes = {}, {}, []
+    for prefix, names in modules.items():
+        model = pipe.unet if prefix == "unet" else pipe.text_encoder
+        for name in names:
+            weight = model.get_submodule(name).weight.detach().numpy()
+            kernel = weight.shape[2:]
+            key = f"lora_{prefix}_{'text_model_' if prefix == 'te' else ''}{name.replace('.', '_')}"
+            up, down, first = _rank_two(rng, weight)
+            plain |= {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down}
+            up, down, second = _rank_two(rng, weight)
+            after = weight + 0.7 * first + second  # magnitudes about the columns' norms there, 0.8x to 1.25x
+            norms = np.linalg.norm(after.swapaxes(0, 1).reshape(weight.shape[1], -1), axis=1)
+            magnitude = (norms * rng.uniform(0.8, 1.25, norms.shape)).reshape(1, -1, *[1] * len(kernel))
+            dora |= {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": down,
+                     f"{key}.dora_scale": magnitude.astype(np.float32)}
+            changes.append((model.get_submodule(name), first, second, magnitude))
+    write_lora(tmp_path / "plain.safetensors", plain)
+    write_lora(tmp_path / "dora.safetensors", dora)
+    kiln = Pipeline.from_repository(model_repo, loras=tmp_path)
+    prompt = "a photo of a cat"
+    ours = kiln.txt2img(Txt2ImgRequest(prompt=f"{prompt} <lora:plain:0.7> <lora:dora:0.8>", **BASE)).images
+    with torch.no_grad():
+        for module, first, second, magnitude in changes:
+            module.weight += torch.from_numpy(0.7 * first)
+            current = module.weight.detach().numpy().copy()
+            module.weight += torch.from_numpy(0.8 * _decomposed(second, current, magnitude))
+    reference = diffusers_image(pipe, scheduler_config, BASE | {"prompt": prompt})
+    only_plain = kiln.txt2img(Txt2ImgRequest(prompt=f"{prompt} <lora:plain:0.7>", **BASE)).images
+    assert _max_diff(ours, reference) <= 2, _max_diff(ours, reference)  # measured: 0 (in name order: 6)
+    assert _max_diff(ours, only_plain) > 10, _max_diff(ours, only_plain)  # the DoRA file acts (measured: 49)
 
 
 @slow

@@ -126,25 +126,36 @@ class LoraSessions:
         return self._files[key]
 
     def _merge(self, loras: list[tuple[dict, float, str]]) -> dict[str, np.ndarray]:
-        """{constant: merged weight in the artifact's layout and dtype} for every module the set touches."""
+        """{constant: merged weight in the artifact's layout and dtype} for every module the set touches. The files
+        apply in order, as AUTOMATIC1111 applies them: a DoRA layer's change is to the weight as the files before it
+        left it; the others' add up in any order."""
         targets = self.map["targets"]
-        deltas: dict[str, np.ndarray] = {}
-        for layers, multiplier, name in loras:
-            layers = {target_of(module, targets) or module: layer for module, layer in layers.items()}
+        sets = [({target_of(module, targets) or module: layer for module, layer in layers.items()}, multiplier, name)
+                for layers, multiplier, name in loras]
+        for layers, _, name in sets:
             missing = sorted(set(layers) - set(targets))
             if missing:
                 raise InputError(f"LoRA {name}: {len(missing)} of its {len(layers)} {self.map['component']} layers "
                                  f"name modules this model does not have as float weights ({', '.join(missing[:3])}"
                                  f"{', ...' if len(missing) > 3 else ''}): a LoRA for another model family, or a "
                                  "quantized build")
+        modules = sorted({module for layers, _, _ in sets for module in layers})
+        base = base_constants(self.base.options.runtime, Path(self.base.options.path),
+                              [targets[m]["constant"] for m in modules])
+        deltas: dict[str, np.ndarray] = {}
+        for layers, multiplier, name in sets:
             for module, layer in layers.items():
+                target = targets[module]
+                shape = tuple(target["shape"])
+                weight = None
+                if layer.dora_scale is not None:  # torch's layout, with the changes so far
+                    weight = base[target["constant"]].astype(np.float32)
+                    weight = (weight.T if target["transposed"] else weight).reshape(shape) + deltas.get(module, 0)
                 try:
-                    change = layer.delta(tuple(targets[module]["shape"])) * multiplier
+                    change = layer.delta(shape, weight) * multiplier
                 except WeightsError as exc:
                     raise InputError(f"LoRA {name}: {module}: {exc}") from None
                 deltas[module] = deltas[module] + change if module in deltas else change
-        base = base_constants(self.base.options.runtime, Path(self.base.options.path),
-                              [targets[m]["constant"] for m in deltas])
         merged = {}
         for module, change in deltas.items():
             target = targets[module]
