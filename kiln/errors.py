@@ -25,6 +25,20 @@ class ServerError(KilnError):
     """The Triton server could not be started, or a model failed to load."""
 
 
+class Unreachable(ServerError):
+    """gRPC made no connection to Triton for a call (Triton down, or this channel waiting to connect again): the call
+    never reached it, so it may be sent again."""
+
+
+# what gRPC and tritonclient say where no connection was made
+_UNREACHABLE = ("failed to connect", "connection refused", "connect failed", "connections to all backends failing")
+
+
+def is_unreachable(message: str) -> bool:
+    """Whether an error's message says that no connection to the server was made."""
+    return any(marker in message.lower() for marker in _UNREACHABLE)
+
+
 class InputError(KilnError):
     """A request carried input that cannot be processed (corrupt image, bad shape, out of range)."""
 

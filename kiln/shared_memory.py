@@ -16,6 +16,8 @@ import threading
 
 import numpy as np
 
+from kiln.errors import Unreachable, first_line, is_unreachable
+
 _COUNTER = itertools.count()
 
 
@@ -38,6 +40,8 @@ class Region:
             self.register()
         except Exception as exc:  # noqa: BLE001 - any refusal means: no shared memory with this Triton
             shm.destroy_shared_memory_region(self.handle)
+            if is_unreachable(str(exc)):  # not a refusal: Triton was not reached (down, or reconnecting)
+                raise Unreachable(f"cannot reach Triton to register a region: {first_line(exc)}") from None
             raise Unavailable(str(exc)) from None
 
     def register(self) -> None:

@@ -12,12 +12,13 @@ import atexit
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from kiln.errors import InputError, KilnError, ServerError
+from kiln.errors import InputError, KilnError, ServerError, Unreachable, is_unreachable
 from kiln.shared_memory import Registry, ThreadRegions, Unavailable
 
 log = logging.getLogger("kiln.triton")
@@ -67,6 +68,10 @@ GRPC_CHANNEL_ARGS = (
     # to 120 s (measured: 11.5 s to reach a server back after 30 s away), failing every call meanwhile
     ("grpc.max_reconnect_backoff_ms", 2_000),
 )
+# How long a call that reached no Triton is sent again (every 0.1 s: each fails at once while the channel waits): a
+# channel tries to connect again at most 2.4 s (the backoff above and gRPC's jitter) after it last failed, and each
+# thread's channel backs off on its own (a probe that sees Triton back does not connect the generating thread's)
+RECONNECT_WAIT_S = 3.0
 
 
 def _is_local(url: str) -> bool:
@@ -130,6 +135,22 @@ class TritonClient:
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
               output_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+        return self._reconnecting(self._infer, model, inputs, outputs, output_shapes)
+
+    def _reconnecting(self, call, *args):
+        """call(*args); where it reached no Triton, again every 0.1 s for RECONNECT_WAIT_S: Triton may be back while
+        this thread's channel waits out its backoff (a call then fails at once). Triton down: the error after that."""
+        deadline = time.monotonic() + RECONNECT_WAIT_S
+        while True:
+            try:
+                return call(*args)
+            except Unreachable:
+                if self.protocol != "grpc" or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def _infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
+               output_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
         """Run `model` on named arrays (dtype from numpy; bytes as object arrays) and return the named outputs.
 
         `output_shapes` (float32 outputs whose largest shape the caller knows) lets them come back through shared
@@ -204,7 +225,7 @@ class TritonClient:
         except InferenceServerException as exc:
             raise self._error(model, exc) from None
         except (ConnectionError, OSError) as exc:
-            raise ServerError(f"cannot reach Triton at {self.url} ({exc}); is `kiln serve` running?") from None
+            raise Unreachable(f"cannot reach Triton at {self.url} ({exc}); is `kiln serve` running?") from None
 
     def close(self) -> None:
         """Unregister and remove this client's shared-memory regions (they are also removed at exit)."""
@@ -214,9 +235,8 @@ class TritonClient:
     def _error(self, model: str, exc) -> KilnError:
         message = (exc.message() if callable(getattr(exc, "message", None)) else "") or str(exc)
         status = str(exc.status())
-        lowered = message.lower()
-        if "failed to connect" in lowered or "connection refused" in lowered or "connect failed" in lowered:
-            return ServerError(f"cannot reach Triton at {self.url}; is `kiln serve` running? ({message})")
+        if is_unreachable(message):
+            return Unreachable(f"cannot reach Triton at {self.url}; is `kiln serve` running? ({message})")
         if "INVALID_ARG" in status or status == "400":  # the model's verdict on the input
             return InputError(f"{model}: {message}")
         if "UNAVAILABLE" in status or "NOT_FOUND" in status:  # Triton down, restarting, or the model unloaded
@@ -244,6 +264,9 @@ class TritonClient:
 
     def model_config(self, model: str) -> dict:
         """The model's config as Triton reports it (JSON form of inference.ModelConfig)."""
+        return self._reconnecting(self._model_config, model)
+
+    def _model_config(self, model: str) -> dict:
         from tritonclient.utils import InferenceServerException
 
         try:
@@ -255,6 +278,9 @@ class TritonClient:
 
     def ready_models(self, prefix: str = "") -> list[str]:
         """The names of the models Triton serves and has ready, those starting with `prefix`."""
+        return self._reconnecting(self._ready_models, prefix)
+
+    def _ready_models(self, prefix: str) -> list[str]:
         from tritonclient.utils import InferenceServerException
 
         try:

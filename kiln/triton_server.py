@@ -81,6 +81,8 @@ def free_ports(count: int) -> list[int]:
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
+    # The signal follows the *thread* that started Triton: started from a thread that then ends, Triton gets SIGTERM
+    # at once (a test met it). Start it from a thread that lives as long as it should.
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:  # pragma: no cover - not Linux

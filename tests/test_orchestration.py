@@ -101,6 +101,55 @@ def test_a_new_client_reaches_a_triton_on_a_port_an_old_client_was_refused_on(vi
         server.stop()
 
 
+def test_a_call_on_a_channel_backing_off_reaches_a_triton_that_is_back(vit_repo, tmp_path):
+    """A thread's channel that failed while Triton was away tries again up to 2.4 s later; a call in between is sent
+    again every 0.1 s for 3 s, instead of failing with the error of an attempt made while Triton was down. Each
+    thread has its own channel, so the generating thread's is not connected by a probe that saw Triton back
+    (test_api's restart test: ready, then a 503). Triton down: the call fails after that wait."""
+    import threading
+
+    from kiln.errors import ServerError
+
+    port = free_port()
+    client = TritonClient(f"127.0.0.1:{port}")
+    with pytest.raises(ServerError, match="cannot reach Triton"):
+        client.model_config("vit")
+    started, answers = threading.Event(), {}
+
+    def call() -> None:  # in a thread of its own (Triton, started here, would end with the thread that started it)
+        while not started.is_set():  # this thread's channel fails until Triton listens, then backs off
+            client.is_server_ready(timeout_s=0.5)
+            time.sleep(0.05)
+        try:
+            answers["config"] = client.model_config("vit")
+        except ServerError as exc:
+            answers["error"] = exc
+
+    calling = threading.Thread(target=call)
+    calling.start()
+    server = start_triton(vit_repo, tmp_path / "tritonserver.log", grpc=port)
+    try:
+        started.set()
+        calling.join()
+        assert answers.get("config", {}).get("name") == "vit", answers
+    finally:
+        server.stop()
+
+
+def test_a_triton_not_reached_leaves_shared_memory_on():
+    """Registering a region with a Triton that is not reached (down, or this channel reconnecting) is no refusal to
+    map shared memory: the client keeps it for when Triton answers (it used to fall back to the network for good)."""
+    import numpy as np
+
+    from kiln.errors import ServerError
+
+    client = TritonClient(f"127.0.0.1:{free_port()}", shared_memory="auto")
+    assert client.uses_shared_memory
+    with pytest.raises(ServerError, match="cannot reach Triton"):
+        client.infer("vit", {"pixel_values": np.zeros((1, 3, 8, 8), np.float32)}, ["logits"])
+    assert client.uses_shared_memory and client.shared_memory_error is None
+
+
 def test_a_client_tries_a_triton_that_went_away_again_every_few_seconds():
     """While Triton is away, a client's channel tries to connect again at most 2.4 s apart (2 s and gRPC's jitter),
     so it reaches a Triton that came back within seconds; gRPC's own backoff grows 1.6-fold to 120 s (gaps of 1, 1.6,
