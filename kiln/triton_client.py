@@ -135,6 +135,11 @@ class TritonClient:
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
               output_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+        """Run `model` on named arrays (dtype from numpy; bytes as object arrays) and return the named outputs.
+
+        `output_shapes` (float32 outputs whose largest shape the caller knows) lets them come back through shared
+        memory too; the others, and everything when shared memory is off, travel over the network.
+        """
         return self._reconnecting(self._infer, model, inputs, outputs, output_shapes)
 
     def _reconnecting(self, call, *args):
@@ -151,11 +156,6 @@ class TritonClient:
 
     def _infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
                output_shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
-        """Run `model` on named arrays (dtype from numpy; bytes as object arrays) and return the named outputs.
-
-        `output_shapes` (float32 outputs whose largest shape the caller knows) lets them come back through shared
-        memory too; the others, and everything when shared memory is off, travel over the network.
-        """
         if self._shared and all(a.dtype != object for a in inputs.values()):
             try:
                 return self._infer_shared(model, inputs, outputs, output_shapes or {})
