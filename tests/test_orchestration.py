@@ -6,11 +6,13 @@ round-robin over every address of a `dns:///` name). Real Triton servers and rea
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
+import numpy as np
 import pytest
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, ServerError
 from kiln.triton_client import GRPC_CHANNEL_ARGS, TritonClient, _is_local
 from kiln.triton_server import free_port
 from orchestrator.security import SecurityOptions
@@ -106,10 +108,6 @@ def test_a_call_on_a_channel_backing_off_reaches_a_triton_that_is_back(vit_repo,
     again every 0.1 s for 3 s, instead of failing with the error of an attempt made while Triton was down. Each
     thread has its own channel, so the generating thread's is not connected by a probe that saw Triton back
     (test_api's restart test: ready, then a 503). Triton down: the call fails after that wait."""
-    import threading
-
-    from kiln.errors import ServerError
-
     port = free_port()
     client = TritonClient(f"127.0.0.1:{port}")
     with pytest.raises(ServerError, match="cannot reach Triton"):
@@ -139,10 +137,6 @@ def test_a_call_on_a_channel_backing_off_reaches_a_triton_that_is_back(vit_repo,
 def test_a_triton_not_reached_leaves_shared_memory_on():
     """Registering a region with a Triton that is not reached (down, or this channel reconnecting) is no refusal to
     map shared memory: the client keeps it for when Triton answers (it used to fall back to the network for good)."""
-    import numpy as np
-
-    from kiln.errors import ServerError
-
     client = TritonClient(f"127.0.0.1:{free_port()}", shared_memory="auto")
     assert client.uses_shared_memory
     with pytest.raises(ServerError, match="cannot reach Triton"):
@@ -156,8 +150,6 @@ def test_a_client_tries_a_triton_that_went_away_again_every_few_seconds():
     2.6, 4.1 s, the fourth at least 3.3 s with jitter, within 11.1 s). A Triton that is down accepts no connection; to
     count the attempts, a listening socket here accepts each and closes it at once (a peer that fails the handshake,
     which gRPC backs off from as from a refusal)."""
-    import threading
-
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
