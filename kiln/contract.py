@@ -176,7 +176,8 @@ class SDContract:
     scheduler_config: dict  # the checkpoint's scheduler config: its training noise schedule
     vae_scale_factor: int  # image side / latent side
     latent_channels: int  # the VAE's latent channels
-    unet_in_channels: int  # 9 for an inpainting UNet (latents + mask + masked-image latents)
+    # 9 for an inpainting UNet (latents + mask + masked-image latents), 8 for instruct-pix2pix's (latents + image's)
+    unet_in_channels: int
     scaling_factor: float  # the VAE's latent scaling factor
     min_size: int  # image sides the build's profiles cover, in pixels
     max_size: int
@@ -256,13 +257,21 @@ class SDContract:
             return "sd_xl_refiner.yaml" if self.family == "sdxl-refiner" else \
                 "sd_xl_inpaint.yaml" if self.inpainting_unet else "sd_xl_base.yaml"
         version = "v2" if self.family == "sd2" else "v1"
+        if self.edit_unet and version == "v1":
+            return "instruct-pix2pix.yaml"
         if self.inpainting_unet:
             return f"{version}-inpainting-inference.yaml"
         return f"{version}-inference{'-v' if self.prediction_type == 'v_prediction' else ''}.yaml"
 
     @property
     def inpainting_unet(self) -> bool:
-        return self.unet_in_channels != self.latent_channels
+        """A UNet that also takes the inpainting mask and the masked image's latents."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def edit_unet(self) -> bool:
+        """instruct-pix2pix's UNet: it also takes the latents of the image it edits (orchestrator.pipeline.edit)."""
+        return self.unet_in_channels == 2 * self.latent_channels
 
     def vae(self, name: str | None) -> ServedVAE | None:
         """The VAE AUTOMATIC1111's sd_vae names: None, "Automatic" or "None" the checkpoint's own (None here), else one

@@ -44,6 +44,7 @@ def parameters_text(info: dict) -> str:
     if info.get("negative_prompt"):
         lines.append(f"Negative prompt: {info['negative_prompt']}")
     fields = [("Steps", info.get("steps")), ("Sampler", info.get("sampler")), ("CFG scale", info.get("cfg_scale")),
+              ("Image CFG scale", info.get("image_cfg_scale")),
               ("Seed", info.get("seed")), ("Size", f"{info.get('width')}x{info.get('height')}"),
               ("Model hash", info.get("model_hash")), ("Model", info.get("model")),
               ("Clip skip", info.get("clip_skip")),

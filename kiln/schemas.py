@@ -181,7 +181,8 @@ class Img2ImgBody(Txt2ImgBody):
     inpaint_full_res: bool = True  # "only masked": inpaint a crop around the mask, paste it back
     inpaint_full_res_padding: int = Field(0, ge=0, le=1024)
     inpainting_mask_invert: int = Field(0, ge=0, le=1)
-    image_cfg_scale: float | None = None  # instruct-pix2pix only: anything but the default refused
+    # instruct-pix2pix's image guidance (an edit checkpoint's; elsewhere 1.5, AUTOMATIC1111's UI default, or none)
+    image_cfg_scale: float | None = None
     include_init_images: bool = False
     latent_mask: str | None = None
     mask_round: bool = True  # false: the mask's alpha, the latent mask and a 9-channel UNet's mask stay soft
@@ -193,9 +194,6 @@ class Img2ImgBody(Txt2ImgBody):
         if self.firstphase_width or self.firstphase_height:
             raise ValueError("firstphase_width and firstphase_height are txt2img's first pass size; img2img has no "
                              "first pass (its size is width and height)")
-        if self.image_cfg_scale not in (None, 1.5):
-            raise ValueError("image_cfg_scale is instruct-pix2pix's image guidance; this server serves no such model "
-                             "(1.5, AUTOMATIC1111's default that its clients send, is accepted)")
         return self
 
 

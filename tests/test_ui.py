@@ -167,6 +167,7 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
 
     # img2img: an image, a mask painted on it, inpainting.
     page.click("[data-tab=img2img]")
+    assert not page.is_visible("#image-cfg-field")  # an instruct-pix2pix checkpoint's (test_instruct_pix2pix)
     page.set_input_files("#init-file", str(PHOTO))
     page.wait_for_function("document.querySelector('#mask-canvas').width > 0")
     box = page.locator("#mask-canvas").bounding_box()

@@ -87,11 +87,12 @@ def _seeded(seed: int):
 
 
 def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True, inpainting: bool = False,
-                     family_name: str = "sd1", prediction: str | None = None) -> dict:
+                     family_name: str = "sd1", prediction: str | None = None, edit: bool = False) -> dict:
     """Seeded random components of the family's `size` architecture ("tiny" or "full"), each from its own seed.
 
-    `inpainting` makes the UNet a 9-channel inpainting UNet (latents + mask + masked-image latents); `prediction`
-    (epsilon, v_prediction) defaults to the family's released model's.
+    `inpainting` makes the UNet a 9-channel inpainting UNet (latents + mask + masked-image latents), `edit` an
+    8-channel instruct-pix2pix UNet (latents + the edited image's); `prediction` (epsilon, v_prediction) defaults to
+    the family's released model's.
     """
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -102,7 +103,9 @@ def build_components(size: str = "tiny", seed: int = 0, controlnet: bool = True,
     scheduler = kind.scheduler_config(prediction)
     tokenizer = clip_tokenizer(kind.pad_token)
     _seeded(seed)
-    unet = UNet2DConditionModel(**(arch.unet | ({"in_channels": 9} if inpainting else {})))
+    latent = arch.vae["latent_channels"]
+    unet = UNet2DConditionModel(**(arch.unet | ({"in_channels": 2 * latent + 1} if inpainting else
+                                                {"in_channels": 2 * latent} if edit else {})))
     _seeded(seed + 1)
     vae = AutoencoderKL(**arch.vae)
     _seeded(seed + 2)
@@ -153,13 +156,21 @@ def random_embedding(size: str = "tiny", vectors: int = 2, seed: int = 0, family
 
 
 def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet: bool = True,
-                        inpainting: bool = False, family_name: str = "sd1", prediction: str | None = None) -> Path:
+                        inpainting: bool = False, family_name: str = "sd1", prediction: str | None = None,
+                        edit: bool = False) -> Path:
     """Write a diffusers-format SD 1.x, 2.x or SDXL folder of seeded random weights; a ControlNet goes in
-    controlnet/."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    controlnet/. `edit`: an SD 1.x instruct-pix2pix checkpoint (diffusers' StableDiffusionInstructPix2PixPipeline)."""
+    from diffusers import (
+        StableDiffusionInstructPix2PixPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     out = Path(out)
-    components = build_components(size, seed, controlnet, inpainting, family_name, prediction)
+    if edit and (inpainting or family_name != "sd1"):
+        raise WeightsError("an instruct-pix2pix checkpoint is an SD 1.x one, not an inpainting one")
+    components = build_components(size, seed, controlnet, inpainting, family_name, prediction, edit)
     control = components.pop("controlnet", None)
     if family(family_name).refiner:  # as diffusers holds SDXL's refiner: its one encoder is the "second"
         pipeline = StableDiffusionXLImg2ImgPipeline(
@@ -169,13 +180,14 @@ def write_sd_checkpoint(out: Path, size: str = "tiny", seed: int = 0, controlnet
     elif "text_encoder_2" in components:
         pipeline = StableDiffusionXLPipeline(**components)
     else:
-        pipeline = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+        pipeline = (StableDiffusionInstructPix2PixPipeline if edit else StableDiffusionPipeline)(
+            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(str(out), safe_serialization=True)
     if control is not None:
         control.save_pretrained(str(out / "controlnet"), safe_serialization=True)
     (out / "kiln-weights.json").write_text(json.dumps(
         {"random": True, "seed": seed, "architecture": size, "family": family_name, "inpainting": inpainting,
+         "instruct_pix2pix": edit,
          "prediction_type": components["scheduler"].config.prediction_type,
          "note": "seeded random weights of the real architecture: images are noise-like, not art"}, indent=2))
     return out
@@ -303,6 +315,10 @@ def load_sd(weights: str | Path, controlnet: str | Path | Sequence[str | Path] |
         text_encoder, tokenizer, text_encoder_2, tokenizer_2 = text_encoder_2, tokenizer_2, None, None
     check_tokenizer(tokenizer, str(weights))
     kind = family_of(text_encoder.config, marker, text_encoder_2)
+    latent, channels = pipeline.vae.config.latent_channels, pipeline.unet.config.in_channels
+    if channels not in (latent, 2 * latent, 2 * latent + 1):
+        raise WeightsError(f"{weights}: its UNet takes {channels} input channels; kiln serves UNets of {latent} (the "
+                           f"latents), {2 * latent + 1} (inpainting) and {2 * latent} (instruct-pix2pix)")
     controlnets = {name: load_controlnet(source, pipeline.unet, pipeline.vae.config.latent_channels)
                    for name, source in controlnet_sources(controlnet, path).items()}
     random = marker.get("random", False)

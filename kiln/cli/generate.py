@@ -69,6 +69,9 @@ def add_parser(commands) -> None:
     generate.add_argument("--init-image", type=Path,
                           help="img2img: start from this image (resized to --width x --height)")
     generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
+    generate.add_argument("--image-cfg-scale", type=float,
+                          help="an instruct-pix2pix checkpoint's image guidance (AUTOMATIC1111's Image CFG scale, "
+                               "its UI's 1.5): how closely the edit keeps to --init-image; unset or 1: none")
     generate.add_argument("--mask", type=Path, help="inpainting (with --init-image): white repaints, black keeps")
     generate.add_argument("--mask-blur", type=int, default=INPAINTING_DEFAULTS["mask_blur"],
                           help="Gaussian blur radius of the mask (OpenCV's, as AUTOMATIC1111's)")
@@ -151,6 +154,8 @@ def _files(args) -> dict[str, bytes]:
                        if getattr(args, name) != INPAINTING_DEFAULTS.get(name, False)]
     if inpainting_only and args.mask is None:  # they act on the mask: without one they would be ignored
         raise KilnError(f"{', '.join(inpainting_only)}: inpainting options; pass --mask (and --init-image) too")
+    if args.image_cfg_scale is not None and args.init_image is None:
+        raise KilnError("--image-cfg-scale guides an instruct-pix2pix edit of --init-image: pass --init-image too")
     if args.hires and args.init_image is not None:
         raise KilnError("--hires is txt2img's hires fix; img2img (--init-image) has none")
     if args.hires_first_pass is not None and not args.hires:
@@ -218,7 +223,7 @@ def run(args) -> int:
                                  inpainting_mask_invert=args.mask_invert, inpainting_fill=args.inpainting_fill,
                                  mask_round=not args.soft_mask, inpaint_full_res=args.only_masked,
                                  inpaint_full_res_padding=args.only_masked_padding,
-                                 overlay=args.overlay)
+                                 overlay=args.overlay, image_cfg_scale=args.image_cfg_scale)
     else:
         hires = HiresFix(scale=args.hires, upscaler=args.hires_upscaler, steps=args.hires_steps,
                          denoising_strength=args.hires_strength,
@@ -304,6 +309,7 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
                                        inpainting_mask_invert=int(args.mask_invert), mask_round=not args.soft_mask,
                                        inpainting_fill=args.inpainting_fill, inpaint_full_res=args.only_masked,
                                        inpaint_full_res_padding=args.only_masked_padding,
+                                       image_cfg_scale=args.image_cfg_scale,
                                        **({"mask": b64(files[str(args.mask)])} if args.mask else {}))
     except ValidationError as exc:  # what the server would refuse, named before anything is sent
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())

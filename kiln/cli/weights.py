@@ -20,6 +20,9 @@ def add_parser(commands) -> None:
                        "the released architecture (SD 1.5's UNet: 859.5 M parameters; SD 2.1's: 865.9 M)",
                        "a 9-channel inpainting UNet (as SD 1.5 inpainting)")
     _family(sd, tuple(FAMILIES))
+    sd.add_argument("--instruct-pix2pix", action="store_true",
+                    help="an 8-channel instruct-pix2pix UNet (latents + the edited image's), SD 1.x only: img2img "
+                         "with image_cfg_scale")
     sd.add_argument("--prediction", choices=PREDICTIONS,
                     help="what the UNet predicts (default: the family's released model's: epsilon for SD 1.x, "
                          "v_prediction for SD 2.x, as SD 2.1 768; epsilon is SD 2.1-base's)")
@@ -30,7 +33,7 @@ def add_parser(commands) -> None:
                        "a 9-channel inpainting UNet (as SDXL inpainting 0.1)")
     xl.add_argument("--refiner", action="store_true",
                     help="SDXL's refiner instead (OpenCLIP ViT-bigG alone, aesthetic-score time ids; UNet 2,259.5 M)")
-    xl.set_defaults(run=run_sd, family="sdxl", prediction=None)
+    xl.set_defaults(run=run_sd, family="sdxl", prediction=None, instruct_pix2pix=False)
     vit = targets.add_parser("vit", help="a timm-style ViT-B/16 folder (model.safetensors + config.json)")
     vit.add_argument("--random", type=Path, metavar="OUT", required=True)
     vit.add_argument("--seed", type=int, default=0)
@@ -109,7 +112,7 @@ def run_sd(args) -> int:
     if family == "sdxl-refiner" and args.single_file is not None:
         raise KilnError("--single-file: kiln writes SDXL refiners as diffusers folders only, not single files yet")
     write_sd_checkpoint(out, size=size, seed=args.seed, controlnet=not args.no_controlnet, inpainting=args.inpainting,
-                        family_name=family, prediction=args.prediction)
+                        family_name=family, prediction=args.prediction, edit=args.instruct_pix2pix)
     if args.single_file is not None:
         from build.sd.single_file import write_single_file
 

@@ -55,6 +55,8 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeding: Seeds, stoppe
         info["stopped_at_step"] = stopped_at
     if isinstance(request, Img2ImgRequest):
         info["denoising_strength"] = request.denoising_strength
+        if pipeline.contract.edit_unet and request.image_cfg_scale is not None:  # (AUTOMATIC1111: an edit model's)
+            info["image_cfg_scale"] = request.image_cfg_scale
         if request.initial_noise_multiplier != 1:
             info["noise_multiplier"] = request.initial_noise_multiplier
         if request.inpainting:

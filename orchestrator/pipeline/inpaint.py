@@ -22,6 +22,7 @@ from kiln.masks import (
     soft_mask,
     under_overlay,
 )
+from orchestrator.pipeline import edit
 from orchestrator.pipeline.blend import Blend
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.noise import draw
@@ -48,18 +49,20 @@ def sample_latents(moments: torch.Tensor, generators: list, scaling_factor: floa
         * scaling_factor
 
 
-def init_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, generators: list) -> torch.Tensor:
-    """Encode the init image and sample its latents with each image's own generator (diffusers' retrieve_latents)."""
+def init_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, generators: list) -> tuple:
+    """Encode the init image and sample its latents with each image's own generator (diffusers' retrieve_latents);
+    and for an instruct-pix2pix UNet the image's latents it takes beside them (edit.image_latents), else None."""
     import torch
 
     if not request.latent_resize:
-        moments = vae.encode_image(request.init_image, request.width, request.height)
-        return sample_latents(torch.from_numpy(moments), generators, contract.scaling_factor)
+        moments = torch.from_numpy(vae.encode_image(request.init_image, request.width, request.height))
+        channels = edit.image_latents(moments, len(generators)) if contract.edit_unet else None
+        return sample_latents(moments, generators, contract.scaling_factor), channels
     width, height = own_size(request.init_image)
     latents = sample_latents(torch.from_numpy(vae.encode_image(request.init_image, width, height)), generators,
                              contract.scaling_factor)
     size = (request.height // contract.vae_scale_factor, request.width // contract.vae_scale_factor)
-    return torch.nn.functional.interpolate(latents, size=size, mode="bilinear")
+    return torch.nn.functional.interpolate(latents, size=size, mode="bilinear"), None  # (no edit: edit.check)
 
 
 def own_size(init_image: bytes) -> tuple[int, int]:
@@ -73,7 +76,8 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     """The inpainting start, as AUTOMATIC1111 makes it, in diffusers' inpaint pipeline's order of random draws
     (image latents, noise, and for a 9-channel UNet the masked image's latents). Returns the starting latents and
     what the loop needs at each step: the blend (orchestrator.pipeline.blend), the soft mask (for the overlay), and
-    a 9-channel UNet's mask and masked-image latents."""
+    the channels the UNet takes beside the latents ("channels": a 9-channel UNet's mask and masked-image latents, an
+    instruct-pix2pix UNet's image latents of the image as the fill left it)."""
     import torch
     import torch.nn.functional as F
 
@@ -100,11 +104,13 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     # AUTOMATIC1111 starts (diffusers' inpaint pipeline starts from noise alone at 1, where the fill would not act)
     latents = scheduler.add_noise(start, drawn, noised_to(scheduler, timesteps, batch))
     blend = {"blend": Blend.for_sampler(request.sampler, repaint, start), "soft": soft}  # soft: for the overlay
+    if contract.edit_unet:
+        return latents, blend | {"channels": edit.image_latents(moments[:1], batch)}
     if not nine:
         return latents, blend
     masked_latents = sample_latents(moments[1:], sampling, contract.scaling_factor)
     mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:])  # nearest, as there
-    return latents, blend | {"mask": mask_latent.repeat(batch, 1, 1, 1), "masked": masked_latents}
+    return latents, blend | {"channels": torch.cat([mask_latent.repeat(batch, 1, 1, 1), masked_latents], dim=1)}
 
 
 def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request: Img2ImgRequest) -> GenerationResult:

@@ -24,7 +24,7 @@ from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
 from kiln.masks import paste_outside_mask
 from kiln.preprocessors import numpy_seed
 from kiln.prompt_schedule import composable
-from orchestrator.pipeline import conditioning, hires
+from orchestrator.pipeline import conditioning, edit, hires
 from orchestrator.pipeline import refiner as refining
 from orchestrator.pipeline.components import Components, Graph, call_graph
 from orchestrator.pipeline.conditioning import Prompted, edited
@@ -172,7 +172,7 @@ class Pipeline:
                                                            stop_early=stop_early, denoising=denoising,
                                                            refiner=refiner), request)
         batch = request.batch_size
-        guided = guides(request)
+        guided = guides(request) or edit.image_guided(request, contract)  # (image guidance: at any cfg_scale)
 
         # 2. Seeds: -1 draws one; image i uses seed + i (AUTOMATIC1111).
         seed = draw_seed(request.seed)
@@ -204,15 +204,16 @@ class Pipeline:
         # 5. Initial latents, drawn like diffusers' pipelines (none where the hires fix's first pass is given).
         shape = (batch, contract.latent_channels, request.height // contract.vae_scale_factor,
                  request.width // contract.vae_scale_factor)
-        inpaint = None
+        inpaint, channels = None, None  # channels: what the UNet takes beside the latents (inpainting's, an edit's)
         given = second is not None and request.hires.first_pass is not None
         if given:
             latents, timesteps = None, timesteps[:0]
         elif init and request.inpainting:
             latents, inpaint = inpaint_latents(components.vae, contract, request, shape, generators, generator,
                                                scheduler, timesteps, seeding)
+            channels = inpaint.get("channels")
         elif init:
-            latents = init_latents(components.vae, contract, request, seeding.for_latents(generators))
+            latents, channels = init_latents(components.vae, contract, request, seeding.for_latents(generators))
             drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
             if len(timesteps):
                 latents = scheduler.add_noise(latents, drawn, noised_to(scheduler, timesteps, batch))
@@ -236,7 +237,7 @@ class Pipeline:
                                                     step_kwargs(scheduler, seeding.for_steps(generator), request.eta,
                                                                 step_settings(request)),
                                                     _counting(progress, 0, steps_total), cancelled, stop_early,
-                                                    unet_call, loras, handover)
+                                                    unet_call, loras, handover, channels)
             if inpaint is not None:  # AUTOMATIC1111's last blend (after a stop too)
                 latents = inpaint["blend"].final(latents)
             # AUTOMATIC1111's "Pad conds": padding made the negative prompt and the prompt one length in some pass
@@ -261,11 +262,13 @@ class Pipeline:
 
     def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, prompted: tuple,
                  cond: list[np.ndarray], inpaint: dict | None, kwargs: dict, progress, cancelled, stop_early,
-                 unet_call: UNetCall, loras: LoraSet = NO_LORA, handover: refining.Handover | None = None) -> tuple:
+                 unet_call: UNetCall, loras: LoraSet = NO_LORA, handover: refining.Handover | None = None,
+                 channels: torch.Tensor | None = None) -> tuple:
         """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked. The UNets
         run with the LoRA set `loras` (another graph key: the batcher merges rows of one set only); from step
         handover.index on, the refiner's UNet with its conditioning. `prompted`: the conditioning, and the weight of
-        each of the prompt's parts (guidance())."""
+        each of the prompt's parts (guidance()); `channels`: each image's input channels beside its latents (an
+        inpainting UNet's mask and masked image, an instruct-pix2pix UNet's image), on every row."""
         import torch
 
         components, (context, weights), batch = self.parts(request), prompted, len(latents)
@@ -273,7 +276,7 @@ class Pipeline:
         cfg = request.cfg_scale * getattr(scheduler, "cfg_scale_multiplier", 1.0)  # DDIM CFG++'s: 1 / 12.5 of it
         along = takes_unconditional(scheduler)  # the unconditional rows' prediction to its step too
         lora = loras.spec("unet")
-        nine_channels = inpaint is not None and self.contract.inpainting_unet
+        image_cfg = request.image_cfg_scale if edit.image_guided(request, self.contract) else None
         blend = None if inpaint is None else inpaint["blend"]
         for index, t in enumerate(timesteps):
             if cancelled is not None and cancelled():
@@ -284,22 +287,26 @@ class Pipeline:
                 components, context = handover.components, handover.context
             skip_uncond = guided and skips_unconditional(request.s_min_uncond, scheduler, t, index)
             both = guided and not skip_uncond
-            copies = len(weights) + both  # the rows of each image: unconditional (where run), then each part's
+            # the rows of each image: unconditional (where run), each part's; image guidance's unconditional again
+            copies = len(weights) + both + (image_cfg is not None)
             skip = batch if skip_uncond else 0
             seen = latents if blend is None else blend.model_input(latents)
             model_input = scheduler.scale_model_input(torch.cat([seen] * copies) if copies > 1 else seen, t)
             control_input = model_input.numpy()  # what a ControlNet takes: the latents alone
-            if nine_channels:  # a 9-channel inpainting UNet also takes the mask and the masked image
-                model_input = torch.cat([model_input, torch.cat([inpaint["mask"]] * copies),
-                                         torch.cat([inpaint["masked"]] * copies)], dim=1)
+            if channels is not None:
+                model_input = torch.cat([model_input, edit.extra_rows(channels, copies, image_cfg is not None)], dim=1)
             inputs = {"sample": model_input.numpy(), "timestep": np.full(len(model_input), float(t), np.float32)}
             active = [(unit, unit_cond[skip:], scale, components.controlnet(unit.model))
                       for unit_cond, unit in zip(cond, request.controlnet_units)
                       if (scale := unit.scale_at(index, len(timesteps)))]
-            noise_pred = torch.from_numpy(predict(context.at(index), skip, inputs, control_input, active, components,
-                                                  lora, unet_call, nine_channels, batch if both else 0))
-            extra = {UNCOND: noise_pred.chunk(len(weights) + both)[0]} if along else {}  # (the stand-in's: combine)
-            if guided:
+            rows = context.at(index) if image_cfg is None else edit.EditRows(context.at(index), batch)
+            noise_pred = torch.from_numpy(predict(rows, skip, inputs, control_input, active, components, lora,
+                                                  unet_call, channels is not None, batch if both else 0))
+            # (the stand-in's: combine; image guidance's: the rows without the image, last)
+            extra = {UNCOND: noise_pred.chunk(copies)[-1 if image_cfg is not None else 0]} if along else {}
+            if image_cfg is not None:
+                noise_pred = edit.combine(noise_pred, cfg, image_cfg)
+            elif guided:
                 noise_pred = combine(noise_pred, weights, cfg, both)
             if blend is not None:  # AUTOMATIC1111's inpainting: the init latents predicted where the mask keeps them
                 noise_pred = blend.prediction(scheduler, t, latents, noise_pred)

@@ -42,8 +42,11 @@ def check_refiner(base: Pipeline, refiner: Pipeline, request: Txt2ImgRequest) ->
         if refused:
             raise InputError(f"refiner_checkpoint with {what} is not supported yet")
     ours, theirs = base.contract, refiner.contract
-    if ours.inpainting_unet or theirs.inpainting_unet:
-        raise InputError("refiner_checkpoint with an inpainting UNet (9 channels) is not supported")
+    for unet in (ours, theirs):
+        if unet.inpainting_unet or unet.edit_unet:
+            kind = "inpainting" if unet.inpainting_unet else "instruct-pix2pix"
+            raise InputError(f"refiner_checkpoint with an {kind} UNet ({unet.title!r}, {unet.unet_in_channels} "
+                             "channels) is not supported")
     if (ours.latent_channels, ours.vae_scale_factor) != (theirs.latent_channels, theirs.vae_scale_factor):
         raise InputError(f"refiner_checkpoint {theirs.title!r}: its latents ({theirs.latent_channels} channels, 1/"
                          f"{theirs.vae_scale_factor} size) are not the checkpoint's ({ours.latent_channels}, 1/"

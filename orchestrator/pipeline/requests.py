@@ -209,6 +209,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     # a multiple of 8 below), and its latents are resized (bilinear) to width x height
     latent_resize: bool = False
     sd_upscale: SDUpscale | None = None  # the SD upscale script: tiles of width x height redrawn one by one
+    # instruct-pix2pix's image guidance (AUTOMATIC1111's Image CFG scale; orchestrator.pipeline.edit): None or 1, the
+    # image on every row and plain guidance; other values guide on the image too (an edit checkpoint's only)
+    image_cfg_scale: float | None = None
 
     @property
     def inpainting(self) -> bool:

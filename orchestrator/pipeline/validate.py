@@ -18,7 +18,7 @@ from kiln.masks import INPAINTING_FILL
 from kiln.preprocessors import CONTROL_MODULES, preprocessor
 from kiln.prompt_schedule import composable
 from kiln.prompts import check_prompt_syntax
-from orchestrator.pipeline import hires, tiles
+from orchestrator.pipeline import edit, hires, tiles
 from orchestrator.pipeline.inpaint import own_size
 from orchestrator.pipeline.noise import RANDN_SOURCES
 from orchestrator.pipeline.requests import PAD_CONDS, ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
@@ -148,6 +148,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
                              f"got {request.inpaint_full_res_padding!r}")
     if contract.inpainting_unet and not inpainting:
         raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
+    edit.check(request, contract)
     start = img2img_start(request.sampler, request.steps, request.denoising_strength) if init else None
     # at strength 0 img2img runs none on purpose (the init image through the VAE); inpainting needs one to blend
     if init and (inpainting or request.denoising_strength > 0) and _runs_none(request.sampler, request.steps, start,

@@ -194,7 +194,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
                           initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
-                          sd_upscale=script)
+                          sd_upscale=script, image_cfg_scale=body.image_cfg_scale)
 
 
 # sd-webui-controlnet's resize modes for the control image, by number and by name

@@ -36,7 +36,7 @@ def _choice(options: dict[str, Any]):
     return convert
 
 
-IMG2IMG_PASTED = {"Mask blur": ("mask_blur", int),
+IMG2IMG_PASTED = {"Image CFG scale": ("image_cfg_scale", float), "Mask blur": ("mask_blur", int),
                   "Mask mode": ("inpainting_mask_invert", _choice({"Inpaint masked": 0, "Inpaint not masked": 1})),
                   "Masked content": ("inpainting_fill", _choice({v: k for k, v in INPAINTING_FILL.items()})),
                   "Inpaint area": ("inpaint_full_res", _choice({"Only masked": True, "Whole picture": False})),

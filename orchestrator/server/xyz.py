@@ -85,6 +85,7 @@ AXES: dict[str, tuple[type, Any]] = {
     "Nothing": (str, None), "Seed": (int, _field("seed")), "Var. seed": (int, _field("subseed")),
     "Var. strength": (float, _field("subseed_strength")), "Steps": (int, _field("steps")),
     "Hires steps": (int, _field("hr_second_pass_steps")), "CFG Scale": (float, _field("cfg_scale")),
+    "Image CFG Scale": (float, _field("image_cfg_scale")),
     "Prompt S/R": (str, "prompt"), "Sampler": (str, _field("sampler_name")),
     "Hires sampler": (str, _field("hr_sampler_name")),
     "Checkpoint name": (str, _override("sd_model_checkpoint")),

@@ -52,7 +52,8 @@ async def capabilities(request: Request):
     out["sd"] = {"checkpoint": contract.title, "checkpoints": checkpoints, "family": contract.family,
                  "prediction_type": contract.prediction_type,
                  "min_size": contract.min_size, "max_size": contract.max_size,
-                 "size_multiple": contract.size_multiple, "inpainting_unet": contract.unet_in_channels == 9,
+                 "size_multiple": contract.size_multiple, "inpainting_unet": contract.inpainting_unet,
+                 "edit_unet": contract.edit_unet,
                  "controlnets": [c.title for c in contract.controlnets], "upscalers": list(contract.upscaler_names),
                  "vaes": [v.name for v in contract.vaes], "tiling": contract.tiling,
                  "clip_skip_layers": contract.clip_skip_layers}

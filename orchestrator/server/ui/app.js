@@ -75,6 +75,7 @@ async function loadCapabilities() {
     form.sd_model_checkpoint.replaceChildren(...sd.checkpoints.map(title => option(title)));
     form.sd_model_checkpoint.value = sd.checkpoint;
   }
+  $("#image-cfg-field").hidden = !(sd && sd.edit_unet);  // an instruct-pix2pix checkpoint's image guidance
   if (sd) {
     for (const name of ["width", "height"]) {
       Object.assign(form[name], { min: sd.min_size, max: sd.max_size, step: sd.size_multiple });
@@ -128,6 +129,7 @@ async function generationBody(kind) {
     if (!state.initImage) throw new FieldError("init_images", "choose an image for img2img");
     body.init_images = [state.initImage];
     body.denoising_strength = numberOr(form.denoising_strength.value, 0.75);
+    if (!$("#image-cfg-field").hidden) body.image_cfg_scale = numberOr(form.image_cfg_scale.value, 1.5);
     if (maskPainted()) {
       body.mask = $("#mask-canvas").toDataURL("image/png").split(",", 2)[1];
       body.mask_blur = numberOr(form.mask_blur.value, 4);
@@ -652,6 +654,7 @@ function reuse(fields) {
   const schedule = $$("option", form.scheduler).find(o => o.textContent === type);
   if (schedule) form.scheduler.value = schedule.value;
   if (fields["Denoising strength"]) set("denoising_strength", fields["Denoising strength"]);
+  set("image_cfg_scale", fields["Image CFG scale"]);
   // the hires fix's, where the image had one (its denoising strength is then the hires pass's)
   const hires = fields["Hires upscale"] !== undefined || fields["Hires resize-1"] !== undefined;
   form.enable_hr.checked = hires;
