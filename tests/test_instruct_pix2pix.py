@@ -87,9 +87,14 @@ def _diffusers_edit(checkpoint, init: bytes, image_guidance: float, seed: int = 
     return (images * 255).round().astype(np.uint8)
 
 
-def test_the_checkpoint_is_an_edit_checkpoint_in_the_contract(ip2p_checkpoint, ip2p):
+def test_the_checkpoint_is_an_edit_checkpoint_in_the_contract(ip2p_checkpoint, ip2p, tmp_path):
+    from build.sd.single_file import inspect_single_file, write_single_file
+
     loaded = load_sd(ip2p_checkpoint)  # diffusers' StableDiffusionInstructPix2PixPipeline folder
     assert loaded.unet.config.in_channels == 8
+    single = write_single_file(ip2p_checkpoint, tmp_path / "ip2p.safetensors")  # AUTOMATIC1111's layout
+    assert inspect_single_file(single)["in_channels"] == 8
+    assert load_sd(single, config=ip2p_checkpoint).unet.config.in_channels == 8
     contract = ip2p.contract
     assert contract.edit_unet and not contract.inpainting_unet
     assert contract.a1111_config == "instruct-pix2pix.yaml"  # what AUTOMATIC1111 loads such a checkpoint with
