@@ -33,6 +33,9 @@ NOT_RUN = {
     "kiln serve": "runs until stopped: tests/test_cli.py starts and stops it",
     'kiln generate "a photo of a cat" --checkpoint': "needs the second checkpoint built beside the session's: "
                                                      "tests/test_checkpoints.py runs it",
+    'kiln generate "turn it into a watercolour" --checkpoint': "needs the instruct-pix2pix checkpoint built beside "
+                                                               "the session's: tests/test_instruct_pix2pix.py runs "
+                                                               "kiln generate --image-cfg-scale on its own Triton",
     "kiln bench": "minutes of measuring: tests/test_sd_variants.py runs the tiny benchmarks",
 }
 
