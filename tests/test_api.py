@@ -977,11 +977,13 @@ def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(c
         "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
         "Latent (nearest-exact)"]
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
-    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": ["x/y/z plot", "controlnet"],
-                                                      "img2img": ["sd upscale", "x/y/z plot", "controlnet"]}
+    assert client.get("/sdapi/v1/scripts").json() == {
+        "txt2img": ["prompt matrix", "x/y/z plot", "controlnet"],
+        "img2img": ["sd upscale", "prompt matrix", "x/y/z plot", "controlnet"]}
     info = client.get("/sdapi/v1/script-info").json()
     assert {(s["name"], s["is_alwayson"], s["is_img2img"]) for s in info} == {
         ("sd upscale", False, True), ("x/y/z plot", False, False), ("x/y/z plot", False, True),
+        ("prompt matrix", False, False), ("prompt matrix", False, True),
         ("controlnet", True, False), ("controlnet", True, True)}
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     assert len(xyz["args"]) == 16 and xyz["args"][0]["choices"][:5] == ["Nothing", "Seed", "Var. seed",

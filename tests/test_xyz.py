@@ -46,6 +46,8 @@ def test_cells_vary_what_their_axes_name():
     assert [index for index, _ in cells] == [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0)]  # x innermost
     assert [c.prompt for _, c in cells] == ["a cat on a mat", "a cat on a mat", "a dog on a mat", "a dog on a mat"]
     assert [c.seed for _, c in cells] == [seeds[0], 7, seeds[0], 7]
+    varied = cell_bodies(body([], seed=-1, subseed=-1, subseed_strength=0.5), plot)  # fix_seed: the subseed too
+    assert len({c.subseed for _, c in varied}) == 1 and varied[0][1].subseed != -1
     assert all(c.denoising_strength == 0.5 and c.script_name is None and c.script_args == [] for _, c in cells)
     lines = parse(body(["Prompt S/R", "cat\nred, big dog", None, 0, "", None, 0, "", None, True, False, False, False,
                         0, True, True]), "txt2img")

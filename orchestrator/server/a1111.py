@@ -63,9 +63,10 @@ def selected_script(body: schemas.Txt2ImgBody, networks: tuple[str, ...] = ()) -
         if body.script_args:
             raise InputError("script_args without script_name: there is no script to give them to")
         return None
-    if body.script_name.strip().lower() in ("x/y/z plot", "xyz plot", "xyz_grid"):
-        raise InputError("script_name 'x/y/z plot' runs through /sdapi/v1/txt2img and /sdapi/v1/img2img (its cells "
-                         "are tasks of their own: GET /v1/tasks lists them)")
+    for names in (("x/y/z plot", "xyz plot", "xyz_grid"), ("prompt matrix", "prompt_matrix")):
+        if body.script_name.strip().lower() in names:
+            raise InputError(f"script_name {names[0]!r} runs through /sdapi/v1/txt2img and /sdapi/v1/img2img (its "
+                             "images are tasks of their own: GET /v1/tasks lists them)")
     if body.script_name.lower() not in SCRIPTS[route]:
         raise InputError(f"script_name {body.script_name!r} is not one of this server's {route} scripts; it runs: "
                          f"{', '.join(SCRIPTS[route]) or 'none'} (GET /sdapi/v1/scripts)")

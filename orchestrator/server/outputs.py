@@ -20,7 +20,6 @@ from orchestrator.jobs import Job, Status
 _LOCK = threading.Lock()  # numbering: two jobs finishing at once must not take the same number
 _NUMBERED = re.compile(r"^(\d{5})-")
 _GRID = re.compile(r"^grid-(\d{4})")
-_XYZ = re.compile(r"^xyz_grid-(\d{4})")
 
 
 def save_job_images(job: Job, folder: Path, grid: bool = True) -> list[Path]:
@@ -46,12 +45,14 @@ def save_job_images(job: Job, folder: Path, grid: bool = True) -> list[Path]:
     return paths
 
 
-def save_grid(grid: np.ndarray, info: dict, kind: str, folder: Path) -> Path:
-    """An X/Y/Z plot's grid, as AUTOMATIC1111 saves it: outputs/<kind>-grids/<date>/xyz_grid-<number>.png."""
+def save_grid(grid: np.ndarray, info: dict, kind: str, folder: Path, basename: str = "xyz_grid") -> Path:
+    """A script's grid (the X/Y/Z plot's xyz_grid, the prompt matrix's prompt_matrix), as AUTOMATIC1111 saves it:
+    outputs/<kind>-grids/<date>/<basename>-<number>.png."""
     grids = folder / f"{'img2img' if kind == 'img2img' else 'txt2img'}-grids" / time.strftime("%Y-%m-%d")
+    numbered = re.compile(rf"^{re.escape(basename)}-(\d{{4}})")
     with _LOCK:
         grids.mkdir(parents=True, exist_ok=True)
-        path = grids / f"xyz_grid-{_next_number(grids, _XYZ):04d}.png"
+        path = grids / f"{basename}-{_next_number(grids, numbered):04d}.png"
         path.write_bytes(encode_png(grid, {"parameters": parameters_text(info)}))
     return path
 

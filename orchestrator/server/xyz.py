@@ -13,8 +13,6 @@ them, DELETE cancels one: its cell stays black in the grid).
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import csv
 import json
 import random
@@ -28,12 +26,12 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.errors import InputError
-from kiln.imaging import encode_png
 from kiln.infotext import parameters_text
 from orchestrator.jobs import Status
 from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.server import a1111
-from orchestrator.server.generation import client_id, engine, pipeline, save_logged, wait_for
+from orchestrator.server.cells import answer, run_cells
+from orchestrator.server.generation import pipeline, save_logged
 from orchestrator.server.outputs import image_grid, save_grid
 
 # AUTOMATIC1111 1.10's axis lists, in its UI's order (an integer type indexes these).
@@ -233,8 +231,9 @@ def _expand(item: str, value_type: type, name: str, label: str) -> list:
 def cell_bodies(body: schemas.Txt2ImgBody, plot: Plot) -> list[tuple[tuple[int, int, int], schemas.Txt2ImgBody]]:
     """Each cell's body, z outermost and x innermost (AUTOMATIC1111's order), its seed fixed once for all of them."""
     base = body.model_copy(update={"script_name": None, "script_args": []})
-    if not plot.no_fixed_seeds and base.seed == -1:
-        base = base.model_copy(update={"seed": random.randrange(MAX_SEED)})
+    if not plot.no_fixed_seeds:  # AUTOMATIC1111's fix_seed: the seed and the variation seed drawn once for all
+        base = base.model_copy(update={name: random.randrange(MAX_SEED) for name in ("seed", "subseed")
+                                       if getattr(base, name) == -1})
     x, y, z = plot.axes
     cells = []
     for iz, zv in enumerate(z.values):
@@ -298,27 +297,9 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     await pipeline(request)  # the server's default checkpoint is set, and Triton is there
     plot = parse(body, kind)
     cells = cell_bodies(body, plot)
-    state, queue = request.app.state, engine(request).queue
-    jobs = []
-    for index, cell in cells:  # every cell checked first: a bad one is a 422 before anything is queued
-        try:  # a cell's checkpoint (the "Checkpoint name" axis) picks its pipeline
-            served = await pipeline(request, cell.override_settings.get("sd_model_checkpoint"))
-            generation = await run_in_threadpool(a1111.to_request, cell, served.contract, state.options,
-                                                 served.limits, state.styles)
-            jobs.append(await run_in_threadpool(
-                engine(request).prepare, kind, generation, cell.n_iter, client_id=client_id(request),
-                context={"family": "tasks", "body": cell, "detect_maps": False}, checkpoint=served.contract.title))
-        except InputError as exc:
-            raise InputError(f"X/Y/Z plot cell {', '.join(n for n in _cell_names(plot, index) if n)}: {exc}") from None
-    queued = []
-    try:
-        for job in jobs:
-            queued.append(queue.submit(job))
-        await asyncio.gather(*(wait_for(request, job, state.settings.request_timeout_s) for job in jobs))
-    except Exception:
-        for job in queued:
-            queue.cancel(job)
-        raise
+    state = request.app.state
+    jobs = await run_cells(request, kind, [cell for _, cell in cells],
+                           lambda i: f"X/Y/Z plot cell {', '.join(n for n in _cell_names(plot, cells[i][0]) if n)}")
     done = [job for job in jobs if job.status == Status.DONE and job.images]
     if not done:
         failed = next((job for job in jobs if job.error is not None), None)
@@ -347,11 +328,7 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     details["infotexts"] = [parameters_text(info)] * (1 + len(subgrids)) + [parameters_text(i) for _, i in lone]
     details["xyz"] = {"cells": len(jobs), "done": len(done), "seconds": round(time.time() - jobs[0].created, 3),
                       "failed": [str(job.error) for job in jobs if job.status != Status.DONE]}
-    images = [(picture, info) for picture in (grid, *subgrids)] + lone
-    parameters = body.model_dump(exclude={"alwayson_scripts", "init_images", "mask"})
-    return {"images": [base64.b64encode(encode_png(picture, {"parameters": parameters_text(image_info)})).decode()
-                       for picture, image_info in images] if body.send_images else [],
-            "parameters": parameters, "info": json.dumps(details)}
+    return answer(body, [(picture, info) for picture in (grid, *subgrids)] + lone, details)
 
 
 def _cell_names(plot: Plot, index: tuple[int, int, int]) -> list[str]:

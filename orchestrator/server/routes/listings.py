@@ -15,6 +15,7 @@ from kiln.upscale import UPSCALERS
 from orchestrator.pipeline.hires import LATENT_MODES
 from orchestrator.server.a1111 import SCRIPTS
 from orchestrator.server.generation import engine, pipeline, served_contract
+from orchestrator.server.prompt_matrix import ARGS as MATRIX_ARGS
 from orchestrator.server.xyz import xyz_script_args
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
@@ -113,7 +114,7 @@ async def refresh_loras(request: Request) -> None:
 async def scripts() -> dict:
     """The scripts a request may name: the selectable ones (script_name: SD upscale, img2img's) and ControlNet, an
     always-on script in both modes (alwayson_scripts)."""
-    return {route: [*SCRIPTS[route], "x/y/z plot", "controlnet"] for route in ("txt2img", "img2img")}
+    return {route: [*SCRIPTS[route], "prompt matrix", "x/y/z plot", "controlnet"] for route in ("txt2img", "img2img")}
 
 
 @router.get("/script-info")
@@ -127,6 +128,8 @@ async def script_info(request: Request) -> list[dict]:
     return [{"name": "sd upscale", "is_alwayson": False, "is_img2img": True, "args": sd_upscale}] + \
         [{"name": "x/y/z plot", "is_alwayson": False, "is_img2img": img2img, "args": xyz_script_args(route)}
          for img2img, route in ((False, "txt2img"), (True, "img2img"))] + \
+        [{"name": "prompt matrix", "is_alwayson": False, "is_img2img": img2img, "args": MATRIX_ARGS}
+         for img2img in (False, True)] + \
         [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": []} for img2img in (False, True)]
 
 

@@ -14,7 +14,7 @@ from kiln.errors import KilnError, NotFoundError
 from kiln.infotext import read_png_info
 from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
-from orchestrator.server import a1111, sampler_names, xyz
+from orchestrator.server import a1111, prompt_matrix, sampler_names, xyz
 from orchestrator.server.errors import APIError, as_api_error, count
 from orchestrator.server.generation import engine, own, response, served_contract, submit, wait_for
 from orchestrator.server.inputs import decode_b64_image
@@ -31,8 +31,9 @@ async def own_running(request: Request) -> list[Job]:
 async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     endpoint = f"/sdapi/v1/{kind}"
     try:
-        if xyz.is_xyz(body):
-            answer = await xyz.run(request, kind, body)
+        script = xyz if xyz.is_xyz(body) else prompt_matrix if prompt_matrix.is_prompt_matrix(body) else None
+        if script is not None:  # generations of their own (orchestrator.server.cells)
+            answer = await script.run(request, kind, body)
             count(request, endpoint, "200")
             return answer
         job = await submit(request, kind, body, "sdapi")

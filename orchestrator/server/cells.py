@@ -1,0 +1,57 @@
+"""The scripts that run a request as several generations (the X/Y/Z plot's cells, the prompt matrix's combinations):
+every cell checked before any is queued, all queued at once as the caller's tasks, so the step batcher denoises them
+together, and waited for together; the answer in AUTOMATIC1111's shape, its pictures first."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from kiln import schemas
+from kiln.errors import InputError
+from kiln.imaging import encode_png
+from kiln.infotext import parameters_text
+from orchestrator.jobs import Job
+from orchestrator.server import a1111
+from orchestrator.server.generation import client_id, engine, pipeline, wait_for
+
+
+async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named: Callable[[int], str]) -> list[Job]:
+    """Each body a job of the caller's (its checkpoint, override_settings.sd_model_checkpoint, picks its pipeline):
+    all checked first (an InputError "<named(i)>: why" before anything is queued), then queued at once and waited
+    for; all cancelled if the wait fails (a timeout, the client gone)."""
+    state, queue = request.app.state, engine(request).queue
+    jobs = []
+    for index, cell in enumerate(bodies):
+        try:
+            served = await pipeline(request, cell.override_settings.get("sd_model_checkpoint"))
+            generation = await run_in_threadpool(a1111.to_request, cell, served.contract, state.options,
+                                                 served.limits, state.styles)
+            jobs.append(await run_in_threadpool(
+                engine(request).prepare, kind, generation, cell.n_iter, client_id=client_id(request),
+                context={"family": "tasks", "body": cell, "detect_maps": False}, checkpoint=served.contract.title))
+        except InputError as exc:
+            raise InputError(f"{named(index)}: {exc}") from None
+    queued = []
+    try:
+        for job in jobs:
+            queued.append(queue.submit(job))
+        await asyncio.gather(*(wait_for(request, job, state.settings.request_timeout_s) for job in jobs))
+    except Exception:
+        for job in queued:
+            queue.cancel(job)
+        raise
+    return jobs
+
+
+def answer(body: schemas.Txt2ImgBody, images: list[tuple[np.ndarray, dict]], details: dict) -> dict:
+    """AUTOMATIC1111's response: each picture a PNG with its infotext, the request's parameters, `details` as info."""
+    parameters = body.model_dump(exclude={"alwayson_scripts", "init_images", "mask"})
+    return {"images": [base64.b64encode(encode_png(picture, {"parameters": parameters_text(info)})).decode()
+                       for picture, info in images] if body.send_images else [],
+            "parameters": parameters, "info": json.dumps(details)}
