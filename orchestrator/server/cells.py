@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 from collections.abc import Callable
 
 import numpy as np
@@ -17,8 +18,16 @@ from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import parameters_text
 from orchestrator.jobs import Job
+from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.server import a1111
-from orchestrator.server.generation import client_id, engine, pipeline, wait_for
+from orchestrator.server.generation import client_id, engine, pipeline, save_logged, wait_for
+from orchestrator.server.outputs import save_grid
+
+
+def fix_seeds(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
+    """AUTOMATIC1111's fix_seed: a -1 seed and variation seed drawn once, for every cell made from the body."""
+    return body.model_copy(update={name: random.randrange(MAX_SEED) for name in ("seed", "subseed")
+                                   if getattr(body, name) == -1})
 
 
 async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named: Callable[[int], str]) -> list[Job]:
@@ -47,6 +56,18 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
             queue.cancel(job)
         raise
     return jobs
+
+
+async def save(request, body: schemas.Txt2ImgBody, kind: str, jobs: list[Job], grid: np.ndarray, info: dict,
+               basename: str) -> None:
+    """save_images: the jobs' images (unless do_not_save_samples) and the script's grid (unless do_not_save_grid,
+    as `basename`-NNNN.png, with `info`'s infotext)."""
+    folder = request.app.state.settings.outputs_dir
+    if body.save_images and not body.do_not_save_samples:
+        for job in jobs:
+            await run_in_threadpool(save_logged, job, folder, False)
+    if body.save_images and not body.do_not_save_grid:
+        await run_in_threadpool(save_grid, grid, info, kind, folder, basename)
 
 
 def answer(body: schemas.Txt2ImgBody, images: list[tuple[np.ndarray, dict]], details: dict) -> dict:

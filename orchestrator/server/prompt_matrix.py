@@ -13,7 +13,6 @@ image; the grid's infotext is the first image's.
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass
 
@@ -24,11 +23,9 @@ from kiln import schemas
 from kiln.errors import InputError
 from kiln.infotext import parameters_text
 from orchestrator.jobs import Status
-from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.server import a1111
-from orchestrator.server.cells import answer, run_cells
-from orchestrator.server.generation import pipeline, save_logged
-from orchestrator.server.outputs import save_grid
+from orchestrator.server.cells import answer, fix_seeds, run_cells, save
+from orchestrator.server.generation import pipeline
 
 NAMES = ("prompt matrix", "prompt_matrix")
 # its arguments as AUTOMATIC1111's /sdapi/v1/script-info lists them
@@ -86,10 +83,10 @@ def parse(body: schemas.Txt2ImgBody) -> Matrix:
 
 def bodies(body: schemas.Txt2ImgBody, matrix: Matrix) -> list[schemas.Txt2ImgBody]:
     """Each combination's body: its prompt, the seed (drawn once where -1) plus its index with different_seeds."""
-    seed, subseed = (random.randrange(MAX_SEED) if value == -1 else value for value in (body.seed, body.subseed))
+    fixed = fix_seeds(body)
     field = "negative_prompt" if matrix.negative else "prompt"
-    return [body.model_copy(update={"script_name": None, "script_args": [], field: prompt, "batch_size": 1,
-                                    "seed": seed + (i if matrix.different_seeds else 0), "subseed": subseed})
+    return [fixed.model_copy(update={"script_name": None, "script_args": [], field: prompt, "batch_size": 1,
+                                     "seed": fixed.seed + (i if matrix.different_seeds else 0)})
             for i, prompt in enumerate(matrix.prompts)]
 
 
@@ -139,18 +136,13 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     matrix = parse(body)
     jobs = await run_cells(request, kind, bodies(body, matrix),
                            lambda i: f"prompt matrix image {i} ({matrix.prompts[i]!r})")
-    if any(job.status != Status.DONE or not job.images for job in jobs):
-        failed = next(job for job in jobs if job.status != Status.DONE or not job.images)
-        raise InputError(f"prompt matrix: image {jobs.index(failed)} ({matrix.prompts[jobs.index(failed)]!r}) was "
-                         f"not made ({failed.error or failed.status.value})")
+    for index, job in enumerate(jobs):
+        if job.status != Status.DONE or not job.images:
+            raise InputError(f"prompt matrix: image {index} ({matrix.prompts[index]!r}) was not made "
+                             f"({job.error or job.status.value})")
     images = [(job.images[0], job.infos[0]) for job in jobs]
     grid = await run_in_threadpool(draw, matrix, [image for image, _ in images])
-    state = request.app.state
-    if body.save_images and not body.do_not_save_samples:
-        for job in jobs:
-            await run_in_threadpool(save_logged, job, state.settings.outputs_dir, False)
-    if body.save_images and not body.do_not_save_grid:
-        await run_in_threadpool(save_grid, grid, images[0][1], kind, state.settings.outputs_dir, "prompt_matrix")
+    await save(request, body, kind, jobs, grid, images[0][1], "prompt_matrix")
     details = json.loads(a1111.to_response(jobs[0], jobs[0].context["body"])["info"])
     details["all_prompts"] = [info.get("prompt", "") for _, info in images]
     details["all_negative_prompts"] = [info.get("negative_prompt", "") for _, info in images]

@@ -30,9 +30,9 @@ from kiln.infotext import parameters_text
 from orchestrator.jobs import Status
 from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.server import a1111
-from orchestrator.server.cells import answer, run_cells
-from orchestrator.server.generation import pipeline, save_logged
-from orchestrator.server.outputs import image_grid, save_grid
+from orchestrator.server.cells import answer, fix_seeds, run_cells, save
+from orchestrator.server.generation import pipeline
+from orchestrator.server.outputs import image_grid
 
 # AUTOMATIC1111 1.10's axis lists, in its UI's order (an integer type indexes these).
 _ALL = ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "*Hires steps", "CFG Scale", "+Image CFG Scale",
@@ -231,9 +231,8 @@ def _expand(item: str, value_type: type, name: str, label: str) -> list:
 def cell_bodies(body: schemas.Txt2ImgBody, plot: Plot) -> list[tuple[tuple[int, int, int], schemas.Txt2ImgBody]]:
     """Each cell's body, z outermost and x innermost (AUTOMATIC1111's order), its seed fixed once for all of them."""
     base = body.model_copy(update={"script_name": None, "script_args": []})
-    if not plot.no_fixed_seeds:  # AUTOMATIC1111's fix_seed: the seed and the variation seed drawn once for all
-        base = base.model_copy(update={name: random.randrange(MAX_SEED) for name in ("seed", "subseed")
-                                       if getattr(base, name) == -1})
+    if not plot.no_fixed_seeds:
+        base = fix_seeds(base)
     x, y, z = plot.axes
     cells = []
     for iz, zv in enumerate(z.values):
@@ -297,7 +296,6 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     await pipeline(request)  # the server's default checkpoint is set, and Triton is there
     plot = parse(body, kind)
     cells = cell_bodies(body, plot)
-    state = request.app.state
     jobs = await run_cells(request, kind, [cell for _, cell in cells],
                            lambda i: f"X/Y/Z plot cell {', '.join(n for n in _cell_names(plot, cells[i][0]) if n)}")
     done = [job for job in jobs if job.status == Status.DONE and job.images]
@@ -317,11 +315,7 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     for axis, name in zip(plot.axes, "XYZ"):
         if axis.label != "Nothing":
             info |= {f"{name.lower()}_type": axis.label, f"{name.lower()}_values": axis.text}
-    if body.save_images and not body.do_not_save_samples:
-        for job in done:
-            await run_in_threadpool(save_logged, job, state.settings.outputs_dir, False)
-    if body.save_images and not body.do_not_save_grid:
-        await run_in_threadpool(save_grid, grid, info, kind, state.settings.outputs_dir)
+    await save(request, body, kind, done, grid, info, "xyz_grid")
     details = json.loads(a1111.to_response(done[0], done[0].context["body"])["info"])
     lone = [(image, image_info) for job in done for image, image_info in zip(job.images, job.infos)] \
         if plot.include_lone_images else []
