@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -346,8 +347,30 @@ def latent_keep(mask, latents, mask_round: bool = True) -> torch.Tensor:
     return 1 - torch.from_numpy((np.around(repaint) if mask_round else repaint)[:1])
 
 
+def soft_blend(init: torch.Tensor, current: torch.Tensor, t: torch.Tensor, power: float) -> torch.Tensor:
+    """AUTOMATIC1111's soft inpainting blend, from its description: each latent vector (across channels) the linear
+    mix of the two by t, rescaled to the mix by t of their magnitudes to `power` (then to 1 / power)."""
+    def norm(v: torch.Tensor) -> torch.Tensor:
+        return v.double().norm(dim=1, keepdim=True)
+
+    mixed = torch.lerp(init, current, t)
+    target = (norm(init) ** power * (1 - t.double()) + norm(current) ** power * t.double()) ** (1 / power)
+    return mixed * (target / (norm(mixed) + 1e-5)).float()
+
+
+def _sample_space(scheduler, timestep) -> tuple[float, float]:
+    """(c0, c1): the scheduler's sample at this timestep is c0 x0 + c1 eps (sigma space: 1 and sigma)."""
+    if not hasattr(scheduler, "sigmas"):  # DDPM
+        cumprod = float(scheduler.alphas_cumprod[int(timestep)])
+        return cumprod ** 0.5, (1 - cumprod) ** 0.5
+    sigma = float(scheduler.sigmas[(scheduler.timesteps == timestep).nonzero()[0, 0]])
+    if scheduler.init_noise_sigma > 1:
+        return 1.0, sigma
+    return (sigma ** 2 + 1) ** -0.5, sigma * (sigma ** 2 + 1) ** -0.5
+
+
 def a1111_inpainting(pipe, sampler: str, scheduler_config: dict, image, mask, seed: int, strength: float,
-                     steps: int, mask_round: bool = True, **call) -> np.ndarray:
+                     steps: int, mask_round: bool = True, soft=None, **call) -> np.ndarray:
     """AUTOMATIC1111's whole-picture inpainting with a k-diffusion sampler (mask blur 0, masked content "original")
     on diffusers' own pipeline `pipe`: an img2img pipeline for a 4-channel UNet, an inpaint pipeline for a 9-channel
     one (`mask_image` in `call`; it does not blend then). Its CFGDenoiser blends the denoised prediction with the
@@ -355,7 +378,8 @@ def a1111_inpainting(pipe, sampler: str, scheduler_config: dict, image, mask, se
     prediction is the init latents, for the scheduler's sample space at the call (x0 + sigma eps: Euler's, scaled
     into the UNet by 1 / sqrt(sigma^2 + 1); alpha x0 + sigma_t eps: DPM++ 2M's and DDPM's). UniPC is one of its
     timestep samplers, which paste the init latents into the model's input instead. Then its last blend, and the
-    decode. uint8 images."""
+    decode. uint8 images. With `soft` (SoftInpainting), its soft inpainting's blends (soft_blend by the latent mask
+    to sigma ** schedule_bias x preservation_strength; UniPC's by the timestep), no last blend, no composite."""
     from orchestrator.pipeline import make_scheduler
 
     pipe.scheduler = scheduler = make_scheduler(sampler, scheduler_config, seed=seed)
@@ -371,21 +395,32 @@ def a1111_inpainting(pipe, sampler: str, scheduler_config: dict, image, mask, se
         if sampler == "UniPC":  # a timestep sampler there: the init latents pasted into the model's input instead
             channels = init.shape[1]
             pasted = sample[:, :channels] * (1 - keep) + init * keep
+            if soft is not None:
+                weight = (1 - keep) ** (float(timestep) ** soft.schedule_bias * soft.preservation_strength)
+                pasted = soft_blend(init, sample[:, :channels], weight, soft.transition_contrast_boost)
             return forward(torch.cat([pasted, sample[:, channels:]], dim=1), timestep, *args, **kwargs)
         output = forward(sample, timestep, *args, **kwargs)
+        if soft is not None:  # blended after the guidance (soft_step): the blend is not linear
+            return output
         x = sample[:, :init.shape[1]]
-        if not hasattr(scheduler, "sigmas"):  # DDPM
-            cumprod = float(scheduler.alphas_cumprod[int(timestep)])
-            c0, c1 = cumprod ** 0.5, (1 - cumprod) ** 0.5
-        else:
-            sigma = float(scheduler.sigmas[(scheduler.timesteps == timestep).nonzero()[0, 0]])
-            if scheduler.init_noise_sigma > 1:
-                x, c0, c1 = x * (sigma ** 2 + 1) ** 0.5, 1.0, sigma
-            else:
-                c0 = (sigma ** 2 + 1) ** -0.5
-                c1 = sigma * c0
+        c0, c1 = _sample_space(scheduler, timestep)
+        if scheduler.init_noise_sigma > 1:  # the model's input was scaled by 1 / sqrt(sigma^2 + 1)
+            x = x * (c1 ** 2 + 1) ** 0.5
         return (output[0] * (1 - keep) + (x - c0 * init) / c1 * keep, *output[1:])
 
+    step = scheduler.step
+
+    @functools.wraps(step)  # the pipeline reads the step's parameters (generator, eta) from its signature
+    def soft_step(output, timestep, sample, *args, **kwargs):
+        """Soft inpainting's blend of the guided denoised prediction (x0 = (x - c1 eps) / c0), the output that
+        predicts the blend to the step."""
+        c0, c1 = _sample_space(scheduler, timestep)
+        weight = (1 - keep) ** ((c1 / c0) ** soft.schedule_bias * soft.preservation_strength)
+        x0 = soft_blend(init, (sample - c1 * output) / c0, weight, soft.transition_contrast_boost)
+        return step((sample - c0 * x0) / c1, timestep, sample, *args, **kwargs)
+
+    if soft is not None and sampler != "UniPC":
+        scheduler.step = soft_step
     pipe.unet.forward = blended
     try:
         latents = pipe(image=image, strength=diffusers_strength(sampler, steps, strength), num_inference_steps=steps,
@@ -393,7 +428,7 @@ def a1111_inpainting(pipe, sampler: str, scheduler_config: dict, image, mask, se
     finally:
         del pipe.unet.forward
     with torch.inference_mode():
-        final = latents * (1 - keep) + init * keep
+        final = latents if soft is not None else latents * (1 - keep) + init * keep
         decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor).sample
     return (pipe.image_processor.postprocess(decoded, output_type="np") * 255).round().astype(np.uint8)
 

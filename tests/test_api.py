@@ -979,12 +979,12 @@ def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(c
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert client.get("/sdapi/v1/scripts").json() == {
         "txt2img": ["prompt matrix", "x/y/z plot", "controlnet"],
-        "img2img": ["sd upscale", "prompt matrix", "x/y/z plot", "controlnet"]}
+        "img2img": ["sd upscale", "prompt matrix", "x/y/z plot", "controlnet", "soft inpainting"]}
     info = client.get("/sdapi/v1/script-info").json()
     assert {(s["name"], s["is_alwayson"], s["is_img2img"]) for s in info} == {
         ("sd upscale", False, True), ("x/y/z plot", False, False), ("x/y/z plot", False, True),
         ("prompt matrix", False, False), ("prompt matrix", False, True),
-        ("controlnet", True, False), ("controlnet", True, True)}
+        ("controlnet", True, False), ("controlnet", True, True), ("soft inpainting", True, True)}
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     assert len(xyz["args"]) == 16 and xyz["args"][0]["choices"][:5] == ["Nothing", "Seed", "Var. seed",
                                                                        "Var. strength", "Steps"]

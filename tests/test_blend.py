@@ -37,18 +37,19 @@ def _noise(seed: int, shape=SHAPE) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _run(sampler: str, steps: int, strength: float, config=SD15, seed: int = 3, final: bool = True, check=None):
+def _run(sampler: str, steps: int, strength: float, config=SD15, seed: int = 3, final: bool = True, check=None,
+         soft=None):
     """The pipeline's loop (pipeline._denoise) on the stand-in: the start noised to the first call's level, the
     model's input and output through the blend, the last blend (where `final`); check(scheduler, t, x, output, init)
-    before each step."""
+    before each step; `soft`: soft inpainting's settings."""
     init, drawn = _noise(1), _noise(2)
     scheduler, timesteps = schedule(sampler, config, steps, seed, img2img_start(sampler, steps, strength))
     x = scheduler.add_noise(init, drawn, noised_to(scheduler, timesteps, len(init)))
-    blend = Blend.for_sampler(sampler, REPAINT, init)
+    blend = Blend.for_sampler(sampler, REPAINT, init, soft)
     model = _Spatial()
     kwargs = step_kwargs(scheduler, torch.Generator().manual_seed(seed), 0.0)
     for t in timesteps:
-        output = blend.prediction(scheduler, t, x, model(scheduler.scale_model_input(blend.model_input(x), t), t))
+        output = blend.prediction(scheduler, t, x, model(scheduler.scale_model_input(blend.model_input(x, t), t), t))
         if check is not None:
             check(scheduler, t, x, output, init)
         x = scheduler.step(output, t, x, **kwargs).prev_sample

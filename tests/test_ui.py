@@ -181,6 +181,13 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     info = page.inner_text("#info")
     assert "Mask blur: 4" in info and "Denoising strength: 0.75" in info  # the mask reached the server
     shot(page, "img2img")
+    page.click("#soft-inpainting summary")  # AUTOMATIC1111's soft inpainting, its script's args
+    page.check("[name=soft_inpainting]")
+    page.fill("[name=soft_difference_threshold]", "1.25")
+    generate(page)
+    info = page.inner_text("#info")
+    assert "Soft inpainting enabled: True" in info and "Soft inpainting difference threshold: 1.25" in info
+    page.uncheck("[name=soft_inpainting]")
 
     # ControlNet: a unit with its image and module, in txt2img.
     page.click("[data-tab=txt2img]")

@@ -79,6 +79,12 @@ def add_parser(commands) -> None:
     generate.add_argument("--soft-mask", action="store_true",
                           help="keep the mask soft where AUTOMATIC1111 rounds it by default (its mask_round false): "
                                "a transparent mask's alpha, the latent mask, an inpainting UNet's mask")
+    generate.add_argument("--soft-inpainting", nargs="?", const="", metavar="NAME=VALUE,...",
+                          help="AUTOMATIC1111's Soft inpainting: the mask's grey levels blend the init image in at "
+                               "every step, and the result is composited with it where it changed little (the mask "
+                               "kept soft, the composite pasted); optional settings: schedule_bias (1), "
+                               "preservation_strength (0.5), transition_contrast_boost (4), mask_influence (0), "
+                               "difference_threshold (0.5), difference_contrast (2)")
     generate.add_argument("--inpainting-fill", type=int, choices=(0, 1, 2, 3),
                           default=INPAINTING_DEFAULTS["inpainting_fill"],
                           help="what the masked area starts from: 0 fill, 1 original (default), 2 latent noise, "
@@ -150,8 +156,9 @@ def _files(args) -> dict[str, bytes]:
         raise KilnError("--mask needs --init-image (inpainting repaints part of an image)")
     inpainting_only = [f"--{name.replace('_', '-')}" for name in ("mask_blur", "mask_invert", "soft_mask",
                                                                    "inpainting_fill", "only_masked",
-                                                                   "only_masked_padding", "overlay")
-                       if getattr(args, name) != INPAINTING_DEFAULTS.get(name, False)]
+                                                                   "only_masked_padding", "overlay", "soft_inpainting")
+                       if getattr(args, name) != INPAINTING_DEFAULTS.get(name, False) and
+                       (name != "soft_inpainting" or args.soft_inpainting is not None)]
     if inpainting_only and args.mask is None:  # they act on the mask: without one they would be ignored
         raise KilnError(f"{', '.join(inpainting_only)}: inpainting options; pass --mask (and --init-image) too")
     if args.image_cfg_scale is not None and args.init_image is None:
@@ -167,6 +174,25 @@ def _files(args) -> dict[str, bytes]:
                 raise KilnError(f"{path}: no such image file")
             files[str(path)] = path.read_bytes()
     return files
+
+
+def _soft_inpainting(args):
+    """--soft-inpainting's settings (orchestrator's SoftInpainting), or None without it."""
+    from orchestrator.pipeline import SoftInpainting
+
+    if args.soft_inpainting is None:
+        return None
+    given = {}
+    for item in filter(None, (part.strip() for part in args.soft_inpainting.split(","))):
+        name, _, value = item.partition("=")
+        if name.strip() not in SoftInpainting.__dataclass_fields__:
+            raise KilnError(f"--soft-inpainting: {name.strip()!r} is not one of its settings: "
+                            f"{', '.join(SoftInpainting.__dataclass_fields__)}")
+        try:
+            given[name.strip()] = float(value)
+        except ValueError:
+            raise KilnError(f"--soft-inpainting: {item!r} is not NAME=NUMBER") from None
+    return SoftInpainting(**given)
 
 
 def _units(args, files: dict[str, bytes]) -> list[dict]:
@@ -217,13 +243,14 @@ def run(args) -> int:
                   use_old_scheduling=args.old_scheduling, randn_source=args.rng or "CPU",
                   controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None,
                   refiner=Refiner(args.refiner, args.refiner_switch_at) if args.refiner else None)
+    soft = _soft_inpainting(args)
     if args.init_image is not None:
         request = Img2ImgRequest(**fields, init_image=files[str(args.init_image)], denoising_strength=args.strength,
                                  mask=files.get(str(args.mask), b""), mask_blur=args.mask_blur,
                                  inpainting_mask_invert=args.mask_invert, inpainting_fill=args.inpainting_fill,
-                                 mask_round=not args.soft_mask, inpaint_full_res=args.only_masked,
-                                 inpaint_full_res_padding=args.only_masked_padding,
-                                 overlay=args.overlay, image_cfg_scale=args.image_cfg_scale)
+                                 mask_round=not (args.soft_mask or soft), inpaint_full_res=args.only_masked,
+                                 inpaint_full_res_padding=args.only_masked_padding, soft_inpainting=soft,
+                                 overlay=args.overlay or soft is not None, image_cfg_scale=args.image_cfg_scale)
     else:
         hires = HiresFix(scale=args.hires, upscaler=args.hires_upscaler, steps=args.hires_steps,
                          denoising_strength=args.hires_strength,
@@ -296,7 +323,10 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
              "weight": u["weight"], "guidance_start": u["guidance_start"], "guidance_end": u["guidance_end"],
              "threshold_a": u["threshold_a"], "threshold_b": u["threshold_b"]}
             for u in units]}}
-    if args.init_image is not None and args.mask is not None and not args.overlay:
+    if (soft := _soft_inpainting(args)) is not None:  # AUTOMATIC1111's always-on script, its args in its order
+        fields["alwayson_scripts"] = fields.get("alwayson_scripts", {}) | {"soft inpainting": {"args": [
+            True, *(getattr(soft, name) for name in soft.__dataclass_fields__)]}}
+    if args.init_image is not None and args.mask is not None and not (args.overlay or soft):
         raise KilnError("--api: the API pastes the init image back outside the mask (AUTOMATIC1111 does); "
                         "pass --overlay to ask for that")
     try:

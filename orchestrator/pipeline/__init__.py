@@ -15,11 +15,12 @@ from orchestrator.pipeline.requests import (
                                             ProgressCallback,
                                             Refiner,
                                             SDUpscale,
+                                            SoftInpainting,
                                             Txt2ImgRequest,
 )
 from orchestrator.pipeline.sampling import SAMPLERS, UnknownSampler, make_scheduler
 from orchestrator.pipeline.validate import Limits, check_job, check_request
 
 __all__ = ["SAMPLERS", "Cancelled", "Components", "ControlNetUnit", "GenerationResult", "HiresFix", "Img2ImgRequest",
-           "Limits", "Pipeline", "ProgressCallback", "Refiner", "SDUpscale", "Txt2ImgRequest", "UNetCall",
-           "UnknownSampler", "check_job", "check_request", "make_scheduler", "with_seeds"]
+           "Limits", "Pipeline", "ProgressCallback", "Refiner", "SDUpscale", "SoftInpainting", "Txt2ImgRequest",
+           "UNetCall", "UnknownSampler", "check_job", "check_request", "make_scheduler", "with_seeds"]

@@ -12,7 +12,8 @@ acted on them), what lies between mixes the two. Then:
 - its timestep samplers (DDIM, PLMS, UniPC) paste the clean init latents into the model's *input* before every call
   (`mask_before_denoising` on); the sampler's own latents stay as they are;
 - after the last step, the latents are blended with the clean init latents once more (processing.py's sample).
-All of it for a 9-channel inpainting UNet too: AUTOMATIC1111 blends whatever the UNet.
+All of it for a 9-channel inpainting UNet too: AUTOMATIC1111 blends whatever the UNet. Soft inpainting replaces
+each of these blends (orchestrator.pipeline.soft_inpainting).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from orchestrator.pipeline import soft_inpainting
+from orchestrator.pipeline.requests import SoftInpainting
 from orchestrator.pipeline.sampling import check_sampler
 
 if TYPE_CHECKING:
@@ -34,30 +37,42 @@ class Blend:
     keep: torch.Tensor  # (rows or 1, 1, h, w): 1 where the init latents stay (AUTOMATIC1111's `mask`), 0 to 1
     init: torch.Tensor  # (rows, channels, h, w): the init latents, after the masked content acted on them
     before: bool  # paste into the model's input (timestep samplers), not into its prediction
+    repaint: torch.Tensor | None = None  # soft inpainting's: the latent mask itself (1 - keep)
+    soft: SoftInpainting | None = None
 
     @classmethod
-    def for_sampler(cls, sampler: str, repaint: torch.Tensor, init: torch.Tensor) -> Blend:
+    def for_sampler(cls, sampler: str, repaint: torch.Tensor, init: torch.Tensor,
+                    soft: SoftInpainting | None = None) -> Blend:
         chosen = check_sampler(sampler)
-        return cls(keep=1 - repaint, init=init,
-                   before=chosen.compvis or chosen.scheduler in TIMESTEP_SCHEDULERS)
+        return cls(keep=1 - repaint, init=init, before=chosen.compvis or chosen.scheduler in TIMESTEP_SCHEDULERS,
+                   repaint=None if soft is None else repaint, soft=soft)
 
-    def _mixed(self, latents: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    def _mixed(self, latents: torch.Tensor, kept: torch.Tensor, sigma: float) -> torch.Tensor:
+        if self.soft is not None:
+            return soft_inpainting.latent_blend(self.soft, kept, latents,
+                                                soft_inpainting.weight(self.soft, self.repaint, sigma))
         return latents * (1 - self.keep) + kept * self.keep
 
-    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
-        """What the model sees of `latents` at this call (before the scheduler scales it)."""
-        return self._mixed(latents, self.init) if self.before else latents
+    def model_input(self, latents: torch.Tensor, timestep) -> torch.Tensor:
+        """What the model sees of `latents` at this call (before the scheduler scales it); soft inpainting's weight
+        takes the timestep for the sigma, as AUTOMATIC1111's timestep samplers pass it."""
+        return self._mixed(latents, self.init, float(timestep)) if self.before else latents
 
     def prediction(self, scheduler, timestep, sample: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """The model's (guided) output for scheduler.step: in the kept region, the output that makes the scheduler's
-        own prediction of the clean latents the init latents (k-diffusion samplers); unchanged otherwise."""
+        own prediction of the clean latents the init latents (k-diffusion samplers); unchanged otherwise. Soft
+        inpainting blends that prediction of the clean latents with the init latents, at the call's sigma."""
         if self.before:
             return output
-        return self._mixed(output, predicting(scheduler, timestep, sample, self.init))
+        if self.soft is None:
+            return self._mixed(output, predicting(scheduler, timestep, sample, self.init), 0.0)
+        c0, c1 = coefficients(scheduler, timestep)
+        blended = self._mixed(denoised(scheduler, timestep, sample, output), self.init, c1 / c0)
+        return predicting(scheduler, timestep, sample, blended)
 
     def final(self, latents: torch.Tensor) -> torch.Tensor:
-        """The last blend, after the last step."""
-        return self._mixed(latents, self.init)
+        """The last blend, after the last step (none with soft inpainting)."""
+        return latents if self.soft is not None else self._mixed(latents, self.init, 0.0)
 
 
 def coefficients(scheduler, timestep) -> tuple[float, float]:
@@ -82,6 +97,21 @@ def coefficients(scheduler, timestep) -> tuple[float, float]:
         return 1.0, sigma
     alpha = (sigma ** 2 + 1) ** -0.5
     return alpha, sigma * alpha
+
+
+def denoised(scheduler, timestep, sample: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """The clean latents the scheduler predicts from the model's `output` at the call now due (predicting's
+    inverse)."""
+    c0, c1 = coefficients(scheduler, timestep)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (sample - c1 * output) / c0
+    if kind == "v_prediction":
+        norm = (c0 ** 2 + c1 ** 2) ** 0.5
+        return c0 / norm * sample / norm - c1 / norm * output
+    if kind == "sample":
+        return output
+    raise ValueError(f"cannot blend a {kind!r} prediction")
 
 
 def predicting(scheduler, timestep, sample: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

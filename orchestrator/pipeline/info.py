@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from kiln.masks import blur_radius
@@ -11,6 +12,7 @@ from orchestrator.pipeline.control import CONTROL_MODES, HR_OPTIONS
 from orchestrator.pipeline.requests import Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import CHURN, check_discard, check_sgm, editing_steps, step_options
 from orchestrator.pipeline.seeds import Seeds
+from orchestrator.pipeline.soft_inpainting import ENABLED_LABEL, LABELS
 
 if TYPE_CHECKING:
     from orchestrator.pipeline.pipeline import Pipeline
@@ -62,6 +64,9 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeding: Seeds, stoppe
         if request.inpainting:
             info |= {"mask_blur": blur_radius(request.mask_blur), "inpainting_fill": request.inpainting_fill,
                      "inpainting_mask_invert": request.inpainting_mask_invert}
+            if request.soft_inpainting is not None:  # AUTOMATIC1111's script's fields, under its labels
+                info["soft_inpainting"] = {ENABLED_LABEL: True} | {
+                    LABELS[name]: value for name, value in asdict(request.soft_inpainting).items()}
     if request.controlnet_units:
         info["controlnet"] = [unit_text(unit, contract.controlnet(unit.model).title)
                               for unit in request.controlnet_units]

@@ -17,12 +17,13 @@ from kiln.masks import (
     fill_masked,
     init_overlay,
     latent_mask,
+    paste_outside_mask,
     rounded,
     shaped,
     soft_mask,
     under_overlay,
 )
-from orchestrator.pipeline import edit
+from orchestrator.pipeline import edit, soft_inpainting
 from orchestrator.pipeline.blend import Blend
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.noise import draw
@@ -103,7 +104,8 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     # At every strength, 1 too, the image (as the masked content leaves it) plus the first step's noise, as
     # AUTOMATIC1111 starts (diffusers' inpaint pipeline starts from noise alone at 1, where the fill would not act)
     latents = scheduler.add_noise(start, drawn, noised_to(scheduler, timesteps, batch))
-    blend = {"blend": Blend.for_sampler(request.sampler, repaint, start), "soft": soft}  # soft: for the overlay
+    blend = {"blend": Blend.for_sampler(request.sampler, repaint, start, request.soft_inpainting),
+             "soft": soft}  # soft: for the overlay
     if contract.edit_unet:
         return latents, blend | {"channels": edit.image_latents(moments[:1], batch)}
     if not nine:
@@ -111,6 +113,26 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     masked_latents = sample_latents(moments[1:], sampling, contract.scaling_factor)
     mask_latent = F.interpolate(torch.from_numpy(mask[None]), size=shape[2:])  # nearest, as there
     return latents, blend | {"channels": torch.cat([mask_latent.repeat(batch, 1, 1, 1), masked_latents], dim=1)}
+
+
+def finished(images: np.ndarray, latents: torch.Tensor, request: Img2ImgRequest, inpaint: dict | None) -> tuple:
+    """The decoded images as AUTOMATIC1111 finishes them, and soft inpainting's composite masks (else None): the
+    init image pasted back outside the mask (request.overlay), or with soft inpainting over each image where its
+    latents changed little from the init latents (the masks then go back to only_masked, which pastes them)."""
+    if inpaint is None:
+        return images, None
+    blend = inpaint["blend"]
+    if blend.soft is None:
+        return (paste_outside_mask(images, request.init_image, inpaint["soft"]) if request.overlay else images), None
+    masks = soft_inpainting.composite_masks(blend.soft, blend.repaint, blend.init, latents, request.width,
+                                            request.height)
+    if request.overlay:
+        from PIL import Image
+
+        init = resized_rgb(request.init_image, request.width, request.height)
+        images = np.stack([np.asarray(under_overlay(Image.fromarray(image), init_overlay(init, mask)))
+                           for image, mask in zip(images, masks)])
+    return images, masks
 
 
 def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request: Img2ImgRequest) -> GenerationResult:
@@ -134,10 +156,15 @@ def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request:
     inner = replace(request, init_image=encode_png(crop), mask=encode_png(crop_mask), mask_blur=0,
                     inpainting_mask_invert=False, inpaint_full_res=False, overlay=False)  # already blurred, inverted
     result = generate(inner)
-    # the init image back outside the blurred mask (not doubled here, as there)
+    # the init image back outside the blurred mask (not doubled here, as there); with soft inpainting, outside each
+    # image's composite mask, put back into the box as the image is
     overlay = init_overlay(original, mask) if request.overlay else None
     images = []
-    for generated in result.images:
+    for index, generated in enumerate(result.images):
+        if result.masks is not None and overlay is not None:
+            composite = Image.new("L", original.size)
+            composite.paste(shaped(result.masks[index], *region, 1), box[:2])
+            overlay = init_overlay(original, composite)
         # back into the box as "crop and resize"; with the overlay, onto a transparent canvas it covers outside the box
         canvas = original.copy() if overlay is None else Image.new("RGBA", original.size)
         canvas.paste(shaped(Image.fromarray(generated), *region, 1), box[:2])

@@ -21,7 +21,6 @@ from kiln.errors import InputError
 from kiln.imaging import vae_input
 from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
 from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
-from kiln.masks import paste_outside_mask
 from kiln.preprocessors import numpy_seed
 from kiln.prompt_schedule import composable
 from orchestrator.pipeline import conditioning, edit, hires
@@ -29,7 +28,7 @@ from orchestrator.pipeline import refiner as refining
 from orchestrator.pipeline.components import Components, Graph, call_graph
 from orchestrator.pipeline.conditioning import Prompted, edited
 from orchestrator.pipeline.info import run_info
-from orchestrator.pipeline.inpaint import init_latents, inpaint_latents, only_masked, sample_latents
+from orchestrator.pipeline.inpaint import finished, init_latents, inpaint_latents, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
 from orchestrator.pipeline.sampling import (
     CHURN,
@@ -252,13 +251,11 @@ class Pipeline:
         # 8. Decode (with the refiner's VAE once it took over); AUTOMATIC1111 pastes the original back outside the mask.
         if handover is not None and (stopped_at is None or stopped_at > handover.index):
             components = handover.components
-        images = components.vae.decode(latents.numpy())
-        if inpaint is not None and request.overlay:
-            images = paste_outside_mask(images, request.init_image, inpaint["soft"])
+        images, masks = finished(components.vae.decode(latents.numpy()), latents, request, inpaint)
         info = run_info(self, request, seeding, stopped_at, padded)
         if request.refiner is not None:  # AUTOMATIC1111's "Refiner" and "Refiner switch at"
             info |= {"refiner": refiner.contract.title, "refiner_switch_at": request.refiner.switch_at}
-        return GenerationResult(images=images, seeds=seeds, info=info)
+        return GenerationResult(images=images, seeds=seeds, info=info, masks=masks)
 
     def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, prompted: tuple,
                  cond: list[np.ndarray], inpaint: dict | None, kwargs: dict, progress, cancelled, stop_early,
@@ -290,7 +287,7 @@ class Pipeline:
             # the rows of each image: unconditional (where run), each part's; image guidance's unconditional again
             copies = len(weights) + both + (image_cfg is not None)
             skip = batch if skip_uncond else 0
-            seen = latents if blend is None else blend.model_input(latents)
+            seen = latents if blend is None else blend.model_input(latents, t)
             model_input = scheduler.scale_model_input(torch.cat([seen] * copies) if copies > 1 else seen, t)
             control_input = model_input.numpy()  # what a ControlNet takes: the latents alone
             if channels is not None:

@@ -181,6 +181,19 @@ class SDUpscale:
 
 
 @dataclass(frozen=True)
+class SoftInpainting:
+    """AUTOMATIC1111's Soft inpainting (its built-in always-on script), in its order and with its defaults
+    (orchestrator.pipeline.soft_inpainting says what each does)."""
+
+    schedule_bias: float = 1.0  # mask_blend_power: the mask's exponent grows with sigma to this power
+    preservation_strength: float = 0.5  # mask_blend_scale: ... times this
+    transition_contrast_boost: float = 4.0  # inpaint_detail_preservation: the blended magnitudes' power
+    mask_influence: float = 0.0  # composite_mask_influence: how much the mask biases the difference threshold
+    difference_threshold: float = 0.5  # composite_difference_threshold: the latent change at which 50% is new
+    difference_contrast: float = 2.0  # composite_difference_contrast: how sharp that transition is
+
+
+@dataclass(frozen=True)
 class Img2ImgRequest(Txt2ImgRequest):
     """img2img: the init image is encoded, noised to the step `denoising_strength` selects, then denoised."""
 
@@ -212,6 +225,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     # instruct-pix2pix's image guidance (AUTOMATIC1111's Image CFG scale; orchestrator.pipeline.edit): None or 1, the
     # image on every row and plain guidance; other values guide on the image too (an edit checkpoint's only)
     image_cfg_scale: float | None = None
+    # AUTOMATIC1111's Soft inpainting: the mask's grey levels blend the init latents in at every step, and the
+    # result is composited with the init image where it changed little (needs mask_round false, as that sets it)
+    soft_inpainting: SoftInpainting | None = None
 
     @property
     def inpainting(self) -> bool:
@@ -223,6 +239,7 @@ class GenerationResult:
     images: np.ndarray  # (N, H, W, 3) uint8
     seeds: list[int]
     info: dict = field(default_factory=dict)
+    masks: list | None = None  # soft inpainting's composite masks, one per image ("L", 255 = generated)
 
 
 class Cancelled(KilnError):

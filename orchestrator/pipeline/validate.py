@@ -18,7 +18,7 @@ from kiln.masks import INPAINTING_FILL
 from kiln.preprocessors import CONTROL_MODULES, preprocessor
 from kiln.prompt_schedule import composable
 from kiln.prompts import check_prompt_syntax
-from orchestrator.pipeline import edit, hires, tiles
+from orchestrator.pipeline import edit, hires, soft_inpainting, tiles
 from orchestrator.pipeline.inpaint import own_size
 from orchestrator.pipeline.noise import RANDN_SOURCES
 from orchestrator.pipeline.requests import PAD_CONDS, ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
@@ -146,6 +146,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         if not _is_int(request.inpaint_full_res_padding) or request.inpaint_full_res_padding < 0:
             raise InputError(f"inpaint_full_res_padding must be a non-negative integer, "
                              f"got {request.inpaint_full_res_padding!r}")
+        soft_inpainting.check(request)
     if contract.inpainting_unet and not inpainting:
         raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
     edit.check(request, contract)

@@ -36,6 +36,7 @@ from orchestrator.pipeline import (
 )
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.pipeline.seeds import draw_seed
+from orchestrator.server import soft_inpainting as soft
 from orchestrator.server.errors import short
 from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.options import (
@@ -166,6 +167,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise, refiner=refiner(body),
                   controlnet=units)
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
+    softly = soft.settings(body.alwayson_scripts, isinstance(body, schemas.Img2ImgBody))
     script = selected_script(body, contract.upscaler_names)
     if not isinstance(body, schemas.Img2ImgBody):
         if multiplier != 1:
@@ -190,7 +192,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     # AUTOMATIC1111 pastes the original back outside the mask: clients expect the kept area untouched.
     return Img2ImgRequest(**fields, init_image=init, denoising_strength=body.denoising_strength, mask=mask,
                           mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
-                          mask_round=body.mask_round,
+                          mask_round=body.mask_round and softly is None, soft_inpainting=softly,  # (as its script)
                           mask_resize=0 if body.inpaint_full_res else body.resize_mode,
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
@@ -258,12 +260,13 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int,
                      seed: int | None = None) -> tuple[ControlNetUnit, ...] | None:
     """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit with an image, in order, its image
     fitted to width x height by the unit's resize mode; a random module's map drawn from numpy `seed` (numpy_seed)."""
-    if not scripts:
-        return None
-    unknown = sorted(k for k in scripts if k.lower() != "controlnet")
+    unknown = sorted(k for k in scripts or {} if k.lower() not in ("controlnet", soft.NAME))
     if unknown:
-        raise InputError(f"alwayson_scripts: {', '.join(unknown)} not available; only controlnet")
-    section = next(v for k, v in scripts.items() if k.lower() == "controlnet")
+        raise InputError(f"alwayson_scripts: {', '.join(unknown)} not available; only controlnet and soft inpainting "
+                         "(img2img's)")
+    section = next((v for k, v in (scripts or {}).items() if k.lower() == "controlnet"), None)
+    if section is None:
+        return None
     args = section.get("args", []) if isinstance(section, dict) else None
     if not isinstance(args, list):
         raise InputError("alwayson_scripts.controlnet.args must be a list of units")
@@ -313,7 +316,8 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
         "seed_resize_from_w": body.seed_resize_from_w, "seed_resize_from_h": body.seed_resize_from_h,
         "denoising_strength": first.get("denoising_strength"),
         "extra_generation_params": {label: first[key] for key, label in
-                                    (*HIRES_FIELDS.items(), ("lora_hashes", "Lora hashes")) if key in first},
+                                    (*HIRES_FIELDS.items(), ("lora_hashes", "Lora hashes")) if key in first}
+        | first.get("soft_inpainting", {}),  # its script's, under its labels
         "index_of_first_image": 0, "infotexts": [parameters_text(i) for i in infos], "styles": body.styles,
         "clip_skip": first.get("clip_skip", 1),
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),

@@ -16,6 +16,7 @@ from kiln import schemas
 from kiln.errors import InputError
 from kiln.infotext import parse_infotext
 from kiln.masks import INPAINTING_FILL
+from orchestrator.server import soft_inpainting
 
 # infotext key -> (request field, type); both routes
 PASTED = {"Prompt": ("prompt", str), "Negative prompt": ("negative_prompt", str), "Steps": ("steps", int),
@@ -85,7 +86,8 @@ def apply_infotext(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
     if params.get("Emphasis", "Original") != "Original":
         raise InputError(f"infotext: Emphasis {params['Emphasis']!r} is not applied; kiln's is AUTOMATIC1111's "
                          "Original")
-    unknown = sorted(set(params) - set(pasted) - set(SETTINGS) - INFORMATION - {"Prompt", "Negative prompt"})
+    soft = soft_inpainting.INFOTEXT_KEYS if img2img else set()
+    unknown = sorted(set(params) - set(pasted) - set(SETTINGS) - INFORMATION - soft - {"Prompt", "Negative prompt"})
     if unknown:
         raise InputError(f"infotext: {', '.join(unknown)} {'is a setting' if len(unknown) == 1 else 'are settings'} "
                          "kiln would not apply; remove it from the infotext, or send the request's own fields")
@@ -103,5 +105,7 @@ def apply_infotext(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
         if key in params and setting not in settings:
             settings[setting] = _value(key, params[key], kind)
     update["override_settings"] = settings
+    if img2img and (scripts := soft_inpainting.pasted(params, body.alwayson_scripts)) is not None:
+        update["alwayson_scripts"] = scripts  # its script's own infotext fields, as AUTOMATIC1111 pastes them
     update["infotext"] = None  # applied
     return body.model_validate(body.model_dump(exclude_unset=True) | update)

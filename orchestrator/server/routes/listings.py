@@ -16,6 +16,8 @@ from orchestrator.pipeline.hires import LATENT_MODES
 from orchestrator.server.a1111 import SCRIPTS
 from orchestrator.server.generation import engine, pipeline, served_contract
 from orchestrator.server.prompt_matrix import ARGS as MATRIX_ARGS
+from orchestrator.server.soft_inpainting import NAME as SOFT
+from orchestrator.server.soft_inpainting import SCRIPT_ARGS as SOFT_ARGS
 from orchestrator.server.xyz import xyz_script_args
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
@@ -112,9 +114,10 @@ async def refresh_loras(request: Request) -> None:
 
 @router.get("/scripts")
 async def scripts() -> dict:
-    """The scripts a request may name: the selectable ones (script_name: SD upscale, img2img's) and ControlNet, an
-    always-on script in both modes (alwayson_scripts)."""
-    return {route: [*SCRIPTS[route], "prompt matrix", "x/y/z plot", "controlnet"] for route in ("txt2img", "img2img")}
+    """The scripts a request may name: the selectable ones (script_name: SD upscale, img2img's) and the always-on
+    ones (alwayson_scripts): ControlNet in both modes, soft inpainting in img2img."""
+    return {route: [*SCRIPTS[route], "prompt matrix", "x/y/z plot", "controlnet",
+                    *([SOFT] if route == "img2img" else [])] for route in ("txt2img", "img2img")}
 
 
 @router.get("/script-info")
@@ -130,7 +133,9 @@ async def script_info(request: Request) -> list[dict]:
          for img2img, route in ((False, "txt2img"), (True, "img2img"))] + \
         [{"name": "prompt matrix", "is_alwayson": False, "is_img2img": img2img, "args": MATRIX_ARGS}
          for img2img in (False, True)] + \
-        [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": []} for img2img in (False, True)]
+        [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": []}
+         for img2img in (False, True)] + \
+        [{"name": SOFT, "is_alwayson": True, "is_img2img": True, "args": SOFT_ARGS}]
 
 
 @router.get("/memory")

@@ -125,11 +125,15 @@ async function generationBody(kind) {
   body.override_settings = { randn_source: form.randn_source.value };
   if (!$("#checkpoint-field").hidden) body.override_settings.sd_model_checkpoint = form.sd_model_checkpoint.value;
   if (kind === "txt2img" && form.enable_hr.checked) Object.assign(body, hiresFields());
+  let soft = null;
   if (kind === "img2img") {
     if (!state.initImage) throw new FieldError("init_images", "choose an image for img2img");
     body.init_images = [state.initImage];
     body.denoising_strength = numberOr(form.denoising_strength.value, 0.75);
     if (!$("#image-cfg-field").hidden) body.image_cfg_scale = numberOr(form.image_cfg_scale.value, 1.5);
+    if (form.soft_inpainting.checked && !maskPainted()) {
+      throw new FieldError("soft_inpainting", "soft inpainting blends by the mask: paint one");
+    }
     if (maskPainted()) {
       body.mask = $("#mask-canvas").toDataURL("image/png").split(",", 2)[1];
       body.mask_blur = numberOr(form.mask_blur.value, 4);
@@ -137,6 +141,9 @@ async function generationBody(kind) {
       body.inpainting_mask_invert = form.inpainting_mask_invert.checked ? 1 : 0;
       body.inpaint_full_res = form.inpaint_full_res.checked;
       body.inpaint_full_res_padding = numberOr(form.inpaint_full_res_padding.value, 32);
+      if (form.soft_inpainting.checked) {  // AUTOMATIC1111's always-on script: [enabled, its six sliders]
+        soft = { "soft inpainting": { args: [true, ...$$(".soft-arg", form).map(i => Number(i.value))] } };
+      }
     }
   }
   const units = [];
@@ -152,7 +159,8 @@ async function generationBody(kind) {
                    ...Object.fromEntries($$(".unit-slider", unit).map(i => [i.dataset.field, Number(i.value)])) });
     }
   }
-  if (units.length) body.alwayson_scripts = { controlnet: { args: units } };
+  if (units.length || soft) body.alwayson_scripts = { ...(units.length ? { controlnet: { args: units } } : {}),
+                                                       ...soft };
   return body;
 }
 
@@ -655,6 +663,13 @@ function reuse(fields) {
   if (schedule) form.scheduler.value = schedule.value;
   if (fields["Denoising strength"]) set("denoising_strength", fields["Denoising strength"]);
   set("image_cfg_scale", fields["Image CFG scale"]);
+  // soft inpainting's, where the image had it (its script's labels)
+  form.soft_inpainting.checked = fields["Soft inpainting enabled"] === "True";
+  for (const input of $$(".soft-arg", form)) {
+    const words = input.name.slice("soft_".length).replaceAll("_", " ");
+    set(input.name, fields[`Soft inpainting ${words}`]);
+  }
+  if (form.soft_inpainting.checked) $("#soft-inpainting").open = true;
   // the hires fix's, where the image had one (its denoising strength is then the hires pass's)
   const hires = fields["Hires upscale"] !== undefined || fields["Hires resize-1"] !== undefined;
   form.enable_hr.checked = hires;
