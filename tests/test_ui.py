@@ -246,6 +246,20 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     assert 'X Type: Seed, X Values: "1, 2", Y Type: Steps' in page.inner_text("#info")
     shot(page, "xyz")
 
+    # A prompt matrix in txt2img: two variable parts, four images and their grid first.
+    page.click("[data-tab=txt2img]")
+    page.fill("[name=prompt]", "a photo of a cat|red|at night")
+    page.fill("[name=steps]", "4")
+    page.click("#prompt-matrix summary")
+    page.check("[name=prompt_matrix]")
+    page.click("#submit")
+    settle(page, "Prompt matrix done")
+    assert page.locator("#results img").count() == 1 + 4
+    page.click("#results img >> nth=4")
+    assert page.inner_text("#info").startswith("a photo of a cat, red, at night")
+    page.uncheck("[name=prompt_matrix]")
+    shot(page, "prompt-matrix")
+
     # Classify: an image in, its top labels out.
     page.click("[data-tab=classify]")
     page.set_input_files("#classify-files", str(PHOTO))

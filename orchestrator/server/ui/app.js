@@ -211,6 +211,11 @@ async function submit(event) {
     return;
   }
   if (state.tab === "xyz") return runXYZ(body);
+  if ($("#generate").prompt_matrix.checked) {  // AUTOMATIC1111's script: [put_at_start, different_seeds, ...]
+    return runScript(kind, body, "prompt matrix", "Prompt matrix", [
+      $("#matrix-at-start").checked, $("#matrix-different-seeds").checked, $("#matrix-prompt-type").value,
+      $("#matrix-delimiter").value, numberOr($("#matrix-margin").value, 0)]);
+  }
   try {
     const accepted = await api("POST", `/v1/tasks/${kind}`, body);
     track(accepted.id, kind, body.prompt);
@@ -523,21 +528,27 @@ function showSliders(unit) {
   }));
 }
 
-// -- X/Y/Z plot: AUTOMATIC1111's script through the API; its cells run as tasks through the step batcher -------------
+// -- X/Y/Z plot and prompt matrix: AUTOMATIC1111's scripts through the API; their images run as tasks through the
+// step batcher -------------------------------------------------------------------------------------------------------
 async function runXYZ(body) {
   const axes = $$(".axis").map(axis => [$(".axis-type", axis).value || "Nothing", $(".axis-values", axis).value]);
-  body.script_name = "x/y/z plot";
-  body.script_args = [axes[0][0], axes[0][1], null, axes[1][0], axes[1][1], null, axes[2][0], axes[2][1], null,
-                      $("#xyz-legend").checked, false, false, false, 0, true, false];
-  setProgress(0, "X/Y/Z plot: cells queued");
+  return runScript("txt2img", body, "x/y/z plot", "X/Y/Z plot", [
+    axes[0][0], axes[0][1], null, axes[1][0], axes[1][1], null, axes[2][0], axes[2][1], null,
+    $("#xyz-legend").checked, false, false, false, 0, true, false], "xyz");
+}
+
+async function runScript(kind, body, name, label, args, shown = "grid") {
+  body.script_name = name;
+  body.script_args = args;
+  setProgress(0, `${label}: images queued`);
   const started = Date.now();
   const ticker = setInterval(refreshQueue, 500);
   try {
-    const result = await api("POST", "/sdapi/v1/txt2img", body);
-    setProgress(1, `X/Y/Z plot done in ${((Date.now() - started) / 1000).toFixed(1)} s`);
-    showResult(result, "xyz");
+    const result = await api("POST", `/sdapi/v1/${kind}`, body);
+    setProgress(1, `${label} done in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    showResult(result, shown);
   } catch (error) {
-    setProgress(0, "X/Y/Z plot failed");
+    setProgress(0, `${label} failed`);
     showError(error.message);
   } finally {
     clearInterval(ticker);
