@@ -59,6 +59,8 @@ def parameters_text(info: dict) -> str:
               ("RNG", info.get("rng")),
               *((label, info.get(key)) for key, label in SAMPLER_FIELDS.items()),
               ("Denoising strength", info.get("denoising_strength")),
+              # its labels, as AUTOMATIC1111's script writes them (before init adds the mask's fields)
+              *(info.get("soft_inpainting") or {}).items(),
               ("Noise multiplier", info.get("noise_multiplier")),
               ("SD upscale overlap", info.get("sd_upscale_overlap")),
               ("SD upscale upscaler", info.get("sd_upscale_upscaler")),
@@ -69,7 +71,6 @@ def parameters_text(info: dict) -> str:
               ("Masked content", None if "inpainting_fill" not in info else INPAINTING_FILL[info["inpainting_fill"]]),
               ("Inpaint area", "Only masked" if info.get("inpaint_full_res") else None),
               ("Masked area padding", info.get("inpaint_full_res_padding")),
-              *(info.get("soft_inpainting") or {}).items(),  # its labels, as AUTOMATIC1111's script writes them
               ("Script", info.get("script")),
               *((f"{axis} {what}", quote(info.get(f"{axis.lower()}_{what.lower()}")))
                 for axis in "XYZ" for what in ("Type", "Values")),

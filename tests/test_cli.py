@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from kiln.triton_server import TritonOptions, TritonServer, free_port, free_ports
 
@@ -34,7 +35,14 @@ def test_errors_are_one_line_without_traceback(tmp_path, kiln):
          "--soft-mask, --inpainting-fill: inpainting options; pass --mask"),
         (["weights", "sd", "--tiny", str(tmp_path / "w"), "--single-file", str(tmp_path / "w.ckpt")],
          "must end in .safetensors"),
+        (["generate", "x", "--init-image", str(tmp_path / "i.png"), "--soft-inpainting"],
+         "--soft-inpainting: inpainting options; pass --mask"),
+        (["generate", "x", "--init-image", str(tmp_path / "m.png"), "--mask", str(tmp_path / "m.png"),
+          "--soft-inpainting-settings", "bias=2"], "'bias' is not one of its settings: schedule_bias, "),
+        (["generate", "x", "--init-image", str(tmp_path / "m.png"), "--mask", str(tmp_path / "m.png"),
+          "--soft-inpainting-settings", "schedule_bias=high"], "'schedule_bias=high' is not NAME=NUMBER"),
     ]
+    Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
     for args, message in cases:
         code, _, err = kiln(*args)
         assert code == 2, (args, err)

@@ -105,12 +105,35 @@ def test_the_blend_mixes_the_vectors_and_their_magnitudes():
 @pytest.mark.parametrize("sampler", AFTER + ["DDIM", "PLMS", "UniPC", "LMS"])
 def test_a_binary_mask_blends_as_plain_inpainting_at_every_call(sampler):
     """0 and 1 to any power stay 0 and 1: soft inpainting with a mask of only 0s and 1s blends as inpainting does at
-    every call, at each call's sigma (or timestep) (before the last blend, which soft inpainting leaves out)."""
+    every call (the plumbing: the prediction turned into the clean latents and back for every sampler, epsilon's
+    sample spaces, the input for the timestep samplers), before the last blend, which soft inpainting leaves out."""
     plain, _ = _run(sampler, 8, 0.7, final=False)
     soft, init = _run(sampler, 8, 0.7, final=False, soft=SOFT)
     torch.testing.assert_close(soft, plain, atol=2e-4, rtol=0)
     blend = Blend.for_sampler(sampler, REPAINT, init, SOFT)
     assert blend.final(soft) is soft  # no last blend
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM++ 2M", "DDIM", "PLMS"])
+def test_the_blend_weight_takes_each_calls_sigma_or_timestep(sampler, monkeypatch):
+    """The exponent's sigma at each call is the scheduler's own sigma at that call (its table at the step index the
+    call runs at: Heun's second call its own; DPM++ 2M's sample is variance-preserving, its sigma still the
+    k-diffusion one), and for AUTOMATIC1111's timestep samplers the timestep the model is given."""
+    import orchestrator.pipeline.soft_inpainting as module
+
+    seen, calls = [], []
+    monkeypatch.setattr(module, "weight", lambda settings, repaint, sigma: seen.append(sigma) or repaint)
+
+    def check(scheduler, t, x, output, init):
+        if sampler in ("DDIM", "PLMS"):
+            calls.append(float(t))
+            return
+        index = scheduler.step_index if scheduler.step_index is not None else len(calls)  # (before its first step)
+        calls.append(float(scheduler.sigmas[index]))
+
+    _run(sampler, 6, 1.0, soft=SOFT, check=check)
+    assert len(seen) == len(calls) >= 4 and seen == pytest.approx(calls, rel=1e-6)
+    assert seen[0] > 3 * seen[-1] > 0  # from high noise down
 
 
 def test_the_composite_keeps_the_init_image_where_the_latents_did_not_move():
@@ -175,7 +198,9 @@ def test_soft_inpainting_matches_automatic1111s_blends(local, reference_pipe, in
     ({"mask": b""}, "soft inpainting blends by a mask"),
     ({"mask_round": True}, "mask_round must be false"),
     ({"soft_inpainting": SoftInpainting(difference_threshold=0)}, "difference_threshold must be a number above 0"),
-    ({"soft_inpainting": SoftInpainting(transition_contrast_boost=0.5)}, "transition_contrast_boost must be"),
+    ({"soft_inpainting": SoftInpainting(transition_contrast_boost=0)}, "transition_contrast_boost must be a number "
+                                                                         "above 0 to 64"),
+    ({"soft_inpainting": SoftInpainting(preservation_strength=-1)}, "preservation_strength must be a number from 0,"),
     ({"soft_inpainting": SoftInpainting(mask_influence=float("nan"))}, "mask_influence must be"),
 ])
 def test_what_soft_inpainting_cannot_run_is_named(local, init_image_png, fields, message):
@@ -186,19 +211,36 @@ def test_what_soft_inpainting_cannot_run_is_named(local, init_image_png, fields,
 
 
 def test_the_scripts_args_are_automatic1111s():
-    """[enabled, the six sliders]; fewer take the defaults; disabled is none; txt2img has no mask."""
+    """[enabled, the six sliders], the numbers as sent; fewer take the defaults, none is disabled; enabled read for
+    its truth; without a mask nothing (its processing_uses_inpainting); txt2img has no such script."""
     args = {"Soft Inpainting": {"args": [True, 2, 0.25, 8, 0.5, 1, 3]}}
-    assert served.settings(args, img2img=True) == SoftInpainting(2, 0.25, 8, 0.5, 1, 3)
-    assert served.settings({"soft inpainting": {"args": [True, 2]}}, True) == replace(SOFT, schedule_bias=2)
-    assert served.settings({"soft inpainting": {"args": [False, 2]}}, True) is None
-    assert served.settings({}, True) is None
-    for scripts, message in [({"soft inpainting": {"args": [True]}}, "img2img's"),
-                             ({"soft inpainting": {"args": ["yes"]}}, "enabled, must be true or false"),
-                             ({"soft inpainting": {"args": [True, "high"]}}, "schedule_bias, must be a number"),
-                             ({"soft inpainting": {"args": [True] + [1] * 7}}, "at most 7 values"),
-                             ({"soft inpainting": {"args": "on"}}, "must be a list")]:
+    assert served.settings(args, img2img=True, masked=True) == SoftInpainting(2, 0.25, 8, 0.5, 1, 3)
+    assert served.settings({"soft inpainting": {"args": [1, 2]}}, True, True) == replace(SOFT, schedule_bias=2)
+    assert served.settings(args, img2img=True, masked=False) is None
+    for off in ({"soft inpainting": {"args": [False, 2]}}, {"soft inpainting": {"args": []}},
+                {"soft inpainting": {}}, {}):
+        assert served.settings(off, True, True) is None, off
+    assert type(SOFT.schedule_bias) is int and type(SOFT.mask_influence) is int  # its defaults: written as 1, 0
+    for scripts, message, img2img in [({"soft inpainting": {"args": [False]}}, "img2img's", False),
+                                      ({"soft inpainting": {"args": ["yes"]}}, "enabled, must be true or false", True),
+                                      ({"soft inpainting": {"args": [True, "high"]}}, "schedule_bias, must be a number",
+                                       True),
+                                      ({"soft inpainting": {"args": [True] + [1] * 7}}, "at most 7 values", True),
+                                      ({"soft inpainting": {"args": "on"}}, "must be a list", True)]:
         with pytest.raises(InputError, match=message):
-            served.settings(scripts, img2img="img2img's" not in message)
+            served.settings(scripts, img2img=img2img, masked=True)
+
+
+def test_an_infotext_fills_the_args_a_request_leaves_out():
+    """By place, as AUTOMATIC1111's paste: the request's own args first, the infotext's after them."""
+    params = {"Soft inpainting enabled": "True", "Soft inpainting schedule bias": "2",
+              "Soft inpainting difference threshold": "0.75"}
+    assert served.pasted(params, {}) == {"soft inpainting": {"args": [True, 2, 0.5, 4, 0, 0.75, 2]}}
+    assert served.pasted(params, {"Soft Inpainting": {"args": [True, 3]}}) == {
+        "Soft Inpainting": {"args": [True, 3, 0.5, 4, 0, 0.75, 2]}}
+    assert served.pasted({"Steps": "20"}, {}) is None
+    with pytest.raises(InputError, match="is not a number"):
+        served.pasted({"Soft inpainting mask influence": "some"}, {})
 
 
 def _b64(data: bytes) -> str:
@@ -224,16 +266,24 @@ def _through(api_client, init_image_png) -> None:
     answer = api_client.post("/sdapi/v1/img2img", json=body)
     assert answer.status_code == 200, answer.text
     infotext = json.loads(answer.json()["info"])["infotexts"][0]
-    assert "Soft inpainting enabled: True, Soft inpainting schedule bias: 1.0" in infotext
-    assert "Soft inpainting difference contrast: 2.0" in infotext
-    assert json.loads(answer.json()["info"])["extra_generation_params"]["Soft inpainting mask influence"] == 0
+    assert "Denoising strength: 0.7, Soft inpainting enabled: True, Soft inpainting schedule bias: 1, " \
+        "Soft inpainting preservation strength: 0.5, Soft inpainting transition contrast boost: 4, " \
+        "Soft inpainting mask influence: 0, Soft inpainting difference threshold: 0.5, " \
+        "Soft inpainting difference contrast: 2, Mask blur: 4" in infotext  # as its script writes them, in its order
+    extra = json.loads(answer.json()["info"])["extra_generation_params"]
+    assert extra["Soft inpainting mask influence"] == 0 and type(extra["Soft inpainting mask influence"]) is int
     image = answer.json()["images"][0]
-    pasted = api_client.post("/sdapi/v1/img2img", json={k: v for k, v in body.items() if k != "alwayson_scripts"}
-                             | {"infotext": infotext})
-    assert pasted.status_code == 200, pasted.text
-    assert pasted.json()["images"][0] == image
     plain = api_client.post("/sdapi/v1/img2img", json=body | {"alwayson_scripts": {}})
     assert plain.json()["images"][0] != image
+    other = api_client.post("/sdapi/v1/img2img", json=body | {"alwayson_scripts": {"soft inpainting": {
+        "args": [True, 1, 0.5, 4, 0, 0.75, 2]}}})
+    assert other.status_code == 200 and other.json()["images"][0] != image
+    other_text = json.loads(other.json()["info"])["infotexts"][0]
+    bare = {k: v for k, v in body.items() if k != "alwayson_scripts"}
+    for sent in (bare, body | {"alwayson_scripts": {"soft inpainting": {"args": [True]}}}):  # the rest from the text
+        pasted = api_client.post("/sdapi/v1/img2img", json=sent | {"infotext": other_text})
+        assert pasted.status_code == 200, pasted.text
+        assert pasted.json()["images"][0] == other.json()["images"][0]
     assert "soft inpainting" in api_client.get("/sdapi/v1/scripts").json()["img2img"]
     assert [s["args"][0]["label"] for s in api_client.get("/sdapi/v1/script-info").json()
             if s["name"] == "soft inpainting"] == ["Soft inpainting"]
@@ -246,11 +296,14 @@ def _through(api_client, init_image_png) -> None:
     assert only.status_code == 200, only.text
     result = np.asarray(Image.open(io.BytesIO(base64.b64decode(only.json()["images"][0]))).convert("RGB"))
     assert result.shape == (80, 96, 3) and (result[:, :20] == (30, 120, 200)).all()  # left of the crop: untouched
-    for change, message in [({"alwayson_scripts": {"soft inpainting": {"args": [True, 1, 0.5, 4, 0, 0]}}},
-                             "difference_threshold must be a number above 0"),
-                            ({"mask": None}, "soft inpainting blends by a mask")]:
-        refused = api_client.post("/sdapi/v1/img2img", json=body | change)
-        assert refused.status_code == 422 and message in refused.text, refused.text
+    hard = api_client.post("/sdapi/v1/img2img", json=masked_body | {"alwayson_scripts": {}}).json()["images"][0]
+    hard = np.asarray(Image.open(io.BytesIO(base64.b64decode(hard))).convert("RGB"))
+    assert (hard[:, :20] == result[:, :20]).all() and (hard != result).any()  # the composite: inside the box only
+    refused = api_client.post("/sdapi/v1/img2img", json=body | {"alwayson_scripts": {"soft inpainting": {
+        "args": [True, 1, 0.5, 4, 0, 0]}}})
+    assert refused.status_code == 422 and "difference_threshold must be a number above 0" in refused.text
+    unmasked = api_client.post("/sdapi/v1/img2img", json=body | {"mask": None})  # nothing to blend by: nothing
+    assert unmasked.status_code == 200 and "Soft inpainting" not in json.loads(unmasked.json()["info"])["infotexts"][0]
     txt = api_client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 2, "width": 64, "height": 64,
                                                      "alwayson_scripts": body["alwayson_scripts"]})
     assert txt.status_code == 422 and "img2img's" in txt.text

@@ -79,10 +79,12 @@ def add_parser(commands) -> None:
     generate.add_argument("--soft-mask", action="store_true",
                           help="keep the mask soft where AUTOMATIC1111 rounds it by default (its mask_round false): "
                                "a transparent mask's alpha, the latent mask, an inpainting UNet's mask")
-    generate.add_argument("--soft-inpainting", nargs="?", const="", metavar="NAME=VALUE,...",
+    generate.add_argument("--soft-inpainting", action="store_true",
                           help="AUTOMATIC1111's Soft inpainting: the mask's grey levels blend the init image in at "
                                "every step, and the result is composited with it where it changed little (the mask "
-                               "kept soft, the composite pasted); optional settings: schedule_bias (1), "
+                               "kept soft, the composite pasted)")
+    generate.add_argument("--soft-inpainting-settings", metavar="NAME=VALUE,...",
+                          help="soft inpainting's settings (and soft inpainting on): schedule_bias (1), "
                                "preservation_strength (0.5), transition_contrast_boost (4), mask_influence (0), "
                                "difference_threshold (0.5), difference_contrast (2)")
     generate.add_argument("--inpainting-fill", type=int, choices=(0, 1, 2, 3),
@@ -156,9 +158,9 @@ def _files(args) -> dict[str, bytes]:
         raise KilnError("--mask needs --init-image (inpainting repaints part of an image)")
     inpainting_only = [f"--{name.replace('_', '-')}" for name in ("mask_blur", "mask_invert", "soft_mask",
                                                                    "inpainting_fill", "only_masked",
-                                                                   "only_masked_padding", "overlay", "soft_inpainting")
-                       if getattr(args, name) != INPAINTING_DEFAULTS.get(name, False) and
-                       (name != "soft_inpainting" or args.soft_inpainting is not None)]
+                                                                   "only_masked_padding", "overlay", "soft_inpainting",
+                                                                   "soft_inpainting_settings")
+                       if getattr(args, name) not in (INPAINTING_DEFAULTS.get(name, False), None)]
     if inpainting_only and args.mask is None:  # they act on the mask: without one they would be ignored
         raise KilnError(f"{', '.join(inpainting_only)}: inpainting options; pass --mask (and --init-image) too")
     if args.image_cfg_scale is not None and args.init_image is None:
@@ -180,18 +182,18 @@ def _soft_inpainting(args):
     """--soft-inpainting's settings (orchestrator's SoftInpainting), or None without it."""
     from orchestrator.pipeline import SoftInpainting
 
-    if args.soft_inpainting is None:
+    if not args.soft_inpainting and args.soft_inpainting_settings is None:
         return None
     given = {}
-    for item in filter(None, (part.strip() for part in args.soft_inpainting.split(","))):
-        name, _, value = item.partition("=")
-        if name.strip() not in SoftInpainting.__dataclass_fields__:
-            raise KilnError(f"--soft-inpainting: {name.strip()!r} is not one of its settings: "
+    for item in filter(None, (part.strip() for part in (args.soft_inpainting_settings or "").split(","))):
+        name, _, value = (text.strip() for text in item.partition("="))
+        if name not in SoftInpainting.__dataclass_fields__:
+            raise KilnError(f"--soft-inpainting-settings: {name!r} is not one of its settings: "
                             f"{', '.join(SoftInpainting.__dataclass_fields__)}")
-        try:
-            given[name.strip()] = float(value)
+        try:  # as written: the infotext writes 1 as 1, not 1.0
+            given[name] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:
-            raise KilnError(f"--soft-inpainting: {item!r} is not NAME=NUMBER") from None
+            raise KilnError(f"--soft-inpainting-settings: {item!r} is not NAME=NUMBER") from None
     return SoftInpainting(**given)
 
 

@@ -182,15 +182,16 @@ class SDUpscale:
 
 @dataclass(frozen=True)
 class SoftInpainting:
-    """AUTOMATIC1111's Soft inpainting (its built-in always-on script), in its order and with its defaults
-    (orchestrator.pipeline.soft_inpainting says what each does)."""
+    """AUTOMATIC1111's Soft inpainting (its built-in always-on script), in its order and with its defaults, ints
+    where its are (the infotext writes the numbers as given) (orchestrator.pipeline.soft_inpainting says what each
+    does)."""
 
-    schedule_bias: float = 1.0  # mask_blend_power: the mask's exponent grows with sigma to this power
+    schedule_bias: float = 1  # mask_blend_power: the mask's exponent grows with sigma to this power
     preservation_strength: float = 0.5  # mask_blend_scale: ... times this
-    transition_contrast_boost: float = 4.0  # inpaint_detail_preservation: the blended magnitudes' power
-    mask_influence: float = 0.0  # composite_mask_influence: how much the mask biases the difference threshold
+    transition_contrast_boost: float = 4  # inpaint_detail_preservation: the blended magnitudes' power
+    mask_influence: float = 0  # composite_mask_influence: how much the mask biases the difference threshold
     difference_threshold: float = 0.5  # composite_difference_threshold: the latent change at which 50% is new
-    difference_contrast: float = 2.0  # composite_difference_contrast: how sharp that transition is
+    difference_contrast: float = 2  # composite_difference_contrast: how sharp that transition is
 
 
 @dataclass(frozen=True)

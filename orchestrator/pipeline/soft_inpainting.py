@@ -40,11 +40,12 @@ LABELS = {"schedule_bias": "Soft inpainting schedule bias",
           "difference_threshold": "Soft inpainting difference threshold",
           "difference_contrast": "Soft inpainting difference contrast"}
 ENABLED_LABEL = "Soft inpainting enabled"
-# What each setting may be: (lowest, highest, lowest excluded): its UI's sliders' ranges, but a difference threshold
-# of 0 (which divides by zero)
-RANGES = {"schedule_bias": (0, 8, False), "preservation_strength": (0, 8, False),
-          "transition_contrast_boost": (1, 32, False), "mask_influence": (0, 1, False),
-          "difference_threshold": (0, 8, True), "difference_contrast": (0, 8, False)}
+# What each setting may be, (lowest, highest, lowest excluded): what computes (its API checks nothing; its UI's
+# sliders stop sooner): no negative exponent of a mask that holds 0, no power of 0 or so high that the magnitudes
+# overflow float64, a mask influence that keeps the threshold positive, and no threshold of 0 (it divides by it)
+RANGES = {"schedule_bias": (0, math.inf, False), "preservation_strength": (0, math.inf, False),
+          "transition_contrast_boost": (0, 64, True), "mask_influence": (0, 1, False),
+          "difference_threshold": (0, math.inf, True), "difference_contrast": (0, math.inf, False)}
 
 
 def check(request: Img2ImgRequest) -> None:
@@ -62,7 +63,8 @@ def check(request: Img2ImgRequest) -> None:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
                 or value > high or value < low or (open_low and value == low):
             side = f"above {low}" if open_low else f"from {low}"
-            raise InputError(f"soft inpainting: {name} must be a number {side} to {high}, got {value!r}")
+            raise InputError(f"soft inpainting: {name} must be a number {side}"
+                             f"{'' if high == math.inf else f' to {high}'}, got {value!r}")
 
 
 def weight(settings: SoftInpainting, repaint: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -167,9 +167,10 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise, refiner=refiner(body),
                   controlnet=units)
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
-    softly = soft.settings(body.alwayson_scripts, isinstance(body, schemas.Img2ImgBody))
+    img2img = isinstance(body, schemas.Img2ImgBody)
+    softly = soft.settings(body.alwayson_scripts, img2img, img2img and bool(body.mask))  # (without a mask: nothing)
     script = selected_script(body, contract.upscaler_names)
-    if not isinstance(body, schemas.Img2ImgBody):
+    if not img2img:
         if multiplier != 1:
             raise InputError("initial_noise_multiplier scales img2img's noise; txt2img has no use for it "
                              "(AUTOMATIC1111 ignores it there)")

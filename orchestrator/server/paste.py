@@ -86,7 +86,7 @@ def apply_infotext(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
     if params.get("Emphasis", "Original") != "Original":
         raise InputError(f"infotext: Emphasis {params['Emphasis']!r} is not applied; kiln's is AUTOMATIC1111's "
                          "Original")
-    soft = soft_inpainting.INFOTEXT_KEYS if img2img else set()
+    soft = soft_inpainting.INFOTEXT_KEYS  # (img2img's script: a txt2img paste leaves its fields, as there)
     unknown = sorted(set(params) - set(pasted) - set(SETTINGS) - INFORMATION - soft - {"Prompt", "Negative prompt"})
     if unknown:
         raise InputError(f"infotext: {', '.join(unknown)} {'is a setting' if len(unknown) == 1 else 'are settings'} "
