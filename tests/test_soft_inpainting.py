@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.soft_inpainting import main as bench_main
+from benchmarks.soft_inpainting import per_pixel_filter
 from kiln.errors import InputError
 from kiln.triton_server import free_port
 from orchestrator.pipeline import Img2ImgRequest, SoftInpainting
@@ -43,36 +45,6 @@ def reference_pipe(sd_checkpoint):
     return pipe, dict(pipe.scheduler.config)
 
 
-def _their_filter(image: np.ndarray, kernel: np.ndarray, low: float, high: float, min_width: float = 1.0):
-    """The weighted histogram filter pixel by pixel, as its description reads: the window's neighbours inside the
-    image sorted by value, stacked by weight; the overlap-weighted mean of the stack's [low, high] part."""
-    out = np.zeros_like(image)
-    radius = kernel.shape[0] // 2
-    for y, x in np.ndindex(image.shape):
-        items = sorted(((float(image[yy, xx]), float(kernel[yy - y + radius, xx - x + radius]))
-                        for yy in range(max(0, y - radius), min(image.shape[0], y + radius + 1))
-                        for xx in range(max(0, x - radius), min(image.shape[1], x + radius + 1))),
-                       key=lambda item: item[0])
-        total = sum(w for _, w in items)
-        start, end = total * low, total * high
-        if end - start < min_width:
-            centre = (start + end) / 2
-            start, end = centre - min_width / 2, centre + min_width / 2
-            if end > total:
-                start, end = total - min_width, total
-            if start < 0:
-                start, end = 0, min_width
-        num = den = 0.0
-        below = 0.0
-        for value, w in items:
-            overlap = min(end, below + w) - max(start, below)
-            if overlap > 0:
-                num, den = num + value * overlap, den + overlap
-            below += w
-        out[y, x] = num / den if den else 0
-    return out
-
-
 @pytest.mark.parametrize("low, high", [(0.9, 1), (0.25, 0.75), (0, 1), (0.5, 0.5), (0.98, 1)])
 def test_the_percentile_filter_is_the_weighted_histogram_filter(low, high):
     """Every pixel, edges and corners included (the window cut by the image), narrow windows widened and moved in."""
@@ -80,8 +52,15 @@ def test_the_percentile_filter_is_the_weighted_histogram_filter(low, high):
     image[2, 3] = image[2, 4]  # ties
     kernel = gaussian_kernel()
     assert kernel.shape == (5, 5) and kernel[2, 2] == 1 and 0 < kernel[0, 0] < kernel[0, 1]
-    np.testing.assert_allclose(percentile_filter(image, kernel, low, high), _their_filter(image, kernel, low, high),
+    np.testing.assert_allclose(percentile_filter(image, kernel, low, high), per_pixel_filter(image, kernel, low, high),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_the_benchmark_runs_and_its_two_composites_agree(tmp_path):
+    """benchmarks/soft_inpainting.py at a small side: every arm runs, the composites are equal (it asserts that)."""
+    result = bench_main(["--sides", "64", "--repeats", "1", "--out", str(tmp_path)])
+    assert len(result["rows"]) == 4 and all(row["ms"] > 0 for row in result["rows"])
+    assert (tmp_path / "soft_inpainting.json").is_file()
 
 
 def test_the_blend_mixes_the_vectors_and_their_magnitudes():

@@ -79,15 +79,20 @@ def latent_blend(settings: SoftInpainting, init: torch.Tensor, current: torch.Te
     """init and current mixed by t (rows or 1, 1, h, w; 1 = current), each latent vector (across channels) then
     scaled to the mix of the two vectors' magnitudes raised to transition_contrast_boost (in float64, as there:
     large powers)."""
-    import torch
 
     power = settings.transition_contrast_boost
     mixed = init * (1 - t) + current * t
-    magnitude = torch.linalg.vector_norm(mixed, dim=1, keepdim=True).double() + 0.00001
+    magnitude = lengths(mixed).double() + 0.00001
     t64 = t.double()
-    wanted = (torch.linalg.vector_norm(init, dim=1, keepdim=True).double().pow(power) * (1 - t64)
-              + torch.linalg.vector_norm(current, dim=1, keepdim=True).double().pow(power) * t64).pow(1 / power)
+    wanted = (lengths(init).double().pow(power) * (1 - t64) + lengths(current).double().pow(power) * t64) \
+        .pow(1 / power)
     return mixed * (wanted / magnitude).to(mixed.dtype)
+
+
+def lengths(latents: torch.Tensor) -> torch.Tensor:
+    """Each latent vector's length (across channels; the channel axis kept): torch's vector_norm over that axis,
+    written out (40 times faster on a CPU for a 4-channel latent, and within an ulp; benchmarks/soft_inpainting.py)."""
+    return latents.square().sum(dim=1, keepdim=True).sqrt()
 
 
 def gaussian_kernel(stddev: float = 1.5, radius: int = 2) -> np.ndarray:
@@ -149,7 +154,7 @@ def composite_masks(settings: SoftInpainting, repaint: torch.Tensor, init: torch
     scalar = 1 - torch.clamp(repaint[:, 0].float(), 0, 1) ** (settings.preservation_strength / 2)
     scalar = 0.5 * (1 - settings.mask_influence) + scalar * settings.mask_influence
     scalar = (scalar / (1.00001 - scalar)).numpy()
-    distances = torch.linalg.vector_norm(latents - init, dim=1).float().numpy()
+    distances = lengths(latents - init)[:, 0].float().numpy()
     kernel = gaussian_kernel()
     masks = []
     for index, distance in enumerate(distances):
