@@ -66,12 +66,21 @@ def test_cells_vary_what_their_axes_name():
     assert [c.override_settings for _, c in cell_bodies(body([]), discard)] == \
         [{"always_discard_next_to_last_sigma": False, "sgm_noise_multiplier": True},
          {"always_discard_next_to_last_sigma": True, "sgm_noise_multiplier": True}]
+    order = parse(body(["Prompt order", "cat, on, mat", None, "RNG source", "CPU, NV"]), "txt2img")
+    assert len(order.axes[0].values) == 6 and order.axes[0].names()[:2] == ["cat, on, mat", "cat, mat, on"]
+    orders = cell_bodies(body([]), order)  # each order put back in the places the values held, the rest kept
+    assert [c.prompt for _, c in orders[:6]] == ["a cat on a mat", "a cat mat a on", "a on cat a mat",
+                                                 "a on mat a cat", "a mat cat a on", "a mat on a cat"]
+    assert [c.override_settings["randn_source"] for _, c in orders] == ["CPU"] * 6 + ["NV"] * 6
+    assert order.axes[1].names() == ["RNG source: CPU", "RNG source: NV"]
     kept = parse(body(["Seed", "-1", None, 0, "", None, 0, "", None, True, False, False, True]), "txt2img")
     assert kept.axes[0].values == [-1]  # no_fixed_seeds: -1 stays -1
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["Prompt order", "a, b"], "axis 'Prompt order' is not supported by this server; it plots: Nothing, Seed"),
+    (["Extra noise", "0.1"], "axis 'Extra noise' is not supported by this server; it plots: Nothing, Seed"),
+    (["Prompt order", "cat, horse"], "Prompt order did not find 'horse' in the prompt"),
+    (["Prompt order", "a, b, c, d, e"], "Prompt order of 5 values makes 120 cells"),
     ([30, "x"], "axis 'Face restore' is not supported"),  # txt2img's index 30
     ([99, "1"], "X type 99 is not an axis (0 to 37"),
     (["Steps", "a few"], "the X axis (Steps) value 'a few' is not a int or a range"),

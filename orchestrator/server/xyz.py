@@ -14,7 +14,9 @@ them, DELETE cancels one: its cell stays black in the grid).
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import random
 import re
 import time
@@ -69,6 +71,20 @@ def _prompt_sr(body, value, first):
                                    "negative_prompt": body.negative_prompt.replace(first, value)})
 
 
+def _prompt_order(body, order: tuple[str, ...]):
+    """AUTOMATIC1111's Prompt order: the axis's values, each found in the prompt, put back in the places they held
+    (taken in the order they appear) in this cell's order."""
+    missing = [token for token in order if token not in body.prompt]
+    if missing:
+        raise InputError(f"X/Y/Z plot: Prompt order did not find {missing[0]!r} in the prompt")
+    rest, parts = body.prompt, []
+    for token in sorted(order, key=body.prompt.find):  # each place's text before it, the token taken out
+        at = rest.find(token)
+        parts.append(rest[:at])
+        rest = rest[at + len(token):]
+    return body.model_copy(update={"prompt": "".join(part + token for part, token in zip(parts, order)) + rest})
+
+
 def _controlnet_weight(body, value):
     scripts = body.alwayson_scripts or {}
     units = (scripts.get("controlnet") or {}).get("args") or []
@@ -84,7 +100,7 @@ AXES: dict[str, tuple[type, Any]] = {
     "Var. strength": (float, _field("subseed_strength")), "Steps": (int, _field("steps")),
     "Hires steps": (int, _field("hr_second_pass_steps")), "CFG Scale": (float, _field("cfg_scale")),
     "Image CFG Scale": (float, _field("image_cfg_scale")),
-    "Prompt S/R": (str, "prompt"), "Sampler": (str, _field("sampler_name")),
+    "Prompt S/R": (str, "prompt"), "Prompt order": (str, _prompt_order), "Sampler": (str, _field("sampler_name")),
     "Hires sampler": (str, _field("hr_sampler_name")),
     "Checkpoint name": (str, _override("sd_model_checkpoint")),
     "Negative Guidance minimum sigma": (float, _field("s_min_uncond")), "Sigma Churn": (float, _field("s_churn")),
@@ -100,7 +116,7 @@ AXES: dict[str, tuple[type, Any]] = {
     "Always discard next-to-last sigma": (boolean, _override("always_discard_next_to_last_sigma")),
     "SGM noise multiplier": (boolean, _override("sgm_noise_multiplier")),
     "Refiner checkpoint": (str, _field("refiner_checkpoint")),
-    "Refiner switch at": (float, _field("refiner_switch_at")),
+    "Refiner switch at": (float, _field("refiner_switch_at")), "RNG source": (str, _override("randn_source")),
     "[ControlNet] Weight": (float, _controlnet_weight),
 }
 MAX_CELLS = 64
@@ -138,6 +154,8 @@ class Axis:
     def names(self) -> list[str]:
         if self.label == "Nothing":
             return [""]
+        if self.label == "Prompt order":  # its format_value_join_list
+            return [", ".join(v) for v in self.values]
         return [f"{self.label}: {v}" if self.label not in ("Prompt S/R", "Sampler", "Checkpoint name") else str(v)
                 for v in self.values]
 
@@ -204,6 +222,11 @@ def _axis(name: str, kind: Any, text: Any, dropdown: Any, route: str, csv_mode: 
         raw = [v.strip() for v in next(csv.reader([str(text or "")]), []) if v.strip()]
     if not raw:
         raise InputError(f"X/Y/Z plot: the {name} axis ({label}) has no values")
+    if label == "Prompt order":  # every order of the values, each a cell (its str_permutations)
+        if len(raw) > 4:
+            raise InputError(f"X/Y/Z plot: Prompt order of {len(raw)} values makes {math.factorial(len(raw))} cells; "
+                             f"this server plots at most {MAX_CELLS}")
+        return Axis(label, list(itertools.permutations(raw)), str(text))
     values = []
     for item in raw:
         values += _expand(item, value_type, name, label)
