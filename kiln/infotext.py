@@ -62,6 +62,7 @@ def parameters_text(info: dict) -> str:
               # its labels, as AUTOMATIC1111's script writes them (before init adds the mask's fields)
               *(info.get("soft_inpainting") or {}).items(),
               ("Noise multiplier", info.get("noise_multiplier")),
+              ("Extra noise", info.get("extra_noise")),
               ("SD upscale overlap", info.get("sd_upscale_overlap")),
               ("SD upscale upscaler", info.get("sd_upscale_upscaler")),
               *((label, quote(info.get(key))) for key, label in HIRES_FIELDS.items()),

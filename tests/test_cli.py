@@ -35,6 +35,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, kiln):
          "--soft-mask, --inpainting-fill: inpainting options; pass --mask"),
         (["weights", "sd", "--tiny", str(tmp_path / "w"), "--single-file", str(tmp_path / "w.ckpt")],
          "must end in .safetensors"),
+        (["generate", "x", "--extra-noise", "0.2"], "--extra-noise is added to img2img's start or the hires pass's"),
         (["generate", "x", "--init-image", str(tmp_path / "i.png"), "--soft-inpainting"],
          "--soft-inpainting: inpainting options; pass --mask"),
         (["generate", "x", "--init-image", str(tmp_path / "m.png"), "--mask", str(tmp_path / "m.png"),

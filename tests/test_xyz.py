@@ -78,7 +78,8 @@ def test_cells_vary_what_their_axes_name():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["Extra noise", "0.1"], "axis 'Extra noise' is not supported by this server; it plots: Nothing, Seed"),
+    (["Token merging ratio", "0.1"], "axis 'Token merging ratio' is not supported by this server; it plots: Nothing, "
+                                     "Seed"),
     (["Prompt order", "cat, horse"], "Prompt order did not find 'horse' in the prompt"),
     (["Prompt order", "a, b, c, d, e"], "Prompt order of 5 values makes 120 cells"),
     ([30, "x"], "axis 'Face restore' is not supported"),  # txt2img's index 30

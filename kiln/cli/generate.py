@@ -69,6 +69,9 @@ def add_parser(commands) -> None:
     generate.add_argument("--init-image", type=Path,
                           help="img2img: start from this image (resized to --width x --height)")
     generate.add_argument("--strength", type=float, default=0.75, help="img2img denoising strength in [0, 1]")
+    generate.add_argument("--extra-noise", type=float, default=0.0,
+                          help="AUTOMATIC1111's img2img_extra_noise: img2img's start (or the hires pass's) gets the "
+                               "same noise again times this")
     generate.add_argument("--image-cfg-scale", type=float,
                           help="an instruct-pix2pix checkpoint's image guidance (AUTOMATIC1111's Image CFG scale, "
                                "its UI's 1.5): how closely the edit keeps to --init-image; unset or 1: none")
@@ -165,6 +168,8 @@ def _files(args) -> dict[str, bytes]:
         raise KilnError(f"{', '.join(inpainting_only)}: inpainting options; pass --mask (and --init-image) too")
     if args.image_cfg_scale is not None and args.init_image is None:
         raise KilnError("--image-cfg-scale guides an instruct-pix2pix edit of --init-image: pass --init-image too")
+    if args.extra_noise and args.init_image is None and not args.hires:
+        raise KilnError("--extra-noise is added to img2img's start or the hires pass's: pass --init-image or --hires")
     if args.hires and args.init_image is not None:
         raise KilnError("--hires is txt2img's hires fix; img2img (--init-image) has none")
     if args.hires_first_pass is not None and not args.hires:
@@ -242,7 +247,7 @@ def run(args) -> int:
                   eta_noise_seed_delta=args.ensd, width=args.width, height=args.height, batch_size=args.batch_size,
                   clip_skip=args.clip_skip, vae=args.vae, tiling=args.tiling,
                   vae_tiling=VAE_TILING[args.vae_tiling], pad_conds=args.pad_conds,
-                  use_old_scheduling=args.old_scheduling, randn_source=args.rng or "CPU",
+                  use_old_scheduling=args.old_scheduling, randn_source=args.rng or "CPU", extra_noise=args.extra_noise,
                   controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None,
                   refiner=Refiner(args.refiner, args.refiner_switch_at) if args.refiner else None)
     soft = _soft_inpainting(args)
@@ -311,7 +316,8 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
                   | ({"sd_model_checkpoint": args.checkpoint} if args.checkpoint else {})
                   | ({"eta_noise_seed_delta": args.ensd} if args.ensd else {})
                   | ({"use_old_scheduling": True} if args.old_scheduling else {})
-                  | ({"randn_source": args.rng} if args.rng else {}),
+                  | ({"randn_source": args.rng} if args.rng else {})
+                  | ({"img2img_extra_noise": args.extra_noise} if args.extra_noise else {}),
                   **({"refiner_checkpoint": args.refiner, "refiner_switch_at": args.refiner_switch_at}
                      if args.refiner else {}))
     if args.hires:

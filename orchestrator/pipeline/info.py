@@ -51,6 +51,8 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeding: Seeds, stoppe
     if request.randn_source != "GPU":  # AUTOMATIC1111 names any source but its default
         info["rng"] = request.randn_source
     info |= sampler_settings(request)
+    if request.extra_noise and (isinstance(request, Img2ImgRequest) or request.hires is not None):
+        info["extra_noise"] = request.extra_noise  # AUTOMATIC1111 writes it where an img2img start took it
     if old_timelines(request):
         info["old_timelines"] = True
     if stopped_at is not None:

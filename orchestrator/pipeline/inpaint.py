@@ -50,6 +50,18 @@ def sample_latents(moments: torch.Tensor, generators: list, scaling_factor: floa
         * scaling_factor
 
 
+def noised(scheduler, timesteps, start: torch.Tensor, drawn: torch.Tensor, extra: float = 0.0) -> torch.Tensor:
+    """img2img's start: `start` noised with `drawn` to the first call's level (sampling.noised_to), plus
+    AUTOMATIC1111's extra noise (its img2img_extra_noise): the same noise times `extra`, scaled as the scheduler
+    scales the clean latents there (1 in sigma space, sqrt(alpha_cumprod) for its DDIM and the variance-preserving
+    samples), so the start is x + (sigma + extra) noise in k-diffusion's terms, as its sample_img2img adds it."""
+    import torch
+
+    level = noised_to(scheduler, timesteps, len(start))
+    latents = scheduler.add_noise(start, drawn, level)
+    return latents + extra * scheduler.add_noise(drawn, torch.zeros_like(drawn), level) if extra else latents
+
+
 def init_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, generators: list) -> tuple:
     """Encode the init image and sample its latents with each image's own generator (diffusers' retrieve_latents);
     and for an instruct-pix2pix UNet the image's latents it takes beside them (edit.image_latents), else None."""
@@ -103,7 +115,7 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
         start = image_latents * (1 - repaint)
     # At every strength, 1 too, the image (as the masked content leaves it) plus the first step's noise, as
     # AUTOMATIC1111 starts (diffusers' inpaint pipeline starts from noise alone at 1, where the fill would not act)
-    latents = scheduler.add_noise(start, drawn, noised_to(scheduler, timesteps, batch))
+    latents = noised(scheduler, timesteps, start, drawn, request.extra_noise)
     blend = {"blend": Blend.for_sampler(request.sampler, repaint, start, request.soft_inpainting),
              "soft": soft}  # soft: for the overlay
     if contract.edit_unet:

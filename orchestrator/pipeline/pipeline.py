@@ -28,14 +28,13 @@ from orchestrator.pipeline import refiner as refining
 from orchestrator.pipeline.components import Components, Graph, call_graph
 from orchestrator.pipeline.conditioning import Prompted, edited
 from orchestrator.pipeline.info import run_info
-from orchestrator.pipeline.inpaint import finished, init_latents, inpaint_latents, only_masked, sample_latents
+from orchestrator.pipeline.inpaint import finished, init_latents, inpaint_latents, noised, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
 from orchestrator.pipeline.sampling import (
     CHURN,
     editing_steps,
     img2img_start,
     initial_noise_scale,
-    noised_to,
     schedule,
     step_kwargs,
 )
@@ -215,7 +214,7 @@ class Pipeline:
             latents, channels = init_latents(components.vae, contract, request, seeding.for_latents(generators))
             drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
             if len(timesteps):
-                latents = scheduler.add_noise(latents, drawn, noised_to(scheduler, timesteps, batch))
+                latents = noised(scheduler, timesteps, latents, drawn, request.extra_noise)
         else:
             latents = seeding.noise(shape, generator, contract.vae_scale_factor) * initial_noise_scale(
                 request.sampler, scheduler, request.sgm_noise_multiplier)
@@ -341,7 +340,7 @@ class Pipeline:
                                      planned)
         scheduler, timesteps = second
         drawn = seeding.noise(tuple(latents.shape), generator, contract.vae_scale_factor)
-        latents = scheduler.add_noise(latents, drawn, noised_to(scheduler, timesteps, len(latents)))
+        latents = noised(scheduler, timesteps, latents, drawn, request.extra_noise)
         context, first_prompt, loras = first
         prompt, loras = (first_prompt, loras) if fix.prompt is None else self.lora_set(fix.prompt)
         negative = request.negative_prompt if fix.negative_prompt is None else fix.negative_prompt

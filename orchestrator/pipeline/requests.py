@@ -140,6 +140,9 @@ class Txt2ImgRequest:
     # AUTOMATIC1111's sgm_noise_multiplier: a txt2img pass's k-diffusion sampler starts at noise x sqrt(1 +
     # sigma_max^2), not noise x sigma_max (sampling.initial_noise_scale); img2img and the hires pass as they are
     sgm_noise_multiplier: bool = False
+    # AUTOMATIC1111's img2img_extra_noise ("Extra noise"): img2img's start, and the hires fix's second pass, get the
+    # same noise again times this (inpaint.noised); 0 adds none
+    extra_noise: float = 0.0
     # Where the negative prompt and the prompt differ in length (chunks of 75 tokens): "off", AUTOMATIC1111's default,
     # runs them in UNet calls of their own; "empty_chunks" pads the shorter with the empty prompt's chunks (its
     # pad_cond_uncond, "Pad conds"); "last_vector" pads the negative prompt with its last vector, or cuts it

@@ -99,6 +99,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
     if request.seed_resize_from is not None:
         _check_seed_resize(request.seed_resize_from, contract.vae_scale_factor, limits)
     _number_in("s_min_uncond", request.s_min_uncond, 0, 1000)  # a sigma: SD 1.x's largest is 14.6
+    _number_in("extra_noise (img2img_extra_noise)", request.extra_noise, 0, 100)  # a sigma's scale, as above
     if not isinstance(request.use_old_scheduling, bool):
         raise InputError(f"use_old_scheduling must be true or false, got {request.use_old_scheduling!r}")
     if request.pad_conds not in PAD_CONDS:

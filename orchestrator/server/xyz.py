@@ -111,6 +111,7 @@ AXES: dict[str, tuple[type, Any]] = {
     "Eta": (float, _field("eta")), "Clip skip": (int, _override("CLIP_stop_at_last_layers")),
     "Denoising": (float, _field("denoising_strength")),
     "Initial noise multiplier": (float, _field("initial_noise_multiplier")),
+    "Extra noise": (float, _override("img2img_extra_noise")),
     "Hires upscaler": (str, _field("hr_upscaler")),
     "VAE": (str, _override("sd_vae")), "Styles": (str, lambda b, v: b.model_copy(update={"styles": [*b.styles, v]})),
     "Always discard next-to-last sigma": (boolean, _override("always_discard_next_to_last_sigma")),
