@@ -59,6 +59,7 @@ def parameters_text(info: dict) -> str:
               ("RNG", info.get("rng")),
               *((label, info.get(key)) for key, label in SAMPLER_FIELDS.items()),
               ("Denoising strength", info.get("denoising_strength")),
+              ("Conditional mask weight", info.get("conditional_mask_weight")),
               # its labels, as AUTOMATIC1111's script writes them (before init adds the mask's fields)
               *(info.get("soft_inpainting") or {}).items(),
               ("Noise multiplier", info.get("noise_multiplier")),

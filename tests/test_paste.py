@@ -32,6 +32,10 @@ def test_fields_the_request_leaves_unset_come_from_the_infotext():
                                                          "masked, Masked area padding: 16"))
     assert (masked.mask_blur, masked.inpainting_mask_invert, masked.inpainting_fill, masked.inpaint_full_res,
             masked.inpaint_full_res_padding) == (6, 1, 2, True, 16)
+    weighted = apply_infotext(schemas.Img2ImgBody(infotext="a dog\nSteps: 2, Denoising strength: 0.5, Conditional "
+                                                           "mask weight: 0.5, Extra noise: 0.2"))
+    assert weighted.override_settings == {"inpainting_mask_weight": 0.5, "img2img_extra_noise": 0.2,
+                                          "randn_source": "GPU"}  # AUTOMATIC1111's settings
 
 
 def test_seed_and_sampler_options_come_from_the_infotext():

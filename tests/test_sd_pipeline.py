@@ -19,6 +19,7 @@ from build.sd import SDBuildOptions, build_sd
 from build.sd.weights import write_sd_checkpoint
 from kiln.control import control_image
 from kiln.errors import InputError, KilnError
+from kiln.infotext import parameters_text
 from kiln.masks import inpaint_mask
 from kiln.paths import SAMPLE_IMAGES
 from kiln.triton_server import free_port
@@ -582,6 +583,29 @@ def test_nine_channel_inpainting_unet_matches_automatic1111(inpainting_unet, ini
     assert _max_diff(halves.images, result.images) <= 2  # AND's rows take the mask's rows too
     with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
         pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64))
+
+
+def test_the_conditional_mask_weight_hides_part_of_the_masked_area(inpainting_unet, init_image_png, mask_png,
+                                                                   monkeypatch):
+    """AUTOMATIC1111's inpainting_mask_weight: the 9-channel UNet's masked image is its lerp from the image to the
+    image with the mask's area black, by the weight (1: all hidden, diffusers' masked image); written as
+    Conditional mask weight, and the API's is_using_inpainting_conditioning."""
+    pipeline, _ = inpainting_unet
+    vae_class = type(pipeline.components.vae)
+    encode, seen = vae_class.encode_pixels, []
+    monkeypatch.setattr(vae_class, "encode_pixels", lambda self, pixels: seen.append(pixels) or encode(self, pixels))
+    base = Img2ImgRequest(prompt="a photo of a cat", steps=4, sampler="Euler a", seed=4, width=64, height=64,
+                          init_image=init_image_png, denoising_strength=0.5, mask=mask_png, mask_blur=0)
+    full, half = pipeline.img2img(base), pipeline.img2img(replace(base, inpainting_mask_weight=0.5))
+    mask = np.asarray(Image.open(io.BytesIO(mask_png)).convert("L"), dtype=np.float32) / 255
+    (image, hidden_all), (_, hidden_half) = seen
+    np.testing.assert_allclose(hidden_all, image * (1 - mask), atol=1e-6)
+    np.testing.assert_allclose(hidden_half, image + 0.5 * (image * (1 - mask) - image), atol=1e-6)  # torch.lerp's
+    assert _max_diff(full.images, half.images) > 0
+    assert (full.info["conditional_mask_weight"], half.info["conditional_mask_weight"]) == (1.0, 0.5)
+    assert "Denoising strength: 0.5, Conditional mask weight: 0.5, " in parameters_text(half.info)
+    with pytest.raises(InputError, match=r"inpainting_mask_weight must be in \[0, 1\]"):
+        pipeline.img2img(replace(base, inpainting_mask_weight=1.5))
 
 
 def test_controlnet_with_a_nine_channel_inpainting_unet_matches_automatic1111(inpainting_unet, init_image_png,

@@ -15,7 +15,7 @@ PAD_SETTINGS = {"empty_chunks": "pad_cond_uncond", "last_vector": "pad_cond_unco
 
 
 # The inpainting options' defaults (the flags' own are False): set away from them without --mask, they are refused
-INPAINTING_DEFAULTS = {"mask_blur": 4, "inpainting_fill": 1, "only_masked_padding": 32}
+INPAINTING_DEFAULTS = {"mask_blur": 4, "inpainting_fill": 1, "only_masked_padding": 32, "inpainting_mask_weight": 1.0}
 
 
 def add_parser(commands) -> None:
@@ -94,6 +94,9 @@ def add_parser(commands) -> None:
                           default=INPAINTING_DEFAULTS["inpainting_fill"],
                           help="what the masked area starts from: 0 fill, 1 original (default), 2 latent noise, "
                                "3 latent nothing")
+    generate.add_argument("--inpainting-mask-weight", type=float, default=INPAINTING_DEFAULTS["inpainting_mask_weight"],
+                          help="a 9-channel inpainting UNet's masked image: how much of the masked area it hides "
+                               "(AUTOMATIC1111's inpainting_mask_weight, Conditional mask weight; 0 to 1)")
     generate.add_argument("--only-masked", action="store_true",
                           help="inpaint a crop around the mask at --width x --height and paste it back "
                                "(AUTOMATIC1111's inpaint_full_res); the image keeps its own size")
@@ -162,7 +165,7 @@ def _files(args) -> dict[str, bytes]:
     inpainting_only = [f"--{name.replace('_', '-')}" for name in ("mask_blur", "mask_invert", "soft_mask",
                                                                    "inpainting_fill", "only_masked",
                                                                    "only_masked_padding", "overlay", "soft_inpainting",
-                                                                   "soft_inpainting_settings")
+                                                                   "soft_inpainting_settings", "inpainting_mask_weight")
                        if getattr(args, name) not in (INPAINTING_DEFAULTS.get(name, False), None)]
     if inpainting_only and args.mask is None:  # they act on the mask: without one they would be ignored
         raise KilnError(f"{', '.join(inpainting_only)}: inpainting options; pass --mask (and --init-image) too")
@@ -257,6 +260,7 @@ def run(args) -> int:
                                  inpainting_mask_invert=args.mask_invert, inpainting_fill=args.inpainting_fill,
                                  mask_round=not (args.soft_mask or soft), inpaint_full_res=args.only_masked,
                                  inpaint_full_res_padding=args.only_masked_padding, soft_inpainting=soft,
+                                 inpainting_mask_weight=args.inpainting_mask_weight,
                                  overlay=args.overlay or soft is not None, image_cfg_scale=args.image_cfg_scale)
     else:
         hires = HiresFix(scale=args.hires, upscaler=args.hires_upscaler, steps=args.hires_steps,
@@ -317,7 +321,8 @@ def _through_api(args, files: dict[str, bytes], units: list[dict]) -> int:
                   | ({"eta_noise_seed_delta": args.ensd} if args.ensd else {})
                   | ({"use_old_scheduling": True} if args.old_scheduling else {})
                   | ({"randn_source": args.rng} if args.rng else {})
-                  | ({"img2img_extra_noise": args.extra_noise} if args.extra_noise else {}),
+                  | ({"img2img_extra_noise": args.extra_noise} if args.extra_noise else {})
+                  | ({"inpainting_mask_weight": weight} if (weight := args.inpainting_mask_weight) != 1 else {}),
                   **({"refiner_checkpoint": args.refiner, "refiner_switch_at": args.refiner_switch_at}
                      if args.refiner else {}))
     if args.hires:

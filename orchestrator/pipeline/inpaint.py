@@ -104,7 +104,8 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
         pixels = np.float32(2.0) * unit_range(filled) - np.float32(1.0)
     mask = rounded(soft, request.mask_round)
     nine = contract.inpainting_unet  # a 9-channel UNet also takes the masked image's latents (drawn last)
-    moments = torch.from_numpy(vae.encode_pixels(np.stack([pixels, pixels * (1 - mask)] if nine else [pixels])))
+    hidden = pixels * (1 - np.float32(request.inpainting_mask_weight) * mask)  # its lerp to pixels x (1 - mask)
+    moments = torch.from_numpy(vae.encode_pixels(np.stack([pixels, hidden] if nine else [pixels])))
     sampling = seeding.for_latents(generators)  # the VAE's samples: from the seeds' generators with the CPU source
     image_latents = sample_latents(moments[:1], sampling, contract.scaling_factor)
     drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier

@@ -232,6 +232,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     # AUTOMATIC1111's Soft inpainting: the mask's grey levels blend the init latents in at every step, and the
     # result is composited with the init image where it changed little (needs mask_round false, as that sets it)
     soft_inpainting: SoftInpainting | None = None
+    # AUTOMATIC1111's inpainting_mask_weight ("Conditional mask weight"): how much of the masked area a 9-channel
+    # inpainting UNet's masked image hides (its lerp from the image to the masked image); 1 hides all of it
+    inpainting_mask_weight: float = 1.0
 
     @property
     def inpainting(self) -> bool:

@@ -148,6 +148,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             raise InputError(f"inpaint_full_res_padding must be a non-negative integer, "
                              f"got {request.inpaint_full_res_padding!r}")
         soft_inpainting.check(request)
+        _number_in("inpainting_mask_weight", request.inpainting_mask_weight, 0, 1)
     if contract.inpainting_unet and not inpainting:
         raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
     edit.check(request, contract)

@@ -198,7 +198,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
                           initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
-                          sd_upscale=script, image_cfg_scale=body.image_cfg_scale)
+                          sd_upscale=script, image_cfg_scale=body.image_cfg_scale,
+                          inpainting_mask_weight=number_setting(body, options, "inpainting_mask_weight"))
 
 
 # sd-webui-controlnet's resize modes for the control image, by number and by name
@@ -322,7 +323,7 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
         "index_of_first_image": 0, "infotexts": [parameters_text(i) for i in infos], "styles": body.styles,
         "clip_skip": first.get("clip_skip", 1),
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
-        "is_using_inpainting_conditioning": False, "version": "kiln-0.1.0",
+        "is_using_inpainting_conditioning": "conditional_mask_weight" in first, "version": "kiln-0.1.0",
         "interrupted": job.interrupted,
     }
     images = [base64.b64encode(encode_png(image, {"parameters": parameters_text(i)})).decode()

@@ -18,14 +18,15 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
                 "sd_model_checkpoint": str, "sd_vae": str, "control_net_no_detectmap": bool, "pad_cond_uncond": bool,
                 "pad_cond_uncond_v0": bool, "eta_noise_seed_delta": int, "use_old_scheduling": bool,
                 "randn_source": str, "sigma_min": float, "sigma_max": float, "rho": float,
-                "always_discard_next_to_last_sigma": bool, "sgm_noise_multiplier": bool, "img2img_extra_noise": float}
+                "always_discard_next_to_last_sigma": bool, "sgm_noise_multiplier": bool, "img2img_extra_noise": float,
+                "inpainting_mask_weight": float}
 # AUTOMATIC1111's schedule settings (Settings > Sampler parameters) -> the request's fields
 SIGMA_SETTINGS = {"sigma_min": "schedule_sigma_min", "sigma_max": "schedule_sigma_max", "rho": "schedule_rho"}
 # what one request's override_settings can change
 APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "eta_ancestral", "CLIP_stop_at_last_layers",
                      "control_net_no_detectmap", "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0",
                      "eta_noise_seed_delta", "use_old_scheduling", "randn_source", "always_discard_next_to_last_sigma",
-                     "sgm_noise_multiplier", "img2img_extra_noise", *SIGMA_SETTINGS)
+                     "sgm_noise_multiplier", "img2img_extra_noise", "inpainting_mask_weight", *SIGMA_SETTINGS)
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -50,7 +51,7 @@ def check_value(key: str, value: Any) -> None:
         raise InputError(f"option randn_source must be one of {', '.join(RANDN_SOURCES)}, got {value!r}")
     if key == "eta_noise_seed_delta" and not 0 <= value <= MAX_SEED:
         raise InputError(f"option eta_noise_seed_delta must be in [0, 2^32 - 1], got {value}")
-    if key in ("eta_ddim", "eta_ancestral") and not 0 <= value <= 1:
+    if key in ("eta_ddim", "eta_ancestral", "inpainting_mask_weight") and not 0 <= value <= 1:
         raise InputError(f"option {key} must be in [0, 1], got {value}")
     if key == "img2img_extra_noise" and not 0 <= value <= 100:
         raise InputError(f"option img2img_extra_noise must be in [0, 100] (its slider: 0 to 1), got {value}")
@@ -66,6 +67,7 @@ def default_options() -> dict:
             "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "eta_noise_seed_delta": 0,
             "use_old_scheduling": False, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
             "always_discard_next_to_last_sigma": False, "sgm_noise_multiplier": False, "img2img_extra_noise": 0.0,
+            "inpainting_mask_weight": 1.0,
             # AUTOMATIC1111's default is "GPU"; kiln's is diffusers' noise (orchestrator.pipeline.noise)
             "randn_source": "CPU",
             # AUTOMATIC1111's paste turns on old behaviours for an old Version's infotext; kiln's paste does not

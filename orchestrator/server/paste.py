@@ -55,7 +55,8 @@ SETTINGS = {"Clip skip": ("CLIP_stop_at_last_layers", int), "VAE": ("sd_vae", st
             "Schedule min sigma": ("sigma_min", float), "Schedule max sigma": ("sigma_max", float),
             "Schedule rho": ("rho", float),
             "Discard penultimate sigma": ("always_discard_next_to_last_sigma", bool),
-            "SGM noise multiplier": ("sgm_noise_multiplier", bool), "Extra noise": ("img2img_extra_noise", float)}
+            "SGM noise multiplier": ("sgm_noise_multiplier", bool), "Extra noise": ("img2img_extra_noise", float),
+            "Conditional mask weight": ("inpainting_mask_weight", float)}
 # Emphasis: only "Original", AUTOMATIC1111's default, is kiln's (checked below)
 INFORMATION = {"Size", "Hires resize", "Seed resize from", "Model hash", "VAE hash", "Lora hashes", "TI hashes",
                "Hashes", "Version", "Emphasis"}

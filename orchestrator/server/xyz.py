@@ -112,6 +112,7 @@ AXES: dict[str, tuple[type, Any]] = {
     "Denoising": (float, _field("denoising_strength")),
     "Initial noise multiplier": (float, _field("initial_noise_multiplier")),
     "Extra noise": (float, _override("img2img_extra_noise")),
+    "Cond. Image Mask Weight": (float, _override("inpainting_mask_weight")),
     "Hires upscaler": (str, _field("hr_upscaler")),
     "VAE": (str, _override("sd_vae")), "Styles": (str, lambda b, v: b.model_copy(update={"styles": [*b.styles, v]})),
     "Always discard next-to-last sigma": (boolean, _override("always_discard_next_to_last_sigma")),
