@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from kiln.errors import InputError
 from kiln.triton_server import free_port
 from orchestrator.pipeline import HiresFix, Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.inpaint import noised
@@ -46,8 +47,9 @@ def test_the_extra_noise_is_scaled_as_the_clean_latents_are(sampler):
 
 @pytest.mark.slow
 def test_extra_noise_in_process(local, init_image_png):
-    """img2img and inpainting start noisier; txt2img without the hires fix takes none (as there: no img2img start),
-    with it the second pass does; the infotext says it where it was taken."""
+    """img2img and inpainting start noisier; txt2img without the hires fix has no img2img start to take it (refused,
+    never ignored), with it the second pass does; the infotext says it where it was taken. The conditional mask
+    weight is refused likewise on a 4-channel UNet (it weighs a 9-channel inpainting UNet's masked image)."""
     base = Img2ImgRequest(prompt="a cat", steps=4, seed=3, width=64, height=64, init_image=init_image_png,
                           denoising_strength=0.6)
     plain, extra = local.img2img(base), local.img2img(replace(base, extra_noise=0.4))
@@ -57,8 +59,10 @@ def test_extra_noise_in_process(local, init_image_png):
     assert np.abs(local.img2img(replace(base, mask=mask)).images.astype(int)
                   - local.img2img(replace(base, mask=mask, extra_noise=0.4)).images.astype(int)).max() > 2
     txt = Txt2ImgRequest(prompt="a cat", steps=3, seed=3, width=64, height=64)
-    none = local.txt2img(replace(txt, extra_noise=0.4))
-    assert np.array_equal(none.images, local.txt2img(txt).images) and "extra_noise" not in none.info
+    with pytest.raises(InputError, match="extra_noise .* txt2img without the hires fix has neither"):
+        local.txt2img(replace(txt, extra_noise=0.4))
+    with pytest.raises(InputError, match="inpainting_mask_weight .* has no such UNet"):
+        local.img2img(replace(base, mask=mask, inpainting_mask_weight=0.5))
     hires = replace(txt, hires=HiresFix(scale=1.5, upscaler="Latent", steps=2, denoising_strength=0.6))
     second = local.txt2img(replace(hires, extra_noise=0.4))
     assert np.abs(second.images.astype(int) - local.txt2img(hires).images.astype(int)).max() > 2
@@ -68,7 +72,8 @@ def test_extra_noise_in_process(local, init_image_png):
 @pytest.mark.slow
 def test_extra_noise_through_the_api(triton, init_image_png):
     """override_settings.img2img_extra_noise: written as Extra noise, pasted back into the same image; the options'
-    range; the X/Y/Z axis."""
+    range; the X/Y/Z axis. A request's override where it cannot act is a 422 (txt2img without the hires fix; the
+    conditional mask weight on a 4-channel UNet); the server's option acts where it can, as AUTOMATIC1111's."""
     api = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port()))
     body = {"prompt": "a cat", "steps": 4, "seed": 9, "width": 64, "height": 64, "denoising_strength": 0.6,
             "init_images": [base64.b64encode(init_image_png).decode()]}
@@ -89,5 +94,18 @@ def test_extra_noise_through_the_api(triton, init_image_png):
             assert plot.status_code == 200, plot.text
             texts = json.loads(plot.json()["info"])["infotexts"]  # the grid's (the first cell's), then each cell's
             assert len(texts) == 3 and "Extra noise: 0.5" in texts[2] and "Extra noise" not in texts[1]
+            txt2img = {"prompt": "a cat", "steps": 2, "seed": 9, "width": 64, "height": 64}
+            plain = client.post("/sdapi/v1/txt2img", json=txt2img).json()["images"][0]
+            refused = client.post("/sdapi/v1/txt2img", json=txt2img | {"override_settings": {
+                "img2img_extra_noise": 0.25}})
+            assert refused.status_code == 422 and "txt2img without the hires fix has neither" in refused.text
+            weighted = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {
+                "inpainting_mask_weight": 0.5}})
+            assert weighted.status_code == 422 and "inpainting_mask_weight" in weighted.text
+            assert client.post("/sdapi/v1/options", json={"img2img_extra_noise": 0.25,
+                                                          "inpainting_mask_weight": 0.5}).status_code == 200
+            assert client.post("/sdapi/v1/txt2img", json=txt2img).json()["images"][0] == plain
+            optioned = client.post("/sdapi/v1/img2img", json=body)
+            assert optioned.status_code == 200 and optioned.json()["images"][0] == sent.json()["images"][0]
     finally:
         api.stop()

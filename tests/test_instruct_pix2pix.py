@@ -204,6 +204,10 @@ def test_served_through_triton_the_automatic1111_api_and_the_page(ip2p_repo, ip2
             served = _pixels(response.json()["images"][0])
             text = json.loads(response.json()["info"])["infotexts"][0]
             assert parse_infotext(text)["Image CFG scale"] == "1.5", text
+            assert json.loads(response.json()["info"])["is_using_inpainting_conditioning"] is True  # image channels
+            weighted = client.post("/sdapi/v1/img2img", json=body | {"override_settings": {
+                "inpainting_mask_weight": 0.5}})  # AUTOMATIC1111's edit conditioning takes no mask: it cannot act
+            assert weighted.status_code == 422 and "has no such UNet" in weighted.text
             pasted = client.post("/sdapi/v1/img2img", json={"infotext": text, "init_images": [init]})
             assert pasted.status_code == 200, pasted.text
             again = _pixels(pasted.json()["images"][0])

@@ -91,10 +91,19 @@ def test_cells_vary_what_their_axes_name():
     (["[ControlNet] Weight", "0.5, 1"], "needs a ControlNet unit"),
     (["Seed", "1-9", None, "Steps", "1-8"], "72 cells; this server plots at most 64"),
     ([0] * 17, "at most 16 values"),
+    (["Image CFG Scale", "1.5, 3"], "the X axis 'Image CFG Scale' is img2img's (AUTOMATIC1111 lists it there only)"),
+    ([0, "", None, "Cond. Image Mask Weight", "0.5"], "the Y axis 'Cond. Image Mask Weight' is img2img's"),
 ])
 def test_what_cannot_be_plotted_is_refused_by_name(args, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         cell_bodies(body([]), parse(body(args), "txt2img"))
+
+
+def test_txt2img_only_axes_are_refused_on_img2img():
+    for axis in ("Hires steps", "Hires sampler", "Hires upscaler"):
+        plot = schemas.Img2ImgBody(prompt="a cat", init_images=["x"], script_name="x/y/z plot", script_args=[axis, "2"])
+        with pytest.raises(InputError, match=f"the X axis '{axis}' is txt2img's"):
+            parse(plot, "img2img")
 
 
 @pytest.fixture(scope="module")

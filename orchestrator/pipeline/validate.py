@@ -100,6 +100,9 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         _check_seed_resize(request.seed_resize_from, contract.vae_scale_factor, limits)
     _number_in("s_min_uncond", request.s_min_uncond, 0, 1000)  # a sigma: SD 1.x's largest is 14.6
     _number_in("extra_noise (img2img_extra_noise)", request.extra_noise, 0, 100)  # a sigma's scale, as above
+    if request.extra_noise and not isinstance(request, Img2ImgRequest) and request.hires is None:
+        raise InputError("extra_noise (img2img_extra_noise) is added to img2img's start or the hires fix's second "
+                         "pass; txt2img without the hires fix has neither")
     if not isinstance(request.use_old_scheduling, bool):
         raise InputError(f"use_old_scheduling must be true or false, got {request.use_old_scheduling!r}")
     if request.pad_conds not in PAD_CONDS:
@@ -149,6 +152,10 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
                              f"got {request.inpaint_full_res_padding!r}")
         soft_inpainting.check(request)
         _number_in("inpainting_mask_weight", request.inpainting_mask_weight, 0, 1)
+    if init and request.inpainting_mask_weight != 1 and not contract.inpainting_unet:
+        raise InputError(f"inpainting_mask_weight (Conditional mask weight) weighs the masked image a 9-channel "
+                         f"inpainting UNet takes; checkpoint {contract.title!r} has no such UNet (1, the default, "
+                         "is accepted)")
     if contract.inpainting_unet and not inpainting:
         raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
     edit.check(request, contract)

@@ -43,6 +43,7 @@ from orchestrator.server.options import (
     APPLIED_OPTIONS,
     APPLIED_OVERRIDES,
     OPTION_TYPES,
+    applied_setting,
     check_setting,
     check_value,
     number_setting,
@@ -199,7 +200,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
                           initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
                           sd_upscale=script, image_cfg_scale=body.image_cfg_scale,
-                          inpainting_mask_weight=number_setting(body, options, "inpainting_mask_weight"))
+                          inpainting_mask_weight=applied_setting(body, options, "inpainting_mask_weight",
+                                                                 contract.inpainting_unet))
 
 
 # sd-webui-controlnet's resize modes for the control image, by number and by name

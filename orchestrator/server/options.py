@@ -81,7 +81,8 @@ def setting_fields(body: schemas.Txt2ImgBody, options: dict) -> dict:
             "use_old_scheduling": bool_setting(body, options, "use_old_scheduling"),
             "discard_penultimate_sigma": bool_setting(body, options, "always_discard_next_to_last_sigma"),
             "sgm_noise_multiplier": bool_setting(body, options, "sgm_noise_multiplier"),
-            "extra_noise": number_setting(body, options, "img2img_extra_noise"),
+            "extra_noise": applied_setting(body, options, "img2img_extra_noise",
+                                           isinstance(body, schemas.Img2ImgBody) or bool(body.enable_hr)),
             "eta_noise_seed_delta": body.override_settings.get("eta_noise_seed_delta", options["eta_noise_seed_delta"]),
             "randn_source": body.override_settings.get("randn_source", options["randn_source"])}
 
@@ -119,6 +120,15 @@ def number_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise InputError(f"override_settings.{key} must be a number, got {value!r}")
     return float(value)
+
+
+def applied_setting(body: schemas.Txt2ImgBody, options: dict, key: str, acts: bool) -> float:
+    """A number setting that acts on some requests only: a request's override_settings as sent (the pipeline refuses
+    it where it cannot act), the server's option where it acts and its default otherwise, as AUTOMATIC1111 applies
+    its settings (a stored img2img_extra_noise does not fail every txt2img request)."""
+    if key in body.override_settings or acts:
+        return number_setting(body, options, key)
+    return float(default_options()[key])
 
 
 def bool_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> bool:

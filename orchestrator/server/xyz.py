@@ -212,6 +212,10 @@ def _axis(name: str, kind: Any, text: Any, dropdown: Any, route: str, csv_mode: 
     if label not in AXES:
         raise InputError(f"X/Y/Z plot: the {name} axis {label!r} is not supported by this server; it plots: "
                          f"{', '.join(supported_axes(route))}")
+    if label not in listed and not label.startswith("["):  # its img2img-only or txt2img-only axes ("+", "*")
+        other = "img2img" if route == "txt2img" else "txt2img"
+        raise InputError(f"X/Y/Z plot: the {name} axis {label!r} is {other}'s (AUTOMATIC1111 lists it there only); "
+                         f"{route} plots: {', '.join(supported_axes(route))}")
     value_type, _ = AXES[label]
     if label == "Nothing":
         return Axis(label, [None], "")
