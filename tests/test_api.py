@@ -631,7 +631,7 @@ def test_listing_endpoints(client):
     assert {"Euler", "Euler a", "Heun", "DDIM", "DDPM", "PLMS", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE",
             "DPM++ 2M SDE", "UniPC", "LCM"} <= names
     options = {s["name"]: s["options"] for s in samplers}  # AUTOMATIC1111 1.10's, as its API lists them
-    assert options["Euler"] == {} and options["Euler a"] == {"uses_ensd": "True"}
+    assert options["Euler"] == {} and options["Euler a"] == {"uses_ensd": "True"} == options["DPM adaptive"]
     assert options["DPM2 a"] == {"scheduler": "karras", "discard_next_to_last_sigma": "True", "uses_ensd": "True",
                                  "second_order": "True"}
     assert options["DPM++ 2M SDE Heun"] == {"scheduler": "exponential", "brownian_noise": "True", "solver_type": "heun"}

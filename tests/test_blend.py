@@ -21,8 +21,10 @@ SHAPE = (2, 4, 8, 8)
 REPAINT = torch.zeros(1, 1, 8, 8)
 REPAINT[..., 2:6, 1:5] = 1
 # LMS's last step combines the derivatives of four calls: it ends near the init latents, not on them (below); DPM
-# fast ends at the lowest sigma above 0, as k-diffusion's, so near them too (the last blend puts them back)
-AFTER = [name for name in SAMPLERS if name not in ("DDIM", "PLMS", "UniPC", "LMS", "DDIM CFG++", "DPM fast")]
+# fast and DPM adaptive end at the lowest sigma above 0, as k-diffusion's, so near them too (the last blend puts
+# them back)
+AFTER = [name for name in SAMPLERS if name not in ("DDIM", "PLMS", "UniPC", "LMS", "DDIM CFG++", "DPM fast",
+                                                   "DPM adaptive")]
 
 
 class _Spatial(_Model):
@@ -73,7 +75,7 @@ def test_every_k_diffusion_sampler_predicts_the_init_where_the_mask_keeps_it(sam
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "Heun", "LMS", "DPM++ SDE", "DPM++ SDE Karras", "DPM2 a",
-                                     "DPM++ 2S a", "Restart", "DPM fast"])
+                                     "DPM++ 2S a", "Restart", "DPM fast", "DPM adaptive"])
 def test_each_call_of_a_sigma_space_sampler_denoises_to_the_init_where_kept(sampler, prediction):
     """At every call (DPM++ SDE's midpoint, Heun's second call, DPM fast's three a step too), the denoised prediction
     from the output the scheduler gets, at the sigma the model's input was scaled for (1 / sqrt(sigma^2 + 1)), is the

@@ -70,13 +70,13 @@ def _k_diffusion(name: str, sigmas: list[float], x, table: Table, eta: float, ge
     return out, calls
 
 
-def _run(scheduler, timesteps, x, eta: float, generator) -> list:
+def _run(scheduler, timesteps, x, eta: float, generator, model=_eps) -> list:
     """The pipeline's loop over the scheduler's calls (scale_model_input, the model, step): x after each call."""
     out = []
     for t in timesteps:
         scaled = scheduler.scale_model_input(x, t)
         kwargs = {} if scheduler.ancestral is False else {"eta_ancestral": eta}
-        x = scheduler.step(_eps(scaled, t).float(), t, x, generator=generator, **kwargs).prev_sample
+        x = scheduler.step(model(scaled, t).float(), t, x, generator=generator, **kwargs).prev_sample
         out.append(x)
     return out
 

@@ -292,9 +292,10 @@ class Pipeline:
             if channels is not None:
                 model_input = torch.cat([model_input, edit.extra_rows(channels, copies, image_cfg is not None)], dim=1)
             inputs = {"sample": model_input.numpy(), "timestep": np.full(len(model_input), float(t), np.float32)}
+            at = timesteps.done(False) if hasattr(timesteps, "done") else index  # DPM adaptive's: how far it came
             active = [(unit, unit_cond[skip:], scale, components.controlnet(unit.model))
                       for unit_cond, unit in zip(cond, request.controlnet_units)
-                      if (scale := unit.scale_at(index, len(timesteps)))]
+                      if (scale := unit.scale_at(at, len(timesteps)))]
             rows = context.at(index) if image_cfg is None else edit.EditRows(context.at(index), batch)
             noise_pred = torch.from_numpy(predict(rows, skip, inputs, control_input, active, components, lora,
                                                   unet_call, channels is not None, batch if both else 0))
@@ -308,7 +309,8 @@ class Pipeline:
                 noise_pred = blend.prediction(scheduler, t, latents, noise_pred)
             latents = scheduler.step(noise_pred, t, latents, **kwargs, **extra).prev_sample
             if progress is not None:
-                progress(index + 1, len(timesteps), latents.numpy())
+                done = timesteps.done(True) if hasattr(timesteps, "done") else index + 1
+                progress(done, len(timesteps), latents.numpy())
         return latents, None
 
     def _hires_pass(self, request: Txt2ImgRequest, latents: torch.Tensor, first: tuple, seeding: Seeds,

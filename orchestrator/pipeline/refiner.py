@@ -38,7 +38,8 @@ def check_refiner(base: Pipeline, refiner: Pipeline, request: Txt2ImgRequest) ->
     if not 0 <= switch_at <= 1:
         raise InputError(f"refiner_switch_at: {switch_at} is not between 0 and 1")
     for what, refused in (("the hires fix", request.hires is not None), ("ControlNet", request.controlnet_units),
-                          ("tiling", request.tiling)):
+                          ("tiling", request.tiling),
+                          ("DPM adaptive (its calls are not known ahead)", request.sampler.startswith("DPM adaptive"))):
         if refused:
             raise InputError(f"refiner_checkpoint with {what} is not supported yet")
     ours, theirs = base.contract, refiner.contract

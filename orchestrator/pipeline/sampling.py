@@ -96,6 +96,7 @@ SAMPLERS = {
     "Restart": Sampler("RestartScheduler", UNIFORM, second_order=True),
     "DDIM CFG++": Sampler("CompVisDDIMCFGPP", k_diffusion=False, compvis=True),  # steps along the unconditional too
     "DPM fast": Sampler("DPMFastScheduler", UNIFORM),
+    "DPM adaptive": Sampler("DPMAdaptiveScheduler", UNIFORM),  # its calls decided as it runs (pipeline.adaptive)
 }
 
 # AUTOMATIC1111 1.10's schedule types (sigmas.SCHEDULE_TYPES, diffusers' switches; sigmas.OWN_SCHEDULES): any
@@ -117,7 +118,8 @@ OWN_CLASSES = {**dict.fromkeys(("CompVisDDIM", "CompVisPLMS", "CompVisDDIMCFGPP"
                "DPMSolverSDEEta": "orchestrator.pipeline.ancestral_sde",
                # the second-order samplers planned ahead, on Euler's sigmas
                **dict.fromkeys(("DPM2Scheduler", "DPM2AncestralScheduler", "DPMPP2SAncestralScheduler",
-                                "RestartScheduler", "DPMFastScheduler"), "orchestrator.pipeline.second_order")}
+                                "RestartScheduler", "DPMFastScheduler"), "orchestrator.pipeline.second_order"),
+               "DPMAdaptiveScheduler": "orchestrator.pipeline.adaptive"}
 
 
 class UnknownSampler(NotFoundError):
@@ -365,12 +367,9 @@ def _scheduler_class(name: str):
 
 
 def preload() -> None:
-    """Resolve every scheduler class (and the noise helpers) now, from one thread.
-
-    diffusers imports its classes lazily on first attribute access, and that is not thread-safe:
-    two generation threads touching it at once can see a half-initialized module. Services call
-    this before starting their worker threads.
-    """
+    """Resolve every scheduler class (and the noise helpers) now, from one thread. diffusers imports its classes
+    lazily on first attribute access, and that is not thread-safe: two generation threads touching it at once can
+    see a half-initialized module. Services call this before starting their worker threads."""
     import diffusers.utils.torch_utils  # noqa: F401 - randn_tensor, used by every generation
 
     for sampler in SAMPLERS.values():

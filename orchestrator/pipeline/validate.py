@@ -187,10 +187,11 @@ def _check_schedule(name: str, steps: int, contract: SDContract, settings: tuple
 
 def _runs_none(name: str, steps: int, start: int | None, contract: SDContract) -> bool:
     """Whether `steps` steps of the sampler from `start` (img2img_start; None: from noise) call the model not once
-    (AUTOMATIC1111's DDIM and PLMS: orchestrator.pipeline.compvis.first_call), or take no step: DPM fast runs from
-    the start's sigma to the schedule's last above 0, one sigma where one step is left (AUTOMATIC1111 fails there)."""
+    (AUTOMATIC1111's DDIM and PLMS: orchestrator.pipeline.compvis.first_call), or take no step: DPM fast and DPM
+    adaptive run from the start's sigma to the schedule's last above 0, one sigma where one step is left
+    (AUTOMATIC1111 fails there)."""
     if not check_sampler(name).compvis:
-        least = 2 if start is not None and split_schedule(name)[0] == "DPM fast" else 1
+        least = 2 if start is not None and split_schedule(name)[0] in ("DPM fast", "DPM adaptive") else 1
         return start is not None and steps - start < least
     from orchestrator.pipeline.compvis import first_call  # torch and diffusers: only for these samplers
 

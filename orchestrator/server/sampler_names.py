@@ -15,7 +15,7 @@ SAMPLER_ALIASES = {
     "DDPM": ["ddpm"], "PLMS": ["plms", "PNDM"], "UniPC": ["unipc"], "LCM": ["lcm"],
     "DPM++ 2M SDE Heun": ["k_dpmpp_2m_sde_heun"], "DPM++ 3M SDE": ["k_dpmpp_3m_sde"],
     "DPM++ 2S a": ["k_dpmpp_2s_a"], "DPM2": ["k_dpm_2"], "DPM2 a": ["k_dpm_2_a"], "Restart": ["restart"],
-    "DDIM CFG++": ["ddim_cfgpp"], "DPM fast": ["k_dpm_fast"],
+    "DDIM CFG++": ["ddim_cfgpp"], "DPM fast": ["k_dpm_fast"], "DPM adaptive": ["k_dpm_ad"],
     # AUTOMATIC1111 1.6's names with a schedule in them, which resolve as "<sampler> <type>"
     "DPM++ 2M SDE Heun Karras": ["k_dpmpp_2m_sde_heun_ka"],
     "DPM++ 2M SDE Heun Exponential": ["k_dpmpp_2m_sde_heun_exp"],
@@ -37,7 +37,8 @@ SCHEDULE_LIST = {"Automatic": ("automatic", -1, False), "Uniform": ("uniform", -
 SCHEDULE_ALIASES = {"SGM Uniform": ["SGMUniform"]}
 SCHEDULES = {key.lower(): label for label, (name, *_) in SCHEDULE_LIST.items()
              for key in (label, name, *SCHEDULE_ALIASES.get(label, []))}
-USES_ENSD = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast")  # their noise from the step's generator (ENSD's)
+# their noise from the step's generator (ENSD's)
+USES_ENSD = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive")
 AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",  # the others: uniform
              "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential", "DPM++ 2S a": "Karras",
              "DPM2": "Karras", "DPM2 a": "Karras", "Restart": "Karras"}
