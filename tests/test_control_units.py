@@ -144,7 +144,7 @@ def test_each_pass_fits_the_units_map_to_its_own_size():
     """As the extension's hires option "Both": the second pass's control image is the unit's map fitted to that
     pass's size by the unit's resize mode, not the first pass's image enlarged; the response's detected map is the
     first pass's."""
-    from orchestrator.pipeline.pipeline import control_images
+    from orchestrator.pipeline.control import control_images
     from orchestrator.pipeline.requests import Txt2ImgRequest
     from orchestrator.server.a1111 import detect_map as detected_map
 

@@ -199,8 +199,13 @@ def test_validation_names_the_field_with_one_set_of_limits():
         check_request(replace(ok, sampler=sampler, eta_ancestral=0.5), CONTRACT)
     with pytest.raises(InputError, match="batch_size x n_iter = 18 images exceeds the limit of 16"):
         check_job(replace(ok, batch_size=2), 9)
-    with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
-        check_request(ok, replace(CONTRACT, unet_in_channels=9))
+    nine = replace(CONTRACT, unet_in_channels=9)
+    check_request(ok, nine)  # all of the image masked (AUTOMATIC1111's txt2img_image_conditioning)
+    with pytest.raises(InputError, match="txt2img's is all masked whatever it is"):
+        check_request(replace(ok, inpainting_mask_weight=0.5), nine)
+    with pytest.raises(InputError, match="has no such UNet"):
+        check_request(replace(ok, inpainting_mask_weight=0.5, hires=HiresFix()), CONTRACT)
+    check_request(replace(ok, inpainting_mask_weight=0.5, hires=HiresFix()), nine)
 
 
 def test_transparent_mask_is_read_by_its_alpha():

@@ -19,6 +19,7 @@ from build.sd import SDBuildOptions, build_sd
 from build.sd.weights import write_sd_checkpoint
 from kiln.control import control_image
 from kiln.errors import InputError, KilnError
+from kiln.imaging import vae_input
 from kiln.infotext import parameters_text
 from kiln.masks import inpaint_mask
 from kiln.paths import SAMPLE_IMAGES
@@ -581,8 +582,72 @@ def test_nine_channel_inpainting_unet_matches_automatic1111(inpainting_unet, ini
         prompt="a photo of a cat :0.5 AND a photo of a cat :0.5", steps=6, sampler="Euler a", cfg_scale=7.5, seed=4,
         width=64, height=64, init_image=init_image_png, denoising_strength=0.5, mask=mask_png, mask_blur=0))
     assert _max_diff(halves.images, result.images) <= 2  # AND's rows take the mask's rows too
-    with pytest.raises(InputError, match="inpainting UNet: it needs init_image and mask"):
-        pipeline.txt2img(Txt2ImgRequest(prompt="a cat", steps=2, width=64, height=64))
+
+
+def test_txt2img_and_img2img_on_a_nine_channel_unet_mask_the_whole_image(inpainting_unet, init_image_png,
+                                                                          monkeypatch):
+    """AUTOMATIC1111 runs an inpainting checkpoint without a mask too: txt2img with all of the image masked and the
+    masked image zeros (its txt2img_image_conditioning: diffusers' inpaint pipeline at strength 1 with a white mask);
+    img2img with all of it masked, the masked image the init image x (1 - inpainting_mask_weight) (its
+    img2img_image_conditioning: at 1, diffusers' with a white mask, blended as there); the hires pass as img2img on
+    its upscaled image (the decoded latents in a latent mode, where the weight keeps some of it)."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipeline, folder = inpainting_unet
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(folder), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    white, init = Image.new("L", (64, 64), 255), Image.open(io.BytesIO(init_image_png))
+    common = dict(prompt="a photo of a cat", guidance_scale=7.5, height=64, width=64)
+    from orchestrator.pipeline import inpaint
+
+    made, unmasked = [], inpaint.unmasked_channels
+    monkeypatch.setattr(inpaint, "unmasked_channels", lambda *a, **k: made.append(unmasked(*a, **k)) or made[-1])
+    txt = Txt2ImgRequest(prompt="a photo of a cat", steps=6, sampler="Euler", cfg_scale=7.5, seed=4, width=64,
+                         height=64)
+    served = pipeline.txt2img(txt).images
+    (channels,) = made
+    side, contract = 64 // pipeline.contract.vae_scale_factor, pipeline.contract
+    assert torch.equal(channels[:, :1], torch.ones(1, 1, side, side))
+    # the masked image's latents: the VAE's sample of zeros, drawn after the noise (diffusers' order)
+    zeros = np.zeros((1, 3, 64, 64), np.float32)
+    mean, logvar = torch.from_numpy(pipeline.components.vae.encode_pixels(zeros)).chunk(2, 1)
+    generator = torch.Generator().manual_seed(4)
+    torch.randn(1, 4, side, side, generator=generator)
+    drawn = mean + torch.exp(0.5 * logvar) * torch.randn(1, 4, side, side, generator=generator)
+    torch.testing.assert_close(channels[:, 1:], drawn * contract.scaling_factor, atol=1e-5, rtol=1e-5)
+    # diffusers' inpaint pipeline with those latents (a constant image's encoding differs between runtimes: a
+    # GroupNorm of a constant divides rounding by sqrt(eps); measured 0.47 between ONNX Runtime's and PyTorch's)
+    pipe.scheduler = make_scheduler("Euler", dict(pipe.scheduler.config))
+    expected = pipe(image=init, mask_image=white, masked_image_latents=channels[:, 1:], strength=1.0,
+                    num_inference_steps=6, generator=torch.Generator().manual_seed(4), output_type="np",
+                    **common).images
+    assert _max_diff(served, (expected * 255).round().astype(np.uint8)) <= 1
+    img2img = Img2ImgRequest(prompt="a photo of a cat", steps=6, sampler="Euler", cfg_scale=7.5, seed=4, width=64,
+                             height=64, init_image=init_image_png, denoising_strength=0.5)
+    whole = pipeline.img2img(img2img)
+    drawn = torch.randn(1, 4, side, side, generator=generator)  # after the image's latents and the noise
+    torch.testing.assert_close(made[-1][:, 1:], (mean + torch.exp(0.5 * logvar) * drawn) * contract.scaling_factor,
+                               atol=1e-5, rtol=1e-5)
+    expected = a1111_inpainting(pipe, "Euler", dict(pipe.scheduler.config), init, white, seed=4, strength=0.5,
+                                steps=6, mask_image=white, masked_image_latents=made[-1][:, 1:], **common)
+    assert _max_diff(whole.images, expected) <= 1
+    assert whole.info["conditional_mask_weight"] == 1.0
+    vae_class = type(pipeline.components.vae)
+    encode, seen = vae_class.encode_pixels, []
+    monkeypatch.setattr(vae_class, "encode_pixels", lambda self, pixels: seen.append(pixels) or encode(self, pixels))
+    half = pipeline.img2img(replace(img2img, inpainting_mask_weight=0.5))
+    np.testing.assert_allclose(seen[-1][0], 0.5 * vae_input(init_image_png, 64, 64), atol=1e-6)
+    assert _max_diff(half.images, whole.images) > 0
+    for upscaler in ("Latent", "Lanczos"):
+        fix = HiresFix(scale=1.5, upscaler=upscaler, steps=2, denoising_strength=0.6)
+        hires = pipeline.txt2img(replace(txt, steps=3, hires=fix))
+        assert hires.images.shape[1:3] == (96, 96)
+        seen.clear()
+        weighted = pipeline.txt2img(replace(txt, steps=3, hires=fix, inpainting_mask_weight=0.5))
+        assert _max_diff(hires.images, weighted.images) > 0, upscaler
+        assert np.abs(seen[-1]).max() > 0  # the upscaled image, half masked
+    with pytest.raises(InputError, match="txt2img's is all masked whatever it is"):
+        pipeline.txt2img(replace(txt, inpainting_mask_weight=0.5))
 
 
 def test_the_conditional_mask_weight_hides_part_of_the_masked_area(inpainting_unet, init_image_png, mask_png,

@@ -96,7 +96,8 @@ def add_parser(commands) -> None:
                                "3 latent nothing")
     generate.add_argument("--inpainting-mask-weight", type=float, default=INPAINTING_DEFAULTS["inpainting_mask_weight"],
                           help="a 9-channel inpainting UNet's masked image: how much of the masked area it hides "
-                               "(AUTOMATIC1111's inpainting_mask_weight, Conditional mask weight; 0 to 1)")
+                               "(AUTOMATIC1111's inpainting_mask_weight, Conditional mask weight; 0 to 1); without "
+                               "--mask, img2img and the hires pass mask the whole image")
     generate.add_argument("--only-masked", action="store_true",
                           help="inpaint a crop around the mask at --width x --height and paste it back "
                                "(AUTOMATIC1111's inpaint_full_res); the image keeps its own size")
@@ -165,7 +166,7 @@ def _files(args) -> dict[str, bytes]:
     inpainting_only = [f"--{name.replace('_', '-')}" for name in ("mask_blur", "mask_invert", "soft_mask",
                                                                    "inpainting_fill", "only_masked",
                                                                    "only_masked_padding", "overlay", "soft_inpainting",
-                                                                   "soft_inpainting_settings", "inpainting_mask_weight")
+                                                                   "soft_inpainting_settings")
                        if getattr(args, name) not in (INPAINTING_DEFAULTS.get(name, False), None)]
     if inpainting_only and args.mask is None:  # they act on the mask: without one they would be ignored
         raise KilnError(f"{', '.join(inpainting_only)}: inpainting options; pass --mask (and --init-image) too")
@@ -251,6 +252,7 @@ def run(args) -> int:
                   clip_skip=args.clip_skip, vae=args.vae, tiling=args.tiling,
                   vae_tiling=VAE_TILING[args.vae_tiling], pad_conds=args.pad_conds,
                   use_old_scheduling=args.old_scheduling, randn_source=args.rng or "CPU", extra_noise=args.extra_noise,
+                  inpainting_mask_weight=args.inpainting_mask_weight,
                   controlnet=tuple(ControlNetUnit(**unit) for unit in units) or None,
                   refiner=Refiner(args.refiner, args.refiner_switch_at) if args.refiner else None)
     soft = _soft_inpainting(args)
@@ -260,7 +262,6 @@ def run(args) -> int:
                                  inpainting_mask_invert=args.mask_invert, inpainting_fill=args.inpainting_fill,
                                  mask_round=not (args.soft_mask or soft), inpaint_full_res=args.only_masked,
                                  inpaint_full_res_padding=args.only_masked_padding, soft_inpainting=soft,
-                                 inpainting_mask_weight=args.inpainting_mask_weight,
                                  overlay=args.overlay or soft is not None, image_cfg_scale=args.image_cfg_scale)
     else:
         hires = HiresFix(scale=args.hires, upscaler=args.hires_upscaler, steps=args.hires_steps,

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kiln.preprocessors import preprocessor
+from kiln.control import control_image
+from kiln.preprocessors import numpy_seed, preprocessor
 
 SOFT = 0.825  # sd-webui-controlnet's soft-injection base
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
@@ -71,3 +72,11 @@ def unet_with_units(active: list, inputs: dict[str, np.ndarray], control_input: 
         for name, value in residuals.items():
             total[name] = total[name] + value if name in total else value
     return unet_control.with_lora(lora), inputs | total
+
+
+def control_images(request, width: int, height: int, rows: int, seed: int) -> list[np.ndarray]:
+    """Each ControlNet unit's input at width x height (its preprocessor run, a random one seeded by the run's first
+    `seed`, or its map fitted by its resize mode), once per row of the UNet batch."""
+    return [np.repeat(control_image(unit.image, width, height, unit.preprocessor, unit.threshold_a,
+                                    unit.threshold_b, unit.resize_mode, numpy_seed(seed))[None], rows, axis=0)
+            for unit in request.controlnet_units]

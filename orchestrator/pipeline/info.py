@@ -57,12 +57,12 @@ def run_info(pipeline: Pipeline, request: Txt2ImgRequest, seeding: Seeds, stoppe
         info["old_timelines"] = True
     if stopped_at is not None:
         info["stopped_at_step"] = stopped_at
+    if contract.inpainting_unet or contract.edit_unet:  # AUTOMATIC1111: where the UNet takes image channels
+        info["conditional_mask_weight"] = request.inpainting_mask_weight
     if isinstance(request, Img2ImgRequest):
         info["denoising_strength"] = request.denoising_strength
         if pipeline.contract.edit_unet and request.image_cfg_scale is not None:  # (AUTOMATIC1111: an edit model's)
             info["image_cfg_scale"] = request.image_cfg_scale
-        if contract.inpainting_unet or contract.edit_unet:  # AUTOMATIC1111: where the UNet takes image channels
-            info["conditional_mask_weight"] = request.inpainting_mask_weight
         if request.initial_noise_multiplier != 1:
             info["noise_multiplier"] = request.initial_noise_multiplier
         if request.inpainting:

@@ -27,7 +27,7 @@ from orchestrator.pipeline import edit, soft_inpainting
 from orchestrator.pipeline.blend import Blend
 from orchestrator.pipeline.components import VAE
 from orchestrator.pipeline.noise import draw
-from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest
+from orchestrator.pipeline.requests import GenerationResult, Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import noised_to
 from orchestrator.pipeline.seeds import Seeds
 
@@ -76,6 +76,26 @@ def init_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, genera
                              contract.scaling_factor)
     size = (request.height // contract.vae_scale_factor, request.width // contract.vae_scale_factor)
     return torch.nn.functional.interpolate(latents, size=size, mode="bilinear"), None  # (no edit: edit.check)
+
+
+def unmasked_channels(vae: VAE, contract: SDContract, request: Txt2ImgRequest, shape: tuple, generators: list,
+                      pixels: np.ndarray | None = None) -> torch.Tensor | None:
+    """What a 9-channel inpainting UNet takes beside the latents where no mask is given (None for another UNet), as
+    AUTOMATIC1111's: all of the image masked (a mask of ones), and the masked image's latents, sampled with each
+    image's generator. The masked image is its lerp from the image (in [-1, 1]) to zeros by inpainting_mask_weight:
+    img2img's init image (its img2img_image_conditioning), the hires pass's upscaled `pixels` (one per image), and
+    txt2img's zeros, grey (its txt2img_image_conditioning; the hires pass's in a latent mode at weight 1, as there)."""
+    import torch
+
+    if not contract.inpainting_unet:
+        return None
+    if pixels is None and isinstance(request, Img2ImgRequest):
+        pixels = vae_input(request.init_image, request.width, request.height)
+    if pixels is None:
+        pixels = np.zeros((3, shape[2] * contract.vae_scale_factor, shape[3] * contract.vae_scale_factor), np.float32)
+    hidden = pixels.reshape(-1, *pixels.shape[-3:]) * (1 - np.float32(request.inpainting_mask_weight))
+    latents = sample_latents(torch.from_numpy(vae.encode_pixels(hidden)), generators, contract.scaling_factor)
+    return torch.cat([torch.ones(len(latents), 1, *latents.shape[2:]), latents], dim=1)
 
 
 def own_size(init_image: bytes) -> tuple[int, int]:

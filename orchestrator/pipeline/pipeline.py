@@ -16,17 +16,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kiln.contract import DEFAULT_MODELS, SDModels
-from kiln.control import control_image
 from kiln.errors import InputError
 from kiln.imaging import vae_input
 from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
 from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
-from kiln.preprocessors import numpy_seed
 from kiln.prompt_schedule import composable
 from orchestrator.pipeline import conditioning, edit, hires
+from orchestrator.pipeline import inpaint as inpainting
 from orchestrator.pipeline import refiner as refining
 from orchestrator.pipeline.components import Components, Graph, call_graph
 from orchestrator.pipeline.conditioning import Prompted, edited
+from orchestrator.pipeline.control import control_images
 from orchestrator.pipeline.info import run_info
 from orchestrator.pipeline.inpaint import finished, init_latents, inpaint_latents, noised, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
@@ -52,8 +52,7 @@ UNetCall = Callable[[Graph, dict[str, np.ndarray]], np.ndarray]  # runs one UNet
 
 
 class Pipeline:
-    """Stable Diffusion 1.x txt2img, img2img, inpainting and ControlNet over `components`, as diffusers computes
-    them."""
+    """Stable Diffusion txt2img, img2img, inpainting and ControlNet over `components`, as diffusers computes them."""
 
     def __init__(self, components: Components, limits: Limits = Limits()) -> None:
         self.components = components
@@ -213,11 +212,16 @@ class Pipeline:
         elif init:
             latents, channels = init_latents(components.vae, contract, request, seeding.for_latents(generators))
             drawn = seeding.noise(shape, generator, contract.vae_scale_factor) * request.initial_noise_multiplier
+            if contract.inpainting_unet:  # all of the image masked (AUTOMATIC1111's img2img_image_conditioning)
+                channels = inpainting.unmasked_channels(components.vae, contract, request, shape,
+                                                        seeding.for_latents(generators))
             if len(timesteps):
                 latents = noised(scheduler, timesteps, latents, drawn, request.extra_noise)
         else:
             latents = seeding.noise(shape, generator, contract.vae_scale_factor) * initial_noise_scale(
                 request.sampler, scheduler, request.sgm_noise_multiplier)
+            channels = inpainting.unmasked_channels(components.vae, contract, request, shape,
+                                                    seeding.for_latents(generators))  # (9-channel UNets')
 
         # 6. ControlNet conditioning: each unit's control image for every row of the UNet batch.
         cond = [] if given else control_images(request, request.width, request.height, len(context), seed)
@@ -333,6 +337,8 @@ class Pipeline:
                 latents = sample_latents(torch.from_numpy(vae.encode_pixels(pixels)), seeding.for_latents(fresh),
                                          contract.scaling_factor)
             latents = hires.upscale_latents(latents, fix, planned, contract.vae_scale_factor)
+            # a 9-channel UNet's masked image: the decoded latents where the weight keeps some (AUTOMATIC1111's)
+            pixels = vae.decode_pixels(latents.numpy()) if request.inpainting_mask_weight < 1 else None
         else:
             decoded = hires.given_images(request) if latents is None else vae.decode(latents.numpy())
             pixels = hires.upscale_images(decoded, fix, planned, self.limits.max_image_pixels,
@@ -342,6 +348,10 @@ class Pipeline:
                                      planned)
         scheduler, timesteps = second
         drawn = seeding.noise(tuple(latents.shape), generator, contract.vae_scale_factor)
+        channels = inpainting.unmasked_channels(vae, contract, request, tuple(latents.shape),
+                                                seeding.for_latents(fresh), pixels)
+        if channels is not None and channels.shape[2:] != latents.shape[2:]:  # an upscaled image's: cropped as they
+            channels = hires.truncate(channels, planned)
         latents = noised(scheduler, timesteps, latents, drawn, request.extra_noise)
         context, first_prompt, loras = first
         prompt, loras = (first_prompt, loras) if fix.prompt is None else self.lora_set(fix.prompt)
@@ -360,15 +370,7 @@ class Pipeline:
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context), seeding.seeds[0])
         kwargs = step_kwargs(scheduler, seeding.for_steps(generator), request.eta, step_settings(request))
         return *self._denoise(pass_two, scheduler, timesteps, latents, (context, weights), cond, None, kwargs,
-                              progress, cancelled, stop_early, unet_call, loras), context.padded
-
-
-def control_images(request: Txt2ImgRequest, width: int, height: int, rows: int, seed: int) -> list[np.ndarray]:
-    """Each ControlNet unit's input at width x height (its preprocessor run, a random one seeded by the run's first
-    `seed`, or its map fitted by its resize mode), once per row of the UNet batch."""
-    return [np.repeat(control_image(unit.image, width, height, unit.preprocessor, unit.threshold_a,
-                                    unit.threshold_b, unit.resize_mode, numpy_seed(seed))[None], rows, axis=0)
-            for unit in request.controlnet_units]
+                              progress, cancelled, stop_early, unet_call, loras, None, channels), context.padded
 
 
 def guidance(negative: str, prompt: str, guided: bool) -> tuple[list[str], tuple[float, ...]]:

@@ -143,6 +143,10 @@ class Txt2ImgRequest:
     # AUTOMATIC1111's img2img_extra_noise ("Extra noise"): img2img's start, and the hires fix's second pass, get the
     # same noise again times this (inpaint.noised); 0 adds none
     extra_noise: float = 0.0
+    # AUTOMATIC1111's inpainting_mask_weight ("Conditional mask weight"): how much of the masked area a 9-channel
+    # inpainting UNet's masked image hides (its lerp from the image to the masked image; without a mask, img2img and
+    # the hires pass, all of the image is masked); 1 hides all of it. txt2img's first pass takes none (all hidden).
+    inpainting_mask_weight: float = 1.0
     # Where the negative prompt and the prompt differ in length (chunks of 75 tokens): "off", AUTOMATIC1111's default,
     # runs them in UNet calls of their own; "empty_chunks" pads the shorter with the empty prompt's chunks (its
     # pad_cond_uncond, "Pad conds"); "last_vector" pads the negative prompt with its last vector, or cuts it
@@ -232,9 +236,6 @@ class Img2ImgRequest(Txt2ImgRequest):
     # AUTOMATIC1111's Soft inpainting: the mask's grey levels blend the init latents in at every step, and the
     # result is composited with the init image where it changed little (needs mask_round false, as that sets it)
     soft_inpainting: SoftInpainting | None = None
-    # AUTOMATIC1111's inpainting_mask_weight ("Conditional mask weight"): how much of the masked area a 9-channel
-    # inpainting UNet's masked image hides (its lerp from the image to the masked image); 1 hides all of it
-    inpainting_mask_weight: float = 1.0
 
     @property
     def inpainting(self) -> bool:

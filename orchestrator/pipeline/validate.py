@@ -151,13 +151,14 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             raise InputError(f"inpaint_full_res_padding must be a non-negative integer, "
                              f"got {request.inpaint_full_res_padding!r}")
         soft_inpainting.check(request)
-        _number_in("inpainting_mask_weight", request.inpainting_mask_weight, 0, 1)
-    if init and request.inpainting_mask_weight != 1 and not contract.inpainting_unet:
+    _number_in("inpainting_mask_weight", request.inpainting_mask_weight, 0, 1)
+    if request.inpainting_mask_weight != 1 and not contract.inpainting_unet:
         raise InputError(f"inpainting_mask_weight (Conditional mask weight) weighs the masked image a 9-channel "
                          f"inpainting UNet takes; checkpoint {contract.title!r} has no such UNet (1, the default, "
                          "is accepted)")
-    if contract.inpainting_unet and not inpainting:
-        raise InputError("this checkpoint's UNet is an inpainting UNet: it needs init_image and mask")
+    if request.inpainting_mask_weight != 1 and not init and request.hires is None:
+        raise InputError("inpainting_mask_weight (Conditional mask weight) weighs img2img's, inpainting's or the hires "
+                         "pass's masked image; txt2img's is all masked whatever it is (1, the default, is accepted)")
     edit.check(request, contract)
     start = img2img_start(request.sampler, request.steps, request.denoising_strength) if init else None
     # at strength 0 img2img runs none on purpose (the init image through the VAE); inpainting needs one to blend

@@ -166,7 +166,9 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   s_churn=body.s_churn, s_tmin=body.s_tmin,
                   s_min_uncond=body.s_min_uncond,
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise, refiner=refiner(body),
-                  controlnet=units)
+                  controlnet=units, inpainting_mask_weight=applied_setting(  # (where it acts: a 9-channel UNet's)
+                      body, options, "inpainting_mask_weight", contract.inpainting_unet and (
+                          isinstance(body, schemas.Img2ImgBody) or bool(body.enable_hr))))
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     img2img = isinstance(body, schemas.Img2ImgBody)
     softly = soft.settings(body.alwayson_scripts, img2img, img2img and bool(body.mask))  # (without a mask: nothing)
@@ -199,9 +201,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
                           initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
-                          sd_upscale=script, image_cfg_scale=body.image_cfg_scale,
-                          inpainting_mask_weight=applied_setting(body, options, "inpainting_mask_weight",
-                                                                 contract.inpainting_unet))
+                          sd_upscale=script, image_cfg_scale=body.image_cfg_scale)
 
 
 # sd-webui-controlnet's resize modes for the control image, by number and by name
@@ -242,7 +242,7 @@ def _unit_image(unit: schemas.ControlNetUnitArgs, pre: Preprocessor, where: str,
     resolution (invert, tile_resample, recolor) at the image's size; the others at the processor resolution
     (processor_res, -1 its default 512; a module's fixed one, shuffle's 512, which processor_res does not change;
     or pixel perfect's, from the image's and the generation's sizes, which overrides both, as there). Each pass
-    fits it to its size by the resize mode (the pipeline's control_images). Fitting first would make the
+    fits it to its size by the resize mode (orchestrator.pipeline.control.control_images). Fitting first would make the
     preprocessor see resize and fill's borders (canny: a frame of edges). A random module draws from numpy `seed`.
     With the resolution used (-1: none)."""
     if pre.name == "none":
