@@ -50,8 +50,8 @@ def _sigma(t: float) -> float:
 
 @dataclass
 class Attempt:
-    """One try from `s` towards `t`: its calls' points (in t), where its solution lands (`landing`, t' with eta) and
-    the noise then added (`up`); `first`: its first call's index among the run's."""
+    """One try from `s` towards `t` (in t = -log sigma): where its solution lands (`landing`, t' with eta), the noise
+    then added (`up`), and its first call's index among the run's (`first`); its calls lie at `at(0, R1, R2)`."""
 
     s: float
     t: float
@@ -124,7 +124,7 @@ class DPMAdaptiveScheduler(EulerDiscreteScheduler):
             low, high = edges[-2], edges[0]
         self.t_start, self.t_end = -math.log(high), -math.log(low)
         self.nominal = len(edges) - 1
-        self.s, self.h, self.errors, self.x_prev = self.t_start, H_INIT, [], None
+        self.s, self.h, self.x_prev = self.t_start, H_INIT, None
         self.accepted = self.rejected = 0
         self.points: list[float] = []
         self.current: Attempt | None = None
