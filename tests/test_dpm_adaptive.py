@@ -167,16 +167,19 @@ def test_the_eta_it_was_planned_for():
 
 
 @pytest.mark.slow
-def test_dpm_adaptive_in_process(local, init_image_png, edge_map_png):
+def test_dpm_adaptive_in_process(local, tmp_path, monkeypatch, init_image_png, edge_map_png):
     """txt2img's calls do not depend on the steps asked for (the model's whole range either way, as AUTOMATIC1111's);
     the progress ends at the steps asked for; img2img and inpainting run from their start; the hires fix's second
-    pass takes it; a ControlNet acts in its guidance range; a refiner is refused by name."""
+    pass takes it; a ControlNet acts in its guidance range; a refiner takes over at the first call past its switch
+    (decided as the calls are), and not at all at 1."""
     import numpy as np
     from PIL import Image
 
-    from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Refiner, Txt2ImgRequest
-    from orchestrator.pipeline.refiner import check_refiner
-    from tests.conftest import encode
+    from build.sd import SDBuildOptions, build_sd
+    from build.sd.weights import write_sd_checkpoint
+    from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Pipeline, Refiner, Txt2ImgRequest
+    from orchestrator.pipeline import refiner as refiner_module
+    from tests.conftest import IMAGES, encode
 
     base = Txt2ImgRequest(prompt="a cat", sampler="DPM adaptive", seed=3, steps=10, width=64, height=64)
     seen = []
@@ -201,8 +204,19 @@ def test_dpm_adaptive_in_process(local, init_image_png, edge_map_png):
     hires = local.txt2img(replace(base, hires=HiresFix(scale=1.5, upscaler="Latent", steps=4,
                                                        denoising_strength=0.6)))
     assert hires.images.shape[1:3] == (96, 96)
-    with pytest.raises(InputError, match="refiner_checkpoint with DPM adaptive"):
-        check_refiner(local, local, replace(base, refiner=Refiner("other", 0.5)))
+    weights = write_sd_checkpoint(tmp_path / "other", size="tiny", seed=5, controlnet=False)
+    build_sd(SDBuildOptions(weights=str(weights), repository=tmp_path / "repo", images=IMAGES, progress=False),
+             log=lambda _m: None)
+    other = Pipeline.from_repository(tmp_path / "repo")  # a refiner: another checkpoint of the same latent space
+    decided, starts = [], refiner_module.Handover.starts
+    monkeypatch.setattr(refiner_module.Handover, "starts",
+                        lambda self, index, t: decided.append((float(t), starts(self, index, t))) or decided[-1][1])
+    refined = local.txt2img(replace(base, refiner=Refiner(other.contract.title, 0.5)), refiner=other)
+    first = next(i for i, (_, started) in enumerate(decided) if started)  # AUTOMATIC1111's completed ratio
+    assert (999 - round(decided[first][0])) / 1000 >= 0.5 > max((999 - round(t)) / 1000 for t, _ in decided[:first])
+    assert not np.array_equal(refined.images, ten.images) and refined.info["refiner_switch_at"] == 0.5
+    never = local.txt2img(replace(base, refiner=Refiner(other.contract.title, 1.0)), refiner=other)
+    assert np.array_equal(never.images, ten.images)  # at 1 the base runs every call
 
 
 @pytest.mark.slow

@@ -252,7 +252,7 @@ class Pipeline:
                 stopped_at = None if stopped_at is None else len(timesteps) + stopped_at
 
         # 8. Decode (with the refiner's VAE once it took over); AUTOMATIC1111 pastes the original back outside the mask.
-        if handover is not None and (stopped_at is None or stopped_at > handover.index):
+        if handover is not None and handover.taken:
             components = handover.components
         images, masks = finished(components.vae.decode(latents.numpy()), latents, request, inpaint)
         info = run_info(self, request, seeding, stopped_at, padded)
@@ -283,7 +283,7 @@ class Pipeline:
                 raise Cancelled(f"cancelled after {index} of {len(timesteps)} steps")
             if stop_early is not None and stop_early():
                 return latents, index
-            if handover is not None and index == handover.index:
+            if handover is not None and handover.starts(index, t):
                 components, context = handover.components, handover.context
             skip_uncond = guided and skips_unconditional(request.s_min_uncond, scheduler, t, index)
             both = guided and not skip_uncond

@@ -23,13 +23,29 @@ if TYPE_CHECKING:
     from orchestrator.pipeline.requests import Txt2ImgRequest
 
 
-@dataclass(frozen=True)
+@dataclass
 class Handover:
-    """Where the refiner takes over (the index of its first step in the pass) and what it runs with."""
+    """Where the refiner takes over (the index of its first step in the pass; None: decided at each call, for a
+    sampler whose calls are not known ahead, DPM adaptive), what it runs with, and whether it took over (its VAE
+    decodes then)."""
 
-    index: int
+    index: int | None
     components: Components
     context: Prompted
+    switch_at: float = 1.0
+    taken: bool = False
+
+    def starts(self, index: int, timestep) -> bool:
+        """Whether call `index`, at `timestep`, runs the refiner's models (from the first that does on, the loop
+        keeps them)."""
+        starts = index == self.index if self.index is not None else _completed(timestep) >= self.switch_at
+        self.taken = self.taken or starts
+        return starts
+
+
+def _completed(timestep) -> float:
+    """AUTOMATIC1111's completed ratio at a timestep: (999 - t) / 1000, t rounded to the nearest training one."""
+    return (999 - round(float(timestep))) / 1000
 
 
 def check_refiner(base: Pipeline, refiner: Pipeline, request: Txt2ImgRequest) -> None:
@@ -38,8 +54,7 @@ def check_refiner(base: Pipeline, refiner: Pipeline, request: Txt2ImgRequest) ->
     if not 0 <= switch_at <= 1:
         raise InputError(f"refiner_switch_at: {switch_at} is not between 0 and 1")
     for what, refused in (("the hires fix", request.hires is not None), ("ControlNet", request.controlnet_units),
-                          ("tiling", request.tiling),
-                          ("DPM adaptive (its calls are not known ahead)", request.sampler.startswith("DPM adaptive"))):
+                          ("tiling", request.tiling)):
         if refused:
             raise InputError(f"refiner_checkpoint with {what} is not supported yet")
     ours, theirs = base.contract, refiner.contract
@@ -62,7 +77,7 @@ def switch_index(timesteps, switch_at: float) -> int | None:
     """The first step the refiner runs (AUTOMATIC1111's: the nearest training timestep's completed ratio); None:
     the base runs every step."""
     for index, t in enumerate(timesteps):
-        if (999 - round(float(t))) / 1000 >= switch_at:
+        if _completed(t) >= switch_at:
             return index
     return None
 
@@ -70,9 +85,11 @@ def switch_index(timesteps, switch_at: float) -> int | None:
 def handover(refiner: Pipeline, request: Txt2ImgRequest, prompts: list[str], timesteps,
              batch: int) -> Handover | None:
     """What the refiner runs with from its first step on (None: it never takes over in this pass)."""
-    index = switch_index(timesteps, request.refiner.switch_at)
-    if index is None:
+    ahead = not hasattr(timesteps, "done")  # DPM adaptive's calls (adaptive.Calls): decided as they run
+    index = switch_index(timesteps, request.refiner.switch_at) if ahead else None
+    if index is None and ahead:
         return None
     _, loras = refiner.lora_set(request.prompt)  # the prompt's LoRA tags apply to the refiner's models too
     parts = with_tiles(refiner.components.for_request(), request, refiner.limits)  # its own VAE, tiled as asked
-    return Handover(index, parts, refiner.encode_prompts(prompts, request, loras).repeat(batch))
+    return Handover(index, parts, refiner.encode_prompts(prompts, request, loras).repeat(batch),
+                    request.refiner.switch_at)
