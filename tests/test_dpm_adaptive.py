@@ -13,7 +13,7 @@ from kiln.errors import InputError
 from orchestrator.pipeline import adaptive
 from orchestrator.pipeline.sampling import schedule
 from orchestrator.pipeline.sigmas import Table
-from tests.test_second_order import SD15, _k_sigmas, _run
+from tests.test_second_order import SD15, _run, whole_range
 
 
 def _curved(scale: float):
@@ -116,12 +116,7 @@ def test_dpm_adaptive_is_automatic1111s(steps, start, scale):
     sample = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * 3
     rejected = 0
     for eta in (1.0, 0.0, 0.5):
-        scheduler, timesteps = schedule("DPM adaptive", SD15, steps, seed=0, start=start, eta=eta)
-        table = Table(scheduler.alphas_cumprod)
-        edges = _k_sigmas("Uniform", steps, scheduler.alphas_cumprod, False)[start or 0:]
-        low, high = (table.sigmas[0], table.sigmas[-1]) if start is None else (edges[-2], edges[0])
-        if start is None:
-            assert scheduler.init_noise_sigma == pytest.approx(high, rel=1e-5)
+        scheduler, timesteps, table, edges, low, high = whole_range("DPM adaptive", steps, start, eta)
         assert len(timesteps) == len(edges) - 1  # the steps asked for: progress and fractions count in them
         solver, generator = _Solver(_curved(scale), table), torch.Generator().manual_seed(5)
         expected, info = solver.adaptive(sample.double(), -math.log(high), -math.log(low), eta, generator)

@@ -261,6 +261,19 @@ def _dpm_fast(x, low: float, high: float, nfe: int, table: Table, eta: float, ge
     return x, calls
 
 
+def whole_range(name: str, steps: int, start: int | None, eta: float) -> tuple:
+    """DPM fast's or DPM adaptive's scheduler and calls, the table, the schedule's sigmas from the start, and the
+    (low, high) sigmas AUTOMATIC1111 runs it between: the model's whole range from noise (whose noise is the
+    schedule's first sigma, checked), an img2img start's sigma to the schedule's last above 0."""
+    scheduler, timesteps = schedule(name, SD15, steps, seed=0, start=start, eta=eta)
+    table = Table(scheduler.alphas_cumprod)
+    edges = _k_sigmas("Uniform", steps, scheduler.alphas_cumprod, False)[start or 0:]
+    low, high = (table.sigmas[0], table.sigmas[-1]) if start is None else (edges[-2], edges[0])
+    if start is None:
+        assert scheduler.init_noise_sigma == pytest.approx(high, rel=1e-5)
+    return scheduler, timesteps, table, edges, low, high
+
+
 @pytest.mark.parametrize("steps, start", [(6, None), (7, None), (8, None), (12, 5)])
 def test_dpm_fast_is_automatic1111s(steps, start):
     """AUTOMATIC1111's DPM fast (k-diffusion's sample_dpm_fast, written out above): from noise over the model's whole
@@ -271,12 +284,7 @@ def test_dpm_fast_is_automatic1111s(steps, start):
 
     sample = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * 3
     for eta in (1.0, 0.0, 0.5):
-        scheduler, timesteps = schedule("DPM fast", SD15, steps, seed=0, start=start, eta=eta)
-        table = Table(scheduler.alphas_cumprod)
-        edges = _k_sigmas("Uniform", steps, scheduler.alphas_cumprod, False)[start or 0:]
-        low, high = (table.sigmas[0], table.sigmas[-1]) if start is None else (edges[-2], edges[0])
-        if start is None:
-            assert scheduler.init_noise_sigma == pytest.approx(high, rel=1e-5)
+        scheduler, timesteps, table, edges, low, high = whole_range("DPM fast", steps, start, eta)
         generator = torch.Generator().manual_seed(5)
         expected, calls = _dpm_fast(sample.double(), low, high, len(edges) - 1, table, eta, generator)
         after = float(torch.randn(1, generator=generator))

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
 from kiln.errors import InputError
 from orchestrator.pipeline import noise
 from orchestrator.pipeline.ancestral import ancestral_step, predicted
+from orchestrator.pipeline.second_order import EulerEdges, WholeRange
 from orchestrator.pipeline.sigmas import Table
 
 RTOL, ATOL, H_INIT, ACCEPT_SAFETY = 0.05, 0.0078, 0.05, 0.81
@@ -93,35 +93,17 @@ class Calls:
         return self.scheduler.travelled(steps) if after else min(steps - 1, self.scheduler.travelled(steps))
 
 
-class DPMAdaptiveScheduler(EulerDiscreteScheduler):
-    """k-diffusion's sample_dpm_adaptive as AUTOMATIC1111 calls it (the module's docstring)."""
+class DPMAdaptiveScheduler(WholeRange, EulerEdges):
+    """k-diffusion's sample_dpm_adaptive as AUTOMATIC1111 calls it (the module's docstring), over DPM fast's range."""
 
     ancestral = True
     planned_eta = 1.0
-
-    def k_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """Euler's sigmas and timesteps, one a step (its schedule type's: sigmas.install wraps this): where img2img
-        starts and ends, and the start's noise."""
-        EulerDiscreteScheduler.set_timesteps(self, num_inference_steps, device)
-
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        self.k_timesteps(num_inference_steps, device)
-        self.edges = [float(s) for s in self.sigmas]
-        self.edge_timesteps = dict(zip(self.edges, map(float, self.timesteps)))
-        self.begin(None)
-
-    @property
-    def init_noise_sigma(self) -> float:
-        return self.edges[0]  # AUTOMATIC1111's start: noise x the schedule's first sigma
 
     def begin(self, start: int | None) -> Calls:
         """The run from noise (None) or from step `start` of the schedule (img2img's, the hires pass's)."""
         edges = self.edges[start or 0:]
         self.table = Table(self.alphas_cumprod)
-        if start is None:  # the model's whole range (AUTOMATIC1111: model_wrap.sigmas[0] and [-1])
-            low, high = float(np.float32(self.table.sigmas[0])), float(np.float32(self.table.sigmas[-1]))
-        else:
-            low, high = edges[-2], edges[0]
+        low, high = self.sigma_range(edges, start is None)
         self.t_start, self.t_end = -math.log(high), -math.log(low)
         self.nominal = len(edges) - 1
         self.s, self.h, self.x_prev = self.t_start, H_INIT, None

@@ -65,16 +65,12 @@ def _single(value: float) -> float:
     return float(np.float32(value))
 
 
-class PlannedSteps(EulerDiscreteScheduler):
-    """Euler's sigmas one a step (`edges`), planned into steps (plan) whose calls are laid out (begin); each call's
-    input and prediction are kept to the step's end (`inputs`, `predictions`), from which `toward` gives the next
-    call's input and `finish` the step's result."""
-
-    ancestral = False
-    planned_eta = 1.0
+class EulerEdges(EulerDiscreteScheduler):
+    """Euler's sigmas and timesteps one a step (`edges`, `edge_timesteps`), from which a sampler lays out its calls
+    (`begin`: from noise, or from step `start` of the schedule, img2img's and the hires pass's)."""
 
     def k_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """Euler's sigmas and timesteps, one a step: what the plan is made from."""
+        """Euler's sigmas and timesteps, one a step (its schedule type's: sigmas.install wraps this)."""
         EulerDiscreteScheduler.set_timesteps(self, num_inference_steps, device)
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
@@ -82,6 +78,35 @@ class PlannedSteps(EulerDiscreteScheduler):
         self.edges = [float(s) for s in self.sigmas]
         self.edge_timesteps = dict(zip(self.edges, map(float, self.timesteps)))
         self.begin(None)
+
+    def begin(self, start: int | None):
+        raise NotImplementedError
+
+
+class WholeRange:
+    """DPM fast's and DPM adaptive's range, as AUTOMATIC1111 hands k-diffusion its sigma_min and sigma_max: from noise
+    the model's whole range (its model_wrap.sigmas[0] and [-1]), the start's noise the schedule's first sigma; from an
+    img2img start, its sigma to the schedule's last above 0. Before EulerEdges in a class's bases."""
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return self.edges[0]  # AUTOMATIC1111's start: noise x the schedule's first sigma
+
+    def sigma_range(self, edges: list[float], from_noise: bool) -> tuple[float, float]:
+        """(lowest, highest) sigma the run goes between; from noise, as the float32 sigmas the model is called at."""
+        if from_noise:
+            table = Table(self.alphas_cumprod).sigmas
+            return _single(table[0]), _single(table[-1])
+        return edges[-2], edges[0]
+
+
+class PlannedSteps(EulerEdges):
+    """Euler's sigmas one a step (`edges`), planned into steps (plan) whose calls are laid out (begin); each call's
+    input and prediction are kept to the step's end (`inputs`, `predictions`), from which `toward` gives the next
+    call's input and `finish` the step's result."""
+
+    ancestral = False
+    planned_eta = 1.0
 
     def begin(self, start: int | None) -> torch.Tensor:
         """The calls from noise (None) or from step `start` of the schedule (img2img's, the hires pass's): lays them
@@ -219,7 +244,7 @@ class RestartScheduler(PlannedSteps):
         return int(np.argmin([abs(s - value) for s in sigmas]))
 
 
-class DPMFastScheduler(AncestralSteps):
+class DPMFastScheduler(WholeRange, AncestralSteps):
     """k-diffusion's sample_dpm_fast (DPM-Solver-Fast), as AUTOMATIC1111 runs it: steps evenly in log sigma from the
     model's highest sigma to its lowest (img2img: from its start's sigma to the schedule's last above 0), which it
     ends at, not at 0; DPM-Solver-3 steps (calls at the start, 1/3 and 2/3 of the way) but for the last one or two
@@ -228,11 +253,7 @@ class DPMFastScheduler(AncestralSteps):
 
     def plan(self, edges: list[float], from_noise: bool) -> list[Step]:
         calls = len(edges) - 1
-        if from_noise:  # the model's whole range; the start's noise is the schedule's first sigma (init_noise_sigma)
-            table = Table(self.alphas_cumprod).sigmas
-            low, high = _single(table[0]), _single(table[-1])
-        else:
-            low, high = edges[-2], edges[0]
+        low, high = self.sigma_range(edges, from_noise)
         t_end = -math.log(low)
         m = calls // 3 + 1
         ts = torch.linspace(-math.log(high), t_end, m + 1).double().tolist()
@@ -247,10 +268,6 @@ class DPMFastScheduler(AncestralSteps):
             up = math.sqrt(max(sigma_next**2 - math.exp(-2 * t_down), 0.0))
             steps.append(Step(points[0], math.exp(-t_down), points, up, True, ratios))
         return steps
-
-    @property
-    def init_noise_sigma(self) -> float:
-        return self.edges[0]  # AUTOMATIC1111's start: noise x the schedule's first sigma
 
     def toward(self, step: Step, k: int) -> torch.Tensor:
         h, eps_0, r_1 = math.log(step.sigma / step.target), self.slope(0, step), step.ratios[0]

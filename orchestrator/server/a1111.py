@@ -46,6 +46,7 @@ from orchestrator.server.options import (
     applied_setting,
     check_setting,
     check_value,
+    has_img2img_start,
     number_setting,
     setting_fields,
     sigma_fields,
@@ -167,8 +168,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   s_min_uncond=body.s_min_uncond,
                   s_tmax=body.s_tmax or math.inf, s_noise=body.s_noise, refiner=refiner(body),
                   controlnet=units, inpainting_mask_weight=applied_setting(  # (where it acts: a 9-channel UNet's)
-                      body, options, "inpainting_mask_weight", contract.inpainting_unet and (
-                          isinstance(body, schemas.Img2ImgBody) or bool(body.enable_hr))))
+                      body, options, "inpainting_mask_weight", contract.inpainting_unet and has_img2img_start(body)))
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     img2img = isinstance(body, schemas.Img2ImgBody)
     softly = soft.settings(body.alwayson_scripts, img2img, img2img and bool(body.mask))  # (without a mask: nothing)

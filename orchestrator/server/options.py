@@ -81,8 +81,7 @@ def setting_fields(body: schemas.Txt2ImgBody, options: dict) -> dict:
             "use_old_scheduling": bool_setting(body, options, "use_old_scheduling"),
             "discard_penultimate_sigma": bool_setting(body, options, "always_discard_next_to_last_sigma"),
             "sgm_noise_multiplier": bool_setting(body, options, "sgm_noise_multiplier"),
-            "extra_noise": applied_setting(body, options, "img2img_extra_noise",
-                                           isinstance(body, schemas.Img2ImgBody) or bool(body.enable_hr)),
+            "extra_noise": applied_setting(body, options, "img2img_extra_noise", has_img2img_start(body)),
             "eta_noise_seed_delta": body.override_settings.get("eta_noise_seed_delta", options["eta_noise_seed_delta"]),
             "randn_source": body.override_settings.get("randn_source", options["randn_source"])}
 
@@ -120,6 +119,12 @@ def number_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise InputError(f"override_settings.{key} must be a number, got {value!r}")
     return float(value)
+
+
+def has_img2img_start(body: schemas.Txt2ImgBody) -> bool:
+    """Whether the request has an img2img start (img2img's own, or the hires fix's second pass): where
+    img2img_extra_noise and a 9-channel UNet's inpainting_mask_weight act."""
+    return isinstance(body, schemas.Img2ImgBody) or bool(body.enable_hr)
 
 
 def applied_setting(body: schemas.Txt2ImgBody, options: dict, key: str, acts: bool) -> float:
