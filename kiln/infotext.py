@@ -59,6 +59,8 @@ def parameters_text(info: dict) -> str:
               ("RNG", info.get("rng")),
               *((label, info.get(key)) for key, label in SAMPLER_FIELDS.items()),
               ("Denoising strength", info.get("denoising_strength")),
+              ("Final denoising strength", info.get("final_denoising_strength")),  # the loopback script's
+              ("Denoising curve", info.get("denoising_curve")),
               ("Conditional mask weight", info.get("conditional_mask_weight")),
               # its labels, as AUTOMATIC1111's script writes them (before init adds the mask's fields)
               *(info.get("soft_inpainting") or {}).items(),

@@ -56,6 +56,18 @@ from orchestrator.server.sampler_names import hires_fix_sampler, sampler_name
 
 # -- scripts and passes ---------------------------------------------------------------------------------
 SCRIPTS = {"img2img": ("sd upscale",), "txt2img": ()}  # the selectable scripts kiln runs (script_name), by route
+# the scripts that run a request as generations of their own (orchestrator.server.cells): each by its name and the
+# other names it answers to, and the routes that have it
+CELL_SCRIPTS = {"prompt matrix": (("prompt_matrix",), ("txt2img", "img2img")),
+                "prompts from file or textbox": (("prompts_from_file",), ("txt2img", "img2img")),
+                "x/y/z plot": (("xyz plot", "xyz_grid"), ("txt2img", "img2img")),
+                "loopback": ((), ("img2img",))}
+
+
+def cell_script(body: schemas.Txt2ImgBody) -> str | None:
+    """The name of the script of CELL_SCRIPTS a body's script_name names, or None."""
+    name = (body.script_name or "").strip().lower()
+    return next((script for script, (others, _) in CELL_SCRIPTS.items() if name == script or name in others), None)
 
 
 def selected_script(body: schemas.Txt2ImgBody, networks: tuple[str, ...] = ()) -> SDUpscale | None:
@@ -66,10 +78,9 @@ def selected_script(body: schemas.Txt2ImgBody, networks: tuple[str, ...] = ()) -
         if body.script_args:
             raise InputError("script_args without script_name: there is no script to give them to")
         return None
-    for names in (("x/y/z plot", "xyz plot", "xyz_grid"), ("prompt matrix", "prompt_matrix")):
-        if body.script_name.strip().lower() in names:
-            raise InputError(f"script_name {names[0]!r} runs through /sdapi/v1/txt2img and /sdapi/v1/img2img (its "
-                             "images are tasks of their own: GET /v1/tasks lists them)")
+    if cell_script(body):
+        raise InputError(f"script_name {cell_script(body)!r} runs through /sdapi/v1/txt2img and /sdapi/v1/img2img "
+                         "(its images are tasks of their own: GET /v1/tasks lists them)")
     if body.script_name.lower() not in SCRIPTS[route]:
         raise InputError(f"script_name {body.script_name!r} is not one of this server's {route} scripts; it runs: "
                          f"{', '.join(SCRIPTS[route]) or 'none'} (GET /sdapi/v1/scripts)")
@@ -301,11 +312,12 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int,
 
 
 # -- a finished job -> AUTOMATIC1111's response ------------------------------------------------------
-def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
-    """AUTOMATIC1111's response: images (PNG with the infotext chunk), parameters (the request), info (JSON)."""
+def response_info(job: Job, body: schemas.Txt2ImgBody) -> dict:
+    """AUTOMATIC1111's response's info (its Processed.js()): the request as run, each image's prompt, seed and
+    infotext."""
     infos = job.infos
     first = infos[0] if infos else {}
-    info = {
+    return {
         # all_prompts as run (the styles applied), as AUTOMATIC1111 reports them
         "prompt": body.prompt, "all_prompts": [i.get("prompt", body.prompt) for i in infos],
         "negative_prompt": body.negative_prompt,
@@ -328,6 +340,11 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
         "is_using_inpainting_conditioning": "conditional_mask_weight" in first, "version": "kiln-0.1.0",
         "interrupted": job.interrupted,
     }
+
+
+def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
+    """AUTOMATIC1111's response: images (PNG with the infotext chunk), parameters (the request), info (JSON)."""
+    info, infos = response_info(job, body), job.infos
     images = [base64.b64encode(encode_png(image, {"parameters": parameters_text(i)})).decode()
               for image, i in zip(job.images, infos)] if body.send_images else []
     if body.send_images and job.context.get("detect_maps"):  # sd-webui-controlnet appends each unit's input

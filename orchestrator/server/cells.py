@@ -1,4 +1,5 @@
-"""The scripts that run a request as several generations (the X/Y/Z plot's cells, the prompt matrix's combinations):
+"""The scripts that run a request as several generations (the X/Y/Z plot's cells, the prompt matrix's combinations,
+the prompts from a file's lines, the loopback's loops):
 every cell checked before any is queued, all queued at once as the caller's tasks, so the step batcher denoises them
 together, and waited for together; the answer in AUTOMATIC1111's shape, its pictures first."""
 
@@ -51,23 +52,34 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
         for job in jobs:
             queued.append(queue.submit(job))
         await asyncio.gather(*(wait_for(request, job, state.settings.request_timeout_s) for job in jobs))
-    except Exception:
+    except BaseException:  # a timeout, the client gone, or the caller's task cancelled: nothing left running
         for job in queued:
             queue.cancel(job)
         raise
     return jobs
 
 
-async def save(request, body: schemas.Txt2ImgBody, kind: str, jobs: list[Job], grid: np.ndarray, info: dict,
+async def save(request, body: schemas.Txt2ImgBody, kind: str, jobs: list[Job], grid: np.ndarray | None, info: dict,
                basename: str) -> None:
-    """save_images: the jobs' images (unless do_not_save_samples) and the script's grid (unless do_not_save_grid,
-    as `basename`-NNNN.png, with `info`'s infotext)."""
+    """save_images: the jobs' images (unless their do_not_save_samples) and the script's grid, where it has one
+    (unless do_not_save_grid, as `basename`-NNNN.png, with `info`'s infotext)."""
     folder = request.app.state.settings.outputs_dir
-    if body.save_images and not body.do_not_save_samples:
-        for job in jobs:
+    for job in jobs if body.save_images else ():
+        if not job.context["body"].do_not_save_samples:
             await run_in_threadpool(save_logged, job, folder, False)
-    if body.save_images and not body.do_not_save_grid:
+    if body.save_images and grid is not None and not body.do_not_save_grid:
         await run_in_threadpool(save_grid, grid, info, kind, folder, basename)
+
+
+def details(job: Job, infos: list[dict], before: tuple[dict, ...] = ()) -> dict:
+    """The answer's info for a script's images: the first job's (a1111.response_info), with every image's prompts,
+    seed and infotext; `before`, the infos of the pictures before the images (a grid's), have infotexts only."""
+    out = a1111.response_info(job, job.context["body"])
+    out["all_prompts"] = [info.get("prompt", "") for info in infos]
+    out["all_negative_prompts"] = [info.get("negative_prompt", "") for info in infos]
+    out["all_seeds"] = [info.get("seed") for info in infos]
+    out["infotexts"] = [parameters_text(info) for info in (*before, *infos)]
+    return out
 
 
 def answer(body: schemas.Txt2ImgBody, images: list[tuple[np.ndarray, dict]], details: dict) -> dict:

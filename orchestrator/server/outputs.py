@@ -57,9 +57,10 @@ def save_grid(grid: np.ndarray, info: dict, kind: str, folder: Path, basename: s
     return path
 
 
-def image_grid(images: list[np.ndarray]) -> np.ndarray:
-    """AUTOMATIC1111's image_grid with its default options: round(sqrt(n)) rows, filled row by row."""
-    rows = min(max(round(math.sqrt(len(images))), 1), len(images))
+def image_grid(images: list[np.ndarray], rows: int | None = None) -> np.ndarray:
+    """AUTOMATIC1111's image_grid: `rows` rows (by default, as its default options, round(sqrt(n))), filled row by
+    row."""
+    rows = min(max(rows or round(math.sqrt(len(images))), 1), len(images))
     cols = math.ceil(len(images) / rows)
     height, width = images[0].shape[:2]
     grid = np.zeros((rows * height, cols * width, 3), dtype=np.uint8)

@@ -59,7 +59,9 @@ SETTINGS = {"Clip skip": ("CLIP_stop_at_last_layers", int), "VAE": ("sd_vae", st
             "Conditional mask weight": ("inpainting_mask_weight", float)}
 # Emphasis: only "Original", AUTOMATIC1111's default, is kiln's (checked below)
 INFORMATION = {"Size", "Hires resize", "Seed resize from", "Model hash", "VAE hash", "Lora hashes", "TI hashes",
-               "Hashes", "Version", "Emphasis"}
+               "Hashes", "Version", "Emphasis",
+               # a loopback loop's (the script's course; the loop's own fields make its image)
+               "Final denoising strength", "Denoising curve"}
 
 
 def _value(key: str, text: str, kind) -> Any:

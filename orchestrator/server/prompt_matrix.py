@@ -12,7 +12,6 @@ image; the grid's infotext is the first image's.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -21,13 +20,11 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.errors import InputError
-from kiln.infotext import parameters_text
 from orchestrator.jobs import Status
-from orchestrator.server import a1111
+from orchestrator.server import cells
 from orchestrator.server.cells import answer, fix_seeds, run_cells, save
 from orchestrator.server.generation import pipeline
 
-NAMES = ("prompt matrix", "prompt_matrix")
 # its arguments as AUTOMATIC1111's /sdapi/v1/script-info lists them
 ARGS = [{"label": "Put variable parts at start of prompt", "value": False},
         {"label": "Use different seed for each picture", "value": False},
@@ -36,10 +33,6 @@ ARGS = [{"label": "Put variable parts at start of prompt", "value": False},
         {"label": "Grid margins (px)", "value": 0, "minimum": 0, "maximum": 500, "step": 2}]
 MAX_PARTS = 7  # 64 combinations, the X/Y/Z plot's cap
 ACTIVE, INACTIVE = (0, 0, 0), (153, 153, 153)  # AUTOMATIC1111's label colours
-
-
-def is_prompt_matrix(body: schemas.Txt2ImgBody) -> bool:
-    return (body.script_name or "").strip().lower() in NAMES
 
 
 @dataclass(frozen=True)
@@ -143,10 +136,6 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     images = [(job.images[0], job.infos[0]) for job in jobs]
     grid = await run_in_threadpool(draw, matrix, [image for image, _ in images])
     await save(request, body, kind, jobs, grid, images[0][1], "prompt_matrix")
-    details = json.loads(a1111.to_response(jobs[0], jobs[0].context["body"])["info"])
-    details["all_prompts"] = [info.get("prompt", "") for _, info in images]
-    details["all_negative_prompts"] = [info.get("negative_prompt", "") for _, info in images]
-    details["all_seeds"] = [info.get("seed") for _, info in images]
-    details["infotexts"] = [parameters_text(info) for info in (images[0][1], *(info for _, info in images))]
+    details = cells.details(jobs[0], [info for _, info in images], before=(images[0][1],))
     details["prompt_matrix"] = {"images": len(jobs), "seconds": round(time.time() - jobs[0].created, 3)}
     return answer(body, [(grid, images[0][1]), *images], details)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 import random
 import re
@@ -141,10 +140,6 @@ def xyz_script_args(route: str) -> list[dict]:
         ("Draw legend", True), ("Include Sub Images", False), ("Include Sub Grids", False),
         ("Keep -1 for seeds", False), ("Grid margins (px)", 0), ("Use text inputs instead of dropdowns", False),
         ("Use raw text lines", False))]
-
-
-def is_xyz(body: schemas.Txt2ImgBody) -> bool:
-    return (body.script_name or "").strip().lower() in ("x/y/z plot", "xyz plot", "xyz_grid")
 
 
 @dataclass
@@ -345,7 +340,7 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
         if axis.label != "Nothing":
             info |= {f"{name.lower()}_type": axis.label, f"{name.lower()}_values": axis.text}
     await save(request, body, kind, done, grid, info, "xyz_grid")
-    details = json.loads(a1111.to_response(done[0], done[0].context["body"])["info"])
+    details = a1111.response_info(done[0], done[0].context["body"])
     lone = [(image, image_info) for job in done for image, image_info in zip(job.images, job.infos)] \
         if plot.include_lone_images else []
     details["infotexts"] = [parameters_text(info)] * (1 + len(subgrids)) + [parameters_text(i) for _, i in lone]

@@ -14,13 +14,16 @@ from kiln.errors import KilnError, NotFoundError
 from kiln.infotext import read_png_info
 from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
-from orchestrator.server import a1111, prompt_matrix, sampler_names, xyz
+from orchestrator.server import a1111, loopback, prompt_matrix, prompts_from_file, sampler_names, xyz
 from orchestrator.server.errors import APIError, as_api_error, count
 from orchestrator.server.generation import engine, own, response, served_contract, submit, wait_for
 from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.preview import preview_png
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
+# each of a1111.CELL_SCRIPTS's scripts: the module whose run(request, kind, body) answers its requests
+CELL_SCRIPTS = {"x/y/z plot": xyz, "prompt matrix": prompt_matrix, "prompts from file or textbox": prompts_from_file,
+                "loopback": loopback}
 
 
 async def own_running(request: Request) -> list[Job]:
@@ -31,7 +34,7 @@ async def own_running(request: Request) -> list[Job]:
 async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     endpoint = f"/sdapi/v1/{kind}"
     try:
-        script = xyz if xyz.is_xyz(body) else prompt_matrix if prompt_matrix.is_prompt_matrix(body) else None
+        script = CELL_SCRIPTS.get(a1111.cell_script(body))
         if script is not None:  # generations of their own (orchestrator.server.cells)
             answer = await script.run(request, kind, body)
             count(request, endpoint, "200")
