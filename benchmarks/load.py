@@ -1,5 +1,5 @@
-"""What the benchmarks share: the machine line of their tables, the concurrent load generator, the writing of
-results, a bar chart of seconds per arm."""
+"""What the benchmarks share: the machine line of their tables, the concurrent load generator, alternating timed
+rounds, the writing of results, a bar chart of seconds per arm."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kiln.machine import machine
 
-__all__ = ["bar_chart", "machine", "machine_line", "run_concurrently", "write_results"]
+__all__ = ["alternate", "bar_chart", "machine", "machine_line", "run_concurrently", "write_results"]
 
 
 def machine_line(info: dict) -> str:
@@ -27,6 +27,22 @@ def run_concurrently(worker: Callable[[int], None], count: int) -> float:
     for thread in threads:
         thread.join()
     return time.perf_counter() - start
+
+
+def alternate(arms: dict[str, Callable[[], object]], rounds: int, desc: str) -> tuple[dict[str, float], dict]:
+    """Each arm once to warm up, then `rounds` rounds of every arm in turn (so drift hits all alike): each arm's median
+    seconds, and what each arm's last call returned."""
+    import numpy as np
+    from tqdm import tqdm
+
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    last = {name: call() for name, call in arms.items()}
+    for _ in tqdm(range(rounds), desc=desc, unit="round"):
+        for name, call in arms.items():
+            start = time.perf_counter()
+            last[name] = call()
+            times[name].append(time.perf_counter() - start)
+    return {name: round(float(np.median(t)), 3) for name, t in times.items()}, last
 
 
 def write_results(stem: Path, result: dict, table: Callable[[dict], str], plot: Callable[[dict, Path], None],

@@ -12,60 +12,61 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
+import httpx
 
-from benchmarks.load import bar_chart, machine, machine_line, write_results
+from benchmarks.load import alternate, bar_chart, machine, machine_line, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEEDS, SCALES = (1, 2, 3), (4.0, 7.0, 10.0)
 
 
-def run(rounds: int, steps: int, work: Path, log=print) -> dict:
-    import httpx
-
+@contextmanager
+def tiny_api(work: Path, log=print) -> Iterator[tuple[httpx.Client, int]]:
+    """The tiny seeded-random SD pipeline served: the embedded Triton and the API service (step batching on); an HTTP
+    client to it and the pipeline's image side."""
     from benchmarks.serve import PIPELINES, ServeBenchOptions, _repository
     from kiln.triton_server import TritonOptions, TritonServer, free_port
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
 
     repo = _repository(ServeBenchOptions(out=work, pipeline="tiny", skip_build=True), log)
-    side = PIPELINES["tiny"][1]
-    base = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": steps, "width": side, "height": side}
-    grid_body = base | {"seed": SEEDS[0], "script_name": "x/y/z plot",
-                        "script_args": ["Seed", ", ".join(map(str, SEEDS)), None, "CFG Scale",
-                                        ", ".join(map(str, SCALES)), None]}
-    times: dict[str, list[float]] = {"grid (one request, 9 concurrent cells)": [], "9 requests one after another": []}
-    with TritonServer(TritonOptions.on_free_ports(repo, work / "bench_xyz_triton.log")) as triton:
+    with TritonServer(TritonOptions.on_free_ports(repo, work / "bench_scripts_triton.log")) as triton:
         service = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), request_timeout_s=3600))
         try:
             with httpx.Client(base_url=service.url, timeout=3600) as client:
-                def grid() -> dict:
-                    answer = client.post("/sdapi/v1/txt2img", json=grid_body)
-                    answer.raise_for_status()
-                    return answer.json()
-
-                def sequential() -> None:
-                    for scale in SCALES:
-                        for seed in SEEDS:
-                            client.post("/sdapi/v1/txt2img", json=base | {"seed": seed, "cfg_scale": scale}
-                                        ).raise_for_status()
-
-                grid(), sequential()  # warm-up
-                for _ in tqdm(range(rounds), desc="bench xyz", unit="round"):
-                    for name, call in zip(times, (grid, sequential)):
-                        start = time.perf_counter()
-                        last = call()
-                        times[name].append(time.perf_counter() - start)
-                        if last is not None:
-                            picture = last
+                yield client, PIPELINES["tiny"][1]
         finally:
             service.stop()
+
+
+def post(client: httpx.Client, route: str, body: dict) -> dict:
+    answer = client.post(route, json=body)
+    answer.raise_for_status()
+    return answer.json()
+
+
+def run(rounds: int, steps: int, work: Path, log=print) -> dict:
+    with tiny_api(work, log) as (client, side):
+        base = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": steps, "width": side,
+                "height": side}
+        grid_body = base | {"seed": SEEDS[0], "script_name": "x/y/z plot",
+                            "script_args": ["Seed", ", ".join(map(str, SEEDS)), None, "CFG Scale",
+                                            ", ".join(map(str, SCALES)), None]}
+
+        def sequential() -> None:
+            for scale in SCALES:
+                for seed in SEEDS:
+                    post(client, "/sdapi/v1/txt2img", base | {"seed": seed, "cfg_scale": scale})
+
+        rows, last = alternate({"grid (one request, 9 concurrent cells)":
+                                lambda: post(client, "/sdapi/v1/txt2img", grid_body),
+                                "9 requests one after another": sequential}, rounds, "bench xyz")
+    picture = last["grid (one request, 9 concurrent cells)"]
     (RESULTS / "xyz-grid-tiny.png").write_bytes(base64.b64decode(picture["images"][0]))
-    rows = {name: round(float(np.median(t)), 3) for name, t in times.items()}
     grid_s, sequential_s = rows.values()
     return {"machine": machine(), "rounds": rounds, "steps": steps, "side": side, "cells": len(SEEDS) * len(SCALES),
             "seconds": rows, "speedup": round(sequential_s / grid_s, 2),

@@ -53,6 +53,15 @@ def soft_mask(data: bytes, width: int, height: int, blur: Blur, invert: bool, re
     return shaped(mask, width, height, resize_mode)
 
 
+def given_mask(data: bytes, what: str = "latent_mask") -> Image.Image:
+    """A mask taken as it is (AUTOMATIC1111's latent_mask: no alpha, blur, inversion or resize), as a PIL "L" image,
+    white = repaint."""
+    try:
+        return decode_image(data, ImageLimits(min_side=1)).convert("L")
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
+
+
 def gaussian_blur(mask: Image.Image, x: int, y: int) -> Image.Image:
     """AUTOMATIC1111's mask blur: OpenCV's GaussianBlur along x, then along y, each over 2 int(2.5 r + 0.5) + 1
     pixels with sigma r, the edges mirrored without repeating the edge pixel (BORDER_REFLECT_101), in OpenCV's 8-bit

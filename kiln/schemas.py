@@ -184,13 +184,13 @@ class Img2ImgBody(Txt2ImgBody):
     # instruct-pix2pix's image guidance (an edit checkpoint's; elsewhere 1.5, AUTOMATIC1111's UI default, or none)
     image_cfg_scale: float | None = None
     include_init_images: bool = False
+    # what the latents are blended by and the fill paints by, as given (base64, width x height, white = repaint; not
+    # blurred or inverted); None: the mask. AUTOMATIC1111's API passes it on undecoded (and fails); kiln decodes it
     latent_mask: str | None = None
     mask_round: bool = True  # false: the mask's alpha, the latent mask and a 9-channel UNet's mask stay soft
 
     @model_validator(mode="after")
     def _unsupported_img2img(self):
-        if self.latent_mask:
-            raise ValueError("latent_mask is not supported by this server")
         if self.firstphase_width or self.firstphase_height:
             raise ValueError("firstphase_width and firstphase_height are txt2img's first pass size; img2img has no "
                              "first pass (its size is width and height)")

@@ -72,9 +72,9 @@ def _png(size=(64, 64), color=(200, 80, 40)) -> str:
     return base64.b64encode(encode(image)).decode()
 
 
-def _mask() -> str:
+def _mask(box=(16, 16, 48, 48)) -> str:
     mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 48))
+    mask.paste(255, box)
     return base64.b64encode(encode(mask)).decode()
 
 
@@ -83,7 +83,7 @@ def _photo() -> str:
     return base64.b64encode(encode(photo)).decode()
 
 
-INIT, WIDE, MASK, PHOTO = _png(), _png((128, 48), (40, 90, 200)), _mask(), _photo()
+INIT, WIDE, MASK, LATENT, PHOTO = _png(), _png((128, 48), (40, 90, 200)), _mask(), _mask((24, 24, 40, 40)), _photo()
 HIRES = {"enable_hr": True, "denoising_strength": 0.6}
 CHURN = {"s_churn": 0.6}
 INPAINT = {"mask": MASK, "inpaint_full_res": False}
@@ -203,7 +203,7 @@ IMG2IMG = {
                                  {"mask": MASK, "inpaint_full_res": True}, "image"),
     "inpainting_mask_invert": (INPAINT | {"inpainting_mask_invert": 1}, INPAINT, "image"),
     "initial_noise_multiplier": ({"initial_noise_multiplier": 0.7}, {}, "image"),
-    "latent_mask": (INPAINT | {"latent_mask": MASK}, {}, ("refused", 422, "latent_mask")),
+    "latent_mask": (INPAINT | {"latent_mask": LATENT}, INPAINT, "image"),
     "include_init_images": ({"include_init_images": True}, {}, "echoes_init_images"),
     "firstpass_image": ({"firstpass_image": INIT}, {}, ("refused", 422, "firstpass_image: the hires fix")),
     "script_name": ({"script_name": "sd upscale", "script_args": [None, 16, "Lanczos", 1.5]}, {}, (96, 96)),

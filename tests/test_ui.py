@@ -8,6 +8,7 @@ service runs one worker here so that tasks really queue (positions, cancelling a
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,31 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     info = page.inner_text("#info")
     assert "Soft inpainting enabled: True" in info and "Soft inpainting difference threshold: 1.25" in info
     page.uncheck("[name=soft_inpainting]")
+    # AUTOMATIC1111's Loopback (img2img only): two loops, their grid first, the strength moving to the final one.
+    page.click("#loopback summary")
+    page.check("[name=loopback]")
+    page.fill("#loopback-loops", "2")
+    page.fill("#loopback-final", "0.4")
+    page.fill("[name=steps]", "4")
+    page.click("#submit")
+    settle(page, "Loopback done")
+    assert page.locator("#results img").count() == 1 + 2
+    page.click("#results img >> nth=2")
+    assert "Denoising strength: 0.4, Final denoising strength: 0.4, Denoising curve: Linear" in page.inner_text("#info")
+    page.uncheck("[name=loopback]")
+    # Poor man's outpainting (img2img only): the photo grown on every side is too many 64x64 tiles, which the server
+    # says (the painted mask is not sent: the script makes its own).
+    page.click("#outpainting summary")
+    page.check("[name=outpainting]")
+    page.fill("#outpaint-pixels", "32")
+    page.click("#submit")
+    page.wait_for_selector("#form-error:not([hidden])")
+    assert re.search(r"poor man's outpainting: \d+ tiles of 64x64; at most 64", page.inner_text("#form-error"))
+    assert [e for e in page.errors if "422" in e] == page.errors != []  # the refusal, and nothing else
+    page.errors.clear()
+    page.uncheck("[name=outpainting]")
+    page.click("[data-tab=txt2img]")
+    assert page.is_hidden("#loopback")  # img2img's only
 
     # ControlNet: a unit with its image and module, in txt2img.
     page.click("[data-tab=txt2img]")
@@ -259,6 +285,23 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     assert page.inner_text("#info").startswith("a photo of a cat, red, at night")
     page.uncheck("[name=prompt_matrix]")
     shot(page, "prompt-matrix")
+    # Prompts from file or textbox: a line each, its options over the form's; with the matrix too, one is asked for.
+    page.click("#prompts-from-file summary")
+    page.check("[name=prompts_from_file]")
+    page.fill("#lines-text", "red\n--prompt at night --steps 2 --seed 5")
+    page.select_option("#lines-position", "end")
+    page.check("[name=prompt_matrix]")
+    page.click("#submit")
+    page.wait_for_selector("#form-error:not([hidden])")
+    assert "choose one script" in page.inner_text("#form-error")
+    page.uncheck("[name=prompt_matrix]")
+    page.click("#submit")
+    settle(page, "Prompts from file done")
+    assert page.locator("#results img").count() == 2
+    page.click("#results img >> nth=1")
+    info = page.inner_text("#info")
+    assert info.startswith("a photo of a cat|red|at night at night") and "Steps: 2" in info and "Seed: 5," in info
+    page.uncheck("[name=prompts_from_file]")
 
     # Classify: an image in, its top labels out.
     page.click("[data-tab=classify]")

@@ -15,6 +15,7 @@ from kiln.masks import (
     blur_radius,
     crop_region,
     fill_masked,
+    given_mask,
     init_overlay,
     latent_mask,
     paste_outside_mask,
@@ -117,10 +118,12 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     batch = shape[0]
     soft = soft_mask(request.mask, request.width, request.height, request.mask_blur, request.inpainting_mask_invert,
                      request.mask_resize, request.mask_round)
-    repaint = torch.from_numpy(latent_mask(soft, shape[3], shape[2], request.mask_round))[None]
+    # the latents' blend and the fill by the latent mask where one is given (AUTOMATIC1111's latent_mask), else the mask
+    given = given_mask(request.latent_mask) if request.latent_mask else soft
+    repaint = torch.from_numpy(latent_mask(given, shape[3], shape[2], request.mask_round))[None]
     pixels = vae_input(request.init_image, request.width, request.height)
     if request.inpainting_fill != 1:  # all but "original": the masked area painted with the colours around it first
-        filled = fill_masked(resized_rgb(request.init_image, request.width, request.height), soft)
+        filled = fill_masked(resized_rgb(request.init_image, request.width, request.height), given)
         pixels = np.float32(2.0) * unit_range(filled) - np.float32(1.0)
     mask = rounded(soft, request.mask_round)
     nine = contract.inpainting_unet  # a 9-channel UNet also takes the masked image's latents (drawn last)

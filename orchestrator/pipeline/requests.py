@@ -208,6 +208,10 @@ class Img2ImgRequest(Txt2ImgRequest):
     init_image: bytes = b""  # encoded image (PNG/JPEG/...); resized to width x height ("just resize")
     denoising_strength: float = 0.75  # 0: the init image back; 1: all steps, from the image plus the whole noise
     mask: bytes = b""  # inpainting: white = repaint, black = keep (empty: plain img2img)
+    # AUTOMATIC1111's latent_mask (its Poor man's outpainting sets one): what the latents are blended by and the fill
+    # paints by, as given (width x height, white = repaint; not blurred, inverted or shaped); empty: the mask. The
+    # mask still makes the overlay and a 9-channel UNet's mask.
+    latent_mask: bytes = b""
     # Gaussian blur radius applied to the mask first (AUTOMATIC1111's default 4), or (x, y): mask_blur_x/y
     mask_blur: int | tuple[int, int] = 4
     inpainting_mask_invert: bool = False  # repaint the black part instead

@@ -151,6 +151,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
             raise InputError(f"inpaint_full_res_padding must be a non-negative integer, "
                              f"got {request.inpaint_full_res_padding!r}")
         soft_inpainting.check(request)
+        _check_latent_mask(request)
     _number_in("inpainting_mask_weight", request.inpainting_mask_weight, 0, 1)
     if request.inpainting_mask_weight != 1 and not contract.inpainting_unet:
         raise InputError(f"inpainting_mask_weight (Conditional mask weight) weighs the masked image a 9-channel "
@@ -219,6 +220,24 @@ def _check_prompt(name: str, text, limits: Limits) -> None:
     if name in ("prompt", "hr_prompt"):  # its LoRA tags leave it (the pipeline applies them); not the negative's
         text = split_lora_tags(text)[0]
     check_prompt_syntax(text, name, parts=name in ("prompt", "hr_prompt"))  # never taken as text
+
+
+def _check_latent_mask(request: Img2ImgRequest) -> None:
+    """A latent mask (AUTOMATIC1111's latent_mask) changes an inpainting's blend: it needs the mask, and a whole
+    picture of width x height (not "only masked"'s crop, not soft inpainting's own blend)."""
+    if not request.latent_mask:
+        return
+    for needed, why in ((request.inpainting, "needs a mask: it changes inpainting's blend"),
+                        (not request.inpaint_full_res, "with inpaint_full_res (only masked) is not supported: it "
+                                                       "inpaints a crop"),
+                        (request.soft_inpainting is None, "with soft inpainting is not supported: it blends by the "
+                                                          "mask's grey levels")):
+        if not needed:
+            raise InputError(f"latent_mask {why}")
+    width, height = header_size(request.latent_mask, "latent_mask")
+    if (width, height) != (request.width, request.height):
+        raise InputError(f"latent_mask is {width}x{height}; it must be the image's size, {request.width}x"
+                         f"{request.height}")
 
 
 def _check_latent_resize(request: Img2ImgRequest, contract: SDContract) -> None:

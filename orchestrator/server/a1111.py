@@ -61,7 +61,8 @@ SCRIPTS = {"img2img": ("sd upscale",), "txt2img": ()}  # the selectable scripts 
 CELL_SCRIPTS = {"prompt matrix": (("prompt_matrix",), ("txt2img", "img2img")),
                 "prompts from file or textbox": (("prompts_from_file",), ("txt2img", "img2img")),
                 "x/y/z plot": (("xyz plot", "xyz_grid"), ("txt2img", "img2img")),
-                "loopback": ((), ("img2img",))}
+                "loopback": ((), ("img2img",)),
+                "poor man's outpainting": (("poor mans outpainting", "poormans_outpainting"), ("img2img",))}
 
 
 def cell_script(body: schemas.Txt2ImgBody) -> str | None:
@@ -196,6 +197,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
         raise InputError(f"init_images must hold exactly one image, got {len(body.init_images)}")
     init = decode_b64_image(body.init_images[0], "init_images[0]", limits.max_image_pixels)
     mask = decode_b64_image(body.mask, "mask", limits.max_image_pixels) if body.mask else b""
+    latent = decode_b64_image(body.latent_mask, "latent_mask", limits.max_image_pixels) if body.latent_mask else b""
     # "Only masked" crops the init image as it is; resize_mode shapes the whole picture otherwise (as AUTOMATIC1111).
     if not (mask and body.inpaint_full_res):
         init = resize_init_image(init, body.width, body.height, body.resize_mode)
@@ -206,7 +208,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
         blur = x if x == y else (x, y)
     # AUTOMATIC1111 pastes the original back outside the mask: clients expect the kept area untouched.
     return Img2ImgRequest(**fields, init_image=init, denoising_strength=body.denoising_strength, mask=mask,
-                          mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
+                          latent_mask=latent, mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
                           mask_round=body.mask_round and softly is None, soft_inpainting=softly,  # (as its script)
                           mask_resize=0 if body.inpaint_full_res else body.resize_mode,
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,

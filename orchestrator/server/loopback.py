@@ -93,7 +93,7 @@ async def chain(request, body: schemas.Img2ImgBody, loopback: Loopback, number: 
             **({"inpainting_fill": 1} if loop else {})})
         name = f"loopback loop {loop + 1}" + (f" of chain {number + 1}" if number else "")
         [job] = await cells.run_cells(request, "img2img", [cell], lambda _, name=name: name)
-        if job.error is not None:
+        if job.error is not None:  # with its own status: the loop's input (422) or the server's trouble
             raise job.error
         if job.status != Status.DONE or not job.images or job.interrupted or job.skipped:
             break

@@ -28,20 +28,32 @@ def save_job_images(job: Job, folder: Path, grid: bool = True) -> list[Path]:
     if job.status != Status.DONE or not job.images:
         return []
     kind, date = "img2img" if job.kind == "img2img" else "txt2img", time.strftime("%Y-%m-%d")
-    day, grids = folder / f"{kind}-images" / date, folder / f"{kind}-grids" / date
-    paths = []
+    grids = folder / f"{kind}-grids" / date
     with _LOCK:
-        day.mkdir(parents=True, exist_ok=True)
-        number = _next_number(day, _NUMBERED)
-        for offset, (image, info) in enumerate(zip(job.images, job.infos)):
-            path = day / f"{number + offset:05d}-{info.get('seed')}.png"
-            path.write_bytes(encode_png(image, {"parameters": parameters_text(info)}))
-            paths.append(path)
+        paths = _write_samples(list(zip(job.images, job.infos)), kind, folder)
         if grid and len(job.images) > 1:
             grids.mkdir(parents=True, exist_ok=True)
             path = grids / f"grid-{_next_number(grids, _GRID):04d}.png"
             path.write_bytes(encode_png(image_grid(job.images), {"parameters": parameters_text(job.infos[0])}))
             paths.append(path)
+    return paths
+
+
+def save_picture(image: np.ndarray, info: dict, kind: str, folder: Path) -> Path:
+    """One picture a script made of its jobs' (poor man's outpainting's), saved as a job's image is."""
+    with _LOCK:
+        return _write_samples([(image, info)], "img2img" if kind == "img2img" else "txt2img", folder)[0]
+
+
+def _write_samples(pictures: list[tuple[np.ndarray, dict]], kind: str, folder: Path) -> list[Path]:
+    """outputs/<kind>-images/<date>/<number>-<seed>.png, numbered on from the folder's highest (under _LOCK)."""
+    day = folder / f"{kind}-images" / time.strftime("%Y-%m-%d")
+    day.mkdir(parents=True, exist_ok=True)
+    number, paths = _next_number(day, _NUMBERED), []
+    for offset, (image, info) in enumerate(pictures):
+        path = day / f"{number + offset:05d}-{info.get('seed')}.png"
+        path.write_bytes(encode_png(image, {"parameters": parameters_text(info)}))
+        paths.append(path)
     return paths
 
 

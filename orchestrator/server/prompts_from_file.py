@@ -170,6 +170,8 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     line_bodies = bodies(body, lines)
     jobs = await cells.run_cells(request, kind, line_bodies, lambda i: f"prompts from file or textbox line {i + 1}")
     for number, job in enumerate(jobs, 1):
+        if job.error is not None and not isinstance(job.error, InputError):
+            raise job.error  # the server's trouble (Triton gone, ...), with its own status
         if job.status != Status.DONE or not job.images:
             raise InputError(f"prompts from file or textbox: line {number} was not made "
                              f"({job.error or job.status.value})")

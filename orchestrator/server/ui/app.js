@@ -211,11 +211,28 @@ async function submit(event) {
     return;
   }
   if (state.tab === "xyz") return runXYZ(body);
-  if ($("#generate").prompt_matrix.checked) {  // AUTOMATIC1111's script: [put_at_start, different_seeds, ...]
-    return runScript(kind, body, "prompt matrix", "Prompt matrix", [
+  // AUTOMATIC1111's selectable scripts, with their script_args: one at a time, as there
+  const form = $("#generate");
+  const scripts = [
+    form.prompt_matrix.checked && [kind, body, "prompt matrix", "Prompt matrix", [
       $("#matrix-at-start").checked, $("#matrix-different-seeds").checked, $("#matrix-prompt-type").value,
-      $("#matrix-delimiter").value, numberOr($("#matrix-margin").value, 0)]);
+      $("#matrix-delimiter").value, numberOr($("#matrix-margin").value, 0)]],
+    form.prompts_from_file.checked && [kind, body, "prompts from file or textbox", "Prompts from file", [
+      $("#lines-iterate").checked, $("#lines-same-seed").checked, $("#lines-position").value,
+      $("#lines-text").value], kind],
+    kind === "img2img" && form.loopback.checked && [kind, body, "loopback", "Loopback", [
+      numberOr($("#loopback-loops").value, 4), numberOr($("#loopback-final").value, 0.5),
+      $("#loopback-curve").value, "None"]],
+    // (its own masks: a painted one stays for the next inpainting)
+    kind === "img2img" && form.outpainting.checked && [kind, { ...body, mask: undefined }, "poor man's outpainting",
+      "Outpainting", [
+      numberOr($("#outpaint-pixels").value, 128), numberOr($("#outpaint-blur").value, 4),
+      Number($("#outpaint-fill").value), $$("#outpaint-directions input:checked").map(box => box.value)], "grid"],
+  ].filter(Boolean);
+  if (scripts.length > 1) {
+    return showError("choose one script: the prompt matrix, prompts from file, loopback or outpainting");
   }
+  if (scripts.length) return runScript(...scripts[0]);
   try {
     const accepted = await api("POST", `/v1/tasks/${kind}`, body);
     track(accepted.id, kind, body.prompt);
@@ -528,7 +545,7 @@ function showSliders(unit) {
   }));
 }
 
-// -- X/Y/Z plot and prompt matrix: AUTOMATIC1111's scripts through the API; their images run as tasks through the
+// -- X/Y/Z plot and the other scripts: AUTOMATIC1111's scripts through the API; their images run as tasks through the
 // step batcher -------------------------------------------------------------------------------------------------------
 async function runXYZ(body) {
   const axes = $$(".axis").map(axis => [$(".axis-type", axis).value || "Nothing", $(".axis-values", axis).value]);
