@@ -16,6 +16,8 @@ import base64
 import io
 from pathlib import Path
 
+import httpx
+
 from benchmarks.load import alternate, grouped_bar_chart, machine, machine_line, write_results
 from benchmarks.xyz import RESULTS, post, tiny_api
 
@@ -32,38 +34,38 @@ def _init_image(side: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def run(rounds: int, steps: int, lines: int, chains: int, loops: int, work: Path, log=print) -> dict:
+def run(rounds: int, steps: int, lines: int, chains: int, loops: int, client: httpx.Client, side: int) -> dict:
+    """Both scripts against their generations one by one (client, side: xyz.tiny_api's)."""
     from orchestrator.server.loopback import Loopback
 
-    with tiny_api(work, log) as (client, side):
-        base = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": steps, "width": side,
-                "height": side, "seed": 1}
-        prompts = [f"a photo of a cat, variation {k}" for k in range(lines)]
-        file_body = base | {"prompt": "", "script_name": "prompts from file or textbox",
-                            "script_args": [True, False, "start", "\n".join(prompts)]}
+    base = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": steps, "width": side,
+            "height": side, "seed": 1}
+    prompts = [f"a photo of a cat, variation {k}" for k in range(lines)]
+    file_body = base | {"prompt": "", "script_name": "prompts from file or textbox",
+                        "script_args": [True, False, "start", "\n".join(prompts)]}
 
-        def lines_one_by_one() -> None:
-            for k, prompt in enumerate(prompts):
-                post(client, "/sdapi/v1/txt2img", base | {"prompt": prompt, "seed": 1 + k})
+    def lines_one_by_one() -> None:
+        for k, prompt in enumerate(prompts):
+            post(client, "/sdapi/v1/txt2img", base | {"prompt": prompt, "seed": 1 + k})
 
-        init = _init_image(side)
-        loop_body = base | {"init_images": [init], "denoising_strength": 0.75, "n_iter": chains,
-                            "script_name": "loopback", "script_args": [loops, 0.5, "Linear", "None"]}
-        course = Loopback(loops, 0.75, 0.5, "Linear")
+    init = _init_image(side)
+    loop_body = base | {"init_images": [init], "denoising_strength": 0.75, "n_iter": chains,
+                        "script_name": "loopback", "script_args": [loops, 0.5, "Linear", "None"]}
+    course = Loopback(loops, 0.75, 0.5, "Linear")
 
-        def loops_one_by_one() -> None:
-            for chain in range(chains):
-                image = init
-                for loop in range(loops):
-                    answer = post(client, "/sdapi/v1/img2img", base | {
-                        "init_images": [image], "seed": 1 + chain * loops + loop,
-                        "denoising_strength": course.strength(loop)})
-                    image = answer["images"][0]
+    def loops_one_by_one() -> None:
+        for chain in range(chains):
+            image = init
+            for loop in range(loops):
+                answer = post(client, "/sdapi/v1/img2img", base | {
+                    "init_images": [image], "seed": 1 + chain * loops + loop,
+                    "denoising_strength": course.strength(loop)})
+                image = answer["images"][0]
 
-        prompts_s, _ = alternate({ONE: lambda: post(client, "/sdapi/v1/txt2img", file_body),
-                                  SEQUENTIAL: lines_one_by_one}, rounds, "bench prompts from file")
-        loopback_s, _ = alternate({ONE: lambda: post(client, "/sdapi/v1/img2img", loop_body),
-                                   SEQUENTIAL: loops_one_by_one}, rounds, "bench loopback")
+    prompts_s, _ = alternate({ONE: lambda: post(client, "/sdapi/v1/txt2img", file_body),
+                              SEQUENTIAL: lines_one_by_one}, rounds, "bench prompts from file")
+    loopback_s, _ = alternate({ONE: lambda: post(client, "/sdapi/v1/img2img", loop_body),
+                               SEQUENTIAL: loops_one_by_one}, rounds, "bench loopback")
     scripts = {f"Prompts from file, {lines} lines": prompts_s,
                f"Loopback, {chains} chains x {loops} loops": loopback_s}
     return {"machine": machine(), "rounds": rounds, "steps": steps, "side": side, "seconds": scripts,
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=Path(".kiln/bench"))
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    result = run(args.rounds, args.steps, args.lines, args.chains, args.loops, args.work)
+    with tiny_api(args.work) as (client, side):
+        result = run(args.rounds, args.steps, args.lines, args.chains, args.loops, client, side)
     return write_results(RESULTS / "scripts-tiny", result, table, plot)
 
 

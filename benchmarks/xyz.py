@@ -25,15 +25,15 @@ SEEDS, SCALES = (1, 2, 3), (4.0, 7.0, 10.0)
 
 
 @contextmanager
-def tiny_api(work: Path, log=print) -> Iterator[tuple[httpx.Client, int]]:
-    """The tiny seeded-random SD pipeline served: the embedded Triton and the API service (step batching on); an HTTP
-    client to it and the pipeline's image side."""
-    from benchmarks.serve import PIPELINES, ServeBenchOptions, _repository
+def tiny_api(work: Path, log=print, repo: Path | None = None) -> Iterator[tuple[httpx.Client, int]]:
+    """The tiny seeded-random SD pipeline (built under `work` once; or `repo`, a built one) served: the embedded
+    Triton and the API service (step batching on); an HTTP client to it and the pipeline's image side."""
+    from benchmarks.serve import PIPELINES, ServeBenchOptions, bench_repository
     from kiln.triton_server import TritonOptions, TritonServer, free_port
     from orchestrator.server.service import BackgroundAPI
     from orchestrator.server.settings import Settings
 
-    repo = _repository(ServeBenchOptions(out=work, pipeline="tiny", skip_build=True), log)
+    repo = repo or bench_repository(ServeBenchOptions(out=work, pipeline="tiny", skip_build=True), log)
     with TritonServer(TritonOptions.on_free_ports(repo, work / "bench_scripts_triton.log")) as triton:
         service = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), request_timeout_s=3600))
         try:
@@ -49,28 +49,27 @@ def post(client: httpx.Client, route: str, body: dict) -> dict:
     return answer.json()
 
 
-def run(rounds: int, steps: int, work: Path, log=print) -> dict:
-    with tiny_api(work, log) as (client, side):
-        base = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": steps, "width": side,
-                "height": side}
-        grid_body = base | {"seed": SEEDS[0], "script_name": "x/y/z plot",
-                            "script_args": ["Seed", ", ".join(map(str, SEEDS)), None, "CFG Scale",
-                                            ", ".join(map(str, SCALES)), None]}
+def run(rounds: int, steps: int, client: httpx.Client, side: int) -> tuple[dict, bytes]:
+    """The result, and the grid's PNG (client, side: tiny_api's)."""
+    base = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": steps, "width": side,
+            "height": side}
+    grid_body = base | {"seed": SEEDS[0], "script_name": "x/y/z plot",
+                        "script_args": ["Seed", ", ".join(map(str, SEEDS)), None, "CFG Scale",
+                                        ", ".join(map(str, SCALES)), None]}
 
-        def sequential() -> None:
-            for scale in SCALES:
-                for seed in SEEDS:
-                    post(client, "/sdapi/v1/txt2img", base | {"seed": seed, "cfg_scale": scale})
+    def sequential() -> None:
+        for scale in SCALES:
+            for seed in SEEDS:
+                post(client, "/sdapi/v1/txt2img", base | {"seed": seed, "cfg_scale": scale})
 
-        rows, last = alternate({"grid (one request, 9 concurrent cells)":
-                                lambda: post(client, "/sdapi/v1/txt2img", grid_body),
-                                "9 requests one after another": sequential}, rounds, "bench xyz")
+    rows, last = alternate({"grid (one request, 9 concurrent cells)":
+                            lambda: post(client, "/sdapi/v1/txt2img", grid_body),
+                            "9 requests one after another": sequential}, rounds, "bench xyz")
     picture = last["grid (one request, 9 concurrent cells)"]
-    (RESULTS / "xyz-grid-tiny.png").write_bytes(base64.b64decode(picture["images"][0]))
     grid_s, sequential_s = rows.values()
     return {"machine": machine(), "rounds": rounds, "steps": steps, "side": side, "cells": len(SEEDS) * len(SCALES),
             "seconds": rows, "speedup": round(sequential_s / grid_s, 2),
-            "cells_info": json.loads(picture["info"])["xyz"]}
+            "cells_info": json.loads(picture["info"])["xyz"]}, base64.b64decode(picture["images"][0])
 
 
 def table(result: dict) -> str:
@@ -95,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work", type=Path, default=Path(".kiln/bench"))
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    result = run(args.rounds, args.steps, args.work)
+    with tiny_api(args.work) as (client, side):
+        result, grid = run(args.rounds, args.steps, client, side)
+    (RESULTS / "xyz-grid-tiny.png").write_bytes(grid)
     return write_results(RESULTS / "xyz-tiny", result, table, plot)
 
 
