@@ -1,7 +1,7 @@
 """The scripts that run a request as several generations (the X/Y/Z plot's cells, the prompt matrix's combinations,
-the prompts from a file's lines, the loopback's loops):
-every cell checked before any is queued, all queued at once as the caller's tasks, so the step batcher denoises them
-together, and waited for together; the answer in AUTOMATIC1111's shape, its pictures first."""
+the lines of prompts from file, the loopback's loops, poor man's outpainting's tiles): every cell checked before any
+is queued, all queued at once as the caller's tasks, so the step batcher denoises them together, and waited for
+together; the answer in AUTOMATIC1111's shape, its pictures first."""
 
 from __future__ import annotations
 
