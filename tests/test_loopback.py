@@ -92,5 +92,7 @@ def test_the_loops_through_the_api(triton, init_image_png, tmp_path):
             assert refused.status_code == 422 and "is an img2img script" in refused.text
             refused = client.post("/sdapi/v1/img2img", json=request | {"batch_size": 2})
             assert refused.status_code == 422 and "one image per loop" in refused.text
+            refused = client.post("/sdapi/v1/img2img", json=request | {"n_iter": 17})
+            assert refused.status_code == 422 and "n_iter must be between 1 and 16, got 17" in refused.text
     finally:
         api.stop()

@@ -109,8 +109,10 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     before it; the grid of the images answered (with more than one), then the images."""
     if kind != "img2img":
         raise InputError("script_name 'loopback' is an img2img script (/sdapi/v1/img2img): it starts from an image")
-    await pipeline(request)  # the server's default checkpoint is set, and Triton is there
+    served = await pipeline(request)  # the server's default checkpoint is set, and Triton is there
     loopback = parse(body)
+    if not 1 <= body.n_iter <= served.limits.max_n_iter:  # the chains, queued at once
+        raise InputError(f"n_iter must be between 1 and {served.limits.max_n_iter}, got {body.n_iter}")
     body = cells.fix_seeds(body)
     tasks = [asyncio.ensure_future(chain(request, body, loopback, number)) for number in range(body.n_iter)]
     try:
