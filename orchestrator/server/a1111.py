@@ -193,9 +193,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     if body.enable_hr or body.firstpass_image:
         raise InputError(f"{'enable_hr' if body.enable_hr else 'firstpass_image'}: the hires fix is txt2img's; "
                          "img2img has none")
-    if len(body.init_images) != 1:
-        raise InputError(f"init_images must hold exactly one image, got {len(body.init_images)}")
-    init = decode_b64_image(body.init_images[0], "init_images[0]", limits.max_image_pixels)
+    init = init_image(body, limits.max_image_pixels)
     mask = decode_b64_image(body.mask, "mask", limits.max_image_pixels) if body.mask else b""
     latent = decode_b64_image(body.latent_mask, "latent_mask", limits.max_image_pixels) if body.latent_mask else b""
     # "Only masked" crops the init image as it is; resize_mode shapes the whole picture otherwise (as AUTOMATIC1111).
@@ -215,6 +213,13 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
                           initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
                           sd_upscale=script, image_cfg_scale=body.image_cfg_scale)
+
+
+def init_image(body: schemas.Img2ImgBody, max_pixels: int) -> bytes:
+    """An img2img body's one init image, decoded from base64 (its bytes as sent: checked, not yet read)."""
+    if len(body.init_images) != 1:
+        raise InputError(f"init_images must hold exactly one image, got {len(body.init_images)}")
+    return decode_b64_image(body.init_images[0], "init_images[0]", max_pixels)
 
 
 # sd-webui-controlnet's resize modes for the control image, by number and by name

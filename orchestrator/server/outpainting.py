@@ -34,9 +34,8 @@ from kiln.masks import INPAINTING_FILL
 from orchestrator.jobs import Status
 from orchestrator.pipeline.tiles import MAX_TILES, Tile, combine, split
 from orchestrator.pipeline.validate import Limits
-from orchestrator.server import cells
+from orchestrator.server import a1111, cells
 from orchestrator.server.generation import pipeline
-from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.outputs import save_picture
 
 NAME = "poor man's outpainting"
@@ -142,9 +141,7 @@ def plan(body: schemas.Img2ImgBody, outpainting: Outpainting, limits: Limits) ->
     if outpainting.mask_blur * 2 > limits.max_mask_blur:
         raise InputError(f"script_args: poor man's outpainting mask_blur {outpainting.mask_blur} blurs its tiles' "
                          f"masks by twice it, over this server's limit of {limits.max_mask_blur}")
-    if len(body.init_images) != 1:
-        raise InputError(f"init_images must hold exactly one image, got {len(body.init_images)}")
-    init = decode_image(decode_b64_image(body.init_images[0], "init_images[0]", max_pixels), ImageLimits(min_side=1))
+    init = decode_image(a1111.init_image(body, max_pixels), ImageLimits(min_side=1))
     drawn = canvas(init, outpainting)
     width, height = drawn.image.size
     if width * height > max_pixels:
