@@ -2,7 +2,7 @@
 resolution (processor_res, or pixel perfect's), then fitted by the resize mode (kiln.controlmaps; tests/test_cvimage.py
 compares both steps with the extension's on OpenCV).
 
-No server: `a1111.controlnet_units` is what the txt2img/img2img routes call on alwayson_scripts.
+No server: `control_units.controlnet_units` is what the txt2img/img2img routes call on alwayson_scripts.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from kiln.errors import InputError
 from kiln.paths import SAMPLE_IMAGES
 from orchestrator.pipeline.info import unit_text
 from orchestrator.pipeline.requests import ControlNetUnit
-from orchestrator.server.a1111 import controlnet_units
+from orchestrator.server.control_units import controlnet_units
 from tests.conftest import encode
 
 MAX_PIXELS = 4096 * 4096
@@ -146,7 +146,7 @@ def test_each_pass_fits_the_units_map_to_its_own_size():
     first pass's."""
     from orchestrator.pipeline.control import control_images
     from orchestrator.pipeline.requests import Txt2ImgRequest
-    from orchestrator.server.a1111 import detect_map as detected_map
+    from orchestrator.server.control_units import detect_map as detected_map
 
     args = [{"image": base64.b64encode(_photo((40, 90))).decode(), "module": "canny", "processor_res": 96,
              "resize_mode": "Resize and Fill"}]

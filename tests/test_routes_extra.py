@@ -20,7 +20,7 @@ from kiln.paths import SAMPLE_IMAGES
 from kiln.preprocessors import CONTROL_MODULES
 from kiln.triton_server import free_port
 from orchestrator.pipeline import Limits
-from orchestrator.server.a1111 import controlnet_units
+from orchestrator.server.control_units import controlnet_units
 from orchestrator.server.service import BackgroundAPI
 from orchestrator.server.settings import Settings
 from tests.conftest import encode, png_header_only

@@ -9,24 +9,18 @@ import math
 import time
 from typing import Any
 
-import numpy as np
-from pydantic import ValidationError
-
 from kiln import schemas
 from kiln.contract import SDContract
-from kiln.control import control_image
-from kiln.detect import DEFAULT_RESOLUTION, decode_source, map_of, pixel_perfect_resolution, processor_resolution
 from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import resize_init_image
-from kiln.preprocessors import Preprocessor, numpy_seed, preprocessor
+from kiln.preprocessors import numpy_seed
 from kiln.prompts import EXTRA_NETWORK
 from kiln.styles import StyleLibrary
 from kiln.upscale import UPSCALERS
 from orchestrator.jobs import Job
 from orchestrator.pipeline import (
-    ControlNetUnit,
     HiresFix,
     Img2ImgRequest,
     Limits,
@@ -37,7 +31,7 @@ from orchestrator.pipeline import (
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.pipeline.seeds import draw_seed
 from orchestrator.server import soft_inpainting as soft
-from orchestrator.server.errors import short
+from orchestrator.server.control_units import controlnet_units, detect_map
 from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.options import (
     APPLIED_OPTIONS,
@@ -222,102 +216,6 @@ def init_image(body: schemas.Img2ImgBody, max_pixels: int) -> bytes:
     return decode_b64_image(body.init_images[0], "init_images[0]", max_pixels)
 
 
-# sd-webui-controlnet's resize modes for the control image, by number and by name
-CONTROL_RESIZE = {0: 0, 1: 1, 2: 2, "just resize": 0, "crop and resize": 1, "scale to fit (inner fit)": 1,
-                  "inner fit (scale to fit)": 1, "resize and fill": 2, "envelope (outer fit)": 2,
-                  "outer fit (shrink to fit)": 2}
-CONTROL_MODES = {0: 0, "balanced": 0, 1: 1, "my prompt is more important": 1, 2: 2, "controlnet is more important": 2}
-# its hr_option, by number, label or enum name (its HiResFixOption.from_value); None: Both
-HR_OPTIONS = {None: 0, 0: 0, "both": 0, "hiresfixoption.both": 0, 1: 1, "low res only": 1,
-              "hiresfixoption.low_res_only": 1, 2: 2, "high res only": 2, "hiresfixoption.high_res_only": 2}
-
-
-def _unit_options(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[int, int, int]:
-    """A unit's resize mode (sd-webui-controlnet's default: crop and resize), control mode and hr_option (0, 1, 2);
-    what kiln does not run is refused."""
-    key = unit.resize_mode.lower() if isinstance(unit.resize_mode, str) else unit.resize_mode
-    mode = 1 if unit.resize_mode is None else CONTROL_RESIZE.get(key)
-    if mode is None:
-        raise InputError(f"{where}.resize_mode {unit.resize_mode!r} is not one of sd-webui-controlnet's: Just Resize, "
-                         "Crop and Resize, Resize and Fill (or 0, 1, 2)")
-    control_mode = CONTROL_MODES.get(unit.control_mode.lower() if isinstance(unit.control_mode, str)
-                                     else unit.control_mode) if isinstance(unit.control_mode, (int, str)) else None
-    if control_mode is None:
-        raise InputError(f"{where}.control_mode {unit.control_mode!r} is not one of sd-webui-controlnet's: Balanced, "
-                         "My prompt is more important, ControlNet is more important (or 0, 1, 2)")
-    option = unit.hr_option.lower() if isinstance(unit.hr_option, str) else unit.hr_option
-    hr_option = HR_OPTIONS.get(option) if isinstance(option, (int, str, type(None))) else None
-    if hr_option is None:
-        raise InputError(f"{where}.hr_option {unit.hr_option!r} is not one of sd-webui-controlnet's: Both, Low res "
-                         "only, High res only (or 0, 1, 2)")
-    return mode, control_mode, hr_option
-
-
-def _unit_image(unit: schemas.ControlNetUnitArgs, pre: Preprocessor, where: str, data: bytes,
-                size: tuple[int, int], mode: int, sliders: tuple[float, float],
-                max_pixels: int, seed: int | None) -> tuple[bytes, int]:
-    """The unit's map as sd-webui-controlnet makes it: the image itself with no preprocessor; a module without a
-    resolution (invert, tile_resample, recolor) at the image's size; the others at the processor resolution
-    (processor_res, -1 its default 512; a module's fixed one, shuffle's 512, which processor_res does not change;
-    or pixel perfect's, from the image's and the generation's sizes, which overrides both, as there). Each pass
-    fits it to its size by the resize mode (orchestrator.pipeline.control.control_images). Fitting first would make the
-    preprocessor see resize and fill's borders (canny: a frame of edges). A random module draws from numpy `seed`.
-    With the resolution used (-1: none)."""
-    if pre.name == "none":
-        return data, -1
-    image = decode_source(data, max_pixels, f"{where}.image")  # upright: pixel perfect reads the size the map sees
-    if pre.sizing == "own":  # the extension hides the resolution and ignores it
-        return encode_png(map_of(image, pre.name, DEFAULT_RESOLUTION, *sliders, max_pixels, f"{where}.image",
-                                 seed)), -1
-    if unit.pixel_perfect:
-        resolution = pixel_perfect_resolution(*image.size, *size, mode)
-    elif pre.resolution:
-        resolution = pre.resolution
-    else:
-        resolution = processor_resolution(unit.processor_res, f"{where}.processor_res")
-    return encode_png(map_of(image, pre.name, resolution, *sliders, max_pixels, f"{where}.image", seed)), resolution
-
-
-def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int,
-                     seed: int | None = None) -> tuple[ControlNetUnit, ...] | None:
-    """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit with an image, in order, its image
-    fitted to width x height by the unit's resize mode; a random module's map drawn from numpy `seed` (numpy_seed)."""
-    unknown = sorted(k for k in scripts or {} if k.lower() not in ("controlnet", soft.NAME))
-    if unknown:
-        raise InputError(f"alwayson_scripts: {', '.join(unknown)} not available; only controlnet and soft inpainting "
-                         "(img2img's)")
-    section = next((v for k, v in (scripts or {}).items() if k.lower() == "controlnet"), None)
-    if section is None:
-        return None
-    args = section.get("args", []) if isinstance(section, dict) else None
-    if not isinstance(args, list):
-        raise InputError("alwayson_scripts.controlnet.args must be a list of units")
-    try:
-        units = [schemas.ControlNetUnitArgs.model_validate(a) for a in args]
-    except ValidationError as exc:  # name the fields, not the values
-        raise InputError(f"alwayson_scripts.controlnet.args: {short(exc)}") from None
-    result = []
-    for index, unit in enumerate(units):
-        if not unit.enabled or (unit.image is None and unit.input_image is None):
-            continue
-        where = f"alwayson_scripts.controlnet.args[{index}]"
-        image = unit.image if unit.image is not None else unit.input_image
-        if isinstance(image, dict):
-            image = image.get("image")
-        pre = preprocessor(unit.module, f"{where}.module")  # its name or its label
-        sliders = pre.slider_values(unit.threshold_a, unit.threshold_b, ("threshold_a", "threshold_b"), f"{where}.")
-        resize, control_mode, hr_option = _unit_options(unit, where)
-        data = decode_b64_image(image, f"{where}.image", max_pixels)
-        made, resolution = _unit_image(unit, pre, where, data, (width, height), resize, sliders, max_pixels, seed)
-        result.append(ControlNetUnit(image=made, resize_mode=resize, module=pre.name, weight=unit.weight,
-                                     guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
-                                     threshold_a=sliders[0], threshold_b=sliders[1], processor_res=resolution,
-                                     pixel_perfect=unit.pixel_perfect and resolution != -1,
-                                     model=unit.model, save_detected_map=unit.save_detected_map,
-                                     control_mode=control_mode, hr_option=hr_option))
-    return tuple(result) or None
-
-
 # -- a finished job -> AUTOMATIC1111's response ------------------------------------------------------
 def response_info(job: Job, body: schemas.Txt2ImgBody) -> dict:
     """AUTOMATIC1111's response's info (its Processed.js()): the request as run, each image's prompt, seed and
@@ -361,19 +259,6 @@ def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
     images_too = getattr(body, "include_init_images", False)
     parameters = body.model_dump(exclude={"alwayson_scripts"} | (set() if images_too else {"init_images", "mask"}))
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
-
-
-def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
-    """What a unit gave its ControlNet (the preprocessor's output, or the resized image), as uint8 pixels: the
-    "detected map" sd-webui-controlnet appends to the response's images unless control_net_no_detectmap."""
-    pixels = control_image(unit.image, request.width, request.height, unit.preprocessor, unit.threshold_a,
-                           unit.threshold_b, unit.resize_mode)
-    return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)
-
-
-def wants_detect_maps(body: schemas.Txt2ImgBody, options: dict) -> bool:
-    """sd-webui-controlnet's control_net_no_detectmap (an option, or this request's override) turns them off."""
-    return not body.override_settings.get("control_net_no_detectmap", options["control_net_no_detectmap"])
 
 
 # -- options ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from kiln.contract import SDContract
 from orchestrator.engine import Engine
 from orchestrator.jobs import Job, Status
 from orchestrator.pipeline import Pipeline
-from orchestrator.server import a1111
+from orchestrator.server import a1111, control_units
 from orchestrator.server.errors import APIError, api_error
 from orchestrator.server.outputs import save_job_images
 
@@ -62,7 +62,7 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
     job = await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
         context={"family": family, "body": body,
-                 "detect_maps": a1111.wants_detect_maps(body, request.app.state.options)},
+                 "detect_maps": control_units.wants_detect_maps(body, request.app.state.options)},
         job_id=body.force_task_id, checkpoint=served.contract.title))
     if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
         job.future.add_done_callback(lambda _done: save_logged(job, request.app.state.settings.outputs_dir,
