@@ -124,6 +124,21 @@ def test_bad_unit_settings_are_refused_by_name(unit, words):
     assert words in str(info.value)
 
 
+def test_an_image_given_as_a_dict_takes_its_image_and_refuses_a_mask():
+    """The extension's {"image", "mask"} pair: the image alone is the unit's image; a mask (an inpainting unit's,
+    which kiln does not run) or another key is refused by name, never dropped."""
+    photo = base64.b64encode(_photo((64, 64))).decode()
+    plain = controlnet_units({"controlnet": {"args": [{"module": "canny", "image": photo}]}}, MAX_PIXELS, 64, 64)
+    paired = controlnet_units({"controlnet": {"args": [{"module": "canny", "image": {"image": photo, "mask": None}}]}},
+                              MAX_PIXELS, 64, 64)
+    assert paired[0].image == plain[0].image
+    for image, words in (({"image": photo, "mask": photo}, "image: mask is not supported"),
+                         ({"image": photo, "alpha": photo}, "image: alpha is not supported")):
+        with pytest.raises(InputError, match="alwayson_scripts.controlnet.args\\[0\\]") as info:
+            controlnet_units({"controlnet": {"args": [{"module": "canny", "image": image}]}}, MAX_PIXELS, 64, 64)
+        assert words in str(info.value)
+
+
 GOLDEN = Path(__file__).resolve().parent / "golden" / "canny"
 
 

@@ -97,7 +97,11 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int,
             continue
         where = f"alwayson_scripts.controlnet.args[{index}]"
         image = unit.image if unit.image is not None else unit.input_image
-        if isinstance(image, dict):
+        if isinstance(image, dict):  # the extension's {"image", "mask"} pair: its mask is refused, as the unit's is
+            unknown = sorted(set(image) - {"image", "mask"})
+            if unknown or image.get("mask"):
+                raise InputError(f"{where}.image: {', '.join(unknown) or 'mask'} is not supported by this server "
+                                 "(an image given as a dict takes its \"image\" alone)")
             image = image.get("image")
         pre = preprocessor(unit.module, f"{where}.module")  # its name or its label
         sliders = pre.slider_values(unit.threshold_a, unit.threshold_b, ("threshold_a", "threshold_b"), f"{where}.")
