@@ -14,15 +14,17 @@ from kiln.preprocessors import preprocessor
 
 
 def control_image(data: bytes, width: int, height: int, module: str = "none", threshold_a: float = -1,
-                  threshold_b: float = -1, fit: int | None = None, seed: int | None = None) -> np.ndarray:
+                  threshold_b: float = -1, fit: int | None = None, seed: int | None = None,
+                  mask: bytes = b"") -> np.ndarray:
     """The ControlNet's input (3, height, width) in [0, 1]: the image resized, then the module run on it with its
     sliders (-1: their defaults; a module that changes the size, tile_resample, is resized back); or, with `fit`
     (sd-webui-controlnet's resize mode), the image is the unit's map already and is fitted as the extension fits it
-    (kiln.controlmaps.fit_map). A random module (shuffle) draws from numpy `seed` (Preprocessor.run)."""
-    try:
-        image = decode_image(data, ImageLimits(min_side=1))
-    except InputError as exc:
-        raise InputError(f"controlnet image: {exc}") from None
+    (kiln.controlmaps.fit_map). A random module (shuffle) draws from numpy `seed` (Preprocessor.run). With an inpaint
+    unit's `mask` (white: inpaint; its image's size), the image and the mask are fitted together (`fit`, or just
+    resize) and the masked pixels are -1 (inpaint_hint)."""
+    if mask:
+        return inpaint_hint(fitted_map(data, width, height, 0 if fit is None else fit, mask))
+    image = _decoded(data, "controlnet image")
     if fit is not None:
         return unit_range(Image.fromarray(fit_map(np.asarray(image), width, height, fit)))
     image = resize_control(image, (width, height))
@@ -31,6 +33,34 @@ def control_image(data: bytes, width: int, height: int, module: str = "none", th
         a, b = pre.slider_values(threshold_a, threshold_b, ("threshold_a", "threshold_b"), f"controlnet {module}: ")
         image = resize_control(Image.fromarray(pre.run(np.asarray(image.convert("RGB")), a, b, seed)), (width, height))
     return unit_range(image)
+
+
+def fitted_map(data: bytes, width: int, height: int, fit: int, mask: bytes = b"") -> np.ndarray:
+    """A unit's map fitted to width x height by its resize mode (uint8 (height, width, 3)); with its mask, a fourth
+    channel, 0 or 255 (the mask's first channel, as the extension reads it; fit_map binarizes it)."""
+    pixels = np.asarray(_decoded(data, "controlnet image"))
+    if mask:
+        alpha = np.asarray(_decoded(mask, "controlnet mask"))[..., 0]
+        if alpha.shape != pixels.shape[:2]:
+            raise InputError(f"controlnet mask is {alpha.shape[1]}x{alpha.shape[0]}; it must be its image's size, "
+                             f"{pixels.shape[1]}x{pixels.shape[0]}")
+        pixels = np.concatenate([pixels, alpha[..., None]], axis=2)
+    return fit_map(pixels, width, height, fit)
+
+
+def inpaint_hint(pixels: np.ndarray) -> np.ndarray:
+    """sd-webui-controlnet's ControlNet inpaint protocol (hook.py) on a fitted map with its mask (h, w, 4 uint8): the
+    colours in [0, 1] (3, h, w), -1 where the mask is over one half: c (1 - m) - m, as diffusers' recipe for
+    control_v11p_sd15_inpaint makes it."""
+    masked = pixels[..., 3].astype(np.float32) / np.float32(255) > 0.5
+    return np.where(masked[None], np.float32(-1), unit_range(Image.fromarray(pixels[..., :3])))
+
+
+def _decoded(data: bytes, what: str) -> Image.Image:
+    try:
+        return decode_image(data, ImageLimits(min_side=1))
+    except InputError as exc:
+        raise InputError(f"{what}: {exc}") from None
 
 
 def resize_control(image: Image.Image, size: tuple[int, int]) -> Image.Image:

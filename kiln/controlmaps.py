@@ -3,7 +3,8 @@ the map fitted to each pass's size by the unit's resize mode (its detectmap_proc
 high_quality_resize: colour maps of 3 to 199 colours (segmentations) by nearest neighbour, other maps shrunk by
 area and enlarged by cubic; a binary map (two colours, one under 16 and one over 240) kept binary by Otsu's
 threshold of its channels' mean, and a map of one-pixel lines (canny's, scribbles) first thinned back to one pixel
-(its nake_nms, then lvmin_thin)."""
+(its nake_nms, then lvmin_thin). An inpaint unit's map carries its mask as a fourth channel (the extension's alpha):
+resized with the colours' interpolation and binarized (over 127: 255) after, the fill's border counted as masked."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ _SQUARE = np.ones((3, 3), np.uint8)
 def fit_map(pixels: np.ndarray, width: int, height: int, mode: int) -> np.ndarray:
     """A map (h, w, 3 uint8) at width x height by sd-webui-controlnet's resize mode: 0 just resize; 1 crop and resize
     (scaled by the larger of the two ratios, sides rounded half to even, the middle cut out); 2 resize and fill
-    (scaled by the smaller, centred on the median colour of the map's four edges)."""
+    (scaled by the smaller, centred on the median colour of the map's four edges). A fourth channel (an inpaint
+    unit's mask) comes out 0 or 255, and the fill's border is masked (the extension's "inpaint hijack")."""
     if mode == 0:
         return high_quality_resize(pixels, width, height)
     old_h, old_w = pixels.shape[:2]
@@ -35,14 +37,24 @@ def fit_map(pixels: np.ndarray, width: int, height: int, mode: int) -> np.ndarra
         top, left = max(0, (new_h - height) // 2), max(0, (new_w - width) // 2)
         return resized[top:top + height, left:left + width]
     edges = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    canvas = np.tile(np.median(edges, axis=0).astype(np.uint8)[None, None], (height, width, 1))
+    border = np.median(edges, axis=0).astype(np.uint8)
+    if len(border) == 4:
+        border[3] = 255
+    canvas = np.tile(border[None, None], (height, width, 1))
     top, left = max(0, (height - new_h) // 2), max(0, (width - new_w) // 2)
     canvas[top:top + new_h, left:left + new_w] = resized
     return canvas
 
 
 def high_quality_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """sd-webui-controlnet's high_quality_resize of a map (h, w, 3 uint8) to width x height."""
+    """sd-webui-controlnet's high_quality_resize of a map (h, w, 3 uint8) to width x height; a fourth channel (a
+    mask) is resized with the colours' interpolation and then binarized, over 127 255 (resized or not)."""
+    if pixels.ndim == 3 and pixels.shape[2] == 4:
+        colours, mask = pixels[..., :3], pixels[..., 3]
+        if mask.shape != (height, width):
+            mask = resize(mask, width, height, _interpolation(colours, width, height))
+        return np.concatenate([high_quality_resize(colours, width, height),
+                               np.where(mask > 127, 255, 0).astype(np.uint8)[..., None]], axis=2)
     if pixels.shape[:2] == (height, width):
         return pixels
     area, old_area = width * height, pixels.shape[0] * pixels.shape[1]
@@ -52,8 +64,7 @@ def high_quality_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarr
     if binary:  # most of the lit pixels gone after an opening: lines one pixel wide
         opened = dilate(erode(pixels, _SQUARE), _SQUARE)
         one_pixel_lines = np.count_nonzero(opened < pixels) * 2 > np.count_nonzero(pixels > 127)
-    interpolation = "nearest" if 2 < colours < 200 else "area" if area < old_area else "cubic"
-    resized = resize(pixels, width, height, interpolation)
+    resized = resize(pixels, width, height, _interpolation(pixels, width, height, colours))
     if not binary:
         return resized
     channels = resized.astype(np.float32)
@@ -64,6 +75,13 @@ def high_quality_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarr
     else:
         gray = otsu_binarize(gray)
     return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _interpolation(pixels: np.ndarray, width: int, height: int, colours: int | None = None) -> str:
+    """The extension's choice: nearest for 3 to 199 colours (a segmentation), else area to shrink, cubic to enlarge."""
+    colours = colour_count(pixels) if colours is None else colours
+    return "nearest" if 2 < colours < 200 else "area" if width * height < pixels.shape[0] * pixels.shape[1] \
+        else "cubic"
 
 
 def colour_count(pixels: np.ndarray) -> int:

@@ -68,6 +68,17 @@ def detect_map(data: bytes, module: str, resolution: int, a: float, b: float, ma
     return map_of(decode_source(data, max_pixels, what), name, resolution, a, b, max_pixels, what)
 
 
+def inpaint_display(data: bytes, mask: bytes, max_pixels: int, what: str = "image",
+                    mask_what: str = "mask") -> np.ndarray:
+    """An inpaint module's map as /controlnet/detect shows it (the extension's visualize_inpaint_mask): the image
+    (RGBA) with the mask's first channel as alpha, 255 - mask // 2 (kept: opaque; masked: half transparent)."""
+    image, alpha = decode_source(data, max_pixels, what), decode_source(mask, max_pixels, mask_what)
+    if alpha.size != image.size:
+        raise InputError(f"{mask_what} is {alpha.width}x{alpha.height}; it must be {what}'s size, "
+                         f"{image.width}x{image.height}")
+    return np.concatenate([np.asarray(image), 255 - np.asarray(alpha)[..., :1] // 2], axis=2)
+
+
 def map_of(image: Image.Image, module: str, resolution: int, a: float, b: float, max_pixels: int,
            what: str = "image", seed: int | None = None) -> Image.Image:
     """The module's map of a decoded image (detect_map's second half), with its sliders' values `a` and `b` (as

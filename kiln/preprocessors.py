@@ -10,6 +10,7 @@ sorting priority, sliders) with what each does to an image, in numpy:
 - blur_gaussian, tile_resample: a Gaussian blur, or a shrink by a rate (area), for tile ControlNets;
 - recolor_luminance, recolor_intensity: Lab lightness or HSV value, gamma-corrected, for recolor ControlNets;
 - color ("t2ia_color_grid"): the image as a grid of 64-pixel cells of its colour, for colour T2I-Adapters;
+- inpaint (inpaint_global_harmonious), inpaint_only: the image itself, with the unit's mask (the masked pixels -1);
 - shuffle: the image's content moved about along two smooth random fields, for shuffle ControlNets (which pool their
   residuals: kiln.contract.ServedControlNet.global_pool); seeded by the job's seed as the extension seeds it.
 
@@ -67,6 +68,7 @@ class Preprocessor:
     soft_in_hires: bool = False  # the hires fix's second pass soft-injects (use_soft_projection_in_hr_fix)
     resolution: int = 0  # a processor resolution the module fixes and hides (shuffle: 512); 0: the unit's
     random: bool = False  # it draws noise (shuffle): `apply` takes a numpy RandomState too
+    inpaint: bool = False  # an inpaint module: it takes the unit's mask, its map keeps it (kiln.control.inpaint_hint)
 
     @property
     def title(self) -> str:
@@ -223,6 +225,13 @@ _ALL = (
     Preprocessor("color", _color_grid, label="t2ia_color_grid", tags=("T2I-Adapter",), sizing="shortest"),
     # the extension fixes shuffle's resolution at 512 and hides it; each call draws (its detect route: unseeded)
     Preprocessor("shuffle", _shuffle, tags=("Shuffle",), sizing="resize", resolution=512, random=True),
+    # the ControlNet inpaint modules pass the image through with its mask (the masked pixels become -1 for the
+    # ControlNet); inpaint_only (the Inpaint type's default) also blends each step and pastes back, which kiln runs
+    # only where the extension does not either: img2img inpainting, where it falls back to inpaint_global_harmonious
+    Preprocessor("inpaint", lambda pixels, _, __: pixels, label="inpaint_global_harmonious", tags=("Inpaint",),
+                 sizing="own", inpaint=True),
+    Preprocessor("inpaint_only", lambda pixels, _, __: pixels, tags=("Inpaint",), priority=100, sizing="own",
+                 inpaint=True),
     Preprocessor("tile_resample", _tile_resample, tags=("Tile", "Blur"), priority=100, sizing="own",
                  sliders=(Slider("Down Sampling Rate", 1.0, 8.0, 1.0),)),
 )

@@ -25,10 +25,10 @@ UNIT_DEFAULTS: dict[str, tuple] = {
     "batch_mask_gallery": (None, []), "batch_image_files": (None, []), "batch_keyframe_idx": (None, ""),
     "batch_modifiers": (None, []), "animatediff_batch": (False,), "image_fg": (None,), "mask_image_fg": (None,),
     "advanced_weighting": (None,), "effective_region_mask": (None,), "pulid_mode": ("Fidelity",),
-    "union_control_type": ("Unknown",), "ipadapter_input": (None,), "inpaint_crop_input_image": (False,)}
+    "union_control_type": ("Unknown",), "ipadapter_input": (None,)}
 # The extension's newer fields (batch and merge inputs, the preview as input, foreground images, per-layer weights,
-# region masks, PuLID, ControlNet-Union types, IP-Adapter inputs, AnimateDiff batches, the inpaint crop of the control
-# image), declared from UNIT_DEFAULTS: each defaults to its first accepted value, and anything else is refused
+# region masks, PuLID, ControlNet-Union types, IP-Adapter inputs, AnimateDiff batches), declared from UNIT_DEFAULTS:
+# each defaults to its first accepted value, and anything else is refused
 _NewerUnitFields = create_model("_NewerUnitFields", __config__=STRICT,
                                 **{name: (Any, values[0]) for name, values in UNIT_DEFAULTS.items()})
 
@@ -51,8 +51,8 @@ class ControlNetUnitArgs(_NewerUnitFields):
     resize_mode: Any = None
     control_mode: Any = 0
     pixel_perfect: bool = False
-    mask: Any = None  # a unit's own inpainting mask: refused
-    mask_image: Any = None
+    mask: Any = None  # an inpaint module's mask (base64, the image's size; white: inpaint)
+    mask_image: Any = None  # its newer name
     low_vram: bool = False  # a memory strategy of the extension's (offloading); the result is the same either way
     lowvram: bool = False  # its older name
     guess_mode: bool = False  # the old name of control_mode 2: refused, as that is
@@ -60,10 +60,12 @@ class ControlNetUnitArgs(_NewerUnitFields):
     save_detected_map: bool = True  # the unit's detected map follows the response's images (unless false)
     hr_option: Any = "Both"  # the passes the unit acts in: Both, Low res only, High res only (or 0-2)
     is_ui: bool = False  # whether the unit came from the extension's UI: nothing for an API request to change
+    # img2img's "only masked" (inpaint_full_res) crops the unit's image around the mask as it crops the init image
+    inpaint_crop_input_image: bool = True
 
     @model_validator(mode="after")
     def _unsupported(self):
-        for name in ("mask", "mask_image", "guess_mode", "guessmode"):
+        for name in ("guess_mode", "guessmode"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not supported by this server")
         for name, defaults in UNIT_DEFAULTS.items():

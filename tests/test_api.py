@@ -190,7 +190,7 @@ def test_img2img_inpainting_and_controlnet(client):
     models = client.get("/controlnet/model_list").json()["model_list"]
     assert [m.split(" [")[0] for m in models] == ["controlnet", "scribble"] and len(models[1]) == len("scribble [") + 9
     assert client.get("/controlnet/module_list").json()["module_list"][:5] == [
-        "none", "tile_resample", "recolor_luminance", "lineart_standard", "canny"]  # tests/test_preprocessors.py
+        "none", "tile_resample", "recolor_luminance", "lineart_standard", "inpaint_only"]  # tests/test_preprocessors.py
     unit = {"enabled": True, "image": init, "module": "canny", "weight": 0.8, "threshold_a": 50, "threshold_b": 150}
     scribble = client.post("/sdapi/v1/txt2img", json=TXT | {"alwayson_scripts": {"controlnet": {"args": [
         unit | {"model": models[1]}]}}})

@@ -113,7 +113,8 @@ def test_kiln_units_resize_as_diffusers_and_keep_binary_maps_binary():
     ({"threshold_b": 300}, "threshold_b must be 0 to 255 (or -1: 200), canny's High Threshold; got 300"),
     ({"threshold_b": 150.5}, "threshold_b must be an integer (canny's High Threshold), got 150.5"),
     ({"module": "depth"}, "module 'depth' is unknown; valid: none, tile_resample, recolor_luminance, lineart_standard, "
-                          "canny, invert, threshold, color, shuffle, scribble_xdog, recolor_intensity, blur_gaussian"),
+                          "inpaint_only, canny, invert, threshold, color, shuffle, scribble_xdog, recolor_intensity, "
+                          "inpaint, blur_gaussian"),
     ({"module": "blur_gaussian", "threshold_a": 0}, "threshold_a must be 0.01 to 2048 (or -1: 512), blur_gaussian's "
                                                     "Sigma; got 0"),
     ({"module": "tile_resample", "threshold_a": 9}, "threshold_a must be 1 to 8 (or -1: 1)"),
@@ -125,14 +126,14 @@ def test_bad_unit_settings_are_refused_by_name(unit, words):
 
 
 def test_an_image_given_as_a_dict_takes_its_image_and_refuses_a_mask():
-    """The extension's {"image", "mask"} pair: the image alone is the unit's image; a mask (an inpainting unit's,
-    which kiln does not run) or another key is refused by name, never dropped."""
+    """The extension's {"image", "mask"} pair: the image is the unit's image; a mask outside the inpaint modules, or
+    another key, is refused by name, never dropped."""
     photo = base64.b64encode(_photo((64, 64))).decode()
     plain = controlnet_units({"controlnet": {"args": [{"module": "canny", "image": photo}]}}, MAX_PIXELS, 64, 64)
     paired = controlnet_units({"controlnet": {"args": [{"module": "canny", "image": {"image": photo, "mask": None}}]}},
                               MAX_PIXELS, 64, 64)
     assert paired[0].image == plain[0].image
-    for image, words in (({"image": photo, "mask": photo}, "image: mask is not supported"),
+    for image, words in (({"image": photo, "mask": photo}, "mask: only the inpaint modules"),
                          ({"image": photo, "alpha": photo}, "image: alpha is not supported")):
         with pytest.raises(InputError, match="alwayson_scripts.controlnet.args\\[0\\]") as info:
             controlnet_units({"controlnet": {"args": [{"module": "canny", "image": image}]}}, MAX_PIXELS, 64, 64)

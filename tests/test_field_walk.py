@@ -60,7 +60,7 @@ NEWER_UNIT_VALUES = {"input_mode": "batch", "use_preview_as_input": True, "gener
                      "batch_mask_gallery": ["x"], "batch_image_files": ["a.png"], "batch_keyframe_idx": "0,5",
                      "batch_modifiers": ["x"], "animatediff_batch": True, "image_fg": "x", "mask_image_fg": "x",
                      "advanced_weighting": [1.0] * 13, "effective_region_mask": "x", "pulid_mode": "Style",
-                     "union_control_type": "Canny", "ipadapter_input": ["x"], "inpaint_crop_input_image": True}
+                     "union_control_type": "Canny", "ipadapter_input": ["x"]}
 
 BASE = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 2, "sampler_name": "Euler",
         "cfg_scale": 7.5, "seed": 5, "width": 64, "height": 64}
@@ -216,8 +216,12 @@ UNIT = {
     "enabled": (unit(enabled=False), unit(), "image"),
     "image": (unit(image=WIDE), unit(), "image"),
     "input_image": ({"alwayson_scripts": {"controlnet": {"args": [{"input_image": WIDE}]}}}, unit(), "image"),
-    "mask": (unit(mask=MASK), {}, ("refused", 422, "mask")),
-    "mask_image": (unit(mask_image=MASK), {}, ("refused", 422, "mask_image")),
+    # an inpaint unit's mask (the maps left out: a masked one shows the mask)
+    "mask": (unit(module="inpaint", mask=MASK, save_detected_map=False),
+             unit(module="inpaint", save_detected_map=False), "image"),
+    "mask_image": (unit(module="inpaint", mask_image=MASK, save_detected_map=False),
+                   unit(module="inpaint", save_detected_map=False), "image"),
+    "mask (not an inpaint module)": (unit(mask=MASK), {}, ("refused", 422, "only the inpaint modules")),
     "module": (unit(module="canny"), unit(), "image"),
     "model": (unit(model="scribble"), unit(), "image"),
     "weight": (unit(weight=0.4), unit(), "image"),
@@ -242,6 +246,8 @@ UNIT = {
     "hr_option": (HIRES | unit(hr_option="Low res only"), HIRES | unit(), "image"),  # not in the hires pass
     "save_detected_map": (unit(save_detected_map=False), {}, 1),  # the image alone; with it, its map after it
     "is_ui": (unit(is_ui=True), unit(), "same_image"),  # where the unit came from: nothing to honour
+    # img2img's "only masked" crop of the unit's image (tests/test_controlnet_inpaint.py): txt2img has none
+    "inpaint_crop_input_image": (unit(inpaint_crop_input_image=False), unit(), "same_image"),
 } | {name: (unit(**{name: value}), {}, ("refused", 422, name)) for name, value in NEWER_UNIT_VALUES.items()}
 
 

@@ -73,8 +73,10 @@ def test_modules_are_the_extensions(case):
 def test_the_registry_is_the_extensions():
     """Names in the extension's order (none, then priority and label descending), labels accepted as names (any
     case), each module's sliders and the defaults -1 asks for; what a module lacks is -1; bad values named."""
-    assert CONTROL_MODULES == ("none", "tile_resample", "recolor_luminance", "lineart_standard", "canny", "invert",
-                               "threshold", "color", "shuffle", "scribble_xdog", "recolor_intensity", "blur_gaussian")
+    assert CONTROL_MODULES == ("none", "tile_resample", "recolor_luminance", "lineart_standard", "inpaint_only",
+                               "canny", "invert", "threshold", "color", "shuffle", "scribble_xdog", "recolor_intensity",
+                               "inpaint", "blur_gaussian")
+    assert preprocessor("inpaint_global_harmonious").name == "inpaint"  # its label; "inpaint" its name
     assert preprocessor("t2ia_color_grid").name == "color"
     assert preprocessor("Invert (From White BG & Black Line)").name == "invert"
     assert preprocessor("CANNY").name == "canny"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -248,12 +249,12 @@ def test_control_types_group_the_modules_and_the_builds_controlnets(client):
     whose name holds the type's (or its alias: sketch for Scribble, blur for Tile)."""
     models = client.get("/controlnet/model_list").json()["model_list"]
     types = client.get("/controlnet/control_types").json()["control_types"]
-    assert list(types) == ["All", "Blur", "Canny", "InstructP2P", "Lineart", "MLSD", "Recolor", "Scribble", "Shuffle",
-                           "Sketch", "T2I-Adapter", "Tile"]
+    assert list(types) == ["All", "Blur", "Canny", "Inpaint", "InstructP2P", "Lineart", "MLSD", "Recolor", "Scribble",
+                           "Shuffle", "Sketch", "T2I-Adapter", "Tile"]
     invert, lineart = "invert (from white bg & black line)", "lineart_standard (from white bg & black line)"
-    assert types["All"] == {"module_list": ["none", "tile_resample", "recolor_luminance", lineart, "canny", invert,
-                                            "threshold", "t2ia_color_grid", "shuffle", "scribble_xdog",
-                                            "recolor_intensity", "blur_gaussian"],
+    assert types["All"] == {"module_list": ["none", "tile_resample", "recolor_luminance", lineart, "inpaint_only",
+                                            "canny", invert, "threshold", "t2ia_color_grid", "shuffle", "scribble_xdog",
+                                            "recolor_intensity", "inpaint_global_harmonious", "blur_gaussian"],
                             "model_list": ["None", *models], "default_option": "none", "default_model": "None"}
     assert any(m.startswith("controlnet [") for m in types["All"]["model_list"])
     # No ControlNet of this build has "canny" in its name, so the type holds "None" only, as sd-webui-controlnet's.
@@ -273,6 +274,8 @@ def test_control_types_group_the_modules_and_the_builds_controlnets(client):
     assert types["MLSD"]["module_list"] == ["none", invert]
     assert types["T2I-Adapter"]["module_list"] == ["none", "t2ia_color_grid"]
     assert types["Shuffle"]["module_list"] == ["none", "shuffle"] and types["Shuffle"]["default_option"] == "shuffle"
+    assert types["Inpaint"] == {"module_list": ["none", "inpaint_only", "inpaint_global_harmonious"],
+                                "model_list": ["None"], "default_option": "inpaint_only", "default_model": "None"}
     # instruct-pix2pix ControlNets take the image itself: "none" alone, and the default (ip2p in a model's name too)
     assert types["InstructP2P"] == {"module_list": ["none"], "model_list": ["None"], "default_option": "none",
                                     "default_model": "None"}
@@ -318,7 +321,8 @@ def test_detect_is_kilns_canny_at_the_processor_resolution(client):
 
 @pytest.mark.parametrize("fields,status,needle", [
     ({"controlnet_module": "openpose"}, 422,
-     "controlnet_module 'openpose' is unknown; valid: none, tile_resample, recolor_luminance, lineart_standard, canny"),
+     "controlnet_module 'openpose' is unknown; valid: none, tile_resample, recolor_luminance, lineart_standard, "
+     "inpaint_only, canny"),
     ({"controlnet_input_images": []}, 422, "controlnet_input_images: no image"),
     ({"controlnet_threshold_a": 300}, 422, "controlnet_threshold_a must be 0 to 255 (or -1: 100), canny's Low "
                                            "Threshold; got 300"),
@@ -369,3 +373,36 @@ def test_module_list_detect_and_units_take_every_module(client):
                           np.asarray(map_of(photo, "lineart_standard", 64, -1, -1, 1 << 20)))
     assert (recolor.threshold_a, recolor.threshold_b) == (0.5, -1)  # recolor has one slider: b is ignored
     assert Image.open(io.BytesIO(recolor.image)).size == (96, 64)  # its own size: no resolution
+
+
+def test_an_inpaint_unit_takes_img2img_image_and_mask_and_shows_its_map(client):
+    """sd-webui-controlnet's inpainting through the API: in img2img inpainting an inpaint unit without an image takes
+    the init image and the request's mask (its detected map: the image, alpha 128 where masked), and inpaint_only
+    runs as inpaint_global_harmonious there, as the extension's fallback; txt2img refuses inpaint_only and a unit
+    without an image; /controlnet/detect shows an inpaint module's mask, and wants one per image."""
+    photo, mask = _photo((64, 64), seed=5), Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 8, 48, 40))
+    body = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 4, "sampler_name": "Euler",
+            "init_images": [_b64(photo)], "mask": _b64(mask), "mask_blur": 0, "denoising_strength": 0.75,
+            "inpaint_full_res": False}  # (the whole picture: "only masked" would crop the unit's image too)
+    answers = [client.post("/sdapi/v1/img2img", json=body | {"alwayson_scripts": {"controlnet": {"args": [
+        {"module": module, "weight": 1.5}]}}}) for module in ("inpaint_global_harmonious", "inpaint_only")]
+    assert all(answer.status_code == 200 for answer in answers), answers[0].text
+    harmonious, only = (answer.json() for answer in answers)
+    assert harmonious["images"] == only["images"] and len(harmonious["images"]) == 2  # the image, the unit's map
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(harmonious["images"][1]))))
+    assert shown.shape == (64, 64, 4) and np.array_equal(shown[..., :3], np.asarray(photo))
+    assert np.array_equal(shown[..., 3], np.where(np.asarray(mask) > 127, 128, 255))
+    assert "Module: inpaint," in json.loads(harmonious["info"])["infotexts"][0]
+    for body, words in (({"module": "inpaint_only", "image": _b64(photo)}, "inpaint_only blends each step"),
+                        ({"module": "canny"}, "args[0] is enabled but has no image")):
+        refused = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 3, "width": 64, "height": 64,
+                                                         "alwayson_scripts": {"controlnet": {"args": [body]}}})
+        assert refused.status_code == 422 and words in refused.json()["detail"], refused.text
+    detect = {"controlnet_module": "inpaint_global_harmonious", "controlnet_input_images": [_b64(photo)]}
+    shown = client.post("/controlnet/detect", json=detect | {"controlnet_masks": [_b64(mask)]})
+    assert shown.status_code == 200, shown.text
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(shown.json()["images"][0]))))
+    assert np.array_equal(pixels[..., 3], 255 - np.asarray(mask) // 2)
+    refused = client.post("/controlnet/detect", json=detect)
+    assert refused.status_code == 422 and "one mask per image; got 1 images and 0 masks" in refused.text

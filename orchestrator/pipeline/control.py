@@ -76,7 +76,8 @@ def unet_with_units(active: list, inputs: dict[str, np.ndarray], control_input: 
 
 def control_images(request, width: int, height: int, rows: int, seed: int) -> list[np.ndarray]:
     """Each ControlNet unit's input at width x height (its preprocessor run, a random one seeded by the run's first
-    `seed`, or its map fitted by its resize mode), once per row of the UNet batch."""
-    return [np.repeat(control_image(unit.image, width, height, unit.preprocessor, unit.threshold_a,
-                                    unit.threshold_b, unit.resize_mode, numpy_seed(seed))[None], rows, axis=0)
+    `seed`, or its map fitted by its resize mode; an inpaint unit's masked pixels -1), once per row of the UNet
+    batch."""
+    return [np.repeat(control_image(unit.image, width, height, unit.preprocessor, unit.threshold_a, unit.threshold_b,
+                                    unit.resize_mode, numpy_seed(seed), unit.mask)[None], rows, axis=0)
             for unit in request.controlnet_units]

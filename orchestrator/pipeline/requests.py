@@ -43,6 +43,9 @@ class ControlNetUnit:
     # whether pixel perfect chose it
     processor_res: int = -1
     pixel_perfect: bool = False
+    # an inpaint module's mask (an encoded image of the image's size, white: inpaint; its first channel is read): fitted
+    # with the image and binarized, the masked pixels -1 for the ControlNet (kiln.control.inpaint_hint)
+    mask: bytes = b""
 
     @property
     def preprocessor(self) -> str:

@@ -305,13 +305,20 @@ def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits
             raise InputError(f"{name} is not a ControlNet unit")
         if unit.module not in CONTROL_MODULES:  # by name (the API's units carry the name of a label they sent)
             raise InputError(f"{name} module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
+        pre = preprocessor(unit.module)
+        if unit.mask and not pre.inpaint:
+            raise InputError(f"{name} has a mask; only the inpaint modules take one (inpaint_global_harmonious), "
+                             f"not {unit.module}")
+        if unit.module == "inpaint_only":
+            raise InputError(f"{name} module inpaint_only blends each step with the control image and pastes it back, "
+                             "which this server does not run; it runs it in img2img inpainting (a mask), where "
+                             "sd-webui-controlnet runs inpaint_global_harmonious instead; or send that module")
         if unit.control_mode not in (0, 1, 2) or isinstance(unit.control_mode, bool):
             raise InputError(f"{name} control_mode must be 0 (Balanced), 1 (My prompt is more important) or 2 "
                              f"(ControlNet is more important), got {unit.control_mode!r}")
         if not _finite(unit.weight) or not 0 <= unit.weight <= 2:
             raise InputError(f"{name} weight must be in [0, 2], got {unit.weight!r}")
-        checked = preprocessor(unit.module).slider_values(unit.threshold_a, unit.threshold_b,
-                                                          ("threshold_a", "threshold_b"), f"{name} ")
+        checked = pre.slider_values(unit.threshold_a, unit.threshold_b, ("threshold_a", "threshold_b"), f"{name} ")
         lacking = [field for field, value, kept in zip(("threshold_a", "threshold_b"),
                                                        (unit.threshold_a, unit.threshold_b), checked)
                    if kept == -1 and value != -1]

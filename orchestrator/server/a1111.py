@@ -14,7 +14,7 @@ from kiln.contract import SDContract
 from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import HIRES_FIELDS, parameters_text
-from kiln.masks import resize_init_image
+from kiln.masks import Blur, resize_init_image
 from kiln.preprocessors import numpy_seed
 from kiln.prompts import EXTRA_NETWORK
 from kiln.styles import StyleLibrary
@@ -31,7 +31,7 @@ from orchestrator.pipeline import (
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.pipeline.seeds import draw_seed
 from orchestrator.server import soft_inpainting as soft
-from orchestrator.server.control_units import controlnet_units, detect_map
+from orchestrator.server.control_units import InitImage, controlnet_units, detect_map
 from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.options import (
     APPLIED_OPTIONS,
@@ -161,8 +161,15 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
     sampler = sampler_name(body)
     seed = draw_seed(body.seed)  # drawn here: a random ControlNet module (shuffle) is seeded by it, as in the extension
+    img2img, source = isinstance(body, schemas.Img2ImgBody), None
+    if img2img:  # (a ControlNet unit without an image takes the init image, and an inpaint unit the mask)
+        init = init_image(body, limits.max_image_pixels)
+        mask = decode_b64_image(body.mask, "mask", limits.max_image_pixels) if body.mask else b""
+        blur = mask_blur(body)
+        source = InitImage(init, body.resize_mode, mask, blur, bool(body.inpainting_mask_invert),
+                           body.inpaint_full_res, body.inpaint_full_res_padding)
     units = controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height,
-                             numpy_seed(seed, body.subseed))
+                             numpy_seed(seed, body.subseed), source)
     fields = dict(clip_skip=clip_skip, vae=vae, tiling=bool(body.tiling), vae_tiling=body.vae_tiling, prompt=prompt,
                   negative_prompt=negative, steps=body.steps, **setting_fields(body, options),
                   **sigma_fields(body, options, {sampler, hires_fix_sampler(body) if body.enable_hr else sampler}),
@@ -176,7 +183,6 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                   controlnet=units, inpainting_mask_weight=applied_setting(  # (where it acts: a 9-channel UNet's)
                       body, options, "inpainting_mask_weight", contract.inpainting_unet and has_img2img_start(body)))
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
-    img2img = isinstance(body, schemas.Img2ImgBody)
     softly = soft.settings(body.alwayson_scripts, img2img, img2img and bool(body.mask))  # (without a mask: nothing)
     script = selected_script(body, contract.upscaler_names)
     if not img2img:
@@ -187,17 +193,10 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     if body.enable_hr or body.firstpass_image:
         raise InputError(f"{'enable_hr' if body.enable_hr else 'firstpass_image'}: the hires fix is txt2img's; "
                          "img2img has none")
-    init = init_image(body, limits.max_image_pixels)
-    mask = decode_b64_image(body.mask, "mask", limits.max_image_pixels) if body.mask else b""
     latent = decode_b64_image(body.latent_mask, "latent_mask", limits.max_image_pixels) if body.latent_mask else b""
     # "Only masked" crops the init image as it is; resize_mode shapes the whole picture otherwise (as AUTOMATIC1111).
     if not (mask and body.inpaint_full_res):
         init = resize_init_image(init, body.width, body.height, body.resize_mode)
-    # AUTOMATIC1111: mask_blur, where sent, sets both radii; mask_blur_x and mask_blur_y otherwise (4 each by default)
-    blur = body.mask_blur
-    if "mask_blur" not in body.model_fields_set and (body.mask_blur_x, body.mask_blur_y) != (None, None):
-        x, y = (4 if v is None else v for v in (body.mask_blur_x, body.mask_blur_y))
-        blur = x if x == y else (x, y)
     # AUTOMATIC1111 pastes the original back outside the mask: clients expect the kept area untouched.
     return Img2ImgRequest(**fields, init_image=init, denoising_strength=body.denoising_strength, mask=mask,
                           latent_mask=latent, mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
@@ -207,6 +206,15 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
                           initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
                           sd_upscale=script, image_cfg_scale=body.image_cfg_scale)
+
+
+def mask_blur(body: schemas.Img2ImgBody) -> Blur:
+    """AUTOMATIC1111's mask blur: mask_blur, where sent, sets both radii; mask_blur_x and mask_blur_y otherwise (4
+    each by default)."""
+    if "mask_blur" not in body.model_fields_set and (body.mask_blur_x, body.mask_blur_y) != (None, None):
+        x, y = (4 if v is None else v for v in (body.mask_blur_x, body.mask_blur_y))
+        return x if x == y else (x, y)
+    return body.mask_blur
 
 
 def init_image(body: schemas.Img2ImgBody, max_pixels: int) -> bytes:

@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
+from PIL import Image
 from pydantic import ValidationError
 
 from kiln import schemas
-from kiln.control import control_image
+from kiln.control import control_image, fitted_map
 from kiln.detect import DEFAULT_RESOLUTION, decode_source, map_of, pixel_perfect_resolution, processor_resolution
 from kiln.errors import InputError
 from kiln.imaging import encode_png
+from kiln.masks import Blur, crop_region, shaped, soft_mask
 from kiln.preprocessors import Preprocessor, preprocessor
 from orchestrator.pipeline import ControlNetUnit, Txt2ImgRequest
 from orchestrator.server import soft_inpainting as soft
@@ -73,10 +78,57 @@ def _unit_image(unit: schemas.ControlNetUnitArgs, pre: Preprocessor, where: str,
     return encode_png(map_of(image, pre.name, resolution, *sliders, max_pixels, f"{where}.image", seed)), resolution
 
 
-def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int,
-                     seed: int | None = None) -> tuple[ControlNetUnit, ...] | None:
-    """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit with an image, in order, its image
-    fitted to width x height by the unit's resize mode; a random module's map drawn from numpy `seed` (numpy_seed)."""
+@dataclass(frozen=True)
+class InitImage:
+    """img2img's init image as an enabled unit without an image takes it (sd-webui-controlnet's fallback): fitted by
+    AUTOMATIC1111's resize mode, and for an inpaint module with the request's mask, prepared as the extension
+    prepares it (read, inverted, blurred: kiln.masks.soft_mask at its own size)."""
+
+    image: bytes
+    resize_mode: int  # AUTOMATIC1111's: 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent (just resize)
+    mask: bytes = b""  # as sent
+    mask_blur: Blur = 4
+    invert: bool = False
+    only_masked: bool = False  # inpaint_full_res: the units' images are cropped around the mask too
+    padding: int = 0  # inpaint_full_res_padding
+
+    def prepared_mask(self, where: str, max_pixels: int) -> bytes:
+        size = decode_source(self.image, max_pixels, "init_images[0]").size
+        mask = self._prepared(max_pixels)
+        if mask.size != size:
+            raise InputError(f"{where}: an inpaint unit without an image takes the init image and the mask, which "
+                             f"must then be the same size; the mask is {mask.width}x{mask.height}, the init image "
+                             f"{size[0]}x{size[1]}")
+        return encode_png(mask)
+
+    def _prepared(self, max_pixels: int) -> Image.Image:
+        """The mask as the extension's prepare_mask leaves it, at its own size: inverted, blurred."""
+        size = decode_source(self.mask, max_pixels, "mask").size
+        return soft_mask(self.mask, *size, self.mask_blur, self.invert, binarize=False)
+
+    def crop(self, data: bytes, mask: bytes, resize: int, size: tuple[int, int], max_pixels: int,
+             where: str) -> tuple[bytes, bytes]:
+        """A unit's image (and mask) cut as "only masked" cuts the init image (the extension's
+        try_crop_image_with_a1111_mask): shaped to the mask's size by the unit's resize mode (AUTOMATIC1111's
+        resize_image, Lanczos), the mask's box cut out (kiln.masks.crop_region) and shaped to the generation's size
+        by resize and fill. Nothing masked: uncut (the generation inpaints the whole picture)."""
+        prepared = self._prepared(max_pixels)
+        box = crop_region(np.asarray(prepared) > 0, self.padding, *size)
+        if box is None:
+            return data, mask
+
+        def cut(image: Image.Image) -> bytes:
+            return encode_png(shaped(shaped(image, *prepared.size, resize).crop(box), *size, 2))
+
+        alpha = cut(decode_source(mask, max_pixels, f"{where}.mask").getchannel(0)) if mask else b""
+        return cut(decode_source(data, max_pixels, f"{where}.image")), alpha
+
+
+def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int, seed: int | None = None,
+                     init: InitImage | None = None) -> tuple[ControlNetUnit, ...] | None:
+    """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit, in order, its image (img2img's
+    `init` image where it has none; txt2img refuses it) fitted to width x height by the unit's resize mode; a random
+    module's map drawn from numpy `seed` (numpy_seed); an inpaint module's mask with it."""
     unknown = sorted(k for k in scripts or {} if k.lower() not in ("controlnet", soft.NAME))
     if unknown:
         raise InputError(f"alwayson_scripts: {', '.join(unknown)} not available; only controlnet and soft inpainting "
@@ -93,33 +145,81 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int,
         raise InputError(f"alwayson_scripts.controlnet.args: {short(exc)}") from None
     result = []
     for index, unit in enumerate(units):
-        if not unit.enabled or (unit.image is None and unit.input_image is None):
+        if not unit.enabled:
             continue
         where = f"alwayson_scripts.controlnet.args[{index}]"
-        image = unit.image if unit.image is not None else unit.input_image
-        if isinstance(image, dict):  # the extension's {"image", "mask"} pair: its mask is refused, as the unit's is
-            unknown = sorted(set(image) - {"image", "mask"})
-            if unknown or image.get("mask"):
-                raise InputError(f"{where}.image: {', '.join(unknown) or 'mask'} is not supported by this server "
-                                 "(an image given as a dict takes its \"image\" alone)")
-            image = image.get("image")
         pre = preprocessor(unit.module, f"{where}.module")  # its name or its label
         sliders = pre.slider_values(unit.threshold_a, unit.threshold_b, ("threshold_a", "threshold_b"), f"{where}.")
         resize, control_mode, hr_option = _unit_options(unit, where)
-        data = decode_b64_image(image, f"{where}.image", max_pixels)
+        image, mask = _unit_input(unit, where)
+        if image is None:  # the extension's fallback: img2img's init image, by AUTOMATIC1111's resize mode
+            if init is None:
+                raise InputError(f"{where} is enabled but has no image (image or input_image); only img2img lends "
+                                 "its init image to a unit without one")
+            data, resize = init.image, FALLBACK_RESIZE[init.resize_mode]
+            mask = init.prepared_mask(where, max_pixels) if pre.inpaint and init.mask else b""
+        else:
+            data = decode_b64_image(image, f"{where}.image", max_pixels)
+            mask = _unit_mask(mask, pre, where, data, max_pixels)
+        if init is not None and init.only_masked and init.mask and unit.inpaint_crop_input_image:
+            data, mask = init.crop(data, mask, resize, (width, height), max_pixels, where)
+        if pre.name == "inpaint_only" and init is not None and init.mask:  # the extension's own fallback, as it warns
+            pre = preprocessor("inpaint")
         made, resolution = _unit_image(unit, pre, where, data, (width, height), resize, sliders, max_pixels, seed)
         result.append(ControlNetUnit(image=made, resize_mode=resize, module=pre.name, weight=unit.weight,
                                      guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
                                      threshold_a=sliders[0], threshold_b=sliders[1], processor_res=resolution,
                                      pixel_perfect=unit.pixel_perfect and resolution != -1,
                                      model=unit.model, save_detected_map=unit.save_detected_map,
-                                     control_mode=control_mode, hr_option=hr_option))
+                                     control_mode=control_mode, hr_option=hr_option, mask=mask))
     return tuple(result) or None
+
+
+# AUTOMATIC1111's resize mode -> the extension's, for the init image a unit takes (its resize_mode_from_value)
+FALLBACK_RESIZE = {0: 0, 1: 1, 2: 2, 3: 0}
+
+
+def _unit_input(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[Any, Any]:
+    """The unit's image and mask as sent (base64, or None): `image` (or its older name `input_image`), given alone or
+    as the extension's {"image", "mask"} pair; `mask` (or its newer name `mask_image`), which a pair's mask yields to
+    (the extension's order)."""
+    if unit.mask and unit.mask_image:
+        raise InputError(f"{where}: mask and mask_image are the same field; send one")
+    image = unit.image if unit.image is not None else unit.input_image
+    mask = unit.mask or unit.mask_image or None
+    if isinstance(image, dict):
+        unknown = sorted(set(image) - {"image", "mask"})
+        if unknown:
+            raise InputError(f"{where}.image: {', '.join(unknown)} is not supported by this server (an image given "
+                             "as a dict holds \"image\" and \"mask\")")
+        mask = mask or image.get("mask") or None
+        image = image.get("image")
+    return image, mask
+
+
+def _unit_mask(mask: Any, pre: Preprocessor, where: str, image: bytes, max_pixels: int) -> bytes:
+    """A unit's own mask, decoded (base64) and checked: only an inpaint module takes one, and it must be its image's
+    size (read as the extension reads it: its first channel, neither inverted nor blurred)."""
+    if mask is None:
+        return b""
+    if not pre.inpaint:
+        raise InputError(f"{where}.mask: only the inpaint modules (inpaint_global_harmonious) take a mask, not "
+                         f"{pre.name}")
+    data = decode_b64_image(mask, f"{where}.mask", max_pixels)
+    size, wanted = decode_source(data, max_pixels, f"{where}.mask").size, decode_source(image, max_pixels).size
+    if size != wanted:
+        raise InputError(f"{where}.mask is {size[0]}x{size[1]}; it must be the image's size, {wanted[0]}x{wanted[1]}")
+    return data
 
 
 def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
     """What a unit gave its ControlNet (the preprocessor's output, or the resized image), as uint8 pixels: the
-    "detected map" sd-webui-controlnet appends to the response's images unless control_net_no_detectmap."""
+    "detected map" sd-webui-controlnet appends to the response's images unless control_net_no_detectmap. An inpaint
+    unit's is its fitted image with the mask as alpha, 255 where kept and 128 where masked (its
+    visualize_inpaint_mask)."""
+    if unit.mask:
+        pixels = fitted_map(unit.image, request.width, request.height, unit.resize_mode, unit.mask)
+        return np.concatenate([pixels[..., :3], 255 - pixels[..., 3:] // 2], axis=2)
     pixels = control_image(unit.image, request.width, request.height, unit.preprocessor, unit.threshold_a,
                            unit.threshold_b, unit.resize_mode)
     return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
-from kiln.detect import DEFAULT_RESOLUTION, detect_map, processor_resolution
+from kiln.detect import DEFAULT_RESOLUTION, detect_map, inpaint_display, processor_resolution
 from kiln.errors import InputError, TooLargeError
 from kiln.imaging import encode_png
 from kiln.preprocessors import PREPROCESSORS, preprocessor
@@ -66,8 +66,11 @@ def detect_options(body: schemas.ControlNetDetectBody) -> tuple[str, int, float,
     pre = preprocessor(body.controlnet_module, "controlnet_module")
     if not body.controlnet_input_images:
         raise InputError("controlnet_input_images: no image (send one or more base64 images)")
-    if body.controlnet_masks:
+    if body.controlnet_masks and not pre.inpaint:
         raise InputError(f"controlnet_masks: the {pre.name} preprocessor takes no mask")
+    if pre.inpaint and len(body.controlnet_masks) != len(body.controlnet_input_images):
+        raise InputError(f"controlnet_masks: the {pre.title} preprocessor takes one mask per image; got "
+                         f"{len(body.controlnet_input_images)} images and {len(body.controlnet_masks)} masks")
     resolution = processor_resolution(body.controlnet_processor_res, "controlnet_processor_res") \
         if pre.uses_resolution else pre.resolution or DEFAULT_RESOLUTION
     a, b = pre.slider_values(body.controlnet_threshold_a, body.controlnet_threshold_b,
@@ -86,8 +89,15 @@ async def detect(request: Request, body: schemas.ControlNetDetectBody):
                             f"{limits.max_images} per request")
     images = [(f"controlnet_input_images[{index}]", text) for index, text in enumerate(body.controlnet_input_images)]
 
+    masks = [(f"controlnet_masks[{index}]", text) for index, text in enumerate(body.controlnet_masks)]
+
     def run() -> list[str]:  # every header first: an image refused before any is decoded
         checked = [(what, decode_b64_image(text, what, limits.max_image_pixels)) for what, text in images]
+        if masks:  # an inpaint module's: the image with its mask shown as the extension shows it
+            given = [(what, decode_b64_image(text, what, limits.max_image_pixels)) for what, text in masks]
+            return [base64.b64encode(encode_png(inpaint_display(data, mask, limits.max_image_pixels, what,
+                                                                mask_what))).decode()
+                    for (what, data), (mask_what, mask) in zip(checked, given)]
         return [base64.b64encode(encode_png(detect_map(data, module, resolution, a, b, limits.max_image_pixels,
                                                        what))).decode() for what, data in checked]
 
