@@ -93,7 +93,9 @@ def test_the_units_mask_comes_from_its_fields_and_img2img_lends_its_own():
     (maskless,) = units(unit)  # nothing masked: the image alone, as the extension's all-zero alpha
     assert maskless.mask == b"" and np.array_equal(control_image(maskless.image, 64, 64, fit=1),
                                                    control_image(photo, 64, 64, fit=1))
+    pair = {"image": _b64(photo), "mask": _b64(mask)}
     for bad, words in ((unit | {"mask": _b64(mask), "mask_image": _b64(mask)}, "mask and mask_image are the same"),
+                       (unit | {"image": pair, "mask_image": _b64(mask)}, "a mask in image and in mask"),
                        (unit | {"mask": _b64(_mask((32, 64), (0, 0, 8, 8)))}, "].mask is 32x64; it must be the "
                                                                                "image's size, 64x64"),
                        ({"module": "canny", "image": _b64(photo), "mask": _b64(mask)}, "only the inpaint modules"),

@@ -189,6 +189,17 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     info = page.inner_text("#info")
     assert "Soft inpainting enabled: True" in info and "Soft inpainting difference threshold: 1.25" in info
     page.uncheck("[name=soft_inpainting]")
+    # A ControlNet inpaint unit without an image: it takes the init image and the painted mask (img2img's only).
+    opened = page.evaluate("document.querySelector('#controlnet').open")
+    page.evaluate("document.querySelector('#controlnet').open = true")
+    page.click("#add-unit")
+    page.select_option("#units .unit-module", "inpaint")
+    page.fill("[name=steps]", "4")
+    generate(page)
+    assert "ControlNet 0: \"Module: inpaint," in page.inner_text("#info")
+    assert page.locator("#results img").count() == 2  # the image, and the unit's map (the mask shown on it)
+    page.click("#units .remove-unit")
+    page.evaluate(f"document.querySelector('#controlnet').open = {str(opened).lower()}")
     # AUTOMATIC1111's Loopback (img2img only): two loops, their grid first, the strength moving to the final one.
     page.click("#loopback summary")
     page.check("[name=loopback]")

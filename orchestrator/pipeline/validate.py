@@ -311,8 +311,8 @@ def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits
                              f"not {unit.module}")
         if unit.module == "inpaint_only":
             raise InputError(f"{name} module inpaint_only blends each step with the control image and pastes it back, "
-                             "which this server does not run; it runs it in img2img inpainting (a mask), where "
-                             "sd-webui-controlnet runs inpaint_global_harmonious instead; or send that module")
+                             "which this server does not run; it takes it in img2img inpainting alone (a mask), where "
+                             "sd-webui-controlnet runs inpaint_global_harmonious in its place; elsewhere send that")
         if unit.control_mode not in (0, 1, 2) or isinstance(unit.control_mode, bool):
             raise InputError(f"{name} control_mode must be 0 (Balanced), 1 (My prompt is more important) or 2 "
                              f"(ControlNet is more important), got {unit.control_mode!r}")

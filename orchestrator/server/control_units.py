@@ -181,8 +181,8 @@ FALLBACK_RESIZE = {0: 0, 1: 1, 2: 2, 3: 0}
 
 def _unit_input(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[Any, Any]:
     """The unit's image and mask as sent (base64, or None): `image` (or its older name `input_image`), given alone or
-    as the extension's {"image", "mask"} pair; `mask` (or its newer name `mask_image`), which a pair's mask yields to
-    (the extension's order)."""
+    as the extension's {"image", "mask"} pair; `mask` (or its newer name `mask_image`); a mask given twice is
+    refused (the extension takes one and drops the other without a word)."""
     if unit.mask and unit.mask_image:
         raise InputError(f"{where}: mask and mask_image are the same field; send one")
     image = unit.image if unit.image is not None else unit.input_image
@@ -192,6 +192,8 @@ def _unit_input(unit: schemas.ControlNetUnitArgs, where: str) -> tuple[Any, Any]
         if unknown:
             raise InputError(f"{where}.image: {', '.join(unknown)} is not supported by this server (an image given "
                              "as a dict holds \"image\" and \"mask\")")
+        if mask is not None and image.get("mask"):
+            raise InputError(f"{where}: a mask in image and in mask (or mask_image); send one")
         mask = mask or image.get("mask") or None
         image = image.get("image")
     return image, mask

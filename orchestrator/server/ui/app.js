@@ -149,9 +149,9 @@ async function generationBody(kind) {
   const units = [];
   if (state.tab !== "xyz") {
     for (const unit of $$("#units .unit")) {
-      const file = $(".unit-image", unit).files[0];
-      if (!file) throw new FieldError("controlnet", "each ControlNet unit needs an image");
-      units.push({ image: await fileToBase64(file), module: $(".unit-module", unit).value,
+      const file = $(".unit-image", unit).files[0];  // img2img: none takes the init image (an inpaint unit its mask)
+      if (!file && state.tab !== "img2img") throw new FieldError("controlnet", "each ControlNet unit needs an image");
+      units.push({ ...(file ? { image: await fileToBase64(file) } : {}), module: $(".unit-module", unit).value,
                    model: $(".unit-model", unit).value, weight: Number($(".unit-weight", unit).value),
                    guidance_start: Number($(".unit-start", unit).value),
                    guidance_end: Number($(".unit-end", unit).value),
