@@ -76,7 +76,12 @@ def inpaint_display(data: bytes, mask: bytes, max_pixels: int, what: str = "imag
     if alpha.size != image.size:
         raise InputError(f"{mask_what} is {alpha.width}x{alpha.height}; it must be {what}'s size, "
                          f"{image.width}x{image.height}")
-    return np.concatenate([np.asarray(image), 255 - np.asarray(alpha)[..., :1] // 2], axis=2)
+    return mask_shown(np.asarray(image), np.asarray(alpha)[..., 0])
+
+
+def mask_shown(colours: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The extension's visualize_inpaint_mask: uint8 colours (h, w, 3) with alpha 255 - mask // 2 (h, w, 4)."""
+    return np.concatenate([colours, 255 - mask[..., None] // 2], axis=2)
 
 
 def map_of(image: Image.Image, module: str, resolution: int, a: float, b: float, max_pixels: int,

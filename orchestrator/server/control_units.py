@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -12,9 +13,16 @@ from pydantic import ValidationError
 
 from kiln import schemas
 from kiln.control import control_image, fitted_map
-from kiln.detect import DEFAULT_RESOLUTION, decode_source, map_of, pixel_perfect_resolution, processor_resolution
+from kiln.detect import (
+    DEFAULT_RESOLUTION,
+    decode_source,
+    map_of,
+    mask_shown,
+    pixel_perfect_resolution,
+    processor_resolution,
+)
 from kiln.errors import InputError
-from kiln.imaging import encode_png
+from kiln.imaging import ImageLimits, encode_png
 from kiln.masks import Blur, crop_region, shaped, soft_mask
 from kiln.preprocessors import Preprocessor, preprocessor
 from orchestrator.pipeline import ControlNetUnit, Txt2ImgRequest
@@ -94,16 +102,18 @@ class InitImage:
 
     def prepared_mask(self, where: str, max_pixels: int) -> bytes:
         size = decode_source(self.image, max_pixels, "init_images[0]").size
-        mask = self._prepared(max_pixels)
+        mask = self._prepared
         if mask.size != size:
             raise InputError(f"{where}: an inpaint unit without an image takes the init image and the mask, which "
                              f"must then be the same size; the mask is {mask.width}x{mask.height}, the init image "
                              f"{size[0]}x{size[1]}")
         return encode_png(mask)
 
-    def _prepared(self, max_pixels: int) -> Image.Image:
-        """The mask as the extension's prepare_mask leaves it, at its own size: inverted, blurred."""
-        size = decode_source(self.mask, max_pixels, "mask").size
+    @cached_property
+    def _prepared(self) -> Image.Image:
+        """The mask as the extension's prepare_mask leaves it, at its own size: inverted, blurred. Made once for all
+        the request's units (its bytes were checked against the server's limits as they arrived)."""
+        size = decode_source(self.mask, ImageLimits().max_pixels, "mask").size
         return soft_mask(self.mask, *size, self.mask_blur, self.invert, binarize=False)
 
     def crop(self, data: bytes, mask: bytes, resize: int, size: tuple[int, int], max_pixels: int,
@@ -112,7 +122,7 @@ class InitImage:
         try_crop_image_with_a1111_mask): shaped to the mask's size by the unit's resize mode (AUTOMATIC1111's
         resize_image, Lanczos), the mask's box cut out (kiln.masks.crop_region) and shaped to the generation's size
         by resize and fill. Nothing masked: uncut (the generation inpaints the whole picture)."""
-        prepared = self._prepared(max_pixels)
+        prepared = self._prepared
         box = crop_region(np.asarray(prepared) > 0, self.padding, *size)
         if box is None:
             return data, mask
@@ -221,7 +231,7 @@ def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
     visualize_inpaint_mask)."""
     if unit.mask:
         pixels = fitted_map(unit.image, request.width, request.height, unit.resize_mode, unit.mask)
-        return np.concatenate([pixels[..., :3], 255 - pixels[..., 3:] // 2], axis=2)
+        return mask_shown(pixels[..., :3], pixels[..., 3])
     pixels = control_image(unit.image, request.width, request.height, unit.preprocessor, unit.threshold_a,
                            unit.threshold_b, unit.resize_mode)
     return np.round(pixels.transpose(1, 2, 0) * 255).astype(np.uint8)
