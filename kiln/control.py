@@ -15,15 +15,16 @@ from kiln.preprocessors import preprocessor
 
 def control_image(data: bytes, width: int, height: int, module: str = "none", threshold_a: float = -1,
                   threshold_b: float = -1, fit: int | None = None, seed: int | None = None,
-                  mask: bytes = b"") -> np.ndarray:
+                  mask: bytes = b"", inpaint: bool = False) -> np.ndarray:
     """The ControlNet's input (3, height, width) in [0, 1]: the image resized, then the module run on it with its
     sliders (-1: their defaults; a module that changes the size, tile_resample, is resized back); or, with `fit`
     (sd-webui-controlnet's resize mode), the image is the unit's map already and is fitted as the extension fits it
     (kiln.controlmaps.fit_map). A random module (shuffle) draws from numpy `seed` (Preprocessor.run). With an inpaint
     unit's `mask` (white: inpaint; its image's size), the image and the mask are fitted together (`fit`, or just
-    resize) and the masked pixels are -1 (inpaint_hint)."""
-    if mask:
-        return inpaint_hint(fitted_map(data, width, height, 0 if fit is None else fit, mask))
+    resize) and the masked pixels are -1 (inpaint_hint); an `inpaint` unit's map without a mask too (none masked, but
+    Resize and Fill's border, as the extension's)."""
+    if mask or (inpaint and fit is not None):
+        return inpaint_hint(fitted_map(data, width, height, 0 if fit is None else fit, mask, inpaint=True))
     image = _decoded(data, "controlnet image")
     if fit is not None:
         return unit_range(Image.fromarray(fit_map(np.asarray(image), width, height, fit)))
@@ -35,12 +36,13 @@ def control_image(data: bytes, width: int, height: int, module: str = "none", th
     return unit_range(image)
 
 
-def fitted_map(data: bytes, width: int, height: int, fit: int, mask: bytes = b"") -> np.ndarray:
-    """A unit's map fitted to width x height by its resize mode (uint8 (height, width, 3)); with its mask, a fourth
-    channel, 0 or 255 (the mask's first channel, as the extension reads it; fit_map binarizes it)."""
+def fitted_map(data: bytes, width: int, height: int, fit: int, mask: bytes = b"", inpaint: bool = False) -> np.ndarray:
+    """A unit's map fitted to width x height by its resize mode (uint8 (height, width, 3)); with its mask, or for an
+    `inpaint` unit without one (none masked, as the extension's), a fourth channel, 0 or 255 (the mask's first
+    channel, as the extension reads it; fit_map binarizes it and masks Resize and Fill's border)."""
     pixels = np.asarray(_decoded(data, "controlnet image"))
-    if mask:
-        alpha = np.asarray(_decoded(mask, "controlnet mask"))[..., 0]
+    if mask or inpaint:
+        alpha = np.asarray(_decoded(mask, "controlnet mask"))[..., 0] if mask else np.zeros(pixels.shape[:2], np.uint8)
         if alpha.shape != pixels.shape[:2]:
             raise InputError(f"controlnet mask is {alpha.shape[1]}x{alpha.shape[0]}; it must be its image's size, "
                              f"{pixels.shape[1]}x{pixels.shape[0]}")

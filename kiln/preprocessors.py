@@ -226,8 +226,9 @@ _ALL = (
     # the extension fixes shuffle's resolution at 512 and hides it; each call draws (its detect route: unseeded)
     Preprocessor("shuffle", _shuffle, tags=("Shuffle",), sizing="resize", resolution=512, random=True),
     # the ControlNet inpaint modules pass the image through with its mask (the masked pixels become -1 for the
-    # ControlNet); inpaint_only (the Inpaint type's default) also blends each step and pastes back, which kiln does
-    # not run: it takes it in img2img inpainting alone, where the extension runs inpaint_global_harmonious in its place
+    # ControlNet); inpaint_only (the Inpaint type's default) also restores the image outside the mask at each step and
+    # pastes it back (orchestrator.pipeline.restore), except in img2img inpainting, where the extension runs
+    # inpaint_global_harmonious in its place
     Preprocessor("inpaint", lambda pixels, _, __: pixels, label="inpaint_global_harmonious", tags=("Inpaint",),
                  sizing="own", inpaint=True),
     Preprocessor("inpaint_only", lambda pixels, _, __: pixels, tags=("Inpaint",), priority=100, sizing="own",

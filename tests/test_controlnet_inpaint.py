@@ -22,7 +22,7 @@ from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.masks import shaped, soft_mask
 from kiln.paths import SAMPLE_IMAGES
-from orchestrator.pipeline import ControlNetUnit, Txt2ImgRequest, make_scheduler
+from orchestrator.pipeline import ControlNetUnit, HiresFix, Img2ImgRequest, Txt2ImgRequest, make_scheduler
 from orchestrator.server.control_units import InitImage, controlnet_units, detect_map
 
 MAX_PIXELS = 1 << 22
@@ -71,6 +71,9 @@ def test_the_mask_is_fitted_with_the_image_binarized_and_the_masked_pixels_are_m
     masked = same[..., 3] == 255
     assert hint.shape == (3, 32, 48) and (hint[:, masked] == -1).all()
     assert np.array_equal(hint[:, ~masked], plain[:, ~masked]) and masked.any() and (~masked).any()
+    bands = control_image(photo, 48, 48, fit=2, inpaint=True)  # an inpaint unit without a mask: the fill's alone
+    assert (bands[:, :8] == -1).all() and (bands[:, -8:] == -1).all()
+    assert np.array_equal(bands[:, 8:40], control_image(photo, 48, 32, fit=0))
     with pytest.raises(InputError, match="controlnet mask is 40x32; it must be its image's size, 48x32"):
         control_image(photo, 48, 32, fit=0, mask=_mask((40, 32), (0, 0, 9, 9)))
 
@@ -112,7 +115,7 @@ def test_the_units_mask_comes_from_its_fields_and_img2img_lends_its_own():
     prepared = soft_mask(init.mask, 96, 64, 3, True, binarize=False)
     assert np.array_equal(_pixels(inpaint.mask)[..., 0], np.asarray(prepared))
     assert only == replace(inpaint, module="inpaint")
-    (lone,) = units({"module": "inpaint_only", "image": _b64(photo)})  # txt2img: refused by the pipeline's checks
+    (lone,) = units({"module": "inpaint_only", "image": _b64(photo)})  # txt2img: its restore (below)
     assert lone.module == "inpaint_only"
     with pytest.raises(InputError, match="the mask is 64x64, the init image 96x64"):
         units({"module": "inpaint"}, init=replace(init, mask=mask))
@@ -186,7 +189,81 @@ def test_an_inpaint_unit_matches_diffusers_inpaint_condition(local, sd_checkpoin
     unmasked = local.txt2img(replace(request, controlnet=(replace(unit, mask=b""),)))
     assert np.abs(unmasked.images.astype(int) - made.images.astype(int)).max() > 2  # the mask acted (5 levels)
     assert "Module: inpaint" in made.info["controlnet"][0]
-    for bad, words in ((replace(unit, module="inpaint_only"), "inpaint_only blends each step"),
-                       (replace(unit, module="canny"), "only the inpaint modules")):
-        with pytest.raises(InputError, match=words):
-            local.txt2img(replace(request, controlnet=(bad,)))
+    with pytest.raises(InputError, match="only the inpaint modules"):
+        local.txt2img(replace(request, controlnet=(replace(unit, module="canny"),)))
+
+
+def _restored(pipe, hint: np.ndarray, weight: float):
+    """diffusers' UNet `pipe.unet` made to restore the way sd-webui-controlnet's hook.py does for inpaint_only,
+    written from its formulas: x0 = a xt - b eps outside the mask (max-pooled 10x10 every 8, padded 1) replaced by
+    the colours' latents, the noise that implies blended by the weight, at the timestep rounded."""
+    colours = torch.from_numpy(hint[..., :3].transpose(2, 0, 1)[None].astype(np.float32) / 255)
+    with torch.inference_mode():
+        z0 = pipe.vae.encode(colours * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+    masked = torch.from_numpy((hint[..., 3] > 127).astype(np.float32))[None, None]
+    factor = pipe.vae_scale_factor  # 8: the extension's 10x10 windows every 8 (the tiny VAE's 2: 4x4 every 2)
+    m = torch.nn.functional.max_pool2d(masked, factor + 2, stride=factor, padding=1)
+    alphas = pipe.scheduler.alphas_cumprod
+    forward = pipe.unet.forward
+
+    def restored(sample, timestep, *args, **kwargs):
+        eps = forward(sample, timestep, *args, **kwargs)[0]
+        abar = alphas[int(torch.round(torch.as_tensor(timestep).float()))]
+        a, b = torch.sqrt(1 / abar), torch.sqrt(1 / abar - 1)
+        x0 = (a * sample - b * eps) * m + z0 * (1 - m)
+        return ((a * sample - x0) / b * weight + eps * (1 - weight),)
+
+    return restored
+
+
+def test_inpaint_only_restores_each_step_and_pastes_back_as_the_extension(local, sd_checkpoint):
+    """inpaint_only outpainting in txt2img (the photo Resize-and-Filled: its bands masked, and a mask of its own):
+    diffusers' ControlNet pipeline given the hint, its UNet restored by the extension's formulas (_restored) and its
+    paste-back (the mask dilated by 7 then box-blurred by 7: scipy's filters) makes the same image; outside the
+    blurred mask the image is the photo's pixels. Without the restore (inpaint_global_harmonious) the masked part
+    differs; the hires fix's second pass restores and pastes at its size; img2img inpainting refuses it."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from scipy.ndimage import maximum_filter, uniform_filter
+
+    photo, mask, weight = _photo((64, 48)), _mask((64, 48), (20, 12, 40, 30)), 0.75
+    hint = fitted_map(photo, 64, 64, 2, mask)  # bands of 8 above and below, masked (tested above)
+    assert (hint[:8, :, 3] == 255).all() and (hint[8:56, :, 3] == 0).any()
+    tensor = np.where(hint[..., 3:] > 127, np.float32(-1), hint[..., :3].astype(np.float32) / 255).transpose(2, 0, 1)
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd_checkpoint), safety_checker=None)
+    control = StableDiffusionControlNetPipeline(**pipe.components, controlnet=ControlNetModel.from_pretrained(
+        str(sd_checkpoint / "controlnet")))
+    control.set_progress_bar_config(disable=True)
+    control.scheduler = make_scheduler("Euler", dict(pipe.scheduler.config))
+    control.unet.forward = _restored(control, hint, weight)
+    try:
+        generated = control("a photo of a cat", image=torch.from_numpy(tensor[None].copy()), num_inference_steps=6,
+                            guidance_scale=7.5, negative_prompt="blurry", height=64, width=64,
+                            controlnet_conditioning_scale=weight, output_type="np",
+                            generator=torch.Generator().manual_seed(3)).images[0]
+    finally:
+        del control.unet.forward
+    kept = uniform_filter(maximum_filter((hint[..., 3] > 127).astype(np.float32), size=7, mode="constant"), size=7,
+                          mode="mirror")[..., None]
+    expected = np.round(kept * np.round(generated * 255) + (1 - kept) * hint[..., :3])
+
+    unit = ControlNetUnit(image=photo, module="inpaint_only", mask=mask, resize_mode=2, weight=weight)
+    request = Txt2ImgRequest(prompt="a photo of a cat", negative_prompt="blurry", steps=6, sampler="Euler",
+                             cfg_scale=7.5, seed=3, width=64, height=64, controlnet=(unit,))
+    made = local.txt2img(request).images[0]
+    assert np.abs(made.astype(int) - expected).max() <= 2
+    outside = kept[..., 0] == 0
+    assert outside.any() and np.array_equal(made[outside], hint[..., :3][outside])  # pasted back exactly
+    plain = local.txt2img(replace(request, controlnet=(replace(unit, module="inpaint"),))).images[0]
+    inside = hint[..., 3] == 255
+    assert np.abs(plain[inside].astype(int) - made[inside].astype(int)).max() > 2  # the restore acted in the mask
+
+    hires = replace(request, hires=HiresFix(scale=2.0, upscaler="Latent", denoising_strength=0.6, steps=3))
+    big = local.txt2img(hires).images[0]
+    fitted = fitted_map(photo, 128, 128, 2, mask)
+    far = uniform_filter(maximum_filter((fitted[..., 3] > 127).astype(np.float32), size=7, mode="constant"),
+                         size=7, mode="mirror") == 0
+    assert big.shape == (128, 128, 3) and np.array_equal(big[far], fitted[..., :3][far])
+    inpainting = Img2ImgRequest(prompt="a cat", steps=3, width=64, height=64, init_image=_photo((64, 64)),
+                                mask=_mask((64, 64), (8, 8, 30, 30)), controlnet=(unit,))
+    with pytest.raises(InputError, match="inpaint_only restores its image outside its mask"):
+        local.img2img(inpainting)

@@ -378,8 +378,10 @@ def test_module_list_detect_and_units_take_every_module(client):
 def test_an_inpaint_unit_takes_img2img_image_and_mask_and_shows_its_map(client):
     """sd-webui-controlnet's inpainting through the API: in img2img inpainting an inpaint unit without an image takes
     the init image and the request's mask (its detected map: the image, alpha 128 where masked), and inpaint_only
-    runs as inpaint_global_harmonious there, as the extension's fallback; txt2img refuses inpaint_only and a unit
-    without an image; /controlnet/detect shows an inpaint module's mask, and wants one per image."""
+    runs as inpaint_global_harmonious there, as the extension's fallback; in txt2img inpaint_only outpaints (a
+    photo Resize-and-Filled: the image is the photo's pixels away from the filled bands, its map the bands at alpha
+    128); txt2img refuses a unit without an image; /controlnet/detect shows an inpaint module's mask, and wants one
+    per image."""
     photo, mask = _photo((64, 64), seed=5), Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 8, 48, 40))
     body = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 4, "sampler_name": "Euler",
@@ -394,11 +396,17 @@ def test_an_inpaint_unit_takes_img2img_image_and_mask_and_shows_its_map(client):
     assert shown.shape == (64, 64, 4) and np.array_equal(shown[..., :3], np.asarray(photo))
     assert np.array_equal(shown[..., 3], np.where(np.asarray(mask) > 127, 128, 255))
     assert "Module: inpaint," in json.loads(harmonious["info"])["infotexts"][0]
-    for body, words in (({"module": "inpaint_only", "image": _b64(photo)}, "inpaint_only blends each step"),
-                        ({"module": "canny"}, "args[0] is enabled but has no image")):
-        refused = client.post("/sdapi/v1/txt2img", json={"prompt": "a cat", "steps": 3, "width": 64, "height": 64,
-                                                         "alwayson_scripts": {"controlnet": {"args": [body]}}})
-        assert refused.status_code == 422 and words in refused.json()["detail"], refused.text
+    txt2img = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64}
+    wide = _photo((64, 32), seed=6)  # filled into 64x64: bands of 16 above and below, masked
+    outpainted = client.post("/sdapi/v1/txt2img", json=txt2img | {"alwayson_scripts": {"controlnet": {"args": [
+        {"module": "inpaint_only", "image": _b64(wide), "resize_mode": "Resize and Fill"}]}}})
+    assert outpainted.status_code == 200, outpainted.text
+    image, shown = (np.asarray(_image(b64)) for b64 in outpainted.json()["images"])
+    assert np.array_equal(image[16 + 6:48 - 6], np.asarray(wide)[6:-6])  # pasted back (the blur reaches 6 pixels)
+    assert (shown[:16, :, 3] == 128).all() and (shown[16:48, :, 3] == 255).all()
+    refused = client.post("/sdapi/v1/txt2img", json=txt2img | {"alwayson_scripts": {"controlnet": {"args": [
+        {"module": "canny"}]}}})
+    assert refused.status_code == 422 and "args[0] is enabled but has no image" in refused.json()["detail"]
     detect = {"controlnet_module": "inpaint_global_harmonious", "controlnet_input_images": [_b64(photo)]}
     shown = client.post("/controlnet/detect", json=detect | {"controlnet_masks": [_b64(mask)]})
     assert shown.status_code == 200, shown.text

@@ -79,5 +79,6 @@ def control_images(request, width: int, height: int, rows: int, seed: int) -> li
     `seed`, or its map fitted by its resize mode; an inpaint unit's masked pixels -1), once per row of the UNet
     batch."""
     return [np.repeat(control_image(unit.image, width, height, unit.preprocessor, unit.threshold_a, unit.threshold_b,
-                                    unit.resize_mode, numpy_seed(seed), unit.mask)[None], rows, axis=0)
+                                    unit.resize_mode, numpy_seed(seed), unit.mask,
+                                    preprocessor(unit.module).inpaint)[None], rows, axis=0)
             for unit in request.controlnet_units]

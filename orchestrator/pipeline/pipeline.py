@@ -20,7 +20,6 @@ from kiln.errors import InputError
 from kiln.imaging import vae_input
 from kiln.lora import NOT_BUILT as LORA_NOT_BUILT
 from kiln.lora import LoraLibrary, LoraSet, split_lora_tags
-from kiln.prompt_schedule import composable
 from orchestrator.pipeline import conditioning, edit, hires
 from orchestrator.pipeline import inpaint as inpainting
 from orchestrator.pipeline import refiner as refining
@@ -30,16 +29,19 @@ from orchestrator.pipeline.control import control_images
 from orchestrator.pipeline.info import run_info
 from orchestrator.pipeline.inpaint import finished, init_latents, inpaint_latents, noised, only_masked, sample_latents
 from orchestrator.pipeline.requests import Cancelled, GenerationResult, Img2ImgRequest, ProgressCallback, Txt2ImgRequest
-from orchestrator.pipeline.sampling import (
-    CHURN,
-    editing_steps,
-    img2img_start,
-    initial_noise_scale,
-    schedule,
-    step_kwargs,
-)
+from orchestrator.pipeline.restore import paste_back, restores
+from orchestrator.pipeline.sampling import editing_steps, img2img_start, initial_noise_scale, schedule, step_kwargs
 from orchestrator.pipeline.seeds import Seeds, batch_seeds, draw_seed
-from orchestrator.pipeline.step import UNCOND, combine, guides, predict, skips_unconditional, takes_unconditional
+from orchestrator.pipeline.step import (
+    UNCOND,
+    combine,
+    guidance,
+    guides,
+    predict,
+    skips_unconditional,
+    step_settings,
+    takes_unconditional,
+)
 from orchestrator.pipeline.tiles import sd_upscale
 from orchestrator.pipeline.vae_tiles import with_tiles
 from orchestrator.pipeline.validate import Limits, check_request
@@ -225,6 +227,7 @@ class Pipeline:
 
         # 6. ControlNet conditioning: each unit's control image for every row of the UNet batch.
         cond = [] if given else control_images(request, request.width, request.height, len(context), seed)
+        restoring = [] if given else restores(request, components.vae, contract, request.width, request.height)
 
         # 7. Denoising loop (the refiner taking over part way); with the hires fix, the upscale and the second pass
         # (in the batcher like any steps).
@@ -239,7 +242,7 @@ class Pipeline:
                                                     step_kwargs(scheduler, seeding.for_steps(generator), request.eta,
                                                                 step_settings(request)),
                                                     _counting(progress, 0, steps_total), cancelled, stop_early,
-                                                    unet_call, loras, handover, channels)
+                                                    unet_call, loras, handover, channels, restoring)
             if inpaint is not None:  # AUTOMATIC1111's last blend (after a stop too)
                 latents = inpaint["blend"].final(latents)
             # AUTOMATIC1111's "Pad conds": padding made the negative prompt and the prompt one length in some pass
@@ -255,6 +258,7 @@ class Pipeline:
         if handover is not None and handover.taken:
             components = handover.components
         images, masks = finished(components.vae.decode(latents.numpy()), latents, request, inpaint)
+        images = paste_back(images, request.controlnet_units)  # sd-webui-controlnet's inpaint_only (restore.py)
         info = run_info(self, request, seeding, stopped_at, padded)
         if request.refiner is not None:  # AUTOMATIC1111's "Refiner" and "Refiner switch at"
             info |= {"refiner": refiner.contract.title, "refiner_switch_at": request.refiner.switch_at}
@@ -263,12 +267,13 @@ class Pipeline:
     def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, prompted: tuple,
                  cond: list[np.ndarray], inpaint: dict | None, kwargs: dict, progress, cancelled, stop_early,
                  unet_call: UNetCall, loras: LoraSet = NO_LORA, handover: refining.Handover | None = None,
-                 channels: torch.Tensor | None = None) -> tuple:
+                 channels: torch.Tensor | None = None, restoring: list = ()) -> tuple:
         """The loop itself: returns the final latents, and the step it stopped at when stop_early() asked. The UNets
         run with the LoRA set `loras` (another graph key: the batcher merges rows of one set only); from step
         handover.index on, the refiner's UNet with its conditioning. `prompted`: the conditioning, and the weight of
         each of the prompt's parts (guidance()); `channels`: each image's input channels beside its latents (an
-        inpainting UNet's mask and masked image, an instruct-pix2pix UNet's image), on every row."""
+        inpainting UNet's mask and masked image, an instruct-pix2pix UNet's image), on every row; `restoring`: the
+        inpaint_only units' Restores, on each prediction."""
         import torch
 
         components, (context, weights), batch = self.parts(request), prompted, len(latents)
@@ -303,6 +308,8 @@ class Pipeline:
             rows = context.at(index) if image_cfg is None else edit.EditRows(context.at(index), batch)
             noise_pred = torch.from_numpy(predict(rows, skip, inputs, control_input, active, components, lora,
                                                   unet_call, channels is not None, batch if both else 0))
+            for restore in restoring:  # every row's prediction, as sd-webui-controlnet's hook restores them
+                noise_pred = restore.prediction(model_input[:batch, :latents.shape[1]], t, noise_pred)
             # (the stand-in's: combine; image guidance's: the rows without the image, last)
             extra = {UNCOND: noise_pred.chunk(copies)[-1 if image_cfg is not None else 0]} if along else {}
             if image_cfg is not None:
@@ -368,22 +375,11 @@ class Pipeline:
             context = self.encode_prompts(prompts, upscaled, loras, hires_steps=steps).repeat(len(latents))
         # sd-webui-controlnet's hr_option "Both": the units act in the second pass too, on their images at its size
         cond = control_images(pass_two, pass_two.width, pass_two.height, len(context), seeding.seeds[0])
+        restoring = restores(pass_two, vae, contract, pass_two.width, pass_two.height)
         kwargs = step_kwargs(scheduler, seeding.for_steps(generator), request.eta, step_settings(request))
         return *self._denoise(pass_two, scheduler, timesteps, latents, (context, weights), cond, None, kwargs,
-                              progress, cancelled, stop_early, unet_call, loras, None, channels), context.padded
-
-
-def guidance(negative: str, prompt: str, guided: bool) -> tuple[list[str], tuple[float, ...]]:
-    """The texts of the UNet's rows (the negative prompt first where guided, then each of AND's parts: AUTOMATIC1111's
-    composable diffusion) and each part's weight."""
-    parts = composable(prompt)
-    texts = [text for text, _ in parts]
-    return ([negative, *texts] if guided else texts), tuple(weight for _, weight in parts)
-
-
-def step_settings(request: Txt2ImgRequest) -> dict:
-    """The request's churn options (sampling.CHURN) and ancestral eta, for the samplers whose step takes them."""
-    return {name: getattr(request, name) for name in CHURN} | {"eta_ancestral": request.eta_ancestral}
+                              progress, cancelled, stop_early, unet_call, loras, None, channels,
+                              restoring), context.padded
 
 
 def _counting(progress: ProgressCallback | None, before: int, total: int) -> ProgressCallback | None:

@@ -13,8 +13,9 @@ import inspect
 
 import numpy as np
 
+from kiln.prompt_schedule import composable
 from orchestrator.pipeline.control import unet_with_units
-from orchestrator.pipeline.sampling import step_options
+from orchestrator.pipeline.sampling import CHURN, step_options
 from orchestrator.pipeline.sigmas import sigma_at
 
 UNCOND = "uncond_output"  # what a scheduler's step takes the unconditional rows' prediction as (DDIM CFG++)
@@ -74,3 +75,16 @@ def combine(noise_pred, weights: tuple[float, ...], cfg_scale: float, unconditio
     for weight, part in zip(weights, parts[1:] if unconditional else parts):
         guided = guided + (part - uncond) * (weight * cfg_scale)
     return guided
+
+
+def guidance(negative: str, prompt: str, guided: bool) -> tuple[list[str], tuple[float, ...]]:
+    """The texts of the UNet's rows (the negative prompt first where guided, then each of AND's parts: AUTOMATIC1111's
+    composable diffusion) and each part's weight."""
+    parts = composable(prompt)
+    texts = [text for text, _ in parts]
+    return ([negative, *texts] if guided else texts), tuple(weight for _, weight in parts)
+
+
+def step_settings(request) -> dict:
+    """The request's churn options (sampling.CHURN) and ancestral eta, for the samplers whose step takes them."""
+    return {name: getattr(request, name) for name in CHURN} | {"eta_ancestral": request.eta_ancestral}

@@ -124,9 +124,9 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         served = f"1 to {contract.clip_skip_layers}" if contract.clip_skip_layers else \
             "1 only (this build's text encoder serves its last layer: rebuild with `kiln build sd` for clip skip)"
         raise InputError(f"clip_skip (CLIP_stop_at_last_layers) must be {served}, got {request.clip_skip!r}")
-    _check_units(request.controlnet_units, contract, limits)
     init = isinstance(request, Img2ImgRequest)
     inpainting = init and request.inpainting
+    _check_units(request.controlnet_units, contract, limits, inpainting)
     if init:
         if not request.init_image:
             raise InputError("init_image is empty")
@@ -294,7 +294,7 @@ def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) 
                              f"({request.width}x{request.height}): it stands for the first pass, which is that size")
 
 
-def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits: Limits) -> None:
+def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits: Limits, inpainting: bool) -> None:
     if units and not contract.controlnets:
         raise InputError("controlnet: this build has no ControlNet (build with --controlnet or a controlnet/ folder)")
     if len(units) > limits.max_controlnet_units:
@@ -309,10 +309,13 @@ def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits
         if unit.mask and not pre.inpaint:
             raise InputError(f"{name} has a mask; only the inpaint modules take one (inpaint_global_harmonious), "
                              f"not {unit.module}")
-        if unit.module == "inpaint_only":
-            raise InputError(f"{name} module inpaint_only blends each step with the control image and pastes it back, "
-                             "which this server does not run; it takes it in img2img inpainting alone (a mask), where "
-                             "sd-webui-controlnet runs inpaint_global_harmonious in its place; elsewhere send that")
+        if unit.module == "inpaint_only" and inpainting:
+            raise InputError(f"{name} module inpaint_only restores its image outside its mask, as AUTOMATIC1111's "
+                             "inpainting does outside the request's: send inpaint_global_harmonious (the API's "
+                             "units run that in its place there, as sd-webui-controlnet does)")
+        if unit.module == "inpaint_only" and contract.prediction_type != "epsilon":
+            raise InputError(f"{name} module inpaint_only reads the UNet's output as noise (sd-webui-controlnet's "
+                             f"restore); this checkpoint predicts {contract.prediction_type}")
         if unit.control_mode not in (0, 1, 2) or isinstance(unit.control_mode, bool):
             raise InputError(f"{name} control_mode must be 0 (Balanced), 1 (My prompt is more important) or 2 "
                              f"(ControlNet is more important), got {unit.control_mode!r}")

@@ -229,8 +229,8 @@ def detect_map(unit: ControlNetUnit, request: Txt2ImgRequest) -> np.ndarray:
     "detected map" sd-webui-controlnet appends to the response's images unless control_net_no_detectmap. An inpaint
     unit's is its fitted image with the mask as alpha, 255 where kept and 128 where masked (its
     visualize_inpaint_mask)."""
-    if unit.mask:
-        pixels = fitted_map(unit.image, request.width, request.height, unit.resize_mode, unit.mask)
+    if unit.mask or preprocessor(unit.module).inpaint:
+        pixels = fitted_map(unit.image, request.width, request.height, unit.resize_mode, unit.mask, inpaint=True)
         return mask_shown(pixels[..., :3], pixels[..., 3])
     pixels = control_image(unit.image, request.width, request.height, unit.preprocessor, unit.threshold_a,
                            unit.threshold_b, unit.resize_mode)

@@ -1,0 +1,122 @@
+"""sd-webui-controlnet's inpaint_only: an inpaint ControlNet's unit that also restores its image outside the mask.
+
+After each UNet call (its hook.py, "Post-processing for restore") the clean latents that the noise prediction implies
+are replaced outside the mask by the unit's colours encoded by the VAE, and the prediction that implies is blended
+with the UNet's by the unit's weight clamped to [0, 1]:
+
+    x0 = a xt - b eps;   x0' = x0 m + z0 (1 - m);   eps' = (a xt - x0') / b;   out = w eps' + (1 - w) eps
+
+with a = 1 / sqrt(abar), b = sqrt(1 / abar - 1) at the call's timestep rounded (the model's own alphas, as its
+DDPM tables hold them), xt the UNet's latent input, z0 the colours' encoding, and m the pixel mask max-pooled to the
+latents' size (windows of the VAE's factor + 2 every factor pixels, padded by 1: 10 every 8, as the extension's, a
+latent cell's ring beyond the mask). It acts on every row (the negative prompt's too), at every step of every pass:
+guidance_start/end and hr_option gate the ControlNet's residuals, not this. After decoding, its postprocess pastes
+the unit's colours back where the mask, dilated and box-blurred by 7 pixels (its control_net_inpaint_blur_sigma's
+default, a box despite the name), is under 1.
+
+Where the mask comes from: the unit's own, else none, so that Resize and Fill's border alone is masked (the
+extension's outpainting: its fill counts as masked). In img2img inpainting the extension runs
+inpaint_global_harmonious instead, as it warns (orchestrator.server.control_units), so this never meets AUTOMATIC1111's
+own blend. One difference: z0 is the encoding's mean, where the extension draws a sample from torch's global
+generator (a spread of about 1e-3 here), which no seed reproduces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from kiln.control import fitted_map
+
+MODULE = "inpaint_only"
+BLUR = 7  # sd-webui-controlnet's control_net_inpaint_blur_sigma, its default
+BETAS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")  # what the model's alphas are made of
+
+
+@dataclass(frozen=True)
+class Restore:
+    """One inpaint_only unit in one pass: its colours' latents (1, C, h, w), its latent mask (1, 1, h, w; 1:
+    generate), its weight clamped to [0, 1] and the model's cumulative alphas."""
+
+    latents: torch.Tensor
+    mask: torch.Tensor
+    weight: float
+    alphas: tuple[float, ...]
+
+    def prediction(self, sample: torch.Tensor, timestep, output: torch.Tensor) -> torch.Tensor:
+        """The noise prediction `output` (rows: each copy of the batch's images in turn) restored outside the mask;
+        `sample`: the UNet's latent input for one copy of the batch (scaled as the UNet took it)."""
+        step = min(max(round(float(timestep)), 0), len(self.alphas) - 1)
+        abar = self.alphas[step]
+        a, b = abar ** -0.5, (1 / abar - 1) ** 0.5
+        scaled = sample.repeat(len(output) // len(sample), 1, 1, 1) * a
+        x0 = (scaled - output * b) * self.mask + self.latents * (1 - self.mask)
+        return (scaled - x0) / b * self.weight + output * (1 - self.weight)
+
+
+def restores(request, vae, contract, width: int, height: int) -> list[Restore]:
+    """The request's inpaint_only units for a pass at width x height (their maps fitted to it, encoded by `vae`)."""
+    found = []
+    for unit in request.controlnet_units:
+        if unit.module != MODULE:
+            continue
+        pixels = unit_map(unit, width, height)
+        colours = pixels[..., :3].transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255) * 2 - 1
+        mean = torch.from_numpy(np.asarray(vae.encode_pixels(colours))).chunk(2, dim=1)[0] * contract.scaling_factor
+        factor = contract.vae_scale_factor
+        mask = torch.from_numpy((pixels[..., 3] > 127).astype(np.float32))[None, None]
+        pooled = torch.nn.functional.max_pool2d(mask, factor + 2, stride=factor, padding=1)
+        found.append(Restore(mean, pooled, min(max(float(unit.weight), 0.0), 1.0),
+                             model_alphas(*(contract.scheduler_config.get(key) for key in BETAS))))
+    return found
+
+
+def paste_back(images: np.ndarray, units) -> np.ndarray:
+    """The decoded images (N, H, W, 3 uint8) with each inpaint_only unit's colours pasted back outside its mask,
+    dilated and box-blurred (the extension's inpaint_only_post_processing), every image from the one map."""
+    for unit in units:
+        if unit.module != MODULE:
+            continue
+        pixels = unit_map(unit, images.shape[2], images.shape[1])
+        mask = _box_blur(_dilate((pixels[..., 3] > 127).astype(np.float32), BLUR), BLUR)[..., None]
+        blended = mask * images.astype(np.float32) + (1 - mask) * pixels[..., :3].astype(np.float32)
+        images = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return images
+
+
+def unit_map(unit, width: int, height: int) -> np.ndarray:
+    """The unit's image and mask fitted to width x height by its resize mode ((height, width, 4) uint8; no mask: 0,
+    and Resize and Fill's border 255)."""
+    return fitted_map(unit.image, width, height, 0 if unit.resize_mode is None else unit.resize_mode, unit.mask,
+                      inpaint=True)
+
+
+@lru_cache(maxsize=8)
+def model_alphas(*betas) -> tuple[float, ...]:
+    """The checkpoint's cumulative alphas from its scheduler config's BETAS (the DDPM tables the model was trained
+    on, as the extension reads the model's own: no zero-SNR rescale)."""
+    from diffusers import DDPMScheduler
+
+    settings = {key: value for key, value in zip(BETAS, betas) if value is not None}
+    return tuple(float(a) for a in DDPMScheduler(**settings).alphas_cumprod)
+
+
+def _windows(values: np.ndarray, size: int, axis: int, mode: str) -> np.ndarray:
+    """Each pixel's `size` neighbours along `axis` (OpenCV's anchor, size // 2 before it), the image padded by
+    `mode` (numpy's reflect is OpenCV's default border, REFLECT_101)."""
+    pad = [(0, 0)] * values.ndim
+    pad[axis] = (size // 2, size - 1 - size // 2)
+    return np.lib.stride_tricks.sliding_window_view(np.pad(values, pad, mode=mode), size, axis=axis)
+
+
+def _dilate(mask: np.ndarray, size: int) -> np.ndarray:
+    """cv2.dilate by a size x size square of ones (outside the image adds nothing: the mask is not negative)."""
+    return _windows(_windows(mask, size, 0, "constant").max(axis=-1), size, 1, "constant").max(axis=-1)
+
+
+def _box_blur(mask: np.ndarray, size: int) -> np.ndarray:
+    """cv2.blur by a size x size box (normalized; the border reflected, OpenCV's default)."""
+    return _windows(_windows(mask, size, 0, "reflect").mean(axis=-1), size, 1, "reflect").mean(axis=-1)
