@@ -404,6 +404,15 @@ def test_an_inpaint_unit_takes_img2img_image_and_mask_and_shows_its_map(client):
     image, shown = (np.asarray(_image(b64)) for b64 in outpainted.json()["images"])
     assert np.array_equal(image[16 + 6:48 - 6], np.asarray(wide)[6:-6])  # pasted back (the blur reaches 6 pixels)
     assert (shown[:16, :, 3] == 128).all() and (shown[16:48, :, 3] == 255).all()
+    narrow = client.post("/sdapi/v1/txt2img", json=txt2img | {  # the extension's setting: a 3-pixel paste-back blur
+        "override_settings": {"control_net_inpaint_blur_sigma": 3}, "alwayson_scripts": {"controlnet": {"args": [
+            {"module": "inpaint_only", "image": _b64(wide), "resize_mode": "Resize and Fill"}]}}})
+    assert narrow.status_code == 200, narrow.text
+    closer = np.asarray(_image(narrow.json()["images"][0]))
+    assert np.array_equal(closer[16 + 2:48 - 2], np.asarray(wide)[2:-2])
+    assert not np.array_equal(image[16 + 2:48 - 2], np.asarray(wide)[2:-2])
+    zero = client.post("/sdapi/v1/txt2img", json=txt2img | {"override_settings": {"control_net_inpaint_blur_sigma": 0}})
+    assert zero.status_code == 422 and "blur_sigma must be a whole number in [1, 64]" in zero.text, zero.text
     refused = client.post("/sdapi/v1/txt2img", json=txt2img | {"alwayson_scripts": {"controlnet": {"args": [
         {"module": "canny"}]}}})
     assert refused.status_code == 422 and "args[0] is enabled but has no image" in refused.json()["detail"]

@@ -46,6 +46,9 @@ class ControlNetUnit:
     # an inpaint module's mask (an encoded image of the image's size, white: inpaint; its first channel is read): fitted
     # with the image and binarized, the masked pixels -1 for the ControlNet (kiln.control.inpaint_hint)
     mask: bytes = b""
+    # inpaint_only's paste-back: the mask dilated and box-blurred by this many pixels (sd-webui-controlnet's
+    # control_net_inpaint_blur_sigma, a box despite its name; orchestrator.pipeline.restore)
+    inpaint_blur: float = 7
 
     @property
     def preprocessor(self) -> str:

@@ -11,8 +11,8 @@ DDPM tables hold them), xt the UNet's latent input, z0 the colours' encoding, an
 latents' size (windows of the VAE's factor + 2 every factor pixels, padded by 1: 10 every 8, as the extension's, a
 latent cell's ring beyond the mask). It acts on every row (the negative prompt's too), at every step of every pass:
 guidance_start/end and hr_option gate the ControlNet's residuals, not this. After decoding, its postprocess pastes
-the unit's colours back where the mask, dilated and box-blurred by 7 pixels (its control_net_inpaint_blur_sigma's
-default, a box despite the name), is under 1.
+the unit's colours back where the mask, dilated and box-blurred by 7 pixels (its control_net_inpaint_blur_sigma:
+ControlNetUnit.inpaint_blur; a box despite the name), is under 1.
 
 Where the mask comes from: the unit's own, else none, so that Resize and Fill's border alone is masked (the
 extension's outpainting: its fill counts as masked). In img2img inpainting the extension runs
@@ -32,7 +32,6 @@ import torch
 from kiln.control import fitted_map
 
 MODULE = "inpaint_only"
-BLUR = 7  # sd-webui-controlnet's control_net_inpaint_blur_sigma, its default
 BETAS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")  # what the model's alphas are made of
 
 
@@ -76,12 +75,14 @@ def restores(request, vae, contract, width: int, height: int) -> list[Restore]:
 
 def paste_back(images: np.ndarray, units) -> np.ndarray:
     """The decoded images (N, H, W, 3 uint8) with each inpaint_only unit's colours pasted back outside its mask,
-    dilated and box-blurred (the extension's inpaint_only_post_processing), every image from the one map."""
+    dilated and box-blurred by its inpaint_blur (the extension's inpaint_only_post_processing), every image from the
+    one map."""
     for unit in units:
         if unit.module != MODULE:
             continue
         pixels = unit_map(unit, images.shape[2], images.shape[1])
-        mask = _box_blur(_dilate((pixels[..., 3] > 127).astype(np.float32), BLUR), BLUR)[..., None]
+        size = int(unit.inpaint_blur)
+        mask = _box_blur(_dilate((pixels[..., 3] > 127).astype(np.float32), size), size)[..., None]
         blended = mask * images.astype(np.float32) + (1 - mask) * pixels[..., :3].astype(np.float32)
         images = np.clip(np.round(blended), 0, 255).astype(np.uint8)
     return images

@@ -313,6 +313,9 @@ def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits
             raise InputError(f"{name} module inpaint_only restores its image outside its mask, as AUTOMATIC1111's "
                              "inpainting does outside the request's: send inpaint_global_harmonious (the API's "
                              "units run that in its place there, as sd-webui-controlnet does)")
+        if not _finite(unit.inpaint_blur) or unit.inpaint_blur % 1 or not 1 <= unit.inpaint_blur <= 64:
+            raise InputError(f"{name} inpaint_blur (control_net_inpaint_blur_sigma) must be a whole number in [1, 64], "
+                             f"got {unit.inpaint_blur!r}")
         if unit.module == "inpaint_only" and contract.prediction_type != "epsilon":
             raise InputError(f"{name} module inpaint_only reads the UNet's output as noise (sd-webui-controlnet's "
                              f"restore); this checkpoint predicts {contract.prediction_type}")

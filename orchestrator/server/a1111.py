@@ -41,6 +41,7 @@ from orchestrator.server.options import (
     check_setting,
     check_value,
     has_img2img_start,
+    inpaint_blur,
     number_setting,
     setting_fields,
     sigma_fields,
@@ -169,7 +170,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
         source = InitImage(init, body.resize_mode, mask, blur, bool(body.inpainting_mask_invert),
                            body.inpaint_full_res, body.inpaint_full_res_padding)
     units = controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height,
-                             numpy_seed(seed, body.subseed), source)
+                             numpy_seed(seed, body.subseed), source,
+                             inpaint_blur(body, options))
     fields = dict(clip_skip=clip_skip, vae=vae, tiling=bool(body.tiling), vae_tiling=body.vae_tiling, prompt=prompt,
                   negative_prompt=negative, steps=body.steps, **setting_fields(body, options),
                   **sigma_fields(body, options, {sampler, hires_fix_sampler(body) if body.enable_hr else sampler}),

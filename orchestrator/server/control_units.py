@@ -135,10 +135,11 @@ class InitImage:
 
 
 def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int, seed: int | None = None,
-                     init: InitImage | None = None) -> tuple[ControlNetUnit, ...] | None:
+                     init: InitImage | None = None, inpaint_blur: float = 7) -> tuple[ControlNetUnit, ...] | None:
     """sd-webui-controlnet's alwayson_scripts.controlnet.args: every enabled unit, in order, its image (img2img's
     `init` image where it has none; txt2img refuses it) fitted to width x height by the unit's resize mode; a random
-    module's map drawn from numpy `seed` (numpy_seed); an inpaint module's mask with it."""
+    module's map drawn from numpy `seed` (numpy_seed); an inpaint module's mask with it; `inpaint_blur`: the
+    extension's control_net_inpaint_blur_sigma (inpaint_only's paste-back)."""
     unknown = sorted(k for k in scripts or {} if k.lower() not in ("controlnet", soft.NAME))
     if unknown:
         raise InputError(f"alwayson_scripts: {', '.join(unknown)} not available; only controlnet and soft inpainting "
@@ -181,7 +182,8 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int, se
                                      threshold_a=sliders[0], threshold_b=sliders[1], processor_res=resolution,
                                      pixel_perfect=unit.pixel_perfect and resolution != -1,
                                      model=unit.model, save_detected_map=unit.save_detected_map,
-                                     control_mode=control_mode, hr_option=hr_option, mask=mask))
+                                     control_mode=control_mode, hr_option=hr_option, mask=mask,
+                                     inpaint_blur=inpaint_blur))
     return tuple(result) or None
 
 

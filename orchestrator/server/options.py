@@ -19,14 +19,15 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
                 "pad_cond_uncond_v0": bool, "eta_noise_seed_delta": int, "use_old_scheduling": bool,
                 "randn_source": str, "sigma_min": float, "sigma_max": float, "rho": float,
                 "always_discard_next_to_last_sigma": bool, "sgm_noise_multiplier": bool, "img2img_extra_noise": float,
-                "inpainting_mask_weight": float}
+                "inpainting_mask_weight": float, "control_net_inpaint_blur_sigma": int}
 # AUTOMATIC1111's schedule settings (Settings > Sampler parameters) -> the request's fields
 SIGMA_SETTINGS = {"sigma_min": "schedule_sigma_min", "sigma_max": "schedule_sigma_max", "rho": "schedule_rho"}
 # what one request's override_settings can change
 APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "eta_ancestral", "CLIP_stop_at_last_layers",
                      "control_net_no_detectmap", "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0",
                      "eta_noise_seed_delta", "use_old_scheduling", "randn_source", "always_discard_next_to_last_sigma",
-                     "sgm_noise_multiplier", "img2img_extra_noise", "inpainting_mask_weight", *SIGMA_SETTINGS)
+                     "sgm_noise_multiplier", "img2img_extra_noise", "inpainting_mask_weight",
+                     "control_net_inpaint_blur_sigma", *SIGMA_SETTINGS)
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -55,6 +56,9 @@ def check_value(key: str, value: Any) -> None:
         raise InputError(f"option {key} must be in [0, 1], got {value}")
     if key == "img2img_extra_noise" and not 0 <= value <= 100:
         raise InputError(f"option img2img_extra_noise must be in [0, 100] (its slider: 0 to 1), got {value}")
+    if key == "control_net_inpaint_blur_sigma" and (not 1 <= value <= 64 or value % 1):
+        raise InputError(f"option {key} must be a whole number in [1, 64] (inpaint_only's paste-back: pixels), "
+                         f"got {value}")
     if key in SIGMA_SETTINGS and value < 0:
         raise InputError(f"option {key} must be 0 or more (0: the model's, or the schedule type's own), got {value}")
 
@@ -67,7 +71,7 @@ def default_options() -> dict:
             "pad_cond_uncond": False, "pad_cond_uncond_v0": False, "eta_noise_seed_delta": 0,
             "use_old_scheduling": False, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
             "always_discard_next_to_last_sigma": False, "sgm_noise_multiplier": False, "img2img_extra_noise": 0.0,
-            "inpainting_mask_weight": 1.0,
+            "inpainting_mask_weight": 1.0, "control_net_inpaint_blur_sigma": 7,
             # AUTOMATIC1111's default is "GPU"; kiln's is diffusers' noise (orchestrator.pipeline.noise)
             "randn_source": "CPU",
             # AUTOMATIC1111's paste turns on old behaviours for an old Version's infotext; kiln's paste does not
@@ -119,6 +123,14 @@ def number_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise InputError(f"override_settings.{key} must be a number, got {value!r}")
     return float(value)
+
+
+def inpaint_blur(body: schemas.Txt2ImgBody, options: dict) -> float:
+    """sd-webui-controlnet's control_net_inpaint_blur_sigma (its inpaint_only's paste-back), checked wherever it
+    comes from."""
+    value = number_setting(body, options, "control_net_inpaint_blur_sigma")
+    check_value("control_net_inpaint_blur_sigma", value)
+    return value
 
 
 def has_img2img_start(body: schemas.Txt2ImgBody) -> bool:
