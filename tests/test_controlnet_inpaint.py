@@ -267,3 +267,22 @@ def test_inpaint_only_restores_each_step_and_pastes_back_as_the_extension(local,
                                 mask=_mask((64, 64), (8, 8, 30, 30)), controlnet=(unit,))
     with pytest.raises(InputError, match="inpaint_only restores its image outside its mask"):
         local.img2img(inpainting)
+
+
+def test_the_paste_back_mask_is_opencvs_dilate_then_blur_and_the_benchmark_runs(tmp_path):
+    """restore.paste_mask against scipy's filters (a square of ones dilating, the box blur reflecting the border as
+    OpenCV's REFLECT_101), at the extension's 7, an even size (OpenCV's anchor: size // 2) and 1 (nothing done);
+    benchmarks/inpaint_only.py at a small side (it checks the same against scipy itself)."""
+    from scipy.ndimage import maximum_filter, uniform_filter
+
+    from benchmarks.inpaint_only import main as bench_main
+    from orchestrator.pipeline.restore import paste_mask
+
+    mask = np.zeros((40, 30), np.float32)
+    mask[5:12, 0:9] = mask[30:40, 20:24] = 1
+    for size in (7, 4, 1):  # (scipy's window, like OpenCV's, starts size // 2 before the pixel)
+        expected = uniform_filter(maximum_filter(mask, size=size, mode="constant"), size=size, mode="mirror")
+        assert np.abs(paste_mask(mask, size) - expected).max() < 1e-6, size
+    assert np.array_equal(paste_mask(mask, 1), mask)
+    rows = bench_main(["--sides", "64", "--repeats", "1", "--out", str(tmp_path)])["rows"]
+    assert len(rows) == 4 and all(row["ms"] > 0 for row in rows) and (tmp_path / "inpaint_only.json").exists()

@@ -81,11 +81,20 @@ def paste_back(images: np.ndarray, units) -> np.ndarray:
         if unit.module != MODULE:
             continue
         pixels = unit_map(unit, images.shape[2], images.shape[1])
-        size = int(unit.inpaint_blur)
-        mask = _box_blur(_dilate((pixels[..., 3] > 127).astype(np.float32), size), size)[..., None]
-        blended = mask * images.astype(np.float32) + (1 - mask) * pixels[..., :3].astype(np.float32)
-        images = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+        mask = paste_mask((pixels[..., 3] > 127).astype(np.float32), int(unit.inpaint_blur))[..., None]
+        colours = pixels[..., :3].astype(np.float32)
+        blended = images.astype(np.float32)  # colours + mask (image - colours), in place: a mask in [0, 1] keeps
+        blended -= colours                   # it inside 0-255
+        blended *= mask
+        blended += colours
+        images = np.rint(blended, out=blended).astype(np.uint8)
     return images
+
+
+def paste_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Where the generated image stays (1) in the paste-back: the binary mask dilated by a size x size square, then
+    box-blurred by one (cv2.dilate then cv2.blur, as the extension calls them)."""
+    return _box_blur(_dilate(mask, size), size)
 
 
 def unit_map(unit, width: int, height: int) -> np.ndarray:
@@ -105,19 +114,29 @@ def model_alphas(*betas) -> tuple[float, ...]:
     return tuple(float(a) for a in DDPMScheduler(**settings).alphas_cumprod)
 
 
-def _windows(values: np.ndarray, size: int, axis: int, mode: str) -> np.ndarray:
-    """Each pixel's `size` neighbours along `axis` (OpenCV's anchor, size // 2 before it), the image padded by
-    `mode` (numpy's reflect is OpenCV's default border, REFLECT_101)."""
+def _padded(values: np.ndarray, size: int, axis: int, mode: str) -> np.ndarray:
+    """The image padded along `axis` for windows of `size` (OpenCV's anchor: size // 2 before each pixel) by `mode`
+    (numpy's reflect is OpenCV's default border, REFLECT_101), moved to the front."""
     pad = [(0, 0)] * values.ndim
     pad[axis] = (size // 2, size - 1 - size // 2)
-    return np.lib.stride_tricks.sliding_window_view(np.pad(values, pad, mode=mode), size, axis=axis)
+    return np.moveaxis(np.pad(values, pad, mode=mode), axis, 0)
 
 
 def _dilate(mask: np.ndarray, size: int) -> np.ndarray:
     """cv2.dilate by a size x size square of ones (outside the image adds nothing: the mask is not negative)."""
-    return _windows(_windows(mask, size, 0, "constant").max(axis=-1), size, 1, "constant").max(axis=-1)
+    for axis in (0, 1):
+        padded, length = _padded(mask, size, axis, "constant"), mask.shape[axis]
+        out = padded[:length].copy()
+        for start in range(1, size):
+            np.maximum(out, padded[start:start + length], out=out)
+        mask = np.moveaxis(out, 0, axis)
+    return mask
 
 
 def _box_blur(mask: np.ndarray, size: int) -> np.ndarray:
-    """cv2.blur by a size x size box (normalized; the border reflected, OpenCV's default)."""
-    return _windows(_windows(mask, size, 0, "reflect").mean(axis=-1), size, 1, "reflect").mean(axis=-1)
+    """cv2.blur by a size x size box (normalized; the border reflected, OpenCV's default): running sums in float64."""
+    for axis in (0, 1):
+        padded, length = _padded(mask, size, axis, "reflect"), mask.shape[axis]
+        sums = np.concatenate([np.zeros_like(padded[:1], np.float64), np.cumsum(padded, axis=0, dtype=np.float64)])
+        mask = np.moveaxis((sums[size:size + length] - sums[:length]) / size, 0, axis)
+    return mask.astype(np.float32)
