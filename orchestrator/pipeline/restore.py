@@ -18,7 +18,7 @@ Where the mask comes from: the unit's own, else none, so that Resize and Fill's 
 extension's outpainting: its fill counts as masked). In img2img inpainting the extension runs
 inpaint_global_harmonious instead, as it warns (orchestrator.server.control_units), so this never meets AUTOMATIC1111's
 own blend. One difference: z0 is the encoding's mean, where the extension draws a sample from torch's global
-generator (a spread of about 1e-3 here), which no seed reproduces.
+generator, which no seed reproduces.
 """
 
 from __future__ import annotations
