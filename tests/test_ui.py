@@ -237,11 +237,13 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     page.fill("#units .unit-slider[data-field=threshold_a]", "60")
     page.fill("#units .unit-weight", "0.8")
     page.select_option("#units .unit-control-mode", "ControlNet is more important")
+    assert page.input_value("#units .unit-resize") == "Crop and Resize"  # the extension's default
+    page.select_option("#units .unit-resize", "Resize and Fill")
     page.fill("[name=steps]", "4")
     generate(page)
     info = page.inner_text("#info")
     assert "ControlNet 0: \"Module: canny" in info and "Control Mode: ControlNet is more important" in info
-    assert "Threshold A: 60" in info
+    assert "Threshold A: 60" in info and "Resize Mode: Resize and Fill" in info
     shot(page, "controlnet")
     page.click("#units .remove-unit")
 

@@ -156,6 +156,7 @@ async function generationBody(kind) {
                    guidance_start: Number($(".unit-start", unit).value),
                    guidance_end: Number($(".unit-end", unit).value),
                    control_mode: $(".unit-control-mode", unit).value,
+                   resize_mode: $(".unit-resize", unit).value,
                    ...Object.fromEntries($$(".unit-slider", unit).map(i => [i.dataset.field, Number(i.value)])) });
     }
   }
