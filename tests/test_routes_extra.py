@@ -413,6 +413,8 @@ def test_an_inpaint_unit_takes_img2img_image_and_mask_and_shows_its_map(client):
     assert not np.array_equal(image[16 + 2:48 - 2], np.asarray(wide)[2:-2])
     zero = client.post("/sdapi/v1/txt2img", json=txt2img | {"override_settings": {"control_net_inpaint_blur_sigma": 0}})
     assert zero.status_code == 422 and "blur_sigma must be a whole number in [1, 64]" in zero.text, zero.text
+    idle = client.post("/sdapi/v1/txt2img", json=txt2img | {"override_settings": {"control_net_inpaint_blur_sigma": 5}})
+    assert idle.status_code == 422 and "acts on inpaint_only ControlNet units" in idle.text, idle.text
     refused = client.post("/sdapi/v1/txt2img", json=txt2img | {"alwayson_scripts": {"controlnet": {"args": [
         {"module": "canny"}]}}})
     assert refused.status_code == 422 and "args[0] is enabled but has no image" in refused.json()["detail"]

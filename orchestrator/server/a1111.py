@@ -43,6 +43,7 @@ from orchestrator.server.options import (
     has_img2img_start,
     inpaint_blur,
     number_setting,
+    refuse_idle,
     setting_fields,
     sigma_fields,
 )
@@ -172,6 +173,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     units = controlnet_units(body.alwayson_scripts, limits.max_image_pixels, body.width, body.height,
                              numpy_seed(seed, body.subseed), source,
                              inpaint_blur(body, options))
+    refuse_idle(body, "control_net_inpaint_blur_sigma", any(unit.module == "inpaint_only" for unit in units or ()),
+                "inpaint_only ControlNet units (their paste-back)")
     fields = dict(clip_skip=clip_skip, vae=vae, tiling=bool(body.tiling), vae_tiling=body.vae_tiling, prompt=prompt,
                   negative_prompt=negative, steps=body.steps, **setting_fields(body, options),
                   **sigma_fields(body, options, {sampler, hires_fix_sampler(body) if body.enable_hr else sampler}),

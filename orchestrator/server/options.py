@@ -133,6 +133,12 @@ def inpaint_blur(body: schemas.Txt2ImgBody, options: dict) -> float:
     return value
 
 
+def refuse_idle(body: schemas.Txt2ImgBody, key: str, acts: bool, where: str) -> None:
+    """A 422 for an override setting the request sent where it has nothing to act on (a stored option may stay)."""
+    if key in body.override_settings and not acts:
+        raise InputError(f"override_settings.{key} acts on {where}, which this request has none of")
+
+
 def has_img2img_start(body: schemas.Txt2ImgBody) -> bool:
     """Whether the request has an img2img start (img2img's own, or the hires fix's second pass): where
     img2img_extra_noise and a 9-channel UNet's inpainting_mask_weight act."""
