@@ -230,7 +230,9 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     page.click("[data-tab=txt2img]")
     page.click("#controlnet summary")
     page.click("#add-unit")
+    assert page.is_disabled("#units .unit-resize")  # it fits the unit's own image only
     page.set_input_files("#units .unit-image", str(PHOTO))
+    assert page.is_enabled("#units .unit-resize")
     page.select_option("#units .unit-module", "canny")  # its sliders, from /controlnet/module_list
     assert page.eval_on_selector_all("#units .unit-slider", "s => s.map(i => [i.dataset.field, i.value])") == [
         ["processor_res", "512"], ["threshold_a", "100"], ["threshold_b", "200"]]

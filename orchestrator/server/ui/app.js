@@ -151,12 +151,13 @@ async function generationBody(kind) {
     for (const unit of $$("#units .unit")) {
       const file = $(".unit-image", unit).files[0];  // img2img: none takes the init image (an inpaint unit its mask)
       if (!file && state.tab !== "img2img") throw new FieldError("controlnet", "each ControlNet unit needs an image");
-      units.push({ ...(file ? { image: await fileToBase64(file) } : {}), module: $(".unit-module", unit).value,
+      // (without an image the unit fits img2img's init image by img2img's resize mode, as the extension does)
+      const own = file ? { image: await fileToBase64(file), resize_mode: $(".unit-resize", unit).value } : {};
+      units.push({ ...own, module: $(".unit-module", unit).value,
                    model: $(".unit-model", unit).value, weight: Number($(".unit-weight", unit).value),
                    guidance_start: Number($(".unit-start", unit).value),
                    guidance_end: Number($(".unit-end", unit).value),
                    control_mode: $(".unit-control-mode", unit).value,
-                   resize_mode: $(".unit-resize", unit).value,
                    ...Object.fromEntries($$(".unit-slider", unit).map(i => [i.dataset.field, Number(i.value)])) });
     }
   }
@@ -526,6 +527,9 @@ function addUnit() {
   module.onchange = () => showSliders(unit);
   $(".unit-model", unit).replaceChildren(...(state.models || []).map(m => option(m)));
   showSliders(unit);
+  const image = $(".unit-image", unit), resize = $(".unit-resize", unit);
+  image.onchange = () => { resize.disabled = !image.files.length; };  // it fits the unit's own image only
+  image.onchange();
   $(".remove-unit", unit).onclick = () => unit.remove();
   $("#units").append(unit);
 }
