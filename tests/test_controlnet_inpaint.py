@@ -66,6 +66,7 @@ def test_the_mask_is_fitted_with_the_image_binarized_and_the_masked_pixels_are_m
     filled = fitted_map(photo, 48, 48, 2, mask)  # 48x32 into 48x48: bands of 8 above and below, masked
     assert (filled[:8, :, 3] == 255).all() and (filled[-8:, :, 3] == 255).all()
     assert np.array_equal(filled[8:40, :, 3], same[..., 3])
+    assert fitted_map(photo, 48, 48, 2, mask) is filled and not filled.flags.writeable  # fitted once a pass
     hint = control_image(photo, 48, 32, fit=0, mask=mask)
     plain = control_image(photo, 48, 32, fit=0)
     masked = same[..., 3] == 255
