@@ -1,5 +1,5 @@
 """What the benchmarks share: the machine line of their tables, the concurrent load generator, alternating timed
-rounds, the writing of results, a bar chart of seconds per arm."""
+rounds, the writing of results, a table of arms against their baselines by size, a bar chart of seconds per arm."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 from kiln.machine import machine
 
-__all__ = ["alternate", "bar_chart", "machine", "machine_line", "run_concurrently", "write_results"]
+__all__ = ["alternate", "bar_chart", "machine", "machine_line", "ratio_row", "run_concurrently", "write_ratio_table",
+           "write_results"]
 
 
 def machine_line(info: dict) -> str:
@@ -56,6 +57,30 @@ def write_results(stem: Path, result: dict, table: Callable[[dict], str], plot: 
     plot(result, stem.with_suffix(".png"))
     log(text)
     log(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    return result
+
+
+def ratio_row(side: int, arm: str, times: list[float], baseline: list[float]) -> dict:
+    """One row of a by-size table: the arm's median time and its ratio to its baseline's, measured in the same run."""
+    import numpy as np
+
+    median = float(np.median(times))
+    return {"side": side, "arm": arm, "ms": round(median * 1000, 3),
+            "over_baseline": round(median / float(np.median(baseline)), 4)}
+
+
+def write_ratio_table(rows: list[dict], path: Path, repeats: int) -> dict:
+    """Rows of ratio_row (one torch thread) with the machine: printed as a table and written to `path` (JSON)."""
+    import json
+
+    result = {"machine": machine(), "repeats": repeats, "torch_threads": 1, "rows": rows}
+    print(machine_line(result["machine"]))
+    print("| side | arm | ms | over the baseline (first arm of its kind) |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['side']} | {row['arm']} | {row['ms']:.3f} | {row['over_baseline']:.4f} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

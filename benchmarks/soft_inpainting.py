@@ -14,7 +14,6 @@ blend) measured in the same run, and the two composite arms' masks are checked t
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
-    from benchmarks.load import machine, machine_line
+    from benchmarks.load import ratio_row, write_ratio_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sides", type=int, nargs="+", default=[512, 768, 1024])
@@ -129,20 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
                     bar.update()
             gap = int(np.abs(masks[ARMS[0]].astype(int) - masks[ARMS[1]].astype(int)).max())
             assert gap == 0, f"the two composites differ by {gap} levels at {side}"
-            for arm in ARMS:
-                base = float(np.median(times[ARMS[0] if arm.startswith("composite") else ARMS[2]]))
-                median = float(np.median(times[arm]))
-                rows.append({"side": side, "arm": arm, "ms": round(median * 1000, 3),
-                             "over_baseline": round(median / base, 4)})
-    result = {"machine": machine(), "repeats": args.repeats, "torch_threads": 1, "rows": rows}
-    print(machine_line(result["machine"]))
-    print("| side | arm | ms | over the baseline (first arm of its kind) |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['side']} | {row['arm']} | {row['ms']:.3f} | {row['over_baseline']:.4f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soft_inpainting.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+            rows += [ratio_row(side, arm, times[arm], times[ARMS[0] if arm.startswith("composite") else ARMS[2]])
+                     for arm in ARMS]
+    return write_ratio_table(rows, args.out / "soft_inpainting.json", args.repeats)
 
 
 if __name__ == "__main__":

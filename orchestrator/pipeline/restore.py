@@ -65,12 +65,17 @@ def restores(request, vae, contract, width: int, height: int) -> list[Restore]:
         pixels = unit_map(unit, width, height)
         colours = pixels[..., :3].transpose(2, 0, 1)[None].astype(np.float32) / np.float32(255) * 2 - 1
         mean = torch.from_numpy(np.asarray(vae.encode_pixels(colours))).chunk(2, dim=1)[0] * contract.scaling_factor
-        factor = contract.vae_scale_factor
-        mask = torch.from_numpy((pixels[..., 3] > 127).astype(np.float32))[None, None]
-        pooled = torch.nn.functional.max_pool2d(mask, factor + 2, stride=factor, padding=1)
-        found.append(Restore(mean, pooled, min(max(float(unit.weight), 0.0), 1.0),
+        found.append(Restore(mean, latent_mask(pixels[..., 3], contract.vae_scale_factor),
+                             min(max(float(unit.weight), 0.0), 1.0),
                              model_alphas(*(contract.scheduler_config.get(key) for key in BETAS))))
     return found
+
+
+def latent_mask(alpha: np.ndarray, factor: int) -> torch.Tensor:
+    """A fitted map's mask (h, w; over 127: generate) at the latents' size (1, 1, h / factor, w / factor): max-pooled
+    by windows of factor + 2 every factor pixels, padded by 1 (the extension's 10 every 8 on SD)."""
+    mask = torch.from_numpy((alpha > 127).astype(np.float32))[None, None]
+    return torch.nn.functional.max_pool2d(mask, factor + 2, stride=factor, padding=1)
 
 
 def paste_back(images: np.ndarray, units) -> np.ndarray:
