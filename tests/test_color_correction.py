@@ -1,0 +1,43 @@
+"""AUTOMATIC1111's img2img colour correction (kiln.color_correction, kiln.cvlab) against what OpenCV 4.10,
+scikit-image 0.21 and blendmodes 2022 make, the libraries AUTOMATIC1111 pins (tests/golden/cv/color_correction.npz,
+made by scripts/make_color_golden.py: none of them is installed here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kiln.color_correction import color_target, correct, luminosity_blend, match_histograms
+from kiln.cvlab import lab_to_rgb, rgb_to_lab
+
+GOLDEN = np.load(Path(__file__).resolve().parent / "golden" / "cv" / "color_correction.npz")
+
+
+def test_opencvs_8_bit_lab_both_ways_exactly():
+    colours = GOLDEN["lab_in"]
+    np.testing.assert_array_equal(rgb_to_lab(colours), GOLDEN["rgb_to_lab"])
+    np.testing.assert_array_equal(lab_to_rgb(colours), GOLDEN["lab_to_rgb"])  # most of them outside sRGB
+    grey = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    assert (np.abs(rgb_to_lab(grey)[:, 1:].astype(int) - 128) <= 1).all()  # neutral: a and b at 128
+    assert np.abs(lab_to_rgb(rgb_to_lab(grey)).astype(int) - grey).max() <= 1
+
+
+def test_the_correction_is_automatic1111s_pixel_for_pixel():
+    cases = sorted({key.split("_")[0] for key in GOLDEN.files if key.endswith("_corrected")})
+    assert len(cases) == 5
+    for case in cases:
+        generated, expected = GOLDEN[f"{case}_generated"], GOLDEN[f"{case}_corrected"]
+        corrected = correct(generated, color_target(GOLDEN[f"{case}_target"]))
+        np.testing.assert_array_equal(corrected, expected, err_msg=f"case {case}")
+        assert np.abs(expected.astype(int) - generated).mean() > 5  # each case corrects something
+
+
+def test_its_parts_keep_what_needs_no_correction():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (24, 32, 3), np.uint8)
+    np.testing.assert_array_equal(match_histograms(image, image), image)
+    flat = np.full((8, 8, 3), (200, 30, 90), np.uint8)
+    assert (match_histograms(image, flat) == flat[0, 0]).all()  # one colour to match: every value becomes it
+    blended = luminosity_blend(image, image)  # its own luminosity: the image, to a truncation
+    assert np.abs(blended.astype(int) - image).max() <= 1
