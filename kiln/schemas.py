@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_validator
 
 # A field this server does not know is refused by name (it would otherwise be ignored without a word)
 STRICT = ConfigDict(allow_inf_nan=False, extra="forbid")
@@ -190,6 +190,13 @@ class Img2ImgBody(Txt2ImgBody):
     # blurred or inverted); None: the mask. AUTOMATIC1111's API passes it on undecoded (and fails); kiln decodes it
     latent_mask: str | None = None
     mask_round: bool = True  # false: the mask's alpha, the latent mask and a 9-channel UNet's mask stay soft
+    # not a field (no client sends it): what img2img_color_correction matches the colours to, where a script sets it
+    # (its Loopback: the first loop's init image), in base64 as init_images holds it; empty: the init image
+    _color_target: str = PrivateAttr(default="")
+
+    @property
+    def color_target(self) -> str:
+        return self._color_target
 
     @model_validator(mode="after")
     def _unsupported_img2img(self):

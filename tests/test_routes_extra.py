@@ -425,3 +425,42 @@ def test_an_inpaint_unit_takes_img2img_image_and_mask_and_shows_its_map(client):
     assert np.array_equal(pixels[..., 3], 255 - np.asarray(mask) // 2)
     refused = client.post("/controlnet/detect", json=detect)
     assert refused.status_code == 422 and "one mask per image; got 1 images and 0 masks" in refused.text
+
+
+def test_img2img_color_correction_as_a_setting_and_in_the_loopback(client):
+    """AUTOMATIC1111's img2img_color_correction: each image's colours matched to the init image's
+    (kiln.color_correction, checked against its libraries in test_color_correction); the Loopback script's loops all
+    match the request's init image. txt2img has no init image: turning it on there is a 422, a stored option is not."""
+    from kiln.color_correction import color_target, correct
+    from kiln.schemas import Img2ImgBody
+    from orchestrator.server.loopback import Loopback, loop_cell
+
+    photo = _photo((64, 64), seed=9)
+    body = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 4, "denoising_strength": 0.7,
+            "init_images": [_b64(photo)]}
+    on = {"override_settings": {"img2img_color_correction": True}}
+    plain, fixed = (client.post("/sdapi/v1/img2img", json=body | extra) for extra in ({}, on))
+    assert plain.status_code == fixed.status_code == 200, fixed.text
+    generated, corrected = (np.asarray(_image(answer.json()["images"][0])) for answer in (plain, fixed))
+    assert np.array_equal(corrected, correct(generated, color_target(np.asarray(photo))))
+    assert not np.array_equal(corrected, generated)
+    txt2img = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64}
+    refused = client.post("/sdapi/v1/txt2img", json=txt2img | on)
+    assert refused.status_code == 422 and "img2img_color_correction acts on img2img's images" in refused.text
+    off = {"override_settings": {"img2img_color_correction": False}}
+    assert client.post("/sdapi/v1/txt2img", json=txt2img | off).status_code == 200
+    loops = {"script_name": "loopback", "script_args": [2, 0.5, "Linear", "None"]}
+    looped = [client.post("/sdapi/v1/img2img", json=body | loops | extra) for extra in ({}, on)]
+    assert all(answer.status_code == 200 for answer in looped), looped[1].text
+    first, first_fixed = (np.asarray(_image(answer.json()["images"][1])) for answer in looped)
+    assert np.array_equal(first_fixed, correct(first, color_target(np.asarray(photo))))
+    sent = Img2ImgBody(**body | loops | on)  # loop 2's cell: loop 1's image in, the request's init image to match
+    cell = loop_cell(sent, Loopback(2, 0.7, 0.5, "Linear"), 0, 1, ["bG9vcA=="])
+    assert cell.init_images == ["bG9vcA=="] and cell.color_target == sent.init_images[0]
+    assert client.post("/sdapi/v1/options", json={"img2img_color_correction": True}).status_code == 200
+    try:
+        assert client.post("/sdapi/v1/txt2img", json=txt2img).status_code == 200
+        stored = client.post("/sdapi/v1/img2img", json=body)
+        assert stored.json()["images"][0] == fixed.json()["images"][0]
+    finally:
+        client.post("/sdapi/v1/options", json={"img2img_color_correction": False})

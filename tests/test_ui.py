@@ -212,6 +212,13 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     page.click("#results img >> nth=2")
     assert "Denoising strength: 0.4, Final denoising strength: 0.4, Denoising curve: Linear" in page.inner_text("#info")
     page.uncheck("[name=loopback]")
+    # AUTOMATIC1111's colour correction (an override setting; it writes no infotext, as there)
+    page.check("[name=color_correction]")
+    assert page.evaluate("generationBody('img2img')")["override_settings"]["img2img_color_correction"] is True
+    generate(page)
+    assert "Denoising strength" in page.inner_text("#info")
+    page.uncheck("[name=color_correction]")
+    assert "img2img_color_correction" not in page.evaluate("generationBody('img2img')")["override_settings"]
     # Poor man's outpainting (img2img only): the photo grown on every side is too many 64x64 tiles, which the server
     # says (the painted mask is not sent: the script makes its own).
     page.click("#outpainting summary")

@@ -122,6 +122,7 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     given = given_mask(request.latent_mask) if request.latent_mask else soft
     repaint = torch.from_numpy(latent_mask(given, shape[3], shape[2], request.mask_round))[None]
     pixels = vae_input(request.init_image, request.width, request.height)
+    filled = None
     if request.inpainting_fill != 1:  # all but "original": the masked area painted with the colours around it first
         filled = fill_masked(resized_rgb(request.init_image, request.width, request.height), given)
         pixels = np.float32(2.0) * unit_range(filled) - np.float32(1.0)
@@ -141,7 +142,7 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
     # AUTOMATIC1111 starts (diffusers' inpaint pipeline starts from noise alone at 1, where the fill would not act)
     latents = noised(scheduler, timesteps, start, drawn, request.extra_noise)
     blend = {"blend": Blend.for_sampler(request.sampler, repaint, start, request.soft_inpainting),
-             "soft": soft}  # soft: for the overlay
+             "soft": soft, "filled": filled}  # soft: for the overlay; filled: the colour correction's target
     if contract.edit_unet:
         return latents, blend | {"channels": edit.image_latents(moments[:1], batch)}
     if not nine:
@@ -152,9 +153,12 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
 
 
 def finished(images: np.ndarray, latents: torch.Tensor, request: Img2ImgRequest, inpaint: dict | None) -> tuple:
-    """The decoded images as AUTOMATIC1111 finishes them, and soft inpainting's composite masks (else None): the
-    init image pasted back outside the mask (request.overlay), or with soft inpainting over each image where its
-    latents changed little from the init latents (the masks then go back to only_masked, which pastes them)."""
+    """The decoded images as AUTOMATIC1111 finishes them, and soft inpainting's composite masks (else None): their
+    colours corrected (request.color_correction), then the init image pasted back outside the mask
+    (request.overlay), or with soft inpainting over each image where its latents changed little from the init
+    latents (the masks then go back to only_masked, which pastes them)."""
+    if getattr(request, "color_correction", False):  # (txt2img's finish passes through here too)
+        images = color_corrected(images, request, None if inpaint is None else inpaint["filled"])
     if inpaint is None:
         return images, None
     blend = inpaint["blend"]
@@ -169,6 +173,24 @@ def finished(images: np.ndarray, latents: torch.Tensor, request: Img2ImgRequest,
         images = np.stack([np.asarray(under_overlay(Image.fromarray(image), init_overlay(init, mask)))
                            for image, mask in zip(images, masks)])
     return images, masks
+
+
+def color_corrected(images: np.ndarray, request: Img2ImgRequest, filled: np.ndarray | None) -> np.ndarray:
+    """AUTOMATIC1111's img2img colour correction of each image, towards request.color_target where given, else the
+    init image as its start was made: at the generation's size (at its own with resize mode 3, as the VAE takes it
+    there), with inpainting's fill where one painted the masked area."""
+    from kiln.color_correction import color_target, correct
+
+    if request.color_target:
+        target = np.asarray(decode_image(request.color_target, ImageLimits(min_side=1)).convert("RGB"))
+    elif filled is not None:
+        target = np.asarray(filled)
+    elif request.latent_resize:
+        target = np.asarray(decode_image(request.init_image, ImageLimits(min_side=1)).convert("RGB"))
+    else:
+        target = np.asarray(resized_rgb(request.init_image, request.width, request.height))
+    lab = color_target(target)
+    return np.stack([correct(image, lab) for image in images])
 
 
 def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request: Img2ImgRequest) -> GenerationResult:

@@ -231,6 +231,11 @@ class Img2ImgRequest(Txt2ImgRequest):
     # 1 original, 2 latent noise, 3 latent nothing (zeros), at every denoising strength (as AUTOMATIC1111).
     inpainting_fill: int = 1
     overlay: bool = False  # paste the init image back outside the (blurred) mask, as AUTOMATIC1111 finishes
+    # AUTOMATIC1111's img2img_color_correction (kiln.color_correction): each image's colours matched to the init
+    # image's as the start encodes it (resized, cropped, filled), before the overlay; or to `color_target` (encoded),
+    # where given (its Loopback script: the first loop's init image, for every loop)
+    color_correction: bool = False
+    color_target: bytes = b""
     # AUTOMATIC1111's "only masked": inpaint a crop around the mask (plus padding, widened to width:height)
     # at width x height, then scale it back into the init image, which keeps its own size.
     inpaint_full_res: bool = False

@@ -152,6 +152,9 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
                              f"got {request.inpaint_full_res_padding!r}")
         soft_inpainting.check(request)
         _check_latent_mask(request)
+        if request.color_target and not request.color_correction:
+            raise InputError("color_target is what color_correction matches the images' colours to; "
+                             "color_correction is off")
     _number_in("inpainting_mask_weight", request.inpainting_mask_weight, 0, 1)
     if request.inpainting_mask_weight != 1 and not contract.inpainting_unet:
         raise InputError(f"inpainting_mask_weight (Conditional mask weight) weighs the masked image a 9-channel "

@@ -38,6 +38,7 @@ from orchestrator.server.options import (
     APPLIED_OVERRIDES,
     OPTION_TYPES,
     applied_setting,
+    bool_setting,
     check_setting,
     check_value,
     has_img2img_start,
@@ -191,6 +192,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     softly = soft.settings(body.alwayson_scripts, img2img, img2img and bool(body.mask))  # (without a mask: nothing)
     script = selected_script(body, contract.upscaler_names)
     if not img2img:
+        refuse_idle(body, "img2img_color_correction", False, "img2img's images (txt2img and its hires fix have no "
+                    "init image to match)")
         if multiplier != 1:
             raise InputError("initial_noise_multiplier scales img2img's noise; txt2img has no use for it "
                              "(AUTOMATIC1111 ignores it there)")
@@ -202,6 +205,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     # "Only masked" crops the init image as it is; resize_mode shapes the whole picture otherwise (as AUTOMATIC1111).
     if not (mask and body.inpaint_full_res):
         init = resize_init_image(init, body.width, body.height, body.resize_mode)
+    correction = bool_setting(body, options, "img2img_color_correction")
     # AUTOMATIC1111 pastes the original back outside the mask: clients expect the kept area untouched.
     return Img2ImgRequest(**fields, init_image=init, denoising_strength=body.denoising_strength, mask=mask,
                           latent_mask=latent, mask_blur=blur, inpainting_mask_invert=bool(body.inpainting_mask_invert),
@@ -210,7 +214,10 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           inpainting_fill=body.inpainting_fill, overlay=True, inpaint_full_res=body.inpaint_full_res,
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
                           initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
-                          sd_upscale=script, image_cfg_scale=body.image_cfg_scale)
+                          sd_upscale=script, image_cfg_scale=body.image_cfg_scale,
+                          color_correction=correction, color_target=decode_b64_image(
+                              body.color_target, "the loopback's init image", limits.max_image_pixels)
+                          if correction and body.color_target else b"")
 
 
 def mask_blur(body: schemas.Img2ImgBody) -> Blur:

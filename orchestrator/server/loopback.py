@@ -12,6 +12,7 @@ content is "original" (the previous image's); n_iter runs that many chains, each
 their last images are the answer (with one chain, every loop's image); more than one image comes after a grid of
 them in one row. Each loop's infotext carries "Final denoising strength" and "Denoising curve". The chains are
 queued side by side, so the step batcher denoises their loops together (AUTOMATIC1111 runs one after another).
+With img2img_color_correction, every loop's images are matched to the request's init image (not the loop's own).
 batch_size must be 1: AUTOMATIC1111 sets it to 1 and kiln refuses what it would not run as sent.
 """
 
@@ -82,15 +83,25 @@ def parse(body: schemas.Img2ImgBody) -> Loopback:
     return Loopback(int(loops), first, float(final), CURVES[str(curve).lower()][0])
 
 
+def loop_cell(body: schemas.Img2ImgBody, loopback: Loopback, number: int, loop: int,
+              init: list[str]) -> schemas.Img2ImgBody:
+    """Loop `loop` of chain `number` as an img2img request from `init` (the loop before's image): its seed and
+    strength; after the first loop, the masked content "original"; every loop's colour correction (where
+    img2img_color_correction is on) towards the request's init image, as the script sets it once for all loops."""
+    cell = body.model_copy(update={
+        "script_name": None, "script_args": [], "n_iter": 1, "init_images": init,
+        "seed": body.seed + number * loopback.loops + loop, "denoising_strength": loopback.strength(loop),
+        **({"inpainting_fill": 1} if loop else {})})
+    cell._color_target = body.init_images[0] if body.init_images else ""
+    return cell
+
+
 async def chain(request, body: schemas.Img2ImgBody, loopback: Loopback, number: int) -> list[Job]:
     """Chain `number`'s loops, one after another: each loop's image the next one's init image. A loop that made no
     image (interrupted, skipped) ends the chain; a failed one fails the request."""
     done, init = [], body.init_images
     for loop in range(loopback.loops):
-        cell = body.model_copy(update={
-            "script_name": None, "script_args": [], "n_iter": 1, "init_images": init,
-            "seed": body.seed + number * loopback.loops + loop, "denoising_strength": loopback.strength(loop),
-            **({"inpainting_fill": 1} if loop else {})})
+        cell = loop_cell(body, loopback, number, loop, init)
         name = f"loopback loop {loop + 1}" + (f" of chain {number + 1}" if number else "")
         [job] = await cells.run_cells(request, "img2img", [cell], lambda _, name=name: name)
         if job.error is not None:  # with its own status: the loop's input (422) or the server's trouble

@@ -130,6 +130,7 @@ async function generationBody(kind) {
     if (!state.initImage) throw new FieldError("init_images", "choose an image for img2img");
     body.init_images = [state.initImage];
     body.denoising_strength = numberOr(form.denoising_strength.value, 0.75);
+    if (form.color_correction.checked) body.override_settings.img2img_color_correction = true;
     if (!$("#image-cfg-field").hidden) body.image_cfg_scale = numberOr(form.image_cfg_scale.value, 1.5);
     if (form.soft_inpainting.checked && !maskPainted()) {
       throw new FieldError("soft_inpainting", "soft inpainting blends by the mask: paint one");
