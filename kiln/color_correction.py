@@ -49,15 +49,23 @@ def luminosity_blend(background: np.ndarray, foreground: np.ndarray) -> np.ndarr
     """blendmodes' blendLayers(background, foreground, BlendType.LUMINOSITY) for opaque uint8 RGB images: the
     background's colours shifted to the foreground's luminosity (0.299 R + 0.587 G + 0.114 B, on 0-1 values), brought
     back inside 0-1 towards the luminosity (below 0 first, then above 1 by the maximum before that), truncated to
-    uint8."""
-    colours = background.astype(np.float64) / 255
-    colours += (_luminosity(foreground.astype(np.float64) / 255) - _luminosity(colours))[..., None]
-    light = _luminosity(colours)[..., None]
-    lowest, highest = colours.min(axis=-1, keepdims=True), colours.max(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        colours = np.where(lowest < 0, light + ((colours - light) * light) / (light - lowest), colours)
-        colours = np.where(highest > 1, light + ((colours - light) * (1 - light)) / (highest - light), colours)
-    return (np.clip(colours, 0, 1) * 255).astype(np.uint8)
+    uint8. The same float64 operations as there, in place, each clip only where it acts."""
+    colours = background.astype(np.float64)
+    colours /= 255
+    colours += (_luminosity(foreground / 255) - _luminosity(colours))[..., None]
+    light = _luminosity(colours)
+    lowest, highest = colours.min(axis=-1), colours.max(axis=-1)
+    low = lowest < 0
+    if low.any():
+        value, bound = light[low][:, None], lowest[low][:, None]
+        colours[low] = value + ((colours[low] - value) * value) / (value - bound)
+    high = highest > 1
+    if high.any():
+        value, bound = light[high][:, None], highest[high][:, None]
+        colours[high] = value + ((colours[high] - value) * (1 - value)) / (bound - value)
+    np.clip(colours, 0, 1, out=colours)
+    colours *= 255
+    return colours.astype(np.uint8)
 
 
 def _luminosity(colours: np.ndarray) -> np.ndarray:

@@ -82,3 +82,13 @@ def test_img2img_and_inpainting_correct_towards_the_start_before_the_overlay(loc
     overlaid = local.img2img(replace(inpainting, color_correction=True, overlay=True)).images[0]
     init = np.asarray(resized_rgb(init_image_png, 64, 64))
     assert np.array_equal(overlaid[:8], init[:8]) and np.array_equal(overlaid[20:44, 20:44], fixed[0, 20:44, 20:44])
+
+
+def test_the_benchmark_runs(tmp_path):
+    """benchmarks/color_correction.py at a small side: every arm timed, the table written."""
+    from benchmarks.color_correction import ARMS
+    from benchmarks.color_correction import main as bench_main
+
+    rows = bench_main(["--sides", "32", "--repeats", "1", "--out", str(tmp_path)])["rows"]
+    assert [row["arm"] for row in rows] == list(ARMS) and all(row["ms"] > 0 for row in rows)
+    assert (tmp_path / "color_correction.json").exists()
