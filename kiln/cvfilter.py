@@ -130,7 +130,7 @@ def softfloat_cbrt(x: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _lab_tables() -> tuple[np.ndarray, np.ndarray]:
+def lab_tables() -> tuple[np.ndarray, np.ndarray]:
     """OpenCV's sRGBGammaTab_b (x 255 x 8) and LabCbrtTab_b (x 2^15), from its softfloat constants (made once; only
     read)."""
     f32 = np.float32
@@ -150,7 +150,7 @@ def lab_lightness(bgr: np.ndarray) -> np.ndarray:
     """The L channel of cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB) for uint8 (H, W, 3): Y from the gamma table with
     OpenCV's 12-bit coefficients (rounded from sRGB's D65 row), its cube-root table, L = (296 fY - 1336934) / 2^15
     rounded half up."""
-    gamma, cube_root = _lab_tables()
+    gamma, cube_root = lab_tables()
     blue, green, red = (int(np.rint(4096 * c)) for c in (0.072169, 0.715160, 0.212671))
     linear = [gamma[bgr[..., channel]] for channel in range(3)]
     y = (linear[0] * blue + linear[1] * green + linear[2] * red + (1 << 11)) >> 12

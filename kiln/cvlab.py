@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from kiln.cvfilter import _lab_tables
+from kiln.cvfilter import lab_tables
 
 _SRGB_TO_XYZ = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
                          [0.019334, 0.119193, 0.950227]], np.float32).astype(np.float64)
@@ -27,7 +27,7 @@ _MIN_AB = -8145  # its abToXZ_b table starts here
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     """cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB) for uint8 (..., 3): the gamma table, the XYZ rows (divided by the white
     point) in 12-bit fixed point, the cube-root table, then L, a and b in 15-bit fixed point rounded half up."""
-    gamma, cube_root = _lab_tables()
+    gamma, cube_root = lab_tables()
     coefficients = np.rint(4096 * _SRGB_TO_XYZ / _D65[:, None]).astype(np.int64)
     linear = [gamma[rgb[..., channel]] for channel in range(3)]
     fx, fy, fz = (cube_root[(linear[0] * row[0] + linear[1] * row[1] + linear[2] * row[2] + (1 << 11)) >> 12]

@@ -140,6 +140,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                styles: StyleLibrary | None = None) -> Txt2ImgRequest:
     """An AUTOMATIC1111 body as the pipeline's request (its checks run in the pipeline's validation, once); the
     styles it names are applied to its prompts here, and the fields its infotext gives (server.paste)."""
+    color_target = getattr(body, "color_target", "")  # (a script's, not a field: the infotext's copy drops it)
     body = apply_infotext(body)
     if body.firstphase_width:  # AUTOMATIC1111's __post_init__: the first pass's size is the size generated
         body = body.model_copy(update={"width": body.firstphase_width, "height": body.firstphase_height})
@@ -216,8 +217,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
                           sd_upscale=script, image_cfg_scale=body.image_cfg_scale,
                           color_correction=correction, color_target=decode_b64_image(
-                              body.color_target, "the loopback's init image", limits.max_image_pixels)
-                          if correction and body.color_target else b"")
+                              color_target, "the loopback's init image", limits.max_image_pixels)
+                          if correction and color_target else b"")
 
 
 def mask_blur(body: schemas.Img2ImgBody) -> Blur:
