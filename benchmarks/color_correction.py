@@ -10,7 +10,6 @@ Prints a table and writes color_correction.json in --out; each ratio is against 
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -43,25 +42,9 @@ def _arms(side: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tqdm import tqdm
+    from benchmarks.load import by_size
 
-    from benchmarks.load import ratio_row, write_ratio_table
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sides", type=int, nargs="+", default=[512, 768, 1024])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    rows = []
-    with tqdm(total=len(args.sides) * args.repeats, desc="color correction", unit="run") as bar:
-        for side in args.sides:
-            times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-            for _ in range(args.repeats):  # interleaved: drift hits every arm alike
-                for arm, seconds in _arms(side).items():
-                    times[arm].append(seconds)
-                bar.update()
-            rows += [ratio_row(side, arm, times[arm], times[ARMS[0]]) for arm in ARMS]
-    return write_ratio_table(rows, args.out / "color_correction.json", args.repeats)
+    return by_size(argv, __doc__, ARMS, _arms, lambda _index: 0, lambda out: out / "color_correction.json", RESULTS)
 
 
 if __name__ == "__main__":

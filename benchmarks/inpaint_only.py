@@ -14,7 +14,6 @@ same run. (The one VAE encode a pass adds is one encoder call, as img2img's init
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -76,27 +75,10 @@ def _arms(side: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-    from tqdm import tqdm
+    from benchmarks.load import by_size
 
-    from benchmarks.load import ratio_row, write_ratio_table
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sides", type=int, nargs="+", default=[512, 768, 1024])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    rows = []
-    with tqdm(total=len(args.sides) * args.repeats, desc="inpaint_only", unit="run") as bar:
-        for side in args.sides:
-            times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-            for _ in range(args.repeats):  # interleaved: drift hits every arm alike
-                for arm, seconds in _arms(side).items():
-                    times[arm].append(seconds)
-                bar.update()
-            rows += [ratio_row(side, arm, times[arm], times[ARMS[index - index % 2]]) for index, arm in enumerate(ARMS)]
-    return write_ratio_table(rows, args.out / "inpaint_only.json", args.repeats)
+    return by_size(argv, __doc__, ARMS, _arms, lambda index: index - index % 2, lambda out: out / "inpaint_only.json",
+                   RESULTS)
 
 
 if __name__ == "__main__":

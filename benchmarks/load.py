@@ -10,8 +10,8 @@ from pathlib import Path
 
 from kiln.machine import machine
 
-__all__ = ["alternate", "bar_chart", "machine", "machine_line", "ratio_row", "run_concurrently", "write_ratio_table",
-           "write_results"]
+__all__ = ["alternate", "bar_chart", "by_size", "machine", "machine_line", "ratio_row", "run_concurrently",
+           "write_ratio_table", "write_results"]
 
 
 def machine_line(info: dict) -> str:
@@ -82,6 +82,34 @@ def write_ratio_table(rows: list[dict], path: Path, repeats: int) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def by_size(argv: list[str] | None, doc: str, arms: tuple[str, ...], measure: Callable[[int], dict[str, float]],
+            baseline: Callable[[int], int], path: Callable[[Path], Path], default_out: Path, repeats: int = 5) -> dict:
+    """A by-size benchmark's command line (--sides, --repeats, --out) and run, one torch thread: `measure(side)` times
+    every arm once, the repeats interleaved (drift hits every arm alike); each arm's median against its
+    `baseline(index)` arm's; the table printed and written to `path(out)`."""
+    import argparse
+
+    import torch
+    from tqdm import tqdm
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--sides", type=int, nargs="+", default=[512, 768, 1024])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", type=Path, default=default_out)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    with tqdm(total=len(args.sides) * args.repeats, desc=path(Path()).stem, unit="run") as bar:
+        for side in args.sides:
+            times: dict[str, list[float]] = {arm: [] for arm in arms}
+            for _ in range(args.repeats):
+                for arm, seconds in measure(side).items():
+                    times[arm].append(seconds)
+                bar.update()
+            rows += [ratio_row(side, arm, times[arm], times[arms[baseline(index)]]) for index, arm in enumerate(arms)]
+    return write_ratio_table(rows, path(args.out), args.repeats)
 
 
 def bar_chart(seconds: dict[str, float], path: Path, xlabel: str, title: str, colors: list[str],

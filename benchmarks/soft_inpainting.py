@@ -13,7 +13,6 @@ blend) measured in the same run, and the two composite arms' masks are checked t
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -101,36 +100,24 @@ ARMS = ("composite, pixel by pixel (AUTOMATIC1111's way)", "composite, all pixel
         "per-call blend, linear (plain inpainting)", "per-call blend, soft (magnitudes in float64)")
 
 
+def _arms(side: int) -> dict[str, float]:
+    """Seconds for each arm at `side`, once; the two composites' masks are checked equal."""
+    seconds, masks = {}, {}
+    for arm in ARMS:
+        if arm.startswith("composite"):
+            seconds[arm], masks[arm] = _composite(side, per_pixel="pixel by pixel" in arm)
+        else:
+            seconds[arm] = _blend(side, soft_blend="soft" in arm)
+    gap = int(np.abs(masks[ARMS[0]].astype(int) - masks[ARMS[1]].astype(int)).max())
+    assert gap == 0, f"the two composites differ by {gap} levels at {side}"
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-    from tqdm import tqdm
+    from benchmarks.load import by_size
 
-    from benchmarks.load import ratio_row, write_ratio_table
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sides", type=int, nargs="+", default=[512, 768, 1024])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    rows = []
-    with tqdm(total=len(args.sides) * len(ARMS) * args.repeats, desc="soft inpainting", unit="run") as bar:
-        for side in args.sides:
-            times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-            masks = {}
-            for _ in range(args.repeats):  # interleaved: drift hits every arm alike
-                for arm in ARMS:
-                    if arm.startswith("composite"):
-                        seconds, masks[arm] = _composite(side, per_pixel="pixel by pixel" in arm)
-                    else:
-                        seconds = _blend(side, soft_blend="soft" in arm)
-                    times[arm].append(seconds)
-                    bar.update()
-            gap = int(np.abs(masks[ARMS[0]].astype(int) - masks[ARMS[1]].astype(int)).max())
-            assert gap == 0, f"the two composites differ by {gap} levels at {side}"
-            rows += [ratio_row(side, arm, times[arm], times[ARMS[0] if arm.startswith("composite") else ARMS[2]])
-                     for arm in ARMS]
-    return write_ratio_table(rows, args.out / "soft_inpainting.json", args.repeats)
+    return by_size(argv, __doc__, ARMS, _arms, lambda index: 0 if index < 2 else 2,
+                   lambda out: out / "soft_inpainting.json", RESULTS, repeats=3)
 
 
 if __name__ == "__main__":
