@@ -31,17 +31,23 @@ def correct(image: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def match_histograms(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """skimage.exposure.match_histograms(image, reference, channel_axis=-1) for uint8 images: each channel's values
-    mapped through the reference's cumulative histogram (linear between its quantiles), truncated to uint8."""
+    """skimage.exposure.match_histograms(image, reference, channel_axis=-1) as scikit-image 0.21 runs it: each
+    channel's values mapped through the reference's cumulative histogram (linear between its quantiles). uint8 images
+    come back truncated to uint8 (counted by value, its fast path); float images as float64 (counted by unique
+    value)."""
     matched = np.empty_like(image)
     for channel in range(image.shape[-1]):
-        source = image[..., channel].reshape(-1)
-        counts = np.bincount(source)
-        template = np.bincount(reference[..., channel].reshape(-1))
-        values = np.nonzero(template)[0]
+        source, template = image[..., channel].reshape(-1), reference[..., channel].reshape(-1)
+        if image.dtype == np.uint8:
+            counts, inverse = np.bincount(source), source
+            values = np.nonzero(template_counts := np.bincount(template))[0]
+            template_counts = template_counts[values]
+        else:
+            _, inverse, counts = np.unique(source, return_inverse=True, return_counts=True)
+            values, template_counts = np.unique(template, return_counts=True)
         quantiles = np.cumsum(counts) / source.size
-        template_quantiles = np.cumsum(template[values]) / reference[..., channel].size
-        matched[..., channel] = np.interp(quantiles, template_quantiles, values)[source].reshape(image.shape[:-1])
+        template_quantiles = np.cumsum(template_counts) / template.size
+        matched[..., channel] = np.interp(quantiles, template_quantiles, values)[inverse].reshape(image.shape[:-1])
     return matched
 
 

@@ -13,6 +13,9 @@ It holds:
   the photographs in assets/images, one with a colour cast, and seeded noise (which drives the luminosity blend's
   clipping both ways).
 
+And match_histograms_float.npz: scikit-image 0.21's float path of match_histograms (channel_axis=1 on (N, 3)
+arrays, as AUTOMATIC1111's Outpainting mk2 matches its noise to the known pixels), on seeded values with ties.
+
 The file in the repository was made by opencv-python-headless 4.10.0.84, scikit-image 0.21.0 and blendmodes 2022 on
 x86-64; kiln matches it exactly, and matches all 2^24 colours each way.
 """
@@ -55,6 +58,11 @@ def main() -> None:
         out[f"{index}_target"], out[f"{index}_generated"] = np.asarray(target), np.asarray(generated)
         out[f"{index}_corrected"] = apply_color_correction(correction, generated)
     np.savez_compressed(OUT / "color_correction.npz", **out)
+    floats = np.random.default_rng(20261208)
+    source = np.round(floats.random((600, 3)) ** 2, 3)  # rounded: ties in both, as the image's flat areas have
+    reference = np.round(floats.random((900, 3)), 2)
+    np.savez_compressed(OUT / "match_histograms_float.npz", source=source, reference=reference,
+                        matched=exposure.match_histograms(source, reference, channel_axis=1))
 
 
 if __name__ == "__main__":
