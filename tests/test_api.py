@@ -980,12 +980,12 @@ def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(c
     assert client.get("/sdapi/v1/scripts").json() == {
         "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet"],
         "img2img": ["sd upscale", "prompt matrix", "prompts from file or textbox", "x/y/z plot", "loopback",
-                    "poor man's outpainting", "controlnet", "soft inpainting"]}
+                    "poor man's outpainting", "outpainting mk2", "controlnet", "soft inpainting"]}
     info = client.get("/sdapi/v1/script-info").json()
     assert {(s["name"], s["is_alwayson"], s["is_img2img"]) for s in info} == {
         ("sd upscale", False, True), ("x/y/z plot", False, False), ("x/y/z plot", False, True),
         ("prompt matrix", False, False), ("prompt matrix", False, True), ("loopback", False, True),
-        ("poor man's outpainting", False, True),
+        ("poor man's outpainting", False, True), ("outpainting mk2", False, True),
         ("prompts from file or textbox", False, False), ("prompts from file or textbox", False, True),
         ("controlnet", True, False), ("controlnet", True, True), ("soft inpainting", True, True)}
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])

@@ -59,7 +59,8 @@ CELL_SCRIPTS = {"prompt matrix": (("prompt_matrix",), ("txt2img", "img2img")),
                 "prompts from file or textbox": (("prompts_from_file",), ("txt2img", "img2img")),
                 "x/y/z plot": (("xyz plot", "xyz_grid"), ("txt2img", "img2img")),
                 "loopback": ((), ("img2img",)),
-                "poor man's outpainting": (("poor mans outpainting", "poormans_outpainting"), ("img2img",))}
+                "poor man's outpainting": (("poor mans outpainting", "poormans_outpainting"), ("img2img",)),
+                "outpainting mk2": (("outpainting mk 2", "outpainting_mk_2", "outpainting"), ("img2img",))}
 
 
 def cell_script(body: schemas.Txt2ImgBody) -> str | None:

@@ -59,6 +59,19 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
     return jobs
 
 
+async def side_by_side(coroutines) -> list:
+    """The coroutines run side by side (chains of cells, each waiting for its own before); if one fails (or the
+    client leaves), the others are cancelled and the failure raised."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def save(request, body: schemas.Txt2ImgBody, kind: str, jobs: list[Job], grid: np.ndarray | None, info: dict,
                basename: str) -> None:
     """save_images: the jobs' images (unless their do_not_save_samples) and the script's grid, where it has one

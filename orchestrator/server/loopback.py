@@ -18,7 +18,6 @@ batch_size must be 1: AUTOMATIC1111 sets it to 1 and kiln refuses what it would 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import math
 import time
@@ -125,14 +124,7 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     if not 1 <= body.n_iter <= served.limits.max_n_iter:  # the chains, queued at once
         raise InputError(f"n_iter must be between 1 and {served.limits.max_n_iter}, got {body.n_iter}")
     body = cells.fix_seeds(body)
-    tasks = [asyncio.ensure_future(chain(request, body, loopback, number)) for number in range(body.n_iter)]
-    try:
-        chains = await asyncio.gather(*tasks)
-    except BaseException:  # one chain failed (or the client left): the others' loops are cancelled too
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    chains = await cells.side_by_side(chain(request, body, loopback, number) for number in range(body.n_iter))
     jobs = [job for loops in chains for job in loops]
     shown = jobs if body.n_iter == 1 else [loops[-1] for loops in chains if loops]
     if not shown:

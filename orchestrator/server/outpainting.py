@@ -70,20 +70,12 @@ def parse(body: schemas.Img2ImgBody) -> Outpainting:
         raise InputError(f"script_args: poor man's outpainting takes at most 4 values (AUTOMATIC1111 1.10's [pixels, "
                          f"mask_blur, inpainting_fill, direction]), got {len(args)}")
     pixels, blur, fill, directions = args + [128, 4, 0, list(DIRECTIONS)][len(args):]
-    if not _whole(pixels) or not 8 <= pixels <= 256:
-        raise InputError(f"script_args: poor man's outpainting pixels must be a whole number from 8 to 256, got "
-                         f"{pixels!r}")
-    if not _whole(blur) or not 0 <= blur <= 64:
-        raise InputError(f"script_args: poor man's outpainting mask_blur must be a whole number from 0 to 64, got "
-                         f"{blur!r}")
+    check_growth(NAME, pixels, blur, directions)
     names = {name: index for index, name in INPAINTING_FILL.items()}
     fill = names.get(fill, fill) if isinstance(fill, str) else fill
     if fill not in INPAINTING_FILL or isinstance(fill, bool):
         raise InputError(f"script_args: poor man's outpainting inpainting_fill must be 0 to 3 or one of "
                          f"{', '.join(names)}, got {fill!r}")
-    if not isinstance(directions, list) or not directions or any(d not in DIRECTIONS for d in directions):
-        raise InputError(f"script_args: poor man's outpainting direction must be a list of some of "
-                         f"{', '.join(DIRECTIONS)}, got {directions!r}")
     for name in ("mask", "latent_mask"):
         if getattr(body, name):
             raise InputError(f"{name}: poor man's outpainting makes its own masks; send the image alone")
@@ -94,20 +86,40 @@ def parse(body: schemas.Img2ImgBody) -> Outpainting:
     return Outpainting(int(pixels), int(blur), fill, tuple(d for d in DIRECTIONS if d in directions))
 
 
-def _whole(value) -> bool:
+def check_growth(script: str, pixels, blur, directions) -> None:
+    """The arguments both outpainting scripts share: pixels (8 to 256), mask_blur (0 to 64) and directions."""
+    if not whole(pixels) or not 8 <= pixels <= 256:
+        raise InputError(f"script_args: {script} pixels must be a whole number from 8 to 256, got {pixels!r}")
+    if not whole(blur) or not 0 <= blur <= 64:
+        raise InputError(f"script_args: {script} mask_blur must be a whole number from 0 to 64, got {blur!r}")
+    if not isinstance(directions, list) or not directions or any(d not in DIRECTIONS for d in directions):
+        raise InputError(f"script_args: {script} direction must be a list of some of {', '.join(DIRECTIONS)}, got "
+                         f"{directions!r}")
+
+
+def whole(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == int(value)
+
+
+def growth(width: int, height: int, pixels: int, directions: tuple[str, ...]) -> tuple[int, int, int, int]:
+    """How far each side grows (left, up, right, down), as both scripts grow them: each side asked for by `pixels`,
+    then the whole to a multiple of 64, the growth shared between opposite sides in proportion."""
+    grow = {d: pixels if d in directions else 0 for d in DIRECTIONS}
+    grown_w = math.ceil((width + grow["left"] + grow["right"]) / 64) * 64
+    grown_h = math.ceil((height + grow["up"] + grow["down"]) / 64) * 64
+    left = grow["left"] * (grown_w - width) // (grow["left"] + grow["right"]) if grow["left"] else 0
+    right = grown_w - width - left if grow["right"] else 0
+    up = grow["up"] * (grown_h - height) // (grow["up"] + grow["down"]) if grow["up"] else 0
+    down = grown_h - height - up if grow["down"] else 0
+    return left, up, right, down
 
 
 def canvas(init: Image.Image, outpainting: Outpainting) -> Canvas:
     """The grown canvas and its masks, as the script makes them: each side asked for grows by `pixels`, then the
     canvas to a multiple of 64, the growth shared between opposite sides in proportion."""
-    grow = {d: outpainting.pixels if d in outpainting.directions else 0 for d in DIRECTIONS}
-    width = math.ceil((init.width + grow["left"] + grow["right"]) / 64) * 64
-    height = math.ceil((init.height + grow["up"] + grow["down"]) / 64) * 64
-    left = grow["left"] * (width - init.width) // (grow["left"] + grow["right"]) if grow["left"] else 0
-    right = width - init.width - left if grow["right"] else 0
-    up = grow["up"] * (height - init.height) // (grow["up"] + grow["down"]) if grow["up"] else 0
-    down = height - init.height - up if grow["down"] else 0
+    left, up, right, down = growth(init.width, init.height, outpainting.pixels, outpainting.directions)
+    width = math.ceil((init.width + left + right) / 64) * 64  # a side that grows not still rounds up, as there
+    height = math.ceil((init.height + up + down) / 64) * 64
     image = Image.new("RGB", (width, height))
     image.paste(init, (left, up))
 

@@ -13,7 +13,7 @@ from kiln import schemas
 from kiln.errors import KilnError
 from kiln.upscale import UPSCALERS
 from orchestrator.pipeline.hires import LATENT_MODES
-from orchestrator.server import loopback, outpainting, prompts_from_file
+from orchestrator.server import loopback, outpainting, outpainting_mk2, prompts_from_file
 from orchestrator.server.a1111 import CELL_SCRIPTS, SCRIPTS
 from orchestrator.server.generation import engine, pipeline, served_contract
 from orchestrator.server.prompt_matrix import ARGS as MATRIX_ARGS
@@ -115,9 +115,9 @@ async def refresh_loras(request: Request) -> None:
 
 @router.get("/scripts")
 async def scripts() -> dict:
-    """The scripts a request may name: the selectable ones (script_name: SD upscale, loopback and poor man's
-    outpainting, img2img's; the prompt matrix, prompts from file or textbox, the X/Y/Z plot) and the always-on ones
-    (alwayson_scripts): ControlNet in both modes, soft inpainting in img2img."""
+    """The scripts a request may name: the selectable ones (script_name: SD upscale, loopback, poor man's
+    outpainting and outpainting mk2, img2img's; the prompt matrix, prompts from file or textbox, the X/Y/Z plot) and
+    the always-on ones (alwayson_scripts): ControlNet in both modes, soft inpainting in img2img."""
     return {route: [*SCRIPTS[route], *(name for name, (_, routes) in CELL_SCRIPTS.items() if route in routes),
                     "controlnet", *([SOFT] if route == "img2img" else [])] for route in ("txt2img", "img2img")}
 
@@ -137,7 +137,8 @@ async def script_info(request: Request) -> list[dict]:
          for name, args in (("prompt matrix", MATRIX_ARGS), ("prompts from file or textbox", prompts_from_file.ARGS))
          for img2img in (False, True)] + \
         [{"name": name, "is_alwayson": False, "is_img2img": True, "args": args}
-         for name, args in (("loopback", loopback.ARGS), (outpainting.NAME, outpainting.ARGS))] + \
+         for name, args in (("loopback", loopback.ARGS), (outpainting.NAME, outpainting.ARGS),
+                                 (outpainting_mk2.NAME, outpainting_mk2.ARGS))] + \
         [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": []}
          for img2img in (False, True)] + \
         [{"name": SOFT, "is_alwayson": True, "is_img2img": True, "args": SOFT_ARGS}]

@@ -14,7 +14,16 @@ from kiln.errors import KilnError, NotFoundError
 from kiln.infotext import read_png_info
 from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
-from orchestrator.server import a1111, loopback, outpainting, prompt_matrix, prompts_from_file, sampler_names, xyz
+from orchestrator.server import (
+    a1111,
+    loopback,
+    outpainting,
+    outpainting_mk2,
+    prompt_matrix,
+    prompts_from_file,
+    sampler_names,
+    xyz,
+)
 from orchestrator.server.errors import APIError, as_api_error, count
 from orchestrator.server.generation import engine, own, response, served_contract, submit, wait_for
 from orchestrator.server.inputs import decode_b64_image
@@ -23,7 +32,7 @@ from orchestrator.server.preview import preview_png
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 # each of a1111.CELL_SCRIPTS's scripts: the module whose run(request, kind, body) answers its requests
 CELL_SCRIPTS = {"x/y/z plot": xyz, "prompt matrix": prompt_matrix, "prompts from file or textbox": prompts_from_file,
-                "loopback": loopback, outpainting.NAME: outpainting}
+                "loopback": loopback, outpainting.NAME: outpainting, outpainting_mk2.NAME: outpainting_mk2}
 
 
 async def own_running(request: Request) -> list[Job]:
