@@ -229,6 +229,20 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     assert re.search(r"poor man's outpainting: \d+ tiles of 64x64; at most 64", page.inner_text("#form-error"))
     assert [e for e in page.errors if "422" in e] == page.errors != []  # the refusal, and nothing else
     page.errors.clear()
+    # Outpainting mk2: its own settings; the photo (451x300) grown right makes a pass 320 high, over the tiny
+    # build's 128, which the server says before any pass runs (the page's arguments parsed: they reached the check)
+    page.select_option("#outpaint-method", "mk2")
+    assert page.is_visible("#outpaint-noise-q") and page.is_hidden("#outpaint-fill")
+    page.fill("#outpaint-variation", "0.2")
+    for side in ("left", "up", "down"):
+        page.uncheck(f"#outpaint-directions input[value={side}]")
+    page.click("#submit")
+    page.wait_for_function("document.querySelector('#form-error').innerText.includes('mk2')")
+    assert "outpainting mk2: the pass growing right generates 64x320" in page.inner_text("#form-error")
+    assert [e for e in page.errors if "422" in e] == page.errors != []
+    page.errors.clear()
+    page.select_option("#outpaint-method", "poor")
+    assert page.is_hidden("#outpaint-noise-q") and page.is_visible("#outpaint-fill")
     page.uncheck("[name=outpainting]")
     page.click("[data-tab=txt2img]")
     assert page.is_hidden("#loopback")  # img2img's only

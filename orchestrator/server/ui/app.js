@@ -226,11 +226,7 @@ async function submit(event) {
     kind === "img2img" && form.loopback.checked && [kind, body, "loopback", "Loopback", [
       numberOr($("#loopback-loops").value, 4), numberOr($("#loopback-final").value, 0.5),
       $("#loopback-curve").value, "None"]],
-    // (its own masks: a painted one stays for the next inpainting)
-    kind === "img2img" && form.outpainting.checked && [kind, { ...body, mask: undefined }, "poor man's outpainting",
-      "Outpainting", [
-      numberOr($("#outpaint-pixels").value, 128), numberOr($("#outpaint-blur").value, 4),
-      Number($("#outpaint-fill").value), $$("#outpaint-directions input:checked").map(box => box.value)], "grid"],
+    kind === "img2img" && form.outpainting.checked && outpaintingScript(kind, body),
   ].filter(Boolean);
   if (scripts.length > 1) {
     return showError("choose one script: the prompt matrix, prompts from file, loopback or outpainting");
@@ -560,6 +556,20 @@ async function runXYZ(body) {
     $("#xyz-legend").checked, false, false, false, 0, true, false], "xyz");
 }
 
+// Outpainting, either of AUTOMATIC1111's scripts (both make their own masks: a painted one stays for the next
+// inpainting)
+function outpaintingScript(kind, body) {
+  const pixels = numberOr($("#outpaint-pixels").value, 128), blur = numberOr($("#outpaint-blur").value, 4);
+  const directions = $$("#outpaint-directions input:checked").map(box => box.value);
+  const unmasked = { ...body, mask: undefined };
+  if ($("#outpaint-method").value === "mk2") {
+    return [kind, unmasked, "outpainting mk2", "Outpainting mk2", [null, pixels, blur, directions,
+      numberOr($("#outpaint-noise-q").value, 1), numberOr($("#outpaint-variation").value, 0.05)], "grid"];
+  }
+  return [kind, unmasked, "poor man's outpainting", "Outpainting", [pixels, blur, Number($("#outpaint-fill").value),
+    directions], "grid"];
+}
+
 async function runScript(kind, body, name, label, args, shown = "grid") {
   body.script_name = name;
   body.script_args = args;
@@ -782,6 +792,11 @@ function start() {
   $("#send-img2img").onclick = () => sendTo("img2img");
   $("#detail-hires").onclick = () => hiresSaved();
   $("#save-options").onclick = saveOptions;
+  $("#outpaint-method").onchange = () => {  // each method's own settings
+    const mk2 = $("#outpaint-method").value === "mk2";
+    $$(".outpaint-mk2").forEach(label => { label.hidden = !mk2; });
+    $$(".outpaint-poor").forEach(label => { label.hidden = mk2; });
+  };
   setUpMaskPainting();
   dropZone($("#drop"), $("#classify-files"), classify);
   dropZone($("#png-drop"), $("#png-file"), readPngInfo);
