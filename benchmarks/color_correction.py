@@ -10,7 +10,6 @@ Prints a table and writes color_correction.json in --out; each ratio is against 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ ARMS = ("PNG encode (every response's)", "colour correction (all of it)", "  RGB
 def _arms(side: int) -> dict[str, float]:
     from PIL import Image
 
+    from benchmarks.load import time_each
     from kiln.color_correction import color_target, correct, luminosity_blend, match_histograms
     from kiln.cvlab import lab_to_rgb, rgb_to_lab
     from kiln.imaging import encode_png
@@ -33,12 +33,7 @@ def _arms(side: int) -> dict[str, float]:
     target, lab = color_target(other), rgb_to_lab(image)
     calls = (lambda: encode_png(Image.fromarray(image)), lambda: correct(image, target), lambda: rgb_to_lab(image),
              lambda: lab_to_rgb(lab), lambda: match_histograms(lab, target), lambda: luminosity_blend(other, image))
-    seconds = {}
-    for arm, call in zip(ARMS, calls):
-        start = time.perf_counter()
-        call()
-        seconds[arm] = time.perf_counter() - start
-    return seconds
+    return time_each(ARMS, calls)
 
 
 def main(argv: list[str] | None = None) -> dict:

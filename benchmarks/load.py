@@ -60,6 +60,18 @@ def write_results(stem: Path, result: dict, table: Callable[[dict], str], plot: 
     return result
 
 
+def time_each(arms: tuple[str, ...], calls) -> dict[str, float]:
+    """Each arm's call timed once, in order: {arm: seconds} (a by-size benchmark's measure)."""
+    import time
+
+    seconds = {}
+    for arm, call in zip(arms, calls, strict=True):
+        start = time.perf_counter()
+        call()
+        seconds[arm] = time.perf_counter() - start
+    return seconds
+
+
 def ratio_row(side: int, arm: str, times: list[float], baseline: list[float]) -> dict:
     """One row of a by-size table: the arm's median time and its ratio to its baseline's, measured in the same run."""
     import numpy as np

@@ -174,3 +174,13 @@ def test_the_outpainting_through_the_api(triton, tmp_path):
             assert refused.status_code == 422 and "noise_q must be a number from 0 to 4" in refused.text
     finally:
         api.stop()
+
+
+def test_the_benchmark_runs(tmp_path):
+    """benchmarks/outpaint_noise.py at a small side: both arms timed, the table written."""
+    from benchmarks.outpaint_noise import ARMS
+    from benchmarks.outpaint_noise import main as bench_main
+
+    rows = bench_main(["--sides", "32", "--repeats", "1", "--out", str(tmp_path)])["rows"]
+    assert [row["arm"] for row in rows] == list(ARMS) and all(row["ms"] > 0 for row in rows)
+    assert (tmp_path / "outpaint_noise.json").exists()
