@@ -39,7 +39,7 @@ def _arms(side: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.load import by_size
 
-    return by_size(argv, __doc__, ARMS, _arms, lambda _index: 0, lambda out: out / "color_correction.json", RESULTS)
+    return by_size(argv, __doc__, ARMS, _arms, lambda _index: 0, "color_correction", RESULTS)
 
 
 if __name__ == "__main__":

@@ -77,8 +77,7 @@ def _arms(side: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.load import by_size
 
-    return by_size(argv, __doc__, ARMS, _arms, lambda index: index - index % 2, lambda out: out / "inpaint_only.json",
-                   RESULTS)
+    return by_size(argv, __doc__, ARMS, _arms, lambda index: index - index % 2, "inpaint_only", RESULTS)
 
 
 if __name__ == "__main__":

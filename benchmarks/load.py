@@ -97,10 +97,10 @@ def write_ratio_table(rows: list[dict], path: Path, repeats: int) -> dict:
 
 
 def by_size(argv: list[str] | None, doc: str, arms: tuple[str, ...], measure: Callable[[int], dict[str, float]],
-            baseline: Callable[[int], int], path: Callable[[Path], Path], default_out: Path, repeats: int = 5) -> dict:
+            baseline: Callable[[int], int], name: str, default_out: Path, repeats: int = 5) -> dict:
     """A by-size benchmark's command line (--sides, --repeats, --out) and run, one torch thread: `measure(side)` times
     every arm once, the repeats interleaved (drift hits every arm alike); each arm's median against its
-    `baseline(index)` arm's; the table printed and written to `path(out)`."""
+    `baseline(index)` arm's; the table printed and written to `<out>/<name>.json`."""
     import argparse
 
     import torch
@@ -113,7 +113,7 @@ def by_size(argv: list[str] | None, doc: str, arms: tuple[str, ...], measure: Ca
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    with tqdm(total=len(args.sides) * args.repeats, desc=path(Path()).stem, unit="run") as bar:
+    with tqdm(total=len(args.sides) * args.repeats, desc=name, unit="run") as bar:
         for side in args.sides:
             times: dict[str, list[float]] = {arm: [] for arm in arms}
             for _ in range(args.repeats):
@@ -121,7 +121,7 @@ def by_size(argv: list[str] | None, doc: str, arms: tuple[str, ...], measure: Ca
                     times[arm].append(seconds)
                 bar.update()
             rows += [ratio_row(side, arm, times[arm], times[arms[baseline(index)]]) for index, arm in enumerate(arms)]
-    return write_ratio_table(rows, path(args.out), args.repeats)
+    return write_ratio_table(rows, args.out / f"{name}.json", args.repeats)
 
 
 def bar_chart(seconds: dict[str, float], path: Path, xlabel: str, title: str, colors: list[str],

@@ -38,7 +38,7 @@ def _arms(side: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.load import by_size
 
-    return by_size(argv, __doc__, ARMS, _arms, lambda _index: 0, lambda out: out / "outpaint_noise.json", RESULTS)
+    return by_size(argv, __doc__, ARMS, _arms, lambda _index: 0, "outpaint_noise", RESULTS)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     from benchmarks.load import by_size
 
     return by_size(argv, __doc__, ARMS, _arms, lambda index: 0 if index < 2 else 2,
-                   lambda out: out / "soft_inpainting.json", RESULTS, repeats=3)
+                   "soft_inpainting", RESULTS, repeats=3)
 
 
 if __name__ == "__main__":
