@@ -12,8 +12,9 @@ As there, step by step (images are (H, W, 3) floats in [0, 1], the mask 1 where 
 - the border's values matched to the known pixels' histograms per channel (kiln.color_correction.match_histograms,
   scikit-image 0.21's float path); the known pixels kept exactly.
 
-Where the known part is all black, AUTOMATIC1111 divides by zero and paints NaN; kiln leaves it unscaled. A
-spectrum coefficient of exactly zero gets phase 1 instead of NaN.
+Guards where AUTOMATIC1111 divides by zero or fails: a known part that is all black is left unscaled (NaN there,
+which its uint8 cast makes 0, as here); a spectrum coefficient of exactly zero gets phase 1; a flat shaped noise is
+left unscaled; with no known pixel (a border that covers everything) the histograms are not matched (it raises).
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def test_the_passes_sizes_and_seeds():
     assert pass_sizes(512, 512, mk2, (512, 512)) == [("left", 128, 512, 512), ("right", 128, 512, 512),
                                                      ("up", 128, 768, 512), ("down", 128, 768, 512)]
     assert pass_sizes(500, 300, mk2, (512, 512)) == [("left", 134, 512, 320), ("right", 134, 512, 320),
-                                                     ("up", 138, 768, 438), ("down", 138, 768, 512)]
+                                                     ("up", 138, 768, 432), ("down", 138, 768, 512)]  # 438: to 8s
     body = schemas.Img2ImgBody(init_images=["x"], seed=40, subseed=7, script_name="outpainting mk2")
     grown = grow(photo(64, 64), "left", 32, (96, 64), mk2)
     one = cell(body, grown, mk2, 2)
@@ -122,8 +122,9 @@ def test_what_cannot_run_is_named(args, fields, message):
     ([None, 32, 20], {}, "blurs its passes' masks by four times it, over this server's limit of 64"),
     ([None, 32], {"n_iter": 20}, "n_iter must be between 1 and 16"),
     ([None, 32], {"batch_size": 4, "n_iter": 5}, "20 images exceeds the limit of 16"),
-    ([None, 128, 4, ["left", "up"]], {}, "the pass growing up generates 192x128 .* within the built profile"),
-    ([None, 36, 4, ["left", "right"]], {}, "the pass growing left generates 126x64 .* a multiple of 8"),
+    ([None, 64, 4, ["left", "right", "up"]], {}, r"growing up generates 192x128 \(width x height\), outside the"),
+    ([None, 96, 4, ["right"]], {"width": 64}, "the pass growing right grows the image by 132 pixels but generates 64 "
+                                              "of them .* need 140: raise width or lower pixels"),
 ])
 def test_what_the_passes_cannot_make_is_named_before_any_runs(args, fields, message):
     """Every pass's size is known from the init image's: checked before the first pass runs (a 60x64 image here)."""
@@ -133,6 +134,8 @@ def test_what_the_passes_cannot_make_is_named_before_any_runs(args, fields, mess
         check(request, parse(request), photo(60, 64), served)
     narrower = body([None, 36, 4, ["left", "right"]], width=96)  # 60 + 66 = 126 wide, 96 of it generated: fine
     assert check(narrower, parse(narrower), photo(60, 64), served) == [("left", 66, 96, 64), ("right", 66, 96, 64)]
+    wider = body([None, 36, 4, ["left", "right"]])  # 126 wide: 120 of it generated (the build's multiple of 8)
+    assert check(wider, parse(wider), photo(60, 64), served) == [("left", 66, 120, 64), ("right", 66, 128, 64)]
 
 
 @pytest.mark.slow
@@ -151,6 +154,7 @@ def test_the_outpainting_through_the_api(triton, tmp_path):
             assert [image.shape for image in images] == [(128, 256, 3), (128, 128, 3), (128, 128, 3)]  # grid first
             assert info["outpainting_mk2"]["passes"] == ["right", "down"] and info["all_seeds"] == [11, 12]
             assert info["outpainting_mk2"]["size"] == [128, 128]
+            assert (info["width"], info["height"]) == (128, 128)  # the last pass's (the first generated 128x64)
             assert np.abs(images[1][:40, :40].astype(int) - init[:40, :40]).max() <= 1  # far from the border: kept
             assert np.abs(images[1].astype(int) - images[2].astype(int)).max() > 20  # seed + 1
             mk2 = parse(request)

@@ -229,8 +229,8 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     assert re.search(r"poor man's outpainting: \d+ tiles of 64x64; at most 64", page.inner_text("#form-error"))
     assert [e for e in page.errors if "422" in e] == page.errors != []  # the refusal, and nothing else
     page.errors.clear()
-    # Outpainting mk2: its own settings; the photo (451x300) grown right makes a pass 320 high, over the tiny
-    # build's 128, which the server says before any pass runs (the page's arguments parsed: they reached the check)
+    # Outpainting mk2: its own settings; the photo (451x300) grown right by 61 (to 512) in a pass 64 wide leaves no
+    # room for the blur, which the server says before any pass runs (the page's arguments parsed: they reached it)
     page.select_option("#outpaint-method", "mk2")
     assert page.is_visible("#outpaint-noise-q") and page.is_hidden("#outpaint-fill")
     page.fill("#outpaint-variation", "0.2")
@@ -238,7 +238,7 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
         page.uncheck(f"#outpaint-directions input[value={side}]")
     page.click("#submit")
     page.wait_for_function("document.querySelector('#form-error').innerText.includes('mk2')")
-    assert "outpainting mk2: the pass growing right generates 64x320" in page.inner_text("#form-error")
+    assert "the pass growing right grows the image by 61 pixels but generates 64" in page.inner_text("#form-error")
     assert [e for e in page.errors if "422" in e] == page.errors != []
     page.errors.clear()
     page.select_option("#outpaint-method", "poor")

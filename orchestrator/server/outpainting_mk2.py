@@ -7,6 +7,11 @@ its scripts/outpainting_mk_2.py:
   mask) and less twice the blur (the latent mask), and generates, at the grown side's end, at most the request's
   width (a horizontal pass) or height (a vertical one) by the whole canvas's other side, with mask_blur x 4;
 - the generated part is pasted back on the noised canvas, which is cut to the grown size.
+kiln checks every pass's size before the first runs: along the side that grows, the part generated is floored to
+the build's multiple of 8 (AUTOMATIC1111 floors its latents instead), and a part narrower than the growth and twice
+the blur is a 422 (AUTOMATIC1111's PIL raises on its latent mask; on the left or top, it leaves a band of raw noise).
+An init image with transparency is put over white first, as kiln takes every init image (AUTOMATIC1111 drops the
+alpha and keeps the stored colours).
 
 script_args as AUTOMATIC1111 1.10's script takes them: [info, pixels, mask_blur, direction, noise_q,
 color_variation]: an ignored placeholder (its UI's note), 8 to 256 pixels, a blur of 0 to 64, a list of the sides,
@@ -96,17 +101,20 @@ def _unmasked(width: int, height: int, box: tuple[int, int, int, int]) -> np.nda
     return mask
 
 
-def pass_sizes(width: int, height: int, mk2: Mk2, generate: tuple[int, int]) -> list[tuple[str, int, int, int]]:
-    """Each pass of an image of width x height: its side, how far it grows, and the width and height generated."""
+def pass_sizes(width: int, height: int, mk2: Mk2, generate: tuple[int, int],
+               multiple: int = 8) -> list[tuple[str, int, int, int]]:
+    """Each pass of an image of width x height: its side, how far it grows, and the width and height generated: along
+    the side that grows, at most the request's (`generate`), down to a multiple of `multiple` (the build's; where
+    AUTOMATIC1111 floors its latents instead); across it, the canvas's side."""
     left, up, right, down = growth(width, height, mk2.pixels, mk2.directions)
     passes = []
     for side, amount in zip(DIRECTIONS, (left, right, up, down)):
         if amount:
-            grown_w, grown_h = (width + amount, height) if side in HORIZONTAL else (width, height + amount)
-            if side in HORIZONTAL:
-                size = (min(generate[0], grown_w), math.ceil(grown_h / 64) * 64)
-            else:
-                size = (math.ceil(grown_w / 64) * 64, min(generate[1], grown_h))
+            horizontal = side in HORIZONTAL
+            grown_w, grown_h = (width + amount, height) if horizontal else (width, height + amount)
+            along = min(generate[0], grown_w) if horizontal else min(generate[1], grown_h)
+            along -= along % multiple
+            size = (along, math.ceil(grown_h / 64) * 64) if horizontal else (math.ceil(grown_w / 64) * 64, along)
             passes.append((side, amount, *size))
             width, height = grown_w, grown_h
     return passes
@@ -159,16 +167,19 @@ def check(body: schemas.Img2ImgBody, mk2: Mk2, init: np.ndarray, served) -> list
     if body.batch_size * body.n_iter > limits.max_images:
         raise InputError(f"batch_size x n_iter = {body.batch_size * body.n_iter} images exceeds the limit of "
                          f"{limits.max_images} per request")
-    passes = pass_sizes(init.shape[1], init.shape[0], mk2, (body.width, body.height))
-    for side, _, width, height in passes:
-        fits = all(v % contract.size_multiple == 0 and contract.min_size <= v <= contract.max_size
-                   for v in (width, height))
-        if not fits or width * height > limits.max_image_pixels:
-            raise InputError(f"{NAME}: the pass growing {side} generates {width}x{height} (width x height); each side "
-                             f"must be a multiple of {contract.size_multiple} within the built profile "
-                             f"[{contract.min_size}, {contract.max_size}] (a horizontal pass generates at most the "
-                             "request's width by the grown height rounded up to 64, a vertical one the grown width by "
-                             "at most its height)")
+    passes = pass_sizes(init.shape[1], init.shape[0], mk2, (body.width, body.height), contract.size_multiple)
+    for side, amount, width, height in passes:
+        along, name = (width, "width") if side in HORIZONTAL else (height, "height")
+        if along < amount + 2 * mk2.mask_blur:  # AUTOMATIC1111 raises (its latent mask's rectangle is inverted)
+            raise InputError(f"{NAME}: the pass growing {side} grows the image by {amount} pixels but generates "
+                             f"{along} of them (at most the request's {name}); the new border and twice the blur need "
+                             f"{amount + 2 * mk2.mask_blur}: raise {name} or lower pixels")
+        if not all(contract.min_size <= v <= contract.max_size for v in (width, height)) or \
+                width * height > limits.max_image_pixels:
+            raise InputError(f"{NAME}: the pass growing {side} generates {width}x{height} (width x height), outside "
+                             f"the built profile [{contract.min_size}, {contract.max_size}] (a horizontal pass "
+                             "generates at most the request's width by the grown height rounded up to 64, a vertical "
+                             "one the grown width rounded up to 64 by at most the request's height)")
         contract.check_built_size(width, height, f"{NAME}: the pass growing {side}")
     return passes
 
@@ -219,6 +230,7 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     await cells.save(request, body, kind, [], grid, images[0][1], "grid")
     first = grown[0][1]
     details = cells.details(first, [info for _, info in images], before=(images[0][1],) if grid is not None else ())
+    details["width"], details["height"] = passes[-1][2:]  # the last pass's size, as AUTOMATIC1111's p holds it
     details["outpainting_mk2"] = {"passes": [side for side, *_ in passes], "images": len(images),
                                   "size": [int(images[0][0].shape[1]), int(images[0][0].shape[0])],
                                   "seconds": round(time.time() - first.created, 3)}
