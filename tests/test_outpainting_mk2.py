@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -168,6 +170,21 @@ def test_the_outpainting_through_the_api(triton, tmp_path):
             assert np.abs(image.astype(int) - images[1].astype(int)).max() <= 2
             saved = client.get("/v1/outputs").json()["items"]
             assert len([i for i in saved if i["kind"] == "img2img-images"]) == 2  # the images, not their passes
+            # /sdapi/v1/progress shows the passes and its interrupt, sent during the first ones, ends the script
+            # there: both images grown right only (their grid first)
+            long = request.model_dump(exclude_defaults=True) | {"steps": 150, "save_images": False}
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(client.post, "/sdapi/v1/img2img", json=long)
+                deadline = time.monotonic() + 60
+                while client.get("/sdapi/v1/progress").json()["state"]["sampling_step"] < 1 and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert client.post("/sdapi/v1/interrupt").status_code == 200
+                stopped = future.result(timeout=120)
+            assert stopped.status_code == 200, stopped.text
+            info = json.loads(stopped.json()["info"])
+            assert [pixels(b64).shape for b64 in stopped.json()["images"]] == [(64, 256, 3)] + [(64, 128, 3)] * 2
+            assert info["outpainting_mk2"]["interrupted"] == 2
             listed = {s["name"]: s for s in client.get("/sdapi/v1/script-info").json()}
             assert [a["label"] for a in listed["outpainting mk2"]["args"]][1:3] == ["Pixels to expand", "Mask blur"]
             assert "outpainting mk2" in client.get("/sdapi/v1/scripts").json()["img2img"]

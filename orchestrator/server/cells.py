@@ -1,7 +1,8 @@
 """The scripts that run a request as several generations (the X/Y/Z plot's cells, the prompt matrix's combinations,
 the lines of prompts from file, the loopback's loops, poor man's outpainting's tiles): every cell checked before any
 is queued, all queued at once as the caller's tasks, so the step batcher denoises them together, and waited for
-together; the answer in AUTOMATIC1111's shape, its pictures first."""
+together; the answer in AUTOMATIC1111's shape, its pictures first. The cells are /sdapi's jobs too: its progress
+shows them, and its interrupt and skip act on them."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
                                                  served.limits, state.styles)
             jobs.append(await run_in_threadpool(
                 engine(request).prepare, kind, generation, cell.n_iter, client_id=client_id(request),
-                context={"family": "tasks", "body": cell, "detect_maps": False}, checkpoint=served.contract.title))
+                context={"family": "tasks", "also": ("sdapi",), "body": cell, "detect_maps": False},
+                checkpoint=served.contract.title))
         except InputError as exc:
             raise InputError(f"{named(index)}: {exc}") from None
     queued = []

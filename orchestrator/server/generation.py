@@ -81,8 +81,10 @@ def save_logged(job: Job, folder, grid: bool) -> None:
 
 
 def own(request: Request, job: Job | None, family: str) -> bool:
-    """A job of this route family that the caller may see (every caller's, when auth is off)."""
-    if job is None or job.context.get("family") != family:
+    """A job of this route family that the caller may see (every caller's, when auth is off). A script's cells
+    (orchestrator.server.cells) are the page's tasks and, for the AUTOMATIC1111 request that made them, /sdapi's too
+    (its progress, interrupt and skip)."""
+    if job is None or family not in (job.context.get("family"), *job.context.get("also", ())):
         return False
     return not request.app.state.settings.security.auth_required or job.client_id == client_id(request)
 

@@ -196,7 +196,8 @@ def cell(body: schemas.Img2ImgBody, grown: Pass, mk2: Mk2, number: int) -> schem
 
 
 async def chain(request, body: schemas.Img2ImgBody, mk2: Mk2, init: np.ndarray, passes: list, number: int) -> tuple:
-    """Image `number`: its passes one after another; the grown image and its first pass's job."""
+    """Image `number`: its passes one after another; the grown image, its first pass's job, and whether every pass
+    ran (an interrupted pass ends it, as AUTOMATIC1111's interrupt ends the script; a skipped one ends early only)."""
     image, first = init, None
     for side, amount, width, height in passes:
         grown = await run_in_threadpool(grow, image, side, amount, (width, height), mk2)
@@ -207,7 +208,9 @@ async def chain(request, body: schemas.Img2ImgBody, mk2: Mk2, init: np.ndarray, 
         if job.status != Status.DONE or not job.images:
             raise InputError(f"{name} was not made ({job.status.value})")
         image, first = paste(grown, job.images[0]), first or job
-    return image, first
+        if job.interrupted:
+            return image, first, False
+    return image, first, True
 
 
 async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
@@ -222,16 +225,18 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     body = cells.fix_seeds(body)
     grown = await cells.side_by_side(chain(request, body, mk2, init, passes, n)
                                      for n in range(body.batch_size * body.n_iter))
-    images = [(image, job.infos[0]) for image, job in grown]
+    images = [(image, job.infos[0]) for image, job, _ in grown]
     if body.save_images and not body.do_not_save_samples:  # the grown images, not their passes (as there)
         for picture, info in images:
             await run_in_threadpool(save_picture, picture, info, kind, request.app.state.settings.outputs_dir)
-    grid = await run_in_threadpool(image_grid, [image for image, _ in images]) if len(images) > 1 else None
+    alike = len({image.shape for image, _ in images}) == 1  # (interrupted images stop at the pass they were in)
+    grid = await run_in_threadpool(image_grid, [image for image, _ in images]) if len(images) > 1 and alike else None
     await cells.save(request, body, kind, [], grid, images[0][1], "grid")
     first = grown[0][1]
     details = cells.details(first, [info for _, info in images], before=(images[0][1],) if grid is not None else ())
     details["width"], details["height"] = passes[-1][2:]  # the last pass's size, as AUTOMATIC1111's p holds it
     details["outpainting_mk2"] = {"passes": [side for side, *_ in passes], "images": len(images),
                                   "size": [int(images[0][0].shape[1]), int(images[0][0].shape[0])],
+                                  "interrupted": sum(not complete for *_, complete in grown),
                                   "seconds": round(time.time() - first.created, 3)}
     return cells.answer(body, ([(grid, images[0][1])] if grid is not None else []) + images, details)
