@@ -14,13 +14,16 @@ An init image with transparency is put over white first, as kiln takes every ini
 alpha and keeps the stored colours).
 
 script_args as AUTOMATIC1111 1.10's script takes them: [info, pixels, mask_blur, direction, noise_q,
-color_variation]: an ignored placeholder (its UI's note), 8 to 256 pixels, a blur of 0 to 64, a list of the sides,
-the fall-off exponent (0 to 4; lower, more detail) and the colour variation (0 to 1).
+color_variation]: an ignored placeholder (its UI's note), 8 to 256 pixels, a blur of 0 to 64 (the passes blur by
+four times it, so at most a quarter of the server's mask-blur limit: 16 by default), a list of the sides, the
+fall-off exponent (0 to 4; lower, more detail) and the colour variation (0 to 1).
 
 Image n of the request (batch_size x n_iter of them) runs seed + n (its variation seed + n) through all its passes,
 as kiln's batches number seeds; the images' passes run side by side, so the step batcher denoises them together.
 AUTOMATIC1111 runs every n_iter batch with the same seeds (the same images again, where the seed is fixed). The
-answer is the grown images, after their grid (more than one image), each with its first pass's infotext.
+answer is the grown images, after their grid (more than one image), each with its first pass's infotext; its width
+and height are the last pass's, as AUTOMATIC1111's. /sdapi/v1/progress shows the passes, and its interrupt ends each
+image's passes at the one it stops (that image grown that far), as AUTOMATIC1111's interrupt ends the script.
 """
 
 from __future__ import annotations
