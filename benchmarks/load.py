@@ -11,7 +11,7 @@ from pathlib import Path
 from kiln.machine import machine
 
 __all__ = ["alternate", "bar_chart", "by_size", "machine", "machine_line", "ratio_row", "run_concurrently",
-           "write_ratio_table", "write_results"]
+           "time_each", "write_ratio_table", "write_results"]
 
 
 def machine_line(info: dict) -> str:

@@ -143,8 +143,9 @@ def outer_tiles(grid: list[list[Tile]], drawn: Canvas, tile_w: int, tile_h: int)
                     tile.y + tile_h <= height - down)]
 
 
-def _b64(image: Image.Image) -> str:
-    return base64.b64encode(encode_png(np.asarray(image))).decode()
+def png_b64(image: Image.Image | np.ndarray) -> str:
+    """An image as a request carries it: PNG in base64 (both outpainting scripts' tiles, passes and masks)."""
+    return base64.b64encode(encode_png(image)).decode()
 
 
 def plan(body: schemas.Img2ImgBody, outpainting: Outpainting, limits: Limits) -> tuple:
@@ -171,10 +172,10 @@ def plan(body: schemas.Img2ImgBody, outpainting: Outpainting, limits: Limits) ->
     fixed = cells.fix_seeds(body)
 
     def crop(image: Image.Image, tile: Tile) -> str:
-        return _b64(image.crop((tile.x, tile.y, tile.x + body.width, tile.y + body.height)))
+        return png_b64(image.crop((tile.x, tile.y, tile.x + body.width, tile.y + body.height)))
 
     bodies = [fixed.model_copy(update={
-        "script_name": None, "script_args": [], "init_images": [_b64(tile.image)], "mask": crop(drawn.mask, tile),
+        "script_name": None, "script_args": [], "init_images": [png_b64(tile.image)], "mask": crop(drawn.mask, tile),
         "latent_mask": crop(drawn.latent_mask, tile), "mask_blur": outpainting.mask_blur * 2,
         "inpainting_fill": outpainting.inpainting_fill, "inpaint_full_res": False, "resize_mode": 0,
         "seed": fixed.seed + index}) for index, tile in enumerate(outer)]

@@ -28,7 +28,6 @@ image's passes at the one it stops (that image grown that far), as AUTOMATIC1111
 
 from __future__ import annotations
 
-import base64
 import math
 import time
 from dataclasses import dataclass
@@ -38,12 +37,12 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.errors import InputError
-from kiln.imaging import ImageLimits, decode_image, encode_png
+from kiln.imaging import ImageLimits, decode_image
 from kiln.outpaint_noise import matched_noise
 from orchestrator.jobs import Status
 from orchestrator.server import a1111, cells
 from orchestrator.server.generation import pipeline
-from orchestrator.server.outpainting import DIRECTIONS, check_growth, growth, whole
+from orchestrator.server.outpainting import DIRECTIONS, check_growth, growth, png_b64, whole
 from orchestrator.server.outputs import image_grid, save_picture
 
 NAME = "outpainting mk2"
@@ -154,10 +153,6 @@ def paste(grown: Pass, generated: np.ndarray) -> np.ndarray:
     return canvas[:grown.size[1], :grown.size[0]]
 
 
-def _b64(pixels: np.ndarray) -> str:
-    return base64.b64encode(encode_png(pixels)).decode()
-
-
 def check(body: schemas.Img2ImgBody, mk2: Mk2, init: np.ndarray, served) -> list[tuple[str, int, int, int]]:
     """Every pass's size and the request's counts checked before anything runs; the passes."""
     limits, contract = served.limits, served.contract
@@ -191,8 +186,8 @@ def cell(body: schemas.Img2ImgBody, grown: Pass, mk2: Mk2, number: int) -> schem
     """Image `number`'s pass as an img2img request: the noised part, inpainted from itself."""
     x0, y0, x1, y1 = grown.box
     return body.model_copy(update={
-        "script_name": None, "script_args": [], "init_images": [_b64(grown.noised[y0:y1, x0:x1])],
-        "mask": _b64(grown.mask), "latent_mask": _b64(grown.latent_mask), "mask_blur": mk2.mask_blur * 4,
+        "script_name": None, "script_args": [], "init_images": [png_b64(grown.noised[y0:y1, x0:x1])],
+        "mask": png_b64(grown.mask), "latent_mask": png_b64(grown.latent_mask), "mask_blur": mk2.mask_blur * 4,
         "inpainting_fill": 1, "inpaint_full_res": False, "resize_mode": 0, "width": x1 - x0, "height": y1 - y0,
         "batch_size": 1, "n_iter": 1, "seed": body.seed + number, "subseed": body.subseed + number,
         "do_not_save_samples": True, "save_images": False})
