@@ -2,7 +2,9 @@
 the lines of prompts from file, the loopback's loops, poor man's outpainting's tiles): every cell checked before any
 is queued, all queued at once as the caller's tasks, so the step batcher denoises them together, and waited for
 together; the answer in AUTOMATIC1111's shape, its pictures first. The cells are /sdapi's jobs too: its progress
-shows them, and its interrupt and skip act on them."""
+shows them, and its interrupt and skip act on them. AUTOMATIC1111's interrupt ends the whole script, keeping what is
+done: the cells of one request share a script id, and /sdapi/v1/interrupt stops those not yet finished (one waiting
+ends without starting, `stopped`); each script answers with the images made."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncio
 import base64
 import json
 import random
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -19,10 +22,10 @@ from kiln import schemas
 from kiln.errors import InputError
 from kiln.imaging import encode_png
 from kiln.infotext import parameters_text
-from orchestrator.jobs import Job
+from orchestrator.jobs import FINISHED, Job, Status
 from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.server import a1111
-from orchestrator.server.generation import client_id, engine, pipeline, save_logged, wait_for
+from orchestrator.server.generation import client_id, engine, own, pipeline, save_logged, wait_for
 from orchestrator.server.outputs import save_grid
 
 
@@ -35,8 +38,11 @@ def fix_seeds(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
 async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named: Callable[[int], str]) -> list[Job]:
     """Each body a job of the caller's (its checkpoint, override_settings.sd_model_checkpoint, picks its pipeline):
     all checked first (an InputError "<named(i)>: why" before anything is queued), then queued at once and waited
-    for; all cancelled if the wait fails (a timeout, the client gone)."""
+    for; all cancelled if the wait fails (a timeout, the client gone). Every call of one request (a chain's
+    cells, queued one after another) has the request's script id."""
     state, queue = request.app.state, engine(request).queue
+    script = getattr(request.state, "script", None) or uuid.uuid4().hex
+    request.state.script = script
     jobs = []
     for index, cell in enumerate(bodies):
         try:
@@ -45,7 +51,8 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
                                                  served.limits, state.styles)
             jobs.append(await run_in_threadpool(
                 engine(request).prepare, kind, generation, cell.n_iter, client_id=client_id(request),
-                context={"family": "tasks", "also": ("sdapi",), "body": cell, "detect_maps": False},
+                context={"family": "tasks", "also": ("sdapi",), "body": cell, "detect_maps": False,
+                         "script": script},
                 checkpoint=served.contract.title))
         except InputError as exc:
             raise InputError(f"{named(index)}: {exc}") from None
@@ -59,6 +66,32 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
             queue.cancel(job)
         raise
     return jobs
+
+
+async def interrupt_scripts(request, interrupted: list[Job]) -> None:
+    """The caller's cells of the scripts whose running cells were interrupted, those not finished (waiting, or
+    started since), interrupted too: AUTOMATIC1111's interrupt ends the script. One that has not started ends
+    without an image (the engine runs no iteration of an interrupted job)."""
+    scripts = {job.context["script"] for job in interrupted if "script" in job.context}
+    if not scripts:
+        return
+    queue = engine(request).queue
+    for job in await run_in_threadpool(queue.jobs):
+        if job.context.get("script") in scripts and job.status not in FINISHED and not job.interrupted \
+                and own(request, job, "sdapi"):
+            await run_in_threadpool(queue.interrupt, job)
+
+
+def stopped(job: Job) -> bool:
+    """A cell that an interrupt ended before it made an image (it had not started): the script leaves it out, as
+    AUTOMATIC1111's leaves out what its interrupt kept from running."""
+    return job.status == Status.DONE and job.interrupted and not job.images
+
+
+def nothing_made(body: schemas.Txt2ImgBody, job: Job) -> dict:
+    """The answer of a script interrupted before any image was made: none, its info the first cell's (as
+    AUTOMATIC1111 answers an interrupted request)."""
+    return answer(body, [], a1111.response_info(job, job.context["body"]) | {"interrupted": True})
 
 
 async def side_by_side(coroutines) -> list:
@@ -86,10 +119,12 @@ async def save(request, body: schemas.Txt2ImgBody, kind: str, jobs: list[Job], g
         await run_in_threadpool(save_grid, grid, info, kind, folder, basename)
 
 
-def details(job: Job, infos: list[dict], before: tuple[dict, ...] = ()) -> dict:
+def details(job: Job, infos: list[dict], before: tuple[dict, ...] = (), jobs: list[Job] = ()) -> dict:
     """The answer's info for a script's images: the first job's (a1111.response_info), with every image's prompts,
-    seed and infotext; `before`, the infos of the pictures before the images (a grid's), have infotexts only."""
+    seed and infotext; `before`, the infos of the pictures before the images (a grid's), have infotexts only;
+    interrupted if it or any of `jobs` (the script's others) was."""
     out = a1111.response_info(job, job.context["body"])
+    out["interrupted"] = any(cell.interrupted for cell in (job, *jobs))
     out["all_prompts"] = [info.get("prompt", "") for info in infos]
     out["all_negative_prompts"] = [info.get("negative_prompt", "") for info in infos]
     out["all_seeds"] = [info.get("seed") for info in infos]

@@ -95,9 +95,10 @@ def loop_cell(body: schemas.Img2ImgBody, loopback: Loopback, number: int, loop: 
     return cell
 
 
-async def chain(request, body: schemas.Img2ImgBody, loopback: Loopback, number: int) -> list[Job]:
-    """Chain `number`'s loops, one after another: each loop's image the next one's init image. A loop that made no
-    image (interrupted, skipped) ends the chain; a failed one fails the request."""
+async def chain(request, body: schemas.Img2ImgBody, loopback: Loopback, number: int) -> tuple[list[Job], Job]:
+    """Chain `number`'s loops, one after another: each loop's image the next one's init image. The loops done and
+    the last job run. An interrupted or skipped loop ends the chain, its image left out (as AUTOMATIC1111's breaks
+    before keeping it); a failed one fails the request."""
     done, init = [], body.init_images
     for loop in range(loopback.loops):
         cell = loop_cell(body, loopback, number, loop, init)
@@ -111,7 +112,7 @@ async def chain(request, body: schemas.Img2ImgBody, loopback: Loopback, number: 
             info.update(final_denoising_strength=loopback.final, denoising_curve=loopback.curve)
         done.append(job)
         init = [base64.b64encode(await run_in_threadpool(encode_png, job.images[0])).decode()]
-    return done
+    return done, job
 
 
 async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
@@ -125,14 +126,15 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
         raise InputError(f"n_iter must be between 1 and {served.limits.max_n_iter}, got {body.n_iter}")
     body = cells.fix_seeds(body)
     chains = await cells.side_by_side(chain(request, body, loopback, number) for number in range(body.n_iter))
-    jobs = [job for loops in chains for job in loops]
-    shown = jobs if body.n_iter == 1 else [loops[-1] for loops in chains if loops]
-    if not shown:
-        raise InputError("loopback: no loop made an image (interrupted)")
+    jobs = [job for loops, _ in chains for job in loops]
+    shown = jobs if body.n_iter == 1 else [loops[-1] for loops, _ in chains if loops]
+    if not shown:  # interrupted in every chain's first loop: no image, as AUTOMATIC1111 answers
+        return cells.nothing_made(body, chains[0][1])
     images = [(job.images[0], job.infos[0]) for job in shown]
     grid = await run_in_threadpool(image_grid, [image for image, _ in images], 1) if len(images) > 1 else None
     await cells.save(request, body, kind, jobs, grid, images[0][1], "grid")
-    details = cells.details(jobs[0], [info for _, info in images], before=(images[0][1],) if grid is not None else ())
+    details = cells.details(jobs[0], [info for _, info in images], before=(images[0][1],) if grid is not None else (),
+                            jobs=[last for _, last in chains])
     details["extra_generation_params"] |= {"Final denoising strength": loopback.final,
                                            "Denoising curve": loopback.curve}
     details["loopback"] = {"loops": len(jobs), "chains": body.n_iter,

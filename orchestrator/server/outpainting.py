@@ -11,6 +11,9 @@ noise, 3 latent nothing) or name; the directions, a list of left, right, up and 
 so the step batcher denoises them together (AUTOMATIC1111 runs one after another). The answer is the one outpainted
 image, with the first tile's infotext, as there.
 
+/sdapi/v1/interrupt ends the outpainting (as AUTOMATIC1111's): the tiles running keep what they made, those not
+started stay as drawn (the fill; AUTOMATIC1111 leaves them black).
+
 The script sets the inpainting itself: a request's own mask or latent_mask is refused, batch_size and n_iter must be
 1 (AUTOMATIC1111 sets 1), and its mask_blur, inpainting_fill and inpaint_full_res give way to the script's (as
 there).
@@ -194,15 +197,20 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     for number, job in enumerate(jobs, 1):
         if job.error is not None:
             raise job.error
-        if job.status != Status.DONE or not job.images:
+        if (job.status != Status.DONE or not job.images) and not cells.stopped(job):
             raise InputError(f"poor man's outpainting: tile {number} was not made ({job.status.value})")
-    for tile, job in zip(outer, jobs):
-        tile.image = Image.fromarray(job.images[0])
+    made = [job for job in jobs if job.images]  # all, unless /sdapi/v1/interrupt ended the outpainting
+    if not made:
+        return cells.nothing_made(body, jobs[0])
+    for tile, job in zip(outer, jobs):  # a tile the interrupt kept from running stays as drawn
+        if job.images:
+            tile.image = Image.fromarray(job.images[0])
     combined = await run_in_threadpool(combine, grid, *drawn.image.size, outpainting.pixels)
-    picture, info = np.asarray(combined), jobs[0].infos[0]
+    picture, info = np.asarray(combined), made[0].infos[0]
     if body.save_images and not body.do_not_save_samples:  # the image alone, not its tiles (as there)
         await run_in_threadpool(save_picture, picture, info, kind, request.app.state.settings.outputs_dir)
-    details = cells.details(jobs[0], [info])
+    details = cells.details(made[0], [info], jobs=jobs)
     details["poor_mans_outpainting"] = {"tiles": len(jobs), "size": list(drawn.image.size),
+                                        "interrupted": len(jobs) - len(made),
                                         "seconds": round(time.time() - jobs[0].created, 3)}
     return cells.answer(body, [(picture, info)], details)

@@ -203,6 +203,8 @@ async def chain(request, body: schemas.Img2ImgBody, mk2: Mk2, init: np.ndarray, 
         [job] = await cells.run_cells(request, "img2img", [cell(body, grown, mk2, number)], lambda _, n=name: n)
         if job.error is not None:
             raise job.error
+        if cells.stopped(job):  # interrupted while it waited (another image's pass was running): none made
+            return image, first or job, False
         if job.status != Status.DONE or not job.images:
             raise InputError(f"{name} was not made ({job.status.value})")
         image, first = paste(grown, job.images[0]), first or job
@@ -223,15 +225,19 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     body = cells.fix_seeds(body)
     grown = await cells.side_by_side(chain(request, body, mk2, init, passes, n)
                                      for n in range(body.batch_size * body.n_iter))
-    images = [(image, job.infos[0]) for image, job, _ in grown]
+    made = [(image, job) for image, job, _ in grown if job.images]  # an image interrupted before its first pass: none
+    if not made:
+        return cells.nothing_made(body, grown[0][1])
+    images = [(image, job.infos[0]) for image, job in made]
     if body.save_images and not body.do_not_save_samples:  # the grown images, not their passes (as there)
         for picture, info in images:
             await run_in_threadpool(save_picture, picture, info, kind, request.app.state.settings.outputs_dir)
     alike = len({image.shape for image, _ in images}) == 1  # (interrupted images stop at the pass they were in)
     grid = await run_in_threadpool(image_grid, [image for image, _ in images]) if len(images) > 1 and alike else None
     await cells.save(request, body, kind, [], grid, images[0][1], "grid")
-    first = grown[0][1]
+    first = made[0][1]
     details = cells.details(first, [info for _, info in images], before=(images[0][1],) if grid is not None else ())
+    details["interrupted"] = not all(complete for *_, complete in grown)
     details["width"], details["height"] = passes[-1][2:]  # the last pass's size, as AUTOMATIC1111's p holds it
     details["outpainting_mk2"] = {"passes": [side for side, *_ in passes], "images": len(images),
                                   "size": [int(images[0][0].shape[1]), int(images[0][0].shape[0])],

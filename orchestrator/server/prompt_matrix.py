@@ -7,7 +7,8 @@ variations_delimiter, margin_size]: the variable parts before the fixed one; see
 image the seed's); "positive" or "negative" (which prompt holds the `|`s); "comma" or "space" (what joins the parts);
 the grid's margins. Combination i has part k + 1 where bit k of i is set. Each combination is a task of the caller's,
 all queued at once, so the step batcher denoises them together (cells.run_cells). The answer: the grid, then every
-image; the grid's infotext is the first image's.
+image; the grid's infotext is the first image's. /sdapi/v1/interrupt ends the matrix (as AUTOMATIC1111's): the images
+made are answered, the combinations not started are black in the grid.
 """
 
 from __future__ import annotations
@@ -130,12 +131,17 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     jobs = await run_cells(request, kind, bodies(body, matrix),
                            lambda i: f"prompt matrix image {i} ({matrix.prompts[i]!r})")
     for index, job in enumerate(jobs):
-        if job.status != Status.DONE or not job.images:
+        if (job.status != Status.DONE or not job.images) and not cells.stopped(job):
             raise InputError(f"prompt matrix: image {index} ({matrix.prompts[index]!r}) was not made "
                              f"({job.error or job.status.value})")
-    images = [(job.images[0], job.infos[0]) for job in jobs]
-    grid = await run_in_threadpool(draw, matrix, [image for image, _ in images])
-    await save(request, body, kind, jobs, grid, images[0][1], "prompt_matrix")
-    details = cells.details(jobs[0], [info for _, info in images], before=(images[0][1],))
-    details["prompt_matrix"] = {"images": len(jobs), "seconds": round(time.time() - jobs[0].created, 3)}
+    made = [job for job in jobs if job.images]  # all, unless /sdapi/v1/interrupt ended the matrix
+    if not made:
+        return cells.nothing_made(body, jobs[0])
+    images = [(job.images[0], job.infos[0]) for job in made]
+    blank = np.zeros_like(images[0][0])  # a combination the interrupt kept from running, black in the grid
+    grid = await run_in_threadpool(draw, matrix, [job.images[0] if job.images else blank for job in jobs])
+    await save(request, body, kind, made, grid, images[0][1], "prompt_matrix")
+    details = cells.details(made[0], [info for _, info in images], before=(images[0][1],), jobs=jobs)
+    details["prompt_matrix"] = {"images": len(made), "interrupted": len(jobs) - len(made),
+                                "seconds": round(time.time() - jobs[0].created, 3)}
     return answer(body, [(grid, images[0][1]), *images], details)

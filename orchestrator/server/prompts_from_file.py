@@ -1,6 +1,8 @@
 """AUTOMATIC1111's "Prompts from file or textbox" script (`script_name: "prompts from file or textbox"`) over the API:
 each non-empty line of its text a generation of its own, all queued at once, so the step batcher denoises them
 together (AUTOMATIC1111 runs them one after another); the answer every line's images in order, no grid.
+/sdapi/v1/interrupt ends the lines, as AUTOMATIC1111's: the lines running keep what they made, those not started are
+left out.
 
 script_args as AUTOMATIC1111 1.10's script takes them: [checkbox_iterate, checkbox_iterate_batch, prompt_position,
 prompt_txt]. A line is a prompt, or (starting with `--`) options as its scripts/prompts_from_file.py reads them:
@@ -172,12 +174,15 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     for number, job in enumerate(jobs, 1):
         if job.error is not None and not isinstance(job.error, InputError):
             raise job.error  # the server's trouble (Triton gone, ...), with its own status
-        if job.status != Status.DONE or not job.images:
+        if (job.status != Status.DONE or not job.images) and not cells.stopped(job):
             raise InputError(f"prompts from file or textbox: line {number} was not made "
                              f"({job.error or job.status.value})")
-    images = [(image, info) for job in jobs for image, info in zip(job.images, job.infos)]
-    await cells.save(request, body, kind, jobs, None, {}, "")  # no grid, as there
-    details = cells.details(jobs[0], [info for _, info in images])
-    details["prompts_from_file"] = {"lines": len(jobs), "images": len(images),
+    made = [job for job in jobs if job.images]  # all, unless /sdapi/v1/interrupt ended the lines
+    if not made:
+        return cells.nothing_made(body, jobs[0])
+    images = [(image, info) for job in made for image, info in zip(job.images, job.infos)]
+    await cells.save(request, body, kind, made, None, {}, "")  # no grid, as there
+    details = cells.details(made[0], [info for _, info in images], jobs=jobs)
+    details["prompts_from_file"] = {"lines": len(jobs), "images": len(images), "interrupted": len(jobs) - len(made),
                                     "seconds": round(time.time() - jobs[0].created, 3)}
     return cells.answer(body, images, details)

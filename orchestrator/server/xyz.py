@@ -8,7 +8,8 @@ no_fixed_seeds, margin_size, csv_mode, raw_mode]; the answer's images: the grid,
 axis list for the route (its UI's order) or the axis's label ("Steps", "[ControlNet] Weight"). Values:
 comma-separated text (numbers also as ranges: 1-5, 10-30 (+10), 1-2 [5]; one per line with raw_mode), or the
 dropdown's list. Axes kiln cannot vary are refused by name. The cells are tasks of the caller (GET /v1/tasks lists
-them, DELETE cancels one: its cell stays black in the grid).
+them, DELETE cancels one: its cell stays black in the grid). /sdapi/v1/interrupt ends the plot, as AUTOMATIC1111's:
+the cells running keep what they made, those not started stay black.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kiln.infotext import parameters_text
 from orchestrator.jobs import Status
 from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.server import a1111
-from orchestrator.server.cells import answer, fix_seeds, run_cells, save
+from orchestrator.server.cells import answer, fix_seeds, nothing_made, run_cells, save, stopped
 from orchestrator.server.generation import pipeline
 from orchestrator.server.outputs import image_grid
 
@@ -325,6 +326,8 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     done = [job for job in jobs if job.status == Status.DONE and job.images]
     if not done:
         failed = next((job for job in jobs if job.error is not None), None)
+        if failed is None and all(stopped(job) for job in jobs):
+            return nothing_made(body, jobs[0])
         raise InputError(f"X/Y/Z plot: no cell produced an image ({failed.error if failed else 'all cancelled'})")
     pictures = {index: image_grid(job.images) for (index, _), job in zip(cells, jobs) if job in done}
     blank = np.zeros_like(next(iter(pictures.values())))
@@ -344,8 +347,10 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     lone = [(image, image_info) for job in done for image, image_info in zip(job.images, job.infos)] \
         if plot.include_lone_images else []
     details["infotexts"] = [parameters_text(info)] * (1 + len(subgrids)) + [parameters_text(i) for _, i in lone]
+    details["interrupted"] = any(job.interrupted for job in jobs)
     details["xyz"] = {"cells": len(jobs), "done": len(done), "seconds": round(time.time() - jobs[0].created, 3),
-                      "failed": [str(job.error) for job in jobs if job.status != Status.DONE]}
+                      "failed": [str(job.error) for job in jobs if job.status != Status.DONE],
+                      "interrupted": sum(stopped(job) for job in jobs)}  # not run: blank in the grid
     return answer(body, [(picture, info) for picture in (grid, *subgrids)] + lone, details)
 
 

@@ -16,6 +16,7 @@ from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
 from orchestrator.server import (
     a1111,
+    cells,
     loopback,
     outpainting,
     outpainting_mk2,
@@ -97,9 +98,11 @@ async def progress(request: Request, skip_current_image: bool = False,
 
 @router.post("/interrupt")
 async def interrupt(request: Request):
-    queue = engine(request).queue
-    for job in await own_running(request):
+    """Stop now, keep what is done; a script's cells not yet run are not run (AUTOMATIC1111 ends the script)."""
+    queue, running = engine(request).queue, await own_running(request)
+    for job in running:
         await run_in_threadpool(queue.interrupt, job)
+    await cells.interrupt_scripts(request, running)
     return {}
 
 
