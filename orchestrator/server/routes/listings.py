@@ -138,7 +138,7 @@ async def script_info(request: Request) -> list[dict]:
          for img2img in (False, True)] + \
         [{"name": name, "is_alwayson": False, "is_img2img": True, "args": args}
          for name, args in (("loopback", loopback.ARGS), (outpainting.NAME, outpainting.ARGS),
-                                 (outpainting_mk2.NAME, outpainting_mk2.ARGS))] + \
+                            (outpainting_mk2.NAME, outpainting_mk2.ARGS))] + \
         [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": []}
          for img2img in (False, True)] + \
         [{"name": SOFT, "is_alwayson": True, "is_img2img": True, "args": SOFT_ARGS}]

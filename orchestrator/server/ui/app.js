@@ -796,6 +796,7 @@ function start() {
     const mk2 = $("#outpaint-method").value === "mk2";
     $$(".outpaint-mk2").forEach(label => { label.hidden = !mk2; });
     $$(".outpaint-poor").forEach(label => { label.hidden = mk2; });
+    $("#outpaint-blur").max = mk2 ? 16 : 32;  // the tiles' masks blur by twice it, mk2's by four times (64 at most)
   };
   setUpMaskPainting();
   dropZone($("#drop"), $("#classify-files"), classify);
