@@ -208,8 +208,18 @@ def _runs_none(name: str, steps: int, start: int | None, contract: SDContract) -
 
 def check_job(request: Txt2ImgRequest, n_iter: int, limits: Limits = Limits()) -> None:
     """What a queued job adds to one run: `n_iter` runs, and the images of all of them."""
+    _check_runs(request.batch_size, n_iter, limits)
+
+
+def check_counts(batch_size, n_iter, limits: Limits = Limits()) -> None:
+    """A request's batch_size and n_iter, each and together (a script that makes its own runs, checked before any)."""
+    _integer_in("batch_size", batch_size, 1, limits.max_batch_size)
+    _check_runs(batch_size, n_iter, limits)
+
+
+def _check_runs(batch_size, n_iter, limits: Limits) -> None:
     _integer_in("n_iter", n_iter, 1, limits.max_n_iter)
-    images = request.batch_size * n_iter if _is_int(request.batch_size) else 0
+    images = batch_size * n_iter if _is_int(batch_size) else 0
     if images > limits.max_images:
         raise InputError(f"batch_size x n_iter = {images} images exceeds the limit of {limits.max_images} "
                          "per request")

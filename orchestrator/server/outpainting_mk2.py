@@ -40,9 +40,10 @@ from kiln.errors import InputError
 from kiln.imaging import ImageLimits, decode_image
 from kiln.outpaint_noise import matched_noise
 from orchestrator.jobs import Status
+from orchestrator.pipeline.validate import check_counts
 from orchestrator.server import a1111, cells
 from orchestrator.server.generation import pipeline
-from orchestrator.server.outpainting import DIRECTIONS, check_growth, growth, png_b64, whole
+from orchestrator.server.outpainting import DIRECTIONS, check_growth, growth, png_b64
 from orchestrator.server.outputs import image_grid, save_picture
 
 NAME = "outpainting mk2"
@@ -159,12 +160,7 @@ def check(body: schemas.Img2ImgBody, mk2: Mk2, init: np.ndarray, served) -> list
     if mk2.mask_blur * 4 > limits.max_mask_blur:
         raise InputError(f"script_args: {NAME} mask_blur {mk2.mask_blur} blurs its passes' masks by four times it, "
                          f"over this server's limit of {limits.max_mask_blur}")
-    for name, top in (("batch_size", limits.max_batch_size), ("n_iter", limits.max_n_iter)):
-        if not whole(getattr(body, name)) or not 1 <= getattr(body, name) <= top:
-            raise InputError(f"{name} must be between 1 and {top}, got {getattr(body, name)!r}")
-    if body.batch_size * body.n_iter > limits.max_images:
-        raise InputError(f"batch_size x n_iter = {body.batch_size * body.n_iter} images exceeds the limit of "
-                         f"{limits.max_images} per request")
+    check_counts(body.batch_size, body.n_iter, limits)
     passes = pass_sizes(init.shape[1], init.shape[0], mk2, (body.width, body.height), contract.size_multiple)
     for side, amount, width, height in passes:
         along, name = (width, "width") if side in HORIZONTAL else (height, "height")
