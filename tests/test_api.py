@@ -825,6 +825,32 @@ def test_styles_from_the_styles_file(client, styles_file):
         styles_file.write_text(original)
 
 
+def test_prompt_comments_and_the_hires_prompts_styles(client):
+    """AUTOMATIC1111 1.8+'s prompt comments (enable_prompt_comments, on by default): from # to the line's end is not
+    run, an extra-network tag there included; off, the # is text. Styles apply to hr_prompt too (its setup_prompts)."""
+    body = TXT | {"steps": 2, "seed": 8, "prompt": "a cat"}
+    plain = client.post("/sdapi/v1/txt2img", json=body).json()
+    commented = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "# a study\na cat # <lora:nope:1> at night"})
+    assert commented.status_code == 200, commented.text
+    assert _pixels(commented.json()["images"][0]) == _pixels(plain["images"][0])
+    info = json.loads(commented.json()["info"])
+    assert info["all_prompts"] == ["\na cat \n"] and info["prompt"] == "# a study\na cat # <lora:nope:1> at night"
+    as_text = client.post("/sdapi/v1/txt2img", json=body | {"prompt": "a cat # at night",
+                                                            "override_settings": {"enable_prompt_comments": False}})
+    assert as_text.status_code == 200 and _pixels(as_text.json()["images"][0]) != _pixels(plain["images"][0])
+    assert client.get("/sdapi/v1/options").json()["enable_prompt_comments"] is True
+    hires = body | {"negative_prompt": "", "enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2,
+                    "denoising_strength": 0.6, "hr_prompt": "a dog # on a mat"}
+    styled = client.post("/sdapi/v1/txt2img", json=hires | {"styles": ["painterly"]})
+    assert styled.status_code == 200, styled.text
+    expanded = hires | {"prompt": "oil painting of a cat, thick brush", "negative_prompt": "photo, blurry",
+                        "hr_prompt": "oil painting of a dog \n"}  # the comment ends its line, the style's end too
+    same = client.post("/sdapi/v1/txt2img", json=expanded).json()
+    assert _pixels(styled.json()["images"][0]) == _pixels(same["images"][0])
+    unstyled = client.post("/sdapi/v1/txt2img", json=expanded | {"hr_prompt": "a dog"}).json()
+    assert _pixels(styled.json()["images"][0]) != _pixels(unstyled["images"][0])  # the style reached the 2nd pass
+
+
 def test_sd_upscale_script(client):
     """AUTOMATIC1111's SD upscale: script_name + script_args [_, overlap, upscaler (index or name), scale_factor]."""
     body = TXT | {"steps": 2, "init_images": [_b64(_png())], "denoising_strength": 0.4, "script_name": "SD upscale",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import time
 from typing import Any
 
@@ -52,6 +53,7 @@ from orchestrator.server.paste import apply_infotext
 from orchestrator.server.sampler_names import hires_fix_sampler, sampler_name
 
 # -- scripts and passes ---------------------------------------------------------------------------------
+WHOLE_LINE_COMMENT, COMMENT = re.compile(r"(^|\n)#[^\n]*(\n|$)"), re.compile(r"#[^\n]*(\n|$)")  # AUTOMATIC1111's
 SCRIPTS = {"img2img": ("sd upscale",), "txt2img": ()}  # the selectable scripts kiln runs (script_name), by route
 # the scripts that run a request as generations of their own (orchestrator.server.cells): each by its name and the
 # other names it answers to, and the routes that have it
@@ -163,7 +165,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     if body.disable_extra_networks:  # AUTOMATIC1111 takes the tags out of the prompts and runs none of them
         body = body.model_copy(update={name: EXTRA_NETWORK.sub("", getattr(body, name))
                                        for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")})
-    prompt, negative = (styles or StyleLibrary(None)).apply(body.prompt, body.negative_prompt, body.styles)
+    prompt, negative, hr_prompts = run_prompts(body, options, styles or StyleLibrary(None))
+    body = body.model_copy(update=hr_prompts)
     sampler = sampler_name(body)
     seed = draw_seed(body.seed)  # drawn here: a random ControlNet module (shuffle) is seeded by it, as in the extension
     img2img, source = isinstance(body, schemas.Img2ImgBody), None
@@ -220,6 +223,27 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           color_correction=correction, color_target=decode_b64_image(
                               color_target, "the loopback's init image", limits.max_image_pixels)
                           if correction and color_target else b"")
+
+
+def strip_comments(text: str) -> str:
+    """AUTOMATIC1111's prompt comments (its Comments script, 1.8 on): from a # to the end of its line, the line's
+    end kept (a whole line's comment is one line end)."""
+    return COMMENT.sub("\n", WHOLE_LINE_COMMENT.sub("\n", text))
+
+
+def run_prompts(body: schemas.Txt2ImgBody, options: dict, styles: StyleLibrary) -> tuple[str, str, dict]:
+    """The prompts as AUTOMATIC1111 runs them: the styles applied (to the hires fix's own prompts too, as its
+    setup_prompts does), then, with enable_prompt_comments (on by default), the comments stripped (before any
+    extra-network tag is read: a tag in a comment is not applied). The prompt, the negative prompt, and the hires
+    fix's own prompts as body fields (those sent; an empty one is the first pass's, as there)."""
+    prompt, negative = styles.apply(body.prompt, body.negative_prompt, body.styles)
+    hr_prompt, hr_negative = styles.apply(body.hr_prompt, body.hr_negative_prompt, body.styles)
+    hires = {name: text for name, sent, text in (("hr_prompt", body.hr_prompt, hr_prompt),
+                                                  ("hr_negative_prompt", body.hr_negative_prompt, hr_negative)) if sent}
+    if bool_setting(body, options, "enable_prompt_comments"):
+        prompt, negative = strip_comments(prompt), strip_comments(negative)
+        hires = {name: strip_comments(text) for name, text in hires.items()}
+    return prompt, negative, hires
 
 
 def mask_blur(body: schemas.Img2ImgBody) -> Blur:

@@ -20,7 +20,7 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
                 "randn_source": str, "sigma_min": float, "sigma_max": float, "rho": float,
                 "always_discard_next_to_last_sigma": bool, "sgm_noise_multiplier": bool, "img2img_extra_noise": float,
                 "inpainting_mask_weight": float, "control_net_inpaint_blur_sigma": int,
-                "img2img_color_correction": bool}
+                "img2img_color_correction": bool, "enable_prompt_comments": bool}
 # AUTOMATIC1111's schedule settings (Settings > Sampler parameters) -> the request's fields
 SIGMA_SETTINGS = {"sigma_min": "schedule_sigma_min", "sigma_max": "schedule_sigma_max", "rho": "schedule_rho"}
 # what one request's override_settings can change
@@ -28,7 +28,8 @@ APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "eta_ancestral", "CLIP_s
                      "control_net_no_detectmap", "sd_vae", "pad_cond_uncond", "pad_cond_uncond_v0",
                      "eta_noise_seed_delta", "use_old_scheduling", "randn_source", "always_discard_next_to_last_sigma",
                      "sgm_noise_multiplier", "img2img_extra_noise", "inpainting_mask_weight",
-                     "control_net_inpaint_blur_sigma", "img2img_color_correction", *SIGMA_SETTINGS)
+                     "control_net_inpaint_blur_sigma", "img2img_color_correction", "enable_prompt_comments",
+                     *SIGMA_SETTINGS)
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -73,6 +74,7 @@ def default_options() -> dict:
             "use_old_scheduling": False, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
             "always_discard_next_to_last_sigma": False, "sgm_noise_multiplier": False, "img2img_extra_noise": 0.0,
             "inpainting_mask_weight": 1.0, "control_net_inpaint_blur_sigma": 7, "img2img_color_correction": False,
+            "enable_prompt_comments": True,  # AUTOMATIC1111's Comments script: # to the end of a line is not run
             # AUTOMATIC1111's default is "GPU"; kiln's is diffusers' noise (orchestrator.pipeline.noise)
             "randn_source": "CPU",
             # AUTOMATIC1111's paste turns on old behaviours for an old Version's infotext; kiln's paste does not
