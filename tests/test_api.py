@@ -340,6 +340,7 @@ BAD = [
     ({"override_settings": {"eta_ddim": 0.3}, "override_settings_restore_afterwards": False}, 422,
      "override_settings_restore_afterwards"),
     ({"alwayson_scripts": {"adetailer": {"args": []}}}, 422, "adetailer"),
+    ({"alwayson_scripts": {"Seed": {"args": [-1, False, -1, 0, 0, 0]}}}, 422, "seed -1 is not the request's 1234"),
 ]
 
 
@@ -849,6 +850,18 @@ def test_prompt_comments_and_the_hires_prompts_styles(client):
     assert _pixels(styled.json()["images"][0]) == _pixels(same["images"][0])
     unstyled = client.post("/sdapi/v1/txt2img", json=expanded | {"hr_prompt": "a dog"}).json()
     assert _pixels(styled.json()["images"][0]) != _pixels(unstyled["images"][0])  # the style reached the 2nd pass
+
+
+def test_the_web_uis_own_payload_runs_as_its_fields(client):
+    """A payload as AUTOMATIC1111's web UI makes it, its built-in always-on scripts holding the fields' own values:
+    accepted, the image the fields alone give."""
+    body = TXT | {"steps": 2, "scheduler": "Automatic"}
+    builtin = {"Seed": {"args": [1234, False, -1, 0, 0, 0]}, "Sampler": {"args": [2, "Euler a", "Automatic"]},
+               "Refiner": {"args": [False, "", 0.8]}, "Comments": {"args": []}, "Extra options": {"args": []}}
+    replayed = client.post("/sdapi/v1/txt2img", json=body | {"alwayson_scripts": builtin})
+    assert replayed.status_code == 200, replayed.text
+    assert _pixels(replayed.json()["images"][0]) == _pixels(client.post("/sdapi/v1/txt2img", json=body).json()[
+        "images"][0])
 
 
 def test_sd_upscale_script(client):

@@ -31,6 +31,7 @@ from orchestrator.pipeline import (
 )
 from orchestrator.pipeline.hires import DEFAULT_UPSCALER
 from orchestrator.pipeline.seeds import draw_seed
+from orchestrator.server import builtin_scripts
 from orchestrator.server import soft_inpainting as soft
 from orchestrator.server.control_units import InitImage, controlnet_units, detect_map
 from orchestrator.server.inputs import decode_b64_image
@@ -147,6 +148,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     body = apply_infotext(body)
     if body.firstphase_width:  # AUTOMATIC1111's __post_init__: the first pass's size is the size generated
         body = body.model_copy(update={"width": body.firstphase_width, "height": body.firstphase_height})
+    builtin_scripts.check(body)  # (AUTOMATIC1111's built-in always-on scripts: the request's own values)
     for key, value in body.override_settings.items():
         check_setting(key, value, options, APPLIED_OVERRIDES, "override_settings.")
     checkpoint = body.override_settings.get("sd_model_checkpoint")

@@ -26,6 +26,7 @@ from kiln.imaging import ImageLimits, encode_png
 from kiln.masks import Blur, crop_region, shaped, soft_mask
 from kiln.preprocessors import Preprocessor, preprocessor
 from orchestrator.pipeline import ControlNetUnit, Txt2ImgRequest
+from orchestrator.server import builtin_scripts
 from orchestrator.server import soft_inpainting as soft
 from orchestrator.server.errors import short
 from orchestrator.server.inputs import decode_b64_image
@@ -140,10 +141,11 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int, se
     `init` image where it has none; txt2img refuses it) fitted to width x height by the unit's resize mode; a random
     module's map drawn from numpy `seed` (numpy_seed); an inpaint module's mask with it; `inpaint_blur`: the
     extension's control_net_inpaint_blur_sigma (inpaint_only's paste-back)."""
-    unknown = sorted(k for k in scripts or {} if k.lower() not in ("controlnet", soft.NAME))
+    unknown = sorted(k for k in scripts or {} if k.lower() not in ("controlnet", soft.NAME, *builtin_scripts.NAMES))
     if unknown:
-        raise InputError(f"alwayson_scripts: {', '.join(unknown)} not available; only controlnet and soft inpainting "
-                         "(img2img's)")
+        raise InputError(f"alwayson_scripts: {', '.join(unknown)} not available; only controlnet, soft inpainting "
+                         "(img2img's) and AUTOMATIC1111's built-in seed, sampler, refiner, comments, extra options "
+                         "and hypertile (their values the request's own)")
     section = next((v for k, v in (scripts or {}).items() if k.lower() == "controlnet"), None)
     if section is None:
         return None
