@@ -1004,6 +1004,9 @@ def test_automatic1111_clients_defaults_are_accepted(client):
     assert wrong.status_code == 422 and "image_cfg_scale: not a field this server has" in wrong.text, wrong.text
 
 
+BUILT_IN = ["seed", "sampler", "refiner", "comments", "extra options", "hypertile"]
+
+
 def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(client):
     """What kiln has, in AUTOMATIC1111's shapes; an empty list where it has none, never an invented entry."""
     for name in ("loras", "hypernetworks", "face-restorers", "realesrgan-models",
@@ -1017,16 +1020,20 @@ def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(c
         "Latent (nearest-exact)"]
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert client.get("/sdapi/v1/scripts").json() == {
-        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet"],
+        "txt2img": ["prompt matrix", "prompts from file or textbox", "x/y/z plot", "controlnet", *BUILT_IN],
         "img2img": ["sd upscale", "prompt matrix", "prompts from file or textbox", "x/y/z plot", "loopback",
-                    "poor man's outpainting", "outpainting mk2", "controlnet", "soft inpainting"]}
+                    "poor man's outpainting", "outpainting mk2", "controlnet", "soft inpainting", *BUILT_IN]}
     info = client.get("/sdapi/v1/script-info").json()
     assert {(s["name"], s["is_alwayson"], s["is_img2img"]) for s in info} == {
         ("sd upscale", False, True), ("x/y/z plot", False, False), ("x/y/z plot", False, True),
         ("prompt matrix", False, False), ("prompt matrix", False, True), ("loopback", False, True),
         ("poor man's outpainting", False, True), ("outpainting mk2", False, True),
         ("prompts from file or textbox", False, False), ("prompts from file or textbox", False, True),
-        ("controlnet", True, False), ("controlnet", True, True), ("soft inpainting", True, True)}
+        ("controlnet", True, False), ("controlnet", True, True), ("soft inpainting", True, True),
+        *((name, True, img2img) for name in BUILT_IN for img2img in (False, True))}
+    sampler = next(s for s in info if s["name"] == "sampler")  # the built-in ones' args as their UI declares them
+    assert [a["label"] for a in sampler["args"]] == ["Sampling steps", "Sampling method", "Schedule type"]
+    assert "Euler a" in sampler["args"][1]["choices"] and "Karras" in sampler["args"][2]["choices"]
     xyz = next(s for s in info if s["name"] == "x/y/z plot" and not s["is_img2img"])
     assert len(xyz["args"]) == 16 and xyz["args"][0]["choices"][:5] == ["Nothing", "Seed", "Var. seed",
                                                                        "Var. strength", "Steps"]

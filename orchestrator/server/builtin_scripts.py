@@ -14,13 +14,31 @@ from typing import Any
 
 from kiln import schemas
 from kiln.errors import InputError
-from orchestrator.server.sampler_names import sampler_name
+from orchestrator.server.sampler_names import sampler_name, samplers, schedulers
 
 ARGS = {"seed": ("seed", "Extra", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h"),
         "sampler": ("steps", "sampler_name", "scheduler"),
         "refiner": ("Refiner", "refiner_checkpoint", "refiner_switch_at"),
         "comments": (), "extra options": (), "hypertile": ()}
 NAMES = tuple(ARGS)
+
+
+def script_args(name: str) -> list[dict]:
+    """/sdapi/v1/script-info's args of a built-in script, as its UI declares them (its defaults, ranges, choices)."""
+    if name == "seed":
+        return [{"label": "Seed", "value": -1}, {"label": "Extra", "value": False},
+                {"label": "Variation seed", "value": -1},
+                {"label": "Variation strength", "value": 0, "minimum": 0, "maximum": 1, "step": 0.01},
+                *({"label": f"Resize seed from {side}", "value": 0, "minimum": 0, "maximum": 2048, "step": 8}
+                  for side in ("width", "height"))]
+    if name == "sampler":
+        return [{"label": "Sampling steps", "value": 20, "minimum": 1, "maximum": 150, "step": 1},
+                {"label": "Sampling method", "value": "DPM++ 2M", "choices": [s["name"] for s in samplers()]},
+                {"label": "Schedule type", "value": "Automatic", "choices": [s["label"] for s in schedulers()]}]
+    if name == "refiner":
+        return [{"label": "Refiner", "value": False}, {"label": "Checkpoint", "value": ""},
+                {"label": "Switch at", "value": 0.8, "minimum": 0.01, "maximum": 1, "step": 0.01}]
+    return []
 
 
 def check(body: schemas.Txt2ImgBody) -> None:

@@ -13,7 +13,7 @@ from kiln import schemas
 from kiln.errors import KilnError
 from kiln.upscale import UPSCALERS
 from orchestrator.pipeline.hires import LATENT_MODES
-from orchestrator.server import loopback, outpainting, outpainting_mk2, prompts_from_file
+from orchestrator.server import builtin_scripts, loopback, outpainting, outpainting_mk2, prompts_from_file
 from orchestrator.server.a1111 import CELL_SCRIPTS, SCRIPTS
 from orchestrator.server.generation import engine, pipeline, served_contract
 from orchestrator.server.prompt_matrix import ARGS as MATRIX_ARGS
@@ -117,9 +117,11 @@ async def refresh_loras(request: Request) -> None:
 async def scripts() -> dict:
     """The scripts a request may name: the selectable ones (script_name: SD upscale, loopback, poor man's
     outpainting and outpainting mk2, img2img's; the prompt matrix, prompts from file or textbox, the X/Y/Z plot) and
-    the always-on ones (alwayson_scripts): ControlNet in both modes, soft inpainting in img2img."""
+    the always-on ones (alwayson_scripts): ControlNet in both modes, soft inpainting in img2img, AUTOMATIC1111's
+    built-in ones (their values the request's own: orchestrator.server.builtin_scripts)."""
     return {route: [*SCRIPTS[route], *(name for name, (_, routes) in CELL_SCRIPTS.items() if route in routes),
-                    "controlnet", *([SOFT] if route == "img2img" else [])] for route in ("txt2img", "img2img")}
+                    "controlnet", *([SOFT] if route == "img2img" else []), *builtin_scripts.NAMES]
+            for route in ("txt2img", "img2img")}
 
 
 @router.get("/script-info")
@@ -141,7 +143,9 @@ async def script_info(request: Request) -> list[dict]:
                             (outpainting_mk2.NAME, outpainting_mk2.ARGS))] + \
         [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": []}
          for img2img in (False, True)] + \
-        [{"name": SOFT, "is_alwayson": True, "is_img2img": True, "args": SOFT_ARGS}]
+        [{"name": SOFT, "is_alwayson": True, "is_img2img": True, "args": SOFT_ARGS}] + \
+        [{"name": name, "is_alwayson": True, "is_img2img": img2img, "args": builtin_scripts.script_args(name)}
+         for name in builtin_scripts.NAMES for img2img in (False, True)]
 
 
 @router.get("/memory")
