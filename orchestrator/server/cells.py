@@ -39,10 +39,12 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
     """Each body a job of the caller's (its checkpoint, override_settings.sd_model_checkpoint, picks its pipeline):
     all checked first (an InputError "<named(i)>: why" before anything is queued), then queued at once and waited
     for; all cancelled if the wait fails (a timeout, the client gone). Every call of one request (a chain's
-    cells, queued one after another) has the request's script id."""
+    cells, queued one after another) has the request's script id; once one of its cells was interrupted, the cells
+    it queues later are interrupted as they are queued (AUTOMATIC1111's interrupt holds until the script ends)."""
     state, queue = request.app.state, engine(request).queue
     script = getattr(request.state, "script", None) or uuid.uuid4().hex
     request.state.script = script
+    earlier = request.state.script_jobs = getattr(request.state, "script_jobs", [])
     jobs = []
     for index, cell in enumerate(bodies):
         try:
@@ -56,10 +58,13 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
                 checkpoint=served.contract.title))
         except InputError as exc:
             raise InputError(f"{named(index)}: {exc}") from None
-    queued = []
+    queued, ended = [], any(job.interrupted for job in earlier)
+    earlier.extend(jobs)
     try:
         for job in jobs:
             queued.append(queue.submit(job))
+            if ended:
+                await run_in_threadpool(queue.interrupt, job)
         await asyncio.gather(*(wait_for(request, job, state.settings.request_timeout_s) for job in jobs))
     except BaseException:  # a timeout, the client gone, or the caller's task cancelled: nothing left running
         for job in queued:
