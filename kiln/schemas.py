@@ -277,6 +277,7 @@ class TaskState(BaseModel):
     eta_seconds: float | None
     error: str | None = None
     result: GenerationResponse | None = None
+    interrupted: bool = False  # POST /v1/tasks/{id}/interrupt (AUTOMATIC1111's): done with what it had made
 
 
 class TaskSummary(BaseModel):
@@ -293,6 +294,7 @@ class TaskSummary(BaseModel):
     created: float
     prompt: str
     error: str | None = None
+    interrupted: bool = False
 
 
 class TaskList(BaseModel):

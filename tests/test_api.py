@@ -1178,6 +1178,28 @@ def test_tasks_status_websocket_and_cancel(api):
         assert c.delete(f"/v1/tasks/{long}").status_code == 409
         assert c.get("/v1/tasks/nope").status_code == 404
 
+        # Interrupt (AUTOMATIC1111's) keeps what is done: the image at the step it was at, the task done.
+        running = c.post("/v1/tasks/txt2img", json=TXT | {"steps": 400}).json()["id"]
+        while c.get(f"/v1/tasks/{running}").json()["step"] < 1:
+            time.sleep(0.05)
+        assert c.post(f"/v1/tasks/{running}/interrupt").status_code == 200
+        state = _wait_task(c, running)
+        assert state["status"] == "done" and state["interrupted"] and len(state["result"]["images"]) == 1
+        assert c.post(f"/v1/tasks/{running}/interrupt").status_code == 409  # finished
+        # Skip ends the running image (its run of n_iter) and goes on with the next, which runs whole.
+        skipped = c.post("/v1/tasks/txt2img", json=TXT | {"steps": 60, "n_iter": 2}).json()["id"]
+        steps = {0: 0, 1: 0}
+        with connect(f"ws://127.0.0.1:{api.settings.port}/v1/tasks/{skipped}/events") as ws:
+            while (event := json.loads(ws.recv(timeout=60)))["event"] not in ("done", "failed", "cancelled"):
+                if event["event"] == "progress":
+                    steps[event["iteration"]] = max(steps[event["iteration"]], event["step"])
+                    if event["iteration"] == 0 and event["step"] == 1:
+                        assert c.post(f"/v1/tasks/{skipped}/skip").status_code == 200
+        state = _wait_task(c, skipped)
+        assert state["status"] == "done" and len(state["result"]["images"]) == 2 and not state["interrupted"]
+        assert steps[0] < 60 and steps[1] == 60, steps
+        assert c.post(f"/v1/tasks/{skipped}/skip").status_code == 409  # not running
+
 
 # -- ViT ------------------------------------------------------------------------------------------
 def test_classify_and_embed_base64_and_multipart(client):

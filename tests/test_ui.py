@@ -270,9 +270,10 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     shot(page, "controlnet")
     page.click("#units .remove-unit")
 
-    # Three tasks queued (one worker), the middle one cancelled: the others finish, nothing else is lost.
+    # Three tasks queued (one worker), the middle one cancelled, the last interrupted (AUTOMATIC1111's Interrupt:
+    # done with what it had made, here before or while it ran): the first finishes, nothing else is lost.
     page.click("[data-tab=txt2img]")
-    page.fill("[name=steps]", "40")
+    page.fill("[name=steps]", "80")
     for _ in range(3):
         before = page.evaluate("window.kiln.tasks.size")
         page.click("#submit")
@@ -287,9 +288,13 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     page.wait_for_function("n => window.kiln.events.length >= n + 3", arg=seen)
     assert page.evaluate("selector => window.heldCancel === document.querySelector(selector)", cancel)
     page.click(cancel)
+    assert page.is_hidden(f"li[data-task='{ids[2]}'] .skip")  # (skip ends a running image: not shown while queued)
+    page.click(f"li[data-task='{ids[2]}'] .interrupt")
     page.wait_for_function("ids => ids.every(id => window.kiln.tasks.get(id).finished)", arg=ids, timeout=180_000)
-    statuses = [requests.get(f"{service.url}/v1/tasks/{task}", timeout=30).json()["status"] for task in ids]
-    assert statuses == ["done", "cancelled", "done"]
+    states = [requests.get(f"{service.url}/v1/tasks/{task}", timeout=30).json() for task in ids]
+    assert [state["status"] for state in states] == ["done", "cancelled", "done"]
+    assert [state["interrupted"] for state in states] == [False, False, True]
+    assert states[0]["steps"] == 80
     page.wait_for_selector(f"li.task.cancelled[data-task='{ids[1]}']")
     shot(page, "queue")
 

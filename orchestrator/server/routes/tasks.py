@@ -1,4 +1,5 @@
-"""Our task API: submit (202 at once), status with queue position and progress, cancel, WebSocket events."""
+"""Our task API: submit (202 at once), status with queue position and progress, cancel, interrupt and skip
+(AUTOMATIC1111's), WebSocket events."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from kiln import schemas
 from kiln.errors import KilnError
 from orchestrator.jobs import FINISHED, Job, Status
-from orchestrator.server import a1111
+from orchestrator.server import a1111, cells
 from orchestrator.server.errors import APIError, as_api_error, count
 from orchestrator.server.generation import client_id, engine, own, submit
 from orchestrator.server.preview import preview_png
@@ -23,7 +24,8 @@ def task_state(request: Request, job: Job) -> dict:
     state = {"id": job.id, "kind": job.kind, "status": job.status.value,
              "queue_position": engine(request).queue.position(job), "progress": job.progress,
              "iteration": job.iteration, "n_iter": job.n_iter, "step": job.step, "steps": job.steps,
-             "eta_seconds": job.eta_seconds(), "error": str(job.error) if job.error else None, "result": None}
+             "eta_seconds": job.eta_seconds(), "error": str(job.error) if job.error else None, "result": None,
+             "interrupted": job.interrupted}
     if job.status == Status.DONE:
         state["result"] = a1111.to_response(job, job.context["body"])
     return state
@@ -75,7 +77,8 @@ def summary(queue, job: Job) -> dict:
     return {"id": job.id, "kind": job.kind, "status": job.status.value, "queue_position": queue.position(job),
             "progress": job.progress, "step": job.step, "steps": job.steps, "iteration": job.iteration,
             "n_iter": job.n_iter, "eta_seconds": job.eta_seconds(), "created": job.created,
-            "prompt": getattr(body, "prompt", ""), "error": str(job.error) if job.error else None}
+            "prompt": getattr(body, "prompt", ""), "error": str(job.error) if job.error else None,
+            "interrupted": job.interrupted}
 
 
 async def find(request: Request, task_id: str) -> Job:
@@ -98,6 +101,29 @@ async def cancel_task(request: Request, task_id: str):
         raise APIError(409, "finished", f"task {task_id} already {job.status.value}")
     await run_in_threadpool(engine(request).queue.cancel, job)
     return {"id": job.id, "status": "cancelling" if job.status == Status.RUNNING else job.status.value}
+
+
+@router.post("/{task_id}/interrupt")
+async def interrupt_task(request: Request, task_id: str):
+    """AUTOMATIC1111's Interrupt: stop now, keep what is done (the images made, the running one at the step it was
+    at: the task ends done); one still queued ends without starting; a script's other cells with it."""
+    job = await find(request, task_id)
+    if job.status in FINISHED:
+        raise APIError(409, "finished", f"task {task_id} already {job.status.value}")
+    await run_in_threadpool(engine(request).queue.interrupt, job)
+    await cells.interrupt_scripts(request, [job])
+    return {"id": job.id, "status": "interrupting"}
+
+
+@router.post("/{task_id}/skip")
+async def skip_task(request: Request, task_id: str):
+    """AUTOMATIC1111's Skip: end the running image (its run of n_iter, kept at the step it was at), go on with the
+    next run."""
+    job = await find(request, task_id)
+    if job.status != Status.RUNNING:
+        raise APIError(409, "not_running", f"task {task_id} is {job.status.value}; skip ends a running task's image")
+    await run_in_threadpool(engine(request).queue.skip, job)
+    return {"id": job.id, "status": "skipping"}
 
 
 @router.websocket("/{task_id}/events")

@@ -442,7 +442,9 @@ function renderQueue() {
     const label = $(".label", item);
     if (label.textContent !== text) label.textContent = text;
     $(".mini-bar", item).style.width = `${Math.round((task.progress || 0) * 100)}%`;
-    $(".cancel", item).hidden = !(task.status === "queued" || task.status === "running");
+    $(".cancel", item).hidden = $(".interrupt", item).hidden = !(task.status === "queued" ||
+                                                                 task.status === "running");
+    $(".skip", item).hidden = task.status !== "running";
     return item;
   });
   items.forEach((item, index) => {  // only items out of place move
@@ -458,13 +460,19 @@ function queueItem(task) {
   label.className = "label";
   const bar = document.createElement("div");
   bar.className = "mini-bar";
-  const cancel = document.createElement("button");
-  cancel.type = "button"; cancel.className = "cancel"; cancel.textContent = "Cancel";
-  cancel.onclick = async () => {
-    try { await api("DELETE", `/v1/tasks/${task.id}`); } catch (error) { showError(error.message); }
-    refreshQueue();
-  };
-  item.append(label, bar, cancel);
+  // Cancel drops the task; Interrupt (AUTOMATIC1111's) ends it keeping what is done; Skip ends the running image
+  const buttons = [["cancel", "Cancel", "DELETE", "", "drop the task and its images"],
+                   ["interrupt", "Interrupt", "POST", "/interrupt", "stop now and keep what is done"],
+                   ["skip", "Skip", "POST", "/skip", "end the image being made, go on with the next"]];
+  item.append(label, bar, ...buttons.map(([name, text, method, path, title]) => {
+    const button = document.createElement("button");
+    button.type = "button"; button.className = name; button.textContent = text; button.title = title;
+    button.onclick = async () => {
+      try { await api(method, `/v1/tasks/${task.id}${path}`); } catch (error) { showError(error.message); }
+      refreshQueue();
+    };
+    return button;
+  }));
   return item;
 }
 
