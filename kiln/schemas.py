@@ -164,9 +164,6 @@ class Txt2ImgBody(BaseModel):
         if (self.firstphase_width > 0) != (self.firstphase_height > 0):
             raise ValueError("firstphase_width and firstphase_height: the first pass's size takes both (or neither, "
                              "0)")
-        if self.override_settings and not self.override_settings_restore_afterwards:
-            raise ValueError("override_settings_restore_afterwards false is not supported by this server: "
-                             "override_settings apply to this request only (POST /sdapi/v1/options changes settings)")
         return self
 
 

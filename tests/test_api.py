@@ -337,8 +337,6 @@ BAD = [
     ({"seed_resize_from_w": 5000, "seed_resize_from_h": 5000}, 422, "seed_resize_from 5000x5000 is more than"),
     ({"seed_resize_from_w": 1, "seed_resize_from_h": 64}, 422, "seed_resize_from must be (width, height), each at"),
     ({"seed_resize_from_h": 64}, 422, "Resize seed from takes both"),
-    ({"override_settings": {"eta_ddim": 0.3}, "override_settings_restore_afterwards": False}, 422,
-     "override_settings_restore_afterwards"),
     ({"alwayson_scripts": {"adetailer": {"args": []}}}, 422, "adetailer"),
     ({"alwayson_scripts": {"Seed": {"args": [-1, False, -1, 0, 0, 0]}}}, 422, "seed -1 is not the request's 1234"),
 ]
@@ -850,6 +848,25 @@ def test_prompt_comments_and_the_hires_prompts_styles(client):
     assert _pixels(styled.json()["images"][0]) == _pixels(same["images"][0])
     unstyled = client.post("/sdapi/v1/txt2img", json=expanded | {"hr_prompt": "a dog"}).json()
     assert _pixels(styled.json()["images"][0]) != _pixels(unstyled["images"][0])  # the style reached the 2nd pass
+
+
+def test_override_settings_restore_afterwards_false_keeps_them(client):
+    """AUTOMATIC1111's override_settings_restore_afterwards false: the request's settings stay the server's after it
+    answered (as POST /sdapi/v1/options sets them); a refused request leaves them as they were."""
+    assert client.get("/sdapi/v1/options").json()["eta_ancestral"] == 1.0
+    body = TXT | {"steps": 2, "override_settings": {"eta_ancestral": 0.5}}
+    try:
+        assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200
+        assert client.get("/sdapi/v1/options").json()["eta_ancestral"] == 1.0  # restored afterwards, the default
+        kept = client.post("/sdapi/v1/txt2img", json=body | {"override_settings_restore_afterwards": False})
+        assert kept.status_code == 200 and client.get("/sdapi/v1/options").json()["eta_ancestral"] == 0.5
+        same = client.post("/sdapi/v1/txt2img", json=TXT | {"steps": 2})  # the next request runs with it
+        assert _pixels(same.json()["images"][0]) == _pixels(kept.json()["images"][0])
+        refused = client.post("/sdapi/v1/txt2img", json=body | {"steps": 0, "override_settings_restore_afterwards":
+                                                                False, "override_settings": {"eta_ancestral": 0.2}})
+        assert refused.status_code == 422 and client.get("/sdapi/v1/options").json()["eta_ancestral"] == 0.5
+    finally:
+        client.post("/sdapi/v1/options", json={"eta_ancestral": 1.0})
 
 
 def test_the_web_uis_own_payload_runs_as_its_fields(client):

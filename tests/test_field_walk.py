@@ -138,8 +138,7 @@ TXT2IMG = {
     "override_settings (ENSD, no sampler noise)": ({"override_settings": {"eta_noise_seed_delta": 31337}}, {},
                                                    "same_image"),
     "override_settings_restore_afterwards": ({"override_settings": {"eta_ddim": 0.2},
-                                              "override_settings_restore_afterwards": False}, {},
-                                             ("refused", 422, "override_settings_restore_afterwards")),
+                                              "override_settings_restore_afterwards": False}, {}, "keeps_settings"),
     "refiner_checkpoint": ({"refiner_checkpoint": "sdxl_refiner"}, {}, ("refused", 422, "refiner_checkpoint")),
     "refiner_switch_at": ({"refiner_checkpoint": "sdxl_refiner", "refiner_switch_at": 0.8}, {},
                           ("refused", 422, "refiner")),
@@ -269,6 +268,7 @@ def _images(response) -> list[np.ndarray]:
 def _check(walk_api, route: str, base: dict, change: dict, baseline: dict, expected) -> None:
     client, outputs = walk_api
     before = set(outputs.rglob("*.png")) if outputs.exists() else set()
+    options = client.get("/sdapi/v1/options").json()
     response = client.post(f"/sdapi/v1/{route}", json=base | change)
     if isinstance(expected, tuple) and expected[0] == "refused":
         _, status, words = expected
@@ -294,6 +294,10 @@ def _check(walk_api, route: str, base: dict, change: dict, baseline: dict, expec
     elif expected == "names_the_task":
         progress = client.get("/sdapi/v1/progress", params={"id_task": change["force_task_id"]})
         assert progress.status_code == 200 and change["force_task_id"] in progress.json()["state"]["job"]
+    elif expected == "keeps_settings":  # the request's settings are the server's after it (then put back)
+        kept = client.get("/sdapi/v1/options").json()
+        assert all(kept[key] == value != options[key] for key, value in change["override_settings"].items())
+        client.post("/sdapi/v1/options", json={key: options[key] for key in change["override_settings"]})
     elif expected == "echoes_init_images":
         assert response.json()["parameters"]["init_images"] == change.get("init_images", base["init_images"])
     else:

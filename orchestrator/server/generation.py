@@ -49,6 +49,26 @@ async def served_contract(request: Request, checkpoint: str | None = None,
                                    what if checkpoint else "sd_model_checkpoint")
 
 
+async def set_options(request: Request, body: dict) -> None:
+    """POST /sdapi/v1/options: each setting checked, then all set. The served build is needed before a checkpoint, a
+    clip skip or a VAE can be checked against it (503 while Triton is away); a clip skip or a VAE against the
+    checkpoint the same call sets, or else the default one."""
+    checkpoint = body.get("sd_model_checkpoint")
+    contract = await served_contract(request, checkpoint if isinstance(checkpoint, str) else None) \
+        if {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"} & set(body) else None
+    updates = a1111.updated_options(request.app.state.options, body, contract)
+    if "sd_model_checkpoint" in updates:  # as AUTOMATIC1111 keeps it: the title, whichever name picked it
+        updates["sd_model_checkpoint"] = contract.title
+    request.app.state.options.update(updates)
+
+
+async def keep_overrides(request: Request, body: schemas.Txt2ImgBody) -> None:
+    """AUTOMATIC1111's override_settings_restore_afterwards false: the request's override_settings stay the server's
+    settings after it, as POST /sdapi/v1/options sets them (every caller's, as there)."""
+    if body.override_settings and not body.override_settings_restore_afterwards:
+        await set_options(request, body.override_settings)
+
+
 def client_id(request: Request) -> str | None:
     """Who is calling (the security middleware's verdict): jobs are scoped by it when auth is on."""
     return request.scope.get("state", {}).get("client_id")

@@ -26,7 +26,16 @@ from orchestrator.server import (
     xyz,
 )
 from orchestrator.server.errors import APIError, as_api_error, count
-from orchestrator.server.generation import engine, own, response, served_contract, submit, wait_for
+from orchestrator.server.generation import (
+    engine,
+    keep_overrides,
+    own,
+    response,
+    served_contract,
+    set_options,
+    submit,
+    wait_for,
+)
 from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.preview import preview_png
 
@@ -47,11 +56,11 @@ async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> di
         script = CELL_SCRIPTS.get(a1111.cell_script(body))
         if script is not None:  # generations of their own (orchestrator.server.cells)
             answer = await script.run(request, kind, body)
-            count(request, endpoint, "200")
-            return answer
-        job = await submit(request, kind, body, "sdapi")
-        await wait_for(request, job, request.app.state.settings.request_timeout_s)
-        answer = response(job)
+        else:
+            job = await submit(request, kind, body, "sdapi")
+            await wait_for(request, job, request.app.state.settings.request_timeout_s)
+            answer = response(job)
+        await keep_overrides(request, body)  # (its settings stay only when it answered)
     except (APIError, KilnError) as exc:
         count(request, endpoint, str(as_api_error(exc).status))
         raise
@@ -145,16 +154,8 @@ async def get_options(request: Request):
 
 
 @router.post("/options")
-async def set_options(request: Request, body: dict[str, Any]):
-    # The served build is needed before a checkpoint, a clip skip or a VAE can be checked against it (503 while
-    # Triton is away); a clip skip or a VAE against the checkpoint the same call sets, or else the default one.
-    checkpoint = body.get("sd_model_checkpoint")
-    contract = await served_contract(request, checkpoint if isinstance(checkpoint, str) else None) \
-        if {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "sd_vae"} & set(body) else None
-    updates = a1111.updated_options(request.app.state.options, body, contract)
-    if "sd_model_checkpoint" in updates:  # as AUTOMATIC1111 keeps it: the title, whichever name picked it
-        updates["sd_model_checkpoint"] = contract.title
-    request.app.state.options.update(updates)
+async def post_options(request: Request, body: dict[str, Any]):
+    await set_options(request, body)
     return {}
 
 
