@@ -234,6 +234,12 @@ class PngInfoBody(BaseModel):
     image: str = Field(min_length=1, description="base64 PNG (data: URL prefix allowed)")
 
 
+class InterrogateBody(BaseModel):
+    model_config = STRICT
+    image: str = Field(min_length=1, description="base64 image (data: URL prefix allowed)")
+    model: str = Field("clip", description="AUTOMATIC1111's interrogator: clip or deepdanbooru")
+
+
 class PngInfoResponse(BaseModel):
     info: str
     items: dict[str, Any]

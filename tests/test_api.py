@@ -1059,6 +1059,11 @@ def test_the_routes_automatic1111_clients_call_on_connect_answer_in_its_shapes(c
     for name in ("refresh-checkpoints", "refresh-vae", "refresh-loras"):
         assert client.post(f"/sdapi/v1/{name}").status_code == 200
     assert client.get("/controlnet/version").json() == {"version": 2}
+    asked = client.post("/sdapi/v1/interrogate", json={"image": _b64(_png()), "model": "deepdanbooru"})
+    assert asked.status_code == 422 and "interrogate model 'deepdanbooru': this server has no" in asked.text
+    assert "/v1/classify" in asked.text
+    unreadable = client.post("/sdapi/v1/interrogate", json={"image": "bm90IGFuIGltYWdl"})
+    assert unreadable.status_code in (400, 422) and "image" in unreadable.text and "interrogate" not in unreadable.text
     assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 4}
 
 

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.contract import SD_UNET, SDModels
-from kiln.errors import KilnError, NotFoundError
+from kiln.errors import InputError, KilnError, NotFoundError
 from kiln.infotext import read_png_info
 from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
@@ -167,6 +167,16 @@ async def cmd_flags(request: Request):
             "api_keys": len(s.security.api_keys), "cors_allow_origins": ",".join(s.cors_origins) or None,
             "queue_size": s.max_queue, "max_steps": s.limits.max_steps, "workers": s.workers,
             "step_batching": s.step_batching, "request_timeout": s.request_timeout_s, "triton": s.triton_url}
+
+
+@router.post("/interrogate")
+async def interrogate(request: Request, body: schemas.InterrogateBody):
+    """AUTOMATIC1111's interrogators (BLIP captions ranked by CLIP, DeepDanbooru tags) are models this server does not
+    serve: the image is read, then the request refused naming what it asked for and what there is instead."""
+    decode_b64_image(body.image, "image", request.app.state.settings.limits.max_image_pixels)
+    raise InputError(f"interrogate model {body.model!r}: this server has no interrogator (AUTOMATIC1111's clip and "
+                     "deepdanbooru are models it does not serve); POST /v1/classify labels an image with its ViT "
+                     "classifier's ImageNet classes")
 
 
 @router.post("/png-info", response_model=schemas.PngInfoResponse)
