@@ -91,3 +91,28 @@ def test_an_interrupt_ends_the_script_not_only_its_running_cell(one_worker):
         # The interrupt is spent: the next request runs in full
         again = client.post("/sdapi/v1/txt2img", json=plot | {"steps": 4})
         assert again.status_code == 200 and json.loads(again.json()["info"])["xyz"]["done"] == 4
+
+
+@pytest.mark.slow
+def test_skip_ends_the_current_image_not_every_running_cell(triton, tmp_path):
+    """/sdapi/v1/skip ends AUTOMATIC1111's current image, the oldest running (what /progress shows): a plot's other
+    cell, running beside it on a second worker, goes on to its last step."""
+    live = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), workers=2, outputs_dir=tmp_path))
+    try:
+        with live.client() as client, ThreadPoolExecutor(1) as pool:
+            plot = LONG | {"steps": 100, "script_name": "x/y/z plot",
+                           "script_args": ["Seed", "1, 2", None, "Nothing", "", None, "Nothing", "", None]}
+            future = pool.submit(client.post, "/sdapi/v1/txt2img", json=plot)
+            deadline = time.monotonic() + 60
+            while sum(task["status"] == "running" and task["step"] >= 1
+                      for task in client.get("/v1/tasks").json()["tasks"]) < 2:
+                assert time.monotonic() < deadline and not future.done(), "the two cells did not run side by side"
+                time.sleep(0.05)
+            assert client.post("/sdapi/v1/skip").status_code == 200
+            answer = future.result(timeout=120)
+            assert answer.status_code == 200, answer.text
+            cells = client.get("/v1/tasks").json()["tasks"][:2]
+        assert sorted(task["step"] < 100 for task in cells) == [False, True], cells  # one skipped, one whole
+        assert json.loads(answer.json()["info"])["xyz"]["done"] == 2  # the skipped cell keeps its image
+    finally:
+        live.stop()

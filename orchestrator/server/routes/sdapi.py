@@ -117,9 +117,11 @@ async def interrupt(request: Request):
 
 @router.post("/skip")
 async def skip(request: Request):
-    queue = engine(request).queue
-    for job in await own_running(request):
-        await run_in_threadpool(queue.skip, job)
+    """End the current image and go on: AUTOMATIC1111's current one, the oldest running (what /progress shows); the
+    others running beside it (a script's other cells, another request) go on."""
+    running = sorted(await own_running(request), key=lambda job: job.started or 0)
+    if running:
+        await run_in_threadpool(engine(request).queue.skip, running[0])
     return {}
 
 
