@@ -1,11 +1,13 @@
 """AUTOMATIC1111's built-in always-on scripts as a request's alwayson_scripts names them (its web UI's own payload,
 a client replaying one): Seed, Sampler and Refiner hold the UI's copy of fields the request also has, and
 AUTOMATIC1111's API never runs them (their setup is the UI's only: setup_for_ui_only), so the request's fields rule;
-Comments, Extra options and Hypertile take no values over the API.
+Comments and Hypertile take no values; Extra options takes the values of the settings its server's
+extra_options_txt2img/img2img name (none by default), which kiln has no such list for.
 
 kiln accepts them where nothing would be dropped: Seed's, Sampler's and Refiner's values must be what the request's
 own fields say (as the UI's setup would set them), and the others' args empty. A difference is a 422 naming both,
-never a value taken and ignored. Names in any case, as AUTOMATIC1111 looks them up.
+never a value taken and ignored. Names in any case, as AUTOMATIC1111 looks them up. A script's request is checked
+once, as sent; its cells (their seeds and steps the script's) do not carry them (`without`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def script_args(name: str) -> list[dict]:
     return []
 
 
+def without(scripts: dict) -> dict:
+    """alwayson_scripts less the built-in ones."""
+    return {name: section for name, section in scripts.items() if name.lower() not in ARGS}
+
+
 def check(body: schemas.Txt2ImgBody) -> None:
     """Each built-in script the request names: its args at most its own, each what the request's field says."""
     for name, section in body.alwayson_scripts.items():
@@ -58,7 +65,11 @@ def check(body: schemas.Txt2ImgBody) -> None:
         if not args:
             continue
         padded = args + [None] * (len(labels) - len(args))
-        for field, sent, own in _differences(key, body, padded):
+        try:
+            differences = _differences(key, body, padded)
+        except InputError as exc:  # a name that is no sampler or schedule type
+            raise InputError(f"{where}: {exc}") from None
+        for field, sent, own in differences:
             raise InputError(f"{where}: {field} {sent!r} is not the request's {own!r}. AUTOMATIC1111's API runs the "
                              f"request's own {field} and drops its built-in {name} script's copy; kiln refuses the "
                              "difference rather than drop a value (send the same, or leave the script out)")
@@ -79,13 +90,15 @@ def _differences(key: str, body: schemas.Txt2ImgBody, args: list[Any]) -> list[t
     elif key == "sampler":
         steps, name, scheduler = args
         pairs = [("steps", steps, body.steps)] if steps is not None else []
+        if not all(value is None or isinstance(value, str) for value in (name, scheduler)):
+            raise InputError(f"the sampling method and schedule type are names, got {name!r} and {scheduler!r}")
         if name is not None or scheduler is not None:
             theirs = body.model_copy(update={"sampler_name": name or body.sampler_name, "sampler_index": None,
                                              "scheduler": scheduler or body.scheduler})
             pairs.append(("sampler_name and scheduler", sampler_name(theirs), sampler_name(body)))
     elif key == "refiner":
         enabled, checkpoint, switch_at = args
-        on = bool(enabled) and checkpoint not in (None, "", "None")
+        on = bool(enabled) and checkpoint not in (None, "", "None", "none")
         own = None if body.refiner_checkpoint in (None, "", "None", "none") else \
             (body.refiner_checkpoint, 0.8 if body.refiner_switch_at is None else body.refiner_switch_at)
         pairs = [("refiner_checkpoint and refiner_switch_at",

@@ -14,6 +14,7 @@ import json
 import random
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -24,7 +25,7 @@ from kiln.imaging import encode_png
 from kiln.infotext import parameters_text
 from orchestrator.jobs import FINISHED, Job, Status
 from orchestrator.pipeline.seeds import MAX_SEED
-from orchestrator.server import a1111
+from orchestrator.server import a1111, builtin_scripts
 from orchestrator.server.generation import client_id, engine, own, pipeline, save_logged, wait_for
 from orchestrator.server.outputs import save_grid
 
@@ -39,14 +40,17 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
     """Each body a job of the caller's (its checkpoint, override_settings.sd_model_checkpoint, picks its pipeline):
     all checked first (an InputError "<named(i)>: why" before anything is queued), then queued at once and waited
     for; all cancelled if the wait fails (a timeout, the client gone). Every call of one request (a chain's
-    cells, queued one after another) has the request's script id; once one of its cells was interrupted, the cells
-    it queues later are interrupted as they are queued (AUTOMATIC1111's interrupt holds until the script ends)."""
+    cells, queued one after another) has the request's script id (`script`'s); once the script was interrupted, the
+    cells it queues later are interrupted as they are queued (AUTOMATIC1111's interrupt holds until the script
+    ends). AUTOMATIC1111's built-in always-on scripts were checked against the request itself (builtin_scripts):
+    a cell, whose seed or steps the script sets, does not carry them."""
     state, queue = request.app.state, engine(request).queue
     script = getattr(request.state, "script", None) or uuid.uuid4().hex
     request.state.script = script
     earlier = request.state.script_jobs = getattr(request.state, "script_jobs", [])
     jobs = []
     for index, cell in enumerate(bodies):
+        cell = cell.model_copy(update={"alwayson_scripts": builtin_scripts.without(cell.alwayson_scripts)})
         try:
             served = await pipeline(request, cell.override_settings.get("sd_model_checkpoint"))
             generation = await run_in_threadpool(a1111.to_request, cell, served.contract, state.options,
@@ -58,10 +62,12 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
                 checkpoint=served.contract.title))
         except InputError as exc:
             raise InputError(f"{named(index)}: {exc}") from None
-    queued, ended = [], any(job.interrupted for job in earlier)
+    ended = any(job.interrupted for job in earlier) or state.scripts.get(script, {}).get("interrupted", False)
+    queued = []
     earlier.extend(jobs)
     try:
         for job in jobs:
+            job.interrupted = ended  # (here: no step of it runs; elsewhere, a shared queue's, the call below)
             queued.append(queue.submit(job))
             if ended:
                 await run_in_threadpool(queue.interrupt, job)
@@ -73,11 +79,30 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
     return jobs
 
 
-async def interrupt_scripts(request, interrupted: list[Job]) -> None:
-    """The caller's cells of the scripts whose running cells were interrupted, those not finished (waiting, or
-    started since), interrupted too: AUTOMATIC1111's interrupt ends the script. One that has not started ends
-    without an image (the engine runs no iteration of an interrupted job)."""
+@contextmanager
+def script(request):
+    """A script request's run: its id (its cells' context["script"]) kept on the request and in the scripts running
+    here, so that an interrupt reaches it between two of its chains' cells too (when none of them runs)."""
+    request.state.script = uuid.uuid4().hex
+    request.app.state.scripts[request.state.script] = {"client": client_id(request), "interrupted": False}
+    try:
+        yield
+    finally:
+        request.app.state.scripts.pop(request.state.script, None)
+
+
+async def interrupt_scripts(request, interrupted: list[Job], every: bool = False) -> None:
+    """The caller's cells of the scripts whose running cells were interrupted (`every`: of all the caller's scripts
+    running here, /sdapi/v1/interrupt's), those not finished (waiting, or started since), interrupted too, and the
+    scripts marked so that the cells they queue later are: AUTOMATIC1111's interrupt ends the script. A cell that
+    has not started ends without an image (the engine runs no iteration of an interrupted job)."""
     scripts = {job.context["script"] for job in interrupted if "script" in job.context}
+    running = request.app.state.scripts
+    auth = request.app.state.settings.security.auth_required
+    for name, entry in list(running.items()):
+        if (name in scripts or every) and (not auth or entry["client"] == client_id(request)):
+            entry["interrupted"] = True
+            scripts.add(name)
     if not scripts:
         return
     queue = engine(request).queue

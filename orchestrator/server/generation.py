@@ -49,9 +49,9 @@ async def served_contract(request: Request, checkpoint: str | None = None,
                                    what if checkpoint else "sd_model_checkpoint")
 
 
-async def set_options(request: Request, body: dict) -> None:
-    """POST /sdapi/v1/options: each setting checked, then all set. The served build is needed before a checkpoint, a
-    clip skip or a VAE can be checked against it (503 while Triton is away); a clip skip or a VAE against the
+async def option_updates(request: Request, body: dict) -> dict:
+    """What POST /sdapi/v1/options would set, each setting checked. The served build is needed before a checkpoint,
+    a clip skip or a VAE can be checked against it (503 while Triton is away); a clip skip or a VAE against the
     checkpoint the same call sets, or else the default one."""
     checkpoint = body.get("sd_model_checkpoint")
     contract = await served_contract(request, checkpoint if isinstance(checkpoint, str) else None) \
@@ -59,14 +59,16 @@ async def set_options(request: Request, body: dict) -> None:
     updates = a1111.updated_options(request.app.state.options, body, contract)
     if "sd_model_checkpoint" in updates:  # as AUTOMATIC1111 keeps it: the title, whichever name picked it
         updates["sd_model_checkpoint"] = contract.title
-    request.app.state.options.update(updates)
+    return updates
 
 
-async def keep_overrides(request: Request, body: schemas.Txt2ImgBody) -> None:
-    """AUTOMATIC1111's override_settings_restore_afterwards false: the request's override_settings stay the server's
-    settings after it, as POST /sdapi/v1/options sets them (every caller's, as there)."""
+async def kept_overrides(request: Request, body: schemas.Txt2ImgBody) -> dict:
+    """AUTOMATIC1111's override_settings_restore_afterwards false: the settings the request's override_settings
+    leave as the server's after it (as POST /sdapi/v1/options sets them, for every caller, as there), checked before
+    it runs; the caller sets them (app.state.options) once it has answered. Empty: none."""
     if body.override_settings and not body.override_settings_restore_afterwards:
-        await set_options(request, body.override_settings)
+        return await option_updates(request, body.override_settings)
+    return {}
 
 
 def client_id(request: Request) -> str | None:

@@ -16,6 +16,7 @@ from orchestrator.jobs import FINISHED, Job
 from orchestrator.security import is_loopback
 from orchestrator.server import (
     a1111,
+    builtin_scripts,
     cells,
     loopback,
     outpainting,
@@ -28,11 +29,11 @@ from orchestrator.server import (
 from orchestrator.server.errors import APIError, as_api_error, count
 from orchestrator.server.generation import (
     engine,
-    keep_overrides,
+    kept_overrides,
+    option_updates,
     own,
     response,
     served_contract,
-    set_options,
     submit,
     wait_for,
 )
@@ -54,13 +55,16 @@ async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> di
     endpoint = f"/sdapi/v1/{kind}"
     try:
         script = CELL_SCRIPTS.get(a1111.cell_script(body))
+        kept = await kept_overrides(request, body)
         if script is not None:  # generations of their own (orchestrator.server.cells)
-            answer = await script.run(request, kind, body)
+            builtin_scripts.check(body)  # (the request's own: its cells' seeds and steps are the script's)
+            with cells.script(request):
+                answer = await script.run(request, kind, body)
         else:
             job = await submit(request, kind, body, "sdapi")
             await wait_for(request, job, request.app.state.settings.request_timeout_s)
             answer = response(job)
-        await keep_overrides(request, body)  # (its settings stay only when it answered)
+        request.app.state.options.update(kept)  # (they stay only when it answered)
     except (APIError, KilnError) as exc:
         count(request, endpoint, str(as_api_error(exc).status))
         raise
@@ -111,7 +115,7 @@ async def interrupt(request: Request):
     queue, running = engine(request).queue, await own_running(request)
     for job in running:
         await run_in_threadpool(queue.interrupt, job)
-    await cells.interrupt_scripts(request, running)
+    await cells.interrupt_scripts(request, running, every=True)
     return {}
 
 
@@ -157,7 +161,7 @@ async def get_options(request: Request):
 
 @router.post("/options")
 async def post_options(request: Request, body: dict[str, Any]):
-    await set_options(request, body)
+    request.app.state.options.update(await option_updates(request, body))
     return {}
 
 

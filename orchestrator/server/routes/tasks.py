@@ -14,7 +14,7 @@ from kiln.errors import KilnError
 from orchestrator.jobs import FINISHED, Job, Status
 from orchestrator.server import a1111, cells
 from orchestrator.server.errors import APIError, as_api_error, count
-from orchestrator.server.generation import client_id, engine, keep_overrides, own, submit
+from orchestrator.server.generation import client_id, engine, kept_overrides, own, submit
 from orchestrator.server.preview import preview_png
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -33,11 +33,12 @@ def task_state(request: Request, job: Job) -> dict:
 
 async def accept(request: Request, kind: str, body: schemas.Txt2ImgBody) -> JSONResponse:
     try:
+        kept = await kept_overrides(request, body)
         job = await submit(request, kind, body, "tasks")
     except (APIError, KilnError) as exc:
         count(request, f"/v1/tasks/{kind}", str(as_api_error(exc).status))
         raise
-    await keep_overrides(request, body)  # (accepted: it will run)
+    request.app.state.options.update(kept)  # (accepted: it will run)
     count(request, f"/v1/tasks/{kind}", "202")
     position = await run_in_threadpool(engine(request).queue.position, job)
     accepted = {"id": job.id, "status": job.status.value, "queue_position": position}
