@@ -90,6 +90,14 @@ class Refiner:
     checkpoint: str  # the checkpoint's name or title (AUTOMATIC1111's refiner_checkpoint)
     switch_at: float = 0.8  # refiner_switch_at: 0 (the refiner from the start) to 1 (never)
 
+    @classmethod
+    def asked(cls, checkpoint: str | None, switch_at: float | None) -> Refiner | None:
+        """The refiner AUTOMATIC1111's refiner_checkpoint and refiner_switch_at ask for (its own names for none;
+        switch_at's default 0.8), or None."""
+        if checkpoint in (None, "", "None", "none"):
+            return None
+        return cls(checkpoint, 0.8 if switch_at is None else switch_at)
+
 
 PAD_CONDS = ("off", "empty_chunks", "last_vector")  # Txt2ImgRequest.pad_conds
 

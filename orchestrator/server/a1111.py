@@ -104,9 +104,7 @@ def selected_script(body: schemas.Txt2ImgBody, networks: tuple[str, ...] = ()) -
 
 def refiner(body: schemas.Txt2ImgBody) -> Refiner | None:
     """AUTOMATIC1111's refiner_checkpoint and refiner_switch_at (the engine resolves the checkpoint's name)."""
-    if body.refiner_checkpoint in (None, "", "None", "none"):
-        return None
-    return Refiner(body.refiner_checkpoint, 0.8 if body.refiner_switch_at is None else body.refiner_switch_at)
+    return Refiner.asked(body.refiner_checkpoint, body.refiner_switch_at)
 
 
 def hires_fix(body: schemas.Txt2ImgBody, contract: SDContract, max_pixels: int) -> HiresFix | None:

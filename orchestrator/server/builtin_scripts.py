@@ -16,6 +16,7 @@ from typing import Any
 
 from kiln import schemas
 from kiln.errors import InputError
+from orchestrator.pipeline.requests import Refiner
 from orchestrator.server.sampler_names import sampler_name, samplers, schedulers
 
 ARGS = {"seed": ("seed", "Extra", "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h"),
@@ -98,11 +99,10 @@ def _differences(key: str, body: schemas.Txt2ImgBody, args: list[Any]) -> list[t
             pairs.append(("sampler_name and scheduler", sampler_name(theirs), sampler_name(body)))
     elif key == "refiner":
         enabled, checkpoint, switch_at = args
-        on = bool(enabled) and checkpoint not in (None, "", "None", "none")
-        own = None if body.refiner_checkpoint in (None, "", "None", "none") else \
-            (body.refiner_checkpoint, 0.8 if body.refiner_switch_at is None else body.refiner_switch_at)
-        pairs = [("refiner_checkpoint and refiner_switch_at",
-                  (checkpoint, 0.8 if switch_at is None else switch_at) if on else None, own)]
+        sent, own = Refiner.asked(checkpoint if enabled else None, switch_at), \
+            Refiner.asked(body.refiner_checkpoint, body.refiner_switch_at)
+        pairs = [("refiner_checkpoint and refiner_switch_at", sent and (sent.checkpoint, sent.switch_at),
+                  own and (own.checkpoint, own.switch_at))]
     else:
         pairs = []
     return [(field, sent, own) for field, sent, own in pairs if not _same(sent, own)]

@@ -51,6 +51,11 @@ async def own_running(request: Request) -> list[Job]:
     return [job for job in await run_in_threadpool(engine(request).queue.running) if own(request, job, "sdapi")]
 
 
+async def current_job(request: Request) -> Job | None:
+    """AUTOMATIC1111's current image: the caller's oldest running job (what /progress shows and /skip ends)."""
+    return min(await own_running(request), key=lambda job: job.started or 0, default=None)
+
+
 async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     endpoint = f"/sdapi/v1/{kind}"
     try:
@@ -89,8 +94,7 @@ async def progress(request: Request, skip_current_image: bool = False,
     if id_task and not own(request, job, "sdapi"):  # never another task's progress in its place
         raise NotFoundError(f"unknown task {id_task!r} (finished tasks are forgotten after a while)")
     if job is None:
-        running = sorted(await own_running(request), key=lambda j: j.started or 0)
-        job = running[0] if running else None
+        job = await current_job(request)
     if job is None:
         return schemas.ProgressResponse(progress=0.0, eta_relative=0.0, state=schemas.ProgressState())
     state = schemas.ProgressState(
@@ -123,9 +127,9 @@ async def interrupt(request: Request):
 async def skip(request: Request):
     """End the current image and go on: AUTOMATIC1111's current one, the oldest running (what /progress shows); the
     others running beside it (a script's other cells, another request) go on."""
-    running = sorted(await own_running(request), key=lambda job: job.started or 0)
-    if running:
-        await run_in_threadpool(engine(request).queue.skip, running[0])
+    job = await current_job(request)
+    if job is not None:
+        await run_in_threadpool(engine(request).queue.skip, job)
     return {}
 
 
