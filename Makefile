@@ -37,13 +37,18 @@ $(SERVE_STAMP): requirements-serve.txt pyproject.toml scripts/setup_system.sh
 demo: $(STAMP)
 	$(BIN)/kiln demo
 
+# On TEST_WORKERS processes (pytest-xdist): a module's tests on one, the longest modules first (tests/conftest.py).
+# Each process builds the session's tiny models and starts its own Triton; TEST_WORKERS=1 runs them in this one.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+
 test: $(STAMP)
 	bash scripts/setup_system.sh browser
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
-# The inner loop: no Triton, no export (under two minutes on 2 cores).
+# The inner loop: no Triton, no export (5 min on 2 cores, 11 with TEST_WORKERS=1).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # What the tests also check: the layout's import contracts (pyproject.toml) and ruff.
 lint: $(STAMP)

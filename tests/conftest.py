@@ -1,9 +1,9 @@
 """Shared fixtures: seeded random weights, one built repository (tiny SD + ViT) and one real Triton server.
 
-Built once per session: the tiny SD checkpoint with its own ControlNet and a second one ("scribble"),
-the repository serving both and the ViT (ONNX Runtime fp32), and a Triton on it that every module
-shares. Parity tests run the loop in process on the same repository; the Triton tests prove the
-transport.
+Built once per session (per process, under pytest-xdist): the tiny SD checkpoint with its own ControlNet and a
+second one ("scribble"), the repository serving both and the ViT (ONNX Runtime fp32), and a Triton on it that
+every module of the process shares. Parity tests run the loop in process on the same repository; the Triton
+tests prove the transport.
 """
 
 from __future__ import annotations
@@ -66,12 +66,36 @@ def pytest_report_header(config) -> str:
 
 def pytest_collection_finish(session) -> None:
     """A whole run on a nearly full disk stops here, saying so, instead of failing mid-build with a torch or ONNX
-    write error (a small selection of tests goes on)."""
+    write error (a small selection of tests goes on). Under pytest-xdist the controller checks, as its workers
+    report their collections (a worker that exits is an INTERNALERROR that does not say why)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        _stop_a_whole_run_on_a_full_disk(len(session.items),
+                                         any(item.get_closest_marker("slow") for item in session.items))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids) -> None:
+    _stop_a_whole_run_on_a_full_disk(len(ids), "not slow" not in (node.config.option.markexpr or ""))
+
+
+def _stop_a_whole_run_on_a_full_disk(count: int, slow: bool) -> None:
     free = _free_gb()
-    if any(item.get_closest_marker("slow") for item in session.items) and len(session.items) > 100 and \
-            free < RUN_NEEDS_GB:
+    if slow and count > 100 and free < RUN_NEEDS_GB:
         pytest.exit(f"only {free:.1f} GB free in {tempfile.gettempdir()}; the test run writes about "
                     f"{RUN_NEEDS_GB:g} GB of builds (free some space, or point TMPDIR at a larger disk)", returncode=4)
+
+
+# `make test` runs the tests on two processes (pytest-xdist, `--dist loadfile --no-loadscope-reorder`: a module's
+# tests on one, each taking the next module as it finishes one). These modules take longest (their tests' seconds
+# added up): they go first, so that neither process is left running one of them alone at the end. Order only.
+LONGEST_FIRST = ("test_sd_variants", "test_gpu_check", "test_bench_edge", "test_shared_queue", "test_build_vit",
+                 "test_api", "test_serve_install", "test_field_walk", "test_finetune", "test_ui", "test_a1111_client",
+                 "test_readme")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture
