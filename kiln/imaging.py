@@ -258,6 +258,50 @@ def encode_png(image: Image.Image | np.ndarray, text: dict[str, str] | None = No
     return buffer.getvalue()
 
 
+# AUTOMATIC1111's samples_format (and grid_format) values -> PIL's formats
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag
+UNICODE_COMMENT = b"UNICODE\0"  # EXIF's character code for UTF-16 (big-endian, as piexif writes it)
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """How AUTOMATIC1111 encodes its images (samples_format, jpeg_quality, webp_lossless): PNG with the infotext in a
+    "parameters" text chunk; JPEG or WebP with it in EXIF's UserComment, as its encode_pil_to_base64 and save_image
+    write them (piexif's "unicode": the UNICODE code, then UTF-16BE)."""
+
+    name: str = "png"  # a key of IMAGE_FORMATS, as the setting spells it (the saved file's extension)
+    quality: int = 80  # JPEG's and lossy WebP's
+    lossless: bool = False  # WebP's
+
+    def encode(self, image: Image.Image | np.ndarray, text: dict[str, str] | None = None) -> bytes:
+        if self.name == "png":
+            return encode_png(image, text)
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        exif = Image.Exif()
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE_COMMENT + (text or {}).get("parameters", "").encode("utf-16-be")
+        options = {"lossless": self.lossless} if IMAGE_FORMATS[self.name] == "WEBP" else {}
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format=IMAGE_FORMATS[self.name], exif=exif, quality=self.quality, **options)
+        return buffer.getvalue()
+
+
+PNG = ImageFormat()  # AUTOMATIC1111's default samples_format
+
+
+def user_comment(image: Image.Image) -> str:
+    """The text of an image's EXIF UserComment ("" where it has none), read as AUTOMATIC1111 reads its JPEG and WebP
+    infotexts (piexif's UserComment.load: by its character code; without a known one, the bytes as UTF-8)."""
+    raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT, b"")
+    if isinstance(raw, str):
+        return raw
+    codes = {UNICODE_COMMENT: "utf-16-be", b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis"}
+    if raw[:8] in codes:
+        return raw[8:].decode(codes[raw[:8]], errors="ignore")
+    return raw.decode("utf8", errors="ignore")
+
+
 def to_uint8(decoded: np.ndarray) -> np.ndarray:
     """VAE decoder output in [-1, 1] (N, 3, H, W) -> (N, H, W, 3) uint8, rounded as diffusers rounds it."""
     scaled = np.clip(decoded / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)

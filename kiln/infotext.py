@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from kiln.errors import InputError
+from kiln.imaging import user_comment
 from kiln.masks import INPAINTING_FILL
 
 # The hires fix's infotext entries (AUTOMATIC1111's extra_generation_params), by generation-info key
@@ -111,13 +112,20 @@ def parse_infotext(text: str) -> dict[str, Any]:
 
 
 def read_png_info(data: bytes) -> dict[str, Any]:
-    """A PNG's text chunks, its infotext and the infotext parsed (AUTOMATIC1111's /sdapi/v1/png-info answer)."""
+    """A PNG's text chunks, its infotext and the infotext parsed (AUTOMATIC1111's /sdapi/v1/png-info answer); a JPEG's
+    or WebP's infotext is its EXIF UserComment."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+            items, text = {k: v for k, v in image.info.items() if isinstance(v, str)}, infotext_of(image)
     except Exception:  # noqa: BLE001 - PIL raises many types for a broken file; all mean the same here
         raise InputError("image: cannot read its metadata") from None
-    text = items.get("parameters", "")
     return {"info": text, "items": items, "parameters": parse_infotext(text)}
+
+
+def infotext_of(image) -> str:
+    """An opened image's infotext ("" where it has none): a JPEG's or WebP's EXIF UserComment, where it has one, as
+    AUTOMATIC1111's read_info_from_image reads it; a PNG's "parameters" text chunk."""
+    comment = user_comment(image) if "exif" in image.info else ""
+    return comment or str(image.info.get("parameters", ""))

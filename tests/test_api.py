@@ -327,7 +327,9 @@ BAD = [
     ({"firstphase_width": 32}, 422, "firstphase_width"),
     ({"override_settings": {"sd_model_checkpoint": "other.safetensors"}}, 422, "sd_model_checkpoint"),
     ({"override_settings": {"CLIP_stop_at_last_layers": 9}}, 422, "CLIP_stop_at_last_layers) must be 1 to 5"),
-    ({"override_settings": {"samples_format": "jpg"}}, 422, "override_settings.samples_format 'jpg' is not supported"),
+    ({"override_settings": {"live_preview_content": "Combined"}}, 422,
+     "override_settings.live_preview_content 'Combined' is not supported"),
+    ({"override_settings": {"samples_format": "gif"}}, 422, "samples_format must be one of png, jpg, jpeg, webp"),
     ({"override_settings": {"outdir_samples": "/tmp"}}, 422, "override_settings.outdir_samples is not a setting"),
     ({"override_settings": {"pad_cond_uncond": "yes"}}, 422, "override_settings.pad_cond_uncond must be true or false"),
     ({"override_settings": {"eta_noise_seed_delta": -1}}, 422, "eta_noise_seed_delta (ENSD) must be between 0 and"),
@@ -672,10 +674,10 @@ def test_listing_endpoints(client):
         refused = client.post("/sdapi/v1/options", json={key: value})
         assert refused.status_code == 422 and message in refused.text, refused.text
     # A setting kiln does not act on is refused, not stored and ignored; one that already holds is fine.
-    refused = client.post("/sdapi/v1/options", json={"samples_format": "webp"})
-    assert refused.status_code == 422 and "samples_format 'webp' is not supported" in refused.text
+    refused = client.post("/sdapi/v1/options", json={"live_preview_content": "Combined"})
+    assert refused.status_code == 422 and "live_preview_content 'Combined' is not supported" in refused.text
     assert client.post("/sdapi/v1/options", json={"outdir_samples": "/tmp"}).status_code == 422
-    assert client.get("/sdapi/v1/options").json()["samples_format"] == "png"
+    assert client.get("/sdapi/v1/options").json()["live_preview_content"] == "Prompt"
     assert client.post("/sdapi/v1/options", json=client.get("/sdapi/v1/options").json()).status_code == 200
     held = TXT | {"steps": 1, "override_settings": {"CLIP_stop_at_last_layers": 1, "samples_format": "png"}}
     assert client.post("/sdapi/v1/txt2img", json=held).status_code == 200

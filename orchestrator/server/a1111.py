@@ -13,7 +13,7 @@ from typing import Any
 from kiln import schemas
 from kiln.contract import SDContract
 from kiln.errors import InputError
-from kiln.imaging import encode_png
+from kiln.imaging import ImageFormat
 from kiln.infotext import HIRES_FIELDS, parameters_text
 from kiln.masks import Blur, resize_init_image
 from kiln.preprocessors import numpy_seed
@@ -41,6 +41,7 @@ from orchestrator.server.options import (
     OPTION_TYPES,
     applied_setting,
     bool_setting,
+    check_image_settings,
     check_setting,
     check_value,
     has_img2img_start,
@@ -149,6 +150,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     builtin_scripts.check(body)  # (AUTOMATIC1111's built-in always-on scripts: the request's own values)
     for key, value in body.override_settings.items():
         check_setting(key, value, options, APPLIED_OVERRIDES, "override_settings.")
+    check_image_settings(body.override_settings)  # (its saved files': generation.outputs_of)
     checkpoint = body.override_settings.get("sd_model_checkpoint")
     if checkpoint:
         check_checkpoint(checkpoint, contract, "override_settings.sd_model_checkpoint")
@@ -293,13 +295,14 @@ def response_info(job: Job, body: schemas.Txt2ImgBody) -> dict:
     }
 
 
-def to_response(job: Job, body: schemas.Txt2ImgBody) -> dict:
-    """AUTOMATIC1111's response: images (PNG with the infotext chunk), parameters (the request), info (JSON)."""
+def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> dict:
+    """AUTOMATIC1111's response: images (`encoding`, the server's samples_format: PNG with the infotext chunk, or
+    JPEG/WebP with it in EXIF), parameters (the request), info (JSON)."""
     info, infos = response_info(job, body), job.infos
-    images = [base64.b64encode(encode_png(image, {"parameters": parameters_text(i)})).decode()
+    images = [base64.b64encode(encoding.encode(image, {"parameters": parameters_text(i)})).decode()
               for image, i in zip(job.images, infos)] if body.send_images else []
     if body.send_images and job.context.get("detect_maps"):  # sd-webui-controlnet appends each unit's input
-        images += [base64.b64encode(encode_png(detect_map(unit, job.request))).decode()
+        images += [base64.b64encode(encoding.encode(detect_map(unit, job.request))).decode()
                    for unit in job.request.controlnet_units if unit.save_detected_map]
     # AUTOMATIC1111 echoes the init images and the mask in `parameters` only when include_init_images asks for them.
     images_too = getattr(body, "include_init_images", False)

@@ -21,12 +21,12 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.errors import InputError
-from kiln.imaging import encode_png
 from kiln.infotext import parameters_text
 from orchestrator.jobs import FINISHED, Job, Status
 from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.server import a1111, builtin_scripts
-from orchestrator.server.generation import client_id, engine, own, pipeline, save_logged, wait_for
+from orchestrator.server.generation import client_id, engine, outputs_of, own, pipeline, save_logged, wait_for
+from orchestrator.server.options import image_format
 from orchestrator.server.outputs import save_grid
 
 
@@ -118,10 +118,10 @@ def stopped(job: Job) -> bool:
     return job.status == Status.DONE and job.interrupted and not job.images
 
 
-def nothing_made(body: schemas.Txt2ImgBody, job: Job) -> dict:
+def nothing_made(request, body: schemas.Txt2ImgBody, job: Job) -> dict:
     """The answer of a script interrupted before any image was made: none, its info the first cell's (as
     AUTOMATIC1111 answers an interrupted request)."""
-    return answer(body, [], a1111.response_info(job, job.context["body"]) | {"interrupted": True})
+    return answer(request, body, [], a1111.response_info(job, job.context["body"]) | {"interrupted": True})
 
 
 async def side_by_side(coroutines) -> list:
@@ -141,12 +141,12 @@ async def save(request, body: schemas.Txt2ImgBody, kind: str, jobs: list[Job], g
                basename: str) -> None:
     """save_images: the jobs' images (unless their do_not_save_samples) and the script's grid, where it has one
     (unless do_not_save_grid, as `basename`-NNNN.png, with `info`'s infotext)."""
-    folder = request.app.state.settings.outputs_dir
+    outputs = outputs_of(request, body)
     for job in jobs if body.save_images else ():
         if not job.context["body"].do_not_save_samples:
-            await run_in_threadpool(save_logged, job, folder, False)
+            await run_in_threadpool(save_logged, job, outputs, False)
     if body.save_images and grid is not None and not body.do_not_save_grid:
-        await run_in_threadpool(save_grid, grid, info, kind, folder, basename)
+        await run_in_threadpool(save_grid, grid, info, kind, outputs, basename)
 
 
 def details(job: Job, infos: list[dict], before: tuple[dict, ...] = (), jobs: list[Job] = ()) -> dict:
@@ -162,9 +162,11 @@ def details(job: Job, infos: list[dict], before: tuple[dict, ...] = (), jobs: li
     return out
 
 
-def answer(body: schemas.Txt2ImgBody, images: list[tuple[np.ndarray, dict]], details: dict) -> dict:
-    """AUTOMATIC1111's response: each picture a PNG with its infotext, the request's parameters, `details` as info."""
+def answer(request, body: schemas.Txt2ImgBody, images: list[tuple[np.ndarray, dict]], details: dict) -> dict:
+    """AUTOMATIC1111's response: each picture with its infotext, encoded as the server's samples_format asks (PNG by
+    default), the request's parameters, `details` as info."""
     parameters = body.model_dump(exclude={"alwayson_scripts", "init_images", "mask"})
-    return {"images": [base64.b64encode(encode_png(picture, {"parameters": parameters_text(info)})).decode()
+    encoding = image_format(request.app.state.options)
+    return {"images": [base64.b64encode(encoding.encode(picture, {"parameters": parameters_text(info)})).decode()
                        for picture, info in images] if body.send_images else [],
             "parameters": parameters, "info": json.dumps(details)}

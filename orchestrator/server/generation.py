@@ -16,7 +16,8 @@ from orchestrator.jobs import Job, Status
 from orchestrator.pipeline import Pipeline
 from orchestrator.server import a1111, control_units
 from orchestrator.server.errors import APIError, api_error
-from orchestrator.server.outputs import save_job_images
+from orchestrator.server.options import image_format
+from orchestrator.server.outputs import Outputs, save_job_images
 
 log = logging.getLogger("kiln.api")
 
@@ -87,16 +88,23 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
                  "detect_maps": control_units.wants_detect_maps(body, request.app.state.options)},
         job_id=body.force_task_id, checkpoint=served.contract.title))
     if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
-        job.future.add_done_callback(lambda _done: save_logged(job, request.app.state.settings.outputs_dir,
-                                                         not body.do_not_save_grid))
+        saved = outputs_of(request, body)
+        job.future.add_done_callback(lambda _done: save_logged(job, saved, not body.do_not_save_grid))
     return job
 
 
-def save_logged(job: Job, folder, grid: bool) -> None:
+def outputs_of(request: Request, body: schemas.Txt2ImgBody) -> Outputs:
+    """Where and how a request's save_images writes: the server's outputs folder; its encodings the server's options
+    with the request's override_settings over them (AUTOMATIC1111 saves while they are applied)."""
+    settings, folder = request.app.state.options | body.override_settings, request.app.state.settings.outputs_dir
+    return Outputs(folder, image_format(settings), image_format(settings, "grid_format"))
+
+
+def save_logged(job: Job, outputs: Outputs, grid: bool) -> None:
     try:
-        paths = save_job_images(job, folder, grid)
+        paths = save_job_images(job, outputs, grid)
     except OSError as exc:  # the images are still answered; the outputs folder's trouble is the log's
-        log.error("save_images: could not write job %s's images to %s: %s", job.id, folder, exc)
+        log.error("save_images: could not write job %s's images to %s: %s", job.id, outputs.folder, exc)
         return
     if paths:
         log.info("save_images: job %s wrote %s", job.id, ", ".join(str(p) for p in paths))
@@ -128,10 +136,11 @@ async def wait_for(request: Request, job: Job, timeout_s: float) -> None:
             raise APIError(504, "timeout", f"the generation did not finish within {timeout_s:g} s; it was cancelled")
 
 
-def response(job: Job) -> dict:
-    """A finished job's AUTOMATIC1111 response; a cancelled one is 409, a failed one its error's status."""
+def response(request: Request, job: Job) -> dict:
+    """A finished job's AUTOMATIC1111 response (its images as the server's samples_format asks); a cancelled one is
+    409, a failed one its error's status."""
     if job.status == Status.DONE:
-        return a1111.to_response(job, job.context["body"])
+        return a1111.to_response(job, job.context["body"], image_format(request.app.state.options))
     if job.status == Status.CANCELLED:
         raise APIError(409, "cancelled", str(job.error or "the job was cancelled"))
     raise api_error(job.error) if job.error is not None else APIError(500, "generation_failed", "the job failed")

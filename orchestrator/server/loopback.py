@@ -129,7 +129,7 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     jobs = [job for loops, _ in chains for job in loops]
     shown = jobs if body.n_iter == 1 else [loops[-1] for loops, _ in chains if loops]
     if not shown:  # interrupted in every chain's first loop: no image, as AUTOMATIC1111 answers
-        return cells.nothing_made(body, chains[0][1])
+        return cells.nothing_made(request, body, chains[0][1])
     images = [(job.images[0], job.infos[0]) for job in shown]
     grid = await run_in_threadpool(image_grid, [image for image, _ in images], 1) if len(images) > 1 else None
     await cells.save(request, body, kind, jobs, grid, images[0][1], "grid")
@@ -139,4 +139,4 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
                                            "Denoising curve": loopback.curve}
     details["loopback"] = {"loops": len(jobs), "chains": body.n_iter,
                            "seconds": round(time.time() - jobs[0].created, 3)}
-    return cells.answer(body, ([(grid, images[0][1])] if grid is not None else []) + images, details)
+    return cells.answer(request, body, ([(grid, images[0][1])] if grid is not None else []) + images, details)

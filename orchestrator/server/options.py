@@ -8,6 +8,7 @@ from typing import Any
 
 from kiln import schemas
 from kiln.errors import InputError
+from kiln.imaging import IMAGE_FORMATS, ImageFormat
 from orchestrator.pipeline.noise import RANDN_SOURCES
 from orchestrator.pipeline.sampling import schedule_kind
 from orchestrator.pipeline.seeds import MAX_SEED
@@ -20,7 +21,12 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
                 "randn_source": str, "sigma_min": float, "sigma_max": float, "rho": float,
                 "always_discard_next_to_last_sigma": bool, "sgm_noise_multiplier": bool, "img2img_extra_noise": float,
                 "inpainting_mask_weight": float, "control_net_inpaint_blur_sigma": int,
-                "img2img_color_correction": bool, "enable_prompt_comments": bool}
+                "img2img_color_correction": bool, "enable_prompt_comments": bool, "grid_format": str,
+                "jpeg_quality": int, "webp_lossless": bool}
+# How images are encoded: the answers' (set by POST /options; a request's override_settings, applied while it runs as
+# AUTOMATIC1111 applies them, reach its saved files, not its answer, which AUTOMATIC1111 encodes after restoring them)
+# and the saved files' (save_images; grid_format: its grids')
+IMAGE_SETTINGS = ("samples_format", "grid_format", "jpeg_quality", "webp_lossless")
 # AUTOMATIC1111's schedule settings (Settings > Sampler parameters) -> the request's fields
 SIGMA_SETTINGS = {"sigma_min": "schedule_sigma_min", "sigma_max": "schedule_sigma_max", "rho": "schedule_rho"}
 # what one request's override_settings can change
@@ -29,7 +35,7 @@ APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "eta_ancestral", "CLIP_s
                      "eta_noise_seed_delta", "use_old_scheduling", "randn_source", "always_discard_next_to_last_sigma",
                      "sgm_noise_multiplier", "img2img_extra_noise", "inpainting_mask_weight",
                      "control_net_inpaint_blur_sigma", "img2img_color_correction", "enable_prompt_comments",
-                     *SIGMA_SETTINGS)
+                     *SIGMA_SETTINGS, *IMAGE_SETTINGS)
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -37,8 +43,8 @@ APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_prev
 
 def check_setting(key: str, value: Any, options: dict, applied: tuple[str, ...], where: str) -> None:
     """A setting (POST /sdapi/v1/options, a request's override_settings) this server acts on: one it applies, or
-    one that already holds the value asked for (samples_format "png", CLIP_stop_at_last_layers 1, ...). Anything
-    else is refused by name, never stored and ignored."""
+    one that already holds the value asked for (live_preview_content "Prompt", CLIP_stop_at_last_layers 1, ...).
+    Anything else is refused by name, never stored and ignored."""
     if key in applied:
         return
     if key not in options:
@@ -61,6 +67,10 @@ def check_value(key: str, value: Any) -> None:
     if key == "control_net_inpaint_blur_sigma" and (not 1 <= value <= 64 or value % 1):
         raise InputError(f"option {key} must be a whole number in [1, 64] (inpaint_only's paste-back: pixels), "
                          f"got {value}")
+    if key in ("samples_format", "grid_format") and value.lower() not in IMAGE_FORMATS:
+        raise InputError(f"option {key} must be one of {', '.join(IMAGE_FORMATS)}, got {value!r}")
+    if key == "jpeg_quality" and not 1 <= value <= 100:
+        raise InputError(f"option jpeg_quality must be in [1, 100], got {value}")
     if key in SIGMA_SETTINGS and value < 0:
         raise InputError(f"option {key} must be 0 or more (0: the model's, or the schedule type's own), got {value}")
 
@@ -74,6 +84,7 @@ def default_options() -> dict:
             "use_old_scheduling": False, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
             "always_discard_next_to_last_sigma": False, "sgm_noise_multiplier": False, "img2img_extra_noise": 0.0,
             "inpainting_mask_weight": 1.0, "control_net_inpaint_blur_sigma": 7, "img2img_color_correction": False,
+            "grid_format": "png", "jpeg_quality": 80, "webp_lossless": False,
             "enable_prompt_comments": True,  # AUTOMATIC1111's Comments script: # to the end of a line is not run
             # AUTOMATIC1111's default is "GPU"; kiln's is diffusers' noise (orchestrator.pipeline.noise)
             "randn_source": "CPU",
@@ -164,3 +175,19 @@ def bool_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> bool:
     if not isinstance(value, bool):
         raise InputError(f"override_settings.{key} must be true or false, got {value!r}")
     return value
+
+
+def image_format(settings: dict, key: str = "samples_format") -> ImageFormat:
+    """The encoding `settings` (the server's options, or a request's override_settings over them) give its images
+    (`key`: samples_format) or grids (grid_format)."""
+    return ImageFormat(settings[key].lower(), settings["jpeg_quality"], settings["webp_lossless"])
+
+
+def check_image_settings(overrides: dict) -> None:
+    """A request's override_settings for its saved files' encoding: the types and ranges POST /options checks."""
+    for key in IMAGE_SETTINGS:
+        if key in overrides:
+            kind = OPTION_TYPES[key]
+            if not isinstance(overrides[key], kind) or (kind is int and isinstance(overrides[key], bool)):
+                raise InputError(f"override_settings.{key} must be a {kind.__name__}")
+            check_value(key, overrides[key])

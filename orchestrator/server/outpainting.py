@@ -38,7 +38,7 @@ from orchestrator.jobs import Status
 from orchestrator.pipeline.tiles import MAX_TILES, Tile, combine, split
 from orchestrator.pipeline.validate import Limits
 from orchestrator.server import a1111, cells
-from orchestrator.server.generation import pipeline
+from orchestrator.server.generation import outputs_of, pipeline
 from orchestrator.server.outputs import save_picture
 
 NAME = "poor man's outpainting"
@@ -201,16 +201,16 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
             raise InputError(f"poor man's outpainting: tile {number} was not made ({job.status.value})")
     made = [job for job in jobs if job.images]  # all, unless /sdapi/v1/interrupt ended the outpainting
     if not made:
-        return cells.nothing_made(body, jobs[0])
+        return cells.nothing_made(request, body, jobs[0])
     for tile, job in zip(outer, jobs):  # a tile the interrupt kept from running stays as drawn
         if job.images:
             tile.image = Image.fromarray(job.images[0])
     combined = await run_in_threadpool(combine, grid, *drawn.image.size, outpainting.pixels)
     picture, info = np.asarray(combined), made[0].infos[0]
     if body.save_images and not body.do_not_save_samples:  # the image alone, not its tiles (as there)
-        await run_in_threadpool(save_picture, picture, info, kind, request.app.state.settings.outputs_dir)
+        await run_in_threadpool(save_picture, picture, info, kind, outputs_of(request, body))
     details = cells.details(made[0], [info], jobs=jobs)
     details["poor_mans_outpainting"] = {"tiles": len(jobs), "size": list(drawn.image.size),
                                         "interrupted": len(jobs) - len(made),
                                         "seconds": round(time.time() - jobs[0].created, 3)}
-    return cells.answer(body, [(picture, info)], details)
+    return cells.answer(request, body, [(picture, info)], details)

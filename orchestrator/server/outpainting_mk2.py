@@ -42,7 +42,7 @@ from kiln.outpaint_noise import matched_noise
 from orchestrator.jobs import Status
 from orchestrator.pipeline.validate import check_counts
 from orchestrator.server import a1111, cells
-from orchestrator.server.generation import pipeline
+from orchestrator.server.generation import outputs_of, pipeline
 from orchestrator.server.outpainting import DIRECTIONS, check_growth, growth, png_b64
 from orchestrator.server.outputs import image_grid, save_picture
 
@@ -223,11 +223,11 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
                                      for n in range(body.batch_size * body.n_iter))
     made = [(image, job) for image, job, _ in grown if job.images]  # an image interrupted before its first pass: none
     if not made:
-        return cells.nothing_made(body, grown[0][1])
+        return cells.nothing_made(request, body, grown[0][1])
     images = [(image, job.infos[0]) for image, job in made]
     if body.save_images and not body.do_not_save_samples:  # the grown images, not their passes (as there)
         for picture, info in images:
-            await run_in_threadpool(save_picture, picture, info, kind, request.app.state.settings.outputs_dir)
+            await run_in_threadpool(save_picture, picture, info, kind, outputs_of(request, body))
     alike = len({image.shape for image, _ in images}) == 1  # (interrupted images stop at the pass they were in)
     grid = await run_in_threadpool(image_grid, [image for image, _ in images]) if len(images) > 1 and alike else None
     await cells.save(request, body, kind, [], grid, images[0][1], "grid")
@@ -239,4 +239,4 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
                                   "size": [int(images[0][0].shape[1]), int(images[0][0].shape[0])],
                                   "interrupted": sum(not complete for *_, complete in grown),
                                   "seconds": round(time.time() - first.created, 3)}
-    return cells.answer(body, ([(grid, images[0][1])] if grid is not None else []) + images, details)
+    return cells.answer(request, body, ([(grid, images[0][1])] if grid is not None else []) + images, details)

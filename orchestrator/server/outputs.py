@@ -1,7 +1,8 @@
-"""AUTOMATIC1111's save_images: a finished job's images written to the outputs folder, each a PNG with its infotext,
-as its UI saves them: outputs/txt2img-images/<date>/<number>-<seed>.png (img2img-images for img2img), numbered on
-from the highest number in that folder; with more than one image, also their grid (unless do_not_save_grid), in
-outputs/txt2img-grids/<date>/grid-<number>.png, laid out as its image_grid (round(sqrt(n)) rows)."""
+"""AUTOMATIC1111's save_images: a finished job's images written to the outputs folder, each with its infotext, as its
+UI saves them: outputs/txt2img-images/<date>/<number>-<seed>.png (img2img-images for img2img; the extension is
+samples_format's: png, jpg, jpeg or webp), numbered on from the highest number in that folder; with more than one
+image, also their grid (unless do_not_save_grid; grid_format's), in outputs/txt2img-grids/<date>/grid-<number>.png,
+laid out as its image_grid (round(sqrt(n)) rows)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import math
 import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kiln.imaging import encode_png
+from kiln.imaging import PNG, ImageFormat
 from kiln.infotext import parameters_text
 from orchestrator.jobs import Job, Status
 
@@ -22,50 +24,62 @@ _NUMBERED = re.compile(r"^(\d{5})-")
 _GRID = re.compile(r"^grid-(\d{4})")
 
 
-def save_job_images(job: Job, folder: Path, grid: bool = True) -> list[Path]:
-    """Write a done job's images under `folder` (nothing for a failed or cancelled one), and their grid where there
-    are several and `grid`; return the paths written."""
+@dataclass(frozen=True)
+class Outputs:
+    """Where and how save_images writes: the outputs folder, the images' encoding (samples_format, jpeg_quality,
+    webp_lossless) and the grids' (grid_format)."""
+
+    folder: Path
+    samples: ImageFormat = PNG
+    grids: ImageFormat = PNG
+
+
+def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]:
+    """Write a done job's images under the outputs folder (nothing for a failed or cancelled one), and their grid
+    where there are several and `grid`; return the paths written."""
     if job.status != Status.DONE or not job.images:
         return []
     kind, date = "img2img" if job.kind == "img2img" else "txt2img", time.strftime("%Y-%m-%d")
-    grids = folder / f"{kind}-grids" / date
+    grids = outputs.folder / f"{kind}-grids" / date
     with _LOCK:
-        paths = _write_samples(list(zip(job.images, job.infos)), kind, folder)
+        paths = _write_samples(list(zip(job.images, job.infos)), kind, outputs)
         if grid and len(job.images) > 1:
             grids.mkdir(parents=True, exist_ok=True)
-            path = grids / f"grid-{_next_number(grids, _GRID):04d}.png"
-            path.write_bytes(encode_png(image_grid(job.images), {"parameters": parameters_text(job.infos[0])}))
+            path = grids / f"grid-{_next_number(grids, _GRID):04d}.{outputs.grids.name}"
+            text = {"parameters": parameters_text(job.infos[0])}
+            path.write_bytes(outputs.grids.encode(image_grid(job.images), text))
             paths.append(path)
     return paths
 
 
-def save_picture(image: np.ndarray, info: dict, kind: str, folder: Path) -> Path:
+def save_picture(image: np.ndarray, info: dict, kind: str, outputs: Outputs) -> Path:
     """One picture a script made of its jobs' (poor man's outpainting's), saved as a job's image is."""
     with _LOCK:
-        return _write_samples([(image, info)], "img2img" if kind == "img2img" else "txt2img", folder)[0]
+        return _write_samples([(image, info)], "img2img" if kind == "img2img" else "txt2img", outputs)[0]
 
 
-def _write_samples(pictures: list[tuple[np.ndarray, dict]], kind: str, folder: Path) -> list[Path]:
-    """outputs/<kind>-images/<date>/<number>-<seed>.png, numbered on from the folder's highest (under _LOCK)."""
-    day = folder / f"{kind}-images" / time.strftime("%Y-%m-%d")
+def _write_samples(pictures: list[tuple[np.ndarray, dict]], kind: str, outputs: Outputs) -> list[Path]:
+    """outputs/<kind>-images/<date>/<number>-<seed>.<samples_format>, numbered on from the folder's highest (under
+    _LOCK)."""
+    day = outputs.folder / f"{kind}-images" / time.strftime("%Y-%m-%d")
     day.mkdir(parents=True, exist_ok=True)
     number, paths = _next_number(day, _NUMBERED), []
     for offset, (image, info) in enumerate(pictures):
-        path = day / f"{number + offset:05d}-{info.get('seed')}.png"
-        path.write_bytes(encode_png(image, {"parameters": parameters_text(info)}))
+        path = day / f"{number + offset:05d}-{info.get('seed')}.{outputs.samples.name}"
+        path.write_bytes(outputs.samples.encode(image, {"parameters": parameters_text(info)}))
         paths.append(path)
     return paths
 
 
-def save_grid(grid: np.ndarray, info: dict, kind: str, folder: Path, basename: str = "xyz_grid") -> Path:
+def save_grid(grid: np.ndarray, info: dict, kind: str, outputs: Outputs, basename: str = "xyz_grid") -> Path:
     """A script's grid (the X/Y/Z plot's xyz_grid, the prompt matrix's prompt_matrix), as AUTOMATIC1111 saves it:
-    outputs/<kind>-grids/<date>/<basename>-<number>.png."""
-    grids = folder / f"{'img2img' if kind == 'img2img' else 'txt2img'}-grids" / time.strftime("%Y-%m-%d")
+    outputs/<kind>-grids/<date>/<basename>-<number>.<grid_format>."""
+    grids = outputs.folder / f"{'img2img' if kind == 'img2img' else 'txt2img'}-grids" / time.strftime("%Y-%m-%d")
     numbered = re.compile(rf"^{re.escape(basename)}-(\d{{4}})")
     with _LOCK:
         grids.mkdir(parents=True, exist_ok=True)
-        path = grids / f"{basename}-{_next_number(grids, numbered):04d}.png"
-        path.write_bytes(encode_png(grid, {"parameters": parameters_text(info)}))
+        path = grids / f"{basename}-{_next_number(grids, numbered):04d}.{outputs.grids.name}"
+        path.write_bytes(outputs.grids.encode(grid, {"parameters": parameters_text(info)}))
     return path
 
 

@@ -136,7 +136,7 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
                              f"({job.error or job.status.value})")
     made = [job for job in jobs if job.images]  # all, unless /sdapi/v1/interrupt ended the matrix
     if not made:
-        return cells.nothing_made(body, jobs[0])
+        return cells.nothing_made(request, body, jobs[0])
     images = [(job.images[0], job.infos[0]) for job in made]
     blank = np.zeros_like(images[0][0])  # a combination the interrupt kept from running, black in the grid
     grid = await run_in_threadpool(draw, matrix, [job.images[0] if job.images else blank for job in jobs])
@@ -144,4 +144,4 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     details = cells.details(made[0], [info for _, info in images], before=(images[0][1],), jobs=jobs)
     details["prompt_matrix"] = {"images": len(made), "interrupted": len(jobs) - len(made),
                                 "seconds": round(time.time() - jobs[0].created, 3)}
-    return answer(body, [(grid, images[0][1]), *images], details)
+    return answer(request, body, [(grid, images[0][1]), *images], details)

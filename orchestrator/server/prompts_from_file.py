@@ -179,10 +179,10 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
                              f"({job.error or job.status.value})")
     made = [job for job in jobs if job.images]  # all, unless /sdapi/v1/interrupt ended the lines
     if not made:
-        return cells.nothing_made(body, jobs[0])
+        return cells.nothing_made(request, body, jobs[0])
     images = [(image, info) for job in made for image, info in zip(job.images, job.infos)]
     await cells.save(request, body, kind, made, None, {}, "")  # no grid, as there
     details = cells.details(made[0], [info for _, info in images], jobs=jobs)
     details["prompts_from_file"] = {"lines": len(jobs), "images": len(images), "interrupted": len(jobs) - len(made),
                                     "seconds": round(time.time() - jobs[0].created, 3)}
-    return cells.answer(body, images, details)
+    return cells.answer(request, body, images, details)

@@ -327,7 +327,7 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     if not done:
         failed = next((job for job in jobs if job.error is not None), None)
         if failed is None and all(stopped(job) for job in jobs):
-            return nothing_made(body, jobs[0])
+            return nothing_made(request, body, jobs[0])
         raise InputError(f"X/Y/Z plot: no cell produced an image ({failed.error if failed else 'all cancelled'})")
     pictures = {index: image_grid(job.images) for (index, _), job in zip(cells, jobs) if job in done}
     blank = np.zeros_like(next(iter(pictures.values())))
@@ -351,7 +351,7 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     details["xyz"] = {"cells": len(jobs), "done": len(done), "seconds": round(time.time() - jobs[0].created, 3),
                       "failed": [str(job.error) for job in jobs if job.status != Status.DONE],
                       "interrupted": sum(stopped(job) for job in jobs)}  # not run: blank in the grid
-    return answer(body, [(picture, info) for picture in (grid, *subgrids)] + lone, details)
+    return answer(request, body, [(picture, info) for picture in (grid, *subgrids)] + lone, details)
 
 
 def _cell_names(plot: Plot, index: tuple[int, int, int]) -> list[str]:

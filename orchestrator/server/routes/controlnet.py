@@ -11,10 +11,10 @@ from starlette.concurrency import run_in_threadpool
 from kiln import schemas
 from kiln.detect import DEFAULT_RESOLUTION, detect_map, inpaint_display, processor_resolution
 from kiln.errors import InputError, TooLargeError
-from kiln.imaging import encode_png
 from kiln.preprocessors import PREPROCESSORS, preprocessor
 from orchestrator.server.generation import engine, served_contract
 from orchestrator.server.inputs import decode_b64_image
+from orchestrator.server.options import image_format
 
 router = APIRouter(prefix="/controlnet", tags=["controlnet"])
 # the model-name words a control type also matches (the extension's Preprocessor.tag_to_filters, for kiln's tags)
@@ -91,14 +91,16 @@ async def detect(request: Request, body: schemas.ControlNetDetectBody):
 
     masks = [(f"controlnet_masks[{index}]", text) for index, text in enumerate(body.controlnet_masks)]
 
+    encoding = image_format(request.app.state.options)  # (the extension encodes as AUTOMATIC1111's API does)
+
     def run() -> list[str]:  # every header first: an image refused before any is decoded
         checked = [(what, decode_b64_image(text, what, limits.max_image_pixels)) for what, text in images]
         if masks:  # an inpaint module's: the image with its mask shown as the extension shows it
             given = [(what, decode_b64_image(text, what, limits.max_image_pixels)) for what, text in masks]
-            return [base64.b64encode(encode_png(inpaint_display(data, mask, limits.max_image_pixels, what,
-                                                                mask_what))).decode()
+            return [base64.b64encode(encoding.encode(inpaint_display(data, mask, limits.max_image_pixels, what,
+                                                                     mask_what))).decode()
                     for (what, data), (mask_what, mask) in zip(checked, given)]
-        return [base64.b64encode(encode_png(detect_map(data, module, resolution, a, b, limits.max_image_pixels,
-                                                       what))).decode() for what, data in checked]
+        return [base64.b64encode(encoding.encode(detect_map(data, module, resolution, a, b, limits.max_image_pixels,
+                                                            what))).decode() for what, data in checked]
 
     return {"images": await run_in_threadpool(run), "info": "Success"}

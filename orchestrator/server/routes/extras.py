@@ -12,11 +12,12 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.errors import InputError, KilnError, TooLargeError
-from kiln.imaging import ImageLimits, decode_image, encode_png
+from kiln.imaging import PNG, ImageFormat, ImageLimits, decode_image
 from kiln.upscale import NO_NETWORKS, UPSCALERS, Network, UpscaleOptions, check, html_info, upscale
 from orchestrator.server.errors import count
 from orchestrator.server.generation import engine, pipeline
 from orchestrator.server.inputs import decode_b64_image
+from orchestrator.server.options import image_format
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 
@@ -29,10 +30,12 @@ def options_of(body: schemas.ExtrasBody) -> UpscaleOptions:
 
 
 def run_extras(images: list[tuple[str, str]], options: UpscaleOptions, max_pixels: int,
-               networks: Mapping[str, Network] = NO_NETWORKS) -> tuple[list[str], str]:
-    """Every image's header checked (refused before any is decoded), then each decoded, upscaled and encoded as a
-    base64 PNG, one at a time; and the (last) infotext. The PNG carries the input's text chunks (its `parameters`,
-    say) and `postprocessing`, as AUTOMATIC1111's do."""
+               networks: Mapping[str, Network] = NO_NETWORKS, encoding: ImageFormat = PNG
+               ) -> tuple[list[str], str]:
+    """Every image's header checked (refused before any is decoded), then each decoded, upscaled and encoded as
+    base64 (`encoding`: the server's samples_format, PNG by default), one at a time; and the (last) infotext. A PNG
+    carries the input's text chunks (its `parameters`, say) and `postprocessing`, as AUTOMATIC1111's do (a JPEG or
+    WebP its `parameters`, in EXIF)."""
     checked = [(what, decode_b64_image(text, what, max_pixels)) for what, text in images]
     encoded, info = [], ""
     for what, data in checked:
@@ -42,7 +45,7 @@ def run_extras(images: list[tuple[str, str]], options: UpscaleOptions, max_pixel
             result, info = upscale(image, options, max_pixels, networks)
         except InputError as exc:
             raise InputError(f"{what}: {exc}") from None
-        encoded.append(base64.b64encode(encode_png(result, chunks | {"postprocessing": info})).decode())
+        encoded.append(base64.b64encode(encoding.encode(result, chunks | {"postprocessing": info})).decode())
     return encoded, info
 
 
@@ -57,7 +60,8 @@ async def extras(request: Request, endpoint: str, body: schemas.ExtrasBody, imag
         check(options, networks)  # an unknown upscaler is refused before any image is read
         if len(images) > limits.max_images:
             raise TooLargeError(f"imageList: {len(images)} images; at most {limits.max_images} per request")
-        encoded, text = await run_in_threadpool(run_extras, images, options, limits.max_image_pixels, networks)
+        encoded, text = await run_in_threadpool(run_extras, images, options, limits.max_image_pixels, networks,
+                                                image_format(request.app.state.options))
     except KilnError as exc:
         count(request, endpoint, "413" if isinstance(exc, TooLargeError) else "422")
         raise

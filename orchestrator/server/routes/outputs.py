@@ -10,10 +10,12 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from kiln.infotext import parse_infotext
+from kiln.imaging import IMAGE_FORMATS
+from kiln.infotext import infotext_of, parse_infotext
 from orchestrator.server.errors import APIError
 
 router = APIRouter(prefix="/v1/outputs", tags=["outputs"])
+MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}  # (IMAGE_FORMATS' values)
 
 
 class OutputItem(BaseModel):
@@ -23,7 +25,7 @@ class OutputItem(BaseModel):
     modified: float
     width: int
     height: int
-    parameters: str  # the PNG's infotext ("" when it has none)
+    parameters: str  # the image's infotext ("" when it has none; a JPEG's or WebP's from its EXIF)
     fields: dict  # the infotext parsed (Prompt, Negative prompt, Steps, Sampler, Seed, ...)
 
 
@@ -37,13 +39,13 @@ def _listing(folder: Path, offset: int, limit: int, kind: str | None) -> dict:
 
     if not folder.is_dir():
         return {"total": 0, "items": []}
-    files = sorted(((p.stat().st_mtime, p.name, p) for p in folder.glob("*/*/*.png")
-                    if kind is None or p.parts[-3] == kind), reverse=True)
+    files = sorted(((p.stat().st_mtime, p.name, p) for p in folder.glob("*/*/*.*")
+                    if _saved(p) and (kind is None or p.parts[-3] == kind)), reverse=True)
     items = []
     for modified, _, path in files[offset:offset + limit]:
         try:
             with Image.open(path) as image:
-                size, text = image.size, str(image.info.get("parameters", ""))
+                size, text = image.size, infotext_of(image)
         except OSError:  # being written, or not an image after all: left out of this page
             continue
         relative = path.relative_to(folder).as_posix()
@@ -65,6 +67,11 @@ async def list_outputs(request: Request, offset: int = Query(0, ge=0), limit: in
 async def output_file(request: Request, path: str):
     folder = Path(request.app.state.settings.outputs_dir).resolve()
     target = (folder / path).resolve()
-    if not target.is_relative_to(folder) or target.suffix.lower() != ".png" or not target.is_file():
+    if not target.is_relative_to(folder) or not _saved(target) or not target.is_file():
         raise APIError(404, "not_found", f"no saved image {path!r}")
-    return FileResponse(target, media_type="image/png")
+    return FileResponse(target, media_type=MEDIA_TYPES[IMAGE_FORMATS[target.suffix.lower()[1:]]])
+
+
+def _saved(path: Path) -> bool:
+    """A file save_images writes: png, jpg, jpeg or webp (samples_format)."""
+    return path.suffix.lower()[1:] in IMAGE_FORMATS

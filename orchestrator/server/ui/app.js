@@ -319,6 +319,12 @@ async function finish(task, status, error, result) {
   state.shown = task.id;
 }
 
+// A base64 image's data URL, its type read from its first bytes (the server's samples_format: PNG, JPEG or WebP).
+function imageURL(base64) {
+  const type = base64.startsWith("/9j/") ? "jpeg" : base64.startsWith("UklGR") ? "webp" : "png";
+  return `data:image/${type};base64,${base64}`;
+}
+
 function showResult(result, kind = "txt2img") {
   $("#preview").hidden = true;
   const info = typeof result.info === "string" ? JSON.parse(result.info) : result.info;
@@ -328,7 +334,7 @@ function showResult(result, kind = "txt2img") {
   state.result = { images: result.images, info, kind, selected: first };
   $("#results").replaceChildren(...result.images.map((image, index) => {
     const element = document.createElement("img");
-    element.src = `data:image/png;base64,${image}`;
+    element.src = imageURL(image);
     element.alt = `result ${index + 1}`;
     element.className = "result";
     element.classList.toggle("selected", index === first);
@@ -375,7 +381,7 @@ function canHiresSaved(item) {
 async function hiresOf(image, seed, subseed) {
   clearErrors();
   const picture = new Image();
-  picture.src = `data:image/png;base64,${image}`;
+  picture.src = imageURL(image);
   await picture.decode();
   let body;
   try {
@@ -650,7 +656,7 @@ async function readPngInfo(files) {
   try {
     const base64 = await fileToBase64(file);
     const answer = await api("POST", "/sdapi/v1/png-info", { image: base64 });
-    state.pngInfo = { url: `data:image/png;base64,${base64}`, fields: answer.parameters, path: file.name };
+    state.pngInfo = { url: imageURL(base64), fields: answer.parameters, path: file.name };
     $("#png-image").src = state.pngInfo.url;
     $("#png-parameters").textContent = answer.info || "(no parameters in this image)";
     $("#png-detail").hidden = false;
