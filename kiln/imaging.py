@@ -262,6 +262,8 @@ def encode_png(image: Image.Image | np.ndarray, text: dict[str, str] | None = No
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag
 UNICODE_COMMENT = b"UNICODE\0"  # EXIF's character code for UTF-16 (big-endian, as piexif writes it)
+ASCII_COMMENT = b"ASCII\0\0\0"
+WEBP_MAX_SIDE = 16383  # libwebp's limit
 
 
 @dataclass(frozen=True)
@@ -275,16 +277,33 @@ class ImageFormat:
     lossless: bool = False  # WebP's
 
     def encode(self, image: Image.Image | np.ndarray, text: dict[str, str] | None = None) -> bytes:
+        """The image's bytes. A JPEG's EXIF holds at most 64 KB: an infotext too long for it in UTF-16 (over ~32,000
+        characters) is written in ASCII where it is ASCII, and left out where neither fits (the answer's info still
+        has it). A WebP side over 16,383 pixels is refused, naming the setting."""
         if self.name == "png":
             return encode_png(image, text)
         if isinstance(image, np.ndarray):
             image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-        exif = Image.Exif()
-        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE_COMMENT + (text or {}).get("parameters", "").encode("utf-16-be")
-        options = {"lossless": self.lossless} if IMAGE_FORMATS[self.name] == "WEBP" else {}
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format=IMAGE_FORMATS[self.name], exif=exif, quality=self.quality, **options)
-        return buffer.getvalue()
+        pil, comment = IMAGE_FORMATS[self.name], (text or {}).get("parameters", "")
+        if pil == "WEBP" and max(image.size) > WEBP_MAX_SIDE:
+            raise InputError(f"samples_format {self.name!r}: a {image.size[0]}x{image.size[1]} image is over WebP's "
+                             f"{WEBP_MAX_SIDE} pixels a side; use png or jpg for it")
+        comments = [UNICODE_COMMENT + comment.encode("utf-16-be")]
+        comments += [ASCII_COMMENT + comment.encode("ascii")] if comment.isascii() else []
+        options = {"lossless": self.lossless} if pil == "WEBP" else {}
+        for raw in [*comments, None]:
+            exif = Image.Exif()
+            if raw is not None:
+                exif.get_ifd(EXIF_IFD)[USER_COMMENT] = raw
+            buffer = io.BytesIO()
+            try:
+                image.convert("RGB").save(buffer, format=pil, exif=exif, quality=self.quality, **options)
+            except ValueError as exc:  # Pillow's "EXIF data is too long" (JPEG's 64 KB APP1 segment)
+                if "EXIF" not in str(exc) or raw is None:
+                    raise
+                continue
+            return buffer.getvalue()
+        raise AssertionError("unreachable: the last try has no comment")
 
 
 PNG = ImageFormat()  # AUTOMATIC1111's default samples_format
@@ -296,7 +315,9 @@ def user_comment(image: Image.Image) -> str:
     raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT, b"")
     if isinstance(raw, str):
         return raw
-    codes = {UNICODE_COMMENT: "utf-16-be", b"ASCII\0\0\0": "ascii", b"JIS\0\0\0\0\0": "shift_jis"}
+    if not isinstance(raw, bytes):  # a file from elsewhere with another type under the tag: no infotext
+        return ""
+    codes = {UNICODE_COMMENT: "utf-16-be", ASCII_COMMENT: "ascii", b"JIS\0\0\0\0\0": "shift_jis"}
     if raw[:8] in codes:
         return raw[8:].decode(codes[raw[:8]], errors="ignore")
     return raw.decode("utf8", errors="ignore")

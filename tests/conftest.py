@@ -75,14 +75,18 @@ def pytest_collection_finish(session) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_node_collection_finished(node, ids) -> None:
-    _stop_a_whole_run_on_a_full_disk(len(ids), "not slow" not in (node.config.option.markexpr or ""))
+    workers = node.config.option.numprocesses
+    _stop_a_whole_run_on_a_full_disk(len(ids), "not slow" not in (node.config.option.markexpr or ""),
+                                     workers if isinstance(workers, int) and workers > 1 else 1)
 
 
-def _stop_a_whole_run_on_a_full_disk(count: int, slow: bool) -> None:
-    free = _free_gb()
-    if slow and count > 100 and free < RUN_NEEDS_GB:
+def _stop_a_whole_run_on_a_full_disk(count: int, slow: bool, processes: int = 1) -> None:
+    """(Each process builds its own session fixtures: the need is per process, at most.)"""
+    free, needs = _free_gb(), RUN_NEEDS_GB * processes
+    if slow and count > 100 and free < needs:
         pytest.exit(f"only {free:.1f} GB free in {tempfile.gettempdir()}; the test run writes about "
-                    f"{RUN_NEEDS_GB:g} GB of builds (free some space, or point TMPDIR at a larger disk)", returncode=4)
+                    f"{needs:g} GB of builds (free some space, point TMPDIR at a larger disk, or run fewer "
+                    f"processes: make test TEST_WORKERS=1)", returncode=4)
 
 
 # `make test` runs the tests on two processes (pytest-xdist, `--dist loadfile --no-loadscope-reorder`: a module's

@@ -56,6 +56,18 @@ def test_the_encoding_settings_are_honoured():
     assert opened(png).format == "PNG" and read_png_info(png)["info"] == TEXT
 
 
+def test_what_a_format_cannot_hold_is_handled():
+    """A JPEG's EXIF holds 64 KB: a long ASCII infotext goes in ASCII, a long other one is left out (the answer's info
+    has it), never a failed encode; a WebP side over 16,383 pixels is refused naming the setting."""
+    image = picture(3, 32)
+    long_ascii, long_other = "a, " * 15000, "é" * 40000
+    assert read_png_info(ImageFormat("jpg").encode(image, {"parameters": long_ascii}))["info"] == long_ascii
+    assert read_png_info(ImageFormat("jpg").encode(image, {"parameters": long_other}))["info"] == ""
+    assert read_png_info(ImageFormat("webp").encode(image, {"parameters": long_other}))["info"] == long_other
+    with pytest.raises(InputError, match="samples_format 'webp': a 16400x8 image is over WebP's 16383 pixels"):
+        ImageFormat("webp").encode(np.zeros((8, 16400, 3), np.uint8))
+
+
 def test_a_user_comment_is_read_by_its_character_code():
     def comment(raw: bytes) -> str:
         exif = Image.Exif()
@@ -67,6 +79,11 @@ def test_a_user_comment_is_read_by_its_character_code():
     assert comment(b"ASCII\0\0\0Steps: 2") == "Steps: 2"
     assert comment(b"UNICODE\0" + "Steps: 2".encode("utf-16-be")) == "Steps: 2"
     assert comment(b"Steps: 3") == "Steps: 3"  # no character code: the bytes as UTF-8, as AUTOMATIC1111 falls back
+    exif = Image.Exif()
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = 7  # another type under the tag (a file from elsewhere): no infotext
+    buffer = io.BytesIO()
+    Image.fromarray(picture()).save(buffer, format="JPEG", exif=exif)
+    assert read_png_info(buffer.getvalue())["info"] == ""
     assert read_png_info(PNG.encode(picture()))["info"] == ""
 
 

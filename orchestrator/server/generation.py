@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kiln import schemas
 from kiln.contract import SDContract
+from kiln.errors import KilnError
 from orchestrator.engine import Engine
 from orchestrator.jobs import Job, Status
 from orchestrator.pipeline import Pipeline
@@ -103,7 +104,8 @@ def outputs_of(request: Request, body: schemas.Txt2ImgBody) -> Outputs:
 def save_logged(job: Job, outputs: Outputs, grid: bool) -> None:
     try:
         paths = save_job_images(job, outputs, grid)
-    except OSError as exc:  # the images are still answered; the outputs folder's trouble is the log's
+    except (OSError, KilnError) as exc:  # the images are still answered; the outputs folder's trouble (or an image
+        # its samples_format cannot hold: a WebP side over 16,383 pixels) is the log's
         log.error("save_images: could not write job %s's images to %s: %s", job.id, outputs.folder, exc)
         return
     if paths:

@@ -46,7 +46,8 @@ def _listing(folder: Path, offset: int, limit: int, kind: str | None) -> dict:
         try:
             with Image.open(path) as image:
                 size, text = image.size, infotext_of(image)
-        except OSError:  # being written, or not an image after all: left out of this page
+        except Exception:  # noqa: BLE001 - being written, not an image after all, or metadata PIL cannot read: left
+            # out of this page (one odd file never fails the listing)
             continue
         relative = path.relative_to(folder).as_posix()
         items.append({"path": relative, "url": f"/v1/outputs/file/{relative}", "kind": path.parts[-3],
