@@ -288,6 +288,7 @@ class ImageFormat:
         if pil == "WEBP" and max(image.size) > WEBP_MAX_SIDE:
             raise InputError(f"samples_format {self.name!r}: a {image.size[0]}x{image.size[1]} image is over WebP's "
                              f"{WEBP_MAX_SIDE} pixels a side; use png or jpg for it")
+        image = image.convert("RGB")  # (JPEG has no alpha; AUTOMATIC1111's answers are RGB)
         comments = [UNICODE_COMMENT + comment.encode("utf-16-be")]
         comments += [ASCII_COMMENT + comment.encode("ascii")] if comment.isascii() else []
         options = {"lossless": self.lossless} if pil == "WEBP" else {}
@@ -297,7 +298,7 @@ class ImageFormat:
                 exif.get_ifd(EXIF_IFD)[USER_COMMENT] = raw
             buffer = io.BytesIO()
             try:
-                image.convert("RGB").save(buffer, format=pil, exif=exif, quality=self.quality, **options)
+                image.save(buffer, format=pil, exif=exif, quality=self.quality, **options)
             except ValueError as exc:  # Pillow's "EXIF data is too long" (JPEG's 64 KB APP1 segment)
                 if "EXIF" not in str(exc) or raw is None:
                     raise

@@ -171,9 +171,14 @@ def paste_outside_mask(images: np.ndarray, init_image: bytes, soft: Image.Image)
     """AUTOMATIC1111's overlay for the whole picture: the init image over each result, opaque where the soft mask
     (soft_mask, at the images' size) keeps it, with the mask doubled first (its mask_for_overlay: a pixel blurred
     half-way in or further repaints whole)."""
-    doubled = np.clip(np.asarray(soft, dtype=np.float32) * 2, 0, 255).astype(np.uint8)
-    overlay = init_overlay(resized_rgb(init_image, soft.width, soft.height), Image.fromarray(doubled, "L"))
+    overlay = init_overlay(resized_rgb(init_image, soft.width, soft.height), doubled(soft))
     return np.stack([np.asarray(under_overlay(Image.fromarray(image), overlay)) for image in images])
+
+
+def doubled(soft: Image.Image) -> Image.Image:
+    """AUTOMATIC1111's mask_for_overlay for the whole picture: the soft mask doubled (a pixel blurred half-way in or
+    further is repainted whole)."""
+    return Image.fromarray(np.clip(np.asarray(soft, dtype=np.float32) * 2, 0, 255).astype(np.uint8), "L")
 
 
 def init_overlay(init: Image.Image, mask: Image.Image) -> Image.Image:

@@ -215,10 +215,11 @@ class Engine:
             result = pipeline.generate(run, progress, job.cancel_event.is_set, unet_call=replica.batcher,
                                        stop_early=lambda: job.interrupted or job.skipped,
                                        denoising=lambda: self._denoising(replica.batcher), refiner=refiner)
-            for image, seed in zip(result.images, result.seeds):
+            for position, (image, seed) in enumerate(zip(result.images, result.seeds)):
                 index = len(job.images)
                 job.images.append(image)
                 job.infos.append(result.info | {"seed": seed, "index": index})
+                job.before.append({name: kept[position] for name, kept in result.before.items()})
             self.metrics.images.inc(len(result.images))
             done = iteration + 1
         return done

@@ -61,6 +61,8 @@ class Job:
     steps: int = 0  # steps of the current run
     images: list[np.ndarray] = field(default_factory=list)
     infos: list[dict] = field(default_factory=list)  # one per image
+    # one per image: its images from before a step that the request's intermediates kept (save_images_before_*)
+    before: list[dict[str, np.ndarray]] = field(default_factory=list)
     error: KilnError | None = None
     interrupted: bool = False  # AUTOMATIC1111 interrupt: stop now, keep what is done
     skipped: bool = False  # AUTOMATIC1111 skip: end the current run of n_iter, go on with the next

@@ -255,6 +255,20 @@ def triton(model_repo, lora_dir, tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def own_api(triton, tmp_path_factory):
+    """An API of the module's own in front of the session's Triton, with its own outputs folder (own_api.outputs):
+    for tests that change its options or count its saved files."""
+    from orchestrator.server.service import BackgroundAPI
+    from orchestrator.server.settings import Settings
+
+    outputs = tmp_path_factory.mktemp("outputs")
+    live = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), outputs_dir=outputs))
+    live.outputs = outputs
+    yield live
+    live.stop()
+
+
 def start_triton(repo: Path, log: Path, loras: Path | None = None, exit_timeout_s: int = 5,
                  **ports: int) -> TritonServer:
     """A Triton on free ports. It waits at most 5 s for in-flight requests when stopped (Triton's own default, 30 s,

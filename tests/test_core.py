@@ -188,11 +188,15 @@ def test_validation_names_the_field_with_one_set_of_limits():
               "mask_round must be true or false, got 0"),
              (replace(ok, eta_ancestral=1.5), InputError, r"eta_ancestral must be in \[0, 1\], got 1.5"),
              (replace(ok, hires=HiresFix(sampler="DPM++ SDE"), eta_ancestral=-0.1), InputError,
-              r"eta_ancestral must be in \[0, 1\], got -0.1")]
+              r"eta_ancestral must be in \[0, 1\], got -0.1"),
+             (replace(ok, intermediates=("highres-fix",)), InputError, "a step this request does not run"),
+             (replace(ok, hires=HiresFix(), intermediates=("face-restoration",)), InputError, "is not one of"),
+             (replace(ok, intermediates=["highres-fix"]), InputError, "must be a tuple")]
     for request, kind, message in cases:
         with pytest.raises(kind, match=message):
             check_request(request, CONTRACT)
     assert issubclass(UnknownSampler, NotFoundError)  # the API's 404
+    check_request(replace(ok, hires=HiresFix(), intermediates=("highres-fix",)), CONTRACT)
     check_request(replace(ok, steps=400), CONTRACT, Limits(max_steps=500))
     check_request(replace(ok, cfg_scale=np.float32(7.5), eta=np.float64(0.5)), CONTRACT)  # numpy numbers are numbers
     for sampler in ("Euler a Karras", "DPM++ SDE", "DPM++ 2M SDE Exponential", "DDIM", "Euler"):  # or no noise
@@ -824,11 +828,12 @@ def test_only_masked_crops_and_pastes_back_as_automatic1111():
     mask = Image.new("L", (120, 80), 0)
     mask.paste(255, (40, 30, 61, 40))  # 21 x 10: grown to 21 x 15 for 64 x 48 (1.4, not 1.33)
     generated = rng.integers(0, 256, (1, 48, 64, 3), dtype=np.uint8)
+    uncorrected = rng.integers(0, 256, (1, 48, 64, 3), dtype=np.uint8)  # (an image kept from before a step)
     inner = []
 
     def generate(request):
         inner.append(request)
-        return GenerationResult(images=generated, seeds=[1])
+        return GenerationResult(images=generated, seeds=[1], before={"color-correction": uncorrected})
 
     result = only_masked(generate, Img2ImgRequest(prompt="x", width=64, height=48, init_image=encode(original),
                                                   mask=encode(mask), mask_blur=0, inpaint_full_res=True,
@@ -843,6 +848,10 @@ def test_only_masked_crops_and_pastes_back_as_automatic1111():
     back[28:43, 40:61] = np.asarray(shaped(Image.fromarray(generated[0]), 21, 15, 1))
     assert np.array_equal(result.images[0][masked], back[masked])
     assert np.array_equal(result.images[0][~masked], np.asarray(original)[~masked])
+    # the images kept from before a step go back into the box as the images do
+    back[28:43, 40:61] = np.asarray(shaped(Image.fromarray(uncorrected[0]), 21, 15, 1))
+    kept = result.before["color-correction"][0]
+    assert np.array_equal(kept[masked], back[masked]) and np.array_equal(kept[~masked], np.asarray(original)[~masked])
 
 
 def _their_expand_crop_region(box, width, height, image_width, image_height):

@@ -15,11 +15,8 @@ from PIL import Image
 from kiln.errors import InputError
 from kiln.imaging import EXIF_IFD, PNG, USER_COMMENT, ImageFormat, user_comment
 from kiln.infotext import read_png_info
-from kiln.triton_server import free_port
 from orchestrator.server.a1111 import updated_options
 from orchestrator.server.options import check_image_settings, default_options
-from orchestrator.server.service import BackgroundAPI
-from orchestrator.server.settings import Settings
 
 TEXT = 'a "cat", café\nNegative prompt: dog\nSteps: 2, Sampler: Euler a, Seed: 7, Size: 64x64'
 
@@ -109,13 +106,8 @@ def test_the_settings_are_taken_in_any_case():
 
 
 @pytest.fixture(scope="module")
-def api(triton, tmp_path_factory):
-    """An API of its own: the tests change its options."""
-    outputs = tmp_path_factory.mktemp("outputs")
-    live = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), outputs_dir=outputs))
-    live.outputs = outputs
-    yield live
-    live.stop()
+def api(own_api):
+    return own_api
 
 
 SMALL = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 2, "seed": 7, "save_images": False}
@@ -176,5 +168,15 @@ def test_samples_format_encodes_the_answers_and_the_saved_files(api):
             refused = client.post("/sdapi/v1/options", json={"jpeg_quality": 101})
             assert refused.status_code == 422 and "jpeg_quality" in refused.text
             assert client.get("/sdapi/v1/options").json()["jpeg_quality"] == 90  # a refused change changes nothing
+
+            # override_settings that stay as the server's (restore_afterwards false) encode the request's own answer,
+            # as AUTOMATIC1111 encodes it once they are set: a generation's and a script's
+            stay = {"override_settings_restore_afterwards": False}
+            kept = SMALL | stay | {"override_settings": {"samples_format": "webp"}}
+            assert images_of(client.post("/sdapi/v1/txt2img", json=kept))[0].format == "WEBP"
+            assert client.get("/sdapi/v1/options").json()["samples_format"] == "webp"
+            kept = matrix | stay | {"override_settings": {"samples_format": "jpg"}}
+            assert {image.format for image in images_of(client.post("/sdapi/v1/txt2img", json=kept))} == {"JPEG"}
+            assert client.get("/sdapi/v1/options").json()["samples_format"] == "jpg"
         finally:
             client.post("/sdapi/v1/options", json={"samples_format": "png", "grid_format": "png"})

@@ -5,7 +5,7 @@
 """
 
 from orchestrator.pipeline.components import Components
-from orchestrator.pipeline.pipeline import Pipeline, UNetCall, with_seeds
+from orchestrator.pipeline.pipeline import Pipeline, UNetCall
 from orchestrator.pipeline.requests import (
                                             Cancelled,
                                             ControlNetUnit,
@@ -19,6 +19,7 @@ from orchestrator.pipeline.requests import (
                                             Txt2ImgRequest,
 )
 from orchestrator.pipeline.sampling import SAMPLERS, UnknownSampler, make_scheduler
+from orchestrator.pipeline.seeds import with_seeds
 from orchestrator.pipeline.validate import Limits, check_job, check_request
 
 __all__ = ["SAMPLERS", "Cancelled", "Components", "ControlNetUnit", "GenerationResult", "HiresFix", "Img2ImgRequest",

@@ -14,6 +14,7 @@ from kiln.imaging import ImageLimits, decode_image, encode_png, header_size, res
 from kiln.masks import (
     blur_radius,
     crop_region,
+    doubled,
     fill_masked,
     given_mask,
     init_overlay,
@@ -153,26 +154,51 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
 
 
 def finished(images: np.ndarray, latents: torch.Tensor, request: Img2ImgRequest, inpaint: dict | None) -> tuple:
-    """The decoded images as AUTOMATIC1111 finishes them, and soft inpainting's composite masks (else None): their
-    colours corrected (request.color_correction), then the init image pasted back outside the mask
-    (request.overlay), or with soft inpainting over each image where its latents changed little from the init
-    latents (the masks then go back to only_masked, which pastes them)."""
+    """The decoded images as AUTOMATIC1111 finishes them, soft inpainting's composite masks (else None), and the
+    images before colour correction where the request's intermediates ask for them ({"color-correction": ...}, the
+    overlay on them too, as its save_images_before_color_correction): their colours corrected
+    (request.color_correction), then the init image pasted back outside the mask (request.overlay), or with soft
+    inpainting over each image where its latents changed little from the init latents (the masks then go back to
+    only_masked, which pastes them)."""
+    corrected, before = images, {}
     if getattr(request, "color_correction", False):  # (txt2img's finish passes through here too)
-        images = color_corrected(images, request, None if inpaint is None else inpaint["filled"])
-    if inpaint is None:
-        return images, None
-    blend = inpaint["blend"]
-    if blend.soft is None:
-        return (paste_outside_mask(images, request.init_image, inpaint["soft"]) if request.overlay else images), None
-    masks = soft_inpainting.composite_masks(blend.soft, blend.repaint, blend.init, latents, request.width,
-                                            request.height)
-    if request.overlay:
-        from PIL import Image
+        corrected = color_corrected(images, request, None if inpaint is None else inpaint["filled"])
+    masks = None
+    if inpaint is not None and inpaint["blend"].soft is not None:
+        blend = inpaint["blend"]
+        masks = soft_inpainting.composite_masks(blend.soft, blend.repaint, blend.init, latents, request.width,
+                                                request.height)
+    if "color-correction" in request.intermediates:
+        before["color-correction"] = overlaid(images, request, inpaint, masks)
+    return overlaid(corrected, request, inpaint, masks), masks, before
 
-        init = resized_rgb(request.init_image, request.width, request.height)
-        images = np.stack([np.asarray(under_overlay(Image.fromarray(image), init_overlay(init, mask)))
-                           for image, mask in zip(images, masks)])
-    return images, masks
+
+def overlaid(images: np.ndarray, request: Img2ImgRequest, inpaint: dict | None, masks: list | None) -> np.ndarray:
+    """The init image pasted back over inpainting's images outside the mask (request.overlay): the doubled soft mask's
+    (paste_outside_mask), or each image's soft inpainting composite mask."""
+    if inpaint is None or not request.overlay:
+        return images
+    if masks is None:
+        return paste_outside_mask(images, request.init_image, inpaint["soft"])
+    from PIL import Image
+
+    init = resized_rgb(request.init_image, request.width, request.height)
+    return np.stack([np.asarray(under_overlay(Image.fromarray(image), init_overlay(init, mask)))
+                     for image, mask in zip(images, masks)])
+
+
+def overlay_mask(request: Img2ImgRequest):
+    """AUTOMATIC1111's mask_for_overlay, the mask the init image is pasted back by (what its save_mask and return_mask
+    give): the mask read, inverted where asked and blurred; for the whole picture shaped to the generation's size and
+    doubled (paste_outside_mask's), for only masked at the init image's own size (only_masked's). None without one."""
+    if not request.mask:
+        return None
+    if request.inpaint_full_res:
+        width, height = decode_image(request.init_image, ImageLimits(min_side=1)).size  # (upright, as only_masked's)
+        return soft_mask(request.mask, width, height, request.mask_blur, request.inpainting_mask_invert,
+                         binarize=request.mask_round)
+    return doubled(soft_mask(request.mask, request.width, request.height, request.mask_blur,
+                             request.inpainting_mask_invert, request.mask_resize, request.mask_round))
 
 
 def color_corrected(images: np.ndarray, request: Img2ImgRequest, filled: np.ndarray | None) -> np.ndarray:
@@ -217,17 +243,22 @@ def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request:
     # the init image back outside the blurred mask (not doubled here, as there); with soft inpainting, outside each
     # image's composite mask, put back into the box as the image is
     overlay = init_overlay(original, mask) if request.overlay else None
-    images = []
-    for index, generated in enumerate(result.images):
-        if result.masks is not None and overlay is not None:
-            composite = Image.new("L", original.size)
-            composite.paste(shaped(result.masks[index], *region, 1), box[:2])
-            overlay = init_overlay(original, composite)
-        # back into the box as "crop and resize"; with the overlay, onto a transparent canvas it covers outside the box
-        canvas = original.copy() if overlay is None else Image.new("RGBA", original.size)
-        canvas.paste(shaped(Image.fromarray(generated), *region, 1), box[:2])
-        images.append(np.asarray(canvas if overlay is None else under_overlay(canvas, overlay), dtype=np.uint8))
+
+    def pasted(generated_images: np.ndarray) -> np.ndarray:  # (the images, and those kept from before a step)
+        images, own = [], overlay
+        for index, generated in enumerate(generated_images):
+            if result.masks is not None and own is not None:
+                composite = Image.new("L", original.size)
+                composite.paste(shaped(result.masks[index], *region, 1), box[:2])
+                own = init_overlay(original, composite)
+            # back into the box as "crop and resize"; with the overlay, onto a transparent canvas it covers outside
+            canvas = original.copy() if own is None else Image.new("RGBA", original.size)
+            canvas.paste(shaped(Image.fromarray(generated), *region, 1), box[:2])
+            images.append(np.asarray(canvas if own is None else under_overlay(canvas, own), dtype=np.uint8))
+        return np.stack(images)
+
     info = result.info | {"mask_blur": blur_radius(request.mask_blur),
                           "inpainting_mask_invert": request.inpainting_mask_invert, "inpaint_full_res": True,
                           "inpaint_full_res_padding": request.inpaint_full_res_padding, "inpaint_region": list(box)}
-    return GenerationResult(images=np.stack(images), seeds=result.seeds, info=info)
+    return GenerationResult(images=pasted(result.images), seeds=result.seeds, info=info,
+                            before={name: pasted(kept) for name, kept in result.before.items()})

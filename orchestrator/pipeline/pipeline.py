@@ -35,6 +35,7 @@ from orchestrator.pipeline.seeds import Seeds, batch_seeds, draw_seed
 from orchestrator.pipeline.step import (
     UNCOND,
     combine,
+    counting,
     guidance,
     guides,
     predict,
@@ -235,13 +236,13 @@ class Pipeline:
         steps_total = len(timesteps) + (len(second[1]) if second else 0)
         handover = refining.handover(refiner, request, prompts, timesteps, batch) if request.refiner else None
         with denoising() if denoising is not None else nullcontext():
-            stopped_at = None
+            stopped_at, kept = None, {}  # kept: the request's intermediates (the hires pass's first pass)
             if not given:  # a given first pass (firstpass_image) runs none of its steps
                 latents, stopped_at = self._denoise(request, scheduler, timesteps, latents, (context, weights), cond,
                                                     inpaint,
                                                     step_kwargs(scheduler, seeding.for_steps(generator), request.eta,
                                                                 step_settings(request)),
-                                                    _counting(progress, 0, steps_total), cancelled, stop_early,
+                                                    counting(progress, 0, steps_total), cancelled, stop_early,
                                                     unet_call, loras, handover, channels, restoring)
             if inpaint is not None:  # AUTOMATIC1111's last blend (after a stop too)
                 latents = inpaint["blend"].final(latents)
@@ -250,19 +251,19 @@ class Pipeline:
             if second is not None and stopped_at is None:
                 latents, stopped_at, hires_padded = self._hires_pass(
                     request, latents, (context, prompt, loras), seeding, second,
-                    _counting(progress, len(timesteps), steps_total), cancelled, stop_early, unet_call)
+                    counting(progress, len(timesteps), steps_total), cancelled, stop_early, unet_call, kept)
                 padded = padded or hires_padded
                 stopped_at = None if stopped_at is None else len(timesteps) + stopped_at
 
         # 8. Decode (with the refiner's VAE once it took over); AUTOMATIC1111 pastes the original back outside the mask.
         if handover is not None and handover.taken:
             components = handover.components
-        images, masks = finished(components.vae.decode(latents.numpy()), latents, request, inpaint)
+        images, masks, before = finished(components.vae.decode(latents.numpy()), latents, request, inpaint)
         images = paste_back(images, request.controlnet_units)  # sd-webui-controlnet's inpaint_only (restore.py)
         info = run_info(self, request, seeding, stopped_at, padded)
         if request.refiner is not None:  # AUTOMATIC1111's "Refiner" and "Refiner switch at"
             info |= {"refiner": refiner.contract.title, "refiner_switch_at": request.refiner.switch_at}
-        return GenerationResult(images=images, seeds=seeds, info=info, masks=masks)
+        return GenerationResult(images=images, seeds=seeds, info=info, masks=masks, before=kept | before)
 
     def _denoise(self, request: Txt2ImgRequest, scheduler, timesteps, latents: torch.Tensor, prompted: tuple,
                  cond: list[np.ndarray], inpaint: dict | None, kwargs: dict, progress, cancelled, stop_early,
@@ -325,10 +326,11 @@ class Pipeline:
         return latents, None
 
     def _hires_pass(self, request: Txt2ImgRequest, latents: torch.Tensor, first: tuple, seeding: Seeds,
-                    second: tuple, progress, cancelled, stop_early, unet_call: UNetCall) -> tuple:
+                    second: tuple, progress, cancelled, stop_early, unet_call: UNetCall, kept: dict) -> tuple:
         """The hires fix after the first pass (`first`: its context, prompt text and LoRA set): upscale (latents, or
         the decoded image encoded again), fresh noise from the same seeds at the new size, and the second pass's
-        steps (orchestrator.pipeline.hires). hr_prompt's LoRA tags apply to the second pass, as AUTOMATIC1111's."""
+        steps (orchestrator.pipeline.hires). hr_prompt's LoRA tags apply to the second pass, as AUTOMATIC1111's. The
+        first pass's images go in `kept` where the request's intermediates ask for them."""
         import torch
 
         contract, fix = self.contract, request.hires
@@ -338,6 +340,9 @@ class Pipeline:
         # for a latent mode), then the noise.
         fresh = seeding.generators()
         generator = fresh if len(fresh) > 1 else fresh[0]
+        if fix.upscaler not in hires.LATENT_MODES or "highres-fix" in request.intermediates:  # (the first pass's)
+            decoded = hires.given_images(request) if latents is None else vae.decode(latents.numpy())
+            kept |= {"highres-fix": decoded} if "highres-fix" in request.intermediates else {}
         if fix.upscaler in hires.LATENT_MODES:
             if latents is None:  # firstpass_image, encoded (AUTOMATIC1111's)
                 pixels = vae_input(fix.first_pass, request.width, request.height, "firstpass_image")[None]
@@ -347,7 +352,6 @@ class Pipeline:
             # a 9-channel UNet's masked image: the decoded latents where the weight keeps some (AUTOMATIC1111's)
             pixels = vae.decode_pixels(latents.numpy()) if request.inpainting_mask_weight < 1 else None
         else:
-            decoded = hires.given_images(request) if latents is None else vae.decode(latents.numpy())
             pixels = hires.upscale_images(decoded, fix, planned, self.limits.max_image_pixels,
                                           self.components.upscalers)
             moments = torch.from_numpy(vae.encode_pixels(pixels))
@@ -381,14 +385,3 @@ class Pipeline:
                               progress, cancelled, stop_early, unet_call, loras, None, channels,
                               restoring), context.padded
 
-
-def _counting(progress: ProgressCallback | None, before: int, total: int) -> ProgressCallback | None:
-    """A pass's progress as the whole run's: its steps after the `before` steps of earlier passes, of `total`."""
-    if progress is None:
-        return None
-    return lambda step, _pass_total, latents: progress(before + step, total, latents)
-
-
-def with_seeds(request: Txt2ImgRequest) -> Txt2ImgRequest:
-    """The request with its -1 seeds drawn, once: a job's n_iter runs chain from these."""
-    return replace(request, seed=draw_seed(request.seed), subseed=draw_seed(request.subseed))

@@ -175,6 +175,10 @@ class Txt2ImgRequest:
     tiling: bool = False  # AUTOMATIC1111's tiling: seamless images (circular padding in the UNet and the VAE)
     vae_tiling: bool | None = None  # VAE decode/encode in tiles (vae_tiles); None: above Limits.vae_tile_above pixels
     refiner: Refiner | None = None  # another checkpoint finishing the denoising (run with Pipeline.generate's refiner)
+    # AUTOMATIC1111's save_images_before_highres_fix and save_images_before_color_correction: the images as they were
+    # before the hires fix ("highres-fix": its first pass, decoded) and before img2img's colour correction
+    # ("color-correction": with the overlay), kept in GenerationResult.before
+    intermediates: tuple[str, ...] = ()
 
     @property
     def samplers(self) -> tuple[str, ...]:
@@ -271,6 +275,7 @@ class GenerationResult:
     seeds: list[int]
     info: dict = field(default_factory=dict)
     masks: list | None = None  # soft inpainting's composite masks, one per image ("L", 255 = generated)
+    before: dict[str, np.ndarray] = field(default_factory=dict)  # the request's intermediates, (N, H, W, 3) each
 
 
 class Cancelled(KilnError):

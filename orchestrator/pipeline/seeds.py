@@ -9,12 +9,15 @@ the eta noise seed delta are Seeds' too.
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from orchestrator.pipeline import noise
 
 if TYPE_CHECKING:
     import torch
+
+    from orchestrator.pipeline.requests import Txt2ImgRequest
 
 MAX_SEED = 2**32 - 1
 
@@ -127,3 +130,8 @@ def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     omega = torch.acos(dot.clamp(-1, 1))
     sine = torch.sin(omega)
     return (torch.sin((1 - t) * omega) / sine).unsqueeze(1) * low + (torch.sin(t * omega) / sine).unsqueeze(1) * high
+
+
+def with_seeds(request: Txt2ImgRequest) -> Txt2ImgRequest:
+    """The request with its -1 seeds drawn, once: a job's n_iter runs chain from these."""
+    return replace(request, seed=draw_seed(request.seed), subseed=draw_seed(request.subseed))

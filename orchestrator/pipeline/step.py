@@ -15,6 +15,7 @@ import numpy as np
 
 from kiln.prompt_schedule import composable
 from orchestrator.pipeline.control import unet_with_units
+from orchestrator.pipeline.requests import ProgressCallback
 from orchestrator.pipeline.sampling import CHURN, step_options
 from orchestrator.pipeline.sigmas import sigma_at
 
@@ -88,3 +89,10 @@ def guidance(negative: str, prompt: str, guided: bool) -> tuple[list[str], tuple
 def step_settings(request) -> dict:
     """The request's churn options (sampling.CHURN) and ancestral eta, for the samplers whose step takes them."""
     return {name: getattr(request, name) for name in CHURN} | {"eta_ancestral": request.eta_ancestral}
+
+
+def counting(progress: ProgressCallback | None, before: int, total: int) -> ProgressCallback | None:
+    """A pass's progress as the whole run's: its steps after the `before` steps of earlier passes, of `total`."""
+    if progress is None:
+        return None
+    return lambda step, _pass_total, latents: progress(before + step, total, latents)

@@ -155,6 +155,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         if request.color_target and not request.color_correction:
             raise InputError("color_target is what color_correction matches the images' colours to; "
                              "color_correction is off")
+    _check_intermediates(request)
     _number_in("inpainting_mask_weight", request.inpainting_mask_weight, 0, 1)
     if request.inpainting_mask_weight != 1 and not contract.inpainting_unet:
         raise InputError(f"inpainting_mask_weight (Conditional mask weight) weighs the masked image a 9-channel "
@@ -233,6 +234,20 @@ def _check_prompt(name: str, text, limits: Limits) -> None:
     if name in ("prompt", "hr_prompt"):  # its LoRA tags leave it (the pipeline applies them); not the negative's
         text = split_lora_tags(text)[0]
     check_prompt_syntax(text, name, parts=name in ("prompt", "hr_prompt"))  # never taken as text
+
+
+def _check_intermediates(request: Txt2ImgRequest) -> None:
+    """The images kept from before a step (save_images_before_*) name steps this request runs."""
+    if not isinstance(request.intermediates, tuple):
+        raise InputError("intermediates must be a tuple of names")
+    if request.intermediates and getattr(request, "sd_upscale", None) is not None:
+        raise InputError("intermediates: the SD upscale script's tiles keep no images from before a step")
+    runs = {"highres-fix": request.hires is not None, "color-correction": getattr(request, "color_correction", False)}
+    for name in request.intermediates:
+        if name not in runs:
+            raise InputError(f"intermediates: {name!r} is not one of {', '.join(runs)}")
+        if not runs[name]:
+            raise InputError(f"intermediates: {name!r} keeps the images before a step this request does not run")
 
 
 def _check_latent_mask(request: Img2ImgRequest) -> None:

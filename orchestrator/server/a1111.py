@@ -38,19 +38,22 @@ from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.options import (
     APPLIED_OPTIONS,
     APPLIED_OVERRIDES,
-    OPTION_TYPES,
+    MASK_SETTINGS,
     applied_setting,
     bool_setting,
     check_image_settings,
     check_setting,
     check_value,
+    checked_type,
     has_img2img_start,
     inpaint_blur,
+    intermediates,
     number_setting,
     refuse_idle,
     setting_fields,
     sigma_fields,
 )
+from orchestrator.server.outputs import mask_pictures
 from orchestrator.server.paste import apply_infotext
 from orchestrator.server.sampler_names import hires_fix_sampler, sampler_name
 
@@ -198,13 +201,17 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     softly = soft.settings(body.alwayson_scripts, img2img, img2img and bool(body.mask))  # (without a mask: nothing)
     script = selected_script(body, contract.upscaler_names)
+    for key in MASK_SETTINGS:
+        refuse_idle(body, key, img2img and bool(body.mask), "inpainting's mask (img2img with a mask)")
     if not img2img:
         refuse_idle(body, "img2img_color_correction", False, "img2img's images (txt2img and its hires fix have no "
                     "init image to match)")
         if multiplier != 1:
             raise InputError("initial_noise_multiplier scales img2img's noise; txt2img has no use for it "
                              "(AUTOMATIC1111 ignores it there)")
-        return Txt2ImgRequest(**fields, hires=hires_fix(body, contract, limits.max_image_pixels))
+        return Txt2ImgRequest(**fields, hires=hires_fix(body, contract, limits.max_image_pixels),
+                              intermediates=intermediates(body, options, {"highres-fix": bool(body.enable_hr),
+                                                                          "color-correction": False}))
     if body.enable_hr or body.firstpass_image:
         raise InputError(f"{'enable_hr' if body.enable_hr else 'firstpass_image'}: the hires fix is txt2img's; "
                          "img2img has none")
@@ -222,7 +229,9 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           inpaint_full_res_padding=body.inpaint_full_res_padding,
                           initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
                           sd_upscale=script, image_cfg_scale=body.image_cfg_scale,
-                          color_correction=correction, color_target=decode_b64_image(
+                          color_correction=correction, intermediates=intermediates(
+                              body, options, {"highres-fix": False, "color-correction": correction and script is None}),
+                          color_target=decode_b64_image(
                               color_target, "the loopback's init image", limits.max_image_pixels)
                           if correction and color_target else b"")
 
@@ -298,9 +307,13 @@ def response_info(job: Job, body: schemas.Txt2ImgBody) -> dict:
 def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> dict:
     """AUTOMATIC1111's response: images (`encoding`, the server's samples_format: PNG with the infotext chunk, or
     JPEG/WebP with it in EXIF), parameters (the request), info (JSON)."""
-    info, infos = response_info(job, body), job.infos
-    images = [base64.b64encode(encoding.encode(image, {"parameters": parameters_text(i)})).decode()
-              for image, i in zip(job.images, infos)] if body.send_images else []
+    info, infos, returned = response_info(job, body), job.infos, job.context.get("masks", frozenset())
+    images = []
+    for image, masks, i in zip(job.images, mask_pictures(job, returned), infos) if body.send_images else ():
+        images += [base64.b64encode(encoding.encode(image, {"parameters": parameters_text(i)})).decode()]
+        # then its mask pictures that return_mask and return_mask_composite ask for, as AUTOMATIC1111 appends them
+        images += [base64.b64encode(encoding.encode(masks[kind])).decode() for kind in masks
+                   if f"return_{kind}" in returned]
     if body.send_images and job.context.get("detect_maps"):  # sd-webui-controlnet appends each unit's input
         images += [base64.b64encode(encoding.encode(detect_map(unit, job.request))).decode()
                    for unit in job.request.controlnet_units if unit.save_detected_map]
@@ -315,13 +328,7 @@ def updated_options(options: dict, body: dict[str, Any], contract: SDContract | 
     """The option changes a POST /sdapi/v1/options asks for, each checked (type, settable, known checkpoint)."""
     updates = {}
     for key, value in body.items():
-        kind = OPTION_TYPES.get(key)
-        if kind is not None:
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or \
-                    (kind is float and not math.isfinite(value)):
-                raise InputError(f"option {key} must be a {kind.__name__}")
+        value = checked_type(key, value, "option ")
         if key == "sd_model_checkpoint" and contract is not None:
             check_checkpoint(value, contract, "sd_model_checkpoint")
         if key == "sd_vae" and contract is not None:

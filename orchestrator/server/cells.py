@@ -25,8 +25,17 @@ from kiln.infotext import parameters_text
 from orchestrator.jobs import FINISHED, Job, Status
 from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.server import a1111, builtin_scripts
-from orchestrator.server.generation import client_id, engine, outputs_of, own, pipeline, save_logged, wait_for
-from orchestrator.server.options import image_format
+from orchestrator.server.generation import (
+    client_id,
+    engine,
+    keep_init_image,
+    outputs_of,
+    own,
+    pipeline,
+    save_logged,
+    wait_for,
+)
+from orchestrator.server.options import answer_format
 from orchestrator.server.outputs import save_grid
 
 
@@ -55,6 +64,10 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
             served = await pipeline(request, cell.override_settings.get("sd_model_checkpoint"))
             generation = await run_in_threadpool(a1111.to_request, cell, served.contract, state.options,
                                                  served.limits, state.styles)
+            returned = sorted(outputs_of(request, cell).masks & {"return_mask", "return_mask_composite"})
+            if returned and kind == "img2img" and cell.mask:
+                raise InputError(f"{returned[0]}: a script's answer does not return inpainting's mask pictures "
+                                 "(save_mask and save_mask_composite save them)")
             jobs.append(await run_in_threadpool(
                 engine(request).prepare, kind, generation, cell.n_iter, client_id=client_id(request),
                 context={"family": "tasks", "also": ("sdapi",), "body": cell, "detect_maps": False,
@@ -62,6 +75,8 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
                 checkpoint=served.contract.title))
         except InputError as exc:
             raise InputError(f"{named(index)}: {exc}") from None
+    for job in jobs:  # (each cell's: a loopback's every pass)
+        await keep_init_image(kind, job.context["body"], outputs_of(request, job.context["body"]))
     ended = any(job.interrupted for job in earlier) or state.scripts.get(script, {}).get("interrupted", False)
     queued = []
     earlier.extend(jobs)
@@ -166,7 +181,7 @@ def answer(request, body: schemas.Txt2ImgBody, images: list[tuple[np.ndarray, di
     """AUTOMATIC1111's response: each picture with its infotext, encoded as the server's samples_format asks (PNG by
     default), the request's parameters, `details` as info."""
     parameters = body.model_dump(exclude={"alwayson_scripts", "init_images", "mask"})
-    encoding = image_format(request.app.state.options)
+    encoding = answer_format(request, body)
     return {"images": [base64.b64encode(encoding.encode(picture, {"parameters": parameters_text(info)})).decode()
                        for picture, info in images] if body.send_images else [],
             "parameters": parameters, "info": json.dumps(details)}

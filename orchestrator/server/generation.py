@@ -17,8 +17,9 @@ from orchestrator.jobs import Job, Status
 from orchestrator.pipeline import Pipeline
 from orchestrator.server import a1111, control_units
 from orchestrator.server.errors import APIError, api_error
-from orchestrator.server.options import image_format
-from orchestrator.server.outputs import Outputs, save_job_images
+from orchestrator.server.inputs import decode_b64
+from orchestrator.server.options import MASK_SETTINGS, answer_format, image_format
+from orchestrator.server.outputs import Outputs, save_init_image, save_job_images
 
 log = logging.getLogger("kiln.api")
 
@@ -83,14 +84,15 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
     served = await pipeline(request, body.override_settings.get("sd_model_checkpoint"))
     generation = await run_in_threadpool(a1111.to_request, body, served.contract, request.app.state.options,
                                          served.limits, request.app.state.styles)
+    saved = outputs_of(request, body)
     job = await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
-        context={"family": family, "body": body,
+        context={"family": family, "body": body, "masks": saved.masks,  # (return_mask: a1111.to_response)
                  "detect_maps": control_units.wants_detect_maps(body, request.app.state.options)},
         job_id=body.force_task_id, checkpoint=served.contract.title))
     if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
-        saved = outputs_of(request, body)
         job.future.add_done_callback(lambda _done: save_logged(job, saved, not body.do_not_save_grid))
+    await keep_init_image(kind, body, saved)
     return job
 
 
@@ -98,7 +100,21 @@ def outputs_of(request: Request, body: schemas.Txt2ImgBody) -> Outputs:
     """Where and how a request's save_images writes: the server's outputs folder; its encodings the server's options
     with the request's override_settings over them (AUTOMATIC1111 saves while they are applied)."""
     settings, folder = request.app.state.options | body.override_settings, request.app.state.settings.outputs_dir
-    return Outputs(folder, image_format(settings), image_format(settings, "grid_format"))
+    return Outputs(folder, image_format(settings), image_format(settings, "grid_format"), txt=settings["save_txt"],
+                   init_images=settings["save_init_img"], masks=frozenset(k for k in MASK_SETTINGS if settings[k]))
+
+
+async def keep_init_image(kind: str, body: schemas.Txt2ImgBody, outputs: Outputs) -> None:
+    """save_init_img: an img2img request's init image, kept as AUTOMATIC1111 keeps it when its generation starts
+    (whatever save_images says); the folder's trouble is the log's, never the request's."""
+    if kind != "img2img" or not outputs.init_images:
+        return
+    try:
+        path = await run_in_threadpool(save_init_image, decode_b64(body.init_images[0], "init_images[0]"), outputs)
+    except (OSError, KilnError) as exc:
+        log.error("save_init_img: could not keep an init image in %s: %s", outputs.folder, exc)
+        return
+    log.info("save_init_img: wrote %s", path)
 
 
 def save_logged(job: Job, outputs: Outputs, grid: bool) -> None:
@@ -142,7 +158,7 @@ def response(request: Request, job: Job) -> dict:
     """A finished job's AUTOMATIC1111 response (its images as the server's samples_format asks); a cancelled one is
     409, a failed one its error's status."""
     if job.status == Status.DONE:
-        return a1111.to_response(job, job.context["body"], image_format(request.app.state.options))
+        return a1111.to_response(job, job.context["body"], answer_format(request, job.context["body"]))
     if job.status == Status.CANCELLED:
         raise APIError(409, "cancelled", str(job.error or "the job was cancelled"))
     raise api_error(job.error) if job.error is not None else APIError(500, "generation_failed", "the job failed")

@@ -3,6 +3,7 @@ defaults and types, which ones it applies, and the refusal of any other that ask
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -22,11 +23,20 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
                 "always_discard_next_to_last_sigma": bool, "sgm_noise_multiplier": bool, "img2img_extra_noise": float,
                 "inpainting_mask_weight": float, "control_net_inpaint_blur_sigma": int,
                 "img2img_color_correction": bool, "enable_prompt_comments": bool, "grid_format": str,
-                "jpeg_quality": int, "webp_lossless": bool}
-# How images are encoded: the answers' (set by POST /options; a request's override_settings, applied while it runs as
-# AUTOMATIC1111 applies them, reach its saved files, not its answer, which AUTOMATIC1111 encodes after restoring them)
-# and the saved files' (save_images; grid_format: its grids')
-IMAGE_SETTINGS = ("samples_format", "grid_format", "jpeg_quality", "webp_lossless")
+                "jpeg_quality": int, "webp_lossless": bool, "save_txt": bool, "save_init_img": bool,
+                "save_mask": bool, "save_mask_composite": bool, "return_mask": bool, "return_mask_composite": bool,
+                "save_images_before_highres_fix": bool, "save_images_before_color_correction": bool}
+# How images are encoded and saved: the answers' (set by POST /options; a request's override_settings, applied while
+# it runs as AUTOMATIC1111 applies them, reach its saved files, and its answer only where they stay as the server's:
+# AUTOMATIC1111 encodes it after restoring them) and the saved files' (save_images; grid_format: its grids'; save_txt:
+# an infotext .txt beside each; save_init_img: img2img's init images kept)
+IMAGE_SETTINGS = ("samples_format", "grid_format", "jpeg_quality", "webp_lossless", "save_txt", "save_init_img")
+# Inpainting's mask pictures (AUTOMATIC1111's mask_for_overlay, and the image where it repaints): saved beside each
+# image, returned after each one (outputs.mask_pictures)
+MASK_SETTINGS = ("save_mask", "save_mask_composite", "return_mask", "return_mask_composite")
+# The images saved as they were before a step (the pipeline request's intermediates), by the step's name
+BEFORE_SETTINGS = {"highres-fix": "save_images_before_highres_fix",
+                   "color-correction": "save_images_before_color_correction"}
 # AUTOMATIC1111's schedule settings (Settings > Sampler parameters) -> the request's fields
 SIGMA_SETTINGS = {"sigma_min": "schedule_sigma_min", "sigma_max": "schedule_sigma_max", "rho": "schedule_rho"}
 # what one request's override_settings can change
@@ -35,7 +45,7 @@ APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "eta_ancestral", "CLIP_s
                      "eta_noise_seed_delta", "use_old_scheduling", "randn_source", "always_discard_next_to_last_sigma",
                      "sgm_noise_multiplier", "img2img_extra_noise", "inpainting_mask_weight",
                      "control_net_inpaint_blur_sigma", "img2img_color_correction", "enable_prompt_comments",
-                     *SIGMA_SETTINGS, *IMAGE_SETTINGS)
+                     *SIGMA_SETTINGS, *IMAGE_SETTINGS, *MASK_SETTINGS, *BEFORE_SETTINGS.values())
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -84,7 +94,8 @@ def default_options() -> dict:
             "use_old_scheduling": False, "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0,
             "always_discard_next_to_last_sigma": False, "sgm_noise_multiplier": False, "img2img_extra_noise": 0.0,
             "inpainting_mask_weight": 1.0, "control_net_inpaint_blur_sigma": 7, "img2img_color_correction": False,
-            "grid_format": "png", "jpeg_quality": 80, "webp_lossless": False,
+            "grid_format": "png", "jpeg_quality": 80, "webp_lossless": False, "save_txt": False, "save_init_img": False,
+            **dict.fromkeys((*MASK_SETTINGS, *BEFORE_SETTINGS.values()), False),
             "enable_prompt_comments": True,  # AUTOMATIC1111's Comments script: # to the end of a line is not run
             # AUTOMATIC1111's default is "GPU"; kiln's is diffusers' noise (orchestrator.pipeline.noise)
             "randn_source": "CPU",
@@ -177,17 +188,50 @@ def bool_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> bool:
     return value
 
 
+def intermediates(body: schemas.Txt2ImgBody, options: dict, runs: dict[str, bool]) -> tuple[str, ...]:
+    """AUTOMATIC1111's save_images_before_highres_fix and save_images_before_color_correction: the steps (of `runs`,
+    those the request runs) whose images it keeps from before them, where it saves its images; a request's
+    override_settings asking it of a request that saves none, or of a step it does not run, is a 422."""
+    saving = body.save_images and not body.do_not_save_samples
+    for step, key in BEFORE_SETTINGS.items():
+        refuse_idle(body, key, saving and runs[step], f"the saved images (save_images) of a request that runs the "
+                    f"{step.replace('-', ' ')}")
+    return tuple(step for step, key in BEFORE_SETTINGS.items() if saving and runs[step]
+                 and bool_setting(body, options, key))
+
+
 def image_format(settings: dict, key: str = "samples_format") -> ImageFormat:
     """The encoding `settings` (the server's options, or a request's override_settings over them) give its images
     (`key`: samples_format) or grids (grid_format)."""
     return ImageFormat(settings[key].lower(), settings["jpeg_quality"], settings["webp_lossless"])
 
 
+def answer_format(request, body: schemas.Txt2ImgBody | None = None) -> ImageFormat:
+    """The encoding of an answer's images: the server's samples_format; a request's own where its override_settings
+    stay as the server's (restore_afterwards false: AUTOMATIC1111 encodes its answer once they are set)."""
+    settings = request.app.state.options
+    if body is not None and not body.override_settings_restore_afterwards:
+        settings = settings | body.override_settings
+    return image_format(settings)
+
+
+def checked_type(key: str, value: Any, where: str) -> Any:
+    """An option's value of the type it takes (an int where a float is taken becomes one; a float must be finite);
+    a 422 naming it (`where`: "option ", "override_settings.") otherwise. Untyped options pass as they are."""
+    kind = OPTION_TYPES.get(key)
+    if kind is None:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) or \
+            (kind is float and not math.isfinite(value)):
+        raise InputError(f"{where}{key} must be a {kind.__name__}")
+    return value
+
+
 def check_image_settings(overrides: dict) -> None:
-    """A request's override_settings for its saved files' encoding: the types and ranges POST /options checks."""
-    for key in IMAGE_SETTINGS:
+    """A request's override_settings for its saved files and its answer's images: the types and ranges POST /options
+    checks."""
+    for key in (*IMAGE_SETTINGS, *MASK_SETTINGS):
         if key in overrides:
-            kind = OPTION_TYPES[key]
-            if not isinstance(overrides[key], kind) or (kind is int and isinstance(overrides[key], bool)):
-                raise InputError(f"override_settings.{key} must be a {kind.__name__}")
-            check_value(key, overrides[key])
+            check_value(key, checked_type(key, overrides[key], "override_settings."))

@@ -2,10 +2,14 @@
 UI saves them: outputs/txt2img-images/<date>/<number>-<seed>.png (img2img-images for img2img; the extension is
 samples_format's: png, jpg, jpeg or webp), numbered on from the highest number in that folder; with more than one
 image, also their grid (unless do_not_save_grid; grid_format's), in outputs/txt2img-grids/<date>/grid-<number>.png,
-laid out as its image_grid (round(sqrt(n)) rows)."""
+laid out as its image_grid (round(sqrt(n)) rows). With save_txt, each saved image and grid has its infotext beside
+it in a .txt of the same name; with save_init_img, img2img's init images go to outputs/init-images/<md5>.<ext>;
+inpainting's masks (save_mask, save_mask_composite) and the images from before the hires fix and colour correction
+(save_images_before_*) go beside the images, numbered on as theirs."""
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import threading
@@ -15,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.imaging import PNG, ImageFormat
-from kiln.infotext import parameters_text
+from kiln.imaging import PNG, ImageFormat, ImageLimits, decode_image
+from kiln.infotext import infotext_of, parameters_text
 from orchestrator.jobs import Job, Status
 
+MASK_KINDS = {"mask": "-mask", "mask_composite": "-mask-composite"}  # save_/return_<kind> -> a saved file's suffix
 _LOCK = threading.Lock()  # numbering: two jobs finishing at once must not take the same number
 _NUMBERED = re.compile(r"^(\d{5})-")
 _GRID = re.compile(r"^grid-(\d{4})")
@@ -27,11 +32,25 @@ _GRID = re.compile(r"^grid-(\d{4})")
 @dataclass(frozen=True)
 class Outputs:
     """Where and how save_images writes: the outputs folder, the images' encoding (samples_format, jpeg_quality,
-    webp_lossless) and the grids' (grid_format)."""
+    webp_lossless) and the grids' (grid_format); `txt`: save_txt (each one's infotext in a .txt beside it);
+    `init_images`: save_init_img (img2img's init images kept, in outputs/init-images); `masks`: inpainting's mask
+    pictures saved (save_mask, save_mask_composite) and returned, in the grid too (return_mask, ...)."""
 
     folder: Path
     samples: ImageFormat = PNG
     grids: ImageFormat = PNG
+    txt: bool = False
+    init_images: bool = False
+    masks: frozenset[str] = frozenset()  # the mask settings on (options.MASK_SETTINGS: save_mask, return_mask, ...)
+
+    def write(self, path: Path, image: np.ndarray, info: dict, grid: bool = False) -> Path:
+        """One image (a grid's encoding where `grid`) with its infotext, and with save_txt that infotext in
+        <name>.txt beside it (AUTOMATIC1111 writes it with a newline after)."""
+        text = parameters_text(info)
+        path.write_bytes((self.grids if grid else self.samples).encode(image, {"parameters": text}))
+        if self.txt:
+            path.with_suffix(".txt").write_text(f"{text}\n", encoding="utf-8")
+        return path
 
 
 def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]:
@@ -41,34 +60,69 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
         return []
     kind, date = "img2img" if job.kind == "img2img" else "txt2img", time.strftime("%Y-%m-%d")
     grids = outputs.folder / f"{kind}-grids" / date
+    masks, before = mask_pictures(job, outputs.masks), job.before or [{}] * len(job.images)
+    # as AUTOMATIC1111 saves them: a batch's first passes before the hires fix, then each image (after its own from
+    # before colour correction) and its saved masks; the grid's: each image, then its returned masks
+    pictures, shown, batch = [], [], max(getattr(job.request, "batch_size", 1), 1)
+    for start in range(0, len(job.images), batch):
+        run = range(start, min(start + batch, len(job.images)))
+        pictures += [(before[i]["highres-fix"], job.infos[i], "-before-highres-fix") for i in run
+                     if "highres-fix" in before[i]]
+        for i in run:
+            own, info = masks[i], job.infos[i]
+            pictures += [(before[i]["color-correction"], info, "-before-color-correction")] \
+                if "color-correction" in before[i] else []
+            pictures += [(job.images[i], info, "")] + [(own[k], info, MASK_KINDS[k]) for k in own
+                                                       if f"save_{k}" in outputs.masks]
+            shown += [job.images[i]] + [own[k][..., :3] for k in own if f"return_{k}" in outputs.masks]  # (RGB)
     with _LOCK:
-        paths = _write_samples(list(zip(job.images, job.infos)), kind, outputs)
-        if grid and len(job.images) > 1:
+        paths = _write_samples(pictures, kind, outputs)
+        if grid and len(shown) > 1:
             grids.mkdir(parents=True, exist_ok=True)
             path = grids / f"grid-{_next_number(grids, _GRID):04d}.{outputs.grids.name}"
-            text = {"parameters": parameters_text(job.infos[0])}
-            path.write_bytes(outputs.grids.encode(image_grid(job.images), text))
-            paths.append(path)
+            paths.append(outputs.write(path, image_grid(shown), job.infos[0], grid=True))
     return paths
 
 
 def save_picture(image: np.ndarray, info: dict, kind: str, outputs: Outputs) -> Path:
     """One picture a script made of its jobs' (poor man's outpainting's), saved as a job's image is."""
     with _LOCK:
-        return _write_samples([(image, info)], "img2img" if kind == "img2img" else "txt2img", outputs)[0]
+        return _write_samples([(image, info, "")], "img2img" if kind == "img2img" else "txt2img", outputs)[0]
 
 
-def _write_samples(pictures: list[tuple[np.ndarray, dict]], kind: str, outputs: Outputs) -> list[Path]:
-    """outputs/<kind>-images/<date>/<number>-<seed>.<samples_format>, numbered on from the folder's highest (under
-    _LOCK)."""
+def _write_samples(pictures: list[tuple[np.ndarray, dict, str]], kind: str, outputs: Outputs) -> list[Path]:
+    """outputs/<kind>-images/<date>/<number>-<seed><suffix>.<samples_format>, numbered on from the folder's highest
+    (under _LOCK), one number each (a mask's too, as there)."""
     day = outputs.folder / f"{kind}-images" / time.strftime("%Y-%m-%d")
     day.mkdir(parents=True, exist_ok=True)
-    number, paths = _next_number(day, _NUMBERED), []
-    for offset, (image, info) in enumerate(pictures):
-        path = day / f"{number + offset:05d}-{info.get('seed')}.{outputs.samples.name}"
-        path.write_bytes(outputs.samples.encode(image, {"parameters": parameters_text(info)}))
-        paths.append(path)
-    return paths
+    number = _next_number(day, _NUMBERED)
+    return [outputs.write(day / f"{number + offset:05d}-{info.get('seed')}{suffix}.{outputs.samples.name}", image,
+                          info) for offset, (image, info, suffix) in enumerate(pictures)]
+
+
+def mask_pictures(job: Job, settings: frozenset[str]) -> list[dict[str, np.ndarray]]:
+    """Each of an inpainting job's images' mask pictures that the mask `settings` on ask for (saved or returned), by
+    kind: "mask", AUTOMATIC1111's mask_for_overlay (pipeline.inpaint.overlay_mask) in RGB; "mask_composite", the
+    image where the mask repaints and transparent elsewhere (RGBA), made as there. None for a job without a mask."""
+    from PIL import Image
+
+    from kiln.masks import shaped
+    from orchestrator.pipeline.inpaint import overlay_mask
+
+    kinds = [kind for kind in MASK_KINDS if {f"save_{kind}", f"return_{kind}"} & settings]
+    overlay = overlay_mask(job.request) if kinds and getattr(job.request, "mask", b"") else None
+    if overlay is None:
+        return [{} for _ in job.images]
+    pictures = []
+    for image in job.images:
+        picture = Image.fromarray(image)
+        own = {"mask": np.asarray(overlay.convert("RGB"))}
+        if "mask_composite" in kinds:
+            alpha = shaped(overlay, picture.width, picture.height, 2)
+            own["mask_composite"] = np.asarray(Image.composite(picture.convert("RGBA").convert("RGBa"),
+                                                               Image.new("RGBa", picture.size), alpha).convert("RGBA"))
+        pictures.append({kind: own[kind] for kind in kinds})
+    return pictures
 
 
 def save_grid(grid: np.ndarray, info: dict, kind: str, outputs: Outputs, basename: str = "xyz_grid") -> Path:
@@ -79,7 +133,23 @@ def save_grid(grid: np.ndarray, info: dict, kind: str, outputs: Outputs, basenam
     with _LOCK:
         grids.mkdir(parents=True, exist_ok=True)
         path = grids / f"{basename}-{_next_number(grids, numbered):04d}.{outputs.grids.name}"
-        path.write_bytes(outputs.grids.encode(grid, {"parameters": parameters_text(info)}))
+        return outputs.write(path, grid, info, grid=True)
+
+
+def save_init_image(data: bytes, outputs: Outputs) -> Path:
+    """save_init_img: an img2img init image as sent, as AUTOMATIC1111 keeps it: outputs/init-images/<the md5 of its
+    RGB pixels>.<samples_format> (the same image twice: one file), with the infotext it carries, if any."""
+    import hashlib
+
+    from PIL import Image
+
+    image = decode_image(data, ImageLimits(min_side=1))
+    with Image.open(io.BytesIO(data)) as sent:
+        text = infotext_of(sent)
+    folder = outputs.folder / "init-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.md5(image.tobytes()).hexdigest()}.{outputs.samples.name}"  # noqa: S324 - a name
+    path.write_bytes(outputs.samples.encode(image, {"parameters": text} if text else None))
     return path
 
 

@@ -183,7 +183,7 @@ class SharedQueue(Runner):
         if finished and result is None and state["status"] != "cancelled":
             result = self._call(lambda: self.redis.hget(P + "job:" + mirror.id, "result"))
         if result is not None and not mirror.images:
-            mirror.images, mirror.infos = pickle.loads(result)
+            mirror.images, mirror.infos, mirror.before = pickle.loads(result)
         apply_state(mirror, state)
         if finished and not mirror.future.done():
             mirror.future.set_result(mirror)

@@ -14,7 +14,7 @@ from kiln.errors import InputError, TooLargeError
 from kiln.preprocessors import PREPROCESSORS, preprocessor
 from orchestrator.server.generation import engine, served_contract
 from orchestrator.server.inputs import decode_b64_image
-from orchestrator.server.options import image_format
+from orchestrator.server.options import answer_format
 
 router = APIRouter(prefix="/controlnet", tags=["controlnet"])
 # the model-name words a control type also matches (the extension's Preprocessor.tag_to_filters, for kiln's tags)
@@ -91,7 +91,7 @@ async def detect(request: Request, body: schemas.ControlNetDetectBody):
 
     masks = [(f"controlnet_masks[{index}]", text) for index, text in enumerate(body.controlnet_masks)]
 
-    encoding = image_format(request.app.state.options)  # (the extension encodes as AUTOMATIC1111's API does)
+    encoding = answer_format(request)  # (the extension encodes as AUTOMATIC1111's API does)
 
     def run() -> list[str]:  # every header first: an image refused before any is decoded
         checked = [(what, decode_b64_image(text, what, limits.max_image_pixels)) for what, text in images]

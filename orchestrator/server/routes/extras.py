@@ -17,7 +17,7 @@ from kiln.upscale import NO_NETWORKS, UPSCALERS, Network, UpscaleOptions, check,
 from orchestrator.server.errors import count
 from orchestrator.server.generation import engine, pipeline
 from orchestrator.server.inputs import decode_b64_image
-from orchestrator.server.options import image_format
+from orchestrator.server.options import answer_format
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
 
@@ -61,7 +61,7 @@ async def extras(request: Request, endpoint: str, body: schemas.ExtrasBody, imag
         if len(images) > limits.max_images:
             raise TooLargeError(f"imageList: {len(images)} images; at most {limits.max_images} per request")
         encoded, text = await run_in_threadpool(run_extras, images, options, limits.max_image_pixels, networks,
-                                                image_format(request.app.state.options))
+                                                answer_format(request))
     except KilnError as exc:
         count(request, endpoint, "413" if isinstance(exc, TooLargeError) else "422")
         raise

@@ -38,7 +38,7 @@ from orchestrator.server.generation import (
     wait_for,
 )
 from orchestrator.server.inputs import decode_b64_image
-from orchestrator.server.options import image_format
+from orchestrator.server.options import answer_format
 from orchestrator.server.preview import preview_png
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
@@ -109,7 +109,7 @@ async def progress(request: Request, skip_current_image: bool = False,
     if not skip_current_image and every != 0 and options.get("live_previews_enable", True) \
             and (every < 0 or job.step % every == 0 or job.step == job.steps):
         latents = await run_in_threadpool(engine(request).queue.latents, job)
-        current = None if latents is None else await run_in_threadpool(preview_png, latents, image_format(options))
+        current = None if latents is None else await run_in_threadpool(preview_png, latents, answer_format(request))
     return schemas.ProgressResponse(progress=job.progress, eta_relative=job.eta_seconds() or 0.0, state=state,
                                     current_image=current, textinfo=None)
 

@@ -15,7 +15,7 @@ from orchestrator.jobs import FINISHED, Job, Status
 from orchestrator.server import a1111, cells
 from orchestrator.server.errors import APIError, as_api_error, count
 from orchestrator.server.generation import client_id, engine, kept_overrides, own, submit
-from orchestrator.server.options import image_format
+from orchestrator.server.options import answer_format
 from orchestrator.server.preview import preview_png
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
@@ -28,7 +28,7 @@ def task_state(request: Request, job: Job) -> dict:
              "eta_seconds": job.eta_seconds(), "error": str(job.error) if job.error else None, "result": None,
              "interrupted": job.interrupted}
     if job.status == Status.DONE:
-        state["result"] = a1111.to_response(job, job.context["body"], image_format(request.app.state.options))
+        state["result"] = a1111.to_response(job, job.context["body"], answer_format(request, job.context["body"]))
     return state
 
 

@@ -1,0 +1,178 @@
+"""AUTOMATIC1111's saving and mask settings: save_txt (an infotext .txt beside each saved image and grid),
+save_init_img (img2img's init images kept in outputs/init-images), and for inpainting save_mask,
+save_mask_composite, return_mask and return_mask_composite (the mask the init image is pasted back by, and the image
+cut out by it), over real HTTP against the session's Triton."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kiln.imaging import PNG
+from kiln.masks import doubled
+from orchestrator.server.outputs import Outputs
+
+SETTINGS = ("save_txt", "save_init_img", "save_mask", "save_mask_composite", "return_mask", "return_mask_composite")
+
+
+def png(array: np.ndarray) -> str:
+    return base64.b64encode(PNG.encode(array)).decode()
+
+
+def opened(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_save_txt_writes_the_infotext_beside_the_image(tmp_path):
+    info = {"prompt": "a cat", "seed": 7, "steps": 2}
+    path = Outputs(tmp_path, txt=True).write(tmp_path / "00000-7.png", np.zeros((8, 8, 3), np.uint8), info)
+    text = Image.open(path).info["parameters"]
+    assert "Seed: 7" in text and path.with_suffix(".txt").read_text(encoding="utf-8") == text + "\n"
+    plain = Outputs(tmp_path).write(tmp_path / "00001-7.png", np.zeros((8, 8, 3), np.uint8), info)
+    assert not plain.with_suffix(".txt").exists()
+
+
+def test_the_whole_picture_overlay_mask_is_the_soft_mask_doubled():
+    soft = Image.fromarray(np.array([[0, 60, 127, 128, 200, 255]], np.uint8), "L")
+    assert np.asarray(doubled(soft)).tolist() == [[0, 120, 254, 255, 255, 255]]
+
+
+@pytest.fixture(scope="module")
+def api(own_api):
+    return own_api
+
+
+SMALL = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 2, "seed": 7, "denoising_strength": 0.6}
+
+
+@pytest.mark.slow
+def test_saved_text_init_images_and_inpainting_masks(api):
+    init = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64, 3), np.uint8)
+    mask[:, :32] = 255  # the left half repaints
+    inpaint = SMALL | {"init_images": [png(init)], "mask": png(mask), "mask_blur": 4, "batch_size": 2,
+                       "save_images": True}
+    with api.client() as client:
+        try:
+            assert client.post("/sdapi/v1/options", json=dict.fromkeys(SETTINGS, True)).is_success
+            answer = client.post("/sdapi/v1/img2img", json=inpaint)
+            assert answer.status_code == 200, answer.text
+            images = [opened(b64) for b64 in answer.json()["images"]]
+            # each image, then its mask and its composite, as AUTOMATIC1111 appends them; infotexts for the images
+            assert [image.mode for image in images] == ["RGB", "RGB", "RGBA"] * 2
+            assert len(json.loads(answer.json()["info"])["infotexts"]) == 2
+            assert "parameters" in images[0].info and "parameters" not in images[1].info
+            # only masked (the API's default): the mask blurred by mask_blur (sigma 4), not doubled, grey on both
+            # sides of the edge at x = 32
+            returned_mask = np.asarray(images[1])[..., 0]
+            assert (returned_mask[:, :16] == 255).all() and (returned_mask[:, 48:] == 0).all()
+            assert (0 < returned_mask[:, 26]).all() and (returned_mask[:, 26] < 255).all()
+            assert (0 < returned_mask[:, 36]).all() and (returned_mask[:, 36] < 255).all()
+            composite, image = np.asarray(images[2]), np.asarray(images[0])
+            assert np.array_equal(composite[..., 3], returned_mask)  # transparent where the init image stays
+            opaque = composite[..., 3] == 255
+            assert np.array_equal(composite[opaque][:, :3], image[opaque])
+            assert np.array_equal(image[:, 48:], init[:, 48:])  # (outside the mask: the init image pasted back)
+
+            # the whole picture: doubled (a pixel blurred half-way in or further is repainted whole)
+            whole = inpaint | {"inpaint_full_res": False, "save_images": False, "batch_size": 1}
+            answer = client.post("/sdapi/v1/img2img", json=whole)
+            assert answer.status_code == 200, answer.text
+            whole_mask = np.asarray(opened(answer.json()["images"][1]))[..., 0]
+            assert (whole_mask[:, :32] == 255).all() and (whole_mask[:, 48:] == 0).all()
+            assert np.array_equal(whole_mask, np.clip(2 * returned_mask.astype(int), 0, 255))  # (the same blur)
+
+            # the saved files: each image, its mask and composite numbered on, each with its .txt
+            day = next((api.outputs / "img2img-images").iterdir())
+            names = sorted(path.name for path in day.iterdir())
+            stems = ["00000-7", "00001-7-mask", "00002-7-mask-composite", "00003-8", "00004-8-mask",
+                     "00005-8-mask-composite"]
+            assert names == sorted(f"{stem}.{ext}" for stem in stems for ext in ("png", "txt"))
+            text = Image.open(day / "00000-7.png").info["parameters"]
+            assert (day / "00000-7.txt").read_text(encoding="utf-8") == text + "\n" and "Seed: 7" in text
+            assert np.array_equal(np.asarray(Image.open(day / "00001-7-mask.png"))[..., 0], returned_mask)
+            assert Image.open(day / "00002-7-mask-composite.png").mode == "RGBA"
+            grid_day = next((api.outputs / "img2img-grids").iterdir())
+            grid = Image.open(next(grid_day.glob("grid-*.png")))
+            assert grid.size == (3 * 64, 2 * 64)  # the answer's six pictures, round(sqrt(6)) rows
+            assert next(grid_day.glob("grid-*.txt")).read_text(encoding="utf-8").startswith("a photo of a cat")
+            # the init image kept by the md5 of its pixels (once, though two images were made of it)
+            kept = list((api.outputs / "init-images").iterdir())
+            assert [path.name for path in kept] == [f"{hashlib.md5(init.tobytes()).hexdigest()}.png"]
+            assert np.array_equal(np.asarray(Image.open(kept[0]).convert("RGB")), init)
+
+            # asked where there is no mask, or of a script's answer, or of another type: refused by name
+            refused = client.post("/sdapi/v1/txt2img", json=SMALL | {"override_settings": {"return_mask": True}})
+            assert refused.status_code == 422 and "return_mask" in refused.text
+            matrix = inpaint | {"prompt": "a cat|red", "script_name": "prompt matrix", "save_images": False,
+                                "script_args": [False, False, "positive", "comma", 0], "batch_size": 1}
+            refused = client.post("/sdapi/v1/img2img", json=matrix)
+            assert refused.status_code == 422 and "return_mask" in refused.text
+            refused = client.post("/sdapi/v1/options", json={"save_txt": "yes"})
+            assert refused.status_code == 422 and "save_txt" in refused.text
+            # the settings off: the answer has the images alone
+            off = SMALL | {"init_images": [png(init)], "mask": png(mask),
+                           "override_settings": dict.fromkeys(SETTINGS, False)}
+            plain = client.post("/sdapi/v1/img2img", json=off)
+            assert plain.status_code == 200 and len(plain.json()["images"]) == 1
+        finally:
+            client.post("/sdapi/v1/options", json=dict.fromkeys(SETTINGS, False))
+
+
+def new_files(folder, before: set) -> list[str]:
+    """The images (not grids) saved since `before` was listed."""
+    return sorted(path.name for path in folder.glob("*-images/*/*.png") if path not in before)
+
+
+@pytest.mark.slow
+def test_images_saved_before_the_hires_fix_and_before_colour_correction(api):
+    with api.client() as client:
+        seen = set(api.outputs.glob("*-images/*/*.png"))
+        # the hires fix's first pass, as txt2img without it makes the same images: a batch's first passes, then
+        # its images, as AUTOMATIC1111 numbers them
+        plain = client.post("/sdapi/v1/txt2img", json=SMALL | {"batch_size": 2, "save_images": False})
+        assert plain.status_code == 200, plain.text
+        hires = SMALL | {"batch_size": 2, "save_images": True, "enable_hr": True, "hr_scale": 2,
+                         "hr_upscaler": "Latent", "override_settings": {"save_images_before_highres_fix": True}}
+        answer = client.post("/sdapi/v1/txt2img", json=hires)
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["images"]) == 2  # (saved only, as there)
+        made = new_files(api.outputs, seen)
+        assert [name.split("-", 1)[1] for name in made] == ["7-before-highres-fix.png", "8-before-highres-fix.png",
+                                                           "7.png", "8.png"]
+        day = next((api.outputs / "txt2img-images").iterdir())
+        for b64, name in zip(plain.json()["images"], made[:2]):
+            first_pass = np.asarray(Image.open(day / name))
+            assert first_pass.shape == (64, 64, 3) and np.array_equal(first_pass, np.asarray(opened(b64)))
+        assert Image.open(day / made[2]).size == (128, 128)
+
+        # img2img's colour correction: the image before it (with the overlay), as the same request without it makes
+        init = np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        init[:, :, 0] = 250  # (a strong cast for the correction to move the colours towards)
+        img2img = SMALL | {"init_images": [png(init)], "save_images": True}
+        seen = set(api.outputs.glob("*-images/*/*.png"))
+        uncorrected = client.post("/sdapi/v1/img2img", json=img2img | {"save_images": False})
+        corrected = client.post("/sdapi/v1/img2img", json=img2img | {"override_settings": {
+            "img2img_color_correction": True, "save_images_before_color_correction": True}})
+        assert uncorrected.status_code == 200 and corrected.status_code == 200, corrected.text
+        made = new_files(api.outputs, seen)
+        assert [name.split("-", 1)[1] for name in made] == ["7-before-color-correction.png", "7.png"]
+        day = next((api.outputs / "img2img-images").iterdir())
+        before = np.asarray(Image.open(day / made[0]))
+        assert np.array_equal(before, np.asarray(opened(uncorrected.json()["images"][0])))
+        assert np.array_equal(np.asarray(Image.open(day / made[1])), np.asarray(opened(corrected.json()["images"][0])))
+        assert not np.array_equal(before, np.asarray(Image.open(day / made[1])))
+
+        # asked where the step does not run, or where nothing is saved: refused by name
+        for body, key in ((SMALL | {"save_images": True}, "save_images_before_highres_fix"),
+                          (hires | {"save_images": False}, "save_images_before_highres_fix"),
+                          (img2img, "save_images_before_color_correction")):
+            url = "/sdapi/v1/img2img" if "init_images" in body else "/sdapi/v1/txt2img"
+            refused = client.post(url, json=body | {"override_settings": {key: True}})
+            assert refused.status_code == 422 and key in refused.text, refused.text
