@@ -750,7 +750,12 @@ def test_save_images_writes_the_outputs_folder(client, outputs_dir):
     days = list((outputs_dir / "txt2img-images").iterdir())
     assert len(days) == 1 and sorted(p.name for p in days[0].iterdir()) == ["00000-30.png", "00001-31.png"]
     written = Image.open(days[0] / "00001-31.png")
-    assert np.array_equal(np.asarray(written.convert("RGB")), decode(saved.json()["images"][1])[0])
+    # the answer has their grid first, as AUTOMATIC1111's API answers a request that saves (return_grid)
+    grid, first, second = (decode(b64)[0] for b64 in saved.json()["images"])
+    assert np.array_equal(np.asarray(written.convert("RGB")), second)
+    assert np.array_equal(grid, np.concatenate([first, second], axis=1))  # 1 row, 2 columns
+    info = json.loads(saved.json()["info"])
+    assert info["index_of_first_image"] == 1 and len(info["infotexts"]) == 3 and "Seed: 30" in info["infotexts"][0]
     assert "Seed: 31" in written.info["parameters"]
     client.post("/sdapi/v1/txt2img", json=body | {"save_images": True, "batch_size": 1, "seed": 40})
     assert (days[0] / "00002-40.png").is_file()
@@ -758,11 +763,14 @@ def test_save_images_writes_the_outputs_folder(client, outputs_dir):
     assert len(list(days[0].iterdir())) == 3
     grids = list((outputs_dir / "txt2img-grids").rglob("*.png"))  # the two-image job's grid: 1 row, 2 columns
     assert [p.name for p in grids] == ["grid-0000.png"] and Image.open(grids[0]).size == (128, 64)
-    client.post("/sdapi/v1/txt2img", json=body | {"save_images": True, "do_not_save_grid": True})
-    assert len(list((outputs_dir / "txt2img-grids").rglob("*.png"))) == 1
+    gridless = client.post("/sdapi/v1/txt2img", json=body | {"save_images": True, "do_not_save_grid": True})
+    assert len(list((outputs_dir / "txt2img-grids").rglob("*.png"))) == 1 and len(gridless.json()["images"]) == 2
+    unreturned = body | {"save_images": True, "override_settings": {"return_grid": False}}
+    assert len(client.post("/sdapi/v1/txt2img", json=unreturned).json()["images"]) == 2  # (saved, not returned)
+    assert len(list((outputs_dir / "txt2img-grids").rglob("*.png"))) == 2
     client.post("/sdapi/v1/img2img", json=body | {"save_images": True, "init_images": [_b64(_png())], "batch_size": 1})
     assert [p.name for p in (outputs_dir / "img2img-images").rglob("*.png")] == ["00000-30.png"]
-    assert len(list(days[0].iterdir())) == 5  # the grid-less job's two images
+    assert len(list(days[0].iterdir())) == 7  # the grid-less job's two images, the unreturned grid's job's two
 
 
 def test_separate_mask_blurs(client):

@@ -190,7 +190,7 @@ def test_validation_names_the_field_with_one_set_of_limits():
              (replace(ok, hires=HiresFix(sampler="DPM++ SDE"), eta_ancestral=-0.1), InputError,
               r"eta_ancestral must be in \[0, 1\], got -0.1"),
              (replace(ok, intermediates=("highres-fix",)), InputError, "a step this request does not run"),
-             (replace(ok, hires=HiresFix(), intermediates=("face-restoration",)), InputError, "is not one of"),
+             (replace(ok, hires=HiresFix(), intermediates=("face-restoration",)), InputError, "must be a tuple of"),
              (replace(ok, intermediates=["highres-fix"]), InputError, "must be a tuple")]
     for request, kind, message in cases:
         with pytest.raises(kind, match=message):
@@ -833,11 +833,13 @@ def test_only_masked_crops_and_pastes_back_as_automatic1111():
 
     def generate(request):
         inner.append(request)
-        return GenerationResult(images=generated, seeds=[1], before={"color-correction": uncorrected})
+        return GenerationResult(images=generated, seeds=[1], before={"color-correction": uncorrected,
+                                                                     "overlay": generated})
 
     result = only_masked(generate, Img2ImgRequest(prompt="x", width=64, height=48, init_image=encode(original),
                                                   mask=encode(mask), mask_blur=0, inpaint_full_res=True,
-                                                  overlay=True))
+                                                  overlay=True, intermediates=("color-correction", "mask", "overlay")))
+    assert inner[0].intermediates == ("color-correction", "overlay")  # (the mask: the whole picture's, made here)
     box = (40, 28, 61, 43)
     assert result.info["inpaint_region"] == list(box)
     crop = np.asarray(Image.open(io.BytesIO(inner[0].init_image)))
@@ -846,6 +848,9 @@ def test_only_masked_crops_and_pastes_back_as_automatic1111():
     masked = np.asarray(mask) > 0
     back = np.asarray(original).copy()
     back[28:43, 40:61] = np.asarray(shaped(Image.fromarray(generated[0]), 21, 15, 1))
+    # AUTOMATIC1111's mask_for_overlay and the image before the overlay (for the mask pictures): the box's all of it
+    assert np.array_equal(result.before["mask"][0], np.asarray(mask))
+    assert np.array_equal(result.before["overlay"][0], back)
     assert np.array_equal(result.images[0][masked], back[masked])
     assert np.array_equal(result.images[0][~masked], np.asarray(original)[~masked])
     # the images kept from before a step go back into the box as the images do

@@ -63,10 +63,12 @@ def test_saved_text_init_images_and_inpainting_masks(api):
             assert client.post("/sdapi/v1/options", json=dict.fromkeys(SETTINGS, True)).is_success
             answer = client.post("/sdapi/v1/img2img", json=inpaint)
             assert answer.status_code == 200, answer.text
-            images = [opened(b64) for b64 in answer.json()["images"]]
-            # each image, then its mask and its composite, as AUTOMATIC1111 appends them; infotexts for the images
+            grid, *images = [opened(b64) for b64 in answer.json()["images"]]
+            # their grid, then each image, its mask and its composite, as AUTOMATIC1111 appends them; infotexts for
+            # the grid and the images
             assert [image.mode for image in images] == ["RGB", "RGB", "RGBA"] * 2
-            assert len(json.loads(answer.json()["info"])["infotexts"]) == 2
+            assert grid.size == (3 * 64, 2 * 64) and "parameters" in grid.info
+            assert len(json.loads(answer.json()["info"])["infotexts"]) == 3
             assert "parameters" in images[0].info and "parameters" not in images[1].info
             # only masked (the API's default): the mask blurred by mask_blur (sigma 4), not doubled, grey on both
             # sides of the edge at x = 32
@@ -78,6 +80,13 @@ def test_saved_text_init_images_and_inpainting_masks(api):
             assert np.array_equal(composite[..., 3], returned_mask)  # transparent where the init image stays
             opaque = composite[..., 3] == 255
             assert np.array_equal(composite[opaque][:, :3], image[opaque])
+            # on the mask's blurred edge, the image before the init image was pasted over it (as there), which the
+            # answer's image is blended from: image = init x (1 - a) + before x a
+            alpha = returned_mask[..., None] / 255.0
+            edge = (returned_mask > 96) & (returned_mask < 255)
+            before_overlay = (image - init * (1 - alpha)) / np.maximum(alpha, 1e-3)
+            assert np.abs(composite[..., :3][edge] - before_overlay[edge]).max() <= 8
+            assert np.abs(composite[..., :3][edge].astype(int) - image[edge]).max() > 20
             assert np.array_equal(image[:, 48:], init[:, 48:])  # (outside the mask: the init image pasted back)
 
             # the whole picture: doubled (a pixel blurred half-way in or further is repainted whole)
@@ -110,10 +119,16 @@ def test_saved_text_init_images_and_inpainting_masks(api):
             # asked where there is no mask, or of a script's answer, or of another type: refused by name
             refused = client.post("/sdapi/v1/txt2img", json=SMALL | {"override_settings": {"return_mask": True}})
             assert refused.status_code == 422 and "return_mask" in refused.text
+            # a script's answer: no mask pictures where the options ask for them, a 422 where the request does
             matrix = inpaint | {"prompt": "a cat|red", "script_name": "prompt matrix", "save_images": False,
                                 "script_args": [False, False, "positive", "comma", 0], "batch_size": 1}
-            refused = client.post("/sdapi/v1/img2img", json=matrix)
+            answer = client.post("/sdapi/v1/img2img", json=matrix)
+            assert answer.status_code == 200 and {opened(b64).mode for b64 in answer.json()["images"]} == {"RGB"}
+            refused = client.post("/sdapi/v1/img2img", json=matrix | {"override_settings": {"return_mask": True}})
             assert refused.status_code == 422 and "return_mask" in refused.text
+            unsaved = inpaint | {"save_images": False, "override_settings": {"save_mask": True}}
+            refused = client.post("/sdapi/v1/img2img", json=unsaved)
+            assert refused.status_code == 422 and "save_mask" in refused.text
             refused = client.post("/sdapi/v1/options", json={"save_txt": "yes"})
             assert refused.status_code == 422 and "save_txt" in refused.text
             # the settings off: the answer has the images alone
@@ -142,7 +157,7 @@ def test_images_saved_before_the_hires_fix_and_before_colour_correction(api):
                          "hr_upscaler": "Latent", "override_settings": {"save_images_before_highres_fix": True}}
         answer = client.post("/sdapi/v1/txt2img", json=hires)
         assert answer.status_code == 200, answer.text
-        assert len(answer.json()["images"]) == 2  # (saved only, as there)
+        assert len(answer.json()["images"]) == 3  # their grid and the two images (the first passes: saved only)
         made = new_files(api.outputs, seen)
         assert [name.split("-", 1)[1] for name in made] == ["7-before-highres-fix.png", "8-before-highres-fix.png",
                                                            "7.png", "8.png"]

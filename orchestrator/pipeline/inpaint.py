@@ -155,8 +155,9 @@ def inpaint_latents(vae: VAE, contract: SDContract, request: Img2ImgRequest, sha
 
 def finished(images: np.ndarray, latents: torch.Tensor, request: Img2ImgRequest, inpaint: dict | None) -> tuple:
     """The decoded images as AUTOMATIC1111 finishes them, soft inpainting's composite masks (else None), and the
-    images before colour correction where the request's intermediates ask for them ({"color-correction": ...}, the
-    overlay on them too, as its save_images_before_color_correction): their colours corrected
+    images kept from before a step where the request's intermediates ask for them: before colour correction
+    ("color-correction", the overlay on them too, as its save_images_before_color_correction), before the overlay
+    ("overlay"), and the mask each was overlaid by ("mask", (N, H, W)); the images: their colours corrected
     (request.color_correction), then the init image pasted back outside the mask (request.overlay), or with soft
     inpainting over each image where its latents changed little from the init latents (the masks then go back to
     only_masked, which pastes them)."""
@@ -170,6 +171,11 @@ def finished(images: np.ndarray, latents: torch.Tensor, request: Img2ImgRequest,
                                                 request.height)
     if "color-correction" in request.intermediates:
         before["color-correction"] = overlaid(images, request, inpaint, masks)
+    if "overlay" in request.intermediates:  # (what the init image is pasted over: a mask composite's image)
+        before["overlay"] = corrected
+    if "mask" in request.intermediates:  # AUTOMATIC1111's mask_for_overlay: the soft mask doubled, or soft inpainting's
+        before["mask"] = np.stack([np.asarray(mask) for mask in masks] if masks is not None else
+                                  [np.asarray(doubled(inpaint["soft"]))] * len(images))
     return overlaid(corrected, request, inpaint, masks), masks, before
 
 
@@ -185,20 +191,6 @@ def overlaid(images: np.ndarray, request: Img2ImgRequest, inpaint: dict | None, 
     init = resized_rgb(request.init_image, request.width, request.height)
     return np.stack([np.asarray(under_overlay(Image.fromarray(image), init_overlay(init, mask)))
                      for image, mask in zip(images, masks)])
-
-
-def overlay_mask(request: Img2ImgRequest):
-    """AUTOMATIC1111's mask_for_overlay, the mask the init image is pasted back by (what its save_mask and return_mask
-    give): the mask read, inverted where asked and blurred; for the whole picture shaped to the generation's size and
-    doubled (paste_outside_mask's), for only masked at the init image's own size (only_masked's). None without one."""
-    if not request.mask:
-        return None
-    if request.inpaint_full_res:
-        width, height = decode_image(request.init_image, ImageLimits(min_side=1)).size  # (upright, as only_masked's)
-        return soft_mask(request.mask, width, height, request.mask_blur, request.inpainting_mask_invert,
-                         binarize=request.mask_round)
-    return doubled(soft_mask(request.mask, request.width, request.height, request.mask_blur,
-                             request.inpainting_mask_invert, request.mask_resize, request.mask_round))
 
 
 def color_corrected(images: np.ndarray, request: Img2ImgRequest, filled: np.ndarray | None) -> np.ndarray:
@@ -231,34 +223,39 @@ def only_masked(generate: Callable[[Img2ImgRequest], GenerationResult], request:
     mask = soft_mask(request.mask, width, height, request.mask_blur, request.inpainting_mask_invert,
                      binarize=request.mask_round)
     box = crop_region(np.asarray(mask) > 0, request.inpaint_full_res_padding, request.width, request.height)
-    if box is None:  # nothing masked: whole-picture inpainting (which keeps everything)
-        return generate(replace(request, inpaint_full_res=False))
+    if box is None:  # nothing masked: whole-picture inpainting (which keeps everything), and no mask to show
+        return generate(replace(request, inpaint_full_res=False, intermediates=tuple(
+            name for name in request.intermediates if name not in ("mask", "overlay"))))
     region = (box[2] - box[0], box[3] - box[1])
     # the crop and its mask to width x height as "resize and fill" (as there: the box's aspect is only near theirs)
     crop = shaped(original.crop(box), request.width, request.height, 2)
     crop_mask = shaped(mask.crop(box), request.width, request.height, 2)
     inner = replace(request, init_image=encode_png(crop), mask=encode_png(crop_mask), mask_blur=0,
-                    inpainting_mask_invert=False, inpaint_full_res=False, overlay=False)  # already blurred, inverted
+                    inpainting_mask_invert=False, inpaint_full_res=False, overlay=False,  # already blurred, inverted
+                    intermediates=tuple(name for name in request.intermediates if name != "mask"))  # (made here)
     result = generate(inner)
     # the init image back outside the blurred mask (not doubled here, as there); with soft inpainting, outside each
     # image's composite mask, put back into the box as the image is
-    overlay = init_overlay(original, mask) if request.overlay else None
+    # the mask each image is overlaid by: the blurred mask, or soft inpainting's composite mask put back in the box
+    masks = [mask] * len(result.images)
+    for index, composite in enumerate(result.masks or ()):
+        masks[index] = Image.new("L", original.size)
+        masks[index].paste(shaped(composite, *region, 1), box[:2])
 
-    def pasted(generated_images: np.ndarray) -> np.ndarray:  # (the images, and those kept from before a step)
-        images, own = [], overlay
-        for index, generated in enumerate(generated_images):
-            if result.masks is not None and own is not None:
-                composite = Image.new("L", original.size)
-                composite.paste(shaped(result.masks[index], *region, 1), box[:2])
-                own = init_overlay(original, composite)
+    def pasted(generated_images: np.ndarray, overlay: bool = request.overlay) -> np.ndarray:
+        images = []  # (the images, and those kept from before a step)
+        for generated, own in zip(generated_images, masks):
             # back into the box as "crop and resize"; with the overlay, onto a transparent canvas it covers outside
-            canvas = original.copy() if own is None else Image.new("RGBA", original.size)
+            canvas = original.copy() if not overlay else Image.new("RGBA", original.size)
             canvas.paste(shaped(Image.fromarray(generated), *region, 1), box[:2])
-            images.append(np.asarray(canvas if own is None else under_overlay(canvas, own), dtype=np.uint8))
+            images.append(np.asarray(under_overlay(canvas, init_overlay(original, own)) if overlay else canvas,
+                                     dtype=np.uint8))
         return np.stack(images)
 
     info = result.info | {"mask_blur": blur_radius(request.mask_blur),
                           "inpainting_mask_invert": request.inpainting_mask_invert, "inpaint_full_res": True,
                           "inpaint_full_res_padding": request.inpaint_full_res_padding, "inpaint_region": list(box)}
-    return GenerationResult(images=pasted(result.images), seeds=result.seeds, info=info,
-                            before={name: pasted(kept) for name, kept in result.before.items()})
+    before = {name: pasted(kept, request.overlay and name != "overlay") for name, kept in result.before.items()}
+    if "mask" in request.intermediates:
+        before["mask"] = np.stack([np.asarray(own) for own in masks])
+    return GenerationResult(images=pasted(result.images), seeds=result.seeds, info=info, before=before)

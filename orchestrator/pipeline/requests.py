@@ -177,7 +177,9 @@ class Txt2ImgRequest:
     refiner: Refiner | None = None  # another checkpoint finishing the denoising (run with Pipeline.generate's refiner)
     # AUTOMATIC1111's save_images_before_highres_fix and save_images_before_color_correction: the images as they were
     # before the hires fix ("highres-fix": its first pass, decoded) and before img2img's colour correction
-    # ("color-correction": with the overlay), kept in GenerationResult.before
+    # ("color-correction": with the overlay); for inpainting's mask pictures (its save_mask, return_mask_composite,
+    # ...) the images before the init image is pasted over them ("overlay") and the mask that pastes it ("mask": its
+    # mask_for_overlay, (N, H, W)); kept in GenerationResult.before
     intermediates: tuple[str, ...] = ()
 
     @property
@@ -275,7 +277,7 @@ class GenerationResult:
     seeds: list[int]
     info: dict = field(default_factory=dict)
     masks: list | None = None  # soft inpainting's composite masks, one per image ("L", 255 = generated)
-    before: dict[str, np.ndarray] = field(default_factory=dict)  # the request's intermediates, (N, H, W, 3) each
+    before: dict[str, np.ndarray] = field(default_factory=dict)  # the request's intermediates, one per image each
 
 
 class Cancelled(KilnError):

@@ -237,17 +237,17 @@ def _check_prompt(name: str, text, limits: Limits) -> None:
 
 
 def _check_intermediates(request: Txt2ImgRequest) -> None:
-    """The images kept from before a step (save_images_before_*) name steps this request runs."""
-    if not isinstance(request.intermediates, tuple):
-        raise InputError("intermediates must be a tuple of names")
+    """The images kept from before a step (save_images_before_*, the mask pictures') name steps this request runs."""
+    inpainting = bool(getattr(request, "mask", b""))
+    runs = {"highres-fix": request.hires is not None, "color-correction": getattr(request, "color_correction", False),
+            "mask": inpainting, "overlay": inpainting}
+    if not isinstance(request.intermediates, tuple) or set(request.intermediates) - set(runs):
+        raise InputError(f"intermediates must be a tuple of {', '.join(runs)}, got {request.intermediates!r}")
     if request.intermediates and getattr(request, "sd_upscale", None) is not None:
         raise InputError("intermediates: the SD upscale script's tiles keep no images from before a step")
-    runs = {"highres-fix": request.hires is not None, "color-correction": getattr(request, "color_correction", False)}
-    for name in request.intermediates:
-        if name not in runs:
-            raise InputError(f"intermediates: {name!r} is not one of {', '.join(runs)}")
-        if not runs[name]:
-            raise InputError(f"intermediates: {name!r} keeps the images before a step this request does not run")
+    if not all(runs[name] for name in request.intermediates):
+        raise InputError(f"intermediates {request.intermediates!r}: one keeps the images before a step this request "
+                         "does not run")
 
 
 def _check_latent_mask(request: Img2ImgRequest) -> None:

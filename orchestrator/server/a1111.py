@@ -38,7 +38,6 @@ from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.options import (
     APPLIED_OPTIONS,
     APPLIED_OVERRIDES,
-    MASK_SETTINGS,
     applied_setting,
     bool_setting,
     check_image_settings,
@@ -53,7 +52,7 @@ from orchestrator.server.options import (
     setting_fields,
     sigma_fields,
 )
-from orchestrator.server.outputs import mask_pictures
+from orchestrator.server.outputs import answer_pictures, image_grid
 from orchestrator.server.paste import apply_infotext
 from orchestrator.server.sampler_names import hires_fix_sampler, sampler_name
 
@@ -201,8 +200,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     softly = soft.settings(body.alwayson_scripts, img2img, img2img and bool(body.mask))  # (without a mask: nothing)
     script = selected_script(body, contract.upscaler_names)
-    for key in MASK_SETTINGS:
-        refuse_idle(body, key, img2img and bool(body.mask), "inpainting's mask (img2img with a mask)")
+    refuse_idle(body, "save_txt", body.save_images, "the saved images (save_images)")
+    refuse_idle(body, "save_init_img", img2img, "img2img's init images")
     if not img2img:
         refuse_idle(body, "img2img_color_correction", False, "img2img's images (txt2img and its hires fix have no "
                     "init image to match)")
@@ -211,7 +210,7 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                              "(AUTOMATIC1111 ignores it there)")
         return Txt2ImgRequest(**fields, hires=hires_fix(body, contract, limits.max_image_pixels),
                               intermediates=intermediates(body, options, {"highres-fix": bool(body.enable_hr),
-                                                                          "color-correction": False}))
+                                                                          "color-correction": False, "mask": False}))
     if body.enable_hr or body.firstpass_image:
         raise InputError(f"{'enable_hr' if body.enable_hr else 'firstpass_image'}: the hires fix is txt2img's; "
                          "img2img has none")
@@ -230,7 +229,8 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
                           initial_noise_multiplier=multiplier, latent_resize=body.resize_mode == 3,
                           sd_upscale=script, image_cfg_scale=body.image_cfg_scale,
                           color_correction=correction, intermediates=intermediates(
-                              body, options, {"highres-fix": False, "color-correction": correction and script is None}),
+                              body, options, {"highres-fix": False, "color-correction": correction and script is None,
+                                              "mask": bool(mask) and script is None}),
                           color_target=decode_b64_image(
                               color_target, "the loopback's init image", limits.max_image_pixels)
                           if correction and color_target else b"")
@@ -306,14 +306,16 @@ def response_info(job: Job, body: schemas.Txt2ImgBody) -> dict:
 
 def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> dict:
     """AUTOMATIC1111's response: images (`encoding`, the server's samples_format: PNG with the infotext chunk, or
-    JPEG/WebP with it in EXIF), parameters (the request), info (JSON)."""
-    info, infos, returned = response_info(job, body), job.infos, job.context.get("masks", frozenset())
-    images = []
-    for image, masks, i in zip(job.images, mask_pictures(job, returned), infos) if body.send_images else ():
-        images += [base64.b64encode(encoding.encode(image, {"parameters": parameters_text(i)})).decode()]
-        # then its mask pictures that return_mask and return_mask_composite ask for, as AUTOMATIC1111 appends them
-        images += [base64.b64encode(encoding.encode(masks[kind])).decode() for kind in masks
-                   if f"return_{kind}" in returned]
+    JPEG/WebP with it in EXIF): their grid first where the job returns it (context["grid"]: return_grid, for a
+    request that saves its images and grid, as AUTOMATIC1111's API makes one) and there are two or more, each image
+    then its returned mask pictures, the ControlNet units' detected maps; parameters (the request), info (JSON)."""
+    info, pictures = response_info(job, body), answer_pictures(job, job.context.get("masks", frozenset()))
+    if job.context.get("grid") and len(pictures) > 1:  # AUTOMATIC1111's return_grid: their grid first
+        pictures.insert(0, (image_grid([picture[..., :3] for picture, _ in pictures]), job.infos[0]))
+        info["infotexts"].insert(0, parameters_text(job.infos[0]))
+        info["index_of_first_image"] = 1
+    images = [base64.b64encode(encoding.encode(picture, None if i is None else {"parameters": parameters_text(i)}))
+              .decode() for picture, i in pictures] if body.send_images else []
     if body.send_images and job.context.get("detect_maps"):  # sd-webui-controlnet appends each unit's input
         images += [base64.b64encode(encoding.encode(detect_map(unit, job.request))).decode()
                    for unit in job.request.controlnet_units if unit.save_detected_map]

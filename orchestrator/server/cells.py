@@ -64,10 +64,10 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
             served = await pipeline(request, cell.override_settings.get("sd_model_checkpoint"))
             generation = await run_in_threadpool(a1111.to_request, cell, served.contract, state.options,
                                                  served.limits, state.styles)
-            returned = sorted(outputs_of(request, cell).masks & {"return_mask", "return_mask_composite"})
-            if returned and kind == "img2img" and cell.mask:
-                raise InputError(f"{returned[0]}: a script's answer does not return inpainting's mask pictures "
-                                 "(save_mask and save_mask_composite save them)")
+            returned = [key for key in ("return_mask", "return_mask_composite") if cell.override_settings.get(key)]
+            if returned and kind == "img2img" and cell.mask:  # (set in the options, they return nothing here)
+                raise InputError(f"override_settings.{returned[0]}: a script's answer does not return inpainting's "
+                                 "mask pictures (save_mask and save_mask_composite save them)")
             jobs.append(await run_in_threadpool(
                 engine(request).prepare, kind, generation, cell.n_iter, client_id=client_id(request),
                 context={"family": "tasks", "also": ("sdapi",), "body": cell, "detect_maps": False,

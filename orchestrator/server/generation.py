@@ -87,13 +87,21 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
     saved = outputs_of(request, body)
     job = await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
-        context={"family": family, "body": body, "masks": saved.masks,  # (return_mask: a1111.to_response)
+        context={"family": family, "body": body, "masks": saved.masks, "grid": returns_grid(request, body),
                  "detect_maps": control_units.wants_detect_maps(body, request.app.state.options)},
         job_id=body.force_task_id, checkpoint=served.contract.title))
     if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
         job.future.add_done_callback(lambda _done: save_logged(job, saved, not body.do_not_save_grid))
     await keep_init_image(kind, body, saved)
     return job
+
+
+def returns_grid(request: Request, body: schemas.Txt2ImgBody) -> bool:
+    """Whether a request's answer has its images' grid first (a1111.to_response): AUTOMATIC1111's API makes the grid
+    of a request that saves its images (save_images, and here not do_not_save_grid), and return_grid (its default:
+    on; the request's override_settings over the server's options) puts it in the answer."""
+    return body.save_images and not body.do_not_save_grid and \
+        (request.app.state.options | body.override_settings)["return_grid"]
 
 
 def outputs_of(request: Request, body: schemas.Txt2ImgBody) -> Outputs:

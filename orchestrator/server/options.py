@@ -25,12 +25,15 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
                 "img2img_color_correction": bool, "enable_prompt_comments": bool, "grid_format": str,
                 "jpeg_quality": int, "webp_lossless": bool, "save_txt": bool, "save_init_img": bool,
                 "save_mask": bool, "save_mask_composite": bool, "return_mask": bool, "return_mask_composite": bool,
-                "save_images_before_highres_fix": bool, "save_images_before_color_correction": bool}
+                "save_images_before_highres_fix": bool, "save_images_before_color_correction": bool,
+                "return_grid": bool}
 # How images are encoded and saved: the answers' (set by POST /options; a request's override_settings, applied while
 # it runs as AUTOMATIC1111 applies them, reach its saved files, and its answer only where they stay as the server's:
 # AUTOMATIC1111 encodes it after restoring them) and the saved files' (save_images; grid_format: its grids'; save_txt:
-# an infotext .txt beside each; save_init_img: img2img's init images kept)
-IMAGE_SETTINGS = ("samples_format", "grid_format", "jpeg_quality", "webp_lossless", "save_txt", "save_init_img")
+# an infotext .txt beside each; save_init_img: img2img's init images kept; return_grid: a saving request's answer
+# has their grid first)
+IMAGE_SETTINGS = ("samples_format", "grid_format", "jpeg_quality", "webp_lossless", "save_txt", "save_init_img",
+                  "return_grid")
 # Inpainting's mask pictures (AUTOMATIC1111's mask_for_overlay, and the image where it repaints): saved beside each
 # image, returned after each one (outputs.mask_pictures)
 MASK_SETTINGS = ("save_mask", "save_mask_composite", "return_mask", "return_mask_composite")
@@ -95,6 +98,7 @@ def default_options() -> dict:
             "always_discard_next_to_last_sigma": False, "sgm_noise_multiplier": False, "img2img_extra_noise": 0.0,
             "inpainting_mask_weight": 1.0, "control_net_inpaint_blur_sigma": 7, "img2img_color_correction": False,
             "grid_format": "png", "jpeg_quality": 80, "webp_lossless": False, "save_txt": False, "save_init_img": False,
+            "return_grid": True,
             **dict.fromkeys((*MASK_SETTINGS, *BEFORE_SETTINGS.values()), False),
             "enable_prompt_comments": True,  # AUTOMATIC1111's Comments script: # to the end of a line is not run
             # AUTOMATIC1111's default is "GPU"; kiln's is diffusers' noise (orchestrator.pipeline.noise)
@@ -189,15 +193,31 @@ def bool_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> bool:
 
 
 def intermediates(body: schemas.Txt2ImgBody, options: dict, runs: dict[str, bool]) -> tuple[str, ...]:
-    """AUTOMATIC1111's save_images_before_highres_fix and save_images_before_color_correction: the steps (of `runs`,
-    those the request runs) whose images it keeps from before them, where it saves its images; a request's
-    override_settings asking it of a request that saves none, or of a step it does not run, is a 422."""
+    """What the pipeline keeps for the request's saved and returned pictures (its request's intermediates): the
+    images from before the steps of `runs` that it runs (save_images_before_highres_fix, ..._color_correction), and
+    for inpainting ("mask": an inpainting request's) its mask and the images before the overlay (save_mask,
+    save_mask_composite, return_mask, return_mask_composite), where the settings are on and act: a save setting where
+    the request saves its images. A request's override_settings asking one where it cannot act is a 422."""
     saving = body.save_images and not body.do_not_save_samples
-    for step, key in BEFORE_SETTINGS.items():
-        refuse_idle(body, key, saving and runs[step], f"the saved images (save_images) of a request that runs the "
-                    f"{step.replace('-', ' ')}")
-    return tuple(step for step, key in BEFORE_SETTINGS.items() if saving and runs[step]
-                 and bool_setting(body, options, key))
+    saved, inpainting = "the saved images (save_images) of ", "an inpainting request (img2img with a mask)"
+    acting = {"save_images_before_highres_fix": (saving and runs["highres-fix"],
+                                                 f"{saved}a request with the hires fix"),
+              "save_images_before_color_correction": (saving and runs["color-correction"],
+                                                      f"{saved}a request with img2img's colour correction"),
+              "save_mask": (saving and runs["mask"], saved + inpainting),
+              "save_mask_composite": (saving and runs["mask"], saved + inpainting),
+              "return_mask": (runs["mask"], inpainting), "return_mask_composite": (runs["mask"], inpainting)}
+    on = set()
+    for key, (acts, where) in acting.items():
+        refuse_idle(body, key, acts, where)
+        if acts and bool_setting(body, options, key):
+            on.add(key)
+    kept = [step for step, key in BEFORE_SETTINGS.items() if key in on]
+    if on & set(MASK_SETTINGS):
+        kept.append("mask")
+    if on & {"save_mask_composite", "return_mask_composite"}:
+        kept.append("overlay")
+    return tuple(kept)
 
 
 def image_format(settings: dict, key: str = "samples_format") -> ImageFormat:

@@ -3,7 +3,7 @@ UI saves them: outputs/txt2img-images/<date>/<number>-<seed>.png (img2img-images
 samples_format's: png, jpg, jpeg or webp), numbered on from the highest number in that folder; with more than one
 image, also their grid (unless do_not_save_grid; grid_format's), in outputs/txt2img-grids/<date>/grid-<number>.png,
 laid out as its image_grid (round(sqrt(n)) rows). With save_txt, each saved image and grid has its infotext beside
-it in a .txt of the same name; with save_init_img, img2img's init images go to outputs/init-images/<md5>.<ext>;
+it in a .txt of the same name; with save_init_img, img2img's init images go to outputs/init-images/<md5>.png;
 inpainting's masks (save_mask, save_mask_composite) and the images from before the hires fix and colour correction
 (save_images_before_*) go beside the images, numbered on as theirs."""
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kiln.imaging import PNG, ImageFormat, ImageLimits, decode_image
+from kiln.imaging import PNG, ImageFormat
 from kiln.infotext import infotext_of, parameters_text
 from orchestrator.jobs import Job, Status
 
@@ -62,8 +62,8 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
     grids = outputs.folder / f"{kind}-grids" / date
     masks, before = mask_pictures(job, outputs.masks), job.before or [{}] * len(job.images)
     # as AUTOMATIC1111 saves them: a batch's first passes before the hires fix, then each image (after its own from
-    # before colour correction) and its saved masks; the grid's: each image, then its returned masks
-    pictures, shown, batch = [], [], max(getattr(job.request, "batch_size", 1), 1)
+    # before colour correction) and its saved masks; the grid: the answer's pictures
+    pictures, batch = [], max(getattr(job.request, "batch_size", 1), 1)
     for start in range(0, len(job.images), batch):
         run = range(start, min(start + batch, len(job.images)))
         pictures += [(before[i]["highres-fix"], job.infos[i], "-before-highres-fix") for i in run
@@ -74,7 +74,7 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
                 if "color-correction" in before[i] else []
             pictures += [(job.images[i], info, "")] + [(own[k], info, MASK_KINDS[k]) for k in own
                                                        if f"save_{k}" in outputs.masks]
-            shown += [job.images[i]] + [own[k][..., :3] for k in own if f"return_{k}" in outputs.masks]  # (RGB)
+    shown = [picture[..., :3] for picture, _ in answer_pictures(job, outputs.masks)]  # (RGB: as pasted there)
     with _LOCK:
         paths = _write_samples(pictures, kind, outputs)
         if grid and len(shown) > 1:
@@ -100,25 +100,35 @@ def _write_samples(pictures: list[tuple[np.ndarray, dict, str]], kind: str, outp
                           info) for offset, (image, info, suffix) in enumerate(pictures)]
 
 
+def answer_pictures(job: Job, settings: frozenset[str]) -> list[tuple[np.ndarray, dict | None]]:
+    """A job's pictures as AUTOMATIC1111's answer lists them (its output_images), with each one's info (None: none):
+    each image, then its mask pictures that the mask `settings` on return (return_mask, return_mask_composite)."""
+    pictures = []
+    for image, info, masks in zip(job.images, job.infos, mask_pictures(job, settings)):
+        pictures += [(image, info)] + [(masks[kind], None) for kind in masks if f"return_{kind}" in settings]
+    return pictures
+
+
 def mask_pictures(job: Job, settings: frozenset[str]) -> list[dict[str, np.ndarray]]:
     """Each of an inpainting job's images' mask pictures that the mask `settings` on ask for (saved or returned), by
-    kind: "mask", AUTOMATIC1111's mask_for_overlay (pipeline.inpaint.overlay_mask) in RGB; "mask_composite", the
-    image where the mask repaints and transparent elsewhere (RGBA), made as there. None for a job without a mask."""
+    kind, from what the pipeline kept (its intermediates "mask" and "overlay"): "mask", AUTOMATIC1111's
+    mask_for_overlay in RGB; "mask_composite", the image before the init image was pasted over it, where the mask
+    repaints, transparent elsewhere (RGBA), made as there. None for an image without a kept mask."""
     from PIL import Image
 
     from kiln.masks import shaped
-    from orchestrator.pipeline.inpaint import overlay_mask
 
     kinds = [kind for kind in MASK_KINDS if {f"save_{kind}", f"return_{kind}"} & settings]
-    overlay = overlay_mask(job.request) if kinds and getattr(job.request, "mask", b"") else None
-    if overlay is None:
-        return [{} for _ in job.images]
     pictures = []
-    for image in job.images:
-        picture = Image.fromarray(image)
-        own = {"mask": np.asarray(overlay.convert("RGB"))}
+    for image, kept in zip(job.images, job.before or [{}] * len(job.images)):
+        if not kinds or "mask" not in kept:
+            pictures.append({})
+            continue
+        mask, own = Image.fromarray(kept["mask"], "L"), {}
+        own["mask"] = np.asarray(mask.convert("RGB"))
         if "mask_composite" in kinds:
-            alpha = shaped(overlay, picture.width, picture.height, 2)
+            picture = Image.fromarray(kept.get("overlay", image))
+            alpha = shaped(mask, picture.width, picture.height, 2)
             own["mask_composite"] = np.asarray(Image.composite(picture.convert("RGBA").convert("RGBa"),
                                                                Image.new("RGBa", picture.size), alpha).convert("RGBA"))
         pictures.append({kind: own[kind] for kind in kinds})
@@ -138,18 +148,20 @@ def save_grid(grid: np.ndarray, info: dict, kind: str, outputs: Outputs, basenam
 
 def save_init_image(data: bytes, outputs: Outputs) -> Path:
     """save_init_img: an img2img init image as sent, as AUTOMATIC1111 keeps it: outputs/init-images/<the md5 of its
-    RGB pixels>.<samples_format> (the same image twice: one file), with the infotext it carries, if any."""
+    pixels as decoded>.png (PNG whatever samples_format says, in the image's own mode; the same image twice: one
+    file), with the infotext it carries, if any."""
     import hashlib
 
     from PIL import Image
 
-    image = decode_image(data, ImageLimits(min_side=1))
-    with Image.open(io.BytesIO(data)) as sent:
-        text = infotext_of(sent)
-    folder = outputs.folder / "init-images"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{hashlib.md5(image.tobytes()).hexdigest()}.{outputs.samples.name}"  # noqa: S324 - a name
-    path.write_bytes(outputs.samples.encode(image, {"parameters": text} if text else None))
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        text = infotext_of(image)
+        folder = outputs.folder / "init-images"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{hashlib.md5(image.tobytes()).hexdigest()}.png"  # noqa: S324 - a name, not a secret
+        savable = image if image.mode in ("1", "L", "LA", "I", "P", "RGB", "RGBA") else image.convert("RGB")  # (CMYK)
+        path.write_bytes(PNG.encode(savable, {"parameters": text} if text else None))
     return path
 
 

@@ -183,7 +183,8 @@ class SharedQueue(Runner):
         if finished and result is None and state["status"] != "cancelled":
             result = self._call(lambda: self.redis.hget(P + "job:" + mirror.id, "result"))
         if result is not None and not mirror.images:
-            mirror.images, mirror.infos, mirror.before = pickle.loads(result)
+            mirror.images, mirror.infos, *kept = pickle.loads(result)  # (and the kept pictures, where any)
+            mirror.before = kept[0] if kept else []
         apply_state(mirror, state)
         if finished and not mirror.future.done():
             mirror.future.set_result(mirror)

@@ -102,7 +102,7 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - one this version cannot read (another's, mid-upgrade) fails alone
             error = f"this orchestrator cannot read the job as stored ({type(exc).__name__}: {exc})"
             self._scripts["finish"](keys=[key, QUEUED, RUNNING, P + "latents:" + job_id],
-                                    args=[job_id, json.dumps(failed_state(error)), pickle.dumps(([], [], [])), KEEP_S])
+                                    args=[job_id, json.dumps(failed_state(error)), pickle.dumps(([], [])), KEEP_S])
             self._publish({"task_id": job_id, "event": "failed", "error": error})
             self._ack(entry_id)
             return
@@ -154,7 +154,8 @@ class Runner:
             except self._redis_errors:
                 pass
             return
-        result = pickle.dumps((job.images, job.infos, job.before))
+        # (the images' kept pictures only where there are some: an orchestrator from before them reads two fields)
+        result = pickle.dumps((job.images, job.infos, *([job.before] if any(job.before) else [])))
         while True:
             if kind == "cancelled" and time.monotonic() >= self._release_at:
                 log.warning("job %s left to another orchestrator (drain over)", job.id)

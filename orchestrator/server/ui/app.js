@@ -329,7 +329,8 @@ function showResult(result, kind = "txt2img") {
   $("#preview").hidden = true;
   const info = typeof result.info === "string" ? JSON.parse(result.info) : result.info;
   const infotexts = info.infotexts || [];
-  // a batch's images come after its grid, where there is one (AUTOMATIC1111's index_of_first_image)
+  // a batch's images come after its grid, where there is one (AUTOMATIC1111's index_of_first_image); the infotexts
+  // are the pictures', the grid's first
   const first = info.index_of_first_image || 0;
   state.result = { images: result.images, info, kind, selected: first };
   $("#results").replaceChildren(...result.images.map((image, index) => {
@@ -341,13 +342,13 @@ function showResult(result, kind = "txt2img") {
     element.onclick = () => {
       state.result.selected = index;
       $$("#results .result").forEach((e, i) => e.classList.toggle("selected", i === index));
-      $("#info").textContent = infotexts[Math.max(index - first, 0)] || "";
+      $("#info").textContent = infotexts[index] || "";
       $("#hires-this").hidden = !canHiresFix();
     };
     return element;
   }));
   state.lastSeed = info.seed;
-  $("#info").textContent = infotexts[0] || "";
+  $("#info").textContent = infotexts[first] || "";
   $("#hires-this").hidden = !canHiresFix();
 }
 
