@@ -43,6 +43,16 @@ def test_the_whole_picture_overlay_mask_is_the_soft_mask_doubled():
     assert np.asarray(doubled(soft)).tolist() == [[0, 120, 254, 255, 255, 255]]
 
 
+def test_a_grid_takes_pictures_of_another_size_as_automatic1111_pastes_them():
+    from orchestrator.server.outputs import image_grid
+
+    big, small = np.full((64, 64, 3), 200, np.uint8), np.full((32, 48, 3), 90, np.uint8)
+    grid = image_grid([big, small, big.copy()[:48]], rows=1)  # (a skipped hires pass leaves its first pass's size)
+    assert grid.shape == (64, 192, 3)
+    assert (grid[:32, 64:112] == 90).all() and (grid[32:, 64:128] == 0).all() and (grid[:32, 112:128] == 0).all()
+    assert (grid[:48, 128:] == 200).all() and (grid[48:, 128:] == 0).all()
+
+
 @pytest.fixture(scope="module")
 def api(own_api):
     return own_api
@@ -131,6 +141,16 @@ def test_saved_text_init_images_and_inpainting_masks(api):
             assert refused.status_code == 422 and "save_mask" in refused.text
             refused = client.post("/sdapi/v1/options", json={"save_txt": "yes"})
             assert refused.status_code == 422 and "save_txt" in refused.text
+            # return_grid off: the loopback's grid saved, not answered; sent where no grid is made: a 422
+            loopback = SMALL | {"init_images": [png(init)], "script_name": "loopback", "save_images": True,
+                                "script_args": [2, 0.3, "Linear", "None"]}
+            answer = client.post("/sdapi/v1/img2img", json=loopback)
+            assert answer.status_code == 200 and len(answer.json()["images"]) == 3, answer.text  # the grid, 2 loops
+            answer = client.post("/sdapi/v1/img2img", json=loopback | {"override_settings": {"return_grid": False}})
+            assert answer.status_code == 200 and len(answer.json()["images"]) == 2, answer.text
+            assert len(json.loads(answer.json()["info"])["infotexts"]) == 2
+            refused = client.post("/sdapi/v1/txt2img", json=SMALL | {"override_settings": {"return_grid": False}})
+            assert refused.status_code == 422 and "return_grid" in refused.text
             # the settings off: the answer has the images alone
             off = SMALL | {"init_images": [png(init)], "mask": png(mask),
                            "override_settings": dict.fromkeys(SETTINGS, False)}

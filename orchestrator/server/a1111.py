@@ -200,8 +200,6 @@ def to_request(body: schemas.Txt2ImgBody, contract: SDContract, options: dict, l
     multiplier = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     softly = soft.settings(body.alwayson_scripts, img2img, img2img and bool(body.mask))  # (without a mask: nothing)
     script = selected_script(body, contract.upscaler_names)
-    refuse_idle(body, "save_txt", body.save_images, "the saved images (save_images)")
-    refuse_idle(body, "save_init_img", img2img, "img2img's init images")
     if not img2img:
         refuse_idle(body, "img2img_color_correction", False, "img2img's images (txt2img and its hires fix have no "
                     "init image to match)")

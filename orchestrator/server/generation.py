@@ -18,7 +18,7 @@ from orchestrator.pipeline import Pipeline
 from orchestrator.server import a1111, control_units
 from orchestrator.server.errors import APIError, api_error
 from orchestrator.server.inputs import decode_b64
-from orchestrator.server.options import MASK_SETTINGS, answer_format, image_format
+from orchestrator.server.options import MASK_SETTINGS, answer_format, check_save_settings, image_format
 from orchestrator.server.outputs import Outputs, save_init_image, save_job_images
 
 log = logging.getLogger("kiln.api")
@@ -81,6 +81,7 @@ def client_id(request: Request) -> str | None:
 
 async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family: str) -> Job:
     """Translate, validate (once, in the engine) and queue an AUTOMATIC1111 body; `family`: sdapi or tasks."""
+    check_save_settings(body, kind)
     served = await pipeline(request, body.override_settings.get("sd_model_checkpoint"))
     generation = await run_in_threadpool(a1111.to_request, body, served.contract, request.app.state.options,
                                          served.limits, request.app.state.styles)
@@ -96,12 +97,13 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
     return job
 
 
-def returns_grid(request: Request, body: schemas.Txt2ImgBody) -> bool:
+def returns_grid(request: Request, body: schemas.Txt2ImgBody, script: bool = False) -> bool:
     """Whether a request's answer has its images' grid first (a1111.to_response): AUTOMATIC1111's API makes the grid
-    of a request that saves its images (save_images, and here not do_not_save_grid), and return_grid (its default:
-    on; the request's override_settings over the server's options) puts it in the answer."""
-    return body.save_images and not body.do_not_save_grid and \
-        (request.app.state.options | body.override_settings)["return_grid"]
+    of a request that saves its images (save_images, and here not do_not_save_grid) and runs no script (SD upscale
+    makes none), and return_grid (its default: on; the request's override_settings over the server's options) puts
+    it in the answer; `script`: the loopback's or outpainting mk2's grid, which return_grid alone decides."""
+    made = script or (body.save_images and not body.do_not_save_grid and body.script_name in (None, "", "None"))
+    return made and (request.app.state.options | body.override_settings)["return_grid"]
 
 
 def outputs_of(request: Request, body: schemas.Txt2ImgBody) -> Outputs:

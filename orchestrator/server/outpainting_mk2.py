@@ -42,7 +42,7 @@ from kiln.outpaint_noise import matched_noise
 from orchestrator.jobs import Status
 from orchestrator.pipeline.validate import check_counts
 from orchestrator.server import a1111, cells
-from orchestrator.server.generation import outputs_of, pipeline
+from orchestrator.server.generation import outputs_of, pipeline, returns_grid
 from orchestrator.server.outpainting import DIRECTIONS, check_growth, growth, png_b64
 from orchestrator.server.outputs import image_grid, save_picture
 
@@ -232,6 +232,7 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     grid = await run_in_threadpool(image_grid, [image for image, _ in images]) if len(images) > 1 and alike else None
     await cells.save(request, body, kind, [], grid, images[0][1], "grid")
     first = made[0][1]
+    grid = grid if grid is not None and returns_grid(request, body, script=True) else None  # (saved either way)
     details = cells.details(first, [info for _, info in images], before=(images[0][1],) if grid is not None else ())
     details["interrupted"] = not all(complete for *_, complete in grown)
     details["width"], details["height"] = passes[-1][2:]  # the last pass's size, as AUTOMATIC1111's p holds it

@@ -172,9 +172,10 @@ def image_grid(images: list[np.ndarray], rows: int | None = None) -> np.ndarray:
     cols = math.ceil(len(images) / rows)
     height, width = images[0].shape[:2]
     grid = np.zeros((rows * height, cols * width, 3), dtype=np.uint8)
-    for index, image in enumerate(images):
-        row, col = divmod(index, cols)
-        grid[row * height:(row + 1) * height, col * width:(col + 1) * width] = image
+    for index, image in enumerate(images):  # (another size, as a skipped hires pass leaves it: clipped, or black
+        row, col = divmod(index, cols)          # around it, where AUTOMATIC1111's paste clips too)
+        part = image[:height, :width, :3]
+        grid[row * height:row * height + part.shape[0], col * width:col * width + part.shape[1]] = part
     return grid
 
 

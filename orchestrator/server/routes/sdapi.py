@@ -38,7 +38,7 @@ from orchestrator.server.generation import (
     wait_for,
 )
 from orchestrator.server.inputs import decode_b64_image
-from orchestrator.server.options import answer_format
+from orchestrator.server.options import answer_format, check_save_settings
 from orchestrator.server.preview import preview_png
 
 router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"])
@@ -64,6 +64,7 @@ async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> di
         kept = await kept_overrides(request, body)
         if script is not None:  # generations of their own (orchestrator.server.cells)
             builtin_scripts.check(body)  # (the request's own: its cells' seeds and steps are the script's)
+            check_save_settings(body, kind)
             with cells.script(request):
                 answer = await script.run(request, kind, body)
         else:
