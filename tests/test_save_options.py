@@ -149,6 +149,10 @@ def test_saved_text_init_images_and_inpainting_masks(api):
             answer = client.post("/sdapi/v1/img2img", json=loopback | {"override_settings": {"return_grid": False}})
             assert answer.status_code == 200 and len(answer.json()["images"]) == 2, answer.text
             assert len(json.loads(answer.json()["info"])["infotexts"]) == 2
+            mk2 = loopback | {"script_name": "outpainting_mk_2", "override_settings": {"return_grid": False},
+                              "width": 128, "script_args": [None, 32, 2, ["right"]]}  # (by another of its names)
+            grown = client.post("/sdapi/v1/img2img", json=mk2)
+            assert grown.status_code == 200, grown.text
             refused = client.post("/sdapi/v1/txt2img", json=SMALL | {"override_settings": {"return_grid": False}})
             assert refused.status_code == 422 and "return_grid" in refused.text
             # the settings off: the answer has the images alone

@@ -192,16 +192,17 @@ def bool_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> bool:
     return value
 
 
-def check_save_settings(body: schemas.Txt2ImgBody, kind: str) -> None:
+def check_save_settings(body: schemas.Txt2ImgBody, kind: str, cell_script: str | None = None) -> None:
     """save_txt, save_init_img and return_grid sent in a request's override_settings where they cannot act: a 422
     (on the request as sent: a script's cells save nothing of their own). return_grid acts on the grid of a request
-    that saves its images and runs no script, and on the loopback's and outpainting mk2's (the prompt matrix and the
-    X/Y/Z plot always return theirs, SD upscale none, as there)."""
-    script = (body.script_name or "none").strip().lower()
+    that saves its images and runs no script, and on the loopback's and outpainting mk2's (`cell_script`: the
+    script's name, a1111.cell_script's; the prompt matrix and the X/Y/Z plot always return theirs, SD upscale none,
+    as there)."""
+    plain = body.script_name in (None, "", "None")
     refuse_idle(body, "save_txt", body.save_images, "the saved images (save_images)")
     refuse_idle(body, "save_init_img", kind == "img2img", "img2img's init images")
-    refuse_idle(body, "return_grid", script in ("loopback", "outpainting mk2") or
-                (script == "none" and body.save_images and not body.do_not_save_grid),
+    refuse_idle(body, "return_grid", cell_script in ("loopback", "outpainting mk2") or
+                (plain and body.save_images and not body.do_not_save_grid),
                 "the grid of a request that saves its images (save_images), the loopback's or outpainting mk2's")
 
 

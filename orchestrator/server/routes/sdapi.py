@@ -64,7 +64,7 @@ async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> di
         kept = await kept_overrides(request, body)
         if script is not None:  # generations of their own (orchestrator.server.cells)
             builtin_scripts.check(body)  # (the request's own: its cells' seeds and steps are the script's)
-            check_save_settings(body, kind)
+            check_save_settings(body, kind, a1111.cell_script(body))
             with cells.script(request):
                 answer = await script.run(request, kind, body)
         else:
