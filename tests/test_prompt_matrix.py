@@ -88,6 +88,7 @@ def test_the_matrix_through_the_api(triton, tmp_path):
                        "a photo of a cat, red, at night"]
             assert info["all_prompts"] == prompts and info["all_seeds"] == [7, 8, 9, 10]
             assert info["infotexts"][0] == info["infotexts"][1] and info["prompt_matrix"]["images"] == 4
+            assert info["index_of_first_image"] == 1  # (as AUTOMATIC1111's prompt matrix: its grid first)
             grid = pixels(images[0])
             assert grid.shape[0] > 2 * 64 and grid.shape[1] > 2 * 64
             # each image is its own request's (step batching changes no pixel beyond rounding)
@@ -96,7 +97,7 @@ def test_the_matrix_through_the_api(triton, tmp_path):
             assert np.abs(pixels(images[4]).astype(int) - pixels(alone.json()["images"][0])).max() <= 2
             saved = [item["path"].split("/")[-1] for item in client.get("/v1/outputs").json()["items"]
                      if item["kind"] == "txt2img-grids"]
-            assert saved == ["prompt_matrix-0000.png"]
+            assert saved == ["prompt_matrix-0000-7.png"]  # (the seed after the number, as there)
             assert "prompt matrix" in client.get("/sdapi/v1/scripts").json()["txt2img"]
             listed = [s for s in client.get("/sdapi/v1/script-info").json() if s["name"] == "prompt matrix"]
             assert len(listed) == 2 and len(listed[0]["args"]) == 5

@@ -17,6 +17,7 @@ from orchestrator.jobs import Job, Status
 from orchestrator.pipeline import Pipeline
 from orchestrator.server import a1111, control_units
 from orchestrator.server.errors import APIError, api_error
+from orchestrator.server.filenames import Naming
 from orchestrator.server.inputs import decode_b64
 from orchestrator.server.options import MASK_SETTINGS, answer_format, check_save_settings, image_format
 from orchestrator.server.outputs import Outputs, save_init_image, save_job_images
@@ -107,11 +108,15 @@ def returns_grid(request: Request, body: schemas.Txt2ImgBody, script: bool = Fal
 
 
 def outputs_of(request: Request, body: schemas.Txt2ImgBody) -> Outputs:
-    """Where and how a request's save_images writes: the server's outputs folder; its encodings the server's options
-    with the request's override_settings over them (AUTOMATIC1111 saves while they are applied)."""
+    """Where and how a request's save_images writes: the server's outputs folder; its encodings, names and folders
+    the server's options with the request's override_settings over them (AUTOMATIC1111 saves while they are
+    applied); its styles, which names can read."""
     settings, folder = request.app.state.options | body.override_settings, request.app.state.settings.outputs_dir
+    known = request.app.state.styles.styles() if body.styles else {}
     return Outputs(folder, image_format(settings), image_format(settings, "grid_format"), txt=settings["save_txt"],
-                   init_images=settings["save_init_img"], masks=frozenset(k for k in MASK_SETTINGS if settings[k]))
+                   init_images=settings["save_init_img"], masks=frozenset(k for k in MASK_SETTINGS if settings[k]),
+                   naming=Naming.of(settings), samples_save=settings["samples_save"], grid_save=settings["grid_save"],
+                   styles=tuple((name, known[name].prompt if name in known else "") for name in body.styles))
 
 
 async def keep_init_image(kind: str, body: schemas.Txt2ImgBody, outputs: Outputs) -> None:

@@ -14,6 +14,7 @@ from orchestrator.pipeline.noise import RANDN_SOURCES
 from orchestrator.pipeline.sampling import schedule_kind
 from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.pipeline.sigmas import OWN_RHO, TAKE_RANGE
+from orchestrator.server.filenames import NAMING_SETTINGS, Naming, check_pattern
 
 OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool, "samples_format": str,
                 "eta_ddim": float, "eta_ancestral": float, "CLIP_stop_at_last_layers": int,
@@ -26,7 +27,9 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
                 "jpeg_quality": int, "webp_lossless": bool, "save_txt": bool, "save_init_img": bool,
                 "save_mask": bool, "save_mask_composite": bool, "return_mask": bool, "return_mask_composite": bool,
                 "save_images_before_highres_fix": bool, "save_images_before_color_correction": bool,
-                "return_grid": bool}
+                "return_grid": bool, "samples_save": bool, "grid_save": bool, "samples_filename_pattern": str,
+                "save_to_dirs": bool, "directories_filename_pattern": str, "grid_save_to_dirs": bool,
+                "grid_extended_filename": bool, "save_images_add_number": bool, "directories_max_prompt_words": int}
 # How images are encoded and saved: the answers' (set by POST /options; a request's override_settings, applied while
 # it runs as AUTOMATIC1111 applies them, reach its saved files, and its answer only where they stay as the server's:
 # AUTOMATIC1111 encodes it after restoring them) and the saved files' (save_images; grid_format: its grids'; save_txt:
@@ -34,6 +37,8 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
 # has their grid first)
 IMAGE_SETTINGS = ("samples_format", "grid_format", "jpeg_quality", "webp_lossless", "save_txt", "save_init_img",
                   "return_grid")
+# Which saved files are written (samples_save, grid_save) and their names and folders (filenames.NAMING_SETTINGS)
+SAVING_SETTINGS = ("samples_save", "grid_save", *NAMING_SETTINGS)
 # Inpainting's mask pictures (AUTOMATIC1111's mask_for_overlay, and the image where it repaints): saved beside each
 # image, returned after each one (outputs.mask_pictures)
 MASK_SETTINGS = ("save_mask", "save_mask_composite", "return_mask", "return_mask_composite")
@@ -48,7 +53,7 @@ APPLIED_OVERRIDES = ("sd_model_checkpoint", "eta_ddim", "eta_ancestral", "CLIP_s
                      "eta_noise_seed_delta", "use_old_scheduling", "randn_source", "always_discard_next_to_last_sigma",
                      "sgm_noise_multiplier", "img2img_extra_noise", "inpainting_mask_weight",
                      "control_net_inpaint_blur_sigma", "img2img_color_correction", "enable_prompt_comments",
-                     *SIGMA_SETTINGS, *IMAGE_SETTINGS, *MASK_SETTINGS, *BEFORE_SETTINGS.values())
+                     *SIGMA_SETTINGS, *IMAGE_SETTINGS, *SAVING_SETTINGS, *MASK_SETTINGS, *BEFORE_SETTINGS.values())
 # AUTOMATIC1111's padding settings (the first that is on wins, v0 first as there) -> Txt2ImgRequest.pad_conds
 PAD_SETTINGS = {"pad_cond_uncond_v0": "last_vector", "pad_cond_uncond": "empty_chunks"}
 APPLIED_OPTIONS = APPLIED_OVERRIDES + ("show_progress_every_n_steps", "live_previews_enable")  # POST /options
@@ -84,6 +89,10 @@ def check_value(key: str, value: Any) -> None:
         raise InputError(f"option {key} must be one of {', '.join(IMAGE_FORMATS)}, got {value!r}")
     if key == "jpeg_quality" and not 1 <= value <= 100:
         raise InputError(f"option jpeg_quality must be in [1, 100], got {value}")
+    if key in ("samples_filename_pattern", "directories_filename_pattern"):
+        check_pattern(key, value)
+    if key == "directories_max_prompt_words" and not 1 <= value <= 20:
+        raise InputError(f"option directories_max_prompt_words must be in [1, 20], got {value}")
     if key in SIGMA_SETTINGS and value < 0:
         raise InputError(f"option {key} must be 0 or more (0: the model's, or the schedule type's own), got {value}")
 
@@ -99,6 +108,8 @@ def default_options() -> dict:
             "inpainting_mask_weight": 1.0, "control_net_inpaint_blur_sigma": 7, "img2img_color_correction": False,
             "grid_format": "png", "jpeg_quality": 80, "webp_lossless": False, "save_txt": False, "save_init_img": False,
             "return_grid": True,
+            **{"samples_save": True, "grid_save": True},
+            **{key: getattr(Naming(), name) for key, name in NAMING_SETTINGS.items()},
             **dict.fromkeys((*MASK_SETTINGS, *BEFORE_SETTINGS.values()), False),
             "enable_prompt_comments": True,  # AUTOMATIC1111's Comments script: # to the end of a line is not run
             # AUTOMATIC1111's default is "GPU"; kiln's is diffusers' noise (orchestrator.pipeline.noise)
@@ -193,14 +204,16 @@ def bool_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> bool:
 
 
 def check_save_settings(body: schemas.Txt2ImgBody, kind: str, cell_script: str | None = None) -> None:
-    """save_txt, save_init_img and return_grid sent in a request's override_settings where they cannot act: a 422
-    (on the request as sent: a script's cells save nothing of their own). return_grid acts on the grid of a request
-    that saves its images and runs no script, and on the loopback's and outpainting mk2's (`cell_script`: the
-    script's name, a1111.cell_script's; the prompt matrix and the X/Y/Z plot always return theirs, SD upscale none,
-    as there)."""
+    """save_txt, save_init_img, return_grid and the saving settings (SAVING_SETTINGS) sent in a request's
+    override_settings where they cannot act: a 422 (on the request as sent: a script's cells save nothing of their
+    own). return_grid acts on the grid of a request that saves its images and runs no script, and on the loopback's
+    and outpainting mk2's (`cell_script`: the script's name, a1111.cell_script's; the prompt matrix and the X/Y/Z plot
+    always return theirs, SD upscale none, as there)."""
     plain = body.script_name in (None, "", "None")
     refuse_idle(body, "save_txt", body.save_images, "the saved images (save_images)")
     refuse_idle(body, "save_init_img", kind == "img2img", "img2img's init images")
+    for key in SAVING_SETTINGS:
+        refuse_idle(body, key, body.save_images, "the saved images (save_images)")
     refuse_idle(body, "return_grid", cell_script in ("loopback", "outpainting mk2") or
                 (plain and body.save_images and not body.do_not_save_grid),
                 "the grid of a request that saves its images (save_images), the loopback's or outpainting mk2's")
@@ -266,6 +279,6 @@ def checked_type(key: str, value: Any, where: str) -> Any:
 def check_image_settings(overrides: dict) -> None:
     """A request's override_settings for its saved files and its answer's images: the types and ranges POST /options
     checks."""
-    for key in (*IMAGE_SETTINGS, *MASK_SETTINGS):
+    for key in (*IMAGE_SETTINGS, *SAVING_SETTINGS, *MASK_SETTINGS):
         if key in overrides:
             check_value(key, checked_type(key, overrides[key], "override_settings."))

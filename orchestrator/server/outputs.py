@@ -1,19 +1,18 @@
 """AUTOMATIC1111's save_images: a finished job's images written to the outputs folder, each with its infotext, as its
-UI saves them: outputs/txt2img-images/<date>/<number>-<seed>.png (img2img-images for img2img; the extension is
-samples_format's: png, jpg, jpeg or webp), numbered on from the highest number in that folder; with more than one
-image, also their grid (unless do_not_save_grid; grid_format's), in outputs/txt2img-grids/<date>/grid-<number>.png,
-laid out as its image_grid (round(sqrt(n)) rows). With save_txt, each saved image and grid has its infotext beside
-it in a .txt of the same name; with save_init_img, img2img's init images go to outputs/init-images/<md5>.png;
-inpainting's masks (save_mask, save_mask_composite) and the images from before the hires fix and colour correction
-(save_images_before_*) go beside the images, numbered on as theirs."""
+UI saves them: by default outputs/txt2img-images/<date>/<number>-<seed>.png (img2img-images for img2img; the
+extension is samples_format's: png, jpg, jpeg or webp), numbered on from the highest number in that folder, named
+and foldered as its file name settings say (orchestrator.server.filenames); with more than one image, also their
+grid (unless do_not_save_grid; grid_format's), in outputs/txt2img-grids/<date>/grid-<number>.png, laid out as its
+image_grid (round(sqrt(n)) rows). samples_save and grid_save off save no images or no grids. With save_txt, each
+saved image and grid has its infotext beside it in a .txt of the same name; with save_init_img, img2img's init
+images go to outputs/init-images/<md5>.png; inpainting's masks (save_mask, save_mask_composite) and the images from
+before the hires fix and colour correction (save_images_before_*) go beside the images, numbered on as theirs."""
 
 from __future__ import annotations
 
 import io
 import math
-import re
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +21,10 @@ import numpy as np
 from kiln.imaging import PNG, ImageFormat
 from kiln.infotext import infotext_of, parameters_text
 from orchestrator.jobs import Job, Status
+from orchestrator.server.filenames import Naming, Picture, saved_path
 
 MASK_KINDS = {"mask": "-mask", "mask_composite": "-mask-composite"}  # save_/return_<kind> -> a saved file's suffix
 _LOCK = threading.Lock()  # numbering: two jobs finishing at once must not take the same number
-_NUMBERED = re.compile(r"^(\d{5})-")
-_GRID = re.compile(r"^grid-(\d{4})")
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,10 @@ class Outputs:
     txt: bool = False
     init_images: bool = False
     masks: frozenset[str] = frozenset()  # the mask settings on (options.MASK_SETTINGS: save_mask, return_mask, ...)
+    naming: Naming = Naming()  # the saved files' names and folders (filenames.NAMING_SETTINGS)
+    samples_save: bool = True  # samples_save: the images (and their masks and befores) saved
+    grid_save: bool = True  # grid_save: the grids saved
+    styles: tuple[tuple[str, str], ...] = ()  # the request's styles (name, prompt): [styles], [prompt_no_styles]
 
     def write(self, path: Path, image: np.ndarray, info: dict, grid: bool = False) -> Path:
         """One image (a grid's encoding where `grid`) with its infotext, and with save_txt that infotext in
@@ -54,50 +56,57 @@ class Outputs:
 
 
 def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]:
-    """Write a done job's images under the outputs folder (nothing for a failed or cancelled one), and their grid
-    where there are several and `grid`; return the paths written."""
+    """Write a done job's images under the outputs folder (nothing for a failed or cancelled one; none with
+    samples_save off), and their grid where there are several, `grid` and grid_save; return the paths written."""
     if job.status != Status.DONE or not job.images:
         return []
-    kind, date = "img2img" if job.kind == "img2img" else "txt2img", time.strftime("%Y-%m-%d")
-    grids = outputs.folder / f"{kind}-grids" / date
+    kind = "img2img" if job.kind == "img2img" else "txt2img"
     masks, before = mask_pictures(job, outputs.masks), job.before or [{}] * len(job.images)
     # as AUTOMATIC1111 saves them: a batch's first passes before the hires fix, then each image (after its own from
     # before colour correction) and its saved masks; the grid: the answer's pictures
     pictures, batch = [], max(getattr(job.request, "batch_size", 1), 1)
-    for start in range(0, len(job.images), batch):
+    for start in range(0, len(job.images), batch) if outputs.samples_save else ():
         run = range(start, min(start + batch, len(job.images)))
-        pictures += [(before[i]["highres-fix"], job.infos[i], "-before-highres-fix") for i in run
-                     if "highres-fix" in before[i]]
+        pictures += [(before[i]["highres-fix"], i, "-before-highres-fix") for i in run if "highres-fix" in before[i]]
         for i in run:
-            own, info = masks[i], job.infos[i]
-            pictures += [(before[i]["color-correction"], info, "-before-color-correction")] \
+            pictures += [(before[i]["color-correction"], i, "-before-color-correction")] \
                 if "color-correction" in before[i] else []
-            pictures += [(job.images[i], info, "")] + [(own[k], info, MASK_KINDS[k]) for k in own
-                                                       if f"save_{k}" in outputs.masks]
+            pictures += [(job.images[i], i, "")] + [(masks[i][k], i, MASK_KINDS[k]) for k in masks[i]
+                                                    if f"save_{k}" in outputs.masks]
     shown = [picture[..., :3] for picture, _ in answer_pictures(job, outputs.masks)]  # (RGB: as pasted there)
+    samples = outputs.folder / f"{kind}-images"
     with _LOCK:
-        paths = _write_samples(pictures, kind, outputs)
-        if grid and len(shown) > 1:
-            grids.mkdir(parents=True, exist_ok=True)
-            path = grids / f"grid-{_next_number(grids, _GRID):04d}.{outputs.grids.name}"
-            paths.append(outputs.write(path, image_grid(shown), job.infos[0], grid=True))
+        paths = [outputs.write(saved_path(samples, "", named(job, i, image, outputs), outputs.naming,
+                                          outputs.samples.name, suffix=suffix), image, job.infos[i])
+                 for image, i, suffix in pictures]
+        if grid and outputs.grid_save and len(shown) > 1:
+            picture = image_grid(shown)
+            path = saved_path(outputs.folder / f"{kind}-grids", "grid", named(job, 0, picture, outputs),
+                              outputs.naming, outputs.grids.name, grid=True, short=not outputs.naming.grid_extended)
+            paths.append(outputs.write(path, picture, job.infos[0], grid=True))
     return paths
 
 
-def save_picture(image: np.ndarray, info: dict, kind: str, outputs: Outputs) -> Path:
-    """One picture a script made of its jobs' (poor man's outpainting's), saved as a job's image is."""
+def named(job: Job, index: int, image: np.ndarray, outputs: Outputs, info: dict | None = None) -> Picture:
+    """What a saved picture's name reads (filenames.TAGS): the job's `index`th image's info (or `info`), `image`'s
+    pixels, and the job's seeds, batch, runs, styles, schedule type, caller and start."""
+    body = job.context.get("body")
+    return Picture(info if info is not None else job.infos[index], image,
+                   seeds=tuple(i.get("seed") for i in job.infos), batch_size=getattr(job.request, "batch_size", 1),
+                   n_iter=job.n_iter, index=index, styles=outputs.styles,
+                   scheduler=getattr(body, "scheduler", None) or "Automatic", user=job.client_id,
+                   started=job.started or job.created)
+
+
+def save_picture(image: np.ndarray, info: dict, kind: str, outputs: Outputs) -> Path | None:
+    """One picture a script made of its jobs' (poor man's outpainting's), saved as a job's image is (samples_save:
+    only where it is on, as there)."""
+    if not outputs.samples_save:
+        return None
+    folder = outputs.folder / f"{'img2img' if kind == 'img2img' else 'txt2img'}-images"
+    picture = Picture(info, image, seeds=(info.get("seed"),), styles=outputs.styles)
     with _LOCK:
-        return _write_samples([(image, info, "")], "img2img" if kind == "img2img" else "txt2img", outputs)[0]
-
-
-def _write_samples(pictures: list[tuple[np.ndarray, dict, str]], kind: str, outputs: Outputs) -> list[Path]:
-    """outputs/<kind>-images/<date>/<number>-<seed><suffix>.<samples_format>, numbered on from the folder's highest
-    (under _LOCK), one number each (a mask's too, as there)."""
-    day = outputs.folder / f"{kind}-images" / time.strftime("%Y-%m-%d")
-    day.mkdir(parents=True, exist_ok=True)
-    number = _next_number(day, _NUMBERED)
-    return [outputs.write(day / f"{number + offset:05d}-{info.get('seed')}{suffix}.{outputs.samples.name}", image,
-                          info) for offset, (image, info, suffix) in enumerate(pictures)]
+        return outputs.write(saved_path(folder, "", picture, outputs.naming, outputs.samples.name), image, info)
 
 
 def answer_pictures(job: Job, settings: frozenset[str]) -> list[tuple[np.ndarray, dict | None]]:
@@ -135,14 +144,17 @@ def mask_pictures(job: Job, settings: frozenset[str]) -> list[dict[str, np.ndarr
     return pictures
 
 
-def save_grid(grid: np.ndarray, info: dict, kind: str, outputs: Outputs, basename: str = "xyz_grid") -> Path:
-    """A script's grid (the X/Y/Z plot's xyz_grid, the prompt matrix's prompt_matrix), as AUTOMATIC1111 saves it:
-    outputs/<kind>-grids/<date>/<basename>-<number>.<grid_format>."""
-    grids = outputs.folder / f"{'img2img' if kind == 'img2img' else 'txt2img'}-grids" / time.strftime("%Y-%m-%d")
-    numbered = re.compile(rf"^{re.escape(basename)}-(\d{{4}})")
+def save_grid(grid: np.ndarray, info: dict, kind: str, outputs: Outputs, basename: str = "xyz_grid") -> Path | None:
+    """A script's grid (the X/Y/Z plot's xyz_grid, the prompt matrix's prompt_matrix, the loopback's grid), as
+    AUTOMATIC1111 saves it where grid_save is on: outputs/<kind>-grids/<date>/<basename>-<number>[-<seed>].<grid_format>
+    (the seed, or samples_filename_pattern's, after the number of all but a "grid" without grid_extended_filename)."""
+    if not outputs.grid_save:
+        return None
+    folder = outputs.folder / f"{'img2img' if kind == 'img2img' else 'txt2img'}-grids"
+    short = basename == "grid" and not outputs.naming.grid_extended
     with _LOCK:
-        grids.mkdir(parents=True, exist_ok=True)
-        path = grids / f"{basename}-{_next_number(grids, numbered):04d}.{outputs.grids.name}"
+        path = saved_path(folder, basename, Picture(info, grid, seeds=(info.get("seed"),), styles=outputs.styles),
+                          outputs.naming, outputs.grids.name, grid=True, short=short)
         return outputs.write(path, grid, info, grid=True)
 
 
@@ -179,5 +191,3 @@ def image_grid(images: list[np.ndarray], rows: int | None = None) -> np.ndarray:
     return grid
 
 
-def _next_number(folder: Path, pattern: re.Pattern) -> int:
-    return 1 + max((int(m.group(1)) for p in folder.iterdir() if (m := pattern.match(p.name))), default=-1)

@@ -142,6 +142,7 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     grid = await run_in_threadpool(draw, matrix, [job.images[0] if job.images else blank for job in jobs])
     await save(request, body, kind, made, grid, images[0][1], "prompt_matrix")
     details = cells.details(made[0], [info for _, info in images], before=(images[0][1],), jobs=jobs)
+    details["index_of_first_image"] = 1  # (its grid first, as there)
     details["prompt_matrix"] = {"images": len(made), "interrupted": len(jobs) - len(made),
                                 "seconds": round(time.time() - jobs[0].created, 3)}
     return answer(request, body, [(grid, images[0][1]), *images], details)

@@ -19,7 +19,7 @@ MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}  
 
 
 class OutputItem(BaseModel):
-    path: str  # relative to the outputs folder: txt2img-images/2026-11-30/00003-42.png
+    path: str  # relative to the outputs folder: txt2img-images/2026-11-30/00003-42.png (by default)
     url: str
     kind: str  # txt2img-images, img2img-images, txt2img-grids, img2img-grids, ...
     modified: float
@@ -39,8 +39,8 @@ def _listing(folder: Path, offset: int, limit: int, kind: str | None) -> dict:
 
     if not folder.is_dir():
         return {"total": 0, "items": []}
-    files = sorted(((p.stat().st_mtime, p.name, p) for p in folder.glob("*/*/*.*")
-                    if _saved(p) and (kind is None or p.parts[-3] == kind)), reverse=True)
+    files = sorted(((p.stat().st_mtime, p.name, p) for p in folder.glob("*/**/*.*") if _saved(p) and
+                    _kind(folder, p) != "init-images" and (kind is None or _kind(folder, p) == kind)), reverse=True)
     items = []
     for modified, _, path in files[offset:offset + limit]:
         try:
@@ -50,7 +50,7 @@ def _listing(folder: Path, offset: int, limit: int, kind: str | None) -> dict:
             # out of this page (one odd file never fails the listing)
             continue
         relative = path.relative_to(folder).as_posix()
-        items.append({"path": relative, "url": f"/v1/outputs/file/{relative}", "kind": path.parts[-3],
+        items.append({"path": relative, "url": f"/v1/outputs/file/{relative}", "kind": _kind(folder, path),
                       "modified": modified, "width": size[0], "height": size[1], "parameters": text,
                       "fields": parse_infotext(text) if text else {}})
     return {"total": len(files), "items": items}
@@ -71,6 +71,12 @@ async def output_file(request: Request, path: str):
     if not target.is_relative_to(folder) or not _saved(target) or not target.is_file():
         raise APIError(404, "not_found", f"no saved image {path!r}")
     return FileResponse(target, media_type=MEDIA_TYPES[IMAGE_FORMATS[target.suffix.lower()[1:]]])
+
+
+def _kind(folder: Path, path: Path) -> str:
+    """The folder a saved image is under (txt2img-images, ...), whatever folders its names' settings put below it
+    (save_to_dirs: a date's by default; directories_filename_pattern's; none)."""
+    return path.relative_to(folder).parts[0]
 
 
 def _saved(path: Path) -> bool:

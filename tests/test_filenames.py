@@ -1,0 +1,134 @@
+"""AUTOMATIC1111's names for saved files (orchestrator.server.filenames): samples_filename_pattern's tags,
+save_to_dirs and directories_filename_pattern, the sequence number, grid names; and samples_save and grid_save, over
+real HTTP against the session's Triton."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import pytest
+
+from kiln.errors import InputError
+from orchestrator.server.filenames import Naming, Picture, applied, check_pattern, saved_path
+
+IMAGE = np.arange(8 * 6 * 3, dtype=np.uint8).reshape(8, 6, 3)
+INFO = {"prompt": "a photo, of a cat: red/blue?", "negative_prompt": "blurry", "seed": 7, "steps": 20,
+        "cfg_scale": 7.5, "sampler": "Euler a", "model": "tiny sd", "model_hash": "abc123", "denoising_strength": 0.6}
+
+
+def name(pattern: str, **picture) -> str:
+    return applied(pattern, Picture(picture.pop("info", INFO), IMAGE, **picture), Naming())
+
+
+def test_the_tags_read_the_picture_and_its_job():
+    assert name("[seed]-[steps]-[cfg]-[sampler]-[width]x[height]") == "7-20-7.5-Euler a-6x8"
+    # the prompt: sanitized (no path separators or characters a file system refuses); [prompt]'s spaces are _
+    assert name("[prompt_spaces]") == "a photo, of a cat_ red_blue_"
+    assert name("[prompt]") == "a_photo,_of_a_cat__red_blue_"
+    assert name("[prompt_words]") == "a photo of a cat red blue"
+    assert applied("[prompt_words]", Picture(INFO, IMAGE), Naming(prompt_words=3)) == "a photo of"
+    assert name("[prompt_words]", info={"prompt": "!!"}) == "empty"
+    assert name("[model_name]-[model_hash]-[denoising]") == "tiny sd-abc123-0.6"
+    assert name("[prompt_hash]") == hashlib.sha256(INFO["prompt"].encode()).hexdigest()[:8]
+    assert name("[full_prompt_hash]") == hashlib.sha256(f"{INFO['prompt']} blurry".encode()).hexdigest()[:8]
+    assert name("[image_hash<6>]") == hashlib.sha256(IMAGE.tobytes()).hexdigest()[:6]
+    assert name("[hasprompt<cat|nocat><dog|nodog><bird>]") == "catnodog"
+    assert name("[datetime<%Y><UTC>]") == time.strftime("%Y", time.gmtime())
+    assert name("[date]") == time.strftime("%Y-%m-%d") and name("[clip_skip]") == "1"
+    assert name("[styles]-[prompt_no_styles]", info={"prompt": "a cat, oil painting"},
+                styles=(("oil", "{prompt}, oil painting"),)) == "oil-a cat"
+    # a batch: its number, the job's first and last seeds; in a batch of one they say nothing, nor the text before
+    assert name("x-[batch_number]-[generation_number]", batch_size=2, index=1, seeds=(7, 8)) == "x-2-2"
+    assert name("[seed]-[batch_number]_[seed_last]", seeds=(7,)) == "7"
+    assert name("[seed_first]_[seed_last]", batch_size=2, seeds=(7, 8)) == "7_8"
+    # a tag it does not know, or without a value here ([user] with auth off), is left as written, as there
+    assert name("[nosuch]-[user]-[none]") == "[nosuch]-[user]-"
+    assert name("[user]", user="alice") == "alice"
+
+
+def test_saved_paths_are_named_and_numbered_as_automatic1111_saves_them(tmp_path):
+    picture, day = Picture(INFO, IMAGE), time.strftime("%Y-%m-%d")
+    # the defaults: a folder per date, <number>-<seed>, numbered on from the highest number there
+    first = saved_path(tmp_path, "", picture, Naming(), "png")
+    assert first == tmp_path / day / "00000-7.png"
+    (tmp_path / day / "00041-3-something.jpg").touch()
+    assert saved_path(tmp_path, "", picture, Naming(), "png", suffix="-mask").name == "00042-7-mask.png"
+    # no folders: the prompt in the name; the pattern alone without the number
+    assert saved_path(tmp_path, "", picture, Naming(to_dirs=False), "webp") == \
+        tmp_path / "00000-7-a photo, of a cat_ red_blue_.webp"
+    assert saved_path(tmp_path, "", picture, Naming(add_number=False, pattern="[seed]-[steps]"), "png") == \
+        tmp_path / day / "7-20.png"
+    # folders from a pattern (nested), and a grid: short (no pattern) unless grid_extended_filename
+    nested = Naming(dirs_pattern="[model_name]/[steps]", pattern="[seed]_[sampler]")
+    assert saved_path(tmp_path, "", picture, nested, "png") == tmp_path / "tiny sd" / "20" / "00000-7_Euler a.png"
+    assert saved_path(tmp_path, "grid", picture, Naming(), "png", grid=True, short=True) == \
+        tmp_path / day / "grid-0000.png"
+    (tmp_path / day / "grid-0000.png").touch()
+    assert saved_path(tmp_path, "grid", picture, Naming(grid_to_dirs=False), "png", grid=True).name == \
+        "grid-0000-7.png"
+    assert saved_path(tmp_path, "grid", picture, Naming(), "png", grid=True).name == "grid-0001-7.png"
+
+
+def test_patterns_that_leave_the_outputs_folder_are_refused():
+    check_pattern("directories_filename_pattern", "[date]/[prompt_words]")
+    check_pattern("samples_filename_pattern", "[seed]-[prompt_spaces]")
+    for key, value in (("directories_filename_pattern", "../elsewhere"), ("directories_filename_pattern", "/etc"),
+                       ("directories_filename_pattern", "[date]/../../x"), ("samples_filename_pattern", "a/[seed]"),
+                       ("directories_filename_pattern", "C:[date]")):
+        with pytest.raises(InputError, match=key):
+            check_pattern(key, value)
+
+
+@pytest.fixture(scope="module")
+def api(own_api):
+    return own_api
+
+
+SMALL = {"prompt": "a photo of a cat", "width": 64, "height": 64, "steps": 2, "seed": 7, "batch_size": 2,
+         "save_images": True}
+NAMING = {"samples_filename_pattern": "[seed]-[steps]-[prompt_words]", "save_to_dirs": False,
+          "grid_extended_filename": True, "grid_save_to_dirs": False}
+
+
+@pytest.mark.slow
+def test_saved_files_follow_the_name_settings_and_samples_save_and_grid_save(api):
+    defaults = {key: value for key, value in Naming().__dict__.items()}
+    with api.client() as client:
+        try:
+            assert client.post("/sdapi/v1/options", json=NAMING).is_success
+            answer = client.post("/sdapi/v1/txt2img", json=SMALL)
+            assert answer.status_code == 200, answer.text
+            folder = api.outputs / "txt2img-images"
+            assert sorted(p.name for p in folder.iterdir()) == ["00000-7-2-a photo of a cat.png",
+                                                                "00001-8-2-a photo of a cat.png"]
+            grids = api.outputs / "txt2img-grids"
+            assert [p.name for p in grids.iterdir()] == ["grid-0000-7-2-a photo of a cat.png"]
+            # the gallery lists them where they are (no date folder)
+            listed = client.get("/v1/outputs").json()["items"]
+            assert sorted(item["path"] for item in listed) == sorted(
+                f"{p.parent.name}/{p.name}" for p in (*folder.iterdir(), *grids.iterdir()))
+            assert {item["kind"] for item in listed} == {"txt2img-images", "txt2img-grids"}
+
+            # a request's own: the images alone (its answer still has the grid: return_grid), or the grid alone
+            answer = client.post("/sdapi/v1/txt2img", json=SMALL | {"override_settings": {"grid_save": False}})
+            assert answer.status_code == 200 and len(answer.json()["images"]) == 3, answer.text
+            assert len(list(folder.iterdir())) == 4 and len(list(grids.iterdir())) == 1
+            answer = client.post("/sdapi/v1/txt2img", json=SMALL | {"override_settings": {"samples_save": False}})
+            assert answer.status_code == 200, answer.text
+            assert len(list(folder.iterdir())) == 4 and len(list(grids.iterdir())) == 2
+
+            # refused by name: a pattern that leaves the outputs folder, a setting sent where nothing is saved
+            refused = client.post("/sdapi/v1/options", json={"directories_filename_pattern": "../x"})
+            assert refused.status_code == 422 and "directories_filename_pattern" in refused.text
+            refused = client.post("/sdapi/v1/txt2img", json=SMALL | {"save_images": False, "override_settings": {
+                "samples_filename_pattern": "[seed]"}})
+            assert refused.status_code == 422 and "samples_filename_pattern" in refused.text
+            refused = client.post("/sdapi/v1/options", json={"directories_max_prompt_words": 0})
+            assert refused.status_code == 422 and "directories_max_prompt_words" in refused.text
+            assert client.get("/sdapi/v1/options").json()["save_to_dirs"] is False
+        finally:
+            from orchestrator.server.filenames import NAMING_SETTINGS
+
+            client.post("/sdapi/v1/options", json={key: defaults[name] for key, name in NAMING_SETTINGS.items()})
