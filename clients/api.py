@@ -7,6 +7,7 @@ will validate it, and its fields are the server's.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import sys
 import threading
@@ -75,14 +76,31 @@ class APIClient:
 
 
 def save_images(response: schemas.GenerationResponse, out: Path) -> list[tuple[Path, int]]:
-    """Write the generated PNGs (they carry their parameters): OUT, or OUT-1, OUT-2 ... for several. Returns each
-    path with its seed. ControlNet's detected maps, after the images, are not written."""
-    seeds = json.loads(response.info)["all_seeds"]
+    """Write the generated images (they carry their parameters): OUT, or OUT-1, OUT-2 ... for several. Returns each
+    path with its seed. The pictures that are not generated images are not written: a grid before them
+    (info.index_of_first_image), and those without an infotext among them (the returned masks of a server's
+    return_mask settings, ControlNet's detected maps; where none has one, the first of as many as there are seeds)."""
+    info = json.loads(response.info)
+    seeds, pictures = info["all_seeds"], [base64.b64decode(b64) for b64 in
+                                          response.images[info.get("index_of_first_image", 0):]]
+    images = [data for data in pictures if _has_infotext(data)] or pictures
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for index, (image, seed) in enumerate(zip(response.images, seeds)):
+    for index, (image, seed) in enumerate(zip(images, seeds)):
         path = out if len(seeds) == 1 else out.with_name(f"{out.stem}-{index + 1}{out.suffix}")
-        path.write_bytes(base64.b64decode(image))
+        path.write_bytes(image)
         written.append((path, seed))
     return written
+
+
+def _has_infotext(data: bytes) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    from kiln.infotext import infotext_of
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return bool(infotext_of(image))
+    except (UnidentifiedImageError, OSError):
+        return False

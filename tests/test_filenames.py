@@ -1,6 +1,6 @@
 """AUTOMATIC1111's names for saved files (orchestrator.server.filenames): samples_filename_pattern's tags,
 save_to_dirs and directories_filename_pattern, the sequence number, grid names; and samples_save and grid_save, over
-real HTTP against the session's Triton."""
+real HTTP against the session's Triton; the client's own saved files (clients.api.save_images)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,56 @@ def test_patterns_that_leave_the_outputs_folder_are_refused():
                        ("directories_filename_pattern", "C:[date]")):
         with pytest.raises(InputError, match=key):
             check_pattern(key, value)
+
+
+def test_the_client_writes_the_generated_images_not_the_grid_or_the_masks(tmp_path):
+    """clients.api.save_images (kiln generate --api): an answer's grid first and a mask after each image, as a server
+    with return_grid and return_mask answers, leave two images paired with their seeds."""
+    import base64
+    import json
+
+    from clients.api import save_images
+    from kiln import schemas
+    from kiln.imaging import PNG
+
+    def b64(value: int, text: str | None) -> str:
+        return base64.b64encode(PNG.encode(np.full((4, 4, 3), value, np.uint8),
+                                           {"parameters": text} if text else None)).decode()
+
+    answer = schemas.GenerationResponse(
+        images=[b64(0, "grid"), b64(1, "a cat, Seed: 7"), b64(2, None), b64(3, "a cat, Seed: 8"), b64(4, None)],
+        parameters={}, info=json.dumps({"all_seeds": [7, 8], "index_of_first_image": 1}))
+    written = save_images(answer, tmp_path / "cat.png")
+    assert [(path.name, seed) for path, seed in written] == [("cat-1.png", 7), ("cat-2.png", 8)]
+    from PIL import Image
+
+    assert [np.asarray(Image.open(path))[0, 0, 0] for path, _ in written] == [1, 3]
+    # a server that writes no infotext (AUTOMATIC1111 with enable_pnginfo off): the first images, one per seed
+    bare = schemas.GenerationResponse(images=[b64(5, None), b64(6, None)], parameters={},
+                                      info=json.dumps({"all_seeds": [9]}))
+    assert np.asarray(Image.open(save_images(bare, tmp_path / "bare.png")[0][0]))[0, 0, 0] == 5
+
+
+def test_a_done_jobs_answer_is_made_once_per_encoding():
+    """a1111.to_response keeps a done job's answer (GET /v1/tasks/{id} asks for it on every poll): the same answer
+    again, a list of its own each time, and made anew in another encoding."""
+    from kiln import schemas
+    from kiln.imaging import ImageFormat
+    from orchestrator.jobs import Job, Status
+    from orchestrator.pipeline import Txt2ImgRequest
+    from orchestrator.server.a1111 import to_response
+
+    body = schemas.Txt2ImgBody(prompt="a cat", batch_size=2)
+    job = Job(kind="txt2img", request=Txt2ImgRequest(prompt="a cat", batch_size=2), status=Status.DONE,
+              images=[IMAGE, IMAGE[::-1]], infos=[INFO, INFO | {"seed": 8}], context={"body": body, "grid": True})
+    first = to_response(job, body, ImageFormat("png"))
+    assert len(first["images"]) == 3  # the grid, then the two images
+    first["images"].clear()
+    again = to_response(job, body, ImageFormat("png"))
+    assert len(again["images"]) == 3 and again["info"] == first["info"]
+    assert again["images"][0] is to_response(job, body, ImageFormat("png"))["images"][0]  # (not encoded again)
+    jpeg = to_response(job, body, ImageFormat("jpg"))
+    assert all(image.startswith("/9j/") for image in jpeg["images"])
 
 
 @pytest.fixture(scope="module")

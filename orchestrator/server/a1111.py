@@ -49,10 +49,11 @@ from orchestrator.server.options import (
     intermediates,
     number_setting,
     refuse_idle,
+    runs_script,
     setting_fields,
     sigma_fields,
 )
-from orchestrator.server.outputs import answer_pictures, image_grid
+from orchestrator.server.outputs import answer_grid, answer_pictures
 from orchestrator.server.paste import apply_infotext
 from orchestrator.server.sampler_names import hires_fix_sampler, sampler_name
 
@@ -79,7 +80,7 @@ def selected_script(body: schemas.Txt2ImgBody, networks: tuple[str, ...] = ()) -
     """script_name and script_args: AUTOMATIC1111's SD upscale script (img2img), [_, overlap, upscaler, scale]; the
     upscaler by its index in /sdapi/v1/upscalers (the built-in ones, then the repository's `networks`) or by name."""
     route = "img2img" if isinstance(body, schemas.Img2ImgBody) else "txt2img"
-    if body.script_name in (None, "", "None"):
+    if not runs_script(body):
         if body.script_args:
             raise InputError("script_args without script_name: there is no script to give them to")
         return None
@@ -306,10 +307,14 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> d
     """AUTOMATIC1111's response: images (`encoding`, the server's samples_format: PNG with the infotext chunk, or
     JPEG/WebP with it in EXIF): their grid first where the job returns it (context["grid"]: return_grid, for a
     request that saves its images and grid, as AUTOMATIC1111's API makes one) and there are two or more, each image
-    then its returned mask pictures, the ControlNet units' detected maps; parameters (the request), info (JSON)."""
+    then its returned mask pictures, the ControlNet units' detected maps; parameters (the request), info (JSON).
+    Made once per encoding and kept on the job (a done job's answer is the same on every GET /v1/tasks/{id})."""
+    kept = job.context.get("answer")
+    if kept is not None and kept[0] == encoding:
+        return {**kept[1], "images": list(kept[1]["images"])}
     info, pictures = response_info(job, body), answer_pictures(job, job.context.get("masks", frozenset()))
     if job.context.get("grid") and len(pictures) > 1:  # AUTOMATIC1111's return_grid: their grid first
-        pictures.insert(0, (image_grid([picture[..., :3] for picture, _ in pictures]), job.infos[0]))
+        pictures.insert(0, (answer_grid(pictures), job.infos[0]))
         info["infotexts"].insert(0, parameters_text(job.infos[0]))
         info["index_of_first_image"] = 1
     images = [base64.b64encode(encoding.encode(picture, None if i is None else {"parameters": parameters_text(i)}))
@@ -320,7 +325,9 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> d
     # AUTOMATIC1111 echoes the init images and the mask in `parameters` only when include_init_images asks for them.
     images_too = getattr(body, "include_init_images", False)
     parameters = body.model_dump(exclude={"alwayson_scripts"} | (set() if images_too else {"init_images", "mask"}))
-    return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+    answer = {"images": images, "parameters": parameters, "info": json.dumps(info)}
+    job.context["answer"] = (encoding, answer)
+    return {**answer, "images": list(images)}
 
 
 # -- options ---------------------------------------------------------------------------------------

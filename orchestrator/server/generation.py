@@ -19,7 +19,7 @@ from orchestrator.server import a1111, control_units
 from orchestrator.server.errors import APIError, api_error
 from orchestrator.server.filenames import Naming
 from orchestrator.server.inputs import decode_b64
-from orchestrator.server.options import MASK_SETTINGS, answer_format, check_save_settings, image_format
+from orchestrator.server.options import MASK_SETTINGS, answer_format, check_save_settings, image_format, runs_script
 from orchestrator.server.outputs import Outputs, save_init_image, save_job_images
 
 log = logging.getLogger("kiln.api")
@@ -89,7 +89,7 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
     saved = outputs_of(request, body)
     job = await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
-        context={"family": family, "body": body, "masks": saved.masks, "grid": returns_grid(request, body),
+        context={"family": family, "body": body, "masks": saved.masks, "grid": returns_grid(saved, body),
                  "detect_maps": control_units.wants_detect_maps(body, request.app.state.options)},
         job_id=body.force_task_id, checkpoint=served.contract.title))
     if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
@@ -98,13 +98,13 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
     return job
 
 
-def returns_grid(request: Request, body: schemas.Txt2ImgBody, script: bool = False) -> bool:
+def returns_grid(outputs: Outputs, body: schemas.Txt2ImgBody, script: bool = False) -> bool:
     """Whether a request's answer has its images' grid first (a1111.to_response): AUTOMATIC1111's API makes the grid
     of a request that saves its images (save_images, and here not do_not_save_grid) and runs no script (SD upscale
     makes none), and return_grid (its default: on; the request's override_settings over the server's options) puts
     it in the answer; `script`: the loopback's or outpainting mk2's grid, which return_grid alone decides."""
-    made = script or (body.save_images and not body.do_not_save_grid and body.script_name in (None, "", "None"))
-    return made and (request.app.state.options | body.override_settings)["return_grid"]
+    return (script or (body.save_images and not body.do_not_save_grid and not runs_script(body))) and \
+        outputs.return_grid
 
 
 def outputs_of(request: Request, body: schemas.Txt2ImgBody) -> Outputs:
@@ -116,7 +116,8 @@ def outputs_of(request: Request, body: schemas.Txt2ImgBody) -> Outputs:
     return Outputs(folder, image_format(settings), image_format(settings, "grid_format"), txt=settings["save_txt"],
                    init_images=settings["save_init_img"], masks=frozenset(k for k in MASK_SETTINGS if settings[k]),
                    naming=Naming.of(settings), samples_save=settings["samples_save"], grid_save=settings["grid_save"],
-                   styles=tuple((name, known[name].prompt if name in known else "") for name in body.styles))
+                   styles=tuple((name, known[name].prompt if name in known else "") for name in body.styles),
+                   return_grid=settings["return_grid"])
 
 
 async def keep_init_image(kind: str, body: schemas.Txt2ImgBody, outputs: Outputs) -> None:

@@ -203,13 +203,18 @@ def bool_setting(body: schemas.Txt2ImgBody, options: dict, key: str) -> bool:
     return value
 
 
+def runs_script(body: schemas.Txt2ImgBody) -> bool:
+    """Whether the request names a script (AUTOMATIC1111's script_name; "None" is none, as its UI sends it)."""
+    return body.script_name not in (None, "", "None")
+
+
 def check_save_settings(body: schemas.Txt2ImgBody, kind: str, cell_script: str | None = None) -> None:
     """save_txt, save_init_img, return_grid and the saving settings (SAVING_SETTINGS) sent in a request's
     override_settings where they cannot act: a 422 (on the request as sent: a script's cells save nothing of their
     own). return_grid acts on the grid of a request that saves its images and runs no script, and on the loopback's
     and outpainting mk2's (`cell_script`: the script's name, a1111.cell_script's; the prompt matrix and the X/Y/Z plot
     always return theirs, SD upscale none, as there)."""
-    plain = body.script_name in (None, "", "None")
+    plain = not runs_script(body)
     refuse_idle(body, "save_txt", body.save_images, "the saved images (save_images)")
     refuse_idle(body, "save_init_img", kind == "img2img", "img2img's init images")
     for key in SAVING_SETTINGS:

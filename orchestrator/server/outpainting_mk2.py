@@ -232,7 +232,8 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     grid = await run_in_threadpool(image_grid, [image for image, _ in images]) if len(images) > 1 and alike else None
     await cells.save(request, body, kind, [], grid, images[0][1], "grid")
     first = made[0][1]
-    grid = grid if grid is not None and returns_grid(request, body, script=True) else None  # (saved either way)
+    returned = returns_grid(outputs_of(request, body), body, script=True)
+    grid = grid if grid is not None and returned else None  # (saved either way)
     details = cells.details(first, [info for _, info in images], before=(images[0][1],) if grid is not None else ())
     details["interrupted"] = not all(complete for *_, complete in grown)
     details["width"], details["height"] = passes[-1][2:]  # the last pass's size, as AUTOMATIC1111's p holds it

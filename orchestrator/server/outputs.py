@@ -44,6 +44,7 @@ class Outputs:
     samples_save: bool = True  # samples_save: the images (and their masks and befores) saved
     grid_save: bool = True  # grid_save: the grids saved
     styles: tuple[tuple[str, str], ...] = ()  # the request's styles (name, prompt): [styles], [prompt_no_styles]
+    return_grid: bool = True  # return_grid: a saving request's answer has its grid first (generation.returns_grid)
 
     def write(self, path: Path, image: np.ndarray, info: dict, grid: bool = False) -> Path:
         """One image (a grid's encoding where `grid`) with its infotext, and with save_txt that infotext in
@@ -62,6 +63,7 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
         return []
     kind = "img2img" if job.kind == "img2img" else "txt2img"
     masks, before = mask_pictures(job, outputs.masks), job.before or [{}] * len(job.images)
+    shown = answer_pictures(job, outputs.masks, masks)
     # as AUTOMATIC1111 saves them: a batch's first passes before the hires fix, then each image (after its own from
     # before colour correction) and its saved masks; the grid: the answer's pictures
     pictures, batch = [], max(getattr(job.request, "batch_size", 1), 1)
@@ -73,14 +75,13 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
                 if "color-correction" in before[i] else []
             pictures += [(job.images[i], i, "")] + [(masks[i][k], i, MASK_KINDS[k]) for k in masks[i]
                                                     if f"save_{k}" in outputs.masks]
-    shown = [picture[..., :3] for picture, _ in answer_pictures(job, outputs.masks)]  # (RGB: as pasted there)
     samples = outputs.folder / f"{kind}-images"
     with _LOCK:
         paths = [outputs.write(saved_path(samples, "", named(job, i, image, outputs), outputs.naming,
                                           outputs.samples.name, suffix=suffix), image, job.infos[i])
                  for image, i, suffix in pictures]
         if grid and outputs.grid_save and len(shown) > 1:
-            picture = image_grid(shown)
+            picture = answer_grid(shown)
             path = saved_path(outputs.folder / f"{kind}-grids", "grid", named(job, 0, picture, outputs),
                               outputs.naming, outputs.grids.name, grid=True, short=not outputs.naming.grid_extended)
             paths.append(outputs.write(path, picture, job.infos[0], grid=True))
@@ -109,13 +110,21 @@ def save_picture(image: np.ndarray, info: dict, kind: str, outputs: Outputs) -> 
         return outputs.write(saved_path(folder, "", picture, outputs.naming, outputs.samples.name), image, info)
 
 
-def answer_pictures(job: Job, settings: frozenset[str]) -> list[tuple[np.ndarray, dict | None]]:
+def answer_pictures(job: Job, settings: frozenset[str], masks: list[dict[str, np.ndarray]] | None = None
+                    ) -> list[tuple[np.ndarray, dict | None]]:
     """A job's pictures as AUTOMATIC1111's answer lists them (its output_images), with each one's info (None: none):
-    each image, then its mask pictures that the mask `settings` on return (return_mask, return_mask_composite)."""
-    pictures = []
-    for image, info, masks in zip(job.images, job.infos, mask_pictures(job, settings)):
-        pictures += [(image, info)] + [(masks[kind], None) for kind in masks if f"return_{kind}" in settings]
+    each image, then its mask pictures that the mask `settings` on return (return_mask, return_mask_composite);
+    `masks`: mask_pictures(job, settings), where the caller has them."""
+    pictures, masks = [], masks if masks is not None else mask_pictures(job, settings)
+    for image, info, own in zip(job.images, job.infos, masks):
+        pictures += [(image, info)] + [(own[kind], None) for kind in own if f"return_{kind}" in settings]
     return pictures
+
+
+def answer_grid(pictures: list[tuple[np.ndarray, dict | None]]) -> np.ndarray:
+    """The grid of an answer's pictures (answer_pictures'), as AUTOMATIC1111 makes it of its output_images (in RGB:
+    a composite's transparency is pasted as its colours)."""
+    return image_grid([picture[..., :3] for picture, _ in pictures])
 
 
 def mask_pictures(job: Job, settings: frozenset[str]) -> list[dict[str, np.ndarray]]:

@@ -70,7 +70,7 @@ async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> di
         else:
             job = await submit(request, kind, body, "sdapi")
             await wait_for(request, job, request.app.state.settings.request_timeout_s)
-            answer = response(request, job)
+            answer = await run_in_threadpool(response, request, job)  # (encoding: off the event loop)
         request.app.state.options.update(kept)  # (they stay only when it answered)
     except (APIError, KilnError) as exc:
         count(request, endpoint, str(as_api_error(exc).status))
