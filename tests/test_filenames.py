@@ -177,6 +177,8 @@ def test_saved_files_follow_the_name_settings_and_samples_save_and_grid_save(api
             assert refused.status_code == 422 and "samples_filename_pattern" in refused.text
             refused = client.post("/sdapi/v1/options", json={"directories_max_prompt_words": 0})
             assert refused.status_code == 422 and "directories_max_prompt_words" in refused.text
+            refused = client.post("/sdapi/v1/options", json={"img_downscale_threshold": 0})
+            assert refused.status_code == 422 and "img_downscale_threshold" in refused.text
             assert client.get("/sdapi/v1/options").json()["save_to_dirs"] is False
         finally:
             from orchestrator.server.filenames import NAMING_SETTINGS

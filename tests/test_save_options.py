@@ -38,6 +38,26 @@ def test_save_txt_writes_the_infotext_beside_the_image(tmp_path):
     assert not plain.with_suffix(".txt").exists()
 
 
+def test_large_saved_images_get_a_jpeg_copy_as_export_for_4chan_makes_it(tmp_path):
+    from kiln.imaging import ImageFormat
+    from kiln.infotext import infotext_of
+
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)  # (a PNG of about 9 KB)
+    info = {"prompt": "a cat", "seed": 7}
+    # over the size limit: a copy at full size, with the infotext
+    path = Outputs(tmp_path, jpeg_copies=(0.005, 4000)).write(tmp_path / "00000-7.png", noise, info)
+    with Image.open(path.with_suffix(".jpg")) as copy:
+        assert copy.format == "JPEG" and copy.size == (64, 48) and "Seed: 7" in infotext_of(copy)
+    # a side over the pixel limit: downscaled to it on the longer side
+    path = Outputs(tmp_path, jpeg_copies=(100, 32)).write(tmp_path / "00001-7.png", noise, info)
+    assert Image.open(path.with_suffix(".jpg")).size == (32, 24)
+    # under both (the defaults: 4 MB, 4000 pixels), off, or a JPEG already: none
+    for outputs, name in ((Outputs(tmp_path), "00002-7.png"), (Outputs(tmp_path, jpeg_copies=None), "00003-7.png"),
+                          (Outputs(tmp_path, samples=ImageFormat("jpeg"), jpeg_copies=(0.001, 8)), "00004-7.jpeg")):
+        outputs.write(tmp_path / name, noise, info)
+        assert not (tmp_path / name).with_suffix(".jpg").exists()
+
+
 def test_the_whole_picture_overlay_mask_is_the_soft_mask_doubled():
     soft = Image.fromarray(np.array([[0, 60, 127, 128, 200, 255]], np.uint8), "L")
     assert np.asarray(doubled(soft)).tolist() == [[0, 120, 254, 255, 255, 255]]

@@ -117,7 +117,9 @@ def outputs_of(request: Request, body: schemas.Txt2ImgBody) -> Outputs:
                    init_images=settings["save_init_img"], masks=frozenset(k for k in MASK_SETTINGS if settings[k]),
                    naming=Naming.of(settings), samples_save=settings["samples_save"], grid_save=settings["grid_save"],
                    styles=tuple((name, known[name].prompt if name in known else "") for name in body.styles),
-                   return_grid=settings["return_grid"])
+                   return_grid=settings["return_grid"],
+                   jpeg_copies=(settings["img_downscale_threshold"], settings["target_side_length"])
+                   if settings["export_for_4chan"] else None)
 
 
 async def keep_init_image(kind: str, body: schemas.Txt2ImgBody, outputs: Outputs) -> None:

@@ -29,7 +29,8 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
                 "save_images_before_highres_fix": bool, "save_images_before_color_correction": bool,
                 "return_grid": bool, "samples_save": bool, "grid_save": bool, "samples_filename_pattern": str,
                 "save_to_dirs": bool, "directories_filename_pattern": str, "grid_save_to_dirs": bool,
-                "grid_extended_filename": bool, "save_images_add_number": bool, "directories_max_prompt_words": int}
+                "grid_extended_filename": bool, "save_images_add_number": bool, "directories_max_prompt_words": int,
+                "export_for_4chan": bool, "img_downscale_threshold": float, "target_side_length": float}
 # How images are encoded and saved: the answers' (set by POST /options; a request's override_settings, applied while
 # it runs as AUTOMATIC1111 applies them, reach its saved files, and its answer only where they stay as the server's:
 # AUTOMATIC1111 encodes it after restoring them) and the saved files' (save_images; grid_format: its grids'; save_txt:
@@ -37,8 +38,10 @@ OPTION_TYPES = {"show_progress_every_n_steps": int, "live_previews_enable": bool
 # has their grid first)
 IMAGE_SETTINGS = ("samples_format", "grid_format", "jpeg_quality", "webp_lossless", "save_txt", "save_init_img",
                   "return_grid")
-# Which saved files are written (samples_save, grid_save) and their names and folders (filenames.NAMING_SETTINGS)
-SAVING_SETTINGS = ("samples_save", "grid_save", *NAMING_SETTINGS)
+# Which saved files are written (samples_save, grid_save), their names and folders (filenames.NAMING_SETTINGS) and
+# the JPEG copies of large ones (export_for_4chan)
+SAVING_SETTINGS = ("samples_save", "grid_save", *NAMING_SETTINGS, "export_for_4chan", "img_downscale_threshold",
+                   "target_side_length")
 # Inpainting's mask pictures (AUTOMATIC1111's mask_for_overlay, and the image where it repaints): saved beside each
 # image, returned after each one (outputs.mask_pictures)
 MASK_SETTINGS = ("save_mask", "save_mask_composite", "return_mask", "return_mask_composite")
@@ -91,6 +94,8 @@ def check_value(key: str, value: Any) -> None:
         raise InputError(f"option jpeg_quality must be in [1, 100], got {value}")
     if key in ("samples_filename_pattern", "directories_filename_pattern"):
         check_pattern(key, value)
+    if key in ("img_downscale_threshold", "target_side_length") and not value > 0:
+        raise InputError(f"option {key} must be more than 0 (export_for_4chan's limits: MB, pixels), got {value}")
     if key == "directories_max_prompt_words" and not 1 <= value <= 20:
         raise InputError(f"option directories_max_prompt_words must be in [1, 20], got {value}")
     if key in SIGMA_SETTINGS and value < 0:
@@ -108,7 +113,8 @@ def default_options() -> dict:
             "inpainting_mask_weight": 1.0, "control_net_inpaint_blur_sigma": 7, "img2img_color_correction": False,
             "grid_format": "png", "jpeg_quality": 80, "webp_lossless": False, "save_txt": False, "save_init_img": False,
             "return_grid": True,
-            **{"samples_save": True, "grid_save": True},
+            **{"samples_save": True, "grid_save": True, "export_for_4chan": True, "img_downscale_threshold": 4.0,
+               "target_side_length": 4000.0},
             **{key: getattr(Naming(), name) for key, name in NAMING_SETTINGS.items()},
             **dict.fromkeys((*MASK_SETTINGS, *BEFORE_SETTINGS.values()), False),
             "enable_prompt_comments": True,  # AUTOMATIC1111's Comments script: # to the end of a line is not run

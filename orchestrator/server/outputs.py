@@ -45,15 +45,41 @@ class Outputs:
     grid_save: bool = True  # grid_save: the grids saved
     styles: tuple[tuple[str, str], ...] = ()  # the request's styles (name, prompt): [styles], [prompt_no_styles]
     return_grid: bool = True  # return_grid: a saving request's answer has its grid first (generation.returns_grid)
+    # export_for_4chan: a JPEG copy of a saved file over img_downscale_threshold MB or target_side_length pixels
+    # on a side (then downscaled to it); None: off
+    jpeg_copies: tuple[float, float] | None = (4.0, 4000.0)
 
     def write(self, path: Path, image: np.ndarray, info: dict, grid: bool = False) -> Path:
         """One image (a grid's encoding where `grid`) with its infotext, and with save_txt that infotext in
-        <name>.txt beside it (AUTOMATIC1111 writes it with a newline after)."""
+        <name>.txt beside it (AUTOMATIC1111 writes it with a newline after); a large one's JPEG copy beside it."""
         text = parameters_text(info)
-        path.write_bytes((self.grids if grid else self.samples).encode(image, {"parameters": text}))
+        encoding = self.grids if grid else self.samples
+        path.write_bytes(encoding.encode(image, {"parameters": text}))
+        if self.jpeg_copies is not None and encoding.name not in ("jpg", "jpeg"):
+            self._jpeg_copy(path, image, text)
         if self.txt:
             path.with_suffix(".txt").write_text(f"{text}\n", encoding="utf-8")
         return path
+
+    def _jpeg_copy(self, path: Path, image: np.ndarray, text: str) -> None:
+        """AUTOMATIC1111's export_for_4chan: where the file is over img_downscale_threshold MB or a side over
+        target_side_length pixels, <name>.jpg beside it (jpeg_quality's, with the infotext), downscaled (Lanczos)
+        to target_side_length on its longer side where that is over. (A JPEG's own file is left alone: there, the
+        copy would replace it.)"""
+        from PIL import Image
+
+        megabytes, side = self.jpeg_copies
+        height, width = image.shape[:2]
+        oversize = max(width, height) > side
+        if not oversize and path.stat().st_size <= megabytes * 1024 * 1024:
+            return
+        picture = Image.fromarray(np.ascontiguousarray(image))
+        if oversize:
+            size = (round(side), round(height * side / width)) if width > height else \
+                (round(width * side / height), round(side))
+            picture = picture.resize(size, Image.LANCZOS)
+        copy = ImageFormat("jpg", self.samples.quality)
+        path.with_suffix(".jpg").write_bytes(copy.encode(picture, {"parameters": text}))
 
 
 def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]:
