@@ -77,13 +77,14 @@ class APIClient:
 
 def save_images(response: schemas.GenerationResponse, out: Path) -> list[tuple[Path, int]]:
     """Write the generated images (they carry their parameters): OUT, or OUT-1, OUT-2 ... for several. Returns each
-    path with its seed. The pictures that are not generated images are not written: a grid before them
-    (info.index_of_first_image), and those without an infotext among them (the returned masks of a server's
-    return_mask settings, ControlNet's detected maps; where none has one, the first of as many as there are seeds)."""
+    path with its seed. The pictures that are not generated images are not written: those without an infotext (the
+    returned masks of a server's return_mask settings, ControlNet's detected maps), and a grid before the images
+    (info.index_of_first_image; a script's grid that does not say so: the images are the last with an infotext).
+    Where none has an infotext (a server that writes none), the first of as many as there are seeds."""
     info = json.loads(response.info)
     seeds, pictures = info["all_seeds"], [base64.b64decode(b64) for b64 in
                                           response.images[info.get("index_of_first_image", 0):]]
-    images = [data for data in pictures if _has_infotext(data)] or pictures
+    images = [data for data in pictures if _has_infotext(data)][-len(seeds):] or pictures
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []

@@ -46,6 +46,30 @@ def test_the_tags_read_the_picture_and_its_job():
     # a tag it does not know, or without a value here ([user] with auth off), is left as written, as there
     assert name("[nosuch]-[user]-[none]") == "[nosuch]-[user]-"
     assert name("[user]", user="alice") == "alice"
+    assert name("[prompt_hash<4>]") == hashlib.sha256(INFO["prompt"].encode()).hexdigest()[:4]
+    assert name("[hasprompt<dog|no dog|x>]") == "no_dog" and name("[nosuch<1>]") == "[nosuch]"
+    assert name("[sampler_scheduler]", sampler="DPM++ 2M", scheduler="karras") == "DPM++ 2M_Karras"
+    assert name("[datetime<%Y><America>]") == time.strftime("%Y")  # (a zone that is a folder: local time)
+
+
+def test_names_stay_inside_the_outputs_folder_and_within_a_file_systems_limits(tmp_path):
+    base = tmp_path / "txt2img-images"
+    for pattern in ("[none]../[none]..", "[none]/tmp/x", ".[none]./.[none]./x", " ../x"):
+        path = saved_path(base, "", Picture(INFO, IMAGE), Naming(dirs_pattern=pattern), "png")
+        assert path.resolve().is_relative_to(base.resolve()), (pattern, path)
+    # a long prompt (three bytes a character): each name at most 255 bytes, and it can be written
+    long = Picture(INFO | {"prompt": "猫" * 200}, IMAGE)
+    path = saved_path(base, "", long, Naming(to_dirs=False), "png", suffix="-mask-composite")
+    assert len(path.name.encode()) <= 255 and path.name.endswith("-mask-composite.png")
+    path.write_bytes(b"")
+    deep = saved_path(base, "", long, Naming(dirs_pattern="[prompt_spaces]"), "png")
+    assert len(deep.parent.name.encode()) <= 255 and deep.parent.is_dir()
+    # a name starting with a digit that is not 0-9 leaves the numbering alone
+    (base / "².png").write_bytes(b"")
+    assert saved_path(base, "", Picture(INFO, IMAGE), Naming(to_dirs=False), "png").name.startswith("00001-")
+    # a pattern that says nothing: numbered, with or without save_images_add_number (as there)
+    for naming in (Naming(pattern="[none]"), Naming(pattern="[none]", add_number=False)):
+        assert saved_path(tmp_path / "quiet", "", Picture(INFO, IMAGE), naming, "png").name == "00000.png"
 
 
 def test_saved_paths_are_named_and_numbered_as_automatic1111_saves_them(tmp_path):
@@ -74,6 +98,10 @@ def test_saved_paths_are_named_and_numbered_as_automatic1111_saves_them(tmp_path
 def test_patterns_that_leave_the_outputs_folder_are_refused():
     check_pattern("directories_filename_pattern", "[date]/[prompt_words]")
     check_pattern("samples_filename_pattern", "[seed]-[prompt_spaces]")
+    check_pattern("samples_filename_pattern", "[datetime<%Y/%m/%d>]")  # (a / inside a tag: its value's, sanitized)
+    for value in ("a\x00b", "[seed]" * 200):
+        with pytest.raises(InputError, match="1024 characters without control characters"):
+            check_pattern("samples_filename_pattern", value)
     for key, value in (("directories_filename_pattern", "../elsewhere"), ("directories_filename_pattern", "/etc"),
                        ("directories_filename_pattern", "[date]/../../x"), ("samples_filename_pattern", "a/[seed]"),
                        ("directories_filename_pattern", "C:[date]")):
@@ -107,11 +135,16 @@ def test_the_client_writes_the_generated_images_not_the_grid_or_the_masks(tmp_pa
     bare = schemas.GenerationResponse(images=[b64(5, None), b64(6, None)], parameters={},
                                       info=json.dumps({"all_seeds": [9]}))
     assert np.asarray(Image.open(save_images(bare, tmp_path / "bare.png")[0][0]))[0, 0, 0] == 5
+    # a script's grid first without index_of_first_image (the loopback's, as AUTOMATIC1111's): the last ones
+    loopback = schemas.GenerationResponse(images=[b64(0, "grid"), b64(1, "loop 1"), b64(2, "loop 2")], parameters={},
+                                          info=json.dumps({"all_seeds": [7, 7]}))
+    assert [np.asarray(Image.open(p))[0, 0, 0] for p, _ in save_images(loopback, tmp_path / "loop.png")] == [1, 2]
 
 
 def test_a_done_jobs_answer_is_made_once_per_encoding():
-    """a1111.to_response keeps a done job's answer (GET /v1/tasks/{id} asks for it on every poll): the same answer
-    again, a list of its own each time, and made anew in another encoding."""
+    """a1111.to_response keeps a done task's answer (GET /v1/tasks/{id} asks for it on every poll): the same answer
+    again, a list of its own each time, and made anew in another encoding or once interrupted; an /sdapi job's is
+    not kept."""
     from kiln import schemas
     from kiln.imaging import ImageFormat
     from orchestrator.jobs import Job, Status
@@ -120,7 +153,8 @@ def test_a_done_jobs_answer_is_made_once_per_encoding():
 
     body = schemas.Txt2ImgBody(prompt="a cat", batch_size=2)
     job = Job(kind="txt2img", request=Txt2ImgRequest(prompt="a cat", batch_size=2), status=Status.DONE,
-              images=[IMAGE, IMAGE[::-1]], infos=[INFO, INFO | {"seed": 8}], context={"body": body, "grid": True})
+              images=[IMAGE, IMAGE[::-1]], infos=[INFO, INFO | {"seed": 8}],
+              context={"body": body, "grid": True, "family": "tasks"})
     first = to_response(job, body, ImageFormat("png"))
     assert len(first["images"]) == 3  # the grid, then the two images
     first["images"].clear()
@@ -129,6 +163,10 @@ def test_a_done_jobs_answer_is_made_once_per_encoding():
     assert again["images"][0] is to_response(job, body, ImageFormat("png"))["images"][0]  # (not encoded again)
     jpeg = to_response(job, body, ImageFormat("jpg"))
     assert all(image.startswith("/9j/") for image in jpeg["images"])
+    job.interrupted = True
+    assert '"interrupted": true' in to_response(job, body, ImageFormat("jpg"))["info"]
+    job.context = {"body": body, "grid": True, "family": "sdapi"}
+    assert to_response(job, body, ImageFormat("png")) and "answer" not in job.context
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +198,7 @@ def test_saved_files_follow_the_name_settings_and_samples_save_and_grid_save(api
             assert sorted(item["path"] for item in listed) == sorted(
                 f"{p.parent.name}/{p.name}" for p in (*folder.iterdir(), *grids.iterdir()))
             assert {item["kind"] for item in listed} == {"txt2img-images", "txt2img-grids"}
+            assert all(client.get(item["url"]).status_code == 200 for item in listed)  # (spaces in their names)
 
             # a request's own: the images alone (its answer still has the grid: return_grid), or the grid alone
             answer = client.post("/sdapi/v1/txt2img", json=SMALL | {"override_settings": {"grid_save": False}})

@@ -308,10 +308,10 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> d
     JPEG/WebP with it in EXIF): their grid first where the job returns it (context["grid"]: return_grid, for a
     request that saves its images and grid, as AUTOMATIC1111's API makes one) and there are two or more, each image
     then its returned mask pictures, the ControlNet units' detected maps; parameters (the request), info (JSON).
-    Made once per encoding and kept on the job (a done job's answer is the same on every GET /v1/tasks/{id})."""
-    kept = job.context.get("answer")
-    if kept is not None and kept[0] == encoding:
-        return {**kept[1], "images": list(kept[1]["images"])}
+    A task's is made once per encoding and kept on the job (GET /v1/tasks/{id} asks for it on every poll)."""
+    key, kept = (encoding, job.interrupted), job.context.get("answer")
+    if kept is not None and kept[0] == key:
+        return {**kept[1], "images": list(kept[1]["images"]), "parameters": dict(kept[1]["parameters"])}
     info, pictures = response_info(job, body), answer_pictures(job, job.context.get("masks", frozenset()))
     if job.context.get("grid") and len(pictures) > 1:  # AUTOMATIC1111's return_grid: their grid first
         pictures.insert(0, (answer_grid(pictures), job.infos[0]))
@@ -326,8 +326,10 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> d
     images_too = getattr(body, "include_init_images", False)
     parameters = body.model_dump(exclude={"alwayson_scripts"} | (set() if images_too else {"init_images", "mask"}))
     answer = {"images": images, "parameters": parameters, "info": json.dumps(info)}
-    job.context["answer"] = (encoding, answer)
-    return {**answer, "images": list(images)}
+    if job.context.get("family") == "tasks":  # (an /sdapi answer goes out once)
+        job.context["answer"] = (key, answer)
+        return {**answer, "images": list(images), "parameters": dict(parameters)}
+    return answer
 
 
 # -- options ---------------------------------------------------------------------------------------

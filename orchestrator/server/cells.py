@@ -36,7 +36,7 @@ from orchestrator.server.generation import (
     wait_for,
 )
 from orchestrator.server.options import answer_format
-from orchestrator.server.outputs import save_grid
+from orchestrator.server.outputs import quietly, save_grid
 
 
 def fix_seeds(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
@@ -161,7 +161,7 @@ async def save(request, body: schemas.Txt2ImgBody, kind: str, jobs: list[Job], g
         if not job.context["body"].do_not_save_samples:
             await run_in_threadpool(save_logged, job, outputs, False)
     if body.save_images and grid is not None and not body.do_not_save_grid:
-        await run_in_threadpool(save_grid, grid, info, kind, outputs, basename)
+        await run_in_threadpool(quietly, save_grid, grid, info, kind, outputs, basename)
 
 
 def details(job: Job, infos: list[dict], before: tuple[dict, ...] = (), jobs: list[Job] = ()) -> dict:

@@ -11,7 +11,7 @@ import re
 import string
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,9 @@ _PATTERN = re.compile(r"(.*?)(?:\[([^\[\]]+)\]|$)")  # text, then a [tag] (or th
 _ARGUMENT = re.compile(r"(.*)<([^>]*)>$")  # a tag's last <argument>
 _NONLETTERS = re.compile(rf"[\s{re.escape(string.punctuation)}]+")
 _SKIP = object()  # a tag with nothing to say here: it and the text before it are left out
-_UNSAFE = '<>:"/\\|?*\n'
+_UNSAFE = '#<>:"/\\|?*\n\r\t'  # (AUTOMATIC1111's invalid_filename_chars; other control characters too, here)
+_TAG = re.compile(r"\[[^\[\]]+\]")
+_MOST = 255  # bytes in one name (a file's or a folder's), as Linux's file systems take them
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,11 @@ class Picture:
     n_iter: int = 1
     index: int = 0
     styles: tuple[tuple[str, str], ...] = ()
-    scheduler: str = "Automatic"
-    user: str | None = None
+    sampler: str = ""  # as the request named it (sampler_name)
+    scheduler: str = "Automatic"  # the schedule type it ran (Automatic: the sampler's own)
+    user: str | None = None  # the Basic-auth user (None: an API key's or no one's, as AUTOMATIC1111's API has none)
     started: float = field(default_factory=time.time)
+    basename: str = ""  # the file's (grid, xyz_grid, ...)
 
 
 def sanitized(text: Any, replace_spaces: bool = True) -> str:
@@ -72,7 +76,8 @@ def sanitized(text: Any, replace_spaces: bool = True) -> str:
     characters a file system refuses, no leading space, no trailing space or dot, at most 128 characters."""
     text = str(text)
     text = text.replace(" ", "_") if replace_spaces else text
-    return text.translate({ord(c): "_" for c in _UNSAFE}).lstrip(" ")[:128].rstrip(" .")
+    text = "".join("_" if c in _UNSAFE or ord(c) < 32 else c for c in text)
+    return text.lstrip(" ")[:128].rstrip(" .")
 
 
 def _words(picture: Picture, naming: Naming) -> str:
@@ -84,7 +89,7 @@ def _datetime(picture: Picture, naming: Naming, form: str = "", zone: str = "") 
     moment = datetime.now().astimezone()
     try:
         moment = moment.astimezone(ZoneInfo(zone)) if zone else moment
-    except (ZoneInfoNotFoundError, ValueError):  # (an unknown zone: local time, as there)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # (an unknown zone, or a folder's name: local time, as there)
         pass
     try:
         return moment.strftime(form or "%Y%m%d%H%M%S")
@@ -106,13 +111,13 @@ def _hasprompt(picture: Picture, naming: Naming, *wanted: str) -> str:
     """[hasprompt<word|otherwise>...]: each word the prompt has, else its otherwise."""
     prompt, out = (picture.info.get("prompt") or "").lower(), ""
     for argument in filter(None, wanted):
-        word, _, otherwise = argument.partition("|")
-        out += word.lower() if word.lower() in prompt else otherwise
-    return out
+        word, *others = argument.split("|")
+        out += word.lower() if word.lower() in prompt else (others[0] if others else "")
+    return sanitized(out)
 
 
-def _hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+def _hash(text: str, length: str = "") -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:int(length) if length.isdecimal() else 8]
 
 
 def _numbered(picture: Picture) -> Any:
@@ -129,16 +134,19 @@ TAGS: dict[str, Callable[..., Any]] = {
     "width": lambda p, n: p.image.shape[1],
     "height": lambda p, n: p.image.shape[0],
     "styles": lambda p, n: ", ".join(name for name, _ in p.styles if name != "None") or "None",
-    "sampler": lambda p, n: p.info.get("sampler"),
-    "scheduler": lambda p, n: p.scheduler,
+    "sampler": lambda p, n: p.sampler or p.info.get("sampler"),
+    "scheduler": lambda p, n: p.scheduler.capitalize(),
+    "sampler_scheduler": lambda p, n: f"{p.sampler or p.info.get('sampler')}_{p.scheduler.capitalize()}",
+    "basename": lambda p, n: p.basename,
     "model_hash": lambda p, n: p.info.get("model_hash"),
     "model_name": lambda p, n: p.info.get("model"),
     "date": lambda p, n: time.strftime("%Y-%m-%d"),
     "datetime": _datetime,
     "job_timestamp": lambda p, n: time.strftime("%Y%m%d%H%M%S", time.localtime(p.started)),
-    "prompt_hash": lambda p, n: _hash(p.info.get("prompt") or ""),
-    "negative_prompt_hash": lambda p, n: _hash(p.info.get("negative_prompt") or ""),
-    "full_prompt_hash": lambda p, n: _hash(f"{p.info.get('prompt') or ''} {p.info.get('negative_prompt') or ''}"),
+    "prompt_hash": lambda p, n, *length: _hash(p.info.get("prompt") or "", *length),
+    "negative_prompt_hash": lambda p, n, *length: _hash(p.info.get("negative_prompt") or "", *length),
+    "full_prompt_hash": lambda p, n, *length: _hash(f"{p.info.get('prompt') or ''} "
+                                                    f"{p.info.get('negative_prompt') or ''}", *length),
     "prompt": lambda p, n: sanitized(p.info.get("prompt") or ""),
     "prompt_no_styles": _unstyled,
     "prompt_spaces": lambda p, n: p.info.get("prompt") or "",
@@ -153,7 +161,7 @@ TAGS: dict[str, Callable[..., Any]] = {
     "vae_filename": lambda p, n: Path(p.info["vae"]).stem if p.info.get("vae") else "NoneType",
     "none": lambda p, n: "",
     "image_hash": lambda p, n, length="": hashlib.sha256(np.ascontiguousarray(p.image).tobytes()).hexdigest()[
-        :int(length) if length.isdigit() else None],
+        :int(length) if length.isdecimal() else None],
 }
 
 
@@ -180,7 +188,7 @@ def applied(pattern: str, picture: Picture, naming: Naming) -> str:
                 value = None
         if value is _SKIP:
             continue
-        out += text + (sanitized(value, replace_spaces=False) if value is not None else f"[{tag}]")
+        out += text + (sanitized(value, replace_spaces=False) if value is not None else f"[{name}]")
     return out
 
 
@@ -191,15 +199,21 @@ def saved_path(folder: Path, basename: str, picture: Picture, naming: Naming, ex
     [<basename>-]<number><-pattern><suffix>.<extension>, the number one past the highest there (five digits, four
     after a basename), or the pattern alone without save_images_add_number; `short`: no pattern (a grid's
     without grid_extended_filename). The caller holds the numbering lock."""
+    picture = replace(picture, basename=basename)
     if naming.grid_to_dirs if grid else naming.to_dirs:
         named = applied(naming.dirs_pattern or "[prompt_words]", picture, naming).lstrip(" ").rstrip("\\ /")
-        folder = folder / named if named else folder
+        # each folder's name as a name (never . or .., never empty), so it stays under `folder` whatever the tags say
+        parts = [_cut(part.strip(" "), _MOST) for part in re.split(r"[\\/]", named)]
+        folder = folder.joinpath(*(part for part in parts if part.strip(".")))
     folder.mkdir(parents=True, exist_ok=True)
-    decoration = "" if short else naming.pattern or ("[seed]" if naming.to_dirs else "[seed]-[prompt_spaces]")
-    numbered = naming.add_number or not decoration
-    decoration = applied(f"-{decoration}" if decoration and numbered else decoration, picture, naming) + suffix
+    pattern = "" if short else naming.pattern or ("[seed]" if naming.to_dirs else "[seed]-[prompt_spaces]")
+    stem = "" if not naming.add_number else "00000" if not basename else f"{basename}-0000"
+    room = _MOST - len(stem.encode()) - len(suffix.encode()) - 1 - 6  # (the number's dash, .<extension> or .txt)
+    decoration = _cut(applied(pattern, picture, naming), room) + suffix
+    numbered = naming.add_number or not decoration  # (as there: decided on the name the tags made)
     if not numbered:
         return folder / f"{decoration}.{extension}"
+    decoration = f"-{decoration}" if decoration else ""
     number = _next_number(folder, basename)
     for offset in range(500):  # (as there: past a name that is taken)
         stem = f"{number + offset:05d}" if not basename else f"{basename}-{number + offset:04d}"
@@ -217,17 +231,27 @@ def _next_number(folder: Path, basename: str) -> int:
     for entry in os.scandir(folder):
         if entry.name.startswith(prefix) and entry.is_file():
             head = entry.name[len(prefix):].rsplit(".", 1)[0].split("-")[0]
-            highest = max(highest, int(head)) if head.isdigit() else highest
+            highest = max(highest, int(head)) if head.isascii() and head.isdigit() else highest
     return highest + 1
 
 
+def _cut(text: str, most: int) -> str:
+    """`text` cut to at most `most` bytes of UTF-8, never inside a character."""
+    return text.encode()[:max(most, 0)].decode(errors="ignore")
+
+
 def check_pattern(key: str, value: str) -> None:
-    """A name pattern that stays inside the outputs folder: no folder in samples_filename_pattern (its text; tags'
-    values are sanitized), no absolute folder or .. in directories_filename_pattern."""
-    parts = re.split(r"[\\/]", value)
+    """A name pattern as a name can hold it: at most 1024 characters, no control characters; no folder in
+    samples_filename_pattern's text, no absolute folder or .. in directories_filename_pattern's (tags' values are
+    sanitized, and saved_path keeps every folder under the outputs folder whatever they make)."""
+    if len(value) > 1024 or any(ord(c) < 32 for c in value):
+        raise InputError(f"option {key} must be at most 1024 characters without control characters, got "
+                         f"{len(value)} characters")
+    literal = _TAG.sub("_", value)  # (a tag stands for a name: its value is sanitized)
+    parts = re.split(r"[\\/]", literal)
     if key == "samples_filename_pattern" and len(parts) > 1:
         raise InputError(f"option samples_filename_pattern names a file, not a folder (no / or \\): got {value!r}; "
                          "directories_filename_pattern names the folder")
-    if value.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", value):
+    if literal.lstrip(" ").startswith(("/", "\\")) or ".." in parts or re.match(r"^ *[A-Za-z]:", literal):
         raise InputError(f"option {key} must stay inside the outputs folder (no leading /, drive or ..): "
                          f"got {value!r}")

@@ -20,7 +20,7 @@ from orchestrator.server.errors import APIError, api_error
 from orchestrator.server.filenames import Naming
 from orchestrator.server.inputs import decode_b64
 from orchestrator.server.options import MASK_SETTINGS, answer_format, check_save_settings, image_format, runs_script
-from orchestrator.server.outputs import Outputs, save_init_image, save_job_images
+from orchestrator.server.outputs import Outputs, quietly, save_init_image, save_job_images
 
 log = logging.getLogger("kiln.api")
 
@@ -136,12 +136,8 @@ async def keep_init_image(kind: str, body: schemas.Txt2ImgBody, outputs: Outputs
 
 
 def save_logged(job: Job, outputs: Outputs, grid: bool) -> None:
-    try:
-        paths = save_job_images(job, outputs, grid)
-    except (OSError, KilnError) as exc:  # the images are still answered; the outputs folder's trouble (or an image
-        # its samples_format cannot hold: a WebP side over 16,383 pixels) is the log's
-        log.error("save_images: could not write job %s's images to %s: %s", job.id, outputs.folder, exc)
-        return
+    """save_images for a done job: the images are answered whatever happens here (outputs.quietly)."""
+    paths = quietly(save_job_images, job, outputs, grid, what=f"save_images (job {job.id}, {outputs.folder})")
     if paths:
         log.info("save_images: job %s wrote %s", job.id, ", ".join(str(p) for p in paths))
 

@@ -94,8 +94,10 @@ def check_value(key: str, value: Any) -> None:
         raise InputError(f"option jpeg_quality must be in [1, 100], got {value}")
     if key in ("samples_filename_pattern", "directories_filename_pattern"):
         check_pattern(key, value)
-    if key in ("img_downscale_threshold", "target_side_length") and not value > 0:
-        raise InputError(f"option {key} must be more than 0 (export_for_4chan's limits: MB, pixels), got {value}")
+    if key == "img_downscale_threshold" and not value > 0:
+        raise InputError(f"option img_downscale_threshold must be more than 0 (export_for_4chan's MB), got {value}")
+    if key == "target_side_length" and not value >= 1:
+        raise InputError(f"option target_side_length must be 1 or more (export_for_4chan's pixels), got {value}")
     if key == "directories_max_prompt_words" and not 1 <= value <= 20:
         raise InputError(f"option directories_max_prompt_words must be in [1, 20], got {value}")
     if key in SIGMA_SETTINGS and value < 0:

@@ -39,7 +39,7 @@ from orchestrator.pipeline.tiles import MAX_TILES, Tile, combine, split
 from orchestrator.pipeline.validate import Limits
 from orchestrator.server import a1111, cells
 from orchestrator.server.generation import outputs_of, pipeline
-from orchestrator.server.outputs import save_picture
+from orchestrator.server.outputs import quietly, save_picture
 
 NAME = "poor man's outpainting"
 DIRECTIONS = ("left", "right", "up", "down")
@@ -208,7 +208,7 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     combined = await run_in_threadpool(combine, grid, *drawn.image.size, outpainting.pixels)
     picture, info = np.asarray(combined), made[0].infos[0]
     if body.save_images and not body.do_not_save_samples:  # the image alone, not its tiles (as there)
-        await run_in_threadpool(save_picture, picture, info, kind, outputs_of(request, body))
+        await run_in_threadpool(quietly, save_picture, picture, info, kind, outputs_of(request, body))
     details = cells.details(made[0], [info], jobs=jobs)
     details["poor_mans_outpainting"] = {"tiles": len(jobs), "size": list(drawn.image.size),
                                         "interrupted": len(jobs) - len(made),

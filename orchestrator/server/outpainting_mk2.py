@@ -44,7 +44,7 @@ from orchestrator.pipeline.validate import check_counts
 from orchestrator.server import a1111, cells
 from orchestrator.server.generation import outputs_of, pipeline, returns_grid
 from orchestrator.server.outpainting import DIRECTIONS, check_growth, growth, png_b64
-from orchestrator.server.outputs import image_grid, save_picture
+from orchestrator.server.outputs import image_grid, quietly, save_picture
 
 NAME = "outpainting mk2"
 ARGS = [{"label": None, "value": None},
@@ -227,7 +227,7 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     images = [(image, job.infos[0]) for image, job in made]
     if body.save_images and not body.do_not_save_samples:  # the grown images, not their passes (as there)
         for picture, info in images:
-            await run_in_threadpool(save_picture, picture, info, kind, outputs_of(request, body))
+            await run_in_threadpool(quietly, save_picture, picture, info, kind, outputs_of(request, body))
     alike = len({image.shape for image, _ in images}) == 1  # (interrupted images stop at the pass they were in)
     grid = await run_in_threadpool(image_grid, [image for image, _ in images]) if len(images) > 1 and alike else None
     await cells.save(request, body, kind, [], grid, images[0][1], "grid")

@@ -11,10 +11,13 @@ before the hires fix and colour correction (save_images_before_*) go beside the 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,8 +25,10 @@ from kiln.imaging import PNG, ImageFormat
 from kiln.infotext import infotext_of, parameters_text
 from orchestrator.jobs import Job, Status
 from orchestrator.server.filenames import Naming, Picture, saved_path
+from orchestrator.server.sampler_names import schedule_label
 
 MASK_KINDS = {"mask": "-mask", "mask_composite": "-mask-composite"}  # save_/return_<kind> -> a saved file's suffix
+log = logging.getLogger("kiln.api")
 _LOCK = threading.Lock()  # numbering: two jobs finishing at once must not take the same number
 
 
@@ -56,7 +61,8 @@ class Outputs:
         encoding = self.grids if grid else self.samples
         path.write_bytes(encoding.encode(image, {"parameters": text}))
         if self.jpeg_copies is not None and encoding.name not in ("jpg", "jpeg"):
-            self._jpeg_copy(path, image, text)
+            quietly(self._jpeg_copy, path, image, text, what="export_for_4chan")  # (as there: the copy's trouble
+            # is the log's)
         if self.txt:
             path.with_suffix(".txt").write_text(f"{text}\n", encoding="utf-8")
         return path
@@ -75,11 +81,21 @@ class Outputs:
             return
         picture = Image.fromarray(np.ascontiguousarray(image))
         if oversize:
-            size = (round(side), round(height * side / width)) if width > height else \
-                (round(width * side / height), round(side))
+            size = (round(side), max(1, round(height * side / width))) if width > height else \
+                (max(1, round(width * side / height)), round(side))
             picture = picture.resize(size, Image.LANCZOS)
         copy = ImageFormat("jpg", self.samples.quality)
         path.with_suffix(".jpg").write_bytes(copy.encode(picture, {"parameters": text}))
+
+
+def quietly(save: Callable[..., Any], *args: Any, what: str = "save_images") -> Any:
+    """A save that never fails the request (its result, or None): its trouble (the outputs folder's, an image its
+    format cannot hold, a name the file system refuses) is the log's; the answer goes out whatever happened here."""
+    try:
+        return save(*args)
+    except Exception as exc:  # noqa: BLE001 - saving never fails an answer, as AUTOMATIC1111's own save errors
+        log.error("%s: could not write to the outputs folder: %s", what, exc)
+        return None
 
 
 def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]:
@@ -117,11 +133,13 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
 def named(job: Job, index: int, image: np.ndarray, outputs: Outputs, info: dict | None = None) -> Picture:
     """What a saved picture's name reads (filenames.TAGS): the job's `index`th image's info (or `info`), `image`'s
     pixels, and the job's seeds, batch, runs, styles, schedule type, caller and start."""
-    body = job.context.get("body")
+    body, caller = job.context.get("body"), job.client_id or ""
+    sampler = getattr(body, "sampler_name", None) or ""
     return Picture(info if info is not None else job.infos[index], image,
                    seeds=tuple(i.get("seed") for i in job.infos), batch_size=getattr(job.request, "batch_size", 1),
-                   n_iter=job.n_iter, index=index, styles=outputs.styles,
-                   scheduler=getattr(body, "scheduler", None) or "Automatic", user=job.client_id,
+                   n_iter=job.n_iter, index=index, styles=outputs.styles, sampler=sampler,
+                   scheduler=schedule_label(sampler, getattr(body, "scheduler", None)),
+                   user=caller.removeprefix("user:") if caller.startswith("user:") else None,
                    started=job.started or job.created)
 
 

@@ -4,7 +4,7 @@ passes, as one of kiln's samplers (orchestrator.pipeline.sampling), and the two 
 from __future__ import annotations
 
 from kiln import schemas
-from kiln.errors import InputError
+from kiln.errors import InputError, KilnError
 from orchestrator.pipeline import SAMPLERS, sampling
 
 SAMPLER_ALIASES = {
@@ -65,6 +65,20 @@ def sampler_name(body: schemas.Txt2ImgBody) -> str:
         return base
     sampling.check_sampler(f"{base} {label}")  # not found where it cannot run, saying why
     return f"{base} {label}"
+
+
+def schedule_label(sampler_name: str | None, scheduler: str | None) -> str:
+    """The schedule type a request runs by AUTOMATIC1111's name for it (its get_scheduler_str, before capitalizing):
+    the one it names, or for Automatic the one its sampler's name carries or the sampler's own (DPM++ 2M: Karras),
+    else Automatic."""
+    label = scheduler or "Automatic"
+    if label.lower() != "automatic":
+        return label
+    try:
+        base, carried = _named(sampler_name or "Euler")
+    except KilnError:  # (a name no sampler has: the request is refused before anything is saved)
+        return label
+    return carried or AUTOMATIC.get(base, "Automatic")
 
 
 def _named(name: str) -> tuple[str, str | None]:

@@ -4,6 +4,7 @@ image's infotext, and the files themselves. Read-only; nothing outside the folde
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
@@ -40,7 +41,8 @@ def _listing(folder: Path, offset: int, limit: int, kind: str | None) -> dict:
     if not folder.is_dir():
         return {"total": 0, "items": []}
     files = sorted(((p.stat().st_mtime, p.name, p) for p in folder.glob("*/**/*.*") if _saved(p) and
-                    _kind(folder, p) != "init-images" and (kind is None or _kind(folder, p) == kind)), reverse=True)
+                    not _copy(p) and _kind(folder, p) != "init-images" and (kind is None or _kind(folder, p) == kind)),
+                   reverse=True)
     items = []
     for modified, _, path in files[offset:offset + limit]:
         try:
@@ -50,7 +52,7 @@ def _listing(folder: Path, offset: int, limit: int, kind: str | None) -> dict:
             # out of this page (one odd file never fails the listing)
             continue
         relative = path.relative_to(folder).as_posix()
-        items.append({"path": relative, "url": f"/v1/outputs/file/{relative}", "kind": _kind(folder, path),
+        items.append({"path": relative, "url": f"/v1/outputs/file/{quote(relative)}", "kind": _kind(folder, path),
                       "modified": modified, "width": size[0], "height": size[1], "parameters": text,
                       "fields": parse_infotext(text) if text else {}})
     return {"total": len(files), "items": items}
@@ -77,6 +79,11 @@ def _kind(folder: Path, path: Path) -> str:
     """The folder a saved image is under (txt2img-images, ...), whatever folders its names' settings put below it
     (save_to_dirs: a date's by default; directories_filename_pattern's; none)."""
     return path.relative_to(folder).parts[0]
+
+
+def _copy(path: Path) -> bool:
+    """A JPEG copy of a saved image (export_for_4chan's), listed as its image is, once."""
+    return path.suffix == ".jpg" and any(path.with_suffix(f".{name}").exists() for name in ("png", "webp"))
 
 
 def _saved(path: Path) -> bool:
