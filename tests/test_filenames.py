@@ -169,6 +169,16 @@ def test_a_done_jobs_answer_is_made_once_per_encoding():
     assert to_response(job, body, ImageFormat("png")) and "answer" not in job.context
 
 
+def test_the_task_answer_benchmark_runs(tmp_path):
+    """benchmarks/task_answers.py at a small side: both arms timed, the table written."""
+    from benchmarks.task_answers import ARMS
+    from benchmarks.task_answers import main as bench_main
+
+    rows = bench_main(["--sides", "32", "--repeats", "1", "--out", str(tmp_path)])["rows"]
+    assert [row["arm"] for row in rows] == list(ARMS) and all(row["ms"] > 0 for row in rows)
+    assert (tmp_path / "task_answers.json").exists()
+
+
 @pytest.fixture(scope="module")
 def api(own_api):
     return own_api
