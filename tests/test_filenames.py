@@ -64,9 +64,22 @@ def test_names_stay_inside_the_outputs_folder_and_within_a_file_systems_limits(t
     path.write_bytes(b"")
     deep = saved_path(base, "", long, Naming(dirs_pattern="[prompt_spaces]"), "png")
     assert len(deep.parent.name.encode()) <= 255 and deep.parent.is_dir()
+    # a tag it does not know holding a folder, a lone surrogate, folders deeper than a path can be: names still
+    escape = saved_path(base, "", Picture(INFO | {"prompt": "a\ud800b"}, IMAGE),
+                        Naming(to_dirs=False, add_number=False, pattern="[x/../../../../evil]-[prompt_spaces]"), "png")
+    assert escape.parent == base and escape.name == "[x_.._.._.._.._evil]-a_b.png"
+    deepest = saved_path(base, "", long, Naming(dirs_pattern="[prompt_spaces]/" * 64), "png")
+    assert deepest.parent.is_dir() and len(str(deepest.relative_to(base)).encode()) < 3000
+    # a number of ten digits (a seed's name without numbering) leaves room for the rest of the name
+    (base / "4294967295.png").write_bytes(b"")
+    numbered = saved_path(base, "", long, Naming(to_dirs=False), "png")
+    assert numbered.name.startswith("4294967296-") and len(numbered.name.encode()) <= 255
     # a name starting with a digit that is not 0-9 leaves the numbering alone
-    (base / "².png").write_bytes(b"")
-    assert saved_path(base, "", Picture(INFO, IMAGE), Naming(to_dirs=False), "png").name.startswith("00001-")
+    own = tmp_path / "own"
+    assert saved_path(own, "", Picture(INFO, IMAGE), Naming(to_dirs=False), "png").name == \
+        "00000-7-a photo, of a cat_ red_blue_.png"
+    (own / "².png").write_bytes(b"")
+    assert saved_path(own, "", Picture(INFO, IMAGE), Naming(to_dirs=False), "png").name.startswith("00000-")
     # a pattern that says nothing: numbered, with or without save_images_add_number (as there)
     for naming in (Naming(pattern="[none]"), Naming(pattern="[none]", add_number=False)):
         assert saved_path(tmp_path / "quiet", "", Picture(INFO, IMAGE), naming, "png").name == "00000.png"
@@ -99,7 +112,7 @@ def test_patterns_that_leave_the_outputs_folder_are_refused():
     check_pattern("directories_filename_pattern", "[date]/[prompt_words]")
     check_pattern("samples_filename_pattern", "[seed]-[prompt_spaces]")
     check_pattern("samples_filename_pattern", "[datetime<%Y/%m/%d>]")  # (a / inside a tag: its value's, sanitized)
-    for value in ("a\x00b", "[seed]" * 200):
+    for value in ("a\x00b", "[seed]" * 200, "a\ud800"):
         with pytest.raises(InputError, match="1024 characters without control characters"):
             check_pattern("samples_filename_pattern", value)
     for key, value in (("directories_filename_pattern", "../elsewhere"), ("directories_filename_pattern", "/etc"),

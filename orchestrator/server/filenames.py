@@ -33,6 +33,7 @@ _SKIP = object()  # a tag with nothing to say here: it and the text before it ar
 _UNSAFE = '#<>:"/\\|?*\n\r\t'  # (AUTOMATIC1111's invalid_filename_chars; other control characters too, here)
 _TAG = re.compile(r"\[[^\[\]]+\]")
 _MOST = 255  # bytes in one name (a file's or a folder's), as Linux's file systems take them
+_DEEPEST = 2048  # bytes of the folders a pattern makes below the outputs folder
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ def sanitized(text: Any, replace_spaces: bool = True) -> str:
     characters a file system refuses, no leading space, no trailing space or dot, at most 128 characters."""
     text = str(text)
     text = text.replace(" ", "_") if replace_spaces else text
-    text = "".join("_" if c in _UNSAFE or ord(c) < 32 else c for c in text)
+    text = "".join("_" if c in _UNSAFE or ord(c) < 32 or 0xD800 <= ord(c) < 0xE000 else c for c in text)  # (and
+    # a lone surrogate, which JSON can carry and no file system takes)
     return text.lstrip(" ")[:128].rstrip(" .")
 
 
@@ -188,7 +190,7 @@ def applied(pattern: str, picture: Picture, naming: Naming) -> str:
                 value = None
         if value is _SKIP:
             continue
-        out += text + (sanitized(value, replace_spaces=False) if value is not None else f"[{name}]")
+        out += text + sanitized(value if value is not None else f"[{name}]", replace_spaces=False)
     return out
 
 
@@ -204,17 +206,22 @@ def saved_path(folder: Path, basename: str, picture: Picture, naming: Naming, ex
         named = applied(naming.dirs_pattern or "[prompt_words]", picture, naming).lstrip(" ").rstrip("\\ /")
         # each folder's name as a name (never . or .., never empty), so it stays under `folder` whatever the tags say
         parts = [_cut(part.strip(" "), _MOST) for part in re.split(r"[\\/]", named)]
-        folder = folder.joinpath(*(part for part in parts if part.strip(".")))
+        parts = [part for part in parts if part.strip(".")]
+        while len("/".join(parts).encode()) > _DEEPEST:  # (a path has at most 4096 bytes: the deepest are left out)
+            parts.pop()
+        folder = folder.joinpath(*parts)
     folder.mkdir(parents=True, exist_ok=True)
     pattern = "" if short else naming.pattern or ("[seed]" if naming.to_dirs else "[seed]-[prompt_spaces]")
-    stem = "" if not naming.add_number else "00000" if not basename else f"{basename}-0000"
-    room = _MOST - len(stem.encode()) - len(suffix.encode()) - 1 - 6  # (the number's dash, .<extension> or .txt)
-    decoration = _cut(applied(pattern, picture, naming), room) + suffix
-    numbered = naming.add_number or not decoration  # (as there: decided on the name the tags made)
+    # (the name is a name, whatever the pattern's text and its tags made: no folder in it)
+    made = re.sub(r"[\\/\x00]", "_", applied(pattern, picture, naming))
+    numbered = naming.add_number or not (made + suffix)  # (as there: decided on the name the tags made)
     if not numbered:
-        return folder / f"{decoration}.{extension}"
-    decoration = f"-{decoration}" if decoration else ""
+        return folder / f"{_cut(made, _MOST - len(suffix.encode()) - 6)}{suffix}.{extension}"
     number = _next_number(folder, basename)
+    stem = f"{number:05d}" if not basename else f"{basename}-{number:04d}"
+    room = _MOST - len(stem.encode()) - len(suffix.encode()) - 1 - 7  # (the dash, .<extension> or .txt, a digit more)
+    decoration = _cut(made, room) + suffix
+    decoration = f"-{decoration}" if decoration else ""
     for offset in range(500):  # (as there: past a name that is taken)
         stem = f"{number + offset:05d}" if not basename else f"{basename}-{number + offset:04d}"
         path = folder / f"{stem}{decoration}.{extension}"
@@ -244,7 +251,7 @@ def check_pattern(key: str, value: str) -> None:
     """A name pattern as a name can hold it: at most 1024 characters, no control characters; no folder in
     samples_filename_pattern's text, no absolute folder or .. in directories_filename_pattern's (tags' values are
     sanitized, and saved_path keeps every folder under the outputs folder whatever they make)."""
-    if len(value) > 1024 or any(ord(c) < 32 for c in value):
+    if len(value) > 1024 or any(ord(c) < 32 or 0xD800 <= ord(c) < 0xE000 for c in value):
         raise InputError(f"option {key} must be at most 1024 characters without control characters, got "
                          f"{len(value)} characters")
     literal = _TAG.sub("_", value)  # (a tag stands for a name: its value is sanitized)

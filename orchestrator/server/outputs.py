@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from kiln.errors import KilnError
 from kiln.imaging import PNG, ImageFormat
 from kiln.infotext import infotext_of, parameters_text
 from orchestrator.jobs import Job, Status
@@ -94,7 +95,9 @@ def quietly(save: Callable[..., Any], *args: Any, what: str = "save_images") -> 
     try:
         return save(*args)
     except Exception as exc:  # noqa: BLE001 - saving never fails an answer, as AUTOMATIC1111's own save errors
-        log.error("%s: could not write to the outputs folder: %s", what, exc)
+        # (the folder's trouble in a line; anything else with its traceback: a fault of the code reads as one)
+        log.error("%s: could not write to the outputs folder: %s", what, exc,
+                  exc_info=not isinstance(exc, (OSError, KilnError)))
         return None
 
 
