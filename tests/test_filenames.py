@@ -237,6 +237,10 @@ def test_saved_files_follow_the_name_settings_and_samples_save_and_grid_save(api
             refused = client.post("/sdapi/v1/txt2img", json=SMALL | {"save_images": False, "override_settings": {
                 "samples_filename_pattern": "[seed]"}})
             assert refused.status_code == 422 and "samples_filename_pattern" in refused.text
+            for overrides, flag in (({"grid_extended_filename": True}, "do_not_save_grid"),
+                                    ({"samples_save": False}, "do_not_save_samples")):
+                refused = client.post("/sdapi/v1/txt2img", json=SMALL | {flag: True, "override_settings": overrides})
+                assert refused.status_code == 422 and next(iter(overrides)) in refused.text, refused.text
             refused = client.post("/sdapi/v1/options", json={"directories_max_prompt_words": 0})
             assert refused.status_code == 422 and "directories_max_prompt_words" in refused.text
             refused = client.post("/sdapi/v1/options", json={"img_downscale_threshold": 0})

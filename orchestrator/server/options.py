@@ -42,6 +42,7 @@ IMAGE_SETTINGS = ("samples_format", "grid_format", "jpeg_quality", "webp_lossles
 # the JPEG copies of large ones (export_for_4chan)
 SAVING_SETTINGS = ("samples_save", "grid_save", *NAMING_SETTINGS, "export_for_4chan", "img_downscale_threshold",
                    "target_side_length")
+GRID_SETTINGS = ("grid_save", "grid_save_to_dirs", "grid_extended_filename")  # (the saved grids' alone)
 # Inpainting's mask pictures (AUTOMATIC1111's mask_for_overlay, and the image where it repaints): saved beside each
 # image, returned after each one (outputs.mask_pictures)
 MASK_SETTINGS = ("save_mask", "save_mask_composite", "return_mask", "return_mask_composite")
@@ -225,8 +226,12 @@ def check_save_settings(body: schemas.Txt2ImgBody, kind: str, cell_script: str |
     plain = not runs_script(body)
     refuse_idle(body, "save_txt", body.save_images, "the saved images (save_images)")
     refuse_idle(body, "save_init_img", kind == "img2img", "img2img's init images")
-    for key in SAVING_SETTINGS:
-        refuse_idle(body, key, body.save_images, "the saved images (save_images)")
+    samples, grids = body.save_images and not body.do_not_save_samples, body.save_images and not body.do_not_save_grid
+    for key in SAVING_SETTINGS:  # (a grid's settings act on its grids; samples_save on its images; the rest on both)
+        acts, where = (grids, "the saved grids (save_images, not do_not_save_grid)") if key in GRID_SETTINGS else \
+            (samples, "the saved images (save_images, not do_not_save_samples)") if key == "samples_save" else \
+            (samples or grids, "the saved images or grids (save_images)")
+        refuse_idle(body, key, acts, where)
     refuse_idle(body, "return_grid", cell_script in ("loopback", "outpainting mk2") or
                 (plain and body.save_images and not body.do_not_save_grid),
                 "the grid of a request that saves its images (save_images), the loopback's or outpainting mk2's")
