@@ -311,7 +311,7 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> d
     A task's is made once per encoding and kept on the job (GET /v1/tasks/{id} asks for it on every poll)."""
     key, kept = (encoding, job.interrupted), job.context.get("answer")
     if kept is not None and kept[0] == key:
-        return {**kept[1], "images": list(kept[1]["images"]), "parameters": dict(kept[1]["parameters"])}
+        return _own_copy(kept[1])
     info, pictures = response_info(job, body), answer_pictures(job, job.context.get("masks", frozenset()))
     if job.context.get("grid") and len(pictures) > 1:  # AUTOMATIC1111's return_grid: their grid first
         pictures.insert(0, (answer_grid(pictures), job.infos[0]))
@@ -328,8 +328,13 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> d
     answer = {"images": images, "parameters": parameters, "info": json.dumps(info)}
     if job.context.get("family") == "tasks":  # (an /sdapi answer goes out once)
         job.context["answer"] = (key, answer)
-        return {**answer, "images": list(images), "parameters": dict(parameters)}
+        return _own_copy(answer)
     return answer
+
+
+def _own_copy(answer: dict) -> dict:
+    """A kept answer as a caller may change it (its lists and parameters its own; the images' strings shared)."""
+    return {**answer, "images": list(answer["images"]), "parameters": dict(answer["parameters"])}
 
 
 # -- options ---------------------------------------------------------------------------------------

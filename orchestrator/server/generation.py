@@ -98,13 +98,12 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
     return job
 
 
-def returns_grid(outputs: Outputs, body: schemas.Txt2ImgBody, script: bool = False) -> bool:
+def returns_grid(outputs: Outputs, body: schemas.Txt2ImgBody) -> bool:
     """Whether a request's answer has its images' grid first (a1111.to_response): AUTOMATIC1111's API makes the grid
     of a request that saves its images (save_images, and here not do_not_save_grid) and runs no script (SD upscale
     makes none), and return_grid (its default: on; the request's override_settings over the server's options) puts
-    it in the answer; `script`: the loopback's or outpainting mk2's grid, which return_grid alone decides."""
-    return (script or (body.save_images and not body.do_not_save_grid and not runs_script(body))) and \
-        outputs.return_grid
+    it in the answer. (The loopback's and outpainting mk2's grid: return_grid alone, Outputs.return_grid.)"""
+    return body.save_images and not body.do_not_save_grid and not runs_script(body) and outputs.return_grid
 
 
 def outputs_of(request: Request, body: schemas.Txt2ImgBody) -> Outputs:

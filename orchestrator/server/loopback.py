@@ -30,7 +30,7 @@ from kiln.errors import InputError
 from kiln.imaging import encode_png
 from orchestrator.jobs import Job, Status
 from orchestrator.server import cells
-from orchestrator.server.generation import outputs_of, pipeline, returns_grid
+from orchestrator.server.generation import outputs_of, pipeline
 from orchestrator.server.outputs import image_grid
 
 CURVES = {"aggressive": ("Aggressive", lambda progress: math.sin(progress * math.pi / 2)),
@@ -133,8 +133,7 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     images = [(job.images[0], job.infos[0]) for job in shown]
     grid = await run_in_threadpool(image_grid, [image for image, _ in images], 1) if len(images) > 1 else None
     await cells.save(request, body, kind, jobs, grid, images[0][1], "grid")
-    returned = returns_grid(outputs_of(request, body), body, script=True)
-    grid = grid if grid is not None and returned else None  # (saved either way)
+    grid = grid if grid is not None and outputs_of(request, body).return_grid else None  # (saved either way)
     details = cells.details(jobs[0], [info for _, info in images], before=(images[0][1],) if grid is not None else (),
                             jobs=[last for _, last in chains])
     details["extra_generation_params"] |= {"Final denoising strength": loopback.final,

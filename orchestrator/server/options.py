@@ -116,8 +116,8 @@ def default_options() -> dict:
             "inpainting_mask_weight": 1.0, "control_net_inpaint_blur_sigma": 7, "img2img_color_correction": False,
             "grid_format": "png", "jpeg_quality": 80, "webp_lossless": False, "save_txt": False, "save_init_img": False,
             "return_grid": True,
-            **{"samples_save": True, "grid_save": True, "export_for_4chan": True, "img_downscale_threshold": 4.0,
-               "target_side_length": 4000.0},
+            "samples_save": True, "grid_save": True, "export_for_4chan": True, "img_downscale_threshold": 4.0,
+            "target_side_length": 4000.0,
             **{key: getattr(Naming(), name) for key, name in NAMING_SETTINGS.items()},
             **dict.fromkeys((*MASK_SETTINGS, *BEFORE_SETTINGS.values()), False),
             "enable_prompt_comments": True,  # AUTOMATIC1111's Comments script: # to the end of a line is not run

@@ -42,7 +42,7 @@ from kiln.outpaint_noise import matched_noise
 from orchestrator.jobs import Status
 from orchestrator.pipeline.validate import check_counts
 from orchestrator.server import a1111, cells
-from orchestrator.server.generation import outputs_of, pipeline, returns_grid
+from orchestrator.server.generation import outputs_of, pipeline
 from orchestrator.server.outpainting import DIRECTIONS, check_growth, growth, png_b64
 from orchestrator.server.outputs import image_grid, quietly, save_picture
 
@@ -225,15 +225,15 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     if not made:
         return cells.nothing_made(request, body, grown[0][1])
     images = [(image, job.infos[0]) for image, job in made]
+    outputs = outputs_of(request, body)
     if body.save_images and not body.do_not_save_samples:  # the grown images, not their passes (as there)
         for picture, info in images:
-            await run_in_threadpool(quietly, save_picture, picture, info, kind, outputs_of(request, body))
+            await run_in_threadpool(quietly, save_picture, picture, info, kind, outputs)
     alike = len({image.shape for image, _ in images}) == 1  # (interrupted images stop at the pass they were in)
     grid = await run_in_threadpool(image_grid, [image for image, _ in images]) if len(images) > 1 and alike else None
     await cells.save(request, body, kind, [], grid, images[0][1], "grid")
     first = made[0][1]
-    returned = returns_grid(outputs_of(request, body), body, script=True)
-    grid = grid if grid is not None and returned else None  # (saved either way)
+    grid = grid if grid is not None and outputs.return_grid else None  # (saved either way)
     details = cells.details(first, [info for _, info in images], before=(images[0][1],) if grid is not None else ())
     details["interrupted"] = not all(complete for *_, complete in grown)
     details["width"], details["height"] = passes[-1][2:]  # the last pass's size, as AUTOMATIC1111's p holds it

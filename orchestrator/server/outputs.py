@@ -106,7 +106,6 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
     samples_save off), and their grid where there are several, `grid` and grid_save; return the paths written."""
     if job.status != Status.DONE or not job.images:
         return []
-    kind = "img2img" if job.kind == "img2img" else "txt2img"
     masks, before = mask_pictures(job, outputs.masks), job.before or [{}] * len(job.images)
     shown = answer_pictures(job, outputs.masks, masks)
     # as AUTOMATIC1111 saves them: a batch's first passes before the hires fix, then each image (after its own from
@@ -120,25 +119,30 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
                 if "color-correction" in before[i] else []
             pictures += [(job.images[i], i, "")] + [(masks[i][k], i, MASK_KINDS[k]) for k in masks[i]
                                                     if f"save_{k}" in outputs.masks]
-    samples = outputs.folder / f"{kind}-images"
+    samples = _folder(outputs, job.kind, "images")
     with _LOCK:
         paths = [outputs.write(saved_path(samples, "", named(job, i, image, outputs), outputs.naming,
                                           outputs.samples.name, suffix=suffix), image, job.infos[i])
                  for image, i, suffix in pictures]
         if grid and outputs.grid_save and len(shown) > 1:
             picture = answer_grid(shown)
-            path = saved_path(outputs.folder / f"{kind}-grids", "grid", named(job, 0, picture, outputs),
+            path = saved_path(_folder(outputs, job.kind, "grids"), "grid", named(job, 0, picture, outputs),
                               outputs.naming, outputs.grids.name, grid=True, short=not outputs.naming.grid_extended)
             paths.append(outputs.write(path, picture, job.infos[0], grid=True))
     return paths
 
 
-def named(job: Job, index: int, image: np.ndarray, outputs: Outputs, info: dict | None = None) -> Picture:
-    """What a saved picture's name reads (filenames.TAGS): the job's `index`th image's info (or `info`), `image`'s
-    pixels, and the job's seeds, batch, runs, styles, schedule type, caller and start."""
+def _folder(outputs: Outputs, kind: str, what: str) -> Path:
+    """outputs/<kind>-<what>: txt2img-images, img2img-grids, ... (txt2img's for any kind but img2img)."""
+    return outputs.folder / f"{'img2img' if kind == 'img2img' else 'txt2img'}-{what}"
+
+
+def named(job: Job, index: int, image: np.ndarray, outputs: Outputs) -> Picture:
+    """What a saved picture's name reads (filenames.TAGS): the job's `index`th image's info, `image`'s pixels, and
+    the job's seeds, batch, runs, styles, schedule type, caller and start."""
     body, caller = job.context.get("body"), job.client_id or ""
     sampler = getattr(body, "sampler_name", None) or ""
-    return Picture(info if info is not None else job.infos[index], image,
+    return Picture(job.infos[index], image,
                    seeds=tuple(i.get("seed") for i in job.infos), batch_size=getattr(job.request, "batch_size", 1),
                    n_iter=job.n_iter, index=index, styles=outputs.styles, sampler=sampler,
                    scheduler=schedule_label(sampler, getattr(body, "scheduler", None)),
@@ -149,12 +153,7 @@ def named(job: Job, index: int, image: np.ndarray, outputs: Outputs, info: dict 
 def save_picture(image: np.ndarray, info: dict, kind: str, outputs: Outputs) -> Path | None:
     """One picture a script made of its jobs' (poor man's outpainting's), saved as a job's image is (samples_save:
     only where it is on, as there)."""
-    if not outputs.samples_save:
-        return None
-    folder = outputs.folder / f"{'img2img' if kind == 'img2img' else 'txt2img'}-images"
-    picture = Picture(info, image, seeds=(info.get("seed"),), styles=outputs.styles)
-    with _LOCK:
-        return outputs.write(saved_path(folder, "", picture, outputs.naming, outputs.samples.name), image, info)
+    return _save_alone(image, info, _folder(outputs, kind, "images"), outputs) if outputs.samples_save else None
 
 
 def answer_pictures(job: Job, settings: frozenset[str], masks: list[dict[str, np.ndarray]] | None = None
@@ -206,12 +205,20 @@ def save_grid(grid: np.ndarray, info: dict, kind: str, outputs: Outputs, basenam
     (the seed, or samples_filename_pattern's, after the number of all but a "grid" without grid_extended_filename)."""
     if not outputs.grid_save:
         return None
-    folder = outputs.folder / f"{'img2img' if kind == 'img2img' else 'txt2img'}-grids"
     short = basename == "grid" and not outputs.naming.grid_extended
+    return _save_alone(grid, info, _folder(outputs, kind, "grids"), outputs, basename, short=short)
+
+
+def _save_alone(image: np.ndarray, info: dict, folder: Path, outputs: Outputs, basename: str = "",
+                short: bool = False) -> Path:
+    """A picture of no job of its own (a script's grid, or its picture made of its jobs'), named from `info`
+    alone, written under `folder` (a grid where it has a basename: grid_format's, grid_save_to_dirs)."""
+    grid = bool(basename)
+    picture = Picture(info, image, seeds=(info.get("seed"),), styles=outputs.styles)
     with _LOCK:
-        path = saved_path(folder, basename, Picture(info, grid, seeds=(info.get("seed"),), styles=outputs.styles),
-                          outputs.naming, outputs.grids.name, grid=True, short=short)
-        return outputs.write(path, grid, info, grid=True)
+        path = saved_path(folder, basename, picture, outputs.naming, (outputs.grids if grid else outputs.samples).name,
+                          grid=grid, short=short)
+        return outputs.write(path, image, info, grid=grid)
 
 
 def save_init_image(data: bytes, outputs: Outputs) -> Path:
