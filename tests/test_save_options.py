@@ -235,3 +235,69 @@ def test_images_saved_before_the_hires_fix_and_before_colour_correction(api):
             url = "/sdapi/v1/img2img" if "init_images" in body else "/sdapi/v1/txt2img"
             refused = client.post(url, json=body | {"override_settings": {key: True}})
             assert refused.status_code == 422 and key in refused.text, refused.text
+
+
+def test_a_saving_jobs_pictures_are_encoded_once_for_its_files_and_its_answer():
+    from kiln.imaging import ImageFormat
+    from orchestrator.server.outputs import Encoded
+
+    calls = []
+
+    class Counted(ImageFormat):  # the real encoder, counted
+        def encode(self, image, text=None):
+            calls.append(self.name)
+            return super().encode(image, text)
+
+    png_, jpeg = Counted("png"), Counted("jpg")
+    picture = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    memo, text = Encoded(), {"parameters": "a cat, Seed: 7"}
+    first = memo(png_, picture, text)
+    assert memo(png_, picture.copy(), dict(text)) is first  # the same pixels (another array: a grid made again)
+    assert calls == ["png"] and len(memo) == 1
+    assert first == PNG.encode(picture, text)  # the bytes an encoding of its own makes
+    memo(png_, picture, {"parameters": "another"})  # another text, encoding or picture: encoded anew
+    memo(jpeg, picture, text)
+    memo(png_, picture[::-1].copy(), text)
+    assert calls == ["png", "png", "jpg", "png"] and len(memo) == 4
+    memo.close()  # the answer is made: nothing kept from now on, and it still encodes
+    assert len(memo) == 0 and memo(png_, picture, text) == first and len(memo) == 0
+
+
+def test_images_are_saved_off_the_engines_workers_before_the_answer_and_encoded_once(api):
+    import logging
+    import time
+
+    threads = []
+
+    class Threads(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("save_images: job"):
+                threads.append(record.threadName)
+
+    handler, logger = Threads(), logging.getLogger("kiln.api")
+    logger.addHandler(handler)
+    before, level = set(api.outputs.glob("*-*/*/*.png")), logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with api.client() as client:
+            answer = client.post("/sdapi/v1/txt2img", json=SMALL | {"batch_size": 2, "save_images": True})
+            assert answer.status_code == 200, answer.text
+            # written before the answer went out: each picture (the grid first) the file's very bytes
+            written = sorted(set(api.outputs.glob("*-*/*/*.png")) - before, key=lambda p: ("grids" not in str(p), p))
+            assert [base64.b64decode(b64) for b64 in answer.json()["images"]] == [p.read_bytes() for p in written]
+            job = max(api.app.state.engine.queue.jobs(), key=lambda job: job.created)
+            assert len(job.context["encoded"]) == 0  # nothing kept once the answer was made
+            # a task's answer (GET /v1/tasks/{id}) waits for its files too
+            task = client.post("/v1/tasks/txt2img", json=SMALL | {"seed": 30, "save_images": True}).json()["id"]
+            deadline = time.monotonic() + 60
+            while (state := client.get(f"/v1/tasks/{task}").json())["status"] not in ("done", "failed"):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert state["status"] == "done"
+            saved = [p for p in api.outputs.glob("txt2img-images/*/*-30.png")]
+            assert len(saved) == 1 and base64.b64decode(state["result"]["images"][0]) == saved[0].read_bytes()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    # saved on the saving threads: the engine's worker took its next job at once
+    assert len(threads) == 2 and all(name.startswith("kiln-save") for name in threads), threads

@@ -317,8 +317,12 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> d
         pictures.insert(0, (answer_grid(pictures), job.infos[0]))
         info["infotexts"].insert(0, parameters_text(job.infos[0]))
         info["index_of_first_image"] = 1
-    images = [base64.b64encode(encoding.encode(picture, None if i is None else {"parameters": parameters_text(i)}))
+    memo = job.context.get("encoded")  # (a saving job's: its files' bytes where they are the answer's)
+    encode = memo if memo is not None else (lambda how, picture, text: how.encode(picture, text))
+    images = [base64.b64encode(encode(encoding, picture, None if i is None else {"parameters": parameters_text(i)}))
               .decode() for picture, i in pictures] if body.send_images else []
+    if memo is not None:
+        memo.close()
     if body.send_images and job.context.get("detect_maps"):  # sd-webui-controlnet appends each unit's input
         images += [base64.b64encode(encoding.encode(detect_map(unit, job.request))).decode()
                    for unit in job.request.controlnet_units if unit.save_detected_map]

@@ -4,7 +4,9 @@ with WebSocket progress, ViT classification, health and Prometheus metrics) over
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -35,13 +37,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = Engine(settings.engine_options(), metrics, connect=lambda: _connect(settings, app),
                                   connect_one=lambda models: _connect_one(settings, app, models),
                                   control=settings.model_control, connect_at=lambda url: _connect(settings, app, url))
+        # save_images' threads (generation.save_when_done): the engine's workers go on while a job's files are written
+        app.state.saver = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="kiln-save")
         try:
             yield
         finally:  # uvicorn has stopped taking requests and waited for the open ones: drain the queue, in what is
-            # left of the drain's time (it started when uvicorn stopped accepting; service.run_api)
+            # left of the drain's time (it started when uvicorn stopped accepting; service.run_api), then the saves
             started = getattr(app.state, "draining_since", None) or time.monotonic()
             left = max(0.0, settings.drain_timeout_s - (time.monotonic() - started))
             await run_in_threadpool(app.state.engine.close, left)
+            await run_in_threadpool(app.state.saver.shutdown, True)
 
     app = FastAPI(title="kiln", version="0.1.0", lifespan=lifespan,
                   description="Stable Diffusion and ViT served on Triton: AUTOMATIC1111/SD.Next-compatible API, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Future
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
@@ -20,7 +21,7 @@ from orchestrator.server.errors import APIError, api_error
 from orchestrator.server.filenames import Naming
 from orchestrator.server.inputs import decode_b64
 from orchestrator.server.options import MASK_SETTINGS, answer_format, check_save_settings, image_format, runs_script
-from orchestrator.server.outputs import Outputs, quietly, save_init_image, save_job_images
+from orchestrator.server.outputs import Encoded, Outputs, quietly, save_init_image, save_job_images
 
 log = logging.getLogger("kiln.api")
 
@@ -92,8 +93,8 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
         context={"family": family, "body": body, "masks": saved.masks, "grid": returns_grid(saved, body),
                  "detect_maps": control_units.wants_detect_maps(body, request.app.state.options)},
         job_id=body.force_task_id, checkpoint=served.contract.title))
-    if body.save_images and not body.do_not_save_samples:  # written before the job's answer goes out
-        job.future.add_done_callback(lambda _done: save_logged(job, saved, not body.do_not_save_grid))
+    if body.save_images and not body.do_not_save_samples:
+        save_when_done(request, job, saved, not body.do_not_save_grid)
     await keep_init_image(kind, body, saved)
     return job
 
@@ -134,6 +135,36 @@ async def keep_init_image(kind: str, body: schemas.Txt2ImgBody, outputs: Outputs
     log.info("save_init_img: wrote %s", path)
 
 
+def save_when_done(request: Request, job: Job, outputs: Outputs, grid: bool) -> None:
+    """save_images for a job once it is done, on the server's saving threads (app.state.saver), not on the engine's
+    worker that ran it (that takes the next job at once); job.context["saved"] is done once the files are written
+    (its answer waits for it: saved), and the job's pictures are encoded once for its files and its answer
+    (outputs.Encoded)."""
+    written: Future = Future()
+    job.context.update(saved=written, encoded=Encoded())
+
+    def save() -> None:
+        try:
+            save_logged(job, outputs, grid)
+        finally:
+            written.set_result(None)
+
+    def start(_done: Future) -> None:
+        try:
+            request.app.state.saver.submit(save)
+        except RuntimeError:  # (the saving threads have stopped: the server is closing) here, then
+            save()
+
+    job.future.add_done_callback(start)
+
+
+async def saved(job: Job) -> None:
+    """Wait until a done job's images are saved, where it saves them (AUTOMATIC1111 writes them before it answers)."""
+    written = job.context.get("saved")
+    if written is not None:
+        await asyncio.wrap_future(written)
+
+
 def save_logged(job: Job, outputs: Outputs, grid: bool) -> None:
     """save_images for a done job: the images are answered whatever happens here (outputs.quietly)."""
     paths = quietly(save_job_images, job, outputs, grid, what=f"save_images (job {job.id}, {outputs.folder})")
@@ -151,14 +182,15 @@ def own(request: Request, job: Job | None, family: str) -> bool:
 
 
 async def wait_for(request: Request, job: Job, timeout_s: float) -> None:
-    """Wait for the job; a client that disconnects cancels it (it stops before its next step); 504 after timeout."""
+    """Wait for the job, and its saving where it saves; a client that disconnects cancels it (it stops before its
+    next step); 504 after timeout."""
     future = asyncio.wrap_future(job.future)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
         done, _ = await asyncio.wait({future}, timeout=0.1)
         if done:
-            return
+            return await saved(job)
         if await request.is_disconnected():
             await run_in_threadpool(engine(request).queue.cancel, job)
             raise APIError(499, "client_closed", "client disconnected; the job was cancelled")

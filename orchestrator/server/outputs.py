@@ -10,6 +10,7 @@ before the hires fix and colour correction (save_images_before_*) go beside the 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -55,12 +56,19 @@ class Outputs:
     # on a side (then downscaled to it); None: off
     jpeg_copies: tuple[float, float] | None = (4.0, 4000.0)
 
-    def write(self, path: Path, image: np.ndarray, info: dict, grid: bool = False) -> Path:
-        """One image (a grid's encoding where `grid`) with its infotext, and with save_txt that infotext in
-        <name>.txt beside it (AUTOMATIC1111 writes it with a newline after); a large one's JPEG copy beside it."""
+    def encode(self, image: np.ndarray, info: dict, grid: bool = False, memo: Encoded | None = None) -> bytes:
+        """An image's file (a grid's encoding where `grid`) with its infotext; through the job's `memo`, where it has
+        one, the answer's bytes of the same picture."""
+        encoding, text = self.grids if grid else self.samples, {"parameters": parameters_text(info)}
+        return memo(encoding, image, text) if memo is not None else encoding.encode(image, text)
+
+    def write(self, path: Path, image: np.ndarray, info: dict, grid: bool = False, data: bytes | None = None) -> Path:
+        """One image (a grid's encoding where `grid`; `data`: its file, as encode made it) with its infotext, and with
+        save_txt that infotext in <name>.txt beside it (AUTOMATIC1111 writes it with a newline after); a large one's
+        JPEG copy beside it."""
         text = parameters_text(info)
         encoding = self.grids if grid else self.samples
-        path.write_bytes(encoding.encode(image, {"parameters": text}))
+        path.write_bytes(data if data is not None else self.encode(image, info, grid))
         if self.jpeg_copies is not None and encoding.name not in ("jpg", "jpeg"):
             quietly(self._jpeg_copy, path, image, text, what="export_for_4chan")  # (as there: the copy's trouble
             # is the log's)
@@ -87,6 +95,40 @@ class Outputs:
             picture = picture.resize(size, Image.LANCZOS)
         copy = ImageFormat("jpg", self.samples.quality)
         path.with_suffix(".jpg").write_bytes(copy.encode(picture, {"parameters": text}))
+
+
+class Encoded:
+    """A saving job's pictures as encoded, kept until its answer is made (a1111.to_response): the files save_images
+    writes and the answer's images are the same bytes where their encoding and infotext are (a PNG, the default),
+    encoded once. Keyed by the encoding, the text and the pixels (their digest: a grid or a mask picture is made
+    again for the answer). Thread-safe: the saving thread fills it, the answer's reads it and closes it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: dict[tuple, bytes] | None = {}
+
+    def __call__(self, encoding: ImageFormat, picture: np.ndarray, text: dict[str, str] | None) -> bytes:
+        pixels = np.ascontiguousarray(picture)
+        key = (encoding, tuple(sorted((text or {}).items())), pixels.shape, pixels.dtype.str,
+               hashlib.blake2b(pixels.data, digest_size=20).digest())
+        with self._lock:
+            found = None if self._kept is None else self._kept.get(key)
+        if found is not None:
+            return found
+        data = encoding.encode(pixels, text)
+        with self._lock:
+            if self._kept is not None:
+                self._kept[key] = data
+        return data
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._kept or ())
+
+    def close(self) -> None:
+        """Nothing kept from now on (the answer is made)."""
+        with self._lock:
+            self._kept = None
 
 
 def quietly(save: Callable[..., Any], *args: Any, what: str = "save_images") -> Any:
@@ -119,16 +161,18 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
                 if "color-correction" in before[i] else []
             pictures += [(job.images[i], i, "")] + [(masks[i][k], i, MASK_KINDS[k]) for k in masks[i]
                                                     if f"save_{k}" in outputs.masks]
-    samples = _folder(outputs, job.kind, "images")
+    memo, samples = job.context.get("encoded"), _folder(outputs, job.kind, "images")
+    files = [outputs.encode(image, job.infos[i], memo=memo) for image, i, _ in pictures]  # (before the lock: two
+    grids = [answer_grid(shown)] if grid and outputs.grid_save and len(shown) > 1 else []  # jobs encode at once)
+    files += [outputs.encode(picture, job.infos[0], grid=True, memo=memo) for picture in grids]
     with _LOCK:
         paths = [outputs.write(saved_path(samples, "", named(job, i, image, outputs), outputs.naming,
-                                          outputs.samples.name, suffix=suffix), image, job.infos[i])
-                 for image, i, suffix in pictures]
-        if grid and outputs.grid_save and len(shown) > 1:
-            picture = answer_grid(shown)
+                                          outputs.samples.name, suffix=suffix), image, job.infos[i], data=data)
+                 for (image, i, suffix), data in zip(pictures, files)]
+        for picture in grids:
             path = saved_path(_folder(outputs, job.kind, "grids"), "grid", named(job, 0, picture, outputs),
                               outputs.naming, outputs.grids.name, grid=True, short=not outputs.naming.grid_extended)
-            paths.append(outputs.write(path, picture, job.infos[0], grid=True))
+            paths.append(outputs.write(path, picture, job.infos[0], grid=True, data=files[-1]))
     return paths
 
 
@@ -225,8 +269,6 @@ def save_init_image(data: bytes, outputs: Outputs) -> Path:
     """save_init_img: an img2img init image as sent, as AUTOMATIC1111 keeps it: outputs/init-images/<the md5 of its
     pixels as decoded>.png (PNG whatever samples_format says, in the image's own mode; the same image twice: one
     file), with the infotext it carries, if any."""
-    import hashlib
-
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:

@@ -14,7 +14,7 @@ from kiln.errors import KilnError
 from orchestrator.jobs import FINISHED, Job, Status
 from orchestrator.server import a1111, cells
 from orchestrator.server.errors import APIError, as_api_error, count
-from orchestrator.server.generation import client_id, engine, kept_overrides, own, submit
+from orchestrator.server.generation import client_id, engine, kept_overrides, own, saved, submit
 from orchestrator.server.options import answer_format
 from orchestrator.server.preview import preview_png
 
@@ -94,6 +94,8 @@ async def find(request: Request, task_id: str) -> Job:
 @router.get("/{task_id}", response_model=schemas.TaskState)
 async def get_task(request: Request, task_id: str):
     job = await find(request, task_id)
+    if job.status == Status.DONE:  # (its answer once its images are saved, as the AUTOMATIC1111 routes')
+        await saved(job)
     return await run_in_threadpool(task_state, request, job)
 
 
