@@ -301,3 +301,25 @@ def test_images_are_saved_off_the_engines_workers_before_the_answer_and_encoded_
         logger.setLevel(level)
     # saved on the saving threads: the engine's worker took its next job at once
     assert len(threads) == 2 and all(name.startswith("kiln-save") for name in threads), threads
+
+
+def test_pictures_are_encoded_side_by_side_as_each_alone_and_an_encodings_error_is_raised():
+    import threading
+
+    from kiln.errors import InputError
+    from kiln.imaging import ImageFormat
+    from orchestrator.server.outputs import encoded
+
+    rng, threads = np.random.default_rng(1), set()
+
+    class Seen(ImageFormat):  # the real encoder, its threads seen
+        def encode(self, image, text=None):
+            threads.add(threading.current_thread().name)
+            return super().encode(image, text)
+
+    pictures = [(Seen(name), rng.integers(0, 256, (24, 32, 3), dtype=np.uint8), {"parameters": f"Seed: {i}"})
+                for i, name in enumerate(("png", "jpg", "webp", "png"))]
+    assert encoded(pictures) == [ImageFormat(how.name).encode(picture, text) for how, picture, text in pictures]
+    assert threads and all(name.startswith("kiln-encode") for name in threads)
+    with pytest.raises(InputError, match="WebP"):  # (one picture's error, as its encoding raises it)
+        encoded(pictures[:1] + [(ImageFormat("webp"), np.zeros((1, 16384, 3), np.uint8), None)])

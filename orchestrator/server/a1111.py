@@ -53,7 +53,7 @@ from orchestrator.server.options import (
     setting_fields,
     sigma_fields,
 )
-from orchestrator.server.outputs import answer_grid, answer_pictures
+from orchestrator.server.outputs import answer_grid, answer_pictures, encoded
 from orchestrator.server.paste import apply_infotext
 from orchestrator.server.sampler_names import hires_fix_sampler, sampler_name
 
@@ -318,9 +318,9 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> d
         info["infotexts"].insert(0, parameters_text(job.infos[0]))
         info["index_of_first_image"] = 1
     memo = job.context.get("encoded")  # (a saving job's: its files' bytes where they are the answer's)
-    encode = memo if memo is not None else (lambda how, picture, text: how.encode(picture, text))
-    images = [base64.b64encode(encode(encoding, picture, None if i is None else {"parameters": parameters_text(i)}))
-              .decode() for picture, i in pictures] if body.send_images else []
+    images = [base64.b64encode(data).decode() for data in encoded(
+        [(encoding, picture, None if i is None else {"parameters": parameters_text(i)}) for picture, i in pictures],
+        memo)] if body.send_images else []
     if memo is not None:
         memo.close()
     if body.send_images and job.context.get("detect_maps"):  # sd-webui-controlnet appends each unit's input

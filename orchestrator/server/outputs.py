@@ -10,12 +10,15 @@ before the hires fix and colour correction (save_images_before_*) go beside the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,8 @@ from orchestrator.server.sampler_names import schedule_label
 
 MASK_KINDS = {"mask": "-mask", "mask_composite": "-mask-composite"}  # save_/return_<kind> -> a saved file's suffix
 log = logging.getLogger("kiln.api")
+Encoding = tuple[ImageFormat, np.ndarray, dict[str, str] | None]  # what a picture is encoded from: how, its pixels,
+# its text chunks (the infotext's "parameters")
 _LOCK = threading.Lock()  # numbering: two jobs finishing at once must not take the same number
 
 
@@ -56,11 +61,9 @@ class Outputs:
     # on a side (then downscaled to it); None: off
     jpeg_copies: tuple[float, float] | None = (4.0, 4000.0)
 
-    def encode(self, image: np.ndarray, info: dict, grid: bool = False, memo: Encoded | None = None) -> bytes:
-        """An image's file (a grid's encoding where `grid`) with its infotext; through the job's `memo`, where it has
-        one, the answer's bytes of the same picture."""
-        encoding, text = self.grids if grid else self.samples, {"parameters": parameters_text(info)}
-        return memo(encoding, image, text) if memo is not None else encoding.encode(image, text)
+    def file_of(self, image: np.ndarray, info: dict, grid: bool = False) -> Encoding:
+        """What an image's file is encoded from (a grid's encoding where `grid`), with its infotext (for encoded)."""
+        return self.grids if grid else self.samples, image, {"parameters": parameters_text(info)}
 
     def write(self, path: Path, image: np.ndarray, info: dict, grid: bool = False, data: bytes | None = None) -> Path:
         """One image (a grid's encoding where `grid`; `data`: its file, as encode made it) with its infotext, and with
@@ -68,7 +71,7 @@ class Outputs:
         JPEG copy beside it."""
         text = parameters_text(info)
         encoding = self.grids if grid else self.samples
-        path.write_bytes(data if data is not None else self.encode(image, info, grid))
+        path.write_bytes(data if data is not None else encoded([self.file_of(image, info, grid)])[0])
         if self.jpeg_copies is not None and encoding.name not in ("jpg", "jpeg"):
             quietly(self._jpeg_copy, path, image, text, what="export_for_4chan")  # (as there: the copy's trouble
             # is the log's)
@@ -131,6 +134,22 @@ class Encoded:
             self._kept = None
 
 
+def encoded(pictures: list[Encoding], memo: Encoded | None = None) -> list[bytes]:
+    """Each (encoding, picture, text)'s bytes (through a saving job's `memo`, where it has one), encoded side by side:
+    PIL lets go of the GIL while it compresses, so an answer's or a save's pictures take about the time of the
+    largest where there are cores for them (benchmarks.task_answers). An encoding's error is raised as it is."""
+    encode = memo if memo is not None else (lambda how, picture, text: how.encode(picture, text))
+    if len(pictures) < 2:
+        return [encode(*picture) for picture in pictures]
+    return list(_encoders().map(lambda picture: encode(*picture), pictures))
+
+
+@functools.cache
+def _encoders() -> ThreadPoolExecutor:
+    """The threads encoded works on (as many as the cores, up to 8; made on first use, kept for the process)."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kiln-encode")
+
+
 def quietly(save: Callable[..., Any], *args: Any, what: str = "save_images") -> Any:
     """A save that never fails the request (its result, or None): its trouble (the outputs folder's, an image its
     format cannot hold, a name the file system refuses) is the log's; the answer goes out whatever happened here."""
@@ -161,10 +180,11 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
                 if "color-correction" in before[i] else []
             pictures += [(job.images[i], i, "")] + [(masks[i][k], i, MASK_KINDS[k]) for k in masks[i]
                                                     if f"save_{k}" in outputs.masks]
-    memo, samples = job.context.get("encoded"), _folder(outputs, job.kind, "images")
-    files = [outputs.encode(image, job.infos[i], memo=memo) for image, i, _ in pictures]  # (before the lock: two
-    grids = [answer_grid(shown)] if grid and outputs.grid_save and len(shown) > 1 else []  # jobs encode at once)
-    files += [outputs.encode(picture, job.infos[0], grid=True, memo=memo) for picture in grids]
+    samples = _folder(outputs, job.kind, "images")
+    grids = [answer_grid(shown)] if grid and outputs.grid_save and len(shown) > 1 else []
+    files = encoded([outputs.file_of(image, job.infos[i]) for image, i, _ in pictures] +  # (before the lock: two
+                    [outputs.file_of(picture, job.infos[0], grid=True) for picture in grids],  # jobs encode at once)
+                    job.context.get("encoded"))
     with _LOCK:
         paths = [outputs.write(saved_path(samples, "", named(job, i, image, outputs), outputs.naming,
                                           outputs.samples.name, suffix=suffix), image, job.infos[i], data=data)
