@@ -263,44 +263,59 @@ def test_a_saving_jobs_pictures_are_encoded_once_for_its_files_and_its_answer():
     assert len(memo) == 0 and memo(png_, picture, text) == first and len(memo) == 0
 
 
-def test_images_are_saved_off_the_engines_workers_before_the_answer_and_encoded_once(api):
-    import logging
+def test_images_are_saved_off_the_engines_workers_before_the_answer_and_encoded_once(api, monkeypatch):
+    import threading
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
-    threads = []
+    import kiln.imaging
+    from orchestrator.server import generation
 
-    class Threads(logging.Handler):
-        def emit(self, record):
-            if record.getMessage().startswith("save_images: job"):
-                threads.append(record.threadName)
+    # the real save, held until the test lets it go, its thread seen; the real PNG encoder, counted
+    gate, threads, encodes, real_save, real_png = threading.Event(), [], [], generation.save_job_images, \
+        kiln.imaging.encode_png
 
-    handler, logger = Threads(), logging.getLogger("kiln.api")
-    logger.addHandler(handler)
-    before, level = set(api.outputs.glob("*-*/*/*.png")), logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        with api.client() as client:
-            answer = client.post("/sdapi/v1/txt2img", json=SMALL | {"batch_size": 2, "save_images": True})
-            assert answer.status_code == 200, answer.text
-            # written before the answer went out: each picture (the grid first) the file's very bytes
-            written = sorted(set(api.outputs.glob("*-*/*/*.png")) - before, key=lambda p: ("grids" not in str(p), p))
-            assert [base64.b64decode(b64) for b64 in answer.json()["images"]] == [p.read_bytes() for p in written]
-            job = max(api.app.state.engine.queue.jobs(), key=lambda job: job.created)
-            assert len(job.context["encoded"]) == 0  # nothing kept once the answer was made
-            # a task's answer (GET /v1/tasks/{id}) waits for its files too
-            task = client.post("/v1/tasks/txt2img", json=SMALL | {"seed": 30, "save_images": True}).json()["id"]
-            deadline = time.monotonic() + 60
-            while (state := client.get(f"/v1/tasks/{task}").json())["status"] not in ("done", "failed"):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
-            assert state["status"] == "done"
-            saved = [p for p in api.outputs.glob("txt2img-images/*/*-30.png")]
-            assert len(saved) == 1 and base64.b64decode(state["result"]["images"][0]) == saved[0].read_bytes()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    # saved on the saving threads: the engine's worker took its next job at once
-    assert len(threads) == 2 and all(name.startswith("kiln-save") for name in threads), threads
+    def held(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        assert gate.wait(60)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "save_job_images", held)
+    monkeypatch.setattr(kiln.imaging, "encode_png", lambda *args: encodes.append(1) or real_png(*args))
+    before, queue = set(api.outputs.glob("*-*/*/*.png")), api.app.state.engine.queue
+    with api.client() as client, ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(client.post, "/sdapi/v1/txt2img", json=SMALL | {"batch_size": 2, "save_images": True})
+        deadline = time.monotonic() + 60
+        while not threads:  # the job is done, its save started (on a saving thread: the worker took its next job)
+            assert time.monotonic() < deadline and not answer.done(), answer.result().text
+            time.sleep(0.02)
+        job = max(queue.jobs(), key=lambda job: job.created)
+        assert job.status.value == "done" and threads[0].startswith("kiln-save") and not queue.running()
+        time.sleep(0.5)
+        assert not answer.done()  # the answer waits for the files
+        gate.set()
+        answer = answer.result(60)
+        assert answer.status_code == 200, answer.text
+        # each picture (the grid first) the file's very bytes, encoded once: 2 images and the grid
+        written = sorted(set(api.outputs.glob("*-*/*/*.png")) - before, key=lambda p: ("grids" not in str(p), p))
+        assert [base64.b64decode(b64) for b64 in answer.json()["images"]] == [p.read_bytes() for p in written]
+        assert len(written) == 3 and len(encodes) == 3 and len(job.context["encoded"]) == 0  # (nothing kept)
+        # a task: running until its files are written (GET /v1/tasks/{id} waits for them where it is done)
+        gate.clear()
+        task = client.post("/v1/tasks/txt2img", json=SMALL | {"seed": 30, "save_images": True}).json()["id"]
+        while len(threads) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert max(queue.jobs(), key=lambda job: job.created).status.value == "done"
+        assert client.get("/v1/tasks").json()["tasks"][0]["status"] == "running"  # (while its files are written)
+        state = pool.submit(client.get, f"/v1/tasks/{task}")
+        time.sleep(0.3)
+        assert not state.done()
+        gate.set()
+        state = state.result(60).json()
+        saved = list(api.outputs.glob("txt2img-images/*/*-30.png"))
+        assert state["status"] == "done" and len(saved) == 1
+        assert base64.b64decode(state["result"]["images"][0]) == saved[0].read_bytes()
 
 
 def test_pictures_are_encoded_side_by_side_as_each_alone_and_an_encodings_error_is_raised():
@@ -323,3 +338,20 @@ def test_pictures_are_encoded_side_by_side_as_each_alone_and_an_encodings_error_
     assert threads and all(name.startswith("kiln-encode") for name in threads)
     with pytest.raises(InputError, match="WebP"):  # (one picture's error, as its encoding raises it)
         encoded(pictures[:1] + [(ImageFormat("webp"), np.zeros((1, 16384, 3), np.uint8), None)])
+
+
+def test_a_picture_its_format_cannot_hold_leaves_the_others_saved(tmp_path, caplog):
+    from kiln.imaging import ImageFormat
+    from orchestrator.jobs import Job, Status
+    from orchestrator.pipeline import Txt2ImgRequest
+    from orchestrator.server.outputs import save_job_images
+
+    # two images 9000 pixels wide, their grid 18000: over WebP's 16383 a side
+    images = [np.full((8, 9000, 3), shade, np.uint8) for shade in (40, 200)]
+    job = Job(kind="txt2img", request=Txt2ImgRequest(prompt="a cat", batch_size=2), status=Status.DONE,
+              images=images, infos=[{"prompt": "a cat", "seed": 7 + i} for i in range(2)], context={})
+    webp = ImageFormat("webp")
+    with caplog.at_level("ERROR", logger="kiln.api"):
+        paths = save_job_images(job, Outputs(tmp_path, samples=webp, grids=webp))
+    assert [path.name for path in paths] == ["00000-7.webp", "00001-8.webp"]
+    assert not list(tmp_path.glob("txt2img-grids/*/*")) and "its grid" in caplog.text and "WebP" in caplog.text

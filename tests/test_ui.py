@@ -268,6 +268,12 @@ def test_a_session_in_the_browser(browser, service, tmp_path):
     assert "ControlNet 0: \"Module: canny" in info and "Control Mode: ControlNet is more important" in info
     assert "Threshold A: 60" in info and "Resize Mode: Resize and Fill" in info
     shot(page, "controlnet")
+    # the unit's detected map, after the image: no infotext of its own, and no "Hires fix this image" (it has no seed)
+    assert page.locator("#results img").count() == 2 and page.is_visible("#hires-this")
+    page.click("#results img >> nth=1")
+    assert page.inner_text("#info") == "" and not page.is_visible("#hires-this")
+    page.click("#results img >> nth=0")
+    assert "ControlNet 0:" in page.inner_text("#info") and page.is_visible("#hires-this")
     page.click("#units .remove-unit")
 
     # Three tasks queued (one worker), the middle one cancelled, the last interrupted (AUTOMATIC1111's Interrupt:

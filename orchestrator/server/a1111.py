@@ -318,11 +318,13 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> d
         info["infotexts"].insert(0, parameters_text(job.infos[0]))
         info["index_of_first_image"] = 1
     memo = job.context.get("encoded")  # (a saving job's: its files' bytes where they are the answer's)
-    images = [base64.b64encode(data).decode() for data in encoded(
-        [(encoding, picture, None if i is None else {"parameters": parameters_text(i)}) for picture, i in pictures],
-        memo)] if body.send_images else []
-    if memo is not None:
-        memo.close()
+    try:
+        images = [base64.b64encode(data).decode() for data in encoded(
+            [(encoding, picture, None if i is None else {"parameters": parameters_text(i)}) for picture, i in pictures],
+            memo)] if body.send_images else []
+    finally:
+        if memo is not None:
+            memo.close()
     if body.send_images and job.context.get("detect_maps"):  # sd-webui-controlnet appends each unit's input
         images += [base64.b64encode(encoding.encode(detect_map(unit, job.request))).decode()
                    for unit in job.request.controlnet_units if unit.save_detected_map]

@@ -137,32 +137,41 @@ async def keep_init_image(kind: str, body: schemas.Txt2ImgBody, outputs: Outputs
 
 def save_when_done(request: Request, job: Job, outputs: Outputs, grid: bool) -> None:
     """save_images for a job once it is done, on the server's saving threads (app.state.saver), not on the engine's
-    worker that ran it (that takes the next job at once); job.context["saved"] is done once the files are written
-    (its answer waits for it: saved), and the job's pictures are encoded once for its files and its answer
-    (outputs.Encoded)."""
+    worker that ran it (that takes the next job at once); job.context["saved"] is done once the save is over (its
+    files written, or its trouble logged: the answer waits for it, saved), and the job's images are encoded once for
+    its files and its answer (outputs.Encoded)."""
     written: Future = Future()
     job.context.update(saved=written, encoded=Encoded())
+    saver = request.app.state.saver  # (the callbacks stay with the job: they keep the saver, not the request)
 
     def save() -> None:
         try:
             save_logged(job, outputs, grid)
         finally:
-            written.set_result(None)
+            if not written.done():
+                written.set_result(None)
 
     def start(_done: Future) -> None:
         try:
-            request.app.state.saver.submit(save)
-        except RuntimeError:  # (the saving threads have stopped: the server is closing) here, then
-            save()
+            saver.submit(save)
+        except Exception:  # noqa: BLE001 - (RuntimeError: the saving threads have stopped, the server is closing)
+            save()  # here, then
 
     job.future.add_done_callback(start)
 
 
+def saving(job: Job) -> bool:
+    """Whether a done job's images are still being saved (its answer waits for them)."""
+    written = job.context.get("saved")
+    return written is not None and not written.done()
+
+
 async def saved(job: Job) -> None:
-    """Wait until a done job's images are saved, where it saves them (AUTOMATIC1111 writes them before it answers)."""
+    """Wait until a done job's images are saved, where it saves them (AUTOMATIC1111 writes them before it answers).
+    (Shielded: a request that gives up waiting leaves the save, and the others waiting for it, alone.)"""
     written = job.context.get("saved")
     if written is not None:
-        await asyncio.wrap_future(written)
+        await asyncio.shield(asyncio.wrap_future(written))
 
 
 def save_logged(job: Job, outputs: Outputs, grid: bool) -> None:

@@ -10,14 +10,13 @@ before the hires fix and colour correction (save_images_before_*) go beside the 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,19 +100,22 @@ class Outputs:
 
 
 class Encoded:
-    """A saving job's pictures as encoded, kept until its answer is made (a1111.to_response): the files save_images
-    writes and the answer's images are the same bytes where their encoding and infotext are (a PNG, the default),
-    encoded once. Keyed by the encoding, the text and the pixels (their digest: a grid or a mask picture is made
-    again for the answer). Thread-safe: the saving thread fills it, the answer's reads it and closes it."""
+    """A saving job's images and grid as encoded for its files, kept for its answer (a1111.to_response), which takes
+    the same bytes where its encoding and infotext are the files' (a PNG, the default), and closes it: encoded once.
+    Keyed by the encoding (a PNG's whatever its quality), the text and the pixels (their digest: the answer's grid is
+    made again). Thread-safe: the saving thread fills it, the answer's reads it. A job never answered (a task never
+    polled) keeps its bytes as long as the queue keeps the job (JobQueue: the newest 512)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kept: dict[tuple, bytes] | None = {}
 
     def __call__(self, encoding: ImageFormat, picture: np.ndarray, text: dict[str, str] | None) -> bytes:
+        if self._kept is None:  # (closed: nothing to find)
+            return encoding.encode(picture, text)
         pixels = np.ascontiguousarray(picture)
-        key = (encoding, tuple(sorted((text or {}).items())), pixels.shape, pixels.dtype.str,
-               hashlib.blake2b(pixels.data, digest_size=20).digest())
+        key = ("png" if encoding.name == "png" else encoding, tuple(sorted((text or {}).items())), pixels.shape,
+               pixels.dtype.str, hashlib.blake2b(pixels.data, digest_size=20).digest())
         with self._lock:
             found = None if self._kept is None else self._kept.get(key)
         if found is not None:
@@ -134,20 +136,40 @@ class Encoded:
             self._kept = None
 
 
-def encoded(pictures: list[Encoding], memo: Encoded | None = None) -> list[bytes]:
-    """Each (encoding, picture, text)'s bytes (through a saving job's `memo`, where it has one), encoded side by side:
-    PIL lets go of the GIL while it compresses, so an answer's or a save's pictures take about the time of the
-    largest where there are cores for them (benchmarks.task_answers). An encoding's error is raised as it is."""
-    encode = memo if memo is not None else (lambda how, picture, text: how.encode(picture, text))
+def encoded(pictures: list[Encoding], memo: Encoded | None = None, shared: Collection[int] | None = None,
+            errors: bool = False) -> list[Any]:
+    """Each (encoding, picture, text)'s bytes, encoded side by side: PIL lets go of the GIL while it compresses, so
+    an answer's or a save's pictures take about the time of the largest where there are cores for them
+    (benchmarks.task_answers). Through a saving job's `memo` where it has one (`shared`: the indices of the pictures
+    its answer has too; None: all). An encoding's error is raised as it is, or with `errors` returned in the
+    picture's place (the others are encoded whatever one's trouble)."""
+    def encode(index: int) -> Any:
+        how, picture, text = pictures[index]
+        try:
+            if memo is not None and (shared is None or index in shared):
+                return memo(how, picture, text)
+            return how.encode(picture, text)
+        except Exception as exc:
+            if not errors:
+                raise
+            return exc
+
     if len(pictures) < 2:
-        return [encode(*picture) for picture in pictures]
-    return list(_encoders().map(lambda picture: encode(*picture), pictures))
+        return [encode(index) for index in range(len(pictures))]
+    return list(_encoders().map(encode, range(len(pictures))))
 
 
-@functools.cache
+_ENCODERS: list[ThreadPoolExecutor] = []  # encoded's threads: made on first use, kept for the process
+_ENCODERS_LOCK = threading.Lock()
+
+
 def _encoders() -> ThreadPoolExecutor:
-    """The threads encoded works on (as many as the cores, up to 8; made on first use, kept for the process)."""
-    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="kiln-encode")
+    """The threads encoded works on: as many as this process may run on, up to 8."""
+    with _ENCODERS_LOCK:
+        if not _ENCODERS:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            _ENCODERS.append(ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="kiln-encode"))
+    return _ENCODERS[0]
 
 
 def quietly(save: Callable[..., Any], *args: Any, what: str = "save_images") -> Any:
@@ -156,10 +178,15 @@ def quietly(save: Callable[..., Any], *args: Any, what: str = "save_images") -> 
     try:
         return save(*args)
     except Exception as exc:  # noqa: BLE001 - saving never fails an answer, as AUTOMATIC1111's own save errors
-        # (the folder's trouble in a line; anything else with its traceback: a fault of the code reads as one)
-        log.error("%s: could not write to the outputs folder: %s", what, exc,
-                  exc_info=not isinstance(exc, (OSError, KilnError)))
+        logged(exc, what)
         return None
+
+
+def logged(exc: Exception, what: str) -> None:
+    """A save's trouble in the log: the folder's (or a format's) in a line; anything else with its traceback (a
+    fault of the code reads as one)."""
+    log.error("%s: could not write to the outputs folder: %s", what, exc, exc_info=(
+        None if isinstance(exc, (OSError, KilnError)) else (type(exc), exc, exc.__traceback__)))
 
 
 def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]:
@@ -182,17 +209,28 @@ def save_job_images(job: Job, outputs: Outputs, grid: bool = True) -> list[Path]
                                                     if f"save_{k}" in outputs.masks]
     samples = _folder(outputs, job.kind, "images")
     grids = [answer_grid(shown)] if grid and outputs.grid_save and len(shown) > 1 else []
-    files = encoded([outputs.file_of(image, job.infos[i]) for image, i, _ in pictures] +  # (before the lock: two
-                    [outputs.file_of(picture, job.infos[0], grid=True) for picture in grids],  # jobs encode at once)
-                    job.context.get("encoded"))
+    # encoded before the lock (two jobs encode at once), each picture whatever another's trouble (a grid too wide
+    # for WebP leaves its images saved); the images and the grid the answer has too, through the job's memo
+    shared = [n for n, (_, _, suffix) in enumerate(pictures) if not suffix] + \
+        ([len(pictures)] if grids and job.context.get("grid") else [])
+    files = encoded([outputs.file_of(image, job.infos[i]) for image, i, _ in pictures] +
+                    [outputs.file_of(picture, job.infos[0], grid=True) for picture in grids],
+                    job.context.get("encoded"), set(shared), errors=True)
+    paths = []
     with _LOCK:
-        paths = [outputs.write(saved_path(samples, "", named(job, i, image, outputs), outputs.naming,
-                                          outputs.samples.name, suffix=suffix), image, job.infos[i], data=data)
-                 for (image, i, suffix), data in zip(pictures, files)]
-        for picture in grids:
+        for (image, i, suffix), data in zip(pictures, files):
+            if isinstance(data, Exception):
+                logged(data, f"save_images (job {job.id}, image {i + 1}{suffix})")
+                continue
+            paths.append(outputs.write(saved_path(samples, "", named(job, i, image, outputs), outputs.naming,
+                                                  outputs.samples.name, suffix=suffix), image, job.infos[i], data=data))
+        for picture, data in zip(grids, files[len(pictures):]):
+            if isinstance(data, Exception):
+                logged(data, f"save_images (job {job.id}, its grid)")
+                continue
             path = saved_path(_folder(outputs, job.kind, "grids"), "grid", named(job, 0, picture, outputs),
                               outputs.naming, outputs.grids.name, grid=True, short=not outputs.naming.grid_extended)
-            paths.append(outputs.write(path, picture, job.infos[0], grid=True, data=files[-1]))
+            paths.append(outputs.write(path, picture, job.infos[0], grid=True, data=data))
     return paths
 
 

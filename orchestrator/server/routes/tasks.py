@@ -14,7 +14,7 @@ from kiln.errors import KilnError
 from orchestrator.jobs import FINISHED, Job, Status
 from orchestrator.server import a1111, cells
 from orchestrator.server.errors import APIError, as_api_error, count
-from orchestrator.server.generation import client_id, engine, kept_overrides, own, saved, submit
+from orchestrator.server.generation import client_id, engine, kept_overrides, own, saved, saving, submit
 from orchestrator.server.options import answer_format
 from orchestrator.server.preview import preview_png
 
@@ -22,12 +22,15 @@ router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
 
 def task_state(request: Request, job: Job) -> dict:
-    state = {"id": job.id, "kind": job.kind, "status": job.status.value,
+    """A task's state; a done one's answer once its images are saved (while they are written it is still running,
+    at progress 1)."""
+    status = shown_status(job)
+    state = {"id": job.id, "kind": job.kind, "status": status.value,
              "queue_position": engine(request).queue.position(job), "progress": job.progress,
              "iteration": job.iteration, "n_iter": job.n_iter, "step": job.step, "steps": job.steps,
              "eta_seconds": job.eta_seconds(), "error": str(job.error) if job.error else None, "result": None,
              "interrupted": job.interrupted}
-    if job.status == Status.DONE:
+    if status == Status.DONE:
         state["result"] = a1111.to_response(job, job.context["body"], answer_format(request, job.context["body"]))
     return state
 
@@ -75,9 +78,14 @@ def tasks_of(request: Request, limit: int) -> dict:
     return {"tasks": [summary(queue, job) for job in mine[:limit]], "others": others}
 
 
+def shown_status(job: Job) -> Status:
+    """A task's status as its caller sees it: running while a done one's images are being saved."""
+    return Status.RUNNING if job.status == Status.DONE and saving(job) else job.status
+
+
 def summary(queue, job: Job) -> dict:
     body = job.context.get("body")
-    return {"id": job.id, "kind": job.kind, "status": job.status.value, "queue_position": queue.position(job),
+    return {"id": job.id, "kind": job.kind, "status": shown_status(job).value, "queue_position": queue.position(job),
             "progress": job.progress, "step": job.step, "steps": job.steps, "iteration": job.iteration,
             "n_iter": job.n_iter, "eta_seconds": job.eta_seconds(), "created": job.created,
             "prompt": getattr(body, "prompt", ""), "error": str(job.error) if job.error else None,

@@ -352,11 +352,12 @@ function showResult(result, kind = "txt2img") {
   $("#hires-this").hidden = !canHiresFix();
 }
 
-// AUTOMATIC1111's Upscale button: a txt2img image (not a grid) redrawn by the hires fix alone (firstpass_image).
+// AUTOMATIC1111's Upscale button: a txt2img image (not its grid, nor a ControlNet unit's detected map after the
+// images) redrawn by the hires fix alone (firstpass_image).
 function canHiresFix() {
   const shown = state.result;
-  return Boolean(shown && shown.kind === "txt2img" && shown.selected >= (shown.info.index_of_first_image || 0) &&
-                 (shown.info.all_seeds || []).length);
+  const index = shown ? shown.selected - (shown.info.index_of_first_image || 0) : -1;
+  return Boolean(shown && shown.kind === "txt2img" && index >= 0 && index < (shown.info.all_seeds || []).length);
 }
 
 async function hiresThis() {
