@@ -355,3 +355,16 @@ def test_a_picture_its_format_cannot_hold_leaves_the_others_saved(tmp_path, capl
         paths = save_job_images(job, Outputs(tmp_path, samples=webp, grids=webp))
     assert [path.name for path in paths] == ["00000-7.webp", "00001-8.webp"]
     assert not list(tmp_path.glob("txt2img-grids/*/*")) and "its grid" in caplog.text and "WebP" in caplog.text
+
+
+def test_a_large_init_image_kept_by_save_init_img_gets_its_jpeg_copy(tmp_path):
+    from orchestrator.server.outputs import save_init_image
+
+    noise = np.random.default_rng(2).integers(0, 256, (48, 64, 4), dtype=np.uint8)  # (RGBA, as sent)
+    data = PNG.encode(noise, {"parameters": "a cat\nSteps: 2, Seed: 7"})
+    path = save_init_image(data, Outputs(tmp_path, init_images=True, jpeg_copies=(100, 32)))  # over 32 pixels a side
+    with Image.open(path.with_suffix(".jpg")) as copy:
+        assert copy.format == "JPEG" and copy.mode == "RGB" and copy.size == (32, 24)
+    assert Image.open(path).mode == "RGBA"  # the kept image itself as sent
+    other = save_init_image(PNG.encode(noise[..., :3]), Outputs(tmp_path, init_images=True))  # under the defaults
+    assert other.exists() and not other.with_suffix(".jpg").exists()

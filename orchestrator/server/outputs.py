@@ -72,13 +72,13 @@ class Outputs:
         encoding = self.grids if grid else self.samples
         path.write_bytes(data if data is not None else encoded([self.file_of(image, info, grid)])[0])
         if self.jpeg_copies is not None and encoding.name not in ("jpg", "jpeg"):
-            quietly(self._jpeg_copy, path, image, text, what="export_for_4chan")  # (as there: the copy's trouble
+            quietly(self.jpeg_copy, path, image, text, what="export_for_4chan")  # (as there: the copy's trouble
             # is the log's)
         if self.txt:
             path.with_suffix(".txt").write_text(f"{text}\n", encoding="utf-8")
         return path
 
-    def _jpeg_copy(self, path: Path, image: np.ndarray, text: str) -> None:
+    def jpeg_copy(self, path: Path, image: np.ndarray, text: str) -> None:
         """AUTOMATIC1111's export_for_4chan: where the file is over img_downscale_threshold MB or a side over
         target_side_length pixels, <name>.jpg beside it (jpeg_quality's, with the infotext), downscaled (Lanczos)
         to target_side_length on its longer side where that is over. (A JPEG's own file is left alone: there, the
@@ -326,7 +326,8 @@ def _save_alone(image: np.ndarray, info: dict, folder: Path, outputs: Outputs, b
 def save_init_image(data: bytes, outputs: Outputs) -> Path:
     """save_init_img: an img2img init image as sent, as AUTOMATIC1111 keeps it: outputs/init-images/<the md5 of its
     pixels as decoded>.png (PNG whatever samples_format says, in the image's own mode; the same image twice: one
-    file), with the infotext it carries, if any."""
+    file), with the infotext it carries, if any; a large one's export_for_4chan JPEG copy beside it (as there:
+    through its save_image)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
@@ -337,6 +338,9 @@ def save_init_image(data: bytes, outputs: Outputs) -> Path:
         path = folder / f"{hashlib.md5(image.tobytes()).hexdigest()}.png"  # noqa: S324 - a name, not a secret
         savable = image if image.mode in ("1", "L", "LA", "I", "P", "RGB", "RGBA") else image.convert("RGB")  # (CMYK)
         path.write_bytes(PNG.encode(savable, {"parameters": text} if text else None))
+        if outputs.jpeg_copies is not None:
+            quietly(lambda: outputs.jpeg_copy(path, np.asarray(savable.convert("RGB")), text or ""),
+                    what="export_for_4chan")
     return path
 
 
