@@ -36,7 +36,7 @@ from orchestrator.server.generation import (
     wait_for,
 )
 from orchestrator.server.options import answer_format
-from orchestrator.server.outputs import quietly, save_grid
+from orchestrator.server.outputs import encoded, quietly, save_grid
 
 
 def fix_seeds(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
@@ -83,12 +83,12 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
     try:
         for job in jobs:
             job.interrupted = ended  # (here: no step of it runs; elsewhere, a shared queue's, the call below)
-            queued.append(queue.submit(job))
+            queued.append(await run_in_threadpool(queue.submit, job))  # (a shared queue's: Redis round trips)
             if ended:
                 await run_in_threadpool(queue.interrupt, job)
         await asyncio.gather(*(wait_for(request, job, state.settings.request_timeout_s) for job in jobs))
     except BaseException:  # a timeout, the client gone, or the caller's task cancelled: nothing left running
-        for job in queued:
+        for job in queued:  # (here, not in a thread: a cancelled task's awaits are cancelled too)
             queue.cancel(job)
         raise
     return jobs
@@ -136,7 +136,7 @@ def stopped(job: Job) -> bool:
 def nothing_made(request, body: schemas.Txt2ImgBody, job: Job) -> dict:
     """The answer of a script interrupted before any image was made: none, its info the first cell's (as
     AUTOMATIC1111 answers an interrupted request)."""
-    return answer(request, body, [], a1111.response_info(job, job.context["body"]) | {"interrupted": True})
+    return made_answer(request, body, [], a1111.response_info(job, job.context["body"]) | {"interrupted": True})
 
 
 async def side_by_side(coroutines) -> list:
@@ -177,11 +177,17 @@ def details(job: Job, infos: list[dict], before: tuple[dict, ...] = (), jobs: li
     return out
 
 
-def answer(request, body: schemas.Txt2ImgBody, images: list[tuple[np.ndarray, dict]], details: dict) -> dict:
+async def answer(request, body: schemas.Txt2ImgBody, images: list[tuple[np.ndarray, dict]], details: dict) -> dict:
+    """A script's answer (made_answer), made off the event loop: an X/Y/Z plot's grid and lone images take seconds
+    to encode, while every other request waits on the loop."""
+    return await run_in_threadpool(made_answer, request, body, images, details)
+
+
+def made_answer(request, body: schemas.Txt2ImgBody, images: list[tuple[np.ndarray, dict]], details: dict) -> dict:
     """AUTOMATIC1111's response: each picture with its infotext, encoded as the server's samples_format asks (PNG by
-    default), the request's parameters, `details` as info."""
+    default; side by side, outputs.encoded), the request's parameters, `details` as info."""
     parameters = body.model_dump(exclude={"alwayson_scripts", "init_images", "mask"})
     encoding = answer_format(request, body)
-    return {"images": [base64.b64encode(encoding.encode(picture, {"parameters": parameters_text(info)})).decode()
-                       for picture, info in images] if body.send_images else [],
+    pictures = [(encoding, picture, {"parameters": parameters_text(info)}) for picture, info in images]
+    return {"images": [base64.b64encode(data).decode() for data in encoded(pictures)] if body.send_images else [],
             "parameters": parameters, "info": json.dumps(details)}

@@ -128,7 +128,8 @@ async def keep_init_image(kind: str, body: schemas.Txt2ImgBody, outputs: Outputs
     if kind != "img2img" or not outputs.init_images:
         return
     try:
-        path = await run_in_threadpool(save_init_image, decode_b64(body.init_images[0], "init_images[0]"), outputs)
+        path = await run_in_threadpool(lambda: save_init_image(decode_b64(body.init_images[0], "init_images[0]"),
+                                                               outputs))
     except (OSError, KilnError) as exc:
         log.error("save_init_img: could not keep an init image in %s: %s", outputs.folder, exc)
         return

@@ -140,4 +140,4 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
                                            "Denoising curve": loopback.curve}
     details["loopback"] = {"loops": len(jobs), "chains": body.n_iter,
                            "seconds": round(time.time() - jobs[0].created, 3)}
-    return cells.answer(request, body, ([(grid, images[0][1])] if grid is not None else []) + images, details)
+    return await cells.answer(request, body, ([(grid, images[0][1])] if grid is not None else []) + images, details)

@@ -213,4 +213,4 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
     details["poor_mans_outpainting"] = {"tiles": len(jobs), "size": list(drawn.image.size),
                                         "interrupted": len(jobs) - len(made),
                                         "seconds": round(time.time() - jobs[0].created, 3)}
-    return cells.answer(request, body, [(picture, info)], details)
+    return await cells.answer(request, body, [(picture, info)], details)

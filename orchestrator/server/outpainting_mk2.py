@@ -196,7 +196,8 @@ async def chain(request, body: schemas.Img2ImgBody, mk2: Mk2, init: np.ndarray, 
     for side, amount, width, height in passes:
         grown = await run_in_threadpool(grow, image, side, amount, (width, height), mk2)
         name = f"{NAME} image {number + 1}, the pass growing {side}"
-        [job] = await cells.run_cells(request, "img2img", [cell(body, grown, mk2, number)], lambda _, n=name: n)
+        asked = await run_in_threadpool(cell, body, grown, mk2, number)  # (three PNGs: off the event loop)
+        [job] = await cells.run_cells(request, "img2img", [asked], lambda _, n=name: n)
         if job.error is not None:
             raise job.error
         if cells.stopped(job):  # interrupted while it waited (another image's pass was running): none made
@@ -215,7 +216,7 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
         raise InputError(f"script_name {NAME!r} is an img2img script (/sdapi/v1/img2img): it grows an image")
     served = await pipeline(request)  # the server's default checkpoint is set, and Triton is there
     mk2 = parse(body)
-    raw = a1111.init_image(body, served.limits.max_image_pixels)
+    raw = await run_in_threadpool(a1111.init_image, body, served.limits.max_image_pixels)
     init = np.asarray(await run_in_threadpool(decode_image, raw, ImageLimits(min_side=1)))
     passes = check(body, mk2, init, served)
     body = cells.fix_seeds(body)
@@ -241,4 +242,4 @@ async def run(request, kind: str, body: schemas.Img2ImgBody) -> dict:
                                   "size": [int(images[0][0].shape[1]), int(images[0][0].shape[0])],
                                   "interrupted": sum(not complete for *_, complete in grown),
                                   "seconds": round(time.time() - first.created, 3)}
-    return cells.answer(request, body, ([(grid, images[0][1])] if grid is not None else []) + images, details)
+    return await cells.answer(request, body, ([(grid, images[0][1])] if grid is not None else []) + images, details)

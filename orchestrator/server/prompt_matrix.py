@@ -145,4 +145,4 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     details["index_of_first_image"] = 1  # (its grid first, as there)
     details["prompt_matrix"] = {"images": len(made), "interrupted": len(jobs) - len(made),
                                 "seconds": round(time.time() - jobs[0].created, 3)}
-    return answer(request, body, [(grid, images[0][1]), *images], details)
+    return await answer(request, body, [(grid, images[0][1]), *images], details)

@@ -185,4 +185,4 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     details = cells.details(made[0], [info for _, info in images], jobs=jobs)
     details["prompts_from_file"] = {"lines": len(jobs), "images": len(images), "interrupted": len(jobs) - len(made),
                                     "seconds": round(time.time() - jobs[0].created, 3)}
-    return cells.answer(request, body, images, details)
+    return await cells.answer(request, body, images, details)

@@ -329,7 +329,8 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
         if failed is None and all(stopped(job) for job in jobs):
             return nothing_made(request, body, jobs[0])
         raise InputError(f"X/Y/Z plot: no cell produced an image ({failed.error if failed else 'all cancelled'})")
-    pictures = {index: image_grid(job.images) for (index, _), job in zip(cells, jobs) if job in done}
+    pictures = await run_in_threadpool(lambda: {index: image_grid(job.images) for (index, _), job in zip(cells, jobs)
+                                                if job in done})
     blank = np.zeros_like(next(iter(pictures.values())))
     pictures = {index: pictures.get(index, blank) for index, _ in cells}
     grid = await run_in_threadpool(draw_grid, plot, pictures)
@@ -351,7 +352,7 @@ async def run(request, kind: str, body: schemas.Txt2ImgBody) -> dict:
     details["xyz"] = {"cells": len(jobs), "done": len(done), "seconds": round(time.time() - jobs[0].created, 3),
                       "failed": [str(job.error) for job in jobs if job.status != Status.DONE],
                       "interrupted": sum(stopped(job) for job in jobs)}  # not run: blank in the grid
-    return answer(request, body, [(picture, info) for picture in (grid, *subgrids)] + lone, details)
+    return await answer(request, body, [(picture, info) for picture in (grid, *subgrids)] + lone, details)
 
 
 def _cell_names(plot: Plot, index: tuple[int, int, int]) -> list[str]:

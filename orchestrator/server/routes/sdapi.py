@@ -185,7 +185,7 @@ async def cmd_flags(request: Request):
 async def interrogate(request: Request, body: schemas.InterrogateBody):
     """AUTOMATIC1111's interrogators (BLIP captions ranked by CLIP, DeepDanbooru tags) are models this server does not
     serve: the image is read, then the request refused naming what it asked for and what there is instead."""
-    decode_b64_image(body.image, "image", request.app.state.settings.limits.max_image_pixels)
+    await run_in_threadpool(decode_b64_image, body.image, "image", request.app.state.settings.limits.max_image_pixels)
     raise InputError(f"interrogate model {body.model!r}: this server has no interrogator (AUTOMATIC1111's clip and "
                      "deepdanbooru are models it does not serve); POST /v1/classify labels an image with its ViT "
                      "classifier's ImageNet classes")
@@ -193,5 +193,6 @@ async def interrogate(request: Request, body: schemas.InterrogateBody):
 
 @router.post("/png-info", response_model=schemas.PngInfoResponse)
 async def png_info(request: Request, body: schemas.PngInfoBody):
-    data = decode_b64_image(body.image, "image", request.app.state.settings.limits.max_image_pixels)
+    data = await run_in_threadpool(decode_b64_image, body.image, "image",
+                                   request.app.state.settings.limits.max_image_pixels)
     return await run_in_threadpool(read_png_info, data)

@@ -59,17 +59,16 @@ async def images_from(request: Request, body_model) -> tuple[list[tuple[str, byt
         params = body_model.model_validate(payload)
     except ValidationError as exc:  # name the fields, not the values
         raise InputError(short(exc)) from None
-    if images is None:
-        images = [(f"images[{index}]", decode_b64(text, f"images[{index}]"))
-                  for index, text in enumerate(params.images)]
+    if images is None:  # (up to 64 images' base64: off the event loop)
+        images = await run_in_threadpool(lambda: [(f"images[{index}]", decode_b64(text, f"images[{index}]"))
+                                                  for index, text in enumerate(params.images)])
     if len(images) > MAX_IMAGES:
         raise TooLargeError(f"{len(images)} images in one request; the limit is {MAX_IMAGES}")
     return images, params
 
 
-async def run_vit(request: Request, endpoint: str, model: str, images: list, call) -> list[dict]:
-    """Results in the images' order; an image whose header is unreadable gets its error without reaching Triton."""
-    max_pixels = request.app.state.settings.limits.max_image_pixels
+def _readable(images: list[tuple[str, bytes]], max_pixels: int) -> tuple[list[tuple[str, bytes]], dict[int, str]]:
+    """The images whose headers read (their size within the limit), and each other one's error by its index."""
     good, errors = [], {}
     for index, (name, data) in enumerate(images):
         try:
@@ -77,6 +76,12 @@ async def run_vit(request: Request, endpoint: str, model: str, images: list, cal
             good.append((name, data))
         except KilnError as exc:
             errors[index] = str(exc)
+    return good, errors
+
+
+async def run_vit(request: Request, endpoint: str, model: str, images: list, call) -> list[dict]:
+    """Results in the images' order; an image whose header is unreadable gets its error without reaching Triton."""
+    good, errors = await run_in_threadpool(_readable, images, request.app.state.settings.limits.max_image_pixels)
     client = vit_client(request)
     if not await run_in_threadpool(client.is_ready, model):
         count(request, endpoint, "503")
