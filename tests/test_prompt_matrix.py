@@ -73,7 +73,13 @@ def test_the_grid_is_laid_out_as_automatic1111s():
 
 
 @pytest.mark.slow
-def test_the_matrix_through_the_api(triton, tmp_path):
+def test_the_matrix_through_the_api(triton, tmp_path, monkeypatch):
+    import threading
+
+    from orchestrator.server import cells
+
+    made, real = [], cells.made_answer  # the script's answer: its thread seen (never the event loop's, kiln-api)
+    monkeypatch.setattr(cells, "made_answer", lambda *args: made.append(threading.current_thread().name) or real(*args))
     outputs = tmp_path / "outputs"
     api = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), outputs_dir=outputs))
     request = {"prompt": "a photo of a cat|red|at night", "width": 64, "height": 64, "seed": 7, "steps": 3,
@@ -84,6 +90,7 @@ def test_the_matrix_through_the_api(triton, tmp_path):
             assert answer.status_code == 200, answer.text
             images, info = answer.json()["images"], json.loads(answer.json()["info"])
             assert len(images) == 1 + 4  # the grid, then each combination's image
+            assert len(made) == 1 and made[0] != api.thread.name  # encoded off the event loop
             prompts = ["a photo of a cat", "a photo of a cat, red", "a photo of a cat, at night",
                        "a photo of a cat, red, at night"]
             assert info["all_prompts"] == prompts and info["all_seeds"] == [7, 8, 9, 10]
