@@ -83,7 +83,7 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
     try:
         for job in jobs:
             job.interrupted = ended  # (here: no step of it runs; elsewhere, a shared queue's, the call below)
-            queued.append(await run_in_threadpool(queue.submit, job))  # (a shared queue's: Redis round trips)
+            queued.append(queue.submit(job))  # (no await between the submits: an interrupt finds them all)
             if ended:
                 await run_in_threadpool(queue.interrupt, job)
         await asyncio.gather(*(wait_for(request, job, state.settings.request_timeout_s) for job in jobs))

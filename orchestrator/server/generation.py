@@ -87,15 +87,15 @@ async def submit(request: Request, kind: str, body: schemas.Txt2ImgBody, family:
     served = await pipeline(request, body.override_settings.get("sd_model_checkpoint"))
     generation = await run_in_threadpool(a1111.to_request, body, served.contract, request.app.state.options,
                                          served.limits, request.app.state.styles)
-    saved = outputs_of(request, body)
+    where = outputs_of(request, body)
     job = await run_in_threadpool(lambda: engine(request).submit(
         kind, generation, body.n_iter, client_id=client_id(request),
-        context={"family": family, "body": body, "masks": saved.masks, "grid": returns_grid(saved, body),
+        context={"family": family, "body": body, "masks": where.masks, "grid": returns_grid(where, body),
                  "detect_maps": control_units.wants_detect_maps(body, request.app.state.options)},
         job_id=body.force_task_id, checkpoint=served.contract.title))
     if body.save_images and not body.do_not_save_samples:
-        save_when_done(request, job, saved, not body.do_not_save_grid)
-    await keep_init_image(kind, body, saved)
+        save_when_done(request, job, where, not body.do_not_save_grid)
+    await keep_init_image(kind, body, where)
     return job
 
 
@@ -142,6 +142,7 @@ def save_when_done(request: Request, job: Job, outputs: Outputs, grid: bool) -> 
     files written, or its trouble logged: the answer waits for it, saved), and the job's images are encoded once for
     its files and its answer (outputs.Encoded)."""
     written: Future = Future()
+    # (after engine.submit: a shared queue has pickled the job's context by then, and these cannot be pickled)
     job.context.update(saved=written, encoded=Encoded())
     saver = request.app.state.saver  # (the callbacks stay with the job: they keep the saver, not the request)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from kiln.infotext import infotext_of, parameters_text
 from orchestrator.jobs import Job, Status
 from orchestrator.server.filenames import Naming, Picture, saved_path
 from orchestrator.server.sampler_names import schedule_label
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 MASK_KINDS = {"mask": "-mask", "mask_composite": "-mask-composite"}  # save_/return_<kind> -> a saved file's suffix
 log = logging.getLogger("kiln.api")
@@ -78,7 +81,7 @@ class Outputs:
             path.with_suffix(".txt").write_text(f"{text}\n", encoding="utf-8")
         return path
 
-    def jpeg_copy(self, path: Path, image: np.ndarray, text: str) -> None:
+    def jpeg_copy(self, path: Path, image: np.ndarray | Image.Image, text: str) -> None:
         """AUTOMATIC1111's export_for_4chan: where the file is over img_downscale_threshold MB or a side over
         target_side_length pixels, <name>.jpg beside it (jpeg_quality's, with the infotext), downscaled (Lanczos)
         to target_side_length on its longer side where that is over. (A JPEG's own file is left alone: there, the
@@ -86,11 +89,12 @@ class Outputs:
         from PIL import Image
 
         megabytes, side = self.jpeg_copies
-        height, width = image.shape[:2]
+        width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
         oversize = max(width, height) > side
         if not oversize and path.stat().st_size <= megabytes * 1024 * 1024:
             return
-        picture = Image.fromarray(np.ascontiguousarray(image))
+        picture = image.convert("RGB") if isinstance(image, Image.Image) else \
+            Image.fromarray(np.ascontiguousarray(image))
         if oversize:
             size = (round(side), max(1, round(height * side / width))) if width > height else \
                 (max(1, round(width * side / height)), round(side))
@@ -339,8 +343,7 @@ def save_init_image(data: bytes, outputs: Outputs) -> Path:
         savable = image if image.mode in ("1", "L", "LA", "I", "P", "RGB", "RGBA") else image.convert("RGB")  # (CMYK)
         path.write_bytes(PNG.encode(savable, {"parameters": text} if text else None))
         if outputs.jpeg_copies is not None:
-            quietly(lambda: outputs.jpeg_copy(path, np.asarray(savable.convert("RGB")), text or ""),
-                    what="export_for_4chan")
+            quietly(outputs.jpeg_copy, path, savable, text or "", what="export_for_4chan")
     return path
 
 

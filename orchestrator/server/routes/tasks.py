@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 
 from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
@@ -19,6 +20,7 @@ from orchestrator.server.options import answer_format
 from orchestrator.server.preview import preview_png
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+SAVE_WAIT_S = 10.0  # how long GET /v1/tasks/{id} waits for a done task's files before it answers "running"
 
 
 def task_state(request: Request, job: Job) -> dict:
@@ -102,8 +104,9 @@ async def find(request: Request, task_id: str) -> Job:
 @router.get("/{task_id}", response_model=schemas.TaskState)
 async def get_task(request: Request, task_id: str):
     job = await find(request, task_id)
-    if job.status == Status.DONE:  # (its answer once its images are saved, as the AUTOMATIC1111 routes')
-        await saved(job)
+    if job.status == Status.DONE:  # (its answer once its images are saved, as the AUTOMATIC1111 routes'; a save
+        with suppress(asyncio.TimeoutError):  # longer than this shows the task running: the client asks again)
+            await asyncio.wait_for(saved(job), SAVE_WAIT_S)
     return await run_in_threadpool(task_state, request, job)
 
 
