@@ -1179,9 +1179,15 @@ def _wait_task(c, task_id, timeout=120) -> dict:
     raise AssertionError(f"task {task_id} did not finish")
 
 
-def test_tasks_status_websocket_and_cancel(api):
+def test_tasks_status_websocket_and_cancel(api, monkeypatch):
+    import threading
+
     from websockets.sync.client import connect
 
+    from orchestrator.server.routes import tasks
+
+    made, real = [], tasks.preview_png  # the previews' threads: never the engine's worker that ran the step
+    monkeypatch.setattr(tasks, "preview_png", lambda *args: made.append(threading.current_thread().name) or real(*args))
     with api.client() as c:
         accepted = c.post("/v1/tasks/txt2img", json=TXT | {"steps": 12})
         assert accepted.status_code == 202 and accepted.headers["location"] == f"/v1/tasks/{accepted.json()['id']}"
@@ -1196,6 +1202,7 @@ def test_tasks_status_websocket_and_cancel(api):
         kinds = [e["event"] for e in events]
         assert kinds[-1] == "done" and "progress" in kinds
         assert any("preview" in e for e in events if e["event"] == "progress")
+        assert made and not any(name.startswith("kiln-job-worker") for name in made), made
         state = _wait_task(c, task)
         assert state["status"] == "done" and state["progress"] == 1.0 and len(state["result"]["images"]) == 1
 

@@ -142,6 +142,14 @@ async def skip_task(request: Request, task_id: str):
     return {"id": job.id, "status": "skipping"}
 
 
+def latest_preview(queue, job: Job) -> str | None:
+    """A preview of the job's latest latents (wherever it runs: a shared queue's are in Redis), made here rather than
+    on the engine's worker that ran the step (it made one per watching socket before, delaying the job's next step
+    and, with step batching, everyone's: benchmarks.previews)."""
+    latents = queue.latents(job)
+    return None if latents is None else preview_png(latents)
+
+
 @router.websocket("/{task_id}/events")
 async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0):
     """Progress events as JSON: queued, started, progress (with a preview every N steps), done/failed/cancelled."""
@@ -159,11 +167,7 @@ async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0
 
     queue = engine(websocket).queue  # type: ignore[arg-type]
 
-    def listener(event: dict) -> None:
-        if preview_every > 0 and event.get("event") == "progress" and event["step"] % preview_every == 0:
-            latents = queue.latents(job)
-            if latents is not None:
-                event = event | {"preview": preview_png(latents)}
+    def listener(event: dict) -> None:  # (on the engine's worker, between two steps: it only hands the event over)
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     unsubscribe = job.subscribe(listener)
@@ -175,6 +179,9 @@ async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0
                 event = await asyncio.wait_for(events.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 continue
+            if preview_every > 0 and event.get("event") == "progress" and event["step"] % preview_every == 0:
+                preview = await run_in_threadpool(latest_preview, queue, job)
+                event = event | {"preview": preview} if preview is not None else event
             await websocket.send_json(event)
             if event.get("event") in ("done", "failed", "cancelled"):
                 break
