@@ -33,7 +33,7 @@ from orchestrator.server.generation import (
     own,
     pipeline,
     save_logged,
-    wait_for,
+    wait_all,
 )
 from orchestrator.server.options import answer_format
 from orchestrator.server.outputs import encoded, quietly, save_grid
@@ -86,7 +86,7 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
             queued.append(queue.submit(job))  # (no await between the submits: an interrupt finds them all)
             if ended:
                 await run_in_threadpool(queue.interrupt, job)
-        await asyncio.gather(*(wait_for(request, job, state.settings.request_timeout_s) for job in jobs))
+        await wait_all(request, jobs, state.settings.request_timeout_s)
     except BaseException:  # a timeout, the client gone, or the caller's task cancelled: nothing left running
         for job in queued:  # (here, not in a thread: a cancelled task's awaits are cancelled too)
             queue.cancel(job)

@@ -193,21 +193,36 @@ def own(request: Request, job: Job | None, family: str) -> bool:
 
 
 async def wait_for(request: Request, job: Job, timeout_s: float) -> None:
-    """Wait for the job, and its saving where it saves; a client that disconnects cancels it (it stops before its
-    next step); 504 after timeout."""
-    future = asyncio.wrap_future(job.future)
+    """Wait for the job, and its saving where it saves (wait_all's, for one)."""
+    await wait_all(request, [job], timeout_s)
+
+
+async def wait_all(request: Request, jobs: list[Job], timeout_s: float) -> None:
+    """Wait for the jobs (a script's cells), and their saving where they save: one watch of the client for them
+    all (a 64-cell X/Y/Z plot polled the connection 640 times a second, a watch a cell). A client that disconnects
+    cancels those not done (each stops before its next step); 504 after timeout_s, the same."""
+    pending = {asyncio.wrap_future(job.future) for job in jobs}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    while True:
-        done, _ = await asyncio.wait({future}, timeout=0.1)
-        if done:
-            return await saved(job)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+        if not pending:
+            break
         if await request.is_disconnected():
-            await run_in_threadpool(engine(request).queue.cancel, job)
+            await _cancel_unfinished(request, jobs)
             raise APIError(499, "client_closed", "client disconnected; the job was cancelled")
         if loop.time() > deadline:
-            await run_in_threadpool(engine(request).queue.cancel, job)
+            await _cancel_unfinished(request, jobs)
             raise APIError(504, "timeout", f"the generation did not finish within {timeout_s:g} s; it was cancelled")
+    for job in jobs:
+        await saved(job)
+
+
+
+async def _cancel_unfinished(request: Request, jobs: list[Job]) -> None:
+    for job in jobs:
+        if not job.future.done():
+            await run_in_threadpool(engine(request).queue.cancel, job)
 
 
 def response(request: Request, job: Job) -> dict:
