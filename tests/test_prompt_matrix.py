@@ -114,3 +114,28 @@ def test_the_matrix_through_the_api(triton, tmp_path, monkeypatch):
             assert task.status_code == 422 and "runs through /sdapi/v1/txt2img" in task.text
     finally:
         api.stop()
+
+
+@pytest.mark.slow
+def test_a_script_past_its_timeout_cancels_every_cell(triton, tmp_path):
+    import time
+
+    from orchestrator.pipeline import Limits
+
+    api = BackgroundAPI(Settings(triton_url=triton.grpc_url, port=free_port(), outputs_dir=tmp_path / "outputs",
+                                 request_timeout_s=1.0, limits=Limits(max_steps=2000)))
+    request = {"prompt": "a photo of a cat|red|at night", "width": 64, "height": 64, "seed": 7, "steps": 2000,
+               "script_name": "prompt matrix", "script_args": [False, True]}
+    try:
+        with api.client() as client:
+            answer = client.post("/sdapi/v1/txt2img", json=request)
+            assert answer.status_code == 504 and "did not finish within 1 s" in answer.text, answer.text
+            cells = api.app.state.engine.queue.jobs()
+            assert len(cells) == 4  # every combination's cell, each cancelled (one watch for them all)
+            deadline = time.monotonic() + 30
+            while any(cell.status.value != "cancelled" for cell in cells):
+                assert time.monotonic() < deadline, [cell.status.value for cell in cells]
+                time.sleep(0.05)
+            assert all(cell.step < 2000 for cell in cells)
+    finally:
+        api.stop()

@@ -83,13 +83,15 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
     try:
         for job in jobs:
             job.interrupted = ended  # (here: no step of it runs; elsewhere, a shared queue's, the call below)
-            queued.append(queue.submit(job))  # (no await between the submits: an interrupt finds them all)
+            queued.append(queue.submit(job))  # (no await before a cell is queued and flagged: an interrupt finds
+            # every cell queued so far, and a cancel every cell in `queued`)
             if ended:
                 await run_in_threadpool(queue.interrupt, job)
         await wait_all(request, jobs, state.settings.request_timeout_s)
     except BaseException:  # a timeout, the client gone, or the caller's task cancelled: nothing left running
         for job in queued:  # (here, not in a thread: a cancelled task's awaits are cancelled too)
-            queue.cancel(job)
+            if not job.future.done():
+                queue.cancel(job)
         raise
     return jobs
 

@@ -218,7 +218,6 @@ async def wait_all(request: Request, jobs: list[Job], timeout_s: float) -> None:
         await saved(job)
 
 
-
 async def _cancel_unfinished(request: Request, jobs: list[Job]) -> None:
     for job in jobs:
         if not job.future.done():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import suppress
 
 from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
@@ -20,6 +21,7 @@ from orchestrator.server.options import answer_format
 from orchestrator.server.preview import preview_png
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+log = logging.getLogger("kiln.api")
 SAVE_WAIT_S = 10.0  # how long GET /v1/tasks/{id} waits for a done task's files before it answers "running"
 
 
@@ -142,12 +144,23 @@ async def skip_task(request: Request, task_id: str):
     return {"id": job.id, "status": "skipping"}
 
 
-def latest_preview(queue, job: Job) -> str | None:
-    """A preview of the job's latest latents (wherever it runs: a shared queue's are in Redis), made here rather than
-    on the engine's worker that ran the step (it made one per watching socket before, delaying the job's next step
-    and, with step batching, everyone's: benchmarks.previews)."""
-    latents = queue.latents(job)
-    return None if latents is None else preview_png(latents)
+def latest_preview(queue, job: Job, kept: dict) -> str | None:
+    """A preview of the job's latest latents (wherever it runs: a shared queue's are in Redis), made in a thread as
+    its socket sends the event, rather than by the listener (on the engine's worker that ran the step, once per
+    watching socket: it delayed the job's next step and, with step batching, everyone's; benchmarks.previews).
+    None where there are none, or where they cannot be read now (the event goes without one: a preview is never
+    worth the stream). `kept`: the socket's last preview, made again only for other latents (a socket behind the job
+    sends the same latest latents with every event it has queued)."""
+    try:
+        latents = queue.latents(job)
+        if latents is None:
+            return None
+        if kept.get("latents") is not latents:
+            kept.update(latents=latents, preview=preview_png(latents))
+        return kept["preview"]
+    except Exception as exc:  # noqa: BLE001 - (the job store's trouble in a line; anything else with its traceback)
+        log.warning("preview of task %s: %s", job.id, exc, exc_info=not isinstance(exc, KilnError))
+        return None
 
 
 @router.websocket("/{task_id}/events")
@@ -164,6 +177,7 @@ async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0
     await websocket.accept()
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
+    kept: dict = {}  # the last preview sent, and its latents (latest_preview)
 
     queue = engine(websocket).queue  # type: ignore[arg-type]
 
@@ -180,7 +194,7 @@ async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0
             except asyncio.TimeoutError:
                 continue
             if preview_every > 0 and event.get("event") == "progress" and event["step"] % preview_every == 0:
-                preview = await run_in_threadpool(latest_preview, queue, job)
+                preview = await run_in_threadpool(latest_preview, queue, job, kept)
                 event = event | {"preview": preview} if preview is not None else event
             await websocket.send_json(event)
             if event.get("event") in ("done", "failed", "cancelled"):
