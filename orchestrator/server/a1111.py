@@ -3,7 +3,6 @@ response, its sampler names and options."""
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import re
@@ -53,7 +52,7 @@ from orchestrator.server.options import (
     setting_fields,
     sigma_fields,
 )
-from orchestrator.server.outputs import answer_grid, answer_pictures, encoded
+from orchestrator.server.outputs import answer_grid, answer_images, answer_pictures
 from orchestrator.server.paste import apply_infotext
 from orchestrator.server.sampler_names import hires_fix_sampler, sampler_name
 
@@ -319,15 +318,13 @@ def to_response(job: Job, body: schemas.Txt2ImgBody, encoding: ImageFormat) -> d
         info["index_of_first_image"] = 1
     memo = job.context.get("encoded")  # (a saving job's: its files' bytes where they are the answer's)
     try:
-        images = [base64.b64encode(data).decode() for data in encoded(
-            [(encoding, picture, None if i is None else {"parameters": parameters_text(i)}) for picture, i in pictures],
-            memo)] if body.send_images else []
+        images = answer_images(encoding, pictures, memo) if body.send_images else []
     finally:
         if memo is not None:
             memo.close()
     if body.send_images and job.context.get("detect_maps"):  # sd-webui-controlnet appends each unit's input
-        images += [base64.b64encode(encoding.encode(detect_map(unit, job.request))).decode()
-                   for unit in job.request.controlnet_units if unit.save_detected_map]
+        images += answer_images(encoding, [(detect_map(unit, job.request), None)
+                                           for unit in job.request.controlnet_units if unit.save_detected_map])
     # AUTOMATIC1111 echoes the init images and the mask in `parameters` only when include_init_images asks for them.
     images_too = getattr(body, "include_init_images", False)
     parameters = body.model_dump(exclude={"alwayson_scripts"} | (set() if images_too else {"init_images", "mask"}))

@@ -4,7 +4,6 @@ with WebSocket progress, ViT classification, health and Prometheus metrics) over
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ from orchestrator.pipeline import Pipeline
 from orchestrator.security import SecurityMiddleware
 from orchestrator.server.errors import install_error_handlers
 from orchestrator.server.options import default_options
+from orchestrator.server.outputs import cores
 from orchestrator.server.routes import controlnet, extras, health, listings, outputs, sdapi, sdnext, tasks, ui, vit
 from orchestrator.server.settings import Settings
 
@@ -38,7 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   connect_one=lambda models: _connect_one(settings, app, models),
                                   control=settings.model_control, connect_at=lambda url: _connect(settings, app, url))
         # save_images' threads (generation.save_when_done): the engine's workers go on while a job's files are written
-        app.state.saver = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="kiln-save")
+        app.state.saver = ThreadPoolExecutor(max_workers=min(4, cores()), thread_name_prefix="kiln-save")
         try:
             yield
         finally:  # uvicorn has stopped taking requests and waited for the open ones: drain the queue, in what is

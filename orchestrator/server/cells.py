@@ -9,7 +9,6 @@ ends without starting, `stopped`); each script answers with the images made."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import random
 import uuid
@@ -36,7 +35,7 @@ from orchestrator.server.generation import (
     wait_all,
 )
 from orchestrator.server.options import answer_format
-from orchestrator.server.outputs import encoded, quietly, save_grid
+from orchestrator.server.outputs import answer_images, quietly, save_grid
 
 
 def fix_seeds(body: schemas.Txt2ImgBody) -> schemas.Txt2ImgBody:
@@ -190,6 +189,5 @@ def made_answer(request, body: schemas.Txt2ImgBody, images: list[tuple[np.ndarra
     default; side by side, outputs.encoded), the request's parameters, `details` as info."""
     parameters = body.model_dump(exclude={"alwayson_scripts", "init_images", "mask"})
     encoding = answer_format(request, body)
-    pictures = [(encoding, picture, {"parameters": parameters_text(info)}) for picture, info in images]
-    return {"images": [base64.b64encode(data).decode() for data in encoded(pictures)] if body.send_images else [],
+    return {"images": answer_images(encoding, images) if body.send_images else [],
             "parameters": parameters, "info": json.dumps(details)}

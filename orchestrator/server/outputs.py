@@ -10,6 +10,7 @@ before the hires fix and colour correction (save_images_before_*) go beside the 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import logging
@@ -163,6 +164,20 @@ def encoded(pictures: list[Encoding], memo: Encoded | None = None, shared: Colle
     return list(_encoders().map(encode, range(len(pictures))))
 
 
+def answer_images(encoding: ImageFormat, pictures: list[tuple[np.ndarray, dict | None]], memo: Encoded | None = None
+                  ) -> list[str]:
+    """An AUTOMATIC1111 answer's images: each picture base64 as `encoding` with its infotext (None: none), encoded
+    side by side (through a saving job's memo, where it has one)."""
+    return [base64.b64encode(data).decode() for data in encoded(
+        [(encoding, picture, None if info is None else {"parameters": parameters_text(info)})
+         for picture, info in pictures], memo)]
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 _ENCODERS: list[ThreadPoolExecutor] = []  # encoded's threads: made on first use, kept for the process
 _ENCODERS_LOCK = threading.Lock()
 
@@ -171,8 +186,7 @@ def _encoders() -> ThreadPoolExecutor:
     """The threads encoded works on: as many as this process may run on, up to 8."""
     with _ENCODERS_LOCK:
         if not _ENCODERS:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            _ENCODERS.append(ThreadPoolExecutor(max_workers=min(8, cores), thread_name_prefix="kiln-encode"))
+            _ENCODERS.append(ThreadPoolExecutor(max_workers=min(8, cores()), thread_name_prefix="kiln-encode"))
     return _ENCODERS[0]
 
 
