@@ -22,6 +22,7 @@ from orchestrator.server.preview import preview_png
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 log = logging.getLogger("kiln.api")
+FINAL_EVENTS = {status.value for status in FINISHED}  # a task's socket closes after one of these
 SAVE_WAIT_S = 10.0  # how long GET /v1/tasks/{id} waits for a done task's files before it answers "running"
 
 
@@ -163,6 +164,27 @@ def latest_preview(queue, job: Job, kept: dict) -> str | None:
         return None
 
 
+def final_event(job: Job) -> dict:
+    """A finished job's last event, as Job.finish emits it."""
+    event = {"event": job.status.value, "progress": job.progress, "task_id": job.id}
+    return event | {"error": str(job.error)} if job.error is not None else event
+
+
+async def next_event(events: asyncio.Queue, job: Job, wait_s: float = 1.0) -> dict:
+    """The job's next event; once it has finished and its final event has not come for a while, that event made from
+    its status. A job's status turns finished before its final event is handed over (Job.finish; a shared queue's
+    mirror reads its status from Redis before the event arrives by pub/sub, and a mirror read again after the
+    connection was away never gets it): the socket must not close on the status alone, nor wait for ever."""
+    waited_finished = 0
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), timeout=wait_s)
+        except asyncio.TimeoutError:
+            waited_finished = waited_finished + 1 if job.status in FINISHED else 0
+            if waited_finished >= 2:  # (a whole wait since it was seen finished)
+                return final_event(job)
+
+
 @router.websocket("/{task_id}/events")
 async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0):
     """Progress events as JSON: queued, started, progress (with a preview every N steps), done/failed/cancelled."""
@@ -188,17 +210,14 @@ async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0
     try:
         await websocket.send_json({"event": "state", "task_id": job.id, "status": job.status.value,
                                    "progress": job.progress, "step": job.step, "steps": job.steps})
-        while job.status not in FINISHED or not events.empty():
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                continue
+        event: dict = {}
+        while event.get("event") not in FINAL_EVENTS:
+            # (one finished before it was watched: its final event at once)
+            event = final_event(job) if job.status in FINISHED and not event else await next_event(events, job)
             if preview_every > 0 and event.get("event") == "progress" and event["step"] % preview_every == 0:
                 preview = await run_in_threadpool(latest_preview, queue, job, kept)
                 event = event | {"preview": preview} if preview is not None else event
             await websocket.send_json(event)
-            if event.get("event") in ("done", "failed", "cancelled"):
-                break
         await websocket.close()
     except WebSocketDisconnect:
         pass
