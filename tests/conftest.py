@@ -23,12 +23,20 @@ import time
 import zlib
 from pathlib import Path
 
+from kiln.machine import cores  # (no torch: it is imported after the thread share below is set)
+
 # No hub here: every lookup fails at once instead of after retries (read when huggingface_hub is imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # AOTInductor packages (and Inductor's own cache) are kept per session, not in the user's caches: every run
 # compiles what it tests, and the ~2 GB they take is removed when the session ends.
 os.environ["KILN_AOTI_CACHE"] = tempfile.mkdtemp(prefix="kiln-aoti-cache-")
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["KILN_AOTI_CACHE"], "inductor")
+# Under pytest-xdist each process takes its share of the cores (OMP_NUM_THREADS: read by torch and OpenMP, and by
+# kiln.machine.threads for the ONNX Runtime and OpenVINO sessions told 0 threads, in this process and in its Triton's
+# models): processes that each take every core wait on each other's spinning threads (on 2 cores, a fine-tune took
+# 39 s beside another such process, 21 s with a thread each). Set it yourself to run them otherwise.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and not os.environ.get("OMP_NUM_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 import numpy as np
 import pytest

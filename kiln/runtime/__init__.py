@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.errors import ConfigError
+from kiln.machine import threads as machine_threads
 
 RUNTIMES = ("onnxruntime", "openvino", "torch")
 
@@ -172,7 +173,7 @@ class Session:
         path = Path(options.path)
         if not path.exists():
             raise ConfigError(f"artifact {path} does not exist")
-        threads = options.threads or os.cpu_count() or 1
+        threads = options.threads or machine_threads()
         if options.runtime == "onnxruntime":
             import onnxruntime as ort
 

@@ -15,6 +15,7 @@ from kiln.contract import DEFAULT_MODELS, SDModels
 from kiln.embeddings import EmbeddingLibrary
 from kiln.errors import KilnError
 from kiln.lora import LoraLibrary
+from kiln.machine import cores
 from kiln.styles import StyleLibrary
 from kiln.triton_client import TritonClient
 from orchestrator.engine import Engine
@@ -23,7 +24,6 @@ from orchestrator.pipeline import Pipeline
 from orchestrator.security import SecurityMiddleware
 from orchestrator.server.errors import install_error_handlers
 from orchestrator.server.options import default_options
-from orchestrator.server.outputs import cores
 from orchestrator.server.routes import controlnet, extras, health, listings, outputs, sdapi, sdnext, tasks, ui, vit
 from orchestrator.server.settings import Settings
 

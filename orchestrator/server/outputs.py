@@ -15,7 +15,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ import numpy as np
 from kiln.errors import KilnError
 from kiln.imaging import PNG, ImageFormat
 from kiln.infotext import infotext_of, parameters_text
+from kiln.machine import cores
 from orchestrator.jobs import Job, Status
 from orchestrator.server.filenames import Naming, Picture, saved_path
 from orchestrator.server.sampler_names import schedule_label
@@ -171,11 +171,6 @@ def answer_images(encoding: ImageFormat, pictures: list[tuple[np.ndarray, dict |
     return [base64.b64encode(data).decode() for data in encoded(
         [(encoding, picture, None if info is None else {"parameters": parameters_text(info)})
          for picture, info in pictures], memo)]
-
-
-def cores() -> int:
-    """The cores this process may run on (its affinity where the system has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 _ENCODERS: list[ThreadPoolExecutor] = []  # encoded's threads: made on first use, kept for the process
