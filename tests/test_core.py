@@ -907,3 +907,30 @@ def test_openvino_telemetry_is_off_in_our_processes():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["openvino.tools.ovc.telemetry_stub", "MagicMock"]
+
+
+def test_runtimes_told_no_thread_count_take_the_processes_share(tmp_path, monkeypatch):
+    """kiln.machine.threads: OMP_NUM_THREADS where set (how processes share a machine), else every core this process
+    may run on; a session told 0 threads (a build's default) takes it, one told a count takes that."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from kiln import machine
+    from kiln.runtime import Session, SessionOptions
+
+    for unset in (None, "", "0", "-2", "many"):  # (not a count: every core)
+        if unset is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert machine.threads() == machine.cores() >= 1
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert machine.threads() == 3
+    for told, threads in ((0, 3), (1, 1)):
+        session = Session(SessionOptions("onnxruntime", tmp_path / "m.onnx", threads=told))
+        assert session._ort.get_session_options().intra_op_num_threads == threads
+        assert session.run({"x": np.ones(1, np.float32)}, ["y"])["y"] == 1

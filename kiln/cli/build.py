@@ -38,7 +38,8 @@ def add_parser(commands) -> None:
     vit.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
     _target_arguments(vit)
     vit.add_argument("--threads", type=at_least(0), default=0,
-                     help="runtime threads inside Triton, and vit_preprocess's decode pool (0: all cores)")
+                     help="runtime threads inside Triton, and vit_preprocess's decode pool (0: OMP_NUM_THREADS "
+                     "where the server sets it, else every core it may use)")
     vit.add_argument("--jpeg-draft", action="store_true",
                      help="vit_preprocess decodes a JPEG of at least twice the resize target at 1/2, 1/4 or 1/8 scale "
                           "(libjpeg's DCT scaling: a 12 MP photo's decode is several times faster), then resizes as "
@@ -92,7 +93,8 @@ def add_parser(commands) -> None:
                     help="the image side the profiles are tuned for (default: the checkpoint's own, 512 for SD 1.x, "
                          "768 for SD 2.x's v models)")
     sd.add_argument("--max-size", type=at_least(1), default=1024, help="largest image side the build serves (pixels)")
-    sd.add_argument("--threads", type=at_least(0), default=0, help="runtime threads inside Triton (0: all cores)")
+    sd.add_argument("--threads", type=at_least(0), default=0,
+                    help="runtime threads inside Triton (0: OMP_NUM_THREADS where the server sets it, else every core)")
     sd.add_argument("--step-queue-delay-us", type=at_least(0), default=0,
                     help="how long the UNet and ControlNet models wait for batching partners (default: none; the "
                          "service's step batcher merges the steps of concurrent requests, a wait only slows each "
@@ -123,7 +125,9 @@ def add_parser(commands) -> None:
                           help=".safetensors or .pth (read weights-only: no code runs), e.g. 4x-UltraSharp.pth")
     upscaler.add_argument("--name", help="what requests call it (default: the file's name without its extension)")
     upscaler.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
-    upscaler.add_argument("--threads", type=at_least(0), default=0, help="runtime threads inside Triton (0: all cores)")
+    upscaler.add_argument("--threads", type=at_least(0), default=0,
+                          help="runtime threads inside Triton (0: OMP_NUM_THREADS where the server sets it, else every "
+                          "core)")
     upscaler.set_defaults(run=run_upscaler)
 
 

@@ -63,7 +63,7 @@ class SessionOptions:
     runtime: str  # onnxruntime or openvino
     path: Path  # .onnx or .xml
     inference_precision: str = "f32"  # OpenVINO's INFERENCE_PRECISION_HINT: f32 or bf16 (this CPU defaults to bf16)
-    threads: int = 0  # 0: all cores
+    threads: int = 0  # 0: kiln.machine.threads (OMP_NUM_THREADS where set, else every core it may use)
     performance_hint: str = "LATENCY"  # OpenVINO; on 2 cores LATENCY beats THROUGHPUT for synchronous calls
     device: str = "cpu"  # torch: cpu or cuda:N (the Triton instance's GPU)
     graph_batches: tuple[int, ...] = ()  # torch on CUDA: batch sizes that replay a CUDA graph ...

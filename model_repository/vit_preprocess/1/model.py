@@ -3,12 +3,12 @@
 Its output is `pixel_values` (float32, scaled), or, where its config's `scaled` is "false", `pixels`: the uint8 image
 resized and cropped, which the `vit` model scales (a quarter of the bytes through Triton and onto a GPU).
 
-The images of one execute() call (every request Triton's batcher gathered) are decoded and transformed side by side
-on a pool of `threads` threads (0: all cores): PIL decodes and resizes without the GIL, and on a GPU server this
-model, not the ViT, sets the JPEG path's images/s. One response per request; a bad image fails its own request with
-a message, never the batch. With `decode` "torch" (kiln build vit --decode torch) the batch's JPEGs are decoded
-together by torchvision on the instance's device (nvJPEG on a GPU) and resized there (kiln.runtime.torch_decode), and
-the uint8 pixels stay there, handed to `vit` through DLPack.
+The images of one execute() call (every request Triton's batcher gathered) are decoded and transformed side by side on a
+pool of `threads` threads (0: kiln.machine.threads, OMP_NUM_THREADS or every core): PIL decodes and resizes without the
+GIL, and on a GPU server this model, not the ViT, sets the JPEG path's images/s. One response per request; a bad image
+fails its own request with a message, never the batch. With `decode` "torch" (kiln build vit --decode torch) the batch's
+JPEGs are decoded together by torchvision on the instance's device (nvJPEG on a GPU) and resized there
+(kiln.runtime.torch_decode), and the uint8 pixels stay there, handed to `vit` through DLPack.
 """
 
 import os
@@ -26,6 +26,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kiln.imaging import EvalTransform, ImageLimits, preprocess_or_message
+from kiln.machine import threads as machine_threads
 from kiln.runtime import model_config
 from kiln.runtime.model import error_response
 
@@ -39,7 +40,7 @@ class TritonPythonModel:
         self.jpeg_draft = params.get("jpeg_draft", "false") == "true"  # kiln build vit --jpeg-draft
         self.scaled = params.get("scaled", "true") == "true"
         self.output = "pixel_values" if self.scaled else "pixels"
-        threads = int(params.get("threads", "0")) or os.cpu_count() or 1
+        threads = int(params.get("threads", "0")) or machine_threads()
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="vit_preprocess") if threads > 1 else None
         self.decoder = None
         if params.get("decode", "pil") == "torch":
