@@ -293,9 +293,14 @@ def test_images_are_saved_off_the_engines_workers_before_the_answer_and_encoded_
         assert job.status.value == "done" and threads[0].startswith("kiln-save") and not queue.running()
         time.sleep(0.5)
         assert not answer.done()  # the answer waits for the files
+        # /sdapi/v1/progress still shows it (AUTOMATIC1111 writes its files inside the job), done with its steps
+        shown = client.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()
+        assert shown["state"]["job"] == f"task({job.id})" and shown["state"]["job_count"] == 1, shown
+        assert shown["progress"] == 1.0 and shown["eta_relative"] == 0
         gate.set()
         answer = answer.result(60)
         assert answer.status_code == 200, answer.text
+        assert client.get("/sdapi/v1/progress").json()["state"]["job"] == ""  # and no more once they are written
         # each picture (the grid first) the file's very bytes, encoded once: 2 images and the grid
         written = sorted(set(api.outputs.glob("*-*/*/*.png")) - before, key=lambda p: ("grids" not in str(p), p))
         assert [base64.b64decode(b64) for b64 in answer.json()["images"]] == [p.read_bytes() for p in written]

@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                   control=settings.model_control, connect_at=lambda url: _connect(settings, app, url))
         # save_images' threads (generation.save_when_done): the engine's workers go on while a job's files are written
         app.state.saver = ThreadPoolExecutor(max_workers=min(4, cores()), thread_name_prefix="kiln-save")
+        app.state.saving = set()  # the done jobs whose files are being written (/sdapi/v1/progress still shows them)
         try:
             yield
         finally:  # uvicorn has stopped taking requests and waited for the open ones: drain the queue, in what is

@@ -144,16 +144,20 @@ def save_when_done(request: Request, job: Job, outputs: Outputs, grid: bool) -> 
     written: Future = Future()
     # (after engine.submit: a shared queue has pickled the job's context by then, and these cannot be pickled)
     job.context.update(saved=written, encoded=Encoded())
-    saver = request.app.state.saver  # (the callbacks stay with the job: they keep the saver, not the request)
+    # (the callbacks stay with the job: they keep the saver and the set, not the request)
+    saver, in_progress = request.app.state.saver, request.app.state.saving
 
     def save() -> None:
         try:
             save_logged(job, outputs, grid)
         finally:
+            in_progress.discard(job)
             if not written.done():
                 written.set_result(None)
 
     def start(_done: Future) -> None:
+        if job.status == Status.DONE:  # (a failed or cancelled job has nothing to write)
+            in_progress.add(job)
         try:
             saver.submit(save)
         except Exception:  # noqa: BLE001 - (RuntimeError: the saving threads have stopped, the server is closing)

@@ -33,6 +33,7 @@ from orchestrator.server.generation import (
     option_updates,
     own,
     response,
+    saving,
     served_contract,
     submit,
     wait_for,
@@ -52,9 +53,14 @@ async def own_running(request: Request) -> list[Job]:
     return [job for job in await run_in_threadpool(engine(request).queue.running) if own(request, job, "sdapi")]
 
 
-async def current_job(request: Request) -> Job | None:
-    """AUTOMATIC1111's current image: the caller's oldest running job (what /progress shows and /skip ends)."""
-    return min(await own_running(request), key=lambda job: job.started or 0, default=None)
+async def current_job(request: Request, with_saving: bool = False) -> Job | None:
+    """AUTOMATIC1111's current image: the caller's oldest running job (what /progress shows and /skip ends).
+    with_saving (/progress): where none runs, a done one whose files are being written (AUTOMATIC1111 writes them
+    inside its job, before it answers; here on the orchestrator that took its request)."""
+    jobs = await own_running(request)
+    if with_saving and not jobs:
+        jobs = [job for job in list(request.app.state.saving) if own(request, job, "sdapi")]
+    return min(jobs, key=lambda job: job.started or 0, default=None)
 
 
 async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> dict:
@@ -96,12 +102,12 @@ async def progress(request: Request, skip_current_image: bool = False,
     if id_task and not own(request, job, "sdapi"):  # never another task's progress in its place
         raise NotFoundError(f"unknown task {id_task!r} (finished tasks are forgotten after a while)")
     if job is None:
-        job = await current_job(request)
+        job = await current_job(request, with_saving=True)
     if job is None:
         return schemas.ProgressResponse(progress=0.0, eta_relative=0.0, state=schemas.ProgressState())
     state = schemas.ProgressState(
         skipped=job.skipped, interrupted=job.interrupted, job=f"task({job.id})",
-        job_count=job.n_iter if job.status not in FINISHED else 0,
+        job_count=job.n_iter if job.status not in FINISHED or saving(job) else 0,
         job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)), job_no=job.iteration,
         sampling_step=job.step, sampling_steps=job.steps)
     current = None
