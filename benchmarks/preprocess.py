@@ -4,7 +4,7 @@ against one thread, with `--jpeg-draft` (large JPEGs decoded reduced), and with 
 On a GPU server the ViT classifies a batch of 256 in milliseconds, and decoding and transforming the JPEGs (about
 5 ms each on one core for the samples, 150 ms for a 12 MP photo) is what sets `vit_classify`'s images/s. This
 benchmark serves the model four times in one Triton, as the ViT build writes it: `vit_preprocess` with its pool
-(`threads` 0: all cores), `serial--vit_preprocess` with `threads` 1, `draft--vit_preprocess` with its pool and
+(`threads` 0: every core), `serial--vit_preprocess` with `threads` 1, `draft--vit_preprocess` with its pool and
 `jpeg_draft`, and `torch--vit_preprocess` decoding with torchvision (`decode` torch: on a CPU libjpeg-turbo and
 torch's resize on its threads; on a GPU, nvJPEG). It sends them the same batches, alternating, of each set of photos:
 the samples as shipped, and the samples resized to each `--photo-sizes` size (a phone's 12 MP by default) and saved
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from benchmarks.load import bar_chart, machine, machine_line, write_results
 from kiln import contract as names
+from kiln.machine import cores
 
 if TYPE_CHECKING:
     from kiln.imaging import EvalTransform
@@ -91,7 +92,6 @@ def photo_sets(sizes: tuple[tuple[int, int], ...]) -> dict[str, list[bytes]]:
 
 
 def run_preprocess_benchmark(options: PreprocessBenchOptions, log=print) -> dict:
-    import os
 
     from build.parity import psnr
     from kiln.triton_client import TritonClient
@@ -141,7 +141,7 @@ def run_preprocess_benchmark(options: PreprocessBenchOptions, log=print) -> dict
         base = next(r for r in rows if (r["photos"], r["batch"], r["arm"]) == (row["photos"], row["batch"], BASELINE))
         row["vs_one_thread"] = round(row["images_per_s"] / base["images_per_s"], 3)
     result = {"benchmark": "preprocess", "calls": options.calls, "rows": rows, "machine": machine(),
-              "pool_threads": os.cpu_count(),
+              "pool_threads": cores(),
               "photos": {name: f"{len(photos)} JPEGs, cycled" for name, photos in sets.items()}}
     write_results(out / "preprocess", result, markdown_table, plot, log)
     return result

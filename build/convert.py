@@ -260,9 +260,9 @@ def _float16(source: Path, target: Path) -> None:
 
 
 def check_threads(threads: int) -> None:
-    """The runtime threads a build writes into its models' configs (0: all cores)."""
+    """The runtime threads a build writes into its models' configs (0: decided where it runs, kiln.machine.threads)."""
     if threads < 0:
-        raise ConfigError(f"--threads must be at least 0 (0: all cores), got {threads}")
+        raise ConfigError(f"--threads must be at least 0 (0: decided where it runs), got {threads}")
 
 
 def open_session(variant: Variant, path: Path, threads: int = 0, byte_inputs=None):

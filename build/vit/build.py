@@ -57,7 +57,7 @@ class ViTBuildOptions:
     # for devices that need fixed shapes (NPU); (): dynamic batches
     static_sizes: tuple[tuple[int, int], ...] = ()
     max_queue_delay_us: int = 2000
-    threads: int = 0  # runtime threads inside Triton, and vit_preprocess's decode pool; 0: all cores
+    threads: int = 0  # runtime threads inside Triton, and vit_preprocess's decode pool; 0: where it runs
     jpeg_draft: bool = False  # vit_preprocess decodes large JPEGs reduced (libjpeg's DCT scaling), near timm's pixels
     pixel_wire: str = "auto"  # how vit_preprocess hands images to vit: uint8, float32, auto (build.vit.configs)
     decode: str = "pil"  # vit_preprocess's JPEG decode: pil (a thread pool) or torch (torchvision, nvJPEG on a GPU)

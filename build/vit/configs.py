@@ -103,7 +103,7 @@ def vit_model_configs(options: ViTBuildOptions, transform: EvalTransform,
         kind="KIND_GPU" if on_gpu and options.decode == "torch" else "KIND_CPU",  # nvJPEG on the GPU vit runs on
         parameters={"transform": transform.to_json(), "default_layer": str(facts["blocks"] - 1),
                     "max_pixels": str(ImageLimits().max_pixels), "min_side": str(ImageLimits().min_side),
-                    "threads": str(options.threads),  # its decode pool (0: all cores)
+                    "threads": str(options.threads),  # its decode pool (0: every core it may use)
                     "jpeg_draft": str(options.jpeg_draft).lower(),  # JPEGs decoded reduced (kiln.imaging.preprocess)
                     "scaled": str(wire is not pixels).lower(),  # false: uint8 `pixels` out, scaled by `vit`
                     **({"decode": "torch"} if options.decode == "torch" else {})},  # kiln.runtime.torch_decode

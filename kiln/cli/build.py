@@ -38,8 +38,8 @@ def add_parser(commands) -> None:
     vit.add_argument("--repo", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
     _target_arguments(vit)
     vit.add_argument("--threads", type=at_least(0), default=0,
-                     help="runtime threads inside Triton, and vit_preprocess's decode pool (0: OMP_NUM_THREADS "
-                     "where the server sets it, else every core it may use)")
+                     help="runtime threads inside Triton (0: OMP_NUM_THREADS where the server sets it, else every "
+                     "core it may use), and vit_preprocess's decode pool (0: every core)")
     vit.add_argument("--jpeg-draft", action="store_true",
                      help="vit_preprocess decodes a JPEG of at least twice the resize target at 1/2, 1/4 or 1/8 scale "
                           "(libjpeg's DCT scaling: a 12 MP photo's decode is several times faster), then resizes as "

@@ -4,7 +4,7 @@ Its output is `pixel_values` (float32, scaled), or, where its config's `scaled` 
 resized and cropped, which the `vit` model scales (a quarter of the bytes through Triton and onto a GPU).
 
 The images of one execute() call (every request Triton's batcher gathered) are decoded and transformed side by side on a
-pool of `threads` threads (0: kiln.machine.threads, OMP_NUM_THREADS or every core): PIL decodes and resizes without the
+pool of `threads` threads (0: every core it may use; PIL's threads do not spin): PIL decodes and resizes without the
 GIL, and on a GPU server this model, not the ViT, sets the JPEG path's images/s. One response per request; a bad image
 fails its own request with a message, never the batch. With `decode` "torch" (kiln build vit --decode torch) the batch's
 JPEGs are decoded together by torchvision on the instance's device (nvJPEG on a GPU) and resized there
@@ -26,7 +26,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kiln.imaging import EvalTransform, ImageLimits, preprocess_or_message
-from kiln.machine import threads as machine_threads
+from kiln.machine import cores
 from kiln.runtime import model_config
 from kiln.runtime.model import error_response
 
@@ -40,7 +40,7 @@ class TritonPythonModel:
         self.jpeg_draft = params.get("jpeg_draft", "false") == "true"  # kiln build vit --jpeg-draft
         self.scaled = params.get("scaled", "true") == "true"
         self.output = "pixel_values" if self.scaled else "pixels"
-        threads = int(params.get("threads", "0")) or machine_threads()
+        threads = int(params.get("threads", "0")) or cores()
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="vit_preprocess") if threads > 1 else None
         self.decoder = None
         if params.get("decode", "pil") == "torch":
