@@ -313,6 +313,8 @@ def test_images_are_saved_off_the_engines_workers_before_the_answer_and_encoded_
             time.sleep(0.02)
         assert max(queue.jobs(), key=lambda job: job.created).status.value == "done"
         assert client.get("/v1/tasks").json()["tasks"][0]["status"] == "running"  # (while its files are written)
+        for refused in (client.delete(f"/v1/tasks/{task}"), client.post(f"/v1/tasks/{task}/skip")):
+            assert refused.status_code == 409 and "its images are being written" in refused.json()["detail"]
         state = pool.submit(client.get, f"/v1/tasks/{task}")
         time.sleep(0.3)
         assert not state.done()

@@ -97,6 +97,15 @@ def summary(queue, job: Job) -> dict:
             "interrupted": job.interrupted}
 
 
+def writing(job: Job) -> str:
+    """What a 409 adds for a done task that GET still shows running."""
+    return " (its images are being written)" if job.status == Status.DONE and saving(job) else ""
+
+
+def finished(job: Job) -> APIError:
+    return APIError(409, "finished", f"task {job.id} already {job.status.value}{writing(job)}")
+
+
 async def find(request: Request, task_id: str) -> Job:
     job = await run_in_threadpool(engine(request).queue.get, task_id)
     if not own(request, job, "tasks"):
@@ -117,7 +126,7 @@ async def get_task(request: Request, task_id: str):
 async def cancel_task(request: Request, task_id: str):
     job = await find(request, task_id)
     if job.status in FINISHED:
-        raise APIError(409, "finished", f"task {task_id} already {job.status.value}")
+        raise finished(job)
     await run_in_threadpool(engine(request).queue.cancel, job)
     return {"id": job.id, "status": "cancelling" if job.status == Status.RUNNING else job.status.value}
 
@@ -128,7 +137,7 @@ async def interrupt_task(request: Request, task_id: str):
     at: the task ends done); one still queued ends without starting; a script's other cells with it."""
     job = await find(request, task_id)
     if job.status in FINISHED:
-        raise APIError(409, "finished", f"task {task_id} already {job.status.value}")
+        raise finished(job)
     await run_in_threadpool(engine(request).queue.interrupt, job)
     await cells.interrupt_scripts(request, [job])
     return {"id": job.id, "status": "interrupting"}
@@ -140,7 +149,8 @@ async def skip_task(request: Request, task_id: str):
     next run."""
     job = await find(request, task_id)
     if job.status != Status.RUNNING:
-        raise APIError(409, "not_running", f"task {task_id} is {job.status.value}; skip ends a running task's image")
+        raise APIError(409, "not_running", f"task {task_id} is {job.status.value}{writing(job)}; skip ends a running "
+                                           "task's image")
     await run_in_threadpool(engine(request).queue.skip, job)
     return {"id": job.id, "status": "skipping"}
 
