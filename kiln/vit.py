@@ -112,5 +112,7 @@ class ViTClient:
         return self._map(one, images)
 
     def _map(self, fn, items):
+        if len(items) == 1:  # (a pool of one thread made and joined for each single image: here, then)
+            return [fn(items[0])]
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(items)))) as pool:
             return list(pool.map(fn, items))

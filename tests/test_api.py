@@ -1270,6 +1270,35 @@ def test_a_tasks_socket_gets_its_final_event_though_the_status_came_first():
 
 
 # -- ViT ------------------------------------------------------------------------------------------
+def test_classify_is_503_once_triton_no_longer_serves_the_vit(vit_repo, tmp_path, monkeypatch):
+    """Whether Triton serves vit_classify is asked at most once a second while it does (routes.vit.served; here
+    never again, to reach the path): a model unloaded meanwhile fails the request's images, and the API asks again and
+    answers 503, not 200 with an error per image."""
+    from dataclasses import replace
+
+    from kiln.triton_client import TritonClient
+    from kiln.triton_server import TritonOptions, TritonServer
+    from orchestrator.server.routes import vit
+
+    monkeypatch.setattr(vit, "READY_FOR_S", 3600.0)
+    options = TritonOptions.on_free_ports(vit_repo, tmp_path / "triton.log", exit_timeout_s=5)
+    body = {"images": [_b64(_png())], "top_k": 2}
+    with TritonServer(replace(options, load_models=tuple(sorted(p.name for p in vit_repo.iterdir())))) as server:
+        api = LiveAPI(Settings(triton_url=server.grpc_url, port=free_port()))
+        try:
+            with api.client() as c:
+                assert c.post("/v1/classify", json=body).status_code == 200
+                control = TritonClient(server.grpc_url)
+                control.unload_model("vit_classify")
+                control.close()
+                gone = c.post("/v1/classify", json=body)
+                assert gone.status_code == 503 and gone.headers["retry-after"] == "5", gone.text
+                assert "not being served" in gone.json()["detail"]
+                assert c.post("/v1/embed", json={"images": body["images"]}).status_code == 200  # (its own model)
+        finally:
+            api.stop()
+
+
 def test_classify_and_embed_base64_and_multipart(client):
     photo = (PROJECT / "assets" / "images").glob("*.jpg")
     photo = next(photo).read_bytes()

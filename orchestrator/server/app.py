@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.embeddings = EmbeddingLibrary(settings.embeddings_dir)
     app.state.loras = LoraLibrary(settings.loras_dir)
     app.state.vit = {}  # the ViT clients by Triton, made on first use
+    app.state.vit_ready = {}  # (Triton, model) -> until when it is taken as served (routes.vit.served)
     app.state.scripts = {}  # the scripts running here: id -> {"client", "interrupted"} (orchestrator.server.cells)
     # Readiness checks, per Triton; `probe`: the first one's
     app.state.probes = {url: TritonClient(url, "grpc", timeout_s=2) for url in settings.triton_urls}

@@ -3,6 +3,7 @@ alone."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,6 +20,7 @@ from orchestrator.server.inputs import decode_b64
 
 router = APIRouter(prefix="/v1", tags=["vit"])
 MAX_IMAGES = 64  # per request
+READY_FOR_S = 1.0  # how long a model Triton said it serves is taken as served (served)
 
 OPENAPI = {"requestBody": {"content": {
     "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
@@ -79,15 +81,33 @@ def _readable(images: list[tuple[str, bytes]], max_pixels: int) -> tuple[list[tu
     return good, errors
 
 
+async def served(request: Request, client: ViTClient, model: str, fresh: bool = False) -> bool:
+    """Whether Triton serves `model`: asked again at most once a second while it does (a readiness call before each
+    classification was a second round trip to Triton per request; benchmarks.classify_api), at once while it does
+    not, or where `fresh`."""
+    known, key, now = request.app.state.vit_ready, (client.url, model), time.monotonic()
+    if not fresh and known.get(key, 0.0) > now:
+        return True
+    ready = await run_in_threadpool(client.is_ready, model)
+    known[key] = now + READY_FOR_S if ready else 0.0
+    return ready
+
+
 async def run_vit(request: Request, endpoint: str, model: str, images: list, call) -> list[dict]:
-    """Results in the images' order; an image whose header is unreadable gets its error without reaching Triton."""
+    """Results in the images' order; an image whose header is unreadable gets its error without reaching Triton.
+    503 where Triton does not serve the model (asked again where every image failed: it may have gone since)."""
     good, errors = await run_in_threadpool(_readable, images, request.app.state.settings.limits.max_image_pixels)
     client = vit_client(request)
-    if not await run_in_threadpool(client.is_ready, model):
+    answered = None
+    if await served(request, client, model):
+        answered = await run_in_threadpool(call, client, good) if good else []
+        if answered and all(result.error for result in answered) and not await served(request, client, model, True):
+            answered = None
+    if answered is None:
         count(request, endpoint, "503")
         raise APIError(503, "unavailable", "the ViT models are not being served by Triton (build them with "
                                            "`kiln build vit`)", {"Retry-After": "5"})
-    results = iter(await run_in_threadpool(call, client, good) if good else [])
+    results = iter(answered)
     count(request, endpoint, "200")
     return [{"image": name, "error": errors[index]} if index in errors else next(results).as_dict()
             for index, (name, _) in enumerate(images)]
