@@ -21,3 +21,17 @@ def test_the_script_benchmarks_run_on_the_tiny_pipeline(model_repo, tmp_path):
     assert "| Loopback, 2 chains x 2 loops |" in scripts.table(timed)
     scripts.plot(timed, tmp_path / "scripts.png")
     assert (tmp_path / "scripts.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_classify_api_benchmark_runs_on_the_tiny_vit(tmp_path):
+    from benchmarks.classify_api import ARMS, ClassifyBenchOptions, run_classify_benchmark
+
+    result = run_classify_benchmark(ClassifyBenchOptions(out=tmp_path, clients=(1, 2), requests_per_client=3,
+                                                         rounds=1), log=lambda _m: None)
+    rows = {(r["clients"], r["arm"]): r for r in result["rows"]}
+    assert set(rows) == {(n, arm) for n in (1, 2) for arm in ARMS}  # every answer checked by the benchmark itself
+    assert all(row["requests"] == 3 * n and row["images_per_s"] > 0 for (n, _), row in rows.items())
+    assert rows[(2, "triton")]["images_per_s_vs_triton"] == 1.0 and rows[(2, "api")]["p50_vs_triton"] > 0
+    assert "| 2 | api | 6 |" in (tmp_path / "classify-api.md").read_text()
+    assert (tmp_path / "classify-api.png").stat().st_size > 10_000
