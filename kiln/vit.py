@@ -6,6 +6,7 @@ batches, and a bad image fails alone (its result carries the error).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,6 +63,10 @@ class ViTClient:
         self.url, self.protocol = self.triton.url, protocol
         self.concurrency = concurrency
         self._blocks: int | None = None
+        # many images' calls: on threads kept for the client's life, as each thread's gRPC connection is (a pool made
+        # per call opened new connections to Triton for every request)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def blocks(self) -> int:
         """The served ViT's depth (12 for ViT-B/16, 24 for ViT-L): `layer` is 0..blocks-1, or negative from the end."""
@@ -112,7 +117,17 @@ class ViTClient:
         return self._map(one, images)
 
     def _map(self, fn, items):
-        if len(items) == 1:  # (a pool of one thread made and joined for each single image: here, then)
-            return [fn(items[0])]
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(items)))) as pool:
-            return list(pool.map(fn, items))
+        if len(items) <= 1:  # on the caller's thread, and its connection
+            return [fn(item) for item in items]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency), thread_name_prefix="kiln-vit")
+        return list(self._pool.map(fn, items))
+
+    def close(self) -> None:
+        """Its threads (and their connections to Triton) and its shared-memory regions."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        self.triton.close()

@@ -48,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             left = max(0.0, settings.drain_timeout_s - (time.monotonic() - started))
             await run_in_threadpool(app.state.engine.close, left)
             await run_in_threadpool(app.state.saver.shutdown, True)
+            for client in list(app.state.vit.values()):  # their threads and connections
+                await run_in_threadpool(client.close)
 
     app = FastAPI(title="kiln", version="0.1.0", lifespan=lifespan,
                   description="Stable Diffusion and ViT served on Triton: AUTOMATIC1111/SD.Next-compatible API, "
