@@ -46,7 +46,7 @@ test: $(STAMP)
 	bash scripts/setup_system.sh browser
 	$(PYTEST)
 
-# The inner loop: no Triton, no export (5 min on 2 cores, 11 with TEST_WORKERS=1).
+# The inner loop: no Triton, no export (3 min on 2 cores, 2026-12-07).
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"
 
