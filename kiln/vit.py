@@ -54,6 +54,9 @@ class Embedding:
         return out
 
 
+POOL_THREADS = 64  # a ViTClient's threads for many images' calls, all its calls together (each its own connection)
+
+
 class ViTClient:
     """A small, thread-safe client for the two ViT ensembles."""
 
@@ -64,7 +67,7 @@ class ViTClient:
         self.concurrency = concurrency
         self._blocks: int | None = None
         # many images' calls: on threads kept for the client's life, as each thread's gRPC connection is (a pool made
-        # per call opened new connections to Triton for every request)
+        # per call opened new connections to Triton for every request), up to POOL_THREADS for all calls at once
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -117,12 +120,28 @@ class ViTClient:
         return self._map(one, images)
 
     def _map(self, fn, items):
+        """fn of each item, at most `concurrency` of this call's at a time (Triton's batcher gathers the images of
+        concurrent calls, so they are not capped together below POOL_THREADS)."""
         if len(items) <= 1:  # on the caller's thread, and its connection
             return [fn(item) for item in items]
         with self._pool_lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=max(1, self.concurrency), thread_name_prefix="kiln-vit")
-        return list(self._pool.map(fn, items))
+                self._pool = ThreadPoolExecutor(max_workers=max(POOL_THREADS, self.concurrency),
+                                                thread_name_prefix="kiln-vit")
+            pool = self._pool
+        slots = threading.Semaphore(max(1, self.concurrency))
+
+        def one(item):
+            try:
+                return fn(item)
+            finally:
+                slots.release()
+
+        futures = []
+        for item in items:
+            slots.acquire()
+            futures.append(pool.submit(one, item))
+        return [future.result() for future in futures]
 
     def close(self) -> None:
         """Its threads (and their connections to Triton) and its shared-memory regions."""
