@@ -1,6 +1,7 @@
 """`python -m benchmarks.classify_api`: what the API adds to a classification. `POST /v1/classify` (JSON, one base64
-JPEG a request) against the same JPEG sent straight to Triton's `vit_classify` (kiln.vit.ViTClient over gRPC), at
-1, 4 and 16 concurrent clients sending back to back, the arms alternating at each concurrency.
+JPEG a request, or `--images N`) against the same JPEGs sent straight to Triton's `vit_classify` (a kiln.vit.ViTClient
+over gRPC for each benchmark client), at 1, 4 and 16 concurrent clients sending back to back, the arms alternating at
+each concurrency.
 
 The tests' tiny ViT (ViT-B/16's architecture 64 wide, seeded random, ONNX Runtime fp32) keeps the model's own time
 small, so that what the API layer costs shows: HTTP and JSON, the base64, the image's header check, the API's thread

@@ -70,6 +70,7 @@ class ViTClient:
         # per call opened new connections to Triton for every request), up to POOL_THREADS for all calls at once
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._closed = False
 
     def blocks(self) -> int:
         """The served ViT's depth (12 for ViT-B/16, 24 for ViT-L): `layer` is 0..blocks-1, or negative from the end."""
@@ -120,33 +121,42 @@ class ViTClient:
         return self._map(one, images)
 
     def _map(self, fn, items):
-        """fn of each item, at most `concurrency` of this call's at a time (Triton's batcher gathers the images of
-        concurrent calls, so they are not capped together below POOL_THREADS)."""
+        """fn of each item, in order: at most `concurrency` of a call's at a time, each run by one of `concurrency`
+        runners on the client's kept threads (Triton's batcher gathers the images of concurrent calls, so these are
+        not capped together below POOL_THREADS)."""
+        items = list(items)
         if len(items) <= 1:  # on the caller's thread, and its connection
             return [fn(item) for item in items]
         with self._pool_lock:
+            if self._closed:
+                raise KilnError("this ViT client is closed")
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=max(POOL_THREADS, self.concurrency),
                                                 thread_name_prefix="kiln-vit")
             pool = self._pool
-        slots = threading.Semaphore(max(1, self.concurrency))
+        results: list = [None] * len(items)
+        order, taking = iter(range(len(items))), threading.Lock()
 
-        def one(item):
-            try:
-                return fn(item)
-            finally:
-                slots.release()
+        def runner() -> None:
+            while True:
+                with taking:
+                    index = next(order, None)
+                if index is None:
+                    return
+                results[index] = fn(items[index])
 
-        futures = []
-        for item in items:
-            slots.acquire()
-            futures.append(pool.submit(one, item))
-        return [future.result() for future in futures]
+        try:
+            runners = [pool.submit(runner) for _ in range(min(self.concurrency, len(items)))]
+        except RuntimeError:  # closed meanwhile (the server shutting down)
+            raise KilnError("this ViT client is closed") from None
+        for running in runners:
+            running.result()
+        return results
 
     def close(self) -> None:
         """Its threads (and their connections to Triton) and its shared-memory regions."""
         with self._pool_lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._closed = self._pool, None, True
         if pool is not None:
             pool.shutdown(wait=True)
         self.triton.close()

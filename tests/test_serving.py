@@ -442,3 +442,43 @@ def test_stop_ends_what_a_killed_server_left_in_its_process_group():
         for pid in _living_group(leader.pid):
             os.kill(pid, signal.SIGKILL)
     _kill_group(leader.pid)  # an empty group is no error
+
+
+def test_a_clients_many_images_run_on_its_kept_threads_at_most_concurrency_at_once():
+    """ViTClient._map (the work of classify/embed for many images; no Triton needed: the work here is a function):
+    results in the items' order, at most `concurrency` of a call in flight, on threads the client keeps between calls
+    (each keeps its gRPC connection), an error raised to the caller, and a closed client says so."""
+    import threading
+
+    from kiln.errors import KilnError
+
+    client = ViTClient("127.0.0.1:1", concurrency=3)
+    lock, running, most, seen = threading.Lock(), [0], [0], set()
+
+    def work(item: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            seen.add(threading.current_thread())
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return item * 2
+
+    assert client._map(work, list(range(12))) == [i * 2 for i in range(12)]
+    assert most[0] == 3 and all(t.name.startswith("kiln-vit") for t in seen) and len(seen) == 3
+    first = set(seen)
+    time.sleep(0.2)  # (its threads idle again)
+    assert client._map(work, list(range(12))) == [i * 2 for i in range(12)]
+    assert seen == first  # the same threads again
+    assert client._map(work, [5]) == [10] and threading.current_thread() in seen  # one item: on the caller's thread
+
+    def fails(item: int) -> int:
+        raise ValueError(f"item {item}")
+
+    with pytest.raises(ValueError, match="item 0"):
+        client._map(fails, [0, 1])
+    client.close()
+    assert all(not t.is_alive() for t in first)
+    with pytest.raises(KilnError, match="closed"):
+        client._map(work, [1, 2])

@@ -46,10 +46,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # left of the drain's time (it started when uvicorn stopped accepting; service.run_api), then the saves
             started = getattr(app.state, "draining_since", None) or time.monotonic()
             left = max(0.0, settings.drain_timeout_s - (time.monotonic() - started))
-            await run_in_threadpool(app.state.engine.close, left)
-            await run_in_threadpool(app.state.saver.shutdown, True)
-            for client in list(app.state.vit.values()):  # their threads and connections
-                await run_in_threadpool(client.close)
+            try:
+                await run_in_threadpool(app.state.engine.close, left)
+                await run_in_threadpool(app.state.saver.shutdown, True)
+            finally:
+                for client in list(app.state.vit.values()):  # their threads and connections
+                    await run_in_threadpool(client.close)
 
     app = FastAPI(title="kiln", version="0.1.0", lifespan=lifespan,
                   description="Stable Diffusion and ViT served on Triton: AUTOMATIC1111/SD.Next-compatible API, "
