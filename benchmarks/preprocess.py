@@ -92,7 +92,6 @@ def photo_sets(sizes: tuple[tuple[int, int], ...]) -> dict[str, list[bytes]]:
 
 
 def run_preprocess_benchmark(options: PreprocessBenchOptions, log=print) -> dict:
-
     from build.parity import psnr
     from kiln.triton_client import TritonClient
     from kiln.triton_server import TritonOptions, TritonServer

@@ -105,12 +105,14 @@ class Job:
             except Exception:  # noqa: BLE001 - a broken listener (closed socket) must not stop the job
                 pass
 
+    def final_event(self) -> dict:
+        """A finished job's last event (done, failed or cancelled), made from its state."""
+        event = {"event": self.status.value, "progress": self.progress, "task_id": self.id}
+        return event | {"error": str(self.error)} if self.error is not None else event
+
     def finish(self, status: Status, error: KilnError | None = None) -> None:
         self.status, self.error, self.finished = status, error, time.time()
-        event = {"event": status.value, "progress": self.progress}
-        if error is not None:
-            event["error"] = str(error)
-        self.emit(event)
+        self.emit(self.final_event())
         if not self.future.done():
             self.future.set_result(self)
 

@@ -25,6 +25,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kiln.errors import InputError, KilnError
+from kiln.machine import cores
 from kiln.runtime import ByteScale, Session, SessionOptions, model_config, ov_cache_dir, session_device
 
 
@@ -65,7 +66,7 @@ class RuntimeModel:
         if os.environ.get("KILN_EXECUTE_TIMING"):
             self.timing = open(os.environ["KILN_EXECUTE_TIMING"], "a", buffering=1)  # open for the model's life
             torch = sys.modules.get("torch")  # loaded by a torch artifact's session only
-            self._log_timing({"event": "initialize", "cpus": len(os.sched_getaffinity(0)),
+            self._log_timing({"event": "initialize", "cpus": cores(),
                               "torch_threads": torch.get_num_threads() if torch else None})
 
     def _log_timing(self, record: dict) -> None:

@@ -174,12 +174,6 @@ def latest_preview(queue, job: Job, kept: dict) -> str | None:
         return None
 
 
-def final_event(job: Job) -> dict:
-    """A finished job's last event, as Job.finish emits it."""
-    event = {"event": job.status.value, "progress": job.progress, "task_id": job.id}
-    return event | {"error": str(job.error)} if job.error is not None else event
-
-
 async def next_event(events: asyncio.Queue, job: Job, wait_s: float = 1.0) -> dict:
     """The job's next event; once it has finished and its final event has not come for a while, that event made from
     its status. A job's status turns finished before its final event is handed over (Job.finish; a shared queue's
@@ -192,7 +186,7 @@ async def next_event(events: asyncio.Queue, job: Job, wait_s: float = 1.0) -> di
         except asyncio.TimeoutError:
             waited_finished = waited_finished + 1 if job.status in FINISHED else 0
             if waited_finished >= 2:  # (a whole wait since it was seen finished)
-                return final_event(job)
+                return job.final_event()
 
 
 @router.websocket("/{task_id}/events")
@@ -223,7 +217,7 @@ async def task_events(websocket: WebSocket, task_id: str, preview_every: int = 0
         event: dict = {}
         while event.get("event") not in FINAL_EVENTS:
             # (one finished before it was watched: its final event at once)
-            event = final_event(job) if job.status in FINISHED and not event else await next_event(events, job)
+            event = job.final_event() if job.status in FINISHED and not event else await next_event(events, job)
             if preview_every > 0 and event.get("event") == "progress" and event["step"] % preview_every == 0:
                 preview = await run_in_threadpool(latest_preview, queue, job, kept)
                 event = event | {"preview": preview} if preview is not None else event
