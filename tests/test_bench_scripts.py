@@ -35,3 +35,14 @@ def test_the_classify_api_benchmark_runs_on_the_tiny_vit(tmp_path):
     assert rows[(2, "triton")]["images_per_s_vs_triton"] == 1.0 and rows[(2, "api")]["p50_vs_triton"] > 0
     assert "| 2 | api | 6 |" in (tmp_path / "classify-api.md").read_text()
     assert (tmp_path / "classify-api.png").stat().st_size > 10_000
+
+
+def test_the_answers_benchmark_runs_both_arms_and_checks_their_answers(tmp_path):
+    from benchmarks.answers import ARMS, AnswersBenchOptions, run_answers_benchmark
+
+    result = run_answers_benchmark(AnswersBenchOptions(out=tmp_path, images=3, mb=0.1, clients=1,
+                                                       requests_per_client=2, rounds=1), log=lambda _m: None)
+    rows = {row["arm"]: row for row in result["rows"]}
+    assert set(rows) == set(ARMS) and all(row["answers"] == 2 and row["answer_mb"] >= 0.3 for row in rows.values())
+    assert rows["default"]["poll_max_vs_default"] == 1.0 and rows["pieces"]["answer_p50_ms"] > 0
+    assert "| pieces | " in (tmp_path / "answers.md").read_text() and (tmp_path / "answers.png").stat().st_size > 5_000

@@ -12,6 +12,7 @@ from kiln import schemas
 from kiln.detect import DEFAULT_RESOLUTION, detect_map, inpaint_display, processor_resolution
 from kiln.errors import InputError, TooLargeError
 from kiln.preprocessors import PREPROCESSORS, preprocessor
+from orchestrator.server.answers import ImagesJSON
 from orchestrator.server.generation import engine, served_contract
 from orchestrator.server.inputs import decode_b64_image
 from orchestrator.server.options import answer_format
@@ -78,7 +79,7 @@ def detect_options(body: schemas.ControlNetDetectBody) -> tuple[str, int, float,
     return pre.name, resolution, a, b
 
 
-@router.post("/detect", response_model=schemas.ControlNetDetectResponse)
+@router.post("/detect", response_model=schemas.ControlNetDetectResponse, response_class=ImagesJSON)
 async def detect(request: Request, body: schemas.ControlNetDetectBody):
     """Each input image's map by the module (kiln.detect: at the processor resolution, or the image's own size), as
     PNGs."""

@@ -14,6 +14,7 @@ from kiln import schemas
 from kiln.errors import InputError, KilnError, TooLargeError
 from kiln.imaging import PNG, ImageFormat, ImageLimits, decode_image
 from kiln.upscale import NO_NETWORKS, UPSCALERS, Network, UpscaleOptions, check, html_info, upscale
+from orchestrator.server.answers import ImagesJSON
 from orchestrator.server.errors import count
 from orchestrator.server.generation import engine, pipeline
 from orchestrator.server.inputs import decode_b64_image
@@ -69,14 +70,14 @@ async def extras(request: Request, endpoint: str, body: schemas.ExtrasBody, imag
     return encoded, html_info(text)
 
 
-@router.post("/extra-single-image", response_model=schemas.ExtrasSingleImageResponse)
+@router.post("/extra-single-image", response_model=schemas.ExtrasSingleImageResponse, response_class=ImagesJSON)
 async def extra_single_image(request: Request, body: schemas.ExtrasSingleImageBody):
     """One image upscaled as AUTOMATIC1111's extras tab does (upscaler_1, an upscaler_2 blend, scale by or to)."""
     encoded, info = await extras(request, "/sdapi/v1/extra-single-image", body, [("image", body.image)])
     return {"html_info": info, "image": encoded[0]}
 
 
-@router.post("/extra-batch-images", response_model=schemas.ExtrasBatchImagesResponse)
+@router.post("/extra-batch-images", response_model=schemas.ExtrasBatchImagesResponse, response_class=ImagesJSON)
 async def extra_batch_images(request: Request, body: schemas.ExtrasBatchImagesBody):
     """Every image of imageList upscaled alike, in order; html_info is the last one's (as AUTOMATIC1111's)."""
     images = [(f"imageList[{index}].data" + (f" ({item.name[:80]})" if item.name else ""), item.data)

@@ -26,6 +26,7 @@ from orchestrator.server import (
     sampler_names,
     xyz,
 )
+from orchestrator.server.answers import ImagesJSON
 from orchestrator.server.errors import APIError, as_api_error, count
 from orchestrator.server.generation import (
     engine,
@@ -85,12 +86,12 @@ async def generate(request: Request, kind: str, body: schemas.Txt2ImgBody) -> di
     return answer
 
 
-@router.post("/txt2img", response_model=schemas.GenerationResponse)
+@router.post("/txt2img", response_model=schemas.GenerationResponse, response_class=ImagesJSON)
 async def txt2img(request: Request, body: schemas.Txt2ImgBody):
     return await generate(request, "txt2img", body)
 
 
-@router.post("/img2img", response_model=schemas.GenerationResponse)
+@router.post("/img2img", response_model=schemas.GenerationResponse, response_class=ImagesJSON)
 async def img2img(request: Request, body: schemas.Img2ImgBody):
     return await generate(request, "img2img", body)
 

@@ -15,6 +15,7 @@ from kiln import schemas
 from kiln.errors import KilnError
 from orchestrator.jobs import FINISHED, Job, Status
 from orchestrator.server import a1111, cells
+from orchestrator.server.answers import ImagesJSON
 from orchestrator.server.errors import APIError, as_api_error, count
 from orchestrator.server.generation import client_id, engine, kept_overrides, own, saved, saving, submit
 from orchestrator.server.options import answer_format
@@ -113,7 +114,7 @@ async def find(request: Request, task_id: str) -> Job:
     return job
 
 
-@router.get("/{task_id}", response_model=schemas.TaskState)
+@router.get("/{task_id}", response_model=schemas.TaskState, response_class=ImagesJSON)
 async def get_task(request: Request, task_id: str):
     job = await find(request, task_id)
     if job.status == Status.DONE:  # (its answer once its images are saved, as the AUTOMATIC1111 routes'; a save
