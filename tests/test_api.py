@@ -1276,7 +1276,7 @@ def test_classify_is_503_once_triton_no_longer_serves_the_vit(vit_repo, tmp_path
     answers 503, not 200 with an error per image."""
     from dataclasses import replace
 
-    from kiln.triton_client import TritonClient
+    from kiln.triton_client import RECONNECT_WAIT_S, TritonClient
     from kiln.triton_server import TritonOptions, TritonServer
     from orchestrator.server.routes import vit
 
@@ -1295,6 +1295,14 @@ def test_classify_is_503_once_triton_no_longer_serves_the_vit(vit_repo, tmp_path
                 assert gone.status_code == 503 and gone.headers["retry-after"] == "5", gone.text
                 assert "not being served" in gone.json()["detail"]
                 assert c.post("/v1/embed", json={"images": body["images"]}).status_code == 200  # (its own model)
+                server.stop()  # Triton gone while its answer is still taken as served: the images reach none
+                started = time.monotonic()
+                down = c.post("/v1/embed", json={"images": body["images"] * 64})
+                assert down.status_code == 503 and "not being served" in down.json()["detail"], down.text
+                # the first wave of 8 waited for Triton to come back, and the readiness call: ~2 waits; each wave of 8
+                # waiting in turn was 9 waits (27 s)
+                waited = time.monotonic() - started
+                assert waited < 5 * RECONNECT_WAIT_S, waited
         finally:
             api.stop()
 

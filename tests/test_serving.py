@@ -482,3 +482,22 @@ def test_a_clients_many_images_run_on_its_kept_threads_at_most_concurrency_at_on
     assert all(not t.is_alive() for t in first)
     with pytest.raises(KilnError, match="closed"):
         client._map(work, [1, 2])
+
+
+def test_once_an_image_reaches_no_triton_the_calls_other_images_are_not_sent():
+    """A Triton gone (here: nothing listens on the port) fails each image only after TritonClient waited for it to
+    come back (RECONNECT_WAIT_S); the images not yet sent then fail at once, marked unreachable (the API's 503), instead
+    of each waiting as long in waves of `concurrency`."""
+    from kiln.triton_server import free_port
+
+    client = ViTClient(f"127.0.0.1:{free_port()}", concurrency=3)
+    try:
+        for results in (client.classify([(f"i{n}", b"x") for n in range(10)]),
+                        client.embed([(f"i{n}", b"x") for n in range(10)], layer=0)):
+            assert [r.image for r in results] == [f"i{n}" for n in range(10)]
+            assert all(r.unreachable and "cannot reach Triton" in r.error for r in results)
+            sent = [r for r in results if not r.error.startswith("not sent: ")]
+            assert 1 <= len(sent) <= 3 and results[0] in sent  # the first wave only (its runners' first images)
+            assert all(r.as_dict() == {"image": r.image, "error": r.error} for r in results)
+    finally:
+        client.close()
