@@ -252,3 +252,33 @@ def test_a_job_this_version_cannot_read_fails_alone(triton, redis_server):
         stored = json.loads(store.hget("kiln:job:unreadable", "state"))
         assert stored["status"] == "failed" and "cannot read the job" in stored["error"], stored
         assert store.zcard("kiln:queued") == 0 and store.xlen("kiln:stream") == 0  # acknowledged, not retried
+
+
+def test_tasks_whose_records_redis_lost_fail_and_their_socket_ends(triton, redis_server):
+    """Redis restarted without its data (here: flushed) under a running task and a queued one: each fails naming the
+    loss (nothing could follow or answer them: a socket on one waited for ever), the running one stops, and the
+    orchestrator goes on taking jobs."""
+    from websockets.sync.client import connect
+
+    store = redis_server.client()
+    with apps(triton, redis_server, count=1, workers=1) as (app,), app.client() as client:
+        running = client.post("/v1/tasks/txt2img", json=BODY | {"steps": 150}).json()["id"]
+        queued = client.post("/v1/tasks/txt2img", json=BODY | {"steps": 150, "seed": 2}).json()["id"]
+        with connect(app.url.replace("http", "ws") + f"/v1/tasks/{running}/events") as socket:
+            event = json.loads(socket.recv(timeout=30))
+            while event["event"] != "progress":
+                event = json.loads(socket.recv(timeout=30))
+            store.flushall()
+            while event["event"] not in ("done", "failed", "cancelled"):
+                event = json.loads(socket.recv(timeout=30))
+        assert event["event"] == "failed" and "lost task" in event["error"], event
+        for task_id in (running, queued):
+            state = client.get(f"/v1/tasks/{task_id}").json()
+            assert state["status"] == "failed" and f"lost task {task_id}" in state["error"], state
+        deadline = time.monotonic() + 30  # the running one stopped: its end, written where its steps rewrote a state
+        while b"cancelled" not in (store.hget(f"kiln:job:{running}", "state") or b"") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert json.loads(store.hget(f"kiln:job:{running}", "state"))["status"] == "cancelled"
+        after = client.post("/v1/tasks/txt2img", json=BODY | {"seed": 4})
+        assert after.status_code == 202, after.text
+        assert _wait_done(app.url, [after.json()["id"]], timeout_s=120)[after.json()["id"]]["status"] == "done"

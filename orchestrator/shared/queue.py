@@ -103,6 +103,8 @@ class SharedQueue(Runner):
             return mirror
         fields = self._call(lambda: self.redis.hmget(P + "job:" + job_id, "spec", "state", "result"))
         if fields[0] is None:
+            if mirror is not None and mirror.status not in FINISHED:
+                self._record_lost(mirror)
             return mirror
         if mirror is None:
             mirror = job_of(fields[0])
@@ -177,6 +179,20 @@ class SharedQueue(Runner):
                 if old.status not in FINISHED:
                     break
                 del self._mirrors[old_id]
+
+    def _record_lost(self, mirror: Job) -> None:
+        """An unfinished job whose record is gone from Redis (restarted without its data, or flushed; a finished one's
+        expires after KEEP_S): nothing can follow or answer it any more, and its socket and its request would wait
+        for ever. It fails, naming why; where it runs here, it stops (its end would be written nowhere)."""
+        with self._lock:  # (once: the listener's sync and a request's read may find it at once)
+            if mirror.status in FINISHED:
+                return
+            running = self._executing.get(mirror.id)
+            if running is not None:
+                running[1].cancel()
+            log.warning("job %s: its record is gone from the job store; failed", mirror.id)
+            mirror.finish(Status.FAILED, ServerError(f"the job store (Redis at {self._where}) lost task {mirror.id} "
+                                                     "(restarted without its data, or flushed); submit it again"))
 
     def _update(self, mirror: Job, state: dict, result: bytes | None) -> None:
         finished = Status(state["status"]) in FINISHED
