@@ -282,3 +282,17 @@ def test_tasks_whose_records_redis_lost_fail_and_their_socket_ends(triton, redis
         after = client.post("/v1/tasks/txt2img", json=BODY | {"seed": 4})
         assert after.status_code == 202, after.text
         assert _wait_done(app.url, [after.json()["id"]], timeout_s=120)[after.json()["id"]]["status"] == "done"
+
+
+def test_a_scripts_cells_go_through_the_shared_queue_and_an_interrupt_ends_them(triton, redis_server):
+    """An X/Y/Z plot's four cells submitted to the job store (off the event loop: round trips to Redis), one worker:
+    an interrupt during the first cell's steps ends the script, its three waiting cells never run (as with a local
+    queue: test_script_interrupt)."""
+    from tests.test_script_interrupt import LONG, interrupted
+
+    plot = LONG | {"script_name": "x/y/z plot", "script_args": ["Seed", "1, 2, 3, 4", None, "Nothing", "", None,
+                                                                "Nothing", "", None, False, True]}
+    with apps(triton, redis_server, count=1, workers=1) as (app,), app.client() as client:
+        images, info, _tasks = interrupted(client, "/sdapi/v1/txt2img", plot)
+        assert info["xyz"]["cells"] == 4 and info["xyz"]["done"] == 1 and info["xyz"]["interrupted"] == 3, info["xyz"]
+        assert info["interrupted"] is True and len(images) == 2

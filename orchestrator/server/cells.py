@@ -76,16 +76,23 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
             raise InputError(f"{named(index)}: {exc}") from None
     for job in jobs:  # (each cell's: a loopback's every pass)
         await keep_init_image(kind, job.context["body"], outputs_of(request, job.context["body"]))
-    ended = any(job.interrupted for job in earlier) or state.scripts.get(script, {}).get("interrupted", False)
+    earlier_ended = any(job.interrupted for job in earlier)
     queued = []
     earlier.extend(jobs)
-    try:
+
+    def ended() -> bool:
+        return earlier_ended or state.scripts.get(script, {}).get("interrupted", False)
+
+    def submit_each() -> None:  # (in the thread pool: a shared queue's submits are round trips to Redis)
         for job in jobs:
-            job.interrupted = ended  # (here: no step of it runs; elsewhere, a shared queue's, the call below)
-            queued.append(queue.submit(job))  # (no await before a cell is queued and flagged: an interrupt finds
-            # every cell queued so far, and a cancel every cell in `queued`)
-            if ended:
-                await run_in_threadpool(queue.interrupt, job)
+            job.interrupted = ended()  # (here: no step of it runs; elsewhere, a shared queue's, the call below)
+            queued.append(queue.submit(job))
+            # an interrupt marks the script, then interrupts the cells queued: one queued meanwhile sees the mark
+            if job.interrupted or ended():
+                queue.interrupt(job)
+
+    try:
+        await run_in_threadpool(submit_each)  # (not abandoned when the request is cancelled: `queued` is whole)
         await wait_all(request, jobs, state.settings.request_timeout_s)
     except BaseException:  # a timeout, the client gone, or the caller's task cancelled: nothing left running
         for job in queued:  # (here, not in a thread: a cancelled task's awaits are cancelled too)
