@@ -24,11 +24,10 @@ UNIT_DEFAULTS: dict[str, tuple] = {
     "batch_image_dir": ("", None), "batch_mask_dir": ("", None), "batch_input_gallery": (None, []),
     "batch_mask_gallery": (None, []), "batch_image_files": (None, []), "batch_keyframe_idx": (None, ""),
     "batch_modifiers": (None, []), "animatediff_batch": (False,), "image_fg": (None,), "mask_image_fg": (None,),
-    "advanced_weighting": (None,), "effective_region_mask": (None,), "pulid_mode": ("Fidelity",),
-    "union_control_type": ("Unknown",), "ipadapter_input": (None,)}
-# The extension's newer fields (batch and merge inputs, the preview as input, foreground images, per-layer weights,
-# region masks, PuLID, ControlNet-Union types, IP-Adapter inputs, AnimateDiff batches), declared from UNIT_DEFAULTS:
-# each defaults to its first accepted value, and anything else is refused
+    "pulid_mode": ("Fidelity",), "union_control_type": ("Unknown",), "ipadapter_input": (None,)}
+# The extension's newer fields (batch and merge inputs, the preview as input, foreground images, PuLID, ControlNet-Union
+# types, IP-Adapter inputs, AnimateDiff batches), declared from UNIT_DEFAULTS: each defaults to its first accepted
+# value, and anything else is refused
 _NewerUnitFields = create_model("_NewerUnitFields", __config__=STRICT,
                                 **{name: (Any, values[0]) for name, values in UNIT_DEFAULTS.items()})
 
@@ -62,6 +61,8 @@ class ControlNetUnitArgs(_NewerUnitFields):
     is_ui: bool = False  # whether the unit came from the extension's UI: nothing for an API request to change
     # img2img's "only masked" (inpaint_full_res) crops the unit's image around the mask as it crops the init image
     inpaint_crop_input_image: bool = True
+    effective_region_mask: Any = None  # base64 image: the unit acts where it is white (its red channel, stretched)
+    advanced_weighting: list[float] | None = None  # a scale per residual, over weight and control_mode's softening
 
     @model_validator(mode="after")
     def _unsupported(self):

@@ -121,3 +121,82 @@ def test_a_canny_unit_soft_injects_in_the_hires_pass(local, init_image_png, monk
 def test_a_bad_control_mode_is_refused(local, edge_map_png):
     with pytest.raises(InputError, match="control_mode must be 0 .Balanced., 1 .My prompt is more important. or 2"):
         local.txt2img(_request(edge_map_png, 3))
+
+
+WEIGHTS = tuple(0.3 + 0.1 * i for i in range(13))  # one per residual of SD 1.x (the tiny UNet's 7 take the first)
+
+
+def _position(name: str, count: int) -> int:
+    return count - 1 if name == "mid_residual" else int(name.rsplit("_", 1)[1])
+
+
+@pytest.mark.parametrize("mode", [0, 2])
+def test_advanced_weighting_scales_each_residual_in_place_of_weight_and_softening(local, edge_map_png, monkeypatch,
+                                                                                 mode):
+    """sd-webui-controlnet's advanced_weighting: residual i x its i-th scale (the weight and mode 2's softening not
+    applied); mode 2 still leaves the unconditional rows without control. The ControlNet ran at scale 1: its first
+    step's residuals are a weight-1 unit's."""
+    request = _request(edge_map_png, mode)
+    weighted = replace(request, controlnet=replace(request.controlnet, advanced_weighting=WEIGHTS))
+    _, raw, taken = _recorded(local, weighted, monkeypatch)
+    _, plain, _ = _recorded(local, replace(request, controlnet=replace(request.controlnet, weight=1.0)), monkeypatch)
+    assert all(np.array_equal(raw[0][name], plain[0][name]) for name in raw[0])
+    for returned, took in zip(raw, taken):
+        for name, value in returned.items():
+            expected = value * np.float32(WEIGHTS[_position(name, len(returned))])
+            assert np.allclose(took[name], expected, rtol=1e-6, atol=0), name
+            if mode == 2:
+                assert not took[name][:2].any()  # (batch 2: the two unconditional rows first)
+
+
+def test_advanced_weighting_of_the_soft_scales_is_my_prompt_is_more_important(local, edge_map_png):
+    soft_scales = tuple(0.825 ** (12 - i) for i in range(7)) + (1.0,) * 6  # (the tiny UNet's 7: its middle one 7th)
+    request = _request(edge_map_png, 0, controlnet=ControlNetUnit(image=edge_map_png, advanced_weighting=soft_scales))
+    softened = _request(edge_map_png, 1, controlnet=ControlNetUnit(image=edge_map_png, control_mode=1))
+    assert np.array_equal(local.txt2img(request).images, local.txt2img(softened).images)
+
+
+def _region_png(left: int = 255, right: int = 0, size=(64, 64)) -> bytes:
+    mask = np.full((size[1], size[0]), right, np.uint8)
+    mask[:, : size[0] // 2] = left
+    buffer = io.BytesIO()
+    Image.fromarray(mask).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_effective_region_mask_keeps_the_residuals_where_it_is_white(local, edge_map_png, monkeypatch):
+    """Every residual x the mask stretched to its size (torch's bilinear interpolate, as the extension's
+    apply_effective_region_mask): a mask white on its left half keeps the left half of each residual and zeroes the
+    right; all black is no control at all, all white the unit unmasked."""
+    import torch.nn.functional as F
+
+    request = _request(edge_map_png, 1)  # (soft: residuals weighed here with or without a mask)
+    half = _region_png()
+    _, raw, taken = _recorded(local, replace(request, controlnet=replace(request.controlnet, region_mask=half)),
+                              monkeypatch)
+    mask = torch.from_numpy(np.asarray(Image.open(io.BytesIO(half)), np.float32) / 255)[None, None]
+    for returned, took in zip(raw, taken):
+        for name, value in returned.items():
+            softened = value * np.float32(_factor(name, len(returned)))
+            stretched = F.interpolate(mask, size=value.shape[-2:], mode="bilinear").numpy()[0, 0]
+            assert np.allclose(took[name], softened * stretched, rtol=1e-6, atol=0), name
+            width = value.shape[-1]
+            if width >= 2:
+                assert np.array_equal(took[name][..., : width // 2], softened[..., : width // 2])
+                assert not took[name][..., width // 2:].any()
+    black = replace(request.controlnet, region_mask=_region_png(left=0))
+    no_control = replace(request, controlnet=None)
+    assert np.array_equal(local.txt2img(replace(request, controlnet=black)).images, local.txt2img(no_control).images)
+    white = replace(request.controlnet, region_mask=_region_png(right=255, size=(1, 1)))  # (x 1 everywhere)
+    assert np.array_equal(local.txt2img(replace(request, controlnet=white)).images, local.txt2img(request).images)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"advanced_weighting": (1.0,) * 5}, "advanced_weighting must be a list of at least 13 numbers"),
+    ({"advanced_weighting": (1.0,) * 12 + (float("nan"),)}, "advanced_weighting must be a list"),
+    ({"advanced_weighting": (3.0,) * 13}, r"each scale must be in \[0, 2\]"),
+])
+def test_bad_advanced_weighting_is_refused(local, edge_map_png, changes, message):
+    request = _request(edge_map_png, 0)
+    with pytest.raises(InputError, match=message):
+        local.txt2img(replace(request, controlnet=replace(request.controlnet, **changes)))

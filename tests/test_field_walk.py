@@ -54,13 +54,13 @@ UNIT_FIELDS = ("enabled", "image", "input_image", "mask", "mask_image", "module"
                "batch_modifiers", "animatediff_batch", "image_fg", "mask_image_fg", "advanced_weighting",
                "effective_region_mask", "pulid_mode", "union_control_type", "ipadapter_input",
                "inpaint_crop_input_image")
-# what each of those newer fields is sent as when a client uses it (kiln runs none of them: each is refused)
+# what each of those newer fields is sent as when a client uses it (kiln runs none of these: each is refused; it runs
+# advanced_weighting and effective_region_mask, walked in UNIT)
 NEWER_UNIT_VALUES = {"input_mode": "batch", "use_preview_as_input": True, "generated_image": "x",
                      "batch_image_dir": "/in", "batch_mask_dir": "/masks", "batch_input_gallery": ["x"],
                      "batch_mask_gallery": ["x"], "batch_image_files": ["a.png"], "batch_keyframe_idx": "0,5",
                      "batch_modifiers": ["x"], "animatediff_batch": True, "image_fg": "x", "mask_image_fg": "x",
-                     "advanced_weighting": [1.0] * 13, "effective_region_mask": "x", "pulid_mode": "Style",
-                     "union_control_type": "Canny", "ipadapter_input": ["x"]}
+                     "pulid_mode": "Style", "union_control_type": "Canny", "ipadapter_input": ["x"]}
 
 BASE = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": 2, "sampler_name": "Euler",
         "cfg_scale": 7.5, "seed": 5, "width": 64, "height": 64}
@@ -247,6 +247,12 @@ UNIT = {
     "is_ui": (unit(is_ui=True), unit(), "same_image"),  # where the unit came from: nothing to honour
     # img2img's "only masked" crop of the unit's image (tests/test_controlnet_inpaint.py): txt2img has none
     "inpaint_crop_input_image": (unit(inpaint_crop_input_image=False), unit(), "same_image"),
+    # the unit acts where its region mask is white (tests/test_control_modes.py: the residuals the UNet took)
+    "effective_region_mask": (unit(effective_region_mask=MASK), unit(), "image"),
+    "effective_region_mask (not an image)": (unit(effective_region_mask="eA=="), {},
+                                             ("refused", 422, "effective_region_mask")),
+    "advanced_weighting": (unit(advanced_weighting=[0.5] * 13), unit(), "image"),
+    "advanced_weighting (too short)": (unit(advanced_weighting=[1.0] * 5), {}, ("refused", 422, "advanced_weighting")),
 } | {name: (unit(**{name: value}), {}, ("refused", 422, name)) for name, value in NEWER_UNIT_VALUES.items()}
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from build.sd import SDBuildOptions, build_sd
 from build.sd.weights import random_controlnet
+from kiln.errors import InputError
 from orchestrator.pipeline import ControlNetUnit, Pipeline, Txt2ImgRequest, make_scheduler
 from tests.conftest import IMAGES, diffusers_pipeline, start_triton
 
@@ -56,6 +57,10 @@ def test_a_pooling_controlnet_acts_on_the_prompts_rows_as_diffusers_runs_it(tmp_
                              controlnet=ControlNetUnit(image=edge_map_png, weight=0.8))
     result = local.txt2img(request).images
     assert np.abs(result.astype(int) - expected.astype(int)).max() <= 2
+
+    # a region mask has no region in a pooled residual (the extension masks before it pools: refused, not guessed)
+    with pytest.raises(InputError, match="effective_region_mask on shuffle, a ControlNet that pools its residuals"):
+        local.txt2img(replace(request, controlnet=replace(request.controlnet, region_mask=edge_map_png)))
 
     # Without the pooling rule (residuals on every row, as before) the image is another one: the rule is what matched.
     unpooled = replace(local.contract.controlnets[0], global_pool=False)

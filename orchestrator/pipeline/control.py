@@ -8,22 +8,34 @@
 - In the hires fix's second pass a canny (or mlsd) unit soft-injects whatever its mode, as the extension forces.
 - A ControlNet that pools its residuals (shuffle's: ServedControlNet.global_pool) acts on the prompt's rows alone in
   every mode, as the extension's global_average_pooling and diffusers' global_pool_conditions do.
+- advanced_weighting (the extension's): residual i x its i-th scale, in place of the weight and any soft injection
+  (mode 2 still leaves the unconditional rows out).
+- effective_region_mask (the extension's): every residual x the mask stretched to its size (bilinear, as torch's
+  interpolate), so that the unit acts where the mask is white.
 
-One Balanced unit with a fused ensemble runs ControlNet -> UNet in one Triton call (the residuals never leave the
+One plain Balanced unit with a fused ensemble runs ControlNet -> UNet in one Triton call (the residuals never leave the
 server); any soft unit, or several units, run each ControlNet for its residuals, weigh and sum them here, then the
 UNet that takes them (diffusers' MultiControlNetModel).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from kiln.control import control_image
+from kiln.imaging import ImageLimits, decode_image
 from kiln.preprocessors import numpy_seed, preprocessor
 
 SOFT = 0.825  # sd-webui-controlnet's soft-injection base
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 HR_OPTIONS = ("Both", "Low res only", "High res only")  # its hr_option's labels (ControlNetUnit.hr_option)
+
+
+def residual_count(family: str) -> int:
+    """How many residuals a family's ControlNet hands the UNet: 12 down and the middle one; SDXL's 9 and 1."""
+    return 10 if family.startswith("sdxl") else 13
 
 
 def soft(unit) -> bool:
@@ -44,9 +56,51 @@ def row_scales(unit, scale: float, rows: int, unconditional: int, pooled: bool =
 def soften(residuals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Soft injection: down residual i x 0.825^(12 - i), the middle residual x 0.825^(12 - its position)
     (the extension's scales zipped with the residuals in order: 1 for SD 1.x/2.x's 13th, 0.825^3 for SDXL's 10th)."""
-    down = [name for name in residuals if name.startswith("down_residual_")]
-    order = [*sorted(down, key=lambda name: int(name.rsplit("_", 1)[1])), "mid_residual"]
+    order = residual_order(residuals)
     return {name: residuals[name] * np.float32(SOFT ** float(12 - order.index(name))) for name in residuals}
+
+
+def residual_order(residuals) -> list[str]:
+    """The residuals' names in the ControlNet's order (the extension's): the down ones by index, the middle last."""
+    down = [name for name in residuals if name.startswith("down_residual_")]
+    return [*sorted(down, key=lambda name: int(name.rsplit("_", 1)[1])), "mid_residual"]
+
+
+def weighted(unit) -> bool:
+    """Whether the unit's residuals are weighed here, not by the fused ensemble: soft injection, advanced weighting or
+    a region mask."""
+    return soft(unit) or unit.advanced_weighting is not None or bool(unit.region_mask)
+
+
+@lru_cache(maxsize=8)
+def _region_mask(data: bytes) -> np.ndarray:
+    """An effective_region_mask's first channel in [0, 1], as the extension reads it (its RGB's red, / 255)."""
+    return np.asarray(decode_image(data, ImageLimits(min_side=1)).convert("RGB"), np.float32)[..., 0] / 255
+
+
+@lru_cache(maxsize=64)
+def region_at(data: bytes, height: int, width: int) -> np.ndarray:
+    """The mask stretched to a residual's height x width: torch's bilinear interpolate (align_corners false, no
+    antialias), as the extension's apply_effective_region_mask."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = torch.from_numpy(_region_mask(data))[None, None]
+    return F.interpolate(mask, size=(height, width), mode="bilinear").numpy()[0, 0]
+
+
+def unit_residuals(unit, residuals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A unit's residuals (its rows' scales applied by its ControlNet) weighed here: advanced weighting's scales, or
+    soft injection's; then its region mask."""
+    if unit.advanced_weighting is not None:
+        order = residual_order(residuals)
+        residuals = {name: residuals[name] * np.float32(unit.advanced_weighting[order.index(name)])
+                     for name in residuals}
+    elif soft(unit):
+        residuals = soften(residuals)
+    if unit.region_mask:
+        residuals = {name: value * region_at(unit.region_mask, *value.shape[-2:]) for name, value in residuals.items()}
+    return residuals
 
 
 def unet_with_units(active: list, inputs: dict[str, np.ndarray], control_input: np.ndarray, unet_control, lora: str,
@@ -57,7 +111,7 @@ def unet_with_units(active: list, inputs: dict[str, np.ndarray], control_input: 
     if not active:
         return None
     rows = len(inputs["sample"])
-    if len(active) == 1 and not soft(active[0][0]) and active[0][3].fused is not None and not nine_channels:
+    if len(active) == 1 and not weighted(active[0][0]) and active[0][3].fused is not None and not nine_channels:
         unit, unit_cond, scale, control = active[0]  # ControlNet -> UNet in one call: the residuals stay in Triton
         return control.fused.with_lora(lora), inputs | {
             "controlnet_cond": unit_cond,
@@ -67,9 +121,7 @@ def unet_with_units(active: list, inputs: dict[str, np.ndarray], control_input: 
         residuals = control.residuals(inputs | {"sample": control_input, "controlnet_cond": unit_cond,
                                                 "conditioning_scale": row_scales(unit, scale, rows, unconditional,
                                                                                  control.served.global_pool)})
-        if soft(unit):
-            residuals = soften(residuals)
-        for name, value in residuals.items():
+        for name, value in unit_residuals(unit, residuals).items():
             total[name] = total[name] + value if name in total else value
     return unet_control.with_lora(lora), inputs | total
 

@@ -49,6 +49,11 @@ class ControlNetUnit:
     # inpaint_only's paste-back: the mask dilated and box-blurred by this many pixels (sd-webui-controlnet's
     # control_net_inpaint_blur_sigma, a box despite its name; orchestrator.pipeline.restore)
     inpaint_blur: float = 7
+    # sd-webui-controlnet's effective_region_mask: an encoded image (its first channel read, /255) by which every
+    # residual is multiplied, stretched to the residual's size (bilinear), as its apply_effective_region_mask
+    region_mask: bytes = b""
+    # its advanced_weighting: residual i x advanced_weighting[i], in place of the weight and any soft injection
+    advanced_weighting: tuple[float, ...] | None = None
 
     @property
     def preprocessor(self) -> str:
@@ -57,10 +62,10 @@ class ControlNetUnit:
 
     def scale_at(self, index: int, total: int) -> float:
         """diffusers' controlnet_keep: the unit acts on steps inside [guidance_start, guidance_end], in the passes its
-        hr_option names."""
+        hr_option names (with advanced_weighting, the scales are its own: 1 here)."""
         outside = index / total < self.guidance_start or (index + 1) / total > self.guidance_end
         off = self.hr_option == (1 if self.second_pass else 2)
-        return 0.0 if outside or off else float(self.weight)
+        return 0.0 if outside or off else 1.0 if self.advanced_weighting is not None else float(self.weight)
 
 
 @dataclass(frozen=True)

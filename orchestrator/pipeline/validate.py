@@ -15,13 +15,12 @@ from kiln.errors import InputError, TooLargeError
 from kiln.imaging import header_size
 from kiln.lora import split_lora_tags
 from kiln.masks import INPAINTING_FILL
-from kiln.preprocessors import CONTROL_MODULES, preprocessor
 from kiln.prompt_schedule import composable
 from kiln.prompts import check_prompt_syntax
 from orchestrator.pipeline import edit, hires, soft_inpainting, tiles
 from orchestrator.pipeline.inpaint import own_size
 from orchestrator.pipeline.noise import RANDN_SOURCES
-from orchestrator.pipeline.requests import PAD_CONDS, ControlNetUnit, Img2ImgRequest, Txt2ImgRequest
+from orchestrator.pipeline.requests import PAD_CONDS, Img2ImgRequest, Txt2ImgRequest
 from orchestrator.pipeline.sampling import (
     CHURN,
     SAMPLERS,
@@ -38,6 +37,9 @@ from orchestrator.pipeline.sampling import (
 from orchestrator.pipeline.seeds import MAX_SEED
 from orchestrator.pipeline.sigmas import check_settings
 from orchestrator.pipeline.step import guides
+from orchestrator.pipeline.unit_checks import check_units
+from orchestrator.pipeline.unit_checks import finite as _finite
+from orchestrator.pipeline.unit_checks import is_int as _is_int
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ def check_request(request: Txt2ImgRequest, contract: SDContract, limits: Limits 
         raise InputError(f"clip_skip (CLIP_stop_at_last_layers) must be {served}, got {request.clip_skip!r}")
     init = isinstance(request, Img2ImgRequest)
     inpainting = init and request.inpainting
-    _check_units(request.controlnet_units, contract, limits, inpainting)
+    check_units(request.controlnet_units, contract, limits.max_controlnet_units, inpainting)
     if init:
         if not request.init_image:
             raise InputError("init_image is empty")
@@ -322,53 +324,6 @@ def _check_hires(request: Txt2ImgRequest, contract: SDContract, limits: Limits) 
                              f"({request.width}x{request.height}): it stands for the first pass, which is that size")
 
 
-def _check_units(units: tuple[ControlNetUnit, ...], contract: SDContract, limits: Limits, inpainting: bool) -> None:
-    if units and not contract.controlnets:
-        raise InputError("controlnet: this build has no ControlNet (build with --controlnet or a controlnet/ folder)")
-    if len(units) > limits.max_controlnet_units:
-        raise InputError(f"controlnet: {len(units)} units; at most {limits.max_controlnet_units} per request")
-    for index, unit in enumerate(units):
-        name = "controlnet" if len(units) == 1 else f"controlnet unit {index}"
-        if not isinstance(unit, ControlNetUnit):
-            raise InputError(f"{name} is not a ControlNet unit")
-        if unit.module not in CONTROL_MODULES:  # by name (the API's units carry the name of a label they sent)
-            raise InputError(f"{name} module {unit.module!r} is unknown; valid: {', '.join(CONTROL_MODULES)}")
-        pre = preprocessor(unit.module)
-        if unit.mask and not pre.inpaint:
-            raise InputError(f"{name} has a mask; only the inpaint modules take one (inpaint_global_harmonious), "
-                             f"not {unit.module}")
-        if unit.module == "inpaint_only" and inpainting:
-            raise InputError(f"{name} module inpaint_only restores its image outside its mask, as AUTOMATIC1111's "
-                             "inpainting does outside the request's: send inpaint_global_harmonious (the API's "
-                             "units run that in its place there, as sd-webui-controlnet does)")
-        if not _finite(unit.inpaint_blur) or unit.inpaint_blur % 1 or not 1 <= unit.inpaint_blur <= 64:
-            raise InputError(f"{name} inpaint_blur (control_net_inpaint_blur_sigma) must be a whole number in [1, 64], "
-                             f"got {unit.inpaint_blur!r}")
-        if unit.module == "inpaint_only" and contract.prediction_type != "epsilon":
-            raise InputError(f"{name} module inpaint_only reads the UNet's output as noise (sd-webui-controlnet's "
-                             f"restore); this checkpoint predicts {contract.prediction_type}")
-        if unit.control_mode not in (0, 1, 2) or isinstance(unit.control_mode, bool):
-            raise InputError(f"{name} control_mode must be 0 (Balanced), 1 (My prompt is more important) or 2 "
-                             f"(ControlNet is more important), got {unit.control_mode!r}")
-        if not _finite(unit.weight) or not 0 <= unit.weight <= 2:
-            raise InputError(f"{name} weight must be in [0, 2], got {unit.weight!r}")
-        checked = pre.slider_values(unit.threshold_a, unit.threshold_b, ("threshold_a", "threshold_b"), f"{name} ")
-        lacking = [field for field, value, kept in zip(("threshold_a", "threshold_b"),
-                                                       (unit.threshold_a, unit.threshold_b), checked)
-                   if kept == -1 and value != -1]
-        if lacking:
-            raise InputError(f"{name} module {unit.module} has no {' or '.join(lacking)} (leave it -1)")
-        if not (0 <= unit.guidance_start < unit.guidance_end <= 1):
-            raise InputError(f"{name} guidance_start/end must satisfy 0 <= start < end <= 1, "
-                             f"got {unit.guidance_start!r}, {unit.guidance_end!r}")
-        if unit.model is not None and not isinstance(unit.model, str):
-            raise InputError(f"{name} model must be a ControlNet's name, got {unit.model!r}")
-        try:
-            contract.controlnet(unit.model)
-        except InputError as exc:
-            raise InputError(f"{name}: {exc}") from None
-
-
 def _check_seed_resize(size, scale_factor: int, limits: Limits) -> None:
     """Resize seed from: (width, height) in pixels, at least a latent pixel each, and no more pixels than an input
     image may have (the noise of that size is drawn)."""
@@ -378,15 +333,6 @@ def _check_seed_resize(size, scale_factor: int, limits: Limits) -> None:
     if size[0] * size[1] > limits.max_image_pixels:
         raise InputError(f"seed_resize_from {size[0]}x{size[1]} is more than this server's "
                          f"{limits.max_image_pixels} pixels")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _finite(value) -> bool:
-    """A real number (numpy's too), not a bool, neither NaN nor infinite."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _integer_in(name: str, value, low: int, high: int) -> None:

@@ -185,7 +185,9 @@ def controlnet_units(scripts: dict, max_pixels: int, width: int, height: int, se
                                      pixel_perfect=unit.pixel_perfect and resolution != -1,
                                      model=unit.model, save_detected_map=unit.save_detected_map,
                                      control_mode=control_mode, hr_option=hr_option, mask=mask,
-                                     inpaint_blur=inpaint_blur))
+                                     inpaint_blur=inpaint_blur, region_mask=_region_mask(unit, where, max_pixels),
+                                     advanced_weighting=None if unit.advanced_weighting is None
+                                     else tuple(unit.advanced_weighting)))
     return tuple(result) or None
 
 
@@ -225,6 +227,17 @@ def _unit_mask(mask: Any, pre: Preprocessor, where: str, image: bytes, max_pixel
     size, wanted = decode_source(data, max_pixels, f"{where}.mask").size, decode_source(image, max_pixels).size
     if size != wanted:
         raise InputError(f"{where}.mask is {size[0]}x{size[1]}; it must be the image's size, {wanted[0]}x{wanted[1]}")
+    return data
+
+
+def _region_mask(unit: schemas.ControlNetUnitArgs, where: str, max_pixels: int) -> bytes:
+    """A unit's effective_region_mask (base64; any size: it is stretched to each residual's), decoded and checked."""
+    if unit.effective_region_mask is None:
+        return b""
+    if not isinstance(unit.effective_region_mask, str):
+        raise InputError(f"{where}.effective_region_mask must be a base64 image")
+    data = decode_b64_image(unit.effective_region_mask, f"{where}.effective_region_mask", max_pixels)
+    decode_source(data, max_pixels, f"{where}.effective_region_mask")  # (a readable image, or the error names it)
     return data
 
 
