@@ -46,3 +46,12 @@ def test_the_answers_benchmark_runs_both_arms_and_checks_their_answers(tmp_path)
     assert set(rows) == set(ARMS) and all(row["answers"] == 2 and row["answer_mb"] >= 0.3 for row in rows.values())
     assert rows["default"]["poll_max_vs_default"] == 1.0 and rows["pieces"]["answer_p50_ms"] > 0
     assert "| pieces | " in (tmp_path / "answers.md").read_text() and (tmp_path / "answers.png").stat().st_size > 5_000
+
+
+def test_the_shared_listing_benchmark_lists_the_same_jobs_both_ways(tmp_path):
+    from benchmarks.shared_listing import run_listing_benchmark
+
+    result = run_listing_benchmark(jobs=20, rounds=1, out=tmp_path, log=lambda _m: None)
+    assert result["listed"] == 20 and [r["arm"] for r in result["rows"]] == ["one round trip each", "jobs(), pipelined"]
+    assert result["rows"][0]["vs_baseline"] == 1.0 and all(r["ms"] > 0 for r in result["rows"])
+    assert (tmp_path / "shared-listing.png").stat().st_size > 5_000

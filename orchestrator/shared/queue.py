@@ -38,6 +38,7 @@ from orchestrator.shared.store import (
 )
 
 log = logging.getLogger("kiln.shared")
+FIELDS = ("spec", "state", "result")  # what a mirror is made from
 
 
 class SharedQueue(Runner):
@@ -98,10 +99,19 @@ class SharedQueue(Runner):
 
     def get(self, job_id: str) -> Job | None:
         """The job's mirror, its state read again from Redis (None: unknown, or finished and forgotten)."""
+        settled = self._settled(job_id)
+        if settled is not None:
+            return settled
+        return self._mirror_of(job_id, self._call(lambda: self.redis.hmget(P + "job:" + job_id, *FIELDS)))
+
+    def _settled(self, job_id: str) -> Job | None:
+        """The job's mirror where it finished and its end was read here (nothing more to read), else None."""
         mirror = self._mirrors.get(job_id)
-        if mirror is not None and mirror.status in FINISHED and mirror.future.done():
-            return mirror
-        fields = self._call(lambda: self.redis.hmget(P + "job:" + job_id, "spec", "state", "result"))
+        return mirror if mirror is not None and mirror.status in FINISHED and mirror.future.done() else None
+
+    def _mirror_of(self, job_id: str, fields: list) -> Job | None:
+        """The job's mirror made or updated from its record's FIELDS as read."""
+        mirror = self._mirrors.get(job_id)
         if fields[0] is None:
             if mirror is not None and mirror.status not in FINISHED:
                 self._record_lost(mirror)
@@ -117,9 +127,21 @@ class SharedQueue(Runner):
         return 0 if rank is None else rank + 1
 
     def jobs(self) -> list[Job]:
-        """The newest 512 jobs of every orchestrator (those still kept)."""
-        ids = self._call(lambda: self.redis.zrevrange(RECENT, 0, 511))
-        return [job for job in (self.get(i.decode()) for i in ids) if job is not None]
+        """The newest 512 jobs of every orchestrator (those still kept): the records not yet finished here read in
+        one round trip (one each took 512 round trips for a listing)."""
+        ids = [i.decode() for i in self._call(lambda: self.redis.zrevrange(RECENT, 0, 511))]
+        known = {i: m for i in ids if (m := self._settled(i)) is not None}
+        unread = [i for i in ids if i not in known]
+
+        def read() -> list:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in unread:
+                    pipe.hmget(P + "job:" + job_id, *FIELDS)
+                return pipe.execute()
+
+        read_now = dict(zip(unread, self._call(read))) if unread else {}
+        jobs = [known[i] if i in known else self._mirror_of(i, read_now[i]) for i in ids]
+        return [job for job in jobs if job is not None]
 
     def running(self) -> list[Job]:
         ids = self._call(lambda: self.redis.zrange(RUNNING, 0, -1))
