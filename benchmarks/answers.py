@@ -92,8 +92,9 @@ def _wait_until_up(http, server, timeout_s: float = 60) -> None:
             if http.get("/live").status_code == 200:
                 return
         except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the benchmark's server did not answer /live within {timeout_s} s")
         time.sleep(0.1)
 
 
@@ -120,6 +121,7 @@ def run_answers_benchmark(options: AnswersBenchOptions, log=print) -> dict:
             sizes[arm] = len(got.content)
         waits: dict[str, list[float]] = {arm: [] for arm in ARMS}
         polls: dict[str, list[float]] = {arm: [] for arm in ARMS}
+        failures: list[str] = []
         with tqdm(total=options.rounds * len(ARMS), desc="bench answers", unit="run") as bar:
             for _ in range(options.rounds):
                 for arm in ARMS:
@@ -130,7 +132,8 @@ def run_answers_benchmark(options: AnswersBenchOptions, log=print) -> dict:
                         while not done.is_set():
                             sent = time.perf_counter()
                             if https[-1].get("/live").status_code != 200:
-                                raise RuntimeError("/live failed")
+                                failures.append("/live failed")
+                                return
                             polls[arm].append(time.perf_counter() - sent)
                             time.sleep(options.poll_every_s)
 
@@ -149,6 +152,8 @@ def run_answers_benchmark(options: AnswersBenchOptions, log=print) -> dict:
                     finally:
                         done.set()
                         poller.join()
+                    if failures:  # (the poller's thread: raised there, it would be lost)
+                        raise RuntimeError(failures[0])
                     bar.update()
     finally:
         for http in https:

@@ -46,3 +46,21 @@ def test_what_json_refuses_is_refused():
         json_parts({"images": [_b64(BIG)], "x": float("nan")})
     with pytest.raises(TypeError):
         json_parts({"x": object()})
+
+
+def test_the_response_sends_its_length_and_no_body_where_http_has_none():
+    """ImagesJSON through Starlette's test client (the routes' answers go over real HTTP in test_routes_extra)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from orchestrator.server.answers import ImagesJSON
+
+    content = {"images": [_b64(BIG), _b64(3 * BIG, 1)], "info": "x"}
+    app = Starlette(routes=[Route("/answer", lambda _request: ImagesJSON(content)),
+                            Route("/unchanged", lambda _request: ImagesJSON(content, status_code=304))])
+    with TestClient(app) as client:
+        answer = client.get("/answer")
+        assert answer.json() == content and answer.headers["content-length"] == str(len(_dumps(content)))
+        unchanged = client.get("/unchanged")
+        assert unchanged.status_code == 304 and unchanged.content == b"" and "content-length" not in unchanged.headers

@@ -72,10 +72,11 @@ def weighted(unit) -> bool:
     return soft(unit) or unit.advanced_weighting is not None or bool(unit.region_mask)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=4)
 def _region_mask(data: bytes) -> np.ndarray:
-    """An effective_region_mask's first channel in [0, 1], as the extension reads it (its RGB's red, / 255)."""
-    return np.asarray(decode_image(data, ImageLimits(min_side=1)).convert("RGB"), np.float32)[..., 0] / 255
+    """An effective_region_mask's first channel (its RGB's red, as the extension reads it), uint8: a few are kept
+    decoded while their jobs run."""
+    return np.asarray(decode_image(data, ImageLimits(min_side=1)).convert("RGB"))[..., 0].copy()
 
 
 @lru_cache(maxsize=64)
@@ -85,7 +86,7 @@ def region_at(data: bytes, height: int, width: int) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    mask = torch.from_numpy(_region_mask(data))[None, None]
+    mask = torch.from_numpy(_region_mask(data)).float()[None, None] / 255  # (the extension's get_pytorch_control)
     return F.interpolate(mask, size=(height, width), mode="bilinear").numpy()[0, 0]
 
 

@@ -6,8 +6,8 @@ Made whole on the loop (FastAPI's default: pydantic's dump_json, then one write 
 other request (a /progress poll, a health check) waited for it. With `response_class=ImagesJSON` on a route, FastAPI
 still checks the answer against the route's model (cheap: the strings are not copied), then the JSON is made in the
 thread pool, each long base64 string copied as it is (base64's alphabet needs no escaping: checked, not assumed), the
-rest by json.dumps; and the body goes out in CHUNK pieces, each once the socket took the one before (uvicorn's flow
-control), with its Content-Length.
+rest by json.dumps; and the body goes out in CHUNK pieces, with its Content-Length: the loop serves other requests
+between two pieces, and waits while uvicorn's write buffer is over its high-water mark (its flow control).
 """
 
 from __future__ import annotations
@@ -81,8 +81,10 @@ class ImagesJSON(Response):
         return None
 
     async def __call__(self, scope, receive, send) -> None:
-        parts = await run_in_threadpool(json_parts, self.content)
-        self.headers["content-length"] = str(sum(len(part) for part in parts))
+        bodiless = self.status_code < 200 or self.status_code in (204, 304)  # (HTTP's: no body, no length)
+        parts = [] if bodiless else await run_in_threadpool(json_parts, self.content)
+        if not bodiless:
+            self.headers["content-length"] = str(sum(len(part) for part in parts))
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         for part in parts:
             view = memoryview(part)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -83,19 +84,29 @@ async def run_cells(request, kind: str, bodies: list[schemas.Txt2ImgBody], named
     def ended() -> bool:
         return earlier_ended or state.scripts.get(script, {}).get("interrupted", False)
 
+    stopped = threading.Event()  # the request ended (below): the thread queues no more cells
+
     def submit_each() -> None:  # (in the thread pool: a shared queue's submits are round trips to Redis)
         for job in jobs:
+            if stopped.is_set():
+                return
             job.interrupted = ended()  # (here: no step of it runs; elsewhere, a shared queue's, the call below)
             queued.append(queue.submit(job))
+            if stopped.is_set():  # ended while this one was queued: the cancelling below may have missed it
+                queue.cancel(job)
+                return
             # an interrupt marks the script, then interrupts the cells queued: one queued meanwhile sees the mark
             if job.interrupted or ended():
                 queue.interrupt(job)
 
     try:
-        await run_in_threadpool(submit_each)  # (not abandoned when the request is cancelled: `queued` is whole)
+        # (a plain task.cancel() of the request's task, as side_by_side's, returns from this await while the thread
+        # still queues: `stopped` tells it, and it cancels what it queued after the loop below read `queued`)
+        await run_in_threadpool(submit_each)
         await wait_all(request, jobs, state.settings.request_timeout_s)
     except BaseException:  # a timeout, the client gone, or the caller's task cancelled: nothing left running
-        for job in queued:  # (here, not in a thread: a cancelled task's awaits are cancelled too)
+        stopped.set()
+        for job in list(queued):  # (here, not in a thread: a cancelled task's awaits are cancelled too)
             if not job.future.done():
                 queue.cancel(job)
         raise

@@ -140,7 +140,8 @@ class SharedQueue(Runner):
                 return pipe.execute()
 
         read_now = dict(zip(unread, self._call(read))) if unread else {}
-        jobs = [known[i] if i in known else self._mirror_of(i, read_now[i]) for i in ids]
+        # (one the listener settled since the read keeps what it read: the read may be older)
+        jobs = [known.get(i) or self._settled(i) or self._mirror_of(i, read_now[i]) for i in ids]
         return [job for job in jobs if job is not None]
 
     def running(self) -> list[Job]:
@@ -213,6 +214,7 @@ class SharedQueue(Runner):
             if running is not None:
                 running[1].cancel()
             log.warning("job %s: its record is gone from the job store; failed", mirror.id)
+            mirror.context["record_lost"] = True  # (the events of what ran on meanwhile are not its)
             mirror.finish(Status.FAILED, ServerError(f"the job store (Redis at {self._where}) lost task {mirror.id} "
                                                      "(restarted without its data, or flushed); submit it again"))
 
@@ -262,7 +264,7 @@ class SharedQueue(Runner):
                 apply_control(running[1], message["op"])
             return
         mirror = self._mirrors.get(task_id)
-        if mirror is None:
+        if mirror is None or mirror.context.get("record_lost"):  # (its end was the loss: _record_lost)
             return
         event = message.copy()
         kind = event.get("event")
@@ -272,4 +274,6 @@ class SharedQueue(Runner):
             mirror.status, mirror.started = Status.RUNNING, mirror.started or time.time()
         elif kind in ("done", "failed", "cancelled"):
             self.get(task_id)
+            if mirror.context.get("record_lost"):  # (read now: its failure is its one final event)
+                return
         mirror.emit(event)

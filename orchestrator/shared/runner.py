@@ -179,7 +179,7 @@ class Runner:
     def _renew(self) -> None:
         """Reset the idle time of the entries of the jobs running here, where this orchestrator still owns them. One
         that another claimed meanwhile (Redis away longer than the lease, or this process stalled) is cancelled
-        here: the other one runs it again and writes its end."""
+        here: the other one runs it again and writes its end. One whose record is gone is cancelled too."""
         with self._lock:
             executing = list(self._executing.items())
         if not executing:
@@ -187,9 +187,14 @@ class Runner:
         owners = self.redis.pipeline(transaction=False)
         for job_id, _running in executing:
             owners.hget(P + "job:" + job_id, "owner")
+            owners.hexists(P + "job:" + job_id, "spec")
+        read = owners.execute()
         mine = []
-        for (job_id, (entry_id, job)), owner in zip(executing, owners.execute()):
-            if owner is not None and owner.decode() != self.name:
+        for (job_id, (entry_id, job)), owner, kept in zip(executing, read[::2], read[1::2]):
+            if not kept:  # its record is gone (Redis restarted without its data, or flushed): nobody can follow it
+                log.warning("job %s: its record is gone from the job store; stopping it here", job_id)
+                job.cancel()
+            elif owner is not None and owner.decode() != self.name:
                 log.warning("job %s: claimed by %s; stopping it here", job_id, owner.decode())
                 self._lost.add(job_id)
                 job.cancel()

@@ -96,15 +96,20 @@ async def served(request: Request, client: ViTClient, model: str, fresh: bool = 
 async def run_vit(request: Request, endpoint: str, model: str, images: list, call) -> list[dict]:
     """Results in the images' order; an image whose header is unreadable gets its error without reaching Triton.
     503 where Triton does not serve the model (asked again where every image failed, or one reached no Triton: it may
-    have gone since; ViTClient stops sending a request's images once one reached none)."""
+    have gone since; ViTClient stops sending a request's images once one reached none, and they go once more where
+    Triton is back)."""
     good, errors = await run_in_threadpool(_readable, images, request.app.state.settings.limits.max_image_pixels)
     client = vit_client(request)
     answered = None
     if await served(request, client, model):
         answered = await run_in_threadpool(call, client, good) if good else []
-        if answered and (all(result.error for result in answered) or any(result.unreachable for result in answered)) \
-                and not await served(request, client, model, True):
-            answered = None
+        unsent = [index for index, result in enumerate(answered) if result.unreachable]
+        if answered and (unsent or all(result.error for result in answered)):
+            if not await served(request, client, model, True):
+                answered = None
+            elif unsent:  # Triton back already: the images that reached none go once more
+                again = iter(await run_in_threadpool(call, client, [good[index] for index in unsent]))
+                answered = [next(again) if index in unsent else result for index, result in enumerate(answered)]
     if answered is None:
         count(request, endpoint, "503")
         raise APIError(503, "unavailable", "the ViT models are not being served by Triton (build them with "
