@@ -216,7 +216,8 @@ class SharedQueue(Runner):
             log.warning("job %s: its record is gone from the job store; failed", mirror.id)
             mirror.context["record_lost"] = True  # (the events of what ran on meanwhile are not its)
             mirror.finish(Status.FAILED, ServerError(f"the job store (Redis at {self._where}) lost task {mirror.id} "
-                                                     "(restarted without its data, or flushed); submit it again"))
+                                                     "(restarted without its data, or flushed); submit it again under "
+                                                     "a new id"))
 
     def _update(self, mirror: Job, state: dict, result: bytes | None) -> None:
         finished = Status(state["status"]) in FINISHED

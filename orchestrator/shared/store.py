@@ -16,12 +16,10 @@ RECENT, SEQ = P + "recent", P + "seq"
 EVENTS, CONTROL = P + "events", P + "control"
 KEEP_S = 3600  # how long a finished job stays readable
 
-# (a record without its spec is what a run wrote on after the record was lost: its id is free again)
 SUBMIT = """
-if redis.call('HEXISTS', KEYS[1], 'spec') == 1 then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return -2 end
 local seq = redis.call('INCR', KEYS[5])
-redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'state', ARGV[3])
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
